@@ -1,0 +1,417 @@
+//! The public handle.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use steadfast_core::{validate_topic_name, DropReason, Identity, Properties, Qos};
+use steadfast_store::{
+    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState,
+    SqliteStore, Store, StoreError,
+};
+use tokio::sync::{broadcast, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::ClientConfig;
+use crate::driver::{BrokerShared, Driver};
+use crate::error::{ConnectError, OpenError, PublishError};
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Topic name.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// QoS (default 1).
+    pub qos: Qos,
+    /// Retain flag.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub props: Properties,
+}
+
+impl Message {
+    /// A QoS 1 message, not retained.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            props: Properties::default(),
+        }
+    }
+    /// Sets the QoS.
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// Sets the retain flag.
+    pub fn retain(mut self, retain: bool) -> Self {
+        self.retain = retain;
+        self
+    }
+    /// Sets the MQTT 5 properties.
+    pub fn props(mut self, props: Properties) -> Self {
+        self.props = props;
+        self
+    }
+}
+
+/// Proof that a message is in the outbox on disk.
+#[derive(Debug)]
+pub struct Receipt {
+    /// Its identity on the wire (producer id and sequence number).
+    pub identity: Identity,
+    delivered: oneshot::Receiver<Delivery>,
+}
+
+impl Receipt {
+    /// The outbox id (equal to the sequence number).
+    pub fn id(&self) -> u64 {
+        self.identity.seq
+    }
+
+    /// Waits until the message left the outbox: acknowledged by the broker,
+    /// or dropped by its policy (with the reason).
+    pub async fn delivered(self) -> Result<Delivery, PublishError> {
+        self.delivered.await.map_err(|_| PublishError::Closed)
+    }
+}
+
+/// State of a broker link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Connecting.
+    Connecting,
+    /// Connected: messages flow.
+    Connected,
+    /// Waiting before the next attempt.
+    Backoff,
+    /// The client was closed.
+    Stopped,
+}
+
+impl LinkState {
+    /// The name used in `steadfast status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Connected => "connected",
+            LinkState::Backoff => "backoff",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What a client knows about one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerStatus {
+    /// The broker URL.
+    pub url: String,
+    /// The link state.
+    pub state: LinkState,
+    /// The last error, cleared on connect.
+    pub last_error: Option<String>,
+    /// When `state` began.
+    pub since: SystemTime,
+    /// In backoff: when the next attempt starts.
+    pub retry_at: Option<SystemTime>,
+    /// Messages acknowledged by this broker since the client started.
+    pub acked: u64,
+    /// Successful connections.
+    pub connects: u64,
+    /// Connections on which the broker had lost our session.
+    pub sessions_lost: u64,
+    /// Messages in flight.
+    pub inflight: usize,
+    /// Failed attempts since the last success.
+    pub attempts: u64,
+}
+
+/// Something that happened, for applications that watch.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Event {
+    /// A session is up.
+    Connected {
+        /// The broker.
+        broker: String,
+        /// Whether the broker kept our session.
+        session_present: bool,
+        /// In-flight messages sent again with DUP.
+        resent: usize,
+    },
+    /// A connection attempt failed.
+    ConnectFailed {
+        /// The broker.
+        broker: String,
+        /// Why.
+        error: ConnectError,
+        /// The next attempt is in this long.
+        retry_in: Duration,
+    },
+    /// An established link was lost.
+    Disconnected {
+        /// The broker.
+        broker: String,
+        /// Why.
+        error: ConnectError,
+        /// The next attempt is in this long.
+        retry_in: Duration,
+    },
+    /// The broker had no session: every queued message is published again.
+    SessionLost {
+        /// The broker.
+        broker: String,
+        /// Messages that will be published again.
+        republish: u64,
+    },
+    /// A message left the outbox without delivery (G3).
+    Dropped(Dropped),
+}
+
+/// The state of a client: outbox and brokers.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Messages queued (accepted, not yet delivered).
+    pub queued: u64,
+    /// Bytes queued.
+    pub bytes: u64,
+    /// Age of the oldest queued message.
+    pub oldest_age: Option<Duration>,
+    /// Drops by reason since the outbox was created.
+    pub drops: Vec<(DropReason, u64)>,
+    /// Each broker.
+    pub brokers: Vec<BrokerStatus>,
+}
+
+struct Inner {
+    cfg: Arc<ClientConfig>,
+    outbox: Outbox,
+    producer: Arc<str>,
+    events: broadcast::Sender<Event>,
+    brokers: Vec<Arc<BrokerShared>>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A reliable MQTT publisher. Cheap to clone; all clones share one outbox
+/// and one driver per broker.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.inner.cfg)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Opens the outbox in the configured directory (recovering it if it
+    /// was damaged: see the report) and starts connecting in the
+    /// background. Never waits for a broker.
+    pub async fn open(cfg: ClientConfig) -> Result<(Client, OpenReport), OpenError> {
+        cfg.validate()?;
+        let dir = cfg.outbox_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+            .await
+            .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))?;
+        let (store, report) = opened?;
+        let client = Self::with_store(cfg, Box::new(store)).await?;
+        Ok((client, report))
+    }
+
+    /// Like [`Client::open`] over any store (the in-memory one in tests).
+    pub async fn with_store(cfg: ClientConfig, store: Box<dyn Store>) -> Result<Client, OpenError> {
+        cfg.validate()?;
+        let outbox = Outbox::start(store, cfg.outbox)?;
+        let default_producer = format!("{}-{:08x}", cfg.client_id, fastrand::u32(..));
+        let producer = match &cfg.producer_id {
+            Some(p) => p.clone(),
+            None => outbox.meta_or_init("producer", &default_producer).await?,
+        };
+        let producer: Arc<str> = producer.into();
+        let cfg = Arc::new(cfg);
+        let (events, _) = broadcast::channel(4096);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut brokers = Vec::new();
+        for url in &cfg.brokers {
+            let shared = Arc::new(BrokerShared::new(url));
+            let d = Driver::new(
+                cfg.clone(),
+                outbox.clone(),
+                producer.clone(),
+                events.clone(),
+                shared.clone(),
+                stop_rx.clone(),
+            );
+            tasks.push(tokio::spawn(d.run()));
+            brokers.push(shared);
+        }
+        tasks.push(tokio::spawn(forward_drops(
+            outbox.subscribe_drops(),
+            events.clone(),
+            stop_rx,
+        )));
+        let inner = Inner {
+            cfg,
+            outbox,
+            producer,
+            events,
+            brokers,
+            stop,
+            tasks: Mutex::new(tasks),
+        };
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    fn check(&self, msg: &Message) -> Result<(), PublishError> {
+        validate_topic_name(&msg.topic)?;
+        // When a broker told us its limit, refuse what it can never take
+        // before accepting it. An approximate size errs on the safe side:
+        // fixed header, topic, packet id, properties and identity.
+        let max = self
+            .inner
+            .brokers
+            .iter()
+            .map(|b| b.max_packet.load(Ordering::Relaxed))
+            .filter(|m| *m > 0)
+            .min();
+        if let Some(max) = max {
+            let size = 5
+                + 2
+                + msg.topic.len()
+                + 2
+                + 4
+                + msg.props.encode().len()
+                + 32
+                + self.inner.producer.len()
+                + msg.payload.len();
+            if size > max as usize {
+                return Err(PublishError::TooLarge {
+                    topic: msg.topic.clone(),
+                    size,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn to_new(msg: Message) -> NewMessage {
+        NewMessage {
+            topic: msg.topic,
+            payload: msg.payload,
+            qos: msg.qos,
+            retain: msg.retain,
+            props: msg.props,
+            created_ms: now_ms(),
+        }
+    }
+
+    /// Queues a message without waiting: the future resolves with its id
+    /// once it is on disk. Many enqueued together share one disk sync.
+    pub fn enqueue(&self, msg: Message) -> Result<AcceptFuture, PublishError> {
+        self.check(&msg)?;
+        Ok(self.inner.outbox.append(Self::to_new(msg), false).0)
+    }
+
+    /// Publishes a message: returns once it is accepted (on disk); the
+    /// receipt tells when it is delivered.
+    pub async fn publish(&self, msg: Message) -> Result<Receipt, PublishError> {
+        self.check(&msg)?;
+        let (accepted, delivered) = self.inner.outbox.append(Self::to_new(msg), true);
+        let id = accepted.await?;
+        let identity = Identity {
+            producer: self.inner.producer.to_string(),
+            seq: id,
+        };
+        Ok(Receipt {
+            identity,
+            delivered: delivered.expect("tracked"),
+        })
+    }
+
+    /// The producer id carried in every message identity.
+    pub fn producer_id(&self) -> &str {
+        &self.inner.producer
+    }
+
+    /// Subscribes to events (connects, losses, drops).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Watches the outbox (depth, last id).
+    pub fn outbox_state(&self) -> watch::Receiver<OutboxState> {
+        self.inner.outbox.watch()
+    }
+
+    /// Waits until the outbox is empty: everything accepted was delivered
+    /// or dropped by its policy.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.inner.outbox.watch();
+        let _ = rx.wait_for(|s| s.totals.count == 0).await;
+    }
+
+    /// Each broker's status.
+    pub fn broker_status(&self) -> Vec<BrokerStatus> {
+        let lock =
+            |b: &Arc<BrokerShared>| b.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.inner.brokers.iter().map(lock).collect()
+    }
+
+    /// Outbox and broker status.
+    pub async fn status(&self) -> Result<Status, StoreError> {
+        let r = self.inner.outbox.report().await?;
+        let now = now_ms();
+        Ok(Status {
+            queued: r.totals.count,
+            bytes: r.totals.bytes,
+            oldest_age: r
+                .oldest_created_ms
+                .map(|c| Duration::from_millis(now.saturating_sub(c))),
+            drops: r.drops,
+            brokers: self.broker_status(),
+        })
+    }
+
+    /// Stops the drivers (sending DISCONNECT where connected) and closes the
+    /// outbox. Queued messages stay on disk for the next run.
+    pub async fn close(self) {
+        let _ = self.inner.stop.send(true);
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+        let outbox = self.inner.outbox.clone();
+        let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
+    }
+}
+
+async fn forward_drops(
+    mut drops: broadcast::Receiver<Dropped>,
+    events: broadcast::Sender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            d = drops.recv() => match d {
+                Ok(d) => { let _ = events.send(Event::Dropped(d)); }
+                Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "drop events lagged; counts in status stay exact"),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+        }
+    }
+}

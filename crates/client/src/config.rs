@@ -1,0 +1,286 @@
+//! Client configuration: required values in the constructor, the rest
+//! defaulted and set with methods; validated once, here.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use steadfast_core::BackoffConfig;
+use steadfast_store::OutboxConfig;
+
+use crate::error::ConfigError;
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ProtocolVersion {
+    /// MQTT 3.1.1.
+    V311,
+    /// MQTT 5.0.
+    #[default]
+    V5,
+}
+
+/// A broker address, parsed from `mqtt://host:port` (port 1883 by default).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BrokerUrl {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl BrokerUrl {
+    /// `host:port` for connecting.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mqtt://{}", self.authority())
+    }
+}
+
+impl FromStr for BrokerUrl {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| ConfigError::BrokerUrl {
+            url: s.to_owned(),
+            why: why.to_owned(),
+        };
+        let rest = match s.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => rest,
+            Some((scheme @ ("mqtts" | "ssl" | "ws" | "wss"), _)) => {
+                return Err(bad(&format!(
+                    "the `{scheme}` transport is not supported yet; use mqtt://host:port"
+                )));
+            }
+            Some((scheme, _)) => {
+                return Err(bad(&format!(
+                    "unknown scheme `{scheme}`; use mqtt://host:port"
+                )))
+            }
+            None => s,
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+            return Err(bad("expected mqtt://host:port with no path or credentials"));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed `[` in IPv6 address"))?;
+            (h.to_owned(), after.strip_prefix(':'))
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), Some(p)),
+                None => (rest.to_owned(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        let port = match port {
+            None => 1883,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(bad(&format!("`{p}` is not a port number (1-65535)"))),
+            },
+        };
+        Ok(BrokerUrl { host, port })
+    }
+}
+
+/// Everything a [`crate::Client`] needs.
+#[derive(Clone)]
+pub struct ClientConfig {
+    pub(crate) client_id: String,
+    pub(crate) brokers: Vec<BrokerUrl>,
+    pub(crate) outbox_dir: PathBuf,
+    pub(crate) version: ProtocolVersion,
+    pub(crate) keep_alive: Duration,
+    pub(crate) clean_start: bool,
+    pub(crate) session_expiry: Duration,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<Vec<u8>>,
+    pub(crate) backoff: BackoffConfig,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) max_inflight: u16,
+    pub(crate) outbox: OutboxConfig,
+    pub(crate) producer_id: Option<String>,
+    pub(crate) seed: Option<u64>,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Credentials are never printed.
+        f.debug_struct("ClientConfig")
+            .field("client_id", &self.client_id)
+            .field("brokers", &self.brokers)
+            .field("outbox_dir", &self.outbox_dir)
+            .field("version", &self.version)
+            .field("keep_alive", &self.keep_alive)
+            .field("clean_start", &self.clean_start)
+            .field("username", &self.username.as_ref().map(|_| "<set>"))
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    /// A client `client_id` that talks to `broker` and keeps its outbox in
+    /// `outbox_dir`. The client id is also the MQTT session: keep it stable.
+    pub fn new(
+        client_id: impl Into<String>,
+        broker: BrokerUrl,
+        outbox_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            client_id: client_id.into(),
+            brokers: vec![broker],
+            outbox_dir: outbox_dir.into(),
+            version: ProtocolVersion::V5,
+            keep_alive: Duration::from_secs(30),
+            clean_start: false,
+            session_expiry: Duration::from_secs(24 * 3600),
+            username: None,
+            password: None,
+            backoff: BackoffConfig::default(),
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 1024,
+            outbox: OutboxConfig::default(),
+            producer_id: None,
+            seed: None,
+        }
+    }
+
+    /// MQTT version (default 5.0).
+    pub fn version(mut self, v: ProtocolVersion) -> Self {
+        self.version = v;
+        self
+    }
+    /// Keep-alive interval (default 30 s). A link on which nothing arrives
+    /// for this long is declared dead and reconnected.
+    pub fn keep_alive(mut self, d: Duration) -> Self {
+        self.keep_alive = d;
+        self
+    }
+    /// Start a fresh session instead of resuming one (default false).
+    pub fn clean_start(mut self, clean: bool) -> Self {
+        self.clean_start = clean;
+        self
+    }
+    /// MQTT 5 session expiry interval (default 1 day).
+    pub fn session_expiry(mut self, d: Duration) -> Self {
+        self.session_expiry = d;
+        self
+    }
+    /// User name and password.
+    pub fn credentials(mut self, username: impl Into<String>, password: Option<Vec<u8>>) -> Self {
+        self.username = Some(username.into());
+        self.password = password;
+        self
+    }
+    /// Reconnect backoff bounds.
+    pub fn backoff(mut self, b: BackoffConfig) -> Self {
+        self.backoff = b;
+        self
+    }
+    /// Time allowed for TCP connect plus CONNACK (default 10 s).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// Most QoS 1/2 messages in flight; the broker's receive maximum lowers
+    /// it further (default 1024).
+    pub fn max_inflight(mut self, n: u16) -> Self {
+        self.max_inflight = n;
+        self
+    }
+    /// Outbox bounds and overflow policy.
+    pub fn outbox(mut self, o: OutboxConfig) -> Self {
+        self.outbox = o;
+        self
+    }
+    /// The producer id of message identities (default: the client id and a
+    /// random suffix, chosen once and kept in the outbox).
+    pub fn producer_id(mut self, p: impl Into<String>) -> Self {
+        self.producer_id = Some(p.into());
+        self
+    }
+    /// Seeds the backoff jitter, for reproducible tests.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The client id.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+    /// The outbox directory.
+    pub fn outbox_dir(&self) -> &std::path::Path {
+        &self.outbox_dir
+    }
+    /// The brokers.
+    pub fn brokers(&self) -> &[BrokerUrl] {
+        &self.brokers
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.client_id.is_empty() || self.client_id.len() > 65535 {
+            return Err(ConfigError::ClientId(
+                "it must be 1 to 65535 bytes long".into(),
+            ));
+        }
+        if self.keep_alive < Duration::from_secs(1) || self.keep_alive.as_secs() > u16::MAX as u64 {
+            return Err(ConfigError::KeepAlive(self.keep_alive));
+        }
+        if self.brokers.len() != 1 {
+            return Err(ConfigError::Brokers(self.brokers.len()));
+        }
+        if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
+            return Err(ConfigError::Backoff {
+                min: self.backoff.min,
+                max: self.backoff.max,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls_parse_and_bad_ones_say_why() {
+        let u: BrokerUrl = "mqtt://127.0.0.1:1884".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 1884));
+        let u: BrokerUrl = "localhost".parse().unwrap();
+        assert_eq!(u.port, 1883);
+        let u: BrokerUrl = "mqtt://[::1]:1999".parse().unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.authority()),
+            ("::1", 1999, "[::1]:1999".to_owned())
+        );
+        for bad in [
+            "http://x:1",
+            "mqtt://:1",
+            "mqtt://h:0",
+            "mqtt://h:99999",
+            "mqtt://h:1/path",
+            "mqtts://h:1",
+        ] {
+            let e = bad.parse::<BrokerUrl>().unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+}

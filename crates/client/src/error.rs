@@ -1,0 +1,178 @@
+//! Errors, one enum per operation.
+
+use std::fmt;
+use std::time::Duration;
+
+use steadfast_core::TopicError;
+use steadfast_store::{AppendError, StoreError};
+
+/// A configuration value is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A broker URL does not parse.
+    #[error("invalid broker URL `{url}`: {why}")]
+    BrokerUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The client id is unusable.
+    #[error("invalid client id: {0}")]
+    ClientId(String),
+    /// Keep-alive out of range.
+    #[error("keep-alive {0:?} is out of range; use 1 s to 65535 s")]
+    KeepAlive(Duration),
+    /// Not exactly one broker.
+    #[error("{0} brokers given; this version publishes to exactly one broker (routing over several brokers is not built yet)")]
+    Brokers(usize),
+    /// Backoff bounds are inverted or zero.
+    #[error(
+        "backoff bounds {min:?}..{max:?} are invalid; min must be above zero and not above max"
+    )]
+    Backoff {
+        /// Minimum.
+        min: Duration,
+        /// Maximum.
+        max: Duration,
+    },
+}
+
+/// Why [`crate::Client::open`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The outbox cannot be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a message was not accepted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The topic is invalid.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The message is larger than the broker accepts.
+    #[error("message to `{topic}` is {size} bytes on the wire, over the broker's maximum packet size of {max} bytes; send a smaller payload or raise the broker's max_packet_size")]
+    TooLarge {
+        /// Its topic.
+        topic: String,
+        /// Its encoded size.
+        size: usize,
+        /// The broker's limit.
+        max: u32,
+    },
+    /// The outbox refused or failed.
+    #[error(transparent)]
+    Outbox(#[from] AppendError),
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+}
+
+impl PublishError {
+    /// True when trying again later may succeed (outbox full, disk full).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PublishError::Outbox(AppendError::Full { .. }) => true,
+            PublishError::Outbox(AppendError::Store(e)) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Why the broker refused a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// It does not speak this protocol version.
+    ProtocolVersion,
+    /// Bad user name or password.
+    BadCredentials,
+    /// This client may not connect.
+    NotAuthorized,
+    /// The client id was rejected.
+    ClientId,
+    /// The broker is unavailable or busy.
+    Unavailable,
+    /// Another MQTT 5 reason code.
+    Other(u8),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::ProtocolVersion => f.write_str("the broker does not accept this MQTT protocol version; try -V 311 or -V 5"),
+            Refusal::BadCredentials => f.write_str("bad user name or password; check -u and -P"),
+            Refusal::NotAuthorized => f.write_str("not authorised: the broker does not allow this client to connect; check its ACL and credentials"),
+            Refusal::ClientId => f.write_str("the client id was rejected; choose another with -i"),
+            Refusal::Unavailable => f.write_str("the broker says it is unavailable or busy"),
+            Refusal::Other(code) => write!(f, "refused with reason code 0x{code:02x}"),
+        }
+    }
+}
+
+/// Why a connection to a broker failed or ended.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// TCP connect failed.
+    #[error("cannot reach {broker}: {reason}")]
+    Unreachable {
+        /// The broker.
+        broker: String,
+        /// The OS error.
+        reason: String,
+    },
+    /// No CONNACK in time.
+    #[error("{broker} did not answer CONNECT within {timeout:?}")]
+    Timeout {
+        /// The broker.
+        broker: String,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The broker refused the session.
+    #[error("{broker} refused the connection: {refusal}")]
+    Refused {
+        /// The broker.
+        broker: String,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// Nothing arrived for a whole keep-alive interval.
+    #[error("the link went silent for {0:?} (keep-alive): considered dead")]
+    DeadLink(Duration),
+    /// The broker closed the connection.
+    #[error("the broker closed the connection{0}")]
+    Closed(String),
+    /// A socket error.
+    #[error("connection error: {0}")]
+    Io(String),
+    /// The broker broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl ConnectError {
+    /// False when retrying cannot help without a change of configuration
+    /// (credentials, authorisation, protocol version, client id).
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self,
+            ConnectError::Refused {
+                refusal: Refusal::ProtocolVersion
+                    | Refusal::BadCredentials
+                    | Refusal::NotAuthorized
+                    | Refusal::ClientId,
+                ..
+            }
+        )
+    }
+}

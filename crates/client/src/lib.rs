@@ -1,0 +1,32 @@
+//! steadfast: reliable MQTT delivery.
+//!
+//! A [`Client`] publishes through a durable outbox: [`Client::publish`]
+//! returns once the message is synced to disk (*accepted*, G1), and the
+//! message stays there until the broker acknowledged it (*delivered*, G2),
+//! across reconnects, broker restarts that lose the session, and restarts of
+//! this process. See `docs/guarantees.md` for what each fault does.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use steadfast::{BrokerUrl, Client, ClientConfig, Message};
+//! let cfg = ClientConfig::new("gateway-7", "mqtt://127.0.0.1:1883".parse::<BrokerUrl>()?, "/var/lib/gw7/outbox");
+//! let (client, _report) = Client::open(cfg).await?;
+//! let receipt = client.publish(Message::new("sensors/t", b"21.5".to_vec())).await?; // on disk now
+//! receipt.delivered().await?; // acknowledged by the broker
+//! client.close().await;
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod config;
+mod driver;
+mod error;
+mod link;
+
+pub use client::{BrokerStatus, Client, Event, LinkState, Message, Receipt, Status};
+pub use config::{BrokerUrl, ClientConfig, ProtocolVersion};
+pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
+pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
+pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};

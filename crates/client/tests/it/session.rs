@@ -1,0 +1,141 @@
+use std::time::Duration;
+
+use steadfast::{Delivery, Event, Message, ProtocolVersion, Qos};
+use steadfast_testkit::{Mosquitto, Subscriber};
+
+use crate::{assert_all_in_order, config, open, payloads};
+
+#[tokio::test]
+async fn qos1_messages_arrive_in_order_on_mqtt5_and_311() {
+    let broker = Mosquitto::plain().await;
+    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+        let topic = format!("t/{version:?}");
+        let sub = Subscriber::start(broker.port(), &topic, 1, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(config("p1", &broker.url(), dir.path()).version(version)).await;
+        let want = payloads("m", 500);
+        for p in &want {
+            c.enqueue(Message::new(&topic, p.clone())).unwrap();
+        }
+        let last = c.publish(Message::new(&topic, "last")).await.unwrap();
+        assert_eq!(last.delivered().await.unwrap(), Delivery::Delivered);
+        sub.wait_count(501, Duration::from_secs(20)).await;
+        assert_all_in_order(&sub.lines(), &want);
+        c.wait_idle().await;
+        assert_eq!(c.status().await.unwrap().queued, 0);
+        c.close().await;
+    }
+}
+
+#[tokio::test]
+async fn qos2_messages_arrive_exactly_once() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "q2", 2, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(config("p2", &broker.url(), dir.path())).await;
+    let want = payloads("x", 1000);
+    let mut accepted = Vec::new();
+    for p in &want {
+        accepted.push(
+            c.enqueue(Message::new("q2", p.clone()).qos(Qos::ExactlyOnce))
+                .unwrap(),
+        );
+    }
+    for a in accepted {
+        a.await.unwrap();
+    }
+    c.wait_idle().await;
+    sub.wait_count(1000, Duration::from_secs(20)).await;
+    // Give a duplicate every chance to show up behind the last message.
+    let probe = c
+        .publish(Message::new("q2", "probe").qos(Qos::ExactlyOnce))
+        .await
+        .unwrap();
+    probe.delivered().await.unwrap();
+    sub.wait_count(1001, Duration::from_secs(10)).await;
+    let got = sub.lines();
+    assert_eq!(got.len(), 1001, "duplicates arrived");
+    assert_eq!(&got[..1000], &want[..]);
+    c.close().await;
+}
+
+#[tokio::test]
+async fn publishing_with_the_broker_down_queues_and_delivers_later() {
+    let mut broker = Mosquitto::plain().await;
+    let port = broker.port();
+    broker.kill9();
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(config("p3", &broker.url(), dir.path())).await;
+    let mut events = c.events();
+    let want = payloads("d", 200);
+    for p in &want {
+        c.publish(Message::new("down", p.clone())).await.unwrap();
+    }
+    // The attempt failing is visible, and nothing is lost meanwhile.
+    loop {
+        if let Event::ConnectFailed { .. } = events.recv().await.unwrap() {
+            break;
+        }
+    }
+    assert_eq!(c.status().await.unwrap().queued, 200);
+    broker.restart().await;
+    assert_eq!(broker.port(), port);
+    let sub = Subscriber::start(port, "down", 1, None).await;
+    // The subscriber may be late for the first ones: republish check below.
+    c.wait_idle().await;
+    let later = payloads("late", 10);
+    for p in &later {
+        c.publish(Message::new("down", p.clone())).await.unwrap();
+    }
+    c.wait_idle().await;
+    sub.wait_all(&later, Duration::from_secs(10)).await;
+    c.close().await;
+}
+
+#[tokio::test]
+async fn a_refused_connack_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    std::fs::write(&passwd, "").unwrap();
+    let st = std::process::Command::new(steadfast_testkit::mosquitto_program("mosquitto_passwd"))
+        .args(["-b", passwd.to_str().unwrap(), "alice", "secret"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let opts = steadfast_testkit::MosquittoOptions {
+        persistence: false,
+        extra: vec![
+            "allow_anonymous false".into(),
+            format!("password_file {}", passwd.display()),
+        ],
+    };
+    let broker = Mosquitto::start(opts).await;
+    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+        let out = tempfile::tempdir().unwrap();
+        let cfg = config("p4", &broker.url(), out.path())
+            .version(version)
+            .credentials("alice", Some(b"wrong".to_vec()));
+        let c = open(cfg).await;
+        let mut events = c.events();
+        let err = loop {
+            if let Event::ConnectFailed { error, .. } = events.recv().await.unwrap() {
+                break error;
+            }
+        };
+        assert!(!err.is_retryable(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("bad user name or password") || text.contains("not authorised"),
+            "{version:?}: {text}"
+        );
+        c.close().await;
+        let ok = tempfile::tempdir().unwrap();
+        let cfg = config("p5", &broker.url(), ok.path())
+            .version(version)
+            .credentials("alice", Some(b"secret".to_vec()));
+        let c = open(cfg).await;
+        let r = c.publish(Message::new("auth", "x")).await.unwrap();
+        assert_eq!(r.delivered().await.unwrap(), Delivery::Delivered);
+        c.close().await;
+    }
+}

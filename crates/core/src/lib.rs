@@ -1,0 +1,20 @@
+//! Sans-I/O building blocks of steadfast.
+//!
+//! Nothing in this crate does I/O, reads a clock or owns a runtime: time is
+//! passed in as `now`, randomness as a seeded generator. The tokio driver in
+//! the `steadfast` crate feeds these state machines and carries out what they
+//! decide.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod keepalive;
+pub mod message;
+pub mod topic;
+pub mod window;
+
+pub use backoff::{Backoff, BackoffConfig};
+pub use keepalive::{KeepAlive, KeepAliveAction};
+pub use message::{DropReason, Identity, Properties, Qos};
+pub use topic::{validate_topic_name, TopicError};
+pub use window::{Inflight, Resume, SendWindow, Stage};

@@ -1,0 +1,236 @@
+//! What a message is, independent of how it is stored or sent.
+
+use std::fmt;
+
+/// MQTT quality of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Qos {
+    /// At most once: written to the socket and forgotten.
+    AtMostOnce = 0,
+    /// At least once: kept until PUBACK.
+    AtLeastOnce = 1,
+    /// Exactly once: kept until PUBCOMP, packet id bound durably.
+    ExactlyOnce = 2,
+}
+
+impl Qos {
+    /// The QoS for a wire value, if valid.
+    pub fn from_u8(v: u8) -> Option<Qos> {
+        match v {
+            0 => Some(Qos::AtMostOnce),
+            1 => Some(Qos::AtLeastOnce),
+            2 => Some(Qos::ExactlyOnce),
+            _ => None,
+        }
+    }
+}
+
+/// Who produced a message and where it sits in that producer's sequence (G5).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// Stable producer id, kept in the outbox so it survives restarts.
+    pub producer: String,
+    /// Per-producer sequence number, strictly increasing, never reused.
+    pub seq: u64,
+}
+
+impl Identity {
+    /// The MQTT 5 user property key that carries the identity.
+    pub const USER_PROPERTY: &'static str = "steadfast-id";
+
+    /// The user property value: `producer/seq`, seq in decimal.
+    pub fn to_property_value(&self) -> String {
+        format!("{}/{}", self.producer, self.seq)
+    }
+
+    /// Parses a user property value written by [`Identity::to_property_value`].
+    pub fn parse_property_value(v: &str) -> Option<Identity> {
+        let (producer, seq) = v.rsplit_once('/')?;
+        if producer.is_empty() {
+            return None;
+        }
+        Some(Identity {
+            producer: producer.to_owned(),
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.producer, self.seq)
+    }
+}
+
+/// Why a message left the outbox without being delivered (G3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The overflow policy `drop-oldest` made room for a newer message.
+    Overflow,
+    /// QoS 0: sent at most once and not retried after a lost link.
+    BestEffort,
+    /// Larger than the broker's maximum packet size: it can never be sent.
+    TooLarge,
+}
+
+impl DropReason {
+    /// Every reason, for reports that list zero counts too.
+    pub const ALL: [DropReason; 3] = [
+        DropReason::Overflow,
+        DropReason::BestEffort,
+        DropReason::TooLarge,
+    ];
+
+    /// The stable name used in the store, metrics and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Overflow => "overflow",
+            DropReason::BestEffort => "best-effort",
+            DropReason::TooLarge => "too-large",
+        }
+    }
+
+    /// The reason for a stored name.
+    pub fn parse(s: &str) -> Option<DropReason> {
+        DropReason::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The MQTT 5 publish properties steadfast keeps with a message.
+///
+/// Ignored on MQTT 3.1.1 links, which have no properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Properties {
+    /// Content type (property 3).
+    pub content_type: Option<String>,
+    /// Response topic (property 8).
+    pub response_topic: Option<String>,
+    /// Correlation data (property 9).
+    pub correlation_data: Option<Vec<u8>>,
+    /// Payload format indicator: true for UTF-8 (property 1).
+    pub payload_is_utf8: bool,
+    /// User properties in order (property 38).
+    pub user: Vec<(String, String)>,
+}
+
+/// Error decoding stored properties.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("stored MQTT 5 properties are malformed at byte {at}")]
+pub struct PropertiesDecodeError {
+    /// Offset where decoding failed.
+    pub at: usize,
+}
+
+impl Properties {
+    /// True when no property is set (stored as NULL).
+    pub fn is_empty(&self) -> bool {
+        *self == Properties::default()
+    }
+
+    /// Encodes in the outbox format (docs/design.md, "Properties blob"):
+    /// a sequence of `tag u8, len u32 BE, bytes`; user properties as
+    /// tag 38 with `klen u32 BE, key, value`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut field = |tag: u8, bytes: &[u8]| {
+            out.push(tag);
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+            out.extend_from_slice(bytes);
+        };
+        if self.payload_is_utf8 {
+            field(1, &[1]);
+        }
+        if let Some(v) = &self.content_type {
+            field(3, v.as_bytes());
+        }
+        if let Some(v) = &self.response_topic {
+            field(8, v.as_bytes());
+        }
+        if let Some(v) = &self.correlation_data {
+            field(9, v);
+        }
+        for (k, v) in &self.user {
+            let mut kv = (k.len() as u32).to_be_bytes().to_vec();
+            kv.extend_from_slice(k.as_bytes());
+            kv.extend_from_slice(v.as_bytes());
+            field(38, &kv);
+        }
+        out
+    }
+
+    /// Decodes what [`Properties::encode`] wrote.
+    pub fn decode(mut b: &[u8]) -> Result<Properties, PropertiesDecodeError> {
+        let total = b.len();
+        let mut p = Properties::default();
+        while !b.is_empty() {
+            let at = total - b.len();
+            let err = PropertiesDecodeError { at };
+            if b.len() < 5 {
+                return Err(err);
+            }
+            let tag = b[0];
+            let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+            let body = b.get(5..5 + len).ok_or(err.clone())?;
+            let text = || String::from_utf8(body.to_vec()).map_err(|_| err.clone());
+            match tag {
+                1 => p.payload_is_utf8 = body == [1],
+                3 => p.content_type = Some(text()?),
+                8 => p.response_topic = Some(text()?),
+                9 => p.correlation_data = Some(body.to_vec()),
+                38 => {
+                    let klen = body.get(..4).ok_or(err.clone())?;
+                    let klen = u32::from_be_bytes([klen[0], klen[1], klen[2], klen[3]]) as usize;
+                    let key = body.get(4..4 + klen).ok_or(err.clone())?;
+                    let val = &body[4 + klen..];
+                    let key = String::from_utf8(key.to_vec()).map_err(|_| err.clone())?;
+                    let val = String::from_utf8(val.to_vec()).map_err(|_| err.clone())?;
+                    p.user.push((key, val));
+                }
+                _ => return Err(err),
+            }
+            b = &b[5 + len..];
+        }
+        Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips_through_the_user_property() {
+        let id = Identity {
+            producer: "gw/7:ab12".into(),
+            seq: 42,
+        };
+        assert_eq!(
+            Identity::parse_property_value(&id.to_property_value()),
+            Some(id)
+        );
+        assert_eq!(Identity::parse_property_value("noslash"), None);
+        assert_eq!(Identity::parse_property_value("/5"), None);
+        assert_eq!(Identity::parse_property_value("p/x"), None);
+    }
+
+    #[test]
+    fn properties_round_trip_and_reject_garbage() {
+        let p = Properties {
+            content_type: Some("application/json".into()),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(vec![0, 1, 2]),
+            payload_is_utf8: true,
+            user: vec![("a".into(), "1".into()), ("".into(), "".into())],
+        };
+        assert_eq!(Properties::decode(&p.encode()).unwrap(), p);
+        assert!(Properties::default().encode().is_empty());
+        assert!(Properties::decode(&[3, 0, 0, 0, 9, b'x']).is_err());
+        assert!(Properties::decode(&[77, 0, 0, 0, 0]).is_err());
+    }
+}

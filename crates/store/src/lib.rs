@@ -1,0 +1,138 @@
+//! The durable outbox of steadfast.
+//!
+//! A message is *accepted* once it is in the outbox and the outbox is synced
+//! to disk (G1). It leaves the outbox only when a broker acknowledged it or
+//! when its own policy drops it, and every drop is counted by reason (G2,
+//! G3). The backlog lives on disk and is read in pages, so memory stays flat
+//! however many messages are queued (G7).
+//!
+//! Storage sits behind the small synchronous [`Store`] trait: [`SqliteStore`]
+//! is the real one, [`MemoryStore`] serves tests. [`Outbox`] runs the single
+//! writer thread that does group commit over either.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod memory;
+mod outbox;
+mod sqlite;
+
+pub use error::StoreError;
+pub use memory::MemoryStore;
+pub use outbox::{
+    AcceptFuture, AppendError, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow,
+    Report,
+};
+pub use sqlite::{OpenReport, SqliteStore};
+
+use steadfast_core::{DropReason, Properties, Qos, Stage};
+
+/// A message on its way into the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Topic name (already validated).
+    pub topic: String,
+    /// Payload bytes.
+    pub payload: Vec<u8>,
+    /// QoS 0, 1 or 2.
+    pub qos: Qos,
+    /// Retain flag.
+    pub retain: bool,
+    /// MQTT 5 properties.
+    pub props: Properties,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+impl NewMessage {
+    /// Bytes this message counts against the outbox bound.
+    pub fn size(&self) -> u64 {
+        (self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+/// A message read back from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Outbox id: also the per-producer sequence number (never reused).
+    pub id: u64,
+    /// The message itself.
+    pub msg: NewMessage,
+    /// QoS 2 only: the packet id and stage it is bound to on the wire.
+    pub wire: Option<(u16, Stage)>,
+}
+
+/// Count and bytes of what the outbox holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages queued.
+    pub count: u64,
+    /// Bytes queued (topic + payload).
+    pub bytes: u64,
+}
+
+/// Per-broker state as last reported by the client that owns the outbox, so
+/// that `steadfast status` can show it from another process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerRecord {
+    /// The broker URL.
+    pub url: String,
+    /// `connected`, `connecting` or `backoff`.
+    pub state: String,
+    /// The last error, if the link is not up.
+    pub last_error: Option<String>,
+    /// When `state` began, milliseconds since the Unix epoch.
+    pub since_ms: u64,
+    /// Messages this broker acknowledged since the client started.
+    pub acked: u64,
+    /// Successful connections since the client started.
+    pub connects: u64,
+}
+
+/// Storage of the outbox. All calls between [`Store::begin`] and
+/// [`Store::commit`] form one transaction; only a successful commit makes
+/// them durable.
+pub trait Store: Send + 'static {
+    /// Opens a transaction.
+    fn begin(&mut self) -> Result<(), StoreError>;
+    /// Commits and syncs the transaction.
+    fn commit(&mut self) -> Result<(), StoreError>;
+    /// Abandons the transaction.
+    fn rollback(&mut self);
+    /// Adds a message; returns its id, greater than any id ever handed out.
+    fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError>;
+    /// Removes a message; returns its size if it was there.
+    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError>;
+    /// Records (or clears) the wire binding of a QoS 2 message.
+    fn set_wire(&mut self, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError>;
+    /// Up to `limit` messages with id greater than `after`, oldest first.
+    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Ids and sizes of the `limit` oldest messages.
+    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// The highest id still queued.
+    fn newest_id(&mut self) -> Result<Option<u64>, StoreError>;
+    /// Count and bytes queued.
+    fn totals(&mut self) -> Result<Totals, StoreError>;
+    /// Creation time of the oldest queued message.
+    fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError>;
+    /// Adds to the persistent drop counter of `reason`.
+    fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError>;
+    /// Drop counters, every reason listed.
+    fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError>;
+    /// A metadata value.
+    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Sets a metadata value.
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// Records a broker's state.
+    fn set_broker(&mut self, rec: &BrokerRecord) -> Result<(), StoreError>;
+    /// Every broker's last recorded state.
+    fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError>;
+}
+
+/// Milliseconds since the Unix epoch, for creation times and state changes.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,648 @@
+//! The SQLite outbox: WAL, `synchronous=FULL`, recovery with quarantine.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use steadfast_core::{DropReason, Properties, Qos, Stage};
+
+use crate::{now_ms, BrokerRecord, NewMessage, Store, StoreError, StoredMessage, Totals};
+
+/// The on-disk format version (docs/design.md, "Outbox format").
+pub const FORMAT_VERSION: u32 = 1;
+const DB_FILE: &str = "outbox.db";
+const LOCK_FILE: &str = "outbox.lock";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    props BLOB,
+    created_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    pid INTEGER,
+    stage INTEGER
+);
+CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS brokers (
+    url TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    last_error TEXT,
+    since_ms INTEGER NOT NULL,
+    acked INTEGER NOT NULL,
+    connects INTEGER NOT NULL
+);
+";
+
+/// What opening the outbox found and did about damage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Files moved aside because they were damaged. Kept, never deleted.
+    pub quarantined: Vec<PathBuf>,
+    /// Messages recovered from a quarantined database.
+    pub salvaged: u64,
+    /// Bytes of an incomplete last write-ahead-log frame (a torn write at
+    /// power loss). SQLite ignores such a frame; what was committed before
+    /// it is kept.
+    pub torn_wal_bytes: Option<u64>,
+    /// What was wrong, in words, when something was.
+    pub problem: Option<String>,
+}
+
+impl OpenReport {
+    /// True when the store was opened without finding damage.
+    pub fn is_clean(&self) -> bool {
+        self.quarantined.is_empty() && self.problem.is_none()
+    }
+}
+
+/// The outbox in a SQLite database in its own directory.
+pub struct SqliteStore {
+    conn: Connection,
+    dir: PathBuf,
+    _lock: Option<File>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the outbox in `dir` for writing, taking its lock.
+    /// A damaged database is moved to `dir/quarantine/`, what can be read
+    /// from it is copied into a fresh one, and the report says so: damage
+    /// is never a reason to refuse to start.
+    pub fn open(dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
+        create_private_dir(dir)?;
+        let lock = take_lock(dir)?;
+        let mut report = OpenReport::default();
+        check_wal_tail(dir, &mut report)?;
+        let conn = match open_checked(dir) {
+            Ok(conn) => conn,
+            Err(Opened::Corrupt(why)) => {
+                report.problem = Some(why);
+                quarantine_and_salvage(dir, &mut report)?
+            }
+            Err(Opened::Failed(e)) => return Err(e),
+        };
+        let store = SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            _lock: Some(lock),
+        };
+        Ok((store, report))
+    }
+
+    /// Opens an existing outbox read-only, without its lock, to report on
+    /// it while its owner runs (`steadfast status`).
+    pub fn open_read_only(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let path = dir.join(DB_FILE);
+        if !path.exists() {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db in it");
+            return Err(StoreError::Io {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            _lock: None,
+        })
+    }
+
+    /// The directory of this outbox.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, e: rusqlite::Error) -> StoreError {
+        map_error(&self.dir, e)
+    }
+}
+
+fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull {
+            path: dir.to_owned(),
+        },
+        _ => StoreError::Sqlite(e),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let io = |source| StoreError::Io {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)
+}
+
+fn take_lock(dir: &Path) -> Result<File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            path: dir.to_owned(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(io(e)),
+    }
+}
+
+enum Opened {
+    Corrupt(String),
+    Failed(StoreError),
+}
+
+fn is_corruption(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
+fn open_checked(dir: &Path) -> Result<Connection, Opened> {
+    let classify = |e: rusqlite::Error| {
+        if is_corruption(&e) {
+            Opened::Corrupt(format!("the database is damaged ({e})"))
+        } else {
+            Opened::Failed(map_error(dir, e))
+        }
+    };
+    let conn = open_connection(&dir.join(DB_FILE)).map_err(classify)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(classify)?;
+    if check != "ok" {
+        return Err(Opened::Corrupt(format!(
+            "the integrity check failed: {check}"
+        )));
+    }
+    init_schema(&conn, dir).map_err(|e| match e {
+        StoreError::Sqlite(e) => classify(e),
+        other => Opened::Failed(other),
+    })?;
+    Ok(conn)
+}
+
+fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL: a commit appends to one file and syncs it once; readers (status)
+    // never block the writer. FULL: the sync happens at every commit, which
+    // is what makes "accepted" mean "on disk" (G1).
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    debug_assert_eq!(mode.to_lowercase(), "wal");
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    Ok(conn)
+}
+
+fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    let found: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key='format'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    match found.and_then(|v| v.parse::<u32>().ok()) {
+        None => {
+            conn.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('format', ?1)",
+                [FORMAT_VERSION.to_string()],
+            )?;
+        }
+        Some(v) if v > FORMAT_VERSION => {
+            let path = dir.to_owned();
+            return Err(StoreError::FormatTooNew {
+                path,
+                found: v,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// A WAL file is a 32-byte header and whole frames of `24 + page size`
+/// bytes. Anything after the last whole frame is a write torn by a crash.
+fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
+    let wal = dir.join(format!("{DB_FILE}-wal"));
+    let Ok(meta) = fs::metadata(&wal) else {
+        return Ok(());
+    };
+    let len = meta.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 32];
+    let io = |source| StoreError::Io {
+        path: wal.clone(),
+        source,
+    };
+    let torn = if len < 32 {
+        len
+    } else {
+        File::open(&wal)
+            .and_then(|mut f| f.read_exact(&mut header))
+            .map_err(io)?;
+        let page = u32::from_be_bytes([header[8], header[9], header[10], header[11]]) as u64;
+        if !(512..=65536).contains(&page) {
+            len - 32
+        } else {
+            (len - 32) % (24 + page)
+        }
+    };
+    if torn > 0 {
+        let kept = quarantine_dir(dir)?.join(format!("{DB_FILE}-wal.torn"));
+        fs::copy(&wal, &kept).map_err(io)?;
+        report.quarantined.push(kept);
+        report.torn_wal_bytes = Some(torn);
+        report.problem = Some(format!(
+            "the write-ahead log ends in a torn write of {torn} bytes (a crash during a commit that was never acknowledged); committed messages are kept"
+        ));
+        tracing::warn!(dir = %dir.display(), torn, "outbox WAL has a torn tail; ignored and kept aside");
+    }
+    Ok(())
+}
+
+fn quarantine_dir(dir: &Path) -> Result<PathBuf, StoreError> {
+    let q = dir
+        .join("quarantine")
+        .join(format!("{}-{:04x}", now_ms(), fastrand::u16(..)));
+    fs::create_dir_all(&q).map_err(|source| StoreError::Io {
+        path: q.clone(),
+        source,
+    })?;
+    Ok(q)
+}
+
+/// Moves the damaged database aside and builds a fresh one from every
+/// record that can still be read.
+fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connection, StoreError> {
+    let q = quarantine_dir(dir)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let from = dir.join(format!("{DB_FILE}{suffix}"));
+        if from.exists() {
+            let to = q.join(format!("{DB_FILE}{suffix}"));
+            fs::rename(&from, &to).map_err(|source| StoreError::Io {
+                path: from.clone(),
+                source,
+            })?;
+            if suffix.is_empty() {
+                report.quarantined.push(to);
+            }
+        }
+    }
+    let conn = open_connection(&dir.join(DB_FILE)).map_err(|e| map_error(dir, e))?;
+    init_schema(&conn, dir)?;
+    let salvaged = salvage(&q.join(DB_FILE), &conn);
+    report.salvaged = salvaged;
+    tracing::error!(
+        dir = %dir.display(),
+        quarantine = %q.display(),
+        salvaged,
+        problem = report.problem.as_deref().unwrap_or(""),
+        "outbox was damaged: moved aside, readable messages recovered"
+    );
+    Ok(conn)
+}
+
+fn salvage(from: &Path, to: &Connection) -> u64 {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let Ok(old) = Connection::open_with_flags(from, flags) else {
+        return 0;
+    };
+    for table in ["meta", "drops"] {
+        let _ = copy_table(&old, to, table);
+    }
+    let floor: u64 = old
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name='outbox'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
+    let mut count = 0;
+    let mut after = 0u64;
+    let mut max_id = 0u64;
+    let mut jump = 1u64;
+    // Walk the ids upwards; a damaged page stops a scan, so on error jump
+    // ahead by a growing step and go on from there.
+    while jump < (1u64 << 50) {
+        match copy_rows_after(&old, to, after) {
+            Ok((n, last)) => {
+                count += n;
+                if n == 0 {
+                    break;
+                }
+                max_id = max_id.max(last);
+                after = last;
+                jump = 1;
+            }
+            Err(last) => {
+                if let Some(last) = last {
+                    count += 1;
+                    max_id = max_id.max(last);
+                    after = last;
+                }
+                after += jump;
+                jump *= 2;
+            }
+        }
+    }
+    // Ids are the producer's sequence numbers: never hand one out twice.
+    let seq = floor.max(max_id);
+    let _ = to.execute(
+        "INSERT OR REPLACE INTO sqlite_sequence(name, seq) VALUES ('outbox', ?1)",
+        [seq],
+    );
+    let _ = to.execute("DELETE FROM sqlite_sequence WHERE rowid NOT IN (SELECT max(rowid) FROM sqlite_sequence GROUP BY name)", []);
+    count
+}
+
+fn copy_table(old: &Connection, to: &Connection, table: &str) -> rusqlite::Result<()> {
+    let cols = if table == "meta" {
+        "key, value"
+    } else {
+        "reason, count"
+    };
+    let mut stmt = old.prepare(&format!("SELECT {cols} FROM {table}"))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, rusqlite::types::Value>(0)?,
+            r.get::<_, rusqlite::types::Value>(1)?,
+        ))
+    })?;
+    for (a, b) in rows.flatten() {
+        to.execute(
+            &format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"),
+            params![a, b],
+        )?;
+    }
+    Ok(())
+}
+
+/// Copies rows after `after` until the end or an error. Ok: (rows, last id).
+/// Err: the last id copied before the error, if any.
+fn copy_rows_after(
+    old: &Connection,
+    to: &Connection,
+    after: u64,
+) -> Result<(u64, u64), Option<u64>> {
+    let mut stmt = old
+        .prepare("SELECT id, topic, payload, qos, retain, props, created_ms, size, pid, stage FROM outbox WHERE id > ?1 ORDER BY id")
+        .map_err(|_| None)?;
+    let mut rows = stmt.query([after]).map_err(|_| None)?;
+    let mut n = 0;
+    let mut last = None;
+    loop {
+        match rows.next() {
+            Ok(Some(r)) => {
+                let values: rusqlite::Result<Vec<rusqlite::types::Value>> =
+                    (0..10).map(|i| r.get(i)).collect();
+                let Ok(v) = values else { return Err(last) };
+                let id: i64 = match v[0] {
+                    rusqlite::types::Value::Integer(i) => i,
+                    _ => return Err(last),
+                };
+                let ok = to.execute(
+                    "INSERT OR IGNORE INTO outbox VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    rusqlite::params_from_iter(v.iter()),
+                );
+                if ok.is_ok() {
+                    n += 1;
+                }
+                last = Some(id as u64);
+            }
+            Ok(None) => return Ok((n, last.unwrap_or(after))),
+            Err(_) => return Err(last),
+        }
+    }
+}
+
+fn stage_to_sql(s: Stage) -> i64 {
+    match s {
+        Stage::Published => 1,
+        Stage::Released => 2,
+    }
+}
+
+fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessage, StoreError>> {
+    let id: u64 = r.get(0)?;
+    let qos: u8 = r.get(3)?;
+    let props: Option<Vec<u8>> = r.get(5)?;
+    let pid: Option<u16> = r.get(7)?;
+    let stage: Option<i64> = r.get(8)?;
+    let bad = |what: String| Err(StoreError::Malformed { id, what });
+    let Some(qos) = Qos::from_u8(qos) else {
+        return Ok(bad(format!("QoS {qos}")));
+    };
+    let props = match props.map(|p| Properties::decode(&p)).transpose() {
+        Ok(p) => p.unwrap_or_default(),
+        Err(e) => return Ok(bad(e.to_string())),
+    };
+    let wire = match (pid, stage) {
+        (Some(p), Some(1)) => Some((p, Stage::Published)),
+        (Some(p), Some(2)) => Some((p, Stage::Released)),
+        _ => None,
+    };
+    let msg = NewMessage {
+        topic: r.get(1)?,
+        payload: r.get(2)?,
+        qos,
+        retain: r.get(4)?,
+        props,
+        created_ms: r.get(6)?,
+    };
+    Ok(Ok(StoredMessage { id, msg, wire }))
+}
+
+impl Store for SqliteStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.map(e))
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT").map_err(|e| self.map(e))
+    }
+
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
+        let props = (!m.props.is_empty()).then(|| m.props.encode());
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
+        let r = stmt.execute(params![
+            m.topic,
+            m.payload,
+            m.qos as u8,
+            m.retain,
+            props,
+            m.created_ms,
+            m.size()
+        ]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        Ok(self.conn.last_insert_rowid() as u64)
+    }
+
+    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING size")?;
+        let r = stmt.query_row([id], |r| r.get::<_, u64>(0)).optional();
+        drop(stmt);
+        r.map_err(|e| self.map(e))
+    }
+
+    fn set_wire(&mut self, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
+        let (pid, stage) = match wire {
+            Some((p, s)) => (Some(p), Some(stage_to_sql(s))),
+            None => (None, None),
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE outbox SET pid = ?2, stage = ?3 WHERE id = ?1")?;
+        let r = stmt.execute(params![id, pid, stage]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, topic, payload, qos, retain, props, created_ms, pid, stage FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after, limit as i64], row_to_message)?;
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, size FROM outbox ORDER BY id LIMIT ?1")?;
+        let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
+    }
+
+    fn totals(&mut self) -> Result<Totals, StoreError> {
+        let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox";
+        let (count, bytes) = self
+            .conn
+            .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Totals { count, bytes })
+    }
+
+    fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
+        let sql = "SELECT created_ms FROM outbox ORDER BY id LIMIT 1";
+        Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?)
+    }
+
+    fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO drops VALUES (?1, ?2) ON CONFLICT(reason) DO UPDATE SET count = count + ?2";
+        self.conn
+            .execute(sql, params![reason.as_str(), n])
+            .map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT count FROM drops WHERE reason = ?1")?;
+        let mut out = Vec::new();
+        for r in DropReason::ALL {
+            let n: Option<u64> = stmt.query_row([r.as_str()], |row| row.get(0)).optional()?;
+            out.push((r, n.unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT value FROM meta WHERE key = ?1";
+        Ok(self.conn.query_row(sql, [key], |r| r.get(0)).optional()?)
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        let sql = "INSERT OR REPLACE INTO meta VALUES (?1, ?2)";
+        self.conn
+            .execute(sql, [key, value])
+            .map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn set_broker(&mut self, b: &BrokerRecord) -> Result<(), StoreError> {
+        let sql = "INSERT OR REPLACE INTO brokers VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+        let p = params![
+            b.url,
+            b.state,
+            b.last_error,
+            b.since_ms,
+            b.acked,
+            b.connects
+        ];
+        self.conn.execute(sql, p).map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT url, state, last_error, since_ms, acked, connects FROM brokers ORDER BY url",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BrokerRecord {
+                url: r.get(0)?,
+                state: r.get(1)?,
+                last_error: r.get(2)?,
+                since_ms: r.get(3)?,
+                acked: r.get(4)?,
+                connects: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

@@ -1,0 +1,153 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the proxy does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward bytes both ways.
+    Pass,
+    /// Reset every open connection and every new one.
+    Reset,
+    /// Keep sockets open and silently drop every byte, both ways: a link
+    /// that dies without FIN or RST.
+    BlackHole,
+    /// Forward, delaying each chunk by this long.
+    Latency(Duration),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct State {
+    mode: ProxyMode,
+    /// Bumped to reset the connections that exist now.
+    generation: u64,
+}
+
+/// A TCP proxy on a free loopback port in front of an upstream port.
+pub struct FaultProxy {
+    port: u16,
+    state: Arc<watch::Sender<State>>,
+    task: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts proxying 127.0.0.1:`upstream`.
+    pub async fn start(upstream: u16) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, _) = watch::channel(State {
+            mode: ProxyMode::Pass,
+            generation: 0,
+        });
+        let state = Arc::new(tx);
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let rx = s.subscribe();
+                tokio::spawn(serve(client, upstream, rx));
+            }
+        });
+        FaultProxy { port, state, task }
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Switches the mode for open and new connections.
+    pub fn set(&self, mode: ProxyMode) {
+        self.state.send_modify(|s| s.mode = mode);
+    }
+
+    /// Resets the connections open now; new ones are served by the mode.
+    pub fn reset_connections(&self) {
+        self.state.send_modify(|s| s.generation += 1);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn reset(s: TcpStream) {
+    // Linger 0 turns close into RST.
+    #[allow(deprecated)]
+    let _ = s.set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+async fn serve(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>) {
+    let start = *rx.borrow_and_update();
+    if start.mode == ProxyMode::Reset {
+        return reset(client);
+    }
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+        return reset(client);
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = pump(&mut cr, &mut sw, rx.clone());
+    let down = pump(&mut sr, &mut cw, rx.clone());
+    let killed = async {
+        loop {
+            if rx.changed().await.is_err() {
+                return;
+            }
+            let s = *rx.borrow();
+            if s.generation != start.generation || s.mode == ProxyMode::Reset {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+        _ = killed => {}
+    }
+    let client = cr.reunite(cw).ok();
+    let server = sr.reunite(sw).ok();
+    if let Some(c) = client {
+        reset(c);
+    }
+    if let Some(s) = server {
+        reset(s);
+    }
+}
+
+async fn pump(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    rx: watch::Receiver<State>,
+) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mode = rx.borrow().mode;
+        match mode {
+            ProxyMode::Pass => {}
+            ProxyMode::BlackHole => continue,
+            ProxyMode::Latency(d) => tokio::time::sleep(d).await,
+            ProxyMode::Reset => return,
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

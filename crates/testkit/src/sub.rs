@@ -1,0 +1,114 @@
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::{mosquitto_program, wait_until};
+
+/// A real `mosquitto_sub` process; records every payload it prints.
+pub struct Subscriber {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    subscribed: Arc<Mutex<u32>>,
+}
+
+impl Subscriber {
+    /// Subscribes to `topic` at `qos` on 127.0.0.1:`port`. With
+    /// `session = Some(id)`, uses a persistent session (`-c -i id`) so the
+    /// broker queues for it while it is away. Returns once SUBACK arrived.
+    pub async fn start(port: u16, topic: &str, qos: u8, session: Option<&str>) -> Subscriber {
+        // Line-buffered stdout: mosquitto_sub writes through stdio, which
+        // would hold lines back in a pipe.
+        let mut cmd = Command::new("stdbuf");
+        cmd.arg("-oL").arg(mosquitto_program("mosquitto_sub"));
+        cmd.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            topic,
+            "-q",
+            &qos.to_string(),
+            "-d",
+        ]);
+        if let Some(id) = session {
+            cmd.args(["-c", "-i", id]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let subscribed = Arc::new(Mutex::new(0));
+        let (l, s) = (lines.clone(), subscribed.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("Client ") {
+                    if line.contains("received SUBACK") {
+                        *s.lock().unwrap() += 1;
+                    }
+                    continue;
+                }
+                if line.starts_with("Subscribed (mid") {
+                    continue;
+                }
+                l.lock().unwrap().push(line);
+            }
+        });
+        let sub = Subscriber {
+            child,
+            lines,
+            subscribed,
+        };
+        let s = sub.subscribed.clone();
+        wait_until("mosquitto_sub SUBACK", Duration::from_secs(10), || {
+            *s.lock().unwrap() > 0
+        })
+        .await;
+        sub
+    }
+
+    /// Payloads received so far, one per line, in arrival order.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// How many payloads arrived.
+    pub fn count(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// Waits until `n` payloads arrived.
+    pub async fn wait_count(&self, n: usize, limit: Duration) {
+        let l = self.lines.clone();
+        wait_until(&format!("{n} messages at the subscriber"), limit, || {
+            l.lock().unwrap().len() >= n
+        })
+        .await;
+    }
+
+    /// Waits until every payload in `want` arrived at least once.
+    pub async fn wait_all(&self, want: &[String], limit: Duration) {
+        let l = self.lines.clone();
+        let want: std::collections::HashSet<String> = want.iter().cloned().collect();
+        let what = format!("{} distinct messages at the subscriber", want.len());
+        wait_until(&what, limit, || {
+            let got = l.lock().unwrap();
+            let have: std::collections::HashSet<&String> = got.iter().collect();
+            want.iter().all(|w| have.contains(w))
+        })
+        .await;
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,1 +1,77 @@
-fn main() {}
+//! The `steadfast` command: raw args -> validated options -> run().
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod publish;
+mod status;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit codes, as documented in the README.
+pub mod exit {
+    /// Everything done (all delivered, or all accepted with `--no-wait`).
+    pub const OK: u8 = 0;
+    /// Anything else that went wrong.
+    pub const FAILURE: u8 = 1;
+    /// Usage or configuration error.
+    pub const USAGE: u8 = 2;
+    /// `--wait-timeout` ran out with messages still queued on disk.
+    pub const TIMED_OUT: u8 = 3;
+}
+
+/// An error with the exit code it deserves.
+#[derive(Debug)]
+pub struct Failure {
+    code: u8,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self { code: exit::USAGE, error: error.into() }
+    }
+    fn other(error: impl Into<anyhow::Error>) -> Self {
+        Self { code: exit::FAILURE, error: error.into() }
+    }
+    fn timed_out(error: impl Into<anyhow::Error>) -> Self {
+        Self { code: exit::TIMED_OUT, error: error.into() }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    util::init_logging(cli.debug);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("steadfast: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            args::Command::Pub(a) => publish::run(a).await,
+            args::Command::Status(a) => status::run(a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(f) => {
+            eprintln!("steadfast: error: {}", f.error);
+            for cause in f.error.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -87,6 +87,7 @@ pub(crate) struct Driver {
     rng: fastrand::Rng,
     max_packet: Option<u32>,
     last_recorded: Instant,
+    last_logged: Option<String>,
 }
 
 impl Driver {
@@ -118,6 +119,7 @@ impl Driver {
             rng,
             max_packet: None,
             last_recorded: Instant::now(),
+            last_logged: None,
         }
     }
 
@@ -285,6 +287,7 @@ impl Driver {
         self.shared.update(|s| s.connects += 1);
         self.set_state(LinkState::Connected, None, None);
         tracing::info!(%broker, session_present = ack.session_present, resent, "connected");
+        self.last_logged = None;
         let _ = self.events.send(Event::Connected {
             broker,
             session_present: ack.session_present,

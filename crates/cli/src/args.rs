@@ -1,0 +1,127 @@
+//! Command-line arguments. Flags follow `mosquitto_pub` where they overlap.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Reliable MQTT delivery: a durable outbox that never loses an accepted message.
+#[derive(Debug, Parser)]
+#[command(name = "steadfast", version, disable_help_flag = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Debug logging on stderr (RUST_LOG overrides).
+    #[arg(short = 'd', long, global = true)]
+    pub debug: bool,
+    /// Print help.
+    #[arg(long, action = clap::ArgAction::Help, global = true)]
+    help: Option<bool>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Publish messages through the durable outbox (flags as mosquitto_pub).
+    #[command(disable_help_flag = true)]
+    Pub(PubArgs),
+    /// Show an outbox: queue depth, oldest message, drops, broker states.
+    #[command(disable_help_flag = true)]
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    /// Broker URL, mqtt://host:port (repeatable).
+    #[arg(short = 'b', long = "broker", value_name = "URL")]
+    pub brokers: Vec<String>,
+    /// Broker host (mosquitto_pub style; use with -p).
+    #[arg(short = 'h', long = "host")]
+    pub host: Option<String>,
+    /// Broker port (mosquitto_pub style).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// Topic to publish to.
+    #[arg(short = 't', long = "topic")]
+    pub topic: Option<String>,
+    /// QoS: 0, 1 or 2.
+    #[arg(short = 'q', long = "qos", default_value_t = 1)]
+    pub qos: u8,
+    /// The message payload.
+    #[arg(short = 'm', long = "message", group = "input")]
+    pub message: Option<String>,
+    /// One message per line of stdin.
+    #[arg(short = 'l', long = "stdin-line", group = "input")]
+    pub lines: bool,
+    /// The whole file as one message.
+    #[arg(short = 'f', long = "file", group = "input")]
+    pub file: Option<PathBuf>,
+    /// The whole of stdin as one message.
+    #[arg(short = 's', long = "stdin-file", group = "input")]
+    pub stdin: bool,
+    /// An empty (zero-length) message.
+    #[arg(short = 'n', long = "null-message", group = "input")]
+    pub null: bool,
+    /// Send what the outbox holds; take no new input.
+    #[arg(long, group = "input")]
+    pub drain: bool,
+    /// Retain flag.
+    #[arg(short = 'r', long)]
+    pub retain: bool,
+    /// Client id: the MQTT session and the default outbox name. Keep it stable.
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// MQTT version: 311 or 5 (also mqttv311, mqttv5).
+    #[arg(short = 'V', long = "protocol-version", default_value = "5")]
+    pub version: String,
+    /// User name.
+    #[arg(short = 'u', long = "username")]
+    pub username: Option<String>,
+    /// Password.
+    #[arg(short = 'P', long = "pw")]
+    pub password: Option<String>,
+    /// Keep-alive in seconds.
+    #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
+    pub keepalive: u64,
+    /// Outbox directory (default: $XDG_STATE_HOME/steadfast/outbox/<client id>).
+    #[arg(long)]
+    pub outbox: Option<PathBuf>,
+    /// Exit as soon as every message is accepted (on disk).
+    #[arg(long)]
+    pub no_wait: bool,
+    /// How long to wait for delivery (e.g. 30s, 5m); then exit 3, rest kept on disk.
+    #[arg(long, value_name = "DURATION")]
+    pub wait_timeout: Option<String>,
+    /// Outbox bound in messages.
+    #[arg(long, value_name = "COUNT")]
+    pub max_queue: Option<u64>,
+    /// Outbox bound in bytes (e.g. 100MB).
+    #[arg(long, value_name = "SIZE")]
+    pub max_queue_bytes: Option<String>,
+    /// What to do when the outbox is full: block, reject or drop-oldest.
+    #[arg(long, default_value = "block")]
+    pub overflow: String,
+    /// Shortest and longest reconnect delay, MIN..MAX (e.g. 100ms..30s).
+    #[arg(long, default_value = "100ms..30s")]
+    pub backoff: String,
+    /// Start a fresh session instead of resuming one.
+    #[arg(long)]
+    pub clean: bool,
+    /// MQTT 5 session expiry interval.
+    #[arg(long, value_name = "DURATION", default_value = "1d")]
+    pub session_expiry: String,
+    /// Print a summary line on stderr when done.
+    #[arg(long)]
+    pub summary: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Outbox directory.
+    #[arg(long)]
+    pub outbox: Option<PathBuf>,
+    /// Client id whose default outbox to show.
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}

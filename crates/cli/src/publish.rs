@@ -1,0 +1,316 @@
+//! `steadfast pub`.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use steadfast::{
+    BackoffConfig, BrokerUrl, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, ProtocolVersion,
+    PublishError, Qos,
+};
+use steadfast_core::validate_topic_name;
+use steadfast_store::AcceptFuture;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::sync::broadcast;
+
+use crate::args::PubArgs;
+use crate::util::{default_client_id, default_outbox, parse_duration, parse_size};
+use crate::Failure;
+
+/// Where the messages come from.
+#[derive(Debug)]
+enum Input {
+    Message(Vec<u8>),
+    Lines,
+    File(PathBuf),
+    Stdin,
+    Drain,
+}
+
+/// Validated `pub` options.
+#[derive(Debug)]
+struct Options {
+    config: ClientConfig,
+    topic: String,
+    qos: Qos,
+    retain: bool,
+    input: Input,
+    no_wait: bool,
+    wait_timeout: Option<Duration>,
+    summary: bool,
+}
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::usage(anyhow!(msg.into()))
+}
+
+impl Options {
+    fn from_args(a: PubArgs) -> Result<Options, Failure> {
+        let mut urls = a.brokers.clone();
+        if a.host.is_some() || a.port.is_some() {
+            urls.push(format!("mqtt://{}:{}", a.host.as_deref().unwrap_or("127.0.0.1"), a.port.unwrap_or(1883)));
+        }
+        if urls.is_empty() {
+            return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
+        }
+        if urls.len() > 1 {
+            return Err(usage(format!(
+                "{} brokers given; this version publishes to exactly one broker (failover and fanout over several brokers are not built yet)",
+                urls.len()
+            )));
+        }
+        let url: BrokerUrl = urls[0].parse().map_err(Failure::usage)?;
+        let input = match (&a.message, a.lines, &a.file, a.stdin, a.null, a.drain) {
+            (Some(m), ..) => Input::Message(m.clone().into_bytes()),
+            (_, true, ..) => Input::Lines,
+            (_, _, Some(f), ..) => Input::File(f.clone()),
+            (_, _, _, true, ..) => Input::Stdin,
+            (_, _, _, _, true, _) => Input::Message(Vec::new()),
+            (_, _, _, _, _, true) => Input::Drain,
+            _ => return Err(usage("nothing to publish; give one of -m MSG, -l, -f FILE, -s, -n, or --drain")),
+        };
+        let topic = match (&a.topic, &input) {
+            (Some(t), _) => {
+                validate_topic_name(t).map_err(|e| usage(format!("invalid topic: {e}")))?;
+                t.clone()
+            }
+            (None, Input::Drain) => String::new(),
+            (None, _) => return Err(usage("no topic given; use -t TOPIC")),
+        };
+        let qos = match a.qos {
+            0 => Qos::AtMostOnce,
+            1 => Qos::AtLeastOnce,
+            2 => Qos::ExactlyOnce,
+            q => return Err(usage(format!("QoS {q} does not exist; use -q 0, 1 or 2"))),
+        };
+        let version = match a.version.as_str() {
+            "5" | "mqttv5" | "50" => ProtocolVersion::V5,
+            "311" | "mqttv311" | "31" | "3.1.1" => ProtocolVersion::V311,
+            v => return Err(usage(format!("protocol version `{v}` is not supported; use -V 311 or -V 5"))),
+        };
+        let overflow = match a.overflow.as_str() {
+            "block" => Overflow::Block,
+            "reject" => Overflow::Reject,
+            "drop-oldest" => Overflow::DropOldest,
+            o => return Err(usage(format!("overflow policy `{o}` is unknown; use block, reject or drop-oldest"))),
+        };
+        let max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
+        let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;
+        let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
+        let (min, max) = a.backoff.split_once("..").ok_or_else(|| usage(format!("backoff `{}` must be MIN..MAX, e.g. 100ms..30s", a.backoff)))?;
+        let backoff = BackoffConfig {
+            min: parse_duration(min).map_err(usage)?,
+            max: parse_duration(max).map_err(usage)?,
+            ..BackoffConfig::default()
+        };
+        if a.keepalive == 0 || a.keepalive > 65535 {
+            return Err(usage(format!("keep-alive {} s is out of range; use 1 to 65535", a.keepalive)));
+        }
+        let id = a.id.clone().unwrap_or_else(default_client_id);
+        let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
+        let mut config = ClientConfig::new(id, url, outbox_dir)
+            .version(version)
+            .keep_alive(Duration::from_secs(a.keepalive))
+            .clean_start(a.clean)
+            .session_expiry(session_expiry)
+            .backoff(backoff)
+            .outbox(OutboxConfig { max_messages: a.max_queue, max_bytes, overflow });
+        if let Some(u) = &a.username {
+            config = config.credentials(u.clone(), a.password.clone().map(String::into_bytes));
+        } else if a.password.is_some() {
+            return Err(usage("-P needs -u"));
+        }
+        Ok(Options {
+            config,
+            topic,
+            qos,
+            retain: a.retain,
+            input,
+            no_wait: a.no_wait,
+            wait_timeout,
+            summary: a.summary,
+        })
+    }
+}
+
+/// Enqueues messages with a bounded number awaiting their disk sync.
+struct Pipeline {
+    client: Client,
+    pending: VecDeque<AcceptFuture>,
+    accepted: u64,
+}
+
+const PIPELINE_DEPTH: usize = 8192;
+
+impl Pipeline {
+    async fn push(&mut self, msg: Message) -> Result<(), Failure> {
+        let fut = self.client.enqueue(msg).map_err(|e| self.failure(e))?;
+        self.pending.push_back(fut);
+        if self.pending.len() >= PIPELINE_DEPTH {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), Failure> {
+        if let Some(f) = self.pending.pop_front() {
+            f.await.map_err(|e| self.failure(PublishError::from(e)))?;
+            self.accepted += 1;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<(), Failure> {
+        while !self.pending.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    fn failure(&self, e: PublishError) -> Failure {
+        let note = format!("{} message(s) accepted before this one are safe in the outbox", self.accepted);
+        match e {
+            PublishError::Topic(_) | PublishError::TooLarge { .. } => Failure::usage(anyhow!(e).context(note)),
+            e => Failure::other(anyhow!(e).context(note)),
+        }
+    }
+}
+
+pub async fn run(a: PubArgs) -> Result<(), Failure> {
+    let o = Options::from_args(a)?;
+    let dir = o.config.outbox_dir().to_owned();
+    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| Failure::other(anyhow!(e)))?;
+    if !report.is_clean() {
+        eprintln!(
+            "steadfast: warning: the outbox {} was damaged: {}; {} message(s) recovered; damaged files kept in {:?}",
+            dir.display(),
+            report.problem.as_deref().unwrap_or("unknown damage"),
+            report.salvaged,
+            report.quarantined
+        );
+    }
+    let mut events = client.events();
+    first_attempt(&client, &mut events).await?;
+    let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted: 0 };
+    let sent = feed(&o, &mut p).await;
+    let fed = sent.and(p.finish().await);
+    if let Err(f) = fed {
+        client.close().await;
+        return Err(f);
+    }
+    let result = if o.no_wait { Ok(()) } else { wait_delivered(&client, &mut events, o.wait_timeout, &dir).await };
+    if o.summary {
+        let s = client.status().await.ok();
+        eprintln!("steadfast: {} accepted, {} queued in {}", p.accepted, s.map(|s| s.queued).unwrap_or(0), dir.display());
+    }
+    client.close().await;
+    result
+}
+
+/// Gives the first connection attempt a moment, so that a refusal
+/// (credentials, version) is reported before anything is accepted and the
+/// broker's size limit is known. Never waits long: publishing with the
+/// broker down is normal.
+async fn first_attempt(client: &Client, events: &mut broadcast::Receiver<Event>) -> Result<(), Failure> {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Ok(Event::Connected { .. }) => return Ok(()),
+                Ok(Event::ConnectFailed { error, .. }) => return Err(error),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(2), wait).await {
+        Ok(Err(e)) if !e.is_retryable() => {
+            let f = Failure::other(anyhow!(e).context("nothing was published"));
+            client.clone().close().await;
+            Err(f)
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
+    let msg = |payload: Vec<u8>| Message::new(o.topic.clone(), payload).qos(o.qos).retain(o.retain);
+    match &o.input {
+        Input::Drain => Ok(()),
+        Input::Message(m) => p.push(msg(m.clone())).await,
+        Input::File(path) => {
+            let data = tokio::fs::read(path).await.with_context(|| format!("cannot read {}", path.display())).map_err(Failure::usage)?;
+            p.push(msg(data)).await
+        }
+        Input::Stdin => {
+            let mut data = Vec::new();
+            tokio::io::stdin().read_to_end(&mut data).await.context("cannot read stdin").map_err(Failure::other)?;
+            p.push(msg(data)).await
+        }
+        Input::Lines => {
+            let mut lines = BufReader::new(tokio::io::stdin()).split(b'\n');
+            while let Some(mut line) = lines.next_segment().await.context("cannot read stdin").map_err(Failure::other)? {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                p.push(msg(line)).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn wait_delivered(
+    client: &Client,
+    events: &mut broadcast::Receiver<Event>,
+    limit: Option<Duration>,
+    dir: &std::path::Path,
+) -> Result<(), Failure> {
+    let mut dropped = Vec::new();
+    let mut last_error: Option<ConnectError> = None;
+    let idle = client.wait_idle();
+    tokio::pin!(idle);
+    let deadline = async {
+        match limit {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut idle => break,
+            _ = &mut deadline => {
+                let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
+                let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                return Err(Failure::timed_out(anyhow!(
+                    "timed out waiting for delivery{why}; {queued} message(s) kept in the outbox {}; send them later with `steadfast pub --drain --outbox {}`",
+                    dir.display(), dir.display()
+                )));
+            }
+            e = events.recv() => match e {
+                Ok(Event::Dropped(d)) => dropped.push(d),
+                Ok(Event::ConnectFailed { error, .. }) | Ok(Event::Disconnected { error, .. }) => {
+                    if !error.is_retryable() {
+                        return Err(Failure::other(anyhow!(error).context("messages stay queued in the outbox")));
+                    }
+                    last_error = Some(error);
+                }
+                _ => {}
+            },
+        }
+    }
+    if dropped.is_empty() {
+        return Ok(());
+    }
+    let first = &dropped[0];
+    Err(Failure::other(anyhow!(
+        "{} message(s) could not be delivered and were dropped (first: #{} to `{}`, reason {}); see `steadfast status --outbox {}`",
+        dropped.len(),
+        first.id,
+        first.topic,
+        first.reason,
+        dir.display()
+    )))
+}

@@ -1,0 +1,105 @@
+//! `steadfast status`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::anyhow;
+use serde::Serialize;
+use steadfast_store::{now_ms, Report, SqliteStore};
+
+use crate::args::StatusArgs;
+use crate::util::{default_outbox, human_bytes};
+use crate::Failure;
+
+#[derive(Serialize)]
+struct Json {
+    outbox: String,
+    owner_running: bool,
+    queued: u64,
+    bytes: u64,
+    oldest_age_ms: Option<u64>,
+    dropped: serde_json::Map<String, serde_json::Value>,
+    brokers: Vec<BrokerJson>,
+}
+
+#[derive(Serialize)]
+struct BrokerJson {
+    url: String,
+    state: String,
+    since_ms: u64,
+    last_error: Option<String>,
+    acked: u64,
+    connects: u64,
+}
+
+pub async fn run(a: StatusArgs) -> Result<(), Failure> {
+    let dir = match (a.outbox, a.id) {
+        (Some(d), _) => d,
+        (None, Some(id)) => default_outbox(&id),
+        (None, None) => return Err(Failure::usage(anyhow!("which outbox? use --outbox DIR or -i CLIENT_ID"))),
+    };
+    let d = dir.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let running = SqliteStore::is_in_use(&d);
+        let mut store = SqliteStore::open_read_only(&d)?;
+        Ok::<_, steadfast_store::StoreError>((running, Report::read(&mut store)?))
+    })
+    .await
+    .map_err(|e| Failure::other(anyhow!("status task failed: {e}")))?;
+    let (running, r) = read.map_err(|e| Failure::other(anyhow!(e)))?;
+    let now = now_ms();
+    let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
+    if a.json {
+        let dropped = r.drops.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v))).collect();
+        let brokers = r
+            .brokers
+            .iter()
+            .map(|b| BrokerJson {
+                url: b.url.clone(),
+                state: if running { b.state.clone() } else { "not running".into() },
+                since_ms: b.since_ms,
+                last_error: b.last_error.clone(),
+                acked: b.acked,
+                connects: b.connects,
+            })
+            .collect();
+        let j = Json {
+            outbox: dir.display().to_string(),
+            owner_running: running,
+            queued: r.totals.count,
+            bytes: r.totals.bytes,
+            oldest_age_ms: age,
+            dropped,
+            brokers,
+        };
+        println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
+        return Ok(());
+    }
+    println!("outbox   {}{}", dir.display(), if running { "" } else { "  (no process is using it)" });
+    println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
+    match age {
+        Some(ms) => println!("oldest   {} ago", human_age(Duration::from_millis(ms))),
+        None => println!("oldest   -"),
+    }
+    let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    println!("dropped  {}", drops.join(", "));
+    for b in &r.brokers {
+        let since = UNIX_EPOCH + Duration::from_millis(b.since_ms);
+        let for_how_long = SystemTime::now().duration_since(since).unwrap_or_default();
+        let state = if running { format!("{} for {}", b.state, human_age(for_how_long)) } else { format!("not running (last run ended {} ago)", human_age(for_how_long)) };
+        println!("broker   {}  {state}, acked {}, connects {}", b.url, b.acked, b.connects);
+        if let Some(e) = &b.last_error {
+            println!("         last error: {e}");
+        }
+    }
+    Ok(())
+}
+
+fn human_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86400, (s % 86400) / 3600),
+    }
+}

@@ -80,6 +80,21 @@ impl Receipt {
     }
 }
 
+/// A message waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedMessage {
+    /// Its identity (the sequence number is its outbox id).
+    pub identity: Identity,
+    /// Topic.
+    pub topic: String,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// QoS.
+    pub qos: Qos,
+    /// When it was accepted.
+    pub created: SystemTime,
+}
+
 /// State of a broker link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkState {
@@ -361,6 +376,24 @@ impl Client {
     pub async fn wait_idle(&self) {
         let mut rx = self.inner.outbox.watch();
         let _ = rx.wait_for(|s| s.totals.count == 0).await;
+    }
+
+    /// Messages still queued (accepted, not delivered) with id above
+    /// `after`, oldest first, at most `limit`. Sees every acknowledgement
+    /// processed before the call.
+    pub async fn queued(&self, after: u64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+        let page = self.inner.outbox.read_after(after, limit).await?;
+        let to = |m: steadfast_store::StoredMessage| QueuedMessage {
+            identity: Identity {
+                producer: self.inner.producer.to_string(),
+                seq: m.id,
+            },
+            topic: m.msg.topic,
+            payload: m.msg.payload,
+            qos: m.msg.qos,
+            created: SystemTime::UNIX_EPOCH + Duration::from_millis(m.msg.created_ms),
+        };
+        Ok(page.into_iter().map(to).collect())
     }
 
     /// Each broker's status.

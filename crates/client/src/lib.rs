@@ -25,7 +25,7 @@ mod driver;
 mod error;
 mod link;
 
-pub use client::{BrokerStatus, Client, Event, LinkState, Message, Receipt, Status};
+pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
 pub use config::{BrokerUrl, ClientConfig, ProtocolVersion};
 pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};

@@ -125,7 +125,9 @@ impl SqliteStore {
 
     /// True when a process holds the outbox's lock right now.
     pub fn is_in_use(dir: &Path) -> bool {
-        let Ok(file) = File::open(dir.join(LOCK_FILE)) else { return false };
+        let Ok(file) = File::open(dir.join(LOCK_FILE)) else {
+            return false;
+        };
         match file.try_lock_shared() {
             Ok(()) => {
                 let _ = file.unlock();

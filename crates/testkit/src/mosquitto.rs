@@ -69,6 +69,13 @@ impl Mosquitto {
     fn write_config(&self) {
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
+        // Started as root, Mosquitto drops to the `mosquitto` user: it must
+        // still be able to write its persistence file and its log here.
+        use std::os::unix::fs::PermissionsExt;
+        for d in [self.dir.path(), data.as_path()] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777))
+                .expect("chmod test broker dir");
+        }
         let mut conf = vec![
             "per_listener_settings false".to_owned(),
             format!("listener {} 127.0.0.1", self.port),

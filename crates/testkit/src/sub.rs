@@ -92,8 +92,27 @@ impl Subscriber {
         .await;
     }
 
-    /// Waits until every payload in `want` arrived at least once.
+    /// Waits until every payload in `want` arrived at least once; on
+    /// time-out, says how many and which are missing.
     pub async fn wait_all(&self, want: &[String], limit: Duration) {
+        let r = tokio::time::timeout(limit, self.wait_all_inner(want)).await;
+        if r.is_err() {
+            let got = self.lines();
+            let have: std::collections::HashSet<&String> = got.iter().collect();
+            let missing: Vec<&String> = want.iter().filter(|w| !have.contains(w)).collect();
+            panic!(
+                "after {limit:?}, {} of {} messages missing at the subscriber (received {} lines); first missing: {:?}; last missing: {:?}",
+                missing.len(),
+                want.len(),
+                got.len(),
+                missing.iter().take(5).collect::<Vec<_>>(),
+                missing.iter().rev().take(3).collect::<Vec<_>>()
+            );
+        }
+    }
+
+    async fn wait_all_inner(&self, want: &[String]) {
+        let limit = Duration::from_secs(24 * 3600);
         let l = self.lines.clone();
         let want: std::collections::HashSet<String> = want.iter().cloned().collect();
         let what = format!("{} distinct messages at the subscriber", want.len());

@@ -1,1 +1,248 @@
+//! Faults: links reset and black-holed, brokers terminated and killed.
 
+use std::time::{Duration, Instant};
+
+use steadfast::{Client, ConnectError, Event, LinkState, Message};
+use steadfast_testkit::{
+    wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber,
+};
+use tokio::sync::broadcast;
+
+use crate::{assert_all_in_order, config, open, payloads};
+
+fn persistent() -> MosquittoOptions {
+    MosquittoOptions {
+        persistence: true,
+        extra: vec![],
+    }
+}
+
+/// Waits for the first event that `pick` accepts.
+async fn next_event<T>(
+    events: &mut broadcast::Receiver<Event>,
+    limit: Duration,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let fut = async {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if let Some(t) = pick(&e) {
+                        return t;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, fut)
+        .await
+        .expect("expected event did not come in time")
+}
+
+async fn connected(events: &mut broadcast::Receiver<Event>) -> bool {
+    next_event(events, Duration::from_secs(30), |e| match e {
+        Event::Connected {
+            session_present, ..
+        } => Some(*session_present),
+        _ => None,
+    })
+    .await
+}
+
+async fn enqueue_all(c: &Client, topic: &str, msgs: &[String]) {
+    let mut pending = Vec::new();
+    for m in msgs {
+        pending.push(c.enqueue(Message::new(topic, m.clone())).unwrap());
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+}
+
+async fn idle(c: &Client, limit: Duration) {
+    tokio::time::timeout(limit, c.wait_idle())
+        .await
+        .expect("outbox did not drain in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_survive_resets_black_holes_and_broker_restarts() {
+    let mut broker = Mosquitto::start(persistent()).await;
+    let sub = Subscriber::start(broker.port(), "chaos", 1, Some("chaos-sub")).await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("chaos-pub", &proxy.url(), dir.path())
+        .keep_alive(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2));
+    let c = open(cfg).await;
+    let mut events = c.events();
+    connected(&mut events).await;
+    let want = payloads("c", 10_000);
+    for (i, batch) in want.chunks(1000).enumerate() {
+        enqueue_all(&c, "chaos", batch).await;
+        if [1, 3, 5, 7, 8].contains(&i) {
+            // Every fault hits a live link with messages flowing.
+            let c2 = c.clone();
+            wait_until("connected", Duration::from_secs(30), move || {
+                c2.broker_status()[0].state == LinkState::Connected
+            })
+            .await;
+        }
+        match i {
+            1 | 7 => proxy.reset_connections(),
+            3 => {
+                proxy.set(ProxyMode::BlackHole);
+                next_event(&mut events, Duration::from_secs(10), |e| match e {
+                    Event::Disconnected {
+                        error: ConnectError::DeadLink(_),
+                        ..
+                    } => Some(()),
+                    _ => None,
+                })
+                .await;
+                proxy.set(ProxyMode::Pass);
+            }
+            5 | 8 => {
+                broker.terminate();
+                broker.restart().await;
+            }
+            _ => {}
+        }
+    }
+    idle(&c, Duration::from_secs(90)).await;
+    sub.wait_all(&want, Duration::from_secs(60)).await;
+    assert_all_in_order(&sub.lines(), &want);
+    let st = c.status().await.unwrap();
+    assert_eq!(st.queued, 0);
+    assert!(st.drops.iter().all(|(_, n)| *n == 0), "{:?}", st.drops);
+    assert!(st.brokers[0].connects >= 6, "{:?}", st.brokers[0]);
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_of_the_broker_every_unacknowledged_message_goes_to_its_next_incarnation() {
+    let mut broker = Mosquitto::start(persistent()).await;
+    let first_sub = Subscriber::start(broker.port(), "k9", 1, None).await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("k9-pub", &proxy.url(), dir.path()).keep_alive(Duration::from_secs(2));
+    let c = open(cfg).await;
+    let mut events = c.events();
+    connected(&mut events).await;
+    let want = payloads("k", 20_000);
+    let mut pending = Vec::new();
+    for m in &want {
+        pending.push(c.enqueue(Message::new("k9", m.clone())).unwrap());
+    }
+    first_sub.wait_count(300, Duration::from_secs(30)).await;
+    broker.kill9();
+    proxy.set(ProxyMode::Reset);
+    next_event(&mut events, Duration::from_secs(10), |e| {
+        matches!(e, Event::Disconnected { .. }).then_some(())
+    })
+    .await;
+    for p in pending {
+        p.await.unwrap();
+    }
+    // What the broker never acknowledged is exactly what is still queued.
+    let unacked: Vec<String> = c
+        .queued(0, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| String::from_utf8(m.payload).unwrap())
+        .collect();
+    assert!(
+        !unacked.is_empty(),
+        "the kill came after everything was acknowledged; nothing to show"
+    );
+    broker.restart().await;
+    let second_sub = Subscriber::start(broker.port(), "k9", 1, None).await;
+    proxy.set(ProxyMode::Pass);
+    idle(&c, Duration::from_secs(60)).await;
+    second_sub.wait_all(&unacked, Duration::from_secs(30)).await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_lost_the_session_gets_every_in_flight_message_again() {
+    let mut broker = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("sp0-pub", &proxy.url(), dir.path())
+        .keep_alive(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2));
+    let c = open(cfg).await;
+    let mut events = c.events();
+    assert!(
+        !connected(&mut events).await,
+        "a new session cannot be present"
+    );
+    proxy.set(ProxyMode::BlackHole);
+    let want = payloads("s", 100);
+    enqueue_all(&c, "sp0", &want).await;
+    let c2 = c.clone();
+    wait_until("messages in flight", Duration::from_secs(10), move || {
+        c2.broker_status()[0].inflight > 0
+    })
+    .await;
+    broker.kill9();
+    broker.restart().await;
+    let sub = Subscriber::start(broker.port(), "sp0", 1, None).await;
+    proxy.set(ProxyMode::Pass);
+    proxy.reset_connections();
+    assert!(
+        !connected(&mut events).await,
+        "a restarted broker without persistence has no session"
+    );
+    idle(&c, Duration::from_secs(30)).await;
+    sub.wait_all(&want, Duration::from_secs(30)).await;
+    assert!(c.broker_status()[0].sessions_lost >= 1);
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_link_is_detected_within_the_keep_alive_window() {
+    let broker = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let keep_alive = Duration::from_secs(2);
+    let cfg = config("bh-pub", &proxy.url(), dir.path())
+        .keep_alive(keep_alive)
+        .connect_timeout(Duration::from_secs(2));
+    let c = open(cfg).await;
+    let mut events = c.events();
+    connected(&mut events).await;
+    // Busy publishing does not hide the silence.
+    let feeder = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                let _ = c.enqueue(Message::new("bh", format!("{i}")));
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    proxy.set(ProxyMode::BlackHole);
+    let t0 = Instant::now();
+    next_event(&mut events, Duration::from_secs(10), |e| match e {
+        Event::Disconnected {
+            error: ConnectError::DeadLink(_),
+            ..
+        } => Some(()),
+        _ => None,
+    })
+    .await;
+    let detected = t0.elapsed();
+    assert!(
+        detected <= keep_alive + Duration::from_millis(750),
+        "dead link noticed after {detected:?}"
+    );
+    proxy.set(ProxyMode::Pass);
+    connected(&mut events).await;
+    feeder.await.unwrap();
+    idle(&c, Duration::from_secs(30)).await;
+    c.close().await;
+}

@@ -295,9 +295,21 @@ fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError>
         }
     };
     if torn > 0 {
-        let kept = quarantine_dir(dir)?.join(format!("{DB_FILE}-wal.torn"));
-        fs::copy(&wal, &kept).map_err(io)?;
-        report.quarantined.push(kept);
+        // Keep a copy for inspection when there is room; a full disk (the
+        // usual cause of a torn write) must not stop the outbox from opening.
+        let kept = quarantine_dir(dir).and_then(|q| {
+            let kept = q.join(format!("{DB_FILE}-wal.torn"));
+            fs::copy(&wal, &kept)
+                .map(|_| kept)
+                .map_err(|source| StoreError::Io {
+                    path: wal.clone(),
+                    source,
+                })
+        });
+        match kept {
+            Ok(kept) => report.quarantined.push(kept),
+            Err(e) => tracing::warn!(error = %e, "cannot keep a copy of the torn write-ahead log"),
+        }
         report.torn_wal_bytes = Some(torn);
         report.problem = Some(format!(
             "the write-ahead log ends in a torn write of {torn} bytes (a crash during a commit that was never acknowledged); committed messages are kept"
@@ -371,26 +383,18 @@ fn salvage(from: &Path, to: &Connection) -> u64 {
     // Walk the ids upwards; a damaged page stops a scan, so on error jump
     // ahead by a growing step and go on from there.
     while jump < (1u64 << 50) {
-        match copy_rows_after(&old, to, after) {
-            Ok((n, last)) => {
-                count += n;
-                if n == 0 {
-                    break;
-                }
-                max_id = max_id.max(last);
-                after = last;
-                jump = 1;
-            }
-            Err(last) => {
-                if let Some(last) = last {
-                    count += 1;
-                    max_id = max_id.max(last);
-                    after = last;
-                }
-                after += jump;
-                jump *= 2;
-            }
+        let scan = copy_rows_after(&old, to, after);
+        count += scan.copied;
+        if let Some(last) = scan.last {
+            max_id = max_id.max(last);
+            after = last;
+            jump = 1;
         }
+        if scan.complete {
+            break;
+        }
+        after += jump;
+        jump *= 2;
     }
     // Ids are the producer's sequence numbers: never hand one out twice.
     let seq = floor.max(max_id);
@@ -424,40 +428,49 @@ fn copy_table(old: &Connection, to: &Connection, table: &str) -> rusqlite::Resul
     Ok(())
 }
 
-/// Copies rows after `after` until the end or an error. Ok: (rows, last id).
-/// Err: the last id copied before the error, if any.
-fn copy_rows_after(
-    old: &Connection,
-    to: &Connection,
-    after: u64,
-) -> Result<(u64, u64), Option<u64>> {
-    let mut stmt = old
-        .prepare("SELECT id, topic, payload, qos, retain, props, created_ms, size, pid, stage FROM outbox WHERE id > ?1 ORDER BY id")
-        .map_err(|_| None)?;
-    let mut rows = stmt.query([after]).map_err(|_| None)?;
-    let mut n = 0;
-    let mut last = None;
+struct Scan {
+    copied: u64,
+    last: Option<u64>,
+    complete: bool,
+}
+
+/// Copies rows after `after` until the end (complete) or an error.
+fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
+    let mut scan = Scan {
+        copied: 0,
+        last: None,
+        complete: false,
+    };
+    let sql = "SELECT id, topic, payload, qos, retain, props, created_ms, size, pid, stage FROM outbox WHERE id > ?1 ORDER BY id";
+    let Ok(mut stmt) = old.prepare(sql) else {
+        return scan;
+    };
+    let Ok(mut rows) = stmt.query([after]) else {
+        return scan;
+    };
     loop {
         match rows.next() {
             Ok(Some(r)) => {
                 let values: rusqlite::Result<Vec<rusqlite::types::Value>> =
                     (0..10).map(|i| r.get(i)).collect();
-                let Ok(v) = values else { return Err(last) };
-                let id: i64 = match v[0] {
-                    rusqlite::types::Value::Integer(i) => i,
-                    _ => return Err(last),
+                let Ok(v) = values else { return scan };
+                let rusqlite::types::Value::Integer(id) = v[0] else {
+                    return scan;
                 };
-                let ok = to.execute(
+                let copied = to.execute(
                     "INSERT OR IGNORE INTO outbox VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                     rusqlite::params_from_iter(v.iter()),
                 );
-                if ok.is_ok() {
-                    n += 1;
+                if copied.is_ok() {
+                    scan.copied += 1;
                 }
-                last = Some(id as u64);
+                scan.last = Some(id as u64);
             }
-            Ok(None) => return Ok((n, last.unwrap_or(after))),
-            Err(_) => return Err(last),
+            Ok(None) => {
+                scan.complete = true;
+                return scan;
+            }
+            Err(_) => return scan,
         }
     }
 }

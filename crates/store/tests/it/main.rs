@@ -1,0 +1,30 @@
+//! Outbox tests: durability, bounds, damage recovery, full disk, and
+//! reading files written by earlier releases.
+
+mod bounds;
+mod compat;
+mod recovery;
+
+use steadfast_core::{Properties, Qos};
+use steadfast_store::NewMessage;
+
+pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
+    NewMessage {
+        topic: topic.into(),
+        payload: payload.into(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        props: Properties::default(),
+        created_ms: 1_700_000_000_000,
+    }
+}
+
+/// Runs a future to completion on a small runtime (the outbox is sync
+/// underneath; its replies are futures).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}

@@ -1,0 +1,190 @@
+use std::io::Write;
+use std::path::Path;
+
+use steadfast_store::{Delivery, Outbox, OutboxConfig, SqliteStore, Store, StoreError};
+
+use crate::{block_on, msg};
+
+fn fill(dir: &Path, n: usize, payload: usize) {
+    let (store, report) = SqliteStore::open(dir).unwrap();
+    assert!(report.is_clean());
+    let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+    block_on(async {
+        let futs: Vec<_> = (0..n)
+            .map(|i| {
+                o.append(msg("r", format!("{i:06}{}", "x".repeat(payload))), false)
+                    .0
+            })
+            .collect();
+        for f in futs {
+            f.await.unwrap();
+        }
+    });
+    o.close();
+}
+
+fn payload_ids(store: &mut SqliteStore) -> Vec<u64> {
+    store
+        .read_after(0, usize::MAX >> 1)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect()
+}
+
+#[test]
+fn accepted_messages_survive_a_reopen_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 5000, 20);
+    let (mut store, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(report.is_clean());
+    let all = store.read_after(0, 10_000).unwrap();
+    assert_eq!(all.len(), 5000);
+    for (i, m) in all.iter().enumerate() {
+        assert_eq!(m.id, i as u64 + 1);
+        assert!(m.msg.payload.starts_with(format!("{i:06}").as_bytes()));
+    }
+}
+
+#[test]
+fn a_second_process_on_the_same_outbox_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = SqliteStore::open(dir.path()).unwrap();
+    let err = SqliteStore::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(SqliteStore::is_in_use(dir.path()));
+}
+
+#[test]
+fn ids_are_never_reused_after_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 10, 0);
+    let (store, _) = SqliteStore::open(dir.path()).unwrap();
+    let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+    block_on(async {
+        o.remove((1..=10).collect(), Delivery::Delivered);
+        let id = o.append(msg("r", "new"), false).0.await.unwrap();
+        assert_eq!(id, 11);
+    });
+}
+
+#[test]
+fn a_corrupt_database_tail_is_quarantined_and_the_rest_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 3000, 200);
+    let db = dir.path().join("outbox.db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    // Scribble over the last 16 KiB: the newest rows' pages.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(len - 16 * 1024)).unwrap();
+    f.write_all(&vec![0xA5; 16 * 1024]).unwrap();
+    drop(f);
+
+    let (mut store, report) =
+        SqliteStore::open(dir.path()).expect("damage is never a reason to refuse to start");
+    assert!(!report.is_clean());
+    assert!(report.problem.is_some());
+    assert_eq!(report.quarantined.len(), 1);
+    assert!(
+        report.quarantined[0].exists(),
+        "the damaged file is kept aside"
+    );
+    let ids = payload_ids(&mut store);
+    assert_eq!(report.salvaged, ids.len() as u64);
+    assert!(
+        ids.len() > 2000 && ids.len() < 3000,
+        "salvaged {}",
+        ids.len()
+    );
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    // The sequence goes on above everything ever handed out.
+    store.begin().unwrap();
+    let next = store.insert(&msg("r", "after")).unwrap();
+    store.commit().unwrap();
+    assert!(next > 3000, "id {next} could repeat an old sequence number");
+}
+
+#[test]
+fn a_torn_wal_tail_is_ignored_kept_aside_and_reported() {
+    let live = tempfile::tempdir().unwrap();
+    let (mut store, _) = SqliteStore::open(live.path()).unwrap();
+    store.begin().unwrap();
+    for i in 0..100 {
+        store.insert(&msg("w", format!("{i}"))).unwrap();
+    }
+    store.commit().unwrap();
+    // A crash image: the database and its log as they are on disk now, with
+    // half a frame of a commit that never finished at the end of the log.
+    let crashed = tempfile::tempdir().unwrap();
+    for f in ["outbox.db", "outbox.db-wal"] {
+        std::fs::copy(live.path().join(f), crashed.path().join(f)).unwrap();
+    }
+    let mut wal = std::fs::OpenOptions::new()
+        .append(true)
+        .open(crashed.path().join("outbox.db-wal"))
+        .unwrap();
+    wal.write_all(&[0x42; 1000]).unwrap();
+    drop(wal);
+
+    let (mut recovered, report) = SqliteStore::open(crashed.path()).unwrap();
+    assert_eq!(report.torn_wal_bytes, Some(1000));
+    assert!(report.quarantined[0].exists());
+    assert!(report.problem.unwrap().contains("torn"));
+    assert_eq!(payload_ids(&mut recovered), (1..=100).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_loses_nothing_accepted() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        assert!(
+            std::env::var("CI").is_err(),
+            "this test needs to mount a small tmpfs (root) and CI must run it"
+        );
+        eprintln!("SKIPPED LOCALLY: cannot mount a tmpfs (not root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.path());
+    let dir = mnt.path().join("outbox");
+    let (store, _) = SqliteStore::open(&dir).unwrap();
+    let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+    let (accepted, err) = block_on(async {
+        let mut accepted = Vec::new();
+        for i in 0..10_000 {
+            match o
+                .append(msg("full", format!("{i:06}{}", "y".repeat(4000))), false)
+                .0
+                .await
+            {
+                Ok(id) => accepted.push(id),
+                Err(e) => return (accepted, e),
+            }
+        }
+        panic!("a 1 MiB filesystem took 40 MB");
+    });
+    let text = err.to_string();
+    assert!(
+        text.contains("full") && text.contains(&dir.display().to_string()),
+        "{text}"
+    );
+    assert!(!accepted.is_empty());
+    o.close();
+    // A commit cut short by the full disk may leave a torn log tail: it is
+    // reported, and everything accepted is there.
+    let (mut store, report) = SqliteStore::open(&dir).unwrap();
+    assert!(report.quarantined.iter().all(|q| q.exists()), "{report:?}");
+    assert_eq!(payload_ids(&mut store), accepted);
+}

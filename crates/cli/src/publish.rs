@@ -289,7 +289,7 @@ async fn first_attempt(
     };
     match tokio::time::timeout(Duration::from_secs(2), wait).await {
         Ok(Err(e)) if !e.is_retryable() => {
-            let f = Failure::other(anyhow!(e).context("nothing was published"));
+            let f = Failure::other(anyhow!("{e}; nothing was published"));
             client.clone().close().await;
             Err(f)
         }
@@ -372,7 +372,7 @@ async fn wait_delivered(
                 Ok(Event::Dropped(d)) => dropped.push(d),
                 Ok(Event::ConnectFailed { error, .. }) | Ok(Event::Disconnected { error, .. }) => {
                     if !error.is_retryable() {
-                        return Err(Failure::other(anyhow!(error).context("messages stay queued in the outbox")));
+                        return Err(Failure::other(anyhow!("{error}; the messages stay queued in the outbox")));
                     }
                     last_error = Some(error);
                 }

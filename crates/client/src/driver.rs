@@ -23,9 +23,9 @@ use crate::link::{ConnAck, Incoming, Link};
 use crate::{BrokerStatus, Event, LinkState};
 
 /// Messages read from the outbox per page.
-const PAGE: usize = 256;
+const PAGE: usize = 1024;
 /// Fetch the next page when fewer than this many wait in memory.
-const LOW_WATER: usize = 128;
+const LOW_WATER: usize = 512;
 
 /// State of one broker shared with the [`crate::Client`] handle.
 pub(crate) struct BrokerShared {

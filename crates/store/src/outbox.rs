@@ -378,7 +378,20 @@ impl Writer {
     }
 
     /// Applies one batch in one transaction. Returns true on `Close`.
-    fn apply(&mut self, requests: Vec<Request>) -> bool {
+    fn apply(&mut self, mut requests: Vec<Request>) -> bool {
+        // Reads that no write precedes in this batch see nothing new from
+        // it: answer them now instead of after the sync, so the driver's
+        // next page never waits for a disk flush.
+        let first_write = requests
+            .iter()
+            .position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. }));
+        let early: Vec<Request> = requests
+            .drain(..first_write.unwrap_or(requests.len()))
+            .collect();
+        self.serve_reads(early);
+        if requests.is_empty() {
+            return false;
+        }
         let mut b = Batch::default();
         let before = self.totals;
         if let Err(e) = self.store.begin() {

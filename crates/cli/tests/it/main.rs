@@ -13,7 +13,11 @@ fn steadfast() -> Command {
 }
 
 fn run(args: &[&str]) -> Output {
-    steadfast().args(args).stdin(Stdio::null()).output().expect("run steadfast")
+    steadfast()
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run steadfast")
 }
 
 fn stderr(o: &Output) -> String {
@@ -33,14 +37,27 @@ async fn pub_lines_arrive_in_order_and_exit_zero() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = dir.path().join("ob");
     let mut child = steadfast()
-        .args(["pub", "-b", &broker.url(), "-t", "cli/lines", "-l", "-i", "cli-lines", "--outbox", outbox.to_str().unwrap()])
+        .args([
+            "pub",
+            "-b",
+            &broker.url(),
+            "-t",
+            "cli/lines",
+            "-l",
+            "-i",
+            "cli-lines",
+            "--outbox",
+            outbox.to_str().unwrap(),
+        ])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let want: Vec<String> = (0..2000).map(|i| format!("line {i}")).collect();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all((want.join("\n") + "\n").as_bytes()).unwrap();
+    stdin
+        .write_all((want.join("\n") + "\n").as_bytes())
+        .unwrap();
     drop(stdin);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -60,24 +77,51 @@ async fn messages_accepted_before_kill_9_are_delivered_by_the_next_process() {
     let url = format!("mqtt://127.0.0.1:{port}");
     // No broker yet: everything queues on disk.
     let mut child = steadfast()
-        .args(["pub", "-b", &url, "-t", "cli/k9", "-l", "-i", "cli-k9", "--outbox", &ob])
+        .args([
+            "pub", "-b", &url, "-t", "cli/k9", "-l", "-i", "cli-k9", "--outbox", &ob,
+        ])
         .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let want: Vec<String> = (0..1000).map(|i| format!("k9-{i:04}")).collect();
-    child.stdin.as_mut().unwrap().write_all((want.join("\n") + "\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all((want.join("\n") + "\n").as_bytes())
+        .unwrap();
     let o2 = ob.clone();
-    wait_until("1000 messages accepted", Duration::from_secs(20), move || {
-        std::path::Path::new(&o2).join("outbox.db").exists() && status_json(&o2)["queued"] == 1000
-    })
+    wait_until(
+        "1000 messages accepted",
+        Duration::from_secs(20),
+        move || {
+            std::path::Path::new(&o2).join("outbox.db").exists()
+                && status_json(&o2)["queued"] == 1000
+        },
+    )
     .await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
-    let broker = Mosquitto::start(MosquittoOptions { persistence: false, extra: vec![format!("listener {port} 127.0.0.1")] }).await;
+    let broker = Mosquitto::start(MosquittoOptions {
+        persistence: false,
+        extra: vec![format!("listener {port} 127.0.0.1")],
+    })
+    .await;
     let sub = Subscriber::start(port, "cli/k9", 1, None).await;
-    let out = run(&["pub", "-b", &url, "--drain", "-i", "cli-k9", "--outbox", &ob, "--wait-timeout", "30s"]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &url,
+        "--drain",
+        "-i",
+        "cli-k9",
+        "--outbox",
+        &ob,
+        "--wait-timeout",
+        "30s",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     sub.wait_count(1000, Duration::from_secs(20)).await;
     assert_eq!(sub.lines(), want);
@@ -90,15 +134,47 @@ async fn an_unreachable_broker_times_out_with_exit_3_and_keeps_the_message() {
     let ob = dir.path().join("ob");
     let ob = ob.to_str().unwrap();
     let url = format!("mqtt://127.0.0.1:{}", free_port());
-    let out = run(&["pub", "-b", &url, "-t", "t", "-m", "keep me", "--outbox", ob, "--wait-timeout", "1s"]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &url,
+        "-t",
+        "t",
+        "-m",
+        "keep me",
+        "--outbox",
+        ob,
+        "--wait-timeout",
+        "1s",
+    ]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let err = stderr(&out);
-    assert!(err.contains("Connection refused") && err.contains("kept in the outbox"), "{err}");
+    assert!(
+        err.contains("Connection refused") && err.contains("kept in the outbox"),
+        "{err}"
+    );
     let st = status_json(ob);
     assert_eq!(st["queued"], 1);
-    assert!(st["brokers"][0]["last_error"].as_str().unwrap().contains("refused"), "{st}");
+    assert!(
+        st["brokers"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{st}"
+    );
     // --no-wait: accepted is enough.
-    let out = run(&["pub", "-b", &url, "-t", "t", "-m", "me too", "--outbox", ob, "--no-wait"]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &url,
+        "-t",
+        "t",
+        "-m",
+        "me too",
+        "--outbox",
+        ob,
+        "--no-wait",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(status_json(ob)["queued"], 2);
 }
@@ -109,38 +185,156 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
     let ob = dir.path().join("ob");
     let ob = ob.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a/+/b", "-m", "x", "--outbox", ob], "wildcard"),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "", "-m", "x", "--outbox", ob], "topic is empty"),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--frobnicate"], "--frobnicate"),
-        (&["pub", "-b", "http://127.0.0.1:1", "-t", "a", "-m", "x"], "unknown scheme `http`"),
-        (&["pub", "-b", "mqtt://127.0.0.1:99999", "-t", "a", "-m", "x"], "not a port number"),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "-q", "3"], "QoS 3"),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "-V", "4"], "-V 311 or -V 5"),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a"], "nothing to publish"),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-t",
+                "a/+/b",
+                "-m",
+                "x",
+                "--outbox",
+                ob,
+            ],
+            "wildcard",
+        ),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-t",
+                "",
+                "-m",
+                "x",
+                "--outbox",
+                ob,
+            ],
+            "topic is empty",
+        ),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-t",
+                "a",
+                "-m",
+                "x",
+                "--frobnicate",
+            ],
+            "--frobnicate",
+        ),
+        (
+            &["pub", "-b", "http://127.0.0.1:1", "-t", "a", "-m", "x"],
+            "unknown scheme `http`",
+        ),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:99999", "-t", "a", "-m", "x"],
+            "not a port number",
+        ),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-t",
+                "a",
+                "-m",
+                "x",
+                "-q",
+                "3",
+            ],
+            "QoS 3",
+        ),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-t",
+                "a",
+                "-m",
+                "x",
+                "-V",
+                "4",
+            ],
+            "-V 311 or -V 5",
+        ),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a"],
+            "nothing to publish",
+        ),
         (&["pub", "-t", "a", "-m", "x"], "no broker given"),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--wait-timeout", "soon"], "not a duration"),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-t",
+                "a",
+                "-m",
+                "x",
+                "--wait-timeout",
+                "soon",
+            ],
+            "not a duration",
+        ),
         (&["status"], "which outbox"),
     ];
     for (args, needle) in cases {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(needle), "{args:?}: expected `{needle}` in: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(needle),
+            "{args:?}: expected `{needle}` in: {}",
+            stderr(&out)
+        );
     }
     assert!(!std::path::Path::new(ob).join("outbox.db").exists() || status_json(ob)["queued"] == 0);
 }
 
 #[tokio::test]
 async fn a_payload_over_the_broker_maximum_is_refused_before_acceptance() {
-    let broker = Mosquitto::start(MosquittoOptions { persistence: false, extra: vec!["max_packet_size 1000".into()] }).await;
+    let broker = Mosquitto::start(MosquittoOptions {
+        persistence: false,
+        extra: vec!["max_packet_size 1000".into()],
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob");
     let ob = ob.to_str().unwrap();
     let big = "x".repeat(5000);
-    let out = run(&["pub", "-b", &broker.url(), "-t", "big", "-m", &big, "--outbox", ob]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &broker.url(),
+        "-t",
+        "big",
+        "-m",
+        &big,
+        "--outbox",
+        ob,
+    ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(stderr(&out).contains("maximum packet size of 1000"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("maximum packet size of 1000"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(status_json(ob)["queued"], 0);
-    let out = run(&["pub", "-b", &broker.url(), "-t", "small", "-m", "fits", "--outbox", ob]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &broker.url(),
+        "-t",
+        "small",
+        "-m",
+        "fits",
+        "--outbox",
+        ob,
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
@@ -156,20 +350,57 @@ async fn bad_credentials_fail_fast_with_exit_1_and_say_which() {
     assert!(ok.success());
     let opts = MosquittoOptions {
         persistence: false,
-        extra: vec!["allow_anonymous false".into(), format!("password_file {}", passwd.display())],
+        extra: vec![
+            "allow_anonymous false".into(),
+            format!("password_file {}", passwd.display()),
+        ],
     };
     let broker = Mosquitto::start(opts).await;
     let ob = dir.path().join("ob");
     let ob = ob.to_str().unwrap();
     let t0 = std::time::Instant::now();
-    let out = run(&["pub", "-b", &broker.url(), "-t", "a", "-m", "x", "-u", "alice", "-P", "nope", "--outbox", ob]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &broker.url(),
+        "-t",
+        "a",
+        "-m",
+        "x",
+        "-u",
+        "alice",
+        "-P",
+        "nope",
+        "--outbox",
+        ob,
+    ]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     // Mosquitto 2.0 answers a wrong password with "not authorized" on MQTT 5.
     let err = stderr(&out);
-    assert!(err.contains("bad user name or password") || err.contains("not authorised"), "{err}");
+    assert!(
+        err.contains("bad user name or password") || err.contains("not authorised"),
+        "{err}"
+    );
     assert!(err.contains("nothing was published"), "{err}");
-    assert!(!stderr(&out).contains("nope"), "the password must never be printed");
+    assert!(
+        !stderr(&out).contains("nope"),
+        "the password must never be printed"
+    );
     assert!(t0.elapsed() < Duration::from_secs(10), "no silent hang");
-    let out = run(&["pub", "-b", &broker.url(), "-t", "a", "-m", "x", "-u", "alice", "-P", "secret", "--outbox", ob]);
+    let out = run(&[
+        "pub",
+        "-b",
+        &broker.url(),
+        "-t",
+        "a",
+        "-m",
+        "x",
+        "-u",
+        "alice",
+        "-P",
+        "secret",
+        "--outbox",
+        ob,
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

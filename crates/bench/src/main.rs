@@ -3,7 +3,9 @@
 //! through `mosquitto_pub -l`, in the same run, with ratios against the
 //! baselines so a noisy machine does not lie.
 //!
-//! `cargo run --release -p steadfast-bench -- [--messages N] [--payload BYTES] [--runs R]`
+//! `cargo run --release -p steadfast-bench -- [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
+//!
+//! Both clients get the same in-flight window (default 256).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,7 @@ struct Args {
     messages: usize,
     payload: usize,
     runs: usize,
+    inflight: u16,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -26,6 +29,7 @@ fn args() -> anyhow::Result<Args> {
         messages: 100_000,
         payload: 64,
         runs: 3,
+        inflight: 256,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -39,7 +43,12 @@ fn args() -> anyhow::Result<Args> {
             "--messages" => a.messages = value()?,
             "--payload" => a.payload = value()?,
             "--runs" => a.runs = value()?,
-            other => bail!("unknown flag {other}; use --messages N, --payload BYTES, --runs R"),
+            "--inflight" => {
+                a.inflight = value()?.try_into().context("--inflight is at most 65535")?
+            }
+            other => bail!(
+                "unknown flag {other}; use --messages N, --payload BYTES, --runs R, --inflight N"
+            ),
         }
     }
     Ok(a)
@@ -49,7 +58,7 @@ async fn bare_rumqttc(port: u16, a: &Args, run: usize) -> anyhow::Result<Duratio
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let mut opts = MqttOptions::new(format!("bench-rumqttc-{run}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_inflight(1024);
+    opts.set_inflight(a.inflight);
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
@@ -160,7 +169,10 @@ async fn main() -> anyhow::Result<()> {
     let a = args()?;
     let broker = Mosquitto::plain().await;
     let port = broker.port();
-    println!("publish benchmark: {} QoS 1 messages of {} bytes to Mosquitto on 127.0.0.1:{port}, {} runs, median rate", a.messages, a.payload, a.runs);
+    println!(
+        "publish benchmark: {} QoS 1 messages of {} bytes to Mosquitto on 127.0.0.1:{port}, in-flight window {}, {} runs, median rate",
+        a.messages, a.payload, a.inflight, a.runs
+    );
     let (mut bare, mut durable5, mut durable311, mut mpub) = (vec![], vec![], vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("run {}/{}", run + 1, a.runs);

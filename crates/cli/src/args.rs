@@ -22,7 +22,7 @@ pub struct Cli {
 pub enum Command {
     /// Publish messages through the durable outbox (flags as mosquitto_pub).
     #[command(disable_help_flag = true)]
-    Pub(PubArgs),
+    Pub(Box<PubArgs>),
     /// Show an outbox: queue depth, oldest message, drops, broker states.
     #[command(disable_help_flag = true)]
     Status(StatusArgs),

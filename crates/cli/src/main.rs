@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            args::Command::Pub(a) => publish::run(a).await,
+            args::Command::Pub(a) => publish::run(*a).await,
             args::Command::Status(a) => status::run(a).await,
         }
     });

@@ -153,7 +153,14 @@ impl Driver {
                     retry_in: delay,
                 });
             } else {
-                tracing::warn!(%broker, error = %error, retry_in = ?delay, "cannot connect; will retry");
+                // Said once per distinct error, not on every attempt.
+                let text = error.to_string();
+                if self.last_logged.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(%broker, error = %error, retry_in = ?delay, "cannot connect; will keep retrying");
+                    self.last_logged = Some(text);
+                } else {
+                    tracing::debug!(%broker, error = %error, retry_in = ?delay, "cannot connect; will retry");
+                }
                 let _ = self.events.send(Event::ConnectFailed {
                     broker,
                     error,
@@ -330,7 +337,6 @@ impl Driver {
         match self.window.on_connected(ack.session_present) {
             Resume::Resend(list) => {
                 for (pid, e) in &list {
-                    link.register_pid(*pid)?;
                     match e.stage {
                         Stage::Published => {
                             let m = self.inflight.get(&e.id).expect("in-flight message kept");
@@ -355,14 +361,16 @@ impl Driver {
                 }
                 self.outbox.remove(delivered, Delivery::Delivered);
                 let republish = self.inflight.len() as u64;
+                let expected = !self.cfg.clean_start
+                    && (republish > 0 || self.shared.update(|_| {}).connects > 0);
                 self.inflight.clear();
                 self.queue.clear();
                 self.cursor = 0;
-                if republish > 0 || self.outbox.state().totals.count > 0 {
+                if expected {
                     self.shared.update(|s| s.sessions_lost += 1);
                     let broker = self.url.to_string();
                     let queued = self.outbox.state().totals.count;
-                    tracing::warn!(%broker, in_flight = republish, queued, "broker has no session for us: publishing every unacknowledged message again");
+                    tracing::warn!(%broker, in_flight = republish, queued, "the broker lost our session: publishing every unacknowledged message again");
                     let _ = self.events.send(Event::SessionLost {
                         broker,
                         republish: queued,
@@ -472,13 +480,11 @@ impl Driver {
                 }
                 Qos::AtLeastOnce => {
                     let pid = self.window.assign(m.id, qos).expect("room checked");
-                    link.register_pid(pid)?;
                     link.publish(&m, &self.identity(m.id), Some(pid), false)?;
                     self.inflight.insert(m.id, m);
                 }
                 Qos::ExactlyOnce => {
                     let pid = self.window.assign(m.id, qos).expect("room checked");
-                    link.register_pid(pid)?;
                     bind.push((m, pid));
                 }
             }

@@ -1,21 +1,23 @@
-//! Glue between steadfast and `mqtt-protocol-core`: builds packets for
-//! either protocol version and turns what the connection reports into a
-//! small, version-independent vocabulary.
+//! Glue between steadfast and `mqtt-protocol-core`, used as the packet
+//! codec: it builds and parses every packet for either protocol version.
+//! The delivery state machine (send window, resumption, keep-alive) is
+//! ours, in `steadfast-core`: one owner of in-flight state, not two.
 
 use mqtt_protocol_core::mqtt;
-use mqtt_protocol_core::mqtt::connection::Event as MqttEvent;
-use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, Packet, Property};
+use mqtt_protocol_core::mqtt::connection::{PacketBuildResult, PacketBuilder, RawPacket};
+use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, Property};
 use mqtt_protocol_core::mqtt::prelude::*;
+use mqtt_protocol_core::mqtt::result_code::MqttError;
 use steadfast_core::{Identity, Qos};
 use steadfast_store::StoredMessage;
 
 use crate::config::{ClientConfig, ProtocolVersion};
 use crate::error::{ConnectError, Refusal};
 
-/// One protocol connection (one TCP connection's worth of MQTT state).
+/// The codec state of one TCP connection.
 pub(crate) struct Link {
-    conn: mqtt::Connection<mqtt::role::Client>,
     version: ProtocolVersion,
+    framer: PacketBuilder,
     /// Bytes waiting to be written to the socket.
     pub out: Vec<u8>,
 }
@@ -33,7 +35,7 @@ pub(crate) enum Incoming {
     Other,
 }
 
-/// An accepted session.
+/// The broker's answer to CONNECT.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConnAck {
     pub session_present: bool,
@@ -50,81 +52,75 @@ fn qos_to_mqtt(q: Qos) -> mqtt::packet::Qos {
     }
 }
 
-fn build_err(what: &str, e: mqtt::result_code::MqttError) -> ConnectError {
+fn build_err(what: &str, e: MqttError) -> ConnectError {
     ConnectError::Protocol(format!("cannot build {what}: {e}"))
+}
+
+fn malformed(what: &str, e: MqttError) -> ConnectError {
+    ConnectError::Protocol(format!("the broker sent a malformed {what}: {e}"))
 }
 
 impl Link {
     pub fn new(version: ProtocolVersion) -> Self {
-        let v = match version {
-            ProtocolVersion::V311 => mqtt::Version::V3_1_1,
-            ProtocolVersion::V5 => mqtt::Version::V5_0,
-        };
-        let mut conn = mqtt::Connection::<mqtt::role::Client>::new(v);
-        // PUBREL goes out only after the Released stage is on disk, so the
-        // engine must not answer PUBREC by itself.
-        conn.set_auto_pub_response(false);
-        conn.set_auto_ping_response(true);
         Self {
-            conn,
             version,
+            framer: PacketBuilder::new(),
             out: Vec::with_capacity(64 * 1024),
         }
+    }
+
+    fn emit(&mut self, packet: &impl GenericPacketTrait) {
+        self.out.extend_from_slice(&packet.to_continuous_buffer());
     }
 
     /// Queues the CONNECT packet.
     pub fn connect(&mut self, c: &ClientConfig) -> Result<(), ConnectError> {
         let keep_alive = c.keep_alive.as_secs().clamp(1, u16::MAX as u64) as u16;
-        let events = match self.version {
+        let err = |e| build_err("CONNECT", e);
+        match self.version {
             ProtocolVersion::V5 => {
                 let expiry = c.session_expiry.as_secs().min(u32::MAX as u64) as u32;
                 let mut props = Vec::new();
                 if expiry > 0 {
                     props.push(Property::SessionExpiryInterval(
-                        mqtt::packet::SessionExpiryInterval::new(expiry)
-                            .map_err(|e| build_err("CONNECT", e))?,
+                        mqtt::packet::SessionExpiryInterval::new(expiry).map_err(err)?,
                     ));
                 }
                 let mut b = v5_0::Connect::builder()
                     .client_id(c.client_id.as_str())
-                    .map_err(|e| build_err("CONNECT", e))?
+                    .map_err(err)?
                     .clean_start(c.clean_start)
                     .keep_alive(keep_alive)
                     .props(props);
                 if let Some(u) = &c.username {
-                    b = b
-                        .user_name(u.as_str())
-                        .map_err(|e| build_err("CONNECT", e))?;
+                    b = b.user_name(u.as_str()).map_err(err)?;
                 }
                 if let Some(p) = &c.password {
-                    b = b.password(p).map_err(|e| build_err("CONNECT", e))?;
+                    b = b.password(p).map_err(err)?;
                 }
-                self.conn
-                    .checked_send(b.build().map_err(|e| build_err("CONNECT", e))?)
+                let p = b.build().map_err(err)?;
+                self.emit(&p);
             }
             ProtocolVersion::V311 => {
                 let mut b = v3_1_1::Connect::builder()
                     .client_id(c.client_id.as_str())
-                    .map_err(|e| build_err("CONNECT", e))?
+                    .map_err(err)?
                     .clean_session(c.clean_start)
                     .keep_alive(keep_alive);
                 if let Some(u) = &c.username {
-                    b = b
-                        .user_name(u.as_str())
-                        .map_err(|e| build_err("CONNECT", e))?;
+                    b = b.user_name(u.as_str()).map_err(err)?;
                 }
                 if let Some(p) = &c.password {
-                    b = b.password(p).map_err(|e| build_err("CONNECT", e))?;
+                    b = b.password(p).map_err(err)?;
                 }
-                self.conn
-                    .checked_send(b.build().map_err(|e| build_err("CONNECT", e))?)
+                let p = b.build().map_err(err)?;
+                self.emit(&p);
             }
-        };
-        self.absorb(events).map(|_| ())
+        }
+        Ok(())
     }
 
-    /// Builds the PUBLISH for `m` under `pid` without sending it, to learn
-    /// its size.
+    /// The encoded size of the PUBLISH for `m`.
     pub fn publish_size(
         &self,
         m: &StoredMessage,
@@ -137,8 +133,7 @@ impl Link {
         })
     }
 
-    /// Queues a PUBLISH. `pid` must have been registered with
-    /// [`Link::register_pid`] for QoS 1 and 2.
+    /// Queues a PUBLISH.
     pub fn publish(
         &mut self,
         m: &StoredMessage,
@@ -146,103 +141,156 @@ impl Link {
         pid: Option<u16>,
         dup: bool,
     ) -> Result<(), ConnectError> {
-        let events = match self.version {
-            ProtocolVersion::V5 => self.conn.checked_send(build_v5(m, identity, pid, dup)?),
-            ProtocolVersion::V311 => self.conn.checked_send(build_v311(m, pid, dup)?),
-        };
-        self.absorb(events).map(|_| ())
-    }
-
-    /// Tells the protocol engine that `pid` is ours to use.
-    pub fn register_pid(&mut self, pid: u16) -> Result<(), ConnectError> {
-        self.conn
-            .register_packet_id(pid)
-            .map_err(|e| ConnectError::Protocol(format!("packet id {pid} cannot be used: {e}")))
+        match self.version {
+            ProtocolVersion::V5 => {
+                let p = build_v5(m, identity, pid, dup)?;
+                self.emit(&p);
+            }
+            ProtocolVersion::V311 => {
+                let p = build_v311(m, pid, dup)?;
+                self.emit(&p);
+            }
+        }
+        Ok(())
     }
 
     /// Queues a PUBREL.
     pub fn pubrel(&mut self, pid: u16) -> Result<(), ConnectError> {
-        let events = match self.version {
+        let err = |e| build_err("PUBREL", e);
+        match self.version {
             ProtocolVersion::V5 => {
                 let p = v5_0::Pubrel::builder()
                     .packet_id(pid)
                     .build()
-                    .map_err(|e| build_err("PUBREL", e))?;
-                self.conn.checked_send(p)
+                    .map_err(err)?;
+                self.emit(&p);
             }
             ProtocolVersion::V311 => {
                 let p = v3_1_1::Pubrel::builder()
                     .packet_id(pid)
                     .build()
-                    .map_err(|e| build_err("PUBREL", e))?;
-                self.conn.checked_send(p)
+                    .map_err(err)?;
+                self.emit(&p);
             }
-        };
-        self.absorb(events).map(|_| ())
+        }
+        Ok(())
     }
 
     /// Queues a PINGREQ.
     pub fn ping(&mut self) -> Result<(), ConnectError> {
-        let events = match self.version {
-            ProtocolVersion::V5 => self.conn.checked_send(v5_0::Pingreq::new()),
-            ProtocolVersion::V311 => self.conn.checked_send(v3_1_1::Pingreq::new()),
-        };
-        self.absorb(events).map(|_| ())
+        match self.version {
+            ProtocolVersion::V5 => self.emit(&v5_0::Pingreq::new()),
+            ProtocolVersion::V311 => self.emit(&v3_1_1::Pingreq::new()),
+        }
+        Ok(())
     }
 
     /// Queues a normal DISCONNECT.
     pub fn disconnect(&mut self) {
-        let events = match self.version {
-            ProtocolVersion::V5 => match v5_0::Disconnect::builder().build() {
-                Ok(d) => self.conn.checked_send(d),
-                Err(_) => Vec::new(),
-            },
-            ProtocolVersion::V311 => self.conn.checked_send(v3_1_1::Disconnect::new()),
-        };
-        let _ = self.absorb(events);
+        match self.version {
+            ProtocolVersion::V5 => {
+                if let Ok(d) = v5_0::Disconnect::builder().build() {
+                    self.emit(&d);
+                }
+            }
+            ProtocolVersion::V311 => self.emit(&v3_1_1::Disconnect::new()),
+        }
     }
 
-    /// Feeds received bytes; returns the packets they completed.
+    /// Feeds received bytes; returns the packets they completed. A
+    /// malformed or unexpected packet ends the link.
     pub fn receive(&mut self, data: &[u8]) -> Result<Vec<Incoming>, ConnectError> {
         let mut cursor = mqtt::common::Cursor::new(data);
         let mut incoming = Vec::new();
         while (cursor.position() as usize) < data.len() {
-            let before = cursor.position();
-            let events = self.conn.recv(&mut cursor);
-            incoming.extend(self.absorb(events)?);
-            if cursor.position() == before {
-                break;
+            match self.framer.feed(&mut cursor) {
+                PacketBuildResult::Complete(raw) => incoming.push(self.decode(&raw)?),
+                PacketBuildResult::Incomplete => {}
+                PacketBuildResult::Error(e) => return Err(malformed("packet", e)),
             }
         }
         Ok(incoming)
     }
 
-    /// Handles the engine's events: bytes to send are queued, packets
-    /// received are translated, errors end the link.
-    fn absorb(&mut self, events: Vec<MqttEvent>) -> Result<Vec<Incoming>, ConnectError> {
-        let mut incoming = Vec::new();
-        for e in events {
-            match e {
-                MqttEvent::RequestSendPacket { packet, .. } => {
-                    self.out.extend_from_slice(&packet.to_continuous_buffer());
+    fn decode(&self, raw: &RawPacket) -> Result<Incoming, ConnectError> {
+        let v5 = self.version == ProtocolVersion::V5;
+        Ok(match raw.packet_type() {
+            2 if v5 => connack_v5(
+                raw.parse_exact(v5_0::Connack::parse)
+                    .map_err(|e| malformed("CONNACK", e))?,
+            ),
+            2 => connack_v311(
+                raw.parse_exact(v3_1_1::Connack::parse)
+                    .map_err(|e| malformed("CONNACK", e))?,
+            ),
+            3 => Incoming::Publish,
+            4 if v5 => {
+                let a = raw
+                    .parse_exact(v5_0::Puback::parse)
+                    .map_err(|e| malformed("PUBACK", e))?;
+                Incoming::PubAck {
+                    pid: a.packet_id(),
+                    ok: a.reason_code().is_none_or(|r| r.is_success()),
                 }
-                MqttEvent::NotifyPacketReceived(p) => incoming.push(translate(p)),
-                MqttEvent::NotifyError(err) => {
-                    return Err(ConnectError::Protocol(format!(
-                        "MQTT protocol error: {err}"
-                    )));
-                }
-                MqttEvent::RequestClose => {
-                    return Err(ConnectError::Protocol(
-                        "the MQTT engine closed the connection".into(),
-                    ));
-                }
-                MqttEvent::NotifyPacketIdReleased(_)
-                | MqttEvent::RequestTimerReset { .. }
-                | MqttEvent::RequestTimerCancel(_) => {}
             }
-        }
-        Ok(incoming)
+            4 => {
+                let a = raw
+                    .parse_exact(v3_1_1::Puback::parse)
+                    .map_err(|e| malformed("PUBACK", e))?;
+                Incoming::PubAck {
+                    pid: a.packet_id(),
+                    ok: true,
+                }
+            }
+            5 if v5 => {
+                let a = raw
+                    .parse_exact(v5_0::Pubrec::parse)
+                    .map_err(|e| malformed("PUBREC", e))?;
+                Incoming::PubRec {
+                    pid: a.packet_id(),
+                    ok: a.reason_code().is_none_or(|r| r.is_success()),
+                }
+            }
+            5 => {
+                let a = raw
+                    .parse_exact(v3_1_1::Pubrec::parse)
+                    .map_err(|e| malformed("PUBREC", e))?;
+                Incoming::PubRec {
+                    pid: a.packet_id(),
+                    ok: true,
+                }
+            }
+            7 if v5 => {
+                let a = raw
+                    .parse_exact(v5_0::Pubcomp::parse)
+                    .map_err(|e| malformed("PUBCOMP", e))?;
+                Incoming::PubComp { pid: a.packet_id() }
+            }
+            7 => {
+                let a = raw
+                    .parse_exact(v3_1_1::Pubcomp::parse)
+                    .map_err(|e| malformed("PUBCOMP", e))?;
+                Incoming::PubComp { pid: a.packet_id() }
+            }
+            13 => Incoming::PingResp,
+            14 if v5 => {
+                let d = raw
+                    .parse_exact(v5_0::Disconnect::parse)
+                    .map_err(|e| malformed("DISCONNECT", e))?;
+                Incoming::Disconnect {
+                    reason: d
+                        .reason_code()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| "normal".into()),
+                }
+            }
+            6 | 9 | 11 | 15 => Incoming::Other,
+            t => {
+                return Err(ConnectError::Protocol(format!(
+                    "the broker sent packet type {t}, which a server must not send"
+                )))
+            }
+        })
     }
 }
 
@@ -317,80 +365,49 @@ fn build_v311(
     b.build().map_err(err)
 }
 
-fn translate(p: Packet) -> Incoming {
-    use mqtt::result_code::{ConnectReasonCode as R5, ConnectReturnCode as R3};
-    match p {
-        Packet::V5_0Connack(c) => {
-            let refused = match c.reason_code() {
-                R5::Success => None,
-                R5::UnsupportedProtocolVersion => Some(Refusal::ProtocolVersion),
-                R5::BadUserNameOrPassword | R5::BadAuthenticationMethod => {
-                    Some(Refusal::BadCredentials)
-                }
-                R5::NotAuthorized | R5::Banned => Some(Refusal::NotAuthorized),
-                R5::ClientIdentifierNotValid => Some(Refusal::ClientId),
-                R5::ServerUnavailable | R5::ServerBusy | R5::ConnectionRateExceeded => {
-                    Some(Refusal::Unavailable)
-                }
-                other => Some(Refusal::Other(other as u8)),
-            };
-            let mut ack = ConnAck {
-                session_present: c.session_present(),
-                refused,
-                receive_maximum: None,
-                maximum_packet_size: None,
-            };
-            for prop in c.props() {
-                match prop {
-                    Property::ReceiveMaximum(v) => ack.receive_maximum = Some(v.val()),
-                    Property::MaximumPacketSize(v) => ack.maximum_packet_size = Some(v.val()),
-                    _ => {}
-                }
-            }
-            Incoming::ConnAck(ack)
+fn connack_v5(c: v5_0::Connack) -> Incoming {
+    use mqtt::result_code::ConnectReasonCode as R;
+    let refused = match c.reason_code() {
+        R::Success => None,
+        R::UnsupportedProtocolVersion => Some(Refusal::ProtocolVersion),
+        R::BadUserNameOrPassword | R::BadAuthenticationMethod => Some(Refusal::BadCredentials),
+        R::NotAuthorized | R::Banned => Some(Refusal::NotAuthorized),
+        R::ClientIdentifierNotValid => Some(Refusal::ClientId),
+        R::ServerUnavailable | R::ServerBusy | R::ConnectionRateExceeded => {
+            Some(Refusal::Unavailable)
         }
-        Packet::V3_1_1Connack(c) => {
-            let refused = match c.return_code() {
-                R3::Accepted => None,
-                R3::UnacceptableProtocolVersion => Some(Refusal::ProtocolVersion),
-                R3::IdentifierRejected => Some(Refusal::ClientId),
-                R3::ServerUnavailable => Some(Refusal::Unavailable),
-                R3::BadUserNameOrPassword => Some(Refusal::BadCredentials),
-                R3::NotAuthorized => Some(Refusal::NotAuthorized),
-            };
-            Incoming::ConnAck(ConnAck {
-                session_present: c.session_present(),
-                refused,
-                receive_maximum: None,
-                maximum_packet_size: None,
-            })
+        other => Some(Refusal::Other(other as u8)),
+    };
+    let mut ack = ConnAck {
+        session_present: c.session_present(),
+        refused,
+        receive_maximum: None,
+        maximum_packet_size: None,
+    };
+    for prop in c.props() {
+        match prop {
+            Property::ReceiveMaximum(v) => ack.receive_maximum = Some(v.val()),
+            Property::MaximumPacketSize(v) => ack.maximum_packet_size = Some(v.val()),
+            _ => {}
         }
-        Packet::V5_0Puback(a) => Incoming::PubAck {
-            pid: a.packet_id(),
-            ok: a.reason_code().is_none_or(|r| r.is_success()),
-        },
-        Packet::V3_1_1Puback(a) => Incoming::PubAck {
-            pid: a.packet_id(),
-            ok: true,
-        },
-        Packet::V5_0Pubrec(a) => Incoming::PubRec {
-            pid: a.packet_id(),
-            ok: a.reason_code().is_none_or(|r| r.is_success()),
-        },
-        Packet::V3_1_1Pubrec(a) => Incoming::PubRec {
-            pid: a.packet_id(),
-            ok: true,
-        },
-        Packet::V5_0Pubcomp(a) => Incoming::PubComp { pid: a.packet_id() },
-        Packet::V3_1_1Pubcomp(a) => Incoming::PubComp { pid: a.packet_id() },
-        Packet::V5_0Publish(_) | Packet::V3_1_1Publish(_) => Incoming::Publish,
-        Packet::V5_0Pingresp(_) | Packet::V3_1_1Pingresp(_) => Incoming::PingResp,
-        Packet::V5_0Disconnect(d) => Incoming::Disconnect {
-            reason: d
-                .reason_code()
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "normal".into()),
-        },
-        _ => Incoming::Other,
     }
+    Incoming::ConnAck(ack)
+}
+
+fn connack_v311(c: v3_1_1::Connack) -> Incoming {
+    use mqtt::result_code::ConnectReturnCode as R;
+    let refused = match c.return_code() {
+        R::Accepted => None,
+        R::UnacceptableProtocolVersion => Some(Refusal::ProtocolVersion),
+        R::IdentifierRejected => Some(Refusal::ClientId),
+        R::ServerUnavailable => Some(Refusal::Unavailable),
+        R::BadUserNameOrPassword => Some(Refusal::BadCredentials),
+        R::NotAuthorized => Some(Refusal::NotAuthorized),
+    };
+    Incoming::ConnAck(ConnAck {
+        session_present: c.session_present(),
+        refused,
+        receive_maximum: None,
+        maximum_packet_size: None,
+    })
 }

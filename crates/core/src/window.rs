@@ -104,9 +104,12 @@ impl SendWindow {
         loop {
             let pid = self.next_pid;
             self.next_pid = self.next_pid.checked_add(1).unwrap_or(1);
-            if !self.by_pid.contains_key(&pid) {
-                let stage = Stage::Published;
-                self.by_pid.insert(pid, Inflight { id, qos, stage });
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.by_pid.entry(pid) {
+                slot.insert(Inflight {
+                    id,
+                    qos,
+                    stage: Stage::Published,
+                });
                 return Some(pid);
             }
         }

@@ -340,13 +340,15 @@ struct Writer {
     blocked: VecDeque<PendingAppend>,
 }
 
+type AcceptReply = (
+    oneshot::Sender<Result<u64, AppendError>>,
+    Result<u64, AppendError>,
+);
+
 /// Replies that may go out only after the commit.
 #[derive(Default)]
 struct Batch {
-    accepted: Vec<(
-        oneshot::Sender<Result<u64, AppendError>>,
-        Result<u64, AppendError>,
-    )>,
+    accepted: Vec<AcceptReply>,
     new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
     resolved: Vec<(u64, Delivery)>,
     wire_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
@@ -571,6 +573,13 @@ impl Writer {
     }
 
     fn after_commit(&mut self, b: Batch) {
+        // The state first: whoever learns that a message was accepted must
+        // find it counted (a publisher that waits for an empty outbox right
+        // after acceptance must not see the old, empty state).
+        self.state.send_replace(OutboxState {
+            last_id: self.last_id,
+            totals: self.totals,
+        });
         for (reply, r) in b.accepted {
             let _ = reply.send(r);
         }
@@ -590,10 +599,6 @@ impl Writer {
             tracing::warn!(id = d.id, topic = %d.topic, reason = %d.reason, "message dropped from the outbox");
             let _ = self.dropped.send(d);
         }
-        self.state.send_replace(OutboxState {
-            last_id: self.last_id,
-            totals: self.totals,
-        });
         self.serve_reads(b.reads);
     }
 

@@ -1,10 +1,14 @@
 //! The `steadfast` binary, run as a child process against real Mosquitto.
 
+#![allow(missing_docs)]
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use steadfast_testkit::{free_port, wait_until, Mosquitto, MosquittoOptions, Subscriber};
+use steadfast_testkit::{
+    wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber,
+};
 
 fn steadfast() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_steadfast"));
@@ -12,7 +16,16 @@ fn steadfast() -> Command {
     c
 }
 
-fn run(args: &[&str]) -> Output {
+/// Runs the binary to completion without blocking the test's runtime (the
+/// test kit's proxy runs on it).
+async fn run(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || run_blocking(&args))
+        .await
+        .expect("join")
+}
+
+fn run_blocking(args: &[String]) -> Output {
     steadfast()
         .args(args)
         .stdin(Stdio::null())
@@ -25,12 +38,13 @@ fn stderr(o: &Output) -> String {
 }
 
 fn status_json(outbox: &str) -> serde_json::Value {
-    let o = run(&["status", "--outbox", outbox, "--json"]);
+    let args = ["status", "--outbox", outbox, "--json"].map(String::from);
+    let o = run_blocking(&args);
     assert!(o.status.success(), "status failed: {}", stderr(&o));
     serde_json::from_slice(&o.stdout).expect("status --json is JSON")
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pub_lines_arrive_in_order_and_exit_zero() {
     let broker = Mosquitto::plain().await;
     let sub = Subscriber::start(broker.port(), "cli/lines", 1, None).await;
@@ -68,14 +82,17 @@ async fn pub_lines_arrive_in_order_and_exit_zero() {
     assert_eq!(st["brokers"][0]["acked"], 2000);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_accepted_before_kill_9_are_delivered_by_the_next_process() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = dir.path().join("ob");
     let ob = outbox.to_str().unwrap().to_owned();
-    let port = free_port();
-    let url = format!("mqtt://127.0.0.1:{port}");
-    // No broker yet: everything queues on disk.
+    // The broker is "down": a proxy that refuses every connection, on a
+    // port this test holds for its whole run (no other test can take it).
+    let broker = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    proxy.set(ProxyMode::Reset);
+    let url = proxy.url();
     let mut child = steadfast()
         .args([
             "pub", "-b", &url, "-t", "cli/k9", "-l", "-i", "cli-k9", "--outbox", &ob,
@@ -104,12 +121,8 @@ async fn messages_accepted_before_kill_9_are_delivered_by_the_next_process() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
-    let broker = Mosquitto::start(MosquittoOptions {
-        persistence: false,
-        extra: vec![format!("listener {port} 127.0.0.1")],
-    })
-    .await;
-    let sub = Subscriber::start(port, "cli/k9", 1, None).await;
+    let sub = Subscriber::start(broker.port(), "cli/k9", 1, None).await;
+    proxy.set(ProxyMode::Pass);
     let out = run(&[
         "pub",
         "-b",
@@ -121,19 +134,20 @@ async fn messages_accepted_before_kill_9_are_delivered_by_the_next_process() {
         &ob,
         "--wait-timeout",
         "30s",
-    ]);
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     sub.wait_count(1000, Duration::from_secs(20)).await;
     assert_eq!(sub.lines(), want);
-    drop(broker);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_times_out_with_exit_3_and_keeps_the_message() {
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob");
     let ob = ob.to_str().unwrap();
-    let url = format!("mqtt://127.0.0.1:{}", free_port());
+    // Port 1: nothing listens there, and no other test can take it.
+    let url = "mqtt://127.0.0.1:1".to_owned();
     let out = run(&[
         "pub",
         "-b",
@@ -146,9 +160,15 @@ async fn an_unreachable_broker_times_out_with_exit_3_and_keeps_the_message() {
         ob,
         "--wait-timeout",
         "1s",
-    ]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    ])
+    .await;
     let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stderr: {err}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(
         err.contains("Connection refused") && err.contains("kept in the outbox"),
         "{err}"
@@ -174,12 +194,13 @@ async fn an_unreachable_broker_times_out_with_exit_3_and_keeps_the_message() {
         "--outbox",
         ob,
         "--no-wait",
-    ]);
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(status_json(ob)["queued"], 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_message_and_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob");
@@ -284,7 +305,7 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
         (&["status"], "which outbox"),
     ];
     for (args, needle) in cases {
-        let out = run(args);
+        let out = run(args).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(
             stderr(&out).contains(needle),
@@ -295,7 +316,7 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
     assert!(!std::path::Path::new(ob).join("outbox.db").exists() || status_json(ob)["queued"] == 0);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_payload_over_the_broker_maximum_is_refused_before_acceptance() {
     let broker = Mosquitto::start(MosquittoOptions {
         persistence: false,
@@ -316,7 +337,8 @@ async fn a_payload_over_the_broker_maximum_is_refused_before_acceptance() {
         &big,
         "--outbox",
         ob,
-    ]);
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("maximum packet size of 1000"),
@@ -334,11 +356,12 @@ async fn a_payload_over_the_broker_maximum_is_refused_before_acceptance() {
         "fits",
         "--outbox",
         ob,
-    ]);
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_fail_fast_with_exit_1_and_say_which() {
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
@@ -373,7 +396,8 @@ async fn bad_credentials_fail_fast_with_exit_1_and_say_which() {
         "nope",
         "--outbox",
         ob,
-    ]);
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     // Mosquitto 2.0 answers a wrong password with "not authorized" on MQTT 5.
     let err = stderr(&out);
@@ -401,6 +425,7 @@ async fn bad_credentials_fail_fast_with_exit_1_and_say_which() {
         "secret",
         "--outbox",
         ob,
-    ]);
+    ])
+    .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

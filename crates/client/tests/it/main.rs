@@ -1,5 +1,7 @@
 //! Integration tests of the steadfast client against real Mosquitto.
 
+#![allow(missing_docs)]
+
 mod faults;
 mod session;
 

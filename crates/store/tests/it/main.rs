@@ -1,6 +1,8 @@
 //! Outbox tests: durability, bounds, damage recovery, full disk, and
 //! reading files written by earlier releases.
 
+#![allow(missing_docs)]
+
 mod bounds;
 mod compat;
 mod recovery;

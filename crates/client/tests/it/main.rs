@@ -2,6 +2,7 @@
 
 #![allow(missing_docs)]
 
+mod backlog;
 mod faults;
 mod session;
 

@@ -429,3 +429,84 @@ async fn bad_credentials_fail_fast_with_exit_1_and_say_which() {
     .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_stdin_null_retain_qos0_and_mqtt311_inputs_work() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "cli/in", 2, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob");
+    let ob = ob.to_str().unwrap();
+    let file = dir.path().join("payload.txt");
+    std::fs::write(&file, "from a file").unwrap();
+    let url = broker.url();
+    let base = ["pub", "-b", &url, "-t", "cli/in", "--outbox", ob];
+    let with = |extra: &[&str]| {
+        base.iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    for extra in [
+        &["-f", file.to_str().unwrap()][..],
+        &["-m", "qos zero", "-q", "0"],
+        &["-m", "qos two", "-q", "2"],
+        &["-m", "old protocol", "-V", "311"],
+        &["-n"],
+    ] {
+        let out = tokio::task::spawn_blocking({
+            let args = with(extra);
+            move || run_blocking(&args)
+        })
+        .await
+        .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{extra:?}: {}", stderr(&out));
+    }
+    let mut child = steadfast()
+        .args(with(&["-s"]))
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"all of\nstdin")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // mosquitto_sub prints nothing for the empty (-n) message; its exit
+    // code 0 above says the broker acknowledged it.
+    sub.wait_count(6, Duration::from_secs(10)).await;
+    assert_eq!(
+        sub.lines(),
+        [
+            "from a file",
+            "qos zero",
+            "qos two",
+            "old protocol",
+            "all of",
+            "stdin"
+        ]
+    );
+
+    // Retained: a subscriber that comes later still gets it.
+    let out = run(&[
+        "pub",
+        "-b",
+        &url,
+        "-t",
+        "cli/retained",
+        "-m",
+        "kept",
+        "-r",
+        "--outbox",
+        ob,
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let late = Subscriber::start(broker.port(), "cli/retained", 1, None).await;
+    late.wait_count(1, Duration::from_secs(10)).await;
+    assert_eq!(late.lines(), ["kept"]);
+}

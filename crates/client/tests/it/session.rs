@@ -139,3 +139,68 @@ async fn a_refused_connack_says_why() {
         c.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_receive_maximum_bounds_what_is_in_flight() {
+    use steadfast::LinkState;
+    use steadfast_testkit::{wait_until, FaultProxy, MosquittoOptions, ProxyMode};
+    let opts = MosquittoOptions {
+        persistence: false,
+        extra: vec!["max_inflight_messages 5".into()],
+    };
+    let broker = Mosquitto::start(opts).await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("rm", &proxy.url(), dir.path())
+        .keep_alive(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2));
+    let c = open(cfg).await;
+    let c2 = c.clone();
+    wait_until("connected", Duration::from_secs(10), move || {
+        c2.broker_status()[0].state == LinkState::Connected
+    })
+    .await;
+    // No acks come back through a black hole: the window fills and stops.
+    proxy.set(ProxyMode::BlackHole);
+    for i in 0..50 {
+        c.enqueue(Message::new("rm", format!("{i}")))
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let c2 = c.clone();
+    wait_until("window full", Duration::from_secs(10), move || {
+        c2.broker_status()[0].inflight >= 5
+    })
+    .await;
+    assert_eq!(
+        c.broker_status()[0].inflight,
+        5,
+        "more in flight than the broker's receive maximum"
+    );
+    proxy.set(ProxyMode::Pass);
+    proxy.reset_connections();
+    tokio::time::timeout(Duration::from_secs(30), c.wait_idle())
+        .await
+        .expect("all delivered");
+    c.close().await;
+}
+
+#[tokio::test]
+async fn qos0_is_sent_once_and_leaves_the_outbox() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "q0", 0, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(config("q0", &broker.url(), dir.path())).await;
+    let want = payloads("z", 100);
+    for p in &want {
+        c.enqueue(Message::new("q0", p.clone()).qos(Qos::AtMostOnce))
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    c.wait_idle().await;
+    sub.wait_count(100, Duration::from_secs(10)).await;
+    assert_eq!(sub.lines(), want);
+    c.close().await;
+}

@@ -25,30 +25,16 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args {
-        messages: 100_000,
-        payload: 64,
-        runs: 3,
-        inflight: 256,
-    };
+    let mut a = Args { messages: 100_000, payload: 64, runs: 3, inflight: 256 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || {
-            it.next()
-                .context("flag needs a value")?
-                .parse::<usize>()
-                .context("not a number")
-        };
+        let mut value = || it.next().context("flag needs a value")?.parse::<usize>().context("not a number");
         match flag.as_str() {
             "--messages" => a.messages = value()?,
             "--payload" => a.payload = value()?,
             "--runs" => a.runs = value()?,
-            "--inflight" => {
-                a.inflight = value()?.try_into().context("--inflight is at most 65535")?
-            }
-            other => bail!(
-                "unknown flag {other}; use --messages N, --payload BYTES, --runs R, --inflight N"
-            ),
+            "--inflight" => a.inflight = value()?.try_into().context("--inflight is at most 65535")?,
+            other => bail!("unknown flag {other}; use --messages N, --payload BYTES, --runs R, --inflight N"),
         }
     }
     Ok(a)
@@ -65,9 +51,7 @@ async fn bare_rumqttc(port: u16, a: &Args, run: usize) -> anyhow::Result<Duratio
     let t0 = Instant::now();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
-            client
-                .publish("bench/rumqttc", QoS::AtLeastOnce, false, payload.clone())
-                .await?;
+            client.publish("bench/rumqttc", QoS::AtLeastOnce, false, payload.clone()).await?;
         }
         Ok::<_, rumqttc::ClientError>(client)
     });
@@ -98,17 +82,13 @@ async fn bare_rumqttc_v5(port: u16, a: &Args, run: usize) -> anyhow::Result<Dura
     let t0 = Instant::now();
     let producer = tokio::spawn(async move {
         for _ in 0..n {
-            client
-                .publish("bench/rumqttc5", QoS::AtLeastOnce, false, payload.clone())
-                .await?;
+            client.publish("bench/rumqttc5", QoS::AtLeastOnce, false, payload.clone()).await?;
         }
         Ok::<_, rumqttc::v5::ClientError>(client)
     });
     let mut acked = 0;
     while acked < n {
-        if let Event::Incoming(Packet::PubAck(_)) =
-            eventloop.poll().await.context("rumqttc v5 event loop")?
-        {
+        if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.context("rumqttc v5 event loop")? {
             acked += 1;
         }
     }
@@ -118,24 +98,12 @@ async fn bare_rumqttc_v5(port: u16, a: &Args, run: usize) -> anyhow::Result<Dura
     Ok(elapsed)
 }
 
-async fn steadfast_durable(
-    port: u16,
-    a: &Args,
-    run: usize,
-    version: ProtocolVersion,
-) -> anyhow::Result<Duration> {
+async fn steadfast_durable(port: u16, a: &Args, run: usize, version: ProtocolVersion) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
     let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse()?;
-    let cfg = ClientConfig::new(
-        format!("bench-steadfast-{run}-{version:?}"),
-        url,
-        dir.path(),
-    )
-    .version(version)
-    .backoff(BackoffConfig {
-        min: Duration::from_millis(10),
-        ..BackoffConfig::default()
-    });
+    let cfg = ClientConfig::new(format!("bench-steadfast-{run}-{version:?}"), url, dir.path())
+        .version(version)
+        .backoff(BackoffConfig { min: Duration::from_millis(10), ..BackoffConfig::default() });
     let (client, _) = Client::open(cfg).await?;
     let payload = vec![b's'; a.payload];
     let t0 = Instant::now();
@@ -152,7 +120,9 @@ async fn steadfast_durable(
     let accepted = t0.elapsed();
     client.wait_idle().await;
     let elapsed = t0.elapsed();
-    eprintln!("    steadfast {version:?}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}");
+    eprintln!(
+        "    steadfast {version:?}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}"
+    );
     client.close().await;
     Ok(elapsed)
 }
@@ -162,25 +132,11 @@ fn mosquitto_pub(port: u16, a: &Args) -> anyhow::Result<Duration> {
     let input = line.repeat(a.messages);
     let t0 = Instant::now();
     let mut child = Command::new(mosquitto_program("mosquitto_pub"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            "bench/mosquitto_pub",
-            "-q",
-            "1",
-            "-l",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "bench/mosquitto_pub", "-q", "1", "-l"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(input.as_bytes())?;
+    child.stdin.take().expect("stdin").write_all(input.as_bytes())?;
     let status = child.wait()?;
     if !status.success() {
         bail!("mosquitto_pub failed: {status}");
@@ -206,33 +162,18 @@ async fn main() -> anyhow::Result<()> {
         "publish benchmark: {} QoS 1 messages of {} bytes to Mosquitto on 127.0.0.1:{port}, in-flight window {}, {} runs, median rate",
         a.messages, a.payload, a.inflight, a.runs
     );
-    let (mut bare, mut bare5, mut durable5, mut durable311, mut mpub) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut bare, mut bare5, mut durable5, mut durable311, mut mpub) = (vec![], vec![], vec![], vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("run {}/{}", run + 1, a.runs);
         bare.push(rate(a.messages, bare_rumqttc(port, &a, run).await?));
         bare5.push(rate(a.messages, bare_rumqttc_v5(port, &a, run).await?));
-        durable311.push(rate(
-            a.messages,
-            steadfast_durable(port, &a, run, ProtocolVersion::V311).await?,
-        ));
-        durable5.push(rate(
-            a.messages,
-            steadfast_durable(port, &a, run, ProtocolVersion::V5).await?,
-        ));
+        durable311.push(rate(a.messages, steadfast_durable(port, &a, run, ProtocolVersion::V311).await?));
+        durable5.push(rate(a.messages, steadfast_durable(port, &a, run, ProtocolVersion::V5).await?));
         mpub.push(rate(a.messages, mosquitto_pub(port, &a)?));
     }
-    let (bare, bare5, d311, d5, mpub) = (
-        median(bare),
-        median(bare5),
-        median(durable311),
-        median(durable5),
-        median(mpub),
-    );
-    println!(
-        "{:<48} {:>10} {:>22} {:>16}",
-        "client", "msg/s", "x rumqttc (same MQTT)", "x mosquitto_pub"
-    );
+    let (bare, bare5, d311, d5, mpub) =
+        (median(bare), median(bare5), median(durable311), median(durable5), median(mpub));
+    println!("{:<48} {:>10} {:>22} {:>16}", "client", "msg/s", "x rumqttc (same MQTT)", "x mosquitto_pub");
     for (name, r, base) in [
         ("bare rumqttc 0.25, MQTT 3.1.1 (no durability)", bare, bare),
         ("bare rumqttc 0.25, MQTT 5 (no durability)", bare5, bare5),

@@ -32,22 +32,13 @@ pub struct Failure {
 
 impl Failure {
     fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: exit::USAGE,
-            error: error.into(),
-        }
+        Self { code: exit::USAGE, error: error.into() }
     }
     fn other(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: exit::FAILURE,
-            error: error.into(),
-        }
+        Self { code: exit::FAILURE, error: error.into() }
     }
     fn timed_out(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: exit::TIMED_OUT,
-            error: error.into(),
-        }
+        Self { code: exit::TIMED_OUT, error: error.into() }
     }
 }
 
@@ -56,19 +47,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
     util::init_logging(cli.debug);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("steadfast: cannot start the async runtime: {e}");

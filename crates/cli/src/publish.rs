@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    BackoffConfig, BrokerUrl, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig,
-    Overflow, ProtocolVersion, PublishError, Qos,
+    BackoffConfig, BrokerUrl, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow,
+    ProtocolVersion, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -49,16 +49,10 @@ impl Options {
     fn from_args(a: PubArgs) -> Result<Options, Failure> {
         let mut urls = a.brokers.clone();
         if a.host.is_some() || a.port.is_some() {
-            urls.push(format!(
-                "mqtt://{}:{}",
-                a.host.as_deref().unwrap_or("127.0.0.1"),
-                a.port.unwrap_or(1883)
-            ));
+            urls.push(format!("mqtt://{}:{}", a.host.as_deref().unwrap_or("127.0.0.1"), a.port.unwrap_or(1883)));
         }
         if urls.is_empty() {
-            return Err(usage(
-                "no broker given; use -b mqtt://host:port (or -h HOST -p PORT)",
-            ));
+            return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
         }
         if urls.len() > 1 {
             return Err(usage(format!(
@@ -74,11 +68,7 @@ impl Options {
             (_, _, _, true, ..) => Input::Stdin,
             (_, _, _, _, true, _) => Input::Message(Vec::new()),
             (_, _, _, _, _, true) => Input::Drain,
-            _ => {
-                return Err(usage(
-                    "nothing to publish; give one of -m MSG, -l, -f FILE, -s, -n, or --drain",
-                ))
-            }
+            _ => return Err(usage("nothing to publish; give one of -m MSG, -l, -f FILE, -s, -n, or --drain")),
         };
         let topic = match (&a.topic, &input) {
             (Some(t), _) => {
@@ -97,51 +87,28 @@ impl Options {
         let version = match a.version.as_str() {
             "5" | "mqttv5" | "50" => ProtocolVersion::V5,
             "311" | "mqttv311" | "31" | "3.1.1" => ProtocolVersion::V311,
-            v => {
-                return Err(usage(format!(
-                    "protocol version `{v}` is not supported; use -V 311 or -V 5"
-                )))
-            }
+            v => return Err(usage(format!("protocol version `{v}` is not supported; use -V 311 or -V 5"))),
         };
         let overflow = match a.overflow.as_str() {
             "block" => Overflow::Block,
             "reject" => Overflow::Reject,
             "drop-oldest" => Overflow::DropOldest,
-            o => {
-                return Err(usage(format!(
-                    "overflow policy `{o}` is unknown; use block, reject or drop-oldest"
-                )))
-            }
+            o => return Err(usage(format!("overflow policy `{o}` is unknown; use block, reject or drop-oldest"))),
         };
-        let max_bytes = a
-            .max_queue_bytes
-            .as_deref()
-            .map(parse_size)
-            .transpose()
-            .map_err(usage)?;
-        let wait_timeout = a
-            .wait_timeout
-            .as_deref()
-            .map(parse_duration)
-            .transpose()
-            .map_err(usage)?;
+        let max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
+        let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;
         let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
-        let (min, max) = a.backoff.split_once("..").ok_or_else(|| {
-            usage(format!(
-                "backoff `{}` must be MIN..MAX, e.g. 100ms..30s",
-                a.backoff
-            ))
-        })?;
+        let (min, max) = a
+            .backoff
+            .split_once("..")
+            .ok_or_else(|| usage(format!("backoff `{}` must be MIN..MAX, e.g. 100ms..30s", a.backoff)))?;
         let backoff = BackoffConfig {
             min: parse_duration(min).map_err(usage)?,
             max: parse_duration(max).map_err(usage)?,
             ..BackoffConfig::default()
         };
         if a.keepalive == 0 || a.keepalive > 65535 {
-            return Err(usage(format!(
-                "keep-alive {} s is out of range; use 1 to 65535",
-                a.keepalive
-            )));
+            return Err(usage(format!("keep-alive {} s is out of range; use 1 to 65535", a.keepalive)));
         }
         let id = a.id.clone().unwrap_or_else(default_client_id);
         let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
@@ -151,11 +118,7 @@ impl Options {
             .clean_start(a.clean)
             .session_expiry(session_expiry)
             .backoff(backoff)
-            .outbox(OutboxConfig {
-                max_messages: a.max_queue,
-                max_bytes,
-                overflow,
-            });
+            .outbox(OutboxConfig { max_messages: a.max_queue, max_bytes, overflow });
         if let Some(u) = &a.username {
             config = config.credentials(u.clone(), a.password.clone().map(String::into_bytes));
         } else if a.password.is_some() {
@@ -209,14 +172,9 @@ impl Pipeline {
     }
 
     fn failure(&self, e: PublishError) -> Failure {
-        let note = format!(
-            "{} message(s) accepted before this one are safe in the outbox",
-            self.accepted
-        );
+        let note = format!("{} message(s) accepted before this one are safe in the outbox", self.accepted);
         match e {
-            PublishError::Topic(_) | PublishError::TooLarge { .. } => {
-                Failure::usage(anyhow!(e).context(note))
-            }
+            PublishError::Topic(_) | PublishError::TooLarge { .. } => Failure::usage(anyhow!(e).context(note)),
             e => Failure::other(anyhow!(e).context(note)),
         }
     }
@@ -225,9 +183,7 @@ impl Pipeline {
 pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let o = Options::from_args(a)?;
     let dir = o.config.outbox_dir().to_owned();
-    let (client, report) = Client::open(o.config.clone())
-        .await
-        .map_err(|e| Failure::other(anyhow!(e)))?;
+    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| Failure::other(anyhow!(e)))?;
     if !report.is_clean() {
         eprintln!(
             "steadfast: warning: the outbox {} was damaged: {}; {} message(s) recovered; damaged files kept in {:?}",
@@ -239,22 +195,14 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     }
     let mut events = client.events();
     first_attempt(&client, &mut events).await?;
-    let mut p = Pipeline {
-        client: client.clone(),
-        pending: VecDeque::new(),
-        accepted: 0,
-    };
+    let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted: 0 };
     let sent = feed(&o, &mut p).await;
     let fed = sent.and(p.finish().await);
     if let Err(f) = fed {
         client.close().await;
         return Err(f);
     }
-    let result = if o.no_wait {
-        Ok(())
-    } else {
-        wait_delivered(&client, &mut events, o.wait_timeout, &dir).await
-    };
+    let result = if o.no_wait { Ok(()) } else { wait_delivered(&client, &mut events, o.wait_timeout, &dir).await };
     if o.summary {
         let s = client.status().await.ok();
         eprintln!(
@@ -272,10 +220,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
 /// (credentials, version) is reported before anything is accepted and the
 /// broker's size limit is known. Never waits long: publishing with the
 /// broker down is normal.
-async fn first_attempt(
-    client: &Client,
-    events: &mut broadcast::Receiver<Event>,
-) -> Result<(), Failure> {
+async fn first_attempt(client: &Client, events: &mut broadcast::Receiver<Event>) -> Result<(), Failure> {
     let wait = async {
         loop {
             match events.recv().await {
@@ -298,11 +243,7 @@ async fn first_attempt(
 }
 
 async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
-    let msg = |payload: Vec<u8>| {
-        Message::new(o.topic.clone(), payload)
-            .qos(o.qos)
-            .retain(o.retain)
-    };
+    let msg = |payload: Vec<u8>| Message::new(o.topic.clone(), payload).qos(o.qos).retain(o.retain);
     match &o.input {
         Input::Drain => Ok(()),
         Input::Message(m) => p.push(msg(m.clone())).await,
@@ -315,20 +256,13 @@ async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
         }
         Input::Stdin => {
             let mut data = Vec::new();
-            tokio::io::stdin()
-                .read_to_end(&mut data)
-                .await
-                .context("cannot read stdin")
-                .map_err(Failure::other)?;
+            tokio::io::stdin().read_to_end(&mut data).await.context("cannot read stdin").map_err(Failure::other)?;
             p.push(msg(data)).await
         }
         Input::Lines => {
             let mut lines = BufReader::new(tokio::io::stdin()).split(b'\n');
-            while let Some(mut line) = lines
-                .next_segment()
-                .await
-                .context("cannot read stdin")
-                .map_err(Failure::other)?
+            while let Some(mut line) =
+                lines.next_segment().await.context("cannot read stdin").map_err(Failure::other)?
             {
                 if line.last() == Some(&b'\r') {
                     line.pop();

@@ -35,11 +35,7 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     let dir = match (a.outbox, a.id) {
         (Some(d), _) => d,
         (None, Some(id)) => default_outbox(&id),
-        (None, None) => {
-            return Err(Failure::usage(anyhow!(
-                "which outbox? use --outbox DIR or -i CLIENT_ID"
-            )))
-        }
+        (None, None) => return Err(Failure::usage(anyhow!("which outbox? use --outbox DIR or -i CLIENT_ID"))),
     };
     let d = dir.clone();
     let read = tokio::task::spawn_blocking(move || {
@@ -53,21 +49,13 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     let now = now_ms();
     let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
     if a.json {
-        let dropped = r
-            .drops
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v)))
-            .collect();
+        let dropped = r.drops.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v))).collect();
         let brokers = r
             .brokers
             .iter()
             .map(|b| BrokerJson {
                 url: b.url.clone(),
-                state: if running {
-                    b.state.clone()
-                } else {
-                    "not running".into()
-                },
+                state: if running { b.state.clone() } else { "not running".into() },
                 since_ms: b.since_ms,
                 last_error: b.last_error.clone(),
                 acked: b.acked,
@@ -83,26 +71,11 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
             dropped,
             brokers,
         };
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?
-        );
+        println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
         return Ok(());
     }
-    println!(
-        "outbox   {}{}",
-        dir.display(),
-        if running {
-            ""
-        } else {
-            "  (no process is using it)"
-        }
-    );
-    println!(
-        "queued   {} message(s), {}",
-        r.totals.count,
-        human_bytes(r.totals.bytes)
-    );
+    println!("outbox   {}{}", dir.display(), if running { "" } else { "  (no process is using it)" });
+    println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
     match age {
         Some(ms) => println!("oldest   {} ago", human_age(Duration::from_millis(ms))),
         None => println!("oldest   -"),
@@ -115,15 +88,9 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
         let state = if running {
             format!("{} for {}", b.state, human_age(for_how_long))
         } else {
-            format!(
-                "not running (last run ended {} ago)",
-                human_age(for_how_long)
-            )
+            format!("not running (last run ended {} ago)", human_age(for_how_long))
         };
-        println!(
-            "broker   {}  {state}, acked {}, connects {}",
-            b.url, b.acked, b.connects
-        );
+        println!("broker   {}  {state}, acked {}, connects {}", b.url, b.acked, b.connects);
         if let Some(e) = &b.last_error {
             println!("         last error: {e}");
         }

@@ -6,24 +6,16 @@ use std::time::Duration;
 /// Parses `500ms`, `10s`, `5m`, `2h`, `1d`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 10s, 5m, 2h, 1d"))?;
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 10s, 5m, 2h, 1d"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
         "d" => n * 86400.0,
-        _ => {
-            return Err(format!(
-                "`{s}` has an unknown unit `{unit}`; use ms, s, m, h or d"
-            ))
-        }
+        _ => return Err(format!("`{s}` has an unknown unit `{unit}`; use ms, s, m, h or d")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
@@ -36,9 +28,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_uppercase();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size; use e.g. 1048576, 64KB, 100MB, 2GB"))?;
+    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size; use e.g. 1048576, 64KB, 100MB, 2GB"))?;
     let mult = match unit.trim_end_matches("IB").trim_end_matches('B') {
         "" => 1,
         "K" => 1 << 10,
@@ -46,8 +36,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" => 1 << 30,
         _ => return Err(format!("`{s}` has an unknown unit; use KB, MB or GB")),
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// `$XDG_STATE_HOME/steadfast/outbox/<id>`, else `~/.local/state/...`.
@@ -56,25 +45,14 @@ pub fn default_outbox(client_id: &str) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .unwrap_or_else(|| PathBuf::from("."));
-    let safe: String = client_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let safe: String =
+        client_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
     base.join("steadfast").join("outbox").join(safe)
 }
 
 /// A stable default client id for this machine.
 pub fn default_client_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty());
+    let host = std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty());
     format!("steadfast-pub-{}", host.unwrap_or_else(|| "local".into()))
 }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use steadfast_core::{validate_topic_name, DropReason, Identity, Properties, Qos};
 use steadfast_store::{
-    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState,
-    SqliteStore, Store, StoreError,
+    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, SqliteStore, Store,
+    StoreError,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -221,9 +221,7 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("config", &self.inner.cfg)
-            .finish()
+        f.debug_struct("Client").field("config", &self.inner.cfg).finish()
     }
 }
 
@@ -270,23 +268,9 @@ impl Client {
             tasks.push(tokio::spawn(d.run()));
             brokers.push(shared);
         }
-        tasks.push(tokio::spawn(forward_drops(
-            outbox.subscribe_drops(),
-            events.clone(),
-            stop_rx,
-        )));
-        let inner = Inner {
-            cfg,
-            outbox,
-            producer,
-            events,
-            brokers,
-            stop,
-            tasks: Mutex::new(tasks),
-        };
-        Ok(Client {
-            inner: Arc::new(inner),
-        })
+        tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx)));
+        let inner = Inner { cfg, outbox, producer, events, brokers, stop, tasks: Mutex::new(tasks) };
+        Ok(Client { inner: Arc::new(inner) })
     }
 
     fn check(&self, msg: &Message) -> Result<(), PublishError> {
@@ -294,13 +278,7 @@ impl Client {
         // When a broker told us its limit, refuse what it can never take
         // before accepting it. An approximate size errs on the safe side:
         // fixed header, topic, packet id, properties and identity.
-        let max = self
-            .inner
-            .brokers
-            .iter()
-            .map(|b| b.max_packet.load(Ordering::Relaxed))
-            .filter(|m| *m > 0)
-            .min();
+        let max = self.inner.brokers.iter().map(|b| b.max_packet.load(Ordering::Relaxed)).filter(|m| *m > 0).min();
         if let Some(max) = max {
             let size = 5
                 + 2
@@ -312,11 +290,7 @@ impl Client {
                 + self.inner.producer.len()
                 + msg.payload.len();
             if size > max as usize {
-                return Err(PublishError::TooLarge {
-                    topic: msg.topic.clone(),
-                    size,
-                    max,
-                });
+                return Err(PublishError::TooLarge { topic: msg.topic.clone(), size, max });
             }
         }
         Ok(())
@@ -346,14 +320,8 @@ impl Client {
         self.check(&msg)?;
         let (accepted, delivered) = self.inner.outbox.append(Self::to_new(msg), true);
         let id = accepted.await?;
-        let identity = Identity {
-            producer: self.inner.producer.to_string(),
-            seq: id,
-        };
-        Ok(Receipt {
-            identity,
-            delivered: delivered.expect("tracked"),
-        })
+        let identity = Identity { producer: self.inner.producer.to_string(), seq: id };
+        Ok(Receipt { identity, delivered: delivered.expect("tracked") })
     }
 
     /// The producer id carried in every message identity.
@@ -384,10 +352,7 @@ impl Client {
     pub async fn queued(&self, after: u64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
         let page = self.inner.outbox.read_after(after, limit).await?;
         let to = |m: steadfast_store::StoredMessage| QueuedMessage {
-            identity: Identity {
-                producer: self.inner.producer.to_string(),
-                seq: m.id,
-            },
+            identity: Identity { producer: self.inner.producer.to_string(), seq: m.id },
             topic: m.msg.topic,
             payload: m.msg.payload,
             qos: m.msg.qos,
@@ -398,8 +363,7 @@ impl Client {
 
     /// Each broker's status.
     pub fn broker_status(&self) -> Vec<BrokerStatus> {
-        let lock =
-            |b: &Arc<BrokerShared>| b.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let lock = |b: &Arc<BrokerShared>| b.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.inner.brokers.iter().map(lock).collect()
     }
 
@@ -410,9 +374,7 @@ impl Client {
         Ok(Status {
             queued: r.totals.count,
             bytes: r.totals.bytes,
-            oldest_age: r
-                .oldest_created_ms
-                .map(|c| Duration::from_millis(now.saturating_sub(c))),
+            oldest_age: r.oldest_created_ms.map(|c| Duration::from_millis(now.saturating_sub(c))),
             drops: r.drops,
             brokers: self.broker_status(),
         })
@@ -422,8 +384,7 @@ impl Client {
     /// outbox. Queued messages stay on disk for the next run.
     pub async fn close(self) {
         let _ = self.inner.stop.send(true);
-        let tasks =
-            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
         }

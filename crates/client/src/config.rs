@@ -51,22 +51,13 @@ impl FromStr for BrokerUrl {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| ConfigError::BrokerUrl {
-            url: s.to_owned(),
-            why: why.to_owned(),
-        };
+        let bad = |why: &str| ConfigError::BrokerUrl { url: s.to_owned(), why: why.to_owned() };
         let rest = match s.split_once("://") {
             Some(("mqtt" | "tcp", rest)) => rest,
             Some((scheme @ ("mqtts" | "ssl" | "ws" | "wss"), _)) => {
-                return Err(bad(&format!(
-                    "the `{scheme}` transport is not supported yet; use mqtt://host:port"
-                )));
+                return Err(bad(&format!("the `{scheme}` transport is not supported yet; use mqtt://host:port")));
             }
-            Some((scheme, _)) => {
-                return Err(bad(&format!(
-                    "unknown scheme `{scheme}`; use mqtt://host:port"
-                )))
-            }
+            Some((scheme, _)) => return Err(bad(&format!("unknown scheme `{scheme}`; use mqtt://host:port"))),
             None => s,
         };
         let rest = rest.trim_end_matches('/');
@@ -74,9 +65,7 @@ impl FromStr for BrokerUrl {
             return Err(bad("expected mqtt://host:port with no path or credentials"));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (h, after) = v6
-                .split_once(']')
-                .ok_or_else(|| bad("unclosed `[` in IPv6 address"))?;
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed `[` in IPv6 address"))?;
             (h.to_owned(), after.strip_prefix(':'))
         } else {
             match rest.rsplit_once(':') {
@@ -137,11 +126,7 @@ impl fmt::Debug for ClientConfig {
 impl ClientConfig {
     /// A client `client_id` that talks to `broker` and keeps its outbox in
     /// `outbox_dir`. The client id is also the MQTT session: keep it stable.
-    pub fn new(
-        client_id: impl Into<String>,
-        broker: BrokerUrl,
-        outbox_dir: impl Into<PathBuf>,
-    ) -> Self {
+    pub fn new(client_id: impl Into<String>, broker: BrokerUrl, outbox_dir: impl Into<PathBuf>) -> Self {
         Self {
             client_id: client_id.into(),
             brokers: vec![broker],
@@ -236,9 +221,7 @@ impl ClientConfig {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.client_id.is_empty() || self.client_id.len() > 65535 {
-            return Err(ConfigError::ClientId(
-                "it must be 1 to 65535 bytes long".into(),
-            ));
+            return Err(ConfigError::ClientId("it must be 1 to 65535 bytes long".into()));
         }
         if self.keep_alive < Duration::from_secs(1) || self.keep_alive.as_secs() > u16::MAX as u64 {
             return Err(ConfigError::KeepAlive(self.keep_alive));
@@ -247,10 +230,7 @@ impl ClientConfig {
             return Err(ConfigError::Brokers(self.brokers.len()));
         }
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
-            return Err(ConfigError::Backoff {
-                min: self.backoff.min,
-                max: self.backoff.max,
-            });
+            return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });
         }
         Ok(())
     }
@@ -267,18 +247,8 @@ mod tests {
         let u: BrokerUrl = "localhost".parse().unwrap();
         assert_eq!(u.port, 1883);
         let u: BrokerUrl = "mqtt://[::1]:1999".parse().unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.authority()),
-            ("::1", 1999, "[::1]:1999".to_owned())
-        );
-        for bad in [
-            "http://x:1",
-            "mqtt://:1",
-            "mqtt://h:0",
-            "mqtt://h:99999",
-            "mqtt://h:1/path",
-            "mqtts://h:1",
-        ] {
+        assert_eq!((u.host.as_str(), u.port, u.authority()), ("::1", 1999, "[::1]:1999".to_owned()));
+        for bad in ["http://x:1", "mqtt://:1", "mqtt://h:0", "mqtt://h:99999", "mqtt://h:1/path", "mqtts://h:1"] {
             let e = bad.parse::<BrokerUrl>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use steadfast_core::{
-    Backoff, Identity, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage,
-};
+use steadfast_core::{Backoff, Identity, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, Outbox, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -48,10 +46,7 @@ impl BrokerShared {
             inflight: 0,
             attempts: 0,
         };
-        Self {
-            status: Mutex::new(status),
-            max_packet: AtomicU32::new(0),
-        }
+        Self { status: Mutex::new(status), max_packet: AtomicU32::new(0) }
     }
 
     fn update(&self, f: impl FnOnce(&mut BrokerStatus)) -> BrokerStatus {
@@ -147,11 +142,7 @@ impl Driver {
             let broker = self.url.to_string();
             if connected_at.is_some() {
                 tracing::warn!(%broker, error = %error, retry_in = ?delay, "link lost; reconnecting");
-                let _ = self.events.send(Event::Disconnected {
-                    broker,
-                    error,
-                    retry_in: delay,
-                });
+                let _ = self.events.send(Event::Disconnected { broker, error, retry_in: delay });
             } else {
                 // Said once per distinct error, not on every attempt.
                 let text = error.to_string();
@@ -161,11 +152,7 @@ impl Driver {
                 } else {
                     tracing::debug!(%broker, error = %error, retry_in = ?delay, "cannot connect; will retry");
                 }
-                let _ = self.events.send(Event::ConnectFailed {
-                    broker,
-                    error,
-                    retry_in: delay,
-                });
+                let _ = self.events.send(Event::ConnectFailed { broker, error, retry_in: delay });
             }
             tokio::select! {
                 _ = sleep(delay) => {}
@@ -189,14 +176,7 @@ impl Driver {
             after = last.id;
             for m in page.into_iter().filter(|m| m.wire.is_some()) {
                 let (pid, stage) = m.wire.expect("filtered");
-                self.window.restore(
-                    pid,
-                    Inflight {
-                        id: m.id,
-                        qos: Qos::ExactlyOnce,
-                        stage,
-                    },
-                );
+                self.window.restore(pid, Inflight { id: m.id, qos: Qos::ExactlyOnce, stage });
                 self.inflight.insert(m.id, m);
             }
             if self.window.len() >= u16::MAX as usize {
@@ -218,38 +198,22 @@ impl Driver {
             }
             s.retry_at = retry_at;
             s.inflight = inflight;
-            s.attempts = if state == LinkState::Connected {
-                0
-            } else {
-                s.attempts + (state == LinkState::Connecting) as u64
-            };
+            s.attempts =
+                if state == LinkState::Connected { 0 } else { s.attempts + (state == LinkState::Connecting) as u64 };
         });
         self.outbox.record_broker(record(&s));
     }
 
     fn identity(&self, id: u64) -> Identity {
-        Identity {
-            producer: self.producer.to_string(),
-            seq: id,
-        }
+        Identity { producer: self.producer.to_string(), seq: id }
     }
 
     async fn session(&mut self, connected_at: &mut Option<Instant>) -> Result<End, ConnectError> {
         let broker = self.url.to_string();
         let connect = TcpStream::connect(self.url.authority());
         let stream = match timeout(self.cfg.connect_timeout, connect).await {
-            Err(_) => {
-                return Err(ConnectError::Timeout {
-                    broker,
-                    timeout: self.cfg.connect_timeout,
-                })
-            }
-            Ok(Err(e)) => {
-                return Err(ConnectError::Unreachable {
-                    broker,
-                    reason: e.to_string(),
-                })
-            }
+            Err(_) => return Err(ConnectError::Timeout { broker, timeout: self.cfg.connect_timeout }),
+            Ok(Err(e)) => return Err(ConnectError::Unreachable { broker, reason: e.to_string() }),
             Ok(Ok(s)) => s,
         };
         let _ = stream.set_nodelay(true);
@@ -258,15 +222,10 @@ impl Driver {
         link.connect(&self.cfg)?;
         let mut buf = vec![0u8; 64 * 1024];
         let handshake = async {
-            wr.write_all(&link.out)
-                .await
-                .map_err(|e| ConnectError::Io(e.to_string()))?;
+            wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
             link.out.clear();
             loop {
-                let n = rd
-                    .read(&mut buf)
-                    .await
-                    .map_err(|e| ConnectError::Io(e.to_string()))?;
+                let n = rd.read(&mut buf).await.map_err(|e| ConnectError::Io(e.to_string()))?;
                 if n == 0 {
                     return Err(ConnectError::Closed(" before CONNACK".into()));
                 }
@@ -278,12 +237,7 @@ impl Driver {
             }
         };
         let ack = match timeout(self.cfg.connect_timeout, handshake).await {
-            Err(_) => {
-                return Err(ConnectError::Timeout {
-                    broker,
-                    timeout: self.cfg.connect_timeout,
-                })
-            }
+            Err(_) => return Err(ConnectError::Timeout { broker, timeout: self.cfg.connect_timeout }),
             Ok(r) => r?,
         };
         if let Some(refusal) = ack.refused {
@@ -295,11 +249,7 @@ impl Driver {
         self.set_state(LinkState::Connected, None, None);
         tracing::info!(%broker, session_present = ack.session_present, resent, "connected");
         self.last_logged = None;
-        let _ = self.events.send(Event::Connected {
-            broker,
-            session_present: ack.session_present,
-            resent,
-        });
+        let _ = self.events.send(Event::Connected { broker, session_present: ack.session_present, resent });
 
         let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
         let mut writer = tokio::spawn(async move {
@@ -308,9 +258,7 @@ impl Driver {
             }
             wr.shutdown().await
         });
-        let r = self
-            .pump_loop(&mut link, &mut rd, &wtx, &mut writer, &mut buf)
-            .await;
+        let r = self.pump_loop(&mut link, &mut rd, &wtx, &mut writer, &mut buf).await;
         if matches!(r, Ok(End::Stopped)) {
             link.disconnect();
             let _ = wtx.send(std::mem::take(&mut link.out));
@@ -324,16 +272,10 @@ impl Driver {
     /// Resumes or restarts the session after CONNACK; returns how many
     /// messages were sent again.
     async fn on_connack(&mut self, link: &mut Link, ack: ConnAck) -> Result<usize, ConnectError> {
-        let limit = ack
-            .receive_maximum
-            .unwrap_or(u16::MAX)
-            .min(self.cfg.max_inflight);
+        let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
         self.window.set_limit(limit);
         self.max_packet = ack.maximum_packet_size;
-        self.shared.max_packet.store(
-            ack.maximum_packet_size.unwrap_or(u32::MAX),
-            Ordering::Relaxed,
-        );
+        self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
         match self.window.on_connected(ack.session_present) {
             Resume::Resend(list) => {
                 for (pid, e) in &list {
@@ -350,19 +292,14 @@ impl Driver {
             Resume::Restart { delivered } => {
                 // Bindings of QoS 2 messages are void in the new session;
                 // clear them durably before any of them is bound again.
-                let stale: Vec<_> = self
-                    .inflight
-                    .values()
-                    .filter(|m| m.msg.qos == Qos::ExactlyOnce)
-                    .map(|m| (m.id, None))
-                    .collect();
+                let stale: Vec<_> =
+                    self.inflight.values().filter(|m| m.msg.qos == Qos::ExactlyOnce).map(|m| (m.id, None)).collect();
                 if !stale.is_empty() {
                     self.outbox.set_wire(stale).await.map_err(store_failed)?;
                 }
                 self.outbox.remove(delivered, Delivery::Delivered);
                 let republish = self.inflight.len() as u64;
-                let expected = !self.cfg.clean_start
-                    && (republish > 0 || self.shared.update(|_| {}).connects > 0);
+                let expected = !self.cfg.clean_start && (republish > 0 || self.shared.update(|_| {}).connects > 0);
                 self.inflight.clear();
                 self.queue.clear();
                 self.cursor = 0;
@@ -371,10 +308,7 @@ impl Driver {
                     let broker = self.url.to_string();
                     let queued = self.outbox.state().totals.count;
                     tracing::warn!(%broker, in_flight = republish, queued, "the broker lost our session: publishing every unacknowledged message again");
-                    let _ = self.events.send(Event::SessionLost {
-                        broker,
-                        republish: queued,
-                    });
+                    let _ = self.events.send(Event::SessionLost { broker, republish: queued });
                 }
                 Ok(0)
             }
@@ -396,16 +330,13 @@ impl Driver {
         loop {
             self.fill_window(link).await?;
             if !link.out.is_empty() {
-                wtx.send(std::mem::take(&mut link.out))
-                    .map_err(|_| ConnectError::Io("writer stopped".into()))?;
+                wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::Io("writer stopped".into()))?;
             }
             let last_id = state_rx.borrow_and_update().last_id;
             if fetch.is_none() && self.queue.len() < LOW_WATER && self.cursor < last_id {
                 let outbox = self.outbox.clone();
                 let after = self.cursor;
-                fetch = Some(Box::pin(
-                    async move { outbox.read_after(after, PAGE).await },
-                ));
+                fetch = Some(Box::pin(async move { outbox.read_after(after, PAGE).await }));
             }
             let deadline = Instant::from_std(keepalive.poll_timeout());
             tokio::select! {
@@ -493,10 +424,7 @@ impl Driver {
             // The packet id of a QoS 2 message is on disk before the PUBLISH
             // leaves: after a crash it is resumed under the same id, so the
             // broker can never take it for another message.
-            let updates = bind
-                .iter()
-                .map(|(m, pid)| (m.id, Some((*pid, Stage::Published))))
-                .collect();
+            let updates = bind.iter().map(|(m, pid)| (m.id, Some((*pid, Stage::Published)))).collect();
             self.outbox.set_wire(updates).await.map_err(store_failed)?;
             for (m, pid) in bind {
                 link.publish(&m, &self.identity(m.id), Some(pid), false)?;
@@ -517,18 +445,11 @@ impl Driver {
             return Ok(false);
         }
         tracing::error!(id = m.id, topic = %m.msg.topic, size, max, "message larger than the broker's maximum packet size; dropped");
-        self.outbox.remove(
-            vec![m.id],
-            Delivery::Dropped(steadfast_core::DropReason::TooLarge),
-        );
+        self.outbox.remove(vec![m.id], Delivery::Dropped(steadfast_core::DropReason::TooLarge));
         Ok(true)
     }
 
-    async fn on_incoming(
-        &mut self,
-        link: &mut Link,
-        incoming: Vec<Incoming>,
-    ) -> Result<(), ConnectError> {
+    async fn on_incoming(&mut self, link: &mut Link, incoming: Vec<Incoming>) -> Result<(), ConnectError> {
         let mut done = Vec::new();
         let mut released = Vec::new();
         for inc in incoming {
@@ -554,23 +475,22 @@ impl Driver {
                     if let Some(id) = self.window.on_refused(pid) {
                         // Kept in the outbox; sent again in the next session.
                         self.inflight.remove(&id);
-                        tracing::warn!(id, pid, "the broker refused a message; it stays queued and is sent again after the next reconnect");
+                        tracing::warn!(
+                            id,
+                            pid,
+                            "the broker refused a message; it stays queued and is sent again after the next reconnect"
+                        );
                     }
                 }
                 Incoming::Disconnect { reason } => {
                     return Err(ConnectError::Closed(format!(" with DISCONNECT ({reason})")));
                 }
-                Incoming::ConnAck(_) => {
-                    return Err(ConnectError::Protocol("a second CONNACK arrived".into()))
-                }
+                Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
                 Incoming::Publish | Incoming::PingResp | Incoming::Other => {}
             }
         }
         if !released.is_empty() {
-            let updates = released
-                .iter()
-                .map(|(id, pid)| (*id, Some((*pid, Stage::Released))))
-                .collect();
+            let updates = released.iter().map(|(id, pid)| (*id, Some((*pid, Stage::Released)))).collect();
             self.outbox.set_wire(updates).await.map_err(store_failed)?;
             for (_, pid) in released {
                 link.pubrel(pid)?;
@@ -599,9 +519,7 @@ fn store_failed(e: StoreError) -> ConnectError {
 
 fn record(s: &BrokerStatus) -> BrokerRecord {
     let ms = |t: SystemTime| {
-        t.duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_else(|_| now_ms())
+        t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_else(|_| now_ms())
     };
     BrokerRecord {
         url: s.url.clone(),

@@ -28,9 +28,7 @@ pub enum ConfigError {
     #[error("{0} brokers given; this version publishes to exactly one broker (routing over several brokers is not built yet)")]
     Brokers(usize),
     /// Backoff bounds are inverted or zero.
-    #[error(
-        "backoff bounds {min:?}..{max:?} are invalid; min must be above zero and not above max"
-    )]
+    #[error("backoff bounds {min:?}..{max:?} are invalid; min must be above zero and not above max")]
     Backoff {
         /// Minimum.
         min: Duration,
@@ -108,9 +106,13 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::ProtocolVersion => f.write_str("the broker does not accept this MQTT protocol version; try -V 311 or -V 5"),
+            Refusal::ProtocolVersion => {
+                f.write_str("the broker does not accept this MQTT protocol version; try -V 311 or -V 5")
+            }
             Refusal::BadCredentials => f.write_str("bad user name or password; check -u and -P"),
-            Refusal::NotAuthorized => f.write_str("not authorised: the broker does not allow this client to connect; check its ACL and credentials"),
+            Refusal::NotAuthorized => f.write_str(
+                "not authorised: the broker does not allow this client to connect; check its ACL and credentials",
+            ),
             Refusal::ClientId => f.write_str("the client id was rejected; choose another with -i"),
             Refusal::Unavailable => f.write_str("the broker says it is unavailable or busy"),
             Refusal::Other(code) => write!(f, "refused with reason code 0x{code:02x}"),

@@ -62,11 +62,7 @@ fn malformed(what: &str, e: MqttError) -> ConnectError {
 
 impl Link {
     pub fn new(version: ProtocolVersion) -> Self {
-        Self {
-            version,
-            framer: PacketBuilder::new(),
-            out: Vec::with_capacity(64 * 1024),
-        }
+        Self { version, framer: PacketBuilder::new(), out: Vec::with_capacity(64 * 1024) }
     }
 
     fn emit(&mut self, packet: &impl GenericPacketTrait) {
@@ -159,17 +155,11 @@ impl Link {
         let err = |e| build_err("PUBREL", e);
         match self.version {
             ProtocolVersion::V5 => {
-                let p = v5_0::Pubrel::builder()
-                    .packet_id(pid)
-                    .build()
-                    .map_err(err)?;
+                let p = v5_0::Pubrel::builder().packet_id(pid).build().map_err(err)?;
                 self.emit(&p);
             }
             ProtocolVersion::V311 => {
-                let p = v3_1_1::Pubrel::builder()
-                    .packet_id(pid)
-                    .build()
-                    .map_err(err)?;
+                let p = v3_1_1::Pubrel::builder().packet_id(pid).build().map_err(err)?;
                 self.emit(&p);
             }
         }
@@ -214,74 +204,28 @@ impl Link {
 
     fn decode(&self, raw: &RawPacket) -> Result<Incoming, ConnectError> {
         let v5 = self.version == ProtocolVersion::V5;
+        let ok = |code: Option<bool>| code.unwrap_or(true);
         Ok(match raw.packet_type() {
-            2 if v5 => connack_v5(
-                raw.parse_exact(v5_0::Connack::parse)
-                    .map_err(|e| malformed("CONNACK", e))?,
-            ),
-            2 => connack_v311(
-                raw.parse_exact(v3_1_1::Connack::parse)
-                    .map_err(|e| malformed("CONNACK", e))?,
-            ),
+            2 if v5 => connack_v5(parse(raw, "CONNACK", v5_0::Connack::parse)?),
+            2 => connack_v311(parse(raw, "CONNACK", v3_1_1::Connack::parse)?),
             3 => Incoming::Publish,
             4 if v5 => {
-                let a = raw
-                    .parse_exact(v5_0::Puback::parse)
-                    .map_err(|e| malformed("PUBACK", e))?;
-                Incoming::PubAck {
-                    pid: a.packet_id(),
-                    ok: a.reason_code().is_none_or(|r| r.is_success()),
-                }
+                let a = parse(raw, "PUBACK", v5_0::Puback::parse)?;
+                Incoming::PubAck { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) }
             }
-            4 => {
-                let a = raw
-                    .parse_exact(v3_1_1::Puback::parse)
-                    .map_err(|e| malformed("PUBACK", e))?;
-                Incoming::PubAck {
-                    pid: a.packet_id(),
-                    ok: true,
-                }
-            }
+            4 => Incoming::PubAck { pid: parse(raw, "PUBACK", v3_1_1::Puback::parse)?.packet_id(), ok: true },
             5 if v5 => {
-                let a = raw
-                    .parse_exact(v5_0::Pubrec::parse)
-                    .map_err(|e| malformed("PUBREC", e))?;
-                Incoming::PubRec {
-                    pid: a.packet_id(),
-                    ok: a.reason_code().is_none_or(|r| r.is_success()),
-                }
+                let a = parse(raw, "PUBREC", v5_0::Pubrec::parse)?;
+                Incoming::PubRec { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) }
             }
-            5 => {
-                let a = raw
-                    .parse_exact(v3_1_1::Pubrec::parse)
-                    .map_err(|e| malformed("PUBREC", e))?;
-                Incoming::PubRec {
-                    pid: a.packet_id(),
-                    ok: true,
-                }
-            }
-            7 if v5 => {
-                let a = raw
-                    .parse_exact(v5_0::Pubcomp::parse)
-                    .map_err(|e| malformed("PUBCOMP", e))?;
-                Incoming::PubComp { pid: a.packet_id() }
-            }
-            7 => {
-                let a = raw
-                    .parse_exact(v3_1_1::Pubcomp::parse)
-                    .map_err(|e| malformed("PUBCOMP", e))?;
-                Incoming::PubComp { pid: a.packet_id() }
-            }
+            5 => Incoming::PubRec { pid: parse(raw, "PUBREC", v3_1_1::Pubrec::parse)?.packet_id(), ok: true },
+            7 if v5 => Incoming::PubComp { pid: parse(raw, "PUBCOMP", v5_0::Pubcomp::parse)?.packet_id() },
+            7 => Incoming::PubComp { pid: parse(raw, "PUBCOMP", v3_1_1::Pubcomp::parse)?.packet_id() },
             13 => Incoming::PingResp,
             14 if v5 => {
-                let d = raw
-                    .parse_exact(v5_0::Disconnect::parse)
-                    .map_err(|e| malformed("DISCONNECT", e))?;
+                let d = parse(raw, "DISCONNECT", v5_0::Disconnect::parse)?;
                 Incoming::Disconnect {
-                    reason: d
-                        .reason_code()
-                        .map(|r| r.to_string())
-                        .unwrap_or_else(|| "normal".into()),
+                    reason: d.reason_code().map(|r| r.to_string()).unwrap_or_else(|| "normal".into()),
                 }
             }
             6 | 9 | 11 | 15 => Incoming::Other,
@@ -294,6 +238,15 @@ impl Link {
     }
 }
 
+/// Parses a packet body that must be consumed exactly.
+fn parse<T>(
+    raw: &RawPacket,
+    what: &str,
+    f: impl FnOnce(&[u8]) -> Result<(T, usize), MqttError>,
+) -> Result<T, ConnectError> {
+    raw.parse_exact(f).map_err(|e| malformed(what, e))
+}
+
 fn build_v5(
     m: &StoredMessage,
     identity: &Identity,
@@ -304,29 +257,20 @@ fn build_v5(
     let p = &m.msg.props;
     let mut props: Vec<Property> = Vec::new();
     if p.payload_is_utf8 {
-        let v = mqtt::packet::PayloadFormatIndicator::new(mqtt::packet::PayloadFormat::String)
-            .map_err(err)?;
+        let v = mqtt::packet::PayloadFormatIndicator::new(mqtt::packet::PayloadFormat::String).map_err(err)?;
         props.push(Property::PayloadFormatIndicator(v));
     }
     if let Some(v) = &p.content_type {
-        props.push(Property::ContentType(
-            mqtt::packet::ContentType::new(v.as_str()).map_err(err)?,
-        ));
+        props.push(Property::ContentType(mqtt::packet::ContentType::new(v.as_str()).map_err(err)?));
     }
     if let Some(v) = &p.response_topic {
-        props.push(Property::ResponseTopic(
-            mqtt::packet::ResponseTopic::new(v.as_str()).map_err(err)?,
-        ));
+        props.push(Property::ResponseTopic(mqtt::packet::ResponseTopic::new(v.as_str()).map_err(err)?));
     }
     if let Some(v) = &p.correlation_data {
-        props.push(Property::CorrelationData(
-            mqtt::packet::CorrelationData::new(v).map_err(err)?,
-        ));
+        props.push(Property::CorrelationData(mqtt::packet::CorrelationData::new(v).map_err(err)?));
     }
     for (k, v) in &p.user {
-        props.push(Property::UserProperty(
-            mqtt::packet::UserProperty::new(k.as_str(), v.as_str()).map_err(err)?,
-        ));
+        props.push(Property::UserProperty(mqtt::packet::UserProperty::new(k.as_str(), v.as_str()).map_err(err)?));
     }
     let id = identity.to_property_value();
     props.push(Property::UserProperty(
@@ -346,11 +290,7 @@ fn build_v5(
     b.build().map_err(err)
 }
 
-fn build_v311(
-    m: &StoredMessage,
-    pid: Option<u16>,
-    dup: bool,
-) -> Result<v3_1_1::Publish, ConnectError> {
+fn build_v311(m: &StoredMessage, pid: Option<u16>, dup: bool) -> Result<v3_1_1::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
     let mut b = v3_1_1::Publish::builder()
         .topic_name(m.msg.topic.as_str())
@@ -373,17 +313,11 @@ fn connack_v5(c: v5_0::Connack) -> Incoming {
         R::BadUserNameOrPassword | R::BadAuthenticationMethod => Some(Refusal::BadCredentials),
         R::NotAuthorized | R::Banned => Some(Refusal::NotAuthorized),
         R::ClientIdentifierNotValid => Some(Refusal::ClientId),
-        R::ServerUnavailable | R::ServerBusy | R::ConnectionRateExceeded => {
-            Some(Refusal::Unavailable)
-        }
+        R::ServerUnavailable | R::ServerBusy | R::ConnectionRateExceeded => Some(Refusal::Unavailable),
         other => Some(Refusal::Other(other as u8)),
     };
-    let mut ack = ConnAck {
-        session_present: c.session_present(),
-        refused,
-        receive_maximum: None,
-        maximum_packet_size: None,
-    };
+    let mut ack =
+        ConnAck { session_present: c.session_present(), refused, receive_maximum: None, maximum_packet_size: None };
     for prop in c.props() {
         match prop {
             Property::ReceiveMaximum(v) => ack.receive_maximum = Some(v.val()),

@@ -20,11 +20,7 @@ pub struct BackoffConfig {
 
 impl Default for BackoffConfig {
     fn default() -> Self {
-        Self {
-            min: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-            stable_after: Duration::from_secs(10),
-        }
+        Self { min: Duration::from_millis(100), max: Duration::from_secs(30), stable_after: Duration::from_secs(10) }
     }
 }
 
@@ -84,10 +80,7 @@ mod tests {
         for n in 0..40u32 {
             let d = b.next_delay(&mut rng).as_millis() as u64;
             let cap = (100u64 << n.min(32)).min(5000);
-            assert!(
-                (100..=cap).contains(&d),
-                "attempt {n}: {d} ms outside [100, {cap}]"
-            );
+            assert!((100..=cap).contains(&d), "attempt {n}: {d} ms outside [100, {cap}]");
         }
     }
 

@@ -29,11 +29,7 @@ pub struct KeepAlive {
 impl KeepAlive {
     /// Starts the clock for a connection established at `now`.
     pub fn new(interval: Duration, now: Instant) -> Self {
-        Self {
-            interval,
-            last_rx: now,
-            ping_sent: false,
-        }
+        Self { interval, last_rx: now, ping_sent: false }
     }
 
     /// Something arrived from the broker.

@@ -49,10 +49,7 @@ impl Identity {
         if producer.is_empty() {
             return None;
         }
-        Some(Identity {
-            producer: producer.to_owned(),
-            seq: seq.parse().ok()?,
-        })
+        Some(Identity { producer: producer.to_owned(), seq: seq.parse().ok()? })
     }
 }
 
@@ -75,11 +72,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, for reports that list zero counts too.
-    pub const ALL: [DropReason; 3] = [
-        DropReason::Overflow,
-        DropReason::BestEffort,
-        DropReason::TooLarge,
-    ];
+    pub const ALL: [DropReason; 3] = [DropReason::Overflow, DropReason::BestEffort, DropReason::TooLarge];
 
     /// The stable name used in the store, metrics and the CLI.
     pub fn as_str(self) -> &'static str {
@@ -206,14 +199,8 @@ mod tests {
 
     #[test]
     fn identity_round_trips_through_the_user_property() {
-        let id = Identity {
-            producer: "gw/7:ab12".into(),
-            seq: 42,
-        };
-        assert_eq!(
-            Identity::parse_property_value(&id.to_property_value()),
-            Some(id)
-        );
+        let id = Identity { producer: "gw/7:ab12".into(), seq: 42 };
+        assert_eq!(Identity::parse_property_value(&id.to_property_value()), Some(id));
         assert_eq!(Identity::parse_property_value("noslash"), None);
         assert_eq!(Identity::parse_property_value("/5"), None);
         assert_eq!(Identity::parse_property_value("p/x"), None);

@@ -44,18 +44,9 @@ mod tests {
         assert_eq!(validate_topic_name("a/b/c"), Ok(()));
         assert_eq!(validate_topic_name("/"), Ok(()));
         assert_eq!(validate_topic_name(""), Err(TopicError::Empty));
-        assert!(matches!(
-            validate_topic_name("a/+/b"),
-            Err(TopicError::Wildcard(_))
-        ));
-        assert!(matches!(
-            validate_topic_name("a/#"),
-            Err(TopicError::Wildcard(_))
-        ));
+        assert!(matches!(validate_topic_name("a/+/b"), Err(TopicError::Wildcard(_))));
+        assert!(matches!(validate_topic_name("a/#"), Err(TopicError::Wildcard(_))));
         assert_eq!(validate_topic_name("a\0b"), Err(TopicError::Nul));
-        assert_eq!(
-            validate_topic_name(&"x".repeat(70000)),
-            Err(TopicError::TooLong(70000))
-        );
+        assert_eq!(validate_topic_name(&"x".repeat(70000)), Err(TopicError::TooLong(70000)));
     }
 }

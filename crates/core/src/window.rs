@@ -57,11 +57,7 @@ pub struct SendWindow {
 impl SendWindow {
     /// An empty window that holds at most `limit` messages (clamped to 1..).
     pub fn new(limit: u16) -> Self {
-        Self {
-            limit: limit.max(1),
-            by_pid: BTreeMap::new(),
-            next_pid: 1,
-        }
+        Self { limit: limit.max(1), by_pid: BTreeMap::new(), next_pid: 1 }
     }
 
     /// Changes the limit, e.g. to the receive maximum of a CONNACK.
@@ -105,11 +101,7 @@ impl SendWindow {
             let pid = self.next_pid;
             self.next_pid = self.next_pid.checked_add(1).unwrap_or(1);
             if let std::collections::btree_map::Entry::Vacant(slot) = self.by_pid.entry(pid) {
-                slot.insert(Inflight {
-                    id,
-                    qos,
-                    stage: Stage::Published,
-                });
+                slot.insert(Inflight { id, qos, stage: Stage::Published });
                 return Some(pid);
             }
         }
@@ -125,19 +117,14 @@ impl SendWindow {
     /// caller records the stage durably, then sends PUBREL. A repeated PUBREC
     /// answers again.
     pub fn on_pubrec(&mut self, pid: u16) -> Option<u64> {
-        let e = self
-            .by_pid
-            .get_mut(&pid)
-            .filter(|e| e.qos == Qos::ExactlyOnce)?;
+        let e = self.by_pid.get_mut(&pid).filter(|e| e.qos == Qos::ExactlyOnce)?;
         e.stage = Stage::Released;
         Some(e.id)
     }
 
     /// PUBCOMP: the QoS 2 exchange under `pid` is complete.
     pub fn on_pubcomp(&mut self, pid: u16) -> Option<u64> {
-        self.take_if(pid, |e| {
-            e.qos == Qos::ExactlyOnce && e.stage == Stage::Released
-        })
+        self.take_if(pid, |e| e.qos == Qos::ExactlyOnce && e.stage == Stage::Released)
     }
 
     /// A PUBREC or PUBACK carried an error reason code: the broker refused the
@@ -162,12 +149,7 @@ impl SendWindow {
             all.sort_by_key(|(_, e)| e.id);
             return Resume::Resend(all);
         }
-        let delivered = self
-            .by_pid
-            .values()
-            .filter(|e| e.stage == Stage::Released)
-            .map(|e| e.id)
-            .collect();
+        let delivered = self.by_pid.values().filter(|e| e.stage == Stage::Released).map(|e| e.id).collect();
         self.by_pid.clear();
         Resume::Restart { delivered }
     }
@@ -192,11 +174,7 @@ mod tests {
         assert_eq!(std::collections::HashSet::from([a, b, c]).len(), 3);
         assert_eq!(w.on_puback(a), Some(10));
         assert_eq!(w.on_puback(a), None, "a second PUBACK is ignored");
-        assert_eq!(
-            w.on_puback(c),
-            None,
-            "PUBACK for a QoS 2 message is ignored"
-        );
+        assert_eq!(w.on_puback(c), None, "PUBACK for a QoS 2 message is ignored");
         assert!(w.has_room());
     }
 
@@ -219,11 +197,7 @@ mod tests {
         let p = w.assign(5, Qos::ExactlyOnce).unwrap();
         assert_eq!(w.on_pubcomp(p), None, "PUBCOMP before PUBREC is ignored");
         assert_eq!(w.on_pubrec(p), Some(5));
-        assert_eq!(
-            w.on_pubrec(p),
-            Some(5),
-            "a repeated PUBREC is answered again"
-        );
+        assert_eq!(w.on_pubrec(p), Some(5), "a repeated PUBREC is answered again");
         assert_eq!(w.on_pubcomp(p), Some(5));
         assert!(w.is_empty());
     }
@@ -231,14 +205,7 @@ mod tests {
     #[test]
     fn a_kept_session_resends_in_outbox_order() {
         let mut w = SendWindow::new(10);
-        w.restore(
-            40,
-            Inflight {
-                id: 9,
-                qos: Qos::ExactlyOnce,
-                stage: Stage::Released,
-            },
-        );
+        w.restore(40, Inflight { id: 9, qos: Qos::ExactlyOnce, stage: Stage::Released });
         let p1 = w.assign(3, Qos::AtLeastOnce).unwrap();
         let p2 = w.assign(7, Qos::ExactlyOnce).unwrap();
         match w.on_connected(true) {
@@ -258,10 +225,7 @@ mod tests {
         let p = w.assign(2, Qos::ExactlyOnce).unwrap();
         w.assign(3, Qos::ExactlyOnce).unwrap();
         w.on_pubrec(p);
-        assert_eq!(
-            w.on_connected(false),
-            Resume::Restart { delivered: vec![2] }
-        );
+        assert_eq!(w.on_connected(false), Resume::Restart { delivered: vec![2] });
         assert!(w.is_empty());
     }
 }

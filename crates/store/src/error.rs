@@ -11,9 +11,7 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// Another process holds the outbox.
-    #[error(
-        "the outbox {path} is in use by another process; stop it or give this one its own --outbox"
-    )]
+    #[error("the outbox {path} is in use by another process; stop it or give this one its own --outbox")]
     Locked {
         /// The store directory.
         path: PathBuf,
@@ -28,7 +26,9 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The store was written by a newer steadfast.
-    #[error("the outbox {path} has format {found}, newer than this steadfast understands ({supported}); upgrade steadfast")]
+    #[error(
+        "the outbox {path} has format {found}, newer than this steadfast understands ({supported}); upgrade steadfast"
+    )]
     FormatTooNew {
         /// The store directory.
         path: PathBuf,
@@ -60,9 +60,6 @@ impl StoreError {
     /// True when the same operation may succeed later without a change of
     /// configuration (space freed, lock released).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::DiskFull { .. } | StoreError::Locked { .. }
-        )
+        matches!(self, StoreError::DiskFull { .. } | StoreError::Locked { .. })
     }
 }

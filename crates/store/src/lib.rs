@@ -19,10 +19,7 @@ mod sqlite;
 
 pub use error::StoreError;
 pub use memory::MemoryStore;
-pub use outbox::{
-    AcceptFuture, AppendError, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow,
-    Report,
-};
+pub use outbox::{AcceptFuture, AppendError, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow, Report};
 pub use sqlite::{OpenReport, SqliteStore};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
@@ -131,8 +128,5 @@ pub trait Store: Send + 'static {
 
 /// Milliseconds since the Unix epoch, for creation times and state changes.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

@@ -46,11 +46,7 @@ impl Store for MemoryStore {
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError> {
         self.state.next_id += 1;
         let id = self.state.next_id;
-        let m = StoredMessage {
-            id,
-            msg: msg.clone(),
-            wire: None,
-        };
+        let m = StoredMessage { id, msg: msg.clone(), wire: None };
         self.state.messages.insert(id, m);
         Ok(id)
     }

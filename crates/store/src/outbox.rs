@@ -49,7 +49,9 @@ pub struct OutboxConfig {
 #[non_exhaustive]
 pub enum AppendError {
     /// The outbox is full and the overflow policy is `reject`.
-    #[error("the outbox is full ({what}); the message was not accepted. Raise the bound or choose another overflow policy")]
+    #[error(
+        "the outbox is full ({what}); the message was not accepted. Raise the bound or choose another overflow policy"
+    )]
     Full {
         /// Which bound was hit.
         what: String,
@@ -96,9 +98,7 @@ pub struct AcceptFuture {
 impl Future for AcceptFuture {
     type Output = Result<u64, AppendError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(AppendError::Store(StoreError::Closed))))
+        Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(AppendError::Store(StoreError::Closed))))
     }
 }
 
@@ -170,9 +170,7 @@ pub struct Outbox {
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Outbox")
-            .field("state", &*self.state.borrow())
-            .finish()
+        f.debug_struct("Outbox").field("state", &*self.state.borrow()).finish()
     }
 }
 
@@ -198,17 +196,9 @@ impl Outbox {
         let thread = std::thread::Builder::new()
             .name("steadfast-outbox".into())
             .spawn(move || writer.run(rx))
-            .map_err(|source| StoreError::Io {
-                path: "<writer thread>".into(),
-                source,
-            })?;
+            .map_err(|source| StoreError::Io { path: "<writer thread>".into(), source })?;
         let thread = Arc::new(Mutex::new(Some(thread)));
-        Ok(Outbox {
-            tx,
-            state,
-            dropped,
-            thread,
-        })
+        Ok(Outbox { tx, state, dropped, thread })
     }
 
     fn send(&self, r: Request) {
@@ -220,11 +210,7 @@ impl Outbox {
 
     /// Queues a message; the future resolves once it is on disk. With
     /// `track`, the returned receiver resolves when it leaves the outbox.
-    pub fn append(
-        &self,
-        msg: NewMessage,
-        track: bool,
-    ) -> (AcceptFuture, Option<oneshot::Receiver<Delivery>>) {
+    pub fn append(&self, msg: NewMessage, track: bool) -> (AcceptFuture, Option<oneshot::Receiver<Delivery>>) {
         let (reply, rx) = oneshot::channel();
         let (delivery, drx) = if track {
             let (t, r) = oneshot::channel();
@@ -232,11 +218,7 @@ impl Outbox {
         } else {
             (None, None)
         };
-        self.send(Request::Append {
-            msg,
-            reply,
-            delivery,
-        });
+        self.send(Request::Append { msg, reply, delivery });
         (AcceptFuture { rx }, drx)
     }
 
@@ -249,27 +231,16 @@ impl Outbox {
     }
 
     /// Records QoS 2 wire bindings durably; resolves after the sync.
-    pub async fn set_wire(
-        &self,
-        updates: Vec<(u64, Option<(u16, Stage)>)>,
-    ) -> Result<(), StoreError> {
+    pub async fn set_wire(&self, updates: Vec<(u64, Option<(u16, Stage)>)>) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::SetWire { updates, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Up to `limit` queued messages with id above `after`, oldest first.
-    pub async fn read_after(
-        &self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
+    pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Read {
-            after,
-            limit,
-            reply,
-        });
+        self.send(Request::Read { after, limit, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -289,11 +260,7 @@ impl Outbox {
     /// The metadata value of `key`, set to `default` (durably) if absent.
     pub async fn meta_or_init(&self, key: &str, default: &str) -> Result<String, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Meta {
-            key: key.into(),
-            default: default.into(),
-            reply,
-        });
+        self.send(Request::Meta { key: key.into(), default: default.into(), reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -340,10 +307,7 @@ struct Writer {
     blocked: VecDeque<PendingAppend>,
 }
 
-type AcceptReply = (
-    oneshot::Sender<Result<u64, AppendError>>,
-    Result<u64, AppendError>,
-);
+type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
 
 /// Replies that may go out only after the commit.
 #[derive(Default)]
@@ -384,12 +348,8 @@ impl Writer {
         // Reads that no write precedes in this batch see nothing new from
         // it: answer them now instead of after the sync, so the driver's
         // next page never waits for a disk flush.
-        let first_write = requests
-            .iter()
-            .position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. }));
-        let early: Vec<Request> = requests
-            .drain(..first_write.unwrap_or(requests.len()))
-            .collect();
+        let first_write = requests.iter().position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. }));
+        let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
         self.serve_reads(early);
         if requests.is_empty() {
             return false;
@@ -417,13 +377,7 @@ impl Writer {
             Err(e) => {
                 self.store.rollback();
                 self.totals = self.store.totals().unwrap_or(before);
-                self.last_id = self
-                    .store
-                    .newest_id()
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0)
-                    .max(self.state.borrow().last_id);
+                self.last_id = self.store.newest_id().ok().flatten().unwrap_or(0).max(self.state.borrow().last_id);
                 tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted");
                 self.fail_replies(b, e);
             }
@@ -433,16 +387,8 @@ impl Writer {
 
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
         match r {
-            Request::Append {
-                msg,
-                reply,
-                delivery,
-            } => {
-                let p = PendingAppend {
-                    msg,
-                    reply,
-                    delivery,
-                };
+            Request::Append { msg, reply, delivery } => {
+                let p = PendingAppend { msg, reply, delivery };
                 if self.blocked.is_empty() {
                     self.try_append(p, b)?;
                 } else {
@@ -468,11 +414,7 @@ impl Writer {
                 b.wire_replies.push(reply);
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
-            Request::Meta {
-                key,
-                default,
-                reply,
-            } => {
+            Request::Meta { key, default, reply } => {
                 let v = match self.store.meta(&key)? {
                     Some(v) => v,
                     None => {
@@ -505,8 +447,7 @@ impl Writer {
             let alone_too_big = self.config.max_bytes.is_some_and(|m| size > m);
             match self.config.overflow {
                 _ if alone_too_big => {
-                    let what =
-                        format!("the message alone is {size} bytes, over the bound of {what}");
+                    let what = format!("the message alone is {size} bytes, over the bound of {what}");
                     let _ = p.reply.send(Err(AppendError::Full { what }));
                     return Ok(());
                 }
@@ -538,23 +479,13 @@ impl Writer {
                 if self.over_bounds(size).is_none() {
                     break;
                 }
-                let topic = self
-                    .store
-                    .read_after(id - 1, 1)?
-                    .pop()
-                    .map(|m| m.msg.topic)
-                    .unwrap_or_default();
+                let topic = self.store.read_after(id - 1, 1)?.pop().map(|m| m.msg.topic).unwrap_or_default();
                 if let Some(sz) = self.store.remove(id)? {
                     self.totals.count -= 1;
                     self.totals.bytes = self.totals.bytes.saturating_sub(sz);
                     self.store.add_drops(DropReason::Overflow, 1)?;
-                    b.resolved
-                        .push((id, Delivery::Dropped(DropReason::Overflow)));
-                    b.drops.push(Dropped {
-                        id,
-                        topic,
-                        reason: DropReason::Overflow,
-                    });
+                    b.resolved.push((id, Delivery::Dropped(DropReason::Overflow)));
+                    b.drops.push(Dropped { id, topic, reason: DropReason::Overflow });
                 }
             }
         }
@@ -576,10 +507,7 @@ impl Writer {
         // The state first: whoever learns that a message was accepted must
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
-        self.state.send_replace(OutboxState {
-            last_id: self.last_id,
-            totals: self.totals,
-        });
+        self.state.send_replace(OutboxState { last_id: self.last_id, totals: self.totals });
         for (reply, r) in b.accepted {
             let _ = reply.send(r);
         }
@@ -605,11 +533,7 @@ impl Writer {
     fn serve_reads(&mut self, reads: Vec<Request>) {
         for r in reads {
             match r {
-                Request::Read {
-                    after,
-                    limit,
-                    reply,
-                } => {
+                Request::Read { after, limit, reply } => {
                     let _ = reply.send(self.store.read_after(after, limit));
                 }
                 Request::Query { reply } => {

@@ -70,9 +70,7 @@ pub struct SqliteStore {
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("dir", &self.dir)
-            .finish()
+        f.debug_struct("SqliteStore").field("dir", &self.dir).finish()
     }
 }
 
@@ -94,11 +92,7 @@ impl SqliteStore {
             }
             Err(Opened::Failed(e)) => return Err(e),
         };
-        let store = SqliteStore {
-            conn,
-            dir: dir.to_owned(),
-            _lock: Some(lock),
-        };
+        let store = SqliteStore { conn, dir: dir.to_owned(), _lock: Some(lock) };
         Ok((store, report))
     }
 
@@ -108,19 +102,22 @@ impl SqliteStore {
         let path = dir.join(DB_FILE);
         if !path.exists() {
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db in it");
-            return Err(StoreError::Io {
-                path: dir.to_owned(),
-                source,
-            });
+            return Err(StoreError::Io { path: dir.to_owned(), source });
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        Ok(SqliteStore {
-            conn,
-            dir: dir.to_owned(),
-            _lock: None,
-        })
+        let tables: u32 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('outbox', 'drops', 'brokers')",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables < 3 {
+            let why = "its outbox.db holds no outbox (yet: is it being created?)";
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
+            return Err(StoreError::Io { path: dir.to_owned(), source });
+        }
+        Ok(SqliteStore { conn, dir: dir.to_owned(), _lock: None })
     }
 
     /// True when a process holds the outbox's lock right now.
@@ -149,43 +146,24 @@ impl SqliteStore {
 
 fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
-        Some(ErrorCode::DiskFull) => StoreError::DiskFull {
-            path: dir.to_owned(),
-        },
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull { path: dir.to_owned() },
         _ => StoreError::Sqlite(e),
     }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::DirBuilderExt;
-    let io = |source| StoreError::Io {
-        path: dir.to_owned(),
-        source,
-    };
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io)
+    let io = |source| StoreError::Io { path: dir.to_owned(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)
 }
 
 fn take_lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
-    let io = |source| StoreError::Io {
-        path: path.clone(),
-        source,
-    };
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io)?;
+    let io = |source| StoreError::Io { path: path.clone(), source };
+    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
-            path: dir.to_owned(),
-        }),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path: dir.to_owned() }),
         Err(fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
@@ -196,10 +174,7 @@ enum Opened {
 }
 
 fn is_corruption(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
-    )
+    matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase))
 }
 
 fn open_checked(dir: &Path) -> Result<Connection, Opened> {
@@ -211,13 +186,9 @@ fn open_checked(dir: &Path) -> Result<Connection, Opened> {
         }
     };
     let conn = open_connection(&dir.join(DB_FILE)).map_err(classify)?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check", [], |r| r.get(0))
-        .map_err(classify)?;
+    let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(classify)?;
     if check != "ok" {
-        return Err(Opened::Corrupt(format!(
-            "the integrity check failed: {check}"
-        )));
+        return Err(Opened::Corrupt(format!("the integrity check failed: {check}")));
     }
     init_schema(&conn, dir).map_err(|e| match e {
         StoreError::Sqlite(e) => classify(e),
@@ -240,25 +211,15 @@ fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
 
 fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
     conn.execute_batch(SCHEMA)?;
-    let found: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key='format'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
+    let found: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key='format'", [], |r| r.get(0)).optional()?;
     match found.and_then(|v| v.parse::<u32>().ok()) {
         None => {
-            conn.execute(
-                "INSERT OR REPLACE INTO meta VALUES ('format', ?1)",
-                [FORMAT_VERSION.to_string()],
-            )?;
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?1)", [FORMAT_VERSION.to_string()])?;
         }
         Some(v) if v > FORMAT_VERSION => {
             let path = dir.to_owned();
-            return Err(StoreError::FormatTooNew {
-                path,
-                found: v,
-                supported: FORMAT_VERSION,
-            });
+            return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
         }
         Some(_) => {}
     }
@@ -277,16 +238,11 @@ fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError>
         return Ok(());
     }
     let mut header = [0u8; 32];
-    let io = |source| StoreError::Io {
-        path: wal.clone(),
-        source,
-    };
+    let io = |source| StoreError::Io { path: wal.clone(), source };
     let torn = if len < 32 {
         len
     } else {
-        File::open(&wal)
-            .and_then(|mut f| f.read_exact(&mut header))
-            .map_err(io)?;
+        File::open(&wal).and_then(|mut f| f.read_exact(&mut header)).map_err(io)?;
         let page = u32::from_be_bytes([header[8], header[9], header[10], header[11]]) as u64;
         if !(512..=65536).contains(&page) {
             len - 32
@@ -299,12 +255,7 @@ fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError>
         // usual cause of a torn write) must not stop the outbox from opening.
         let kept = quarantine_dir(dir).and_then(|q| {
             let kept = q.join(format!("{DB_FILE}-wal.torn"));
-            fs::copy(&wal, &kept)
-                .map(|_| kept)
-                .map_err(|source| StoreError::Io {
-                    path: wal.clone(),
-                    source,
-                })
+            fs::copy(&wal, &kept).map(|_| kept).map_err(|source| StoreError::Io { path: wal.clone(), source })
         });
         match kept {
             Ok(kept) => report.quarantined.push(kept),
@@ -320,13 +271,8 @@ fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError>
 }
 
 fn quarantine_dir(dir: &Path) -> Result<PathBuf, StoreError> {
-    let q = dir
-        .join("quarantine")
-        .join(format!("{}-{:04x}", now_ms(), fastrand::u16(..)));
-    fs::create_dir_all(&q).map_err(|source| StoreError::Io {
-        path: q.clone(),
-        source,
-    })?;
+    let q = dir.join("quarantine").join(format!("{}-{:04x}", now_ms(), fastrand::u16(..)));
+    fs::create_dir_all(&q).map_err(|source| StoreError::Io { path: q.clone(), source })?;
     Ok(q)
 }
 
@@ -338,10 +284,7 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
         let from = dir.join(format!("{DB_FILE}{suffix}"));
         if from.exists() {
             let to = q.join(format!("{DB_FILE}{suffix}"));
-            fs::rename(&from, &to).map_err(|source| StoreError::Io {
-                path: from.clone(),
-                source,
-            })?;
+            fs::rename(&from, &to).map_err(|source| StoreError::Io { path: from.clone(), source })?;
             if suffix.is_empty() {
                 report.quarantined.push(to);
             }
@@ -369,13 +312,8 @@ fn salvage(from: &Path, to: &Connection) -> u64 {
     for table in ["meta", "drops"] {
         let _ = copy_table(&old, to, table);
     }
-    let floor: u64 = old
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name='outbox'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap_or(0);
+    let floor: u64 =
+        old.query_row("SELECT seq FROM sqlite_sequence WHERE name='outbox'", [], |r| r.get(0)).unwrap_or(0);
     let mut count = 0;
     let mut after = 0u64;
     let mut max_id = 0u64;
@@ -398,32 +336,21 @@ fn salvage(from: &Path, to: &Connection) -> u64 {
     }
     // Ids are the producer's sequence numbers: never hand one out twice.
     let seq = floor.max(max_id);
+    let _ = to.execute("INSERT OR REPLACE INTO sqlite_sequence(name, seq) VALUES ('outbox', ?1)", [seq]);
     let _ = to.execute(
-        "INSERT OR REPLACE INTO sqlite_sequence(name, seq) VALUES ('outbox', ?1)",
-        [seq],
+        "DELETE FROM sqlite_sequence WHERE rowid NOT IN (SELECT max(rowid) FROM sqlite_sequence GROUP BY name)",
+        [],
     );
-    let _ = to.execute("DELETE FROM sqlite_sequence WHERE rowid NOT IN (SELECT max(rowid) FROM sqlite_sequence GROUP BY name)", []);
     count
 }
 
 fn copy_table(old: &Connection, to: &Connection, table: &str) -> rusqlite::Result<()> {
-    let cols = if table == "meta" {
-        "key, value"
-    } else {
-        "reason, count"
-    };
+    let cols = if table == "meta" { "key, value" } else { "reason, count" };
     let mut stmt = old.prepare(&format!("SELECT {cols} FROM {table}"))?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, rusqlite::types::Value>(0)?,
-            r.get::<_, rusqlite::types::Value>(1)?,
-        ))
-    })?;
+    let rows =
+        stmt.query_map([], |r| Ok((r.get::<_, rusqlite::types::Value>(0)?, r.get::<_, rusqlite::types::Value>(1)?)))?;
     for (a, b) in rows.flatten() {
-        to.execute(
-            &format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"),
-            params![a, b],
-        )?;
+        to.execute(&format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"), params![a, b])?;
     }
     Ok(())
 }
@@ -436,11 +363,7 @@ struct Scan {
 
 /// Copies rows after `after` until the end (complete) or an error.
 fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
-    let mut scan = Scan {
-        copied: 0,
-        last: None,
-        complete: false,
-    };
+    let mut scan = Scan { copied: 0, last: None, complete: false };
     let sql = "SELECT id, topic, payload, qos, retain, props, created_ms, size, pid, stage FROM outbox WHERE id > ?1 ORDER BY id";
     let Ok(mut stmt) = old.prepare(sql) else {
         return scan;
@@ -451,8 +374,7 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     loop {
         match rows.next() {
             Ok(Some(r)) => {
-                let values: rusqlite::Result<Vec<rusqlite::types::Value>> =
-                    (0..10).map(|i| r.get(i)).collect();
+                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..10).map(|i| r.get(i)).collect();
                 let Ok(v) = values else { return scan };
                 let rusqlite::types::Value::Integer(id) = v[0] else {
                     return scan;
@@ -501,22 +423,13 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
         (Some(p), Some(2)) => Some((p, Stage::Released)),
         _ => None,
     };
-    let msg = NewMessage {
-        topic: r.get(1)?,
-        payload: r.get(2)?,
-        qos,
-        retain: r.get(4)?,
-        props,
-        created_ms: r.get(6)?,
-    };
+    let msg = NewMessage { topic: r.get(1)?, payload: r.get(2)?, qos, retain: r.get(4)?, props, created_ms: r.get(6)? };
     Ok(Ok(StoredMessage { id, msg, wire }))
 }
 
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
-        self.conn
-            .execute_batch("BEGIN IMMEDIATE")
-            .map_err(|e| self.map(e))
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.map(e))
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
@@ -534,24 +447,14 @@ impl Store for SqliteStore {
         let mut stmt = self
             .conn
             .prepare_cached("INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
-        let r = stmt.execute(params![
-            m.topic,
-            m.payload,
-            m.qos as u8,
-            m.retain,
-            props,
-            m.created_ms,
-            m.size()
-        ]);
+        let r = stmt.execute(params![m.topic, m.payload, m.qos as u8, m.retain, props, m.created_ms, m.size()]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
         Ok(self.conn.last_insert_rowid() as u64)
     }
 
     fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING size")?;
+        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING size")?;
         let r = stmt.query_row([id], |r| r.get::<_, u64>(0)).optional();
         drop(stmt);
         r.map_err(|e| self.map(e))
@@ -562,9 +465,7 @@ impl Store for SqliteStore {
             Some((p, s)) => (Some(p), Some(stage_to_sql(s))),
             None => (None, None),
         };
-        let mut stmt = self
-            .conn
-            .prepare_cached("UPDATE outbox SET pid = ?2, stage = ?3 WHERE id = ?1")?;
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET pid = ?2, stage = ?3 WHERE id = ?1")?;
         let r = stmt.execute(params![id, pid, stage]);
         drop(stmt);
         r.map(|_| ()).map_err(|e| self.map(e))
@@ -583,24 +484,18 @@ impl Store for SqliteStore {
     }
 
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, size FROM outbox ORDER BY id LIMIT ?1")?;
+        let mut stmt = self.conn.prepare_cached("SELECT id, size FROM outbox ORDER BY id LIMIT ?1")?;
         let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .conn
-            .query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
+        Ok(self.conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
     }
 
     fn totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox";
-        let (count, bytes) = self
-            .conn
-            .query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
     }
 
@@ -611,16 +506,12 @@ impl Store for SqliteStore {
 
     fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError> {
         let sql = "INSERT INTO drops VALUES (?1, ?2) ON CONFLICT(reason) DO UPDATE SET count = count + ?2";
-        self.conn
-            .execute(sql, params![reason.as_str(), n])
-            .map_err(|e| self.map(e))?;
+        self.conn.execute(sql, params![reason.as_str(), n]).map_err(|e| self.map(e))?;
         Ok(())
     }
 
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT count FROM drops WHERE reason = ?1")?;
+        let mut stmt = self.conn.prepare_cached("SELECT count FROM drops WHERE reason = ?1")?;
         let mut out = Vec::new();
         for r in DropReason::ALL {
             let n: Option<u64> = stmt.query_row([r.as_str()], |row| row.get(0)).optional()?;
@@ -636,30 +527,21 @@ impl Store for SqliteStore {
 
     fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         let sql = "INSERT OR REPLACE INTO meta VALUES (?1, ?2)";
-        self.conn
-            .execute(sql, [key, value])
-            .map_err(|e| self.map(e))?;
+        self.conn.execute(sql, [key, value]).map_err(|e| self.map(e))?;
         Ok(())
     }
 
     fn set_broker(&mut self, b: &BrokerRecord) -> Result<(), StoreError> {
         let sql = "INSERT OR REPLACE INTO brokers VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-        let p = params![
-            b.url,
-            b.state,
-            b.last_error,
-            b.since_ms,
-            b.acked,
-            b.connects
-        ];
+        let p = params![b.url, b.state, b.last_error, b.since_ms, b.acked, b.connects];
         self.conn.execute(sql, p).map_err(|e| self.map(e))?;
         Ok(())
     }
 
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT url, state, last_error, since_ms, acked, connects FROM brokers ORDER BY url",
-        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT url, state, last_error, since_ms, acked, connects FROM brokers ORDER BY url")?;
         let rows = stmt.query_map([], |r| {
             Ok(BrokerRecord {
                 url: r.get(0)?,

@@ -28,16 +28,28 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts a broker and waits until it accepts connections.
     pub async fn start(opts: MosquittoOptions) -> Mosquitto {
-        let dir = tempfile::Builder::new()
-            .prefix("steadfast-mosq-")
-            .tempdir()
-            .expect("temp dir");
-        let mut m = Mosquitto {
-            port: free_port(),
-            dir,
-            opts,
-            child: None,
-        };
+        let dir = tempfile::Builder::new().prefix("steadfast-mosq-").tempdir().expect("temp dir");
+        let mut m = Mosquitto { port: free_port(), dir, opts, child: None };
+        m.spawn().await;
+        m
+    }
+
+    /// A broker that admits only `user` with `password` (a password file
+    /// made with `mosquitto_passwd`).
+    pub async fn with_password(user: &str, password: &str) -> Mosquitto {
+        let dir = tempfile::Builder::new().prefix("steadfast-mosq-").tempdir().expect("temp dir");
+        let passwd = dir.path().join("passwd");
+        std::fs::write(&passwd, "").expect("write passwd");
+        let made = Command::new(mosquitto_program("mosquitto_passwd"))
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .status()
+            .expect("run mosquitto_passwd");
+        assert!(made.success(), "mosquitto_passwd failed");
+        let extra = vec!["allow_anonymous false".into(), format!("password_file {}", passwd.display())];
+        let mut m =
+            Mosquitto { port: free_port(), dir, opts: MosquittoOptions { persistence: false, extra }, child: None };
         m.spawn().await;
         m
     }
@@ -73,8 +85,7 @@ impl Mosquitto {
         // still be able to write its persistence file and its log here.
         use std::os::unix::fs::PermissionsExt;
         for d in [self.dir.path(), data.as_path()] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777))
-                .expect("chmod test broker dir");
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o777)).expect("chmod test broker dir");
         }
         let mut conf = vec![
             "per_listener_settings false".to_owned(),
@@ -83,10 +94,7 @@ impl Mosquitto {
             format!("persistence {}", self.opts.persistence),
             format!("persistence_location {}/", data.display()),
             "max_queued_messages 0".into(),
-            format!(
-                "log_dest file {}",
-                self.dir.path().join("mosquitto.log").display()
-            ),
+            format!("log_dest file {}", self.dir.path().join("mosquitto.log").display()),
             "log_type error".into(),
             "log_type warning".into(),
             "log_type notice".into(),
@@ -109,29 +117,14 @@ impl Mosquitto {
         self.child = Some(child);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 return;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "mosquitto exited with {status} before listening on {}:\n{}",
-                    self.port,
-                    self.log()
-                );
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("mosquitto exited with {status} before listening on {}:\n{}", self.port, self.log());
             }
             if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "mosquitto did not listen on {} within 10 s:\n{}",
-                    self.port,
-                    self.log()
-                );
+                panic!("mosquitto did not listen on {} within 10 s:\n{}", self.port, self.log());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -148,10 +141,7 @@ impl Mosquitto {
     /// SIGTERM and wait: Mosquitto saves its persistence file on the way out.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
     }
@@ -169,9 +159,7 @@ impl Mosquitto {
 
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }
 

@@ -39,10 +39,7 @@ impl FaultProxy {
     pub async fn start(upstream: u16) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
-        let (tx, _) = watch::channel(State {
-            mode: ProxyMode::Pass,
-            generation: 0,
-        });
+        let (tx, _) = watch::channel(State { mode: ProxyMode::Pass, generation: 0 });
         let state = Arc::new(tx);
         let s = state.clone();
         let task = tokio::spawn(async move {

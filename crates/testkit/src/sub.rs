@@ -21,26 +21,12 @@ impl Subscriber {
         // would hold lines back in a pipe.
         let mut cmd = Command::new("stdbuf");
         cmd.arg("-oL").arg(mosquitto_program("mosquitto_sub"));
-        cmd.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-t",
-            topic,
-            "-q",
-            &qos.to_string(),
-            "-d",
-        ]);
+        cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-q", &qos.to_string(), "-d"]);
         if let Some(id) = session {
             cmd.args(["-c", "-i", id]);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto_sub");
+        let mut child =
+            cmd.stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).spawn().expect("spawn mosquitto_sub");
         let out = child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let subscribed = Arc::new(Mutex::new(0));
@@ -60,16 +46,9 @@ impl Subscriber {
                 l.lock().unwrap().push(line);
             }
         });
-        let sub = Subscriber {
-            child,
-            lines,
-            subscribed,
-        };
+        let sub = Subscriber { child, lines, subscribed };
         let s = sub.subscribed.clone();
-        wait_until("mosquitto_sub SUBACK", Duration::from_secs(10), || {
-            *s.lock().unwrap() > 0
-        })
-        .await;
+        wait_until("mosquitto_sub SUBACK", Duration::from_secs(10), || *s.lock().unwrap() > 0).await;
         sub
     }
 
@@ -86,10 +65,7 @@ impl Subscriber {
     /// Waits until `n` payloads arrived.
     pub async fn wait_count(&self, n: usize, limit: Duration) {
         let l = self.lines.clone();
-        wait_until(&format!("{n} messages at the subscriber"), limit, || {
-            l.lock().unwrap().len() >= n
-        })
-        .await;
+        wait_until(&format!("{n} messages at the subscriber"), limit, || l.lock().unwrap().len() >= n).await;
     }
 
     /// Waits until every payload in `want` arrived at least once; on

@@ -25,9 +25,7 @@ async fn memory_stays_flat_while_a_large_backlog_queues_and_drains() {
     let c = open(config("backlog", &proxy.url(), dir.path())).await;
     let payload = vec![b'b'; PAYLOAD];
     // Warm up the allocator and the store before the baseline.
-    c.publish(Message::new("backlog", payload.clone()))
-        .await
-        .unwrap();
+    c.publish(Message::new("backlog", payload.clone())).await.unwrap();
     let base = proc_status_kib("VmRSS:");
     for chunk in 0..N / 5000 {
         let mut pending = Vec::with_capacity(5000);
@@ -42,16 +40,11 @@ async fn memory_stays_flat_while_a_large_backlog_queues_and_drains() {
     }
     assert_eq!(c.status().await.unwrap().queued, N as u64 + 1);
     proxy.set(ProxyMode::Pass);
-    tokio::time::timeout(Duration::from_secs(180), c.wait_idle())
-        .await
-        .expect("backlog drained");
+    tokio::time::timeout(Duration::from_secs(180), c.wait_idle()).await.expect("backlog drained");
     let peak = proc_status_kib("VmHWM:");
     let grew_mib = peak.saturating_sub(base) / 1024;
     eprintln!("backlog of {N} messages: memory peak grew by {grew_mib} MiB");
     // Holding the backlog in memory would take well over 40 MiB.
-    assert!(
-        grew_mib < 24,
-        "peak memory grew by {grew_mib} MiB over a 40 MB backlog"
-    );
+    assert!(grew_mib < 24, "peak memory grew by {grew_mib} MiB over a 40 MB backlog");
     c.close().await;
 }

@@ -3,23 +3,19 @@
 use std::time::{Duration, Instant};
 
 use steadfast::{Client, ConnectError, Event, LinkState, Message};
-use steadfast_testkit::{
-    wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber,
-};
+use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 use tokio::sync::broadcast;
 
 use crate::{assert_all_in_order, config, open, payloads};
 
 fn persistent() -> MosquittoOptions {
-    MosquittoOptions {
-        persistence: true,
-        extra: vec![],
-    }
+    MosquittoOptions { persistence: true, extra: vec![] }
 }
 
 /// Waits for the first event that `pick` accepts.
 async fn next_event<T>(
     events: &mut broadcast::Receiver<Event>,
+    what: &str,
     limit: Duration,
     mut pick: impl FnMut(&Event) -> Option<T>,
 ) -> T {
@@ -36,16 +32,17 @@ async fn next_event<T>(
             }
         }
     };
-    tokio::time::timeout(limit, fut)
-        .await
-        .expect("expected event did not come in time")
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("no {what} event within {limit:?}"))
+}
+
+async fn dead_link(events: &mut broadcast::Receiver<Event>) {
+    let dead = |e: &Event| matches!(e, Event::Disconnected { error: ConnectError::DeadLink(_), .. }).then_some(());
+    next_event(events, "dead link", Duration::from_secs(10), dead).await
 }
 
 async fn connected(events: &mut broadcast::Receiver<Event>) -> bool {
-    next_event(events, Duration::from_secs(30), |e| match e {
-        Event::Connected {
-            session_present, ..
-        } => Some(*session_present),
+    next_event(events, "Connected", Duration::from_secs(30), |e| match e {
+        Event::Connected { session_present, .. } => Some(*session_present),
         _ => None,
     })
     .await
@@ -62,9 +59,7 @@ async fn enqueue_all(c: &Client, topic: &str, msgs: &[String]) {
 }
 
 async fn idle(c: &Client, limit: Duration) {
-    tokio::time::timeout(limit, c.wait_idle())
-        .await
-        .expect("outbox did not drain in time");
+    tokio::time::timeout(limit, c.wait_idle()).await.expect("outbox did not drain in time");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,14 +89,7 @@ async fn ten_thousand_messages_survive_resets_black_holes_and_broker_restarts() 
             1 | 7 => proxy.reset_connections(),
             3 => {
                 proxy.set(ProxyMode::BlackHole);
-                next_event(&mut events, Duration::from_secs(10), |e| match e {
-                    Event::Disconnected {
-                        error: ConnectError::DeadLink(_),
-                        ..
-                    } => Some(()),
-                    _ => None,
-                })
-                .await;
+                dead_link(&mut events).await;
                 proxy.set(ProxyMode::Pass);
             }
             5 | 8 => {
@@ -139,7 +127,7 @@ async fn after_kill_9_of_the_broker_every_unacknowledged_message_goes_to_its_nex
     first_sub.wait_count(300, Duration::from_secs(30)).await;
     broker.kill9();
     proxy.set(ProxyMode::Reset);
-    next_event(&mut events, Duration::from_secs(10), |e| {
+    next_event(&mut events, "Disconnected", Duration::from_secs(10), |e| {
         matches!(e, Event::Disconnected { .. }).then_some(())
     })
     .await;
@@ -147,17 +135,9 @@ async fn after_kill_9_of_the_broker_every_unacknowledged_message_goes_to_its_nex
         p.await.unwrap();
     }
     // What the broker never acknowledged is exactly what is still queued.
-    let unacked: Vec<String> = c
-        .queued(0, 100_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|m| String::from_utf8(m.payload).unwrap())
-        .collect();
-    assert!(
-        !unacked.is_empty(),
-        "the kill came after everything was acknowledged; nothing to show"
-    );
+    let unacked: Vec<String> =
+        c.queued(0, 100_000).await.unwrap().into_iter().map(|m| String::from_utf8(m.payload).unwrap()).collect();
+    assert!(!unacked.is_empty(), "the kill came after everything was acknowledged; nothing to show");
     broker.restart().await;
     let second_sub = Subscriber::start(broker.port(), "k9", 1, None).await;
     proxy.set(ProxyMode::Pass);
@@ -176,27 +156,18 @@ async fn a_broker_that_lost_the_session_gets_every_in_flight_message_again() {
         .connect_timeout(Duration::from_secs(2));
     let c = open(cfg).await;
     let mut events = c.events();
-    assert!(
-        !connected(&mut events).await,
-        "a new session cannot be present"
-    );
+    assert!(!connected(&mut events).await, "a new session cannot be present");
     proxy.set(ProxyMode::BlackHole);
     let want = payloads("s", 100);
     enqueue_all(&c, "sp0", &want).await;
     let c2 = c.clone();
-    wait_until("messages in flight", Duration::from_secs(10), move || {
-        c2.broker_status()[0].inflight > 0
-    })
-    .await;
+    wait_until("messages in flight", Duration::from_secs(10), move || c2.broker_status()[0].inflight > 0).await;
     broker.kill9();
     broker.restart().await;
     let sub = Subscriber::start(broker.port(), "sp0", 1, None).await;
     proxy.set(ProxyMode::Pass);
     proxy.reset_connections();
-    assert!(
-        !connected(&mut events).await,
-        "a restarted broker without persistence has no session"
-    );
+    assert!(!connected(&mut events).await, "a restarted broker without persistence has no session");
     idle(&c, Duration::from_secs(30)).await;
     sub.wait_all(&want, Duration::from_secs(30)).await;
     assert!(c.broker_status()[0].sessions_lost >= 1);
@@ -209,9 +180,7 @@ async fn a_black_holed_link_is_detected_within_the_keep_alive_window() {
     let proxy = FaultProxy::start(broker.port()).await;
     let dir = tempfile::tempdir().unwrap();
     let keep_alive = Duration::from_secs(2);
-    let cfg = config("bh-pub", &proxy.url(), dir.path())
-        .keep_alive(keep_alive)
-        .connect_timeout(Duration::from_secs(2));
+    let cfg = config("bh-pub", &proxy.url(), dir.path()).keep_alive(keep_alive).connect_timeout(Duration::from_secs(2));
     let c = open(cfg).await;
     let mut events = c.events();
     connected(&mut events).await;
@@ -227,19 +196,9 @@ async fn a_black_holed_link_is_detected_within_the_keep_alive_window() {
     };
     proxy.set(ProxyMode::BlackHole);
     let t0 = Instant::now();
-    next_event(&mut events, Duration::from_secs(10), |e| match e {
-        Event::Disconnected {
-            error: ConnectError::DeadLink(_),
-            ..
-        } => Some(()),
-        _ => None,
-    })
-    .await;
+    dead_link(&mut events).await;
     let detected = t0.elapsed();
-    assert!(
-        detected <= keep_alive + Duration::from_millis(750),
-        "dead link noticed after {detected:?}"
-    );
+    assert!(detected <= keep_alive + Duration::from_millis(750), "dead link noticed after {detected:?}");
     proxy.set(ProxyMode::Pass);
     connected(&mut events).await;
     feeder.await.unwrap();

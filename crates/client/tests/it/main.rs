@@ -35,11 +35,7 @@ pub fn payloads(prefix: &str, n: usize) -> Vec<String> {
 pub fn assert_all_in_order(got: &[String], want: &[String]) {
     let mut seen = std::collections::HashSet::new();
     let firsts: Vec<&String> = got.iter().filter(|g| seen.insert(g.as_str())).collect();
-    let missing: Vec<_> = want
-        .iter()
-        .filter(|w| !seen.contains(w.as_str()))
-        .take(10)
-        .collect();
+    let missing: Vec<_> = want.iter().filter(|w| !seen.contains(w.as_str())).take(10).collect();
     assert!(
         missing.is_empty(),
         "{} of {} missing, first: {missing:?}",

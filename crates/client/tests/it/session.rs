@@ -36,10 +36,7 @@ async fn qos2_messages_arrive_exactly_once() {
     let want = payloads("x", 1000);
     let mut accepted = Vec::new();
     for p in &want {
-        accepted.push(
-            c.enqueue(Message::new("q2", p.clone()).qos(Qos::ExactlyOnce))
-                .unwrap(),
-        );
+        accepted.push(c.enqueue(Message::new("q2", p.clone()).qos(Qos::ExactlyOnce)).unwrap());
     }
     for a in accepted {
         a.await.unwrap();
@@ -47,10 +44,7 @@ async fn qos2_messages_arrive_exactly_once() {
     c.wait_idle().await;
     sub.wait_count(1000, Duration::from_secs(20)).await;
     // Give a duplicate every chance to show up behind the last message.
-    let probe = c
-        .publish(Message::new("q2", "probe").qos(Qos::ExactlyOnce))
-        .await
-        .unwrap();
+    let probe = c.publish(Message::new("q2", "probe").qos(Qos::ExactlyOnce)).await.unwrap();
     probe.delivered().await.unwrap();
     sub.wait_count(1001, Duration::from_secs(10)).await;
     let got = sub.lines();
@@ -94,27 +88,11 @@ async fn publishing_with_the_broker_down_queues_and_delivers_later() {
 
 #[tokio::test]
 async fn a_refused_connack_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let passwd = dir.path().join("passwd");
-    std::fs::write(&passwd, "").unwrap();
-    let st = std::process::Command::new(steadfast_testkit::mosquitto_program("mosquitto_passwd"))
-        .args(["-b", passwd.to_str().unwrap(), "alice", "secret"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let opts = steadfast_testkit::MosquittoOptions {
-        persistence: false,
-        extra: vec![
-            "allow_anonymous false".into(),
-            format!("password_file {}", passwd.display()),
-        ],
-    };
-    let broker = Mosquitto::start(opts).await;
+    let broker = Mosquitto::with_password("alice", "secret").await;
     for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
         let out = tempfile::tempdir().unwrap();
-        let cfg = config("p4", &broker.url(), out.path())
-            .version(version)
-            .credentials("alice", Some(b"wrong".to_vec()));
+        let cfg =
+            config("p4", &broker.url(), out.path()).version(version).credentials("alice", Some(b"wrong".to_vec()));
         let c = open(cfg).await;
         let mut events = c.events();
         let err = loop {
@@ -124,15 +102,11 @@ async fn a_refused_connack_says_why() {
         };
         assert!(!err.is_retryable(), "{err}");
         let text = err.to_string();
-        assert!(
-            text.contains("bad user name or password") || text.contains("not authorised"),
-            "{version:?}: {text}"
-        );
+        assert!(text.contains("bad user name or password") || text.contains("not authorised"), "{version:?}: {text}");
         c.close().await;
         let ok = tempfile::tempdir().unwrap();
-        let cfg = config("p5", &broker.url(), ok.path())
-            .version(version)
-            .credentials("alice", Some(b"secret".to_vec()));
+        let cfg =
+            config("p5", &broker.url(), ok.path()).version(version).credentials("alice", Some(b"secret".to_vec()));
         let c = open(cfg).await;
         let r = c.publish(Message::new("auth", "x")).await.unwrap();
         assert_eq!(r.delivered().await.unwrap(), Delivery::Delivered);
@@ -144,10 +118,7 @@ async fn a_refused_connack_says_why() {
 async fn the_brokers_receive_maximum_bounds_what_is_in_flight() {
     use steadfast::LinkState;
     use steadfast_testkit::{wait_until, FaultProxy, MosquittoOptions, ProxyMode};
-    let opts = MosquittoOptions {
-        persistence: false,
-        extra: vec!["max_inflight_messages 5".into()],
-    };
+    let opts = MosquittoOptions { persistence: false, extra: vec!["max_inflight_messages 5".into()] };
     let broker = Mosquitto::start(opts).await;
     let proxy = FaultProxy::start(broker.port()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -156,33 +127,18 @@ async fn the_brokers_receive_maximum_bounds_what_is_in_flight() {
         .connect_timeout(Duration::from_secs(2));
     let c = open(cfg).await;
     let c2 = c.clone();
-    wait_until("connected", Duration::from_secs(10), move || {
-        c2.broker_status()[0].state == LinkState::Connected
-    })
-    .await;
+    wait_until("connected", Duration::from_secs(10), move || c2.broker_status()[0].state == LinkState::Connected).await;
     // No acks come back through a black hole: the window fills and stops.
     proxy.set(ProxyMode::BlackHole);
     for i in 0..50 {
-        c.enqueue(Message::new("rm", format!("{i}")))
-            .unwrap()
-            .await
-            .unwrap();
+        c.enqueue(Message::new("rm", format!("{i}"))).unwrap().await.unwrap();
     }
     let c2 = c.clone();
-    wait_until("window full", Duration::from_secs(10), move || {
-        c2.broker_status()[0].inflight >= 5
-    })
-    .await;
-    assert_eq!(
-        c.broker_status()[0].inflight,
-        5,
-        "more in flight than the broker's receive maximum"
-    );
+    wait_until("window full", Duration::from_secs(10), move || c2.broker_status()[0].inflight >= 5).await;
+    assert_eq!(c.broker_status()[0].inflight, 5, "more in flight than the broker's receive maximum");
     proxy.set(ProxyMode::Pass);
     proxy.reset_connections();
-    tokio::time::timeout(Duration::from_secs(30), c.wait_idle())
-        .await
-        .expect("all delivered");
+    tokio::time::timeout(Duration::from_secs(30), c.wait_idle()).await.expect("all delivered");
     c.close().await;
 }
 
@@ -194,10 +150,7 @@ async fn qos0_is_sent_once_and_leaves_the_outbox() {
     let c = open(config("q0", &broker.url(), dir.path())).await;
     let want = payloads("z", 100);
     for p in &want {
-        c.enqueue(Message::new("q0", p.clone()).qos(Qos::AtMostOnce))
-            .unwrap()
-            .await
-            .unwrap();
+        c.enqueue(Message::new("q0", p.clone()).qos(Qos::AtMostOnce)).unwrap().await.unwrap();
     }
     c.wait_idle().await;
     sub.wait_count(100, Duration::from_secs(10)).await;

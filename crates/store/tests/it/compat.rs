@@ -47,37 +47,17 @@ fn reads_an_outbox_written_by_format_1() {
     std::fs::copy(fixture().join("outbox.db"), dir.path().join("outbox.db")).unwrap();
     let (mut s, report) = SqliteStore::open(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(
-        s.meta("producer").unwrap().as_deref(),
-        Some("gw-7-0000beef")
-    );
+    assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
     assert_eq!(s.meta("format").unwrap().as_deref(), Some("1"));
     let all = s.read_after(0, 10).unwrap();
     assert_eq!(all.len(), 2);
-    assert_eq!(
-        (
-            all[0].id,
-            all[0].msg.topic.as_str(),
-            all[0].msg.payload.as_slice()
-        ),
-        (1, "plain/qos1", &b"hello"[..])
-    );
+    assert_eq!((all[0].id, all[0].msg.topic.as_str(), all[0].msg.payload.as_slice()), (1, "plain/qos1", &b"hello"[..]));
     let m = &all[1];
-    assert_eq!(
-        (m.id, m.msg.qos, m.msg.retain, m.wire),
-        (2, Qos::ExactlyOnce, true, Some((7, Stage::Released)))
-    );
-    assert_eq!(
-        m.msg.props.content_type.as_deref(),
-        Some("application/octet-stream")
-    );
+    assert_eq!((m.id, m.msg.qos, m.msg.retain, m.wire), (2, Qos::ExactlyOnce, true, Some((7, Stage::Released))));
+    assert_eq!(m.msg.props.content_type.as_deref(), Some("application/octet-stream"));
     assert_eq!(m.msg.props.user, vec![("k".to_owned(), "v".to_owned())]);
     assert!(s.drops().unwrap().contains(&(DropReason::Overflow, 4)));
     s.begin().unwrap();
-    assert_eq!(
-        s.insert(&msg("next", "y")).unwrap(),
-        4,
-        "sequence numbers continue after the removed id 3"
-    );
+    assert_eq!(s.insert(&msg("next", "y")).unwrap(), 4, "sequence numbers continue after the removed id 3");
     s.commit().unwrap();
 }

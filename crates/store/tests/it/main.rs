@@ -24,9 +24,5 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
 /// Runs a future to completion on a small runtime (the outbox is sync
 /// underneath; its replies are futures).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }

@@ -10,12 +10,8 @@ fn fill(dir: &Path, n: usize, payload: usize) {
     assert!(report.is_clean());
     let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
     block_on(async {
-        let futs: Vec<_> = (0..n)
-            .map(|i| {
-                o.append(msg("r", format!("{i:06}{}", "x".repeat(payload))), false)
-                    .0
-            })
-            .collect();
+        let futs: Vec<_> =
+            (0..n).map(|i| o.append(msg("r", format!("{i:06}{}", "x".repeat(payload))), false).0).collect();
         for f in futs {
             f.await.unwrap();
         }
@@ -24,12 +20,7 @@ fn fill(dir: &Path, n: usize, payload: usize) {
 }
 
 fn payload_ids(store: &mut SqliteStore) -> Vec<u64> {
-    store
-        .read_after(0, usize::MAX >> 1)
-        .unwrap()
-        .into_iter()
-        .map(|m| m.id)
-        .collect()
+    store.read_after(0, usize::MAX >> 1).unwrap().into_iter().map(|m| m.id).collect()
 }
 
 #[test]
@@ -81,22 +72,14 @@ fn a_corrupt_database_tail_is_quarantined_and_the_rest_kept() {
     f.write_all(&vec![0xA5; 16 * 1024]).unwrap();
     drop(f);
 
-    let (mut store, report) =
-        SqliteStore::open(dir.path()).expect("damage is never a reason to refuse to start");
+    let (mut store, report) = SqliteStore::open(dir.path()).expect("damage is never a reason to refuse to start");
     assert!(!report.is_clean());
     assert!(report.problem.is_some());
     assert_eq!(report.quarantined.len(), 1);
-    assert!(
-        report.quarantined[0].exists(),
-        "the damaged file is kept aside"
-    );
+    assert!(report.quarantined[0].exists(), "the damaged file is kept aside");
     let ids = payload_ids(&mut store);
     assert_eq!(report.salvaged, ids.len() as u64);
-    assert!(
-        ids.len() > 2000 && ids.len() < 3000,
-        "salvaged {}",
-        ids.len()
-    );
+    assert!(ids.len() > 2000 && ids.len() < 3000, "salvaged {}", ids.len());
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     // The sequence goes on above everything ever handed out.
     store.begin().unwrap();
@@ -120,10 +103,7 @@ fn a_torn_wal_tail_is_ignored_kept_aside_and_reported() {
     for f in ["outbox.db", "outbox.db-wal"] {
         std::fs::copy(live.path().join(f), crashed.path().join(f)).unwrap();
     }
-    let mut wal = std::fs::OpenOptions::new()
-        .append(true)
-        .open(crashed.path().join("outbox.db-wal"))
-        .unwrap();
+    let mut wal = std::fs::OpenOptions::new().append(true).open(crashed.path().join("outbox.db-wal")).unwrap();
     wal.write_all(&[0x42; 1000]).unwrap();
     drop(wal);
 
@@ -144,10 +124,7 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_accepted() {
         .map(|s| s.success())
         .unwrap_or(false);
     if !mounted {
-        assert!(
-            std::env::var("CI").is_err(),
-            "this test needs to mount a small tmpfs (root) and CI must run it"
-        );
+        assert!(std::env::var("CI").is_err(), "this test needs to mount a small tmpfs (root) and CI must run it");
         eprintln!("SKIPPED LOCALLY: cannot mount a tmpfs (not root)");
         return;
     }
@@ -164,11 +141,7 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_accepted() {
     let (accepted, err) = block_on(async {
         let mut accepted = Vec::new();
         for i in 0..10_000 {
-            match o
-                .append(msg("full", format!("{i:06}{}", "y".repeat(4000))), false)
-                .0
-                .await
-            {
+            match o.append(msg("full", format!("{i:06}{}", "y".repeat(4000))), false).0.await {
                 Ok(id) => accepted.push(id),
                 Err(e) => return (accepted, e),
             }
@@ -176,10 +149,7 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_accepted() {
         panic!("a 1 MiB filesystem took 40 MB");
     });
     let text = err.to_string();
-    assert!(
-        text.contains("full") && text.contains(&dir.display().to_string()),
-        "{text}"
-    );
+    assert!(text.contains("full") && text.contains(&dir.display().to_string()), "{text}");
     assert!(!accepted.is_empty());
     o.close();
     // A commit cut short by the full disk may leave a torn log tail: it is

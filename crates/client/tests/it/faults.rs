@@ -37,7 +37,7 @@ async fn next_event<T>(
 
 async fn dead_link(events: &mut broadcast::Receiver<Event>) {
     let dead = |e: &Event| matches!(e, Event::Disconnected { error: ConnectError::DeadLink(_), .. }).then_some(());
-    next_event(events, "dead link", Duration::from_secs(10), dead).await
+    next_event(events, "dead link", Duration::from_secs(20), dead).await
 }
 
 async fn connected(events: &mut broadcast::Receiver<Event>) -> bool {
@@ -127,7 +127,7 @@ async fn after_kill_9_of_the_broker_every_unacknowledged_message_goes_to_its_nex
     first_sub.wait_count(300, Duration::from_secs(30)).await;
     broker.kill9();
     proxy.set(ProxyMode::Reset);
-    next_event(&mut events, "Disconnected", Duration::from_secs(10), |e| {
+    next_event(&mut events, "Disconnected", Duration::from_secs(30), |e| {
         matches!(e, Event::Disconnected { .. }).then_some(())
     })
     .await;

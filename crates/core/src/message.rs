@@ -68,11 +68,17 @@ pub enum DropReason {
     BestEffort,
     /// Larger than the broker's maximum packet size: it can never be sent.
     TooLarge,
+    /// It cannot be encoded as an MQTT packet at all (it was accepted by an
+    /// older version with weaker checks): it can never be sent.
+    Invalid,
+    /// Its stored record is damaged and cannot be read back.
+    Corrupt,
 }
 
 impl DropReason {
     /// Every reason, for reports that list zero counts too.
-    pub const ALL: [DropReason; 3] = [DropReason::Overflow, DropReason::BestEffort, DropReason::TooLarge];
+    pub const ALL: [DropReason; 5] =
+        [DropReason::Overflow, DropReason::BestEffort, DropReason::TooLarge, DropReason::Invalid, DropReason::Corrupt];
 
     /// The stable name used in the store, metrics and the CLI.
     pub fn as_str(self) -> &'static str {
@@ -80,6 +86,8 @@ impl DropReason {
             DropReason::Overflow => "overflow",
             DropReason::BestEffort => "best-effort",
             DropReason::TooLarge => "too-large",
+            DropReason::Invalid => "invalid",
+            DropReason::Corrupt => "corrupt",
         }
     }
 
@@ -124,6 +132,39 @@ impl Properties {
     /// True when no property is set (stored as NULL).
     pub fn is_empty(&self) -> bool {
         *self == Properties::default()
+    }
+
+    /// Checks what MQTT can carry: every string and binary at most 65,535
+    /// bytes, no NUL in strings.
+    pub fn validate(&self) -> Result<(), String> {
+        let fits = |what: &str, len: usize| {
+            if len > u16::MAX as usize {
+                Err(format!("{what} is {len} bytes; MQTT allows at most 65535"))
+            } else {
+                Ok(())
+            }
+        };
+        let text = |what: &str, v: &str| {
+            fits(what, v.len())?;
+            if v.contains('\0') {
+                return Err(format!("{what} contains a NUL character, which MQTT forbids"));
+            }
+            Ok(())
+        };
+        if let Some(v) = &self.content_type {
+            text("content type", v)?;
+        }
+        if let Some(v) = &self.response_topic {
+            text("response topic", v)?;
+        }
+        if let Some(v) = &self.correlation_data {
+            fits("correlation data", v.len())?;
+        }
+        for (k, v) in &self.user {
+            text("a user property name", k)?;
+            text("a user property value", v)?;
+        }
+        Ok(())
     }
 
     /// Encodes in the outbox format (docs/design.md, "Properties blob"):
@@ -219,5 +260,8 @@ mod tests {
         assert!(Properties::default().encode().is_empty());
         assert!(Properties::decode(&[3, 0, 0, 0, 9, b'x']).is_err());
         assert!(Properties::decode(&[77, 0, 0, 0, 0]).is_err());
+        assert_eq!(p.validate(), Ok(()));
+        let long = Properties { user: vec![("k".into(), "v".repeat(70_000))], ..Properties::default() };
+        assert!(long.validate().unwrap_err().contains("65535"));
     }
 }

@@ -127,6 +127,12 @@ impl SendWindow {
         self.take_if(pid, |e| e.qos == Qos::ExactlyOnce && e.stage == Stage::Released)
     }
 
+    /// Gives back the packet id of a message that did not go out after all
+    /// (its PUBLISH could not be built or recorded). Returns its outbox id.
+    pub fn release(&mut self, pid: u16) -> Option<u64> {
+        self.by_pid.remove(&pid).map(|e| e.id)
+    }
+
     /// A PUBREC or PUBACK carried an error reason code: the broker refused the
     /// message and its packet id is free again. The message stays in the
     /// outbox.

@@ -124,6 +124,11 @@ pub trait Store: Send + 'static {
     fn set_broker(&mut self, rec: &BrokerRecord) -> Result<(), StoreError>;
     /// Every broker's last recorded state.
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError>;
+    /// Ids (and what is wrong) of records that reads skipped because they
+    /// could not be decoded, since the last call.
+    fn take_unreadable(&mut self) -> Vec<(u64, String)> {
+        Vec::new()
+    }
 }
 
 /// Milliseconds since the Unix epoch, for creation times and state changes.

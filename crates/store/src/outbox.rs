@@ -316,6 +316,7 @@ struct Batch {
     new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
     resolved: Vec<(u64, Delivery)>,
     wire_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,
@@ -357,8 +358,7 @@ impl Writer {
         let mut b = Batch::default();
         let before = self.totals;
         if let Err(e) = self.store.begin() {
-            self.fail_batch(requests, e);
-            return false;
+            return self.fail_batch(requests, e);
         }
         let mut result = Ok(());
         for r in requests {
@@ -397,13 +397,9 @@ impl Writer {
             }
             Request::Remove { ids, outcome } => {
                 for id in ids {
-                    if let Some(size) = self.store.remove(id)? {
-                        self.totals.count -= 1;
-                        self.totals.bytes = self.totals.bytes.saturating_sub(size);
-                        b.resolved.push((id, outcome));
-                    }
-                    if let Delivery::Dropped(reason) = outcome {
-                        self.store.add_drops(reason, 1)?;
+                    match outcome {
+                        Delivery::Delivered => drop(self.remove_one(id, outcome, b)?),
+                        Delivery::Dropped(reason) => self.drop_one(id, reason, b)?,
                     }
                 }
             }
@@ -422,7 +418,8 @@ impl Writer {
                         default
                     }
                 };
-                let _ = reply.send(Ok(v));
+                // Answered after the commit: a value handed out must be on disk.
+                b.meta_replies.push((reply, v));
             }
             Request::Close => b.close = true,
             r @ (Request::Read { .. } | Request::Query { .. }) => b.reads.push(r),
@@ -479,15 +476,27 @@ impl Writer {
                 if self.over_bounds(size).is_none() {
                     break;
                 }
-                let topic = self.store.read_after(id - 1, 1)?.pop().map(|m| m.msg.topic).unwrap_or_default();
-                if let Some(sz) = self.store.remove(id)? {
-                    self.totals.count -= 1;
-                    self.totals.bytes = self.totals.bytes.saturating_sub(sz);
-                    self.store.add_drops(DropReason::Overflow, 1)?;
-                    b.resolved.push((id, Delivery::Dropped(DropReason::Overflow)));
-                    b.drops.push(Dropped { id, topic, reason: DropReason::Overflow });
-                }
+                self.drop_one(id, DropReason::Overflow, b)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Removes a message that reached its end; false if it was gone already.
+    fn remove_one(&mut self, id: u64, outcome: Delivery, b: &mut Batch) -> Result<bool, StoreError> {
+        let Some(size) = self.store.remove(id)? else { return Ok(false) };
+        self.totals.count -= 1;
+        self.totals.bytes = self.totals.bytes.saturating_sub(size);
+        b.resolved.push((id, outcome));
+        Ok(true)
+    }
+
+    /// Drops a message undelivered: counted by reason and announced (G3).
+    fn drop_one(&mut self, id: u64, reason: DropReason, b: &mut Batch) -> Result<(), StoreError> {
+        let topic = self.store.read_after(id.saturating_sub(1), 1)?.pop().filter(|m| m.id == id).map(|m| m.msg.topic);
+        if self.remove_one(id, Delivery::Dropped(reason), b)? {
+            self.store.add_drops(reason, 1)?;
+            b.drops.push(Dropped { id, topic: topic.unwrap_or_default(), reason });
         }
         Ok(())
     }
@@ -523,6 +532,9 @@ impl Writer {
         for reply in b.wire_replies {
             let _ = reply.send(Ok(()));
         }
+        for (reply, v) in b.meta_replies {
+            let _ = reply.send(Ok(v));
+        }
         for d in b.drops {
             tracing::warn!(id = d.id, topic = %d.topic, reason = %d.reason, "message dropped from the outbox");
             let _ = self.dropped.send(d);
@@ -542,6 +554,33 @@ impl Writer {
                 _ => unreachable!("only reads are deferred"),
             }
         }
+        self.drop_unreadable();
+    }
+
+    /// Records the store could not decode are skipped by reads; they would
+    /// sit in the outbox for ever, so they leave it, counted as `corrupt`.
+    fn drop_unreadable(&mut self) {
+        let bad = self.store.take_unreadable();
+        if bad.is_empty() {
+            return;
+        }
+        for (id, what) in &bad {
+            tracing::error!(id, problem = %what, "outbox record cannot be read back; dropped as corrupt");
+        }
+        let mut b = Batch::default();
+        let result = self.store.begin().and_then(|()| {
+            for (id, _) in &bad {
+                self.drop_one(*id, DropReason::Corrupt, &mut b)?;
+            }
+            self.store.commit()
+        });
+        match result {
+            Ok(()) => self.after_commit(b),
+            Err(e) => {
+                self.store.rollback();
+                tracing::error!(error = %e, "cannot drop unreadable records; they stay in the outbox");
+            }
+        }
     }
 
     fn prune_waiters(&mut self) {
@@ -551,17 +590,21 @@ impl Writer {
         }
     }
 
-    fn fail_batch(&mut self, requests: Vec<Request>, e: StoreError) {
+    fn fail_batch(&mut self, requests: Vec<Request>, e: StoreError) -> bool {
         let mut b = Batch::default();
         for r in requests {
             match r {
                 Request::Append { reply, .. } => b.accepted.push((reply, Ok(0))),
                 Request::SetWire { reply, .. } => b.wire_replies.push(reply),
+                Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
+                Request::Close => b.close = true,
                 r @ (Request::Read { .. } | Request::Query { .. }) => b.reads.push(r),
-                _ => {}
+                Request::Remove { .. } | Request::Broker(_) => {}
             }
         }
+        let close = b.close;
         self.fail_replies(b, e);
+        close
     }
 
     fn fail_replies(&mut self, b: Batch, e: StoreError) {
@@ -573,6 +616,9 @@ impl Writer {
             let _ = reply.send(Err(AppendError::Store(again(&e))));
         }
         for reply in b.wire_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.meta_replies {
             let _ = reply.send(Err(again(&e)));
         }
         self.serve_reads(b.reads);

@@ -66,6 +66,7 @@ pub struct SqliteStore {
     conn: Connection,
     dir: PathBuf,
     _lock: Option<File>,
+    unreadable: Vec<(u64, String)>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -83,6 +84,7 @@ impl SqliteStore {
         create_private_dir(dir)?;
         let lock = take_lock(dir)?;
         let mut report = OpenReport::default();
+        resume_interrupted_salvage(dir, &mut report)?;
         check_wal_tail(dir, &mut report)?;
         let conn = match open_checked(dir) {
             Ok(conn) => conn,
@@ -92,7 +94,7 @@ impl SqliteStore {
             }
             Err(Opened::Failed(e)) => return Err(e),
         };
-        let store = SqliteStore { conn, dir: dir.to_owned(), _lock: Some(lock) };
+        let store = SqliteStore { conn, dir: dir.to_owned(), _lock: Some(lock), unreadable: Vec::new() };
         Ok((store, report))
     }
 
@@ -117,7 +119,7 @@ impl SqliteStore {
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }
-        Ok(SqliteStore { conn, dir: dir.to_owned(), _lock: None })
+        Ok(SqliteStore { conn, dir: dir.to_owned(), _lock: None, unreadable: Vec::new() })
     }
 
     /// True when a process holds the outbox's lock right now.
@@ -276,31 +278,98 @@ fn quarantine_dir(dir: &Path) -> Result<PathBuf, StoreError> {
     Ok(q)
 }
 
-/// Moves the damaged database aside and builds a fresh one from every
-/// record that can still be read.
+const SALVAGE_FILE: &str = "outbox.db.salvaged";
+const SALVAGE_DONE: &str = "salvage-complete";
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io { path: path.to_owned(), source }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn sync_path(path: &Path) -> Result<(), StoreError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
+}
+
+/// Finishes or undoes a recovery that a crash interrupted, before anything
+/// else looks at the files.
+fn resume_interrupted_salvage(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
+    if dir.join(SALVAGE_DONE).exists() {
+        report.problem = Some("a recovery of a damaged outbox was interrupted; it was completed now".into());
+        return swap_in_salvaged(dir);
+    }
+    // A salvage that did not complete: the damaged original is still in
+    // place and is recovered again from scratch.
+    for f in ["", "-journal", "-wal", "-shm"] {
+        remove_if_present(&dir.join(format!("{SALVAGE_FILE}{f}")))?;
+    }
+    Ok(())
+}
+
+/// Replaces the damaged database by the complete salvaged one. Idempotent:
+/// safe to run again after a crash at any point.
+fn swap_in_salvaged(dir: &Path) -> Result<(), StoreError> {
+    // The damaged database's log belongs to it alone (a copy is in the
+    // quarantine): it must never be replayed into the new file.
+    remove_if_present(&dir.join(format!("{DB_FILE}-wal")))?;
+    remove_if_present(&dir.join(format!("{DB_FILE}-shm")))?;
+    let tmp = dir.join(SALVAGE_FILE);
+    if tmp.exists() {
+        fs::rename(&tmp, dir.join(DB_FILE)).map_err(io_err(&tmp))?;
+    }
+    sync_path(dir)?;
+    remove_if_present(&dir.join(SALVAGE_DONE))?;
+    sync_path(dir)
+}
+
+/// Keeps a copy of the damaged database aside, builds a fresh one from every
+/// record that can still be read (in one transaction, in a separate file),
+/// and swaps it in. A crash at any point leaves either the damaged original
+/// (recovered again at the next open) or the complete replacement.
 fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connection, StoreError> {
     let q = quarantine_dir(dir)?;
-    for suffix in ["", "-wal", "-shm"] {
+    for suffix in ["", "-wal"] {
         let from = dir.join(format!("{DB_FILE}{suffix}"));
         if from.exists() {
             let to = q.join(format!("{DB_FILE}{suffix}"));
-            fs::rename(&from, &to).map_err(|source| StoreError::Io { path: from.clone(), source })?;
+            fs::copy(&from, &to).map_err(io_err(&from))?;
+            sync_path(&to)?;
             if suffix.is_empty() {
                 report.quarantined.push(to);
             }
         }
     }
-    let conn = open_connection(&dir.join(DB_FILE)).map_err(|e| map_error(dir, e))?;
-    init_schema(&conn, dir)?;
-    let salvaged = salvage(&q.join(DB_FILE), &conn);
+    let tmp = dir.join(SALVAGE_FILE);
+    let salvaged = {
+        let conn = Connection::open(&tmp).map_err(|e| map_error(dir, e))?;
+        conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")?;
+        init_schema(&conn, dir)?;
+        conn.execute_batch("BEGIN")?;
+        let n = salvage(&q.join(DB_FILE), &conn);
+        conn.execute_batch("COMMIT").map_err(|e| map_error(dir, e))?;
+        n
+    };
+    sync_path(&tmp)?;
+    let done = dir.join(SALVAGE_DONE);
+    fs::write(&done, b"").map_err(io_err(&done))?;
+    sync_path(&done)?;
+    sync_path(dir)?;
+    swap_in_salvaged(dir)?;
     report.salvaged = salvaged;
     tracing::error!(
         dir = %dir.display(),
         quarantine = %q.display(),
         salvaged,
         problem = report.problem.as_deref().unwrap_or(""),
-        "outbox was damaged: moved aside, readable messages recovered"
+        "outbox was damaged: a copy is kept aside, readable messages recovered"
     );
+    let conn = open_connection(&dir.join(DB_FILE)).map_err(|e| map_error(dir, e))?;
+    init_schema(&conn, dir)?;
     Ok(conn)
 }
 
@@ -478,7 +547,11 @@ impl Store for SqliteStore {
         let rows = stmt.query_map(params![after, limit as i64], row_to_message)?;
         let mut out = Vec::with_capacity(limit.min(1024));
         for row in rows {
-            out.push(row??);
+            match row? {
+                Ok(m) => out.push(m),
+                Err(StoreError::Malformed { id, what }) => self.unreadable.push((id, what)),
+                Err(e) => return Err(e),
+            }
         }
         Ok(out)
     }
@@ -536,6 +609,10 @@ impl Store for SqliteStore {
         let p = params![b.url, b.state, b.last_error, b.since_ms, b.acked, b.connects];
         self.conn.execute(sql, p).map_err(|e| self.map(e))?;
         Ok(())
+    }
+
+    fn take_unreadable(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.unreadable)
     }
 
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {

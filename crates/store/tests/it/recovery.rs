@@ -158,3 +158,53 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_accepted() {
     assert!(report.quarantined.iter().all(|q| q.exists()), "{report:?}");
     assert_eq!(payload_ids(&mut store), accepted);
 }
+
+#[test]
+fn an_unreadable_record_leaves_the_outbox_counted_as_corrupt_and_blocks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 3, 0);
+    let raw = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    raw.execute("UPDATE outbox SET qos = 7 WHERE id = 2", []).unwrap();
+    drop(raw);
+    let (store, _) = SqliteStore::open(dir.path()).unwrap();
+    let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+    block_on(async {
+        let mut drops = o.subscribe_drops();
+        let ids: Vec<u64> = o.read_after(0, 10).await.unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1, 3], "the damaged record is skipped, the ones behind it are not");
+        let d = drops.recv().await.unwrap();
+        assert_eq!((d.id, d.reason), (2, steadfast_core::DropReason::Corrupt));
+        let r = o.report().await.unwrap();
+        assert_eq!(r.totals.count, 2);
+        assert!(r.drops.contains(&(steadfast_core::DropReason::Corrupt, 1)), "{:?}", r.drops);
+    });
+}
+
+#[test]
+fn a_recovery_interrupted_after_the_salvage_completed_is_finished_at_the_next_open() {
+    // The complete replacement, built as recovery builds it.
+    let good = tempfile::tempdir().unwrap();
+    fill(good.path(), 5, 0);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(good.path().join("outbox.db"), dir.path().join("outbox.db.salvaged")).unwrap();
+    std::fs::write(dir.path().join("salvage-complete"), b"").unwrap();
+    // The damaged original and its log are still in place.
+    std::fs::write(dir.path().join("outbox.db"), vec![0x5A; 8192]).unwrap();
+    std::fs::write(dir.path().join("outbox.db-wal"), vec![0x5A; 4096]).unwrap();
+    let (mut store, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(report.problem.unwrap().contains("interrupted"));
+    assert_eq!(payload_ids(&mut store), vec![1, 2, 3, 4, 5]);
+    assert!(!dir.path().join("salvage-complete").exists());
+}
+
+#[test]
+fn a_recovery_interrupted_during_the_salvage_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 100, 0);
+    // A half-written replacement without the completion mark.
+    std::fs::write(dir.path().join("outbox.db.salvaged"), vec![0x11; 3000]).unwrap();
+    let (mut store, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(payload_ids(&mut store).len(), 100);
+    assert!(!dir.path().join("outbox.db.salvaged").exists());
+}

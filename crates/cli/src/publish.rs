@@ -174,8 +174,10 @@ impl Pipeline {
     fn failure(&self, e: PublishError) -> Failure {
         let note = format!("{} message(s) accepted before this one are safe in the outbox", self.accepted);
         match e {
-            PublishError::Topic(_) | PublishError::TooLarge { .. } => Failure::usage(anyhow!(e).context(note)),
-            e => Failure::other(anyhow!(e).context(note)),
+            PublishError::Topic(_) | PublishError::TooLarge { .. } | PublishError::Properties(_) => {
+                Failure::usage(anyhow!("{e}; {note}"))
+            }
+            e => Failure::other(anyhow!("{e}; {note}")),
         }
     }
 }

@@ -139,6 +139,9 @@ pub struct BrokerStatus {
     pub connects: u64,
     /// Connections on which the broker had lost our session.
     pub sessions_lost: u64,
+    /// Messages the broker refused with an error reason code (each is kept
+    /// and sent again later).
+    pub refused: u64,
     /// Messages in flight.
     pub inflight: usize,
     /// Failed attempts since the last success.
@@ -275,6 +278,7 @@ impl Client {
 
     fn check(&self, msg: &Message) -> Result<(), PublishError> {
         validate_topic_name(&msg.topic)?;
+        msg.props.validate().map_err(PublishError::Properties)?;
         // When a broker told us its limit, refuse what it can never take
         // before accepting it. An approximate size errs on the safe side:
         // fixed header, topic, packet id, properties and identity.

@@ -1,14 +1,16 @@
 //! One driver task per broker: connects, resumes, streams the outbox into
 //! the send window, and reconnects with backoff when the link is lost.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use steadfast_core::{Backoff, Identity, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage};
+use steadfast_core::{
+    Backoff, DropReason, Identity, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage,
+};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, Outbox, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -43,6 +45,7 @@ impl BrokerShared {
             acked: 0,
             connects: 0,
             sessions_lost: 0,
+            refused: 0,
             inflight: 0,
             attempts: 0,
         };
@@ -56,7 +59,7 @@ impl BrokerShared {
     }
 }
 
-type Fetch = Pin<Box<dyn Future<Output = Result<Vec<StoredMessage>, StoreError>> + Send>>;
+type Fetch = Pin<Box<dyn Future<Output = Result<(Vec<StoredMessage>, u64), StoreError>> + Send>>;
 
 /// How a session ended without error.
 enum End {
@@ -78,6 +81,12 @@ pub(crate) struct Driver {
     queue: VecDeque<StoredMessage>,
     /// Highest outbox id read so far.
     cursor: u64,
+    /// Ids above the cursor that already left (restored QoS 2 exchanges that
+    /// completed): a page read before they left must not queue them again.
+    done_ahead: BTreeSet<u64>,
+    /// Messages the broker refused (error reason code), with the time they
+    /// go back to the front of the queue. They stay in the outbox meanwhile.
+    retry: VecDeque<(Instant, StoredMessage)>,
     backoff: Backoff,
     rng: fastrand::Rng,
     max_packet: Option<u32>,
@@ -111,6 +120,8 @@ impl Driver {
             inflight: HashMap::new(),
             queue: VecDeque::new(),
             cursor: 0,
+            done_ahead: BTreeSet::new(),
+            retry: VecDeque::new(),
             rng,
             max_packet: None,
             last_recorded: Instant::now(),
@@ -119,9 +130,21 @@ impl Driver {
     }
 
     pub async fn run(mut self) {
-        if let Err(e) = self.restore_bindings().await {
-            tracing::error!(error = %e, "cannot read QoS 2 bindings from the outbox");
+        // Without the QoS 2 bindings, a message could go out under a packet
+        // id the broker holds for another: never connect before they load.
+        while let Err(e) = self.restore_bindings().await {
+            tracing::error!(error = %e, "cannot read QoS 2 bindings from the outbox; retrying");
+            let delay = self.backoff.next_delay(&mut self.rng);
+            tokio::select! {
+                _ = sleep(delay) => {}
+                _ = self.stop.changed() => {}
+            }
+            if self.stopping() {
+                self.set_state(LinkState::Stopped, None, None);
+                return;
+            }
         }
+        self.backoff = Backoff::new(self.cfg.backoff);
         loop {
             if self.stopping() {
                 break;
@@ -169,6 +192,8 @@ impl Driver {
     /// QoS 2 messages keep their packet id across restarts of the process:
     /// the broker may hold the exchange in its session.
     async fn restore_bindings(&mut self) -> Result<(), StoreError> {
+        self.window = SendWindow::new(self.cfg.max_inflight);
+        self.inflight.clear();
         let mut after = 0;
         loop {
             let page = self.outbox.read_after(after, 4096).await?;
@@ -229,14 +254,17 @@ impl Driver {
                 if n == 0 {
                     return Err(ConnectError::Closed(" before CONNACK".into()));
                 }
-                for inc in link.receive(&buf[..n])? {
+                let mut incoming = link.receive(&buf[..n])?.into_iter();
+                while let Some(inc) = incoming.next() {
                     if let Incoming::ConnAck(ack) = inc {
-                        return Ok(ack);
+                        // Whatever came in the same read after CONNACK is
+                        // handled once the session is set up.
+                        return Ok((ack, incoming.collect::<Vec<_>>()));
                     }
                 }
             }
         };
-        let ack = match timeout(self.cfg.connect_timeout, handshake).await {
+        let (ack, after_connack) = match timeout(self.cfg.connect_timeout, handshake).await {
             Err(_) => return Err(ConnectError::Timeout { broker, timeout: self.cfg.connect_timeout }),
             Ok(r) => r?,
         };
@@ -245,6 +273,7 @@ impl Driver {
         }
         *connected_at = Some(Instant::now());
         let resent = self.on_connack(&mut link, ack).await?;
+        self.on_incoming(&mut link, after_connack).await?;
         self.shared.update(|s| s.connects += 1);
         self.set_state(LinkState::Connected, None, None);
         tracing::info!(%broker, session_present = ack.session_present, resent, "connected");
@@ -270,24 +299,48 @@ impl Driver {
     }
 
     /// Resumes or restarts the session after CONNACK; returns how many
-    /// messages were sent again.
+    /// messages were sent again. Works on a copy of the window so that a
+    /// failure half-way (a store error) leaves the state as it was, to be
+    /// decided again at the next CONNACK.
     async fn on_connack(&mut self, link: &mut Link, ack: ConnAck) -> Result<usize, ConnectError> {
         let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
-        self.window.set_limit(limit);
         self.max_packet = ack.maximum_packet_size;
         self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
-        match self.window.on_connected(ack.session_present) {
+        let mut window = self.window.clone();
+        window.set_limit(limit);
+        match window.on_connected(ack.session_present) {
             Resume::Resend(list) => {
-                for (pid, e) in &list {
-                    match e.stage {
-                        Stage::Published => {
-                            let m = self.inflight.get(&e.id).expect("in-flight message kept");
-                            link.publish(m, &self.identity(e.id), Some(*pid), true)?;
-                        }
-                        Stage::Released => link.pubrel(*pid)?,
+                let mut resent = 0;
+                let mut requeue = Vec::new();
+                for (n, (pid, e)) in list.iter().enumerate() {
+                    let Some(m) = self.inflight.get(&e.id) else {
+                        // Cannot happen (window and contents change together);
+                        // never resend blind: free the id, re-read the message.
+                        tracing::error!(id = e.id, pid, "in-flight message missing; it will be read again");
+                        window.release(*pid);
+                        self.cursor = self.cursor.min(e.id.saturating_sub(1));
+                        self.queue.clear();
+                        continue;
+                    };
+                    // A broker whose receive maximum shrank gets the QoS 1
+                    // messages beyond it later, as new sends.
+                    if n >= limit as usize && e.qos == Qos::AtLeastOnce {
+                        window.release(*pid);
+                        requeue.push(m.clone());
+                        continue;
                     }
+                    match e.stage {
+                        Stage::Published => link.publish(m, &self.identity(e.id), Some(*pid), true)?,
+                        Stage::Released => link.pubrel(*pid)?,
+                    };
+                    resent += 1;
                 }
-                Ok(list.len())
+                for m in requeue.into_iter().rev() {
+                    self.inflight.remove(&m.id);
+                    self.queue.push_front(m);
+                }
+                self.window = window;
+                Ok(resent)
             }
             Resume::Restart { delivered } => {
                 // Bindings of QoS 2 messages are void in the new session;
@@ -297,11 +350,14 @@ impl Driver {
                 if !stale.is_empty() {
                     self.outbox.set_wire(stale).await.map_err(store_failed)?;
                 }
+                self.window = window;
                 self.outbox.remove(delivered, Delivery::Delivered);
                 let republish = self.inflight.len() as u64;
                 let expected = !self.cfg.clean_start && (republish > 0 || self.shared.update(|_| {}).connects > 0);
                 self.inflight.clear();
                 self.queue.clear();
+                self.retry.clear();
+                self.done_ahead.clear();
                 self.cursor = 0;
                 if expected {
                     self.shared.update(|s| s.sessions_lost += 1);
@@ -328,6 +384,7 @@ impl Driver {
         let mut state_rx = self.outbox.watch();
         let mut stop = self.stop.clone();
         loop {
+            self.requeue_due_retries();
             self.fill_window(link).await?;
             if !link.out.is_empty() {
                 wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::Io("writer stopped".into()))?;
@@ -336,9 +393,12 @@ impl Driver {
             if fetch.is_none() && self.queue.len() < LOW_WATER && self.cursor < last_id {
                 let outbox = self.outbox.clone();
                 let after = self.cursor;
-                fetch = Some(Box::pin(async move { outbox.read_after(after, PAGE).await }));
+                // The page answers for ids up to `last_id` as of now: it is
+                // read after every commit up to there.
+                fetch = Some(Box::pin(async move { outbox.read_after(after, PAGE).await.map(|p| (p, last_id)) }));
             }
-            let deadline = Instant::from_std(keepalive.poll_timeout());
+            let keepalive_at = Instant::from_std(keepalive.poll_timeout());
+            let retry_at = self.retry.front().map(|(t, _)| *t);
             tokio::select! {
                 r = stop.changed() => {
                     if r.is_err() || *stop.borrow() {
@@ -356,24 +416,16 @@ impl Driver {
                 }
                 page = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
                     fetch = None;
-                    let page = page.map_err(store_failed)?;
-                    if page.is_empty() {
-                        // Everything after the cursor left the outbox meanwhile.
-                        self.cursor = self.cursor.max(last_id);
-                    }
-                    for m in page {
-                        self.cursor = self.cursor.max(m.id);
-                        if !self.inflight.contains_key(&m.id) {
-                            self.queue.push_back(m);
-                        }
-                    }
+                    let (page, upto) = page.map_err(store_failed)?;
+                    self.take_page(page, upto);
                 }
                 r = state_rx.changed(), if fetch.is_none() => {
                     if r.is_err() {
                         return Err(ConnectError::Io("the outbox was closed".into()));
                     }
                 }
-                _ = sleep_until(deadline) => {
+                _ = sleep_until(retry_at.unwrap_or(keepalive_at)), if retry_at.is_some() => {}
+                _ = sleep_until(keepalive_at) => {
                     match keepalive.poll(Instant::now().into_std()) {
                         Some(KeepAliveAction::SendPing) => link.ping()?,
                         Some(KeepAliveAction::Dead) => return Err(ConnectError::DeadLink(self.cfg.keep_alive)),
@@ -391,72 +443,121 @@ impl Driver {
         }
     }
 
+    /// Queues a page read from the outbox. `upto` is the last id committed
+    /// before the read: an empty page means nothing is left up to there.
+    fn take_page(&mut self, page: Vec<StoredMessage>, upto: u64) {
+        let last = page.last().map(|m| m.id);
+        for m in page {
+            if !self.inflight.contains_key(&m.id) && !self.done_ahead.contains(&m.id) {
+                self.queue.push_back(m);
+            }
+        }
+        self.cursor = match last {
+            Some(id) => self.cursor.max(id),
+            None => self.cursor.max(upto),
+        };
+        self.done_ahead = self.done_ahead.split_off(&(self.cursor + 1));
+    }
+
+    /// Refused messages whose wait is over go back to the front of the queue.
+    fn requeue_due_retries(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while self.retry.front().is_some_and(|(t, _)| *t <= now) {
+            due.push(self.retry.pop_front().expect("front exists").1);
+        }
+        due.sort_by_key(|m| m.id);
+        for m in due.into_iter().rev() {
+            self.queue.push_front(m);
+        }
+    }
+
     /// Moves messages from the queue onto the wire while the window has room.
     async fn fill_window(&mut self, link: &mut Link) -> Result<(), ConnectError> {
         let mut sent_qos0 = Vec::new();
-        let mut bind = Vec::new();
+        let mut bind: Vec<(StoredMessage, u16, Vec<u8>)> = Vec::new();
         while let Some(front) = self.queue.front() {
             let qos = front.msg.qos;
             if qos != Qos::AtMostOnce && !self.window.has_room() {
                 break;
             }
             let m = self.queue.pop_front().expect("front exists");
-            if self.too_large(link, &m)? {
-                continue;
-            }
-            match qos {
-                Qos::AtMostOnce => {
-                    link.publish(&m, &self.identity(m.id), None, false)?;
-                    sent_qos0.push(m.id);
+            let pid = (qos != Qos::AtMostOnce).then(|| self.window.assign(m.id, qos).expect("room checked"));
+            let bytes = match self.encode(link, &m, pid) {
+                Ok(bytes) => bytes,
+                Err(reason) => {
+                    if let Some(pid) = pid {
+                        self.window.release(pid);
+                    }
+                    self.outbox.remove(vec![m.id], Delivery::Dropped(reason));
+                    continue;
                 }
-                Qos::AtLeastOnce => {
-                    let pid = self.window.assign(m.id, qos).expect("room checked");
-                    link.publish(&m, &self.identity(m.id), Some(pid), false)?;
+            };
+            match (qos, pid) {
+                (Qos::ExactlyOnce, Some(pid)) => bind.push((m, pid, bytes)),
+                (_, Some(_)) => {
+                    link.out.extend_from_slice(&bytes);
                     self.inflight.insert(m.id, m);
                 }
-                Qos::ExactlyOnce => {
-                    let pid = self.window.assign(m.id, qos).expect("room checked");
-                    bind.push((m, pid));
+                (_, None) => {
+                    link.out.extend_from_slice(&bytes);
+                    sent_qos0.push(m.id);
                 }
-            }
-        }
-        if !bind.is_empty() {
-            // The packet id of a QoS 2 message is on disk before the PUBLISH
-            // leaves: after a crash it is resumed under the same id, so the
-            // broker can never take it for another message.
-            let updates = bind.iter().map(|(m, pid)| (m.id, Some((*pid, Stage::Published)))).collect();
-            self.outbox.set_wire(updates).await.map_err(store_failed)?;
-            for (m, pid) in bind {
-                link.publish(&m, &self.identity(m.id), Some(pid), false)?;
-                self.inflight.insert(m.id, m);
             }
         }
         // QoS 0 is best-effort: written once, then it leaves the outbox.
         self.outbox.remove(sent_qos0, Delivery::Delivered);
+        if bind.is_empty() {
+            return Ok(());
+        }
+        // The packet id of a QoS 2 message is on disk before the PUBLISH
+        // leaves: after a crash it is resumed under the same id, so the
+        // broker can never take it for another message.
+        let updates = bind.iter().map(|(m, pid, _)| (m.id, Some((*pid, Stage::Published)))).collect();
+        if let Err(e) = self.outbox.set_wire(updates).await {
+            for (m, pid, _) in bind.into_iter().rev() {
+                self.window.release(pid);
+                self.queue.push_front(m);
+            }
+            return Err(store_failed(e));
+        }
+        for (m, _, bytes) in bind {
+            link.out.extend_from_slice(&bytes);
+            self.inflight.insert(m.id, m);
+        }
         Ok(())
     }
 
-    fn too_large(&self, link: &Link, m: &StoredMessage) -> Result<bool, ConnectError> {
-        let Some(max) = self.max_packet else {
-            return Ok(false);
+    /// The PUBLISH for `m`, or why it can never be sent (G3).
+    fn encode(&self, link: &Link, m: &StoredMessage, pid: Option<u16>) -> Result<Vec<u8>, DropReason> {
+        let bytes = match link.encode_publish(m, &self.identity(m.id), pid, false) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(id = m.id, topic = %m.msg.topic, error = %e, "message cannot be encoded; dropped");
+                return Err(DropReason::Invalid);
+            }
         };
-        let size = link.publish_size(m, &self.identity(m.id), Some(1))?;
-        if size as u64 <= max as u64 {
-            return Ok(false);
+        match self.max_packet {
+            Some(max) if bytes.len() as u64 > max as u64 => {
+                let size = bytes.len();
+                tracing::error!(id = m.id, topic = %m.msg.topic, size, max, "message larger than the broker's maximum packet size; dropped");
+                Err(DropReason::TooLarge)
+            }
+            _ => Ok(bytes),
         }
-        tracing::error!(id = m.id, topic = %m.msg.topic, size, max, "message larger than the broker's maximum packet size; dropped");
-        self.outbox.remove(vec![m.id], Delivery::Dropped(steadfast_core::DropReason::TooLarge));
-        Ok(true)
     }
 
+    /// Handles what the broker sent. Acknowledgements are applied even when
+    /// a later packet in the same read ends the link.
     async fn on_incoming(&mut self, link: &mut Link, incoming: Vec<Incoming>) -> Result<(), ConnectError> {
         let mut done = Vec::new();
         let mut released = Vec::new();
+        let mut refused = Vec::new();
+        let mut end = None;
         for inc in incoming {
             match inc {
                 Incoming::PubAck { pid, ok: true } => {
                     if let Some(id) = self.window.on_puback(pid) {
-                        self.inflight.remove(&id);
                         done.push(id);
                     }
                 }
@@ -467,28 +568,26 @@ impl Driver {
                 }
                 Incoming::PubComp { pid } => {
                     if let Some(id) = self.window.on_pubcomp(pid) {
-                        self.inflight.remove(&id);
                         done.push(id);
                     }
                 }
                 Incoming::PubAck { pid, ok: false } | Incoming::PubRec { pid, ok: false } => {
                     if let Some(id) = self.window.on_refused(pid) {
-                        // Kept in the outbox; sent again in the next session.
-                        self.inflight.remove(&id);
-                        tracing::warn!(
-                            id,
-                            pid,
-                            "the broker refused a message; it stays queued and is sent again after the next reconnect"
-                        );
+                        refused.push(id);
                     }
                 }
                 Incoming::Disconnect { reason } => {
-                    return Err(ConnectError::Closed(format!(" with DISCONNECT ({reason})")));
+                    end = Some(ConnectError::Closed(format!(" with DISCONNECT ({reason})")));
+                    break;
                 }
-                Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
+                Incoming::ConnAck(_) => {
+                    end = Some(ConnectError::Protocol("a second CONNACK arrived".into()));
+                    break;
+                }
                 Incoming::Publish | Incoming::PingResp | Incoming::Other => {}
             }
         }
+        self.hold_refused(refused).await?;
         if !released.is_empty() {
             let updates = released.iter().map(|(id, pid)| (*id, Some((*pid, Stage::Released)))).collect();
             self.outbox.set_wire(updates).await.map_err(store_failed)?;
@@ -496,17 +595,55 @@ impl Driver {
                 link.pubrel(pid)?;
             }
         }
-        if !done.is_empty() {
-            let n = done.len() as u64;
-            self.outbox.remove(done, Delivery::Delivered);
-            let inflight = self.window.len();
-            let s = self.shared.update(|s| {
-                s.acked += n;
-                s.inflight = inflight;
-            });
-            if self.last_recorded.elapsed() > Duration::from_secs(1) {
-                self.last_recorded = Instant::now();
-                self.outbox.record_broker(record(&s));
+        self.complete(done);
+        end.map_or(Ok(()), Err)
+    }
+
+    /// Messages acknowledged: they leave the outbox.
+    fn complete(&mut self, done: Vec<u64>) {
+        if done.is_empty() {
+            return;
+        }
+        for id in &done {
+            self.inflight.remove(id);
+            if *id > self.cursor {
+                self.done_ahead.insert(*id);
+            }
+        }
+        let n = done.len() as u64;
+        self.outbox.remove(done, Delivery::Delivered);
+        let inflight = self.window.len();
+        let s = self.shared.update(|s| {
+            s.acked += n;
+            s.inflight = inflight;
+        });
+        if self.last_recorded.elapsed() > Duration::from_secs(1) {
+            self.last_recorded = Instant::now();
+            self.outbox.record_broker(record(&s));
+        }
+    }
+
+    /// The broker refused these (an error reason code): they stay in the
+    /// outbox and are sent again, as new messages, after a pause. A QoS 2
+    /// binding is cleared first: its packet id is free on the broker.
+    async fn hold_refused(&mut self, ids: Vec<u64>) -> Result<(), ConnectError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let unbind: Vec<_> = ids
+            .iter()
+            .filter(|id| self.inflight.get(id).is_some_and(|m| m.msg.qos == Qos::ExactlyOnce))
+            .map(|id| (*id, None))
+            .collect();
+        if !unbind.is_empty() {
+            self.outbox.set_wire(unbind).await.map_err(store_failed)?;
+        }
+        let at = Instant::now() + self.cfg.backoff.max;
+        for id in ids {
+            if let Some(m) = self.inflight.remove(&id) {
+                tracing::warn!(id, topic = %m.msg.topic, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
+                self.shared.update(|s| s.refused += 1);
+                self.retry.push_back((at, m));
             }
         }
         Ok(())

@@ -56,6 +56,9 @@ pub enum PublishError {
     /// The topic is invalid.
     #[error(transparent)]
     Topic(#[from] TopicError),
+    /// A property cannot be carried by MQTT.
+    #[error("invalid message property: {0}")]
+    Properties(String),
     /// The message is larger than the broker accepts.
     #[error("message to `{topic}` is {size} bytes on the wire, over the broker's maximum packet size of {max} bytes; send a smaller payload or raise the broker's max_packet_size")]
     TooLarge {

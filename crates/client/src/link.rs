@@ -116,16 +116,17 @@ impl Link {
         Ok(())
     }
 
-    /// The encoded size of the PUBLISH for `m`.
-    pub fn publish_size(
+    /// The encoded PUBLISH for `m` (not queued).
+    pub fn encode_publish(
         &self,
         m: &StoredMessage,
         identity: &Identity,
         pid: Option<u16>,
-    ) -> Result<usize, ConnectError> {
+        dup: bool,
+    ) -> Result<Vec<u8>, ConnectError> {
         Ok(match self.version {
-            ProtocolVersion::V5 => build_v5(m, identity, pid, false)?.size(),
-            ProtocolVersion::V311 => build_v311(m, pid, false)?.size(),
+            ProtocolVersion::V5 => build_v5(m, identity, pid, dup)?.to_continuous_buffer(),
+            ProtocolVersion::V311 => build_v311(m, pid, dup)?.to_continuous_buffer(),
         })
     }
 
@@ -137,16 +138,8 @@ impl Link {
         pid: Option<u16>,
         dup: bool,
     ) -> Result<(), ConnectError> {
-        match self.version {
-            ProtocolVersion::V5 => {
-                let p = build_v5(m, identity, pid, dup)?;
-                self.emit(&p);
-            }
-            ProtocolVersion::V311 => {
-                let p = build_v311(m, pid, dup)?;
-                self.emit(&p);
-            }
-        }
+        let bytes = self.encode_publish(m, identity, pid, dup)?;
+        self.out.extend_from_slice(&bytes);
         Ok(())
     }
 

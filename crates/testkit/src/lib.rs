@@ -1,6 +1,7 @@
 //! Test kit for steadfast: real Mosquitto brokers on free loopback ports, a
-//! fault proxy that breaks links on command, and a `mosquitto_sub` wrapper
-//! that records what a real subscriber received.
+//! fault proxy that breaks links on command, a `mosquitto_sub` wrapper that
+//! records what a real subscriber received, and a scripted broker for
+//! protocol corner cases a real broker will not produce on demand.
 //!
 //! Everything binds to 127.0.0.1 only.
 
@@ -8,10 +9,12 @@
 
 mod mosquitto;
 mod proxy;
+mod scripted;
 mod sub;
 
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use proxy::{FaultProxy, ProxyMode};
+pub use scripted::{Received, Reply, ScriptedBroker};
 pub use sub::Subscriber;
 
 use std::time::Duration;

@@ -4,6 +4,7 @@
 
 mod backlog;
 mod faults;
+mod protocol;
 mod session;
 
 use std::path::Path;

@@ -1,0 +1,234 @@
+//! Protocol corner cases against a scripted broker, with a store that can
+//! fail or stall on command. Each test pins a bug found in review.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use steadfast::{Client, Delivery, Message, ProtocolVersion, PublishError, Qos};
+use steadfast_core::{DropReason, Properties, Stage};
+use steadfast_store::{BrokerRecord, MemoryStore, NewMessage, Store, StoreError, StoredMessage, Totals};
+use steadfast_testkit::{wait_until, Reply, ScriptedBroker};
+
+use crate::config;
+
+/// Faults to inject into the store.
+#[derive(Default)]
+struct Faults {
+    /// This many `set_wire` calls fail.
+    fail_set_wire: AtomicU32,
+    /// The n-th `read_after` call (1-based) stalls until `release` is set.
+    stall_read: AtomicU32,
+    stalled: AtomicBool,
+    release: AtomicBool,
+    reads: AtomicU32,
+}
+
+/// The in-memory store with faults.
+struct FaultyStore {
+    inner: MemoryStore,
+    faults: Arc<Faults>,
+}
+
+impl Store for FaultyStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.inner.begin()
+    }
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.inner.commit()
+    }
+    fn rollback(&mut self) {
+        self.inner.rollback()
+    }
+    fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
+        self.inner.insert(m)
+    }
+    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.remove(id)
+    }
+    fn set_wire(&mut self, id: u64, w: Option<(u16, Stage)>) -> Result<(), StoreError> {
+        let f = &self.faults.fail_set_wire;
+        if f.load(SeqCst) > 0 {
+            f.fetch_sub(1, SeqCst);
+            return Err(StoreError::WriteFailed("injected fault".into()));
+        }
+        self.inner.set_wire(id, w)
+    }
+    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let page = self.inner.read_after(after, limit);
+        let n = self.faults.reads.fetch_add(1, SeqCst) + 1;
+        if n == self.faults.stall_read.load(SeqCst) {
+            self.faults.stalled.store(true, SeqCst);
+            while !self.faults.release.load(SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+        page
+    }
+    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.inner.oldest(limit)
+    }
+    fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
+        self.inner.newest_id()
+    }
+    fn totals(&mut self) -> Result<Totals, StoreError> {
+        self.inner.totals()
+    }
+    fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
+        self.inner.oldest_created_ms()
+    }
+    fn add_drops(&mut self, r: DropReason, n: u64) -> Result<(), StoreError> {
+        self.inner.add_drops(r, n)
+    }
+    fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
+        self.inner.drops()
+    }
+    fn meta(&mut self, k: &str) -> Result<Option<String>, StoreError> {
+        self.inner.meta(k)
+    }
+    fn set_meta(&mut self, k: &str, v: &str) -> Result<(), StoreError> {
+        self.inner.set_meta(k, v)
+    }
+    fn set_broker(&mut self, r: &BrokerRecord) -> Result<(), StoreError> {
+        self.inner.set_broker(r)
+    }
+    fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
+        self.inner.brokers()
+    }
+}
+
+async fn client(broker: &ScriptedBroker, v: ProtocolVersion, inner: MemoryStore, faults: &Arc<Faults>) -> Client {
+    let dir = std::env::temp_dir();
+    let cfg = config("scripted", &broker.url(), &dir).version(v);
+    let store = FaultyStore { inner, faults: faults.clone() };
+    Client::with_store(cfg, Box::new(store)).await.expect("client")
+}
+
+async fn delivered(r: steadfast::Receipt) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(20), r.delivered()).await.expect("delivered in time").unwrap()
+}
+
+/// A QoS 2 message already bound to a packet id in a previous run.
+fn store_with_bound_qos2(payload: &str, stage: Stage) -> MemoryStore {
+    let mut mem = MemoryStore::new();
+    mem.begin().unwrap();
+    let msg = NewMessage {
+        topic: "t".into(),
+        payload: payload.into(),
+        qos: Qos::ExactlyOnce,
+        retain: false,
+        props: Properties::default(),
+        created_ms: 1,
+    };
+    let id = mem.insert(&msg).unwrap();
+    mem.set_wire(id, Some((7, stage))).unwrap();
+    mem.commit().unwrap();
+    mem
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_qos2_binding_write_is_retried_on_the_next_connection() {
+    let broker = ScriptedBroker::start(false, |conn| conn > 0, |_, _| Reply::Ack);
+    let faults = Arc::new(Faults::default());
+    faults.fail_set_wire.store(1, SeqCst);
+    let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
+    let r = c.publish(Message::new("t", "q2").qos(Qos::ExactlyOnce)).await.unwrap();
+    assert_eq!(delivered(r).await, Delivery::Delivered);
+    let pubs = broker.publishes();
+    assert_eq!(pubs.len(), 1, "published once, after the binding was on disk: {pubs:?}");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_is_sent_again_while_the_session_is_kept() {
+    let broker = ScriptedBroker::start(
+        true,
+        |_| true,
+        |conn, nth| if conn == 0 && nth == 0 { Reply::Refuse } else { Reply::Ack },
+    );
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &Arc::default()).await;
+    let r = c.publish(Message::new("t", "refused once")).await.unwrap();
+    assert_eq!(delivered(r).await, Delivery::Delivered);
+    assert_eq!(broker.publishes().len(), 2);
+    assert_eq!(broker.connections(), 1, "no reconnect was needed");
+    assert_eq!(c.broker_status()[0].refused, 1);
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_and_a_disconnect_in_one_read_still_remove_the_message() {
+    let broker = ScriptedBroker::start(
+        true,
+        |conn| conn > 0,
+        |conn, _| if conn == 0 { Reply::AckThenDisconnect } else { Reply::Ack },
+    );
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &Arc::default()).await;
+    let r = c.publish(Message::new("t", "acked")).await.unwrap();
+    assert_eq!(delivered(r).await, Delivery::Delivered);
+    assert_eq!(broker.publishes().len(), 1, "acknowledged once, never resent");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_qos2_exchange_that_completes_during_the_first_read_is_not_published_again() {
+    // PUBREL goes out at CONNACK; PUBCOMP comes back while the first page
+    // read (which still holds the message) is stalled.
+    let broker = ScriptedBroker::start(false, |_| true, |_, _| Reply::Ack);
+    let faults = Arc::new(Faults::default());
+    faults.stall_read.store(3, SeqCst); // reads 1-2 restore the bindings
+    let c = client(&broker, ProtocolVersion::V311, store_with_bound_qos2("restored", Stage::Released), &faults).await;
+    let f = faults.clone();
+    wait_until("first page read stalled", Duration::from_secs(10), move || f.stalled.load(SeqCst)).await;
+    let f = faults.clone();
+    let c2 = c.clone();
+    tokio::spawn(async move {
+        // Release the read once the exchange completed (PUBCOMP processed).
+        while c2.broker_status()[0].acked == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        f.release.store(true, SeqCst);
+    });
+    let marker = c.publish(Message::new("t", "marker")).await.unwrap();
+    assert_eq!(delivered(marker).await, Delivery::Delivered);
+    let payloads: Vec<Vec<u8>> = broker.publishes().into_iter().map(|p| p.payload).collect();
+    assert_eq!(payloads, vec![b"marker".to_vec()], "the completed exchange was published again");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_committed_while_an_empty_page_is_read_is_not_skipped() {
+    // The session is lost: the restored Released message counts as
+    // delivered, and the first page comes back empty. A message accepted
+    // while that read is stalled must still be sent.
+    let broker = ScriptedBroker::start(false, |_| false, |_, _| Reply::Ack);
+    let faults = Arc::new(Faults::default());
+    faults.stall_read.store(3, SeqCst);
+    let c = client(&broker, ProtocolVersion::V311, store_with_bound_qos2("old", Stage::Released), &faults).await;
+    let f = faults.clone();
+    wait_until("first page read stalled", Duration::from_secs(10), move || f.stalled.load(SeqCst)).await;
+    // Appends queue behind the stalled read in the writer; release it from
+    // a thread once the append is on its way.
+    let accepted = c.enqueue(Message::new("t", "new")).unwrap();
+    let f = faults.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        f.release.store(true, SeqCst);
+    });
+    accepted.await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), c.wait_idle()).await.expect("the new message was skipped");
+    let payloads: Vec<Vec<u8>> = broker.publishes().into_iter().map(|p| p.payload).collect();
+    assert_eq!(payloads, vec![b"new".to_vec()]);
+    c.close().await;
+}
+
+#[tokio::test]
+async fn properties_mqtt_cannot_carry_are_refused_before_acceptance() {
+    let broker = ScriptedBroker::start(true, |_| true, |_, _| Reply::Ack);
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &Arc::default()).await;
+    let props = Properties { user: vec![("k".into(), "v".repeat(70_000))], ..Properties::default() };
+    let err = c.publish(Message::new("t", "x").props(props)).await.unwrap_err();
+    assert!(matches!(err, PublishError::Properties(_)), "{err}");
+    assert!(err.to_string().contains("65535"), "{err}");
+    assert_eq!(c.status().await.unwrap().queued, 0);
+    c.close().await;
+}

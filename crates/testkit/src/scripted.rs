@@ -1,0 +1,190 @@
+//! A scripted MQTT broker for protocol tests: it answers CONNECT with the
+//! session flag the script chooses, answers each PUBLISH as the script says
+//! (ack, refuse, stay silent, close, ack then DISCONNECT), and records what
+//! it received. Not a broker: one client at a time, no routing.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How the scripted broker answers one QoS 1 or 2 PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// PUBACK / PUBREC with success.
+    Ack,
+    /// PUBACK / PUBREC with reason code 0x80 (unspecified error).
+    Refuse,
+    /// No answer.
+    Silent,
+    /// Close the connection without answering.
+    Close,
+    /// The ack and a DISCONNECT in one write, then close.
+    AckThenDisconnect,
+}
+
+/// A PUBLISH the broker received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// Index of the connection it came on (0 for the first).
+    pub conn: usize,
+    /// Packet id (0 for QoS 0).
+    pub pid: u16,
+    /// QoS.
+    pub qos: u8,
+    /// DUP flag.
+    pub dup: bool,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+type SessionScript = Box<dyn Fn(usize) -> bool + Send>;
+type ReplyScript = Box<dyn Fn(usize, usize) -> Reply + Send>;
+
+/// The scripted broker; runs until the test ends.
+pub struct ScriptedBroker {
+    port: u16,
+    publishes: Arc<Mutex<Vec<Received>>>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl ScriptedBroker {
+    /// Starts on a free loopback port. `session_present(conn)` is the
+    /// CONNACK flag for the n-th connection; `reply(conn, nth)` answers the
+    /// n-th QoS 1/2 PUBLISH of that connection.
+    pub fn start(
+        mqtt5: bool,
+        session_present: impl Fn(usize) -> bool + Send + 'static,
+        reply: impl Fn(usize, usize) -> Reply + Send + 'static,
+    ) -> ScriptedBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
+        let port = listener.local_addr().expect("addr").port();
+        let publishes = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (publishes.clone(), connections.clone());
+        let (sp, rp): (SessionScript, ReplyScript) = (Box::new(session_present), Box::new(reply));
+        std::thread::spawn(move || {
+            for (conn, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                serve(stream, conn, mqtt5, &sp, &rp, &p);
+            }
+        });
+        ScriptedBroker { port, publishes, connections }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Every PUBLISH received so far.
+    pub fn publishes(&self) -> Vec<Received> {
+        self.publishes.lock().unwrap().clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// One packet: first byte and body.
+fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).ok()?;
+        len |= ((b[0] & 0x7f) as usize) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((first[0], body))
+}
+
+/// Skips an MQTT 5 property block at the start of `b`; returns its length.
+fn property_block_len(b: &[u8]) -> usize {
+    let (mut len, mut shift, mut n) = (0usize, 0, 0);
+    for byte in b {
+        n += 1;
+        len |= ((byte & 0x7f) as usize) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    n + len
+}
+
+fn serve(
+    mut s: TcpStream,
+    conn: usize,
+    mqtt5: bool,
+    session_present: &SessionScript,
+    reply: &ReplyScript,
+    publishes: &Mutex<Vec<Received>>,
+) {
+    if read_packet(&mut s).is_none() {
+        return;
+    }
+    let sp = session_present(conn) as u8;
+    let connack: &[u8] = if mqtt5 { &[0x20, 3, sp, 0, 0] } else { &[0x20, 2, sp, 0] };
+    if s.write_all(connack).is_err() {
+        return;
+    }
+    let mut nth = 0;
+    while let Some((first, body)) = read_packet(&mut s) {
+        match first >> 4 {
+            3 => {
+                let qos = (first >> 1) & 3;
+                let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let mut at = 2 + topic_len;
+                let mut pid = 0;
+                if qos > 0 {
+                    pid = u16::from_be_bytes([body[at], body[at + 1]]);
+                    at += 2;
+                }
+                if mqtt5 {
+                    at += property_block_len(&body[at..]);
+                }
+                let dup = first & 0x08 != 0;
+                publishes.lock().unwrap().push(Received { conn, pid, qos, dup, payload: body[at..].to_vec() });
+                if qos == 0 {
+                    continue;
+                }
+                let ack_type = if qos == 1 { 0x40 } else { 0x50 };
+                let [hi, lo] = pid.to_be_bytes();
+                let r = reply(conn, nth);
+                nth += 1;
+                let ok = match r {
+                    Reply::Ack => s.write_all(&[ack_type, 2, hi, lo]).is_ok(),
+                    Reply::Refuse => s.write_all(&[ack_type, 3, hi, lo, 0x80]).is_ok(),
+                    Reply::Silent => true,
+                    Reply::Close => false,
+                    Reply::AckThenDisconnect => {
+                        let _ = s.write_all(&[ack_type, 2, hi, lo, 0xe0, 1, 0x8b]);
+                        false
+                    }
+                };
+                if !ok {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+            6 => {
+                let _ = s.write_all(&[0x70, 2, body[0], body[1]]);
+            }
+            12 => {
+                let _ = s.write_all(&[0xd0, 0]);
+            }
+            14 => return,
+            _ => {}
+        }
+    }
+}

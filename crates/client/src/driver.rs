@@ -194,19 +194,10 @@ impl Driver {
     async fn restore_bindings(&mut self) -> Result<(), StoreError> {
         self.window = SendWindow::new(self.cfg.max_inflight);
         self.inflight.clear();
-        let mut after = 0;
-        loop {
-            let page = self.outbox.read_after(after, 4096).await?;
-            let Some(last) = page.last() else { break };
-            after = last.id;
-            for m in page.into_iter().filter(|m| m.wire.is_some()) {
-                let (pid, stage) = m.wire.expect("filtered");
-                self.window.restore(pid, Inflight { id: m.id, qos: Qos::ExactlyOnce, stage });
-                self.inflight.insert(m.id, m);
-            }
-            if self.window.len() >= u16::MAX as usize {
-                break;
-            }
+        for m in self.outbox.bound().await? {
+            let Some((pid, stage)) = m.wire else { continue };
+            self.window.restore(pid, Inflight { id: m.id, qos: Qos::ExactlyOnce, stage });
+            self.inflight.insert(m.id, m);
         }
         Ok(())
     }

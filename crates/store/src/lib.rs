@@ -104,6 +104,8 @@ pub trait Store: Send + 'static {
     fn set_wire(&mut self, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError>;
     /// Up to `limit` messages with id greater than `after`, oldest first.
     fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Every message bound to a packet id on the wire (QoS 2), oldest first.
+    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError>;
     /// Ids and sizes of the `limit` oldest messages.
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError>;
     /// The highest id still queued.

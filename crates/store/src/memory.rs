@@ -63,6 +63,9 @@ impl Store for MemoryStore {
         let range = self.state.messages.range(after + 1..);
         Ok(range.take(limit).map(|(_, m)| m.clone()).collect())
     }
+    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError> {
+        Ok(self.state.messages.values().filter(|m| m.wire.is_some()).cloned().collect())
+    }
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
         let it = self.state.messages.values().take(limit);
         Ok(it.map(|m| (m.id, m.msg.size())).collect())

@@ -124,6 +124,9 @@ enum Request {
     Query {
         reply: oneshot::Sender<Result<Report, StoreError>>,
     },
+    Bound {
+        reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+    },
     Broker(BrokerRecord),
     Meta {
         key: String,
@@ -244,6 +247,13 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Every QoS 2 message bound to a packet id, oldest first.
+    pub async fn bound(&self) -> Result<Vec<StoredMessage>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Bound { reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
     /// Depth, age, drops and broker states.
     pub async fn report(&self) -> Result<Report, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -349,7 +359,9 @@ impl Writer {
         // Reads that no write precedes in this batch see nothing new from
         // it: answer them now instead of after the sync, so the driver's
         // next page never waits for a disk flush.
-        let first_write = requests.iter().position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. }));
+        let first_write = requests
+            .iter()
+            .position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }));
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
         self.serve_reads(early);
         if requests.is_empty() {
@@ -422,7 +434,7 @@ impl Writer {
                 b.meta_replies.push((reply, v));
             }
             Request::Close => b.close = true,
-            r @ (Request::Read { .. } | Request::Query { .. }) => b.reads.push(r),
+            r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }) => b.reads.push(r),
         }
         Ok(())
     }
@@ -551,6 +563,9 @@ impl Writer {
                 Request::Query { reply } => {
                     let _ = reply.send(Report::read(self.store.as_mut()));
                 }
+                Request::Bound { reply } => {
+                    let _ = reply.send(self.store.bound());
+                }
                 _ => unreachable!("only reads are deferred"),
             }
         }
@@ -598,7 +613,7 @@ impl Writer {
                 Request::SetWire { reply, .. } => b.wire_replies.push(reply),
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
                 Request::Close => b.close = true,
-                r @ (Request::Read { .. } | Request::Query { .. }) => b.reads.push(r),
+                r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }) => b.reads.push(r),
                 Request::Remove { .. } | Request::Broker(_) => {}
             }
         }

@@ -65,6 +65,9 @@ impl Store for FaultyStore {
         }
         page
     }
+    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError> {
+        self.inner.bound()
+    }
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
         self.inner.oldest(limit)
     }
@@ -175,7 +178,7 @@ async fn a_restored_qos2_exchange_that_completes_during_the_first_read_is_not_pu
     // read (which still holds the message) is stalled.
     let broker = ScriptedBroker::start(false, |_| true, |_, _| Reply::Ack);
     let faults = Arc::new(Faults::default());
-    faults.stall_read.store(3, SeqCst); // reads 1-2 restore the bindings
+    faults.stall_read.store(1, SeqCst); // the first page read
     let c = client(&broker, ProtocolVersion::V311, store_with_bound_qos2("restored", Stage::Released), &faults).await;
     let f = faults.clone();
     wait_until("first page read stalled", Duration::from_secs(10), move || f.stalled.load(SeqCst)).await;
@@ -202,7 +205,7 @@ async fn a_message_committed_while_an_empty_page_is_read_is_not_skipped() {
     // while that read is stalled must still be sent.
     let broker = ScriptedBroker::start(false, |_| false, |_, _| Reply::Ack);
     let faults = Arc::new(Faults::default());
-    faults.stall_read.store(3, SeqCst);
+    faults.stall_read.store(1, SeqCst);
     let c = client(&broker, ProtocolVersion::V311, store_with_bound_qos2("old", Stage::Released), &faults).await;
     let f = faults.clone();
     wait_until("first page read stalled", Duration::from_secs(10), move || f.stalled.load(SeqCst)).await;
@@ -230,5 +233,44 @@ async fn properties_mqtt_cannot_carry_are_refused_before_acceptance() {
     assert!(matches!(err, PublishError::Properties(_)), "{err}");
     assert!(err.to_string().contains("65535"), "{err}");
     assert_eq!(c.status().await.unwrap().queued, 0);
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_session_gets_in_flight_messages_again_under_their_packet_ids_with_dup() {
+    // First connection: the first message gets no answer, the second closes
+    // the link. The broker keeps the session: both come again, DUP set, same ids.
+    let broker = ScriptedBroker::start(
+        true,
+        |conn| conn > 0,
+        |conn, nth| match (conn, nth) {
+            (0, 0) => Reply::Silent,
+            (0, _) => Reply::Close,
+            _ => Reply::Ack,
+        },
+    );
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &Arc::default()).await;
+    let a = c.publish(Message::new("t", "a")).await.unwrap();
+    let b = c.publish(Message::new("t", "b")).await.unwrap();
+    assert_eq!(delivered(a).await, Delivery::Delivered);
+    assert_eq!(delivered(b).await, Delivery::Delivered);
+    let pubs = broker.publishes();
+    let first: Vec<_> = pubs.iter().filter(|p| p.conn == 0).map(|p| (p.pid, p.payload.clone(), p.dup)).collect();
+    let again: Vec<_> = pubs.iter().filter(|p| p.conn == 1).map(|p| (p.pid, p.payload.clone(), p.dup)).collect();
+    assert_eq!(first.len(), 2, "{pubs:?}");
+    let expected: Vec<_> = first.iter().map(|(pid, payload, _)| (*pid, payload.clone(), true)).collect();
+    assert_eq!(again, expected, "resent in order, same packet ids, DUP set");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_exchange_from_a_previous_process_resumes_under_its_packet_id() {
+    let broker = ScriptedBroker::start(false, |_| true, |_, _| Reply::Ack);
+    let c = client(&broker, ProtocolVersion::V311, store_with_bound_qos2("resumed", Stage::Published), &Arc::default())
+        .await;
+    tokio::time::timeout(Duration::from_secs(20), c.wait_idle()).await.expect("delivered");
+    let pubs = broker.publishes();
+    assert_eq!(pubs.len(), 1, "{pubs:?}");
+    assert_eq!((pubs[0].pid, pubs[0].dup, pubs[0].payload.as_slice()), (7, true, &b"resumed"[..]));
     c.close().await;
 }

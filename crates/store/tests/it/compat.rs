@@ -57,6 +57,11 @@ fn reads_an_outbox_written_by_format_1() {
     assert_eq!(m.msg.props.content_type.as_deref(), Some("application/octet-stream"));
     assert_eq!(m.msg.props.user, vec![("k".to_owned(), "v".to_owned())]);
     assert!(s.drops().unwrap().contains(&(DropReason::Overflow, 4)));
+    assert_eq!(
+        s.bound().unwrap().iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![2],
+        "bindings found through the index"
+    );
     s.begin().unwrap();
     assert_eq!(s.insert(&msg("next", "y")).unwrap(), 4, "sequence numbers continue after the removed id 3");
     s.commit().unwrap();

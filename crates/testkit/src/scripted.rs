@@ -57,17 +57,26 @@ impl ScriptedBroker {
         session_present: impl Fn(usize) -> bool + Send + 'static,
         reply: impl Fn(usize, usize) -> Reply + Send + 'static,
     ) -> ScriptedBroker {
+        Self::spawn(mqtt5, 0, Box::new(session_present), Box::new(reply))
+    }
+
+    /// A broker that refuses every CONNECT with this CONNACK code (an MQTT
+    /// 3.1.1 return code or an MQTT 5 reason code).
+    pub fn refusing(mqtt5: bool, code: u8) -> ScriptedBroker {
+        Self::spawn(mqtt5, code, Box::new(|_| false), Box::new(|_, _| Reply::Ack))
+    }
+
+    fn spawn(mqtt5: bool, refusal: u8, sp: SessionScript, rp: ReplyScript) -> ScriptedBroker {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
         let port = listener.local_addr().expect("addr").port();
         let publishes = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let (p, c) = (publishes.clone(), connections.clone());
-        let (sp, rp): (SessionScript, ReplyScript) = (Box::new(session_present), Box::new(reply));
         std::thread::spawn(move || {
             for (conn, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                serve(stream, conn, mqtt5, &sp, &rp, &p);
+                serve(stream, conn, mqtt5, refusal, &sp, &rp, &p);
             }
         });
         ScriptedBroker { port, publishes, connections }
@@ -126,6 +135,7 @@ fn serve(
     mut s: TcpStream,
     conn: usize,
     mqtt5: bool,
+    refusal: u8,
     session_present: &SessionScript,
     reply: &ReplyScript,
     publishes: &Mutex<Vec<Received>>,
@@ -134,8 +144,8 @@ fn serve(
         return;
     }
     let sp = session_present(conn) as u8;
-    let connack: &[u8] = if mqtt5 { &[0x20, 3, sp, 0, 0] } else { &[0x20, 2, sp, 0] };
-    if s.write_all(connack).is_err() {
+    let connack: &[u8] = if mqtt5 { &[0x20, 3, sp, refusal, 0] } else { &[0x20, 2, sp, refusal] };
+    if s.write_all(connack).is_err() || refusal != 0 {
         return;
     }
     let mut nth = 0;

@@ -274,3 +274,25 @@ async fn a_qos2_exchange_from_a_previous_process_resumes_under_its_packet_id() {
     assert_eq!((pubs[0].pid, pubs[0].dup, pubs[0].payload.as_slice()), (7, true, &b"resumed"[..]));
     c.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connack_refusing_the_protocol_version_says_so() {
+    for (v5, code) in [(true, 0x84u8), (false, 1u8)] {
+        let broker = ScriptedBroker::refusing(v5, code);
+        let version = if v5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+        let c = client(&broker, version, MemoryStore::new(), &Arc::default()).await;
+        let mut events = c.events();
+        let error = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Ok(steadfast::Event::ConnectFailed { error, .. }) = events.recv().await {
+                    return error;
+                }
+            }
+        })
+        .await
+        .expect("a refusal, not a hang");
+        assert!(!error.is_retryable());
+        assert!(error.to_string().contains("does not accept this MQTT protocol version"), "{error}");
+        c.close().await;
+    }
+}

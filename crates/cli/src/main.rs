@@ -21,6 +21,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// `--wait-timeout` ran out with messages still queued on disk.
     pub const TIMED_OUT: u8 = 3;
+    /// Interrupted (Ctrl-C) while waiting; messages still queued on disk.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// An error with the exit code it deserves.
@@ -36,6 +38,9 @@ impl Failure {
     }
     fn other(error: impl Into<anyhow::Error>) -> Self {
         Self { code: exit::FAILURE, error: error.into() }
+    }
+    fn interrupted(error: impl Into<anyhow::Error>) -> Self {
+        Self { code: exit::INTERRUPTED, error: error.into() }
     }
     fn timed_out(error: impl Into<anyhow::Error>) -> Self {
         Self { code: exit::TIMED_OUT, error: error.into() }

@@ -12,6 +12,7 @@ use steadfast::{
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
@@ -184,6 +185,10 @@ impl Pipeline {
 
 pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let o = Options::from_args(a)?;
+    // Registered now, so Ctrl-C at any point ends the run cleanly: the
+    // outbox is closed properly and what was accepted stays queued.
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
     let dir = o.config.outbox_dir().to_owned();
     let (client, report) = Client::open(o.config.clone()).await.map_err(|e| Failure::other(anyhow!(e)))?;
     if !report.is_clean() {
@@ -198,13 +203,22 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut events = client.events();
     first_attempt(&client, &mut events).await?;
     let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted: 0 };
-    let sent = feed(&o, &mut p).await;
-    let fed = sent.and(p.finish().await);
+    let fed = tokio::select! {
+        sent = async { feed(&o, &mut p).await.and(p.finish().await) } => sent,
+        _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
+    };
     if let Err(f) = fed {
         client.close().await;
         return Err(f);
     }
-    let result = if o.no_wait { Ok(()) } else { wait_delivered(&client, &mut events, o.wait_timeout, &dir).await };
+    let result = if o.no_wait {
+        Ok(())
+    } else {
+        tokio::select! {
+            r = wait_delivered(&client, &mut events, o.wait_timeout, &dir) => r,
+            _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
+        }
+    };
     if o.summary {
         let s = client.status().await.ok();
         eprintln!(
@@ -274,6 +288,15 @@ async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+async fn interrupted(client: &Client, dir: &std::path::Path) -> Failure {
+    let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
+    Failure::interrupted(anyhow!(
+        "interrupted; {queued} message(s) kept in the outbox {}; send them later with `steadfast pub --drain --outbox {}`",
+        dir.display(),
+        dir.display()
+    ))
 }
 
 async fn wait_delivered(

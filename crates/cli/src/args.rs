@@ -81,7 +81,7 @@ pub struct PubArgs {
     /// Keep-alive in seconds.
     #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
     pub keepalive: u64,
-    /// Outbox directory (default: $XDG_STATE_HOME/steadfast/outbox/<client id>).
+    /// Outbox directory (default: `$XDG_STATE_HOME/steadfast/outbox/CLIENT_ID`).
     #[arg(long)]
     pub outbox: Option<PathBuf>,
     /// Exit as soon as every message is accepted (on disk).

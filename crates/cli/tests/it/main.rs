@@ -247,7 +247,7 @@ async fn ctrl_c_while_waiting_keeps_the_messages_and_says_where() {
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob");
     let ob = ob.to_str().unwrap().to_owned();
-    let mut child = steadfast()
+    let child = steadfast()
         .args(["pub", "-b", "mqtt://127.0.0.1:1", "-t", "t", "-m", "wait for me", "--outbox", &ob])
         .stdin(Stdio::null())
         .stderr(Stdio::piped())

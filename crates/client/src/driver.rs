@@ -245,8 +245,11 @@ impl Driver {
                 if n == 0 {
                     return Err(ConnectError::Closed(" before CONNACK".into()));
                 }
-                let mut incoming = link.receive(&buf[..n])?.into_iter();
+                let mut incoming = link.receive(&buf[..n]).into_iter();
                 while let Some(inc) = incoming.next() {
+                    if let Incoming::Broken(e) = inc {
+                        return Err(e);
+                    }
                     if let Incoming::ConnAck(ack) = inc {
                         // Whatever came in the same read after CONNACK is
                         // handled once the session is set up.
@@ -402,7 +405,7 @@ impl Driver {
                         return Err(ConnectError::Closed(String::new()));
                     }
                     keepalive.on_receive(Instant::now().into_std());
-                    let incoming = link.receive(&buf[..n])?;
+                    let incoming = link.receive(&buf[..n]);
                     self.on_incoming(link, incoming).await?;
                 }
                 page = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
@@ -573,6 +576,10 @@ impl Driver {
                 }
                 Incoming::ConnAck(_) => {
                     end = Some(ConnectError::Protocol("a second CONNACK arrived".into()));
+                    break;
+                }
+                Incoming::Broken(e) => {
+                    end = Some(e);
                     break;
                 }
                 Incoming::Publish | Incoming::PingResp | Incoming::Other => {}

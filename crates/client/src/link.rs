@@ -26,13 +26,25 @@ pub(crate) struct Link {
 #[derive(Debug)]
 pub(crate) enum Incoming {
     ConnAck(ConnAck),
-    PubAck { pid: u16, ok: bool },
-    PubRec { pid: u16, ok: bool },
-    PubComp { pid: u16 },
+    PubAck {
+        pid: u16,
+        ok: bool,
+    },
+    PubRec {
+        pid: u16,
+        ok: bool,
+    },
+    PubComp {
+        pid: u16,
+    },
     Publish,
     PingResp,
-    Disconnect { reason: String },
+    Disconnect {
+        reason: String,
+    },
     Other,
+    /// A malformed or forbidden packet: the link must end.
+    Broken(ConnectError),
 }
 
 /// The broker's answer to CONNECT.
@@ -180,19 +192,30 @@ impl Link {
         }
     }
 
-    /// Feeds received bytes; returns the packets they completed. A
-    /// malformed or unexpected packet ends the link.
-    pub fn receive(&mut self, data: &[u8]) -> Result<Vec<Incoming>, ConnectError> {
+    /// Feeds received bytes; returns the packets they completed, in order.
+    /// A malformed or unexpected packet ends the list as `Broken`: the
+    /// packets before it still count (their acks must not be lost), the
+    /// link ends after them.
+    pub fn receive(&mut self, data: &[u8]) -> Vec<Incoming> {
         let mut cursor = mqtt::common::Cursor::new(data);
         let mut incoming = Vec::new();
         while (cursor.position() as usize) < data.len() {
             match self.framer.feed(&mut cursor) {
-                PacketBuildResult::Complete(raw) => incoming.push(self.decode(&raw)?),
+                PacketBuildResult::Complete(raw) => match self.decode(&raw) {
+                    Ok(packet) => incoming.push(packet),
+                    Err(e) => {
+                        incoming.push(Incoming::Broken(e));
+                        break;
+                    }
+                },
                 PacketBuildResult::Incomplete => {}
-                PacketBuildResult::Error(e) => return Err(malformed("packet", e)),
+                PacketBuildResult::Error(e) => {
+                    incoming.push(Incoming::Broken(malformed("packet", e)));
+                    break;
+                }
             }
         }
-        Ok(incoming)
+        incoming
     }
 
     fn decode(&self, raw: &RawPacket) -> Result<Incoming, ConnectError> {

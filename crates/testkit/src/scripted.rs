@@ -21,6 +21,8 @@ pub enum Reply {
     Close,
     /// The ack and a DISCONNECT in one write, then close.
     AckThenDisconnect,
+    /// The ack and a malformed packet (reserved type 0) in one write.
+    AckThenGarbage,
 }
 
 /// A PUBLISH the broker received.
@@ -181,6 +183,7 @@ fn serve(
                         let _ = s.write_all(&[ack_type, 2, hi, lo, 0xe0, 1, 0x8b]);
                         false
                     }
+                    Reply::AckThenGarbage => s.write_all(&[ack_type, 2, hi, lo, 0x00, 0x00]).is_ok(),
                 };
                 if !ok {
                     let _ = s.shutdown(std::net::Shutdown::Both);

@@ -296,3 +296,28 @@ async fn a_connack_refusing_the_protocol_version_says_so() {
         c.close().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_before_a_malformed_packet_still_counts_and_the_link_restarts() {
+    let broker = ScriptedBroker::start(
+        true,
+        |conn| conn > 0,
+        |conn, _| if conn == 0 { Reply::AckThenGarbage } else { Reply::Ack },
+    );
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &Arc::default()).await;
+    let mut events = c.events();
+    let r = c.publish(Message::new("t", "acked")).await.unwrap();
+    assert_eq!(delivered(r).await, Delivery::Delivered);
+    let error = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(steadfast::Event::Disconnected { error, .. }) = events.recv().await {
+                return error;
+            }
+        }
+    })
+    .await
+    .expect("the malformed packet ends the link");
+    assert!(error.to_string().contains("packet type 0"), "{error}");
+    assert_eq!(broker.publishes().len(), 1, "acknowledged once, never resent");
+    c.close().await;
+}

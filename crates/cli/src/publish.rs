@@ -49,6 +49,9 @@ fn usage(msg: impl Into<String>) -> Failure {
 impl Options {
     fn from_args(a: PubArgs) -> Result<Options, Failure> {
         let mut urls = a.brokers.clone();
+        if a.host.as_deref().is_some_and(|h| h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err()) {
+            return Err(usage("-h takes a host name or address only; give the port with -p"));
+        }
         if a.host.is_some() || a.port.is_some() {
             urls.push(format!("mqtt://{}:{}", a.host.as_deref().unwrap_or("127.0.0.1"), a.port.unwrap_or(1883)));
         }
@@ -87,7 +90,7 @@ impl Options {
         };
         let version = match a.version.as_str() {
             "5" | "mqttv5" | "50" => ProtocolVersion::V5,
-            "311" | "mqttv311" | "31" | "3.1.1" => ProtocolVersion::V311,
+            "311" | "mqttv311" | "3.1.1" => ProtocolVersion::V311,
             v => return Err(usage(format!("protocol version `{v}` is not supported; use -V 311 or -V 5"))),
         };
         let overflow = match a.overflow.as_str() {
@@ -97,6 +100,9 @@ impl Options {
             o => return Err(usage(format!("overflow policy `{o}` is unknown; use block, reject or drop-oldest"))),
         };
         let max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
+        if a.max_queue == Some(0) || max_bytes == Some(0) {
+            return Err(usage("an outbox bound of 0 would hold nothing; give a bound of at least 1, or none"));
+        }
         let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;
         let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
         let (min, max) = a
@@ -190,7 +196,10 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
     let dir = o.config.outbox_dir().to_owned();
-    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| Failure::other(anyhow!(e)))?;
+    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| match e {
+        steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
+        e => Failure::other(anyhow!(e)),
+    })?;
     if !report.is_clean() {
         eprintln!(
             "steadfast: warning: the outbox {} was damaged: {}; {} message(s) recovered; damaged files kept in {:?}",
@@ -201,6 +210,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         );
     }
     let mut events = client.events();
+    let drops_before = drop_counts(&client).await;
     first_attempt(&client, &mut events).await?;
     let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted: 0 };
     let fed = tokio::select! {
@@ -215,7 +225,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         Ok(())
     } else {
         tokio::select! {
-            r = wait_delivered(&client, &mut events, o.wait_timeout, &dir) => r,
+            r = wait_delivered(&client, &mut events, o.wait_timeout, &dir, &drops_before) => r,
             _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
         }
     };
@@ -299,13 +309,19 @@ async fn interrupted(client: &Client, dir: &std::path::Path) -> Failure {
     ))
 }
 
+/// Drops counted in the outbox so far, by reason (exact: events can lag).
+async fn drop_counts(client: &Client) -> Vec<(steadfast::DropReason, u64)> {
+    client.status().await.map(|s| s.drops).unwrap_or_default()
+}
+
 async fn wait_delivered(
     client: &Client,
     events: &mut broadcast::Receiver<Event>,
     limit: Option<Duration>,
     dir: &std::path::Path,
+    drops_before: &[(steadfast::DropReason, u64)],
 ) -> Result<(), Failure> {
-    let mut dropped = Vec::new();
+    let mut first_drop = None;
     let mut last_error: Option<ConnectError> = None;
     let idle = client.wait_idle();
     tokio::pin!(idle);
@@ -328,7 +344,13 @@ async fn wait_delivered(
                 )));
             }
             e = events.recv() => match e {
-                Ok(Event::Dropped(d)) => dropped.push(d),
+                Ok(Event::Dropped(d)) => { first_drop.get_or_insert(d); }
+                Ok(Event::Refused { broker, id, topic }) => {
+                    return Err(Failure::other(anyhow!(
+                        "{broker} refused message #{id} to `{topic}` (an error reason code in its acknowledgement, e.g. not authorised for this topic); it stays queued in the outbox {} and is sent again later",
+                        dir.display()
+                    )));
+                }
                 Ok(Event::ConnectFailed { error, .. }) | Ok(Event::Disconnected { error, .. }) => {
                     if !error.is_retryable() {
                         return Err(Failure::other(anyhow!("{error}; the messages stay queued in the outbox")));
@@ -339,16 +361,21 @@ async fn wait_delivered(
             },
         }
     }
+    let after = drop_counts(client).await;
+    let dropped: Vec<String> = after
+        .iter()
+        .filter_map(|(reason, n)| {
+            let was = drops_before.iter().find(|(r, _)| r == reason).map(|(_, n)| *n).unwrap_or(0);
+            (*n > was).then(|| format!("{} {reason}", n - was))
+        })
+        .collect();
     if dropped.is_empty() {
         return Ok(());
     }
-    let first = &dropped[0];
+    let first = first_drop.map(|d| format!(" (first: #{} to `{}`)", d.id, d.topic)).unwrap_or_default();
     Err(Failure::other(anyhow!(
-        "{} message(s) could not be delivered and were dropped (first: #{} to `{}`, reason {}); see `steadfast status --outbox {}`",
-        dropped.len(),
-        first.id,
-        first.topic,
-        first.reason,
+        "messages were dropped without delivery: {}{first}; see `steadfast status --outbox {}`",
+        dropped.join(", "),
         dir.display()
     )))
 }

@@ -20,7 +20,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
 /// Parses `1024`, `64KB`, `100MB`, `2GB` (powers of 1024).
@@ -45,8 +45,17 @@ pub fn default_outbox(client_id: &str) -> PathBuf {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
         .unwrap_or_else(|| PathBuf::from("."));
-    let safe: String =
-        client_id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+    // One directory per client id, never outside `outbox/` and never shared
+    // by two ids: anything but letters, digits, `-` and `_` (and `.` past
+    // the first character) is written as %XX.
+    let mut safe = String::new();
+    for (i, b) in client_id.bytes().enumerate() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0) {
+            safe.push(b as char);
+        } else {
+            safe.push_str(&format!("%{b:02X}"));
+        }
+    }
     base.join("steadfast").join("outbox").join(safe)
 }
 
@@ -102,5 +111,11 @@ mod tests {
         assert_eq!(parse_size("2MiB"), Ok(2 << 20));
         assert_eq!(parse_size("7"), Ok(7));
         assert!(parse_size("3XB").is_err());
+        assert!(parse_duration("99999999999999999999999s").is_err());
+        let base = default_outbox("x").parent().unwrap().to_owned();
+        for (id, dir) in [("gw-7", "gw-7"), ("a/b", "a%2Fb"), ("a_b", "a_b"), ("..", "%2E."), (".hidden", "%2Ehidden")]
+        {
+            assert_eq!(default_outbox(id), base.join(dir), "{id}");
+        }
     }
 }

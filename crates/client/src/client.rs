@@ -186,6 +186,16 @@ pub enum Event {
         /// Messages that will be published again.
         republish: u64,
     },
+    /// The broker refused a message with an error reason code; it stays
+    /// queued and is sent again after a pause.
+    Refused {
+        /// The broker.
+        broker: String,
+        /// The message's outbox id (its sequence number).
+        id: u64,
+        /// Its topic.
+        topic: String,
+    },
     /// A message left the outbox without delivery (G3).
     Dropped(Dropped),
 }
@@ -210,6 +220,7 @@ struct Inner {
     outbox: Outbox,
     producer: Arc<str>,
     events: broadcast::Sender<Event>,
+    first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     brokers: Vec<Arc<BrokerShared>>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -254,7 +265,10 @@ impl Client {
         };
         let producer: Arc<str> = producer.into();
         let cfg = Arc::new(cfg);
-        let (events, _) = broadcast::channel(4096);
+        // The first receiver exists before any driver runs, so the first
+        // `events()` call sees everything from the start (the first
+        // connection included).
+        let (events, first_events) = broadcast::channel(4096);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut brokers = Vec::new();
@@ -272,7 +286,8 @@ impl Client {
             brokers.push(shared);
         }
         tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx)));
-        let inner = Inner { cfg, outbox, producer, events, brokers, stop, tasks: Mutex::new(tasks) };
+        let first_events = Mutex::new(Some(first_events));
+        let inner = Inner { cfg, outbox, producer, events, first_events, brokers, stop, tasks: Mutex::new(tasks) };
         Ok(Client { inner: Arc::new(inner) })
     }
 
@@ -333,9 +348,12 @@ impl Client {
         &self.inner.producer
     }
 
-    /// Subscribes to events (connects, losses, drops).
+    /// Subscribes to events (connects, losses, refusals, drops). The first
+    /// call receives every event since the client was opened; later calls
+    /// receive events from the moment of the call.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
+        let first = self.inner.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        first.unwrap_or_else(|| self.inner.events.subscribe())
     }
 
     /// Watches the outbox (depth, last id).

@@ -235,7 +235,11 @@ impl Driver {
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         let mut link = Link::new(self.cfg.version);
-        link.connect(&self.cfg)?;
+        // A clean start is asked for once per process: a reconnect must
+        // resume the session this process started, or in-flight QoS 2
+        // exchanges would be lost with it.
+        let clean = self.cfg.clean_start && self.shared.update(|_| {}).connects == 0;
+        link.connect(&self.cfg, clean)?;
         let mut buf = vec![0u8; 64 * 1024];
         let handshake = async {
             wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
@@ -347,7 +351,9 @@ impl Driver {
                 self.window = window;
                 self.outbox.remove(delivered, Delivery::Delivered);
                 let republish = self.inflight.len() as u64;
-                let expected = !self.cfg.clean_start && (republish > 0 || self.shared.update(|_| {}).connects > 0);
+                let connects = self.shared.update(|_| {}).connects;
+                let asked_clean = self.cfg.clean_start && connects == 0;
+                let expected = !asked_clean && (republish > 0 || connects > 0);
                 self.inflight.clear();
                 self.queue.clear();
                 self.retry.clear();
@@ -468,8 +474,9 @@ impl Driver {
 
     /// Moves messages from the queue onto the wire while the window has room.
     async fn fill_window(&mut self, link: &mut Link) -> Result<(), ConnectError> {
-        let mut sent_qos0 = Vec::new();
+        let mut sent_qos0: Vec<StoredMessage> = Vec::new();
         let mut bind: Vec<(StoredMessage, u16, Vec<u8>)> = Vec::new();
+        let out_before = link.out.len();
         while let Some(front) = self.queue.front() {
             let qos = front.msg.qos;
             if qos != Qos::AtMostOnce && !self.window.has_room() {
@@ -495,13 +502,15 @@ impl Driver {
                 }
                 (_, None) => {
                     link.out.extend_from_slice(&bytes);
-                    sent_qos0.push(m.id);
+                    sent_qos0.push(m);
                 }
             }
         }
-        // QoS 0 is best-effort: written once, then it leaves the outbox.
-        self.outbox.remove(sent_qos0, Delivery::Delivered);
+        self.shared.update(|s| s.inflight = self.window.len());
         if bind.is_empty() {
+            // QoS 0 is best-effort: handed to the socket once, then it
+            // leaves the outbox.
+            self.outbox.remove(sent_qos0.into_iter().map(|m| m.id).collect(), Delivery::Delivered);
             return Ok(());
         }
         // The packet id of a QoS 2 message is on disk before the PUBLISH
@@ -509,12 +518,23 @@ impl Driver {
         // broker can never take it for another message.
         let updates = bind.iter().map(|(m, pid, _)| (m.id, Some((*pid, Stage::Published)))).collect();
         if let Err(e) = self.outbox.set_wire(updates).await {
-            for (m, pid, _) in bind.into_iter().rev() {
+            // Nothing of this pass goes out: QoS 0 bytes are taken back,
+            // packet ids given back, and every message returns to the
+            // front of the queue in order.
+            link.out.truncate(out_before.min(link.out.len()));
+            let mut back: Vec<StoredMessage> = sent_qos0;
+            for (m, pid, _) in bind {
                 self.window.release(pid);
+                back.push(m);
+            }
+            back.sort_by_key(|m| m.id);
+            for m in back.into_iter().rev() {
                 self.queue.push_front(m);
             }
+            self.shared.update(|s| s.inflight = self.window.len());
             return Err(store_failed(e));
         }
+        self.outbox.remove(sent_qos0.into_iter().map(|m| m.id).collect(), Delivery::Delivered);
         for (m, _, bytes) in bind {
             link.out.extend_from_slice(&bytes);
             self.inflight.insert(m.id, m);
@@ -585,6 +605,9 @@ impl Driver {
                 Incoming::Publish | Incoming::PingResp | Incoming::Other => {}
             }
         }
+        // Completed ones first: nothing below may fail before they are
+        // handed to the outbox.
+        self.complete(done);
         self.hold_refused(refused).await?;
         if !released.is_empty() {
             let updates = released.iter().map(|(id, pid)| (*id, Some((*pid, Stage::Released)))).collect();
@@ -593,7 +616,6 @@ impl Driver {
                 link.pubrel(pid)?;
             }
         }
-        self.complete(done);
         end.map_or(Ok(()), Err)
     }
 
@@ -628,21 +650,22 @@ impl Driver {
         if ids.is_empty() {
             return Ok(());
         }
-        let unbind: Vec<_> = ids
-            .iter()
-            .filter(|id| self.inflight.get(id).is_some_and(|m| m.msg.qos == Qos::ExactlyOnce))
-            .map(|id| (*id, None))
-            .collect();
-        if !unbind.is_empty() {
-            self.outbox.set_wire(unbind).await.map_err(store_failed)?;
-        }
         let at = Instant::now() + self.cfg.backoff.max;
+        let mut unbind = Vec::new();
         for id in ids {
             if let Some(m) = self.inflight.remove(&id) {
                 tracing::warn!(id, topic = %m.msg.topic, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
                 self.shared.update(|s| s.refused += 1);
+                let _ =
+                    self.events.send(Event::Refused { broker: self.url.to_string(), id, topic: m.msg.topic.clone() });
+                if m.msg.qos == Qos::ExactlyOnce {
+                    unbind.push((id, None));
+                }
                 self.retry.push_back((at, m));
             }
+        }
+        if !unbind.is_empty() {
+            self.outbox.set_wire(unbind).await.map_err(store_failed)?;
         }
         Ok(())
     }

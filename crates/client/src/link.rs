@@ -81,8 +81,8 @@ impl Link {
         self.out.extend_from_slice(&packet.to_continuous_buffer());
     }
 
-    /// Queues the CONNECT packet.
-    pub fn connect(&mut self, c: &ClientConfig) -> Result<(), ConnectError> {
+    /// Queues the CONNECT packet; `clean` asks for a fresh session.
+    pub fn connect(&mut self, c: &ClientConfig, clean: bool) -> Result<(), ConnectError> {
         let keep_alive = c.keep_alive.as_secs().clamp(1, u16::MAX as u64) as u16;
         let err = |e| build_err("CONNECT", e);
         match self.version {
@@ -97,7 +97,7 @@ impl Link {
                 let mut b = v5_0::Connect::builder()
                     .client_id(c.client_id.as_str())
                     .map_err(err)?
-                    .clean_start(c.clean_start)
+                    .clean_start(clean)
                     .keep_alive(keep_alive)
                     .props(props);
                 if let Some(u) = &c.username {
@@ -113,7 +113,7 @@ impl Link {
                 let mut b = v3_1_1::Connect::builder()
                     .client_id(c.client_id.as_str())
                     .map_err(err)?
-                    .clean_session(c.clean_start)
+                    .clean_session(clean)
                     .keep_alive(keep_alive);
                 if let Some(u) = &c.username {
                     b = b.user_name(u.as_str()).map_err(err)?;

@@ -57,6 +57,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The same failure, for one more waiting caller (the SQLite error
+    /// itself cannot be cloned; its text is kept).
+    pub(crate) fn clone_for_reply(&self) -> StoreError {
+        match self {
+            StoreError::DiskFull { path } => StoreError::DiskFull { path: path.clone() },
+            StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
+            StoreError::Closed => StoreError::Closed,
+            other => StoreError::WriteFailed(other.to_string()),
+        }
+    }
+
     /// True when the same operation may succeed later without a change of
     /// configuration (space freed, lock released).
     pub fn is_retryable(&self) -> bool {

@@ -194,6 +194,7 @@ impl Outbox {
             waiters: HashMap::new(),
             waiters_pruned_at: 1024,
             last_id,
+            pending_removes: Vec::new(),
             blocked: VecDeque::new(),
         };
         let thread = std::thread::Builder::new()
@@ -314,6 +315,8 @@ struct Writer {
     waiters: HashMap<u64, oneshot::Sender<Delivery>>,
     waiters_pruned_at: usize,
     last_id: u64,
+    /// Removals undone by a failed commit, applied again with the next batch.
+    pending_removes: Vec<(Vec<u64>, Delivery)>,
     blocked: VecDeque<PendingAppend>,
 }
 
@@ -336,8 +339,22 @@ const MAX_BATCH: usize = 8192;
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut requests = vec![first];
+        loop {
+            // Removals that a failed commit undid are tried again, even
+            // when nothing else comes: a delivered message must leave.
+            let first = if self.pending_removes.is_empty() {
+                match rx.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                    Ok(r) => Some(r),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut requests: Vec<Request> = first.into_iter().collect();
             while requests.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(r) => requests.push(r),
@@ -364,37 +381,58 @@ impl Writer {
             .position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }));
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
         self.serve_reads(early);
-        if requests.is_empty() {
+        if requests.is_empty() && self.pending_removes.is_empty() {
             return false;
         }
+        let retried = std::mem::take(&mut self.pending_removes);
+        let removes: Vec<(Vec<u64>, Delivery)> = requests
+            .iter()
+            .filter_map(|r| match r {
+                Request::Remove { ids, outcome } => Some((ids.clone(), *outcome)),
+                _ => None,
+            })
+            .collect();
         let mut b = Batch::default();
         let before = self.totals;
         if let Err(e) = self.store.begin() {
+            self.pending_removes = retried.into_iter().chain(removes).collect();
             return self.fail_batch(requests, e);
         }
         let mut result = Ok(());
-        for r in requests {
-            if let Err(e) = self.apply_one(r, &mut b) {
-                result = Err(e);
-                break;
+        for (ids, outcome) in &retried {
+            if result.is_ok() {
+                result = self.apply_one(Request::Remove { ids: ids.clone(), outcome: *outcome }, &mut b);
             }
+        }
+        let mut rest = requests.into_iter();
+        while result.is_ok() {
+            let Some(r) = rest.next() else { break };
+            result = self.apply_one(r, &mut b);
         }
         if result.is_ok() {
             result = self.admit_blocked(&mut b);
         }
-        let close = b.close;
         let result = result.and_then(|()| self.store.commit());
         match result {
-            Ok(()) => self.after_commit(b),
+            Ok(()) => {
+                let close = b.close;
+                self.after_commit(b);
+                close
+            }
             Err(e) => {
                 self.store.rollback();
                 self.totals = self.store.totals().unwrap_or(before);
                 self.last_id = self.store.newest_id().ok().flatten().unwrap_or(0).max(self.state.borrow().last_id);
-                tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted");
-                self.fail_replies(b, e);
+                tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
+                // Acknowledged messages must still leave: their removals are
+                // applied again with the next batch.
+                self.pending_removes = retried.into_iter().chain(removes).collect();
+                let close = b.close;
+                self.fail_replies(b, e.clone_for_reply());
+                let rest_close = self.fail_batch(rest.collect(), e);
+                close || rest_close
             }
         }
-        close
     }
 
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
@@ -547,8 +585,16 @@ impl Writer {
         for (reply, v) in b.meta_replies {
             let _ = reply.send(Ok(v));
         }
+        // One log line per reason and batch (a flood of overflow drops
+        // must not flood the log); one event per message.
+        for reason in DropReason::ALL {
+            let mut of_reason = b.drops.iter().filter(|d| d.reason == reason);
+            if let Some(first) = of_reason.next() {
+                let count = 1 + of_reason.count();
+                tracing::warn!(count, first_id = first.id, topic = %first.topic, %reason, "messages dropped from the outbox");
+            }
+        }
         for d in b.drops {
-            tracing::warn!(id = d.id, topic = %d.topic, reason = %d.reason, "message dropped from the outbox");
             let _ = self.dropped.send(d);
         }
         self.serve_reads(b.reads);
@@ -623,10 +669,7 @@ impl Writer {
     }
 
     fn fail_replies(&mut self, b: Batch, e: StoreError) {
-        let again = |e: &StoreError| match e {
-            StoreError::DiskFull { path } => StoreError::DiskFull { path: path.clone() },
-            other => StoreError::WriteFailed(other.to_string()),
-        };
+        let again = StoreError::clone_for_reply;
         for (reply, _) in b.accepted {
             let _ = reply.send(Err(AppendError::Store(again(&e))));
         }

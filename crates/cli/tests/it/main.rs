@@ -150,6 +150,17 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a"], "nothing to publish"),
         (&["pub", "-t", "a", "-m", "x"], "no broker given"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--wait-timeout", "soon"], "not a duration"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--wait-timeout", "99999999999999999999999s"],
+            "too long",
+        ),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-queue", "0"], "bound of 0"),
+        (&["pub", "-h", "localhost:1883", "-t", "a", "-m", "x"], "give the port with -p"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--backoff", "5s..1s", "--outbox", ob],
+            "backoff bounds",
+        ),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "-i", "", "--outbox", ob], "client id"),
         (&["status"], "which outbox"),
     ];
     for (args, needle) in cases {

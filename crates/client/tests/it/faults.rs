@@ -75,15 +75,19 @@ async fn ten_thousand_messages_survive_resets_black_holes_and_broker_restarts() 
     let mut events = c.events();
     connected(&mut events).await;
     let want = payloads("c", 10_000);
+    let mut faults_done = 0;
     for (i, batch) in want.chunks(1000).enumerate() {
         enqueue_all(&c, "chaos", batch).await;
         if [1, 3, 5, 7, 8].contains(&i) {
-            // Every fault hits a live link with messages flowing.
+            // Every fault hits a new, live link with messages flowing (not
+            // the one the previous fault already broke).
             let c2 = c.clone();
-            wait_until("connected", Duration::from_secs(30), move || {
-                c2.broker_status()[0].state == LinkState::Connected
+            wait_until("reconnected after the last fault", Duration::from_secs(30), move || {
+                let s = &c2.broker_status()[0];
+                s.state == LinkState::Connected && s.connects > faults_done
             })
             .await;
+            faults_done += 1;
         }
         match i {
             1 | 7 => proxy.reset_connections(),

@@ -17,6 +17,8 @@ use crate::config;
 struct Faults {
     /// This many `set_wire` calls fail.
     fail_set_wire: AtomicU32,
+    /// This many `remove` calls fail.
+    fail_remove: AtomicU32,
     /// The n-th `read_after` call (1-based) stalls until `release` is set.
     stall_read: AtomicU32,
     stalled: AtomicBool,
@@ -44,6 +46,11 @@ impl Store for FaultyStore {
         self.inner.insert(m)
     }
     fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
+        let f = &self.faults.fail_remove;
+        if f.load(SeqCst) > 0 {
+            f.fetch_sub(1, SeqCst);
+            return Err(StoreError::WriteFailed("injected fault".into()));
+        }
         self.inner.remove(id)
     }
     fn set_wire(&mut self, id: u64, w: Option<(u16, Stage)>) -> Result<(), StoreError> {
@@ -319,5 +326,18 @@ async fn an_ack_before_a_malformed_packet_still_counts_and_the_link_restarts() {
     .expect("the malformed packet ends the link");
     assert!(error.to_string().contains("packet type 0"), "{error}");
     assert_eq!(broker.publishes().len(), 1, "acknowledged once, never resent");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_message_leaves_the_outbox_even_when_its_removal_first_fails() {
+    let broker = ScriptedBroker::start(true, |_| true, |_, _| Reply::Ack);
+    let faults = Arc::new(Faults::default());
+    faults.fail_remove.store(1, SeqCst);
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &faults).await;
+    let r = c.publish(Message::new("t", "acked")).await.unwrap();
+    assert_eq!(delivered(r).await, Delivery::Delivered);
+    assert_eq!(c.status().await.unwrap().queued, 0);
+    assert_eq!(broker.publishes().len(), 1);
     c.close().await;
 }

@@ -475,6 +475,29 @@ fn stage_to_sql(s: Stage) -> i64 {
     }
 }
 
+const SELECT_MESSAGE: &str = "SELECT id, topic, payload, qos, retain, props, created_ms, pid, stage FROM outbox";
+
+/// Runs a query of `SELECT_MESSAGE`; records that do not decode are skipped
+/// and noted in `unreadable`, so one damaged row never blocks the rest.
+fn read_messages(
+    conn: &Connection,
+    unreadable: &mut Vec<(u64, String)>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, row_to_message)?;
+    let mut out = Vec::new();
+    for row in rows {
+        match row? {
+            Ok(m) => out.push(m),
+            Err(StoreError::Malformed { id, what }) => unreadable.push((id, what)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessage, StoreError>> {
     let id: u64 = r.get(0)?;
     let qos: u8 = r.get(3)?;
@@ -543,35 +566,13 @@ impl Store for SqliteStore {
     }
 
     fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, topic, payload, qos, retain, props, created_ms, pid, stage FROM outbox WHERE id > ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after, limit as i64], row_to_message)?;
-        let mut out = Vec::with_capacity(limit.min(1024));
-        for row in rows {
-            match row? {
-                Ok(m) => out.push(m),
-                Err(StoreError::Malformed { id, what }) => self.unreadable.push((id, what)),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        let sql = format!("{SELECT_MESSAGE} WHERE id > ?1 ORDER BY id LIMIT ?2");
+        read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64])
     }
 
     fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, topic, payload, qos, retain, props, created_ms, pid, stage FROM outbox WHERE pid IS NOT NULL ORDER BY id",
-        )?;
-        let rows = stmt.query_map([], row_to_message)?;
-        let mut out = Vec::new();
-        for row in rows {
-            match row? {
-                Ok(m) => out.push(m),
-                Err(StoreError::Malformed { id, what }) => self.unreadable.push((id, what)),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(out)
+        let sql = format!("{SELECT_MESSAGE} WHERE pid IS NOT NULL ORDER BY id");
+        read_messages(&self.conn, &mut self.unreadable, &sql, [])
     }
 
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {

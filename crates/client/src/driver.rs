@@ -472,11 +472,13 @@ impl Driver {
         }
     }
 
-    /// Moves messages from the queue onto the wire while the window has room.
+    /// Moves messages from the queue onto the wire while the window has room,
+    /// in outbox order.
     async fn fill_window(&mut self, link: &mut Link) -> Result<(), ConnectError> {
-        let mut sent_qos0: Vec<StoredMessage> = Vec::new();
-        let mut bind: Vec<(StoredMessage, u16, Vec<u8>)> = Vec::new();
-        let out_before = link.out.len();
+        let mut sent_qos0 = Vec::new();
+        // From the first QoS 2 message on, packets wait here (in order) until
+        // the bindings are on disk.
+        let mut held: Vec<(StoredMessage, Option<u16>, Vec<u8>)> = Vec::new();
         while let Some(front) = self.queue.front() {
             let qos = front.msg.qos;
             if qos != Qos::AtMostOnce && !self.window.has_room() {
@@ -494,51 +496,72 @@ impl Driver {
                     continue;
                 }
             };
-            match (qos, pid) {
-                (Qos::ExactlyOnce, Some(pid)) => bind.push((m, pid, bytes)),
-                (_, Some(_)) => {
-                    link.out.extend_from_slice(&bytes);
+            if qos == Qos::ExactlyOnce || !held.is_empty() {
+                held.push((m, pid, bytes));
+                continue;
+            }
+            link.out.extend_from_slice(&bytes);
+            match pid {
+                Some(_) => {
                     self.inflight.insert(m.id, m);
                 }
-                (_, None) => {
-                    link.out.extend_from_slice(&bytes);
-                    sent_qos0.push(m);
-                }
+                // QoS 0 is best-effort: handed to the socket once, then it
+                // leaves the outbox.
+                None => sent_qos0.push(m),
             }
+        }
+        if held.is_empty() {
+            self.outbox.remove(sent_qos0.into_iter().map(|m| m.id).collect(), Delivery::Delivered);
+        } else {
+            self.release_held(link, sent_qos0, held).await?;
         }
         self.shared.update(|s| s.inflight = self.window.len());
-        if bind.is_empty() {
-            // QoS 0 is best-effort: handed to the socket once, then it
-            // leaves the outbox.
-            self.outbox.remove(sent_qos0.into_iter().map(|m| m.id).collect(), Delivery::Delivered);
-            return Ok(());
-        }
-        // The packet id of a QoS 2 message is on disk before the PUBLISH
-        // leaves: after a crash it is resumed under the same id, so the
-        // broker can never take it for another message.
-        let updates = bind.iter().map(|(m, pid, _)| (m.id, Some((*pid, Stage::Published)))).collect();
+        Ok(())
+    }
+
+    /// Records the QoS 2 bindings among `held` on disk, then sends all of
+    /// `held` in order. The packet id of a QoS 2 message is on disk before
+    /// its PUBLISH leaves: after a crash it is resumed under the same id,
+    /// so the broker can never take it for another message. If the write
+    /// fails, nothing held goes out: ids are given back and the messages
+    /// return to the front of the queue.
+    async fn release_held(
+        &mut self,
+        link: &mut Link,
+        qos0_before: Vec<StoredMessage>,
+        held: Vec<(StoredMessage, Option<u16>, Vec<u8>)>,
+    ) -> Result<(), ConnectError> {
+        let updates = held
+            .iter()
+            .filter(|(m, _, _)| m.msg.qos == Qos::ExactlyOnce)
+            .filter_map(|(m, pid, _)| pid.map(|pid| (m.id, Some((pid, Stage::Published)))))
+            .collect();
         if let Err(e) = self.outbox.set_wire(updates).await {
-            // Nothing of this pass goes out: QoS 0 bytes are taken back,
-            // packet ids given back, and every message returns to the
-            // front of the queue in order.
-            link.out.truncate(out_before.min(link.out.len()));
-            let mut back: Vec<StoredMessage> = sent_qos0;
-            for (m, pid, _) in bind {
-                self.window.release(pid);
-                back.push(m);
+            // The link ends without sending this pass: QoS 0 messages of it
+            // have not gone out either.
+            for (m, pid, _) in held.into_iter().rev() {
+                if let Some(pid) = pid {
+                    self.window.release(pid);
+                }
+                self.queue.push_front(m);
             }
-            back.sort_by_key(|m| m.id);
-            for m in back.into_iter().rev() {
+            for m in qos0_before.into_iter().rev() {
                 self.queue.push_front(m);
             }
             self.shared.update(|s| s.inflight = self.window.len());
             return Err(store_failed(e));
         }
-        self.outbox.remove(sent_qos0.into_iter().map(|m| m.id).collect(), Delivery::Delivered);
-        for (m, _, bytes) in bind {
+        let mut sent_qos0: Vec<u64> = qos0_before.into_iter().map(|m| m.id).collect();
+        for (m, pid, bytes) in held {
             link.out.extend_from_slice(&bytes);
-            self.inflight.insert(m.id, m);
+            match pid {
+                Some(_) => {
+                    self.inflight.insert(m.id, m);
+                }
+                None => sent_qos0.push(m.id),
+            }
         }
+        self.outbox.remove(sent_qos0, Delivery::Delivered);
         Ok(())
     }
 

@@ -341,3 +341,29 @@ async fn an_acknowledged_message_leaves_the_outbox_even_when_its_removal_first_f
     assert_eq!(broker.publishes().len(), 1);
     c.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_qos_messages_go_out_in_publish_order() {
+    let broker = ScriptedBroker::start(true, |_| true, |_, _| Reply::Ack);
+    let c = client(&broker, ProtocolVersion::V5, MemoryStore::new(), &Arc::default()).await;
+    let plan = [
+        (Qos::AtLeastOnce, "1"),
+        (Qos::ExactlyOnce, "2"),
+        (Qos::AtLeastOnce, "3"),
+        (Qos::AtMostOnce, "4"),
+        (Qos::ExactlyOnce, "5"),
+        (Qos::AtMostOnce, "6"),
+    ];
+    let mut accepted = Vec::new();
+    for (qos, payload) in plan {
+        accepted.push(c.enqueue(Message::new("t", payload).qos(qos)).unwrap());
+    }
+    for a in accepted {
+        a.await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(20), c.wait_idle()).await.expect("delivered");
+    let got: Vec<Vec<u8>> = broker.publishes().into_iter().map(|p| p.payload).collect();
+    let want: Vec<Vec<u8>> = plan.iter().map(|(_, p)| p.as_bytes().to_vec()).collect();
+    assert_eq!(got, want);
+    c.close().await;
+}

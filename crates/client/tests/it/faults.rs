@@ -6,33 +6,10 @@ use steadfast::{Client, ConnectError, Event, LinkState, Message};
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 use tokio::sync::broadcast;
 
-use crate::{assert_all_in_order, config, open, payloads};
+use crate::{assert_all_in_order, config, next_event, open, payloads};
 
 fn persistent() -> MosquittoOptions {
     MosquittoOptions { persistence: true, extra: vec![] }
-}
-
-/// Waits for the first event that `pick` accepts.
-async fn next_event<T>(
-    events: &mut broadcast::Receiver<Event>,
-    what: &str,
-    limit: Duration,
-    mut pick: impl FnMut(&Event) -> Option<T>,
-) -> T {
-    let fut = async {
-        loop {
-            match events.recv().await {
-                Ok(e) => {
-                    if let Some(t) = pick(&e) {
-                        return t;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(e) => panic!("event stream ended: {e}"),
-            }
-        }
-    };
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("no {what} event within {limit:?}"))
 }
 
 async fn dead_link(events: &mut broadcast::Receiver<Event>) {

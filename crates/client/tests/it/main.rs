@@ -10,7 +10,8 @@ mod session;
 use std::path::Path;
 use std::time::Duration;
 
-use steadfast::{BackoffConfig, BrokerUrl, Client, ClientConfig};
+use steadfast::{BackoffConfig, BrokerUrl, Client, ClientConfig, ConnectError, Event};
+use tokio::sync::broadcast;
 
 pub fn config(id: &str, url: &str, dir: &Path) -> ClientConfig {
     let url: BrokerUrl = url.parse().expect("url");
@@ -25,6 +26,38 @@ pub async fn open(cfg: ClientConfig) -> Client {
     let (c, report) = Client::open(cfg).await.expect("open client");
     assert!(report.is_clean(), "{report:?}");
     c
+}
+
+/// Waits for the first event that `pick` accepts.
+pub async fn next_event<T>(
+    events: &mut broadcast::Receiver<Event>,
+    what: &str,
+    limit: Duration,
+    mut pick: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let fut = async {
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if let Some(t) = pick(&e) {
+                        return t;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("no {what} event within {limit:?}"))
+}
+
+/// The error of the next failed connection attempt.
+pub async fn connect_failed(events: &mut broadcast::Receiver<Event>) -> ConnectError {
+    next_event(events, "ConnectFailed", Duration::from_secs(10), |e| match e {
+        Event::ConnectFailed { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+    .await
 }
 
 pub fn payloads(prefix: &str, n: usize) -> Vec<String> {

@@ -10,7 +10,7 @@ use steadfast_core::{DropReason, Properties, Stage};
 use steadfast_store::{BrokerRecord, MemoryStore, NewMessage, Store, StoreError, StoredMessage, Totals};
 use steadfast_testkit::{wait_until, Reply, ScriptedBroker};
 
-use crate::config;
+use crate::{config, connect_failed, next_event};
 
 /// Faults to inject into the store.
 #[derive(Default)]
@@ -289,15 +289,7 @@ async fn a_connack_refusing_the_protocol_version_says_so() {
         let version = if v5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
         let c = client(&broker, version, MemoryStore::new(), &Arc::default()).await;
         let mut events = c.events();
-        let error = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Ok(steadfast::Event::ConnectFailed { error, .. }) = events.recv().await {
-                    return error;
-                }
-            }
-        })
-        .await
-        .expect("a refusal, not a hang");
+        let error = connect_failed(&mut events).await;
         assert!(!error.is_retryable());
         assert!(error.to_string().contains("does not accept this MQTT protocol version"), "{error}");
         c.close().await;
@@ -315,15 +307,11 @@ async fn an_ack_before_a_malformed_packet_still_counts_and_the_link_restarts() {
     let mut events = c.events();
     let r = c.publish(Message::new("t", "acked")).await.unwrap();
     assert_eq!(delivered(r).await, Delivery::Delivered);
-    let error = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if let Ok(steadfast::Event::Disconnected { error, .. }) = events.recv().await {
-                return error;
-            }
-        }
+    let error = next_event(&mut events, "Disconnected", Duration::from_secs(10), |e| match e {
+        steadfast::Event::Disconnected { error, .. } => Some(error.clone()),
+        _ => None,
     })
-    .await
-    .expect("the malformed packet ends the link");
+    .await;
     assert!(error.to_string().contains("packet type 0"), "{error}");
     assert_eq!(broker.publishes().len(), 1, "acknowledged once, never resent");
     c.close().await;

@@ -1,9 +1,9 @@
 use std::time::Duration;
 
-use steadfast::{Delivery, Event, Message, ProtocolVersion, Qos};
+use steadfast::{Delivery, Message, ProtocolVersion, Qos};
 use steadfast_testkit::{Mosquitto, Subscriber};
 
-use crate::{assert_all_in_order, config, open, payloads};
+use crate::{assert_all_in_order, config, connect_failed, open, payloads};
 
 #[tokio::test]
 async fn qos1_messages_arrive_in_order_on_mqtt5_and_311() {
@@ -66,11 +66,7 @@ async fn publishing_with_the_broker_down_queues_and_delivers_later() {
         c.publish(Message::new("down", p.clone())).await.unwrap();
     }
     // The attempt failing is visible, and nothing is lost meanwhile.
-    loop {
-        if let Event::ConnectFailed { .. } = events.recv().await.unwrap() {
-            break;
-        }
-    }
+    connect_failed(&mut events).await;
     assert_eq!(c.status().await.unwrap().queued, 200);
     broker.restart().await;
     assert_eq!(broker.port(), port);
@@ -95,11 +91,7 @@ async fn a_refused_connack_says_why() {
             config("p4", &broker.url(), out.path()).version(version).credentials("alice", Some(b"wrong".to_vec()));
         let c = open(cfg).await;
         let mut events = c.events();
-        let err = loop {
-            if let Event::ConnectFailed { error, .. } = events.recv().await.unwrap() {
-                break error;
-            }
-        };
+        let err = connect_failed(&mut events).await;
         assert!(!err.is_retryable(), "{err}");
         let text = err.to_string();
         assert!(text.contains("bad user name or password") || text.contains("not authorised"), "{version:?}: {text}");

@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use steadfast_core::{
-    Backoff, DropReason, Identity, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage,
-};
+use steadfast_core::{Backoff, DropReason, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, Outbox, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -220,10 +218,6 @@ impl Driver {
         self.outbox.record_broker(record(&s));
     }
 
-    fn identity(&self, id: u64) -> Identity {
-        Identity { producer: self.producer.to_string(), seq: id }
-    }
-
     async fn session(&mut self, connected_at: &mut Option<Instant>) -> Result<End, ConnectError> {
         let broker = self.url.to_string();
         let connect = TcpStream::connect(self.url.authority());
@@ -328,7 +322,7 @@ impl Driver {
                         continue;
                     }
                     match e.stage {
-                        Stage::Published => link.publish(m, &self.identity(e.id), Some(*pid), true)?,
+                        Stage::Published => link.publish(m, &self.producer, Some(*pid), true)?,
                         Stage::Released => link.pubrel(*pid)?,
                     };
                     resent += 1;
@@ -567,7 +561,7 @@ impl Driver {
 
     /// The PUBLISH for `m`, or why it can never be sent (G3).
     fn encode(&self, link: &Link, m: &StoredMessage, pid: Option<u16>) -> Result<Vec<u8>, DropReason> {
-        let bytes = match link.encode_publish(m, &self.identity(m.id), pid, false) {
+        let bytes = match link.encode_publish(m, &self.producer, pid, false) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(id = m.id, topic = %m.msg.topic, error = %e, "message cannot be encoded; dropped");

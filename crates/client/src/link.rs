@@ -128,16 +128,17 @@ impl Link {
         Ok(())
     }
 
-    /// The encoded PUBLISH for `m` (not queued).
+    /// The encoded PUBLISH for `m` (not queued); `producer` is the producer
+    /// id of its identity.
     pub fn encode_publish(
         &self,
         m: &StoredMessage,
-        identity: &Identity,
+        producer: &str,
         pid: Option<u16>,
         dup: bool,
     ) -> Result<Vec<u8>, ConnectError> {
         Ok(match self.version {
-            ProtocolVersion::V5 => build_v5(m, identity, pid, dup)?.to_continuous_buffer(),
+            ProtocolVersion::V5 => build_v5(m, producer, pid, dup)?.to_continuous_buffer(),
             ProtocolVersion::V311 => build_v311(m, pid, dup)?.to_continuous_buffer(),
         })
     }
@@ -146,11 +147,11 @@ impl Link {
     pub fn publish(
         &mut self,
         m: &StoredMessage,
-        identity: &Identity,
+        producer: &str,
         pid: Option<u16>,
         dup: bool,
     ) -> Result<(), ConnectError> {
-        let bytes = self.encode_publish(m, identity, pid, dup)?;
+        let bytes = self.encode_publish(m, producer, pid, dup)?;
         self.out.extend_from_slice(&bytes);
         Ok(())
     }
@@ -263,12 +264,7 @@ fn parse<T>(
     raw.parse_exact(f).map_err(|e| malformed(what, e))
 }
 
-fn build_v5(
-    m: &StoredMessage,
-    identity: &Identity,
-    pid: Option<u16>,
-    dup: bool,
-) -> Result<v5_0::Publish, ConnectError> {
+fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> Result<v5_0::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
     let p = &m.msg.props;
     let mut props: Vec<Property> = Vec::new();
@@ -288,7 +284,8 @@ fn build_v5(
     for (k, v) in &p.user {
         props.push(Property::UserProperty(mqtt::packet::UserProperty::new(k.as_str(), v.as_str()).map_err(err)?));
     }
-    let id = identity.to_property_value();
+    // The message's identity (G5): the outbox id is its sequence number.
+    let id = Identity::property_value(producer, m.id);
     props.push(Property::UserProperty(
         mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, id.as_str()).map_err(err)?,
     ));

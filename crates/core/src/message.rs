@@ -40,7 +40,13 @@ impl Identity {
 
     /// The user property value: `producer/seq`, seq in decimal.
     pub fn to_property_value(&self) -> String {
-        format!("{}/{}", self.producer, self.seq)
+        Self::property_value(&self.producer, self.seq)
+    }
+
+    /// The user property value for `producer` and `seq`, without building
+    /// an `Identity` first (the send path does this for every message).
+    pub fn property_value(producer: &str, seq: u64) -> String {
+        format!("{producer}/{seq}")
     }
 
     /// Parses a user property value written by [`Identity::to_property_value`].

@@ -19,7 +19,9 @@ mod sqlite;
 
 pub use error::StoreError;
 pub use memory::MemoryStore;
-pub use outbox::{AcceptFuture, AppendError, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow, Report};
+pub use outbox::{
+    AcceptFuture, AppendError, BrokerLag, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow, Quorum, Report,
+};
 pub use sqlite::{OpenReport, SqliteStore};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
@@ -39,6 +41,8 @@ pub struct NewMessage {
     pub props: Properties,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// The named broker set it goes to; `None` for the client's default.
+    pub route: Option<String>,
 }
 
 impl NewMessage {
@@ -55,9 +59,36 @@ pub struct StoredMessage {
     pub id: u64,
     /// The message itself.
     pub msg: NewMessage,
-    /// QoS 2 only: the packet id and stage it is bound to on the wire.
+    /// QoS 2 only: the packet id and stage it is bound to on the wire of
+    /// the broker that asked ([`Store::bound`]); `None` in other reads.
     pub wire: Option<(u16, Stage)>,
+    /// Broker slots that acknowledged it so far (bit `1 << slot`).
+    pub acks: u64,
 }
+
+/// Where a queued message stands, for the writer's quorum decisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its topic.
+    pub topic: String,
+    /// Its route (`None`: the default broker set).
+    pub route: Option<String>,
+    /// Broker slots that acknowledged it (bit `1 << slot`).
+    pub acks: u64,
+    /// Delivered (its quorum acknowledged it) but kept because a broker
+    /// still holds a QoS 2 exchange of it.
+    pub done: bool,
+    /// QoS 2 exchanges of it still open, one per broker at most.
+    pub bindings: u32,
+    /// Bytes it counts against the bound.
+    pub size: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// The most brokers one outbox can tell apart (acknowledgements are a
+/// 64-bit mask per message).
+pub const MAX_SLOTS: usize = 64;
 
 /// Count and bytes of what the outbox holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,10 +111,15 @@ pub struct BrokerRecord {
     pub last_error: Option<String>,
     /// When `state` began, milliseconds since the Unix epoch.
     pub since_ms: u64,
+    /// In backoff: when the next attempt starts (ms since the epoch).
+    pub retry_ms: Option<u64>,
     /// Messages this broker acknowledged since the client started.
     pub acked: u64,
     /// Successful connections since the client started.
     pub connects: u64,
+    /// Whether new messages go to this broker now (failover: the active
+    /// one; fanout and balance: every connected member).
+    pub active: bool,
 }
 
 /// Storage of the outbox. All calls between [`Store::begin`] and
@@ -98,14 +134,25 @@ pub trait Store: Send + 'static {
     fn rollback(&mut self);
     /// Adds a message; returns its id, greater than any id ever handed out.
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError>;
-    /// Removes a message; returns its size if it was there.
-    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError>;
-    /// Records (or clears) the wire binding of a QoS 2 message.
-    fn set_wire(&mut self, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError>;
-    /// Up to `limit` messages with id greater than `after`, oldest first.
-    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
-    /// Every message bound to a packet id on the wire (QoS 2), oldest first.
-    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Where a message stands; `None` if it is gone.
+    fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError>;
+    /// Removes a message and its wire bindings; false if it was gone.
+    fn remove(&mut self, id: u64) -> Result<bool, StoreError>;
+    /// Records that the broker in `slot` acknowledged the message, and
+    /// closes that broker's QoS 2 exchange of it.
+    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError>;
+    /// Marks a message delivered while QoS 2 exchanges of it stay open.
+    fn set_done(&mut self, id: u64) -> Result<(), StoreError>;
+    /// Records (or clears) the wire binding of a QoS 2 message on the broker
+    /// in `slot`.
+    fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError>;
+    /// Up to `limit` queued (not done) messages with id greater than
+    /// `after`, oldest first; with a slot, only those that broker has not
+    /// acknowledged.
+    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError>;
+    /// Every message bound to a packet id on the wire of the broker in
+    /// `slot` (QoS 2), oldest first, with its binding.
+    fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError>;
     /// Ids and sizes of the `limit` oldest messages.
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError>;
     /// The highest id still queued.
@@ -118,6 +165,22 @@ pub trait Store: Send + 'static {
     fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError>;
     /// Drop counters, every reason listed.
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError>;
+    /// Queued messages older than `cutoff_ms` that at least one broker
+    /// acknowledged: `(id, acks, route)`, oldest first, at most `limit`.
+    fn lapsed(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError>;
+    /// Queued messages the broker in `slot` has not acknowledged.
+    fn lag(&mut self, slot: u32) -> Result<u64, StoreError>;
+    /// The slot of each broker URL, assigning free ones to new URLs. When
+    /// all are taken, slots of URLs not in `urls` are reused (their
+    /// acknowledgements and bindings are cleared first).
+    fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError>;
+    /// Every broker URL with its slot.
+    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError>;
+    /// Adds to the count of messages a broker missed (its catch-up window
+    /// passed before it acknowledged them).
+    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError>;
+    /// Messages missed per broker URL.
+    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
     /// A metadata value.
     fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError>;
     /// Sets a metadata value.

@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use steadfast_core::{DropReason, Stage};
 
-use crate::{BrokerRecord, NewMessage, Store, StoreError, StoredMessage, Totals};
+use crate::{BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
 
 /// An outbox kept in memory, with the same transaction semantics as
 /// [`crate::SqliteStore`] (a rollback undoes everything since `begin`). For
@@ -15,11 +15,22 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default, Clone)]
 struct State {
-    messages: BTreeMap<u64, StoredMessage>,
+    messages: BTreeMap<u64, Row>,
+    /// (id, slot) -> binding.
+    wire: BTreeMap<(u64, u32), (u16, Stage)>,
+    slots: BTreeMap<String, u32>,
+    missed: BTreeMap<String, u64>,
     next_id: u64,
     drops: HashMap<DropReason, u64>,
     meta: HashMap<String, String>,
     brokers: BTreeMap<String, BrokerRecord>,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    msg: NewMessage,
+    acks: u64,
+    done: bool,
 }
 
 impl MemoryStore {
@@ -46,40 +57,119 @@ impl Store for MemoryStore {
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError> {
         self.state.next_id += 1;
         let id = self.state.next_id;
-        let m = StoredMessage { id, msg: msg.clone(), wire: None };
-        self.state.messages.insert(id, m);
+        self.state.messages.insert(id, Row { msg: msg.clone(), acks: 0, done: false });
         Ok(id)
     }
-    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self.state.messages.remove(&id).map(|m| m.msg.size()))
+    fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
+        let bindings = self.state.wire.range((id, 0)..=(id, u32::MAX)).count() as u32;
+        Ok(self.state.messages.get(&id).map(|r| Entry {
+            topic: r.msg.topic.clone(),
+            route: r.msg.route.clone(),
+            acks: r.acks,
+            done: r.done,
+            bindings,
+            size: r.msg.size(),
+            created_ms: r.msg.created_ms,
+        }))
     }
-    fn set_wire(&mut self, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
-        if let Some(m) = self.state.messages.get_mut(&id) {
-            m.wire = wire;
+    fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
+        self.state.wire.retain(|(i, _), _| *i != id);
+        Ok(self.state.messages.remove(&id).is_some())
+    }
+    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+        if let Some(r) = self.state.messages.get_mut(&id) {
+            r.acks |= 1 << slot;
+        }
+        self.state.wire.remove(&(id, slot));
+        Ok(())
+    }
+    fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
+        if let Some(r) = self.state.messages.get_mut(&id) {
+            r.done = true;
         }
         Ok(())
     }
-    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let range = self.state.messages.range(after + 1..);
-        Ok(range.take(limit).map(|(_, m)| m.clone()).collect())
+    fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
+        match wire {
+            Some(w) if self.state.messages.contains_key(&id) => {
+                self.state.wire.insert((id, slot), w);
+            }
+            Some(_) => {}
+            None => {
+                self.state.wire.remove(&(id, slot));
+            }
+        }
+        Ok(())
     }
-    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError> {
-        Ok(self.state.messages.values().filter(|m| m.wire.is_some()).cloned().collect())
+    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError> {
+        let mask = slot.map_or(0, |s| 1u64 << s);
+        let range = self.state.messages.range(after + 1..).filter(|(_, r)| !r.done && r.acks & mask == 0);
+        Ok(range.take(limit).map(|(id, r)| stored(*id, r, None)).collect())
+    }
+    fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        let s = &self.state;
+        let bound = s.wire.iter().filter(|((_, sl), _)| *sl == slot);
+        Ok(bound.filter_map(|((id, _), w)| s.messages.get(id).map(|r| stored(*id, r, Some(*w)))).collect())
     }
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
-        let it = self.state.messages.values().take(limit);
-        Ok(it.map(|m| (m.id, m.msg.size())).collect())
+        let it = self.state.messages.iter().filter(|(_, r)| !r.done).take(limit);
+        Ok(it.map(|(id, r)| (*id, r.msg.size())).collect())
     }
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
         Ok(self.state.messages.keys().next_back().copied())
     }
     fn totals(&mut self) -> Result<Totals, StoreError> {
-        let bytes = self.state.messages.values().map(|m| m.msg.size()).sum();
-        let count = self.state.messages.len() as u64;
+        let queued = self.state.messages.values().filter(|r| !r.done);
+        let (count, bytes) = queued.fold((0, 0), |(c, b), r| (c + 1, b + r.msg.size()));
         Ok(Totals { count, bytes })
     }
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
-        Ok(self.state.messages.values().map(|m| m.msg.created_ms).min())
+        Ok(self.state.messages.values().find(|r| !r.done).map(|r| r.msg.created_ms))
+    }
+    fn lapsed(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError> {
+        let it = self.state.messages.iter().filter(|(_, r)| !r.done && r.acks != 0 && r.msg.created_ms < cutoff_ms);
+        Ok(it.take(limit).map(|(id, r)| (*id, r.acks, r.msg.route.clone())).collect())
+    }
+    fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
+        Ok(self.state.messages.values().filter(|r| !r.done && r.acks & (1 << slot) == 0).count() as u64)
+    }
+    fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
+        let mut out = Vec::new();
+        for url in urls {
+            if let Some(s) = self.state.slots.get(url) {
+                out.push(*s);
+                continue;
+            }
+            let free = (0..MAX_SLOTS as u32).find(|s| !self.state.slots.values().any(|t| t == s));
+            let slot = match free {
+                Some(s) => s,
+                None => {
+                    let gone = self.state.slots.keys().find(|u| !urls.contains(u)).cloned();
+                    let Some(gone) = gone else {
+                        return Err(StoreError::WriteFailed(format!("more than {MAX_SLOTS} brokers configured at once")));
+                    };
+                    let slot = self.state.slots.remove(&gone).expect("found");
+                    for r in self.state.messages.values_mut() {
+                        r.acks &= !(1 << slot);
+                    }
+                    self.state.wire.retain(|(_, s), _| *s != slot);
+                    slot
+                }
+            };
+            self.state.slots.insert(url.clone(), slot);
+            out.push(slot);
+        }
+        Ok(out)
+    }
+    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
+        Ok(self.state.slots.iter().map(|(u, s)| (u.clone(), *s)).collect())
+    }
+    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
+        *self.state.missed.entry(url.to_owned()).or_default() += n;
+        Ok(())
+    }
+    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.state.missed.iter().map(|(u, n)| (u.clone(), *n)).collect())
     }
     fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError> {
         *self.state.drops.entry(reason).or_default() += n;
@@ -103,4 +193,8 @@ impl Store for MemoryStore {
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
         Ok(self.state.brokers.values().cloned().collect())
     }
+}
+
+fn stored(id: u64, r: &Row, wire: Option<(u16, Stage)>) -> StoredMessage {
+    StoredMessage { id, msg: r.msg.clone(), wire, acks: r.acks }
 }

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::{BrokerRecord, NewMessage, Store, StoreError, StoredMessage, Totals};
+use crate::{BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals};
 
 /// What happens to a new message when the outbox is full (G7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -81,6 +81,40 @@ pub struct Dropped {
     pub reason: DropReason,
 }
 
+/// How many brokers must acknowledge the messages of one route before they
+/// leave the outbox (fanout `ack = all | any | N`; 1 for failover and
+/// balance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quorum {
+    /// The route (`None`: the default broker set).
+    pub route: Option<String>,
+    /// Its brokers: slot and URL.
+    pub members: Vec<(u32, String)>,
+    /// Acknowledgements needed.
+    pub need: u32,
+    /// Fanout: once a message is this old and at least one member
+    /// acknowledged it, it leaves; the members that had not are counted as
+    /// having missed it.
+    pub catch_up_ms: Option<u64>,
+}
+
+impl Quorum {
+    fn mask(&self) -> u64 {
+        self.members.iter().fold(0, |m, (s, _)| m | 1u64 << s)
+    }
+}
+
+/// How far behind one broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerLag {
+    /// The broker URL.
+    pub url: String,
+    /// Queued messages it has not acknowledged.
+    pub lag: u64,
+    /// Messages it missed: its catch-up window passed first (persistent).
+    pub missed: u64,
+}
+
 /// A snapshot of the outbox, updated after every commit.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxState {
@@ -112,20 +146,32 @@ enum Request {
         ids: Vec<u64>,
         outcome: Delivery,
     },
+    Ack {
+        slot: u32,
+        ids: Vec<u64>,
+    },
     SetWire {
+        slot: u32,
         updates: Vec<(u64, Option<(u16, Stage)>)>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Read {
         after: u64,
         limit: usize,
+        slot: Option<u32>,
         reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
     },
     Query {
         reply: oneshot::Sender<Result<Report, StoreError>>,
     },
     Bound {
+        slot: u32,
         reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+    },
+    Slots {
+        urls: Vec<String>,
+        quorums: Vec<Quorum>,
+        reply: oneshot::Sender<Result<Vec<u32>, StoreError>>,
     },
     Broker(BrokerRecord),
     Meta {
@@ -147,6 +193,8 @@ pub struct Report {
     pub drops: Vec<(DropReason, u64)>,
     /// Broker states recorded by the owner.
     pub brokers: Vec<BrokerRecord>,
+    /// Per broker that ever had a slot: lag and missed messages.
+    pub lag: Vec<BrokerLag>,
 }
 
 impl Report {
@@ -157,6 +205,15 @@ impl Report {
             oldest_created_ms: store.oldest_created_ms()?,
             drops: store.drops()?,
             brokers: store.brokers()?,
+            lag: {
+                let missed = store.missed()?;
+                let mut lag = Vec::new();
+                for (url, slot) in store.slots()? {
+                    let m = missed.iter().find(|(u, _)| *u == url).map_or(0, |(_, n)| *n);
+                    lag.push(BrokerLag { lag: store.lag(slot)?, missed: m, url });
+                }
+                lag
+            },
         })
     }
 }
@@ -196,6 +253,8 @@ impl Outbox {
             last_id,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
+            quorums: Vec::new(),
+            swept_at: std::time::Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("steadfast-outbox".into())
@@ -226,32 +285,59 @@ impl Outbox {
         (AcceptFuture { rx }, drx)
     }
 
-    /// Removes messages that reached their end. Not awaited: a removal lost
-    /// in a crash only means a resend (at-least-once), never a loss.
+    /// Removes messages that reached their end, whatever acknowledged them
+    /// (or dropped by their policy). Not awaited: a removal lost in a crash
+    /// only means a resend (at-least-once), never a loss.
     pub fn remove(&self, ids: Vec<u64>, outcome: Delivery) {
         if !ids.is_empty() {
             self.send(Request::Remove { ids, outcome });
         }
     }
 
-    /// Records QoS 2 wire bindings durably; resolves after the sync.
-    pub async fn set_wire(&self, updates: Vec<(u64, Option<(u16, Stage)>)>) -> Result<(), StoreError> {
+    /// The broker in `slot` acknowledged these (and closed its QoS 2
+    /// exchanges of them). Each leaves the outbox once its route's quorum
+    /// acknowledged it. Not awaited, like [`Outbox::remove`].
+    pub fn ack(&self, slot: u32, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            self.send(Request::Ack { slot, ids });
+        }
+    }
+
+    /// Records QoS 2 wire bindings on the broker in `slot` durably;
+    /// resolves after the sync.
+    pub async fn set_wire(&self, slot: u32, updates: Vec<(u64, Option<(u16, Stage)>)>) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::SetWire { updates, reply });
+        self.send(Request::SetWire { slot, updates, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Up to `limit` queued messages with id above `after`, oldest first.
-    pub async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    /// Up to `limit` queued messages with id above `after`, oldest first;
+    /// with a slot, only those that broker has not acknowledged.
+    pub async fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Read { after, limit, reply });
+        self.send(Request::Read { after, limit, slot, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Every QoS 2 message bound to a packet id, oldest first.
-    pub async fn bound(&self) -> Result<Vec<StoredMessage>, StoreError> {
+    /// Every QoS 2 message bound to a packet id on the broker in `slot`,
+    /// oldest first.
+    pub async fn bound(&self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Bound { reply });
+        self.send(Request::Bound { slot, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Gives each broker URL its slot (kept across restarts) and sets the
+    /// quorum of each route, whose `members` slots are filled in from the
+    /// URLs. Call before any acknowledgement.
+    pub async fn configure(&self, urls: Vec<String>, quorums: Vec<Quorum>) -> Result<Vec<u32>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Slots { urls, quorums, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -316,8 +402,10 @@ struct Writer {
     waiters_pruned_at: usize,
     last_id: u64,
     /// Removals undone by a failed commit, applied again with the next batch.
-    pending_removes: Vec<(Vec<u64>, Delivery)>,
+    pending_removes: Vec<Request>,
     blocked: VecDeque<PendingAppend>,
+    quorums: Vec<Quorum>,
+    swept_at: std::time::Instant,
 }
 
 type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
@@ -330,19 +418,32 @@ struct Batch {
     resolved: Vec<(u64, Delivery)>,
     wire_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
     meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
+    slot_replies: Vec<(oneshot::Sender<Result<Vec<u32>, StoreError>>, Vec<u32>)>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,
 }
 
 const MAX_BATCH: usize = 8192;
+/// How often the fanout catch-up windows are checked.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A copy of a removal or acknowledgement, kept to apply again when its
+/// commit failed: an acknowledged message must still leave.
+fn removal_copy(r: &Request) -> Option<Request> {
+    match r {
+        Request::Remove { ids, outcome } => Some(Request::Remove { ids: ids.clone(), outcome: *outcome }),
+        Request::Ack { slot, ids } => Some(Request::Ack { slot: *slot, ids: ids.clone() }),
+        _ => None,
+    }
+}
 
 impl Writer {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
         loop {
             // Removals that a failed commit undid are tried again, even
             // when nothing else comes: a delivered message must leave.
-            let first = if self.pending_removes.is_empty() {
+            let first = if self.pending_removes.is_empty() && !self.sweeps() {
                 match rx.recv() {
                     Ok(r) => Some(r),
                     Err(_) => break,
@@ -381,17 +482,12 @@ impl Writer {
             .position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }));
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
         self.serve_reads(early);
-        if requests.is_empty() && self.pending_removes.is_empty() {
+        let sweep = self.sweeps() && self.swept_at.elapsed() >= SWEEP_EVERY;
+        if requests.is_empty() && self.pending_removes.is_empty() && !sweep {
             return false;
         }
         let retried = std::mem::take(&mut self.pending_removes);
-        let removes: Vec<(Vec<u64>, Delivery)> = requests
-            .iter()
-            .filter_map(|r| match r {
-                Request::Remove { ids, outcome } => Some((ids.clone(), *outcome)),
-                _ => None,
-            })
-            .collect();
+        let removes: Vec<Request> = requests.iter().filter_map(removal_copy).collect();
         let mut b = Batch::default();
         let before = self.totals;
         if let Err(e) = self.store.begin() {
@@ -399,15 +495,19 @@ impl Writer {
             return self.fail_batch(requests, e);
         }
         let mut result = Ok(());
-        for (ids, outcome) in &retried {
+        for r in &retried {
             if result.is_ok() {
-                result = self.apply_one(Request::Remove { ids: ids.clone(), outcome: *outcome }, &mut b);
+                result = self.apply_one(removal_copy(r).expect("only removals are retried"), &mut b);
             }
         }
         let mut rest = requests.into_iter();
         while result.is_ok() {
             let Some(r) = rest.next() else { break };
             result = self.apply_one(r, &mut b);
+        }
+        if result.is_ok() && sweep {
+            self.swept_at = std::time::Instant::now();
+            result = self.sweep_lapsed(&mut b);
         }
         if result.is_ok() {
             result = self.admit_blocked(&mut b);
@@ -453,11 +553,32 @@ impl Writer {
                     }
                 }
             }
-            Request::SetWire { updates, reply } => {
+            Request::Ack { slot, ids } => {
+                for id in ids {
+                    self.store.ack(id, slot)?;
+                    self.settle(id, b)?;
+                }
+            }
+            Request::SetWire { slot, updates, reply } => {
                 for (id, wire) in updates {
-                    self.store.set_wire(id, wire)?;
+                    self.store.set_wire(slot, id, wire)?;
+                    if wire.is_none() {
+                        self.settle(id, b)?;
+                    }
                 }
                 b.wire_replies.push(reply);
+            }
+            Request::Slots { urls, mut quorums, reply } => {
+                let slots = self.store.assign_slots(&urls)?;
+                for q in &mut quorums {
+                    for (slot, url) in &mut q.members {
+                        if let Some(i) = urls.iter().position(|u| u == url) {
+                            *slot = slots[i];
+                        }
+                    }
+                }
+                self.quorums = quorums;
+                b.slot_replies.push((reply, slots));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
             Request::Meta { key, default, reply } => {
@@ -532,21 +653,104 @@ impl Writer {
         Ok(())
     }
 
+    /// The acknowledgements a message of `route` needs, and from which
+    /// slots. Without routes (one broker), any acknowledgement will do.
+    fn rule(&self, route: Option<&str>) -> (u64, u32, Option<u64>) {
+        match self.quorums.iter().find(|q| q.route.as_deref() == route) {
+            Some(q) => (q.mask(), q.need.max(1), q.catch_up_ms),
+            None => (u64::MAX, 1, None),
+        }
+    }
+
+    /// After an acknowledgement or a closed QoS 2 exchange: a message whose
+    /// quorum is complete is delivered; its row goes once no broker holds
+    /// an exchange of it any more.
+    fn settle(&mut self, id: u64, b: &mut Batch) -> Result<(), StoreError> {
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        if e.done {
+            if e.bindings == 0 {
+                self.store.remove(id)?;
+            }
+            return Ok(());
+        }
+        let (mask, need, _) = self.rule(e.route.as_deref());
+        if (e.acks & mask).count_ones() >= need {
+            self.finish(id, &e, Delivery::Delivered, b)?;
+        }
+        Ok(())
+    }
+
+    /// A queued message reached its end.
+    fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+        if e.bindings == 0 || matches!(outcome, Delivery::Dropped(_)) {
+            self.store.remove(id)?;
+        } else {
+            self.store.set_done(id)?;
+        }
+        self.totals.count -= 1;
+        self.totals.bytes = self.totals.bytes.saturating_sub(e.size);
+        b.resolved.push((id, outcome));
+        Ok(())
+    }
+
     /// Removes a message that reached its end; false if it was gone already.
     fn remove_one(&mut self, id: u64, outcome: Delivery, b: &mut Batch) -> Result<bool, StoreError> {
-        let Some(size) = self.store.remove(id)? else { return Ok(false) };
-        self.totals.count -= 1;
-        self.totals.bytes = self.totals.bytes.saturating_sub(size);
-        b.resolved.push((id, outcome));
-        Ok(true)
+        match self.store.entry(id)? {
+            Some(e) if e.done => {
+                self.store.remove(id)?;
+                Ok(false)
+            }
+            Some(e) => {
+                self.finish(id, &e, outcome, b)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// Drops a message undelivered: counted by reason and announced (G3).
     fn drop_one(&mut self, id: u64, reason: DropReason, b: &mut Batch) -> Result<(), StoreError> {
-        let topic = self.store.read_after(id.saturating_sub(1), 1)?.pop().filter(|m| m.id == id).map(|m| m.msg.topic);
-        if self.remove_one(id, Delivery::Dropped(reason), b)? {
-            self.store.add_drops(reason, 1)?;
-            b.drops.push(Dropped { id, topic: topic.unwrap_or_default(), reason });
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        if e.done {
+            return Ok(());
+        }
+        self.finish(id, &e, Delivery::Dropped(reason), b)?;
+        self.store.add_drops(reason, 1)?;
+        b.drops.push(Dropped { id, topic: e.topic, reason });
+        Ok(())
+    }
+
+    fn sweeps(&self) -> bool {
+        self.quorums.iter().any(|q| q.catch_up_ms.is_some())
+    }
+
+    /// Fanout catch-up: a message older than its route's window that some
+    /// member acknowledged leaves the outbox; each member that had not is
+    /// counted as having missed it, so a long-dead broker cannot pin the
+    /// backlog for ever.
+    fn sweep_lapsed(&mut self, b: &mut Batch) -> Result<(), StoreError> {
+        let now = crate::now_ms();
+        for q in self.quorums.clone() {
+            let Some(window) = q.catch_up_ms else { continue };
+            let mask = q.mask();
+            let mut missed: HashMap<&str, u64> = HashMap::new();
+            for (id, acks, route) in self.store.lapsed(now.saturating_sub(window), 4096)? {
+                if route != q.route || acks & mask == 0 {
+                    continue;
+                }
+                for (slot, url) in &q.members {
+                    if acks & (1 << slot) == 0 {
+                        *missed.entry(url.as_str()).or_default() += 1;
+                    }
+                }
+                if let Some(e) = self.store.entry(id)? {
+                    self.finish(id, &e, Delivery::Delivered, b)?;
+                }
+            }
+            for (url, n) in missed {
+                self.store.add_missed(url, n)?;
+                tracing::warn!(broker = url, missed = n, catch_up_ms = window, "a broker was down longer than its catch-up window; these messages were delivered to the others and counted as missed by it");
+            }
         }
         Ok(())
     }
@@ -585,6 +789,9 @@ impl Writer {
         for (reply, v) in b.meta_replies {
             let _ = reply.send(Ok(v));
         }
+        for (reply, v) in b.slot_replies {
+            let _ = reply.send(Ok(v));
+        }
         // One log line per reason and batch (a flood of overflow drops
         // must not flood the log); one event per message.
         for reason in DropReason::ALL {
@@ -603,14 +810,14 @@ impl Writer {
     fn serve_reads(&mut self, reads: Vec<Request>) {
         for r in reads {
             match r {
-                Request::Read { after, limit, reply } => {
-                    let _ = reply.send(self.store.read_after(after, limit));
+                Request::Read { after, limit, slot, reply } => {
+                    let _ = reply.send(self.store.read_after(after, limit, slot));
                 }
                 Request::Query { reply } => {
                     let _ = reply.send(Report::read(self.store.as_mut()));
                 }
-                Request::Bound { reply } => {
-                    let _ = reply.send(self.store.bound());
+                Request::Bound { slot, reply } => {
+                    let _ = reply.send(self.store.bound(slot));
                 }
                 _ => unreachable!("only reads are deferred"),
             }
@@ -658,9 +865,10 @@ impl Writer {
                 Request::Append { reply, .. } => b.accepted.push((reply, Ok(0))),
                 Request::SetWire { reply, .. } => b.wire_replies.push(reply),
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
+                Request::Slots { reply, .. } => b.slot_replies.push((reply, Vec::new())),
                 Request::Close => b.close = true,
                 r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }) => b.reads.push(r),
-                Request::Remove { .. } | Request::Broker(_) => {}
+                Request::Remove { .. } | Request::Ack { .. } | Request::Broker(_) => {}
             }
         }
         let close = b.close;
@@ -677,6 +885,9 @@ impl Writer {
             let _ = reply.send(Err(again(&e)));
         }
         for (reply, _) in b.meta_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.slot_replies {
             let _ = reply.send(Err(again(&e)));
         }
         self.serve_reads(b.reads);

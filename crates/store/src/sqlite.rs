@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
-use crate::{now_ms, BrokerRecord, NewMessage, Store, StoreError, StoredMessage, Totals};
+use crate::{now_ms, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const DB_FILE: &str = "outbox.db";
 const LOCK_FILE: &str = "outbox.lock";
 
@@ -25,11 +25,20 @@ CREATE TABLE IF NOT EXISTS outbox (
     props BLOB,
     created_ms INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    pid INTEGER,
-    stage INTEGER
+    route TEXT,
+    acks INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0
 );
--- Finds the few QoS 2 messages bound to a packet id without a scan.
-CREATE INDEX IF NOT EXISTS outbox_bound ON outbox(pid) WHERE pid IS NOT NULL;
+-- One row per open QoS 2 exchange: (message, broker slot) -> packet id.
+CREATE TABLE IF NOT EXISTS wire (
+    id INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    stage INTEGER NOT NULL,
+    PRIMARY KEY (id, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slots (url TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS missed (url TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS brokers (
     url TEXT PRIMARY KEY,
@@ -37,8 +46,27 @@ CREATE TABLE IF NOT EXISTS brokers (
     last_error TEXT,
     since_ms INTEGER NOT NULL,
     acked INTEGER NOT NULL,
-    connects INTEGER NOT NULL
+    connects INTEGER NOT NULL,
+    retry_ms INTEGER,
+    active INTEGER NOT NULL DEFAULT 0
 );
+";
+
+/// Format 1 kept one QoS 2 binding per message in the outbox row (one
+/// broker per client). It moves to the `wire` table under slot 0, which
+/// goes to the broker format 1 last recorded (the only one it could use).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE outbox ADD COLUMN route TEXT;
+ALTER TABLE outbox ADD COLUMN acks INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN done INTEGER NOT NULL DEFAULT 0;
+INSERT INTO wire (id, slot, pid, stage) SELECT id, 0, pid, stage FROM outbox WHERE pid IS NOT NULL AND stage IS NOT NULL;
+DROP INDEX IF EXISTS outbox_bound;
+ALTER TABLE outbox DROP COLUMN pid;
+ALTER TABLE outbox DROP COLUMN stage;
+ALTER TABLE brokers ADD COLUMN retry_ms INTEGER;
+ALTER TABLE brokers ADD COLUMN active INTEGER NOT NULL DEFAULT 0;
+INSERT OR IGNORE INTO slots (url, slot) SELECT url, 0 FROM brokers ORDER BY since_ms DESC LIMIT 1;
+UPDATE meta SET value = '2' WHERE key = 'format';
 ";
 
 /// What opening the outbox found and did about damage.
@@ -112,12 +140,18 @@ impl SqliteStore {
         let conn = Connection::open_with_flags(&path, flags)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let tables: u32 = conn.query_row(
-            "SELECT count(*) FROM sqlite_master WHERE name IN ('outbox', 'drops', 'brokers')",
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('outbox', 'drops', 'brokers', 'wire', 'missed')",
             [],
             |r| r.get(0),
         )?;
-        if tables < 3 {
-            let why = "its outbox.db holds no outbox (yet: is it being created?)";
+        if tables < 5 {
+            let old: u32 =
+                conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'outbox'", [], |r| r.get(0))?;
+            let why = if old > 0 {
+                "its outbox.db is in format 1, from an earlier steadfast; it is converted when its owner opens it (run `steadfast pub --drain` with it once)"
+            } else {
+                "its outbox.db holds no outbox (yet: is it being created?)"
+            };
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }
@@ -224,6 +258,12 @@ fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
         Some(v) if v > FORMAT_VERSION => {
             let path = dir.to_owned();
             return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
+        }
+        Some(1) => {
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_1_TO_2} COMMIT;")).inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
+            tracing::info!(dir = %dir.display(), "outbox converted from format 1 to format 2");
         }
         Some(_) => {}
     }
@@ -380,7 +420,7 @@ fn salvage(from: &Path, to: &Connection) -> u64 {
     let Ok(old) = Connection::open_with_flags(from, flags) else {
         return 0;
     };
-    for table in ["meta", "drops"] {
+    for table in ["meta", "drops", "slots", "missed", "wire"] {
         let _ = copy_table(&old, to, table);
     }
     let floor: u64 =
@@ -415,13 +455,23 @@ fn salvage(from: &Path, to: &Connection) -> u64 {
     count
 }
 
+/// Copies what can be read of a small table, whatever its columns (the
+/// format version stays the new database's own).
 fn copy_table(old: &Connection, to: &Connection, table: &str) -> rusqlite::Result<()> {
-    let cols = if table == "meta" { "key, value" } else { "reason, count" };
-    let mut stmt = old.prepare(&format!("SELECT {cols} FROM {table}"))?;
-    let rows =
-        stmt.query_map([], |r| Ok((r.get::<_, rusqlite::types::Value>(0)?, r.get::<_, rusqlite::types::Value>(1)?)))?;
-    for (a, b) in rows.flatten() {
-        to.execute(&format!("INSERT OR REPLACE INTO {table} VALUES (?1, ?2)"), params![a, b])?;
+    let mut stmt = old.prepare(&format!("SELECT * FROM {table}"))?;
+    let n = stmt.column_count();
+    let marks = (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ");
+    let insert = format!("INSERT OR REPLACE INTO {table} VALUES ({marks})");
+    let mut rows = stmt.query([])?;
+    while let Ok(Some(r)) = rows.next() {
+        let Ok(values) = (0..n).map(|i| r.get::<_, rusqlite::types::Value>(i)).collect::<rusqlite::Result<Vec<_>>>()
+        else {
+            continue;
+        };
+        if table == "meta" && values[0] == rusqlite::types::Value::Text("format".into()) {
+            continue;
+        }
+        let _ = to.execute(&insert, rusqlite::params_from_iter(values.iter()));
     }
     Ok(())
 }
@@ -432,11 +482,17 @@ struct Scan {
     complete: bool,
 }
 
-/// Copies rows after `after` until the end (complete) or an error.
+/// Copies rows after `after` until the end (complete) or an error. A
+/// format 1 source keeps its QoS 2 bindings in the row: they go to the
+/// `wire` table under slot 0, as the migration does.
 fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     let mut scan = Scan { copied: 0, last: None, complete: false };
-    let sql = "SELECT id, topic, payload, qos, retain, props, created_ms, size, pid, stage FROM outbox WHERE id > ?1 ORDER BY id";
-    let Ok(mut stmt) = old.prepare(sql) else {
+    let v1 = old.prepare("SELECT pid FROM outbox LIMIT 0").is_ok();
+    let extra = if v1 { "NULL, 0, 0, pid, stage" } else { "route, acks, done, NULL, NULL" };
+    let sql = format!(
+        "SELECT id, topic, payload, qos, retain, props, created_ms, size, {extra} FROM outbox WHERE id > ?1 ORDER BY id"
+    );
+    let Ok(mut stmt) = old.prepare(&sql) else {
         return scan;
     };
     let Ok(mut rows) = stmt.query([after]) else {
@@ -445,17 +501,23 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     loop {
         match rows.next() {
             Ok(Some(r)) => {
-                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..10).map(|i| r.get(i)).collect();
+                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..13).map(|i| r.get(i)).collect();
                 let Ok(v) = values else { return scan };
                 let rusqlite::types::Value::Integer(id) = v[0] else {
                     return scan;
                 };
                 let copied = to.execute(
-                    "INSERT OR IGNORE INTO outbox VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                    rusqlite::params_from_iter(v.iter()),
+                    "INSERT OR IGNORE INTO outbox VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                    rusqlite::params_from_iter(v[..11].iter()),
                 );
                 if copied.is_ok() {
                     scan.copied += 1;
+                }
+                if v1 && v[11] != rusqlite::types::Value::Null {
+                    let _ = to.execute(
+                        "INSERT OR IGNORE INTO wire VALUES (?1, 0, ?2, ?3)",
+                        rusqlite::params![v[0], v[11], v[12]],
+                    );
                 }
                 scan.last = Some(id as u64);
             }
@@ -475,10 +537,21 @@ fn stage_to_sql(s: Stage) -> i64 {
     }
 }
 
-const SELECT_MESSAGE: &str = "SELECT id, topic, payload, qos, retain, props, created_ms, pid, stage FROM outbox";
+fn stage_from_sql(s: i64) -> Option<Stage> {
+    match s {
+        1 => Some(Stage::Published),
+        2 => Some(Stage::Released),
+        _ => None,
+    }
+}
 
-/// Runs a query of `SELECT_MESSAGE`; records that do not decode are skipped
-/// and noted in `unreadable`, so one damaged row never blocks the rest.
+const SELECT_MESSAGE: &str =
+    "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL FROM outbox";
+const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage FROM outbox JOIN wire ON wire.id = outbox.id";
+
+/// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`; records that do not
+/// decode are skipped and noted in `unreadable`, so one damaged row never
+/// blocks the rest.
 fn read_messages(
     conn: &Connection,
     unreadable: &mut Vec<(u64, String)>,
@@ -502,8 +575,8 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
     let id: u64 = r.get(0)?;
     let qos: u8 = r.get(3)?;
     let props: Option<Vec<u8>> = r.get(5)?;
-    let pid: Option<u16> = r.get(7)?;
-    let stage: Option<i64> = r.get(8)?;
+    let pid: Option<u16> = r.get(9)?;
+    let stage: Option<i64> = r.get(10)?;
     let bad = |what: String| Err(StoreError::Malformed { id, what });
     let Some(qos) = Qos::from_u8(qos) else {
         return Ok(bad(format!("QoS {qos}")));
@@ -512,13 +585,21 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
         Ok(p) => p.unwrap_or_default(),
         Err(e) => return Ok(bad(e.to_string())),
     };
-    let wire = match (pid, stage) {
-        (Some(p), Some(1)) => Some((p, Stage::Published)),
-        (Some(p), Some(2)) => Some((p, Stage::Released)),
+    let wire = match (pid, stage.and_then(stage_from_sql)) {
+        (Some(p), Some(s)) => Some((p, s)),
         _ => None,
     };
-    let msg = NewMessage { topic: r.get(1)?, payload: r.get(2)?, qos, retain: r.get(4)?, props, created_ms: r.get(6)? };
-    Ok(Ok(StoredMessage { id, msg, wire }))
+    let msg = NewMessage {
+        topic: r.get(1)?,
+        payload: r.get(2)?,
+        qos,
+        retain: r.get(4)?,
+        props,
+        created_ms: r.get(6)?,
+        route: r.get(7)?,
+    };
+    let acks = r.get::<_, i64>(8)? as u64;
+    Ok(Ok(StoredMessage { id, msg, wire, acks }))
 }
 
 impl Store for SqliteStore {
@@ -538,45 +619,91 @@ impl Store for SqliteStore {
 
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
         let props = (!m.props.is_empty()).then(|| m.props.encode());
-        let mut stmt = self
-            .conn
-            .prepare_cached("INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?;
-        let r = stmt.execute(params![m.topic, m.payload, m.qos as u8, m.retain, props, m.created_ms, m.size()]);
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let r =
+            stmt.execute(params![m.topic, m.payload, m.qos as u8, m.retain, props, m.created_ms, m.size(), m.route]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
         Ok(self.conn.last_insert_rowid() as u64)
     }
 
-    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING size")?;
-        let r = stmt.query_row([id], |r| r.get::<_, u64>(0)).optional();
-        drop(stmt);
-        r.map_err(|e| self.map(e))
+    fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT topic, route, acks, done, size, created_ms, (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1",
+        )?;
+        let r = stmt.query_row([id], |r| {
+            Ok(Entry {
+                topic: r.get(0)?,
+                route: r.get(1)?,
+                acks: r.get::<_, i64>(2)? as u64,
+                done: r.get(3)?,
+                size: r.get(4)?,
+                created_ms: r.get(5)?,
+                bindings: r.get(6)?,
+            })
+        });
+        Ok(r.optional()?)
     }
 
-    fn set_wire(&mut self, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
-        let (pid, stage) = match wire {
-            Some((p, s)) => (Some(p), Some(stage_to_sql(s))),
-            None => (None, None),
-        };
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET pid = ?2, stage = ?3 WHERE id = ?1")?;
-        let r = stmt.execute(params![id, pid, stage]);
+    fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
+        let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+        let r = wire.execute([id]);
+        drop(wire);
+        r.map_err(|e| self.map(e))?;
+        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        Ok(r.map_err(|e| self.map(e))? > 0)
+    }
+
+    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+        let bit = (1u64 << slot) as i64;
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = acks | ?2 WHERE id = ?1")?;
+        let r = stmt.execute(params![id, bit]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+        let r = wire.execute(params![id, slot]);
+        drop(wire);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1")?;
+        let r = stmt.execute([id]);
         drop(stmt);
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let sql = format!("{SELECT_MESSAGE} WHERE id > ?1 ORDER BY id LIMIT ?2");
-        read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64])
+    fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
+        let r = match wire {
+            Some((pid, stage)) => {
+                let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
+                stmt.execute(params![id, slot, pid, stage_to_sql(stage)])
+            }
+            None => {
+                let mut stmt = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+                stmt.execute(params![id, slot])
+            }
+        };
+        r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError> {
-        let sql = format!("{SELECT_MESSAGE} WHERE pid IS NOT NULL ORDER BY id");
-        read_messages(&self.conn, &mut self.unreadable, &sql, [])
+    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError> {
+        let sql = format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2");
+        let mask = slot.map_or(0, |s| (1u64 << s) as i64);
+        read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask])
+    }
+
+    fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        let sql = format!("{SELECT_BOUND} WHERE wire.slot = ?1 ORDER BY outbox.id");
+        read_messages(&self.conn, &mut self.unreadable, &sql, [slot])
     }
 
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT id, size FROM outbox ORDER BY id LIMIT ?1")?;
+        let mut stmt = self.conn.prepare_cached("SELECT id, size FROM outbox WHERE done = 0 ORDER BY id LIMIT ?1")?;
         let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -586,14 +713,84 @@ impl Store for SqliteStore {
     }
 
     fn totals(&mut self) -> Result<Totals, StoreError> {
-        let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox";
+        let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE done = 0";
         let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
     }
 
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
-        let sql = "SELECT created_ms FROM outbox ORDER BY id LIMIT 1";
+        let sql = "SELECT created_ms FROM outbox WHERE done = 0 ORDER BY id LIMIT 1";
         Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?)
+    }
+
+    fn lapsed(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, acks, route FROM outbox WHERE done = 0 AND acks != 0 AND created_ms < ?1 ORDER BY id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| {
+            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
+        let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0";
+        Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)
+    }
+
+    fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
+        let mut taken: Vec<(String, u32)> = {
+            let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for url in urls {
+            if let Some((_, slot)) = taken.iter().find(|(u, _)| u == url) {
+                out.push(*slot);
+                continue;
+            }
+            let slot = match (0..MAX_SLOTS as u32).find(|s| !taken.iter().any(|(_, t)| t == s)) {
+                Some(s) => s,
+                None => {
+                    // Reuse the slot of a broker no longer configured: what
+                    // it acknowledged or held must not count for the new one.
+                    let Some(pos) = taken.iter().position(|(u, _)| !urls.contains(u)) else {
+                        return Err(StoreError::WriteFailed(format!(
+                            "more than {MAX_SLOTS} brokers configured at once; an outbox tells at most {MAX_SLOTS} apart"
+                        )));
+                    };
+                    let (gone, slot) = taken.remove(pos);
+                    let bit = (1u64 << slot) as i64;
+                    self.conn.execute("UPDATE outbox SET acks = acks & ~?1 WHERE acks & ?1 != 0", [bit])?;
+                    self.conn.execute("DELETE FROM wire WHERE slot = ?1", [slot])?;
+                    self.conn.execute("DELETE FROM slots WHERE url = ?1", [&gone])?;
+                    slot
+                }
+            };
+            self.conn.execute("INSERT INTO slots (url, slot) VALUES (?1, ?2)", params![url, slot]).map_err(|e| self.map(e))?;
+            taken.push((url.clone(), slot));
+            out.push(slot);
+        }
+        Ok(out)
+    }
+
+    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots ORDER BY slot")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO missed VALUES (?1, ?2) ON CONFLICT(url) DO UPDATE SET count = count + ?2";
+        self.conn.execute(sql, params![url, n]).map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT url, count FROM missed ORDER BY url")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError> {
@@ -624,8 +821,8 @@ impl Store for SqliteStore {
     }
 
     fn set_broker(&mut self, b: &BrokerRecord) -> Result<(), StoreError> {
-        let sql = "INSERT OR REPLACE INTO brokers VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-        let p = params![b.url, b.state, b.last_error, b.since_ms, b.acked, b.connects];
+        let sql = "INSERT OR REPLACE INTO brokers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+        let p = params![b.url, b.state, b.last_error, b.since_ms, b.acked, b.connects, b.retry_ms, b.active];
         self.conn.execute(sql, p).map_err(|e| self.map(e))?;
         Ok(())
     }
@@ -637,7 +834,7 @@ impl Store for SqliteStore {
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT url, state, last_error, since_ms, acked, connects FROM brokers ORDER BY url")?;
+            .prepare_cached("SELECT url, state, last_error, since_ms, acked, connects, retry_ms, active FROM brokers ORDER BY url")?;
         let rows = stmt.query_map([], |r| {
             Ok(BrokerRecord {
                 url: r.get(0)?,
@@ -646,6 +843,8 @@ impl Store for SqliteStore {
                 since_ms: r.get(3)?,
                 acked: r.get(4)?,
                 connects: r.get(5)?,
+                retry_ms: r.get(6)?,
+                active: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

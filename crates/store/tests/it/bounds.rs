@@ -37,7 +37,7 @@ fn drop_oldest_makes_room_and_counts_every_drop() {
         assert_eq!(delivery.unwrap().await.unwrap(), Delivery::Dropped(DropReason::Overflow));
         let d = drops.recv().await.unwrap();
         assert_eq!((d.id, d.reason), (first, DropReason::Overflow));
-        let left: Vec<Vec<u8>> = o.read_after(0, 10).await.unwrap().into_iter().map(|m| m.msg.payload).collect();
+        let left: Vec<Vec<u8>> = o.read_after(0, 10, None).await.unwrap().into_iter().map(|m| m.msg.payload).collect();
         assert_eq!(left, vec![b"2".to_vec(), b"3".to_vec(), b"4".to_vec()]);
         let report = o.report().await.unwrap();
         assert!(report.drops.contains(&(DropReason::Overflow, 2)), "{:?}", report.drops);
@@ -56,7 +56,7 @@ fn block_waits_for_room_and_keeps_order() {
         o.remove(vec![a], Delivery::Delivered);
         let c = c.await.unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(100), d).await.is_err(), "d still waits");
-        let page = o.read_after(0, 10).await.unwrap();
+        let page = o.read_after(0, 10, None).await.unwrap();
         assert_eq!(page.last().unwrap().id, c);
         assert_eq!(o.state().totals.count, 2);
     });

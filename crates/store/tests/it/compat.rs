@@ -1,19 +1,22 @@
 //! Files written by earlier releases must stay readable (docs/design.md,
-//! "Outbox format"). The fixture was written by format 1; set
-//! STEADFAST_WRITE_FIXTURE=1 to write it again (only when adding a format).
+//! "Outbox format"). One fixture per format, each written by the release
+//! that introduced it; set STEADFAST_WRITE_FIXTURE=1 to write the current
+//! format's fixture again (only when adding a format).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 use steadfast_store::{SqliteStore, Store};
 
 use crate::msg;
 
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/outbox-format-1")
+fn fixture(format: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/outbox-format-{format}"))
 }
 
-fn write_fixture(dir: &std::path::Path) {
+/// Both fixtures hold the same messages: a QoS 1 one, a retained QoS 2 one
+/// with properties bound to packet id 7 (released), and a removed one.
+fn write_fixture(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     let (mut s, _) = SqliteStore::open(dir).unwrap();
     s.begin().unwrap();
@@ -27,8 +30,10 @@ fn write_fixture(dir: &std::path::Path) {
         user: vec![("k".into(), "v".into())],
         ..Properties::default()
     };
+    with_props.route = Some("home".into());
     let id = s.insert(&with_props).unwrap();
-    s.set_wire(id, Some((7, Stage::Released))).unwrap();
+    assert_eq!(s.assign_slots(&["mqtt://127.0.0.1:1883".into()]).unwrap(), vec![0]);
+    s.set_wire(0, id, Some((7, Stage::Released))).unwrap();
     let removed = s.insert(&msg("gone", "x")).unwrap();
     s.remove(removed).unwrap();
     s.add_drops(DropReason::Overflow, 4).unwrap();
@@ -37,32 +42,48 @@ fn write_fixture(dir: &std::path::Path) {
     let _ = std::fs::remove_file(dir.join("outbox.lock"));
 }
 
-#[test]
-fn reads_an_outbox_written_by_format_1() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture());
-    }
-    // Work on a copy: opening may touch the files.
+fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
+    // Work on a copy: opening converts and touches the files.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture().join("outbox.db"), dir.path().join("outbox.db")).unwrap();
-    let (mut s, report) = SqliteStore::open(dir.path()).unwrap();
+    std::fs::copy(fixture(format).join("outbox.db"), dir.path().join("outbox.db")).unwrap();
+    let (s, report) = SqliteStore::open(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
+    (dir, s)
+}
+
+fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("1"));
-    let all = s.read_after(0, 10).unwrap();
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("2"));
+    let all = s.read_after(0, 10, None).unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!((all[0].id, all[0].msg.topic.as_str(), all[0].msg.payload.as_slice()), (1, "plain/qos1", &b"hello"[..]));
     let m = &all[1];
-    assert_eq!((m.id, m.msg.qos, m.msg.retain, m.wire), (2, Qos::ExactlyOnce, true, Some((7, Stage::Released))));
+    assert_eq!((m.id, m.msg.qos, m.msg.retain, m.acks), (2, Qos::ExactlyOnce, true, 0));
     assert_eq!(m.msg.props.content_type.as_deref(), Some("application/octet-stream"));
     assert_eq!(m.msg.props.user, vec![("k".to_owned(), "v".to_owned())]);
     assert!(s.drops().unwrap().contains(&(DropReason::Overflow, 4)));
-    assert_eq!(
-        s.bound().unwrap().iter().map(|m| m.id).collect::<Vec<_>>(),
-        vec![2],
-        "bindings found through the index"
-    );
+    // The binding belongs to the broker this outbox used, under its slot.
+    let slot = s.assign_slots(&["mqtt://127.0.0.1:1883".into()]).unwrap()[0];
+    let bound = s.bound(slot).unwrap();
+    assert_eq!(bound.iter().map(|m| (m.id, m.wire)).collect::<Vec<_>>(), vec![(2, Some((7, Stage::Released)))]);
     s.begin().unwrap();
     assert_eq!(s.insert(&msg("next", "y")).unwrap(), 4, "sequence numbers continue after the removed id 3");
     s.commit().unwrap();
+}
+
+#[test]
+fn converts_an_outbox_written_by_format_1() {
+    let (_dir, mut s) = open_copy(1);
+    check_common(&mut s);
+    assert_eq!(s.read_after(0, 10, None).unwrap()[1].msg.route, None, "format 1 had no routes");
+}
+
+#[test]
+fn reads_an_outbox_written_by_format_2() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(2));
+    }
+    let (_dir, mut s) = open_copy(2);
+    check_common(&mut s);
+    assert_eq!(s.read_after(0, 10, None).unwrap()[1].msg.route.as_deref(), Some("home"));
 }

@@ -5,6 +5,7 @@
 
 mod bounds;
 mod compat;
+mod quorum;
 mod recovery;
 
 use steadfast_core::{Properties, Qos};
@@ -18,6 +19,7 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
         retain: false,
         props: Properties::default(),
         created_ms: 1_700_000_000_000,
+        route: None,
     }
 }
 

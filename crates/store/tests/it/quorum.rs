@@ -1,0 +1,83 @@
+//! Several brokers on one outbox: a message leaves when its route's quorum
+//! acknowledged it, never while a broker still holds a QoS 2 exchange of it,
+//! and a fanout member that stays away past the catch-up window is counted
+//! as having missed what the others took.
+
+use steadfast_core::Stage;
+use steadfast_store::{Delivery, MemoryStore, Outbox, OutboxConfig, Quorum, SqliteStore, Store};
+
+use crate::{block_on, msg};
+
+const A: &str = "mqtt://127.0.0.1:1";
+const B: &str = "mqtt://127.0.0.1:2";
+
+fn quorum(need: u32, catch_up_ms: Option<u64>) -> Quorum {
+    Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need, catch_up_ms }
+}
+
+async fn routed(store: Box<dyn Store>, q: Quorum) -> (Outbox, u32, u32) {
+    let o = Outbox::start(store, OutboxConfig::default()).unwrap();
+    let slots = o.configure(vec![A.into(), B.into()], vec![q]).await.unwrap();
+    (o, slots[0], slots[1])
+}
+
+#[test]
+fn ack_all_waits_for_every_member_and_each_reads_only_what_it_lacks() {
+    block_on(async {
+        let (o, a, b) = routed(Box::new(MemoryStore::new()), quorum(2, None)).await;
+        let (id, delivered) = o.append(msg("t", "x"), true);
+        let id = id.await.unwrap();
+        o.ack(a, vec![id]);
+        assert_eq!(o.read_after(0, 10, Some(a)).await.unwrap().len(), 0, "A has it");
+        assert_eq!(o.read_after(0, 10, Some(b)).await.unwrap().len(), 1, "B still needs it");
+        assert_eq!(o.state().totals.count, 1, "queued until B acknowledges");
+        o.ack(b, vec![id]);
+        assert_eq!(delivered.unwrap().await.unwrap(), Delivery::Delivered);
+        assert_eq!(o.state().totals.count, 0);
+    });
+}
+
+#[test]
+fn a_delivered_message_stays_on_disk_while_another_broker_holds_its_qos2_exchange() {
+    block_on(async {
+        let (o, a, b) = routed(Box::new(MemoryStore::new()), quorum(1, None)).await;
+        let id = o.append(msg("t", "x"), false).0.await.unwrap();
+        o.set_wire(b, vec![(id, Some((5, Stage::Published)))]).await.unwrap();
+        o.ack(a, vec![id]);
+        assert!(o.read_after(0, 10, Some(b)).await.unwrap().is_empty(), "nothing new to send to B");
+        assert_eq!(o.state().totals.count, 0, "delivered through A (the read came after the commit)");
+        let bound = o.bound(b).await.unwrap();
+        assert_eq!(bound.iter().map(|m| (m.id, m.wire)).collect::<Vec<_>>(), vec![(id, Some((5, Stage::Published)))]);
+        // B completes its exchange: the row goes.
+        o.ack(b, vec![id]);
+        assert!(o.bound(b).await.unwrap().is_empty());
+        assert_eq!(o.read_after(0, 10, None).await.unwrap().len(), 0);
+    });
+}
+
+#[test]
+fn a_member_away_past_the_catch_up_window_is_counted_as_missing_what_the_others_took() {
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let (o, a, _b) = routed(Box::new(store), quorum(2, Some(1))).await;
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut m = msg("t", format!("{i}"));
+            m.created_ms = steadfast_store::now_ms();
+            ids.push(o.append(m, false).0.await.unwrap());
+        }
+        o.ack(a, ids[..2].to_vec());
+        let mut state = o.watch();
+        let left = tokio::time::timeout(std::time::Duration::from_secs(10), state.wait_for(|s| s.totals.count == 1));
+        left.await.expect("the sweep runs within seconds").unwrap();
+        let report = o.report().await.unwrap();
+        let lag: Vec<_> = report.lag.iter().map(|l| (l.url.as_str(), l.lag, l.missed)).collect();
+        assert_eq!(lag, vec![(A, 1, 0), (B, 1, 2)], "B missed the two A took; the third waits for anyone");
+        let o2 = o.clone();
+        tokio::task::spawn_blocking(move || o2.close()).await.unwrap();
+    });
+    // Counted durably.
+    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(s.missed().unwrap(), vec![(B.to_owned(), 2)]);
+}

@@ -6,15 +6,16 @@ use std::time::{Duration, SystemTime};
 
 use steadfast_core::{validate_topic_name, DropReason, Identity, Properties, Qos};
 use steadfast_store::{
-    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, SqliteStore, Store,
+    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, Quorum, SqliteStore, Store,
     StoreError,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ClientConfig;
-use crate::driver::{BrokerShared, Driver};
-use crate::error::{ConnectError, OpenError, PublishError};
+use crate::driver::{BrokerShared, Driver, Place};
+use crate::error::{ConfigError, ConnectError, OpenError, PublishError};
+use crate::router::Router;
 
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub struct Message {
     pub retain: bool,
     /// MQTT 5 properties.
     pub props: Properties,
+    /// The named broker set it goes to (`None`: the default set).
+    pub route: Option<String>,
 }
 
 impl Message {
@@ -40,6 +43,7 @@ impl Message {
             qos: Qos::AtLeastOnce,
             retain: false,
             props: Properties::default(),
+            route: None,
         }
     }
     /// Sets the QoS.
@@ -55,6 +59,11 @@ impl Message {
     /// Sets the MQTT 5 properties.
     pub fn props(mut self, props: Properties) -> Self {
         self.props = props;
+        self
+    }
+    /// Sends it through the named broker set ([`ClientConfig::route`]).
+    pub fn route(mut self, name: impl Into<String>) -> Self {
+        self.route = Some(name.into());
         self
     }
 }
@@ -146,6 +155,9 @@ pub struct BrokerStatus {
     pub inflight: usize,
     /// Failed attempts since the last success.
     pub attempts: u64,
+    /// Whether new messages go to it now (failover: it is the active
+    /// broker of a set; fanout and balance: it is connected).
+    pub active: bool,
 }
 
 /// Something that happened, for applications that watch.
@@ -198,6 +210,26 @@ pub enum Event {
     },
     /// A message left the outbox without delivery (G3).
     Dropped(Dropped),
+    /// Failover: the active broker of a set failed; its unacknowledged
+    /// messages go to `to` (`None`: no broker of the set is up; they wait).
+    Failover {
+        /// The route (`None`: the default set).
+        route: Option<String>,
+        /// The broker that failed.
+        from: String,
+        /// The broker that takes over.
+        to: Option<String>,
+    },
+    /// Failover: a higher-priority broker stayed healthy for
+    /// `failback_after` and gets the traffic back.
+    Failback {
+        /// The route (`None`: the default set).
+        route: Option<String>,
+        /// The broker that was active.
+        from: String,
+        /// The broker traffic returns to.
+        to: String,
+    },
 }
 
 /// The state of a client: outbox and brokers.
@@ -213,6 +245,12 @@ pub struct Status {
     pub drops: Vec<(DropReason, u64)>,
     /// Each broker.
     pub brokers: Vec<BrokerStatus>,
+    /// Per broker (in the order of `brokers`): queued messages it has not
+    /// acknowledged yet.
+    pub lag: Vec<u64>,
+    /// Per broker (in the order of `brokers`): messages it missed because
+    /// it stayed away past the fanout catch-up window (persistent).
+    pub missed: Vec<u64>,
 }
 
 struct Inner {
@@ -222,6 +260,7 @@ struct Inner {
     events: broadcast::Sender<Event>,
     first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     brokers: Vec<Arc<BrokerShared>>,
+    router: Arc<Router>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -263,19 +302,30 @@ impl Client {
             Some(p) => p.clone(),
             None => outbox.meta_or_init("producer", &default_producer).await?,
         };
+        if cfg.envelope && producer.len() > Identity::ENVELOPE_MAX_PRODUCER {
+            return Err(ConfigError::Invalid(format!(
+                "the producer id `{producer}` is over the envelope's 255 bytes; set a shorter one with producer_id"
+            ))
+            .into());
+        }
         let producer: Arc<str> = producer.into();
+        let urls = cfg.all_brokers();
+        let slots = outbox.configure(urls.iter().map(|u| u.to_string()).collect(), quorums(&cfg)).await?;
         let cfg = Arc::new(cfg);
         // The first receiver exists before any driver runs, so the first
         // `events()` call sees everything from the start (the first
         // connection included).
         let (events, first_events) = broadcast::channel(4096);
         let (stop, stop_rx) = watch::channel(false);
-        let mut tasks = Vec::new();
+        let router = Arc::new(Router::new(&cfg, events.clone()));
+        let mut tasks = vec![tokio::spawn(router.clone().run(stop_rx.clone()))];
         let mut brokers = Vec::new();
-        for url in &cfg.brokers {
-            let shared = Arc::new(BrokerShared::new(url));
+        for (index, (url, slot)) in urls.into_iter().zip(slots).enumerate() {
+            let shared = Arc::new(BrokerShared::new(&url));
+            let place = Place { index, slot, url, router: router.clone() };
             let d = Driver::new(
                 cfg.clone(),
+                place,
                 outbox.clone(),
                 producer.clone(),
                 events.clone(),
@@ -287,12 +337,16 @@ impl Client {
         }
         tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx)));
         let first_events = Mutex::new(Some(first_events));
-        let inner = Inner { cfg, outbox, producer, events, first_events, brokers, stop, tasks: Mutex::new(tasks) };
+        let inner =
+            Inner { cfg, outbox, producer, events, first_events, brokers, router, stop, tasks: Mutex::new(tasks) };
         Ok(Client { inner: Arc::new(inner) })
     }
 
     fn check(&self, msg: &Message) -> Result<(), PublishError> {
         validate_topic_name(&msg.topic)?;
+        if !self.inner.router.knows(msg.route.as_deref()) {
+            return Err(PublishError::UnknownRoute(msg.route.clone().unwrap_or_default()));
+        }
         msg.props.validate().map_err(PublishError::Properties)?;
         // When a broker told us its limit, refuse what it can never take
         // before accepting it. An approximate size errs on the safe side:
@@ -323,6 +377,7 @@ impl Client {
             retain: msg.retain,
             props: msg.props,
             created_ms: now_ms(),
+            route: msg.route,
         }
     }
 
@@ -372,7 +427,7 @@ impl Client {
     /// `after`, oldest first, at most `limit`. Sees every acknowledgement
     /// processed before the call.
     pub async fn queued(&self, after: u64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
-        let page = self.inner.outbox.read_after(after, limit).await?;
+        let page = self.inner.outbox.read_after(after, limit, None).await?;
         let to = |m: steadfast_store::StoredMessage| QueuedMessage {
             identity: Identity { producer: self.inner.producer.to_string(), seq: m.id },
             topic: m.msg.topic,
@@ -385,20 +440,29 @@ impl Client {
 
     /// Each broker's status.
     pub fn broker_status(&self) -> Vec<BrokerStatus> {
-        let lock = |b: &Arc<BrokerShared>| b.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.inner.brokers.iter().map(lock).collect()
+        let router = &self.inner.router;
+        let lock = |(i, b): (usize, &Arc<BrokerShared>)| {
+            let mut s = b.status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            s.active = router.is_active(i);
+            s
+        };
+        self.inner.brokers.iter().enumerate().map(lock).collect()
     }
 
     /// Outbox and broker status.
     pub async fn status(&self) -> Result<Status, StoreError> {
         let r = self.inner.outbox.report().await?;
         let now = now_ms();
+        let brokers = self.broker_status();
+        let of = |url: &str| r.lag.iter().find(|l| l.url == url);
         Ok(Status {
             queued: r.totals.count,
             bytes: r.totals.bytes,
             oldest_age: r.oldest_created_ms.map(|c| Duration::from_millis(now.saturating_sub(c))),
-            drops: r.drops,
-            brokers: self.broker_status(),
+            drops: r.drops.clone(),
+            lag: brokers.iter().map(|b| of(&b.url).map_or(0, |l| l.lag)).collect(),
+            missed: brokers.iter().map(|b| of(&b.url).map_or(0, |l| l.missed)).collect(),
+            brokers,
         })
     }
 
@@ -413,6 +477,19 @@ impl Client {
         let outbox = self.inner.outbox.clone();
         let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
     }
+}
+
+/// The quorum of each broker set, for the outbox writer (slots are filled
+/// in by [`Outbox::configure`]).
+fn quorums(cfg: &ClientConfig) -> Vec<Quorum> {
+    let sets = std::iter::once((None, cfg.broker_set())).chain(cfg.routes().iter().map(|(n, s)| (Some(n.clone()), s)));
+    sets.map(|(route, set)| Quorum {
+        route,
+        members: set.brokers().iter().map(|b| (0, b.to_string())).collect(),
+        need: set.needed_acks(),
+        catch_up_ms: set.catch_up_for.map(|d| d.as_millis() as u64),
+    })
+    .collect()
 }
 
 async fn forward_drops(

@@ -87,11 +87,157 @@ impl FromStr for BrokerUrl {
     }
 }
 
+/// How a broker set carries messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// To the first healthy broker in priority order; switch on failure, go
+    /// back to a higher one once it stayed healthy for `failback_after`.
+    #[default]
+    Failover,
+    /// To every broker; a message leaves the outbox when `ack` of them
+    /// acknowledged it.
+    Fanout,
+    /// Each message to one healthy broker, spreading load; a topic stays on
+    /// one broker while it is healthy, so its order is kept.
+    Balance,
+}
+
+impl FromStr for Mode {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "failover" => Ok(Mode::Failover),
+            "fanout" => Ok(Mode::Fanout),
+            "balance" => Ok(Mode::Balance),
+            other => Err(ConfigError::Invalid(format!("unknown mode `{other}`; use failover, fanout or balance"))),
+        }
+    }
+}
+
+/// How many brokers of a fanout set must acknowledge a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AckQuorum {
+    /// Every broker of the set (a broker that is down catches up later).
+    #[default]
+    All,
+    /// Any one broker.
+    Any,
+    /// This many brokers.
+    Count(u32),
+}
+
+impl FromStr for AckQuorum {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(AckQuorum::All),
+            "any" => Ok(AckQuorum::Any),
+            n => match n.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(AckQuorum::Count(n)),
+                _ => Err(ConfigError::Invalid(format!("unknown ack quorum `{n}`; use all, any or a count such as 2"))),
+            },
+        }
+    }
+}
+
+/// Brokers used together, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerSet {
+    pub(crate) brokers: Vec<BrokerUrl>,
+    pub(crate) mode: Mode,
+    pub(crate) ack: AckQuorum,
+    pub(crate) failback_after: Duration,
+    pub(crate) catch_up_for: Option<Duration>,
+}
+
+impl BrokerSet {
+    /// These brokers, in priority order, in failover mode.
+    pub fn new(brokers: impl IntoIterator<Item = BrokerUrl>) -> Self {
+        Self {
+            brokers: brokers.into_iter().collect(),
+            mode: Mode::Failover,
+            ack: AckQuorum::All,
+            failback_after: Duration::from_secs(30),
+            catch_up_for: None,
+        }
+    }
+    /// The routing mode (default failover).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// Fanout: acknowledgements needed before a message leaves (default all).
+    pub fn ack(mut self, ack: AckQuorum) -> Self {
+        self.ack = ack;
+        self
+    }
+    /// Failover: how long a higher-priority broker must stay connected
+    /// before traffic goes back to it (default 30 s).
+    pub fn failback_after(mut self, d: Duration) -> Self {
+        self.failback_after = d;
+        self
+    }
+    /// Fanout: a message this old that at least one broker acknowledged
+    /// leaves the outbox; the brokers still missing it are counted as having
+    /// missed it (default: none, they catch up however long it takes).
+    pub fn catch_up_for(mut self, d: Duration) -> Self {
+        self.catch_up_for = Some(d);
+        self
+    }
+    /// The brokers, in priority order.
+    pub fn brokers(&self) -> &[BrokerUrl] {
+        &self.brokers
+    }
+    /// The routing mode.
+    pub fn routing(&self) -> Mode {
+        self.mode
+    }
+    /// Acknowledgements a message needs before it leaves the outbox.
+    pub fn needed_acks(&self) -> u32 {
+        match (self.mode, self.ack) {
+            (Mode::Fanout, AckQuorum::All) => self.brokers.len() as u32,
+            (Mode::Fanout, AckQuorum::Count(n)) => n,
+            _ => 1,
+        }
+    }
+
+    fn validate(&self, name: &str) -> Result<(), ConfigError> {
+        let bad = |why: String| ConfigError::Brokers { set: name.to_owned(), why };
+        if self.brokers.is_empty() {
+            return Err(bad("it has no broker; give at least one".into()));
+        }
+        for (i, b) in self.brokers.iter().enumerate() {
+            if self.brokers[..i].contains(b) {
+                return Err(bad(format!("{b} is listed twice")));
+            }
+        }
+        if let AckQuorum::Count(n) = self.ack {
+            if n == 0 || n as usize > self.brokers.len() {
+                return Err(bad(format!(
+                    "ack = {n} but the set has {} brokers; use 1 to {}",
+                    self.brokers.len(),
+                    self.brokers.len()
+                )));
+            }
+        }
+        if self.ack != AckQuorum::All && self.mode != Mode::Fanout {
+            return Err(bad("an ack quorum only applies to fanout; use --mode fanout or drop --ack".into()));
+        }
+        if self.catch_up_for.is_some_and(|d| d.is_zero()) {
+            return Err(bad("catch_up_for must be above zero".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Everything a [`crate::Client`] needs.
 #[derive(Clone)]
 pub struct ClientConfig {
     pub(crate) client_id: String,
-    pub(crate) brokers: Vec<BrokerUrl>,
+    pub(crate) set: BrokerSet,
+    pub(crate) routes: Vec<(String, BrokerSet)>,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) envelope: bool,
     pub(crate) outbox_dir: PathBuf,
     pub(crate) version: ProtocolVersion,
     pub(crate) keep_alive: Duration,
@@ -112,7 +258,8 @@ impl fmt::Debug for ClientConfig {
         // Credentials are never printed.
         f.debug_struct("ClientConfig")
             .field("client_id", &self.client_id)
-            .field("brokers", &self.brokers)
+            .field("brokers", &self.set)
+            .field("routes", &self.routes)
             .field("outbox_dir", &self.outbox_dir)
             .field("version", &self.version)
             .field("keep_alive", &self.keep_alive)
@@ -129,7 +276,10 @@ impl ClientConfig {
     pub fn new(client_id: impl Into<String>, broker: BrokerUrl, outbox_dir: impl Into<PathBuf>) -> Self {
         Self {
             client_id: client_id.into(),
-            brokers: vec![broker],
+            set: BrokerSet::new([broker]),
+            routes: Vec::new(),
+            ack_timeout: Duration::from_secs(15),
+            envelope: false,
             outbox_dir: outbox_dir.into(),
             version: ProtocolVersion::V5,
             keep_alive: Duration::from_secs(30),
@@ -200,6 +350,35 @@ impl ClientConfig {
         self.producer_id = Some(p.into());
         self
     }
+    /// The default broker set, replacing the broker given to
+    /// [`ClientConfig::new`]: several brokers in failover, fanout or
+    /// balance mode.
+    pub fn brokers(mut self, set: BrokerSet) -> Self {
+        self.set = set;
+        self
+    }
+    /// A named broker set that messages can choose with
+    /// [`crate::Message::route`] (`home` vs `office`).
+    pub fn route(mut self, name: impl Into<String>, set: BrokerSet) -> Self {
+        let name = name.into();
+        self.routes.retain(|(n, _)| *n != name);
+        self.routes.push((name, set));
+        self
+    }
+    /// With messages in flight, a link on which no acknowledgement arrives
+    /// for this long is declared dead, reconnected, and (failover) its
+    /// messages go to the next broker (default 15 s).
+    pub fn ack_timeout(mut self, d: Duration) -> Self {
+        self.ack_timeout = d;
+        self
+    }
+    /// MQTT 3.1.1: carry each message's identity in a payload envelope
+    /// (`steadfast_core::Identity::wrap`), for receivers that de-duplicate.
+    /// Receivers must unwrap it. MQTT 5 carries it as a user property.
+    pub fn envelope(mut self, on: bool) -> Self {
+        self.envelope = on;
+        self
+    }
     /// Seeds the backoff jitter, for reproducible tests.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -214,9 +393,26 @@ impl ClientConfig {
     pub fn outbox_dir(&self) -> &std::path::Path {
         &self.outbox_dir
     }
-    /// The brokers.
-    pub fn brokers(&self) -> &[BrokerUrl] {
-        &self.brokers
+    /// The default broker set.
+    pub fn broker_set(&self) -> &BrokerSet {
+        &self.set
+    }
+    /// Every broker the client talks to (the default set's first, then
+    /// those only named routes use), each once: one connection each.
+    pub fn all_brokers(&self) -> Vec<BrokerUrl> {
+        let mut all: Vec<BrokerUrl> = Vec::new();
+        for set in std::iter::once(&self.set).chain(self.routes.iter().map(|(_, s)| s)) {
+            for b in &set.brokers {
+                if !all.contains(b) {
+                    all.push(b.clone());
+                }
+            }
+        }
+        all
+    }
+    /// The named routes.
+    pub fn routes(&self) -> &[(String, BrokerSet)] {
+        &self.routes
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
@@ -226,8 +422,30 @@ impl ClientConfig {
         if self.keep_alive < Duration::from_secs(1) || self.keep_alive.as_secs() > u16::MAX as u64 {
             return Err(ConfigError::KeepAlive(self.keep_alive));
         }
-        if self.brokers.len() != 1 {
-            return Err(ConfigError::Brokers(self.brokers.len()));
+        self.set.validate("default")?;
+        for (name, set) in &self.routes {
+            if name.is_empty() {
+                return Err(ConfigError::Invalid("a route name is empty; name it (e.g. `home`)".into()));
+            }
+            set.validate(name)?;
+        }
+        let n = self.all_brokers().len();
+        if n > steadfast_store::MAX_SLOTS {
+            return Err(ConfigError::Invalid(format!(
+                "{n} distinct brokers configured; one client talks to at most {}",
+                steadfast_store::MAX_SLOTS
+            )));
+        }
+        if self.ack_timeout < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(format!(
+                "ack timeout {:?} is too short; use at least 100ms",
+                self.ack_timeout
+            )));
+        }
+        if self.envelope && self.producer_id.as_ref().is_some_and(|p| p.len() > 255) {
+            return Err(ConfigError::Invalid(
+                "the payload envelope carries producer ids up to 255 bytes; choose a shorter producer id".into(),
+            ));
         }
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
             return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });

@@ -18,6 +18,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use crate::config::{BrokerUrl, ClientConfig};
 use crate::error::ConnectError;
 use crate::link::{ConnAck, Incoming, Link};
+use crate::router::Router;
 use crate::{BrokerStatus, Event, LinkState};
 
 /// Messages read from the outbox per page.
@@ -46,6 +47,7 @@ impl BrokerShared {
             refused: 0,
             inflight: 0,
             attempts: 0,
+            active: false,
         };
         Self { status: Mutex::new(status), max_packet: AtomicU32::new(0) }
     }
@@ -67,6 +69,11 @@ enum End {
 pub(crate) struct Driver {
     pub cfg: Arc<ClientConfig>,
     pub url: BrokerUrl,
+    /// This broker's place among the client's brokers (for the router).
+    index: usize,
+    /// Its slot in the outbox (whose acknowledgements are whose).
+    slot: u32,
+    router: Arc<Router>,
     pub outbox: Outbox,
     pub producer: Arc<str>,
     pub events: broadcast::Sender<Event>,
@@ -90,11 +97,23 @@ pub(crate) struct Driver {
     max_packet: Option<u32>,
     last_recorded: Instant,
     last_logged: Option<String>,
+    /// When the window last made progress (an acknowledgement, or the
+    /// first message into an empty window): the ack timeout counts from it.
+    progress_at: Instant,
+}
+
+/// Where a driver sits among the client's brokers.
+pub(crate) struct Place {
+    pub index: usize,
+    pub slot: u32,
+    pub url: BrokerUrl,
+    pub router: Arc<Router>,
 }
 
 impl Driver {
     pub fn new(
         cfg: Arc<ClientConfig>,
+        place: Place,
         outbox: Outbox,
         producer: Arc<str>,
         events: broadcast::Sender<Event>,
@@ -106,7 +125,11 @@ impl Driver {
             None => fastrand::Rng::new(),
         };
         Self {
-            url: cfg.brokers[0].clone(),
+            url: place.url,
+            index: place.index,
+            slot: place.slot,
+            router: place.router,
+            progress_at: Instant::now(),
             window: SendWindow::new(cfg.max_inflight),
             backoff: Backoff::new(cfg.backoff),
             cfg,
@@ -154,6 +177,7 @@ impl Driver {
                 Ok(End::Stopped) => break,
                 Err(e) => e,
             };
+            self.router.link_down(self.index);
             if let Some(at) = connected_at {
                 self.backoff.link_lost_after(at.elapsed());
             }
@@ -192,7 +216,7 @@ impl Driver {
     async fn restore_bindings(&mut self) -> Result<(), StoreError> {
         self.window = SendWindow::new(self.cfg.max_inflight);
         self.inflight.clear();
-        for m in self.outbox.bound().await? {
+        for m in self.outbox.bound(self.slot).await? {
             let Some((pid, stage)) = m.wire else { continue };
             self.window.restore(pid, Inflight { id: m.id, qos: Qos::ExactlyOnce, stage });
             self.inflight.insert(m.id, m);
@@ -202,7 +226,9 @@ impl Driver {
 
     fn set_state(&self, state: LinkState, error: Option<String>, retry_at: Option<SystemTime>) {
         let inflight = self.window.len();
+        let active = self.router.is_active(self.index);
         let s = self.shared.update(|s| {
+            s.active = active;
             if s.state != state {
                 s.since = SystemTime::now();
             }
@@ -228,7 +254,7 @@ impl Driver {
         };
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
-        let mut link = Link::new(self.cfg.version);
+        let mut link = Link::new(self.cfg.version, self.cfg.envelope);
         // A clean start is asked for once per process: a reconnect must
         // resume the session this process started, or in-flight QoS 2
         // exchanges would be lost with it.
@@ -264,6 +290,10 @@ impl Driver {
             return Err(ConnectError::Refused { broker, refusal });
         }
         *connected_at = Some(Instant::now());
+        // The router decides first whether this broker takes messages now:
+        // what it had in flight is resent only if it still does.
+        let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
+        self.router.link_up(self.index, limit as usize);
         let resent = self.on_connack(&mut link, ack).await?;
         self.on_incoming(&mut link, after_connack).await?;
         self.shared.update(|s| s.connects += 1);
@@ -304,6 +334,7 @@ impl Driver {
             Resume::Resend(list) => {
                 let mut resent = 0;
                 let mut requeue = Vec::new();
+                let mut taken_over = Vec::new();
                 for (n, (pid, e)) in list.iter().enumerate() {
                     let Some(m) = self.inflight.get(&e.id) else {
                         // Cannot happen (window and contents change together);
@@ -314,6 +345,15 @@ impl Driver {
                         self.queue.clear();
                         continue;
                     };
+                    // A QoS 1 message that another broker took over (a
+                    // failover while this link was down) is not sent
+                    // here again; QoS 2 exchanges always finish where they
+                    // began, their packet id is held by this broker.
+                    if e.qos == Qos::AtLeastOnce && !self.claims(m) {
+                        window.release(*pid);
+                        taken_over.push(e.id);
+                        continue;
+                    }
                     // A broker whose receive maximum shrank gets the QoS 1
                     // messages beyond it later, as new sends.
                     if n >= limit as usize && e.qos == Qos::AtLeastOnce {
@@ -331,6 +371,9 @@ impl Driver {
                     self.inflight.remove(&m.id);
                     self.queue.push_front(m);
                 }
+                for id in taken_over {
+                    self.inflight.remove(&id);
+                }
                 self.window = window;
                 Ok(resent)
             }
@@ -340,10 +383,10 @@ impl Driver {
                 let stale: Vec<_> =
                     self.inflight.values().filter(|m| m.msg.qos == Qos::ExactlyOnce).map(|m| (m.id, None)).collect();
                 if !stale.is_empty() {
-                    self.outbox.set_wire(stale).await.map_err(store_failed)?;
+                    self.outbox.set_wire(self.slot, stale).await.map_err(store_failed)?;
                 }
                 self.window = window;
-                self.outbox.remove(delivered, Delivery::Delivered);
+                self.outbox.ack(self.slot, delivered);
                 let republish = self.inflight.len() as u64;
                 let connects = self.shared.update(|_| {}).connects;
                 let asked_clean = self.cfg.clean_start && connects == 0;
@@ -377,6 +420,11 @@ impl Driver {
         let mut fetch: Option<Fetch> = None;
         let mut state_rx = self.outbox.watch();
         let mut stop = self.stop.clone();
+        // Owners may have changed while the link was down: start from the
+        // oldest message this broker has not acknowledged.
+        let mut generation = self.router.generation();
+        self.rewind();
+        self.progress_at = Instant::now();
         loop {
             self.requeue_due_retries();
             self.fill_window(link).await?;
@@ -387,16 +435,35 @@ impl Driver {
             if fetch.is_none() && self.queue.len() < LOW_WATER && self.cursor < last_id {
                 let outbox = self.outbox.clone();
                 let after = self.cursor;
+                let slot = self.slot;
                 // The page answers for ids up to `last_id` as of now: it is
                 // read after every commit up to there.
-                fetch = Some(Box::pin(async move { outbox.read_after(after, PAGE).await.map(|p| (p, last_id)) }));
+                fetch =
+                    Some(Box::pin(
+                        async move { outbox.read_after(after, PAGE, Some(slot)).await.map(|p| (p, last_id)) },
+                    ));
             }
             let keepalive_at = Instant::from_std(keepalive.poll_timeout());
             let retry_at = self.retry.front().map(|(t, _)| *t);
+            let ack_due = (!self.window.is_empty()).then(|| self.progress_at + self.cfg.ack_timeout);
             tokio::select! {
                 r = stop.changed() => {
                     if r.is_err() || *stop.borrow() {
                         return Ok(End::Stopped);
+                    }
+                }
+                r = generation.changed() => {
+                    if r.is_ok() {
+                        // Messages may have changed owner: read everything
+                        // this broker has not acknowledged again, and keep
+                        // what is ours now. A page on its way is stale.
+                        fetch = None;
+                        self.rewind();
+                    }
+                }
+                _ = sleep_until(ack_due.unwrap_or(keepalive_at)), if ack_due.is_some() => {
+                    if !self.window.is_empty() && self.progress_at.elapsed() >= self.cfg.ack_timeout {
+                        return Err(ConnectError::AckTimeout(self.cfg.ack_timeout));
                     }
                 }
                 r = rd.read(buf) => {
@@ -437,12 +504,27 @@ impl Driver {
         }
     }
 
-    /// Queues a page read from the outbox. `upto` is the last id committed
-    /// before the read: an empty page means nothing is left up to there.
+    /// Whether `m` is this broker's to send now (its route and mode).
+    fn claims(&self, m: &StoredMessage) -> bool {
+        self.router.claims(self.index, m.msg.route.as_deref(), &m.msg.topic)
+    }
+
+    /// Forgets what was read but not sent, to read it again from the
+    /// oldest message (in-flight messages stay in flight).
+    fn rewind(&mut self) {
+        self.queue.clear();
+        self.retry.clear();
+        self.done_ahead.clear();
+        self.cursor = 0;
+    }
+
+    /// Queues a page read from the outbox: the messages that are this
+    /// broker's. `upto` is the last id committed before the read: an empty
+    /// page means nothing is left up to there.
     fn take_page(&mut self, page: Vec<StoredMessage>, upto: u64) {
         let last = page.last().map(|m| m.id);
         for m in page {
-            if !self.inflight.contains_key(&m.id) && !self.done_ahead.contains(&m.id) {
+            if !self.inflight.contains_key(&m.id) && !self.done_ahead.contains(&m.id) && self.claims(&m) {
                 self.queue.push_back(m);
             }
         }
@@ -479,6 +561,9 @@ impl Driver {
                 break;
             }
             let m = self.queue.pop_front().expect("front exists");
+            if self.window.is_empty() && qos != Qos::AtMostOnce {
+                self.progress_at = Instant::now();
+            }
             let pid = (qos != Qos::AtMostOnce).then(|| self.window.assign(m.id, qos).expect("room checked"));
             let bytes = match self.encode(link, &m, pid) {
                 Ok(bytes) => bytes,
@@ -505,11 +590,12 @@ impl Driver {
             }
         }
         if held.is_empty() {
-            self.outbox.remove(sent_qos0.into_iter().map(|m| m.id).collect(), Delivery::Delivered);
+            self.outbox.ack(self.slot, sent_qos0.into_iter().map(|m| m.id).collect());
         } else {
             self.release_held(link, sent_qos0, held).await?;
         }
         self.shared.update(|s| s.inflight = self.window.len());
+        self.router.progress(self.index, self.window.len());
         Ok(())
     }
 
@@ -530,7 +616,7 @@ impl Driver {
             .filter(|(m, _, _)| m.msg.qos == Qos::ExactlyOnce)
             .filter_map(|(m, pid, _)| pid.map(|pid| (m.id, Some((pid, Stage::Published)))))
             .collect();
-        if let Err(e) = self.outbox.set_wire(updates).await {
+        if let Err(e) = self.outbox.set_wire(self.slot, updates).await {
             // The link ends without sending this pass: QoS 0 messages of it
             // have not gone out either.
             for (m, pid, _) in held.into_iter().rev() {
@@ -555,7 +641,7 @@ impl Driver {
                 None => sent_qos0.push(m.id),
             }
         }
-        self.outbox.remove(sent_qos0, Delivery::Delivered);
+        self.outbox.ack(self.slot, sent_qos0);
         Ok(())
     }
 
@@ -628,7 +714,7 @@ impl Driver {
         self.hold_refused(refused).await?;
         if !released.is_empty() {
             let updates = released.iter().map(|(id, pid)| (*id, Some((*pid, Stage::Released)))).collect();
-            self.outbox.set_wire(updates).await.map_err(store_failed)?;
+            self.outbox.set_wire(self.slot, updates).await.map_err(store_failed)?;
             for (_, pid) in released {
                 link.pubrel(pid)?;
             }
@@ -648,11 +734,15 @@ impl Driver {
             }
         }
         let n = done.len() as u64;
-        self.outbox.remove(done, Delivery::Delivered);
+        self.outbox.ack(self.slot, done);
+        self.progress_at = Instant::now();
         let inflight = self.window.len();
+        self.router.progress(self.index, inflight);
+        let active = self.router.is_active(self.index);
         let s = self.shared.update(|s| {
             s.acked += n;
             s.inflight = inflight;
+            s.active = active;
         });
         if self.last_recorded.elapsed() > Duration::from_secs(1) {
             self.last_recorded = Instant::now();
@@ -682,7 +772,7 @@ impl Driver {
             }
         }
         if !unbind.is_empty() {
-            self.outbox.set_wire(unbind).await.map_err(store_failed)?;
+            self.outbox.set_wire(self.slot, unbind).await.map_err(store_failed)?;
         }
         Ok(())
     }
@@ -701,7 +791,9 @@ fn record(s: &BrokerStatus) -> BrokerRecord {
         state: s.state.as_str().to_owned(),
         last_error: s.last_error.clone(),
         since_ms: ms(s.since),
+        retry_ms: s.retry_at.map(ms),
         acked: s.acked,
         connects: s.connects,
+        active: s.active,
     }
 }

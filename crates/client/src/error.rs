@@ -24,9 +24,17 @@ pub enum ConfigError {
     /// Keep-alive out of range.
     #[error("keep-alive {0:?} is out of range; use 1 s to 65535 s")]
     KeepAlive(Duration),
-    /// Not exactly one broker.
-    #[error("{0} brokers given; this version publishes to exactly one broker (routing over several brokers is not built yet)")]
-    Brokers(usize),
+    /// A broker set is unusable.
+    #[error("broker set {set}: {why}")]
+    Brokers {
+        /// `default` or the route's name.
+        set: String,
+        /// What is wrong and how to fix it.
+        why: String,
+    },
+    /// A setting is out of range.
+    #[error("{0}")]
+    Invalid(String),
     /// Backoff bounds are inverted or zero.
     #[error("backoff bounds {min:?}..{max:?} are invalid; min must be above zero and not above max")]
     Backoff {
@@ -59,6 +67,9 @@ pub enum PublishError {
     /// A property cannot be carried by MQTT.
     #[error("invalid message property: {0}")]
     Properties(String),
+    /// The message names a route the client does not have.
+    #[error("no route named `{0}`: configure it with ClientConfig::route (CLI: a [routes.NAME] table in --config)")]
+    UnknownRoute(String),
     /// The message is larger than the broker accepts.
     #[error("message to `{topic}` is {size} bytes on the wire, over the broker's maximum packet size of {max} bytes; send a smaller payload or raise the broker's max_packet_size")]
     TooLarge {
@@ -151,6 +162,9 @@ pub enum ConnectError {
         /// Why.
         refusal: Refusal,
     },
+    /// Messages were in flight and none was acknowledged for this long.
+    #[error("no acknowledgement for {0:?} with messages in flight (ack timeout): considered dead")]
+    AckTimeout(Duration),
     /// Nothing arrived for a whole keep-alive interval.
     #[error("the link went silent for {0:?} (keep-alive): considered dead")]
     DeadLink(Duration),

@@ -24,9 +24,10 @@ mod config;
 mod driver;
 mod error;
 mod link;
+mod router;
 
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
-pub use config::{BrokerUrl, ClientConfig, ProtocolVersion};
+pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVersion};
 pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};

@@ -17,6 +17,7 @@ use crate::error::{ConnectError, Refusal};
 /// The codec state of one TCP connection.
 pub(crate) struct Link {
     version: ProtocolVersion,
+    envelope: bool,
     framer: PacketBuilder,
     /// Bytes waiting to be written to the socket.
     pub out: Vec<u8>,
@@ -73,8 +74,10 @@ fn malformed(what: &str, e: MqttError) -> ConnectError {
 }
 
 impl Link {
-    pub fn new(version: ProtocolVersion) -> Self {
-        Self { version, framer: PacketBuilder::new(), out: Vec::with_capacity(64 * 1024) }
+    /// A link speaking `version`; with `envelope`, MQTT 3.1.1 payloads carry
+    /// the message identity in front ([`Identity::wrap`]).
+    pub fn new(version: ProtocolVersion, envelope: bool) -> Self {
+        Self { version, envelope, framer: PacketBuilder::new(), out: Vec::with_capacity(64 * 1024) }
     }
 
     fn emit(&mut self, packet: &impl GenericPacketTrait) {
@@ -139,7 +142,11 @@ impl Link {
     ) -> Result<Vec<u8>, ConnectError> {
         Ok(match self.version {
             ProtocolVersion::V5 => build_v5(m, producer, pid, dup)?.to_continuous_buffer(),
-            ProtocolVersion::V311 => build_v311(m, pid, dup)?.to_continuous_buffer(),
+            ProtocolVersion::V311 if self.envelope => {
+                let payload = Identity::wrap(producer, m.id, &m.msg.payload);
+                build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
+            }
+            ProtocolVersion::V311 => build_v311(m, &m.msg.payload, pid, dup)?.to_continuous_buffer(),
         })
     }
 
@@ -303,7 +310,7 @@ fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> R
     b.build().map_err(err)
 }
 
-fn build_v311(m: &StoredMessage, pid: Option<u16>, dup: bool) -> Result<v3_1_1::Publish, ConnectError> {
+fn build_v311(m: &StoredMessage, payload: &[u8], pid: Option<u16>, dup: bool) -> Result<v3_1_1::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
     let mut b = v3_1_1::Publish::builder()
         .topic_name(m.msg.topic.as_str())
@@ -311,7 +318,7 @@ fn build_v311(m: &StoredMessage, pid: Option<u16>, dup: bool) -> Result<v3_1_1::
         .qos(qos_to_mqtt(m.msg.qos))
         .retain(m.msg.retain)
         .dup(dup)
-        .payload(m.msg.payload.as_slice());
+        .payload(payload);
     if let Some(pid) = pid {
         b = b.packet_id(pid);
     }

@@ -59,6 +59,43 @@ impl Identity {
     }
 }
 
+impl Identity {
+    /// First bytes of a payload wrapped by [`Identity::wrap`] (format 1).
+    pub const ENVELOPE_MAGIC: [u8; 4] = *b"SFE1";
+    /// Longest producer id an envelope can carry.
+    pub const ENVELOPE_MAX_PRODUCER: usize = 255;
+
+    /// The opt-in payload envelope for MQTT 3.1.1, which has no user
+    /// properties: `"SFE1"`, one byte producer length, the producer id
+    /// (UTF-8), the sequence number (8 bytes, big-endian), then the payload
+    /// unchanged (docs/design.md, "Identity on the wire"). A producer id
+    /// longer than 255 bytes is refused when the client is configured.
+    pub fn wrap(producer: &str, seq: u64, payload: &[u8]) -> Vec<u8> {
+        let p = &producer.as_bytes()[..producer.len().min(Self::ENVELOPE_MAX_PRODUCER)];
+        let mut out = Vec::with_capacity(4 + 1 + p.len() + 8 + payload.len());
+        out.extend_from_slice(&Self::ENVELOPE_MAGIC);
+        out.push(p.len() as u8);
+        out.extend_from_slice(p);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// Splits an enveloped payload into its identity and the original
+    /// payload; `None` when it is not an envelope.
+    pub fn unwrap(payload: &[u8]) -> Option<(Identity, &[u8])> {
+        let rest = payload.strip_prefix(&Self::ENVELOPE_MAGIC)?;
+        let (&len, rest) = rest.split_first()?;
+        let len = len as usize;
+        if len == 0 || rest.len() < len + 8 {
+            return None;
+        }
+        let producer = std::str::from_utf8(&rest[..len]).ok()?.to_owned();
+        let seq = u64::from_be_bytes(rest[len..len + 8].try_into().ok()?);
+        Some((Identity { producer, seq }, &rest[len + 8..]))
+    }
+}
+
 impl fmt::Display for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.producer, self.seq)
@@ -243,6 +280,20 @@ impl Properties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_round_trips_through_the_envelope() {
+        let wrapped = Identity::wrap("gw-7", 513, b"21.5");
+        assert_eq!(&wrapped[..6], b"SFE1\x04g");
+        assert_eq!(&wrapped[9..17], &513u64.to_be_bytes());
+        let (id, payload) = Identity::unwrap(&wrapped).unwrap();
+        assert_eq!((id, payload), (Identity { producer: "gw-7".into(), seq: 513 }, &b"21.5"[..]));
+        let empty = Identity::wrap("p", 1, b"");
+        assert_eq!(Identity::unwrap(&empty).unwrap().1, b"");
+        for bad in [&b"21.5"[..], b"SFE1", b"SFE1\x00", b"SFE1\x04gw-7\x00\x00", b"SFE1\x01\xff\0\0\0\0\0\0\0\0"] {
+            assert_eq!(Identity::unwrap(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn identity_round_trips_through_the_user_property() {

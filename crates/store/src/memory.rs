@@ -146,7 +146,9 @@ impl Store for MemoryStore {
                 None => {
                     let gone = self.state.slots.keys().find(|u| !urls.contains(u)).cloned();
                     let Some(gone) = gone else {
-                        return Err(StoreError::WriteFailed(format!("more than {MAX_SLOTS} brokers configured at once")));
+                        return Err(StoreError::WriteFailed(format!(
+                            "more than {MAX_SLOTS} brokers configured at once"
+                        )));
                     };
                     let slot = self.state.slots.remove(&gone).expect("found");
                     for r in self.state.messages.values_mut() {

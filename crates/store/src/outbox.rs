@@ -408,6 +408,7 @@ struct Writer {
     swept_at: std::time::Instant,
 }
 
+type SlotReply = oneshot::Sender<Result<Vec<u32>, StoreError>>;
 type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
 
 /// Replies that may go out only after the commit.
@@ -418,7 +419,7 @@ struct Batch {
     resolved: Vec<(u64, Delivery)>,
     wire_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
     meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
-    slot_replies: Vec<(oneshot::Sender<Result<Vec<u32>, StoreError>>, Vec<u32>)>,
+    slot_replies: Vec<(SlotReply, Vec<u32>)>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,

@@ -727,9 +727,8 @@ impl Store for SqliteStore {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, acks, route FROM outbox WHERE done = 0 AND acks != 0 AND created_ms < ?1 ORDER BY id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
-        })?;
+        let rows = stmt
+            .query_map(params![cutoff_ms, limit as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -768,7 +767,9 @@ impl Store for SqliteStore {
                     slot
                 }
             };
-            self.conn.execute("INSERT INTO slots (url, slot) VALUES (?1, ?2)", params![url, slot]).map_err(|e| self.map(e))?;
+            self.conn
+                .execute("INSERT INTO slots (url, slot) VALUES (?1, ?2)", params![url, slot])
+                .map_err(|e| self.map(e))?;
             taken.push((url.clone(), slot));
             out.push(slot);
         }
@@ -832,9 +833,9 @@ impl Store for SqliteStore {
     }
 
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT url, state, last_error, since_ms, acked, connects, retry_ms, active FROM brokers ORDER BY url")?;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT url, state, last_error, since_ms, acked, connects, retry_ms, active FROM brokers ORDER BY url",
+        )?;
         let rows = stmt.query_map([], |r| {
             Ok(BrokerRecord {
                 url: r.get(0)?,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use steadfast::{Client, Delivery, Message, ProtocolVersion, PublishError, Qos};
 use steadfast_core::{DropReason, Properties, Stage};
-use steadfast_store::{BrokerRecord, MemoryStore, NewMessage, Store, StoreError, StoredMessage, Totals};
+use steadfast_store::{BrokerRecord, Entry, MemoryStore, NewMessage, Store, StoreError, StoredMessage, Totals};
 use steadfast_testkit::{wait_until, Reply, ScriptedBroker};
 
 use crate::{config, connect_failed, next_event};
@@ -45,7 +45,34 @@ impl Store for FaultyStore {
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
         self.inner.insert(m)
     }
-    fn remove(&mut self, id: u64) -> Result<Option<u64>, StoreError> {
+    fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
+        self.inner.entry(id)
+    }
+    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+        self.inner.ack(id, slot)
+    }
+    fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
+        self.inner.set_done(id)
+    }
+    fn lapsed(&mut self, cutoff: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError> {
+        self.inner.lapsed(cutoff, limit)
+    }
+    fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
+        self.inner.lag(slot)
+    }
+    fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
+        self.inner.assign_slots(urls)
+    }
+    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
+        self.inner.slots()
+    }
+    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
+        self.inner.add_missed(url, n)
+    }
+    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.missed()
+    }
+    fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
         let f = &self.faults.fail_remove;
         if f.load(SeqCst) > 0 {
             f.fetch_sub(1, SeqCst);
@@ -53,16 +80,16 @@ impl Store for FaultyStore {
         }
         self.inner.remove(id)
     }
-    fn set_wire(&mut self, id: u64, w: Option<(u16, Stage)>) -> Result<(), StoreError> {
+    fn set_wire(&mut self, slot: u32, id: u64, w: Option<(u16, Stage)>) -> Result<(), StoreError> {
         let f = &self.faults.fail_set_wire;
         if f.load(SeqCst) > 0 {
             f.fetch_sub(1, SeqCst);
             return Err(StoreError::WriteFailed("injected fault".into()));
         }
-        self.inner.set_wire(id, w)
+        self.inner.set_wire(slot, id, w)
     }
-    fn read_after(&mut self, after: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
-        let page = self.inner.read_after(after, limit);
+    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError> {
+        let page = self.inner.read_after(after, limit, slot);
         let n = self.faults.reads.fetch_add(1, SeqCst) + 1;
         if n == self.faults.stall_read.load(SeqCst) {
             self.faults.stalled.store(true, SeqCst);
@@ -72,8 +99,8 @@ impl Store for FaultyStore {
         }
         page
     }
-    fn bound(&mut self) -> Result<Vec<StoredMessage>, StoreError> {
-        self.inner.bound()
+    fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        self.inner.bound(slot)
     }
     fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
         self.inner.oldest(limit)
@@ -129,9 +156,10 @@ fn store_with_bound_qos2(payload: &str, stage: Stage) -> MemoryStore {
         retain: false,
         props: Properties::default(),
         created_ms: 1,
+        route: None,
     };
     let id = mem.insert(&msg).unwrap();
-    mem.set_wire(id, Some((7, stage))).unwrap();
+    mem.set_wire(0, id, Some((7, stage))).unwrap();
     mem.commit().unwrap();
     mem
 }

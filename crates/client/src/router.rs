@@ -1,0 +1,358 @@
+//! Which broker takes which message: the routing modes over the drivers.
+//!
+//! Every driver reads the outbox on its own and keeps a message only when
+//! [`Router::claims`] says it is its own. The router follows each link's
+//! health and decides: in failover the active broker of each set, in
+//! balance the broker each topic is pinned to; fanout needs no decision.
+//! When an assignment changes in a way that moves messages between brokers
+//! (a broker failed, traffic goes back to the primary, a pin moved), the
+//! router bumps its generation and every driver reads the outbox again from
+//! the oldest message, so nothing the old owner had not delivered is left
+//! behind.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::time::{sleep_until, Instant};
+
+use crate::config::{ClientConfig, Mode};
+use crate::Event;
+
+/// Most topic pins kept per client; beyond, the map starts afresh (a topic
+/// re-pinned to another healthy broker can overtake its own in-flight
+/// messages, which is why the bound is generous).
+const MAX_PINS: usize = 100_000;
+
+struct Set {
+    name: Option<String>,
+    /// Driver indices, in priority order.
+    members: Vec<usize>,
+    mode: Mode,
+    failback_after: Duration,
+}
+
+#[derive(Clone, Copy)]
+struct Health {
+    up: bool,
+    /// When `up` last changed.
+    since: Instant,
+    /// The first connection attempt has ended (either way).
+    tried: bool,
+    inflight: usize,
+    limit: usize,
+}
+
+struct State {
+    links: Vec<Health>,
+    /// Failover: the broker each set sends to now.
+    active: Vec<Option<usize>>,
+    /// Failover: the broker each set is moving to once the active one has
+    /// no message in flight any more.
+    moving_to: Vec<Option<usize>>,
+    /// Balance: (set, topic) -> broker.
+    pins: HashMap<(usize, String), usize>,
+    next: Vec<usize>,
+}
+
+pub(crate) struct Router {
+    sets: Vec<Set>,
+    urls: Vec<String>,
+    state: Mutex<State>,
+    generation: watch::Sender<u64>,
+    wake: Notify,
+    events: broadcast::Sender<Event>,
+    started: Instant,
+    /// How long the router waits, at start, for higher-priority brokers'
+    /// first attempt before it settles for a lower one.
+    grace: Duration,
+}
+
+impl Router {
+    pub fn new(cfg: &ClientConfig, events: broadcast::Sender<Event>) -> Self {
+        let all = cfg.all_brokers();
+        let index = |u| all.iter().position(|b| b == u).expect("every member is in all_brokers");
+        let sets: Vec<Set> = std::iter::once((None, cfg.broker_set()))
+            .chain(cfg.routes().iter().map(|(n, s)| (Some(n.clone()), s)))
+            .map(|(name, s)| Set {
+                name,
+                members: s.brokers().iter().map(index).collect(),
+                mode: s.routing(),
+                failback_after: s.failback_after,
+            })
+            .collect();
+        let now = Instant::now();
+        let health = Health { up: false, since: now, tried: false, inflight: 0, limit: 1 };
+        let n = sets.len();
+        // A failover set of one broker always sends to it: its messages wait
+        // for it, whatever its state.
+        let active = sets.iter().map(|s| (s.members.len() == 1).then(|| s.members[0])).collect();
+        let state = State {
+            links: vec![health; all.len()],
+            active,
+            moving_to: vec![None; n],
+            pins: HashMap::new(),
+            next: vec![0; n],
+        };
+        Self {
+            sets,
+            urls: all.iter().map(|u| u.to_string()).collect(),
+            state: Mutex::new(state),
+            generation: watch::channel(0).0,
+            wake: Notify::new(),
+            events,
+            started: now,
+            grace: cfg.connect_timeout.min(Duration::from_secs(3)),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bumped whenever messages may have changed owner: drivers read the
+    /// outbox again from the start.
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn set_of(&self, route: Option<&str>) -> Option<usize> {
+        self.sets.iter().position(|s| s.name.as_deref() == route)
+    }
+
+    /// True when a route of this name exists (`None`: the default set).
+    pub fn knows(&self, route: Option<&str>) -> bool {
+        self.set_of(route).is_some()
+    }
+
+    /// Whether the message of `route` and `topic` is `broker`'s to send.
+    pub fn claims(&self, broker: usize, route: Option<&str>, topic: &str) -> bool {
+        let Some(s) = self.set_of(route) else { return false };
+        let set = &self.sets[s];
+        if !set.members.contains(&broker) {
+            return false;
+        }
+        match set.mode {
+            Mode::Fanout => true,
+            Mode::Failover => {
+                let st = self.lock();
+                st.active[s] == Some(broker) && st.moving_to[s].is_none()
+            }
+            Mode::Balance => self.balance_owner(s, topic) == Some(broker),
+        }
+    }
+
+    /// The broker a topic is pinned to, pinning it to the least loaded
+    /// healthy member (in turn) when it has none or its broker failed.
+    fn balance_owner(&self, s: usize, topic: &str) -> Option<usize> {
+        let mut st = self.lock();
+        let key = (s, topic.to_owned());
+        if let Some(&b) = st.pins.get(&key) {
+            if st.links[b].up {
+                return Some(b);
+            }
+        }
+        let members = &self.sets[s].members;
+        let up: Vec<usize> = members.iter().copied().filter(|m| st.links[*m].up).collect();
+        if up.is_empty() {
+            return None;
+        }
+        // Round-robin, skipping brokers whose unacknowledged backlog is
+        // growing (over half their window) while another has room.
+        let start = st.next[s];
+        let busy = |m: usize| st.links[m].inflight * 2 > st.links[m].limit;
+        let order = (0..up.len()).map(|i| up[(start + i) % up.len()]);
+        let chosen = order.clone().find(|m| !busy(*m)).unwrap_or(up[start % up.len()]);
+        st.next[s] = start.wrapping_add(1);
+        if st.pins.len() >= MAX_PINS {
+            st.pins.clear();
+        }
+        st.pins.insert(key, chosen);
+        Some(chosen)
+    }
+
+    /// Whether `broker` takes new messages now, in any of its sets.
+    pub fn is_active(&self, broker: usize) -> bool {
+        let st = self.lock();
+        self.sets.iter().enumerate().any(|(s, set)| {
+            set.members.contains(&broker)
+                && match set.mode {
+                    Mode::Failover => st.active[s] == Some(broker) && st.moving_to[s].is_none(),
+                    Mode::Fanout | Mode::Balance => st.links[broker].up,
+                }
+        })
+    }
+
+    /// A session with `broker` is up; `limit` is its send window.
+    pub fn link_up(&self, broker: usize, limit: usize) {
+        let mut st = self.lock();
+        let h = &mut st.links[broker];
+        h.up = true;
+        h.tried = true;
+        h.since = Instant::now();
+        h.limit = limit.max(1);
+        h.inflight = 0;
+        drop(st);
+        self.decide();
+    }
+
+    /// The session with `broker` ended, or an attempt failed.
+    pub fn link_down(&self, broker: usize) {
+        let mut st = self.lock();
+        let h = &mut st.links[broker];
+        let was_up = h.up;
+        h.up = false;
+        h.tried = true;
+        if was_up {
+            h.since = Instant::now();
+            st.pins.retain(|_, b| *b != broker);
+        }
+        drop(st);
+        if was_up && self.moves_messages(broker) {
+            self.bump();
+        }
+        self.decide();
+    }
+
+    /// Messages in flight on `broker` now.
+    pub fn progress(&self, broker: usize, inflight: usize) {
+        let mut st = self.lock();
+        st.links[broker].inflight = inflight;
+        let waiting = inflight == 0 && st.moving_to.iter().any(Option::is_some);
+        drop(st);
+        if waiting {
+            self.wake.notify_one();
+        }
+    }
+
+    /// True when `broker` is in a set whose messages go to one broker.
+    fn moves_messages(&self, broker: usize) -> bool {
+        self.sets.iter().any(|s| s.mode != Mode::Fanout && s.members.contains(&broker))
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Re-decides every failover set now; the router task does it again at
+    /// the next deadline.
+    fn decide(&self) {
+        let _ = self.decide_at();
+        self.wake.notify_one();
+    }
+
+    /// Applies the failover rules; returns when they must be checked again
+    /// (a fail-back coming due, the start-up grace ending).
+    fn decide_at(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let mut next: Option<Instant> = None;
+        let mut bump = false;
+        let mut events = Vec::new();
+        let in_grace = now < self.started + self.grace;
+        if in_grace {
+            next = Some(self.started + self.grace);
+        }
+        for (s, set) in self.sets.iter().enumerate() {
+            if set.mode != Mode::Failover || set.members.len() == 1 {
+                continue;
+            }
+            let first_up = set.members.iter().copied().find(|m| st.links[*m].up);
+            match st.active[s] {
+                None => {
+                    // At start, wait (briefly) for the brokers above the
+                    // first one that answered: the primary should not lose
+                    // its traffic for being a millisecond slower.
+                    let Some(f) = first_up else { continue };
+                    let above_untried = set.members.iter().take_while(|m| **m != f).any(|m| !st.links[*m].tried);
+                    if above_untried && in_grace {
+                        continue;
+                    }
+                    st.active[s] = Some(f);
+                    bump = true;
+                    tracing::info!(route = set.name.as_deref().unwrap_or("default"), broker = %self.urls[f], "failover: sending to this broker");
+                }
+                Some(c) if !st.links[c].up => {
+                    st.moving_to[s] = None;
+                    // With no broker up, messages wait in the outbox for
+                    // whichever comes back first.
+                    if first_up.is_none() {
+                        continue;
+                    }
+                    st.active[s] = first_up;
+                    bump = true;
+                    events.push((s, c, first_up, false));
+                }
+                Some(c) => {
+                    // A broker above the active one that stayed up long
+                    // enough gets the traffic back, once the active one has
+                    // nothing in flight (so the switch reorders nothing).
+                    let back = set.members.iter().copied().take_while(|m| *m != c).find(|m| {
+                        let h = st.links[*m];
+                        if !h.up {
+                            return false;
+                        }
+                        let due = h.since + set.failback_after;
+                        if due > now {
+                            next = Some(next.map_or(due, |n| n.min(due)));
+                            return false;
+                        }
+                        true
+                    });
+                    match back {
+                        Some(p) if st.links[c].inflight == 0 => {
+                            st.moving_to[s] = None;
+                            st.active[s] = Some(p);
+                            bump = true;
+                            events.push((s, c, Some(p), true));
+                        }
+                        Some(p) => {
+                            if st.moving_to[s] != Some(p) {
+                                // Stop feeding the old one; it finishes what it has.
+                                st.moving_to[s] = Some(p);
+                                bump = true;
+                            }
+                        }
+                        None => {
+                            if st.moving_to[s].take().is_some() {
+                                bump = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        drop(st);
+        for (s, from, to, back) in events {
+            let route = self.sets[s].name.clone();
+            let from = self.urls[from].clone();
+            let to = to.map(|t| self.urls[t].clone());
+            let name = route.as_deref().unwrap_or("default");
+            if back {
+                tracing::info!(route = name, %from, to = to.as_deref().unwrap_or(""), "fail-back: traffic returns to the higher-priority broker");
+                let _ = self.events.send(Event::Failback { route, from, to: to.unwrap_or_default() });
+            } else {
+                tracing::warn!(route = name, %from, to = to.as_deref().unwrap_or("none"), "failover: the active broker failed; its unacknowledged messages go to the next one");
+                let _ = self.events.send(Event::Failover { route, from, to });
+            }
+        }
+        if bump {
+            self.bump();
+        }
+        next
+    }
+
+    /// Runs the time-based decisions until `stop`.
+    pub async fn run(self: std::sync::Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let next = self.decide_at();
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = sleep_until(next.unwrap_or(far)) => {}
+                r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            }
+        }
+    }
+}

@@ -30,9 +30,33 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct PubArgs {
-    /// Broker URL, mqtt://host:port (repeatable).
+    /// Broker URL, mqtt://host:port (repeatable: the broker set, in priority order).
     #[arg(short = 'b', long = "broker", value_name = "URL")]
     pub brokers: Vec<String>,
+    /// How several brokers are used: failover, fanout or balance.
+    #[arg(long, value_name = "MODE", default_value = "failover")]
+    pub mode: String,
+    /// Fanout: acknowledgements needed before a message leaves the outbox: all, any or a count.
+    #[arg(long, value_name = "QUORUM")]
+    pub ack: Option<String>,
+    /// Failover: how long a higher-priority broker must stay up before traffic returns to it.
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub failback_after: String,
+    /// Fanout: after this long, a message some broker acknowledged leaves; the others count it as missed.
+    #[arg(long, value_name = "DURATION")]
+    pub catch_up_for: Option<String>,
+    /// With messages in flight, a link with no acknowledgement for this long is dead.
+    #[arg(long, value_name = "DURATION", default_value = "15s")]
+    pub ack_timeout: String,
+    /// Named broker sets (routes) from a TOML file: [routes.NAME] brokers = [...], mode, ack, ...
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Publish through this named route of --config instead of the -b brokers.
+    #[arg(long, value_name = "NAME")]
+    pub route: Option<String>,
+    /// MQTT 3.1.1: carry the message identity in a payload envelope (receivers must unwrap it).
+    #[arg(long)]
+    pub envelope: bool,
     /// Broker host (mosquitto_pub style; use with -p).
     #[arg(short = 'h', long = "host")]
     pub host: Option<String>,

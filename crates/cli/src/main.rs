@@ -4,6 +4,7 @@
 
 mod args;
 mod publish;
+mod routes;
 mod status;
 mod util;
 

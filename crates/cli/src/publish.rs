@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    BackoffConfig, BrokerUrl, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow,
-    ProtocolVersion, PublishError, Qos,
+    BackoffConfig, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, ProtocolVersion,
+    PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
+use crate::routes;
 use crate::util::{default_client_id, default_outbox, parse_duration, parse_size};
 use crate::Failure;
 
@@ -33,6 +34,7 @@ enum Input {
 #[derive(Debug)]
 struct Options {
     config: ClientConfig,
+    route: Option<String>,
     topic: String,
     qos: Qos,
     retain: bool,
@@ -55,16 +57,37 @@ impl Options {
         if a.host.is_some() || a.port.is_some() {
             urls.push(format!("mqtt://{}:{}", a.host.as_deref().unwrap_or("127.0.0.1"), a.port.unwrap_or(1883)));
         }
-        if urls.is_empty() {
-            return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
+        let routes = match &a.config {
+            Some(path) => routes::load(path).map_err(usage)?,
+            None => Vec::new(),
+        };
+        if let Some(r) = &a.route {
+            if !routes.iter().any(|(n, _)| n == r) {
+                let known: Vec<&str> = routes.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(usage(match a.config {
+                    None => format!("--route {r} needs --config FILE with a [routes.{r}] table"),
+                    Some(_) => format!("no route `{r}` in --config; it has: {}", known.join(", ")),
+                }));
+            }
         }
-        if urls.len() > 1 {
-            return Err(usage(format!(
-                "{} brokers given; this version publishes to exactly one broker (failover and fanout over several brokers are not built yet)",
-                urls.len()
-            )));
-        }
-        let url: BrokerUrl = urls[0].parse().map_err(Failure::usage)?;
+        // The default set: the -b brokers with the mode flags, or, with
+        // only --route, that route's set.
+        let default_set = if urls.is_empty() {
+            match (&a.route, routes.iter().find(|(n, _)| Some(n) == a.route.as_ref())) {
+                (Some(_), Some((_, set))) => set.clone(),
+                _ => return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)")),
+            }
+        } else {
+            let spec = routes::SetSpec {
+                brokers: urls,
+                mode: Some(a.mode.clone()),
+                ack: a.ack.clone().map(routes::Ack::Word),
+                failback_after: Some(a.failback_after.clone()),
+                catch_up_for: a.catch_up_for.clone(),
+            };
+            spec.build("-b brokers").map_err(usage)?
+        };
+        let ack_timeout = parse_duration(&a.ack_timeout).map_err(|e| usage(format!("--ack-timeout: {e}")))?;
         let input = match (&a.message, a.lines, &a.file, a.stdin, a.null, a.drain) {
             (Some(m), ..) => Input::Message(m.clone().into_bytes()),
             (_, true, ..) => Input::Lines,
@@ -119,7 +142,11 @@ impl Options {
         }
         let id = a.id.clone().unwrap_or_else(default_client_id);
         let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
-        let mut config = ClientConfig::new(id, url, outbox_dir)
+        let first = default_set.brokers()[0].clone();
+        let mut config = ClientConfig::new(id, first, outbox_dir)
+            .brokers(default_set)
+            .ack_timeout(ack_timeout)
+            .envelope(a.envelope)
             .version(version)
             .keep_alive(Duration::from_secs(a.keepalive))
             .clean_start(a.clean)
@@ -131,7 +158,14 @@ impl Options {
         } else if a.password.is_some() {
             return Err(usage("-P needs -u"));
         }
+        for (name, set) in routes {
+            config = config.route(name, set);
+        }
+        if a.envelope && version != ProtocolVersion::V311 {
+            return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
+        }
         Ok(Options {
+            route: a.route.clone(),
             config,
             topic,
             qos,
@@ -269,7 +303,13 @@ async fn first_attempt(client: &Client, events: &mut broadcast::Receiver<Event>)
 }
 
 async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
-    let msg = |payload: Vec<u8>| Message::new(o.topic.clone(), payload).qos(o.qos).retain(o.retain);
+    let msg = |payload: Vec<u8>| {
+        let m = Message::new(o.topic.clone(), payload).qos(o.qos).retain(o.retain);
+        match &o.route {
+            Some(r) => m.route(r.clone()),
+            None => m,
+        }
+    };
     match &o.input {
         Input::Drain => Ok(()),
         Input::Message(m) => p.push(msg(m.clone())).await,

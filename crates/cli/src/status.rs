@@ -27,8 +27,16 @@ struct BrokerJson {
     state: String,
     since_ms: u64,
     last_error: Option<String>,
+    /// In backoff: when the next attempt starts (ms since the epoch).
+    retry_at_ms: Option<u64>,
+    /// New messages go to it (failover: the active broker).
+    active: bool,
     acked: u64,
     connects: u64,
+    /// Queued messages it has not acknowledged.
+    lag: u64,
+    /// Messages it missed (fanout catch-up window passed first).
+    missed: u64,
 }
 
 pub async fn run(a: StatusArgs) -> Result<(), Failure> {
@@ -48,6 +56,7 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     let (running, r) = read.map_err(|e| Failure::other(anyhow!(e)))?;
     let now = now_ms();
     let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
+    let lag_of = |url: &str| r.lag.iter().find(|l| l.url == url).map_or((0, 0), |l| (l.lag, l.missed));
     if a.json {
         let dropped = r.drops.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v))).collect();
         let brokers = r
@@ -58,8 +67,12 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
                 state: if running { b.state.clone() } else { "not running".into() },
                 since_ms: b.since_ms,
                 last_error: b.last_error.clone(),
+                retry_at_ms: b.retry_ms.filter(|_| running),
+                active: running && b.active,
                 acked: b.acked,
                 connects: b.connects,
+                lag: lag_of(&b.url).0,
+                missed: lag_of(&b.url).1,
             })
             .collect();
         let j = Json {
@@ -90,7 +103,16 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
         } else {
             format!("not running (last run ended {} ago)", human_age(for_how_long))
         };
-        println!("broker   {}  {state}, acked {}, connects {}", b.url, b.acked, b.connects);
+        let (lag, missed) = lag_of(&b.url);
+        let role = if running && b.active { "  [active]" } else { "" };
+        println!("broker   {}{role}  {state}, acked {}, connects {}, lag {lag}", b.url, b.acked, b.connects);
+        if let Some(at) = b.retry_ms.filter(|_| running && b.state == "backoff") {
+            let left = at.saturating_sub(now_ms());
+            println!("         next attempt in {}", human_age(Duration::from_millis(left)));
+        }
+        if missed > 0 {
+            println!("         missed {missed} message(s): down past the catch-up window");
+        }
         if let Some(e) = &b.last_error {
             println!("         last error: {e}");
         }

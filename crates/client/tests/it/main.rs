@@ -5,6 +5,7 @@
 mod backlog;
 mod faults;
 mod protocol;
+mod routing;
 mod session;
 
 use std::path::Path;

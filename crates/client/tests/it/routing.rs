@@ -1,0 +1,356 @@
+//! Several brokers: failover with fail-back, fanout with a quorum, balance,
+//! per-message routes; real Mosquitto brokers killed, stopped and
+//! black-holed under a steady publisher.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use steadfast::{AckQuorum, BrokerSet, Client, ClientConfig, Event, Identity, Message, Mode, ProtocolVersion};
+use steadfast_testkit::{FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Reply, ScriptedBroker, Subscriber};
+use tokio::sync::broadcast;
+
+use crate::{config, next_event, open, payloads};
+
+fn persistent() -> MosquittoOptions {
+    MosquittoOptions { persistence: true, extra: vec![] }
+}
+
+fn set(urls: &[String]) -> BrokerSet {
+    BrokerSet::new(urls.iter().map(|u| u.parse().expect("url")))
+}
+
+/// A client over `set`, with short timeouts so faults show quickly.
+fn routed(id: &str, set: BrokerSet, dir: &std::path::Path) -> ClientConfig {
+    let first = set.brokers()[0].to_string();
+    config(id, &first, dir)
+        .brokers(set)
+        .keep_alive(Duration::from_secs(2))
+        .ack_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+}
+
+/// Publishes `msgs` at a steady pace (a batch every 20 ms), each accepted
+/// before the next batch.
+async fn publish_steadily(c: &Client, topic: &str, msgs: &[String]) {
+    for batch in msgs.chunks(20) {
+        let pending: Vec<_> = batch.iter().map(|m| c.enqueue(Message::new(topic, m.clone())).unwrap()).collect();
+        for p in pending {
+            p.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The client's status once `cond` holds (within 10 s).
+async fn status_when(c: &Client, what: &str, cond: impl Fn(&steadfast::Status) -> bool) -> steadfast::Status {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = c.status().await.unwrap();
+        if cond(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 10 s; status {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn idle(c: &Client, limit: Duration) {
+    tokio::time::timeout(limit, c.wait_idle()).await.expect("outbox did not drain in time");
+}
+
+/// Every one of `want` arrived at one of the subscribers at least once.
+async fn assert_union_has_all(subs: &[&Subscriber], want: &[String], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen: HashSet<String> = subs.iter().flat_map(|s| s.lines()).collect();
+        let missing: Vec<&String> = want.iter().filter(|w| !seen.contains(*w)).collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} messages reached no broker, first: {:?}",
+            missing.len(),
+            want.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn failover_event(events: &mut broadcast::Receiver<Event>, limit: Duration) -> (String, Option<String>) {
+    next_event(events, "Failover", limit, |e| match e {
+        Event::Failover { from, to, .. } => Some((from.clone(), to.clone())),
+        _ => None,
+    })
+    .await
+}
+
+async fn failback_event(events: &mut broadcast::Receiver<Event>, limit: Duration) -> (String, String) {
+    next_event(events, "Failback", limit, |e| match e {
+        Event::Failback { from, to, .. } => Some((from.clone(), to.clone())),
+        _ => None,
+    })
+    .await
+}
+
+async fn failover_and_back(kill: bool) {
+    let mut a = Mosquitto::start(persistent()).await;
+    let b = Mosquitto::start(persistent()).await;
+    let tag = if kill { "k" } else { "t" };
+    let sub_a = Subscriber::start(a.port(), "fo", 1, Some(&format!("fo-sub-a-{tag}"))).await;
+    let sub_b = Subscriber::start(b.port(), "fo", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = set(&[a.url(), b.url()]).failback_after(Duration::from_secs(2));
+    let c = open(routed(&format!("fo-pub-{tag}"), s, dir.path())).await;
+    let mut events = c.events();
+    let want = payloads(&format!("fo{tag}"), 1500);
+    publish_steadily(&c, "fo", &want[..300]).await;
+    sub_a.wait_count(200, Duration::from_secs(10)).await;
+    assert_eq!(sub_b.count(), 0, "the backup gets nothing while the primary is healthy");
+    if kill {
+        a.kill9();
+    } else {
+        a.terminate();
+    }
+    let (from, to) = failover_event(&mut events, Duration::from_secs(10)).await;
+    assert_eq!((from, to), (a.url(), Some(b.url())));
+    publish_steadily(&c, "fo", &want[300..800]).await;
+    sub_b.wait_count(400, Duration::from_secs(10)).await;
+    a.restart().await;
+    let (from, to) = failback_event(&mut events, Duration::from_secs(20)).await;
+    assert_eq!((from, to), (b.url(), a.url()));
+    let on_b = sub_b.count();
+    publish_steadily(&c, "fo", &want[800..]).await;
+    idle(&c, Duration::from_secs(20)).await;
+    // After the fail-back, new traffic goes to the primary again.
+    let last = want.last().unwrap();
+    sub_a.wait_all(std::slice::from_ref(last), Duration::from_secs(10)).await;
+    assert!(sub_b.count() <= on_b + 50, "the backup kept getting traffic after the fail-back");
+    assert_union_has_all(&[&sub_a, &sub_b], &want, Duration::from_secs(20)).await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_on_primary_stop_and_fail_back_after_it_stayed_healthy() {
+    failover_and_back(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_on_primary_kill9_resends_what_it_had_not_acknowledged() {
+    failover_and_back(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_primary_is_detected_by_the_ack_timeout_and_traffic_moves() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(a.port()).await;
+    let sub_a = Subscriber::start(a.port(), "bh", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "bh", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = routed("bh-pub", set(&[proxy.url(), b.url()]), dir.path()).keep_alive(Duration::from_secs(30));
+    let c = open(cfg).await;
+    let mut events = c.events();
+    let want = payloads("bh", 600);
+    publish_steadily(&c, "bh", &want[..200]).await;
+    sub_a.wait_count(150, Duration::from_secs(10)).await;
+    proxy.set(ProxyMode::BlackHole);
+    let started = Instant::now();
+    publish_steadily(&c, "bh", &want[200..]).await;
+    let (from, _) = failover_event(&mut events, Duration::from_secs(10)).await;
+    assert_eq!(from, proxy.url());
+    // Keep-alive is 30 s here: only the ack timeout (2 s) can have seen it.
+    assert!(started.elapsed() < Duration::from_secs(8), "failover took {:?}", started.elapsed());
+    idle(&c, Duration::from_secs(20)).await;
+    assert_union_has_all(&[&sub_a, &sub_b], &want, Duration::from_secs(10)).await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_all_catches_a_broker_up_after_it_comes_back() {
+    let a = Mosquitto::start(persistent()).await;
+    let mut b = Mosquitto::start(persistent()).await;
+    let sub_a = Subscriber::start(a.port(), "fan", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "fan", 1, Some("fan-sub-b")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = set(&[a.url(), b.url()]).mode(Mode::Fanout).ack(AckQuorum::All);
+    let c = open(routed("fan-pub", s, dir.path())).await;
+    let want = payloads("fan", 1000);
+    publish_steadily(&c, "fan", &want[..200]).await;
+    b.terminate();
+    publish_steadily(&c, "fan", &want[200..]).await;
+    sub_a.wait_all(&want, Duration::from_secs(20)).await;
+    // A's acknowledgements may still be on their way to the outbox.
+    let st = status_when(&c, "A acknowledged everything", |s| s.lag[0] == 0).await;
+    assert!(st.queued > 0, "with ack=all, what B lacks stays queued");
+    assert_eq!(st.lag[1], st.queued, "B lacks exactly what is queued");
+    b.restart().await;
+    idle(&c, Duration::from_secs(30)).await;
+    sub_b.wait_all(&want, Duration::from_secs(20)).await;
+    let st = c.status().await.unwrap();
+    assert_eq!((st.queued, st.lag.clone()), (0, vec![0, 0]));
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_any_does_not_wait_for_a_silent_broker() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(b.port()).await;
+    let sub_a = Subscriber::start(a.port(), "any", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = set(&[a.url(), proxy.url()]).mode(Mode::Fanout).ack(AckQuorum::Any);
+    let c = open(routed("any-pub", s, dir.path()).ack_timeout(Duration::from_secs(60))).await;
+    let mut events = c.events();
+    next_event(&mut events, "both connected", Duration::from_secs(10), {
+        let mut n = 0;
+        move |e| {
+            n += matches!(e, Event::Connected { .. }) as u32;
+            (n == 2).then_some(())
+        }
+    })
+    .await;
+    proxy.set(ProxyMode::BlackHole);
+    let want = payloads("any", 500);
+    publish_steadily(&c, "any", &want).await;
+    // B acknowledges nothing (and its 60 s ack timeout is far away): the
+    // outbox drains through A alone.
+    idle(&c, Duration::from_secs(15)).await;
+    sub_a.wait_all(&want, Duration::from_secs(10)).await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_with_every_broker_down_then_one_comes_up() {
+    let mut a = Mosquitto::start(persistent()).await;
+    let mut b = Mosquitto::start(persistent()).await;
+    let sub_b = Subscriber::start(b.port(), "down", 1, Some("down-sub-b")).await;
+    a.terminate();
+    b.terminate();
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(routed("down-pub", set(&[a.url(), b.url()]), dir.path())).await;
+    let want = payloads("down", 300);
+    publish_steadily(&c, "down", &want).await;
+    assert_eq!(c.status().await.unwrap().queued, 300, "queued durably while no broker is up");
+    b.restart().await;
+    idle(&c, Duration::from_secs(30)).await;
+    sub_b.wait_all(&want, Duration::from_secs(20)).await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_brokers_failing_in_turns_lose_nothing() {
+    let mut brokers = Vec::new();
+    let mut subs = Vec::new();
+    for i in 0..3 {
+        let b = Mosquitto::start(persistent()).await;
+        subs.push(Subscriber::start(b.port(), "turns", 1, Some(&format!("turns-sub-{i}"))).await);
+        brokers.push(b);
+    }
+    let urls: Vec<String> = brokers.iter().map(|b| b.url()).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let s = set(&urls).failback_after(Duration::from_secs(1));
+    let c = open(routed("turns-pub", s, dir.path()).seed(7)).await;
+    let want = payloads("turns", 3000);
+    // A seeded schedule: each round stops or kills one broker, restarts
+    // the one stopped before; at least one broker is up at any time.
+    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    let mut down: Option<usize> = None;
+    for chunk in want.chunks(250) {
+        publish_steadily(&c, "turns", chunk).await;
+        if let Some(d) = down.take() {
+            brokers[d].restart().await;
+        }
+        let victim = rng.usize(0..3);
+        if rng.bool() {
+            brokers[victim].kill9();
+        } else {
+            brokers[victim].terminate();
+        }
+        down = Some(victim);
+    }
+    if let Some(d) = down {
+        brokers[d].restart().await;
+    }
+    idle(&c, Duration::from_secs(60)).await;
+    let subs: Vec<&Subscriber> = subs.iter().collect();
+    assert_union_has_all(&subs, &want, Duration::from_secs(30)).await;
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_spreads_topics_and_keeps_each_topic_on_one_broker_in_order() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let sub_a = Subscriber::start(a.port(), "bal/#", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "bal/#", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(routed("bal-pub", set(&[a.url(), b.url()]).mode(Mode::Balance), dir.path())).await;
+    let mut events = c.events();
+    next_event(&mut events, "both connected", Duration::from_secs(10), {
+        let mut n = 0;
+        move |e| {
+            n += matches!(e, Event::Connected { .. }) as u32;
+            (n == 2).then_some(())
+        }
+    })
+    .await;
+    let mut want: HashMap<String, Vec<String>> = HashMap::new();
+    for t in 0..8 {
+        let topic = format!("bal/{t}");
+        let msgs = payloads(&format!("b{t}"), 100);
+        for m in &msgs {
+            c.enqueue(Message::new(&topic, m.clone())).unwrap();
+        }
+        want.insert(topic, msgs);
+    }
+    idle(&c, Duration::from_secs(20)).await;
+    let all: Vec<String> = want.values().flatten().cloned().collect();
+    assert_union_has_all(&[&sub_a, &sub_b], &all, Duration::from_secs(10)).await;
+    let (la, lb) = (sub_a.lines(), sub_b.lines());
+    assert!(!la.is_empty() && !lb.is_empty(), "load went to one broker only: {} / {}", la.len(), lb.len());
+    for msgs in want.values() {
+        let on_a = la.iter().filter(|l| msgs.contains(l)).cloned().collect::<Vec<_>>();
+        let on_b = lb.iter().filter(|l| msgs.contains(l)).cloned().collect::<Vec<_>>();
+        let (got, other) = if on_a.is_empty() { (on_b, on_a) } else { (on_a, on_b) };
+        assert!(other.is_empty(), "a topic was split across brokers");
+        assert_eq!(&got, msgs, "a topic's messages arrived out of order");
+    }
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_goes_through_the_route_it_names() {
+    let home = Mosquitto::plain().await;
+    let office = Mosquitto::plain().await;
+    let sub_home = Subscriber::start(home.port(), "r", 1, None).await;
+    let sub_office = Subscriber::start(office.port(), "r", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config("route-pub", &office.url(), dir.path()).route("home", set(&[home.url()]));
+    let c = open(cfg).await;
+    c.publish(Message::new("r", "to-home").route("home")).await.unwrap().delivered().await.unwrap();
+    c.publish(Message::new("r", "to-office")).await.unwrap().delivered().await.unwrap();
+    sub_home.wait_all(&["to-home".to_owned()], Duration::from_secs(10)).await;
+    sub_office.wait_all(&["to-office".to_owned()], Duration::from_secs(10)).await;
+    assert_eq!((sub_home.lines(), sub_office.lines()), (vec!["to-home".to_owned()], vec!["to-office".to_owned()]));
+    let Err(e) = c.enqueue(Message::new("r", "x").route("nowhere")) else { panic!("an unknown route was accepted") };
+    assert!(e.to_string().contains("no route named `nowhere`"), "{e}");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_carries_the_identity_in_an_envelope_when_asked() {
+    let broker = ScriptedBroker::start(false, |_| false, |_, _| Reply::Ack);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg =
+        config("env-pub", &broker.url(), dir.path()).version(ProtocolVersion::V311).envelope(true).producer_id("gw-7");
+    let c = open(cfg).await;
+    let r = c.publish(Message::new("e", "21.5")).await.unwrap();
+    let seq = r.id();
+    r.delivered().await.unwrap();
+    let got = broker.publishes();
+    let (identity, payload) = Identity::unwrap(&got[0].payload).expect("an envelope");
+    assert_eq!((identity, payload), (Identity { producer: "gw-7".into(), seq }, &b"21.5"[..]));
+    c.close().await;
+}

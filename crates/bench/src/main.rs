@@ -1,11 +1,16 @@
-//! Publish benchmark: N QoS 1 messages to one local Mosquitto through
-//! steadfast's durable outbox, through bare rumqttc (no durability), and
-//! through `mosquitto_pub -l`, in the same run, with ratios against the
-//! baselines so a noisy machine does not lie.
+//! Benchmarks, each with its baseline measured in the same run so that a
+//! noisy machine does not lie:
 //!
-//! `cargo run --release -p steadfast-bench -- [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
+//! - `publish` (default): N QoS 1 messages to one local Mosquitto through
+//!   steadfast's durable outbox, through bare rumqttc (no durability), and
+//!   through `mosquitto_pub -l`. Both clients get the same in-flight window.
+//! - `fanout`: the same messages through a fanout set of two brokers
+//!   (`ack = all`), against one broker.
+//! - `failover`: a publisher at 1,000 msg/s to a failover pair; the primary
+//!   is killed (`kill -9`) or black-holed, and the gap until the backup
+//!   acknowledges the first message is measured.
 //!
-//! Both clients get the same in-flight window (default 256).
+//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
 
 #![forbid(unsafe_code)]
 
@@ -14,10 +19,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use steadfast::{BackoffConfig, BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
+use steadfast::{AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Message, Mode, ProtocolVersion};
 use steadfast_testkit::{mosquitto_program, Mosquitto};
 
 struct Args {
+    scenario: String,
     messages: usize,
     payload: usize,
     runs: usize,
@@ -25,9 +31,13 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { messages: 100_000, payload: 64, runs: 3, inflight: 256 };
+    let mut a = Args { scenario: "publish".into(), messages: 100_000, payload: 64, runs: 3, inflight: 256 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--scenario" {
+            a.scenario = it.next().context("--scenario needs publish, fanout or failover")?;
+            continue;
+        }
         let mut value = || it.next().context("flag needs a value")?.parse::<usize>().context("not a number");
         match flag.as_str() {
             "--messages" => a.messages = value()?,
@@ -98,10 +108,18 @@ async fn bare_rumqttc_v5(port: u16, a: &Args, run: usize) -> anyhow::Result<Dura
     Ok(elapsed)
 }
 
+fn url(port: u16) -> BrokerUrl {
+    format!("mqtt://127.0.0.1:{port}").parse().expect("loopback URL")
+}
+
 async fn steadfast_durable(port: u16, a: &Args, run: usize, version: ProtocolVersion) -> anyhow::Result<Duration> {
+    steadfast_set(BrokerSet::new([url(port)]), a, &format!("{run}-{version:?}"), version).await
+}
+
+async fn steadfast_set(set: BrokerSet, a: &Args, name: &str, version: ProtocolVersion) -> anyhow::Result<Duration> {
     let dir = tempfile::tempdir()?;
-    let url: BrokerUrl = format!("mqtt://127.0.0.1:{port}").parse()?;
-    let cfg = ClientConfig::new(format!("bench-steadfast-{run}-{version:?}"), url, dir.path())
+    let cfg = ClientConfig::new(format!("bench-steadfast-{name}"), set.brokers()[0].clone(), dir.path())
+        .brokers(set)
         .version(version)
         .backoff(BackoffConfig { min: Duration::from_millis(10), ..BackoffConfig::default() });
     let (client, _) = Client::open(cfg).await?;
@@ -120,9 +138,7 @@ async fn steadfast_durable(port: u16, a: &Args, run: usize, version: ProtocolVer
     let accepted = t0.elapsed();
     client.wait_idle().await;
     let elapsed = t0.elapsed();
-    eprintln!(
-        "    steadfast {version:?}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}"
-    );
+    eprintln!("    steadfast {name}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}");
     client.close().await;
     Ok(elapsed)
 }
@@ -156,6 +172,107 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let a = args()?;
+    match a.scenario.as_str() {
+        "publish" => publish(a).await,
+        "fanout" => fanout(a).await,
+        "failover" => failover(a).await,
+        other => bail!("unknown scenario {other}; use publish, fanout or failover"),
+    }
+}
+
+async fn fanout(a: Args) -> anyhow::Result<()> {
+    let (b1, b2) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    println!(
+        "fanout benchmark: {} QoS 1 messages of {} bytes, one broker vs a fanout set of two (ack = all), {} runs, median rate",
+        a.messages, a.payload, a.runs
+    );
+    let (mut one, mut two) = (vec![], vec![]);
+    for run in 0..a.runs {
+        eprintln!("run {}/{}", run + 1, a.runs);
+        let single = BrokerSet::new([url(b1.port())]);
+        one.push(rate(a.messages, steadfast_set(single, &a, &format!("one-{run}"), ProtocolVersion::V5).await?));
+        let pair = BrokerSet::new([url(b1.port()), url(b2.port())]).mode(Mode::Fanout).ack(AckQuorum::All);
+        two.push(rate(a.messages, steadfast_set(pair, &a, &format!("two-{run}"), ProtocolVersion::V5).await?));
+    }
+    let (one, two) = (median(one), median(two));
+    println!("{:<48} {:>10} {:>14}", "steadfast, durable outbox, MQTT 5", "msg/s", "x one broker");
+    println!("{:<48} {one:>10.0} {:>14.2}", "one broker", 1.0);
+    println!("{:<48} {two:>10.0} {:>14.2}", "fanout to two brokers, ack = all", two / one);
+    Ok(())
+}
+
+/// Publishes at 1,000 msg/s to a failover pair whose primary (behind a
+/// fault proxy) fails after a second; returns the time from the fault to
+/// the first message the backup acknowledged.
+async fn failover_gap(kill: bool, ack_timeout: Duration, run: usize) -> anyhow::Result<Duration> {
+    use steadfast_testkit::{FaultProxy, ProxyMode};
+    let mut primary = Mosquitto::plain().await;
+    let backup = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(primary.port()).await;
+    let dir = tempfile::tempdir()?;
+    // A kill goes straight to the broker (the kernel closes its sockets);
+    // a black hole needs the proxy.
+    let first = if kill { url(primary.port()) } else { url(proxy.port()) };
+    let set = BrokerSet::new([first.clone(), url(backup.port())]);
+    let cfg = ClientConfig::new(format!("bench-failover-{run}"), first, dir.path())
+        .brokers(set)
+        .ack_timeout(ack_timeout)
+        .keep_alive(Duration::from_secs(30))
+        .backoff(BackoffConfig { min: Duration::from_millis(10), ..BackoffConfig::default() });
+    let (client, _) = Client::open(cfg).await?;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut fault_at = None;
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(30);
+    loop {
+        tick.tick().await;
+        client.enqueue(Message::new("bench/failover", b"x".to_vec()))?;
+        if fault_at.is_none() && t0.elapsed() >= Duration::from_secs(1) {
+            if kill {
+                primary.kill9();
+            } else {
+                proxy.set(ProxyMode::BlackHole);
+            }
+            fault_at = Some(Instant::now());
+        }
+        if let Some(at) = fault_at {
+            if client.broker_status()[1].acked > 0 {
+                let gap = at.elapsed();
+                client.close().await;
+                return Ok(gap);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the backup acknowledged nothing within 30 s");
+        }
+    }
+}
+
+async fn failover(a: Args) -> anyhow::Result<()> {
+    let ack_timeout = Duration::from_secs(1);
+    println!(
+        "failover benchmark: 1,000 msg/s to a failover pair; the primary fails; time to the first message acknowledged by the backup; {} runs",
+        a.runs
+    );
+    for (kill, name, target) in [
+        (true, "primary killed (kill -9)", Duration::from_millis(200)),
+        (false, "primary black-holed (ack timeout 1 s)", ack_timeout + Duration::from_millis(200)),
+    ] {
+        let mut gaps = Vec::new();
+        for run in 0..a.runs {
+            gaps.push(failover_gap(kill, ack_timeout, run).await?);
+        }
+        gaps.sort();
+        println!(
+            "{name:<48} median {:>8.1?}  max {:>8.1?}  target <= {target:?}",
+            gaps[gaps.len() / 2],
+            gaps[gaps.len() - 1]
+        );
+    }
+    Ok(())
+}
+
+async fn publish(a: Args) -> anyhow::Result<()> {
     let broker = Mosquitto::plain().await;
     let port = broker.port();
     println!(

@@ -432,7 +432,10 @@ impl Driver {
                 wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::Io("writer stopped".into()))?;
             }
             let last_id = state_rx.borrow_and_update().last_id;
-            if fetch.is_none() && self.queue.len() < LOW_WATER && self.cursor < last_id {
+            // A broker that takes no new messages now (a failover standby)
+            // reads nothing: it is rewound when that changes.
+            let takes = self.router.is_active(self.index);
+            if fetch.is_none() && takes && self.queue.len() < LOW_WATER && self.cursor < last_id {
                 let outbox = self.outbox.clone();
                 let after = self.cursor;
                 let slot = self.slot;

@@ -78,6 +78,9 @@ impl Options {
                 _ => return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)")),
             }
         } else {
+            if a.mode != "fanout" && (a.ack.is_some() || a.catch_up_for.is_some()) {
+                return Err(usage("--ack and --catch-up-for only apply to fanout; add --mode fanout or drop them"));
+            }
             let spec = routes::SetSpec {
                 brokers: urls,
                 mode: Some(a.mode.clone()),

@@ -162,6 +162,45 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
         ),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "-i", "", "--outbox", ob], "client id"),
         (&["status"], "which outbox"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--outbox", ob],
+            "listed twice",
+        ),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--ack", "all", "--outbox", ob],
+            "only apply to fanout",
+        ),
+        (
+            &[
+                "pub",
+                "-b",
+                "mqtt://127.0.0.1:1",
+                "-b",
+                "mqtt://127.0.0.1:2",
+                "--mode",
+                "fanout",
+                "--ack",
+                "3",
+                "-t",
+                "a",
+                "-m",
+                "x",
+                "--outbox",
+                ob,
+            ],
+            "ack = 3 but the set has 2 brokers",
+        ),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "--mode", "mirror", "-t", "a", "-m", "x"], "unknown mode `mirror`"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "--route", "home", "-t", "a", "-m", "x"], "needs --config"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "--config", "/nonexistent/routes.toml", "-t", "a", "-m", "x"],
+            "cannot read",
+        ),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "--envelope", "-t", "a", "-m", "x"], "--envelope is for MQTT 3.1.1"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "--ack-timeout", "1ms", "-t", "a", "-m", "x", "--outbox", ob],
+            "too short",
+        ),
     ];
     for (args, needle) in cases {
         let out = run(args).await;
@@ -275,4 +314,78 @@ async fn ctrl_c_while_waiting_keeps_the_messages_and_says_where() {
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("1 message(s) kept in the outbox"), "{}", stderr(&out));
     assert_eq!(status_json(&ob)["queued"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_to_several_brokers_in_fanout_and_failover() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let sub_a = Subscriber::start(a.port(), "multi", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "multi", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("fan");
+    let ob = ob.to_str().unwrap();
+    let fanout =
+        ["pub", "-b", &a.url(), "-b", &b.url(), "--mode", "fanout", "-t", "multi", "-m", "both", "--outbox", ob];
+    let out = run(&fanout).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    sub_a.wait_all(&["both".to_owned()], Duration::from_secs(10)).await;
+    sub_b.wait_all(&["both".to_owned()], Duration::from_secs(10)).await;
+    let st = status_json(ob);
+    assert_eq!(st["queued"], 0);
+    let lags: Vec<u64> = st["brokers"].as_array().unwrap().iter().map(|b| b["lag"].as_u64().unwrap()).collect();
+    assert_eq!(lags, vec![0, 0]);
+
+    // Failover: the primary is a port where nothing listens.
+    let dead = format!("mqtt://127.0.0.1:{}", steadfast_testkit::free_port());
+    let ob2 = dir.path().join("fo");
+    let failover = [
+        "pub",
+        "-b",
+        &dead,
+        "-b",
+        &b.url(),
+        "-t",
+        "multi",
+        "-m",
+        "via-backup",
+        "--outbox",
+        ob2.to_str().unwrap(),
+        "--wait-timeout",
+        "20s",
+    ];
+    let out = run(&failover).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    sub_b.wait_all(&["via-backup".to_owned()], Duration::from_secs(10)).await;
+    assert!(!sub_a.lines().contains(&"via-backup".to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_through_a_named_route_from_a_config_file() {
+    let home = Mosquitto::plain().await;
+    let sub = Subscriber::start(home.port(), "routed", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("routes.toml");
+    std::fs::write(&cfg, format!("[routes.home]\nbrokers = [\"{}\"]\n", home.url())).unwrap();
+    let ob = dir.path().join("ob");
+    let args = [
+        "pub",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--route",
+        "home",
+        "-t",
+        "routed",
+        "-m",
+        "hi",
+        "--outbox",
+        ob.to_str().unwrap(),
+    ];
+    let out = run(&args).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    sub.wait_all(&["hi".to_owned()], Duration::from_secs(10)).await;
+    let args = ["pub", "--config", cfg.to_str().unwrap(), "--route", "office", "-t", "routed", "-m", "hi"];
+    let out = run(&args).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("no route `office` in --config; it has: home"), "{}", stderr(&out));
 }

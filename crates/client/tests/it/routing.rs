@@ -354,3 +354,44 @@ async fn mqtt311_carries_the_identity_in_an_envelope_when_asked() {
     assert_eq!((identity, payload), (Identity { producer: "gw-7".into(), seq }, &b"21.5"[..]));
     c.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balance_moves_the_topics_of_a_failed_broker_to_the_others() {
+    let mut a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let sub_a = Subscriber::start(a.port(), "balf/#", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "balf/#", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(routed("balf-pub", set(&[a.url(), b.url()]).mode(Mode::Balance), dir.path())).await;
+    let mut events = c.events();
+    next_event(&mut events, "both connected", Duration::from_secs(10), {
+        let mut n = 0;
+        move |e| {
+            n += matches!(e, Event::Connected { .. }) as u32;
+            (n == 2).then_some(())
+        }
+    })
+    .await;
+    let topics: Vec<String> = (0..6).map(|t| format!("balf/{t}")).collect();
+    let mut all = Vec::new();
+    for round in 0..20 {
+        for t in &topics {
+            let m = format!("{t}-{round:03}");
+            c.enqueue(Message::new(t, m.clone())).unwrap().await.unwrap();
+            all.push(m);
+        }
+        if round == 5 {
+            idle(&c, Duration::from_secs(10)).await;
+            assert!(sub_a.count() > 0 && sub_b.count() > 0, "both brokers carry topics");
+            a.kill9();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    idle(&c, Duration::from_secs(20)).await;
+    assert_union_has_all(&[&sub_a, &sub_b], &all, Duration::from_secs(10)).await;
+    // After the kill every topic lives on B.
+    let late: Vec<&String> = all.iter().filter(|m| m.ends_with("-019")).collect();
+    let on_b: HashSet<String> = sub_b.lines().into_iter().collect();
+    assert!(late.iter().all(|m| on_b.contains(*m)), "the last round went to the surviving broker");
+    c.close().await;
+}

@@ -78,6 +78,23 @@ async fn assert_union_has_all(subs: &[&Subscriber], want: &[String], limit: Dura
     }
 }
 
+/// Waits until `n` sessions came up.
+async fn connected_to(events: &mut broadcast::Receiver<Event>, n: u32) {
+    let mut up = 0;
+    next_event(events, "Connected", Duration::from_secs(10), move |e| {
+        up += matches!(e, Event::Connected { .. }) as u32;
+        (up == n).then_some(())
+    })
+    .await
+}
+
+/// A balance client over `a` and `b`, once both are connected.
+async fn balanced(id: &str, a: &Mosquitto, b: &Mosquitto, dir: &std::path::Path) -> Client {
+    let c = open(routed(id, set(&[a.url(), b.url()]).mode(Mode::Balance), dir)).await;
+    connected_to(&mut c.events(), 2).await;
+    c
+}
+
 async fn failover_event(events: &mut broadcast::Receiver<Event>, limit: Duration) -> (String, Option<String>) {
     next_event(events, "Failover", limit, |e| match e {
         Event::Failover { from, to, .. } => Some((from.clone(), to.clone())),
@@ -203,14 +220,7 @@ async fn fanout_any_does_not_wait_for_a_silent_broker() {
     let s = set(&[a.url(), proxy.url()]).mode(Mode::Fanout).ack(AckQuorum::Any);
     let c = open(routed("any-pub", s, dir.path()).ack_timeout(Duration::from_secs(60))).await;
     let mut events = c.events();
-    next_event(&mut events, "both connected", Duration::from_secs(10), {
-        let mut n = 0;
-        move |e| {
-            n += matches!(e, Event::Connected { .. }) as u32;
-            (n == 2).then_some(())
-        }
-    })
-    .await;
+    connected_to(&mut events, 2).await;
     proxy.set(ProxyMode::BlackHole);
     let want = payloads("any", 500);
     publish_steadily(&c, "any", &want).await;
@@ -286,16 +296,7 @@ async fn balance_spreads_topics_and_keeps_each_topic_on_one_broker_in_order() {
     let sub_a = Subscriber::start(a.port(), "bal/#", 1, None).await;
     let sub_b = Subscriber::start(b.port(), "bal/#", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let c = open(routed("bal-pub", set(&[a.url(), b.url()]).mode(Mode::Balance), dir.path())).await;
-    let mut events = c.events();
-    next_event(&mut events, "both connected", Duration::from_secs(10), {
-        let mut n = 0;
-        move |e| {
-            n += matches!(e, Event::Connected { .. }) as u32;
-            (n == 2).then_some(())
-        }
-    })
-    .await;
+    let c = balanced("bal-pub", &a, &b, dir.path()).await;
     let mut want: HashMap<String, Vec<String>> = HashMap::new();
     for t in 0..8 {
         let topic = format!("bal/{t}");
@@ -362,16 +363,7 @@ async fn balance_moves_the_topics_of_a_failed_broker_to_the_others() {
     let sub_a = Subscriber::start(a.port(), "balf/#", 1, None).await;
     let sub_b = Subscriber::start(b.port(), "balf/#", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
-    let c = open(routed("balf-pub", set(&[a.url(), b.url()]).mode(Mode::Balance), dir.path())).await;
-    let mut events = c.events();
-    next_event(&mut events, "both connected", Duration::from_secs(10), {
-        let mut n = 0;
-        move |e| {
-            n += matches!(e, Event::Connected { .. }) as u32;
-            (n == 2).then_some(())
-        }
-    })
-    .await;
+    let c = balanced("balf-pub", &a, &b, dir.path()).await;
     let topics: Vec<String> = (0..6).map(|t| format!("balf/{t}")).collect();
     let mut all = Vec::new();
     for round in 0..20 {

@@ -681,9 +681,11 @@ impl Writer {
         Ok(())
     }
 
-    /// A queued message reached its end.
+    /// A queued message reached its end. While a broker holds a QoS 2
+    /// exchange of it (even one dropped by its policy), the row stays, so
+    /// that its packet id is not reused after a restart.
     fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
-        if e.bindings == 0 || matches!(outcome, Delivery::Dropped(_)) {
+        if e.bindings == 0 {
             self.store.remove(id)?;
         } else {
             self.store.set_done(id)?;

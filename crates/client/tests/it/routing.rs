@@ -262,10 +262,14 @@ async fn three_brokers_failing_in_turns_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = set(&urls).failback_after(Duration::from_secs(1));
     let c = open(routed("turns-pub", s, dir.path()).seed(7)).await;
-    let want = payloads("turns", 3000);
     // A seeded schedule: each round stops or kills one broker, restarts
     // the one stopped before; at least one broker is up at any time.
-    let mut rng = fastrand::Rng::with_seed(0x5eed);
+    // STEADFAST_SOAK_ROUNDS and STEADFAST_SEED make a longer or another run.
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let (rounds, seed) = (env("STEADFAST_SOAK_ROUNDS", 12) as usize, env("STEADFAST_SEED", 0x5eed));
+    eprintln!("fault schedule: seed {seed}, {rounds} rounds");
+    let want = payloads("turns", rounds * 250);
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut down: Option<usize> = None;
     for chunk in want.chunks(250) {
         publish_steadily(&c, "turns", chunk).await;

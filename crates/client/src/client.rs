@@ -297,20 +297,17 @@ impl Client {
     pub async fn with_store(cfg: ClientConfig, store: Box<dyn Store>) -> Result<Client, OpenError> {
         cfg.validate()?;
         let outbox = Outbox::start(store, cfg.outbox)?;
-        let default_producer = format!("{}-{:08x}", cfg.client_id, fastrand::u32(..));
-        let producer = match &cfg.producer_id {
-            Some(p) => p.clone(),
-            None => outbox.meta_or_init("producer", &default_producer).await?,
+        let (producer, slots) = match Self::prepare(&cfg, &outbox).await {
+            Ok(p) => p,
+            Err(e) => {
+                // Release the store (and its lock) before reporting: the
+                // caller may fix the configuration and open again at once.
+                let o = outbox.clone();
+                let _ = tokio::task::spawn_blocking(move || o.close()).await;
+                return Err(e);
+            }
         };
-        if cfg.envelope && producer.len() > Identity::ENVELOPE_MAX_PRODUCER {
-            return Err(ConfigError::Invalid(format!(
-                "the producer id `{producer}` is over the envelope's 255 bytes; set a shorter one with producer_id"
-            ))
-            .into());
-        }
-        let producer: Arc<str> = producer.into();
         let urls = cfg.all_brokers();
-        let slots = outbox.configure(urls.iter().map(|u| u.to_string()).collect(), quorums(&cfg)).await?;
         let cfg = Arc::new(cfg);
         // The first receiver exists before any driver runs, so the first
         // `events()` call sees everything from the start (the first
@@ -340,6 +337,34 @@ impl Client {
         let inner =
             Inner { cfg, outbox, producer, events, first_events, brokers, router, stop, tasks: Mutex::new(tasks) };
         Ok(Client { inner: Arc::new(inner) })
+    }
+
+    /// The producer id and the broker slots; refuses an outbox holding
+    /// messages of a route this configuration lacks (they would wait for
+    /// ever).
+    async fn prepare(cfg: &ClientConfig, outbox: &Outbox) -> Result<(Arc<str>, Vec<u32>), OpenError> {
+        let default_producer = format!("{}-{:08x}", cfg.client_id, fastrand::u32(..));
+        let producer = match &cfg.producer_id {
+            Some(p) => p.clone(),
+            None => outbox.meta_or_init("producer", &default_producer).await?,
+        };
+        if cfg.envelope && producer.len() > Identity::ENVELOPE_MAX_PRODUCER {
+            return Err(ConfigError::Invalid(format!(
+                "the producer id `{producer}` is over the envelope's 255 bytes; set a shorter one with producer_id"
+            ))
+            .into());
+        }
+        let urls = cfg.all_brokers().iter().map(|u| u.to_string()).collect();
+        let (slots, queued) = outbox.configure(urls, quorums(cfg)).await?;
+        for (route, n) in queued {
+            if let Some(name) = route.filter(|r| !cfg.routes().iter().any(|(n, _)| n == r)) {
+                return Err(ConfigError::Invalid(format!(
+                    "the outbox holds {n} message(s) for the route `{name}`, which is not configured; configure it again (ClientConfig::route; CLI: --config FILE with a [routes.{name}] table) so they can be sent"
+                ))
+                .into());
+            }
+        }
+        Ok((producer.into(), slots))
     }
 
     fn check(&self, msg: &Message) -> Result<(), PublishError> {

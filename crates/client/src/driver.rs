@@ -426,6 +426,13 @@ impl Driver {
         self.rewind();
         self.progress_at = Instant::now();
         loop {
+            // A change of owners seen before sending: what was read under
+            // the old owners must not go out here.
+            if generation.has_changed().unwrap_or(false) {
+                generation.mark_unchanged();
+                fetch = None;
+                self.rewind();
+            }
             self.requeue_due_retries();
             self.fill_window(link).await?;
             if !link.out.is_empty() {
@@ -513,10 +520,10 @@ impl Driver {
     }
 
     /// Forgets what was read but not sent, to read it again from the
-    /// oldest message (in-flight messages stay in flight).
+    /// oldest message (in-flight messages stay in flight; refused ones keep
+    /// their pause).
     fn rewind(&mut self) {
         self.queue.clear();
-        self.retry.clear();
         self.done_ahead.clear();
         self.cursor = 0;
     }
@@ -527,7 +534,8 @@ impl Driver {
     fn take_page(&mut self, page: Vec<StoredMessage>, upto: u64) {
         let last = page.last().map(|m| m.id);
         for m in page {
-            if !self.inflight.contains_key(&m.id) && !self.done_ahead.contains(&m.id) && self.claims(&m) {
+            let waiting = self.retry.iter().any(|(_, r)| r.id == m.id);
+            if !self.inflight.contains_key(&m.id) && !self.done_ahead.contains(&m.id) && !waiting && self.claims(&m) {
                 self.queue.push_back(m);
             }
         }
@@ -545,6 +553,7 @@ impl Driver {
         while self.retry.front().is_some_and(|(t, _)| *t <= now) {
             due.push(self.retry.pop_front().expect("front exists").1);
         }
+        due.retain(|m| self.claims(m));
         due.sort_by_key(|m| m.id);
         for m in due.into_iter().rev() {
             self.queue.push_front(m);
@@ -619,23 +628,33 @@ impl Driver {
             .filter(|(m, _, _)| m.msg.qos == Qos::ExactlyOnce)
             .filter_map(|(m, pid, _)| pid.map(|pid| (m.id, Some((pid, Stage::Published)))))
             .collect();
-        if let Err(e) = self.outbox.set_wire(self.slot, updates).await {
-            // The link ends without sending this pass: QoS 0 messages of it
-            // have not gone out either.
-            for (m, pid, _) in held.into_iter().rev() {
+        let left = match self.outbox.set_wire(self.slot, updates).await {
+            Ok(left) => left,
+            Err(e) => {
+                // The link ends without sending this pass: QoS 0 messages of it
+                // have not gone out either.
+                for (m, pid, _) in held.into_iter().rev() {
+                    if let Some(pid) = pid {
+                        self.window.release(pid);
+                    }
+                    self.queue.push_front(m);
+                }
+                for m in qos0_before.into_iter().rev() {
+                    self.queue.push_front(m);
+                }
+                self.shared.update(|s| s.inflight = self.window.len());
+                return Err(store_failed(e));
+            }
+        };
+        let mut sent_qos0: Vec<u64> = qos0_before.into_iter().map(|m| m.id).collect();
+        for (m, pid, bytes) in held {
+            if left.contains(&m.id) {
+                // Delivered through other brokers meanwhile: not sent here.
                 if let Some(pid) = pid {
                     self.window.release(pid);
                 }
-                self.queue.push_front(m);
+                continue;
             }
-            for m in qos0_before.into_iter().rev() {
-                self.queue.push_front(m);
-            }
-            self.shared.update(|s| s.inflight = self.window.len());
-            return Err(store_failed(e));
-        }
-        let mut sent_qos0: Vec<u64> = qos0_before.into_iter().map(|m| m.id).collect();
-        for (m, pid, bytes) in held {
             link.out.extend_from_slice(&bytes);
             match pid {
                 Some(_) => {

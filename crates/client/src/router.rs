@@ -49,8 +49,8 @@ struct State {
     /// Failover: the broker each set sends to now.
     active: Vec<Option<usize>>,
     /// Failover: the broker each set is moving to once the active one has
-    /// no message in flight any more.
-    moving_to: Vec<Option<usize>>,
+    /// no message in flight any more, and since when.
+    moving_to: Vec<Option<(usize, Instant)>>,
     /// Balance: (set, topic) -> broker.
     pins: HashMap<(usize, String), usize>,
     next: Vec<usize>,
@@ -67,6 +67,9 @@ pub(crate) struct Router {
     /// How long the router waits, at start, for higher-priority brokers'
     /// first attempt before it settles for a lower one.
     grace: Duration,
+    /// The longest a fail-back waits for the old broker's in-flight window
+    /// to empty (it may carry other routes' traffic too): the ack timeout.
+    drain_limit: Duration,
 }
 
 impl Router {
@@ -104,6 +107,7 @@ impl Router {
             events,
             started: now,
             grace: cfg.connect_timeout.min(Duration::from_secs(3)),
+            drain_limit: cfg.ack_timeout,
         }
     }
 
@@ -166,7 +170,9 @@ impl Router {
         let chosen = order.clone().find(|m| !busy(*m)).unwrap_or(up[start % up.len()]);
         st.next[s] = start.wrapping_add(1);
         if st.pins.len() >= MAX_PINS {
+            // Drivers skipped messages by the old pins: they read again.
             st.pins.clear();
+            self.bump();
         }
         st.pins.insert(key, chosen);
         Some(chosen)
@@ -300,21 +306,32 @@ impl Router {
                         }
                         true
                     });
-                    match back {
-                        Some(p) if st.links[c].inflight == 0 => {
+                    let drained = |since: Instant| st.links[c].inflight == 0 || now >= since + self.drain_limit;
+                    match (back, st.moving_to[s]) {
+                        (Some(p), Some((q, since))) if p == q && drained(since) => {
                             st.moving_to[s] = None;
                             st.active[s] = Some(p);
                             bump = true;
                             events.push((s, c, Some(p), true));
                         }
-                        Some(p) => {
-                            if st.moving_to[s] != Some(p) {
-                                // Stop feeding the old one; it finishes what it has.
-                                st.moving_to[s] = Some(p);
-                                bump = true;
-                            }
+                        (Some(p), Some((q, since))) if p == q => {
+                            let due = since + self.drain_limit;
+                            next = Some(next.map_or(due, |n| n.min(due)));
                         }
-                        None => {
+                        (Some(p), _) if st.links[c].inflight == 0 => {
+                            st.moving_to[s] = None;
+                            st.active[s] = Some(p);
+                            bump = true;
+                            events.push((s, c, Some(p), true));
+                        }
+                        (Some(p), _) => {
+                            // Stop feeding the old one; it finishes what it
+                            // has (for at most the drain limit).
+                            st.moving_to[s] = Some((p, now));
+                            bump = true;
+                            next = Some(next.map_or(now + self.drain_limit, |n| n.min(now + self.drain_limit)));
+                        }
+                        (None, _) => {
                             if st.moving_to[s].take().is_some() {
                                 bump = true;
                             }

@@ -20,8 +20,8 @@ mod sqlite;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use outbox::{
-    AcceptFuture, AppendError, BrokerLag, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow, Quorum,
-    Report,
+    AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Outbox, OutboxConfig, OutboxState, Overflow,
+    Quorum, Report,
 };
 pub use sqlite::{OpenReport, SqliteStore};
 
@@ -166,9 +166,18 @@ pub trait Store: Send + 'static {
     fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError>;
     /// Drop counters, every reason listed.
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError>;
-    /// Queued messages older than `cutoff_ms` that at least one broker
-    /// acknowledged: `(id, acks, route)`, oldest first, at most `limit`.
-    fn lapsed(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError>;
+    /// Queued messages of `route` older than `cutoff_ms` that at least one
+    /// of the brokers in `mask` acknowledged: `(id, acks)`, oldest first, at
+    /// most `limit`.
+    fn lapsed(
+        &mut self,
+        route: Option<&str>,
+        mask: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Queued messages per route (`None`: the default set).
+    fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError>;
     /// Queued messages the broker in `slot` has not acknowledged.
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError>;
     /// The slot of each broker URL, assigning free ones to new URLs. When

@@ -126,9 +126,24 @@ impl Store for MemoryStore {
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
         Ok(self.state.messages.values().find(|r| !r.done).map(|r| r.msg.created_ms))
     }
-    fn lapsed(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError> {
-        let it = self.state.messages.iter().filter(|(_, r)| !r.done && r.acks != 0 && r.msg.created_ms < cutoff_ms);
-        Ok(it.take(limit).map(|(id, r)| (*id, r.acks, r.msg.route.clone())).collect())
+    fn lapsed(
+        &mut self,
+        route: Option<&str>,
+        mask: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let lapsed =
+            |r: &Row| !r.done && r.msg.route.as_deref() == route && r.acks & mask != 0 && r.msg.created_ms < cutoff_ms;
+        let it = self.state.messages.iter().filter(|(_, r)| lapsed(r));
+        Ok(it.take(limit).map(|(id, r)| (*id, r.acks)).collect())
+    }
+    fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        let mut counts: BTreeMap<Option<String>, u64> = BTreeMap::new();
+        for r in self.state.messages.values().filter(|r| !r.done) {
+            *counts.entry(r.msg.route.clone()).or_default() += 1;
+        }
+        Ok(counts.into_iter().collect())
     }
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         Ok(self.state.messages.values().filter(|r| !r.done && r.acks & (1 << slot) == 0).count() as u64)

@@ -153,7 +153,7 @@ enum Request {
     SetWire {
         slot: u32,
         updates: Vec<(u64, Option<(u16, Stage)>)>,
-        reply: oneshot::Sender<Result<(), StoreError>>,
+        reply: WireReply,
     },
     Read {
         after: u64,
@@ -171,7 +171,7 @@ enum Request {
     Slots {
         urls: Vec<String>,
         quorums: Vec<Quorum>,
-        reply: oneshot::Sender<Result<Vec<u32>, StoreError>>,
+        reply: SlotReply,
     },
     Broker(BrokerRecord),
     Meta {
@@ -195,6 +195,8 @@ pub struct Report {
     pub brokers: Vec<BrokerRecord>,
     /// Per broker that ever had a slot: lag and missed messages.
     pub lag: Vec<BrokerLag>,
+    /// Queued messages per route (`None`: the default broker set).
+    pub routes: Vec<(Option<String>, u64)>,
 }
 
 impl Report {
@@ -214,6 +216,7 @@ impl Report {
                 }
                 lag
             },
+            routes: store.routes()?,
         })
     }
 }
@@ -304,8 +307,10 @@ impl Outbox {
     }
 
     /// Records QoS 2 wire bindings on the broker in `slot` durably;
-    /// resolves after the sync.
-    pub async fn set_wire(&self, slot: u32, updates: Vec<(u64, Option<(u16, Stage)>)>) -> Result<(), StoreError> {
+    /// resolves after the sync with the ids whose new binding was refused
+    /// because the message already left (another broker completed its
+    /// quorum): those must not be sent, their packet ids stay free.
+    pub async fn set_wire(&self, slot: u32, updates: Vec<(u64, Option<(u16, Stage)>)>) -> Result<Vec<u64>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::SetWire { slot, updates, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
@@ -334,8 +339,10 @@ impl Outbox {
 
     /// Gives each broker URL its slot (kept across restarts) and sets the
     /// quorum of each route, whose `members` slots are filled in from the
-    /// URLs. Call before any acknowledgement.
-    pub async fn configure(&self, urls: Vec<String>, quorums: Vec<Quorum>) -> Result<Vec<u32>, StoreError> {
+    /// URLs. Call before any acknowledgement. Returns the slots, and the
+    /// queued messages per route, for the caller to check that it knows
+    /// every route.
+    pub async fn configure(&self, urls: Vec<String>, quorums: Vec<Quorum>) -> Result<Configured, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Slots { urls, quorums, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
@@ -408,7 +415,10 @@ struct Writer {
     swept_at: std::time::Instant,
 }
 
-type SlotReply = oneshot::Sender<Result<Vec<u32>, StoreError>>;
+type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+type SlotReply = oneshot::Sender<Result<Configured, StoreError>>;
+/// The broker slots, and the queued messages per route.
+pub type Configured = (Vec<u32>, Vec<(Option<String>, u64)>);
 type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
 
 /// Replies that may go out only after the commit.
@@ -417,9 +427,9 @@ struct Batch {
     accepted: Vec<AcceptReply>,
     new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
     resolved: Vec<(u64, Delivery)>,
-    wire_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    wire_replies: Vec<(WireReply, Vec<u64>)>,
     meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
-    slot_replies: Vec<(SlotReply, Vec<u32>)>,
+    slot_replies: Vec<(SlotReply, Configured)>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,
@@ -561,13 +571,24 @@ impl Writer {
                 }
             }
             Request::SetWire { slot, updates, reply } => {
+                let mut refused = Vec::new();
                 for (id, wire) in updates {
+                    // A new exchange for a message that already left would
+                    // bind a packet id to nothing: after a restart the id
+                    // would look free while the broker still holds it.
+                    if matches!(wire, Some((_, Stage::Published))) {
+                        let left = self.store.entry(id)?.is_none_or(|e| e.done);
+                        if left {
+                            refused.push(id);
+                            continue;
+                        }
+                    }
                     self.store.set_wire(slot, id, wire)?;
                     if wire.is_none() {
                         self.settle(id, b)?;
                     }
                 }
-                b.wire_replies.push(reply);
+                b.wire_replies.push((reply, refused));
             }
             Request::Slots { urls, mut quorums, reply } => {
                 let slots = self.store.assign_slots(&urls)?;
@@ -579,7 +600,8 @@ impl Writer {
                     }
                 }
                 self.quorums = quorums;
-                b.slot_replies.push((reply, slots));
+                let routes = self.store.routes()?;
+                b.slot_replies.push((reply, (slots, routes)));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
             Request::Meta { key, default, reply } => {
@@ -737,10 +759,7 @@ impl Writer {
             let Some(window) = q.catch_up_ms else { continue };
             let mask = q.mask();
             let mut missed: HashMap<&str, u64> = HashMap::new();
-            for (id, acks, route) in self.store.lapsed(now.saturating_sub(window), 4096)? {
-                if route != q.route || acks & mask == 0 {
-                    continue;
-                }
+            for (id, acks) in self.store.lapsed(q.route.as_deref(), mask, now.saturating_sub(window), 4096)? {
                 for (slot, url) in &q.members {
                     if acks & (1 << slot) == 0 {
                         *missed.entry(url.as_str()).or_default() += 1;
@@ -786,8 +805,8 @@ impl Writer {
             }
         }
         self.prune_waiters();
-        for reply in b.wire_replies {
-            let _ = reply.send(Ok(()));
+        for (reply, refused) in b.wire_replies {
+            let _ = reply.send(Ok(refused));
         }
         for (reply, v) in b.meta_replies {
             let _ = reply.send(Ok(v));
@@ -866,9 +885,9 @@ impl Writer {
         for r in requests {
             match r {
                 Request::Append { reply, .. } => b.accepted.push((reply, Ok(0))),
-                Request::SetWire { reply, .. } => b.wire_replies.push(reply),
+                Request::SetWire { reply, .. } => b.wire_replies.push((reply, Vec::new())),
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
-                Request::Slots { reply, .. } => b.slot_replies.push((reply, Vec::new())),
+                Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
                 Request::Close => b.close = true,
                 r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }) => b.reads.push(r),
                 Request::Remove { .. } | Request::Ack { .. } | Request::Broker(_) => {}
@@ -884,7 +903,7 @@ impl Writer {
         for (reply, _) in b.accepted {
             let _ = reply.send(Err(AppendError::Store(again(&e))));
         }
-        for reply in b.wire_replies {
+        for (reply, _) in b.wire_replies {
             let _ = reply.send(Err(again(&e)));
         }
         for (reply, _) in b.meta_replies {

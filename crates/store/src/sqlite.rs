@@ -723,12 +723,26 @@ impl Store for SqliteStore {
         Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?)
     }
 
-    fn lapsed(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError> {
+    fn lapsed(
+        &mut self,
+        route: Option<&str>,
+        mask: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, acks, route FROM outbox WHERE done = 0 AND acks != 0 AND created_ms < ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, acks FROM outbox WHERE done = 0 AND route IS ?1 AND acks & ?2 != 0 AND created_ms < ?3 ORDER BY id LIMIT ?4",
         )?;
-        let rows = stmt
-            .query_map(params![cutoff_ms, limit as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?;
+        let p = params![route, mask as i64, cutoff_ms, limit as i64];
+        let rows = stmt.query_map(p, |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT route, count(*) FROM outbox WHERE done = 0 GROUP BY route ORDER BY route")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -54,8 +54,11 @@ impl Store for FaultyStore {
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
         self.inner.set_done(id)
     }
-    fn lapsed(&mut self, cutoff: u64, limit: usize) -> Result<Vec<(u64, u64, Option<String>)>, StoreError> {
-        self.inner.lapsed(cutoff, limit)
+    fn lapsed(&mut self, r: Option<&str>, m: u64, cutoff: u64, n: usize) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.inner.lapsed(r, m, cutoff, n)
+    }
+    fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        self.inner.routes()
     }
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         self.inner.lag(slot)

@@ -391,3 +391,20 @@ async fn balance_moves_the_topics_of_a_failed_broker_to_the_others() {
     assert!(late.iter().all(|m| on_b.contains(*m)), "the last round went to the surviving broker");
     c.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_holding_messages_of_a_route_no_longer_configured_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = format!("mqtt://127.0.0.1:{}", steadfast_testkit::free_port());
+    let cfg = config("gone-route", &nowhere, dir.path()).route("home", set(std::slice::from_ref(&nowhere)));
+    let c = open(cfg.clone()).await;
+    c.publish(Message::new("t", "for home").route("home")).await.unwrap();
+    c.close().await;
+    let without = config("gone-route", &nowhere, dir.path());
+    let e = Client::open(without).await.unwrap_err().to_string();
+    assert!(e.contains("1 message(s) for the route `home`, which is not configured"), "{e}");
+    // With the route back, it opens and still holds the message.
+    let c = open(cfg).await;
+    assert_eq!(c.status().await.unwrap().queued, 1);
+    c.close().await;
+}

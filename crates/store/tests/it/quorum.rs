@@ -17,7 +17,7 @@ fn quorum(need: u32, catch_up_ms: Option<u64>) -> Quorum {
 
 async fn routed(store: Box<dyn Store>, q: Quorum) -> (Outbox, u32, u32) {
     let o = Outbox::start(store, OutboxConfig::default()).unwrap();
-    let slots = o.configure(vec![A.into(), B.into()], vec![q]).await.unwrap();
+    let (slots, _) = o.configure(vec![A.into(), B.into()], vec![q]).await.unwrap();
     (o, slots[0], slots[1])
 }
 
@@ -80,4 +80,46 @@ fn a_member_away_past_the_catch_up_window_is_counted_as_missing_what_the_others_
     // Counted durably.
     let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(s.missed().unwrap(), vec![(B.to_owned(), 2)]);
+}
+
+#[test]
+fn a_new_qos2_binding_for_a_message_that_already_left_is_refused() {
+    block_on(async {
+        let (o, a, b) = routed(Box::new(MemoryStore::new()), quorum(1, None)).await;
+        let id = o.append(msg("t", "x"), false).0.await.unwrap();
+        o.ack(a, vec![id]);
+        // B read it before A's acknowledgement; its binding comes late.
+        let refused = o.set_wire(b, vec![(id, Some((5, Stage::Published)))]).await.unwrap();
+        assert_eq!(refused, vec![id], "B must not send it: packet id 5 stays free");
+        assert!(o.bound(b).await.unwrap().is_empty());
+    });
+}
+
+#[test]
+fn the_catch_up_sweep_of_one_route_is_not_starved_by_another_routes_backlog() {
+    block_on(async {
+        let other = Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need: 2, catch_up_ms: None };
+        let mut swept = quorum(2, Some(1));
+        swept.route = Some("r".into());
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let (slots, _) = o.configure(vec![A.into(), B.into()], vec![other, swept]).await.unwrap();
+        let a = slots[0];
+        // More half-acknowledged default-route messages than one sweep reads.
+        let mut ids = Vec::new();
+        for i in 0..5000 {
+            let mut m = msg("t", format!("{i}"));
+            m.created_ms = 1;
+            ids.push(o.append(m, false).0.await.unwrap());
+        }
+        let mut m = msg("t", "routed");
+        m.created_ms = 1;
+        m.route = Some("r".into());
+        let routed_id = o.append(m, false).0.await.unwrap();
+        ids.push(routed_id);
+        o.ack(a, ids);
+        let mut state = o.watch();
+        let swept =
+            tokio::time::timeout(std::time::Duration::from_secs(10), state.wait_for(|s| s.totals.count == 5000));
+        swept.await.expect("the routed message lapses within seconds").unwrap();
+    });
 }

@@ -373,3 +373,79 @@ impl Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BrokerSet, BrokerUrl};
+
+    fn router(failback: Duration) -> (Router, broadcast::Receiver<Event>) {
+        let urls: Vec<BrokerUrl> = ["mqtt://127.0.0.1:1", "mqtt://127.0.0.1:2"].map(|u| u.parse().unwrap()).to_vec();
+        let cfg = ClientConfig::new("r", urls[0].clone(), "/nonexistent")
+            .brokers(BrokerSet::new(urls).failback_after(failback))
+            .ack_timeout(Duration::from_secs(5));
+        let (tx, rx) = broadcast::channel(16);
+        (Router::new(&cfg, tx), rx)
+    }
+
+    fn owner(r: &Router) -> Option<usize> {
+        (0..2).find(|b| r.claims(*b, None, "t"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_start_the_primary_gets_a_moment_before_the_backup_takes_the_traffic() {
+        let (r, _) = router(Duration::from_secs(30));
+        r.link_up(1, 10);
+        assert_eq!(owner(&r), None, "the primary has not tried yet");
+        r.link_up(0, 10);
+        assert_eq!(owner(&r), Some(0));
+
+        let (r, _) = router(Duration::from_secs(30));
+        r.link_up(1, 10);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        r.decide();
+        assert_eq!(owner(&r), Some(1), "after the grace the backup serves");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failover_then_fail_back_once_healthy_and_drained() {
+        let (r, mut events) = router(Duration::from_secs(30));
+        let mut generation = r.generation();
+        r.link_up(0, 10);
+        r.link_up(1, 10);
+        assert_eq!(owner(&r), Some(0));
+        r.link_down(0);
+        assert_eq!(owner(&r), Some(1));
+        assert!(matches!(events.try_recv(), Ok(Event::Failover { to: Some(_), .. })));
+        assert!(generation.has_changed().unwrap(), "drivers re-read after a failover");
+        generation.mark_unchanged();
+        r.link_up(0, 10);
+        r.progress(1, 3);
+        tokio::time::advance(Duration::from_secs(29)).await;
+        r.decide();
+        assert_eq!(owner(&r), Some(1), "not healthy for long enough yet");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.decide();
+        assert_eq!(owner(&r), None, "the backup drains its 3 in flight; nobody takes new ones");
+        r.progress(1, 0);
+        r.decide();
+        assert_eq!(owner(&r), Some(0));
+        assert!(matches!(events.try_recv(), Ok(Event::Failback { .. })));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fail_back_waits_for_the_drain_at_most_the_ack_timeout() {
+        let (r, _) = router(Duration::from_secs(1));
+        r.link_up(0, 10);
+        r.link_up(1, 10);
+        r.link_down(0);
+        r.link_up(0, 10);
+        r.progress(1, 5);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        r.decide();
+        assert_eq!(owner(&r), None, "draining");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        r.decide();
+        assert_eq!(owner(&r), Some(0), "the backup's window never emptied (other routes' traffic): switched anyway");
+    }
+}

@@ -220,6 +220,16 @@ pub enum Event {
         /// The broker that takes over.
         to: Option<String>,
     },
+    /// Consumer: a gap in a producer's sequence did not fill within the
+    /// gap timeout (G6).
+    SuspectedLoss {
+        /// The producer.
+        producer: String,
+        /// First missing sequence number.
+        first: u64,
+        /// Last missing sequence number.
+        last: u64,
+    },
     /// Failover: a higher-priority broker stayed healthy for
     /// `failback_after` and gets the traffic back.
     Failback {

@@ -11,13 +11,12 @@ use std::time::{Duration, SystemTime};
 use steadfast_core::{Backoff, DropReason, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, Outbox, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::config::{BrokerUrl, ClientConfig};
 use crate::error::ConnectError;
-use crate::link::{ConnAck, Incoming, Link};
+use crate::link::{open_session, ConnAck, Incoming, Link, Opened};
 use crate::router::Router;
 use crate::{BrokerStatus, Event, LinkState};
 
@@ -246,49 +245,12 @@ impl Driver {
 
     async fn session(&mut self, connected_at: &mut Option<Instant>) -> Result<End, ConnectError> {
         let broker = self.url.to_string();
-        let connect = TcpStream::connect(self.url.authority());
-        let stream = match timeout(self.cfg.connect_timeout, connect).await {
-            Err(_) => return Err(ConnectError::Timeout { broker, timeout: self.cfg.connect_timeout }),
-            Ok(Err(e)) => return Err(ConnectError::Unreachable { broker, reason: e.to_string() }),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
-        let mut link = Link::new(self.cfg.version, self.cfg.envelope);
         // A clean start is asked for once per process: a reconnect must
         // resume the session this process started, or in-flight QoS 2
         // exchanges would be lost with it.
         let clean = self.cfg.clean_start && self.shared.update(|_| {}).connects == 0;
-        link.connect(&self.cfg, clean)?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let handshake = async {
-            wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
-            link.out.clear();
-            loop {
-                let n = rd.read(&mut buf).await.map_err(|e| ConnectError::Io(e.to_string()))?;
-                if n == 0 {
-                    return Err(ConnectError::Closed(" before CONNACK".into()));
-                }
-                let mut incoming = link.receive(&buf[..n]).into_iter();
-                while let Some(inc) = incoming.next() {
-                    if let Incoming::Broken(e) = inc {
-                        return Err(e);
-                    }
-                    if let Incoming::ConnAck(ack) = inc {
-                        // Whatever came in the same read after CONNACK is
-                        // handled once the session is set up.
-                        return Ok((ack, incoming.collect::<Vec<_>>()));
-                    }
-                }
-            }
-        };
-        let (ack, after_connack) = match timeout(self.cfg.connect_timeout, handshake).await {
-            Err(_) => return Err(ConnectError::Timeout { broker, timeout: self.cfg.connect_timeout }),
-            Ok(r) => r?,
-        };
-        if let Some(refusal) = ack.refused {
-            return Err(ConnectError::Refused { broker, refusal });
-        }
+        let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf } =
+            open_session(&self.cfg, &self.url, clean).await?;
         *connected_at = Some(Instant::now());
         // The router decides first whether this broker takes messages now:
         // what it had in flight is resent only if it still does.
@@ -727,7 +689,11 @@ impl Driver {
                     end = Some(e);
                     break;
                 }
-                Incoming::Publish | Incoming::PingResp | Incoming::Other => {}
+                Incoming::Publish(_)
+                | Incoming::PubRel { .. }
+                | Incoming::SubAck { .. }
+                | Incoming::PingResp
+                | Incoming::Other => {}
             }
         }
         // Completed ones first: nothing below may fail before they are

@@ -21,6 +21,7 @@
 
 mod client;
 mod config;
+mod consumer;
 mod driver;
 mod error;
 mod link;
@@ -28,6 +29,7 @@ mod router;
 
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVersion};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Received};
 pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};

@@ -11,7 +11,7 @@ use mqtt_protocol_core::mqtt::result_code::MqttError;
 use steadfast_core::{Identity, Qos};
 use steadfast_store::StoredMessage;
 
-use crate::config::{ClientConfig, ProtocolVersion};
+use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{ConnectError, Refusal};
 
 /// The codec state of one TCP connection.
@@ -38,7 +38,14 @@ pub(crate) enum Incoming {
     PubComp {
         pid: u16,
     },
-    Publish,
+    Publish(Inbound),
+    PubRel {
+        pid: u16,
+    },
+    SubAck {
+        /// Per filter: the QoS granted, or `None` when refused.
+        granted: Vec<Option<u8>>,
+    },
     PingResp,
     Disconnect {
         reason: String,
@@ -46,6 +53,19 @@ pub(crate) enum Incoming {
     Other,
     /// A malformed or forbidden packet: the link must end.
     Broken(ConnectError),
+}
+
+/// A PUBLISH from the broker.
+#[derive(Debug, Clone)]
+pub(crate) struct Inbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: Qos,
+    pub pid: Option<u16>,
+    pub retain: bool,
+    pub dup: bool,
+    /// The `steadfast-id` user property (MQTT 5), as sent.
+    pub identity: Option<String>,
 }
 
 /// The broker's answer to CONNECT.
@@ -62,6 +82,14 @@ fn qos_to_mqtt(q: Qos) -> mqtt::packet::Qos {
         Qos::AtMostOnce => mqtt::packet::Qos::AtMostOnce,
         Qos::AtLeastOnce => mqtt::packet::Qos::AtLeastOnce,
         Qos::ExactlyOnce => mqtt::packet::Qos::ExactlyOnce,
+    }
+}
+
+fn qos_from_mqtt(q: mqtt::packet::Qos) -> Qos {
+    match q {
+        mqtt::packet::Qos::AtMostOnce => Qos::AtMostOnce,
+        mqtt::packet::Qos::AtLeastOnce => Qos::AtLeastOnce,
+        mqtt::packet::Qos::ExactlyOnce => Qos::ExactlyOnce,
     }
 }
 
@@ -97,6 +125,9 @@ impl Link {
                         mqtt::packet::SessionExpiryInterval::new(expiry).map_err(err)?,
                     ));
                 }
+                // How many unacknowledged PUBLISHes the broker may send us:
+                // a consumer's back-pressure.
+                props.push(Property::ReceiveMaximum(mqtt::packet::ReceiveMaximum::new(c.max_inflight).map_err(err)?));
                 let mut b = v5_0::Connect::builder()
                     .client_id(c.client_id.as_str())
                     .map_err(err)?
@@ -179,6 +210,56 @@ impl Link {
         Ok(())
     }
 
+    /// Queues a SUBSCRIBE for `filters`.
+    pub fn subscribe(&mut self, pid: u16, filters: &[(String, Qos)]) -> Result<(), ConnectError> {
+        let err = |e| build_err("SUBSCRIBE", e);
+        let entries = filters
+            .iter()
+            .map(|(f, q)| {
+                mqtt::packet::SubEntry::new(f.as_str(), mqtt::packet::SubOpts::new().set_qos(qos_to_mqtt(*q)))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err)?;
+        match self.version {
+            ProtocolVersion::V5 => {
+                let p = v5_0::Subscribe::builder().packet_id(pid).entries(entries).build().map_err(err)?;
+                self.emit(&p);
+            }
+            ProtocolVersion::V311 => {
+                let p = v3_1_1::Subscribe::builder().packet_id(pid).entries(entries).build().map_err(err)?;
+                self.emit(&p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the acknowledgement of a received PUBLISH: PUBACK for QoS 1,
+    /// PUBREC for QoS 2.
+    pub fn ack_publish(&mut self, pid: u16, qos: Qos) -> Result<(), ConnectError> {
+        let err = |e| build_err("PUBACK", e);
+        match (self.version, qos) {
+            (ProtocolVersion::V5, Qos::ExactlyOnce) => {
+                self.emit(&v5_0::Pubrec::builder().packet_id(pid).build().map_err(err)?)
+            }
+            (ProtocolVersion::V5, _) => self.emit(&v5_0::Puback::builder().packet_id(pid).build().map_err(err)?),
+            (ProtocolVersion::V311, Qos::ExactlyOnce) => {
+                self.emit(&v3_1_1::Pubrec::builder().packet_id(pid).build().map_err(err)?)
+            }
+            (ProtocolVersion::V311, _) => self.emit(&v3_1_1::Puback::builder().packet_id(pid).build().map_err(err)?),
+        }
+        Ok(())
+    }
+
+    /// Queues a PUBCOMP (the answer to PUBREL).
+    pub fn pubcomp(&mut self, pid: u16) -> Result<(), ConnectError> {
+        let err = |e| build_err("PUBCOMP", e);
+        match self.version {
+            ProtocolVersion::V5 => self.emit(&v5_0::Pubcomp::builder().packet_id(pid).build().map_err(err)?),
+            ProtocolVersion::V311 => self.emit(&v3_1_1::Pubcomp::builder().packet_id(pid).build().map_err(err)?),
+        }
+        Ok(())
+    }
+
     /// Queues a PINGREQ.
     pub fn ping(&mut self) -> Result<(), ConnectError> {
         match self.version {
@@ -232,7 +313,60 @@ impl Link {
         Ok(match raw.packet_type() {
             2 if v5 => connack_v5(parse(raw, "CONNACK", v5_0::Connack::parse)?),
             2 => connack_v311(parse(raw, "CONNACK", v3_1_1::Connack::parse)?),
-            3 => Incoming::Publish,
+            3 if v5 => {
+                let data = match &raw.data {
+                    mqtt::connection::PacketData::Publish(arc) => arc.clone(),
+                    mqtt::connection::PacketData::Normal(v) => v.as_slice().into(),
+                };
+                let (p, used) = v5_0::Publish::parse(raw.flags(), data).map_err(|e| malformed("PUBLISH", e))?;
+                if used != raw.remaining_length() as usize {
+                    return Err(malformed("PUBLISH", MqttError::MalformedPacket));
+                }
+                let identity = p.props.iter().find_map(|prop| match prop {
+                    Property::UserProperty(u) if u.key() == Identity::USER_PROPERTY => Some(u.val().to_owned()),
+                    _ => None,
+                });
+                Incoming::Publish(Inbound {
+                    topic: p.topic_name().to_owned(),
+                    payload: p.payload().as_slice().to_vec(),
+                    qos: qos_from_mqtt(p.qos()),
+                    pid: p.packet_id(),
+                    retain: p.retain(),
+                    dup: p.dup(),
+                    identity,
+                })
+            }
+            3 => {
+                let data = match &raw.data {
+                    mqtt::connection::PacketData::Publish(arc) => arc.clone(),
+                    mqtt::connection::PacketData::Normal(v) => v.as_slice().into(),
+                };
+                let (p, used) = v3_1_1::Publish::parse(raw.flags(), data).map_err(|e| malformed("PUBLISH", e))?;
+                if used != raw.remaining_length() as usize {
+                    return Err(malformed("PUBLISH", MqttError::MalformedPacket));
+                }
+                Incoming::Publish(Inbound {
+                    topic: p.topic_name().to_owned(),
+                    payload: p.payload().as_slice().to_vec(),
+                    qos: qos_from_mqtt(p.qos()),
+                    pid: p.packet_id(),
+                    retain: p.retain(),
+                    dup: p.dup(),
+                    identity: None,
+                })
+            }
+            6 if v5 => Incoming::PubRel { pid: parse(raw, "PUBREL", v5_0::Pubrel::parse)?.packet_id() },
+            6 => Incoming::PubRel { pid: parse(raw, "PUBREL", v3_1_1::Pubrel::parse)?.packet_id() },
+            9 if v5 => {
+                let a = parse(raw, "SUBACK", v5_0::Suback::parse)?;
+                let granted = a.reason_codes().iter().map(|c| c.is_success().then_some(*c as u8)).collect();
+                Incoming::SubAck { granted }
+            }
+            9 => {
+                let a = parse(raw, "SUBACK", v3_1_1::Suback::parse)?;
+                let granted = a.return_codes().iter().map(|c| c.is_success().then_some(*c as u8)).collect();
+                Incoming::SubAck { granted }
+            }
             4 if v5 => {
                 let a = parse(raw, "PUBACK", v5_0::Puback::parse)?;
                 Incoming::PubAck { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) }
@@ -252,7 +386,7 @@ impl Link {
                     reason: d.reason_code().map(|r| r.to_string()).unwrap_or_else(|| "normal".into()),
                 }
             }
-            6 | 9 | 11 | 15 => Incoming::Other,
+            11 | 15 => Incoming::Other,
             t => {
                 return Err(ConnectError::Protocol(format!(
                     "the broker sent packet type {t}, which a server must not send"
@@ -364,4 +498,62 @@ fn connack_v311(c: v3_1_1::Connack) -> Incoming {
         receive_maximum: None,
         maximum_packet_size: None,
     })
+}
+
+/// An MQTT session just opened: the socket halves, the link, the CONNACK
+/// (accepted) and whatever arrived after it in the same read.
+pub(crate) struct Opened {
+    pub rd: tokio::net::tcp::OwnedReadHalf,
+    pub wr: tokio::net::tcp::OwnedWriteHalf,
+    pub link: Link,
+    pub ack: ConnAck,
+    pub after: Vec<Incoming>,
+    pub buf: Vec<u8>,
+}
+
+/// TCP connect, CONNECT, CONNACK, each within the connect timeout; a
+/// refusal is an error that says which.
+pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Opened, ConnectError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::timeout;
+    let broker = url.to_string();
+    let stream = match timeout(cfg.connect_timeout, tokio::net::TcpStream::connect(url.authority())).await {
+        Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
+        Ok(Err(e)) => return Err(ConnectError::Unreachable { broker, reason: e.to_string() }),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let mut link = Link::new(cfg.version, cfg.envelope);
+    link.connect(cfg, clean)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let handshake = async {
+        wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+        link.out.clear();
+        loop {
+            let n = rd.read(&mut buf).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+            if n == 0 {
+                return Err(ConnectError::Closed(" before CONNACK".into()));
+            }
+            let mut incoming = link.receive(&buf[..n]).into_iter();
+            while let Some(inc) = incoming.next() {
+                if let Incoming::Broken(e) = inc {
+                    return Err(e);
+                }
+                if let Incoming::ConnAck(ack) = inc {
+                    // Whatever came in the same read after CONNACK is
+                    // handled once the session is set up.
+                    return Ok((ack, incoming.collect::<Vec<_>>()));
+                }
+            }
+        }
+    };
+    let (ack, after) = match timeout(cfg.connect_timeout, handshake).await {
+        Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
+        Ok(r) => r?,
+    };
+    if let Some(refusal) = ack.refused {
+        return Err(ConnectError::Refused { broker, refusal });
+    }
+    Ok(Opened { rd, wr, link, ack, after, buf })
 }

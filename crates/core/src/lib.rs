@@ -16,5 +16,5 @@ pub mod window;
 pub use backoff::{Backoff, BackoffConfig};
 pub use keepalive::{KeepAlive, KeepAliveAction};
 pub use message::{DropReason, Identity, Properties, Qos};
-pub use topic::{validate_topic_name, TopicError};
+pub use topic::{validate_topic_filter, validate_topic_name, FilterError, TopicError};
 pub use window::{Inflight, Resume, SendWindow, Stage};

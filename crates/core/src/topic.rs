@@ -18,6 +18,46 @@ pub enum TopicError {
     TooLong(usize),
 }
 
+/// Why a subscription filter is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FilterError {
+    /// The empty string matches nothing.
+    #[error("the filter is empty; give one such as `sensors/#`")]
+    Empty,
+    /// `#` must be a whole last level, `+` a whole level.
+    #[error("`{0}`: a wildcard must fill a whole level, and `#` must be the last level (e.g. `a/+/c`, `a/#`)")]
+    Wildcard(String),
+    /// NUL is forbidden in MQTT strings.
+    #[error("the filter contains a NUL character, which MQTT forbids")]
+    Nul,
+    /// MQTT strings carry a 16-bit length.
+    #[error("the filter is {0} bytes long; MQTT allows at most 65535")]
+    TooLong(usize),
+}
+
+/// Checks that `filter` is a valid subscription filter.
+pub fn validate_topic_filter(filter: &str) -> Result<(), FilterError> {
+    if filter.is_empty() {
+        return Err(FilterError::Empty);
+    }
+    if filter.len() > 65535 {
+        return Err(FilterError::TooLong(filter.len()));
+    }
+    if filter.contains('\0') {
+        return Err(FilterError::Nul);
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    for (i, level) in levels.iter().enumerate() {
+        let bad_hash = level.contains('#') && (*level != "#" || i + 1 != levels.len());
+        let bad_plus = level.contains('+') && *level != "+";
+        if bad_hash || bad_plus {
+            return Err(FilterError::Wildcard(filter.to_owned()));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `topic` may be used as a PUBLISH topic name.
 pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
     if topic.is_empty() {

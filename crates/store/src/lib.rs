@@ -191,6 +191,36 @@ pub trait Store: Send + 'static {
     fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError>;
     /// Messages missed per broker URL.
     fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Inbox (G5): for each identity `(producer, seq)`, whether it was
+    /// handled already.
+    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
+        let _ = ids;
+        Err(StoreError::WriteFailed("this store keeps no inbox".into()))
+    }
+    /// Inbox: records these identities as handled at `now_ms`.
+    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
+        let _ = (ids, now_ms);
+        Err(StoreError::WriteFailed("this store keeps no inbox".into()))
+    }
+    /// Inbox: forgets identities handled before `before_ms`, and the oldest
+    /// beyond the `keep` newest; returns how many went.
+    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
+        let _ = (before_ms, keep);
+        Ok(0)
+    }
+    /// Inbox: identities remembered.
+    fn inbox_len(&mut self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    /// Adds to a named persistent counter (duplicates removed, gaps...).
+    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
+        let _ = (name, n);
+        Ok(())
+    }
+    /// Every named counter.
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
     /// A metadata value.
     fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError>;
     /// Sets a metadata value.

@@ -20,6 +20,8 @@ struct State {
     wire: BTreeMap<(u64, u32), (u16, Stage)>,
     slots: BTreeMap<String, u32>,
     missed: BTreeMap<String, u64>,
+    inbox: BTreeMap<(String, u64), u64>,
+    counters: BTreeMap<String, u64>,
     next_id: u64,
     drops: HashMap<DropReason, u64>,
     meta: HashMap<String, String>,
@@ -177,6 +179,38 @@ impl Store for MemoryStore {
             out.push(slot);
         }
         Ok(out)
+    }
+    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
+        Ok(ids.iter().map(|id| self.state.inbox.contains_key(id)).collect())
+    }
+    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
+        for id in ids {
+            self.state.inbox.entry(id.clone()).or_insert(now_ms);
+        }
+        Ok(())
+    }
+    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
+        let before = self.state.inbox.len();
+        self.state.inbox.retain(|_, t| *t >= before_ms);
+        if keep == 0 {
+            self.state.inbox.clear();
+        } else if self.state.inbox.len() as u64 > keep {
+            let mut times: Vec<u64> = self.state.inbox.values().copied().collect();
+            times.sort_unstable_by(|a, b| b.cmp(a));
+            let cut = times[keep as usize - 1];
+            self.state.inbox.retain(|_, t| *t >= cut);
+        }
+        Ok((before - self.state.inbox.len()) as u64)
+    }
+    fn inbox_len(&mut self) -> Result<u64, StoreError> {
+        Ok(self.state.inbox.len() as u64)
+    }
+    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
+        *self.state.counters.entry(name.to_owned()).or_default() += n;
+        Ok(())
+    }
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.state.counters.iter().map(|(k, v)| (k.clone(), *v)).collect())
     }
     fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
         Ok(self.state.slots.iter().map(|(u, s)| (u.clone(), *s)).collect())

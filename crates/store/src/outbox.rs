@@ -174,6 +174,22 @@ enum Request {
         reply: SlotReply,
     },
     Broker(BrokerRecord),
+    InboxSeen {
+        ids: Vec<(String, u64)>,
+        reply: oneshot::Sender<Result<Vec<bool>, StoreError>>,
+    },
+    InboxRecord {
+        ids: Vec<(String, u64)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    InboxBounds {
+        max_age_ms: u64,
+        max_count: u64,
+    },
+    Counter {
+        name: &'static str,
+        n: u64,
+    },
     Meta {
         key: String,
         default: String,
@@ -197,6 +213,10 @@ pub struct Report {
     pub lag: Vec<BrokerLag>,
     /// Queued messages per route (`None`: the default broker set).
     pub routes: Vec<(Option<String>, u64)>,
+    /// Named counters (consumer: handled, duplicates, gaps...).
+    pub counters: Vec<(String, u64)>,
+    /// Identities the inbox remembers.
+    pub inbox: u64,
 }
 
 impl Report {
@@ -217,6 +237,8 @@ impl Report {
                 lag
             },
             routes: store.routes()?,
+            counters: store.counters()?,
+            inbox: store.inbox_len()?,
         })
     }
 }
@@ -258,6 +280,8 @@ impl Outbox {
             blocked: VecDeque::new(),
             quorums: Vec::new(),
             swept_at: std::time::Instant::now(),
+            inbox_bounds: None,
+            pruned_at: std::time::Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("steadfast-outbox".into())
@@ -368,6 +392,35 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Inbox: which of these identities were handled already. A read:
+    /// answered without waiting for a sync when no write precedes it.
+    pub async fn inbox_seen(&self, ids: Vec<(String, u64)>) -> Result<Vec<bool>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::InboxSeen { ids, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Inbox: records identities as handled; resolves once on disk (many
+    /// calls share one sync).
+    pub async fn inbox_record(&self, ids: Vec<(String, u64)>) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::InboxRecord { ids, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Inbox: keep identities at most this long and this many (checked
+    /// once a second while identities are recorded).
+    pub fn inbox_bounds(&self, max_age_ms: u64, max_count: u64) {
+        self.send(Request::InboxBounds { max_age_ms, max_count });
+    }
+
+    /// Adds to a named persistent counter (committed with the next batch).
+    pub fn count(&self, name: &'static str, n: u64) {
+        if n > 0 {
+            self.send(Request::Counter { name, n });
+        }
+    }
+
     /// Watches the outbox state (last id, depth).
     pub fn watch(&self) -> watch::Receiver<OutboxState> {
         self.state.clone()
@@ -413,6 +466,8 @@ struct Writer {
     blocked: VecDeque<PendingAppend>,
     quorums: Vec<Quorum>,
     swept_at: std::time::Instant,
+    inbox_bounds: Option<(u64, u64)>,
+    pruned_at: std::time::Instant,
 }
 
 type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
@@ -430,6 +485,7 @@ struct Batch {
     wire_replies: Vec<(WireReply, Vec<u64>)>,
     meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     slot_replies: Vec<(SlotReply, Configured)>,
+    inbox_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,
@@ -488,9 +544,12 @@ impl Writer {
         // Reads that no write precedes in this batch see nothing new from
         // it: answer them now instead of after the sync, so the driver's
         // next page never waits for a disk flush.
-        let first_write = requests
-            .iter()
-            .position(|r| !matches!(r, Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }));
+        let first_write = requests.iter().position(|r| {
+            !matches!(
+                r,
+                Request::Read { .. } | Request::Query { .. } | Request::Bound { .. } | Request::InboxSeen { .. }
+            )
+        });
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
         self.serve_reads(early);
         let sweep = self.sweeps() && self.swept_at.elapsed() >= SWEEP_EVERY;
@@ -604,6 +663,18 @@ impl Writer {
                 b.slot_replies.push((reply, (slots, routes)));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
+            Request::InboxRecord { ids, reply } => {
+                self.store.inbox_record(&ids, crate::now_ms())?;
+                b.inbox_replies.push(reply);
+                if let Some((age, count)) = self.inbox_bounds {
+                    if self.pruned_at.elapsed() >= SWEEP_EVERY {
+                        self.pruned_at = std::time::Instant::now();
+                        self.store.inbox_prune(crate::now_ms().saturating_sub(age), count)?;
+                    }
+                }
+            }
+            Request::InboxBounds { max_age_ms, max_count } => self.inbox_bounds = Some((max_age_ms, max_count)),
+            Request::Counter { name, n } => self.store.add_counter(name, n)?,
             Request::Meta { key, default, reply } => {
                 let v = match self.store.meta(&key)? {
                     Some(v) => v,
@@ -616,7 +687,9 @@ impl Writer {
                 b.meta_replies.push((reply, v));
             }
             Request::Close => b.close = true,
-            r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }) => b.reads.push(r),
+            r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. } | Request::InboxSeen { .. }) => {
+                b.reads.push(r)
+            }
         }
         Ok(())
     }
@@ -814,6 +887,9 @@ impl Writer {
         for (reply, v) in b.slot_replies {
             let _ = reply.send(Ok(v));
         }
+        for reply in b.inbox_replies {
+            let _ = reply.send(Ok(()));
+        }
         // One log line per reason and batch (a flood of overflow drops
         // must not flood the log); one event per message.
         for reason in DropReason::ALL {
@@ -840,6 +916,9 @@ impl Writer {
                 }
                 Request::Bound { slot, reply } => {
                     let _ = reply.send(self.store.bound(slot));
+                }
+                Request::InboxSeen { ids, reply } => {
+                    let _ = reply.send(self.store.inbox_seen(&ids));
                 }
                 _ => unreachable!("only reads are deferred"),
             }
@@ -888,9 +967,17 @@ impl Writer {
                 Request::SetWire { reply, .. } => b.wire_replies.push((reply, Vec::new())),
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
                 Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
+                Request::InboxRecord { reply, .. } => b.inbox_replies.push(reply),
                 Request::Close => b.close = true,
-                r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. }) => b.reads.push(r),
-                Request::Remove { .. } | Request::Ack { .. } | Request::Broker(_) => {}
+                r @ (Request::Read { .. }
+                | Request::Query { .. }
+                | Request::Bound { .. }
+                | Request::InboxSeen { .. }) => b.reads.push(r),
+                Request::Remove { .. }
+                | Request::Ack { .. }
+                | Request::Broker(_)
+                | Request::InboxBounds { .. }
+                | Request::Counter { .. } => {}
             }
         }
         let close = b.close;
@@ -910,6 +997,9 @@ impl Writer {
             let _ = reply.send(Err(again(&e)));
         }
         for (reply, _) in b.slot_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for reply in b.inbox_replies {
             let _ = reply.send(Err(again(&e)));
         }
         self.serve_reads(b.reads);

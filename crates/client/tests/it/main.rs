@@ -3,6 +3,7 @@
 #![allow(missing_docs)]
 
 mod backlog;
+mod consumer;
 mod faults;
 mod protocol;
 mod routing;

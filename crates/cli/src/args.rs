@@ -23,6 +23,9 @@ pub enum Command {
     /// Publish messages through the durable outbox (flags as mosquitto_pub).
     #[command(disable_help_flag = true)]
     Pub(Box<PubArgs>),
+    /// Receive messages: persistent session, ack after handling, de-duplication (flags as mosquitto_sub).
+    #[command(disable_help_flag = true)]
+    Sub(Box<SubArgs>),
     /// Show an outbox: queue depth, oldest message, drops, broker states.
     #[command(disable_help_flag = true)]
     Status(StatusArgs),
@@ -135,6 +138,85 @@ pub struct PubArgs {
     /// Print a summary line on stderr when done.
     #[arg(long)]
     pub summary: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SubArgs {
+    /// Broker URL, mqtt://host:port (repeatable: subscribe on every broker, merged and de-duplicated).
+    #[arg(short = 'b', long = "broker", value_name = "URL")]
+    pub brokers: Vec<String>,
+    /// Broker host (mosquitto_sub style; use with -p).
+    #[arg(short = 'h', long = "host")]
+    pub host: Option<String>,
+    /// Broker port (mosquitto_sub style).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// Topic filter to subscribe to (repeatable).
+    #[arg(short = 't', long = "topic")]
+    pub topics: Vec<String>,
+    /// QoS of the subscriptions: 0, 1 or 2.
+    #[arg(short = 'q', long = "qos", default_value_t = 1)]
+    pub qos: u8,
+    /// Client id: the MQTT session. Default: one chosen once and kept in the inbox directory.
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// Start a fresh session instead of resuming one.
+    #[arg(long)]
+    pub clean: bool,
+    /// MQTT 5 session expiry interval (MQTT 3.1.1: the broker's setting applies).
+    #[arg(short = 'x', long, value_name = "DURATION", default_value = "1d")]
+    pub session_expiry: String,
+    /// Inbox directory (default: `$XDG_STATE_HOME/steadfast/inbox/CLIENT_ID`).
+    #[arg(long, value_name = "DIR")]
+    pub inbox: Option<PathBuf>,
+    /// Do not de-duplicate (no inbox records; still ack after handling).
+    #[arg(long)]
+    pub no_dedup: bool,
+    /// Exit after this many messages handled.
+    #[arg(short = 'C', long = "count", value_name = "N")]
+    pub count: Option<u64>,
+    /// Exit after this many seconds.
+    #[arg(short = 'W', long = "timeout", value_name = "SECONDS")]
+    pub timeout: Option<u64>,
+    /// Print the topic before the payload.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+    /// Output format: %t topic, %p payload, %q QoS, %r retain, %l length, %x hex payload, %I identity, %b broker, %% percent; \n \t escapes.
+    #[arg(short = 'F', value_name = "FORMAT")]
+    pub format: Option<String>,
+    /// Do not end each message with a newline.
+    #[arg(short = 'N')]
+    pub no_eol: bool,
+    /// One JSON object per line: topic, payload, qos, retain, producer, seq, broker.
+    #[arg(long)]
+    pub json: bool,
+    /// Run CMD (with sh -c) per message, payload on stdin, topic in STEADFAST_TOPIC; ack only when it exits 0.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// Create the session and its subscriptions, then exit: nothing published afterwards is lost.
+    #[arg(long)]
+    pub register: bool,
+    /// A gap in a producer's sequence not filled within this long is reported as a suspected loss.
+    #[arg(long, value_name = "DURATION", default_value = "30s")]
+    pub gap_timeout: String,
+    /// MQTT version: 311 or 5.
+    #[arg(short = 'V', long = "protocol-version", default_value = "5")]
+    pub version: String,
+    /// MQTT 3.1.1: unwrap the steadfast identity envelope (see `pub --envelope`).
+    #[arg(long)]
+    pub envelope: bool,
+    /// User name.
+    #[arg(short = 'u', long = "username")]
+    pub username: Option<String>,
+    /// Password.
+    #[arg(short = 'P', long = "pw")]
+    pub password: Option<String>,
+    /// Keep-alive in seconds.
+    #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
+    pub keepalive: u64,
+    /// Most unacknowledged messages in flight per broker (MQTT 5 receive maximum).
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight: u16,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod args;
 mod publish;
 mod routes;
 mod status;
+mod subscribe;
 mod util;
 
 use std::process::ExitCode;
@@ -67,6 +68,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             args::Command::Pub(a) => publish::run(*a).await,
+            args::Command::Sub(a) => subscribe::run(*a).await,
             args::Command::Status(a) => status::run(a).await,
         }
     });

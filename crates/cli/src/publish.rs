@@ -17,7 +17,10 @@ use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
 use crate::routes;
-use crate::util::{default_client_id, default_outbox, parse_duration, parse_size};
+use crate::util::{
+    broker_urls, default_client_id, default_outbox, parse_duration, parse_keepalive, parse_qos, parse_size,
+    parse_version,
+};
 use crate::Failure;
 
 /// Where the messages come from.
@@ -50,13 +53,7 @@ fn usage(msg: impl Into<String>) -> Failure {
 
 impl Options {
     fn from_args(a: PubArgs) -> Result<Options, Failure> {
-        let mut urls = a.brokers.clone();
-        if a.host.as_deref().is_some_and(|h| h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err()) {
-            return Err(usage("-h takes a host name or address only; give the port with -p"));
-        }
-        if a.host.is_some() || a.port.is_some() {
-            urls.push(format!("mqtt://{}:{}", a.host.as_deref().unwrap_or("127.0.0.1"), a.port.unwrap_or(1883)));
-        }
+        let urls = broker_urls(&a.brokers, a.host.as_deref(), a.port).map_err(usage)?;
         let routes = match &a.config {
             Some(path) => routes::load(path).map_err(usage)?,
             None => Vec::new(),
@@ -108,17 +105,8 @@ impl Options {
             (None, Input::Drain) => String::new(),
             (None, _) => return Err(usage("no topic given; use -t TOPIC")),
         };
-        let qos = match a.qos {
-            0 => Qos::AtMostOnce,
-            1 => Qos::AtLeastOnce,
-            2 => Qos::ExactlyOnce,
-            q => return Err(usage(format!("QoS {q} does not exist; use -q 0, 1 or 2"))),
-        };
-        let version = match a.version.as_str() {
-            "5" | "mqttv5" | "50" => ProtocolVersion::V5,
-            "311" | "mqttv311" | "3.1.1" => ProtocolVersion::V311,
-            v => return Err(usage(format!("protocol version `{v}` is not supported; use -V 311 or -V 5"))),
-        };
+        let qos = parse_qos(a.qos).map_err(usage)?;
+        let version = parse_version(&a.version).map_err(usage)?;
         let overflow = match a.overflow.as_str() {
             "block" => Overflow::Block,
             "reject" => Overflow::Reject,
@@ -140,9 +128,7 @@ impl Options {
             max: parse_duration(max).map_err(usage)?,
             ..BackoffConfig::default()
         };
-        if a.keepalive == 0 || a.keepalive > 65535 {
-            return Err(usage(format!("keep-alive {} s is out of range; use 1 to 65535", a.keepalive)));
-        }
+        let keep_alive = parse_keepalive(a.keepalive).map_err(usage)?;
         let id = a.id.clone().unwrap_or_else(default_client_id);
         let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
         let first = default_set.brokers()[0].clone();
@@ -151,7 +137,7 @@ impl Options {
             .ack_timeout(ack_timeout)
             .envelope(a.envelope)
             .version(version)
-            .keep_alive(Duration::from_secs(a.keepalive))
+            .keep_alive(keep_alive)
             .clean_start(a.clean)
             .session_expiry(session_expiry)
             .backoff(backoff)

@@ -23,6 +23,45 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
+/// The broker URLs of `-b` flags and of mosquitto-style `-h`/`-p`.
+pub fn broker_urls(brokers: &[String], host: Option<&str>, port: Option<u16>) -> Result<Vec<String>, String> {
+    let mut urls = brokers.to_vec();
+    if host.is_some_and(|h| h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err()) {
+        return Err("-h takes a host name or address only; give the port with -p".into());
+    }
+    if host.is_some() || port.is_some() {
+        urls.push(format!("mqtt://{}:{}", host.unwrap_or("127.0.0.1"), port.unwrap_or(1883)));
+    }
+    Ok(urls)
+}
+
+/// `-q`.
+pub fn parse_qos(q: u8) -> Result<steadfast::Qos, String> {
+    match q {
+        0 => Ok(steadfast::Qos::AtMostOnce),
+        1 => Ok(steadfast::Qos::AtLeastOnce),
+        2 => Ok(steadfast::Qos::ExactlyOnce),
+        q => Err(format!("QoS {q} does not exist; use -q 0, 1 or 2")),
+    }
+}
+
+/// `-V`.
+pub fn parse_version(v: &str) -> Result<steadfast::ProtocolVersion, String> {
+    match v {
+        "5" | "mqttv5" | "50" => Ok(steadfast::ProtocolVersion::V5),
+        "311" | "mqttv311" | "3.1.1" => Ok(steadfast::ProtocolVersion::V311),
+        v => Err(format!("protocol version `{v}` is not supported; use -V 311 or -V 5")),
+    }
+}
+
+/// `-k`.
+pub fn parse_keepalive(k: u64) -> Result<Duration, String> {
+    if k == 0 || k > 65535 {
+        return Err(format!("keep-alive {k} s is out of range; use 1 to 65535"));
+    }
+    Ok(Duration::from_secs(k))
+}
+
 /// Parses `1024`, `64KB`, `100MB`, `2GB` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim().to_ascii_uppercase();
@@ -41,6 +80,15 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// `$XDG_STATE_HOME/steadfast/outbox/<id>`, else `~/.local/state/...`.
 pub fn default_outbox(client_id: &str) -> PathBuf {
+    state_dir("outbox", client_id)
+}
+
+/// `$XDG_STATE_HOME/steadfast/inbox/<id>`, else `~/.local/state/...`.
+pub fn default_inbox(client_id: &str) -> PathBuf {
+    state_dir("inbox", client_id)
+}
+
+fn state_dir(kind: &str, client_id: &str) -> PathBuf {
     let base = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
@@ -56,13 +104,18 @@ pub fn default_outbox(client_id: &str) -> PathBuf {
             safe.push_str(&format!("%{b:02X}"));
         }
     }
-    base.join("steadfast").join("outbox").join(safe)
+    base.join("steadfast").join(kind).join(safe)
 }
 
-/// A stable default client id for this machine.
-pub fn default_client_id() -> String {
+/// A stable default client id for this machine: `steadfast-<role>-<host>`.
+pub fn default_client_id_for(role: &str) -> String {
     let host = std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()).filter(|h| !h.is_empty());
-    format!("steadfast-pub-{}", host.unwrap_or_else(|| "local".into()))
+    format!("steadfast-{role}-{}", host.unwrap_or_else(|| "local".into()))
+}
+
+/// The publisher's default client id.
+pub fn default_client_id() -> String {
+    default_client_id_for("pub")
 }
 
 /// Logs to stderr: warnings by default, debug with `-d`, RUST_LOG wins.

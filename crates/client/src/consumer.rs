@@ -17,7 +17,7 @@ use std::time::Duration;
 use steadfast_core::{Backoff, Identity, KeepAlive, KeepAliveAction, Qos};
 use steadfast_store::{OpenReport, Outbox, SqliteStore, Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, watch, Mutex};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
@@ -199,9 +199,14 @@ pub struct ConsumerStats {
 }
 
 enum Cmd {
-    Ack { token: Token, identity: Option<Identity> },
+    Ack {
+        token: Token,
+        identity: Option<Identity>,
+    },
     Retry(Pending),
     Recorded(Vec<(Identity, Token)>, bool),
+    /// Close: finish the acknowledgements under way, then answer.
+    Flush(oneshot::Sender<()>),
 }
 
 struct Pending {
@@ -218,13 +223,20 @@ struct FromBroker {
 }
 
 enum DriverCmd {
-    Ack { epoch: u64, pid: u16 },
+    Ack {
+        epoch: u64,
+        pid: u16,
+    },
+    /// Answered once every acknowledgement before it is written.
+    Flush(oneshot::Sender<()>),
 }
 
 /// A reliable MQTT consumer. See the module documentation.
 pub struct Consumer {
+    cmds: mpsc::UnboundedSender<Cmd>,
     deliveries: Mutex<mpsc::Receiver<Received>>,
     events: broadcast::Sender<Event>,
+    first_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
     outbox: Outbox,
     stop: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
@@ -256,7 +268,8 @@ impl Consumer {
         let outbox = Outbox::start(store, Default::default())?;
         outbox.inbox_bounds(cfg.inbox_max_age.as_millis() as u64, cfg.inbox_max_count);
         let cfg = Arc::new(cfg);
-        let (events, _) = broadcast::channel(4096);
+        // The first `events()` call gets everything from the start.
+        let (events, first_events) = broadcast::channel(4096);
         let (stop, stop_rx) = watch::channel(false);
         let (from_brokers, inbound) = mpsc::channel(1024);
         let (app_tx, app_rx) = mpsc::channel(256);
@@ -279,6 +292,7 @@ impl Consumer {
             tasks.push(tokio::spawn(d.run()));
         }
         let handled = Arc::new(AtomicU64::new(0));
+        let cmds = cmd_tx.clone();
         let dispatcher = Dispatcher {
             cfg: cfg.clone(),
             urls: urls.iter().map(|u| u.to_string()).collect(),
@@ -290,11 +304,15 @@ impl Consumer {
             handling: HashMap::new(),
             producers: HashMap::new(),
             handled: handled.clone(),
+            recording: 0,
+            flush: None,
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {
+            cmds,
             deliveries: Mutex::new(app_rx),
             events,
+            first_events: std::sync::Mutex::new(Some(first_events)),
             outbox,
             stop,
             tasks: std::sync::Mutex::new(tasks),
@@ -308,9 +326,16 @@ impl Consumer {
         self.deliveries.lock().await.recv().await
     }
 
-    /// Connection events and suspected losses, from now on.
+    /// A delivery that is ready now, without waiting.
+    pub fn try_next(&self) -> Option<Received> {
+        self.deliveries.try_lock().ok()?.try_recv().ok()
+    }
+
+    /// Connection events and suspected losses. The first call receives
+    /// every event since the consumer was opened; later calls, from then on.
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        let first = self.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        first.unwrap_or_else(|| self.events.subscribe())
     }
 
     /// Deliveries acknowledged by this process so far.
@@ -370,9 +395,14 @@ impl Consumer {
         Ok(())
     }
 
-    /// Stops the sessions (unacknowledged deliveries come again next time)
-    /// and closes the inbox.
+    /// Finishes the acknowledgements of what was acknowledged (inbox record,
+    /// then the broker's ack), stops the sessions (unacknowledged deliveries
+    /// come again next time) and closes the inbox.
     pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
         let _ = self.stop.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in tasks {
@@ -415,6 +445,10 @@ struct Dispatcher {
     handling: HashMap<Identity, Vec<Token>>,
     producers: HashMap<String, Sequence>,
     handled: Arc<AtomicU64>,
+    /// Inbox records under way.
+    recording: usize,
+    /// Close is waiting for them.
+    flush: Option<oneshot::Sender<()>>,
 }
 
 impl Dispatcher {
@@ -573,7 +607,9 @@ impl Dispatcher {
                         let _ = app.send(d).await;
                     });
                 }
+                Cmd::Flush(tx) => self.flush = Some(tx),
                 Cmd::Recorded(done, ok) => {
+                    self.recording -= 1;
                     for (id, token) in done {
                         let copies = self.handling.remove(&id).unwrap_or_default();
                         if ok {
@@ -586,9 +622,29 @@ impl Dispatcher {
                 }
             }
         }
-        if record.is_empty() {
-            return;
+        if !record.is_empty() {
+            self.record(record);
         }
+        if self.recording == 0 {
+            if let Some(tx) = self.flush.take() {
+                // Every ack is queued to its driver: they answer once written.
+                let drivers = self.to_drivers.clone();
+                tokio::spawn(async move {
+                    for d in drivers {
+                        let (t, r) = oneshot::channel();
+                        // A driver between sessions has nothing to write.
+                        if d.send(DriverCmd::Flush(t)).is_ok() {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+                        }
+                    }
+                    let _ = tx.send(());
+                });
+            }
+        }
+    }
+
+    fn record(&mut self, record: Vec<(Identity, Token)>) {
+        self.recording += 1;
         // The inbox record is on disk before any broker ack leaves (G4, G5).
         let n = record.len() as u64;
         self.handled.fetch_add(n, Ordering::Relaxed);
@@ -777,14 +833,25 @@ impl Receiver {
                     keepalive.on_receive(Instant::now().into_std());
                     pending_in = link.receive(&buf[..n]);
                 }
-                cmd = self.acks.recv() => {
-                    let Some(DriverCmd::Ack { epoch: e, pid }) = cmd else { return Ok(()) };
-                    if e == epoch {
-                        if let Some(entry) = order.iter_mut().find(|(p, _, done)| *p == pid && !*done) {
-                            entry.2 = true;
+                cmd = self.acks.recv() => match cmd {
+                    None => return Ok(()),
+                    Some(DriverCmd::Ack { epoch: e, pid }) => {
+                        if e == epoch {
+                            if let Some(entry) = order.iter_mut().find(|(p, _, done)| *p == pid && !*done) {
+                                entry.2 = true;
+                            }
                         }
                     }
-                }
+                    Some(DriverCmd::Flush(tx)) => {
+                        while order.front().is_some_and(|(_, _, done)| *done) {
+                            let (pid, qos, _) = order.pop_front().expect("front exists");
+                            link.ack_publish(pid, qos)?;
+                        }
+                        wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+                        link.out.clear();
+                        let _ = tx.send(());
+                    }
+                },
                 _ = sleep_until(keepalive_at) => {
                     match keepalive.poll(Instant::now().into_std()) {
                         Some(KeepAliveAction::SendPing) => link.ping()?,

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 
+mod sub;
+
 fn steadfast() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_steadfast"));
     c.env_remove("RUST_LOG");

@@ -1,0 +1,343 @@
+//! `steadfast sub`: print (or `--exec`) each message, then acknowledge it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::anyhow;
+use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received};
+use tokio::io::AsyncWriteExt;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::args::SubArgs;
+use crate::util::{
+    broker_urls, default_client_id_for, default_inbox, parse_duration, parse_keepalive, parse_qos, parse_version,
+};
+use crate::Failure;
+
+fn usage(msg: impl Into<String>) -> Failure {
+    Failure::usage(anyhow!(msg.into()))
+}
+
+/// How each message is handled.
+enum Output {
+    /// Printed: default, `-v`, `-F`, `--json`.
+    Print(Format),
+    /// `--exec CMD`.
+    Exec(String),
+}
+
+enum Format {
+    Payload,
+    Verbose,
+    Template(String),
+    Json,
+}
+
+/// The client id: `-i`, or one chosen once and kept in the inbox.
+fn client_id(a: &SubArgs) -> Result<(String, PathBuf), Failure> {
+    if let Some(id) = &a.id {
+        let dir = a.inbox.clone().unwrap_or_else(|| default_inbox(id));
+        return Ok((id.clone(), dir));
+    }
+    let dir = a.inbox.clone().unwrap_or_else(|| default_inbox("default"));
+    let file = dir.join("client-id");
+    if let Ok(id) = std::fs::read_to_string(&file) {
+        let id = id.trim().to_owned();
+        if !id.is_empty() {
+            return Ok((id, dir));
+        }
+    }
+    let id = format!("{}-{:08x}", default_client_id_for("sub"), fastrand::u32(..));
+    create_private_dir(&dir)?;
+    std::fs::write(&file, &id)
+        .map_err(|e| Failure::other(anyhow!("cannot keep the client id in {}: {e}", file.display())))?;
+    Ok((id, dir))
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Failure::other(anyhow!("cannot create the inbox directory {}: {e}", dir.display())))
+}
+
+fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
+    let urls = broker_urls(&a.brokers, a.host.as_deref(), a.port).map_err(usage)?;
+    if urls.is_empty() {
+        return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
+    }
+    let urls: Vec<BrokerUrl> = urls.iter().map(|u| u.parse()).collect::<Result<_, _>>().map_err(Failure::usage)?;
+    if a.topics.is_empty() {
+        return Err(usage("no topic given; use -t FILTER (repeatable)"));
+    }
+    let qos = parse_qos(a.qos).map_err(usage)?;
+    let version = parse_version(&a.version).map_err(usage)?;
+    if a.envelope && version != ProtocolVersion::V311 {
+        return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
+    }
+    let output = match (&a.exec, &a.format, a.json, a.verbose) {
+        (Some(cmd), None, false, false) => Output::Exec(cmd.clone()),
+        (Some(_), ..) => return Err(usage("--exec handles the message itself; drop -F, --json and -v")),
+        (None, Some(_), true, _) | (None, Some(_), _, true) | (None, None, true, true) => {
+            return Err(usage("choose one output: -v, -F FORMAT or --json"))
+        }
+        (None, Some(f), ..) => {
+            check_format(f).map_err(usage)?;
+            Output::Print(Format::Template(f.clone()))
+        }
+        (None, None, true, false) => Output::Print(Format::Json),
+        (None, None, false, true) => Output::Print(Format::Verbose),
+        (None, None, false, false) => Output::Print(Format::Payload),
+    };
+    let (id, dir) = client_id(a)?;
+    let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
+    let gap_timeout = parse_duration(&a.gap_timeout).map_err(usage)?;
+    let keep_alive = parse_keepalive(a.keepalive).map_err(usage)?;
+    if a.max_inflight == 0 {
+        return Err(usage("--max-inflight 0 would receive nothing; use 1 or more"));
+    }
+    let mut client = ClientConfig::new(id, urls[0].clone(), dir)
+        .brokers(BrokerSet::new(urls))
+        .version(version)
+        .envelope(a.envelope)
+        .keep_alive(keep_alive)
+        .clean_start(a.clean)
+        .session_expiry(session_expiry)
+        .max_inflight(a.max_inflight);
+    if let Some(u) = &a.username {
+        client = client.credentials(u.clone(), a.password.clone().map(String::into_bytes));
+    } else if a.password.is_some() {
+        return Err(usage("-P needs -u"));
+    }
+    let mut cfg = ConsumerConfig::new(client).inbox(!a.no_dedup).gap_timeout(gap_timeout);
+    for t in &a.topics {
+        cfg = cfg.topic(t.clone(), qos);
+    }
+    Ok((cfg, output))
+}
+
+/// Rejects `-F` conversions this tool does not know, before anything runs.
+fn check_format(f: &str) -> Result<(), String> {
+    let mut chars = f.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            match chars.next() {
+                Some('t' | 'p' | 'q' | 'r' | 'l' | 'x' | 'I' | 'b' | '%') => {}
+                Some(o) => return Err(format!("-F: unknown conversion `%{o}`; use %t %p %q %r %l %x %I %b %%")),
+                None => return Err("-F: the format ends in a lone `%`".into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
+    match f {
+        Format::Payload => out.extend_from_slice(&d.payload),
+        Format::Verbose => {
+            out.extend_from_slice(d.topic.as_bytes());
+            out.push(b' ');
+            out.extend_from_slice(&d.payload);
+        }
+        Format::Json => {
+            let mut j = serde_json::json!({
+                "topic": d.topic,
+                "qos": d.qos as u8,
+                "retain": d.retain,
+                "producer": d.identity.as_ref().map(|i| i.producer.clone()),
+                "seq": d.identity.as_ref().map(|i| i.seq),
+                "broker": d.broker,
+            });
+            match std::str::from_utf8(&d.payload) {
+                Ok(s) => j["payload"] = s.into(),
+                Err(_) => j["payload_hex"] = hex(&d.payload).into(),
+            }
+            out.extend_from_slice(j.to_string().as_bytes());
+        }
+        Format::Template(t) => {
+            let mut chars = t.chars();
+            while let Some(c) = chars.next() {
+                match (c, c == '%' || c == '\\') {
+                    ('%', true) => match chars.next() {
+                        Some('t') => out.extend_from_slice(d.topic.as_bytes()),
+                        Some('p') => out.extend_from_slice(&d.payload),
+                        Some('q') => out.extend_from_slice((d.qos as u8).to_string().as_bytes()),
+                        Some('r') => out.push(if d.retain { b'1' } else { b'0' }),
+                        Some('l') => out.extend_from_slice(d.payload.len().to_string().as_bytes()),
+                        Some('x') => out.extend_from_slice(hex(&d.payload).as_bytes()),
+                        Some('I') => out.extend_from_slice(
+                            d.identity.as_ref().map(|i| i.to_string()).unwrap_or_default().as_bytes(),
+                        ),
+                        Some('b') => out.extend_from_slice(d.broker.as_bytes()),
+                        _ => out.push(b'%'),
+                    },
+                    ('\\', true) => match chars.next() {
+                        Some('n') => out.push(b'\n'),
+                        Some('t') => out.push(b'\t'),
+                        Some('\\') => out.push(b'\\'),
+                        Some(o) => {
+                            out.push(b'\\');
+                            out.extend_from_slice(o.to_string().as_bytes());
+                        }
+                        None => out.push(b'\\'),
+                    },
+                    _ => out.extend_from_slice(c.to_string().as_bytes()),
+                }
+            }
+        }
+    }
+    if eol {
+        out.push(b'\n');
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Runs `cmd` with the payload on stdin; true when it exited 0.
+async fn exec(cmd: &str, d: &Received) -> bool {
+    let mut c = tokio::process::Command::new("sh");
+    c.arg("-c").arg(cmd).stdin(std::process::Stdio::piped());
+    c.env("STEADFAST_TOPIC", &d.topic)
+        .env("STEADFAST_QOS", (d.qos as u8).to_string())
+        .env("STEADFAST_RETAIN", if d.retain { "1" } else { "0" })
+        .env("STEADFAST_BROKER", &d.broker);
+    if let Some(i) = &d.identity {
+        c.env("STEADFAST_PRODUCER", &i.producer).env("STEADFAST_SEQ", i.seq.to_string());
+    }
+    let mut child = match c.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot run --exec command; the message will come again");
+            return false;
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A command that does not read its input is fine.
+        let _ = stdin.write_all(&d.payload).await;
+    }
+    match child.wait().await {
+        Ok(s) if s.success() => true,
+        Ok(s) => {
+            tracing::warn!(topic = %d.topic, status = %s, "--exec command failed; the message will come again");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "--exec command lost; the message will come again");
+            false
+        }
+    }
+}
+
+pub async fn run(a: SubArgs) -> Result<(), Failure> {
+    let (cfg, output) = config(&a)?;
+    if a.register {
+        Consumer::register(&cfg).await.map_err(|e| Failure::other(anyhow!("{e}")))?;
+        eprintln!(
+            "steadfast: registered `{}` on {} broker(s)",
+            cfg.client().client_id(),
+            cfg.client().all_brokers().len()
+        );
+        return Ok(());
+    }
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| Failure::other(anyhow!("cannot watch for SIGTERM: {e}")))?;
+    let (consumer, report) = Consumer::open(cfg).await.map_err(|e| match e {
+        steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
+        e => Failure::other(anyhow!(e)),
+    })?;
+    if !report.is_clean() {
+        eprintln!(
+            "steadfast: warning: the inbox was damaged and repaired: {}",
+            report.problem.as_deref().unwrap_or("unknown damage")
+        );
+    }
+    let deadline = a.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
+    let mut handled = 0u64;
+    let mut stdout = tokio::io::stdout();
+    let result = loop {
+        if a.count.is_some_and(|c| handled >= c) {
+            break Ok(());
+        }
+        let next = async {
+            match deadline {
+                Some(d) => tokio::time::timeout_at(d, consumer.next()).await.ok(),
+                None => Some(consumer.next().await),
+            }
+        };
+        let first = tokio::select! {
+            n = next => n,
+            _ = interrupt.recv() => break Ok(()),
+            _ = terminate.recv() => break Ok(()),
+        };
+        let Some(first) = first else {
+            // -W ran out.
+            break match a.count {
+                Some(c) => Err(Failure::timed_out(anyhow!("-W: {handled} of {c} messages handled in time"))),
+                None => Ok(()),
+            };
+        };
+        let Some(first) = first else { break Ok(()) };
+        match &output {
+            Output::Exec(cmd) => {
+                // A failed command runs again on the same message, with a
+                // growing pause, before any later message: order is kept.
+                let mut pause = Duration::from_millis(500);
+                let mut stopped = false;
+                while !exec(cmd, &first).await {
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = interrupt.recv() => stopped = true,
+                        _ = terminate.recv() => stopped = true,
+                    }
+                    if stopped {
+                        break;
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+                if stopped {
+                    first.retry();
+                    break Ok(());
+                }
+                first.ack();
+                handled += 1;
+            }
+            Output::Print(f) => {
+                // What is ready now is printed and flushed together, then
+                // acknowledged: a line is on stdout before its ack leaves.
+                let mut batch = vec![first];
+                let room = a.count.map_or(u64::MAX, |c| c - handled) as usize;
+                while batch.len() < room.min(1024) {
+                    match consumer.try_next() {
+                        Some(d) => batch.push(d),
+                        None => break,
+                    }
+                }
+                let mut out = Vec::new();
+                for d in &batch {
+                    render(f, d, !a.no_eol, &mut out);
+                }
+                if let Err(e) = async {
+                    stdout.write_all(&out).await?;
+                    stdout.flush().await
+                }
+                .await
+                {
+                    // Not acknowledged: the messages come again next time.
+                    break Err(Failure::other(anyhow!("cannot write to stdout: {e}")));
+                }
+                handled += batch.len() as u64;
+                for d in batch {
+                    d.ack();
+                }
+            }
+        }
+    };
+    consumer.close().await;
+    result
+}

@@ -1,0 +1,201 @@
+//! `steadfast sub` as a child process against real Mosquitto.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use steadfast_testkit::{wait_until, Mosquitto, MosquittoOptions};
+
+use crate::{run, stderr, steadfast};
+
+fn lines(n: usize, prefix: &str) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i:05}")).collect()
+}
+
+/// Publishes `msgs` (one per line) with `steadfast pub` to `brokers`.
+async fn publish(brokers: &[String], extra: &[&str], topic: &str, msgs: &[String], outbox: &Path) {
+    let mut args: Vec<String> = vec!["pub".into()];
+    for b in brokers {
+        args.extend(["-b".into(), b.clone()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["-t", topic, "-l", "--outbox", outbox.to_str().unwrap(), "--wait-timeout", "60s"].map(String::from));
+    let input = msgs.join("\n") + "\n";
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = steadfast().args(&args).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "pub: {}", stderr(&out));
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_before_the_producer_sub_prints_every_message_once_in_order() {
+    let broker = Mosquitto::start(MosquittoOptions { persistence: true, extra: vec![] }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let inbox = inbox.to_str().unwrap();
+    let base = ["sub", "-b", &broker.url(), "-t", "s/#", "-i", "sub-reg", "--inbox", inbox];
+    let out = run(&[&base[..], &["--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let want = lines(300, "r");
+    publish(&[broker.url()], &[], "s/a", &want, &dir.path().join("ob")).await;
+    let out = run(&[&base[..], &["-C", "200", "-W", "30"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let first: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(first, want[..200]);
+    // The next run continues where the last one stopped: nothing twice.
+    let out = run(&[&base[..], &["-C", "100", "-W", "30", "-v"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let rest: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect();
+    let expect: Vec<String> = want[200..].iter().map(|m| format!("s/a {m}")).collect();
+    assert_eq!(rest, expect);
+    // -W with nothing left: exit 3 when -C was not reached.
+    let out = run(&[&base[..], &["-C", "1", "-W", "1"]].concat()).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_while_handling_gets_the_message_again_and_a_failed_command_is_retried() {
+    let broker = Mosquitto::start(MosquittoOptions { persistence: true, extra: vec![] }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let out_file = dir.path().join("handled");
+    let started = dir.path().join("started");
+    let base: Vec<String> = ["sub", "-b", &broker.url(), "-t", "k", "-i", "sub-k9", "--inbox", inbox.to_str().unwrap()]
+        .map(String::from)
+        .to_vec();
+    let out = run(&[base.iter().map(String::as_str).collect::<Vec<_>>(), vec!["--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let want = lines(20, "k");
+    publish(&[broker.url()], &[], "k", &want, &dir.path().join("ob")).await;
+    // A handler that hangs on the first message; the whole consumer (its
+    // process group, handler included) is killed while it hangs.
+    let slow = format!("touch {}; sleep 60; cat >> {}", started.display(), out_file.display());
+    let mut child = steadfast()
+        .args(&base)
+        .args(["--exec", &slow])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let s = started.clone();
+    wait_until("the handler started", Duration::from_secs(20), move || s.exists()).await;
+    let pgid = child.id();
+    let killed = std::process::Command::new("kill").args(["-s", "KILL", "--", &format!("-{pgid}")]).status().unwrap();
+    assert!(killed.success());
+    child.wait().unwrap();
+    // The next run: a handler that fails once, then succeeds.
+    let flag = dir.path().join("failed-once");
+    let flaky = format!(
+        "if [ -e {f} ]; then cat >> {o}; echo >> {o}; else touch {f}; exit 1; fi",
+        f = flag.display(),
+        o = out_file.display()
+    );
+    let args: Vec<&str> = base.iter().map(String::as_str).chain(["--exec", &flaky, "-C", "20", "-W", "60"]).collect();
+    let out = run(&args).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(flag.exists(), "the failing attempt ran");
+    assert_eq!(read_lines(&out_file), want, "every message handled once, in order, the interrupted one included");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_with_one_broker_killed_and_restarted_empty_is_handled_exactly_once() {
+    let a = Mosquitto::plain().await;
+    let mut b = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let brokers = [a.url(), b.url()];
+    let n = 20_000;
+    let want = lines(n, "x");
+    let out_path = dir.path().join("out");
+    let sub_args = [
+        "sub",
+        "-b",
+        &a.url(),
+        "-b",
+        &b.url(),
+        "-t",
+        "x",
+        "-i",
+        "sub-fan",
+        "--inbox",
+        inbox.to_str().unwrap(),
+        "-C",
+        &n.to_string(),
+        "-W",
+        "120",
+    ]
+    .map(String::from);
+    // Sessions and subscriptions exist on both brokers before anything is
+    // published.
+    let register: Vec<&str> = sub_args[..11].iter().map(String::as_str).chain(["--register"]).collect();
+    let out = run(&register).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out_file = std::fs::File::create(&out_path).unwrap();
+    let sub = steadfast().args(&sub_args).stdout(out_file).stderr(Stdio::piped()).spawn().unwrap();
+    let publisher = {
+        let brokers = brokers.to_vec();
+        let want = want.clone();
+        let ob = dir.path().join("ob");
+        tokio::spawn(async move {
+            publish(&brokers, &["--mode", "fanout", "--ack", "all"], "x", &want, &ob).await;
+        })
+    };
+    let p = out_path.clone();
+    wait_until("a quarter handled", Duration::from_secs(60), move || read_lines(&p).len() >= n / 4).await;
+    b.kill9();
+    b.restart().await;
+    publisher.await.unwrap();
+    let status = tokio::task::spawn_blocking(move || sub.wait_with_output()).await.unwrap().unwrap();
+    assert_eq!(status.status.code(), Some(0), "{}", String::from_utf8_lossy(&status.stderr));
+    let got = read_lines(&out_path);
+    let unique: std::collections::HashSet<&String> = got.iter().collect();
+    assert_eq!(got.len(), n, "{} lines for {} unique messages", got.len(), unique.len());
+    assert_eq!(unique.len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_formats_and_bad_flags() {
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let inbox = inbox.to_str().unwrap();
+    let base = ["sub", "-b", &broker.url(), "-t", "f/#", "-i", "sub-fmt", "--inbox", inbox];
+    run(&[&base[..], &["--register"]].concat()).await;
+    publish(&[broker.url()], &[], "f/x", &["hi".to_owned()], &dir.path().join("ob")).await;
+    let out = run(&[&base[..], &["-C", "1", "-W", "20", "--json"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["topic"].as_str(), j["payload"].as_str(), j["qos"].as_u64()), (Some("f/x"), Some("hi"), Some(1)));
+    assert_eq!(j["seq"], 1);
+    assert!(j["producer"].as_str().is_some_and(|p| p.starts_with("steadfast-pub-")), "{j}");
+    publish(&[broker.url()], &[], "f/y", &["yo".to_owned()], &dir.path().join("ob")).await;
+    let out = run(&[&base[..], &["-C", "1", "-W", "20", "-F", "%t|%p|%q|%l|%x|%I"]].concat()).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("f/y|yo|1|2|796f|steadfast-pub-") && text.ends_with("/2\n"), "{text:?}");
+    for (args, needle) in [
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a/#/b"][..], "wildcard must fill a whole level"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1"][..], "no topic given"),
+        (&["sub", "-t", "a"][..], "no broker given"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-F", "%z"][..], "unknown conversion `%z`"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--json", "-v"][..], "choose one output"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--exec", "true", "-v"][..], "--exec handles"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-q", "7"][..], "QoS 7"),
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--inbox", inbox]);
+        let out = run(&args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: expected `{needle}` in {}", stderr(&out));
+    }
+}

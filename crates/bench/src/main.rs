@@ -10,7 +10,11 @@
 //!   is killed (`kill -9`) or black-holed, and the gap until the backup
 //!   acknowledges the first message is measured.
 //!
-//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
+//! - `consume`: N QoS 1 messages queued for a registered consumer, drained
+//!   with the durable inbox (de-duplication, a record synced before each
+//!   ack, group commit) and without it, in the same run.
+//!
+//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover|consume] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
 
 #![forbid(unsafe_code)]
 
@@ -19,7 +23,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use steadfast::{AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Message, Mode, ProtocolVersion};
+use steadfast::{
+    AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Consumer, ConsumerConfig, Message, Mode,
+    ProtocolVersion, Qos,
+};
 use steadfast_testkit::{mosquitto_program, Mosquitto};
 
 struct Args {
@@ -176,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
         "publish" => publish(a).await,
         "fanout" => fanout(a).await,
         "failover" => failover(a).await,
+        "consume" => consume(a).await,
         other => bail!("unknown scenario {other}; use publish, fanout or failover"),
     }
 }
@@ -269,6 +277,65 @@ async fn failover(a: Args) -> anyhow::Result<()> {
             gaps[gaps.len() - 1]
         );
     }
+    Ok(())
+}
+
+/// Queues `a.messages` for consumer `id` (registered first), then times
+/// how long the consumer takes to handle them all.
+async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> anyhow::Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
+    let cfg = ConsumerConfig::new(client).topic(format!("bench/consume/{id}"), Qos::AtLeastOnce).inbox(inbox);
+    Consumer::register(&cfg).await?;
+    let pcfg = ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox"));
+    let (producer, _) = Client::open(pcfg).await?;
+    let payload = vec![b'c'; a.payload];
+    let mut pending = std::collections::VecDeque::new();
+    for _ in 0..a.messages {
+        pending.push_back(producer.enqueue(Message::new(format!("bench/consume/{id}"), payload.clone()))?);
+        if pending.len() >= 8192 {
+            pending.pop_front().expect("non-empty").await?;
+        }
+    }
+    for p in pending {
+        p.await?;
+    }
+    producer.wait_idle().await;
+    producer.close().await;
+    let t0 = Instant::now();
+    let (consumer, _) = Consumer::open(cfg).await?;
+    for _ in 0..a.messages {
+        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next()).await?.context("consumer closed")?;
+        d.ack();
+    }
+    let elapsed = t0.elapsed();
+    consumer.close().await;
+    Ok(elapsed)
+}
+
+async fn consume(a: Args) -> anyhow::Result<()> {
+    // The test kit's broker queues without limit for an absent session; its
+    // in-flight window to the consumer is the consumer's receive maximum
+    // (Mosquitto's own default of 20 would cap both runs alike).
+    let broker = Mosquitto::start(steadfast_testkit::MosquittoOptions {
+        persistence: false,
+        extra: vec!["max_inflight_messages 0".into()],
+    })
+    .await;
+    println!(
+        "consume benchmark: {} QoS 1 messages of {} bytes queued for a consumer, drained with and without the inbox, {} runs, median rate",
+        a.messages, a.payload, a.runs
+    );
+    let (mut with, mut without) = (vec![], vec![]);
+    for run in 0..a.runs {
+        eprintln!("run {}/{}", run + 1, a.runs);
+        without.push(rate(a.messages, consume_once(broker.port(), &a, &format!("plain-{run}"), false).await?));
+        with.push(rate(a.messages, consume_once(broker.port(), &a, &format!("inbox-{run}"), true).await?));
+    }
+    let (with, without) = (median(with), median(without));
+    println!("{:<56} {:>10} {:>16}", "steadfast consumer, MQTT 5, ack after handling", "msg/s", "x without inbox");
+    println!("{:<56} {without:>10.0} {:>16.2}", "without inbox (no de-duplication)", 1.0);
+    println!("{:<56} {with:>10.0} {:>16.2}", "with the durable inbox (record synced before each ack)", with / without);
     Ok(())
 }
 

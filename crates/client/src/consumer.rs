@@ -266,7 +266,14 @@ impl Consumer {
     pub async fn with_store(cfg: ConsumerConfig, store: Box<dyn Store>) -> Result<Consumer, OpenError> {
         cfg.validate()?;
         let outbox = Outbox::start(store, Default::default())?;
-        outbox.inbox_bounds(cfg.inbox_max_age.as_millis() as u64, cfg.inbox_max_count);
+        let high = match outbox.inbox_bounds(cfg.inbox_max_age.as_millis() as u64, cfg.inbox_max_count).await {
+            Ok(h) => h,
+            Err(e) => {
+                let o = outbox.clone();
+                let _ = tokio::task::spawn_blocking(move || o.close()).await;
+                return Err(e.into());
+            }
+        };
         let cfg = Arc::new(cfg);
         // The first `events()` call gets everything from the start.
         let (events, first_events) = broadcast::channel(4096);
@@ -306,6 +313,7 @@ impl Consumer {
             handled: handled.clone(),
             recording: 0,
             flush: None,
+            high: high.into_iter().collect(),
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {
@@ -449,6 +457,10 @@ struct Dispatcher {
     recording: usize,
     /// Close is waiting for them.
     flush: Option<oneshot::Sender<()>>,
+    /// Per producer, a sequence number at or above every one the inbox
+    /// holds or that was handed over: anything above it is new without
+    /// asking the store (the common case).
+    high: HashMap<String, u64>,
 }
 
 impl Dispatcher {
@@ -511,8 +523,18 @@ impl Dispatcher {
             let identity = identity.filter(|_| self.cfg.inbox);
             items.push(Pending { token, msg, identity });
         }
-        let ids: Vec<(String, u64)> =
-            items.iter().filter_map(|p| p.identity.as_ref()).map(|i| (i.producer.clone(), i.seq)).collect();
+        // Decided for the whole batch before anything in it is handed over.
+        let fresh: Vec<bool> = items
+            .iter()
+            .map(|p| p.identity.as_ref().is_some_and(|i| self.high.get(&i.producer).is_none_or(|h| i.seq > *h)))
+            .collect();
+        let ids: Vec<(String, u64)> = items
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, fresh)| !**fresh)
+            .filter_map(|(p, _)| p.identity.as_ref())
+            .map(|i| (i.producer.clone(), i.seq))
+            .collect();
         let seen = if ids.is_empty() {
             Vec::new()
         } else {
@@ -528,12 +550,13 @@ impl Dispatcher {
         };
         let mut seen = seen.into_iter();
         let mut duplicates = 0;
-        for p in items {
+        for (p, fresh) in items.into_iter().zip(fresh) {
             let Some(id) = p.identity.clone() else {
                 self.hand_over(p, false).await?;
                 continue;
             };
-            if seen.next().unwrap_or(false) {
+            let known = !fresh && seen.next().unwrap_or(false);
+            if known {
                 duplicates += 1;
                 self.ack_broker(p.token);
                 continue;
@@ -544,6 +567,8 @@ impl Dispatcher {
                 continue;
             }
             self.handling.insert(id.clone(), Vec::new());
+            let h = self.high.entry(id.producer.clone()).or_default();
+            *h = (*h).max(id.seq);
             self.note_sequence(&id);
             self.hand_over(p, false).await?;
         }
@@ -578,12 +603,12 @@ impl Dispatcher {
 
     fn on_cmds(&mut self, cmds: Vec<Cmd>) {
         let mut record = Vec::new();
+        let mut plain = 0;
         for cmd in cmds {
             match cmd {
                 Cmd::Ack { token, identity: Some(id) } => record.push((id, token)),
                 Cmd::Ack { token, identity: None } => {
-                    self.handled.fetch_add(1, Ordering::Relaxed);
-                    self.outbox.count(HANDLED, 1);
+                    plain += 1;
                     self.ack_broker(token);
                 }
                 Cmd::Retry(p) => {
@@ -622,6 +647,8 @@ impl Dispatcher {
                 }
             }
         }
+        self.handled.fetch_add(plain, Ordering::Relaxed);
+        self.outbox.count(HANDLED, plain);
         if !record.is_empty() {
             self.record(record);
         }

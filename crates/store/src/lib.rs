@@ -197,6 +197,11 @@ pub trait Store: Send + 'static {
         let _ = ids;
         Err(StoreError::WriteFailed("this store keeps no inbox".into()))
     }
+    /// Inbox: the highest sequence number recorded per producer (a bound:
+    /// anything above it was never handled).
+    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
     /// Inbox: records these identities as handled at `now_ms`.
     fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
         let _ = (ids, now_ms);

@@ -183,6 +183,14 @@ impl Store for MemoryStore {
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
         Ok(ids.iter().map(|id| self.state.inbox.contains_key(id)).collect())
     }
+    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut high: BTreeMap<String, u64> = BTreeMap::new();
+        for (p, s) in self.state.inbox.keys() {
+            let h = high.entry(p.clone()).or_default();
+            *h = (*h).max(*s);
+        }
+        Ok(high.into_iter().collect())
+    }
     fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
         for id in ids {
             self.state.inbox.entry(id.clone()).or_insert(now_ms);

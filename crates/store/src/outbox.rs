@@ -185,6 +185,7 @@ enum Request {
     InboxBounds {
         max_age_ms: u64,
         max_count: u64,
+        reply: oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>,
     },
     Counter {
         name: &'static str,
@@ -282,6 +283,7 @@ impl Outbox {
             swept_at: std::time::Instant::now(),
             inbox_bounds: None,
             pruned_at: std::time::Instant::now(),
+            inbox_len: 0,
         };
         let thread = std::thread::Builder::new()
             .name("steadfast-outbox".into())
@@ -409,9 +411,12 @@ impl Outbox {
     }
 
     /// Inbox: keep identities at most this long and this many (checked
-    /// once a second while identities are recorded).
-    pub fn inbox_bounds(&self, max_age_ms: u64, max_count: u64) {
-        self.send(Request::InboxBounds { max_age_ms, max_count });
+    /// once a minute while identities are recorded, and whenever the count
+    /// is over). Returns the highest sequence number recorded per producer.
+    pub async fn inbox_bounds(&self, max_age_ms: u64, max_count: u64) -> Result<Vec<(String, u64)>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::InboxBounds { max_age_ms, max_count, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Adds to a named persistent counter (committed with the next batch).
@@ -468,6 +473,8 @@ struct Writer {
     swept_at: std::time::Instant,
     inbox_bounds: Option<(u64, u64)>,
     pruned_at: std::time::Instant,
+    /// Identities in the inbox (an over-estimate between prunes).
+    inbox_len: u64,
 }
 
 type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
@@ -486,12 +493,15 @@ struct Batch {
     meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     slot_replies: Vec<(SlotReply, Configured)>,
     inbox_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    high_replies: Vec<(oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>, Vec<(String, u64)>)>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,
 }
 
 const MAX_BATCH: usize = 8192;
+/// How often the inbox is pruned by age.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// How often the fanout catch-up windows are checked.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -665,15 +675,25 @@ impl Writer {
             Request::Broker(rec) => self.store.set_broker(&rec)?,
             Request::InboxRecord { ids, reply } => {
                 self.store.inbox_record(&ids, crate::now_ms())?;
+                self.inbox_len += ids.len() as u64;
                 b.inbox_replies.push(reply);
                 if let Some((age, count)) = self.inbox_bounds {
-                    if self.pruned_at.elapsed() >= SWEEP_EVERY {
+                    // Pruning scans the inbox: by age once a minute, by
+                    // count when the (over-)estimate says it is over.
+                    let by_age = self.pruned_at.elapsed() >= PRUNE_EVERY;
+                    if by_age || self.inbox_len > count {
                         self.pruned_at = std::time::Instant::now();
-                        self.store.inbox_prune(crate::now_ms().saturating_sub(age), count)?;
+                        let cutoff = if by_age { crate::now_ms().saturating_sub(age) } else { 0 };
+                        self.store.inbox_prune(cutoff, count)?;
+                        self.inbox_len = self.store.inbox_len()?;
                     }
                 }
             }
-            Request::InboxBounds { max_age_ms, max_count } => self.inbox_bounds = Some((max_age_ms, max_count)),
+            Request::InboxBounds { max_age_ms, max_count, reply } => {
+                self.inbox_bounds = Some((max_age_ms, max_count));
+                self.inbox_len = self.store.inbox_len()?;
+                b.high_replies.push((reply, self.store.inbox_high()?));
+            }
             Request::Counter { name, n } => self.store.add_counter(name, n)?,
             Request::Meta { key, default, reply } => {
                 let v = match self.store.meta(&key)? {
@@ -890,6 +910,9 @@ impl Writer {
         for reply in b.inbox_replies {
             let _ = reply.send(Ok(()));
         }
+        for (reply, v) in b.high_replies {
+            let _ = reply.send(Ok(v));
+        }
         // One log line per reason and batch (a flood of overflow drops
         // must not flood the log); one event per message.
         for reason in DropReason::ALL {
@@ -968,16 +991,13 @@ impl Writer {
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
                 Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
                 Request::InboxRecord { reply, .. } => b.inbox_replies.push(reply),
+                Request::InboxBounds { reply, .. } => b.high_replies.push((reply, Vec::new())),
                 Request::Close => b.close = true,
                 r @ (Request::Read { .. }
                 | Request::Query { .. }
                 | Request::Bound { .. }
                 | Request::InboxSeen { .. }) => b.reads.push(r),
-                Request::Remove { .. }
-                | Request::Ack { .. }
-                | Request::Broker(_)
-                | Request::InboxBounds { .. }
-                | Request::Counter { .. } => {}
+                Request::Remove { .. } | Request::Ack { .. } | Request::Broker(_) | Request::Counter { .. } => {}
             }
         }
         let close = b.close;
@@ -1000,6 +1020,9 @@ impl Writer {
             let _ = reply.send(Err(again(&e)));
         }
         for reply in b.inbox_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.high_replies {
             let _ = reply.send(Err(again(&e)));
         }
         self.serve_reads(b.reads);

@@ -47,7 +47,6 @@ CREATE TABLE IF NOT EXISTS inbox (
     handled_ms INTEGER NOT NULL,
     PRIMARY KEY (producer, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS inbox_age ON inbox(handled_ms);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS brokers (
     url TEXT PRIMARY KEY,
@@ -806,6 +805,12 @@ impl Store for SqliteStore {
             out.push(stmt.exists(params![p, s])?);
         }
         Ok(out)
+    }
+
+    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT producer, max(seq) FROM inbox GROUP BY producer")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {

@@ -5,6 +5,7 @@
 
 mod bounds;
 mod compat;
+mod inbox;
 mod quorum;
 mod recovery;
 

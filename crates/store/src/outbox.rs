@@ -185,7 +185,7 @@ enum Request {
     InboxBounds {
         max_age_ms: u64,
         max_count: u64,
-        reply: oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>,
+        reply: HighReply,
     },
     Counter {
         name: &'static str,
@@ -477,6 +477,7 @@ struct Writer {
     inbox_len: u64,
 }
 
+type HighReply = oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>;
 type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 type SlotReply = oneshot::Sender<Result<Configured, StoreError>>;
 /// The broker slots, and the queued messages per route.
@@ -493,7 +494,7 @@ struct Batch {
     meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     slot_replies: Vec<(SlotReply, Configured)>,
     inbox_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
-    high_replies: Vec<(oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>, Vec<(String, u64)>)>,
+    high_replies: Vec<(HighReply, Vec<(String, u64)>)>,
     reads: Vec<Request>,
     drops: Vec<Dropped>,
     close: bool,

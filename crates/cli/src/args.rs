@@ -31,11 +31,36 @@ pub enum Command {
     Status(StatusArgs),
 }
 
+/// How to reach the brokers: shared by `pub` and `sub`.
 #[derive(Debug, Args)]
-pub struct PubArgs {
-    /// Broker URL, mqtt://host:port (repeatable: the broker set, in priority order).
+pub struct ConnArgs {
+    /// Broker URL, mqtt://host:port (repeatable: pub uses them in priority order, sub subscribes on each).
     #[arg(short = 'b', long = "broker", value_name = "URL")]
     pub brokers: Vec<String>,
+    /// Broker host (mosquitto style; use with -p).
+    #[arg(short = 'h', long = "host")]
+    pub host: Option<String>,
+    /// Broker port (mosquitto style).
+    #[arg(short = 'p', long = "port")]
+    pub port: Option<u16>,
+    /// MQTT version: 311 or 5 (also mqttv311, mqttv5).
+    #[arg(short = 'V', long = "protocol-version", default_value = "5")]
+    pub version: String,
+    /// User name.
+    #[arg(short = 'u', long = "username")]
+    pub username: Option<String>,
+    /// Password.
+    #[arg(short = 'P', long = "pw")]
+    pub password: Option<String>,
+    /// Keep-alive in seconds.
+    #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
+    pub keepalive: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PubArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// How several brokers are used: failover, fanout or balance.
     #[arg(long, value_name = "MODE", default_value = "failover")]
     pub mode: String,
@@ -60,12 +85,6 @@ pub struct PubArgs {
     /// MQTT 3.1.1: carry the message identity in a payload envelope (receivers must unwrap it).
     #[arg(long)]
     pub envelope: bool,
-    /// Broker host (mosquitto_pub style; use with -p).
-    #[arg(short = 'h', long = "host")]
-    pub host: Option<String>,
-    /// Broker port (mosquitto_pub style).
-    #[arg(short = 'p', long = "port")]
-    pub port: Option<u16>,
     /// Topic to publish to.
     #[arg(short = 't', long = "topic")]
     pub topic: Option<String>,
@@ -96,18 +115,6 @@ pub struct PubArgs {
     /// Client id: the MQTT session and the default outbox name. Keep it stable.
     #[arg(short = 'i', long = "id")]
     pub id: Option<String>,
-    /// MQTT version: 311 or 5 (also mqttv311, mqttv5).
-    #[arg(short = 'V', long = "protocol-version", default_value = "5")]
-    pub version: String,
-    /// User name.
-    #[arg(short = 'u', long = "username")]
-    pub username: Option<String>,
-    /// Password.
-    #[arg(short = 'P', long = "pw")]
-    pub password: Option<String>,
-    /// Keep-alive in seconds.
-    #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
-    pub keepalive: u64,
     /// Outbox directory (default: `$XDG_STATE_HOME/steadfast/outbox/CLIENT_ID`).
     #[arg(long)]
     pub outbox: Option<PathBuf>,
@@ -142,15 +149,8 @@ pub struct PubArgs {
 
 #[derive(Debug, Args)]
 pub struct SubArgs {
-    /// Broker URL, mqtt://host:port (repeatable: subscribe on every broker, merged and de-duplicated).
-    #[arg(short = 'b', long = "broker", value_name = "URL")]
-    pub brokers: Vec<String>,
-    /// Broker host (mosquitto_sub style; use with -p).
-    #[arg(short = 'h', long = "host")]
-    pub host: Option<String>,
-    /// Broker port (mosquitto_sub style).
-    #[arg(short = 'p', long = "port")]
-    pub port: Option<u16>,
+    #[command(flatten)]
+    pub conn: ConnArgs,
     /// Topic filter to subscribe to (repeatable).
     #[arg(short = 't', long = "topic")]
     pub topics: Vec<String>,
@@ -199,21 +199,9 @@ pub struct SubArgs {
     /// A gap in a producer's sequence not filled within this long is reported as a suspected loss.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub gap_timeout: String,
-    /// MQTT version: 311 or 5.
-    #[arg(short = 'V', long = "protocol-version", default_value = "5")]
-    pub version: String,
     /// MQTT 3.1.1: unwrap the steadfast identity envelope (see `pub --envelope`).
     #[arg(long)]
     pub envelope: bool,
-    /// User name.
-    #[arg(short = 'u', long = "username")]
-    pub username: Option<String>,
-    /// Password.
-    #[arg(short = 'P', long = "pw")]
-    pub password: Option<String>,
-    /// Keep-alive in seconds.
-    #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
-    pub keepalive: u64,
     /// Most unacknowledged messages in flight per broker (MQTT 5 receive maximum).
     #[arg(long, default_value_t = 256)]
     pub max_inflight: u16,

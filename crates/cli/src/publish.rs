@@ -17,10 +17,7 @@ use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
 use crate::routes;
-use crate::util::{
-    broker_urls, default_client_id, default_outbox, parse_duration, parse_keepalive, parse_qos, parse_size,
-    parse_version,
-};
+use crate::util::{default_client_id, default_outbox, parse_duration, parse_qos, parse_size, parse_version};
 use crate::Failure;
 
 /// Where the messages come from.
@@ -53,7 +50,7 @@ fn usage(msg: impl Into<String>) -> Failure {
 
 impl Options {
     fn from_args(a: PubArgs) -> Result<Options, Failure> {
-        let urls = broker_urls(&a.brokers, a.host.as_deref(), a.port).map_err(usage)?;
+        let urls = a.conn.urls().map_err(usage)?;
         let routes = match &a.config {
             Some(path) => routes::load(path).map_err(usage)?,
             None => Vec::new(),
@@ -106,7 +103,7 @@ impl Options {
             (None, _) => return Err(usage("no topic given; use -t TOPIC")),
         };
         let qos = parse_qos(a.qos).map_err(usage)?;
-        let version = parse_version(&a.version).map_err(usage)?;
+        let version = parse_version(&a.conn.version).map_err(usage)?;
         let overflow = match a.overflow.as_str() {
             "block" => Overflow::Block,
             "reject" => Overflow::Reject,
@@ -128,7 +125,6 @@ impl Options {
             max: parse_duration(max).map_err(usage)?,
             ..BackoffConfig::default()
         };
-        let keep_alive = parse_keepalive(a.keepalive).map_err(usage)?;
         let id = a.id.clone().unwrap_or_else(default_client_id);
         let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
         let first = default_set.brokers()[0].clone();
@@ -136,17 +132,11 @@ impl Options {
             .brokers(default_set)
             .ack_timeout(ack_timeout)
             .envelope(a.envelope)
-            .version(version)
-            .keep_alive(keep_alive)
             .clean_start(a.clean)
             .session_expiry(session_expiry)
             .backoff(backoff)
             .outbox(OutboxConfig { max_messages: a.max_queue, max_bytes, overflow });
-        if let Some(u) = &a.username {
-            config = config.credentials(u.clone(), a.password.clone().map(String::into_bytes));
-        } else if a.password.is_some() {
-            return Err(usage("-P needs -u"));
-        }
+        config = a.conn.apply(config).map_err(usage)?;
         for (name, set) in routes {
             config = config.route(name, set);
         }

@@ -9,9 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::SubArgs;
-use crate::util::{
-    broker_urls, default_client_id_for, default_inbox, parse_duration, parse_keepalive, parse_qos, parse_version,
-};
+use crate::util::{default_client_id_for, default_inbox, parse_duration, parse_qos, parse_version};
 use crate::Failure;
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -64,7 +62,7 @@ fn create_private_dir(dir: &Path) -> Result<(), Failure> {
 }
 
 fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
-    let urls = broker_urls(&a.brokers, a.host.as_deref(), a.port).map_err(usage)?;
+    let urls = a.conn.urls().map_err(usage)?;
     if urls.is_empty() {
         return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
     }
@@ -73,7 +71,7 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         return Err(usage("no topic given; use -t FILTER (repeatable)"));
     }
     let qos = parse_qos(a.qos).map_err(usage)?;
-    let version = parse_version(&a.version).map_err(usage)?;
+    let version = parse_version(&a.conn.version).map_err(usage)?;
     if a.envelope && version != ProtocolVersion::V311 {
         return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
     }
@@ -94,23 +92,16 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     let (id, dir) = client_id(a)?;
     let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
     let gap_timeout = parse_duration(&a.gap_timeout).map_err(usage)?;
-    let keep_alive = parse_keepalive(a.keepalive).map_err(usage)?;
     if a.max_inflight == 0 {
         return Err(usage("--max-inflight 0 would receive nothing; use 1 or more"));
     }
     let mut client = ClientConfig::new(id, urls[0].clone(), dir)
         .brokers(BrokerSet::new(urls))
-        .version(version)
         .envelope(a.envelope)
-        .keep_alive(keep_alive)
         .clean_start(a.clean)
         .session_expiry(session_expiry)
         .max_inflight(a.max_inflight);
-    if let Some(u) = &a.username {
-        client = client.credentials(u.clone(), a.password.clone().map(String::into_bytes));
-    } else if a.password.is_some() {
-        return Err(usage("-P needs -u"));
-    }
+    client = a.conn.apply(client).map_err(usage)?;
     let mut cfg = ConsumerConfig::new(client).inbox(!a.no_dedup).gap_timeout(gap_timeout);
     for t in &a.topics {
         cfg = cfg.topic(t.clone(), qos);

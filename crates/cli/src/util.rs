@@ -23,8 +23,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
-/// The broker URLs of `-b` flags and of mosquitto-style `-h`/`-p`.
-pub fn broker_urls(brokers: &[String], host: Option<&str>, port: Option<u16>) -> Result<Vec<String>, String> {
+impl crate::args::ConnArgs {
+    /// The broker URLs of `-b` flags and of mosquitto-style `-h`/`-p`.
+    pub fn urls(&self) -> Result<Vec<String>, String> {
+        broker_urls(&self.brokers, self.host.as_deref(), self.port)
+    }
+
+    /// `client` with the version, keep-alive and credentials of the flags.
+    pub fn apply(&self, client: steadfast::ClientConfig) -> Result<steadfast::ClientConfig, String> {
+        let client = client.version(parse_version(&self.version)?).keep_alive(parse_keepalive(self.keepalive)?);
+        match (&self.username, &self.password) {
+            (Some(u), p) => Ok(client.credentials(u.clone(), p.clone().map(String::into_bytes))),
+            (None, Some(_)) => Err("-P needs -u".into()),
+            (None, None) => Ok(client),
+        }
+    }
+}
+
+fn broker_urls(brokers: &[String], host: Option<&str>, port: Option<u16>) -> Result<Vec<String>, String> {
     let mut urls = brokers.to_vec();
     if host.is_some_and(|h| h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err()) {
         return Err("-h takes a host name or address only; give the port with -p".into());

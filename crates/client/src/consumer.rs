@@ -842,10 +842,7 @@ impl Receiver {
                     | Incoming::Other => {}
                 }
             }
-            while order.front().is_some_and(|(_, _, done)| *done) {
-                let (pid, qos, _) = order.pop_front().expect("front exists");
-                link.ack_publish(pid, qos)?;
-            }
+            ack_prefix(&mut order, &mut link)?;
             if !link.out.is_empty() {
                 wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
                 link.out.clear();
@@ -870,10 +867,7 @@ impl Receiver {
                         }
                     }
                     Some(DriverCmd::Flush(tx)) => {
-                        while order.front().is_some_and(|(_, _, done)| *done) {
-                            let (pid, qos, _) = order.pop_front().expect("front exists");
-                            link.ack_publish(pid, qos)?;
-                        }
+                        ack_prefix(&mut order, &mut link)?;
                         wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
                         link.out.clear();
                         let _ = tx.send(());
@@ -897,4 +891,14 @@ impl Receiver {
             }
         }
     }
+}
+
+/// Queues the acks of the acknowledged messages at the front of the
+/// arrival order: MQTT wants them in the order the PUBLISHes came.
+fn ack_prefix(order: &mut VecDeque<(u16, Qos, bool)>, link: &mut crate::link::Link) -> Result<(), ConnectError> {
+    while order.front().is_some_and(|(_, _, done)| *done) {
+        let (pid, qos, _) = order.pop_front().expect("front exists");
+        link.ack_publish(pid, qos)?;
+    }
+    Ok(())
 }

@@ -314,46 +314,18 @@ impl Link {
             2 if v5 => connack_v5(parse(raw, "CONNACK", v5_0::Connack::parse)?),
             2 => connack_v311(parse(raw, "CONNACK", v3_1_1::Connack::parse)?),
             3 if v5 => {
-                let data = match &raw.data {
-                    mqtt::connection::PacketData::Publish(arc) => arc.clone(),
-                    mqtt::connection::PacketData::Normal(v) => v.as_slice().into(),
-                };
-                let (p, used) = v5_0::Publish::parse(raw.flags(), data).map_err(|e| malformed("PUBLISH", e))?;
-                if used != raw.remaining_length() as usize {
-                    return Err(malformed("PUBLISH", MqttError::MalformedPacket));
-                }
+                let p = parse_publish(raw, v5_0::Publish::parse)?;
                 let identity = p.props.iter().find_map(|prop| match prop {
                     Property::UserProperty(u) if u.key() == Identity::USER_PROPERTY => Some(u.val().to_owned()),
                     _ => None,
                 });
-                Incoming::Publish(Inbound {
-                    topic: p.topic_name().to_owned(),
-                    payload: p.payload().as_slice().to_vec(),
-                    qos: qos_from_mqtt(p.qos()),
-                    pid: p.packet_id(),
-                    retain: p.retain(),
-                    dup: p.dup(),
-                    identity,
-                })
+                let (topic, payload) = (p.topic_name(), p.payload().as_slice());
+                Incoming::Publish(inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), identity))
             }
             3 => {
-                let data = match &raw.data {
-                    mqtt::connection::PacketData::Publish(arc) => arc.clone(),
-                    mqtt::connection::PacketData::Normal(v) => v.as_slice().into(),
-                };
-                let (p, used) = v3_1_1::Publish::parse(raw.flags(), data).map_err(|e| malformed("PUBLISH", e))?;
-                if used != raw.remaining_length() as usize {
-                    return Err(malformed("PUBLISH", MqttError::MalformedPacket));
-                }
-                Incoming::Publish(Inbound {
-                    topic: p.topic_name().to_owned(),
-                    payload: p.payload().as_slice().to_vec(),
-                    qos: qos_from_mqtt(p.qos()),
-                    pid: p.packet_id(),
-                    retain: p.retain(),
-                    dup: p.dup(),
-                    identity: None,
-                })
+                let p = parse_publish(raw, v3_1_1::Publish::parse)?;
+                let (topic, payload) = (p.topic_name(), p.payload().as_slice());
+                Incoming::Publish(inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), None))
             }
             6 if v5 => Incoming::PubRel { pid: parse(raw, "PUBREL", v5_0::Pubrel::parse)?.packet_id() },
             6 => Incoming::PubRel { pid: parse(raw, "PUBREL", v3_1_1::Pubrel::parse)?.packet_id() },
@@ -394,6 +366,35 @@ impl Link {
             }
         })
     }
+}
+
+/// Parses a PUBLISH body (kept as shared bytes by the framer), which must
+/// be consumed exactly.
+fn parse_publish<T>(
+    raw: &RawPacket,
+    f: impl FnOnce(u8, std::sync::Arc<[u8]>) -> Result<(T, usize), MqttError>,
+) -> Result<T, ConnectError> {
+    let data = match &raw.data {
+        mqtt::connection::PacketData::Publish(arc) => arc.clone(),
+        mqtt::connection::PacketData::Normal(v) => v.as_slice().into(),
+    };
+    let (p, used) = f(raw.flags(), data).map_err(|e| malformed("PUBLISH", e))?;
+    if used != raw.remaining_length() as usize {
+        return Err(malformed("PUBLISH", MqttError::MalformedPacket));
+    }
+    Ok(p)
+}
+
+fn inbound(
+    topic: &str,
+    payload: &[u8],
+    qos: mqtt::packet::Qos,
+    pid: Option<u16>,
+    retain: bool,
+    dup: bool,
+    identity: Option<String>,
+) -> Inbound {
+    Inbound { topic: topic.to_owned(), payload: payload.to_vec(), qos: qos_from_mqtt(qos), pid, retain, dup, identity }
 }
 
 /// Parses a packet body that must be consumed exactly.

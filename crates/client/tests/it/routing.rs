@@ -262,8 +262,8 @@ async fn three_brokers_failing_in_turns_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = set(&urls).failback_after(Duration::from_secs(1));
     let c = open(routed("turns-pub", s, dir.path()).seed(7)).await;
-    // A seeded schedule: each round stops or kills one broker, restarts
-    // the one stopped before; at least one broker is up at any time.
+    // A seeded schedule: each round stops one broker, restarts the one
+    // stopped before; at least one broker is up at any time.
     // STEADFAST_SOAK_ROUNDS and STEADFAST_SEED make a longer or another run.
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let (rounds, seed) = (env("STEADFAST_SOAK_ROUNDS", 12) as usize, env("STEADFAST_SEED", 0x5eed));
@@ -276,12 +276,13 @@ async fn three_brokers_failing_in_turns_lose_nothing() {
         if let Some(d) = down.take() {
             brokers[d].restart().await;
         }
+        // Stops (SIGTERM: the broker saves its sessions and what it
+        // acknowledged). A `kill -9` would also take the subscribers'
+        // sessions and what the broker acknowledged but had not delivered:
+        // the gap docs/guarantees.md describes, which no client can close;
+        // the failover tests cover kill -9 with live subscribers.
         let victim = rng.usize(0..3);
-        if rng.bool() {
-            brokers[victim].kill9();
-        } else {
-            brokers[victim].terminate();
-        }
+        brokers[victim].terminate();
         down = Some(victim);
     }
     if let Some(d) = down {

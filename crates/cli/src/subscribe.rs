@@ -126,24 +126,24 @@ fn check_format(f: &str) -> Result<(), String> {
 
 fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
     match f {
-        Format::Payload => out.extend_from_slice(&d.payload),
+        Format::Payload => out.extend_from_slice(d.payload()),
         Format::Verbose => {
-            out.extend_from_slice(d.topic.as_bytes());
+            out.extend_from_slice(d.topic().as_bytes());
             out.push(b' ');
-            out.extend_from_slice(&d.payload);
+            out.extend_from_slice(d.payload());
         }
         Format::Json => {
             let mut j = serde_json::json!({
-                "topic": d.topic,
-                "qos": d.qos as u8,
-                "retain": d.retain,
-                "producer": d.identity.as_ref().map(|i| i.producer.clone()),
-                "seq": d.identity.as_ref().map(|i| i.seq),
-                "broker": d.broker,
+                "topic": d.topic(),
+                "qos": d.qos() as u8,
+                "retain": d.retain(),
+                "producer": d.identity().map(|i| i.producer.clone()),
+                "seq": d.identity().map(|i| i.seq),
+                "broker": d.broker(),
             });
-            match std::str::from_utf8(&d.payload) {
+            match std::str::from_utf8(d.payload()) {
                 Ok(s) => j["payload"] = s.into(),
-                Err(_) => j["payload_hex"] = hex(&d.payload).into(),
+                Err(_) => j["payload_hex"] = hex(d.payload()).into(),
             }
             out.extend_from_slice(j.to_string().as_bytes());
         }
@@ -152,16 +152,16 @@ fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
             while let Some(c) = chars.next() {
                 match (c, c == '%' || c == '\\') {
                     ('%', true) => match chars.next() {
-                        Some('t') => out.extend_from_slice(d.topic.as_bytes()),
-                        Some('p') => out.extend_from_slice(&d.payload),
-                        Some('q') => out.extend_from_slice((d.qos as u8).to_string().as_bytes()),
-                        Some('r') => out.push(if d.retain { b'1' } else { b'0' }),
-                        Some('l') => out.extend_from_slice(d.payload.len().to_string().as_bytes()),
-                        Some('x') => out.extend_from_slice(hex(&d.payload).as_bytes()),
-                        Some('I') => out.extend_from_slice(
-                            d.identity.as_ref().map(|i| i.to_string()).unwrap_or_default().as_bytes(),
-                        ),
-                        Some('b') => out.extend_from_slice(d.broker.as_bytes()),
+                        Some('t') => out.extend_from_slice(d.topic().as_bytes()),
+                        Some('p') => out.extend_from_slice(d.payload()),
+                        Some('q') => out.extend_from_slice((d.qos() as u8).to_string().as_bytes()),
+                        Some('r') => out.push(if d.retain() { b'1' } else { b'0' }),
+                        Some('l') => out.extend_from_slice(d.payload().len().to_string().as_bytes()),
+                        Some('x') => out.extend_from_slice(hex(d.payload()).as_bytes()),
+                        Some('I') => {
+                            out.extend_from_slice(d.identity().map(|i| i.to_string()).unwrap_or_default().as_bytes())
+                        }
+                        Some('b') => out.extend_from_slice(d.broker().as_bytes()),
                         _ => out.push(b'%'),
                     },
                     ('\\', true) => match chars.next() {
@@ -192,11 +192,11 @@ fn hex(b: &[u8]) -> String {
 async fn exec(cmd: &str, d: &Received) -> bool {
     let mut c = tokio::process::Command::new("sh");
     c.arg("-c").arg(cmd).stdin(std::process::Stdio::piped());
-    c.env("STEADFAST_TOPIC", &d.topic)
-        .env("STEADFAST_QOS", (d.qos as u8).to_string())
-        .env("STEADFAST_RETAIN", if d.retain { "1" } else { "0" })
-        .env("STEADFAST_BROKER", &d.broker);
-    if let Some(i) = &d.identity {
+    c.env("STEADFAST_TOPIC", d.topic())
+        .env("STEADFAST_QOS", (d.qos() as u8).to_string())
+        .env("STEADFAST_RETAIN", if d.retain() { "1" } else { "0" })
+        .env("STEADFAST_BROKER", d.broker());
+    if let Some(i) = &d.identity() {
         c.env("STEADFAST_PRODUCER", &i.producer).env("STEADFAST_SEQ", i.seq.to_string());
     }
     let mut child = match c.spawn() {
@@ -208,12 +208,12 @@ async fn exec(cmd: &str, d: &Received) -> bool {
     };
     if let Some(mut stdin) = child.stdin.take() {
         // A command that does not read its input is fine.
-        let _ = stdin.write_all(&d.payload).await;
+        let _ = stdin.write_all(d.payload()).await;
     }
     match child.wait().await {
         Ok(s) if s.success() => true,
         Ok(s) => {
-            tracing::warn!(topic = %d.topic, status = %s, "--exec command failed; the message will come again");
+            tracing::warn!(topic = %d.topic(), status = %s, "--exec command failed; the message will come again");
             false
         }
         Err(e) => {
@@ -281,10 +281,17 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
                 let mut pause = Duration::from_millis(500);
                 let mut stopped = false;
                 while !exec(cmd, &first).await {
+                    let until_deadline = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    };
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = interrupt.recv() => stopped = true,
                         _ = terminate.recv() => stopped = true,
+                        _ = until_deadline => stopped = true,
                     }
                     if stopped {
                         break;
@@ -293,7 +300,13 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
                 }
                 if stopped {
                     first.retry();
-                    break Ok(());
+                    let ran_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                    break match a.count {
+                        Some(c) if ran_out => {
+                            Err(Failure::timed_out(anyhow!("-W: {handled} of {c} messages handled in time")))
+                        }
+                        _ => Ok(()),
+                    };
                 }
                 first.ack();
                 handled += 1;

@@ -26,6 +26,10 @@ use crate::error::{ConfigError, ConnectError, OpenError};
 use crate::link::{open_session, Inbound, Incoming, Opened};
 use crate::Event;
 
+/// Deliveries the dispatcher queues for the application before it stops
+/// reading from the brokers (back-pressure).
+const READY_MAX: usize = 256;
+
 /// Counter names in the store (persistent across restarts).
 const HANDLED: &str = "consumer.handled";
 const DUPLICATES: &str = "consumer.duplicates";
@@ -115,20 +119,13 @@ impl ConsumerConfig {
 /// [`Received::retry`]) makes it come again.
 #[derive(Debug)]
 pub struct Received {
-    /// Topic.
-    pub topic: String,
-    /// Payload (without the envelope, if it had one).
-    pub payload: Vec<u8>,
-    /// QoS as delivered.
-    pub qos: Qos,
-    /// Retain flag.
-    pub retain: bool,
-    /// The producer's identity, when the message carries one.
-    pub identity: Option<Identity>,
-    /// The broker it came from.
-    pub broker: String,
-    /// Handed over before (the application dropped or refused it).
-    pub redelivered: bool,
+    topic: String,
+    payload: Vec<u8>,
+    qos: Qos,
+    retain: bool,
+    identity: Option<Identity>,
+    broker: String,
+    redelivered: bool,
     token: Option<Token>,
     cmds: mpsc::UnboundedSender<Cmd>,
 }
@@ -139,10 +136,39 @@ struct Token {
     broker: usize,
     epoch: u64,
     pid: Option<u16>,
-    qos: Qos,
 }
 
 impl Received {
+    /// Topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// Payload (without the envelope, if it had one).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    /// QoS as delivered.
+    pub fn qos(&self) -> Qos {
+        self.qos
+    }
+    /// Retain flag.
+    pub fn retain(&self) -> bool {
+        self.retain
+    }
+    /// The producer's identity, when the message carries one.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+    /// The broker it came from.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+    /// Handed over before (the application dropped or refused it, or the
+    /// broker sent it again).
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+
     /// Handled: the identity is recorded in the inbox, then the broker gets
     /// its PUBACK (QoS 1) or PUBREC (QoS 2). Returns at once; the
     /// acknowledgements of many deliveries share one disk sync.
@@ -205,6 +231,8 @@ enum Cmd {
     },
     Retry(Pending),
     Recorded(Vec<(Identity, Token)>, bool),
+    /// A failed record, tried again.
+    RecordAgain(Vec<(Identity, Token)>),
     /// Close: finish the acknowledgements under way, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -288,6 +316,7 @@ impl Consumer {
             let (tx, rx) = mpsc::unbounded_channel();
             to_drivers.push(tx);
             let d = Receiver {
+                outbox: outbox.clone(),
                 cfg: cfg.clone(),
                 url: url.clone(),
                 index: i,
@@ -313,6 +342,7 @@ impl Consumer {
             handled: handled.clone(),
             recording: 0,
             flush: None,
+            ready: VecDeque::new(),
             high: high.into_iter().collect(),
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
@@ -422,8 +452,8 @@ impl Consumer {
 }
 
 fn check_granted(url: &BrokerUrl, topics: &[(String, Qos)], granted: &[Option<u8>]) -> Result<(), ConnectError> {
-    for ((filter, _), g) in topics.iter().zip(granted) {
-        if g.is_none() {
+    for (i, (filter, _)) in topics.iter().enumerate() {
+        if granted.get(i).copied().flatten().is_none() {
             return Err(ConnectError::Protocol(format!(
                 "{url} refused the subscription to `{filter}` (not authorised, or an invalid filter for this broker)"
             )));
@@ -457,6 +487,8 @@ struct Dispatcher {
     recording: usize,
     /// Close is waiting for them.
     flush: Option<oneshot::Sender<()>>,
+    /// Deliveries waiting for the application to take them.
+    ready: VecDeque<Received>,
     /// Per producer, a sequence number at or above every one the inbox
     /// holds or that was handed over: anything above it is new without
     /// asking the store (the common case).
@@ -471,9 +503,12 @@ impl Dispatcher {
         mut stop: watch::Receiver<bool>,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let app = self.app.clone();
         loop {
+            // Commands (acks, close) are served whatever the application
+            // does; brokers are read only while few deliveries wait for it.
             tokio::select! {
-                first = inbound.recv() => {
+                first = inbound.recv(), if self.ready.len() < READY_MAX => {
                     let Some(first) = first else { return };
                     let mut batch = vec![first];
                     while batch.len() < 512 {
@@ -482,9 +517,11 @@ impl Dispatcher {
                             Err(_) => break,
                         }
                     }
-                    if self.take(batch).await.is_err() {
-                        return;
-                    }
+                    self.take(batch).await;
+                }
+                permit = app.reserve(), if !self.ready.is_empty() => {
+                    let Ok(permit) = permit else { return };
+                    permit.send(self.ready.pop_front().expect("not empty"));
                 }
                 cmd = cmd_rx.recv() => {
                     let Some(cmd) = cmd else { return };
@@ -507,11 +544,11 @@ impl Dispatcher {
     }
 
     /// Messages from the brokers: drop what was handled, hold second copies
-    /// of what is being handled, hand the rest to the application.
-    async fn take(&mut self, batch: Vec<FromBroker>) -> Result<(), ()> {
+    /// of what is being handled, queue the rest for the application.
+    async fn take(&mut self, batch: Vec<FromBroker>) {
         let mut items = Vec::with_capacity(batch.len());
         for FromBroker { broker, epoch, mut msg } in batch {
-            let token = Token { broker, epoch, pid: msg.pid, qos: msg.qos };
+            let token = Token { broker, epoch, pid: msg.pid };
             let mut identity = msg.identity.as_deref().and_then(Identity::parse_property_value);
             if identity.is_none() && self.cfg.client.envelope {
                 if let Some((id, payload)) = Identity::unwrap(&msg.payload) {
@@ -552,7 +589,7 @@ impl Dispatcher {
         let mut duplicates = 0;
         for (p, fresh) in items.into_iter().zip(fresh) {
             let Some(id) = p.identity.clone() else {
-                self.hand_over(p, false).await?;
+                self.hand_over(p, false);
                 continue;
             };
             let known = !fresh && seen.next().unwrap_or(false);
@@ -570,14 +607,16 @@ impl Dispatcher {
             let h = self.high.entry(id.producer.clone()).or_default();
             *h = (*h).max(id.seq);
             self.note_sequence(&id);
-            self.hand_over(p, false).await?;
+            self.hand_over(p, false);
         }
         self.outbox.count(DUPLICATES, duplicates);
-        Ok(())
     }
 
-    async fn hand_over(&mut self, p: Pending, redelivered: bool) -> Result<(), ()> {
-        let token = (p.token.qos != Qos::AtMostOnce).then_some(p.token);
+    /// Queues a delivery for the application. Every delivery has a token:
+    /// a QoS 0 one has no packet id to acknowledge, but its identity is
+    /// still recorded when it is handled.
+    fn hand_over(&mut self, p: Pending, redelivered: bool) {
+        let token = Some(p.token);
         let d = Received {
             topic: p.msg.topic,
             payload: p.msg.payload,
@@ -589,16 +628,7 @@ impl Dispatcher {
             token,
             cmds: self.cmds.clone(),
         };
-        let qos0 = token.is_none();
-        let id = d.identity.clone();
-        self.app.send(d).await.map_err(|_| ())?;
-        if qos0 {
-            // Nothing to acknowledge: handed over is all QoS 0 gets.
-            if let Some(id) = id {
-                self.handling.remove(&id);
-            }
-        }
-        Ok(())
+        self.ready.push_back(d);
     }
 
     fn on_cmds(&mut self, cmds: Vec<Cmd>) {
@@ -633,17 +663,30 @@ impl Dispatcher {
                     });
                 }
                 Cmd::Flush(tx) => self.flush = Some(tx),
-                Cmd::Recorded(done, ok) => {
+                Cmd::Recorded(done, true) => {
                     self.recording -= 1;
                     for (id, token) in done {
                         let copies = self.handling.remove(&id).unwrap_or_default();
-                        if ok {
-                            self.ack_broker(token);
-                            for c in copies {
-                                self.ack_broker(c);
-                            }
+                        self.ack_broker(token);
+                        for c in copies {
+                            self.ack_broker(c);
                         }
                     }
+                }
+                Cmd::Recorded(done, false) => {
+                    // Not acknowledged until recorded: tried again (the
+                    // deliveries stay in flight meanwhile).
+                    self.recording -= 1;
+                    self.recording += 1;
+                    let back = self.cmds.clone();
+                    tokio::spawn(async move {
+                        sleep(Duration::from_secs(1)).await;
+                        let _ = back.send(Cmd::RecordAgain(done));
+                    });
+                }
+                Cmd::RecordAgain(done) => {
+                    self.recording -= 1;
+                    self.record(done);
                 }
             }
         }
@@ -683,7 +726,7 @@ impl Dispatcher {
             let ok = match outbox.inbox_record(ids).await {
                 Ok(()) => true,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot record handled messages in the inbox; they are not acknowledged and will come again");
+                    tracing::error!(error = %e, "cannot record handled messages in the inbox; not acknowledged yet, trying again");
                     false
                 }
             };
@@ -740,6 +783,7 @@ impl Dispatcher {
 
 /// One broker's session: receives, and acknowledges in order.
 struct Receiver {
+    outbox: Outbox,
     cfg: Arc<ConsumerConfig>,
     url: BrokerUrl,
     index: usize,
@@ -795,8 +839,13 @@ impl Receiver {
         let Opened { mut rd, mut wr, mut link, ack, after, mut buf } = open_session(cfg, &self.url, clean).await?;
         *connected_at = Some(Instant::now());
         let broker = self.url.to_string();
-        // A kept session keeps its subscriptions; a new one gets them now.
-        if !ack.session_present {
+        // A kept session keeps its subscriptions; a new one gets them now,
+        // and so does a kept one whose filters are not the ones configured
+        // (recorded per broker once the broker granted them).
+        let key = format!("subscribed {broker}");
+        let want: String = self.cfg.topics.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
+        let have = self.outbox.meta_or_init(&key, "").await.map_err(|e| ConnectError::Io(format!("inbox: {e}")))?;
+        if !ack.session_present || have != want {
             link.subscribe(1, &self.cfg.topics)?;
         }
         tracing::info!(%broker, session_present = ack.session_present, "consumer connected");
@@ -809,6 +858,14 @@ impl Receiver {
         let mut order: VecDeque<(u16, Qos, bool)> = VecDeque::new();
         let mut keepalive = KeepAlive::new(cfg.keep_alive, Instant::now().into_std());
         let mut pending_in = after;
+        // Received, waiting for room towards the dispatcher: while any
+        // wait, the socket is not read (back-pressure), but acks, pings and
+        // stop are still served.
+        let mut to_forward: VecDeque<FromBroker> = VecDeque::new();
+        // A consumer may have nothing to send for a long time (QoS 0): it
+        // pings when it has written nothing for half the keep-alive, or the
+        // broker would take it for dead.
+        let mut written_at = Instant::now();
         // Stale acks of an earlier connection are ignored.
         while self.acks.try_recv().is_ok() {}
         loop {
@@ -818,10 +875,7 @@ impl Receiver {
                         if let Some(pid) = msg.pid {
                             order.push_back((pid, msg.qos, false));
                         }
-                        // Back-pressure: a slow application stops the reads.
-                        if self.out.send(FromBroker { broker: self.index, epoch, msg }).await.is_err() {
-                            return Ok(());
-                        }
+                        to_forward.push_back(FromBroker { broker: self.index, epoch, msg });
                     }
                     Incoming::PubRel { pid } => link.pubcomp(pid)?,
                     Incoming::SubAck { granted } => {
@@ -829,6 +883,7 @@ impl Receiver {
                             tracing::error!(%broker, error = %e, "subscription refused");
                             return Err(e);
                         }
+                        self.outbox.set_meta(&key, &want);
                     }
                     Incoming::Disconnect { reason } => {
                         return Err(ConnectError::Closed(format!(" with DISCONNECT ({reason})")))
@@ -846,10 +901,17 @@ impl Receiver {
             if !link.out.is_empty() {
                 wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
                 link.out.clear();
+                written_at = Instant::now();
             }
             let keepalive_at = Instant::from_std(keepalive.poll_timeout());
+            let ping_at = written_at + cfg.keep_alive / 2;
+            let out = self.out.clone();
             tokio::select! {
-                r = rd.read(&mut buf) => {
+                permit = out.reserve(), if !to_forward.is_empty() => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    permit.send(to_forward.pop_front().expect("not empty"));
+                }
+                r = rd.read(&mut buf), if to_forward.is_empty() => {
                     let n = r.map_err(|e| ConnectError::Io(e.to_string()))?;
                     if n == 0 {
                         return Err(ConnectError::Closed(String::new()));
@@ -873,7 +935,16 @@ impl Receiver {
                         let _ = tx.send(());
                     }
                 },
+                _ = sleep_until(ping_at) => {
+                    link.ping()?;
+                }
                 _ = sleep_until(keepalive_at) => {
+                    if !to_forward.is_empty() {
+                        // Not reading (the application is slow): silence
+                        // says nothing about the link.
+                        keepalive.on_receive(Instant::now().into_std());
+                        continue;
+                    }
                     match keepalive.poll(Instant::now().into_std()) {
                         Some(KeepAliveAction::SendPing) => link.ping()?,
                         Some(KeepAliveAction::Dead) => return Err(ConnectError::DeadLink(cfg.keep_alive)),

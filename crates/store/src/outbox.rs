@@ -191,6 +191,10 @@ enum Request {
         name: &'static str,
         n: u64,
     },
+    SetMeta {
+        key: String,
+        value: String,
+    },
     Meta {
         key: String,
         default: String,
@@ -417,6 +421,11 @@ impl Outbox {
         let (reply, rx) = oneshot::channel();
         self.send(Request::InboxBounds { max_age_ms, max_count, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Sets a metadata value (committed with the next batch).
+    pub fn set_meta(&self, key: &str, value: &str) {
+        self.send(Request::SetMeta { key: key.into(), value: value.into() });
     }
 
     /// Adds to a named persistent counter (committed with the next batch).
@@ -685,7 +694,9 @@ impl Writer {
                     if by_age || self.inbox_len > count {
                         self.pruned_at = std::time::Instant::now();
                         let cutoff = if by_age { crate::now_ms().saturating_sub(age) } else { 0 };
-                        self.store.inbox_prune(cutoff, count)?;
+                        // Down to 90 %: the next prune by count is a while
+                        // away (each one sorts the inbox).
+                        self.store.inbox_prune(cutoff, count - count / 10)?;
                         self.inbox_len = self.store.inbox_len()?;
                     }
                 }
@@ -696,6 +707,7 @@ impl Writer {
                 b.high_replies.push((reply, self.store.inbox_high()?));
             }
             Request::Counter { name, n } => self.store.add_counter(name, n)?,
+            Request::SetMeta { key, value } => self.store.set_meta(&key, &value)?,
             Request::Meta { key, default, reply } => {
                 let v = match self.store.meta(&key)? {
                     Some(v) => v,
@@ -998,7 +1010,11 @@ impl Writer {
                 | Request::Query { .. }
                 | Request::Bound { .. }
                 | Request::InboxSeen { .. }) => b.reads.push(r),
-                Request::Remove { .. } | Request::Ack { .. } | Request::Broker(_) | Request::Counter { .. } => {}
+                Request::Remove { .. }
+                | Request::Ack { .. }
+                | Request::Broker(_)
+                | Request::Counter { .. }
+                | Request::SetMeta { .. } => {}
             }
         }
         let close = b.close;

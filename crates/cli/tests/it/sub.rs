@@ -199,3 +199,55 @@ async fn output_formats_and_bad_flags() {
         assert!(stderr(&out).contains(needle), "{args:?}: expected `{needle}` in {}", stderr(&out));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_runs_over_a_backlog_hand_each_message_over_once_and_a_new_filter_is_subscribed() {
+    let broker = Mosquitto::start(MosquittoOptions { persistence: true, extra: vec![] }).await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let inbox = inbox.to_str().unwrap();
+    let base = ["sub", "-b", &broker.url(), "-i", "sub-short", "--inbox", inbox];
+    let out = run(&[&base[..], &["-t", "bk/a", "--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let want = lines(600, "bk");
+    publish(&[broker.url()], &[], "bk/a", &want, &dir.path().join("ob")).await;
+    // Each run takes 5 while hundreds wait behind them (more than the
+    // consumer's queues hold): what it printed is acknowledged on exit.
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        let started = std::time::Instant::now();
+        let out = run(&[&base[..], &["-t", "bk/a", "-C", "5", "-W", "20"]].concat()).await;
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert!(started.elapsed() < Duration::from_secs(8), "a run took {:?}", started.elapsed());
+        got.extend(String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned));
+    }
+    assert_eq!(got, want[..30], "no message twice, none skipped");
+    // A kept session, another filter: it is subscribed although the broker
+    // kept the session.
+    let inbox2 = dir.path().join("inbox2");
+    let base = ["sub", "-b", &broker.url(), "-i", "sub-short2", "--inbox", inbox2.to_str().unwrap()];
+    let out = run(&[&base[..], &["-t", "bk/c", "--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let inbox = inbox2.to_str().unwrap();
+    let late = ["late".to_owned()];
+    let sub = {
+        let args: Vec<String> =
+            [&base[..], &["-t", "bk/b", "-C", "1", "-W", "20"]].concat().iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || steadfast().args(&args).stdin(Stdio::null()).output().unwrap())
+    };
+    // The new subscription exists once the run recorded it in its inbox.
+    let db = std::path::PathBuf::from(inbox).join("outbox.db");
+    wait_until("the run started", Duration::from_secs(10), move || db.exists()).await;
+    let ob = dir.path().join("ob2");
+    let url = broker.url();
+    // Published until the subscriber has it (its SUBACK may still be on the way).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sub.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the new filter never delivered");
+        publish(std::slice::from_ref(&url), &[], "bk/b", &late, &ob).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = sub.await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "late\n");
+}

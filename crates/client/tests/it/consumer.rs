@@ -47,7 +47,7 @@ async fn take(c: &Consumer, n: usize) -> Vec<String> {
     let mut got = Vec::new();
     for _ in 0..n {
         let d = next(c).await;
-        got.push(String::from_utf8(d.payload.clone()).unwrap());
+        got.push(String::from_utf8(d.payload().to_vec()).unwrap());
         d.ack();
     }
     got
@@ -92,17 +92,17 @@ async fn a_delivery_dropped_unacknowledged_comes_again_and_is_acknowledged_only_
     let p = open(config("p2", &broker.url(), pdir.path())).await;
     p.publish(Message::new("retry", "once")).await.unwrap().delivered().await.unwrap();
     let first = next(&c).await;
-    assert!(!first.redelivered);
+    assert!(!first.redelivered());
     drop(first); // the handler failed
     let again = next(&c).await;
-    assert_eq!((again.payload.as_slice(), again.redelivered), (&b"once"[..], true));
+    assert_eq!((again.payload(), again.redelivered()), (&b"once"[..], true));
     // Not acknowledged yet: a crash now (close without ack) brings it back
     // from the broker in the next run.
     drop(again);
     c.close().await;
     let c = consumer(ccfg).await;
     let d = next(&c).await;
-    assert_eq!(d.payload, b"once");
+    assert_eq!(d.payload(), b"once");
     d.ack();
     c.close().await;
     p.close().await;
@@ -154,8 +154,8 @@ async fn mqtt311_with_the_envelope_is_de_duplicated_and_unwrapped() {
     let seq = r.id();
     r.delivered().await.unwrap();
     let d = next(&c).await;
-    assert_eq!(d.payload, b"21.5", "the envelope is removed");
-    assert_eq!(d.identity.as_ref().map(|i| i.seq), Some(seq));
+    assert_eq!(d.payload(), b"21.5", "the envelope is removed");
+    assert_eq!(d.identity().map(|i| i.seq), Some(seq));
     d.ack();
     c.close().await;
     p.close().await;
@@ -183,6 +183,36 @@ async fn a_gap_that_does_not_fill_is_reported_as_a_suspected_loss() {
     })
     .await;
     assert_eq!((first, last), (2, 2));
+    c.close().await;
+    p.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_copies_through_two_brokers_are_handed_over_once() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let urls = [a.url(), b.url()];
+    let cdir = tempfile::tempdir().unwrap();
+    let set = BrokerSet::new(urls.iter().map(|u| u.parse().unwrap()));
+    let client = config("c6", &urls[0], cdir.path()).brokers(set);
+    let c = consumer(ConsumerConfig::new(client).topic("q0", Qos::AtMostOnce)).await;
+    let mut events = c.events();
+    let mut up = 0;
+    next_event(&mut events, "both consumer sessions", Duration::from_secs(10), move |e| {
+        up += matches!(e, Event::Connected { .. }) as u32;
+        (up == 2).then_some(())
+    })
+    .await;
+    let pdir = tempfile::tempdir().unwrap();
+    let pset = BrokerSet::new(urls.iter().map(|u| u.parse().unwrap())).mode(Mode::Fanout);
+    let p = open(config("p6", &a.url(), pdir.path()).brokers(pset)).await;
+    for i in 0..50 {
+        p.enqueue(Message::new("q0", format!("z{i}")).qos(Qos::AtMostOnce)).unwrap();
+    }
+    p.wait_idle().await;
+    let got = take(&c, 50).await;
+    assert_eq!(got.iter().collect::<HashSet<_>>().len(), 50);
+    assert!(tokio::time::timeout(Duration::from_millis(500), c.next()).await.is_err(), "a second copy came through");
     c.close().await;
     p.close().await;
 }

@@ -522,6 +522,16 @@ impl Dispatcher {
                 permit = app.reserve(), if !self.ready.is_empty() => {
                     let Ok(permit) = permit else { return };
                     permit.send(self.ready.pop_front().expect("not empty"));
+                    // And whatever else fits now.
+                    while let Some(d) = self.ready.pop_front() {
+                        if let Err(e) = app.try_send(d) {
+                            match e {
+                                mpsc::error::TrySendError::Full(d) => self.ready.push_front(d),
+                                mpsc::error::TrySendError::Closed(_) => return,
+                            }
+                            break;
+                        }
+                    }
                 }
                 cmd = cmd_rx.recv() => {
                     let Some(cmd) = cmd else { return };
@@ -910,6 +920,15 @@ impl Receiver {
                 permit = out.reserve(), if !to_forward.is_empty() => {
                     let Ok(permit) = permit else { return Ok(()) };
                     permit.send(to_forward.pop_front().expect("not empty"));
+                    while let Some(m) = to_forward.pop_front() {
+                        if let Err(e) = out.try_send(m) {
+                            match e {
+                                mpsc::error::TrySendError::Full(m) => to_forward.push_front(m),
+                                mpsc::error::TrySendError::Closed(_) => return Ok(()),
+                            }
+                            break;
+                        }
+                    }
                 }
                 r = rd.read(&mut buf), if to_forward.is_empty() => {
                     let n = r.map_err(|e| ConnectError::Io(e.to_string()))?;

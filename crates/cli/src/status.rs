@@ -19,6 +19,10 @@ struct Json {
     oldest_age_ms: Option<u64>,
     dropped: serde_json::Map<String, serde_json::Value>,
     brokers: Vec<BrokerJson>,
+    /// Consumer (`sub`): identities in the inbox.
+    inbox: u64,
+    /// Consumer counters: handled, duplicates, gaps suspected, out of order.
+    counters: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -83,6 +87,8 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
             oldest_age_ms: age,
             dropped,
             brokers,
+            inbox: r.inbox,
+            counters: r.counters.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect(),
         };
         println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
         return Ok(());
@@ -95,6 +101,11 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     }
     let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
     println!("dropped  {}", drops.join(", "));
+    if r.inbox > 0 || !r.counters.is_empty() {
+        let counters: Vec<String> =
+            r.counters.iter().map(|(k, v)| format!("{} {v}", k.trim_start_matches("consumer."))).collect();
+        println!("inbox    {} identities remembered; {}", r.inbox, counters.join(", "));
+    }
     for b in &r.brokers {
         let since = UNIX_EPOCH + Duration::from_millis(b.since_ms);
         let for_how_long = SystemTime::now().duration_since(since).unwrap_or_default();

@@ -222,6 +222,8 @@ async fn short_runs_over_a_backlog_hand_each_message_over_once_and_a_new_filter_
         got.extend(String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned));
     }
     assert_eq!(got, want[..30], "no message twice, none skipped");
+    let st = crate::status_json(inbox);
+    assert_eq!((st["inbox"].as_u64(), st["counters"]["consumer.handled"].as_u64()), (Some(30), Some(30)), "{st}");
     // A kept session, another filter: it is subscribed although the broker
     // kept the session.
     let inbox2 = dir.path().join("inbox2");

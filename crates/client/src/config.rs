@@ -436,6 +436,9 @@ impl ClientConfig {
                 steadfast_store::MAX_SLOTS
             )));
         }
+        if self.max_inflight == 0 {
+            return Err(ConfigError::Invalid("max_inflight 0 would let nothing through; use 1 or more".into()));
+        }
         if self.ack_timeout < Duration::from_millis(100) {
             return Err(ConfigError::Invalid(format!(
                 "ack timeout {:?} is too short; use at least 100ms",

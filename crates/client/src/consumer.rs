@@ -243,6 +243,22 @@ struct Pending {
     identity: Option<Identity>,
 }
 
+impl Pending {
+    fn into_received(self, broker: String, redelivered: bool, cmds: mpsc::UnboundedSender<Cmd>) -> Received {
+        Received {
+            topic: self.msg.topic,
+            payload: self.msg.payload,
+            qos: self.msg.qos,
+            retain: self.msg.retain,
+            identity: self.identity,
+            broker,
+            redelivered: redelivered || self.msg.dup,
+            token: Some(self.token),
+            cmds,
+        }
+    }
+}
+
 /// A message from one broker's driver.
 struct FromBroker {
     broker: usize,
@@ -626,19 +642,8 @@ impl Dispatcher {
     /// a QoS 0 one has no packet id to acknowledge, but its identity is
     /// still recorded when it is handled.
     fn hand_over(&mut self, p: Pending, redelivered: bool) {
-        let token = Some(p.token);
-        let d = Received {
-            topic: p.msg.topic,
-            payload: p.msg.payload,
-            qos: p.msg.qos,
-            retain: p.msg.retain,
-            identity: p.identity,
-            broker: self.urls[p.token.broker].clone(),
-            redelivered: redelivered || p.msg.dup,
-            token,
-            cmds: self.cmds.clone(),
-        };
-        self.ready.push_back(d);
+        let broker = self.urls[p.token.broker].clone();
+        self.ready.push_back(p.into_received(broker, redelivered, self.cmds.clone()));
     }
 
     fn on_cmds(&mut self, cmds: Vec<Cmd>) {
@@ -658,18 +663,8 @@ impl Dispatcher {
                     let after = self.cfg.retry_after;
                     tokio::spawn(async move {
                         sleep(after).await;
-                        let d = Received {
-                            topic: p.msg.topic,
-                            payload: p.msg.payload,
-                            qos: p.msg.qos,
-                            retain: p.msg.retain,
-                            identity: p.identity,
-                            broker: urls[p.token.broker].clone(),
-                            redelivered: true,
-                            token: Some(p.token),
-                            cmds,
-                        };
-                        let _ = app.send(d).await;
+                        let broker = urls[p.token.broker].clone();
+                        let _ = app.send(p.into_received(broker, true, cmds)).await;
                     });
                 }
                 Cmd::Flush(tx) => self.flush = Some(tx),

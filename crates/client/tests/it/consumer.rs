@@ -42,6 +42,17 @@ async fn stats_when(c: &Consumer, cond: impl Fn(&steadfast::ConsumerStats) -> bo
     }
 }
 
+/// Waits until `n` consumer sessions came up.
+async fn sessions_up(c: &Consumer, n: u32) {
+    let mut events = c.events();
+    let mut up = 0;
+    next_event(&mut events, "consumer sessions", Duration::from_secs(10), move |e| {
+        up += matches!(e, Event::Connected { .. }) as u32;
+        (up == n).then_some(())
+    })
+    .await;
+}
+
 /// Receives and acknowledges `n` deliveries; returns their payloads.
 async fn take(c: &Consumer, n: usize) -> Vec<String> {
     let mut got = Vec::new();
@@ -115,13 +126,7 @@ async fn fanout_to_two_brokers_reaches_a_consumer_on_both_exactly_once() {
     let urls = [a.url(), b.url()];
     let cdir = tempfile::tempdir().unwrap();
     let c = consumer(consumer_config("c3", &urls, cdir.path(), "fan")).await;
-    let mut events = c.events();
-    let mut up = 0;
-    next_event(&mut events, "both consumer sessions", Duration::from_secs(10), move |e| {
-        up += matches!(e, Event::Connected { .. }) as u32;
-        (up == 2).then_some(())
-    })
-    .await;
+    sessions_up(&c, 2).await;
     let pdir = tempfile::tempdir().unwrap();
     let set = BrokerSet::new(urls.iter().map(|u| u.parse().unwrap())).mode(Mode::Fanout).ack(AckQuorum::All);
     let p = open(config("p3", &a.url(), pdir.path()).brokers(set)).await;
@@ -196,13 +201,7 @@ async fn qos0_copies_through_two_brokers_are_handed_over_once() {
     let set = BrokerSet::new(urls.iter().map(|u| u.parse().unwrap()));
     let client = config("c6", &urls[0], cdir.path()).brokers(set);
     let c = consumer(ConsumerConfig::new(client).topic("q0", Qos::AtMostOnce)).await;
-    let mut events = c.events();
-    let mut up = 0;
-    next_event(&mut events, "both consumer sessions", Duration::from_secs(10), move |e| {
-        up += matches!(e, Event::Connected { .. }) as u32;
-        (up == 2).then_some(())
-    })
-    .await;
+    sessions_up(&c, 2).await;
     let pdir = tempfile::tempdir().unwrap();
     let pset = BrokerSet::new(urls.iter().map(|u| u.parse().unwrap())).mode(Mode::Fanout);
     let p = open(config("p6", &a.url(), pdir.path()).brokers(pset)).await;

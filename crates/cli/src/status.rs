@@ -66,7 +66,8 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
         let brokers = r
             .brokers
             .iter()
-            .map(|b| BrokerJson {
+            .map(|b| (b, lag_of(&b.url)))
+            .map(|(b, (lag, missed))| BrokerJson {
                 url: b.url.clone(),
                 state: if running { b.state.clone() } else { "not running".into() },
                 since_ms: b.since_ms,
@@ -75,8 +76,8 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
                 active: running && b.active,
                 acked: b.acked,
                 connects: b.connects,
-                lag: lag_of(&b.url).0,
-                missed: lag_of(&b.url).1,
+                lag,
+                missed,
             })
             .collect();
         let j = Json {

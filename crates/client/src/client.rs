@@ -517,14 +517,14 @@ impl Client {
 /// The quorum of each broker set, for the outbox writer (slots are filled
 /// in by [`Outbox::configure`]).
 fn quorums(cfg: &ClientConfig) -> Vec<Quorum> {
-    let sets = std::iter::once((None, cfg.broker_set())).chain(cfg.routes().iter().map(|(n, s)| (Some(n.clone()), s)));
-    sets.map(|(route, set)| Quorum {
-        route,
-        members: set.brokers().iter().map(|b| (0, b.to_string())).collect(),
-        need: set.needed_acks(),
-        catch_up_ms: set.catch_up_for.map(|d| d.as_millis() as u64),
-    })
-    .collect()
+    cfg.sets()
+        .map(|(route, set)| Quorum {
+            route: route.map(str::to_owned),
+            members: set.brokers().iter().map(|b| (0, b.to_string())).collect(),
+            need: set.needed_acks(),
+            catch_up_ms: set.catch_up_for.map(|d| d.as_millis() as u64),
+        })
+        .collect()
 }
 
 async fn forward_drops(

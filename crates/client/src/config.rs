@@ -397,11 +397,16 @@ impl ClientConfig {
     pub fn broker_set(&self) -> &BrokerSet {
         &self.set
     }
+    /// Every broker set with its route name: the default set (`None`)
+    /// first, then the named routes.
+    pub fn sets(&self) -> impl Iterator<Item = (Option<&str>, &BrokerSet)> {
+        std::iter::once((None, &self.set)).chain(self.routes.iter().map(|(n, s)| (Some(n.as_str()), s)))
+    }
     /// Every broker the client talks to (the default set's first, then
     /// those only named routes use), each once: one connection each.
     pub fn all_brokers(&self) -> Vec<BrokerUrl> {
         let mut all: Vec<BrokerUrl> = Vec::new();
-        for set in std::iter::once(&self.set).chain(self.routes.iter().map(|(_, s)| s)) {
+        for (_, set) in self.sets() {
             for b in &set.brokers {
                 if !all.contains(b) {
                     all.push(b.clone());

@@ -76,10 +76,10 @@ impl Router {
     pub fn new(cfg: &ClientConfig, events: broadcast::Sender<Event>) -> Self {
         let all = cfg.all_brokers();
         let index = |u| all.iter().position(|b| b == u).expect("every member is in all_brokers");
-        let sets: Vec<Set> = std::iter::once((None, cfg.broker_set()))
-            .chain(cfg.routes().iter().map(|(n, s)| (Some(n.clone()), s)))
+        let sets: Vec<Set> = cfg
+            .sets()
             .map(|(name, s)| Set {
-                name,
+                name: name.map(str::to_owned),
                 members: s.brokers().iter().map(index).collect(),
                 mode: s.routing(),
                 failback_after: s.failback_after,

@@ -680,9 +680,8 @@ impl Dispatcher {
                 }
                 Cmd::Recorded(done, false) => {
                     // Not acknowledged until recorded: tried again (the
-                    // deliveries stay in flight meanwhile).
-                    self.recording -= 1;
-                    self.recording += 1;
+                    // deliveries stay in flight, and the record stays
+                    // counted as under way, meanwhile).
                     let back = self.cmds.clone();
                     tokio::spawn(async move {
                         sleep(Duration::from_secs(1)).await;

@@ -462,7 +462,7 @@ impl Client {
     /// `after`, oldest first, at most `limit`. Sees every acknowledgement
     /// processed before the call.
     pub async fn queued(&self, after: u64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
-        let page = self.inner.outbox.read_after(after, limit, None).await?;
+        let page = self.inner.outbox.read_after(after, limit, None, None).await?;
         let to = |m: steadfast_store::StoredMessage| QueuedMessage {
             identity: Identity { producer: self.inner.producer.to_string(), seq: m.id },
             topic: m.msg.topic,

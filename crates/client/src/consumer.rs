@@ -817,7 +817,7 @@ impl Receiver {
             if let Some(at) = connected_at {
                 backoff.link_lost_after(at.elapsed());
             }
-            let delay = backoff.next_delay(&mut rng);
+            let delay = backoff.next_delay(&mut rng, tokio::time::Instant::now().into_std());
             let broker = self.url.to_string();
             if connected_at.is_some() {
                 tracing::warn!(%broker, error = %error, retry_in = ?delay, "consumer link lost; reconnecting");

@@ -154,7 +154,7 @@ impl Driver {
         // id the broker holds for another: never connect before they load.
         while let Err(e) = self.restore_bindings().await {
             tracing::error!(error = %e, "cannot read QoS 2 bindings from the outbox; retrying");
-            let delay = self.backoff.next_delay(&mut self.rng);
+            let delay = self.backoff.next_delay(&mut self.rng, Instant::now().into_std());
             tokio::select! {
                 _ = sleep(delay) => {}
                 _ = self.stop.changed() => {}
@@ -180,7 +180,7 @@ impl Driver {
             if let Some(at) = connected_at {
                 self.backoff.link_lost_after(at.elapsed());
             }
-            let delay = self.backoff.next_delay(&mut self.rng);
+            let delay = self.backoff.next_delay(&mut self.rng, Instant::now().into_std());
             let retry_at = SystemTime::now() + delay;
             self.set_state(LinkState::Backoff, Some(error.to_string()), Some(retry_at));
             let broker = self.url.to_string();
@@ -410,10 +410,9 @@ impl Driver {
                 let slot = self.slot;
                 // The page answers for ids up to `last_id` as of now: it is
                 // read after every commit up to there.
-                fetch =
-                    Some(Box::pin(
-                        async move { outbox.read_after(after, PAGE, Some(slot)).await.map(|p| (p, last_id)) },
-                    ));
+                fetch = Some(Box::pin(async move {
+                    outbox.read_after(after, PAGE, Some(slot), None).await.map(|p| (p, last_id))
+                }));
             }
             let keepalive_at = Instant::from_std(keepalive.poll_timeout());
             let retry_at = self.retry.front().map(|(t, _)| *t);

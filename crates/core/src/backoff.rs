@@ -3,9 +3,14 @@
 //! The delay before attempt `n` (counting from 0) is drawn uniformly from
 //! `[min, min(max, min * 2^n)]`. The floor of `min` keeps a flapping broker
 //! from being hammered; the jitter keeps a fleet of clients that lost the
-//! same broker from reconnecting in lockstep.
+//! same broker from reconnecting in lockstep. An optional hourly budget
+//! (the `battery` profile) stretches a delay so that no more than that many
+//! attempts start in any hour: a device on a battery does not wake its radio
+//! every few seconds while its broker is down for a day.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
 
 /// Bounds of the reconnect delay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,39 +21,125 @@ pub struct BackoffConfig {
     pub max: Duration,
     /// A link that stayed up at least this long resets the growth.
     pub stable_after: Duration,
+    /// At most this many attempts start in any hour (`None`: no budget).
+    pub per_hour: Option<u32>,
 }
 
 impl Default for BackoffConfig {
     fn default() -> Self {
-        Self { min: Duration::from_millis(100), max: Duration::from_secs(30), stable_after: Duration::from_secs(10) }
+        Self {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(10),
+            per_hour: None,
+        }
     }
 }
+
+impl BackoffConfig {
+    /// The `battery` profile: 30 s to 15 min, a link must stay up 2 min to
+    /// reset the growth, and at most 12 attempts an hour.
+    pub fn battery() -> Self {
+        Self {
+            min: Duration::from_secs(30),
+            max: Duration::from_secs(15 * 60),
+            stable_after: Duration::from_secs(120),
+            per_hour: Some(12),
+        }
+    }
+
+    /// Parses a profile as the CLI takes it: `default`, `battery`, or
+    /// `MIN..MAX` with durations such as `200ms..1m` (`ms`, `s`, `m`, `h`).
+    pub fn parse(s: &str) -> Result<BackoffConfig, String> {
+        match s {
+            "default" => return Ok(Self::default()),
+            "battery" => return Ok(Self::battery()),
+            _ => {}
+        }
+        let usage =
+            || format!("`{s}` is not a backoff profile; use `default`, `battery` or MIN..MAX such as 200ms..1m");
+        let (min, max) = s.split_once("..").ok_or_else(usage)?;
+        let (min, max) = (parse_duration(min).ok_or_else(usage)?, parse_duration(max).ok_or_else(usage)?);
+        if min.is_zero() || max < min {
+            return Err(format!("backoff `{s}`: MIN must be above zero and MAX at least MIN"));
+        }
+        Ok(Self { min, max, ..Self::default() })
+    }
+}
+
+impl fmt::Display for BackoffConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}..{:?}", self.min, self.max)?;
+        if let Some(n) = self.per_hour {
+            write!(f, ", at most {n} attempts an hour")?;
+        }
+        Ok(())
+    }
+}
+
+/// `250ms`, `10s`, `5m`, `2h`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
 
 /// The state of one reconnect loop.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     config: BackoffConfig,
     attempt: u32,
+    /// When the attempts of the last hour start (hourly budget only).
+    starts: VecDeque<Instant>,
 }
 
 impl Backoff {
     /// A fresh backoff: the next delay is drawn from `[min, min]`.
     pub fn new(config: BackoffConfig) -> Self {
-        Self { config, attempt: 0 }
+        Self { config, attempt: 0, starts: VecDeque::new() }
     }
 
-    /// The delay to wait before the next attempt; grows the window.
-    pub fn next_delay(&mut self, rng: &mut fastrand::Rng) -> Duration {
+    /// The delay to wait from `now` before the next attempt; grows the
+    /// window. With an hourly budget, the delay is stretched so that the
+    /// attempt starts no sooner than an hour after the oldest of the last
+    /// `per_hour` attempts.
+    pub fn next_delay(&mut self, rng: &mut fastrand::Rng, now: Instant) -> Duration {
         let min = self.config.min.as_millis() as u64;
         let max = self.config.max.as_millis().max(min as u128) as u64;
         let cap = min.saturating_mul(1u64 << self.attempt.min(32)).min(max);
         self.attempt = self.attempt.saturating_add(1);
-        Duration::from_millis(rng.u64(min..=cap.max(min)))
+        let mut delay = Duration::from_millis(rng.u64(min..=cap.max(min)));
+        if let Some(budget) = self.config.per_hour.filter(|n| *n > 0) {
+            while self.starts.front().is_some_and(|t| now.saturating_duration_since(*t) >= HOUR) {
+                self.starts.pop_front();
+            }
+            if self.starts.len() >= budget as usize {
+                let oldest = self.starts[self.starts.len() - budget as usize];
+                delay = delay.max((oldest + HOUR).saturating_duration_since(now));
+            }
+            self.starts.push_back(now + delay);
+            while self.starts.len() > budget as usize {
+                self.starts.pop_front();
+            }
+        }
+        delay
     }
 
     /// Tells the backoff that a link went down after being up for `uptime`.
     /// Only a link that stayed up long enough resets the growth, so a broker
     /// that accepts and then drops every connection is still backed off.
+    /// The hourly budget is never reset.
     pub fn link_lost_after(&mut self, uptime: Duration) {
         if uptime >= self.config.stable_after {
             self.attempt = 0;
@@ -70,6 +161,7 @@ mod tests {
             min: Duration::from_millis(100),
             max: Duration::from_secs(5),
             stable_after: Duration::from_secs(10),
+            per_hour: None,
         }
     }
 
@@ -78,7 +170,7 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(7);
         let mut b = Backoff::new(config());
         for n in 0..40u32 {
-            let d = b.next_delay(&mut rng).as_millis() as u64;
+            let d = b.next_delay(&mut rng, Instant::now()).as_millis() as u64;
             let cap = (100u64 << n.min(32)).min(5000);
             assert!((100..=cap).contains(&d), "attempt {n}: {d} ms outside [100, {cap}]");
         }
@@ -91,9 +183,9 @@ mod tests {
             .map(|_| {
                 let mut b = Backoff::new(config());
                 for _ in 0..6 {
-                    b.next_delay(&mut rng);
+                    b.next_delay(&mut rng, Instant::now());
                 }
-                b.next_delay(&mut rng)
+                b.next_delay(&mut rng, Instant::now())
             })
             .collect();
         assert!(delays.len() > 25, "only {} distinct delays", delays.len());
@@ -104,11 +196,64 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(3);
         let mut b = Backoff::new(config());
         for _ in 0..5 {
-            b.next_delay(&mut rng);
+            b.next_delay(&mut rng, Instant::now());
         }
         b.link_lost_after(Duration::from_secs(1));
         assert_eq!(b.attempts(), 5);
         b.link_lost_after(Duration::from_secs(11));
         assert_eq!(b.attempts(), 0);
+    }
+
+    /// The battery profile never starts more than 12 attempts in an hour,
+    /// however often the link fails, and its delays stay within 30 s..15 min
+    /// apart from the hourly stretch. Time is simulated.
+    #[test]
+    fn battery_profile_keeps_its_hourly_budget() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut b = Backoff::new(BackoffConfig::battery());
+        let start = Instant::now();
+        let mut now = start;
+        let mut starts = Vec::new();
+        for _ in 0..60 {
+            let d = b.next_delay(&mut rng, now);
+            assert!(d >= Duration::from_secs(30), "{d:?} under the 30 s floor");
+            now += d;
+            starts.push(now);
+            // A connection that fails at once: no reset.
+            b.link_lost_after(Duration::ZERO);
+        }
+        for (i, t) in starts.iter().enumerate() {
+            let in_hour = starts[i..].iter().take_while(|u| u.duration_since(*t) < HOUR).count();
+            assert!(in_hour <= 12, "{in_hour} attempts within the hour from attempt {i}");
+        }
+        // Sixty attempts need at least four hours and some.
+        assert!(now.duration_since(start) >= 4 * HOUR, "{:?}", now.duration_since(start));
+    }
+
+    /// The default schedule for a fixed seed: the caps double from 100 ms
+    /// up to 30 s and every delay falls within its cap.
+    #[test]
+    fn default_schedule_doubles_up_to_its_cap() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut b = Backoff::new(BackoffConfig::default());
+        let now = Instant::now();
+        let caps: Vec<u64> = (0..12u32).map(|n| (100u64 << n).min(30_000)).collect();
+        for cap in caps {
+            let d = b.next_delay(&mut rng, now).as_millis() as u64;
+            assert!((100..=cap).contains(&d), "{d} ms outside [100, {cap}]");
+        }
+        assert_eq!(b.attempts(), 12);
+    }
+
+    #[test]
+    fn profiles_parse() {
+        assert_eq!(BackoffConfig::parse("default").unwrap(), BackoffConfig::default());
+        assert_eq!(BackoffConfig::parse("battery").unwrap(), BackoffConfig::battery());
+        let c = BackoffConfig::parse("200ms..1m").unwrap();
+        assert_eq!((c.min, c.max), (Duration::from_millis(200), Duration::from_secs(60)));
+        for bad in ["fast", "1m..1s", "0..1s", "1s", "1x..2s"] {
+            assert!(BackoffConfig::parse(bad).is_err(), "{bad}");
+        }
+        assert!(BackoffConfig::parse("fast").unwrap_err().contains("battery"));
     }
 }

@@ -105,9 +105,18 @@ impl fmt::Display for Identity {
 /// Why a message left the outbox without being delivered (G3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// The overflow policy `drop-oldest` made room for a newer message.
+    /// A bound was reached and the overflow policy chose it: `drop-oldest`
+    /// made room for a newer message, or `drop-newest` refused this one.
     Overflow,
-    /// QoS 0: sent at most once and not retried after a lost link.
+    /// Its deadline (time to live) passed, or it outlived the outbox's age
+    /// bound, before any broker acknowledged it.
+    Expired,
+    /// It was sent as many times as its retry budget allows.
+    Budget,
+    /// Keep-latest: a newer value of the same topic replaced it.
+    Superseded,
+    /// Best-effort (or QoS 0): no broker was up to take it, or the link
+    /// was lost before it was written; never retried.
     BestEffort,
     /// Larger than the broker's maximum packet size: it can never be sent.
     TooLarge,
@@ -120,13 +129,24 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, for reports that list zero counts too.
-    pub const ALL: [DropReason; 5] =
-        [DropReason::Overflow, DropReason::BestEffort, DropReason::TooLarge, DropReason::Invalid, DropReason::Corrupt];
+    pub const ALL: [DropReason; 8] = [
+        DropReason::Overflow,
+        DropReason::Expired,
+        DropReason::Budget,
+        DropReason::Superseded,
+        DropReason::BestEffort,
+        DropReason::TooLarge,
+        DropReason::Invalid,
+        DropReason::Corrupt,
+    ];
 
     /// The stable name used in the store, metrics and the CLI.
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Overflow => "overflow",
+            DropReason::Expired => "expired",
+            DropReason::Budget => "budget",
+            DropReason::Superseded => "superseded",
             DropReason::BestEffort => "best-effort",
             DropReason::TooLarge => "too-large",
             DropReason::Invalid => "invalid",

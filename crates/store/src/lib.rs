@@ -27,6 +27,28 @@ pub use sqlite::{OpenReport, SqliteStore};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
+/// The highest message priority (0 is the default and the lowest).
+pub const MAX_PRIORITY: u8 = 9;
+/// How many priority levels there are.
+pub const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+
+/// How a queued message may leave without delivery, and when it goes out
+/// (docs/guarantees.md, "Delivery classes"). The default is persistent:
+/// no deadline, no budget, priority 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Deadline class: dropped as `expired` at this time (ms since the
+    /// epoch) unless a broker acknowledged it before.
+    pub expires_ms: Option<u64>,
+    /// Retry budget: dropped as `budget` instead of a send beyond this many.
+    pub max_attempts: Option<u32>,
+    /// Keep-latest: a newer keep-latest message of the same topic and route
+    /// replaces it while it waits (dropped as `superseded`).
+    pub keep_latest: bool,
+    /// 0 (default) to [`MAX_PRIORITY`]: higher goes first after an outage.
+    pub priority: u8,
+}
+
 /// A message on its way into the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewMessage {
@@ -44,6 +66,8 @@ pub struct NewMessage {
     pub created_ms: u64,
     /// The named broker set it goes to; `None` for the client's default.
     pub route: Option<String>,
+    /// Deadline, budget, keep-latest, priority.
+    pub policy: Policy,
 }
 
 impl NewMessage {
@@ -65,6 +89,8 @@ pub struct StoredMessage {
     pub wire: Option<(u16, Stage)>,
     /// Broker slots that acknowledged it so far (bit `1 << slot`).
     pub acks: u64,
+    /// Sends so far (counted against its retry budget).
+    pub attempts: u32,
 }
 
 /// Where a queued message stands, for the writer's quorum decisions.
@@ -85,6 +111,8 @@ pub struct Entry {
     pub size: u64,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// Its deadline, if it has one (deadline class).
+    pub expires_ms: Option<u64>,
 }
 
 /// The most brokers one outbox can tell apart (acknowledgements are a
@@ -149,13 +177,31 @@ pub trait Store: Send + 'static {
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError>;
     /// Up to `limit` queued (not done) messages with id greater than
     /// `after`, oldest first; with a slot, only those that broker has not
-    /// acknowledged.
-    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError>;
+    /// acknowledged; with a priority, only those of that priority.
+    fn read_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+    /// The highest queued id of each priority that has queued messages.
+    fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError>;
+    /// Counts one more send of a message against its retry budget.
+    fn add_attempt(&mut self, id: u64) -> Result<(), StoreError>;
+    /// Up to `limit` queued messages whose deadline is at or before `now_ms`.
+    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
+    /// The earliest deadline among queued messages.
+    fn next_expiry(&mut self) -> Result<Option<u64>, StoreError>;
+    /// Queued keep-latest messages of `topic` and `route` that no broker
+    /// holds a QoS 2 exchange of (a newer value replaces them).
+    fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError>;
     /// Every message bound to a packet id on the wire of the broker in
     /// `slot` (QoS 2), oldest first, with its binding.
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError>;
-    /// Ids and sizes of the `limit` oldest messages.
-    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Ids and sizes of the `limit` oldest messages; with `deadline`, only
+    /// those that have (`true`) or lack (`false`) a deadline.
+    fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError>;
     /// The highest id still queued.
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError>;
     /// Count and bytes queued.

@@ -33,6 +33,7 @@ struct Row {
     msg: NewMessage,
     acks: u64,
     done: bool,
+    attempts: u32,
 }
 
 impl MemoryStore {
@@ -59,7 +60,7 @@ impl Store for MemoryStore {
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError> {
         self.state.next_id += 1;
         let id = self.state.next_id;
-        self.state.messages.insert(id, Row { msg: msg.clone(), acks: 0, done: false });
+        self.state.messages.insert(id, Row { msg: msg.clone(), acks: 0, done: false, attempts: 0 });
         Ok(id)
     }
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
@@ -72,6 +73,7 @@ impl Store for MemoryStore {
             bindings,
             size: r.msg.size(),
             created_ms: r.msg.created_ms,
+            expires_ms: r.msg.policy.expires_ms,
         }))
     }
     fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
@@ -103,18 +105,62 @@ impl Store for MemoryStore {
         }
         Ok(())
     }
-    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError> {
+    fn read_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let mask = slot.map_or(0, |s| 1u64 << s);
-        let range = self.state.messages.range(after + 1..).filter(|(_, r)| !r.done && r.acks & mask == 0);
+        let of = |r: &Row| priority.is_none_or(|p| r.msg.policy.priority == p);
+        let range = self.state.messages.range(after + 1..).filter(|(_, r)| !r.done && r.acks & mask == 0 && of(r));
         Ok(range.take(limit).map(|(id, r)| stored(*id, r, None)).collect())
+    }
+    fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
+        let mut top: BTreeMap<u8, u64> = BTreeMap::new();
+        for (id, r) in self.state.messages.iter().filter(|(_, r)| !r.done) {
+            top.insert(r.msg.policy.priority, *id);
+        }
+        Ok(top.into_iter().collect())
+    }
+    fn add_attempt(&mut self, id: u64) -> Result<(), StoreError> {
+        if let Some(r) = self.state.messages.get_mut(&id) {
+            r.attempts += 1;
+        }
+        Ok(())
+    }
+    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let s = &self.state;
+        let free = |id: u64| s.wire.range((id, 0)..=(id, u32::MAX)).next().is_none();
+        let due = |id: u64, r: &Row| !r.done && r.msg.policy.expires_ms.is_some_and(|e| e <= now_ms) && free(id);
+        Ok(s.messages.iter().filter(|(id, r)| due(**id, r)).take(limit).map(|(id, _)| *id).collect())
+    }
+    fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
+        let s = &self.state;
+        let free = |id: u64| s.wire.range((id, 0)..=(id, u32::MAX)).next().is_none();
+        let it = s.messages.iter().filter(|(id, r)| !r.done && free(**id));
+        Ok(it.filter_map(|(_, r)| r.msg.policy.expires_ms).min())
+    }
+    fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
+        let s = &self.state;
+        let old = |id: u64, r: &Row| {
+            !r.done
+                && r.msg.policy.keep_latest
+                && r.msg.topic == topic
+                && r.msg.route.as_deref() == route
+                && s.wire.range((id, 0)..=(id, u32::MAX)).next().is_none()
+        };
+        Ok(s.messages.iter().filter(|(id, r)| old(**id, r)).map(|(id, _)| *id).collect())
     }
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let s = &self.state;
         let bound = s.wire.iter().filter(|((_, sl), _)| *sl == slot);
         Ok(bound.filter_map(|((id, _), w)| s.messages.get(id).map(|r| stored(*id, r, Some(*w)))).collect())
     }
-    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
-        let it = self.state.messages.iter().filter(|(_, r)| !r.done).take(limit);
+    fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {
+        let of = |r: &Row| deadline.is_none_or(|d| r.msg.policy.expires_ms.is_some() == d);
+        let it = self.state.messages.iter().filter(|(_, r)| !r.done && of(r)).take(limit);
         Ok(it.map(|(id, r)| (*id, r.msg.size())).collect())
     }
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
@@ -255,5 +301,5 @@ impl Store for MemoryStore {
 }
 
 fn stored(id: u64, r: &Row, wire: Option<(u16, Stage)>) -> StoredMessage {
-    StoredMessage { id, msg: r.msg.clone(), wire, acks: r.acks }
+    StoredMessage { id, msg: r.msg.clone(), wire, acks: r.acks, attempts: r.attempts }
 }

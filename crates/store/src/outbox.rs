@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
-use crate::{BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals};
+use crate::{BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, PRIORITIES};
 
 /// What happens to a new message when the outbox is full (G7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,8 +29,33 @@ pub enum Overflow {
     Block,
     /// The new message is refused with an error.
     Reject,
-    /// The oldest messages are dropped (counted as `overflow`) to make room.
+    /// The oldest messages of the same class are dropped (counted as
+    /// `overflow`) to make room; a class never evicts another's messages:
+    /// with none of its own left, the new message is dropped instead.
     DropOldest,
+    /// The new message is dropped (counted as `overflow`, announced) and
+    /// the publisher told so; nothing queued is touched.
+    DropNewest,
+}
+
+impl Overflow {
+    /// Every policy, with its CLI name.
+    pub const ALL: [(Overflow, &'static str); 4] = [
+        (Overflow::Block, "block"),
+        (Overflow::Reject, "reject"),
+        (Overflow::DropOldest, "drop-oldest"),
+        (Overflow::DropNewest, "drop-newest"),
+    ];
+
+    /// The policy for its CLI name.
+    pub fn parse(s: &str) -> Option<Overflow> {
+        Self::ALL.iter().find(|(_, n)| *n == s).map(|(o, _)| *o)
+    }
+
+    /// Its CLI name.
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(o, _)| *o == self).map_or("block", |(_, n)| n)
+    }
 }
 
 /// Bounds of the outbox.
@@ -40,8 +65,14 @@ pub struct OutboxConfig {
     pub max_messages: Option<u64>,
     /// Most bytes (topic + payload) queued at once; `None` for no bound.
     pub max_bytes: Option<u64>,
-    /// What to do when a bound is reached.
+    /// Messages older than this many milliseconds leave, counted as
+    /// `expired`; `None` for no bound.
+    pub max_age_ms: Option<u64>,
+    /// What to do when a bound is reached (persistent messages, and
+    /// deadline ones unless `deadline_overflow` says otherwise).
     pub overflow: Overflow,
+    /// The overflow policy of deadline messages, if not `overflow`.
+    pub deadline_overflow: Option<Overflow>,
 }
 
 /// Why a message was not accepted.
@@ -55,6 +86,16 @@ pub enum AppendError {
     Full {
         /// Which bound was hit.
         what: String,
+    },
+    /// The outbox is full and the overflow policy is `drop-newest` (or
+    /// `drop-oldest` found nothing of the message's class to drop): the
+    /// message was not accepted, and is counted as dropped (`overflow`).
+    #[error("the outbox is full ({what}); the message was dropped (policy {policy}) and counted as `overflow`")]
+    Dropped {
+        /// Which bound was hit.
+        what: String,
+        /// The overflow policy that chose it.
+        policy: &'static str,
     },
     /// The store failed; the message was not accepted.
     #[error(transparent)]
@@ -122,6 +163,9 @@ pub struct OutboxState {
     pub last_id: u64,
     /// Count and bytes queued.
     pub totals: Totals,
+    /// The highest id committed so far of each priority (0 to
+    /// [`crate::MAX_PRIORITY`]): a sender reads each priority on its own.
+    pub newest: [u64; PRIORITIES],
 }
 
 /// Resolves when the message is accepted (synced), with its id.
@@ -155,10 +199,18 @@ enum Request {
         updates: Vec<(u64, Option<(u16, Stage)>)>,
         reply: WireReply,
     },
+    Attempt {
+        ids: Vec<u64>,
+    },
+    CountDrop {
+        reason: DropReason,
+        topic: String,
+    },
     Read {
         after: u64,
         limit: usize,
         slot: Option<u32>,
+        priority: Option<u8>,
         reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
     },
     Query {
@@ -269,8 +321,13 @@ impl Outbox {
     pub fn start(mut store: Box<dyn Store>, config: OutboxConfig) -> Result<Outbox, StoreError> {
         let totals = store.totals()?;
         let last_id = store.newest_id()?.unwrap_or(0);
+        let mut newest = [0; PRIORITIES];
+        for (p, id) in store.newest_by_priority()? {
+            newest[p as usize] = id;
+        }
+        let next_expiry = store.next_expiry()?;
         let (tx, rx) = mpsc::channel();
-        let (state_tx, state) = watch::channel(OutboxState { last_id, totals });
+        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest });
         let (dropped, _) = broadcast::channel(1024);
         let mut writer = Writer {
             store,
@@ -281,6 +338,8 @@ impl Outbox {
             waiters: HashMap::new(),
             waiters_pruned_at: 1024,
             last_id,
+            newest,
+            next_expiry,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
             quorums: Vec::new(),
@@ -347,16 +406,32 @@ impl Outbox {
     }
 
     /// Up to `limit` queued messages with id above `after`, oldest first;
-    /// with a slot, only those that broker has not acknowledged.
+    /// with a slot, only those that broker has not acknowledged; with a
+    /// priority, only those of that priority.
     pub async fn read_after(
         &self,
         after: u64,
         limit: usize,
         slot: Option<u32>,
+        priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Read { after, limit, slot, reply });
+        self.send(Request::Read { after, limit, slot, priority, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Counts one more send of each message against its retry budget.
+    /// Not awaited: a count lost in a crash allows one more send.
+    pub fn attempted(&self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            self.send(Request::Attempt { ids });
+        }
+    }
+
+    /// Counts a message that never entered the outbox as dropped (a
+    /// best-effort message with no broker up), and announces it.
+    pub fn count_drop(&self, reason: DropReason, topic: String) {
+        self.send(Request::CountDrop { reason, topic });
     }
 
     /// Every QoS 2 message bound to a packet id on the broker in `slot`,
@@ -475,6 +550,9 @@ struct Writer {
     waiters: HashMap<u64, oneshot::Sender<Delivery>>,
     waiters_pruned_at: usize,
     last_id: u64,
+    newest: [u64; PRIORITIES],
+    /// The earliest deadline queued (a sweep is due then).
+    next_expiry: Option<u64>,
     /// Removals undone by a failed commit, applied again with the next batch.
     pending_removes: Vec<Request>,
     blocked: VecDeque<PendingAppend>,
@@ -597,7 +675,7 @@ impl Writer {
         }
         if result.is_ok() && sweep {
             self.swept_at = std::time::Instant::now();
-            result = self.sweep_lapsed(&mut b);
+            result = self.sweep_lapsed(&mut b).and_then(|()| self.sweep_expired(&mut b));
         }
         if result.is_ok() {
             result = self.admit_blocked(&mut b);
@@ -707,6 +785,15 @@ impl Writer {
                 b.high_replies.push((reply, self.store.inbox_high()?));
             }
             Request::Counter { name, n } => self.store.add_counter(name, n)?,
+            Request::Attempt { ids } => {
+                for id in ids {
+                    self.store.add_attempt(id)?;
+                }
+            }
+            Request::CountDrop { reason, topic } => {
+                self.store.add_drops(reason, 1)?;
+                b.drops.push(Dropped { id: 0, topic, reason });
+            }
             Request::SetMeta { key, value } => self.store.set_meta(&key, &value)?,
             Request::Meta { key, default, reply } => {
                 let v = match self.store.meta(&key)? {
@@ -740,9 +827,21 @@ impl Writer {
 
     fn try_append(&mut self, p: PendingAppend, b: &mut Batch) -> Result<(), StoreError> {
         let size = p.msg.size();
+        // Keep-latest: the values this one replaces leave first, which may
+        // be all the room it needs.
+        if p.msg.policy.keep_latest {
+            for id in self.store.superseded(&p.msg.topic, p.msg.route.as_deref())? {
+                self.drop_one(id, DropReason::Superseded, b)?;
+            }
+        }
         if let Some(what) = self.over_bounds(size) {
             let alone_too_big = self.config.max_bytes.is_some_and(|m| size > m);
-            match self.config.overflow {
+            let deadline = p.msg.policy.expires_ms.is_some();
+            let policy = match self.config.deadline_overflow {
+                Some(o) if deadline => o,
+                _ => self.config.overflow,
+            };
+            match policy {
                 _ if alone_too_big => {
                     let what = format!("the message alone is {size} bytes, over the bound of {what}");
                     let _ = p.reply.send(Err(AppendError::Full { what }));
@@ -756,11 +855,23 @@ impl Writer {
                     self.blocked.push_back(p);
                     return Ok(());
                 }
-                Overflow::DropOldest => self.drop_oldest_for(size, b)?,
+                Overflow::DropOldest => self.drop_oldest_for(size, deadline, b)?,
+                Overflow::DropNewest => {}
+            }
+            if self.over_bounds(size).is_some() {
+                self.store.add_drops(DropReason::Overflow, 1)?;
+                b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
+                b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() })));
+                return Ok(());
             }
         }
         let id = self.store.insert(&p.msg)?;
         self.last_id = self.last_id.max(id);
+        let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
+        self.newest[prio] = self.newest[prio].max(id);
+        if let Some(e) = p.msg.policy.expires_ms {
+            self.next_expiry = Some(self.next_expiry.map_or(e, |n| n.min(e)));
+        }
         self.totals.count += 1;
         self.totals.bytes += size;
         b.accepted.push((p.reply, Ok(id)));
@@ -770,9 +881,15 @@ impl Writer {
         Ok(())
     }
 
-    fn drop_oldest_for(&mut self, size: u64, b: &mut Batch) -> Result<(), StoreError> {
-        while self.over_bounds(size).is_some() && self.totals.count > 0 {
-            for (id, _) in self.store.oldest(64)? {
+    /// Drops the oldest messages of the class (deadline or not) until
+    /// `size` more bytes fit, or none of the class is left.
+    fn drop_oldest_for(&mut self, size: u64, deadline: bool, b: &mut Batch) -> Result<(), StoreError> {
+        while self.over_bounds(size).is_some() {
+            let oldest = self.store.oldest(64, Some(deadline))?;
+            if oldest.is_empty() {
+                break;
+            }
+            for (id, _) in oldest {
                 if self.over_bounds(size).is_none() {
                     break;
                 }
@@ -853,6 +970,40 @@ impl Writer {
 
     fn sweeps(&self) -> bool {
         self.quorums.iter().any(|q| q.catch_up_ms.is_some())
+            || self.next_expiry.is_some()
+            || (self.config.max_age_ms.is_some() && self.totals.count > 0)
+    }
+
+    /// Deadlines and the age bound: what outlived them leaves, counted as
+    /// `expired` (G3). Checked once a second; a sender also checks the
+    /// deadline before each send, so nothing goes out after it.
+    fn sweep_expired(&mut self, b: &mut Batch) -> Result<(), StoreError> {
+        const PAGE: usize = 4096;
+        let now = crate::now_ms();
+        if self.next_expiry.is_some_and(|e| e <= now) {
+            loop {
+                let ids = self.store.expired(now, PAGE)?;
+                for id in &ids {
+                    self.drop_one(*id, DropReason::Expired, b)?;
+                }
+                if ids.len() < PAGE {
+                    break;
+                }
+            }
+            self.next_expiry = self.store.next_expiry()?;
+        }
+        if let Some(age) = self.config.max_age_ms {
+            let cutoff = now.saturating_sub(age);
+            'pages: while self.store.oldest_created_ms()?.is_some_and(|c| c < cutoff) {
+                for (id, _) in self.store.oldest(PAGE, None)? {
+                    match self.store.entry(id)? {
+                        Some(e) if e.created_ms < cutoff => self.drop_one(id, DropReason::Expired, b)?,
+                        _ => break 'pages,
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Fanout catch-up: a message older than its route's window that some
@@ -898,7 +1049,7 @@ impl Writer {
         // The state first: whoever learns that a message was accepted must
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
-        self.state.send_replace(OutboxState { last_id: self.last_id, totals: self.totals });
+        self.state.send_replace(OutboxState { last_id: self.last_id, totals: self.totals, newest: self.newest });
         for (reply, r) in b.accepted {
             let _ = reply.send(r);
         }
@@ -944,8 +1095,8 @@ impl Writer {
     fn serve_reads(&mut self, reads: Vec<Request>) {
         for r in reads {
             match r {
-                Request::Read { after, limit, slot, reply } => {
-                    let _ = reply.send(self.store.read_after(after, limit, slot));
+                Request::Read { after, limit, slot, priority, reply } => {
+                    let _ = reply.send(self.store.read_after(after, limit, slot, priority));
                 }
                 Request::Query { reply } => {
                     let _ = reply.send(Report::read(self.store.as_mut()));
@@ -1014,6 +1165,8 @@ impl Writer {
                 | Request::Ack { .. }
                 | Request::Broker(_)
                 | Request::Counter { .. }
+                | Request::Attempt { .. }
+                | Request::CountDrop { .. }
                 | Request::SetMeta { .. } => {}
             }
         }

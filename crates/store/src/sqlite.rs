@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
-use crate::{now_ms, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
+use crate::{now_ms, BrokerRecord, Entry, NewMessage, Policy, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const DB_FILE: &str = "outbox.db";
 const LOCK_FILE: &str = "outbox.lock";
 
@@ -27,7 +27,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     size INTEGER NOT NULL,
     route TEXT,
     acks INTEGER NOT NULL DEFAULT 0,
-    done INTEGER NOT NULL DEFAULT 0
+    done INTEGER NOT NULL DEFAULT 0,
+    expires_ms INTEGER,
+    priority INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    latest INTEGER NOT NULL DEFAULT 0
 );
 -- One row per open QoS 2 exchange: (message, broker slot) -> packet id.
 CREATE TABLE IF NOT EXISTS wire (
@@ -75,6 +80,26 @@ ALTER TABLE brokers ADD COLUMN retry_ms INTEGER;
 ALTER TABLE brokers ADD COLUMN active INTEGER NOT NULL DEFAULT 0;
 INSERT OR IGNORE INTO slots (url, slot) SELECT url, 0 FROM brokers ORDER BY since_ms DESC LIMIT 1;
 UPDATE meta SET value = '2' WHERE key = 'format';
+";
+
+/// Format 3 adds the delivery policy of each message: deadline, priority,
+/// retry budget and the attempts so far, keep-latest. Old messages get the
+/// defaults (persistent, priority 0, no budget).
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE outbox ADD COLUMN expires_ms INTEGER;
+ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN max_attempts INTEGER;
+ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN latest INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '3' WHERE key = 'format';
+";
+
+/// Indexes on the format 3 columns, made once the table has them. Partial:
+/// messages without a deadline, keep-latest or priority cost nothing.
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS outbox_expiry ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_latest ON outbox (topic) WHERE latest = 1;
+CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id) WHERE priority != 0;
 ";
 
 /// What opening the outbox found and did about damage.
@@ -267,14 +292,17 @@ fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
             let path = dir.to_owned();
             return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
         }
-        Some(1) => {
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {MIGRATE_1_TO_2} COMMIT;")).inspect_err(|_| {
+        Some(v) if v < FORMAT_VERSION => {
+            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3];
+            let sql: String = steps[(v.max(1) - 1) as usize..].concat();
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {
                 let _ = conn.execute_batch("ROLLBACK");
             })?;
-            tracing::info!(dir = %dir.display(), "outbox converted from format 1 to format 2");
+            tracing::info!(dir = %dir.display(), from = v, to = FORMAT_VERSION, "outbox converted to the current format");
         }
         Some(_) => {}
     }
+    conn.execute_batch(INDEXES)?;
     Ok(())
 }
 
@@ -496,7 +524,12 @@ struct Scan {
 fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     let mut scan = Scan { copied: 0, last: None, complete: false };
     let v1 = old.prepare("SELECT pid FROM outbox LIMIT 0").is_ok();
-    let extra = if v1 { "NULL, 0, 0, pid, stage" } else { "route, acks, done, NULL, NULL" };
+    let v3 = old.prepare("SELECT priority FROM outbox LIMIT 0").is_ok();
+    let extra = match (v1, v3) {
+        (true, _) => "NULL, 0, 0, pid, stage, NULL, 0, NULL, 0, 0",
+        (false, false) => "route, acks, done, NULL, NULL, NULL, 0, NULL, 0, 0",
+        (false, true) => "route, acks, done, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest",
+    };
     let sql = format!(
         "SELECT id, topic, payload, qos, retain, props, created_ms, size, {extra} FROM outbox WHERE id > ?1 ORDER BY id"
     );
@@ -509,14 +542,14 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     loop {
         match rows.next() {
             Ok(Some(r)) => {
-                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..13).map(|i| r.get(i)).collect();
+                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..18).map(|i| r.get(i)).collect();
                 let Ok(v) = values else { return scan };
                 let rusqlite::types::Value::Integer(id) = v[0] else {
                     return scan;
                 };
                 let copied = to.execute(
-                    "INSERT OR IGNORE INTO outbox VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                    rusqlite::params_from_iter(v[..11].iter()),
+                    "INSERT OR IGNORE INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    rusqlite::params_from_iter(v[..11].iter().chain(&v[13..])),
                 );
                 if copied.is_ok() {
                     scan.copied += 1;
@@ -553,9 +586,8 @@ fn stage_from_sql(s: i64) -> Option<Stage> {
     }
 }
 
-const SELECT_MESSAGE: &str =
-    "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL FROM outbox";
-const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage FROM outbox JOIN wire ON wire.id = outbox.id";
+const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest FROM outbox";
+const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest FROM outbox JOIN wire ON wire.id = outbox.id";
 
 /// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`; records that do not
 /// decode are skipped and noted in `unreadable`, so one damaged row never
@@ -605,9 +637,15 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
         props,
         created_ms: r.get(6)?,
         route: r.get(7)?,
+        policy: Policy {
+            expires_ms: r.get(11)?,
+            priority: r.get::<_, u8>(12)?.min(crate::MAX_PRIORITY),
+            max_attempts: r.get(13)?,
+            keep_latest: r.get(15)?,
+        },
     };
     let acks = r.get::<_, i64>(8)? as u64;
-    Ok(Ok(StoredMessage { id, msg, wire, acks }))
+    Ok(Ok(StoredMessage { id, msg, wire, acks, attempts: r.get(14)? }))
 }
 
 impl Store for SqliteStore {
@@ -628,10 +666,23 @@ impl Store for SqliteStore {
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?;
-        let r =
-            stmt.execute(params![m.topic, m.payload, m.qos as u8, m.retain, props, m.created_ms, m.size(), m.route]);
+        let p = &m.policy;
+        let r = stmt.execute(params![
+            m.topic,
+            m.payload,
+            m.qos as u8,
+            m.retain,
+            props,
+            m.created_ms,
+            m.size(),
+            m.route,
+            p.expires_ms,
+            p.priority,
+            p.max_attempts,
+            p.keep_latest
+        ]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
         Ok(self.conn.last_insert_rowid() as u64)
@@ -639,7 +690,7 @@ impl Store for SqliteStore {
 
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT topic, route, acks, done, size, created_ms, (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1",
+            "SELECT topic, route, acks, done, size, created_ms, (SELECT count(*) FROM wire WHERE wire.id = ?1), expires_ms FROM outbox WHERE id = ?1",
         )?;
         let r = stmt.query_row([id], |r| {
             Ok(Entry {
@@ -650,6 +701,7 @@ impl Store for SqliteStore {
                 size: r.get(4)?,
                 created_ms: r.get(5)?,
                 bindings: r.get(6)?,
+                expires_ms: r.get(7)?,
             })
         });
         Ok(r.optional()?)
@@ -699,10 +751,66 @@ impl Store for SqliteStore {
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError> {
-        let sql = format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2");
+    fn read_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
-        read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask])
+        let sql = match priority {
+            None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
+            Some(_) => format!(
+                "{SELECT_MESSAGE} WHERE priority = ?4 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+            ),
+        };
+        match priority {
+            None => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
+            Some(p) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask, p]),
+        }
+    }
+
+    fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT 0, max(id) FROM outbox WHERE done = 0 AND priority = 0 UNION ALL SELECT priority, max(id) FROM outbox WHERE done = 0 AND priority != 0 GROUP BY priority",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, u8>(0)?, r.get::<_, Option<u64>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let (p, Some(id)) = row? {
+                out.push((p.min(crate::MAX_PRIORITY), id));
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_attempt(&mut self, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM outbox WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY expires_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
+        let sql = "SELECT min(expires_ms) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id)";
+        Ok(self.conn.query_row(sql, [], |r| r.get(0))?)
+    }
+
+    fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM outbox WHERE topic = ?1 AND latest = 1 AND route IS ?2 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![topic, route], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
@@ -710,9 +818,11 @@ impl Store for SqliteStore {
         read_messages(&self.conn, &mut self.unreadable, &sql, [slot])
     }
 
-    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT id, size FROM outbox WHERE done = 0 ORDER BY id LIMIT ?1")?;
-        let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, size FROM outbox WHERE done = 0 AND (?2 IS NULL OR (expires_ms IS NOT NULL) = ?2) ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64, deadline], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -1,12 +1,14 @@
 use std::time::Duration;
 
 use steadfast_core::DropReason;
-use steadfast_store::{AppendError, Delivery, MemoryStore, Outbox, OutboxConfig, Overflow};
+use steadfast_store::{
+    AppendError, Delivery, MemoryStore, NewMessage, Outbox, OutboxConfig, Overflow, Policy, SqliteStore, Store,
+};
 
 use crate::{block_on, msg};
 
 fn outbox(max_messages: u64, overflow: Overflow) -> Outbox {
-    let cfg = OutboxConfig { max_messages: Some(max_messages), max_bytes: None, overflow };
+    let cfg = OutboxConfig { max_messages: Some(max_messages), overflow, ..OutboxConfig::default() };
     Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap()
 }
 
@@ -37,7 +39,8 @@ fn drop_oldest_makes_room_and_counts_every_drop() {
         assert_eq!(delivery.unwrap().await.unwrap(), Delivery::Dropped(DropReason::Overflow));
         let d = drops.recv().await.unwrap();
         assert_eq!((d.id, d.reason), (first, DropReason::Overflow));
-        let left: Vec<Vec<u8>> = o.read_after(0, 10, None).await.unwrap().into_iter().map(|m| m.msg.payload).collect();
+        let left: Vec<Vec<u8>> =
+            o.read_after(0, 10, None, None).await.unwrap().into_iter().map(|m| m.msg.payload).collect();
         assert_eq!(left, vec![b"2".to_vec(), b"3".to_vec(), b"4".to_vec()]);
         let report = o.report().await.unwrap();
         assert!(report.drops.contains(&(DropReason::Overflow, 2)), "{:?}", report.drops);
@@ -56,7 +59,7 @@ fn block_waits_for_room_and_keeps_order() {
         o.remove(vec![a], Delivery::Delivered);
         let c = c.await.unwrap();
         assert!(tokio::time::timeout(Duration::from_millis(100), d).await.is_err(), "d still waits");
-        let page = o.read_after(0, 10, None).await.unwrap();
+        let page = o.read_after(0, 10, None, None).await.unwrap();
         assert_eq!(page.last().unwrap().id, c);
         assert_eq!(o.state().totals.count, 2);
     });
@@ -65,11 +68,172 @@ fn block_waits_for_room_and_keeps_order() {
 #[test]
 fn bytes_are_bounded_too() {
     block_on(async {
-        let cfg = OutboxConfig { max_messages: None, max_bytes: Some(100), overflow: Overflow::Reject };
+        let cfg = OutboxConfig { max_bytes: Some(100), overflow: Overflow::Reject, ..OutboxConfig::default() };
         let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
         o.append(msg("t", vec![0u8; 60]), false).0.await.unwrap();
         assert!(o.append(msg("t", vec![0u8; 60]), false).0.await.is_err());
         let err = o.append(msg("t", vec![0u8; 500]), false).0.await.unwrap_err();
         assert!(err.to_string().contains("alone"), "{err}");
     });
+}
+
+fn with(m: NewMessage, policy: Policy) -> NewMessage {
+    NewMessage { policy, ..m }
+}
+
+fn deadline(topic: &str, payload: &str, expires_ms: u64) -> NewMessage {
+    with(msg(topic, payload), Policy { expires_ms: Some(expires_ms), ..Policy::default() })
+}
+
+fn payloads(page: Vec<steadfast_store::StoredMessage>) -> Vec<String> {
+    page.into_iter().map(|m| String::from_utf8(m.msg.payload).unwrap()).collect()
+}
+
+#[test]
+fn drop_newest_keeps_the_queue_and_counts_the_newcomer() {
+    block_on(async {
+        let o = outbox(2, Overflow::DropNewest);
+        let mut drops = o.subscribe_drops();
+        for i in 0..2 {
+            o.append(msg("t", format!("{i}")), false).0.await.unwrap();
+        }
+        let err = o.append(msg("t/new", "2"), false).0.await.unwrap_err();
+        assert!(matches!(err, AppendError::Dropped { policy: "drop-newest", .. }), "{err}");
+        assert!(err.to_string().contains("2 messages"), "{err}");
+        let d = drops.recv().await.unwrap();
+        assert_eq!((d.topic.as_str(), d.reason), ("t/new", DropReason::Overflow));
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["0", "1"]);
+        let report = o.report().await.unwrap();
+        assert!(report.drops.contains(&(DropReason::Overflow, 1)), "{:?}", report.drops);
+    });
+}
+
+/// Drop-oldest evicts only messages of the newcomer's class: telemetry
+/// with a deadline never pushes out a persistent alarm.
+#[test]
+fn drop_oldest_stays_within_the_class() {
+    block_on(async {
+        let cfg = OutboxConfig { max_messages: Some(3), overflow: Overflow::DropOldest, ..OutboxConfig::default() };
+        let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
+        let far = u64::MAX / 2;
+        o.append(msg("alarm", "a0"), false).0.await.unwrap();
+        o.append(deadline("temp", "t0", far), false).0.await.unwrap();
+        o.append(deadline("temp", "t1", far), false).0.await.unwrap();
+        o.append(deadline("temp", "t2", far), false).0.await.unwrap();
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["a0", "t1", "t2"]);
+        // A persistent newcomer finds only one of its class to evict.
+        o.append(msg("alarm", "a1"), false).0.await.unwrap();
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["t1", "t2", "a1"]);
+        // No persistent message left to evict for... a deadline class one
+        // evicts its own.
+        o.append(deadline("temp", "t3", far), false).0.await.unwrap();
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["t2", "a1", "t3"]);
+        let report = o.report().await.unwrap();
+        assert!(report.drops.contains(&(DropReason::Overflow, 3)), "{:?}", report.drops);
+    });
+}
+
+/// Per class: deadline messages drop-oldest, persistent ones are rejected.
+#[test]
+fn each_class_has_its_own_overflow_policy() {
+    block_on(async {
+        let cfg = OutboxConfig {
+            max_messages: Some(2),
+            overflow: Overflow::Reject,
+            deadline_overflow: Some(Overflow::DropOldest),
+            ..OutboxConfig::default()
+        };
+        let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
+        let far = u64::MAX / 2;
+        o.append(msg("alarm", "a0"), false).0.await.unwrap();
+        o.append(deadline("temp", "t0", far), false).0.await.unwrap();
+        assert!(matches!(o.append(msg("alarm", "a1"), false).0.await, Err(AppendError::Full { .. })));
+        o.append(deadline("temp", "t1", far), false).0.await.unwrap();
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["a0", "t1"]);
+    });
+}
+
+#[test]
+fn deadlines_and_the_age_bound_expire_messages() {
+    block_on(async {
+        let cfg = OutboxConfig { max_age_ms: Some(60_000), ..OutboxConfig::default() };
+        let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
+        let mut drops = o.subscribe_drops();
+        let now = steadfast_store::now_ms();
+        o.append(NewMessage { created_ms: now - 120_000, ..msg("old", "o") }, false).0.await.unwrap();
+        o.append(NewMessage { created_ms: now, ..deadline("soon", "s", now + 300) }, false).0.await.unwrap();
+        o.append(NewMessage { created_ms: now, ..deadline("later", "l", now + 3_600_000) }, false).0.await.unwrap();
+        o.append(NewMessage { created_ms: now, ..msg("keep", "k") }, false).0.await.unwrap();
+        let mut reasons = Vec::new();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(5), drops.recv()).await.expect("a sweep").unwrap();
+            reasons.push((d.topic, d.reason));
+        }
+        reasons.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(reasons, [("old".to_string(), DropReason::Expired), ("soon".to_string(), DropReason::Expired)]);
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["l", "k"]);
+        let report = o.report().await.unwrap();
+        assert!(report.drops.contains(&(DropReason::Expired, 2)), "{:?}", report.drops);
+    });
+}
+
+#[test]
+fn keep_latest_leaves_one_value_per_topic_and_route() {
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let latest = Policy { keep_latest: true, ..Policy::default() };
+        let (_, first) = o.append(with(msg("temp/1", "10"), latest), true);
+        for v in ["11", "12"] {
+            o.append(with(msg("temp/1", v), latest), false).0.await.unwrap();
+        }
+        o.append(with(msg("temp/2", "20"), latest), false).0.await.unwrap();
+        o.append(msg("temp/1", "plain"), false).0.await.unwrap();
+        let routed = NewMessage { route: Some("cloud".into()), ..with(msg("temp/1", "r"), latest) };
+        o.append(routed, false).0.await.unwrap();
+        o.append(with(msg("temp/1", "13"), latest), false).0.await.unwrap();
+        assert_eq!(first.unwrap().await.unwrap(), Delivery::Dropped(DropReason::Superseded));
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["20", "plain", "r", "13"]);
+        let report = o.report().await.unwrap();
+        assert!(report.drops.contains(&(DropReason::Superseded, 3)), "{:?}", report.drops);
+    });
+}
+
+#[test]
+fn each_priority_is_read_on_its_own_and_tracked_in_the_state() {
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let urgent = Policy { priority: 7, ..Policy::default() };
+        let mut ids = Vec::new();
+        for (i, p) in [0, 7, 0, 7].into_iter().enumerate() {
+            let m = with(msg("t", format!("{i}")), if p == 7 { urgent } else { Policy::default() });
+            ids.push(o.append(m, false).0.await.unwrap());
+        }
+        assert_eq!(payloads(o.read_after(0, 10, None, Some(7)).await.unwrap()), ["1", "3"]);
+        assert_eq!(payloads(o.read_after(0, 10, None, Some(0)).await.unwrap()), ["0", "2"]);
+        let s = o.state();
+        assert_eq!((s.newest[0], s.newest[7], s.newest[1]), (ids[2], ids[3], 0));
+    });
+}
+
+/// Policies and attempts survive a restart of the SQLite store.
+#[test]
+fn policies_and_attempts_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Policy { expires_ms: Some(u64::MAX / 4), max_attempts: Some(3), keep_latest: true, priority: 5 };
+    let id = {
+        let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+        s.begin().unwrap();
+        let id = s.insert(&with(msg("t", "x"), policy)).unwrap();
+        s.add_attempt(id).unwrap();
+        s.add_attempt(id).unwrap();
+        s.commit().unwrap();
+        id
+    };
+    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    let m = s.read_after(0, 10, None, Some(5)).unwrap().remove(0);
+    assert_eq!((m.id, m.msg.policy, m.attempts), (id, policy, 2));
+    assert_eq!(s.newest_by_priority().unwrap(), [(5, id)]);
+    assert_eq!(s.next_expiry().unwrap(), policy.expires_ms);
+    assert_eq!(s.superseded("t", None).unwrap(), [id]);
+    assert!(s.read_after(0, 10, None, Some(0)).unwrap().is_empty());
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
-use steadfast_store::{SqliteStore, Store};
+use steadfast_store::{Policy, SqliteStore, Store};
 
 use crate::msg;
 
@@ -14,8 +14,9 @@ fn fixture(format: u32) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/outbox-format-{format}"))
 }
 
-/// Both fixtures hold the same messages: a QoS 1 one, a retained QoS 2 one
+/// Every fixture holds the same messages: a QoS 1 one, a retained QoS 2 one
 /// with properties bound to packet id 7 (released), and a removed one.
+/// From format 3 on, the QoS 2 one has a delivery policy too.
 fn write_fixture(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     let (mut s, _) = SqliteStore::open(dir).unwrap();
@@ -31,6 +32,7 @@ fn write_fixture(dir: &Path) {
         ..Properties::default()
     };
     with_props.route = Some("home".into());
+    with_props.policy = policy_3();
     let id = s.insert(&with_props).unwrap();
     assert_eq!(s.assign_slots(&["mqtt://127.0.0.1:1883".into()]).unwrap(), vec![0]);
     s.set_wire(0, id, Some((7, Stage::Released))).unwrap();
@@ -40,6 +42,10 @@ fn write_fixture(dir: &Path) {
     s.commit().unwrap();
     drop(s);
     let _ = std::fs::remove_file(dir.join("outbox.lock"));
+}
+
+fn policy_3() -> Policy {
+    Policy { expires_ms: Some(4_000_000_000_000), max_attempts: Some(5), keep_latest: true, priority: 4 }
 }
 
 fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
@@ -53,8 +59,8 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("2"));
-    let all = s.read_after(0, 10, None).unwrap();
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("3"));
+    let all = s.read_after(0, 10, None, None).unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!((all[0].id, all[0].msg.topic.as_str(), all[0].msg.payload.as_slice()), (1, "plain/qos1", &b"hello"[..]));
     let m = &all[1];
@@ -75,15 +81,25 @@ fn check_common(s: &mut SqliteStore) {
 fn converts_an_outbox_written_by_format_1() {
     let (_dir, mut s) = open_copy(1);
     check_common(&mut s);
-    assert_eq!(s.read_after(0, 10, None).unwrap()[1].msg.route, None, "format 1 had no routes");
+    assert_eq!(s.read_after(0, 10, None, None).unwrap()[1].msg.route, None, "format 1 had no routes");
 }
 
 #[test]
 fn reads_an_outbox_written_by_format_2() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture(2));
-    }
     let (_dir, mut s) = open_copy(2);
     check_common(&mut s);
-    assert_eq!(s.read_after(0, 10, None).unwrap()[1].msg.route.as_deref(), Some("home"));
+    let m = s.read_after(0, 10, None, None).unwrap().remove(1);
+    assert_eq!(m.msg.route.as_deref(), Some("home"));
+    assert_eq!((m.msg.policy, m.attempts), (Policy::default(), 0), "format 2 messages are persistent");
+}
+
+#[test]
+fn reads_an_outbox_written_by_format_3() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(3));
+    }
+    let (_dir, mut s) = open_copy(3);
+    check_common(&mut s);
+    let m = s.read_after(0, 10, None, None).unwrap().remove(1);
+    assert_eq!((m.msg.route.as_deref(), m.msg.policy), (Some("home"), policy_3()));
 }

@@ -10,7 +10,7 @@ mod quorum;
 mod recovery;
 
 use steadfast_core::{Properties, Qos};
-use steadfast_store::NewMessage;
+use steadfast_store::{NewMessage, Policy};
 
 pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
     NewMessage {
@@ -21,6 +21,7 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
         props: Properties::default(),
         created_ms: 1_700_000_000_000,
         route: None,
+        policy: Policy::default(),
     }
 }
 

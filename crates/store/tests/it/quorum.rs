@@ -28,8 +28,8 @@ fn ack_all_waits_for_every_member_and_each_reads_only_what_it_lacks() {
         let (id, delivered) = o.append(msg("t", "x"), true);
         let id = id.await.unwrap();
         o.ack(a, vec![id]);
-        assert_eq!(o.read_after(0, 10, Some(a)).await.unwrap().len(), 0, "A has it");
-        assert_eq!(o.read_after(0, 10, Some(b)).await.unwrap().len(), 1, "B still needs it");
+        assert_eq!(o.read_after(0, 10, Some(a), None).await.unwrap().len(), 0, "A has it");
+        assert_eq!(o.read_after(0, 10, Some(b), None).await.unwrap().len(), 1, "B still needs it");
         assert_eq!(o.state().totals.count, 1, "queued until B acknowledges");
         o.ack(b, vec![id]);
         assert_eq!(delivered.unwrap().await.unwrap(), Delivery::Delivered);
@@ -44,14 +44,14 @@ fn a_delivered_message_stays_on_disk_while_another_broker_holds_its_qos2_exchang
         let id = o.append(msg("t", "x"), false).0.await.unwrap();
         o.set_wire(b, vec![(id, Some((5, Stage::Published)))]).await.unwrap();
         o.ack(a, vec![id]);
-        assert!(o.read_after(0, 10, Some(b)).await.unwrap().is_empty(), "nothing new to send to B");
+        assert!(o.read_after(0, 10, Some(b), None).await.unwrap().is_empty(), "nothing new to send to B");
         assert_eq!(o.state().totals.count, 0, "delivered through A (the read came after the commit)");
         let bound = o.bound(b).await.unwrap();
         assert_eq!(bound.iter().map(|m| (m.id, m.wire)).collect::<Vec<_>>(), vec![(id, Some((5, Stage::Published)))]);
         // B completes its exchange: the row goes.
         o.ack(b, vec![id]);
         assert!(o.bound(b).await.unwrap().is_empty());
-        assert_eq!(o.read_after(0, 10, None).await.unwrap().len(), 0);
+        assert_eq!(o.read_after(0, 10, None, None).await.unwrap().len(), 0);
     });
 }
 

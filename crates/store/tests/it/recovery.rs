@@ -20,7 +20,7 @@ fn fill(dir: &Path, n: usize, payload: usize) {
 }
 
 fn payload_ids(store: &mut SqliteStore) -> Vec<u64> {
-    store.read_after(0, usize::MAX >> 1, None).unwrap().into_iter().map(|m| m.id).collect()
+    store.read_after(0, usize::MAX >> 1, None, None).unwrap().into_iter().map(|m| m.id).collect()
 }
 
 #[test]
@@ -29,7 +29,7 @@ fn accepted_messages_survive_a_reopen_in_order() {
     fill(dir.path(), 5000, 20);
     let (mut store, report) = SqliteStore::open(dir.path()).unwrap();
     assert!(report.is_clean());
-    let all = store.read_after(0, 10_000, None).unwrap();
+    let all = store.read_after(0, 10_000, None, None).unwrap();
     assert_eq!(all.len(), 5000);
     for (i, m) in all.iter().enumerate() {
         assert_eq!(m.id, i as u64 + 1);
@@ -170,7 +170,7 @@ fn an_unreadable_record_leaves_the_outbox_counted_as_corrupt_and_blocks_nothing(
     let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
     block_on(async {
         let mut drops = o.subscribe_drops();
-        let ids: Vec<u64> = o.read_after(0, 10, None).await.unwrap().into_iter().map(|m| m.id).collect();
+        let ids: Vec<u64> = o.read_after(0, 10, None, None).await.unwrap().into_iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1, 3], "the damaged record is skipped, the ones behind it are not");
         let d = drops.recv().await.unwrap();
         assert_eq!((d.id, d.reason), (2, steadfast_core::DropReason::Corrupt));

@@ -13,6 +13,9 @@ pub struct Cli {
     /// Debug logging on stderr (RUST_LOG overrides).
     #[arg(short = 'd', long, global = true)]
     pub debug: bool,
+    /// Log format on stderr: human or json (one object per line).
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "human")]
+    pub log_format: String,
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help, global = true)]
     help: Option<bool>,
@@ -124,18 +127,45 @@ pub struct PubArgs {
     /// How long to wait for delivery (e.g. 30s, 5m); then exit 3, rest kept on disk.
     #[arg(long, value_name = "DURATION")]
     pub wait_timeout: Option<String>,
-    /// Outbox bound in messages.
-    #[arg(long, value_name = "COUNT")]
-    pub max_queue: Option<u64>,
-    /// Outbox bound in bytes (e.g. 100MB).
+    /// Outbox bound: a message count (10000) or a size (100MB); repeat for both.
+    #[arg(long, value_name = "COUNT|SIZE")]
+    pub max_queue: Vec<String>,
+    /// Outbox bound in bytes (e.g. 100MB); same as --max-queue SIZE.
     #[arg(long, value_name = "SIZE")]
     pub max_queue_bytes: Option<String>,
-    /// What to do when the outbox is full: block, reject or drop-oldest.
-    #[arg(long, default_value = "block")]
+    /// Outbox bound in age: older messages leave, counted as expired (e.g. 7d).
+    #[arg(long, value_name = "DURATION")]
+    pub max_age: Option<String>,
+    /// When the outbox is full: block, reject, drop-oldest or drop-newest.
+    #[arg(long, value_name = "POLICY", default_value = "block")]
     pub overflow: String,
-    /// Shortest and longest reconnect delay, MIN..MAX (e.g. 100ms..30s).
-    #[arg(long, default_value = "100ms..30s")]
+    /// The overflow policy of deadline-class messages, if not --overflow's.
+    #[arg(long, value_name = "POLICY")]
+    pub deadline_overflow: Option<String>,
+    /// Delivery class: persistent (retried until delivered), deadline (with --ttl) or best-effort (never stored).
+    #[arg(long, value_name = "CLASS", default_value = "persistent")]
+    pub class: String,
+    /// Deadline class: time to live (e.g. 15s); then the message is dropped as expired.
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+    /// Retry budget: at most N sends per message, then it is dropped as budget.
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+    /// Keep only the newest undelivered message per topic (older ones are dropped as superseded).
+    #[arg(long)]
+    pub keep_latest: bool,
+    /// Priority 0 (default) to 9: higher priorities are sent first after an outage.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub priority: u8,
+    /// Reconnect backoff: default (100ms..30s), battery (30s..15m, at most 12 attempts an hour) or MIN..MAX.
+    #[arg(long, value_name = "PROFILE", default_value = "default")]
     pub backoff: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Progress bar on stderr: auto (when stderr is a terminal), always or never.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub progress: String,
     /// Start a fresh session instead of resuming one.
     #[arg(long)]
     pub clean: bool,
@@ -205,6 +235,18 @@ pub struct SubArgs {
     /// Most unacknowledged messages in flight per broker (MQTT 5 receive maximum).
     #[arg(long, default_value_t = 256)]
     pub max_inflight: u16,
+    /// Inbox bound: identities remembered at most (the oldest are forgotten first).
+    #[arg(long, value_name = "COUNT", default_value_t = 1_000_000)]
+    pub inbox_max: u64,
+    /// Inbox bound in age: identities handled longer ago are forgotten.
+    #[arg(long, value_name = "DURATION", default_value = "7d")]
+    pub inbox_max_age: String,
+    /// Reconnect backoff: default, battery or MIN..MAX.
+    #[arg(long, value_name = "PROFILE", default_value = "default")]
+    pub backoff: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    BackoffConfig, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, ProtocolVersion,
-    PublishError, Qos,
+    AppendError, BackoffConfig, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow,
+    Policy, ProtocolVersion, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -42,6 +42,8 @@ struct Options {
     no_wait: bool,
     wait_timeout: Option<Duration>,
     summary: bool,
+    metrics: Option<std::net::SocketAddr>,
+    progress: bool,
 }
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -104,26 +106,40 @@ impl Options {
         };
         let qos = parse_qos(a.qos).map_err(usage)?;
         let version = parse_version(&a.conn.version).map_err(usage)?;
-        let overflow = match a.overflow.as_str() {
-            "block" => Overflow::Block,
-            "reject" => Overflow::Reject,
-            "drop-oldest" => Overflow::DropOldest,
-            o => return Err(usage(format!("overflow policy `{o}` is unknown; use block, reject or drop-oldest"))),
-        };
-        let max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
-        if a.max_queue == Some(0) || max_bytes == Some(0) {
+        let overflow = parse_overflow("--overflow", &a.overflow)?;
+        let deadline_overflow =
+            a.deadline_overflow.as_deref().map(|o| parse_overflow("--deadline-overflow", o)).transpose()?;
+        let mut max_messages = None;
+        let mut max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
+        for q in &a.max_queue {
+            if q.chars().all(|c| c.is_ascii_digit()) {
+                max_messages = Some(q.parse::<u64>().map_err(|_| usage(format!("--max-queue {q} is too large"))))
+                    .transpose()?;
+            } else {
+                max_bytes = Some(parse_size(q).map_err(|e| usage(format!("--max-queue: {e}")))?);
+            }
+        }
+        if max_messages == Some(0) || max_bytes == Some(0) {
             return Err(usage("an outbox bound of 0 would hold nothing; give a bound of at least 1, or none"));
         }
+        let max_age = a.max_age.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--max-age: {e}")))?;
         let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;
         let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
-        let (min, max) = a
-            .backoff
-            .split_once("..")
-            .ok_or_else(|| usage(format!("backoff `{}` must be MIN..MAX, e.g. 100ms..30s", a.backoff)))?;
-        let backoff = BackoffConfig {
-            min: parse_duration(min).map_err(usage)?,
-            max: parse_duration(max).map_err(usage)?,
-            ..BackoffConfig::default()
+        let backoff = BackoffConfig::parse(&a.backoff).map_err(|e| usage(format!("--backoff: {e}")))?;
+        let ttl = a.ttl.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--ttl: {e}")))?;
+        let policy = Policy {
+            class: Class::parse(&a.class, ttl).map_err(usage)?,
+            max_attempts: a.max_attempts,
+            keep_latest: a.keep_latest,
+            priority: a.priority,
+        };
+        policy.validate().map_err(usage)?;
+        let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
+        let progress = match a.progress.as_str() {
+            "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            "always" => true,
+            "never" => false,
+            o => return Err(usage(format!("--progress `{o}`: use auto, always or never"))),
         };
         let id = a.id.clone().unwrap_or_else(default_client_id);
         let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
@@ -135,7 +151,14 @@ impl Options {
             .clean_start(a.clean)
             .session_expiry(session_expiry)
             .backoff(backoff)
-            .outbox(OutboxConfig { max_messages: a.max_queue, max_bytes, overflow });
+            .policy(policy)
+            .outbox(OutboxConfig {
+                max_messages,
+                max_bytes,
+                max_age_ms: max_age.map(|d| d.as_millis() as u64),
+                overflow,
+                deadline_overflow,
+            });
         config = a.conn.apply(config).map_err(usage)?;
         for (name, set) in routes {
             config = config.route(name, set);
@@ -153,8 +176,15 @@ impl Options {
             no_wait: a.no_wait,
             wait_timeout,
             summary: a.summary,
+            metrics,
+            progress,
         })
     }
+}
+
+fn parse_overflow(flag: &str, s: &str) -> Result<Overflow, Failure> {
+    Overflow::parse(s)
+        .ok_or_else(|| usage(format!("{flag} `{s}` is unknown; use block, reject, drop-oldest or drop-newest")))
 }
 
 /// Enqueues messages with a bounded number awaiting their disk sync.

@@ -95,14 +95,20 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     if a.max_inflight == 0 {
         return Err(usage("--max-inflight 0 would receive nothing; use 1 or more"));
     }
+    let inbox_age = parse_duration(&a.inbox_max_age).map_err(|e| usage(format!("--inbox-max-age: {e}")))?;
+    let backoff = BackoffConfig::parse(&a.backoff).map_err(|e| usage(format!("--backoff: {e}")))?;
     let mut client = ClientConfig::new(id, urls[0].clone(), dir)
         .brokers(BrokerSet::new(urls))
         .envelope(a.envelope)
         .clean_start(a.clean)
         .session_expiry(session_expiry)
-        .max_inflight(a.max_inflight);
+        .max_inflight(a.max_inflight)
+        .backoff(backoff);
     client = a.conn.apply(client).map_err(usage)?;
-    let mut cfg = ConsumerConfig::new(client).inbox(!a.no_dedup).gap_timeout(gap_timeout);
+    let mut cfg = ConsumerConfig::new(client)
+        .inbox(!a.no_dedup)
+        .gap_timeout(gap_timeout)
+        .inbox_window(inbox_age, a.inbox_max);
     for t in &a.topics {
         cfg = cfg.topic(t.clone(), qos);
     }

@@ -13,8 +13,9 @@ use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ClientConfig;
-use crate::driver::{BrokerShared, Driver, Place};
+use crate::driver::{BrokerShared, Direct, Driver, Place, DIRECT_QUEUE};
 use crate::error::{ConfigError, ConnectError, OpenError, PublishError};
+use crate::policy::{Class, Policy};
 use crate::router::Router;
 
 /// A message to publish.
@@ -32,6 +33,15 @@ pub struct Message {
     pub props: Properties,
     /// The named broker set it goes to (`None`: the default set).
     pub route: Option<String>,
+    /// Its delivery class (`None`: the route's or client's default).
+    pub class: Option<Class>,
+    /// Its retry budget (`None`: the default; `Some(0)`: no budget).
+    pub max_attempts: Option<u32>,
+    /// Keep only the newest undelivered value of its topic (`None`: the
+    /// default).
+    pub keep_latest: Option<bool>,
+    /// Its priority, 0 to 9 (`None`: the default).
+    pub priority: Option<u8>,
 }
 
 impl Message {
@@ -44,6 +54,10 @@ impl Message {
             retain: false,
             props: Properties::default(),
             route: None,
+            class: None,
+            max_attempts: None,
+            keep_latest: None,
+            priority: None,
         }
     }
     /// Sets the QoS.
@@ -65,6 +79,44 @@ impl Message {
     pub fn route(mut self, name: impl Into<String>) -> Self {
         self.route = Some(name.into());
         self
+    }
+    /// Sets its delivery class.
+    pub fn class(mut self, class: Class) -> Self {
+        self.class = Some(class);
+        self
+    }
+    /// The deadline class with this time to live.
+    pub fn ttl(self, ttl: Duration) -> Self {
+        self.class(Class::Deadline(ttl))
+    }
+    /// At most `n` sends (0: no budget, whatever the default).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+    /// Keep only the newest undelivered value of its topic.
+    pub fn keep_latest(mut self, on: bool) -> Self {
+        self.keep_latest = Some(on);
+        self
+    }
+    /// Its priority, 0 (default) to 9: higher goes first after an outage.
+    pub fn priority(mut self, p: u8) -> Self {
+        self.priority = Some(p);
+        self
+    }
+
+    /// Its policy: its own settings over the `default`.
+    fn policy(&self, default: Policy) -> Policy {
+        Policy {
+            class: self.class.unwrap_or(default.class),
+            max_attempts: match self.max_attempts {
+                Some(0) => None,
+                Some(n) => Some(n),
+                None => default.max_attempts,
+            },
+            keep_latest: self.keep_latest.unwrap_or(default.keep_latest),
+            priority: self.priority.unwrap_or(default.priority),
+        }
     }
 }
 
@@ -270,6 +322,8 @@ struct Inner {
     events: broadcast::Sender<Event>,
     first_events: Mutex<Option<broadcast::Receiver<Event>>>,
     brokers: Vec<Arc<BrokerShared>>,
+    /// Per broker: the way in for best-effort messages.
+    direct: Vec<tokio::sync::mpsc::Sender<Direct>>,
     router: Arc<Router>,
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -327,9 +381,12 @@ impl Client {
         let router = Arc::new(Router::new(&cfg, events.clone()));
         let mut tasks = vec![tokio::spawn(router.clone().run(stop_rx.clone()))];
         let mut brokers = Vec::new();
+        let mut direct = Vec::new();
         for (index, (url, slot)) in urls.into_iter().zip(slots).enumerate() {
             let shared = Arc::new(BrokerShared::new(&url));
-            let place = Place { index, slot, url, router: router.clone() };
+            let (tx, rx) = tokio::sync::mpsc::channel(DIRECT_QUEUE);
+            direct.push(tx);
+            let place = Place { index, slot, url, router: router.clone(), direct: rx };
             let d = Driver::new(
                 cfg.clone(),
                 place,
@@ -342,11 +399,25 @@ impl Client {
             tasks.push(tokio::spawn(d.run()));
             brokers.push(shared);
         }
-        tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx)));
+        tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx.clone())));
         let first_events = Mutex::new(Some(first_events));
-        let inner =
-            Inner { cfg, outbox, producer, events, first_events, brokers, router, stop, tasks: Mutex::new(tasks) };
-        Ok(Client { inner: Arc::new(inner) })
+        let inner = Inner {
+            cfg,
+            outbox,
+            producer,
+            events,
+            first_events,
+            brokers,
+            direct,
+            router,
+            stop,
+            tasks: Mutex::new(tasks),
+        };
+        let client = Client { inner: Arc::new(inner) };
+        let weak = Arc::downgrade(&client.inner);
+        let ticker = tokio::spawn(export_every_second(weak, stop_rx));
+        client.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(ticker);
+        Ok(client)
     }
 
     /// The producer id and the broker slots; refuses an outbox holding
@@ -377,12 +448,15 @@ impl Client {
         Ok((producer.into(), slots))
     }
 
-    fn check(&self, msg: &Message) -> Result<(), PublishError> {
+    /// Checks a message and works out its policy.
+    fn check(&self, msg: &Message) -> Result<Policy, PublishError> {
         validate_topic_name(&msg.topic)?;
         if !self.inner.router.knows(msg.route.as_deref()) {
             return Err(PublishError::UnknownRoute(msg.route.clone().unwrap_or_default()));
         }
         msg.props.validate().map_err(PublishError::Properties)?;
+        let policy = msg.policy(self.inner.cfg.policy_for(msg.route.as_deref()));
+        policy.validate().map_err(PublishError::Policy)?;
         // When a broker told us its limit, refuse what it can never take
         // before accepting it. An approximate size errs on the safe side:
         // fixed header, topic, packet id, properties and identity.
@@ -401,36 +475,88 @@ impl Client {
                 return Err(PublishError::TooLarge { topic: msg.topic.clone(), size, max });
             }
         }
-        Ok(())
+        Ok(policy)
     }
 
-    fn to_new(msg: Message) -> NewMessage {
+    fn to_new(msg: Message, policy: Policy) -> NewMessage {
+        let created_ms = now_ms();
         NewMessage {
             topic: msg.topic,
             payload: msg.payload,
             qos: msg.qos,
             retain: msg.retain,
             props: msg.props,
-            created_ms: now_ms(),
+            created_ms,
             route: msg.route,
+            policy: policy.stored(created_ms),
         }
     }
 
     /// Queues a message without waiting: the future resolves with its id
-    /// once it is on disk. Many enqueued together share one disk sync.
+    /// once it is on disk. Many enqueued together share one disk sync. A
+    /// best-effort message is never stored: it resolves at once with id 0
+    /// (sent if a broker that takes it is connected, otherwise counted as
+    /// dropped).
     pub fn enqueue(&self, msg: Message) -> Result<AcceptFuture, PublishError> {
-        self.check(&msg)?;
-        Ok(self.inner.outbox.append(Self::to_new(msg), false).0)
+        let policy = self.check(&msg)?;
+        if policy.class == Class::BestEffort {
+            self.send_now(Self::to_new(msg, policy), None);
+            return Ok(AcceptFuture::ready(Ok(0)));
+        }
+        Ok(self.inner.outbox.append(Self::to_new(msg, policy), false).0)
     }
 
     /// Publishes a message: returns once it is accepted (on disk); the
-    /// receipt tells when it is delivered.
+    /// receipt tells when it is delivered. A best-effort message returns at
+    /// once, with sequence number 0 (it has no identity); its receipt tells
+    /// whether it was written to a broker or dropped.
     pub async fn publish(&self, msg: Message) -> Result<Receipt, PublishError> {
-        self.check(&msg)?;
-        let (accepted, delivered) = self.inner.outbox.append(Self::to_new(msg), true);
+        let policy = self.check(&msg)?;
+        if policy.class == Class::BestEffort {
+            let (tx, delivered) = oneshot::channel();
+            self.send_now(Self::to_new(msg, policy), Some(tx));
+            let identity = Identity { producer: self.inner.producer.to_string(), seq: 0 };
+            return Ok(Receipt { identity, delivered });
+        }
+        let (accepted, delivered) = self.inner.outbox.append(Self::to_new(msg, policy), true);
         let id = accepted.await?;
         let identity = Identity { producer: self.inner.producer.to_string(), seq: id };
         Ok(Receipt { identity, delivered: delivered.expect("tracked") })
+    }
+
+    /// Best-effort: hands the message to every connected broker that would
+    /// take it now (the active one in failover, all in fanout, its topic's
+    /// in balance); with none, or none with room, it is dropped and
+    /// counted (`best-effort`).
+    fn send_now(&self, msg: NewMessage, done: Option<oneshot::Sender<Delivery>>) {
+        let inner = &self.inner;
+        let route = msg.route.as_deref();
+        let up = |i: usize| inner.brokers[i].status.lock().unwrap_or_else(|e| e.into_inner()).state == LinkState::Connected;
+        let targets: Vec<usize> =
+            (0..inner.brokers.len()).filter(|&i| up(i) && inner.router.claims(i, route, &msg.topic)).collect();
+        let mut done = done;
+        let mut handed = false;
+        for (n, i) in targets.iter().enumerate() {
+            let last = n + 1 == targets.len();
+            let d = Direct { msg: msg.clone(), done: if last { done.take() } else { None } };
+            match inner.direct[*i].try_send(d) {
+                Ok(()) => handed = true,
+                Err(e) => {
+                    // Full or gone: this broker does not get it. The
+                    // receipt stays with the caller when it was the last.
+                    if last {
+                        done = e.into_inner().done;
+                    }
+                }
+            }
+        }
+        if !handed {
+            inner.outbox.count_drop(DropReason::BestEffort, msg.topic);
+        }
+        if let Some(done) = done {
+            let outcome = if handed { Delivery::Delivered } else { Delivery::Dropped(DropReason::BestEffort) };
+            let _ = done.send(outcome);
+        }
     }
 
     /// The producer id carried in every message identity.
@@ -501,6 +627,27 @@ impl Client {
         })
     }
 
+    /// Sets the metrics that describe a state (queue depth and bytes,
+    /// oldest message age, drops by reason as kept in the outbox across
+    /// restarts, each broker's link) from the current figures. The client
+    /// does this every second; an exporter can also call it right before
+    /// a scrape so that what it serves is exact.
+    pub async fn export_metrics(&self) -> Result<(), StoreError> {
+        let (drops, oldest) = self.inner.outbox.glance().await?;
+        let totals = self.inner.outbox.state().totals;
+        let brokers = self.broker_status();
+        let age = oldest.map_or(0.0, |c| now_ms().saturating_sub(c) as f64 / 1000.0);
+        let snapshot = crate::metrics::Snapshot {
+            queued: totals.count,
+            bytes: totals.bytes,
+            oldest_age_secs: if totals.count == 0 { 0.0 } else { age },
+            drops: &drops,
+            brokers: &brokers,
+        };
+        crate::metrics::export(&snapshot);
+        Ok(())
+    }
+
     /// Stops the drivers (sending DISCONNECT where connected) and closes the
     /// outbox. Queued messages stay on disk for the next run.
     pub async fn close(self) {
@@ -525,6 +672,20 @@ fn quorums(cfg: &ClientConfig) -> Vec<Quorum> {
             catch_up_ms: set.catch_up_for.map(|d| d.as_millis() as u64),
         })
         .collect()
+}
+
+/// Runs [`Client::export_metrics`] every second while the client lives.
+async fn export_every_second(inner: std::sync::Weak<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let _ = Client { inner }.export_metrics().await;
+    }
 }
 
 async fn forward_drops(

@@ -10,6 +10,7 @@ use steadfast_core::BackoffConfig;
 use steadfast_store::OutboxConfig;
 
 use crate::error::ConfigError;
+use crate::policy::Policy;
 
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,6 +149,7 @@ pub struct BrokerSet {
     pub(crate) ack: AckQuorum,
     pub(crate) failback_after: Duration,
     pub(crate) catch_up_for: Option<Duration>,
+    pub(crate) policy: Option<Policy>,
 }
 
 impl BrokerSet {
@@ -159,7 +161,14 @@ impl BrokerSet {
             ack: AckQuorum::All,
             failback_after: Duration::from_secs(30),
             catch_up_for: None,
+            policy: None,
         }
+    }
+    /// The default delivery policy of messages sent through this set
+    /// (instead of the client's, [`ClientConfig::policy`]).
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.policy = Some(p);
+        self
     }
     /// The routing mode (default failover).
     pub fn mode(mut self, mode: Mode) -> Self {
@@ -226,6 +235,9 @@ impl BrokerSet {
         if self.catch_up_for.is_some_and(|d| d.is_zero()) {
             return Err(bad("catch_up_for must be above zero".into()));
         }
+        if let Some(p) = &self.policy {
+            p.validate().map_err(|why| bad(format!("its policy: {why}")))?;
+        }
         Ok(())
     }
 }
@@ -251,6 +263,7 @@ pub struct ClientConfig {
     pub(crate) outbox: OutboxConfig,
     pub(crate) producer_id: Option<String>,
     pub(crate) seed: Option<u64>,
+    pub(crate) policy: Policy,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -293,7 +306,24 @@ impl ClientConfig {
             outbox: OutboxConfig::default(),
             producer_id: None,
             seed: None,
+            policy: Policy::default(),
         }
+    }
+
+    /// The default delivery policy of messages (default: persistent,
+    /// priority 0, no budget); a route's own policy takes precedence.
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// The default policy of messages of `route` (`None`: the default set).
+    pub(crate) fn policy_for(&self, route: Option<&str>) -> Policy {
+        let set = match route {
+            None => &self.set,
+            Some(r) => self.routes.iter().find(|(n, _)| n == r).map_or(&self.set, |(_, s)| s),
+        };
+        set.policy.unwrap_or(self.policy)
     }
 
     /// MQTT version (default 5.0).
@@ -427,6 +457,7 @@ impl ClientConfig {
         if self.keep_alive < Duration::from_secs(1) || self.keep_alive.as_secs() > u16::MAX as u64 {
             return Err(ConfigError::KeepAlive(self.keep_alive));
         }
+        self.policy.validate().map_err(|why| ConfigError::Invalid(format!("the default policy: {why}")))?;
         self.set.validate("default")?;
         for (name, set) in &self.routes {
             if name.is_empty() {

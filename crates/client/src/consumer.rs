@@ -114,6 +114,34 @@ impl ConsumerConfig {
     }
 }
 
+/// Reads a consumer's figures from its inbox; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConsumerMetrics {
+    outbox: Outbox,
+}
+
+impl ConsumerMetrics {
+    /// Handled, duplicates, gaps, out of order (kept across restarts) and
+    /// the inbox size.
+    pub async fn stats(&self) -> Result<ConsumerStats, StoreError> {
+        let r = self.outbox.report().await?;
+        let get = |name: &str| r.counters.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+        Ok(ConsumerStats {
+            handled: get(HANDLED),
+            duplicates: get(DUPLICATES),
+            gaps_suspected: get(GAPS),
+            out_of_order: get(OUT_OF_ORDER),
+            inbox: r.inbox,
+        })
+    }
+
+    /// Sets the consumer's metrics from its inbox.
+    pub async fn export(&self) -> Result<(), StoreError> {
+        crate::metrics::export_consumer(&self.stats().await?);
+        Ok(())
+    }
+}
+
 /// A message handed to the application. Acknowledge it with
 /// [`Received::ack`] once handled; dropping it unacknowledged (or
 /// [`Received::retry`]) makes it come again.
@@ -399,15 +427,20 @@ impl Consumer {
 
     /// Counters, kept across restarts.
     pub async fn stats(&self) -> Result<ConsumerStats, StoreError> {
-        let r = self.outbox.report().await?;
-        let get = |name: &str| r.counters.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
-        Ok(ConsumerStats {
-            handled: get(HANDLED),
-            duplicates: get(DUPLICATES),
-            gaps_suspected: get(GAPS),
-            out_of_order: get(OUT_OF_ORDER),
-            inbox: r.inbox,
-        })
+        self.metrics().stats().await
+    }
+
+    /// A handle that reads the figures and exports them as metrics, for an
+    /// exporter that runs beside the consumer.
+    pub fn metrics(&self) -> ConsumerMetrics {
+        ConsumerMetrics { outbox: self.outbox.clone() }
+    }
+
+    /// Sets the consumer's metrics (handled, duplicates removed, gaps
+    /// suspected, out of order, inbox size) from its inbox; an exporter
+    /// calls it before a scrape.
+    pub async fn export_metrics(&self) -> Result<(), StoreError> {
+        self.metrics().export().await
     }
 
     /// Creates the session and its subscriptions on every broker, then

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::{Backoff, DropReason, Inflight, KeepAlive, KeepAliveAction, Qos, Resume, SendWindow, Stage};
-use steadfast_store::{now_ms, BrokerRecord, Delivery, Outbox, StoreError, StoredMessage};
+use steadfast_store::{
+    now_ms, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage, PRIORITIES,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::config::{BrokerUrl, ClientConfig};
@@ -58,7 +60,20 @@ impl BrokerShared {
     }
 }
 
-type Fetch = Pin<Box<dyn Future<Output = Result<(Vec<StoredMessage>, u64), StoreError>> + Send>>;
+/// A page of one priority, and the last id of that priority committed
+/// before it was read.
+type Fetch = Pin<Box<dyn Future<Output = Result<(Vec<StoredMessage>, usize, u64), StoreError>> + Send>>;
+
+/// A best-effort message handed straight to a connected broker's driver:
+/// never stored; `done` learns whether it was written.
+pub(crate) struct Direct {
+    pub msg: NewMessage,
+    pub done: Option<oneshot::Sender<Delivery>>,
+}
+
+/// A bound on what the client may hand a driver directly: beyond it, a
+/// best-effort message is dropped (counted) rather than queued in memory.
+pub(crate) const DIRECT_QUEUE: usize = 1024;
 
 /// How a session ended without error.
 enum End {
@@ -83,11 +98,15 @@ pub(crate) struct Driver {
     inflight: HashMap<u64, StoredMessage>,
     /// Read from the outbox, not yet on the wire.
     queue: VecDeque<StoredMessage>,
-    /// Highest outbox id read so far.
-    cursor: u64,
-    /// Ids above the cursor that already left (restored QoS 2 exchanges that
-    /// completed): a page read before they left must not queue them again.
-    done_ahead: BTreeSet<u64>,
+    /// Highest outbox id read so far, per priority (each is read on its
+    /// own, highest first).
+    cursors: [u64; PRIORITIES],
+    /// Per priority, ids above its cursor that already left (restored QoS 2
+    /// exchanges that completed): a page read before they left must not
+    /// queue them again.
+    done_ahead: [BTreeSet<u64>; PRIORITIES],
+    /// Best-effort messages from the client.
+    direct: mpsc::Receiver<Direct>,
     /// Messages the broker refused (error reason code), with the time they
     /// go back to the front of the queue. They stay in the outbox meanwhile.
     retry: VecDeque<(Instant, StoredMessage)>,
@@ -107,6 +126,7 @@ pub(crate) struct Place {
     pub slot: u32,
     pub url: BrokerUrl,
     pub router: Arc<Router>,
+    pub direct: mpsc::Receiver<Direct>,
 }
 
 impl Driver {
@@ -128,6 +148,7 @@ impl Driver {
             index: place.index,
             slot: place.slot,
             router: place.router,
+            direct: place.direct,
             progress_at: Instant::now(),
             window: SendWindow::new(cfg.max_inflight),
             backoff: Backoff::new(cfg.backoff),
@@ -139,8 +160,8 @@ impl Driver {
             stop,
             inflight: HashMap::new(),
             queue: VecDeque::new(),
-            cursor: 0,
-            done_ahead: BTreeSet::new(),
+            cursors: [0; PRIORITIES],
+            done_ahead: Default::default(),
             retry: VecDeque::new(),
             rng,
             max_packet: None,
@@ -172,6 +193,7 @@ impl Driver {
             self.set_state(LinkState::Connecting, None, None);
             let mut connected_at = None;
             let result = self.session(&mut connected_at).await;
+            self.drop_direct();
             let error = match result {
                 Ok(End::Stopped) => break,
                 Err(e) => e,
@@ -203,7 +225,61 @@ impl Driver {
                 _ = self.stop.changed() => {}
             }
         }
+        self.drop_direct();
         self.set_state(LinkState::Stopped, None, None);
+    }
+
+    /// Best-effort messages still waiting when the link is gone are
+    /// dropped, counted and announced: they are never kept for later.
+    fn drop_direct(&mut self) {
+        while let Ok(d) = self.direct.try_recv() {
+            self.outbox.count_drop(DropReason::BestEffort, d.msg.topic);
+            if let Some(done) = d.done {
+                let _ = done.send(Delivery::Dropped(DropReason::BestEffort));
+            }
+        }
+    }
+
+    /// Writes a best-effort message at QoS 0, without an identity.
+    fn send_direct(&mut self, link: &mut Link, d: Direct) {
+        let msg = NewMessage { qos: Qos::AtMostOnce, ..d.msg };
+        let m = StoredMessage { id: 0, msg, wire: None, acks: 0, attempts: 0 };
+        let outcome = match self.encode(link, &m, None) {
+            Ok(bytes) => {
+                link.out.extend_from_slice(&bytes);
+                Delivery::Delivered
+            }
+            Err(reason) => {
+                self.outbox.count_drop(reason, m.msg.topic);
+                Delivery::Dropped(reason)
+            }
+        };
+        if let Some(done) = d.done {
+            let _ = done.send(outcome);
+        }
+    }
+
+    /// Why `m` must leave instead of being sent (again): its deadline
+    /// passed, or its retry budget is spent.
+    fn spent(m: &StoredMessage) -> Option<DropReason> {
+        let p = &m.msg.policy;
+        if p.expires_ms.is_some_and(|e| e <= now_ms()) {
+            return Some(DropReason::Expired);
+        }
+        if p.max_attempts.is_some_and(|max| m.attempts >= max) {
+            return Some(DropReason::Budget);
+        }
+        None
+    }
+
+    /// The priority to read next: the highest with unread messages, as
+    /// long as the queue has room for it (the lowest waits for the queue
+    /// to run low, higher ones only for a hard cap).
+    fn next_read(&self, state: &OutboxState) -> Option<usize> {
+        (0..PRIORITIES).rev().find(|&p| {
+            let room = if p == 0 { LOW_WATER } else { 2 * PAGE };
+            self.cursors[p] < state.newest[p] && self.queue.len() < room
+        })
     }
 
     fn stopping(&self) -> bool {
@@ -257,6 +333,7 @@ impl Driver {
         let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
         self.router.link_up(self.index, limit as usize);
         let resent = self.on_connack(&mut link, ack).await?;
+        metrics::counter!("steadfast_resent_total").increment(resent as u64);
         self.on_incoming(&mut link, after_connack).await?;
         self.shared.update(|s| s.connects += 1);
         self.set_state(LinkState::Connected, None, None);
@@ -297,13 +374,17 @@ impl Driver {
                 let mut resent = 0;
                 let mut requeue = Vec::new();
                 let mut taken_over = Vec::new();
+                let mut spent = Vec::new();
+                let mut budgeted = Vec::new();
                 for (n, (pid, e)) in list.iter().enumerate() {
                     let Some(m) = self.inflight.get(&e.id) else {
                         // Cannot happen (window and contents change together);
                         // never resend blind: free the id, re-read the message.
                         tracing::error!(id = e.id, pid, "in-flight message missing; it will be read again");
                         window.release(*pid);
-                        self.cursor = self.cursor.min(e.id.saturating_sub(1));
+                        for c in &mut self.cursors {
+                            *c = (*c).min(e.id.saturating_sub(1));
+                        }
                         self.queue.clear();
                         continue;
                     };
@@ -323,6 +404,16 @@ impl Driver {
                         requeue.push(m.clone());
                         continue;
                     }
+                    // A QoS 1 message past its deadline or budget leaves
+                    // instead (a QoS 2 exchange under way always finishes).
+                    if e.qos == Qos::AtLeastOnce {
+                        if let Some(reason) = Self::spent(m) {
+                            window.release(*pid);
+                            spent.push((e.id, reason));
+                            continue;
+                        }
+                        budgeted.extend(m.msg.policy.max_attempts.map(|_| e.id));
+                    }
                     match e.stage {
                         Stage::Published => link.publish(m, &self.producer, Some(*pid), true)?,
                         Stage::Released => link.pubrel(*pid)?,
@@ -336,6 +427,16 @@ impl Driver {
                 for id in taken_over {
                     self.inflight.remove(&id);
                 }
+                for (id, reason) in spent {
+                    self.inflight.remove(&id);
+                    self.outbox.remove(vec![id], Delivery::Dropped(reason));
+                }
+                for id in &budgeted {
+                    if let Some(m) = self.inflight.get_mut(id) {
+                        m.attempts += 1;
+                    }
+                }
+                self.outbox.attempted(budgeted);
                 self.window = window;
                 Ok(resent)
             }
@@ -350,14 +451,14 @@ impl Driver {
                 self.window = window;
                 self.outbox.ack(self.slot, delivered);
                 let republish = self.inflight.len() as u64;
+                metrics::counter!("steadfast_resent_total").increment(republish);
                 let connects = self.shared.update(|_| {}).connects;
                 let asked_clean = self.cfg.clean_start && connects == 0;
                 let expected = !asked_clean && (republish > 0 || connects > 0);
                 self.inflight.clear();
                 self.queue.clear();
                 self.retry.clear();
-                self.done_ahead.clear();
-                self.cursor = 0;
+                self.rewind();
                 if expected {
                     self.shared.update(|s| s.sessions_lost += 1);
                     let broker = self.url.to_string();
@@ -400,18 +501,19 @@ impl Driver {
             if !link.out.is_empty() {
                 wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::Io("writer stopped".into()))?;
             }
-            let last_id = state_rx.borrow_and_update().last_id;
+            let state = *state_rx.borrow_and_update();
             // A broker that takes no new messages now (a failover standby)
             // reads nothing: it is rewound when that changes.
             let takes = self.router.is_active(self.index);
-            if fetch.is_none() && takes && self.queue.len() < LOW_WATER && self.cursor < last_id {
+            if let Some(p) = self.next_read(&state).filter(|_| fetch.is_none() && takes) {
                 let outbox = self.outbox.clone();
-                let after = self.cursor;
+                let after = self.cursors[p];
+                let last = state.newest[p];
                 let slot = self.slot;
-                // The page answers for ids up to `last_id` as of now: it is
+                // The page answers for ids up to `last` as of now: it is
                 // read after every commit up to there.
                 fetch = Some(Box::pin(async move {
-                    outbox.read_after(after, PAGE, Some(slot), None).await.map(|p| (p, last_id))
+                    outbox.read_after(after, PAGE, Some(slot), Some(p as u8)).await.map(|page| (page, p, last))
                 }));
             }
             let keepalive_at = Instant::from_std(keepalive.poll_timeout());
@@ -448,8 +550,13 @@ impl Driver {
                 }
                 page = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
                     fetch = None;
-                    let (page, upto) = page.map_err(store_failed)?;
-                    self.take_page(page, upto);
+                    let (page, p, upto) = page.map_err(store_failed)?;
+                    self.take_page(page, p, upto);
+                }
+                d = self.direct.recv() => {
+                    if let Some(d) = d {
+                        self.send_direct(link, d);
+                    }
                 }
                 r = state_rx.changed(), if fetch.is_none() => {
                     if r.is_err() {
@@ -485,26 +592,37 @@ impl Driver {
     /// their pause).
     fn rewind(&mut self) {
         self.queue.clear();
-        self.done_ahead.clear();
-        self.cursor = 0;
+        self.done_ahead.iter_mut().for_each(BTreeSet::clear);
+        self.cursors = [0; PRIORITIES];
     }
 
-    /// Queues a page read from the outbox: the messages that are this
-    /// broker's. `upto` is the last id committed before the read: an empty
+    /// Queues a page of priority `p` read from the outbox: the messages
+    /// that are this broker's, ahead of any of a lower priority. `upto` is
+    /// the last id of that priority committed before the read: an empty
     /// page means nothing is left up to there.
-    fn take_page(&mut self, page: Vec<StoredMessage>, upto: u64) {
+    fn take_page(&mut self, page: Vec<StoredMessage>, p: usize, upto: u64) {
         let last = page.last().map(|m| m.id);
+        let mut fresh = Vec::with_capacity(page.len());
         for m in page {
             let waiting = self.retry.iter().any(|(_, r)| r.id == m.id);
-            if !self.inflight.contains_key(&m.id) && !self.done_ahead.contains(&m.id) && !waiting && self.claims(&m) {
-                self.queue.push_back(m);
+            let gone = self.done_ahead[p].contains(&m.id);
+            if !self.inflight.contains_key(&m.id) && !gone && !waiting && self.claims(&m) {
+                fresh.push(m);
             }
         }
-        self.cursor = match last {
-            Some(id) => self.cursor.max(id),
-            None => self.cursor.max(upto),
+        if p == 0 {
+            self.queue.extend(fresh);
+        } else {
+            let at = self.queue.iter().position(|q| (q.msg.policy.priority as usize) < p).unwrap_or(self.queue.len());
+            let tail = self.queue.split_off(at);
+            self.queue.extend(fresh);
+            self.queue.extend(tail);
+        }
+        self.cursors[p] = match last {
+            Some(id) => self.cursors[p].max(id),
+            None => self.cursors[p].max(upto),
         };
-        self.done_ahead = self.done_ahead.split_off(&(self.cursor + 1));
+        self.done_ahead[p] = self.done_ahead[p].split_off(&(self.cursors[p] + 1));
     }
 
     /// Refused messages whose wait is over go back to the front of the queue.
@@ -525,6 +643,7 @@ impl Driver {
     /// in outbox order.
     async fn fill_window(&mut self, link: &mut Link) -> Result<(), ConnectError> {
         let mut sent_qos0 = Vec::new();
+        let mut attempted = Vec::new();
         // From the first QoS 2 message on, packets wait here (in order) until
         // the bindings are on disk.
         let mut held: Vec<(StoredMessage, Option<u16>, Vec<u8>)> = Vec::new();
@@ -533,7 +652,15 @@ impl Driver {
             if qos != Qos::AtMostOnce && !self.window.has_room() {
                 break;
             }
-            let m = self.queue.pop_front().expect("front exists");
+            let mut m = self.queue.pop_front().expect("front exists");
+            if let Some(reason) = Self::spent(&m) {
+                self.outbox.remove(vec![m.id], Delivery::Dropped(reason));
+                continue;
+            }
+            if qos != Qos::AtMostOnce && m.msg.policy.max_attempts.is_some() {
+                m.attempts += 1;
+                attempted.push(m.id);
+            }
             if self.window.is_empty() && qos != Qos::AtMostOnce {
                 self.progress_at = Instant::now();
             }
@@ -562,6 +689,9 @@ impl Driver {
                 None => sent_qos0.push(m),
             }
         }
+        // Counted before the sends they count are acknowledged (the same
+        // channel keeps the order).
+        self.outbox.attempted(attempted);
         if held.is_empty() {
             self.outbox.ack(self.slot, sent_qos0.into_iter().map(|m| m.id).collect());
         } else {
@@ -715,9 +845,11 @@ impl Driver {
             return;
         }
         for id in &done {
-            self.inflight.remove(id);
-            if *id > self.cursor {
-                self.done_ahead.insert(*id);
+            if let Some(m) = self.inflight.remove(id) {
+                let p = m.msg.policy.priority as usize;
+                if *id > self.cursors[p] {
+                    self.done_ahead[p].insert(*id);
+                }
             }
         }
         let n = done.len() as u64;

@@ -25,11 +25,14 @@ mod consumer;
 mod driver;
 mod error;
 mod link;
+mod metrics;
+mod policy;
 mod router;
 
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVersion};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerStats, Received};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
 pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
+pub use policy::{Class, Policy};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};

@@ -173,7 +173,7 @@ impl Link {
     ) -> Result<Vec<u8>, ConnectError> {
         Ok(match self.version {
             ProtocolVersion::V5 => build_v5(m, producer, pid, dup)?.to_continuous_buffer(),
-            ProtocolVersion::V311 if self.envelope => {
+            ProtocolVersion::V311 if self.envelope && m.id != 0 => {
                 let payload = Identity::wrap(producer, m.id, &m.msg.payload);
                 build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
             }
@@ -427,10 +427,19 @@ fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> R
         props.push(Property::UserProperty(mqtt::packet::UserProperty::new(k.as_str(), v.as_str()).map_err(err)?));
     }
     // The message's identity (G5): the outbox id is its sequence number.
-    let id = Identity::property_value(producer, m.id);
-    props.push(Property::UserProperty(
-        mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, id.as_str()).map_err(err)?,
-    ));
+    // A best-effort message was never stored: it has none (id 0).
+    if m.id != 0 {
+        let id = Identity::property_value(producer, m.id);
+        props.push(Property::UserProperty(
+            mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, id.as_str()).map_err(err)?,
+        ));
+    }
+    // A deadline travels as the time it has left, rounded up to a second,
+    // so a broker (and a consumer's session) forgets it when it is stale.
+    if let Some(left) = m.msg.policy.expires_ms.map(|e| e.saturating_sub(steadfast_store::now_ms())) {
+        let secs = left.div_ceil(1000).clamp(1, u32::MAX as u64) as u32;
+        props.push(Property::MessageExpiryInterval(mqtt::packet::MessageExpiryInterval::new(secs).map_err(err)?));
+    }
     let mut b = v5_0::Publish::builder()
         .topic_name(m.msg.topic.as_str())
         .map_err(err)?

@@ -351,6 +351,7 @@ impl Router {
                 let _ = self.events.send(Event::Failback { route, from, to: to.unwrap_or_default() });
             } else {
                 tracing::warn!(route = name, %from, to = to.as_deref().unwrap_or("none"), "failover: the active broker failed; its unacknowledged messages go to the next one");
+                metrics::counter!("steadfast_failovers_total").increment(1);
                 let _ = self.events.send(Event::Failover { route, from, to });
             }
         }

@@ -173,6 +173,16 @@ pub struct AcceptFuture {
     rx: oneshot::Receiver<Result<u64, AppendError>>,
 }
 
+impl AcceptFuture {
+    /// A future already resolved with `r` (for what never enters the
+    /// outbox, such as a best-effort message).
+    pub fn ready(r: Result<u64, AppendError>) -> AcceptFuture {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(r);
+        AcceptFuture { rx }
+    }
+}
+
 impl Future for AcceptFuture {
     type Output = Result<u64, AppendError>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -216,6 +226,9 @@ enum Request {
     Query {
         reply: oneshot::Sender<Result<Report, StoreError>>,
     },
+    Glance {
+        reply: oneshot::Sender<Result<Glance, StoreError>>,
+    },
     Bound {
         slot: u32,
         reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
@@ -254,6 +267,9 @@ enum Request {
     },
     Close,
 }
+
+/// Drops by reason and the creation time of the oldest queued message.
+pub type Glance = (Vec<(DropReason, u64)>, Option<u64>);
 
 /// Everything `steadfast status` shows about an outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -453,6 +469,14 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// The cheap part of a report, for metrics every second: drops by
+    /// reason, and the creation time of the oldest queued message.
+    pub async fn glance(&self) -> Result<Glance, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Glance { reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
     /// Depth, age, drops and broker states.
     pub async fn report(&self) -> Result<Report, StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -645,7 +669,7 @@ impl Writer {
         let first_write = requests.iter().position(|r| {
             !matches!(
                 r,
-                Request::Read { .. } | Request::Query { .. } | Request::Bound { .. } | Request::InboxSeen { .. }
+                Request::Read { .. } | Request::Query { .. } | Request::Glance { .. } | Request::Bound { .. } | Request::InboxSeen { .. }
             )
         });
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
@@ -680,7 +704,9 @@ impl Writer {
         if result.is_ok() {
             result = self.admit_blocked(&mut b);
         }
+        let synced = std::time::Instant::now();
         let result = result.and_then(|()| self.store.commit());
+        metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 let close = b.close;
@@ -807,7 +833,7 @@ impl Writer {
                 b.meta_replies.push((reply, v));
             }
             Request::Close => b.close = true,
-            r @ (Request::Read { .. } | Request::Query { .. } | Request::Bound { .. } | Request::InboxSeen { .. }) => {
+            r @ (Request::Read { .. } | Request::Query { .. } | Request::Glance { .. } | Request::Bound { .. } | Request::InboxSeen { .. }) => {
                 b.reads.push(r)
             }
         }
@@ -1050,6 +1076,10 @@ impl Writer {
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
         self.state.send_replace(OutboxState { last_id: self.last_id, totals: self.totals, newest: self.newest });
+        let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+        let delivered = b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64;
+        metrics::counter!("steadfast_accepted_total").increment(accepted);
+        metrics::counter!("steadfast_delivered_total").increment(delivered);
         for (reply, r) in b.accepted {
             let _ = reply.send(r);
         }
@@ -1100,6 +1130,10 @@ impl Writer {
                 }
                 Request::Query { reply } => {
                     let _ = reply.send(Report::read(self.store.as_mut()));
+                }
+                Request::Glance { reply } => {
+                    let s = self.store.as_mut();
+                    let _ = reply.send(s.drops().and_then(|d| Ok((d, s.oldest_created_ms()?))));
                 }
                 Request::Bound { slot, reply } => {
                     let _ = reply.send(self.store.bound(slot));
@@ -1159,6 +1193,7 @@ impl Writer {
                 Request::Close => b.close = true,
                 r @ (Request::Read { .. }
                 | Request::Query { .. }
+                | Request::Glance { .. }
                 | Request::Bound { .. }
                 | Request::InboxSeen { .. }) => b.reads.push(r),
                 Request::Remove { .. }

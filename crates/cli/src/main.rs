@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod metrics;
+mod progress;
 mod publish;
 mod routes;
 mod status;
@@ -57,7 +59,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
-    util::init_logging(cli.debug);
+    if let Err(e) = util::init_logging(cli.debug, &cli.log_format) {
+        eprintln!("steadfast: error: {e}");
+        return ExitCode::from(exit::USAGE);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -2,6 +2,8 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
@@ -16,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
+use crate::progress::Progress;
 use crate::routes;
 use crate::util::{default_client_id, default_outbox, parse_duration, parse_qos, parse_size, parse_version};
 use crate::Failure;
@@ -113,8 +116,8 @@ impl Options {
         let mut max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
         for q in &a.max_queue {
             if q.chars().all(|c| c.is_ascii_digit()) {
-                max_messages = Some(q.parse::<u64>().map_err(|_| usage(format!("--max-queue {q} is too large"))))
-                    .transpose()?;
+                max_messages =
+                    Some(q.parse::<u64>().map_err(|_| usage(format!("--max-queue {q} is too large")))).transpose()?;
             } else {
                 max_bytes = Some(parse_size(q).map_err(|e| usage(format!("--max-queue: {e}")))?);
             }
@@ -122,7 +125,8 @@ impl Options {
         if max_messages == Some(0) || max_bytes == Some(0) {
             return Err(usage("an outbox bound of 0 would hold nothing; give a bound of at least 1, or none"));
         }
-        let max_age = a.max_age.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--max-age: {e}")))?;
+        let max_age =
+            a.max_age.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--max-age: {e}")))?;
         let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;
         let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
         let backoff = BackoffConfig::parse(&a.backoff).map_err(|e| usage(format!("--backoff: {e}")))?;
@@ -191,7 +195,10 @@ fn parse_overflow(flag: &str, s: &str) -> Result<Overflow, Failure> {
 struct Pipeline {
     client: Client,
     pending: VecDeque<AcceptFuture>,
-    accepted: u64,
+    /// Accepted in this run (shared with the progress line).
+    accepted: Arc<AtomicU64>,
+    /// Not accepted: the outbox was full and its policy dropped them.
+    dropped: u64,
 }
 
 const PIPELINE_DEPTH: usize = 8192;
@@ -208,8 +215,20 @@ impl Pipeline {
 
     async fn settle_one(&mut self) -> Result<(), Failure> {
         if let Some(f) = self.pending.pop_front() {
-            f.await.map_err(|e| self.failure(PublishError::from(e)))?;
-            self.accepted += 1;
+            match f.await {
+                Ok(_) => {
+                    self.accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                // The chosen overflow policy dropped it: counted in the
+                // outbox, reported at the end; the run goes on.
+                Err(e @ AppendError::Dropped { .. }) => {
+                    if self.dropped == 0 {
+                        eprintln!("steadfast: warning: {e}");
+                    }
+                    self.dropped += 1;
+                }
+                Err(e) => return Err(self.failure(PublishError::from(e))),
+            }
         }
         Ok(())
     }
@@ -222,7 +241,8 @@ impl Pipeline {
     }
 
     fn failure(&self, e: PublishError) -> Failure {
-        let note = format!("{} message(s) accepted before this one are safe in the outbox", self.accepted);
+        let accepted = self.accepted.load(Ordering::Relaxed);
+        let note = format!("{accepted} message(s) accepted before this one are safe in the outbox");
         match e {
             PublishError::Topic(_) | PublishError::TooLarge { .. } | PublishError::Properties(_) => {
                 Failure::usage(anyhow!("{e}; {note}"))
@@ -255,12 +275,28 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut events = client.events();
     let drops_before = drop_counts(&client).await;
     first_attempt(&client, &mut events).await?;
-    let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted: 0 };
+    if let Some(addr) = o.metrics {
+        let c = client.clone();
+        let refresh: crate::metrics::Refresh = Arc::new(move || {
+            let c = c.clone();
+            Box::pin(async move {
+                let _ = c.export_metrics().await;
+            })
+        });
+        if let Err(f) = crate::metrics::start(addr, refresh).await {
+            client.close().await;
+            return Err(f);
+        }
+    }
+    let accepted = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(o.progress, &client, accepted.clone());
+    let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted, dropped: 0 };
     let fed = tokio::select! {
         sent = async { feed(&o, &mut p).await.and(p.finish().await) } => sent,
         _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
     };
     if let Err(f) = fed {
+        progress.finish();
         client.close().await;
         return Err(f);
     }
@@ -272,11 +308,12 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
             _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
         }
     };
+    progress.finish();
     if o.summary {
         let s = client.status().await.ok();
         eprintln!(
             "steadfast: {} accepted, {} queued in {}",
-            p.accepted,
+            p.accepted.load(Ordering::Relaxed),
             s.map(|s| s.queued).unwrap_or(0),
             dir.display()
         );
@@ -411,11 +448,21 @@ async fn wait_delivered(
         }
     }
     let after = drop_counts(client).await;
+    let new = |reason: &steadfast::DropReason, n: u64| {
+        n - drops_before.iter().find(|(r, _)| r == reason).map(|(_, n)| *n).unwrap_or(0).min(n)
+    };
+    // Keep-latest did what it was asked: a newer value of the same topic
+    // went instead. Said, but not a failure.
+    let superseded = after.iter().find(|(r, _)| *r == steadfast::DropReason::Superseded).map_or(0, |(r, n)| new(r, *n));
+    if superseded > 0 {
+        eprintln!("steadfast: {superseded} message(s) replaced by a newer value of their topic (keep-latest)");
+    }
     let dropped: Vec<String> = after
         .iter()
+        .filter(|(r, _)| *r != steadfast::DropReason::Superseded)
         .filter_map(|(reason, n)| {
-            let was = drops_before.iter().find(|(r, _)| r == reason).map(|(_, n)| *n).unwrap_or(0);
-            (*n > was).then(|| format!("{} {reason}", n - was))
+            let d = new(reason, *n);
+            (d > 0).then(|| format!("{d} {reason}"))
         })
         .collect();
     if dropped.is_empty() {

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received};
+use steadfast::{
+    BackoffConfig, BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -105,10 +107,8 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         .max_inflight(a.max_inflight)
         .backoff(backoff);
     client = a.conn.apply(client).map_err(usage)?;
-    let mut cfg = ConsumerConfig::new(client)
-        .inbox(!a.no_dedup)
-        .gap_timeout(gap_timeout)
-        .inbox_window(inbox_age, a.inbox_max);
+    let mut cfg =
+        ConsumerConfig::new(client).inbox(!a.no_dedup).gap_timeout(gap_timeout).inbox_window(inbox_age, a.inbox_max);
     for t in &a.topics {
         cfg = cfg.topic(t.clone(), qos);
     }
@@ -231,6 +231,7 @@ async fn exec(cmd: &str, d: &Received) -> bool {
 
 pub async fn run(a: SubArgs) -> Result<(), Failure> {
     let (cfg, output) = config(&a)?;
+    let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
     if a.register {
         Consumer::register(&cfg).await.map_err(|e| Failure::other(anyhow!("{e}")))?;
         eprintln!(
@@ -248,6 +249,19 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
         steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
         e => Failure::other(anyhow!(e)),
     })?;
+    if let Some(addr) = metrics {
+        let m = consumer.metrics();
+        let refresh: crate::metrics::Refresh = std::sync::Arc::new(move || {
+            let m = m.clone();
+            Box::pin(async move {
+                let _ = m.export().await;
+            })
+        });
+        if let Err(f) = crate::metrics::start(addr, refresh).await {
+            consumer.close().await;
+            return Err(f);
+        }
+    }
     if !report.is_clean() {
         eprintln!(
             "steadfast: warning: the inbox was damaged and repaired: {}",

@@ -531,7 +531,8 @@ impl Client {
     fn send_now(&self, msg: NewMessage, done: Option<oneshot::Sender<Delivery>>) {
         let inner = &self.inner;
         let route = msg.route.as_deref();
-        let up = |i: usize| inner.brokers[i].status.lock().unwrap_or_else(|e| e.into_inner()).state == LinkState::Connected;
+        let up =
+            |i: usize| inner.brokers[i].status.lock().unwrap_or_else(|e| e.into_inner()).state == LinkState::Connected;
         let targets: Vec<usize> =
             (0..inner.brokers.len()).filter(|&i| up(i) && inner.router.claims(i, route, &msg.topic)).collect();
         let mut done = done;

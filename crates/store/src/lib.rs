@@ -20,8 +20,8 @@ mod sqlite;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use outbox::{
-    AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, Outbox, OutboxConfig, OutboxState, Overflow,
-    Quorum, Report,
+    AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, Outbox, OutboxConfig, OutboxState,
+    Overflow, Quorum, Report,
 };
 pub use sqlite::{OpenReport, SqliteStore};
 

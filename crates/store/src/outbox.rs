@@ -669,7 +669,11 @@ impl Writer {
         let first_write = requests.iter().position(|r| {
             !matches!(
                 r,
-                Request::Read { .. } | Request::Query { .. } | Request::Glance { .. } | Request::Bound { .. } | Request::InboxSeen { .. }
+                Request::Read { .. }
+                    | Request::Query { .. }
+                    | Request::Glance { .. }
+                    | Request::Bound { .. }
+                    | Request::InboxSeen { .. }
             )
         });
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
@@ -833,9 +837,11 @@ impl Writer {
                 b.meta_replies.push((reply, v));
             }
             Request::Close => b.close = true,
-            r @ (Request::Read { .. } | Request::Query { .. } | Request::Glance { .. } | Request::Bound { .. } | Request::InboxSeen { .. }) => {
-                b.reads.push(r)
-            }
+            r @ (Request::Read { .. }
+            | Request::Query { .. }
+            | Request::Glance { .. }
+            | Request::Bound { .. }
+            | Request::InboxSeen { .. }) => b.reads.push(r),
         }
         Ok(())
     }

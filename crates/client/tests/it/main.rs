@@ -21,6 +21,7 @@ pub fn config(id: &str, url: &str, dir: &Path) -> ClientConfig {
         min: Duration::from_millis(50),
         max: Duration::from_millis(500),
         stable_after: Duration::from_secs(5),
+        per_hour: None,
     })
 }
 

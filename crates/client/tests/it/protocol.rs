@@ -91,8 +91,14 @@ impl Store for FaultyStore {
         }
         self.inner.set_wire(slot, id, w)
     }
-    fn read_after(&mut self, after: u64, limit: usize, slot: Option<u32>) -> Result<Vec<StoredMessage>, StoreError> {
-        let page = self.inner.read_after(after, limit, slot);
+    fn read_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let page = self.inner.read_after(after, limit, slot, priority);
         let n = self.faults.reads.fetch_add(1, SeqCst) + 1;
         if n == self.faults.stall_read.load(SeqCst) {
             self.faults.stalled.store(true, SeqCst);
@@ -105,8 +111,23 @@ impl Store for FaultyStore {
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         self.inner.bound(slot)
     }
-    fn oldest(&mut self, limit: usize) -> Result<Vec<(u64, u64)>, StoreError> {
-        self.inner.oldest(limit)
+    fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {
+        self.inner.oldest(limit, deadline)
+    }
+    fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
+        self.inner.newest_by_priority()
+    }
+    fn add_attempt(&mut self, id: u64) -> Result<(), StoreError> {
+        self.inner.add_attempt(id)
+    }
+    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        self.inner.expired(now_ms, limit)
+    }
+    fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
+        self.inner.next_expiry()
+    }
+    fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
+        self.inner.superseded(topic, route)
     }
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
         self.inner.newest_id()
@@ -160,6 +181,7 @@ fn store_with_bound_qos2(payload: &str, stage: Stage) -> MemoryStore {
         props: Properties::default(),
         created_ms: 1,
         route: None,
+        policy: Default::default(),
     };
     let id = mem.insert(&msg).unwrap();
     mem.set_wire(0, id, Some((7, stage))).unwrap();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 
+mod policy;
 mod sub;
 
 fn steadfast() -> Command {
@@ -160,8 +161,21 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
         (&["pub", "-h", "localhost:1883", "-t", "a", "-m", "x"], "give the port with -p"),
         (
             &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--backoff", "5s..1s", "--outbox", ob],
-            "backoff bounds",
+            "MAX at least MIN",
         ),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--backoff", "fast"], "default`, `battery`"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--class", "deadline"], "needs --ttl"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--class", "urgent"], "not a delivery class"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--ttl", "5s"], "--class deadline --ttl"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--priority", "12"], "use 0 to 9"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-attempts", "0"], "1 or more"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--overflow", "drop-all"], "drop-newest"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-queue", "10XB"], "--max-queue"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-age", "old"], "--max-age"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--metrics", "9464"], "HOST:PORT"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--log-format", "xml"], "use human or json"),
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--progress", "maybe"], "auto, always or never"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--inbox-max-age", "x"], "--inbox-max-age"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "-i", "", "--outbox", ob], "client id"),
         (&["status"], "which outbox"),
         (

@@ -1,0 +1,171 @@
+//! Delivery classes, bounds and metrics from the command line, with the
+//! broker out of reach behind the fault proxy (every connection reset).
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use steadfast_testkit::{free_port, FaultProxy, Mosquitto, ProxyMode, Subscriber};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{status_json, stderr, steadfast};
+
+/// `steadfast ARGS` with `input` on stdin, to completion.
+async fn run_with_input(args: Vec<String>, input: String) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut child = steadfast()
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// One GET of /metrics; `None` while nothing listens yet.
+async fn scrape(port: u16) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
+/// The value of a sample (`name{labels}`) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn lines(prefix: &str, n: usize) -> String {
+    (1..=n).map(|i| format!("{prefix}{i}\n")).collect()
+}
+
+/// With the broker out of reach: deadline messages expire and are counted,
+/// best-effort ones are dropped and counted, keep-latest leaves one value
+/// of its topic, persistent ones wait; when the broker is back, the
+/// priority 9 alarms go out first. Every figure is checked against the
+/// metrics endpoint, scraped over HTTP, and against `status --json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classes_during_an_outage_match_the_metrics() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "policy/#", 1, None).await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    proxy.set(ProxyMode::Reset);
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").display().to_string();
+    let url = proxy.url();
+    let publish = |extra: &[&str], input: String| {
+        let mut args: Vec<String> = ["pub", "-b", &url, "--outbox", &outbox, "-l", "--no-wait", "--progress", "never"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        run_with_input(args, input)
+    };
+    let runs = [
+        (vec!["-t", "policy/tele"], lines("m", 20)),
+        (vec!["-t", "policy/temp", "--keep-latest"], lines("t", 10)),
+        (vec!["-t", "policy/live", "--class", "best-effort"], lines("l", 4)),
+        (vec!["-t", "policy/alarm", "--priority", "9"], lines("a", 3)),
+        (vec!["-t", "policy/press", "--class", "deadline", "--ttl", "4s"], lines("p", 5)),
+    ];
+    for (extra, input) in runs {
+        let o = publish(&extra, input).await;
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+    }
+
+    // A drain with metrics, while the broker is still out of reach.
+    let mport = free_port();
+    let mut drain = steadfast()
+        .args(["pub", "-b", &url, "--outbox", &outbox, "--drain", "--backoff", "50ms..300ms"])
+        .args(["--metrics", &format!("127.0.0.1:{mport}"), "--wait-timeout", "60s", "--progress", "never"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        if let Some(t) = scrape(mport).await {
+            if sample(&t, "steadfast_dropped_total{reason=\"expired\"}") == Some(5.0) {
+                break t;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the 5 deadline messages did not expire in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sample(&text, "steadfast_queue_depth"), Some(24.0), "3 alarms + 1 temp + 20 telemetry\n{text}");
+    assert_eq!(sample(&text, "steadfast_dropped_total{reason=\"best-effort\"}"), Some(4.0), "{text}");
+    assert_eq!(sample(&text, "steadfast_dropped_total{reason=\"superseded\"}"), Some(9.0), "{text}");
+    assert_eq!(sample(&text, "steadfast_dropped_total{reason=\"overflow\"}"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, &format!("steadfast_broker_connected{{broker=\"{url}\"}}")), Some(0.0), "{text}");
+    assert!(sample(&text, "steadfast_oldest_message_age_seconds").is_some_and(|a| a > 0.0), "{text}");
+    assert!(text.contains("steadfast_disk_sync_seconds_bucket"), "{text}");
+    assert_eq!(sub.count(), 0, "nothing got through the outage");
+
+    // The broker is back.
+    proxy.set(ProxyMode::Pass);
+    let out = tokio::task::spawn_blocking(move || drain.wait_with_output().unwrap()).await.unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "drops in this run are reported: {err}");
+    assert!(err.contains("5 expired"), "{err}");
+    sub.wait_count(24, Duration::from_secs(20)).await;
+    let got = sub.lines();
+    assert_eq!(&got[..3], ["a1", "a2", "a3"], "priority 9 first: {got:?}");
+    let mut rest: Vec<String> = (1..=20).map(|i| format!("m{i}")).collect();
+    rest.push("t10".into());
+    assert_eq!(&got[3..], rest.as_slice(), "then the rest in order, one temperature: {got:?}");
+
+    // The counts are kept on disk.
+    let s = status_json(&outbox);
+    let dropped = &s["dropped"];
+    assert_eq!((dropped["expired"].as_u64(), dropped["best-effort"].as_u64()), (Some(5), Some(4)), "{s}");
+    assert_eq!(dropped["superseded"].as_u64(), Some(9), "{s}");
+    assert_eq!(s["queued"].as_u64(), Some(0), "{s}");
+}
+
+/// A full outbox under each overflow policy: reject fails the run and
+/// keeps the queue; drop-newest keeps the queue and counts the newcomers;
+/// drop-oldest keeps the newest and counts the oldest; nothing leaves
+/// without a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_behaves_as_its_overflow_policy_says() {
+    let broker = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(broker.port()).await;
+    proxy.set(ProxyMode::Reset);
+    let dir = tempfile::tempdir().unwrap();
+    let url = proxy.url();
+    for (policy, code, overflow) in [("reject", Some(1), 0), ("drop-newest", Some(0), 2), ("drop-oldest", Some(0), 2)] {
+        let outbox = dir.path().join(policy).display().to_string();
+        let args: Vec<String> = ["pub", "-b", &url, "--outbox", &outbox, "-t", "full", "-l", "--no-wait"]
+            .iter()
+            .chain(&["--max-queue", "3", "--overflow", policy, "--progress", "never"])
+            .map(|s| s.to_string())
+            .collect();
+        let o = run_with_input(args, lines("", 5)).await;
+        assert_eq!(o.status.code(), code, "{policy}: {}", stderr(&o));
+        if policy == "reject" {
+            assert!(stderr(&o).contains("outbox is full"), "{}", stderr(&o));
+        }
+        if policy == "drop-newest" {
+            assert!(stderr(&o).contains("counted as `overflow`"), "{}", stderr(&o));
+        }
+        let s = status_json(&outbox);
+        assert_eq!(s["queued"].as_u64(), Some(3), "{policy}: {s}");
+        assert_eq!(s["dropped"]["overflow"].as_u64(), Some(overflow), "{policy}: {s}");
+    }
+    // Deliver the drop-oldest outbox and check what survived.
+    proxy.set(ProxyMode::Pass);
+    let sub = Subscriber::start(broker.port(), "full", 1, None).await;
+    let outbox = dir.path().join("drop-oldest").display().to_string();
+    let o = crate::run(&["pub", "-b", &url, "--outbox", &outbox, "--drain", "--wait-timeout", "30s"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    sub.wait_count(3, Duration::from_secs(10)).await;
+    assert_eq!(sub.lines(), ["3", "4", "5"]);
+    assert_eq!(status_json(&outbox)["queued"].as_u64(), Some(0));
+}

@@ -5,6 +5,7 @@
 mod backlog;
 mod consumer;
 mod faults;
+mod policy;
 mod protocol;
 mod routing;
 mod session;

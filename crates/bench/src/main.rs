@@ -14,7 +14,14 @@
 //!   with the durable inbox (de-duplication, a record synced before each
 //!   ack, group commit) and without it, in the same run.
 //!
-//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover|consume] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
+//! - `backlog`: N messages (default 1,000,000) queued while no broker is
+//!   reachable; then a restart on that outbox with the broker up: the time
+//!   from opening the outbox to the first acknowledged message, the
+//!   drain rate, and the RSS of this process while the backlog sits and
+//!   while it drains (sampled from /proc every 50 ms), against bare
+//!   rumqttc publishing live in the same run.
+//!
+//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover|consume|backlog] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
 
 #![forbid(unsafe_code)]
 
@@ -184,7 +191,8 @@ async fn main() -> anyhow::Result<()> {
         "fanout" => fanout(a).await,
         "failover" => failover(a).await,
         "consume" => consume(a).await,
-        other => bail!("unknown scenario {other}; use publish, fanout or failover"),
+        "backlog" => backlog(a).await,
+        other => bail!("unknown scenario {other}; use publish, fanout, failover, consume or backlog"),
     }
 }
 
@@ -336,6 +344,104 @@ async fn consume(a: Args) -> anyhow::Result<()> {
     println!("{:<56} {:>10} {:>16}", "steadfast consumer, MQTT 5, ack after handling", "msg/s", "x without inbox");
     println!("{:<56} {without:>10.0} {:>16.2}", "without inbox (no de-duplication)", 1.0);
     println!("{:<56} {with:>10.0} {:>16.2}", "with the durable inbox (record synced before each ack)", with / without);
+    Ok(())
+}
+
+/// Resident set size of this process, in bytes.
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next());
+    kb.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024
+}
+
+/// Samples the peak RSS every 50 ms until dropped.
+struct RssPeak {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssPeak {
+    fn start() -> RssPeak {
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss()));
+        let p = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                p.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        RssPeak { peak, task }
+    }
+    fn stop(self) -> u64 {
+        self.task.abort();
+        self.peak.load(std::sync::atomic::Ordering::Relaxed).max(rss())
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+async fn backlog(mut a: Args) -> anyhow::Result<()> {
+    if a.messages == 100_000 {
+        a.messages = 1_000_000;
+    }
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir()?;
+    let n = a.messages;
+    println!("backlog benchmark: {n} QoS 1 messages of {} bytes queued with no broker reachable, then drained", a.payload);
+    let before = rss();
+    // Queue the backlog: the broker address leads nowhere.
+    let nowhere = url(steadfast_testkit::free_port());
+    let fill = RssPeak::start();
+    let t0 = Instant::now();
+    let cfg = ClientConfig::new("bench-backlog", nowhere, dir.path());
+    let (client, _) = Client::open(cfg).await?;
+    let payload = vec![b'q'; a.payload];
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..n {
+        pending.push_back(client.enqueue(Message::new(format!("bench/backlog/{}", i % 16), payload.clone()))?);
+        if pending.len() >= 8192 {
+            pending.pop_front().expect("non-empty").await?;
+        }
+    }
+    for p in pending {
+        p.await?;
+    }
+    let filled = t0.elapsed();
+    let queued_peak = fill.stop();
+    client.close().await;
+    println!("queued {n} in {:.1} s ({:.0} msg/s accepted)", filled.as_secs_f64(), rate(n, filled));
+
+    // The restart: the broker is up now. The first send shows as the first
+    // acknowledgement (the queue shrinks); the drain ends when it is empty.
+    let drain = RssPeak::start();
+    let t0 = Instant::now();
+    let cfg = ClientConfig::new("bench-backlog", url(broker.port()), dir.path());
+    let (client, _) = Client::open(cfg).await?;
+    let opened = t0.elapsed();
+    let mut state = client.outbox_state();
+    state.wait_for(|s| s.totals.count < n as u64).await?;
+    let to_first = t0.elapsed();
+    state.wait_for(|s| s.totals.count == 0).await?;
+    let drained = t0.elapsed();
+    let drain_peak = drain.stop();
+    client.close().await;
+    let drain_time = drained - to_first;
+    let mut base = Args { messages: 100_000.min(n), ..a };
+    base.runs = 1;
+    let bare = rate(base.messages, bare_rumqttc(broker.port(), &base, 0).await?);
+    let drain_rate = rate(n, drain_time);
+    println!("{:<62} {:>14}", "measure", "value");
+    println!("{:<62} {:>11.0} ms", "restart: open the outbox (1M queued)", opened.as_secs_f64() * 1000.0);
+    println!("{:<62} {:>11.0} ms", "restart: open to the first message acknowledged", to_first.as_secs_f64() * 1000.0);
+    println!("{:<62} {:>11.0} ms", "restart: open to the outbox empty", drained.as_secs_f64() * 1000.0);
+    println!("{:<62} {:>10.0}/s", "drain rate (first to last acknowledgement)", drain_rate);
+    println!("{:<62} {:>10.0}/s", "bare rumqttc live publish, same broker (baseline)", bare);
+    println!("{:<62} {:>12.2}x", "drain rate / bare rumqttc", drain_rate / bare);
+    println!("{:<62} {:>10.1} MiB", "RSS before the outbox opened", mib(before));
+    println!("{:<62} {:>10.1} MiB", "peak RSS while queueing the backlog", mib(queued_peak));
+    println!("{:<62} {:>10.1} MiB", "peak RSS while draining the backlog", mib(drain_peak));
     Ok(())
 }
 

@@ -389,7 +389,10 @@ async fn backlog(mut a: Args) -> anyhow::Result<()> {
     let broker = Mosquitto::plain().await;
     let dir = tempfile::tempdir()?;
     let n = a.messages;
-    println!("backlog benchmark: {n} QoS 1 messages of {} bytes queued with no broker reachable, then drained", a.payload);
+    println!(
+        "backlog benchmark: {n} QoS 1 messages of {} bytes queued with no broker reachable, then drained",
+        a.payload
+    );
     let before = rss();
     // Queue the backlog: the broker address leads nowhere.
     let nowhere = url(steadfast_testkit::free_port());

@@ -83,7 +83,7 @@ async fn classes_during_an_outage_match_the_metrics() {
 
     // A drain with metrics, while the broker is still out of reach.
     let mport = free_port();
-    let mut drain = steadfast()
+    let drain = steadfast()
         .args(["pub", "-b", &url, "--outbox", &outbox, "--drain", "--backoff", "50ms..300ms"])
         .args(["--metrics", &format!("127.0.0.1:{mport}"), "--wait-timeout", "60s", "--progress", "never"])
         .stderr(Stdio::piped())
@@ -168,4 +168,51 @@ async fn a_full_outbox_behaves_as_its_overflow_policy_says() {
     sub.wait_count(3, Duration::from_secs(10)).await;
     assert_eq!(sub.lines(), ["3", "4", "5"]);
     assert_eq!(status_json(&outbox)["queued"].as_u64(), Some(0));
+}
+
+/// The progress line appears when asked for (`always`), and a run whose
+/// stderr is not a terminal (`auto`, the default) prints nothing extra.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_is_drawn_only_when_asked_or_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = format!("mqtt://127.0.0.1:{}", free_port());
+    for (mode, shown) in [("always", true), ("auto", false)] {
+        let outbox = dir.path().join(mode).display().to_string();
+        let args: Vec<String> = ["pub", "-b", &nowhere, "--outbox", &outbox, "-t", "p", "-l", "--progress", mode]
+            .iter()
+            .chain(&["--wait-timeout", "1s"])
+            .map(|s| s.to_string())
+            .collect();
+        let o = run_with_input(args, lines("", 2000)).await;
+        assert_eq!(o.status.code(), Some(3), "{mode}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.contains("accepted · 2000 queued"), shown, "{mode}: {err}");
+        assert_eq!(err.contains("ETA"), shown, "{mode}: {err}");
+    }
+}
+
+/// `--log-format json`: every log line is a JSON object with a level and a
+/// message; the password given on the command line appears nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_json_and_carry_no_credentials() {
+    let broker = Mosquitto::with_password("user", "right").await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").display().to_string();
+    let url = broker.url();
+    let args: Vec<String> =
+        ["-d", "--log-format", "json", "pub", "-b", &url, "--outbox", &outbox, "-t", "j", "-m", "x"]
+            .iter()
+            .chain(&["-u", "user", "-P", "s3cr3t-pw", "--wait-timeout", "2s"])
+            .map(|s| s.to_string())
+            .collect();
+    let o = run_with_input(args, String::new()).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "bad credentials fail: {err}");
+    let logs: Vec<&str> = err.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(!logs.is_empty(), "debug logs expected: {err}");
+    for l in &logs {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{l}");
+    }
+    assert!(!err.contains("s3cr3t-pw"), "the password leaked: {err}");
 }

@@ -235,9 +235,9 @@ pub struct SubArgs {
     /// Most unacknowledged messages in flight per broker (MQTT 5 receive maximum).
     #[arg(long, default_value_t = 256)]
     pub max_inflight: u16,
-    /// Inbox bound: identities remembered at most (the oldest are forgotten first).
-    #[arg(long, value_name = "COUNT", default_value_t = 1_000_000)]
-    pub inbox_max: u64,
+    /// Inbox bound: identities (default 1000000) or bytes (e.g. 64MB) remembered at most; repeat for both.
+    #[arg(long, value_name = "COUNT|SIZE")]
+    pub inbox_max: Vec<String>,
     /// Inbox bound in age: identities handled longer ago are forgotten.
     #[arg(long, value_name = "DURATION", default_value = "7d")]
     pub inbox_max_age: String,

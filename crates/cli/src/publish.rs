@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::args::PubArgs;
 use crate::progress::Progress;
 use crate::routes;
-use crate::util::{default_client_id, default_outbox, parse_duration, parse_qos, parse_size, parse_version};
+use crate::util::{default_client_id, default_outbox, parse_bounds, parse_duration, parse_qos, parse_version};
 use crate::Failure;
 
 /// Where the messages come from.
@@ -112,19 +112,8 @@ impl Options {
         let overflow = parse_overflow("--overflow", &a.overflow)?;
         let deadline_overflow =
             a.deadline_overflow.as_deref().map(|o| parse_overflow("--deadline-overflow", o)).transpose()?;
-        let mut max_messages = None;
-        let mut max_bytes = a.max_queue_bytes.as_deref().map(parse_size).transpose().map_err(usage)?;
-        for q in &a.max_queue {
-            if q.chars().all(|c| c.is_ascii_digit()) {
-                max_messages =
-                    Some(q.parse::<u64>().map_err(|_| usage(format!("--max-queue {q} is too large")))).transpose()?;
-            } else {
-                max_bytes = Some(parse_size(q).map_err(|e| usage(format!("--max-queue: {e}")))?);
-            }
-        }
-        if max_messages == Some(0) || max_bytes == Some(0) {
-            return Err(usage("an outbox bound of 0 would hold nothing; give a bound of at least 1, or none"));
-        }
+        let bounds: Vec<String> = a.max_queue.iter().chain(&a.max_queue_bytes).cloned().collect();
+        let (max_messages, max_bytes) = parse_bounds("--max-queue", &bounds).map_err(usage)?;
         let max_age =
             a.max_age.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--max-age: {e}")))?;
         let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;

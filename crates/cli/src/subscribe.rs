@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::SubArgs;
-use crate::util::{default_client_id_for, default_inbox, parse_duration, parse_qos, parse_version};
+use crate::util::{default_client_id_for, default_inbox, parse_bounds, parse_duration, parse_qos, parse_version};
 use crate::Failure;
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -107,8 +107,14 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         .max_inflight(a.max_inflight)
         .backoff(backoff);
     client = a.conn.apply(client).map_err(usage)?;
-    let mut cfg =
-        ConsumerConfig::new(client).inbox(!a.no_dedup).gap_timeout(gap_timeout).inbox_window(inbox_age, a.inbox_max);
+    let (inbox_count, inbox_bytes) = parse_bounds("--inbox-max", &a.inbox_max).map_err(usage)?;
+    let mut cfg = ConsumerConfig::new(client)
+        .inbox(!a.no_dedup)
+        .gap_timeout(gap_timeout)
+        .inbox_window(inbox_age, inbox_count.unwrap_or(1_000_000));
+    if let Some(b) = inbox_bytes {
+        cfg = cfg.inbox_max_bytes(b);
+    }
     for t in &a.topics {
         cfg = cfg.topic(t.clone(), qos);
     }

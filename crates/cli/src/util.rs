@@ -51,6 +51,23 @@ fn broker_urls(brokers: &[String], host: Option<&str>, port: Option<u16>) -> Res
     Ok(urls)
 }
 
+/// A repeatable `COUNT|SIZE` bound (`10000`, `100MB`): the count and the
+/// bytes given, the last of each winning; 0 is refused.
+pub fn parse_bounds(flag: &str, values: &[String]) -> Result<(Option<u64>, Option<u64>), String> {
+    let (mut count, mut bytes) = (None, None);
+    for v in values {
+        if v.chars().all(|c| c.is_ascii_digit()) {
+            count = Some(v.parse::<u64>().map_err(|_| format!("{flag} {v} is too large"))?);
+        } else {
+            bytes = Some(parse_size(v).map_err(|e| format!("{flag}: {e}"))?);
+        }
+    }
+    if count == Some(0) || bytes == Some(0) {
+        return Err(format!("{flag}: a bound of 0 would hold nothing; give a bound of at least 1, or none"));
+    }
+    Ok((count, bytes))
+}
+
 /// `-q`.
 pub fn parse_qos(q: u8) -> Result<steadfast::Qos, String> {
     match q {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steadfast_core::{Backoff, Identity, KeepAlive, KeepAliveAction, Qos};
-use steadfast_store::{OpenReport, Outbox, SqliteStore, Store, StoreError};
+use steadfast_store::{InboxBounds, OpenReport, Outbox, SqliteStore, Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
@@ -46,6 +46,7 @@ pub struct ConsumerConfig {
     inbox: bool,
     inbox_max_age: Duration,
     inbox_max_count: u64,
+    inbox_max_bytes: Option<u64>,
     gap_timeout: Duration,
     retry_after: Duration,
 }
@@ -59,6 +60,7 @@ impl ConsumerConfig {
             inbox: true,
             inbox_max_age: Duration::from_secs(7 * 24 * 3600),
             inbox_max_count: 1_000_000,
+            inbox_max_bytes: None,
             gap_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
         }
@@ -79,6 +81,12 @@ impl ConsumerConfig {
     pub fn inbox_window(mut self, max_age: Duration, max_count: u64) -> Self {
         self.inbox_max_age = max_age;
         self.inbox_max_count = max_count;
+        self
+    }
+    /// At most this many bytes of identities in the inbox (each counts its
+    /// producer id plus 24 bytes); default: no byte bound.
+    pub fn inbox_max_bytes(mut self, max: u64) -> Self {
+        self.inbox_max_bytes = Some(max);
         self
     }
     /// A gap in a producer's sequence not filled within this long is
@@ -106,6 +114,9 @@ impl ConsumerConfig {
         for (f, _) in &self.topics {
             steadfast_core::topic::validate_topic_filter(f)
                 .map_err(|e| ConfigError::Invalid(format!("topic filter `{f}`: {e}")))?;
+        }
+        if self.inbox_max_bytes == Some(0) {
+            return Err(ConfigError::Invalid("an inbox of 0 bytes de-duplicates nothing; give a larger bound".into()));
         }
         if self.inbox_max_count == 0 {
             return Err(ConfigError::Invalid("an inbox of 0 identities de-duplicates nothing; use 1 or more".into()));
@@ -338,7 +349,12 @@ impl Consumer {
     pub async fn with_store(cfg: ConsumerConfig, store: Box<dyn Store>) -> Result<Consumer, OpenError> {
         cfg.validate()?;
         let outbox = Outbox::start(store, Default::default())?;
-        let high = match outbox.inbox_bounds(cfg.inbox_max_age.as_millis() as u64, cfg.inbox_max_count).await {
+        let bounds = InboxBounds {
+            max_age_ms: cfg.inbox_max_age.as_millis() as u64,
+            max_count: cfg.inbox_max_count,
+            max_bytes: cfg.inbox_max_bytes,
+        };
+        let high = match outbox.inbox_bounds(bounds).await {
             Ok(h) => h,
             Err(e) => {
                 let o = outbox.clone();

@@ -49,21 +49,33 @@ impl BackoffConfig {
     }
 
     /// Parses a profile as the CLI takes it: `default`, `battery`, or
-    /// `MIN..MAX` with durations such as `200ms..1m` (`ms`, `s`, `m`, `h`).
+    /// `MIN..MAX` with durations such as `200ms..1m` (`ms`, `s`, `m`, `h`),
+    /// optionally with an hourly budget: `1m..30m,6/h`.
     pub fn parse(s: &str) -> Result<BackoffConfig, String> {
         match s {
             "default" => return Ok(Self::default()),
             "battery" => return Ok(Self::battery()),
             _ => {}
         }
-        let usage =
-            || format!("`{s}` is not a backoff profile; use `default`, `battery` or MIN..MAX such as 200ms..1m");
-        let (min, max) = s.split_once("..").ok_or_else(usage)?;
+        let usage = || {
+            format!("`{s}` is not a backoff profile; use `default`, `battery` or MIN..MAX[,N/h] such as 200ms..1m or 1m..30m,6/h")
+        };
+        let (range, per_hour) = match s.split_once(',') {
+            Some((range, budget)) => {
+                let n = budget.strip_suffix("/h").and_then(|n| n.parse::<u32>().ok()).ok_or_else(usage)?;
+                if n == 0 {
+                    return Err(format!("backoff `{s}`: an hourly budget of 0 would never reconnect"));
+                }
+                (range, Some(n))
+            }
+            None => (s, None),
+        };
+        let (min, max) = range.split_once("..").ok_or_else(usage)?;
         let (min, max) = (parse_duration(min).ok_or_else(usage)?, parse_duration(max).ok_or_else(usage)?);
         if min.is_zero() || max < min {
             return Err(format!("backoff `{s}`: MIN must be above zero and MAX at least MIN"));
         }
-        Ok(Self { min, max, ..Self::default() })
+        Ok(Self { min, max, per_hour, ..Self::default() })
     }
 }
 
@@ -251,7 +263,9 @@ mod tests {
         assert_eq!(BackoffConfig::parse("battery").unwrap(), BackoffConfig::battery());
         let c = BackoffConfig::parse("200ms..1m").unwrap();
         assert_eq!((c.min, c.max), (Duration::from_millis(200), Duration::from_secs(60)));
-        for bad in ["fast", "1m..1s", "0..1s", "1s", "1x..2s"] {
+        let c = BackoffConfig::parse("1m..30m,6/h").unwrap();
+        assert_eq!((c.min, c.max, c.per_hour), (Duration::from_secs(60), Duration::from_secs(1800), Some(6)));
+        for bad in ["fast", "1m..1s", "0..1s", "1s", "1x..2s", "1s..2s,0/h", "1s..2s,6", "1s..2s,x/h"] {
             assert!(BackoffConfig::parse(bad).is_err(), "{bad}");
         }
         assert!(BackoffConfig::parse("fast").unwrap_err().contains("battery"));

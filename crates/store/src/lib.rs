@@ -20,8 +20,8 @@ mod sqlite;
 pub use error::StoreError;
 pub use memory::MemoryStore;
 pub use outbox::{
-    AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, Outbox, OutboxConfig, OutboxState,
-    Overflow, Quorum, Report,
+    AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, InboxBounds, Outbox, OutboxConfig,
+    OutboxState, Overflow, Quorum, Report,
 };
 pub use sqlite::{OpenReport, SqliteStore};
 
@@ -114,6 +114,11 @@ pub struct Entry {
     /// Its deadline, if it has one (deadline class).
     pub expires_ms: Option<u64>,
 }
+
+/// What one inbox identity counts against a byte bound besides its
+/// producer id: the sequence number, the time, and SQLite's row and index
+/// overhead, roughly.
+pub const INBOX_ENTRY_BYTES: u64 = 24;
 
 /// The most brokers one outbox can tell apart (acknowledgements are a
 /// 64-bit mask per message).
@@ -261,6 +266,11 @@ pub trait Store: Send + 'static {
     }
     /// Inbox: identities remembered.
     fn inbox_len(&mut self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    /// Inbox: the bytes its identities count against a byte bound, each
+    /// [`INBOX_ENTRY_BYTES`] plus its producer id.
+    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
         Ok(0)
     }
     /// Adds to a named persistent counter (duplicates removed, gaps...).

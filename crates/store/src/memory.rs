@@ -259,6 +259,9 @@ impl Store for MemoryStore {
     fn inbox_len(&mut self) -> Result<u64, StoreError> {
         Ok(self.state.inbox.len() as u64)
     }
+    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
+        Ok(self.state.inbox.keys().map(|(p, _)| p.len() as u64 + crate::INBOX_ENTRY_BYTES).sum())
+    }
     fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
         *self.state.counters.entry(name.to_owned()).or_default() += n;
         Ok(())

@@ -248,8 +248,7 @@ enum Request {
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     InboxBounds {
-        max_age_ms: u64,
-        max_count: u64,
+        bounds: InboxBounds,
         reply: HighReply,
     },
     Counter {
@@ -266,6 +265,18 @@ enum Request {
         reply: oneshot::Sender<Result<String, StoreError>>,
     },
     Close,
+}
+
+/// Bounds of a consumer's inbox (G7): the oldest identities are forgotten
+/// first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxBounds {
+    /// Identities handled longer ago than this are forgotten.
+    pub max_age_ms: u64,
+    /// At most this many identities.
+    pub max_count: u64,
+    /// At most this many bytes ([`Store::inbox_bytes`]).
+    pub max_bytes: Option<u64>,
 }
 
 /// Drops by reason and the creation time of the oldest queued message.
@@ -363,6 +374,7 @@ impl Outbox {
             inbox_bounds: None,
             pruned_at: std::time::Instant::now(),
             inbox_len: 0,
+            inbox_bytes: 0,
         };
         let thread = std::thread::Builder::new()
             .name("steadfast-outbox".into())
@@ -513,12 +525,13 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
-    /// Inbox: keep identities at most this long and this many (checked
-    /// once a minute while identities are recorded, and whenever the count
-    /// is over). Returns the highest sequence number recorded per producer.
-    pub async fn inbox_bounds(&self, max_age_ms: u64, max_count: u64) -> Result<Vec<(String, u64)>, StoreError> {
+    /// Inbox: keep identities at most this long, this many and this many
+    /// bytes (checked once a minute while identities are recorded, and
+    /// whenever the count or bytes are over). Returns the highest sequence
+    /// number recorded per producer.
+    pub async fn inbox_bounds(&self, bounds: InboxBounds) -> Result<Vec<(String, u64)>, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::InboxBounds { max_age_ms, max_count, reply });
+        self.send(Request::InboxBounds { bounds, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -582,10 +595,12 @@ struct Writer {
     blocked: VecDeque<PendingAppend>,
     quorums: Vec<Quorum>,
     swept_at: std::time::Instant,
-    inbox_bounds: Option<(u64, u64)>,
+    inbox_bounds: Option<InboxBounds>,
     pruned_at: std::time::Instant,
     /// Identities in the inbox (an over-estimate between prunes).
     inbox_len: u64,
+    /// Their bytes (an over-estimate between prunes).
+    inbox_bytes: u64,
 }
 
 type HighReply = oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>;
@@ -794,24 +809,35 @@ impl Writer {
             Request::InboxRecord { ids, reply } => {
                 self.store.inbox_record(&ids, crate::now_ms())?;
                 self.inbox_len += ids.len() as u64;
+                self.inbox_bytes += ids.iter().map(|(p, _)| p.len() as u64 + crate::INBOX_ENTRY_BYTES).sum::<u64>();
                 b.inbox_replies.push(reply);
-                if let Some((age, count)) = self.inbox_bounds {
+                if let Some(bounds) = self.inbox_bounds {
                     // Pruning scans the inbox: by age once a minute, by
-                    // count when the (over-)estimate says it is over.
+                    // count or bytes when the (over-)estimate says so.
                     let by_age = self.pruned_at.elapsed() >= PRUNE_EVERY;
-                    if by_age || self.inbox_len > count {
+                    let over_bytes = bounds.max_bytes.is_some_and(|m| self.inbox_bytes > m);
+                    if by_age || self.inbox_len > bounds.max_count || over_bytes {
                         self.pruned_at = std::time::Instant::now();
-                        let cutoff = if by_age { crate::now_ms().saturating_sub(age) } else { 0 };
+                        let cutoff = if by_age { crate::now_ms().saturating_sub(bounds.max_age_ms) } else { 0 };
+                        // A byte bound becomes a count at the current mean
+                        // size of an identity.
+                        let mut keep = bounds.max_count;
+                        if let Some(max) = bounds.max_bytes.filter(|_| self.inbox_len > 0) {
+                            let mean = (self.inbox_bytes / self.inbox_len).max(1);
+                            keep = keep.min(max / mean);
+                        }
                         // Down to 90 %: the next prune by count is a while
                         // away (each one sorts the inbox).
-                        self.store.inbox_prune(cutoff, count - count / 10)?;
+                        self.store.inbox_prune(cutoff, keep - keep / 10)?;
                         self.inbox_len = self.store.inbox_len()?;
+                        self.inbox_bytes = self.store.inbox_bytes()?;
                     }
                 }
             }
-            Request::InboxBounds { max_age_ms, max_count, reply } => {
-                self.inbox_bounds = Some((max_age_ms, max_count));
+            Request::InboxBounds { bounds, reply } => {
+                self.inbox_bounds = Some(bounds);
                 self.inbox_len = self.store.inbox_len()?;
+                self.inbox_bytes = self.store.inbox_bytes()?;
                 b.high_replies.push((reply, self.store.inbox_high()?));
             }
             Request::Counter { name, n } => self.store.add_counter(name, n)?,

@@ -941,7 +941,7 @@ impl Store for SqliteStore {
         let over = self
             .conn
             .execute(
-                "DELETE FROM inbox WHERE (producer, seq) IN (SELECT producer, seq FROM inbox ORDER BY handled_ms DESC LIMIT -1 OFFSET ?1)",
+                "DELETE FROM inbox WHERE (producer, seq) IN (SELECT producer, seq FROM inbox ORDER BY handled_ms DESC, seq DESC LIMIT -1 OFFSET ?1)",
                 [keep as i64],
             )
             .map_err(|e| self.map(e))?;
@@ -950,6 +950,11 @@ impl Store for SqliteStore {
 
     fn inbox_len(&mut self) -> Result<u64, StoreError> {
         Ok(self.conn.query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))?)
+    }
+
+    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
+        let sql = "SELECT coalesce(sum(length(CAST(producer AS BLOB)) + ?1), 0) FROM inbox";
+        Ok(self.conn.query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
     }
 
     fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {

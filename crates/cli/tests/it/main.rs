@@ -158,6 +158,7 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
             "too long",
         ),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-queue", "0"], "bound of 0"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--inbox-max", "0B"], "--inbox-max"),
         (&["pub", "-h", "localhost:1883", "-t", "a", "-m", "x"], "give the port with -p"),
         (
             &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--backoff", "5s..1s", "--outbox", ob],

@@ -44,7 +44,11 @@ pub async fn start(addr: SocketAddr, refresh: Refresh) -> Result<SocketAddr, Fai
 
 async fn accept_loop(listener: TcpListener, handle: PrometheusHandle, refresh: Refresh) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: wait rather than spin.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let (handle, refresh) = (handle.clone(), refresh.clone());
         tokio::spawn(async move {
             let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, handle, refresh)).await;

@@ -290,7 +290,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         return Err(f);
     }
     let result = if o.no_wait {
-        Ok(())
+        report_drops(&client, &dir, &drops_before, None).await
     } else {
         tokio::select! {
             r = wait_delivered(&client, &mut events, o.wait_timeout, &dir, &drops_before) => r,
@@ -419,7 +419,7 @@ async fn wait_delivered(
                 )));
             }
             e = events.recv() => match e {
-                Ok(Event::Dropped(d)) => { first_drop.get_or_insert(d); }
+                Ok(Event::Dropped(d)) if d.reason != steadfast::DropReason::Superseded => { first_drop.get_or_insert(d); }
                 Ok(Event::Refused { broker, id, topic }) => {
                     return Err(Failure::other(anyhow!(
                         "{broker} refused message #{id} to `{topic}` (an error reason code in its acknowledgement, e.g. not authorised for this topic); it stays queued in the outbox {} and is sent again later",
@@ -436,6 +436,18 @@ async fn wait_delivered(
             },
         }
     }
+    report_drops(client, dir, drops_before, first_drop).await
+}
+
+/// Fails with the count by reason when messages were dropped since
+/// `drops_before`, except `superseded` (keep-latest sent the newer value
+/// instead), which is only mentioned.
+async fn report_drops(
+    client: &Client,
+    dir: &std::path::Path,
+    drops_before: &[(steadfast::DropReason, u64)],
+    first_drop: Option<steadfast_store::Dropped>,
+) -> Result<(), Failure> {
     let after = drop_counts(client).await;
     let new = |reason: &steadfast::DropReason, n: u64| {
         n - drops_before.iter().find(|(r, _)| r == reason).map(|(_, n)| *n).unwrap_or(0).min(n)

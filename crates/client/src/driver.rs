@@ -603,9 +603,12 @@ impl Driver {
     fn take_page(&mut self, page: Vec<StoredMessage>, p: usize, upto: u64) {
         let last = page.last().map(|m| m.id);
         let mut fresh = Vec::with_capacity(page.len());
+        // A refused message may be back in the queue already (its pause
+        // ended after a rewind): it must not be queued twice.
+        let queued: std::collections::HashSet<u64> = self.queue.iter().map(|m| m.id).collect();
         for m in page {
             let waiting = self.retry.iter().any(|(_, r)| r.id == m.id);
-            let gone = self.done_ahead[p].contains(&m.id);
+            let gone = self.done_ahead[p].contains(&m.id) || queued.contains(&m.id);
             if !self.inflight.contains_key(&m.id) && !gone && !waiting && self.claims(&m) {
                 fresh.push(m);
             }

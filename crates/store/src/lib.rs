@@ -190,7 +190,8 @@ pub trait Store: Send + 'static {
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError>;
-    /// The highest queued id of each priority that has queued messages.
+    /// For each priority with messages, an id that no queued message of
+    /// that priority is above (its newest id, or a larger one).
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError>;
     /// Counts one more send of a message against its retry budget.
     fn add_attempt(&mut self, id: u64) -> Result<(), StoreError>;
@@ -198,6 +199,8 @@ pub trait Store: Send + 'static {
     fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
     /// The earliest deadline among queued messages.
     fn next_expiry(&mut self) -> Result<Option<u64>, StoreError>;
+    /// Count and bytes of the queued messages that have a deadline.
+    fn deadline_totals(&mut self) -> Result<Totals, StoreError>;
     /// Queued keep-latest messages of `topic` and `route` that no broker
     /// holds a QoS 2 exchange of (a newer value replaces them).
     fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError>;

@@ -137,10 +137,11 @@ impl Store for MemoryStore {
         Ok(s.messages.iter().filter(|(id, r)| due(**id, r)).take(limit).map(|(id, _)| *id).collect())
     }
     fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
-        let s = &self.state;
-        let free = |id: u64| s.wire.range((id, 0)..=(id, u32::MAX)).next().is_none();
-        let it = s.messages.iter().filter(|(id, r)| !r.done && free(**id));
-        Ok(it.filter_map(|(_, r)| r.msg.policy.expires_ms).min())
+        Ok(self.state.messages.values().filter(|r| !r.done).filter_map(|r| r.msg.policy.expires_ms).min())
+    }
+    fn deadline_totals(&mut self) -> Result<Totals, StoreError> {
+        let d = self.state.messages.values().filter(|r| !r.done && r.msg.policy.expires_ms.is_some());
+        Ok(d.fold(Totals::default(), |t, r| Totals { count: t.count + 1, bytes: t.bytes + r.msg.size() }))
     }
     fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
         let s = &self.state;

@@ -367,6 +367,7 @@ impl Outbox {
             last_id,
             newest,
             next_expiry,
+            deadline_totals: None,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
             quorums: Vec::new(),
@@ -590,6 +591,8 @@ struct Writer {
     newest: [u64; PRIORITIES],
     /// The earliest deadline queued (a sweep is due then).
     next_expiry: Option<u64>,
+    /// Count and bytes of queued deadline messages, once needed.
+    deadline_totals: Option<Totals>,
     /// Removals undone by a failed commit, applied again with the next batch.
     pending_removes: Vec<Request>,
     blocked: VecDeque<PendingAppend>,
@@ -736,6 +739,13 @@ impl Writer {
                 self.store.rollback();
                 self.totals = self.store.totals().unwrap_or(before);
                 self.last_id = self.store.newest_id().ok().flatten().unwrap_or(0).max(self.state.borrow().last_id);
+                // What this batch set in memory goes back to what is on
+                // disk: ids of rolled-back messages are handed out again.
+                self.newest = self.state.borrow().newest;
+                self.deadline_totals = None;
+                self.next_expiry = self.store.next_expiry().ok().flatten().or(self.next_expiry);
+                self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
+                self.inbox_bytes = self.store.inbox_bytes().unwrap_or(self.inbox_bytes);
                 tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
                 // Acknowledged messages must still leave: their removals are
                 // applied again with the next batch.
@@ -751,8 +761,10 @@ impl Writer {
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
         match r {
             Request::Append { msg, reply, delivery } => {
+                // Behind the messages waiting for room, in order, when it
+                // would wait too; a class with another policy goes ahead.
                 let p = PendingAppend { msg, reply, delivery };
-                if self.blocked.is_empty() {
+                if self.blocked.is_empty() || self.policy_of(&p.msg) != Overflow::Block {
                     self.try_append(p, b)?;
                 } else {
                     self.blocked.push_back(p);
@@ -872,34 +884,81 @@ impl Writer {
         Ok(())
     }
 
-    fn over_bounds(&self, extra: u64) -> Option<String> {
+    /// The bound that `extra` more bytes would break once `freed` (count
+    /// and bytes) left.
+    fn over_bounds(&self, extra: u64, freed: Totals) -> Option<String> {
         let c = self.config;
-        if let Some(max) = c.max_messages.filter(|m| self.totals.count + 1 > *m) {
+        let count = self.totals.count.saturating_sub(freed.count);
+        let bytes = self.totals.bytes.saturating_sub(freed.bytes);
+        if let Some(max) = c.max_messages.filter(|m| count + 1 > *m) {
             return Some(format!("{max} messages"));
         }
-        if let Some(max) = c.max_bytes.filter(|m| self.totals.bytes + extra > *m) {
+        if let Some(max) = c.max_bytes.filter(|m| bytes + extra > *m) {
             return Some(format!("{max} bytes"));
         }
         None
     }
 
-    fn try_append(&mut self, p: PendingAppend, b: &mut Batch) -> Result<(), StoreError> {
-        let size = p.msg.size();
-        // Keep-latest: the values this one replaces leave first, which may
-        // be all the room it needs.
-        if p.msg.policy.keep_latest {
-            for id in self.store.superseded(&p.msg.topic, p.msg.route.as_deref())? {
-                self.drop_one(id, DropReason::Superseded, b)?;
+    /// Keep-latest: the queued values `msg` would replace, the room they
+    /// take, and the part of that room in `msg`'s own class.
+    fn replaced_by(&mut self, msg: &NewMessage) -> Result<(Vec<u64>, Totals, Totals), StoreError> {
+        let (mut room, mut own) = (Totals::default(), Totals::default());
+        if !msg.policy.keep_latest {
+            return Ok((Vec::new(), room, own));
+        }
+        let ids = self.store.superseded(&msg.topic, msg.route.as_deref())?;
+        for id in &ids {
+            if let Some(e) = self.store.entry(*id)? {
+                room.count += 1;
+                room.bytes += e.size;
+                if e.expires_ms.is_some() == msg.policy.expires_ms.is_some() {
+                    own.count += 1;
+                    own.bytes += e.size;
+                }
             }
         }
-        if let Some(what) = self.over_bounds(size) {
+        Ok((ids, room, own))
+    }
+
+    /// The overflow policy of `msg`'s class.
+    fn policy_of(&self, msg: &NewMessage) -> Overflow {
+        match self.config.deadline_overflow {
+            Some(o) if msg.policy.expires_ms.is_some() => o,
+            _ => self.config.overflow,
+        }
+    }
+
+    /// Count and bytes queued of one class (with a deadline or without),
+    /// read once and then kept up to date.
+    fn class_totals(&mut self, deadline: bool) -> Result<Totals, StoreError> {
+        let d = match self.deadline_totals {
+            Some(t) => t,
+            None => {
+                let t = self.store.deadline_totals()?;
+                self.deadline_totals = Some(t);
+                t
+            }
+        };
+        Ok(if deadline {
+            d
+        } else {
+            Totals {
+                count: self.totals.count.saturating_sub(d.count),
+                bytes: self.totals.bytes.saturating_sub(d.bytes),
+            }
+        })
+    }
+
+    fn try_append(&mut self, p: PendingAppend, b: &mut Batch) -> Result<(), StoreError> {
+        let size = p.msg.size();
+        let deadline = p.msg.policy.expires_ms.is_some();
+        // Keep-latest: the values this one replaces leave with its
+        // insertion (and only then), which may be all the room it needs.
+        let (replaced, freed, freed_own) = self.replaced_by(&p.msg)?;
+        if let Some(what) = self.over_bounds(size, freed) {
             let alone_too_big = self.config.max_bytes.is_some_and(|m| size > m);
-            let deadline = p.msg.policy.expires_ms.is_some();
-            let policy = match self.config.deadline_overflow {
-                Some(o) if deadline => o,
-                _ => self.config.overflow,
-            };
-            match policy {
+            let policy = self.policy_of(&p.msg);
+            let evict = match policy {
                 _ if alone_too_big => {
                     let what = format!("the message alone is {size} bytes, over the bound of {what}");
                     let _ = p.reply.send(Err(AppendError::Full { what }));
@@ -913,15 +972,30 @@ impl Writer {
                     self.blocked.push_back(p);
                     return Ok(());
                 }
-                Overflow::DropOldest => self.drop_oldest_for(size, deadline, b)?,
-                Overflow::DropNewest => {}
+                // Only when dropping its whole class could make room: never
+                // two losses where one would do.
+                Overflow::DropOldest => {
+                    let class = self.class_totals(deadline)?;
+                    let all = Totals {
+                        count: class.count + freed.count - freed_own.count,
+                        bytes: class.bytes + freed.bytes - freed_own.bytes,
+                    };
+                    self.over_bounds(size, all).is_none()
+                }
+                Overflow::DropNewest => false,
+            };
+            if evict {
+                self.supersede(&replaced, b)?;
+                self.drop_oldest_for(size, deadline, b)?;
             }
-            if self.over_bounds(size).is_some() {
+            if !evict || self.over_bounds(size, Totals::default()).is_some() {
                 self.store.add_drops(DropReason::Overflow, 1)?;
                 b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
                 b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() })));
                 return Ok(());
             }
+        } else {
+            self.supersede(&replaced, b)?;
         }
         let id = self.store.insert(&p.msg)?;
         self.last_id = self.last_id.max(id);
@@ -929,6 +1003,10 @@ impl Writer {
         self.newest[prio] = self.newest[prio].max(id);
         if let Some(e) = p.msg.policy.expires_ms {
             self.next_expiry = Some(self.next_expiry.map_or(e, |n| n.min(e)));
+            if let Some(t) = &mut self.deadline_totals {
+                t.count += 1;
+                t.bytes += size;
+            }
         }
         self.totals.count += 1;
         self.totals.bytes += size;
@@ -939,16 +1017,23 @@ impl Writer {
         Ok(())
     }
 
+    fn supersede(&mut self, ids: &[u64], b: &mut Batch) -> Result<(), StoreError> {
+        for id in ids {
+            self.drop_one(*id, DropReason::Superseded, b)?;
+        }
+        Ok(())
+    }
+
     /// Drops the oldest messages of the class (deadline or not) until
     /// `size` more bytes fit, or none of the class is left.
     fn drop_oldest_for(&mut self, size: u64, deadline: bool, b: &mut Batch) -> Result<(), StoreError> {
-        while self.over_bounds(size).is_some() {
+        while self.over_bounds(size, Totals::default()).is_some() {
             let oldest = self.store.oldest(64, Some(deadline))?;
             if oldest.is_empty() {
                 break;
             }
             for (id, _) in oldest {
-                if self.over_bounds(size).is_none() {
+                if self.over_bounds(size, Totals::default()).is_none() {
                     break;
                 }
                 self.drop_one(id, DropReason::Overflow, b)?;
@@ -995,6 +1080,10 @@ impl Writer {
         }
         self.totals.count -= 1;
         self.totals.bytes = self.totals.bytes.saturating_sub(e.size);
+        if let Some(t) = self.deadline_totals.as_mut().filter(|_| e.expires_ms.is_some()) {
+            t.count = t.count.saturating_sub(1);
+            t.bytes = t.bytes.saturating_sub(e.size);
+        }
         b.resolved.push((id, outcome));
         Ok(())
     }
@@ -1093,11 +1182,12 @@ impl Writer {
     }
 
     fn admit_blocked(&mut self, b: &mut Batch) -> Result<(), StoreError> {
-        while let Some(p) = self.blocked.front() {
-            if self.over_bounds(p.msg.size()).is_some() {
+        while let Some(p) = self.blocked.pop_front() {
+            let (_, freed, _) = self.replaced_by(&p.msg)?;
+            if self.over_bounds(p.msg.size(), freed).is_some() {
+                self.blocked.push_front(p);
                 break;
             }
-            let p = self.blocked.pop_front().expect("front exists");
             self.try_append(p, b)?;
         }
         Ok(())

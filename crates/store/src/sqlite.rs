@@ -625,6 +625,15 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
         Ok(p) => p.unwrap_or_default(),
         Err(e) => return Ok(bad(e.to_string())),
     };
+    let priority: i64 = r.get(12)?;
+    let max_attempts: Option<i64> = r.get(13)?;
+    let attempts: i64 = r.get(14)?;
+    if !(0..=crate::MAX_PRIORITY as i64).contains(&priority) {
+        return Ok(bad(format!("priority {priority}")));
+    }
+    if max_attempts.is_some_and(|m| !(1..=u32::MAX as i64).contains(&m)) || !(0..=u32::MAX as i64).contains(&attempts) {
+        return Ok(bad(format!("retry budget {max_attempts:?}, attempts {attempts}")));
+    }
     let wire = match (pid, stage.and_then(stage_from_sql)) {
         (Some(p), Some(s)) => Some((p, s)),
         _ => None,
@@ -638,14 +647,14 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
         created_ms: r.get(6)?,
         route: r.get(7)?,
         policy: Policy {
-            expires_ms: r.get(11)?,
-            priority: r.get::<_, u8>(12)?.min(crate::MAX_PRIORITY),
-            max_attempts: r.get(13)?,
-            keep_latest: r.get(15)?,
+            expires_ms: r.get::<_, Option<i64>>(11)?.map(|e| e.max(0) as u64),
+            priority: priority as u8,
+            max_attempts: max_attempts.map(|m| m as u32),
+            keep_latest: r.get::<_, i64>(15)? != 0,
         },
     };
     let acks = r.get::<_, i64>(8)? as u64;
-    Ok(Ok(StoredMessage { id, msg, wire, acks, attempts: r.get(14)? }))
+    Ok(Ok(StoredMessage { id, msg, wire, acks, attempts: attempts as u32 }))
 }
 
 impl Store for SqliteStore {
@@ -761,19 +770,26 @@ impl Store for SqliteStore {
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
         let sql = match priority {
             None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
+            // The literal `priority != 0` lets SQLite use the partial index.
+            Some(0) => format!(
+                "{SELECT_MESSAGE} WHERE priority = 0 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+            ),
             Some(_) => format!(
-                "{SELECT_MESSAGE} WHERE priority = ?4 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+                "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
             ),
         };
         match priority {
-            None => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
+            None | Some(0) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
             Some(p) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask, p]),
         }
     }
 
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT 0, max(id) FROM outbox WHERE done = 0 AND priority = 0 UNION ALL SELECT priority, max(id) FROM outbox WHERE done = 0 AND priority != 0 GROUP BY priority",
+            // Upper bounds, which is all a reader needs: level 0 gets the
+            // newest id of all (the primary key's end), the others come
+            // from their partial index. No scan of the table.
+            "SELECT 0, max(id) FROM outbox UNION ALL SELECT priority, max(id) FROM outbox WHERE priority != 0 GROUP BY priority",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, u8>(0)?, r.get::<_, Option<u64>>(1)?)))?;
         let mut out = Vec::new();
@@ -801,8 +817,16 @@ impl Store for SqliteStore {
     }
 
     fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
-        let sql = "SELECT min(expires_ms) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id)";
+        // Bound messages count too: the sweep keeps coming back for them
+        // until their QoS 2 exchange closes (then they go, or are gone).
+        let sql = "SELECT min(expires_ms) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
         Ok(self.conn.query_row(sql, [], |r| r.get(0))?)
+    }
+
+    fn deadline_totals(&mut self) -> Result<Totals, StoreError> {
+        let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
+        let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Totals { count, bytes })
     }
 
     fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
@@ -819,10 +843,14 @@ impl Store for SqliteStore {
     }
 
     fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, size FROM outbox WHERE done = 0 AND (?2 IS NULL OR (expires_ms IS NOT NULL) = ?2) ORDER BY id LIMIT ?1",
-        )?;
-        let rows = stmt.query_map(params![limit as i64, deadline], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let sql = match deadline {
+            None => "SELECT id, size FROM outbox WHERE done = 0 ORDER BY id LIMIT ?1",
+            Some(false) => "SELECT id, size FROM outbox WHERE done = 0 AND expires_ms IS NULL ORDER BY id LIMIT ?1",
+            // Through the partial index on deadlines: they may be few.
+            Some(true) => "SELECT id, size FROM outbox WHERE expires_ms IS NOT NULL AND done = 0 ORDER BY id LIMIT ?1",
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use steadfast::{Client, Delivery, Message, ProtocolVersion, PublishError, Qos};
 use steadfast_core::{DropReason, Properties, Stage};
-use steadfast_store::{BrokerRecord, Entry, MemoryStore, NewMessage, Store, StoreError, StoredMessage, Totals};
+use steadfast_store::{
+    BrokerRecord, Entry, MemoryStore, NewMessage, Outbox, OutboxConfig, Store, StoreError, StoredMessage, Totals,
+};
 use steadfast_testkit::{wait_until, Reply, ScriptedBroker};
 
 use crate::{config, connect_failed, next_event};
@@ -19,6 +21,8 @@ struct Faults {
     fail_set_wire: AtomicU32,
     /// This many `remove` calls fail.
     fail_remove: AtomicU32,
+    /// This many commits fail.
+    fail_commit: AtomicU32,
     /// The n-th `read_after` call (1-based) stalls until `release` is set.
     stall_read: AtomicU32,
     stalled: AtomicBool,
@@ -37,6 +41,11 @@ impl Store for FaultyStore {
         self.inner.begin()
     }
     fn commit(&mut self) -> Result<(), StoreError> {
+        let f = &self.faults.fail_commit;
+        if f.load(SeqCst) > 0 {
+            f.fetch_sub(1, SeqCst);
+            return Err(StoreError::WriteFailed("injected fault".into()));
+        }
         self.inner.commit()
     }
     fn rollback(&mut self) {
@@ -125,6 +134,9 @@ impl Store for FaultyStore {
     }
     fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
         self.inner.next_expiry()
+    }
+    fn deadline_totals(&mut self) -> Result<Totals, StoreError> {
+        self.inner.deadline_totals()
     }
     fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
         self.inner.superseded(topic, route)
@@ -381,6 +393,66 @@ async fn an_acknowledged_message_leaves_the_outbox_even_when_its_removal_first_f
     assert_eq!(c.status().await.unwrap().queued, 0);
     assert_eq!(broker.publishes().len(), 1);
     c.close().await;
+}
+
+/// A failed commit hands its ids out again: what the writer believed of
+/// them in memory (the newest id per priority, which senders read up to)
+/// must go back too, or the next message, under the same id, would be
+/// skipped by a sender that already read past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_commit_leaves_no_phantom_ids_for_the_senders() {
+    let faults = Arc::new(Faults::default());
+    let store = FaultyStore { inner: MemoryStore::new(), faults: faults.clone() };
+    let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+    let m = |p: &str| NewMessage {
+        topic: "t".into(),
+        payload: p.into(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        props: Properties::default(),
+        created_ms: 1,
+        route: None,
+        policy: Default::default(),
+    };
+    let first = o.append(m("1"), false).0.await.unwrap();
+    faults.fail_commit.store(1, SeqCst);
+    assert!(o.append(m("lost"), false).0.await.is_err(), "the failed batch accepts nothing");
+    // A commit that inserts nothing publishes the state again.
+    o.count("probe", 1);
+    o.report().await.unwrap();
+    assert_eq!(o.state().newest[0], first, "no id above the last accepted one is announced");
+    let next = o.append(m("2"), false).0.await.unwrap();
+    assert_eq!(next, first + 1, "the failed id is handed out again");
+    assert_eq!(o.state().newest[0], next);
+    o.close();
+}
+
+/// An expiry sweep whose commit fails is swept again: the deadline passed
+/// is not forgotten with the rolled-back batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_sweep_that_fails_to_commit_is_tried_again() {
+    let faults = Arc::new(Faults::default());
+    let store = FaultyStore { inner: MemoryStore::new(), faults: faults.clone() };
+    let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+    let mut m = NewMessage {
+        topic: "t".into(),
+        payload: "soon".into(),
+        qos: Qos::AtLeastOnce,
+        retain: false,
+        props: Properties::default(),
+        created_ms: steadfast_store::now_ms(),
+        route: None,
+        policy: Default::default(),
+    };
+    m.policy.expires_ms = Some(m.created_ms + 200);
+    let (accepted, outcome) = o.append(m, true);
+    accepted.await.unwrap();
+    // The next commit is the sweep's: it fails.
+    faults.fail_commit.store(1, SeqCst);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), outcome.unwrap()).await.expect("swept again");
+    assert_eq!(outcome.unwrap(), Delivery::Dropped(DropReason::Expired));
+    assert_eq!(faults.fail_commit.load(SeqCst), 0, "the first sweep did fail");
+    o.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,8 +232,70 @@ fn policies_and_attempts_are_durable() {
     let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
     let m = s.read_after(0, 10, None, Some(5)).unwrap().remove(0);
     assert_eq!((m.id, m.msg.policy, m.attempts), (id, policy, 2));
-    assert_eq!(s.newest_by_priority().unwrap(), [(5, id)]);
+    assert!(s.newest_by_priority().unwrap().contains(&(5, id)));
     assert_eq!(s.next_expiry().unwrap(), policy.expires_ms);
     assert_eq!(s.superseded("t", None).unwrap(), [id]);
     assert!(s.read_after(0, 10, None, Some(0)).unwrap().is_empty());
+}
+
+/// Keep-latest replaces the old value only when the new one gets in: a new
+/// value refused by the bounds leaves the old one queued.
+#[test]
+fn keep_latest_replaces_only_when_the_new_value_is_accepted() {
+    block_on(async {
+        let cfg = OutboxConfig { max_bytes: Some(100), overflow: Overflow::Reject, ..OutboxConfig::default() };
+        let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
+        let latest = Policy { keep_latest: true, ..Policy::default() };
+        o.append(with(msg("t", "old"), latest), false).0.await.unwrap();
+        assert!(o.append(with(msg("t", vec![b'x'; 200]), latest), false).0.await.is_err());
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["old"]);
+        // One that fits once the old value's room is counted replaces it.
+        o.append(msg("other", vec![b'y'; 60]), false).0.await.unwrap();
+        o.append(with(msg("t", vec![b'z'; 33]), latest), false).0.await.unwrap();
+        let report = o.report().await.unwrap();
+        assert_eq!(report.totals.count, 2);
+        assert!(report.drops.contains(&(DropReason::Superseded, 1)), "{:?}", report.drops);
+    });
+}
+
+/// A deadline message whose class drops the oldest does not wait behind
+/// persistent messages blocked for room.
+#[test]
+fn a_class_with_its_own_policy_does_not_wait_behind_blocked_ones() {
+    block_on(async {
+        let cfg = OutboxConfig {
+            max_messages: Some(2),
+            overflow: Overflow::Block,
+            deadline_overflow: Some(Overflow::DropOldest),
+            ..OutboxConfig::default()
+        };
+        let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
+        let far = u64::MAX / 2;
+        o.append(msg("p", "1"), false).0.await.unwrap();
+        o.append(deadline("d", "old", far), false).0.await.unwrap();
+        let mut blocked = o.append(msg("p", "2"), false).0;
+        assert!(tokio::time::timeout(Duration::from_millis(100), &mut blocked).await.is_err(), "p2 waits");
+        let d = tokio::time::timeout(Duration::from_secs(2), o.append(deadline("d", "new", far), false).0).await;
+        d.expect("not behind the blocked one").unwrap();
+        assert_eq!(payloads(o.read_after(0, 10, None, None).await.unwrap()), ["1", "new"]);
+    });
+}
+
+/// Drop-oldest never loses two where one would do: when dropping its whole
+/// class cannot make room, only the new message is dropped.
+#[test]
+fn drop_oldest_does_not_evict_when_it_cannot_make_room() {
+    block_on(async {
+        let cfg = OutboxConfig { max_bytes: Some(1000), overflow: Overflow::DropOldest, ..OutboxConfig::default() };
+        let o = Outbox::start(Box::new(MemoryStore::new()), cfg).unwrap();
+        let far = u64::MAX / 2;
+        o.append(msg("p", vec![b'p'; 899]), false).0.await.unwrap();
+        o.append(deadline("d", "small-deadline-message-of-about-forty-nine-bytes", far), false).0.await.unwrap();
+        let big = deadline("d", &"b".repeat(199), far);
+        let err = o.append(big, false).0.await.unwrap_err();
+        assert!(matches!(err, AppendError::Dropped { policy: "drop-oldest", .. }), "{err}");
+        let report = o.report().await.unwrap();
+        assert_eq!(report.totals.count, 2, "nothing evicted");
+        assert!(report.drops.contains(&(DropReason::Overflow, 1)), "{:?}", report.drops);
+    });
 }

@@ -32,6 +32,25 @@ pub enum Command {
     /// Show an outbox: queue depth, oldest message, drops, broker states.
     #[command(disable_help_flag = true)]
     Status(StatusArgs),
+    /// Store-and-forward between brokers, from a TOML configuration.
+    #[command(disable_help_flag = true)]
+    Bridge(BridgeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BridgeArgs {
+    /// The bridge configuration (TOML): [store] dir, [[route]] with source and destination.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Check the configuration, print every error with its line, and exit (2 when invalid).
+    #[arg(long)]
+    pub check: bool,
+    /// Create each route's source session and subscriptions, then exit: what is published from then on waits for the bridge.
+    #[arg(long)]
+    pub register: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// How to reach the brokers: shared by `pub` and `sub`.
@@ -254,6 +273,9 @@ pub struct StatusArgs {
     /// Outbox directory.
     #[arg(long)]
     pub outbox: Option<PathBuf>,
+    /// A bridge configuration: every route's outbox and inbox.
+    #[arg(long, value_name = "FILE")]
+    pub bridge: Option<PathBuf>,
     /// Client id whose default outbox to show.
     #[arg(short = 'i', long = "id")]
     pub id: Option<String>,

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod bridge;
 mod metrics;
 mod progress;
 mod publish;
@@ -75,6 +76,7 @@ fn main() -> ExitCode {
             args::Command::Pub(a) => publish::run(*a).await,
             args::Command::Sub(a) => subscribe::run(*a).await,
             args::Command::Status(a) => status::run(a).await,
+            args::Command::Bridge(a) => bridge::run(a).await,
         }
     });
     match result {

@@ -44,11 +44,48 @@ struct BrokerJson {
 }
 
 pub async fn run(a: StatusArgs) -> Result<(), Failure> {
+    if let Some(path) = &a.bridge {
+        return bridge(path, a.json).await;
+    }
     let dir = match (a.outbox, a.id) {
         (Some(d), _) => d,
         (None, Some(id)) => default_outbox(&id),
-        (None, None) => return Err(Failure::usage(anyhow!("which outbox? use --outbox DIR or -i CLIENT_ID"))),
+        (None, None) => {
+            return Err(Failure::usage(anyhow!("which outbox? use --outbox DIR, -i CLIENT_ID or --bridge FILE")))
+        }
     };
+    if let Some(j) = show(&dir, a.json).await? {
+        println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
+    }
+    Ok(())
+}
+
+/// Every route of a bridge: its outbox (depth, age, destination brokers)
+/// and its inbox (source brokers, counters).
+async fn bridge(path: &std::path::Path, json: bool) -> Result<(), Failure> {
+    let b = crate::bridge::load(path).map_err(|errs| Failure::usage(anyhow!("{}", errs.join("; "))))?;
+    let mut all = Vec::new();
+    for r in &b.routes {
+        let (outbox, inbox) = crate::bridge::route_dirs(&b.dir, &r.name);
+        if !json {
+            println!("route    {}", r.name);
+        }
+        let o = show(&outbox, json).await?;
+        let i = show(&inbox, json).await?;
+        if !json {
+            println!();
+        }
+        all.push(serde_json::json!({ "route": r.name, "outbox": o, "inbox": i }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| Failure::other(anyhow!(e)))?);
+    }
+    Ok(())
+}
+
+/// Prints one store's status as text, or returns it as JSON.
+async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Value>, Failure> {
+    let dir = dir.to_owned();
     let d = dir.clone();
     let read = tokio::task::spawn_blocking(move || {
         let running = SqliteStore::is_in_use(&d);
@@ -61,7 +98,7 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     let now = now_ms();
     let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
     let lag_of = |url: &str| r.lag.iter().find(|l| l.url == url).map_or((0, 0), |l| (l.lag, l.missed));
-    if a.json {
+    if json {
         let dropped = r.drops.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v))).collect();
         let brokers = r
             .brokers
@@ -91,8 +128,7 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
             inbox: r.inbox,
             counters: r.counters.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect(),
         };
-        println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
-        return Ok(());
+        return serde_json::to_value(&j).map(Some).map_err(|e| Failure::other(anyhow!(e)));
     }
     println!("outbox   {}{}", dir.display(), if running { "" } else { "  (no process is using it)" });
     println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
@@ -129,7 +165,7 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
             println!("         last error: {e}");
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn human_age(d: Duration) -> String {

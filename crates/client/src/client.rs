@@ -104,6 +104,14 @@ impl Message {
         self.priority = Some(p);
         self
     }
+    /// Sends it under the identity it already has (a bridge forwarding a
+    /// producer's message) instead of this client's: a receiver with an
+    /// inbox then recognises copies that took different ways.
+    pub fn origin(mut self, id: &Identity) -> Self {
+        self.props.user.retain(|(k, _)| k != Identity::USER_PROPERTY);
+        self.props.user.push((Identity::USER_PROPERTY.to_owned(), id.to_property_value()));
+        self
+    }
 
     /// Its policy: its own settings over the `default`.
     fn policy(&self, default: Policy) -> Policy {
@@ -522,6 +530,33 @@ impl Client {
         let id = accepted.await?;
         let identity = Identity { producer: self.inner.producer.to_string(), seq: id };
         Ok(Receipt { identity, delivered: delivered.expect("tracked") })
+    }
+
+    /// For a bridge: queues a message that arrived as the delivery `pid`
+    /// from the source broker `source`, and records that in the same disk
+    /// sync, so that the broker's redelivery of it after a crash (before
+    /// its acknowledgement left) is recognised by
+    /// [`Client::seen_from`]. Best-effort messages are sent as by
+    /// [`Client::enqueue`].
+    pub fn enqueue_from(&self, msg: Message, source: &str, pid: u16) -> Result<AcceptFuture, PublishError> {
+        let policy = self.check(&msg)?;
+        if policy.class == Class::BestEffort {
+            self.send_now(Self::to_new(msg, policy), None);
+            return Ok(AcceptFuture::ready(Ok(0)));
+        }
+        Ok(self.inner.outbox.append_from(Self::to_new(msg, policy), source.to_owned(), pid))
+    }
+
+    /// Counts a message that cannot be sent at all (a bridge that cannot
+    /// rewrite its topic into a valid one) as dropped, and announces it.
+    pub fn count_dropped(&self, reason: DropReason, topic: String) {
+        self.inner.outbox.count_drop(reason, topic);
+    }
+
+    /// For a bridge: whether the delivery `pid` from `source` was queued
+    /// by [`Client::enqueue_from`] already.
+    pub async fn seen_from(&self, source: &str, pid: u16) -> Result<bool, StoreError> {
+        self.inner.outbox.source_seen(source.to_owned(), pid).await
     }
 
     /// Best-effort: hands the message to every connected broker that would

@@ -450,6 +450,12 @@ impl ClientConfig {
         &self.routes
     }
 
+    /// Checks the configuration as [`crate::Client::open`] would, without
+    /// opening anything.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.validate()
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.client_id.is_empty() || self.client_id.len() > 65535 {
             return Err(ConfigError::ClientId("it must be 1 to 65535 bytes long".into()));

@@ -106,6 +106,12 @@ impl ConsumerConfig {
         &self.client
     }
 
+    /// Checks the configuration as [`Consumer::open`] would, without
+    /// opening anything.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.validate()
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         self.client.validate()?;
         if self.topics.is_empty() {
@@ -206,6 +212,10 @@ impl Received {
     /// broker sent it again).
     pub fn redelivered(&self) -> bool {
         self.redelivered
+    }
+    /// The packet id it came under (QoS 1 and 2), until it is acknowledged.
+    pub fn packet_id(&self) -> Option<u16> {
+        self.token.and_then(|t| t.pid)
     }
 
     /// Handled: the identity is recorded in the inbox, then the broker gets

@@ -174,7 +174,10 @@ impl Link {
         Ok(match self.version {
             ProtocolVersion::V5 => build_v5(m, producer, pid, dup)?.to_continuous_buffer(),
             ProtocolVersion::V311 if self.envelope && m.id != 0 => {
-                let payload = Identity::wrap(producer, m.id, &m.msg.payload);
+                let payload = match origin(&m.msg.props) {
+                    Some(o) => Identity::wrap(&o.producer, o.seq, &m.msg.payload),
+                    None => Identity::wrap(producer, m.id, &m.msg.payload),
+                };
                 build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
             }
             ProtocolVersion::V311 => build_v311(m, &m.msg.payload, pid, dup)?.to_continuous_buffer(),
@@ -406,6 +409,12 @@ fn parse<T>(
     raw.parse_exact(f).map_err(|e| malformed(what, e))
 }
 
+/// The identity a forwarded message keeps ([`crate::Message::origin`]).
+fn origin(p: &steadfast_core::Properties) -> Option<Identity> {
+    let v = p.user.iter().find(|(k, _)| k == Identity::USER_PROPERTY)?;
+    Identity::parse_property_value(&v.1)
+}
+
 fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> Result<v5_0::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
     let p = &m.msg.props;
@@ -427,8 +436,9 @@ fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> R
         props.push(Property::UserProperty(mqtt::packet::UserProperty::new(k.as_str(), v.as_str()).map_err(err)?));
     }
     // The message's identity (G5): the outbox id is its sequence number.
-    // A best-effort message was never stored: it has none (id 0).
-    if m.id != 0 {
+    // A best-effort message was never stored: it has none (id 0). A
+    // forwarded one keeps its origin's, already among the properties.
+    if m.id != 0 && origin(p).is_none() {
         let id = Identity::property_value(producer, m.id);
         props.push(Property::UserProperty(
             mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, id.as_str()).map_err(err)?,

@@ -195,6 +195,12 @@ enum Request {
         msg: NewMessage,
         reply: oneshot::Sender<Result<u64, AppendError>>,
         delivery: Option<oneshot::Sender<Delivery>>,
+        source: Option<(String, u16)>,
+    },
+    SourceSeen {
+        url: String,
+        pid: u16,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
     },
     Remove {
         ids: Vec<u64>,
@@ -402,8 +408,24 @@ impl Outbox {
         } else {
             (None, None)
         };
-        self.send(Request::Append { msg, reply, delivery });
+        self.send(Request::Append { msg, reply, delivery, source: None });
         (AcceptFuture { rx }, drx)
+    }
+
+    /// Bridge: queues a message that came as the delivery `pid` from the
+    /// source broker `url`, recording that in the same transaction, so that
+    /// a redelivery of it after a crash is known ([`Outbox::source_seen`]).
+    pub fn append_from(&self, msg: NewMessage, url: String, pid: u16) -> AcceptFuture {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Append { msg, reply, delivery: None, source: Some((url, pid)) });
+        AcceptFuture { rx }
+    }
+
+    /// Bridge: whether the delivery `pid` from `url` was queued already.
+    pub async fn source_seen(&self, url: String, pid: u16) -> Result<bool, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::SourceSeen { url, pid, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Removes messages that reached their end, whatever acknowledged them
@@ -577,6 +599,7 @@ struct PendingAppend {
     msg: NewMessage,
     reply: oneshot::Sender<Result<u64, AppendError>>,
     delivery: Option<oneshot::Sender<Delivery>>,
+    source: Option<(String, u16)>,
 }
 
 struct Writer {
@@ -692,6 +715,7 @@ impl Writer {
                     | Request::Glance { .. }
                     | Request::Bound { .. }
                     | Request::InboxSeen { .. }
+                    | Request::SourceSeen { .. }
             )
         });
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
@@ -760,10 +784,10 @@ impl Writer {
 
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
         match r {
-            Request::Append { msg, reply, delivery } => {
+            Request::Append { msg, reply, delivery, source } => {
                 // Behind the messages waiting for room, in order, when it
                 // would wait too; a class with another policy goes ahead.
-                let p = PendingAppend { msg, reply, delivery };
+                let p = PendingAppend { msg, reply, delivery, source };
                 if self.blocked.is_empty() || self.policy_of(&p.msg) != Overflow::Block {
                     self.try_append(p, b)?;
                 } else {
@@ -879,7 +903,8 @@ impl Writer {
             | Request::Query { .. }
             | Request::Glance { .. }
             | Request::Bound { .. }
-            | Request::InboxSeen { .. }) => b.reads.push(r),
+            | Request::InboxSeen { .. }
+            | Request::SourceSeen { .. }) => b.reads.push(r),
         }
         Ok(())
     }
@@ -998,6 +1023,9 @@ impl Writer {
             self.supersede(&replaced, b)?;
         }
         let id = self.store.insert(&p.msg)?;
+        if let Some((url, pid)) = &p.source {
+            self.store.source_record(url, *pid, id)?;
+        }
         self.last_id = self.last_id.max(id);
         let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
         self.newest[prio] = self.newest[prio].max(id);
@@ -1263,6 +1291,9 @@ impl Writer {
                 Request::InboxSeen { ids, reply } => {
                     let _ = reply.send(self.store.inbox_seen(&ids));
                 }
+                Request::SourceSeen { url, pid, reply } => {
+                    let _ = reply.send(self.store.source_seen(&url, pid));
+                }
                 _ => unreachable!("only reads are deferred"),
             }
         }
@@ -1317,7 +1348,8 @@ impl Writer {
                 | Request::Query { .. }
                 | Request::Glance { .. }
                 | Request::Bound { .. }
-                | Request::InboxSeen { .. }) => b.reads.push(r),
+                | Request::InboxSeen { .. }
+                | Request::SourceSeen { .. }) => b.reads.push(r),
                 Request::Remove { .. }
                 | Request::Ack { .. }
                 | Request::Broker(_)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 
+mod bridge;
 mod policy;
 mod sub;
 

@@ -1,0 +1,500 @@
+//! The bridge's TOML configuration: parsed, then checked as a whole, every
+//! error named with its line (`steadfast bridge --check FILE`).
+//!
+//! ```toml
+//! [store]
+//! dir = "/var/lib/steadfast/bridge"
+//!
+//! [[route]]
+//! name = "telemetry-up"
+//! [route.source]
+//! brokers = ["mqtt://127.0.0.1:1883"]
+//! topics = ["sensors/#"]
+//! qos = 1
+//! client_id = "edge-bridge"
+//! [route.destination]
+//! brokers = ["mqtt://primary.example:8883", "mqtt://backup.example:8883"]
+//! mode = "failover"
+//! topic_prefix = "site-7/"
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use steadfast::{
+    BackoffConfig, BrokerSet, BrokerUrl, Class, ClientConfig, ConsumerConfig, OutboxConfig, Overflow, Policy,
+    ProtocolVersion, Qos,
+};
+use steadfast_core::topic::validate_topic_filter;
+use toml::Spanned;
+
+use crate::routes::{Ack, SetSpec};
+use crate::util::{parse_bounds, parse_duration, parse_qos, parse_version};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    store: Spanned<StoreSpec>,
+    #[serde(default)]
+    route: Vec<Spanned<RouteSpec>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreSpec {
+    dir: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSpec {
+    name: Spanned<String>,
+    source: Spanned<SourceSpec>,
+    destination: Spanned<DestSpec>,
+    class: Option<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+    max_attempts: Option<Spanned<u32>>,
+    keep_latest: Option<bool>,
+    priority: Option<Spanned<u8>>,
+    max_queue: Option<Spanned<Vec<String>>>,
+    max_age: Option<Spanned<String>>,
+    overflow: Option<Spanned<String>>,
+    deadline_overflow: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceSpec {
+    brokers: Spanned<Vec<String>>,
+    topics: Spanned<Vec<String>>,
+    qos: Option<Spanned<u8>>,
+    client_id: Spanned<String>,
+    version: Option<Spanned<String>>,
+    username: Option<String>,
+    password: Option<String>,
+    /// Start with a fresh session instead of resuming the one the broker kept.
+    clean: Option<bool>,
+    session_expiry: Option<Spanned<String>>,
+    backoff: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestSpec {
+    brokers: Spanned<Vec<String>>,
+    mode: Option<Spanned<String>>,
+    ack: Option<Spanned<Ack>>,
+    failback_after: Option<Spanned<String>>,
+    catch_up_for: Option<Spanned<String>>,
+    client_id: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
+    username: Option<String>,
+    password: Option<String>,
+    qos: Option<Spanned<u8>>,
+    topic_prefix: Option<Spanned<String>>,
+    strip_prefix: Option<Spanned<String>>,
+    #[serde(default)]
+    map: Vec<Spanned<MapSpec>>,
+    backoff: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MapSpec {
+    from: String,
+    to: String,
+}
+
+/// One route, ready to run.
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    pub source: ConsumerConfig,
+    pub destination: ClientConfig,
+    pub rewrite: Rewrite,
+    /// The QoS messages are sent with upstream; `None`: the one they came with.
+    pub qos: Option<Qos>,
+}
+
+/// The whole bridge.
+#[derive(Debug)]
+pub struct Bridge {
+    pub dir: PathBuf,
+    pub routes: Vec<Route>,
+}
+
+/// Topic rewriting: the first `map` rule whose pattern matches gives the
+/// topic (`{1}`, `{2}`.. are the levels matched by `+`, `{#}` what `#`
+/// matched); then `strip_prefix` is removed, then `topic_prefix` added.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    map: Vec<(Vec<String>, String)>,
+    strip: Option<String>,
+    prefix: Option<String>,
+}
+
+impl Rewrite {
+    /// The topic `t` is sent under upstream.
+    pub fn apply(&self, t: &str) -> String {
+        let mut topic = t.to_owned();
+        for (pattern, to) in &self.map {
+            if let Some(caps) = capture(pattern, t) {
+                topic = substitute(to, &caps);
+                break;
+            }
+        }
+        if let Some(s) = &self.strip {
+            if let Some(rest) = topic.strip_prefix(s.as_str()) {
+                topic = rest.to_owned();
+            }
+        }
+        if let Some(p) = &self.prefix {
+            topic.insert_str(0, p);
+        }
+        topic
+    }
+}
+
+/// The levels a filter's wildcards matched: `+` in order, then `#` (last).
+fn capture(pattern: &[String], topic: &str) -> Option<Vec<String>> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let mut caps = Vec::new();
+    for (i, p) in pattern.iter().enumerate() {
+        match p.as_str() {
+            "#" => {
+                caps.push(levels.get(i..).map(|l| l.join("/")).unwrap_or_default());
+                return Some(caps);
+            }
+            "+" => caps.push((*levels.get(i)?).to_owned()),
+            lit => {
+                if levels.get(i) != Some(&lit) {
+                    return None;
+                }
+            }
+        }
+    }
+    (levels.len() == pattern.len()).then_some(caps)
+}
+
+fn substitute(to: &str, caps: &[String]) -> String {
+    let mut out = to.to_owned();
+    for (i, c) in caps.iter().enumerate() {
+        out = out.replace(&format!("{{{}}}", i + 1), c);
+    }
+    if let Some(last) = caps.last() {
+        out = out.replace("{#}", last);
+    }
+    out
+}
+
+/// Errors with the line they are on.
+struct Errors<'a> {
+    path: &'a Path,
+    text: &'a str,
+    list: Vec<String>,
+}
+
+impl Errors<'_> {
+    fn at(&mut self, span: std::ops::Range<usize>, msg: impl std::fmt::Display) {
+        let line = self.text[..span.start.min(self.text.len())].matches('\n').count() + 1;
+        self.list.push(format!("{}:{line}: {msg}", self.path.display()));
+    }
+}
+
+/// Reads and checks a bridge configuration; on error, every problem found,
+/// each with its line.
+pub fn load(path: &Path) -> Result<Bridge, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
+    let file: File = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let msg = e.message().trim().to_owned();
+        vec![match line {
+            Some(l) => format!("{}:{l}: {msg}", path.display()),
+            None => format!("{}: {msg}", path.display()),
+        }]
+    })?;
+    let mut errs = Errors { path, text: &text, list: Vec::new() };
+    let dir = PathBuf::from(file.store.get_ref().dir.get_ref());
+    if file.store.get_ref().dir.get_ref().is_empty() {
+        errs.at(
+            file.store.get_ref().dir.span(),
+            "store.dir is empty; give the directory the bridge keeps its state in",
+        );
+    }
+    if file.route.is_empty() {
+        errs.list.push(format!("{}: no [[route]]; define at least one", path.display()));
+    }
+    let mut routes = Vec::new();
+    let mut names = Vec::new();
+    for r in &file.route {
+        let name = r.get_ref().name.get_ref().clone();
+        if names.contains(&name) {
+            errs.at(r.get_ref().name.span(), format!("route `{name}` is defined twice; give each route its own name"));
+        }
+        if name.is_empty() || name.contains(['/', '\\']) || name == "." || name == ".." {
+            errs.at(
+                r.get_ref().name.span(),
+                format!("route name `{name}` must be a plain non-empty name (it names a directory)"),
+            );
+        }
+        names.push(name);
+        if let Some(route) = route(r.get_ref(), &dir, &mut errs) {
+            routes.push(route);
+        }
+    }
+    if errs.list.is_empty() {
+        Ok(Bridge { dir, routes })
+    } else {
+        Err(errs.list)
+    }
+}
+
+fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
+    let name = r.name.get_ref().clone();
+    let before = errs.list.len();
+    let (outbox_dir, inbox_dir) = super::route_dirs(dir, &name);
+    let s = r.source.get_ref();
+    let d = r.destination.get_ref();
+
+    // The source: a consumer with an inbox.
+    let source_urls = urls(&s.brokers, "source.brokers", errs);
+    let qos = match &s.qos {
+        Some(q) => parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok(),
+        None => Some(Qos::AtLeastOnce),
+    };
+    if s.topics.get_ref().is_empty() {
+        errs.at(s.topics.span(), "source.topics is empty; give at least one filter such as \"sensors/#\"");
+    }
+    for f in s.topics.get_ref() {
+        if let Err(e) = validate_topic_filter(f) {
+            errs.at(s.topics.span(), format!("source topic filter `{f}`: {e}"));
+        }
+    }
+    if s.client_id.get_ref().is_empty() {
+        errs.at(s.client_id.span(), "source.client_id is empty; give the bridge a stable client id (its session)");
+    }
+    let source_version = version(&s.version, errs);
+    let source_backoff = backoff(&s.backoff, errs);
+    let session_expiry = s.session_expiry.as_ref().and_then(|x| {
+        parse_duration(x.get_ref()).map_err(|e| errs.at(x.span(), format!("source.session_expiry: {e}"))).ok()
+    });
+
+    // The destination: a publisher with an outbox.
+    let spec = SetSpec {
+        brokers: d.brokers.get_ref().clone(),
+        mode: d.mode.as_ref().map(|m| m.get_ref().clone()),
+        ack: d.ack.as_ref().map(|a| match a.get_ref() {
+            Ack::Count(n) => Ack::Count(*n),
+            Ack::Word(w) => Ack::Word(w.clone()),
+        }),
+        failback_after: d.failback_after.as_ref().map(|x| x.get_ref().clone()),
+        catch_up_for: d.catch_up_for.as_ref().map(|x| x.get_ref().clone()),
+    };
+    let set = match urls(&d.brokers, "destination.brokers", errs) {
+        None => None,
+        Some(_) => match spec.build("destination") {
+            Ok(set) => Some(set),
+            Err(e) => {
+                // Name the key at fault.
+                let keyed = [
+                    ("failback_after", d.failback_after.as_ref().map(|m| m.span())),
+                    ("catch_up_for", d.catch_up_for.as_ref().map(|m| m.span())),
+                    ("ack", d.ack.as_ref().map(|m| m.span())),
+                    ("mode", d.mode.as_ref().map(|m| m.span())),
+                ];
+                let span = keyed.into_iter().find_map(|(k, s)| s.filter(|_| e.contains(k))).unwrap_or(d.brokers.span());
+                errs.at(span, e);
+                None
+            }
+        },
+    };
+    if set.as_ref().is_some_and(|s| s.brokers().len() > 1 && s.routing() == steadfast::Mode::Balance) {
+        errs.at(
+            d.mode.as_ref().map_or(d.brokers.span(), |m| m.span()),
+            "destination.mode balance is not for a bridge (per-topic order across brokers); use failover or fanout",
+        );
+    }
+    let dest_qos = d.qos.as_ref().and_then(|q| parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok());
+    let dest_version = version(&d.version, errs);
+    let dest_backoff = backoff(&d.backoff, errs);
+    let mut rewrite = Rewrite::default();
+    for m in &d.map {
+        let MapSpec { from, to } = m.get_ref();
+        if let Err(e) = validate_topic_filter(from) {
+            errs.at(m.span(), format!("map from `{from}`: {e}"));
+            continue;
+        }
+        if to.contains(['+', '#']) || to.is_empty() {
+            errs.at(
+                m.span(),
+                format!("map to `{to}` must be a topic name (use {{1}}, {{#}} for what the wildcards matched)"),
+            );
+            continue;
+        }
+        rewrite.map.push((from.split('/').map(str::to_owned).collect(), to.clone()));
+    }
+    for (key, v) in [("topic_prefix", &d.topic_prefix), ("strip_prefix", &d.strip_prefix)] {
+        if let Some(v) = v {
+            if v.get_ref().contains(['+', '#', '\0']) {
+                errs.at(v.span(), format!("destination.{key} `{}` may not hold wildcards", v.get_ref()));
+            }
+        }
+    }
+    rewrite.prefix = d.topic_prefix.as_ref().map(|p| p.get_ref().clone()).filter(|p| !p.is_empty());
+    rewrite.strip = d.strip_prefix.as_ref().map(|p| p.get_ref().clone()).filter(|p| !p.is_empty());
+
+    // Delivery policy and bounds of what waits for the destination.
+    let ttl = r
+        .ttl
+        .as_ref()
+        .and_then(|t| parse_duration(t.get_ref()).map_err(|e| errs.at(t.span(), format!("ttl: {e}"))).ok());
+    let class = match &r.class {
+        Some(c) => Class::parse(c.get_ref(), ttl).map_err(|e| errs.at(c.span(), e)).ok(),
+        None if ttl.is_some() => Some(Class::Deadline(ttl.expect("checked"))),
+        None => Some(Class::Persistent),
+    };
+    let policy = Policy {
+        class: class.unwrap_or_default(),
+        max_attempts: r.max_attempts.as_ref().map(|m| *m.get_ref()),
+        keep_latest: r.keep_latest.unwrap_or(false),
+        priority: r.priority.as_ref().map_or(0, |p| *p.get_ref()),
+    };
+    if let Err(e) = policy.validate() {
+        let span = r.priority.as_ref().map(|p| p.span()).or(r.max_attempts.as_ref().map(|m| m.span()));
+        errs.at(span.unwrap_or(r.name.span()), e);
+    }
+    let (max_messages, max_bytes) = match &r.max_queue {
+        Some(q) => parse_bounds("max_queue", q.get_ref()).map_err(|e| errs.at(q.span(), e)).unwrap_or_default(),
+        None => (None, None),
+    };
+    let max_age = r
+        .max_age
+        .as_ref()
+        .and_then(|a| parse_duration(a.get_ref()).map_err(|e| errs.at(a.span(), format!("max_age: {e}"))).ok());
+    let overflow = overflow(&r.overflow, errs).unwrap_or_default();
+    let deadline_overflow = overflow_opt(&r.deadline_overflow, errs);
+
+    if errs.list.len() > before {
+        return None;
+    }
+    let source_urls = source_urls?;
+    let set = set?;
+    let mut client = ClientConfig::new(s.client_id.get_ref().clone(), source_urls[0].clone(), inbox_dir)
+        .brokers(BrokerSet::new(source_urls))
+        .version(source_version?)
+        .clean_start(s.clean.unwrap_or(false))
+        .backoff(source_backoff?);
+    if let Some(e) = session_expiry {
+        client = client.session_expiry(e);
+    }
+    if let Some(u) = &s.username {
+        client = client.credentials(u.clone(), s.password.clone().map(String::into_bytes));
+    }
+    let mut source = ConsumerConfig::new(client);
+    for f in s.topics.get_ref() {
+        source = source.topic(f.clone(), qos?);
+    }
+    let dest_id =
+        d.client_id.as_ref().map_or_else(|| format!("{}-out", s.client_id.get_ref()), |c| c.get_ref().clone());
+    let mut destination = ClientConfig::new(dest_id, set.brokers()[0].clone(), outbox_dir)
+        .brokers(set)
+        .version(dest_version?)
+        .backoff(dest_backoff?)
+        .policy(policy)
+        .outbox(OutboxConfig {
+            max_messages,
+            max_bytes,
+            max_age_ms: max_age.map(|a| a.as_millis() as u64),
+            overflow,
+            deadline_overflow,
+        });
+    if let Some(u) = &d.username {
+        destination = destination.credentials(u.clone(), d.password.clone().map(String::into_bytes));
+    }
+    // What only the whole configuration can tell (a broker listed twice,
+    // an ack quorum over the set's size...).
+    if let Err(e) = source.check() {
+        errs.at(r.source.span(), format!("source: {e}"));
+    }
+    if let Err(e) = destination.check() {
+        errs.at(r.destination.span(), format!("destination: {e}"));
+    }
+    if errs.list.len() > before {
+        return None;
+    }
+    Some(Route { name, source, destination, rewrite, qos: dest_qos })
+}
+
+fn urls(list: &Spanned<Vec<String>>, what: &str, errs: &mut Errors<'_>) -> Option<Vec<BrokerUrl>> {
+    if list.get_ref().is_empty() {
+        errs.at(list.span(), format!("{what} is empty; list at least one mqtt://host:port"));
+        return None;
+    }
+    let mut out = Vec::new();
+    for u in list.get_ref() {
+        match u.parse::<BrokerUrl>() {
+            Ok(url) => out.push(url),
+            Err(e) => errs.at(list.span(), format!("{what}: {e}")),
+        }
+    }
+    (out.len() == list.get_ref().len()).then_some(out)
+}
+
+fn version(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<ProtocolVersion> {
+    match v {
+        Some(v) => parse_version(v.get_ref()).map_err(|e| errs.at(v.span(), e)).ok(),
+        None => Some(ProtocolVersion::V5),
+    }
+}
+
+fn backoff(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<BackoffConfig> {
+    match v {
+        Some(v) => BackoffConfig::parse(v.get_ref()).map_err(|e| errs.at(v.span(), e)).ok(),
+        None => Some(BackoffConfig::default()),
+    }
+}
+
+fn overflow_opt(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Overflow> {
+    let v = v.as_ref()?;
+    let o = Overflow::parse(v.get_ref());
+    if o.is_none() {
+        errs.at(
+            v.span(),
+            format!("overflow `{}` is unknown; use block, reject, drop-oldest or drop-newest", v.get_ref()),
+        );
+    }
+    o
+}
+
+fn overflow(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Overflow> {
+    overflow_opt(v, errs).or(Some(Overflow::Block))
+}
+
+/// How long the bridge waits for in-flight work at a stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rw(map: &[(&str, &str)], strip: Option<&str>, prefix: Option<&str>) -> Rewrite {
+        Rewrite {
+            map: map.iter().map(|(f, t)| (f.split('/').map(str::to_owned).collect(), t.to_string())).collect(),
+            strip: strip.map(str::to_owned),
+            prefix: prefix.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn topics_are_rewritten_by_map_then_strip_then_prefix() {
+        let r = rw(&[("sensors/+/temp", "t/{1}"), ("alarm/#", "a/{#}")], Some("sensors/"), Some("site-7/"));
+        assert_eq!(r.apply("sensors/k1/temp"), "site-7/t/k1");
+        assert_eq!(r.apply("alarm/door/front"), "site-7/a/door/front");
+        assert_eq!(r.apply("sensors/k1/hum"), "site-7/k1/hum");
+        assert_eq!(r.apply("other"), "site-7/other");
+        assert_eq!(rw(&[], None, None).apply("x/y"), "x/y");
+        assert_eq!(rw(&[("a/+/+", "{2}/{1}")], None, None).apply("a/b/c"), "c/b");
+        assert_eq!(rw(&[("a/+", "x")], None, None).apply("a/b/c"), "a/b/c", "no match: longer topic");
+    }
+}

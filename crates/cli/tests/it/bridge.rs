@@ -1,0 +1,285 @@
+//! `steadfast bridge` as a child process between real Mosquitto brokers.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, Mode, Qos};
+use steadfast_testkit::{wait_until, Mosquitto, MosquittoOptions};
+
+use crate::{run, stderr, steadfast};
+
+fn config(dir: &Path, local: &str, upstream: &[String]) -> std::path::PathBuf {
+    let ups: Vec<String> = upstream.iter().map(|u| format!("\"{u}\"")).collect();
+    let text = format!(
+        r#"[store]
+dir = "{}"
+
+[[route]]
+name = "telemetry-up"
+[route.source]
+brokers = ["{local}"]
+topics = ["sensors/#"]
+qos = 1
+client_id = "edge-bridge"
+backoff = "50ms..300ms"
+[route.destination]
+brokers = [{}]
+mode = "failover"
+failback_after = "1s"
+topic_prefix = "site-7/"
+backoff = "50ms..300ms"
+"#,
+        dir.join("state").display(),
+        ups.join(", ")
+    );
+    let path = dir.join("bridge.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The bridge, its log appended to `bridge.log` beside its configuration.
+fn start_bridge(config: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(config.with_file_name("bridge.log"))
+        .expect("bridge log");
+    steadfast()
+        .args(["bridge", "--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn bridge")
+}
+
+/// The bridge's source session and subscriptions exist before anything is
+/// published (as `steadfast bridge --register` does in a deployment).
+async fn register(config: &Path) {
+    let out = run(&["bridge", "--register", "--config", config.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+fn bridge_log(config: &Path) -> String {
+    std::fs::read_to_string(config.with_file_name("bridge.log")).unwrap_or_default()
+}
+
+/// What a consumer with an inbox on both upstream brokers handled: payload
+/// to times handed over (more than once would be a duplicate).
+type Seen = Arc<Mutex<HashMap<String, u32>>>;
+
+async fn upstream_consumer(upstream: &[String], dir: &Path) -> (tokio::task::JoinHandle<()>, Seen) {
+    let urls: Vec<BrokerUrl> = upstream.iter().map(|u| u.parse().unwrap()).collect();
+    let client = ClientConfig::new("upstream-app", urls[0].clone(), dir.join("app-inbox"))
+        .brokers(BrokerSet::new(urls).mode(Mode::Fanout));
+    let cfg = ConsumerConfig::new(client).topic("site-7/sensors/#", Qos::AtLeastOnce);
+    Consumer::register(&cfg).await.expect("register upstream consumer");
+    let (consumer, _) = Consumer::open(cfg).await.expect("open upstream consumer");
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Some(d) = consumer.next().await {
+            let p = String::from_utf8_lossy(d.payload()).into_owned();
+            *s.lock().unwrap().entry(p).or_default() += 1;
+            d.ack();
+        }
+    });
+    (task, seen)
+}
+
+/// `steadfast pub` feeding `n` lines to the local broker at a steady pace,
+/// so that the faults below land while messages flow.
+fn paced_publisher(local: &str, n: usize, outbox: &Path) -> std::thread::JoinHandle<std::process::Output> {
+    let mut child = steadfast()
+        .args(["pub", "-b", local, "-t", "sensors/t", "-l", "--outbox", outbox.to_str().unwrap()])
+        .args(["--wait-timeout", "120s", "--progress", "never"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::thread::spawn(move || {
+        for chunk in 0..n / 500 {
+            let lines: String = (chunk * 500..(chunk + 1) * 500).map(|i| format!("m-{i:06}\n")).collect();
+            stdin.write_all(lines.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+}
+
+async fn wait_all(seen: &Seen, n: usize, limit: Duration, cfg: &Path) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while seen.lock().unwrap().len() < n {
+        if tokio::time::Instant::now() > deadline {
+            let seen = seen.lock().unwrap();
+            let missing: Vec<usize> = (0..n).filter(|i| !seen.contains_key(&format!("m-{i:06}"))).collect();
+            let ranges = ranges(&missing);
+            panic!(
+                "{} of {n} upstream after {limit:?}, missing {ranges}; bridge log:\n{}",
+                seen.len(),
+                bridge_log(cfg)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `3-7, 12` style.
+fn ranges(v: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+fn check_exactly_once(seen: &Seen, n: usize) {
+    let seen = seen.lock().unwrap();
+    let missing: Vec<String> = (0..n).map(|i| format!("m-{i:06}")).filter(|m| !seen.contains_key(m)).take(5).collect();
+    assert!(missing.is_empty(), "{} of {n} missing upstream, first {missing:?}", n - seen.len().min(n));
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(twice.is_empty(), "handed over twice at the consumer: {twice:?}");
+}
+
+/// Local broker -> bridge -> an upstream failover pair. During 20,000
+/// messages the upstream primary is stopped and restarted twice and the
+/// bridge is `kill -9`ed and restarted twice: every message arrives
+/// upstream, and the consumer with an inbox hands none over twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_crosses_the_bridge_through_upstream_restarts_and_bridge_kill_9() {
+    const N: usize = 20_000;
+    let local = Mosquitto::plain().await;
+    let opts = || MosquittoOptions { persistence: true, extra: vec![] };
+    let mut primary = Mosquitto::start(opts()).await;
+    let backup = Mosquitto::start(opts()).await;
+    let upstream = vec![primary.url(), backup.url()];
+    let dir = tempfile::tempdir().unwrap();
+    let (app, seen) = upstream_consumer(&upstream, dir.path()).await;
+    let cfg = config(dir.path(), &local.url(), &upstream);
+    register(&cfg).await;
+    let mut bridge = start_bridge(&cfg);
+    let s = seen.clone();
+    let count = move || s.lock().unwrap().len();
+    let publisher = paced_publisher(&local.url(), N, &dir.path().join("pub-outbox"));
+    let limit = Duration::from_secs(90);
+    for (at, fault) in
+        [(2_000, "kill bridge"), (5_000, "stop primary"), (9_000, "kill bridge"), (13_000, "restart primary")]
+    {
+        let c = count.clone();
+        wait_until(&format!("{at} messages upstream before `{fault}`"), limit, move || c() >= at).await;
+        match fault {
+            "kill bridge" => {
+                bridge.kill().unwrap();
+                bridge.wait().unwrap();
+                bridge = start_bridge(&cfg);
+            }
+            "stop primary" => primary.terminate(),
+            _ => primary.restart().await,
+        }
+    }
+    let published = tokio::task::spawn_blocking(move || publisher.join().unwrap()).await.unwrap();
+    assert_eq!(published.status.code(), Some(0), "pub: {}", stderr(&published));
+    wait_all(&seen, N, limit, &cfg).await;
+    check_exactly_once(&seen, N);
+    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    let status = bridge.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "clean stop: {}", bridge_log(&cfg));
+    app.abort();
+}
+
+use std::process::Command;
+
+/// SIGTERM while messages flow: the bridge finishes what it has in hand,
+/// keeps its outbox, exits 0; started again, it resumes, and nothing is
+/// lost or handed over twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_stops_cleanly_and_a_restart_resumes() {
+    const N: usize = 6_000;
+    let local = Mosquitto::plain().await;
+    let upstream_broker = Mosquitto::plain().await;
+    let upstream = vec![upstream_broker.url()];
+    let dir = tempfile::tempdir().unwrap();
+    let (app, seen) = upstream_consumer(&upstream, dir.path()).await;
+    let cfg = config(dir.path(), &local.url(), &upstream);
+    register(&cfg).await;
+    let mut bridge = start_bridge(&cfg);
+    let s = seen.clone();
+    let count = move || s.lock().unwrap().len();
+    let publisher = paced_publisher(&local.url(), N, &dir.path().join("pub-outbox"));
+    let c = count.clone();
+    wait_until("1,000 messages upstream", Duration::from_secs(60), move || c() >= 1_000).await;
+    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    let status = tokio::task::spawn_blocking(move || bridge.wait().unwrap()).await.unwrap();
+    assert_eq!(status.code(), Some(0), "clean stop: {}", bridge_log(&cfg));
+    let mut bridge = start_bridge(&cfg);
+    let published = tokio::task::spawn_blocking(move || publisher.join().unwrap()).await.unwrap();
+    assert_eq!(published.status.code(), Some(0), "pub: {}", stderr(&published));
+    wait_all(&seen, N, Duration::from_secs(60), &cfg).await;
+    check_exactly_once(&seen, N);
+    let s = crate::run(&["status", "--bridge", cfg.to_str().unwrap(), "--json"]).await;
+    assert!(s.status.success(), "{}", stderr(&s));
+    let v: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+    assert_eq!(v[0]["route"], "telemetry-up", "{v}");
+    assert!(v[0]["outbox"]["queued"].is_u64(), "{v}");
+    bridge.kill().unwrap();
+    let _ = bridge.wait();
+    app.abort();
+}
+
+/// A broken configuration: `--check` names every error with its line and
+/// exits 2; so does starting the bridge with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_config_names_every_error_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let text = r#"[store]
+dir = "/tmp/x"
+
+[[route]]
+name = "up"
+[route.source]
+brokers = ["http://127.0.0.1:1883"]
+topics = ["a/#/b"]
+client_id = "edge"
+[route.destination]
+brokers = ["mqtt://127.0.0.1:1"]
+mode = "mirror"
+[[route.destination.map]]
+from = "x/+"
+to = "y/#"
+"#;
+    std::fs::write(&path, text).unwrap();
+    for args in [vec!["bridge", "--check", "--config"], vec!["bridge", "--config"]] {
+        let mut args: Vec<&str> = args;
+        args.push(path.to_str().unwrap());
+        let out = run(&args).await;
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        for (line, what) in [(7, "unknown scheme `http`"), (8, "a/#/b"), (12, "unknown mode `mirror`"), (13, "y/#")] {
+            let at = format!("bad.toml:{line}:");
+            assert!(err.lines().any(|l| l.contains(&at) && l.contains(what)), "want `{at}` with `{what}` in:\n{err}");
+        }
+    }
+    let syntax = dir.path().join("syntax.toml");
+    std::fs::write(&syntax, "[store]\ndir = \"/tmp/x\"\n[[route]]\nname = 5\n").unwrap();
+    let out = run(&["bridge", "--check", "--config", syntax.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("syntax.toml:4:"), "{}", stderr(&out));
+    let good = config(dir.path(), "mqtt://127.0.0.1:1", &["mqtt://127.0.0.1:2".into()]);
+    let out = run(&["bridge", "--check", "--config", good.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 route(s), ok"));
+}

@@ -283,3 +283,81 @@ to = "y/#"
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 route(s), ok"));
 }
+
+fn python(script: &str) -> Command {
+    let mut c = Command::new("python3");
+    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script));
+    c
+}
+
+/// Third-party clients on both ends: a Python paho-mqtt publisher (MQTT
+/// 3.1.1, so no steadfast identity) on the local broker, a paho-mqtt
+/// subscriber upstream. The bridge is `kill -9`ed and restarted while
+/// messages flow: every message reaches the paho subscriber, and a
+/// consumer with an inbox upstream hands none over twice (a redelivery to
+/// the restarted bridge is recognised, not queued again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_on_both_ends_through_a_bridge_kill_9() {
+    const N: usize = 4_000;
+    let local = Mosquitto::plain().await;
+    let up = Mosquitto::plain().await;
+    let upstream = vec![up.url()];
+    let dir = tempfile::tempdir().unwrap();
+    let (app, seen) = upstream_consumer(&upstream, dir.path()).await;
+    let mut sub = python("paho_sub.py")
+        .args(["127.0.0.1", &up.port().to_string(), "site-7/sensors/#", &N.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with paho-mqtt (scripts/test installs it)");
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let l = lines.clone();
+    let out = sub.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    let l = lines.clone();
+    wait_until("paho subscriber subscribed", Duration::from_secs(20), move || {
+        l.lock().unwrap().iter().any(|x| x == "SUBSCRIBED")
+    })
+    .await;
+    let cfg = config(dir.path(), &local.url(), &upstream);
+    register(&cfg).await;
+    let mut bridge = start_bridge(&cfg);
+    let mut publisher = python("paho_pub.py")
+        .args(["127.0.0.1", &local.port().to_string(), "sensors/p", &N.to_string()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = seen.clone();
+    wait_until("1,000 messages upstream", Duration::from_secs(60), move || s.lock().unwrap().len() >= 1_000).await;
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
+    let mut bridge = start_bridge(&cfg);
+    let published = tokio::task::spawn_blocking(move || publisher.wait().unwrap()).await.unwrap();
+    assert!(published.success(), "paho publisher failed");
+    let want: std::collections::HashSet<String> = (0..N).map(|i| format!("p-{i:06}")).collect();
+    let l = lines.clone();
+    let w = want.clone();
+    wait_until("every message at the paho subscriber", Duration::from_secs(60), move || {
+        let got = l.lock().unwrap();
+        w.iter().all(|m| got.contains(m))
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.lock().unwrap().len() < N {
+        assert!(tokio::time::Instant::now() < deadline, "{} of {N} at the consumer", seen.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().unwrap();
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(twice.is_empty(), "handed over twice at the consumer: {twice:?}");
+    assert!(want.iter().all(|m| seen.contains_key(m)));
+    bridge.kill().unwrap();
+    let _ = bridge.wait();
+    let _ = sub.kill();
+    app.abort();
+}

@@ -282,6 +282,10 @@ to = "y/#"
     let out = run(&["bridge", "--check", "--config", good.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 route(s), ok"));
+    // The shipped example stays valid.
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/bridge.toml");
+    let out = run(&["bridge", "--check", "--config", example.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 fn python(script: &str) -> Command {

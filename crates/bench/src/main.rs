@@ -21,7 +21,14 @@
 //!   while it drains (sampled from /proc every 50 ms), against bare
 //!   rumqttc publishing live in the same run.
 //!
-//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover|consume|backlog] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
+//! - `bridge`: N QoS 1 messages queued in a local Mosquitto for a
+//!   registered `steadfast bridge` route, then forwarded (durably, each
+//!   acknowledged to the source only once on disk) to an upstream
+//!   Mosquitto; against steadfast publishing the same N straight to the
+//!   upstream broker in the same run. Needs the `steadfast` binary beside
+//!   this one: `cargo build --release -p steadfast-cli` first.
+//!
+//! `cargo run --release -p steadfast-bench -- [--scenario publish|fanout|failover|consume|backlog|bridge] [--messages N] [--payload BYTES] [--runs R] [--inflight N]`
 
 #![forbid(unsafe_code)]
 
@@ -192,7 +199,8 @@ async fn main() -> anyhow::Result<()> {
         "failover" => failover(a).await,
         "consume" => consume(a).await,
         "backlog" => backlog(a).await,
-        other => bail!("unknown scenario {other}; use publish, fanout, failover, consume or backlog"),
+        "bridge" => bridge(a).await,
+        other => bail!("unknown scenario {other}; use publish, fanout, failover, consume, backlog or bridge"),
     }
 }
 
@@ -344,6 +352,99 @@ async fn consume(a: Args) -> anyhow::Result<()> {
     println!("{:<56} {:>10} {:>16}", "steadfast consumer, MQTT 5, ack after handling", "msg/s", "x without inbox");
     println!("{:<56} {without:>10.0} {:>16.2}", "without inbox (no de-duplication)", 1.0);
     println!("{:<56} {with:>10.0} {:>16.2}", "with the durable inbox (record synced before each ack)", with / without);
+    Ok(())
+}
+
+/// `mosquitto_sub` on `port` that exits after `n` messages; returns once
+/// its subscription is granted.
+async fn counting_subscriber(port: u16, filter: &str, n: usize) -> anyhow::Result<std::process::Child> {
+    let mut sub = Command::new("stdbuf")
+        .arg("-oL")
+        .arg(mosquitto_program("mosquitto_sub"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-q", "0", "-C", &n.to_string(), "-d"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let out = sub.stdout.take().context("stdout")?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("received SUBACK") {
+                tx.take().map(|t| t.send(()));
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), rx).await?.context("mosquitto_sub ended")?;
+    Ok(sub)
+}
+
+async fn bridge(a: Args) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?.with_file_name("steadfast");
+    if !exe.exists() {
+        bail!("{} is missing: build it first with `cargo build --release -p steadfast-cli`", exe.display());
+    }
+    // The local broker hands the bridge as many as its receive maximum
+    // allows (not Mosquitto's default window of 20).
+    let local = Mosquitto::start(steadfast_testkit::MosquittoOptions {
+        persistence: false,
+        extra: vec!["max_inflight_messages 0".into()],
+    })
+    .await;
+    let upstream = Mosquitto::plain().await;
+    println!(
+        "bridge benchmark: {} QoS 1 messages of {} bytes, local Mosquitto -> steadfast bridge (durable) -> upstream Mosquitto, {} runs, median rate",
+        a.messages, a.payload, a.runs
+    );
+    let (mut bridged, mut direct) = (vec![], vec![]);
+    for run in 0..a.runs {
+        eprintln!("run {}/{}", run + 1, a.runs);
+        let dir = tempfile::tempdir()?;
+        let cfg = dir.path().join("bridge.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[store]\ndir = \"{}\"\n[[route]]\nname = \"up\"\n[route.source]\nbrokers = [\"{}\"]\ntopics = [\"bench/bridge/#\"]\nclient_id = \"bench-bridge-{run}\"\n[route.destination]\nbrokers = [\"{}\"]\ntopic_prefix = \"up/\"\n",
+                dir.path().join("state").display(),
+                local.url(),
+                upstream.url()
+            ),
+        )?;
+        let register = Command::new(&exe).args(["bridge", "--register", "--config"]).arg(&cfg).output()?;
+        if !register.status.success() {
+            bail!("bridge --register: {}", String::from_utf8_lossy(&register.stderr));
+        }
+        // Queued at the local broker for the bridge's session.
+        let line = "b".repeat(a.payload) + "\n";
+        let mut feed = Command::new(mosquitto_program("mosquitto_pub"))
+            .args(["-h", "127.0.0.1", "-p", &local.port().to_string(), "-t", "bench/bridge/t", "-q", "1", "-l"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        feed.stdin.take().context("stdin")?.write_all(line.repeat(a.messages).as_bytes())?;
+        if !feed.wait()?.success() {
+            bail!("mosquitto_pub failed");
+        }
+        let mut sub = counting_subscriber(upstream.port(), "up/bench/bridge/#", a.messages).await?;
+        let t0 = Instant::now();
+        let mut bridge = Command::new(&exe).args(["bridge", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn()?;
+        let done = tokio::task::spawn_blocking(move || sub.wait()).await??;
+        let elapsed = t0.elapsed();
+        let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+        let _ = bridge.wait();
+        if !done.success() {
+            bail!("the upstream subscriber failed");
+        }
+        bridged.push(rate(a.messages, elapsed));
+        direct.push(rate(a.messages, steadfast_durable(upstream.port(), &a, run, ProtocolVersion::V5).await?));
+    }
+    let (bridged, direct) = (median(bridged), median(direct));
+    println!("{:<64} {:>10} {:>20}", "path", "msg/s", "x steadfast direct");
+    println!("{:<64} {direct:>10.0} {:>20.2}", "steadfast pub straight to upstream (durable outbox, MQTT 5)", 1.0);
+    println!(
+        "{:<64} {bridged:>10.0} {:>20.2}",
+        "local -> steadfast bridge (inbox + outbox, both durable) -> upstream",
+        bridged / direct
+    );
     Ok(())
 }
 

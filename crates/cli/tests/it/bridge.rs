@@ -365,3 +365,55 @@ async fn paho_on_both_ends_through_a_bridge_kill_9() {
     let _ = sub.kill();
     app.abort();
 }
+
+/// SIGHUP reloads the configuration: a changed topic prefix applies to
+/// what comes next; a broken file is refused and the running routes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_configuration_and_keeps_running_on_a_broken_one() {
+    let local = Mosquitto::plain().await;
+    let up = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &local.url(), &[up.url()]);
+    register(&cfg).await;
+    let sub = steadfast_testkit::Subscriber::start(up.port(), "#", 1, None).await;
+    let site8 = steadfast_testkit::Subscriber::start(up.port(), "site-8/#", 1, None).await;
+    let mut bridge = start_bridge(&cfg);
+    let send = |payload: &str| {
+        let (url, payload, outbox) = (local.url(), payload.to_owned(), dir.path().join("pub"));
+        async move {
+            let out =
+                run(&["pub", "-b", &url, "-t", "sensors/x", "-m", &payload, "--outbox", outbox.to_str().unwrap()])
+                    .await;
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    };
+    let hup = |b: &Child| {
+        let _ = Command::new("kill").args(["-HUP", &b.id().to_string()]).status();
+    };
+    send("one").await;
+    sub.wait_count(1, Duration::from_secs(20)).await;
+    // A valid change: the new prefix.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("site-7/", "site-8/");
+    std::fs::write(&cfg, &text).unwrap();
+    hup(&bridge);
+    let c = cfg.clone();
+    wait_until("the reload", Duration::from_secs(20), move || bridge_log(&c).matches("route started").count() >= 2)
+        .await;
+    send("two").await;
+    sub.wait_count(2, Duration::from_secs(20)).await;
+    // A broken file: refused, and the bridge keeps forwarding.
+    std::fs::write(&cfg, text.replace("mode = \"failover\"", "mode = \"mirror\"")).unwrap();
+    hup(&bridge);
+    let c = cfg.clone();
+    wait_until("the refusal", Duration::from_secs(20), move || bridge_log(&c).contains("keeping the running one"))
+        .await;
+    send("three").await;
+    sub.wait_count(3, Duration::from_secs(20)).await;
+    assert_eq!(sub.lines(), ["one", "two", "three"]);
+    site8.wait_count(2, Duration::from_secs(20)).await;
+    assert_eq!(site8.lines(), ["two", "three"], "the new prefix applies after the reload");
+    let topics = bridge_log(&cfg);
+    assert!(bridge.try_wait().unwrap().is_none(), "still running: {topics}");
+    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    assert_eq!(bridge.wait().unwrap().code(), Some(0));
+}

@@ -379,6 +379,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         return None;
     }
     let source_urls = source_urls?;
+    let several = source_urls.len() > 1;
     let set = set?;
     let mut client = ClientConfig::new(s.client_id.get_ref().clone(), source_urls[0].clone(), inbox_dir)
         .brokers(BrokerSet::new(source_urls))
@@ -391,7 +392,11 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     if let Some(u) = &s.username {
         client = client.credentials(u.clone(), s.password.clone().map(String::into_bytes));
     }
-    let mut source = ConsumerConfig::new(client);
+    // With one source broker, a redelivery is recognised by its packet id
+    // (the outbox's `sources`), and an identity is kept upstream for the
+    // consumers' inboxes: the route's own inbox would only add a sync per
+    // batch. With several, it recognises the copies each broker sends.
+    let mut source = ConsumerConfig::new(client).inbox(several);
     for f in s.topics.get_ref() {
         source = source.topic(f.clone(), qos?);
     }

@@ -41,8 +41,31 @@ backoff = "50ms..300ms"
     path
 }
 
+/// A bridge process, killed when the test ends however it ends.
+struct BridgeProc(Child);
+
+impl std::ops::Deref for BridgeProc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for BridgeProc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for BridgeProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The bridge, its log appended to `bridge.log` beside its configuration.
-fn start_bridge(config: &Path) -> Child {
+fn start_bridge(config: &Path) -> BridgeProc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -55,6 +78,7 @@ fn start_bridge(config: &Path) -> Child {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
+        .map(BridgeProc)
         .expect("spawn bridge")
 }
 
@@ -363,6 +387,7 @@ async fn paho_on_both_ends_through_a_bridge_kill_9() {
     bridge.kill().unwrap();
     let _ = bridge.wait();
     let _ = sub.kill();
+    let _ = sub.wait();
     app.abort();
 }
 
@@ -387,7 +412,7 @@ async fn sighup_reloads_a_valid_configuration_and_keeps_running_on_a_broken_one(
             assert!(out.status.success(), "{}", stderr(&out));
         }
     };
-    let hup = |b: &Child| {
+    let hup = |b: &BridgeProc| {
         let _ = Command::new("kill").args(["-HUP", &b.id().to_string()]).status();
     };
     send("one").await;

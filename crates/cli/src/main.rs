@@ -38,6 +38,10 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// The error, in words.
+    fn message(&self) -> String {
+        self.error.to_string()
+    }
     fn usage(error: impl Into<anyhow::Error>) -> Self {
         Self { code: exit::USAGE, error: error.into() }
     }

@@ -533,18 +533,24 @@ impl Client {
     }
 
     /// For a bridge: queues a message that arrived as the delivery `pid`
-    /// from the source broker `source`, and records that in the same disk
-    /// sync, so that the broker's redelivery of it after a crash (before
+    /// from the source broker `source` (with `digest`, a hash of its
+    /// content), and records that in the same disk sync, so that the broker's redelivery of it after a crash (before
     /// its acknowledgement left) is recognised by
     /// [`Client::seen_from`]. Best-effort messages are sent as by
     /// [`Client::enqueue`].
-    pub fn enqueue_from(&self, msg: Message, source: &str, pid: u16) -> Result<AcceptFuture, PublishError> {
+    pub fn enqueue_from(
+        &self,
+        msg: Message,
+        source: &str,
+        pid: u16,
+        digest: u64,
+    ) -> Result<AcceptFuture, PublishError> {
         let policy = self.check(&msg)?;
         if policy.class == Class::BestEffort {
             self.send_now(Self::to_new(msg, policy), None);
             return Ok(AcceptFuture::ready(Ok(0)));
         }
-        Ok(self.inner.outbox.append_from(Self::to_new(msg, policy), source.to_owned(), pid))
+        Ok(self.inner.outbox.append_from(Self::to_new(msg, policy), source.to_owned(), pid, digest))
     }
 
     /// Counts a message that cannot be sent at all (a bridge that cannot
@@ -553,10 +559,12 @@ impl Client {
         self.inner.outbox.count_drop(reason, topic);
     }
 
-    /// For a bridge: whether the delivery `pid` from `source` was queued
-    /// by [`Client::enqueue_from`] already.
-    pub async fn seen_from(&self, source: &str, pid: u16) -> Result<bool, StoreError> {
-        self.inner.outbox.source_seen(source.to_owned(), pid).await
+    /// For a bridge: whether the delivery `pid` from `source`, with this
+    /// content digest, was queued by [`Client::enqueue_from`] already. The
+    /// digest tells a resend of it from a later message under the same
+    /// (reused) packet id.
+    pub async fn seen_from(&self, source: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
+        self.inner.outbox.source_seen(source.to_owned(), pid, digest).await
     }
 
     /// Best-effort: hands the message to every connected broker that would

@@ -171,6 +171,8 @@ pub struct Received {
     identity: Option<Identity>,
     broker: String,
     redelivered: bool,
+    /// The broker's DUP flag: it sent this packet id before.
+    broker_dup: bool,
     token: Option<Token>,
     cmds: mpsc::UnboundedSender<Cmd>,
 }
@@ -213,6 +215,12 @@ impl Received {
     pub fn redelivered(&self) -> bool {
         self.redelivered
     }
+    /// The broker sent it with DUP set: a resend of a packet id it had
+    /// sent before without getting its acknowledgement (not set for a
+    /// delivery the application gave back).
+    pub fn broker_resent(&self) -> bool {
+        self.broker_dup
+    }
     /// The packet id it came under (QoS 1 and 2), until it is acknowledged.
     pub fn packet_id(&self) -> Option<u16> {
         self.token.and_then(|t| t.pid)
@@ -242,7 +250,8 @@ impl Received {
                 qos: self.qos,
                 pid: token.pid,
                 retain: self.retain,
-                dup: true,
+                // The wire's own flag: a retry here is not a resend there.
+                dup: self.broker_dup,
                 identity: None,
             },
             identity: self.identity.take(),
@@ -302,6 +311,7 @@ impl Pending {
             identity: self.identity,
             broker,
             redelivered: redelivered || self.msg.dup,
+            broker_dup: self.msg.dup,
             token: Some(self.token),
             cmds,
         }

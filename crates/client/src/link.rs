@@ -174,7 +174,9 @@ impl Link {
         Ok(match self.version {
             ProtocolVersion::V5 => build_v5(m, producer, pid, dup)?.to_continuous_buffer(),
             ProtocolVersion::V311 if self.envelope && m.id != 0 => {
-                let payload = match origin(&m.msg.props) {
+                // An origin too long for the envelope travels under ours.
+                let fits = |o: &Identity| o.producer.len() <= Identity::ENVELOPE_MAX_PRODUCER;
+                let payload = match origin(&m.msg.props).filter(fits) {
                     Some(o) => Identity::wrap(&o.producer, o.seq, &m.msg.payload),
                     None => Identity::wrap(producer, m.id, &m.msg.payload),
                 };

@@ -276,17 +276,17 @@ pub trait Store: Send + 'static {
     fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
         Ok(0)
     }
-    /// Bridge: records that the delivery with packet id `pid` from the
-    /// source broker `url` became the queued message `id` (in the same
-    /// transaction as its insertion).
-    fn source_record(&mut self, url: &str, pid: u16, id: u64) -> Result<(), StoreError> {
-        let _ = (url, pid, id);
+    /// Bridge: records that the delivery with packet id `pid` and content
+    /// digest `digest` from the source broker `url` became the queued
+    /// message `id` (in the same transaction as its insertion).
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        let _ = (url, pid, digest, id);
         Ok(())
     }
-    /// Bridge: whether a delivery with packet id `pid` from `url` was
-    /// queued already (a redelivery of it is a duplicate).
-    fn source_seen(&mut self, url: &str, pid: u16) -> Result<bool, StoreError> {
-        let _ = (url, pid);
+    /// Bridge: whether the delivery with packet id `pid` and this content
+    /// from `url` was queued already (a resend of it is a duplicate).
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
+        let _ = (url, pid, digest);
         Ok(false)
     }
     /// Adds to a named persistent counter (duplicates removed, gaps...).

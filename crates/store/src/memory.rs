@@ -21,7 +21,7 @@ struct State {
     slots: BTreeMap<String, u32>,
     missed: BTreeMap<String, u64>,
     inbox: BTreeMap<(String, u64), u64>,
-    sources: BTreeMap<(String, u16), u64>,
+    sources: BTreeMap<(String, u16), (u64, u64)>,
     counters: BTreeMap<String, u64>,
     next_id: u64,
     drops: HashMap<DropReason, u64>,
@@ -228,12 +228,12 @@ impl Store for MemoryStore {
         }
         Ok(out)
     }
-    fn source_record(&mut self, url: &str, pid: u16, id: u64) -> Result<(), StoreError> {
-        self.state.sources.insert((url.to_owned(), pid), id);
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        self.state.sources.insert((url.to_owned(), pid), (digest, id));
         Ok(())
     }
-    fn source_seen(&mut self, url: &str, pid: u16) -> Result<bool, StoreError> {
-        Ok(self.state.sources.contains_key(&(url.to_owned(), pid)))
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
+        Ok(self.state.sources.get(&(url.to_owned(), pid)).is_some_and(|(d, _)| *d == digest))
     }
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
         Ok(ids.iter().map(|id| self.state.inbox.contains_key(id)).collect())

@@ -195,11 +195,12 @@ enum Request {
         msg: NewMessage,
         reply: oneshot::Sender<Result<u64, AppendError>>,
         delivery: Option<oneshot::Sender<Delivery>>,
-        source: Option<(String, u16)>,
+        source: Option<(String, u16, u64)>,
     },
     SourceSeen {
         url: String,
         pid: u16,
+        digest: u64,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
     Remove {
@@ -415,16 +416,17 @@ impl Outbox {
     /// Bridge: queues a message that came as the delivery `pid` from the
     /// source broker `url`, recording that in the same transaction, so that
     /// a redelivery of it after a crash is known ([`Outbox::source_seen`]).
-    pub fn append_from(&self, msg: NewMessage, url: String, pid: u16) -> AcceptFuture {
+    pub fn append_from(&self, msg: NewMessage, url: String, pid: u16, digest: u64) -> AcceptFuture {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Append { msg, reply, delivery: None, source: Some((url, pid)) });
+        self.send(Request::Append { msg, reply, delivery: None, source: Some((url, pid, digest)) });
         AcceptFuture { rx }
     }
 
-    /// Bridge: whether the delivery `pid` from `url` was queued already.
-    pub async fn source_seen(&self, url: String, pid: u16) -> Result<bool, StoreError> {
+    /// Bridge: whether the delivery `pid` with this content digest from
+    /// `url` was queued already.
+    pub async fn source_seen(&self, url: String, pid: u16, digest: u64) -> Result<bool, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::SourceSeen { url, pid, reply });
+        self.send(Request::SourceSeen { url, pid, digest, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -599,7 +601,7 @@ struct PendingAppend {
     msg: NewMessage,
     reply: oneshot::Sender<Result<u64, AppendError>>,
     delivery: Option<oneshot::Sender<Delivery>>,
-    source: Option<(String, u16)>,
+    source: Option<(String, u16, u64)>,
 }
 
 struct Writer {
@@ -1023,8 +1025,8 @@ impl Writer {
             self.supersede(&replaced, b)?;
         }
         let id = self.store.insert(&p.msg)?;
-        if let Some((url, pid)) = &p.source {
-            self.store.source_record(url, *pid, id)?;
+        if let Some((url, pid, digest)) = &p.source {
+            self.store.source_record(url, *pid, *digest, id)?;
         }
         self.last_id = self.last_id.max(id);
         let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
@@ -1291,8 +1293,8 @@ impl Writer {
                 Request::InboxSeen { ids, reply } => {
                     let _ = reply.send(self.store.inbox_seen(&ids));
                 }
-                Request::SourceSeen { url, pid, reply } => {
-                    let _ = reply.send(self.store.source_seen(&url, pid));
+                Request::SourceSeen { url, pid, digest, reply } => {
+                    let _ = reply.send(self.store.source_seen(&url, pid, digest));
                 }
                 _ => unreachable!("only reads are deferred"),
             }

@@ -53,10 +53,12 @@ CREATE TABLE IF NOT EXISTS inbox (
     PRIMARY KEY (producer, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
--- A bridge's source deliveries (broker, packet id) and the message each became.
+-- A bridge's source deliveries (broker, packet id, content digest) and the
+-- message each became.
 CREATE TABLE IF NOT EXISTS sources (
     url TEXT NOT NULL,
     pid INTEGER NOT NULL,
+    digest INTEGER NOT NULL,
     id INTEGER NOT NULL,
     PRIMARY KEY (url, pid)
 ) WITHOUT ROWID;
@@ -943,16 +945,16 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn source_record(&mut self, url: &str, pid: u16, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO sources VALUES (?1, ?2, ?3)")?;
-        let r = stmt.execute(params![url, pid, id]);
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO sources VALUES (?1, ?2, ?3, ?4)")?;
+        let r = stmt.execute(params![url, pid, digest as i64, id]);
         drop(stmt);
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn source_seen(&mut self, url: &str, pid: u16) -> Result<bool, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM sources WHERE url = ?1 AND pid = ?2")?;
-        Ok(stmt.exists(params![url, pid])?)
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM sources WHERE url = ?1 AND pid = ?2 AND digest = ?3")?;
+        Ok(stmt.exists(params![url, pid, digest as i64])?)
     }
 
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {

@@ -66,8 +66,10 @@ struct RouteSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceSpec {
-    brokers: Spanned<Vec<String>>,
-    topics: Spanned<Vec<String>>,
+    brokers: Spanned<Vec<Spanned<String>>>,
+    topics: Spanned<Vec<Spanned<String>>>,
+    /// MQTT 3.1.1: unwrap the identity envelope.
+    envelope: Option<bool>,
     qos: Option<Spanned<u8>>,
     client_id: Spanned<String>,
     version: Option<Spanned<String>>,
@@ -82,7 +84,9 @@ struct SourceSpec {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DestSpec {
-    brokers: Spanned<Vec<String>>,
+    brokers: Spanned<Vec<Spanned<String>>>,
+    /// MQTT 3.1.1: carry identities in the payload envelope.
+    envelope: Option<bool>,
     mode: Option<Spanned<String>>,
     ack: Option<Spanned<Ack>>,
     failback_after: Option<Spanned<String>>,
@@ -107,7 +111,7 @@ struct MapSpec {
 }
 
 /// One route, ready to run.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
     pub source: ConsumerConfig,
@@ -118,7 +122,7 @@ pub struct Route {
 }
 
 /// The whole bridge.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Bridge {
     pub dir: PathBuf,
     pub routes: Vec<Route>,
@@ -139,8 +143,8 @@ impl Rewrite {
     pub fn apply(&self, t: &str) -> String {
         let mut topic = t.to_owned();
         for (pattern, to) in &self.map {
-            if let Some(caps) = capture(pattern, t) {
-                topic = substitute(to, &caps);
+            if let Some((caps, rest)) = capture(pattern, t) {
+                topic = substitute(to, &caps, rest.as_deref());
                 break;
             }
         }
@@ -156,16 +160,13 @@ impl Rewrite {
     }
 }
 
-/// The levels a filter's wildcards matched: `+` in order, then `#` (last).
-fn capture(pattern: &[String], topic: &str) -> Option<Vec<String>> {
+/// The levels a filter's `+` matched, in order, and what its `#` matched.
+fn capture(pattern: &[String], topic: &str) -> Option<(Vec<String>, Option<String>)> {
     let levels: Vec<&str> = topic.split('/').collect();
     let mut caps = Vec::new();
     for (i, p) in pattern.iter().enumerate() {
         match p.as_str() {
-            "#" => {
-                caps.push(levels.get(i..).map(|l| l.join("/")).unwrap_or_default());
-                return Some(caps);
-            }
+            "#" => return Some((caps, Some(levels.get(i..).map(|l| l.join("/")).unwrap_or_default()))),
             "+" => caps.push((*levels.get(i)?).to_owned()),
             lit => {
                 if levels.get(i) != Some(&lit) {
@@ -174,16 +175,68 @@ fn capture(pattern: &[String], topic: &str) -> Option<Vec<String>> {
             }
         }
     }
-    (levels.len() == pattern.len()).then_some(caps)
+    (levels.len() == pattern.len()).then_some((caps, None))
 }
 
-fn substitute(to: &str, caps: &[String]) -> String {
-    let mut out = to.to_owned();
-    for (i, c) in caps.iter().enumerate() {
-        out = out.replace(&format!("{{{}}}", i + 1), c);
+/// The pieces of a `to` template: literal text, `{n}` (the n-th `+`,
+/// from 1) and `{#}` (what `#` matched).
+enum Piece<'a> {
+    Text(&'a str),
+    Plus(usize),
+    Rest,
+}
+
+fn pieces(to: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut out = Vec::new();
+    let mut rest = to;
+    while let Some(open) = rest.find('{') {
+        out.push(Piece::Text(&rest[..open]));
+        let close = rest[open..].find('}').ok_or("a `{` is not closed")? + open;
+        match &rest[open + 1..close] {
+            "#" => out.push(Piece::Rest),
+            n => out.push(Piece::Plus(
+                n.parse().map_err(|_| format!("`{{{n}}}` is not a placeholder; use {{1}}.. or {{#}}"))?,
+            )),
+        }
+        rest = &rest[close + 1..];
     }
-    if let Some(last) = caps.last() {
-        out = out.replace("{#}", last);
+    out.push(Piece::Text(rest));
+    Ok(out)
+}
+
+/// Checks a `to` template against its pattern: a topic name once filled
+/// in, its placeholders matched by wildcards of the pattern.
+fn check_template(pattern: &[String], to: &str) -> Result<(), String> {
+    let pluses = pattern.iter().filter(|p| *p == "+").count();
+    let hash = pattern.last().is_some_and(|p| p == "#");
+    if to.is_empty() {
+        return Err("the new topic is empty".into());
+    }
+    for p in pieces(to)? {
+        match p {
+            Piece::Text(t) if t.contains(['+', '#', '{', '}', '\0']) => {
+                return Err(format!("`{t}` may not hold wildcards or braces"))
+            }
+            Piece::Plus(n) if n == 0 || n > pluses => {
+                return Err(format!("{{{n}}} has no `+` to fill it (the pattern has {pluses})"))
+            }
+            Piece::Rest if !hash => return Err("{#} needs a pattern that ends in `#`".into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Fills a checked template in one pass (a captured level that looks like
+/// a placeholder stays as it is).
+fn substitute(to: &str, caps: &[String], rest: Option<&str>) -> String {
+    let mut out = String::new();
+    for p in pieces(to).unwrap_or_default() {
+        match p {
+            Piece::Text(t) => out.push_str(t),
+            Piece::Plus(n) => out.push_str(caps.get(n - 1).map_or("", String::as_str)),
+            Piece::Rest => out.push_str(rest.unwrap_or("")),
+        }
     }
     out
 }
@@ -227,6 +280,7 @@ pub fn load(path: &Path) -> Result<Bridge, Vec<String>> {
     }
     let mut routes = Vec::new();
     let mut names = Vec::new();
+    let mut client_ids: Vec<String> = Vec::new();
     for r in &file.route {
         let name = r.get_ref().name.get_ref().clone();
         if names.contains(&name) {
@@ -240,6 +294,13 @@ pub fn load(path: &Path) -> Result<Bridge, Vec<String>> {
         }
         names.push(name);
         if let Some(route) = route(r.get_ref(), &dir, &mut errs) {
+            // Two sessions under one client id take each other over for ever.
+            for id in [route.source.client().client_id(), route.destination.client_id()] {
+                if client_ids.iter().any(|c| c == id) {
+                    errs.at(r.get_ref().name.span(), format!("client id `{id}` is used twice; every route needs its own source and destination client ids"));
+                }
+                client_ids.push(id.to_owned());
+            }
             routes.push(route);
         }
     }
@@ -267,8 +328,8 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         errs.at(s.topics.span(), "source.topics is empty; give at least one filter such as \"sensors/#\"");
     }
     for f in s.topics.get_ref() {
-        if let Err(e) = validate_topic_filter(f) {
-            errs.at(s.topics.span(), format!("source topic filter `{f}`: {e}"));
+        if let Err(e) = validate_topic_filter(f.get_ref()) {
+            errs.at(f.span(), format!("source topic filter `{}`: {e}", f.get_ref()));
         }
     }
     if s.client_id.get_ref().is_empty() {
@@ -282,7 +343,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
 
     // The destination: a publisher with an outbox.
     let spec = SetSpec {
-        brokers: d.brokers.get_ref().clone(),
+        brokers: d.brokers.get_ref().iter().map(|b| b.get_ref().clone()).collect(),
         mode: d.mode.as_ref().map(|m| m.get_ref().clone()),
         ack: d.ack.as_ref().map(|a| match a.get_ref() {
             Ack::Count(n) => Ack::Count(*n),
@@ -325,14 +386,12 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
             errs.at(m.span(), format!("map from `{from}`: {e}"));
             continue;
         }
-        if to.contains(['+', '#']) || to.is_empty() {
-            errs.at(
-                m.span(),
-                format!("map to `{to}` must be a topic name (use {{1}}, {{#}} for what the wildcards matched)"),
-            );
+        let pattern: Vec<String> = from.split('/').map(str::to_owned).collect();
+        if let Err(e) = check_template(&pattern, to) {
+            errs.at(m.span(), format!("map from `{from}` to `{to}`: {e}"));
             continue;
         }
-        rewrite.map.push((from.split('/').map(str::to_owned).collect(), to.clone()));
+        rewrite.map.push((pattern, to.clone()));
     }
     for (key, v) in [("topic_prefix", &d.topic_prefix), ("strip_prefix", &d.strip_prefix)] {
         if let Some(v) = v {
@@ -385,6 +444,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         .brokers(BrokerSet::new(source_urls))
         .version(source_version?)
         .clean_start(s.clean.unwrap_or(false))
+        .envelope(s.envelope.unwrap_or(false))
         .backoff(source_backoff?);
     if let Some(e) = session_expiry {
         client = client.session_expiry(e);
@@ -398,13 +458,14 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     // batch. With several, it recognises the copies each broker sends.
     let mut source = ConsumerConfig::new(client).inbox(several);
     for f in s.topics.get_ref() {
-        source = source.topic(f.clone(), qos?);
+        source = source.topic(f.get_ref().clone(), qos?);
     }
     let dest_id =
         d.client_id.as_ref().map_or_else(|| format!("{}-out", s.client_id.get_ref()), |c| c.get_ref().clone());
     let mut destination = ClientConfig::new(dest_id, set.brokers()[0].clone(), outbox_dir)
         .brokers(set)
         .version(dest_version?)
+        .envelope(d.envelope.unwrap_or(false))
         .backoff(dest_backoff?)
         .policy(policy)
         .outbox(OutboxConfig {
@@ -431,16 +492,16 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     Some(Route { name, source, destination, rewrite, qos: dest_qos })
 }
 
-fn urls(list: &Spanned<Vec<String>>, what: &str, errs: &mut Errors<'_>) -> Option<Vec<BrokerUrl>> {
+fn urls(list: &Spanned<Vec<Spanned<String>>>, what: &str, errs: &mut Errors<'_>) -> Option<Vec<BrokerUrl>> {
     if list.get_ref().is_empty() {
         errs.at(list.span(), format!("{what} is empty; list at least one mqtt://host:port"));
         return None;
     }
     let mut out = Vec::new();
     for u in list.get_ref() {
-        match u.parse::<BrokerUrl>() {
+        match u.get_ref().parse::<BrokerUrl>() {
             Ok(url) => out.push(url),
-            Err(e) => errs.at(list.span(), format!("{what}: {e}")),
+            Err(e) => errs.at(u.span(), format!("{what}: {e}")),
         }
     }
     (out.len() == list.get_ref().len()).then_some(out)
@@ -501,5 +562,17 @@ mod tests {
         assert_eq!(rw(&[], None, None).apply("x/y"), "x/y");
         assert_eq!(rw(&[("a/+/+", "{2}/{1}")], None, None).apply("a/b/c"), "c/b");
         assert_eq!(rw(&[("a/+", "x")], None, None).apply("a/b/c"), "a/b/c", "no match: longer topic");
+        assert_eq!(rw(&[("a/+/#", "{1}-{#}")], None, None).apply("a/{2}/x/y"), "{2}-x/y", "one pass");
+    }
+
+    #[test]
+    fn templates_are_checked_against_their_pattern() {
+        let p = |f: &str| f.split('/').map(str::to_owned).collect::<Vec<_>>();
+        assert!(check_template(&p("a/+/#"), "x/{1}/{#}").is_ok());
+        assert!(check_template(&p("a/+"), "x/{2}").unwrap_err().contains("no `+`"));
+        assert!(check_template(&p("a/+"), "x/{#}").unwrap_err().contains("ends in `#`"));
+        assert!(check_template(&p("a/#"), "y/#").unwrap_err().contains("wildcards"));
+        assert!(check_template(&p("a/#"), "y/{x}").is_err());
+        assert!(check_template(&p("a/#"), "").is_err());
     }
 }

@@ -51,9 +51,13 @@ pub async fn run(a: BridgeArgs) -> Result<(), Failure> {
     let notify = notify::Notifier::from_env();
     let metrics =
         a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(|e| Failure::usage(anyhow!(e)))?;
-    let mut running = start(bridge).await?;
+    // The destination clients of the running routes, for the metrics (the
+    // list is replaced at each reload).
+    let clients: Arc<std::sync::Mutex<Vec<Client>>> = Arc::default();
+    let mut running = start(bridge.clone(), clients.clone()).await?;
+    let mut current = bridge;
     if let Some(addr) = metrics {
-        let clients: Arc<std::sync::Mutex<Vec<Client>>> = running.clients.clone();
+        let clients = clients.clone();
         let refresh: crate::metrics::Refresh = Arc::new(move || {
             let clients = clients.lock().unwrap_or_else(|e| e.into_inner()).clone();
             Box::pin(async move {
@@ -78,7 +82,17 @@ pub async fn run(a: BridgeArgs) -> Result<(), Failure> {
                         notify.reloading();
                         tracing::warn!(config = %path.display(), "SIGHUP: reloading the configuration");
                         running.stop().await;
-                        running = start(next).await?;
+                        running = match start(next.clone(), clients.clone()).await {
+                            Ok(r) => {
+                                current = next;
+                                r
+                            }
+                            Err(f) => {
+                                // Back to the configuration that ran.
+                                tracing::error!(error = %f.message(), "SIGHUP: the new configuration cannot start; going back to the previous one");
+                                start(current.clone(), clients.clone()).await?
+                            }
+                        };
                         notify.ready();
                     }
                     Err(errs) => {
@@ -115,7 +129,7 @@ struct Running {
     /// Each route's task says here how it ended.
     ended: mpsc::UnboundedReceiver<(String, Result<(), String>)>,
     count: usize,
-    clients: Arc<std::sync::Mutex<Vec<Client>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
@@ -149,16 +163,23 @@ impl Running {
             }
         };
         if tokio::time::timeout(config::STOP_GRACE, all).await.is_err() {
-            tracing::error!("a route did not stop in time");
+            // What it had not acknowledged to its source comes again.
+            tracing::error!("a route did not stop in time; it is aborted");
+            for t in &self.tasks {
+                t.abort();
+            }
+            for t in self.tasks {
+                let _ = t.await;
+            }
         }
     }
 }
 
-async fn start(b: Bridge) -> Result<Running, Failure> {
+async fn start(b: Bridge, clients: Arc<std::sync::Mutex<Vec<Client>>>) -> Result<Running, Failure> {
     let (stop, stop_rx) = watch::channel(false);
     let (ended_tx, ended) = mpsc::unbounded_channel();
-    let clients = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut running = Running { stop, ended, count: 0, clients: clients.clone() };
+    clients.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    let mut running = Running { stop, ended, count: 0, tasks: Vec::new() };
     for r in b.routes {
         let name = r.name.clone();
         let opened = match Client::open(r.destination.clone()).await {
@@ -187,10 +208,10 @@ async fn start(b: Bridge) -> Result<Running, Failure> {
         clients.lock().unwrap_or_else(|e| e.into_inner()).push(client.clone());
         tracing::info!(route = %name, dir = %b.dir.display(), "route started");
         let (tx, stop_rx) = (ended_tx.clone(), stop_rx.clone());
-        tokio::spawn(async move {
+        running.tasks.push(tokio::spawn(async move {
             let r = forward(r, consumer, client, stop_rx).await;
             let _ = tx.send((name, r));
-        });
+        }));
         running.count += 1;
     }
     Ok(running)
@@ -208,9 +229,17 @@ fn open_failure(route: &str, e: steadfast::OpenError) -> Failure {
 async fn forward(r: Route, consumer: Consumer, client: Client, mut stop: watch::Receiver<bool>) -> Result<(), String> {
     let (tx, mut rx) = mpsc::channel::<(AcceptFuture, Received)>(PIPELINE);
     let name = r.name.clone();
+    let mut acker_stop = stop.clone();
     let acker = tokio::spawn(async move {
         while let Some((accepted, d)) = rx.recv().await {
-            match accepted.await {
+            // At a stop, a message still waiting for room (overflow
+            // `block`) is given up: unacknowledged, the source sends it
+            // again after the restart.
+            let accepted = tokio::select! {
+                a = accepted => a,
+                _ = acker_stop.wait_for(|s| *s) => break,
+            };
+            match accepted {
                 Ok(_) => d.ack(),
                 // Dropped by the route's own overflow policy: counted; the
                 // source is done with it.
@@ -228,7 +257,11 @@ async fn forward(r: Route, consumer: Consumer, client: Client, mut stop: watch::
             _ = stop.changed() => break Ok(()),
         };
         let Some(d) = d else { break Err("the consumer closed".to_owned()) };
-        if let Err(e) = take(&r, &client, &tx, d).await {
+        let taken = tokio::select! {
+            t = take(&r, &client, &tx, d) => t,
+            _ = stop.wait_for(|s| *s) => break Ok(()),
+        };
+        if let Err(e) = taken {
             break Err(e);
         }
     };
@@ -246,9 +279,11 @@ async fn take(
     d: Received,
 ) -> Result<(), String> {
     let pid = d.packet_id();
-    // A redelivery of what was queued before a crash: acknowledge only.
-    if let Some(pid) = pid.filter(|_| d.redelivered()) {
-        match client.seen_from(d.broker(), pid).await {
+    let digest = digest(&d);
+    // The broker's resend of what was queued before a crash (its
+    // acknowledgement died with the process): acknowledge only.
+    if let Some(pid) = pid.filter(|_| d.broker_resent()) {
+        match client.seen_from(d.broker(), pid, digest).await {
             Ok(true) => {
                 d.ack();
                 return Ok(());
@@ -263,7 +298,7 @@ async fn take(
         m = m.origin(id);
     }
     let queued = match pid {
-        Some(pid) => client.enqueue_from(m, d.broker(), pid),
+        Some(pid) => client.enqueue_from(m, d.broker(), pid, digest),
         None => client.enqueue(m),
     };
     match queued {
@@ -282,6 +317,29 @@ async fn take(
             Ok(())
         }
     }
+}
+
+/// FNV-1a over what makes a delivery this message and not another under
+/// the same packet id: topic, payload, QoS, retain, identity. Stable across
+/// releases (it is kept on disk).
+fn digest(d: &Received) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        // A separator, so that ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(d.topic().as_bytes());
+    eat(d.payload());
+    eat(&[d.qos() as u8, u8::from(d.retain())]);
+    if let Some(id) = d.identity() {
+        eat(id.to_property_value().as_bytes());
+    }
+    h
 }
 
 /// Where a route keeps its stores.

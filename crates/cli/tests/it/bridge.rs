@@ -302,6 +302,19 @@ to = "y/#"
     let out = run(&["bridge", "--check", "--config", syntax.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("syntax.toml:4:"), "{}", stderr(&out));
+    // Two routes under one client id would take each other's session over.
+    let twice = dir.path().join("twice.toml");
+    let route = |name: &str| {
+        format!("[[route]]\nname = \"{name}\"\n[route.source]\nbrokers = [\"mqtt://127.0.0.1:1\"]\ntopics = [\"a/#\"]\nclient_id = \"same\"\n[route.destination]\nbrokers = [\"mqtt://127.0.0.1:2\"]\n")
+    };
+    std::fs::write(&twice, format!("[store]\ndir = \"/tmp/x\"\n{}{}", route("one"), route("two"))).unwrap();
+    let out = run(&["bridge", "--check", "--config", twice.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("twice.toml:12:") && stderr(&out).contains("`same` is used twice"),
+        "{}",
+        stderr(&out)
+    );
     let good = config(dir.path(), "mqtt://127.0.0.1:1", &["mqtt://127.0.0.1:2".into()]);
     let out = run(&["bridge", "--check", "--config", good.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -35,6 +35,22 @@ pub enum Command {
     /// Store-and-forward between brokers, from a TOML configuration.
     #[command(disable_help_flag = true)]
     Bridge(BridgeArgs),
+    /// Two brokers, a producer and a consumer, faults on a schedule, and a verdict on what was lost.
+    #[command(disable_help_flag = true)]
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long the demo runs, in seconds (publishing for two thirds of it).
+    #[arg(long, default_value_t = 45)]
+    pub seconds: u64,
+    /// Messages per second.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u32,
+    /// Which brokers: mosquitto (Debian's package).
+    #[arg(long, default_value = "mosquitto")]
+    pub brokers: String,
 }
 
 #[derive(Debug, Args)]

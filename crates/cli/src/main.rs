@@ -4,6 +4,7 @@
 
 mod args;
 mod bridge;
+mod demo;
 mod metrics;
 mod progress;
 mod publish;
@@ -64,7 +65,9 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
-    if let Err(e) = util::init_logging(cli.debug, &cli.log_format) {
+    // The demo's table is its output: only errors interrupt it.
+    let quiet = matches!(cli.command, args::Command::Demo(_));
+    if let Err(e) = util::init_logging(cli.debug, quiet, &cli.log_format) {
         eprintln!("steadfast: error: {e}");
         return ExitCode::from(exit::USAGE);
     }
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
             args::Command::Sub(a) => subscribe::run(*a).await,
             args::Command::Status(a) => status::run(a).await,
             args::Command::Bridge(a) => bridge::run(a).await,
+            args::Command::Demo(a) => demo::run(a).await,
         }
     });
     match result {

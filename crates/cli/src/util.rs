@@ -155,8 +155,12 @@ pub fn default_client_id() -> String {
 /// `format`: `human` (default) or `json`, one object per line with the
 /// time, level, message and fields. Payloads and credentials are never in
 /// a log field (README, "Logs").
-pub fn init_logging(debug: bool, format: &str) -> Result<(), String> {
-    let default = if debug { "debug" } else { "warn" };
+pub fn init_logging(debug: bool, quiet: bool, format: &str) -> Result<(), String> {
+    let default = match (debug, quiet) {
+        (true, _) => "debug",
+        (false, true) => "error",
+        (false, false) => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

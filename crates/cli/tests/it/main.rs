@@ -407,3 +407,16 @@ async fn pub_through_a_named_route_from_a_config_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("no route `office` in --config; it has: home"), "{}", stderr(&out));
 }
+
+/// `steadfast demo` as the README runs it: faults on a schedule and a
+/// verdict of nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_loses_nothing_and_says_so() {
+    let out = run(&["demo", "--seconds", "21", "--rate", "150"]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", stderr(&out));
+    assert!(stdout.contains("kill -9 broker A") && stdout.contains("kill -9 the consumer"), "{stdout}");
+    let verdict = stdout.lines().find(|l| l.starts_with("verdict: ")).unwrap_or_else(|| panic!("no verdict: {stdout}"));
+    assert!(verdict.starts_with("verdict: 0 of "), "{verdict}");
+    assert!(!verdict.starts_with("verdict: 0 of 0 "), "something was published: {verdict}");
+}

@@ -455,3 +455,48 @@ async fn sighup_reloads_a_valid_configuration_and_keeps_running_on_a_broken_one(
     let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
     assert_eq!(bridge.wait().unwrap().code(), Some(0));
 }
+
+/// Under systemd (`Type=notify`): READY=1 once the routes run, WATCHDOG=1
+/// while it lives, STOPPING=1 at SIGTERM, on the socket `$NOTIFY_SOCKET`
+/// names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_watchdog_and_stop_are_told_to_the_service_manager() {
+    let local = Mosquitto::plain().await;
+    let up = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &local.url(), &[up.url()]);
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut bridge = steadfast()
+        .args(["bridge", "--config", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "400000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(BridgeProc)
+        .unwrap();
+    let recv = move |want: &'static str| {
+        let mut buf = [0u8; 256];
+        loop {
+            let n = sock.recv(&mut buf).unwrap_or_else(|e| panic!("no `{want}` from the bridge: {e}"));
+            if String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == want) {
+                return;
+            }
+        }
+    };
+    let recv = Arc::new(Mutex::new(recv));
+    let r = recv.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = r.lock().unwrap();
+        r("READY=1");
+        r("WATCHDOG=1");
+    })
+    .await
+    .unwrap();
+    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    tokio::task::spawn_blocking(move || recv.lock().unwrap()("STOPPING=1")).await.unwrap();
+    assert_eq!(bridge.wait().unwrap().code(), Some(0));
+}

@@ -18,6 +18,17 @@ use crate::Failure;
 /// Sets the state metrics right before a scrape.
 pub type Refresh = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// A refresh that runs `f` on a copy of `t` (a client, a consumer's
+/// figures, the bridge's clients).
+pub fn refresh_with<T, F, Fut>(t: T, f: F) -> Refresh
+where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    Arc::new(move || Box::pin(f(t.clone())))
+}
+
 /// Parses `--metrics`: `127.0.0.1:9464`, `[::1]:9464`, or `:9464` for
 /// 127.0.0.1.
 pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {

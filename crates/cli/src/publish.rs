@@ -265,12 +265,8 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let drops_before = drop_counts(&client).await;
     first_attempt(&client, &mut events).await?;
     if let Some(addr) = o.metrics {
-        let c = client.clone();
-        let refresh: crate::metrics::Refresh = Arc::new(move || {
-            let c = c.clone();
-            Box::pin(async move {
-                let _ = c.export_metrics().await;
-            })
+        let refresh = crate::metrics::refresh_with(client.clone(), |c| async move {
+            let _ = c.export_metrics().await;
         });
         if let Err(f) = crate::metrics::start(addr, refresh).await {
             client.close().await;

@@ -256,12 +256,8 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
         e => Failure::other(anyhow!(e)),
     })?;
     if let Some(addr) = metrics {
-        let m = consumer.metrics();
-        let refresh: crate::metrics::Refresh = std::sync::Arc::new(move || {
-            let m = m.clone();
-            Box::pin(async move {
-                let _ = m.export().await;
-            })
+        let refresh = crate::metrics::refresh_with(consumer.metrics(), |m| async move {
+            let _ = m.export().await;
         });
         if let Err(f) = crate::metrics::start(addr, refresh).await {
             consumer.close().await;

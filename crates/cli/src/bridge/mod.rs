@@ -57,14 +57,11 @@ pub async fn run(a: BridgeArgs) -> Result<(), Failure> {
     let mut running = start(bridge.clone(), clients.clone()).await?;
     let mut current = bridge;
     if let Some(addr) = metrics {
-        let clients = clients.clone();
-        let refresh: crate::metrics::Refresh = Arc::new(move || {
+        let refresh = crate::metrics::refresh_with(clients.clone(), |clients| async move {
             let clients = clients.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Box::pin(async move {
-                for c in clients {
-                    let _ = c.export_metrics().await;
-                }
-            })
+            for c in clients {
+                let _ = c.export_metrics().await;
+            }
         });
         crate::metrics::start(addr, refresh).await?;
     }

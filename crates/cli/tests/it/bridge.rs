@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -87,6 +87,31 @@ fn start_bridge(config: &Path) -> BridgeProc {
 async fn register(config: &Path) {
     let out = run(&["bridge", "--register", "--config", config.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// A consumer with an inbox upstream, and a registered bridge from the
+/// local broker to `upstream`, running.
+async fn bridged(
+    dir: &Path,
+    local: &str,
+    upstream: &[String],
+) -> (tokio::task::JoinHandle<()>, Seen, PathBuf, BridgeProc) {
+    let (app, seen) = upstream_consumer(upstream, dir).await;
+    let cfg = config(dir, local, upstream);
+    register(&cfg).await;
+    let bridge = start_bridge(&cfg);
+    (app, seen, cfg, bridge)
+}
+
+/// How many distinct messages the upstream consumer handled so far.
+fn counter(seen: &Seen) -> impl Fn() -> usize + Clone {
+    let s = seen.clone();
+    move || s.lock().unwrap().len()
+}
+
+/// SIGTERM, as systemd stops it.
+fn sigterm(b: &BridgeProc) {
+    let _ = Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
 }
 
 fn bridge_log(config: &Path) -> String {
@@ -191,12 +216,8 @@ async fn every_message_crosses_the_bridge_through_upstream_restarts_and_bridge_k
     let backup = Mosquitto::start(opts()).await;
     let upstream = vec![primary.url(), backup.url()];
     let dir = tempfile::tempdir().unwrap();
-    let (app, seen) = upstream_consumer(&upstream, dir.path()).await;
-    let cfg = config(dir.path(), &local.url(), &upstream);
-    register(&cfg).await;
-    let mut bridge = start_bridge(&cfg);
-    let s = seen.clone();
-    let count = move || s.lock().unwrap().len();
+    let (app, seen, cfg, mut bridge) = bridged(dir.path(), &local.url(), &upstream).await;
+    let count = counter(&seen);
     let publisher = paced_publisher(&local.url(), N, &dir.path().join("pub-outbox"));
     let limit = Duration::from_secs(90);
     for (at, fault) in
@@ -218,7 +239,7 @@ async fn every_message_crosses_the_bridge_through_upstream_restarts_and_bridge_k
     assert_eq!(published.status.code(), Some(0), "pub: {}", stderr(&published));
     wait_all(&seen, N, limit, &cfg).await;
     check_exactly_once(&seen, N);
-    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    sigterm(&bridge);
     let status = bridge.wait().unwrap();
     assert_eq!(status.code(), Some(0), "clean stop: {}", bridge_log(&cfg));
     app.abort();
@@ -236,16 +257,12 @@ async fn sigterm_under_load_stops_cleanly_and_a_restart_resumes() {
     let upstream_broker = Mosquitto::plain().await;
     let upstream = vec![upstream_broker.url()];
     let dir = tempfile::tempdir().unwrap();
-    let (app, seen) = upstream_consumer(&upstream, dir.path()).await;
-    let cfg = config(dir.path(), &local.url(), &upstream);
-    register(&cfg).await;
-    let mut bridge = start_bridge(&cfg);
-    let s = seen.clone();
-    let count = move || s.lock().unwrap().len();
+    let (app, seen, cfg, mut bridge) = bridged(dir.path(), &local.url(), &upstream).await;
+    let count = counter(&seen);
     let publisher = paced_publisher(&local.url(), N, &dir.path().join("pub-outbox"));
     let c = count.clone();
     wait_until("1,000 messages upstream", Duration::from_secs(60), move || c() >= 1_000).await;
-    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    sigterm(&bridge);
     let status = tokio::task::spawn_blocking(move || bridge.wait().unwrap()).await.unwrap();
     assert_eq!(status.code(), Some(0), "clean stop: {}", bridge_log(&cfg));
     let mut bridge = start_bridge(&cfg);
@@ -452,7 +469,7 @@ async fn sighup_reloads_a_valid_configuration_and_keeps_running_on_a_broken_one(
     assert_eq!(site8.lines(), ["two", "three"], "the new prefix applies after the reload");
     let topics = bridge_log(&cfg);
     assert!(bridge.try_wait().unwrap().is_none(), "still running: {topics}");
-    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    sigterm(&bridge);
     assert_eq!(bridge.wait().unwrap().code(), Some(0));
 }
 
@@ -496,7 +513,7 @@ async fn readiness_watchdog_and_stop_are_told_to_the_service_manager() {
     })
     .await
     .unwrap();
-    let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
+    sigterm(&bridge);
     tokio::task::spawn_blocking(move || recv.lock().unwrap()("STOPPING=1")).await.unwrap();
     assert_eq!(bridge.wait().unwrap().code(), Some(0));
 }

@@ -233,6 +233,8 @@ async fn forward(r: Route, consumer: Consumer, client: Client, mut stop: watch::
             // `block`) is given up: unacknowledged, the source sends it
             // again after the restart.
             let accepted = tokio::select! {
+                // What is on disk is acknowledged, stop or not.
+                biased;
                 a = accepted => a,
                 _ = acker_stop.wait_for(|s| *s) => break,
             };
@@ -255,6 +257,7 @@ async fn forward(r: Route, consumer: Consumer, client: Client, mut stop: watch::
         };
         let Some(d) = d else { break Err("the consumer closed".to_owned()) };
         let taken = tokio::select! {
+            biased;
             t = take(&r, &client, &tx, d) => t,
             _ = stop.wait_for(|s| *s) => break Ok(()),
         };

@@ -107,6 +107,7 @@ pub(crate) struct Driver {
     done_ahead: [BTreeSet<u64>; PRIORITIES],
     /// Best-effort messages from the client.
     direct: mpsc::Receiver<Direct>,
+    direct_closed: bool,
     /// Messages the broker refused (error reason code), with the time they
     /// go back to the front of the queue. They stay in the outbox meanwhile.
     retry: VecDeque<(Instant, StoredMessage)>,
@@ -149,6 +150,7 @@ impl Driver {
             slot: place.slot,
             router: place.router,
             direct: place.direct,
+            direct_closed: false,
             progress_at: Instant::now(),
             window: SendWindow::new(cfg.max_inflight),
             backoff: Backoff::new(cfg.backoff),
@@ -553,9 +555,11 @@ impl Driver {
                     let (page, p, upto) = page.map_err(store_failed)?;
                     self.take_page(page, p, upto);
                 }
-                d = self.direct.recv() => {
-                    if let Some(d) = d {
-                        self.send_direct(link, d);
+                d = self.direct.recv(), if !self.direct_closed => {
+                    match d {
+                        Some(d) => self.send_direct(link, d),
+                        // The client handle is gone: nothing more comes.
+                        None => self.direct_closed = true,
                     }
                 }
                 r = state_rx.changed(), if fetch.is_none() => {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::{Backoff, Identity, KeepAlive, KeepAliveAction, Qos};
+use steadfast_core::{Backoff, Identity, KeepAlive, KeepAliveAction, Properties, Qos};
 use steadfast_store::{InboxBounds, OpenReport, Outbox, SqliteStore, Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
@@ -173,6 +173,8 @@ pub struct Received {
     redelivered: bool,
     /// The broker's DUP flag: it sent this packet id before.
     broker_dup: bool,
+    props: Properties,
+    expiry_secs: Option<u32>,
     token: Option<Token>,
     cmds: mpsc::UnboundedSender<Cmd>,
 }
@@ -221,6 +223,16 @@ impl Received {
     pub fn broker_resent(&self) -> bool {
         self.broker_dup
     }
+    /// Its MQTT 5 properties (content type, user properties...; the
+    /// identity is [`Received::identity`]).
+    pub fn properties(&self) -> &Properties {
+        &self.props
+    }
+    /// MQTT 5: the message expiry interval it came with, in seconds (the
+    /// time it had left when the broker sent it).
+    pub fn expiry(&self) -> Option<Duration> {
+        self.expiry_secs.map(|s| Duration::from_secs(u64::from(s)))
+    }
     /// The packet id it came under (QoS 1 and 2), until it is acknowledged.
     pub fn packet_id(&self) -> Option<u16> {
         self.token.and_then(|t| t.pid)
@@ -253,6 +265,8 @@ impl Received {
                 // The wire's own flag: a retry here is not a resend there.
                 dup: self.broker_dup,
                 identity: None,
+                props: std::mem::take(&mut self.props),
+                expiry_secs: self.expiry_secs,
             },
             identity: self.identity.take(),
         })
@@ -312,6 +326,8 @@ impl Pending {
             broker,
             redelivered: redelivered || self.msg.dup,
             broker_dup: self.msg.dup,
+            props: self.msg.props,
+            expiry_secs: self.msg.expiry_secs,
             token: Some(self.token),
             cmds,
         }

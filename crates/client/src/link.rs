@@ -66,6 +66,10 @@ pub(crate) struct Inbound {
     pub dup: bool,
     /// The `steadfast-id` user property (MQTT 5), as sent.
     pub identity: Option<String>,
+    /// Its other MQTT 5 properties (the identity left out).
+    pub props: steadfast_core::Properties,
+    /// MQTT 5 message expiry interval: seconds it has left, as sent.
+    pub expiry_secs: Option<u32>,
 }
 
 /// The broker's answer to CONNECT.
@@ -325,7 +329,21 @@ impl Link {
                     _ => None,
                 });
                 let (topic, payload) = (p.topic_name(), p.payload().as_slice());
-                Incoming::Publish(inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), identity))
+                let mut m = inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), identity);
+                for prop in p.props.iter() {
+                    match prop {
+                        Property::UserProperty(u) if u.key() != Identity::USER_PROPERTY => {
+                            m.props.user.push((u.key().to_owned(), u.val().to_owned()))
+                        }
+                        Property::ContentType(v) => m.props.content_type = Some(v.val().to_owned()),
+                        Property::ResponseTopic(v) => m.props.response_topic = Some(v.val().to_owned()),
+                        Property::CorrelationData(v) => m.props.correlation_data = Some(v.val().to_vec()),
+                        Property::PayloadFormatIndicator(v) => m.props.payload_is_utf8 = v.val() == 1,
+                        Property::MessageExpiryInterval(v) => m.expiry_secs = Some(v.val()),
+                        _ => {}
+                    }
+                }
+                Incoming::Publish(m)
             }
             3 => {
                 let p = parse_publish(raw, v3_1_1::Publish::parse)?;
@@ -399,7 +417,17 @@ fn inbound(
     dup: bool,
     identity: Option<String>,
 ) -> Inbound {
-    Inbound { topic: topic.to_owned(), payload: payload.to_vec(), qos: qos_from_mqtt(qos), pid, retain, dup, identity }
+    Inbound {
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+        qos: qos_from_mqtt(qos),
+        pid,
+        retain,
+        dup,
+        identity,
+        props: steadfast_core::Properties::default(),
+        expiry_secs: None,
+    }
 }
 
 /// Parses a packet body that must be consumed exactly.

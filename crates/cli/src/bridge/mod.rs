@@ -293,9 +293,17 @@ async fn take(
         }
     }
     let topic = r.rewrite.apply(d.topic());
-    let mut m = Message::new(topic.clone(), d.payload().to_vec()).qos(r.qos.unwrap_or(d.qos())).retain(d.retain());
+    let mut m = Message::new(topic.clone(), d.payload().to_vec())
+        .qos(r.qos.unwrap_or(d.qos()))
+        .retain(d.retain())
+        .props(d.properties().clone());
     if let Some(id) = d.identity() {
         m = m.origin(id);
+    }
+    // A message that came with an expiry keeps it: what it had left then
+    // is its deadline here (the route's class otherwise).
+    if let Some(left) = d.expiry().filter(|t| !t.is_zero()) {
+        m = m.ttl(left);
     }
     let queued = match pid {
         Some(pid) => client.enqueue_from(m, d.broker(), pid, digest),

@@ -517,3 +517,42 @@ async fn readiness_watchdog_and_stop_are_told_to_the_service_manager() {
     tokio::task::spawn_blocking(move || recv.lock().unwrap()("STOPPING=1")).await.unwrap();
     assert_eq!(bridge.wait().unwrap().code(), Some(0));
 }
+
+/// MQTT 5 properties cross the bridge, and an expiry interval stays a
+/// deadline: what the upstream consumer sees is what the producer sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_and_expiry_cross_the_bridge() {
+    let local = Mosquitto::plain().await;
+    let up = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &local.url(), &[up.url()]);
+    register(&cfg).await;
+    let _bridge = start_bridge(&cfg);
+    let url: BrokerUrl = up.url().parse().unwrap();
+    let app = ConsumerConfig::new(ClientConfig::new("props-app", url, dir.path().join("app")))
+        .topic("site-7/sensors/#", Qos::AtLeastOnce);
+    Consumer::register(&app).await.unwrap();
+    let (consumer, _) = Consumer::open(app).await.unwrap();
+    let local_url: BrokerUrl = local.url().parse().unwrap();
+    let (producer, _) =
+        steadfast::Client::open(ClientConfig::new("props-producer", local_url, dir.path().join("producer")))
+            .await
+            .unwrap();
+    let props = steadfast::Properties {
+        content_type: Some("application/json".into()),
+        correlation_data: Some(vec![1, 2, 3]),
+        user: vec![("unit".into(), "celsius".into())],
+        ..Default::default()
+    };
+    let m = steadfast::Message::new("sensors/t", "{\"t\":21.5}").props(props.clone()).ttl(Duration::from_secs(3600));
+    let r = producer.publish(m).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(20), consumer.next()).await.expect("forwarded").unwrap();
+    assert_eq!(d.topic(), "site-7/sensors/t");
+    assert_eq!(d.properties(), &props, "properties as the producer sent them");
+    let left = d.expiry().expect("an expiry interval");
+    assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600), "{left:?}");
+    assert_eq!(d.identity().map(|i| i.seq), Some(r.id()), "the producer's identity");
+    d.ack();
+    consumer.close().await;
+    producer.close().await;
+}

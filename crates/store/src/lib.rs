@@ -164,6 +164,12 @@ pub trait Store: Send + 'static {
     fn begin(&mut self) -> Result<(), StoreError>;
     /// Commits and syncs the transaction.
     fn commit(&mut self) -> Result<(), StoreError>;
+    /// Whether the next commits sync to disk (the default) or only reach
+    /// the operating system (bookkeeping that may be lost at a power loss,
+    /// never at a crash of the process).
+    fn set_synced(&mut self, synced: bool) {
+        let _ = synced;
+    }
     /// Abandons the transaction.
     fn rollback(&mut self);
     /// Adds a message; returns its id, greater than any id ever handed out.

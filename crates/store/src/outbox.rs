@@ -730,6 +730,28 @@ impl Writer {
         let removes: Vec<Request> = requests.iter().filter_map(removal_copy).collect();
         let mut b = Batch::default();
         let before = self.totals;
+        // Only bookkeeping (counters, broker states, attempts, metadata
+        // nobody waits for) is committed without a sync: it survives a
+        // crash of the process, and at worst a power loss takes a few
+        // counts back. Everything a promise rests on is synced.
+        let bookkeeping = retried.is_empty()
+            && !sweep
+            && requests.iter().all(|r| {
+                matches!(
+                    r,
+                    Request::Counter { .. }
+                        | Request::Broker(_)
+                        | Request::Attempt { .. }
+                        | Request::SetMeta { .. }
+                        | Request::Read { .. }
+                        | Request::Query { .. }
+                        | Request::Glance { .. }
+                        | Request::Bound { .. }
+                        | Request::InboxSeen { .. }
+                        | Request::SourceSeen { .. }
+                )
+            });
+        self.store.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {
             self.pending_removes = retried.into_iter().chain(removes).collect();
             return self.fail_batch(requests, e);

@@ -139,6 +139,8 @@ pub struct SqliteStore {
     dir: PathBuf,
     _lock: Option<File>,
     unreadable: Vec<(u64, String)>,
+    /// `synchronous=FULL` now (else NORMAL, for bookkeeping commits).
+    synced: bool,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -166,7 +168,7 @@ impl SqliteStore {
             }
             Err(Opened::Failed(e)) => return Err(e),
         };
-        let store = SqliteStore { conn, dir: dir.to_owned(), _lock: Some(lock), unreadable: Vec::new() };
+        let store = SqliteStore { conn, dir: dir.to_owned(), _lock: Some(lock), unreadable: Vec::new(), synced: true };
         Ok((store, report))
     }
 
@@ -197,7 +199,7 @@ impl SqliteStore {
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }
-        Ok(SqliteStore { conn, dir: dir.to_owned(), _lock: None, unreadable: Vec::new() })
+        Ok(SqliteStore { conn, dir: dir.to_owned(), _lock: None, unreadable: Vec::new(), synced: true })
     }
 
     /// True when a process holds the outbox's lock right now.
@@ -673,6 +675,15 @@ impl Store for SqliteStore {
 
     fn commit(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch("COMMIT").map_err(|e| self.map(e))
+    }
+
+    fn set_synced(&mut self, synced: bool) {
+        if synced != self.synced {
+            let pragma = if synced { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=NORMAL" };
+            if self.conn.execute_batch(pragma).is_ok() {
+                self.synced = synced;
+            }
+        }
     }
 
     fn rollback(&mut self) {

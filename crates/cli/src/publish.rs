@@ -176,8 +176,7 @@ impl Options {
 }
 
 fn parse_overflow(flag: &str, s: &str) -> Result<Overflow, Failure> {
-    Overflow::parse(s)
-        .ok_or_else(|| usage(format!("{flag} `{s}` is unknown; use block, reject, drop-oldest or drop-newest")))
+    Overflow::parse(s).map_err(|e| usage(format!("{flag}: {e}")))
 }
 
 /// Enqueues messages with a bounded number awaiting their disk sync.

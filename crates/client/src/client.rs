@@ -506,12 +506,22 @@ impl Client {
     /// (sent if a broker that takes it is connected, otherwise counted as
     /// dropped).
     pub fn enqueue(&self, msg: Message) -> Result<AcceptFuture, PublishError> {
+        self.queue(msg, None)
+    }
+
+    /// Checks and queues a message (with the delivery it came as, for a
+    /// bridge); a best-effort one is handed to the drivers instead.
+    fn queue(&self, msg: Message, source: Option<(&str, u16, u64)>) -> Result<AcceptFuture, PublishError> {
         let policy = self.check(&msg)?;
+        let new = Self::to_new(msg, policy);
         if policy.class == Class::BestEffort {
-            self.send_now(Self::to_new(msg, policy), None);
+            self.send_now(new, None);
             return Ok(AcceptFuture::ready(Ok(0)));
         }
-        Ok(self.inner.outbox.append(Self::to_new(msg, policy), false).0)
+        Ok(match source {
+            Some((url, pid, digest)) => self.inner.outbox.append_from(new, url.to_owned(), pid, digest),
+            None => self.inner.outbox.append(new, false).0,
+        })
     }
 
     /// Publishes a message: returns once it is accepted (on disk); the
@@ -545,12 +555,7 @@ impl Client {
         pid: u16,
         digest: u64,
     ) -> Result<AcceptFuture, PublishError> {
-        let policy = self.check(&msg)?;
-        if policy.class == Class::BestEffort {
-            self.send_now(Self::to_new(msg, policy), None);
-            return Ok(AcceptFuture::ready(Ok(0)));
-        }
-        Ok(self.inner.outbox.append_from(Self::to_new(msg, policy), source.to_owned(), pid, digest))
+        self.queue(msg, Some((source, pid, digest)))
     }
 
     /// Counts a message that cannot be sent at all (a bridge that cannot

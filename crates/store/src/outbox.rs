@@ -47,9 +47,13 @@ impl Overflow {
         (Overflow::DropNewest, "drop-newest"),
     ];
 
-    /// The policy for its CLI name.
-    pub fn parse(s: &str) -> Option<Overflow> {
-        Self::ALL.iter().find(|(_, n)| *n == s).map(|(o, _)| *o)
+    /// The policy for its CLI name; the error names the choices.
+    pub fn parse(s: &str) -> Result<Overflow, String> {
+        Self::ALL
+            .iter()
+            .find(|(_, n)| *n == s)
+            .map(|(o, _)| *o)
+            .ok_or_else(|| format!("overflow policy `{s}` is unknown; use block, reject, drop-oldest or drop-newest"))
     }
 
     /// Its CLI name.
@@ -288,6 +292,21 @@ pub struct InboxBounds {
 
 /// Drops by reason and the creation time of the oldest queued message.
 pub type Glance = (Vec<(DropReason, u64)>, Option<u64>);
+
+impl Request {
+    /// A read: changes nothing, answered from what is committed.
+    fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Request::Read { .. }
+                | Request::Query { .. }
+                | Request::Glance { .. }
+                | Request::Bound { .. }
+                | Request::InboxSeen { .. }
+                | Request::SourceSeen { .. }
+        )
+    }
+}
 
 /// Everything `steadfast status` shows about an outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -709,17 +728,7 @@ impl Writer {
         // Reads that no write precedes in this batch see nothing new from
         // it: answer them now instead of after the sync, so the driver's
         // next page never waits for a disk flush.
-        let first_write = requests.iter().position(|r| {
-            !matches!(
-                r,
-                Request::Read { .. }
-                    | Request::Query { .. }
-                    | Request::Glance { .. }
-                    | Request::Bound { .. }
-                    | Request::InboxSeen { .. }
-                    | Request::SourceSeen { .. }
-            )
-        });
+        let first_write = requests.iter().position(|r| !r.is_read());
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
         self.serve_reads(early);
         let sweep = self.sweeps() && self.swept_at.elapsed() >= SWEEP_EVERY;
@@ -737,19 +746,14 @@ impl Writer {
         let bookkeeping = retried.is_empty()
             && !sweep
             && requests.iter().all(|r| {
-                matches!(
-                    r,
-                    Request::Counter { .. }
-                        | Request::Broker(_)
-                        | Request::Attempt { .. }
-                        | Request::SetMeta { .. }
-                        | Request::Read { .. }
-                        | Request::Query { .. }
-                        | Request::Glance { .. }
-                        | Request::Bound { .. }
-                        | Request::InboxSeen { .. }
-                        | Request::SourceSeen { .. }
-                )
+                r.is_read()
+                    || matches!(
+                        r,
+                        Request::Counter { .. }
+                            | Request::Broker(_)
+                            | Request::Attempt { .. }
+                            | Request::SetMeta { .. }
+                    )
             });
         self.store.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {

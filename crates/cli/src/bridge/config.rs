@@ -523,14 +523,7 @@ fn backoff(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Backoff
 
 fn overflow_opt(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Overflow> {
     let v = v.as_ref()?;
-    let o = Overflow::parse(v.get_ref());
-    if o.is_none() {
-        errs.at(
-            v.span(),
-            format!("overflow `{}` is unknown; use block, reject, drop-oldest or drop-newest", v.get_ref()),
-        );
-    }
-    o
+    Overflow::parse(v.get_ref()).map_err(|e| errs.at(v.span(), e)).ok()
 }
 
 fn overflow(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Overflow> {

@@ -38,6 +38,19 @@ pub enum Command {
     /// Two brokers, a producer and a consumer, faults on a schedule, and a verdict on what was lost.
     #[command(disable_help_flag = true)]
     Demo(DemoArgs),
+    /// An embedded broker (rumqttd, in memory) on a loopback port: what `demo` runs and kills.
+    #[command(disable_help_flag = true, hide = true)]
+    Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Listen on 127.0.0.1:PORT.
+    #[arg(long)]
+    pub port: u16,
+    /// MQTT version served on that port: 311 or 5.
+    #[arg(short = 'V', long = "protocol-version", default_value = "311")]
+    pub version: String,
 }
 
 #[derive(Debug, Args)]
@@ -48,8 +61,8 @@ pub struct DemoArgs {
     /// Messages per second.
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
-    /// Which brokers: mosquitto (Debian's package).
-    #[arg(long, default_value = "mosquitto")]
+    /// Which brokers: embedded (rumqttd, built in, in memory) or mosquitto (Debian's package, with persistence).
+    #[arg(long, default_value = "embedded")]
     pub brokers: String,
 }
 

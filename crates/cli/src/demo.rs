@@ -15,15 +15,25 @@ use steadfast::{AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientCo
 use crate::args::DemoArgs;
 use crate::Failure;
 
-/// A Mosquitto process on a free loopback port, with persistence.
+/// Which brokers the demo runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// `steadfast broker`: rumqttd built in, sessions in memory.
+    Embedded,
+    /// Debian's Mosquitto, with persistence.
+    Mosquitto,
+}
+
+/// A broker process on a free loopback port.
 struct Broker {
+    kind: Kind,
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Broker {
-    fn start(name: &'static str, root: &Path) -> Result<Broker, Failure> {
+    fn start(kind: Kind, name: &'static str, root: &Path) -> Result<Broker, Failure> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| Failure::other(anyhow!("no free port: {e}")))?
@@ -36,25 +46,39 @@ impl Broker {
             dir.display()
         );
         std::fs::write(dir.join("mosquitto.conf"), conf).map_err(|e| Failure::other(anyhow!(e)))?;
-        let mut b = Broker { port, dir, child: None };
+        let mut b = Broker { kind, port, dir, child: None };
         b.spawn()?;
         Ok(b)
     }
 
     fn spawn(&mut self) -> Result<(), Failure> {
-        let child = Command::new(mosquitto())
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
+        let mut command = match self.kind {
+            Kind::Mosquitto => {
+                let mut c = Command::new(mosquitto());
+                c.arg("-c").arg(self.dir.join("mosquitto.conf"));
+                c
+            }
+            Kind::Embedded => {
+                let mut c = Command::new(std::env::current_exe().map_err(|e| Failure::other(anyhow!(e)))?);
+                c.args(["broker", "--port", &self.port.to_string(), "--protocol-version", "5"]);
+                c
+            }
+        };
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| Failure::other(anyhow!("cannot start mosquitto: {e}")))?;
+            .map_err(|e| Failure::other(anyhow!("cannot start the {} broker: {e}", self.kind.name())))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if Instant::now() > deadline {
-                return Err(Failure::other(anyhow!("mosquitto did not listen on {} within 10 s", self.port)));
+                return Err(Failure::other(anyhow!(
+                    "the {} broker did not listen on {} within 10 s",
+                    self.kind.name(),
+                    self.port
+                )));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -67,6 +91,15 @@ impl Broker {
 
     fn kill9(&mut self) {
         kill9(&mut self.child);
+    }
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Embedded => "embedded",
+            Kind::Mosquitto => "Mosquitto",
+        }
     }
 }
 
@@ -146,26 +179,40 @@ fn handled(out: &Path) -> HashMap<String, u32> {
 }
 
 pub async fn run(a: DemoArgs) -> Result<(), Failure> {
-    if a.brokers != "mosquitto" {
-        return Err(Failure::usage(anyhow!(
-            "--brokers {}: only `mosquitto` is available in this build (embedded brokers are not built yet)",
-            a.brokers
-        )));
-    }
-    if !have_mosquitto() {
-        return Err(Failure::usage(anyhow!("the demo needs Mosquitto: install Debian's `mosquitto` package")));
-    }
+    let kind = match a.brokers.as_str() {
+        "embedded" if cfg!(feature = "embedded-broker") => Kind::Embedded,
+        "embedded" => {
+            return Err(Failure::usage(anyhow!(
+                "--brokers embedded: this steadfast was built without the `embedded-broker` feature; use --brokers mosquitto"
+            )))
+        }
+        "mosquitto" if have_mosquitto() => Kind::Mosquitto,
+        "mosquitto" => {
+            return Err(Failure::usage(anyhow!(
+                "--brokers mosquitto: Mosquitto is not installed (Debian's `mosquitto` package); or use --brokers embedded"
+            )))
+        }
+        other => return Err(Failure::usage(anyhow!("--brokers {other}: use `embedded` or `mosquitto`"))),
+    };
     if a.seconds < 20 || a.rate == 0 {
         return Err(Failure::usage(anyhow!("--seconds must be 20 or more and --rate above 0")));
     }
     let tmp = tempfile_dir()?;
     let root = tmp.path().to_owned();
-    let mut a_broker = Broker::start("broker-a", &root)?;
-    let mut b_broker = Broker::start("broker-b", &root)?;
+    let mut a_broker = Broker::start(kind, "broker-a", &root)?;
+    let mut b_broker = Broker::start(kind, "broker-b", &root)?;
     println!(
-        "steadfast demo: two Mosquitto brokers ({} and {}), a producer in fanout (ack = all), a consumer with an inbox; {} s at {} msg/s",
+        "steadfast demo: two {} brokers ({} and {}{}), a producer in fanout (ack = all), a consumer with an inbox; {} s at {} msg/s",
+        match kind {
+            Kind::Embedded => "embedded (rumqttd)",
+            Kind::Mosquitto => "Mosquitto",
+        },
         a_broker.url(),
         b_broker.url(),
+        match kind {
+            Kind::Embedded => "; a restart forgets all they held",
+            Kind::Mosquitto => "; persistence on",
+        },
         a.seconds,
         a.rate
     );
@@ -214,6 +261,10 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
     ];
     let mut next_fault = 0;
     let mut log: Vec<String> = Vec::new();
+    // After a fault: when the consumer's output grows again (the delivery
+    // gap, the failover time the consumer sees).
+    let mut gap: Option<(usize, Instant, u64)> = None;
+    let output_len = || std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / a.rate as f64);
     let (mut sent, mut accepted) = (0u64, 0u64);
@@ -249,8 +300,17 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
                     _ => b_broker.spawn()?,
                 }
                 log.push(format!("{:.1}s {what}", t.as_secs_f64()));
+                if *what != "kill -9 the consumer" {
+                    gap = Some((log.len() - 1, Instant::now(), output_len()));
+                }
                 row(t, sent, accepted, client.outbox_state().borrow().totals.count, &handled(&out), what);
                 next_fault += 1;
+            }
+        }
+        if let Some((i, at, len)) = gap {
+            if output_len() > len {
+                log[i].push_str(&format!(" (deliveries {} ms later)", at.elapsed().as_millis()));
+                gap = None;
             }
         }
         let m = Message::new(format!("demo/{}", sent % 4), format!("{sent}")).qos(Qos::AtLeastOnce);

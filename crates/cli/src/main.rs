@@ -4,6 +4,7 @@
 
 mod args;
 mod bridge;
+mod broker;
 mod demo;
 mod metrics;
 mod progress;
@@ -66,10 +67,14 @@ fn main() -> ExitCode {
         }
     };
     // The demo's table is its output: only errors interrupt it.
-    let quiet = matches!(cli.command, args::Command::Demo(_));
+    let quiet = matches!(cli.command, args::Command::Demo(_) | args::Command::Broker(_));
     if let Err(e) = util::init_logging(cli.debug, quiet, &cli.log_format) {
         eprintln!("steadfast: error: {e}");
         return ExitCode::from(exit::USAGE);
+    }
+    // The embedded broker runs its own threads and runtimes.
+    if let args::Command::Broker(a) = cli.command {
+        return finish(broker::run(a));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
@@ -85,8 +90,14 @@ fn main() -> ExitCode {
             args::Command::Status(a) => status::run(a).await,
             args::Command::Bridge(a) => bridge::run(a).await,
             args::Command::Demo(a) => demo::run(a).await,
+            args::Command::Broker(_) => unreachable!("run before the runtime starts"),
         }
     });
+    finish(result)
+}
+
+/// The exit code for a result, printing the error and its causes.
+fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {

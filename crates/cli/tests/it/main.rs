@@ -408,15 +408,43 @@ async fn pub_through_a_named_route_from_a_config_file() {
     assert!(stderr(&out).contains("no route `office` in --config; it has: home"), "{}", stderr(&out));
 }
 
-/// `steadfast demo` as the README runs it: faults on a schedule and a
-/// verdict of nothing lost.
+/// `steadfast demo` as the README runs it (embedded brokers, nothing
+/// installed): faults on a schedule and a verdict of nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_loses_nothing_and_says_so() {
-    let out = run(&["demo", "--seconds", "21", "--rate", "150"]).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = demo(&["demo", "--seconds", "21", "--rate", "150"]).await;
+    assert!(stdout.contains("two embedded (rumqttd) brokers"), "{stdout}");
+    // The failover time the consumer saw after each broker fault.
+    let faults = stdout.lines().find(|l| l.starts_with("faults: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        faults.contains("kill -9 broker A (deliveries ") && faults.contains("kill -9 broker B (deliveries "),
+        "{faults}"
+    );
+}
+
+/// The same demo on Mosquitto with persistence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_on_mosquitto_loses_nothing() {
+    let stdout = demo(&["demo", "--seconds", "21", "--rate", "150", "--brokers", "mosquitto"]).await;
+    assert!(stdout.contains("two Mosquitto brokers"), "{stdout}");
+}
+
+#[tokio::test]
+async fn the_demo_names_an_unknown_broker_kind() {
+    let out = run(&["demo", "--brokers", "emqx"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--brokers emqx: use `embedded` or `mosquitto`"), "{}", stderr(&out));
+}
+
+/// Runs the demo, checks its verdict (nothing lost, something sent) and
+/// returns what it printed.
+async fn demo(args: &[&str]) -> String {
+    let out = run(args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", stderr(&out));
     assert!(stdout.contains("kill -9 broker A") && stdout.contains("kill -9 the consumer"), "{stdout}");
     let verdict = stdout.lines().find(|l| l.starts_with("verdict: ")).unwrap_or_else(|| panic!("no verdict: {stdout}"));
     assert!(verdict.starts_with("verdict: 0 of "), "{verdict}");
     assert!(!verdict.starts_with("verdict: 0 of 0 "), "something was published: {verdict}");
+    stdout
 }

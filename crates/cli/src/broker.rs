@@ -2,8 +2,6 @@
 //! port, in its own process so that `steadfast demo` can `kill -9` it.
 //! It keeps sessions in memory only: a restart forgets them.
 
-use std::collections::HashMap;
-
 use anyhow::anyhow;
 
 use crate::args::BrokerArgs;
@@ -12,6 +10,8 @@ use crate::Failure;
 /// Runs the broker until the process is killed.
 #[cfg(feature = "embedded-broker")]
 pub fn run(a: BrokerArgs) -> Result<(), Failure> {
+    use std::collections::HashMap;
+
     use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], a.port));

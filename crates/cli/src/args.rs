@@ -85,7 +85,7 @@ pub struct BridgeArgs {
 /// How to reach the brokers: shared by `pub` and `sub`.
 #[derive(Debug, Args)]
 pub struct ConnArgs {
-    /// Broker URL, mqtt://host:port (repeatable: pub uses them in priority order, sub subscribes on each).
+    /// Broker URL: mqtt://, mqtts:// (TLS), ws:// or wss:// (WebSocket, path /mqtt by default), then host:port (repeatable: pub uses them in priority order, sub subscribes on each).
     #[arg(short = 'b', long = "broker", value_name = "URL")]
     pub brokers: Vec<String>,
     /// Broker host (mosquitto style; use with -p).
@@ -100,9 +100,27 @@ pub struct ConnArgs {
     /// User name.
     #[arg(short = 'u', long = "username")]
     pub username: Option<String>,
-    /// Password.
+    /// Password (visible to other users in `ps`: prefer --pw-file or $STEADFAST_PASSWORD).
     #[arg(short = 'P', long = "pw")]
     pub password: Option<String>,
+    /// Read the password from this file (its first line).
+    #[arg(long = "pw-file", value_name = "FILE", alias = "password-file")]
+    pub password_file: Option<PathBuf>,
+    /// TLS: trust only the CA certificates in this PEM file (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub cafile: Option<PathBuf>,
+    /// TLS: client certificate (PEM) for mutual TLS; with --key.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// TLS: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// TLS: do not verify the broker's certificate (unsafe; warns at every connection).
+    #[arg(long)]
+    pub insecure: bool,
+    /// TLS: ALPN protocol to offer (repeatable), e.g. x-amzn-mqtt-ca.
+    #[arg(long, value_name = "PROTOCOL")]
+    pub alpn: Vec<String>,
     /// Keep-alive in seconds.
     #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
     pub keepalive: u64,

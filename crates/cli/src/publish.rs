@@ -152,10 +152,10 @@ impl Options {
                 overflow,
                 deadline_overflow,
             });
-        config = a.conn.apply(config).map_err(usage)?;
         for (name, set) in routes {
             config = config.route(name, set);
         }
+        config = a.conn.apply(config).map_err(usage)?;
         if a.envelope && version != ProtocolVersion::V311 {
             return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
         }

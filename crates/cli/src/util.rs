@@ -29,14 +29,139 @@ impl crate::args::ConnArgs {
         broker_urls(&self.brokers, self.host.as_deref(), self.port)
     }
 
-    /// `client` with the version, keep-alive and credentials of the flags.
+    /// `client` with the version, keep-alive, credentials and TLS settings
+    /// of the flags.
     pub fn apply(&self, client: steadfast::ClientConfig) -> Result<steadfast::ClientConfig, String> {
         let client = client.version(parse_version(&self.version)?).keep_alive(parse_keepalive(self.keepalive)?);
-        match (&self.username, &self.password) {
-            (Some(u), p) => Ok(client.credentials(u.clone(), p.clone().map(String::into_bytes))),
-            (None, Some(_)) => Err("-P needs -u".into()),
-            (None, None) => Ok(client),
+        let secrets = Secrets {
+            username: self.username.clone(),
+            password: self.password.clone(),
+            password_file: self.password_file.clone(),
+            password_env: None,
+            cafile: self.cafile.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            insecure: self.insecure,
+            alpn: self.alpn.clone(),
+            flags: true,
+        };
+        secrets.apply(client)
+    }
+}
+
+/// Credentials and TLS settings, from flags or a bridge configuration.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// The variable holding the password (bridge `password_env`).
+    pub password_env: Option<String>,
+    pub cafile: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub insecure: bool,
+    pub alpn: Vec<String>,
+    /// Name things as flags (`--pw-file`) rather than as keys (`password_file`).
+    pub flags: bool,
+}
+
+impl Secrets {
+    fn name(&self, flag: &'static str, key: &'static str) -> &'static str {
+        if self.flags {
+            flag
+        } else {
+            key
         }
+    }
+
+    /// The password: given, from a file (its first line), or from the
+    /// environment ($STEADFAST_PASSWORD for flags). Never logged.
+    fn password(&self) -> Result<Option<Vec<u8>>, String> {
+        let given = [self.password.is_some(), self.password_file.is_some(), self.password_env.is_some()];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(format!(
+                "give the password one way only: {}, {} or {}",
+                self.name("-P", "password"),
+                self.name("--pw-file", "password_file"),
+                self.name("$STEADFAST_PASSWORD", "password_env")
+            ));
+        }
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone().into_bytes()));
+        }
+        if let Some(path) = &self.password_file {
+            let flag = self.name("--pw-file", "password_file");
+            let text = std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+            let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
+            let first = first.strip_suffix(b"\r").unwrap_or(first);
+            if first.is_empty() {
+                return Err(format!("{flag} {}: the file is empty; put the password on its first line", path.display()));
+            }
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+                tracing::warn!(file = %path.display(), "the password file can be read by other users; chmod 600 it");
+            }
+            return Ok(Some(first.to_vec()));
+        }
+        let var = self.password_env.as_deref().unwrap_or("STEADFAST_PASSWORD");
+        match std::env::var_os(var) {
+            Some(v) => Ok(Some(v.into_encoded_bytes())),
+            None if self.password_env.is_some() => {
+                Err(format!("password_env = \"{var}\": the variable is not set in the bridge's environment"))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The TLS settings.
+    fn tls(&self) -> Result<steadfast::TlsConfig, String> {
+        let mut tls = steadfast::TlsConfig::new().insecure(self.insecure).alpn(self.alpn.clone());
+        if let Some(ca) = &self.cafile {
+            if self.insecure {
+                return Err(format!(
+                    "{} and {} contradict each other: drop {}",
+                    self.name("--cafile", "cafile"),
+                    self.name("--insecure", "insecure"),
+                    self.name("--insecure", "insecure")
+                ));
+            }
+            tls = tls.ca_file(ca);
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => tls = tls.client_cert(c, k),
+            (None, None) => {}
+            _ => {
+                return Err(format!(
+                    "{} and {} go together: give both (the client certificate and its private key)",
+                    self.name("--cert", "cert"),
+                    self.name("--key", "key")
+                ))
+            }
+        }
+        Ok(tls)
+    }
+
+    /// `client` with these credentials and TLS settings. TLS settings for
+    /// brokers that are not `mqtts://` or `wss://` are refused.
+    pub fn apply(&self, client: steadfast::ClientConfig) -> Result<steadfast::ClientConfig, String> {
+        let password = self.password()?;
+        let client = match (&self.username, password) {
+            (Some(u), p) => client.credentials(u.clone(), p),
+            (None, Some(_)) if self.password.is_some() || self.password_file.is_some() => {
+                return Err(format!("a password needs a user name: give {}", self.name("-u", "username")))
+            }
+            // $STEADFAST_PASSWORD alone is for when -u is given.
+            (None, _) => client,
+        };
+        let wants_tls = self.cafile.is_some() || self.cert.is_some() || self.insecure || !self.alpn.is_empty();
+        if wants_tls && !client.all_brokers().iter().any(|b| b.transport.is_tls()) {
+            return Err(format!(
+                "TLS settings ({}) but no mqtts:// or wss:// broker: use mqtts://host:8883",
+                self.name("--cafile, --cert, --insecure, --alpn", "cafile, cert, insecure, alpn")
+            ));
+        }
+        Ok(client.tls(self.tls()?))
     }
 }
 

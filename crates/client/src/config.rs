@@ -11,6 +11,7 @@ use steadfast_store::OutboxConfig;
 
 use crate::error::ConfigError;
 use crate::policy::Policy;
+use crate::transport::{TlsConfig, Transport};
 
 /// MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -29,6 +30,8 @@ pub struct BrokerUrl {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// TCP, TLS or WebSocket, from the scheme.
+    pub transport: Transport,
 }
 
 impl BrokerUrl {
@@ -44,7 +47,7 @@ impl BrokerUrl {
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mqtt://{}", self.authority())
+        write!(f, "{}://{}{}", self.transport.scheme(), self.authority(), self.transport.path().unwrap_or(""))
     }
 }
 
@@ -53,17 +56,37 @@ impl FromStr for BrokerUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| ConfigError::BrokerUrl { url: s.to_owned(), why: why.to_owned() };
-        let rest = match s.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some((scheme @ ("mqtts" | "ssl" | "ws" | "wss"), _)) => {
-                return Err(bad(&format!("the `{scheme}` transport is not supported yet; use mqtt://host:port")));
+        let (mut transport, rest) = match s.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (Transport::Tcp, rest),
+            Some(("mqtts" | "ssl" | "tls", rest)) => (Transport::Tls, rest),
+            Some(("ws", rest)) => (Transport::Ws { path: String::new() }, rest),
+            Some(("wss", rest)) => (Transport::Wss { path: String::new() }, rest),
+            Some((scheme, _)) => {
+                return Err(bad(&format!(
+                    "unknown scheme `{scheme}`; use mqtt://, mqtts://, ws:// or wss:// followed by host:port"
+                )))
             }
-            Some((scheme, _)) => return Err(bad(&format!("unknown scheme `{scheme}`; use mqtt://host:port"))),
-            None => s,
+            None => (Transport::Tcp, s),
         };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
-            return Err(bad("expected mqtt://host:port with no path or credentials"));
+        // Only WebSocket URLs have a path (default /mqtt).
+        let (rest, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        match &mut transport {
+            Transport::Ws { path: p } | Transport::Wss { path: p } => {
+                *p = if path.is_empty() || path == "/" { "/mqtt".to_owned() } else { path.to_owned() };
+            }
+            _ if !path.is_empty() && path != "/" => {
+                return Err(bad("only ws:// and wss:// URLs have a path; use mqtt://host:port"));
+            }
+            _ => {}
+        }
+        if rest.contains('@') {
+            return Err(bad("credentials do not belong in the URL; use -u and -P (or --password-file)"));
+        }
+        if rest.is_empty() {
+            return Err(bad("the host is empty"));
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
             let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed `[` in IPv6 address"))?;
@@ -78,13 +101,13 @@ impl FromStr for BrokerUrl {
             return Err(bad("the host is empty"));
         }
         let port = match port {
-            None => 1883,
+            None => transport.default_port(),
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p > 0 => p,
                 _ => return Err(bad(&format!("`{p}` is not a port number (1-65535)"))),
             },
         };
-        Ok(BrokerUrl { host, port })
+        Ok(BrokerUrl { host, port, transport })
     }
 }
 
@@ -264,6 +287,7 @@ pub struct ClientConfig {
     pub(crate) producer_id: Option<String>,
     pub(crate) seed: Option<u64>,
     pub(crate) policy: Policy,
+    pub(crate) tls: TlsConfig,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -307,7 +331,15 @@ impl ClientConfig {
             producer_id: None,
             seed: None,
             policy: Policy::default(),
+            tls: TlsConfig::default(),
         }
+    }
+
+    /// TLS settings for `mqtts://` and `wss://` brokers (default: verify
+    /// against the platform's roots, no client certificate).
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The default delivery policy of messages (default: persistent,
@@ -495,6 +527,10 @@ impl ClientConfig {
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
             return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });
         }
+        // Certificate files are read now so that a mistake shows at start.
+        if self.all_brokers().iter().any(|b| b.transport.is_tls()) {
+            self.tls.rustls()?;
+        }
         Ok(())
     }
 }
@@ -511,7 +547,13 @@ mod tests {
         assert_eq!(u.port, 1883);
         let u: BrokerUrl = "mqtt://[::1]:1999".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port, u.authority()), ("::1", 1999, "[::1]:1999".to_owned()));
-        for bad in ["http://x:1", "mqtt://:1", "mqtt://h:0", "mqtt://h:99999", "mqtt://h:1/path", "mqtts://h:1"] {
+        let u: BrokerUrl = "mqtts://broker.example".parse().unwrap();
+        assert_eq!((u.port, u.transport.clone(), u.to_string()), (8883, Transport::Tls, "mqtts://broker.example:8883".into()));
+        let u: BrokerUrl = "ws://127.0.0.1:9001".parse().unwrap();
+        assert_eq!((u.port, u.to_string()), (9001, "ws://127.0.0.1:9001/mqtt".into()));
+        let u: BrokerUrl = "wss://h/ws".parse().unwrap();
+        assert_eq!((u.port, u.transport), (443, Transport::Wss { path: "/ws".into() }));
+        for bad in ["http://x:1", "mqtt://:1", "mqtt://h:0", "mqtt://h:99999", "mqtt://h:1/path", "mqtt://u:p@h:1"] {
             let e = bad.parse::<BrokerUrl>().unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");
         }

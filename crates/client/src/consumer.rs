@@ -24,6 +24,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use crate::config::{BrokerUrl, ClientConfig};
 use crate::error::{ConfigError, ConnectError, OpenError};
 use crate::link::{open_session, Inbound, Incoming, Opened};
+use crate::transport::send;
 use crate::Event;
 
 /// Deliveries the dispatcher queues for the application before it stops
@@ -504,7 +505,7 @@ impl Consumer {
             let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf } =
                 open_session(&cfg.client, &url, cfg.client.clean_start).await?;
             link.subscribe(1, &cfg.topics)?;
-            wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+            send(&mut wr, &link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
             link.out.clear();
             let mut pending = after;
             let granted = loop {
@@ -528,7 +529,7 @@ impl Consumer {
             };
             check_granted(&url, &cfg.topics, &granted)?;
             link.disconnect();
-            let _ = wr.write_all(&link.out).await;
+            let _ = send(&mut wr, &link.out).await;
             let _ = wr.shutdown().await;
         }
         Ok(())
@@ -988,7 +989,7 @@ impl Receiver {
             }
             ack_prefix(&mut order, &mut link)?;
             if !link.out.is_empty() {
-                wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+                send(&mut wr, &link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
                 link.out.clear();
                 written_at = Instant::now();
             }
@@ -1028,7 +1029,7 @@ impl Receiver {
                     }
                     Some(DriverCmd::Flush(tx)) => {
                         ack_prefix(&mut order, &mut link)?;
-                        wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+                        send(&mut wr, &link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
                         link.out.clear();
                         let _ = tx.send(());
                     }
@@ -1052,7 +1053,7 @@ impl Receiver {
                 r = self.stop.changed() => {
                     if r.is_err() || *self.stop.borrow() {
                         link.disconnect();
-                        let _ = wr.write_all(&link.out).await;
+                        let _ = send(&mut wr, &link.out).await;
                         let _ = wr.shutdown().await;
                         return Ok(());
                     }

@@ -347,6 +347,10 @@ impl Driver {
         let mut writer = tokio::spawn(async move {
             while let Some(bytes) = wrx.recv().await {
                 wr.write_all(&bytes).await?;
+                // TLS and WebSocket buffer: flush once the queue is empty.
+                if wrx.is_empty() {
+                    wr.flush().await?;
+                }
             }
             wr.shutdown().await
         });
@@ -476,7 +480,7 @@ impl Driver {
     async fn pump_loop(
         &mut self,
         link: &mut Link,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        rd: &mut crate::transport::ReadHalf,
         wtx: &mpsc::UnboundedSender<Vec<u8>>,
         writer: &mut tokio::task::JoinHandle<std::io::Result<()>>,
         buf: &mut [u8],

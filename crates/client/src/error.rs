@@ -35,6 +35,9 @@ pub enum ConfigError {
     /// A setting is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// TLS settings are unusable (a file missing, no certificate in it).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Backoff bounds are inverted or zero.
     #[error("backoff bounds {min:?}..{max:?} are invalid; min must be above zero and not above max")]
     Backoff {
@@ -165,6 +168,14 @@ pub enum ConnectError {
         /// Why.
         refusal: Refusal,
     },
+    /// TLS: a certificate was refused, by us or by the broker.
+    #[error("{broker}: {reason}")]
+    Certificate {
+        /// The broker.
+        broker: String,
+        /// What was wrong and how to fix it.
+        reason: String,
+    },
     /// Messages were in flight and none was acknowledged for this long.
     #[error("no acknowledgement for {0:?} with messages in flight (ack timeout): considered dead")]
     AckTimeout(Duration),
@@ -184,11 +195,13 @@ pub enum ConnectError {
 
 impl ConnectError {
     /// False when retrying cannot help without a change of configuration
-    /// (credentials, authorisation, protocol version, client id).
+    /// (credentials, authorisation, protocol version, client id,
+    /// certificates).
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            ConnectError::Refused {
+            ConnectError::Certificate { .. }
+                | ConnectError::Refused {
                 refusal: Refusal::ProtocolVersion
                     | Refusal::BadCredentials
                     | Refusal::NotAuthorized

@@ -13,6 +13,7 @@ use steadfast_store::StoredMessage;
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{ConnectError, Refusal};
+use crate::transport::{self, io_error, ReadHalf, WriteHalf};
 
 /// The codec state of one TCP connection.
 pub(crate) struct Link {
@@ -553,35 +554,32 @@ fn connack_v311(c: v3_1_1::Connack) -> Incoming {
 /// An MQTT session just opened: the socket halves, the link, the CONNACK
 /// (accepted) and whatever arrived after it in the same read.
 pub(crate) struct Opened {
-    pub rd: tokio::net::tcp::OwnedReadHalf,
-    pub wr: tokio::net::tcp::OwnedWriteHalf,
+    pub rd: ReadHalf,
+    pub wr: WriteHalf,
     pub link: Link,
     pub ack: ConnAck,
     pub after: Vec<Incoming>,
     pub buf: Vec<u8>,
 }
 
-/// TCP connect, CONNECT, CONNACK, each within the connect timeout; a
-/// refusal is an error that says which.
+/// Connect (TCP, TLS, WebSocket as the URL says), CONNECT, CONNACK, each
+/// within the connect timeout; a refusal is an error that says which.
 pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Opened, ConnectError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     use tokio::time::timeout;
     let broker = url.to_string();
-    let stream = match timeout(cfg.connect_timeout, tokio::net::TcpStream::connect(url.authority())).await {
+    let (mut rd, mut wr) = match timeout(cfg.connect_timeout, transport::connect(url, &cfg.tls)).await {
         Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
-        Ok(Err(e)) => return Err(ConnectError::Unreachable { broker, reason: e.to_string() }),
-        Ok(Ok(s)) => s,
+        Ok(r) => r?,
     };
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
     let mut link = Link::new(cfg.version, cfg.envelope);
     link.connect(cfg, clean)?;
     let mut buf = vec![0u8; 64 * 1024];
     let handshake = async {
-        wr.write_all(&link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+        transport::send(&mut wr, &link.out).await.map_err(|e| io_error(&broker, e))?;
         link.out.clear();
         loop {
-            let n = rd.read(&mut buf).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+            let n = rd.read(&mut buf).await.map_err(|e| io_error(&broker, e))?;
             if n == 0 {
                 return Err(ConnectError::Closed(" before CONNACK".into()));
             }

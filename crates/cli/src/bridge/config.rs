@@ -30,7 +30,7 @@ use steadfast_core::topic::validate_topic_filter;
 use toml::Spanned;
 
 use crate::routes::{Ack, SetSpec};
-use crate::util::{parse_bounds, parse_duration, parse_qos, parse_version};
+use crate::util::{parse_bounds, parse_duration, parse_qos, parse_version, Secrets};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +75,14 @@ struct SourceSpec {
     version: Option<Spanned<String>>,
     username: Option<String>,
     password: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    cafile: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure: Option<bool>,
+    #[serde(default)]
+    alpn: Vec<String>,
     /// Start with a fresh session instead of resuming the one the broker kept.
     clean: Option<bool>,
     session_expiry: Option<Spanned<String>>,
@@ -95,6 +103,14 @@ struct DestSpec {
     version: Option<Spanned<String>>,
     username: Option<String>,
     password: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    cafile: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure: Option<bool>,
+    #[serde(default)]
+    alpn: Vec<String>,
     qos: Option<Spanned<u8>>,
     topic_prefix: Option<Spanned<String>>,
     strip_prefix: Option<Spanned<String>>,
@@ -311,6 +327,24 @@ pub fn load(path: &Path) -> Result<Bridge, Vec<String>> {
     }
 }
 
+/// The credentials and TLS keys of a source or destination table.
+macro_rules! secrets {
+    ($side:expr) => {
+        Secrets {
+            username: $side.username.clone(),
+            password: $side.password.clone(),
+            password_file: $side.password_file.clone(),
+            password_env: $side.password_env.clone(),
+            cafile: $side.cafile.clone(),
+            cert: $side.cert.clone(),
+            key: $side.key.clone(),
+            insecure: $side.insecure.unwrap_or(false),
+            alpn: $side.alpn.clone(),
+            flags: false,
+        }
+    };
+}
+
 fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     let name = r.name.get_ref().clone();
     let before = errs.list.len();
@@ -449,8 +483,12 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     if let Some(e) = session_expiry {
         client = client.session_expiry(e);
     }
-    if let Some(u) = &s.username {
-        client = client.credentials(u.clone(), s.password.clone().map(String::into_bytes));
+    match secrets!(s).apply(client) {
+        Ok(c) => client = c,
+        Err(e) => {
+            errs.at(r.source.span(), format!("source: {e}"));
+            return None;
+        }
     }
     // With one source broker, a redelivery is recognised by its packet id
     // (the outbox's `sources`), and an identity is kept upstream for the
@@ -475,8 +513,12 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
             overflow,
             deadline_overflow,
         });
-    if let Some(u) = &d.username {
-        destination = destination.credentials(u.clone(), d.password.clone().map(String::into_bytes));
+    match secrets!(d).apply(destination) {
+        Ok(c) => destination = c,
+        Err(e) => {
+            errs.at(r.destination.span(), format!("destination: {e}"));
+            return None;
+        }
     }
     // What only the whole configuration can tell (a broker listed twice,
     // an ack quorum over the set's size...).

@@ -1,0 +1,445 @@
+//! What carries the MQTT bytes: TCP, TLS (rustls) and WebSocket over
+//! either. One entry point, [`connect`], returns the two halves the driver
+//! and the consumer read and write; the rest of the client does not know
+//! which transport it talks through.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+
+use futures_util::{Sink, Stream};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_tungstenite::tungstenite;
+
+use crate::config::BrokerUrl;
+use crate::error::{ConfigError, ConnectError};
+
+/// How the bytes reach a broker, from the URL's scheme.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Transport {
+    /// `mqtt://` (or `tcp://`): plain TCP, port 1883 by default.
+    #[default]
+    Tcp,
+    /// `mqtts://` (or `ssl://`, `tls://`): TLS over TCP, port 8883.
+    Tls,
+    /// `ws://host:port/path`: WebSocket (subprotocol `mqtt`), port 80, path `/mqtt`.
+    Ws {
+        /// The HTTP path of the upgrade request.
+        path: String,
+    },
+    /// `wss://host:port/path`: WebSocket over TLS, port 443, path `/mqtt`.
+    Wss {
+        /// The HTTP path of the upgrade request.
+        path: String,
+    },
+}
+
+impl Transport {
+    /// The URL scheme.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "mqtt",
+            Transport::Tls => "mqtts",
+            Transport::Ws { .. } => "ws",
+            Transport::Wss { .. } => "wss",
+        }
+    }
+
+    /// The port used when the URL gives none.
+    pub fn default_port(&self) -> u16 {
+        match self {
+            Transport::Tcp => 1883,
+            Transport::Tls => 8883,
+            Transport::Ws { .. } => 80,
+            Transport::Wss { .. } => 443,
+        }
+    }
+
+    /// True when TLS is under it.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss { .. })
+    }
+
+    /// The WebSocket path, if any.
+    pub(crate) fn path(&self) -> Option<&str> {
+        match self {
+            Transport::Ws { path } | Transport::Wss { path } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// TLS settings for `mqtts://` and `wss://` brokers.
+///
+/// By default the broker's certificate is verified against the platform's
+/// trusted roots (`/etc/ssl/certs` on Debian) and must be valid for the
+/// host name in the URL (sent as SNI when it is a name, not an address).
+/// Files are read at every connection, so a renewed certificate is picked
+/// up at the next reconnect.
+#[derive(Debug, Clone, Default)]
+pub struct TlsConfig {
+    ca_file: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    insecure: bool,
+    alpn: Vec<String>,
+}
+
+impl TlsConfig {
+    /// Verify against the platform's roots; no client certificate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Trust only the CA certificates in this PEM file instead of the
+    /// platform's roots.
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+    /// Present this client certificate chain (PEM) with its private key
+    /// (PEM: PKCS#8, PKCS#1 or SEC1) for mutual TLS.
+    pub fn client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.client_cert = Some((cert.into(), key.into()));
+        self
+    }
+    /// Do not verify the broker's certificate at all. Anyone on the path
+    /// can then read and change the traffic; a warning is logged at every
+    /// connection.
+    pub fn insecure(mut self, on: bool) -> Self {
+        self.insecure = on;
+        self
+    }
+    /// ALPN protocol names to offer (for example `x-amzn-mqtt-ca` for AWS
+    /// IoT on port 443).
+    pub fn alpn(mut self, protocols: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.alpn = protocols.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// True when certificate verification is off.
+    pub fn is_insecure(&self) -> bool {
+        self.insecure
+    }
+
+    /// The rustls configuration, reading the files now.
+    pub(crate) fn rustls(&self) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::Tls(format!("no TLS protocol version available: {e}")))?;
+        let builder = if self.insecure {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+        } else {
+            let roots = match &self.ca_file {
+                Some(path) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for cert in read_certs(path, "--cafile")? {
+                        roots.add(cert).map_err(|e| {
+                            ConfigError::Tls(format!("--cafile {}: not a usable CA certificate: {e}", path.display()))
+                        })?;
+                    }
+                    Arc::new(roots)
+                }
+                None => platform_roots()?,
+            };
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = read_certs(cert, "--cert")?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    ConfigError::Tls(format!(
+                        "--key {}: {}; give the client certificate's private key as PEM",
+                        key.display(),
+                        pem_error(e)
+                    ))
+                })?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| {
+                    ConfigError::Tls(format!(
+                        "--cert {} with --key: {e}; the key must be the certificate's own",
+                        cert.display()
+                    ))
+                })?
+            }
+        };
+        config.alpn_protocols = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(e) => e.to_string(),
+        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the right kind in it".into(),
+        e => format!("not valid PEM ({e:?})"),
+    }
+}
+
+fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let bad = |why: String| ConfigError::Tls(format!("{flag} {}: {why}", path.display()));
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| bad(pem_error(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(pem_error(e)))?;
+    if certs.is_empty() {
+        return Err(bad("no certificate (-----BEGIN CERTIFICATE-----) in it".into()));
+    }
+    Ok(certs)
+}
+
+/// The platform's trusted roots, read once per process.
+fn platform_roots() -> Result<Arc<rustls::RootCertStore>, ConfigError> {
+    static ROOTS: OnceLock<Result<Arc<rustls::RootCertStore>, String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (_, _) = roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+                return Err(format!(
+                    "no trusted CA certificates found on this system{why}; install the `ca-certificates` package or give the broker's CA with --cafile"
+                ));
+            }
+            Ok(Arc::new(roots))
+        })
+        .clone()
+        .map_err(ConfigError::Tls)
+}
+
+/// `--insecure`: accepts any certificate, still checks the handshake's
+/// signatures so that the session keys belong to whoever sent it.
+#[derive(Debug)]
+struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Any byte stream under MQTT.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The reading half of a connection.
+pub(crate) enum ReadHalf {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Other(tokio::io::ReadHalf<Box<dyn Io>>),
+}
+
+/// The writing half of a connection. Call [`send`] (write and flush):
+/// TLS and WebSocket buffer until flushed.
+pub(crate) enum WriteHalf {
+    Tcp(tokio::net::tcp::OwnedWriteHalf),
+    Other(tokio::io::WriteHalf<Box<dyn Io>>),
+}
+
+impl AsyncRead for ReadHalf {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Other(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+            WriteHalf::Other(w) => Pin::new(w).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
+            WriteHalf::Other(w) => Pin::new(w).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+            WriteHalf::Other(w) => Pin::new(w).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Writes all of `bytes` and flushes them to the socket.
+pub(crate) async fn send(wr: &mut WriteHalf, bytes: &[u8]) -> io::Result<()> {
+    wr.write_all(bytes).await?;
+    wr.flush().await
+}
+
+/// TCP connect, then the TLS handshake and the WebSocket upgrade where the
+/// URL asks for them. The caller bounds it with the connect timeout.
+pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHalf, WriteHalf), ConnectError> {
+    let broker = url.to_string();
+    let tcp = tokio::net::TcpStream::connect(url.authority())
+        .await
+        .map_err(|e| ConnectError::Unreachable { broker: broker.clone(), reason: e.to_string() })?;
+    let _ = tcp.set_nodelay(true);
+    if url.transport == Transport::Tcp {
+        let (rd, wr) = tcp.into_split();
+        return Ok((ReadHalf::Tcp(rd), WriteHalf::Tcp(wr)));
+    }
+    let mut stream: Box<dyn Io> = Box::new(tcp);
+    if url.transport.is_tls() {
+        let config = tls.rustls().map_err(|e| ConnectError::Certificate { broker: broker.clone(), reason: e.to_string() })?;
+        if tls.insecure {
+            tracing::warn!(%broker, "TLS certificate verification is OFF (--insecure): anyone on the path can read and change this traffic");
+        }
+        let name = ServerName::try_from(url.host.clone()).map_err(|_| ConnectError::Certificate {
+            broker: broker.clone(),
+            reason: format!("`{}` is not a valid TLS server name", url.host),
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| io_error(&broker, e))?;
+        stream = Box::new(tls);
+    }
+    if let Some(path) = url.transport.path() {
+        stream = Box::new(websocket(url, path, stream, &broker).await?);
+    }
+    let (rd, wr) = tokio::io::split(stream);
+    Ok((ReadHalf::Other(rd), WriteHalf::Other(wr)))
+}
+
+/// A socket or TLS error, told in words: a certificate the other side
+/// refused is not worth retrying without a change of configuration.
+pub(crate) fn io_error(broker: &str, e: io::Error) -> ConnectError {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as R};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<R>()) else {
+        return ConnectError::Io(e.to_string());
+    };
+    let hint = match tls {
+        R::InvalidCertificate(C::UnknownIssuer) => {
+            "the broker's certificate is not signed by a CA we trust; give its CA with --cafile".to_owned()
+        }
+        R::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "the broker's certificate has expired; renew it on the broker (or check this machine's clock)".into()
+        }
+        R::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "the broker's certificate is not valid yet; check this machine's clock".into()
+        }
+        R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the broker's certificate is not valid for this host name; use the name it was issued for in the URL".into()
+        }
+        R::InvalidCertificate(_) => "the broker's certificate was refused".into(),
+        R::AlertReceived(A::CertificateRequired) => {
+            "the broker requires a client certificate; give one with --cert and --key".into()
+        }
+        R::AlertReceived(A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied) => {
+            "the broker refused our client certificate (--cert): is it signed by a CA the broker trusts?".into()
+        }
+        R::AlertReceived(A::CertificateExpired) => "the broker says our client certificate (--cert) has expired".into(),
+        _ => return ConnectError::Io(format!("TLS: {tls}")),
+    };
+    ConnectError::Certificate { broker: broker.to_owned(), reason: format!("{hint} (TLS: {tls})") }
+}
+
+/// The WebSocket upgrade, asking for the `mqtt` subprotocol.
+async fn websocket(url: &BrokerUrl, path: &str, stream: Box<dyn Io>, broker: &str) -> Result<WsIo, ConnectError> {
+    use tungstenite::client::IntoClientRequest;
+    let scheme = if url.transport.is_tls() { "wss" } else { "ws" };
+    let mut request = format!("{scheme}://{}{path}", url.authority())
+        .into_client_request()
+        .map_err(|e| ConnectError::Protocol(format!("{broker}: cannot build the WebSocket request: {e}")))?;
+    request.headers_mut().insert("Sec-WebSocket-Protocol", tungstenite::http::HeaderValue::from_static("mqtt"));
+    match tokio_tungstenite::client_async(request, stream).await {
+        Ok((ws, _)) => Ok(WsIo { ws, buf: tungstenite::Bytes::new() }),
+        Err(tungstenite::Error::Http(response)) => Err(ConnectError::Protocol(format!(
+            "{broker} answered the WebSocket upgrade with HTTP {}: check the path in the URL (ws://host:port/PATH)",
+            response.status()
+        ))),
+        Err(tungstenite::Error::Io(e)) => Err(io_error(broker, e)),
+        Err(e) => Err(ConnectError::Protocol(format!("{broker}: WebSocket upgrade failed: {e}"))),
+    }
+}
+
+/// MQTT bytes in binary WebSocket messages.
+struct WsIo {
+    ws: tokio_tungstenite::WebSocketStream<Box<dyn Io>>,
+    /// What is left of the last message read.
+    buf: tungstenite::Bytes,
+}
+
+impl fmt::Debug for WsIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WsIo")
+    }
+}
+
+fn ws_io(e: tungstenite::Error) -> io::Error {
+    match e {
+        tungstenite::Error::Io(e) => e,
+        e => io::Error::other(e),
+    }
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.buf.is_empty() {
+            match ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                None | Some(Ok(tungstenite::Message::Close(_))) => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(ws_io(e))),
+                Some(Ok(tungstenite::Message::Binary(b))) => this.buf = b,
+                // Pings are answered by tungstenite; text is not MQTT.
+                Some(Ok(_)) => {}
+            }
+        }
+        let n = this.buf.len().min(out.remaining());
+        out.put_slice(&this.buf.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for WsIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(ws_io)?;
+        Pin::new(&mut this.ws)
+            .start_send(tungstenite::Message::Binary(tungstenite::Bytes::copy_from_slice(buf)))
+            .map_err(ws_io)?;
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws).poll_flush(cx).map_err(ws_io)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().ws).poll_close(cx).map_err(ws_io)
+    }
+}

@@ -272,6 +272,10 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
     }
     let deadline = a.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
     let mut handled = 0u64;
+    // Until some broker took us, an error no retry can mend (a refused
+    // certificate or password) ends the run instead of retrying for ever.
+    let mut events = consumer.events();
+    let mut connected = false;
     let mut stdout = tokio::io::stdout();
     let result = loop {
         if a.count.is_some_and(|c| handled >= c) {
@@ -287,6 +291,16 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
             n = next => n,
             _ = interrupt.recv() => break Ok(()),
             _ = terminate.recv() => break Ok(()),
+            e = events.recv(), if !connected => {
+                match e {
+                    Ok(steadfast::Event::Connected { .. }) | Err(_) => connected = true,
+                    Ok(steadfast::Event::ConnectFailed { error, .. }) if !error.is_retryable() => {
+                        break Err(Failure::other(anyhow!("{error}")));
+                    }
+                    Ok(_) => {}
+                }
+                continue;
+            }
         };
         let Some(first) = first else {
             // -W ran out.

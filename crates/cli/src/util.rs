@@ -96,7 +96,10 @@ impl Secrets {
             let first = text.split(|b| *b == b'\n').next().unwrap_or_default();
             let first = first.strip_suffix(b"\r").unwrap_or(first);
             if first.is_empty() {
-                return Err(format!("{flag} {}: the file is empty; put the password on its first line", path.display()));
+                return Err(format!(
+                    "{flag} {}: the file is empty; put the password on its first line",
+                    path.display()
+                ));
             }
             use std::os::unix::fs::PermissionsExt;
             if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {

@@ -548,7 +548,10 @@ mod tests {
         let u: BrokerUrl = "mqtt://[::1]:1999".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port, u.authority()), ("::1", 1999, "[::1]:1999".to_owned()));
         let u: BrokerUrl = "mqtts://broker.example".parse().unwrap();
-        assert_eq!((u.port, u.transport.clone(), u.to_string()), (8883, Transport::Tls, "mqtts://broker.example:8883".into()));
+        assert_eq!(
+            (u.port, u.transport.clone(), u.to_string()),
+            (8883, Transport::Tls, "mqtts://broker.example:8883".into())
+        );
         let u: BrokerUrl = "ws://127.0.0.1:9001".parse().unwrap();
         assert_eq!((u.port, u.to_string()), (9001, "ws://127.0.0.1:9001/mqtt".into()));
         let u: BrokerUrl = "wss://h/ws".parse().unwrap();

@@ -202,12 +202,12 @@ impl ConnectError {
             self,
             ConnectError::Certificate { .. }
                 | ConnectError::Refused {
-                refusal: Refusal::ProtocolVersion
-                    | Refusal::BadCredentials
-                    | Refusal::NotAuthorized
-                    | Refusal::ClientId,
-                ..
-            }
+                    refusal: Refusal::ProtocolVersion
+                        | Refusal::BadCredentials
+                        | Refusal::NotAuthorized
+                        | Refusal::ClientId,
+                    ..
+                }
         )
     }
 }

@@ -35,6 +35,6 @@ pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVe
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
 pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy};
-pub use transport::{TlsConfig, Transport};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};
+pub use transport::{TlsConfig, Transport};

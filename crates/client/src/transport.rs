@@ -316,7 +316,8 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
     }
     let mut stream: Box<dyn Io> = Box::new(tcp);
     if url.transport.is_tls() {
-        let config = tls.rustls().map_err(|e| ConnectError::Certificate { broker: broker.clone(), reason: e.to_string() })?;
+        let config =
+            tls.rustls().map_err(|e| ConnectError::Certificate { broker: broker.clone(), reason: e.to_string() })?;
         if tls.insecure {
             tracing::warn!(%broker, "TLS certificate verification is OFF (--insecure): anyone on the path can read and change this traffic");
         }
@@ -324,10 +325,8 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
             broker: broker.clone(),
             reason: format!("`{}` is not a valid TLS server name", url.host),
         })?;
-        let tls = tokio_rustls::TlsConnector::from(config)
-            .connect(name, stream)
-            .await
-            .map_err(|e| io_error(&broker, e))?;
+        let tls =
+            tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| io_error(&broker, e))?;
         stream = Box::new(tls);
     }
     if let Some(path) = url.transport.path() {

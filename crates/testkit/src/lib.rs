@@ -8,14 +8,18 @@
 #![forbid(unsafe_code)]
 
 mod mosquitto;
+mod pki;
 mod proxy;
 mod scripted;
 mod sub;
+mod ws;
 
 pub use mosquitto::{Mosquitto, MosquittoOptions};
+pub use pki::Pki;
 pub use proxy::{FaultProxy, ProxyMode};
 pub use scripted::{Received, Reply, ScriptedBroker};
 pub use sub::Subscriber;
+pub use ws::WsFront;
 
 use std::time::Duration;
 

@@ -11,6 +11,7 @@ use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, Pro
 mod bridge;
 mod policy;
 mod sub;
+mod tls;
 
 fn steadfast() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_steadfast"));

@@ -16,6 +16,16 @@ pub enum StoreError {
         /// The store directory.
         path: PathBuf,
     },
+    /// The store directory belongs to another user.
+    #[error("the store {path} belongs to another user (uid {owner}, this process runs as uid {user}); run steadfast as its owner, or give this user its own directory")]
+    NotOwner {
+        /// The store directory.
+        path: PathBuf,
+        /// Its owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        user: u32,
+    },
     /// The store directory cannot be created, read or written.
     #[error("cannot use the outbox directory {path}: {source}")]
     Io {
@@ -63,6 +73,9 @@ impl StoreError {
         match self {
             StoreError::DiskFull { path } => StoreError::DiskFull { path: path.clone() },
             StoreError::Locked { path } => StoreError::Locked { path: path.clone() },
+            StoreError::NotOwner { path, owner, user } => {
+                StoreError::NotOwner { path: path.clone(), owner: *owner, user: *user }
+            }
             StoreError::Closed => StoreError::Closed,
             other => StoreError::WriteFailed(other.to_string()),
         }

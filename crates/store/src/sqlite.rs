@@ -233,16 +233,59 @@ fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// Creates the store directory (0700), refuses one that belongs to another
+/// user, and makes its files private: the database is created 0600 before
+/// SQLite opens it, and SQLite gives its WAL and shared-memory files the
+/// database's mode. Files left wider by an older steadfast are narrowed.
 fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let io = |source| StoreError::Io { path: dir.to_owned(), source };
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+    let meta = fs::metadata(dir).map_err(io(dir))?;
+    // The owner of /proc/self is this process's effective user.
+    if let Ok(me) = fs::metadata("/proc/self").map(|m| m.uid()) {
+        if meta.uid() != me {
+            return Err(StoreError::NotOwner { path: dir.to_owned(), owner: meta.uid(), user: me });
+        }
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
+    for name in [DB_FILE, LOCK_FILE] {
+        private_file(&dir.join(name))?;
+    }
+    narrow(dir)
+}
+
+/// Creates `path` with mode 0600 unless it exists.
+fn private_file(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path).map_err(io_err(path))?;
+    Ok(())
+}
+
+/// Makes every file in `dir` private to its owner (0600).
+fn narrow(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o077 != 0 => {
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn take_lock(dir: &Path) -> Result<File, StoreError> {
     let path = dir.join(LOCK_FILE);
     let io = |source| StoreError::Io { path: path.clone(), source };
-    let file = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io)?;
+    let file = fs::OpenOptions::new().truncate(false).write(true).open(&path).map_err(io)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path: dir.to_owned() }),
@@ -427,6 +470,7 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
         if from.exists() {
             let to = q.join(format!("{DB_FILE}{suffix}"));
             fs::copy(&from, &to).map_err(io_err(&from))?;
+            narrow(&q)?;
             sync_path(&to)?;
             if suffix.is_empty() {
                 report.quarantined.push(to);
@@ -435,6 +479,7 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
     }
     let tmp = dir.join(SALVAGE_FILE);
     let salvaged = {
+        private_file(&tmp)?;
         let conn = Connection::open(&tmp).map_err(|e| map_error(dir, e))?;
         conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")?;
         init_schema(&conn, dir)?;

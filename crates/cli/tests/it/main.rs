@@ -449,3 +449,35 @@ async fn demo(args: &[&str]) -> String {
     assert!(!verdict.starts_with("verdict: 0 of 0 "), "something was published: {verdict}");
     stdout
 }
+
+/// Two processes on one outbox: the second is refused with a clear error
+/// and the first goes on to deliver everything from an intact store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_the_same_outbox_is_refused() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "cli/two", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob");
+    let ob = ob.to_str().unwrap();
+    let mut first = steadfast()
+        .args(["pub", "-b", &broker.url(), "-t", "cli/two", "-l", "-q", "1", "-i", "two", "--outbox", ob])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = first.stdin.take().unwrap();
+    stdin.write_all(b"one\n").unwrap();
+    stdin.flush().unwrap();
+    sub.wait_count(1, Duration::from_secs(10)).await;
+    let second = run(&["pub", "-b", &broker.url(), "-t", "cli/two", "-m", "intruder", "--outbox", ob]).await;
+    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
+    assert!(stderr(&second).contains("is in use by another process"), "{}", stderr(&second));
+    stdin.write_all(b"two\nthree\n").unwrap();
+    drop(stdin);
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    sub.wait_count(3, Duration::from_secs(10)).await;
+    assert_eq!(sub.lines(), ["one", "two", "three"]);
+    let st = status_json(ob);
+    assert_eq!((st["queued"].as_u64(), st["brokers"][0]["acked"].as_u64()), (Some(0), Some(3)));
+}

@@ -46,6 +46,50 @@ fn a_second_process_on_the_same_outbox_is_refused() {
     assert!(SqliteStore::is_in_use(dir.path()));
 }
 
+/// The store is private: its directory 0700, its files 0600 (the WAL and
+/// shared-memory files too), and files left wider are narrowed at open.
+#[test]
+fn the_store_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("a").join("outbox");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    {
+        let (mut store, _) = SqliteStore::open(&dir).unwrap();
+        store.begin().unwrap();
+        store.insert(&msg("t", "x")).unwrap();
+        store.commit().unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        for f in ["outbox.db", "outbox.db-wal", "outbox.lock"] {
+            assert!(files.contains(&dir.join(f)), "{f} in {files:?}");
+        }
+        for f in &files {
+            assert_eq!(mode(f), 0o600, "{}", f.display());
+        }
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.join("outbox.db"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = SqliteStore::open(&dir).unwrap();
+    assert_eq!((mode(&dir), mode(&dir.join("outbox.db"))), (0o700, 0o600));
+}
+
+/// A store that belongs to another user is refused, untouched (this test
+/// runs as root, as CI does, to hand the directory to `nobody`).
+#[test]
+fn a_store_owned_by_another_user_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("theirs");
+    drop(SqliteStore::open(&dir).unwrap());
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).expect("chown to nobody: this test needs root (as in CI)");
+    let before: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let err = SqliteStore::open(&dir).unwrap_err();
+    assert!(matches!(err, StoreError::NotOwner { owner: 65534, .. }), "{err}");
+    assert!(err.to_string().contains("belongs to another user (uid 65534"), "{err}");
+    let after: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(before, after);
+}
+
 #[test]
 fn ids_are_never_reused_after_removal() {
     let dir = tempfile::tempdir().unwrap();

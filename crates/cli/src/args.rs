@@ -38,9 +38,30 @@ pub enum Command {
     /// Two brokers, a producer and a consumer, faults on a schedule, and a verdict on what was lost.
     #[command(disable_help_flag = true)]
     Demo(DemoArgs),
+    /// What a broker really does (versions, limits, QoS 2, retained, sessions) and how to make it safe.
+    #[command(disable_help_flag = true)]
+    Doctor(Box<DoctorArgs>),
     /// An embedded broker (rumqttd, in memory) on a loopback port: what `demo` runs and kills.
     #[command(disable_help_flag = true, hide = true)]
     Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also check that a session survives a broker restart, running this shell command to restart it.
+    #[arg(long, value_name = "COMMAND", conflicts_with = "restart_wait")]
+    pub restart_cmd: Option<String>,
+    /// Also check that a session survives a broker restart, which you do by hand when told to.
+    #[arg(long)]
+    pub restart_wait: bool,
+    /// How long to wait for the broker to go down and come back.
+    #[arg(long, value_name = "DURATION", default_value = "120s")]
+    pub restart_within: String,
 }
 
 #[derive(Debug, Args)]

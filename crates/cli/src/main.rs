@@ -6,6 +6,7 @@ mod args;
 mod bridge;
 mod broker;
 mod demo;
+mod doctor;
 mod metrics;
 mod progress;
 mod publish;
@@ -90,6 +91,7 @@ fn main() -> ExitCode {
             args::Command::Status(a) => status::run(a).await,
             args::Command::Bridge(a) => bridge::run(a).await,
             args::Command::Demo(a) => demo::run(a).await,
+            args::Command::Doctor(a) => doctor::run(*a).await,
             args::Command::Broker(_) => unreachable!("run before the runtime starts"),
         }
     });

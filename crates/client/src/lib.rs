@@ -22,6 +22,7 @@
 mod client;
 mod config;
 mod consumer;
+pub mod doctor;
 mod driver;
 mod error;
 mod link;

@@ -74,12 +74,18 @@ pub(crate) struct Inbound {
 }
 
 /// The broker's answer to CONNECT.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct ConnAck {
     pub session_present: bool,
     pub refused: Option<Refusal>,
     pub receive_maximum: Option<u16>,
     pub maximum_packet_size: Option<u32>,
+    /// MQTT 5: the highest QoS the broker takes (absent: 2).
+    pub maximum_qos: Option<u8>,
+    /// MQTT 5: false when the broker does not keep retained messages.
+    pub retain_available: Option<bool>,
+    /// MQTT 5: the session expiry the broker imposes instead of ours.
+    pub session_expiry: Option<u32>,
 }
 
 fn qos_to_mqtt(q: Qos) -> mqtt::packet::Qos {
@@ -521,12 +527,14 @@ fn connack_v5(c: v5_0::Connack) -> Incoming {
         R::ServerUnavailable | R::ServerBusy | R::ConnectionRateExceeded => Some(Refusal::Unavailable),
         other => Some(Refusal::Other(other as u8)),
     };
-    let mut ack =
-        ConnAck { session_present: c.session_present(), refused, receive_maximum: None, maximum_packet_size: None };
+    let mut ack = ConnAck { session_present: c.session_present(), refused, ..Default::default() };
     for prop in c.props() {
         match prop {
             Property::ReceiveMaximum(v) => ack.receive_maximum = Some(v.val()),
             Property::MaximumPacketSize(v) => ack.maximum_packet_size = Some(v.val()),
+            Property::MaximumQos(v) => ack.maximum_qos = Some(v.val()),
+            Property::RetainAvailable(v) => ack.retain_available = Some(v.val() != 0),
+            Property::SessionExpiryInterval(v) => ack.session_expiry = Some(v.val()),
             _ => {}
         }
     }
@@ -543,12 +551,7 @@ fn connack_v311(c: v3_1_1::Connack) -> Incoming {
         R::BadUserNameOrPassword => Some(Refusal::BadCredentials),
         R::NotAuthorized => Some(Refusal::NotAuthorized),
     };
-    Incoming::ConnAck(ConnAck {
-        session_present: c.session_present(),
-        refused,
-        receive_maximum: None,
-        maximum_packet_size: None,
-    })
+    Incoming::ConnAck(ConnAck { session_present: c.session_present(), refused, ..Default::default() })
 }
 
 /// An MQTT session just opened: the socket halves, the link, the CONNACK

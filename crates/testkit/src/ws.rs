@@ -55,6 +55,8 @@ impl Drop for WsFront {
 }
 
 async fn serve(sock: TcpStream, upstream: u16, seen: Arc<Mutex<Vec<String>>>) -> Result<(), tungstenite::Error> {
+    // tungstenite's callback type returns its (large) HTTP error response.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &server::Request, mut resp: server::Response| {
         seen.lock().expect("paths").push(req.uri().path().to_owned());
         let asked = req.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()).unwrap_or("");

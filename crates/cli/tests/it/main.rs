@@ -9,6 +9,7 @@ use std::time::Duration;
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 
 mod bridge;
+mod doctor;
 mod policy;
 mod sub;
 mod tls;

@@ -1,0 +1,106 @@
+//! `steadfast doctor` against Mosquitto with and without persistence (the
+//! test restarts it when the doctor says so) and against a broker that
+//! refuses MQTT 5 (rumqttd's 3.1.1 listener, the embedded broker).
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use steadfast_testkit::{free_port, Mosquitto, MosquittoOptions};
+
+use crate::{run, stderr, steadfast};
+
+/// Runs `doctor --restart-wait --json` and restarts `broker` (SIGTERM,
+/// then start) when the doctor asks for it.
+async fn doctor_with_restart(broker: &mut Mosquitto) -> serde_json::Value {
+    let mut child = steadfast()
+        .args(["doctor", "-b", &broker.url(), "--json", "--restart-wait", "--restart-within", "30s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let asked = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        while err.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.contains("restart the broker now") {
+                return Ok(err);
+            }
+            line.clear();
+        }
+        Err(line)
+    })
+    .await
+    .unwrap();
+    let err = asked.unwrap_or_else(|l| panic!("the doctor never asked for a restart: {l}"));
+    broker.terminate();
+    broker.restart().await;
+    let out = tokio::task::spawn_blocking(move || {
+        let o = child.wait_with_output().unwrap();
+        drop(err);
+        o
+    })
+    .await
+    .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_tells_mosquitto_with_persistence_from_without() {
+    let mut with = Mosquitto::start(MosquittoOptions { persistence: true, ..Default::default() }).await;
+    let report = doctor_with_restart(&mut with).await;
+    assert!(report["software"].as_str().unwrap_or("").starts_with("mosquitto version"), "{report}");
+    for check in ["mqtt5", "mqtt311", "qos2", "retained", "session", "restart"] {
+        assert_eq!(report["checks"][check]["ok"], true, "{check}: {report}");
+    }
+    assert_eq!(report["limits"]["receive_maximum"], 20, "Mosquitto's default: {report}");
+    let advice = report["advice"].to_string();
+    assert!(advice.contains("autosave_interval") && advice.contains("max_queued_messages"), "{advice}");
+    assert!(!advice.contains("die with a restart"), "{advice}");
+
+    let mut without = Mosquitto::start(MosquittoOptions { persistence: false, ..Default::default() }).await;
+    let report = doctor_with_restart(&mut without).await;
+    assert_eq!(report["checks"]["session"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["restart"]["ok"], false, "{report}");
+    assert!(report["checks"]["restart"]["detail"].as_str().unwrap().contains("session was gone"), "{report}");
+    assert!(report["advice"].to_string().contains("set `persistence true`"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_a_broker_that_refuses_mqtt_5() {
+    let port = free_port();
+    let mut broker = steadfast()
+        .args(["broker", "--port", &port.to_string(), "--protocol-version", "311"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    steadfast_testkit::wait_until("the 3.1.1 broker listens", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let out = run(&["doctor", "-b", &url]).await;
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    let line = |what: &str| text.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{text}"));
+    assert!(line("MQTT 5.0").contains(" NO "), "{text}");
+    assert!(line("MQTT 3.1.1").contains(" yes "), "{text}");
+    assert!(line("session kept across a reconnect").contains(" yes "), "{text}");
+    assert!(text.contains("does not accept MQTT 5: use -V 311"), "{text}");
+    assert!(line("session kept across a broker restart").contains("not checked"), "{text}");
+}
+
+#[tokio::test]
+async fn doctor_without_a_broker_says_so() {
+    let url = format!("mqtt://127.0.0.1:{}", free_port());
+    let out = run(&["doctor", "-b", &url]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot connect to"), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cannot reach"), "the report says why");
+    let out = run(&["doctor", "-b", &url, "-b", &url]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("exactly one -b URL"), "{}", stderr(&out));
+}

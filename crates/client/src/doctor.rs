@@ -1,0 +1,470 @@
+//! What a broker really does, found by talking to it: protocol versions,
+//! its limits, QoS 2, retained messages, whether it keeps a session across
+//! a reconnect and, when the caller restarts it, across a restart. Each
+//! check uses its own client ids and topics under `steadfast/doctor/TAG/`
+//! and cleans up after itself (retained message cleared, sessions ended).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
+use crate::error::ConnectError;
+use crate::link::{open_session, ConnAck, Incoming, Link};
+use crate::transport::{send, ReadHalf, WriteHalf};
+use steadfast_core::Qos;
+use steadfast_store::{NewMessage, StoredMessage};
+
+/// How long one step waits for the broker's answer.
+const STEP: Duration = Duration::from_secs(3);
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Short machine name (`mqtt5`, `qos2`, `retained`, `session`, `restart`).
+    pub key: &'static str,
+    /// `Some(true)`: it does; `Some(false)`: it does not; `None`: could not tell.
+    pub ok: Option<bool>,
+    /// What was seen, in words.
+    pub detail: String,
+}
+
+/// What the broker said about itself in its MQTT 5 CONNACK.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// In-flight QoS 1/2 messages it accepts from one client (absent: 65535).
+    pub receive_maximum: Option<u16>,
+    /// Largest packet it accepts, in bytes (absent: no limit stated).
+    pub maximum_packet_size: Option<u32>,
+    /// Highest QoS it accepts (absent: 2).
+    pub maximum_qos: Option<u8>,
+    /// Whether it keeps retained messages (absent: yes).
+    pub retain_available: Option<bool>,
+    /// A session expiry it imposes instead of the one asked for (seconds).
+    pub session_expiry: Option<u32>,
+}
+
+/// Everything the doctor found.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The broker, as a URL.
+    pub broker: String,
+    /// Its own name and version (`$SYS/broker/version`), when it says.
+    pub software: Option<String>,
+    /// The protocol version the later checks used.
+    pub version: Option<ProtocolVersion>,
+    /// Limits from the MQTT 5 CONNACK.
+    pub limits: Limits,
+    /// The checks, in the order run.
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// The check named `key`.
+    pub fn check(&self, key: &str) -> Option<&Check> {
+        self.checks.iter().find(|c| c.key == key)
+    }
+
+    /// True when the software is Mosquitto.
+    pub fn is_mosquitto(&self) -> bool {
+        self.software.as_deref().is_some_and(|s| s.to_ascii_lowercase().contains("mosquitto"))
+    }
+}
+
+/// Restarts the broker (a command, or a person told to): the doctor then
+/// waits for it to go down and come back.
+pub type Restart = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Runs every check against `url` with the credentials and TLS settings of
+/// `cfg` (its client id and broker set are not used). With `restart`, the
+/// doctor also checks whether a session and a message queued for it
+/// survive a broker restart, waiting up to `restart_within` for the broker
+/// to go down and come back.
+pub async fn diagnose(
+    cfg: &ClientConfig,
+    url: &BrokerUrl,
+    restart: Option<Restart>,
+    restart_within: Duration,
+) -> Report {
+    let tag = format!("{:08x}", fastrand::u32(..));
+    let mut report = Report {
+        broker: url.to_string(),
+        software: None,
+        version: None,
+        limits: Limits::default(),
+        checks: Vec::new(),
+    };
+    let d = Doc { cfg: cfg.clone().session_expiry(Duration::from_secs(300)), url: url.clone(), tag };
+
+    let v5 = d.version_check(ProtocolVersion::V5).await;
+    if let Ok(ack) = &v5 {
+        report.limits = Limits {
+            receive_maximum: ack.receive_maximum,
+            maximum_packet_size: ack.maximum_packet_size,
+            maximum_qos: ack.maximum_qos,
+            retain_available: ack.retain_available,
+            session_expiry: ack.session_expiry,
+        };
+    }
+    let v311 = d.version_check(ProtocolVersion::V311).await;
+    let verdict = |key, r: &Result<ConnAck, ConnectError>| Check {
+        key,
+        ok: Some(r.is_ok()),
+        detail: match r {
+            Ok(_) => "accepted".into(),
+            Err(e) => format!("not accepted: {e}"),
+        },
+    };
+    report.checks.push(verdict("mqtt5", &v5));
+    report.checks.push(verdict("mqtt311", &v311));
+    let version = match (&v5, &v311) {
+        (Ok(_), _) => ProtocolVersion::V5,
+        (_, Ok(_)) => ProtocolVersion::V311,
+        _ => return report,
+    };
+    report.version = Some(version);
+    let d = Doc { cfg: d.cfg.clone().version(version), ..d };
+
+    report.software = d.software().await;
+    report.checks.push(d.qos2().await);
+    report.checks.push(d.retained().await);
+    report.checks.push(d.session(None, restart_within).await);
+    if let Some(restart) = restart {
+        report.checks.push(d.session(Some(restart), restart_within).await);
+    }
+    report
+}
+
+struct Doc {
+    cfg: ClientConfig,
+    url: BrokerUrl,
+    tag: String,
+}
+
+impl Doc {
+    fn topic(&self, what: &str) -> String {
+        format!("steadfast/doctor/{}/{what}", self.tag)
+    }
+
+    async fn open(&self, role: &str, clean: bool) -> Result<Probe, ConnectError> {
+        let mut cfg = self.cfg.clone();
+        cfg.client_id = format!("steadfast-doctor-{}-{role}", self.tag);
+        Probe::open(&cfg, &self.url, clean).await
+    }
+
+    async fn version_check(&self, v: ProtocolVersion) -> Result<ConnAck, ConnectError> {
+        let d = Doc { cfg: self.cfg.clone().version(v), url: self.url.clone(), tag: self.tag.clone() };
+        let p = d.open("version", true).await?;
+        let ack = p.ack;
+        p.close().await;
+        Ok(ack)
+    }
+
+    /// `$SYS/broker/version`, which Mosquitto keeps as a retained message.
+    async fn software(&self) -> Option<String> {
+        let mut p = self.open("sys", true).await.ok()?;
+        p.link.subscribe(1, &[("$SYS/broker/version".to_owned(), Qos::AtMostOnce)]).ok()?;
+        let found = p
+            .wait(Duration::from_millis(1500), |i| match i {
+                Incoming::Publish(m) if m.topic == "$SYS/broker/version" => {
+                    Some(String::from_utf8_lossy(&m.payload).into_owned())
+                }
+                _ => None,
+            })
+            .await
+            .ok()
+            .flatten();
+        p.close().await;
+        found
+    }
+
+    async fn qos2(&self) -> Check {
+        let run = async {
+            let topic = self.topic("qos2");
+            let mut sub = self.open("qos2-sub", true).await?;
+            sub.link.subscribe(1, &[(topic.clone(), Qos::ExactlyOnce)])?;
+            let granted = sub.suback().await?;
+            let mut publ = self.open("qos2-pub", true).await?;
+            publ.publish(&topic, b"qos2", Qos::ExactlyOnce, false, Some(1))?;
+            let rec = publ.wait(STEP, |i| matches!(i, Incoming::PubRec { pid: 1, .. }).then_some(())).await?;
+            if rec.is_none() {
+                return Ok(Check { key: "qos2", ok: Some(false), detail: "no PUBREC for a QoS 2 PUBLISH".into() });
+            }
+            publ.link.pubrel(1)?;
+            let comp = publ.wait(STEP, |i| matches!(i, Incoming::PubComp { pid: 1 }).then_some(())).await?;
+            let got = sub.wait(STEP, |i| match i {
+                Incoming::Publish(m) if m.topic == topic => Some(m.qos),
+                _ => None,
+            });
+            let got = got.await?;
+            // Let the receiving exchange finish (PUBREL -> PUBCOMP).
+            let _ = sub.wait(STEP, |i| matches!(i, Incoming::PubRel { .. }).then_some(())).await;
+            sub.close().await;
+            publ.close().await;
+            Ok::<_, ConnectError>(match (granted, comp, got) {
+                (Some(2), Some(()), Some(Qos::ExactlyOnce)) => Check {
+                    key: "qos2",
+                    ok: Some(true),
+                    detail: "granted, and delivered exactly once end to end".into(),
+                },
+                (g, c, q) => Check {
+                    key: "qos2",
+                    ok: Some(false),
+                    detail: format!(
+                        "subscription granted QoS {}, PUBCOMP {}, delivered as {}",
+                        g.map_or("none (refused)".into(), |g| g.to_string()),
+                        if c.is_some() { "received" } else { "missing" },
+                        q.map_or("nothing".into(), |q| format!("QoS {}", q as u8))
+                    ),
+                },
+            })
+        };
+        run.await.unwrap_or_else(|e| Check { key: "qos2", ok: Some(false), detail: format!("failed: {e}") })
+    }
+
+    async fn retained(&self) -> Check {
+        let run = async {
+            let topic = self.topic("retained");
+            let mut publ = self.open("ret-pub", true).await?;
+            publ.publish(&topic, b"retained", Qos::AtLeastOnce, true, Some(1))?;
+            publ.wait(STEP, |i| matches!(i, Incoming::PubAck { pid: 1, .. }).then_some(())).await?;
+            let mut sub = self.open("ret-sub", true).await?;
+            sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
+            let got = sub
+                .wait(STEP, |i| match i {
+                    Incoming::Publish(m) if m.topic == topic => Some(m.retain),
+                    _ => None,
+                })
+                .await?;
+            // Clear it: an empty retained message removes it.
+            publ.publish(&topic, b"", Qos::AtLeastOnce, true, Some(2))?;
+            publ.wait(STEP, |i| matches!(i, Incoming::PubAck { pid: 2, .. }).then_some(())).await?;
+            sub.close().await;
+            publ.close().await;
+            Ok::<_, ConnectError>(match got {
+                Some(true) => Check {
+                    key: "retained",
+                    ok: Some(true),
+                    detail: "kept and handed to a later subscriber (then cleared)".into(),
+                },
+                Some(false) => {
+                    Check { key: "retained", ok: Some(false), detail: "delivered, but without the retain flag".into() }
+                }
+                None => {
+                    Check { key: "retained", ok: Some(false), detail: "a later subscriber did not receive it".into() }
+                }
+            })
+        };
+        run.await.unwrap_or_else(|e| Check { key: "retained", ok: Some(false), detail: format!("failed: {e}") })
+    }
+
+    /// A subscriber with a persistent session goes away; a message is
+    /// published for it; it comes back (after a broker restart, with
+    /// `restart`): is its session there, and the message?
+    async fn session(&self, restart: Option<Restart>, within: Duration) -> Check {
+        let key = if restart.is_some() { "restart" } else { "session" };
+        let role = if restart.is_some() { "restart-sub" } else { "session-sub" };
+        let run = async {
+            let topic = self.topic(key);
+            let sub = self.open(role, true).await?;
+            sub.close().await;
+            let mut sub = self.open(role, false).await?;
+            sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
+            sub.suback().await?;
+            sub.close().await;
+            let mut publ = self.open(&format!("{key}-pub"), true).await?;
+            publ.publish(&topic, b"queued while away", Qos::AtLeastOnce, false, Some(1))?;
+            let acked = publ.wait(STEP, |i| matches!(i, Incoming::PubAck { pid: 1, .. }).then_some(())).await?;
+            if acked.is_none() {
+                return Ok(Check { key, ok: None, detail: "the broker did not acknowledge the test message".into() });
+            }
+            if let Some(restart) = restart {
+                // An idle connection tells when the broker went down.
+                let mut watch = self.open(&format!("{key}-watch"), true).await?;
+                restart.await.map_err(|e| ConnectError::Protocol(format!("the restart failed: {e}")))?;
+                let deadline = Instant::now() + within;
+                if !watch.closed_by(deadline).await {
+                    return Ok(Check {
+                        key,
+                        ok: None,
+                        detail: format!("the broker did not go down within {within:?}: not restarted?"),
+                    });
+                }
+                publ = loop {
+                    match self.open(&format!("{key}-pub"), true).await {
+                        Ok(p) => break p,
+                        Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+                        Err(e) => return Err(e),
+                    }
+                };
+            }
+            publ.close().await;
+            let mut sub = self.open(role, false).await?;
+            let present = sub.ack.session_present;
+            let got = sub
+                .wait(STEP, |i| match i {
+                    Incoming::Publish(m) if m.topic == topic => Some(()),
+                    _ => None,
+                })
+                .await?;
+            sub.close().await;
+            // End the session: a clean start with expiry 0.
+            let end = Doc { cfg: self.cfg.clone().session_expiry(Duration::ZERO), ..self.clone_doc() };
+            if let Ok(p) = end.open(role, true).await {
+                p.close().await;
+            }
+            let when = if key == "restart" { "a broker restart" } else { "a disconnect" };
+            Ok::<_, ConnectError>(match (present, got) {
+                (true, Some(())) => Check {
+                    key,
+                    ok: Some(true),
+                    detail: format!("session and the message queued for it survived {when}"),
+                },
+                (true, None) => Check {
+                    key,
+                    ok: Some(false),
+                    detail: format!("the session survived {when}, the message queued for it did not"),
+                },
+                (false, _) => Check {
+                    key,
+                    ok: Some(false),
+                    detail: format!("the session was gone after {when} (session present = 0): what was queued is lost"),
+                },
+            })
+        };
+        run.await.unwrap_or_else(|e| Check { key, ok: None, detail: format!("could not check: {e}") })
+    }
+
+    fn clone_doc(&self) -> Doc {
+        Doc { cfg: self.cfg.clone(), url: self.url.clone(), tag: self.tag.clone() }
+    }
+}
+
+/// One raw MQTT connection, driven step by step.
+struct Probe {
+    rd: ReadHalf,
+    wr: WriteHalf,
+    link: Link,
+    ack: ConnAck,
+    buf: Vec<u8>,
+    queue: VecDeque<Incoming>,
+}
+
+impl Probe {
+    async fn open(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Probe, ConnectError> {
+        let o = open_session(cfg, url, clean).await?;
+        Ok(Probe { rd: o.rd, wr: o.wr, link: o.link, ack: o.ack, buf: o.buf, queue: o.after.into() })
+    }
+
+    fn publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        qos: Qos,
+        retain: bool,
+        pid: Option<u16>,
+    ) -> Result<(), ConnectError> {
+        let m = StoredMessage {
+            id: 0,
+            msg: NewMessage {
+                topic: topic.to_owned(),
+                payload: payload.to_vec(),
+                qos,
+                retain,
+                props: Default::default(),
+                created_ms: 0,
+                route: None,
+                policy: Default::default(),
+            },
+            wire: None,
+            acks: 0,
+            attempts: 0,
+        };
+        self.link.publish(&m, "", pid, false)
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnectError> {
+        if !self.link.out.is_empty() {
+            send(&mut self.wr, &self.link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+            self.link.out.clear();
+        }
+        Ok(())
+    }
+
+    /// The first packet `pick` takes within `limit` (`None`: none came),
+    /// answering what the protocol asks for on the way.
+    async fn wait<T>(
+        &mut self,
+        limit: Duration,
+        mut pick: impl FnMut(&Incoming) -> Option<T>,
+    ) -> Result<Option<T>, ConnectError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.flush().await?;
+            let Some(i) = self.queue.pop_front() else {
+                let n = match tokio::time::timeout_at(deadline, self.rd.read(&mut self.buf)).await {
+                    Err(_) => return Ok(None),
+                    Ok(Err(e)) => return Err(ConnectError::Io(e.to_string())),
+                    Ok(Ok(0)) => return Err(ConnectError::Closed(String::new())),
+                    Ok(Ok(n)) => n,
+                };
+                let got = self.link.receive(&self.buf[..n]);
+                self.queue.extend(got);
+                continue;
+            };
+            match &i {
+                Incoming::Broken(e) => return Err(e.clone()),
+                Incoming::Publish(m) => {
+                    if let Some(pid) = m.pid {
+                        self.link.ack_publish(pid, m.qos)?;
+                    }
+                }
+                Incoming::PubRel { pid } => self.link.pubcomp(*pid)?,
+                _ => {}
+            }
+            if let Some(t) = pick(&i) {
+                self.flush().await?;
+                return Ok(Some(t));
+            }
+        }
+    }
+
+    /// The QoS the SUBACK granted to the first filter.
+    async fn suback(&mut self) -> Result<Option<u8>, ConnectError> {
+        let granted = self
+            .wait(STEP, |i| match i {
+                Incoming::SubAck { granted } => Some(granted.first().copied().flatten()),
+                _ => None,
+            })
+            .await?;
+        granted.ok_or_else(|| ConnectError::Protocol("no SUBACK".into()))
+    }
+
+    /// True once the broker closed this connection, before `deadline`.
+    /// Pings every 10 s, so that the broker's keep-alive does not close it.
+    async fn closed_by(&mut self, deadline: Instant) -> bool {
+        loop {
+            let until = deadline.min(Instant::now() + Duration::from_secs(10));
+            match tokio::time::timeout_at(until, self.rd.read(&mut self.buf)).await {
+                Err(_) if until >= deadline => return false,
+                Err(_) => {
+                    if self.link.ping().is_err() || self.flush().await.is_err() {
+                        return true;
+                    }
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    async fn close(mut self) {
+        self.link.disconnect();
+        let _ = self.flush().await;
+        let _ = self.wr.shutdown().await;
+    }
+}

@@ -137,9 +137,9 @@ impl TlsConfig {
             let roots = match &self.ca_file {
                 Some(path) => {
                     let mut roots = rustls::RootCertStore::empty();
-                    for cert in read_certs(path, "--cafile")? {
+                    for cert in read_certs(path, "CA file")? {
                         roots.add(cert).map_err(|e| {
-                            ConfigError::Tls(format!("--cafile {}: not a usable CA certificate: {e}", path.display()))
+                            ConfigError::Tls(format!("CA file {}: not a usable CA certificate: {e}", path.display()))
                         })?;
                     }
                     Arc::new(roots)
@@ -151,17 +151,17 @@ impl TlsConfig {
         let mut config = match &self.client_cert {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = read_certs(cert, "--cert")?;
+                let chain = read_certs(cert, "client certificate")?;
                 let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
                     ConfigError::Tls(format!(
-                        "--key {}: {}; give the client certificate's private key as PEM",
+                        "client key {}: {}; give the client certificate's private key as PEM",
                         key.display(),
                         pem_error(e)
                     ))
                 })?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
                     ConfigError::Tls(format!(
-                        "--cert {} with --key: {e}; the key must be the certificate's own",
+                        "client certificate {} with its key: {e}; the key must be the certificate's own",
                         cert.display()
                     ))
                 })?
@@ -180,8 +180,8 @@ fn pem_error(e: rustls::pki_types::pem::Error) -> String {
     }
 }
 
-fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let bad = |why: String| ConfigError::Tls(format!("{flag} {}: {why}", path.display()));
+fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let bad = |why: String| ConfigError::Tls(format!("{what} {}: {why}", path.display()));
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad(pem_error(e)))?
         .collect::<Result<Vec<_>, _>>()

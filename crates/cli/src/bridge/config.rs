@@ -483,12 +483,9 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     if let Some(e) = session_expiry {
         client = client.session_expiry(e);
     }
-    match secrets!(s).apply(client) {
+    match secrets!(s).apply(client.clone()) {
         Ok(c) => client = c,
-        Err(e) => {
-            errs.at(r.source.span(), format!("source: {e}"));
-            return None;
-        }
+        Err(e) => errs.at(r.source.span(), format!("source: {e}")),
     }
     // With one source broker, a redelivery is recognised by its packet id
     // (the outbox's `sources`), and an identity is kept upstream for the
@@ -513,12 +510,9 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
             overflow,
             deadline_overflow,
         });
-    match secrets!(d).apply(destination) {
+    match secrets!(d).apply(destination.clone()) {
         Ok(c) => destination = c,
-        Err(e) => {
-            errs.at(r.destination.span(), format!("destination: {e}"));
-            return None;
-        }
+        Err(e) => errs.at(r.destination.span(), format!("destination: {e}")),
     }
     // What only the whole configuration can tell (a broker listed twice,
     // an ack quorum over the set's size...).

@@ -556,3 +556,92 @@ async fn properties_and_expiry_cross_the_bridge() {
     consumer.close().await;
     producer.close().await;
 }
+
+/// A bridge from a local broker that wants a password (given through
+/// `password_env`) to an upstream that wants mutual TLS: every message
+/// crosses, and a missing certificate file is named by `--check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_speaks_mutual_tls_upstream_with_credentials_from_the_environment() {
+    const PW: &str = "l0cal-Secret";
+    let pki = steadfast_testkit::Pki::new();
+    let local = Mosquitto::with_password("sensor", PW).await;
+    let plain_port = steadfast_testkit::free_port();
+    let mut extra = pki.mosquitto_lines("server", true);
+    extra.push(format!("listener {plain_port} 127.0.0.1"));
+    let up = Mosquitto::start(MosquittoOptions { extra, ..Default::default() }).await;
+    let sub = steadfast_testkit::Subscriber::start(plain_port, "site-7/#", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = |cert: &Path| {
+        format!(
+            r#"[store]
+dir = "{state}"
+[[route]]
+name = "up"
+[route.source]
+brokers = ["{local}"]
+topics = ["sensors/#"]
+client_id = "tls-bridge"
+username = "sensor"
+password_env = "LOCAL_PW"
+[route.destination]
+brokers = ["mqtts://localhost:{port}"]
+cafile = "{ca}"
+cert = "{cert}"
+key = "{key}"
+topic_prefix = "site-7/"
+"#,
+            state = dir.path().join("state").display(),
+            local = local.url(),
+            port = up.port(),
+            ca = pki.path("ca.pem").display(),
+            cert = cert.display(),
+            key = pki.path("client.key").display(),
+        )
+    };
+    let cfg = dir.path().join("bridge.toml");
+    std::fs::write(&cfg, text(Path::new("/nonexistent/client.pem"))).unwrap();
+    let out = run(&["bridge", "--check", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // Both mistakes, each with its line: the variable is not set for
+    // `--check` here, and the certificate file does not exist.
+    let err = stderr(&out);
+    assert!(err.contains(":5: source: password_env = \"LOCAL_PW\": the variable is not set"), "{err}");
+    assert!(err.contains(":11: destination: TLS: client certificate /nonexistent/client.pem"), "{err}");
+    std::fs::write(&cfg, text(&pki.path("client.pem"))).unwrap();
+    let register = steadfast()
+        .args(["bridge", "--register", "--config", cfg.to_str().unwrap()])
+        .env("LOCAL_PW", PW)
+        .output()
+        .unwrap();
+    assert!(register.status.success(), "{}", stderr(&register));
+    let mut bridge = steadfast()
+        .args(["bridge", "--config", cfg.to_str().unwrap()])
+        .env("LOCAL_PW", PW)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("bridge.log")).unwrap())
+        .spawn()
+        .map(BridgeProc)
+        .unwrap();
+    let ob = dir.path().join("pub");
+    let n = 200;
+    let lines: String = (0..n).map(|i| format!("m{i}\n")).collect();
+    let mut p = steadfast()
+        .args(["pub", "-b", &local.url(), "-u", "sensor", "-t", "sensors/t", "-l", "-q", "1", "--outbox"])
+        .arg(&ob)
+        .env("STEADFAST_PASSWORD", PW)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    sub.wait_all(&want, Duration::from_secs(30)).await;
+    sigterm(&bridge);
+    let _ = bridge.wait();
+    let log = std::fs::read_to_string(dir.path().join("bridge.log")).unwrap();
+    assert!(!log.contains(PW), "the password is in the bridge's debug log");
+}

@@ -133,7 +133,7 @@ async fn bad_tls_settings_are_usage_errors() {
         (&["pub", "-b", "mqtt://127.0.0.1:1", "--cafile", ca, "-t", "a", "-m", "x"], "no mqtts:// or wss:// broker"),
         (
             &["pub", "-b", "mqtts://127.0.0.1:1", "--cafile", "/nonexistent.pem", "-t", "a", "-m", "x"],
-            "--cafile /nonexistent.pem",
+            "CA file /nonexistent.pem: No such file",
         ),
         (&["pub", "-b", "mqtts://127.0.0.1:1", "--cert", ca, "-t", "a", "-m", "x"], "--cert and --key go together"),
         (&["pub", "-b", "mqtts://127.0.0.1:1", "--cafile", ca, "--insecure", "-t", "a", "-m", "x"], "contradict"),

@@ -81,6 +81,14 @@ impl Transport {
 /// host name in the URL (sent as SNI when it is a name, not an address).
 /// Files are read at every connection, so a renewed certificate is picked
 /// up at the next reconnect.
+///
+/// ```
+/// use steadfast::{ClientConfig, TlsConfig};
+///
+/// let tls = TlsConfig::new().ca_file("/etc/gw7/ca.pem").client_cert("/etc/gw7/gw7.pem", "/etc/gw7/gw7.key");
+/// let cfg = ClientConfig::new("gw7", "mqtts://broker.lan".parse().unwrap(), "/var/lib/gw7/outbox").tls(tls);
+/// assert_eq!(cfg.all_brokers()[0].port, 8883);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct TlsConfig {
     ca_file: Option<PathBuf>,

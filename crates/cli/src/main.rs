@@ -8,6 +8,7 @@ mod broker;
 mod demo;
 mod doctor;
 mod metrics;
+mod procs;
 mod progress;
 mod publish;
 mod routes;

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod chaos;
 mod mosquitto;
 mod pki;
 mod proxy;

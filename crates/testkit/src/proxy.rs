@@ -18,6 +18,8 @@ pub enum ProxyMode {
     BlackHole,
     /// Forward, delaying each chunk by this long.
     Latency(Duration),
+    /// Forward at most this many bytes per second, each way.
+    Bandwidth(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +143,7 @@ async fn pump(
             ProxyMode::Pass => {}
             ProxyMode::BlackHole => continue,
             ProxyMode::Latency(d) => tokio::time::sleep(d).await,
+            ProxyMode::Bandwidth(bps) => tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps.max(1) as f64)).await,
             ProxyMode::Reset => return,
         }
         if to.write_all(&buf[..n]).await.is_err() {

@@ -41,9 +41,34 @@ pub enum Command {
     /// What a broker really does (versions, limits, QoS 2, retained, sessions) and how to make it safe.
     #[command(disable_help_flag = true)]
     Doctor(Box<DoctorArgs>),
+    /// A seeded schedule of faults over a producer, two brokers and a consumer, and a verdict on what was lost.
+    #[command(disable_help_flag = true)]
+    Chaos(ChaosArgs),
     /// An embedded broker (rumqttd, in memory) on a loopback port: what `demo` runs and kills.
     #[command(disable_help_flag = true, hide = true)]
     Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    /// The schedule's seed (default: a random one, printed).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// How long the schedule runs, in seconds (then it drains).
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// How long the schedule runs, in minutes (a soak); overrides --seconds.
+    #[arg(long)]
+    pub minutes: Option<u64>,
+    /// Messages per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Which brokers: embedded (rumqttd, in memory) or mosquitto (restarts with persistence on or off, as the schedule says).
+    #[arg(long, default_value = "embedded")]
+    pub brokers: String,
+    /// Copy the run's files (logs, outbox, inbox, consumer output) here at the end.
+    #[arg(long, value_name = "DIR")]
+    pub keep: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -12,29 +12,15 @@ use anyhow::anyhow;
 use steadfast::{AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Message, Mode, Qos};
 
 use crate::args::DemoArgs;
-use crate::procs::{duplicates_removed, handled, have_mosquitto, tempfile_dir, Broker, Consumer, Kind};
+use crate::procs::{broker_kind, duplicates_removed, handled, tempfile_dir, Broker, Consumer, Kind};
 use crate::Failure;
 
 pub async fn run(a: DemoArgs) -> Result<(), Failure> {
-    let kind = match a.brokers.as_str() {
-        "embedded" if cfg!(feature = "embedded-broker") => Kind::Embedded,
-        "embedded" => {
-            return Err(Failure::usage(anyhow!(
-                "--brokers embedded: this steadfast was built without the `embedded-broker` feature; use --brokers mosquitto"
-            )))
-        }
-        "mosquitto" if have_mosquitto() => Kind::Mosquitto,
-        "mosquitto" => {
-            return Err(Failure::usage(anyhow!(
-                "--brokers mosquitto: Mosquitto is not installed (Debian's `mosquitto` package); or use --brokers embedded"
-            )))
-        }
-        other => return Err(Failure::usage(anyhow!("--brokers {other}: use `embedded` or `mosquitto`"))),
-    };
+    let kind = broker_kind(&a.brokers)?;
     if a.seconds < 20 || a.rate == 0 {
         return Err(Failure::usage(anyhow!("--seconds must be 20 or more and --rate above 0")));
     }
-    let tmp = tempfile_dir()?;
+    let tmp = tempfile_dir("demo")?;
     let root = tmp.path().to_owned();
     let mut a_broker = Broker::start(kind, "broker-a", &root)?;
     let mut b_broker = Broker::start(kind, "broker-b", &root)?;
@@ -205,4 +191,3 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
         )))
     }
 }
-

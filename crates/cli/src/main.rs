@@ -5,6 +5,7 @@
 mod args;
 mod bridge;
 mod broker;
+mod chaos;
 mod demo;
 mod doctor;
 mod metrics;
@@ -69,7 +70,7 @@ fn main() -> ExitCode {
         }
     };
     // The demo's table is its output: only errors interrupt it.
-    let quiet = matches!(cli.command, args::Command::Demo(_) | args::Command::Broker(_));
+    let quiet = matches!(cli.command, args::Command::Demo(_) | args::Command::Chaos(_) | args::Command::Broker(_));
     if let Err(e) = util::init_logging(cli.debug, quiet, &cli.log_format) {
         eprintln!("steadfast: error: {e}");
         return ExitCode::from(exit::USAGE);
@@ -92,6 +93,7 @@ fn main() -> ExitCode {
             args::Command::Status(a) => status::run(a).await,
             args::Command::Bridge(a) => bridge::run(a).await,
             args::Command::Demo(a) => demo::run(a).await,
+            args::Command::Chaos(a) => chaos::run(a).await,
             args::Command::Doctor(a) => doctor::run(*a).await,
             args::Command::Broker(_) => unreachable!("run before the runtime starts"),
         }

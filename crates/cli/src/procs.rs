@@ -26,6 +26,8 @@ pub struct Broker {
     pub port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Mosquitto: persistence on at the next start.
+    persistence: bool,
 }
 
 impl Broker {
@@ -36,18 +38,30 @@ impl Broker {
             .port();
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).map_err(|e| Failure::other(anyhow!("{}: {e}", dir.display())))?;
-        let conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nlog_dest file {}/log\n",
-            dir.display(),
-            dir.display()
-        );
-        std::fs::write(dir.join("mosquitto.conf"), conf).map_err(|e| Failure::other(anyhow!(e)))?;
-        let mut b = Broker { kind, port, dir, child: None };
+        // Started as root, Mosquitto drops to its own user: it must still
+        // be able to write its persistence file here.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+        let mut b = Broker { kind, port, dir, child: None, persistence: true };
         b.spawn()?;
         Ok(b)
     }
 
+    /// Mosquitto: persistence (saved every second) on or off from the next
+    /// start. The embedded broker never keeps anything.
+    pub fn set_persistence(&mut self, on: bool) {
+        self.persistence = on;
+    }
+
     pub fn spawn(&mut self) -> Result<(), Failure> {
+        let conf = format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence {}\nautosave_interval 1\npersistence_location {}/\nmax_queued_messages 0\nlog_dest file {}/log\n",
+            self.port,
+            self.persistence,
+            self.dir.display(),
+            self.dir.display()
+        );
+        std::fs::write(self.dir.join("mosquitto.conf"), conf).map_err(|e| Failure::other(anyhow!(e)))?;
         let mut command = match self.kind {
             Kind::Mosquitto => {
                 let mut c = Command::new(mosquitto());
@@ -103,6 +117,25 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `--brokers embedded|mosquitto`.
+pub fn broker_kind(brokers: &str) -> Result<Kind, Failure> {
+    Ok(match brokers {
+        "embedded" if cfg!(feature = "embedded-broker") => Kind::Embedded,
+        "embedded" => {
+            return Err(Failure::usage(anyhow!(
+                "--brokers embedded: this steadfast was built without the `embedded-broker` feature; use --brokers mosquitto"
+            )))
+        }
+        "mosquitto" if have_mosquitto() => Kind::Mosquitto,
+        "mosquitto" => {
+            return Err(Failure::usage(anyhow!(
+                "--brokers mosquitto: Mosquitto is not installed (Debian's `mosquitto` package); or use --brokers embedded"
+            )))
+        }
+        other => return Err(Failure::usage(anyhow!("--brokers {other}: use `embedded` or `mosquitto`"))),
+    })
 }
 
 /// `kill -9` and reap.
@@ -182,8 +215,8 @@ pub fn duplicates_removed(inbox: &Path) -> u64 {
 }
 
 /// A private temporary directory, removed at the end.
-pub fn tempfile_dir() -> Result<TempDir, Failure> {
-    let base = std::env::temp_dir().join(format!("steadfast-demo-{}-{}", std::process::id(), fastrand::u32(..)));
+pub fn tempfile_dir(what: &str) -> Result<TempDir, Failure> {
+    let base = std::env::temp_dir().join(format!("steadfast-{what}-{}-{}", std::process::id(), fastrand::u32(..)));
     std::fs::create_dir_all(&base).map_err(|e| Failure::other(anyhow!("{}: {e}", base.display())))?;
     Ok(TempDir(base))
 }

@@ -23,6 +23,11 @@ struct Json {
     inbox: u64,
     /// Consumer counters: handled, duplicates, gaps suspected, out of order.
     counters: serde_json::Map<String, serde_json::Value>,
+    /// The producer id of the outbox's messages.
+    producer: Option<String>,
+    /// The sequence number of the newest message ever accepted: the
+    /// producer's messages so far are `producer/1` to `producer/last_id`.
+    last_id: u64,
 }
 
 #[derive(Serialize)]
@@ -127,6 +132,8 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
             brokers,
             inbox: r.inbox,
             counters: r.counters.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect(),
+            producer: r.producer.clone(),
+            last_id: r.last_id,
         };
         return serde_json::to_value(&j).map(Some).map_err(|e| Failure::other(anyhow!(e)));
     }

@@ -218,6 +218,9 @@ pub trait Store: Send + 'static {
     fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError>;
     /// The highest id still queued.
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError>;
+    /// The highest id ever handed out: the sequence number of the newest
+    /// message ever accepted (ids are never reused), 0 for none.
+    fn last_id(&mut self) -> Result<u64, StoreError>;
     /// Count and bytes queued.
     fn totals(&mut self) -> Result<Totals, StoreError>;
     /// Creation time of the oldest queued message.

@@ -165,6 +165,9 @@ impl Store for MemoryStore {
         let it = self.state.messages.iter().filter(|(_, r)| !r.done && of(r)).take(limit);
         Ok(it.map(|(id, r)| (*id, r.msg.size())).collect())
     }
+    fn last_id(&mut self) -> Result<u64, StoreError> {
+        Ok(self.state.next_id)
+    }
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
         Ok(self.state.messages.keys().next_back().copied())
     }

@@ -327,6 +327,10 @@ pub struct Report {
     pub counters: Vec<(String, u64)>,
     /// Identities the inbox remembers.
     pub inbox: u64,
+    /// The producer id of this outbox's messages (`None` for an inbox).
+    pub producer: Option<String>,
+    /// The sequence number of the newest message ever accepted.
+    pub last_id: u64,
 }
 
 impl Report {
@@ -349,6 +353,8 @@ impl Report {
             routes: store.routes()?,
             counters: store.counters()?,
             inbox: store.inbox_len()?,
+            producer: store.meta("producer")?,
+            last_id: store.last_id()?,
         })
     }
 }

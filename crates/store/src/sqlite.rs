@@ -919,6 +919,11 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn last_id(&mut self) -> Result<u64, StoreError> {
+        let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
+        Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0))
+    }
+
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
         Ok(self.conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
     }

@@ -146,11 +146,9 @@ impl Schedule {
         while t < end {
             let broker = rng.usize(..brokers.max(1));
             let fault = match rng.u32(..100) {
-                0..=19 => Fault::KillBroker {
-                    broker,
-                    down: secs(&mut rng, 0.5, 3.0),
-                    persistence: persistence && rng.bool(),
-                },
+                0..=19 => {
+                    Fault::KillBroker { broker, down: secs(&mut rng, 0.5, 3.0), persistence: persistence && rng.bool() }
+                }
                 20..=34 => Fault::Reset { broker },
                 35..=47 => Fault::BlackHole { broker, lasting: secs(&mut rng, 1.0, 4.0) },
                 48..=59 => Fault::Latency {

@@ -143,7 +143,9 @@ async fn pump(
             ProxyMode::Pass => {}
             ProxyMode::BlackHole => continue,
             ProxyMode::Latency(d) => tokio::time::sleep(d).await,
-            ProxyMode::Bandwidth(bps) => tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps.max(1) as f64)).await,
+            ProxyMode::Bandwidth(bps) => {
+                tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps.max(1) as f64)).await
+            }
             ProxyMode::Reset => return,
         }
         if to.write_all(&buf[..n]).await.is_err() {

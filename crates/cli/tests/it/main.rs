@@ -482,3 +482,32 @@ async fn a_second_process_on_the_same_outbox_is_refused() {
     let st = status_json(ob);
     assert_eq!((st["queued"].as_u64(), st["brokers"][0]["acked"].as_u64()), (Some(0), Some(3)));
 }
+
+/// The chaos harness's short schedule with a fixed seed: broker kills,
+/// resets, black holes, latency, bandwidth caps, producer and consumer
+/// kills; every accepted identity handled exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_short_chaos_schedule_passes_with_a_fixed_seed() {
+    chaos(&["chaos", "--seed", "7", "--seconds", "45"]).await;
+}
+
+/// The same on Mosquitto, restarted with persistence on or off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chaos_schedule_passes_on_mosquitto() {
+    chaos(&["chaos", "--seed", "2", "--seconds", "30", "--brokers", "mosquitto"]).await;
+}
+
+async fn chaos(args: &[&str]) {
+    let out = run(args).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", stderr(&out));
+    let seed = args[2];
+    assert!(stdout.contains(&format!("schedule (seed {seed}):")), "{stdout}");
+    let verdict = stdout.lines().find(|l| l.starts_with("verdict: ")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(verdict.starts_with("verdict: 0 of ") && verdict.contains(" 0 handled twice"), "{verdict}");
+    let applied = stdout.lines().find(|l| l.contains("end of the schedule")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(!applied.contains(": 0 faults applied"), "{applied}");
+    for kind in ["kill -9 the producer", "kill -9 the consumer", "kill -9 broker"] {
+        assert!(stdout.lines().any(|l| l.contains(kind) && !l.contains("skipped")), "no `{kind}` applied:\n{stdout}");
+    }
+}

@@ -144,6 +144,9 @@ impl Store for FaultyStore {
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
         self.inner.newest_id()
     }
+    fn last_id(&mut self) -> Result<u64, StoreError> {
+        self.inner.last_id()
+    }
     fn totals(&mut self) -> Result<Totals, StoreError> {
         self.inner.totals()
     }

@@ -1,0 +1,381 @@
+//! `steadfast chaos`: a seeded schedule of faults over a producer (`steadfast
+//! pub` in fanout to two brokers, a child process), the brokers (each behind
+//! a fault proxy) and a consumer (`steadfast sub` with an inbox), then a
+//! verdict from both ends' logs: every accepted identity handled exactly
+//! once, or the promise it broke. The schedule and the verdict are the test
+//! kit's ([`steadfast_testkit::chaos`]); this runs them against processes.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use steadfast_store::{SqliteStore, Store};
+use steadfast_testkit::chaos::{Fault, Schedule, Verdict, CONSUMER_KILLED};
+use steadfast_testkit::{FaultProxy, ProxyMode};
+use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
+
+use crate::args::ChaosArgs;
+use crate::procs::{broker_kind, tempfile_dir, Broker, Consumer, Kind};
+use crate::Failure;
+
+/// Deliveries the consumer may have in flight per broker (its
+/// `--max-inflight`): the most it can have printed and not yet recorded
+/// when it is killed.
+const INFLIGHT: usize = 64;
+
+/// The producer: `steadfast pub -l`, fed lines through a pipe.
+struct Producer {
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<tokio::process::Child>,
+    stdin: Option<tokio::process::ChildStdin>,
+}
+
+impl Producer {
+    fn start(&mut self) -> Result<(), Failure> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| Failure::other(anyhow!("{}: {e}", self.log.display())))?;
+        let exe = std::env::current_exe().map_err(|e| Failure::other(anyhow!(e)))?;
+        let mut child = tokio::process::Command::new(exe)
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Failure::other(anyhow!("cannot start the producer: {e}")))?;
+        self.stdin = child.stdin.take();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    async fn kill9(&mut self) {
+        self.stdin = None;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// One line, if the producer takes it within 50 ms (a producer that
+    /// is down or blocked takes nothing: the line was never accepted).
+    async fn feed(&mut self, line: &str) -> bool {
+        let Some(stdin) = self.stdin.as_mut() else { return false };
+        matches!(tokio::time::timeout(Duration::from_millis(50), stdin.write_all(line.as_bytes())).await, Ok(Ok(())))
+    }
+}
+
+/// Something to undo at a time: a fault's end.
+enum Heal {
+    Broker(usize),
+    Proxy(usize),
+    Producer,
+    Consumer,
+}
+
+/// The producer's identity and how many messages it accepted so far.
+fn accepted(outbox: &Path) -> Option<(String, u64)> {
+    let mut store = SqliteStore::open_read_only(outbox).ok()?;
+    let producer = store.meta("producer").ok()??;
+    Some((producer, store.last_id().ok()?))
+}
+
+/// Drops the producer counted, all reasons.
+fn dropped(outbox: &Path) -> u64 {
+    SqliteStore::open_read_only(outbox).and_then(|mut s| s.drops()).map(|d| d.iter().map(|(_, n)| n).sum()).unwrap_or(0)
+}
+
+/// Sequence numbers of `producer` the consumer printed.
+fn handled(out: &Path, producer: &str) -> HashSet<u64> {
+    let prefix = format!("{producer}/");
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix).and_then(|s| s.parse().ok()))
+        .collect()
+}
+
+/// True when the consumer handled every message up to `upto`.
+fn caught_up(out: &Path, producer: &str, upto: u64) -> bool {
+    let seen = handled(out, producer);
+    (1..=upto).all(|s| seen.contains(&s))
+}
+
+pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
+    let kind = broker_kind(&a.brokers)?;
+    let length = Duration::from_secs(match (a.minutes, a.seconds) {
+        (Some(m), _) => m * 60,
+        (None, s) => s,
+    });
+    if length < Duration::from_secs(20) || a.rate == 0 {
+        return Err(Failure::usage(anyhow!("the run must last 20 s or more, and --rate be above 0")));
+    }
+    let seed = a.seed.unwrap_or_else(|| fastrand::u64(..));
+    let schedule = Schedule::generate(seed, length, 2, kind == Kind::Mosquitto);
+    let tmp = tempfile_dir("chaos")?;
+    let root = tmp.path().to_owned();
+    println!(
+        "steadfast chaos: seed {seed} (run it again with --seed {seed}), {} s at {} msg/s; two {} brokers behind fault proxies; a producer in fanout (ack = all); a consumer with an inbox",
+        length.as_secs(),
+        a.rate,
+        kind.name()
+    );
+    print!("{schedule}");
+
+    let mut brokers = [Broker::start(kind, "broker-a", &root)?, Broker::start(kind, "broker-b", &root)?];
+    let proxies = [FaultProxy::start(brokers[0].port).await, FaultProxy::start(brokers[1].port).await];
+    let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
+    let inbox = root.join("inbox");
+    let out = root.join("consumer.out");
+    let outbox = root.join("outbox");
+    let mut consumer = Consumer {
+        args: ["sub", "-b", &urls[0], "-b", &urls[1], "-t", "chaos/#", "-i", "chaos-consumer", "-F", "%I"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--inbox".into(), inbox.display().to_string()])
+            .chain(["--backoff", "50ms..500ms", "--max-inflight", &INFLIGHT.to_string()].map(String::from))
+            .collect(),
+        out: out.clone(),
+        child: None,
+    };
+    let mut register = consumer.args.clone();
+    register.push("--register".into());
+    let exe = std::env::current_exe().map_err(|e| Failure::other(anyhow!(e)))?;
+    let reg =
+        tokio::process::Command::new(&exe).args(&register).output().await.map_err(|e| Failure::other(anyhow!(e)))?;
+    if !reg.status.success() {
+        return Err(Failure::other(anyhow!("cannot register the consumer: {}", String::from_utf8_lossy(&reg.stderr))));
+    }
+    consumer.start()?;
+    let mut producer = Producer {
+        args: ["pub", "-b", &urls[0], "-b", &urls[1], "--mode", "fanout", "--ack", "all", "-t", "chaos/p", "-l"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(
+                ["-q", "1", "-i", "chaos-producer", "--backoff", "50ms..500ms", "--ack-timeout", "2s"]
+                    .map(String::from),
+            )
+            .chain(["--wait-timeout".into(), "120".into(), "--outbox".into(), outbox.display().to_string()])
+            .collect(),
+        log: root.join("producer.log"),
+        child: None,
+        stdin: None,
+    };
+    producer.start()?;
+
+    let start = Instant::now();
+    let mut next_step = 0;
+    let mut heals: Vec<(Instant, Heal)> = Vec::new();
+    // A broker kill waits until the consumer has everything accepted so
+    // far and no broker is down: with ack = all, the other broker then
+    // holds whatever the killed one had not delivered.
+    let mut gate: Option<(Instant, u64)> = None;
+    let (mut sent, mut skipped, mut applied) = (0u64, 0usize, 0usize);
+    let mut next_report = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while start.elapsed() < length {
+        tick.tick().await;
+        let now = Instant::now();
+        let t = now - start;
+        let due = (t.as_secs_f64() * a.rate as f64) as u64;
+        while sent < due {
+            sent += 1;
+            producer.feed(&format!("{sent}\n")).await;
+        }
+        let mut i = 0;
+        while i < heals.len() {
+            if heals[i].0 <= now {
+                let (_, heal) = heals.swap_remove(i);
+                match heal {
+                    Heal::Broker(b) => brokers[b].spawn()?,
+                    Heal::Proxy(b) => proxies[b].set(ProxyMode::Pass),
+                    Heal::Producer => producer.start()?,
+                    Heal::Consumer => consumer.start()?,
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if t >= next_report {
+            next_report += Duration::from_secs(5);
+            report(t, sent, &outbox, &out).await;
+        }
+        let Some(step) = schedule.steps.get(next_step) else { continue };
+        if t < step.at {
+            continue;
+        }
+        let fault = step.fault;
+        if let Fault::KillBroker { .. } = fault {
+            let broker_down = heals.iter().any(|(_, h)| matches!(h, Heal::Broker(_)));
+            let upto = match gate {
+                Some((_, upto)) => upto,
+                None => {
+                    let upto = tokio::task::spawn_blocking({
+                        let o = outbox.clone();
+                        move || accepted(&o).map_or(0, |(_, n)| n)
+                    })
+                    .await
+                    .unwrap_or(0);
+                    gate = Some((now, upto));
+                    upto
+                }
+            };
+            let producer_id = tokio::task::spawn_blocking({
+                let o = outbox.clone();
+                move || accepted(&o).map(|(p, _)| p)
+            })
+            .await
+            .ok()
+            .flatten();
+            let settled = !broker_down && producer_id.is_some_and(|p| caught_up(&out, &p, upto));
+            if !settled {
+                if gate.is_some_and(|(since, _)| now - since > Duration::from_secs(20)) {
+                    println!(
+                        "{:>6.1}s  skipped: {fault} (the consumer had not caught up within 20 s)",
+                        t.as_secs_f64()
+                    );
+                    skipped += 1;
+                    next_step += 1;
+                    gate = None;
+                }
+                continue;
+            }
+            gate = None;
+        }
+        next_step += 1;
+        applied += 1;
+        println!("{:>6.1}s  {fault}", t.as_secs_f64());
+        let until = now + fault.lasting();
+        match fault {
+            Fault::KillBroker { broker, persistence, .. } => {
+                brokers[broker].kill9();
+                brokers[broker].set_persistence(persistence);
+                heals.push((until, Heal::Broker(broker)));
+            }
+            Fault::Reset { broker } => proxies[broker].reset_connections(),
+            Fault::BlackHole { broker, .. } => {
+                proxies[broker].set(ProxyMode::BlackHole);
+                heals.push((until, Heal::Proxy(broker)));
+            }
+            Fault::Latency { broker, delay, .. } => {
+                proxies[broker].set(ProxyMode::Latency(delay));
+                heals.push((until, Heal::Proxy(broker)));
+            }
+            Fault::Bandwidth { broker, bytes_per_sec, .. } => {
+                proxies[broker].set(ProxyMode::Bandwidth(bytes_per_sec));
+                heals.push((until, Heal::Proxy(broker)));
+            }
+            Fault::KillProducer { .. } => {
+                if producer.child.is_some() {
+                    producer.kill9().await;
+                    heals.push((until, Heal::Producer));
+                }
+            }
+            Fault::KillConsumer { .. } => {
+                if consumer.child.is_some() {
+                    consumer.kill9();
+                    append_line(&out, CONSUMER_KILLED)?;
+                    heals.push((until, Heal::Consumer));
+                }
+            }
+        }
+    }
+
+    // The end: everything back up, the producer's input closed; it exits
+    // once its outbox is empty (this run's messages and any an earlier
+    // incarnation left).
+    for (_, heal) in heals.drain(..) {
+        match heal {
+            Heal::Broker(b) => brokers[b].spawn()?,
+            Heal::Proxy(b) => proxies[b].set(ProxyMode::Pass),
+            Heal::Producer => producer.start()?,
+            Heal::Consumer => consumer.start()?,
+        }
+    }
+    println!(
+        "{:>6.1}s  end of the schedule: {applied} faults applied, {skipped} skipped; draining",
+        start.elapsed().as_secs_f64()
+    );
+    producer.stdin = None;
+    let drained = match producer.child.as_mut() {
+        Some(c) => tokio::time::timeout(Duration::from_secs(120), c.wait()).await.ok().and_then(|r| r.ok()),
+        None => None,
+    };
+    if !drained.is_some_and(|s| s.success()) {
+        producer.kill9().await;
+        println!(
+            "the producer did not finish delivering (see {}): what it holds counts as missing",
+            producer.log.display()
+        );
+    }
+    let Some((producer_id, last)) = accepted(&outbox) else {
+        return Err(Failure::other(anyhow!("the producer's outbox {} cannot be read", outbox.display())));
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !caught_up(&out, &producer_id, last) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    consumer.kill9();
+    let log = std::fs::read_to_string(&out).unwrap_or_default();
+    let verdict = Verdict::check(&producer_id, last, dropped(&outbox), &log, 2 * INFLIGHT);
+    println!(
+        "checked: {} lines fed, {} accepted by the producer (identities {producer_id}/1..{last}, from its outbox), looked up in the consumer's output ({}); order is not promised across the two brokers of a fanout, so it is reported, not required",
+        sent,
+        last,
+        out.display()
+    );
+    println!("verdict: {verdict}");
+    if let Some(keep) = &a.keep {
+        copy_dir(&root, keep).map_err(|e| Failure::other(anyhow!("--keep {}: {e}", keep.display())))?;
+        println!("the run's files are kept in {}", keep.display());
+    }
+    if verdict.passed() {
+        println!("PASSED (seed {seed})");
+        Ok(())
+    } else {
+        Err(Failure::other(anyhow!("FAILED (seed {seed}): {verdict}")))
+    }
+}
+
+async fn report(t: Duration, sent: u64, outbox: &Path, out: &Path) {
+    let (o, c) = (outbox.to_owned(), out.to_owned());
+    let line = tokio::task::spawn_blocking(move || {
+        let (producer, last) = accepted(&o).unwrap_or_default();
+        let seen = handled(&c, &producer).len();
+        format!("{sent} fed, {last} accepted, {seen} handled")
+    })
+    .await
+    .unwrap_or_default();
+    println!("{:>6.1}s  ({line})", t.as_secs_f64());
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), Failure> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| Failure::other(anyhow!("{}: {e}", path.display())))?;
+    writeln!(f, "{line}").map_err(|e| Failure::other(anyhow!("{}: {e}", path.display())))
+}
+
+/// Copies the files of a run (logs, stores) for a look afterwards.
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}

@@ -135,17 +135,23 @@ pub struct Schedule {
 impl Schedule {
     /// The schedule for `seed` over `length` with `brokers` brokers: a fault
     /// every 1.5 to 4 s from the second second, none in the last fifth (the
-    /// end is for draining). `persistence`: whether broker restarts may
-    /// keep what they saved (Mosquitto) or never do (the embedded broker).
+    /// end is for draining). The first seven are one of each kind, in a
+    /// seeded order, so that even a short run meets them all; then kinds
+    /// are drawn by weight. `persistence`: whether broker restarts may keep
+    /// what they saved (Mosquitto) or never do (the embedded broker).
     pub fn generate(seed: u64, length: Duration, brokers: usize, persistence: bool) -> Schedule {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut steps = Vec::new();
         let mut t = 2.0;
         let end = length.as_secs_f64() * 0.8;
         let secs = |rng: &mut fastrand::Rng, lo: f64, hi: f64| Duration::from_secs_f64(lo + rng.f64() * (hi - lo));
+        // One of each kind first: points inside each kind's weight band.
+        let mut first: Vec<u32> = vec![0, 20, 35, 48, 60, 70, 85];
+        rng.shuffle(&mut first);
         while t < end {
             let broker = rng.usize(..brokers.max(1));
-            let fault = match rng.u32(..100) {
+            let pick = if steps.len() < first.len() { first[steps.len()] } else { rng.u32(..100) };
+            let fault = match pick {
                 0..=19 => {
                     Fault::KillBroker { broker, down: secs(&mut rng, 0.5, 3.0), persistence: persistence && rng.bool() }
                 }
@@ -304,6 +310,9 @@ mod tests {
         assert_eq!(a, Schedule::generate(42, Duration::from_secs(60), 2, true));
         assert_ne!(a, Schedule::generate(43, Duration::from_secs(60), 2, true));
         assert!(a.steps.len() >= 10, "{a}");
+        let kinds: std::collections::HashSet<_> =
+            a.steps.iter().take(7).map(|s| std::mem::discriminant(&s.fault)).collect();
+        assert_eq!(kinds.len(), 7, "the first seven are one of each kind: {a}");
         assert!(a.steps.iter().all(|s| s.at.as_secs_f64() < 48.0));
         assert!(!Schedule::generate(42, Duration::from_secs(60), 2, false)
             .steps

@@ -170,6 +170,9 @@ pub struct ConnArgs {
     /// Keep-alive in seconds.
     #[arg(short = 'k', long = "keepalive", default_value_t = 30)]
     pub keepalive: u64,
+    /// The largest packet to take from the broker (e.g. 1MB; announced on MQTT 5); default: no limit.
+    #[arg(long, value_name = "SIZE")]
+    pub max_packet: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -32,7 +32,12 @@ impl crate::args::ConnArgs {
     /// `client` with the version, keep-alive, credentials and TLS settings
     /// of the flags.
     pub fn apply(&self, client: steadfast::ClientConfig) -> Result<steadfast::ClientConfig, String> {
-        let client = client.version(parse_version(&self.version)?).keep_alive(parse_keepalive(self.keepalive)?);
+        let mut client = client.version(parse_version(&self.version)?).keep_alive(parse_keepalive(self.keepalive)?);
+        if let Some(max) = &self.max_packet {
+            let bytes = parse_size(max).map_err(|e| format!("--max-packet: {e}"))?;
+            let bytes = u32::try_from(bytes).map_err(|_| format!("--max-packet {max}: MQTT packets stop at 256 MB"))?;
+            client = client.max_packet_size(bytes);
+        }
         let secrets = Secrets {
             username: self.username.clone(),
             password: self.password.clone(),

@@ -288,6 +288,7 @@ pub struct ClientConfig {
     pub(crate) seed: Option<u64>,
     pub(crate) policy: Policy,
     pub(crate) tls: TlsConfig,
+    pub(crate) max_packet_size: Option<u32>,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -332,7 +333,17 @@ impl ClientConfig {
             seed: None,
             policy: Policy::default(),
             tls: TlsConfig::default(),
+            max_packet_size: None,
         }
+    }
+
+    /// The largest packet this client takes from a broker, in bytes
+    /// (default: no limit below MQTT's 256 MB). On MQTT 5 it is announced,
+    /// so the broker skips bigger messages for this client; a bigger packet
+    /// that arrives anyway ends the connection with an error.
+    pub fn max_packet_size(mut self, bytes: u32) -> Self {
+        self.max_packet_size = Some(bytes);
+        self
     }
 
     /// TLS settings for `mqtts://` and `wss://` brokers (default: verify
@@ -526,6 +537,12 @@ impl ClientConfig {
         }
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
             return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });
+        }
+        if self.max_packet_size.is_some_and(|m| m < 128) {
+            return Err(ConfigError::Invalid(format!(
+                "a maximum packet size of {} bytes leaves no room for a message; use 128 or more",
+                self.max_packet_size.unwrap_or_default()
+            )));
         }
         // Certificate files are read now so that a mistake shows at start.
         if self.all_brokers().iter().any(|b| b.transport.is_tls()) {

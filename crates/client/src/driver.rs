@@ -797,24 +797,36 @@ impl Driver {
         let mut end = None;
         for inc in incoming {
             match inc {
-                Incoming::PubAck { pid, ok: true } => {
-                    if let Some(id) = self.window.on_puback(pid) {
-                        done.push(id);
+                // An acknowledgement of nothing we sent under that packet
+                // id is a broker bug: the link ends with the error (what is
+                // in flight is sent again), it is never taken for another
+                // message's.
+                Incoming::PubAck { pid, ok: true } => match self.window.on_puback(pid) {
+                    Some(id) => done.push(id),
+                    None => {
+                        end = Some(stray("PUBACK", pid, "QoS 1 message"));
+                        break;
                     }
-                }
-                Incoming::PubRec { pid, ok: true } => {
-                    if let Some(id) = self.window.on_pubrec(pid) {
-                        released.push((id, pid));
+                },
+                Incoming::PubRec { pid, ok: true } => match self.window.on_pubrec(pid) {
+                    Some(id) => released.push((id, pid)),
+                    None => {
+                        end = Some(stray("PUBREC", pid, "QoS 2 message"));
+                        break;
                     }
-                }
+                },
                 Incoming::PubComp { pid } => {
                     if let Some(id) = self.window.on_pubcomp(pid) {
                         done.push(id);
                     }
                 }
                 Incoming::PubAck { pid, ok: false } | Incoming::PubRec { pid, ok: false } => {
-                    if let Some(id) = self.window.on_refused(pid) {
-                        refused.push(id);
+                    match self.window.on_refused(pid) {
+                        Some(id) => refused.push(id),
+                        None => {
+                            end = Some(stray("refusal", pid, "message"));
+                            break;
+                        }
                     }
                 }
                 Incoming::Disconnect { reason } => {
@@ -926,4 +938,12 @@ fn record(s: &BrokerStatus) -> BrokerRecord {
         connects: s.connects,
         active: s.active,
     }
+}
+
+/// The error for an acknowledgement of a packet id with nothing of that
+/// kind in flight.
+fn stray(what: &str, pid: u16, kind: &str) -> ConnectError {
+    ConnectError::Protocol(format!(
+        "the broker sent a {what} for packet id {pid}, which has no {kind} in flight (a broker bug); reconnecting"
+    ))
 }

@@ -20,6 +20,7 @@ pub(crate) struct Link {
     version: ProtocolVersion,
     envelope: bool,
     framer: PacketBuilder,
+    max_packet: Option<u32>,
     /// Bytes waiting to be written to the socket.
     pub out: Vec<u8>,
 }
@@ -114,9 +115,15 @@ fn malformed(what: &str, e: MqttError) -> ConnectError {
 
 impl Link {
     /// A link speaking `version`; with `envelope`, MQTT 3.1.1 payloads carry
-    /// the message identity in front ([`Identity::wrap`]).
-    pub fn new(version: ProtocolVersion, envelope: bool) -> Self {
-        Self { version, envelope, framer: PacketBuilder::new(), out: Vec::with_capacity(64 * 1024) }
+    /// the message identity in front ([`Identity::wrap`]). A packet from the
+    /// broker over `max_packet` bytes ends the link before anything is
+    /// allocated for it.
+    pub fn new(version: ProtocolVersion, envelope: bool, max_packet: Option<u32>) -> Self {
+        let framer = match max_packet {
+            Some(max) => PacketBuilder::with_maximum_packet_size(max),
+            None => PacketBuilder::new(),
+        };
+        Self { version, envelope, framer, max_packet, out: Vec::with_capacity(64 * 1024) }
     }
 
     fn emit(&mut self, packet: &impl GenericPacketTrait) {
@@ -139,6 +146,11 @@ impl Link {
                 // How many unacknowledged PUBLISHes the broker may send us:
                 // a consumer's back-pressure.
                 props.push(Property::ReceiveMaximum(mqtt::packet::ReceiveMaximum::new(c.max_inflight).map_err(err)?));
+                // The largest packet we take: a broker that knows it
+                // does not send bigger ones (it skips them for us).
+                if let Some(max) = c.max_packet_size {
+                    props.push(Property::MaximumPacketSize(mqtt::packet::MaximumPacketSize::new(max).map_err(err)?));
+                }
                 let mut b = v5_0::Connect::builder()
                     .client_id(c.client_id.as_str())
                     .map_err(err)?
@@ -314,6 +326,13 @@ impl Link {
                     }
                 },
                 PacketBuildResult::Incomplete => {}
+                PacketBuildResult::Error(MqttError::PacketTooLarge) => {
+                    incoming.push(Incoming::Broken(ConnectError::Protocol(format!(
+                        "the broker sent a packet over our maximum packet size of {} bytes (ClientConfig::max_packet_size; CLI --max-packet)",
+                        self.max_packet.unwrap_or(u32::MAX)
+                    ))));
+                    break;
+                }
                 PacketBuildResult::Error(e) => {
                     incoming.push(Incoming::Broken(malformed("packet", e)));
                     break;
@@ -575,7 +594,7 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
         Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
         Ok(r) => r?,
     };
-    let mut link = Link::new(cfg.version, cfg.envelope);
+    let mut link = Link::new(cfg.version, cfg.envelope, cfg.max_packet_size);
     link.connect(cfg, clean)?;
     let mut buf = vec![0u8; 64 * 1024];
     let handshake = async {

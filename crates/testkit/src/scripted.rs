@@ -23,6 +23,12 @@ pub enum Reply {
     AckThenDisconnect,
     /// The ack and a malformed packet (reserved type 0) in one write.
     AckThenGarbage,
+    /// An ack for another packet id, one never sent.
+    AckWrongPid,
+    /// The ack, twice.
+    AckTwice,
+    /// Instead of an ack, the start of a PUBLISH that claims to be 10 MB.
+    Oversize,
 }
 
 /// A PUBLISH the broker received.
@@ -184,6 +190,13 @@ fn serve(
                         false
                     }
                     Reply::AckThenGarbage => s.write_all(&[ack_type, 2, hi, lo, 0x00, 0x00]).is_ok(),
+                    Reply::AckWrongPid => {
+                        let [whi, wlo] = pid.wrapping_add(1000).max(1).to_be_bytes();
+                        s.write_all(&[ack_type, 2, whi, wlo]).is_ok()
+                    }
+                    Reply::AckTwice => s.write_all(&[ack_type, 2, hi, lo, ack_type, 2, hi, lo]).is_ok(),
+                    // Remaining length 10,000,000 as a variable byte integer.
+                    Reply::Oversize => s.write_all(&[0x30, 0x80, 0xad, 0xe2, 0x04, 0, 1, b't']).is_ok(),
                 };
                 if !ok {
                     let _ = s.shutdown(std::net::Shutdown::Both);

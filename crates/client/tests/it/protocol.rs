@@ -483,3 +483,62 @@ async fn mixed_qos_messages_go_out_in_publish_order() {
     assert_eq!(got, want);
     c.close().await;
 }
+
+/// A hostile broker, one misbehaviour per case on the first connection and
+/// a correct broker on the next: each is a named error and a reconnect,
+/// never a panic, a hang or a lost message; the message is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_broker_gets_a_clear_error_and_a_reconnect_and_loses_nothing() {
+    let cases: [(Reply, bool, &str); 4] = [
+        (Reply::AckWrongPid, true, "which has no QoS 1 message in flight"),
+        (Reply::AckWrongPid, false, "which has no QoS 1 message in flight"),
+        (Reply::AckThenGarbage, true, "packet type 0"),
+        (Reply::Oversize, true, "over our maximum packet size of 65536 bytes"),
+    ];
+    for (reply, v5, want) in cases {
+        let broker =
+            ScriptedBroker::start(v5, |conn| conn > 0, move |conn, _| if conn == 0 { reply } else { Reply::Ack });
+        let v = if v5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+        let cfg = config("hostile", &broker.url(), &std::env::temp_dir()).version(v).max_packet_size(65536);
+        let c = Client::with_store(cfg, Box::new(MemoryStore::new())).await.expect("client");
+        let mut events = c.events();
+        let r = c.publish(Message::new("t", format!("{reply:?}"))).await.unwrap();
+        if reply != Reply::AckThenGarbage {
+            let error = next_event(&mut events, "Disconnected", Duration::from_secs(10), |e| match e {
+                steadfast::Event::Disconnected { error, .. } => Some(error.clone()),
+                _ => None,
+            })
+            .await;
+            assert!(error.to_string().contains(want), "{reply:?}: {error}");
+            assert!(error.is_retryable(), "{reply:?}: a broker bug is worth a reconnect");
+        }
+        assert_eq!(delivered(r).await, Delivery::Delivered, "{reply:?}");
+        assert!(broker.connections() >= if reply == Reply::AckThenGarbage { 1 } else { 2 }, "{reply:?}");
+        c.close().await;
+    }
+}
+
+/// The same acknowledgement twice: the first delivers the message, the
+/// second (nothing left under that id) ends the link with the error; the
+/// message is not sent again under a fresh id as if it were new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_acknowledgement_is_an_error_not_a_second_delivery() {
+    let broker =
+        ScriptedBroker::start(true, |conn| conn > 0, |conn, _| if conn == 0 { Reply::AckTwice } else { Reply::Ack });
+    let cfg = config("dup-ack", &broker.url(), &std::env::temp_dir());
+    let c = Client::with_store(cfg, Box::new(MemoryStore::new())).await.expect("client");
+    let mut events = c.events();
+    let first = c.publish(Message::new("t", "one")).await.unwrap();
+    assert_eq!(delivered(first).await, Delivery::Delivered);
+    let error = next_event(&mut events, "Disconnected", Duration::from_secs(10), |e| match e {
+        steadfast::Event::Disconnected { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(error.to_string().contains("PUBACK for packet id 1, which has no QoS 1 message in flight"), "{error}");
+    let second = c.publish(Message::new("t", "two")).await.unwrap();
+    assert_eq!(delivered(second).await, Delivery::Delivered);
+    let payloads: Vec<Vec<u8>> = broker.publishes().into_iter().map(|p| p.payload).collect();
+    assert_eq!(payloads.iter().filter(|p| p.as_slice() == b"one").count(), 1, "{payloads:?}");
+    c.close().await;
+}

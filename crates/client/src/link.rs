@@ -627,3 +627,95 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
     }
     Ok(Opened { rd, wr, link, ack, after, buf })
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use steadfast_core::Qos;
+    use steadfast_store::{NewMessage, StoredMessage};
+
+    use super::{Incoming, Link};
+    use crate::config::ProtocolVersion;
+
+    fn version(v5: bool) -> ProtocolVersion {
+        if v5 {
+            ProtocolVersion::V5
+        } else {
+            ProtocolVersion::V311
+        }
+    }
+
+    /// Feeds `bytes` in pieces cut at `cuts` (fractions of the length),
+    /// stopping at a `Broken` as the connection loops do.
+    fn feed(link: &mut Link, bytes: &[u8], cuts: &[f64]) -> Vec<Incoming> {
+        let mut at: Vec<usize> = cuts.iter().map(|c| (c * bytes.len() as f64) as usize).collect();
+        at.push(0);
+        at.push(bytes.len());
+        at.sort_unstable();
+        let mut all = Vec::new();
+        for w in at.windows(2) {
+            all.extend(link.receive(&bytes[w[0]..w[1]]));
+            if matches!(all.last(), Some(Incoming::Broken(_))) {
+                break;
+            }
+        }
+        all
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever bytes a broker sends, in whatever pieces: no panic, and
+        /// at most one `Broken`, as the last thing decoded.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                                       cuts in proptest::collection::vec(0.0f64..1.0, 0..8),
+                                       v5 in any::<bool>(), max in proptest::option::of(128u32..1024)) {
+            let mut link = Link::new(version(v5), false, max);
+            let got = feed(&mut link, &bytes, &cuts);
+            let broken = got.iter().filter(|i| matches!(i, Incoming::Broken(_))).count();
+            prop_assert!(broken <= 1);
+            if broken == 1 {
+                prop_assert!(matches!(got.last(), Some(Incoming::Broken(_))));
+            }
+        }
+
+        /// A PUBLISH, cut anywhere, decodes to what was encoded.
+        #[test]
+        fn a_publish_cut_anywhere_decodes_whole(topic in "[a-z]{1,8}(/[a-z0-9]{1,8}){0,3}",
+                                                payload in proptest::collection::vec(any::<u8>(), 0..2048),
+                                                qos in 0u8..3, retain in any::<bool>(), v5 in any::<bool>(),
+                                                cuts in proptest::collection::vec(0.0f64..1.0, 0..12)) {
+            let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][qos as usize];
+            let pid = (qos != Qos::AtMostOnce).then_some(7);
+            let m = StoredMessage {
+                id: 3,
+                msg: NewMessage {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                    qos,
+                    retain,
+                    props: Default::default(),
+                    created_ms: 0,
+                    route: None,
+                    policy: Default::default(),
+                },
+                wire: None,
+                acks: 0,
+                attempts: 0,
+            };
+            let sender = Link::new(version(v5), false, None);
+            let bytes = sender.encode_publish(&m, "producer", pid, false).unwrap();
+            let mut receiver = Link::new(version(v5), false, None);
+            let got = feed(&mut receiver, &bytes, &cuts);
+            prop_assert_eq!(got.len(), 1);
+            let Incoming::Publish(p) = &got[0] else { return Err(TestCaseError::fail(format!("{got:?}"))) };
+            prop_assert_eq!(&p.topic, &topic);
+            prop_assert_eq!(&p.payload, &payload);
+            prop_assert_eq!((p.qos, p.pid, p.retain), (qos, pid, retain));
+            if v5 {
+                prop_assert_eq!(p.identity.as_deref(), Some("producer/3"));
+            }
+        }
+    }
+}

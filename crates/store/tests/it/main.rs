@@ -6,6 +6,7 @@
 mod bounds;
 mod compat;
 mod inbox;
+mod power;
 mod quorum;
 mod recovery;
 
@@ -29,4 +30,10 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
 /// underneath; its replies are futures).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+/// The ids an outbox holds, in order.
+pub fn recovery_ids(store: &mut steadfast_store::SqliteStore) -> Vec<u64> {
+    use steadfast_store::Store;
+    store.read_after(0, usize::MAX >> 1, None, None).unwrap().into_iter().map(|m| m.id).collect()
 }

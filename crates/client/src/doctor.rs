@@ -190,9 +190,25 @@ impl Doc {
             let granted = sub.suback().await?;
             let mut publ = self.open("qos2-pub", true).await?;
             publ.publish(&topic, b"qos2", Qos::ExactlyOnce, false, Some(1))?;
-            let rec = publ.wait(STEP, |i| matches!(i, Incoming::PubRec { pid: 1, .. }).then_some(())).await?;
-            if rec.is_none() {
-                return Ok(Check { key: "qos2", ok: Some(false), detail: "no PUBREC for a QoS 2 PUBLISH".into() });
+            let rec = publ
+                .wait(STEP, |i| match i {
+                    Incoming::PubRec { pid: 1, .. } => Some(true),
+                    Incoming::PubAck { pid: 1, .. } => Some(false),
+                    _ => None,
+                })
+                .await?;
+            match rec {
+                Some(true) => {}
+                Some(false) => {
+                    return Ok(Check {
+                        key: "qos2",
+                        ok: Some(false),
+                        detail: "a QoS 2 PUBLISH was answered with PUBACK: taken at QoS 1".into(),
+                    })
+                }
+                None => {
+                    return Ok(Check { key: "qos2", ok: Some(false), detail: "no PUBREC for a QoS 2 PUBLISH".into() })
+                }
             }
             publ.link.pubrel(1)?;
             let comp = publ.wait(STEP, |i| matches!(i, Incoming::PubComp { pid: 1 }).then_some(())).await?;

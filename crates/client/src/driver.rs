@@ -116,6 +116,10 @@ pub(crate) struct Driver {
     max_packet: Option<u32>,
     last_recorded: Instant,
     last_logged: Option<String>,
+    /// The broker downgraded a QoS 2 message to QoS 1 (warned once).
+    warned_downgrade: bool,
+    /// A PUBREC arrived on this connection (the broker does QoS 2).
+    pubrec_seen: bool,
     /// When the window last made progress (an acknowledgement, or the
     /// first message into an empty window): the ack timeout counts from it.
     progress_at: Instant,
@@ -169,6 +173,8 @@ impl Driver {
             max_packet: None,
             last_recorded: Instant::now(),
             last_logged: None,
+            warned_downgrade: false,
+            pubrec_seen: false,
         }
     }
 
@@ -330,6 +336,7 @@ impl Driver {
         let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf } =
             open_session(&self.cfg, &self.url, clean).await?;
         *connected_at = Some(Instant::now());
+        self.pubrec_seen = false;
         // The router decides first whether this broker takes messages now:
         // what it had in flight is resent only if it still does.
         let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
@@ -354,7 +361,16 @@ impl Driver {
             }
             wr.shutdown().await
         });
-        let r = self.pump_loop(&mut link, &mut rd, &wtx, &mut writer, &mut buf).await;
+        let r = match self.pump_loop(&mut link, &mut rd, &wtx, &mut writer, &mut buf).await {
+            // Some brokers close the connection on a QoS 2 PUBLISH they do
+            // not support (NATS): say so, since the broker does not.
+            Err(ConnectError::Closed(why)) if !self.pubrec_seen && self.window.awaits_pubrec() => {
+                Err(ConnectError::Closed(format!(
+                    "{why} with a QoS 2 message in flight and no PUBREC yet; if this repeats, the broker does not support QoS 2 (NATS does not): publish with -q 1"
+                )))
+            }
+            r => r,
+        };
         if matches!(r, Ok(End::Stopped)) {
             link.disconnect();
             let _ = wtx.send(std::mem::take(&mut link.out));
@@ -803,13 +819,28 @@ impl Driver {
                 // message's.
                 Incoming::PubAck { pid, ok: true } => match self.window.on_puback(pid) {
                     Some(id) => done.push(id),
-                    None => {
-                        end = Some(stray("PUBACK", pid, "QoS 1 message"));
-                        break;
-                    }
+                    None => match self.window.on_downgraded_puback(pid) {
+                        Some(id) => {
+                            if !self.warned_downgrade {
+                                self.warned_downgrade = true;
+                                tracing::warn!(
+                                    broker = %self.url,
+                                    "the broker answered a QoS 2 PUBLISH with PUBACK: it does not do QoS 2 and took the message at QoS 1 (a consumer may see it twice; its inbox removes the copy). Publish with -q 1 to this broker"
+                                );
+                            }
+                            done.push(id);
+                        }
+                        None => {
+                            end = Some(stray("PUBACK", pid, "QoS 1 message"));
+                            break;
+                        }
+                    },
                 },
                 Incoming::PubRec { pid, ok: true } => match self.window.on_pubrec(pid) {
-                    Some(id) => released.push((id, pid)),
+                    Some(id) => {
+                        self.pubrec_seen = true;
+                        released.push((id, pid));
+                    }
                     None => {
                         end = Some(stray("PUBREC", pid, "QoS 2 message"));
                         break;

@@ -346,6 +346,11 @@ impl Link {
         let v5 = self.version == ProtocolVersion::V5;
         let ok = |code: Option<bool>| code.unwrap_or(true);
         Ok(match raw.packet_type() {
+            // A broker without MQTT 5 may answer with a 3.1.1 CONNACK
+            // refusing the version (code 1), which MQTT 5 allows.
+            2 if v5 && raw.data_as_slice() == [0, 1] => {
+                Incoming::ConnAck(ConnAck { refused: Some(Refusal::ProtocolVersion), ..Default::default() })
+            }
             2 if v5 => connack_v5(parse(raw, "CONNACK", v5_0::Connack::parse)?),
             2 => connack_v311(parse(raw, "CONNACK", v3_1_1::Connack::parse)?),
             3 if v5 => {

@@ -113,6 +113,12 @@ impl SendWindow {
         self.take_if(pid, |e| e.qos == Qos::AtLeastOnce)
     }
 
+    /// PUBACK for a QoS 2 message not yet PUBREC'd: a broker without QoS 2
+    /// took it at QoS 1 (RabbitMQ before 3.12 does). It is delivered.
+    pub fn on_downgraded_puback(&mut self, pid: u16) -> Option<u64> {
+        self.take_if(pid, |e| e.qos == Qos::ExactlyOnce && e.stage == Stage::Published)
+    }
+
     /// PUBREC: the QoS 2 message under `pid` now belongs to the broker. The
     /// caller records the stage durably, then sends PUBREL. A repeated PUBREC
     /// answers again.
@@ -158,6 +164,11 @@ impl SendWindow {
         let delivered = self.by_pid.values().filter(|e| e.stage == Stage::Released).map(|e| e.id).collect();
         self.by_pid.clear();
         Resume::Restart { delivered }
+    }
+
+    /// True when a QoS 2 message is in flight without its PUBREC.
+    pub fn awaits_pubrec(&self) -> bool {
+        self.by_pid.values().any(|e| e.qos == Qos::ExactlyOnce && e.stage == Stage::Published)
     }
 
     /// Ids of everything in flight (any order).

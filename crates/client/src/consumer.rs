@@ -554,11 +554,20 @@ impl Consumer {
 }
 
 fn check_granted(url: &BrokerUrl, topics: &[(String, Qos)], granted: &[Option<u8>]) -> Result<(), ConnectError> {
-    for (i, (filter, _)) in topics.iter().enumerate() {
-        if granted.get(i).copied().flatten().is_none() {
-            return Err(ConnectError::Protocol(format!(
+    for (i, (filter, asked)) in topics.iter().enumerate() {
+        match granted.get(i).copied().flatten() {
+            None => {
+                return Err(ConnectError::Protocol(format!(
                 "{url} refused the subscription to `{filter}` (not authorised, or an invalid filter for this broker)"
-            )));
+            )))
+            }
+            Some(g) if g < *asked as u8 => tracing::warn!(
+                broker = %url,
+                filter = %filter,
+                "the broker granted QoS {g} instead of {}: messages come at most at QoS {g} (the inbox still removes copies)",
+                *asked as u8
+            ),
+            Some(_) => {}
         }
     }
     Ok(())

@@ -608,7 +608,13 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
         loop {
             let n = rd.read(&mut buf).await.map_err(|e| io_error(&broker, e))?;
             if n == 0 {
-                return Err(ConnectError::Closed(" before CONNACK".into()));
+                let hint = match cfg.version {
+                    ProtocolVersion::V5 => {
+                        " before CONNACK (a broker without MQTT 5, such as RabbitMQ before 3.13, does that: try -V 311)"
+                    }
+                    ProtocolVersion::V311 => " before CONNACK",
+                };
+                return Err(ConnectError::Closed(hint.into()));
             }
             let mut incoming = link.receive(&buf[..n]).into_iter();
             while let Some(inc) = incoming.next() {

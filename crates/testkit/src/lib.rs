@@ -9,6 +9,7 @@
 
 pub mod chaos;
 mod mosquitto;
+mod others;
 mod pki;
 mod proxy;
 mod scripted;
@@ -16,6 +17,7 @@ mod sub;
 mod ws;
 
 pub use mosquitto::{Mosquitto, MosquittoOptions};
+pub use others::{Nats, RabbitMq};
 pub use pki::Pki;
 pub use proxy::{FaultProxy, ProxyMode};
 pub use scripted::{Received, Reply, ScriptedBroker};

@@ -342,7 +342,7 @@ to = "y/#"
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
-fn python(script: &str) -> Command {
+pub(crate) fn python(script: &str) -> Command {
     let mut c = Command::new("python3");
     c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script));
     c

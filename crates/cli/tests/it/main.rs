@@ -10,6 +10,7 @@ use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, Pro
 
 mod bridge;
 mod doctor;
+mod interop;
 mod policy;
 mod sub;
 mod tls;

@@ -1,0 +1,203 @@
+//! The interop matrix (docs/interop.md): `steadfast pub` and `sub` against
+//! brokers and clients no one here wrote — RabbitMQ's MQTT plugin, NATS's
+//! MQTT listener, Python's paho-mqtt 2 — each started by the test. Where a
+//! broker lacks a feature, the clear error or the downgrade is checked.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use steadfast_testkit::{Mosquitto, Nats, RabbitMq};
+
+use crate::{run, stderr};
+
+/// `sub --register`, `n` messages through `pub`, then `sub -C n`: every
+/// payload once, in order. `extra` goes to both ends.
+async fn round_trip(pub_url: &str, sub_url: &str, extra: &[&str], tag: &str, n: usize) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("in");
+    let ob = dir.path().join("ob");
+    // QoS 1 unless `extra` says otherwise.
+    let qos: &[&str] = if extra.contains(&"-q") { &[] } else { &["-q", "1"] };
+    let strs = |v: &[&str]| -> Vec<String> { v.iter().chain(qos).chain(extra).map(|s| s.to_string()).collect() };
+    let mut sub = strs(&["sub", "-b", sub_url, "-t", &format!("{tag}/#"), "-i", &format!("{tag}-sub")]);
+    sub.extend(["--inbox".to_string(), inbox.display().to_string()]);
+    let mut register = sub.clone();
+    register.push("--register".into());
+    let out = run(&register.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(0), "register: {}", stderr(&out));
+    let lines: String = (0..n).map(|i| format!("{tag}-{i:05}\n")).collect();
+    let mut publish = strs(&["pub", "-b", pub_url, "-t", &format!("{tag}/x"), "-l", "-i", tag]);
+    publish.extend(["--outbox".to_string(), ob.display().to_string()]);
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = crate::steadfast().args(&publish).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "pub: {}", stderr(&out));
+    let pub_err = stderr(&out);
+    sub.extend(["-C".into(), n.to_string(), "-W".into(), "30".into()]);
+    let out = run(&sub.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(0), "sub: {}", stderr(&out));
+    let want: String = (0..n).map(|i| format!("{tag}-{i:05}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    (pub_err, stderr(&out))
+}
+
+fn doctor_json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_mqtt_311_qos_downgrades_websocket_and_no_mqtt_5() {
+    let rabbit = RabbitMq::start().await;
+    // MQTT 3.1.1 with the identity envelope, over TCP and over Web MQTT.
+    round_trip(&rabbit.url(), &rabbit.url(), &["-V", "311", "--envelope"], "rmq", 300).await;
+    round_trip(&rabbit.ws_url(), &rabbit.url(), &["-V", "311", "--envelope"], "rmqws", 100).await;
+    // QoS 2 both ways: the publish is taken at QoS 1 (delivered, warned),
+    // the subscription granted QoS 1 (warned).
+    let (pub_err, sub_err) =
+        round_trip(&rabbit.url(), &rabbit.url(), &["-V", "311", "--envelope", "-q", "2"], "rmq2", 50).await;
+    assert!(pub_err.contains("took the message at QoS 1"), "{pub_err}");
+    assert!(sub_err.contains("granted QoS 1 instead of 2"), "{sub_err}");
+    // MQTT 5: RabbitMQ 3.10 closes the connection; the error says what to try.
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob");
+    let out = run(&[
+        "pub",
+        "-b",
+        &rabbit.url(),
+        "-t",
+        "v5",
+        "-m",
+        "x",
+        "--outbox",
+        ob.to_str().unwrap(),
+        "--wait-timeout",
+        "3",
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("try -V 311"), "{}", stderr(&out));
+    let report = doctor_json(&run(&["doctor", "-b", &rabbit.url(), "--json"]).await);
+    assert_eq!(report["checks"]["mqtt5"]["ok"], false, "{report}");
+    assert_eq!(report["checks"]["mqtt311"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["qos2"]["ok"], false, "{report}");
+    assert!(report["checks"]["qos2"]["detail"].as_str().unwrap().contains("taken at QoS 1"), "{report}");
+    assert_eq!(report["checks"]["session"]["ok"], true, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
+    let nats = Nats::start().await;
+    round_trip(&nats.url(), &nats.url(), &["-V", "311", "--envelope"], "nats", 300).await;
+    let dir = tempfile::tempdir().unwrap();
+    // MQTT 5: refused with a 3.1.1 CONNACK; a clear error at once.
+    let ob = dir.path().join("ob5");
+    let out = run(&["pub", "-b", &nats.url(), "-t", "v5", "-m", "x", "--outbox", ob.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not accept this MQTT protocol version; try -V 311"), "{}", stderr(&out));
+    // QoS 2: NATS closes the connection; the error says why it may be.
+    let ob = dir.path().join("ob2");
+    let args = ["pub", "-b", &nats.url(), "-V", "311", "-q", "2", "-t", "q2", "-m", "x", "--wait-timeout", "4"];
+    let out = run(&args.iter().copied().chain(["--outbox", ob.to_str().unwrap()]).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("does not support QoS 2"), "{}", stderr(&out));
+    let report = doctor_json(&run(&["doctor", "-b", &nats.url(), "--json"]).await);
+    assert_eq!(report["checks"]["mqtt5"]["ok"], false, "{report}");
+    assert_eq!(report["checks"]["qos2"]["ok"], false, "{report}");
+    assert_eq!(report["checks"]["retained"]["ok"], true, "{report}");
+    assert_eq!(report["checks"]["session"]["ok"], true, "{report}");
+}
+
+/// Mosquitto with MQTT 3.1.1 (identity in the envelope) and MQTT 5
+/// (identity as a user property).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_with_mqtt_311_and_5() {
+    let m = Mosquitto::plain().await;
+    round_trip(&m.url(), &m.url(), &["-V", "311", "--envelope"], "m311", 300).await;
+    round_trip(&m.url(), &m.url(), &["-V", "5"], "m5", 300).await;
+}
+
+/// paho-mqtt 2 as the other end: a paho publisher to `steadfast sub`, and
+/// `steadfast pub` to a paho subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_publishes_to_steadfast_sub_and_subscribes_to_steadfast_pub() {
+    const N: usize = 500;
+    let m = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("in");
+    let sub =
+        ["sub", "-b", &m.url(), "-t", "paho/in", "-i", "paho-reader", "-q", "1", "--inbox", inbox.to_str().unwrap()];
+    let out = run(&sub.iter().copied().chain(["--register"]).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let published = crate::bridge::python("paho_pub.py")
+        .args(["127.0.0.1", &m.port().to_string(), "paho/in", &N.to_string()])
+        .output()
+        .expect("python3 with paho-mqtt (scripts/test installs it)");
+    assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    let out = run(&sub.iter().copied().chain(["-C", &N.to_string(), "-W", "30"]).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let want: String = (0..N).map(|i| format!("p-{i:06}\n")).collect();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+
+    let mut reader = crate::bridge::python("paho_sub.py")
+        .args(["127.0.0.1", &m.port().to_string(), "paho/out", &N.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(reader.stdout.take().unwrap());
+    let subscribed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        while lines.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.trim() == "SUBSCRIBED" {
+                return Some(lines);
+            }
+            line.clear();
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("the paho subscriber subscribed");
+    let payloads: String = (0..N).map(|i| format!("s-{i:05}\n")).collect();
+    let ob = dir.path().join("ob");
+    let out = tokio::task::spawn_blocking({
+        let url = m.url();
+        move || {
+            use std::io::Write;
+            let mut child = crate::steadfast()
+                .args(["pub", "-b", &url, "-t", "paho/out", "-l", "-q", "1", "--outbox", ob.to_str().unwrap()])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(payloads.as_bytes()).unwrap();
+            child.wait_with_output().unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut rest = String::new();
+            let mut lines = subscribed;
+            lines.read_to_string(&mut rest).unwrap();
+            let _ = reader.wait();
+            rest
+        }),
+    )
+    .await
+    .expect("the paho subscriber got everything in time")
+    .unwrap();
+    let mut got: Vec<&str> = got.lines().collect();
+    got.sort_unstable();
+    got.dedup();
+    assert_eq!(got.len(), N, "distinct payloads at the paho subscriber");
+}

@@ -41,12 +41,42 @@ pub enum Command {
     /// What a broker really does (versions, limits, QoS 2, retained, sessions) and how to make it safe.
     #[command(disable_help_flag = true)]
     Doctor(Box<DoctorArgs>),
+    /// Benchmarks with same-run baselines: publish, fanout, failover, restart, drain, consume, bridge, or all.
+    #[command(disable_help_flag = true)]
+    Bench(BenchArgs),
     /// A seeded schedule of faults over a producer, two brokers and a consumer, and a verdict on what was lost.
     #[command(disable_help_flag = true)]
     Chaos(ChaosArgs),
     /// An embedded broker (rumqttd, in memory) on a loopback port: what `demo` runs and kills.
     #[command(disable_help_flag = true, hide = true)]
     Broker(BrokerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Scenarios: publish, fanout, failover, restart, drain, consume, bridge (several, or all); default publish.
+    pub scenarios: Vec<String>,
+    /// Messages per run.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Runs per scenario (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// In-flight window of every client.
+    #[arg(long, default_value_t = 256)]
+    pub inflight: u16,
+    /// Messages per second of the paced latency runs (publish).
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: u32,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a latency histogram (SVG) of the publish scenario here.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

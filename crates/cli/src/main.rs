@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod bench;
 mod bridge;
 mod broker;
 mod chaos;
@@ -70,7 +71,10 @@ fn main() -> ExitCode {
         }
     };
     // The demo's table is its output: only errors interrupt it.
-    let quiet = matches!(cli.command, args::Command::Demo(_) | args::Command::Chaos(_) | args::Command::Broker(_));
+    let quiet = matches!(
+        cli.command,
+        args::Command::Demo(_) | args::Command::Chaos(_) | args::Command::Bench(_) | args::Command::Broker(_)
+    );
     if let Err(e) = util::init_logging(cli.debug, quiet, &cli.log_format) {
         eprintln!("steadfast: error: {e}");
         return ExitCode::from(exit::USAGE);
@@ -94,6 +98,7 @@ fn main() -> ExitCode {
             args::Command::Bridge(a) => bridge::run(a).await,
             args::Command::Demo(a) => demo::run(a).await,
             args::Command::Chaos(a) => chaos::run(a).await,
+            args::Command::Bench(a) => bench::run(a).await,
             args::Command::Doctor(a) => doctor::run(*a).await,
             args::Command::Broker(_) => unreachable!("run before the runtime starts"),
         }

@@ -512,3 +512,48 @@ async fn chaos(args: &[&str]) {
         assert!(stdout.lines().any(|l| l.contains(kind) && !l.contains("skipped")), "no `{kind}` applied:\n{stdout}");
     }
 }
+
+/// `steadfast bench` (small): a table of rows against same-run baselines
+/// as JSON, and the latency histogram as SVG.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("latency.svg");
+    let out = run(&[
+        "bench",
+        "publish",
+        "consume",
+        "--messages",
+        "2000",
+        "--runs",
+        "1",
+        "--rate",
+        "2000",
+        "--json",
+        "--plot",
+        svg.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scenarios = report["scenarios"].as_array().unwrap();
+    assert_eq!(scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect::<Vec<_>>(), ["publish", "consume"]);
+    for s in scenarios {
+        let rows = s["rows"].as_array().unwrap();
+        assert!(rows.iter().any(|r| r["baseline"] == true), "{s}");
+        assert!(rows.iter().any(|r| r["ratio"].as_f64().is_some_and(|x| x > 0.0)), "{s}");
+    }
+    let publish = &scenarios[0]["rows"];
+    let latency = publish
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"].as_str().unwrap().starts_with("latency: steadfast"))
+        .unwrap();
+    assert!(latency["p50_ms"].as_f64().unwrap() > 0.0 && latency["p99_ms"].as_f64() >= latency["p50_ms"].as_f64());
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("steadfast, durable") && svg.contains("bare rumqttc"), "{svg}");
+    let out = run(&["bench", "nonsense"]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown scenario `nonsense`"), "{}", stderr(&out));
+}

@@ -1,0 +1,204 @@
+//! What the scenarios found, as tables, JSON, or an SVG latency histogram.
+
+use std::fmt::Write;
+
+/// One line of a scenario's table.
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    /// What was measured (client, path, fault).
+    pub name: String,
+    /// Messages per second, when it is a rate.
+    pub rate: Option<f64>,
+    /// Another measure and its unit (a gap, a restart time).
+    pub value: Option<(f64, &'static str)>,
+    /// Latency percentiles, milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: Option<f64>,
+    /// Peak resident memory of the bench process during the run, MiB.
+    pub rss_mib: Option<f64>,
+    /// This row's measure over the baseline's (same run).
+    pub ratio: Option<f64>,
+    /// True for the baseline row.
+    pub baseline: bool,
+}
+
+/// One scenario's results.
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    /// Its name (`publish`, `fanout`...).
+    pub name: &'static str,
+    /// What it does, in one line.
+    pub title: String,
+    /// What the ratio column divides by.
+    pub ratio_to: String,
+    /// The rows.
+    pub rows: Vec<Row>,
+    /// Per-message latencies (ms) by series, for `--plot`.
+    pub latencies: Vec<(String, Vec<f64>)>,
+}
+
+/// Every scenario run.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// In the order run.
+    pub scenarios: Vec<Scenario>,
+}
+
+fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
+    v.map_or_else(|| format!("{:>width$}", "-"), |v| format!("{v:>width$.prec$}"))
+}
+
+/// The `p`-th percentile (0..=100) of `v` (sorted here).
+pub fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    Some(v[i.min(v.len() - 1)])
+}
+
+impl Report {
+    /// Tables for people.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for s in &self.scenarios {
+            let _ = writeln!(out, "\n{}: {}", s.name, s.title);
+            let _ = writeln!(
+                out,
+                "  {:<64} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9}",
+                "", "msg/s", "value", "p50 ms", "p99 ms", "RSS MiB", "ratio"
+            );
+            for r in &s.rows {
+                let value = r.value.map_or_else(|| "-".to_owned(), |(v, unit)| format!("{v:.0} {unit}"));
+                let ratio = if r.baseline { "baseline".to_owned() } else { opt(r.ratio, 0, 2) };
+                let _ = writeln!(
+                    out,
+                    "  {:<64} {} {:>12} {} {} {} {:>9}",
+                    r.name,
+                    opt(r.rate, 10, 0),
+                    value,
+                    opt(r.p50_ms, 9, 2),
+                    opt(r.p99_ms, 9, 2),
+                    opt(r.rss_mib, 8, 1),
+                    ratio
+                );
+            }
+            if !s.ratio_to.is_empty() {
+                let _ = writeln!(out, "  ratio: {}", s.ratio_to);
+            }
+        }
+        out
+    }
+
+    /// The same for machines.
+    pub fn json(&self) -> serde_json::Value {
+        let scenarios: Vec<serde_json::Value> = self
+            .scenarios
+            .iter()
+            .map(|s| {
+                let rows: Vec<serde_json::Value> = s
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "name": r.name,
+                            "msgs_per_sec": r.rate,
+                            "value": r.value.map(|v| v.0),
+                            "unit": r.value.map(|v| v.1),
+                            "p50_ms": r.p50_ms,
+                            "p99_ms": r.p99_ms,
+                            "rss_mib": r.rss_mib,
+                            "ratio": r.ratio,
+                            "baseline": r.baseline,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({ "scenario": s.name, "title": s.title, "ratio_to": s.ratio_to, "rows": rows })
+            })
+            .collect();
+        serde_json::json!({ "scenarios": scenarios })
+    }
+
+    /// A latency histogram (log-scaled buckets, one bar colour per series),
+    /// as SVG; `None` when no scenario measured latencies.
+    pub fn svg(&self) -> Option<String> {
+        let series: Vec<&(String, Vec<f64>)> =
+            self.scenarios.iter().flat_map(|s| s.latencies.iter()).filter(|(_, v)| !v.is_empty()).collect();
+        if series.is_empty() {
+            return None;
+        }
+        // Buckets from 0.05 ms to 5 s, four per decade.
+        let edges: Vec<f64> = (0..=20).map(|i| 0.05 * 10f64.powf(i as f64 / 4.0)).collect();
+        let counts: Vec<Vec<f64>> = series
+            .iter()
+            .map(|(_, v)| {
+                let mut c = vec![0.0; edges.len()];
+                for x in v {
+                    let i = edges.iter().position(|e| x < e).unwrap_or(edges.len() - 1);
+                    c[i] += 1.0;
+                }
+                c.iter().map(|n| n / v.len() as f64 * 100.0).collect()
+            })
+            .collect();
+        let top = counts.iter().flatten().copied().fold(1.0, f64::max);
+        let (w, h, left, bottom) = (900.0, 420.0, 60.0, 60.0);
+        let plot_w = w - left - 20.0;
+        let plot_h = h - bottom - 50.0;
+        let slot = plot_w / edges.len() as f64;
+        let bar = slot / (series.len() as f64 + 0.5);
+        let colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"];
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{left}\" y=\"20\" font-size=\"14\">publish latency, enqueue to acknowledgement (% of messages per bucket)</text>\n"
+        );
+        for (si, c) in counts.iter().enumerate() {
+            for (i, pct) in c.iter().enumerate() {
+                let bh = pct / top * plot_h;
+                let x = left + i as f64 * slot + si as f64 * bar;
+                let y = h - bottom - bh;
+                let _ = writeln!(
+                    svg,
+                    "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>",
+                    bar * 0.95,
+                    colours[si % colours.len()]
+                );
+            }
+        }
+        for (i, e) in edges.iter().enumerate().step_by(4) {
+            let x = left + i as f64 * slot;
+            let label = if *e < 1.0 { format!("{e:.2}") } else { format!("{e:.0}") };
+            let _ = writeln!(svg, "<text x=\"{x:.1}\" y=\"{:.1}\">&lt;{label} ms</text>", h - bottom + 16.0);
+        }
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{left}\" y1=\"{y}\" x2=\"{x2}\" y2=\"{y}\" stroke=\"black\"/>",
+            y = h - bottom,
+            x2 = w - 20.0
+        );
+        let _ = writeln!(svg, "<text x=\"10\" y=\"{:.1}\">{top:.0}%</text>", h - bottom - plot_h);
+        for (si, (name, v)) in series.iter().enumerate() {
+            let mut sorted = v.clone();
+            let (p50, p99) = (percentile(&mut sorted, 50.0), percentile(&mut sorted, 99.0));
+            let y = h - 24.0 + 0.0 * si as f64;
+            let x = left + si as f64 * 420.0;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{y:.1}\">{} (p50 {:.2} ms, p99 {:.2} ms, n = {})</text>",
+                y - 9.0,
+                colours[si % colours.len()],
+                x + 14.0,
+                escape(name),
+                p50.unwrap_or(0.0),
+                p99.unwrap_or(0.0),
+                v.len()
+            );
+        }
+        svg.push_str("</svg>\n");
+        Some(svg)
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}

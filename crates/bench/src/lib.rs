@@ -228,6 +228,17 @@ fn mosquitto_pub(port: u16, a: &Args) -> anyhow::Result<Duration> {
     Ok(t0.elapsed())
 }
 
+/// A baseline row and the row measured against it: (name, msg/s, peak RSS).
+fn versus(base: (&str, f64, Option<u64>), other: (&str, f64, Option<u64>)) -> Vec<Row> {
+    let row = |(name, rate, rss): (&str, f64, Option<u64>)| Row {
+        name: name.into(),
+        rate: Some(rate),
+        rss_mib: rss.map(mib),
+        ..Row::default()
+    };
+    vec![Row { baseline: true, ..row(base) }, Row { ratio: Some(other.1 / base.1), ..row(other) }]
+}
+
 fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64()
 }
@@ -260,22 +271,10 @@ async fn fanout(a: Args) -> anyhow::Result<Scenario> {
         name: "fanout",
         title,
         ratio_to: "steadfast to one broker, same run".into(),
-        rows: vec![
-            Row {
-                name: "steadfast, durable, MQTT 5, one broker".into(),
-                rate: Some(one),
-                rss_mib: Some(mib(rss_one)),
-                baseline: true,
-                ..Row::default()
-            },
-            Row {
-                name: "steadfast, durable, fanout to two brokers, ack = all".into(),
-                rate: Some(two),
-                rss_mib: Some(mib(rss_two)),
-                ratio: Some(two / one),
-                ..Row::default()
-            },
-        ],
+        rows: versus(
+            ("steadfast, durable, MQTT 5, one broker", one, Some(rss_one)),
+            ("steadfast, durable, fanout to two brokers, ack = all", two, Some(rss_two)),
+        ),
         latencies: vec![],
     })
 }
@@ -418,22 +417,10 @@ async fn consume(a: Args) -> anyhow::Result<Scenario> {
         name: "consume",
         title,
         ratio_to: "the consumer without an inbox, same run".into(),
-        rows: vec![
-            Row {
-                name: "steadfast consumer without inbox (no de-duplication)".into(),
-                rate: Some(without),
-                rss_mib: Some(mib(rss_without)),
-                baseline: true,
-                ..Row::default()
-            },
-            Row {
-                name: "steadfast consumer with the durable inbox".into(),
-                rate: Some(with),
-                rss_mib: Some(mib(rss_with)),
-                ratio: Some(with / without),
-                ..Row::default()
-            },
-        ],
+        rows: versus(
+            ("steadfast consumer without inbox (no de-duplication)", without, Some(rss_without)),
+            ("steadfast consumer with the durable inbox", with, Some(rss_with)),
+        ),
         latencies: vec![],
     })
 }
@@ -530,20 +517,10 @@ async fn bridge(a: Args) -> anyhow::Result<Scenario> {
         name: "bridge",
         title,
         ratio_to: "steadfast publishing straight to the upstream broker, same run".into(),
-        rows: vec![
-            Row {
-                name: "steadfast straight to upstream (durable, MQTT 5)".into(),
-                rate: Some(direct),
-                baseline: true,
-                ..Row::default()
-            },
-            Row {
-                name: "local -> steadfast bridge (durable) -> upstream".into(),
-                rate: Some(bridged),
-                ratio: Some(bridged / direct),
-                ..Row::default()
-            },
-        ],
+        rows: versus(
+            ("steadfast straight to upstream (durable, MQTT 5)", direct, None),
+            ("local -> steadfast bridge (durable) -> upstream", bridged, None),
+        ),
         latencies: vec![],
     })
 }

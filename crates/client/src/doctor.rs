@@ -14,10 +14,9 @@ use tokio::time::Instant;
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::ConnectError;
-use crate::link::{open_session, ConnAck, Incoming, Link};
+use crate::link::{loose_message, open_session, ConnAck, Incoming, Link};
 use crate::transport::{send, ReadHalf, WriteHalf};
 use steadfast_core::Qos;
-use steadfast_store::{NewMessage, StoredMessage};
 
 /// How long one step waits for the broker's answer.
 const STEP: Duration = Duration::from_secs(3);
@@ -384,22 +383,7 @@ impl Probe {
         retain: bool,
         pid: Option<u16>,
     ) -> Result<(), ConnectError> {
-        let m = StoredMessage {
-            id: 0,
-            msg: NewMessage {
-                topic: topic.to_owned(),
-                payload: payload.to_vec(),
-                qos,
-                retain,
-                props: Default::default(),
-                created_ms: 0,
-                route: None,
-                policy: Default::default(),
-            },
-            wire: None,
-            acks: 0,
-            attempts: 0,
-        };
+        let m = loose_message(0, topic, payload, qos, retain);
         self.link.publish(&m, "", pid, false)
     }
 

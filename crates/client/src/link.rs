@@ -470,6 +470,27 @@ fn parse<T>(
     raw.parse_exact(f).map_err(|e| malformed(what, e))
 }
 
+/// A message outside any outbox (`id` 0: no identity on the wire), for
+/// probes and tests that speak MQTT directly.
+pub(crate) fn loose_message(id: u64, topic: &str, payload: &[u8], qos: Qos, retain: bool) -> StoredMessage {
+    StoredMessage {
+        id,
+        msg: steadfast_store::NewMessage {
+            topic: topic.to_owned(),
+            payload: payload.to_vec(),
+            qos,
+            retain,
+            props: Default::default(),
+            created_ms: 0,
+            route: None,
+            policy: Default::default(),
+        },
+        wire: None,
+        acks: 0,
+        attempts: 0,
+    }
+}
+
 /// The identity a forwarded message keeps ([`crate::Message::origin`]).
 fn origin(p: &steadfast_core::Properties) -> Option<Identity> {
     let v = p.user.iter().find(|(k, _)| k == Identity::USER_PROPERTY)?;
@@ -643,7 +664,6 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
 mod tests {
     use proptest::prelude::*;
     use steadfast_core::Qos;
-    use steadfast_store::{NewMessage, StoredMessage};
 
     use super::{Incoming, Link};
     use crate::config::ProtocolVersion;
@@ -699,22 +719,7 @@ mod tests {
                                                 cuts in proptest::collection::vec(0.0f64..1.0, 0..12)) {
             let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][qos as usize];
             let pid = (qos != Qos::AtMostOnce).then_some(7);
-            let m = StoredMessage {
-                id: 3,
-                msg: NewMessage {
-                    topic: topic.clone(),
-                    payload: payload.clone(),
-                    qos,
-                    retain,
-                    props: Default::default(),
-                    created_ms: 0,
-                    route: None,
-                    policy: Default::default(),
-                },
-                wire: None,
-                acks: 0,
-                attempts: 0,
-            };
+            let m = super::loose_message(3, &topic, &payload, qos, retain);
             let sender = Link::new(version(v5), false, None);
             let bytes = sender.encode_publish(&m, "producer", pid, false).unwrap();
             let mut receiver = Link::new(version(v5), false, None);

@@ -431,7 +431,7 @@ async fn counting_subscriber(port: u16, filter: &str, n: usize) -> anyhow::Resul
     let mut sub = Command::new("stdbuf")
         .arg("-oL")
         .arg(mosquitto_program("mosquitto_sub"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-q", "0", "-C", &n.to_string(), "-d"])
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-q", "1", "-C", &n.to_string(), "-d"])
         .stdout(Stdio::piped())
         .spawn()?;
     let out = sub.stdout.take().context("stdout")?;
@@ -502,10 +502,17 @@ async fn bridge(a: Args) -> anyhow::Result<Scenario> {
         let mut sub = counting_subscriber(upstream.port(), "up/bench/bridge/#", a.messages).await?;
         let t0 = Instant::now();
         let mut bridge = Command::new(&exe).args(["bridge", "--config"]).arg(&cfg).stdout(Stdio::null()).spawn()?;
-        let done = tokio::task::spawn_blocking(move || sub.wait()).await??;
+        let sub_pid = sub.id();
+        let done =
+            tokio::time::timeout(Duration::from_secs(300), tokio::task::spawn_blocking(move || sub.wait())).await;
         let elapsed = t0.elapsed();
         let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
         let _ = bridge.wait();
+        let Ok(done) = done else {
+            let _ = Command::new("kill").args(["-KILL", &sub_pid.to_string()]).status();
+            bail!("the upstream subscriber did not get {} messages within 300 s", a.messages);
+        };
+        let done = done??;
         if !done.success() {
             bail!("the upstream subscriber failed");
         }

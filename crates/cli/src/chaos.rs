@@ -175,6 +175,11 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     // far and no broker is down: with ack = all, the other broker then
     // holds whatever the killed one had not delivered.
     let mut gate: Option<(Instant, u64)> = None;
+    // A broker that came back empty must have its consumer session again
+    // (the consumer resubscribes within its 500 ms backoff) before the
+    // other one may go: until then what the restarted one took went
+    // nowhere, and only the other holds it.
+    let mut last_restart = start - Duration::from_secs(60);
     let (mut sent, mut skipped, mut applied) = (0u64, 0usize, 0usize);
     let mut next_report = Duration::from_secs(5);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -193,7 +198,10 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
             if heals[i].0 <= now {
                 let (_, heal) = heals.swap_remove(i);
                 match heal {
-                    Heal::Broker(b) => brokers[b].spawn()?,
+                    Heal::Broker(b) => {
+                        brokers[b].spawn()?;
+                        last_restart = Instant::now();
+                    }
                     Heal::Proxy(b) => proxies[b].set(ProxyMode::Pass),
                     Heal::Producer => producer.start()?,
                     Heal::Consumer => consumer.start()?,
@@ -212,7 +220,12 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
         }
         let fault = step.fault;
         if let Fault::KillBroker { .. } = fault {
-            let broker_down = heals.iter().any(|(_, h)| matches!(h, Heal::Broker(_)));
+            let broker_down =
+                heals.iter().any(|(_, h)| matches!(h, Heal::Broker(_))) || now - last_restart < Duration::from_secs(3);
+            // The catch-up point must be taken after the last restart.
+            if gate.is_some_and(|(since, _)| since < last_restart + Duration::from_secs(3)) {
+                gate = None;
+            }
             let upto = match gate {
                 Some((_, upto)) => upto,
                 None => {

@@ -26,10 +26,10 @@ pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
     let cfg = cfg.connect_timeout(Duration::from_secs(5));
     let restart: Option<Restart> = if let Some(cmd) = a.restart_cmd.clone() {
         Some(Box::pin(async move {
-            let status = tokio::process::Command::new("sh")
-                .args(["-c", &cmd])
-                .status()
+            let run = tokio::process::Command::new("sh").args(["-c", &cmd]).kill_on_drop(true).status();
+            let status = tokio::time::timeout(within, run)
                 .await
+                .map_err(|_| format!("`{cmd}` did not finish within {within:?}"))?
                 .map_err(|e| format!("cannot run `{cmd}`: {e}"))?;
             if status.success() {
                 Ok(())
@@ -52,12 +52,15 @@ pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
         print!("{}", text(&report));
     }
     let reachable = report.version.is_some();
-    let keeps = report.check("session").and_then(|c| c.ok) == Some(true);
-    match (reachable, keeps) {
-        (true, true) => Ok(()),
+    match (reachable, report.check("session").and_then(|c| c.ok)) {
+        (true, Some(true)) => Ok(()),
         (false, _) => Err(Failure::other(anyhow!("cannot connect to {} with MQTT 5 or 3.1.1", report.broker))),
-        (true, false) => Err(Failure::other(anyhow!(
+        (true, Some(false)) => Err(Failure::other(anyhow!(
             "{} does not keep a session across a reconnect: messages for an absent consumer are lost",
+            report.broker
+        ))),
+        (true, None) => Err(Failure::other(anyhow!(
+            "could not tell whether {} keeps a session across a reconnect (see the report)",
             report.broker
         ))),
     }

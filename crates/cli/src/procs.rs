@@ -54,6 +54,10 @@ impl Broker {
     }
 
     pub fn spawn(&mut self) -> Result<(), Failure> {
+        if !self.persistence {
+            // Started without persistence: nothing from an earlier run.
+            let _ = std::fs::remove_file(self.dir.join("mosquitto.db"));
+        }
         let conf = format!(
             "listener {} 127.0.0.1\nallow_anonymous true\npersistence {}\nautosave_interval 1\npersistence_location {}/\nmax_queued_messages 0\nlog_dest file {}/log\n",
             self.port,

@@ -112,7 +112,13 @@ impl Secrets {
             }
             return Ok(Some(first.to_vec()));
         }
-        let var = self.password_env.as_deref().unwrap_or("STEADFAST_PASSWORD");
+        // $STEADFAST_PASSWORD is for the command line only: a bridge reads
+        // the variable its configuration names, never a stray one.
+        let var = match (&self.password_env, self.flags) {
+            (Some(v), _) => v.as_str(),
+            (None, true) => "STEADFAST_PASSWORD",
+            (None, false) => return Ok(None),
+        };
         match std::env::var_os(var) {
             Some(v) => Ok(Some(v.into_encoded_bytes())),
             None if self.password_env.is_some() => {

@@ -192,7 +192,7 @@ impl Doc {
             let rec = publ
                 .wait(STEP, |i| match i {
                     Incoming::PubRec { pid: 1, .. } => Some(true),
-                    Incoming::PubAck { pid: 1, .. } => Some(false),
+                    Incoming::PubAck { pid: 1, ok: true } => Some(false),
                     _ => None,
                 })
                 .await?;

@@ -819,7 +819,10 @@ impl Driver {
                 // message's.
                 Incoming::PubAck { pid, ok: true } => match self.window.on_puback(pid) {
                     Some(id) => done.push(id),
-                    None => match self.window.on_downgraded_puback(pid) {
+                    // Only a broker that never answered QoS 2 properly on
+                    // this link downgrades; after a PUBREC a PUBACK under a
+                    // QoS 2 id is a stray, not a delivery.
+                    None => match (!self.pubrec_seen).then(|| self.window.on_downgraded_puback(pid)).flatten() {
                         Some(id) => {
                             if !self.warned_downgrade {
                                 self.warned_downgrade = true;

@@ -200,24 +200,24 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, C
     Ok(certs)
 }
 
-/// The platform's trusted roots, read once per process.
+/// The platform's trusted roots, read once per process once found (not
+/// finding any is tried again at the next connection: they may be
+/// installed meanwhile).
 fn platform_roots() -> Result<Arc<rustls::RootCertStore>, ConfigError> {
-    static ROOTS: OnceLock<Result<Arc<rustls::RootCertStore>, String>> = OnceLock::new();
-    ROOTS
-        .get_or_init(|| {
-            let found = rustls_native_certs::load_native_certs();
-            let mut roots = rustls::RootCertStore::empty();
-            let (_, _) = roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
-                return Err(format!(
-                    "no trusted CA certificates found on this system{why}; install the `ca-certificates` package or give the broker's CA with --cafile"
-                ));
-            }
-            Ok(Arc::new(roots))
-        })
-        .clone()
-        .map_err(ConfigError::Tls)
+    static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots.clone());
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, _) = roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
+        return Err(ConfigError::Tls(format!(
+            "no trusted CA certificates found on this system{why}; install the `ca-certificates` package or give the broker's CA with --cafile"
+        )));
+    }
+    Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
 }
 
 /// `--insecure`: accepts any certificate, still checks the handshake's

@@ -243,15 +243,16 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         let path = path.to_owned();
         move |source| StoreError::Io { path, source }
     };
+    // A directory that exists and holds no store yet may be anything
+    // (`--outbox .`): its mode and other files are left alone.
+    let ours = !dir.exists() || dir.join(DB_FILE).exists();
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
     let meta = fs::metadata(dir).map_err(io(dir))?;
-    // The owner of /proc/self is this process's effective user.
-    if let Ok(me) = fs::metadata("/proc/self").map(|m| m.uid()) {
-        if meta.uid() != me {
-            return Err(StoreError::NotOwner { path: dir.to_owned(), owner: meta.uid(), user: me });
-        }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(StoreError::NotOwner { path: dir.to_owned(), owner: meta.uid(), user: me });
     }
-    if meta.permissions().mode() & 0o077 != 0 {
+    if ours && meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     }
     for name in [DB_FILE, LOCK_FILE] {
@@ -267,11 +268,15 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Makes every file in `dir` private to its owner (0600).
+/// Makes the store's own files in `dir` (`outbox.*`) private to their
+/// owner (0600); other files are not ours to change.
 fn narrow(dir: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::PermissionsExt;
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let path = entry.map_err(io_err(dir))?.path();
+        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("outbox.")) {
+            continue;
+        }
         match fs::symlink_metadata(&path) {
             Ok(m) if m.is_file() && m.permissions().mode() & 0o077 != 0 => {
                 fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err(&path))?;

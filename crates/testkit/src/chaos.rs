@@ -226,7 +226,8 @@ impl Verdict {
         let mut incarnation = 0;
         let mut line_no = 0;
         let mut highest = 0;
-        let mut seen_again: Vec<(u64, usize, usize)> = Vec::new();
+        // (seq, incarnation and line of the first handling, incarnation of the repeat)
+        let mut seen_again: Vec<(u64, usize, usize, usize)> = Vec::new();
         for line in log.lines() {
             if line == CONSUMER_KILLED {
                 killed_at[incarnation] = Some(line_no);
@@ -244,7 +245,7 @@ impl Verdict {
             if seq == 0 || seq > accepted {
                 v.foreign += 1;
             } else if let Some(&(inc, at)) = first.get(&seq) {
-                seen_again.push((seq, inc, at));
+                seen_again.push((seq, inc, at, incarnation));
             } else {
                 first.insert(seq, (incarnation, line_no));
                 if seq < highest {
@@ -254,8 +255,10 @@ impl Verdict {
             }
             line_no += 1;
         }
-        for (seq, inc, at) in seen_again {
-            let excused = killed_at[inc].is_some_and(|end| end.saturating_sub(at) <= window);
+        for (seq, inc, at, again_in) in seen_again {
+            // Only a later incarnation may handle it again, and only when
+            // the first handling was among the last lines before the kill.
+            let excused = again_in > inc && killed_at[inc].is_some_and(|end| end.saturating_sub(at) <= window);
             if excused {
                 v.again_after_kill += 1;
             } else {
@@ -329,6 +332,8 @@ mod tests {
         assert_eq!(v.twice, vec!["p/2".to_owned()], "p/2 was two lines before the kill, outside the window");
         assert_eq!((v.handled, v.foreign), (5, 1));
         assert!(!v.passed());
+        let same_process = Verdict::check("p", 1, 0, "p/1\np/1\n# consumer killed\n", 4);
+        assert_eq!(same_process.twice, vec!["p/1".to_owned()], "a repeat before the kill is not excused");
         let ok = Verdict::check("p", 2, 0, "p/1\np/2\n", 4);
         assert!(ok.passed(), "{ok}");
         assert!(Verdict::check("p", 3, 1, "p/1\np/3\n", 4).passed(), "one loss, one counted drop");

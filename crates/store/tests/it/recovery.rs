@@ -74,6 +74,24 @@ fn the_store_is_private_to_its_owner() {
     assert_eq!((mode(&dir), mode(&dir.join("outbox.db"))), (0o700, 0o600));
 }
 
+/// A directory given as an outbox that already holds other things
+/// (`--outbox .`) keeps its mode and its other files' modes.
+#[test]
+fn an_existing_directory_keeps_its_mode_and_its_other_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("project");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.join("run.sh");
+    std::fs::write(&script, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _store = SqliteStore::open(&dir).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode(&dir), mode(&script)), (0o755, 0o755));
+    assert_eq!(mode(&dir.join("outbox.db")), 0o600);
+}
+
 /// A store that belongs to another user is refused, untouched (this test
 /// runs as root, as CI does, to hand the directory to `nobody`).
 #[test]

@@ -120,6 +120,8 @@ pub(crate) struct Driver {
     warned_downgrade: bool,
     /// A PUBREC arrived on this connection (the broker does QoS 2).
     pubrec_seen: bool,
+    /// MQTT 5: the highest QoS the broker takes (CONNACK), this connection.
+    max_qos: Option<u8>,
     /// When the window last made progress (an acknowledgement, or the
     /// first message into an empty window): the ack timeout counts from it.
     progress_at: Instant,
@@ -175,6 +177,7 @@ impl Driver {
             last_logged: None,
             warned_downgrade: false,
             pubrec_seen: false,
+            max_qos: None,
         }
     }
 
@@ -388,6 +391,7 @@ impl Driver {
     async fn on_connack(&mut self, link: &mut Link, ack: ConnAck) -> Result<usize, ConnectError> {
         let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
         self.max_packet = ack.maximum_packet_size;
+        self.max_qos = ack.maximum_qos;
         self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
         let mut window = self.window.clone();
         window.set_limit(limit);
@@ -680,6 +684,18 @@ impl Driver {
                 break;
             }
             let mut m = self.queue.pop_front().expect("front exists");
+            // A broker that takes QoS 1 at most (its CONNACK says so) gets
+            // QoS 2 messages at QoS 1: a consumer's inbox removes the
+            // copies QoS 1 allows. Never lower than 1: QoS 0 would give
+            // up the acknowledgement.
+            if m.msg.qos == Qos::ExactlyOnce && self.max_qos == Some(1) {
+                if !self.warned_downgrade {
+                    self.warned_downgrade = true;
+                    tracing::warn!(broker = %self.url, "the broker takes QoS 1 at most (Maximum QoS in its CONNACK): QoS 2 messages go to it at QoS 1");
+                }
+                m.msg.qos = Qos::AtLeastOnce;
+            }
+            let qos = m.msg.qos;
             if let Some(reason) = Self::spent(&m) {
                 self.outbox.remove(vec![m.id], Delivery::Dropped(reason));
                 continue;

@@ -65,16 +65,23 @@ impl ScriptedBroker {
         session_present: impl Fn(usize) -> bool + Send + 'static,
         reply: impl Fn(usize, usize) -> Reply + Send + 'static,
     ) -> ScriptedBroker {
-        Self::spawn(mqtt5, 0, Box::new(session_present), Box::new(reply))
+        Self::spawn(mqtt5, (0, None), Box::new(session_present), Box::new(reply))
+    }
+
+    /// An MQTT 5 broker whose CONNACK announces Maximum QoS `max_qos`;
+    /// otherwise as [`ScriptedBroker::start`] with a kept session. It
+    /// records what QoS each PUBLISH came with.
+    pub fn with_max_qos(max_qos: u8, reply: impl Fn(usize, usize) -> Reply + Send + 'static) -> ScriptedBroker {
+        Self::spawn(true, (0, Some(max_qos)), Box::new(|_| true), Box::new(reply))
     }
 
     /// A broker that refuses every CONNECT with this CONNACK code (an MQTT
     /// 3.1.1 return code or an MQTT 5 reason code).
     pub fn refusing(mqtt5: bool, code: u8) -> ScriptedBroker {
-        Self::spawn(mqtt5, code, Box::new(|_| false), Box::new(|_, _| Reply::Ack))
+        Self::spawn(mqtt5, (code, None), Box::new(|_| false), Box::new(|_, _| Reply::Ack))
     }
 
-    fn spawn(mqtt5: bool, refusal: u8, sp: SessionScript, rp: ReplyScript) -> ScriptedBroker {
+    fn spawn(mqtt5: bool, connack: (u8, Option<u8>), sp: SessionScript, rp: ReplyScript) -> ScriptedBroker {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
         let port = listener.local_addr().expect("addr").port();
         let publishes = Arc::new(Mutex::new(Vec::new()));
@@ -84,7 +91,7 @@ impl ScriptedBroker {
             for (conn, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                serve(stream, conn, mqtt5, refusal, &sp, &rp, &p);
+                serve(stream, conn, mqtt5, connack, &sp, &rp, &p);
             }
         });
         ScriptedBroker { port, publishes, connections }
@@ -143,7 +150,7 @@ fn serve(
     mut s: TcpStream,
     conn: usize,
     mqtt5: bool,
-    refusal: u8,
+    (refusal, max_qos): (u8, Option<u8>),
     session_present: &SessionScript,
     reply: &ReplyScript,
     publishes: &Mutex<Vec<Received>>,
@@ -152,8 +159,13 @@ fn serve(
         return;
     }
     let sp = session_present(conn) as u8;
-    let connack: &[u8] = if mqtt5 { &[0x20, 3, sp, refusal, 0] } else { &[0x20, 2, sp, refusal] };
-    if s.write_all(connack).is_err() || refusal != 0 {
+    let connack: Vec<u8> = match (mqtt5, max_qos) {
+        // Property 0x24: Maximum QoS.
+        (true, Some(q)) => vec![0x20, 5, sp, refusal, 2, 0x24, q],
+        (true, None) => vec![0x20, 3, sp, refusal, 0],
+        (false, _) => vec![0x20, 2, sp, refusal],
+    };
+    if s.write_all(&connack).is_err() || refusal != 0 {
         return;
     }
     let mut nth = 0;

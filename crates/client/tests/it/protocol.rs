@@ -542,3 +542,19 @@ async fn a_duplicate_acknowledgement_is_an_error_not_a_second_delivery() {
     assert_eq!(payloads.iter().filter(|p| p.as_slice() == b"one").count(), 1, "{payloads:?}");
     c.close().await;
 }
+
+/// An MQTT 5 broker whose CONNACK says it takes QoS 1 at most gets QoS 2
+/// messages at QoS 1 (instead of refusing them for ever); they are
+/// delivered once it acknowledges them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_2_goes_at_qos_1_to_a_broker_that_takes_qos_1_at_most() {
+    let broker = ScriptedBroker::with_max_qos(1, |_, _| Reply::Ack);
+    let cfg = config("max-qos", &broker.url(), &std::env::temp_dir());
+    let c = Client::with_store(cfg, Box::new(MemoryStore::new())).await.expect("client");
+    let r = c.publish(Message::new("t", "exactly-once wanted").qos(Qos::ExactlyOnce)).await.unwrap();
+    assert_eq!(delivered(r).await, Delivery::Delivered);
+    let got = broker.publishes();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].qos, 1, "sent at the broker's maximum QoS");
+    c.close().await;
+}

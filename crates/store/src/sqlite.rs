@@ -160,10 +160,14 @@ impl SqliteStore {
         let mut report = OpenReport::default();
         resume_interrupted_salvage(dir, &mut report)?;
         check_wal_tail(dir, &mut report)?;
+        cut_partial_page(dir, &mut report)?;
         let conn = match open_checked(dir) {
             Ok(conn) => conn,
             Err(Opened::Corrupt(why)) => {
-                report.problem = Some(why);
+                report.problem = Some(match report.problem.take() {
+                    Some(before) => format!("{before}; then {why}"),
+                    None => why,
+                });
                 quarantine_and_salvage(dir, &mut report)?
             }
             Err(Opened::Failed(e)) => return Err(e),
@@ -367,6 +371,44 @@ fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
 
 /// A WAL file is a 32-byte header and whole frames of `24 + page size`
 /// bytes. Anything after the last whole frame is a write torn by a crash.
+/// A database file that does not end on a whole page was cut short (a
+/// damaged disk, a bad copy). SQLite would read the missing bytes of its
+/// last page as zeros and hand over rows with changed payloads; the partial
+/// page is cut off instead (its rows are lost, never altered), after a copy
+/// of the file is kept aside. The open that follows finds the missing page
+/// and recovers the rest.
+fn cut_partial_page(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
+    let db = dir.join(DB_FILE);
+    let io = |source| StoreError::Io { path: db.clone(), source };
+    let len = fs::metadata(&db).map_err(io)?.len();
+    let mut header = [0u8; 18];
+    let page = match File::open(&db).and_then(|mut f| f.read_exact(&mut header)) {
+        // Bytes 16-17: the page size (1 means 65536).
+        Ok(()) => match u16::from_be_bytes([header[16], header[17]]) {
+            1 => 65536,
+            p if p >= 512 && p.is_power_of_two() => p as u64,
+            _ => 4096,
+        },
+        Err(_) => 4096,
+    };
+    let partial = len % page;
+    if len == 0 || partial == 0 {
+        return Ok(());
+    }
+    let q = quarantine_dir(dir)?;
+    let kept = q.join(DB_FILE);
+    fs::copy(&db, &kept).map_err(io)?;
+    sync_path(&kept)?;
+    report.quarantined.push(kept);
+    let file = fs::OpenOptions::new().write(true).open(&db).map_err(io)?;
+    file.set_len(len - partial).and_then(|_| file.sync_all()).map_err(io)?;
+    report.problem = Some(format!(
+        "the database file ends in a partial page ({partial} of {page} bytes): the page was cut off, its rows are lost, the file is kept aside"
+    ));
+    tracing::error!(dir = %dir.display(), partial, page, "outbox database ends in a partial page; cut off and kept aside");
+    Ok(())
+}
+
 fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
     let wal = dir.join(format!("{DB_FILE}-wal"));
     let Ok(meta) = fs::metadata(&wal) else {
@@ -608,6 +650,12 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
                 let rusqlite::types::Value::Integer(id) = v[0] else {
                     return scan;
                 };
+                // Ids only go up in a sound table: one that does not means
+                // damaged pages (a scan of a cut file can come round again),
+                // so the scan stops here as on any other error.
+                if id as u64 <= scan.last.unwrap_or(after) {
+                    return scan;
+                }
                 let copied = to.execute(
                     "INSERT OR IGNORE INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                     rusqlite::params_from_iter(v[..11].iter().chain(&v[13..])),

@@ -180,6 +180,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     // other one may go: until then what the restarted one took went
     // nowhere, and only the other holds it.
     let mut last_restart = start - Duration::from_secs(60);
+    let mut next_gate_check = start;
     let (mut sent, mut skipped, mut applied) = (0u64, 0usize, 0usize);
     let mut next_report = Duration::from_secs(5);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -226,27 +227,26 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
             if gate.is_some_and(|(since, _)| since < last_restart + Duration::from_secs(3)) {
                 gate = None;
             }
-            let upto = match gate {
-                Some((_, upto)) => upto,
-                None => {
-                    let upto = tokio::task::spawn_blocking({
-                        let o = outbox.clone();
-                        move || accepted(&o).map_or(0, |(_, n)| n)
-                    })
-                    .await
-                    .unwrap_or(0);
-                    gate = Some((now, upto));
-                    upto
-                }
-            };
-            let producer_id = tokio::task::spawn_blocking({
-                let o = outbox.clone();
-                move || accepted(&o).map(|(p, _)| p)
+            // Checked every 250 ms, not at every 10 ms tick: one read of
+            // the producer's outbox (its id, and the catch-up point when
+            // none is set) and, unless a broker is down, of the output.
+            if now < next_gate_check {
+                continue;
+            }
+            next_gate_check = now + Duration::from_millis(250);
+            let (o, c, pending) = (outbox.clone(), out.clone(), gate.map(|(_, upto)| upto));
+            let read = tokio::task::spawn_blocking(move || {
+                let (producer, last) = accepted(&o)?;
+                let upto = pending.unwrap_or(last);
+                Some((upto, !broker_down && caught_up(&c, &producer, upto)))
             })
             .await
             .ok()
             .flatten();
-            let settled = !broker_down && producer_id.is_some_and(|p| caught_up(&out, &p, upto));
+            if gate.is_none() {
+                gate = Some((now, read.map_or(0, |(upto, _)| upto)));
+            }
+            let settled = read.is_some_and(|(_, caught)| caught);
             if !settled {
                 if gate.is_some_and(|(since, _)| now - since > Duration::from_secs(20)) {
                     println!(

@@ -3,7 +3,9 @@
 //!
 //! - `publish` (default): N QoS 1 messages to one local Mosquitto through
 //!   steadfast's durable outbox, through bare rumqttc (no durability), and
-//!   through `mosquitto_pub -l`. Both clients get the same in-flight window.
+//!   through `mosquitto_pub -l`. Every client gets the same in-flight
+//!   window (`--inflight`), and each is also measured at a few windows
+//!   (`--windows`) and reported at the one that suited it best.
 //! - `fanout`: the same messages through a fanout set of two brokers
 //!   (`ack = all`), against one broker.
 //! - `failover`: a publisher at 1,000 msg/s to a failover pair; the primary
@@ -32,23 +34,37 @@
 //!   opening an outbox with 1,000,000 queued to the first acknowledgement,
 //!   and the rate at which it then drains.
 //!
+//! Windows: Mosquitto announces a receive maximum of its own
+//! `max_inflight_messages` (20 by default) to MQTT 5 clients, which would
+//! cap every MQTT 5 client at 20 whatever it asked for; the brokers here
+//! are started so that the client's window is the one in force.
+//!
+//! Outboxes go in fresh directories under `--outbox-dir` (default the
+//! temp dir). Every run reports that directory's filesystem and its raw
+//! `write` + `fsync` latency, and refuses a tmpfs or ramfs directory
+//! (where a sync costs nothing) unless `--allow-tmpfs` is given.
+//!
 //! Each scenario gives rows (messages/s, latency p50/p99, peak RSS, the
 //! ratio to its same-run baseline); `steadfast bench` prints them as tables
 //! or JSON and can plot the publish latencies as an SVG histogram.
 //!
-//! `steadfast bench [SCENARIO...|all] [--messages N] [--payload BYTES] [--runs R] [--inflight N] [--rate N] [--json] [--plot FILE]`
+//! `steadfast bench [SCENARIO...|all] [--messages N] [--payload BYTES] [--runs R] [--inflight N] [--windows LIST] [--rate N] [--outbox-dir DIR] [--allow-tmpfs] [--json] [--plot FILE]`
 
 #![forbid(unsafe_code)]
 
+mod disk;
 mod report;
 
+pub use disk::{filesystem_of, is_memory_backed, probe as probe_outbox_dir, OutboxDirError, OutboxDisk};
 pub use report::{percentile, Report, Row, Scenario};
 
+use std::future::Future;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use steadfast::{
     AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Consumer, ConsumerConfig, Message, Mode,
     ProtocolVersion, Qos,
@@ -69,15 +85,33 @@ pub struct Args {
     pub runs: usize,
     /// In-flight window of every client.
     pub inflight: u16,
+    /// The windows at which `publish` also measures each client, to report
+    /// each at its best (`inflight` is always among them).
+    pub windows: Vec<u16>,
     /// Messages per second of the paced latency runs.
     pub rate: u32,
     /// The `steadfast` binary (the bridge scenario runs it).
-    pub steadfast: Option<std::path::PathBuf>,
+    pub steadfast: Option<PathBuf>,
+    /// Where the outboxes (and inboxes, and bridge state) go, each in a
+    /// fresh directory.
+    pub outbox_dir: PathBuf,
+    /// Run even if `outbox_dir` is on tmpfs or ramfs.
+    pub allow_tmpfs: bool,
 }
 
 impl Default for Args {
     fn default() -> Self {
-        Args { messages: 100_000, payload: 64, runs: 3, inflight: 256, rate: 2_000, steadfast: None }
+        Args {
+            messages: 100_000,
+            payload: 64,
+            runs: 3,
+            inflight: 256,
+            windows: vec![64, 256, 1024, 4096],
+            rate: 2_000,
+            steadfast: None,
+            outbox_dir: std::env::temp_dir(),
+            allow_tmpfs: false,
+        }
     }
 }
 
@@ -96,8 +130,16 @@ pub async fn run(names: &[String], a: &Args) -> anyhow::Result<Report> {
             bail!("unknown scenario `{n}`; use {} or all", SCENARIOS.join(", "));
         }
     }
+    let outbox = disk::probe(&a.outbox_dir, a.allow_tmpfs)?;
+    eprintln!(
+        "outbox directory {} on {}: raw write+fsync p50 {:.3} ms, p99 {:.3} ms",
+        outbox.dir.display(),
+        outbox.filesystem,
+        outbox.fsync_p50_ms,
+        outbox.fsync_p99_ms
+    );
     let backlog_wanted = names.iter().any(|n| matches!(n.as_str(), "restart" | "drain" | "backlog"));
-    let mut report = Report::default();
+    let mut report = Report { outbox: Some(outbox), inflight: Some(a.inflight), scenarios: vec![] };
     let mut backlog_done = false;
     for n in &names {
         let a = a.clone();
@@ -118,122 +160,231 @@ pub async fn run(names: &[String], a: &Args) -> anyhow::Result<Report> {
     Ok(report)
 }
 
-async fn bare_rumqttc(port: u16, a: &Args, run: usize) -> anyhow::Result<Duration> {
+/// Fails a load loop that is not done in time (a lost acknowledgement, a
+/// broker gone) instead of letting the bench hang: a minute, plus 200 µs
+/// a message (at least 5,000 msg/s beyond the first minute).
+async fn bounded<T>(what: &str, n: usize, f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let limit = Duration::from_secs(60) + Duration::from_micros(200 * n as u64);
+    tokio::time::timeout(limit, f).await.map_err(|_| anyhow!("{what}: {n} messages not done within {limit:?}"))?
+}
+
+/// A fresh directory under `--outbox-dir` for one outbox (or inbox, or
+/// bridge state); removed when dropped.
+fn state_dir(a: &Args) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("steadfast-bench-")
+        .tempdir_in(&a.outbox_dir)
+        .with_context(|| format!("a directory in {}", a.outbox_dir.display()))
+}
+
+/// A Mosquitto whose CONNACK announces no receive maximum (`0`), or
+/// `window`: by default it announces its `max_inflight_messages` of 20,
+/// which caps every MQTT 5 client at 20 whatever it asks for (MQTT 3.1.1
+/// clients are not capped). Without a cap the client's own window holds.
+/// The broker's window towards subscribers is the same figure.
+async fn broker(window: u16) -> Mosquitto {
+    Mosquitto::start(steadfast_testkit::MosquittoOptions {
+        persistence: false,
+        extra: vec![format!("max_inflight_messages {window}")],
+    })
+    .await
+}
+
+/// How long a bare rumqttc run took: in all (from before the connect to
+/// the last PUBACK), and from its first PUBACK to its last.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    total: Duration,
+    from_first_ack: Duration,
+}
+
+/// `a.messages` QoS 1 messages through bare rumqttc, MQTT 3.1.1, window
+/// `window`, on `topic(i)`.
+async fn bare_rumqttc(port: u16, a: &Args, id: &str, window: u16, topic: fn(usize) -> String) -> anyhow::Result<Timed> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
-    let mut opts = MqttOptions::new(format!("bench-rumqttc-{run}"), "127.0.0.1", port);
+    let mut opts = MqttOptions::new(format!("bench-rumqttc-{id}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_inflight(a.inflight);
+    opts.set_inflight(window);
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
     let t0 = Instant::now();
     let producer = tokio::spawn(async move {
-        for _ in 0..n {
-            client.publish("bench/rumqttc", QoS::AtLeastOnce, false, payload.clone()).await?;
+        for i in 0..n {
+            client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
         }
         Ok::<_, rumqttc::ClientError>(client)
     });
-    let mut acked = 0;
-    while acked < n {
-        match eventloop.poll().await.context("rumqttc event loop")? {
-            Event::Incoming(Packet::PubAck(_)) => acked += 1,
-            Event::Outgoing(Outgoing::Disconnect) => bail!("rumqttc disconnected"),
-            _ => {}
+    let acks = bounded("bare rumqttc 3.1.1", n, async {
+        let (mut acked, mut first) = (0, None);
+        while acked < n {
+            match eventloop.poll().await.context("rumqttc event loop")? {
+                Event::Incoming(Packet::PubAck(_)) => {
+                    acked += 1;
+                    first.get_or_insert_with(Instant::now);
+                }
+                Event::Outgoing(Outgoing::Disconnect) => bail!("rumqttc disconnected"),
+                _ => {}
+            }
         }
-    }
-    let elapsed = t0.elapsed();
+        Ok(first)
+    });
+    let first = acks.await;
+    let end = Instant::now();
+    let first = match first {
+        Ok(first) => first.unwrap_or(end),
+        Err(e) => {
+            producer.abort();
+            return Err(e);
+        }
+    };
     let client = producer.await??;
     let _ = client.disconnect().await;
-    Ok(elapsed)
+    Ok(Timed { total: end - t0, from_first_ack: end - first })
 }
 
-async fn bare_rumqttc_v5(port: u16, a: &Args, run: usize) -> anyhow::Result<Duration> {
+/// The same through bare rumqttc, MQTT 5.
+async fn bare_rumqttc_v5(
+    port: u16,
+    a: &Args,
+    id: &str,
+    window: u16,
+    topic: fn(usize) -> String,
+) -> anyhow::Result<Timed> {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-    let mut opts = MqttOptions::new(format!("bench-rumqttc5-{run}"), "127.0.0.1", port);
+    let mut opts = MqttOptions::new(format!("bench-rumqttc5-{id}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_outgoing_inflight_upper_limit(a.inflight);
+    opts.set_outgoing_inflight_upper_limit(window);
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
     let t0 = Instant::now();
     let producer = tokio::spawn(async move {
-        for _ in 0..n {
-            client.publish("bench/rumqttc5", QoS::AtLeastOnce, false, payload.clone()).await?;
+        for i in 0..n {
+            client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
         }
         Ok::<_, rumqttc::v5::ClientError>(client)
     });
-    let mut acked = 0;
-    while acked < n {
-        if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.context("rumqttc v5 event loop")? {
-            acked += 1;
+    let acks = bounded("bare rumqttc 5", n, async {
+        let (mut acked, mut first) = (0, None);
+        while acked < n {
+            if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.context("rumqttc v5 event loop")? {
+                acked += 1;
+                first.get_or_insert_with(Instant::now);
+            }
         }
-    }
-    let elapsed = t0.elapsed();
+        Ok(first)
+    });
+    let first = acks.await;
+    let end = Instant::now();
+    let first = match first {
+        Ok(first) => first.unwrap_or(end),
+        Err(e) => {
+            producer.abort();
+            return Err(e);
+        }
+    };
     let client = producer.await??;
     let _ = client.disconnect().await;
-    Ok(elapsed)
+    Ok(Timed { total: end - t0, from_first_ack: end - first })
 }
 
 fn url(port: u16) -> BrokerUrl {
     format!("mqtt://127.0.0.1:{port}").parse().expect("loopback URL")
 }
 
-async fn steadfast_durable(port: u16, a: &Args, run: usize, version: ProtocolVersion) -> anyhow::Result<Duration> {
-    steadfast_set(BrokerSet::new([url(port)]), a, &format!("{run}-{version:?}"), version).await
+async fn steadfast_durable(
+    port: u16,
+    a: &Args,
+    name: &str,
+    version: ProtocolVersion,
+    window: u16,
+) -> anyhow::Result<Duration> {
+    steadfast_set(BrokerSet::new([url(port)]), a, &format!("{name}-{version:?}"), version, window).await
 }
 
-async fn steadfast_set(set: BrokerSet, a: &Args, name: &str, version: ProtocolVersion) -> anyhow::Result<Duration> {
-    let dir = tempfile::tempdir()?;
+/// `a.messages` through a durable steadfast client with in-flight window
+/// `window`: from the first `enqueue` to an empty outbox.
+async fn steadfast_set(
+    set: BrokerSet,
+    a: &Args,
+    name: &str,
+    version: ProtocolVersion,
+    window: u16,
+) -> anyhow::Result<Duration> {
+    let dir = state_dir(a)?;
     let cfg = ClientConfig::new(format!("bench-steadfast-{name}"), set.brokers()[0].clone(), dir.path())
         .brokers(set)
         .version(version)
+        .max_inflight(window)
         .backoff(BackoffConfig { min: Duration::from_millis(10), ..BackoffConfig::default() });
     let (client, _) = Client::open(cfg).await?;
     let payload = vec![b's'; a.payload];
     let t0 = Instant::now();
-    let mut pending = std::collections::VecDeque::new();
-    for _ in 0..a.messages {
-        pending.push_back(client.enqueue(Message::new("bench/steadfast", payload.clone()))?);
-        if pending.len() >= 8192 {
-            pending.pop_front().expect("non-empty").await?;
+    let run = bounded("steadfast", a.messages, async {
+        let mut pending = std::collections::VecDeque::new();
+        for _ in 0..a.messages {
+            pending.push_back(client.enqueue(Message::new("bench/steadfast", payload.clone()))?);
+            if pending.len() >= 8192 {
+                pending.pop_front().expect("non-empty").await?;
+            }
         }
-    }
-    for p in pending {
-        p.await?;
-    }
-    let accepted = t0.elapsed();
-    client.wait_idle().await;
+        for p in pending {
+            p.await?;
+        }
+        let accepted = t0.elapsed();
+        client.wait_idle().await;
+        Ok(accepted)
+    });
+    let accepted = run.await;
     let elapsed = t0.elapsed();
-    eprintln!("    steadfast {name}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}");
     client.close().await;
+    let accepted = accepted?;
+    eprintln!(
+        "    steadfast {name}, window {window}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}"
+    );
     Ok(elapsed)
 }
 
-fn mosquitto_pub(port: u16, a: &Args) -> anyhow::Result<Duration> {
+/// `mosquitto_pub -l -q 1 -M window`, MQTT 3.1.1, timed as a whole process.
+fn mosquitto_pub(port: u16, a: &Args, window: u16) -> anyhow::Result<Duration> {
     let line = "m".repeat(a.payload) + "\n";
     let input = line.repeat(a.messages);
     let t0 = Instant::now();
     let mut child = Command::new(mosquitto_program("mosquitto_pub"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "bench/mosquitto_pub", "-q", "1", "-l"])
+        .args(["-M", &window.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()?;
     child.stdin.take().expect("stdin").write_all(input.as_bytes())?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("mosquitto_pub failed: {status}");
+    let limit = Duration::from_secs(60) + Duration::from_micros(200 * a.messages as u64);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("mosquitto_pub failed: {status}");
+            }
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("mosquitto_pub: {} messages not done within {limit:?}", a.messages);
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
-    Ok(t0.elapsed())
 }
 
-/// A baseline row and the row measured against it: (name, msg/s, peak RSS).
-fn versus(base: (&str, f64, Option<u64>), other: (&str, f64, Option<u64>)) -> Vec<Row> {
+/// A baseline row and the row measured against it: (name, msg/s, peak
+/// RSS), both with in-flight window `window`.
+fn versus(window: u16, base: (&str, f64, Option<u64>), other: (&str, f64, Option<u64>)) -> Vec<Row> {
     let row = |(name, rate, rss): (&str, f64, Option<u64>)| Row {
         name: name.into(),
         rate: Some(rate),
         rss_mib: rss.map(mib),
+        window: Some(window),
         ..Row::default()
     };
     vec![Row { baseline: true, ..row(base) }, Row { ratio: Some(other.1 / base.1), ..row(other) }]
@@ -249,21 +400,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn fanout(a: Args) -> anyhow::Result<Scenario> {
-    let (b1, b2) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    let (b1, b2) = (broker(0).await, broker(0).await);
     let title = format!(
-        "{} QoS 1 messages of {} bytes, one broker vs a fanout set of two (ack = all), {} runs, median",
-        a.messages, a.payload, a.runs
+        "{} QoS 1 messages of {} bytes, one broker vs a fanout set of two (ack = all), in-flight window {} to each broker, {} runs, median",
+        a.messages, a.payload, a.inflight, a.runs
     );
     let (mut one, mut two, mut rss_one, mut rss_two) = (vec![], vec![], 0, 0);
     for run in 0..a.runs {
         eprintln!("fanout: run {}/{}", run + 1, a.runs);
         let single = BrokerSet::new([url(b1.port())]);
         let peak = RssPeak::start();
-        one.push(rate(a.messages, steadfast_set(single, &a, &format!("one-{run}"), ProtocolVersion::V5).await?));
+        let d = steadfast_set(single, &a, &format!("one-{run}"), ProtocolVersion::V5, a.inflight).await?;
+        one.push(rate(a.messages, d));
         rss_one = rss_one.max(peak.stop());
         let pair = BrokerSet::new([url(b1.port()), url(b2.port())]).mode(Mode::Fanout).ack(AckQuorum::All);
         let peak = RssPeak::start();
-        two.push(rate(a.messages, steadfast_set(pair, &a, &format!("two-{run}"), ProtocolVersion::V5).await?));
+        let d = steadfast_set(pair, &a, &format!("two-{run}"), ProtocolVersion::V5, a.inflight).await?;
+        two.push(rate(a.messages, d));
         rss_two = rss_two.max(peak.stop());
     }
     let (one, two) = (median(one), median(two));
@@ -272,22 +425,24 @@ async fn fanout(a: Args) -> anyhow::Result<Scenario> {
         title,
         ratio_to: "steadfast to one broker, same run".into(),
         rows: versus(
+            a.inflight,
             ("steadfast, durable, MQTT 5, one broker", one, Some(rss_one)),
             ("steadfast, durable, fanout to two brokers, ack = all", two, Some(rss_two)),
         ),
         latencies: vec![],
+        notes: vec![],
     })
 }
 
 /// Publishes at 1,000 msg/s to a failover pair whose primary (behind a
 /// fault proxy) fails after a second; returns the time from the fault to
 /// the first message the backup acknowledged.
-async fn failover_gap(kill: bool, ack_timeout: Duration, run: usize) -> anyhow::Result<Duration> {
+async fn failover_gap(a: &Args, kill: bool, ack_timeout: Duration, run: usize) -> anyhow::Result<Duration> {
     use steadfast_testkit::{FaultProxy, ProxyMode};
-    let mut primary = Mosquitto::plain().await;
-    let backup = Mosquitto::plain().await;
+    let mut primary = broker(0).await;
+    let backup = broker(0).await;
     let proxy = FaultProxy::start(primary.port()).await;
-    let dir = tempfile::tempdir()?;
+    let dir = state_dir(a)?;
     // A kill goes straight to the broker (the kernel closes its sockets);
     // a black hole needs the proxy.
     let first = if kill { url(primary.port()) } else { url(proxy.port()) };
@@ -295,6 +450,7 @@ async fn failover_gap(kill: bool, ack_timeout: Duration, run: usize) -> anyhow::
     let cfg = ClientConfig::new(format!("bench-failover-{run}"), first, dir.path())
         .brokers(set)
         .ack_timeout(ack_timeout)
+        .max_inflight(a.inflight)
         .keep_alive(Duration::from_secs(30))
         .backoff(BackoffConfig { min: Duration::from_millis(10), ..BackoffConfig::default() });
     let (client, _) = Client::open(cfg).await?;
@@ -339,7 +495,7 @@ async fn failover(a: Args) -> anyhow::Result<Scenario> {
     ] {
         let mut gaps = Vec::new();
         for run in 0..a.runs {
-            gaps.push(failover_gap(kill, ack_timeout, run).await?);
+            gaps.push(failover_gap(&a, kill, ack_timeout, run).await?);
         }
         gaps.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -350,34 +506,48 @@ async fn failover(a: Args) -> anyhow::Result<Scenario> {
             p50_ms: Some(median_gap),
             p99_ms: Some(ms(gaps[gaps.len() - 1])),
             ratio: Some(median_gap / ms(target)),
+            window: Some(a.inflight),
             ..Row::default()
         });
     }
-    Ok(Scenario { name: "failover", title, ratio_to: "median gap over its target".into(), rows, latencies: vec![] })
+    Ok(Scenario {
+        name: "failover",
+        title,
+        ratio_to: "median gap over its target".into(),
+        rows,
+        latencies: vec![],
+        notes: vec![],
+    })
 }
 
 /// Queues `a.messages` for consumer `id` (registered first), then times
 /// how long the consumer takes to handle them all.
 async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> anyhow::Result<Duration> {
-    let dir = tempfile::tempdir()?;
+    let dir = state_dir(a)?;
     let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
     let cfg = ConsumerConfig::new(client).topic(format!("bench/consume/{id}"), Qos::AtLeastOnce).inbox(inbox);
     Consumer::register(&cfg).await?;
-    let pcfg = ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox"));
+    let pcfg =
+        ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox")).max_inflight(a.inflight);
     let (producer, _) = Client::open(pcfg).await?;
     let payload = vec![b'c'; a.payload];
-    let mut pending = std::collections::VecDeque::new();
-    for _ in 0..a.messages {
-        pending.push_back(producer.enqueue(Message::new(format!("bench/consume/{id}"), payload.clone()))?);
-        if pending.len() >= 8192 {
-            pending.pop_front().expect("non-empty").await?;
+    let queued = bounded("consume: queueing", a.messages, async {
+        let mut pending = std::collections::VecDeque::new();
+        for _ in 0..a.messages {
+            pending.push_back(producer.enqueue(Message::new(format!("bench/consume/{id}"), payload.clone()))?);
+            if pending.len() >= 8192 {
+                pending.pop_front().expect("non-empty").await?;
+            }
         }
-    }
-    for p in pending {
-        p.await?;
-    }
-    producer.wait_idle().await;
+        for p in pending {
+            p.await?;
+        }
+        producer.wait_idle().await;
+        Ok(())
+    })
+    .await;
     producer.close().await;
+    queued?;
     let t0 = Instant::now();
     let (consumer, _) = Consumer::open(cfg).await?;
     for _ in 0..a.messages {
@@ -393,14 +563,10 @@ async fn consume(a: Args) -> anyhow::Result<Scenario> {
     // The test kit's broker queues without limit for an absent session; its
     // in-flight window to the consumer is the consumer's receive maximum
     // (Mosquitto's own default of 20 would cap both runs alike).
-    let broker = Mosquitto::start(steadfast_testkit::MosquittoOptions {
-        persistence: false,
-        extra: vec!["max_inflight_messages 0".into()],
-    })
-    .await;
+    let broker = broker(0).await;
     let title = format!(
-        "{} QoS 1 messages of {} bytes queued for a consumer, drained with and without the inbox, {} runs, median",
-        a.messages, a.payload, a.runs
+        "{} QoS 1 messages of {} bytes queued for a consumer, drained with and without the inbox, receive maximum (window) {}, {} runs, median",
+        a.messages, a.payload, a.inflight, a.runs
     );
     let (mut with, mut without, mut rss_with, mut rss_without) = (vec![], vec![], 0, 0);
     for run in 0..a.runs {
@@ -418,10 +584,12 @@ async fn consume(a: Args) -> anyhow::Result<Scenario> {
         title,
         ratio_to: "the consumer without an inbox, same run".into(),
         rows: versus(
+            a.inflight,
             ("steadfast consumer without inbox (no de-duplication)", without, Some(rss_without)),
             ("steadfast consumer with the durable inbox", with, Some(rss_with)),
         ),
         latencies: vec![],
+        notes: vec![],
     })
 }
 
@@ -449,6 +617,10 @@ async fn counting_subscriber(port: u16, filter: &str, n: usize) -> anyhow::Resul
     Ok(sub)
 }
 
+/// The in-flight window of a `steadfast bridge` route (the client's
+/// default; the bridge's configuration has no setting for it).
+const BRIDGE_DEFAULT_WINDOW: u16 = 1024;
+
 async fn bridge(a: Args) -> anyhow::Result<Scenario> {
     let exe = match &a.steadfast {
         Some(exe) => exe.clone(),
@@ -457,22 +629,21 @@ async fn bridge(a: Args) -> anyhow::Result<Scenario> {
     if !exe.exists() {
         bail!("{} is missing: build it first with `cargo build --release -p steadfast-cli`", exe.display());
     }
-    // The local broker hands the bridge as many as its receive maximum
-    // allows (not Mosquitto's default window of 20).
-    let local = Mosquitto::start(steadfast_testkit::MosquittoOptions {
-        persistence: false,
-        extra: vec!["max_inflight_messages 0".into()],
-    })
-    .await;
-    let upstream = Mosquitto::plain().await;
+    // The bridge has no window setting of its own (its default is 1,024):
+    // the brokers set it, by announcing `window` as their receive maximum
+    // (upstream) and by sending no more than `window` at once (local); the
+    // direct publisher gets the same.
+    let window = a.inflight.min(BRIDGE_DEFAULT_WINDOW);
+    let local = broker(window).await;
+    let upstream = broker(window).await;
     let title = format!(
-        "{} QoS 1 messages of {} bytes, local Mosquitto -> steadfast bridge (durable) -> upstream Mosquitto, {} runs, median",
+        "{} QoS 1 messages of {} bytes, local Mosquitto -> steadfast bridge (durable) -> upstream Mosquitto, in-flight window {window} on both hops and for the direct publisher, {} runs, median",
         a.messages, a.payload, a.runs
     );
     let (mut bridged, mut direct) = (vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("bridge: run {}/{}", run + 1, a.runs);
-        let dir = tempfile::tempdir()?;
+        let dir = state_dir(&a)?;
         let cfg = dir.path().join("bridge.toml");
         std::fs::write(
             &cfg,
@@ -517,7 +688,8 @@ async fn bridge(a: Args) -> anyhow::Result<Scenario> {
             bail!("the upstream subscriber failed");
         }
         bridged.push(rate(a.messages, elapsed));
-        direct.push(rate(a.messages, steadfast_durable(upstream.port(), &a, run, ProtocolVersion::V5).await?));
+        let d = steadfast_durable(upstream.port(), &a, &format!("direct-{run}"), ProtocolVersion::V5, window).await?;
+        direct.push(rate(a.messages, d));
     }
     let (bridged, direct) = (median(bridged), median(direct));
     Ok(Scenario {
@@ -525,10 +697,16 @@ async fn bridge(a: Args) -> anyhow::Result<Scenario> {
         title,
         ratio_to: "steadfast publishing straight to the upstream broker, same run".into(),
         rows: versus(
+            window,
             ("steadfast straight to upstream (durable, MQTT 5)", direct, None),
             ("local -> steadfast bridge (durable) -> upstream", bridged, None),
         ),
         latencies: vec![],
+        notes: if window < a.inflight {
+            vec![format!("window {window}, not {}: the bridge's own default caps it", a.inflight)]
+        } else {
+            vec![]
+        },
     })
 }
 
@@ -563,6 +741,12 @@ impl RssPeak {
     }
 }
 
+impl Drop for RssPeak {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
@@ -571,60 +755,73 @@ async fn backlog(mut a: Args) -> anyhow::Result<Scenario> {
     if a.messages == 100_000 {
         a.messages = 1_000_000;
     }
-    let broker = Mosquitto::plain().await;
-    let dir = tempfile::tempdir()?;
+    let broker = broker(0).await;
+    let dir = state_dir(&a)?;
     let n = a.messages;
     let title = format!(
-        "{n} QoS 1 messages of {} bytes queued with no broker reachable, then a restart on that outbox with the broker up (restart and drain)",
-        a.payload
+        "{n} QoS 1 messages of {} bytes queued with no broker reachable, then a restart on that outbox with the broker up (restart and drain), MQTT 5, in-flight window {}",
+        a.payload, a.inflight
     );
     let before = rss();
     // Queue the backlog: the broker address leads nowhere.
     let nowhere = url(steadfast_testkit::free_port());
     let fill = RssPeak::start();
     let t0 = Instant::now();
-    let cfg = ClientConfig::new("bench-backlog", nowhere, dir.path());
-    let (client, _) = Client::open(cfg).await?;
+    let config = |broker: BrokerUrl| {
+        ClientConfig::new("bench-backlog", broker, dir.path()).version(ProtocolVersion::V5).max_inflight(a.inflight)
+    };
+    let (client, _) = Client::open(config(nowhere)).await?;
     let payload = vec![b'q'; a.payload];
-    let mut pending = std::collections::VecDeque::new();
-    for i in 0..n {
-        pending.push_back(client.enqueue(Message::new(format!("bench/backlog/{}", i % 16), payload.clone()))?);
-        if pending.len() >= 8192 {
-            pending.pop_front().expect("non-empty").await?;
+    let queued = bounded("backlog: queueing", n, async {
+        let mut pending = std::collections::VecDeque::new();
+        for i in 0..n {
+            pending.push_back(client.enqueue(Message::new(backlog_topic(i), payload.clone()))?);
+            if pending.len() >= 8192 {
+                pending.pop_front().expect("non-empty").await?;
+            }
         }
-    }
-    for p in pending {
-        p.await?;
-    }
+        for p in pending {
+            p.await?;
+        }
+        Ok(())
+    })
+    .await;
     let filled = t0.elapsed();
     let queued_peak = fill.stop();
     client.close().await;
+    queued?;
     eprintln!("backlog: queued {n} in {:.1} s ({:.0} msg/s accepted)", filled.as_secs_f64(), rate(n, filled));
 
     // The restart: the broker is up now. The first send shows as the first
     // acknowledgement (the queue shrinks); the drain ends when it is empty.
     let drain = RssPeak::start();
     let t0 = Instant::now();
-    let cfg = ClientConfig::new("bench-backlog", url(broker.port()), dir.path());
-    let (client, _) = Client::open(cfg).await?;
+    let (client, _) = Client::open(config(url(broker.port()))).await?;
     let opened = t0.elapsed();
     let mut state = client.outbox_state();
-    state.wait_for(|s| s.totals.count < n as u64).await?;
-    let to_first = t0.elapsed();
-    state.wait_for(|s| s.totals.count == 0).await?;
-    let drained = t0.elapsed();
+    let drained = bounded("backlog: draining", n, async {
+        state.wait_for(|s| s.totals.count < n as u64).await?;
+        let to_first = t0.elapsed();
+        state.wait_for(|s| s.totals.count == 0).await?;
+        Ok((to_first, t0.elapsed()))
+    })
+    .await;
     let drain_peak = drain.stop();
     client.close().await;
+    let (to_first, drained) = drained?;
     let drain_time = drained - to_first;
-    let mut base = Args { messages: 100_000.min(n), ..a };
-    base.runs = 1;
-    let bare = rate(base.messages, bare_rumqttc(broker.port(), &base, 0).await?);
+    // The baseline does the same work from memory: the same messages (count,
+    // payload, topics), MQTT 5, the same window, the same broker, timed by
+    // the same rule (first acknowledgement to last).
+    eprintln!("backlog: bare rumqttc, MQTT 5, {n} messages live");
+    let bare = bare_rumqttc_v5(broker.port(), &a, "backlog", a.inflight, backlog_topic).await?;
+    let bare_rate = rate(n, bare.from_first_ack);
     let drain_rate = rate(n, drain_time);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     Ok(Scenario {
         name: "restart+drain",
         title,
-        ratio_to: "drain: bare rumqttc publishing live to the same broker, same run".into(),
+        ratio_to: "drain: bare rumqttc (MQTT 5) publishing the same messages live to the same broker, same run, both timed from the first acknowledgement to the last".into(),
         rows: vec![
             Row {
                 name: "restart: open the outbox".into(),
@@ -649,28 +846,115 @@ async fn backlog(mut a: Args) -> anyhow::Result<Scenario> {
                 ..Row::default()
             },
             Row {
-                name: "bare rumqttc live publish, same broker".into(),
-                rate: Some(bare),
+                name: format!("bare rumqttc, MQTT 5, {n} live, first to last ack"),
+                rate: Some(bare_rate),
                 baseline: true,
+                window: Some(a.inflight),
                 ..Row::default()
             },
             Row {
                 name: "drain: first to last acknowledgement (peak RSS)".into(),
                 rate: Some(drain_rate),
                 rss_mib: Some(mib(drain_peak)),
-                ratio: Some(drain_rate / bare),
+                ratio: Some(drain_rate / bare_rate),
+                window: Some(a.inflight),
                 ..Row::default()
             },
         ],
         latencies: vec![],
+        notes: vec![format!(
+            "bare rumqttc including its connect (first publish call to last ack): {:.0} msg/s; the drain's first acknowledgement is seen when the outbox's count first drops (after that removal's commit)",
+            rate(n, bare.total)
+        )],
     })
 }
 
+fn backlog_topic(i: usize) -> String {
+    format!("bench/backlog/{}", i % 16)
+}
+
+/// The clients of the `publish` scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Publisher {
+    Rumqttc311,
+    Rumqttc5,
+    MosquittoPub,
+    Steadfast311,
+    Steadfast5,
+}
+
+impl Publisher {
+    const ALL: [Publisher; 5] = [
+        Publisher::Rumqttc311,
+        Publisher::Rumqttc5,
+        Publisher::MosquittoPub,
+        Publisher::Steadfast311,
+        Publisher::Steadfast5,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Publisher::Rumqttc311 => "bare rumqttc 0.25, MQTT 3.1.1 (no durability)",
+            Publisher::Rumqttc5 => "bare rumqttc 0.25, MQTT 5 (no durability)",
+            Publisher::MosquittoPub => "mosquitto_pub -l -q 1, MQTT 3.1.1 (no durability, x rumqttc 3.1.1)",
+            Publisher::Steadfast311 => "steadfast, durable outbox, MQTT 3.1.1 (x rumqttc 3.1.1)",
+            Publisher::Steadfast5 => "steadfast, durable outbox, MQTT 5 (x rumqttc 5)",
+        }
+    }
+
+    /// The same, for the "best window" rows.
+    fn short(self) -> &'static str {
+        match self {
+            Publisher::Rumqttc311 => "bare rumqttc 0.25, MQTT 3.1.1",
+            Publisher::Rumqttc5 => "bare rumqttc 0.25, MQTT 5",
+            Publisher::MosquittoPub => "mosquitto_pub -l -q 1, MQTT 3.1.1",
+            Publisher::Steadfast311 => "steadfast, durable outbox, MQTT 3.1.1",
+            Publisher::Steadfast5 => "steadfast, durable outbox, MQTT 5",
+        }
+    }
+
+    /// The baseline of its ratio: bare rumqttc with the same MQTT version.
+    fn baseline(self) -> Publisher {
+        match self {
+            Publisher::Rumqttc5 | Publisher::Steadfast5 => Publisher::Rumqttc5,
+            _ => Publisher::Rumqttc311,
+        }
+    }
+
+    /// One run of `a.messages` with in-flight window `window`.
+    async fn run(self, port: u16, a: &Args, run: usize, window: u16) -> anyhow::Result<Duration> {
+        let id = format!("{run}-w{window}");
+        Ok(match self {
+            Publisher::Rumqttc311 => bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?.total,
+            Publisher::Rumqttc5 => bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?.total,
+            Publisher::MosquittoPub => mosquitto_pub(port, a, window)?,
+            Publisher::Steadfast311 => steadfast_durable(port, a, &id, ProtocolVersion::V311, window).await?,
+            Publisher::Steadfast5 => steadfast_durable(port, a, &id, ProtocolVersion::V5, window).await?,
+        })
+    }
+}
+
+/// The windows `publish` measures every client at: `--windows` and
+/// `--inflight`, ascending.
+fn sweep(a: &Args) -> Vec<u16> {
+    let mut w: Vec<u16> = a.windows.iter().copied().chain([a.inflight]).filter(|w| *w > 0).collect();
+    w.sort_unstable();
+    w.dedup();
+    w
+}
+
+/// The window with the highest rate, and that rate.
+fn best(by_window: &[(u16, f64)]) -> (u16, f64) {
+    by_window.iter().copied().max_by(|x, y| x.1.total_cmp(&y.1)).expect("at least one window")
+}
+
 async fn publish(a: Args) -> anyhow::Result<Scenario> {
-    let broker = Mosquitto::plain().await;
+    let broker = broker(0).await;
     let port = broker.port();
+    let windows = sweep(&a);
+    let list = windows.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     let title = format!(
-        "{} QoS 1 messages of {} bytes to Mosquitto, in-flight window {}, {} runs, median rate; latency: {} messages paced at {} msg/s, enqueue to acknowledgement",
+        "{} QoS 1 messages of {} bytes to Mosquitto (no receive maximum announced), in-flight window {} for every client, and each client at its best of {list}; {} runs, median rate; latency: {} messages paced at {} msg/s, enqueue to acknowledgement",
         a.messages,
         a.payload,
         a.inflight,
@@ -678,73 +962,106 @@ async fn publish(a: Args) -> anyhow::Result<Scenario> {
         a.messages.min(20_000),
         a.rate
     );
-    let (mut bare, mut bare5, mut durable5, mut durable311, mut mpub) = (vec![], vec![], vec![], vec![], vec![]);
-    let (mut rss_bare, mut rss_durable) = (0, 0);
+    // rates[client][window] over the runs; every window and client in
+    // each run, so a busy spell of the machine spreads over all of them.
+    let mut rates = vec![vec![Vec::new(); windows.len()]; Publisher::ALL.len()];
+    let mut rss = [0u64; Publisher::ALL.len()];
     for run in 0..a.runs {
-        eprintln!("publish: run {}/{}", run + 1, a.runs);
-        let peak = RssPeak::start();
-        bare.push(rate(a.messages, bare_rumqttc(port, &a, run).await?));
-        bare5.push(rate(a.messages, bare_rumqttc_v5(port, &a, run).await?));
-        rss_bare = rss_bare.max(peak.stop());
-        let peak = RssPeak::start();
-        durable311.push(rate(a.messages, steadfast_durable(port, &a, run, ProtocolVersion::V311).await?));
-        durable5.push(rate(a.messages, steadfast_durable(port, &a, run, ProtocolVersion::V5).await?));
-        rss_durable = rss_durable.max(peak.stop());
-        mpub.push(rate(a.messages, mosquitto_pub(port, &a)?));
+        for (wi, &w) in windows.iter().enumerate() {
+            eprintln!("publish: run {}/{}, window {w}", run + 1, a.runs);
+            for (ci, p) in Publisher::ALL.iter().enumerate() {
+                let peak = RssPeak::start();
+                let took = p.run(port, &a, run, w).await;
+                let peak = peak.stop();
+                rates[ci][wi].push(rate(a.messages, took?));
+                if w == a.inflight {
+                    rss[ci] = rss[ci].max(peak);
+                }
+            }
+        }
     }
-    let (bare, bare5, d311, d5, mpub) =
-        (median(bare), median(bare5), median(durable311), median(durable5), median(mpub));
+    let medians: Vec<Vec<(u16, f64)>> =
+        rates.into_iter().map(|by_w| windows.iter().copied().zip(by_w.into_iter().map(median)).collect()).collect();
+    let at = |p: Publisher, w: u16| -> f64 {
+        let ci = Publisher::ALL.iter().position(|q| *q == p).expect("a client");
+        medians[ci].iter().find(|(x, _)| *x == w).expect("measured").1
+    };
+    let best_of = |p: Publisher| best(&medians[Publisher::ALL.iter().position(|q| *q == p).expect("a client")]);
+    let mut rows: Vec<Row> = Publisher::ALL
+        .iter()
+        .enumerate()
+        .map(|(ci, &p)| Row {
+            name: p.name().into(),
+            rate: Some(at(p, a.inflight)),
+            rss_mib: (p != Publisher::MosquittoPub).then(|| mib(rss[ci])),
+            ratio: Some(at(p, a.inflight) / at(p.baseline(), a.inflight)),
+            baseline: p == p.baseline(),
+            window: Some(a.inflight),
+            ..Row::default()
+        })
+        .collect();
+    if windows.len() > 1 {
+        rows.extend(Publisher::ALL.iter().map(|&p| {
+            let (w, r) = best_of(p);
+            Row {
+                name: format!("best window: {}", p.short()),
+                rate: Some(r),
+                ratio: Some(r / best_of(p.baseline()).1),
+                baseline: p == p.baseline(),
+                window: Some(w),
+                ..Row::default()
+            }
+        }));
+    }
+    let mut notes = vec![
+        "rates: rumqttc from its first publish call (connect included) to its last PUBACK; steadfast from its first enqueue to an empty outbox (every message synced to disk before it is sent); mosquitto_pub the whole process".to_owned(),
+        "\"best window\" rows: each client at the window that gave it the highest median; ratio: best over the best of rumqttc with the same MQTT version".into(),
+    ];
+    for (p, by_w) in Publisher::ALL.iter().zip(&medians) {
+        let each = by_w.iter().map(|(w, r)| format!("{w}: {r:.0}")).collect::<Vec<_>>().join(", ");
+        notes.push(format!("msg/s by window, {}: {each}", p.short()));
+    }
     eprintln!("publish: latency runs");
     let n = a.messages.min(20_000);
-    let mut lat_steadfast = latency_steadfast(port, &a, n).await?;
-    let mut lat_rumqttc = latency_rumqttc_v5(port, &a, n).await?;
-    let row = |name: &str, r: f64, base: f64, rss: Option<u64>| Row {
-        name: name.into(),
-        rate: Some(r),
-        rss_mib: rss.map(mib),
-        ratio: Some(r / base),
-        baseline: r == base,
-        ..Row::default()
-    };
-    let mut rows = vec![
-        row("bare rumqttc 0.25, MQTT 3.1.1 (no durability)", bare, bare, Some(rss_bare)),
-        row("bare rumqttc 0.25, MQTT 5 (no durability)", bare5, bare5, Some(rss_bare)),
-        row("mosquitto_pub -l -q 1 (no durability, x rumqttc 3.1.1)", mpub, bare, None),
-        row("steadfast, durable outbox, MQTT 3.1.1 (x rumqttc 3.1.1)", d311, bare, Some(rss_durable)),
-        row("steadfast, durable outbox, MQTT 5 (x rumqttc 5)", d5, bare5, Some(rss_durable)),
-    ];
+    let mut lat_steadfast = bounded("latency: steadfast", n, latency_steadfast(port, &a, n)).await?;
+    let mut lat_rumqttc = bounded("latency: rumqttc", n, latency_rumqttc_v5(port, &a, n)).await?;
     rows.push(Row {
         name: format!("latency: bare rumqttc, MQTT 5, {} msg/s", a.rate),
         p50_ms: percentile(&mut lat_rumqttc, 50.0),
         p99_ms: percentile(&mut lat_rumqttc, 99.0),
         baseline: true,
+        window: Some(a.inflight),
         ..Row::default()
     });
     let (p50, p99) = (percentile(&mut lat_steadfast, 50.0), percentile(&mut lat_steadfast, 99.0));
     rows.push(Row {
-        name: format!("latency: steadfast, durable (disk sync included), {} msg/s", a.rate),
+        name: format!("latency: steadfast, durable (disk sync included), MQTT 5, {} msg/s", a.rate),
         p50_ms: p50,
         p99_ms: p99,
         ratio: p50.zip(percentile(&mut lat_rumqttc, 50.0)).map(|(s, r)| s / r),
+        window: Some(a.inflight),
         ..Row::default()
     });
     Ok(Scenario {
         name: "publish",
         title,
-        ratio_to: "rates: bare rumqttc with the same MQTT version, same run; latency: p50 over rumqttc's p50".into(),
+        ratio_to:
+            "rates: bare rumqttc with the same MQTT version and window, same run; latency: p50 over rumqttc's p50"
+                .into(),
         rows,
         latencies: vec![
             ("steadfast, durable, MQTT 5".into(), lat_steadfast),
             ("bare rumqttc, MQTT 5".into(), lat_rumqttc),
         ],
+        notes,
     })
 }
 
 /// `n` messages paced at `a.rate`, each timed from `publish` (accepted on
 /// disk) to its acknowledgement; milliseconds.
 async fn latency_steadfast(port: u16, a: &Args, n: usize) -> anyhow::Result<Vec<f64>> {
-    let dir = tempfile::tempdir()?;
-    let cfg = ClientConfig::new("bench-latency", url(port), dir.path());
+    let dir = state_dir(a)?;
+    let cfg = ClientConfig::new("bench-latency", url(port), dir.path()).max_inflight(a.inflight);
     let (client, _) = Client::open(cfg).await?;
     let payload = vec![b'l'; a.payload];
     let t0 = Instant::now();
@@ -809,4 +1126,52 @@ async fn latency_rumqttc_v5(port: u16, a: &Args, n: usize) -> anyhow::Result<Vec
     let client = producer.await??;
     let _ = client.disconnect().await;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_always_holds_the_common_window_once() {
+        let a = Args { inflight: 300, windows: vec![4096, 64, 256, 64, 0], ..Args::default() };
+        assert_eq!(sweep(&a), [64, 256, 300, 4096]);
+        let a = Args { inflight: 256, windows: vec![], ..Args::default() };
+        assert_eq!(sweep(&a), [256]);
+        assert_eq!(sweep(&Args::default()), [64, 256, 1024, 4096]);
+    }
+
+    #[test]
+    fn the_best_window_is_the_fastest() {
+        assert_eq!(best(&[(64, 10.0), (256, 30.0), (1024, 20.0)]), (256, 30.0));
+        assert_eq!(best(&[(64, 10.0)]), (64, 10.0));
+    }
+
+    #[test]
+    fn every_client_is_compared_with_rumqttc_of_its_own_mqtt_version() {
+        use Publisher::*;
+        let pairs: Vec<_> = Publisher::ALL.iter().map(|p| (*p, p.baseline())).collect();
+        assert_eq!(
+            pairs,
+            [
+                (Rumqttc311, Rumqttc311),
+                (Rumqttc5, Rumqttc5),
+                (MosquittoPub, Rumqttc311),
+                (Steadfast311, Rumqttc311),
+                (Steadfast5, Rumqttc5)
+            ]
+        );
+    }
+
+    /// The refusal comes before any scenario runs, and names the fix.
+    #[tokio::test]
+    async fn a_missing_outbox_directory_is_refused_before_any_scenario() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Args { outbox_dir: dir.path().join("missing"), ..Args::default() };
+        let e = run(&["publish".into()], &a).await.unwrap_err();
+        assert!(e.is::<OutboxDirError>(), "{e:#}");
+        // An unknown scenario is reported first.
+        let e = run(&["nonsense".into()], &a).await.unwrap_err();
+        assert!(e.to_string().starts_with("unknown scenario"), "{e:#}");
+    }
 }

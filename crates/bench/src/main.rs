@@ -1,7 +1,7 @@
 //! `steadfast-bench`: the benchmarks without the CLI (same as `steadfast
 //! bench`). `cargo run --release -p steadfast-bench -- [SCENARIO...|all]
-//! [--messages N] [--payload BYTES] [--runs R] [--inflight N] [--rate N]
-//! [--json] [--plot FILE]`
+//! [--messages N] [--payload BYTES] [--runs R] [--inflight N] [--windows LIST]
+//! [--rate N] [--outbox-dir DIR] [--allow-tmpfs] [--json] [--plot FILE]`
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +20,9 @@ async fn main() -> anyhow::Result<()> {
             "--payload" => a.payload = value()?.parse()?,
             "--runs" => a.runs = value()?.parse()?,
             "--inflight" => a.inflight = value()?.parse()?,
+            "--windows" => a.windows = value()?.split(',').map(str::parse).collect::<Result<_, _>>()?,
+            "--outbox-dir" => a.outbox_dir = value()?.into(),
+            "--allow-tmpfs" => a.allow_tmpfs = true,
             "--rate" => a.rate = value()?.parse()?,
             "--json" => json = true,
             "--plot" => plot = Some(value()?),

@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use crate::disk::OutboxDisk;
+
 /// One line of a scenario's table.
 #[derive(Debug, Clone, Default)]
 pub struct Row {
@@ -21,6 +23,8 @@ pub struct Row {
     pub ratio: Option<f64>,
     /// True for the baseline row.
     pub baseline: bool,
+    /// The in-flight window the row's client had (when it sends).
+    pub window: Option<u16>,
 }
 
 /// One scenario's results.
@@ -36,11 +40,19 @@ pub struct Scenario {
     pub rows: Vec<Row>,
     /// Per-message latencies (ms) by series, for `--plot`.
     pub latencies: Vec<(String, Vec<f64>)>,
+    /// Lines printed under the table (how the rows were timed, the
+    /// figures behind a "best window" row).
+    pub notes: Vec<String>,
 }
 
 /// Every scenario run.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
+    /// Where the outboxes were, and what a raw sync cost there.
+    pub outbox: Option<OutboxDisk>,
+    /// The in-flight window every client had (the "best window" rows
+    /// aside).
+    pub inflight: Option<u16>,
     /// In the order run.
     pub scenarios: Vec<Scenario>,
 }
@@ -60,23 +72,52 @@ pub fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
 }
 
 impl Report {
+    /// What every table shares: the outbox's filesystem and raw sync
+    /// latency, the in-flight window.
+    pub fn header(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(d) = &self.outbox {
+            out.push(format!(
+                "outbox directory {}: {} (mounted at {}){}; raw write+fsync of 64 bytes there: p50 {:.3} ms, p99 {:.3} ms ({} writes)",
+                d.dir.display(),
+                d.filesystem,
+                d.mount_point.display(),
+                if d.memory_backed { ", MEMORY-BACKED (--allow-tmpfs): durable figures are flattered" } else { "" },
+                d.fsync_p50_ms,
+                d.fsync_p99_ms,
+                d.fsync_samples
+            ));
+        }
+        if let Some(w) = self.inflight {
+            out.push(format!(
+                "in-flight window: {w} for every client (column `window`; \"best window\" rows: each client at the window that suited it best)"
+            ));
+        }
+        out
+    }
+
     /// Tables for people.
     pub fn text(&self) -> String {
         let mut out = String::new();
+        for line in self.header() {
+            let _ = writeln!(out, "{line}");
+        }
         for s in &self.scenarios {
             let _ = writeln!(out, "\n{}: {}", s.name, s.title);
             let _ = writeln!(
                 out,
-                "  {:<64} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9}",
-                "", "msg/s", "value", "p50 ms", "p99 ms", "RSS MiB", "ratio"
+                "  {:<72} {:>6} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9}",
+                "", "window", "msg/s", "value", "p50 ms", "p99 ms", "RSS MiB", "ratio"
             );
             for r in &s.rows {
                 let value = r.value.map_or_else(|| "-".to_owned(), |(v, unit)| format!("{v:.0} {unit}"));
                 let ratio = if r.baseline { "baseline".to_owned() } else { opt(r.ratio, 0, 2) };
+                let window = r.window.map_or_else(|| "-".to_owned(), |w| w.to_string());
                 let _ = writeln!(
                     out,
-                    "  {:<64} {} {:>12} {} {} {} {:>9}",
+                    "  {:<72} {:>6} {} {:>12} {} {} {} {:>9}",
                     r.name,
+                    window,
                     opt(r.rate, 10, 0),
                     value,
                     opt(r.p50_ms, 9, 2),
@@ -87,6 +128,9 @@ impl Report {
             }
             if !s.ratio_to.is_empty() {
                 let _ = writeln!(out, "  ratio: {}", s.ratio_to);
+            }
+            for n in &s.notes {
+                let _ = writeln!(out, "  {n}");
             }
         }
         out
@@ -112,13 +156,31 @@ impl Report {
                             "rss_mib": r.rss_mib,
                             "ratio": r.ratio,
                             "baseline": r.baseline,
+                            "window": r.window,
                         })
                     })
                     .collect();
-                serde_json::json!({ "scenario": s.name, "title": s.title, "ratio_to": s.ratio_to, "rows": rows })
+                serde_json::json!({
+                    "scenario": s.name,
+                    "title": s.title,
+                    "ratio_to": s.ratio_to,
+                    "rows": rows,
+                    "notes": s.notes,
+                })
             })
             .collect();
-        serde_json::json!({ "scenarios": scenarios })
+        let outbox = self.outbox.as_ref().map(|d| {
+            serde_json::json!({
+                "dir": d.dir,
+                "filesystem": d.filesystem,
+                "mount_point": d.mount_point,
+                "memory_backed": d.memory_backed,
+                "write_fsync_p50_ms": d.fsync_p50_ms,
+                "write_fsync_p99_ms": d.fsync_p99_ms,
+                "write_fsync_samples": d.fsync_samples,
+            })
+        });
+        serde_json::json!({ "outbox": outbox, "inflight": self.inflight, "scenarios": scenarios })
     }
 
     /// A latency histogram (log-scaled buckets, one bar colour per series),

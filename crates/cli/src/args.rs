@@ -68,9 +68,18 @@ pub struct BenchArgs {
     /// In-flight window of every client.
     #[arg(long, default_value_t = 256)]
     pub inflight: u16,
+    /// Windows at which publish also measures each client, to report each at its best (comma-separated).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_values_t = [64u16, 256, 1024, 4096])]
+    pub windows: Vec<u16>,
     /// Messages per second of the paced latency runs (publish).
     #[arg(long, default_value_t = 2_000)]
     pub rate: u32,
+    /// Where the outboxes go, each in a fresh directory (default: the temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub outbox_dir: Option<PathBuf>,
+    /// Run even if the outbox directory is on tmpfs or ramfs (where a disk sync costs nothing).
+    #[arg(long)]
+    pub allow_tmpfs: bool,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,

@@ -8,8 +8,8 @@ use crate::args::BenchArgs;
 use crate::Failure;
 
 pub async fn run(a: BenchArgs) -> Result<(), Failure> {
-    if a.messages == 0 || a.runs == 0 || a.rate == 0 || a.inflight == 0 {
-        return Err(Failure::usage(anyhow!("--messages, --runs, --rate and --inflight must be above 0")));
+    if a.messages == 0 || a.runs == 0 || a.rate == 0 || a.inflight == 0 || a.windows.contains(&0) {
+        return Err(Failure::usage(anyhow!("--messages, --runs, --rate, --inflight and --windows must be above 0")));
     }
     if a.plot.is_some() && !a.scenarios.is_empty() && !a.scenarios.iter().any(|s| s == "publish" || s == "all") {
         return Err(Failure::usage(anyhow!("--plot draws the publish scenario's latencies: add `publish`")));
@@ -19,11 +19,16 @@ pub async fn run(a: BenchArgs) -> Result<(), Failure> {
         payload: a.payload,
         runs: a.runs,
         inflight: a.inflight,
+        windows: a.windows,
         rate: a.rate,
         steadfast: std::env::current_exe().ok(),
+        outbox_dir: a.outbox_dir.unwrap_or_else(std::env::temp_dir),
+        allow_tmpfs: a.allow_tmpfs,
     };
     let report = steadfast_bench::run(&a.scenarios, &args).await.map_err(|e| {
-        if e.to_string().starts_with("unknown scenario") {
+        // A scenario that does not exist, an outbox directory that is
+        // missing or on tmpfs: the command line must change.
+        if e.to_string().starts_with("unknown scenario") || e.is::<steadfast_bench::OutboxDirError>() {
             Failure::usage(e)
         } else {
             Failure::other(e)

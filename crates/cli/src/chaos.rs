@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use steadfast_store::{SqliteStore, Store};
-use steadfast_testkit::chaos::{Fault, Schedule, Verdict, CONSUMER_KILLED};
+use steadfast_testkit::chaos::{payload_for, Fault, FaultTally, Schedule, Verdict, CONSUMER_KILLED};
 use steadfast_testkit::{FaultProxy, ProxyMode};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
@@ -85,18 +85,21 @@ fn accepted(outbox: &Path) -> Option<(String, u64)> {
     Some((producer, store.last_id().ok()?))
 }
 
-/// Drops the producer counted, all reasons.
-fn dropped(outbox: &Path) -> u64 {
-    SqliteStore::open_read_only(outbox).and_then(|mut s| s.drops()).map(|d| d.iter().map(|(_, n)| n).sum()).unwrap_or(0)
+/// Sequence numbers the producer dropped by its policy: its drop log
+/// (an outbox id is the sequence number of the identity it carries).
+fn dropped(outbox: &Path) -> Result<HashSet<u64>, Failure> {
+    let log = SqliteStore::open_read_only(outbox).and_then(|mut s| s.drop_log());
+    let log = log.map_err(|e| Failure::other(anyhow!("the producer's drop log cannot be read: {e}")))?;
+    Ok(log.into_iter().map(|(id, _)| id).collect())
 }
 
-/// Sequence numbers of `producer` the consumer printed.
+/// Sequence numbers of `producer` the consumer printed (`identity payload`).
 fn handled(out: &Path, producer: &str) -> HashSet<u64> {
     let prefix = format!("{producer}/");
     std::fs::read_to_string(out)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix(&prefix).and_then(|s| s.parse().ok()))
+        .filter_map(|l| l.strip_prefix(&prefix).and_then(|s| s.split(' ').next()?.parse().ok()))
         .collect()
 }
 
@@ -134,7 +137,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     let out = root.join("consumer.out");
     let outbox = root.join("outbox");
     let mut consumer = Consumer {
-        args: ["sub", "-b", &urls[0], "-b", &urls[1], "-t", "chaos/#", "-i", "chaos-consumer", "-F", "%I"]
+        args: ["sub", "-b", &urls[0], "-b", &urls[1], "-t", "chaos/#", "-i", "chaos-consumer", "-F", "%I %p"]
             .iter()
             .map(|s| s.to_string())
             .chain(["--inbox".into(), inbox.display().to_string()])
@@ -181,7 +184,8 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     // nowhere, and only the other holds it.
     let mut last_restart = start - Duration::from_secs(60);
     let mut next_gate_check = start;
-    let (mut sent, mut skipped, mut applied) = (0u64, 0usize, 0usize);
+    let mut sent = 0u64;
+    let mut tally = FaultTally::default();
     let mut next_report = Duration::from_secs(5);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -192,7 +196,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
         let due = (t.as_secs_f64() * a.rate as f64) as u64;
         while sent < due {
             sent += 1;
-            producer.feed(&format!("{sent}\n")).await;
+            producer.feed(&format!("{}\n", payload_for(sent))).await;
         }
         let mut i = 0;
         while i < heals.len() {
@@ -253,7 +257,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
                         "{:>6.1}s  skipped: {fault} (the consumer had not caught up within 20 s)",
                         t.as_secs_f64()
                     );
-                    skipped += 1;
+                    tally.skipped(&fault);
                     next_step += 1;
                     gate = None;
                 }
@@ -262,41 +266,51 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
             gate = None;
         }
         next_step += 1;
-        applied += 1;
-        println!("{:>6.1}s  {fault}", t.as_secs_f64());
         let until = now + fault.lasting();
-        match fault {
+        let applied = match fault {
             Fault::KillBroker { broker, persistence, .. } => {
                 brokers[broker].kill9();
                 brokers[broker].set_persistence(persistence);
                 heals.push((until, Heal::Broker(broker)));
+                true
             }
-            Fault::Reset { broker } => proxies[broker].reset_connections(),
+            Fault::Reset { broker } => {
+                proxies[broker].reset_connections();
+                true
+            }
             Fault::BlackHole { broker, .. } => {
-                proxies[broker].set(ProxyMode::BlackHole);
-                heals.push((until, Heal::Proxy(broker)));
+                proxy_fault(&proxies[broker], ProxyMode::BlackHole, until, broker, &mut heals)
             }
             Fault::Latency { broker, delay, .. } => {
-                proxies[broker].set(ProxyMode::Latency(delay));
-                heals.push((until, Heal::Proxy(broker)));
+                proxy_fault(&proxies[broker], ProxyMode::Latency(delay), until, broker, &mut heals)
             }
             Fault::Bandwidth { broker, bytes_per_sec, .. } => {
-                proxies[broker].set(ProxyMode::Bandwidth(bytes_per_sec));
-                heals.push((until, Heal::Proxy(broker)));
+                proxy_fault(&proxies[broker], ProxyMode::Bandwidth(bytes_per_sec), until, broker, &mut heals)
             }
             Fault::KillProducer { .. } => {
-                if producer.child.is_some() {
+                let up = producer.child.is_some();
+                if up {
                     producer.kill9().await;
                     heals.push((until, Heal::Producer));
                 }
+                up
             }
             Fault::KillConsumer { .. } => {
-                if consumer.child.is_some() {
+                let up = consumer.child.is_some();
+                if up {
                     consumer.kill9();
                     append_line(&out, CONSUMER_KILLED)?;
                     heals.push((until, Heal::Consumer));
                 }
+                up
             }
+        };
+        if applied {
+            tally.applied(&fault);
+            println!("{:>6.1}s  {fault}", t.as_secs_f64());
+        } else {
+            tally.skipped(&fault);
+            println!("{:>6.1}s  skipped: {fault} (it was already down)", t.as_secs_f64());
         }
     }
 
@@ -311,10 +325,8 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
             Heal::Consumer => consumer.start()?,
         }
     }
-    println!(
-        "{:>6.1}s  end of the schedule: {applied} faults applied, {skipped} skipped; draining",
-        start.elapsed().as_secs_f64()
-    );
+    println!("{:>6.1}s  end of the schedule; draining", start.elapsed().as_secs_f64());
+    println!("{tally}");
     producer.stdin = None;
     let drained = match producer.child.as_mut() {
         Some(c) => tokio::time::timeout(Duration::from_secs(120), c.wait()).await.ok().and_then(|r| r.ok()),
@@ -336,9 +348,9 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     }
     consumer.kill9();
     let log = std::fs::read_to_string(&out).unwrap_or_default();
-    let verdict = Verdict::check(&producer_id, last, dropped(&outbox), &log, 2 * INFLIGHT);
+    let verdict = Verdict::check(&producer_id, last, &dropped(&outbox)?, &log, 2 * INFLIGHT);
     println!(
-        "checked: {} lines fed, {} accepted by the producer (identities {producer_id}/1..{last}, from its outbox), looked up in the consumer's output ({}); order is not promised across the two brokers of a fanout, so it is reported, not required",
+        "checked: {} lines fed, {} accepted by the producer (identities {producer_id}/1..{last}, from its outbox), looked up with their payloads in the consumer's output ({}); a message not handled is excused only by its own entry in the producer's drop log; order is not promised across the two brokers of a fanout, so it is reported, not required",
         sent,
         last,
         out.display()
@@ -354,6 +366,19 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     } else {
         Err(Failure::other(anyhow!("FAILED (seed {seed}): {verdict}")))
     }
+}
+
+/// Sets a proxy fault, healed at `until`.
+fn proxy_fault(
+    proxy: &FaultProxy,
+    mode: ProxyMode,
+    until: Instant,
+    broker: usize,
+    heals: &mut Vec<(Instant, Heal)>,
+) -> bool {
+    proxy.set(mode);
+    heals.push((until, Heal::Proxy(broker)));
+    true
 }
 
 async fn report(t: Duration, sent: u64, outbox: &Path, out: &Path) {

@@ -15,6 +15,7 @@
 mod error;
 mod memory;
 mod outbox;
+mod reserve;
 mod sqlite;
 
 pub use error::StoreError;
@@ -225,10 +226,15 @@ pub trait Store: Send + 'static {
     fn totals(&mut self) -> Result<Totals, StoreError>;
     /// Creation time of the oldest queued message.
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError>;
-    /// Adds to the persistent drop counter of `reason`.
-    fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError>;
+    /// Counts one drop of `reason`; a message that was in the outbox
+    /// (`id`) is also written to the drop log, which keeps the newest
+    /// [`DROP_LOG_KEEP`] so that a check can tell *which* messages left
+    /// undelivered, not only how many.
+    fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError>;
     /// Drop counters, every reason listed.
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError>;
+    /// The drop log: `(id, reason)` of the newest dropped messages, by id.
+    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError>;
     /// Queued messages of `route` older than `cutoff_ms` that at least one
     /// of the brokers in `mask` acknowledged: `(id, acks)`, oldest first, at
     /// most `limit`.
@@ -321,6 +327,9 @@ pub trait Store: Send + 'static {
         Vec::new()
     }
 }
+
+/// How many dropped messages the drop log keeps (the newest).
+pub const DROP_LOG_KEEP: u64 = 100_000;
 
 /// Milliseconds since the Unix epoch, for creation times and state changes.
 pub fn now_ms() -> u64 {

@@ -25,6 +25,7 @@ struct State {
     counters: BTreeMap<String, u64>,
     next_id: u64,
     drops: HashMap<DropReason, u64>,
+    drop_log: std::collections::BTreeMap<u64, DropReason>,
     meta: HashMap<String, String>,
     brokers: BTreeMap<String, BrokerRecord>,
 }
@@ -291,9 +292,18 @@ impl Store for MemoryStore {
     fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
         Ok(self.state.missed.iter().map(|(u, n)| (u.clone(), *n)).collect())
     }
-    fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError> {
-        *self.state.drops.entry(reason).or_default() += n;
+    fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError> {
+        *self.state.drops.entry(reason).or_default() += 1;
+        if let Some(id) = id {
+            self.state.drop_log.insert(id, reason);
+            while self.state.drop_log.len() as u64 > crate::DROP_LOG_KEEP {
+                self.state.drop_log.pop_first();
+            }
+        }
         Ok(())
+    }
+    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
+        Ok(self.state.drop_log.iter().map(|(id, r)| (*id, *r)).collect())
     }
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
         let count = |r| self.state.drops.get(&r).copied().unwrap_or(0);

@@ -917,7 +917,7 @@ impl Writer {
                 }
             }
             Request::CountDrop { reason, topic } => {
-                self.store.add_drops(reason, 1)?;
+                self.store.add_drop(reason, None)?;
                 b.drops.push(Dropped { id: 0, topic, reason });
             }
             Request::SetMeta { key, value } => self.store.set_meta(&key, &value)?,
@@ -1048,7 +1048,7 @@ impl Writer {
                 self.drop_oldest_for(size, deadline, b)?;
             }
             if !evict || self.over_bounds(size, Totals::default()).is_some() {
-                self.store.add_drops(DropReason::Overflow, 1)?;
+                self.store.add_drop(DropReason::Overflow, None)?;
                 b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
                 b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() })));
                 return Ok(());
@@ -1172,7 +1172,7 @@ impl Writer {
             return Ok(());
         }
         self.finish(id, &e, Delivery::Dropped(reason), b)?;
-        self.store.add_drops(reason, 1)?;
+        self.store.add_drop(reason, Some(id))?;
         b.drops.push(Dropped { id, topic: e.topic, reason });
         Ok(())
     }

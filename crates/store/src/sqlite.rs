@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
-use crate::{now_ms, BrokerRecord, Entry, NewMessage, Policy, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
+use crate::{
+    now_ms, reserve, BrokerRecord, Entry, NewMessage, Policy, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
+};
 
 /// The on-disk format version (docs/design.md, "Outbox format").
 pub const FORMAT_VERSION: u32 = 3;
@@ -45,6 +47,8 @@ CREATE TABLE IF NOT EXISTS wire (
 CREATE TABLE IF NOT EXISTS slots (url TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS missed (url TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+-- The newest messages dropped undelivered, and why (the drop log).
+CREATE TABLE IF NOT EXISTS dropped (id INTEGER PRIMARY KEY, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
 -- The consumer's inbox (G5): identities already handled.
 CREATE TABLE IF NOT EXISTS inbox (
     producer TEXT NOT NULL,
@@ -131,6 +135,14 @@ impl OpenReport {
     pub fn is_clean(&self) -> bool {
         self.quarantined.is_empty() && self.problem.is_none()
     }
+
+    /// Adds a problem after those found before it.
+    fn add_problem(&mut self, why: String) {
+        self.problem = Some(match self.problem.take() {
+            Some(before) => format!("{before}; then {why}"),
+            None => why,
+        });
+    }
 }
 
 /// The outbox in a SQLite database in its own directory.
@@ -141,6 +153,10 @@ pub struct SqliteStore {
     unreadable: Vec<(u64, String)>,
     /// `synchronous=FULL` now (else NORMAL, for bookkeeping commits).
     synced: bool,
+    /// Ids up to this one are reserved on disk ([`crate::reserve`]).
+    reserved: u64,
+    /// Drop log records written by this handle (trimmed every 1,024).
+    drops_logged: u64,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -164,15 +180,22 @@ impl SqliteStore {
         let conn = match open_checked(dir) {
             Ok(conn) => conn,
             Err(Opened::Corrupt(why)) => {
-                report.problem = Some(match report.problem.take() {
-                    Some(before) => format!("{before}; then {why}"),
-                    None => why,
-                });
+                report.add_problem(why);
                 quarantine_and_salvage(dir, &mut report)?
             }
             Err(Opened::Failed(e)) => return Err(e),
         };
-        let store = SqliteStore { conn, dir: dir.to_owned(), _lock: Some(lock), unreadable: Vec::new(), synced: true };
+        let reserved = reserve::read(dir);
+        continue_above_reservation(&conn, reserved, &mut report).map_err(|e| map_error(dir, e))?;
+        let store = SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            _lock: Some(lock),
+            unreadable: Vec::new(),
+            synced: true,
+            reserved,
+            drops_logged: 0,
+        };
         Ok((store, report))
     }
 
@@ -203,7 +226,15 @@ impl SqliteStore {
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }
-        Ok(SqliteStore { conn, dir: dir.to_owned(), _lock: None, unreadable: Vec::new(), synced: true })
+        Ok(SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            _lock: None,
+            unreadable: Vec::new(),
+            synced: true,
+            reserved: 0,
+            drops_logged: 0,
+        })
     }
 
     /// True when a process holds the outbox's lock right now.
@@ -228,6 +259,24 @@ impl SqliteStore {
     fn map(&self, e: rusqlite::Error) -> StoreError {
         map_error(&self.dir, e)
     }
+}
+
+/// A database that opened sound but is far behind its id reservation was
+/// emptied or cut back (a file replaced, a truncation SQLite did not see):
+/// new ids start above the reservation, so none is handed out twice.
+fn continue_above_reservation(conn: &Connection, reserved: u64, report: &mut OpenReport) -> rusqlite::Result<()> {
+    let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
+    let recorded: u64 = conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0);
+    let Some(floor) = reserve::lost_floor(recorded, reserved) else { return Ok(()) };
+    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'", [])?;
+    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?1)", [floor])?;
+    let why = format!(
+        "the database says it handed out ids up to {recorded}, but {} reserved ids up to {floor}: it was emptied or cut back; new ids start above {floor}",
+        reserve::FILE
+    );
+    tracing::error!(problem = %why, "outbox behind its id reservation");
+    report.add_problem(why);
+    Ok(())
 }
 
 fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
@@ -531,7 +580,7 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
         conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")?;
         init_schema(&conn, dir)?;
         conn.execute_batch("BEGIN")?;
-        let n = salvage(&q.join(DB_FILE), &conn);
+        let n = salvage(&q.join(DB_FILE), &conn, reserve::read(dir));
         conn.execute_batch("COMMIT").map_err(|e| map_error(dir, e))?;
         n
     };
@@ -554,12 +603,14 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
     Ok(conn)
 }
 
-fn salvage(from: &Path, to: &Connection) -> u64 {
+/// Copies what can be read from the damaged database `from` into `to`;
+/// new ids start above `reserved` and above every id seen.
+fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let Ok(old) = Connection::open_with_flags(from, flags) else {
         return 0;
     };
-    for table in ["meta", "drops", "slots", "missed", "wire"] {
+    for table in ["meta", "drops", "dropped", "slots", "missed", "wire"] {
         let _ = copy_table(&old, to, table);
     }
     let floor: u64 =
@@ -585,7 +636,9 @@ fn salvage(from: &Path, to: &Connection) -> u64 {
         jump *= 2;
     }
     // Ids are the producer's sequence numbers: never hand one out twice.
-    let seq = floor.max(max_id);
+    // The database's own record of the highest may be among what was
+    // lost; the reservation beside it is not.
+    let seq = floor.max(max_id).max(reserved);
     let _ = to.execute("INSERT OR REPLACE INTO sqlite_sequence(name, seq) VALUES ('outbox', ?1)", [seq]);
     let _ = to.execute(
         "DELETE FROM sqlite_sequence WHERE rowid NOT IN (SELECT max(rowid) FROM sqlite_sequence GROUP BY name)",
@@ -812,7 +865,15 @@ impl Store for SqliteStore {
         ]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
-        Ok(self.conn.last_insert_rowid() as u64)
+        let id = self.conn.last_insert_rowid() as u64;
+        // Reserved before the commit that hands it out: a recovery that
+        // lost the database's own record still starts above it.
+        if id > self.reserved {
+            let upto = id + reserve::BLOCK;
+            reserve::write(&self.dir, upto)?;
+            self.reserved = upto;
+        }
+        Ok(id)
     }
 
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
@@ -1150,10 +1211,37 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn add_drops(&mut self, reason: DropReason, n: u64) -> Result<(), StoreError> {
-        let sql = "INSERT INTO drops VALUES (?1, ?2) ON CONFLICT(reason) DO UPDATE SET count = count + ?2";
-        self.conn.execute(sql, params![reason.as_str(), n]).map_err(|e| self.map(e))?;
+    fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError> {
+        let sql = "INSERT INTO drops VALUES (?1, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1";
+        self.conn.prepare_cached(sql)?.execute(params![reason.as_str()]).map_err(|e| self.map(e))?;
+        let Some(id) = id else { return Ok(()) };
+        let sql = "INSERT OR REPLACE INTO dropped (id, reason, at_ms) VALUES (?1, ?2, ?3)";
+        self.conn.prepare_cached(sql)?.execute(params![id, reason.as_str(), now_ms()]).map_err(|e| self.map(e))?;
+        // Trimmed now and then, not at every drop (finding the cut-off
+        // walks the kept records).
+        self.drops_logged += 1;
+        if self.drops_logged.is_multiple_of(1024) {
+            let sql = "DELETE FROM dropped WHERE id <= (SELECT id FROM dropped ORDER BY id DESC LIMIT 1 OFFSET ?1)";
+            self.conn.execute(sql, [crate::DROP_LOG_KEEP]).map_err(|e| self.map(e))?;
+        }
         Ok(())
+    }
+
+    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
+        // A store read (not opened) by this release may predate the log.
+        let exists: bool =
+            self.conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'dropped'", [], |r| r.get(0))?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.conn.prepare("SELECT id, reason FROM dropped ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, reason) = row?;
+            out.push((id, DropReason::parse(&reason).unwrap_or(DropReason::Corrupt)));
+        }
+        Ok(out)
     }
 
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {

@@ -14,6 +14,7 @@ mod pki;
 mod proxy;
 mod scripted;
 mod sub;
+mod wiretap;
 mod ws;
 
 pub use mosquitto::{Mosquitto, MosquittoOptions};

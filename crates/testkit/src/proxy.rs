@@ -1,10 +1,12 @@
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::wiretap::{Acknowledged, Connection};
 
 /// What the proxy does with traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,23 +36,45 @@ pub struct FaultProxy {
     port: u16,
     state: Arc<watch::Sender<State>>,
     task: JoinHandle<()>,
+    acknowledged: Option<Acknowledged>,
 }
 
 impl FaultProxy {
     /// Starts proxying 127.0.0.1:`upstream`.
     pub async fn start(upstream: u16) -> FaultProxy {
+        Self::listen(upstream, None).await
+    }
+
+    /// Starts proxying 127.0.0.1:`upstream`, reading the MQTT packets that
+    /// pass for [`FaultProxy::acknowledged`].
+    pub async fn start_tapped(upstream: u16) -> FaultProxy {
+        Self::listen(upstream, Some(Acknowledged::default())).await
+    }
+
+    async fn listen(upstream: u16, acknowledged: Option<Acknowledged>) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let (tx, _) = watch::channel(State { mode: ProxyMode::Pass, generation: 0 });
         let state = Arc::new(tx);
         let s = state.clone();
+        let tap = acknowledged.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let rx = s.subscribe();
-                tokio::spawn(serve(client, upstream, rx));
+                let conn = tap.clone().map(|a| Arc::new(Mutex::new(Connection::new(a))));
+                tokio::spawn(serve(client, upstream, rx, conn));
             }
         });
-        FaultProxy { port, state, task }
+        FaultProxy { port, state, task, acknowledged }
+    }
+
+    /// Payloads of the QoS 1 and 2 messages that the broker acknowledged
+    /// (PUBACK or PUBREC sent) through this proxy so far, as seen on the
+    /// wire: what the broker took, whatever the client recorded. Only for
+    /// a proxy made with [`FaultProxy::start_tapped`].
+    pub fn acknowledged(&self) -> Vec<Vec<u8>> {
+        let tap = self.acknowledged.as_ref().expect("a proxy started with start_tapped");
+        tap.lock().expect("tap lock").clone()
     }
 
     /// The port clients connect to.
@@ -87,7 +111,9 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-async fn serve(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>) {
+type Tap = Option<Arc<Mutex<Connection>>>;
+
+async fn serve(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>, tap: Tap) {
     let start = *rx.borrow_and_update();
     if start.mode == ProxyMode::Reset {
         return reset(client);
@@ -99,8 +125,8 @@ async fn serve(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>)
     let _ = server.set_nodelay(true);
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
-    let up = pump(&mut cr, &mut sw, rx.clone());
-    let down = pump(&mut sr, &mut cw, rx.clone());
+    let up = pump(&mut cr, &mut sw, rx.clone(), tap.clone(), Side::ToBroker);
+    let down = pump(&mut sr, &mut cw, rx.clone(), tap, Side::FromBroker);
     let killed = async {
         loop {
             if rx.changed().await.is_err() {
@@ -127,10 +153,18 @@ async fn serve(client: TcpStream, upstream: u16, mut rx: watch::Receiver<State>)
     }
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    ToBroker,
+    FromBroker,
+}
+
 async fn pump(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
     rx: watch::Receiver<State>,
+    tap: Tap,
+    side: Side,
 ) {
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -138,6 +172,13 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        // The broker said it, whether or not the client hears it (or the
+        // mode below drops it).
+        if side == Side::FromBroker {
+            if let Some(t) = &tap {
+                t.lock().expect("tap lock").broker_sent(&buf[..n]);
+            }
+        }
         let mode = rx.borrow().mode;
         match mode {
             ProxyMode::Pass => {}
@@ -147,6 +188,13 @@ async fn pump(
                 tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps.max(1) as f64)).await
             }
             ProxyMode::Reset => return,
+        }
+        // Read before the write: the broker cannot answer a packet before
+        // it has it, so its acknowledgement never finds the tap unaware.
+        if side == Side::ToBroker {
+            if let Some(t) = &tap {
+                t.lock().expect("tap lock").client_sent(&buf[..n]);
+            }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;

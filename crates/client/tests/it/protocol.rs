@@ -153,8 +153,11 @@ impl Store for FaultyStore {
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
         self.inner.oldest_created_ms()
     }
-    fn add_drops(&mut self, r: DropReason, n: u64) -> Result<(), StoreError> {
-        self.inner.add_drops(r, n)
+    fn add_drop(&mut self, r: DropReason, id: Option<u64>) -> Result<(), StoreError> {
+        self.inner.add_drop(r, id)
+    }
+    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
+        self.inner.drop_log()
     }
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
         self.inner.drops()

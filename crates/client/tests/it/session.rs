@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use steadfast::{Delivery, Message, ProtocolVersion, Qos};
-use steadfast_testkit::{Mosquitto, Subscriber};
+use steadfast_testkit::{FaultProxy, Mosquitto, ProxyMode, Subscriber};
 
 use crate::{assert_all_in_order, config, connect_failed, open, payloads};
 
@@ -56,10 +56,13 @@ async fn qos2_messages_arrive_exactly_once() {
 #[tokio::test]
 async fn publishing_with_the_broker_down_queues_and_delivers_later() {
     let mut broker = Mosquitto::plain().await;
-    let port = broker.port();
     broker.kill9();
+    // The client reaches the broker only through the proxy, held shut until
+    // a subscriber is in place, so every queued message can be checked.
+    let proxy = FaultProxy::start(broker.port()).await;
+    proxy.set(ProxyMode::Reset);
     let dir = tempfile::tempdir().unwrap();
-    let c = open(config("p3", &broker.url(), dir.path())).await;
+    let c = open(config("p3", &proxy.url(), dir.path())).await;
     let mut events = c.events();
     let want = payloads("d", 200);
     for p in &want {
@@ -69,16 +72,17 @@ async fn publishing_with_the_broker_down_queues_and_delivers_later() {
     connect_failed(&mut events).await;
     assert_eq!(c.status().await.unwrap().queued, 200);
     broker.restart().await;
-    assert_eq!(broker.port(), port);
-    let sub = Subscriber::start(port, "down", 1, None).await;
-    // The subscriber may be late for the first ones: republish check below.
+    let sub = Subscriber::start(broker.port(), "down", 1, None).await;
+    proxy.set(ProxyMode::Pass);
     c.wait_idle().await;
     let later = payloads("late", 10);
     for p in &later {
         c.publish(Message::new("down", p.clone())).await.unwrap();
     }
     c.wait_idle().await;
-    sub.wait_all(&later, Duration::from_secs(10)).await;
+    let all: Vec<String> = want.iter().chain(&later).cloned().collect();
+    sub.wait_all(&all, Duration::from_secs(10)).await;
+    assert_all_in_order(&sub.lines(), &all);
     c.close().await;
 }
 

@@ -38,7 +38,9 @@ fn write_fixture(dir: &Path) {
     s.set_wire(0, id, Some((7, Stage::Released))).unwrap();
     let removed = s.insert(&msg("gone", "x")).unwrap();
     s.remove(removed).unwrap();
-    s.add_drops(DropReason::Overflow, 4).unwrap();
+    for _ in 0..4 {
+        s.add_drop(DropReason::Overflow, None).unwrap();
+    }
     s.commit().unwrap();
     drop(s);
     let _ = std::fs::remove_file(dir.join("outbox.lock"));

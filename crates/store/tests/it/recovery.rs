@@ -185,11 +185,11 @@ fn a_full_disk_is_a_clear_error_and_loses_nothing_accepted() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !mounted {
-        assert!(std::env::var("CI").is_err(), "this test needs to mount a small tmpfs (root) and CI must run it");
-        eprintln!("SKIPPED LOCALLY: cannot mount a tmpfs (not root)");
-        return;
-    }
+    // Never skipped: a test that returned early would show as passed.
+    assert!(
+        mounted,
+        "cannot mount a 1 MiB tmpfs: this test needs root (run the README's test command, scripts/test, as root)"
+    );
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -373,11 +373,13 @@ mod truncation {
             prop_assert!(ids.windows(2).all(|w| w[0] < w[1]));
             prop_assert!(ids.iter().all(|id| (1..=n).contains(id)));
             prop_assert!(payloads_match(&mut recovered));
-            // New messages never reuse an id that may have been handed out.
+            // New messages never reuse an id that may have been handed out:
+            // all n were (a reused one would be taken for a duplicate by
+            // every inbox, a silent loss). Not only above what survived.
             recovered.begin().unwrap();
             let next = recovered.insert(&msg("w", "after")).unwrap();
             recovered.commit().unwrap();
-            prop_assert!(next > ids.last().copied().unwrap_or(0));
+            prop_assert!(next > n, "id {} handed out again after a cut at {:.3} of {} messages (survived: {})", next, cut, n, ids.len());
         }
     }
 }

@@ -237,6 +237,6 @@ async fn nothing_more_before_a_marker(c: &Consumer, p: &Client, topic: &str, bro
     assert!(
         late.is_err(),
         "a copy came through after the marker's: {:?}",
-        late.ok().flatten().map(|d| d.payload().to_vec())
+        late.ok().flatten().map(|d| String::from_utf8_lossy(d.payload()).into_owned())
     );
 }

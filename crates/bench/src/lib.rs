@@ -69,7 +69,7 @@ use steadfast::{
     AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Consumer, ConsumerConfig, Message, Mode,
     ProtocolVersion, Qos,
 };
-use steadfast_testkit::{mosquitto_program, Mosquitto};
+use steadfast_lab::{mosquitto_program, Broker, BrokerKind, BrokerOptions};
 
 /// Every scenario, in the order `all` runs them.
 pub const SCENARIOS: [&str; 8] = ["publish", "fanout", "failover", "restart", "drain", "consume", "bridge", "backlog"];
@@ -182,12 +182,9 @@ fn state_dir(a: &Args) -> anyhow::Result<tempfile::TempDir> {
 /// which caps every MQTT 5 client at 20 whatever it asks for (MQTT 3.1.1
 /// clients are not capped). Without a cap the client's own window holds.
 /// The broker's window towards subscribers is the same figure.
-async fn broker(window: u16) -> Mosquitto {
-    Mosquitto::start(steadfast_testkit::MosquittoOptions {
-        persistence: false,
-        extra: vec![format!("max_inflight_messages {window}")],
-    })
-    .await
+async fn broker(window: u16) -> anyhow::Result<Broker> {
+    let opts = BrokerOptions { extra: vec![format!("max_inflight_messages {window}")], ..BrokerOptions::default() };
+    Ok(Broker::start(BrokerKind::Mosquitto, opts, None).await?)
 }
 
 /// How long a bare rumqttc run took: in all (from before the connect to
@@ -400,7 +397,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 async fn fanout(a: Args) -> anyhow::Result<Scenario> {
-    let (b1, b2) = (broker(0).await, broker(0).await);
+    let (b1, b2) = (broker(0).await?, broker(0).await?);
     let title = format!(
         "{} QoS 1 messages of {} bytes, one broker vs a fanout set of two (ack = all), in-flight window {} to each broker, {} runs, median",
         a.messages, a.payload, a.inflight, a.runs
@@ -438,10 +435,10 @@ async fn fanout(a: Args) -> anyhow::Result<Scenario> {
 /// fault proxy) fails after a second; returns the time from the fault to
 /// the first message the backup acknowledged.
 async fn failover_gap(a: &Args, kill: bool, ack_timeout: Duration, run: usize) -> anyhow::Result<Duration> {
-    use steadfast_testkit::{FaultProxy, ProxyMode};
-    let mut primary = broker(0).await;
-    let backup = broker(0).await;
-    let proxy = FaultProxy::start(primary.port()).await;
+    use steadfast_lab::{FaultProxy, ProxyMode};
+    let mut primary = broker(0).await?;
+    let backup = broker(0).await?;
+    let proxy = FaultProxy::start(primary.port()).await?;
     let dir = state_dir(a)?;
     // A kill goes straight to the broker (the kernel closes its sockets);
     // a black hole needs the proxy.
@@ -563,7 +560,7 @@ async fn consume(a: Args) -> anyhow::Result<Scenario> {
     // The test kit's broker queues without limit for an absent session; its
     // in-flight window to the consumer is the consumer's receive maximum
     // (Mosquitto's own default of 20 would cap both runs alike).
-    let broker = broker(0).await;
+    let broker = broker(0).await?;
     let title = format!(
         "{} QoS 1 messages of {} bytes queued for a consumer, drained with and without the inbox, receive maximum (window) {}, {} runs, median",
         a.messages, a.payload, a.inflight, a.runs
@@ -634,8 +631,8 @@ async fn bridge(a: Args) -> anyhow::Result<Scenario> {
     // (upstream) and by sending no more than `window` at once (local); the
     // direct publisher gets the same.
     let window = a.inflight.min(BRIDGE_DEFAULT_WINDOW);
-    let local = broker(window).await;
-    let upstream = broker(window).await;
+    let local = broker(window).await?;
+    let upstream = broker(window).await?;
     let title = format!(
         "{} QoS 1 messages of {} bytes, local Mosquitto -> steadfast bridge (durable) -> upstream Mosquitto, in-flight window {window} on both hops and for the direct publisher, {} runs, median",
         a.messages, a.payload, a.runs
@@ -755,7 +752,7 @@ async fn backlog(mut a: Args) -> anyhow::Result<Scenario> {
     if a.messages == 100_000 {
         a.messages = 1_000_000;
     }
-    let broker = broker(0).await;
+    let broker = broker(0).await?;
     let dir = state_dir(&a)?;
     let n = a.messages;
     let title = format!(
@@ -764,7 +761,7 @@ async fn backlog(mut a: Args) -> anyhow::Result<Scenario> {
     );
     let before = rss();
     // Queue the backlog: the broker address leads nowhere.
-    let nowhere = url(steadfast_testkit::free_port());
+    let nowhere = url(steadfast_lab::free_port()?);
     let fill = RssPeak::start();
     let t0 = Instant::now();
     let config = |broker: BrokerUrl| {
@@ -949,7 +946,7 @@ fn best(by_window: &[(u16, f64)]) -> (u16, f64) {
 }
 
 async fn publish(a: Args) -> anyhow::Result<Scenario> {
-    let broker = broker(0).await;
+    let broker = broker(0).await?;
     let port = broker.port();
     let windows = sweep(&a);
     let list = windows.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");

@@ -5,12 +5,9 @@
 mod args;
 mod bench;
 mod bridge;
-mod broker;
-mod chaos;
-mod demo;
 mod doctor;
+mod lab;
 mod metrics;
-mod procs;
 mod progress;
 mod publish;
 mod routes;
@@ -81,7 +78,7 @@ fn main() -> ExitCode {
     }
     // The embedded broker runs its own threads and runtimes.
     if let args::Command::Broker(a) = cli.command {
-        return finish(broker::run(a));
+        return finish(lab::run_broker(a));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
@@ -96,8 +93,8 @@ fn main() -> ExitCode {
             args::Command::Sub(a) => subscribe::run(*a).await,
             args::Command::Status(a) => status::run(a).await,
             args::Command::Bridge(a) => bridge::run(a).await,
-            args::Command::Demo(a) => demo::run(a).await,
-            args::Command::Chaos(a) => chaos::run(a).await,
+            args::Command::Demo(a) => lab::run_demo(a).await,
+            args::Command::Chaos(a) => lab::run_chaos(a).await,
             args::Command::Bench(a) => bench::run(a).await,
             args::Command::Doctor(a) => doctor::run(*a).await,
             args::Command::Broker(_) => unreachable!("run before the runtime starts"),

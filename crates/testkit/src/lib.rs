@@ -1,27 +1,25 @@
-//! Test kit for steadfast: real Mosquitto brokers on free loopback ports, a
-//! fault proxy that breaks links on command, a `mosquitto_sub` wrapper that
-//! records what a real subscriber received, and a scripted broker for
-//! protocol corner cases a real broker will not produce on demand.
+//! Test kit for steadfast: real Mosquitto brokers on free loopback ports
+//! and the fault proxy (both the lab's, `steadfast_lab`, with a test's
+//! manners), a `mosquitto_sub` wrapper that records what a real subscriber
+//! received, RabbitMQ and NATS for interop, a PKI, and a scripted broker
+//! for protocol corner cases a real broker will not produce on demand.
 //!
 //! Everything binds to 127.0.0.1 only.
 
 #![forbid(unsafe_code)]
 
-pub mod chaos;
 mod mosquitto;
 mod others;
 mod pki;
-mod proxy;
 mod scripted;
 mod sub;
-mod wiretap;
 mod ws;
 
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use others::{Nats, RabbitMq};
 pub use pki::Pki;
-pub use proxy::{FaultProxy, ProxyMode};
 pub use scripted::{Received, Reply, ScriptedBroker};
+pub use steadfast_lab::{FaultProxy, ProxyMode};
 pub use sub::Subscriber;
 pub use ws::WsFront;
 
@@ -29,8 +27,7 @@ use std::time::Duration;
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    steadfast_lab::free_port().unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; panics with
@@ -48,11 +45,7 @@ pub async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> b
 /// Path of a program from Debian's `mosquitto` package. A missing broker is
 /// a failure, never a skip: the README's test command installs it.
 pub fn mosquitto_program(name: &str) -> std::path::PathBuf {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let p = std::path::Path::new(dir).join(name);
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!("`{name}` not found: install Debian's `mosquitto` and `mosquitto-clients` packages (the README's test command does this)");
+    let p = steadfast_lab::mosquitto_program(name);
+    assert!(p.is_absolute(), "`{name}` not found: install Debian's `mosquitto` and `mosquitto-clients` packages (the README's test command does this)");
+    p
 }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use steadfast_testkit::chaos::FaultTally;
+use steadfast_lab::chaos::FaultTally;
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 
 mod bridge;
@@ -95,7 +95,7 @@ async fn messages_accepted_before_kill_9_are_delivered_by_the_next_process() {
     // The broker is "down": a proxy that refuses every connection, on a
     // port this test holds for its whole run (no other test can take it).
     let broker = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     proxy.set(ProxyMode::Reset);
     let url = proxy.url();
     let mut child = steadfast()

@@ -56,7 +56,7 @@ fn lines(prefix: &str, n: usize) -> String {
 async fn classes_during_an_outage_match_the_metrics() {
     let broker = Mosquitto::plain().await;
     let sub = Subscriber::start(broker.port(), "policy/#", 1, None).await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     proxy.set(ProxyMode::Reset);
     let dir = tempfile::tempdir().unwrap();
     let outbox = dir.path().join("ob").display().to_string();
@@ -142,7 +142,7 @@ async fn classes_during_an_outage_match_the_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_outbox_behaves_as_its_overflow_policy_says() {
     let broker = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     proxy.set(ProxyMode::Reset);
     let dir = tempfile::tempdir().unwrap();
     let url = proxy.url();

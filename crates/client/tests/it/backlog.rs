@@ -19,7 +19,7 @@ async fn memory_stays_flat_while_a_large_backlog_queues_and_drains() {
     const N: usize = 200_000;
     const PAYLOAD: usize = 200; // 40 MB of payload in all
     let broker = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     proxy.set(ProxyMode::Reset);
     let dir = tempfile::tempdir().unwrap();
     let c = open(config("backlog", &proxy.url(), dir.path())).await;

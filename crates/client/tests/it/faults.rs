@@ -44,7 +44,7 @@ async fn idle(c: &Client, limit: Duration) {
 async fn ten_thousand_messages_survive_resets_black_holes_and_broker_restarts() {
     let mut broker = Mosquitto::start(persistent()).await;
     let sub = Subscriber::start(broker.port(), "chaos", 1, Some("chaos-sub")).await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config("chaos-pub", &proxy.url(), dir.path())
         .keep_alive(Duration::from_secs(2))
@@ -98,7 +98,7 @@ async fn ten_thousand_messages_survive_resets_black_holes_and_broker_restarts() 
 async fn after_kill_9_of_the_broker_every_message_it_did_not_acknowledge_reaches_a_subscriber() {
     let mut broker = Mosquitto::start(persistent()).await;
     let first_sub = Subscriber::start(broker.port(), "k9", 1, None).await;
-    let proxy = FaultProxy::start_tapped(broker.port()).await;
+    let proxy = FaultProxy::start_tapped(broker.port()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config("k9-pub", &proxy.url(), dir.path()).keep_alive(Duration::from_secs(2));
     let c = open(cfg).await;
@@ -141,7 +141,7 @@ async fn after_kill_9_of_the_broker_every_message_it_did_not_acknowledge_reaches
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_lost_the_session_gets_every_in_flight_message_again() {
     let mut broker = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config("sp0-pub", &proxy.url(), dir.path())
         .keep_alive(Duration::from_secs(2))
@@ -169,7 +169,7 @@ async fn a_broker_that_lost_the_session_gets_every_in_flight_message_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_link_is_detected_within_the_keep_alive_window() {
     let broker = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let keep_alive = Duration::from_secs(2);
     let cfg = config("bh-pub", &proxy.url(), dir.path()).keep_alive(keep_alive).connect_timeout(Duration::from_secs(2));

@@ -22,7 +22,7 @@ fn drops(s: &steadfast::Status, reason: DropReason) -> u64 {
 async fn best_effort_is_sent_when_a_broker_is_up_and_counted_when_not() {
     let broker = Mosquitto::plain().await;
     let sub = Subscriber::start(broker.port(), "be/#", 0, None).await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let client = open(config("be", &proxy.url(), dir.path())).await;
     wait_until("connected", Duration::from_secs(10), || client.broker_status()[0].state == LinkState::Connected).await;

@@ -166,7 +166,7 @@ async fn failover_on_primary_kill9_resends_what_it_had_not_acknowledged() {
 async fn a_black_holed_primary_is_detected_by_the_ack_timeout_and_traffic_moves() {
     let a = Mosquitto::plain().await;
     let b = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(a.port()).await;
+    let proxy = FaultProxy::start(a.port()).await.unwrap();
     let sub_a = Subscriber::start(a.port(), "bh", 1, None).await;
     let sub_b = Subscriber::start(b.port(), "bh", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
@@ -218,7 +218,7 @@ async fn fanout_all_catches_a_broker_up_after_it_comes_back() {
 async fn fanout_any_does_not_wait_for_a_silent_broker() {
     let a = Mosquitto::plain().await;
     let b = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(b.port()).await;
+    let proxy = FaultProxy::start(b.port()).await.unwrap();
     let sub_a = Subscriber::start(a.port(), "any", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
     let s = set(&[a.url(), proxy.url()]).mode(Mode::Fanout).ack(AckQuorum::Any);

@@ -59,7 +59,7 @@ async fn publishing_with_the_broker_down_queues_and_delivers_later() {
     broker.kill9();
     // The client reaches the broker only through the proxy, held shut until
     // a subscriber is in place, so every queued message can be checked.
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     proxy.set(ProxyMode::Reset);
     let dir = tempfile::tempdir().unwrap();
     let c = open(config("p3", &proxy.url(), dir.path())).await;
@@ -116,7 +116,7 @@ async fn the_brokers_receive_maximum_bounds_what_is_in_flight() {
     use steadfast_testkit::{wait_until, FaultProxy, MosquittoOptions, ProxyMode};
     let opts = MosquittoOptions { persistence: false, extra: vec!["max_inflight_messages 5".into()] };
     let broker = Mosquitto::start(opts).await;
-    let proxy = FaultProxy::start(broker.port()).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config("rm", &proxy.url(), dir.path())
         .keep_alive(Duration::from_secs(2))

@@ -45,7 +45,7 @@ impl Connection {
             if matches!(header >> 4, 4 | 5) && body.len() >= 2 {
                 let pid = u16::from_be_bytes([body[0], body[1]]);
                 if let Some(payload) = self.open.remove(&pid) {
-                    self.acknowledged.lock().expect("tap lock").push(payload);
+                    crate::proxy::lock(&self.acknowledged).push(payload);
                 }
             }
         }

@@ -1,3 +1,7 @@
+//! A TCP proxy that breaks links on command: resets, black holes, latency,
+//! a bandwidth cap; optionally reading the MQTT packets that pass to tell
+//! what the broker acknowledged.
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,20 +44,20 @@ pub struct FaultProxy {
 }
 
 impl FaultProxy {
-    /// Starts proxying 127.0.0.1:`upstream`.
-    pub async fn start(upstream: u16) -> FaultProxy {
+    /// Starts proxying 127.0.0.1:`upstream` on a free loopback port.
+    pub async fn start(upstream: u16) -> std::io::Result<FaultProxy> {
         Self::listen(upstream, None).await
     }
 
     /// Starts proxying 127.0.0.1:`upstream`, reading the MQTT packets that
     /// pass for [`FaultProxy::acknowledged`].
-    pub async fn start_tapped(upstream: u16) -> FaultProxy {
+    pub async fn start_tapped(upstream: u16) -> std::io::Result<FaultProxy> {
         Self::listen(upstream, Some(Acknowledged::default())).await
     }
 
-    async fn listen(upstream: u16, acknowledged: Option<Acknowledged>) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
+    async fn listen(upstream: u16, acknowledged: Option<Acknowledged>) -> std::io::Result<FaultProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         let (tx, _) = watch::channel(State { mode: ProxyMode::Pass, generation: 0 });
         let state = Arc::new(tx);
         let s = state.clone();
@@ -65,16 +69,15 @@ impl FaultProxy {
                 tokio::spawn(serve(client, upstream, rx, conn));
             }
         });
-        FaultProxy { port, state, task, acknowledged }
+        Ok(FaultProxy { port, state, task, acknowledged })
     }
 
     /// Payloads of the QoS 1 and 2 messages that the broker acknowledged
     /// (PUBACK or PUBREC sent) through this proxy so far, as seen on the
     /// wire: what the broker took, whatever the client recorded. Only for
-    /// a proxy made with [`FaultProxy::start_tapped`].
+    /// a proxy made with [`FaultProxy::start_tapped`] (empty otherwise).
     pub fn acknowledged(&self) -> Vec<Vec<u8>> {
-        let tap = self.acknowledged.as_ref().expect("a proxy started with start_tapped");
-        tap.lock().expect("tap lock").clone()
+        self.acknowledged.as_ref().map(|tap| lock(tap).clone()).unwrap_or_default()
     }
 
     /// The port clients connect to.
@@ -176,7 +179,7 @@ async fn pump(
         // mode below drops it).
         if side == Side::FromBroker {
             if let Some(t) = &tap {
-                t.lock().expect("tap lock").broker_sent(&buf[..n]);
+                lock(t).broker_sent(&buf[..n]);
             }
         }
         let mode = rx.borrow().mode;
@@ -193,11 +196,17 @@ async fn pump(
         // it has it, so its acknowledgement never finds the tap unaware.
         if side == Side::ToBroker {
             if let Some(t) = &tap {
-                t.lock().expect("tap lock").client_sent(&buf[..n]);
+                lock(t).client_sent(&buf[..n]);
             }
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
+}
+
+/// A poisoned lock only means a pump panicked mid-update: the record is
+/// still the best there is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

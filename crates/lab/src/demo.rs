@@ -5,36 +5,57 @@
 //! checked. Everything on 127.0.0.1, in a temporary directory.
 
 use std::collections::{HashMap, HashSet};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::anyhow;
 use steadfast::{AckQuorum, BackoffConfig, BrokerSet, BrokerUrl, Client, ClientConfig, Message, Mode, Qos};
 
-use crate::args::DemoArgs;
-use crate::procs::{broker_kind, duplicates_removed, handled, tempfile_dir, Broker, Consumer, Kind};
-use crate::Failure;
+use crate::children::{duplicates_removed, handled, run_dir, Consumer};
+use crate::launch::{Broker, BrokerKind, BrokerOptions};
+use crate::LabError;
 
-pub async fn run(a: DemoArgs) -> Result<(), Failure> {
-    let kind = broker_kind(&a.brokers)?;
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// How long, in seconds (publishing for two thirds of it); 20 or more.
+    pub seconds: u64,
+    /// Messages per second, above 0.
+    pub rate: u32,
+    /// Which brokers.
+    pub brokers: BrokerKind,
+}
+
+/// What the demo found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DemoOutcome {
+    /// Accepted identities the consumer never handled.
+    pub lost: Vec<String>,
+    /// Identities handled more than once.
+    pub twice: usize,
+}
+
+/// Runs the demo, printing its table; the outcome says what was lost.
+pub async fn run(a: DemoOptions) -> Result<DemoOutcome, LabError> {
+    let kind = a.brokers;
     if a.seconds < 20 || a.rate == 0 {
-        return Err(Failure::usage(anyhow!("--seconds must be 20 or more and --rate above 0")));
+        return Err(LabError::TooShort { what: "the demo", min_seconds: 20 });
     }
-    let tmp = tempfile_dir("demo")?;
+    let tmp = run_dir("demo")?;
     let root = tmp.path().to_owned();
-    let mut a_broker = Broker::start(kind, "broker-a", &root)?;
-    let mut b_broker = Broker::start(kind, "broker-b", &root)?;
+    // Mosquitto with persistence, saved every second.
+    let opts = BrokerOptions { persistence: true, autosave_secs: Some(1), extra: vec![] };
+    let mut a_broker = Broker::start(kind, opts.clone(), Some(&root)).await?;
+    let mut b_broker = Broker::start(kind, opts, Some(&root)).await?;
     println!(
         "steadfast demo: two {} brokers ({} and {}{}), a producer in fanout (ack = all), a consumer with an inbox; {} s at {} msg/s",
         match kind {
-            Kind::Embedded => "embedded (rumqttd)",
-            Kind::Mosquitto => "Mosquitto",
+            BrokerKind::Embedded => "embedded (rumqttd)",
+            BrokerKind::Mosquitto => "Mosquitto",
         },
         a_broker.url(),
         b_broker.url(),
         match kind {
-            Kind::Embedded => "; a restart forgets all they held",
-            Kind::Mosquitto => "; persistence on",
+            BrokerKind::Embedded => "; a restart forgets all they held",
+            BrokerKind::Mosquitto => "; persistence on",
         },
         a.seconds,
         a.rate
@@ -51,13 +72,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
         child: None,
     };
     // The consumer's sessions exist before the first message.
-    let mut register: Vec<String> = consumer.args.clone();
-    register.push("--register".into());
-    let exe = std::env::current_exe().map_err(|e| Failure::other(anyhow!(e)))?;
-    let reg = Command::new(&exe).args(&register).output().map_err(|e| Failure::other(anyhow!(e)))?;
-    if !reg.status.success() {
-        return Err(Failure::other(anyhow!("cannot register the consumer: {}", String::from_utf8_lossy(&reg.stderr))));
-    }
+    consumer.register()?;
     consumer.start()?;
 
     let urls: Vec<BrokerUrl> =
@@ -69,7 +84,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
             max: Duration::from_millis(500),
             ..Default::default()
         });
-    let (client, _) = Client::open(cfg).await.map_err(|e| Failure::other(anyhow!(e)))?;
+    let (client, _) = Client::open(cfg).await?;
     let producer = client.producer_id().to_owned();
 
     // The schedule, as fractions of the publishing time.
@@ -116,11 +131,11 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
             if t.as_secs_f64() >= at * publish_for.as_secs_f64() {
                 match *what {
                     "kill -9 broker A" => a_broker.kill9(),
-                    "restart broker A" => a_broker.spawn()?,
+                    "restart broker A" => a_broker.spawn().await?,
                     "kill -9 the consumer" => consumer.kill9(),
                     "restart the consumer" => consumer.start()?,
                     "kill -9 broker B" => b_broker.kill9(),
-                    _ => b_broker.spawn()?,
+                    _ => b_broker.spawn().await?,
                 }
                 log.push(format!("{:.1}s {what}", t.as_secs_f64()));
                 if *what != "kill -9 the consumer" {
@@ -138,7 +153,7 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
         }
         let m = Message::new(format!("demo/{}", sent % 4), format!("{sent}")).qos(Qos::AtLeastOnce);
         sent += 1;
-        pending.push_back(client.enqueue(m).map_err(|e| Failure::other(anyhow!(e)))?);
+        pending.push_back(client.enqueue(m)?);
         while pending.len() > 64 {
             if pending.pop_front().expect("non-empty").await.is_ok() {
                 accepted += 1;
@@ -181,13 +196,5 @@ pub async fn run(a: DemoArgs) -> Result<(), Failure> {
         "verdict: {} of {accepted} accepted messages lost; {twice} handled twice. Checked: every accepted identity {producer}/1..{accepted} was looked for in the consumer's output (its inbox removes the copies from the two brokers and the redeliveries; a message handled just before a kill -9 of the consumer, whose inbox record died with it, is handled again).",
         lost.len()
     );
-    if lost.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::other(anyhow!(
-            "{} message(s) lost, first {:?}",
-            lost.len(),
-            lost.iter().take(5).collect::<Vec<_>>()
-        )))
-    }
+    Ok(DemoOutcome { lost: lost.into_iter().cloned().collect(), twice })
 }

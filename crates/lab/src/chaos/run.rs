@@ -1,25 +1,49 @@
-//! `steadfast chaos`: a seeded schedule of faults over a producer (`steadfast
-//! pub` in fanout to two brokers, a child process), the brokers (each behind
-//! a fault proxy) and a consumer (`steadfast sub` with an inbox), then a
+//! The runner: a seeded schedule of faults over a producer (`steadfast pub`
+//! in fanout to two brokers, a child process), the brokers (each behind a
+//! fault proxy) and a consumer (`steadfast sub` with an inbox), then a
 //! verdict from both ends' logs: every accepted identity handled exactly
-//! once, or the promise it broke. The schedule and the verdict are the test
-//! kit's ([`steadfast_testkit::chaos`]); this runs them against processes.
+//! once, or the promise it broke.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::anyhow;
 use steadfast_store::{SqliteStore, Store};
-use steadfast_testkit::chaos::{payload_for, Fault, FaultTally, Schedule, Verdict, CONSUMER_KILLED};
-use steadfast_testkit::{FaultProxy, ProxyMode};
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::args::ChaosArgs;
-use crate::procs::{broker_kind, tempfile_dir, Broker, Consumer, Kind};
-use crate::Failure;
+use super::plan::{payload_for, Fault, FaultTally, Schedule, Verdict, CONSUMER_KILLED};
+use crate::children::{current_exe, run_dir, Consumer};
+use crate::launch::{Broker, BrokerKind, BrokerOptions};
+use crate::proxy::{FaultProxy, ProxyMode};
+use crate::LabError;
+
+/// What a chaos run does.
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// The schedule's seed (`None`: a random one, printed).
+    pub seed: Option<u64>,
+    /// How long the schedule runs (then it drains); 20 s or more.
+    pub length: Duration,
+    /// Messages per second, above 0.
+    pub rate: u32,
+    /// Which brokers.
+    pub brokers: BrokerKind,
+    /// Copy the run's files here at the end.
+    pub keep: Option<PathBuf>,
+}
+
+/// What a chaos run found.
+#[derive(Debug, Clone)]
+pub struct ChaosOutcome {
+    /// The seed it ran (to run it again).
+    pub seed: u64,
+    /// What both ends' logs show.
+    pub verdict: Verdict,
+    /// Faults applied and skipped, by kind.
+    pub tally: FaultTally,
+}
 
 /// Deliveries the consumer may have in flight per broker (its
 /// `--max-inflight`): the most it can have printed and not yet recorded
@@ -35,21 +59,17 @@ struct Producer {
 }
 
 impl Producer {
-    fn start(&mut self) -> Result<(), Failure> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| Failure::other(anyhow!("{}: {e}", self.log.display())))?;
-        let exe = std::env::current_exe().map_err(|e| Failure::other(anyhow!(e)))?;
-        let mut child = tokio::process::Command::new(exe)
+    fn start(&mut self) -> Result<(), LabError> {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.log).map_err(LabError::io(&self.log))?;
+        let mut child = tokio::process::Command::new(current_exe()?)
             .args(&self.args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| Failure::other(anyhow!("cannot start the producer: {e}")))?;
+            .map_err(|source| LabError::Spawn { what: "the producer".into(), source })?;
         self.stdin = child.stdin.take();
         self.child = Some(child);
         Ok(())
@@ -87,9 +107,8 @@ fn accepted(outbox: &Path) -> Option<(String, u64)> {
 
 /// Sequence numbers the producer dropped by its policy: its drop log
 /// (an outbox id is the sequence number of the identity it carries).
-fn dropped(outbox: &Path) -> Result<HashSet<u64>, Failure> {
-    let log = SqliteStore::open_read_only(outbox).and_then(|mut s| s.drop_log());
-    let log = log.map_err(|e| Failure::other(anyhow!("the producer's drop log cannot be read: {e}")))?;
+fn dropped(outbox: &Path) -> Result<HashSet<u64>, LabError> {
+    let log = SqliteStore::open_read_only(outbox).and_then(|mut s| s.drop_log())?;
     Ok(log.into_iter().map(|(id, _)| id).collect())
 }
 
@@ -109,18 +128,15 @@ fn caught_up(out: &Path, producer: &str, upto: u64) -> bool {
     (1..=upto).all(|s| seen.contains(&s))
 }
 
-pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
-    let kind = broker_kind(&a.brokers)?;
-    let length = Duration::from_secs(match (a.minutes, a.seconds) {
-        (Some(m), _) => m * 60,
-        (None, s) => s,
-    });
+/// Runs the schedule, printing what it does; the outcome holds the verdict.
+pub async fn run(a: ChaosOptions) -> Result<ChaosOutcome, LabError> {
+    let (kind, length) = (a.brokers, a.length);
     if length < Duration::from_secs(20) || a.rate == 0 {
-        return Err(Failure::usage(anyhow!("the run must last 20 s or more, and --rate be above 0")));
+        return Err(LabError::TooShort { what: "the run", min_seconds: 20 });
     }
     let seed = a.seed.unwrap_or_else(|| fastrand::u64(..));
-    let schedule = Schedule::generate(seed, length, 2, kind == Kind::Mosquitto);
-    let tmp = tempfile_dir("chaos")?;
+    let schedule = Schedule::generate(seed, length, 2, kind == BrokerKind::Mosquitto);
+    let tmp = run_dir("chaos")?;
     let root = tmp.path().to_owned();
     println!(
         "steadfast chaos: seed {seed} (run it again with --seed {seed}), {} s at {} msg/s; two {} brokers behind fault proxies; a producer in fanout (ack = all); a consumer with an inbox",
@@ -130,8 +146,15 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     );
     print!("{schedule}");
 
-    let mut brokers = [Broker::start(kind, "broker-a", &root)?, Broker::start(kind, "broker-b", &root)?];
-    let proxies = [FaultProxy::start(brokers[0].port).await, FaultProxy::start(brokers[1].port).await];
+    // Mosquitto with persistence (saved every second) until the schedule
+    // restarts it without.
+    let opts = BrokerOptions { persistence: true, autosave_secs: Some(1), extra: vec![] };
+    let mut brokers =
+        [Broker::start(kind, opts.clone(), Some(&root)).await?, Broker::start(kind, opts, Some(&root)).await?];
+    let proxies = [
+        FaultProxy::start(brokers[0].port()).await.map_err(LabError::NoPort)?,
+        FaultProxy::start(brokers[1].port()).await.map_err(LabError::NoPort)?,
+    ];
     let urls: Vec<String> = proxies.iter().map(|p| p.url()).collect();
     let inbox = root.join("inbox");
     let out = root.join("consumer.out");
@@ -146,14 +169,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
         out: out.clone(),
         child: None,
     };
-    let mut register = consumer.args.clone();
-    register.push("--register".into());
-    let exe = std::env::current_exe().map_err(|e| Failure::other(anyhow!(e)))?;
-    let reg =
-        tokio::process::Command::new(&exe).args(&register).output().await.map_err(|e| Failure::other(anyhow!(e)))?;
-    if !reg.status.success() {
-        return Err(Failure::other(anyhow!("cannot register the consumer: {}", String::from_utf8_lossy(&reg.stderr))));
-    }
+    consumer.register()?;
     consumer.start()?;
     let mut producer = Producer {
         args: ["pub", "-b", &urls[0], "-b", &urls[1], "--mode", "fanout", "--ack", "all", "-t", "chaos/p", "-l"]
@@ -204,7 +220,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
                 let (_, heal) = heals.swap_remove(i);
                 match heal {
                     Heal::Broker(b) => {
-                        brokers[b].spawn()?;
+                        brokers[b].spawn().await?;
                         last_restart = Instant::now();
                     }
                     Heal::Proxy(b) => proxies[b].set(ProxyMode::Pass),
@@ -319,7 +335,7 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     // incarnation left).
     for (_, heal) in heals.drain(..) {
         match heal {
-            Heal::Broker(b) => brokers[b].spawn()?,
+            Heal::Broker(b) => brokers[b].spawn().await?,
             Heal::Proxy(b) => proxies[b].set(ProxyMode::Pass),
             Heal::Producer => producer.start()?,
             Heal::Consumer => consumer.start()?,
@@ -340,7 +356,8 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
         );
     }
     let Some((producer_id, last)) = accepted(&outbox) else {
-        return Err(Failure::other(anyhow!("the producer's outbox {} cannot be read", outbox.display())));
+        let source = std::io::Error::new(std::io::ErrorKind::InvalidData, "the producer's outbox cannot be read");
+        return Err(LabError::Io { path: outbox, source });
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !caught_up(&out, &producer_id, last) && Instant::now() < deadline {
@@ -357,15 +374,10 @@ pub async fn run(a: ChaosArgs) -> Result<(), Failure> {
     );
     println!("verdict: {verdict}");
     if let Some(keep) = &a.keep {
-        copy_dir(&root, keep).map_err(|e| Failure::other(anyhow!("--keep {}: {e}", keep.display())))?;
+        copy_dir(&root, keep).map_err(LabError::io(keep))?;
         println!("the run's files are kept in {}", keep.display());
     }
-    if verdict.passed() {
-        println!("PASSED (seed {seed})");
-        Ok(())
-    } else {
-        Err(Failure::other(anyhow!("FAILED (seed {seed}): {verdict}")))
-    }
+    Ok(ChaosOutcome { seed, verdict, tally })
 }
 
 /// Sets a proxy fault, healed at `until`.
@@ -393,14 +405,10 @@ async fn report(t: Duration, sent: u64, outbox: &Path, out: &Path) {
     println!("{:>6.1}s  ({line})", t.as_secs_f64());
 }
 
-fn append_line(path: &Path, line: &str) -> Result<(), Failure> {
+fn append_line(path: &Path, line: &str) -> Result<(), LabError> {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| Failure::other(anyhow!("{}: {e}", path.display())))?;
-    writeln!(f, "{line}").map_err(|e| Failure::other(anyhow!("{}: {e}", path.display())))
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(LabError::io(path))?;
+    writeln!(f, "{line}").map_err(LabError::io(path))
 }
 
 /// Copies the files of a run (logs, stores) for a look afterwards.

@@ -1,8 +1,20 @@
 //! Command-line arguments. Flags follow `mosquitto_pub` where they overlap.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use steadfast_core::{parse_duration, BackoffConfig, BackoffError, DurationError};
+
+/// Every duration flag: one syntax (500ms, 30s, 1.5m, 2h, 1d), parsed here.
+fn duration(s: &str) -> Result<Duration, DurationError> {
+    parse_duration(s)
+}
+
+/// `--backoff`: default, battery or MIN..MAX[,N/h].
+fn backoff(s: &str) -> Result<BackoffConfig, BackoffError> {
+    BackoffConfig::parse(s)
+}
 
 /// Reliable MQTT delivery: a durable outbox that never loses an accepted message.
 #[derive(Debug, Parser)]
@@ -124,8 +136,8 @@ pub struct DoctorArgs {
     #[arg(long)]
     pub restart_wait: bool,
     /// How long to wait for the broker to go down and come back.
-    #[arg(long, value_name = "DURATION", default_value = "120s")]
-    pub restart_within: String,
+    #[arg(long, value_name = "DURATION", default_value = "120s", value_parser = duration)]
+    pub restart_within: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -225,14 +237,14 @@ pub struct PubArgs {
     #[arg(long, value_name = "QUORUM")]
     pub ack: Option<String>,
     /// Failover: how long a higher-priority broker must stay up before traffic returns to it.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
-    pub failback_after: String,
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    pub failback_after: Duration,
     /// Fanout: after this long, a message some broker acknowledged leaves; the others count it as missed.
-    #[arg(long, value_name = "DURATION")]
-    pub catch_up_for: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub catch_up_for: Option<Duration>,
     /// With messages in flight, a link with no acknowledgement for this long is dead.
-    #[arg(long, value_name = "DURATION", default_value = "15s")]
-    pub ack_timeout: String,
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration)]
+    pub ack_timeout: Duration,
     /// Named broker sets (routes) from a TOML file: [routes.NAME] brokers = [...], mode, ack, ...
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -279,8 +291,8 @@ pub struct PubArgs {
     #[arg(long)]
     pub no_wait: bool,
     /// How long to wait for delivery (e.g. 30s, 5m); then exit 3, rest kept on disk.
-    #[arg(long, value_name = "DURATION")]
-    pub wait_timeout: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub wait_timeout: Option<Duration>,
     /// Outbox bound: a message count (10000) or a size (100MB); repeat for both.
     #[arg(long, value_name = "COUNT|SIZE")]
     pub max_queue: Vec<String>,
@@ -288,8 +300,8 @@ pub struct PubArgs {
     #[arg(long, value_name = "SIZE")]
     pub max_queue_bytes: Option<String>,
     /// Outbox bound in age: older messages leave, counted as expired (e.g. 7d).
-    #[arg(long, value_name = "DURATION")]
-    pub max_age: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub max_age: Option<Duration>,
     /// When the outbox is full: block, reject, drop-oldest or drop-newest.
     #[arg(long, value_name = "POLICY", default_value = "block")]
     pub overflow: String,
@@ -300,8 +312,8 @@ pub struct PubArgs {
     #[arg(long, value_name = "CLASS", default_value = "persistent")]
     pub class: String,
     /// Deadline class: time to live (e.g. 15s); then the message is dropped as expired.
-    #[arg(long, value_name = "DURATION")]
-    pub ttl: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub ttl: Option<Duration>,
     /// Retry budget: at most N sends per message, then it is dropped as budget.
     #[arg(long, value_name = "N")]
     pub max_attempts: Option<u32>,
@@ -311,9 +323,9 @@ pub struct PubArgs {
     /// Priority 0 (default) to 9: higher priorities are sent first after an outage.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub priority: u8,
-    /// Reconnect backoff: default (100ms..30s), battery (30s..15m, at most 12 attempts an hour) or MIN..MAX.
-    #[arg(long, value_name = "PROFILE", default_value = "default")]
-    pub backoff: String,
+    /// Reconnect backoff: default (100ms..30s), battery (30s..15m, at most 12 attempts an hour) or MIN..MAX[,N/h] (e.g. 1s..5m,20/h).
+    #[arg(long, value_name = "PROFILE", default_value = "default", value_parser = backoff)]
+    pub backoff: BackoffConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
@@ -324,8 +336,8 @@ pub struct PubArgs {
     #[arg(long)]
     pub clean: bool,
     /// MQTT 5 session expiry interval.
-    #[arg(long, value_name = "DURATION", default_value = "1d")]
-    pub session_expiry: String,
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
+    pub session_expiry: Duration,
     /// Print a summary line on stderr when done.
     #[arg(long)]
     pub summary: bool,
@@ -348,8 +360,8 @@ pub struct SubArgs {
     #[arg(long)]
     pub clean: bool,
     /// MQTT 5 session expiry interval (MQTT 3.1.1: the broker's setting applies).
-    #[arg(short = 'x', long, value_name = "DURATION", default_value = "1d")]
-    pub session_expiry: String,
+    #[arg(short = 'x', long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
+    pub session_expiry: Duration,
     /// Inbox directory (default: `$XDG_STATE_HOME/steadfast/inbox/CLIENT_ID`).
     #[arg(long, value_name = "DIR")]
     pub inbox: Option<PathBuf>,
@@ -381,8 +393,8 @@ pub struct SubArgs {
     #[arg(long)]
     pub register: bool,
     /// A gap in a producer's sequence not filled within this long is reported as a suspected loss.
-    #[arg(long, value_name = "DURATION", default_value = "30s")]
-    pub gap_timeout: String,
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    pub gap_timeout: Duration,
     /// MQTT 3.1.1: unwrap the steadfast identity envelope (see `pub --envelope`).
     #[arg(long)]
     pub envelope: bool,
@@ -393,11 +405,11 @@ pub struct SubArgs {
     #[arg(long, value_name = "COUNT|SIZE")]
     pub inbox_max: Vec<String>,
     /// Inbox bound in age: identities handled longer ago are forgotten.
-    #[arg(long, value_name = "DURATION", default_value = "7d")]
-    pub inbox_max_age: String,
-    /// Reconnect backoff: default, battery or MIN..MAX.
-    #[arg(long, value_name = "PROFILE", default_value = "default")]
-    pub backoff: String,
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = duration)]
+    pub inbox_max_age: Duration,
+    /// Reconnect backoff: default (100ms..30s), battery (30s..15m, at most 12 attempts an hour) or MIN..MAX[,N/h] (e.g. 1s..5m,20/h).
+    #[arg(long, value_name = "PROFILE", default_value = "default", value_parser = backoff)]
+    pub backoff: BackoffConfig,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,

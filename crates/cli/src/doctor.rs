@@ -10,7 +10,6 @@ use steadfast::doctor::{self, Report, Restart};
 use steadfast::{BrokerUrl, ClientConfig, ProtocolVersion};
 
 use crate::args::DoctorArgs;
-use crate::util::parse_duration;
 use crate::Failure;
 
 pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
@@ -20,7 +19,7 @@ pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
         return Err(usage("doctor checks one broker: give exactly one -b URL (or -h/-p)".into()));
     };
     let url: BrokerUrl = url.parse().map_err(|e| usage(format!("{e}")))?;
-    let within = parse_duration(&a.restart_within).map_err(|e| usage(format!("--restart-within: {e}")))?;
+    let within = a.restart_within;
     let dir = std::env::temp_dir(); // not used: the doctor keeps nothing on disk
     let cfg = a.conn.apply(ClientConfig::new("steadfast-doctor", url.clone(), dir)).map_err(usage)?;
     let cfg = cfg.connect_timeout(Duration::from_secs(5));

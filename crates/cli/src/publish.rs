@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    AppendError, BackoffConfig, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow,
-    Policy, ProtocolVersion, PublishError, Qos,
+    AppendError, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, Policy,
+    ProtocolVersion, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::args::PubArgs;
 use crate::progress::Progress;
 use crate::routes;
-use crate::util::{default_client_id, default_outbox, parse_bounds, parse_duration, parse_qos, parse_version};
+use crate::util::{default_client_id, default_outbox, parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
 /// Where the messages come from.
@@ -84,12 +84,12 @@ impl Options {
                 brokers: urls,
                 mode: Some(a.mode.clone()),
                 ack: a.ack.clone().map(routes::Ack::Word),
-                failback_after: Some(a.failback_after.clone()),
-                catch_up_for: a.catch_up_for.clone(),
+                failback_after: Some(a.failback_after),
+                catch_up_for: a.catch_up_for,
             };
             spec.build("-b brokers").map_err(usage)?
         };
-        let ack_timeout = parse_duration(&a.ack_timeout).map_err(|e| usage(format!("--ack-timeout: {e}")))?;
+        let ack_timeout = a.ack_timeout;
         let input = match (&a.message, a.lines, &a.file, a.stdin, a.null, a.drain) {
             (Some(m), ..) => Input::Message(m.clone().into_bytes()),
             (_, true, ..) => Input::Lines,
@@ -114,14 +114,10 @@ impl Options {
             a.deadline_overflow.as_deref().map(|o| parse_overflow("--deadline-overflow", o)).transpose()?;
         let bounds: Vec<String> = a.max_queue.iter().chain(&a.max_queue_bytes).cloned().collect();
         let (max_messages, max_bytes) = parse_bounds("--max-queue", &bounds).map_err(usage)?;
-        let max_age =
-            a.max_age.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--max-age: {e}")))?;
-        let wait_timeout = a.wait_timeout.as_deref().map(parse_duration).transpose().map_err(usage)?;
-        let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
-        let backoff = BackoffConfig::parse(&a.backoff).map_err(|e| usage(format!("--backoff: {e}")))?;
-        let ttl = a.ttl.as_deref().map(parse_duration).transpose().map_err(|e| usage(format!("--ttl: {e}")))?;
+        let (max_age, wait_timeout, session_expiry) = (a.max_age, a.wait_timeout, a.session_expiry);
+        let backoff = a.backoff;
         let policy = Policy {
-            class: Class::parse(&a.class, ttl).map_err(usage)?,
+            class: Class::parse(&a.class, a.ttl).map_err(usage)?,
             max_attempts: a.max_attempts,
             keep_latest: a.keep_latest,
             priority: a.priority,

@@ -11,11 +11,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use steadfast::{AckQuorum, BrokerSet, BrokerUrl, Mode};
-
-use crate::util::parse_duration;
 
 /// The settings of one broker set, as written in flags or a file.
 #[derive(Debug, Default, Deserialize)]
@@ -24,8 +23,16 @@ pub struct SetSpec {
     pub brokers: Vec<String>,
     pub mode: Option<String>,
     pub ack: Option<Ack>,
-    pub failback_after: Option<String>,
-    pub catch_up_for: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    pub failback_after: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    pub catch_up_for: Option<Duration>,
+}
+
+/// A duration key, in the one syntax of every flag (`30s`, `1.5h`, `1d`).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    steadfast_core::parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
 }
 
 /// `ack = "all"` or `ack = 2`.
@@ -66,11 +73,11 @@ impl SetSpec {
             };
             set = set.ack(quorum);
         }
-        if let Some(d) = &self.failback_after {
-            set = set.failback_after(parse_duration(d).map_err(|e| format!("{what}: failback_after: {e}"))?);
+        if let Some(d) = self.failback_after {
+            set = set.failback_after(d);
         }
-        if let Some(d) = &self.catch_up_for {
-            set = set.catch_up_for(parse_duration(d).map_err(|e| format!("{what}: catch_up_for: {e}"))?);
+        if let Some(d) = self.catch_up_for {
+            set = set.catch_up_for(d);
         }
         Ok(set)
     }

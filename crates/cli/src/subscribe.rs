@@ -4,14 +4,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use steadfast::{
-    BackoffConfig, BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received,
-};
+use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::SubArgs;
-use crate::util::{default_client_id_for, default_inbox, parse_bounds, parse_duration, parse_qos, parse_version};
+use crate::util::{default_client_id_for, default_inbox, parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -92,13 +90,11 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         (None, None, false, false) => Output::Print(Format::Payload),
     };
     let (id, dir) = client_id(a)?;
-    let session_expiry = parse_duration(&a.session_expiry).map_err(usage)?;
-    let gap_timeout = parse_duration(&a.gap_timeout).map_err(usage)?;
+    let (session_expiry, gap_timeout) = (a.session_expiry, a.gap_timeout);
     if a.max_inflight == 0 {
         return Err(usage("--max-inflight 0 would receive nothing; use 1 or more"));
     }
-    let inbox_age = parse_duration(&a.inbox_max_age).map_err(|e| usage(format!("--inbox-max-age: {e}")))?;
-    let backoff = BackoffConfig::parse(&a.backoff).map_err(|e| usage(format!("--backoff: {e}")))?;
+    let (inbox_age, backoff) = (a.inbox_max_age, a.backoff);
     let mut client = ClientConfig::new(id, urls[0].clone(), dir)
         .brokers(BrokerSet::new(urls))
         .envelope(a.envelope)

@@ -1,27 +1,7 @@
-//! Small helpers: durations, sizes, default paths, logging.
+//! Small helpers: sizes, default paths, logging.
 
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Parses `500ms`, `10s`, `5m`, `2h`, `1d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration; use e.g. 500ms, 10s, 5m, 2h, 1d"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86400.0,
-        _ => return Err(format!("`{s}` has an unknown unit `{unit}`; use ms, s, m, h or d")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("`{s}` is not a valid duration"));
-    }
-    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
-}
 
 impl crate::args::ConnArgs {
     /// The broker URLs of `-b` flags and of mosquitto-style `-h`/`-p`.
@@ -333,18 +313,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_sizes_parse() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("x").is_err());
+    fn sizes_and_default_paths() {
         assert_eq!(parse_size("64KB"), Ok(65536));
         assert_eq!(parse_size("2MiB"), Ok(2 << 20));
         assert_eq!(parse_size("7"), Ok(7));
         assert!(parse_size("3XB").is_err());
-        assert!(parse_duration("99999999999999999999999s").is_err());
         let base = default_outbox("x").parent().unwrap().to_owned();
         for (id, dir) in [("gw-7", "gw-7"), ("a/b", "a%2Fb"), ("a_b", "a_b"), ("..", "%2E."), (".hidden", "%2Ehidden")]
         {

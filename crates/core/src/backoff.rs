@@ -48,35 +48,61 @@ impl BackoffConfig {
         }
     }
 
-    /// Parses a profile as the CLI takes it: `default`, `battery`, or
-    /// `MIN..MAX` with durations such as `200ms..1m` (`ms`, `s`, `m`, `h`),
-    /// optionally with an hourly budget: `1m..30m,6/h`.
-    pub fn parse(s: &str) -> Result<BackoffConfig, String> {
+    /// Parses a profile: `default`, `battery`, or `MIN..MAX` with
+    /// durations in the one syntax ([`crate::parse_duration`]: `200ms..1m`,
+    /// `1h..1d`, `0.5s..2.5m`), optionally with an hourly budget:
+    /// `1m..30m,6/h`.
+    pub fn parse(s: &str) -> Result<BackoffConfig, BackoffError> {
         match s {
             "default" => return Ok(Self::default()),
             "battery" => return Ok(Self::battery()),
             _ => {}
         }
-        let usage = || {
-            format!("`{s}` is not a backoff profile; use `default`, `battery` or MIN..MAX[,N/h] such as 200ms..1m or 1m..30m,6/h")
-        };
+        let not_a_profile = || BackoffError::NotAProfile(s.to_owned());
         let (range, per_hour) = match s.split_once(',') {
             Some((range, budget)) => {
-                let n = budget.strip_suffix("/h").and_then(|n| n.parse::<u32>().ok()).ok_or_else(usage)?;
+                let n = budget.strip_suffix("/h").and_then(|n| n.parse::<u32>().ok()).ok_or_else(not_a_profile)?;
                 if n == 0 {
-                    return Err(format!("backoff `{s}`: an hourly budget of 0 would never reconnect"));
+                    return Err(BackoffError::ZeroBudget(s.to_owned()));
                 }
                 (range, Some(n))
             }
             None => (s, None),
         };
-        let (min, max) = range.split_once("..").ok_or_else(usage)?;
-        let (min, max) = (parse_duration(min).ok_or_else(usage)?, parse_duration(max).ok_or_else(usage)?);
+        let (min, max) = range.split_once("..").ok_or_else(not_a_profile)?;
+        let duration =
+            |d: &str| crate::parse_duration(d).map_err(|cause| BackoffError::Duration { profile: s.to_owned(), cause });
+        let (min, max) = (duration(min)?, duration(max)?);
         if min.is_zero() || max < min {
-            return Err(format!("backoff `{s}`: MIN must be above zero and MAX at least MIN"));
+            return Err(BackoffError::Bounds(s.to_owned()));
         }
         Ok(Self { min, max, per_hour, ..Self::default() })
     }
+}
+
+/// Why a backoff profile does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackoffError {
+    /// Not `default`, `battery` or `MIN..MAX[,N/h]`.
+    #[error(
+        "`{0}` is not a backoff profile; use `default`, `battery` or MIN..MAX[,N/h] such as 200ms..1m or 1m..30m,6/h"
+    )]
+    NotAProfile(String),
+    /// An hourly budget of 0.
+    #[error("backoff `{0}`: an hourly budget of 0 would never reconnect")]
+    ZeroBudget(String),
+    /// MIN of zero, or MAX below MIN.
+    #[error("backoff `{0}`: MIN must be above zero and MAX at least MIN")]
+    Bounds(String),
+    /// MIN or MAX is not a duration.
+    #[error("backoff `{profile}`: {cause}")]
+    Duration {
+        /// The profile as given.
+        profile: String,
+        /// Why the duration does not parse.
+        cause: crate::DurationError,
+    },
 }
 
 impl fmt::Display for BackoffConfig {
@@ -87,22 +113,6 @@ impl fmt::Display for BackoffConfig {
         }
         Ok(())
     }
-}
-
-/// `250ms`, `10s`, `5m`, `2h`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n.checked_mul(1000)?,
-        "m" => n.checked_mul(60_000)?,
-        "h" => n.checked_mul(3_600_000)?,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -268,6 +278,12 @@ mod tests {
         for bad in ["fast", "1m..1s", "0..1s", "1s", "1x..2s", "1s..2s,0/h", "1s..2s,6", "1s..2s,x/h"] {
             assert!(BackoffConfig::parse(bad).is_err(), "{bad}");
         }
-        assert!(BackoffConfig::parse("fast").unwrap_err().contains("battery"));
+        assert!(BackoffConfig::parse("fast").unwrap_err().to_string().contains("battery"));
+        // The one duration syntax: days and decimals too (`1d..2d` was refused).
+        let c = BackoffConfig::parse("1d..2d").unwrap();
+        assert_eq!((c.min, c.max), (Duration::from_secs(86_400), Duration::from_secs(172_800)));
+        let c = BackoffConfig::parse("0.5s..1.5m").unwrap();
+        assert_eq!((c.min, c.max), (Duration::from_millis(500), Duration::from_secs(90)));
+        assert!(matches!(BackoffConfig::parse("1x..2s"), Err(BackoffError::Duration { .. })));
     }
 }

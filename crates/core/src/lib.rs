@@ -8,12 +8,14 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod duration;
 pub mod keepalive;
 pub mod message;
 pub mod topic;
 pub mod window;
 
-pub use backoff::{Backoff, BackoffConfig};
+pub use backoff::{Backoff, BackoffConfig, BackoffError};
+pub use duration::{parse_duration, DurationError};
 pub use keepalive::{KeepAlive, KeepAliveAction};
 pub use message::{DropReason, Identity, Properties, Qos};
 pub use topic::{validate_topic_filter, validate_topic_name, FilterError, TopicError};

@@ -26,11 +26,12 @@ use steadfast::{
     BackoffConfig, BrokerSet, BrokerUrl, Class, ClientConfig, ConsumerConfig, OutboxConfig, Overflow, Policy,
     ProtocolVersion, Qos,
 };
+use steadfast_core::parse_duration;
 use steadfast_core::topic::validate_topic_filter;
 use toml::Spanned;
 
 use crate::routes::{Ack, SetSpec};
-use crate::util::{parse_bounds, parse_duration, parse_qos, parse_version, Secrets};
+use crate::util::{parse_bounds, parse_qos, parse_version, Secrets};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -371,9 +372,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     }
     let source_version = version(&s.version, errs);
     let source_backoff = backoff(&s.backoff, errs);
-    let session_expiry = s.session_expiry.as_ref().and_then(|x| {
-        parse_duration(x.get_ref()).map_err(|e| errs.at(x.span(), format!("source.session_expiry: {e}"))).ok()
-    });
+    let session_expiry = duration(&s.session_expiry, "source.session_expiry", errs);
 
     // The destination: a publisher with an outbox.
     let spec = SetSpec {
@@ -383,8 +382,8 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
             Ack::Count(n) => Ack::Count(*n),
             Ack::Word(w) => Ack::Word(w.clone()),
         }),
-        failback_after: d.failback_after.as_ref().map(|x| x.get_ref().clone()),
-        catch_up_for: d.catch_up_for.as_ref().map(|x| x.get_ref().clone()),
+        failback_after: duration(&d.failback_after, "destination.failback_after", errs),
+        catch_up_for: duration(&d.catch_up_for, "destination.catch_up_for", errs),
     };
     let set = match urls(&d.brokers, "destination.brokers", errs) {
         None => None,
@@ -438,10 +437,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     rewrite.strip = d.strip_prefix.as_ref().map(|p| p.get_ref().clone()).filter(|p| !p.is_empty());
 
     // Delivery policy and bounds of what waits for the destination.
-    let ttl = r
-        .ttl
-        .as_ref()
-        .and_then(|t| parse_duration(t.get_ref()).map_err(|e| errs.at(t.span(), format!("ttl: {e}"))).ok());
+    let ttl = duration(&r.ttl, "ttl", errs);
     let class = match &r.class {
         Some(c) => Class::parse(c.get_ref(), ttl).map_err(|e| errs.at(c.span(), e)).ok(),
         None if ttl.is_some() => Some(Class::Deadline(ttl.expect("checked"))),
@@ -461,10 +457,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         Some(q) => parse_bounds("max_queue", q.get_ref()).map_err(|e| errs.at(q.span(), e)).unwrap_or_default(),
         None => (None, None),
     };
-    let max_age = r
-        .max_age
-        .as_ref()
-        .and_then(|a| parse_duration(a.get_ref()).map_err(|e| errs.at(a.span(), format!("max_age: {e}"))).ok());
+    let max_age = duration(&r.max_age, "max_age", errs);
     let overflow = overflow(&r.overflow, errs).unwrap_or_default();
     let deadline_overflow = overflow_opt(&r.deadline_overflow, errs);
 
@@ -548,6 +541,13 @@ fn version(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Protoco
         Some(v) => parse_version(v.get_ref()).map_err(|e| errs.at(v.span(), e)).ok(),
         None => Some(ProtocolVersion::V5),
     }
+}
+
+/// A duration key, in the one syntax of every flag; `None` when absent or
+/// wrong (the error is recorded with its line).
+fn duration(v: &Option<Spanned<String>>, key: &str, errs: &mut Errors<'_>) -> Option<Duration> {
+    let v = v.as_ref()?;
+    parse_duration(v.get_ref()).map_err(|e| errs.at(v.span(), format!("{key}: {e}"))).ok()
 }
 
 fn backoff(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<BackoffConfig> {

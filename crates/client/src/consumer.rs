@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 
 use crate::config::{BrokerUrl, ClientConfig};
-use crate::error::{ConfigError, ConnectError, OpenError};
+use crate::error::{CloseReason, ConfigError, ConnectError, OpenError};
 use crate::link::{open_session, Inbound, Incoming, Opened};
 use crate::transport::send;
 use crate::Event;
@@ -505,7 +505,7 @@ impl Consumer {
             let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf } =
                 open_session(&cfg.client, &url, cfg.client.clean_start).await?;
             link.subscribe(1, &cfg.topics)?;
-            send(&mut wr, &link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+            send(&mut wr, &link.out).await?;
             link.out.clear();
             let mut pending = after;
             let granted = loop {
@@ -515,15 +515,11 @@ impl Consumer {
                 }) {
                     break g;
                 }
-                let n = tokio::time::timeout(cfg.client.connect_timeout, rd.read(&mut buf))
-                    .await
-                    .map_err(|_| ConnectError::Timeout {
-                        broker: url.to_string(),
-                        timeout: cfg.client.connect_timeout,
-                    })?
-                    .map_err(|e| ConnectError::Io(e.to_string()))?;
+                let n = tokio::time::timeout(cfg.client.connect_timeout, rd.read(&mut buf)).await.map_err(|_| {
+                    ConnectError::Timeout { broker: url.to_string(), timeout: cfg.client.connect_timeout }
+                })??;
                 if n == 0 {
-                    return Err(ConnectError::Closed(" before SUBACK".into()));
+                    return Err(ConnectError::Closed(CloseReason::BeforeSuback));
                 }
                 pending = link.receive(&buf[..n]);
             };
@@ -943,7 +939,7 @@ impl Receiver {
         // (recorded per broker once the broker granted them).
         let key = format!("subscribed {broker}");
         let want: String = self.cfg.topics.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
-        let have = self.outbox.meta_or_init(&key, "").await.map_err(|e| ConnectError::Io(format!("inbox: {e}")))?;
+        let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
         if !ack.session_present || have != want {
             link.subscribe(1, &self.cfg.topics)?;
         }
@@ -985,7 +981,7 @@ impl Receiver {
                         self.outbox.set_meta(&key, &want);
                     }
                     Incoming::Disconnect { reason } => {
-                        return Err(ConnectError::Closed(format!(" with DISCONNECT ({reason})")))
+                        return Err(ConnectError::Closed(CloseReason::Disconnect(reason)))
                     }
                     Incoming::Broken(e) => return Err(e),
                     Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
@@ -998,7 +994,7 @@ impl Receiver {
             }
             ack_prefix(&mut order, &mut link)?;
             if !link.out.is_empty() {
-                send(&mut wr, &link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+                send(&mut wr, &link.out).await?;
                 link.out.clear();
                 written_at = Instant::now();
             }
@@ -1020,9 +1016,9 @@ impl Receiver {
                     }
                 }
                 r = rd.read(&mut buf), if to_forward.is_empty() => {
-                    let n = r.map_err(|e| ConnectError::Io(e.to_string()))?;
+                    let n = r?;
                     if n == 0 {
-                        return Err(ConnectError::Closed(String::new()));
+                        return Err(ConnectError::Closed(CloseReason::Eof));
                     }
                     keepalive.on_receive(Instant::now().into_std());
                     pending_in = link.receive(&buf[..n]);
@@ -1038,7 +1034,7 @@ impl Receiver {
                     }
                     Some(DriverCmd::Flush(tx)) => {
                         ack_prefix(&mut order, &mut link)?;
-                        send(&mut wr, &link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+                        send(&mut wr, &link.out).await?;
                         link.out.clear();
                         let _ = tx.send(());
                     }

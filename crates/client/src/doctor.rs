@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
-use crate::error::ConnectError;
+use crate::error::{CloseReason, ConnectError};
 use crate::link::{loose_message, open_session, ConnAck, Incoming, Link};
 use crate::transport::{send, ReadHalf, WriteHalf};
 use steadfast_core::Qos;
@@ -389,7 +389,7 @@ impl Probe {
 
     async fn flush(&mut self) -> Result<(), ConnectError> {
         if !self.link.out.is_empty() {
-            send(&mut self.wr, &self.link.out).await.map_err(|e| ConnectError::Io(e.to_string()))?;
+            send(&mut self.wr, &self.link.out).await?;
             self.link.out.clear();
         }
         Ok(())
@@ -408,8 +408,8 @@ impl Probe {
             let Some(i) = self.queue.pop_front() else {
                 let n = match tokio::time::timeout_at(deadline, self.rd.read(&mut self.buf)).await {
                     Err(_) => return Ok(None),
-                    Ok(Err(e)) => return Err(ConnectError::Io(e.to_string())),
-                    Ok(Ok(0)) => return Err(ConnectError::Closed(String::new())),
+                    Ok(Err(e)) => return Err(e.into()),
+                    Ok(Ok(0)) => return Err(ConnectError::Closed(CloseReason::Eof)),
                     Ok(Ok(n)) => n,
                 };
                 let got = self.link.receive(&self.buf[..n]);

@@ -17,7 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 
 use crate::config::{BrokerUrl, ClientConfig};
-use crate::error::ConnectError;
+use crate::error::{CloseReason, ConnectError};
 use crate::link::{open_session, ConnAck, Incoming, Link, Opened};
 use crate::router::Router;
 use crate::{BrokerStatus, Event, LinkState};
@@ -367,10 +367,8 @@ impl Driver {
         let r = match self.pump_loop(&mut link, &mut rd, &wtx, &mut writer, &mut buf).await {
             // Some brokers close the connection on a QoS 2 PUBLISH they do
             // not support (NATS): say so, since the broker does not.
-            Err(ConnectError::Closed(why)) if !self.pubrec_seen && self.window.awaits_pubrec() => {
-                Err(ConnectError::Closed(format!(
-                    "{why} with a QoS 2 message in flight and no PUBREC yet; if this repeats, the broker does not support QoS 2 (NATS does not): publish with -q 1"
-                )))
+            Err(ConnectError::Closed(how)) if !self.pubrec_seen && self.window.awaits_pubrec() => {
+                Err(ConnectError::Closed(CloseReason::Qos2InFlight(Box::new(how))))
             }
             r => r,
         };
@@ -525,7 +523,7 @@ impl Driver {
             self.requeue_due_retries();
             self.fill_window(link).await?;
             if !link.out.is_empty() {
-                wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::Io("writer stopped".into()))?;
+                wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::WriterStopped)?;
             }
             let state = *state_rx.borrow_and_update();
             // A broker that takes no new messages now (a failover standby)
@@ -566,9 +564,9 @@ impl Driver {
                     }
                 }
                 r = rd.read(buf) => {
-                    let n = r.map_err(|e| ConnectError::Io(e.to_string()))?;
+                    let n = r?;
                     if n == 0 {
-                        return Err(ConnectError::Closed(String::new()));
+                        return Err(ConnectError::Closed(CloseReason::Eof));
                     }
                     keepalive.on_receive(Instant::now().into_std());
                     let incoming = link.receive(&buf[..n]);
@@ -588,7 +586,7 @@ impl Driver {
                 }
                 r = state_rx.changed(), if fetch.is_none() => {
                     if r.is_err() {
-                        return Err(ConnectError::Io("the outbox was closed".into()));
+                        return Err(ConnectError::outbox(StoreError::Closed));
                     }
                 }
                 _ = sleep_until(retry_at.unwrap_or(keepalive_at)), if retry_at.is_some() => {}
@@ -600,11 +598,10 @@ impl Driver {
                     }
                 }
                 r = &mut *writer => {
-                    let why = match r {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "writer stopped".into(),
-                    };
-                    return Err(ConnectError::Io(why));
+                    return Err(match r {
+                        Ok(Err(e)) => e.into(),
+                        _ => ConnectError::WriterStopped,
+                    });
                 }
             }
         }
@@ -880,7 +877,7 @@ impl Driver {
                     }
                 }
                 Incoming::Disconnect { reason } => {
-                    end = Some(ConnectError::Closed(format!(" with DISCONNECT ({reason})")));
+                    end = Some(ConnectError::Closed(CloseReason::Disconnect(reason)));
                     break;
                 }
                 Incoming::ConnAck(_) => {
@@ -971,7 +968,7 @@ impl Driver {
 }
 
 fn store_failed(e: StoreError) -> ConnectError {
-    ConnectError::Io(format!("outbox: {e}"))
+    ConnectError::outbox(e)
 }
 
 fn record(s: &BrokerStatus) -> BrokerRecord {

@@ -1,6 +1,7 @@
 //! Errors, one enum per operation.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use steadfast_core::TopicError;
@@ -184,16 +185,82 @@ pub enum ConnectError {
     DeadLink(Duration),
     /// The broker closed the connection.
     #[error("the broker closed the connection{0}")]
-    Closed(String),
-    /// A socket error.
+    Closed(CloseReason),
+    /// A socket or TLS error.
     #[error("connection error: {0}")]
-    Io(String),
+    Io(Arc<std::io::Error>),
+    /// The task writing to the socket ended.
+    #[error("connection error: the writer stopped")]
+    WriterStopped,
+    /// The outbox (or a consumer's inbox) failed under the link.
+    #[error("connection error: {store}: {source}")]
+    Store {
+        /// `outbox` or `inbox`.
+        store: &'static str,
+        /// What it said.
+        source: Arc<StoreError>,
+    },
     /// The broker broke the protocol.
     #[error("{0}")]
     Protocol(String),
 }
 
+/// How a broker ended a connection, as far as we can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// The connection ended without a word.
+    Eof,
+    /// Before its CONNACK; `mqtt5`: we asked for MQTT 5, which a broker
+    /// without it answers so.
+    BeforeConnack {
+        /// The CONNECT was MQTT 5.
+        mqtt5: bool,
+    },
+    /// Before its SUBACK.
+    BeforeSuback,
+    /// With a DISCONNECT packet carrying this reason (MQTT 5).
+    Disconnect(String),
+    /// Closed this way while a QoS 2 message was in flight with no PUBREC
+    /// yet: the broker may not support QoS 2.
+    Qos2InFlight(Box<CloseReason>),
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Eof => Ok(()),
+            CloseReason::BeforeConnack { mqtt5: true } => f.write_str(
+                " before CONNACK (a broker without MQTT 5, such as RabbitMQ before 3.13, does that: try -V 311)",
+            ),
+            CloseReason::BeforeConnack { mqtt5: false } => f.write_str(" before CONNACK"),
+            CloseReason::BeforeSuback => f.write_str(" before SUBACK"),
+            CloseReason::Disconnect(reason) => write!(f, " with DISCONNECT ({reason})"),
+            CloseReason::Qos2InFlight(how) => write!(
+                f,
+                "{how} with a QoS 2 message in flight and no PUBREC yet; if this repeats, the broker does not support QoS 2 (NATS does not): publish with -q 1"
+            ),
+        }
+    }
+}
+
+impl From<std::io::Error> for ConnectError {
+    fn from(e: std::io::Error) -> Self {
+        ConnectError::Io(Arc::new(e))
+    }
+}
+
 impl ConnectError {
+    /// The outbox failed under a link.
+    pub(crate) fn outbox(e: StoreError) -> Self {
+        ConnectError::Store { store: "outbox", source: Arc::new(e) }
+    }
+
+    /// A consumer's inbox failed under a link.
+    pub(crate) fn inbox(e: StoreError) -> Self {
+        ConnectError::Store { store: "inbox", source: Arc::new(e) }
+    }
+
     /// False when retrying cannot help without a change of configuration
     /// (credentials, authorisation, protocol version, client id,
     /// certificates).

@@ -34,7 +34,7 @@ mod transport;
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVersion};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
-pub use error::{ConfigError, ConnectError, OpenError, PublishError, Refusal};
+pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};

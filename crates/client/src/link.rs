@@ -12,7 +12,7 @@ use steadfast_core::{Identity, Qos};
 use steadfast_store::StoredMessage;
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
-use crate::error::{ConnectError, Refusal};
+use crate::error::{CloseReason, ConnectError, Refusal};
 use crate::transport::{self, io_error, ReadHalf, WriteHalf};
 
 /// The codec state of one TCP connection.
@@ -629,13 +629,8 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
         loop {
             let n = rd.read(&mut buf).await.map_err(|e| io_error(&broker, e))?;
             if n == 0 {
-                let hint = match cfg.version {
-                    ProtocolVersion::V5 => {
-                        " before CONNACK (a broker without MQTT 5, such as RabbitMQ before 3.13, does that: try -V 311)"
-                    }
-                    ProtocolVersion::V311 => " before CONNACK",
-                };
-                return Err(ConnectError::Closed(hint.into()));
+                let mqtt5 = cfg.version == ProtocolVersion::V5;
+                return Err(ConnectError::Closed(CloseReason::BeforeConnack { mqtt5 }));
             }
             let mut incoming = link.receive(&buf[..n]).into_iter();
             while let Some(inc) = incoming.next() {

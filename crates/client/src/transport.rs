@@ -349,7 +349,7 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
 pub(crate) fn io_error(broker: &str, e: io::Error) -> ConnectError {
     use rustls::{AlertDescription as A, CertificateError as C, Error as R};
     let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<R>()) else {
-        return ConnectError::Io(e.to_string());
+        return e.into();
     };
     let hint = match tls {
         R::InvalidCertificate(C::UnknownIssuer) => {
@@ -372,7 +372,7 @@ pub(crate) fn io_error(broker: &str, e: io::Error) -> ConnectError {
             "the broker refused our client certificate (--cert): is it signed by a CA the broker trusts?".into()
         }
         R::AlertReceived(A::CertificateExpired) => "the broker says our client certificate (--cert) has expired".into(),
-        _ => return ConnectError::Io(format!("TLS: {tls}")),
+        _ => return e.into(),
     };
     ConnectError::Certificate { broker: broker.to_owned(), reason: format!("{hint} (TLS: {tls})") }
 }

@@ -33,7 +33,7 @@ pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
             if status.success() {
                 Ok(())
             } else {
-                Err(format!("`{cmd}` exited with {status}"))
+                Err(format!("`{cmd}` exited with {status}").into())
             }
         }))
     } else if a.restart_wait {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use steadfast::{
     AppendError, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, Policy,
-    ProtocolVersion, PublishError, Qos,
+    PolicyError, ProtocolVersion, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -51,6 +51,21 @@ struct Options {
 
 fn usage(msg: impl Into<String>) -> Failure {
     Failure::usage(anyhow!(msg.into()))
+}
+
+/// A policy error in the words of the flags that set the policy.
+fn policy_usage(e: PolicyError) -> Failure {
+    usage(match e {
+        PolicyError::DeadlineWithoutTtl => "--class deadline needs --ttl DURATION (for example --ttl 15s)".to_owned(),
+        PolicyError::TtlWithoutDeadline => {
+            "--ttl applies to the deadline class; use --class deadline --ttl DURATION".to_owned()
+        }
+        PolicyError::UnknownClass(_) => format!("--class: {e}"),
+        PolicyError::Priority(_) => format!("--priority: {e}"),
+        PolicyError::ZeroBudget => format!("--max-attempts: {e}"),
+        PolicyError::ZeroTtl => format!("--ttl: {e}"),
+        _ => e.to_string(),
+    })
 }
 
 impl Options {
@@ -117,12 +132,12 @@ impl Options {
         let (max_age, wait_timeout, session_expiry) = (a.max_age, a.wait_timeout, a.session_expiry);
         let backoff = a.backoff;
         let policy = Policy {
-            class: Class::parse(&a.class, a.ttl).map_err(usage)?,
+            class: Class::parse(&a.class, a.ttl).map_err(policy_usage)?,
             max_attempts: a.max_attempts,
             keep_latest: a.keep_latest,
             priority: a.priority,
         };
-        policy.validate().map_err(usage)?;
+        policy.validate().map_err(policy_usage)?;
         let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
         let progress = match a.progress.as_str() {
             "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),

@@ -76,7 +76,7 @@ impl Report {
 
 /// Restarts the broker (a command, or a person told to): the doctor then
 /// waits for it to go down and come back.
-pub type Restart = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type Restart = Pin<Box<dyn Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send>>;
 
 /// Runs every check against `url` with the credentials and TLS settings of
 /// `cfg` (its client id and broker set are not used). With `restart`, the

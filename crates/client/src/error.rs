@@ -70,10 +70,10 @@ pub enum PublishError {
     Topic(#[from] TopicError),
     /// A property cannot be carried by MQTT.
     #[error("invalid message property: {0}")]
-    Properties(String),
+    Properties(steadfast_core::PropertyError),
     /// The message's delivery policy is invalid (priority, budget, TTL).
     #[error("invalid delivery policy: {0}")]
-    Policy(String),
+    Policy(crate::PolicyError),
     /// The message names a route the client does not have.
     #[error("no route named `{0}`: configure it with ClientConfig::route (CLI: a [routes.NAME] table in --config)")]
     UnknownRoute(String),

@@ -35,7 +35,7 @@ pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage,
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVersion};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
-pub use policy::{Class, Policy};
-pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, Qos};
+pub use policy::{Class, Policy, PolicyError};
+pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, PropertyError, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};
 pub use transport::{TlsConfig, Transport};

@@ -23,16 +23,14 @@ pub enum Class {
 impl Class {
     /// Parses the CLI form: `best-effort`, `deadline` (needs a TTL) or
     /// `persistent`.
-    pub fn parse(name: &str, ttl: Option<Duration>) -> Result<Class, String> {
+    pub fn parse(name: &str, ttl: Option<Duration>) -> Result<Class, PolicyError> {
         match (name, ttl) {
             ("best-effort", _) => Ok(Class::BestEffort),
             ("persistent", None) => Ok(Class::Persistent),
-            ("persistent", Some(_)) => {
-                Err("--ttl applies to the deadline class; use --class deadline --ttl DURATION".into())
-            }
+            ("persistent", Some(_)) => Err(PolicyError::TtlWithoutDeadline),
             ("deadline", Some(t)) => Ok(Class::Deadline(t)),
-            ("deadline", None) => Err("--class deadline needs --ttl DURATION (for example --ttl 15s)".into()),
-            (other, _) => Err(format!("`{other}` is not a delivery class; use best-effort, deadline or persistent")),
+            ("deadline", None) => Err(PolicyError::DeadlineWithoutTtl),
+            (other, _) => Err(PolicyError::UnknownClass(other.to_owned())),
         }
     }
 
@@ -65,16 +63,16 @@ pub struct Policy {
 
 impl Policy {
     /// Checks the values; the error names the field and the fix.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         if self.priority > MAX_PRIORITY {
-            return Err(format!("priority {} is out of range; use 0 to {MAX_PRIORITY}", self.priority));
+            return Err(PolicyError::Priority(self.priority));
         }
         if self.max_attempts == Some(0) {
-            return Err("a retry budget of 0 attempts would never send; use 1 or more, or no budget".into());
+            return Err(PolicyError::ZeroBudget);
         }
         if let Class::Deadline(ttl) = self.class {
             if ttl.is_zero() {
-                return Err("a deadline (time to live) must be above zero".into());
+                return Err(PolicyError::ZeroTtl);
             }
         }
         Ok(())
@@ -92,4 +90,27 @@ impl Policy {
             priority: self.priority,
         }
     }
+}
+/// Why a delivery policy is unusable; each says the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// Not one of the classes.
+    #[error("`{0}` is not a delivery class; use best-effort, deadline or persistent")]
+    UnknownClass(String),
+    /// The deadline class without its time to live.
+    #[error("the deadline class needs a time to live (for example 15s)")]
+    DeadlineWithoutTtl,
+    /// A time to live for a class that has none.
+    #[error("a time to live applies to the deadline class only")]
+    TtlWithoutDeadline,
+    /// A time to live of zero.
+    #[error("a deadline (time to live) must be above zero")]
+    ZeroTtl,
+    /// A priority above the highest.
+    #[error("priority {0} is out of range; use 0 to {MAX_PRIORITY}")]
+    Priority(u8),
+    /// A retry budget of no attempt.
+    #[error("a retry budget of 0 attempts would never send; use 1 or more, or no budget")]
+    ZeroBudget,
 }

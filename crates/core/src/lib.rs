@@ -17,6 +17,6 @@ pub mod window;
 pub use backoff::{Backoff, BackoffConfig, BackoffError};
 pub use duration::{parse_duration, DurationError};
 pub use keepalive::{KeepAlive, KeepAliveAction};
-pub use message::{DropReason, Identity, Properties, Qos};
+pub use message::{DropReason, Identity, Properties, PropertyError, Qos};
 pub use topic::{validate_topic_filter, validate_topic_name, FilterError, TopicError};
 pub use window::{Inflight, Resume, SendWindow, Stage};

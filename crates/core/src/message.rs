@@ -199,18 +199,18 @@ impl Properties {
 
     /// Checks what MQTT can carry: every string and binary at most 65,535
     /// bytes, no NUL in strings.
-    pub fn validate(&self) -> Result<(), String> {
-        let fits = |what: &str, len: usize| {
+    pub fn validate(&self) -> Result<(), PropertyError> {
+        let fits = |what: &'static str, len: usize| {
             if len > u16::MAX as usize {
-                Err(format!("{what} is {len} bytes; MQTT allows at most 65535"))
+                Err(PropertyError::TooLong { what, len })
             } else {
                 Ok(())
             }
         };
-        let text = |what: &str, v: &str| {
+        let text = |what: &'static str, v: &str| {
             fits(what, v.len())?;
             if v.contains('\0') {
-                return Err(format!("{what} contains a NUL character, which MQTT forbids"));
+                return Err(PropertyError::Nul { what });
             }
             Ok(())
         };
@@ -297,6 +297,26 @@ impl Properties {
     }
 }
 
+/// Why a message property cannot be carried by MQTT.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyError {
+    /// Longer than a two-byte length can say.
+    #[error("{what} is {len} bytes; MQTT allows at most 65535")]
+    TooLong {
+        /// Which property.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// A NUL character in a string.
+    #[error("{what} contains a NUL character, which MQTT forbids")]
+    Nul {
+        /// Which property.
+        what: &'static str,
+    },
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +359,7 @@ mod tests {
         assert!(Properties::decode(&[77, 0, 0, 0, 0]).is_err());
         assert_eq!(p.validate(), Ok(()));
         let long = Properties { user: vec![("k".into(), "v".repeat(70_000))], ..Properties::default() };
-        assert!(long.validate().unwrap_err().contains("65535"));
+        assert_eq!(long.validate(), Err(PropertyError::TooLong { what: "a user property value", len: 70_000 }));
+        assert!(long.validate().unwrap_err().to_string().contains("65535"));
     }
 }

@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Why the outbox store failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,14 +62,39 @@ pub enum StoreError {
     /// A batch could not be committed; its messages were not accepted.
     #[error("the outbox could not commit: {0}")]
     WriteFailed(String),
-    /// Any other SQLite error.
+    /// Any other error of the database under the store.
     #[error("outbox database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Database(DatabaseError),
+}
+
+/// An error of the database under the store (SQLite today), in its words.
+/// Which library it comes from is not part of the API.
+#[derive(Debug, Clone)]
+pub struct DatabaseError(Arc<rusqlite::Error>);
+
+impl std::fmt::Display for DatabaseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for DatabaseError {}
+
+impl DatabaseError {
+    pub(crate) fn sqlite(&self) -> &rusqlite::Error {
+        &self.0
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(DatabaseError(Arc::new(e)))
+    }
 }
 
 impl StoreError {
-    /// The same failure, for one more waiting caller (the SQLite error
-    /// itself cannot be cloned; its text is kept).
+    /// The same failure, for one more waiting caller (an I/O error keeps
+    /// its kind and words).
     pub(crate) fn clone_for_reply(&self) -> StoreError {
         match self {
             StoreError::DiskFull { path } => StoreError::DiskFull { path: path.clone() },
@@ -76,8 +102,16 @@ impl StoreError {
             StoreError::NotOwner { path, owner, user } => {
                 StoreError::NotOwner { path: path.clone(), owner: *owner, user: *user }
             }
+            StoreError::Io { path, source } => {
+                StoreError::Io { path: path.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            }
+            StoreError::FormatTooNew { path, found, supported } => {
+                StoreError::FormatTooNew { path: path.clone(), found: *found, supported: *supported }
+            }
+            StoreError::Malformed { id, what } => StoreError::Malformed { id: *id, what: what.clone() },
             StoreError::Closed => StoreError::Closed,
-            other => StoreError::WriteFailed(other.to_string()),
+            StoreError::WriteFailed(why) => StoreError::WriteFailed(why.clone()),
+            StoreError::Database(e) => StoreError::Database(e.clone()),
         }
     }
 

@@ -18,11 +18,11 @@ mod outbox;
 mod reserve;
 mod sqlite;
 
-pub use error::StoreError;
+pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use outbox::{
     AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, InboxBounds, Outbox, OutboxConfig,
-    OutboxState, Overflow, Quorum, Report,
+    OutboxState, Overflow, Quorum, Report, UnknownOverflow,
 };
 pub use sqlite::{OpenReport, SqliteStore};
 

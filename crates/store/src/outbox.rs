@@ -38,6 +38,11 @@ pub enum Overflow {
     DropNewest,
 }
 
+/// An overflow policy name that is none of [`Overflow::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("overflow policy `{0}` is unknown; use block, reject, drop-oldest or drop-newest")]
+pub struct UnknownOverflow(pub String);
+
 impl Overflow {
     /// Every policy, with its CLI name.
     pub const ALL: [(Overflow, &'static str); 4] = [
@@ -48,12 +53,8 @@ impl Overflow {
     ];
 
     /// The policy for its CLI name; the error names the choices.
-    pub fn parse(s: &str) -> Result<Overflow, String> {
-        Self::ALL
-            .iter()
-            .find(|(_, n)| *n == s)
-            .map(|(o, _)| *o)
-            .ok_or_else(|| format!("overflow policy `{s}` is unknown; use block, reject, drop-oldest or drop-newest"))
+    pub fn parse(s: &str) -> Result<Overflow, UnknownOverflow> {
+        Self::ALL.iter().find(|(_, n)| *n == s).map(|(o, _)| *o).ok_or_else(|| UnknownOverflow(s.to_owned()))
     }
 
     /// Its CLI name.

@@ -282,7 +282,7 @@ fn continue_above_reservation(conn: &Connection, reserved: u64, report: &mut Ope
 fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::DiskFull) => StoreError::DiskFull { path: dir.to_owned() },
-        _ => StoreError::Sqlite(e),
+        _ => e.into(),
     }
 }
 
@@ -374,7 +374,12 @@ fn open_checked(dir: &Path) -> Result<Connection, Opened> {
         return Err(Opened::Corrupt(format!("the integrity check failed: {check}")));
     }
     init_schema(&conn, dir).map_err(|e| match e {
-        StoreError::Sqlite(e) => classify(e),
+        StoreError::Database(e) if is_corruption(e.sqlite()) => {
+            Opened::Corrupt(format!("the database is damaged ({e})"))
+        }
+        StoreError::Database(e) if e.sqlite().sqlite_error_code() == Some(ErrorCode::DiskFull) => {
+            Opened::Failed(StoreError::DiskFull { path: dir.to_owned() })
+        }
         other => Opened::Failed(other),
     })?;
     Ok(conn)

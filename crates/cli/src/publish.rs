@@ -102,7 +102,7 @@ impl Options {
                 failback_after: Some(a.failback_after),
                 catch_up_for: a.catch_up_for,
             };
-            spec.build("-b brokers").map_err(usage)?
+            spec.build("-b brokers").map_err(|e| usage(e.why))?
         };
         let ack_timeout = a.ack_timeout;
         let input = match (&a.message, a.lines, &a.file, a.stdin, a.null, a.drain) {

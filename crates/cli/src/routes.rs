@@ -50,26 +50,51 @@ struct File {
     routes: BTreeMap<String, SetSpec>,
 }
 
+/// Which setting of a broker set is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKey {
+    Brokers,
+    Mode,
+    Ack,
+}
+
+/// A broker set that cannot be built: which setting, and why (in words
+/// that name it).
+#[derive(Debug)]
+pub struct SetError {
+    pub key: SetKey,
+    pub why: String,
+}
+
+impl std::fmt::Display for SetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
+impl std::error::Error for SetError {}
+
 impl SetSpec {
     /// The broker set these settings describe; errors name the setting.
-    pub fn build(&self, what: &str) -> Result<BrokerSet, String> {
+    pub fn build(&self, what: &str) -> Result<BrokerSet, SetError> {
+        let bad = |key: SetKey, why: String| SetError { key, why: format!("{what}: {why}") };
         let brokers = self
             .brokers
             .iter()
-            .map(|u| u.parse::<BrokerUrl>().map_err(|e| format!("{what}: {e}")))
+            .map(|u| u.parse::<BrokerUrl>().map_err(|e| bad(SetKey::Brokers, e.to_string())))
             .collect::<Result<Vec<_>, _>>()?;
         if brokers.is_empty() {
-            return Err(format!("{what}: no broker given; list at least one mqtt://host:port"));
+            return Err(bad(SetKey::Brokers, "no broker given; list at least one mqtt://host:port".into()));
         }
         let mut set = BrokerSet::new(brokers);
         if let Some(m) = &self.mode {
-            set = set.mode(m.parse::<Mode>().map_err(|e| format!("{what}: {e}"))?);
+            set = set.mode(m.parse::<Mode>().map_err(|e| bad(SetKey::Mode, e.to_string()))?);
         }
         if let Some(a) = &self.ack {
             let quorum = match a {
-                Ack::Count(0) => return Err(format!("{what}: ack = 0 would wait for nobody; use 1 or more")),
+                Ack::Count(0) => return Err(bad(SetKey::Ack, "ack = 0 would wait for nobody; use 1 or more".into())),
                 Ack::Count(n) => AckQuorum::Count(*n),
-                Ack::Word(w) => w.parse::<AckQuorum>().map_err(|e| format!("{what}: {e}"))?,
+                Ack::Word(w) => w.parse::<AckQuorum>().map_err(|e| bad(SetKey::Ack, e.to_string()))?,
             };
             set = set.ack(quorum);
         }
@@ -92,7 +117,10 @@ pub fn load(path: &Path) -> Result<Vec<(String, BrokerSet)>, String> {
     }
     file.routes
         .iter()
-        .map(|(name, spec)| spec.build(&format!("{}: route `{name}`", path.display())).map(|s| (name.clone(), s)))
+        .map(|(name, spec)| {
+            let set = spec.build(&format!("{}: route `{name}`", path.display())).map_err(|e| e.why)?;
+            Ok((name.clone(), set))
+        })
         .collect()
 }
 

@@ -71,7 +71,7 @@ async fn bridge(path: &std::path::Path, json: bool) -> Result<(), Failure> {
     let b = crate::bridge::load(path).map_err(|errs| Failure::usage(anyhow!("{}", errs.join("; "))))?;
     let mut all = Vec::new();
     for r in &b.routes {
-        let (outbox, inbox) = crate::bridge::route_dirs(&b.dir, &r.name);
+        let (outbox, inbox) = steadfast::bridge::route_dirs(&b.dir, &r.name);
         if !json {
             println!("route    {}", r.name);
         }

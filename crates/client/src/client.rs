@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use steadfast_core::{validate_topic_name, DropReason, Identity, Properties, Qos};
 use steadfast_store::{
-    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, Quorum, SqliteStore, Store,
-    StoreError,
+    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, Quorum, Source, SqliteStore,
+    Store, StoreError,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -511,7 +511,7 @@ impl Client {
 
     /// Checks and queues a message (with the delivery it came as, for a
     /// bridge); a best-effort one is handed to the drivers instead.
-    fn queue(&self, msg: Message, source: Option<(&str, u16, u64)>) -> Result<AcceptFuture, PublishError> {
+    fn queue(&self, msg: Message, source: Option<Source>) -> Result<AcceptFuture, PublishError> {
         let policy = self.check(&msg)?;
         let new = Self::to_new(msg, policy);
         if policy.class == Class::BestEffort {
@@ -519,7 +519,7 @@ impl Client {
             return Ok(AcceptFuture::ready(Ok(0)));
         }
         Ok(match source {
-            Some((url, pid, digest)) => self.inner.outbox.append_from(new, url.to_owned(), pid, digest),
+            Some(source) => self.inner.outbox.append_from(new, source),
             None => self.inner.outbox.append(new, false).0,
         })
     }
@@ -542,34 +542,20 @@ impl Client {
         Ok(Receipt { identity, delivered: delivered.expect("tracked") })
     }
 
-    /// For a bridge: queues a message that arrived as the delivery `pid`
-    /// from the source broker `source` (with `digest`, a hash of its
-    /// content), and records that in the same disk sync, so that the broker's redelivery of it after a crash (before
-    /// its acknowledgement left) is recognised by
-    /// [`Client::seen_from`]. Best-effort messages are sent as by
-    /// [`Client::enqueue`].
-    pub fn enqueue_from(
-        &self,
-        msg: Message,
-        source: &str,
-        pid: u16,
-        digest: u64,
-    ) -> Result<AcceptFuture, PublishError> {
-        self.queue(msg, Some((source, pid, digest)))
+    /// For a bridge: queues a message that arrived from `source` (a
+    /// delivery of a source broker), recording that in the same disk sync.
+    /// The broker's redelivery of it after a crash (before its
+    /// acknowledgement left) is recognised in the same round trip and
+    /// resolves to the id the first copy got: nothing is queued twice.
+    /// Best-effort messages are sent as by [`Client::enqueue`].
+    pub fn enqueue_from(&self, msg: Message, source: Source) -> Result<AcceptFuture, PublishError> {
+        self.queue(msg, Some(source))
     }
 
     /// Counts a message that cannot be sent at all (a bridge that cannot
     /// rewrite its topic into a valid one) as dropped, and announces it.
     pub fn count_dropped(&self, reason: DropReason, topic: String) {
         self.inner.outbox.count_drop(reason, topic);
-    }
-
-    /// For a bridge: whether the delivery `pid` from `source`, with this
-    /// content digest, was queued by [`Client::enqueue_from`] already. The
-    /// digest tells a resend of it from a later message under the same
-    /// (reused) packet id.
-    pub async fn seen_from(&self, source: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
-        self.inner.outbox.source_seen(source.to_owned(), pid, digest).await
     }
 
     /// Best-effort: hands the message to every connected broker that would

@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bridge;
 mod client;
 mod config;
 mod consumer;

@@ -22,7 +22,7 @@ pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use outbox::{
     AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, InboxBounds, Outbox, OutboxConfig,
-    OutboxState, Overflow, Quorum, Report, UnknownOverflow,
+    OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow,
 };
 pub use sqlite::{OpenReport, SqliteStore};
 
@@ -294,16 +294,11 @@ pub trait Store: Send + 'static {
     /// Bridge: records that the delivery with packet id `pid` and content
     /// digest `digest` from the source broker `url` became the queued
     /// message `id` (in the same transaction as its insertion).
-    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
-        let _ = (url, pid, digest, id);
-        Ok(())
-    }
-    /// Bridge: whether the delivery with packet id `pid` and this content
-    /// from `url` was queued already (a resend of it is a duplicate).
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
-        let _ = (url, pid, digest);
-        Ok(false)
-    }
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError>;
+    /// Bridge: the id the delivery with packet id `pid` and this content
+    /// from `url` got when it was queued, if it was (a resend of it is a
+    /// duplicate).
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError>;
     /// Adds to a named persistent counter (duplicates removed, gaps...).
     fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
         let _ = (name, n);

@@ -236,8 +236,8 @@ impl Store for MemoryStore {
         self.state.sources.insert((url.to_owned(), pid), (digest, id));
         Ok(())
     }
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
-        Ok(self.state.sources.get(&(url.to_owned(), pid)).is_some_and(|(d, _)| *d == digest))
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.state.sources.get(&(url.to_owned(), pid)).filter(|(d, _)| *d == digest).map(|(_, id)| *id))
     }
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
         Ok(ids.iter().map(|id| self.state.inbox.contains_key(id)).collect())

@@ -200,13 +200,7 @@ enum Request {
         msg: NewMessage,
         reply: oneshot::Sender<Result<u64, AppendError>>,
         delivery: Option<oneshot::Sender<Delivery>>,
-        source: Option<(String, u16, u64)>,
-    },
-    SourceSeen {
-        url: String,
-        pid: u16,
-        digest: u64,
-        reply: oneshot::Sender<Result<bool, StoreError>>,
+        source: Option<Source>,
     },
     Remove {
         ids: Vec<u64>,
@@ -304,7 +298,6 @@ impl Request {
                 | Request::Glance { .. }
                 | Request::Bound { .. }
                 | Request::InboxSeen { .. }
-                | Request::SourceSeen { .. }
         )
     }
 }
@@ -439,21 +432,15 @@ impl Outbox {
         (AcceptFuture { rx }, drx)
     }
 
-    /// Bridge: queues a message that came as the delivery `pid` from the
-    /// source broker `url`, recording that in the same transaction, so that
-    /// a redelivery of it after a crash is known ([`Outbox::source_seen`]).
-    pub fn append_from(&self, msg: NewMessage, url: String, pid: u16, digest: u64) -> AcceptFuture {
+    /// Bridge: queues a message that came from `source`, recording where
+    /// it came from in the same transaction. A broker's redelivery of what
+    /// was queued before a crash (its acknowledgement died with the
+    /// process) is recognised in the same round trip: it resolves to the
+    /// id the first copy got, and nothing is queued twice.
+    pub fn append_from(&self, msg: NewMessage, source: Source) -> AcceptFuture {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Append { msg, reply, delivery: None, source: Some((url, pid, digest)) });
+        self.send(Request::Append { msg, reply, delivery: None, source: Some(source) });
         AcceptFuture { rx }
-    }
-
-    /// Bridge: whether the delivery `pid` with this content digest from
-    /// `url` was queued already.
-    pub async fn source_seen(&self, url: String, pid: u16, digest: u64) -> Result<bool, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Request::SourceSeen { url, pid, digest, reply });
-        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Removes messages that reached their end, whatever acknowledged them
@@ -627,7 +614,23 @@ struct PendingAppend {
     msg: NewMessage,
     reply: oneshot::Sender<Result<u64, AppendError>>,
     delivery: Option<oneshot::Sender<Delivery>>,
-    source: Option<(String, u16, u64)>,
+    source: Option<Source>,
+}
+
+/// Where a bridged message came from: the delivery `pid` from the source
+/// broker `url`, with a digest of its content; `resent` when the broker
+/// marked it as a redelivery (DUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The source broker.
+    pub url: String,
+    /// Its packet id there.
+    pub pid: u16,
+    /// A hash of what makes the delivery this message (topic, payload,
+    /// QoS, retain, identity), stable across releases.
+    pub digest: u64,
+    /// The broker sent it as a redelivery.
+    pub resent: bool,
 }
 
 struct Writer {
@@ -668,6 +671,8 @@ type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, Appen
 #[derive(Default)]
 struct Batch {
     accepted: Vec<AcceptReply>,
+    /// Redeliveries of what a bridge queued before: the id it got.
+    known: Vec<(oneshot::Sender<Result<u64, AppendError>>, u64)>,
     new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
     resolved: Vec<(u64, Delivery)>,
     wire_replies: Vec<(WireReply, Vec<u64>)>,
@@ -820,6 +825,10 @@ impl Writer {
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
         match r {
             Request::Append { msg, reply, delivery, source } => {
+                if let Some(id) = self.queued_before(source.as_ref())? {
+                    b.known.push((reply, id));
+                    return Ok(());
+                }
                 // Behind the messages waiting for room, in order, when it
                 // would wait too; a class with another policy goes ahead.
                 let p = PendingAppend { msg, reply, delivery, source };
@@ -938,8 +947,7 @@ impl Writer {
             | Request::Query { .. }
             | Request::Glance { .. }
             | Request::Bound { .. }
-            | Request::InboxSeen { .. }
-            | Request::SourceSeen { .. }) => b.reads.push(r),
+            | Request::InboxSeen { .. }) => b.reads.push(r),
         }
         Ok(())
     }
@@ -1058,8 +1066,8 @@ impl Writer {
             self.supersede(&replaced, b)?;
         }
         let id = self.store.insert(&p.msg)?;
-        if let Some((url, pid, digest)) = &p.source {
-            self.store.source_record(url, *pid, *digest, id)?;
+        if let Some(s) = &p.source {
+            self.store.source_record(&s.url, s.pid, s.digest, id)?;
         }
         self.last_id = self.last_id.max(id);
         let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
@@ -1166,6 +1174,17 @@ impl Writer {
         }
     }
 
+    /// The id a bridged message got when it was queued before, if this is
+    /// the source broker's redelivery of it (after a crash, before its
+    /// acknowledgement left). Only a delivery marked as resent is looked
+    /// up: the same content under a reused packet id is a new message.
+    fn queued_before(&mut self, source: Option<&Source>) -> Result<Option<u64>, StoreError> {
+        match source {
+            Some(s) if s.resent => self.store.source_seen(&s.url, s.pid, s.digest),
+            _ => Ok(None),
+        }
+    }
+
     /// Drops a message undelivered: counted by reason and announced (G3).
     fn drop_one(&mut self, id: u64, reason: DropReason, b: &mut Batch) -> Result<(), StoreError> {
         let Some(e) = self.store.entry(id)? else { return Ok(()) };
@@ -1268,6 +1287,9 @@ impl Writer {
         for (reply, r) in b.accepted {
             let _ = reply.send(r);
         }
+        for (reply, id) in b.known {
+            let _ = reply.send(Ok(id));
+        }
         for (id, tx) in b.new_waiters {
             self.waiters.insert(id, tx);
         }
@@ -1326,9 +1348,6 @@ impl Writer {
                 Request::InboxSeen { ids, reply } => {
                     let _ = reply.send(self.store.inbox_seen(&ids));
                 }
-                Request::SourceSeen { url, pid, digest, reply } => {
-                    let _ = reply.send(self.store.source_seen(&url, pid, digest));
-                }
                 _ => unreachable!("only reads are deferred"),
             }
         }
@@ -1383,8 +1402,7 @@ impl Writer {
                 | Request::Query { .. }
                 | Request::Glance { .. }
                 | Request::Bound { .. }
-                | Request::InboxSeen { .. }
-                | Request::SourceSeen { .. }) => b.reads.push(r),
+                | Request::InboxSeen { .. }) => b.reads.push(r),
                 Request::Remove { .. }
                 | Request::Ack { .. }
                 | Request::Broker(_)

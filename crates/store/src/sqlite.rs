@@ -1132,9 +1132,10 @@ impl Store for SqliteStore {
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<bool, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM sources WHERE url = ?1 AND pid = ?2 AND digest = ?3")?;
-        Ok(stmt.exists(params![url, pid, digest as i64])?)
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
+        let sql = "SELECT id FROM sources WHERE url = ?1 AND pid = ?2 AND digest = ?3";
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        Ok(stmt.query_row(params![url, pid, digest as i64], |r| r.get(0)).optional()?)
     }
 
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use steadfast::bridge::{route_dirs, Bridge, Rewrite, RewriteError, Route};
 use steadfast::{
     BackoffConfig, BrokerSet, BrokerUrl, Class, ClientConfig, ConsumerConfig, OutboxConfig, Overflow, Policy,
     ProtocolVersion, Qos,
@@ -30,7 +31,7 @@ use steadfast_core::parse_duration;
 use steadfast_core::topic::validate_topic_filter;
 use toml::Spanned;
 
-use crate::routes::{Ack, SetSpec};
+use crate::routes::{Ack, SetKey, SetSpec};
 use crate::util::{parse_bounds, parse_qos, parse_version, Secrets};
 
 #[derive(Debug, Deserialize)]
@@ -127,137 +128,6 @@ struct MapSpec {
     to: String,
 }
 
-/// One route, ready to run.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub source: ConsumerConfig,
-    pub destination: ClientConfig,
-    pub rewrite: Rewrite,
-    /// The QoS messages are sent with upstream; `None`: the one they came with.
-    pub qos: Option<Qos>,
-}
-
-/// The whole bridge.
-#[derive(Debug, Clone)]
-pub struct Bridge {
-    pub dir: PathBuf,
-    pub routes: Vec<Route>,
-}
-
-/// Topic rewriting: the first `map` rule whose pattern matches gives the
-/// topic (`{1}`, `{2}`.. are the levels matched by `+`, `{#}` what `#`
-/// matched); then `strip_prefix` is removed, then `topic_prefix` added.
-#[derive(Debug, Clone, Default)]
-pub struct Rewrite {
-    map: Vec<(Vec<String>, String)>,
-    strip: Option<String>,
-    prefix: Option<String>,
-}
-
-impl Rewrite {
-    /// The topic `t` is sent under upstream.
-    pub fn apply(&self, t: &str) -> String {
-        let mut topic = t.to_owned();
-        for (pattern, to) in &self.map {
-            if let Some((caps, rest)) = capture(pattern, t) {
-                topic = substitute(to, &caps, rest.as_deref());
-                break;
-            }
-        }
-        if let Some(s) = &self.strip {
-            if let Some(rest) = topic.strip_prefix(s.as_str()) {
-                topic = rest.to_owned();
-            }
-        }
-        if let Some(p) = &self.prefix {
-            topic.insert_str(0, p);
-        }
-        topic
-    }
-}
-
-/// The levels a filter's `+` matched, in order, and what its `#` matched.
-fn capture(pattern: &[String], topic: &str) -> Option<(Vec<String>, Option<String>)> {
-    let levels: Vec<&str> = topic.split('/').collect();
-    let mut caps = Vec::new();
-    for (i, p) in pattern.iter().enumerate() {
-        match p.as_str() {
-            "#" => return Some((caps, Some(levels.get(i..).map(|l| l.join("/")).unwrap_or_default()))),
-            "+" => caps.push((*levels.get(i)?).to_owned()),
-            lit => {
-                if levels.get(i) != Some(&lit) {
-                    return None;
-                }
-            }
-        }
-    }
-    (levels.len() == pattern.len()).then_some((caps, None))
-}
-
-/// The pieces of a `to` template: literal text, `{n}` (the n-th `+`,
-/// from 1) and `{#}` (what `#` matched).
-enum Piece<'a> {
-    Text(&'a str),
-    Plus(usize),
-    Rest,
-}
-
-fn pieces(to: &str) -> Result<Vec<Piece<'_>>, String> {
-    let mut out = Vec::new();
-    let mut rest = to;
-    while let Some(open) = rest.find('{') {
-        out.push(Piece::Text(&rest[..open]));
-        let close = rest[open..].find('}').ok_or("a `{` is not closed")? + open;
-        match &rest[open + 1..close] {
-            "#" => out.push(Piece::Rest),
-            n => out.push(Piece::Plus(
-                n.parse().map_err(|_| format!("`{{{n}}}` is not a placeholder; use {{1}}.. or {{#}}"))?,
-            )),
-        }
-        rest = &rest[close + 1..];
-    }
-    out.push(Piece::Text(rest));
-    Ok(out)
-}
-
-/// Checks a `to` template against its pattern: a topic name once filled
-/// in, its placeholders matched by wildcards of the pattern.
-fn check_template(pattern: &[String], to: &str) -> Result<(), String> {
-    let pluses = pattern.iter().filter(|p| *p == "+").count();
-    let hash = pattern.last().is_some_and(|p| p == "#");
-    if to.is_empty() {
-        return Err("the new topic is empty".into());
-    }
-    for p in pieces(to)? {
-        match p {
-            Piece::Text(t) if t.contains(['+', '#', '{', '}', '\0']) => {
-                return Err(format!("`{t}` may not hold wildcards or braces"))
-            }
-            Piece::Plus(n) if n == 0 || n > pluses => {
-                return Err(format!("{{{n}}} has no `+` to fill it (the pattern has {pluses})"))
-            }
-            Piece::Rest if !hash => return Err("{#} needs a pattern that ends in `#`".into()),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// Fills a checked template in one pass (a captured level that looks like
-/// a placeholder stays as it is).
-fn substitute(to: &str, caps: &[String], rest: Option<&str>) -> String {
-    let mut out = String::new();
-    for p in pieces(to).unwrap_or_default() {
-        match p {
-            Piece::Text(t) => out.push_str(t),
-            Piece::Plus(n) => out.push_str(caps.get(n - 1).map_or("", String::as_str)),
-            Piece::Rest => out.push_str(rest.unwrap_or("")),
-        }
-    }
-    out
-}
-
 /// Errors with the line they are on.
 struct Errors<'a> {
     path: &'a Path,
@@ -349,7 +219,7 @@ macro_rules! secrets {
 fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     let name = r.name.get_ref().clone();
     let before = errs.list.len();
-    let (outbox_dir, inbox_dir) = super::route_dirs(dir, &name);
+    let (outbox_dir, inbox_dir) = route_dirs(dir, &name);
     let s = r.source.get_ref();
     let d = r.destination.get_ref();
 
@@ -390,15 +260,13 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         Some(_) => match spec.build("destination") {
             Ok(set) => Some(set),
             Err(e) => {
-                // Name the key at fault.
-                let keyed = [
-                    ("failback_after", d.failback_after.as_ref().map(|m| m.span())),
-                    ("catch_up_for", d.catch_up_for.as_ref().map(|m| m.span())),
-                    ("ack", d.ack.as_ref().map(|m| m.span())),
-                    ("mode", d.mode.as_ref().map(|m| m.span())),
-                ];
-                let span = keyed.into_iter().find_map(|(k, s)| s.filter(|_| e.contains(k))).unwrap_or(d.brokers.span());
-                errs.at(span, e);
+                // Name the key at fault, with its line.
+                let span = match e.key {
+                    SetKey::Ack => d.ack.as_ref().map(|m| m.span()),
+                    SetKey::Mode => d.mode.as_ref().map(|m| m.span()),
+                    SetKey::Brokers => None,
+                };
+                errs.at(span.unwrap_or(d.brokers.span()), e);
                 None
             }
         },
@@ -412,29 +280,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     let dest_qos = d.qos.as_ref().and_then(|q| parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok());
     let dest_version = version(&d.version, errs);
     let dest_backoff = backoff(&d.backoff, errs);
-    let mut rewrite = Rewrite::default();
-    for m in &d.map {
-        let MapSpec { from, to } = m.get_ref();
-        if let Err(e) = validate_topic_filter(from) {
-            errs.at(m.span(), format!("map from `{from}`: {e}"));
-            continue;
-        }
-        let pattern: Vec<String> = from.split('/').map(str::to_owned).collect();
-        if let Err(e) = check_template(&pattern, to) {
-            errs.at(m.span(), format!("map from `{from}` to `{to}`: {e}"));
-            continue;
-        }
-        rewrite.map.push((pattern, to.clone()));
-    }
-    for (key, v) in [("topic_prefix", &d.topic_prefix), ("strip_prefix", &d.strip_prefix)] {
-        if let Some(v) = v {
-            if v.get_ref().contains(['+', '#', '\0']) {
-                errs.at(v.span(), format!("destination.{key} `{}` may not hold wildcards", v.get_ref()));
-            }
-        }
-    }
-    rewrite.prefix = d.topic_prefix.as_ref().map(|p| p.get_ref().clone()).filter(|p| !p.is_empty());
-    rewrite.strip = d.strip_prefix.as_ref().map(|p| p.get_ref().clone()).filter(|p| !p.is_empty());
+    let rewrite = rewrite(d, errs);
 
     // Delivery policy and bounds of what waits for the destination.
     let ttl = duration(&r.ttl, "ttl", errs);
@@ -521,6 +367,29 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     Some(Route { name, source, destination, rewrite, qos: dest_qos })
 }
 
+/// The destination's topic rewriting; each bad rule recorded with its line.
+fn rewrite(d: &DestSpec, errs: &mut Errors<'_>) -> Rewrite {
+    let mut rewrite = Rewrite::new();
+    for m in &d.map {
+        let MapSpec { from, to } = m.get_ref();
+        match rewrite.clone().map(from, to) {
+            Ok(r) => rewrite = r,
+            Err(e) => errs.at(m.span(), e),
+        }
+    }
+    type Setter = fn(Rewrite, &str) -> Result<Rewrite, RewriteError>;
+    let prefixes: [(&Option<Spanned<String>>, Setter); 2] =
+        [(&d.strip_prefix, Rewrite::strip_prefix), (&d.topic_prefix, Rewrite::prefix)];
+    for (value, set) in prefixes {
+        let Some(v) = value else { continue };
+        match set(rewrite.clone(), v.get_ref()) {
+            Ok(r) => rewrite = r,
+            Err(e) => errs.at(v.span(), format!("destination.{e}")),
+        }
+    }
+    rewrite
+}
+
 fn urls(list: &Spanned<Vec<Spanned<String>>>, what: &str, errs: &mut Errors<'_>) -> Option<Vec<BrokerUrl>> {
     if list.get_ref().is_empty() {
         errs.at(list.span(), format!("{what} is empty; list at least one mqtt://host:port"));
@@ -564,44 +433,4 @@ fn overflow_opt(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Ov
 
 fn overflow(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Overflow> {
     overflow_opt(v, errs).or(Some(Overflow::Block))
-}
-
-/// How long the bridge waits for in-flight work at a stop.
-pub const STOP_GRACE: Duration = Duration::from_secs(10);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rw(map: &[(&str, &str)], strip: Option<&str>, prefix: Option<&str>) -> Rewrite {
-        Rewrite {
-            map: map.iter().map(|(f, t)| (f.split('/').map(str::to_owned).collect(), t.to_string())).collect(),
-            strip: strip.map(str::to_owned),
-            prefix: prefix.map(str::to_owned),
-        }
-    }
-
-    #[test]
-    fn topics_are_rewritten_by_map_then_strip_then_prefix() {
-        let r = rw(&[("sensors/+/temp", "t/{1}"), ("alarm/#", "a/{#}")], Some("sensors/"), Some("site-7/"));
-        assert_eq!(r.apply("sensors/k1/temp"), "site-7/t/k1");
-        assert_eq!(r.apply("alarm/door/front"), "site-7/a/door/front");
-        assert_eq!(r.apply("sensors/k1/hum"), "site-7/k1/hum");
-        assert_eq!(r.apply("other"), "site-7/other");
-        assert_eq!(rw(&[], None, None).apply("x/y"), "x/y");
-        assert_eq!(rw(&[("a/+/+", "{2}/{1}")], None, None).apply("a/b/c"), "c/b");
-        assert_eq!(rw(&[("a/+", "x")], None, None).apply("a/b/c"), "a/b/c", "no match: longer topic");
-        assert_eq!(rw(&[("a/+/#", "{1}-{#}")], None, None).apply("a/{2}/x/y"), "{2}-x/y", "one pass");
-    }
-
-    #[test]
-    fn templates_are_checked_against_their_pattern() {
-        let p = |f: &str| f.split('/').map(str::to_owned).collect::<Vec<_>>();
-        assert!(check_template(&p("a/+/#"), "x/{1}/{#}").is_ok());
-        assert!(check_template(&p("a/+"), "x/{2}").unwrap_err().contains("no `+`"));
-        assert!(check_template(&p("a/+"), "x/{#}").unwrap_err().contains("ends in `#`"));
-        assert!(check_template(&p("a/#"), "y/#").unwrap_err().contains("wildcards"));
-        assert!(check_template(&p("a/#"), "y/{x}").is_err());
-        assert!(check_template(&p("a/#"), "").is_err());
-    }
 }

@@ -3,6 +3,7 @@
 #![allow(missing_docs)]
 
 mod backlog;
+mod bridge;
 mod consumer;
 mod faults;
 mod policy;

@@ -159,6 +159,12 @@ impl Store for FaultyStore {
     fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
         self.inner.drop_log()
     }
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        self.inner.source_record(url, pid, digest, id)
+    }
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.source_seen(url, pid, digest)
+    }
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
         self.inner.drops()
     }

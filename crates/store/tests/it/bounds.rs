@@ -309,3 +309,26 @@ fn drop_oldest_does_not_evict_when_it_cannot_make_room() {
         assert!(report.drops.contains(&(DropReason::Overflow, 1)), "{:?}", report.drops);
     });
 }
+
+/// A bridge's redelivery after a crash is recognised inside the append, in
+/// one round trip: it resolves to the id the first copy got and queues
+/// nothing; the same content under a reused packet id that the broker did
+/// not mark as resent is a new message.
+#[test]
+fn a_resent_delivery_is_known_in_the_same_round_trip() {
+    use steadfast_store::Source;
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let source = |resent| Source { url: "mqtt://src:1883".into(), pid: 7, digest: 42, resent };
+        let first = o.append_from(msg("t", "x"), source(false)).await.unwrap();
+        let again = o.append_from(msg("t", "x"), source(true)).await.unwrap();
+        assert_eq!(again, first, "the resend resolves to the first copy's id");
+        assert_eq!(o.state().totals.count, 1, "and queues nothing");
+        let other = Source { digest: 43, ..source(true) };
+        let changed = o.append_from(msg("t", "y"), other).await.unwrap();
+        assert_ne!(changed, first, "another content under the same packet id is another message");
+        let reused = o.append_from(msg("t", "x"), source(false)).await.unwrap();
+        assert_ne!(reused, first, "not marked as resent: a new message that looks the same");
+        assert_eq!(o.state().totals.count, 3);
+    });
+}

@@ -1,0 +1,376 @@
+//! The bridge: store-and-forward between brokers, as a library feature.
+//!
+//! Each [`Route`] is a consumer on its source brokers and a publisher on
+//! its destination set, each with its own store under `dir/ROUTE/`
+//! ([`route_dirs`]). A message is acknowledged to the source only once it
+//! is in the outbox on disk (G1 across the hop), together with a note of
+//! the delivery it came as (source broker, packet id, content digest): the
+//! broker's redelivery of it after a crash, before the acknowledgement
+//! left, is recognised in the same round trip and acknowledged without
+//! being queued twice. A message that carries a producer identity keeps it
+//! upstream, so a receiver with an inbox recognises copies that came
+//! through two source brokers or two bridges.
+//!
+//! Build a [`Bridge`] in code (or read one from TOML with `steadfast
+//! bridge --config`), [`Bridge::start`] it, and [`RunningBridge::stop`] it:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use steadfast::bridge::{route_dirs, Bridge, Rewrite, Route};
+//! use steadfast::{ClientConfig, ConsumerConfig, Qos};
+//!
+//! let dir = std::path::PathBuf::from("/var/lib/steadfast/bridge");
+//! let (outbox, inbox) = route_dirs(&dir, "up");
+//! let source = ConsumerConfig::new(ClientConfig::new("edge-bridge", "mqtt://127.0.0.1:1883".parse()?, inbox))
+//!     .topic("sensors/#", Qos::AtLeastOnce);
+//! let destination = ClientConfig::new("edge-bridge-up", "mqtt://cloud.example:1883".parse()?, outbox);
+//! let route = Route::new("up", source, destination).rewrite(Rewrite::new().prefix("site-7/")?);
+//! let running = Bridge { dir, routes: vec![route] }.start().await?;
+//! // ... until it is time to stop:
+//! running.stop().await;
+//! # Ok(())
+//! # }
+//! ```
+
+mod rewrite;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use steadfast_core::{DropReason, Qos};
+use steadfast_store::AcceptFuture;
+pub use steadfast_store::Source;
+use tokio::sync::{mpsc, watch};
+
+pub use rewrite::{Rewrite, RewriteError, TemplateProblem};
+
+use crate::{AppendError, Client, ClientConfig, Consumer, ConsumerConfig, Message, OpenError, Received};
+
+/// Deliveries queued but not yet acknowledged to the source, per route.
+const PIPELINE: usize = 8192;
+
+/// How long a stop waits for in-flight work before it aborts a route
+/// (what it had not acknowledged to its source comes again).
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// One route: from a set of source brokers to a destination set.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Its name (its stores live under `dir/NAME/`).
+    pub name: String,
+    /// The consumer on the source brokers: a persistent session with the
+    /// route's subscriptions and its inbox.
+    pub source: ConsumerConfig,
+    /// The publisher on the destination set, with its outbox.
+    pub destination: ClientConfig,
+    /// How topics are rewritten on the way.
+    pub rewrite: Rewrite,
+    /// The QoS messages are sent with upstream; `None`: the one they came with.
+    pub qos: Option<Qos>,
+}
+
+impl Route {
+    /// A route that forwards every message as it came.
+    pub fn new(name: impl Into<String>, source: ConsumerConfig, destination: ClientConfig) -> Route {
+        Route { name: name.into(), source, destination, rewrite: Rewrite::new(), qos: None }
+    }
+
+    /// Rewrites topics on the way.
+    pub fn rewrite(mut self, rewrite: Rewrite) -> Route {
+        self.rewrite = rewrite;
+        self
+    }
+
+    /// Sends every message upstream with this QoS.
+    pub fn qos(mut self, qos: Qos) -> Route {
+        self.qos = Some(qos);
+        self
+    }
+}
+
+/// The whole bridge: its routes, and the directory their stores live in.
+#[derive(Debug, Clone)]
+pub struct Bridge {
+    /// Where the routes keep their stores ([`route_dirs`]).
+    pub dir: PathBuf,
+    /// The routes.
+    pub routes: Vec<Route>,
+}
+
+/// Where a route keeps its stores: `(outbox, inbox)`.
+pub fn route_dirs(dir: &Path, route: &str) -> (PathBuf, PathBuf) {
+    (dir.join(route).join("outbox"), dir.join(route).join("inbox"))
+}
+
+/// Why a bridge could not start or went on no longer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BridgeError {
+    /// A route's source consumer or destination client cannot be opened.
+    #[error("route `{route}`: {cause}")]
+    Open {
+        /// The route.
+        route: String,
+        /// Why.
+        cause: OpenError,
+    },
+    /// A route ended by itself.
+    #[error("route `{route}` stopped: {why}")]
+    Stopped {
+        /// The route.
+        route: String,
+        /// Why.
+        why: RouteEnd,
+    },
+}
+
+impl BridgeError {
+    /// True when the configuration is at fault (it would fail again as it is).
+    pub fn is_config(&self) -> bool {
+        matches!(self, BridgeError::Open { cause: OpenError::Config(_), .. })
+    }
+}
+
+/// Why a route ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteEnd {
+    /// Its source consumer closed.
+    #[error("the consumer closed")]
+    ConsumerClosed,
+    /// The task acknowledging to the source ended.
+    #[error("the acknowledger stopped")]
+    AcknowledgerStopped,
+    /// It ended without saying why.
+    #[error("it ended")]
+    Ended,
+}
+
+/// The routes of a bridge, running.
+pub struct RunningBridge {
+    stop: watch::Sender<bool>,
+    /// Each route's task says here how it ended.
+    ended: mpsc::UnboundedReceiver<(String, Result<(), RouteEnd>)>,
+    count: usize,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    clients: Vec<Client>,
+}
+
+impl Bridge {
+    /// Opens every route's stores and starts forwarding. When a route
+    /// cannot open, the routes started before it stop cleanly and the
+    /// error names the route.
+    pub async fn start(self) -> Result<RunningBridge, BridgeError> {
+        let (stop, stop_rx) = watch::channel(false);
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let mut running = RunningBridge { stop, ended, count: 0, tasks: Vec::new(), clients: Vec::new() };
+        for r in self.routes {
+            let name = r.name.clone();
+            let (client, consumer) = match open_route(&r).await {
+                Ok(o) => o,
+                Err(cause) => {
+                    running.stop().await;
+                    return Err(BridgeError::Open { route: name, cause });
+                }
+            };
+            running.clients.push(client.clone());
+            tracing::info!(route = %name, dir = %self.dir.display(), "route started");
+            let (tx, stop_rx) = (ended_tx.clone(), stop_rx.clone());
+            running.tasks.push(tokio::spawn(async move {
+                let r = forward(r, consumer, client, stop_rx).await;
+                let _ = tx.send((name, r));
+            }));
+            running.count += 1;
+        }
+        Ok(running)
+    }
+}
+
+/// A route's destination client and source consumer, or why not.
+async fn open_route(r: &Route) -> Result<(Client, Consumer), OpenError> {
+    let (client, report) = Client::open(r.destination.clone()).await?;
+    if !report.is_clean() {
+        tracing::error!(route = %r.name, problem = ?report.problem, "the outbox was damaged and repaired");
+    }
+    match Consumer::open(r.source.clone()).await {
+        Ok((consumer, _)) => Ok((client, consumer)),
+        Err(e) => {
+            client.close().await;
+            Err(e)
+        }
+    }
+}
+
+impl RunningBridge {
+    /// The destination clients of the routes (for metrics and status).
+    pub fn clients(&self) -> &[Client] {
+        &self.clients
+    }
+
+    /// Waits until a route ends by itself (it cannot go on).
+    pub async fn failed(&mut self) -> BridgeError {
+        match self.ended.recv().await {
+            Some((route, r)) => {
+                self.count -= 1;
+                BridgeError::Stopped { route, why: r.err().unwrap_or(RouteEnd::Ended) }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every route: in-flight acknowledgements are finished, the
+    /// stores closed; what waits for a destination stays on disk. A route
+    /// that does not stop within [`STOP_GRACE`] is aborted (what it had not
+    /// acknowledged to its source comes again).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let all = async {
+            while self.count > 0 {
+                match self.ended.recv().await {
+                    Some((name, r)) => {
+                        self.count -= 1;
+                        if let Err(e) = r {
+                            tracing::error!(route = %name, error = %e, "route ended with an error");
+                        }
+                    }
+                    None => break,
+                }
+            }
+        };
+        if tokio::time::timeout(STOP_GRACE, all).await.is_err() {
+            tracing::error!("a route did not stop in time; it is aborted");
+            for t in &self.tasks {
+                t.abort();
+            }
+            for t in self.tasks {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
+/// One route: take from the source, queue for the destination, and
+/// acknowledge to the source once queued on disk, in arrival order.
+async fn forward(
+    r: Route,
+    consumer: Consumer,
+    client: Client,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), RouteEnd> {
+    let (tx, mut rx) = mpsc::channel::<(AcceptFuture, Received)>(PIPELINE);
+    let name = r.name.clone();
+    let mut acker_stop = stop.clone();
+    let acker = tokio::spawn(async move {
+        while let Some((accepted, d)) = rx.recv().await {
+            // At a stop, a message still waiting for room (overflow
+            // `block`) is given up: unacknowledged, the source sends it
+            // again after the restart.
+            let accepted = tokio::select! {
+                // What is on disk is acknowledged, stop or not.
+                biased;
+                a = accepted => a,
+                _ = acker_stop.wait_for(|s| *s) => break,
+            };
+            match accepted {
+                Ok(_) => d.ack(),
+                // Dropped by the route's own overflow policy: counted; the
+                // source is done with it.
+                Err(AppendError::Dropped { .. }) => d.ack(),
+                Err(e) => {
+                    tracing::error!(route = %name, error = %e, "cannot queue a message; the source sends it again");
+                    d.retry();
+                }
+            }
+        }
+    });
+    let result = loop {
+        let d = tokio::select! {
+            d = consumer.next() => d,
+            _ = stop.changed() => break Ok(()),
+        };
+        let Some(d) = d else { break Err(RouteEnd::ConsumerClosed) };
+        let taken = tokio::select! {
+            biased;
+            t = take(&r, &client, &tx, d) => t,
+            _ = stop.wait_for(|s| *s) => break Ok(()),
+        };
+        if let Err(e) = taken {
+            break Err(e);
+        }
+    };
+    drop(tx);
+    let _ = acker.await;
+    consumer.close().await;
+    client.close().await;
+    result
+}
+
+async fn take(
+    r: &Route,
+    client: &Client,
+    tx: &mpsc::Sender<(AcceptFuture, Received)>,
+    d: Received,
+) -> Result<(), RouteEnd> {
+    let topic = r.rewrite.apply(d.topic());
+    let mut m = Message::new(topic.clone(), d.payload().to_vec())
+        .qos(r.qos.unwrap_or(d.qos()))
+        .retain(d.retain())
+        .props(d.properties().clone());
+    if let Some(id) = d.identity() {
+        m = m.origin(id);
+    }
+    // A message that came with an expiry keeps it: what it had left then
+    // is its deadline here (the route's class otherwise).
+    if let Some(left) = d.expiry().filter(|t| !t.is_zero()) {
+        m = m.ttl(left);
+    }
+    // With the delivery it came as: the broker's resend of what was queued
+    // before a crash (its acknowledgement died with the process) is
+    // recognised by the outbox in the same round trip, and only acked.
+    let queued = match d.packet_id() {
+        Some(pid) => {
+            let source = Source { url: d.broker().to_owned(), pid, digest: digest(&d), resent: d.broker_resent() };
+            client.enqueue_from(m, source)
+        }
+        None => client.enqueue(m),
+    };
+    match queued {
+        Ok(f) => tx.send((f, d)).await.map_err(|_| RouteEnd::AcknowledgerStopped),
+        Err(e) if e.is_retryable() => {
+            tracing::warn!(route = %r.name, error = %e, "cannot queue now; the source sends it again");
+            d.retry();
+            Ok(())
+        }
+        Err(e) => {
+            // It can never be sent (say the rewritten topic is invalid):
+            // counted and announced, and the source is done with it.
+            tracing::error!(route = %r.name, topic = %topic, error = %e, "message cannot be forwarded; dropped");
+            client.count_dropped(DropReason::Invalid, topic);
+            d.ack();
+            Ok(())
+        }
+    }
+}
+
+/// FNV-1a over what makes a delivery this message and not another under
+/// the same packet id: topic, payload, QoS, retain, identity. Stable across
+/// releases (it is kept on disk).
+fn digest(d: &Received) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        // A separator, so that ("ab", "c") and ("a", "bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(d.topic().as_bytes());
+    eat(d.payload());
+    eat(&[d.qos() as u8, u8::from(d.retain())]);
+    if let Some(id) = d.identity() {
+        eat(id.to_property_value().as_bytes());
+    }
+    h
+}

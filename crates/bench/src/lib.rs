@@ -228,16 +228,20 @@ async fn bare_rumqttc(port: u16, a: &Args, id: &str, window: u16, topic: fn(usiz
     });
     let first = acks.await;
     let end = Instant::now();
-    let first = match first {
-        Ok(first) => first.unwrap_or(end),
-        Err(e) => {
-            producer.abort();
-            return Err(e);
-        }
-    };
+    let first = first_ack(first, end, &producer)?;
     let client = producer.await??;
     let _ = client.disconnect().await;
     Ok(Timed { total: end - t0, from_first_ack: end - first })
+}
+
+/// When a bare run's first acknowledgement came (its end, with none); on
+/// an error the producer is stopped.
+fn first_ack<T>(
+    first: anyhow::Result<Option<Instant>>,
+    end: Instant,
+    producer: &tokio::task::JoinHandle<T>,
+) -> anyhow::Result<Instant> {
+    first.map(|f| f.unwrap_or(end)).inspect_err(|_| producer.abort())
 }
 
 /// The same through bare rumqttc, MQTT 5.
@@ -276,13 +280,7 @@ async fn bare_rumqttc_v5(
     });
     let first = acks.await;
     let end = Instant::now();
-    let first = match first {
-        Ok(first) => first.unwrap_or(end),
-        Err(e) => {
-            producer.abort();
-            return Err(e);
-        }
-    };
+    let first = first_ack(first, end, &producer)?;
     let client = producer.await??;
     let _ = client.disconnect().await;
     Ok(Timed { total: end - t0, from_first_ack: end - first })

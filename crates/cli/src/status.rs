@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
 use serde::Serialize;
-use steadfast_store::{now_ms, Report, SqliteStore};
+use steadfast_store::{now_ms, Report, SqliteStore, StoreKind};
 
 use crate::args::StatusArgs;
 use crate::util::{default_outbox, human_bytes};
@@ -12,6 +12,8 @@ use crate::Failure;
 
 #[derive(Serialize)]
 struct Json {
+    /// `outbox` or `inbox`: what the directory holds.
+    kind: &'static str,
     outbox: String,
     owner_running: bool,
     queued: u64,
@@ -95,11 +97,11 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
     let read = tokio::task::spawn_blocking(move || {
         let running = SqliteStore::is_in_use(&d);
         let mut store = SqliteStore::open_read_only(&d)?;
-        Ok::<_, steadfast_store::StoreError>((running, Report::read(&mut store)?))
+        Ok::<_, steadfast_store::StoreError>((running, store.kind(), Report::read(&mut store)?))
     })
     .await
     .map_err(|e| Failure::other(anyhow!("status task failed: {e}")))?;
-    let (running, r) = read.map_err(|e| Failure::other(anyhow!(e)))?;
+    let (running, kind, r) = read.map_err(|e| Failure::other(anyhow!(e)))?;
     let now = now_ms();
     let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
     let lag_of = |url: &str| r.lag.iter().find(|l| l.url == url).map_or((0, 0), |l| (l.lag, l.missed));
@@ -123,6 +125,7 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
             })
             .collect();
         let j = Json {
+            kind: kind.name(),
             outbox: dir.display().to_string(),
             owner_running: running,
             queued: r.totals.count,
@@ -137,15 +140,21 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
         };
         return serde_json::to_value(&j).map(Some).map_err(|e| Failure::other(anyhow!(e)));
     }
-    println!("outbox   {}{}", dir.display(), if running { "" } else { "  (no process is using it)" });
-    println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
-    match age {
-        Some(ms) => println!("oldest   {} ago", human_age(Duration::from_millis(ms))),
-        None => println!("oldest   -"),
+    let using = if running { "  (a consumer is using it)" } else { "  (no process is using it)" };
+    if kind == StoreKind::Inbox {
+        // An inbox holds identities, not messages.
+        println!("inbox    {}{using}", dir.display());
+    } else {
+        println!("outbox   {}{}", dir.display(), if running { "" } else { "  (no process is using it)" });
+        println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
+        match age {
+            Some(ms) => println!("oldest   {} ago", human_age(Duration::from_millis(ms))),
+            None => println!("oldest   -"),
+        }
+        let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("dropped  {}", drops.join(", "));
     }
-    let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
-    println!("dropped  {}", drops.join(", "));
-    if r.inbox > 0 || !r.counters.is_empty() {
+    if kind == StoreKind::Inbox || r.inbox > 0 || !r.counters.is_empty() {
         let counters: Vec<String> =
             r.counters.iter().map(|(k, v)| format!("{} {v}", k.trim_start_matches("consumer."))).collect();
         println!("inbox    {} identities remembered; {}", r.inbox, counters.join(", "));

@@ -375,7 +375,7 @@ impl Consumer {
     pub async fn open(cfg: ConsumerConfig) -> Result<(Consumer, OpenReport), OpenError> {
         cfg.validate()?;
         let dir = cfg.client.outbox_dir.clone();
-        let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+        let opened = tokio::task::spawn_blocking(move || SqliteStore::open_inbox(&dir))
             .await
             .map_err(|e| StoreError::WriteFailed(format!("inbox open task failed: {e}")))?;
         let (store, report) = opened?;

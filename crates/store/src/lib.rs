@@ -24,7 +24,7 @@ pub use outbox::{
     AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, InboxBounds, Outbox, OutboxConfig,
     OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow,
 };
-pub use sqlite::{OpenReport, SqliteStore};
+pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 

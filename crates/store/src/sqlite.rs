@@ -13,8 +13,51 @@ use crate::{
 
 /// The on-disk format version (docs/design.md, "Outbox format").
 pub const FORMAT_VERSION: u32 = 3;
-const DB_FILE: &str = "outbox.db";
-const LOCK_FILE: &str = "outbox.lock";
+
+/// What a store directory holds, and so the names of its files:
+/// `outbox.db` and `outbox.lock` for a producer's outbox, `inbox.db` and
+/// `inbox.lock` for a consumer's inbox (format 3 in both; an inbox written
+/// before it had its own name is renamed when its owner opens it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A producer's outbox (or a bridge route's).
+    Outbox,
+    /// A consumer's inbox (or a bridge route's).
+    Inbox,
+}
+
+impl StoreKind {
+    /// `outbox` or `inbox`: the stem of its file names, and its name in
+    /// messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Outbox => "outbox",
+            StoreKind::Inbox => "inbox",
+        }
+    }
+}
+
+/// A store's directory and the stem of its file names.
+#[derive(Debug, Clone)]
+struct Files {
+    dir: PathBuf,
+    stem: &'static str,
+}
+
+impl Files {
+    fn new(dir: &Path, kind: StoreKind) -> Files {
+        Files { dir: dir.to_owned(), stem: kind.name() }
+    }
+
+    /// `STEM.EXT`, e.g. `inbox.db-wal`.
+    fn name(&self, ext: &str) -> String {
+        format!("{}.{ext}", self.stem)
+    }
+
+    fn path(&self, ext: &str) -> PathBuf {
+        self.dir.join(self.name(ext))
+    }
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -149,6 +192,7 @@ impl OpenReport {
 pub struct SqliteStore {
     conn: Connection,
     dir: PathBuf,
+    kind: StoreKind,
     _lock: Option<File>,
     unreadable: Vec<(u64, String)>,
     /// `synchronous=FULL` now (else NORMAL, for bookkeeping commits).
@@ -171,17 +215,30 @@ impl SqliteStore {
     /// from it is copied into a fresh one, and the report says so: damage
     /// is never a reason to refuse to start.
     pub fn open(dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
-        create_private_dir(dir)?;
-        let lock = take_lock(dir)?;
+        Self::open_kind(dir, StoreKind::Outbox)
+    }
+
+    /// Opens (or creates) a consumer's inbox in `dir` (`inbox.db`), as
+    /// [`SqliteStore::open`] does an outbox. An inbox written before it had
+    /// its own file name (`outbox.db` holding only the inbox) is renamed.
+    pub fn open_inbox(dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
+        rename_legacy_inbox(dir)?;
+        Self::open_kind(dir, StoreKind::Inbox)
+    }
+
+    fn open_kind(dir: &Path, kind: StoreKind) -> Result<(SqliteStore, OpenReport), StoreError> {
+        let files = Files::new(dir, kind);
+        create_private_dir(&files)?;
+        let lock = take_lock(&files)?;
         let mut report = OpenReport::default();
-        resume_interrupted_salvage(dir, &mut report)?;
-        check_wal_tail(dir, &mut report)?;
-        cut_partial_page(dir, &mut report)?;
-        let conn = match open_checked(dir) {
+        resume_interrupted_salvage(&files, &mut report)?;
+        check_wal_tail(&files, &mut report)?;
+        cut_partial_page(&files, &mut report)?;
+        let conn = match open_checked(&files) {
             Ok(conn) => conn,
             Err(Opened::Corrupt(why)) => {
                 report.add_problem(why);
-                quarantine_and_salvage(dir, &mut report)?
+                quarantine_and_salvage(&files, &mut report)?
             }
             Err(Opened::Failed(e)) => return Err(e),
         };
@@ -190,6 +247,7 @@ impl SqliteStore {
         let store = SqliteStore {
             conn,
             dir: dir.to_owned(),
+            kind,
             _lock: Some(lock),
             unreadable: Vec::new(),
             synced: true,
@@ -202,11 +260,11 @@ impl SqliteStore {
     /// Opens an existing outbox read-only, without its lock, to report on
     /// it while its owner runs (`steadfast status`).
     pub fn open_read_only(dir: &Path) -> Result<SqliteStore, StoreError> {
-        let path = dir.join(DB_FILE);
-        if !path.exists() {
-            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db in it");
-            return Err(StoreError::Io { path: dir.to_owned(), source });
-        }
+        let kind = Self::kind_in(dir).ok_or_else(|| {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db or inbox.db in it");
+            StoreError::Io { path: dir.to_owned(), source }
+        })?;
+        let path = Files::new(dir, kind).path("db");
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -229,6 +287,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn,
             dir: dir.to_owned(),
+            kind,
             _lock: None,
             unreadable: Vec::new(),
             synced: true,
@@ -237,18 +296,31 @@ impl SqliteStore {
         })
     }
 
-    /// True when a process holds the outbox's lock right now.
+    /// True when a process holds the store's lock (outbox or inbox) now.
     pub fn is_in_use(dir: &Path) -> bool {
-        let Ok(file) = File::open(dir.join(LOCK_FILE)) else {
-            return false;
-        };
-        match file.try_lock_shared() {
-            Ok(()) => {
-                let _ = file.unlock();
-                false
+        [StoreKind::Outbox, StoreKind::Inbox].into_iter().any(|kind| {
+            let Ok(file) = File::open(Files::new(dir, kind).path("lock")) else {
+                return false;
+            };
+            match file.try_lock_shared() {
+                Ok(()) => {
+                    let _ = file.unlock();
+                    false
+                }
+                Err(_) => true,
             }
-            Err(_) => true,
-        }
+        })
+    }
+
+    /// What `dir` holds: an inbox (`inbox.db`), an outbox (`outbox.db`), or
+    /// no store.
+    pub fn kind_in(dir: &Path) -> Option<StoreKind> {
+        [StoreKind::Inbox, StoreKind::Outbox].into_iter().find(|k| Files::new(dir, *k).path("db").exists())
+    }
+
+    /// What this store holds.
+    pub fn kind(&self) -> StoreKind {
+        self.kind
     }
 
     /// The directory of this outbox.
@@ -286,11 +358,40 @@ fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
     }
 }
 
+/// An inbox written before inboxes had their own file name is an
+/// `outbox.db` (with its lock) in the consumer's directory: renamed to
+/// `inbox.db` under its old lock (a consumer of the older release still
+/// running on it makes this fail as "in use"), after its log was
+/// checkpointed into it, so that no `-wal` file has to follow it. A crash
+/// before the rename leaves the old name (renamed at the next open), after
+/// it the new one; leftovers of the old name are removed.
+fn rename_legacy_inbox(dir: &Path) -> Result<(), StoreError> {
+    let (old, new) = (Files::new(dir, StoreKind::Outbox), Files::new(dir, StoreKind::Inbox));
+    if new.path("db").exists() || !old.path("db").exists() {
+        return Ok(());
+    }
+    let lock = take_lock(&old)?;
+    {
+        let conn = open_connection(&old.path("db")).map_err(|e| map_error(dir, e))?;
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(|e| map_error(dir, e))?;
+    }
+    fs::rename(old.path("db"), new.path("db")).map_err(io_err(dir))?;
+    sync_path(dir)?;
+    for ext in ["db-wal", "db-shm", "ids"] {
+        remove_if_present(&old.path(ext))?;
+    }
+    drop(lock);
+    remove_if_present(&old.path("lock"))?;
+    tracing::info!(dir = %dir.display(), "inbox renamed from outbox.db to inbox.db");
+    Ok(())
+}
+
 /// Creates the store directory (0700), refuses one that belongs to another
 /// user, and makes its files private: the database is created 0600 before
 /// SQLite opens it, and SQLite gives its WAL and shared-memory files the
 /// database's mode. Files left wider by an older steadfast are narrowed.
-fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
+fn create_private_dir(files: &Files) -> Result<(), StoreError> {
+    let dir = files.dir.as_path();
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -298,7 +399,7 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     };
     // A directory that exists and holds no store yet may be anything
     // (`--outbox .`): its mode and other files are left alone.
-    let ours = !dir.exists() || dir.join(DB_FILE).exists();
+    let ours = !dir.exists() || files.path("db").exists();
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
     let meta = fs::metadata(dir).map_err(io(dir))?;
     let me = rustix::process::geteuid().as_raw();
@@ -308,10 +409,10 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
     if ours && meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     }
-    for name in [DB_FILE, LOCK_FILE] {
-        private_file(&dir.join(name))?;
+    for name in ["db", "lock"] {
+        private_file(&files.path(name))?;
     }
-    narrow(dir)
+    narrow(files)
 }
 
 /// Creates `path` with mode 0600 unless it exists.
@@ -323,11 +424,12 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
 
 /// Makes the store's own files in `dir` (`outbox.*`) private to their
 /// owner (0600); other files are not ours to change.
-fn narrow(dir: &Path) -> Result<(), StoreError> {
+fn narrow(files: &Files) -> Result<(), StoreError> {
+    let dir = files.dir.as_path();
     use std::os::unix::fs::PermissionsExt;
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let path = entry.map_err(io_err(dir))?.path();
-        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("outbox.")) {
+        if !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{}.", files.stem))) {
             continue;
         }
         match fs::symlink_metadata(&path) {
@@ -340,8 +442,9 @@ fn narrow(dir: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn take_lock(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join(LOCK_FILE);
+fn take_lock(files: &Files) -> Result<File, StoreError> {
+    let dir = files.dir.as_path();
+    let path = files.path("lock");
     let io = |source| StoreError::Io { path: path.clone(), source };
     let file = fs::OpenOptions::new().truncate(false).write(true).open(&path).map_err(io)?;
     match file.try_lock() {
@@ -360,7 +463,8 @@ fn is_corruption(e: &rusqlite::Error) -> bool {
     matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase))
 }
 
-fn open_checked(dir: &Path) -> Result<Connection, Opened> {
+fn open_checked(files: &Files) -> Result<Connection, Opened> {
+    let dir = files.dir.as_path();
     let classify = |e: rusqlite::Error| {
         if is_corruption(&e) {
             Opened::Corrupt(format!("the database is damaged ({e})"))
@@ -368,7 +472,7 @@ fn open_checked(dir: &Path) -> Result<Connection, Opened> {
             Opened::Failed(map_error(dir, e))
         }
     };
-    let conn = open_connection(&dir.join(DB_FILE)).map_err(classify)?;
+    let conn = open_connection(&files.path("db")).map_err(classify)?;
     let check: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(classify)?;
     if check != "ok" {
         return Err(Opened::Corrupt(format!("the integrity check failed: {check}")));
@@ -431,8 +535,9 @@ fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
 /// page is cut off instead (its rows are lost, never altered), after a copy
 /// of the file is kept aside. The open that follows finds the missing page
 /// and recovers the rest.
-fn cut_partial_page(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
-    let db = dir.join(DB_FILE);
+fn cut_partial_page(files: &Files, report: &mut OpenReport) -> Result<(), StoreError> {
+    let dir = files.dir.as_path();
+    let db = files.path("db");
     let io = |source| StoreError::Io { path: db.clone(), source };
     let len = fs::metadata(&db).map_err(io)?.len();
     let mut header = [0u8; 18];
@@ -450,7 +555,7 @@ fn cut_partial_page(dir: &Path, report: &mut OpenReport) -> Result<(), StoreErro
         return Ok(());
     }
     let q = quarantine_dir(dir)?;
-    let kept = q.join(DB_FILE);
+    let kept = q.join(files.name("db"));
     fs::copy(&db, &kept).map_err(io)?;
     sync_path(&kept)?;
     report.quarantined.push(kept);
@@ -463,8 +568,9 @@ fn cut_partial_page(dir: &Path, report: &mut OpenReport) -> Result<(), StoreErro
     Ok(())
 }
 
-fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
-    let wal = dir.join(format!("{DB_FILE}-wal"));
+fn check_wal_tail(files: &Files, report: &mut OpenReport) -> Result<(), StoreError> {
+    let dir = files.dir.as_path();
+    let wal = dir.join(files.name("db-wal"));
     let Ok(meta) = fs::metadata(&wal) else {
         return Ok(());
     };
@@ -489,7 +595,7 @@ fn check_wal_tail(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError>
         // Keep a copy for inspection when there is room; a full disk (the
         // usual cause of a torn write) must not stop the outbox from opening.
         let kept = quarantine_dir(dir).and_then(|q| {
-            let kept = q.join(format!("{DB_FILE}-wal.torn"));
+            let kept = q.join(files.name("db-wal.torn"));
             fs::copy(&wal, &kept).map(|_| kept).map_err(|source| StoreError::Io { path: wal.clone(), source })
         });
         match kept {
@@ -511,7 +617,6 @@ fn quarantine_dir(dir: &Path) -> Result<PathBuf, StoreError> {
     Ok(q)
 }
 
-const SALVAGE_FILE: &str = "outbox.db.salvaged";
 const SALVAGE_DONE: &str = "salvage-complete";
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
@@ -531,29 +636,31 @@ fn sync_path(path: &Path) -> Result<(), StoreError> {
 
 /// Finishes or undoes a recovery that a crash interrupted, before anything
 /// else looks at the files.
-fn resume_interrupted_salvage(dir: &Path, report: &mut OpenReport) -> Result<(), StoreError> {
+fn resume_interrupted_salvage(files: &Files, report: &mut OpenReport) -> Result<(), StoreError> {
+    let dir = files.dir.as_path();
     if dir.join(SALVAGE_DONE).exists() {
         report.problem = Some("a recovery of a damaged outbox was interrupted; it was completed now".into());
-        return swap_in_salvaged(dir);
+        return swap_in_salvaged(files);
     }
     // A salvage that did not complete: the damaged original is still in
     // place and is recovered again from scratch.
     for f in ["", "-journal", "-wal", "-shm"] {
-        remove_if_present(&dir.join(format!("{SALVAGE_FILE}{f}")))?;
+        remove_if_present(&dir.join(format!("{}{f}", files.name("db.salvaged"))))?;
     }
     Ok(())
 }
 
 /// Replaces the damaged database by the complete salvaged one. Idempotent:
 /// safe to run again after a crash at any point.
-fn swap_in_salvaged(dir: &Path) -> Result<(), StoreError> {
+fn swap_in_salvaged(files: &Files) -> Result<(), StoreError> {
+    let dir = files.dir.as_path();
     // The damaged database's log belongs to it alone (a copy is in the
     // quarantine): it must never be replayed into the new file.
-    remove_if_present(&dir.join(format!("{DB_FILE}-wal")))?;
-    remove_if_present(&dir.join(format!("{DB_FILE}-shm")))?;
-    let tmp = dir.join(SALVAGE_FILE);
+    remove_if_present(&dir.join(files.name("db-wal")))?;
+    remove_if_present(&dir.join(files.name("db-shm")))?;
+    let tmp = files.path("db.salvaged");
     if tmp.exists() {
-        fs::rename(&tmp, dir.join(DB_FILE)).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, files.path("db")).map_err(io_err(&tmp))?;
     }
     sync_path(dir)?;
     remove_if_present(&dir.join(SALVAGE_DONE))?;
@@ -564,28 +671,29 @@ fn swap_in_salvaged(dir: &Path) -> Result<(), StoreError> {
 /// record that can still be read (in one transaction, in a separate file),
 /// and swaps it in. A crash at any point leaves either the damaged original
 /// (recovered again at the next open) or the complete replacement.
-fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connection, StoreError> {
+fn quarantine_and_salvage(files: &Files, report: &mut OpenReport) -> Result<Connection, StoreError> {
+    let dir = files.dir.as_path();
     let q = quarantine_dir(dir)?;
     for suffix in ["", "-wal"] {
-        let from = dir.join(format!("{DB_FILE}{suffix}"));
+        let from = dir.join(format!("{}{suffix}", files.name("db")));
         if from.exists() {
-            let to = q.join(format!("{DB_FILE}{suffix}"));
+            let to = q.join(format!("{}{suffix}", files.name("db")));
             fs::copy(&from, &to).map_err(io_err(&from))?;
-            narrow(&q)?;
+            narrow(&Files { dir: q.clone(), stem: files.stem })?;
             sync_path(&to)?;
             if suffix.is_empty() {
                 report.quarantined.push(to);
             }
         }
     }
-    let tmp = dir.join(SALVAGE_FILE);
+    let tmp = files.path("db.salvaged");
     let salvaged = {
         private_file(&tmp)?;
         let conn = Connection::open(&tmp).map_err(|e| map_error(dir, e))?;
         conn.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA synchronous=FULL;")?;
         init_schema(&conn, dir)?;
         conn.execute_batch("BEGIN")?;
-        let n = salvage(&q.join(DB_FILE), &conn, reserve::read(dir));
+        let n = salvage(&q.join(files.name("db")), &conn, reserve::read(dir));
         conn.execute_batch("COMMIT").map_err(|e| map_error(dir, e))?;
         n
     };
@@ -594,7 +702,7 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
     fs::write(&done, b"").map_err(io_err(&done))?;
     sync_path(&done)?;
     sync_path(dir)?;
-    swap_in_salvaged(dir)?;
+    swap_in_salvaged(files)?;
     report.salvaged = salvaged;
     tracing::error!(
         dir = %dir.display(),
@@ -603,7 +711,7 @@ fn quarantine_and_salvage(dir: &Path, report: &mut OpenReport) -> Result<Connect
         problem = report.problem.as_deref().unwrap_or(""),
         "outbox was damaged: a copy is kept aside, readable messages recovered"
     );
-    let conn = open_connection(&dir.join(DB_FILE)).map_err(|e| map_error(dir, e))?;
+    let conn = open_connection(&files.path("db")).map_err(|e| map_error(dir, e))?;
     init_schema(&conn, dir)?;
     Ok(conn)
 }

@@ -224,6 +224,12 @@ async fn short_runs_over_a_backlog_hand_each_message_over_once_and_a_new_filter_
     assert_eq!(got, want[..30], "no message twice, none skipped");
     let st = crate::status_json(inbox);
     assert_eq!((st["inbox"].as_u64(), st["counters"]["consumer.handled"].as_u64()), (Some(30), Some(30)), "{st}");
+    assert_eq!(st["kind"], "inbox", "{st}");
+    // The inbox lives in inbox.db, and status speaks of an inbox.
+    assert!(std::path::Path::new(inbox).join("inbox.db").exists());
+    let text = run(&["status", "--outbox", inbox]).await;
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.starts_with("inbox ") && !text.contains("queued"), "{text}");
     // A kept session, another filter: it is subscribed although the broker
     // kept the session.
     let inbox2 = dir.path().join("inbox2");
@@ -238,7 +244,7 @@ async fn short_runs_over_a_backlog_hand_each_message_over_once_and_a_new_filter_
         tokio::task::spawn_blocking(move || steadfast().args(&args).stdin(Stdio::null()).output().unwrap())
     };
     // The new subscription exists once the run recorded it in its inbox.
-    let db = std::path::PathBuf::from(inbox).join("outbox.db");
+    let db = std::path::PathBuf::from(inbox).join("inbox.db");
     wait_until("the run started", Duration::from_secs(10), move || db.exists()).await;
     let ob = dir.path().join("ob2");
     let url = broker.url();

@@ -105,3 +105,42 @@ fn reads_an_outbox_written_by_format_3() {
     let m = s.read_after(0, 10, None, None).unwrap().remove(1);
     assert_eq!((m.msg.route.as_deref(), m.msg.policy), (Some("home"), policy_3()));
 }
+
+/// An inbox written before inboxes had their own file name is an
+/// `outbox.db` in the consumer's directory (the same format): opened as an
+/// inbox it is renamed to `inbox.db`, keeps every identity and counter, and
+/// its write-ahead log (a crash image, still holding the last commit) is
+/// checkpointed into it first.
+#[test]
+fn an_inbox_written_under_the_old_name_is_renamed_and_keeps_everything() {
+    use steadfast_store::StoreKind;
+    let live = tempfile::tempdir().unwrap();
+    let (mut old, _) = SqliteStore::open(live.path()).unwrap();
+    old.begin().unwrap();
+    old.inbox_record(&[("p".into(), 1), ("p".into(), 2)], steadfast_store::now_ms()).unwrap();
+    old.add_counter("consumer.duplicates", 3).unwrap();
+    old.commit().unwrap();
+    // A crash image: the database and its log as they are while it runs.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["outbox.db", "outbox.db-wal", "outbox.lock"] {
+        std::fs::copy(live.path().join(f), dir.path().join(f)).unwrap();
+    }
+    drop(old);
+    assert!(std::fs::metadata(dir.path().join("outbox.db-wal")).unwrap().len() > 0, "the last commit is in the log");
+    assert_eq!(SqliteStore::kind_in(dir.path()), Some(StoreKind::Outbox));
+    let (mut inbox, report) = SqliteStore::open_inbox(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(inbox.kind(), StoreKind::Inbox);
+    let ids = [("p".to_owned(), 1), ("p".to_owned(), 2), ("p".to_owned(), 3)];
+    assert_eq!(inbox.inbox_seen(&ids).unwrap(), [true, true, false]);
+    assert!(inbox.counters().unwrap().contains(&("consumer.duplicates".to_owned(), 3)));
+    for gone in ["outbox.db", "outbox.db-wal", "outbox.lock"] {
+        assert!(!dir.path().join(gone).exists(), "{gone} is left");
+    }
+    assert_eq!(SqliteStore::kind_in(dir.path()), Some(StoreKind::Inbox));
+    drop(inbox);
+    let (mut again, _) = SqliteStore::open_inbox(dir.path()).unwrap();
+    assert_eq!(again.inbox_seen(&ids).unwrap(), [true, true, false]);
+    let read = SqliteStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(read.kind(), StoreKind::Inbox);
+}

@@ -5,15 +5,18 @@
 mod args;
 mod bench;
 mod bridge;
+mod conn;
 mod doctor;
 mod lab;
+mod logging;
 mod metrics;
+mod paths;
 mod progress;
 mod publish;
 mod routes;
 mod status;
 mod subscribe;
-mod util;
+mod values;
 
 use std::process::ExitCode;
 
@@ -72,7 +75,7 @@ fn main() -> ExitCode {
         cli.command,
         args::Command::Demo(_) | args::Command::Chaos(_) | args::Command::Bench(_) | args::Command::Broker(_)
     );
-    if let Err(e) = util::init_logging(cli.debug, quiet, &cli.log_format) {
+    if let Err(e) = logging::init_logging(cli.debug, quiet, &cli.log_format) {
         eprintln!("steadfast: error: {e}");
         return ExitCode::from(exit::USAGE);
     }

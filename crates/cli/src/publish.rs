@@ -18,9 +18,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
+use crate::paths::{default_client_id, default_outbox};
 use crate::progress::Progress;
 use crate::routes;
-use crate::util::{default_client_id, default_outbox, parse_bounds, parse_qos, parse_version};
+use crate::values::{parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
 /// Where the messages come from.

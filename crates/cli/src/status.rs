@@ -7,7 +7,8 @@ use serde::Serialize;
 use steadfast_store::{now_ms, Report, SqliteStore, StoreKind};
 
 use crate::args::StatusArgs;
-use crate::util::{default_outbox, human_bytes};
+use crate::paths::default_outbox;
+use crate::values::human_bytes;
 use crate::Failure;
 
 #[derive(Serialize)]

@@ -9,7 +9,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::SubArgs;
-use crate::util::{default_client_id_for, default_inbox, parse_bounds, parse_qos, parse_version};
+use crate::paths::{default_client_id_for, default_inbox};
+use crate::values::{parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
 fn usage(msg: impl Into<String>) -> Failure {

@@ -444,7 +444,7 @@ impl Client {
             .into());
         }
         let urls = cfg.all_brokers().iter().map(|u| u.to_string()).collect();
-        let (slots, queued) = outbox.configure(urls, quorums(cfg)).await?;
+        let steadfast_store::Configured { slots, queued } = outbox.configure(urls, quorums(cfg)).await?;
         for (route, n) in queued {
             if let Some(name) = route.filter(|r| !cfg.routes().iter().any(|(n, _)| n == r)) {
                 return Err(ConfigError::Invalid(format!(
@@ -668,7 +668,7 @@ impl Client {
     /// does this every second; an exporter can also call it right before
     /// a scrape so that what it serves is exact.
     pub async fn export_metrics(&self) -> Result<(), StoreError> {
-        let (drops, oldest) = self.inner.outbox.glance().await?;
+        let steadfast_store::Glance { drops, oldest_created_ms: oldest } = self.inner.outbox.glance().await?;
         let totals = self.inner.outbox.state().totals;
         let brokers = self.broker_status();
         let age = oldest.map_or(0.0, |c| now_ms().saturating_sub(c) as f64 / 1000.0);

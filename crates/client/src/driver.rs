@@ -75,11 +75,6 @@ pub(crate) struct Direct {
 /// best-effort message is dropped (counted) rather than queued in memory.
 pub(crate) const DIRECT_QUEUE: usize = 1024;
 
-/// How a session ended without error.
-enum End {
-    Stopped,
-}
-
 pub(crate) struct Driver {
     pub cfg: Arc<ClientConfig>,
     pub url: BrokerUrl,
@@ -206,7 +201,8 @@ impl Driver {
             let result = self.session(&mut connected_at).await;
             self.drop_direct();
             let error = match result {
-                Ok(End::Stopped) => break,
+                // Stopped on request.
+                Ok(()) => break,
                 Err(e) => e,
             };
             self.router.link_down(self.index);
@@ -330,7 +326,8 @@ impl Driver {
         self.outbox.record_broker(record(&s));
     }
 
-    async fn session(&mut self, connected_at: &mut Option<Instant>) -> Result<End, ConnectError> {
+    /// One connection, until it fails (the error) or a stop is asked (`Ok`).
+    async fn session(&mut self, connected_at: &mut Option<Instant>) -> Result<(), ConnectError> {
         let broker = self.url.to_string();
         // A clean start is asked for once per process: a reconnect must
         // resume the session this process started, or in-flight QoS 2
@@ -372,7 +369,7 @@ impl Driver {
             }
             r => r,
         };
-        if matches!(r, Ok(End::Stopped)) {
+        if r.is_ok() {
             link.disconnect();
             let _ = wtx.send(std::mem::take(&mut link.out));
             drop(wtx);
@@ -502,7 +499,7 @@ impl Driver {
         wtx: &mpsc::UnboundedSender<Vec<u8>>,
         writer: &mut tokio::task::JoinHandle<std::io::Result<()>>,
         buf: &mut [u8],
-    ) -> Result<End, ConnectError> {
+    ) -> Result<(), ConnectError> {
         let mut keepalive = KeepAlive::new(self.cfg.keep_alive, Instant::now().into_std());
         let mut fetch: Option<Fetch> = None;
         let mut state_rx = self.outbox.watch();
@@ -546,7 +543,7 @@ impl Driver {
             tokio::select! {
                 r = stop.changed() => {
                     if r.is_err() || *stop.borrow() {
-                        return Ok(End::Stopped);
+                        return Ok(());
                     }
                 }
                 r = generation.changed() => {

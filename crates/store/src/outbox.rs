@@ -285,8 +285,14 @@ pub struct InboxBounds {
     pub max_bytes: Option<u64>,
 }
 
-/// Drops by reason and the creation time of the oldest queued message.
-pub type Glance = (Vec<(DropReason, u64)>, Option<u64>);
+/// The cheap part of a report: what metrics read every second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glance {
+    /// Drop counters by reason.
+    pub drops: Vec<(DropReason, u64)>,
+    /// Creation time of the oldest queued message (ms since the epoch).
+    pub oldest_created_ms: Option<u64>,
+}
 
 impl Request {
     /// A read: changes nothing, answered from what is committed.
@@ -663,8 +669,14 @@ struct Writer {
 type HighReply = oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>;
 type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 type SlotReply = oneshot::Sender<Result<Configured, StoreError>>;
-/// The broker slots, and the queued messages per route.
-pub type Configured = (Vec<u32>, Vec<(Option<String>, u64)>);
+/// What configuring the brokers found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Configured {
+    /// The slot of each broker URL, in the order given.
+    pub slots: Vec<u32>,
+    /// Queued messages per route (`None`: the default broker set).
+    pub queued: Vec<(Option<String>, u64)>,
+}
 type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
 
 /// Replies that may go out only after the commit.
@@ -883,7 +895,7 @@ impl Writer {
                 }
                 self.quorums = quorums;
                 let routes = self.store.routes()?;
-                b.slot_replies.push((reply, (slots, routes)));
+                b.slot_replies.push((reply, Configured { slots, queued: routes }));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
             Request::InboxRecord { ids, reply } => {
@@ -1340,7 +1352,9 @@ impl Writer {
                 }
                 Request::Glance { reply } => {
                     let s = self.store.as_mut();
-                    let _ = reply.send(s.drops().and_then(|d| Ok((d, s.oldest_created_ms()?))));
+                    let glance =
+                        s.drops().and_then(|drops| Ok(Glance { drops, oldest_created_ms: s.oldest_created_ms()? }));
+                    let _ = reply.send(glance);
                 }
                 Request::Bound { slot, reply } => {
                     let _ = reply.send(self.store.bound(slot));

@@ -8,15 +8,15 @@
 
 #![forbid(unsafe_code)]
 
+mod interop_brokers;
 mod mosquitto;
-mod others;
 mod pki;
 mod scripted;
 mod sub;
 mod ws;
 
+pub use interop_brokers::{Nats, RabbitMq};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
-pub use others::{Nats, RabbitMq};
 pub use pki::Pki;
 pub use scripted::{Received, Reply, ScriptedBroker};
 pub use steadfast_lab::{FaultProxy, ProxyMode};

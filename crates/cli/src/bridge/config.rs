@@ -31,8 +31,9 @@ use steadfast_core::parse_duration;
 use steadfast_core::topic::validate_topic_filter;
 use toml::Spanned;
 
+use crate::conn::Secrets;
 use crate::routes::{Ack, SetKey, SetSpec};
-use crate::util::{parse_bounds, parse_qos, parse_version, Secrets};
+use crate::values::{parse_bounds, parse_qos, parse_version};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -546,7 +546,9 @@ impl Client {
     /// delivery of a source broker), recording that in the same disk sync.
     /// The broker's redelivery of it after a crash (before its
     /// acknowledgement left) is recognised in the same round trip and
-    /// resolves to the id the first copy got: nothing is queued twice.
+    /// resolves to the id the first copy got, and is not queued again
+    /// (a first copy still waiting for room, under overflow `block`, is not
+    /// on disk yet and not recognised).
     /// Best-effort messages are sent as by [`Client::enqueue`].
     pub fn enqueue_from(&self, msg: Message, source: Source) -> Result<AcceptFuture, PublishError> {
         self.queue(msg, Some(source))

@@ -372,7 +372,7 @@ pub(crate) fn io_error(broker: &str, e: io::Error) -> ConnectError {
             "the broker refused our client certificate (--cert): is it signed by a CA the broker trusts?".into()
         }
         R::AlertReceived(A::CertificateExpired) => "the broker says our client certificate (--cert) has expired".into(),
-        _ => return e.into(),
+        _ => return std::io::Error::new(e.kind(), format!("TLS: {tls}")).into(),
     };
     ConnectError::Certificate { broker: broker.to_owned(), reason: format!("{hint} (TLS: {tls})") }
 }

@@ -41,8 +41,10 @@ impl Connection {
     pub(crate) fn broker_sent(&mut self, bytes: &[u8]) {
         self.from_broker.extend_from_slice(bytes);
         while let Some((header, body)) = take_packet(&mut self.from_broker) {
-            // PUBACK or PUBREC: the broker has taken the message.
-            if matches!(header >> 4, 4 | 5) && body.len() >= 2 {
+            // PUBACK or PUBREC: the broker has taken the message, unless
+            // an MQTT 5 reason code of 0x80 or more says it refused it.
+            let refused = self.level == 5 && body.get(2).is_some_and(|code| *code >= 0x80);
+            if matches!(header >> 4, 4 | 5) && body.len() >= 2 && !refused {
                 let pid = u16::from_be_bytes([body[0], body[1]]);
                 if let Some(payload) = self.open.remove(&pid) {
                     crate::proxy::lock(&self.acknowledged).push(payload);
@@ -144,10 +146,17 @@ mod tests {
             let mut down = packet(0x40, &[0, 2]);
             down.extend(packet(0x50, &[0, 1]));
             down.extend(packet(0x40, &[0, 9])); // nothing open under 9
+                                                // MQTT 5: a PUBACK with a refusing reason code (0x87, not
+                                                // authorised) is no acknowledgement; on 3.1.1 there is none.
+            down.extend(packet(0x40, &[0, 3, 0x87, 0]));
             for chunk in down.chunks(3) {
                 c.broker_sent(chunk);
             }
-            assert_eq!(*acked.lock().unwrap(), vec![vec![b'x'; 300], b"one".to_vec()], "level {level}");
+            let mut want = vec![vec![b'x'; 300], b"one".to_vec()];
+            if level == 4 {
+                want.push(b"three".to_vec());
+            }
+            assert_eq!(*acked.lock().unwrap(), want, "level {level}");
         }
     }
 }

@@ -56,6 +56,13 @@ pub enum StoreError {
         /// What is wrong with it.
         what: String,
     },
+    /// A consumer's inbox was asked of a directory that holds a producer's
+    /// outbox.
+    #[error("{path} holds a producer's outbox, not an inbox; give the consumer a directory of its own")]
+    OutboxNotInbox {
+        /// The directory.
+        path: PathBuf,
+    },
     /// The writer thread is gone (the outbox was closed).
     #[error("the outbox is closed")]
     Closed,
@@ -109,6 +116,7 @@ impl StoreError {
                 StoreError::FormatTooNew { path: path.clone(), found: *found, supported: *supported }
             }
             StoreError::Malformed { id, what } => StoreError::Malformed { id: *id, what: what.clone() },
+            StoreError::OutboxNotInbox { path } => StoreError::OutboxNotInbox { path: path.clone() },
             StoreError::Closed => StoreError::Closed,
             StoreError::WriteFailed(why) => StoreError::WriteFailed(why.clone()),
             StoreError::Database(e) => StoreError::Database(e.clone()),

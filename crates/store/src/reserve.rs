@@ -32,7 +32,14 @@ pub(crate) fn read(dir: &Path) -> u64 {
 /// Reserves every id up to `upto`, durably: written to a new file, synced,
 /// renamed over the old one, and the directory synced.
 pub(crate) fn write(dir: &Path, upto: u64) -> Result<(), StoreError> {
-    let io = |path: PathBuf| move |source| StoreError::Io { path, source };
+    let io = |path: PathBuf| {
+        let dir = dir.to_owned();
+        move |source: std::io::Error| match source.raw_os_error() {
+            // A full disk says so, as the database's own writes do.
+            Some(28 | 122) => StoreError::DiskFull { path: dir },
+            _ => StoreError::Io { path, source },
+        }
+    };
     let path = dir.join(FILE);
     let tmp = dir.join(format!("{FILE}.new"));
     {
@@ -47,7 +54,12 @@ pub(crate) fn write(dir: &Path, upto: u64) -> Result<(), StoreError> {
         writeln!(f, "{upto}").and_then(|()| f.sync_all()).map_err(io(tmp.clone()))?;
     }
     fs::rename(&tmp, &path).map_err(io(path.clone()))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir.to_owned()))
+    // Some filesystems cannot sync a directory (EINVAL); SQLite goes on
+    // there too.
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Err(e) if e.raw_os_error() != Some(22) => Err(io(dir.to_owned())(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Where the sequence must continue when the database's own record of the

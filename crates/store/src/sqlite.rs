@@ -242,8 +242,11 @@ impl SqliteStore {
             }
             Err(Opened::Failed(e)) => return Err(e),
         };
-        let reserved = reserve::read(dir);
+        // Only an outbox hands out ids.
+        let reserved = if kind == StoreKind::Outbox { reserve::read(dir) } else { 0 };
         continue_above_reservation(&conn, reserved, &mut report).map_err(|e| map_error(dir, e))?;
+        // Bounded across restarts too (each handle trims every 1,024 drops).
+        trim_drop_log(&conn).map_err(|e| map_error(dir, e))?;
         let store = SqliteStore {
             conn,
             dir: dir.to_owned(),
@@ -333,6 +336,12 @@ impl SqliteStore {
     }
 }
 
+/// Keeps the newest [`crate::DROP_LOG_KEEP`] entries of the drop log.
+fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
+    let sql = "DELETE FROM dropped WHERE id <= (SELECT id FROM dropped ORDER BY id DESC LIMIT 1 OFFSET ?1)";
+    conn.execute(sql, [crate::DROP_LOG_KEEP]).map(|_| ())
+}
+
 /// A database that opened sound but is far behind its id reservation was
 /// emptied or cut back (a file replaced, a truncation SQLite did not see):
 /// new ids start above the reservation, so none is handed out twice.
@@ -342,6 +351,15 @@ fn continue_above_reservation(conn: &Connection, reserved: u64, report: &mut Ope
     let Some(floor) = reserve::lost_floor(recorded, reserved) else { return Ok(()) };
     conn.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'", [])?;
     conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?1)", [floor])?;
+    let rows: u64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
+    if recorded == 0 && rows == 0 {
+        // Either the first batch never committed (a crash or a full disk
+        // during the first publish) or the database was emptied: the two
+        // look the same, and continuing above the reservation is safe for
+        // both. Not reported as damage.
+        tracing::info!(floor, "new ids continue above the ids reserved before");
+        return Ok(());
+    }
     let why = format!(
         "the database says it handed out ids up to {recorded}, but {} reserved ids up to {floor}: it was emptied or cut back; new ids start above {floor}",
         reserve::FILE
@@ -370,20 +388,48 @@ fn rename_legacy_inbox(dir: &Path) -> Result<(), StoreError> {
     if new.path("db").exists() || !old.path("db").exists() {
         return Ok(());
     }
-    let lock = take_lock(&old)?;
-    {
-        let conn = open_connection(&old.path("db")).map_err(|e| map_error(dir, e))?;
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).map_err(|e| map_error(dir, e))?;
+    check_owner(dir)?;
+    // The old lock is kept (not removed after), so that no opener can
+    // take it between our release and its removal.
+    private_file(&old.path("lock"))?;
+    let _lock = take_lock(&old)?;
+    if new.path("db").exists() || !old.path("db").exists() {
+        return Ok(());
+    }
+    if old.path("ids").exists() || holds_outbox_messages(&old.path("db")) {
+        return Err(StoreError::OutboxNotInbox { path: dir.to_owned() });
+    }
+    // Its log goes into it first, so that no `-wal` has to follow the new
+    // name; a database too damaged for that moves with its log as it is,
+    // and the recovery of the inbox's open takes it from there.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let checkpointed = Connection::open_with_flags(old.path("db"), flags)
+        .and_then(|c| c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())));
+    if checkpointed.is_err() && old.path("db-wal").exists() {
+        fs::rename(old.path("db-wal"), new.path("db-wal")).map_err(io_err(dir))?;
     }
     fs::rename(old.path("db"), new.path("db")).map_err(io_err(dir))?;
     sync_path(dir)?;
-    for ext in ["db-wal", "db-shm", "ids"] {
+    for ext in ["db-wal", "db-shm"] {
         remove_if_present(&old.path(ext))?;
     }
-    drop(lock);
-    remove_if_present(&old.path("lock"))?;
     tracing::info!(dir = %dir.display(), "inbox renamed from outbox.db to inbox.db");
     Ok(())
+}
+
+/// True when the database at `db` ever held an outbox message (so it is a
+/// producer's outbox, not an old inbox); an unreadable one counts as one.
+fn holds_outbox_messages(db: &Path) -> bool {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let Ok(conn) = Connection::open_with_flags(db, flags) else { return false };
+    let seq: rusqlite::Result<Option<u64>> =
+        conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0)).optional();
+    let rows: rusqlite::Result<u64> = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0));
+    match (seq, rows) {
+        (Ok(seq), Ok(rows)) => seq.unwrap_or(0) > 0 || rows > 0,
+        // No outbox table: an empty or unreadable file, not a producer's.
+        _ => false,
+    }
 }
 
 /// Creates the store directory (0700), refuses one that belongs to another
@@ -392,7 +438,7 @@ fn rename_legacy_inbox(dir: &Path) -> Result<(), StoreError> {
 /// database's mode. Files left wider by an older steadfast are narrowed.
 fn create_private_dir(files: &Files) -> Result<(), StoreError> {
     let dir = files.dir.as_path();
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| StoreError::Io { path, source }
@@ -401,11 +447,7 @@ fn create_private_dir(files: &Files) -> Result<(), StoreError> {
     // (`--outbox .`): its mode and other files are left alone.
     let ours = !dir.exists() || files.path("db").exists();
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
-    let meta = fs::metadata(dir).map_err(io(dir))?;
-    let me = rustix::process::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(StoreError::NotOwner { path: dir.to_owned(), owner: meta.uid(), user: me });
-    }
+    let meta = check_owner(dir)?;
     if ours && meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
     }
@@ -413,6 +455,18 @@ fn create_private_dir(files: &Files) -> Result<(), StoreError> {
         private_file(&files.path(name))?;
     }
     narrow(files)
+}
+
+/// Refuses a store directory that belongs to another user, before
+/// anything in it is touched.
+fn check_owner(dir: &Path) -> Result<fs::Metadata, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir).map_err(io_err(dir))?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(StoreError::NotOwner { path: dir.to_owned(), owner: meta.uid(), user: me });
+    }
+    Ok(meta)
 }
 
 /// Creates `path` with mode 0600 unless it exists.
@@ -1335,8 +1389,7 @@ impl Store for SqliteStore {
         // walks the kept records).
         self.drops_logged += 1;
         if self.drops_logged.is_multiple_of(1024) {
-            let sql = "DELETE FROM dropped WHERE id <= (SELECT id FROM dropped ORDER BY id DESC LIMIT 1 OFFSET ?1)";
-            self.conn.execute(sql, [crate::DROP_LOG_KEEP]).map_err(|e| self.map(e))?;
+            trim_drop_log(&self.conn).map_err(|e| self.map(e))?;
         }
         Ok(())
     }

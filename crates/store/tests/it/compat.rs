@@ -134,7 +134,7 @@ fn an_inbox_written_under_the_old_name_is_renamed_and_keeps_everything() {
     let ids = [("p".to_owned(), 1), ("p".to_owned(), 2), ("p".to_owned(), 3)];
     assert_eq!(inbox.inbox_seen(&ids).unwrap(), [true, true, false]);
     assert!(inbox.counters().unwrap().contains(&("consumer.duplicates".to_owned(), 3)));
-    for gone in ["outbox.db", "outbox.db-wal", "outbox.lock"] {
+    for gone in ["outbox.db", "outbox.db-wal"] {
         assert!(!dir.path().join(gone).exists(), "{gone} is left");
     }
     assert_eq!(SqliteStore::kind_in(dir.path()), Some(StoreKind::Inbox));
@@ -143,4 +143,47 @@ fn an_inbox_written_under_the_old_name_is_renamed_and_keeps_everything() {
     assert_eq!(again.inbox_seen(&ids).unwrap(), [true, true, false]);
     let read = SqliteStore::open_read_only(dir.path()).unwrap();
     assert_eq!(read.kind(), StoreKind::Inbox);
+}
+
+/// A producer's outbox is never taken for an old inbox: a consumer
+/// pointed at it is refused, and the outbox keeps its messages and its
+/// id reservation.
+#[test]
+fn an_outbox_is_never_renamed_into_an_inbox() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+        s.begin().unwrap();
+        s.insert(&msg("t", "queued")).unwrap();
+        s.commit().unwrap();
+    }
+    let err = SqliteStore::open_inbox(dir.path()).unwrap_err();
+    assert!(matches!(err, steadfast_store::StoreError::OutboxNotInbox { .. }), "{err}");
+    assert!(err.to_string().contains("holds a producer's outbox"), "{err}");
+    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(s.read_after(0, 10, None, None).unwrap().len(), 1);
+    assert!(dir.path().join("outbox.ids").exists());
+}
+
+/// The id reservation is no damage report when the first batch never
+/// committed (a crash during the first publish): the outbox opens clean
+/// and its ids start above the reservation (safe whichever it was). An
+/// inbox never reads an outbox's reservation.
+#[test]
+fn a_reservation_without_a_first_commit_is_no_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_s, _) = SqliteStore::open(dir.path()).unwrap();
+    }
+    std::fs::write(dir.path().join("outbox.ids"), "65537\n").unwrap();
+    let (mut s, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    s.begin().unwrap();
+    assert!(s.insert(&msg("t", "first")).unwrap() > 65537);
+    s.commit().unwrap();
+    drop(s);
+    let inbox = tempfile::tempdir().unwrap();
+    std::fs::write(inbox.path().join("outbox.ids"), "900000\n").unwrap();
+    let (_i, report) = SqliteStore::open_inbox(inbox.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
 }

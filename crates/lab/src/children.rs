@@ -84,7 +84,7 @@ pub fn handled(out: &Path) -> HashMap<String, u32> {
 /// Copies the consumer's inbox removed (its counter, kept on disk).
 pub fn duplicates_removed(inbox: &Path) -> u64 {
     let Ok(mut store) = steadfast_store::SqliteStore::open_read_only(inbox) else { return 0 };
-    let counters = steadfast_store::Store::counters(&mut store).unwrap_or_default();
+    let counters = steadfast_store::InboxStore::counters(&mut store).unwrap_or_default();
     counters.iter().filter(|(k, _)| k.contains("duplicates")).map(|(_, v)| *v).sum()
 }
 

@@ -157,10 +157,49 @@ pub struct BrokerRecord {
     pub active: bool,
 }
 
+/// A consumer's inbox (G5): identities already handled, bounded by count,
+/// bytes and age, and the consumer's persistent counters. Part of every
+/// [`Store`], in the same transactions.
+pub trait InboxStore {
+    /// For each identity `(producer, seq)`, whether it was handled already.
+    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError>;
+    /// The highest sequence number recorded per producer (a bound:
+    /// anything above it was never handled).
+    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Records these identities as handled at `now_ms`.
+    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError>;
+    /// Forgets identities handled before `before_ms`, and the oldest
+    /// beyond the `keep` newest; returns how many went.
+    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError>;
+    /// Identities remembered.
+    fn inbox_len(&mut self) -> Result<u64, StoreError>;
+    /// The bytes its identities count against a byte bound, each
+    /// [`INBOX_ENTRY_BYTES`] plus its producer id.
+    fn inbox_bytes(&mut self) -> Result<u64, StoreError>;
+    /// Adds to a named persistent counter (duplicates removed, gaps...).
+    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError>;
+    /// Every named counter.
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
+}
+
+/// A bridge's source records: which delivery of which source broker each
+/// queued message came as, so that a broker's resend is recognised. Part
+/// of every [`Store`], in the same transactions.
+pub trait SourceStore {
+    /// Records that the delivery with packet id `pid` and content digest
+    /// `digest` from the source broker `url` became the queued message `id`
+    /// (in the same transaction as its insertion).
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError>;
+    /// The id the delivery with packet id `pid` and this content from
+    /// `url` got when it was queued, if it was (a resend of it is a
+    /// duplicate).
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError>;
+}
+
 /// Storage of the outbox. All calls between [`Store::begin`] and
 /// [`Store::commit`] form one transaction; only a successful commit makes
 /// them durable.
-pub trait Store: Send + 'static {
+pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// Opens a transaction.
     fn begin(&mut self) -> Result<(), StoreError>;
     /// Commits and syncs the transaction.
@@ -260,54 +299,6 @@ pub trait Store: Send + 'static {
     fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError>;
     /// Messages missed per broker URL.
     fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
-    /// Inbox (G5): for each identity `(producer, seq)`, whether it was
-    /// handled already.
-    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
-        let _ = ids;
-        Err(StoreError::WriteFailed("this store keeps no inbox".into()))
-    }
-    /// Inbox: the highest sequence number recorded per producer (a bound:
-    /// anything above it was never handled).
-    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        Ok(Vec::new())
-    }
-    /// Inbox: records these identities as handled at `now_ms`.
-    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
-        let _ = (ids, now_ms);
-        Err(StoreError::WriteFailed("this store keeps no inbox".into()))
-    }
-    /// Inbox: forgets identities handled before `before_ms`, and the oldest
-    /// beyond the `keep` newest; returns how many went.
-    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
-        let _ = (before_ms, keep);
-        Ok(0)
-    }
-    /// Inbox: identities remembered.
-    fn inbox_len(&mut self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-    /// Inbox: the bytes its identities count against a byte bound, each
-    /// [`INBOX_ENTRY_BYTES`] plus its producer id.
-    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
-        Ok(0)
-    }
-    /// Bridge: records that the delivery with packet id `pid` and content
-    /// digest `digest` from the source broker `url` became the queued
-    /// message `id` (in the same transaction as its insertion).
-    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError>;
-    /// Bridge: the id the delivery with packet id `pid` and this content
-    /// from `url` got when it was queued, if it was (a resend of it is a
-    /// duplicate).
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError>;
-    /// Adds to a named persistent counter (duplicates removed, gaps...).
-    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
-        let _ = (name, n);
-        Ok(())
-    }
-    /// Every named counter.
-    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        Ok(Vec::new())
-    }
     /// A metadata value.
     fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError>;
     /// Sets a metadata value.

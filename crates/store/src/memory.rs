@@ -2,7 +2,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use steadfast_core::{DropReason, Stage};
 
-use crate::{BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
+use crate::{
+    BrokerRecord, Entry, InboxStore, NewMessage, SourceStore, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
+};
 
 /// An outbox kept in memory, with the same transaction semantics as
 /// [`crate::SqliteStore`] (a rollback undoes everything since `begin`). For
@@ -232,13 +234,50 @@ impl Store for MemoryStore {
         }
         Ok(out)
     }
-    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
-        self.state.sources.insert((url.to_owned(), pid), (digest, id));
+    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
+        Ok(self.state.slots.iter().map(|(u, s)| (u.clone(), *s)).collect())
+    }
+    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
+        *self.state.missed.entry(url.to_owned()).or_default() += n;
         Ok(())
     }
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self.state.sources.get(&(url.to_owned(), pid)).filter(|(d, _)| *d == digest).map(|(_, id)| *id))
+    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.state.missed.iter().map(|(u, n)| (u.clone(), *n)).collect())
     }
+    fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError> {
+        *self.state.drops.entry(reason).or_default() += 1;
+        if let Some(id) = id {
+            self.state.drop_log.insert(id, reason);
+            while self.state.drop_log.len() as u64 > crate::DROP_LOG_KEEP {
+                self.state.drop_log.pop_first();
+            }
+        }
+        Ok(())
+    }
+    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
+        Ok(self.state.drop_log.iter().map(|(id, r)| (*id, *r)).collect())
+    }
+    fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
+        let count = |r| self.state.drops.get(&r).copied().unwrap_or(0);
+        Ok(DropReason::ALL.into_iter().map(|r| (r, count(r))).collect())
+    }
+    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.state.meta.get(key).cloned())
+    }
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.state.meta.insert(key.into(), value.into());
+        Ok(())
+    }
+    fn set_broker(&mut self, rec: &BrokerRecord) -> Result<(), StoreError> {
+        self.state.brokers.insert(rec.url.clone(), rec.clone());
+        Ok(())
+    }
+    fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
+        Ok(self.state.brokers.values().cloned().collect())
+    }
+}
+
+impl InboxStore for MemoryStore {
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
         Ok(ids.iter().map(|id| self.state.inbox.contains_key(id)).collect())
     }
@@ -282,46 +321,15 @@ impl Store for MemoryStore {
     fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
         Ok(self.state.counters.iter().map(|(k, v)| (k.clone(), *v)).collect())
     }
-    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
-        Ok(self.state.slots.iter().map(|(u, s)| (u.clone(), *s)).collect())
-    }
-    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
-        *self.state.missed.entry(url.to_owned()).or_default() += n;
+}
+
+impl SourceStore for MemoryStore {
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        self.state.sources.insert((url.to_owned(), pid), (digest, id));
         Ok(())
     }
-    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        Ok(self.state.missed.iter().map(|(u, n)| (u.clone(), *n)).collect())
-    }
-    fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError> {
-        *self.state.drops.entry(reason).or_default() += 1;
-        if let Some(id) = id {
-            self.state.drop_log.insert(id, reason);
-            while self.state.drop_log.len() as u64 > crate::DROP_LOG_KEEP {
-                self.state.drop_log.pop_first();
-            }
-        }
-        Ok(())
-    }
-    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
-        Ok(self.state.drop_log.iter().map(|(id, r)| (*id, *r)).collect())
-    }
-    fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
-        let count = |r| self.state.drops.get(&r).copied().unwrap_or(0);
-        Ok(DropReason::ALL.into_iter().map(|r| (r, count(r))).collect())
-    }
-    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.state.meta.get(key).cloned())
-    }
-    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.state.meta.insert(key.into(), value.into());
-        Ok(())
-    }
-    fn set_broker(&mut self, rec: &BrokerRecord) -> Result<(), StoreError> {
-        self.state.brokers.insert(rec.url.clone(), rec.clone());
-        Ok(())
-    }
-    fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
-        Ok(self.state.brokers.values().cloned().collect())
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
+        Ok(self.state.sources.get(&(url.to_owned(), pid)).filter(|(d, _)| *d == digest).map(|(_, id)| *id))
     }
 }
 

@@ -8,7 +8,8 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
 use crate::{
-    now_ms, reserve, BrokerRecord, Entry, NewMessage, Policy, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
+    now_ms, reserve, BrokerRecord, Entry, InboxStore, NewMessage, Policy, SourceStore, Store, StoreError,
+    StoredMessage, Totals, MAX_SLOTS,
 };
 
 /// The on-disk format version (docs/design.md, "Outbox format").
@@ -1287,80 +1288,6 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
-    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO sources VALUES (?1, ?2, ?3, ?4)")?;
-        let r = stmt.execute(params![url, pid, digest as i64, id]);
-        drop(stmt);
-        r.map(|_| ()).map_err(|e| self.map(e))
-    }
-
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
-        let sql = "SELECT id FROM sources WHERE url = ?1 AND pid = ?2 AND digest = ?3";
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        Ok(stmt.query_row(params![url, pid, digest as i64], |r| r.get(0)).optional()?)
-    }
-
-    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM inbox WHERE producer = ?1 AND seq = ?2")?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (p, s) in ids {
-            out.push(stmt.exists(params![p, s])?);
-        }
-        Ok(out)
-    }
-
-    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT producer, max(seq) FROM inbox GROUP BY producer")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("INSERT OR IGNORE INTO inbox VALUES (?1, ?2, ?3)")?;
-        for (p, s) in ids {
-            let r = stmt.execute(params![p, s, now_ms]);
-            if let Err(e) = r {
-                drop(stmt);
-                return Err(self.map(e));
-            }
-        }
-        Ok(())
-    }
-
-    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
-        let aged =
-            self.conn.execute("DELETE FROM inbox WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
-        let over = self
-            .conn
-            .execute(
-                "DELETE FROM inbox WHERE (producer, seq) IN (SELECT producer, seq FROM inbox ORDER BY handled_ms DESC, seq DESC LIMIT -1 OFFSET ?1)",
-                [keep as i64],
-            )
-            .map_err(|e| self.map(e))?;
-        Ok((aged + over) as u64)
-    }
-
-    fn inbox_len(&mut self) -> Result<u64, StoreError> {
-        Ok(self.conn.query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))?)
-    }
-
-    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
-        let sql = "SELECT coalesce(sum(length(CAST(producer AS BLOB)) + ?1), 0) FROM inbox";
-        Ok(self.conn.query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
-    }
-
-    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
-        let sql = "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET count = count + ?2";
-        self.conn.execute(sql, params![name, n]).map_err(|e| self.map(e))?;
-        Ok(())
-    }
-
-    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT name, count FROM counters ORDER BY name")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
     fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
         let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots ORDER BY slot")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -1460,5 +1387,75 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl InboxStore for SqliteStore {
+    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM inbox WHERE producer = ?1 AND seq = ?2")?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (p, s) in ids {
+            out.push(stmt.exists(params![p, s])?);
+        }
+        Ok(out)
+    }
+    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT producer, max(seq) FROM inbox GROUP BY producer")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("INSERT OR IGNORE INTO inbox VALUES (?1, ?2, ?3)")?;
+        for (p, s) in ids {
+            let r = stmt.execute(params![p, s, now_ms]);
+            if let Err(e) = r {
+                drop(stmt);
+                return Err(self.map(e));
+            }
+        }
+        Ok(())
+    }
+    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
+        let aged =
+            self.conn.execute("DELETE FROM inbox WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
+        let over = self
+            .conn
+            .execute(
+                "DELETE FROM inbox WHERE (producer, seq) IN (SELECT producer, seq FROM inbox ORDER BY handled_ms DESC, seq DESC LIMIT -1 OFFSET ?1)",
+                [keep as i64],
+            )
+            .map_err(|e| self.map(e))?;
+        Ok((aged + over) as u64)
+    }
+    fn inbox_len(&mut self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))?)
+    }
+    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
+        let sql = "SELECT coalesce(sum(length(CAST(producer AS BLOB)) + ?1), 0) FROM inbox";
+        Ok(self.conn.query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
+    }
+    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET count = count + ?2";
+        self.conn.execute(sql, params![name, n]).map_err(|e| self.map(e))?;
+        Ok(())
+    }
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, count FROM counters ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl SourceStore for SqliteStore {
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO sources VALUES (?1, ?2, ?3, ?4)")?;
+        let r = stmt.execute(params![url, pid, digest as i64, id]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
+        let sql = "SELECT id FROM sources WHERE url = ?1 AND pid = ?2 AND digest = ?3";
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        Ok(stmt.query_row(params![url, pid, digest as i64], |r| r.get(0)).optional()?)
     }
 }

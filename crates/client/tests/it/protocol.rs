@@ -8,7 +8,8 @@ use std::time::Duration;
 use steadfast::{Client, Delivery, Message, ProtocolVersion, PublishError, Qos};
 use steadfast_core::{DropReason, Properties, Stage};
 use steadfast_store::{
-    BrokerRecord, Entry, MemoryStore, NewMessage, Outbox, OutboxConfig, Store, StoreError, StoredMessage, Totals,
+    BrokerRecord, Entry, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, SourceStore, Store, StoreError,
+    StoredMessage, Totals,
 };
 use steadfast_testkit::{wait_until, Reply, ScriptedBroker};
 
@@ -159,12 +160,6 @@ impl Store for FaultyStore {
     fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
         self.inner.drop_log()
     }
-    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
-        self.inner.source_record(url, pid, digest, id)
-    }
-    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
-        self.inner.source_seen(url, pid, digest)
-    }
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
         self.inner.drops()
     }
@@ -179,6 +174,42 @@ impl Store for FaultyStore {
     }
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
         self.inner.brokers()
+    }
+}
+
+impl InboxStore for FaultyStore {
+    fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
+        self.inner.inbox_seen(ids)
+    }
+    fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.inbox_high()
+    }
+    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
+        self.inner.inbox_record(ids, now_ms)
+    }
+    fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
+        self.inner.inbox_prune(before_ms, keep)
+    }
+    fn inbox_len(&mut self) -> Result<u64, StoreError> {
+        self.inner.inbox_len()
+    }
+    fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
+        self.inner.inbox_bytes()
+    }
+    fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
+        self.inner.add_counter(name, n)
+    }
+    fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.counters()
+    }
+}
+
+impl SourceStore for FaultyStore {
+    fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
+        self.inner.source_record(url, pid, digest, id)
+    }
+    fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
+        self.inner.source_seen(url, pid, digest)
     }
 }
 

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
-use steadfast_store::{Policy, SqliteStore, Store};
+use steadfast_store::{InboxStore, Policy, SqliteStore, Store};
 
 use crate::msg;
 

@@ -1,20 +1,20 @@
 //! The consumer's inbox in the store: what was handled, within a window.
 
-use steadfast_store::{InboxBounds, Outbox, OutboxConfig, SqliteStore, Store};
+use steadfast_store::{InboxBounds, InboxStore, Outbox, OutboxConfig, SqliteStore, Store};
 
 #[test]
 fn the_inbox_remembers_handled_identities_within_its_window_and_survives_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let ids = |from: u64, to: u64| (from..=to).map(|s| ("gw-7".to_owned(), s)).collect::<Vec<_>>();
     {
-        let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+        let (mut s, _) = SqliteStore::open_inbox(dir.path()).unwrap();
         s.begin().unwrap();
         s.inbox_record(&ids(1, 5), 1_000).unwrap();
         s.inbox_record(&ids(6, 10), 2_000).unwrap();
         s.inbox_record(&[("other".to_owned(), 3)], 2_000).unwrap();
         s.commit().unwrap();
     }
-    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    let (mut s, _) = SqliteStore::open_inbox(dir.path()).unwrap();
     assert_eq!(
         s.inbox_seen(&[("gw-7".into(), 3), ("gw-7".into(), 11), ("other".into(), 3)]).unwrap(),
         [true, false, true]
@@ -35,7 +35,7 @@ fn the_inbox_remembers_handled_identities_within_its_window_and_survives_a_reope
 #[test]
 fn the_inbox_is_bounded_by_bytes_too() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) = SqliteStore::open(dir.path()).unwrap();
+    let (store, _) = SqliteStore::open_inbox(dir.path()).unwrap();
     let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
     crate::block_on(async {
         // "producer-1" is 10 bytes: each identity counts 34.

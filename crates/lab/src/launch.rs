@@ -70,10 +70,9 @@ impl Broker {
     /// directory when `None`) and waits until it accepts connections.
     pub async fn start(kind: BrokerKind, opts: BrokerOptions, root: Option<&Path>) -> Result<Broker, LabError> {
         let port = free_port()?;
-        let builder = tempfile::Builder::new()
-            .prefix("steadfast-broker-")
-            .tempdir_in(root.map_or_else(std::env::temp_dir, Path::to_owned));
-        let dir = builder.map_err(LabError::io(root.unwrap_or(Path::new("/tmp"))))?;
+        let base = root.map_or_else(std::env::temp_dir, Path::to_owned);
+        let dir =
+            tempfile::Builder::new().prefix("steadfast-broker-").tempdir_in(&base).map_err(LabError::io(&base))?;
         // Started as root, Mosquitto drops to its own user: it must still
         // be able to write its log and persistence file here.
         use std::os::unix::fs::PermissionsExt;
@@ -143,8 +142,7 @@ impl Broker {
                 c
             }
             BrokerKind::Embedded => {
-                let exe = std::env::current_exe().map_err(LabError::io("the current executable"))?;
-                let mut c = Command::new(exe);
+                let mut c = Command::new(crate::children::current_exe()?);
                 c.args(["broker", "--port", &self.port.to_string(), "--protocol-version", "5"]);
                 c
             }

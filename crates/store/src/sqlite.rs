@@ -337,6 +337,12 @@ impl SqliteStore {
     }
 }
 
+/// The highest id the database says it ever handed out (0 for none).
+fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
+    let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
+    Ok(conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0))
+}
+
 /// Keeps the newest [`crate::DROP_LOG_KEEP`] entries of the drop log.
 fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
     let sql = "DELETE FROM dropped WHERE id <= (SELECT id FROM dropped ORDER BY id DESC LIMIT 1 OFFSET ?1)";
@@ -347,8 +353,7 @@ fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
 /// emptied or cut back (a file replaced, a truncation SQLite did not see):
 /// new ids start above the reservation, so none is handed out twice.
 fn continue_above_reservation(conn: &Connection, reserved: u64, report: &mut OpenReport) -> rusqlite::Result<()> {
-    let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
-    let recorded: u64 = conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0);
+    let recorded = recorded_last_id(conn)?;
     let Some(floor) = reserve::lost_floor(recorded, reserved) else { return Ok(()) };
     conn.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'", [])?;
     conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?1)", [floor])?;
@@ -383,7 +388,7 @@ fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
 /// running on it makes this fail as "in use"), after its log was
 /// checkpointed into it, so that no `-wal` file has to follow it. A crash
 /// before the rename leaves the old name (renamed at the next open), after
-/// it the new one; leftovers of the old name are removed.
+/// it the new one; the old log's leftovers are removed (its lock is kept).
 fn rename_legacy_inbox(dir: &Path) -> Result<(), StoreError> {
     let (old, new) = (Files::new(dir, StoreKind::Outbox), Files::new(dir, StoreKind::Inbox));
     if new.path("db").exists() || !old.path("db").exists() {
@@ -419,15 +424,14 @@ fn rename_legacy_inbox(dir: &Path) -> Result<(), StoreError> {
 }
 
 /// True when the database at `db` ever held an outbox message (so it is a
-/// producer's outbox, not an old inbox); an unreadable one counts as one.
+/// producer's outbox, not an old inbox). One that cannot be read is not
+/// taken for a producer's: it moves, and the inbox's recovery takes it.
 fn holds_outbox_messages(db: &Path) -> bool {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let Ok(conn) = Connection::open_with_flags(db, flags) else { return false };
-    let seq: rusqlite::Result<Option<u64>> =
-        conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0)).optional();
     let rows: rusqlite::Result<u64> = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0));
-    match (seq, rows) {
-        (Ok(seq), Ok(rows)) => seq.unwrap_or(0) > 0 || rows > 0,
+    match (recorded_last_id(&conn), rows) {
+        (Ok(seq), Ok(rows)) => seq > 0 || rows > 0,
         // No outbox table: an empty or unreadable file, not a producer's.
         _ => false,
     }
@@ -477,7 +481,7 @@ fn private_file(path: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Makes the store's own files in `dir` (`outbox.*`) private to their
+/// Makes the store's own files in its directory (`outbox.*` or `inbox.*`) private to their
 /// owner (0600); other files are not ours to change.
 fn narrow(files: &Files) -> Result<(), StoreError> {
     let dir = files.dir.as_path();
@@ -1202,8 +1206,7 @@ impl Store for SqliteStore {
     }
 
     fn last_id(&mut self) -> Result<u64, StoreError> {
-        let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
-        Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0))
+        Ok(recorded_last_id(&self.conn)?)
     }
 
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {

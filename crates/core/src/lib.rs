@@ -9,14 +9,16 @@
 
 pub mod backoff;
 pub mod duration;
+pub mod engine;
 pub mod keepalive;
 pub mod message;
+pub mod mutate;
 pub mod topic;
 pub mod window;
 
 pub use backoff::{Backoff, BackoffConfig, BackoffError};
 pub use duration::{parse_duration, DurationError};
 pub use keepalive::{KeepAlive, KeepAliveAction};
-pub use message::{DropReason, Identity, Properties, PropertyError, Qos};
+pub use message::{DropReason, Identity, Properties, PropertyError, Qos, MAX_PRIORITY, PRIORITIES};
 pub use topic::{validate_topic_filter, validate_topic_name, FilterError, TopicError};
 pub use window::{Inflight, Resume, SendWindow, Stage};

@@ -102,6 +102,11 @@ impl fmt::Display for Identity {
     }
 }
 
+/// The highest message priority (0 is the default and the lowest).
+pub const MAX_PRIORITY: u8 = 9;
+/// How many priority levels there are.
+pub const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+
 /// Why a message left the outbox without being delivered (G3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {

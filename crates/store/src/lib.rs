@@ -15,6 +15,7 @@
 mod error;
 mod memory;
 mod outbox;
+mod queued;
 mod reserve;
 mod sqlite;
 
@@ -28,10 +29,7 @@ pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
-/// The highest message priority (0 is the default and the lowest).
-pub const MAX_PRIORITY: u8 = 9;
-/// How many priority levels there are.
-pub const PRIORITIES: usize = MAX_PRIORITY as usize + 1;
+pub use steadfast_core::{MAX_PRIORITY, PRIORITIES};
 
 /// How a queued message may leave without delivery, and when it goes out
 /// (docs/guarantees.md, "Delivery classes"). The default is persistent:

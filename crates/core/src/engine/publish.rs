@@ -1,0 +1,447 @@
+//! The publishing session of one broker link: what goes on the wire under
+//! which packet id, what an acknowledgement means, what a CONNACK means for
+//! what was in flight, and when the link must be given up.
+//!
+//! States: *disconnected* (between links: nothing is sent, the window and
+//! its contents are kept for the next CONNACK), *connected* (messages
+//! stream from the queue into the window), and, inside either, *binding*
+//! (a durable write of QoS 2 packet ids is under way: nothing else happens
+//! until the driver reports its outcome with
+//! [`PublishSession::handle_bound`]).
+//!
+//! The queue is fed from the outbox in pages, one priority at a time
+//! ([`PublishSession::next_read`], [`PublishSession::handle_page`]). Whether
+//! a message is this broker's to send (routing) is a question the session
+//! asks its caller through a `claims` function.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::{Now, Timer};
+use crate::keepalive::{KeepAlive, KeepAliveAction};
+use crate::message::{DropReason, Qos, PRIORITIES};
+use crate::window::{Inflight, Resume, SendWindow, Stage};
+
+/// What the session needs to know of a queued message.
+pub trait Queued: Clone {
+    /// Its outbox id (the producer's sequence number).
+    fn id(&self) -> u64;
+    /// The QoS it is sent at.
+    fn qos(&self) -> Qos;
+    /// Lowers the QoS it is sent at (a broker that takes QoS 1 at most).
+    fn set_qos(&mut self, qos: Qos);
+    /// Its priority, `0..PRIORITIES`.
+    fn priority(&self) -> usize;
+    /// Its deadline (ms since the epoch), if it has one.
+    fn expires_ms(&self) -> Option<u64>;
+    /// Its retry budget, if it has one.
+    fn max_attempts(&self) -> Option<u32>;
+    /// Sends so far.
+    fn attempts(&self) -> u32;
+    /// Counts one more send.
+    fn count_attempt(&mut self);
+}
+
+/// The packet codec of a link, as the session needs it.
+pub trait Wire<M> {
+    /// The PUBLISH of `m`, or why it can never be sent (it cannot be
+    /// encoded, or it is larger than the broker takes).
+    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason>;
+    /// A PUBREL.
+    fn pubrel(&mut self, pid: u16) -> Vec<u8>;
+    /// A PINGREQ.
+    fn ping(&mut self) -> Vec<u8>;
+}
+
+/// Settings of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Most messages in flight (lowered by the broker's receive maximum).
+    pub max_inflight: u16,
+    /// The keep-alive interval.
+    pub keep_alive: Duration,
+    /// How long messages may stay in flight without any acknowledgement.
+    pub ack_timeout: Duration,
+    /// How long a refused message waits before it is sent again.
+    pub refused_pause: Duration,
+    /// Messages read from the outbox per page.
+    pub page: usize,
+}
+
+/// A packet id's durable binding: `Some((pid, stage))`, or `None` to clear.
+pub type WireUpdate = (u64, Option<(u16, Stage)>);
+
+/// A store operation the session asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreOp {
+    /// These were acknowledged by the broker.
+    Ack(Vec<u64>),
+    /// These leave the outbox undelivered, for this reason.
+    Drop(Vec<u64>, DropReason),
+    /// One more send of each of these counts against its retry budget.
+    Attempted(Vec<u64>),
+    /// Write these QoS 2 bindings durably and report the outcome with
+    /// [`PublishSession::handle_bound`] before anything else.
+    Bind(Vec<WireUpdate>),
+}
+
+/// The outcome of a [`StoreOp::Bind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bound {
+    /// Written; these ids left the outbox meanwhile (delivered through
+    /// other brokers) and are not sent here.
+    Written {
+        /// Ids that left the outbox meanwhile.
+        gone: Vec<u64>,
+    },
+    /// Not written: the link must end (the driver knows the error).
+    Failed,
+}
+
+/// What the CONNACK said, as far as delivery goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnAckInfo {
+    /// The broker kept our session.
+    pub session_present: bool,
+    /// MQTT 5 receive maximum.
+    pub receive_maximum: Option<u16>,
+    /// MQTT 5 maximum QoS.
+    pub maximum_qos: Option<u8>,
+    /// This process asked for a clean start on this connection.
+    pub asked_clean: bool,
+    /// An earlier connection of this process reached the broker.
+    pub reconnect: bool,
+}
+
+/// The result of a CONNACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connected {
+    /// Messages (or PUBRELs) sent again under their packet ids.
+    pub resent: usize,
+}
+
+/// An acknowledgement from the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// PUBACK.
+    PubAck {
+        /// Its packet id.
+        pid: u16,
+        /// False for an error reason code (a refusal).
+        ok: bool,
+    },
+    /// PUBREC.
+    PubRec {
+        /// Its packet id.
+        pid: u16,
+        /// False for an error reason code (a refusal).
+        ok: bool,
+    },
+    /// PUBCOMP.
+    PubComp {
+        /// Its packet id.
+        pid: u16,
+    },
+}
+
+/// How QoS 2 became QoS 1 on this broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Downgrade {
+    /// Its CONNACK says it takes QoS 1 at most.
+    MaximumQos,
+    /// It answered a QoS 2 PUBLISH with PUBACK.
+    PubAck,
+}
+
+/// What happened that the driver reports (logs, events, metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent<M> {
+    /// Acknowledged messages, this many.
+    Acked(u64),
+    /// QoS 2 goes to this broker at QoS 1 (said once per session object).
+    Downgraded(Downgrade),
+    /// The broker refused this message; it is sent again after a pause.
+    Refused(M),
+    /// The broker lost the session it should have kept: every message not
+    /// acknowledged is published again.
+    SessionLost {
+        /// Messages that were in flight.
+        in_flight: u64,
+    },
+    /// Messages published again after a lost session (expected or not).
+    Republished(u64),
+    /// A message in the window had no contents (cannot happen): it is read
+    /// from the outbox again.
+    Missing(u64),
+}
+
+/// Why the link must end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// An acknowledgement for a packet id with nothing of that kind in
+    /// flight: a broker bug.
+    Stray {
+        /// The packet: "PUBACK", "PUBREC", "refusal".
+        packet: &'static str,
+        /// Its packet id.
+        pid: u16,
+        /// What was expected under it.
+        kind: &'static str,
+    },
+    /// Nothing acknowledged for the ack timeout while messages were in flight.
+    AckTimeout,
+    /// Nothing received for the keep-alive interval.
+    DeadLink,
+}
+
+/// What waits for a [`StoreOp::Bind`] to be written.
+#[derive(Debug)]
+enum Pending<M> {
+    /// PUBLISHes held back until their QoS 2 bindings are on disk, and the
+    /// QoS 0 messages handed out before them in the same pass.
+    Send { qos0_before: Vec<M>, held: Vec<(M, Option<u16>, Vec<u8>)> },
+    /// PUBRELs to send once their stage is on disk.
+    Release(Vec<u16>),
+    /// Bindings freed by refusals: nothing follows.
+    Unbind,
+    /// A lost session's new (empty) window, applied once the stale
+    /// bindings are cleared.
+    Restart { window: SendWindow, delivered: Vec<u64>, expected: bool },
+}
+
+/// The publishing session of one broker link.
+#[derive(Debug)]
+pub struct PublishSession<M> {
+    cfg: SessionConfig,
+    window: SendWindow,
+    /// Contents of what is in flight, for resends.
+    inflight: HashMap<u64, M>,
+    /// Read from the outbox, not yet on the wire.
+    queue: VecDeque<M>,
+    /// Highest outbox id read so far, per priority.
+    cursors: [u64; PRIORITIES],
+    /// Per priority, ids above its cursor that already left: a page read
+    /// before they left must not queue them again.
+    done_ahead: [BTreeSet<u64>; PRIORITIES],
+    /// Refused messages and when they go back to the front of the queue.
+    retry: VecDeque<(Instant, M)>,
+    /// Some while connected.
+    keepalive: Option<KeepAlive>,
+    /// When the window last made progress: the ack timeout counts from it.
+    progress_at: Instant,
+    max_qos: Option<u8>,
+    /// A PUBREC arrived on this connection (the broker does QoS 2).
+    pubrec_seen: bool,
+    warned_downgrade: bool,
+    out: Vec<u8>,
+    store: VecDeque<StoreOp>,
+    /// What waits for each [`StoreOp::Bind`] handed out, in order.
+    pending: VecDeque<Pending<M>>,
+    events: VecDeque<SessionEvent<M>>,
+}
+
+impl<M: Queued> PublishSession<M> {
+    /// A disconnected session with an empty window.
+    pub fn new(cfg: SessionConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            window: SendWindow::new(cfg.max_inflight),
+            inflight: HashMap::new(),
+            queue: VecDeque::new(),
+            cursors: [0; PRIORITIES],
+            done_ahead: Default::default(),
+            retry: VecDeque::new(),
+            keepalive: None,
+            progress_at: now,
+            max_qos: None,
+            pubrec_seen: false,
+            warned_downgrade: false,
+            out: Vec::new(),
+            store: VecDeque::new(),
+            pending: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Puts back the QoS 2 exchanges a previous process had open (their
+    /// bindings are kept in the outbox): they resume under the same ids.
+    pub fn restore(&mut self, bound: impl IntoIterator<Item = (M, u16, Stage)>) {
+        self.window = SendWindow::new(self.cfg.max_inflight);
+        self.inflight.clear();
+        for (m, pid, stage) in bound {
+            self.window.restore(pid, Inflight { id: m.id(), qos: Qos::ExactlyOnce, stage });
+            self.inflight.insert(m.id(), m);
+        }
+    }
+
+    /// Messages in flight.
+    pub fn in_flight(&self) -> usize {
+        self.window.len()
+    }
+
+    /// True when a QoS 2 PUBLISH went out on this connection and the broker
+    /// never answered any with PUBREC (a broker that closes the link on
+    /// QoS 2 does this).
+    pub fn awaits_first_pubrec(&self) -> bool {
+        !self.pubrec_seen && self.window.awaits_pubrec()
+    }
+
+    /// Bytes to write to the socket, if any.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        (!self.out.is_empty()).then(|| std::mem::take(&mut self.out))
+    }
+
+    /// The next store operation to carry out, in order.
+    pub fn poll_store(&mut self) -> Option<StoreOp> {
+        self.store.pop_front()
+    }
+
+    /// The next event to report.
+    pub fn poll_event(&mut self) -> Option<SessionEvent<M>> {
+        self.events.pop_front()
+    }
+
+    /// Every timer of the session and when it fires (`None`: not set).
+    pub fn timers(&self) -> [(Timer, Option<Instant>); 3] {
+        let ack =
+            (!self.window.is_empty() && self.keepalive.is_some()).then(|| self.progress_at + self.cfg.ack_timeout);
+        [
+            (Timer::KeepAlive, self.keepalive.as_ref().map(KeepAlive::poll_timeout)),
+            (Timer::AckTimeout, ack),
+            (Timer::Retry, self.retry.front().map(|(t, _)| *t)),
+        ]
+    }
+
+    /// When the session next needs [`Self::handle_timeout`] (or, for the
+    /// retry timer, [`Self::fill`]).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers().into_iter().filter_map(|(_, t)| t).min()
+    }
+
+    /// Acts on the timers that are due: a PINGREQ, or the end of the link.
+    pub fn handle_timeout(&mut self, now: Now, wire: &mut impl Wire<M>) -> Result<(), End> {
+        if !self.window.is_empty() && now.at.saturating_duration_since(self.progress_at) >= self.cfg.ack_timeout {
+            if crate::mutate::planted(crate::mutate::Bug::DropWindowOnAckTimeout) {
+                self.store.push_back(StoreOp::Ack(self.window.ids().collect()));
+            }
+            return Err(End::AckTimeout);
+        }
+        match self.keepalive.as_mut().and_then(|k| k.poll(now.at)) {
+            Some(KeepAliveAction::SendPing) => self.out.extend(wire.ping()),
+            Some(KeepAliveAction::Dead) => return Err(End::DeadLink),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Bytes arrived from the broker (the keep-alive counts silence).
+    pub fn handle_received(&mut self, now: Now) {
+        if let Some(k) = self.keepalive.as_mut() {
+            k.on_receive(now.at);
+        }
+    }
+
+    /// The connection ended: nothing more is sent until the next CONNACK.
+    /// The window and its contents are kept (a kept session resumes them).
+    /// Binds not yet carried out are void: what waited for them is undone
+    /// as if the write had failed (a later link decides afresh).
+    pub fn handle_link_lost(&mut self) {
+        self.keepalive = None;
+        self.out.clear();
+        for op in std::mem::take(&mut self.store) {
+            match op {
+                StoreOp::Bind(_) => {
+                    if let Some(p) = self.pending.pop_front() {
+                        self.undo(p);
+                    }
+                }
+                op => self.store.push_back(op),
+            }
+        }
+    }
+
+    /// Forgets what was read but not sent, to read it again from the oldest
+    /// message (in-flight messages stay in flight; refused ones keep their
+    /// pause). Owners may have changed: the caller's `claims` answers anew.
+    pub fn rewind(&mut self) {
+        self.queue.clear();
+        self.done_ahead.iter_mut().for_each(BTreeSet::clear);
+        self.cursors = [0; PRIORITIES];
+    }
+
+    /// The priority to read next and the id to read after: the highest
+    /// priority with unread messages (`newest` per priority), as long as the
+    /// queue has room for it (the lowest waits for the queue to run low,
+    /// higher ones only for a hard cap).
+    pub fn next_read(&self, newest: &[u64; PRIORITIES]) -> Option<(usize, u64)> {
+        if !self.pending.is_empty() {
+            return None;
+        }
+        let page = self.cfg.page;
+        (0..PRIORITIES)
+            .rev()
+            .find(|&p| {
+                let room = if p == 0 { page / 2 } else { 2 * page };
+                self.cursors[p] < newest[p] && self.queue.len() < room
+            })
+            .map(|p| (p, self.cursors[p]))
+    }
+
+    /// A page of priority `p` read from the outbox: the messages that are
+    /// this broker's go into the queue, ahead of any of a lower priority.
+    /// `upto` is the last id of that priority committed before the read:
+    /// an empty page means nothing is left up to there.
+    pub fn handle_page(&mut self, page: Vec<M>, p: usize, upto: u64, claims: &dyn Fn(&M) -> bool) {
+        let last = page.last().map(Queued::id);
+        // A refused message may be back in the queue already (its pause
+        // ended after a rewind): it must not be queued twice.
+        let queued: HashSet<u64> = self.queue.iter().map(Queued::id).collect();
+        let fresh: Vec<M> = page
+            .into_iter()
+            .filter(|m| {
+                let id = m.id();
+                let waiting = self.retry.iter().any(|(_, r)| r.id() == id);
+                let gone = self.done_ahead[p].contains(&id) || queued.contains(&id);
+                !self.inflight.contains_key(&id) && !gone && !waiting && claims(m)
+            })
+            .collect();
+        let at = if p == 0 {
+            self.queue.len()
+        } else {
+            self.queue.iter().position(|q| q.priority() < p).unwrap_or(self.queue.len())
+        };
+        let tail = self.queue.split_off(at);
+        self.queue.extend(fresh);
+        self.queue.extend(tail);
+        self.cursors[p] = self.cursors[p].max(last.unwrap_or(upto));
+        if crate::mutate::planted(crate::mutate::Bug::PageSkipsAhead) && last.is_some() {
+            self.cursors[p] = self.cursors[p].max(upto);
+        }
+        self.done_ahead[p] = self.done_ahead[p].split_off(&(self.cursors[p] + 1));
+    }
+
+    /// Why `m` must leave instead of being sent (again): its deadline
+    /// passed, or its retry budget is spent.
+    fn spent(m: &M, wall_ms: u64) -> Option<DropReason> {
+        if m.expires_ms().is_some_and(|e| e <= wall_ms) {
+            return Some(DropReason::Expired);
+        }
+        if m.max_attempts().is_some_and(|max| m.attempts() >= max) {
+            return Some(DropReason::Budget);
+        }
+        None
+    }
+
+    fn downgraded(&mut self, how: Downgrade) {
+        if !self.warned_downgrade {
+            self.warned_downgrade = true;
+            self.events.push_back(SessionEvent::Downgraded(how));
+        }
+    }
+}
+
+mod connack;
+mod flow;
+mod input;
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+//! Messages from the queue onto the wire: the window, QoS downgrades,
+//! deadlines and budgets, and the QoS 2 bindings written before a PUBLISH
+//! leaves.
+
+use super::*;
+
+impl<M: Queued> PublishSession<M> {
+    /// Moves messages from the queue onto the wire while the window has
+    /// room, in outbox order; refused messages whose pause is over go back
+    /// to the front first. Does nothing while disconnected or while a bind
+    /// is being written.
+    pub fn fill(&mut self, now: Now, claims: &dyn Fn(&M) -> bool, wire: &mut impl Wire<M>) {
+        if self.keepalive.is_none() || !self.pending.is_empty() {
+            return;
+        }
+        self.requeue_due_retries(now.at, claims);
+        let mut sent_qos0 = Vec::new();
+        let mut attempted = Vec::new();
+        // From the first QoS 2 message on, packets wait here (in order)
+        // until the bindings are on disk.
+        let mut held: Vec<(M, Option<u16>, Vec<u8>)> = Vec::new();
+        while let Some(front) = self.queue.front() {
+            if front.qos() != Qos::AtMostOnce && !self.window.has_room() {
+                break;
+            }
+            let m = self.queue.pop_front().expect("front exists");
+            let Some((m, pid, bytes)) = self.prepare(m, now, &mut attempted, wire) else { continue };
+            if m.qos() == Qos::ExactlyOnce || !held.is_empty() {
+                held.push((m, pid, bytes));
+                continue;
+            }
+            self.out.extend(bytes);
+            match pid {
+                Some(_) => {
+                    self.inflight.insert(m.id(), m);
+                }
+                // QoS 0 is best-effort: handed to the socket once, then it
+                // leaves the outbox.
+                None => sent_qos0.push(m),
+            }
+        }
+        // Counted before the sends they count are acknowledged (the store
+        // carries operations out in order).
+        if !attempted.is_empty() {
+            self.store.push_back(StoreOp::Attempted(attempted));
+        }
+        if held.is_empty() {
+            self.ack_qos0(sent_qos0.iter().map(Queued::id).collect());
+        } else {
+            let updates = held
+                .iter()
+                .filter(|(m, _, _)| m.qos() == Qos::ExactlyOnce)
+                .filter_map(|(m, pid, _)| pid.map(|pid| (m.id(), Some((pid, Stage::Published)))))
+                .collect();
+            self.store.push_back(StoreOp::Bind(updates));
+            self.pending.push_back(Pending::Send { qos0_before: sent_qos0, held });
+        }
+    }
+
+    /// Takes `m` out of the queue for the wire: its QoS for this broker, a
+    /// packet id, its bytes. `None` when it left instead (spent, or it can
+    /// never be sent).
+    fn prepare(
+        &mut self,
+        mut m: M,
+        now: Now,
+        attempted: &mut Vec<u64>,
+        wire: &mut impl Wire<M>,
+    ) -> Option<(M, Option<u16>, Vec<u8>)> {
+        // A broker that takes QoS 1 at most gets QoS 2 messages at QoS 1: a
+        // consumer's inbox removes the copies QoS 1 allows. Never lower than
+        // 1: QoS 0 would give up the acknowledgement.
+        if m.qos() == Qos::ExactlyOnce && self.max_qos == Some(1) {
+            self.downgraded(Downgrade::MaximumQos);
+            m.set_qos(Qos::AtLeastOnce);
+        }
+        let qos = m.qos();
+        if let Some(reason) = Self::spent(&m, now.wall_ms) {
+            self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
+            return None;
+        }
+        if qos != Qos::AtMostOnce && m.max_attempts().is_some() {
+            m.count_attempt();
+            attempted.push(m.id());
+        }
+        if self.window.is_empty() && qos != Qos::AtMostOnce {
+            self.progress_at = now.at;
+        }
+        let pid = (qos != Qos::AtMostOnce).then(|| self.window.assign(m.id(), qos).expect("room checked"));
+        match wire.publish(&m, pid, false) {
+            Ok(bytes) => Some((m, pid, bytes)),
+            Err(reason) => {
+                if let Some(pid) = pid {
+                    self.window.release(pid);
+                }
+                self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
+                None
+            }
+        }
+    }
+
+    fn ack_qos0(&mut self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            self.store.push_back(StoreOp::Ack(ids));
+        }
+    }
+
+    /// Refused messages whose wait is over go back to the front of the
+    /// queue, if they are still this broker's.
+    fn requeue_due_retries(&mut self, now: Instant, claims: &dyn Fn(&M) -> bool) {
+        let mut due = Vec::new();
+        while self.retry.front().is_some_and(|(t, _)| *t <= now) {
+            due.push(self.retry.pop_front().expect("front exists").1);
+        }
+        due.retain(|m| claims(m));
+        due.sort_by_key(Queued::id);
+        for m in due.into_iter().rev() {
+            self.queue.push_front(m);
+        }
+    }
+
+    /// The outcome of the last [`StoreOp::Bind`]. Written: what waited for
+    /// it goes ahead (held PUBLISHes, PUBRELs, a restart's new window).
+    /// Failed: nothing that waited goes out; held messages return to the
+    /// front of the queue with their packet ids given back, and a restart
+    /// is decided again at the next CONNACK.
+    pub fn handle_bound(&mut self, bound: Bound, wire: &mut impl Wire<M>) {
+        let Some(pending) = self.pending.pop_front() else { return };
+        match (pending, bound) {
+            (Pending::Send { qos0_before, held }, Bound::Written { gone }) => self.send_held(qos0_before, held, gone),
+            (Pending::Release(pids), Bound::Written { .. }) => {
+                for pid in pids {
+                    self.out.extend(wire.pubrel(pid));
+                }
+            }
+            (Pending::Restart { window, delivered, expected }, Bound::Written { .. }) => {
+                self.apply_restart(window, delivered, expected)
+            }
+            (Pending::Unbind, Bound::Written { .. }) => {}
+            (p, Bound::Failed) => self.undo(p),
+        }
+    }
+
+    /// What waited for a bind that was not written: held messages return
+    /// to the front of the queue with their packet ids given back; PUBRELs
+    /// wait for the next CONNACK (a kept session resends them); a restart
+    /// is decided again at the next CONNACK.
+    pub(super) fn undo(&mut self, pending: Pending<M>) {
+        if let Pending::Send { qos0_before, held } = pending {
+            for (m, pid, _) in held.into_iter().rev() {
+                if let Some(pid) = pid {
+                    self.window.release(pid);
+                }
+                self.queue.push_front(m);
+            }
+            for m in qos0_before.into_iter().rev() {
+                self.queue.push_front(m);
+            }
+        }
+    }
+
+    fn send_held(&mut self, qos0_before: Vec<M>, held: Vec<(M, Option<u16>, Vec<u8>)>, gone: Vec<u64>) {
+        let mut sent_qos0: Vec<u64> = qos0_before.iter().map(Queued::id).collect();
+        for (m, pid, bytes) in held {
+            if gone.contains(&m.id()) {
+                // Delivered through other brokers meanwhile: not sent here.
+                if let Some(pid) = pid {
+                    self.window.release(pid);
+                }
+                continue;
+            }
+            self.out.extend(bytes);
+            match pid {
+                Some(_) => {
+                    self.inflight.insert(m.id(), m);
+                }
+                None => sent_qos0.push(m.id()),
+            }
+        }
+        self.ack_qos0(sent_qos0);
+    }
+}

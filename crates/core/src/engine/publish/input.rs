@@ -1,0 +1,117 @@
+//! What an acknowledgement means: delivered, taken by the broker (QoS 2),
+//! refused, downgraded, or a stray that ends the link.
+
+use super::*;
+
+/// Acknowledgements of one read, sorted by what follows from them.
+struct Sorted {
+    done: Vec<u64>,
+    released: Vec<(u64, u16)>,
+    refused: Vec<u64>,
+}
+
+impl<M: Queued> PublishSession<M> {
+    /// Acknowledgements that arrived together. They are applied in order;
+    /// one for a packet id with nothing of its kind in flight is a broker
+    /// bug that ends the link (what is in flight is sent again), but the
+    /// ones before it still count.
+    pub fn handle_acks(&mut self, acks: impl IntoIterator<Item = Ack>, now: Now) -> Result<(), End> {
+        let mut s = Sorted { done: Vec::new(), released: Vec::new(), refused: Vec::new() };
+        let mut end = Ok(());
+        for ack in acks {
+            if let Err(e) = self.sort(ack, &mut s) {
+                end = Err(e);
+                break;
+            }
+        }
+        // Completed ones first: they reach the store before anything else.
+        self.complete(s.done, now);
+        self.hold_refused(s.refused, now);
+        if !s.released.is_empty() {
+            let updates = s.released.iter().map(|(id, pid)| (*id, Some((*pid, Stage::Released)))).collect();
+            self.store.push_back(StoreOp::Bind(updates));
+            self.pending.push_back(Pending::Release(s.released.into_iter().map(|(_, pid)| pid).collect()));
+        }
+        end
+    }
+
+    fn sort(&mut self, ack: Ack, s: &mut Sorted) -> Result<(), End> {
+        let stray = |packet, pid, kind| End::Stray { packet, pid, kind };
+        match ack {
+            Ack::PubAck { pid, ok: true } => match self.window.on_puback(pid) {
+                Some(id) => s.done.push(id),
+                // Only a broker that never answered QoS 2 properly on this
+                // link downgrades; after a PUBREC a PUBACK under a QoS 2 id
+                // is a stray, not a delivery.
+                None => match (!self.pubrec_seen).then(|| self.window.on_downgraded_puback(pid)).flatten() {
+                    Some(id) => {
+                        self.downgraded(Downgrade::PubAck);
+                        s.done.push(id);
+                    }
+                    None => return Err(stray("PUBACK", pid, "QoS 1 message")),
+                },
+            },
+            Ack::PubRec { pid, ok: true } => match self.window.on_pubrec(pid) {
+                Some(id) => {
+                    self.pubrec_seen = true;
+                    s.released.push((id, pid));
+                }
+                None => return Err(stray("PUBREC", pid, "QoS 2 message")),
+            },
+            Ack::PubComp { pid } => {
+                s.done.extend(self.window.on_pubcomp(pid));
+                if crate::mutate::planted(crate::mutate::Bug::OneAckCountsTwice) {
+                    s.done.extend(
+                        self.window
+                            .on_pubcomp(pid.wrapping_add(1))
+                            .or_else(|| self.window.on_puback(pid.wrapping_add(1))),
+                    );
+                }
+            }
+            Ack::PubAck { pid, ok: false } | Ack::PubRec { pid, ok: false } => match self.window.on_refused(pid) {
+                Some(id) => s.refused.push(id),
+                None => return Err(stray("refusal", pid, "message")),
+            },
+        }
+        Ok(())
+    }
+
+    /// Messages acknowledged: they leave the outbox.
+    fn complete(&mut self, done: Vec<u64>, now: Now) {
+        if done.is_empty() {
+            return;
+        }
+        for id in &done {
+            if let Some(m) = self.inflight.remove(id) {
+                let p = m.priority();
+                if *id > self.cursors[p] {
+                    self.done_ahead[p].insert(*id);
+                }
+            }
+        }
+        self.events.push_back(SessionEvent::Acked(done.len() as u64));
+        self.store.push_back(StoreOp::Ack(done));
+        self.progress_at = now.at;
+    }
+
+    /// The broker refused these (an error reason code): they stay in the
+    /// outbox and are sent again, as new messages, after a pause. A QoS 2
+    /// binding is cleared first: its packet id is free on the broker.
+    fn hold_refused(&mut self, ids: Vec<u64>, now: Now) {
+        let at = now.at + self.cfg.refused_pause;
+        let mut unbind = Vec::new();
+        for id in ids {
+            if let Some(m) = self.inflight.remove(&id) {
+                self.events.push_back(SessionEvent::Refused(m.clone()));
+                if m.qos() == Qos::ExactlyOnce {
+                    unbind.push((id, None));
+                }
+                self.retry.push_back((at, m));
+            }
+        }
+        if !unbind.is_empty() {
+            self.store.push_back(StoreOp::Bind(unbind));
+            self.pending.push_back(Pending::Unbind);
+        }
+    }
+}

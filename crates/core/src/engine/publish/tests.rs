@@ -1,0 +1,138 @@
+//! The session's decisions, one at a time, without a network.
+
+use super::*;
+
+#[derive(Debug, Clone, PartialEq)]
+struct M(u64, Qos);
+
+impl Queued for M {
+    fn id(&self) -> u64 {
+        self.0
+    }
+    fn qos(&self) -> Qos {
+        self.1
+    }
+    fn set_qos(&mut self, qos: Qos) {
+        self.1 = qos;
+    }
+    fn priority(&self) -> usize {
+        0
+    }
+    fn expires_ms(&self) -> Option<u64> {
+        None
+    }
+    fn max_attempts(&self) -> Option<u32> {
+        None
+    }
+    fn attempts(&self) -> u32 {
+        0
+    }
+    fn count_attempt(&mut self) {}
+}
+
+/// Frames as text: "P<pid>:<id>" for PUBLISH, "R<pid>" for PUBREL.
+struct Text;
+
+impl Wire<M> for Text {
+    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
+        Ok(format!("P{}:{}{} ", pid.unwrap_or(0), m.0, if dup { "d" } else { "" }).into_bytes())
+    }
+    fn pubrel(&mut self, pid: u16) -> Vec<u8> {
+        format!("R{pid} ").into_bytes()
+    }
+    fn ping(&mut self) -> Vec<u8> {
+        b"PING ".to_vec()
+    }
+}
+
+fn at(t0: Instant, ms: u64) -> Now {
+    Now { at: t0 + Duration::from_millis(ms), wall_ms: ms }
+}
+
+fn connected(msgs: &[M]) -> (PublishSession<M>, Instant) {
+    let t0 = Instant::now();
+    let cfg = SessionConfig {
+        max_inflight: 10,
+        keep_alive: Duration::from_secs(30),
+        ack_timeout: Duration::from_secs(5),
+        refused_pause: Duration::from_secs(1),
+        page: 100,
+    };
+    let mut s = PublishSession::new(cfg, t0);
+    s.handle_connack(ConnAckInfo::default(), at(t0, 0), &|_| true, &mut Text);
+    let newest = [msgs.last().map_or(0, |m| m.0); PRIORITIES];
+    s.handle_page(msgs.to_vec(), 0, newest[0], &|_| true);
+    (s, t0)
+}
+
+fn sent(s: &mut PublishSession<M>) -> String {
+    String::from_utf8(s.poll_transmit().unwrap_or_default()).expect("text")
+}
+
+fn ops(s: &mut PublishSession<M>) -> Vec<StoreOp> {
+    std::iter::from_fn(|| s.poll_store()).collect()
+}
+
+#[test]
+fn a_qos2_publish_leaves_only_after_its_binding_is_written() {
+    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce), M(3, Qos::AtLeastOnce)]);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    assert_eq!(sent(&mut s), "P1:1 ", "what comes before the QoS 2 message goes out at once");
+    assert_eq!(ops(&mut s), vec![StoreOp::Bind(vec![(2, Some((2, Stage::Published)))])]);
+    s.fill(at(t0, 2), &|_| true, &mut Text);
+    assert_eq!(sent(&mut s), "", "nothing moves while the bind is under way");
+    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    assert_eq!(sent(&mut s), "P2:2 P3:3 ", "held packets go out in order");
+}
+
+#[test]
+fn a_failed_bind_sends_nothing_it_held_and_gives_the_ids_back() {
+    let (mut s, t0) = connected(&[M(1, Qos::ExactlyOnce), M(2, Qos::AtLeastOnce)]);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    ops(&mut s);
+    s.handle_bound(Bound::Failed, &mut Text);
+    assert_eq!(sent(&mut s), "");
+    assert_eq!(s.in_flight(), 0, "packet ids are given back");
+    s.fill(at(t0, 2), &|_| true, &mut Text);
+    assert!(matches!(ops(&mut s).as_slice(), [StoreOp::Bind(_)]), "the messages are tried again, first");
+}
+
+#[test]
+fn acks_before_a_stray_still_count() {
+    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::AtLeastOnce)]);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    sent(&mut s);
+    let r = s.handle_acks([Ack::PubAck { pid: 1, ok: true }, Ack::PubAck { pid: 99, ok: true }], at(t0, 2));
+    assert_eq!(r, Err(End::Stray { packet: "PUBACK", pid: 99, kind: "QoS 1 message" }));
+    assert_eq!(ops(&mut s), vec![StoreOp::Ack(vec![1])]);
+}
+
+#[test]
+fn a_kept_session_resends_and_a_lost_one_clears_bindings_first() {
+    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce)]);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    ops(&mut s);
+    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    sent(&mut s);
+    s.handle_link_lost();
+    let kept = ConnAckInfo { session_present: true, reconnect: true, ..ConnAckInfo::default() };
+    assert_eq!(s.handle_connack(kept, at(t0, 10), &|_| true, &mut Text).resent, 2);
+    assert_eq!(sent(&mut s), "P1:1d P2:2d ");
+    s.handle_link_lost();
+    let lost = ConnAckInfo { session_present: false, reconnect: true, ..ConnAckInfo::default() };
+    s.handle_connack(lost, at(t0, 20), &|_| true, &mut Text);
+    assert_eq!(ops(&mut s), vec![StoreOp::Bind(vec![(2, None)])], "the stale binding is cleared first");
+    assert_eq!(s.in_flight(), 2, "the old window stands until the clear is written");
+    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    assert_eq!(s.in_flight(), 0);
+    assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e == SessionEvent::SessionLost { in_flight: 2 }));
+}
+
+#[test]
+fn the_ack_timeout_ends_the_link_only_with_messages_in_flight() {
+    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce)]);
+    assert_eq!(s.handle_timeout(at(t0, 6_000), &mut Text), Ok(()), "nothing in flight, nothing to time out");
+    s.fill(at(t0, 6_000), &|_| true, &mut Text);
+    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(11_000)));
+    assert_eq!(s.handle_timeout(at(t0, 11_000), &mut Text), Err(End::AckTimeout));
+}

@@ -1,0 +1,80 @@
+//! Deliberately planted bugs, for proving that the simulator catches
+//! them (`steadfast-sim --mutate BUG`).
+//!
+//! Without the cargo feature `mutate` (which only the simulator turns on)
+//! [`planted`] is a constant `false` and every planted bug compiles away.
+
+/// A bug that can be planted in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bug {
+    /// After the broker lost the session, what was in flight is taken as
+    /// delivered instead of being published again.
+    ForgetInflightOnSessionLoss,
+    /// When the ack timeout ends a link, what was in flight is taken as
+    /// delivered (the failed broker's queue is dropped).
+    DropWindowOnAckTimeout,
+    /// A full page of the outbox moves the read cursor to the newest id,
+    /// skipping what lies between.
+    PageSkipsAhead,
+    /// A PUBREC is taken as the end of a QoS 2 exchange for the message's
+    /// successor too (one acknowledgement counted as two).
+    OneAckCountsTwice,
+}
+
+impl Bug {
+    /// Every bug that can be planted.
+    pub const ALL: [Bug; 4] =
+        [Bug::ForgetInflightOnSessionLoss, Bug::DropWindowOnAckTimeout, Bug::PageSkipsAhead, Bug::OneAckCountsTwice];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bug::ForgetInflightOnSessionLoss => "forget-inflight-on-session-loss",
+            Bug::DropWindowOnAckTimeout => "drop-window-on-ack-timeout",
+            Bug::PageSkipsAhead => "page-skips-ahead",
+            Bug::OneAckCountsTwice => "one-ack-counts-twice",
+        }
+    }
+
+    /// What it does.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bug::ForgetInflightOnSessionLoss => {
+                "in-flight messages are taken as delivered when the broker lost the session"
+            }
+            Bug::DropWindowOnAckTimeout => "the failed link's in-flight messages are dropped at an ack timeout",
+            Bug::PageSkipsAhead => "a full outbox page skips the reader ahead to the newest message",
+            Bug::OneAckCountsTwice => "one acknowledgement also completes the next message in flight",
+        }
+    }
+
+    /// The bug of that name.
+    pub fn parse(name: &str) -> Option<Bug> {
+        Bug::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+#[cfg(feature = "mutate")]
+static PLANTED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Plants `bug` (or none) for the whole process.
+#[cfg(feature = "mutate")]
+pub fn plant(bug: Option<Bug>) {
+    let n = bug.map_or(0, |b| Bug::ALL.iter().position(|x| *x == b).expect("listed") as u8 + 1);
+    PLANTED.store(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// True when `bug` is planted.
+#[inline]
+pub fn planted(bug: Bug) -> bool {
+    #[cfg(feature = "mutate")]
+    {
+        let n = PLANTED.load(std::sync::atomic::Ordering::Relaxed);
+        n != 0 && Bug::ALL[n as usize - 1] == bug
+    }
+    #[cfg(not(feature = "mutate"))]
+    {
+        let _ = bug;
+        false
+    }
+}

@@ -1,0 +1,101 @@
+//! What a seed decides: the broker's behaviour, the network, the traffic
+//! and the faults.
+
+use std::time::Duration;
+
+/// A fault injected at a simulated time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The broker is killed (-9) and comes back after `down`; it keeps
+    /// what it saved last if it persists, nothing otherwise.
+    KillBroker {
+        /// How long it stays down.
+        down: Duration,
+    },
+    /// The connection is reset; the bytes on their way to the broker are
+    /// cut after `cut_per_mille` of their length (a packet cut at any byte).
+    Reset {
+        /// Where the cut falls, in thousandths of the bytes under way.
+        cut_per_mille: u32,
+    },
+    /// Nothing passes in either direction for `lasts`, the connection
+    /// stays open (a pulled cable, a dead NAT entry).
+    BlackHole {
+        /// How long nothing passes.
+        lasts: Duration,
+    },
+    /// The producer process is killed (-9) and restarts on its outbox after
+    /// `down`; what it had not committed is gone.
+    CrashProducer {
+        /// How long it stays down.
+        down: Duration,
+    },
+}
+
+/// Everything one seed decides.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// The seed.
+    pub seed: u64,
+    /// One-way latency and its jitter, in ms.
+    pub latency_ms: (u64, u64),
+    /// The broker saves its sessions (an autosave every `autosave_ms`).
+    pub persistence: bool,
+    /// Milliseconds between the broker's autosaves.
+    pub autosave_ms: u64,
+    /// The broker answers QoS 2 with PUBACK (no QoS 2).
+    pub qos2_as_puback: bool,
+    /// The broker's CONNACK says QoS 1 at most.
+    pub max_qos_1: bool,
+    /// The broker's receive maximum (MQTT 5), if any.
+    pub receive_maximum: Option<u16>,
+    /// The producer's window.
+    pub max_inflight: u16,
+    /// Messages read from the outbox per page.
+    pub page: usize,
+    /// When each message is published (ms) and its QoS (1 or 2).
+    pub messages: Vec<(u64, u8)>,
+    /// The faults, by time (ms).
+    pub faults: Vec<(u64, Fault)>,
+}
+
+/// Simulated time during which messages are published and faults happen.
+pub const ACTIVE_MS: u64 = 8_000;
+
+impl Schedule {
+    /// The schedule of `seed`.
+    pub fn of(seed: u64) -> Schedule {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let count = rng.usize(20..300);
+        let qos2_share = rng.u32(0..=100);
+        let mut messages: Vec<(u64, u8)> =
+            (0..count).map(|_| (rng.u64(0..ACTIVE_MS), if rng.u32(0..100) < qos2_share { 2 } else { 1 })).collect();
+        messages.sort();
+        let mut faults: Vec<(u64, Fault)> = (0..rng.usize(1..8))
+            .map(|_| {
+                let at = rng.u64(200..ACTIVE_MS);
+                let fault = match rng.u8(0..4) {
+                    0 => Fault::KillBroker { down: Duration::from_millis(rng.u64(50..3_000)) },
+                    1 => Fault::Reset { cut_per_mille: rng.u32(0..=1000) },
+                    2 => Fault::BlackHole { lasts: Duration::from_millis(rng.u64(100..6_000)) },
+                    _ => Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) },
+                };
+                (at, fault)
+            })
+            .collect();
+        faults.sort_by_key(|(t, _)| *t);
+        Schedule {
+            seed,
+            latency_ms: (rng.u64(1..40), rng.u64(0..20)),
+            persistence: rng.bool(),
+            autosave_ms: rng.u64(10..2_000),
+            qos2_as_puback: rng.u8(0..6) == 0,
+            max_qos_1: rng.u8(0..6) == 0,
+            receive_maximum: rng.bool().then(|| rng.u16(1..50)),
+            max_inflight: rng.u16(1..64),
+            page: rng.usize(2..64),
+            messages,
+            faults,
+        }
+    }
+}

@@ -56,6 +56,32 @@ struct State {
     next: Vec<usize>,
 }
 
+/// What one pass of the failover rules found: when to check again,
+/// whether messages changed owner (drivers read the outbox again), and the
+/// switches to report.
+#[derive(Default)]
+struct Pass {
+    next: Option<Instant>,
+    bump: bool,
+    switches: Vec<Switch>,
+}
+
+impl Pass {
+    /// The rules must be checked again at `due` at the latest.
+    fn wake_at(&mut self, due: Instant) {
+        self.next = Some(self.next.map_or(due, |n| n.min(due)));
+    }
+}
+
+/// Set `set` moved from broker `from` to `to`: back to a higher-priority
+/// broker (a fail-back) or away from a failed one (a failover).
+struct Switch {
+    set: usize,
+    from: usize,
+    to: Option<usize>,
+    back: bool,
+}
+
 pub(crate) struct Router {
     sets: Vec<Set>,
     urls: Vec<String>,
@@ -253,12 +279,10 @@ impl Router {
     fn decide_at(&self) -> Option<Instant> {
         let now = Instant::now();
         let mut st = self.lock();
-        let mut next: Option<Instant> = None;
-        let mut bump = false;
-        let mut events = Vec::new();
+        let mut pass = Pass::default();
         let in_grace = now < self.started + self.grace;
         if in_grace {
-            next = Some(self.started + self.grace);
+            pass.wake_at(self.started + self.grace);
         }
         for (s, set) in self.sets.iter().enumerate() {
             if set.mode != Mode::Failover || set.members.len() == 1 {
@@ -266,82 +290,108 @@ impl Router {
             }
             let first_up = set.members.iter().copied().find(|m| st.links[*m].up);
             match st.active[s] {
-                None => {
-                    // At start, wait (briefly) for the brokers above the
-                    // first one that answered: the primary should not lose
-                    // its traffic for being a millisecond slower.
-                    let Some(f) = first_up else { continue };
-                    let above_untried = set.members.iter().take_while(|m| **m != f).any(|m| !st.links[*m].tried);
-                    if above_untried && in_grace {
-                        continue;
-                    }
-                    st.active[s] = Some(f);
-                    bump = true;
-                    tracing::info!(route = set.name.as_deref().unwrap_or("default"), broker = %self.urls[f], "failover: sending to this broker");
-                }
-                Some(c) if !st.links[c].up => {
-                    st.moving_to[s] = None;
-                    // With no broker up, messages wait in the outbox for
-                    // whichever comes back first.
-                    if first_up.is_none() {
-                        continue;
-                    }
-                    st.active[s] = first_up;
-                    bump = true;
-                    events.push((s, c, first_up, false));
-                }
-                Some(c) => {
-                    // A broker above the active one that stayed up long
-                    // enough gets the traffic back, once the active one has
-                    // nothing in flight (so the switch reorders nothing).
-                    let back = set.members.iter().copied().take_while(|m| *m != c).find(|m| {
-                        let h = st.links[*m];
-                        if !h.up {
-                            return false;
-                        }
-                        let due = h.since + set.failback_after;
-                        if due > now {
-                            next = Some(next.map_or(due, |n| n.min(due)));
-                            return false;
-                        }
-                        true
-                    });
-                    let drained = |since: Instant| st.links[c].inflight == 0 || now >= since + self.drain_limit;
-                    match (back, st.moving_to[s]) {
-                        (Some(p), Some((q, since))) if p == q && drained(since) => {
-                            st.moving_to[s] = None;
-                            st.active[s] = Some(p);
-                            bump = true;
-                            events.push((s, c, Some(p), true));
-                        }
-                        (Some(p), Some((q, since))) if p == q => {
-                            let due = since + self.drain_limit;
-                            next = Some(next.map_or(due, |n| n.min(due)));
-                        }
-                        (Some(p), _) if st.links[c].inflight == 0 => {
-                            st.moving_to[s] = None;
-                            st.active[s] = Some(p);
-                            bump = true;
-                            events.push((s, c, Some(p), true));
-                        }
-                        (Some(p), _) => {
-                            // Stop feeding the old one; it finishes what it
-                            // has (for at most the drain limit).
-                            st.moving_to[s] = Some((p, now));
-                            bump = true;
-                            next = Some(next.map_or(now + self.drain_limit, |n| n.min(now + self.drain_limit)));
-                        }
-                        (None, _) => {
-                            if st.moving_to[s].take().is_some() {
-                                bump = true;
-                            }
-                        }
-                    }
-                }
+                None => self.choose_first(&mut st, s, first_up, in_grace, &mut pass),
+                Some(c) if !st.links[c].up => Self::replace_failed(&mut st, s, c, first_up, &mut pass),
+                Some(c) => self.fail_back(&mut st, s, c, now, &mut pass),
             }
         }
         drop(st);
-        for (s, from, to, back) in events {
+        self.announce(pass.switches);
+        if pass.bump {
+            self.bump();
+        }
+        pass.next
+    }
+
+    /// A set with no active broker yet: the first member up becomes active,
+    /// unless a member above it has not tried yet and the grace still runs.
+    fn choose_first(&self, st: &mut State, s: usize, first_up: Option<usize>, in_grace: bool, pass: &mut Pass) {
+        let set = &self.sets[s];
+        // At start, wait (briefly) for the brokers above the
+        // first one that answered: the primary should not lose
+        // its traffic for being a millisecond slower.
+        let Some(f) = first_up else { return };
+        let above_untried = set.members.iter().take_while(|m| **m != f).any(|m| !st.links[*m].tried);
+        if above_untried && in_grace {
+            return;
+        }
+        st.active[s] = Some(f);
+        pass.bump = true;
+        tracing::info!(route = set.name.as_deref().unwrap_or("default"), broker = %self.urls[f], "failover: sending to this broker");
+    }
+
+    /// The active broker `c` is down: the first member up takes over (a
+    /// failover), or, with none up, the set stays with `c`.
+    fn replace_failed(st: &mut State, s: usize, c: usize, first_up: Option<usize>, pass: &mut Pass) {
+        st.moving_to[s] = None;
+        // With no broker up, messages wait in the outbox for
+        // whichever comes back first.
+        if first_up.is_none() {
+            return;
+        }
+        st.active[s] = first_up;
+        pass.bump = true;
+        pass.switches.push(Switch { set: s, from: c, to: first_up, back: false });
+    }
+
+    /// The active broker `c` is up: whether a member above it takes the
+    /// traffic back now, starts waiting for `c` to drain, or keeps waiting.
+    fn fail_back(&self, st: &mut State, s: usize, c: usize, now: Instant, pass: &mut Pass) {
+        // A broker above the active one that stayed up long
+        // enough gets the traffic back, once the active one has
+        // nothing in flight (so the switch reorders nothing).
+        let back = self.failback_target(st, s, c, now, pass);
+        let drained = |since: Instant| st.links[c].inflight == 0 || now >= since + self.drain_limit;
+        match (back, st.moving_to[s]) {
+            (Some(p), Some((q, since))) if p == q && drained(since) => Self::switch_back(st, s, c, p, pass),
+            (Some(p), Some((q, since))) if p == q => pass.wake_at(since + self.drain_limit),
+            (Some(p), _) if st.links[c].inflight == 0 => Self::switch_back(st, s, c, p, pass),
+            (Some(p), _) => {
+                // Stop feeding the old one; it finishes what it
+                // has (for at most the drain limit).
+                st.moving_to[s] = Some((p, now));
+                pass.bump = true;
+                pass.wake_at(now + self.drain_limit);
+            }
+            (None, _) => {
+                if st.moving_to[s].take().is_some() {
+                    pass.bump = true;
+                }
+            }
+        }
+    }
+
+    /// The first member above the active `c` that is up and has been for
+    /// the set's fail-back delay; a member still short of it sets the next
+    /// check.
+    fn failback_target(&self, st: &State, s: usize, c: usize, now: Instant, pass: &mut Pass) -> Option<usize> {
+        let set = &self.sets[s];
+        set.members.iter().copied().take_while(|m| *m != c).find(|m| {
+            let h = st.links[*m];
+            if !h.up {
+                return false;
+            }
+            let due = h.since + set.failback_after;
+            if due > now {
+                pass.wake_at(due);
+                return false;
+            }
+            true
+        })
+    }
+
+    /// Set `s` sends to `p` again (a fail-back from `c`).
+    fn switch_back(st: &mut State, s: usize, c: usize, p: usize, pass: &mut Pass) {
+        st.moving_to[s] = None;
+        st.active[s] = Some(p);
+        pass.bump = true;
+        pass.switches.push(Switch { set: s, from: c, to: Some(p), back: true });
+    }
+
+    /// Logs and reports the switches of one pass: each failover (counted)
+    /// and fail-back.
+    fn announce(&self, switches: Vec<Switch>) {
+        for Switch { set: s, from, to, back } in switches {
             let route = self.sets[s].name.clone();
             let from = self.urls[from].clone();
             let to = to.map(|t| self.urls[t].clone());
@@ -355,10 +405,6 @@ impl Router {
                 let _ = self.events.send(Event::Failover { route, from, to });
             }
         }
-        if bump {
-            self.bump();
-        }
-        next
     }
 
     /// Runs the time-based decisions until `stop`.

@@ -1,0 +1,105 @@
+//! A consumer's configuration: the connection settings, the subscriptions,
+//! the inbox's bounds and the timers of gap detection and redelivery.
+
+use std::time::Duration;
+
+use steadfast_core::Qos;
+
+use crate::config::ClientConfig;
+use crate::error::ConfigError;
+
+/// Everything a [`Consumer`](super::Consumer) needs: the connection
+/// settings of a [`ClientConfig`] (its brokers, client id, session, and its
+/// directory, which holds the inbox) and the subscriptions.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    pub(super) client: ClientConfig,
+    pub(super) topics: Vec<(String, Qos)>,
+    pub(super) inbox: bool,
+    pub(super) inbox_max_age: Duration,
+    pub(super) inbox_max_count: u64,
+    pub(super) inbox_max_bytes: Option<u64>,
+    pub(super) gap_timeout: Duration,
+    pub(super) retry_after: Duration,
+}
+
+impl ConsumerConfig {
+    /// A consumer with `client`'s brokers, session and directory.
+    pub fn new(client: ClientConfig) -> Self {
+        Self {
+            client,
+            topics: Vec::new(),
+            inbox: true,
+            inbox_max_age: Duration::from_secs(7 * 24 * 3600),
+            inbox_max_count: 1_000_000,
+            inbox_max_bytes: None,
+            gap_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+    /// Subscribes to `filter` with at most `qos` (repeatable).
+    pub fn topic(mut self, filter: impl Into<String>, qos: Qos) -> Self {
+        self.topics.push((filter.into(), qos));
+        self
+    }
+    /// De-duplicate by identity through the durable inbox (default on).
+    pub fn inbox(mut self, on: bool) -> Self {
+        self.inbox = on;
+        self
+    }
+    /// How long and how many handled identities the inbox remembers
+    /// (default 7 days, 1,000,000). A copy arriving later than that is
+    /// handed over again.
+    pub fn inbox_window(mut self, max_age: Duration, max_count: u64) -> Self {
+        self.inbox_max_age = max_age;
+        self.inbox_max_count = max_count;
+        self
+    }
+    /// At most this many bytes of identities in the inbox (each counts its
+    /// producer id plus 24 bytes); default: no byte bound.
+    pub fn inbox_max_bytes(mut self, max: u64) -> Self {
+        self.inbox_max_bytes = Some(max);
+        self
+    }
+    /// A gap in a producer's sequence not filled within this long is
+    /// reported as a suspected loss (default 30 s).
+    pub fn gap_timeout(mut self, d: Duration) -> Self {
+        self.gap_timeout = d;
+        self
+    }
+    /// A delivery the application dropped or refused comes again after
+    /// this long (default 1 s).
+    pub fn retry_after(mut self, d: Duration) -> Self {
+        self.retry_after = d;
+        self
+    }
+    /// The connection settings.
+    pub fn client(&self) -> &ClientConfig {
+        &self.client
+    }
+
+    /// Checks the configuration as
+    /// [`Consumer::open`](super::Consumer::open) would, without opening
+    /// anything.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.validate()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.client.validate()?;
+        if self.topics.is_empty() {
+            return Err(ConfigError::Invalid("no topic to subscribe to; give at least one filter (-t)".into()));
+        }
+        for (f, _) in &self.topics {
+            steadfast_core::topic::validate_topic_filter(f)
+                .map_err(|e| ConfigError::Invalid(format!("topic filter `{f}`: {e}")))?;
+        }
+        if self.inbox_max_bytes == Some(0) {
+            return Err(ConfigError::Invalid("an inbox of 0 bytes de-duplicates nothing; give a larger bound".into()));
+        }
+        if self.inbox_max_count == 0 {
+            return Err(ConfigError::Invalid("an inbox of 0 identities de-duplicates nothing; use 1 or more".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,337 @@
+//! The consumer: persistent sessions on every broker of a set, deliveries
+//! acknowledged to the broker only after the application handled them (G4),
+//! and a durable inbox that hands each identity over once (G5), with gap
+//! detection per producer (G6).
+//!
+//! One driver task per broker receives PUBLISHes and sends acknowledgements
+//! in the order MQTT requires. One dispatcher task merges what all brokers
+//! deliver, drops what the inbox says was handled, holds a second copy that
+//! arrives while the first is being handled, and records each handled
+//! identity in the inbox (group commit) *before* the broker's ack leaves.
+//!
+//! Each role has its file: [`ConsumerConfig`] in `config`, a delivery in the
+//! application's hands ([`Received`]) in `received`, the dispatcher in
+//! `dispatcher`, a broker's session in `receiver`. This file holds the
+//! [`Consumer`] handle and the messages between the tasks.
+
+mod config;
+mod dispatcher;
+mod received;
+mod receiver;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use steadfast_core::Identity;
+use steadfast_store::{InboxBounds, OpenReport, Outbox, SqliteStore, Store, StoreError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
+use tokio::task::JoinHandle;
+
+pub use self::config::ConsumerConfig;
+use self::dispatcher::Dispatcher;
+pub use self::received::Received;
+use self::received::{Pending, Token};
+use self::receiver::{check_granted, Receiver};
+use crate::error::{CloseReason, ConnectError, OpenError};
+use crate::link::{open_session, Inbound, Incoming, Opened};
+use crate::transport::send;
+use crate::Event;
+
+/// Counter names in the store (persistent across restarts).
+const HANDLED: &str = "consumer.handled";
+const DUPLICATES: &str = "consumer.duplicates";
+const GAPS: &str = "consumer.gaps_suspected";
+const OUT_OF_ORDER: &str = "consumer.out_of_order";
+
+/// Reads a consumer's figures from its inbox; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ConsumerMetrics {
+    outbox: Outbox,
+}
+
+impl ConsumerMetrics {
+    /// Handled, duplicates, gaps, out of order (kept across restarts) and
+    /// the inbox size.
+    pub async fn stats(&self) -> Result<ConsumerStats, StoreError> {
+        let r = self.outbox.report().await?;
+        let get = |name: &str| r.counters.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+        Ok(ConsumerStats {
+            handled: get(HANDLED),
+            duplicates: get(DUPLICATES),
+            gaps_suspected: get(GAPS),
+            out_of_order: get(OUT_OF_ORDER),
+            inbox: r.inbox,
+        })
+    }
+
+    /// Sets the consumer's metrics from its inbox.
+    pub async fn export(&self) -> Result<(), StoreError> {
+        crate::metrics::export_consumer(&self.stats().await?);
+        Ok(())
+    }
+}
+
+/// Counters of a consumer (kept in its store across restarts).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerStats {
+    /// Deliveries the application acknowledged.
+    pub handled: u64,
+    /// Copies dropped because their identity was handled already.
+    pub duplicates: u64,
+    /// Gaps in a producer's sequence reported as suspected losses.
+    pub gaps_suspected: u64,
+    /// Messages that arrived after a later one of the same producer.
+    pub out_of_order: u64,
+    /// Identities the inbox remembers now.
+    pub inbox: u64,
+}
+
+/// What the dispatcher is told: by a delivery (acknowledged, given back),
+/// by its own inbox records, and by close.
+enum Cmd {
+    Ack {
+        token: Token,
+        identity: Option<Identity>,
+    },
+    Retry(Pending),
+    Recorded(Vec<(Identity, Token)>, bool),
+    /// A failed record, tried again.
+    RecordAgain(Vec<(Identity, Token)>),
+    /// Close: finish the acknowledgements under way, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// A message from one broker's driver.
+struct FromBroker {
+    broker: usize,
+    epoch: u64,
+    msg: Inbound,
+}
+
+/// What the dispatcher tells a broker's receiver.
+enum DriverCmd {
+    Ack {
+        epoch: u64,
+        pid: u16,
+    },
+    /// Answered once every acknowledgement before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// A reliable MQTT consumer. See the module documentation.
+pub struct Consumer {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    deliveries: Mutex<mpsc::Receiver<Received>>,
+    events: broadcast::Sender<Event>,
+    first_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
+    outbox: Outbox,
+    stop: watch::Sender<bool>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    handled: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// Opens the inbox in the client's directory and starts a session on
+    /// every broker in the background. Never waits for a broker.
+    pub async fn open(cfg: ConsumerConfig) -> Result<(Consumer, OpenReport), OpenError> {
+        cfg.validate()?;
+        let dir = cfg.client.outbox_dir.clone();
+        let opened = tokio::task::spawn_blocking(move || SqliteStore::open_inbox(&dir))
+            .await
+            .map_err(|e| StoreError::WriteFailed(format!("inbox open task failed: {e}")))?;
+        let (store, report) = opened?;
+        Ok((Self::with_store(cfg, Box::new(store)).await?, report))
+    }
+
+    /// Like [`Consumer::open`] over any store.
+    pub async fn with_store(cfg: ConsumerConfig, store: Box<dyn Store>) -> Result<Consumer, OpenError> {
+        cfg.validate()?;
+        let outbox = Outbox::start(store, Default::default())?;
+        let bounds = InboxBounds {
+            max_age_ms: cfg.inbox_max_age.as_millis() as u64,
+            max_count: cfg.inbox_max_count,
+            max_bytes: cfg.inbox_max_bytes,
+        };
+        let high = match outbox.inbox_bounds(bounds).await {
+            Ok(h) => h,
+            Err(e) => {
+                let o = outbox.clone();
+                let _ = tokio::task::spawn_blocking(move || o.close()).await;
+                return Err(e.into());
+            }
+        };
+        let cfg = Arc::new(cfg);
+        // The first `events()` call gets everything from the start.
+        let (events, first_events) = broadcast::channel(4096);
+        let (stop, stop_rx) = watch::channel(false);
+        let (from_brokers, inbound) = mpsc::channel(1024);
+        let (app_tx, app_rx) = mpsc::channel(256);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let urls = cfg.client.all_brokers();
+        let mut tasks = Vec::new();
+        let mut to_drivers = Vec::new();
+        for (i, url) in urls.iter().enumerate() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            to_drivers.push(tx);
+            let d = Receiver {
+                outbox: outbox.clone(),
+                cfg: cfg.clone(),
+                url: url.clone(),
+                index: i,
+                out: from_brokers.clone(),
+                acks: rx,
+                events: events.clone(),
+                stop: stop_rx.clone(),
+            };
+            tasks.push(tokio::spawn(d.run()));
+        }
+        let handled = Arc::new(AtomicU64::new(0));
+        let cmds = cmd_tx.clone();
+        let dispatcher = Dispatcher {
+            cfg: cfg.clone(),
+            urls: urls.iter().map(|u| u.to_string()).collect(),
+            outbox: outbox.clone(),
+            events: events.clone(),
+            app: app_tx,
+            cmds: cmd_tx,
+            to_drivers,
+            handling: HashMap::new(),
+            producers: HashMap::new(),
+            handled: handled.clone(),
+            recording: 0,
+            flush: None,
+            ready: VecDeque::new(),
+            high: high.into_iter().collect(),
+        };
+        tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
+        let consumer = Consumer {
+            cmds,
+            deliveries: Mutex::new(app_rx),
+            events,
+            first_events: std::sync::Mutex::new(Some(first_events)),
+            outbox,
+            stop,
+            tasks: std::sync::Mutex::new(tasks),
+            handled,
+        };
+        Ok(consumer)
+    }
+
+    /// The next delivery; `None` once the consumer is closed.
+    pub async fn next(&self) -> Option<Received> {
+        self.deliveries.lock().await.recv().await
+    }
+
+    /// A delivery that is ready now, without waiting.
+    pub fn try_next(&self) -> Option<Received> {
+        self.deliveries.try_lock().ok()?.try_recv().ok()
+    }
+
+    /// Connection events and suspected losses. The first call receives
+    /// every event since the consumer was opened; later calls, from then on.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        let first = self.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        first.unwrap_or_else(|| self.events.subscribe())
+    }
+
+    /// Deliveries acknowledged by this process so far.
+    pub fn handled(&self) -> u64 {
+        self.handled.load(Ordering::Relaxed)
+    }
+
+    /// Counters, kept across restarts.
+    pub async fn stats(&self) -> Result<ConsumerStats, StoreError> {
+        self.metrics().stats().await
+    }
+
+    /// A handle that reads the figures and exports them as metrics, for an
+    /// exporter that runs beside the consumer.
+    pub fn metrics(&self) -> ConsumerMetrics {
+        ConsumerMetrics { outbox: self.outbox.clone() }
+    }
+
+    /// Sets the consumer's metrics (handled, duplicates removed, gaps
+    /// suspected, out of order, inbox size) from its inbox; an exporter
+    /// calls it before a scrape.
+    pub async fn export_metrics(&self) -> Result<(), StoreError> {
+        self.metrics().export().await
+    }
+
+    /// Creates the session and its subscriptions on every broker, then
+    /// disconnects: messages published from now on wait in the brokers for
+    /// this consumer's first real run.
+    pub async fn register(cfg: &ConsumerConfig) -> Result<(), ConnectError> {
+        cfg.validate().map_err(|e| ConnectError::Protocol(e.to_string()))?;
+        for url in cfg.client.all_brokers() {
+            let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf } =
+                open_session(&cfg.client, &url, cfg.client.clean_start).await?;
+            link.subscribe(1, &cfg.topics)?;
+            send(&mut wr, &link.out).await?;
+            link.out.clear();
+            let mut pending = after;
+            let granted = loop {
+                if let Some(g) = pending.iter().find_map(|i| match i {
+                    Incoming::SubAck { granted } => Some(granted.clone()),
+                    _ => None,
+                }) {
+                    break g;
+                }
+                let n = tokio::time::timeout(cfg.client.connect_timeout, rd.read(&mut buf)).await.map_err(|_| {
+                    ConnectError::Timeout { broker: url.to_string(), timeout: cfg.client.connect_timeout }
+                })??;
+                if n == 0 {
+                    return Err(ConnectError::Closed(CloseReason::BeforeSuback));
+                }
+                pending = link.receive(&buf[..n]);
+            };
+            check_granted(&url, &cfg.topics, &granted)?;
+            link.disconnect();
+            let _ = send(&mut wr, &link.out).await;
+            let _ = wr.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// Finishes the acknowledgements of what was acknowledged (inbox record,
+    /// then the broker's ack), stops the sessions (unacknowledged deliveries
+    /// come again next time) and closes the inbox.
+    pub async fn close(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+        let _ = self.stop.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+        let outbox = self.outbox.clone();
+        let _ = tokio::task::spawn_blocking(move || outbox.close()).await;
+    }
+}
+
+/// Sends `queue`'s front through the reserved `permit`, then as many more
+/// as `tx` has room for now; false when the channel is closed.
+fn send_queued<T>(tx: &mpsc::Sender<T>, permit: mpsc::Permit<'_, T>, queue: &mut VecDeque<T>) -> bool {
+    permit.send(queue.pop_front().expect("not empty"));
+    // And whatever else fits now.
+    while let Some(m) = queue.pop_front() {
+        if let Err(e) = tx.try_send(m) {
+            match e {
+                mpsc::error::TrySendError::Full(m) => queue.push_front(m),
+                mpsc::error::TrySendError::Closed(_) => return false,
+            }
+            break;
+        }
+    }
+    true
+}

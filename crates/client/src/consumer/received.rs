@@ -1,0 +1,160 @@
+//! A delivery in the application's hands ([`Received`]) and the token that
+//! routes its acknowledgement back to the broker it came from; dropped
+//! unacknowledged, it goes back to the dispatcher for a retry.
+
+use std::time::Duration;
+
+use steadfast_core::{Identity, Properties, Qos};
+use tokio::sync::mpsc;
+
+use super::Cmd;
+use crate::link::Inbound;
+
+/// A message handed to the application. Acknowledge it with
+/// [`Received::ack`] once handled; dropping it unacknowledged (or
+/// [`Received::retry`]) makes it come again.
+#[derive(Debug)]
+pub struct Received {
+    topic: String,
+    payload: Vec<u8>,
+    qos: Qos,
+    retain: bool,
+    identity: Option<Identity>,
+    broker: String,
+    redelivered: bool,
+    /// The broker's DUP flag: it sent this packet id before.
+    broker_dup: bool,
+    props: Properties,
+    expiry_secs: Option<u32>,
+    token: Option<Token>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+/// Where a delivery's acknowledgement goes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Token {
+    pub(super) broker: usize,
+    pub(super) epoch: u64,
+    pub(super) pid: Option<u16>,
+}
+
+impl Received {
+    /// Topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+    /// Payload (without the envelope, if it had one).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+    /// QoS as delivered.
+    pub fn qos(&self) -> Qos {
+        self.qos
+    }
+    /// Retain flag.
+    pub fn retain(&self) -> bool {
+        self.retain
+    }
+    /// The producer's identity, when the message carries one.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+    /// The broker it came from.
+    pub fn broker(&self) -> &str {
+        &self.broker
+    }
+    /// Handed over before (the application dropped or refused it, or the
+    /// broker sent it again).
+    pub fn redelivered(&self) -> bool {
+        self.redelivered
+    }
+    /// The broker sent it with DUP set: a resend of a packet id it had
+    /// sent before without getting its acknowledgement (not set for a
+    /// delivery the application gave back).
+    pub fn broker_resent(&self) -> bool {
+        self.broker_dup
+    }
+    /// Its MQTT 5 properties (content type, user properties...; the
+    /// identity is [`Received::identity`]).
+    pub fn properties(&self) -> &Properties {
+        &self.props
+    }
+    /// MQTT 5: the message expiry interval it came with, in seconds (the
+    /// time it had left when the broker sent it).
+    pub fn expiry(&self) -> Option<Duration> {
+        self.expiry_secs.map(|s| Duration::from_secs(u64::from(s)))
+    }
+    /// The packet id it came under (QoS 1 and 2), until it is acknowledged.
+    pub fn packet_id(&self) -> Option<u16> {
+        self.token.and_then(|t| t.pid)
+    }
+
+    /// Handled: the identity is recorded in the inbox, then the broker gets
+    /// its PUBACK (QoS 1) or PUBREC (QoS 2). Returns at once; the
+    /// acknowledgements of many deliveries share one disk sync.
+    pub fn ack(mut self) {
+        if let Some(token) = self.token.take() {
+            let _ = self.cmds.send(Cmd::Ack { token, identity: self.identity.take() });
+        }
+    }
+
+    /// Not handled: it comes again after the configured pause.
+    pub fn retry(self) {
+        drop(self);
+    }
+
+    fn retry_copy(&mut self) -> Option<Pending> {
+        let token = self.token.take()?;
+        Some(Pending {
+            token,
+            msg: Inbound {
+                topic: std::mem::take(&mut self.topic),
+                payload: std::mem::take(&mut self.payload),
+                qos: self.qos,
+                pid: token.pid,
+                retain: self.retain,
+                // The wire's own flag: a retry here is not a resend there.
+                dup: self.broker_dup,
+                identity: None,
+                props: std::mem::take(&mut self.props),
+                expiry_secs: self.expiry_secs,
+            },
+            identity: self.identity.take(),
+        })
+    }
+}
+
+impl Drop for Received {
+    fn drop(&mut self) {
+        if let Some(p) = self.retry_copy() {
+            let _ = self.cmds.send(Cmd::Retry(p));
+        }
+    }
+}
+
+/// A delivery the dispatcher holds: where its acknowledgement goes, the
+/// message, and its identity (when the inbox is on).
+pub(super) struct Pending {
+    pub(super) token: Token,
+    pub(super) msg: Inbound,
+    pub(super) identity: Option<Identity>,
+}
+
+impl Pending {
+    pub(super) fn into_received(self, broker: String, redelivered: bool, cmds: mpsc::UnboundedSender<Cmd>) -> Received {
+        Received {
+            topic: self.msg.topic,
+            payload: self.msg.payload,
+            qos: self.msg.qos,
+            retain: self.msg.retain,
+            identity: self.identity,
+            broker,
+            redelivered: redelivered || self.msg.dup,
+            broker_dup: self.msg.dup,
+            props: self.msg.props,
+            expiry_secs: self.msg.expiry_secs,
+            token: Some(self.token),
+            cmds,
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! A broker's receiver: one task per broker that keeps a session, forwards
+//! each PUBLISH to the dispatcher, and writes the acknowledgements the
+//! dispatcher sends back in the order the PUBLISHes came.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use steadfast_core::{Backoff, KeepAlive, KeepAliveAction, Qos};
+use steadfast_store::Outbox;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::{sleep, sleep_until, Instant};
+
+use super::{send_queued, ConsumerConfig, DriverCmd, FromBroker};
+use crate::config::BrokerUrl;
+use crate::error::{CloseReason, ConnectError};
+use crate::link::{open_session, Incoming, Link, Opened};
+use crate::transport::{send, ReadHalf, WriteHalf};
+use crate::Event;
+
+/// One broker's session: receives, and acknowledges in order.
+pub(super) struct Receiver {
+    pub(super) outbox: Outbox,
+    pub(super) cfg: Arc<ConsumerConfig>,
+    pub(super) url: BrokerUrl,
+    pub(super) index: usize,
+    pub(super) out: mpsc::Sender<FromBroker>,
+    pub(super) acks: mpsc::UnboundedReceiver<DriverCmd>,
+    pub(super) events: broadcast::Sender<Event>,
+    pub(super) stop: watch::Receiver<bool>,
+}
+
+/// The filters configured for a broker, and the key under which the inbox
+/// records them once the broker granted them.
+struct Subscription {
+    key: String,
+    want: String,
+}
+
+/// One connection to the broker: its socket and codec, the
+/// acknowledgements it owes, what waits to be forwarded, and its clocks.
+struct Connection {
+    epoch: u64,
+    rd: ReadHalf,
+    wr: WriteHalf,
+    link: Link,
+    buf: Vec<u8>,
+    keep_alive: Duration,
+    /// Acknowledgements must leave in the order the PUBLISHes came.
+    order: VecDeque<(u16, Qos, bool)>,
+    keepalive: KeepAlive,
+    /// Received, waiting for room towards the dispatcher: while any
+    /// wait, the socket is not read (back-pressure), but acks, pings and
+    /// stop are still served.
+    to_forward: VecDeque<FromBroker>,
+    /// A consumer may have nothing to send for a long time (QoS 0): it
+    /// pings when it has written nothing for half the keep-alive, or the
+    /// broker would take it for dead.
+    written_at: Instant,
+}
+
+impl Receiver {
+    /// Connects, serves the session, and reconnects after the backoff
+    /// until the consumer stops.
+    pub(super) async fn run(mut self) {
+        let mut backoff = Backoff::new(self.cfg.client.backoff);
+        let mut rng = fastrand::Rng::new();
+        let mut epoch = 0u64;
+        loop {
+            if *self.stop.borrow() {
+                return;
+            }
+            epoch += 1;
+            let clean = self.cfg.client.clean_start && epoch == 1;
+            let mut connected_at = None;
+            let r = self.session(epoch, clean, &mut connected_at).await;
+            let error = match r {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if let Some(at) = connected_at {
+                backoff.link_lost_after(at.elapsed());
+            }
+            let delay = backoff.next_delay(&mut rng, tokio::time::Instant::now().into_std());
+            let broker = self.url.to_string();
+            if connected_at.is_some() {
+                tracing::warn!(%broker, error = %error, retry_in = ?delay, "consumer link lost; reconnecting");
+                let _ = self.events.send(Event::Disconnected { broker, error, retry_in: delay });
+            } else {
+                tracing::debug!(%broker, error = %error, retry_in = ?delay, "consumer cannot connect; will retry");
+                let _ = self.events.send(Event::ConnectFailed { broker, error, retry_in: delay });
+            }
+            tokio::select! {
+                _ = sleep(delay) => {}
+                _ = self.stop.changed() => {}
+            }
+        }
+    }
+
+    /// One connection: `Ok` once the consumer stops, the error that ended
+    /// it otherwise; `connected_at` is set once the broker accepted it.
+    async fn session(
+        &mut self,
+        epoch: u64,
+        clean: bool,
+        connected_at: &mut Option<Instant>,
+    ) -> Result<(), ConnectError> {
+        let Opened { rd, wr, mut link, ack, after, buf } = open_session(&self.cfg.client, &self.url, clean).await?;
+        *connected_at = Some(Instant::now());
+        let subscription = self.subscribe_unless_kept(&mut link, ack.session_present).await?;
+        let broker = self.url.to_string();
+        tracing::info!(%broker, session_present = ack.session_present, "consumer connected");
+        let _ = self.events.send(Event::Connected { broker, session_present: ack.session_present, resent: 0 });
+        let mut conn = Connection::new(epoch, rd, wr, link, buf, self.cfg.client.keep_alive);
+        // Stale acks of an earlier connection are ignored.
+        while self.acks.try_recv().is_ok() {}
+        self.serve(&mut conn, after, &subscription).await
+    }
+
+    /// Subscribes unless the broker kept a session subscribed to exactly
+    /// the configured filters; returns what to record once it grants them.
+    async fn subscribe_unless_kept(
+        &self,
+        link: &mut Link,
+        session_present: bool,
+    ) -> Result<Subscription, ConnectError> {
+        // A kept session keeps its subscriptions; a new one gets them now,
+        // and so does a kept one whose filters are not the ones configured
+        // (recorded per broker once the broker granted them).
+        let key = format!("subscribed {}", self.url);
+        let want: String = self.cfg.topics.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
+        let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
+        if !session_present || have != want {
+            link.subscribe(1, &self.cfg.topics)?;
+        }
+        Ok(Subscription { key, want })
+    }
+
+    /// Serves a connection until it ends: reads and forwards while the
+    /// dispatcher has room, writes the acknowledgements due, pings, and
+    /// says goodbye on stop.
+    async fn serve(
+        &mut self,
+        conn: &mut Connection,
+        mut pending_in: Vec<Incoming>,
+        subscription: &Subscription,
+    ) -> Result<(), ConnectError> {
+        loop {
+            for inc in std::mem::take(&mut pending_in) {
+                self.on_incoming(conn, inc, subscription)?;
+            }
+            conn.write_due().await?;
+            let keepalive_at = Instant::from_std(conn.keepalive.poll_timeout());
+            let ping_at = conn.written_at + conn.keep_alive / 2;
+            let out = self.out.clone();
+            tokio::select! {
+                permit = out.reserve(), if !conn.to_forward.is_empty() => {
+                    let Ok(permit) = permit else { return Ok(()) };
+                    if !send_queued(&out, permit, &mut conn.to_forward) {
+                        return Ok(());
+                    }
+                }
+                r = conn.rd.read(&mut conn.buf), if conn.to_forward.is_empty() => {
+                    let n = r?;
+                    if n == 0 {
+                        return Err(ConnectError::Closed(CloseReason::Eof));
+                    }
+                    conn.keepalive.on_receive(Instant::now().into_std());
+                    pending_in = conn.link.receive(&conn.buf[..n]);
+                }
+                cmd = self.acks.recv() => match cmd {
+                    None => return Ok(()),
+                    Some(cmd) => conn.on_driver_cmd(cmd).await?,
+                },
+                _ = sleep_until(ping_at) => {
+                    conn.link.ping()?;
+                }
+                _ = sleep_until(keepalive_at) => conn.on_keepalive_deadline()?,
+                r = self.stop.changed() => {
+                    if r.is_err() || *self.stop.borrow() {
+                        conn.disconnect().await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// What one packet from the broker asks for: a PUBLISH waits to be
+    /// forwarded (its ack takes its place in the order), PUBREL is answered,
+    /// a SUBACK is checked and recorded; an error ends the connection.
+    fn on_incoming(
+        &self,
+        conn: &mut Connection,
+        inc: Incoming,
+        subscription: &Subscription,
+    ) -> Result<(), ConnectError> {
+        match inc {
+            Incoming::Publish(msg) => {
+                if let Some(pid) = msg.pid {
+                    conn.order.push_back((pid, msg.qos, false));
+                }
+                conn.to_forward.push_back(FromBroker { broker: self.index, epoch: conn.epoch, msg });
+            }
+            Incoming::PubRel { pid } => conn.link.pubcomp(pid)?,
+            Incoming::SubAck { granted } => {
+                if let Err(e) = check_granted(&self.url, &self.cfg.topics, &granted) {
+                    let broker = self.url.to_string();
+                    tracing::error!(%broker, error = %e, "subscription refused");
+                    return Err(e);
+                }
+                self.outbox.set_meta(&subscription.key, &subscription.want);
+            }
+            Incoming::Disconnect { reason } => return Err(ConnectError::Closed(CloseReason::Disconnect(reason))),
+            Incoming::Broken(e) => return Err(e),
+            Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
+            Incoming::PubAck { .. }
+            | Incoming::PubRec { .. }
+            | Incoming::PubComp { .. }
+            | Incoming::PingResp
+            | Incoming::Other => {}
+        }
+        Ok(())
+    }
+}
+
+impl Connection {
+    /// A connection just opened: it owes nothing, forwards nothing yet,
+    /// and its keep-alive and ping clocks start now.
+    fn new(epoch: u64, rd: ReadHalf, wr: WriteHalf, link: Link, buf: Vec<u8>, keep_alive: Duration) -> Self {
+        Self {
+            epoch,
+            rd,
+            wr,
+            link,
+            buf,
+            keep_alive,
+            order: VecDeque::new(),
+            keepalive: KeepAlive::new(keep_alive, Instant::now().into_std()),
+            to_forward: VecDeque::new(),
+            written_at: Instant::now(),
+        }
+    }
+
+    /// Writes the acknowledgements now due, with whatever else the link
+    /// queued (a PUBCOMP, a ping), if anything.
+    async fn write_due(&mut self) -> Result<(), ConnectError> {
+        ack_prefix(&mut self.order, &mut self.link)?;
+        if !self.link.out.is_empty() {
+            send(&mut self.wr, &self.link.out).await?;
+            self.link.out.clear();
+            self.written_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// An ack from the dispatcher marks its delivery handled (one for an
+    /// earlier connection is ignored); a flush writes what is due now and
+    /// answers.
+    async fn on_driver_cmd(&mut self, cmd: DriverCmd) -> Result<(), ConnectError> {
+        match cmd {
+            DriverCmd::Ack { epoch: e, pid } => {
+                if e == self.epoch {
+                    if let Some(entry) = self.order.iter_mut().find(|(p, _, done)| *p == pid && !*done) {
+                        entry.2 = true;
+                    }
+                }
+            }
+            DriverCmd::Flush(tx) => {
+                ack_prefix(&mut self.order, &mut self.link)?;
+                send(&mut self.wr, &self.link.out).await?;
+                self.link.out.clear();
+                let _ = tx.send(());
+            }
+        }
+        Ok(())
+    }
+
+    /// At the keep-alive deadline: a ping, or the link declared dead;
+    /// while the socket is not read, silence counts for nothing.
+    fn on_keepalive_deadline(&mut self) -> Result<(), ConnectError> {
+        if !self.to_forward.is_empty() {
+            // Not reading (the application is slow): silence
+            // says nothing about the link.
+            self.keepalive.on_receive(Instant::now().into_std());
+            return Ok(());
+        }
+        match self.keepalive.poll(Instant::now().into_std()) {
+            Some(KeepAliveAction::SendPing) => self.link.ping()?,
+            Some(KeepAliveAction::Dead) => return Err(ConnectError::DeadLink(self.keep_alive)),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Stop: DISCONNECT and close the socket, whatever fails on the way.
+    async fn disconnect(&mut self) {
+        self.link.disconnect();
+        let _ = send(&mut self.wr, &self.link.out).await;
+        let _ = self.wr.shutdown().await;
+    }
+}
+
+/// Queues the acks of the acknowledged messages at the front of the
+/// arrival order: MQTT wants them in the order the PUBLISHes came.
+fn ack_prefix(order: &mut VecDeque<(u16, Qos, bool)>, link: &mut Link) -> Result<(), ConnectError> {
+    while order.front().is_some_and(|(_, _, done)| *done) {
+        let (pid, qos, _) = order.pop_front().expect("front exists");
+        link.ack_publish(pid, qos)?;
+    }
+    Ok(())
+}
+
+/// Checks a SUBACK against the filters asked for: a refused one is an
+/// error, a lower QoS a warning.
+pub(super) fn check_granted(
+    url: &BrokerUrl,
+    topics: &[(String, Qos)],
+    granted: &[Option<u8>],
+) -> Result<(), ConnectError> {
+    for (i, (filter, asked)) in topics.iter().enumerate() {
+        match granted.get(i).copied().flatten() {
+            None => {
+                return Err(ConnectError::Protocol(format!(
+                "{url} refused the subscription to `{filter}` (not authorised, or an invalid filter for this broker)"
+            )))
+            }
+            Some(g) if g < *asked as u8 => tracing::warn!(
+                broker = %url,
+                filter = %filter,
+                "the broker granted QoS {g} instead of {}: messages come at most at QoS {g} (the inbox still removes copies)",
+                *asked as u8
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}

@@ -16,15 +16,27 @@ pub enum Bug {
     /// A full page of the outbox moves the read cursor to the newest id,
     /// skipping what lies between.
     PageSkipsAhead,
-    /// A PUBREC is taken as the end of a QoS 2 exchange for the message's
-    /// successor too (one acknowledgement counted as two).
-    OneAckCountsTwice,
+    /// A kept session does not send again what was in flight: it waits for
+    /// acknowledgements of PUBLISHes the broker may never have received.
+    ResumeWithoutResend,
+    /// The consumer acknowledges a delivery to the broker when it arrives,
+    /// before the application handled it.
+    AckBeforeHandling,
+    /// The inbox's answer is ignored: an identity handled before is handed
+    /// over again.
+    InboxForgets,
 }
 
 impl Bug {
     /// Every bug that can be planted.
-    pub const ALL: [Bug; 4] =
-        [Bug::ForgetInflightOnSessionLoss, Bug::DropWindowOnAckTimeout, Bug::PageSkipsAhead, Bug::OneAckCountsTwice];
+    pub const ALL: [Bug; 6] = [
+        Bug::ForgetInflightOnSessionLoss,
+        Bug::DropWindowOnAckTimeout,
+        Bug::PageSkipsAhead,
+        Bug::ResumeWithoutResend,
+        Bug::AckBeforeHandling,
+        Bug::InboxForgets,
+    ];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
@@ -32,7 +44,9 @@ impl Bug {
             Bug::ForgetInflightOnSessionLoss => "forget-inflight-on-session-loss",
             Bug::DropWindowOnAckTimeout => "drop-window-on-ack-timeout",
             Bug::PageSkipsAhead => "page-skips-ahead",
-            Bug::OneAckCountsTwice => "one-ack-counts-twice",
+            Bug::ResumeWithoutResend => "resume-without-resend",
+            Bug::AckBeforeHandling => "consumer-acks-before-handling",
+            Bug::InboxForgets => "inbox-forgets-an-identity",
         }
     }
 
@@ -44,7 +58,13 @@ impl Bug {
             }
             Bug::DropWindowOnAckTimeout => "the failed link's in-flight messages are dropped at an ack timeout",
             Bug::PageSkipsAhead => "a full outbox page skips the reader ahead to the newest message",
-            Bug::OneAckCountsTwice => "one acknowledgement also completes the next message in flight",
+            Bug::ResumeWithoutResend => {
+                "a kept session keeps its in-flight messages waiting without sending them again"
+            }
+            Bug::AckBeforeHandling => {
+                "the consumer acknowledges a delivery to the broker before the application handled it"
+            }
+            Bug::InboxForgets => "the inbox's answer is ignored: a handled identity is handed over again",
         }
     }
 

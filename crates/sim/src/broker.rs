@@ -1,15 +1,18 @@
-//! A model MQTT broker: persistent sessions that a kill -9 takes back to
-//! the last autosave (or loses, without persistence), QoS 2 exchanges held
-//! by packet id, and the quirks of brokers met in the field.
+//! A model MQTT broker: the producer's persistent session (QoS 2
+//! exchanges held by packet id) and the consumer's (a queue and what is in
+//! flight to it), both taken back to the last autosave by a kill -9, or
+//! lost without persistence; and the quirks of brokers met in the field.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use crate::schedule::Schedule;
 
 /// A packet from the producer, as the simulator's codec frames it.
 pub const FRAME: usize = 13;
+/// Messages in flight to the consumer at most.
+const SUB_WINDOW: usize = 8;
 
-/// What the broker sends back.
+/// What the broker sends the producer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Down {
     ConnAck { present: bool },
@@ -26,6 +29,20 @@ struct Session {
     qos2: HashMap<u16, u64>,
 }
 
+/// The consumer's session: what waits for it and what is in flight to it.
+#[derive(Debug, Clone, Default)]
+pub struct Subscriber {
+    queue: VecDeque<u64>,
+    inflight: BTreeMap<u16, u64>,
+    next_pid: u16,
+}
+
+impl Subscriber {
+    fn ids(&self) -> BTreeSet<u64> {
+        self.queue.iter().chain(self.inflight.values()).copied().collect()
+    }
+}
+
 /// The model broker.
 #[derive(Debug)]
 pub struct Broker {
@@ -35,11 +52,16 @@ pub struct Broker {
     last_save: u64,
     live: Option<Session>,
     saved: Option<Session>,
+    sub: Option<Subscriber>,
+    sub_saved: Option<Subscriber>,
     qos2_as_puback: bool,
     max_qos_1: bool,
     /// Every message id the broker acknowledged (PUBACK or PUBREC): from
     /// then on it is the broker's, and the producer's promise is kept.
     pub acknowledged: BTreeSet<u64>,
+    /// Messages the broker lost for the consumer (a kill without
+    /// persistence, or since its last autosave): beyond steadfast's reach.
+    pub lost: BTreeSet<u64>,
 }
 
 /// What the broker did with a frame.
@@ -52,6 +74,8 @@ pub enum Reply {
 
 impl Broker {
     pub fn new(s: &Schedule) -> Self {
+        // The consumer registered its session before the run.
+        let registered = Some(Subscriber { next_pid: 1, ..Subscriber::default() });
         Broker {
             up: true,
             persistence: s.persistence,
@@ -59,17 +83,27 @@ impl Broker {
             last_save: 0,
             live: None,
             saved: None,
+            sub: registered.clone(),
+            sub_saved: registered,
             qos2_as_puback: s.qos2_as_puback,
             max_qos_1: s.max_qos_1,
             acknowledged: BTreeSet::new(),
+            lost: BTreeSet::new(),
         }
     }
 
-    /// The CONNACK's session-present flag (the session is kept or made).
+    /// The producer's CONNACK: session present (the session is kept or made).
     pub fn connect(&mut self) -> bool {
         let present = self.live.is_some();
         self.live.get_or_insert_with(Session::default);
         present
+    }
+
+    /// The consumer's CONNACK, and what it had in flight, sent again.
+    pub fn connect_consumer(&mut self) -> (bool, Vec<(u16, u64)>) {
+        let present = self.sub.is_some();
+        let sub = self.sub.get_or_insert_with(|| Subscriber { next_pid: 1, ..Subscriber::default() });
+        (present, sub.inflight.iter().map(|(p, id)| (*p, *id)).collect())
     }
 
     pub fn max_qos(&self) -> Option<u8> {
@@ -80,41 +114,98 @@ impl Broker {
     pub fn kill(&mut self) {
         self.up = false;
         self.live = if self.persistence { self.saved.clone() } else { None };
+        let back = if self.persistence { self.sub_saved.clone() } else { None };
+        let kept = back.as_ref().map(Subscriber::ids).unwrap_or_default();
+        if let Some(sub) = &self.sub {
+            self.lost.extend(sub.ids().difference(&kept));
+        }
+        self.sub = back;
     }
 
     /// Autosave, when it is due.
     pub fn tick(&mut self, t: u64) {
         if self.up && self.persistence && t >= self.last_save + self.autosave_ms {
             self.saved = self.live.clone();
+            self.sub_saved = self.sub.clone();
             self.last_save = t;
         }
     }
 
-    /// Handles one frame: (kind, pid, dup, qos, id).
+    /// A message taken from the producer goes to the consumer's session.
+    fn forward(&mut self, id: u64) {
+        match self.sub.as_mut() {
+            Some(sub) => sub.queue.push_back(id),
+            None => {
+                self.lost.insert(id);
+            }
+        }
+    }
+
+    /// Handles one frame: (kind, pid, dup, qos, id); returns what to answer
+    /// and the message id it concerned.
     pub fn receive(&mut self, f: &[u8]) -> (Reply, Option<u64>) {
         let pid = u16::from_be_bytes([f[1], f[2]]);
         let qos = f[4];
         let id = u64::from_be_bytes(f[5..13].try_into().expect("frame size"));
-        let session = self.live.get_or_insert_with(Session::default);
         match f[0] {
             1 if qos == 2 && self.max_qos_1 => (Reply::Close("QoS 2 PUBLISH above the maximum QoS"), Some(id)),
             1 if qos == 1 || (qos == 2 && self.qos2_as_puback) => {
                 self.acknowledged.insert(id);
+                self.forward(id);
                 (Reply::Send(Down::PubAck { pid }), Some(id))
             }
             1 if qos == 2 => {
                 // A packet id still held is a duplicate of the message the
                 // broker holds under it: answered again, not taken twice.
-                session.qos2.entry(pid).or_insert(id);
+                let session = self.live.get_or_insert_with(Session::default);
+                let new = !session.qos2.contains_key(&pid);
+                let held = *session.qos2.entry(pid).or_insert(id);
                 self.acknowledged.insert(id);
+                if new {
+                    self.forward(id);
+                } else if held != id {
+                    // The broker's session went back to an autosave that
+                    // still holds this packet id for an older message: it
+                    // takes the new one for a duplicate and loses it. The
+                    // producer cannot know (the broker claims the session).
+                    self.lost.insert(id);
+                }
                 (Reply::Send(Down::PubRec { pid }), Some(id))
             }
             1 => (Reply::Nothing, Some(id)),
             2 => {
-                session.qos2.remove(&pid);
+                if let Some(s) = self.live.as_mut() {
+                    s.qos2.remove(&pid);
+                }
                 (Reply::Send(Down::PubComp { pid }), None)
             }
             _ => (Reply::Send(Down::PingResp), None),
         }
+    }
+
+    /// The next message for the consumer, if its window has room.
+    pub fn next_for_consumer(&mut self) -> Option<(u16, u64)> {
+        let sub = self.sub.as_mut()?;
+        if sub.inflight.len() >= SUB_WINDOW {
+            return None;
+        }
+        let id = sub.queue.pop_front()?;
+        while sub.inflight.contains_key(&sub.next_pid) || sub.next_pid == 0 {
+            sub.next_pid = sub.next_pid.wrapping_add(1);
+        }
+        let pid = sub.next_pid;
+        sub.next_pid = sub.next_pid.wrapping_add(1);
+        sub.inflight.insert(pid, id);
+        Some((pid, id))
+    }
+
+    /// The consumer's PUBACK.
+    pub fn consumer_acked(&mut self, pid: u16) -> Option<u64> {
+        self.sub.as_mut().and_then(|s| s.inflight.remove(&pid))
+    }
+
+    /// Messages waiting for or in flight to the consumer.
+    pub fn for_consumer(&self) -> BTreeSet<u64> {
+        self.sub.as_ref().map(Subscriber::ids).unwrap_or_default()
     }
 }

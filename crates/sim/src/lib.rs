@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod broker;
+mod consumer;
 mod producer;
 mod schedule;
 mod trace;

@@ -1,5 +1,6 @@
 //! `steadfast-sim --seeds N [--from S] [--mutate BUG|list] [--trace SEED]`
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use steadfast_core::mutate::{plant, Bug};
@@ -55,17 +56,19 @@ fn main() -> ExitCode {
     if let Some(b) = a.mutate {
         println!("planted bug: {} ({})", b.name(), b.describe());
     }
+    // A closed pipe (`| head`) ends the output, not the run's verdict.
     let failed = steadfast_sim::run_range(a.from, a.seeds, a.threads, &mut |v| {
-        println!("FAILED {}", v.summary());
+        let _ = writeln!(std::io::stdout(), "FAILED {}", v.summary());
     });
     if let Some(first) = failed.first() {
         // The first failure replays identically: its story.
         let v = steadfast_sim::run(*first);
-        let id = v.lost.first().or(v.stuck.first()).copied().unwrap_or(0);
-        println!("replay of seed {first}: the story of message {id}");
-        print!("{}", v.trace.story(id));
+        let id = v.culprit().unwrap_or(0);
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "replay of seed {first}: the story of message {id}");
+        let _ = write!(out, "{}", v.trace.story(id));
     }
-    println!("{} schedules from seed {}: {} failed", a.seeds, a.from, failed.len());
+    let _ = writeln!(std::io::stdout(), "{} schedules from seed {}: {} failed", a.seeds, a.from, failed.len());
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {

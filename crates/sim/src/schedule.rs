@@ -17,16 +17,26 @@ pub enum Fault {
     Reset {
         /// Where the cut falls, in thousandths of the bytes under way.
         cut_per_mille: u32,
+        /// The consumer's connection (else the producer's).
+        consumer: bool,
     },
     /// Nothing passes in either direction for `lasts`, the connection
     /// stays open (a pulled cable, a dead NAT entry).
     BlackHole {
         /// How long nothing passes.
         lasts: Duration,
+        /// The consumer's connection (else the producer's).
+        consumer: bool,
     },
     /// The producer process is killed (-9) and restarts on its outbox after
     /// `down`; what it had not committed is gone.
     CrashProducer {
+        /// How long it stays down.
+        down: Duration,
+    },
+    /// The consumer process is killed (-9) and restarts on its inbox
+    /// after `down`; what its application was handling is lost.
+    CrashConsumer {
         /// How long it stays down.
         down: Duration,
     },
@@ -55,6 +65,8 @@ pub struct Schedule {
     pub page: usize,
     /// When each message is published (ms) and its QoS (1 or 2).
     pub messages: Vec<(u64, u8)>,
+    /// How long the consumer's application takes per delivery (ms, most).
+    pub handling_ms: u64,
     /// The faults, by time (ms).
     pub faults: Vec<(u64, Fault)>,
 }
@@ -74,11 +86,12 @@ impl Schedule {
         let mut faults: Vec<(u64, Fault)> = (0..rng.usize(1..8))
             .map(|_| {
                 let at = rng.u64(200..ACTIVE_MS);
-                let fault = match rng.u8(0..4) {
+                let fault = match rng.u8(0..5) {
                     0 => Fault::KillBroker { down: Duration::from_millis(rng.u64(50..3_000)) },
-                    1 => Fault::Reset { cut_per_mille: rng.u32(0..=1000) },
-                    2 => Fault::BlackHole { lasts: Duration::from_millis(rng.u64(100..6_000)) },
-                    _ => Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) },
+                    1 => Fault::Reset { cut_per_mille: rng.u32(0..=1000), consumer: rng.bool() },
+                    2 => Fault::BlackHole { lasts: Duration::from_millis(rng.u64(100..6_000)), consumer: rng.bool() },
+                    3 => Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) },
+                    _ => Fault::CrashConsumer { down: Duration::from_millis(rng.u64(10..2_000)) },
                 };
                 (at, fault)
             })
@@ -94,6 +107,7 @@ impl Schedule {
             receive_maximum: rng.bool().then(|| rng.u16(1..50)),
             max_inflight: rng.u16(1..64),
             page: rng.usize(2..64),
+            handling_ms: rng.u64(0..30),
             messages,
             faults,
         }

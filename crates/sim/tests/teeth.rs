@@ -19,8 +19,12 @@ fn the_engine_passes_and_every_planted_bug_is_caught_within_1000_seeds() {
         plant(Some(bug));
         let (a, b) = (steadfast_sim::run(seed), steadfast_sim::run(seed));
         plant(None);
-        assert_eq!((a.lost.clone(), a.stuck.clone()), (b.lost, b.stuck), "seed {seed} did not replay identically");
-        let id = a.lost.first().or(a.stuck.first()).copied().expect("a failure names a message");
+        assert_eq!(
+            (a.lost.clone(), a.twice.clone(), a.stuck.clone()),
+            (b.lost, b.twice, b.stuck),
+            "seed {seed} did not replay identically"
+        );
+        let id = a.culprit().expect("a failure names a message");
         assert!(a.trace.story(id).contains("accepted"), "the story of message {id} starts with its acceptance");
     }
 }

@@ -1,18 +1,21 @@
-//! The dispatcher: one task that merges what every broker delivers, drops
-//! what the inbox says was handled, holds a copy that arrives while the
-//! first is being handled, records each handled identity in the inbox
-//! before the broker's ack leaves, and watches each producer's sequence for
-//! gaps.
+//! The dispatcher task: the thin loop around the dispatch engine
+//! ([`Dispatch`]). It hands the engine what every broker delivers (with
+//! the inbox's answer for identities it must ask about), the
+//! application's acknowledgements and refusals, and the outcome of each
+//! inbox record; it carries out what the engine decides: hand a delivery
+//! to the application, send a broker's ack, record identities, count,
+//! report a suspected loss.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use steadfast_core::engine::{Counter, Delivered, Dispatch, DispatchOp, Now};
 use steadfast_core::Identity;
-use steadfast_store::Outbox;
+use steadfast_store::{now_ms, Outbox};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep_until, Instant};
 
 use super::received::{Pending, Received, Token};
 use super::{send_queued, Cmd, ConsumerConfig, DriverCmd, FromBroker, DUPLICATES, GAPS, HANDLED, OUT_OF_ORDER};
@@ -22,12 +25,16 @@ use crate::Event;
 /// reading from the brokers (back-pressure).
 const READY_MAX: usize = 256;
 
-/// Per producer: the highest sequence number seen and the gaps below it.
-#[derive(Default)]
-pub(super) struct Sequence {
-    highest: u64,
-    /// Missing ranges (first, last) and when they were noticed.
-    gaps: BTreeMap<u64, (u64, Instant)>,
+impl Delivered for Pending {
+    type Token = Token;
+
+    fn identity(&self) -> Option<&Identity> {
+        self.identity.as_ref()
+    }
+
+    fn token(&self) -> Token {
+        self.token
+    }
 }
 
 /// The one task between the brokers' receivers and the application.
@@ -39,21 +46,17 @@ pub(super) struct Dispatcher {
     pub(super) app: mpsc::Sender<Received>,
     pub(super) cmds: mpsc::UnboundedSender<Cmd>,
     pub(super) to_drivers: Vec<mpsc::UnboundedSender<DriverCmd>>,
-    /// Identities handed to the application and not yet recorded, with the
-    /// copies that arrived meanwhile (acknowledged once it is recorded).
-    pub(super) handling: HashMap<Identity, Vec<Token>>,
-    pub(super) producers: HashMap<String, Sequence>,
+    /// Every decision: de-duplication, record before ack, gaps, retries.
+    pub(super) engine: Dispatch<Pending>,
     pub(super) handled: Arc<AtomicU64>,
-    /// Inbox records under way.
-    pub(super) recording: usize,
-    /// Close is waiting for them.
+    /// Close is waiting for the records under way.
     pub(super) flush: Option<oneshot::Sender<()>>,
     /// Deliveries waiting for the application to take them.
     pub(super) ready: VecDeque<Received>,
-    /// Per producer, a sequence number at or above every one the inbox
-    /// holds or that was handed over: anything above it is new without
-    /// asking the store (the common case).
-    pub(super) high: HashMap<String, u64>,
+}
+
+fn now() -> Now {
+    Now { at: Instant::now().into_std(), wall_ms: now_ms() }
 }
 
 impl Dispatcher {
@@ -63,9 +66,9 @@ impl Dispatcher {
         mut cmd_rx: mpsc::UnboundedReceiver<Cmd>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         let app = self.app.clone();
         loop {
+            let wake = self.engine.poll_timeout().map(Instant::from_std);
             // Commands (acks, close) are served whatever the application
             // does; brokers are read only while few deliveries wait for it.
             tokio::select! {
@@ -94,20 +97,17 @@ impl Dispatcher {
                     }
                     self.on_cmds(cmds);
                 }
-                _ = tick.tick() => self.check_gaps(),
+                _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    self.engine.handle_timeout(now());
+                    self.carry_out();
+                }
                 r = stop.changed() => if r.is_err() || *stop.borrow() { return },
             }
         }
     }
 
-    fn ack_broker(&self, token: Token) {
-        if let Some(pid) = token.pid {
-            let _ = self.to_drivers[token.broker].send(DriverCmd::Ack { epoch: token.epoch, pid });
-        }
-    }
-
-    /// Messages from the brokers: drop what was handled, hold second copies
-    /// of what is being handled, queue the rest for the application.
+    /// Messages from the brokers, with the inbox's answer for those the
+    /// engine must ask about.
     async fn take(&mut self, batch: Vec<FromBroker>) {
         let mut items = Vec::with_capacity(batch.len());
         for FromBroker { broker, epoch, mut msg } in batch {
@@ -123,22 +123,11 @@ impl Dispatcher {
             let identity = identity.filter(|_| self.cfg.inbox);
             items.push(Pending { token, msg, identity });
         }
-        // Decided for the whole batch before anything in it is handed over.
-        let fresh: Vec<bool> = items
-            .iter()
-            .map(|p| p.identity.as_ref().is_some_and(|i| self.high.get(&i.producer).is_none_or(|h| i.seq > *h)))
-            .collect();
-        let ids: Vec<(String, u64)> = items
-            .iter()
-            .zip(&fresh)
-            .filter(|(_, fresh)| !**fresh)
-            .filter_map(|(p, _)| p.identity.as_ref())
-            .map(|i| (i.producer.clone(), i.seq))
-            .collect();
-        let seen = if ids.is_empty() {
+        let ask = self.engine.to_ask(&items);
+        let seen = if ask.is_empty() {
             Vec::new()
         } else {
-            match self.outbox.inbox_seen(ids).await {
+            match self.outbox.inbox_seen(ask).await {
                 Ok(s) => s,
                 Err(e) => {
                     // Without the inbox nothing is known handled: hand over
@@ -148,95 +137,23 @@ impl Dispatcher {
                 }
             }
         };
-        let mut seen = seen.into_iter();
-        let mut duplicates = 0;
-        for (p, fresh) in items.into_iter().zip(fresh) {
-            let Some(id) = p.identity.clone() else {
-                self.hand_over(p, false);
-                continue;
-            };
-            let known = !fresh && seen.next().unwrap_or(false);
-            if known {
-                duplicates += 1;
-                self.ack_broker(p.token);
-                continue;
-            }
-            if let Some(copies) = self.handling.get_mut(&id) {
-                copies.push(p.token);
-                duplicates += 1;
-                continue;
-            }
-            self.handling.insert(id.clone(), Vec::new());
-            let h = self.high.entry(id.producer.clone()).or_default();
-            *h = (*h).max(id.seq);
-            self.note_sequence(&id);
-            self.hand_over(p, false);
-        }
-        self.outbox.count(DUPLICATES, duplicates);
-    }
-
-    /// Queues a delivery for the application. Every delivery has a token:
-    /// a QoS 0 one has no packet id to acknowledge, but its identity is
-    /// still recorded when it is handled.
-    fn hand_over(&mut self, p: Pending, redelivered: bool) {
-        let broker = self.urls[p.token.broker].clone();
-        self.ready.push_back(p.into_received(broker, redelivered, self.cmds.clone()));
+        self.engine.handle_delivered(items, &seen, now());
+        self.carry_out();
     }
 
     fn on_cmds(&mut self, cmds: Vec<Cmd>) {
-        let mut record = Vec::new();
-        let mut plain = 0;
+        let mut acks = Vec::new();
         for cmd in cmds {
             match cmd {
-                Cmd::Ack { token, identity: Some(id) } => record.push((id, token)),
-                Cmd::Ack { token, identity: None } => {
-                    plain += 1;
-                    self.ack_broker(token);
-                }
-                Cmd::Retry(p) => {
-                    let app = self.app.clone();
-                    let urls = self.urls.clone();
-                    let cmds = self.cmds.clone();
-                    let after = self.cfg.retry_after;
-                    tokio::spawn(async move {
-                        sleep(after).await;
-                        let broker = urls[p.token.broker].clone();
-                        let _ = app.send(p.into_received(broker, true, cmds)).await;
-                    });
-                }
+                Cmd::Ack { token, identity } => acks.push((token, identity)),
+                Cmd::Retry(p) => self.engine.handle_refused(p, now()),
                 Cmd::Flush(tx) => self.flush = Some(tx),
-                Cmd::Recorded(done, true) => {
-                    self.recording -= 1;
-                    for (id, token) in done {
-                        let copies = self.handling.remove(&id).unwrap_or_default();
-                        self.ack_broker(token);
-                        for c in copies {
-                            self.ack_broker(c);
-                        }
-                    }
-                }
-                Cmd::Recorded(done, false) => {
-                    // Not acknowledged until recorded: tried again (the
-                    // deliveries stay in flight, and the record stays
-                    // counted as under way, meanwhile).
-                    let back = self.cmds.clone();
-                    tokio::spawn(async move {
-                        sleep(Duration::from_secs(1)).await;
-                        let _ = back.send(Cmd::RecordAgain(done));
-                    });
-                }
-                Cmd::RecordAgain(done) => {
-                    self.recording -= 1;
-                    self.record(done);
-                }
+                Cmd::Recorded(done, ok) => self.engine.handle_recorded(done, ok, now()),
             }
         }
-        self.handled.fetch_add(plain, Ordering::Relaxed);
-        self.outbox.count(HANDLED, plain);
-        if !record.is_empty() {
-            self.record(record);
-        }
-        if self.recording == 0 {
+        self.engine.handle_acks(acks);
+        self.carry_out();
+        if self.engine.recording() == 0 {
             if let Some(tx) = self.flush.take() {
                 // Every ack is queued to its driver: they answer once written.
                 let drivers = self.to_drivers.clone();
@@ -254,16 +171,50 @@ impl Dispatcher {
         }
     }
 
-    fn record(&mut self, record: Vec<(Identity, Token)>) {
-        self.recording += 1;
-        // The inbox record is on disk before any broker ack leaves (G4, G5).
-        let n = record.len() as u64;
-        self.handled.fetch_add(n, Ordering::Relaxed);
-        self.outbox.count(HANDLED, n);
+    /// Carries out what the engine decided, in order.
+    fn carry_out(&mut self) {
+        while let Some(op) = self.engine.poll_op() {
+            match op {
+                DispatchOp::HandOver { delivery, redelivered } => {
+                    let broker = self.urls[delivery.token.broker].clone();
+                    self.ready.push_back(delivery.into_received(broker, redelivered, self.cmds.clone()));
+                }
+                DispatchOp::AckBroker(token) => self.ack_broker(token),
+                DispatchOp::Record(batch) => self.record(batch),
+                DispatchOp::Count(counter, n) => {
+                    let name = match counter {
+                        Counter::Handled => {
+                            self.handled.fetch_add(n, Ordering::Relaxed);
+                            HANDLED
+                        }
+                        Counter::Duplicates => DUPLICATES,
+                        Counter::OutOfOrder => OUT_OF_ORDER,
+                        Counter::Gaps => GAPS,
+                    };
+                    self.outbox.count(name, n);
+                }
+                DispatchOp::SuspectedLoss { producer, first, last } => {
+                    tracing::warn!(%producer, first, last, "suspected loss: a gap in this producer's sequence did not fill");
+                    let _ = self.events.send(Event::SuspectedLoss { producer, first, last });
+                }
+            }
+        }
+    }
+
+    fn ack_broker(&self, token: Token) {
+        if let Some(pid) = token.pid {
+            let _ = self.to_drivers[token.broker].send(DriverCmd::Ack { epoch: token.epoch, pid });
+        }
+    }
+
+    /// Records handled identities in the inbox (group commit, on disk
+    /// before any broker ack leaves: G4, G5); the outcome goes back to the
+    /// engine.
+    fn record(&self, batch: Vec<(Identity, Token)>) {
         let outbox = self.outbox.clone();
         let back = self.cmds.clone();
         tokio::spawn(async move {
-            let ids = record.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
+            let ids = batch.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
             let ok = match outbox.inbox_record(ids).await {
                 Ok(()) => true,
                 Err(e) => {
@@ -271,53 +222,7 @@ impl Dispatcher {
                     false
                 }
             };
-            let _ = back.send(Cmd::Recorded(record, ok));
+            let _ = back.send(Cmd::Recorded(batch, ok));
         });
-    }
-
-    /// G6: a jump ahead opens a gap; an arrival below the highest fills one
-    /// (or is out of order).
-    fn note_sequence(&mut self, id: &Identity) {
-        let s = self.producers.entry(id.producer.clone()).or_default();
-        let now = Instant::now();
-        if s.highest == 0 {
-            s.highest = id.seq;
-            return;
-        }
-        if id.seq > s.highest + 1 {
-            s.gaps.insert(s.highest + 1, (id.seq - 1, now));
-        }
-        if id.seq > s.highest {
-            s.highest = id.seq;
-            return;
-        }
-        self.outbox.count(OUT_OF_ORDER, 1);
-        // Fill: split the range holding seq.
-        let Some((&first, &(last, since))) = s.gaps.range(..=id.seq).next_back() else { return };
-        if id.seq > last {
-            return;
-        }
-        s.gaps.remove(&first);
-        if first < id.seq {
-            s.gaps.insert(first, (id.seq - 1, since));
-        }
-        if id.seq < last {
-            s.gaps.insert(id.seq + 1, (last, since));
-        }
-    }
-
-    fn check_gaps(&mut self) {
-        let timeout = self.cfg.gap_timeout;
-        let mut reported = 0;
-        for (producer, s) in &mut self.producers {
-            let old: Vec<u64> = s.gaps.iter().filter(|(_, (_, t))| t.elapsed() >= timeout).map(|(f, _)| *f).collect();
-            for first in old {
-                let (last, _) = s.gaps.remove(&first).expect("listed");
-                reported += 1;
-                tracing::warn!(%producer, first, last, "suspected loss: a gap in this producer's sequence did not fill");
-                let _ = self.events.send(Event::SuspectedLoss { producer: producer.clone(), first, last });
-            }
-        }
-        self.outbox.count(GAPS, reported);
     }
 }

@@ -19,11 +19,12 @@ mod dispatcher;
 mod received;
 mod receiver;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use steadfast_core::engine::{Dispatch, DispatchConfig};
 use steadfast_core::Identity;
 use steadfast_store::{InboxBounds, OpenReport, Outbox, SqliteStore, Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -98,8 +99,6 @@ enum Cmd {
     },
     Retry(Pending),
     Recorded(Vec<(Identity, Token)>, bool),
-    /// A failed record, tried again.
-    RecordAgain(Vec<(Identity, Token)>),
     /// Close: finish the acknowledgements under way, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -204,13 +203,17 @@ impl Consumer {
             app: app_tx,
             cmds: cmd_tx,
             to_drivers,
-            handling: HashMap::new(),
-            producers: HashMap::new(),
+            engine: Dispatch::new(
+                DispatchConfig {
+                    gap_timeout: cfg.gap_timeout,
+                    retry_after: cfg.retry_after,
+                    record_retry: Duration::from_secs(1),
+                },
+                high,
+            ),
             handled: handled.clone(),
-            recording: 0,
             flush: None,
             ready: VecDeque::new(),
-            high: high.into_iter().collect(),
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {

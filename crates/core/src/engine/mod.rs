@@ -13,10 +13,12 @@
 //! simulator (`crates/sim`) drive the same engine: the simulator proves the
 //! decisions the product makes, not a copy of them.
 
+mod inbox;
 mod publish;
 
 use std::time::Instant;
 
+pub use inbox::{Counter, Delivered, Dispatch, DispatchConfig, DispatchOp};
 pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, Queued, SessionConfig, SessionEvent, StoreOp,
     Wire, WireUpdate,
@@ -46,4 +48,10 @@ pub enum Timer {
     AckTimeout,
     /// A message the broker refused goes back into the queue.
     Retry,
+    /// A delivery the application gave back is handed over again.
+    Redeliver,
+    /// An inbox record that failed is tried again.
+    Rerecord,
+    /// A gap in a producer's sequence that did not fill is reported.
+    Gap,
 }

@@ -78,6 +78,10 @@ impl<M: Queued> PublishSession<M> {
             } else {
                 Fate::Resend
             };
+            let fate = match fate {
+                Fate::Resend if crate::mutate::planted(crate::mutate::Bug::ResumeWithoutResend) => continue,
+                fate => fate,
+            };
             let sent = match fate {
                 Fate::Resend => match e.stage {
                     Stage::Published => wire.publish(m, Some(pid), true),

@@ -58,16 +58,7 @@ impl<M: Queued> PublishSession<M> {
                 }
                 None => return Err(stray("PUBREC", pid, "QoS 2 message")),
             },
-            Ack::PubComp { pid } => {
-                s.done.extend(self.window.on_pubcomp(pid));
-                if crate::mutate::planted(crate::mutate::Bug::OneAckCountsTwice) {
-                    s.done.extend(
-                        self.window
-                            .on_pubcomp(pid.wrapping_add(1))
-                            .or_else(|| self.window.on_puback(pid.wrapping_add(1))),
-                    );
-                }
-            }
+            Ack::PubComp { pid } => s.done.extend(self.window.on_pubcomp(pid)),
             Ack::PubAck { pid, ok: false } | Ack::PubRec { pid, ok: false } => match self.window.on_refused(pid) {
                 Some(id) => s.refused.push(id),
                 None => return Err(stray("refusal", pid, "message")),

@@ -1,0 +1,315 @@
+//! The consumer's dispatcher: what every broker delivers, merged. It drops
+//! what the inbox says was handled, holds a copy that arrives while the
+//! first is in the application's hands, has each handled identity recorded
+//! in the inbox *before* any broker's acknowledgement of it leaves (G4,
+//! G5), gives refused deliveries back after a pause, and watches each
+//! producer's sequence for gaps (G6).
+//!
+//! Inputs: deliveries with what the inbox said of them
+//! ([`Dispatch::handle_delivered`]), the application's acknowledgements and
+//! refusals, the outcome of each inbox record, and the clock. Outputs:
+//! [`DispatchOp`]s, pulled with [`Dispatch::poll_op`], and the next timer.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::{Now, Timer};
+use crate::message::Identity;
+
+/// What the dispatcher needs to know of a delivery.
+pub trait Delivered {
+    /// Where its acknowledgement goes (a broker, a connection, a packet id).
+    type Token: Clone;
+    /// The producer's identity it carries, if any (and the inbox is on).
+    fn identity(&self) -> Option<&Identity>;
+    /// Its token.
+    fn token(&self) -> Self::Token;
+}
+
+/// A counter the dispatcher moves (kept in the store across restarts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Deliveries the application acknowledged.
+    Handled,
+    /// Copies of something handled or being handled.
+    Duplicates,
+    /// Arrivals below a producer's highest sequence number.
+    OutOfOrder,
+    /// Gaps that did not fill in time.
+    Gaps,
+}
+
+/// What the dispatcher asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DispatchOp<P, T> {
+    /// Give this delivery to the application.
+    HandOver {
+        /// The delivery.
+        delivery: P,
+        /// It was handed over before.
+        redelivered: bool,
+    },
+    /// Send the broker's acknowledgement for this token.
+    AckBroker(T),
+    /// Record these identities in the inbox, durably, and report the
+    /// outcome with [`Dispatch::handle_recorded`].
+    Record(Vec<(Identity, T)>),
+    /// Add to a counter.
+    Count(Counter, u64),
+    /// A gap in a producer's sequence did not fill within the gap timeout.
+    SuspectedLoss {
+        /// The producer.
+        producer: String,
+        /// First missing sequence number.
+        first: u64,
+        /// Last missing sequence number.
+        last: u64,
+    },
+}
+
+/// Identities to record, each with the token of its delivery.
+type Batch<T> = Vec<(Identity, T)>;
+
+/// Per producer: the highest sequence number seen and the gaps below it.
+#[derive(Debug, Default)]
+struct Sequence {
+    highest: u64,
+    /// Missing ranges (first -> last) and when they were noticed.
+    gaps: BTreeMap<u64, (u64, Instant)>,
+}
+
+/// Settings of a dispatcher.
+#[derive(Debug, Clone, Copy)]
+pub struct DispatchConfig {
+    /// How long a gap may stay open before it is reported.
+    pub gap_timeout: Duration,
+    /// How long a refused delivery waits before it is handed over again.
+    pub retry_after: Duration,
+    /// How long a failed inbox record waits before it is tried again.
+    pub record_retry: Duration,
+}
+
+/// The consumer's dispatcher.
+#[derive(Debug)]
+pub struct Dispatch<P: Delivered> {
+    cfg: DispatchConfig,
+    /// Identities handed over and not yet recorded, with the copies that
+    /// arrived meanwhile (acknowledged once it is recorded).
+    handling: HashMap<Identity, Vec<P::Token>>,
+    producers: HashMap<String, Sequence>,
+    /// Per producer, a sequence number at or above every one the inbox
+    /// holds or that was handed over: anything above it is new without
+    /// asking the store (the common case).
+    high: HashMap<String, u64>,
+    /// Inbox records asked for and not yet reported, or waiting to be
+    /// tried again.
+    recording: usize,
+    /// Refused deliveries and when they come back.
+    redeliver: VecDeque<(Instant, P)>,
+    /// Failed records and when they are tried again.
+    rerecord: VecDeque<(Instant, Batch<P::Token>)>,
+    ops: VecDeque<DispatchOp<P, P::Token>>,
+}
+
+impl<P: Delivered> Dispatch<P> {
+    /// A dispatcher over an inbox whose highest recorded sequence number
+    /// per producer is `high`.
+    pub fn new(cfg: DispatchConfig, high: impl IntoIterator<Item = (String, u64)>) -> Self {
+        Self {
+            cfg,
+            handling: HashMap::new(),
+            producers: HashMap::new(),
+            high: high.into_iter().collect(),
+            recording: 0,
+            redeliver: VecDeque::new(),
+            rerecord: VecDeque::new(),
+            ops: VecDeque::new(),
+        }
+    }
+
+    /// The identities among `items` the inbox must be asked about, in
+    /// order: those at or below what this process knows of their producer.
+    /// Anything above is new without asking.
+    pub fn to_ask(&self, items: &[P]) -> Vec<(String, u64)> {
+        items
+            .iter()
+            .filter_map(Delivered::identity)
+            .filter(|i| !self.is_fresh(i))
+            .map(|i| (i.producer.clone(), i.seq))
+            .collect()
+    }
+
+    fn is_fresh(&self, i: &Identity) -> bool {
+        self.high.get(&i.producer).is_none_or(|h| i.seq > *h)
+    }
+
+    /// Deliveries from the brokers, with the inbox's answer for
+    /// [`Self::to_ask`] of them (`seen`, in that order; empty when the
+    /// inbox could not be read: then nothing counts as handled, and
+    /// delivery is at least once rather than stalled).
+    pub fn handle_delivered(&mut self, items: Vec<P>, seen: &[bool], now: Now) {
+        // Decided for the whole batch before anything in it is handed over.
+        let fresh: Vec<bool> = items.iter().map(|p| p.identity().is_some_and(|i| self.is_fresh(i))).collect();
+        let mut seen = seen.iter().copied();
+        let mut duplicates = 0;
+        for (p, fresh) in items.into_iter().zip(fresh) {
+            let Some(id) = p.identity().cloned() else {
+                self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: false });
+                continue;
+            };
+            let known = !fresh && seen.next().unwrap_or(false);
+            if known && !crate::mutate::planted(crate::mutate::Bug::InboxForgets) {
+                duplicates += 1;
+                self.ops.push_back(DispatchOp::AckBroker(p.token()));
+                continue;
+            }
+            if let Some(copies) = self.handling.get_mut(&id) {
+                copies.push(p.token());
+                duplicates += 1;
+                continue;
+            }
+            self.handling.insert(id.clone(), Vec::new());
+            let h = self.high.entry(id.producer.clone()).or_default();
+            *h = (*h).max(id.seq);
+            self.note_sequence(&id, now.at);
+            if crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
+                self.ops.push_back(DispatchOp::AckBroker(p.token()));
+            }
+            self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: false });
+        }
+        if duplicates > 0 {
+            self.ops.push_back(DispatchOp::Count(Counter::Duplicates, duplicates));
+        }
+    }
+
+    /// The application acknowledged these: without an identity the broker's
+    /// ack leaves at once; with one, only after the inbox recorded it.
+    pub fn handle_acks(&mut self, acks: impl IntoIterator<Item = (P::Token, Option<Identity>)>) {
+        let mut record = Vec::new();
+        let mut plain = 0;
+        for (token, identity) in acks {
+            match identity {
+                Some(id) => record.push((id, token)),
+                None => {
+                    plain += 1;
+                    self.ops.push_back(DispatchOp::AckBroker(token));
+                }
+            }
+        }
+        let handled = plain + record.len() as u64;
+        if handled > 0 {
+            self.ops.push_back(DispatchOp::Count(Counter::Handled, handled));
+        }
+        if !record.is_empty() {
+            self.recording += 1;
+            self.ops.push_back(DispatchOp::Record(record));
+        }
+    }
+
+    /// The application gave a delivery back: it comes again after a pause.
+    pub fn handle_refused(&mut self, delivery: P, now: Now) {
+        self.redeliver.push_back((now.at + self.cfg.retry_after, delivery));
+    }
+
+    /// The outcome of a [`DispatchOp::Record`]. Recorded: the broker's acks
+    /// leave, for the delivery and every copy held meanwhile. Not
+    /// recorded: nothing is acknowledged, and the record is tried again.
+    pub fn handle_recorded(&mut self, batch: Vec<(Identity, P::Token)>, ok: bool, now: Now) {
+        if !ok {
+            self.rerecord.push_back((now.at + self.cfg.record_retry, batch));
+            return;
+        }
+        self.recording -= 1;
+        for (id, token) in batch {
+            let copies = self.handling.remove(&id).unwrap_or_default();
+            if !crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
+                self.ops.push_back(DispatchOp::AckBroker(token));
+            }
+            self.ops.extend(copies.into_iter().map(DispatchOp::AckBroker));
+        }
+    }
+
+    /// Inbox records asked for and not yet written.
+    pub fn recording(&self) -> usize {
+        self.recording
+    }
+
+    /// The next thing to do.
+    pub fn poll_op(&mut self) -> Option<DispatchOp<P, P::Token>> {
+        self.ops.pop_front()
+    }
+
+    /// Every timer of the dispatcher and when it fires.
+    pub fn timers(&self) -> [(Timer, Option<Instant>); 3] {
+        let gap = self.producers.values().flat_map(|s| s.gaps.values()).map(|(_, t)| *t + self.cfg.gap_timeout).min();
+        [
+            (Timer::Redeliver, self.redeliver.front().map(|(t, _)| *t)),
+            (Timer::Rerecord, self.rerecord.front().map(|(t, _)| *t)),
+            (Timer::Gap, gap),
+        ]
+    }
+
+    /// When the dispatcher next needs [`Self::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers().into_iter().filter_map(|(_, t)| t).min()
+    }
+
+    /// Acts on the timers that are due.
+    pub fn handle_timeout(&mut self, now: Now) {
+        while self.redeliver.front().is_some_and(|(t, _)| *t <= now.at) {
+            let (_, delivery) = self.redeliver.pop_front().expect("front");
+            self.ops.push_back(DispatchOp::HandOver { delivery, redelivered: true });
+        }
+        while self.rerecord.front().is_some_and(|(t, _)| *t <= now.at) {
+            let (_, batch) = self.rerecord.pop_front().expect("front");
+            self.ops.push_back(DispatchOp::Record(batch));
+        }
+        self.report_gaps(now.at);
+    }
+
+    /// G6: a jump ahead opens a gap; an arrival below the highest fills one
+    /// (or is out of order).
+    fn note_sequence(&mut self, id: &Identity, now: Instant) {
+        let s = self.producers.entry(id.producer.clone()).or_default();
+        if s.highest == 0 {
+            s.highest = id.seq;
+            return;
+        }
+        if id.seq > s.highest + 1 {
+            s.gaps.insert(s.highest + 1, (id.seq - 1, now));
+        }
+        if id.seq > s.highest {
+            s.highest = id.seq;
+            return;
+        }
+        self.ops.push_back(DispatchOp::Count(Counter::OutOfOrder, 1));
+        // Fill: split the range holding seq.
+        let Some((&first, &(last, since))) = s.gaps.range(..=id.seq).next_back() else { return };
+        if id.seq > last {
+            return;
+        }
+        s.gaps.remove(&first);
+        if first < id.seq {
+            s.gaps.insert(first, (id.seq - 1, since));
+        }
+        if id.seq < last {
+            s.gaps.insert(id.seq + 1, (last, since));
+        }
+    }
+
+    fn report_gaps(&mut self, now: Instant) {
+        let timeout = self.cfg.gap_timeout;
+        let mut reported = 0;
+        for (producer, s) in &mut self.producers {
+            let old: Vec<u64> = s.gaps.iter().filter(|(_, (_, t))| now >= *t + timeout).map(|(f, _)| *f).collect();
+            for first in old {
+                let (last, _) = s.gaps.remove(&first).expect("listed");
+                reported += 1;
+                self.ops.push_back(DispatchOp::SuspectedLoss { producer: producer.clone(), first, last });
+            }
+        }
+        if reported > 0 {
+            self.ops.push_back(DispatchOp::Count(Counter::Gaps, reported));
+        }
+    }
+}

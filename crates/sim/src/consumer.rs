@@ -1,0 +1,87 @@
+//! The consumer process: its inbox (what is committed survives a crash),
+//! the dispatch engine that the real consumer runs, and an application
+//! that takes a while to handle each delivery.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
+
+use steadfast_core::engine::{Delivered, Dispatch, DispatchConfig};
+use steadfast_core::Identity;
+
+/// The producer's id in every identity.
+pub const PRODUCER: &str = "sim-producer";
+
+/// Where a delivery's acknowledgement goes: the connection and packet id.
+pub type Token = (u64, u16);
+
+/// A delivery as the engine sees it.
+#[derive(Debug, Clone)]
+pub struct Del {
+    pub id: u64,
+    pub identity: Identity,
+    pub token: Token,
+}
+
+impl Delivered for Del {
+    type Token = Token;
+    fn identity(&self) -> Option<&Identity> {
+        Some(&self.identity)
+    }
+    fn token(&self) -> Token {
+        self.token
+    }
+}
+
+/// An inbox record under way, and when it is on disk.
+pub type Record = (u64, Vec<(Identity, Token)>);
+
+/// The consumer process.
+pub struct Consumer {
+    pub engine: Option<Dispatch<Del>>,
+    /// Identities on disk in the inbox.
+    pub inbox: BTreeSet<u64>,
+    /// Deliveries in the application's hands, and when it is done with each.
+    pub app: VecDeque<(u64, Del)>,
+    /// Inbox records being written.
+    pub records: VecDeque<Record>,
+    /// The current connection's number (acks of older ones are void).
+    pub epoch: u64,
+}
+
+impl Consumer {
+    pub fn new() -> Self {
+        let mut c =
+            Consumer { engine: None, inbox: BTreeSet::new(), app: VecDeque::new(), records: VecDeque::new(), epoch: 0 };
+        c.start();
+        c
+    }
+
+    /// The process starts on its inbox.
+    pub fn start(&mut self) {
+        let cfg = DispatchConfig {
+            gap_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+            record_retry: Duration::from_secs(1),
+        };
+        let high = self.inbox.last().map(|s| (PRODUCER.to_owned(), *s));
+        self.engine = Some(Dispatch::new(cfg, high));
+    }
+
+    /// kill -9: the engine, the application's work and unwritten records
+    /// are gone; returns the identities handled but not yet on disk.
+    pub fn crash(&mut self) -> Vec<u64> {
+        self.engine = None;
+        self.app.clear();
+        let unwritten = self.records.drain(..).flat_map(|(_, b)| b.into_iter().map(|(i, _)| i.seq)).collect();
+        unwritten
+    }
+
+    pub fn alive(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// Nothing in the application's hands or being written.
+    pub fn idle(&self) -> bool {
+        self.app.is_empty() && self.records.is_empty() && self.engine.as_ref().is_none_or(|e| e.recording() == 0)
+    }
+}

@@ -1,0 +1,201 @@
+//! The consumer's side: its connection to the broker, the dispatch
+//! engine's turn, the application handling deliveries, and inbox records.
+
+use std::collections::VecDeque;
+
+use steadfast_core::engine::DispatchOp;
+use steadfast_core::Identity;
+
+use super::{arrived, in_order, World};
+use crate::consumer::{Del, PRODUCER};
+
+/// What the broker sends the consumer.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum ToConsumer {
+    ConnAck { present: bool },
+    Publish { pid: u16, id: u64, dup: bool },
+}
+
+/// The consumer's connection.
+pub(super) struct CConn {
+    /// PUBACKs on their way to the broker.
+    pub(super) up: VecDeque<(u64, u16)>,
+    /// Packets on their way to the consumer.
+    pub(super) down: VecDeque<(u64, ToConsumer)>,
+    /// Nothing passes before this time (a black hole).
+    pub(super) hole_until: u64,
+    /// The CONNACK arrived at the broker's end: it sends.
+    open: bool,
+}
+
+impl World {
+    /// The consumer's step: connect, the broker sends, deliveries arrive,
+    /// the application finishes, records land, timers fire.
+    pub(super) fn step_consumer(&mut self) {
+        self.connect_consumer();
+        self.broker_serves_consumer();
+        self.deliver_to_consumer();
+        self.application();
+        self.records_land();
+        let now = self.now();
+        if let Some(e) = self.consumer.engine.as_mut() {
+            if e.poll_timeout().is_some_and(|w| w <= now.at) {
+                e.handle_timeout(now);
+            }
+        }
+        self.carry_out_dispatch();
+    }
+
+    fn connect_consumer(&mut self) {
+        if self.cconn.is_some() || !self.consumer.alive() || self.t < self.next_cconnect {
+            return;
+        }
+        if !self.broker.up {
+            self.next_cconnect = self.t + self.rng.u64(100..1_000);
+            return;
+        }
+        self.consumer.epoch += 1;
+        let (present, resend) = self.broker.connect_consumer();
+        let at = self.t + 2 * self.latency();
+        let mut down = VecDeque::from([(at, ToConsumer::ConnAck { present })]);
+        for (pid, id) in resend {
+            self.trace.note(self.t, Some(id), format!("broker: resends to the consumer, pid {pid} dup"));
+            down.push_back((at, ToConsumer::Publish { pid, id, dup: true }));
+        }
+        self.cconn = Some(CConn { up: VecDeque::new(), down, hole_until: 0, open: true });
+    }
+
+    pub(super) fn reset_consumer_link(&mut self, cut_per_mille: u32) {
+        let Some(c) = self.cconn.as_mut() else { return };
+        // PUBACKs already sent arrive up to the cut.
+        let keep = c.up.len() * cut_per_mille as usize / 1000;
+        let acks: Vec<u16> = c.up.drain(..).take(keep).map(|(_, pid)| pid).collect();
+        if self.broker.up {
+            for pid in acks {
+                self.broker_takes_puback(pid);
+            }
+        }
+        self.consumer_link_lost("connection reset");
+    }
+
+    pub(super) fn consumer_link_lost(&mut self, why: &str) {
+        if self.cconn.take().is_some() {
+            self.trace.note(self.t, None, format!("consumer link lost: {why}"));
+        }
+        self.next_cconnect = self.t + self.rng.u64(100..1_000);
+    }
+
+    fn broker_takes_puback(&mut self, pid: u16) {
+        if let Some(id) = self.broker.consumer_acked(pid) {
+            self.trace.note(self.t, Some(id), format!("broker: the consumer's PUBACK pid {pid}; done with it"));
+        }
+    }
+
+    fn broker_serves_consumer(&mut self) {
+        if !self.broker.up || !self.cconn.as_ref().is_some_and(|c| c.open && c.hole_until <= self.t) {
+            return;
+        }
+        while let Some((pid, id)) = self.broker.next_for_consumer() {
+            self.trace.note(self.t, Some(id), format!("broker: sends to the consumer, pid {pid}"));
+            let at = self.t + self.latency();
+            let c = self.cconn.as_mut().expect("checked");
+            let at = in_order(&c.down, at);
+            c.down.push_back((at, ToConsumer::Publish { pid, id, dup: false }));
+        }
+    }
+
+    fn deliver_to_consumer(&mut self) {
+        let t = self.t;
+        let Some(c) = self.cconn.as_mut() else { return };
+        let acks = arrived(&mut c.up, t, c.hole_until);
+        let down = arrived(&mut c.down, t, c.hole_until);
+        for pid in acks {
+            self.broker_takes_puback(pid);
+        }
+        let epoch = self.consumer.epoch;
+        let items: Vec<Del> = down
+            .into_iter()
+            .filter_map(|p| match p {
+                ToConsumer::ConnAck { present } => {
+                    self.trace.note(t, None, format!("consumer connected, session present {present}"));
+                    None
+                }
+                ToConsumer::Publish { pid, id, dup } => {
+                    self.trace.note(t, Some(id), format!("consumer: received pid {pid} dup {dup}"));
+                    Some(Del { id, identity: Identity { producer: PRODUCER.to_owned(), seq: id }, token: (epoch, pid) })
+                }
+            })
+            .collect();
+        let now = self.now();
+        let Some(e) = self.consumer.engine.as_mut() else { return };
+        if items.is_empty() {
+            return;
+        }
+        let seen: Vec<bool> = e.to_ask(&items).iter().map(|(_, seq)| self.consumer.inbox.contains(seq)).collect();
+        e.handle_delivered(items, &seen, now);
+    }
+
+    /// The application finishes what is due: handled, then acknowledged.
+    fn application(&mut self) {
+        while self.consumer.app.front().is_some_and(|(at, _)| *at <= self.t) {
+            let (_, d) = self.consumer.app.pop_front().expect("front");
+            *self.handled.entry(d.id).or_default() += 1;
+            self.trace.note(self.t, Some(d.id), "consumer: HANDLED by the application");
+            if let Some(e) = self.consumer.engine.as_mut() {
+                e.handle_acks([(d.token, Some(d.identity))]);
+            }
+        }
+    }
+
+    /// Inbox records whose write finished are on disk.
+    fn records_land(&mut self) {
+        let now = self.now();
+        while self.consumer.records.front().is_some_and(|(at, _)| *at <= self.t) {
+            let (_, batch) = self.consumer.records.pop_front().expect("front");
+            for (i, _) in &batch {
+                self.trace.note(self.t, Some(i.seq), "consumer: identity recorded in the inbox");
+                self.consumer.inbox.insert(i.seq);
+            }
+            if let Some(e) = self.consumer.engine.as_mut() {
+                e.handle_recorded(batch, true, now);
+            }
+        }
+    }
+
+    /// Carries out the dispatch engine's decisions.
+    fn carry_out_dispatch(&mut self) {
+        loop {
+            let Some(op) = self.consumer.engine.as_mut().and_then(|e| e.poll_op()) else { return };
+            match op {
+                DispatchOp::HandOver { delivery, redelivered } => {
+                    let at = self.t + self.rng.u64(0..=self.s.handling_ms);
+                    let d = delivery.id;
+                    self.trace.note(
+                        self.t,
+                        Some(d),
+                        format!("consumer: handed to the application (again: {redelivered})"),
+                    );
+                    self.consumer.app.push_back((at, delivery));
+                    self.consumer.app.make_contiguous().sort_by_key(|(t, _)| *t);
+                }
+                DispatchOp::AckBroker((epoch, pid)) => {
+                    let at = self.t + self.latency();
+                    // An ack of an older connection is void: the broker sends
+                    // the message again on the new one.
+                    if let Some(c) = self.cconn.as_mut().filter(|_| epoch == self.consumer.epoch) {
+                        let at = in_order(&c.up, at);
+                        c.up.push_back((at, pid));
+                    }
+                }
+                DispatchOp::Record(batch) => {
+                    let at = self.t + self.rng.u64(0..5);
+                    self.consumer.records.push_back((at, batch));
+                }
+                DispatchOp::Count(..) => {}
+                DispatchOp::SuspectedLoss { first, last, .. } => {
+                    self.trace.note(self.t, None, format!("consumer: suspected loss {first}..={last}"));
+                }
+            }
+        }
+    }
+}

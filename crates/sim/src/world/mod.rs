@@ -1,0 +1,352 @@
+//! One seed's world in simulated time: the producer, the broker, the
+//! consumer, the two connections, the faults, and the verdict.
+//!
+//! `publishing` drives the producer's link, `consuming` the consumer's;
+//! this file holds the loop, the faults and the verdict.
+
+mod consuming;
+mod publishing;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use steadfast_core::engine::Now;
+
+use crate::broker::{Broker, Down};
+use crate::consumer::Consumer;
+use crate::producer::Producer;
+use crate::schedule::{Fault, Schedule, ACTIVE_MS};
+use crate::trace::Trace;
+
+use self::consuming::CConn;
+
+/// The longest a run goes on after the active phase, for the backlog to
+/// drain once every fault has healed.
+const HEAL_MS: u64 = 120_000;
+/// Wall-clock time of the simulation's start (deadlines are wall time).
+const WALL_EPOCH_MS: u64 = 1_800_000_000_000;
+
+/// The outcome of one seed.
+#[derive(Debug)]
+pub struct Verdict {
+    /// The seed that made this world.
+    pub seed: u64,
+    /// Messages the producer accepted (committed to its outbox).
+    pub accepted: usize,
+    /// Accepted, never handled by the consumer, not dropped with a reason,
+    /// not lost by the broker: lost by steadfast.
+    pub lost: Vec<u64>,
+    /// Handled twice by the consumer where its inbox should have stopped
+    /// the second (the first was recorded before any crash).
+    pub twice: Vec<u64>,
+    /// Still queued somewhere when the run ended although every fault had
+    /// healed.
+    pub stuck: Vec<u64>,
+    /// Lost by the broker (a kill without persistence, or since its last
+    /// autosave): beyond what steadfast can promise, reported apart.
+    pub broker_lost: usize,
+    /// Faults applied.
+    pub faults: usize,
+    /// Every step, for the story of a message.
+    pub trace: Trace,
+}
+
+impl Verdict {
+    /// True when the promise was kept.
+    pub fn passed(&self) -> bool {
+        self.accepted > 0 && self.lost.is_empty() && self.twice.is_empty() && self.stuck.is_empty()
+    }
+
+    /// The message whose story explains a failure.
+    pub fn culprit(&self) -> Option<u64> {
+        self.lost.first().or(self.twice.first()).or(self.stuck.first()).copied()
+    }
+
+    /// One line for a failing seed.
+    pub fn summary(&self) -> String {
+        format!(
+            "seed {}: of {} accepted messages {} lost {:?}, {} handled twice {:?}, {} stuck {:?} ({} faults; {} lost by the broker itself)",
+            self.seed,
+            self.accepted,
+            self.lost.len(),
+            self.lost.first(),
+            self.twice.len(),
+            self.twice.first(),
+            self.stuck.len(),
+            self.stuck.first(),
+            self.faults,
+            self.broker_lost,
+        )
+    }
+}
+
+/// The producer's connection.
+struct Conn {
+    /// Bytes on their way to the broker, with their arrival time.
+    up: VecDeque<(u64, Vec<u8>)>,
+    /// Packets on their way to the producer.
+    down: VecDeque<(u64, Down)>,
+    /// Nothing passes before this time (a black hole).
+    hole_until: u64,
+}
+
+/// A process that is down, and when it comes back.
+#[derive(Default)]
+struct Back {
+    producer: Option<u64>,
+    consumer: Option<u64>,
+    broker: Option<u64>,
+}
+
+struct World {
+    s: Schedule,
+    t: u64,
+    epoch: Instant,
+    rng: fastrand::Rng,
+    producer: Producer,
+    consumer: Consumer,
+    broker: Broker,
+    conn: Option<Conn>,
+    cconn: Option<CConn>,
+    connected_once: bool,
+    next_connect: u64,
+    next_cconnect: u64,
+    back: Back,
+    accepted: BTreeSet<u64>,
+    /// What the consumer's application handled, and how often.
+    handled: BTreeMap<u64, u32>,
+    /// Second handlings the inbox could not stop: the first one's record
+    /// was not on disk when the consumer crashed.
+    excused: BTreeMap<u64, u32>,
+    trace: Trace,
+    faults: usize,
+}
+
+/// Runs the world of `seed` to its verdict.
+pub fn run(seed: u64) -> Verdict {
+    let s = Schedule::of(seed);
+    let epoch = Instant::now();
+    let mut w = World {
+        rng: fastrand::Rng::with_seed(seed ^ 0x5eed),
+        producer: Producer::new(&s, epoch),
+        consumer: Consumer::new(),
+        broker: Broker::new(&s),
+        s,
+        t: 0,
+        epoch,
+        conn: None,
+        cconn: None,
+        connected_once: false,
+        next_connect: 0,
+        next_cconnect: 0,
+        back: Back::default(),
+        accepted: BTreeSet::new(),
+        handled: BTreeMap::new(),
+        excused: BTreeMap::new(),
+        trace: Trace::default(),
+        faults: 0,
+    };
+    w.run();
+    w.verdict()
+}
+
+impl World {
+    fn now(&self) -> Now {
+        Now { at: self.epoch + Duration::from_millis(self.t), wall_ms: WALL_EPOCH_MS + self.t }
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn run(&mut self) {
+        let (mut next_msg, mut next_fault) = (0, 0);
+        while self.t <= ACTIVE_MS + HEAL_MS {
+            while next_msg < self.s.messages.len() && self.s.messages[next_msg].0 <= self.t {
+                self.publish(self.s.messages[next_msg].1);
+                next_msg += 1;
+            }
+            while next_fault < self.s.faults.len() && self.s.faults[next_fault].0 <= self.t {
+                self.fault(self.s.faults[next_fault].1);
+                next_fault += 1;
+            }
+            self.heal();
+            self.broker.tick(self.t);
+            self.step_producer();
+            self.step_consumer();
+            let done = next_msg == self.s.messages.len() && next_fault == self.s.faults.len();
+            if done && self.quiet() {
+                break;
+            }
+            self.t = self.next_event(next_msg, next_fault);
+        }
+    }
+
+    /// Nothing left to do: everything delivered, handled and on disk.
+    fn quiet(&self) -> bool {
+        self.producer.alive()
+            && self.consumer.alive()
+            && self.broker.up
+            && self.producer.committed.msgs.is_empty()
+            && !self.producer.dirty()
+            && self.broker.for_consumer().is_empty()
+            && self.consumer.idle()
+            && self.conn.as_ref().is_none_or(|c| c.up.is_empty() && c.down.is_empty())
+            && self.cconn.as_ref().is_none_or(|c| c.up.is_empty() && c.down.is_empty())
+    }
+
+    /// The next time anything can happen.
+    fn next_event(&self, next_msg: usize, next_fault: usize) -> u64 {
+        let mut at = vec![self.t + 1_000];
+        at.extend(self.s.messages.get(next_msg).map(|m| m.0));
+        at.extend(self.s.faults.get(next_fault).map(|f| f.0));
+        at.extend([self.back.producer, self.back.consumer, self.back.broker].into_iter().flatten());
+        if self.conn.is_none() {
+            at.push(self.next_connect);
+        }
+        if self.cconn.is_none() {
+            at.push(self.next_cconnect);
+        }
+        if let Some(c) = &self.conn {
+            at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
+            at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
+        }
+        if let Some(c) = &self.cconn {
+            at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
+            at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
+        }
+        if let Some(wake) = self.producer.engine.as_ref().and_then(|e| e.poll_timeout()) {
+            at.push(self.ms(wake));
+        }
+        if let Some(wake) = self.consumer.engine.as_ref().and_then(|e| e.poll_timeout()) {
+            at.push(self.ms(wake));
+        }
+        at.extend(self.consumer.app.front().map(|(t, _)| *t));
+        at.extend(self.consumer.records.front().map(|(t, _)| *t));
+        at.into_iter().min().unwrap_or(self.t + 1).max(self.t + 1)
+    }
+
+    fn latency(&mut self) -> u64 {
+        self.s.latency_ms.0 + self.rng.u64(0..=self.s.latency_ms.1)
+    }
+
+    fn fault(&mut self, f: Fault) {
+        self.faults += 1;
+        self.trace.note(self.t, None, format!("FAULT {f:?}"));
+        let later = |t: u64, d: Duration| Some(t + d.as_millis() as u64);
+        match f {
+            Fault::KillBroker { down } => {
+                if self.broker.up {
+                    self.broker.kill();
+                    self.back.broker = later(self.t, down);
+                    self.producer_link_lost("the broker was killed");
+                    self.consumer_link_lost("the broker was killed");
+                }
+            }
+            Fault::Reset { cut_per_mille, consumer: false } => self.reset_producer_link(cut_per_mille),
+            Fault::Reset { cut_per_mille, consumer: true } => self.reset_consumer_link(cut_per_mille),
+            Fault::BlackHole { lasts, consumer } => {
+                let until = self.t + lasts.as_millis() as u64;
+                if consumer {
+                    if let Some(c) = self.cconn.as_mut() {
+                        c.hole_until = until;
+                    }
+                } else if let Some(c) = self.conn.as_mut() {
+                    c.hole_until = until;
+                }
+            }
+            Fault::CrashProducer { down } => {
+                if self.producer.alive() {
+                    self.producer.crash();
+                    self.back.producer = later(self.t, down);
+                    self.conn = None;
+                }
+            }
+            Fault::CrashConsumer { down } => {
+                if self.consumer.alive() {
+                    for id in self.consumer.crash() {
+                        self.trace.note(self.t, Some(id), "consumer crashed before its inbox record was on disk");
+                        *self.excused.entry(id).or_default() += 1;
+                    }
+                    self.back.consumer = later(self.t, down);
+                    self.cconn = None;
+                }
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        if self.back.broker.is_some_and(|t| t <= self.t) {
+            self.back.broker = None;
+            self.broker.up = true;
+            self.trace.note(self.t, None, "broker restarted");
+        }
+        if self.back.producer.is_some_and(|t| t <= self.t) {
+            self.back.producer = None;
+            self.producer.start();
+            self.next_connect = self.t;
+            self.trace.note(self.t, None, "producer restarted on its outbox");
+        }
+        if self.back.consumer.is_some_and(|t| t <= self.t) {
+            self.back.consumer = None;
+            self.consumer.start();
+            self.next_cconnect = self.t;
+            self.trace.note(self.t, None, "consumer restarted on its inbox");
+        }
+    }
+
+    fn verdict(self) -> Verdict {
+        let queued: BTreeSet<u64> = self
+            .producer
+            .committed
+            .msgs
+            .keys()
+            .copied()
+            .chain(self.broker.for_consumer())
+            .chain(self.consumer.app.iter().map(|(_, d)| d.id))
+            .collect();
+        let handled = |id: &u64| self.handled.contains_key(id);
+        let dropped = |id: &u64| self.producer.committed.drops.contains_key(id);
+        let lost = self
+            .accepted
+            .iter()
+            .copied()
+            .filter(|id| !handled(id) && !dropped(id) && !self.broker.lost.contains(id) && !queued.contains(id))
+            .collect();
+        let stuck = self.accepted.iter().copied().filter(|id| !handled(id) && queued.contains(id)).collect();
+        let twice = self
+            .handled
+            .iter()
+            .filter(|(id, n)| **n > 1 + self.excused.get(id).copied().unwrap_or(0))
+            .map(|(id, _)| *id)
+            .collect();
+        let broker_lost = self.accepted.iter().filter(|id| !handled(id) && self.broker.lost.contains(id)).count();
+        Verdict {
+            seed: self.s.seed,
+            accepted: self.accepted.len(),
+            lost,
+            twice,
+            stuck,
+            broker_lost,
+            faults: self.faults,
+            trace: self.trace,
+        }
+    }
+}
+
+/// A stream's arrival time: after `at`, never before what is ahead of it.
+fn in_order<T>(q: &VecDeque<(u64, T)>, at: u64) -> u64 {
+    at.max(q.back().map_or(0, |(t, _)| *t))
+}
+
+/// Takes what arrived by `t` from a queue (nothing while a black hole lasts).
+fn arrived<T>(q: &mut VecDeque<(u64, T)>, t: u64, hole_until: u64) -> Vec<T> {
+    let mut out = Vec::new();
+    if hole_until > t {
+        return out;
+    }
+    while q.front().is_some_and(|(at, _)| *at <= t) {
+        out.push(q.pop_front().expect("front").1);
+    }
+    out
+}

@@ -25,17 +25,25 @@ pub enum Bug {
     /// The inbox's answer is ignored: an identity handled before is handed
     /// over again.
     InboxForgets,
+    /// After a failover, the failed broker takes what it had in flight, and
+    /// another broker took over, for delivered.
+    FailoverForgetsTheQueue,
+    /// A fanout message leaves the outbox at the first acknowledgement,
+    /// whatever its quorum.
+    FanoutOneAckForAll,
 }
 
 impl Bug {
     /// Every bug that can be planted.
-    pub const ALL: [Bug; 6] = [
+    pub const ALL: [Bug; 8] = [
         Bug::ForgetInflightOnSessionLoss,
         Bug::DropWindowOnAckTimeout,
         Bug::PageSkipsAhead,
         Bug::ResumeWithoutResend,
         Bug::AckBeforeHandling,
         Bug::InboxForgets,
+        Bug::FailoverForgetsTheQueue,
+        Bug::FanoutOneAckForAll,
     ];
 
     /// Its name on the command line.
@@ -47,6 +55,8 @@ impl Bug {
             Bug::ResumeWithoutResend => "resume-without-resend",
             Bug::AckBeforeHandling => "consumer-acks-before-handling",
             Bug::InboxForgets => "inbox-forgets-an-identity",
+            Bug::FailoverForgetsTheQueue => "failover-forgets-the-queue",
+            Bug::FanoutOneAckForAll => "fanout-counts-one-ack-as-all",
         }
     }
 
@@ -65,6 +75,10 @@ impl Bug {
                 "the consumer acknowledges a delivery to the broker before the application handled it"
             }
             Bug::InboxForgets => "the inbox's answer is ignored: a handled identity is handed over again",
+            Bug::FailoverForgetsTheQueue => {
+                "after a failover, the failed broker's in-flight messages count as delivered"
+            }
+            Bug::FanoutOneAckForAll => "a fanout message leaves the outbox at its first acknowledgement",
         }
     }
 

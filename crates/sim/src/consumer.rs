@@ -11,8 +11,9 @@ use steadfast_core::Identity;
 /// The producer's id in every identity.
 pub const PRODUCER: &str = "sim-producer";
 
-/// Where a delivery's acknowledgement goes: the connection and packet id.
-pub type Token = (u64, u16);
+/// Where a delivery's acknowledgement goes: the broker, its connection's
+/// number and the packet id.
+pub type Token = (usize, u64, u16);
 
 /// A delivery as the engine sees it.
 #[derive(Debug, Clone)]
@@ -44,14 +45,20 @@ pub struct Consumer {
     pub app: VecDeque<(u64, Del)>,
     /// Inbox records being written.
     pub records: VecDeque<Record>,
-    /// The current connection's number (acks of older ones are void).
-    pub epoch: u64,
+    /// Per broker, the current connection's number (acks of older ones
+    /// are void).
+    pub epochs: Vec<u64>,
 }
 
 impl Consumer {
-    pub fn new() -> Self {
-        let mut c =
-            Consumer { engine: None, inbox: BTreeSet::new(), app: VecDeque::new(), records: VecDeque::new(), epoch: 0 };
+    pub fn new(brokers: usize) -> Self {
+        let mut c = Consumer {
+            engine: None,
+            inbox: BTreeSet::new(),
+            app: VecDeque::new(),
+            records: VecDeque::new(),
+            epochs: vec![0; brokers],
+        };
         c.start();
         c
     }

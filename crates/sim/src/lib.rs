@@ -23,7 +23,7 @@ mod schedule;
 mod trace;
 mod world;
 
-pub use schedule::{Fault, Schedule};
+pub use schedule::{Fault, Schedule, Spread};
 pub use trace::Trace;
 pub use world::{run, Verdict};
 

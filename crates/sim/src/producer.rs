@@ -1,14 +1,15 @@
 //! The producer process: its outbox (what is committed survives a crash,
-//! what is not is gone), and the engine that the real driver runs.
+//! what is not is gone), the engine the real driver runs, one per broker,
+//! and the routes that say which broker's a message is.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use steadfast_core::engine::{Bound, PublishSession, Queued, SessionConfig, StoreOp, Wire};
+use steadfast_core::engine::{quorum_met, Bound, PublishSession, Queued, SessionConfig, StoreOp, Wire};
 use steadfast_core::{DropReason, Qos, Stage, PRIORITIES};
 
 use crate::broker::FRAME;
-use crate::schedule::Schedule;
+use crate::schedule::{Schedule, Spread};
 use crate::trace::Trace;
 
 /// A queued message as the engine sees it.
@@ -17,6 +18,11 @@ pub struct Msg {
     pub id: u64,
     pub qos: Qos,
     pub attempts: u32,
+    /// Brokers that acknowledged it (bit `1 << slot`).
+    pub acks: u64,
+    /// Its quorum acknowledged it; kept while a broker holds a QoS 2
+    /// exchange of it.
+    pub done: bool,
 }
 
 impl Queued for Msg {
@@ -75,9 +81,23 @@ impl Wire<Msg> for SimWire {
 #[derive(Debug, Clone, Default)]
 pub struct Outbox {
     pub msgs: BTreeMap<u64, Msg>,
-    pub wire: BTreeMap<u64, (u16, Stage)>,
+    /// QoS 2 bindings per (slot, id).
+    pub wire: BTreeMap<(usize, u64), (u16, Stage)>,
     pub drops: BTreeMap<u64, DropReason>,
     next_id: u64,
+}
+
+impl Outbox {
+    /// Messages still to deliver.
+    pub fn queued(&self) -> impl Iterator<Item = u64> + '_ {
+        self.msgs.values().filter(|m| !m.done).map(|m| m.id)
+    }
+
+    fn settle(&mut self, id: u64) {
+        if self.msgs.get(&id).is_some_and(|m| m.done) && !self.wire.keys().any(|(_, i)| *i == id) {
+            self.msgs.remove(&id);
+        }
+    }
 }
 
 /// The producer process.
@@ -91,7 +111,11 @@ pub struct Producer {
     appended: Vec<u64>,
     /// Changes wait for a commit.
     dirty: bool,
-    pub engine: Option<PublishSession<Msg>>,
+    /// One engine per broker; empty while the process is down.
+    pub engines: Vec<PublishSession<Msg>>,
+    brokers: usize,
+    /// Acknowledgements needed, from all brokers.
+    need: u32,
     cfg: SessionConfig,
     /// Monotonic time zero of the simulation.
     pub epoch: Instant,
@@ -106,12 +130,19 @@ impl Producer {
             refused_pause: Duration::from_secs(1),
             page: s.page,
         };
+        let need = match s.spread {
+            Spread::Fanout { need } => need,
+            Spread::Failover { .. } => 1,
+        };
+        let empty = Outbox { next_id: 1, ..Outbox::default() };
         let mut p = Producer {
-            committed: Outbox { next_id: 1, ..Outbox::default() },
-            working: Outbox { next_id: 1, ..Outbox::default() },
+            committed: empty.clone(),
+            working: empty,
             appended: Vec::new(),
             dirty: false,
-            engine: None,
+            engines: Vec::new(),
+            brokers: s.brokers,
+            need,
             cfg,
             epoch,
         };
@@ -119,29 +150,37 @@ impl Producer {
         p
     }
 
-    /// The process starts on its outbox: QoS 2 bindings are restored.
+    /// The process starts on its outbox: each broker's QoS 2 bindings are
+    /// restored into its engine.
     pub fn start(&mut self) {
-        let mut e = PublishSession::new(self.cfg, self.epoch);
-        let bound: Vec<_> = self
-            .committed
-            .wire
-            .iter()
-            .filter_map(|(id, (pid, stage))| self.committed.msgs.get(id).map(|m| (m.clone(), *pid, *stage)))
+        self.engines = (0..self.brokers)
+            .map(|slot| {
+                let mut e = PublishSession::new(self.cfg, self.epoch);
+                let bound: Vec<_> = self
+                    .committed
+                    .wire
+                    .iter()
+                    .filter(|((s, _), _)| *s == slot)
+                    .filter_map(|((_, id), (pid, stage))| {
+                        self.committed.msgs.get(id).map(|m| (m.clone(), *pid, *stage))
+                    })
+                    .collect();
+                e.restore(bound);
+                e
+            })
             .collect();
-        e.restore(bound);
-        self.engine = Some(e);
     }
 
-    /// kill -9: the engine and whatever was not committed are gone.
+    /// kill -9: the engines and whatever was not committed are gone.
     pub fn crash(&mut self) {
-        self.engine = None;
+        self.engines.clear();
         self.working = self.committed.clone();
         self.appended.clear();
         self.dirty = false;
     }
 
     pub fn alive(&self) -> bool {
-        self.engine.is_some()
+        !self.engines.is_empty()
     }
 
     /// The application publishes a message: it is appended, and accepted
@@ -149,7 +188,7 @@ impl Producer {
     pub fn append(&mut self, qos: Qos) -> u64 {
         let id = self.working.next_id;
         self.working.next_id += 1;
-        self.working.msgs.insert(id, Msg { id, qos, attempts: 0 });
+        self.working.msgs.insert(id, Msg { id, qos, attempts: 0, acks: 0, done: false });
         self.appended.push(id);
         self.dirty = true;
         id
@@ -169,30 +208,33 @@ impl Producer {
         n
     }
 
-    /// A page of messages after `after`, up to the newest committed.
-    pub fn read_after(&self, after: u64, upto: u64) -> Vec<Msg> {
-        self.working.msgs.range(after + 1..=upto).take(self.cfg.page).map(|(_, m)| m.clone()).collect()
+    /// A page of messages after `after`, up to the newest committed, that
+    /// `slot` has not acknowledged.
+    pub fn read_after(&self, slot: usize, after: u64, upto: u64) -> Vec<Msg> {
+        self.working
+            .msgs
+            .range(after + 1..=upto)
+            .filter(|(_, m)| !m.done && m.acks & (1 << slot) == 0)
+            .take(self.cfg.page)
+            .map(|(_, m)| m.clone())
+            .collect()
     }
 
-    /// Carries out the engine's store operations; a bind is committed at
-    /// once and its outcome handed back.
-    pub fn carry_out(&mut self, t: u64, trace: &mut Trace) {
-        let Some(mut e) = self.engine.take() else { return };
-        while let Some(op) = e.poll_store() {
+    /// Carries out `slot`'s engine's store operations; a bind is committed
+    /// at once and its outcome handed back.
+    pub fn carry_out(&mut self, slot: usize, t: u64, trace: &mut Trace) {
+        if !self.alive() {
+            return;
+        }
+        while let Some(op) = self.engines[slot].poll_store() {
             self.dirty = true;
             match op {
-                StoreOp::Ack(ids) => {
-                    for id in ids {
-                        trace.note(t, Some(id), "outbox: acknowledged, removed");
-                        self.working.msgs.remove(&id);
-                        self.working.wire.remove(&id);
-                    }
-                }
+                StoreOp::Ack(ids) => self.acked(slot, ids, t, trace),
                 StoreOp::Drop(ids, reason) => {
                     for id in ids {
                         trace.note(t, Some(id), format!("outbox: dropped ({reason:?})"));
                         self.working.msgs.remove(&id);
-                        self.working.wire.remove(&id);
+                        self.working.wire.retain(|(_, i), _| *i != id);
                         self.working.drops.insert(id, reason);
                     }
                 }
@@ -204,25 +246,48 @@ impl Producer {
                     }
                 }
                 StoreOp::Bind(updates) => {
-                    let mut gone = Vec::new();
-                    for (id, w) in updates {
-                        if !self.working.msgs.contains_key(&id) {
-                            gone.push(id);
-                            continue;
-                        }
-                        trace.note(t, Some(id), format!("outbox: QoS 2 binding {w:?} written"));
-                        match w {
-                            Some(w) => self.working.wire.insert(id, w),
-                            None => self.working.wire.remove(&id),
-                        };
-                    }
+                    let gone = self.bind(slot, updates, t, trace);
                     // A bind is synced before the engine hears of it.
                     self.committed = self.working.clone();
-                    e.handle_bound(Bound::Written { gone }, &mut SimWire);
+                    self.engines[slot].handle_bound(Bound::Written { gone }, &mut SimWire);
                 }
             }
         }
-        self.engine = Some(e);
+    }
+
+    fn acked(&mut self, slot: usize, ids: Vec<u64>, t: u64, trace: &mut Trace) {
+        let mask = (1u64 << self.brokers) - 1;
+        for id in ids {
+            self.working.wire.remove(&(slot, id));
+            let Some(m) = self.working.msgs.get_mut(&id) else { continue };
+            m.acks |= 1 << slot;
+            if !m.done && quorum_met(m.acks, mask, self.need) {
+                m.done = true;
+                trace.note(t, Some(id), format!("outbox: acknowledged by broker {slot}: quorum met, delivered"));
+            } else {
+                trace.note(t, Some(id), format!("outbox: acknowledged by broker {slot}"));
+            }
+            self.working.settle(id);
+        }
+    }
+
+    fn bind(&mut self, slot: usize, updates: Vec<(u64, Option<(u16, Stage)>)>, t: u64, trace: &mut Trace) -> Vec<u64> {
+        let mut gone = Vec::new();
+        for (id, w) in updates {
+            let open = self.working.msgs.get(&id).is_some_and(|m| !m.done);
+            match w {
+                Some(w) if open || self.working.wire.contains_key(&(slot, id)) => {
+                    trace.note(t, Some(id), format!("outbox: broker {slot} QoS 2 binding {w:?} written"));
+                    self.working.wire.insert((slot, id), w);
+                }
+                Some(_) => gone.push(id),
+                None => {
+                    self.working.wire.remove(&(slot, id));
+                    self.working.settle(id);
+                }
+            }
+        }
+        gone
     }
 
     /// True while changes wait for a commit.

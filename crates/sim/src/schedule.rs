@@ -9,12 +9,16 @@ pub enum Fault {
     /// The broker is killed (-9) and comes back after `down`; it keeps
     /// what it saved last if it persists, nothing otherwise.
     KillBroker {
+        /// Which broker.
+        broker: usize,
         /// How long it stays down.
         down: Duration,
     },
     /// The connection is reset; the bytes on their way to the broker are
     /// cut after `cut_per_mille` of their length (a packet cut at any byte).
     Reset {
+        /// The connection to which broker.
+        broker: usize,
         /// Where the cut falls, in thousandths of the bytes under way.
         cut_per_mille: u32,
         /// The consumer's connection (else the producer's).
@@ -23,6 +27,8 @@ pub enum Fault {
     /// Nothing passes in either direction for `lasts`, the connection
     /// stays open (a pulled cable, a dead NAT entry).
     BlackHole {
+        /// The connection to which broker.
+        broker: usize,
         /// How long nothing passes.
         lasts: Duration,
         /// The consumer's connection (else the producer's).
@@ -42,11 +48,30 @@ pub enum Fault {
     },
 }
 
+/// How the producer spreads its messages over the brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spread {
+    /// To the first healthy broker; back to a higher one after `failback_ms`.
+    Failover {
+        /// How long a higher broker must be up to get the traffic back.
+        failback_ms: u64,
+    },
+    /// To every broker; a message leaves the outbox once `need` acknowledged it.
+    Fanout {
+        /// Acknowledgements needed.
+        need: u32,
+    },
+}
+
 /// Everything one seed decides.
 #[derive(Debug, Clone)]
 pub struct Schedule {
     /// The seed.
     pub seed: u64,
+    /// How many brokers (1 to 3); the consumer subscribes on each.
+    pub brokers: usize,
+    /// How the producer spreads its messages over them.
+    pub spread: Spread,
     /// One-way latency and its jitter, in ms.
     pub latency_ms: (u64, u64),
     /// The broker saves its sessions (an autosave every `autosave_ms`).
@@ -83,13 +108,23 @@ impl Schedule {
         let mut messages: Vec<(u64, u8)> =
             (0..count).map(|_| (rng.u64(0..ACTIVE_MS), if rng.u32(0..100) < qos2_share { 2 } else { 1 })).collect();
         messages.sort();
+        let brokers = [1, 1, 2, 2, 3][rng.usize(0..5)];
+        let spread = match rng.bool() {
+            true => Spread::Failover { failback_ms: rng.u64(100..3_000) },
+            false => Spread::Fanout { need: rng.u32(1..=brokers as u32) },
+        };
         let mut faults: Vec<(u64, Fault)> = (0..rng.usize(1..8))
             .map(|_| {
                 let at = rng.u64(200..ACTIVE_MS);
+                let broker = rng.usize(0..brokers);
                 let fault = match rng.u8(0..5) {
-                    0 => Fault::KillBroker { down: Duration::from_millis(rng.u64(50..3_000)) },
-                    1 => Fault::Reset { cut_per_mille: rng.u32(0..=1000), consumer: rng.bool() },
-                    2 => Fault::BlackHole { lasts: Duration::from_millis(rng.u64(100..6_000)), consumer: rng.bool() },
+                    0 => Fault::KillBroker { broker, down: Duration::from_millis(rng.u64(50..3_000)) },
+                    1 => Fault::Reset { broker, cut_per_mille: rng.u32(0..=1000), consumer: rng.bool() },
+                    2 => Fault::BlackHole {
+                        broker,
+                        lasts: Duration::from_millis(rng.u64(100..6_000)),
+                        consumer: rng.bool(),
+                    },
                     3 => Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) },
                     _ => Fault::CrashConsumer { down: Duration::from_millis(rng.u64(10..2_000)) },
                 };
@@ -99,6 +134,8 @@ impl Schedule {
         faults.sort_by_key(|(t, _)| *t);
         Schedule {
             seed,
+            brokers,
+            spread,
             latency_ms: (rng.u64(1..40), rng.u64(0..20)),
             persistence: rng.bool(),
             autosave_ms: rng.u64(10..2_000),

@@ -15,6 +15,7 @@
 
 mod inbox;
 mod publish;
+mod route;
 
 use std::time::Instant;
 
@@ -23,6 +24,7 @@ pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, Queued, SessionConfig, SessionEvent, StoreOp,
     Wire, WireUpdate,
 };
+pub use route::{quorum_met, Decision, Routes, Routing, SetSpec, Switch};
 
 /// The clocks an engine reads, handed in with every input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,4 +56,7 @@ pub enum Timer {
     Rerecord,
     /// A gap in a producer's sequence that did not fill is reported.
     Gap,
+    /// Failover: a higher-priority broker has been up long enough to get
+    /// the traffic back, or the old one's drain time is over.
+    FailBack,
 }

@@ -24,17 +24,17 @@ pub(super) struct CConn {
     pub(super) down: VecDeque<(u64, ToConsumer)>,
     /// Nothing passes before this time (a black hole).
     pub(super) hole_until: u64,
-    /// The CONNACK arrived at the broker's end: it sends.
-    open: bool,
 }
 
 impl World {
     /// The consumer's step: connect, the broker sends, deliveries arrive,
     /// the application finishes, records land, timers fire.
     pub(super) fn step_consumer(&mut self) {
-        self.connect_consumer();
-        self.broker_serves_consumer();
-        self.deliver_to_consumer();
+        for b in 0..self.brokers.len() {
+            self.connect_consumer(b);
+            self.broker_serves_consumer(b);
+            self.deliver_to_consumer(b);
+        }
         self.application();
         self.records_land();
         let now = self.now();
@@ -46,83 +46,84 @@ impl World {
         self.carry_out_dispatch();
     }
 
-    fn connect_consumer(&mut self) {
-        if self.cconn.is_some() || !self.consumer.alive() || self.t < self.next_cconnect {
+    fn connect_consumer(&mut self, b: usize) {
+        if self.cconns[b].is_some() || !self.consumer.alive() || self.t < self.next_cconnect[b] {
             return;
         }
-        if !self.broker.up {
-            self.next_cconnect = self.t + self.rng.u64(100..1_000);
+        if !self.brokers[b].up {
+            self.next_cconnect[b] = self.t + self.rng.u64(100..1_000);
             return;
         }
-        self.consumer.epoch += 1;
-        let (present, resend) = self.broker.connect_consumer();
+        self.consumer.epochs[b] += 1;
+        let (present, resend) = self.brokers[b].connect_consumer();
         let at = self.t + 2 * self.latency();
         let mut down = VecDeque::from([(at, ToConsumer::ConnAck { present })]);
         for (pid, id) in resend {
-            self.trace.note(self.t, Some(id), format!("broker: resends to the consumer, pid {pid} dup"));
+            self.trace.note(self.t, Some(id), format!("broker {b}: resends to the consumer, pid {pid} dup"));
             down.push_back((at, ToConsumer::Publish { pid, id, dup: true }));
         }
-        self.cconn = Some(CConn { up: VecDeque::new(), down, hole_until: 0, open: true });
+        self.cconns[b] = Some(CConn { up: VecDeque::new(), down, hole_until: 0 });
     }
 
-    pub(super) fn reset_consumer_link(&mut self, cut_per_mille: u32) {
-        let Some(c) = self.cconn.as_mut() else { return };
+    pub(super) fn reset_consumer_link(&mut self, b: usize, cut_per_mille: u32) {
+        let Some(c) = self.cconns[b].as_mut() else { return };
         // PUBACKs already sent arrive up to the cut.
         let keep = c.up.len() * cut_per_mille as usize / 1000;
         let acks: Vec<u16> = c.up.drain(..).take(keep).map(|(_, pid)| pid).collect();
-        if self.broker.up {
+        if self.brokers[b].up {
             for pid in acks {
-                self.broker_takes_puback(pid);
+                self.broker_takes_puback(b, pid);
             }
         }
-        self.consumer_link_lost("connection reset");
+        self.consumer_link_lost(b, "connection reset");
     }
 
-    pub(super) fn consumer_link_lost(&mut self, why: &str) {
-        if self.cconn.take().is_some() {
-            self.trace.note(self.t, None, format!("consumer link lost: {why}"));
+    pub(super) fn consumer_link_lost(&mut self, b: usize, why: &str) {
+        if self.cconns[b].take().is_some() {
+            self.trace.note(self.t, None, format!("consumer link to broker {b} lost: {why}"));
         }
-        self.next_cconnect = self.t + self.rng.u64(100..1_000);
+        self.next_cconnect[b] = self.t + self.rng.u64(100..1_000);
     }
 
-    fn broker_takes_puback(&mut self, pid: u16) {
-        if let Some(id) = self.broker.consumer_acked(pid) {
-            self.trace.note(self.t, Some(id), format!("broker: the consumer's PUBACK pid {pid}; done with it"));
+    fn broker_takes_puback(&mut self, b: usize, pid: u16) {
+        if let Some(id) = self.brokers[b].consumer_acked(pid) {
+            self.trace.note(self.t, Some(id), format!("broker {b}: the consumer's PUBACK pid {pid}; done with it"));
         }
     }
 
-    fn broker_serves_consumer(&mut self) {
-        if !self.broker.up || !self.cconn.as_ref().is_some_and(|c| c.open && c.hole_until <= self.t) {
+    fn broker_serves_consumer(&mut self, b: usize) {
+        if !self.brokers[b].up || self.cconns[b].as_ref().is_none_or(|c| c.hole_until > self.t) {
             return;
         }
-        while let Some((pid, id)) = self.broker.next_for_consumer() {
-            self.trace.note(self.t, Some(id), format!("broker: sends to the consumer, pid {pid}"));
+        while let Some((pid, id)) = self.brokers[b].next_for_consumer() {
+            self.trace.note(self.t, Some(id), format!("broker {b}: sends to the consumer, pid {pid}"));
             let at = self.t + self.latency();
-            let c = self.cconn.as_mut().expect("checked");
+            let c = self.cconns[b].as_mut().expect("checked");
             let at = in_order(&c.down, at);
             c.down.push_back((at, ToConsumer::Publish { pid, id, dup: false }));
         }
     }
 
-    fn deliver_to_consumer(&mut self) {
+    fn deliver_to_consumer(&mut self, b: usize) {
         let t = self.t;
-        let Some(c) = self.cconn.as_mut() else { return };
+        let Some(c) = self.cconns[b].as_mut() else { return };
         let acks = arrived(&mut c.up, t, c.hole_until);
         let down = arrived(&mut c.down, t, c.hole_until);
         for pid in acks {
-            self.broker_takes_puback(pid);
+            self.broker_takes_puback(b, pid);
         }
-        let epoch = self.consumer.epoch;
+        let epoch = self.consumer.epochs[b];
         let items: Vec<Del> = down
             .into_iter()
             .filter_map(|p| match p {
                 ToConsumer::ConnAck { present } => {
-                    self.trace.note(t, None, format!("consumer connected, session present {present}"));
+                    self.trace.note(t, None, format!("consumer connected to broker {b}, session present {present}"));
                     None
                 }
                 ToConsumer::Publish { pid, id, dup } => {
-                    self.trace.note(t, Some(id), format!("consumer: received pid {pid} dup {dup}"));
-                    Some(Del { id, identity: Identity { producer: PRODUCER.to_owned(), seq: id }, token: (epoch, pid) })
+                    self.trace.note(t, Some(id), format!("consumer: received from broker {b}, pid {pid} dup {dup}"));
+                    let identity = Identity { producer: PRODUCER.to_owned(), seq: id };
+                    Some(Del { id, identity, token: (b, epoch, pid) })
                 }
             })
             .collect();
@@ -178,11 +179,11 @@ impl World {
                     self.consumer.app.push_back((at, delivery));
                     self.consumer.app.make_contiguous().sort_by_key(|(t, _)| *t);
                 }
-                DispatchOp::AckBroker((epoch, pid)) => {
+                DispatchOp::AckBroker((b, epoch, pid)) => {
                     let at = self.t + self.latency();
                     // An ack of an older connection is void: the broker sends
                     // the message again on the new one.
-                    if let Some(c) = self.cconn.as_mut().filter(|_| epoch == self.consumer.epoch) {
+                    if let Some(c) = self.cconns[b].as_mut().filter(|_| epoch == self.consumer.epochs[b]) {
                         let at = in_order(&c.up, at);
                         c.up.push_back((at, pid));
                     }

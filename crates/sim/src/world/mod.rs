@@ -7,15 +7,16 @@
 mod consuming;
 mod publishing;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use steadfast_core::engine::Now;
+use steadfast_core::engine::{Now, Routes, Routing, SetSpec};
 
 use crate::broker::{Broker, Down};
 use crate::consumer::Consumer;
 use crate::producer::Producer;
-use crate::schedule::{Fault, Schedule, ACTIVE_MS};
+use crate::schedule::{Fault, Schedule, Spread, ACTIVE_MS};
 use crate::trace::Trace;
 
 use self::consuming::CConn;
@@ -91,11 +92,10 @@ struct Conn {
 }
 
 /// A process that is down, and when it comes back.
-#[derive(Default)]
 struct Back {
     producer: Option<u64>,
     consumer: Option<u64>,
-    broker: Option<u64>,
+    brokers: Vec<Option<u64>>,
 }
 
 struct World {
@@ -104,13 +104,20 @@ struct World {
     epoch: Instant,
     rng: fastrand::Rng,
     producer: Producer,
+    /// The producer's routes over the brokers (in the process: a crash
+    /// starts them afresh).
+    routes: RefCell<Routes>,
+    /// When the routes must decide again.
+    route_wake: Option<u64>,
     consumer: Consumer,
-    broker: Broker,
-    conn: Option<Conn>,
-    cconn: Option<CConn>,
-    connected_once: bool,
-    next_connect: u64,
-    next_cconnect: u64,
+    brokers: Vec<Broker>,
+    /// The producer's connection to each broker.
+    conns: Vec<Option<Conn>>,
+    /// The consumer's connection to each broker.
+    cconns: Vec<Option<CConn>>,
+    connected_once: Vec<bool>,
+    next_connect: Vec<u64>,
+    next_cconnect: Vec<u64>,
     back: Back,
     accepted: BTreeSet<u64>,
     /// What the consumer's application handled, and how often.
@@ -126,20 +133,23 @@ struct World {
 pub fn run(seed: u64) -> Verdict {
     let s = Schedule::of(seed);
     let epoch = Instant::now();
+    let n = s.brokers;
     let mut w = World {
         rng: fastrand::Rng::with_seed(seed ^ 0x5eed),
         producer: Producer::new(&s, epoch),
-        consumer: Consumer::new(),
-        broker: Broker::new(&s),
+        routes: RefCell::new(routes(&s, epoch)),
+        route_wake: None,
+        consumer: Consumer::new(n),
+        brokers: (0..n).map(|_| Broker::new(&s)).collect(),
         s,
         t: 0,
         epoch,
-        conn: None,
-        cconn: None,
-        connected_once: false,
-        next_connect: 0,
-        next_cconnect: 0,
-        back: Back::default(),
+        conns: (0..n).map(|_| None).collect(),
+        cconns: (0..n).map(|_| None).collect(),
+        connected_once: vec![false; n],
+        next_connect: vec![0; n],
+        next_cconnect: vec![0; n],
+        back: Back { producer: None, consumer: None, brokers: vec![None; n] },
         accepted: BTreeSet::new(),
         handled: BTreeMap::new(),
         excused: BTreeMap::new(),
@@ -148,6 +158,21 @@ pub fn run(seed: u64) -> Verdict {
     };
     w.run();
     w.verdict()
+}
+
+/// The producer's routes: one set of every broker, spread as the seed says.
+fn routes(s: &Schedule, now: Instant) -> Routes {
+    let (routing, failback_ms) = match s.spread {
+        Spread::Failover { failback_ms } => (Routing::Failover, failback_ms),
+        Spread::Fanout { .. } => (Routing::Fanout, 0),
+    };
+    let set = SetSpec {
+        name: None,
+        members: (0..s.brokers).collect(),
+        routing,
+        failback_after: Duration::from_millis(failback_ms),
+    };
+    Routes::new(vec![set], s.brokers, now, Duration::from_secs(1), Duration::from_secs(2))
 }
 
 impl World {
@@ -171,7 +196,9 @@ impl World {
                 next_fault += 1;
             }
             self.heal();
-            self.broker.tick(self.t);
+            for b in &mut self.brokers {
+                b.tick(self.t);
+            }
             self.step_producer();
             self.step_consumer();
             let done = next_msg == self.s.messages.len() && next_fault == self.s.faults.len();
@@ -186,13 +213,12 @@ impl World {
     fn quiet(&self) -> bool {
         self.producer.alive()
             && self.consumer.alive()
-            && self.broker.up
-            && self.producer.committed.msgs.is_empty()
+            && self.brokers.iter().all(|b| b.up && b.for_consumer().is_empty())
+            && self.producer.committed.queued().next().is_none()
             && !self.producer.dirty()
-            && self.broker.for_consumer().is_empty()
             && self.consumer.idle()
-            && self.conn.as_ref().is_none_or(|c| c.up.is_empty() && c.down.is_empty())
-            && self.cconn.as_ref().is_none_or(|c| c.up.is_empty() && c.down.is_empty())
+            && self.conns.iter().flatten().all(|c| c.up.is_empty() && c.down.is_empty())
+            && self.cconns.iter().flatten().all(|c| c.up.is_empty() && c.down.is_empty())
     }
 
     /// The next time anything can happen.
@@ -200,23 +226,27 @@ impl World {
         let mut at = vec![self.t + 1_000];
         at.extend(self.s.messages.get(next_msg).map(|m| m.0));
         at.extend(self.s.faults.get(next_fault).map(|f| f.0));
-        at.extend([self.back.producer, self.back.consumer, self.back.broker].into_iter().flatten());
-        if self.conn.is_none() {
-            at.push(self.next_connect);
+        at.extend([self.back.producer, self.back.consumer].into_iter().flatten());
+        at.extend(self.back.brokers.iter().flatten());
+        at.extend(self.route_wake);
+        for b in 0..self.brokers.len() {
+            match &self.conns[b] {
+                None => at.push(self.next_connect[b]),
+                Some(c) => {
+                    at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
+                    at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
+                }
+            }
+            match &self.cconns[b] {
+                None => at.push(self.next_cconnect[b]),
+                Some(c) => {
+                    at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
+                    at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
+                }
+            }
         }
-        if self.cconn.is_none() {
-            at.push(self.next_cconnect);
-        }
-        if let Some(c) = &self.conn {
-            at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
-            at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
-        }
-        if let Some(c) = &self.cconn {
-            at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
-            at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
-        }
-        if let Some(wake) = self.producer.engine.as_ref().and_then(|e| e.poll_timeout()) {
-            at.push(self.ms(wake));
+        for e in &self.producer.engines {
+            at.extend(e.poll_timeout().map(|w| self.ms(w)));
         }
         if let Some(wake) = self.consumer.engine.as_ref().and_then(|e| e.poll_timeout()) {
             at.push(self.ms(wake));
@@ -235,31 +265,32 @@ impl World {
         self.trace.note(self.t, None, format!("FAULT {f:?}"));
         let later = |t: u64, d: Duration| Some(t + d.as_millis() as u64);
         match f {
-            Fault::KillBroker { down } => {
-                if self.broker.up {
-                    self.broker.kill();
-                    self.back.broker = later(self.t, down);
-                    self.producer_link_lost("the broker was killed");
-                    self.consumer_link_lost("the broker was killed");
+            Fault::KillBroker { broker, down } => {
+                if self.brokers[broker].up {
+                    self.brokers[broker].kill();
+                    self.back.brokers[broker] = later(self.t, down);
+                    self.producer_link_lost(broker, "the broker was killed");
+                    self.consumer_link_lost(broker, "the broker was killed");
                 }
             }
-            Fault::Reset { cut_per_mille, consumer: false } => self.reset_producer_link(cut_per_mille),
-            Fault::Reset { cut_per_mille, consumer: true } => self.reset_consumer_link(cut_per_mille),
-            Fault::BlackHole { lasts, consumer } => {
+            Fault::Reset { broker, cut_per_mille, consumer: false } => self.reset_producer_link(broker, cut_per_mille),
+            Fault::Reset { broker, cut_per_mille, consumer: true } => self.reset_consumer_link(broker, cut_per_mille),
+            Fault::BlackHole { broker, lasts, consumer } => {
                 let until = self.t + lasts.as_millis() as u64;
-                if consumer {
-                    if let Some(c) = self.cconn.as_mut() {
-                        c.hole_until = until;
-                    }
-                } else if let Some(c) = self.conn.as_mut() {
-                    c.hole_until = until;
+                let hole = if consumer {
+                    self.cconns[broker].as_mut().map(|c| &mut c.hole_until)
+                } else {
+                    self.conns[broker].as_mut().map(|c| &mut c.hole_until)
+                };
+                if let Some(h) = hole {
+                    *h = until;
                 }
             }
             Fault::CrashProducer { down } => {
                 if self.producer.alive() {
                     self.producer.crash();
                     self.back.producer = later(self.t, down);
-                    self.conn = None;
+                    self.conns.iter_mut().for_each(|c| *c = None);
                 }
             }
             Fault::CrashConsumer { down } => {
@@ -269,28 +300,33 @@ impl World {
                         *self.excused.entry(id).or_default() += 1;
                     }
                     self.back.consumer = later(self.t, down);
-                    self.cconn = None;
+                    self.cconns.iter_mut().for_each(|c| *c = None);
                 }
             }
         }
     }
 
     fn heal(&mut self) {
-        if self.back.broker.is_some_and(|t| t <= self.t) {
-            self.back.broker = None;
-            self.broker.up = true;
-            self.trace.note(self.t, None, "broker restarted");
+        for b in 0..self.brokers.len() {
+            if self.back.brokers[b].is_some_and(|t| t <= self.t) {
+                self.back.brokers[b] = None;
+                self.brokers[b].up = true;
+                self.trace.note(self.t, None, format!("broker {b} restarted"));
+            }
         }
         if self.back.producer.is_some_and(|t| t <= self.t) {
             self.back.producer = None;
             self.producer.start();
-            self.next_connect = self.t;
+            self.routes = RefCell::new(routes(&self.s, self.now().at));
+            self.route_wake = None;
+            self.connected_once.iter_mut().for_each(|c| *c = false);
+            self.next_connect.iter_mut().for_each(|t| *t = self.t);
             self.trace.note(self.t, None, "producer restarted on its outbox");
         }
         if self.back.consumer.is_some_and(|t| t <= self.t) {
             self.back.consumer = None;
             self.consumer.start();
-            self.next_cconnect = self.t;
+            self.next_cconnect.iter_mut().for_each(|t| *t = self.t);
             self.trace.note(self.t, None, "consumer restarted on its inbox");
         }
     }
@@ -299,19 +335,27 @@ impl World {
         let queued: BTreeSet<u64> = self
             .producer
             .committed
-            .msgs
-            .keys()
-            .copied()
-            .chain(self.broker.for_consumer())
+            .queued()
+            .chain(self.brokers.iter().flat_map(Broker::for_consumer))
             .chain(self.consumer.app.iter().map(|(_, d)| d.id))
             .collect();
         let handled = |id: &u64| self.handled.contains_key(id);
         let dropped = |id: &u64| self.producer.committed.drops.contains_key(id);
+        // Lost by the brokers: as many brokers as its quorum took it, and
+        // every broker that took it lost it.
+        let need = match self.s.spread {
+            Spread::Fanout { need } => need as usize,
+            Spread::Failover { .. } => 1,
+        };
+        let broker_lost = |id: &u64| {
+            let took: Vec<&Broker> = self.brokers.iter().filter(|b| b.acknowledged.contains(id)).collect();
+            took.len() >= need && took.iter().all(|b| b.lost.contains(id))
+        };
         let lost = self
             .accepted
             .iter()
             .copied()
-            .filter(|id| !handled(id) && !dropped(id) && !self.broker.lost.contains(id) && !queued.contains(id))
+            .filter(|id| !handled(id) && !dropped(id) && !broker_lost(id) && !queued.contains(id))
             .collect();
         let stuck = self.accepted.iter().copied().filter(|id| !handled(id) && queued.contains(id)).collect();
         let twice = self
@@ -320,7 +364,7 @@ impl World {
             .filter(|(id, n)| **n > 1 + self.excused.get(id).copied().unwrap_or(0))
             .map(|(id, _)| *id)
             .collect();
-        let broker_lost = self.accepted.iter().filter(|id| !handled(id) && self.broker.lost.contains(id)).count();
+        let broker_lost = self.accepted.iter().filter(|id| !handled(id) && broker_lost(id)).count();
         Verdict {
             seed: self.s.seed,
             accepted: self.accepted.len(),

@@ -1,28 +1,48 @@
-//! The producer's side: publishing, its connection to the broker, and the
-//! engine's turn.
+//! The producer's side: publishing, its connection to each broker, the
+//! routes, and each engine's turn.
 
 use std::collections::VecDeque;
 
-use steadfast_core::engine::{Ack, ConnAckInfo, End};
+use steadfast_core::engine::{Ack, ConnAckInfo, Decision, End};
 use steadfast_core::Qos;
 
 use super::{arrived, in_order, Conn, World};
 use crate::broker::{Down, Reply, FRAME};
-use crate::producer::SimWire;
+use crate::producer::{Msg, SimWire};
 
 impl World {
-    /// The producer's step: connect, take what arrived, let the engine
-    /// send, commit.
+    /// The producer's step: routes that came due, then per broker: connect,
+    /// take what arrived, let the engine send; then commit.
     pub(super) fn step_producer(&mut self) {
-        self.connect_producer();
-        self.deliver_to_broker_and_producer();
-        self.drive_producer();
+        if self.route_wake.is_some_and(|w| w <= self.t) && self.producer.alive() {
+            let d = self.routes.borrow_mut().decide(self.now().at);
+            self.apply(d);
+        }
+        for b in 0..self.brokers.len() {
+            self.connect_producer(b);
+            self.deliver_to_broker_and_producer(b);
+            self.drive_producer(b);
+        }
         if self.producer.dirty() {
             for id in self.producer.commit() {
                 self.trace.note(self.t, Some(id), "accepted (committed to the outbox)");
                 self.accepted.insert(id);
             }
         }
+    }
+
+    /// Carries out a routing decision: a failover or fail-back makes every
+    /// engine read the outbox again.
+    fn apply(&mut self, d: Decision) {
+        for s in &d.switches {
+            let to = s.to.map_or("none".to_owned(), |t| t.to_string());
+            let what = if s.back { "fail-back" } else { "failover" };
+            self.trace.note(self.t, None, format!("routes: {what} from broker {} to {to}", s.from));
+        }
+        if d.bump {
+            self.producer.engines.iter_mut().for_each(|e| e.rewind());
+        }
+        self.route_wake = d.next.map(|n| self.ms(n));
     }
 
     pub(super) fn publish(&mut self, qos: u8) {
@@ -34,72 +54,77 @@ impl World {
         self.trace.note(self.t, Some(id), format!("published at QoS {}", qos as u8));
     }
 
-    fn connect_producer(&mut self) {
-        if self.conn.is_some() || !self.producer.alive() || self.t < self.next_connect {
+    fn connect_producer(&mut self, b: usize) {
+        if self.conns[b].is_some() || !self.producer.alive() || self.t < self.next_connect[b] {
             return;
         }
-        if !self.broker.up {
-            self.next_connect = self.t + self.rng.u64(100..1_000);
+        if !self.brokers[b].up {
+            self.next_connect[b] = self.t + self.rng.u64(100..1_000);
+            let d = self.routes.borrow_mut().link_down(b, self.now().at);
+            self.apply(d);
             return;
         }
-        let present = self.broker.connect();
+        let present = self.brokers[b].connect();
         let at = self.t + 2 * self.latency();
         let down = VecDeque::from([(at, Down::ConnAck { present })]);
-        self.conn = Some(Conn { up: VecDeque::new(), down, hole_until: 0 });
+        self.conns[b] = Some(Conn { up: VecDeque::new(), down, hole_until: 0 });
     }
 
-    pub(super) fn reset_producer_link(&mut self, cut_per_mille: u32) {
-        let Some(c) = self.conn.as_mut() else { return };
+    pub(super) fn reset_producer_link(&mut self, b: usize, cut_per_mille: u32) {
+        let Some(c) = self.conns[b].as_mut() else { return };
         // Bytes already sent arrive up to the cut; the rest is lost.
         let bytes: Vec<u8> = c.up.drain(..).flat_map(|(_, b)| b).collect();
         let whole = bytes.len() * cut_per_mille as usize / 1000 / FRAME * FRAME;
-        if self.broker.up {
+        if self.brokers[b].up {
             for f in bytes[..whole].chunks(FRAME) {
-                self.broker_receives(f);
+                self.broker_receives(b, f);
             }
         }
-        self.producer_link_lost("connection reset");
+        self.producer_link_lost(b, "connection reset");
     }
 
-    pub(super) fn producer_link_lost(&mut self, why: &str) {
-        if self.conn.take().is_some() {
-            self.trace.note(self.t, None, format!("producer link lost: {why}"));
+    pub(super) fn producer_link_lost(&mut self, b: usize, why: &str) {
+        if self.conns[b].take().is_some() {
+            self.trace.note(self.t, None, format!("producer link to broker {b} lost: {why}"));
         }
-        if let Some(e) = self.producer.engine.as_mut() {
-            e.handle_link_lost();
+        self.next_connect[b] = self.t + self.rng.u64(100..1_000);
+        if !self.producer.alive() {
+            return;
         }
-        self.producer.carry_out(self.t, &mut self.trace);
-        self.next_connect = self.t + self.rng.u64(100..1_000);
+        self.producer.engines[b].handle_link_lost();
+        self.producer.carry_out(b, self.t, &mut self.trace);
+        let d = self.routes.borrow_mut().link_down(b, self.now().at);
+        self.apply(d);
     }
 
     /// Frames and packets whose time has come arrive.
-    fn deliver_to_broker_and_producer(&mut self) {
+    fn deliver_to_broker_and_producer(&mut self, b: usize) {
         let t = self.t;
-        let Some(c) = self.conn.as_mut() else { return };
+        let Some(c) = self.conns[b].as_mut() else { return };
         let frames = arrived(&mut c.up, t, c.hole_until);
         let down = arrived(&mut c.down, t, c.hole_until);
-        for f in frames.iter().flat_map(|b| b.chunks(FRAME)) {
-            if self.conn.is_none() {
+        for f in frames.iter().flat_map(|bytes| bytes.chunks(FRAME)) {
+            if self.conns[b].is_none() {
                 break;
             }
-            self.broker_receives(f);
+            self.broker_receives(b, f);
         }
-        if !down.is_empty() && self.conn.is_some() {
-            self.producer_receives(down);
+        if !down.is_empty() && self.conns[b].is_some() {
+            self.producer_receives(b, down);
         }
     }
 
-    fn broker_receives(&mut self, f: &[u8]) {
-        let (reply, id) = self.broker.receive(f);
+    fn broker_receives(&mut self, b: usize, f: &[u8]) {
+        let (reply, id) = self.brokers[b].receive(f);
         let what = ["?", "PUBLISH", "PUBREL", "PINGREQ"].get(f[0] as usize).copied().unwrap_or("?");
         let pid = u16::from_be_bytes([f[1], f[2]]);
         match reply {
             Reply::Send(d) => {
                 if let Some(id) = id {
-                    self.trace.note(self.t, Some(id), format!("broker: {what} pid {pid} dup {} -> {d:?}", f[3]));
+                    self.trace.note(self.t, Some(id), format!("broker {b}: {what} pid {pid} dup {} -> {d:?}", f[3]));
                 }
                 let at = self.t + self.latency();
-                if let Some(c) = self.conn.as_mut() {
+                if let Some(c) = self.conns[b].as_mut() {
                     let at = in_order(&c.down, at);
                     c.down.push_back((at, d));
                 }
@@ -107,84 +132,101 @@ impl World {
             Reply::Nothing => {}
             Reply::Close(why) => {
                 if let Some(id) = id {
-                    self.trace.note(self.t, Some(id), format!("broker: {what} pid {pid}: closes ({why})"));
+                    self.trace.note(self.t, Some(id), format!("broker {b}: {what} pid {pid}: closes ({why})"));
                 }
-                self.producer_link_lost(why);
+                self.producer_link_lost(b, why);
             }
         }
     }
 
-    fn producer_receives(&mut self, packets: Vec<Down>) {
+    fn producer_receives(&mut self, b: usize, packets: Vec<Down>) {
+        if !self.producer.alive() {
+            return;
+        }
         let now = self.now();
         let mut acks = Vec::new();
-        let Some(e) = self.producer.engine.as_mut() else { return };
-        e.handle_received(now);
+        self.producer.engines[b].handle_received(now);
         for p in packets {
             match p {
-                Down::ConnAck { present } => {
-                    let info = ConnAckInfo {
-                        session_present: present,
-                        receive_maximum: self.s.receive_maximum,
-                        maximum_qos: self.broker.max_qos(),
-                        asked_clean: false,
-                        reconnect: self.connected_once,
-                    };
-                    self.connected_once = true;
-                    let r = e.handle_connack(info, now, &|_| true, &mut SimWire);
-                    let resent = r.resent;
-                    self.trace.note(
-                        self.t,
-                        None,
-                        format!("producer connected, session present {present}, {resent} resent"),
-                    );
-                }
+                Down::ConnAck { present } => self.producer_connected(b, present),
                 Down::PubAck { pid } => acks.push(Ack::PubAck { pid, ok: true }),
                 Down::PubRec { pid } => acks.push(Ack::PubRec { pid, ok: true }),
                 Down::PubComp { pid } => acks.push(Ack::PubComp { pid }),
                 Down::PingResp => {}
             }
         }
-        let r = e.handle_acks(acks, now);
-        self.producer.carry_out(self.t, &mut self.trace);
+        let r = self.producer.engines[b].handle_acks(acks, now);
+        self.producer.carry_out(b, self.t, &mut self.trace);
         if let Err(end) = r {
-            self.ended(end);
+            self.ended(b, end);
         }
     }
 
-    fn ended(&mut self, end: End) {
-        self.producer_link_lost(&format!("the engine ended the link: {end:?}"));
+    /// The CONNACK: the routes hear first (whether this broker takes
+    /// messages now), then the engine resumes or restarts.
+    fn producer_connected(&mut self, b: usize, present: bool) {
+        let now = self.now();
+        let limit = self.s.receive_maximum.unwrap_or(u16::MAX).min(self.s.max_inflight) as usize;
+        let d = self.routes.borrow_mut().link_up(b, limit, now.at);
+        self.apply(d);
+        let info = ConnAckInfo {
+            session_present: present,
+            receive_maximum: self.s.receive_maximum,
+            maximum_qos: self.brokers[b].max_qos(),
+            asked_clean: false,
+            reconnect: self.connected_once[b],
+        };
+        self.connected_once[b] = true;
+        let routes = &self.routes;
+        let claims = |_: &Msg| routes.borrow_mut().claims(b, None, "t");
+        let r = self.producer.engines[b].handle_connack(info, now, &claims, &mut SimWire);
+        let line = format!("producer connected to broker {b}, session present {present}, {} resent", r.resent);
+        self.trace.note(self.t, None, line);
     }
 
-    /// The engine's turn: reads, sends, timers.
-    fn drive_producer(&mut self) {
+    fn ended(&mut self, b: usize, end: End) {
+        self.producer_link_lost(b, &format!("the engine ended the link: {end:?}"));
+    }
+
+    /// Broker `b`'s engine's turn: timers, reads, sends.
+    fn drive_producer(&mut self, b: usize) {
+        if !self.producer.alive() || self.conns[b].is_none() {
+            return;
+        }
         let now = self.now();
-        let Some(e) = self.producer.engine.as_mut() else { return };
-        if let Some(wake) = e.poll_timeout() {
-            if wake <= now.at && self.conn.is_some() {
-                if let Err(end) = e.handle_timeout(now, &mut SimWire) {
-                    self.ended(end);
-                    return;
-                }
+        let e = &mut self.producer.engines[b];
+        if e.poll_timeout().is_some_and(|w| w <= now.at) {
+            if let Err(end) = e.handle_timeout(now, &mut SimWire) {
+                self.ended(b, end);
+                return;
             }
         }
-        let Some(mut e) = self.producer.engine.take() else { return };
         let newest = self.producer.newest();
-        while let Some((p, after)) = e.next_read(&newest) {
-            let page = self.producer.read_after(after, newest[p]);
-            e.handle_page(page, p, newest[p], &|_| true);
+        let routes = &self.routes;
+        let claims = |_: &Msg| routes.borrow_mut().claims(b, None, "t");
+        if routes.borrow().is_active(b) {
+            while let Some((p, after)) = self.producer.engines[b].next_read(&newest) {
+                let page = self.producer.read_after(b, after, newest[p]);
+                self.producer.engines[b].handle_page(page, p, newest[p], &claims);
+            }
         }
-        e.fill(now, &|_| true, &mut SimWire);
-        self.producer.engine = Some(e);
+        self.producer.engines[b].fill(now, &claims, &mut SimWire);
         // A bind carried out may release held packets: transmit after it.
-        self.producer.carry_out(self.t, &mut self.trace);
-        let Some(bytes) = self.producer.engine.as_mut().and_then(|e| e.poll_transmit()) else { return };
+        self.producer.carry_out(b, self.t, &mut self.trace);
+        let inflight = self.producer.engines[b].in_flight();
+        if self.routes.borrow_mut().progress(b, inflight) {
+            let d = self.routes.borrow_mut().decide(now.at);
+            self.apply(d);
+        }
+        let Some(bytes) = self.producer.engines[b].poll_transmit() else { return };
         for f in bytes.chunks(FRAME).filter(|f| f[0] == 1) {
             let id = u64::from_be_bytes(f[5..13].try_into().expect("frame size"));
             let pid = u16::from_be_bytes([f[1], f[2]]);
-            self.trace.note(self.t, Some(id), format!("sent: PUBLISH pid {pid} QoS {} dup {}", f[4], f[3]));
+            let line = format!("sent to broker {b}: PUBLISH pid {pid} QoS {} dup {}", f[4], f[3]);
+            self.trace.note(self.t, Some(id), line);
         }
         let at = self.t + self.latency();
-        if let Some(c) = self.conn.as_mut() {
+        if let Some(c) = self.conns[b].as_mut() {
             let at = in_order(&c.up, at);
             c.up.push_back((at, bytes));
         }

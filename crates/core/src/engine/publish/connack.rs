@@ -87,6 +87,12 @@ impl<M: Queued> PublishSession<M> {
                     Stage::Published => wire.publish(m, Some(pid), true),
                     Stage::Released => Ok(wire.pubrel(pid)),
                 },
+                Fate::TakenOver if crate::mutate::planted(crate::mutate::Bug::FailoverForgetsTheQueue) => {
+                    window.release(pid);
+                    self.inflight.remove(&e.id);
+                    self.store.push_back(StoreOp::Ack(vec![e.id]));
+                    continue;
+                }
                 Fate::TakenOver | Fate::Requeue => {
                     window.release(pid);
                     self.inflight.remove(&e.id);

@@ -46,7 +46,7 @@ pub(super) fn create_private_dir(files: &Files) -> Result<(), StoreError> {
         move |source| StoreError::Io { path, source }
     };
     // A directory that exists and holds no store yet may be anything
-    // (`--outbox .`): its mode and other files are left alone.
+    // (the current directory, say): its mode and other files are left alone.
     let ours = !dir.exists() || files.path("db").exists();
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
     let meta = check_owner(dir)?;

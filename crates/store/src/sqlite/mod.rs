@@ -181,11 +181,10 @@ impl SqliteStore {
         if tables < 5 {
             let old: u32 =
                 conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'outbox'", [], |r| r.get(0))?;
-            let why = if old > 0 {
-                "its outbox.db is in format 1, from an earlier steadfast; it is converted when its owner opens it (run `steadfast pub --drain` with it once)"
-            } else {
-                "its outbox.db holds no outbox (yet: is it being created?)"
-            };
+            if old > 0 {
+                return Err(StoreError::FormatTooOld { path: dir.to_owned(), found: 1 });
+            }
+            let why = "its outbox.db holds no outbox (yet: is it being created?)";
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }

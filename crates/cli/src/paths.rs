@@ -1,6 +1,9 @@
-//! Where stores live by default, and the default client ids.
+//! Where stores live by default, the default client ids, and the flag
+//! that puts a store elsewhere when its directory cannot be used.
 
 use std::path::PathBuf;
+
+use steadfast_store::StoreError;
 
 /// `$XDG_STATE_HOME/steadfast/outbox/<id>`, else `~/.local/state/...`.
 pub fn default_outbox(client_id: &str) -> PathBuf {
@@ -42,6 +45,16 @@ pub fn default_client_id() -> String {
     default_client_id_for("pub")
 }
 
+/// A store error as the CLI shows it: the library says what is wrong
+/// with the directory; where another directory is the way out, this names
+/// the flag (`--outbox`, `--inbox`) that gives one.
+pub fn store_error(e: StoreError, flag: &str) -> anyhow::Error {
+    match e {
+        StoreError::Locked { .. } | StoreError::DiskFull { .. } => anyhow::anyhow!("{e} ({flag} DIR)"),
+        e => anyhow::Error::new(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -53,5 +66,16 @@ mod tests {
         {
             assert_eq!(default_outbox(id), base.join(dir), "{id}");
         }
+    }
+
+    #[test]
+    fn a_locked_or_full_store_is_told_the_flag_that_moves_it() {
+        let path = PathBuf::from("/x");
+        let locked = store_error(StoreError::Locked { path: path.clone() }, "--outbox").to_string();
+        assert!(locked.starts_with("the outbox /x is in use by another process;"), "{locked}");
+        assert!(locked.ends_with("a directory of its own (--outbox DIR)"), "{locked}");
+        let full = store_error(StoreError::DiskFull { path }, "--inbox").to_string();
+        assert!(full.ends_with("move the outbox to another disk (--inbox DIR)"), "{full}");
+        assert_eq!(store_error(StoreError::Closed, "--outbox").to_string(), "the outbox is closed");
     }
 }

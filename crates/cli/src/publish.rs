@@ -18,7 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
-use crate::paths::{default_client_id, default_outbox};
+use crate::paths::{default_client_id, default_outbox, store_error};
 use crate::progress::Progress;
 use crate::routes;
 use crate::values::{parse_bounds, parse_qos, parse_version};
@@ -247,6 +247,9 @@ impl Pipeline {
             PublishError::Topic(_) | PublishError::TooLarge { .. } | PublishError::Properties(_) => {
                 Failure::usage(anyhow!("{e}; {note}"))
             }
+            PublishError::Outbox(AppendError::Store(e)) => {
+                Failure::other(anyhow!("{}; {note}", store_error(e, "--outbox")))
+            }
             e => Failure::other(anyhow!("{e}; {note}")),
         }
     }
@@ -261,6 +264,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let dir = o.config.outbox_dir().to_owned();
     let (client, report) = Client::open(o.config.clone()).await.map_err(|e| match e {
         steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
+        steadfast::OpenError::Store(e) => Failure::other(store_error(e, "--outbox")),
         e => Failure::other(anyhow!(e)),
     })?;
     if !report.is_clean() {

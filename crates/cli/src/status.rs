@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
 use serde::Serialize;
-use steadfast_store::{now_ms, Report, SqliteStore, StoreKind};
+use steadfast_store::{now_ms, Report, SqliteStore, StoreError, StoreKind};
 
 use crate::args::StatusArgs;
 use crate::paths::default_outbox;
@@ -98,11 +98,17 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
     let read = tokio::task::spawn_blocking(move || {
         let running = SqliteStore::is_in_use(&d);
         let mut store = SqliteStore::open_read_only(&d)?;
-        Ok::<_, steadfast_store::StoreError>((running, store.kind(), Report::read(&mut store)?))
+        Ok::<_, StoreError>((running, store.kind(), Report::read(&mut store)?))
     })
     .await
     .map_err(|e| Failure::other(anyhow!("status task failed: {e}")))?;
-    let (running, kind, r) = read.map_err(|e| Failure::other(anyhow!(e)))?;
+    let (running, kind, r) = read.map_err(|e| match e {
+        // Only its owner's open converts it; `pub --drain` is one that ends.
+        StoreError::FormatTooOld { .. } => {
+            Failure::other(anyhow!("{e} (run `steadfast pub --drain --outbox {}` once)", dir.display()))
+        }
+        e => Failure::other(anyhow!(e)),
+    })?;
     let now = now_ms();
     let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
     let lag_of = |url: &str| r.lag.iter().find(|l| l.url == url).map_or((0, 0), |l| (l.lag, l.missed));

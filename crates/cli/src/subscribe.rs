@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::args::SubArgs;
-use crate::paths::{default_client_id_for, default_inbox};
+use crate::paths::{default_client_id_for, default_inbox, store_error};
 use crate::values::{parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
@@ -250,6 +250,7 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
         signal(SignalKind::terminate()).map_err(|e| Failure::other(anyhow!("cannot watch for SIGTERM: {e}")))?;
     let (consumer, report) = Consumer::open(cfg).await.map_err(|e| match e {
         steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
+        steadfast::OpenError::Store(e) => Failure::other(store_error(e, "--inbox")),
         e => Failure::other(anyhow!(e)),
     })?;
     if let Some(addr) = metrics {

@@ -1,3 +1,7 @@
+//! The store's errors: what went wrong with the directory, the disk or
+//! the database, in words that name the path and the way out. Which flag
+//! or setting picks another directory is for the caller to add.
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -6,13 +10,15 @@ use std::sync::Arc;
 #[non_exhaustive]
 pub enum StoreError {
     /// The disk (or the filesystem quota) is full.
-    #[error("the disk holding the outbox {path} is full; free space there or move the outbox with --outbox; messages accepted before are safe")]
+    #[error("the disk holding the outbox {path} is full; messages accepted before are safe; free space there, or move the outbox to another disk")]
     DiskFull {
         /// The store directory.
         path: PathBuf,
     },
     /// Another process holds the outbox.
-    #[error("the outbox {path} is in use by another process; stop it or give this one its own --outbox")]
+    #[error(
+        "the outbox {path} is in use by another process; stop that process, or give this one a directory of its own"
+    )]
     Locked {
         /// The store directory.
         path: PathBuf,
@@ -47,6 +53,17 @@ pub enum StoreError {
         found: u32,
         /// Newest supported format.
         supported: u32,
+    },
+    /// The store was written by an older steadfast and is converted only
+    /// when its owner opens it for writing (a read-only open cannot).
+    #[error(
+        "the outbox {path} has format {found}, from an earlier steadfast; it is converted when its owner opens it for writing"
+    )]
+    FormatTooOld {
+        /// The store directory.
+        path: PathBuf,
+        /// Format version found.
+        found: u32,
     },
     /// A stored record could not be decoded.
     #[error("outbox record {id} is malformed: {what}")]
@@ -115,6 +132,7 @@ impl StoreError {
             StoreError::FormatTooNew { path, found, supported } => {
                 StoreError::FormatTooNew { path: path.clone(), found: *found, supported: *supported }
             }
+            StoreError::FormatTooOld { path, found } => StoreError::FormatTooOld { path: path.clone(), found: *found },
             StoreError::Malformed { id, what } => StoreError::Malformed { id: *id, what: what.clone() },
             StoreError::OutboxNotInbox { path } => StoreError::OutboxNotInbox { path: path.clone() },
             StoreError::Closed => StoreError::Closed,

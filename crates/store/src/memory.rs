@@ -1,3 +1,6 @@
+//! The in-memory store, for tests: the same transactions as the SQLite
+//! one, and nothing survives the process.
+
 use std::collections::{BTreeMap, HashMap};
 
 use steadfast_core::{DropReason, Stage};

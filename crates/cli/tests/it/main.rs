@@ -477,6 +477,7 @@ async fn a_second_process_on_the_same_outbox_is_refused() {
     let second = run(&["pub", "-b", &broker.url(), "-t", "cli/two", "-m", "intruder", "--outbox", ob]).await;
     assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
     assert!(stderr(&second).contains("is in use by another process"), "{}", stderr(&second));
+    assert!(stderr(&second).contains("a directory of its own (--outbox DIR)"), "{}", stderr(&second));
     stdin.write_all(b"two\nthree\n").unwrap();
     drop(stdin);
     let out = first.wait_with_output().unwrap();

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
-use steadfast_store::{InboxStore, Policy, SqliteStore, Store};
+use steadfast_store::{InboxStore, Policy, SqliteStore, Store, StoreError};
 
 use crate::msg;
 
@@ -84,6 +84,20 @@ fn converts_an_outbox_written_by_format_1() {
     let (_dir, mut s) = open_copy(1);
     check_common(&mut s);
     assert_eq!(s.read_after(0, 10, None, None).unwrap()[1].msg.route, None, "format 1 had no routes");
+}
+
+/// A read-only open (status) cannot convert: a format 1 outbox is refused
+/// as too old, and its file is left as it was.
+#[test]
+fn a_format_1_outbox_read_only_is_refused_as_too_old_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("outbox.db");
+    std::fs::copy(fixture(1).join("outbox.db"), &db).unwrap();
+    let before = std::fs::read(&db).unwrap();
+    let err = SqliteStore::open_read_only(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::FormatTooOld { found: 1, .. }), "{err}");
+    assert!(err.to_string().contains("converted when its owner opens it for writing"), "{err}");
+    assert_eq!(std::fs::read(&db).unwrap(), before);
 }
 
 #[test]

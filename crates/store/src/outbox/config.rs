@@ -1,0 +1,98 @@
+//! What the outbox is told: its bounds and what happens when one is
+//! reached (the overflow policy), how many brokers must acknowledge the
+//! messages of each route (the quorum), and the bounds of a consumer's
+//! inbox.
+
+/// What happens to a new message when the outbox is full (G7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// The publisher waits until there is room.
+    #[default]
+    Block,
+    /// The new message is refused with an error.
+    Reject,
+    /// The oldest messages of the same class are dropped (counted as
+    /// `overflow`) to make room; a class never evicts another's messages:
+    /// with none of its own left, the new message is dropped instead.
+    DropOldest,
+    /// The new message is dropped (counted as `overflow`, announced) and
+    /// the publisher told so; nothing queued is touched.
+    DropNewest,
+}
+
+/// An overflow policy name that is none of [`Overflow::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("overflow policy `{0}` is unknown; use block, reject, drop-oldest or drop-newest")]
+pub struct UnknownOverflow(pub String);
+
+impl Overflow {
+    /// Every policy, with its CLI name.
+    pub const ALL: [(Overflow, &'static str); 4] = [
+        (Overflow::Block, "block"),
+        (Overflow::Reject, "reject"),
+        (Overflow::DropOldest, "drop-oldest"),
+        (Overflow::DropNewest, "drop-newest"),
+    ];
+
+    /// The policy for its CLI name; the error names the choices.
+    pub fn parse(s: &str) -> Result<Overflow, UnknownOverflow> {
+        Self::ALL.iter().find(|(_, n)| *n == s).map(|(o, _)| *o).ok_or_else(|| UnknownOverflow(s.to_owned()))
+    }
+
+    /// Its CLI name.
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(o, _)| *o == self).map_or("block", |(_, n)| n)
+    }
+}
+
+/// Bounds of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutboxConfig {
+    /// Most messages queued at once; `None` for no bound.
+    pub max_messages: Option<u64>,
+    /// Most bytes (topic + payload) queued at once; `None` for no bound.
+    pub max_bytes: Option<u64>,
+    /// Messages older than this many milliseconds leave, counted as
+    /// `expired`; `None` for no bound.
+    pub max_age_ms: Option<u64>,
+    /// What to do when a bound is reached (persistent messages, and
+    /// deadline ones unless `deadline_overflow` says otherwise).
+    pub overflow: Overflow,
+    /// The overflow policy of deadline messages, if not `overflow`.
+    pub deadline_overflow: Option<Overflow>,
+}
+
+/// How many brokers must acknowledge the messages of one route before they
+/// leave the outbox (fanout `ack = all | any | N`; 1 for failover and
+/// balance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quorum {
+    /// The route (`None`: the default broker set).
+    pub route: Option<String>,
+    /// Its brokers: slot and URL.
+    pub members: Vec<(u32, String)>,
+    /// Acknowledgements needed.
+    pub need: u32,
+    /// Fanout: once a message is this old and at least one member
+    /// acknowledged it, it leaves; the members that had not are counted as
+    /// having missed it.
+    pub catch_up_ms: Option<u64>,
+}
+
+impl Quorum {
+    pub(super) fn mask(&self) -> u64 {
+        self.members.iter().fold(0, |m, (s, _)| m | 1u64 << s)
+    }
+}
+
+/// Bounds of a consumer's inbox (G7): the oldest identities are forgotten
+/// first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxBounds {
+    /// Identities handled longer ago than this are forgotten.
+    pub max_age_ms: u64,
+    /// At most this many identities.
+    pub max_count: u64,
+    /// At most this many bytes ([`crate::InboxStore::inbox_bytes`]).
+    pub max_bytes: Option<u64>,
+}

@@ -1,0 +1,177 @@
+//! How a queued message leaves the outbox: delivered once its route's
+//! quorum acknowledged it (its row kept while a broker holds a QoS 2
+//! exchange of it), or dropped by its policy, counted by reason and
+//! announced (G3); and the sweeps that find what outlived its deadline,
+//! the age bound, or a fanout catch-up window.
+
+use std::collections::HashMap;
+
+use steadfast_core::DropReason;
+
+use super::replies::Batch;
+use super::writer::Writer;
+use super::{Delivery, Dropped};
+use crate::{Entry, StoreError};
+
+impl Writer {
+    /// Messages that reached their end, whatever acknowledged them, or
+    /// that their policy dropped.
+    pub(super) fn remove_all(&mut self, ids: Vec<u64>, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+        for id in ids {
+            match outcome {
+                Delivery::Delivered => drop(self.remove_one(id, outcome, b)?),
+                Delivery::Dropped(reason) => self.drop_one(id, reason, b)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker in `slot` acknowledged these (and closed its QoS 2
+    /// exchanges of them).
+    pub(super) fn ack_all(&mut self, slot: u32, ids: Vec<u64>, b: &mut Batch) -> Result<(), StoreError> {
+        for id in ids {
+            self.store.ack(id, slot)?;
+            self.settle(id, b)?;
+        }
+        Ok(())
+    }
+
+    /// The acknowledgements a message of `route` needs, and from which
+    /// slots. Without routes (one broker), any acknowledgement will do.
+    fn rule(&self, route: Option<&str>) -> (u64, u32, Option<u64>) {
+        match self.quorums.iter().find(|q| q.route.as_deref() == route) {
+            Some(q) => (q.mask(), q.need.max(1), q.catch_up_ms),
+            None => (u64::MAX, 1, None),
+        }
+    }
+
+    /// After an acknowledgement or a closed QoS 2 exchange: a message whose
+    /// quorum is complete is delivered; its row goes once no broker holds
+    /// an exchange of it any more.
+    pub(super) fn settle(&mut self, id: u64, b: &mut Batch) -> Result<(), StoreError> {
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        if e.done {
+            if e.bindings == 0 {
+                self.store.remove(id)?;
+            }
+            return Ok(());
+        }
+        let (mask, need, _) = self.rule(e.route.as_deref());
+        if (e.acks & mask).count_ones() >= need {
+            self.finish(id, &e, Delivery::Delivered, b)?;
+        }
+        Ok(())
+    }
+
+    /// A queued message reached its end. While a broker holds a QoS 2
+    /// exchange of it (even one dropped by its policy), the row stays, so
+    /// that its packet id is not reused after a restart.
+    fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+        if e.bindings == 0 {
+            self.store.remove(id)?;
+        } else {
+            self.store.set_done(id)?;
+        }
+        self.totals.count -= 1;
+        self.totals.bytes = self.totals.bytes.saturating_sub(e.size);
+        if let Some(t) = self.deadline_totals.as_mut().filter(|_| e.expires_ms.is_some()) {
+            t.count = t.count.saturating_sub(1);
+            t.bytes = t.bytes.saturating_sub(e.size);
+        }
+        b.resolved.push((id, outcome));
+        Ok(())
+    }
+
+    /// Removes a message that reached its end; false if it was gone already.
+    fn remove_one(&mut self, id: u64, outcome: Delivery, b: &mut Batch) -> Result<bool, StoreError> {
+        match self.store.entry(id)? {
+            Some(e) if e.done => {
+                self.store.remove(id)?;
+                Ok(false)
+            }
+            Some(e) => {
+                self.finish(id, &e, outcome, b)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Drops a message undelivered: counted by reason and announced (G3).
+    pub(super) fn drop_one(&mut self, id: u64, reason: DropReason, b: &mut Batch) -> Result<(), StoreError> {
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        if e.done {
+            return Ok(());
+        }
+        self.finish(id, &e, Delivery::Dropped(reason), b)?;
+        self.store.add_drop(reason, Some(id))?;
+        b.drops.push(Dropped { id, topic: e.topic, reason });
+        Ok(())
+    }
+
+    pub(super) fn sweeps(&self) -> bool {
+        self.quorums.iter().any(|q| q.catch_up_ms.is_some())
+            || self.next_expiry.is_some()
+            || (self.config.max_age_ms.is_some() && self.totals.count > 0)
+    }
+
+    /// Deadlines and the age bound: what outlived them leaves, counted as
+    /// `expired` (G3). Checked once a second; a sender also checks the
+    /// deadline before each send, so nothing goes out after it.
+    pub(super) fn sweep_expired(&mut self, b: &mut Batch) -> Result<(), StoreError> {
+        const PAGE: usize = 4096;
+        let now = crate::now_ms();
+        if self.next_expiry.is_some_and(|e| e <= now) {
+            loop {
+                let ids = self.store.expired(now, PAGE)?;
+                for id in &ids {
+                    self.drop_one(*id, DropReason::Expired, b)?;
+                }
+                if ids.len() < PAGE {
+                    break;
+                }
+            }
+            self.next_expiry = self.store.next_expiry()?;
+        }
+        if let Some(age) = self.config.max_age_ms {
+            let cutoff = now.saturating_sub(age);
+            'pages: while self.store.oldest_created_ms()?.is_some_and(|c| c < cutoff) {
+                for (id, _) in self.store.oldest(PAGE, None)? {
+                    match self.store.entry(id)? {
+                        Some(e) if e.created_ms < cutoff => self.drop_one(id, DropReason::Expired, b)?,
+                        _ => break 'pages,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fanout catch-up: a message older than its route's window that some
+    /// member acknowledged leaves the outbox; each member that had not is
+    /// counted as having missed it, so a long-dead broker cannot pin the
+    /// backlog for ever.
+    pub(super) fn sweep_lapsed(&mut self, b: &mut Batch) -> Result<(), StoreError> {
+        let now = crate::now_ms();
+        for q in self.quorums.clone() {
+            let Some(window) = q.catch_up_ms else { continue };
+            let mask = q.mask();
+            let mut missed: HashMap<&str, u64> = HashMap::new();
+            for (id, acks) in self.store.lapsed(q.route.as_deref(), mask, now.saturating_sub(window), 4096)? {
+                for (slot, url) in &q.members {
+                    if acks & (1 << slot) == 0 {
+                        *missed.entry(url.as_str()).or_default() += 1;
+                    }
+                }
+                if let Some(e) = self.store.entry(id)? {
+                    self.finish(id, &e, Delivery::Delivered, b)?;
+                }
+            }
+            for (url, n) in missed {
+                self.store.add_missed(url, n)?;
+                tracing::warn!(broker = url, missed = n, catch_up_ms = window, "a broker was down longer than its catch-up window; these messages were delivered to the others and counted as missed by it");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,202 @@
+//! What one batch collects while its transaction runs, and the replies
+//! that go out after its commit (or, with the error, after its failure):
+//! a caller never hears "accepted" before its message is on disk. Reads
+//! are answered here too, from what is committed.
+
+use steadfast_core::DropReason;
+use tokio::sync::oneshot;
+
+use super::request::{AcceptReply, HighReply, Request, SlotReply, WireReply};
+use super::writer::Writer;
+use super::{AppendError, Configured, Delivery, Dropped, Glance, OutboxState, Report};
+use crate::StoreError;
+
+/// Replies that may go out only after the commit.
+#[derive(Default)]
+pub(super) struct Batch {
+    pub(super) accepted: Vec<AcceptReply>,
+    /// Redeliveries of what a bridge queued before: the id it got.
+    pub(super) known: Vec<(oneshot::Sender<Result<u64, AppendError>>, u64)>,
+    pub(super) new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
+    pub(super) resolved: Vec<(u64, Delivery)>,
+    pub(super) wire_replies: Vec<(WireReply, Vec<u64>)>,
+    pub(super) meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
+    pub(super) slot_replies: Vec<(SlotReply, Configured)>,
+    pub(super) inbox_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    pub(super) high_replies: Vec<(HighReply, Vec<(String, u64)>)>,
+    pub(super) reads: Vec<Request>,
+    pub(super) drops: Vec<Dropped>,
+    pub(super) close: bool,
+}
+
+impl Writer {
+    pub(super) fn after_commit(&mut self, b: Batch) {
+        // The state first: whoever learns that a message was accepted must
+        // find it counted (a publisher that waits for an empty outbox right
+        // after acceptance must not see the old, empty state).
+        self.state.send_replace(OutboxState { last_id: self.last_id, totals: self.totals, newest: self.newest });
+        let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+        let delivered = b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64;
+        metrics::counter!("steadfast_accepted_total").increment(accepted);
+        metrics::counter!("steadfast_delivered_total").increment(delivered);
+        for (reply, r) in b.accepted {
+            let _ = reply.send(r);
+        }
+        for (reply, id) in b.known {
+            let _ = reply.send(Ok(id));
+        }
+        for (id, tx) in b.new_waiters {
+            self.waiters.insert(id, tx);
+        }
+        for (id, outcome) in b.resolved {
+            if let Some(tx) = self.waiters.remove(&id) {
+                let _ = tx.send(outcome);
+            }
+        }
+        self.prune_waiters();
+        for (reply, refused) in b.wire_replies {
+            let _ = reply.send(Ok(refused));
+        }
+        for (reply, v) in b.meta_replies {
+            let _ = reply.send(Ok(v));
+        }
+        for (reply, v) in b.slot_replies {
+            let _ = reply.send(Ok(v));
+        }
+        for reply in b.inbox_replies {
+            let _ = reply.send(Ok(()));
+        }
+        for (reply, v) in b.high_replies {
+            let _ = reply.send(Ok(v));
+        }
+        // One log line per reason and batch (a flood of overflow drops
+        // must not flood the log); one event per message.
+        for reason in DropReason::ALL {
+            let mut of_reason = b.drops.iter().filter(|d| d.reason == reason);
+            if let Some(first) = of_reason.next() {
+                let count = 1 + of_reason.count();
+                tracing::warn!(count, first_id = first.id, topic = %first.topic, %reason, "messages dropped from the outbox");
+            }
+        }
+        for d in b.drops {
+            let _ = self.dropped.send(d);
+        }
+        self.serve_reads(b.reads);
+    }
+
+    pub(super) fn serve_reads(&mut self, reads: Vec<Request>) {
+        for r in reads {
+            match r {
+                Request::Read { after, limit, slot, priority, reply } => {
+                    let _ = reply.send(self.store.read_after(after, limit, slot, priority));
+                }
+                Request::Query { reply } => {
+                    let _ = reply.send(Report::read(self.store.as_mut()));
+                }
+                Request::Glance { reply } => {
+                    let s = self.store.as_mut();
+                    let glance =
+                        s.drops().and_then(|drops| Ok(Glance { drops, oldest_created_ms: s.oldest_created_ms()? }));
+                    let _ = reply.send(glance);
+                }
+                Request::Bound { slot, reply } => {
+                    let _ = reply.send(self.store.bound(slot));
+                }
+                Request::InboxSeen { ids, reply } => {
+                    let _ = reply.send(self.store.inbox_seen(&ids));
+                }
+                _ => unreachable!("only reads are deferred"),
+            }
+        }
+        self.drop_unreadable();
+    }
+
+    /// Records the store could not decode are skipped by reads; they would
+    /// sit in the outbox for ever, so they leave it, counted as `corrupt`.
+    fn drop_unreadable(&mut self) {
+        let bad = self.store.take_unreadable();
+        if bad.is_empty() {
+            return;
+        }
+        for (id, what) in &bad {
+            tracing::error!(id, problem = %what, "outbox record cannot be read back; dropped as corrupt");
+        }
+        let mut b = Batch::default();
+        let result = self.store.begin().and_then(|()| {
+            for (id, _) in &bad {
+                self.drop_one(*id, DropReason::Corrupt, &mut b)?;
+            }
+            self.store.commit()
+        });
+        match result {
+            Ok(()) => self.after_commit(b),
+            Err(e) => {
+                self.store.rollback();
+                tracing::error!(error = %e, "cannot drop unreadable records; they stay in the outbox");
+            }
+        }
+    }
+
+    fn prune_waiters(&mut self) {
+        if self.waiters.len() > self.waiters_pruned_at {
+            self.waiters.retain(|_, tx| !tx.is_closed());
+            self.waiters_pruned_at = (self.waiters.len() * 2).max(1024);
+        }
+    }
+
+    pub(super) fn fail_batch(&mut self, requests: Vec<Request>, e: StoreError) -> bool {
+        let mut b = Batch::default();
+        for r in requests {
+            match r {
+                Request::Append { reply, .. } => b.accepted.push((reply, Ok(0))),
+                Request::SetWire { reply, .. } => b.wire_replies.push((reply, Vec::new())),
+                Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
+                Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
+                Request::InboxRecord { reply, .. } => b.inbox_replies.push(reply),
+                Request::InboxBounds { reply, .. } => b.high_replies.push((reply, Vec::new())),
+                Request::Close => b.close = true,
+                r @ (Request::Read { .. }
+                | Request::Query { .. }
+                | Request::Glance { .. }
+                | Request::Bound { .. }
+                | Request::InboxSeen { .. }) => b.reads.push(r),
+                Request::Remove { .. }
+                | Request::Ack { .. }
+                | Request::Broker(_)
+                | Request::Counter { .. }
+                | Request::Attempt { .. }
+                | Request::CountDrop { .. }
+                | Request::SetMeta { .. } => {}
+            }
+        }
+        let close = b.close;
+        self.fail_replies(b, e);
+        close
+    }
+
+    pub(super) fn fail_replies(&mut self, b: Batch, e: StoreError) {
+        let again = StoreError::clone_for_reply;
+        for (reply, _) in b.accepted {
+            let _ = reply.send(Err(AppendError::Store(again(&e))));
+        }
+        for (reply, _) in b.known {
+            let _ = reply.send(Err(AppendError::Store(again(&e))));
+        }
+        for (reply, _) in b.wire_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.meta_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.slot_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for reply in b.inbox_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.high_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        self.serve_reads(b.reads);
+    }
+}

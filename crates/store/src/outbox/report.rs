@@ -1,0 +1,78 @@
+//! What the outbox reports: everything `steadfast status` shows
+//! ([`Report`]), the cheap part that metrics read every second
+//! ([`Glance`]), and how far behind each broker is ([`BrokerLag`]).
+
+use steadfast_core::DropReason;
+
+use crate::{BrokerRecord, Store, StoreError, Totals};
+
+/// How far behind one broker is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerLag {
+    /// The broker URL.
+    pub url: String,
+    /// Queued messages it has not acknowledged.
+    pub lag: u64,
+    /// Messages it missed: its catch-up window passed first (persistent).
+    pub missed: u64,
+}
+
+/// The cheap part of a report: what metrics read every second.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glance {
+    /// Drop counters by reason.
+    pub drops: Vec<(DropReason, u64)>,
+    /// Creation time of the oldest queued message (ms since the epoch).
+    pub oldest_created_ms: Option<u64>,
+}
+
+/// Everything `steadfast status` shows about an outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Count and bytes queued.
+    pub totals: Totals,
+    /// Creation time of the oldest queued message (ms since the epoch).
+    pub oldest_created_ms: Option<u64>,
+    /// Drop counters by reason, since the outbox was created.
+    pub drops: Vec<(DropReason, u64)>,
+    /// Broker states recorded by the owner.
+    pub brokers: Vec<BrokerRecord>,
+    /// Per broker that ever had a slot: lag and missed messages.
+    pub lag: Vec<BrokerLag>,
+    /// Queued messages per route (`None`: the default broker set).
+    pub routes: Vec<(Option<String>, u64)>,
+    /// Named counters (consumer: handled, duplicates, gaps...).
+    pub counters: Vec<(String, u64)>,
+    /// Identities the inbox remembers.
+    pub inbox: u64,
+    /// The producer id of this outbox's messages (`None` for an inbox).
+    pub producer: Option<String>,
+    /// The sequence number of the newest message ever accepted.
+    pub last_id: u64,
+}
+
+impl Report {
+    /// Reads a report straight from a store.
+    pub fn read(store: &mut dyn Store) -> Result<Report, StoreError> {
+        Ok(Report {
+            totals: store.totals()?,
+            oldest_created_ms: store.oldest_created_ms()?,
+            drops: store.drops()?,
+            brokers: store.brokers()?,
+            lag: {
+                let missed = store.missed()?;
+                let mut lag = Vec::new();
+                for (url, slot) in store.slots()? {
+                    let m = missed.iter().find(|(u, _)| *u == url).map_or(0, |(_, n)| *n);
+                    lag.push(BrokerLag { lag: store.lag(slot)?, missed: m, url });
+                }
+                lag
+            },
+            routes: store.routes()?,
+            counters: store.counters()?,
+            inbox: store.inbox_len()?,
+            producer: store.meta("producer")?,
+            last_id: store.last_id()?,
+        })
+    }
+}

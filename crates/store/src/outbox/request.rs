@@ -1,0 +1,134 @@
+//! The requests the handle sends to the writer thread: one channel for
+//! all of them, in order, each carrying its own reply channel where the
+//! caller waits for an answer.
+
+use steadfast_core::{DropReason, Stage};
+use tokio::sync::oneshot;
+
+use super::{AppendError, Configured, Delivery, Glance, InboxBounds, Quorum, Report, Source};
+use crate::{BrokerRecord, NewMessage, StoreError, StoredMessage};
+
+pub(super) enum Request {
+    Append {
+        msg: NewMessage,
+        reply: oneshot::Sender<Result<u64, AppendError>>,
+        delivery: Option<oneshot::Sender<Delivery>>,
+        source: Option<Source>,
+    },
+    Remove {
+        ids: Vec<u64>,
+        outcome: Delivery,
+    },
+    Ack {
+        slot: u32,
+        ids: Vec<u64>,
+    },
+    SetWire {
+        slot: u32,
+        updates: Vec<(u64, Option<(u16, Stage)>)>,
+        reply: WireReply,
+    },
+    Attempt {
+        ids: Vec<u64>,
+    },
+    CountDrop {
+        reason: DropReason,
+        topic: String,
+    },
+    Read {
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+        reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+    },
+    Query {
+        reply: oneshot::Sender<Result<Report, StoreError>>,
+    },
+    Glance {
+        reply: oneshot::Sender<Result<Glance, StoreError>>,
+    },
+    Bound {
+        slot: u32,
+        reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+    },
+    Slots {
+        urls: Vec<String>,
+        quorums: Vec<Quorum>,
+        reply: SlotReply,
+    },
+    Broker(BrokerRecord),
+    InboxSeen {
+        ids: Vec<(String, u64)>,
+        reply: oneshot::Sender<Result<Vec<bool>, StoreError>>,
+    },
+    InboxRecord {
+        ids: Vec<(String, u64)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    InboxBounds {
+        bounds: InboxBounds,
+        reply: HighReply,
+    },
+    Counter {
+        name: &'static str,
+        n: u64,
+    },
+    SetMeta {
+        key: String,
+        value: String,
+    },
+    Meta {
+        key: String,
+        default: String,
+        reply: oneshot::Sender<Result<String, StoreError>>,
+    },
+    Close,
+}
+
+impl Request {
+    /// A read: changes nothing, answered from what is committed.
+    pub(super) fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Request::Read { .. }
+                | Request::Query { .. }
+                | Request::Glance { .. }
+                | Request::Bound { .. }
+                | Request::InboxSeen { .. }
+        )
+    }
+
+    /// Bookkeeping (a read, or counters, broker states, attempts, metadata
+    /// nobody waits for): what a batch may commit without a sync.
+    pub(super) fn is_bookkeeping(&self) -> bool {
+        self.is_read()
+            || matches!(
+                self,
+                Request::Counter { .. } | Request::Broker(_) | Request::Attempt { .. } | Request::SetMeta { .. }
+            )
+    }
+}
+
+/// A message on its way in, with the channels its publisher waits on.
+pub(super) struct PendingAppend {
+    pub(super) msg: NewMessage,
+    pub(super) reply: oneshot::Sender<Result<u64, AppendError>>,
+    pub(super) delivery: Option<oneshot::Sender<Delivery>>,
+    pub(super) source: Option<Source>,
+}
+
+pub(super) type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
+pub(super) type HighReply = oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>;
+pub(super) type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+pub(super) type SlotReply = oneshot::Sender<Result<Configured, StoreError>>;
+
+/// A copy of a removal or acknowledgement, kept to apply again when its
+/// commit failed: an acknowledged message must still leave.
+pub(super) fn removal_copy(r: &Request) -> Option<Request> {
+    match r {
+        Request::Remove { ids, outcome } => Some(Request::Remove { ids: ids.clone(), outcome: *outcome }),
+        Request::Ack { slot, ids } => Some(Request::Ack { slot: *slot, ids: ids.clone() }),
+        _ => None,
+    }
+}

@@ -1,0 +1,323 @@
+//! The writer thread. It takes every request that queued up while it was
+//! busy (up to [`MAX_BATCH`]), applies them in one transaction and syncs
+//! once; the replies go out after the commit ([`super::replies`]). Reads
+//! that no write precedes are answered at once, without waiting for a sync.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+
+use steadfast_core::Stage;
+use tokio::sync::{broadcast, oneshot, watch};
+
+use super::replies::Batch;
+use super::request::{removal_copy, PendingAppend, Request};
+use super::{AppendError, Configured, Delivery, Dropped, InboxBounds, OutboxConfig, OutboxState, Quorum};
+use crate::{Store, StoreError, Totals, PRIORITIES};
+
+/// The single owner of the store, behind the [`super::Outbox`] handles.
+pub(super) struct Writer {
+    pub(super) store: Box<dyn Store>,
+    pub(super) config: OutboxConfig,
+    pub(super) totals: Totals,
+    pub(super) state: watch::Sender<OutboxState>,
+    pub(super) dropped: broadcast::Sender<Dropped>,
+    pub(super) waiters: HashMap<u64, oneshot::Sender<Delivery>>,
+    pub(super) waiters_pruned_at: usize,
+    pub(super) last_id: u64,
+    pub(super) newest: [u64; PRIORITIES],
+    /// The earliest deadline queued (a sweep is due then).
+    pub(super) next_expiry: Option<u64>,
+    /// Count and bytes of queued deadline messages, once needed.
+    pub(super) deadline_totals: Option<Totals>,
+    /// Removals undone by a failed commit, applied again with the next batch.
+    pub(super) pending_removes: Vec<Request>,
+    pub(super) blocked: VecDeque<PendingAppend>,
+    pub(super) quorums: Vec<Quorum>,
+    pub(super) swept_at: std::time::Instant,
+    pub(super) inbox_bounds: Option<InboxBounds>,
+    pub(super) pruned_at: std::time::Instant,
+    /// Identities in the inbox (an over-estimate between prunes).
+    pub(super) inbox_len: u64,
+    /// Their bytes (an over-estimate between prunes).
+    pub(super) inbox_bytes: u64,
+}
+
+/// The most requests one batch takes.
+const MAX_BATCH: usize = 8192;
+/// How often the fanout catch-up windows are checked.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Writer {
+    /// A writer over `store`, and the watch of the state it starts from.
+    pub(super) fn new(
+        mut store: Box<dyn Store>,
+        config: OutboxConfig,
+        dropped: broadcast::Sender<Dropped>,
+    ) -> Result<(Writer, watch::Receiver<OutboxState>), StoreError> {
+        let totals = store.totals()?;
+        let last_id = store.newest_id()?.unwrap_or(0);
+        let mut newest = [0; PRIORITIES];
+        for (p, id) in store.newest_by_priority()? {
+            newest[p as usize] = id;
+        }
+        let next_expiry = store.next_expiry()?;
+        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest });
+        let writer = Writer {
+            store,
+            config,
+            totals,
+            state: state_tx,
+            dropped,
+            waiters: HashMap::new(),
+            waiters_pruned_at: 1024,
+            last_id,
+            newest,
+            next_expiry,
+            deadline_totals: None,
+            pending_removes: Vec::new(),
+            blocked: VecDeque::new(),
+            quorums: Vec::new(),
+            swept_at: std::time::Instant::now(),
+            inbox_bounds: None,
+            pruned_at: std::time::Instant::now(),
+            inbox_len: 0,
+            inbox_bytes: 0,
+        };
+        Ok((writer, state))
+    }
+
+    pub(super) fn run(&mut self, rx: mpsc::Receiver<Request>) {
+        loop {
+            // Removals that a failed commit undid are tried again, even
+            // when nothing else comes: a delivered message must leave.
+            let first = if self.pending_removes.is_empty() && !self.sweeps() {
+                match rx.recv() {
+                    Ok(r) => Some(r),
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                    Ok(r) => Some(r),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let mut requests: Vec<Request> = first.into_iter().collect();
+            while requests.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => requests.push(r),
+                    Err(_) => break,
+                }
+            }
+            if self.apply(requests) {
+                break;
+            }
+        }
+        // Whatever still waits for room is not accepted.
+        for p in self.blocked.drain(..) {
+            let _ = p.reply.send(Err(AppendError::Store(StoreError::Closed)));
+        }
+    }
+
+    /// Applies one batch in one transaction. Returns true on `Close`.
+    fn apply(&mut self, mut requests: Vec<Request>) -> bool {
+        self.answer_leading_reads(&mut requests);
+        let sweep = self.sweeps() && self.swept_at.elapsed() >= SWEEP_EVERY;
+        if requests.is_empty() && self.pending_removes.is_empty() && !sweep {
+            return false;
+        }
+        let retried = std::mem::take(&mut self.pending_removes);
+        let removes: Vec<Request> = requests.iter().filter_map(removal_copy).collect();
+        let mut b = Batch::default();
+        let before = self.totals;
+        // Only bookkeeping (counters, broker states, attempts, metadata
+        // nobody waits for) is committed without a sync: it survives a
+        // crash of the process, and at worst a power loss takes a few
+        // counts back. Everything a promise rests on is synced.
+        let bookkeeping = retried.is_empty() && !sweep && requests.iter().all(Request::is_bookkeeping);
+        self.store.set_synced(!bookkeeping);
+        if let Err(e) = self.store.begin() {
+            self.pending_removes = retried.into_iter().chain(removes).collect();
+            return self.fail_batch(requests, e);
+        }
+        let mut rest = requests.into_iter();
+        let result = self.apply_all(&retried, &mut rest, sweep, &mut b);
+        let synced = std::time::Instant::now();
+        let result = result.and_then(|()| self.store.commit());
+        metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                let close = b.close;
+                self.after_commit(b);
+                close
+            }
+            Err(e) => {
+                self.roll_back(before, &e);
+                // Acknowledged messages must still leave: their removals are
+                // applied again with the next batch.
+                self.pending_removes = retried.into_iter().chain(removes).collect();
+                let close = b.close;
+                self.fail_replies(b, e.clone_for_reply());
+                let rest_close = self.fail_batch(rest.collect(), e);
+                close || rest_close
+            }
+        }
+    }
+
+    /// Reads that no write precedes in this batch see nothing new from
+    /// it: answer them now instead of after the sync, so the driver's
+    /// next page never waits for a disk flush.
+    fn answer_leading_reads(&mut self, requests: &mut Vec<Request>) {
+        let first_write = requests.iter().position(|r| !r.is_read());
+        let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
+        self.serve_reads(early);
+    }
+
+    /// Everything one transaction does: the removals a failed commit
+    /// undid, the requests in order (up to the first failure, which leaves
+    /// the others in `rest`), the sweeps when due, and then whatever
+    /// waits for room and fits now.
+    fn apply_all(
+        &mut self,
+        retried: &[Request],
+        rest: &mut std::vec::IntoIter<Request>,
+        sweep: bool,
+        b: &mut Batch,
+    ) -> Result<(), StoreError> {
+        for r in retried {
+            self.apply_one(removal_copy(r).expect("only removals are retried"), b)?;
+        }
+        for r in rest.by_ref() {
+            self.apply_one(r, b)?;
+        }
+        if sweep {
+            self.swept_at = std::time::Instant::now();
+            self.sweep_lapsed(b)?;
+            self.sweep_expired(b)?;
+        }
+        self.admit_blocked(b)
+    }
+
+    /// After a failed commit: the transaction is rolled back, and what
+    /// this batch set in memory goes back to what is on disk.
+    fn roll_back(&mut self, before: Totals, e: &StoreError) {
+        self.store.rollback();
+        self.totals = self.store.totals().unwrap_or(before);
+        self.last_id = self.store.newest_id().ok().flatten().unwrap_or(0).max(self.state.borrow().last_id);
+        // Ids of rolled-back messages are handed out again.
+        self.newest = self.state.borrow().newest;
+        self.deadline_totals = None;
+        self.next_expiry = self.store.next_expiry().ok().flatten().or(self.next_expiry);
+        self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
+        self.inbox_bytes = self.store.inbox_bytes().unwrap_or(self.inbox_bytes);
+        tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
+    }
+
+    /// Applies one request inside the batch's transaction; what waits for
+    /// the commit (replies, announcements, reads) goes into `b`.
+    fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
+        match r {
+            Request::Append { msg, reply, delivery, source } => {
+                self.accept(PendingAppend { msg, reply, delivery, source }, b)?;
+            }
+            Request::Remove { ids, outcome } => self.remove_all(ids, outcome, b)?,
+            Request::Ack { slot, ids } => self.ack_all(slot, ids, b)?,
+            Request::SetWire { slot, updates, reply } => {
+                let refused = self.set_wires(slot, updates, b)?;
+                b.wire_replies.push((reply, refused));
+            }
+            Request::Slots { urls, quorums, reply } => {
+                let configured = self.configure(&urls, quorums)?;
+                b.slot_replies.push((reply, configured));
+            }
+            Request::Broker(rec) => self.store.set_broker(&rec)?,
+            Request::InboxRecord { ids, reply } => {
+                self.inbox_record(&ids)?;
+                b.inbox_replies.push(reply);
+                self.prune_inbox_if_due()?;
+            }
+            Request::InboxBounds { bounds, reply } => {
+                let high = self.set_inbox_bounds(bounds)?;
+                b.high_replies.push((reply, high));
+            }
+            Request::Counter { name, n } => self.store.add_counter(name, n)?,
+            Request::Attempt { ids } => {
+                for id in ids {
+                    self.store.add_attempt(id)?;
+                }
+            }
+            Request::CountDrop { reason, topic } => {
+                self.store.add_drop(reason, None)?;
+                b.drops.push(Dropped { id: 0, topic, reason });
+            }
+            Request::SetMeta { key, value } => self.store.set_meta(&key, &value)?,
+            Request::Meta { key, default, reply } => {
+                let v = self.meta_or_init(&key, default)?;
+                // Answered after the commit: a value handed out must be on disk.
+                b.meta_replies.push((reply, v));
+            }
+            Request::Close => b.close = true,
+            r @ (Request::Read { .. }
+            | Request::Query { .. }
+            | Request::Glance { .. }
+            | Request::Bound { .. }
+            | Request::InboxSeen { .. }) => b.reads.push(r),
+        }
+        Ok(())
+    }
+
+    /// Gives each broker URL its slot and takes the quorum of each route,
+    /// its members' slots filled in from the URLs.
+    fn configure(&mut self, urls: &[String], mut quorums: Vec<Quorum>) -> Result<Configured, StoreError> {
+        let slots = self.store.assign_slots(urls)?;
+        for q in &mut quorums {
+            for (slot, url) in &mut q.members {
+                if let Some(i) = urls.iter().position(|u| u == url) {
+                    *slot = slots[i];
+                }
+            }
+        }
+        self.quorums = quorums;
+        let routes = self.store.routes()?;
+        Ok(Configured { slots, queued: routes })
+    }
+
+    /// Records QoS 2 wire bindings on the broker in `slot`; returns the
+    /// ids whose new binding was refused because the message already left.
+    fn set_wires(
+        &mut self,
+        slot: u32,
+        updates: Vec<(u64, Option<(u16, Stage)>)>,
+        b: &mut Batch,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut refused = Vec::new();
+        for (id, wire) in updates {
+            // A new exchange for a message that already left would
+            // bind a packet id to nothing: after a restart the id
+            // would look free while the broker still holds it.
+            if matches!(wire, Some((_, Stage::Published))) {
+                let left = self.store.entry(id)?.is_none_or(|e| e.done);
+                if left {
+                    refused.push(id);
+                    continue;
+                }
+            }
+            self.store.set_wire(slot, id, wire)?;
+            if wire.is_none() {
+                self.settle(id, b)?;
+            }
+        }
+        Ok(refused)
+    }
+
+    /// The metadata value of `key`, set to `default` if absent.
+    fn meta_or_init(&mut self, key: &str, default: String) -> Result<String, StoreError> {
+        match self.store.meta(key)? {
+            Some(v) => Ok(v),
+            None => {
+                self.store.set_meta(key, &default)?;
+                Ok(default)
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The SQLite store: an outbox (`outbox.db`) or a consumer's inbox
+//! (`inbox.db`) in a directory of its own, in WAL mode with
+//! `synchronous=FULL`, locked by one process at a time, recovered with
+//! quarantine when damaged.
+//!
+//! This file holds [`SqliteStore`] and how it is opened. The rest, by role:
+//!
+//! | file | what |
+//! |---|---|
+//! | `files.rs` | the directory: file names, owner and permissions, the lock, the legacy inbox rename |
+//! | `schema.rs` | the format: tables, migrations from older formats, the connection's settings |
+//! | `recovery.rs` | what opening checks and repairs: torn logs, partial pages, quarantine, the id reservation |
+//! | `salvage.rs` | copying what can still be read out of a damaged database |
+//! | `rows.rs` | reading messages back: the selects, decoding a row |
+//! | `queries.rs` | the `Store` trait over SQL |
+//! | `inbox.rs`, `sources.rs` | the `InboxStore` and `SourceStore` parts |
+
+mod files;
+mod inbox;
+mod queries;
+mod recovery;
+mod rows;
+mod salvage;
+mod schema;
+mod sources;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use crate::{reserve, StoreError};
+use files::{create_private_dir, rename_legacy_inbox, take_lock, Files};
+use queries::trim_drop_log;
+use recovery::{
+    check_wal_tail, continue_above_reservation, cut_partial_page, open_checked, quarantine_and_salvage,
+    resume_interrupted_salvage, Opened,
+};
+
+/// What a store directory holds, and so the names of its files:
+/// `outbox.db` and `outbox.lock` for a producer's outbox, `inbox.db` and
+/// `inbox.lock` for a consumer's inbox (format 3 in both; an inbox written
+/// before it had its own name is renamed when its owner opens it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A producer's outbox (or a bridge route's).
+    Outbox,
+    /// A consumer's inbox (or a bridge route's).
+    Inbox,
+}
+
+impl StoreKind {
+    /// `outbox` or `inbox`: the stem of its file names, and its name in
+    /// messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreKind::Outbox => "outbox",
+            StoreKind::Inbox => "inbox",
+        }
+    }
+}
+
+/// What opening the outbox found and did about damage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Files moved aside because they were damaged. Kept, never deleted.
+    pub quarantined: Vec<PathBuf>,
+    /// Messages recovered from a quarantined database.
+    pub salvaged: u64,
+    /// Bytes of an incomplete last write-ahead-log frame (a torn write at
+    /// power loss). SQLite ignores such a frame; what was committed before
+    /// it is kept.
+    pub torn_wal_bytes: Option<u64>,
+    /// What was wrong, in words, when something was.
+    pub problem: Option<String>,
+}
+
+impl OpenReport {
+    /// True when the store was opened without finding damage.
+    pub fn is_clean(&self) -> bool {
+        self.quarantined.is_empty() && self.problem.is_none()
+    }
+
+    /// Adds a problem after those found before it.
+    fn add_problem(&mut self, why: String) {
+        self.problem = Some(match self.problem.take() {
+            Some(before) => format!("{before}; then {why}"),
+            None => why,
+        });
+    }
+}
+
+/// The outbox in a SQLite database in its own directory.
+pub struct SqliteStore {
+    conn: Connection,
+    dir: PathBuf,
+    kind: StoreKind,
+    _lock: Option<File>,
+    unreadable: Vec<(u64, String)>,
+    /// `synchronous=FULL` now (else NORMAL, for bookkeeping commits).
+    synced: bool,
+    /// Ids up to this one are reserved on disk ([`crate::reserve`]).
+    reserved: u64,
+    /// Drop log records written by this handle (trimmed every 1,024).
+    drops_logged: u64,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("dir", &self.dir).finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the outbox in `dir` for writing, taking its lock.
+    /// A damaged database is moved to `dir/quarantine/`, what can be read
+    /// from it is copied into a fresh one, and the report says so: damage
+    /// is never a reason to refuse to start.
+    pub fn open(dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
+        Self::open_kind(dir, StoreKind::Outbox)
+    }
+
+    /// Opens (or creates) a consumer's inbox in `dir` (`inbox.db`), as
+    /// [`SqliteStore::open`] does an outbox. An inbox written before it had
+    /// its own file name (`outbox.db` holding only the inbox) is renamed.
+    pub fn open_inbox(dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
+        rename_legacy_inbox(dir)?;
+        Self::open_kind(dir, StoreKind::Inbox)
+    }
+
+    fn open_kind(dir: &Path, kind: StoreKind) -> Result<(SqliteStore, OpenReport), StoreError> {
+        let files = Files::new(dir, kind);
+        create_private_dir(&files)?;
+        let lock = take_lock(&files)?;
+        let mut report = OpenReport::default();
+        resume_interrupted_salvage(&files, &mut report)?;
+        check_wal_tail(&files, &mut report)?;
+        cut_partial_page(&files, &mut report)?;
+        let conn = match open_checked(&files) {
+            Ok(conn) => conn,
+            Err(Opened::Corrupt(why)) => {
+                report.add_problem(why);
+                quarantine_and_salvage(&files, &mut report)?
+            }
+            Err(Opened::Failed(e)) => return Err(e),
+        };
+        // Only an outbox hands out ids.
+        let reserved = if kind == StoreKind::Outbox { reserve::read(dir) } else { 0 };
+        continue_above_reservation(&conn, reserved, &mut report).map_err(|e| map_error(dir, e))?;
+        // Bounded across restarts too (each handle trims every 1,024 drops).
+        trim_drop_log(&conn).map_err(|e| map_error(dir, e))?;
+        let store = SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            kind,
+            _lock: Some(lock),
+            unreadable: Vec::new(),
+            synced: true,
+            reserved,
+            drops_logged: 0,
+        };
+        Ok((store, report))
+    }
+
+    /// Opens an existing outbox read-only, without its lock, to report on
+    /// it while its owner runs (`steadfast status`).
+    pub fn open_read_only(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let kind = Self::kind_in(dir).ok_or_else(|| {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db or inbox.db in it");
+            StoreError::Io { path: dir.to_owned(), source }
+        })?;
+        let path = Files::new(dir, kind).path("db");
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let tables: u32 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE name IN ('outbox', 'drops', 'brokers', 'wire', 'missed')",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables < 5 {
+            let old: u32 =
+                conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'outbox'", [], |r| r.get(0))?;
+            if old > 0 {
+                return Err(StoreError::FormatTooOld { path: dir.to_owned(), found: 1 });
+            }
+            let why = "its outbox.db holds no outbox (yet: is it being created?)";
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
+            return Err(StoreError::Io { path: dir.to_owned(), source });
+        }
+        Ok(SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            kind,
+            _lock: None,
+            unreadable: Vec::new(),
+            synced: true,
+            reserved: 0,
+            drops_logged: 0,
+        })
+    }
+
+    /// True when a process holds the store's lock (outbox or inbox) now.
+    pub fn is_in_use(dir: &Path) -> bool {
+        [StoreKind::Outbox, StoreKind::Inbox].into_iter().any(|kind| {
+            let Ok(file) = File::open(Files::new(dir, kind).path("lock")) else {
+                return false;
+            };
+            match file.try_lock_shared() {
+                Ok(()) => {
+                    let _ = file.unlock();
+                    false
+                }
+                Err(_) => true,
+            }
+        })
+    }
+
+    /// What `dir` holds: an inbox (`inbox.db`), an outbox (`outbox.db`), or
+    /// no store.
+    pub fn kind_in(dir: &Path) -> Option<StoreKind> {
+        [StoreKind::Inbox, StoreKind::Outbox].into_iter().find(|k| Files::new(dir, *k).path("db").exists())
+    }
+
+    /// What this store holds.
+    pub fn kind(&self) -> StoreKind {
+        self.kind
+    }
+
+    /// The directory of this outbox.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, e: rusqlite::Error) -> StoreError {
+        map_error(&self.dir, e)
+    }
+}
+
+fn map_error(dir: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull { path: dir.to_owned() },
+        _ => e.into(),
+    }
+}

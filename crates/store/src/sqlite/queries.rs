@@ -1,0 +1,423 @@
+//! The [`Store`] trait over SQL: one statement (cached) per operation,
+//! inside the transaction the writer thread opened.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use steadfast_core::{DropReason, Stage};
+
+use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
+use super::SqliteStore;
+use crate::{now_ms, reserve, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
+
+/// The highest id the database says it ever handed out (0 for none).
+pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
+    let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
+    Ok(conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0))
+}
+
+/// Keeps the newest [`crate::DROP_LOG_KEEP`] entries of the drop log.
+pub(super) fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
+    let sql = "DELETE FROM dropped WHERE id <= (SELECT id FROM dropped ORDER BY id DESC LIMIT 1 OFFSET ?1)";
+    conn.execute(sql, [crate::DROP_LOG_KEEP]).map(|_| ())
+}
+
+impl Store for SqliteStore {
+    fn begin(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.map(e))
+    }
+
+    fn commit(&mut self) -> Result<(), StoreError> {
+        self.conn.execute_batch("COMMIT").map_err(|e| self.map(e))
+    }
+
+    fn set_synced(&mut self, synced: bool) {
+        if synced != self.synced {
+            let pragma = if synced { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=NORMAL" };
+            if self.conn.execute_batch(pragma).is_ok() {
+                self.synced = synced;
+            }
+        }
+    }
+
+    fn rollback(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
+        let props = (!m.props.is_empty()).then(|| m.props.encode());
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        let p = &m.policy;
+        let r = stmt.execute(params![
+            m.topic,
+            m.payload,
+            m.qos as u8,
+            m.retain,
+            props,
+            m.created_ms,
+            m.size(),
+            m.route,
+            p.expires_ms,
+            p.priority,
+            p.max_attempts,
+            p.keep_latest
+        ]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        let id = self.conn.last_insert_rowid() as u64;
+        // Reserved before the commit that hands it out: a recovery that
+        // lost the database's own record still starts above it.
+        if id > self.reserved {
+            let upto = id + reserve::BLOCK;
+            reserve::write(&self.dir, upto)?;
+            self.reserved = upto;
+        }
+        Ok(id)
+    }
+
+    fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT topic, route, acks, done, size, created_ms, (SELECT count(*) FROM wire WHERE wire.id = ?1), expires_ms FROM outbox WHERE id = ?1",
+        )?;
+        let r = stmt.query_row([id], |r| {
+            Ok(Entry {
+                topic: r.get(0)?,
+                route: r.get(1)?,
+                acks: r.get::<_, i64>(2)? as u64,
+                done: r.get(3)?,
+                size: r.get(4)?,
+                created_ms: r.get(5)?,
+                bindings: r.get(6)?,
+                expires_ms: r.get(7)?,
+            })
+        });
+        Ok(r.optional()?)
+    }
+
+    fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
+        let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+        let r = wire.execute([id]);
+        drop(wire);
+        r.map_err(|e| self.map(e))?;
+        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        Ok(r.map_err(|e| self.map(e))? > 0)
+    }
+
+    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+        let bit = (1u64 << slot) as i64;
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = acks | ?2 WHERE id = ?1")?;
+        let r = stmt.execute(params![id, bit]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+        let r = wire.execute(params![id, slot]);
+        drop(wire);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
+        let r = match wire {
+            Some((pid, stage)) => {
+                let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
+                stmt.execute(params![id, slot, pid, stage_to_sql(stage)])
+            }
+            None => {
+                let mut stmt = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+                stmt.execute(params![id, slot])
+            }
+        };
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn read_after(
+        &mut self,
+        after: u64,
+        limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mask = slot.map_or(0, |s| (1u64 << s) as i64);
+        let sql = match priority {
+            None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
+            // The literal `priority != 0` lets SQLite use the partial index.
+            Some(0) => format!(
+                "{SELECT_MESSAGE} WHERE priority = 0 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+            ),
+            Some(_) => format!(
+                "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+            ),
+        };
+        match priority {
+            None | Some(0) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
+            Some(p) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask, p]),
+        }
+    }
+
+    fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            // Upper bounds, which is all a reader needs: level 0 gets the
+            // newest id of all (the primary key's end), the others come
+            // from their partial index. No scan of the table.
+            "SELECT 0, max(id) FROM outbox UNION ALL SELECT priority, max(id) FROM outbox WHERE priority != 0 GROUP BY priority",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, u8>(0)?, r.get::<_, Option<u64>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            if let (p, Some(id)) = row? {
+                out.push((p.min(crate::MAX_PRIORITY), id));
+            }
+        }
+        Ok(out)
+    }
+
+    fn add_attempt(&mut self, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM outbox WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY expires_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {
+        // Bound messages count too: the sweep keeps coming back for them
+        // until their QoS 2 exchange closes (then they go, or are gone).
+        let sql = "SELECT min(expires_ms) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
+        Ok(self.conn.query_row(sql, [], |r| r.get(0))?)
+    }
+
+    fn deadline_totals(&mut self) -> Result<Totals, StoreError> {
+        let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
+        let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Totals { count, bytes })
+    }
+
+    fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM outbox WHERE topic = ?1 AND latest = 1 AND route IS ?2 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![topic, route], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
+        let sql = format!("{SELECT_BOUND} WHERE wire.slot = ?1 ORDER BY outbox.id");
+        read_messages(&self.conn, &mut self.unreadable, &sql, [slot])
+    }
+
+    fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {
+        let sql = match deadline {
+            None => "SELECT id, size FROM outbox WHERE done = 0 ORDER BY id LIMIT ?1",
+            Some(false) => "SELECT id, size FROM outbox WHERE done = 0 AND expires_ms IS NULL ORDER BY id LIMIT ?1",
+            // Through the partial index on deadlines: they may be few.
+            Some(true) => "SELECT id, size FROM outbox WHERE expires_ms IS NOT NULL AND done = 0 ORDER BY id LIMIT ?1",
+        };
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn last_id(&mut self) -> Result<u64, StoreError> {
+        Ok(recorded_last_id(&self.conn)?)
+    }
+
+    fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
+        Ok(self.conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
+    }
+
+    fn totals(&mut self) -> Result<Totals, StoreError> {
+        let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE done = 0";
+        let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Totals { count, bytes })
+    }
+
+    fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
+        let sql = "SELECT created_ms FROM outbox WHERE done = 0 ORDER BY id LIMIT 1";
+        Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?)
+    }
+
+    fn lapsed(
+        &mut self,
+        route: Option<&str>,
+        mask: u64,
+        cutoff_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, acks FROM outbox WHERE done = 0 AND route IS ?1 AND acks & ?2 != 0 AND created_ms < ?3 ORDER BY id LIMIT ?4",
+        )?;
+        let p = params![route, mask as i64, cutoff_ms, limit as i64];
+        let rows = stmt.query_map(p, |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT route, count(*) FROM outbox WHERE done = 0 GROUP BY route ORDER BY route")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
+        let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0";
+        Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)
+    }
+
+    fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
+        let mut taken: Vec<(String, u32)> = {
+            let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::new();
+        for url in urls {
+            if let Some((_, slot)) = taken.iter().find(|(u, _)| u == url) {
+                out.push(*slot);
+                continue;
+            }
+            let slot = match (0..MAX_SLOTS as u32).find(|s| !taken.iter().any(|(_, t)| t == s)) {
+                Some(s) => s,
+                None => {
+                    // Reuse the slot of a broker no longer configured: what
+                    // it acknowledged or held must not count for the new one.
+                    let Some(pos) = taken.iter().position(|(u, _)| !urls.contains(u)) else {
+                        return Err(StoreError::WriteFailed(format!(
+                            "more than {MAX_SLOTS} brokers configured at once; an outbox tells at most {MAX_SLOTS} apart"
+                        )));
+                    };
+                    let (gone, slot) = taken.remove(pos);
+                    let bit = (1u64 << slot) as i64;
+                    self.conn.execute("UPDATE outbox SET acks = acks & ~?1 WHERE acks & ?1 != 0", [bit])?;
+                    self.conn.execute("DELETE FROM wire WHERE slot = ?1", [slot])?;
+                    self.conn.execute("DELETE FROM slots WHERE url = ?1", [&gone])?;
+                    slot
+                }
+            };
+            self.conn
+                .execute("INSERT INTO slots (url, slot) VALUES (?1, ?2)", params![url, slot])
+                .map_err(|e| self.map(e))?;
+            taken.push((url.clone(), slot));
+            out.push(slot);
+        }
+        Ok(out)
+    }
+
+    fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots ORDER BY slot")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
+        let sql = "INSERT INTO missed VALUES (?1, ?2) ON CONFLICT(url) DO UPDATE SET count = count + ?2";
+        self.conn.execute(sql, params![url, n]).map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT url, count FROM missed ORDER BY url")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError> {
+        let sql = "INSERT INTO drops VALUES (?1, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1";
+        self.conn.prepare_cached(sql)?.execute(params![reason.as_str()]).map_err(|e| self.map(e))?;
+        let Some(id) = id else { return Ok(()) };
+        let sql = "INSERT OR REPLACE INTO dropped (id, reason, at_ms) VALUES (?1, ?2, ?3)";
+        self.conn.prepare_cached(sql)?.execute(params![id, reason.as_str(), now_ms()]).map_err(|e| self.map(e))?;
+        // Trimmed now and then, not at every drop (finding the cut-off
+        // walks the kept records).
+        self.drops_logged += 1;
+        if self.drops_logged.is_multiple_of(1024) {
+            trim_drop_log(&self.conn).map_err(|e| self.map(e))?;
+        }
+        Ok(())
+    }
+
+    fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
+        // A store read (not opened) by this release may predate the log.
+        let exists: bool =
+            self.conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'dropped'", [], |r| r.get(0))?;
+        if !exists {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self.conn.prepare("SELECT id, reason FROM dropped ORDER BY id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, reason) = row?;
+            out.push((id, DropReason::parse(&reason).unwrap_or(DropReason::Corrupt)));
+        }
+        Ok(out)
+    }
+
+    fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT count FROM drops WHERE reason = ?1")?;
+        let mut out = Vec::new();
+        for r in DropReason::ALL {
+            let n: Option<u64> = stmt.query_row([r.as_str()], |row| row.get(0)).optional()?;
+            out.push((r, n.unwrap_or(0)));
+        }
+        Ok(out)
+    }
+
+    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        let sql = "SELECT value FROM meta WHERE key = ?1";
+        Ok(self.conn.query_row(sql, [key], |r| r.get(0)).optional()?)
+    }
+
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        let sql = "INSERT OR REPLACE INTO meta VALUES (?1, ?2)";
+        self.conn.execute(sql, [key, value]).map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn set_broker(&mut self, b: &BrokerRecord) -> Result<(), StoreError> {
+        let sql = "INSERT OR REPLACE INTO brokers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+        let p = params![b.url, b.state, b.last_error, b.since_ms, b.acked, b.connects, b.retry_ms, b.active];
+        self.conn.execute(sql, p).map_err(|e| self.map(e))?;
+        Ok(())
+    }
+
+    fn take_unreadable(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.unreadable)
+    }
+
+    fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT url, state, last_error, since_ms, acked, connects, retry_ms, active FROM brokers ORDER BY url",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BrokerRecord {
+                url: r.get(0)?,
+                state: r.get(1)?,
+                last_error: r.get(2)?,
+                since_ms: r.get(3)?,
+                acked: r.get(4)?,
+                connects: r.get(5)?,
+                retry_ms: r.get(6)?,
+                active: r.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}

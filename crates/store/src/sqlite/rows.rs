@@ -1,0 +1,96 @@
+//! Reading messages back: the two selects (queued messages, and those
+//! bound to a QoS 2 exchange), the decoding of a row (one that does not
+//! decode is skipped and noted, never fatal), and the codes of QoS 2
+//! stages.
+
+use rusqlite::Connection;
+use steadfast_core::{Properties, Qos, Stage};
+
+use crate::{NewMessage, Policy, StoreError, StoredMessage};
+
+pub(super) fn stage_to_sql(s: Stage) -> i64 {
+    match s {
+        Stage::Published => 1,
+        Stage::Released => 2,
+    }
+}
+
+fn stage_from_sql(s: i64) -> Option<Stage> {
+    match s {
+        1 => Some(Stage::Published),
+        2 => Some(Stage::Released),
+        _ => None,
+    }
+}
+
+pub(super) const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest FROM outbox";
+
+pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest FROM outbox JOIN wire ON wire.id = outbox.id";
+
+/// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`; records that do not
+/// decode are skipped and noted in `unreadable`, so one damaged row never
+/// blocks the rest.
+pub(super) fn read_messages(
+    conn: &Connection,
+    unreadable: &mut Vec<(u64, String)>,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let rows = stmt.query_map(params, row_to_message)?;
+    let mut out = Vec::new();
+    for row in rows {
+        match row? {
+            Ok(m) => out.push(m),
+            Err(StoreError::Malformed { id, what }) => unreadable.push((id, what)),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessage, StoreError>> {
+    let id: u64 = r.get(0)?;
+    let qos: u8 = r.get(3)?;
+    let props: Option<Vec<u8>> = r.get(5)?;
+    let pid: Option<u16> = r.get(9)?;
+    let stage: Option<i64> = r.get(10)?;
+    let bad = |what: String| Err(StoreError::Malformed { id, what });
+    let Some(qos) = Qos::from_u8(qos) else {
+        return Ok(bad(format!("QoS {qos}")));
+    };
+    let props = match props.map(|p| Properties::decode(&p)).transpose() {
+        Ok(p) => p.unwrap_or_default(),
+        Err(e) => return Ok(bad(e.to_string())),
+    };
+    let priority: i64 = r.get(12)?;
+    let max_attempts: Option<i64> = r.get(13)?;
+    let attempts: i64 = r.get(14)?;
+    if !(0..=crate::MAX_PRIORITY as i64).contains(&priority) {
+        return Ok(bad(format!("priority {priority}")));
+    }
+    if max_attempts.is_some_and(|m| !(1..=u32::MAX as i64).contains(&m)) || !(0..=u32::MAX as i64).contains(&attempts) {
+        return Ok(bad(format!("retry budget {max_attempts:?}, attempts {attempts}")));
+    }
+    let wire = match (pid, stage.and_then(stage_from_sql)) {
+        (Some(p), Some(s)) => Some((p, s)),
+        _ => None,
+    };
+    let msg = NewMessage {
+        topic: r.get(1)?,
+        payload: r.get(2)?,
+        qos,
+        retain: r.get(4)?,
+        props,
+        created_ms: r.get(6)?,
+        route: r.get(7)?,
+        policy: Policy {
+            expires_ms: r.get::<_, Option<i64>>(11)?.map(|e| e.max(0) as u64),
+            priority: priority as u8,
+            max_attempts: max_attempts.map(|m| m as u32),
+            keep_latest: r.get::<_, i64>(15)? != 0,
+        },
+    };
+    let acks = r.get::<_, i64>(8)? as u64;
+    Ok(Ok(StoredMessage { id, msg, wire, acks, attempts: attempts as u32 }))
+}

@@ -1,0 +1,149 @@
+//! The on-disk format: the tables (docs/design.md, "The outbox on disk"),
+//! the migrations from older formats, and the settings every connection
+//! gets (WAL, `synchronous=FULL`).
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::StoreError;
+
+/// The on-disk format version (docs/design.md, "Outbox format").
+pub const FORMAT_VERSION: u32 = 3;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    props BLOB,
+    created_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    route TEXT,
+    acks INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    expires_ms INTEGER,
+    priority INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    latest INTEGER NOT NULL DEFAULT 0
+);
+-- One row per open QoS 2 exchange: (message, broker slot) -> packet id.
+CREATE TABLE IF NOT EXISTS wire (
+    id INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    stage INTEGER NOT NULL,
+    PRIMARY KEY (id, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slots (url TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS missed (url TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+-- The newest messages dropped undelivered, and why (the drop log).
+CREATE TABLE IF NOT EXISTS dropped (id INTEGER PRIMARY KEY, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
+-- The consumer's inbox (G5): identities already handled.
+CREATE TABLE IF NOT EXISTS inbox (
+    producer TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    handled_ms INTEGER NOT NULL,
+    PRIMARY KEY (producer, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
+-- A bridge's source deliveries (broker, packet id, content digest) and the
+-- message each became.
+CREATE TABLE IF NOT EXISTS sources (
+    url TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    digest INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    PRIMARY KEY (url, pid)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS brokers (
+    url TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    last_error TEXT,
+    since_ms INTEGER NOT NULL,
+    acked INTEGER NOT NULL,
+    connects INTEGER NOT NULL,
+    retry_ms INTEGER,
+    active INTEGER NOT NULL DEFAULT 0
+);
+";
+
+/// Format 1 kept one QoS 2 binding per message in the outbox row (one
+/// broker per client). It moves to the `wire` table under slot 0, which
+/// goes to the broker format 1 last recorded (the only one it could use).
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE outbox ADD COLUMN route TEXT;
+ALTER TABLE outbox ADD COLUMN acks INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN done INTEGER NOT NULL DEFAULT 0;
+INSERT INTO wire (id, slot, pid, stage) SELECT id, 0, pid, stage FROM outbox WHERE pid IS NOT NULL AND stage IS NOT NULL;
+DROP INDEX IF EXISTS outbox_bound;
+ALTER TABLE outbox DROP COLUMN pid;
+ALTER TABLE outbox DROP COLUMN stage;
+ALTER TABLE brokers ADD COLUMN retry_ms INTEGER;
+ALTER TABLE brokers ADD COLUMN active INTEGER NOT NULL DEFAULT 0;
+INSERT OR IGNORE INTO slots (url, slot) SELECT url, 0 FROM brokers ORDER BY since_ms DESC LIMIT 1;
+UPDATE meta SET value = '2' WHERE key = 'format';
+";
+
+/// Format 3 adds the delivery policy of each message: deadline, priority,
+/// retry budget and the attempts so far, keep-latest. Old messages get the
+/// defaults (persistent, priority 0, no budget).
+const MIGRATE_2_TO_3: &str = "
+ALTER TABLE outbox ADD COLUMN expires_ms INTEGER;
+ALTER TABLE outbox ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN max_attempts INTEGER;
+ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE outbox ADD COLUMN latest INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '3' WHERE key = 'format';
+";
+
+/// Indexes on the format 3 columns, made once the table has them. Partial:
+/// messages without a deadline, keep-latest or priority cost nothing.
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS outbox_expiry ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_latest ON outbox (topic) WHERE latest = 1;
+CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id) WHERE priority != 0;
+";
+
+pub(super) fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL: a commit appends to one file and syncs it once; readers (status)
+    // never block the writer. FULL: the sync happens at every commit, which
+    // is what makes "accepted" mean "on disk" (G1).
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    debug_assert_eq!(mode.to_lowercase(), "wal");
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    Ok(conn)
+}
+
+pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
+    conn.execute_batch(SCHEMA)?;
+    let found: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key='format'", [], |r| r.get(0)).optional()?;
+    match found.and_then(|v| v.parse::<u32>().ok()) {
+        None => {
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?1)", [FORMAT_VERSION.to_string()])?;
+        }
+        Some(v) if v > FORMAT_VERSION => {
+            let path = dir.to_owned();
+            return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
+        }
+        Some(v) if v < FORMAT_VERSION => {
+            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3];
+            let sql: String = steps[(v.max(1) - 1) as usize..].concat();
+            conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
+            tracing::info!(dir = %dir.display(), from = v, to = FORMAT_VERSION, "outbox converted to the current format");
+        }
+        Some(_) => {}
+    }
+    conn.execute_batch(INDEXES)?;
+    Ok(())
+}

@@ -2,16 +2,16 @@
 //! and steadfast's durable client, each with `a.messages` messages or paced
 //! for latency.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use steadfast::{BackoffConfig, BrokerSet, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::mosquitto_program;
 
-use crate::measure::{bounded, state_dir, url};
-use crate::Args;
+use crate::measure::{bounded, limit_for, state_dir, url};
+use crate::{Args, BenchError};
 
 /// How long a bare rumqttc run took: in all (from before the connect to
 /// the last PUBACK), and from its first PUBACK to its last.
@@ -29,7 +29,7 @@ pub(crate) async fn bare_rumqttc(
     id: &str,
     window: u16,
     topic: fn(usize) -> String,
-) -> anyhow::Result<Timed> {
+) -> Result<Timed, BenchError> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
     let mut opts = MqttOptions::new(format!("bench-rumqttc-{id}"), "127.0.0.1", port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -47,12 +47,12 @@ pub(crate) async fn bare_rumqttc(
     let acks = bounded("bare rumqttc 3.1.1", n, async {
         let (mut acked, mut first) = (0, None);
         while acked < n {
-            match eventloop.poll().await.context("rumqttc event loop")? {
+            match eventloop.poll().await.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))? {
                 Event::Incoming(Packet::PubAck(_)) => {
                     acked += 1;
                     first.get_or_insert_with(Instant::now);
                 }
-                Event::Outgoing(Outgoing::Disconnect) => bail!("rumqttc disconnected"),
+                Event::Outgoing(Outgoing::Disconnect) => return Err(BenchError::Ended("the rumqttc connection")),
                 _ => {}
             }
         }
@@ -61,7 +61,7 @@ pub(crate) async fn bare_rumqttc(
     let first = acks.await;
     let end = Instant::now();
     let first = first_ack(first, end, &producer)?;
-    let client = producer.await??;
+    let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))?;
     let _ = client.disconnect().await;
     Ok(Timed { total: end - t0, from_first_ack: end - first })
 }
@@ -69,10 +69,10 @@ pub(crate) async fn bare_rumqttc(
 /// When a bare run's first acknowledgement came (its end, with none); on
 /// an error the producer is stopped.
 pub(crate) fn first_ack<T>(
-    first: anyhow::Result<Option<Instant>>,
+    first: Result<Option<Instant>, BenchError>,
     end: Instant,
     producer: &tokio::task::JoinHandle<T>,
-) -> anyhow::Result<Instant> {
+) -> Result<Instant, BenchError> {
     first.map(|f| f.unwrap_or(end)).inspect_err(|_| producer.abort())
 }
 
@@ -83,7 +83,7 @@ pub(crate) async fn bare_rumqttc_v5(
     id: &str,
     window: u16,
     topic: fn(usize) -> String,
-) -> anyhow::Result<Timed> {
+) -> Result<Timed, BenchError> {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -103,7 +103,9 @@ pub(crate) async fn bare_rumqttc_v5(
     let acks = bounded("bare rumqttc 5", n, async {
         let (mut acked, mut first) = (0, None);
         while acked < n {
-            if let Event::Incoming(Packet::PubAck(_)) = eventloop.poll().await.context("rumqttc v5 event loop")? {
+            if let Event::Incoming(Packet::PubAck(_)) =
+                eventloop.poll().await.map_err(BenchError::rumqttc("bare rumqttc 5"))?
+            {
                 acked += 1;
                 first.get_or_insert_with(Instant::now);
             }
@@ -113,7 +115,7 @@ pub(crate) async fn bare_rumqttc_v5(
     let first = acks.await;
     let end = Instant::now();
     let first = first_ack(first, end, &producer)?;
-    let client = producer.await??;
+    let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 5"))?;
     let _ = client.disconnect().await;
     Ok(Timed { total: end - t0, from_first_ack: end - first })
 }
@@ -124,7 +126,7 @@ pub(crate) async fn steadfast_durable(
     name: &str,
     version: ProtocolVersion,
     window: u16,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, BenchError> {
     steadfast_set(BrokerSet::new([url(port)]), a, &format!("{name}-{version:?}"), version, window).await
 }
 
@@ -136,7 +138,7 @@ pub(crate) async fn steadfast_set(
     name: &str,
     version: ProtocolVersion,
     window: u16,
-) -> anyhow::Result<Duration> {
+) -> Result<Duration, BenchError> {
     let dir = state_dir(a)?;
     let cfg = ClientConfig::new(format!("bench-steadfast-{name}"), set.brokers()[0].clone(), dir.path())
         .brokers(set)
@@ -147,16 +149,7 @@ pub(crate) async fn steadfast_set(
     let payload = vec![b's'; a.payload];
     let t0 = Instant::now();
     let run = bounded("steadfast", a.messages, async {
-        let mut pending = std::collections::VecDeque::new();
-        for _ in 0..a.messages {
-            pending.push_back(client.enqueue(Message::new("bench/steadfast", payload.clone()))?);
-            if pending.len() >= 8192 {
-                pending.pop_front().expect("non-empty").await?;
-            }
-        }
-        for p in pending {
-            p.await?;
-        }
+        enqueue_all(&client, a.messages, |_| Message::new("bench/steadfast", payload.clone())).await?;
         let accepted = t0.elapsed();
         client.wait_idle().await;
         Ok(accepted)
@@ -171,8 +164,33 @@ pub(crate) async fn steadfast_set(
     Ok(elapsed)
 }
 
+/// Messages awaiting their disk sync at most, in a load loop: enough to
+/// keep the outbox's group commit busy, few enough to keep memory flat.
+const PIPELINE_DEPTH: usize = 8192;
+
+/// Enqueues `n` messages (`message(i)`), at most [`PIPELINE_DEPTH`]
+/// awaiting their sync at a time; returns once every one is accepted (on
+/// disk).
+pub(crate) async fn enqueue_all(
+    client: &Client,
+    n: usize,
+    message: impl Fn(usize) -> Message,
+) -> Result<(), BenchError> {
+    let mut pending = VecDeque::new();
+    for i in 0..n {
+        pending.push_back(client.enqueue(message(i))?);
+        if pending.len() >= PIPELINE_DEPTH {
+            pending.pop_front().expect("non-empty").await?;
+        }
+    }
+    for p in pending {
+        p.await?;
+    }
+    Ok(())
+}
+
 /// `mosquitto_pub -l -q 1 -M window`, MQTT 3.1.1, timed as a whole process.
-pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> anyhow::Result<Duration> {
+pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> Result<Duration, BenchError> {
     let line = "m".repeat(a.payload) + "\n";
     let input = line.repeat(a.messages);
     let t0 = Instant::now();
@@ -181,20 +199,21 @@ pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> anyhow::Result<
         .args(["-M", &window.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .spawn()?;
-    child.stdin.take().expect("stdin").write_all(input.as_bytes())?;
-    let limit = Duration::from_secs(60) + Duration::from_micros(200 * a.messages as u64);
+        .spawn()
+        .map_err(BenchError::run("mosquitto_pub"))?;
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).map_err(BenchError::run("mosquitto_pub"))?;
+    let limit = limit_for(a.messages);
     loop {
-        if let Some(status) = child.try_wait()? {
+        if let Some(status) = child.try_wait().map_err(BenchError::run("mosquitto_pub"))? {
             if !status.success() {
-                bail!("mosquitto_pub failed: {status}");
+                return Err(BenchError::Failed { what: "mosquitto_pub".into(), detail: status.to_string() });
             }
             return Ok(t0.elapsed());
         }
         if t0.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("mosquitto_pub: {} messages not done within {limit:?}", a.messages);
+            return Err(BenchError::TimedOut { what: format!("mosquitto_pub: {} messages", a.messages), limit });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -202,7 +221,7 @@ pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> anyhow::Result<
 
 /// `n` messages paced at `a.rate`, each timed from `publish` (accepted on
 /// disk) to its acknowledgement; milliseconds.
-pub(crate) async fn latency_steadfast(port: u16, a: &Args, n: usize) -> anyhow::Result<Vec<f64>> {
+pub(crate) async fn latency_steadfast(port: u16, a: &Args, n: usize) -> Result<Vec<f64>, BenchError> {
     let dir = state_dir(a)?;
     let cfg = ClientConfig::new("bench-latency", url(port), dir.path()).max_inflight(a.inflight);
     let (client, _) = Client::open(cfg).await?;
@@ -216,7 +235,7 @@ pub(crate) async fn latency_steadfast(port: u16, a: &Args, n: usize) -> anyhow::
             let start = Instant::now();
             let receipt = client.publish(Message::new("bench/latency", payload)).await?;
             receipt.delivered().await?;
-            Ok::<_, anyhow::Error>(start.elapsed().as_secs_f64() * 1000.0)
+            Ok::<_, steadfast::PublishError>(start.elapsed().as_secs_f64() * 1000.0)
         }));
     }
     let mut out = Vec::with_capacity(n);
@@ -229,7 +248,7 @@ pub(crate) async fn latency_steadfast(port: u16, a: &Args, n: usize) -> anyhow::
 
 /// The same through bare rumqttc (MQTT 5): from the `publish` call to its
 /// PUBACK, matched by order of sending and packet id.
-pub(crate) async fn latency_rumqttc_v5(port: u16, a: &Args, n: usize) -> anyhow::Result<Vec<f64>> {
+pub(crate) async fn latency_rumqttc_v5(port: u16, a: &Args, n: usize) -> Result<Vec<f64>, BenchError> {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
@@ -252,7 +271,7 @@ pub(crate) async fn latency_rumqttc_v5(port: u16, a: &Args, n: usize) -> anyhow:
     let mut sent: std::collections::HashMap<u16, Instant> = std::collections::HashMap::new();
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        match eventloop.poll().await.context("rumqttc v5 event loop")? {
+        match eventloop.poll().await.map_err(BenchError::rumqttc("latency: rumqttc"))? {
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(t) = called.lock().expect("times").pop_front() {
                     sent.insert(pkid, t);
@@ -266,7 +285,7 @@ pub(crate) async fn latency_rumqttc_v5(port: u16, a: &Args, n: usize) -> anyhow:
             _ => {}
         }
     }
-    let client = producer.await??;
+    let client = producer.await?.map_err(BenchError::rumqttc("latency: rumqttc"))?;
     let _ = client.disconnect().await;
     Ok(out)
 }

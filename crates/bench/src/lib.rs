@@ -54,16 +54,16 @@
 
 mod clients;
 mod disk;
+mod error;
 mod measure;
 mod report;
 mod scenarios;
 
 pub use disk::{filesystem_of, is_memory_backed, probe as probe_outbox_dir, OutboxDirError, OutboxDisk};
+pub use error::BenchError;
 pub use report::{percentile, Report, Row, Scenario};
 
 use std::path::PathBuf;
-
-use anyhow::bail;
 
 use scenarios::{backlog, bridge, consume, failover, fanout, publish};
 
@@ -113,7 +113,7 @@ impl Default for Args {
 
 /// Runs the scenarios named (`all`: every one; `restart` and `drain`
 /// share one `backlog` run).
-pub async fn run(names: &[String], a: &Args) -> anyhow::Result<Report> {
+pub async fn run(names: &[String], a: &Args) -> Result<Report, BenchError> {
     let mut names: Vec<String> = names.to_vec();
     if names.is_empty() {
         names.push("publish".into());
@@ -123,7 +123,7 @@ pub async fn run(names: &[String], a: &Args) -> anyhow::Result<Report> {
     }
     for n in &names {
         if !SCENARIOS.contains(&n.as_str()) {
-            bail!("unknown scenario `{n}`; use {} or all", SCENARIOS.join(", "));
+            return Err(BenchError::UnknownScenario { name: n.clone() });
         }
     }
     let outbox = disk::probe(&a.outbox_dir, a.allow_tmpfs)?;
@@ -166,7 +166,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Args { outbox_dir: dir.path().join("missing"), ..Args::default() };
         let e = run(&["publish".into()], &a).await.unwrap_err();
-        assert!(e.is::<OutboxDirError>(), "{e:#}");
+        assert!(matches!(e, BenchError::OutboxDir(_)), "{e:#}");
         // An unknown scenario is reported first.
         let e = run(&["nonsense".into()], &a).await.unwrap_err();
         assert!(e.to_string().starts_with("unknown scenario"), "{e:#}");

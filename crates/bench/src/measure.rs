@@ -5,27 +5,36 @@
 use std::future::Future;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
 use steadfast::BrokerUrl;
 use steadfast_lab::{Broker, BrokerKind, BrokerOptions};
 
-use crate::{Args, Row};
+use crate::{Args, BenchError, Row};
 
-/// Fails a load loop that is not done in time (a lost acknowledgement, a
-/// broker gone) instead of letting the bench hang: a minute, plus 200 µs
-/// a message (at least 5,000 msg/s beyond the first minute).
-pub(crate) async fn bounded<T>(what: &str, n: usize, f: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    let limit = Duration::from_secs(60) + Duration::from_micros(200 * n as u64);
-    tokio::time::timeout(limit, f).await.map_err(|_| anyhow!("{what}: {n} messages not done within {limit:?}"))?
+/// How long a load loop of `n` messages may take: a minute, plus 200 µs a
+/// message (at least 5,000 msg/s beyond the first minute).
+pub(crate) fn limit_for(n: usize) -> Duration {
+    Duration::from_secs(60) + Duration::from_micros(200 * n as u64)
+}
+
+/// Fails a load loop that is not done within [`limit_for`] (a lost
+/// acknowledgement, a broker gone) instead of letting the bench hang.
+pub(crate) async fn bounded<T>(
+    what: &str,
+    n: usize,
+    f: impl Future<Output = Result<T, BenchError>>,
+) -> Result<T, BenchError> {
+    let limit = limit_for(n);
+    let timed_out = || BenchError::TimedOut { what: format!("{what}: {n} messages"), limit };
+    tokio::time::timeout(limit, f).await.map_err(|_| timed_out())?
 }
 
 /// A fresh directory under `--outbox-dir` for one outbox (or inbox, or
 /// bridge state); removed when dropped.
-pub(crate) fn state_dir(a: &Args) -> anyhow::Result<tempfile::TempDir> {
+pub(crate) fn state_dir(a: &Args) -> Result<tempfile::TempDir, BenchError> {
     tempfile::Builder::new()
         .prefix("steadfast-bench-")
         .tempdir_in(&a.outbox_dir)
-        .with_context(|| format!("a directory in {}", a.outbox_dir.display()))
+        .map_err(|source| BenchError::StateDir { dir: a.outbox_dir.clone(), source })
 }
 
 /// A Mosquitto whose CONNACK announces no receive maximum (`0`), or
@@ -33,7 +42,7 @@ pub(crate) fn state_dir(a: &Args) -> anyhow::Result<tempfile::TempDir> {
 /// which caps every MQTT 5 client at 20 whatever it asks for (MQTT 3.1.1
 /// clients are not capped). Without a cap the client's own window holds.
 /// The broker's window towards subscribers is the same figure.
-pub(crate) async fn broker(window: u16) -> anyhow::Result<Broker> {
+pub(crate) async fn broker(window: u16) -> Result<Broker, BenchError> {
     let opts = BrokerOptions { extra: vec![format!("max_inflight_messages {window}")], ..BrokerOptions::default() };
     Ok(Broker::start(BrokerKind::Mosquitto, opts, None).await?)
 }

@@ -3,15 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
 
+use crate::clients::enqueue_all;
 use crate::measure::{bounded, broker, median, rate, state_dir, url, versus, RssPeak};
-use crate::{Args, Scenario};
+use crate::{Args, BenchError, Scenario};
 
 /// Queues `a.messages` for consumer `id` (registered first), then times
 /// how long the consumer takes to handle them all.
-pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> anyhow::Result<Duration> {
+pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> Result<Duration, BenchError> {
     let dir = state_dir(a)?;
     let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
     let cfg = ConsumerConfig::new(client).topic(format!("bench/consume/{id}"), Qos::AtLeastOnce).inbox(inbox);
@@ -21,16 +21,7 @@ pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> 
     let (producer, _) = Client::open(pcfg).await?;
     let payload = vec![b'c'; a.payload];
     let queued = bounded("consume: queueing", a.messages, async {
-        let mut pending = std::collections::VecDeque::new();
-        for _ in 0..a.messages {
-            pending.push_back(producer.enqueue(Message::new(format!("bench/consume/{id}"), payload.clone()))?);
-            if pending.len() >= 8192 {
-                pending.pop_front().expect("non-empty").await?;
-            }
-        }
-        for p in pending {
-            p.await?;
-        }
+        enqueue_all(&producer, a.messages, |_| Message::new(format!("bench/consume/{id}"), payload.clone())).await?;
         producer.wait_idle().await;
         Ok(())
     })
@@ -40,7 +31,11 @@ pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> 
     let t0 = Instant::now();
     let (consumer, _) = Consumer::open(cfg).await?;
     for _ in 0..a.messages {
-        let d = tokio::time::timeout(Duration::from_secs(30), consumer.next()).await?.context("consumer closed")?;
+        let limit = Duration::from_secs(30);
+        let next = tokio::time::timeout(limit, consumer.next())
+            .await
+            .map_err(|_| BenchError::TimedOut { what: "consume: the next message".into(), limit })?;
+        let d = next.ok_or(BenchError::Ended("the consumer"))?;
         d.ack();
     }
     let elapsed = t0.elapsed();
@@ -48,7 +43,7 @@ pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> 
     Ok(elapsed)
 }
 
-pub(crate) async fn consume(a: Args) -> anyhow::Result<Scenario> {
+pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
     // The test kit's broker queues without limit for an absent session; its
     // in-flight window to the consumer is the consumer's receive maximum
     // (Mosquitto's own default of 20 would cap both runs alike).

@@ -3,20 +3,24 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
 use steadfast::{BackoffConfig, BrokerSet, Client, ClientConfig, Message};
 
 use crate::measure::{broker, state_dir, url};
-use crate::{Args, Row, Scenario};
+use crate::{Args, BenchError, Row, Scenario};
 
 /// Publishes at 1,000 msg/s to a failover pair whose primary (behind a
 /// fault proxy) fails after a second; returns the time from the fault to
 /// the first message the backup acknowledged.
-pub(crate) async fn failover_gap(a: &Args, kill: bool, ack_timeout: Duration, run: usize) -> anyhow::Result<Duration> {
+pub(crate) async fn failover_gap(
+    a: &Args,
+    kill: bool,
+    ack_timeout: Duration,
+    run: usize,
+) -> Result<Duration, BenchError> {
     use steadfast_lab::{FaultProxy, ProxyMode};
     let mut primary = broker(0).await?;
     let backup = broker(0).await?;
-    let proxy = FaultProxy::start(primary.port()).await?;
+    let proxy = FaultProxy::start(primary.port()).await.map_err(BenchError::Proxy)?;
     let dir = state_dir(a)?;
     // A kill goes straight to the broker (the kernel closes its sockets);
     // a black hole needs the proxy.
@@ -32,7 +36,8 @@ pub(crate) async fn failover_gap(a: &Args, kill: bool, ack_timeout: Duration, ru
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut fault_at = None;
     let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs(30);
+    let within = Duration::from_secs(30);
+    let deadline = t0 + within;
     loop {
         tick.tick().await;
         client.enqueue(Message::new("bench/failover", b"x".to_vec()))?;
@@ -52,12 +57,12 @@ pub(crate) async fn failover_gap(a: &Args, kill: bool, ack_timeout: Duration, ru
             }
         }
         if Instant::now() > deadline {
-            bail!("the backup acknowledged nothing within 30 s");
+            return Err(BenchError::NoFailover(within));
         }
     }
 }
 
-pub(crate) async fn failover(a: Args) -> anyhow::Result<Scenario> {
+pub(crate) async fn failover(a: Args) -> Result<Scenario, BenchError> {
     let ack_timeout = Duration::from_secs(1);
     let title = format!(
         "1,000 msg/s to a failover pair; the primary fails; the gap until the backup acknowledges a message; {} runs (value: median gap; p99 column: the longest)",

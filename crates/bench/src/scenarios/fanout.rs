@@ -4,9 +4,9 @@ use steadfast::{AckQuorum, BrokerSet, Mode, ProtocolVersion};
 
 use crate::clients::steadfast_set;
 use crate::measure::{broker, median, rate, url, versus, RssPeak};
-use crate::{Args, Scenario};
+use crate::{Args, BenchError, Scenario};
 
-pub(crate) async fn fanout(a: Args) -> anyhow::Result<Scenario> {
+pub(crate) async fn fanout(a: Args) -> Result<Scenario, BenchError> {
     let (b1, b2) = (broker(0).await?, broker(0).await?);
     let title = format!(
         "{} QoS 1 messages of {} bytes, one broker vs a fanout set of two (ack = all), in-flight window {} to each broker, {} runs, median",

@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
+use crate::hints::{open_failure, FlagHint, WithFlag};
 use crate::paths::{default_client_id, default_outbox};
 use crate::progress::Progress;
 use crate::routes;
@@ -141,7 +142,7 @@ fn default_set(a: &PubArgs, urls: Vec<String>, routes: &[(String, BrokerSet)]) -
         failback_after: Some(a.failback_after),
         catch_up_for: a.catch_up_for,
     };
-    spec.build("-b brokers").map_err(|e| usage(e.why))
+    spec.build("-b brokers").map_err(|e| usage(format!("{e}{}", e.config_error().map_or("", |c| c.flag_hint()))))
 }
 
 /// Where the messages come from: the first of -m, -l, -f, -s, -n, --drain.
@@ -306,10 +307,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
     let dir = o.config.outbox_dir().to_owned();
-    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| match e {
-        steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
-        e => Failure::other(anyhow!(e)),
-    })?;
+    let (client, report) = Client::open(o.config.clone()).await.map_err(open_failure)?;
     if !report.is_clean() {
         eprintln!(
             "steadfast: warning: the outbox {} was damaged: {}; {} message(s) recovered; damaged files kept in {:?}",
@@ -383,7 +381,7 @@ async fn first_attempt(client: &Client, events: &mut broadcast::Receiver<Event>)
     };
     match tokio::time::timeout(Duration::from_secs(2), wait).await {
         Ok(Err(e)) if !e.is_retryable() => {
-            let f = Failure::other(anyhow!("{e}; nothing was published"));
+            let f = Failure::other(anyhow!("{}; nothing was published", WithFlag(e)));
             client.clone().close().await;
             Err(f)
         }
@@ -466,7 +464,7 @@ async fn wait_delivered(
             _ = &mut idle => break,
             _ = &mut deadline => {
                 let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
-                let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                let why = last_error.map(|e| format!(" (last error: {})", WithFlag(e))).unwrap_or_default();
                 return Err(Failure::timed_out(anyhow!(
                     "timed out waiting for delivery{why}; {queued} message(s) kept in the outbox {}; send them later with `steadfast pub --drain --outbox {}`",
                     dir.display(), dir.display()
@@ -482,7 +480,7 @@ async fn wait_delivered(
                 }
                 Ok(Event::ConnectFailed { error, .. }) | Ok(Event::Disconnected { error, .. }) => {
                     if !error.is_retryable() {
-                        return Err(Failure::other(anyhow!("{error}; the messages stay queued in the outbox")));
+                        return Err(Failure::other(anyhow!("{}; the messages stay queued in the outbox", WithFlag(error))));
                     }
                     last_error = Some(error);
                 }

@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::SubArgs;
+use crate::hints::{open_failure, WithFlag};
 use crate::paths::{default_client_id_for, default_inbox};
 use crate::values::{parse_bounds, parse_qos, parse_version};
 use crate::Failure;
@@ -69,7 +70,8 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     if urls.is_empty() {
         return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
     }
-    let urls: Vec<BrokerUrl> = urls.iter().map(|u| u.parse()).collect::<Result<_, _>>().map_err(Failure::usage)?;
+    let urls: Vec<BrokerUrl> =
+        urls.iter().map(|u| u.parse()).collect::<Result<_, _>>().map_err(|e| Failure::usage(WithFlag(e)))?;
     if a.topics.is_empty() {
         return Err(usage("no topic given; use -t FILTER (repeatable)"));
     }
@@ -241,10 +243,7 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
         return register(&cfg).await;
     }
     let stop = Stop::watch()?;
-    let (consumer, report) = Consumer::open(cfg).await.map_err(|e| match e {
-        steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
-        e => Failure::other(anyhow!(e)),
-    })?;
+    let (consumer, report) = Consumer::open(cfg).await.map_err(open_failure)?;
     if let Some(addr) = metrics {
         let refresh = crate::metrics::refresh_with(consumer.metrics(), |m| async move {
             let _ = m.export().await;
@@ -267,7 +266,7 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
 
 /// `--register`: the sessions and subscriptions, nothing received.
 async fn register(cfg: &ConsumerConfig) -> Result<(), Failure> {
-    Consumer::register(cfg).await.map_err(|e| Failure::other(anyhow!("{e}")))?;
+    Consumer::register(cfg).await.map_err(|e| Failure::other(anyhow!("{}", WithFlag(e))))?;
     eprintln!("steadfast: registered `{}` on {} broker(s)", cfg.client().client_id(), cfg.client().all_brokers().len());
     Ok(())
 }
@@ -369,7 +368,7 @@ impl<'a> Receiving<'a> {
                 match e {
                     Ok(steadfast::Event::Connected { .. }) | Err(_) => self.connected = true,
                     Ok(steadfast::Event::ConnectFailed { error, .. }) if !error.is_retryable() => {
-                        return ControlFlow::Break(Err(Failure::other(anyhow!("{error}"))));
+                        return ControlFlow::Break(Err(Failure::other(anyhow!("{}", WithFlag(error)))));
                     }
                     Ok(_) => {}
                 }

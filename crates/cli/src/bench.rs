@@ -28,7 +28,7 @@ pub async fn run(a: BenchArgs) -> Result<(), Failure> {
     let report = steadfast_bench::run(&a.scenarios, &args).await.map_err(|e| {
         // A scenario that does not exist, an outbox directory that is
         // missing or on tmpfs: the command line must change.
-        if e.to_string().starts_with("unknown scenario") || e.is::<steadfast_bench::OutboxDirError>() {
+        if e.is_usage() {
             Failure::usage(e)
         } else {
             Failure::other(e)

@@ -10,6 +10,7 @@ use steadfast::doctor::{self, Report, Restart};
 use steadfast::{BrokerUrl, ClientConfig, ProtocolVersion};
 
 use crate::args::DoctorArgs;
+use crate::hints::WithFlag;
 use crate::Failure;
 
 pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
@@ -18,7 +19,7 @@ pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
     let [url] = urls.as_slice() else {
         return Err(usage("doctor checks one broker: give exactly one -b URL (or -h/-p)".into()));
     };
-    let url: BrokerUrl = url.parse().map_err(|e| usage(format!("{e}")))?;
+    let url: BrokerUrl = url.parse().map_err(|e| usage(WithFlag(e).to_string()))?;
     let within = a.restart_within;
     let dir = std::env::temp_dir(); // not used: the doctor keeps nothing on disk
     let cfg = a.conn.apply(ClientConfig::new("steadfast-doctor", url.clone(), dir)).map_err(usage)?;

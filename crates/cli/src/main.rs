@@ -7,6 +7,7 @@ mod bench;
 mod bridge;
 mod conn;
 mod doctor;
+mod hints;
 mod lab;
 mod logging;
 mod metrics;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    AppendError, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, Policy,
+    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, Policy,
     PolicyError, ProtocolVersion, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 use crate::args::PubArgs;
+use crate::hints::{open_failure, FlagHint, WithFlag};
 use crate::paths::{default_client_id, default_outbox, store_error};
 use crate::progress::Progress;
 use crate::routes;
@@ -70,104 +71,21 @@ fn policy_usage(e: PolicyError) -> Failure {
 }
 
 impl Options {
+    /// Checks the flags in a fixed order (the first mistake is the one
+    /// reported) and builds the client's configuration.
     fn from_args(a: PubArgs) -> Result<Options, Failure> {
         let urls = a.conn.urls().map_err(usage)?;
-        let routes = match &a.config {
-            Some(path) => routes::load(path).map_err(usage)?,
-            None => Vec::new(),
-        };
-        if let Some(r) = &a.route {
-            if !routes.iter().any(|(n, _)| n == r) {
-                let known: Vec<&str> = routes.iter().map(|(n, _)| n.as_str()).collect();
-                return Err(usage(match a.config {
-                    None => format!("--route {r} needs --config FILE with a [routes.{r}] table"),
-                    Some(_) => format!("no route `{r}` in --config; it has: {}", known.join(", ")),
-                }));
-            }
-        }
-        // The default set: the -b brokers with the mode flags, or, with
-        // only --route, that route's set.
-        let default_set = if urls.is_empty() {
-            match (&a.route, routes.iter().find(|(n, _)| Some(n) == a.route.as_ref())) {
-                (Some(_), Some((_, set))) => set.clone(),
-                _ => return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)")),
-            }
-        } else {
-            if a.mode != "fanout" && (a.ack.is_some() || a.catch_up_for.is_some()) {
-                return Err(usage("--ack and --catch-up-for only apply to fanout; add --mode fanout or drop them"));
-            }
-            let spec = routes::SetSpec {
-                brokers: urls,
-                mode: Some(a.mode.clone()),
-                ack: a.ack.clone().map(routes::Ack::Word),
-                failback_after: Some(a.failback_after),
-                catch_up_for: a.catch_up_for,
-            };
-            spec.build("-b brokers").map_err(|e| usage(e.why))?
-        };
-        let ack_timeout = a.ack_timeout;
-        let input = match (&a.message, a.lines, &a.file, a.stdin, a.null, a.drain) {
-            (Some(m), ..) => Input::Message(m.clone().into_bytes()),
-            (_, true, ..) => Input::Lines,
-            (_, _, Some(f), ..) => Input::File(f.clone()),
-            (_, _, _, true, ..) => Input::Stdin,
-            (_, _, _, _, true, _) => Input::Message(Vec::new()),
-            (_, _, _, _, _, true) => Input::Drain,
-            _ => return Err(usage("nothing to publish; give one of -m MSG, -l, -f FILE, -s, -n, or --drain")),
-        };
-        let topic = match (&a.topic, &input) {
-            (Some(t), _) => {
-                validate_topic_name(t).map_err(|e| usage(format!("invalid topic: {e}")))?;
-                t.clone()
-            }
-            (None, Input::Drain) => String::new(),
-            (None, _) => return Err(usage("no topic given; use -t TOPIC")),
-        };
+        let routes = named_routes(&a)?;
+        let default_set = default_set(&a, urls, &routes)?;
+        let input = input(&a)?;
+        let topic = topic(&a, &input)?;
         let qos = parse_qos(a.qos).map_err(usage)?;
         let version = parse_version(&a.conn.version).map_err(usage)?;
-        let overflow = parse_overflow("--overflow", &a.overflow)?;
-        let deadline_overflow =
-            a.deadline_overflow.as_deref().map(|o| parse_overflow("--deadline-overflow", o)).transpose()?;
-        let bounds: Vec<String> = a.max_queue.iter().chain(&a.max_queue_bytes).cloned().collect();
-        let (max_messages, max_bytes) = parse_bounds("--max-queue", &bounds).map_err(usage)?;
-        let (max_age, wait_timeout, session_expiry) = (a.max_age, a.wait_timeout, a.session_expiry);
-        let backoff = a.backoff;
-        let policy = Policy {
-            class: Class::parse(&a.class, a.ttl).map_err(policy_usage)?,
-            max_attempts: a.max_attempts,
-            keep_latest: a.keep_latest,
-            priority: a.priority,
-        };
-        policy.validate().map_err(policy_usage)?;
+        let outbox = outbox_config(&a)?;
+        let policy = policy(&a)?;
         let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
-        let progress = match a.progress.as_str() {
-            "auto" => std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            "always" => true,
-            "never" => false,
-            o => return Err(usage(format!("--progress `{o}`: use auto, always or never"))),
-        };
-        let id = a.id.clone().unwrap_or_else(default_client_id);
-        let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
-        let first = default_set.brokers()[0].clone();
-        let mut config = ClientConfig::new(id, first, outbox_dir)
-            .brokers(default_set)
-            .ack_timeout(ack_timeout)
-            .envelope(a.envelope)
-            .clean_start(a.clean)
-            .session_expiry(session_expiry)
-            .backoff(backoff)
-            .policy(policy)
-            .outbox(OutboxConfig {
-                max_messages,
-                max_bytes,
-                max_age_ms: max_age.map(|d| d.as_millis() as u64),
-                overflow,
-                deadline_overflow,
-            });
-        for (name, set) in routes {
-            config = config.route(name, set);
-        }
-        config = a.conn.apply(config).map_err(usage)?;
+        let progress = progress(&a.progress)?;
+        let config = client_config(&a, default_set, routes, policy, outbox)?;
         if a.envelope && version != ProtocolVersion::V311 {
             return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
         }
@@ -179,12 +97,142 @@ impl Options {
             retain: a.retain,
             input,
             no_wait: a.no_wait,
-            wait_timeout,
+            wait_timeout: a.wait_timeout,
             summary: a.summary,
             metrics,
             progress,
         })
     }
+}
+
+/// The named routes of `--config`; `--route` must be one of them.
+fn named_routes(a: &PubArgs) -> Result<Vec<(String, BrokerSet)>, Failure> {
+    let routes = match &a.config {
+        Some(path) => routes::load(path).map_err(usage)?,
+        None => Vec::new(),
+    };
+    if let Some(r) = &a.route {
+        if !routes.iter().any(|(n, _)| n == r) {
+            let known: Vec<&str> = routes.iter().map(|(n, _)| n.as_str()).collect();
+            return Err(usage(match a.config {
+                None => format!("--route {r} needs --config FILE with a [routes.{r}] table"),
+                Some(_) => format!("no route `{r}` in --config; it has: {}", known.join(", ")),
+            }));
+        }
+    }
+    Ok(routes)
+}
+
+/// The default set: the -b brokers with the mode flags, or, with only
+/// --route, that route's set.
+fn default_set(a: &PubArgs, urls: Vec<String>, routes: &[(String, BrokerSet)]) -> Result<BrokerSet, Failure> {
+    if urls.is_empty() {
+        return match (&a.route, routes.iter().find(|(n, _)| Some(n) == a.route.as_ref())) {
+            (Some(_), Some((_, set))) => Ok(set.clone()),
+            _ => Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)")),
+        };
+    }
+    if a.mode != "fanout" && (a.ack.is_some() || a.catch_up_for.is_some()) {
+        return Err(usage("--ack and --catch-up-for only apply to fanout; add --mode fanout or drop them"));
+    }
+    let spec = routes::SetSpec {
+        brokers: urls,
+        mode: Some(a.mode.clone()),
+        ack: a.ack.clone().map(routes::Ack::Word),
+        failback_after: Some(a.failback_after),
+        catch_up_for: a.catch_up_for,
+    };
+    spec.build("-b brokers").map_err(|e| usage(format!("{e}{}", e.config_error().map_or("", |c| c.flag_hint()))))
+}
+
+/// Where the messages come from: the first of -m, -l, -f, -s, -n, --drain.
+fn input(a: &PubArgs) -> Result<Input, Failure> {
+    Ok(match (&a.message, a.lines, &a.file, a.stdin, a.null, a.drain) {
+        (Some(m), ..) => Input::Message(m.clone().into_bytes()),
+        (_, true, ..) => Input::Lines,
+        (_, _, Some(f), ..) => Input::File(f.clone()),
+        (_, _, _, true, ..) => Input::Stdin,
+        (_, _, _, _, true, _) => Input::Message(Vec::new()),
+        (_, _, _, _, _, true) => Input::Drain,
+        _ => return Err(usage("nothing to publish; give one of -m MSG, -l, -f FILE, -s, -n, or --drain")),
+    })
+}
+
+/// The topic, checked; none is needed to drain the outbox.
+fn topic(a: &PubArgs, input: &Input) -> Result<String, Failure> {
+    match (&a.topic, input) {
+        (Some(t), _) => {
+            validate_topic_name(t).map_err(|e| usage(format!("invalid topic: {e}")))?;
+            Ok(t.clone())
+        }
+        (None, Input::Drain) => Ok(String::new()),
+        (None, _) => Err(usage("no topic given; use -t TOPIC")),
+    }
+}
+
+/// The outbox's bounds and what happens when they are reached.
+fn outbox_config(a: &PubArgs) -> Result<OutboxConfig, Failure> {
+    let overflow = parse_overflow("--overflow", &a.overflow)?;
+    let deadline_overflow =
+        a.deadline_overflow.as_deref().map(|o| parse_overflow("--deadline-overflow", o)).transpose()?;
+    let bounds: Vec<String> = a.max_queue.iter().chain(&a.max_queue_bytes).cloned().collect();
+    let (max_messages, max_bytes) = parse_bounds("--max-queue", &bounds).map_err(usage)?;
+    Ok(OutboxConfig {
+        max_messages,
+        max_bytes,
+        max_age_ms: a.max_age.map(|d| d.as_millis() as u64),
+        overflow,
+        deadline_overflow,
+    })
+}
+
+/// The messages' delivery policy, checked.
+fn policy(a: &PubArgs) -> Result<Policy, Failure> {
+    let policy = Policy {
+        class: Class::parse(&a.class, a.ttl).map_err(policy_usage)?,
+        max_attempts: a.max_attempts,
+        keep_latest: a.keep_latest,
+        priority: a.priority,
+    };
+    policy.validate().map_err(policy_usage)?;
+    Ok(policy)
+}
+
+/// `--progress`: whether to draw the progress line.
+fn progress(when: &str) -> Result<bool, Failure> {
+    match when {
+        "auto" => Ok(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        "always" => Ok(true),
+        "never" => Ok(false),
+        o => Err(usage(format!("--progress `{o}`: use auto, always or never"))),
+    }
+}
+
+/// The client: its id and outbox, the broker sets, and the connection
+/// flags.
+fn client_config(
+    a: &PubArgs,
+    default_set: BrokerSet,
+    routes: Vec<(String, BrokerSet)>,
+    policy: Policy,
+    outbox: OutboxConfig,
+) -> Result<ClientConfig, Failure> {
+    let id = a.id.clone().unwrap_or_else(default_client_id);
+    let outbox_dir = a.outbox.clone().unwrap_or_else(|| default_outbox(&id));
+    let first = default_set.brokers()[0].clone();
+    let mut config = ClientConfig::new(id, first, outbox_dir)
+        .brokers(default_set)
+        .ack_timeout(a.ack_timeout)
+        .envelope(a.envelope)
+        .clean_start(a.clean)
+        .session_expiry(a.session_expiry)
+        .backoff(a.backoff)
+        .policy(policy)
+        .outbox(outbox);
+    for (name, set) in routes {
+        config = config.route(name, set);
+    }
+    a.conn.apply(config).map_err(usage)
 }
 
 fn parse_overflow(flag: &str, s: &str) -> Result<Overflow, Failure> {
@@ -262,11 +310,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
     let dir = o.config.outbox_dir().to_owned();
-    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| match e {
-        steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
-        steadfast::OpenError::Store(e) => Failure::other(store_error(e, "--outbox")),
-        e => Failure::other(anyhow!(e)),
-    })?;
+    let (client, report) = Client::open(o.config.clone()).await.map_err(|e| open_failure(e, "--outbox"))?;
     if !report.is_clean() {
         eprintln!(
             "steadfast: warning: the outbox {} was damaged: {}; {} message(s) recovered; damaged files kept in {:?}",
@@ -340,7 +384,7 @@ async fn first_attempt(client: &Client, events: &mut broadcast::Receiver<Event>)
     };
     match tokio::time::timeout(Duration::from_secs(2), wait).await {
         Ok(Err(e)) if !e.is_retryable() => {
-            let f = Failure::other(anyhow!("{e}; nothing was published"));
+            let f = Failure::other(anyhow!("{}; nothing was published", WithFlag(e)));
             client.clone().close().await;
             Err(f)
         }
@@ -423,7 +467,7 @@ async fn wait_delivered(
             _ = &mut idle => break,
             _ = &mut deadline => {
                 let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
-                let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+                let why = last_error.map(|e| format!(" (last error: {})", WithFlag(e))).unwrap_or_default();
                 return Err(Failure::timed_out(anyhow!(
                     "timed out waiting for delivery{why}; {queued} message(s) kept in the outbox {}; send them later with `steadfast pub --drain --outbox {}`",
                     dir.display(), dir.display()
@@ -439,7 +483,7 @@ async fn wait_delivered(
                 }
                 Ok(Event::ConnectFailed { error, .. }) | Ok(Event::Disconnected { error, .. }) => {
                     if !error.is_retryable() {
-                        return Err(Failure::other(anyhow!("{error}; the messages stay queued in the outbox")));
+                        return Err(Failure::other(anyhow!("{}; the messages stay queued in the outbox", WithFlag(error))));
                     }
                     last_error = Some(error);
                 }

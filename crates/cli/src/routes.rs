@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use steadfast::{AckQuorum, BrokerSet, BrokerUrl, Mode};
+use steadfast::{AckQuorum, BrokerSet, BrokerUrl, ConfigError, Mode};
 
 /// The settings of one broker set, as written in flags or a file.
 #[derive(Debug, Default, Deserialize)]
@@ -58,17 +58,44 @@ pub enum SetKey {
     Ack,
 }
 
-/// A broker set that cannot be built: which setting, and why (in words
-/// that name it).
+/// A broker set that cannot be built: which setting, whose set, and why.
 #[derive(Debug)]
 pub struct SetError {
+    /// The setting at fault.
     pub key: SetKey,
-    pub why: String,
+    /// Whose set: `-b brokers`, a route, `destination`.
+    what: String,
+    why: SetWhy,
+}
+
+#[derive(Debug)]
+enum SetWhy {
+    /// The library refused a value (a broker URL, a mode, an ack quorum).
+    Config(ConfigError),
+    /// No broker listed.
+    NoBroker,
+    /// `ack = 0`.
+    ZeroAck,
+}
+
+impl SetError {
+    /// The library's refusal behind it, if it was one.
+    pub fn config_error(&self) -> Option<&ConfigError> {
+        match &self.why {
+            SetWhy::Config(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for SetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.why)
+        write!(f, "{}: ", self.what)?;
+        match &self.why {
+            SetWhy::Config(e) => write!(f, "{e}"),
+            SetWhy::NoBroker => f.write_str("no broker given; list at least one mqtt://host:port"),
+            SetWhy::ZeroAck => f.write_str("ack = 0 would wait for nobody; use 1 or more"),
+        }
     }
 }
 
@@ -77,24 +104,25 @@ impl std::error::Error for SetError {}
 impl SetSpec {
     /// The broker set these settings describe; errors name the setting.
     pub fn build(&self, what: &str) -> Result<BrokerSet, SetError> {
-        let bad = |key: SetKey, why: String| SetError { key, why: format!("{what}: {why}") };
+        let bad = |key: SetKey, why: SetWhy| SetError { key, what: what.to_owned(), why };
+        let refused = |key: SetKey| move |e: ConfigError| bad(key, SetWhy::Config(e));
         let brokers = self
             .brokers
             .iter()
-            .map(|u| u.parse::<BrokerUrl>().map_err(|e| bad(SetKey::Brokers, e.to_string())))
+            .map(|u| u.parse::<BrokerUrl>().map_err(refused(SetKey::Brokers)))
             .collect::<Result<Vec<_>, _>>()?;
         if brokers.is_empty() {
-            return Err(bad(SetKey::Brokers, "no broker given; list at least one mqtt://host:port".into()));
+            return Err(bad(SetKey::Brokers, SetWhy::NoBroker));
         }
         let mut set = BrokerSet::new(brokers);
         if let Some(m) = &self.mode {
-            set = set.mode(m.parse::<Mode>().map_err(|e| bad(SetKey::Mode, e.to_string()))?);
+            set = set.mode(m.parse::<Mode>().map_err(refused(SetKey::Mode))?);
         }
         if let Some(a) = &self.ack {
             let quorum = match a {
-                Ack::Count(0) => return Err(bad(SetKey::Ack, "ack = 0 would wait for nobody; use 1 or more".into())),
+                Ack::Count(0) => return Err(bad(SetKey::Ack, SetWhy::ZeroAck)),
                 Ack::Count(n) => AckQuorum::Count(*n),
-                Ack::Word(w) => w.parse::<AckQuorum>().map_err(|e| bad(SetKey::Ack, e.to_string()))?,
+                Ack::Word(w) => w.parse::<AckQuorum>().map_err(refused(SetKey::Ack))?,
             };
             set = set.ack(quorum);
         }
@@ -118,7 +146,7 @@ pub fn load(path: &Path) -> Result<Vec<(String, BrokerSet)>, String> {
     file.routes
         .iter()
         .map(|(name, spec)| {
-            let set = spec.build(&format!("{}: route `{name}`", path.display())).map_err(|e| e.why)?;
+            let set = spec.build(&format!("{}: route `{name}`", path.display())).map_err(|e| e.to_string())?;
             Ok((name.clone(), set))
         })
         .collect()

@@ -93,8 +93,26 @@ async fn bridge(path: &std::path::Path, json: bool) -> Result<(), Failure> {
 
 /// Prints one store's status as text, or returns it as JSON.
 async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Value>, Failure> {
-    let dir = dir.to_owned();
-    let d = dir.clone();
+    let store = read(dir).await?;
+    if json {
+        return serde_json::to_value(store.json()).map(Some).map_err(|e| Failure::other(anyhow!(e)));
+    }
+    store.print();
+    Ok(None)
+}
+
+/// What a store holds, read without disturbing its owner.
+struct Store {
+    dir: std::path::PathBuf,
+    /// A process has it open.
+    running: bool,
+    kind: StoreKind,
+    report: Report,
+}
+
+/// Reads the store in `dir` (read-only, on a blocking thread).
+async fn read(dir: &std::path::Path) -> Result<Store, Failure> {
+    let d = dir.to_owned();
     let read = tokio::task::spawn_blocking(move || {
         let running = SqliteStore::is_in_use(&d);
         let mut store = SqliteStore::open_read_only(&d)?;
@@ -102,22 +120,34 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
     })
     .await
     .map_err(|e| Failure::other(anyhow!("status task failed: {e}")))?;
-    let (running, kind, r) = read.map_err(|e| match e {
+    let (running, kind, report) = read.map_err(|e| match e {
         // Only its owner's open converts it; `pub --drain` is one that ends.
         StoreError::FormatTooOld { .. } => {
             Failure::other(anyhow!("{e} (run `steadfast pub --drain --outbox {}` once)", dir.display()))
         }
         e => Failure::other(anyhow!(e)),
     })?;
-    let now = now_ms();
-    let age = r.oldest_created_ms.map(|c| now.saturating_sub(c));
-    let lag_of = |url: &str| r.lag.iter().find(|l| l.url == url).map_or((0, 0), |l| (l.lag, l.missed));
-    if json {
-        let dropped = r.drops.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v))).collect();
+    Ok(Store { dir: dir.to_owned(), running, kind, report })
+}
+
+impl Store {
+    /// Age of the oldest queued message, milliseconds.
+    fn oldest_age_ms(&self) -> Option<u64> {
+        let now = now_ms();
+        self.report.oldest_created_ms.map(|c| now.saturating_sub(c))
+    }
+
+    /// (lag, missed) of the broker `url`.
+    fn lag_of(&self, url: &str) -> (u64, u64) {
+        self.report.lag.iter().find(|l| l.url == url).map_or((0, 0), |l| (l.lag, l.missed))
+    }
+
+    fn json(&self) -> Json {
+        let (r, running) = (&self.report, self.running);
         let brokers = r
             .brokers
             .iter()
-            .map(|b| (b, lag_of(&b.url)))
+            .map(|b| (b, self.lag_of(&b.url)))
             .map(|(b, (lag, missed))| BrokerJson {
                 url: b.url.clone(),
                 state: if running { b.state.clone() } else { "not running".into() },
@@ -131,53 +161,65 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
                 missed,
             })
             .collect();
-        let j = Json {
-            kind: kind.name(),
-            outbox: dir.display().to_string(),
+        Json {
+            kind: self.kind.name(),
+            outbox: self.dir.display().to_string(),
             owner_running: running,
             queued: r.totals.count,
             bytes: r.totals.bytes,
-            oldest_age_ms: age,
-            dropped,
+            oldest_age_ms: self.oldest_age_ms(),
+            dropped: r.drops.iter().map(|(k, v)| (k.as_str().to_owned(), serde_json::Value::from(*v))).collect(),
             brokers,
             inbox: r.inbox,
             counters: r.counters.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect(),
             producer: r.producer.clone(),
             last_id: r.last_id,
-        };
-        return serde_json::to_value(&j).map(Some).map_err(|e| Failure::other(anyhow!(e)));
-    }
-    let using = if running { "  (a consumer is using it)" } else { "  (no process is using it)" };
-    if kind == StoreKind::Inbox {
-        // An inbox holds identities, not messages.
-        println!("inbox    {}{using}", dir.display());
-    } else {
-        println!("outbox   {}{}", dir.display(), if running { "" } else { "  (no process is using it)" });
-        println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
-        match age {
-            Some(ms) => println!("oldest   {} ago", human_age(Duration::from_millis(ms))),
-            None => println!("oldest   -"),
         }
-        let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        println!("dropped  {}", drops.join(", "));
     }
-    if kind == StoreKind::Inbox || r.inbox > 0 || !r.counters.is_empty() {
-        let counters: Vec<String> =
-            r.counters.iter().map(|(k, v)| format!("{} {v}", k.trim_start_matches("consumer."))).collect();
-        println!("inbox    {} identities remembered; {}", r.inbox, counters.join(", "));
+
+    /// The text form: the queue (an outbox) or the identities (an inbox),
+    /// then each broker.
+    fn print(&self) {
+        let r = &self.report;
+        let dir = self.dir.display();
+        if self.kind == StoreKind::Inbox {
+            // An inbox holds identities, not messages.
+            let using = if self.running { "  (a consumer is using it)" } else { "  (no process is using it)" };
+            println!("inbox    {dir}{using}");
+        } else {
+            println!("outbox   {dir}{}", if self.running { "" } else { "  (no process is using it)" });
+            println!("queued   {} message(s), {}", r.totals.count, human_bytes(r.totals.bytes));
+            match self.oldest_age_ms() {
+                Some(ms) => println!("oldest   {} ago", human_age(Duration::from_millis(ms))),
+                None => println!("oldest   -"),
+            }
+            let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("dropped  {}", drops.join(", "));
+        }
+        if self.kind == StoreKind::Inbox || r.inbox > 0 || !r.counters.is_empty() {
+            let counters: Vec<String> =
+                r.counters.iter().map(|(k, v)| format!("{} {v}", k.trim_start_matches("consumer."))).collect();
+            println!("inbox    {} identities remembered; {}", r.inbox, counters.join(", "));
+        }
+        for b in &r.brokers {
+            self.print_broker(b);
+        }
     }
-    for b in &r.brokers {
+
+    /// A broker's lines: its state and counts, then the next attempt, the
+    /// messages it missed and its last error where there are any.
+    fn print_broker(&self, b: &steadfast_store::BrokerRecord) {
         let since = UNIX_EPOCH + Duration::from_millis(b.since_ms);
         let for_how_long = SystemTime::now().duration_since(since).unwrap_or_default();
-        let state = if running {
+        let state = if self.running {
             format!("{} for {}", b.state, human_age(for_how_long))
         } else {
             format!("not running (last run ended {} ago)", human_age(for_how_long))
         };
-        let (lag, missed) = lag_of(&b.url);
-        let role = if running && b.active { "  [active]" } else { "" };
+        let (lag, missed) = self.lag_of(&b.url);
+        let role = if self.running && b.active { "  [active]" } else { "" };
         println!("broker   {}{role}  {state}, acked {}, connects {}, lag {lag}", b.url, b.acked, b.connects);
-        if let Some(at) = b.retry_ms.filter(|_| running && b.state == "backoff") {
+        if let Some(at) = b.retry_ms.filter(|_| self.running && b.state == "backoff") {
             let left = at.saturating_sub(now_ms());
             println!("         next attempt in {}", human_age(Duration::from_millis(left)));
         }
@@ -188,7 +230,6 @@ async fn show(dir: &std::path::Path, json: bool) -> Result<Option<serde_json::Va
             println!("         last error: {e}");
         }
     }
-    Ok(None)
 }
 
 fn human_age(d: Duration) -> String {

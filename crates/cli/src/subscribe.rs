@@ -1,15 +1,18 @@
 //! `steadfast sub`: print (or `--exec`) each message, then acknowledge it.
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
 use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received};
 use tokio::io::AsyncWriteExt;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::broadcast;
 
 use crate::args::SubArgs;
-use crate::paths::{default_client_id_for, default_inbox, store_error};
+use crate::hints::{open_failure, WithFlag};
+use crate::paths::{default_client_id_for, default_inbox};
 use crate::values::{parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
@@ -67,7 +70,8 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     if urls.is_empty() {
         return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
     }
-    let urls: Vec<BrokerUrl> = urls.iter().map(|u| u.parse()).collect::<Result<_, _>>().map_err(Failure::usage)?;
+    let urls: Vec<BrokerUrl> =
+        urls.iter().map(|u| u.parse()).collect::<Result<_, _>>().map_err(|e| Failure::usage(WithFlag(e)))?;
     if a.topics.is_empty() {
         return Err(usage("no topic given; use -t FILTER (repeatable)"));
     }
@@ -236,23 +240,10 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
     let (cfg, output) = config(&a)?;
     let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
     if a.register {
-        Consumer::register(&cfg).await.map_err(|e| Failure::other(anyhow!("{e}")))?;
-        eprintln!(
-            "steadfast: registered `{}` on {} broker(s)",
-            cfg.client().client_id(),
-            cfg.client().all_brokers().len()
-        );
-        return Ok(());
+        return register(&cfg).await;
     }
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| Failure::other(anyhow!("cannot watch for SIGTERM: {e}")))?;
-    let (consumer, report) = Consumer::open(cfg).await.map_err(|e| match e {
-        steadfast::OpenError::Config(e) => Failure::usage(anyhow!(e)),
-        steadfast::OpenError::Store(e) => Failure::other(store_error(e, "--inbox")),
-        e => Failure::other(anyhow!(e)),
-    })?;
+    let stop = Stop::watch()?;
+    let (consumer, report) = Consumer::open(cfg).await.map_err(|e| open_failure(e, "--inbox"))?;
     if let Some(addr) = metrics {
         let refresh = crate::metrics::refresh_with(consumer.metrics(), |m| async move {
             let _ = m.export().await;
@@ -268,17 +259,102 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
             report.problem.as_deref().unwrap_or("unknown damage")
         );
     }
-    let deadline = a.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s));
-    let mut handled = 0u64;
-    // Until some broker took us, an error no retry can mend (a refused
-    // certificate or password) ends the run instead of retrying for ever.
-    let mut events = consumer.events();
-    let mut connected = false;
-    let mut stdout = tokio::io::stdout();
-    let result = loop {
-        if a.count.is_some_and(|c| handled >= c) {
-            break Ok(());
+    let result = Receiving::new(&consumer, &a, stop).run(&output).await;
+    consumer.close().await;
+    result
+}
+
+/// `--register`: the sessions and subscriptions, nothing received.
+async fn register(cfg: &ConsumerConfig) -> Result<(), Failure> {
+    Consumer::register(cfg).await.map_err(|e| Failure::other(anyhow!("{}", WithFlag(e))))?;
+    eprintln!("steadfast: registered `{}` on {} broker(s)", cfg.client().client_id(), cfg.client().all_brokers().len());
+    Ok(())
+}
+
+/// Ctrl-C and SIGTERM, watched from the start: either ends the run
+/// cleanly.
+struct Stop {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Stop {
+    fn watch() -> Result<Stop, Failure> {
+        let interrupt =
+            signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
+        let terminate =
+            signal(SignalKind::terminate()).map_err(|e| Failure::other(anyhow!("cannot watch for SIGTERM: {e}")))?;
+        Ok(Stop { interrupt, terminate })
+    }
+
+    /// Until either signal arrives.
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
+    }
+}
+
+/// How a run ends: `Break` with its result.
+type Step<T = ()> = ControlFlow<Result<(), Failure>, T>;
+
+/// A run of the consumer: messages handled (printed or `--exec`), then
+/// acknowledged, until `-C`, `-W`, a signal, or an error.
+struct Receiving<'a> {
+    consumer: &'a Consumer,
+    stop: Stop,
+    events: broadcast::Receiver<steadfast::Event>,
+    /// Until some broker took us, an error no retry can mend (a refused
+    /// certificate or password) ends the run instead of retrying for ever.
+    connected: bool,
+    /// `-W`.
+    deadline: Option<tokio::time::Instant>,
+    /// `-C`.
+    count: Option<u64>,
+    no_eol: bool,
+    handled: u64,
+    stdout: tokio::io::Stdout,
+}
+
+impl<'a> Receiving<'a> {
+    fn new(consumer: &'a Consumer, a: &SubArgs, stop: Stop) -> Self {
+        Receiving {
+            consumer,
+            stop,
+            events: consumer.events(),
+            connected: false,
+            deadline: a.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s)),
+            count: a.count,
+            no_eol: a.no_eol,
+            handled: 0,
+            stdout: tokio::io::stdout(),
+        }
+    }
+
+    async fn run(mut self, output: &Output) -> Result<(), Failure> {
+        loop {
+            if self.count.is_some_and(|c| self.handled >= c) {
+                return Ok(());
+            }
+            let first = match self.next().await {
+                ControlFlow::Continue(Some(d)) => d,
+                ControlFlow::Continue(None) => continue,
+                ControlFlow::Break(end) => return end,
+            };
+            let step = match output {
+                Output::Exec(cmd) => self.exec(cmd, first).await,
+                Output::Print(f) => self.print(f, first).await,
+            };
+            if let ControlFlow::Break(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// The next message; `None` when only a connection event came.
+    async fn next(&mut self) -> Step<Option<Received>> {
+        let (consumer, deadline) = (self.consumer, self.deadline);
         let next = async {
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, consumer.next()).await.ok(),
@@ -287,95 +363,99 @@ pub async fn run(a: SubArgs) -> Result<(), Failure> {
         };
         let first = tokio::select! {
             n = next => n,
-            _ = interrupt.recv() => break Ok(()),
-            _ = terminate.recv() => break Ok(()),
-            e = events.recv(), if !connected => {
+            _ = self.stop.requested() => return ControlFlow::Break(Ok(())),
+            e = self.events.recv(), if !self.connected => {
                 match e {
-                    Ok(steadfast::Event::Connected { .. }) | Err(_) => connected = true,
+                    Ok(steadfast::Event::Connected { .. }) | Err(_) => self.connected = true,
                     Ok(steadfast::Event::ConnectFailed { error, .. }) if !error.is_retryable() => {
-                        break Err(Failure::other(anyhow!("{error}")));
+                        return ControlFlow::Break(Err(Failure::other(anyhow!("{}", WithFlag(error)))));
                     }
                     Ok(_) => {}
                 }
-                continue;
+                return ControlFlow::Continue(None);
             }
         };
-        let Some(first) = first else {
+        match first {
             // -W ran out.
-            break match a.count {
-                Some(c) => Err(Failure::timed_out(anyhow!("-W: {handled} of {c} messages handled in time"))),
+            None => ControlFlow::Break(match self.count {
+                Some(c) => Err(self.short_of(c)),
                 None => Ok(()),
-            };
-        };
-        let Some(first) = first else { break Ok(()) };
-        match &output {
-            Output::Exec(cmd) => {
-                // A failed command runs again on the same message, with a
-                // growing pause, before any later message: order is kept.
-                let mut pause = Duration::from_millis(500);
-                let mut stopped = false;
-                while !exec(cmd, &first).await {
-                    let until_deadline = async {
-                        match deadline {
-                            Some(d) => tokio::time::sleep_until(d).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        _ = interrupt.recv() => stopped = true,
-                        _ = terminate.recv() => stopped = true,
-                        _ = until_deadline => stopped = true,
-                    }
-                    if stopped {
-                        break;
-                    }
-                    pause = (pause * 2).min(Duration::from_secs(30));
-                }
-                if stopped {
-                    first.retry();
-                    let ran_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                    break match a.count {
-                        Some(c) if ran_out => {
-                            Err(Failure::timed_out(anyhow!("-W: {handled} of {c} messages handled in time")))
-                        }
-                        _ => Ok(()),
-                    };
-                }
-                first.ack();
-                handled += 1;
+            }),
+            Some(None) => ControlFlow::Break(Ok(())),
+            Some(Some(d)) => ControlFlow::Continue(Some(d)),
+        }
+    }
+
+    /// `--exec CMD` on `d`, then its acknowledgement. A failed command runs
+    /// again on the same message, with a growing pause, before any later
+    /// message: order is kept.
+    async fn exec(&mut self, cmd: &str, d: Received) -> Step {
+        let mut pause = Duration::from_millis(500);
+        while !exec(cmd, &d).await {
+            if self.stopped_during(pause).await {
+                d.retry();
+                let ran_out = self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                return ControlFlow::Break(match self.count {
+                    Some(c) if ran_out => Err(self.short_of(c)),
+                    _ => Ok(()),
+                });
             }
-            Output::Print(f) => {
-                // What is ready now is printed and flushed together, then
-                // acknowledged: a line is on stdout before its ack leaves.
-                let mut batch = vec![first];
-                let room = a.count.map_or(u64::MAX, |c| c - handled) as usize;
-                while batch.len() < room.min(1024) {
-                    match consumer.try_next() {
-                        Some(d) => batch.push(d),
-                        None => break,
-                    }
-                }
-                let mut out = Vec::new();
-                for d in &batch {
-                    render(f, d, !a.no_eol, &mut out);
-                }
-                if let Err(e) = async {
-                    stdout.write_all(&out).await?;
-                    stdout.flush().await
-                }
-                .await
-                {
-                    // Not acknowledged: the messages come again next time.
-                    break Err(Failure::other(anyhow!("cannot write to stdout: {e}")));
-                }
-                handled += batch.len() as u64;
-                for d in batch {
-                    d.ack();
-                }
+            pause = (pause * 2).min(Duration::from_secs(30));
+        }
+        d.ack();
+        self.handled += 1;
+        ControlFlow::Continue(())
+    }
+
+    /// Waits `pause`; true when a signal or `-W` stopped the wait.
+    async fn stopped_during(&mut self, pause: Duration) -> bool {
+        let deadline = self.deadline;
+        let until_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => false,
+            _ = self.stop.requested() => true,
+            _ = until_deadline => true,
+        }
+    }
+
+    /// What is ready now (`first` and up to 1,023 more) is printed and
+    /// flushed together, then acknowledged: a line is on stdout before its
+    /// ack leaves.
+    async fn print(&mut self, f: &Format, first: Received) -> Step {
+        let mut batch = vec![first];
+        let room = self.count.map_or(u64::MAX, |c| c - self.handled) as usize;
+        while batch.len() < room.min(1024) {
+            match self.consumer.try_next() {
+                Some(d) => batch.push(d),
+                None => break,
             }
         }
-    };
-    consumer.close().await;
-    result
+        let mut out = Vec::new();
+        for d in &batch {
+            render(f, d, !self.no_eol, &mut out);
+        }
+        let written = async {
+            self.stdout.write_all(&out).await?;
+            self.stdout.flush().await
+        };
+        if let Err(e) = written.await {
+            // Not acknowledged: the messages come again next time.
+            return ControlFlow::Break(Err(Failure::other(anyhow!("cannot write to stdout: {e}"))));
+        }
+        self.handled += batch.len() as u64;
+        for d in batch {
+            d.ack();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// `-W` ran out before `-C` messages were handled.
+    fn short_of(&self, count: u64) -> Failure {
+        Failure::timed_out(anyhow!("-W: {} of {count} messages handled in time", self.handled))
+    }
 }

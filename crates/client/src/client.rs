@@ -438,19 +438,13 @@ impl Client {
             None => outbox.meta_or_init("producer", &default_producer).await?,
         };
         if cfg.envelope && producer.len() > Identity::ENVELOPE_MAX_PRODUCER {
-            return Err(ConfigError::Invalid(format!(
-                "the producer id `{producer}` is over the envelope's 255 bytes; set a shorter one with producer_id"
-            ))
-            .into());
+            return Err(ConfigError::ProducerIdTooLong { len: producer.len() }.into());
         }
         let urls = cfg.all_brokers().iter().map(|u| u.to_string()).collect();
         let steadfast_store::Configured { slots, queued } = outbox.configure(urls, quorums(cfg)).await?;
         for (route, n) in queued {
             if let Some(name) = route.filter(|r| !cfg.routes().iter().any(|(n, _)| n == r)) {
-                return Err(ConfigError::Invalid(format!(
-                    "the outbox holds {n} message(s) for the route `{name}`, which is not configured; configure it again (ClientConfig::route; CLI: --config FILE with a [routes.{name}] table) so they can be sent"
-                ))
-                .into());
+                return Err(ConfigError::UnconfiguredRoute { route: name, queued: n }.into());
             }
         }
         Ok((producer.into(), slots))

@@ -55,17 +55,13 @@ impl FromStr for BrokerUrl {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| ConfigError::BrokerUrl { url: s.to_owned(), why: why.to_owned() };
+        let url = || s.to_owned();
         let (mut transport, rest) = match s.split_once("://") {
             Some(("mqtt" | "tcp", rest)) => (Transport::Tcp, rest),
             Some(("mqtts" | "ssl" | "tls", rest)) => (Transport::Tls, rest),
             Some(("ws", rest)) => (Transport::Ws { path: String::new() }, rest),
             Some(("wss", rest)) => (Transport::Wss { path: String::new() }, rest),
-            Some((scheme, _)) => {
-                return Err(bad(&format!(
-                    "unknown scheme `{scheme}`; use mqtt://, mqtts://, ws:// or wss:// followed by host:port"
-                )))
-            }
+            Some((scheme, _)) => return Err(ConfigError::UrlScheme { url: url(), scheme: scheme.to_owned() }),
             None => (Transport::Tcp, s),
         };
         // Only WebSocket URLs have a path (default /mqtt).
@@ -78,18 +74,18 @@ impl FromStr for BrokerUrl {
                 *p = if path.is_empty() || path == "/" { "/mqtt".to_owned() } else { path.to_owned() };
             }
             _ if !path.is_empty() && path != "/" => {
-                return Err(bad("only ws:// and wss:// URLs have a path; use mqtt://host:port"));
+                return Err(ConfigError::UrlPath { url: url() });
             }
             _ => {}
         }
         if rest.contains('@') {
-            return Err(bad("credentials do not belong in the URL; use -u and -P (or --password-file)"));
+            return Err(ConfigError::UrlCredentials { url: url() });
         }
         if rest.is_empty() {
-            return Err(bad("the host is empty"));
+            return Err(ConfigError::UrlHost { url: url() });
         }
         let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed `[` in IPv6 address"))?;
+            let (h, after) = v6.split_once(']').ok_or_else(|| ConfigError::UrlBracket { url: url() })?;
             (h.to_owned(), after.strip_prefix(':'))
         } else {
             match rest.rsplit_once(':') {
@@ -98,13 +94,13 @@ impl FromStr for BrokerUrl {
             }
         };
         if host.is_empty() {
-            return Err(bad("the host is empty"));
+            return Err(ConfigError::UrlHost { url: url() });
         }
         let port = match port {
             None => transport.default_port(),
             Some(p) => match p.parse::<u16>() {
                 Ok(p) if p > 0 => p,
-                _ => return Err(bad(&format!("`{p}` is not a port number (1-65535)"))),
+                _ => return Err(ConfigError::UrlPort { url: url(), port: p.to_owned() }),
             },
         };
         Ok(BrokerUrl { host, port, transport })
@@ -133,7 +129,7 @@ impl FromStr for Mode {
             "failover" => Ok(Mode::Failover),
             "fanout" => Ok(Mode::Fanout),
             "balance" => Ok(Mode::Balance),
-            other => Err(ConfigError::Invalid(format!("unknown mode `{other}`; use failover, fanout or balance"))),
+            other => Err(ConfigError::UnknownMode(other.to_owned())),
         }
     }
 }
@@ -158,7 +154,7 @@ impl FromStr for AckQuorum {
             "any" => Ok(AckQuorum::Any),
             n => match n.parse::<u32>() {
                 Ok(n) if n > 0 => Ok(AckQuorum::Count(n)),
-                _ => Err(ConfigError::Invalid(format!("unknown ack quorum `{n}`; use all, any or a count such as 2"))),
+                _ => Err(ConfigError::UnknownAckQuorum(n.to_owned())),
             },
         }
     }
@@ -234,32 +230,28 @@ impl BrokerSet {
     }
 
     fn validate(&self, name: &str) -> Result<(), ConfigError> {
-        let bad = |why: String| ConfigError::Brokers { set: name.to_owned(), why };
+        let set = || name.to_owned();
         if self.brokers.is_empty() {
-            return Err(bad("it has no broker; give at least one".into()));
+            return Err(ConfigError::NoBroker { set: set() });
         }
         for (i, b) in self.brokers.iter().enumerate() {
             if self.brokers[..i].contains(b) {
-                return Err(bad(format!("{b} is listed twice")));
+                return Err(ConfigError::DuplicateBroker { set: set(), broker: b.clone() });
             }
         }
         if let AckQuorum::Count(n) = self.ack {
             if n == 0 || n as usize > self.brokers.len() {
-                return Err(bad(format!(
-                    "ack = {n} but the set has {} brokers; use 1 to {}",
-                    self.brokers.len(),
-                    self.brokers.len()
-                )));
+                return Err(ConfigError::AckQuorumOutOfRange { set: set(), ack: n, brokers: self.brokers.len() });
             }
         }
         if self.ack != AckQuorum::All && self.mode != Mode::Fanout {
-            return Err(bad("an ack quorum only applies to fanout; use --mode fanout or drop --ack".into()));
+            return Err(ConfigError::AckQuorumWithoutFanout { set: set() });
         }
         if self.catch_up_for.is_some_and(|d| d.is_zero()) {
-            return Err(bad("catch_up_for must be above zero".into()));
+            return Err(ConfigError::ZeroCatchUp { set: set() });
         }
         if let Some(p) = &self.policy {
-            p.validate().map_err(|why| bad(format!("its policy: {why}")))?;
+            p.validate().map_err(|error| ConfigError::SetPolicy { set: set(), error })?;
         }
         Ok(())
     }
@@ -501,48 +493,37 @@ impl ClientConfig {
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.client_id.is_empty() || self.client_id.len() > 65535 {
-            return Err(ConfigError::ClientId("it must be 1 to 65535 bytes long".into()));
+            return Err(ConfigError::ClientId { len: self.client_id.len() });
         }
         if self.keep_alive < Duration::from_secs(1) || self.keep_alive.as_secs() > u16::MAX as u64 {
             return Err(ConfigError::KeepAlive(self.keep_alive));
         }
-        self.policy.validate().map_err(|why| ConfigError::Invalid(format!("the default policy: {why}")))?;
+        self.policy.validate().map_err(ConfigError::Policy)?;
         self.set.validate("default")?;
         for (name, set) in &self.routes {
             if name.is_empty() {
-                return Err(ConfigError::Invalid("a route name is empty; name it (e.g. `home`)".into()));
+                return Err(ConfigError::EmptyRouteName);
             }
             set.validate(name)?;
         }
-        let n = self.all_brokers().len();
-        if n > steadfast_store::MAX_SLOTS {
-            return Err(ConfigError::Invalid(format!(
-                "{n} distinct brokers configured; one client talks to at most {}",
-                steadfast_store::MAX_SLOTS
-            )));
+        let count = self.all_brokers().len();
+        if count > steadfast_store::MAX_SLOTS {
+            return Err(ConfigError::TooManyBrokers { count, max: steadfast_store::MAX_SLOTS });
         }
         if self.max_inflight == 0 {
-            return Err(ConfigError::Invalid("max_inflight 0 would let nothing through; use 1 or more".into()));
+            return Err(ConfigError::ZeroInflight);
         }
         if self.ack_timeout < Duration::from_millis(100) {
-            return Err(ConfigError::Invalid(format!(
-                "ack timeout {:?} is too short; use at least 100ms",
-                self.ack_timeout
-            )));
+            return Err(ConfigError::AckTimeout(self.ack_timeout));
         }
-        if self.envelope && self.producer_id.as_ref().is_some_and(|p| p.len() > 255) {
-            return Err(ConfigError::Invalid(
-                "the payload envelope carries producer ids up to 255 bytes; choose a shorter producer id".into(),
-            ));
+        if let Some(len) = self.producer_id.as_ref().map(String::len).filter(|len| self.envelope && *len > 255) {
+            return Err(ConfigError::ProducerIdTooLong { len });
         }
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
             return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });
         }
-        if self.max_packet_size.is_some_and(|m| m < 128) {
-            return Err(ConfigError::Invalid(format!(
-                "a maximum packet size of {} bytes leaves no room for a message; use 128 or more",
-                self.max_packet_size.unwrap_or_default()
-            )));
+        if let Some(max) = self.max_packet_size.filter(|m| *m < 128) {
+            return Err(ConfigError::MaxPacketSize(max));
         }
         // Certificate files are read now so that a mistake shows at start.
         if self.all_brokers().iter().any(|b| b.transport.is_tls()) {

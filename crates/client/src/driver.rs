@@ -13,15 +13,16 @@ use std::time::{Duration, SystemTime};
 use steadfast_core::engine::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, Now, PublishSession, SessionConfig, SessionEvent, StoreOp, Wire,
 };
-use steadfast_core::{Backoff, DropReason, Qos};
-use steadfast_store::{now_ms, BrokerRecord, Delivery, NewMessage, Outbox, StoreError, StoredMessage};
+use steadfast_core::{DropReason, Qos};
+use steadfast_store::{now_ms, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::config::{BrokerUrl, ClientConfig};
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{open_session, ConnAck, Incoming, Link, Opened};
+use crate::reconnect::{self, Reconnect};
 use crate::router::Router;
 use crate::{BrokerStatus, Event, LinkState};
 
@@ -94,12 +95,11 @@ pub(crate) struct Driver {
     /// Best-effort messages from the client.
     direct: mpsc::Receiver<Direct>,
     direct_closed: bool,
-    backoff: Backoff,
-    rng: fastrand::Rng,
+    /// Backoff, logs and events between connections.
+    reconnect: Reconnect,
     /// The broker's maximum packet size, this connection.
     max_packet: Option<u32>,
     last_recorded: Instant,
-    last_logged: Option<String>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -121,10 +121,6 @@ impl Driver {
         shared: Arc<BrokerShared>,
         stop: watch::Receiver<bool>,
     ) -> Self {
-        let rng = match cfg.seed {
-            Some(s) => fastrand::Rng::with_seed(s),
-            None => fastrand::Rng::new(),
-        };
         let session = PublishSession::new(
             SessionConfig {
                 max_inflight: cfg.max_inflight,
@@ -143,17 +139,15 @@ impl Driver {
             direct: place.direct,
             direct_closed: false,
             session,
-            backoff: Backoff::new(cfg.backoff),
+            reconnect: Reconnect::new(cfg.backoff, cfg.seed, ""),
             cfg,
             outbox,
             producer,
             events,
             shared,
             stop,
-            rng,
             max_packet: None,
             last_recorded: Instant::now(),
-            last_logged: None,
         }
     }
 
@@ -162,56 +156,25 @@ impl Driver {
         // id the broker holds for another: never connect before they load.
         while let Err(e) = self.restore_bindings().await {
             tracing::error!(error = %e, "cannot read QoS 2 bindings from the outbox; retrying");
-            let delay = self.backoff.next_delay(&mut self.rng, Instant::now().into_std());
-            tokio::select! {
-                _ = sleep(delay) => {}
-                _ = self.stop.changed() => {}
-            }
-            if self.stopping() {
+            let delay = self.reconnect.retry_delay();
+            if reconnect::wait(delay, &mut self.stop).await {
                 self.set_state(LinkState::Stopped, None, None);
                 return;
             }
         }
-        self.backoff = Backoff::new(self.cfg.backoff);
-        loop {
-            if self.stopping() {
-                break;
-            }
+        self.reconnect.reset();
+        while !self.stopping() {
             self.set_state(LinkState::Connecting, None, None);
             let mut connected_at = None;
             let result = self.one_link(&mut connected_at).await;
             self.drop_direct();
-            let error = match result {
-                // Stopped on request.
-                Ok(()) => break,
-                Err(e) => e,
-            };
+            // Ok: stopped on request.
+            let Err(error) = result else { break };
             self.router.link_down(self.index);
-            if let Some(at) = connected_at {
-                self.backoff.link_lost_after(at.elapsed());
-            }
-            let delay = self.backoff.next_delay(&mut self.rng, Instant::now().into_std());
-            let retry_at = SystemTime::now() + delay;
-            self.set_state(LinkState::Backoff, Some(error.to_string()), Some(retry_at));
-            let broker = self.url.to_string();
-            if connected_at.is_some() {
-                tracing::warn!(%broker, error = %error, retry_in = ?delay, "link lost; reconnecting");
-                let _ = self.events.send(Event::Disconnected { broker, error, retry_in: delay });
-            } else {
-                // Said once per distinct error, not on every attempt.
-                let text = error.to_string();
-                if self.last_logged.as_deref() != Some(text.as_str()) {
-                    tracing::warn!(%broker, error = %error, retry_in = ?delay, "cannot connect; will keep retrying");
-                    self.last_logged = Some(text);
-                } else {
-                    tracing::debug!(%broker, error = %error, retry_in = ?delay, "cannot connect; will retry");
-                }
-                let _ = self.events.send(Event::ConnectFailed { broker, error, retry_in: delay });
-            }
-            tokio::select! {
-                _ = sleep(delay) => {}
-                _ = self.stop.changed() => {}
-            }
+            let text = error.to_string();
+            let delay = self.reconnect.after(&self.url.to_string(), error, connected_at, &self.events);
+            self.set_state(LinkState::Backoff, Some(text), Some(SystemTime::now() + delay));
+            reconnect::wait(delay, &mut self.stop).await;
         }
         self.drop_direct();
         self.set_state(LinkState::Stopped, None, None);
@@ -309,7 +272,7 @@ impl Driver {
         self.shared.update(|s| s.connects += 1);
         self.set_state(LinkState::Connected, None, None);
         tracing::info!(%broker, session_present = ack.session_present, resent, "connected");
-        self.last_logged = None;
+        self.reconnect.connected();
         let _ = self.events.send(Event::Connected { broker, session_present: ack.session_present, resent });
 
         let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -395,18 +358,8 @@ impl Driver {
                 wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::WriterStopped)?;
             }
             let state = *state_rx.borrow_and_update();
-            // A broker that takes no new messages now (a failover standby)
-            // reads nothing: it is rewound when that changes.
-            let takes = self.router.is_active(self.index);
-            if let Some((p, after)) = self.session.next_read(&state.newest).filter(|_| fetch.is_none() && takes) {
-                let outbox = self.outbox.clone();
-                let last = state.newest[p];
-                let slot = self.slot;
-                // The page answers for ids up to `last` as of now: it is
-                // read after every commit up to there.
-                fetch = Some(Box::pin(async move {
-                    outbox.read_after(after, PAGE, Some(slot), Some(p as u8)).await.map(|page| (page, p, last))
-                }));
+            if fetch.is_none() {
+                fetch = self.next_fetch(&state);
             }
             let wake = self.session.poll_timeout().map(Instant::from_std);
             tokio::select! {
@@ -428,15 +381,7 @@ impl Driver {
                     let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet };
                     self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e))?;
                 }
-                r = rd.read(buf) => {
-                    let n = r?;
-                    if n == 0 {
-                        return Err(ConnectError::Closed(CloseReason::Eof));
-                    }
-                    self.session.handle_received(now());
-                    let incoming = link.receive(&buf[..n]);
-                    self.on_incoming(link, incoming).await?;
-                }
+                r = rd.read(buf) => self.on_read(link, r, buf).await?,
                 page = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
                     fetch = None;
                     let (page, p, upto) = page.map_err(store_failed)?;
@@ -464,6 +409,35 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The next page to read, if the engine wants one: the priority it
+    /// names, after its cursor. A broker that takes no new messages now (a
+    /// failover standby) reads nothing: it is rewound when that changes.
+    fn next_fetch(&self, state: &OutboxState) -> Option<Fetch> {
+        if !self.router.is_active(self.index) {
+            return None;
+        }
+        let (p, after) = self.session.next_read(&state.newest)?;
+        let outbox = self.outbox.clone();
+        let last = state.newest[p];
+        let slot = self.slot;
+        // The page answers for ids up to `last` as of now: it is read after
+        // every commit up to there.
+        Some(Box::pin(async move {
+            outbox.read_after(after, PAGE, Some(slot), Some(p as u8)).await.map(|page| (page, p, last))
+        }))
+    }
+
+    /// Bytes from the socket (`Ok(0)`: the broker closed it).
+    async fn on_read(&mut self, link: &mut Link, read: std::io::Result<usize>, buf: &[u8]) -> Result<(), ConnectError> {
+        let n = read?;
+        if n == 0 {
+            return Err(ConnectError::Closed(CloseReason::Eof));
+        }
+        self.session.handle_received(now());
+        let incoming = link.receive(&buf[..n]);
+        self.on_incoming(link, incoming).await
     }
 
     /// Lets the engine move messages from its queue onto the wire, and
@@ -573,7 +547,7 @@ impl Driver {
                 SessionEvent::Downgraded(Downgrade::PubAck) => {
                     tracing::warn!(
                         broker = %self.url,
-                        "the broker answered a QoS 2 PUBLISH with PUBACK: it does not do QoS 2 and took the message at QoS 1 (a consumer may see it twice; its inbox removes the copy). Publish with -q 1 to this broker"
+                        "the broker answered a QoS 2 PUBLISH with PUBACK: it does not do QoS 2 and took the message at QoS 1 (a consumer may see it twice; its inbox removes the copy); publish at QoS 1 to this broker"
                     );
                 }
                 SessionEvent::Refused(m) => {

@@ -1,44 +1,221 @@
 //! Errors, one enum per operation.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use steadfast_core::TopicError;
 use steadfast_store::{AppendError, StoreError};
 
-/// A configuration value is unusable.
+/// A configuration value is unusable. The words describe the problem and
+/// name the setting in prose; a front end (the CLI) adds its own name for
+/// the setting (a flag, a key) by matching the variant.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// A broker URL does not parse.
-    #[error("invalid broker URL `{url}`: {why}")]
-    BrokerUrl {
+    /// A broker URL with a scheme other than mqtt, mqtts, ws or wss.
+    #[error("invalid broker URL `{url}`: unknown scheme `{scheme}`; use mqtt://, mqtts://, ws:// or wss:// followed by host:port")]
+    UrlScheme {
         /// The URL as given.
         url: String,
-        /// What is wrong.
-        why: String,
+        /// Its scheme.
+        scheme: String,
     },
-    /// The client id is unusable.
-    #[error("invalid client id: {0}")]
-    ClientId(String),
+    /// A path in a URL that is not a WebSocket one.
+    #[error("invalid broker URL `{url}`: only ws:// and wss:// URLs have a path; use mqtt://host:port")]
+    UrlPath {
+        /// The URL as given.
+        url: String,
+    },
+    /// User name or password in the URL.
+    #[error("invalid broker URL `{url}`: credentials do not belong in the URL; give them as the client's user name and password")]
+    UrlCredentials {
+        /// The URL as given.
+        url: String,
+    },
+    /// No host in the URL.
+    #[error("invalid broker URL `{url}`: the host is empty")]
+    UrlHost {
+        /// The URL as given.
+        url: String,
+    },
+    /// An IPv6 address without its closing bracket.
+    #[error("invalid broker URL `{url}`: unclosed `[` in IPv6 address")]
+    UrlBracket {
+        /// The URL as given.
+        url: String,
+    },
+    /// A port that is not 1 to 65535.
+    #[error("invalid broker URL `{url}`: `{port}` is not a port number (1-65535)")]
+    UrlPort {
+        /// The URL as given.
+        url: String,
+        /// The port as given.
+        port: String,
+    },
+    /// The client id is empty or longer than MQTT allows.
+    #[error("invalid client id: it must be 1 to 65535 bytes long, not {len}")]
+    ClientId {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// Keep-alive out of range.
     #[error("keep-alive {0:?} is out of range; use 1 s to 65535 s")]
     KeepAlive(Duration),
-    /// A broker set is unusable.
-    #[error("broker set {set}: {why}")]
-    Brokers {
+    /// A routing mode that does not exist.
+    #[error("unknown mode `{0}`; use failover, fanout or balance")]
+    UnknownMode(String),
+    /// An ack quorum that does not parse.
+    #[error("unknown ack quorum `{0}`; use all, any or a count such as 2")]
+    UnknownAckQuorum(String),
+    /// A broker set without a broker.
+    #[error("broker set {set}: it has no broker; give at least one")]
+    NoBroker {
         /// `default` or the route's name.
         set: String,
-        /// What is wrong and how to fix it.
-        why: String,
     },
-    /// A setting is out of range.
-    #[error("{0}")]
-    Invalid(String),
-    /// TLS settings are unusable (a file missing, no certificate in it).
-    #[error("TLS: {0}")]
-    Tls(String),
+    /// A broker listed twice in one set.
+    #[error("broker set {set}: {broker} is listed twice")]
+    DuplicateBroker {
+        /// `default` or the route's name.
+        set: String,
+        /// The broker.
+        broker: crate::BrokerUrl,
+    },
+    /// An ack quorum of 0, or of more brokers than the set has.
+    #[error("broker set {set}: ack = {ack} but the set has {brokers} brokers; use 1 to {brokers}")]
+    AckQuorumOutOfRange {
+        /// `default` or the route's name.
+        set: String,
+        /// The quorum.
+        ack: u32,
+        /// The set's size.
+        brokers: usize,
+    },
+    /// An ack quorum on a set that is not in fanout mode.
+    #[error("broker set {set}: an ack quorum only applies to fanout; set the mode to fanout or drop the quorum")]
+    AckQuorumWithoutFanout {
+        /// `default` or the route's name.
+        set: String,
+    },
+    /// A catch-up window of zero.
+    #[error("broker set {set}: catch_up_for must be above zero")]
+    ZeroCatchUp {
+        /// `default` or the route's name.
+        set: String,
+    },
+    /// A broker set's delivery policy is invalid.
+    #[error("broker set {set}: its policy: {error}")]
+    SetPolicy {
+        /// `default` or the route's name.
+        set: String,
+        /// What is wrong with it.
+        error: crate::PolicyError,
+    },
+    /// The client's default delivery policy is invalid.
+    #[error("the default policy: {0}")]
+    Policy(crate::PolicyError),
+    /// A route with an empty name.
+    #[error("a route name is empty; name it (e.g. `home`)")]
+    EmptyRouteName,
+    /// More distinct brokers than one client can keep state for.
+    #[error("{count} distinct brokers configured; one client talks to at most {max}")]
+    TooManyBrokers {
+        /// How many were configured.
+        count: usize,
+        /// The most there can be.
+        max: usize,
+    },
+    /// An in-flight window of 0.
+    #[error("max_inflight 0 would let nothing through; use 1 or more")]
+    ZeroInflight,
+    /// An ack timeout under 100 ms.
+    #[error("ack timeout {0:?} is too short; use at least 100ms")]
+    AckTimeout(Duration),
+    /// A producer id the payload envelope cannot carry.
+    #[error("the payload envelope carries producer ids up to 255 bytes, not {len}; choose a shorter producer id")]
+    ProducerIdTooLong {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A maximum packet size too small for any message.
+    #[error("a maximum packet size of {0} bytes leaves no room for a message; use 128 or more")]
+    MaxPacketSize(u32),
+    /// The outbox holds messages for a route that is not configured.
+    #[error("the outbox holds {queued} message(s) for the route `{route}`, which is not configured; configure it again (ClientConfig::route) so they can be sent")]
+    UnconfiguredRoute {
+        /// The route.
+        route: String,
+        /// Messages waiting for it.
+        queued: u64,
+    },
+    /// A consumer with no topic filter.
+    #[error("no topic to subscribe to; give at least one filter")]
+    NoTopic,
+    /// A topic filter MQTT does not allow.
+    #[error("topic filter `{filter}`: {error}")]
+    TopicFilter {
+        /// The filter.
+        filter: String,
+        /// What is wrong with it.
+        error: steadfast_core::FilterError,
+    },
+    /// An inbox bound of zero bytes or identities.
+    #[error("an inbox bound of 0 {unit} de-duplicates nothing; give a larger bound")]
+    ZeroInbox {
+        /// "bytes" or "identities".
+        unit: &'static str,
+    },
+    /// rustls offers no TLS protocol version.
+    #[error("TLS: no TLS protocol version available: {0}")]
+    TlsProtocols(String),
+    /// The CA file cannot be read or holds no certificate.
+    #[error("TLS: CA file {}: {problem}", path.display())]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A certificate in the CA file cannot be a trust anchor.
+    #[error("TLS: CA file {}: not a usable CA certificate: {reason}", path.display())]
+    CaCertificate {
+        /// The file.
+        path: PathBuf,
+        /// rustls's words.
+        reason: String,
+    },
+    /// The client certificate file cannot be read or holds no certificate.
+    #[error("TLS: client certificate {}: {problem}", path.display())]
+    ClientCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The client key file cannot be read or holds no private key.
+    #[error("TLS: client key {}: {problem}; give the client certificate's private key as PEM", path.display())]
+    ClientKey {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The client key does not belong to the client certificate.
+    #[error("TLS: client certificate {} with its key: {reason}; the key must be the certificate's own", cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// rustls's words.
+        reason: String,
+    },
+    /// No CA file given, and the system has no trusted roots.
+    #[error("TLS: no trusted CA certificates found on this system{}; install the `ca-certificates` package or give the broker's CA certificate as the CA file", reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    NoTrustedRoots {
+        /// Why loading them failed, if it said.
+        reason: Option<String>,
+    },
     /// Backoff bounds are inverted or zero.
     #[error("backoff bounds {min:?}..{max:?} are invalid; min must be above zero and not above max")]
     Backoff {
@@ -75,7 +252,7 @@ pub enum PublishError {
     #[error("invalid delivery policy: {0}")]
     Policy(crate::PolicyError),
     /// The message names a route the client does not have.
-    #[error("no route named `{0}`: configure it with ClientConfig::route (CLI: a [routes.NAME] table in --config)")]
+    #[error("no route named `{0}`: configure it with ClientConfig::route")]
     UnknownRoute(String),
     /// The message is larger than the broker accepts.
     #[error("message to `{topic}` is {size} bytes on the wire, over the broker's maximum packet size of {max} bytes; send a smaller payload or raise the broker's max_packet_size")]
@@ -127,14 +304,12 @@ pub enum Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::ProtocolVersion => {
-                f.write_str("the broker does not accept this MQTT protocol version; try -V 311 or -V 5")
-            }
-            Refusal::BadCredentials => f.write_str("bad user name or password; check -u and -P"),
+            Refusal::ProtocolVersion => f.write_str("the broker does not accept this MQTT protocol version"),
+            Refusal::BadCredentials => f.write_str("bad user name or password"),
             Refusal::NotAuthorized => f.write_str(
                 "not authorised: the broker does not allow this client to connect; check its ACL and credentials",
             ),
-            Refusal::ClientId => f.write_str("the client id was rejected; choose another with -i"),
+            Refusal::ClientId => f.write_str("the client id was rejected"),
             Refusal::Unavailable => f.write_str("the broker says it is unavailable or busy"),
             Refusal::Other(code) => write!(f, "refused with reason code 0x{code:02x}"),
         }
@@ -176,6 +351,8 @@ pub enum ConnectError {
         broker: String,
         /// What was wrong and how to fix it.
         reason: String,
+        /// The problem, when the handshake named one.
+        problem: Option<crate::transport::CertificateProblem>,
     },
     /// Messages were in flight and none was acknowledged for this long.
     #[error("no acknowledgement for {0:?} with messages in flight (ack timeout): considered dead")]
@@ -230,15 +407,15 @@ impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CloseReason::Eof => Ok(()),
-            CloseReason::BeforeConnack { mqtt5: true } => f.write_str(
-                " before CONNACK (a broker without MQTT 5, such as RabbitMQ before 3.13, does that: try -V 311)",
-            ),
+            CloseReason::BeforeConnack { mqtt5: true } => {
+                f.write_str(" before CONNACK (a broker without MQTT 5, such as RabbitMQ before 3.13, does that)")
+            }
             CloseReason::BeforeConnack { mqtt5: false } => f.write_str(" before CONNACK"),
             CloseReason::BeforeSuback => f.write_str(" before SUBACK"),
             CloseReason::Disconnect(reason) => write!(f, " with DISCONNECT ({reason})"),
             CloseReason::Qos2InFlight(how) => write!(
                 f,
-                "{how} with a QoS 2 message in flight and no PUBREC yet; if this repeats, the broker does not support QoS 2 (NATS does not): publish with -q 1"
+                "{how} with a QoS 2 message in flight and no PUBREC yet; if this repeats, the broker does not support QoS 2 (NATS does not): publish at QoS 1"
             ),
         }
     }

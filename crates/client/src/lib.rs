@@ -29,6 +29,7 @@ mod error;
 mod link;
 mod metrics;
 mod policy;
+mod reconnect;
 mod router;
 mod transport;
 
@@ -39,4 +40,4 @@ pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError,
 pub use policy::{Class, Policy, PolicyError};
 pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, PropertyError, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};
-pub use transport::{TlsConfig, Transport};
+pub use transport::{CertificateProblem, TlsConfig, Transport};

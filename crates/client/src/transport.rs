@@ -138,45 +138,36 @@ impl TlsConfig {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::Tls(format!("no TLS protocol version available: {e}")))?;
+            .map_err(|e| ConfigError::TlsProtocols(e.to_string()))?;
         let builder = if self.insecure {
             builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
         } else {
-            let roots = match &self.ca_file {
-                Some(path) => {
-                    let mut roots = rustls::RootCertStore::empty();
-                    for cert in read_certs(path, "CA file")? {
-                        roots.add(cert).map_err(|e| {
-                            ConfigError::Tls(format!("CA file {}: not a usable CA certificate: {e}", path.display()))
-                        })?;
-                    }
-                    Arc::new(roots)
-                }
-                None => platform_roots()?,
-            };
-            builder.with_root_certificates(roots)
+            builder.with_root_certificates(self.roots()?)
         };
         let mut config = match &self.client_cert {
             None => builder.with_no_client_auth(),
             Some((cert, key)) => {
-                let chain = read_certs(cert, "client certificate")?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    ConfigError::Tls(format!(
-                        "client key {}: {}; give the client certificate's private key as PEM",
-                        key.display(),
-                        pem_error(e)
-                    ))
-                })?;
-                builder.with_client_auth_cert(chain, key).map_err(|e| {
-                    ConfigError::Tls(format!(
-                        "client certificate {} with its key: {e}; the key must be the certificate's own",
-                        cert.display()
-                    ))
-                })?
+                let chain = read_certs(cert)
+                    .map_err(|problem| ConfigError::ClientCertificate { path: cert.clone(), problem })?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| ConfigError::ClientKey { path: key.clone(), problem: pem_error(e) })?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| ConfigError::KeyMismatch { cert: cert.clone(), reason: e.to_string() })?
             }
         };
         config.alpn_protocols = self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         Ok(Arc::new(config))
+    }
+
+    /// The CAs to trust: those of the CA file, or the platform's.
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, ConfigError> {
+        let Some(path) = &self.ca_file else { return platform_roots() };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in read_certs(path).map_err(|problem| ConfigError::CaFile { path: path.clone(), problem })? {
+            roots.add(cert).map_err(|e| ConfigError::CaCertificate { path: path.clone(), reason: e.to_string() })?;
+        }
+        Ok(Arc::new(roots))
     }
 }
 
@@ -188,14 +179,12 @@ fn pem_error(e: rustls::pki_types::pem::Error) -> String {
     }
 }
 
-fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let bad = |why: String| ConfigError::Tls(format!("{what} {}: {why}", path.display()));
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(pem_error(e)))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(pem_error(e)))?;
+/// The certificates of a PEM file; what is wrong with it, in words.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(pem_error)?.collect::<Result<Vec<_>, _>>().map_err(pem_error)?;
     if certs.is_empty() {
-        return Err(bad("no certificate (-----BEGIN CERTIFICATE-----) in it".into()));
+        return Err("no certificate (-----BEGIN CERTIFICATE-----) in it".into());
     }
     Ok(certs)
 }
@@ -212,15 +201,12 @@ fn platform_roots() -> Result<Arc<rustls::RootCertStore>, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
     let (_, _) = roots.add_parsable_certificates(found.certs);
     if roots.is_empty() {
-        let why = found.errors.first().map(|e| format!(" ({e})")).unwrap_or_default();
-        return Err(ConfigError::Tls(format!(
-            "no trusted CA certificates found on this system{why}; install the `ca-certificates` package or give the broker's CA with --cafile"
-        )));
+        return Err(ConfigError::NoTrustedRoots { reason: found.errors.first().map(|e| e.to_string()) });
     }
     Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
 }
 
-/// `--insecure`: accepts any certificate, still checks the handshake's
+/// [`TlsConfig::insecure`]: accepts any certificate, still checks the handshake's
 /// signatures so that the session keys belong to whoever sent it.
 #[derive(Debug)]
 struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
@@ -324,14 +310,18 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
     }
     let mut stream: Box<dyn Io> = Box::new(tcp);
     if url.transport.is_tls() {
-        let config =
-            tls.rustls().map_err(|e| ConnectError::Certificate { broker: broker.clone(), reason: e.to_string() })?;
+        let config = tls.rustls().map_err(|e| ConnectError::Certificate {
+            broker: broker.clone(),
+            reason: e.to_string(),
+            problem: None,
+        })?;
         if tls.insecure {
-            tracing::warn!(%broker, "TLS certificate verification is OFF (--insecure): anyone on the path can read and change this traffic");
+            tracing::warn!(%broker, "TLS certificate verification is OFF (the insecure setting): anyone on the path can read and change this traffic");
         }
         let name = ServerName::try_from(url.host.clone()).map_err(|_| ConnectError::Certificate {
             broker: broker.clone(),
             reason: format!("`{}` is not a valid TLS server name", url.host),
+            problem: None,
         })?;
         let tls =
             tokio_rustls::TlsConnector::from(config).connect(name, stream).await.map_err(|e| io_error(&broker, e))?;
@@ -351,30 +341,107 @@ pub(crate) fn io_error(broker: &str, e: io::Error) -> ConnectError {
     let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<R>()) else {
         return e.into();
     };
-    let hint = match tls {
-        R::InvalidCertificate(C::UnknownIssuer) => {
-            "the broker's certificate is not signed by a CA we trust; give its CA with --cafile".to_owned()
-        }
-        R::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
-            "the broker's certificate has expired; renew it on the broker (or check this machine's clock)".into()
-        }
-        R::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
-            "the broker's certificate is not valid yet; check this machine's clock".into()
-        }
-        R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
-            "the broker's certificate is not valid for this host name; use the name it was issued for in the URL".into()
-        }
-        R::InvalidCertificate(_) => "the broker's certificate was refused".into(),
-        R::AlertReceived(A::CertificateRequired) => {
-            "the broker requires a client certificate; give one with --cert and --key".into()
-        }
+    let problem = match tls {
+        R::InvalidCertificate(C::UnknownIssuer) => CertificateProblem::UnknownIssuer,
+        R::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => CertificateProblem::Expired,
+        R::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => CertificateProblem::NotValidYet,
+        R::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => CertificateProblem::WrongHost,
+        R::InvalidCertificate(_) => CertificateProblem::Refused,
+        R::AlertReceived(A::CertificateRequired) => CertificateProblem::ClientCertificateRequired,
         R::AlertReceived(A::BadCertificate | A::UnknownCA | A::CertificateUnknown | A::AccessDenied) => {
-            "the broker refused our client certificate (--cert): is it signed by a CA the broker trusts?".into()
+            CertificateProblem::ClientCertificateRefused
         }
-        R::AlertReceived(A::CertificateExpired) => "the broker says our client certificate (--cert) has expired".into(),
+        R::AlertReceived(A::CertificateExpired) => CertificateProblem::ClientCertificateExpired,
         _ => return std::io::Error::new(e.kind(), format!("TLS: {tls}")).into(),
     };
-    ConnectError::Certificate { broker: broker.to_owned(), reason: format!("{hint} (TLS: {tls})") }
+    // A front end adds its name for the setting after the problem's words.
+    ConnectError::Certificate {
+        broker: broker.to_owned(),
+        reason: format!("TLS: {tls}: {problem}"),
+        problem: Some(problem),
+    }
+}
+
+/// What a TLS handshake found wrong with a certificate, in words that
+/// describe it; [`CertificateProblem::setting`] names the fix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CertificateProblem {
+    /// The broker's certificate is not signed by a CA we trust.
+    UnknownIssuer,
+    /// The broker's certificate has expired.
+    Expired,
+    /// The broker's certificate is not valid yet.
+    NotValidYet,
+    /// The broker's certificate is not valid for the host name.
+    WrongHost,
+    /// The broker's certificate was refused for another reason.
+    Refused,
+    /// The broker requires a client certificate.
+    ClientCertificateRequired,
+    /// The broker refused our client certificate.
+    ClientCertificateRefused,
+    /// The broker says our client certificate has expired.
+    ClientCertificateExpired,
+}
+
+impl CertificateProblem {
+    #[cfg(test)]
+    const ALL: [CertificateProblem; 8] = [
+        CertificateProblem::UnknownIssuer,
+        CertificateProblem::Expired,
+        CertificateProblem::NotValidYet,
+        CertificateProblem::WrongHost,
+        CertificateProblem::Refused,
+        CertificateProblem::ClientCertificateRequired,
+        CertificateProblem::ClientCertificateRefused,
+        CertificateProblem::ClientCertificateExpired,
+    ];
+
+    /// The [`TlsConfig`] setting that fixes it, if one does: `"ca_file"`
+    /// or `"client_cert"`.
+    pub fn setting(self) -> Option<&'static str> {
+        match self {
+            CertificateProblem::UnknownIssuer => Some("ca_file"),
+            CertificateProblem::ClientCertificateRequired
+            | CertificateProblem::ClientCertificateRefused
+            | CertificateProblem::ClientCertificateExpired => Some("client_cert"),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CertificateProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CertificateProblem::UnknownIssuer => "the broker's certificate is not signed by a CA we trust",
+            CertificateProblem::Expired => {
+                "the broker's certificate has expired; renew it on the broker (or check this machine's clock)"
+            }
+            CertificateProblem::NotValidYet => "the broker's certificate is not valid yet; check this machine's clock",
+            CertificateProblem::WrongHost => {
+                "the broker's certificate is not valid for this host name; use the name it was issued for in the URL"
+            }
+            CertificateProblem::Refused => "the broker's certificate was refused",
+            CertificateProblem::ClientCertificateRequired => "the broker requires a client certificate",
+            CertificateProblem::ClientCertificateRefused => {
+                "the broker refused our client certificate; is it signed by a CA the broker trusts?"
+            }
+            CertificateProblem::ClientCertificateExpired => "the broker says our client certificate has expired",
+        })
+    }
+}
+
+impl ConnectError {
+    /// For a certificate refused in the TLS handshake, the [`TlsConfig`]
+    /// setting that would fix it: `"ca_file"` (the broker's certificate is
+    /// not signed by a CA we trust) or `"client_cert"` (the broker wants,
+    /// refused, or found expired our client certificate). A front end adds
+    /// its own name for the setting (the CLI: `--cafile`, `--cert`).
+    pub fn tls_setting(&self) -> Option<&'static str> {
+        let ConnectError::Certificate { problem, .. } = self else { return None };
+        problem.and_then(CertificateProblem::setting)
+    }
 }
 
 /// The WebSocket upgrade, asking for the `mqtt` subprotocol.
@@ -448,5 +515,31 @@ impl AsyncWrite for WsIo {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().ws).poll_close(cx).map_err(ws_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fix is read from the error's typed problem, never its words.
+    #[test]
+    fn a_certificate_error_names_the_setting_that_fixes_it() {
+        for p in CertificateProblem::ALL {
+            let e = ConnectError::Certificate {
+                broker: "mqtts://h:8883".into(),
+                reason: format!("TLS: x: {p}"),
+                problem: Some(p),
+            };
+            assert_eq!(e.tls_setting(), p.setting(), "{p:?}");
+        }
+        assert_eq!(CertificateProblem::UnknownIssuer.setting(), Some("ca_file"));
+        assert_eq!(CertificateProblem::ClientCertificateRequired.setting(), Some("client_cert"));
+        let other = ConnectError::Certificate {
+            broker: "mqtts://h:8883".into(),
+            reason: "not a valid name".into(),
+            problem: None,
+        };
+        assert_eq!(other.tls_setting(), None);
     }
 }

@@ -217,35 +217,159 @@ macro_rules! secrets {
     };
 }
 
+/// One route, every mistake recorded with its line; `None` when there was
+/// any. The tables are checked key by key first, then built, then checked
+/// as a whole.
 fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     let name = r.name.get_ref().clone();
     let before = errs.list.len();
     let (outbox_dir, inbox_dir) = route_dirs(dir, &name);
-    let s = r.source.get_ref();
-    let d = r.destination.get_ref();
-
-    // The source: a consumer with an inbox.
-    let source_urls = urls(&s.brokers, "source.brokers", errs);
-    let qos = match &s.qos {
-        Some(q) => parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok(),
-        None => Some(Qos::AtLeastOnce),
-    };
-    if s.topics.get_ref().is_empty() {
-        errs.at(s.topics.span(), "source.topics is empty; give at least one filter such as \"sensors/#\"");
+    let source = SourceKeys::check(r.source.get_ref(), errs);
+    let destination = DestinationKeys::check(r.destination.get_ref(), errs);
+    let (policy, outbox) = delivery(r, errs);
+    if errs.list.len() > before {
+        return None;
     }
-    for f in s.topics.get_ref() {
-        if let Err(e) = validate_topic_filter(f.get_ref()) {
-            errs.at(f.span(), format!("source topic filter `{}`: {e}", f.get_ref()));
+    let (source, destination) = (source?, destination?);
+    let qos = destination.qos;
+    let rewrite = destination.rewrite.clone();
+    let source_cfg = source.build(r, inbox_dir, errs);
+    let destination = destination.build(r, outbox_dir, policy, outbox, errs);
+    // What only the whole configuration can tell (a broker listed twice,
+    // an ack quorum over the set's size...).
+    if let Err(e) = source_cfg.check() {
+        errs.at(r.source.span(), format!("source: {e}"));
+    }
+    if let Err(e) = destination.check() {
+        errs.at(r.destination.span(), format!("destination: {e}"));
+    }
+    if errs.list.len() > before {
+        return None;
+    }
+    Some(Route { name, source: source_cfg, destination, rewrite, qos })
+}
+
+/// The source table's values, each checked: a consumer with an inbox.
+struct SourceKeys {
+    urls: Vec<BrokerUrl>,
+    qos: Qos,
+    version: ProtocolVersion,
+    backoff: BackoffConfig,
+    session_expiry: Option<Duration>,
+}
+
+impl SourceKeys {
+    /// Every key checked (each mistake recorded) before any is given up on.
+    fn check(s: &SourceSpec, errs: &mut Errors<'_>) -> Option<SourceKeys> {
+        let urls = urls(&s.brokers, "source.brokers", errs);
+        let qos = match &s.qos {
+            Some(q) => parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok(),
+            None => Some(Qos::AtLeastOnce),
+        };
+        if s.topics.get_ref().is_empty() {
+            errs.at(s.topics.span(), "source.topics is empty; give at least one filter such as \"sensors/#\"");
         }
+        for f in s.topics.get_ref() {
+            if let Err(e) = validate_topic_filter(f.get_ref()) {
+                errs.at(f.span(), format!("source topic filter `{}`: {e}", f.get_ref()));
+            }
+        }
+        if s.client_id.get_ref().is_empty() {
+            errs.at(s.client_id.span(), "source.client_id is empty; give the bridge a stable client id (its session)");
+        }
+        let version = version(&s.version, errs);
+        let backoff = backoff(&s.backoff, errs);
+        let session_expiry = duration(&s.session_expiry, "source.session_expiry", errs);
+        Some(SourceKeys { urls: urls?, qos: qos?, version: version?, backoff: backoff?, session_expiry })
     }
-    if s.client_id.get_ref().is_empty() {
-        errs.at(s.client_id.span(), "source.client_id is empty; give the bridge a stable client id (its session)");
-    }
-    let source_version = version(&s.version, errs);
-    let source_backoff = backoff(&s.backoff, errs);
-    let session_expiry = duration(&s.session_expiry, "source.session_expiry", errs);
 
-    // The destination: a publisher with an outbox.
+    /// The route's consumer, its inbox in `inbox_dir`; a credential or TLS
+    /// mistake is recorded.
+    fn build(self, r: &RouteSpec, inbox_dir: PathBuf, errs: &mut Errors<'_>) -> ConsumerConfig {
+        let s = r.source.get_ref();
+        let several = self.urls.len() > 1;
+        let mut client = ClientConfig::new(s.client_id.get_ref().clone(), self.urls[0].clone(), inbox_dir)
+            .brokers(BrokerSet::new(self.urls))
+            .version(self.version)
+            .clean_start(s.clean.unwrap_or(false))
+            .envelope(s.envelope.unwrap_or(false))
+            .backoff(self.backoff);
+        if let Some(e) = self.session_expiry {
+            client = client.session_expiry(e);
+        }
+        match secrets!(s).apply(client.clone()) {
+            Ok(c) => client = c,
+            Err(e) => errs.at(r.source.span(), format!("source: {e}")),
+        }
+        // With one source broker, a redelivery is recognised by its packet id
+        // (the outbox's `sources`), and an identity is kept upstream for the
+        // consumers' inboxes: the route's own inbox would only add a sync per
+        // batch. With several, it recognises the copies each broker sends.
+        let mut source = ConsumerConfig::new(client).inbox(several);
+        for f in s.topics.get_ref() {
+            source = source.topic(f.get_ref().clone(), self.qos);
+        }
+        source
+    }
+}
+
+/// The destination table's values, each checked: a publisher with an
+/// outbox.
+struct DestinationKeys {
+    set: BrokerSet,
+    qos: Option<Qos>,
+    version: ProtocolVersion,
+    backoff: BackoffConfig,
+    rewrite: Rewrite,
+}
+
+impl DestinationKeys {
+    /// Every key checked (each mistake recorded) before any is given up on.
+    fn check(d: &DestSpec, errs: &mut Errors<'_>) -> Option<DestinationKeys> {
+        let set = broker_set(d, errs);
+        if set.as_ref().is_some_and(|s| s.brokers().len() > 1 && s.routing() == steadfast::Mode::Balance) {
+            errs.at(
+                d.mode.as_ref().map_or(d.brokers.span(), |m| m.span()),
+                "destination.mode balance is not for a bridge (per-topic order across brokers); use failover or fanout",
+            );
+        }
+        let qos = d.qos.as_ref().and_then(|q| parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok());
+        let version = version(&d.version, errs);
+        let backoff = backoff(&d.backoff, errs);
+        let rewrite = rewrite(d, errs);
+        Some(DestinationKeys { set: set?, qos, version: version?, backoff: backoff?, rewrite })
+    }
+
+    /// The route's publisher, its outbox in `outbox_dir`; a credential or
+    /// TLS mistake is recorded.
+    fn build(
+        self,
+        r: &RouteSpec,
+        outbox_dir: PathBuf,
+        policy: Policy,
+        outbox: OutboxConfig,
+        errs: &mut Errors<'_>,
+    ) -> ClientConfig {
+        let (s, d) = (r.source.get_ref(), r.destination.get_ref());
+        let id = d.client_id.as_ref().map_or_else(|| format!("{}-out", s.client_id.get_ref()), |c| c.get_ref().clone());
+        let mut destination = ClientConfig::new(id, self.set.brokers()[0].clone(), outbox_dir)
+            .brokers(self.set)
+            .version(self.version)
+            .envelope(d.envelope.unwrap_or(false))
+            .backoff(self.backoff)
+            .policy(policy)
+            .outbox(outbox);
+        match secrets!(d).apply(destination.clone()) {
+            Ok(c) => destination = c,
+            Err(e) => errs.at(r.destination.span(), format!("destination: {e}")),
+        }
+        destination
+    }
+}
+
+/// The destination's broker set; a mistake is recorded on the key at
+/// fault, with its line.
+fn broker_set(d: &DestSpec, errs: &mut Errors<'_>) -> Option<BrokerSet> {
     let spec = SetSpec {
         brokers: d.brokers.get_ref().iter().map(|b| b.get_ref().clone()).collect(),
         mode: d.mode.as_ref().map(|m| m.get_ref().clone()),
@@ -256,34 +380,24 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         failback_after: duration(&d.failback_after, "destination.failback_after", errs),
         catch_up_for: duration(&d.catch_up_for, "destination.catch_up_for", errs),
     };
-    let set = match urls(&d.brokers, "destination.brokers", errs) {
-        None => None,
-        Some(_) => match spec.build("destination") {
-            Ok(set) => Some(set),
-            Err(e) => {
-                // Name the key at fault, with its line.
-                let span = match e.key {
-                    SetKey::Ack => d.ack.as_ref().map(|m| m.span()),
-                    SetKey::Mode => d.mode.as_ref().map(|m| m.span()),
-                    SetKey::Brokers => None,
-                };
-                errs.at(span.unwrap_or(d.brokers.span()), e);
-                None
-            }
-        },
-    };
-    if set.as_ref().is_some_and(|s| s.brokers().len() > 1 && s.routing() == steadfast::Mode::Balance) {
-        errs.at(
-            d.mode.as_ref().map_or(d.brokers.span(), |m| m.span()),
-            "destination.mode balance is not for a bridge (per-topic order across brokers); use failover or fanout",
-        );
+    urls(&d.brokers, "destination.brokers", errs)?;
+    match spec.build("destination") {
+        Ok(set) => Some(set),
+        Err(e) => {
+            let span = match e.key {
+                SetKey::Ack => d.ack.as_ref().map(|m| m.span()),
+                SetKey::Mode => d.mode.as_ref().map(|m| m.span()),
+                SetKey::Brokers => None,
+            };
+            errs.at(span.unwrap_or(d.brokers.span()), e);
+            None
+        }
     }
-    let dest_qos = d.qos.as_ref().and_then(|q| parse_qos(*q.get_ref()).map_err(|e| errs.at(q.span(), e)).ok());
-    let dest_version = version(&d.version, errs);
-    let dest_backoff = backoff(&d.backoff, errs);
-    let rewrite = rewrite(d, errs);
+}
 
-    // Delivery policy and bounds of what waits for the destination.
+/// The route's delivery policy and the bounds of what waits for the
+/// destination.
+fn delivery(r: &RouteSpec, errs: &mut Errors<'_>) -> (Policy, OutboxConfig) {
     let ttl = duration(&r.ttl, "ttl", errs);
     let class = match &r.class {
         Some(c) => Class::parse(c.get_ref(), ttl).map_err(|e| errs.at(c.span(), e)).ok(),
@@ -305,67 +419,14 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
         None => (None, None),
     };
     let max_age = duration(&r.max_age, "max_age", errs);
-    let overflow = overflow(&r.overflow, errs).unwrap_or_default();
-    let deadline_overflow = overflow_opt(&r.deadline_overflow, errs);
-
-    if errs.list.len() > before {
-        return None;
-    }
-    let source_urls = source_urls?;
-    let several = source_urls.len() > 1;
-    let set = set?;
-    let mut client = ClientConfig::new(s.client_id.get_ref().clone(), source_urls[0].clone(), inbox_dir)
-        .brokers(BrokerSet::new(source_urls))
-        .version(source_version?)
-        .clean_start(s.clean.unwrap_or(false))
-        .envelope(s.envelope.unwrap_or(false))
-        .backoff(source_backoff?);
-    if let Some(e) = session_expiry {
-        client = client.session_expiry(e);
-    }
-    match secrets!(s).apply(client.clone()) {
-        Ok(c) => client = c,
-        Err(e) => errs.at(r.source.span(), format!("source: {e}")),
-    }
-    // With one source broker, a redelivery is recognised by its packet id
-    // (the outbox's `sources`), and an identity is kept upstream for the
-    // consumers' inboxes: the route's own inbox would only add a sync per
-    // batch. With several, it recognises the copies each broker sends.
-    let mut source = ConsumerConfig::new(client).inbox(several);
-    for f in s.topics.get_ref() {
-        source = source.topic(f.get_ref().clone(), qos?);
-    }
-    let dest_id =
-        d.client_id.as_ref().map_or_else(|| format!("{}-out", s.client_id.get_ref()), |c| c.get_ref().clone());
-    let mut destination = ClientConfig::new(dest_id, set.brokers()[0].clone(), outbox_dir)
-        .brokers(set)
-        .version(dest_version?)
-        .envelope(d.envelope.unwrap_or(false))
-        .backoff(dest_backoff?)
-        .policy(policy)
-        .outbox(OutboxConfig {
-            max_messages,
-            max_bytes,
-            max_age_ms: max_age.map(|a| a.as_millis() as u64),
-            overflow,
-            deadline_overflow,
-        });
-    match secrets!(d).apply(destination.clone()) {
-        Ok(c) => destination = c,
-        Err(e) => errs.at(r.destination.span(), format!("destination: {e}")),
-    }
-    // What only the whole configuration can tell (a broker listed twice,
-    // an ack quorum over the set's size...).
-    if let Err(e) = source.check() {
-        errs.at(r.source.span(), format!("source: {e}"));
-    }
-    if let Err(e) = destination.check() {
-        errs.at(r.destination.span(), format!("destination: {e}"));
-    }
-    if errs.list.len() > before {
-        return None;
-    }
-    Some(Route { name, source, destination, rewrite, qos: dest_qos })
+    let outbox = OutboxConfig {
+        max_messages,
+        max_bytes,
+        max_age_ms: max_age.map(|a| a.as_millis() as u64),
+        overflow: overflow(&r.overflow, errs).unwrap_or_default(),
+        deadline_overflow: overflow_opt(&r.deadline_overflow, errs),
+    };
+    (policy, outbox)
 }
 
 /// The destination's topic rewriting; each bad rule recorded with its line.

@@ -88,17 +88,17 @@ impl ConsumerConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         self.client.validate()?;
         if self.topics.is_empty() {
-            return Err(ConfigError::Invalid("no topic to subscribe to; give at least one filter (-t)".into()));
+            return Err(ConfigError::NoTopic);
         }
         for (f, _) in &self.topics {
             steadfast_core::topic::validate_topic_filter(f)
-                .map_err(|e| ConfigError::Invalid(format!("topic filter `{f}`: {e}")))?;
+                .map_err(|error| ConfigError::TopicFilter { filter: f.clone(), error })?;
         }
         if self.inbox_max_bytes == Some(0) {
-            return Err(ConfigError::Invalid("an inbox of 0 bytes de-duplicates nothing; give a larger bound".into()));
+            return Err(ConfigError::ZeroInbox { unit: "bytes" });
         }
         if self.inbox_max_count == 0 {
-            return Err(ConfigError::Invalid("an inbox of 0 identities de-duplicates nothing; use 1 or more".into()));
+            return Err(ConfigError::ZeroInbox { unit: "identities" });
         }
         Ok(())
     }

@@ -6,16 +6,17 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::{Backoff, KeepAlive, KeepAliveAction, Qos};
+use steadfast_core::{KeepAlive, KeepAliveAction, Qos};
 use steadfast_store::Outbox;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch};
-use tokio::time::{sleep, sleep_until, Instant};
+use tokio::time::{sleep_until, Instant};
 
 use super::{send_queued, ConsumerConfig, DriverCmd, FromBroker};
 use crate::config::BrokerUrl;
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{open_session, Incoming, Link, Opened};
+use crate::reconnect::{self, Reconnect};
 use crate::transport::{send, ReadHalf, WriteHalf};
 use crate::Event;
 
@@ -64,37 +65,19 @@ impl Receiver {
     /// Connects, serves the session, and reconnects after the backoff
     /// until the consumer stops.
     pub(super) async fn run(mut self) {
-        let mut backoff = Backoff::new(self.cfg.client.backoff);
-        let mut rng = fastrand::Rng::new();
+        let mut reconnect = Reconnect::new(self.cfg.client.backoff, None, "consumer ");
         let mut epoch = 0u64;
-        loop {
-            if *self.stop.borrow() {
-                return;
-            }
+        while !*self.stop.borrow() {
             epoch += 1;
             let clean = self.cfg.client.clean_start && epoch == 1;
             let mut connected_at = None;
-            let r = self.session(epoch, clean, &mut connected_at).await;
-            let error = match r {
-                Ok(()) => return,
-                Err(e) => e,
-            };
-            if let Some(at) = connected_at {
-                backoff.link_lost_after(at.elapsed());
-            }
-            let delay = backoff.next_delay(&mut rng, tokio::time::Instant::now().into_std());
-            let broker = self.url.to_string();
+            // Ok: the consumer stops.
+            let Err(error) = self.session(epoch, clean, &mut connected_at).await else { return };
             if connected_at.is_some() {
-                tracing::warn!(%broker, error = %error, retry_in = ?delay, "consumer link lost; reconnecting");
-                let _ = self.events.send(Event::Disconnected { broker, error, retry_in: delay });
-            } else {
-                tracing::debug!(%broker, error = %error, retry_in = ?delay, "consumer cannot connect; will retry");
-                let _ = self.events.send(Event::ConnectFailed { broker, error, retry_in: delay });
+                reconnect.connected();
             }
-            tokio::select! {
-                _ = sleep(delay) => {}
-                _ = self.stop.changed() => {}
-            }
+            let delay = reconnect.after(&self.url.to_string(), error, connected_at, &self.events);
+            reconnect::wait(delay, &mut self.stop).await;
         }
     }
 

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use steadfast_core::engine::quorum_met;
 use steadfast_core::DropReason;
 
 use super::replies::Batch;
@@ -57,7 +58,7 @@ impl Writer {
             return Ok(());
         }
         let (mask, need, _) = self.rule(e.route.as_deref());
-        if (e.acks & mask).count_ones() >= need {
+        if quorum_met(e.acks, mask, need) {
             self.finish(id, &e, Delivery::Delivered, b)?;
         }
         Ok(())

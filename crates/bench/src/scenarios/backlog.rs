@@ -1,0 +1,162 @@
+//! `backlog` (`restart` and `drain`): a backlog queued with no broker,
+//! then a restart on it with the broker up, against bare rumqttc live.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use steadfast::{BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
+use steadfast_lab::Broker;
+
+use crate::clients::{bare_rumqttc_v5, enqueue_all, Timed};
+use crate::measure::{bounded, broker, mib, rate, rss, state_dir, url, RssPeak};
+use crate::{Args, BenchError, Row, Scenario};
+
+pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
+    if a.messages == 100_000 {
+        a.messages = 1_000_000;
+    }
+    let broker = broker(0).await?;
+    let dir = state_dir(&a)?;
+    let before = rss();
+    let fill = Fill::queue(&a, dir.path()).await?;
+    let drain = Drain::restart(&a, dir.path(), &broker).await?;
+    // The baseline does the same work from memory: the same messages (count,
+    // payload, topics), MQTT 5, the same window, the same broker, timed by
+    // the same rule (first acknowledgement to last).
+    eprintln!("backlog: bare rumqttc, MQTT 5, {} messages live", a.messages);
+    let bare = bare_rumqttc_v5(broker.port(), &a, "backlog", a.inflight, backlog_topic).await?;
+    Ok(scenario(&a, before, &fill, &drain, bare))
+}
+
+/// The backlog's client, on the outbox in `dir`, to `broker`.
+fn config(a: &Args, dir: &Path, broker: BrokerUrl) -> ClientConfig {
+    ClientConfig::new("bench-backlog", broker, dir).version(ProtocolVersion::V5).max_inflight(a.inflight)
+}
+
+/// Queueing the backlog while no broker is reachable.
+struct Fill {
+    /// Until every message was accepted (on disk).
+    took: Duration,
+    /// Peak RSS meanwhile, bytes.
+    peak: u64,
+}
+
+impl Fill {
+    async fn queue(a: &Args, dir: &Path) -> Result<Fill, BenchError> {
+        let n = a.messages;
+        // The broker address leads nowhere.
+        let nowhere = url(steadfast_lab::free_port()?);
+        let fill = RssPeak::start();
+        let t0 = Instant::now();
+        let (client, _) = Client::open(config(a, dir, nowhere)).await?;
+        let payload = vec![b'q'; a.payload];
+        let message = |i| Message::new(backlog_topic(i), payload.clone());
+        let queued = bounded("backlog: queueing", n, enqueue_all(&client, n, message)).await;
+        let took = t0.elapsed();
+        let peak = fill.stop();
+        client.close().await;
+        queued?;
+        eprintln!("backlog: queued {n} in {:.1} s ({:.0} msg/s accepted)", took.as_secs_f64(), rate(n, took));
+        Ok(Fill { took, peak })
+    }
+}
+
+/// The restart on the backlog with the broker up, and the drain: each
+/// time from the start of `Client::open`.
+struct Drain {
+    /// Until the outbox was open.
+    opened: Duration,
+    /// Until the first acknowledgement (the queue shrank).
+    to_first: Duration,
+    /// Until the outbox was empty.
+    drained: Duration,
+    /// Peak RSS meanwhile, bytes.
+    peak: u64,
+}
+
+impl Drain {
+    async fn restart(a: &Args, dir: &Path, broker: &Broker) -> Result<Drain, BenchError> {
+        let n = a.messages;
+        let drain = RssPeak::start();
+        let t0 = Instant::now();
+        let (client, _) = Client::open(config(a, dir, url(broker.port()))).await?;
+        let opened = t0.elapsed();
+        let mut state = client.outbox_state();
+        let drained = bounded("backlog: draining", n, async {
+            state.wait_for(|s| s.totals.count < n as u64).await.map_err(|_| BenchError::Ended("the client"))?;
+            let to_first = t0.elapsed();
+            state.wait_for(|s| s.totals.count == 0).await.map_err(|_| BenchError::Ended("the client"))?;
+            Ok((to_first, t0.elapsed()))
+        })
+        .await;
+        let peak = drain.stop();
+        client.close().await;
+        let (to_first, drained) = drained?;
+        Ok(Drain { opened, to_first, drained, peak })
+    }
+}
+
+/// The rows: the restart's times, the fill's and the drain's rates, the
+/// baseline's; `before`: the RSS before the backlog was queued.
+fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, bare: Timed) -> Scenario {
+    let n = a.messages;
+    let bare_rate = rate(n, bare.from_first_ack);
+    let drain_rate = rate(n, drain.drained - drain.to_first);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    Scenario {
+        name: "restart+drain",
+        title: format!(
+            "{n} QoS 1 messages of {} bytes queued with no broker reachable, then a restart on that outbox with the broker up (restart and drain), MQTT 5, in-flight window {}",
+            a.payload, a.inflight
+        ),
+        ratio_to: "drain: bare rumqttc (MQTT 5) publishing the same messages live to the same broker, same run, both timed from the first acknowledgement to the last".into(),
+        rows: vec![
+            Row {
+                name: "restart: open the outbox".into(),
+                value: Some((ms(drain.opened), "ms")),
+                rss_mib: Some(mib(before)),
+                ..Row::default()
+            },
+            Row {
+                name: "restart: open to the first acknowledgement (target <= 1 s)".into(),
+                value: Some((ms(drain.to_first), "ms")),
+                ..Row::default()
+            },
+            Row {
+                name: "restart: open to the outbox empty".into(),
+                value: Some((ms(drain.drained), "ms")),
+                ..Row::default()
+            },
+            Row {
+                name: "queue the backlog (accepted, peak RSS)".into(),
+                rate: Some(rate(n, fill.took)),
+                rss_mib: Some(mib(fill.peak)),
+                ..Row::default()
+            },
+            Row {
+                name: format!("bare rumqttc, MQTT 5, {n} live, first to last ack"),
+                rate: Some(bare_rate),
+                baseline: true,
+                window: Some(a.inflight),
+                ..Row::default()
+            },
+            Row {
+                name: "drain: first to last acknowledgement (peak RSS)".into(),
+                rate: Some(drain_rate),
+                rss_mib: Some(mib(drain.peak)),
+                ratio: Some(drain_rate / bare_rate),
+                window: Some(a.inflight),
+                ..Row::default()
+            },
+        ],
+        latencies: vec![],
+        notes: vec![format!(
+            "bare rumqttc including its connect (first publish call to last ack): {:.0} msg/s; the drain's first acknowledgement is seen when the outbox's count first drops (after that removal's commit)",
+            rate(n, bare.total)
+        )],
+    }
+}
+
+pub(crate) fn backlog_topic(i: usize) -> String {
+    format!("bench/backlog/{}", i % 16)
+}

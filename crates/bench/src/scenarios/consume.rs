@@ -1,0 +1,78 @@
+//! `consume`: a queued backlog drained by a consumer with and without
+//! its durable inbox.
+
+use std::time::{Duration, Instant};
+
+use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
+
+use crate::clients::enqueue_all;
+use crate::measure::{bounded, broker, median, rate, state_dir, url, versus, RssPeak};
+use crate::{Args, BenchError, Scenario};
+
+/// Queues `a.messages` for consumer `id` (registered first), then times
+/// how long the consumer takes to handle them all.
+pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> Result<Duration, BenchError> {
+    let dir = state_dir(a)?;
+    let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
+    let cfg = ConsumerConfig::new(client).topic(format!("bench/consume/{id}"), Qos::AtLeastOnce).inbox(inbox);
+    Consumer::register(&cfg).await?;
+    let pcfg =
+        ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox")).max_inflight(a.inflight);
+    let (producer, _) = Client::open(pcfg).await?;
+    let payload = vec![b'c'; a.payload];
+    let queued = bounded("consume: queueing", a.messages, async {
+        enqueue_all(&producer, a.messages, |_| Message::new(format!("bench/consume/{id}"), payload.clone())).await?;
+        producer.wait_idle().await;
+        Ok(())
+    })
+    .await;
+    producer.close().await;
+    queued?;
+    let t0 = Instant::now();
+    let (consumer, _) = Consumer::open(cfg).await?;
+    for _ in 0..a.messages {
+        let limit = Duration::from_secs(30);
+        let next = tokio::time::timeout(limit, consumer.next())
+            .await
+            .map_err(|_| BenchError::TimedOut { what: "consume: the next message".into(), limit })?;
+        let d = next.ok_or(BenchError::Ended("the consumer"))?;
+        d.ack();
+    }
+    let elapsed = t0.elapsed();
+    consumer.close().await;
+    Ok(elapsed)
+}
+
+pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
+    // The test kit's broker queues without limit for an absent session; its
+    // in-flight window to the consumer is the consumer's receive maximum
+    // (Mosquitto's own default of 20 would cap both runs alike).
+    let broker = broker(0).await?;
+    let title = format!(
+        "{} QoS 1 messages of {} bytes queued for a consumer, drained with and without the inbox, receive maximum (window) {}, {} runs, median",
+        a.messages, a.payload, a.inflight, a.runs
+    );
+    let (mut with, mut without, mut rss_with, mut rss_without) = (vec![], vec![], 0, 0);
+    for run in 0..a.runs {
+        eprintln!("consume: run {}/{}", run + 1, a.runs);
+        let peak = RssPeak::start();
+        without.push(rate(a.messages, consume_once(broker.port(), &a, &format!("plain-{run}"), false).await?));
+        rss_without = rss_without.max(peak.stop());
+        let peak = RssPeak::start();
+        with.push(rate(a.messages, consume_once(broker.port(), &a, &format!("inbox-{run}"), true).await?));
+        rss_with = rss_with.max(peak.stop());
+    }
+    let (with, without) = (median(with), median(without));
+    Ok(Scenario {
+        name: "consume",
+        title,
+        ratio_to: "the consumer without an inbox, same run".into(),
+        rows: versus(
+            a.inflight,
+            ("steadfast consumer without inbox (no de-duplication)", without, Some(rss_without)),
+            ("steadfast consumer with the durable inbox", with, Some(rss_with)),
+        ),
+        latencies: vec![],
+        notes: vec![],
+    })
+}

@@ -1,0 +1,297 @@
+//! `publish`: every client at the common in-flight window and at its
+//! best window, against bare rumqttc of the same MQTT version; then the
+//! paced latency runs.
+
+use std::time::Duration;
+
+use steadfast::ProtocolVersion;
+
+use crate::clients::{
+    bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable,
+};
+use crate::measure::{bounded, broker, median, mib, rate, RssPeak};
+use crate::{percentile, Args, BenchError, Row, Scenario};
+
+/// The clients of the `publish` scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Publisher {
+    Rumqttc311,
+    Rumqttc5,
+    MosquittoPub,
+    Steadfast311,
+    Steadfast5,
+}
+
+impl Publisher {
+    const ALL: [Publisher; 5] = [
+        Publisher::Rumqttc311,
+        Publisher::Rumqttc5,
+        Publisher::MosquittoPub,
+        Publisher::Steadfast311,
+        Publisher::Steadfast5,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Publisher::Rumqttc311 => "bare rumqttc 0.25, MQTT 3.1.1 (no durability)",
+            Publisher::Rumqttc5 => "bare rumqttc 0.25, MQTT 5 (no durability)",
+            Publisher::MosquittoPub => "mosquitto_pub -l -q 1, MQTT 3.1.1 (no durability, x rumqttc 3.1.1)",
+            Publisher::Steadfast311 => "steadfast, durable outbox, MQTT 3.1.1 (x rumqttc 3.1.1)",
+            Publisher::Steadfast5 => "steadfast, durable outbox, MQTT 5 (x rumqttc 5)",
+        }
+    }
+
+    /// The same, for the "best window" rows.
+    fn short(self) -> &'static str {
+        match self {
+            Publisher::Rumqttc311 => "bare rumqttc 0.25, MQTT 3.1.1",
+            Publisher::Rumqttc5 => "bare rumqttc 0.25, MQTT 5",
+            Publisher::MosquittoPub => "mosquitto_pub -l -q 1, MQTT 3.1.1",
+            Publisher::Steadfast311 => "steadfast, durable outbox, MQTT 3.1.1",
+            Publisher::Steadfast5 => "steadfast, durable outbox, MQTT 5",
+        }
+    }
+
+    /// Its place in [`Publisher::ALL`].
+    fn index(self) -> usize {
+        Publisher::ALL.iter().position(|q| *q == self).expect("every client is in ALL")
+    }
+
+    /// The baseline of its ratio: bare rumqttc with the same MQTT version.
+    fn baseline(self) -> Publisher {
+        match self {
+            Publisher::Rumqttc5 | Publisher::Steadfast5 => Publisher::Rumqttc5,
+            _ => Publisher::Rumqttc311,
+        }
+    }
+
+    /// One run of `a.messages` with in-flight window `window`.
+    async fn run(self, port: u16, a: &Args, run: usize, window: u16) -> Result<Duration, BenchError> {
+        let id = format!("{run}-w{window}");
+        Ok(match self {
+            Publisher::Rumqttc311 => bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?.total,
+            Publisher::Rumqttc5 => bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?.total,
+            Publisher::MosquittoPub => mosquitto_pub(port, a, window)?,
+            Publisher::Steadfast311 => steadfast_durable(port, a, &id, ProtocolVersion::V311, window).await?,
+            Publisher::Steadfast5 => steadfast_durable(port, a, &id, ProtocolVersion::V5, window).await?,
+        })
+    }
+}
+
+/// The windows `publish` measures every client at: `--windows` and
+/// `--inflight`, ascending.
+pub(crate) fn sweep(a: &Args) -> Vec<u16> {
+    let mut w: Vec<u16> = a.windows.iter().copied().chain([a.inflight]).filter(|w| *w > 0).collect();
+    w.sort_unstable();
+    w.dedup();
+    w
+}
+
+/// The window with the highest rate, and that rate.
+pub(crate) fn best(by_window: &[(u16, f64)]) -> (u16, f64) {
+    by_window.iter().copied().max_by(|x, y| x.1.total_cmp(&y.1)).expect("at least one window")
+}
+
+pub(crate) async fn publish(a: Args) -> Result<Scenario, BenchError> {
+    let broker = broker(0).await?;
+    let port = broker.port();
+    let rates = WindowRates::measure(port, &a, sweep(&a)).await?;
+    eprintln!("publish: latency runs");
+    let mut latency = Latencies::measure(port, &a).await?;
+    let mut rows = rates.rows(&a);
+    rows.extend(latency.rows(&a));
+    Ok(Scenario {
+        name: "publish",
+        title: title(&a, &rates.windows),
+        ratio_to:
+            "rates: bare rumqttc with the same MQTT version and window, same run; latency: p50 over rumqttc's p50"
+                .into(),
+        rows,
+        latencies: vec![
+            ("steadfast, durable, MQTT 5".into(), latency.steadfast),
+            ("bare rumqttc, MQTT 5".into(), latency.rumqttc),
+        ],
+        notes: rates.notes(),
+    })
+}
+
+/// Messages of the paced latency runs.
+fn latency_messages(a: &Args) -> usize {
+    a.messages.min(20_000)
+}
+
+fn title(a: &Args, windows: &[u16]) -> String {
+    let list = windows.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    format!(
+        "{} QoS 1 messages of {} bytes to Mosquitto (no receive maximum announced), in-flight window {} for every client, and each client at its best of {list}; {} runs, median rate; latency: {} messages paced at {} msg/s, enqueue to acknowledgement",
+        a.messages,
+        a.payload,
+        a.inflight,
+        a.runs,
+        latency_messages(a),
+        a.rate
+    )
+}
+
+/// Every client's median rate at every window of the sweep, and its peak
+/// RSS at the common window (`a.inflight`).
+struct WindowRates {
+    windows: Vec<u16>,
+    /// By client (in `Publisher::ALL` order): (window, median msg/s).
+    medians: Vec<Vec<(u16, f64)>>,
+    /// By client: peak RSS, bytes.
+    rss: [u64; Publisher::ALL.len()],
+}
+
+impl WindowRates {
+    /// Runs every client at every window, `a.runs` times: every window and
+    /// client in each run, so a busy spell of the machine spreads over all
+    /// of them.
+    async fn measure(port: u16, a: &Args, windows: Vec<u16>) -> Result<WindowRates, BenchError> {
+        // rates[client][window] over the runs.
+        let mut rates = vec![vec![Vec::new(); windows.len()]; Publisher::ALL.len()];
+        let mut rss = [0u64; Publisher::ALL.len()];
+        for run in 0..a.runs {
+            for (wi, &w) in windows.iter().enumerate() {
+                eprintln!("publish: run {}/{}, window {w}", run + 1, a.runs);
+                for (ci, p) in Publisher::ALL.iter().enumerate() {
+                    let peak = RssPeak::start();
+                    let took = p.run(port, a, run, w).await;
+                    let peak = peak.stop();
+                    rates[ci][wi].push(rate(a.messages, took?));
+                    if w == a.inflight {
+                        rss[ci] = rss[ci].max(peak);
+                    }
+                }
+            }
+        }
+        let medians =
+            rates.into_iter().map(|by_w| windows.iter().copied().zip(by_w.into_iter().map(median)).collect()).collect();
+        Ok(WindowRates { windows, medians, rss })
+    }
+
+    fn of(&self, p: Publisher) -> &[(u16, f64)] {
+        &self.medians[p.index()]
+    }
+
+    /// The median rate of `p` at window `w`.
+    fn at(&self, p: Publisher, w: u16) -> f64 {
+        self.of(p).iter().find(|(x, _)| *x == w).expect("measured").1
+    }
+
+    /// A row per client at the common window, then (with several windows)
+    /// a row per client at its best window.
+    fn rows(&self, a: &Args) -> Vec<Row> {
+        let common = Publisher::ALL.iter().map(|&p| Row {
+            name: p.name().into(),
+            rate: Some(self.at(p, a.inflight)),
+            rss_mib: (p != Publisher::MosquittoPub).then(|| mib(self.rss[p.index()])),
+            ratio: Some(self.at(p, a.inflight) / self.at(p.baseline(), a.inflight)),
+            baseline: p == p.baseline(),
+            window: Some(a.inflight),
+            ..Row::default()
+        });
+        let mut rows: Vec<Row> = common.collect();
+        if self.windows.len() > 1 {
+            rows.extend(Publisher::ALL.iter().map(|&p| {
+                let (w, r) = best(self.of(p));
+                Row {
+                    name: format!("best window: {}", p.short()),
+                    rate: Some(r),
+                    ratio: Some(r / best(self.of(p.baseline())).1),
+                    baseline: p == p.baseline(),
+                    window: Some(w),
+                    ..Row::default()
+                }
+            }));
+        }
+        rows
+    }
+
+    /// How the rates were taken, and every client's rate by window.
+    fn notes(&self) -> Vec<String> {
+        let mut notes = vec![
+            "rates: rumqttc from its first publish call (connect included) to its last PUBACK; steadfast from its first enqueue to an empty outbox (every message synced to disk before it is sent); mosquitto_pub the whole process".to_owned(),
+            "\"best window\" rows: each client at the window that gave it the highest median; ratio: best over the best of rumqttc with the same MQTT version".into(),
+        ];
+        for (p, by_w) in Publisher::ALL.iter().zip(&self.medians) {
+            let each = by_w.iter().map(|(w, r)| format!("{w}: {r:.0}")).collect::<Vec<_>>().join(", ");
+            notes.push(format!("msg/s by window, {}: {each}", p.short()));
+        }
+        notes
+    }
+}
+
+/// The paced latency runs, milliseconds per message.
+struct Latencies {
+    steadfast: Vec<f64>,
+    rumqttc: Vec<f64>,
+}
+
+impl Latencies {
+    async fn measure(port: u16, a: &Args) -> Result<Latencies, BenchError> {
+        let n = latency_messages(a);
+        let steadfast = bounded("latency: steadfast", n, latency_steadfast(port, a, n)).await?;
+        let rumqttc = bounded("latency: rumqttc", n, latency_rumqttc_v5(port, a, n)).await?;
+        Ok(Latencies { steadfast, rumqttc })
+    }
+
+    /// rumqttc's row (the baseline), then steadfast's.
+    fn rows(&mut self, a: &Args) -> [Row; 2] {
+        let (p50, p99) = (percentile(&mut self.steadfast, 50.0), percentile(&mut self.steadfast, 99.0));
+        [
+            Row {
+                name: format!("latency: bare rumqttc, MQTT 5, {} msg/s", a.rate),
+                p50_ms: percentile(&mut self.rumqttc, 50.0),
+                p99_ms: percentile(&mut self.rumqttc, 99.0),
+                baseline: true,
+                window: Some(a.inflight),
+                ..Row::default()
+            },
+            Row {
+                name: format!("latency: steadfast, durable (disk sync included), MQTT 5, {} msg/s", a.rate),
+                p50_ms: p50,
+                p99_ms: p99,
+                ratio: p50.zip(percentile(&mut self.rumqttc, 50.0)).map(|(s, r)| s / r),
+                window: Some(a.inflight),
+                ..Row::default()
+            },
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_always_holds_the_common_window_once() {
+        let a = Args { inflight: 300, windows: vec![4096, 64, 256, 64, 0], ..Args::default() };
+        assert_eq!(sweep(&a), [64, 256, 300, 4096]);
+        let a = Args { inflight: 256, windows: vec![], ..Args::default() };
+        assert_eq!(sweep(&a), [256]);
+        assert_eq!(sweep(&Args::default()), [64, 256, 1024, 4096]);
+    }
+
+    #[test]
+    fn the_best_window_is_the_fastest() {
+        assert_eq!(best(&[(64, 10.0), (256, 30.0), (1024, 20.0)]), (256, 30.0));
+        assert_eq!(best(&[(64, 10.0)]), (64, 10.0));
+    }
+
+    #[test]
+    fn every_client_is_compared_with_rumqttc_of_its_own_mqtt_version() {
+        use Publisher::*;
+        let pairs: Vec<_> = Publisher::ALL.iter().map(|p| (*p, p.baseline())).collect();
+        assert_eq!(
+            pairs,
+            [
+                (Rumqttc311, Rumqttc311),
+                (Rumqttc5, Rumqttc5),
+                (MosquittoPub, Rumqttc311),
+                (Steadfast311, Rumqttc311),
+                (Steadfast5, Rumqttc5)
+            ]
+        );
+    }
+}

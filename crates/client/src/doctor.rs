@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use steadfast_core::engine::Ack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -191,8 +192,8 @@ impl Doc {
             publ.publish(&topic, b"qos2", Qos::ExactlyOnce, false, Some(1))?;
             let rec = publ
                 .wait(STEP, |i| match i {
-                    Incoming::PubRec { pid: 1, .. } => Some(true),
-                    Incoming::PubAck { pid: 1, ok: true } => Some(false),
+                    Incoming::Ack(Ack::PubRec { pid: 1, .. }) => Some(true),
+                    Incoming::Ack(Ack::PubAck { pid: 1, ok: true }) => Some(false),
                     _ => None,
                 })
                 .await?;
@@ -210,7 +211,7 @@ impl Doc {
                 }
             }
             publ.link.pubrel(1)?;
-            let comp = publ.wait(STEP, |i| matches!(i, Incoming::PubComp { pid: 1 }).then_some(())).await?;
+            let comp = publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubComp { pid: 1 })).then_some(())).await?;
             let got = sub.wait(STEP, |i| match i {
                 Incoming::Publish(m) if m.topic == topic => Some(m.qos),
                 _ => None,
@@ -246,7 +247,7 @@ impl Doc {
             let topic = self.topic("retained");
             let mut publ = self.open("ret-pub", true).await?;
             publ.publish(&topic, b"retained", Qos::AtLeastOnce, true, Some(1))?;
-            publ.wait(STEP, |i| matches!(i, Incoming::PubAck { pid: 1, .. }).then_some(())).await?;
+            publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 1, .. })).then_some(())).await?;
             let mut sub = self.open("ret-sub", true).await?;
             sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
             let got = sub
@@ -257,7 +258,7 @@ impl Doc {
                 .await?;
             // Clear it: an empty retained message removes it.
             publ.publish(&topic, b"", Qos::AtLeastOnce, true, Some(2))?;
-            publ.wait(STEP, |i| matches!(i, Incoming::PubAck { pid: 2, .. }).then_some(())).await?;
+            publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 2, .. })).then_some(())).await?;
             sub.close().await;
             publ.close().await;
             Ok::<_, ConnectError>(match got {
@@ -293,7 +294,8 @@ impl Doc {
             sub.close().await;
             let mut publ = self.open(&format!("{key}-pub"), true).await?;
             publ.publish(&topic, b"queued while away", Qos::AtLeastOnce, false, Some(1))?;
-            let acked = publ.wait(STEP, |i| matches!(i, Incoming::PubAck { pid: 1, .. }).then_some(())).await?;
+            let acked =
+                publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 1, .. })).then_some(())).await?;
             if acked.is_none() {
                 return Ok(Check { key, ok: None, detail: "the broker did not acknowledge the test message".into() });
             }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::engine::{
-    Ack, Bound, ConnAckInfo, Connected, Downgrade, End, Now, PublishSession, SessionConfig, SessionEvent, StoreOp, Wire,
+    Bound, ConnAckInfo, Connected, Downgrade, End, Now, PublishSession, SessionConfig, SessionEvent, StoreOp, Wire,
 };
 use steadfast_core::{DropReason, Qos};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage};
@@ -461,9 +461,7 @@ impl Driver {
         let mut end = None;
         for inc in incoming {
             match inc {
-                Incoming::PubAck { pid, ok } => acks.push(Ack::PubAck { pid, ok }),
-                Incoming::PubRec { pid, ok } => acks.push(Ack::PubRec { pid, ok }),
-                Incoming::PubComp { pid } => acks.push(Ack::PubComp { pid }),
+                Incoming::Ack(ack) => acks.push(ack),
                 Incoming::Disconnect { reason } => {
                     end = Some(ConnectError::Closed(CloseReason::Disconnect(reason)));
                     break;

@@ -8,6 +8,7 @@ use mqtt_protocol_core::mqtt::connection::{PacketBuildResult, PacketBuilder, Raw
 use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, Property};
 use mqtt_protocol_core::mqtt::prelude::*;
 use mqtt_protocol_core::mqtt::result_code::MqttError;
+use steadfast_core::engine::Ack;
 use steadfast_core::{Identity, Qos};
 use steadfast_store::StoredMessage;
 
@@ -29,17 +30,8 @@ pub(crate) struct Link {
 #[derive(Debug)]
 pub(crate) enum Incoming {
     ConnAck(ConnAck),
-    PubAck {
-        pid: u16,
-        ok: bool,
-    },
-    PubRec {
-        pid: u16,
-        ok: bool,
-    },
-    PubComp {
-        pid: u16,
-    },
+    /// PUBACK, PUBREC or PUBCOMP: what the publishing engine takes.
+    Ack(Ack),
     Publish(Inbound),
     PubRel {
         pid: u16,
@@ -395,16 +387,16 @@ impl Link {
             }
             4 if v5 => {
                 let a = parse(raw, "PUBACK", v5_0::Puback::parse)?;
-                Incoming::PubAck { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) }
+                Incoming::Ack(Ack::PubAck { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) })
             }
-            4 => Incoming::PubAck { pid: parse(raw, "PUBACK", v3_1_1::Puback::parse)?.packet_id(), ok: true },
+            4 => Incoming::Ack(Ack::PubAck { pid: parse(raw, "PUBACK", v3_1_1::Puback::parse)?.packet_id(), ok: true }),
             5 if v5 => {
                 let a = parse(raw, "PUBREC", v5_0::Pubrec::parse)?;
-                Incoming::PubRec { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) }
+                Incoming::Ack(Ack::PubRec { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) })
             }
-            5 => Incoming::PubRec { pid: parse(raw, "PUBREC", v3_1_1::Pubrec::parse)?.packet_id(), ok: true },
-            7 if v5 => Incoming::PubComp { pid: parse(raw, "PUBCOMP", v5_0::Pubcomp::parse)?.packet_id() },
-            7 => Incoming::PubComp { pid: parse(raw, "PUBCOMP", v3_1_1::Pubcomp::parse)?.packet_id() },
+            5 => Incoming::Ack(Ack::PubRec { pid: parse(raw, "PUBREC", v3_1_1::Pubrec::parse)?.packet_id(), ok: true }),
+            7 if v5 => Incoming::Ack(Ack::PubComp { pid: parse(raw, "PUBCOMP", v5_0::Pubcomp::parse)?.packet_id() }),
+            7 => Incoming::Ack(Ack::PubComp { pid: parse(raw, "PUBCOMP", v3_1_1::Pubcomp::parse)?.packet_id() }),
             13 => Incoming::PingResp,
             14 if v5 => {
                 let d = parse(raw, "DISCONNECT", v5_0::Disconnect::parse)?;

@@ -198,11 +198,7 @@ impl Receiver {
             Incoming::Disconnect { reason } => return Err(ConnectError::Closed(CloseReason::Disconnect(reason))),
             Incoming::Broken(e) => return Err(e),
             Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
-            Incoming::PubAck { .. }
-            | Incoming::PubRec { .. }
-            | Incoming::PubComp { .. }
-            | Incoming::PingResp
-            | Incoming::Other => {}
+            Incoming::Ack(_) | Incoming::PingResp | Incoming::Other => {}
         }
         Ok(())
     }

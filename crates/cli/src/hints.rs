@@ -71,6 +71,7 @@ impl FlagHint for ConnectError {
             ConnectError::Refused { refusal: Refusal::ClientId, .. } => "; choose another with -i",
             ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }) => "; try -V 311",
             ConnectError::Closed(CloseReason::Qos2InFlight(_)) => " (-q 1)",
+            ConnectError::IncomingTooLarge { .. } => "; raise it with --max-packet",
             e => match e.tls_setting() {
                 Some("ca_file") => "; give its CA with --cafile",
                 Some("client_cert") => " (--cert and --key)",

@@ -12,10 +12,17 @@ use crate::Failure;
 
 impl From<LabError> for Failure {
     fn from(e: LabError) -> Failure {
+        let hint = match &e {
+            LabError::NoEmbeddedBroker => " (--brokers mosquitto)",
+            LabError::NoMosquitto => " (--brokers embedded)",
+            LabError::UnknownBrokers(_) => " (--brokers)",
+            _ => "",
+        };
+        let shown = anyhow!("{e}{hint}");
         if e.is_usage() {
-            Failure::usage(e)
+            Failure::usage(shown)
         } else {
-            Failure::other(e)
+            Failure::other(shown)
         }
     }
 }

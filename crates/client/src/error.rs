@@ -380,6 +380,12 @@ pub enum ConnectError {
     /// The broker broke the protocol.
     #[error("{0}")]
     Protocol(String),
+    /// The broker sent a packet over the maximum packet size we announced.
+    #[error("the broker sent a packet over our maximum packet size of {max} bytes (ClientConfig::max_packet_size)")]
+    IncomingTooLarge {
+        /// Our maximum packet size.
+        max: u32,
+    },
 }
 
 /// How a broker ended a connection, as far as we can tell.

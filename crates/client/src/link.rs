@@ -319,10 +319,8 @@ impl Link {
                 },
                 PacketBuildResult::Incomplete => {}
                 PacketBuildResult::Error(MqttError::PacketTooLarge) => {
-                    incoming.push(Incoming::Broken(ConnectError::Protocol(format!(
-                        "the broker sent a packet over our maximum packet size of {} bytes (ClientConfig::max_packet_size; CLI --max-packet)",
-                        self.max_packet.unwrap_or(u32::MAX)
-                    ))));
+                    let max = self.max_packet.unwrap_or(u32::MAX);
+                    incoming.push(Incoming::Broken(ConnectError::IncomingTooLarge { max }));
                     break;
                 }
                 PacketBuildResult::Error(e) => {

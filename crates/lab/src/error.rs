@@ -52,13 +52,13 @@ pub enum LabError {
     #[error("no free port on 127.0.0.1: {0}")]
     NoPort(#[source] std::io::Error),
     /// `--brokers embedded` in a build without them.
-    #[error("this steadfast was built without the `embedded-broker` feature: use --brokers mosquitto")]
+    #[error("this steadfast was built without the `embedded-broker` feature: use Mosquitto brokers")]
     NoEmbeddedBroker,
     /// `--brokers mosquitto` where it is not installed.
-    #[error("Mosquitto is not installed (Debian's `mosquitto` package): install it, or use --brokers embedded")]
+    #[error("Mosquitto is not installed (Debian's `mosquitto` package): install it, or use the embedded brokers")]
     NoMosquitto,
     /// A broker kind that does not exist.
-    #[error("--brokers {0}: use `embedded` or `mosquitto`")]
+    #[error("no broker kind `{0}`: use `embedded` or `mosquitto`")]
     UnknownBrokers(String),
     /// A run too short to mean anything, or no messages.
     #[error("{what} must last {min_seconds} s or more, and the rate be above 0")]

@@ -1,3 +1,6 @@
+//! A recording subscriber: a real `mosquitto_sub` process whose every
+//! printed payload a test can wait for and read.
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};

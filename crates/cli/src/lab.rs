@@ -12,14 +12,14 @@ use crate::Failure;
 
 impl From<LabError> for Failure {
     fn from(e: LabError) -> Failure {
-        let hint = match &e {
-            LabError::NoEmbeddedBroker => " (--brokers mosquitto)",
-            LabError::NoMosquitto => " (--brokers embedded)",
-            LabError::UnknownBrokers(_) => " (--brokers)",
-            _ => "",
+        let usage = e.is_usage();
+        let shown = match e {
+            LabError::NoEmbeddedBroker => anyhow!("{e} (--brokers mosquitto)"),
+            LabError::NoMosquitto => anyhow!("{e} (--brokers embedded)"),
+            LabError::UnknownBrokers(kind) => anyhow!("--brokers {kind}: use `embedded` or `mosquitto`"),
+            e => anyhow::Error::new(e),
         };
-        let shown = anyhow!("{e}{hint}");
-        if e.is_usage() {
+        if usage {
             Failure::usage(shown)
         } else {
             Failure::other(shown)

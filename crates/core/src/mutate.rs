@@ -31,11 +31,14 @@ pub enum Bug {
     /// A fanout message leaves the outbox at the first acknowledgement,
     /// whatever its quorum.
     FanoutOneAckForAll,
+    /// A deadline-class message is dropped as expired two seconds before
+    /// its deadline.
+    ExpiresEarly,
 }
 
 impl Bug {
     /// Every bug that can be planted.
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::ForgetInflightOnSessionLoss,
         Bug::DropWindowOnAckTimeout,
         Bug::PageSkipsAhead,
@@ -44,6 +47,7 @@ impl Bug {
         Bug::InboxForgets,
         Bug::FailoverForgetsTheQueue,
         Bug::FanoutOneAckForAll,
+        Bug::ExpiresEarly,
     ];
 
     /// Its name on the command line.
@@ -57,6 +61,7 @@ impl Bug {
             Bug::InboxForgets => "inbox-forgets-an-identity",
             Bug::FailoverForgetsTheQueue => "failover-forgets-the-queue",
             Bug::FanoutOneAckForAll => "fanout-counts-one-ack-as-all",
+            Bug::ExpiresEarly => "expires-early",
         }
     }
 
@@ -79,6 +84,7 @@ impl Bug {
                 "after a failover, the failed broker's in-flight messages count as delivered"
             }
             Bug::FanoutOneAckForAll => "a fanout message leaves the outbox at its first acknowledgement",
+            Bug::ExpiresEarly => "a deadline-class message is dropped as expired before its deadline",
         }
     }
 

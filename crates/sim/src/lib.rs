@@ -23,14 +23,53 @@ mod schedule;
 mod trace;
 mod world;
 
-pub use schedule::{Fault, Schedule, Spread};
+pub use schedule::{Fault, Publish, Schedule, Spread};
 pub use trace::Trace;
 pub use world::{run, Verdict};
+
+/// What a range of seeds did, summed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Totals {
+    /// Messages accepted.
+    pub accepted: usize,
+    /// Accepted and handled by the consumer.
+    pub handled: usize,
+    /// Dropped as expired (deadline class).
+    pub expired: usize,
+    /// Dropped with their retry budget spent.
+    pub budget: usize,
+    /// Lost by the brokers themselves (beyond steadfast's promise).
+    pub broker_lost: usize,
+    /// Faults applied.
+    pub faults: usize,
+}
+
+impl Totals {
+    fn add(&mut self, v: &Verdict) {
+        self.accepted += v.accepted;
+        self.handled += v.handled;
+        self.expired += v.dropped.0;
+        self.budget += v.dropped.1;
+        self.broker_lost += v.broker_lost;
+        self.faults += v.faults;
+    }
+}
 
 /// Runs seeds `from..from + count` on `threads` threads; calls `failed`
 /// for each failing verdict (in seed order within a thread) and returns
 /// the failing seeds, sorted.
 pub fn run_range(from: u64, count: u64, threads: usize, failed: &mut (dyn FnMut(&Verdict) + Send)) -> Vec<u64> {
+    run_range_totals(from, count, threads, failed).0
+}
+
+/// [`run_range`], and what the seeds did, summed.
+pub fn run_range_totals(
+    from: u64,
+    count: u64,
+    threads: usize,
+    failed: &mut (dyn FnMut(&Verdict) + Send),
+) -> (Vec<u64>, Totals) {
+    let totals = std::sync::Mutex::new(Totals::default());
     let failed = std::sync::Mutex::new(failed);
     let next = std::sync::atomic::AtomicU64::new(from);
     let end = from.saturating_add(count);
@@ -45,6 +84,7 @@ pub fn run_range(from: u64, count: u64, threads: usize, failed: &mut (dyn FnMut(
                             return bad;
                         }
                         let v = run(seed);
+                        totals.lock().unwrap_or_else(|e| e.into_inner()).add(&v);
                         if !v.passed() {
                             bad.push(seed);
                             (failed.lock().unwrap_or_else(|e| e.into_inner()))(&v);
@@ -56,5 +96,5 @@ pub fn run_range(from: u64, count: u64, threads: usize, failed: &mut (dyn FnMut(
         workers.into_iter().flat_map(|w| w.join().expect("a simulation thread panicked")).collect::<Vec<_>>()
     });
     bad.sort_unstable();
-    bad
+    (bad, totals.into_inner().unwrap_or_else(|e| e.into_inner()))
 }

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         println!("planted bug: {} ({})", b.name(), b.describe());
     }
     // A closed pipe (`| head`) ends the output, not the run's verdict.
-    let failed = steadfast_sim::run_range(a.from, a.seeds, a.threads, &mut |v| {
+    let (failed, t) = steadfast_sim::run_range_totals(a.from, a.seeds, a.threads, &mut |v| {
         let _ = writeln!(std::io::stdout(), "FAILED {}", v.summary());
     });
     if let Some(first) = failed.first() {
@@ -68,7 +68,13 @@ fn main() -> ExitCode {
         let _ = writeln!(out, "replay of seed {first}: the story of message {id}");
         let _ = write!(out, "{}", v.trace.story(id));
     }
-    let _ = writeln!(std::io::stdout(), "{} schedules from seed {}: {} failed", a.seeds, a.from, failed.len());
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "{} faults; {} messages accepted, {} handled, {} expired and {} out of budget (each in the drop log), {} lost by the brokers themselves",
+        t.faults, t.accepted, t.handled, t.expired, t.budget, t.broker_lost
+    );
+    let _ = writeln!(out, "{} schedules from seed {}: {} failed", a.seeds, a.from, failed.len());
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {

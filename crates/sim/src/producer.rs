@@ -23,6 +23,10 @@ pub struct Msg {
     /// Its quorum acknowledged it; kept while a broker holds a QoS 2
     /// exchange of it.
     pub done: bool,
+    /// Its deadline (wall ms), if it has one.
+    pub expires_ms: Option<u64>,
+    /// Its retry budget, if it has one.
+    pub max_attempts: Option<u32>,
 }
 
 impl Queued for Msg {
@@ -39,10 +43,10 @@ impl Queued for Msg {
         0
     }
     fn expires_ms(&self) -> Option<u64> {
-        None
+        self.expires_ms
     }
     fn max_attempts(&self) -> Option<u32> {
-        None
+        self.max_attempts
     }
     fn attempts(&self) -> u32 {
         self.attempts
@@ -77,13 +81,37 @@ impl Wire<Msg> for SimWire {
     }
 }
 
+/// A message that left the outbox undelivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub reason: DropReason,
+    /// Simulated time of the drop (ms).
+    pub at: u64,
+    /// Sends counted against its budget by then.
+    pub attempts: u32,
+    pub expires_ms: Option<u64>,
+    pub max_attempts: Option<u32>,
+}
+
+impl Dropped {
+    /// Whether its reason held when it was dropped.
+    pub fn holds(&self) -> bool {
+        match self.reason {
+            DropReason::Expired => self.expires_ms.is_some_and(|e| e <= crate::world::WALL_EPOCH_MS + self.at),
+            DropReason::Budget => self.max_attempts.is_some_and(|max| self.attempts >= max),
+            _ => false,
+        }
+    }
+}
+
 /// The outbox's contents.
 #[derive(Debug, Clone, Default)]
 pub struct Outbox {
     pub msgs: BTreeMap<u64, Msg>,
     /// QoS 2 bindings per (slot, id).
     pub wire: BTreeMap<(usize, u64), (u16, Stage)>,
-    pub drops: BTreeMap<u64, DropReason>,
+    /// Dropped messages: why, when (ms), and its sends by then.
+    pub drops: BTreeMap<u64, Dropped>,
     next_id: u64,
 }
 
@@ -185,10 +213,11 @@ impl Producer {
 
     /// The application publishes a message: it is appended, and accepted
     /// once committed.
-    pub fn append(&mut self, qos: Qos) -> u64 {
+    pub fn append(&mut self, qos: Qos, expires_ms: Option<u64>, max_attempts: Option<u32>) -> u64 {
         let id = self.working.next_id;
         self.working.next_id += 1;
-        self.working.msgs.insert(id, Msg { id, qos, attempts: 0, acks: 0, done: false });
+        let m = Msg { id, qos, attempts: 0, acks: 0, done: false, expires_ms, max_attempts };
+        self.working.msgs.insert(id, m);
         self.appended.push(id);
         self.dirty = true;
         id
@@ -233,9 +262,11 @@ impl Producer {
                 StoreOp::Drop(ids, reason) => {
                     for id in ids {
                         trace.note(t, Some(id), format!("outbox: dropped ({reason:?})"));
-                        self.working.msgs.remove(&id);
+                        let Some(m) = self.working.msgs.remove(&id) else { continue };
                         self.working.wire.retain(|(_, i), _| *i != id);
-                        self.working.drops.insert(id, reason);
+                        let (expires_ms, max_attempts) = (m.expires_ms, m.max_attempts);
+                        let d = Dropped { reason, at: t, attempts: m.attempts, expires_ms, max_attempts };
+                        self.working.drops.insert(id, d);
                     }
                 }
                 StoreOp::Attempted(ids) => {

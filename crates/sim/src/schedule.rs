@@ -48,6 +48,20 @@ pub enum Fault {
     },
 }
 
+/// A message of the schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Publish {
+    /// When it is published (ms).
+    pub at: u64,
+    /// QoS 1 or 2.
+    pub qos: u8,
+    /// Deadline class: dropped as expired this long after it was published
+    /// unless delivered before.
+    pub ttl_ms: Option<u64>,
+    /// Retry budget: dropped after this many sends.
+    pub max_attempts: Option<u32>,
+}
+
 /// How the producer spreads its messages over the brokers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spread {
@@ -88,8 +102,8 @@ pub struct Schedule {
     pub max_inflight: u16,
     /// Messages read from the outbox per page.
     pub page: usize,
-    /// When each message is published (ms) and its QoS (1 or 2).
-    pub messages: Vec<(u64, u8)>,
+    /// The messages, by time.
+    pub messages: Vec<Publish>,
     /// How long the consumer's application takes per delivery (ms, most).
     pub handling_ms: u64,
     /// The faults, by time (ms).
@@ -105,8 +119,17 @@ impl Schedule {
         let mut rng = fastrand::Rng::with_seed(seed);
         let count = rng.usize(20..300);
         let qos2_share = rng.u32(0..=100);
-        let mut messages: Vec<(u64, u8)> =
-            (0..count).map(|_| (rng.u64(0..ACTIVE_MS), if rng.u32(0..100) < qos2_share { 2 } else { 1 })).collect();
+        // Most seeds publish persistent messages only; some mix in the
+        // deadline and budget classes.
+        let classes = rng.u8(0..4) == 0;
+        let mut messages: Vec<Publish> = (0..count)
+            .map(|_| Publish {
+                at: rng.u64(0..ACTIVE_MS),
+                qos: if rng.u32(0..100) < qos2_share { 2 } else { 1 },
+                ttl_ms: (classes && rng.u8(0..3) == 0).then(|| rng.u64(50..5_000)),
+                max_attempts: (classes && rng.u8(0..3) == 0).then(|| rng.u32(1..4)),
+            })
+            .collect();
         messages.sort();
         let brokers = [1, 1, 2, 2, 3][rng.usize(0..5)];
         let spread = match rng.bool() {

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use steadfast_core::engine::{Now, Routes, Routing, SetSpec};
+use steadfast_core::DropReason;
 
 use crate::broker::{Broker, Down};
 use crate::consumer::Consumer;
@@ -25,7 +26,7 @@ use self::consuming::CConn;
 /// drain once every fault has healed.
 const HEAL_MS: u64 = 120_000;
 /// Wall-clock time of the simulation's start (deadlines are wall time).
-const WALL_EPOCH_MS: u64 = 1_800_000_000_000;
+pub(crate) const WALL_EPOCH_MS: u64 = 1_800_000_000_000;
 
 /// The outcome of one seed.
 #[derive(Debug)]
@@ -43,11 +44,18 @@ pub struct Verdict {
     /// Still queued somewhere when the run ended although every fault had
     /// healed.
     pub stuck: Vec<u64>,
+    /// Dropped without the reason holding: a deadline not yet passed, a
+    /// budget not spent, or a reason no message of the run can have.
+    pub dropped_wrongly: Vec<u64>,
     /// Lost by the broker (a kill without persistence, or since its last
     /// autosave): beyond what steadfast can promise, reported apart.
     pub broker_lost: usize,
     /// Faults applied.
     pub faults: usize,
+    /// Accepted messages the consumer handled.
+    pub handled: usize,
+    /// Dropped by their class: (expired, budget spent).
+    pub dropped: (usize, usize),
     /// Every step, for the story of a message.
     pub trace: Trace,
 }
@@ -55,18 +63,22 @@ pub struct Verdict {
 impl Verdict {
     /// True when the promise was kept.
     pub fn passed(&self) -> bool {
-        self.accepted > 0 && self.lost.is_empty() && self.twice.is_empty() && self.stuck.is_empty()
+        self.accepted > 0
+            && self.lost.is_empty()
+            && self.twice.is_empty()
+            && self.stuck.is_empty()
+            && self.dropped_wrongly.is_empty()
     }
 
     /// The message whose story explains a failure.
     pub fn culprit(&self) -> Option<u64> {
-        self.lost.first().or(self.twice.first()).or(self.stuck.first()).copied()
+        self.lost.first().or(self.twice.first()).or(self.stuck.first()).or(self.dropped_wrongly.first()).copied()
     }
 
     /// One line for a failing seed.
     pub fn summary(&self) -> String {
         format!(
-            "seed {}: of {} accepted messages {} lost {:?}, {} handled twice {:?}, {} stuck {:?} ({} faults; {} lost by the broker itself)",
+            "seed {}: of {} accepted messages {} lost {:?}, {} handled twice {:?}, {} stuck {:?}, {} dropped wrongly {:?} ({} faults; {} lost by the brokers themselves)",
             self.seed,
             self.accepted,
             self.lost.len(),
@@ -75,6 +87,8 @@ impl Verdict {
             self.twice.first(),
             self.stuck.len(),
             self.stuck.first(),
+            self.dropped_wrongly.len(),
+            self.dropped_wrongly.first(),
             self.faults,
             self.broker_lost,
         )
@@ -187,8 +201,8 @@ impl World {
     fn run(&mut self) {
         let (mut next_msg, mut next_fault) = (0, 0);
         while self.t <= ACTIVE_MS + HEAL_MS {
-            while next_msg < self.s.messages.len() && self.s.messages[next_msg].0 <= self.t {
-                self.publish(self.s.messages[next_msg].1);
+            while next_msg < self.s.messages.len() && self.s.messages[next_msg].at <= self.t {
+                self.publish(self.s.messages[next_msg]);
                 next_msg += 1;
             }
             while next_fault < self.s.faults.len() && self.s.faults[next_fault].0 <= self.t {
@@ -224,7 +238,7 @@ impl World {
     /// The next time anything can happen.
     fn next_event(&self, next_msg: usize, next_fault: usize) -> u64 {
         let mut at = vec![self.t + 1_000];
-        at.extend(self.s.messages.get(next_msg).map(|m| m.0));
+        at.extend(self.s.messages.get(next_msg).map(|m| m.at));
         at.extend(self.s.faults.get(next_fault).map(|f| f.0));
         at.extend([self.back.producer, self.back.consumer].into_iter().flatten());
         at.extend(self.back.brokers.iter().flatten());
@@ -365,14 +379,23 @@ impl World {
             .map(|(id, _)| *id)
             .collect();
         let broker_lost = self.accepted.iter().filter(|id| !handled(id) && broker_lost(id)).count();
+        let drops = &self.producer.committed.drops;
+        let count = |r: DropReason| drops.values().filter(|d| d.reason == r).count();
+        let dropped = (count(DropReason::Expired), count(DropReason::Budget));
+        let handled_count = self.accepted.iter().filter(|id| handled(id)).count();
+        let dropped_wrongly =
+            self.producer.committed.drops.iter().filter(|(_, d)| !d.holds()).map(|(id, _)| *id).collect();
         Verdict {
             seed: self.s.seed,
             accepted: self.accepted.len(),
             lost,
             twice,
             stuck,
+            dropped_wrongly,
             broker_lost,
             faults: self.faults,
+            handled: handled_count,
+            dropped,
             trace: self.trace,
         }
     }

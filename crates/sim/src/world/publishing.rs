@@ -6,9 +6,10 @@ use std::collections::VecDeque;
 use steadfast_core::engine::{Ack, ConnAckInfo, Decision, End};
 use steadfast_core::Qos;
 
-use super::{arrived, in_order, Conn, World};
+use super::{arrived, in_order, Conn, World, WALL_EPOCH_MS};
 use crate::broker::{Down, Reply, FRAME};
 use crate::producer::{Msg, SimWire};
+use crate::schedule::Publish;
 
 impl World {
     /// The producer's step: routes that came due, then per broker: connect,
@@ -45,13 +46,19 @@ impl World {
         self.route_wake = d.next.map(|n| self.ms(n));
     }
 
-    pub(super) fn publish(&mut self, qos: u8) {
+    pub(super) fn publish(&mut self, p: Publish) {
         if !self.producer.alive() {
             return;
         }
-        let qos = if qos == 2 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
-        let id = self.producer.append(qos);
-        self.trace.note(self.t, Some(id), format!("published at QoS {}", qos as u8));
+        let qos = if p.qos == 2 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
+        let expires = p.ttl_ms.map(|ttl| WALL_EPOCH_MS + self.t + ttl);
+        let id = self.producer.append(qos, expires, p.max_attempts);
+        let class = match (p.ttl_ms, p.max_attempts) {
+            (Some(ttl), _) => format!(", deadline in {ttl} ms"),
+            (None, Some(n)) => format!(", budget of {n} sends"),
+            (None, None) => String::new(),
+        };
+        self.trace.note(self.t, Some(id), format!("published at QoS {}{class}", p.qos));
     }
 
     fn connect_producer(&mut self, b: usize) {

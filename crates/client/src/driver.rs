@@ -608,19 +608,6 @@ struct LinkWire<'a> {
     max_packet: Option<u32>,
 }
 
-impl LinkWire<'_> {
-    /// What `queue` adds to the link's output, taken from it.
-    fn take(&mut self, queue: impl FnOnce(&mut Link) -> Result<(), ConnectError>, what: &str) -> Vec<u8> {
-        let start = self.link.out.len();
-        if let Err(e) = queue(self.link) {
-            // Only a packet id of 0 fails to build, and the window never
-            // hands one out.
-            tracing::error!(error = %e, "cannot build a {what}");
-        }
-        self.link.out.split_off(start)
-    }
-}
-
 impl Wire<StoredMessage> for LinkWire<'_> {
     fn publish(&mut self, m: &StoredMessage, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
         let bytes = match self.link.encode_publish(m, self.producer, pid, dup) {
@@ -641,11 +628,11 @@ impl Wire<StoredMessage> for LinkWire<'_> {
     }
 
     fn pubrel(&mut self, pid: u16) -> Vec<u8> {
-        self.take(|l| l.pubrel(pid), "PUBREL")
+        self.link.encoded("PUBREL", |l| l.pubrel(pid))
     }
 
     fn ping(&mut self) -> Vec<u8> {
-        self.take(Link::ping, "PINGREQ")
+        self.link.encoded("PINGREQ", Link::ping)
     }
 }
 

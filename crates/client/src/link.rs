@@ -289,6 +289,17 @@ impl Link {
         Ok(())
     }
 
+    /// The bytes of one packet that `queue` writes, taken from the output
+    /// (what was queued before stays). Building fails only for a packet id
+    /// of 0, which no window hands out: logged, and nothing is sent.
+    pub fn encoded(&mut self, what: &str, queue: impl FnOnce(&mut Link) -> Result<(), ConnectError>) -> Vec<u8> {
+        let start = self.out.len();
+        if let Err(e) = queue(self) {
+            tracing::error!(error = %e, "cannot build a {what}");
+        }
+        self.out.split_off(start)
+    }
+
     /// Queues a normal DISCONNECT.
     pub fn disconnect(&mut self) {
         match self.version {

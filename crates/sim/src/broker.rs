@@ -56,6 +56,12 @@ pub struct Broker {
     sub_saved: Option<Subscriber>,
     qos2_as_puback: bool,
     max_qos_1: bool,
+    session_expiry_ms: Option<u64>,
+    max_queued: Option<usize>,
+    /// When the producer's and the consumer's connections ended, while
+    /// they are away (their sessions expire from there).
+    producer_away: Option<u64>,
+    consumer_away: Option<u64>,
     /// Every message id the broker acknowledged (PUBACK or PUBREC): from
     /// then on it is the broker's, and the producer's promise is kept.
     pub acknowledged: BTreeSet<u64>,
@@ -87,20 +93,52 @@ impl Broker {
             sub_saved: registered,
             qos2_as_puback: s.qos2_as_puback,
             max_qos_1: s.max_qos_1,
+            session_expiry_ms: s.session_expiry_ms,
+            max_queued: s.max_queued,
+            producer_away: None,
+            consumer_away: None,
             acknowledged: BTreeSet::new(),
             lost: BTreeSet::new(),
         }
     }
 
-    /// The producer's CONNACK: session present (the session is kept or made).
-    pub fn connect(&mut self) -> bool {
+    /// Whether a session whose client left at `away` has expired by `t`.
+    fn expired(&self, away: Option<u64>, t: u64) -> bool {
+        matches!((away, self.session_expiry_ms), (Some(a), Some(e)) if t >= a + e)
+    }
+
+    /// The producer's connection ended at `t`.
+    pub fn producer_left(&mut self, t: u64) {
+        self.producer_away.get_or_insert(t);
+    }
+
+    /// The consumer's connection ended at `t`.
+    pub fn consumer_left(&mut self, t: u64) {
+        self.consumer_away.get_or_insert(t);
+    }
+
+    /// The producer's CONNACK at `t`: session present (the session is kept
+    /// or made; one that expired while it was away is gone).
+    pub fn connect(&mut self, t: u64) -> bool {
+        let away = self.producer_away.take();
+        if self.expired(away, t) {
+            self.live = None;
+        }
         let present = self.live.is_some();
         self.live.get_or_insert_with(Session::default);
         present
     }
 
-    /// The consumer's CONNACK, and what it had in flight, sent again.
-    pub fn connect_consumer(&mut self) -> (bool, Vec<(u16, u64)>) {
+    /// The consumer's CONNACK at `t`, and what it had in flight, sent
+    /// again. A session that expired while it was away is gone, and what
+    /// it held with it.
+    pub fn connect_consumer(&mut self, t: u64) -> (bool, Vec<(u16, u64)>) {
+        let away = self.consumer_away.take();
+        if self.expired(away, t) {
+            if let Some(sub) = self.sub.take() {
+                self.lost.extend(sub.ids());
+            }
+        }
         let present = self.sub.is_some();
         let sub = self.sub.get_or_insert_with(|| Subscriber { next_pid: 1, ..Subscriber::default() });
         (present, sub.inflight.iter().map(|(p, id)| (*p, *id)).collect())
@@ -111,8 +149,10 @@ impl Broker {
     }
 
     /// kill -9: what was not saved is gone.
-    pub fn kill(&mut self) {
+    pub fn kill(&mut self, t: u64) {
         self.up = false;
+        self.producer_left(t);
+        self.consumer_left(t);
         self.live = if self.persistence { self.saved.clone() } else { None };
         let back = if self.persistence { self.sub_saved.clone() } else { None };
         let kept = back.as_ref().map(Subscriber::ids).unwrap_or_default();
@@ -133,9 +173,12 @@ impl Broker {
 
     /// A message taken from the producer goes to the consumer's session.
     fn forward(&mut self, id: u64) {
+        let max = self.max_queued;
+        let full = |sub: &Subscriber| max.is_some_and(|max| sub.queue.len() >= max);
         match self.sub.as_mut() {
-            Some(sub) => sub.queue.push_back(id),
-            None => {
+            Some(sub) if !full(sub) => sub.queue.push_back(id),
+            // No session to queue it in, or its queue is full: dropped.
+            _ => {
                 self.lost.insert(id);
             }
         }

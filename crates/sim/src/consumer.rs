@@ -74,12 +74,22 @@ impl Consumer {
         self.engine = Some(Dispatch::new(cfg, high));
     }
 
-    /// kill -9: the engine, the application's work and unwritten records
-    /// are gone; returns the identities handled but not yet on disk.
-    pub fn crash(&mut self) -> Vec<u64> {
+    /// kill -9 (or a power cut): the engine and the application's work are
+    /// gone; a record being written either landed whole or not at all (the
+    /// commit is atomic, and the process never learned which). Returns the
+    /// identities handled whose record did not land.
+    pub fn crash(&mut self, rng: &mut fastrand::Rng) -> Vec<u64> {
         self.engine = None;
         self.app.clear();
-        let unwritten = self.records.drain(..).flat_map(|(_, b)| b.into_iter().map(|(i, _)| i.seq)).collect();
+        let mut unwritten = Vec::new();
+        for (_, batch) in self.records.drain(..) {
+            let ids = batch.into_iter().map(|(i, _)| i.seq);
+            if rng.bool() {
+                self.inbox.extend(ids);
+            } else {
+                unwritten.extend(ids);
+            }
+        }
         unwritten
     }
 

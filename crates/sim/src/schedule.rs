@@ -46,6 +46,14 @@ pub enum Fault {
         /// How long it stays down.
         down: Duration,
     },
+    /// A broker is cut off: its connections pass nothing and new ones
+    /// fail until `lasts` is over.
+    Partition {
+        /// Which broker.
+        broker: usize,
+        /// How long.
+        lasts: Duration,
+    },
 }
 
 /// A message of the schedule.
@@ -98,6 +106,13 @@ pub struct Schedule {
     pub max_qos_1: bool,
     /// The broker's receive maximum (MQTT 5), if any.
     pub receive_maximum: Option<u16>,
+    /// The broker forgets a session whose client stayed away this long.
+    pub session_expiry_ms: Option<u64>,
+    /// The broker queues at most this many messages for the consumer and
+    /// drops the rest (Mosquitto's `max_queued_messages`).
+    pub max_queued: Option<usize>,
+    /// The producer's links carry this many bytes per ms at most.
+    pub bandwidth: Option<u64>,
     /// The producer's window.
     pub max_inflight: u16,
     /// Messages read from the outbox per page.
@@ -140,7 +155,7 @@ impl Schedule {
             .map(|_| {
                 let at = rng.u64(200..ACTIVE_MS);
                 let broker = rng.usize(0..brokers);
-                let fault = match rng.u8(0..5) {
+                let fault = match rng.u8(0..6) {
                     0 => Fault::KillBroker { broker, down: Duration::from_millis(rng.u64(50..3_000)) },
                     1 => Fault::Reset { broker, cut_per_mille: rng.u32(0..=1000), consumer: rng.bool() },
                     2 => Fault::BlackHole {
@@ -149,6 +164,7 @@ impl Schedule {
                         consumer: rng.bool(),
                     },
                     3 => Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) },
+                    4 => Fault::Partition { broker, lasts: Duration::from_millis(rng.u64(100..6_000)) },
                     _ => Fault::CrashConsumer { down: Duration::from_millis(rng.u64(10..2_000)) },
                 };
                 (at, fault)
@@ -165,6 +181,9 @@ impl Schedule {
             qos2_as_puback: rng.u8(0..6) == 0,
             max_qos_1: rng.u8(0..6) == 0,
             receive_maximum: rng.bool().then(|| rng.u16(1..50)),
+            session_expiry_ms: (rng.u8(0..4) == 0).then(|| rng.u64(500..10_000)),
+            max_queued: (rng.u8(0..4) == 0).then(|| rng.usize(10..200)),
+            bandwidth: (rng.u8(0..4) == 0).then(|| rng.u64(1..40)),
             max_inflight: rng.u16(1..64),
             page: rng.usize(2..64),
             handling_ms: rng.u64(0..30),

@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::{KeepAlive, KeepAliveAction, Qos};
+use steadfast_core::engine::{must_subscribe, AckWire, ReceiveSession};
+use steadfast_core::Qos;
 use steadfast_store::Outbox;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -48,17 +49,12 @@ struct Connection {
     link: Link,
     buf: Vec<u8>,
     keep_alive: Duration,
-    /// Acknowledgements must leave in the order the PUBLISHes came.
-    order: VecDeque<(u16, Qos, bool)>,
-    keepalive: KeepAlive,
+    /// The engine: acknowledgements in arrival order, PUBCOMPs, keep-alive.
+    session: ReceiveSession,
     /// Received, waiting for room towards the dispatcher: while any
     /// wait, the socket is not read (back-pressure), but acks, pings and
     /// stop are still served.
     to_forward: VecDeque<FromBroker>,
-    /// A consumer may have nothing to send for a long time (QoS 0): it
-    /// pings when it has written nothing for half the keep-alive, or the
-    /// broker would take it for dead.
-    written_at: Instant,
 }
 
 impl Receiver {
@@ -114,7 +110,7 @@ impl Receiver {
         let key = format!("subscribed {}", self.url);
         let want: String = self.cfg.topics.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
         let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
-        if !session_present || have != want {
+        if must_subscribe(session_present, &have, &want) {
             link.subscribe(1, &self.cfg.topics)?;
         }
         Ok(Subscription { key, want })
@@ -134,8 +130,7 @@ impl Receiver {
                 self.on_incoming(conn, inc, subscription)?;
             }
             conn.write_due().await?;
-            let keepalive_at = Instant::from_std(conn.keepalive.poll_timeout());
-            let ping_at = conn.written_at + conn.keep_alive / 2;
+            let wake = conn.session.poll_timeout().map_or_else(far_future, Instant::from_std);
             let out = self.out.clone();
             tokio::select! {
                 permit = out.reserve(), if !conn.to_forward.is_empty() => {
@@ -149,17 +144,14 @@ impl Receiver {
                     if n == 0 {
                         return Err(ConnectError::Closed(CloseReason::Eof));
                     }
-                    conn.keepalive.on_receive(Instant::now().into_std());
+                    conn.session.handle_received(Instant::now().into_std());
                     pending_in = conn.link.receive(&conn.buf[..n]);
                 }
                 cmd = self.acks.recv() => match cmd {
                     None => return Ok(()),
                     Some(cmd) => conn.on_driver_cmd(cmd).await?,
                 },
-                _ = sleep_until(ping_at) => {
-                    conn.link.ping()?;
-                }
-                _ = sleep_until(keepalive_at) => conn.on_keepalive_deadline()?,
+                _ = sleep_until(wake) => conn.on_timeout()?,
                 r = self.stop.changed() => {
                     if r.is_err() || *self.stop.borrow() {
                         conn.disconnect().await;
@@ -181,12 +173,10 @@ impl Receiver {
     ) -> Result<(), ConnectError> {
         match inc {
             Incoming::Publish(msg) => {
-                if let Some(pid) = msg.pid {
-                    conn.order.push_back((pid, msg.qos, false));
-                }
+                conn.session.handle_publish(msg.pid, msg.qos);
                 conn.to_forward.push_back(FromBroker { broker: self.index, epoch: conn.epoch, msg });
             }
-            Incoming::PubRel { pid } => conn.link.pubcomp(pid)?,
+            Incoming::PubRel { pid } => conn.session.handle_pubrel(pid, &mut LinkAcks(&mut conn.link)),
             Incoming::SubAck { granted } => {
                 if let Err(e) = check_granted(&self.url, &self.cfg.topics, &granted) {
                     let broker = self.url.to_string();
@@ -215,21 +205,21 @@ impl Connection {
             link,
             buf,
             keep_alive,
-            order: VecDeque::new(),
-            keepalive: KeepAlive::new(keep_alive, Instant::now().into_std()),
+            session: ReceiveSession::new(keep_alive, Instant::now().into_std()),
             to_forward: VecDeque::new(),
-            written_at: Instant::now(),
         }
     }
 
     /// Writes the acknowledgements now due, with whatever else the link
-    /// queued (a PUBCOMP, a ping), if anything.
+    /// queued (a SUBSCRIBE, a PUBCOMP, a ping), if anything.
     async fn write_due(&mut self) -> Result<(), ConnectError> {
-        ack_prefix(&mut self.order, &mut self.link)?;
+        let now = Instant::now().into_std();
+        if let Some(bytes) = self.session.poll_transmit(now, &mut LinkAcks(&mut self.link)) {
+            self.link.out.extend_from_slice(&bytes);
+        }
         if !self.link.out.is_empty() {
             send(&mut self.wr, &self.link.out).await?;
             self.link.out.clear();
-            self.written_at = Instant::now();
         }
         Ok(())
     }
@@ -239,38 +229,28 @@ impl Connection {
     /// answers.
     async fn on_driver_cmd(&mut self, cmd: DriverCmd) -> Result<(), ConnectError> {
         match cmd {
-            DriverCmd::Ack { epoch: e, pid } => {
-                if e == self.epoch {
-                    if let Some(entry) = self.order.iter_mut().find(|(p, _, done)| *p == pid && !*done) {
-                        entry.2 = true;
-                    }
+            DriverCmd::Ack { epoch, pid } => {
+                if epoch == self.epoch {
+                    self.session.handle_handled(pid);
                 }
             }
             DriverCmd::Flush(tx) => {
-                ack_prefix(&mut self.order, &mut self.link)?;
-                send(&mut self.wr, &self.link.out).await?;
-                self.link.out.clear();
+                self.write_due().await?;
                 let _ = tx.send(());
             }
         }
         Ok(())
     }
 
-    /// At the keep-alive deadline: a ping, or the link declared dead;
-    /// while the socket is not read, silence counts for nothing.
-    fn on_keepalive_deadline(&mut self) -> Result<(), ConnectError> {
-        if !self.to_forward.is_empty() {
-            // Not reading (the application is slow): silence
-            // says nothing about the link.
-            self.keepalive.on_receive(Instant::now().into_std());
-            return Ok(());
-        }
-        match self.keepalive.poll(Instant::now().into_std()) {
-            Some(KeepAliveAction::SendPing) => self.link.ping()?,
-            Some(KeepAliveAction::Dead) => return Err(ConnectError::DeadLink(self.keep_alive)),
-            None => {}
-        }
-        Ok(())
+    /// A timer of the session: a ping, or the link declared dead; while the
+    /// socket is not read (the application is slow), silence counts for
+    /// nothing.
+    fn on_timeout(&mut self) -> Result<(), ConnectError> {
+        let reading = self.to_forward.is_empty();
+        let now = Instant::now().into_std();
+        self.session
+            .handle_timeout(now, reading, &mut LinkAcks(&mut self.link))
+            .map_err(|_| ConnectError::DeadLink(self.keep_alive))
     }
 
     /// Stop: DISCONNECT and close the socket, whatever fails on the way.
@@ -281,14 +261,27 @@ impl Connection {
     }
 }
 
-/// Queues the acks of the acknowledged messages at the front of the
-/// arrival order: MQTT wants them in the order the PUBLISHes came.
-fn ack_prefix(order: &mut VecDeque<(u16, Qos, bool)>, link: &mut Link) -> Result<(), ConnectError> {
-    while order.front().is_some_and(|(_, _, done)| *done) {
-        let (pid, qos, _) = order.pop_front().expect("front exists");
-        link.ack_publish(pid, qos)?;
+/// The engine's view of a consumer link's codec.
+struct LinkAcks<'a>(&'a mut Link);
+
+impl AckWire for LinkAcks<'_> {
+    fn ack(&mut self, pid: u16, qos: Qos) -> Vec<u8> {
+        self.0.encoded("PUBACK", |l| l.ack_publish(pid, qos))
     }
-    Ok(())
+
+    fn pubcomp(&mut self, pid: u16) -> Vec<u8> {
+        self.0.encoded("PUBCOMP", |l| l.pubcomp(pid))
+    }
+
+    fn ping(&mut self) -> Vec<u8> {
+        self.0.encoded("PINGREQ", Link::ping)
+    }
+}
+
+/// A wake-up that never comes (a session always has its timers; this is
+/// the fallback).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
 }
 
 /// Checks a SUBACK against the filters asked for: a refused one is an

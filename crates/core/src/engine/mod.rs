@@ -15,6 +15,7 @@
 
 mod inbox;
 mod publish;
+mod receive;
 mod route;
 
 use std::time::Instant;
@@ -24,6 +25,7 @@ pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, Queued, SessionConfig, SessionEvent, StoreOp,
     Wire, WireUpdate,
 };
+pub use receive::{must_subscribe, AckWire, ReceiveSession};
 pub use route::{quorum_met, Decision, Routes, Routing, SetSpec, Switch};
 
 /// The clocks an engine reads, handed in with every input.
@@ -50,6 +52,8 @@ pub enum Timer {
     AckTimeout,
     /// A message the broker refused goes back into the queue.
     Retry,
+    /// A consumer link that wrote nothing for half the keep-alive pings.
+    PingIdle,
     /// A delivery the application gave back is handed over again.
     Redeliver,
     /// An inbox record that failed is tried again.

@@ -3,8 +3,10 @@
 
 use std::collections::VecDeque;
 
-use steadfast_core::engine::DispatchOp;
-use steadfast_core::Identity;
+use std::time::Duration;
+
+use steadfast_core::engine::{AckWire, DispatchOp, ReceiveSession};
+use steadfast_core::{Identity, Qos};
 
 use super::{arrived, in_order, World};
 use crate::consumer::{Del, PRODUCER};
@@ -14,12 +16,34 @@ use crate::consumer::{Del, PRODUCER};
 pub(super) enum ToConsumer {
     ConnAck { present: bool },
     Publish { pid: u16, id: u64, dup: bool },
+    PingResp,
 }
+
+/// The consumer link's codec in the simulator: a PUBACK is its packet id
+/// in two bytes, a PINGREQ is packet id 0.
+struct SimAcks;
+
+impl AckWire for SimAcks {
+    fn ack(&mut self, pid: u16, _qos: Qos) -> Vec<u8> {
+        pid.to_be_bytes().to_vec()
+    }
+    fn pubcomp(&mut self, _pid: u16) -> Vec<u8> {
+        Vec::new()
+    }
+    fn ping(&mut self) -> Vec<u8> {
+        vec![0, 0]
+    }
+}
+
+/// The consumer's keep-alive in the simulator.
+const CONSUMER_KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 /// The consumer's connection.
 pub(super) struct CConn {
-    /// PUBACKs on their way to the broker.
-    pub(super) up: VecDeque<(u64, u16)>,
+    /// Bytes on their way to the broker (PUBACKs, PINGREQs).
+    pub(super) up: VecDeque<(u64, Vec<u8>)>,
+    /// The engine of this link: acks in arrival order, keep-alive.
+    pub(super) session: ReceiveSession,
     /// Packets on their way to the consumer.
     pub(super) down: VecDeque<(u64, ToConsumer)>,
     /// Nothing passes before this time (a black hole).
@@ -44,35 +68,56 @@ impl World {
             }
         }
         self.carry_out_dispatch();
+        for b in 0..self.brokers.len() {
+            self.consumer_link_turn(b);
+        }
+    }
+
+    /// A consumer link's engine: its timers, then what it has to write.
+    fn consumer_link_turn(&mut self, b: usize) {
+        let now = self.now().at;
+        let at = self.t + self.latency();
+        let Some(c) = self.cconns[b].as_mut() else { return };
+        if c.session.poll_timeout().is_some_and(|w| w <= now)
+            && c.session.handle_timeout(now, true, &mut SimAcks).is_err()
+        {
+            self.consumer_link_lost(b, "the receiving engine found the link dead (keep-alive)");
+            return;
+        }
+        if let Some(bytes) = c.session.poll_transmit(now, &mut SimAcks) {
+            let at = in_order(&c.up, at);
+            c.up.push_back((at, bytes));
+        }
     }
 
     fn connect_consumer(&mut self, b: usize) {
         if self.cconns[b].is_some() || !self.consumer.alive() || self.t < self.next_cconnect[b] {
             return;
         }
-        if !self.brokers[b].up {
+        if self.unreachable(b) {
             self.next_cconnect[b] = self.t + self.rng.u64(100..1_000);
             return;
         }
         self.consumer.epochs[b] += 1;
-        let (present, resend) = self.brokers[b].connect_consumer();
+        let (present, resend) = self.brokers[b].connect_consumer(self.t);
         let at = self.t + 2 * self.latency();
         let mut down = VecDeque::from([(at, ToConsumer::ConnAck { present })]);
         for (pid, id) in resend {
             self.trace.note(self.t, Some(id), format!("broker {b}: resends to the consumer, pid {pid} dup"));
             down.push_back((at, ToConsumer::Publish { pid, id, dup: true }));
         }
-        self.cconns[b] = Some(CConn { up: VecDeque::new(), down, hole_until: 0 });
+        let session = ReceiveSession::new(CONSUMER_KEEP_ALIVE, self.now().at);
+        self.cconns[b] = Some(CConn { up: VecDeque::new(), down, hole_until: 0, session });
     }
 
     pub(super) fn reset_consumer_link(&mut self, b: usize, cut_per_mille: u32) {
         let Some(c) = self.cconns[b].as_mut() else { return };
-        // PUBACKs already sent arrive up to the cut.
-        let keep = c.up.len() * cut_per_mille as usize / 1000;
-        let acks: Vec<u16> = c.up.drain(..).take(keep).map(|(_, pid)| pid).collect();
+        // Bytes already sent arrive up to the cut (whole packets only).
+        let bytes: Vec<u8> = c.up.drain(..).flat_map(|(_, b)| b).collect();
+        let whole = bytes.len() * cut_per_mille as usize / 1000 / 2 * 2;
         if self.brokers[b].up {
-            for pid in acks {
-                self.broker_takes_puback(b, pid);
+            for f in bytes[..whole].chunks(2) {
+                self.broker_takes_from_consumer(b, f);
             }
         }
         self.consumer_link_lost(b, "connection reset");
@@ -81,11 +126,23 @@ impl World {
     pub(super) fn consumer_link_lost(&mut self, b: usize, why: &str) {
         if self.cconns[b].take().is_some() {
             self.trace.note(self.t, None, format!("consumer link to broker {b} lost: {why}"));
+            self.brokers[b].consumer_left(self.t);
         }
         self.next_cconnect[b] = self.t + self.rng.u64(100..1_000);
     }
 
-    fn broker_takes_puback(&mut self, b: usize, pid: u16) {
+    /// A packet from the consumer: a PINGREQ is answered, a PUBACK ends
+    /// the delivery of its message.
+    fn broker_takes_from_consumer(&mut self, b: usize, f: &[u8]) {
+        let pid = u16::from_be_bytes([f[0], f[1]]);
+        if pid == 0 {
+            let at = self.t + self.latency();
+            if let Some(c) = self.cconns[b].as_mut() {
+                let at = in_order(&c.down, at);
+                c.down.push_back((at, ToConsumer::PingResp));
+            }
+            return;
+        }
         if let Some(id) = self.brokers[b].consumer_acked(pid) {
             self.trace.note(self.t, Some(id), format!("broker {b}: the consumer's PUBACK pid {pid}; done with it"));
         }
@@ -107,10 +164,13 @@ impl World {
     fn deliver_to_consumer(&mut self, b: usize) {
         let t = self.t;
         let Some(c) = self.cconns[b].as_mut() else { return };
-        let acks = arrived(&mut c.up, t, c.hole_until);
+        let up = arrived(&mut c.up, t, c.hole_until);
         let down = arrived(&mut c.down, t, c.hole_until);
-        for pid in acks {
-            self.broker_takes_puback(b, pid);
+        if !down.is_empty() {
+            c.session.handle_received(self.epoch + Duration::from_millis(t));
+        }
+        for f in up.iter().flat_map(|bytes| bytes.chunks(2)) {
+            self.broker_takes_from_consumer(b, f);
         }
         let epoch = self.consumer.epochs[b];
         let items: Vec<Del> = down
@@ -120,8 +180,12 @@ impl World {
                     self.trace.note(t, None, format!("consumer connected to broker {b}, session present {present}"));
                     None
                 }
+                ToConsumer::PingResp => None,
                 ToConsumer::Publish { pid, id, dup } => {
                     self.trace.note(t, Some(id), format!("consumer: received from broker {b}, pid {pid} dup {dup}"));
+                    if let Some(c) = self.cconns[b].as_mut() {
+                        c.session.handle_publish(Some(pid), Qos::AtLeastOnce);
+                    }
                     let identity = Identity { producer: PRODUCER.to_owned(), seq: id };
                     Some(Del { id, identity, token: (b, epoch, pid) })
                 }
@@ -180,12 +244,10 @@ impl World {
                     self.consumer.app.make_contiguous().sort_by_key(|(t, _)| *t);
                 }
                 DispatchOp::AckBroker((b, epoch, pid)) => {
-                    let at = self.t + self.latency();
                     // An ack of an older connection is void: the broker sends
                     // the message again on the new one.
                     if let Some(c) = self.cconns[b].as_mut().filter(|_| epoch == self.consumer.epochs[b]) {
-                        let at = in_order(&c.up, at);
-                        c.up.push_back((at, pid));
+                        c.session.handle_handled(pid);
                     }
                 }
                 DispatchOp::Record(batch) => {

@@ -110,6 +110,8 @@ struct Back {
     producer: Option<u64>,
     consumer: Option<u64>,
     brokers: Vec<Option<u64>>,
+    /// Until when each broker is cut off (a partition).
+    partitions: Vec<Option<u64>>,
 }
 
 struct World {
@@ -163,7 +165,7 @@ pub fn run(seed: u64) -> Verdict {
         connected_once: vec![false; n],
         next_connect: vec![0; n],
         next_cconnect: vec![0; n],
-        back: Back { producer: None, consumer: None, brokers: vec![None; n] },
+        back: Back { producer: None, consumer: None, brokers: vec![None; n], partitions: vec![None; n] },
         accepted: BTreeSet::new(),
         handled: BTreeMap::new(),
         excused: BTreeMap::new(),
@@ -242,6 +244,7 @@ impl World {
         at.extend(self.s.faults.get(next_fault).map(|f| f.0));
         at.extend([self.back.producer, self.back.consumer].into_iter().flatten());
         at.extend(self.back.brokers.iter().flatten());
+        at.extend(self.back.partitions.iter().flatten());
         at.extend(self.route_wake);
         for b in 0..self.brokers.len() {
             match &self.conns[b] {
@@ -256,6 +259,7 @@ impl World {
                 Some(c) => {
                     at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
                     at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
+                    at.extend(c.session.poll_timeout().map(|w| self.ms(w)));
                 }
             }
         }
@@ -281,7 +285,7 @@ impl World {
         match f {
             Fault::KillBroker { broker, down } => {
                 if self.brokers[broker].up {
-                    self.brokers[broker].kill();
+                    self.brokers[broker].kill(self.t);
                     self.back.brokers[broker] = later(self.t, down);
                     self.producer_link_lost(broker, "the broker was killed");
                     self.consumer_link_lost(broker, "the broker was killed");
@@ -300,16 +304,31 @@ impl World {
                     *h = until;
                 }
             }
+            Fault::Partition { broker, lasts } => {
+                let until = self.t + lasts.as_millis() as u64;
+                self.back.partitions[broker] = Some(until);
+                let conns = [
+                    self.conns[broker].as_mut().map(|c| &mut c.hole_until),
+                    self.cconns[broker].as_mut().map(|c| &mut c.hole_until),
+                ];
+                for h in conns.into_iter().flatten() {
+                    *h = until;
+                }
+            }
             Fault::CrashProducer { down } => {
                 if self.producer.alive() {
                     self.producer.crash();
                     self.back.producer = later(self.t, down);
                     self.conns.iter_mut().for_each(|c| *c = None);
+                    let t = self.t;
+                    self.brokers.iter_mut().for_each(|b| b.producer_left(t));
                 }
             }
             Fault::CrashConsumer { down } => {
                 if self.consumer.alive() {
-                    for id in self.consumer.crash() {
+                    let t = self.t;
+                    self.brokers.iter_mut().for_each(|b| b.consumer_left(t));
+                    for id in self.consumer.crash(&mut self.rng) {
                         self.trace.note(self.t, Some(id), "consumer crashed before its inbox record was on disk");
                         *self.excused.entry(id).or_default() += 1;
                     }
@@ -320,8 +339,17 @@ impl World {
         }
     }
 
+    /// True while broker `b` cannot be reached (down or cut off).
+    fn unreachable(&self, b: usize) -> bool {
+        !self.brokers[b].up || self.back.partitions[b].is_some_and(|until| until > self.t)
+    }
+
     fn heal(&mut self) {
         for b in 0..self.brokers.len() {
+            if self.back.partitions[b].is_some_and(|t| t <= self.t) {
+                self.back.partitions[b] = None;
+                self.trace.note(self.t, None, format!("broker {b} reachable again"));
+            }
             if self.back.brokers[b].is_some_and(|t| t <= self.t) {
                 self.back.brokers[b] = None;
                 self.brokers[b].up = true;

@@ -65,13 +65,13 @@ impl World {
         if self.conns[b].is_some() || !self.producer.alive() || self.t < self.next_connect[b] {
             return;
         }
-        if !self.brokers[b].up {
+        if self.unreachable(b) {
             self.next_connect[b] = self.t + self.rng.u64(100..1_000);
             let d = self.routes.borrow_mut().link_down(b, self.now().at);
             self.apply(d);
             return;
         }
-        let present = self.brokers[b].connect();
+        let present = self.brokers[b].connect(self.t);
         let at = self.t + 2 * self.latency();
         let down = VecDeque::from([(at, Down::ConnAck { present })]);
         self.conns[b] = Some(Conn { up: VecDeque::new(), down, hole_until: 0 });
@@ -93,6 +93,7 @@ impl World {
     pub(super) fn producer_link_lost(&mut self, b: usize, why: &str) {
         if self.conns[b].take().is_some() {
             self.trace.note(self.t, None, format!("producer link to broker {b} lost: {why}"));
+            self.brokers[b].producer_left(self.t);
         }
         self.next_connect[b] = self.t + self.rng.u64(100..1_000);
         if !self.producer.alive() {
@@ -233,8 +234,10 @@ impl World {
             self.trace.note(self.t, Some(id), line);
         }
         let at = self.t + self.latency();
+        // A capped link takes its time to carry the bytes.
+        let carry = self.s.bandwidth.map_or(0, |bw| (bytes.len() as u64).div_ceil(bw));
         if let Some(c) = self.conns[b].as_mut() {
-            let at = in_order(&c.up, at);
+            let at = in_order(&c.up, at) + carry;
             c.up.push_back((at, bytes));
         }
     }

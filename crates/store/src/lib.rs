@@ -123,14 +123,7 @@ pub const INBOX_ENTRY_BYTES: u64 = 24;
 /// 64-bit mask per message).
 pub const MAX_SLOTS: usize = 64;
 
-/// Count and bytes of what the outbox holds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Totals {
-    /// Messages queued.
-    pub count: u64,
-    /// Bytes queued (topic + payload).
-    pub bytes: u64,
-}
+pub use steadfast_core::engine::Totals;
 
 /// Per-broker state as last reported by the client that owns the outbox, so
 /// that `steadfast status` can show it from another process.

@@ -13,6 +13,7 @@
 //! simulator (`crates/sim`) drive the same engine: the simulator proves the
 //! decisions the product makes, not a copy of them.
 
+mod admit;
 mod inbox;
 mod publish;
 mod receive;
@@ -20,6 +21,7 @@ mod route;
 
 use std::time::Instant;
 
+pub use admit::{admit, Admission, Bounds, Candidate, Limit, Overflow, Totals, UnknownOverflow};
 pub use inbox::{Counter, Delivered, Dispatch, DispatchConfig, DispatchOp};
 pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, Queued, SessionConfig, SessionEvent, StoreOp,

@@ -3,47 +3,7 @@
 //! messages of each route (the quorum), and the bounds of a consumer's
 //! inbox.
 
-/// What happens to a new message when the outbox is full (G7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Overflow {
-    /// The publisher waits until there is room.
-    #[default]
-    Block,
-    /// The new message is refused with an error.
-    Reject,
-    /// The oldest messages of the same class are dropped (counted as
-    /// `overflow`) to make room; a class never evicts another's messages:
-    /// with none of its own left, the new message is dropped instead.
-    DropOldest,
-    /// The new message is dropped (counted as `overflow`, announced) and
-    /// the publisher told so; nothing queued is touched.
-    DropNewest,
-}
-
-/// An overflow policy name that is none of [`Overflow::ALL`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("overflow policy `{0}` is unknown; use block, reject, drop-oldest or drop-newest")]
-pub struct UnknownOverflow(pub String);
-
-impl Overflow {
-    /// Every policy, with its CLI name.
-    pub const ALL: [(Overflow, &'static str); 4] = [
-        (Overflow::Block, "block"),
-        (Overflow::Reject, "reject"),
-        (Overflow::DropOldest, "drop-oldest"),
-        (Overflow::DropNewest, "drop-newest"),
-    ];
-
-    /// The policy for its CLI name; the error names the choices.
-    pub fn parse(s: &str) -> Result<Overflow, UnknownOverflow> {
-        Self::ALL.iter().find(|(_, n)| *n == s).map(|(o, _)| *o).ok_or_else(|| UnknownOverflow(s.to_owned()))
-    }
-
-    /// Its CLI name.
-    pub fn as_str(self) -> &'static str {
-        Self::ALL.iter().find(|(o, _)| *o == self).map_or("block", |(_, n)| n)
-    }
-}
+pub use steadfast_core::engine::{Overflow, UnknownOverflow};
 
 /// Bounds of the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

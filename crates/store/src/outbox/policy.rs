@@ -3,6 +3,7 @@
 //! keep-latest values it replaces, and the queue of publishers waiting
 //! for room (overflow `block`), admitted in order as room is made.
 
+use steadfast_core::engine::{admit, Admission, Bounds, Candidate, Limit};
 use steadfast_core::DropReason;
 
 use super::replies::Batch;
@@ -55,57 +56,53 @@ impl Writer {
     }
 
     /// Queues a message if it fits; when it does not, its class's
-    /// overflow policy decides: refuse it, let it wait, drop the class's
-    /// oldest, or drop it.
+    /// overflow policy decides (the engine's [`admit`]): refuse it, let it
+    /// wait, drop the class's oldest, or drop it.
     fn try_append(&mut self, p: PendingAppend, b: &mut Batch) -> Result<(), StoreError> {
         let size = p.msg.size();
         let deadline = p.msg.policy.expires_ms.is_some();
         // Keep-latest: the values this one replaces leave with its
         // insertion (and only then), which may be all the room it needs.
-        let (replaced, freed, freed_own) = self.replaced_by(&p.msg)?;
-        if let Some(what) = self.over_bounds(size, freed) {
-            let alone_too_big = self.config.max_bytes.is_some_and(|m| size > m);
-            let policy = self.policy_of(&p.msg);
-            let evict = match policy {
-                _ if alone_too_big => {
-                    let what = format!("the message alone is {size} bytes, over the bound of {what}");
-                    let _ = p.reply.send(Err(AppendError::Full { what }));
-                    return Ok(());
-                }
-                Overflow::Reject => {
-                    let _ = p.reply.send(Err(AppendError::Full { what }));
-                    return Ok(());
-                }
-                Overflow::Block => {
-                    self.blocked.push_back(p);
-                    return Ok(());
-                }
-                // Only when dropping its whole class could make room: never
-                // two losses where one would do.
-                Overflow::DropOldest => {
-                    let class = self.class_totals(deadline)?;
-                    let all = Totals {
-                        count: class.count + freed.count - freed_own.count,
-                        bytes: class.bytes + freed.bytes - freed_own.bytes,
-                    };
-                    self.over_bounds(size, all).is_none()
-                }
-                Overflow::DropNewest => false,
-            };
-            if evict {
-                self.supersede(&replaced, b)?;
-                self.drop_oldest_for(size, deadline, b)?;
-            }
-            if !evict || self.over_bounds(size, Totals::default()).is_some() {
-                self.store.add_drop(DropReason::Overflow, None)?;
-                b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
-                b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() })));
+        let (replaced, replaces, replaces_own) = self.replaced_by(&p.msg)?;
+        let overflow = self.policy_of(&p.msg);
+        let candidate = Candidate { size, replaces, replaces_own, overflow };
+        let (bounds, queued) = (self.bounds(), self.totals);
+        let full = |bound: Limit| AppendError::Full { what: bound.to_string() };
+        match admit(bounds, queued, candidate, || self.class_totals(deadline))? {
+            Admission::Admit => self.supersede(&replaced, b)?,
+            Admission::TooBigAlone(bound) => {
+                let what = format!("the message alone is {size} bytes, over the bound of {bound}");
+                let _ = p.reply.send(Err(AppendError::Full { what }));
                 return Ok(());
             }
-        } else {
-            self.supersede(&replaced, b)?;
+            Admission::Refuse(bound) => {
+                let _ = p.reply.send(Err(full(bound)));
+                return Ok(());
+            }
+            Admission::Wait => {
+                self.blocked.push_back(p);
+                return Ok(());
+            }
+            Admission::Evict(bound) => {
+                self.supersede(&replaced, b)?;
+                self.drop_oldest_for(size, deadline, b)?;
+                if self.over_bounds(size, Totals::default()).is_some() {
+                    return self.drop_new(p, bound, overflow, b);
+                }
+            }
+            Admission::DropNew(bound) => return self.drop_new(p, bound, overflow, b),
         }
         self.insert(p, b)
+    }
+
+    /// The new message is dropped for lack of room: counted, announced,
+    /// and the publisher told so.
+    fn drop_new(&mut self, p: PendingAppend, bound: Limit, policy: Overflow, b: &mut Batch) -> Result<(), StoreError> {
+        self.store.add_drop(DropReason::Overflow, None)?;
+        b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
+        let what = bound.to_string();
+        b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() })));
+        Ok(())
     }
 
     /// Queues an admitted message and counts it; it is accepted with the
@@ -135,19 +132,15 @@ impl Writer {
         Ok(())
     }
 
+    /// The outbox's bounds.
+    fn bounds(&self) -> Bounds {
+        Bounds { max_messages: self.config.max_messages, max_bytes: self.config.max_bytes }
+    }
+
     /// The bound that `extra` more bytes would break once `freed` (count
     /// and bytes) left.
-    fn over_bounds(&self, extra: u64, freed: Totals) -> Option<String> {
-        let c = self.config;
-        let count = self.totals.count.saturating_sub(freed.count);
-        let bytes = self.totals.bytes.saturating_sub(freed.bytes);
-        if let Some(max) = c.max_messages.filter(|m| count + 1 > *m) {
-            return Some(format!("{max} messages"));
-        }
-        if let Some(max) = c.max_bytes.filter(|m| bytes + extra > *m) {
-            return Some(format!("{max} bytes"));
-        }
-        None
+    fn over_bounds(&self, extra: u64, freed: Totals) -> Option<Limit> {
+        self.bounds().broken_by(extra, self.totals, freed)
     }
 
     /// Keep-latest: the queued values `msg` would replace, the room they

@@ -562,6 +562,9 @@ impl Driver {
                     tracing::warn!(%broker, in_flight, queued, "the broker lost our session: publishing every unacknowledged message again");
                     let _ = self.events.send(Event::SessionLost { broker, republish: queued });
                 }
+                SessionEvent::Stranded { id, reason } => {
+                    tracing::error!(broker = %self.url, id, reason = reason.as_str(), "a QoS 2 message in flight can no longer be sent to this broker (its maximum packet size shrank?); its packet id stays reserved until the broker loses the session");
+                }
                 SessionEvent::Missing(id) => {
                     tracing::error!(id, "in-flight message missing; it will be read again");
                 }

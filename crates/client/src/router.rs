@@ -23,6 +23,8 @@ use crate::Event;
 
 pub(crate) struct Router {
     routes: Mutex<Routes>,
+    /// Each set's route name (`None`: the default set), for the logs.
+    names: Vec<Option<String>>,
     urls: Vec<String>,
     generation: watch::Sender<u64>,
     wake: Notify,
@@ -54,9 +56,11 @@ impl Router {
         // first attempt; a fail-back waits at most the ack timeout for the
         // old broker to drain (it may carry other routes' traffic too).
         let grace = cfg.connect_timeout.min(Duration::from_secs(3));
+        let names = sets.iter().map(|s| s.name.clone()).collect();
         let routes = Routes::new(sets, all.len(), now(), grace, cfg.ack_timeout);
         Self {
             routes: Mutex::new(routes),
+            names,
             urls: all.iter().map(|u| u.to_string()).collect(),
             generation: watch::channel(0).0,
             wake: Notify::new(),
@@ -132,8 +136,7 @@ impl Router {
     /// Announces a decision's switches and bumps the generation if messages
     /// changed owner; returns when the rules must be checked again.
     fn carry_out(&self, d: Decision) -> Option<Instant> {
-        let sets = self.lock().sets().to_vec();
-        let route_name = |s: usize| sets[s].name.clone();
+        let route_name = |s: usize| self.names[s].clone();
         for (s, b) in &d.chosen {
             let route = route_name(*s);
             tracing::info!(route = route.as_deref().unwrap_or("default"), broker = %self.urls[*b], "failover: sending to this broker");

@@ -15,10 +15,24 @@ const SUB_WINDOW: usize = 8;
 /// What the broker sends the producer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Down {
-    ConnAck { present: bool },
-    PubAck { pid: u16 },
-    PubRec { pid: u16 },
-    PubComp { pid: u16 },
+    ConnAck {
+        present: bool,
+    },
+    /// `of`: the message it answers (the simulator's bookkeeping, not on
+    /// the wire); `ok`: false for a refusal (an error reason code).
+    PubAck {
+        pid: u16,
+        of: u64,
+        ok: bool,
+    },
+    PubRec {
+        pid: u16,
+        of: u64,
+        ok: bool,
+    },
+    PubComp {
+        pid: u16,
+    },
     PingResp,
 }
 
@@ -185,17 +199,28 @@ impl Broker {
     }
 
     /// Handles one frame: (kind, pid, dup, qos, id); returns what to answer
-    /// and the message id it concerned.
-    pub fn receive(&mut self, f: &[u8]) -> (Reply, Option<u64>) {
+    /// and the message id it concerned. With `refuse`, a new PUBLISH is
+    /// refused (an error reason code: not authorised, quota exceeded).
+    pub fn receive(&mut self, f: &[u8], refuse: bool) -> (Reply, Option<u64>) {
         let pid = u16::from_be_bytes([f[1], f[2]]);
         let qos = f[4];
         let id = u64::from_be_bytes(f[5..13].try_into().expect("frame size"));
+        let held = self.live.as_ref().is_some_and(|s| s.qos2.contains_key(&pid));
         match f[0] {
             1 if qos == 2 && self.max_qos_1 => (Reply::Close("QoS 2 PUBLISH above the maximum QoS"), Some(id)),
+            1 if refuse && qos == 1 => (Reply::Send(Down::PubAck { pid, of: id, ok: false }), Some(id)),
+            1 if refuse && qos == 2 && !held => {
+                let d = if self.qos2_as_puback {
+                    Down::PubAck { pid, of: id, ok: false }
+                } else {
+                    Down::PubRec { pid, of: id, ok: false }
+                };
+                (Reply::Send(d), Some(id))
+            }
             1 if qos == 1 || (qos == 2 && self.qos2_as_puback) => {
                 self.acknowledged.insert(id);
                 self.forward(id);
-                (Reply::Send(Down::PubAck { pid }), Some(id))
+                (Reply::Send(Down::PubAck { pid, of: id, ok: true }), Some(id))
             }
             1 if qos == 2 => {
                 // A packet id still held is a duplicate of the message the
@@ -213,7 +238,7 @@ impl Broker {
                     // producer cannot know (the broker claims the session).
                     self.lost.insert(id);
                 }
-                (Reply::Send(Down::PubRec { pid }), Some(id))
+                (Reply::Send(Down::PubRec { pid, of: id, ok: true }), Some(id))
             }
             1 => (Reply::Nothing, Some(id)),
             2 => {

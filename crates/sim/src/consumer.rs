@@ -45,6 +45,8 @@ pub struct Consumer {
     pub app: VecDeque<(u64, Del)>,
     /// Inbox records being written.
     pub records: VecDeque<Record>,
+    /// Identities whose record failed, waiting for the engine to try again.
+    pub rerecord: BTreeSet<u64>,
     /// Per broker, the current connection's number (acks of older ones
     /// are void).
     pub epochs: Vec<u64>,
@@ -57,6 +59,7 @@ impl Consumer {
             inbox: BTreeSet::new(),
             app: VecDeque::new(),
             records: VecDeque::new(),
+            rerecord: BTreeSet::new(),
             epochs: vec![0; brokers],
         };
         c.start();
@@ -81,7 +84,8 @@ impl Consumer {
     pub fn crash(&mut self, rng: &mut fastrand::Rng) -> Vec<u64> {
         self.engine = None;
         self.app.clear();
-        let mut unwritten = Vec::new();
+        // Failed records waited in the engine to be tried again: gone too.
+        let mut unwritten: Vec<u64> = std::mem::take(&mut self.rerecord).into_iter().collect();
         for (_, batch) in self.records.drain(..) {
             let ids = batch.into_iter().map(|(i, _)| i.seq);
             if rng.bool() {

@@ -1,18 +1,21 @@
 //! A deterministic simulator of steadfast's delivery engine.
 //!
-//! One seed is one world: a producer process with its outbox, a model MQTT
-//! broker, and the network between them, all in simulated time. The seed
-//! decides everything: the broker's quirks, the latency, when messages are
-//! published, and a schedule of faults (broker kill -9 with or without
-//! persistence, connection resets that cut a packet at any byte, black
-//! holes, producer crashes). The producer runs the same
-//! [`PublishSession`](steadfast_core::engine::PublishSession) that the
-//! real tokio driver runs; only its I/O is simulated.
+//! One seed is one world: a producer process with its outbox, one to three
+//! model MQTT brokers (failover or fanout), a consumer process with its
+//! inbox subscribed on every broker, and the connections between them,
+//! all in simulated time. The seed decides everything: the brokers' quirks
+//! and persistence, the latency, the traffic and its delivery classes, and
+//! a schedule of faults (broker kill -9, resets that cut a packet at any
+//! byte, black holes, partitions, crashes of both processes, refusals,
+//! failed store writes). Both processes run the engines the real drivers
+//! run ([`steadfast_core::engine`]); only their I/O is simulated.
 //!
-//! The verdict is the one `steadfast chaos` gives: every accepted message
-//! was acknowledged by the broker or dropped with a counted reason, and
-//! none is left behind once the faults heal. A failing seed replays
-//! identically and prints the trace of the first lost message.
+//! The verdict: every accepted message was handled by the consumer,
+//! dropped with a reason that held, or lost by the brokers themselves
+//! after they acknowledged it (reported apart); nothing is stuck once the
+//! faults heal; nothing is handled twice unless a crash took the first
+//! inbox record. A failing seed replays identically and prints the story
+//! of the first lost, repeated or stuck message.
 
 #![forbid(unsafe_code)]
 

@@ -1,4 +1,6 @@
-//! `steadfast-sim --seeds N [--from S] [--mutate BUG|list] [--trace SEED]`
+//! `steadfast-sim --seeds N [--from S] [--mutate BUG|list] [--threads T]`:
+//! runs the seeds, prints a line per failing one and the story of the
+//! first failure, the totals, and `N schedules from seed S: F failed`.
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -147,6 +147,9 @@ pub struct Producer {
     cfg: SessionConfig,
     /// Monotonic time zero of the simulation.
     pub epoch: Instant,
+    /// Decides which binds fail (a full disk).
+    rng: fastrand::Rng,
+    bind_fail_per_mille: u32,
 }
 
 impl Producer {
@@ -173,6 +176,8 @@ impl Producer {
             need,
             cfg,
             epoch,
+            rng: fastrand::Rng::with_seed(s.seed ^ 0xb1d),
+            bind_fail_per_mille: s.bind_fail_per_mille,
         };
         p.start();
         p
@@ -250,10 +255,11 @@ impl Producer {
     }
 
     /// Carries out `slot`'s engine's store operations; a bind is committed
-    /// at once and its outcome handed back.
-    pub fn carry_out(&mut self, slot: usize, t: u64, trace: &mut Trace) {
+    /// at once and its outcome handed back. True when a bind failed: the
+    /// link must end (the rest waits, as in the driver).
+    pub fn carry_out(&mut self, slot: usize, t: u64, trace: &mut Trace) -> bool {
         if !self.alive() {
-            return;
+            return false;
         }
         while let Some(op) = self.engines[slot].poll_store() {
             self.dirty = true;
@@ -277,6 +283,12 @@ impl Producer {
                     }
                 }
                 StoreOp::Bind(updates) => {
+                    if self.rng.u32(0..1000) < self.bind_fail_per_mille {
+                        let ids: Vec<u64> = updates.iter().map(|(id, _)| *id).collect();
+                        trace.note(t, None, format!("outbox: a bind for broker {slot} failed (disk full?) {ids:?}"));
+                        self.engines[slot].handle_bound(Bound::Failed, &mut SimWire);
+                        return true;
+                    }
                     let gone = self.bind(slot, updates, t, trace);
                     // A bind is synced before the engine hears of it.
                     self.committed = self.working.clone();
@@ -284,6 +296,7 @@ impl Producer {
                 }
             }
         }
+        false
     }
 
     fn acked(&mut self, slot: usize, ids: Vec<u64>, t: u64, trace: &mut Trace) {
@@ -309,6 +322,8 @@ impl Producer {
             match w {
                 Some(w) if open || self.working.wire.contains_key(&(slot, id)) => {
                     trace.note(t, Some(id), format!("outbox: broker {slot} QoS 2 binding {w:?} written"));
+                    // One exchange per packet id and broker, as the store keeps it.
+                    self.working.wire.retain(|(s, i), (pid, _)| *s != slot || *pid != w.0 || *i == id);
                     self.working.wire.insert((slot, id), w);
                 }
                 Some(_) => gone.push(id),

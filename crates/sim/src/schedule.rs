@@ -113,6 +113,15 @@ pub struct Schedule {
     pub max_queued: Option<usize>,
     /// The producer's links carry this many bytes per ms at most.
     pub bandwidth: Option<u64>,
+    /// Per mille of new PUBLISHes the brokers refuse (an error reason code).
+    pub refuse_per_mille: u32,
+    /// Per mille of the producer's QoS 2 binds that fail to be written (a
+    /// full disk): the link ends, nothing held goes out.
+    pub bind_fail_per_mille: u32,
+    /// Per mille of deliveries the consumer's application gives back.
+    pub give_back_per_mille: u32,
+    /// Per mille of the consumer's inbox records that fail to be written.
+    pub record_fail_per_mille: u32,
     /// The producer's window.
     pub max_inflight: u16,
     /// Messages read from the outbox per page.
@@ -184,6 +193,10 @@ impl Schedule {
             session_expiry_ms: (rng.u8(0..4) == 0).then(|| rng.u64(500..10_000)),
             max_queued: (rng.u8(0..4) == 0).then(|| rng.usize(10..200)),
             bandwidth: (rng.u8(0..4) == 0).then(|| rng.u64(1..40)),
+            refuse_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..150) } else { 0 },
+            bind_fail_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..300) } else { 0 },
+            give_back_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..150) } else { 0 },
+            record_fail_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..300) } else { 0 },
             max_inflight: rng.u16(1..64),
             page: rng.usize(2..64),
             handling_ms: rng.u64(0..30),

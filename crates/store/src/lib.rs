@@ -215,7 +215,8 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// Marks a message delivered while QoS 2 exchanges of it stay open.
     fn set_done(&mut self, id: u64) -> Result<(), StoreError>;
     /// Records (or clears) the wire binding of a QoS 2 message on the broker
-    /// in `slot`.
+    /// in `slot`. A packet id holds one exchange per broker: recording it
+    /// for `id` voids another message's binding under the same id there.
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError>;
     /// Up to `limit` queued (not done) messages with id greater than
     /// `after`, oldest first; with a slot, only those that broker has not

@@ -103,6 +103,8 @@ impl Store for MemoryStore {
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
         match wire {
             Some(w) if self.state.messages.contains_key(&id) => {
+                // One exchange per packet id and broker.
+                self.state.wire.retain(|(i, s), (pid, _)| *s != slot || *pid != w.0 || *i == id);
                 self.state.wire.insert((id, slot), w);
             }
             Some(_) => {}

@@ -2,12 +2,13 @@
 //! which packet id, what an acknowledgement means, what a CONNACK means for
 //! what was in flight, and when the link must be given up.
 //!
-//! States: *disconnected* (between links: nothing is sent, the window and
-//! its contents are kept for the next CONNACK), *connected* (messages
-//! stream from the queue into the window), and, inside either, *binding*
-//! (a durable write of QoS 2 packet ids is under way: nothing else happens
-//! until the driver reports its outcome with
-//! [`PublishSession::handle_bound`]).
+//! States: *disconnected* (between links: nothing is sent, no timer ends
+//! anything, the window and its contents are kept for the next CONNACK),
+//! *connected* (messages stream from the queue into the window), and,
+//! inside either, *binding* (a durable write of QoS 2 packet ids is under
+//! way: no new message enters the window and no page is read until the
+//! driver reports its outcome with [`PublishSession::handle_bound`];
+//! acknowledgements and timers are still handled).
 //!
 //! The queue is fed from the outbox in pages, one priority at a time
 //! ([`PublishSession::next_read`], [`PublishSession::handle_page`]). Whether
@@ -173,6 +174,15 @@ pub enum SessionEvent<M> {
     /// A message in the window had no contents (cannot happen): it is read
     /// from the outbox again.
     Missing(u64),
+    /// A QoS 2 message in flight can no longer be encoded for a kept
+    /// session (the broker's maximum packet size shrank): its packet id
+    /// stays reserved until the broker loses the session.
+    Stranded {
+        /// The message.
+        id: u64,
+        /// Why it cannot be sent.
+        reason: DropReason,
+    },
 }
 
 /// Why the link must end.
@@ -308,7 +318,7 @@ impl<M: Queued> PublishSession<M> {
         [
             (Timer::KeepAlive, self.keepalive.as_ref().map(KeepAlive::poll_timeout)),
             (Timer::AckTimeout, ack),
-            (Timer::Retry, self.retry.front().map(|(t, _)| *t)),
+            (Timer::Retry, self.retry.front().filter(|_| self.keepalive.is_some()).map(|(t, _)| *t)),
         ]
     }
 
@@ -320,6 +330,10 @@ impl<M: Queued> PublishSession<M> {
 
     /// Acts on the timers that are due: a PINGREQ, or the end of the link.
     pub fn handle_timeout(&mut self, now: Now, wire: &mut impl Wire<M>) -> Result<(), End> {
+        if self.keepalive.is_none() {
+            // Disconnected: no link to end, nothing to ping.
+            return Ok(());
+        }
         if !self.window.is_empty() && now.at.saturating_duration_since(self.progress_at) >= self.cfg.ack_timeout {
             if crate::mutate::planted(crate::mutate::Bug::DropWindowOnAckTimeout) {
                 self.store.push_back(StoreOp::Ack(self.window.ids().collect()));
@@ -344,10 +358,15 @@ impl<M: Queued> PublishSession<M> {
     /// The connection ended: nothing more is sent until the next CONNACK.
     /// The window and its contents are kept (a kept session resumes them).
     /// Binds not yet carried out are void: what waited for them is undone
-    /// as if the write had failed (a later link decides afresh).
+    /// as if the write had failed (a later link decides afresh). The caller
+    /// must have reported the outcome of every bind it took from
+    /// [`Self::poll_store`]: the binds still queued are then exactly the
+    /// ones waiting, in order.
     pub fn handle_link_lost(&mut self) {
         self.keepalive = None;
         self.out.clear();
+        let queued_binds = self.store.iter().filter(|op| matches!(op, StoreOp::Bind(_))).count();
+        debug_assert_eq!(queued_binds, self.pending.len(), "a bind was taken without its outcome reported");
         for op in std::mem::take(&mut self.store) {
             match op {
                 StoreOp::Bind(_) => {

@@ -117,18 +117,20 @@ impl ReceiveSession {
     /// is not read (the application is slow): silence then counts for
     /// nothing.
     pub fn handle_timeout(&mut self, now: Instant, reading: bool, wire: &mut impl AckWire) -> Result<(), End> {
-        if now >= self.written_at + self.keep_alive / 2 {
+        let mut ping = now >= self.written_at + self.keep_alive / 2;
+        if reading {
+            match self.keepalive.poll(now) {
+                Some(KeepAliveAction::SendPing) => ping = true,
+                Some(KeepAliveAction::Dead) => return Err(End::DeadLink),
+                None => {}
+            }
+        } else {
+            self.keepalive.on_receive(now);
+        }
+        // One PINGREQ, whichever rule asked for it.
+        if ping {
             self.out.extend(wire.ping());
             self.written_at = now;
-        }
-        if !reading {
-            self.keepalive.on_receive(now);
-            return Ok(());
-        }
-        match self.keepalive.poll(now) {
-            Some(KeepAliveAction::SendPing) => self.out.extend(wire.ping()),
-            Some(KeepAliveAction::Dead) => return Err(End::DeadLink),
-            None => {}
         }
         Ok(())
     }

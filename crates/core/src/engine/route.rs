@@ -113,6 +113,8 @@ pub struct Routes {
     drain_limit: Duration,
     /// Pins were dropped while answering `claims`: links read again.
     pending_bump: bool,
+    /// When the last decision asked to be made again.
+    decide_at: Option<Instant>,
 }
 
 impl Routes {
@@ -134,12 +136,8 @@ impl Routes {
             grace,
             drain_limit,
             pending_bump: false,
+            decide_at: None,
         }
-    }
-
-    /// The sets.
-    pub fn sets(&self) -> &[SetSpec] {
-        &self.sets
     }
 
     /// The set of a route (`None`: the default set).
@@ -246,8 +244,19 @@ impl Routes {
         self.sets.iter().any(|s| s.routing != Routing::Fanout && s.members.contains(&broker))
     }
 
+    /// The routes' timer: when the failover rules must be applied again.
+    pub fn timers(&self) -> [(super::Timer, Option<Instant>); 1] {
+        [(super::Timer::FailBack, self.decide_at)]
+    }
+
     /// Applies the failover rules at `now`.
     pub fn decide(&mut self, now: Instant) -> Decision {
+        let d = self.decide_sets(now);
+        self.decide_at = d.next;
+        d
+    }
+
+    fn decide_sets(&mut self, now: Instant) -> Decision {
         let mut d = Decision::default();
         let in_grace = now < self.started + self.grace;
         if in_grace {

@@ -200,10 +200,19 @@ impl World {
         e.handle_delivered(items, &seen, now);
     }
 
-    /// The application finishes what is due: handled, then acknowledged.
+    /// The application finishes what is due: handled, then acknowledged;
+    /// or, now and then, given back unhandled (it comes again).
     fn application(&mut self) {
+        let now = self.now();
         while self.consumer.app.front().is_some_and(|(at, _)| *at <= self.t) {
             let (_, d) = self.consumer.app.pop_front().expect("front");
+            if self.rng.u32(0..1000) < self.s.give_back_per_mille {
+                self.trace.note(self.t, Some(d.id), "consumer: given back by the application, unhandled");
+                if let Some(e) = self.consumer.engine.as_mut() {
+                    e.handle_refused(d, now);
+                }
+                continue;
+            }
             *self.handled.entry(d.id).or_default() += 1;
             self.trace.note(self.t, Some(d.id), "consumer: HANDLED by the application");
             if let Some(e) = self.consumer.engine.as_mut() {
@@ -217,12 +226,18 @@ impl World {
         let now = self.now();
         while self.consumer.records.front().is_some_and(|(at, _)| *at <= self.t) {
             let (_, batch) = self.consumer.records.pop_front().expect("front");
+            let ok = self.rng.u32(0..1000) >= self.s.record_fail_per_mille;
             for (i, _) in &batch {
-                self.trace.note(self.t, Some(i.seq), "consumer: identity recorded in the inbox");
-                self.consumer.inbox.insert(i.seq);
+                if ok {
+                    self.trace.note(self.t, Some(i.seq), "consumer: identity recorded in the inbox");
+                    self.consumer.inbox.insert(i.seq);
+                } else {
+                    self.trace.note(self.t, Some(i.seq), "consumer: the inbox record failed (disk full?)");
+                    self.consumer.rerecord.insert(i.seq);
+                }
             }
             if let Some(e) = self.consumer.engine.as_mut() {
-                e.handle_recorded(batch, true, now);
+                e.handle_recorded(batch, ok, now);
             }
         }
     }
@@ -251,6 +266,9 @@ impl World {
                     }
                 }
                 DispatchOp::Record(batch) => {
+                    for (i, _) in &batch {
+                        self.consumer.rerecord.remove(&i.seq);
+                    }
                     let at = self.t + self.rng.u64(0..5);
                     self.consumer.records.push_back((at, batch));
                 }

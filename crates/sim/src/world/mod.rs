@@ -136,6 +136,8 @@ struct World {
     next_cconnect: Vec<u64>,
     back: Back,
     accepted: BTreeSet<u64>,
+    /// Per message, the brokers whose acknowledgement reached the producer.
+    acks_reached: BTreeMap<u64, BTreeSet<usize>>,
     /// What the consumer's application handled, and how often.
     handled: BTreeMap<u64, u32>,
     /// Second handlings the inbox could not stop: the first one's record
@@ -167,6 +169,7 @@ pub fn run(seed: u64) -> Verdict {
         next_cconnect: vec![0; n],
         back: Back { producer: None, consumer: None, brokers: vec![None; n], partitions: vec![None; n] },
         accepted: BTreeSet::new(),
+        acks_reached: BTreeMap::new(),
         handled: BTreeMap::new(),
         excused: BTreeMap::new(),
         trace: Trace::default(),
@@ -383,14 +386,16 @@ impl World {
             .collect();
         let handled = |id: &u64| self.handled.contains_key(id);
         let dropped = |id: &u64| self.producer.committed.drops.contains_key(id);
-        // Lost by the brokers: as many brokers as its quorum took it, and
-        // every broker that took it lost it.
+        // Lost by the brokers: as many brokers as its quorum acknowledged it
+        // to the producer (only then may the producer forget it), and every
+        // one of them lost it.
         let need = match self.s.spread {
             Spread::Fanout { need } => need as usize,
             Spread::Failover { .. } => 1,
         };
         let broker_lost = |id: &u64| {
-            let took: Vec<&Broker> = self.brokers.iter().filter(|b| b.acknowledged.contains(id)).collect();
+            let took = self.acks_reached.get(id).map(|b| b.iter().map(|b| &self.brokers[*b]).collect::<Vec<_>>());
+            let took = took.unwrap_or_default();
             took.len() >= need && took.iter().all(|b| b.lost.contains(id))
         };
         let lost = self
@@ -399,7 +404,9 @@ impl World {
             .copied()
             .filter(|id| !handled(id) && !dropped(id) && !broker_lost(id) && !queued.contains(id))
             .collect();
-        let stuck = self.accepted.iter().copied().filter(|id| !handled(id) && queued.contains(id)).collect();
+        // Nothing may stay queued once every fault healed, handled or not
+        // (an outbox that never lets go of a delivered message is a bug too).
+        let stuck = self.accepted.iter().copied().filter(|id| queued.contains(id)).collect();
         let twice = self
             .handled
             .iter()

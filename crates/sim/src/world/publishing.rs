@@ -43,7 +43,7 @@ impl World {
         if d.bump {
             self.producer.engines.iter_mut().for_each(|e| e.rewind());
         }
-        self.route_wake = d.next.map(|n| self.ms(n));
+        self.route_wake = self.routes.borrow().timers()[0].1.map(|n| self.ms(n));
     }
 
     pub(super) fn publish(&mut self, p: Publish) {
@@ -123,7 +123,8 @@ impl World {
     }
 
     fn broker_receives(&mut self, b: usize, f: &[u8]) {
-        let (reply, id) = self.brokers[b].receive(f);
+        let refuse = self.s.refuse_per_mille > 0 && self.rng.u32(0..1000) < self.s.refuse_per_mille;
+        let (reply, id) = self.brokers[b].receive(f, refuse);
         let what = ["?", "PUBLISH", "PUBREL", "PINGREQ"].get(f[0] as usize).copied().unwrap_or("?");
         let pid = u16::from_be_bytes([f[1], f[2]]);
         match reply {
@@ -157,16 +158,35 @@ impl World {
         for p in packets {
             match p {
                 Down::ConnAck { present } => self.producer_connected(b, present),
-                Down::PubAck { pid } => acks.push(Ack::PubAck { pid, ok: true }),
-                Down::PubRec { pid } => acks.push(Ack::PubRec { pid, ok: true }),
+                Down::PubAck { pid, of, ok } => {
+                    self.note_ack(b, of, ok);
+                    acks.push(Ack::PubAck { pid, ok });
+                }
+                Down::PubRec { pid, of, ok } => {
+                    self.note_ack(b, of, ok);
+                    acks.push(Ack::PubRec { pid, ok });
+                }
                 Down::PubComp { pid } => acks.push(Ack::PubComp { pid }),
                 Down::PingResp => {}
             }
         }
         let r = self.producer.engines[b].handle_acks(acks, now);
-        self.producer.carry_out(b, self.t, &mut self.trace);
+        if self.producer.carry_out(b, self.t, &mut self.trace) {
+            self.producer_link_lost(b, "a QoS 2 bind could not be written");
+            return;
+        }
         if let Err(end) = r {
             self.ended(b, end);
+        }
+    }
+
+    /// An acknowledgement reached the producer: from then on the message
+    /// is that broker's to lose (a refusal is none).
+    fn note_ack(&mut self, b: usize, of: u64, ok: bool) {
+        if ok {
+            self.acks_reached.entry(of).or_default().insert(b);
+        } else {
+            self.trace.note(self.t, Some(of), format!("producer: broker {b} refused it"));
         }
     }
 
@@ -220,7 +240,10 @@ impl World {
         }
         self.producer.engines[b].fill(now, &claims, &mut SimWire);
         // A bind carried out may release held packets: transmit after it.
-        self.producer.carry_out(b, self.t, &mut self.trace);
+        if self.producer.carry_out(b, self.t, &mut self.trace) {
+            self.producer_link_lost(b, "a QoS 2 bind could not be written");
+            return;
+        }
         let inflight = self.producer.engines[b].in_flight();
         if self.routes.borrow_mut().progress(b, inflight) {
             let d = self.routes.borrow_mut().decide(now.at);

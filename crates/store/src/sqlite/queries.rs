@@ -129,6 +129,11 @@ impl Store for SqliteStore {
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
         let r = match wire {
             Some((pid, stage)) => {
+                // One exchange per packet id and broker: a binding left
+                // behind under this id (its clearing failed) is void now.
+                let mut stale =
+                    self.conn.prepare_cached("DELETE FROM wire WHERE slot = ?1 AND pid = ?2 AND id != ?3")?;
+                stale.execute(params![slot, pid, id]).map_err(|e| self.map(e))?;
                 let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
                 stmt.execute(params![id, slot, pid, stage_to_sql(stage)])
             }

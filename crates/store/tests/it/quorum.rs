@@ -123,3 +123,27 @@ fn the_catch_up_sweep_of_one_route_is_not_starved_by_another_routes_backlog() {
         swept.await.expect("the routed message lapses within seconds").unwrap();
     });
 }
+
+/// A binding whose clearing failed (a refused QoS 2 message) is void once
+/// its packet id is bound to another message on the same broker: after a
+/// restart the window must not hold two messages under one id.
+#[test]
+fn a_packet_id_holds_one_exchange_per_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let stores: [Box<dyn Store>; 2] =
+        [Box::new(MemoryStore::new()), Box::new(SqliteStore::open(dir.path()).unwrap().0)];
+    for store in stores {
+        block_on(async {
+            let (o, a, b) = routed(store, quorum(1, None)).await;
+            let first = o.append(msg("t", "1"), false).0.await.unwrap();
+            let second = o.append(msg("t", "2"), false).0.await.unwrap();
+            o.set_wire(a, vec![(first, Some((7, Stage::Published)))]).await.unwrap();
+            o.set_wire(b, vec![(first, Some((7, Stage::Published)))]).await.unwrap();
+            o.set_wire(a, vec![(second, Some((7, Stage::Published)))]).await.unwrap();
+            let on_a: Vec<_> = o.bound(a).await.unwrap().iter().map(|m| (m.id, m.wire)).collect();
+            assert_eq!(on_a, vec![(second, Some((7, Stage::Published)))], "the old binding under 7 is void on A");
+            let on_b: Vec<_> = o.bound(b).await.unwrap().iter().map(|m| m.id).collect();
+            assert_eq!(on_b, vec![first], "another broker's binding under the same id stays");
+        });
+    }
+}

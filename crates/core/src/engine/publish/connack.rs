@@ -108,6 +108,14 @@ impl<M: Queued> PublishSession<M> {
                         attempted.push(e.id);
                     }
                 }
+                // A QoS 2 PUBLISH the broker may have taken (its PUBREC
+                // lost) can no longer be encoded: its packet id stays
+                // reserved (reused, the broker would take the next message
+                // under it for this one), and it waits until the broker
+                // loses the session.
+                Err(reason) if e.qos == Qos::ExactlyOnce => {
+                    self.events.push_back(SessionEvent::Stranded { id: e.id, reason });
+                }
                 Err(reason) => {
                     window.release(pid);
                     self.inflight.remove(&e.id);
@@ -132,8 +140,7 @@ impl<M: Queued> PublishSession<M> {
     /// window applies only once that is written (until then the old state
     /// stands, to be decided again at the next CONNACK).
     fn restart(&mut self, window: SendWindow, delivered: Vec<u64>, ack: ConnAckInfo) {
-        let republish = self.inflight.len() as u64;
-        let expected = !ack.asked_clean && (republish > 0 || ack.reconnect);
+        let expected = !ack.asked_clean && (!self.inflight.is_empty() || ack.reconnect);
         let stale: Vec<WireUpdate> =
             self.inflight.values().filter(|m| m.qos() == Qos::ExactlyOnce).map(|m| (m.id(), None)).collect();
         if stale.is_empty() {

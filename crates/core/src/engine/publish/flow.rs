@@ -24,11 +24,12 @@ impl<M: Queued> PublishSession<M> {
                 break;
             }
             let m = self.queue.pop_front().expect("front exists");
-            let Some((m, pid, bytes)) = self.prepare(m, now, &mut attempted, wire) else { continue };
+            let Some((mut m, pid, bytes)) = self.prepare(m, now, wire) else { continue };
             if m.qos() == Qos::ExactlyOnce || !held.is_empty() {
                 held.push((m, pid, bytes));
                 continue;
             }
+            Self::count_send(&mut m, &mut attempted);
             self.out.extend(bytes);
             match pid {
                 Some(_) => {
@@ -60,13 +61,7 @@ impl<M: Queued> PublishSession<M> {
     /// Takes `m` out of the queue for the wire: its QoS for this broker, a
     /// packet id, its bytes. `None` when it left instead (spent, or it can
     /// never be sent).
-    fn prepare(
-        &mut self,
-        mut m: M,
-        now: Now,
-        attempted: &mut Vec<u64>,
-        wire: &mut impl Wire<M>,
-    ) -> Option<(M, Option<u16>, Vec<u8>)> {
+    fn prepare(&mut self, mut m: M, now: Now, wire: &mut impl Wire<M>) -> Option<(M, Option<u16>, Vec<u8>)> {
         // A broker that takes QoS 1 at most gets QoS 2 messages at QoS 1: a
         // consumer's inbox removes the copies QoS 1 allows. Never lower than
         // 1: QoS 0 would give up the acknowledgement.
@@ -78,10 +73,6 @@ impl<M: Queued> PublishSession<M> {
         if let Some(reason) = Self::spent(&m, now.wall_ms) {
             self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
             return None;
-        }
-        if qos != Qos::AtMostOnce && m.max_attempts().is_some() {
-            m.count_attempt();
-            attempted.push(m.id());
         }
         if self.window.is_empty() && qos != Qos::AtMostOnce {
             self.progress_at = now.at;
@@ -96,6 +87,16 @@ impl<M: Queued> PublishSession<M> {
                 self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
                 None
             }
+        }
+    }
+
+    /// A send of `m` is going out: it counts against its retry budget
+    /// (only a send that really leaves counts; one held back for a bind
+    /// that fails does not).
+    fn count_send(m: &mut M, attempted: &mut Vec<u64>) {
+        if m.qos() != Qos::AtMostOnce && m.max_attempts().is_some() {
+            m.count_attempt();
+            attempted.push(m.id());
         }
     }
 
@@ -161,7 +162,8 @@ impl<M: Queued> PublishSession<M> {
 
     fn send_held(&mut self, qos0_before: Vec<M>, held: Vec<(M, Option<u16>, Vec<u8>)>, gone: Vec<u64>) {
         let mut sent_qos0: Vec<u64> = qos0_before.iter().map(Queued::id).collect();
-        for (m, pid, bytes) in held {
+        let mut attempted = Vec::new();
+        for (mut m, pid, bytes) in held {
             if gone.contains(&m.id()) {
                 // Delivered through other brokers meanwhile: not sent here.
                 if let Some(pid) = pid {
@@ -169,6 +171,7 @@ impl<M: Queued> PublishSession<M> {
                 }
                 continue;
             }
+            Self::count_send(&mut m, &mut attempted);
             self.out.extend(bytes);
             match pid {
                 Some(_) => {
@@ -176,6 +179,9 @@ impl<M: Queued> PublishSession<M> {
                 }
                 None => sent_qos0.push(m.id()),
             }
+        }
+        if !attempted.is_empty() {
+            self.store.push_back(StoreOp::Attempted(attempted));
         }
         self.ack_qos0(sent_qos0);
     }

@@ -136,3 +136,48 @@ fn the_ack_timeout_ends_the_link_only_with_messages_in_flight() {
     assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(11_000)));
     assert_eq!(s.handle_timeout(at(t0, 11_000), &mut Text), Err(End::AckTimeout));
 }
+
+#[test]
+fn nothing_times_out_while_disconnected() {
+    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce)]);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    s.handle_link_lost();
+    assert_eq!(s.handle_timeout(at(t0, 60_000), &mut Text), Ok(()), "no link to end before the next CONNACK");
+    assert_eq!(s.poll_transmit(), None);
+}
+
+/// Encodes only first sends: a resend cannot be encoded (the broker's
+/// maximum packet size shrank).
+struct NoResend;
+
+impl Wire<M> for NoResend {
+    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
+        if dup {
+            Err(DropReason::TooLarge)
+        } else {
+            Text.publish(m, pid, dup)
+        }
+    }
+    fn pubrel(&mut self, pid: u16) -> Vec<u8> {
+        Text.pubrel(pid)
+    }
+    fn ping(&mut self) -> Vec<u8> {
+        Text.ping()
+    }
+}
+
+#[test]
+fn a_qos2_message_that_cannot_be_resent_keeps_its_packet_id() {
+    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce)]);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    ops(&mut s);
+    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    sent(&mut s);
+    s.handle_link_lost();
+    let kept = ConnAckInfo { session_present: true, reconnect: true, ..ConnAckInfo::default() };
+    s.handle_connack(kept, at(t0, 10), &|_| true, &mut NoResend);
+    assert_eq!(ops(&mut s), vec![StoreOp::Drop(vec![1], DropReason::TooLarge)], "QoS 1 leaves, counted");
+    assert_eq!(s.in_flight(), 1, "the QoS 2 exchange keeps its id: the broker may hold it");
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.contains(&SessionEvent::Stranded { id: 2, reason: DropReason::TooLarge }), "{events:?}");
+}

@@ -112,8 +112,10 @@ fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(f) => {
-            eprintln!("steadfast: error: {}", f.error);
-            for cause in f.error.chain().skip(1) {
+            let shown = f.error.to_string();
+            eprintln!("steadfast: error: {shown}");
+            // A cause the message already quotes is not said twice.
+            for cause in f.error.chain().skip(1).map(|c| c.to_string()).filter(|c| !shown.contains(c.as_str())) {
                 eprintln!("  caused by: {cause}");
             }
             ExitCode::from(f.code)

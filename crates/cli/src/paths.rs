@@ -51,6 +51,7 @@ pub fn default_client_id() -> String {
 pub fn store_error(e: StoreError, flag: &str) -> anyhow::Error {
     match e {
         StoreError::Locked { .. } | StoreError::DiskFull { .. } => anyhow::anyhow!("{e} ({flag} DIR)"),
+        StoreError::Io { .. } => anyhow::anyhow!("{e}; give a directory this user can create and write ({flag} DIR)"),
         e => anyhow::Error::new(e),
     }
 }

@@ -36,6 +36,19 @@ pub enum Down {
     PingResp,
 }
 
+impl std::fmt::Display for Down {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = |ok: bool| if ok { "" } else { " with an error code (refused)" };
+        match *self {
+            Down::ConnAck { present } => write!(f, "CONNACK, session present {present}"),
+            Down::PubAck { pid, ok, .. } => write!(f, "PUBACK pid {pid}{}", verdict(ok)),
+            Down::PubRec { pid, ok, .. } => write!(f, "PUBREC pid {pid}{}", verdict(ok)),
+            Down::PubComp { pid } => write!(f, "PUBCOMP pid {pid}"),
+            Down::PingResp => f.write_str("PINGRESP"),
+        }
+    }
+}
+
 /// The broker's memory of the producer's session.
 #[derive(Debug, Clone, Default)]
 struct Session {

@@ -45,6 +45,8 @@ pub struct Totals {
     pub broker_lost: usize,
     /// Faults applied.
     pub faults: usize,
+    /// Faults skipped (their target was down or absent).
+    pub skipped: usize,
 }
 
 impl Totals {
@@ -55,6 +57,7 @@ impl Totals {
         self.budget += v.dropped.1;
         self.broker_lost += v.broker_lost;
         self.faults += v.faults;
+        self.skipped += v.skipped;
     }
 }
 

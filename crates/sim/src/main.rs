@@ -5,78 +5,92 @@
 use std::io::Write;
 use std::process::ExitCode;
 
+use clap::Parser;
 use steadfast_core::mutate::{plant, Bug};
 
+/// The deterministic simulator of steadfast's delivery engine: each seed
+/// is a world of a producer, one to three brokers and a consumer under
+/// faults, in simulated time. Exit 1 when a seed breaks a promise.
+#[derive(Parser)]
+#[command(name = "steadfast-sim", version)]
 struct Args {
+    /// How many seeds (worlds) to run.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..))]
     seeds: u64,
+    /// The first seed (replay one with `--seeds 1 --from SEED`).
+    #[arg(long, default_value_t = 0)]
     from: u64,
-    mutate: Option<Bug>,
-    threads: usize,
+    /// Plant a deliberate bug (`list` names them); the run should fail.
+    #[arg(long, value_name = "BUG|list", value_parser = parse_bug)]
+    mutate: Option<Mutate>,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
 }
 
-fn usage(problem: &str) -> ExitCode {
-    eprintln!("steadfast-sim: {problem}");
-    eprintln!("usage: steadfast-sim --seeds N [--from S] [--mutate BUG|list] [--threads T]");
-    ExitCode::from(2)
+#[derive(Clone, Copy)]
+enum Mutate {
+    List,
+    Plant(Bug),
 }
 
-fn parse() -> Result<Option<Args>, String> {
-    let mut a = Args { seeds: 1_000, from: 0, mutate: None, threads: 2 };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
-        let number = |v: String| v.parse::<u64>().map_err(|_| format!("{flag}: `{v}` is not a whole number"));
-        match flag.as_str() {
-            "--seeds" => a.seeds = number(value()?)?,
-            "--from" => a.from = number(value()?)?,
-            "--threads" => a.threads = number(value()?)?.clamp(1, 64) as usize,
-            "--mutate" => {
-                let v = value()?;
-                if v == "list" {
-                    for b in Bug::ALL {
-                        println!("{:<34} {}", b.name(), b.describe());
-                    }
-                    return Ok(None);
-                }
-                let names: Vec<_> = Bug::ALL.iter().map(|b| b.name()).collect();
-                a.mutate =
-                    Some(Bug::parse(&v).ok_or_else(|| format!("no planted bug `{v}`; one of: {}", names.join(", ")))?);
-            }
-            other => return Err(format!("unknown argument `{other}`")),
-        }
+fn parse_bug(s: &str) -> Result<Mutate, String> {
+    if s == "list" {
+        return Ok(Mutate::List);
     }
-    Ok(Some(a))
+    let names: Vec<_> = Bug::ALL.iter().map(|b| b.name()).collect();
+    Bug::parse(s)
+        .map(Mutate::Plant)
+        .ok_or_else(|| format!("no planted bug `{s}`; use `list`, or one of: {}", names.join(", ")))
 }
 
 fn main() -> ExitCode {
-    let a = match parse() {
-        Ok(Some(a)) => a,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => return usage(&e),
+    let a = Args::parse();
+    let bug = match a.mutate {
+        Some(Mutate::List) => {
+            for b in Bug::ALL {
+                println!("{:<34} {}", b.name(), b.describe());
+            }
+            return ExitCode::SUCCESS;
+        }
+        Some(Mutate::Plant(b)) => Some(b),
+        None => None,
     };
-    plant(a.mutate);
-    if let Some(b) = a.mutate {
+    plant(bug);
+    if let Some(b) = bug {
         println!("planted bug: {} ({})", b.name(), b.describe());
     }
-    // A closed pipe (`| head`) ends the output, not the run's verdict.
-    let (failed, t) = steadfast_sim::run_range_totals(a.from, a.seeds, a.threads, &mut |v| {
-        let _ = writeln!(std::io::stdout(), "FAILED {}", v.summary());
+    if a.from.checked_add(a.seeds).and_then(|end| end.checked_add(u64::from(a.threads))).is_none() {
+        eprintln!("error: --from {} with --seeds {} runs past the last seed; start lower", a.from, a.seeds);
+        return ExitCode::from(2);
+    }
+    let mut lines = Vec::new();
+    let (failed, t) = steadfast_sim::run_range_totals(a.from, a.seeds, a.threads as usize, &mut |v| {
+        lines.push((v.seed, format!("FAILED {}", v.summary())));
     });
+    // In seed order, whatever thread ran them; a closed pipe (`| head`)
+    // ends the output, not the run's verdict.
+    lines.sort();
+    let mut out = std::io::stdout();
+    for (_, line) in &lines {
+        let _ = writeln!(out, "{line}");
+    }
     if let Some(first) = failed.first() {
         // The first failure replays identically: its story.
         let v = steadfast_sim::run(*first);
         let id = v.culprit().unwrap_or(0);
-        let mut out = std::io::stdout();
         let _ = writeln!(out, "replay of seed {first}: the story of message {id}");
+        let _ = writeln!(out, "  {}", steadfast_sim::Schedule::of(*first).describe());
         let _ = write!(out, "{}", v.trace.story(id));
+        let _ = writeln!(out, "  end of the run: message {id} {}", v.fate(id));
     }
-    let mut out = std::io::stdout();
     let _ = writeln!(
         out,
-        "{} faults; {} messages accepted, {} handled, {} expired and {} out of budget (each in the drop log), {} lost by the brokers themselves",
-        t.faults, t.accepted, t.handled, t.expired, t.budget, t.broker_lost
+        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another)",
+        t.faults, t.skipped, t.accepted, t.handled, t.expired, t.budget, t.broker_lost
     );
-    let _ = writeln!(out, "{} schedules from seed {}: {} failed", a.seeds, a.from, failed.len());
+    let noun = if a.seeds == 1 { "schedule" } else { "schedules" };
+    let _ = writeln!(out, "{} {noun} from seed {}: {} failed", a.seeds, a.from, failed.len());
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -2,7 +2,7 @@
 //! what is not is gone), the engine the real driver runs, one per broker,
 //! and the routes that say which broker's a message is.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use steadfast_core::engine::{quorum_met, Bound, PublishSession, Queued, SessionConfig, StoreOp, Wire};
@@ -147,6 +147,12 @@ pub struct Producer {
     cfg: SessionConfig,
     /// Monotonic time zero of the simulation.
     pub epoch: Instant,
+    /// Per message, the brokers whose acknowledgement reached this
+    /// process (an observer's record: it survives crashes).
+    pub acks_reached: BTreeMap<u64, BTreeSet<usize>>,
+    /// Messages the outbox took as acknowledged by a broker whose
+    /// acknowledgement of them never reached this process.
+    pub phantom_acks: BTreeSet<u64>,
     /// Decides which binds fail (a full disk).
     rng: fastrand::Rng,
     bind_fail_per_mille: u32,
@@ -176,6 +182,8 @@ impl Producer {
             need,
             cfg,
             epoch,
+            acks_reached: BTreeMap::new(),
+            phantom_acks: BTreeSet::new(),
             rng: fastrand::Rng::with_seed(s.seed ^ 0xb1d),
             bind_fail_per_mille: s.bind_fail_per_mille,
         };
@@ -267,7 +275,7 @@ impl Producer {
                 StoreOp::Ack(ids) => self.acked(slot, ids, t, trace),
                 StoreOp::Drop(ids, reason) => {
                     for id in ids {
-                        trace.note(t, Some(id), format!("outbox: dropped ({reason:?})"));
+                        trace.note(t, Some(id), format!("outbox: dropped as {}", reason.as_str()));
                         let Some(m) = self.working.msgs.remove(&id) else { continue };
                         self.working.wire.retain(|(_, i), _| *i != id);
                         let (expires_ms, max_attempts) = (m.expires_ms, m.max_attempts);
@@ -305,11 +313,15 @@ impl Producer {
             self.working.wire.remove(&(slot, id));
             let Some(m) = self.working.msgs.get_mut(&id) else { continue };
             m.acks |= 1 << slot;
-            if !m.done && quorum_met(m.acks, mask, self.need) {
-                m.done = true;
-                trace.note(t, Some(id), format!("outbox: acknowledged by broker {slot}: quorum met, delivered"));
+            let done = !m.done && quorum_met(m.acks, mask, self.need);
+            m.done |= done;
+            let quorum = if done { ": quorum met, delivered" } else { "" };
+            if self.acks_reached.get(&id).is_some_and(|b| b.contains(&slot)) {
+                trace.note(t, Some(id), format!("outbox: acknowledged by broker {slot}{quorum}"));
             } else {
-                trace.note(t, Some(id), format!("outbox: acknowledged by broker {slot}"));
+                let line = format!("outbox: ANOMALY: taken as acknowledged by broker {slot}{quorum}, but no acknowledgement of it from that broker ever reached the producer");
+                trace.note(t, Some(id), line);
+                self.phantom_acks.insert(id);
             }
             self.working.settle(id);
         }

@@ -56,6 +56,28 @@ pub enum Fault {
     },
 }
 
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let link = |consumer: bool| if consumer { "the consumer" } else { "the producer" };
+        match *self {
+            Fault::KillBroker { broker, down } => write!(f, "kill -9 of broker {broker}, back after {down:?}"),
+            Fault::Reset { broker, cut_per_mille, consumer } => write!(
+                f,
+                "reset of {}'s connection to broker {broker}, bytes under way cut at {}.{}%",
+                link(consumer),
+                cut_per_mille / 10,
+                cut_per_mille % 10
+            ),
+            Fault::BlackHole { broker, lasts, consumer } => {
+                write!(f, "black hole on {}'s connection to broker {broker} for {lasts:?}", link(consumer))
+            }
+            Fault::CrashProducer { down } => write!(f, "kill -9 of the producer, back after {down:?}"),
+            Fault::CrashConsumer { down } => write!(f, "kill -9 of the consumer, back after {down:?}"),
+            Fault::Partition { broker, lasts } => write!(f, "broker {broker} cut off for {lasts:?}"),
+        }
+    }
+}
+
 /// A message of the schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Publish {
@@ -138,6 +160,42 @@ pub struct Schedule {
 pub const ACTIVE_MS: u64 = 8_000;
 
 impl Schedule {
+    /// The world in one line, for the top of a story.
+    pub fn describe(&self) -> String {
+        let spread = match self.spread {
+            Spread::Failover { failback_ms } => format!("failover (fail-back after {failback_ms} ms up)"),
+            Spread::Fanout { need } => format!("fanout (a message leaves at {need} acknowledgement(s))"),
+        };
+        let persistence = if self.persistence {
+            format!("sessions saved every {} ms", self.autosave_ms)
+        } else {
+            "no persistence".to_owned()
+        };
+        let mut quirks = Vec::new();
+        if self.qos2_as_puback {
+            quirks.push("QoS 2 answered with PUBACK".to_owned());
+        }
+        if self.max_qos_1 {
+            quirks.push("Maximum QoS 1".to_owned());
+        }
+        if let Some(e) = self.session_expiry_ms {
+            quirks.push(format!("sessions expire after {e} ms away"));
+        }
+        if let Some(q) = self.max_queued {
+            quirks.push(format!("at most {q} queued for the consumer"));
+        }
+        let quirks = if quirks.is_empty() { String::new() } else { format!("; {}", quirks.join(", ")) };
+        format!(
+            "world of seed {}: {} broker(s), {spread}, {persistence}{quirks}; latency {} ms + up to {} ms; {} messages; window {}",
+            self.seed,
+            self.brokers,
+            self.latency_ms.0,
+            self.latency_ms.1,
+            self.messages.len(),
+            self.max_inflight
+        )
+    }
+
     /// The schedule of `seed`.
     pub fn of(seed: u64) -> Schedule {
         let mut rng = fastrand::Rng::with_seed(seed);

@@ -34,7 +34,7 @@ pub enum StoreError {
         user: u32,
     },
     /// The store directory cannot be created, read or written.
-    #[error("cannot use the outbox directory {path}: {source}")]
+    #[error("cannot use the store directory {path}: {source}")]
     Io {
         /// The path involved.
         path: PathBuf,

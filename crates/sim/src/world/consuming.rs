@@ -196,7 +196,12 @@ impl World {
         if items.is_empty() {
             return;
         }
-        let seen: Vec<bool> = e.to_ask(&items).iter().map(|(_, seq)| self.consumer.inbox.contains(seq)).collect();
+        let asked = e.to_ask(&items);
+        let seen: Vec<bool> = asked.iter().map(|(_, seq)| self.consumer.inbox.contains(seq)).collect();
+        for ((_, seq), seen) in asked.iter().zip(&seen) {
+            let answer = if *seen { "already handled" } else { "not handled yet" };
+            self.trace.note(t, Some(*seq), format!("consumer: the inbox says {answer}"));
+        }
         e.handle_delivered(items, &seen, now);
     }
 
@@ -253,7 +258,11 @@ impl World {
                     self.trace.note(
                         self.t,
                         Some(d),
-                        format!("consumer: handed to the application (again: {redelivered})"),
+                        if redelivered {
+                            "consumer: handed to the application again (it gave it back before)".to_owned()
+                        } else {
+                            "consumer: handed to the application".to_owned()
+                        },
                     );
                     self.consumer.app.push_back((at, delivery));
                     self.consumer.app.make_contiguous().sort_by_key(|(t, _)| *t);
@@ -274,7 +283,11 @@ impl World {
                 }
                 DispatchOp::Count(..) => {}
                 DispatchOp::SuspectedLoss { first, last, .. } => {
-                    self.trace.note(self.t, None, format!("consumer: suspected loss {first}..={last}"));
+                    self.trace.note(
+                        self.t,
+                        None,
+                        format!("consumer: suspected loss of messages {first} to {last} (a gap that did not fill)"),
+                    );
                 }
             }
         }

@@ -47,11 +47,17 @@ pub struct Verdict {
     /// Dropped without the reason holding: a deadline not yet passed, a
     /// budget not spent, or a reason no message of the run can have.
     pub dropped_wrongly: Vec<u64>,
+    /// Taken as acknowledged by a broker whose acknowledgement never
+    /// reached the producer (lost or not, the outbox let go too early).
+    pub phantom_acks: Vec<u64>,
     /// Lost by the broker (a kill without persistence, or since its last
     /// autosave): beyond what steadfast can promise, reported apart.
     pub broker_lost: usize,
     /// Faults applied.
     pub faults: usize,
+    /// Faults that found their target down already (a kill of a process
+    /// that was down, a reset of a connection that did not exist).
+    pub skipped: usize,
     /// Accepted messages the consumer handled.
     pub handled: usize,
     /// Dropped by their class: (expired, budget spent).
@@ -68,29 +74,51 @@ impl Verdict {
             && self.twice.is_empty()
             && self.stuck.is_empty()
             && self.dropped_wrongly.is_empty()
+            && self.phantom_acks.is_empty()
+    }
+
+    /// What happened to `id`, as the verdict sees it.
+    pub fn fate(&self, id: u64) -> &'static str {
+        let kinds: [(&[u64], &str); 5] = [
+            (&self.lost, "LOST: accepted, never handled by the consumer, not dropped, not lost by a broker"),
+            (&self.twice, "HANDLED TWICE: the inbox should have stopped the second"),
+            (&self.stuck, "STUCK: still queued after every fault healed"),
+            (&self.dropped_wrongly, "DROPPED WRONGLY: its drop's reason did not hold"),
+            (&self.phantom_acks, "LET GO WITHOUT AN ACKNOWLEDGEMENT"),
+        ];
+        kinds.iter().find(|(ids, _)| ids.contains(&id)).map_or("kept its promise", |(_, what)| *what)
     }
 
     /// The message whose story explains a failure.
     pub fn culprit(&self) -> Option<u64> {
-        self.lost.first().or(self.twice.first()).or(self.stuck.first()).or(self.dropped_wrongly.first()).copied()
+        self.lost
+            .first()
+            .or(self.twice.first())
+            .or(self.stuck.first())
+            .or(self.dropped_wrongly.first())
+            .or(self.phantom_acks.first())
+            .copied()
     }
 
-    /// One line for a failing seed.
+    /// One line for a failing seed: what broke, with the first message
+    /// of each kind.
     pub fn summary(&self) -> String {
+        let kinds = [
+            ("lost", &self.lost),
+            ("handled twice", &self.twice),
+            ("stuck", &self.stuck),
+            ("dropped wrongly", &self.dropped_wrongly),
+            ("let go without an acknowledgement", &self.phantom_acks),
+        ];
+        let broken: Vec<String> = kinds
+            .iter()
+            .filter(|(_, ids)| !ids.is_empty())
+            .map(|(what, ids)| format!("{} {what} (first: message {})", ids.len(), ids[0]))
+            .collect();
+        let broken = if broken.is_empty() { "nothing accepted".to_owned() } else { broken.join(", ") };
         format!(
-            "seed {}: of {} accepted messages {} lost {:?}, {} handled twice {:?}, {} stuck {:?}, {} dropped wrongly {:?} ({} faults; {} lost by the brokers themselves)",
-            self.seed,
-            self.accepted,
-            self.lost.len(),
-            self.lost.first(),
-            self.twice.len(),
-            self.twice.first(),
-            self.stuck.len(),
-            self.stuck.first(),
-            self.dropped_wrongly.len(),
-            self.dropped_wrongly.first(),
-            self.faults,
-            self.broker_lost,
+            "seed {}: of {} accepted messages, {broken}; {} fault(s) applied, {} skipped; {} lost by the brokers themselves",
+            self.seed, self.accepted, self.faults, self.skipped, self.broker_lost
         )
     }
 }
@@ -136,8 +164,6 @@ struct World {
     next_cconnect: Vec<u64>,
     back: Back,
     accepted: BTreeSet<u64>,
-    /// Per message, the brokers whose acknowledgement reached the producer.
-    acks_reached: BTreeMap<u64, BTreeSet<usize>>,
     /// What the consumer's application handled, and how often.
     handled: BTreeMap<u64, u32>,
     /// Second handlings the inbox could not stop: the first one's record
@@ -145,6 +171,7 @@ struct World {
     excused: BTreeMap<u64, u32>,
     trace: Trace,
     faults: usize,
+    skipped: usize,
 }
 
 /// Runs the world of `seed` to its verdict.
@@ -169,11 +196,11 @@ pub fn run(seed: u64) -> Verdict {
         next_cconnect: vec![0; n],
         back: Back { producer: None, consumer: None, brokers: vec![None; n], partitions: vec![None; n] },
         accepted: BTreeSet::new(),
-        acks_reached: BTreeMap::new(),
         handled: BTreeMap::new(),
         excused: BTreeMap::new(),
         trace: Trace::default(),
         faults: 0,
+        skipped: 0,
     };
     w.run();
     w.verdict()
@@ -282,8 +309,13 @@ impl World {
     }
 
     fn fault(&mut self, f: Fault) {
+        if !self.applies(f) {
+            self.skipped += 1;
+            self.trace.note(self.t, None, format!("fault skipped (its target is down or absent): {f}"));
+            return;
+        }
         self.faults += 1;
-        self.trace.note(self.t, None, format!("FAULT {f:?}"));
+        self.trace.note(self.t, None, format!("FAULT: {f}"));
         let later = |t: u64, d: Duration| Some(t + d.as_millis() as u64);
         match f {
             Fault::KillBroker { broker, down } => {
@@ -342,6 +374,22 @@ impl World {
         }
     }
 
+    /// Whether a fault has something to act on now.
+    fn applies(&self, f: Fault) -> bool {
+        match f {
+            Fault::KillBroker { broker, .. } => self.brokers[broker].up,
+            Fault::Reset { broker, consumer: false, .. } | Fault::BlackHole { broker, consumer: false, .. } => {
+                self.conns[broker].is_some()
+            }
+            Fault::Reset { broker, consumer: true, .. } | Fault::BlackHole { broker, consumer: true, .. } => {
+                self.cconns[broker].is_some()
+            }
+            Fault::Partition { broker, .. } => !self.unreachable(broker),
+            Fault::CrashProducer { .. } => self.producer.alive(),
+            Fault::CrashConsumer { .. } => self.consumer.alive(),
+        }
+    }
+
     /// True while broker `b` cannot be reached (down or cut off).
     fn unreachable(&self, b: usize) -> bool {
         !self.brokers[b].up || self.back.partitions[b].is_some_and(|until| until > self.t)
@@ -394,7 +442,8 @@ impl World {
             Spread::Failover { .. } => 1,
         };
         let broker_lost = |id: &u64| {
-            let took = self.acks_reached.get(id).map(|b| b.iter().map(|b| &self.brokers[*b]).collect::<Vec<_>>());
+            let took =
+                self.producer.acks_reached.get(id).map(|b| b.iter().map(|b| &self.brokers[*b]).collect::<Vec<_>>());
             let took = took.unwrap_or_default();
             took.len() >= need && took.iter().all(|b| b.lost.contains(id))
         };
@@ -427,8 +476,10 @@ impl World {
             twice,
             stuck,
             dropped_wrongly,
+            phantom_acks: self.producer.phantom_acks.iter().copied().collect(),
             broker_lost,
             faults: self.faults,
+            skipped: self.skipped,
             handled: handled_count,
             dropped,
             trace: self.trace,

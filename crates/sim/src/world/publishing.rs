@@ -130,7 +130,7 @@ impl World {
         match reply {
             Reply::Send(d) => {
                 if let Some(id) = id {
-                    self.trace.note(self.t, Some(id), format!("broker {b}: {what} pid {pid} dup {} -> {d:?}", f[3]));
+                    self.trace.note(self.t, Some(id), format!("broker {b}: {what} pid {pid} dup {} -> {d}", f[3]));
                 }
                 let at = self.t + self.latency();
                 if let Some(c) = self.conns[b].as_mut() {
@@ -184,7 +184,7 @@ impl World {
     /// is that broker's to lose (a refusal is none).
     fn note_ack(&mut self, b: usize, of: u64, ok: bool) {
         if ok {
-            self.acks_reached.entry(of).or_default().insert(b);
+            self.producer.acks_reached.entry(of).or_default().insert(b);
         } else {
             self.trace.note(self.t, Some(of), format!("producer: broker {b} refused it"));
         }

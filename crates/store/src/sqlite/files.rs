@@ -48,6 +48,10 @@ pub(super) fn create_private_dir(files: &Files) -> Result<(), StoreError> {
     // A directory that exists and holds no store yet may be anything
     // (the current directory, say): its mode and other files are left alone.
     let ours = !dir.exists() || files.path("db").exists();
+    if dir.exists() && !dir.is_dir() {
+        let source = std::io::Error::new(std::io::ErrorKind::NotADirectory, "it exists and is not a directory");
+        return Err(StoreError::Io { path: dir.to_owned(), source });
+    }
     fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
     let meta = check_owner(dir)?;
     if ours && meta.permissions().mode() & 0o077 != 0 {

@@ -27,6 +27,8 @@ pub struct Msg {
     pub expires_ms: Option<u64>,
     /// Its retry budget, if it has one.
     pub max_attempts: Option<u32>,
+    /// Its priority.
+    pub priority: u8,
 }
 
 impl Queued for Msg {
@@ -40,7 +42,7 @@ impl Queued for Msg {
         self.qos = qos;
     }
     fn priority(&self) -> usize {
-        0
+        self.priority as usize
     }
     fn expires_ms(&self) -> Option<u64> {
         self.expires_ms
@@ -113,6 +115,8 @@ pub struct Outbox {
     /// Dropped messages: why, when (ms), and its sends by then.
     pub drops: BTreeMap<u64, Dropped>,
     next_id: u64,
+    /// Per priority, the newest id appended (never lowered).
+    newest: [u64; PRIORITIES],
 }
 
 impl Outbox {
@@ -226,10 +230,11 @@ impl Producer {
 
     /// The application publishes a message: it is appended, and accepted
     /// once committed.
-    pub fn append(&mut self, qos: Qos, expires_ms: Option<u64>, max_attempts: Option<u32>) -> u64 {
+    pub fn append(&mut self, qos: Qos, expires_ms: Option<u64>, max_attempts: Option<u32>, priority: u8) -> u64 {
         let id = self.working.next_id;
         self.working.next_id += 1;
-        let m = Msg { id, qos, attempts: 0, acks: 0, done: false, expires_ms, max_attempts };
+        self.working.newest[priority as usize] = id;
+        let m = Msg { id, qos, attempts: 0, acks: 0, done: false, expires_ms, max_attempts, priority };
         self.working.msgs.insert(id, m);
         self.appended.push(id);
         self.dirty = true;
@@ -245,18 +250,16 @@ impl Producer {
 
     /// The newest committed id per priority.
     pub fn newest(&self) -> [u64; PRIORITIES] {
-        let mut n = [0; PRIORITIES];
-        n[0] = self.committed.next_id - 1;
-        n
+        self.committed.newest
     }
 
-    /// A page of messages after `after`, up to the newest committed, that
-    /// `slot` has not acknowledged.
-    pub fn read_after(&self, slot: usize, after: u64, upto: u64) -> Vec<Msg> {
+    /// A page of priority `p` after `after`, up to the newest committed,
+    /// that `slot` has not acknowledged.
+    pub fn read_after(&self, slot: usize, p: usize, after: u64, upto: u64) -> Vec<Msg> {
         self.working
             .msgs
             .range(after + 1..=upto)
-            .filter(|(_, m)| !m.done && m.acks & (1 << slot) == 0)
+            .filter(|(_, m)| !m.done && m.acks & (1 << slot) == 0 && m.priority as usize == p)
             .take(self.cfg.page)
             .map(|(_, m)| m.clone())
             .collect()

@@ -90,6 +90,8 @@ pub struct Publish {
     pub ttl_ms: Option<u64>,
     /// Retry budget: dropped after this many sends.
     pub max_attempts: Option<u32>,
+    /// 0 (the default) to 9: higher goes first after an outage.
+    pub priority: u8,
 }
 
 /// How the producer spreads its messages over the brokers.
@@ -204,12 +206,14 @@ impl Schedule {
         // Most seeds publish persistent messages only; some mix in the
         // deadline and budget classes.
         let classes = rng.u8(0..4) == 0;
+        let priorities = rng.u8(0..4) == 0;
         let mut messages: Vec<Publish> = (0..count)
             .map(|_| Publish {
                 at: rng.u64(0..ACTIVE_MS),
                 qos: if rng.u32(0..100) < qos2_share { 2 } else { 1 },
                 ttl_ms: (classes && rng.u8(0..3) == 0).then(|| rng.u64(50..5_000)),
                 max_attempts: (classes && rng.u8(0..3) == 0).then(|| rng.u32(1..4)),
+                priority: if priorities && rng.u8(0..10) < 3 { rng.u8(1..10) } else { 0 },
             })
             .collect();
         messages.sort();

@@ -52,12 +52,15 @@ impl World {
         }
         let qos = if p.qos == 2 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
         let expires = p.ttl_ms.map(|ttl| WALL_EPOCH_MS + self.t + ttl);
-        let id = self.producer.append(qos, expires, p.max_attempts);
-        let class = match (p.ttl_ms, p.max_attempts) {
+        let id = self.producer.append(qos, expires, p.max_attempts, p.priority);
+        let mut class = match (p.ttl_ms, p.max_attempts) {
             (Some(ttl), _) => format!(", deadline in {ttl} ms"),
             (None, Some(n)) => format!(", budget of {n} sends"),
             (None, None) => String::new(),
         };
+        if p.priority > 0 {
+            class.push_str(&format!(", priority {}", p.priority));
+        }
         self.trace.note(self.t, Some(id), format!("published at QoS {}{class}", p.qos));
     }
 
@@ -234,7 +237,7 @@ impl World {
         let claims = |_: &Msg| routes.borrow_mut().claims(b, None, "t");
         if routes.borrow().is_active(b) {
             while let Some((p, after)) = self.producer.engines[b].next_read(&newest) {
-                let page = self.producer.read_after(b, after, newest[p]);
+                let page = self.producer.read_after(b, p, after, newest[p]);
                 self.producer.engines[b].handle_page(page, p, newest[p], &claims);
             }
         }

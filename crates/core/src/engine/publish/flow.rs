@@ -24,21 +24,12 @@ impl<M: Queued> PublishSession<M> {
                 break;
             }
             let m = self.queue.pop_front().expect("front exists");
-            let Some((mut m, pid, bytes)) = self.prepare(m, now, wire) else { continue };
+            let Some((m, pid, bytes)) = self.prepare(m, now, wire) else { continue };
             if m.qos() == Qos::ExactlyOnce || !held.is_empty() {
                 held.push((m, pid, bytes));
                 continue;
             }
-            Self::count_send(&mut m, &mut attempted);
-            self.out.extend(bytes);
-            match pid {
-                Some(_) => {
-                    self.inflight.insert(m.id(), m);
-                }
-                // QoS 0 is best-effort: handed to the socket once, then it
-                // leaves the outbox.
-                None => sent_qos0.push(m),
-            }
+            sent_qos0.extend(self.transmit(m, pid, bytes, &mut attempted));
         }
         // Counted before the sends they count are acknowledged (the store
         // carries operations out in order).
@@ -87,6 +78,21 @@ impl<M: Queued> PublishSession<M> {
                 self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
                 None
             }
+        }
+    }
+
+    /// Puts `m`'s PUBLISH on the wire: under a packet id it is in flight;
+    /// QoS 0 is best-effort (handed to the socket once, then it leaves the
+    /// outbox) and is returned.
+    fn transmit(&mut self, mut m: M, pid: Option<u16>, bytes: Vec<u8>, attempted: &mut Vec<u64>) -> Option<M> {
+        Self::count_send(&mut m, attempted);
+        self.out.extend(bytes);
+        match pid {
+            Some(_) => {
+                self.inflight.insert(m.id(), m);
+                None
+            }
+            None => Some(m),
         }
     }
 
@@ -163,7 +169,7 @@ impl<M: Queued> PublishSession<M> {
     fn send_held(&mut self, qos0_before: Vec<M>, held: Vec<(M, Option<u16>, Vec<u8>)>, gone: Vec<u64>) {
         let mut sent_qos0: Vec<u64> = qos0_before.iter().map(Queued::id).collect();
         let mut attempted = Vec::new();
-        for (mut m, pid, bytes) in held {
+        for (m, pid, bytes) in held {
             if gone.contains(&m.id()) {
                 // Delivered through other brokers meanwhile: not sent here.
                 if let Some(pid) = pid {
@@ -171,14 +177,7 @@ impl<M: Queued> PublishSession<M> {
                 }
                 continue;
             }
-            Self::count_send(&mut m, &mut attempted);
-            self.out.extend(bytes);
-            match pid {
-                Some(_) => {
-                    self.inflight.insert(m.id(), m);
-                }
-                None => sent_qos0.push(m.id()),
-            }
+            sent_qos0.extend(self.transmit(m, pid, bytes, &mut attempted).as_ref().map(Queued::id));
         }
         if !attempted.is_empty() {
             self.store.push_back(StoreOp::Attempted(attempted));

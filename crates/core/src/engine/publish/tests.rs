@@ -107,14 +107,21 @@ fn acks_before_a_stray_still_count() {
     assert_eq!(ops(&mut s), vec![StoreOp::Ack(vec![1])]);
 }
 
-#[test]
-fn a_kept_session_resends_and_a_lost_one_clears_bindings_first() {
+/// A QoS 1 and a QoS 2 message in flight (its binding written), then the
+/// link lost.
+fn in_flight_then_lost() -> (PublishSession<M>, Instant) {
     let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce)]);
     s.fill(at(t0, 1), &|_| true, &mut Text);
     ops(&mut s);
     s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
     sent(&mut s);
     s.handle_link_lost();
+    (s, t0)
+}
+
+#[test]
+fn a_kept_session_resends_and_a_lost_one_clears_bindings_first() {
+    let (mut s, t0) = in_flight_then_lost();
     let kept = ConnAckInfo { session_present: true, reconnect: true, ..ConnAckInfo::default() };
     assert_eq!(s.handle_connack(kept, at(t0, 10), &|_| true, &mut Text).resent, 2);
     assert_eq!(sent(&mut s), "P1:1d P2:2d ");
@@ -168,12 +175,7 @@ impl Wire<M> for NoResend {
 
 #[test]
 fn a_qos2_message_that_cannot_be_resent_keeps_its_packet_id() {
-    let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce)]);
-    s.fill(at(t0, 1), &|_| true, &mut Text);
-    ops(&mut s);
-    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
-    sent(&mut s);
-    s.handle_link_lost();
+    let (mut s, t0) = in_flight_then_lost();
     let kept = ConnAckInfo { session_present: true, reconnect: true, ..ConnAckInfo::default() };
     s.handle_connack(kept, at(t0, 10), &|_| true, &mut NoResend);
     assert_eq!(ops(&mut s), vec![StoreOp::Drop(vec![1], DropReason::TooLarge)], "QoS 1 leaves, counted");

@@ -294,7 +294,9 @@ impl Producer {
                     }
                 }
                 StoreOp::Bind(updates) => {
-                    if self.rng.u32(0..1000) < self.bind_fail_per_mille {
+                    // Failures of the parts end with the active phase, like
+                    // every other fault.
+                    if t < crate::schedule::ACTIVE_MS && self.rng.u32(0..1000) < self.bind_fail_per_mille {
                         let ids: Vec<u64> = updates.iter().map(|(id, _)| *id).collect();
                         trace.note(t, None, format!("outbox: a bind for broker {slot} failed (disk full?) {ids:?}"));
                         self.engines[slot].handle_bound(Bound::Failed, &mut SimWire);

@@ -211,7 +211,7 @@ impl World {
         let now = self.now();
         while self.consumer.app.front().is_some_and(|(at, _)| *at <= self.t) {
             let (_, d) = self.consumer.app.pop_front().expect("front");
-            if self.rng.u32(0..1000) < self.s.give_back_per_mille {
+            if self.failing() && self.rng.u32(0..1000) < self.s.give_back_per_mille {
                 self.trace.note(self.t, Some(d.id), "consumer: given back by the application, unhandled");
                 if let Some(e) = self.consumer.engine.as_mut() {
                     e.handle_refused(d, now);
@@ -231,7 +231,7 @@ impl World {
         let now = self.now();
         while self.consumer.records.front().is_some_and(|(at, _)| *at <= self.t) {
             let (_, batch) = self.consumer.records.pop_front().expect("front");
-            let ok = self.rng.u32(0..1000) >= self.s.record_fail_per_mille;
+            let ok = !self.failing() || self.rng.u32(0..1000) >= self.s.record_fail_per_mille;
             for (i, _) in &batch {
                 if ok {
                     self.trace.note(self.t, Some(i.seq), "consumer: identity recorded in the inbox");

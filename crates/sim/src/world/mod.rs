@@ -24,7 +24,7 @@ use self::consuming::CConn;
 
 /// The longest a run goes on after the active phase, for the backlog to
 /// drain once every fault has healed.
-const HEAL_MS: u64 = 120_000;
+const HEAL_MS: u64 = 300_000;
 /// Wall-clock time of the simulation's start (deadlines are wall time).
 pub(crate) const WALL_EPOCH_MS: u64 = 1_800_000_000_000;
 
@@ -372,6 +372,13 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Whether the parts may still fail (refusals, failed writes, given
+    /// back deliveries): during the active phase only; then everything
+    /// heals and the backlog must drain.
+    fn failing(&self) -> bool {
+        self.t < ACTIVE_MS
     }
 
     /// Whether a fault has something to act on now.

@@ -126,7 +126,7 @@ impl World {
     }
 
     fn broker_receives(&mut self, b: usize, f: &[u8]) {
-        let refuse = self.s.refuse_per_mille > 0 && self.rng.u32(0..1000) < self.s.refuse_per_mille;
+        let refuse = self.failing() && self.rng.u32(0..1000) < self.s.refuse_per_mille;
         let (reply, id) = self.brokers[b].receive(f, refuse);
         let what = ["?", "PUBLISH", "PUBREL", "PINGREQ"].get(f[0] as usize).copied().unwrap_or("?");
         let pid = u16::from_be_bytes([f[1], f[2]]);

@@ -34,11 +34,14 @@ pub enum Bug {
     /// A deadline-class message is dropped as expired two seconds before
     /// its deadline.
     ExpiresEarly,
+    /// A publisher hears "accepted" when its message is appended, before
+    /// the commit that holds it is synced.
+    AcceptBeforeSync,
 }
 
 impl Bug {
     /// Every bug that can be planted.
-    pub const ALL: [Bug; 9] = [
+    pub const ALL: [Bug; 10] = [
         Bug::ForgetInflightOnSessionLoss,
         Bug::DropWindowOnAckTimeout,
         Bug::PageSkipsAhead,
@@ -48,6 +51,7 @@ impl Bug {
         Bug::FailoverForgetsTheQueue,
         Bug::FanoutOneAckForAll,
         Bug::ExpiresEarly,
+        Bug::AcceptBeforeSync,
     ];
 
     /// Its name on the command line.
@@ -62,6 +66,7 @@ impl Bug {
             Bug::FailoverForgetsTheQueue => "failover-forgets-the-queue",
             Bug::FanoutOneAckForAll => "fanout-counts-one-ack-as-all",
             Bug::ExpiresEarly => "expires-early",
+            Bug::AcceptBeforeSync => "accept-before-the-sync",
         }
     }
 
@@ -85,6 +90,7 @@ impl Bug {
             }
             Bug::FanoutOneAckForAll => "a fanout message leaves the outbox at its first acknowledgement",
             Bug::ExpiresEarly => "a deadline-class message is dropped as expired before its deadline",
+            Bug::AcceptBeforeSync => "a message is reported accepted before the commit that holds it is synced",
         }
     }
 

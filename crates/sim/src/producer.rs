@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use steadfast_core::engine::{quorum_met, Bound, PublishSession, Queued, SessionConfig, StoreOp, Wire};
+use steadfast_core::engine::{
+    accept_after_sync, quorum_met, Bound, PublishSession, Queued, SessionConfig, StoreOp, Wire,
+};
 use steadfast_core::{DropReason, Qos, Stage, PRIORITIES};
 
 use crate::broker::FRAME;
@@ -143,6 +145,9 @@ pub struct Producer {
     appended: Vec<u64>,
     /// Changes wait for a commit.
     dirty: bool,
+    /// When the commit under way is synced (changes made since wait).
+    pub commit_due: Option<u64>,
+    sync_ms: u64,
     /// One engine per broker; empty while the process is down.
     pub engines: Vec<PublishSession<Msg>>,
     brokers: usize,
@@ -181,6 +186,8 @@ impl Producer {
             working: empty,
             appended: Vec::new(),
             dirty: false,
+            commit_due: None,
+            sync_ms: s.sync_ms,
             engines: Vec::new(),
             brokers: s.brokers,
             need,
@@ -222,6 +229,7 @@ impl Producer {
         self.working = self.committed.clone();
         self.appended.clear();
         self.dirty = false;
+        self.commit_due = None;
     }
 
     pub fn alive(&self) -> bool {
@@ -230,21 +238,43 @@ impl Producer {
 
     /// The application publishes a message: it is appended, and accepted
     /// once committed.
-    pub fn append(&mut self, qos: Qos, expires_ms: Option<u64>, max_attempts: Option<u32>, priority: u8) -> u64 {
+    /// Returns the id, and whether the publisher hears "accepted" now
+    /// (only with the planted bug; otherwise when the commit is synced).
+    pub fn append(
+        &mut self,
+        t: u64,
+        qos: Qos,
+        expires_ms: Option<u64>,
+        max_attempts: Option<u32>,
+        priority: u8,
+    ) -> (u64, bool) {
         let id = self.working.next_id;
         self.working.next_id += 1;
         self.working.newest[priority as usize] = id;
         let m = Msg { id, qos, attempts: 0, acks: 0, done: false, expires_ms, max_attempts, priority };
         self.working.msgs.insert(id, m);
         self.appended.push(id);
+        self.changed(t);
+        (id, !accept_after_sync())
+    }
+
+    /// Something changed at `t`: it is on disk once the next commit is
+    /// synced.
+    fn changed(&mut self, t: u64) {
         self.dirty = true;
-        id
+        self.commit_due.get_or_insert(t + self.sync_ms);
+    }
+
+    /// True when a commit is synced by `t`.
+    pub fn commit_ready(&self, t: u64) -> bool {
+        self.dirty && self.commit_due.is_some_and(|due| due <= t)
     }
 
     /// Group commit: returns the ids it made accepted.
     pub fn commit(&mut self) -> Vec<u64> {
         self.committed = self.working.clone();
         self.dirty = false;
+        self.commit_due = None;
         std::mem::take(&mut self.appended)
     }
 
@@ -273,7 +303,7 @@ impl Producer {
             return false;
         }
         while let Some(op) = self.engines[slot].poll_store() {
-            self.dirty = true;
+            self.changed(t);
             match op {
                 StoreOp::Ack(ids) => self.acked(slot, ids, t, trace),
                 StoreOp::Drop(ids, reason) => {

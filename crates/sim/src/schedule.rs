@@ -137,6 +137,8 @@ pub struct Schedule {
     pub max_queued: Option<usize>,
     /// The producer's links carry this many bytes per ms at most.
     pub bandwidth: Option<u64>,
+    /// How long the producer's outbox takes to sync a commit (ms).
+    pub sync_ms: u64,
     /// Per mille of new PUBLISHes the brokers refuse (an error reason code).
     pub refuse_per_mille: u32,
     /// Per mille of the producer's QoS 2 binds that fail to be written (a
@@ -255,6 +257,7 @@ impl Schedule {
             session_expiry_ms: (rng.u8(0..4) == 0).then(|| rng.u64(500..10_000)),
             max_queued: (rng.u8(0..4) == 0).then(|| rng.usize(10..200)),
             bandwidth: (rng.u8(0..4) == 0).then(|| rng.u64(1..40)),
+            sync_ms: rng.u64(1..10),
             refuse_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..150) } else { 0 },
             bind_fail_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..300) } else { 0 },
             give_back_per_mille: if rng.u8(0..4) == 0 { rng.u32(10..150) } else { 0 },

@@ -14,6 +14,7 @@
 //! decisions the product makes, not a copy of them.
 
 mod admit;
+mod commit;
 mod inbox;
 mod publish;
 mod receive;
@@ -22,6 +23,7 @@ mod route;
 use std::time::Instant;
 
 pub use admit::{admit, Admission, Bounds, Candidate, Limit, Overflow, Totals, UnknownOverflow};
+pub use commit::accept_after_sync;
 pub use inbox::{Counter, Delivered, Dispatch, DispatchConfig, DispatchOp};
 pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, Queued, SessionConfig, SessionEvent, StoreOp,

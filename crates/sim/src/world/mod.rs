@@ -276,6 +276,7 @@ impl World {
         at.extend(self.back.brokers.iter().flatten());
         at.extend(self.back.partitions.iter().flatten());
         at.extend(self.route_wake);
+        at.extend(self.producer.commit_due);
         for b in 0..self.brokers.len() {
             match &self.conns[b] {
                 None => at.push(self.next_connect[b]),

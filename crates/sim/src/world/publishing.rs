@@ -24,10 +24,13 @@ impl World {
             self.deliver_to_broker_and_producer(b);
             self.drive_producer(b);
         }
-        if self.producer.dirty() {
+        if self.producer.commit_ready(self.t) {
             for id in self.producer.commit() {
-                self.trace.note(self.t, Some(id), "accepted (committed to the outbox)");
-                self.accepted.insert(id);
+                if self.accepted.insert(id) {
+                    self.trace.note(self.t, Some(id), "accepted (its commit is synced)");
+                } else {
+                    self.trace.note(self.t, Some(id), "its commit is synced");
+                }
             }
         }
     }
@@ -52,7 +55,7 @@ impl World {
         }
         let qos = if p.qos == 2 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
         let expires = p.ttl_ms.map(|ttl| WALL_EPOCH_MS + self.t + ttl);
-        let id = self.producer.append(qos, expires, p.max_attempts, p.priority);
+        let (id, accepted_now) = self.producer.append(self.t, qos, expires, p.max_attempts, p.priority);
         let mut class = match (p.ttl_ms, p.max_attempts) {
             (Some(ttl), _) => format!(", deadline in {ttl} ms"),
             (None, Some(n)) => format!(", budget of {n} sends"),
@@ -62,6 +65,10 @@ impl World {
             class.push_str(&format!(", priority {}", p.priority));
         }
         self.trace.note(self.t, Some(id), format!("published at QoS {}{class}", p.qos));
+        if accepted_now {
+            self.accepted.insert(id);
+            self.trace.note(self.t, Some(id), "accepted before its commit is synced");
+        }
     }
 
     fn connect_producer(&mut self, b: usize) {

@@ -3,7 +3,7 @@
 //! keep-latest values it replaces, and the queue of publishers waiting
 //! for room (overflow `block`), admitted in order as room is made.
 
-use steadfast_core::engine::{admit, Admission, Bounds, Candidate, Limit};
+use steadfast_core::engine::{accept_after_sync, admit, Admission, Bounds, Candidate, Limit};
 use steadfast_core::DropReason;
 
 use super::replies::Batch;
@@ -125,7 +125,12 @@ impl Writer {
         }
         self.totals.count += 1;
         self.totals.bytes += size;
-        b.accepted.push((p.reply, Ok(id)));
+        // Accepted means on disk: the answer waits for the batch's sync.
+        if accept_after_sync() {
+            b.accepted.push((p.reply, Ok(id)));
+        } else {
+            let _ = p.reply.send(Ok(id));
+        }
         if let Some(d) = p.delivery {
             b.new_waiters.push((id, d));
         }

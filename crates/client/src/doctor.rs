@@ -9,13 +9,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use steadfast_core::engine::Ack;
+use steadfast_core::engine::{Ack, ReceiveSession};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{loose_message, open_session, ConnAck, Incoming, Link};
+use crate::link::{loose_message, open_session, ConnAck, Incoming, Link, LinkAcks};
 use crate::transport::{send, ReadHalf, WriteHalf};
 use steadfast_core::Qos;
 
@@ -361,7 +361,9 @@ impl Doc {
     }
 }
 
-/// One raw MQTT connection, driven step by step.
+/// One raw MQTT connection, driven step by step; what the protocol asks
+/// of a receiver (acks in arrival order, PUBCOMP, pings) is the receiving
+/// engine's.
 struct Probe {
     rd: ReadHalf,
     wr: WriteHalf,
@@ -369,12 +371,14 @@ struct Probe {
     ack: ConnAck,
     buf: Vec<u8>,
     queue: VecDeque<Incoming>,
+    session: ReceiveSession,
 }
 
 impl Probe {
     async fn open(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Probe, ConnectError> {
         let o = open_session(cfg, url, clean).await?;
-        Ok(Probe { rd: o.rd, wr: o.wr, link: o.link, ack: o.ack, buf: o.buf, queue: o.after.into() })
+        let session = ReceiveSession::new(cfg.keep_alive, Instant::now().into_std());
+        Ok(Probe { rd: o.rd, wr: o.wr, link: o.link, ack: o.ack, buf: o.buf, queue: o.after.into(), session })
     }
 
     fn publish(
@@ -390,6 +394,9 @@ impl Probe {
     }
 
     async fn flush(&mut self) -> Result<(), ConnectError> {
+        if let Some(bytes) = self.session.poll_transmit(Instant::now().into_std(), &mut LinkAcks(&mut self.link)) {
+            self.link.out.extend_from_slice(&bytes);
+        }
         if !self.link.out.is_empty() {
             send(&mut self.wr, &self.link.out).await?;
             self.link.out.clear();
@@ -420,12 +427,14 @@ impl Probe {
             };
             match &i {
                 Incoming::Broken(e) => return Err(e.clone()),
+                // A probe handles what it receives at once.
                 Incoming::Publish(m) => {
+                    self.session.handle_publish(m.pid, m.qos);
                     if let Some(pid) = m.pid {
-                        self.link.ack_publish(pid, m.qos)?;
+                        self.session.handle_handled(pid);
                     }
                 }
-                Incoming::PubRel { pid } => self.link.pubcomp(*pid)?,
+                Incoming::PubRel { pid } => self.session.handle_pubrel(*pid, &mut LinkAcks(&mut self.link)),
                 _ => {}
             }
             if let Some(t) = pick(&i) {
@@ -447,19 +456,24 @@ impl Probe {
     }
 
     /// True once the broker closed this connection, before `deadline`.
-    /// Pings every 10 s, so that the broker's keep-alive does not close it.
+    /// Pings when it wrote nothing for half the keep-alive (the receiving
+    /// engine's rule), so that the broker's keep-alive does not close it.
     async fn closed_by(&mut self, deadline: Instant) -> bool {
         loop {
-            let until = deadline.min(Instant::now() + Duration::from_secs(10));
+            let wake = self.session.poll_timeout().map_or(deadline, Instant::from_std);
+            let until = deadline.min(wake);
             match tokio::time::timeout_at(until, self.rd.read(&mut self.buf)).await {
                 Err(_) if until >= deadline => return false,
                 Err(_) => {
-                    if self.link.ping().is_err() || self.flush().await.is_err() {
+                    // Silence is what this waits for: it counts for nothing.
+                    let now = Instant::now().into_std();
+                    let _ = self.session.handle_timeout(now, false, &mut LinkAcks(&mut self.link));
+                    if self.flush().await.is_err() {
                         return true;
                     }
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => self.session.handle_received(Instant::now().into_std()),
             }
         }
     }

@@ -8,7 +8,7 @@ use mqtt_protocol_core::mqtt::connection::{PacketBuildResult, PacketBuilder, Raw
 use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, Property};
 use mqtt_protocol_core::mqtt::prelude::*;
 use mqtt_protocol_core::mqtt::result_code::MqttError;
-use steadfast_core::engine::Ack;
+use steadfast_core::engine::{Ack, AckWire};
 use steadfast_core::{Identity, Qos};
 use steadfast_store::StoredMessage;
 
@@ -24,6 +24,24 @@ pub(crate) struct Link {
     max_packet: Option<u32>,
     /// Bytes waiting to be written to the socket.
     pub out: Vec<u8>,
+}
+
+/// The receiving engine's view of a link's codec (a consumer's receiver,
+/// doctor's probes).
+pub(crate) struct LinkAcks<'a>(pub &'a mut Link);
+
+impl AckWire for LinkAcks<'_> {
+    fn ack(&mut self, pid: u16, qos: Qos) -> Vec<u8> {
+        self.0.encoded("PUBACK", |l| l.ack_publish(pid, qos))
+    }
+
+    fn pubcomp(&mut self, pid: u16) -> Vec<u8> {
+        self.0.encoded("PUBCOMP", |l| l.pubcomp(pid))
+    }
+
+    fn ping(&mut self) -> Vec<u8> {
+        self.0.encoded("PINGREQ", Link::ping)
+    }
 }
 
 /// What the broker told us, version-independent.

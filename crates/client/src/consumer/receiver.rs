@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::engine::{must_subscribe, AckWire, ReceiveSession};
+use steadfast_core::engine::{must_subscribe, ReceiveSession};
 use steadfast_core::Qos;
 use steadfast_store::Outbox;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,7 +16,7 @@ use tokio::time::{sleep_until, Instant};
 use super::{send_queued, ConsumerConfig, DriverCmd, FromBroker};
 use crate::config::BrokerUrl;
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{open_session, Incoming, Link, Opened};
+use crate::link::{open_session, Incoming, Link, LinkAcks, Opened};
 use crate::reconnect::{self, Reconnect};
 use crate::transport::{send, ReadHalf, WriteHalf};
 use crate::Event;
@@ -258,23 +258,6 @@ impl Connection {
         self.link.disconnect();
         let _ = send(&mut self.wr, &self.link.out).await;
         let _ = self.wr.shutdown().await;
-    }
-}
-
-/// The engine's view of a consumer link's codec.
-struct LinkAcks<'a>(&'a mut Link);
-
-impl AckWire for LinkAcks<'_> {
-    fn ack(&mut self, pid: u16, qos: Qos) -> Vec<u8> {
-        self.0.encoded("PUBACK", |l| l.ack_publish(pid, qos))
-    }
-
-    fn pubcomp(&mut self, pid: u16) -> Vec<u8> {
-        self.0.encoded("PUBCOMP", |l| l.pubcomp(pid))
-    }
-
-    fn ping(&mut self) -> Vec<u8> {
-        self.0.encoded("PINGREQ", Link::ping)
     }
 }
 

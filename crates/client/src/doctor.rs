@@ -13,6 +13,7 @@ use steadfast_core::engine::{Ack, ReceiveSession};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::clock;
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{loose_message, open_session, ConnAck, Incoming, Link, LinkAcks};
@@ -377,7 +378,7 @@ struct Probe {
 impl Probe {
     async fn open(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Probe, ConnectError> {
         let o = open_session(cfg, url, clean).await?;
-        let session = ReceiveSession::new(cfg.keep_alive, Instant::now().into_std());
+        let session = ReceiveSession::new(cfg.keep_alive, clock::instant());
         Ok(Probe { rd: o.rd, wr: o.wr, link: o.link, ack: o.ack, buf: o.buf, queue: o.after.into(), session })
     }
 
@@ -394,7 +395,7 @@ impl Probe {
     }
 
     async fn flush(&mut self) -> Result<(), ConnectError> {
-        if let Some(bytes) = self.session.poll_transmit(Instant::now().into_std(), &mut LinkAcks(&mut self.link)) {
+        if let Some(bytes) = self.session.poll_transmit(clock::instant(), &mut LinkAcks(&mut self.link)) {
             self.link.out.extend_from_slice(&bytes);
         }
         if !self.link.out.is_empty() {
@@ -466,14 +467,14 @@ impl Probe {
                 Err(_) if until >= deadline => return false,
                 Err(_) => {
                     // Silence is what this waits for: it counts for nothing.
-                    let now = Instant::now().into_std();
+                    let now = clock::instant();
                     let _ = self.session.handle_timeout(now, false, &mut LinkAcks(&mut self.link));
                     if self.flush().await.is_err() {
                         return true;
                     }
                 }
                 Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) => self.session.handle_received(Instant::now().into_std()),
+                Ok(Ok(_)) => self.session.handle_received(clock::instant()),
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::engine::{
-    Bound, ConnAckInfo, Connected, Downgrade, End, Now, PublishSession, SessionConfig, SessionEvent, StoreOp, Wire,
+    Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, SessionConfig, SessionEvent, StoreOp, Wire,
 };
 use steadfast_core::{DropReason, Qos};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage};
@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
+use crate::clock::{self, now};
 use crate::config::{BrokerUrl, ClientConfig};
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{open_session, ConnAck, Incoming, Link, Opened};
@@ -129,7 +130,7 @@ impl Driver {
                 refused_pause: cfg.backoff.max,
                 page: PAGE,
             },
-            Instant::now().into_std(),
+            clock::instant(),
         );
         Self {
             url: place.url,
@@ -637,10 +638,6 @@ impl Wire<StoredMessage> for LinkWire<'_> {
     fn ping(&mut self) -> Vec<u8> {
         self.link.encoded("PINGREQ", Link::ping)
     }
-}
-
-fn now() -> Now {
-    Now { at: Instant::now().into_std(), wall_ms: now_ms() }
 }
 
 fn store_failed(e: StoreError) -> ConnectError {

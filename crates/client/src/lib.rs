@@ -21,6 +21,7 @@
 
 pub mod bridge;
 mod client;
+mod clock;
 mod config;
 mod consumer;
 pub mod doctor;

@@ -9,6 +9,7 @@ use steadfast_core::{Backoff, BackoffConfig};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{sleep, Instant};
 
+use crate::clock;
 use crate::error::ConnectError;
 use crate::Event;
 
@@ -35,7 +36,7 @@ impl Reconnect {
     /// The delay before trying again something that is not a connection
     /// (reading the store before the first one).
     pub fn retry_delay(&mut self) -> Duration {
-        self.backoff.next_delay(&mut self.rng, Instant::now().into_std())
+        self.backoff.next_delay(&mut self.rng, clock::instant())
     }
 
     /// Starts the backoff afresh (the retries before the first connection
@@ -63,7 +64,7 @@ impl Reconnect {
         if let Some(at) = connected_at {
             self.backoff.link_lost_after(at.elapsed());
         }
-        let delay = self.backoff.next_delay(&mut self.rng, Instant::now().into_std());
+        let delay = self.backoff.next_delay(&mut self.rng, clock::instant());
         let broker = broker.to_owned();
         let prefix = self.prefix;
         if connected_at.is_some() {

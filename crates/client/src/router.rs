@@ -18,6 +18,7 @@ use steadfast_core::engine::{Decision, Routes, Routing, SetSpec, Switch};
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::time::{sleep_until, Instant};
 
+use crate::clock::instant as now;
 use crate::config::{ClientConfig, Mode};
 use crate::Event;
 
@@ -29,10 +30,6 @@ pub(crate) struct Router {
     generation: watch::Sender<u64>,
     wake: Notify,
     events: broadcast::Sender<Event>,
-}
-
-fn now() -> std::time::Instant {
-    Instant::now().into_std()
 }
 
 impl Router {

@@ -11,14 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::engine::{Counter, Delivered, Dispatch, DispatchOp, Now};
+use steadfast_core::engine::{Counter, Delivered, Dispatch, DispatchOp};
 use steadfast_core::Identity;
-use steadfast_store::{now_ms, Outbox};
+use steadfast_store::Outbox;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 
 use super::received::{Pending, Received, Token};
 use super::{send_queued, Cmd, ConsumerConfig, DriverCmd, FromBroker, DUPLICATES, GAPS, HANDLED, OUT_OF_ORDER};
+use crate::clock::now;
 use crate::Event;
 
 /// Deliveries the dispatcher queues for the application before it stops
@@ -53,10 +54,6 @@ pub(super) struct Dispatcher {
     pub(super) flush: Option<oneshot::Sender<()>>,
     /// Deliveries waiting for the application to take them.
     pub(super) ready: VecDeque<Received>,
-}
-
-fn now() -> Now {
-    Now { at: Instant::now().into_std(), wall_ms: now_ms() }
 }
 
 impl Dispatcher {

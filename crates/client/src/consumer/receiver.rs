@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{sleep_until, Instant};
 
 use super::{send_queued, ConsumerConfig, DriverCmd, FromBroker};
+use crate::clock;
 use crate::config::BrokerUrl;
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{open_session, Incoming, Link, LinkAcks, Opened};
@@ -144,7 +145,7 @@ impl Receiver {
                     if n == 0 {
                         return Err(ConnectError::Closed(CloseReason::Eof));
                     }
-                    conn.session.handle_received(Instant::now().into_std());
+                    conn.session.handle_received(clock::instant());
                     pending_in = conn.link.receive(&conn.buf[..n]);
                 }
                 cmd = self.acks.recv() => match cmd {
@@ -205,7 +206,7 @@ impl Connection {
             link,
             buf,
             keep_alive,
-            session: ReceiveSession::new(keep_alive, Instant::now().into_std()),
+            session: ReceiveSession::new(keep_alive, clock::instant()),
             to_forward: VecDeque::new(),
         }
     }
@@ -213,7 +214,7 @@ impl Connection {
     /// Writes the acknowledgements now due, with whatever else the link
     /// queued (a SUBSCRIBE, a PUBCOMP, a ping), if anything.
     async fn write_due(&mut self) -> Result<(), ConnectError> {
-        let now = Instant::now().into_std();
+        let now = clock::instant();
         if let Some(bytes) = self.session.poll_transmit(now, &mut LinkAcks(&mut self.link)) {
             self.link.out.extend_from_slice(&bytes);
         }
@@ -247,7 +248,7 @@ impl Connection {
     /// nothing.
     fn on_timeout(&mut self) -> Result<(), ConnectError> {
         let reading = self.to_forward.is_empty();
-        let now = Instant::now().into_std();
+        let now = clock::instant();
         self.session
             .handle_timeout(now, reading, &mut LinkAcks(&mut self.link))
             .map_err(|_| ConnectError::DeadLink(self.keep_alive))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use steadfast_core::engine::{AckWire, DispatchOp, ReceiveSession};
 use steadfast_core::{Identity, Qos};
 
-use super::{arrived, in_order, World};
+use super::{arrived, cut_whole, in_order, World};
 use crate::consumer::{Del, PRODUCER};
 
 /// What the broker sends the consumer.
@@ -34,6 +34,9 @@ impl AckWire for SimAcks {
         vec![0, 0]
     }
 }
+
+/// Bytes of one packet from the consumer (its packet id).
+const ACK: usize = 2;
 
 /// The consumer's keep-alive in the simulator.
 const CONSUMER_KEEP_ALIVE: Duration = Duration::from_secs(3);
@@ -112,11 +115,9 @@ impl World {
 
     pub(super) fn reset_consumer_link(&mut self, b: usize, cut_per_mille: u32) {
         let Some(c) = self.cconns[b].as_mut() else { return };
-        // Bytes already sent arrive up to the cut (whole packets only).
-        let bytes: Vec<u8> = c.up.drain(..).flat_map(|(_, b)| b).collect();
-        let whole = bytes.len() * cut_per_mille as usize / 1000 / 2 * 2;
+        let arrive = cut_whole(&mut c.up, cut_per_mille, ACK);
         if self.brokers[b].up {
-            for f in bytes[..whole].chunks(2) {
+            for f in arrive.chunks(ACK) {
                 self.broker_takes_from_consumer(b, f);
             }
         }
@@ -169,7 +170,7 @@ impl World {
         if !down.is_empty() {
             c.session.handle_received(self.epoch + Duration::from_millis(t));
         }
-        for f in up.iter().flat_map(|bytes| bytes.chunks(2)) {
+        for f in up.iter().flat_map(|bytes| bytes.chunks(ACK)) {
             self.broker_takes_from_consumer(b, f);
         }
         let epoch = self.consumer.epochs[b];

@@ -280,16 +280,12 @@ impl World {
         for b in 0..self.brokers.len() {
             match &self.conns[b] {
                 None => at.push(self.next_connect[b]),
-                Some(c) => {
-                    at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
-                    at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
-                }
+                Some(c) => at.extend(next_arrival(&c.up, &c.down, c.hole_until)),
             }
             match &self.cconns[b] {
                 None => at.push(self.next_cconnect[b]),
                 Some(c) => {
-                    at.extend(c.up.front().map(|(t, _)| (*t).max(c.hole_until)));
-                    at.extend(c.down.front().map(|(t, _)| (*t).max(c.hole_until)));
+                    at.extend(next_arrival(&c.up, &c.down, c.hole_until));
                     at.extend(c.session.poll_timeout().map(|w| self.ms(w)));
                 }
             }
@@ -498,6 +494,23 @@ impl World {
 /// A stream's arrival time: after `at`, never before what is ahead of it.
 fn in_order<T>(q: &VecDeque<(u64, T)>, at: u64) -> u64 {
     at.max(q.back().map_or(0, |(t, _)| *t))
+}
+
+/// When the first thing under way in either direction arrives (not before
+/// a black hole ends).
+fn next_arrival<A, B>(up: &VecDeque<(u64, A)>, down: &VecDeque<(u64, B)>, hole_until: u64) -> Option<u64> {
+    let first = [up.front().map(|(t, _)| *t), down.front().map(|(t, _)| *t)].into_iter().flatten().min()?;
+    Some(first.max(hole_until))
+}
+
+/// A reset: the bytes under way towards the broker, as far as the cut at
+/// `cut_per_mille` of their length; whole packets of `packet` bytes only
+/// arrive, the rest is lost.
+fn cut_whole(up: &mut VecDeque<(u64, Vec<u8>)>, cut_per_mille: u32, packet: usize) -> Vec<u8> {
+    let mut bytes: Vec<u8> = up.drain(..).flat_map(|(_, b)| b).collect();
+    let whole = bytes.len() * cut_per_mille as usize / 1000 / packet * packet;
+    bytes.truncate(whole);
+    bytes
 }
 
 /// Takes what arrived by `t` from a queue (nothing while a black hole lasts).

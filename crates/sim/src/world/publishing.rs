@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use steadfast_core::engine::{Ack, ConnAckInfo, Decision, End};
 use steadfast_core::Qos;
 
-use super::{arrived, in_order, Conn, World, WALL_EPOCH_MS};
+use super::{arrived, cut_whole, in_order, Conn, World, WALL_EPOCH_MS};
 use crate::broker::{Down, Reply, FRAME};
 use crate::producer::{Msg, SimWire};
 use crate::schedule::Publish;
@@ -89,11 +89,9 @@ impl World {
 
     pub(super) fn reset_producer_link(&mut self, b: usize, cut_per_mille: u32) {
         let Some(c) = self.conns[b].as_mut() else { return };
-        // Bytes already sent arrive up to the cut; the rest is lost.
-        let bytes: Vec<u8> = c.up.drain(..).flat_map(|(_, b)| b).collect();
-        let whole = bytes.len() * cut_per_mille as usize / 1000 / FRAME * FRAME;
+        let arrive = cut_whole(&mut c.up, cut_per_mille, FRAME);
         if self.brokers[b].up {
-            for f in bytes[..whole].chunks(FRAME) {
+            for f in arrive.chunks(FRAME) {
                 self.broker_receives(b, f);
             }
         }

@@ -83,6 +83,7 @@ pub struct Broker {
     sub_saved: Option<Subscriber>,
     qos2_as_puback: bool,
     max_qos_1: bool,
+    qos2_closes: bool,
     session_expiry_ms: Option<u64>,
     max_queued: Option<usize>,
     /// When the producer's and the consumer's connections ended, while
@@ -120,6 +121,7 @@ impl Broker {
             sub_saved: registered,
             qos2_as_puback: s.qos2_as_puback,
             max_qos_1: s.max_qos_1,
+            qos2_closes: s.qos2_closes,
             session_expiry_ms: s.session_expiry_ms,
             max_queued: s.max_queued,
             producer_away: None,
@@ -221,6 +223,7 @@ impl Broker {
         let held = self.live.as_ref().is_some_and(|s| s.qos2.contains_key(&pid));
         match f[0] {
             1 if qos == 2 && self.max_qos_1 => (Reply::Close("QoS 2 PUBLISH above the maximum QoS"), Some(id)),
+            1 if qos == 2 && self.qos2_closes => (Reply::Close("QoS 2 is not supported"), Some(id)),
             1 if refuse && qos == 1 => (Reply::Send(Down::PubAck { pid, of: id, ok: false }), Some(id)),
             1 if refuse && qos == 2 && !held => {
                 let d = if self.qos2_as_puback {

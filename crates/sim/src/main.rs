@@ -65,6 +65,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let mut lines = Vec::new();
+    let started = std::time::Instant::now();
     let (failed, t) = steadfast_sim::run_range_totals(a.from, a.seeds, a.threads as usize, &mut |v| {
         lines.push((v.seed, format!("FAILED {}", v.summary())));
     });
@@ -84,10 +85,19 @@ fn main() -> ExitCode {
         let _ = write!(out, "{}", v.trace.story(id));
         let _ = writeln!(out, "  end of the run: message {id} {}", v.fate(id));
     }
+    let secs = started.elapsed().as_secs_f64();
     let _ = writeln!(
         out,
-        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another)",
-        t.faults, t.skipped, t.accepted, t.handled, t.expired, t.budget, t.broker_lost
+        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another); {} held in the outbox behind a QoS 2 message a broker closes the link on",
+        t.faults, t.skipped, t.accepted, t.handled, t.expired, t.budget, t.broker_lost, t.held
+    );
+    let _ = writeln!(
+        out,
+        "speed: {:.1} s, {:.0} schedules/s on {} thread(s), {:.0} per thread",
+        secs,
+        a.seeds as f64 / secs.max(1e-9),
+        a.threads,
+        a.seeds as f64 / secs.max(1e-9) / f64::from(a.threads)
     );
     let noun = if a.seeds == 1 { "schedule" } else { "schedules" };
     let _ = writeln!(out, "{} {noun} from seed {}: {} failed", a.seeds, a.from, failed.len());

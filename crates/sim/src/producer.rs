@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use steadfast_core::engine::{
-    accept_after_sync, quorum_met, Bound, PublishSession, Queued, SessionConfig, StoreOp, Wire,
+    accept_after_sync, quorum_met, Bound, Now, PublishSession, Queued, SessionConfig, StoreOp, SweepConfig, Sweeper,
+    Wire,
 };
 use steadfast_core::{DropReason, Qos, Stage, PRIORITIES};
 
@@ -59,6 +60,9 @@ impl Queued for Msg {
         self.attempts += 1;
     }
 }
+
+/// The outbox writer's sweeps, as the store runs them.
+const SWEEPS: SweepConfig = SweepConfig { every: Duration::from_secs(1), max_age_ms: None };
 
 /// The simulator's codec: fixed frames of (kind, pid, dup, qos, id).
 pub struct SimWire;
@@ -150,6 +154,9 @@ pub struct Producer {
     sync_ms: u64,
     /// One engine per broker; empty while the process is down.
     pub engines: Vec<PublishSession<Msg>>,
+    /// When the outbox sweeps out what passed its deadline (the writer's
+    /// sweeper).
+    sweeper: Sweeper,
     brokers: usize,
     /// Acknowledgements needed, from all brokers.
     need: u32,
@@ -189,6 +196,7 @@ impl Producer {
             commit_due: None,
             sync_ms: s.sync_ms,
             engines: Vec::new(),
+            sweeper: Sweeper::new(SWEEPS, epoch),
             brokers: s.brokers,
             need,
             cfg,
@@ -198,13 +206,15 @@ impl Producer {
             rng: fastrand::Rng::with_seed(s.seed ^ 0xb1d),
             bind_fail_per_mille: s.bind_fail_per_mille,
         };
-        p.start();
+        p.start(epoch);
         p
     }
 
     /// The process starts on its outbox: each broker's QoS 2 bindings are
     /// restored into its engine.
-    pub fn start(&mut self) {
+    pub fn start(&mut self, at: Instant) {
+        self.sweeper = Sweeper::new(SWEEPS, at);
+        self.sweeper.handle_next_expiry(self.committed.msgs.values().filter_map(|m| m.expires_ms).min());
         self.engines = (0..self.brokers)
             .map(|slot| {
                 let mut e = PublishSession::new(self.cfg, self.epoch);
@@ -223,13 +233,22 @@ impl Producer {
             .collect();
     }
 
-    /// kill -9: the engines and whatever was not committed are gone.
-    pub fn crash(&mut self) {
+    /// kill -9 (or a power cut): the engines and whatever was not committed
+    /// are gone. A commit under way (written, its sync not finished) lands
+    /// whole when `lands`, else it is torn and the store's checksums drop
+    /// it; either way nobody was told it was synced. Returns the messages
+    /// appended in it and whether it landed.
+    pub fn crash(&mut self, lands: bool) -> Option<(Vec<u64>, bool)> {
         self.engines.clear();
+        let under_way = self.dirty.then(|| std::mem::take(&mut self.appended));
+        if under_way.is_some() && lands {
+            self.committed = self.working.clone();
+        }
         self.working = self.committed.clone();
         self.appended.clear();
         self.dirty = false;
         self.commit_due = None;
+        under_way.map(|ids| (ids, lands))
     }
 
     pub fn alive(&self) -> bool {
@@ -253,6 +272,9 @@ impl Producer {
         self.working.newest[priority as usize] = id;
         let m = Msg { id, qos, attempts: 0, acks: 0, done: false, expires_ms, max_attempts, priority };
         self.working.msgs.insert(id, m);
+        if let Some(e) = expires_ms {
+            self.sweeper.handle_deadline(e);
+        }
         self.appended.push(id);
         self.changed(t);
         (id, !accept_after_sync())
@@ -308,12 +330,7 @@ impl Producer {
                 StoreOp::Ack(ids) => self.acked(slot, ids, t, trace),
                 StoreOp::Drop(ids, reason) => {
                     for id in ids {
-                        trace.note(t, Some(id), format!("outbox: dropped as {}", reason.as_str()));
-                        let Some(m) = self.working.msgs.remove(&id) else { continue };
-                        self.working.wire.retain(|(_, i), _| *i != id);
-                        let (expires_ms, max_attempts) = (m.expires_ms, m.max_attempts);
-                        let d = Dropped { reason, at: t, attempts: m.attempts, expires_ms, max_attempts };
-                        self.working.drops.insert(id, d);
+                        self.drop_one(id, reason, t, trace);
                     }
                 }
                 StoreOp::Attempted(ids) => {
@@ -381,6 +398,47 @@ impl Producer {
             }
         }
         gone
+    }
+
+    fn drop_one(&mut self, id: u64, reason: DropReason, t: u64, trace: &mut Trace) {
+        trace.note(t, Some(id), format!("outbox: dropped as {}", reason.as_str()));
+        let Some(m) = self.working.msgs.remove(&id) else { return };
+        self.working.wire.retain(|(_, i), _| *i != id);
+        let (expires_ms, max_attempts) = (m.expires_ms, m.max_attempts);
+        let d = Dropped { reason, at: t, attempts: m.attempts, expires_ms, max_attempts };
+        self.working.drops.insert(id, d);
+    }
+
+    /// When the outbox's next sweep is due.
+    pub fn sweep_due(&self) -> Option<Instant> {
+        self.alive().then(|| self.sweeper.poll_timeout()).flatten()
+    }
+
+    /// The writer's sweep, when due: what passed its deadline leaves
+    /// (unless a broker holds a QoS 2 exchange of it), whether an engine
+    /// holds it or not.
+    pub fn sweep(&mut self, now: Now, t: u64, trace: &mut Trace) {
+        if !self.alive() {
+            return;
+        }
+        let Some(cutoff) = self.sweeper.handle_timeout(now).and_then(|s| s.deadlines_at) else { return };
+        let due: Vec<u64> = self
+            .working
+            .msgs
+            .values()
+            .filter(|m| !m.done && m.expires_ms.is_some_and(|e| e <= cutoff))
+            .filter(|m| !self.working.wire.keys().any(|(_, i)| *i == m.id))
+            .map(|m| m.id)
+            .collect();
+        if !due.is_empty() {
+            self.changed(t);
+        }
+        for id in due {
+            trace.note(t, Some(id), "outbox: the sweep finds its deadline passed");
+            self.drop_one(id, DropReason::Expired, t, trace);
+        }
+        let next = self.working.msgs.values().filter(|m| !m.done).filter_map(|m| m.expires_ms).min();
+        self.sweeper.handle_next_expiry(next);
     }
 
     /// True while changes wait for a commit.

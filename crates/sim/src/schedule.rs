@@ -130,6 +130,12 @@ pub struct Schedule {
     pub max_qos_1: bool,
     /// The broker's receive maximum (MQTT 5), if any.
     pub receive_maximum: Option<u16>,
+    /// The broker speaks MQTT 5; without it (3.1.1 only) its CONNACK
+    /// carries no receive maximum and no maximum QoS.
+    pub mqtt5: bool,
+    /// The broker closes the connection on a QoS 2 PUBLISH (NATS does): a
+    /// 3.1.1 broker that does not take QoS 2 and cannot say so.
+    pub qos2_closes: bool,
     /// The broker forgets a session whose client stayed away this long.
     pub session_expiry_ms: Option<u64>,
     /// The broker queues at most this many messages for the consumer and
@@ -182,6 +188,12 @@ impl Schedule {
         if self.max_qos_1 {
             quirks.push("Maximum QoS 1".to_owned());
         }
+        if !self.mqtt5 {
+            quirks.push("MQTT 3.1.1 only".to_owned());
+        }
+        if self.qos2_closes {
+            quirks.push("QoS 2 closes the connection".to_owned());
+        }
         if let Some(e) = self.session_expiry_ms {
             quirks.push(format!("sessions expire after {e} ms away"));
         }
@@ -226,17 +238,25 @@ impl Schedule {
         };
         let mut faults: Vec<(u64, Fault)> = (0..rng.usize(1..8))
             .map(|_| {
-                let at = rng.u64(200..ACTIVE_MS);
-                let broker = rng.usize(0..brokers);
-                let fault = match rng.u8(0..6) {
-                    0 => Fault::KillBroker { broker, down: Duration::from_millis(rng.u64(50..3_000)) },
+                let mut at = rng.u64(200..ACTIVE_MS);
+                // A failover's faults lean on the broker in use (the first).
+                let failover = matches!(spread, Spread::Failover { .. });
+                let broker = if failover && rng.bool() { 0 } else { rng.usize(0..brokers) };
+                let fault = match rng.u8(0..7) {
+                    0 | 6 => {
+                        at = near_a_publish(&mut rng, &messages, at, 100);
+                        Fault::KillBroker { broker, down: Duration::from_millis(rng.u64(50..3_000)) }
+                    }
+                    3 => {
+                        at = near_a_publish(&mut rng, &messages, at, 10);
+                        Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) }
+                    }
                     1 => Fault::Reset { broker, cut_per_mille: rng.u32(0..=1000), consumer: rng.bool() },
                     2 => Fault::BlackHole {
                         broker,
                         lasts: Duration::from_millis(rng.u64(100..6_000)),
                         consumer: rng.bool(),
                     },
-                    3 => Fault::CrashProducer { down: Duration::from_millis(rng.u64(10..2_000)) },
                     4 => Fault::Partition { broker, lasts: Duration::from_millis(rng.u64(100..6_000)) },
                     _ => Fault::CrashConsumer { down: Duration::from_millis(rng.u64(10..2_000)) },
                 };
@@ -267,6 +287,34 @@ impl Schedule {
             handling_ms: rng.u64(0..30),
             messages,
             faults,
+            // Drawn last, so that the draws before them stay what they were.
+            mqtt5: true,
+            qos2_closes: false,
         }
+        .broker_kind(&mut rng)
+    }
+
+    /// One broker in four speaks MQTT 3.1.1 only (its CONNACK says nothing
+    /// of limits), and one of those in three closes the connection on QoS 2.
+    fn broker_kind(mut self, rng: &mut fastrand::Rng) -> Schedule {
+        if rng.u8(0..4) == 0 {
+            self.mqtt5 = false;
+            self.receive_maximum = None;
+            self.max_qos_1 = false;
+            self.qos2_closes = rng.u8(0..3) == 0;
+            self.qos2_as_puback &= !self.qos2_closes;
+        }
+        self
+    }
+}
+
+/// Half the kills of a process fall where they hurt most: a producer's
+/// within a commit's sync after a publish, a broker's while that message
+/// is on its way; the other half at `at`.
+fn near_a_publish(rng: &mut fastrand::Rng, messages: &[Publish], at: u64, within: u64) -> u64 {
+    if rng.bool() {
+        messages[rng.usize(0..messages.len())].at + rng.u64(0..within)
+    } else {
+        at
     }
 }

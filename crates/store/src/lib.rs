@@ -233,8 +233,9 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError>;
     /// Counts one more send of a message against its retry budget.
     fn add_attempt(&mut self, id: u64) -> Result<(), StoreError>;
-    /// Up to `limit` queued messages whose deadline is at or before `now_ms`.
-    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
+    /// Up to `limit` queued messages whose deadline is at or before
+    /// `cutoff_ms` (the engine's [`steadfast_core::engine::Sweep::deadlines_at`]).
+    fn expired(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
     /// The earliest deadline among queued messages.
     fn next_expiry(&mut self) -> Result<Option<u64>, StoreError>;
     /// Count and bytes of the queued messages that have a deadline.

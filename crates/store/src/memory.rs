@@ -139,10 +139,10 @@ impl Store for MemoryStore {
         }
         Ok(())
     }
-    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+    fn expired(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
         let s = &self.state;
         let free = |id: u64| s.wire.range((id, 0)..=(id, u32::MAX)).next().is_none();
-        let due = |id: u64, r: &Row| !r.done && r.msg.policy.expires_ms.is_some_and(|e| e <= now_ms) && free(id);
+        let due = |id: u64, r: &Row| !r.done && r.msg.policy.expires_ms.is_some_and(|e| e <= cutoff_ms) && free(id);
         Ok(s.messages.iter().filter(|(id, r)| due(**id, r)).take(limit).map(|(id, _)| *id).collect())
     }
     fn next_expiry(&mut self) -> Result<Option<u64>, StoreError> {

@@ -19,6 +19,7 @@ mod inbox;
 mod publish;
 mod receive;
 mod route;
+mod sweep;
 
 use std::time::Instant;
 
@@ -31,6 +32,7 @@ pub use publish::{
 };
 pub use receive::{must_subscribe, AckWire, ReceiveSession};
 pub use route::{quorum_met, Decision, Routes, Routing, SetSpec, Switch};
+pub use sweep::{deadline_passed, expiry_cutoff, Sweep, SweepConfig, Sweeper};
 
 /// The clocks an engine reads, handed in with every input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,4 +69,7 @@ pub enum Timer {
     /// Failover: a higher-priority broker has been up long enough to get
     /// the traffic back, or the old one's drain time is over.
     FailBack,
+    /// The outbox looks for messages past their deadline, their age bound
+    /// or a fanout catch-up window.
+    Sweep,
 }

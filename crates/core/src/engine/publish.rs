@@ -442,8 +442,7 @@ impl<M: Queued> PublishSession<M> {
     /// Why `m` must leave instead of being sent (again): its deadline
     /// passed, or its retry budget is spent.
     fn spent(m: &M, wall_ms: u64) -> Option<DropReason> {
-        let early = if crate::mutate::planted(crate::mutate::Bug::ExpiresEarly) { 2_000 } else { 0 };
-        if m.expires_ms().is_some_and(|e| e <= wall_ms + early) {
+        if m.expires_ms().is_some_and(|e| super::deadline_passed(e, wall_ms)) {
             return Some(DropReason::Expired);
         }
         if m.max_attempts().is_some_and(|max| m.attempts() >= max) {

@@ -44,6 +44,11 @@ pub struct Verdict {
     /// Still queued somewhere when the run ended although every fault had
     /// healed.
     pub stuck: Vec<u64>,
+    /// Still in the outbox behind a QoS 2 message that a broker closes the
+    /// connection on (it cannot take QoS 2 and cannot say so): kept and
+    /// reported to the user, not a broken promise, but not delivered
+    /// either. Poison isolation (issue 17) is what lets them through.
+    pub held: Vec<u64>,
     /// Dropped without the reason holding: a deadline not yet passed, a
     /// budget not spent, or a reason no message of the run can have.
     pub dropped_wrongly: Vec<u64>,
@@ -79,12 +84,13 @@ impl Verdict {
 
     /// What happened to `id`, as the verdict sees it.
     pub fn fate(&self, id: u64) -> &'static str {
-        let kinds: [(&[u64], &str); 5] = [
+        let kinds: [(&[u64], &str); 6] = [
             (&self.lost, "LOST: accepted, never handled by the consumer, not dropped, not lost by a broker"),
             (&self.twice, "HANDLED TWICE: the inbox should have stopped the second"),
             (&self.stuck, "STUCK: still queued after every fault healed"),
             (&self.dropped_wrongly, "DROPPED WRONGLY: its drop's reason did not hold"),
             (&self.phantom_acks, "LET GO WITHOUT AN ACKNOWLEDGEMENT"),
+            (&self.held, "held in the outbox behind a QoS 2 message the broker closes the link on (reported)"),
         ];
         kinds.iter().find(|(ids, _)| ids.contains(&id)).map_or("kept its promise", |(_, what)| *what)
     }
@@ -172,6 +178,10 @@ struct World {
     trace: Trace,
     faults: usize,
     skipped: usize,
+    /// A link to a broker ended while a QoS 2 PUBLISH waited for its first
+    /// PUBREC, and the user was told the broker may not support QoS 2 (an
+    /// observer's record: it survives crashes).
+    qos2_reported: bool,
 }
 
 /// Runs the world of `seed` to its verdict.
@@ -201,6 +211,7 @@ pub fn run(seed: u64) -> Verdict {
         trace: Trace::default(),
         faults: 0,
         skipped: 0,
+        qos2_reported: false,
     };
     w.run();
     w.verdict()
@@ -277,6 +288,7 @@ impl World {
         at.extend(self.back.partitions.iter().flatten());
         at.extend(self.route_wake);
         at.extend(self.producer.commit_due);
+        at.extend(self.producer.sweep_due().map(|w| self.ms(w)));
         for b in 0..self.brokers.len() {
             match &self.conns[b] {
                 None => at.push(self.next_connect[b]),
@@ -349,7 +361,22 @@ impl World {
             }
             Fault::CrashProducer { down } => {
                 if self.producer.alive() {
-                    self.producer.crash();
+                    let lands = self.rng.bool();
+                    if let Some((appended, lands)) = self.producer.crash(lands) {
+                        let how = if lands {
+                            "the commit under way landed whole (never reported synced)"
+                        } else {
+                            "the commit under way was torn (its checksums drop it)"
+                        };
+                        self.trace.note(self.t, None, format!("producer crashed: {how}"));
+                        for id in appended {
+                            self.trace.note(
+                                self.t,
+                                Some(id),
+                                format!("producer crashed before its commit was synced: {how}"),
+                            );
+                        }
+                    }
                     self.back.producer = later(self.t, down);
                     self.conns.iter_mut().for_each(|c| *c = None);
                     let t = self.t;
@@ -413,7 +440,7 @@ impl World {
         }
         if self.back.producer.is_some_and(|t| t <= self.t) {
             self.back.producer = None;
-            self.producer.start();
+            self.producer.start(self.now().at);
             self.routes = RefCell::new(routes(&self.s, self.now().at));
             self.route_wake = None;
             self.connected_once.iter_mut().for_each(|c| *c = false);
@@ -458,8 +485,17 @@ impl World {
             .filter(|id| !handled(id) && !dropped(id) && !broker_lost(id) && !queued.contains(id))
             .collect();
         // Nothing may stay queued once every fault healed, handled or not
-        // (an outbox that never lets go of a delivered message is a bug too).
-        let stuck = self.accepted.iter().copied().filter(|id| queued.contains(id)).collect();
+        // (an outbox that never lets go of a delivered message is a bug too),
+        // except behind a QoS 2 message a broker will not take (the user was
+        // told): held in the outbox, or a handled message's copy that the
+        // endless resends keep putting on the broker.
+        let in_outbox: BTreeSet<u64> = self.producer.committed.queued().collect();
+        let (held, stuck): (Vec<u64>, Vec<u64>) = self
+            .accepted
+            .iter()
+            .copied()
+            .filter(|id| queued.contains(id))
+            .partition(|id| self.qos2_reported && (in_outbox.contains(id) || handled(id)));
         let twice = self
             .handled
             .iter()
@@ -479,6 +515,7 @@ impl World {
             lost,
             twice,
             stuck,
+            held,
             dropped_wrongly,
             phantom_acks: self.producer.phantom_acks.iter().copied().collect(),
             broker_lost,

@@ -24,6 +24,8 @@ impl World {
             self.deliver_to_broker_and_producer(b);
             self.drive_producer(b);
         }
+        let now = self.now();
+        self.producer.sweep(now, self.t, &mut self.trace);
         if self.producer.commit_ready(self.t) {
             for id in self.producer.commit() {
                 if self.accepted.insert(id) {
@@ -106,6 +108,11 @@ impl World {
         self.next_connect[b] = self.t + self.rng.u64(100..1_000);
         if !self.producer.alive() {
             return;
+        }
+        if self.producer.engines[b].awaits_first_pubrec() && !self.qos2_reported {
+            // What the driver turns into "the broker may not support QoS 2".
+            self.qos2_reported = true;
+            self.trace.note(self.t, None, format!("producer: the link to broker {b} ended with a QoS 2 PUBLISH unanswered: reported as a broker that may not support QoS 2"));
         }
         self.producer.engines[b].handle_link_lost();
         self.producer.carry_out(b, self.t, &mut self.trace);

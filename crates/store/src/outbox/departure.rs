@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use steadfast_core::engine::quorum_met;
+use steadfast_core::engine::{quorum_met, Sweep};
 use steadfast_core::DropReason;
 
 use super::replies::Batch;
@@ -110,21 +110,15 @@ impl Writer {
         Ok(())
     }
 
-    pub(super) fn sweeps(&self) -> bool {
-        self.quorums.iter().any(|q| q.catch_up_ms.is_some())
-            || self.next_expiry.is_some()
-            || (self.config.max_age_ms.is_some() && self.totals.count > 0)
-    }
-
     /// Deadlines and the age bound: what outlived them leaves, counted as
-    /// `expired` (G3). Checked once a second; a sender also checks the
-    /// deadline before each send, so nothing goes out after it.
-    pub(super) fn sweep_expired(&mut self, b: &mut Batch) -> Result<(), StoreError> {
+    /// `expired` (G3). The sweeper says when and from which cutoffs; a
+    /// sender also checks the deadline before each send, so nothing goes
+    /// out after it.
+    pub(super) fn sweep_expired(&mut self, sweep: &Sweep, b: &mut Batch) -> Result<(), StoreError> {
         const PAGE: usize = 4096;
-        let now = crate::now_ms();
-        if self.next_expiry.is_some_and(|e| e <= now) {
+        if let Some(cutoff) = sweep.deadlines_at {
             loop {
-                let ids = self.store.expired(now, PAGE)?;
+                let ids = self.store.expired(cutoff, PAGE)?;
                 for id in &ids {
                     self.drop_one(*id, DropReason::Expired, b)?;
                 }
@@ -132,10 +126,9 @@ impl Writer {
                     break;
                 }
             }
-            self.next_expiry = self.store.next_expiry()?;
+            self.sweeper.handle_next_expiry(self.store.next_expiry()?);
         }
-        if let Some(age) = self.config.max_age_ms {
-            let cutoff = now.saturating_sub(age);
+        if let Some(cutoff) = sweep.created_before {
             'pages: while self.store.oldest_created_ms()?.is_some_and(|c| c < cutoff) {
                 for (id, _) in self.store.oldest(PAGE, None)? {
                     match self.store.entry(id)? {
@@ -152,13 +145,14 @@ impl Writer {
     /// member acknowledged leaves the outbox; each member that had not is
     /// counted as having missed it, so a long-dead broker cannot pin the
     /// backlog for ever.
-    pub(super) fn sweep_lapsed(&mut self, b: &mut Batch) -> Result<(), StoreError> {
-        let now = crate::now_ms();
+    pub(super) fn sweep_lapsed(&mut self, sweep: &Sweep, b: &mut Batch) -> Result<(), StoreError> {
         for q in self.quorums.clone() {
-            let Some(window) = q.catch_up_ms else { continue };
+            let Some((window, cutoff)) = q.catch_up_ms.and_then(|w| Some((w, sweep.catch_up_cutoff(w)?))) else {
+                continue;
+            };
             let mask = q.mask();
             let mut missed: HashMap<&str, u64> = HashMap::new();
-            for (id, acks) in self.store.lapsed(q.route.as_deref(), mask, now.saturating_sub(window), 4096)? {
+            for (id, acks) in self.store.lapsed(q.route.as_deref(), mask, cutoff, 4096)? {
                 for (slot, url) in &q.members {
                     if acks & (1 << slot) == 0 {
                         *missed.entry(url.as_str()).or_default() += 1;

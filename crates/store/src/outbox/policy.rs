@@ -117,7 +117,7 @@ impl Writer {
         let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
         self.newest[prio] = self.newest[prio].max(id);
         if let Some(e) = p.msg.policy.expires_ms {
-            self.next_expiry = Some(self.next_expiry.map_or(e, |n| n.min(e)));
+            self.sweeper.handle_deadline(e);
             if let Some(t) = &mut self.deadline_totals {
                 t.count += 1;
                 t.bytes += size;

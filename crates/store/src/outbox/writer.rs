@@ -6,6 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 
+use steadfast_core::engine::{Now, Sweep, SweepConfig, Sweeper};
 use steadfast_core::Stage;
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -25,15 +26,15 @@ pub(super) struct Writer {
     pub(super) waiters_pruned_at: usize,
     pub(super) last_id: u64,
     pub(super) newest: [u64; PRIORITIES],
-    /// The earliest deadline queued (a sweep is due then).
-    pub(super) next_expiry: Option<u64>,
+    /// When the sweeps are due (the earliest deadline queued, the age
+    /// bound, the catch-up windows) and what each removes.
+    pub(super) sweeper: Sweeper,
     /// Count and bytes of queued deadline messages, once needed.
     pub(super) deadline_totals: Option<Totals>,
     /// Removals undone by a failed commit, applied again with the next batch.
     pub(super) pending_removes: Vec<Request>,
     pub(super) blocked: VecDeque<PendingAppend>,
     pub(super) quorums: Vec<Quorum>,
-    pub(super) swept_at: std::time::Instant,
     pub(super) inbox_bounds: Option<InboxBounds>,
     pub(super) pruned_at: std::time::Instant,
     /// Identities in the inbox (an over-estimate between prunes).
@@ -44,7 +45,7 @@ pub(super) struct Writer {
 
 /// The most requests one batch takes.
 const MAX_BATCH: usize = 8192;
-/// How often the fanout catch-up windows are checked.
+/// How often the sweeps run while there is anything to sweep.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Writer {
@@ -60,7 +61,10 @@ impl Writer {
         for (p, id) in store.newest_by_priority()? {
             newest[p as usize] = id;
         }
-        let next_expiry = store.next_expiry()?;
+        let mut sweeper =
+            Sweeper::new(SweepConfig { every: SWEEP_EVERY, max_age_ms: config.max_age_ms }, std::time::Instant::now());
+        sweeper.handle_next_expiry(store.next_expiry()?);
+        sweeper.handle_queued(totals.count > 0);
         let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest });
         let writer = Writer {
             store,
@@ -72,12 +76,11 @@ impl Writer {
             waiters_pruned_at: 1024,
             last_id,
             newest,
-            next_expiry,
+            sweeper,
             deadline_totals: None,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
             quorums: Vec::new(),
-            swept_at: std::time::Instant::now(),
             inbox_bounds: None,
             pruned_at: std::time::Instant::now(),
             inbox_len: 0,
@@ -90,17 +93,22 @@ impl Writer {
         loop {
             // Removals that a failed commit undid are tried again, even
             // when nothing else comes: a delivered message must leave.
-            let first = if self.pending_removes.is_empty() && !self.sweeps() {
-                match rx.recv() {
+            self.sweeper.handle_queued(self.totals.count > 0);
+            let wait = if self.pending_removes.is_empty() {
+                self.sweeper.poll_timeout().map(|t| t.saturating_duration_since(std::time::Instant::now()))
+            } else {
+                Some(std::time::Duration::from_secs(1))
+            };
+            let first = match wait {
+                None => match rx.recv() {
                     Ok(r) => Some(r),
                     Err(_) => break,
-                }
-            } else {
-                match rx.recv_timeout(std::time::Duration::from_secs(1)) {
+                },
+                Some(wait) => match rx.recv_timeout(wait) {
                     Ok(r) => Some(r),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                }
+                },
             };
             let mut requests: Vec<Request> = first.into_iter().collect();
             while requests.len() < MAX_BATCH {
@@ -122,8 +130,9 @@ impl Writer {
     /// Applies one batch in one transaction. Returns true on `Close`.
     fn apply(&mut self, mut requests: Vec<Request>) -> bool {
         self.answer_leading_reads(&mut requests);
-        let sweep = self.sweeps() && self.swept_at.elapsed() >= SWEEP_EVERY;
-        if requests.is_empty() && self.pending_removes.is_empty() && !sweep {
+        self.sweeper.handle_queued(self.totals.count > 0);
+        let sweep = self.sweeper.handle_timeout(Now { at: std::time::Instant::now(), wall_ms: crate::now_ms() });
+        if requests.is_empty() && self.pending_removes.is_empty() && sweep.is_none() {
             return false;
         }
         let retried = std::mem::take(&mut self.pending_removes);
@@ -134,7 +143,7 @@ impl Writer {
         // nobody waits for) is committed without a sync: it survives a
         // crash of the process, and at worst a power loss takes a few
         // counts back. Everything a promise rests on is synced.
-        let bookkeeping = retried.is_empty() && !sweep && requests.iter().all(Request::is_bookkeeping);
+        let bookkeeping = retried.is_empty() && sweep.is_none() && requests.iter().all(Request::is_bookkeeping);
         self.store.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {
             self.pending_removes = retried.into_iter().chain(removes).collect();
@@ -181,7 +190,7 @@ impl Writer {
         &mut self,
         retried: &[Request],
         rest: &mut std::vec::IntoIter<Request>,
-        sweep: bool,
+        sweep: Option<Sweep>,
         b: &mut Batch,
     ) -> Result<(), StoreError> {
         for r in retried {
@@ -190,10 +199,9 @@ impl Writer {
         for r in rest.by_ref() {
             self.apply_one(r, b)?;
         }
-        if sweep {
-            self.swept_at = std::time::Instant::now();
-            self.sweep_lapsed(b)?;
-            self.sweep_expired(b)?;
+        if let Some(sweep) = sweep {
+            self.sweep_lapsed(&sweep, b)?;
+            self.sweep_expired(&sweep, b)?;
         }
         self.admit_blocked(b)
     }
@@ -207,7 +215,8 @@ impl Writer {
         // Ids of rolled-back messages are handed out again.
         self.newest = self.state.borrow().newest;
         self.deadline_totals = None;
-        self.next_expiry = self.store.next_expiry().ok().flatten().or(self.next_expiry);
+        let next_expiry = self.store.next_expiry().ok().flatten().or(self.sweeper.next_expiry());
+        self.sweeper.handle_next_expiry(next_expiry);
         self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
         self.inbox_bytes = self.store.inbox_bytes().unwrap_or(self.inbox_bytes);
         tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
@@ -277,6 +286,7 @@ impl Writer {
                 }
             }
         }
+        self.sweeper.handle_routes(quorums.iter().any(|q| q.catch_up_ms.is_some()));
         self.quorums = quorums;
         let routes = self.store.routes()?;
         Ok(Configured { slots, queued: routes })

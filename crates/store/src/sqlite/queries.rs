@@ -193,11 +193,11 @@ impl Store for SqliteStore {
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn expired(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+    fn expired(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id FROM outbox WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY expires_ms LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
+        let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

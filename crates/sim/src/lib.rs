@@ -26,9 +26,9 @@ mod schedule;
 mod trace;
 mod world;
 
-pub use schedule::{Fault, Publish, Schedule, Spread};
+pub use schedule::{Fault, Publish, Schedule, Size, Spread};
 pub use trace::Trace;
-pub use world::{run, Verdict};
+pub use world::{run, run_sized, Verdict};
 
 /// What a range of seeds did, summed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +69,16 @@ impl Totals {
 /// for each failing verdict (in seed order within a thread) and returns
 /// the failing seeds, sorted.
 pub fn run_range(from: u64, count: u64, threads: usize, failed: &mut (dyn FnMut(&Verdict) + Send)) -> Vec<u64> {
-    run_range_totals(from, count, threads, failed).0
+    run_range_totals(from, count, threads, None, failed).0
 }
 
-/// [`run_range`], and what the seeds did, summed.
+/// [`run_range`] with worlds of `size` (seeded sizes when `None`), and
+/// what the seeds did, summed.
 pub fn run_range_totals(
     from: u64,
     count: u64,
     threads: usize,
+    size: Option<Size>,
     failed: &mut (dyn FnMut(&Verdict) + Send),
 ) -> (Vec<u64>, Totals) {
     let totals = std::sync::Mutex::new(Totals::default());
@@ -93,7 +95,7 @@ pub fn run_range_totals(
                         if seed >= end {
                             return bad;
                         }
-                        let v = run(seed);
+                        let v = run_sized(seed, size);
                         totals.lock().unwrap_or_else(|e| e.into_inner()).add(&v);
                         if !v.passed() {
                             bad.push(seed);

@@ -1,4 +1,4 @@
-//! `steadfast-sim --seeds N [--from S] [--mutate BUG|list] [--threads T]`:
+//! `steadfast-sim --seeds N [--from S] [--mutate BUG|list] [--threads T] [--messages M --faults F]`:
 //! runs the seeds, prints a line per failing one and the story of the
 //! first failure, the totals, and `N schedules from seed S: F failed`.
 
@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use steadfast_core::mutate::{plant, Bug};
+use steadfast_sim::Size;
 
 /// The deterministic simulator of steadfast's delivery engine: each seed
 /// is a world of a producer, one to three brokers and a consumer under
@@ -26,6 +27,13 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// Every world publishes this many messages (instead of 20 to 300) —
+    /// with `--faults`, to measure the simulator on heavy worlds.
+    #[arg(long, requires = "faults", value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    messages: Option<u64>,
+    /// Every world gets this many faults (instead of 1 to 7).
+    #[arg(long, requires = "messages", value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    faults: Option<u64>,
 }
 
 #[derive(Clone, Copy)]
@@ -66,7 +74,8 @@ fn main() -> ExitCode {
     }
     let mut lines = Vec::new();
     let started = std::time::Instant::now();
-    let (failed, t) = steadfast_sim::run_range_totals(a.from, a.seeds, a.threads as usize, &mut |v| {
+    let size = a.messages.zip(a.faults).map(|(m, f)| Size { messages: m as usize, faults: f as usize });
+    let (failed, t) = steadfast_sim::run_range_totals(a.from, a.seeds, a.threads as usize, size, &mut |v| {
         lines.push((v.seed, format!("FAILED {}", v.summary())));
     });
     // In seed order, whatever thread ran them; a closed pipe (`| head`)
@@ -78,10 +87,10 @@ fn main() -> ExitCode {
     }
     if let Some(first) = failed.first() {
         // The first failure replays identically: its story.
-        let v = steadfast_sim::run(*first);
+        let v = steadfast_sim::run_sized(*first, size);
         let id = v.culprit().unwrap_or(0);
         let _ = writeln!(out, "replay of seed {first}: the story of message {id}");
-        let _ = writeln!(out, "  {}", steadfast_sim::Schedule::of(*first).describe());
+        let _ = writeln!(out, "  {}", steadfast_sim::Schedule::sized(*first, size).describe());
         let _ = write!(out, "{}", v.trace.story(id));
         let _ = writeln!(out, "  end of the run: message {id} {}", v.fate(id));
     }

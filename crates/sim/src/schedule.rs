@@ -166,6 +166,15 @@ pub struct Schedule {
     pub faults: Vec<(u64, Fault)>,
 }
 
+/// A world's size, when chosen instead of seeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    /// Messages published.
+    pub messages: usize,
+    /// Faults injected.
+    pub faults: usize,
+}
+
 /// Simulated time during which messages are published and faults happen.
 pub const ACTIVE_MS: u64 = 8_000;
 
@@ -214,8 +223,15 @@ impl Schedule {
 
     /// The schedule of `seed`.
     pub fn of(seed: u64) -> Schedule {
+        Self::sized(seed, None)
+    }
+
+    /// The schedule of `seed`, with `size` = (messages, faults) instead of
+    /// the seeded counts (for measuring the simulator on heavy worlds).
+    pub fn sized(seed: u64, size: Option<Size>) -> Schedule {
         let mut rng = fastrand::Rng::with_seed(seed);
         let count = rng.usize(20..300);
+        let count = size.map_or(count, |s| s.messages);
         let qos2_share = rng.u32(0..=100);
         // Most seeds publish persistent messages only; some mix in the
         // deadline and budget classes.
@@ -236,7 +252,9 @@ impl Schedule {
             true => Spread::Failover { failback_ms: rng.u64(100..3_000) },
             false => Spread::Fanout { need: rng.u32(1..=brokers as u32) },
         };
-        let mut faults: Vec<(u64, Fault)> = (0..rng.usize(1..8))
+        let faults = rng.usize(1..8);
+        let faults = size.map_or(faults, |s| s.faults);
+        let mut faults: Vec<(u64, Fault)> = (0..faults)
             .map(|_| {
                 let mut at = rng.u64(200..ACTIVE_MS);
                 // A failover's faults lean on the broker in use (the first).

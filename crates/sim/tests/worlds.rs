@@ -3,7 +3,7 @@
 //! nothing lost), MQTT 3.1.1-only brokers, and producer crashes in the
 //! middle of a commit whose bytes land whole or are torn.
 
-use steadfast_sim::{run, Fault, Schedule};
+use steadfast_sim::{run, run_sized, Fault, Schedule, Size};
 
 /// The first seeds from 0 whose world `pick` takes, up to `want` of them.
 fn seeds(want: usize, pick: impl Fn(&Schedule) -> bool) -> Vec<u64> {
@@ -61,4 +61,19 @@ fn a_commit_under_way_at_a_producer_crash_lands_whole_or_is_torn() {
         torn += t;
     }
     assert!(landed > 10 && torn > 10, "both outcomes happen: {landed} landed, {torn} torn");
+}
+
+#[test]
+fn a_chosen_size_makes_heavy_worlds_that_keep_the_promise() {
+    let size = Size { messages: 1_000, faults: 20 };
+    for seed in 0..3 {
+        let s = Schedule::sized(seed, Some(size));
+        assert_eq!((s.messages.len(), s.faults.len()), (1_000, 20));
+        let v = run_sized(seed, Some(size));
+        assert!(v.passed(), "seed {seed}: {}", v.summary());
+        // Messages published while the producer is down are never accepted.
+        assert!(v.accepted > 100, "seed {seed}: {} accepted", v.accepted);
+    }
+    // Without a size, the seed decides it as before.
+    assert_eq!(Schedule::sized(7, None).messages, Schedule::of(7).messages);
 }

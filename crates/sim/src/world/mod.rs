@@ -17,7 +17,7 @@ use steadfast_core::DropReason;
 use crate::broker::{Broker, Down};
 use crate::consumer::Consumer;
 use crate::producer::Producer;
-use crate::schedule::{Fault, Schedule, Spread, ACTIVE_MS};
+use crate::schedule::{Fault, Schedule, Size, Spread, ACTIVE_MS};
 use crate::trace::Trace;
 
 use self::consuming::CConn;
@@ -186,7 +186,12 @@ struct World {
 
 /// Runs the world of `seed` to its verdict.
 pub fn run(seed: u64) -> Verdict {
-    let s = Schedule::of(seed);
+    run_sized(seed, None)
+}
+
+/// Runs the world of `seed`, made to `size` if given, to its verdict.
+pub fn run_sized(seed: u64, size: Option<Size>) -> Verdict {
+    let s = Schedule::sized(seed, size);
     let epoch = Instant::now();
     let n = s.brokers;
     let mut w = World {

@@ -335,6 +335,10 @@ pub struct PubArgs {
     /// Start a fresh session instead of resuming one.
     #[arg(long)]
     pub clean: bool,
+    /// mosquitto's `-c` (keep the session): already the default, accepted
+    /// so that their command lines work unchanged.
+    #[arg(short = 'c', long = "disable-clean-session", hide = true, conflicts_with = "clean")]
+    pub keep_session: bool,
     /// MQTT 5 session expiry interval.
     #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
     pub session_expiry: Duration,
@@ -359,6 +363,10 @@ pub struct SubArgs {
     /// Start a fresh session instead of resuming one.
     #[arg(long)]
     pub clean: bool,
+    /// mosquitto's `-c` (keep the session): already the default, accepted
+    /// so that their command lines work unchanged.
+    #[arg(short = 'c', long = "disable-clean-session", hide = true, conflicts_with = "clean")]
+    pub keep_session: bool,
     /// MQTT 5 session expiry interval (MQTT 3.1.1: the broker's setting applies).
     #[arg(short = 'x', long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
     pub session_expiry: Duration,
@@ -417,8 +425,8 @@ pub struct SubArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Outbox directory.
-    #[arg(long)]
+    /// Outbox or inbox directory (`--inbox` is the same flag).
+    #[arg(long, visible_alias = "inbox", value_name = "DIR")]
     pub outbox: Option<PathBuf>,
     /// A bridge configuration: every route's outbox and inbox.
     #[arg(long, value_name = "FILE")]

@@ -73,7 +73,7 @@ mod tests {
     fn a_locked_or_full_store_is_told_the_flag_that_moves_it() {
         let path = PathBuf::from("/x");
         let locked = store_error(StoreError::Locked { path: path.clone() }, "--outbox").to_string();
-        assert!(locked.starts_with("the outbox /x is in use by another process;"), "{locked}");
+        assert!(locked.starts_with("the store directory /x is in use by another process;"), "{locked}");
         assert!(locked.ends_with("a directory of its own (--outbox DIR)"), "{locked}");
         let full = store_error(StoreError::DiskFull { path }, "--inbox").to_string();
         assert!(full.ends_with("move the outbox to another disk (--inbox DIR)"), "{full}");

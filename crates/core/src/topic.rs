@@ -13,6 +13,17 @@ pub enum TopicError {
     /// NUL is forbidden in MQTT strings.
     #[error("topic contains a NUL character, which MQTT forbids")]
     Nul,
+    /// A control character: brokers reject it (Mosquitto closes the
+    /// connection), so the message could never be delivered.
+    #[error("topic `{topic}` contains the control character {ch} at byte {at}; brokers reject it (Mosquitto closes the connection), so it could never be delivered: remove it")]
+    Control {
+        /// The topic, with its control characters escaped.
+        topic: String,
+        /// The first one, as `U+XXXX`.
+        ch: String,
+        /// Its byte offset.
+        at: usize,
+    },
     /// MQTT strings carry a 16-bit length.
     #[error("topic is {0} bytes long; MQTT allows at most 65535")]
     TooLong(usize),
@@ -31,9 +42,28 @@ pub enum FilterError {
     /// NUL is forbidden in MQTT strings.
     #[error("the filter contains a NUL character, which MQTT forbids")]
     Nul,
+    /// A control character: brokers refuse the subscription or close the
+    /// connection.
+    #[error("the filter `{filter}` contains the control character {ch} at byte {at}; brokers refuse it (Mosquitto closes the connection): remove it")]
+    Control {
+        /// The filter, with its control characters escaped.
+        filter: String,
+        /// The first one, as `U+XXXX`.
+        ch: String,
+        /// Its byte offset.
+        at: usize,
+    },
     /// MQTT strings carry a 16-bit length.
     #[error("the filter is {0} bytes long; MQTT allows at most 65535")]
     TooLong(usize),
+}
+
+/// The first control character in `s` that MQTT strings should not carry
+/// and brokers reject (U+0001 to U+001F, U+007F to U+009F; NUL is its own
+/// error): `(escaped s, "U+XXXX", byte offset)`.
+fn control(s: &str) -> Option<(String, String, usize)> {
+    let (at, c) = s.char_indices().find(|(_, c)| matches!(*c as u32, 0x01..=0x1f | 0x7f..=0x9f))?;
+    Some((s.escape_debug().to_string(), format!("U+{:04X}", c as u32), at))
 }
 
 /// Checks that `filter` is a valid subscription filter.
@@ -46,6 +76,9 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), FilterError> {
     }
     if filter.contains('\0') {
         return Err(FilterError::Nul);
+    }
+    if let Some((filter, ch, at)) = control(filter) {
+        return Err(FilterError::Control { filter, ch, at });
     }
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -72,6 +105,9 @@ pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
     if topic.contains('\0') {
         return Err(TopicError::Nul);
     }
+    if let Some((topic, ch, at)) = control(topic) {
+        return Err(TopicError::Control { topic, ch, at });
+    }
     Ok(())
 }
 
@@ -88,5 +124,23 @@ mod tests {
         assert!(matches!(validate_topic_name("a/#"), Err(TopicError::Wildcard(_))));
         assert_eq!(validate_topic_name("a\0b"), Err(TopicError::Nul));
         assert_eq!(validate_topic_name(&"x".repeat(70000)), Err(TopicError::TooLong(70000)));
+    }
+
+    #[test]
+    fn control_characters_are_refused_where_brokers_refuse_them() {
+        let e = validate_topic_name("a\u{1}b").unwrap_err();
+        assert_eq!(e, TopicError::Control { topic: "a\\u{1}b".into(), ch: "U+0001".into(), at: 1 });
+        assert!(e.to_string().contains("U+0001 at byte 1"), "{e}");
+        for c in ['\u{1f}', '\u{7f}', '\u{85}', '\u{9f}', '\n', '\t'] {
+            assert!(validate_topic_name(&format!("x/{c}")).is_err(), "{c:?}");
+            assert!(validate_topic_filter(&format!("x/{c}")).is_err(), "{c:?}");
+        }
+        // What is not a control character stays allowed.
+        for ok in ["caf\u{e9}/\u{a0}", "\u{20}", "\u{1F600}/x", "x/~"] {
+            assert_eq!(validate_topic_name(ok), Ok(()), "{ok:?}");
+            assert_eq!(validate_topic_filter(ok), Ok(()), "{ok:?}");
+        }
+        let e = validate_topic_filter("a/\u{7f}/#").unwrap_err();
+        assert!(matches!(e, FilterError::Control { at: 2, .. }), "{e:?}");
     }
 }

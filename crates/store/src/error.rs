@@ -15,9 +15,9 @@ pub enum StoreError {
         /// The store directory.
         path: PathBuf,
     },
-    /// Another process holds the outbox.
+    /// Another process holds the store directory (an outbox or an inbox).
     #[error(
-        "the outbox {path} is in use by another process; stop that process, or give this one a directory of its own"
+        "the store directory {path} is in use by another process; stop that process, or give this one a directory of its own"
     )]
     Locked {
         /// The store directory.

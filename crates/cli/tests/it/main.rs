@@ -150,6 +150,9 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
     let cases: &[(&[&str], &str)] = &[
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a/+/b", "-m", "x", "--outbox", ob], "wildcard"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "", "-m", "x", "--outbox", ob], "topic is empty"),
+        // Mosquitto closes the connection on it: refused before acceptance,
+        // never a message that blocks the outbox.
+        (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a\u{1}b", "-m", "x", "--outbox", ob], "control character U+0001"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--frobnicate"], "--frobnicate"),
         (&["pub", "-b", "http://127.0.0.1:1", "-t", "a", "-m", "x"], "unknown scheme `http`"),
         (&["pub", "-b", "mqtt://127.0.0.1:99999", "-t", "a", "-m", "x"], "not a port number"),

@@ -170,7 +170,8 @@ async fn output_formats_and_bad_flags() {
     let dir = tempfile::tempdir().unwrap();
     let inbox = dir.path().join("inbox");
     let inbox = inbox.to_str().unwrap();
-    let base = ["sub", "-b", &broker.url(), "-t", "f/#", "-i", "sub-fmt", "--inbox", inbox];
+    // `-c` as mosquitto_sub users type it: the kept session is the default.
+    let base = ["sub", "-b", &broker.url(), "-t", "f/#", "-i", "sub-fmt", "-c", "--inbox", inbox];
     run(&[&base[..], &["--register"]].concat()).await;
     publish(&[broker.url()], &[], "f/x", &["hi".to_owned()], &dir.path().join("ob")).await;
     let out = run(&[&base[..], &["-C", "1", "-W", "20", "--json"]].concat()).await;
@@ -186,6 +187,8 @@ async fn output_formats_and_bad_flags() {
     for (args, needle) in [
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a/#/b"][..], "wildcard must fill a whole level"),
         (&["sub", "-b", "mqtt://127.0.0.1:1"][..], "no topic given"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a/\u{7f}"][..], "control character U+007F"),
+        (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-c", "--clean"][..], "cannot be used with"),
         (&["sub", "-t", "a"][..], "no broker given"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-F", "%z"][..], "unknown conversion `%z`"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--json", "-v"][..], "choose one output"),
@@ -227,7 +230,7 @@ async fn short_runs_over_a_backlog_hand_each_message_over_once_and_a_new_filter_
     assert_eq!(st["kind"], "inbox", "{st}");
     // The inbox lives in inbox.db, and status speaks of an inbox.
     assert!(std::path::Path::new(inbox).join("inbox.db").exists());
-    let text = run(&["status", "--outbox", inbox]).await;
+    let text = run(&["status", "--inbox", inbox]).await;
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     assert!(text.starts_with("inbox ") && !text.contains("queued"), "{text}");
     // A kept session, another filter: it is subscribed although the broker

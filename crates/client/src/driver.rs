@@ -260,8 +260,9 @@ impl Driver {
         // exchanges would be lost with it.
         let connects = self.shared.update(|_| {}).connects;
         let clean = self.cfg.clean_start && connects == 0;
-        let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf } =
-            open_session(&self.cfg, &self.url, clean).await?;
+        let attempt = open_session(&self.cfg, &self.url, clean);
+        let Some(opened) = reconnect::unless_stopped(attempt, &mut self.stop).await else { return Ok(()) };
+        let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf } = opened?;
         *connected_at = Some(Instant::now());
         // The router decides first whether this broker takes messages now:
         // what it had in flight is resent only if it still does.

@@ -93,3 +93,19 @@ pub(crate) async fn wait(delay: Duration, stop: &mut watch::Receiver<bool>) -> b
     }
     *stop.borrow() || stop.has_changed().is_err()
 }
+
+/// `attempt` (a connection being opened), unless a stop is asked first:
+/// `None` then, at once (a broker that never answers CONNECT must not hold
+/// a stop up for the connect timeout).
+pub(crate) async fn unless_stopped<T>(
+    attempt: impl std::future::Future<Output = T>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    if *stop.borrow() {
+        return None;
+    }
+    tokio::select! {
+        t = attempt => Some(t),
+        _ = stop.wait_for(|s| *s) => None,
+    }
+}

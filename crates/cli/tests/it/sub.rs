@@ -262,3 +262,39 @@ async fn short_runs_over_a_backlog_hand_each_message_over_once_and_a_new_filter_
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "late\n");
 }
+
+/// A server that takes the connection and never answers CONNECT (an HTTP
+/// server, a stalled broker): SIGTERM ends `sub` at once, not after the
+/// connect timeout or the waits of a close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_connection_attempt_ends_sub_at_once() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtt://{}", listener.local_addr().unwrap());
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+            let _ = accepted_tx.send(());
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("in");
+    let child = steadfast()
+        .args(["sub", "-b", &url, "-t", "a", "--inbox", inbox.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its CONNECT is under way: the server holds the connection.
+    tokio::time::timeout(Duration::from_secs(30), accepted.recv()).await.expect("sub connects").unwrap();
+    let asked = std::time::Instant::now();
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let took = asked.elapsed();
+    server.abort();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Before: 5 s (a flush and a task waited out their timeouts); the
+    // connect timeout is 10 s.
+    assert!(took < Duration::from_secs(4), "sub took {took:?} to stop");
+}

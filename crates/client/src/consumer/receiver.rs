@@ -18,7 +18,7 @@ use crate::clock;
 use crate::config::BrokerUrl;
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{open_session, Incoming, Link, LinkAcks, Opened};
-use crate::reconnect::{self, Reconnect};
+use crate::reconnect::Reconnect;
 use crate::transport::{send, ReadHalf, WriteHalf};
 use crate::Event;
 
@@ -74,7 +74,7 @@ impl Receiver {
                 reconnect.connected();
             }
             let delay = reconnect.after(&self.url.to_string(), error, connected_at, &self.events);
-            reconnect::wait(delay, &mut self.stop).await;
+            between_links(&mut self.acks, &mut self.stop, tokio::time::sleep(delay)).await;
         }
     }
 
@@ -86,7 +86,9 @@ impl Receiver {
         clean: bool,
         connected_at: &mut Option<Instant>,
     ) -> Result<(), ConnectError> {
-        let Opened { rd, wr, mut link, ack, after, buf } = open_session(&self.cfg.client, &self.url, clean).await?;
+        let attempt = open_session(&self.cfg.client, &self.url, clean);
+        let Some(opened) = between_links(&mut self.acks, &mut self.stop, attempt).await else { return Ok(()) };
+        let Opened { rd, wr, mut link, ack, after, buf } = opened?;
         *connected_at = Some(Instant::now());
         let subscription = self.subscribe_unless_kept(&mut link, ack.session_present).await?;
         let broker = self.url.to_string();
@@ -292,4 +294,27 @@ pub(super) fn check_granted(
         }
     }
     Ok(())
+}
+
+/// `f` (a link being opened, or the backoff before the next), answering
+/// what the dispatcher asks meanwhile: nothing is written between links,
+/// so a flush is done at once and an ack is stale (the broker sends its
+/// message again). `None`, at once, when a stop is asked.
+async fn between_links<T>(
+    acks: &mut mpsc::UnboundedReceiver<DriverCmd>,
+    stop: &mut watch::Receiver<bool>,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::pin!(f);
+    loop {
+        tokio::select! {
+            t = &mut f => return Some(t),
+            _ = stop.wait_for(|s| *s) => return None,
+            Some(cmd) = acks.recv() => {
+                if let DriverCmd::Flush(done) = cmd {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
 }

@@ -278,6 +278,11 @@ pub struct PubArgs {
     /// Send what the outbox holds; take no new input.
     #[arg(long, group = "input")]
     pub drain: bool,
+    /// Send the messages this outbox holds for other brokers (accepted by
+    /// an earlier run with other -b) to the brokers given now; without
+    /// it they stay queued for their own brokers.
+    #[arg(long)]
+    pub retarget: bool,
     /// Retain flag.
     #[arg(short = 'r', long)]
     pub retain: bool,

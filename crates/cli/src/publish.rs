@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OutboxConfig, Overflow, Policy,
-    PolicyError, ProtocolVersion, PublishError, Qos,
+    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OtherSets, OutboxConfig,
+    Overflow, Policy, PolicyError, ProtocolVersion, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -228,7 +228,8 @@ fn client_config(
         .session_expiry(a.session_expiry)
         .backoff(a.backoff)
         .policy(policy)
-        .outbox(outbox);
+        .outbox(outbox)
+        .other_sets(if a.retarget { OtherSets::Retarget } else { OtherSets::Keep });
     for (name, set) in routes {
         config = config.route(name, set);
     }
@@ -318,6 +319,14 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
             report.problem.as_deref().unwrap_or("unknown damage"),
             report.salvaged,
             report.quarantined
+        );
+    }
+    for (set, n) in client.held() {
+        let b: String = set.split(' ').map(|u| format!(" -b {u}")).collect();
+        eprintln!(
+            "steadfast: warning: {n} message(s) in the outbox {} were accepted for {set}; they stay queued: `steadfast pub --drain{b} --outbox {}` sends them there, --retarget sends them to the brokers given now",
+            dir.display(),
+            dir.display()
         );
     }
     let mut events = client.events();

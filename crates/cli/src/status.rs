@@ -31,6 +31,8 @@ struct Json {
     /// The sequence number of the newest message ever accepted: the
     /// producer's messages so far are `producer/1` to `producer/last_id`.
     last_id: u64,
+    /// Queued messages held for other broker sets (an earlier run's -b).
+    held: Vec<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -174,7 +176,13 @@ impl Store {
             counters: r.counters.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect(),
             producer: r.producer.clone(),
             last_id: r.last_id,
+            held: self.held().map(|(set, n)| serde_json::json!({ "brokers": set, "queued": n })).collect(),
         }
+    }
+
+    /// Queued messages held for another default broker set: (its URLs, count).
+    fn held(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.report.routes.iter().filter_map(|(r, n)| Some((steadfast_store::held_for(r.as_deref())?, *n)))
     }
 
     /// The text form: the queue (an outbox) or the identities (an inbox),
@@ -195,6 +203,9 @@ impl Store {
             }
             let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("dropped  {}", drops.join(", "));
+            for (set, n) in self.held() {
+                println!("held     {n} message(s) accepted for {set}: never sent to other brokers (`steadfast pub --drain -b ... --outbox {dir}` sends them, `--retarget` elsewhere)");
+            }
         }
         if self.kind == StoreKind::Inbox || r.inbox > 0 || !r.counters.is_empty() {
             let counters: Vec<String> =

@@ -6,13 +6,13 @@ use std::time::{Duration, SystemTime};
 
 use steadfast_core::{validate_topic_name, DropReason, Identity, Properties, Qos};
 use steadfast_store::{
-    now_ms, AcceptFuture, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, Quorum, Source, SqliteStore,
-    Store, StoreError,
+    now_ms, AcceptFuture, DefaultSet, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, Quorum, Source,
+    SqliteStore, Store, StoreError,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, OtherSets};
 use crate::driver::{BrokerShared, Direct, Driver, Place, DIRECT_QUEUE};
 use crate::error::{ConfigError, ConnectError, OpenError, PublishError};
 use crate::policy::{Class, Policy};
@@ -325,6 +325,8 @@ pub struct Status {
 
 struct Inner {
     cfg: Arc<ClientConfig>,
+    /// Messages held for other default broker sets, per set, at open.
+    held: Vec<(String, u64)>,
     outbox: Outbox,
     producer: Arc<str>,
     events: broadcast::Sender<Event>,
@@ -336,6 +338,9 @@ struct Inner {
     stop: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// The producer id, the broker slots, and what is held for other sets.
+type Prepared = (Arc<str>, Vec<u32>, Vec<(String, u64)>);
 
 /// A reliable MQTT publisher. Cheap to clone; all clones share one outbox
 /// and one driver per broker.
@@ -369,7 +374,7 @@ impl Client {
     pub async fn with_store(cfg: ClientConfig, store: Box<dyn Store>) -> Result<Client, OpenError> {
         cfg.validate()?;
         let outbox = Outbox::start(store, cfg.outbox)?;
-        let (producer, slots) = match Self::prepare(&cfg, &outbox).await {
+        let (producer, slots, held) = match Self::prepare(&cfg, &outbox).await {
             Ok(p) => p,
             Err(e) => {
                 // Release the store (and its lock) before reporting: the
@@ -379,6 +384,9 @@ impl Client {
                 return Err(e);
             }
         };
+        for (set, queued) in &held {
+            tracing::info!(brokers = %set, queued, "messages accepted for other brokers stay queued; they are never sent to these");
+        }
         let urls = cfg.all_brokers();
         let cfg = Arc::new(cfg);
         // The first receiver exists before any driver runs, so the first
@@ -411,6 +419,7 @@ impl Client {
         let first_events = Mutex::new(Some(first_events));
         let inner = Inner {
             cfg,
+            held,
             outbox,
             producer,
             events,
@@ -431,7 +440,7 @@ impl Client {
     /// The producer id and the broker slots; refuses an outbox holding
     /// messages of a route this configuration lacks (they would wait for
     /// ever).
-    async fn prepare(cfg: &ClientConfig, outbox: &Outbox) -> Result<(Arc<str>, Vec<u32>), OpenError> {
+    async fn prepare(cfg: &ClientConfig, outbox: &Outbox) -> Result<Prepared, OpenError> {
         let default_producer = format!("{}-{:08x}", cfg.client_id, fastrand::u32(..));
         let producer = match &cfg.producer_id {
             Some(p) => p.clone(),
@@ -441,13 +450,20 @@ impl Client {
             return Err(ConfigError::ProducerIdTooLong { len: producer.len() }.into());
         }
         let urls = cfg.all_brokers().iter().map(|u| u.to_string()).collect();
-        let steadfast_store::Configured { slots, queued } = outbox.configure(urls, quorums(cfg)).await?;
+        let set = DefaultSet { key: cfg.default_set_key(), retarget: cfg.other_sets == OtherSets::Retarget };
+        let steadfast_store::Configured { slots, queued, held } = outbox.configure(urls, quorums(cfg), set).await?;
         for (route, n) in queued {
+            let route = route.filter(|r| steadfast_store::held_for(Some(r)).is_none());
             if let Some(name) = route.filter(|r| !cfg.routes().iter().any(|(n, _)| n == r)) {
                 return Err(ConfigError::UnconfiguredRoute { route: name, queued: n }.into());
             }
         }
-        Ok((producer.into(), slots))
+        if !held.is_empty() && cfg.other_sets == OtherSets::Refuse {
+            let queued = held.iter().map(|(_, n)| n).sum();
+            let brokers = held.iter().map(|(set, _)| set.as_str()).collect::<Vec<_>>().join("; ");
+            return Err(ConfigError::HeldForOtherBrokers { queued, brokers }.into());
+        }
+        Ok((producer.into(), slots, held))
     }
 
     /// Checks a message and works out its policy.
@@ -612,7 +628,15 @@ impl Client {
     /// or dropped by its policy.
     pub async fn wait_idle(&self) {
         let mut rx = self.inner.outbox.watch();
-        let _ = rx.wait_for(|s| s.totals.count == 0).await;
+        // Messages held for other brokers never leave in this run.
+        let _ = rx.wait_for(|s| s.totals.count <= s.held).await;
+    }
+
+    /// Messages the outbox held at open for other default broker sets than
+    /// this client's (with [`crate::OtherSets::Keep`]): each set's brokers
+    /// (URLs, space-separated) and how many. They stay queued, unsent.
+    pub fn held(&self) -> &[(String, u64)] {
+        &self.inner.held
     }
 
     /// Messages still queued (accepted, not delivered) with id above

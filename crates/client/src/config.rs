@@ -281,6 +281,7 @@ pub struct ClientConfig {
     pub(crate) policy: Policy,
     pub(crate) tls: TlsConfig,
     pub(crate) max_packet_size: Option<u32>,
+    pub(crate) other_sets: OtherSets,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -300,7 +301,29 @@ impl fmt::Debug for ClientConfig {
     }
 }
 
+/// What opening a client does with messages its outbox holds for another
+/// default broker set than the one configured now (G9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OtherSets {
+    /// Refuse to open ([`ConfigError::HeldForOtherBrokers`]).
+    #[default]
+    Refuse,
+    /// Open; they stay queued and are never sent to these brokers (a run
+    /// with their own set sends them). [`crate::Client::held`] lists them.
+    Keep,
+    /// Send them to the brokers configured now.
+    Retarget,
+}
+
 impl ClientConfig {
+    /// The identity of the default broker set: its URLs, sorted, each once.
+    pub(crate) fn default_set_key(&self) -> String {
+        let mut urls: Vec<String> = self.set.brokers.iter().map(|u| u.to_string()).collect();
+        urls.sort();
+        urls.dedup();
+        urls.join(" ")
+    }
+
     /// A client `client_id` that talks to `broker` and keeps its outbox in
     /// `outbox_dir`. The client id is also the MQTT session: keep it stable.
     pub fn new(client_id: impl Into<String>, broker: BrokerUrl, outbox_dir: impl Into<PathBuf>) -> Self {
@@ -323,6 +346,7 @@ impl ClientConfig {
             outbox: OutboxConfig::default(),
             producer_id: None,
             seed: None,
+            other_sets: OtherSets::Refuse,
             policy: Policy::default(),
             tls: TlsConfig::default(),
             max_packet_size: None,
@@ -444,6 +468,14 @@ impl ClientConfig {
         self.envelope = on;
         self
     }
+    /// What opening does with messages the outbox holds for another default
+    /// broker set (an earlier run with other brokers): refuse to open
+    /// (the default), keep them queued and unsent, or send them to this
+    /// run's brokers (G9: never without the user's word).
+    pub fn other_sets(mut self, o: OtherSets) -> Self {
+        self.other_sets = o;
+        self
+    }
     /// Seeds the backoff jitter, for reproducible tests.
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
@@ -503,6 +535,9 @@ impl ClientConfig {
         for (name, set) in &self.routes {
             if name.is_empty() {
                 return Err(ConfigError::EmptyRouteName);
+            }
+            if name.starts_with('@') {
+                return Err(ConfigError::ReservedRouteName(name.clone()));
             }
             set.validate(name)?;
         }

@@ -119,6 +119,17 @@ pub enum ConfigError {
     /// A route with an empty name.
     #[error("a route name is empty; name it (e.g. `home`)")]
     EmptyRouteName,
+    /// Route names starting with `@` are the outbox's own.
+    #[error("the route name `{0}` starts with `@`, which is reserved; name it without (e.g. `home`)")]
+    ReservedRouteName(String),
+    /// The outbox holds messages accepted for other brokers (G9).
+    #[error("the outbox holds {queued} message(s) accepted for other brokers ({brokers}); they are never sent elsewhere without your word: open it with those brokers to send them, or choose OtherSets::Keep (leave them queued) or OtherSets::Retarget (send them to the brokers configured now)")]
+    HeldForOtherBrokers {
+        /// How many.
+        queued: u64,
+        /// Their broker sets, `;`-separated.
+        brokers: String,
+    },
     /// More distinct brokers than one client can keep state for.
     #[error("{count} distinct brokers configured; one client talks to at most {max}")]
     TooManyBrokers {

@@ -35,7 +35,7 @@ mod router;
 mod transport;
 
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
-pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, ProtocolVersion};
+pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, OtherSets, ProtocolVersion};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};

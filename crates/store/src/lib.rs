@@ -22,8 +22,8 @@ mod sqlite;
 pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use outbox::{
-    AcceptFuture, AppendError, BrokerLag, Configured, Delivery, Dropped, Glance, InboxBounds, Outbox, OutboxConfig,
-    OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow,
+    held_for, AcceptFuture, AppendError, BrokerLag, Configured, DefaultSet, Delivery, Dropped, Glance, InboxBounds,
+    Outbox, OutboxConfig, OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow, HELD_PREFIX,
 };
 pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 
@@ -279,6 +279,9 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     ) -> Result<Vec<(u64, u64)>, StoreError>;
     /// Queued messages per route (`None`: the default set).
     fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError>;
+    /// Moves the queued messages of route `from` to route `to` (`None`:
+    /// the default set); returns how many.
+    fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError>;
     /// Queued messages the broker in `slot` has not acknowledged.
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError>;
     /// The slot of each broker URL, assigning free ones to new URLs. When

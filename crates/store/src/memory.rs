@@ -206,6 +206,14 @@ impl Store for MemoryStore {
         }
         Ok(counts.into_iter().collect())
     }
+    fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for r in self.state.messages.values_mut().filter(|r| !r.done && r.msg.route.as_deref() == from) {
+            r.msg.route = to.map(str::to_owned);
+            n += 1;
+        }
+        Ok(n)
+    }
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         Ok(self.state.messages.values().filter(|r| !r.done && r.acks & (1 << slot) == 0).count() as u64)
     }

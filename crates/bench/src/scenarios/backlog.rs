@@ -15,10 +15,15 @@ pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
     if a.messages == 100_000 {
         a.messages = 1_000_000;
     }
-    let broker = broker(0).await?;
+    // The broker is down while the backlog queues, and comes back on the
+    // same address: the messages were accepted for it (an outbox never
+    // sends to other brokers what it accepted for these).
+    let mut broker = broker(0).await?;
+    broker.kill9();
     let dir = state_dir(&a)?;
     let before = rss();
-    let fill = Fill::queue(&a, dir.path()).await?;
+    let fill = Fill::queue(&a, dir.path(), broker.port()).await?;
+    broker.restart().await?;
     let drain = Drain::restart(&a, dir.path(), &broker).await?;
     // The baseline does the same work from memory: the same messages (count,
     // payload, topics), MQTT 5, the same window, the same broker, timed by
@@ -42,10 +47,10 @@ struct Fill {
 }
 
 impl Fill {
-    async fn queue(a: &Args, dir: &Path) -> Result<Fill, BenchError> {
+    async fn queue(a: &Args, dir: &Path, port: u16) -> Result<Fill, BenchError> {
         let n = a.messages;
-        // The broker address leads nowhere.
-        let nowhere = url(steadfast_lab::free_port()?);
+        // Nothing listens there now.
+        let nowhere = url(port);
         let fill = RssPeak::start();
         let t0 = Instant::now();
         let (client, _) = Client::open(config(a, dir, nowhere)).await?;

@@ -24,8 +24,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use steadfast::bridge::{route_dirs, Bridge, Rewrite, RewriteError, Route};
 use steadfast::{
-    BackoffConfig, BrokerSet, BrokerUrl, Class, ClientConfig, ConsumerConfig, OutboxConfig, Overflow, Policy,
-    ProtocolVersion, Qos,
+    BackoffConfig, BrokerSet, BrokerUrl, Class, ClientConfig, ConsumerConfig, OtherSets, OutboxConfig, Overflow,
+    Policy, ProtocolVersion, Qos,
 };
 use steadfast_core::parse_duration;
 use steadfast_core::topic::validate_topic_filter;
@@ -358,7 +358,10 @@ impl DestinationKeys {
             .envelope(d.envelope.unwrap_or(false))
             .backoff(self.backoff)
             .policy(policy)
-            .outbox(outbox);
+            .outbox(outbox)
+            // A changed destination keeps what was accepted for the old
+            // one queued for it (and says so at start), never sends it on.
+            .other_sets(OtherSets::Keep);
         match secrets!(d).apply(destination.clone()) {
             Ok(c) => destination = c,
             Err(e) => errs.at(r.destination.span(), format!("destination: {e}")),

@@ -118,6 +118,11 @@ async fn start(b: Bridge, clients: &Clients) -> Result<RunningBridge, Failure> {
     let running =
         b.start().await.map_err(|e: BridgeError| if e.is_config() { Failure::usage(e) } else { Failure::other(e) })?;
     *clients.lock().unwrap_or_else(|e| e.into_inner()) = running.clients().to_vec();
+    for c in running.clients() {
+        for (set, n) in c.held() {
+            tracing::warn!(brokers = %set, queued = n, "messages accepted for an earlier destination stay queued for it; they are never sent to this one (steadfast status --bridge lists them)");
+        }
+    }
     Ok(running)
 }
 

@@ -13,6 +13,7 @@ mod bridge;
 mod doctor;
 mod interop;
 mod policy;
+mod sets;
 mod sub;
 mod tls;
 

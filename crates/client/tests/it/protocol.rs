@@ -70,6 +70,9 @@ impl Store for FaultyStore {
     fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
         self.inner.routes()
     }
+    fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {
+        self.inner.retag(from, to)
+    }
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         self.inner.lag(slot)
     }

@@ -5,7 +5,9 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use steadfast::{AckQuorum, BrokerSet, Client, ClientConfig, Event, Identity, Message, Mode, ProtocolVersion};
+use steadfast::{
+    AckQuorum, BrokerSet, Client, ClientConfig, Event, Identity, Message, Mode, OtherSets, ProtocolVersion,
+};
 use steadfast_testkit::{FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Reply, ScriptedBroker, Subscriber};
 use tokio::sync::broadcast;
 
@@ -412,4 +414,42 @@ async fn an_outbox_holding_messages_of_a_route_no_longer_configured_is_refused_w
     let c = open(cfg).await;
     assert_eq!(c.status().await.unwrap().queued, 1);
     c.close().await;
+}
+
+/// G9 in the library: an outbox holding messages accepted for another
+/// default broker set refuses to open without a choice; `Keep` leaves them
+/// queued (listed by `held`, not waited for), `Retarget` takes them over,
+/// and a reserved route name is refused. No broker is needed: nothing here
+/// may be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_of_other_brokers_opens_only_with_a_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = ("mqtt://127.0.0.1:1", "mqtt://127.0.0.1:2");
+    let c = open(config("sets", a, dir.path())).await;
+    c.enqueue(Message::new("for/a", b"x".to_vec())).unwrap().await.unwrap();
+    c.close().await;
+    let err = Client::open(config("sets", b, dir.path())).await.expect_err("refused without a choice");
+    let text = err.to_string();
+    assert!(text.contains("1 message(s) accepted for other brokers (mqtt://127.0.0.1:1)"), "{text}");
+    assert!(matches!(err, steadfast::OpenError::Config(steadfast::ConfigError::HeldForOtherBrokers { queued: 1, .. })));
+    // Kept: listed, never waited for, not sent.
+    let c = open(config("sets", b, dir.path()).other_sets(OtherSets::Keep)).await;
+    assert_eq!(c.held(), [("mqtt://127.0.0.1:1".to_owned(), 1)]);
+    tokio::time::timeout(Duration::from_secs(10), c.wait_idle()).await.expect("held messages are not waited for");
+    c.close().await;
+    // Back with A's set: its message is its own again.
+    let c = open(config("sets", a, dir.path())).await;
+    assert!(c.held().is_empty());
+    assert_eq!(c.status().await.unwrap().queued, 1);
+    c.close().await;
+    // Retargeted: B's now, nothing held.
+    let c = open(config("sets", b, dir.path()).other_sets(OtherSets::Retarget)).await;
+    assert!(c.held().is_empty());
+    c.close().await;
+    let c = open(config("sets", b, dir.path())).await;
+    assert!(c.held().is_empty(), "the message is B's now");
+    c.close().await;
+    let reserved = config("sets", a, dir.path()).route("@x", set(&[b.to_owned()]));
+    let err = Client::open(reserved).await.expect_err("reserved route name");
+    assert!(err.to_string().contains("`@x` starts with `@`"), "{err}");
 }

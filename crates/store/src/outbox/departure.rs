@@ -11,7 +11,7 @@ use steadfast_core::DropReason;
 
 use super::replies::Batch;
 use super::writer::Writer;
-use super::{Delivery, Dropped};
+use super::{held_for, Delivery, Dropped};
 use crate::{Entry, StoreError};
 
 impl Writer {
@@ -75,6 +75,9 @@ impl Writer {
         }
         self.totals.count -= 1;
         self.totals.bytes = self.totals.bytes.saturating_sub(e.size);
+        if held_for(e.route.as_deref()).is_some() {
+            self.held = self.held.saturating_sub(1);
+        }
         if let Some(t) = self.deadline_totals.as_mut().filter(|_| e.expires_ms.is_some()) {
             t.count = t.count.saturating_sub(1);
             t.bytes = t.bytes.saturating_sub(e.size);

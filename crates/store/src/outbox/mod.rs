@@ -106,6 +106,9 @@ pub struct OutboxState {
     /// The highest id committed so far of each priority (0 to
     /// [`crate::MAX_PRIORITY`]): a sender reads each priority on its own.
     pub newest: [u64; PRIORITIES],
+    /// Queued messages held for another broker set (counted in `totals`;
+    /// this run never sends them).
+    pub held: u64,
 }
 
 /// Resolves when the message is accepted (synced), with its id.
@@ -151,8 +154,36 @@ pub struct Source {
 pub struct Configured {
     /// The slot of each broker URL, in the order given.
     pub slots: Vec<u32>,
-    /// Queued messages per route (`None`: the default broker set).
+    /// Queued messages per route (`None`: the default broker set; a held
+    /// set's messages under its [`HELD_PREFIX`] route).
     pub queued: Vec<(Option<String>, u64)>,
+    /// Queued messages accepted for another default broker set than this
+    /// run's, per set (its key, as [`DefaultSet::key`] was then): held,
+    /// never sent to this run's brokers.
+    pub held: Vec<(String, u64)>,
+}
+
+/// The broker set the default route stands for in this run, and what to
+/// do with messages accepted for another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DefaultSet {
+    /// The set's identity: its broker URLs, sorted, space-separated.
+    pub key: String,
+    /// Send messages held for other sets to this one (the user said so).
+    pub retarget: bool,
+}
+
+/// Route prefix of messages held for another default broker set; no route
+/// the user names may start with `@`.
+pub const HELD_PREFIX: &str = "@brokers ";
+
+/// The set key a held route stands for.
+pub fn held_for(route: Option<&str>) -> Option<&str> {
+    route?.strip_prefix(HELD_PREFIX)
+}
+
+pub(super) fn held_count(routes: &[(Option<String>, u64)]) -> u64 {
+    routes.iter().filter(|(r, _)| held_for(r.as_deref()).is_some()).map(|(_, n)| n).sum()
 }
 
 /// A handle to the outbox; cheap to clone. The writer thread ends when the
@@ -289,9 +320,14 @@ impl Outbox {
     /// URLs. Call before any acknowledgement. Returns the slots, and the
     /// queued messages per route, for the caller to check that it knows
     /// every route.
-    pub async fn configure(&self, urls: Vec<String>, quorums: Vec<Quorum>) -> Result<Configured, StoreError> {
+    pub async fn configure(
+        &self,
+        urls: Vec<String>,
+        quorums: Vec<Quorum>,
+        set: DefaultSet,
+    ) -> Result<Configured, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Slots { urls, quorums, reply });
+        self.send(Request::Slots { urls, quorums, set, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

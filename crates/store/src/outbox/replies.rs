@@ -34,7 +34,12 @@ impl Writer {
         // The state first: whoever learns that a message was accepted must
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
-        self.state.send_replace(OutboxState { last_id: self.last_id, totals: self.totals, newest: self.newest });
+        self.state.send_replace(OutboxState {
+            last_id: self.last_id,
+            totals: self.totals,
+            newest: self.newest,
+            held: self.held,
+        });
         let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
         let delivered = b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);

@@ -5,7 +5,7 @@
 use steadfast_core::{DropReason, Stage};
 use tokio::sync::oneshot;
 
-use super::{AppendError, Configured, Delivery, Glance, InboxBounds, Quorum, Report, Source};
+use super::{AppendError, Configured, DefaultSet, Delivery, Glance, InboxBounds, Quorum, Report, Source};
 use crate::{BrokerRecord, NewMessage, StoreError, StoredMessage};
 
 pub(super) enum Request {
@@ -55,6 +55,7 @@ pub(super) enum Request {
     Slots {
         urls: Vec<String>,
         quorums: Vec<Quorum>,
+        set: DefaultSet,
         reply: SlotReply,
     },
     Broker(BrokerRecord),

@@ -12,7 +12,10 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::replies::Batch;
 use super::request::{removal_copy, PendingAppend, Request};
-use super::{AppendError, Configured, Delivery, Dropped, InboxBounds, OutboxConfig, OutboxState, Quorum};
+use super::{
+    held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, InboxBounds, OutboxConfig,
+    OutboxState, Quorum, HELD_PREFIX,
+};
 use crate::{Store, StoreError, Totals, PRIORITIES};
 
 /// The single owner of the store, behind the [`super::Outbox`] handles.
@@ -31,6 +34,8 @@ pub(super) struct Writer {
     pub(super) sweeper: Sweeper,
     /// Count and bytes of queued deadline messages, once needed.
     pub(super) deadline_totals: Option<Totals>,
+    /// Queued messages held for another broker set than this run's.
+    pub(super) held: u64,
     /// Removals undone by a failed commit, applied again with the next batch.
     pub(super) pending_removes: Vec<Request>,
     pub(super) blocked: VecDeque<PendingAppend>,
@@ -65,7 +70,7 @@ impl Writer {
             Sweeper::new(SweepConfig { every: SWEEP_EVERY, max_age_ms: config.max_age_ms }, std::time::Instant::now());
         sweeper.handle_next_expiry(store.next_expiry()?);
         sweeper.handle_queued(totals.count > 0);
-        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest });
+        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0 });
         let writer = Writer {
             store,
             config,
@@ -77,6 +82,7 @@ impl Writer {
             last_id,
             newest,
             sweeper,
+            held: 0,
             deadline_totals: None,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
@@ -215,6 +221,7 @@ impl Writer {
         // Ids of rolled-back messages are handed out again.
         self.newest = self.state.borrow().newest;
         self.deadline_totals = None;
+        self.held = self.store.routes().map(|r| held_count(&r)).unwrap_or(self.held);
         let next_expiry = self.store.next_expiry().ok().flatten().or(self.sweeper.next_expiry());
         self.sweeper.handle_next_expiry(next_expiry);
         self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
@@ -235,8 +242,8 @@ impl Writer {
                 let refused = self.set_wires(slot, updates, b)?;
                 b.wire_replies.push((reply, refused));
             }
-            Request::Slots { urls, quorums, reply } => {
-                let configured = self.configure(&urls, quorums)?;
+            Request::Slots { urls, quorums, set, reply } => {
+                let configured = self.configure(&urls, quorums, &set)?;
                 b.slot_replies.push((reply, configured));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
@@ -277,7 +284,12 @@ impl Writer {
 
     /// Gives each broker URL its slot and takes the quorum of each route,
     /// its members' slots filled in from the URLs.
-    fn configure(&mut self, urls: &[String], mut quorums: Vec<Quorum>) -> Result<Configured, StoreError> {
+    fn configure(
+        &mut self,
+        urls: &[String],
+        mut quorums: Vec<Quorum>,
+        set: &DefaultSet,
+    ) -> Result<Configured, StoreError> {
         let slots = self.store.assign_slots(urls)?;
         for q in &mut quorums {
             for (slot, url) in &mut q.members {
@@ -288,8 +300,11 @@ impl Writer {
         }
         self.sweeper.handle_routes(quorums.iter().any(|q| q.catch_up_ms.is_some()));
         self.quorums = quorums;
+        self.keep_to_their_set(set)?;
         let routes = self.store.routes()?;
-        Ok(Configured { slots, queued: routes })
+        let held = routes.iter().filter_map(|(r, n)| Some((held_for(r.as_deref())?.to_owned(), *n))).collect();
+        self.held = held_count(&routes);
+        Ok(Configured { slots, queued: routes, held })
     }
 
     /// Records QoS 2 wire bindings on the broker in `slot`; returns the
@@ -318,6 +333,32 @@ impl Writer {
             }
         }
         Ok(refused)
+    }
+
+    /// Messages stay with the broker set they were accepted for: when the
+    /// default set changed since the last run, what was queued for the old
+    /// one is held (kept, never sent to the new one) unless `retarget`
+    /// says to send it to the new one; what was held for this set is its
+    /// own again.
+    fn keep_to_their_set(&mut self, set: &DefaultSet) -> Result<(), StoreError> {
+        const KEY: &str = "default brokers";
+        let routes = self.store.routes()?;
+        let queued = |r: Option<&str>| routes.iter().any(|(q, _)| q.as_deref() == r);
+        match self.store.meta(KEY)? {
+            Some(old) if old != set.key && queued(None) && !set.retarget => {
+                self.store.retag(None, Some(&format!("{HELD_PREFIX}{old}")))?;
+            }
+            _ => {}
+        }
+        for (route, _) in &routes {
+            match held_for(route.as_deref()) {
+                Some(key) if set.retarget || key == set.key => {
+                    self.store.retag(route.as_deref(), None)?;
+                }
+                _ => {}
+            }
+        }
+        self.store.set_meta(KEY, &set.key)
     }
 
     /// The metadata value of `key`, set to `default` if absent.

@@ -281,6 +281,11 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {
+        let n = self.conn.execute("UPDATE outbox SET route = ?2 WHERE done = 0 AND route IS ?1", params![from, to])?;
+        Ok(n as u64)
+    }
+
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0";
         Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)

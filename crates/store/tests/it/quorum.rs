@@ -4,7 +4,7 @@
 //! as having missed what the others took.
 
 use steadfast_core::Stage;
-use steadfast_store::{Delivery, MemoryStore, Outbox, OutboxConfig, Quorum, SqliteStore, Store};
+use steadfast_store::{DefaultSet, Delivery, MemoryStore, Outbox, OutboxConfig, Quorum, SqliteStore, Store};
 
 use crate::{block_on, msg};
 
@@ -17,7 +17,7 @@ fn quorum(need: u32, catch_up_ms: Option<u64>) -> Quorum {
 
 async fn routed(store: Box<dyn Store>, q: Quorum) -> (Outbox, u32, u32) {
     let o = Outbox::start(store, OutboxConfig::default()).unwrap();
-    let slots = o.configure(vec![A.into(), B.into()], vec![q]).await.unwrap().slots;
+    let slots = o.configure(vec![A.into(), B.into()], vec![q], DefaultSet::default()).await.unwrap().slots;
     (o, slots[0], slots[1])
 }
 
@@ -102,7 +102,7 @@ fn the_catch_up_sweep_of_one_route_is_not_starved_by_another_routes_backlog() {
         let mut swept = quorum(2, Some(1));
         swept.route = Some("r".into());
         let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-        let slots = o.configure(vec![A.into(), B.into()], vec![other, swept]).await.unwrap().slots;
+        let slots = o.configure(vec![A.into(), B.into()], vec![other, swept], DefaultSet::default()).await.unwrap().slots;
         let a = slots[0];
         // More half-acknowledged default-route messages than one sweep reads.
         let mut ids = Vec::new();

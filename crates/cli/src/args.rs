@@ -191,8 +191,8 @@ pub struct ConnArgs {
     /// Broker port (mosquitto style).
     #[arg(short = 'p', long = "port")]
     pub port: Option<u16>,
-    /// MQTT version: 311 or 5 (also mqttv311, mqttv5).
-    #[arg(short = 'V', long = "protocol-version", default_value = "5")]
+    /// MQTT version: auto (5, and 3.1.1 for a broker that refuses 5, remembered per broker), 311 or 5 (also mqttv311, mqttv5).
+    #[arg(short = 'V', long = "protocol-version", default_value = "auto")]
     pub version: String,
     /// User name.
     #[arg(short = 'u', long = "username")]

@@ -15,7 +15,7 @@ impl crate::args::ConnArgs {
     /// `client` with the version, keep-alive, credentials and TLS settings
     /// of the flags.
     pub fn apply(&self, client: steadfast::ClientConfig) -> Result<steadfast::ClientConfig, String> {
-        let mut client = client.version(parse_version(&self.version)?).keep_alive(parse_keepalive(self.keepalive)?);
+        let mut client = parse_version(&self.version)?.apply(client).keep_alive(parse_keepalive(self.keepalive)?);
         if let Some(max) = &self.max_packet {
             let bytes = parse_size(max).map_err(|e| format!("--max-packet: {e}"))?;
             let bytes = u32::try_from(bytes).map_err(|_| format!("--max-packet {max}: MQTT packets stop at 256 MB"))?;

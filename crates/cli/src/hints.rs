@@ -66,10 +66,15 @@ impl FlagHint for ConfigError {
 impl FlagHint for ConnectError {
     fn flag_hint(&self) -> &'static str {
         match self {
-            ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. } => "; try -V 311 or -V 5",
+            ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. } => {
+                "; -V auto (the default) speaks 5 and falls back to 3.1.1, -V 311 or -V 5 force one"
+            }
             ConnectError::Refused { refusal: Refusal::BadCredentials, .. } => "; check -u and -P",
             ConnectError::Refused { refusal: Refusal::ClientId, .. } => "; choose another with -i",
-            ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }) => "; try -V 311",
+            ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }) => "; try -V auto (the default) or -V 311",
+            ConnectError::Timeout { .. } => {
+                "; a broker that speaks only MQTT 3.1.1 can stall on an MQTT 5 CONNECT: if so, try -V 311"
+            }
             ConnectError::Closed(CloseReason::Qos2InFlight(_)) => " (-q 1)",
             ConnectError::IncomingTooLarge { .. } => "; raise it with --max-packet",
             e => match e.tls_setting() {
@@ -89,7 +94,7 @@ mod tests {
     fn the_flag_follows_the_library_words() {
         let refused = ConnectError::Refused { broker: "mqtt://h:1883".into(), refusal: Refusal::ProtocolVersion };
         let shown = WithFlag(refused).to_string();
-        assert!(shown.ends_with("does not accept this MQTT protocol version; try -V 311 or -V 5"), "{shown}");
+        assert!(shown.ends_with("does not accept this MQTT protocol version; -V auto (the default) speaks 5 and falls back to 3.1.1, -V 311 or -V 5 force one"), "{shown}");
         let url = "mqtt://u:p@h:1".parse::<steadfast::BrokerUrl>().unwrap_err();
         let shown = WithFlag(url).to_string();
         assert!(shown.ends_with("user name and password (-u and -P, or --pw-file)"), "{shown}");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use steadfast::{
     AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OtherSets, OutboxConfig,
-    Overflow, Policy, PolicyError, ProtocolVersion, PublishError, Qos,
+    Overflow, Policy, PolicyError, PublishError, Qos,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -86,7 +86,7 @@ impl Options {
         let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
         let progress = progress(&a.progress)?;
         let config = client_config(&a, default_set, routes, policy, outbox)?;
-        if a.envelope && version != ProtocolVersion::V311 {
+        if a.envelope && version.only_5() {
             return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
         }
         Ok(Options {

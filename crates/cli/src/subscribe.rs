@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, ProtocolVersion, Received};
+use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, Received};
 use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast;
@@ -77,7 +77,7 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     }
     let qos = parse_qos(a.qos).map_err(usage)?;
     let version = parse_version(&a.conn.version).map_err(usage)?;
-    if a.envelope && version != ProtocolVersion::V311 {
+    if a.envelope && version.only_5() {
         return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
     }
     let output = match (&a.exec, &a.format, a.json, a.verbose) {

@@ -30,12 +30,38 @@ pub fn parse_qos(q: u8) -> Result<steadfast::Qos, String> {
     }
 }
 
+/// `-V`: a version to speak, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    /// The version spoken first.
+    pub version: steadfast::ProtocolVersion,
+    /// MQTT 5, and 3.1.1 for a broker that refuses 5 (remembered).
+    pub auto: bool,
+}
+
+impl Version {
+    /// MQTT 5 and nothing else.
+    pub const FIVE: Version = Version { version: steadfast::ProtocolVersion::V5, auto: false };
+
+    /// `client` speaking this version.
+    pub fn apply(self, client: steadfast::ClientConfig) -> steadfast::ClientConfig {
+        client.version(self.version).auto_version(self.auto)
+    }
+
+    /// True when only MQTT 5 will be spoken.
+    pub fn only_5(self) -> bool {
+        self.version == steadfast::ProtocolVersion::V5 && !self.auto
+    }
+}
+
 /// `-V`.
-pub fn parse_version(v: &str) -> Result<steadfast::ProtocolVersion, String> {
+pub fn parse_version(v: &str) -> Result<Version, String> {
+    let forced = |version| Ok(Version { version, auto: false });
     match v {
-        "5" | "mqttv5" | "50" => Ok(steadfast::ProtocolVersion::V5),
-        "311" | "mqttv311" | "3.1.1" => Ok(steadfast::ProtocolVersion::V311),
-        v => Err(format!("protocol version `{v}` is not supported; use -V 311 or -V 5")),
+        "auto" => Ok(Version { version: steadfast::ProtocolVersion::V5, auto: true }),
+        "5" | "mqttv5" | "50" => forced(steadfast::ProtocolVersion::V5),
+        "311" | "mqttv311" | "3.1.1" => forced(steadfast::ProtocolVersion::V311),
+        v => Err(format!("protocol version `{v}` is not supported; use -V auto, -V 311 or -V 5")),
     }
 }
 

@@ -267,6 +267,7 @@ pub struct ClientConfig {
     pub(crate) envelope: bool,
     pub(crate) outbox_dir: PathBuf,
     pub(crate) version: ProtocolVersion,
+    pub(crate) auto_version: bool,
     pub(crate) keep_alive: Duration,
     pub(crate) clean_start: bool,
     pub(crate) session_expiry: Duration,
@@ -335,6 +336,7 @@ impl ClientConfig {
             envelope: false,
             outbox_dir: outbox_dir.into(),
             version: ProtocolVersion::V5,
+            auto_version: false,
             keep_alive: Duration::from_secs(30),
             clean_start: false,
             session_expiry: Duration::from_secs(24 * 3600),
@@ -388,6 +390,15 @@ impl ClientConfig {
     /// MQTT version (default 5.0).
     pub fn version(mut self, v: ProtocolVersion) -> Self {
         self.version = v;
+        self
+    }
+    /// With MQTT 5: a broker that refuses version 5 (a refusal of the
+    /// version, or a close before CONNACK) is spoken to in 3.1.1 from then
+    /// on, remembered per broker in the store (default off: the version
+    /// given is the one spoken). Identities travel on 3.1.1 only with
+    /// [`ClientConfig::envelope`].
+    pub fn auto_version(mut self, on: bool) -> Self {
+        self.auto_version = on;
         self
     }
     /// Keep-alive interval (default 30 s). A link on which nothing arrives

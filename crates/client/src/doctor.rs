@@ -377,7 +377,7 @@ struct Probe {
 
 impl Probe {
     async fn open(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Probe, ConnectError> {
-        let o = open_session(cfg, url, clean).await?;
+        let o = open_session(cfg, url, clean, cfg.version).await?;
         let session = ReceiveSession::new(cfg.keep_alive, clock::instant());
         Ok(Probe { rd: o.rd, wr: o.wr, link: o.link, ack: o.ack, buf: o.buf, queue: o.after.into(), session })
     }

@@ -20,9 +20,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::clock::{self, now};
-use crate::config::{BrokerUrl, ClientConfig};
+use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{open_session, ConnAck, Incoming, Link, Opened};
+use crate::link::{first_version, open_auto, ConnAck, Incoming, Link, Opened};
 use crate::reconnect::{self, Reconnect};
 use crate::router::Router;
 use crate::{BrokerStatus, Event, LinkState};
@@ -100,6 +100,8 @@ pub(crate) struct Driver {
     reconnect: Reconnect,
     /// The broker's maximum packet size, this connection.
     max_packet: Option<u32>,
+    /// The MQTT version this broker is spoken to in.
+    version: ProtocolVersion,
     last_recorded: Instant,
 }
 
@@ -148,6 +150,7 @@ impl Driver {
             shared,
             stop,
             max_packet: None,
+            version: ProtocolVersion::V5,
             last_recorded: Instant::now(),
         }
     }
@@ -163,6 +166,7 @@ impl Driver {
                 return;
             }
         }
+        self.version = first_version(&self.cfg, &self.url, Some(&self.outbox)).await;
         self.reconnect.reset();
         while !self.stopping() {
             self.set_state(LinkState::Connecting, None, None);
@@ -260,7 +264,7 @@ impl Driver {
         // exchanges would be lost with it.
         let connects = self.shared.update(|_| {}).connects;
         let clean = self.cfg.clean_start && connects == 0;
-        let attempt = open_session(&self.cfg, &self.url, clean);
+        let attempt = open_auto(&self.cfg, &self.url, clean, &mut self.version, Some(&self.outbox));
         let Some(opened) = reconnect::unless_stopped(attempt, &mut self.stop).await else { return Ok(()) };
         let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf } = opened?;
         *connected_at = Some(Instant::now());

@@ -10,7 +10,7 @@ use mqtt_protocol_core::mqtt::prelude::*;
 use mqtt_protocol_core::mqtt::result_code::MqttError;
 use steadfast_core::engine::{Ack, AckWire};
 use steadfast_core::{Identity, Qos};
-use steadfast_store::StoredMessage;
+use steadfast_store::{Outbox, StoredMessage};
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError, Refusal};
@@ -631,7 +631,69 @@ pub(crate) struct Opened {
 
 /// Connect (TCP, TLS, WebSocket as the URL says), CONNECT, CONNACK, each
 /// within the connect timeout; a refusal is an error that says which.
-pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Opened, ConnectError> {
+/// The store's key for the version a broker was found to speak.
+fn version_key(url: &BrokerUrl) -> String {
+    format!("protocol {url}")
+}
+
+/// The version to speak to `url` first: the one configured, or with
+/// [`ClientConfig::auto_version`] the one `store` remembers it took.
+pub(crate) async fn first_version(cfg: &ClientConfig, url: &BrokerUrl, store: Option<&Outbox>) -> ProtocolVersion {
+    let Some(store) = store.filter(|_| cfg.auto_version && cfg.version == ProtocolVersion::V5) else {
+        return cfg.version;
+    };
+    match store.meta_or_init(&version_key(url), "5").await {
+        Ok(v) if v == "311" => ProtocolVersion::V311,
+        _ => cfg.version,
+    }
+}
+
+/// [`open_session`] at `version`; with [`ClientConfig::auto_version`], a
+/// broker that refuses MQTT 5 is tried in 3.1.1 at once, and once that
+/// works it is remembered (in `version`, and in `store` for later runs).
+pub(crate) async fn open_auto(
+    cfg: &ClientConfig,
+    url: &BrokerUrl,
+    clean: bool,
+    version: &mut ProtocolVersion,
+    store: Option<&Outbox>,
+) -> Result<Opened, ConnectError> {
+    let first = open_session(cfg, url, clean, *version).await;
+    let refuses_5 = matches!(
+        &first,
+        Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }
+            | ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }))
+    );
+    if !(cfg.auto_version && *version == ProtocolVersion::V5 && refuses_5) {
+        return first;
+    }
+    match open_session(cfg, url, clean, ProtocolVersion::V311).await {
+        Ok(o) => {
+            *version = ProtocolVersion::V311;
+            if let Some(s) = store {
+                s.set_meta(&version_key(url), "311");
+            }
+            let identity = if cfg.envelope {
+                "identities travel in the payload envelope"
+            } else {
+                "without the identity envelope, identities do not travel: consumers cannot de-duplicate these messages"
+            };
+            tracing::warn!(broker = %url, "the broker refuses MQTT 5; speaking MQTT 3.1.1 to it from now on; {identity}");
+            Ok(o)
+        }
+        // It takes neither: the refusal of 5 says more.
+        Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }) => first,
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens a connection to `url` in `version`: transport, CONNECT, CONNACK.
+pub(crate) async fn open_session(
+    cfg: &ClientConfig,
+    url: &BrokerUrl,
+    clean: bool,
+    version: ProtocolVersion,
+) -> Result<Opened, ConnectError> {
     use tokio::io::AsyncReadExt;
     use tokio::time::timeout;
     let broker = url.to_string();
@@ -639,7 +701,7 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
         Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
         Ok(r) => r?,
     };
-    let mut link = Link::new(cfg.version, cfg.envelope, cfg.max_packet_size);
+    let mut link = Link::new(version, cfg.envelope, cfg.max_packet_size);
     link.connect(cfg, clean)?;
     let mut buf = vec![0u8; 64 * 1024];
     let handshake = async {
@@ -648,7 +710,7 @@ pub(crate) async fn open_session(cfg: &ClientConfig, url: &BrokerUrl, clean: boo
         loop {
             let n = rd.read(&mut buf).await.map_err(|e| io_error(&broker, e))?;
             if n == 0 {
-                let mqtt5 = cfg.version == ProtocolVersion::V5;
+                let mqtt5 = version == ProtocolVersion::V5;
                 return Err(ConnectError::Closed(CloseReason::BeforeConnack { mqtt5 }));
             }
             let mut incoming = link.receive(&buf[..n]).into_iter();

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use steadfast::bridge::{route_dirs, Bridge, Rewrite, RewriteError, Route};
 use steadfast::{
     BackoffConfig, BrokerSet, BrokerUrl, Class, ClientConfig, ConsumerConfig, OtherSets, OutboxConfig, Overflow,
-    Policy, ProtocolVersion, Qos,
+    Policy, Qos,
 };
 use steadfast_core::parse_duration;
 use steadfast_core::topic::validate_topic_filter;
@@ -33,7 +33,7 @@ use toml::Spanned;
 
 use crate::conn::Secrets;
 use crate::routes::{Ack, SetKey, SetSpec};
-use crate::values::{parse_bounds, parse_qos, parse_version};
+use crate::values::{parse_bounds, parse_qos, parse_version, Version};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,7 +253,7 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
 struct SourceKeys {
     urls: Vec<BrokerUrl>,
     qos: Qos,
-    version: ProtocolVersion,
+    version: Version,
     backoff: BackoffConfig,
     session_expiry: Option<Duration>,
 }
@@ -290,7 +290,8 @@ impl SourceKeys {
         let several = self.urls.len() > 1;
         let mut client = ClientConfig::new(s.client_id.get_ref().clone(), self.urls[0].clone(), inbox_dir)
             .brokers(BrokerSet::new(self.urls))
-            .version(self.version)
+            .version(self.version.version)
+            .auto_version(self.version.auto)
             .clean_start(s.clean.unwrap_or(false))
             .envelope(s.envelope.unwrap_or(false))
             .backoff(self.backoff);
@@ -318,7 +319,7 @@ impl SourceKeys {
 struct DestinationKeys {
     set: BrokerSet,
     qos: Option<Qos>,
-    version: ProtocolVersion,
+    version: Version,
     backoff: BackoffConfig,
     rewrite: Rewrite,
 }
@@ -354,7 +355,8 @@ impl DestinationKeys {
         let id = d.client_id.as_ref().map_or_else(|| format!("{}-out", s.client_id.get_ref()), |c| c.get_ref().clone());
         let mut destination = ClientConfig::new(id, self.set.brokers()[0].clone(), outbox_dir)
             .brokers(self.set)
-            .version(self.version)
+            .version(self.version.version)
+            .auto_version(self.version.auto)
             .envelope(d.envelope.unwrap_or(false))
             .backoff(self.backoff)
             .policy(policy)
@@ -470,10 +472,10 @@ fn urls(list: &Spanned<Vec<Spanned<String>>>, what: &str, errs: &mut Errors<'_>)
     (out.len() == list.get_ref().len()).then_some(out)
 }
 
-fn version(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<ProtocolVersion> {
+fn version(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Version> {
     match v {
         Some(v) => parse_version(v.get_ref()).map_err(|e| errs.at(v.span(), e)).ok(),
-        None => Some(ProtocolVersion::V5),
+        None => Some(Version::FIVE),
     }
 }
 

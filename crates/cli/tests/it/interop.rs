@@ -62,25 +62,25 @@ async fn rabbitmq_mqtt_311_qos_downgrades_websocket_and_no_mqtt_5() {
         round_trip(&rabbit.url(), &rabbit.url(), &["-V", "311", "--envelope", "-q", "2"], "rmq2", 50).await;
     assert!(pub_err.contains("took the message at QoS 1"), "{pub_err}");
     assert!(sub_err.contains("granted QoS 1 instead of 2"), "{sub_err}");
-    // MQTT 5: RabbitMQ 3.10 closes the connection; the error says what to try.
+    // MQTT 5: RabbitMQ 3.10 closes the connection. -V auto (the default)
+    // speaks 3.1.1 to it then, and says that identities do not travel.
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob");
-    let out = run(&[
-        "pub",
-        "-b",
-        &rabbit.url(),
-        "-t",
-        "v5",
-        "-m",
-        "x",
-        "--outbox",
-        ob.to_str().unwrap(),
-        "--wait-timeout",
-        "3",
-    ])
-    .await;
+    let ob = ob.to_str().unwrap();
+    let out = run(&["pub", "-b", &rabbit.url(), "-t", "v5", "-m", "x", "--outbox", ob, "--wait-timeout", "20"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refuses MQTT 5; speaking MQTT 3.1.1"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("identities do not travel"), "{}", stderr(&out));
+    // Remembered: the next run speaks 3.1.1 at once.
+    let out = run(&["pub", "-b", &rabbit.url(), "-t", "v5", "-m", "y", "--outbox", ob, "--wait-timeout", "20"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("refuses MQTT 5"), "{}", stderr(&out));
+    // -V 5 forces it: the error says what to try.
+    let ob5 = dir.path().join("ob5");
+    let args = ["pub", "-b", &rabbit.url(), "-V", "5", "-t", "v5", "-m", "x", "--wait-timeout", "3", "--outbox"];
+    let out = run(&[&args[..], &[ob5.to_str().unwrap()]].concat()).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    assert!(stderr(&out).contains("try -V 311"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("try -V auto (the default) or -V 311"), "{}", stderr(&out));
     let report = doctor_json(&run(&["doctor", "-b", &rabbit.url(), "--json"]).await);
     assert_eq!(report["checks"]["mqtt5"]["ok"], false, "{report}");
     assert_eq!(report["checks"]["mqtt311"]["ok"], true, "{report}");
@@ -94,11 +94,30 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
     let nats = Nats::start().await;
     round_trip(&nats.url(), &nats.url(), &["-V", "311", "--envelope"], "nats", 300).await;
     let dir = tempfile::tempdir().unwrap();
-    // MQTT 5: refused with a 3.1.1 CONNACK; a clear error at once.
+    // MQTT 5: refused with a 3.1.1 CONNACK. -V auto (the default) speaks
+    // 3.1.1 then; -V 5 forces it: a clear error at once.
     let ob = dir.path().join("ob5");
-    let out = run(&["pub", "-b", &nats.url(), "-t", "v5", "-m", "x", "--outbox", ob.to_str().unwrap()]).await;
+    let ob = ob.to_str().unwrap();
+    let out = run(&["pub", "-b", &nats.url(), "-t", "v5", "-m", "x", "--outbox", ob, "--wait-timeout", "20"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refuses MQTT 5; speaking MQTT 3.1.1"), "{}", stderr(&out));
+    // The consumer's side of -V auto: registered, then it receives.
+    let inbox = dir.path().join("in5");
+    let sub = ["sub", "-b", &nats.url(), "-t", "v5", "-i", "auto-sub", "--inbox", inbox.to_str().unwrap()];
+    let out = run(&[&sub[..], &["--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&["pub", "-b", &nats.url(), "-t", "v5", "-m", "auto", "--outbox", ob, "--wait-timeout", "20"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&[&sub[..], &["-C", "1", "-W", "20"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "auto\n");
+    let out = run(&["pub", "-b", &nats.url(), "-V", "5", "-t", "v5", "-m", "x", "--outbox", ob]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("does not accept this MQTT protocol version; try -V 311"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not accept this MQTT protocol version; -V auto (the default)"),
+        "{}",
+        stderr(&out)
+    );
     // QoS 2: NATS closes the connection; the error says why it may be.
     let ob = dir.path().join("ob2");
     let args = ["pub", "-b", &nats.url(), "-V", "311", "-q", "2", "-t", "q2", "-m", "x", "--wait-timeout", "4"];

@@ -224,7 +224,10 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
             &["pub", "-b", "mqtt://127.0.0.1:1", "--config", "/nonexistent/routes.toml", "-t", "a", "-m", "x"],
             "cannot read",
         ),
-        (&["pub", "-b", "mqtt://127.0.0.1:1", "--envelope", "-t", "a", "-m", "x"], "--envelope is for MQTT 3.1.1"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-V", "5", "--envelope", "-t", "a", "-m", "x"],
+            "--envelope is for MQTT 3.1.1",
+        ),
         (
             &["pub", "-b", "mqtt://127.0.0.1:1", "--ack-timeout", "1ms", "-t", "a", "-m", "x", "--outbox", ob],
             "too short",

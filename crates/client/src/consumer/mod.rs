@@ -37,7 +37,7 @@ pub use self::received::Received;
 use self::received::{Pending, Token};
 use self::receiver::{check_granted, Receiver};
 use crate::error::{CloseReason, ConnectError, OpenError};
-use crate::link::{open_session, Inbound, Incoming, Opened};
+use crate::link::{open_auto, Inbound, Incoming, Opened};
 use crate::transport::send;
 use crate::Event;
 
@@ -190,6 +190,7 @@ impl Consumer {
                 acks: rx,
                 events: events.clone(),
                 stop: stop_rx.clone(),
+                version: cfg.client.version,
             };
             tasks.push(tokio::spawn(d.run()));
         }
@@ -275,8 +276,9 @@ impl Consumer {
     pub async fn register(cfg: &ConsumerConfig) -> Result<(), ConnectError> {
         cfg.validate().map_err(|e| ConnectError::Protocol(e.to_string()))?;
         for url in cfg.client.all_brokers() {
+            let mut version = cfg.client.version;
             let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf } =
-                open_session(&cfg.client, &url, cfg.client.clean_start).await?;
+                open_auto(&cfg.client, &url, cfg.client.clean_start, &mut version, None).await?;
             link.subscribe(1, &cfg.topics)?;
             send(&mut wr, &link.out).await?;
             link.out.clear();

@@ -15,9 +15,9 @@ use tokio::time::{sleep_until, Instant};
 
 use super::{send_queued, ConsumerConfig, DriverCmd, FromBroker};
 use crate::clock;
-use crate::config::BrokerUrl;
+use crate::config::{BrokerUrl, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{open_session, Incoming, Link, LinkAcks, Opened};
+use crate::link::{first_version, open_auto, Incoming, Link, LinkAcks, Opened};
 use crate::reconnect::Reconnect;
 use crate::transport::{send, ReadHalf, WriteHalf};
 use crate::Event;
@@ -32,6 +32,8 @@ pub(super) struct Receiver {
     pub(super) acks: mpsc::UnboundedReceiver<DriverCmd>,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) stop: watch::Receiver<bool>,
+    /// The MQTT version this broker is spoken to in.
+    pub(super) version: ProtocolVersion,
 }
 
 /// The filters configured for a broker, and the key under which the inbox
@@ -63,6 +65,7 @@ impl Receiver {
     /// until the consumer stops.
     pub(super) async fn run(mut self) {
         let mut reconnect = Reconnect::new(self.cfg.client.backoff, None, "consumer ");
+        self.version = first_version(&self.cfg.client, &self.url, Some(&self.outbox)).await;
         let mut epoch = 0u64;
         while !*self.stop.borrow() {
             epoch += 1;
@@ -86,7 +89,7 @@ impl Receiver {
         clean: bool,
         connected_at: &mut Option<Instant>,
     ) -> Result<(), ConnectError> {
-        let attempt = open_session(&self.cfg.client, &self.url, clean);
+        let attempt = open_auto(&self.cfg.client, &self.url, clean, &mut self.version, Some(&self.outbox));
         let Some(opened) = between_links(&mut self.acks, &mut self.stop, attempt).await else { return Ok(()) };
         let Opened { rd, wr, mut link, ack, after, buf } = opened?;
         *connected_at = Some(Instant::now());

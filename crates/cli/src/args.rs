@@ -23,10 +23,10 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// Debug logging on stderr (RUST_LOG overrides).
-    #[arg(short = 'd', long, global = true)]
+    #[arg(short = 'd', long, global = true, display_order = 900)]
     pub debug: bool,
     /// Log format on stderr: human or json (one object per line).
-    #[arg(long, global = true, value_name = "FORMAT", default_value = "human")]
+    #[arg(long, global = true, value_name = "FORMAT", default_value = "human", display_order = 901)]
     pub log_format: String,
     /// Print help.
     #[arg(long, action = clap::ArgAction::Help, global = true)]

@@ -88,7 +88,12 @@ fn title(key: &str) -> &'static str {
 
 fn text(r: &Report) -> String {
     let mut out = format!("broker: {}\n", r.broker);
-    out += &format!("software: {}\n", r.software.as_deref().unwrap_or("not announced ($SYS/broker/version)"));
+    let software = match (&r.software, r.version) {
+        (Some(s), _) => s.as_str(),
+        (None, None) => "unknown (the broker could not be reached)",
+        (None, Some(_)) => "not announced ($SYS/broker/version)",
+    };
+    out += &format!("software: {software}\n");
     for c in &r.checks {
         out += &format!("  {:<38} {:<4} {}\n", title(c.key), mark(c.ok), c.detail);
     }

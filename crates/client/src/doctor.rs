@@ -120,8 +120,8 @@ pub async fn diagnose(
             Err(e) => format!("not accepted: {e}"),
         },
     };
-    report.checks.push(verdict("mqtt5", &v5));
-    report.checks.push(verdict("mqtt311", &v311));
+    push_check(&mut report, verdict("mqtt5", &v5));
+    push_check(&mut report, verdict("mqtt311", &v311));
     let version = match (&v5, &v311) {
         (Ok(_), _) => ProtocolVersion::V5,
         (_, Ok(_)) => ProtocolVersion::V311,
@@ -131,13 +131,19 @@ pub async fn diagnose(
     let d = Doc { cfg: d.cfg.clone().version(version), ..d };
 
     report.software = d.software().await;
-    report.checks.push(d.qos2().await);
-    report.checks.push(d.retained().await);
-    report.checks.push(d.session(None, restart_within).await);
+    push_check(&mut report, d.qos2().await);
+    push_check(&mut report, d.retained().await);
+    push_check(&mut report, d.session(None, restart_within).await);
     if let Some(restart) = restart {
-        report.checks.push(d.session(Some(restart), restart_within).await);
+        push_check(&mut report, d.session(Some(restart), restart_within).await);
     }
     report
+}
+
+/// Adds a finished check to the report (and to the debug log).
+fn push_check(report: &mut Report, c: Check) {
+    tracing::debug!(check = c.key, ok = ?c.ok, detail = %c.detail, "doctor: check done");
+    report.checks.push(c);
 }
 
 struct Doc {
@@ -377,7 +383,10 @@ struct Probe {
 
 impl Probe {
     async fn open(cfg: &ClientConfig, url: &BrokerUrl, clean: bool) -> Result<Probe, ConnectError> {
-        let o = open_session(cfg, url, clean, cfg.version).await?;
+        tracing::debug!(broker = %url, version = ?cfg.version, clean, "doctor: connecting");
+        let o = open_session(cfg, url, clean, cfg.version).await;
+        tracing::debug!(broker = %url, result = ?o.as_ref().map(|o| &o.ack).map_err(|e| e.to_string()), "doctor: connected");
+        let o = o?;
         let session = ReceiveSession::new(cfg.keep_alive, clock::instant());
         Ok(Probe { rd: o.rd, wr: o.wr, link: o.link, ack: o.ack, buf: o.buf, queue: o.after.into(), session })
     }

@@ -99,7 +99,12 @@ async fn doctor_without_a_broker_says_so() {
     let out = run(&["doctor", "-b", &url]).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("cannot connect to"), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("cannot reach"), "the report says why");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(report.contains("cannot reach"), "the report says why: {report}");
+    assert!(report.contains("software: unknown (the broker could not be reached)"), "{report}");
+    // -d: the probes say what they do.
+    let out = run(&["doctor", "-d", "-b", &url]).await;
+    assert!(stderr(&out).contains("doctor: connecting"), "{}", stderr(&out));
     let out = run(&["doctor", "-b", &url, "-b", &url]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("exactly one -b URL"), "{}", stderr(&out));

@@ -89,6 +89,7 @@ impl Options {
         if a.envelope && version.only_5() {
             return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
         }
+        version.warn_without_envelope(config.all_brokers().len(), a.envelope);
         Ok(Options {
             route: a.route.clone(),
             config,

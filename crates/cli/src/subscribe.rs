@@ -80,6 +80,7 @@ fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     if a.envelope && version.only_5() {
         return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
     }
+    version.warn_without_envelope(urls.len(), a.envelope);
     let output = match (&a.exec, &a.format, a.json, a.verbose) {
         (Some(cmd), None, false, false) => Output::Exec(cmd.clone()),
         (Some(_), ..) => return Err(usage("--exec handles the message itself; drop -F, --json and -v")),

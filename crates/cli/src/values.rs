@@ -52,6 +52,15 @@ impl Version {
     pub fn only_5(self) -> bool {
         self.version == steadfast::ProtocolVersion::V5 && !self.auto
     }
+
+    /// Warns once when several brokers are spoken to in MQTT 3.1.1 without
+    /// the identity envelope: the copies of a message through different
+    /// brokers cannot be told apart (an `auto` fallback says so itself).
+    pub fn warn_without_envelope(self, brokers: usize, envelope: bool) {
+        if self.version == steadfast::ProtocolVersion::V311 && !self.auto && !envelope && brokers > 1 {
+            eprintln!("steadfast: warning: {brokers} brokers in MQTT 3.1.1 without --envelope: messages carry no identity, so the copies that come through different brokers cannot be de-duplicated; add --envelope on both pub and sub");
+        }
+    }
 }
 
 /// `-V`.

@@ -589,3 +589,26 @@ async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("unknown scenario `nonsense`"), "{}", stderr(&out));
 }
+
+/// Several brokers in MQTT 3.1.1 without the envelope cannot de-duplicate:
+/// `pub` and `sub` say so once (nothing to reach: the warning comes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_brokers_in_mqtt_311_without_the_envelope_are_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, ib) = (dir.path().join("ob"), dir.path().join("ib"));
+    let two = ["-V", "311", "-b", "mqtt://127.0.0.1:1", "-b", "mqtt://127.0.0.1:2"];
+    let out =
+        run(&[&["pub"][..], &two, &["-t", "a", "-m", "x", "--no-wait", "--outbox", ob.to_str().unwrap()]].concat())
+            .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out).matches("without --envelope").count(), 1, "{}", stderr(&out));
+    let out = run(&[&["sub"][..], &two, &["-t", "a", "-W", "1", "--inbox", ib.to_str().unwrap()]].concat()).await;
+    assert_eq!(stderr(&out).matches("without --envelope").count(), 1, "{}", stderr(&out));
+    // With it, or with one broker, nothing is said.
+    let one = ["pub", "-V", "311", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--no-wait", "--outbox"];
+    let out = run(&[&one[..], &[ob.to_str().unwrap()]].concat()).await;
+    assert!(!stderr(&out).contains("without --envelope"), "{}", stderr(&out));
+    let enveloped = [&["pub", "--envelope"][..], &two, &["-t", "a", "-m", "x", "--no-wait", "--outbox"]].concat();
+    let out = run(&[&enveloped[..], &[ob.to_str().unwrap()]].concat()).await;
+    assert!(!stderr(&out).contains("without --envelope"), "{}", stderr(&out));
+}

@@ -339,6 +339,15 @@ pub enum ConnectError {
         /// The OS error.
         reason: String,
     },
+    /// What answered the CONNECT is not an MQTT broker (its first bytes
+    /// are no CONNACK: an HTTP server, SSH, a mail server).
+    #[error("{broker} is not an MQTT broker: it answered CONNECT with `{sent}`; check the host and port")]
+    NotMqtt {
+        /// The broker URL.
+        broker: String,
+        /// Its first bytes, escaped.
+        sent: String,
+    },
     /// No CONNACK in time.
     #[error("{broker} did not answer CONNECT within {timeout:?}")]
     Timeout {
@@ -462,6 +471,7 @@ impl ConnectError {
         !matches!(
             self,
             ConnectError::Certificate { .. }
+                | ConnectError::NotMqtt { .. }
                 | ConnectError::Refused {
                     refusal: Refusal::ProtocolVersion
                         | Refusal::BadCredentials

@@ -707,12 +707,19 @@ pub(crate) async fn open_session(
     let handshake = async {
         transport::send(&mut wr, &link.out).await.map_err(|e| io_error(&broker, e))?;
         link.out.clear();
+        let mut first_read = true;
         loop {
             let n = rd.read(&mut buf).await.map_err(|e| io_error(&broker, e))?;
             if n == 0 {
                 let mqtt5 = version == ProtocolVersion::V5;
                 return Err(ConnectError::Closed(CloseReason::BeforeConnack { mqtt5 }));
             }
+            // A CONNACK starts with 0x20: anything else first is not MQTT.
+            if first_read && buf[0] != 0x20 {
+                let sent: String = buf[..n.min(40)].escape_ascii().to_string();
+                return Err(ConnectError::NotMqtt { broker: broker.clone(), sent });
+            }
+            first_read = false;
             let mut incoming = link.receive(&buf[..n]).into_iter();
             while let Some(inc) = incoming.next() {
                 if let Incoming::Broken(e) = inc {

@@ -612,3 +612,30 @@ async fn several_brokers_in_mqtt_311_without_the_envelope_are_warned_of() {
     let out = run(&[&enveloped[..], &[ob.to_str().unwrap()]].concat()).await;
     assert!(!stderr(&out).contains("without --envelope"), "{}", stderr(&out));
 }
+
+/// A server that is not an MQTT broker (its banner comes first): said as
+/// such, at once, with exit 1, by `pub` and `sub` alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_not_an_mqtt_broker_is_named_so() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("mqtt://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+            held.push(s);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob");
+    let out = run(&["pub", "-b", &url, "-t", "a", "-m", "x", "--outbox", ob.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = "is not an MQTT broker: it answered CONNECT with `SSH-2.0-OpenSSH_9.2\\r\\n`";
+    assert!(stderr(&out).contains(said), "{}", stderr(&out));
+    let ib = dir.path().join("ib");
+    let out = run(&["sub", "-b", &url, "-t", "a", "--inbox", ib.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains(said), "{}", stderr(&out));
+    server.abort();
+}

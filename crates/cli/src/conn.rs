@@ -162,6 +162,18 @@ impl Secrets {
     }
 }
 
+/// The broker when none is given, as mosquitto_pub and mosquitto_sub.
+pub const DEFAULT_BROKER: &str = "mqtt://localhost:1883";
+
+/// `urls`, or the default broker when there are none.
+pub fn or_default(urls: Vec<String>) -> Vec<String> {
+    if urls.is_empty() {
+        vec![DEFAULT_BROKER.to_owned()]
+    } else {
+        urls
+    }
+}
+
 fn broker_urls(brokers: &[String], host: Option<&str>, port: Option<u16>) -> Result<Vec<String>, String> {
     let mut urls = brokers.to_vec();
     if host.is_some_and(|h| h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err()) {

@@ -15,7 +15,7 @@ use crate::Failure;
 
 pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
     let usage = |e: String| Failure::usage(anyhow!(e));
-    let urls = a.conn.urls().map_err(usage)?;
+    let urls = crate::conn::or_default(a.conn.urls().map_err(usage)?);
     let [url] = urls.as_slice() else {
         return Err(usage("doctor checks one broker: give exactly one -b URL (or -h/-p)".into()));
     };

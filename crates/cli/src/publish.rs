@@ -128,11 +128,12 @@ fn named_routes(a: &PubArgs) -> Result<Vec<(String, BrokerSet)>, Failure> {
 /// --route, that route's set.
 fn default_set(a: &PubArgs, urls: Vec<String>, routes: &[(String, BrokerSet)]) -> Result<BrokerSet, Failure> {
     if urls.is_empty() {
-        return match (&a.route, routes.iter().find(|(n, _)| Some(n) == a.route.as_ref())) {
-            (Some(_), Some((_, set))) => Ok(set.clone()),
-            _ => Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)")),
-        };
+        if let Some((_, set)) = routes.iter().find(|(n, _)| Some(n) == a.route.as_ref()) {
+            return Ok(set.clone());
+        }
     }
+    // No broker and no route: localhost:1883, as mosquitto_pub.
+    let urls = crate::conn::or_default(urls);
     if a.mode != "fanout" && (a.ack.is_some() || a.catch_up_for.is_some()) {
         return Err(usage("--ack and --catch-up-for only apply to fanout; add --mode fanout or drop them"));
     }
@@ -540,4 +541,36 @@ async fn report_drops(
         dropped.join(", "),
         dir.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::args::{Cli, Command};
+
+    /// Without -b, -h or -p: localhost:1883, as mosquitto_pub and
+    /// mosquitto_sub (checked on the parsed configuration: no test may
+    /// reach a broker that happens to run on this machine's default port).
+    #[test]
+    fn no_broker_given_means_localhost_1883() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["steadfast"][..], args].concat()).expect("parses");
+        let Command::Pub(a) = parse(&["pub", "-t", "a", "-m", "x", "--outbox", "/nonexistent"]).command else {
+            panic!("pub")
+        };
+        let o = super::Options::from_args(*a).unwrap_or_else(|e| panic!("{e:?}"));
+        let brokers: Vec<String> = o.config.all_brokers().iter().map(|u| u.to_string()).collect();
+        assert_eq!(brokers, ["mqtt://localhost:1883"]);
+        let Command::Sub(a) = parse(&["sub", "-t", "a", "--inbox", "/nonexistent"]).command else { panic!("sub") };
+        let (c, _) = crate::subscribe::config(&a).unwrap_or_else(|e| panic!("{e:?}"));
+        let brokers: Vec<String> = c.client().all_brokers().iter().map(|u| u.to_string()).collect();
+        assert_eq!(brokers, ["mqtt://localhost:1883"]);
+        // -p alone keeps its meaning: that port on this machine.
+        let Command::Pub(a) = parse(&["pub", "-p", "1999", "-t", "a", "-m", "x", "--outbox", "/nonexistent"]).command
+        else {
+            panic!("pub")
+        };
+        let o = super::Options::from_args(*a).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(o.config.all_brokers()[0].to_string(), "mqtt://127.0.0.1:1999");
+    }
 }

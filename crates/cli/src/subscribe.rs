@@ -21,14 +21,14 @@ fn usage(msg: impl Into<String>) -> Failure {
 }
 
 /// How each message is handled.
-enum Output {
+pub(crate) enum Output {
     /// Printed: default, `-v`, `-F`, `--json`.
     Print(Format),
     /// `--exec CMD`.
     Exec(String),
 }
 
-enum Format {
+pub(crate) enum Format {
     Payload,
     Verbose,
     Template(String),
@@ -65,11 +65,9 @@ fn create_private_dir(dir: &Path) -> Result<(), Failure> {
         .map_err(|e| Failure::other(anyhow!("cannot create the inbox directory {}: {e}", dir.display())))
 }
 
-fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
-    let urls = a.conn.urls().map_err(usage)?;
-    if urls.is_empty() {
-        return Err(usage("no broker given; use -b mqtt://host:port (or -h HOST -p PORT)"));
-    }
+pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
+    // No broker given: localhost:1883, as mosquitto_sub.
+    let urls = crate::conn::or_default(a.conn.urls().map_err(usage)?);
     let urls: Vec<BrokerUrl> =
         urls.iter().map(|u| u.parse()).collect::<Result<_, _>>().map_err(|e| Failure::usage(WithFlag(e)))?;
     if a.topics.is_empty() {

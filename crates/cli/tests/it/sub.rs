@@ -189,7 +189,6 @@ async fn output_formats_and_bad_flags() {
         (&["sub", "-b", "mqtt://127.0.0.1:1"][..], "no topic given"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a/\u{7f}"][..], "control character U+007F"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-c", "--clean"][..], "cannot be used with"),
-        (&["sub", "-t", "a"][..], "no broker given"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-F", "%z"][..], "unknown conversion `%z`"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--json", "-v"][..], "choose one output"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--exec", "true", "-v"][..], "--exec handles"),

@@ -188,6 +188,9 @@ pub struct ConnArgs {
     /// Broker host (mosquitto style; use with -p).
     #[arg(short = 'h', long = "host")]
     pub host: Option<String>,
+    /// mosquitto's -L: mqtt(s)://[USER[:PASSWORD]@]HOST[:PORT]/TOPIC, the broker, credentials and topic at once.
+    #[arg(short = 'L', long = "url", value_name = "URL")]
+    pub url: Option<String>,
     /// Broker port (mosquitto style).
     #[arg(short = 'p', long = "port")]
     pub port: Option<u16>,

@@ -162,6 +162,59 @@ impl Secrets {
     }
 }
 
+/// mosquitto's `-L mqtt(s)://[user[:password]@]host[:port]/topic`, split.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UrlFlag {
+    /// The broker, without credentials.
+    pub broker: String,
+    /// The user name, if given.
+    pub username: Option<String>,
+    /// The password, if given.
+    pub password: Option<String>,
+    /// The topic (or filter).
+    pub topic: String,
+}
+
+/// Parses `-L`.
+pub fn parse_url_flag(s: &str) -> Result<UrlFlag, String> {
+    let form = "use mqtt://[user[:password]@]host[:port]/topic (or mqtts://)";
+    let (scheme, rest) = s.split_once("://").ok_or_else(|| format!("-L {s}: {form}"))?;
+    if !matches!(scheme, "mqtt" | "mqtts") {
+        return Err(format!("-L {s}: unknown scheme `{scheme}`; {form}"));
+    }
+    let (authority, topic) = rest.split_once('/').ok_or_else(|| format!("-L {s}: no topic; {form}"))?;
+    if topic.is_empty() || authority.is_empty() {
+        return Err(format!("-L {s}: {form}"));
+    }
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (username, password) = match userinfo.map(|u| u.split_once(':').unwrap_or((u, ""))) {
+        Some((u, p)) => (Some(u.to_owned()), (!p.is_empty()).then(|| p.to_owned())),
+        None => (None, None),
+    };
+    Ok(UrlFlag { broker: format!("{scheme}://{host}"), username, password, topic: topic.to_owned() })
+}
+
+impl crate::args::ConnArgs {
+    /// Folds `-L` into the broker, credential flags; returns its topic.
+    pub fn take_url(&mut self) -> Result<Option<String>, String> {
+        let Some(l) = self.url.take() else { return Ok(None) };
+        if !self.brokers.is_empty() || self.host.is_some() || self.port.is_some() {
+            return Err("-L gives the broker already; drop -b, -h and -p".into());
+        }
+        let f = parse_url_flag(&l)?;
+        if f.username.is_some() && self.username.is_some() || f.password.is_some() && self.password.is_some() {
+            return Err("-L gives the credentials already; drop -u and -P".into());
+        }
+        self.brokers.push(f.broker);
+        self.username = f.username.or(self.username.take());
+        self.password = f.password.or(self.password.take());
+        Ok(Some(f.topic))
+    }
+}
+
 /// The broker when none is given, as mosquitto_pub and mosquitto_sub.
 pub const DEFAULT_BROKER: &str = "mqtt://localhost:1883";
 
@@ -183,4 +236,27 @@ fn broker_urls(brokers: &[String], host: Option<&str>, port: Option<u16>) -> Res
         urls.push(format!("mqtt://{}:{}", host.unwrap_or("127.0.0.1"), port.unwrap_or(1883)));
     }
     Ok(urls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_flag_splits_as_mosquitto_reads_it() {
+        let f = parse_url_flag("mqtt://u:p%w@host:1884/a/b/#").unwrap();
+        let want = UrlFlag {
+            broker: "mqtt://host:1884".into(),
+            username: Some("u".into()),
+            password: Some("p%w".into()),
+            topic: "a/b/#".into(),
+        };
+        assert_eq!(f, want);
+        let f = parse_url_flag("mqtts://host/t").unwrap();
+        assert_eq!((f.broker.as_str(), f.username, f.topic.as_str()), ("mqtts://host", None, "t"));
+        assert_eq!(parse_url_flag("mqtt://me@h/t").unwrap().username.as_deref(), Some("me"));
+        for bad in ["host/t", "http://h/t", "mqtt://h", "mqtt://h/", "mqtt:///t"] {
+            assert!(parse_url_flag(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -13,8 +13,9 @@ use crate::args::DoctorArgs;
 use crate::hints::WithFlag;
 use crate::Failure;
 
-pub async fn run(a: DoctorArgs) -> Result<(), Failure> {
+pub async fn run(mut a: DoctorArgs) -> Result<(), Failure> {
     let usage = |e: String| Failure::usage(anyhow!(e));
+    a.conn.take_url().map_err(usage)?;
     let urls = crate::conn::or_default(a.conn.urls().map_err(usage)?);
     let [url] = urls.as_slice() else {
         return Err(usage("doctor checks one broker: give exactly one -b URL (or -h/-p)".into()));

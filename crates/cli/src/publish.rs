@@ -73,7 +73,13 @@ fn policy_usage(e: PolicyError) -> Failure {
 impl Options {
     /// Checks the flags in a fixed order (the first mistake is the one
     /// reported) and builds the client's configuration.
-    fn from_args(a: PubArgs) -> Result<Options, Failure> {
+    fn from_args(mut a: PubArgs) -> Result<Options, Failure> {
+        if let Some(t) = a.conn.take_url().map_err(usage)? {
+            if a.topic.is_some() {
+                return Err(usage("-L gives the topic already; drop -t"));
+            }
+            a.topic = Some(t);
+        }
         let urls = a.conn.urls().map_err(usage)?;
         let routes = named_routes(&a)?;
         let default_set = default_set(&a, urls, &routes)?;

@@ -235,7 +235,10 @@ async fn exec(cmd: &str, d: &Received) -> bool {
     }
 }
 
-pub async fn run(a: SubArgs) -> Result<(), Failure> {
+pub async fn run(mut a: SubArgs) -> Result<(), Failure> {
+    if let Some(t) = a.conn.take_url().map_err(usage)? {
+        a.topics.push(t);
+    }
     let (cfg, output) = config(&a)?;
     let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
     if a.register {

@@ -638,3 +638,28 @@ async fn a_server_that_is_not_an_mqtt_broker_is_named_so() {
     assert!(stderr(&out).contains(said), "{}", stderr(&out));
     server.abort();
 }
+
+/// mosquitto's `-L URL`: broker, credentials and topic in one flag, for
+/// `pub` and `sub`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_url_flag_gives_broker_credentials_and_topic() {
+    let broker = Mosquitto::with_password("lu", "lp").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ob, ib) = (dir.path().join("ob"), dir.path().join("ib"));
+    let base = format!("mqtt://lu:lp@127.0.0.1:{}", broker.port());
+    let sub = ["sub", "-L", &format!("{base}/l/#"), "-i", "l-sub", "--inbox", ib.to_str().unwrap()];
+    let out = run(&[&sub[..], &["--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let l = format!("{base}/l/one");
+    let out = run(&["pub", "-L", &l, "-m", "via -L", "--outbox", ob.to_str().unwrap(), "--wait-timeout", "20"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&[&sub[..], &["-C", "1", "-W", "20", "-v"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "l/one via -L\n");
+    // It gives the broker and topic: -b or -t as well is a mistake.
+    let out = run(&["pub", "-L", &l, "-t", "x", "-m", "m", "--outbox", ob.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("-L gives the topic already"), "{}", stderr(&out));
+    let out = run(&["pub", "-L", &l, "-b", "mqtt://127.0.0.1:1", "-m", "m", "--outbox", ob.to_str().unwrap()]).await;
+    assert!(stderr(&out).contains("-L gives the broker already"), "{}", stderr(&out));
+}

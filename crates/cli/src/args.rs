@@ -281,6 +281,9 @@ pub struct PubArgs {
     /// Send what the outbox holds; take no new input.
     #[arg(long, group = "input")]
     pub drain: bool,
+    /// Most messages in flight (unacknowledged) per broker; a broker's MQTT 5 receive maximum lowers it. Lower it for a 3.1.1 broker that limits in-flight messages without saying so.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub max_inflight: u16,
     /// Send the messages this outbox holds for other brokers (accepted by
     /// an earlier run with other -b) to the brokers given now; without
     /// it they stay queued for their own brokers.

@@ -58,6 +58,7 @@ impl FlagHint for ConfigError {
             ConfigError::UnconfiguredRoute { .. } => " (--config FILE with a [routes.NAME] table)",
             ConfigError::NoTopic | ConfigError::TopicFilter { .. } => " (-t)",
             ConfigError::ZeroInbox { .. } => " (--inbox-max)",
+            ConfigError::ZeroInflight => " (--max-inflight)",
             _ => "",
         }
     }

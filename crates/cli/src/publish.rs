@@ -237,7 +237,8 @@ fn client_config(
         .backoff(a.backoff)
         .policy(policy)
         .outbox(outbox)
-        .other_sets(if a.retarget { OtherSets::Retarget } else { OtherSets::Keep });
+        .other_sets(if a.retarget { OtherSets::Retarget } else { OtherSets::Keep })
+        .max_inflight(a.max_inflight);
     for (name, set) in routes {
         config = config.route(name, set);
     }

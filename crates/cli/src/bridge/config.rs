@@ -115,6 +115,8 @@ struct DestSpec {
     #[serde(default)]
     alpn: Vec<String>,
     qos: Option<Spanned<u8>>,
+    /// Most messages in flight per broker.
+    max_inflight: Option<Spanned<u16>>,
     topic_prefix: Option<Spanned<String>>,
     strip_prefix: Option<Spanned<String>>,
     #[serde(default)]
@@ -338,6 +340,9 @@ impl DestinationKeys {
         let version = version(&d.version, errs);
         let backoff = backoff(&d.backoff, errs);
         let rewrite = rewrite(d, errs);
+        if let Some(m) = d.max_inflight.as_ref().filter(|m| *m.get_ref() == 0) {
+            errs.at(m.span(), "max_inflight = 0 would let nothing through; use 1 or more");
+        }
         Some(DestinationKeys { set: set?, qos, version: version?, backoff: backoff?, rewrite })
     }
 
@@ -364,6 +369,9 @@ impl DestinationKeys {
             // A changed destination keeps what was accepted for the old
             // one queued for it (and says so at start), never sends it on.
             .other_sets(OtherSets::Keep);
+        if let Some(m) = d.max_inflight.as_ref().filter(|m| *m.get_ref() > 0) {
+            destination = destination.max_inflight(*m.get_ref());
+        }
         match secrets!(d).apply(destination.clone()) {
             Ok(c) => destination = c,
             Err(e) => errs.at(r.destination.span(), format!("destination: {e}")),

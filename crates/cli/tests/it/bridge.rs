@@ -298,6 +298,7 @@ client_id = "edge"
 [route.destination]
 brokers = ["mqtt://127.0.0.1:1"]
 mode = "mirror"
+max_inflight = 0
 [[route.destination.map]]
 from = "x/+"
 to = "y/#"
@@ -309,7 +310,14 @@ to = "y/#"
         let out = run(&args).await;
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         let err = stderr(&out);
-        for (line, what) in [(7, "unknown scheme `http`"), (8, "a/#/b"), (12, "unknown mode `mirror`"), (13, "y/#")] {
+        let wants = [
+            (7, "unknown scheme `http`"),
+            (8, "a/#/b"),
+            (12, "unknown mode `mirror`"),
+            (13, "max_inflight = 0"),
+            (14, "y/#"),
+        ];
+        for (line, what) in wants {
             let at = format!("bad.toml:{line}:");
             assert!(err.lines().any(|l| l.contains(&at) && l.contains(what)), "want `{at}` with `{what}` in:\n{err}");
         }

@@ -168,6 +168,10 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--ack-timeout", "2w"], "unknown unit `w`"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--backoff", "1s..2w"], "unknown unit `w`"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-queue", "0"], "bound of 0"),
+        (
+            &["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--max-inflight", "0", "--outbox", ob],
+            "(--max-inflight)",
+        ),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--inbox-max", "0B"], "--inbox-max"),
         (&["pub", "-h", "localhost:1883", "-t", "a", "-m", "x"], "give the port with -p"),
         (

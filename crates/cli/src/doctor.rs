@@ -83,6 +83,7 @@ fn title(key: &str) -> &'static str {
         "retained" => "retained messages",
         "session" => "session kept across a reconnect",
         "restart" => "session kept across a broker restart",
+        "disconnect_race" => "message right after a DISCONNECT",
         _ => "check",
     }
 }
@@ -149,6 +150,9 @@ fn advice(r: &Report) -> Vec<String> {
     }
     if ok("session") == Some(false) {
         out.push("CRITICAL: sessions are not kept across a reconnect, so a consumer that is away loses what was published meanwhile; use a broker (or settings) that keeps persistent sessions".into());
+    }
+    if ok("disconnect_race") == Some(false) {
+        out.push("this broker loses a message published within moments of a persistent subscriber's DISCONNECT (it parks the session a little later); messages published later are kept. A consumer that disconnects cleanly and a producer publishing at that instant can lose one: fanout to two brokers covers it".into());
     }
     if ok("qos2") == Some(false) {
         out.push(

@@ -22,6 +22,11 @@ use steadfast_core::Qos;
 
 /// How long one step waits for the broker's answer.
 const STEP: Duration = Duration::from_secs(3);
+/// How long after a subscriber's DISCONNECT the checked message of the
+/// session check is published (the early one goes at once).
+const RACE_PAUSE: Duration = Duration::from_millis(500);
+/// The early message's payload.
+const EARLY: &[u8] = b"right after the disconnect";
 
 /// One finding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,9 +138,13 @@ pub async fn diagnose(
     report.software = d.software().await;
     push_check(&mut report, d.qos2().await);
     push_check(&mut report, d.retained().await);
-    push_check(&mut report, d.session(None, restart_within).await);
+    for c in d.session(None, restart_within).await {
+        push_check(&mut report, c);
+    }
     if let Some(restart) = restart {
-        push_check(&mut report, d.session(Some(restart), restart_within).await);
+        for c in d.session(Some(restart), restart_within).await {
+            push_check(&mut report, c);
+        }
     }
     report
 }
@@ -287,10 +296,15 @@ impl Doc {
 
     /// A subscriber with a persistent session goes away; a message is
     /// published for it; it comes back (after a broker restart, with
-    /// `restart`): is its session there, and the message?
-    async fn session(&self, restart: Option<Restart>, within: Duration) -> Check {
+    /// `restart`): is its session there, and the message? Without a
+    /// restart, a first message goes out right after the subscriber's
+    /// DISCONNECT and the checked one [`RACE_PAUSE`] later: a broker that
+    /// loses only the first parks a session a moment after the
+    /// disconnect (a finding of its own, `disconnect_race`).
+    async fn session(&self, restart: Option<Restart>, within: Duration) -> Vec<Check> {
         let key = if restart.is_some() { "restart" } else { "session" };
         let role = if restart.is_some() { "restart-sub" } else { "session-sub" };
+        let mut race = None;
         let run = async {
             let topic = self.topic(key);
             let sub = self.open(role, true).await?;
@@ -298,13 +312,22 @@ impl Doc {
             let mut sub = self.open(role, false).await?;
             sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
             sub.suback().await?;
-            sub.close().await;
+            // Connected before the subscriber leaves, to publish right after.
             let mut publ = self.open(&format!("{key}-pub"), true).await?;
+            let left = Instant::now();
+            sub.close().await;
+            if restart.is_none() {
+                publ.publish(&topic, EARLY, Qos::AtLeastOnce, false, Some(2))?;
+                race = Some(left.elapsed());
+            }
+            // The checked message: well after the disconnect.
+            tokio::time::sleep(RACE_PAUSE).await;
             publ.publish(&topic, b"queued while away", Qos::AtLeastOnce, false, Some(1))?;
             let acked =
                 publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 1, .. })).then_some(())).await?;
             if acked.is_none() {
-                return Ok(Check { key, ok: None, detail: "the broker did not acknowledge the test message".into() });
+                let detail = "the broker did not acknowledge the test message".into();
+                return Ok((Check { key, ok: None, detail }, false));
             }
             if let Some(restart) = restart {
                 // An idle connection tells when the broker went down.
@@ -312,11 +335,8 @@ impl Doc {
                 restart.await.map_err(|e| ConnectError::Protocol(format!("the restart failed: {e}")))?;
                 let deadline = Instant::now() + within;
                 if !watch.closed_by(deadline).await {
-                    return Ok(Check {
-                        key,
-                        ok: None,
-                        detail: format!("the broker did not go down within {within:?}: not restarted?"),
-                    });
+                    let detail = format!("the broker did not go down within {within:?}: not restarted?");
+                    return Ok((Check { key, ok: None, detail }, false));
                 }
                 publ = loop {
                     match self.open(&format!("{key}-pub"), true).await {
@@ -329,8 +349,13 @@ impl Doc {
             publ.close().await;
             let mut sub = self.open(role, false).await?;
             let present = sub.ack.session_present;
+            let mut early = false;
             let got = sub
                 .wait(STEP, |i| match i {
+                    Incoming::Publish(m) if m.topic == topic && m.payload == EARLY => {
+                        early = true;
+                        None
+                    }
                     Incoming::Publish(m) if m.topic == topic => Some(()),
                     _ => None,
                 })
@@ -342,7 +367,7 @@ impl Doc {
                 p.close().await;
             }
             let when = if key == "restart" { "a broker restart" } else { "a disconnect" };
-            Ok::<_, ConnectError>(match (present, got) {
+            let check = match (present, got) {
                 (true, Some(())) => Check {
                     key,
                     ok: Some(true),
@@ -358,9 +383,30 @@ impl Doc {
                     ok: Some(false),
                     detail: format!("the session was gone after {when} (session present = 0): what was queued is lost"),
                 },
-            })
+            };
+            Ok::<_, ConnectError>((check, early))
         };
-        run.await.unwrap_or_else(|e| Check { key, ok: None, detail: format!("could not check: {e}") })
+        let (check, early) =
+            run.await.unwrap_or_else(|e| (Check { key, ok: None, detail: format!("could not check: {e}") }, false));
+        let mut out = vec![check];
+        // The race is told only where the session held the later message.
+        if let Some(after) = race.filter(|_| out[0].ok == Some(true)) {
+            let after = format!("{:.1} ms", after.as_secs_f64() * 1000.0);
+            let later = format!("{} ms", RACE_PAUSE.as_millis());
+            out.push(match early {
+                true => Check {
+                    key: "disconnect_race",
+                    ok: Some(true),
+                    detail: format!("a message published {after} after the subscriber's DISCONNECT was kept too"),
+                },
+                false => Check {
+                    key: "disconnect_race",
+                    ok: Some(false),
+                    detail: format!("a message published {after} after the subscriber's DISCONNECT was lost; one published {later} later was kept: the broker parks a session a moment after the disconnect"),
+                },
+            });
+        }
+        out
     }
 
     fn clone_doc(&self) -> Doc {

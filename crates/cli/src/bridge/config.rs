@@ -145,19 +145,43 @@ impl Errors<'_> {
     }
 }
 
+/// `text` as a [`File`]. Every unknown key is reported, not only the first:
+/// each one serde stops at is recorded with its line, its line blanked
+/// (so that every line keeps its number), and the text read again (at most
+/// 100 times). Any other error ends the reading, with the unknown keys
+/// found so far. Returns the text as read last, for the lines of the
+/// value errors.
+fn parse_listing_unknown_keys(text: &str, path: &Path) -> Result<(File, Vec<String>, String), Vec<String>> {
+    let mut unknown = Vec::new();
+    let mut lines: Vec<String> = text.split_inclusive('\n').map(str::to_owned).collect();
+    loop {
+        let now: String = lines.concat();
+        let e = match toml::from_str::<File>(&now) {
+            Ok(file) => return Ok((file, unknown, now)),
+            Err(e) => e,
+        };
+        let at = e.span().map(|s| now[..s.start.min(now.len())].matches('\n').count());
+        let msg = e.message().trim().to_owned();
+        let shown = match at {
+            Some(i) => format!("{}:{}: {msg}", path.display(), i + 1),
+            None => format!("{}: {msg}", path.display()),
+        };
+        unknown.push(shown);
+        match at {
+            Some(i) if msg.starts_with("unknown field") && i < lines.len() && unknown.len() <= 100 => {
+                lines[i] = "\n".into();
+            }
+            _ => return Err(unknown),
+        }
+    }
+}
+
 /// Reads and checks a bridge configuration; on error, every problem found,
 /// each with its line.
 pub fn load(path: &Path) -> Result<Bridge, Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read {}: {e}", path.display())])?;
-    let file: File = toml::from_str(&text).map_err(|e| {
-        let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-        let msg = e.message().trim().to_owned();
-        vec![match line {
-            Some(l) => format!("{}:{l}: {msg}", path.display()),
-            None => format!("{}: {msg}", path.display()),
-        }]
-    })?;
-    let mut errs = Errors { path, text: &text, list: Vec::new() };
+    let (file, unknown, text) = parse_listing_unknown_keys(&text, path)?;
+    let mut errs = Errors { path, text: &text, list: unknown };
     let dir = PathBuf::from(file.store.get_ref().dir.get_ref());
     if file.store.get_ref().dir.get_ref().is_empty() {
         errs.at(

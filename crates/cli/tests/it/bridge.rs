@@ -340,6 +340,16 @@ to = "y/#"
         "{}",
         stderr(&out)
     );
+    // Every unknown key, not only the first, and the value errors after them.
+    let keys = dir.path().join("keys.toml");
+    let text = "frob = 1\n[store]\ndir = \"/tmp/x\"\n[[route]]\nname = \"a\"\nzap = 2\n[route.source]\nbrokers = [\"mqtt://127.0.0.1:1\"]\ntopics = [\"x/#\"]\nclient_id = \"c\"\nbogus = 3\n[route.destination]\nbrokers = [\"mqtt://127.0.0.1:2\"]\nwat = 4\nqos = 7\n";
+    std::fs::write(&keys, text).unwrap();
+    let out = run(&["bridge", "--check", "--config", keys.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(2));
+    for (line, key) in [(1, "`frob`"), (6, "`zap`"), (11, "`bogus`"), (14, "`wat`"), (15, "QoS 7")] {
+        let at = format!("keys.toml:{line}:");
+        assert!(stderr(&out).lines().any(|l| l.contains(&at) && l.contains(key)), "{key} at {line}: {}", stderr(&out));
+    }
     let good = config(dir.path(), "mqtt://127.0.0.1:1", &["mqtt://127.0.0.1:2".into()]);
     let out = run(&["bridge", "--check", "--config", good.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));

@@ -49,6 +49,9 @@ struct Options {
     summary: bool,
     metrics: Option<std::net::SocketAddr>,
     progress: bool,
+    /// The command that sends what this run leaves queued, as printed in
+    /// a hint: the same brokers, routes and connection flags.
+    drain: String,
 }
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -96,7 +99,9 @@ impl Options {
             return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
         }
         version.warn_without_envelope(config.all_brokers().len(), a.envelope);
+        let drain = drain_command(&a, &config);
         Ok(Options {
+            drain,
             route: a.route.clone(),
             config,
             topic,
@@ -110,6 +115,30 @@ impl Options {
             progress,
         })
     }
+}
+
+/// `steadfast pub --drain` with what it takes to reach this run's brokers
+/// (a password given with -P is not repeated: `-P PASSWORD` stands for it).
+fn drain_command(a: &PubArgs, config: &ClientConfig) -> String {
+    let c = &a.conn;
+    let mut cmd = String::from("steadfast pub --drain");
+    for b in config.broker_set().brokers() {
+        cmd += &format!(" -b {b}");
+    }
+    if c.version != "auto" {
+        cmd += &format!(" -V {}", c.version);
+    }
+    let file = |flag: &str, p: &Option<std::path::PathBuf>| p.as_ref().map(|p| format!(" {flag} {}", p.display()));
+    cmd += &a.config.as_ref().map(|p| format!(" --config {}", p.display())).unwrap_or_default();
+    cmd += &c.username.as_ref().map(|u| format!(" -u {u}")).unwrap_or_default();
+    cmd += if c.password.is_some() { " -P PASSWORD" } else { "" };
+    for (flag, p) in [("--pw-file", &c.password_file), ("--cafile", &c.cafile), ("--cert", &c.cert), ("--key", &c.key)]
+    {
+        cmd += &file(flag, p).unwrap_or_default();
+    }
+    cmd += if c.insecure { " --insecure" } else { "" };
+    cmd += if a.envelope { " --envelope" } else { "" };
+    cmd + &format!(" --outbox {}", config.outbox_dir().display())
 }
 
 /// The named routes of `--config`; `--route` must be one of them.
@@ -355,7 +384,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut p = Pipeline { client: client.clone(), pending: VecDeque::new(), accepted, dropped: 0 };
     let fed = tokio::select! {
         sent = async { feed(&o, &mut p).await.and(p.finish().await) } => sent,
-        _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
+        _ = interrupt.recv() => Err(interrupted(&client, &dir, &o.drain).await),
     };
     if let Err(f) = fed {
         progress.finish();
@@ -366,8 +395,8 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         report_drops(&client, &dir, &drops_before, None).await
     } else {
         tokio::select! {
-            r = wait_delivered(&client, &mut events, o.wait_timeout, &dir, &drops_before) => r,
-            _ = interrupt.recv() => Err(interrupted(&client, &dir).await),
+            r = wait_delivered(&client, &mut events, (o.wait_timeout, &o.drain), &dir, &drops_before) => r,
+            _ = interrupt.recv() => Err(interrupted(&client, &dir, &o.drain).await),
         }
     };
     progress.finish();
@@ -448,11 +477,10 @@ async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
     }
 }
 
-async fn interrupted(client: &Client, dir: &std::path::Path) -> Failure {
+async fn interrupted(client: &Client, dir: &std::path::Path, drain: &str) -> Failure {
     let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
     Failure::interrupted(anyhow!(
-        "interrupted; {queued} message(s) kept in the outbox {}; send them later with `steadfast pub --drain --outbox {}`",
-        dir.display(),
+        "interrupted; {queued} message(s) kept in the outbox {}; send them later with `{drain}`",
         dir.display()
     ))
 }
@@ -465,7 +493,7 @@ async fn drop_counts(client: &Client) -> Vec<(steadfast::DropReason, u64)> {
 async fn wait_delivered(
     client: &Client,
     events: &mut broadcast::Receiver<Event>,
-    limit: Option<Duration>,
+    (limit, drain): (Option<Duration>, &str),
     dir: &std::path::Path,
     drops_before: &[(steadfast::DropReason, u64)],
 ) -> Result<(), Failure> {
@@ -487,8 +515,8 @@ async fn wait_delivered(
                 let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
                 let why = last_error.map(|e| format!(" (last error: {})", WithFlag(e))).unwrap_or_default();
                 return Err(Failure::timed_out(anyhow!(
-                    "timed out waiting for delivery{why}; {queued} message(s) kept in the outbox {}; send them later with `steadfast pub --drain --outbox {}`",
-                    dir.display(), dir.display()
+                    "timed out waiting for delivery{why}; {queued} message(s) kept in the outbox {}; send them later with `{drain}`",
+                    dir.display()
                 )));
             }
             e = events.recv() => match e {

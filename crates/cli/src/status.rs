@@ -125,7 +125,8 @@ async fn read(dir: &std::path::Path) -> Result<Store, Failure> {
     let (running, kind, report) = read.map_err(|e| match e {
         // Only its owner's open converts it; `pub --drain` is one that ends.
         StoreError::FormatTooOld { .. } => {
-            Failure::other(anyhow!("{e} (run `steadfast pub --drain --outbox {}` once)", dir.display()))
+            let run = format!("steadfast pub --drain -b BROKER --outbox {}", dir.display());
+            Failure::other(anyhow!("{e} (run `{run}` once, with the brokers its messages are for)"))
         }
         e => Failure::other(anyhow!(e)),
     })?;

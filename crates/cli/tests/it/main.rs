@@ -667,3 +667,28 @@ async fn the_url_flag_gives_broker_credentials_and_topic() {
     let out = run(&["pub", "-L", &l, "-b", "mqtt://127.0.0.1:1", "-m", "m", "--outbox", ob.to_str().unwrap()]).await;
     assert!(stderr(&out).contains("-L gives the broker already"), "{}", stderr(&out));
 }
+
+/// The hint a timed-out `pub` prints runs as printed once the broker is
+/// back: it names the brokers (and what reaching them takes), not only
+/// the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_hint_of_a_timed_out_pub_runs_as_printed() {
+    let mut broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob");
+    broker.kill9();
+    let args = ["pub", "-b", &broker.url(), "-V", "311", "-t", "hint/t", "-m", "later", "--wait-timeout", "1s"];
+    let out = run(&[&args[..], &["--outbox", ob.to_str().unwrap()]].concat()).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    let hint = err.split("send them later with `").nth(1).and_then(|r| r.split('`').next()).expect("a hint");
+    assert!(hint.contains(&format!("-b {}", broker.url())) && hint.contains("-V 311"), "{hint}");
+    broker.restart().await;
+    let sub = Subscriber::start(broker.port(), "hint/t", 1, None).await;
+    let words: Vec<&str> = hint.split_whitespace().collect();
+    assert_eq!(words[0], "steadfast");
+    let out = run(&[&words[1..], &["--wait-timeout", "20s"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{hint}: {}", stderr(&out));
+    sub.wait_count(1, Duration::from_secs(10)).await;
+    assert_eq!(sub.lines(), ["later"]);
+}

@@ -15,11 +15,17 @@ pub fn default_inbox(client_id: &str) -> PathBuf {
     state_dir("inbox", client_id)
 }
 
-fn state_dir(kind: &str, client_id: &str) -> PathBuf {
-    let base = std::env::var_os("XDG_STATE_HOME")
+/// `$XDG_STATE_HOME/steadfast`, else `~/.local/state/steadfast`: where the
+/// default outboxes and inboxes live.
+pub fn state_root() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("."));
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("steadfast")
+}
+
+fn state_dir(kind: &str, client_id: &str) -> PathBuf {
     // One directory per client id, never outside `outbox/` and never shared
     // by two ids: anything but letters, digits, `-` and `_` (and `.` past
     // the first character) is written as %XX.
@@ -31,7 +37,7 @@ fn state_dir(kind: &str, client_id: &str) -> PathBuf {
             safe.push_str(&format!("%{b:02X}"));
         }
     }
-    base.join("steadfast").join(kind).join(safe)
+    state_root().join(kind).join(safe)
 }
 
 /// A stable default client id for this machine: `steadfast-<role>-<host>`.

@@ -60,12 +60,41 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     let dir = match (a.outbox, a.id) {
         (Some(d), _) => d,
         (None, Some(id)) => default_outbox(&id),
-        (None, None) => {
-            return Err(Failure::usage(anyhow!("which outbox? use --outbox DIR, -i CLIENT_ID or --bridge FILE")))
-        }
+        (None, None) => return every_default_store(a.json).await,
     };
     if let Some(j) = show(&dir, a.json).await? {
         println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
+    }
+    Ok(())
+}
+
+/// No store named: every outbox and inbox in the default place (where
+/// `pub` and `sub` put them without `--outbox` or `--inbox`), a line each.
+async fn every_default_store(json: bool) -> Result<(), Failure> {
+    let root = crate::paths::state_root();
+    let mut dirs: Vec<std::path::PathBuf> = ["outbox", "inbox"]
+        .iter()
+        .filter_map(|k| std::fs::read_dir(root.join(k)).ok())
+        .flat_map(|d| d.flatten().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    let mut all = Vec::new();
+    for d in &dirs {
+        match read(d).await {
+            Ok(s) if json => all.push(serde_json::to_value(s.json()).map_err(|e| Failure::other(anyhow!(e)))?),
+            Ok(s) => s.print_line(),
+            Err(e) if json => all.push(serde_json::json!({ "outbox": d.display().to_string(), "error": e.message() })),
+            Err(e) => println!("?        {}  {}", d.display(), e.message()),
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| Failure::other(anyhow!(e)))?);
+    } else if dirs.is_empty() {
+        println!(
+            "no outbox or inbox in {} (give --outbox DIR, --inbox DIR, -i CLIENT_ID or --bridge FILE for others)",
+            root.display()
+        );
     }
     Ok(())
 }
@@ -184,6 +213,20 @@ impl Store {
     /// Queued messages held for another default broker set: (its URLs, count).
     fn held(&self) -> impl Iterator<Item = (&str, u64)> {
         self.report.routes.iter().filter_map(|(r, n)| Some((steadfast_store::held_for(r.as_deref())?, *n)))
+    }
+
+    /// One line: what it is, where, how much it holds, whether a process
+    /// uses it.
+    fn print_line(&self) {
+        let r = &self.report;
+        let using = if self.running { "in use" } else { "not in use" };
+        let dir = self.dir.display();
+        if self.kind == StoreKind::Inbox {
+            println!("inbox    {dir}  {} identities remembered  ({using})", r.inbox);
+        } else {
+            let oldest = self.oldest_age_ms().map_or("-".into(), |ms| human_age(Duration::from_millis(ms)));
+            println!("outbox   {dir}  {} queued, oldest {oldest}  ({using})", r.totals.count);
+        }
     }
 
     /// The text form: the queue (an outbox) or the identities (an inbox),

@@ -192,7 +192,6 @@ async fn bad_input_gets_a_clear_message_and_exit_2() {
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--progress", "maybe"], "auto, always or never"),
         (&["sub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "--inbox-max-age", "x"], "--inbox-max-age"),
         (&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "-i", "", "--outbox", ob], "client id"),
-        (&["status"], "which outbox"),
         (
             &["pub", "-b", "mqtt://127.0.0.1:1", "-b", "mqtt://127.0.0.1:1", "-t", "a", "-m", "x", "--outbox", ob],
             "listed twice",
@@ -691,4 +690,41 @@ async fn the_drain_hint_of_a_timed_out_pub_runs_as_printed() {
     assert_eq!(out.status.code(), Some(0), "{hint}: {}", stderr(&out));
     sub.wait_count(1, Duration::from_secs(10)).await;
     assert_eq!(sub.lines(), ["later"]);
+}
+
+/// `status` with no store named lists every outbox and inbox that `pub`
+/// and `sub` made in the default place, a line each (here a private
+/// `XDG_STATE_HOME`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_alone_lists_the_default_stores() {
+    let state = tempfile::tempdir().unwrap();
+    let in_state = |args: &[&str]| {
+        let mut c = steadfast();
+        c.env("XDG_STATE_HOME", state.path()).args(args).stdin(Stdio::null());
+        c
+    };
+    let out = in_state(&["status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("no outbox or inbox in"), "{out:?}");
+    let out = in_state(&["pub", "-b", "mqtt://127.0.0.1:1", "-i", "lister", "-t", "a", "-m", "x", "--no-wait"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = in_state(&["sub", "-b", "mqtt://127.0.0.1:1", "-i", "reader", "-t", "a", "-W", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = in_state(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].starts_with("inbox") && lines[0].contains("inbox/reader") && lines[0].contains("not in use"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with("outbox") && lines[1].contains("outbox/lister") && lines[1].contains("1 queued"),
+        "{text}"
+    );
+    let out = in_state(&["status", "--json"]).output().unwrap();
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((all[0]["kind"].as_str(), all[1]["queued"].as_u64()), (Some("inbox"), Some(1)), "{all}");
 }

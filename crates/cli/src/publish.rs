@@ -118,27 +118,60 @@ impl Options {
 }
 
 /// `steadfast pub --drain` with what it takes to reach this run's brokers
-/// (a password given with -P is not repeated: `-P PASSWORD` stands for it).
+/// the same way (set, mode and quorum, session, version, credentials, TLS;
+/// a password given with -P is not repeated: `-P PASSWORD` stands for it),
+/// each value quoted for a POSIX shell where it needs it.
 fn drain_command(a: &PubArgs, config: &ClientConfig) -> String {
     let c = &a.conn;
-    let mut cmd = String::from("steadfast pub --drain");
+    let mut words: Vec<String> = vec!["steadfast".into(), "pub".into(), "--drain".into()];
+    let mut flag = |f: &str, v: Option<String>| {
+        if let Some(v) = v {
+            words.push(f.to_owned());
+            words.push(shell_word(&v));
+        }
+    };
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
     for b in config.broker_set().brokers() {
-        cmd += &format!(" -b {b}");
+        flag("-b", Some(b.to_string()));
     }
-    if c.version != "auto" {
-        cmd += &format!(" -V {}", c.version);
+    flag("--mode", (a.mode != "failover").then(|| a.mode.clone()));
+    flag("--ack", a.ack.clone());
+    flag("--catch-up-for", a.catch_up_for.map(ms));
+    flag("--failback-after", (a.failback_after != Duration::from_secs(30)).then(|| ms(a.failback_after)));
+    flag("--config", a.config.as_ref().map(|p| p.display().to_string()));
+    flag("-i", a.id.clone());
+    flag("-V", (c.version != "auto").then(|| c.version.clone()));
+    flag("-k", (c.keepalive != 30).then(|| c.keepalive.to_string()));
+    flag("--max-packet", c.max_packet.clone());
+    flag("-u", c.username.clone());
+    flag("-P", c.password.as_ref().map(|_| "PASSWORD".to_owned()));
+    let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+    flag("--pw-file", path(&c.password_file));
+    flag("--cafile", path(&c.cafile));
+    flag("--cert", path(&c.cert));
+    flag("--key", path(&c.key));
+    for alpn in &c.alpn {
+        flag("--alpn", Some(alpn.clone()));
     }
-    let file = |flag: &str, p: &Option<std::path::PathBuf>| p.as_ref().map(|p| format!(" {flag} {}", p.display()));
-    cmd += &a.config.as_ref().map(|p| format!(" --config {}", p.display())).unwrap_or_default();
-    cmd += &c.username.as_ref().map(|u| format!(" -u {u}")).unwrap_or_default();
-    cmd += if c.password.is_some() { " -P PASSWORD" } else { "" };
-    for (flag, p) in [("--pw-file", &c.password_file), ("--cafile", &c.cafile), ("--cert", &c.cert), ("--key", &c.key)]
-    {
-        cmd += &file(flag, p).unwrap_or_default();
+    flag("--outbox", Some(config.outbox_dir().display().to_string()));
+    if c.insecure {
+        words.push("--insecure".into());
     }
-    cmd += if c.insecure { " --insecure" } else { "" };
-    cmd += if a.envelope { " --envelope" } else { "" };
-    cmd + &format!(" --outbox {}", config.outbox_dir().display())
+    if a.envelope {
+        words.push("--envelope".into());
+    }
+    words.join(" ")
+}
+
+/// `s` as one word of a POSIX shell: as it is when it is plain, else in
+/// single quotes.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._:@%+=,-".contains(&b));
+    if plain {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 /// The named routes of `--config`; `--route` must be one of them.
@@ -607,5 +640,39 @@ mod tests {
         };
         let o = super::Options::from_args(*a).unwrap_or_else(|e| panic!("{e:?}"));
         assert_eq!(o.config.all_brokers()[0].to_string(), "mqtt://127.0.0.1:1999");
+    }
+
+    /// The drain hint reaches the brokers the same way: a fanout stays a
+    /// fanout with its quorum, the session its id; odd paths are quoted.
+    #[test]
+    fn the_drain_hint_keeps_the_set_its_mode_and_the_session() {
+        let args = [
+            "steadfast",
+            "pub",
+            "-b",
+            "mqtt://a:1883",
+            "-b",
+            "mqtt://b:1883",
+            "--mode",
+            "fanout",
+            "--ack",
+            "all",
+            "-i",
+            "dev 1",
+            "-k",
+            "10",
+            "-t",
+            "t",
+            "-m",
+            "x",
+            "--outbox",
+            "/tmp/it's here",
+        ];
+        let Command::Pub(a) = Cli::try_parse_from(args).expect("parses").command else { panic!("pub") };
+        let o = super::Options::from_args(*a).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(
+            o.drain,
+            "steadfast pub --drain -b mqtt://a:1883 -b mqtt://b:1883 --mode fanout --ack all -i 'dev 1' -k 10 --outbox '/tmp/it'\\''s here'"
+        );
     }
 }

@@ -237,6 +237,9 @@ async fn exec(cmd: &str, d: &Received) -> bool {
 
 pub async fn run(mut a: SubArgs) -> Result<(), Failure> {
     if let Some(t) = a.conn.take_url().map_err(usage)? {
+        if !a.topics.is_empty() {
+            return Err(usage("-L gives the filter already; drop -t"));
+        }
         a.topics.push(t);
     }
     let (cfg, output) = config(&a)?;

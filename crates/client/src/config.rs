@@ -394,8 +394,8 @@ impl ClientConfig {
     }
     /// With MQTT 5: a broker that refuses version 5 (a refusal of the
     /// version, or a close before CONNACK) is spoken to in 3.1.1 from then
-    /// on, remembered per broker in the store (default off: the version
-    /// given is the one spoken). Identities travel on 3.1.1 only with
+    /// on; a refusal is remembered per broker in the store, a close only
+    /// for this process (default off: the version given is the one spoken). Identities travel on 3.1.1 only with
     /// [`ClientConfig::envelope`].
     pub fn auto_version(mut self, on: bool) -> Self {
         self.auto_version = on;

@@ -318,6 +318,8 @@ impl Doc {
             sub.close().await;
             if restart.is_none() {
                 publ.publish(&topic, EARLY, Qos::AtLeastOnce, false, Some(2))?;
+                // On the wire now, not with the checked message later.
+                publ.flush().await?;
                 race = Some(left.elapsed());
             }
             // The checked message: well after the disconnect.

@@ -659,18 +659,20 @@ pub(crate) async fn open_auto(
     store: Option<&Outbox>,
 ) -> Result<Opened, ConnectError> {
     let first = open_session(cfg, url, clean, *version).await;
-    let refuses_5 = matches!(
-        &first,
-        Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }
-            | ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }))
-    );
+    // A refusal of the version is the broker's answer for good; a close
+    // before CONNACK may be a passing one (a connection limit, a balancer
+    // between backends): 3.1.1 for this process only, 5 tried again at
+    // the next start.
+    let refused = matches!(&first, Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }));
+    let closed = matches!(&first, Err(ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true })));
+    let refuses_5 = refused || closed;
     if !(cfg.auto_version && *version == ProtocolVersion::V5 && refuses_5) {
         return first;
     }
     match open_session(cfg, url, clean, ProtocolVersion::V311).await {
         Ok(o) => {
             *version = ProtocolVersion::V311;
-            if let Some(s) = store {
+            if let Some(s) = store.filter(|_| refused) {
                 s.set_meta(&version_key(url), "311");
             }
             let identity = if cfg.envelope {

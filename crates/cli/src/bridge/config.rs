@@ -167,8 +167,14 @@ fn parse_listing_unknown_keys(text: &str, path: &Path) -> Result<(File, Vec<Stri
             None => format!("{}: {msg}", path.display()),
         };
         unknown.push(shown);
+        // A table header (`[[rout]]`) cannot be left out alone: its keys
+        // would join the table before it.
         match at {
-            Some(i) if msg.starts_with("unknown field") && i < lines.len() && unknown.len() <= 100 => {
+            Some(i)
+                if msg.starts_with("unknown field")
+                    && lines.get(i).is_some_and(|l| !l.trim_start().starts_with('['))
+                    && unknown.len() <= 100 =>
+            {
                 lines[i] = "\n".into();
             }
             _ => return Err(unknown),

@@ -665,6 +665,9 @@ async fn the_url_flag_gives_broker_credentials_and_topic() {
     assert!(stderr(&out).contains("-L gives the topic already"), "{}", stderr(&out));
     let out = run(&["pub", "-L", &l, "-b", "mqtt://127.0.0.1:1", "-m", "m", "--outbox", ob.to_str().unwrap()]).await;
     assert!(stderr(&out).contains("-L gives the broker already"), "{}", stderr(&out));
+    let out = run(&[&sub[..], &["-t", "other/#", "-W", "1"]].concat()).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("-L gives the filter already"), "{}", stderr(&out));
 }
 
 /// The hint a timed-out `pub` prints runs as printed once the broker is

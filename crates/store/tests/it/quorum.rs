@@ -102,7 +102,8 @@ fn the_catch_up_sweep_of_one_route_is_not_starved_by_another_routes_backlog() {
         let mut swept = quorum(2, Some(1));
         swept.route = Some("r".into());
         let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-        let slots = o.configure(vec![A.into(), B.into()], vec![other, swept], DefaultSet::default()).await.unwrap().slots;
+        let slots =
+            o.configure(vec![A.into(), B.into()], vec![other, swept], DefaultSet::default()).await.unwrap().slots;
         let a = slots[0];
         // More half-acknowledged default-route messages than one sweep reads.
         let mut ids = Vec::new();
@@ -146,4 +147,53 @@ fn a_packet_id_holds_one_exchange_per_broker() {
             assert_eq!(on_b, vec![first], "another broker's binding under the same id stays");
         });
     }
+}
+
+/// G9: opened with another default broker set, what was queued for the old
+/// one is held: no acknowledgement completes it there (a QoS 2 exchange the
+/// old set left open may close on a broker both sets share), and back with
+/// its own set it is its own again, the acknowledgement counted.
+#[test]
+fn a_message_held_for_another_broker_set_is_not_completed_by_this_sets_acks() {
+    const C: &str = "mqtt://127.0.0.1:3";
+    let dir = tempfile::tempdir().unwrap();
+    let open = |urls: [&str; 2], key: &str| {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+        let q = Quorum {
+            route: None,
+            members: urls.iter().map(|u| (0, u.to_string())).collect(),
+            need: 2,
+            catch_up_ms: None,
+        };
+        let set = DefaultSet { key: key.into(), retarget: false };
+        (o, urls.map(str::to_owned).to_vec(), q, set)
+    };
+    let close = |o: Outbox| async move { tokio::task::spawn_blocking(move || o.close()).await.unwrap() };
+    block_on(async {
+        let (o, urls, q, set) = open([A, B], "AB");
+        o.configure(urls, vec![q], set).await.unwrap();
+        let id = o.append(msg("t", "x"), false).0.await.unwrap();
+        close(o).await;
+
+        let (o, urls, q, set) = open([A, C], "AC");
+        let configured = o.configure(urls, vec![q.clone()], set).await.unwrap();
+        assert_eq!(configured.held, vec![("AB".to_owned(), 1)]);
+        assert_eq!(o.state().held, 1);
+        // Both of this set's brokers acknowledge it (A and C): still held.
+        o.ack(configured.slots[0], vec![id]);
+        o.ack(configured.slots[1], vec![id]);
+        assert_eq!(o.read_after(0, 10, None, None).await.unwrap().len(), 1, "still queued, held");
+        assert_eq!(o.state().totals.count, 1);
+        close(o).await;
+
+        let (o, urls, q, set) = open([A, B], "AB");
+        let configured = o.configure(urls, vec![q], set).await.unwrap();
+        assert!(configured.held.is_empty(), "its own set again");
+        // A's acknowledgement counted; B's completes it.
+        o.ack(configured.slots[1], vec![id]);
+        assert!(o.read_after(0, 10, None, None).await.unwrap().is_empty());
+        assert_eq!(o.state().totals.count, 0);
+        close(o).await;
+    });
 }

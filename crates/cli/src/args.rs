@@ -182,7 +182,7 @@ pub struct BridgeArgs {
 /// How to reach the brokers: shared by `pub` and `sub`.
 #[derive(Debug, Args)]
 pub struct ConnArgs {
-    /// Broker URL: mqtt://, mqtts:// (TLS), ws:// or wss:// (WebSocket, path /mqtt by default), then host:port (repeatable: pub uses them in priority order, sub subscribes on each).
+    /// Broker URL: mqtt://, mqtts:// (TLS), ws:// or wss:// (WebSocket, path /mqtt by default), then host:port (repeatable: pub uses them in priority order, sub subscribes on each; doctor checks one). Default: mqtt://localhost:1883.
     #[arg(short = 'b', long = "broker", value_name = "URL")]
     pub brokers: Vec<String>,
     /// Broker host (mosquitto style; use with -p).
@@ -236,7 +236,7 @@ pub struct PubArgs {
     /// How several brokers are used: failover, fanout or balance.
     #[arg(long, value_name = "MODE", default_value = "failover")]
     pub mode: String,
-    /// Fanout: acknowledgements needed before a message leaves the outbox: all, any or a count.
+    /// Fanout: acknowledgements needed before a message leaves the outbox: all (the default), any or a count.
     #[arg(long, value_name = "QUORUM")]
     pub ack: Option<String>,
     /// Failover: how long a higher-priority broker must stay up before traffic returns to it.

@@ -53,7 +53,14 @@ pub async fn run(mut a: DoctorArgs) -> Result<(), Failure> {
         print!("{}", text(&report));
     }
     let reachable = report.version.is_some();
+    let restart = report.check("restart").and_then(|c| c.ok);
     match (reachable, report.check("session").and_then(|c| c.ok)) {
+        // Asked to check a restart, a broker that loses sessions there
+        // fails too: `doctor && deploy` must not pass it.
+        (true, Some(true)) if restart == Some(false) => Err(Failure::other(anyhow!(
+            "{} does not keep sessions across a restart: what it queued for absent consumers dies with it",
+            report.broker
+        ))),
         (true, Some(true)) => Ok(()),
         (false, _) => Err(Failure::other(anyhow!("cannot connect to {} with MQTT 5 or 3.1.1", report.broker))),
         (true, Some(false)) => Err(Failure::other(anyhow!(
@@ -111,7 +118,9 @@ fn text(r: &Report) -> String {
         out += "limits (MQTT 5 CONNACK):\n";
         out += &format!(
             "  receive maximum      {}\n",
-            l.receive_maximum.map_or("not stated (65535)".into(), |v| v.to_string())
+            l.receive_maximum.map_or("not stated (65535)".into(), |v| {
+                format!("{v} (the most QoS 1 and 2 messages it takes unacknowledged from one client; steadfast's window follows it)")
+            })
         );
         out += &format!(
             "  maximum packet size  {}\n",
@@ -169,7 +178,11 @@ fn advice(r: &Report) -> Vec<String> {
         _ => {}
     }
     if r.is_mosquitto() {
-        out.push("`persistence true`: sessions, subscriptions and queued messages survive a restart. Cost: a write of the whole store at each save".into());
+        // Said once: after a failed restart check it is the first advice;
+        // after a passed one it is in place already.
+        if ok("restart").is_none() {
+            out.push("`persistence true`: sessions, subscriptions and queued messages survive a restart. Cost: a write of the whole store at each save".into());
+        }
         out.push("`autosave_interval N` (default 1800 s): Mosquitto saves its store every N seconds and at a clean shutdown, so a crash or power loss loses up to N seconds of what it accepted; lower it (e.g. 10) or use `autosave_on_changes true` with a count. Cost: more disk writes. steadfast's fanout to two brokers with ack = all covers that window".into());
         out.push("`max_queued_messages` (default 1000 per client): beyond it Mosquitto drops messages for an absent consumer without telling anyone; size it as message rate x the longest consumer absence (e.g. 100 msg/s x 1 h = 360000), or 0 for no limit. Cost: memory (and store size) while a consumer is away".into());
         out.push("`max_inflight_messages 1` where strict ordering across redeliveries matters. Cost: one message per round trip to each subscriber".into());

@@ -12,7 +12,7 @@ use crate::{run, stderr, steadfast};
 
 /// Runs `doctor --restart-wait --json` and restarts `broker` (SIGTERM,
 /// then start) when the doctor asks for it.
-async fn doctor_with_restart(broker: &mut Mosquitto) -> serde_json::Value {
+async fn doctor_with_restart(broker: &mut Mosquitto) -> (serde_json::Value, Option<i32>) {
     let mut child = steadfast()
         .args(["doctor", "-b", &broker.url(), "--json", "--restart-wait", "--restart-within", "30s"])
         .stdout(Stdio::piped())
@@ -42,13 +42,16 @@ async fn doctor_with_restart(broker: &mut Mosquitto) -> serde_json::Value {
     })
     .await
     .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+    let json =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (json, out.status.code())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_tells_mosquitto_with_persistence_from_without() {
     let mut with = Mosquitto::start(MosquittoOptions { persistence: true, ..Default::default() }).await;
-    let report = doctor_with_restart(&mut with).await;
+    let (report, code) = doctor_with_restart(&mut with).await;
+    assert_eq!(code, Some(0), "{report}");
     assert!(report["software"].as_str().unwrap_or("").starts_with("mosquitto version"), "{report}");
     for check in ["mqtt5", "mqtt311", "qos2", "retained", "session", "restart"] {
         assert_eq!(report["checks"][check]["ok"], true, "{check}: {report}");
@@ -60,13 +63,18 @@ async fn doctor_tells_mosquitto_with_persistence_from_without() {
     let advice = report["advice"].to_string();
     assert!(advice.contains("autosave_interval") && advice.contains("max_queued_messages"), "{advice}");
     assert!(!advice.contains("die with a restart"), "{advice}");
+    assert!(!advice.contains("`persistence true`"), "confirmed, not advised again: {advice}");
 
     let mut without = Mosquitto::start(MosquittoOptions { persistence: false, ..Default::default() }).await;
-    let report = doctor_with_restart(&mut without).await;
+    let (report, code) = doctor_with_restart(&mut without).await;
+    // `doctor && deploy` must not pass a broker that loses sessions on a restart.
+    assert_eq!(code, Some(1), "{report}");
     assert_eq!(report["checks"]["session"]["ok"], true, "{report}");
     assert_eq!(report["checks"]["restart"]["ok"], false, "{report}");
     assert!(report["checks"]["restart"]["detail"].as_str().unwrap().contains("session was gone"), "{report}");
-    assert!(report["advice"].to_string().contains("set `persistence true`"), "{report}");
+    let advice = report["advice"].to_string();
+    assert!(advice.contains("set `persistence true`"), "{report}");
+    assert_eq!(advice.matches("`persistence true`").count(), 1, "said once: {advice}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

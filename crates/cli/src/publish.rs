@@ -402,6 +402,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     }
     let mut events = client.events();
     let drops_before = drop_counts(&client).await;
+    let queued_before = client.status().await.map(|s| s.queued).unwrap_or(0);
     first_attempt(&client, &mut events).await?;
     if let Some(addr) = o.metrics {
         let refresh = crate::metrics::refresh_with(client.clone(), |c| async move {
@@ -434,11 +435,16 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     };
     progress.finish();
     if o.summary {
-        let s = client.status().await.ok();
+        // What left the outbox in this run, the older messages a --drain
+        // sent included: what was there plus what came, less what is left
+        // and what was dropped.
+        let accepted = p.accepted.load(Ordering::Relaxed);
+        let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
+        let total = |d: &[(steadfast::DropReason, u64)]| d.iter().map(|(_, n)| n).sum::<u64>();
+        let dropped = total(&drop_counts(&client).await).saturating_sub(total(&drops_before));
+        let delivered = (queued_before + accepted).saturating_sub(queued + dropped);
         eprintln!(
-            "steadfast: {} accepted, {} queued in {}",
-            p.accepted.load(Ordering::Relaxed),
-            s.map(|s| s.queued).unwrap_or(0),
+            "steadfast: {accepted} accepted, {delivered} delivered, {dropped} dropped, {queued} queued in {}",
             dir.display()
         );
     }

@@ -689,8 +689,10 @@ async fn the_drain_hint_of_a_timed_out_pub_runs_as_printed() {
     let sub = Subscriber::start(broker.port(), "hint/t", 1, None).await;
     let words: Vec<&str> = hint.split_whitespace().collect();
     assert_eq!(words[0], "steadfast");
-    let out = run(&[&words[1..], &["--wait-timeout", "20s"]].concat()).await;
+    let out = run(&[&words[1..], &["--wait-timeout", "20s", "--summary"]].concat()).await;
     assert_eq!(out.status.code(), Some(0), "{hint}: {}", stderr(&out));
+    // The summary counts what the drain delivered, not only what it accepted.
+    assert!(stderr(&out).contains("0 accepted, 1 delivered, 0 dropped, 0 queued"), "{}", stderr(&out));
     sub.wait_count(1, Duration::from_secs(10)).await;
     assert_eq!(sub.lines(), ["later"]);
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use steadfast::Client;
+use steadfast::{BrokerStatus, Client, LinkState};
 use tokio::task::JoinHandle;
 
 /// The running progress line.
@@ -24,6 +24,7 @@ impl Progress {
         }
         let state = client.outbox_state();
         let queued_at_start = state.borrow().totals.count;
+        let client = client.clone();
         let task = tokio::spawn(async move {
             let started = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -41,7 +42,10 @@ impl Progress {
                     rate = if rate == 0.0 { now_rate } else { 0.7 * rate + 0.3 * now_rate };
                     last = (Instant::now(), delivered);
                 }
-                let line = render(acc, queued, delivered, rate, started.elapsed());
+                let mut line = render(acc, queued, delivered, rate, started.elapsed());
+                if queued > 0 {
+                    line += &links(&client.broker_status(), std::time::SystemTime::now());
+                }
                 let mut err = std::io::stderr().lock();
                 let _ = write!(err, "\r\x1b[2K{line}");
                 let _ = err.flush();
@@ -76,6 +80,19 @@ fn render(accepted: u64, queued: u64, delivered: u64, rate: f64, elapsed: Durati
     )
 }
 
+/// With messages queued and no broker connected, why: the first broker's
+/// state, when it is tried next, and its last error (empty otherwise).
+fn links(brokers: &[BrokerStatus], now: std::time::SystemTime) -> String {
+    if brokers.iter().any(|b| b.state == LinkState::Connected) {
+        return String::new();
+    }
+    let Some(b) = brokers.first() else { return String::new() };
+    let next = b.retry_at.and_then(|t| t.duration_since(now).ok()).map(|d| format!(", next try in {}s", d.as_secs()));
+    let error: Option<String> = b.last_error.as_ref().map(|e| format!(": {}", e.chars().take(60).collect::<String>()));
+    let more = if brokers.len() > 1 { format!(" (+{} more)", brokers.len() - 1) } else { String::new() };
+    format!(" · {} {}{}{}{more}", b.url, b.state.as_str(), next.unwrap_or_default(), error.unwrap_or_default())
+}
+
 fn clock(d: Duration) -> String {
     let s = d.as_secs();
     if s >= 3600 {
@@ -96,5 +113,30 @@ mod tests {
         assert!(render(1, 0, 1, 0.0, Duration::ZERO).ends_with("done"));
         assert!(render(1, 5, 0, 0.0, Duration::ZERO).ends_with("ETA --:--"));
         assert_eq!(clock(Duration::from_secs(3 * 3600 + 61)), "3:01:01");
+    }
+
+    /// A publish to a broker that is down says so on the line, with when
+    /// it is tried next and why it failed; once one is connected, nothing.
+    #[test]
+    fn the_line_says_why_nothing_is_delivered() {
+        let now = std::time::SystemTime::now();
+        let mut b = BrokerStatus {
+            url: "mqtt://127.0.0.1:1883".into(),
+            state: LinkState::Backoff,
+            last_error: Some("cannot reach mqtt://127.0.0.1:1883: Connection refused (os error 111)".into()),
+            since: now,
+            retry_at: Some(now + Duration::from_millis(3_500)),
+            acked: 0,
+            connects: 0,
+            sessions_lost: 0,
+            refused: 0,
+            inflight: 0,
+            attempts: 4,
+            active: false,
+        };
+        let said = links(std::slice::from_ref(&b), now);
+        assert!(said.starts_with(" · mqtt://127.0.0.1:1883 backoff, next try in 3s: cannot reach"), "{said}");
+        b.state = LinkState::Connected;
+        assert_eq!(links(&[b], now), "");
     }
 }

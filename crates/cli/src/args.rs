@@ -152,7 +152,7 @@ pub struct BrokerArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// How long the demo runs, in seconds (publishing for two thirds of it).
+    /// How long the demo runs at most, in seconds, 20 or more (publishing for two thirds of it, then draining).
     #[arg(long, default_value_t = 45)]
     pub seconds: u64,
     /// Messages per second.

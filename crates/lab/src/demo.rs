@@ -157,7 +157,7 @@ impl Demo {
     /// The first line: what runs, and for how long.
     fn introduce(&self, a: &DemoOptions) {
         println!(
-            "steadfast demo: two {} brokers ({} and {}{}), a producer in fanout (ack = all), a consumer with an inbox; {} s at {} msg/s",
+            "steadfast demo: two {} brokers ({} and {}{}), a producer in fanout (ack = all), a consumer with an inbox; publishing for {} s at {} msg/s, then until every accepted message is handled (at most {} s in all)",
             match self.kind {
                 BrokerKind::Embedded => "embedded (rumqttd)",
                 BrokerKind::Mosquitto => "Mosquitto",
@@ -168,9 +168,11 @@ impl Demo {
                 BrokerKind::Embedded => "; a restart forgets all they held",
                 BrokerKind::Mosquitto => "; persistence on",
             },
-            a.seconds,
-            a.rate
+            a.seconds * 2 / 3,
+            a.rate,
+            a.seconds
         );
+        println!("columns: sent, handed to the outbox; accepted, on disk (synced); delivered, acknowledged by both brokers; handled, printed by the consumer; dups gone, copies its inbox removed; waiting, accepted and not handled yet (nothing is lost while it drains)");
     }
 
     /// Publishes at `rate` for `publish_for`, playing the schedule; then
@@ -292,21 +294,24 @@ impl Demo {
         std::fs::metadata(&self.out).map(|m| m.len()).unwrap_or(0)
     }
 
-    /// A row of the table at `t`: delivered is acknowledged by both
-    /// brokers; handled, the identities the consumer printed; dups gone,
-    /// the copies its inbox removed; missing, accepted and not (yet)
-    /// handled.
+    /// A row of the table at `t`, every column from the same moment and
+    /// none going backwards: accepted is what the outbox committed (its
+    /// newest id: ids start at 1 and are never reused), delivered what
+    /// left it acknowledged by both brokers (nothing else leaves it here),
+    /// handled the identities the consumer printed, dups gone the copies
+    /// its inbox removed, waiting accepted and not handled yet.
     fn row(&self, t: Duration, seen: &HashMap<String, u32>, event: &str) {
-        let queued = self.client.outbox_state().borrow().totals.count;
+        let state = self.client.outbox_state().borrow().clone();
+        let accepted = state.last_id;
         println!(
             "{:>4}s  {:>7}  {:>8}  {:>9}  {:>7}  {:>10}  {:>7}  {event}",
             t.as_secs(),
             self.sent,
-            self.accepted,
-            self.accepted.saturating_sub(queued),
+            accepted,
+            accepted.saturating_sub(state.totals.count),
             seen.len(),
             duplicates_removed(&self.inbox),
-            self.accepted.saturating_sub(seen.len() as u64)
+            accepted.saturating_sub(seen.len() as u64)
         );
     }
 }
@@ -314,7 +319,7 @@ impl Demo {
 fn print_header() {
     println!(
         "{:>5}  {:>7}  {:>8}  {:>9}  {:>7}  {:>10}  {:>7}  event",
-        "time", "sent", "accepted", "delivered", "handled", "dups gone", "missing"
+        "time", "sent", "accepted", "delivered", "handled", "dups gone", "waiting"
     );
 }
 

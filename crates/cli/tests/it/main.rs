@@ -435,6 +435,28 @@ async fn the_demo_loses_nothing_and_says_so() {
         faults.contains("kill -9 broker A (deliveries ") && faults.contains("kill -9 broker B (deliveries "),
         "{faults}"
     );
+    // The table is exact: sent, accepted, delivered and handled never go
+    // back, nothing is delivered or handled before it is accepted.
+    let rows: Vec<Vec<u64>> = stdout
+        .lines()
+        .filter(|l| {
+            l.trim_start()
+                .split_whitespace()
+                .next()
+                .is_some_and(|t| t.ends_with('s') && t[..t.len() - 1].parse::<u64>().is_ok())
+        })
+        .map(|l| l.split_whitespace().skip(1).take(6).map(|n| n.parse().expect("a count")).collect())
+        .collect();
+    assert!(rows.len() > 5, "{stdout}");
+    for pair in rows.windows(2) {
+        for col in 0..4 {
+            assert!(pair[1][col] >= pair[0][col], "column {col} went back: {pair:?}\n{stdout}");
+        }
+    }
+    for r in &rows {
+        let (accepted, delivered, handled) = (r[1], r[2], r[3]);
+        assert!(delivered <= accepted && handled <= accepted, "{r:?}\n{stdout}");
+    }
 }
 
 /// The same demo on Mosquitto with persistence.

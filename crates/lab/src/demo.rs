@@ -301,7 +301,7 @@ impl Demo {
     /// handled the identities the consumer printed, dups gone the copies
     /// its inbox removed, waiting accepted and not handled yet.
     fn row(&self, t: Duration, seen: &HashMap<String, u32>, event: &str) {
-        let state = self.client.outbox_state().borrow().clone();
+        let state = *self.client.outbox_state().borrow();
         let accepted = state.last_id;
         println!(
             "{:>4}s  {:>7}  {:>8}  {:>9}  {:>7}  {:>10}  {:>7}  {event}",

@@ -440,10 +440,7 @@ async fn the_demo_loses_nothing_and_says_so() {
     let rows: Vec<Vec<u64>> = stdout
         .lines()
         .filter(|l| {
-            l.trim_start()
-                .split_whitespace()
-                .next()
-                .is_some_and(|t| t.ends_with('s') && t[..t.len() - 1].parse::<u64>().is_ok())
+            l.split_whitespace().next().is_some_and(|t| t.ends_with('s') && t[..t.len() - 1].parse::<u64>().is_ok())
         })
         .map(|l| l.split_whitespace().skip(1).take(6).map(|n| n.parse().expect("a count")).collect())
         .collect();

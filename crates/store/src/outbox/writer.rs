@@ -136,7 +136,7 @@ impl Writer {
     /// Applies one batch in one transaction. Returns true on `Close`.
     fn apply(&mut self, mut requests: Vec<Request>) -> bool {
         self.answer_leading_reads(&mut requests);
-        self.sweeper.handle_queued(self.totals.count > 0);
+        // `run` told the sweeper what is queued just before it waited.
         let sweep = self.sweeper.handle_timeout(Now { at: std::time::Instant::now(), wall_ms: crate::now_ms() });
         if requests.is_empty() && self.pending_removes.is_empty() && sweep.is_none() {
             return false;
@@ -300,8 +300,7 @@ impl Writer {
         }
         self.sweeper.handle_routes(quorums.iter().any(|q| q.catch_up_ms.is_some()));
         self.quorums = quorums;
-        self.keep_to_their_set(set)?;
-        let routes = self.store.routes()?;
+        let routes = self.keep_to_their_set(set)?;
         let held = routes.iter().filter_map(|(r, n)| Some((held_for(r.as_deref())?.to_owned(), *n))).collect();
         self.held = held_count(&routes);
         Ok(Configured { slots, queued: routes, held })
@@ -339,14 +338,17 @@ impl Writer {
     /// default set changed since the last run, what was queued for the old
     /// one is held (kept, never sent to the new one) unless `retarget`
     /// says to send it to the new one; what was held for this set is its
-    /// own again.
-    fn keep_to_their_set(&mut self, set: &DefaultSet) -> Result<(), StoreError> {
+    /// own again. Returns the queued messages per route, as they are now
+    /// (read once, and again only when something moved: a full scan).
+    fn keep_to_their_set(&mut self, set: &DefaultSet) -> Result<Vec<(Option<String>, u64)>, StoreError> {
         const KEY: &str = "default brokers";
         let routes = self.store.routes()?;
+        let mut moved = false;
         let queued = |r: Option<&str>| routes.iter().any(|(q, _)| q.as_deref() == r);
         match self.store.meta(KEY)? {
             Some(old) if old != set.key && queued(None) && !set.retarget => {
                 self.store.retag(None, Some(&format!("{HELD_PREFIX}{old}")))?;
+                moved = true;
             }
             _ => {}
         }
@@ -354,11 +356,17 @@ impl Writer {
             match held_for(route.as_deref()) {
                 Some(key) if set.retarget || key == set.key => {
                     self.store.retag(route.as_deref(), None)?;
+                    moved = true;
                 }
                 _ => {}
             }
         }
-        self.store.set_meta(KEY, &set.key)
+        self.store.set_meta(KEY, &set.key)?;
+        if moved {
+            self.store.routes()
+        } else {
+            Ok(routes)
+        }
     }
 
     /// The metadata value of `key`, set to `default` if absent.

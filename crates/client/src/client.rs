@@ -453,7 +453,7 @@ impl Client {
         let set = DefaultSet { key: cfg.default_set_key(), retarget: cfg.other_sets == OtherSets::Retarget };
         let steadfast_store::Configured { slots, queued, held } = outbox.configure(urls, quorums(cfg), set).await?;
         for (route, n) in queued {
-            let route = route.filter(|r| steadfast_store::held_for(Some(r)).is_none());
+            let route = route.filter(|r| !steadfast_store::set_aside(r));
             if let Some(name) = route.filter(|r| !cfg.routes().iter().any(|(n, _)| n == r)) {
                 return Err(ConfigError::UnconfiguredRoute { route: name, queued: n }.into());
             }

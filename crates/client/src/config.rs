@@ -276,6 +276,7 @@ pub struct ClientConfig {
     pub(crate) backoff: BackoffConfig,
     pub(crate) connect_timeout: Duration,
     pub(crate) max_inflight: u16,
+    pub(crate) poison_after: u32,
     pub(crate) outbox: OutboxConfig,
     pub(crate) producer_id: Option<String>,
     pub(crate) seed: Option<u64>,
@@ -345,6 +346,7 @@ impl ClientConfig {
             backoff: BackoffConfig::default(),
             connect_timeout: Duration::from_secs(10),
             max_inflight: 1024,
+            poison_after: 3,
             outbox: OutboxConfig::default(),
             producer_id: None,
             seed: None,
@@ -433,8 +435,19 @@ impl ClientConfig {
         self.connect_timeout = d;
         self
     }
-    /// Most QoS 1/2 messages in flight; the broker's receive maximum lowers
-    /// it further (default 1024).
+    /// Poison isolation: a message alone in flight each time a broker ends
+    /// the link, this many times in a row, is moved aside (kept on disk,
+    /// listed by `steadfast poison`) so that it no longer blocks the
+    /// messages behind it (default 3; 0: never).
+    pub fn poison_after(mut self, n: u32) -> Self {
+        self.poison_after = n;
+        self
+    }
+
+    /// Most QoS 1/2 messages in flight per broker (default 1024); a
+    /// broker's receive maximum lowers it, and a broker that ends links
+    /// with many in flight makes it shrink (docs/interop.md, "Brokers with
+    /// limits").
     pub fn max_inflight(mut self, n: u16) -> Self {
         self.max_inflight = n;
         self

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::engine::{
-    Bound, ConnAckInfo, Connected, Downgrade, End, PublishSession, SessionConfig, SessionEvent, StoreOp, Wire,
+    Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, SessionConfig, SessionEvent, StoreOp,
+    WindowChange, Wire,
 };
 use steadfast_core::{DropReason, Qos};
 use steadfast_store::{now_ms, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage};
@@ -29,6 +30,10 @@ use crate::{BrokerStatus, Event, LinkState};
 
 /// Messages read from the outbox per page.
 const PAGE: usize = 1024;
+/// The first window towards an MQTT 3.1.1 broker, which cannot announce
+/// its limit on messages in flight (it grows by one per window's worth of
+/// acknowledgements).
+const START_WINDOW_311: u16 = 64;
 
 /// State of one broker shared with the [`crate::Client`] handle.
 pub(crate) struct BrokerShared {
@@ -103,6 +108,10 @@ pub(crate) struct Driver {
     /// The MQTT version this broker is spoken to in.
     version: ProtocolVersion,
     last_recorded: Instant,
+    /// The window learned of this broker by an earlier run, and whether
+    /// the window was started (at the first CONNACK).
+    learned_window: Option<u16>,
+    window_started: bool,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -131,6 +140,7 @@ impl Driver {
                 ack_timeout: cfg.ack_timeout,
                 refused_pause: cfg.backoff.max,
                 page: PAGE,
+                poison_after: cfg.poison_after,
             },
             clock::instant(),
         );
@@ -152,6 +162,29 @@ impl Driver {
             max_packet: None,
             version: ProtocolVersion::V5,
             last_recorded: Instant::now(),
+            learned_window: None,
+            window_started: false,
+        }
+    }
+
+    fn window_key(&self) -> String {
+        format!("window {}", self.url)
+    }
+
+    /// The first CONNACK sets the window: what an earlier run learned of
+    /// this broker, a moderate start for MQTT 3.1.1 (no limit announced),
+    /// or the configured maximum.
+    fn start_window(&mut self) {
+        if std::mem::replace(&mut self.window_started, true) {
+            return;
+        }
+        let start = match (self.learned_window, self.version) {
+            (Some(n), _) => Some(n),
+            (None, ProtocolVersion::V311) => Some(START_WINDOW_311),
+            (None, _) => None,
+        };
+        if let Some(n) = start {
+            self.session.start_window(n);
         }
     }
 
@@ -167,6 +200,7 @@ impl Driver {
             }
         }
         self.version = first_version(&self.cfg, &self.url, Some(&self.outbox)).await;
+        self.learned_window = self.outbox.meta(&self.window_key()).await.ok().flatten().and_then(|v| v.parse().ok());
         self.reconnect.reset();
         while !self.stopping() {
             self.set_state(LinkState::Connecting, None, None);
@@ -252,7 +286,7 @@ impl Driver {
         let r = self.connection(connected_at).await;
         // Whatever the end, nothing more goes out on this link; what the
         // engine still asks of the store is carried out (binds are void).
-        self.session.handle_link_lost();
+        self.session.handle_link_lost(link_end(&r));
         self.flush_detached();
         r
     }
@@ -319,6 +353,7 @@ impl Driver {
         asked_clean: bool,
         reconnect: bool,
     ) -> Result<usize, ConnectError> {
+        self.start_window();
         self.max_packet = ack.maximum_packet_size;
         self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
         let info = ConnAckInfo {
@@ -534,6 +569,8 @@ impl Driver {
             StoreOp::Ack(ids) => self.outbox.ack(self.slot, ids),
             StoreOp::Drop(ids, reason) => self.outbox.remove(ids, Delivery::Dropped(reason)),
             StoreOp::Attempted(ids) => self.outbox.attempted(ids),
+            StoreOp::Unbind(ids) => self.outbox.unbind(self.slot, ids),
+            StoreOp::Poison(id, failures) => self.outbox.poison(self.slot, id, failures),
             StoreOp::Bind(updates) => {
                 tracing::debug!(n = updates.len(), "a QoS 2 binding of a link that ended is not written");
             }
@@ -547,6 +584,25 @@ impl Driver {
                 SessionEvent::Acked(n) => self.acked(n),
                 SessionEvent::Downgraded(Downgrade::MaximumQos) => {
                     tracing::warn!(broker = %self.url, "the broker takes QoS 1 at most (Maximum QoS in its CONNACK): QoS 2 messages go to it at QoS 1");
+                }
+                SessionEvent::Downgraded(Downgrade::ClosesLink) => {
+                    tracing::warn!(
+                        broker = %self.url,
+                        "the broker ended the link each time a QoS 2 message was alone in flight and never answered one with PUBREC: it does not do QoS 2 (NATS does not); QoS 2 messages go to it at QoS 1 (a consumer may see one twice; its inbox removes the copy)"
+                    );
+                }
+                SessionEvent::Window(WindowChange { from, to, in_flight }) => {
+                    tracing::warn!(
+                        broker = %self.url, from, to, in_flight,
+                        "the broker ended the link with many messages in flight (a limit it does not announce?): at most {to} in flight from now on, one more per {to} acknowledged; remembered for the next run"
+                    );
+                    self.outbox.set_meta(&self.window_key(), &to.to_string());
+                }
+                SessionEvent::Poisoned { message, failures } => {
+                    tracing::error!(
+                        broker = %self.url, id = message.id, topic = %message.msg.topic, failures,
+                        "the broker ended the link {failures} times in a row with this message alone in flight: moved aside as poison (kept; `steadfast poison` lists, requeues or deletes it) so that the messages behind it go on"
+                    );
                 }
                 SessionEvent::Downgraded(Downgrade::PubAck) => {
                     tracing::warn!(
@@ -642,6 +698,19 @@ impl Wire<StoredMessage> for LinkWire<'_> {
 
     fn ping(&mut self) -> Vec<u8> {
         self.link.encoded("PINGREQ", Link::ping)
+    }
+}
+
+/// How a link's end bears on the messages in flight: a broker that
+/// closed it or broke it, the engine's own verdict, or ours.
+fn link_end(r: &Result<(), ConnectError>) -> LinkEnd {
+    match r {
+        Ok(()) => LinkEnd::Ours,
+        Err(ConnectError::AckTimeout(_)) => LinkEnd::Ended(End::AckTimeout),
+        Err(ConnectError::DeadLink(_)) => LinkEnd::Ended(End::DeadLink),
+        Err(ConnectError::Closed(_) | ConnectError::Io(_) | ConnectError::WriterStopped) => LinkEnd::Closed,
+        Err(ConnectError::Protocol(_) | ConnectError::IncomingTooLarge { .. }) => LinkEnd::Closed,
+        Err(_) => LinkEnd::Ours,
     }
 }
 

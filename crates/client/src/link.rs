@@ -642,8 +642,8 @@ pub(crate) async fn first_version(cfg: &ClientConfig, url: &BrokerUrl, store: Op
     let Some(store) = store.filter(|_| cfg.auto_version && cfg.version == ProtocolVersion::V5) else {
         return cfg.version;
     };
-    match store.meta_or_init(&version_key(url), "5").await {
-        Ok(v) if v == "311" => ProtocolVersion::V311,
+    match store.meta(&version_key(url)).await {
+        Ok(Some(v)) if v == "311" => ProtocolVersion::V311,
         _ => cfg.version,
     }
 }

@@ -38,6 +38,11 @@ impl KeepAlive {
         self.ping_sent = false;
     }
 
+    /// When something last arrived from the broker (or the link came up).
+    pub fn heard_at(&self) -> Instant {
+        self.last_rx
+    }
+
     /// When `poll` next has something to say.
     pub fn poll_timeout(&self) -> Instant {
         if self.ping_sent {

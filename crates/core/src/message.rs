@@ -130,11 +130,15 @@ pub enum DropReason {
     Invalid,
     /// Its stored record is damaged and cannot be read back.
     Corrupt,
+    /// Poison: a broker ended the link each time it was sent, alone, so
+    /// it was moved aside (counted when moved; kept on disk until
+    /// `steadfast poison` requeues or deletes it) and blocks nothing.
+    Poison,
 }
 
 impl DropReason {
     /// Every reason, for reports that list zero counts too.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::Overflow,
         DropReason::Expired,
         DropReason::Budget,
@@ -143,6 +147,7 @@ impl DropReason {
         DropReason::TooLarge,
         DropReason::Invalid,
         DropReason::Corrupt,
+        DropReason::Poison,
     ];
 
     /// The stable name used in the store, metrics and the CLI.
@@ -156,6 +161,7 @@ impl DropReason {
             DropReason::TooLarge => "too-large",
             DropReason::Invalid => "invalid",
             DropReason::Corrupt => "corrupt",
+            DropReason::Poison => "poison",
         }
     }
 

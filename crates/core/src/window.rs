@@ -70,6 +70,17 @@ impl SendWindow {
         self.limit
     }
 
+    /// Outbox ids of the messages whose PUBLISH is in flight (not those
+    /// past PUBREC: the broker has those).
+    pub fn published_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_pid.values().filter(|e| e.stage == Stage::Published).map(|e| e.id)
+    }
+
+    /// Everything in flight, by packet id.
+    pub fn entries(&self) -> impl Iterator<Item = (u16, Inflight)> + '_ {
+        self.by_pid.iter().map(|(p, e)| (*p, *e))
+    }
+
     /// Messages in flight.
     pub fn len(&self) -> usize {
         self.by_pid.len()
@@ -164,11 +175,6 @@ impl SendWindow {
         let delivered = self.by_pid.values().filter(|e| e.stage == Stage::Released).map(|e| e.id).collect();
         self.by_pid.clear();
         Resume::Restart { delivered }
-    }
-
-    /// True when a QoS 2 message is in flight without its PUBREC.
-    pub fn awaits_pubrec(&self) -> bool {
-        self.by_pid.values().any(|e| e.qos == Qos::ExactlyOnce && e.stage == Stage::Published)
     }
 
     /// Ids of everything in flight (any order).

@@ -9,6 +9,9 @@ use crate::schedule::Schedule;
 
 /// A packet from the producer, as the simulator's codec frames it.
 pub const FRAME: usize = 13;
+/// The bit of a frame's QoS byte that marks a message larger than the
+/// brokers take.
+pub const OVERSIZE: u8 = 0x80;
 /// Messages in flight to the consumer at most.
 const SUB_WINDOW: usize = 8;
 
@@ -218,10 +221,12 @@ impl Broker {
     /// refused (an error reason code: not authorised, quota exceeded).
     pub fn receive(&mut self, f: &[u8], refuse: bool) -> (Reply, Option<u64>) {
         let pid = u16::from_be_bytes([f[1], f[2]]);
-        let qos = f[4];
+        let qos = f[4] & 3;
+        let oversize = f[4] & OVERSIZE != 0;
         let id = u64::from_be_bytes(f[5..13].try_into().expect("frame size"));
         let held = self.live.as_ref().is_some_and(|s| s.qos2.contains_key(&pid));
         match f[0] {
+            1 if oversize => (Reply::Close("packet too large"), Some(id)),
             1 if qos == 2 && self.max_qos_1 => (Reply::Close("QoS 2 PUBLISH above the maximum QoS"), Some(id)),
             1 if qos == 2 && self.qos2_closes => (Reply::Close("QoS 2 is not supported"), Some(id)),
             1 if refuse && qos == 1 => (Reply::Send(Down::PubAck { pid, of: id, ok: false }), Some(id)),

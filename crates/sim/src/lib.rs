@@ -43,9 +43,9 @@ pub struct Totals {
     pub budget: usize,
     /// Lost by the brokers themselves (beyond steadfast's promise).
     pub broker_lost: usize,
-    /// Held in the outbox behind a QoS 2 message a broker closes the link
-    /// on (kept and reported, not delivered).
-    pub held: usize,
+    /// Moved aside as poison: messages larger than the brokers take (kept
+    /// and reported, not delivered).
+    pub poisoned: usize,
     /// Faults applied.
     pub faults: usize,
     /// Faults skipped (their target was down or absent).
@@ -59,7 +59,7 @@ impl Totals {
         self.expired += v.dropped.0;
         self.budget += v.dropped.1;
         self.broker_lost += v.broker_lost;
-        self.held += v.held.len();
+        self.poisoned += v.poisoned.len();
         self.faults += v.faults;
         self.skipped += v.skipped;
     }

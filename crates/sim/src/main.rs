@@ -97,8 +97,8 @@ fn main() -> ExitCode {
     let secs = started.elapsed().as_secs_f64();
     let _ = writeln!(
         out,
-        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another); {} held in the outbox behind a QoS 2 message a broker closes the link on",
-        t.faults, t.skipped, t.accepted, t.handled, t.expired, t.budget, t.broker_lost, t.held
+        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another); {} moved aside as poison (larger than the brokers take)",
+        t.faults, t.skipped, t.accepted, t.handled, t.expired, t.budget, t.broker_lost, t.poisoned
     );
     let _ = writeln!(
         out,

@@ -32,6 +32,10 @@ pub struct Msg {
     pub max_attempts: Option<u32>,
     /// Its priority.
     pub priority: u8,
+    /// Moved aside as poison: kept, never sent.
+    pub poisoned: bool,
+    /// Larger than the brokers take (they close the link on it).
+    pub oversize: bool,
 }
 
 impl Queued for Msg {
@@ -61,6 +65,10 @@ impl Queued for Msg {
     }
 }
 
+/// Failed links in a row with a message alone in flight that make it
+/// poison (the client's default).
+pub const POISON_AFTER: u32 = 3;
+
 /// The outbox writer's sweeps, as the store runs them.
 const SWEEPS: SweepConfig = SweepConfig { every: Duration::from_secs(1), max_age_ms: None };
 
@@ -79,7 +87,8 @@ fn frame(kind: u8, pid: u16, dup: bool, qos: u8, id: u64) -> Vec<u8> {
 
 impl Wire<Msg> for SimWire {
     fn publish(&mut self, m: &Msg, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
-        Ok(frame(1, pid.unwrap_or(0), dup, m.qos as u8, m.id))
+        let qos = m.qos as u8 | if m.oversize { crate::broker::OVERSIZE } else { 0 };
+        Ok(frame(1, pid.unwrap_or(0), dup, qos, m.id))
     }
     fn pubrel(&mut self, pid: u16) -> Vec<u8> {
         frame(2, pid, false, 0, 0)
@@ -128,7 +137,12 @@ pub struct Outbox {
 impl Outbox {
     /// Messages still to deliver.
     pub fn queued(&self) -> impl Iterator<Item = u64> + '_ {
-        self.msgs.values().filter(|m| !m.done).map(|m| m.id)
+        self.msgs.values().filter(|m| !m.done && !m.poisoned).map(|m| m.id)
+    }
+
+    /// Messages moved aside as poison, kept.
+    pub fn poisoned(&self) -> impl Iterator<Item = &Msg> + '_ {
+        self.msgs.values().filter(|m| !m.done && m.poisoned)
     }
 
     fn settle(&mut self, id: u64) {
@@ -182,6 +196,7 @@ impl Producer {
             ack_timeout: Duration::from_secs(2),
             refused_pause: Duration::from_secs(1),
             page: s.page,
+            poison_after: POISON_AFTER,
         };
         let need = match s.spread {
             Spread::Fanout { need } => need,
@@ -266,11 +281,23 @@ impl Producer {
         expires_ms: Option<u64>,
         max_attempts: Option<u32>,
         priority: u8,
+        oversize: bool,
     ) -> (u64, bool) {
         let id = self.working.next_id;
         self.working.next_id += 1;
         self.working.newest[priority as usize] = id;
-        let m = Msg { id, qos, attempts: 0, acks: 0, done: false, expires_ms, max_attempts, priority };
+        let m = Msg {
+            id,
+            qos,
+            attempts: 0,
+            acks: 0,
+            done: false,
+            expires_ms,
+            max_attempts,
+            priority,
+            poisoned: false,
+            oversize,
+        };
         self.working.msgs.insert(id, m);
         if let Some(e) = expires_ms {
             self.sweeper.handle_deadline(e);
@@ -311,7 +338,7 @@ impl Producer {
         self.working
             .msgs
             .range(after + 1..=upto)
-            .filter(|(_, m)| !m.done && m.acks & (1 << slot) == 0 && m.priority as usize == p)
+            .filter(|(_, m)| !m.done && !m.poisoned && m.acks & (1 << slot) == 0 && m.priority as usize == p)
             .take(self.cfg.page)
             .map(|(_, m)| m.clone())
             .collect()
@@ -338,6 +365,21 @@ impl Producer {
                         if let Some(m) = self.working.msgs.get_mut(&id) {
                             m.attempts += 1;
                         }
+                    }
+                }
+                StoreOp::Unbind(ids) => {
+                    for id in ids {
+                        trace.note(t, Some(id), format!("outbox: broker {slot} QoS 2 binding cleared"));
+                        self.working.wire.remove(&(slot, id));
+                        self.working.settle(id);
+                    }
+                }
+                StoreOp::Poison(id, failures) => {
+                    self.working.wire.remove(&(slot, id));
+                    if let Some(m) = self.working.msgs.get_mut(&id).filter(|m| !m.done) {
+                        m.poisoned = true;
+                        let line = format!("outbox: moved aside as poison (broker {slot} ended {failures} links in a row with it alone in flight)");
+                        trace.note(t, Some(id), line);
                     }
                 }
                 StoreOp::Bind(updates) => {

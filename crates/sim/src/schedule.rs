@@ -92,6 +92,9 @@ pub struct Publish {
     pub max_attempts: Option<u32>,
     /// 0 (the default) to 9: higher goes first after an outage.
     pub priority: u8,
+    /// Larger than the brokers take: an MQTT 3.1.1 broker closes the
+    /// connection on it (it cannot say why), so it is poison.
+    pub oversize: bool,
 }
 
 /// How the producer spreads its messages over the brokers.
@@ -203,6 +206,10 @@ impl Schedule {
         if self.qos2_closes {
             quirks.push("QoS 2 closes the connection".to_owned());
         }
+        let oversize = self.messages.iter().filter(|m| m.oversize).count();
+        if oversize > 0 {
+            quirks.push(format!("{oversize} message(s) too large for the brokers (they close the connection)"));
+        }
         if let Some(e) = self.session_expiry_ms {
             quirks.push(format!("sessions expire after {e} ms away"));
         }
@@ -244,6 +251,7 @@ impl Schedule {
                 ttl_ms: (classes && rng.u8(0..3) == 0).then(|| rng.u64(50..5_000)),
                 max_attempts: (classes && rng.u8(0..3) == 0).then(|| rng.u32(1..4)),
                 priority: if priorities && rng.u8(0..10) < 3 { rng.u8(1..10) } else { 0 },
+                oversize: false,
             })
             .collect();
         messages.sort();
@@ -321,6 +329,14 @@ impl Schedule {
             self.max_qos_1 = false;
             self.qos2_closes = rng.u8(0..3) == 0;
             self.qos2_as_puback &= !self.qos2_closes;
+        }
+        // One world in eight publishes one to three messages larger than
+        // its brokers take.
+        if rng.u8(0..8) == 0 {
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(0..self.messages.len());
+                self.messages[i].oversize = true;
+            }
         }
         self
     }

@@ -27,6 +27,12 @@ pub use outbox::{
 };
 pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 
+/// True for a route this crate sets itself (held for another broker set,
+/// or poison): no configuration names it, no broker set claims it.
+pub fn set_aside(route: &str) -> bool {
+    route.starts_with('@')
+}
+
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
 pub use steadfast_core::{MAX_PRIORITY, PRIORITIES};
@@ -284,6 +290,16 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError>;
     /// Queued messages the broker in `slot` has not acknowledged.
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError>;
+    /// Moves a queued message aside as poison: it keeps its place on disk
+    /// under the route [`POISON_ROUTE`] (no broker set claims it), its own
+    /// route is kept beside it, and its QoS 2 binding on `slot` is cleared.
+    /// False when it is gone or delivered.
+    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError>;
+    /// The messages moved aside as poison and still queued, oldest first.
+    fn poisoned(&mut self) -> Result<Vec<Poisoned>, StoreError>;
+    /// Puts a poisoned message back under its own route; false when it is
+    /// not poison.
+    fn unpoison(&mut self, id: u64) -> Result<bool, StoreError>;
     /// The slot of each broker URL, assigning free ones to new URLs. When
     /// all are taken, slots of URLs not in `urls` are reused (their
     /// acknowledgements and bindings are cleared first).
@@ -308,6 +324,28 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn take_unreadable(&mut self) -> Vec<(u64, String)> {
         Vec::new()
     }
+}
+
+/// The route of messages moved aside as poison.
+pub const POISON_ROUTE: &str = "@poison";
+
+/// A message moved aside as poison.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poisoned {
+    /// Its outbox id.
+    pub id: u64,
+    /// Its topic.
+    pub topic: String,
+    /// Topic and payload bytes.
+    pub size: u64,
+    /// Its QoS.
+    pub qos: u8,
+    /// The broker whose links it ended (its URL, if its slot is known).
+    pub broker: String,
+    /// Failed links in a row with it alone in flight.
+    pub failures: u32,
+    /// When it was moved aside (ms since the epoch).
+    pub at_ms: u64,
 }
 
 /// How many dropped messages the drop log keeps (the newest).

@@ -33,6 +33,8 @@ struct State {
     drop_log: std::collections::BTreeMap<u64, DropReason>,
     meta: HashMap<String, String>,
     brokers: BTreeMap<String, BrokerRecord>,
+    /// Poison: id -> (its own route, slot, failures, when).
+    poison: BTreeMap<u64, (Option<String>, u32, u32, u64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +215,36 @@ impl Store for MemoryStore {
             n += 1;
         }
         Ok(n)
+    }
+    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
+        let Some(r) = self.state.messages.get_mut(&id).filter(|r| !r.done) else { return Ok(false) };
+        let own = std::mem::replace(&mut r.msg.route, Some(crate::POISON_ROUTE.to_owned()));
+        self.state.poison.insert(id, (own, slot, failures, at_ms));
+        self.state.wire.remove(&(id, slot));
+        Ok(true)
+    }
+    fn poisoned(&mut self) -> Result<Vec<crate::Poisoned>, StoreError> {
+        let mut out = Vec::new();
+        for (id, (_, slot, failures, at_ms)) in &self.state.poison {
+            let Some(r) = self.state.messages.get(id).filter(|r| !r.done) else { continue };
+            let broker = self.state.slots.iter().find(|(_, s)| *s == slot).map(|(u, _)| u.clone()).unwrap_or_default();
+            out.push(crate::Poisoned {
+                id: *id,
+                topic: r.msg.topic.clone(),
+                size: r.msg.size(),
+                qos: r.msg.qos as u8,
+                broker,
+                failures: *failures,
+                at_ms: *at_ms,
+            });
+        }
+        Ok(out)
+    }
+    fn unpoison(&mut self, id: u64) -> Result<bool, StoreError> {
+        let Some((own, ..)) = self.state.poison.remove(&id) else { return Ok(false) };
+        let Some(r) = self.state.messages.get_mut(&id) else { return Ok(false) };
+        r.msg.route = own;
+        Ok(true)
     }
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         Ok(self.state.messages.values().filter(|r| !r.done && r.acks & (1 << slot) == 0).count() as u64)

@@ -67,6 +67,34 @@ pub struct SessionConfig {
     pub refused_pause: Duration,
     /// Messages read from the outbox per page.
     pub page: usize,
+    /// A message alone in flight each time a link fails this many times in
+    /// a row is poison: it is moved aside ([`StoreOp::Poison`]) so that it
+    /// no longer blocks the messages behind it. 0: never.
+    pub poison_after: u32,
+}
+
+/// How a link ended, as far as what was in flight is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// The broker closed it or it broke while it was up: end of stream, a
+    /// reset, a DISCONNECT, a packet that could not be read.
+    Closed,
+    /// The engine ended it (see [`End`]).
+    Ended(End),
+    /// This side ended it (a stop, a store failure), or it never came up:
+    /// it says nothing about the messages in flight.
+    Ours,
+}
+
+/// What the session learned of a broker's limit on messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowChange {
+    /// The window before.
+    pub from: u16,
+    /// The window from now on.
+    pub to: u16,
+    /// Messages in flight when the broker ended the link.
+    pub in_flight: usize,
 }
 
 /// A packet id's durable binding: `Some((pid, stage))`, or `None` to clear.
@@ -84,6 +112,14 @@ pub enum StoreOp {
     /// Write these QoS 2 bindings durably and report the outcome with
     /// [`PublishSession::handle_bound`] before anything else.
     Bind(Vec<WireUpdate>),
+    /// Clear these QoS 2 bindings on this broker (no answer needed: a
+    /// binding a crash keeps only means a resend at QoS 2 that is learned
+    /// again).
+    Unbind(Vec<u64>),
+    /// Move this message aside as poison (kept, never sent until the user
+    /// requeues it): the link failed this many times in a row with it alone
+    /// in flight. Its QoS 2 binding on this broker, if any, is void.
+    Poison(u64, u32),
 }
 
 /// The outcome of a [`StoreOp::Bind`].
@@ -152,6 +188,9 @@ pub enum Downgrade {
     MaximumQos,
     /// It answered a QoS 2 PUBLISH with PUBACK.
     PubAck,
+    /// It ended the link each time a QoS 2 PUBLISH was alone in flight,
+    /// and never answered one with PUBREC.
+    ClosesLink,
 }
 
 /// What happened that the driver reports (logs, events, metrics).
@@ -174,6 +213,16 @@ pub enum SessionEvent<M> {
     /// A message in the window had no contents (cannot happen): it is read
     /// from the outbox again.
     Missing(u64),
+    /// The broker ended a link with many messages in flight (or with the
+    /// same ones as before): the window shrank.
+    Window(WindowChange),
+    /// This message was moved aside as poison.
+    Poisoned {
+        /// The message.
+        message: M,
+        /// Failed links in a row with it alone in flight.
+        failures: u32,
+    },
     /// A QoS 2 message in flight can no longer be encoded for a kept
     /// session (the broker's maximum packet size shrank): its packet id
     /// stays reserved until the broker loses the session.
@@ -186,7 +235,7 @@ pub enum SessionEvent<M> {
 }
 
 /// Why the link must end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum End {
     /// An acknowledgement for a packet id with nothing of that kind in
     /// flight: a broker bug.
@@ -242,12 +291,31 @@ pub struct PublishSession<M> {
     max_qos: Option<u8>,
     /// A PUBREC arrived on this connection (the broker does QoS 2).
     pubrec_seen: bool,
+    /// A PUBREC ever arrived from this broker.
+    pubrec_ever: bool,
+    /// The broker ends the link on a QoS 2 PUBLISH (and never answered one
+    /// with PUBREC): QoS 2 goes to it at QoS 1.
+    closes_on_qos2: bool,
     warned_downgrade: bool,
     out: Vec<u8>,
     store: VecDeque<StoreOp>,
     /// What waits for each [`StoreOp::Bind`] handed out, in order.
     pending: VecDeque<Pending<M>>,
     events: VecDeque<SessionEvent<M>>,
+    /// The adaptive window: at most this many in flight, whatever the
+    /// broker announced (halved when the broker ends a link with the window
+    /// well used, one more per window's worth of acknowledgements).
+    cwnd: u16,
+    /// What the broker's CONNACK allows (its receive maximum, or ours).
+    conn_limit: u16,
+    /// Acknowledgements towards the next growth of `cwnd`.
+    grow_acks: u32,
+    /// Messages in flight at the last failed links: (failed links in a row
+    /// while in flight, of those alone in flight).
+    suspects: HashMap<u64, (u32, u32)>,
+    /// QoS 2 PUBLISHes of a kept session that keep their packet ids but
+    /// wait for room in the window to be sent again: (packet id, id).
+    deferred: VecDeque<(u16, u64)>,
 }
 
 impl<M: Queued> PublishSession<M> {
@@ -265,12 +333,33 @@ impl<M: Queued> PublishSession<M> {
             progress_at: now,
             max_qos: None,
             pubrec_seen: false,
+            pubrec_ever: false,
+            closes_on_qos2: false,
             warned_downgrade: false,
             out: Vec::new(),
             store: VecDeque::new(),
             pending: VecDeque::new(),
             events: VecDeque::new(),
+            cwnd: cfg.max_inflight.max(1),
+            conn_limit: cfg.max_inflight.max(1),
+            grow_acks: 0,
+            suspects: HashMap::new(),
+            deferred: VecDeque::new(),
         }
+    }
+
+    /// Starts the adaptive window at `n` (what an earlier run learned of
+    /// this broker, or a moderate start for an MQTT 3.1.1 broker, which
+    /// cannot announce a limit); never above the configured maximum.
+    pub fn start_window(&mut self, n: u16) {
+        self.cwnd = n.clamp(1, self.cfg.max_inflight.max(1));
+        self.grow_acks = 0;
+        self.window.set_limit(self.cwnd.min(self.conn_limit));
+    }
+
+    /// The adaptive window now.
+    pub fn window_size(&self) -> u16 {
+        self.cwnd
     }
 
     /// Puts back the QoS 2 exchanges a previous process had open (their
@@ -289,11 +378,19 @@ impl<M: Queued> PublishSession<M> {
         self.window.len()
     }
 
-    /// True when a QoS 2 PUBLISH went out on this connection and the broker
-    /// never answered any with PUBREC (a broker that closes the link on
-    /// QoS 2 does this).
+    /// True when the one PUBLISH on the wire is QoS 2 and the broker never
+    /// answered any on this connection with PUBREC (a broker that closes
+    /// the link on QoS 2 does this; with several in flight, a close says
+    /// nothing of which one, or of QoS 2).
     pub fn awaits_first_pubrec(&self) -> bool {
-        !self.pubrec_seen && self.window.awaits_pubrec()
+        let deferred: HashSet<u64> = self.deferred.iter().map(|(_, id)| *id).collect();
+        let mut on_wire =
+            self.window.entries().filter(|(_, e)| e.stage == Stage::Published && !deferred.contains(&e.id));
+        let only = match (on_wire.next(), on_wire.next()) {
+            (Some((_, e)), None) => Some(e),
+            _ => None,
+        };
+        !self.pubrec_seen && only.is_some_and(|e| e.qos == Qos::ExactlyOnce)
     }
 
     /// Bytes to write to the socket, if any.
@@ -362,8 +459,16 @@ impl<M: Queued> PublishSession<M> {
     /// must have reported the outcome of every bind it took from
     /// [`Self::poll_store`]: the binds still queued are then exactly the
     /// ones waiting, in order.
-    pub fn handle_link_lost(&mut self) {
-        self.keepalive = None;
+    ///
+    /// A link the broker ended with messages in flight teaches something
+    /// ([`LinkEnd`]): with the window well used, or with a message that was
+    /// in flight at the previous failure too, the window halves (a broker
+    /// that caps messages in flight without saying so closes the link when
+    /// the cap is passed; halving also finds a message the broker cannot
+    /// take, until it is alone); a message alone in flight at
+    /// [`SessionConfig::poison_after`] failures in a row is poison.
+    pub fn handle_link_lost(&mut self, end: LinkEnd) {
+        let up = self.keepalive.take();
         self.out.clear();
         let queued_binds = self.store.iter().filter(|op| matches!(op, StoreOp::Bind(_))).count();
         debug_assert_eq!(queued_binds, self.pending.len(), "a bind was taken without its outcome reported");
@@ -377,6 +482,93 @@ impl<M: Queued> PublishSession<M> {
                 op => self.store.push_back(op),
             }
         }
+        // What waited for a bind never went out: only what did counts.
+        if let Some(keepalive) = up {
+            self.learn_from_end(end, &keepalive);
+        }
+    }
+
+    fn learn_from_end(&mut self, end: LinkEnd, keepalive: &KeepAlive) {
+        let blamed = match end {
+            LinkEnd::Closed => true,
+            // A broker that answers (pings) but not one message: that
+            // message is the question. Silence is the network's.
+            LinkEnd::Ended(End::AckTimeout) => keepalive.heard_at() > self.progress_at,
+            LinkEnd::Ended(End::Stray { .. } | End::DeadLink) | LinkEnd::Ours => false,
+        };
+        // Deferred resends were not on the wire: they are not suspects.
+        let deferred: HashSet<u64> = self.deferred.iter().map(|(_, id)| *id).collect();
+        let published: Vec<u64> = self.window.published_ids().filter(|id| !deferred.contains(id)).collect();
+        if !blamed || published.is_empty() {
+            return;
+        }
+        let n = self.window.len() - self.deferred.len();
+        // Alone among PUBLISHes: a PUBREL beside it cannot be the cause.
+        let alone = published.len() == 1;
+        let mut repeated = false;
+        let mut suspects = HashMap::with_capacity(published.len());
+        for &id in &published {
+            let (ends, alone_ends) = self.suspects.get(&id).copied().unwrap_or((0, 0));
+            repeated |= ends > 0;
+            suspects.insert(id, (ends + 1, alone_ends + alone as u32));
+        }
+        self.suspects = suspects;
+        if n > 1 && (repeated || 2 * n > self.window.limit() as usize) {
+            let from = self.cwnd;
+            self.cwnd = (n.min(from as usize) / 2).max(1) as u16;
+            self.grow_acks = 0;
+            if self.cwnd < from {
+                self.events.push_back(SessionEvent::Window(WindowChange { from, to: self.cwnd, in_flight: n }));
+            }
+        }
+        if alone && self.cfg.poison_after > 0 {
+            self.isolate_poison(published[0]);
+        }
+    }
+
+    /// The message alone in flight, if it failed its links often enough in
+    /// a row, leaves the window and is moved aside.
+    fn isolate_poison(&mut self, id: u64) {
+        let Some((pid, e)) = self.window.entries().find(|(_, e)| e.id == id) else { return };
+        let Some(&(_, alone_ends)) = self.suspects.get(&e.id) else { return };
+        if alone_ends < self.cfg.poison_after {
+            return;
+        }
+        if e.qos == Qos::ExactlyOnce && !self.pubrec_ever {
+            self.qos2_closes_the_link();
+            return;
+        }
+        self.window.release(pid);
+        self.suspects.remove(&e.id);
+        if let Some(m) = self.inflight.remove(&e.id) {
+            self.store.push_back(StoreOp::Poison(e.id, alone_ends));
+            self.events.push_back(SessionEvent::Poisoned { message: m, failures: alone_ends });
+        }
+    }
+
+    /// The broker cannot take QoS 2 and cannot say so: it ends the link on
+    /// a QoS 2 PUBLISH. Every QoS 2 PUBLISH in flight leaves the window
+    /// (their bindings cleared: the broker holds none of them) to be read
+    /// again and sent at QoS 1, as to a broker whose CONNACK says QoS 1 at
+    /// most; a consumer's inbox removes the copies QoS 1 allows.
+    fn qos2_closes_the_link(&mut self) {
+        self.closes_on_qos2 = true;
+        self.downgraded(Downgrade::ClosesLink);
+        let published: Vec<(u16, u64)> = self
+            .window
+            .entries()
+            .filter(|(_, e)| e.qos == Qos::ExactlyOnce && e.stage == Stage::Published)
+            .map(|(pid, e)| (pid, e.id))
+            .collect();
+        let mut unbind = Vec::with_capacity(published.len());
+        for (pid, id) in published {
+            self.window.release(pid);
+            self.inflight.remove(&id);
+            self.suspects.remove(&id);
+            unbind.push(id);
+        }
+        self.deferred.clear();
+        self.store.push_back(StoreOp::Unbind(unbind));
     }
 
     /// Forgets what was read but not sent, to read it again from the oldest

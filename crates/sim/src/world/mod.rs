@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use steadfast_core::engine::{Now, Routes, Routing, SetSpec};
+use steadfast_core::engine::{LinkEnd, Now, Routes, Routing, SetSpec};
 use steadfast_core::DropReason;
 
 use crate::broker::{Broker, Down};
@@ -44,11 +44,13 @@ pub struct Verdict {
     /// Still queued somewhere when the run ended although every fault had
     /// healed.
     pub stuck: Vec<u64>,
-    /// Still in the outbox behind a QoS 2 message that a broker closes the
-    /// connection on (it cannot take QoS 2 and cannot say so): kept and
-    /// reported to the user, not a broken promise, but not delivered
-    /// either. Poison isolation (issue 17) is what lets them through.
-    pub held: Vec<u64>,
+    /// Moved aside as poison: messages larger than the brokers take (an
+    /// MQTT 3.1.1 broker closes the connection on them, saying nothing),
+    /// kept and reported, so that the messages behind them go through.
+    pub poisoned: Vec<u64>,
+    /// Moved aside as poison though every broker would have taken it: a
+    /// healthy message taken for poison.
+    pub poisoned_wrongly: Vec<u64>,
     /// Dropped without the reason holding: a deadline not yet passed, a
     /// budget not spent, or a reason no message of the run can have.
     pub dropped_wrongly: Vec<u64>,
@@ -80,17 +82,19 @@ impl Verdict {
             && self.stuck.is_empty()
             && self.dropped_wrongly.is_empty()
             && self.phantom_acks.is_empty()
+            && self.poisoned_wrongly.is_empty()
     }
 
     /// What happened to `id`, as the verdict sees it.
     pub fn fate(&self, id: u64) -> &'static str {
-        let kinds: [(&[u64], &str); 6] = [
+        let kinds: [(&[u64], &str); 7] = [
             (&self.lost, "LOST: accepted, never handled by the consumer, not dropped, not lost by a broker"),
             (&self.twice, "HANDLED TWICE: the inbox should have stopped the second"),
             (&self.stuck, "STUCK: still queued after every fault healed"),
             (&self.dropped_wrongly, "DROPPED WRONGLY: its drop's reason did not hold"),
             (&self.phantom_acks, "LET GO WITHOUT AN ACKNOWLEDGEMENT"),
-            (&self.held, "held in the outbox behind a QoS 2 message the broker closes the link on (reported)"),
+            (&self.poisoned_wrongly, "MOVED ASIDE AS POISON though the brokers would take it"),
+            (&self.poisoned, "moved aside as poison: larger than the brokers take (kept, reported)"),
         ];
         kinds.iter().find(|(ids, _)| ids.contains(&id)).map_or("kept its promise", |(_, what)| *what)
     }
@@ -103,6 +107,7 @@ impl Verdict {
             .or(self.stuck.first())
             .or(self.dropped_wrongly.first())
             .or(self.phantom_acks.first())
+            .or(self.poisoned_wrongly.first())
             .copied()
     }
 
@@ -115,6 +120,7 @@ impl Verdict {
             ("stuck", &self.stuck),
             ("dropped wrongly", &self.dropped_wrongly),
             ("let go without an acknowledgement", &self.phantom_acks),
+            ("moved aside as poison wrongly", &self.poisoned_wrongly),
         ];
         let broken: Vec<String> = kinds
             .iter()
@@ -336,7 +342,7 @@ impl World {
                 if self.brokers[broker].up {
                     self.brokers[broker].kill(self.t);
                     self.back.brokers[broker] = later(self.t, down);
-                    self.producer_link_lost(broker, "the broker was killed");
+                    self.producer_link_lost(broker, "the broker was killed", LinkEnd::Closed);
                     self.consumer_link_lost(broker, "the broker was killed");
                 }
             }
@@ -483,24 +489,25 @@ impl World {
             let took = took.unwrap_or_default();
             took.len() >= need && took.iter().all(|b| b.lost.contains(id))
         };
+        // Poison is kept aside, not queued: rightly only a QoS 2 message
+        // to brokers that close the link on QoS 2.
+        let rightly = |m: &&crate::producer::Msg| m.oversize;
+        let (poisoned, poisoned_wrongly): (Vec<&crate::producer::Msg>, Vec<_>) =
+            self.producer.committed.poisoned().partition(rightly);
+        let poisoned: Vec<u64> = poisoned.into_iter().map(|m| m.id).collect();
+        let poisoned_wrongly: Vec<u64> = poisoned_wrongly.into_iter().map(|m| m.id).collect();
+        let kept_aside: BTreeSet<u64> = poisoned.iter().chain(&poisoned_wrongly).copied().collect();
         let lost = self
             .accepted
             .iter()
             .copied()
             .filter(|id| !handled(id) && !dropped(id) && !broker_lost(id) && !queued.contains(id))
+            .filter(|id| !kept_aside.contains(id))
             .collect();
         // Nothing may stay queued once every fault healed, handled or not
-        // (an outbox that never lets go of a delivered message is a bug too),
-        // except behind a QoS 2 message a broker will not take (the user was
-        // told): held in the outbox, or a handled message's copy that the
-        // endless resends keep putting on the broker.
-        let in_outbox: BTreeSet<u64> = self.producer.committed.queued().collect();
-        let (held, stuck): (Vec<u64>, Vec<u64>) = self
-            .accepted
-            .iter()
-            .copied()
-            .filter(|id| queued.contains(id))
-            .partition(|id| self.qos2_reported && (in_outbox.contains(id) || handled(id)));
+        // (an outbox that never lets go of a delivered message is a bug
+        // too); nothing is excused behind poison, which is moved aside.
+        let stuck = self.accepted.iter().copied().filter(|id| queued.contains(id)).collect();
         let twice = self
             .handled
             .iter()
@@ -520,7 +527,8 @@ impl World {
             lost,
             twice,
             stuck,
-            held,
+            poisoned,
+            poisoned_wrongly,
             dropped_wrongly,
             phantom_acks: self.producer.phantom_acks.iter().copied().collect(),
             broker_lost,

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use steadfast_core::engine::{Ack, ConnAckInfo, Decision, End};
+use steadfast_core::engine::{Ack, ConnAckInfo, Decision, End, LinkEnd};
 use steadfast_core::Qos;
 
 use super::{arrived, cut_whole, in_order, Conn, World, WALL_EPOCH_MS};
@@ -57,7 +57,7 @@ impl World {
         }
         let qos = if p.qos == 2 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
         let expires = p.ttl_ms.map(|ttl| WALL_EPOCH_MS + self.t + ttl);
-        let (id, accepted_now) = self.producer.append(self.t, qos, expires, p.max_attempts, p.priority);
+        let (id, accepted_now) = self.producer.append(self.t, qos, expires, p.max_attempts, p.priority, p.oversize);
         let mut class = match (p.ttl_ms, p.max_attempts) {
             (Some(ttl), _) => format!(", deadline in {ttl} ms"),
             (None, Some(n)) => format!(", budget of {n} sends"),
@@ -65,6 +65,9 @@ impl World {
         };
         if p.priority > 0 {
             class.push_str(&format!(", priority {}", p.priority));
+        }
+        if p.oversize {
+            class.push_str(", larger than the brokers take");
         }
         self.trace.note(self.t, Some(id), format!("published at QoS {}{class}", p.qos));
         if accepted_now {
@@ -97,10 +100,10 @@ impl World {
                 self.broker_receives(b, f);
             }
         }
-        self.producer_link_lost(b, "connection reset");
+        self.producer_link_lost(b, "connection reset", LinkEnd::Closed);
     }
 
-    pub(super) fn producer_link_lost(&mut self, b: usize, why: &str) {
+    pub(super) fn producer_link_lost(&mut self, b: usize, why: &str, end: LinkEnd) {
         if self.conns[b].take().is_some() {
             self.trace.note(self.t, None, format!("producer link to broker {b} lost: {why}"));
             self.brokers[b].producer_left(self.t);
@@ -114,7 +117,7 @@ impl World {
             self.qos2_reported = true;
             self.trace.note(self.t, None, format!("producer: the link to broker {b} ended with a QoS 2 PUBLISH unanswered: reported as a broker that may not support QoS 2"));
         }
-        self.producer.engines[b].handle_link_lost();
+        self.producer.engines[b].handle_link_lost(end);
         self.producer.carry_out(b, self.t, &mut self.trace);
         let d = self.routes.borrow_mut().link_down(b, self.now().at);
         self.apply(d);
@@ -158,7 +161,7 @@ impl World {
                 if let Some(id) = id {
                     self.trace.note(self.t, Some(id), format!("broker {b}: {what} pid {pid}: closes ({why})"));
                 }
-                self.producer_link_lost(b, why);
+                self.producer_link_lost(b, why, LinkEnd::Closed);
             }
         }
     }
@@ -187,7 +190,7 @@ impl World {
         }
         let r = self.producer.engines[b].handle_acks(acks, now);
         if self.producer.carry_out(b, self.t, &mut self.trace) {
-            self.producer_link_lost(b, "a QoS 2 bind could not be written");
+            self.producer_link_lost(b, "a QoS 2 bind could not be written", LinkEnd::Ours);
             return;
         }
         if let Err(end) = r {
@@ -228,7 +231,7 @@ impl World {
     }
 
     fn ended(&mut self, b: usize, end: End) {
-        self.producer_link_lost(b, &format!("the engine ended the link: {end:?}"));
+        self.producer_link_lost(b, &format!("the engine ended the link: {end:?}"), LinkEnd::Ended(end));
     }
 
     /// Broker `b`'s engine's turn: timers, reads, sends.
@@ -256,7 +259,7 @@ impl World {
         self.producer.engines[b].fill(now, &claims, &mut SimWire);
         // A bind carried out may release held packets: transmit after it.
         if self.producer.carry_out(b, self.t, &mut self.trace) {
-            self.producer_link_lost(b, "a QoS 2 bind could not be written");
+            self.producer_link_lost(b, "a QoS 2 bind could not be written", LinkEnd::Ours);
             return;
         }
         let inflight = self.producer.engines[b].in_flight();
@@ -268,7 +271,7 @@ impl World {
         for f in bytes.chunks(FRAME).filter(|f| f[0] == 1) {
             let id = u64::from_be_bytes(f[5..13].try_into().expect("frame size"));
             let pid = u16::from_be_bytes([f[1], f[2]]);
-            let line = format!("sent to broker {b}: PUBLISH pid {pid} QoS {} dup {}", f[4], f[3]);
+            let line = format!("sent to broker {b}: PUBLISH pid {pid} QoS {} dup {}", f[4] & 3, f[3]);
             self.trace.note(self.t, Some(id), line);
         }
         let at = self.t + self.latency();

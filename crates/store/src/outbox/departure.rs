@@ -73,7 +73,7 @@ impl Writer {
     /// A queued message reached its end. While a broker holds a QoS 2
     /// exchange of it (even one dropped by its policy), the row stays, so
     /// that its packet id is not reused after a restart.
-    fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+    pub(super) fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
         if e.bindings == 0 {
             self.store.remove(id)?;
         } else {

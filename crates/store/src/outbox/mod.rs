@@ -109,6 +109,9 @@ pub struct OutboxState {
     /// Queued messages held for another broker set (counted in `totals`;
     /// this run never sends them).
     pub held: u64,
+    /// Queued messages moved aside as poison (counted in `totals`; never
+    /// sent until requeued).
+    pub poisoned: u64,
 }
 
 /// Resolves when the message is accepted (synced), with its id.
@@ -301,6 +304,36 @@ impl Outbox {
         }
     }
 
+    /// Moves a message aside as poison: the broker in `slot` ended this
+    /// many links in a row with it alone in flight. Not awaited.
+    pub fn poison(&self, slot: u32, id: u64, failures: u32) {
+        self.send(Request::Poison { slot, id, failures });
+    }
+
+    /// The messages moved aside as poison, oldest first.
+    pub async fn poisoned(&self) -> Result<Vec<crate::Poisoned>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Poisoned { reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Puts poisoned messages (`None`: all) back in the queue, or with
+    /// `delete` removes them (counted as `poison` when they were moved
+    /// aside). Resolves after the commit with the ids handled.
+    pub async fn unpoison(&self, ids: Option<Vec<u64>>, delete: bool) -> Result<Vec<u64>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Unpoison { ids, delete, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Clears QoS 2 bindings on the broker in `slot` (not awaited).
+    pub fn unbind(&self, slot: u32, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            let (reply, _) = oneshot::channel();
+            self.send(Request::SetWire { slot, updates: ids.into_iter().map(|id| (id, None)).collect(), reply });
+        }
+    }
+
     /// Counts a message that never entered the outbox as dropped (a
     /// best-effort message with no broker up), and announces it.
     pub fn count_drop(&self, reason: DropReason, topic: String) {
@@ -382,6 +415,13 @@ impl Outbox {
     pub async fn inbox_bounds(&self, bounds: InboxBounds) -> Result<Vec<(String, u64)>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::InboxBounds { bounds, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// The metadata value of `key`, if set (a read: nothing is written).
+    pub async fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::GetMeta { key: key.into(), reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

@@ -24,6 +24,7 @@ pub(super) struct Batch {
     pub(super) slot_replies: Vec<(SlotReply, Configured)>,
     pub(super) inbox_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
     pub(super) high_replies: Vec<(HighReply, Vec<(String, u64)>)>,
+    pub(super) unpoison_replies: Vec<(oneshot::Sender<Result<Vec<u64>, StoreError>>, Vec<u64>)>,
     pub(super) reads: Vec<Request>,
     pub(super) drops: Vec<Dropped>,
     pub(super) close: bool,
@@ -39,11 +40,15 @@ impl Writer {
             totals: self.totals,
             newest: self.newest,
             held: self.held,
+            poisoned: self.poisoned,
         });
         let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
         let delivered = b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);
         metrics::counter!("steadfast_delivered_total").increment(delivered);
+        for (reply, ids) in b.unpoison_replies {
+            let _ = reply.send(Ok(ids));
+        }
         for (reply, r) in b.accepted {
             let _ = reply.send(r);
         }
@@ -110,6 +115,12 @@ impl Writer {
                 Request::InboxSeen { ids, reply } => {
                     let _ = reply.send(self.store.inbox_seen(&ids));
                 }
+                Request::Poisoned { reply } => {
+                    let _ = reply.send(self.store.poisoned());
+                }
+                Request::GetMeta { key, reply } => {
+                    let _ = reply.send(self.store.meta(&key));
+                }
                 _ => unreachable!("only reads are deferred"),
             }
         }
@@ -159,13 +170,17 @@ impl Writer {
                 Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
                 Request::InboxRecord { reply, .. } => b.inbox_replies.push(reply),
                 Request::InboxBounds { reply, .. } => b.high_replies.push((reply, Vec::new())),
+                Request::Unpoison { reply, .. } => b.unpoison_replies.push((reply, Vec::new())),
                 Request::Close => b.close = true,
                 r @ (Request::Read { .. }
                 | Request::Query { .. }
                 | Request::Glance { .. }
                 | Request::Bound { .. }
-                | Request::InboxSeen { .. }) => b.reads.push(r),
-                Request::Remove { .. }
+                | Request::InboxSeen { .. }
+                | Request::Poisoned { .. }
+                | Request::GetMeta { .. }) => b.reads.push(r),
+                Request::Poison { .. }
+                | Request::Remove { .. }
                 | Request::Ack { .. }
                 | Request::Broker(_)
                 | Request::Counter { .. }
@@ -200,6 +215,9 @@ impl Writer {
             let _ = reply.send(Err(again(&e)));
         }
         for (reply, _) in b.high_replies {
+            let _ = reply.send(Err(again(&e)));
+        }
+        for (reply, _) in b.unpoison_replies {
             let _ = reply.send(Err(again(&e)));
         }
         self.serve_reads(b.reads);

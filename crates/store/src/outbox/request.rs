@@ -31,6 +31,23 @@ pub(super) enum Request {
     Attempt {
         ids: Vec<u64>,
     },
+    Poison {
+        slot: u32,
+        id: u64,
+        failures: u32,
+    },
+    GetMeta {
+        key: String,
+        reply: oneshot::Sender<Result<Option<String>, StoreError>>,
+    },
+    Poisoned {
+        reply: oneshot::Sender<Result<Vec<crate::Poisoned>, StoreError>>,
+    },
+    Unpoison {
+        ids: Option<Vec<u64>>,
+        delete: bool,
+        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
+    },
     CountDrop {
         reason: DropReason,
         topic: String,
@@ -97,6 +114,8 @@ impl Request {
                 | Request::Glance { .. }
                 | Request::Bound { .. }
                 | Request::InboxSeen { .. }
+                | Request::Poisoned { .. }
+                | Request::GetMeta { .. }
         )
     }
 

@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 
 use steadfast_core::engine::{Now, Sweep, SweepConfig, Sweeper};
-use steadfast_core::Stage;
+use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::replies::Batch;
@@ -36,6 +36,8 @@ pub(super) struct Writer {
     pub(super) deadline_totals: Option<Totals>,
     /// Queued messages held for another broker set than this run's.
     pub(super) held: u64,
+    /// Queued messages moved aside as poison.
+    pub(super) poisoned: u64,
     /// Removals undone by a failed commit, applied again with the next batch.
     pub(super) pending_removes: Vec<Request>,
     pub(super) blocked: VecDeque<PendingAppend>,
@@ -70,7 +72,8 @@ impl Writer {
             Sweeper::new(SweepConfig { every: SWEEP_EVERY, max_age_ms: config.max_age_ms }, std::time::Instant::now());
         sweeper.handle_next_expiry(store.next_expiry()?);
         sweeper.handle_queued(totals.count > 0);
-        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0 });
+        let poisoned = store.poisoned()?.len() as u64;
+        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned });
         let writer = Writer {
             store,
             config,
@@ -83,6 +86,7 @@ impl Writer {
             newest,
             sweeper,
             held: 0,
+            poisoned,
             deadline_totals: None,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
@@ -222,6 +226,7 @@ impl Writer {
         self.newest = self.state.borrow().newest;
         self.deadline_totals = None;
         self.held = self.store.routes().map(|r| held_count(&r)).unwrap_or(self.held);
+        self.poisoned = self.store.poisoned().map(|p| p.len() as u64).unwrap_or(self.poisoned);
         let next_expiry = self.store.next_expiry().ok().flatten().or(self.sweeper.next_expiry());
         self.sweeper.handle_next_expiry(next_expiry);
         self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
@@ -262,6 +267,11 @@ impl Writer {
                     self.store.add_attempt(id)?;
                 }
             }
+            Request::Poison { slot, id, failures } => self.poison(slot, id, failures, b)?,
+            Request::Unpoison { ids, delete, reply } => {
+                let done = self.unpoison(ids, delete, b)?;
+                b.unpoison_replies.push((reply, done));
+            }
             Request::CountDrop { reason, topic } => {
                 self.store.add_drop(reason, None)?;
                 b.drops.push(Dropped { id: 0, topic, reason });
@@ -277,7 +287,9 @@ impl Writer {
             | Request::Query { .. }
             | Request::Glance { .. }
             | Request::Bound { .. }
-            | Request::InboxSeen { .. }) => b.reads.push(r),
+            | Request::InboxSeen { .. }
+            | Request::Poisoned { .. }
+            | Request::GetMeta { .. }) => b.reads.push(r),
         }
         Ok(())
     }
@@ -332,6 +344,42 @@ impl Writer {
             }
         }
         Ok(refused)
+    }
+
+    /// A message whose links kept failing is moved aside as poison:
+    /// counted (`poison`), its waiter told, kept on disk.
+    fn poison(&mut self, slot: u32, id: u64, failures: u32, b: &mut Batch) -> Result<(), StoreError> {
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        if self.store.poison(id, slot, failures, crate::now_ms())? {
+            self.store.add_drop(DropReason::Poison, None)?;
+            self.poisoned += 1;
+            b.resolved.push((id, Delivery::Dropped(DropReason::Poison)));
+            b.drops.push(Dropped { id, topic: e.topic, reason: DropReason::Poison });
+        }
+        Ok(())
+    }
+
+    /// Poisoned messages (all, or those of `ids`) go back to the queue,
+    /// or with `delete` leave the outbox (they were counted as `poison`
+    /// when moved aside). Returns the ids handled.
+    fn unpoison(&mut self, ids: Option<Vec<u64>>, delete: bool, b: &mut Batch) -> Result<Vec<u64>, StoreError> {
+        let ids = match ids {
+            Some(ids) => ids,
+            None => self.store.poisoned()?.into_iter().map(|p| p.id).collect(),
+        };
+        let mut done = Vec::new();
+        for id in ids {
+            if !self.store.unpoison(id)? {
+                continue;
+            }
+            self.poisoned = self.poisoned.saturating_sub(1);
+            if delete {
+                let Some(e) = self.store.entry(id)? else { continue };
+                self.finish(id, &e, Delivery::Dropped(DropReason::Poison), b)?;
+            }
+            done.push(id);
+        }
+        Ok(done)
     }
 
     /// Messages stay with the broker set they were accepted for: when the

@@ -286,6 +286,57 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
+    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
+        let own: Option<Option<String>> = self
+            .conn
+            .query_row("SELECT route FROM outbox WHERE id = ?1 AND done = 0", [id as i64], |r| r.get(0))
+            .optional()?;
+        let Some(own) = own else { return Ok(false) };
+        self.conn.execute(
+            "INSERT OR REPLACE INTO poison (id, route, slot, failures, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id as i64, own, slot, failures, at_ms as i64],
+        )?;
+        self.conn.execute("UPDATE outbox SET route = ?2 WHERE id = ?1", params![id as i64, crate::POISON_ROUTE])?;
+        self.conn.execute("DELETE FROM wire WHERE id = ?1 AND slot = ?2", params![id as i64, slot])?;
+        Ok(true)
+    }
+
+    fn poisoned(&mut self) -> Result<Vec<crate::Poisoned>, StoreError> {
+        let sql = "SELECT p.id, o.topic, o.size, o.qos, coalesce(s.url, ''), p.failures, p.at_ms
+                   FROM poison p JOIN outbox o ON o.id = p.id AND o.done = 0
+                   LEFT JOIN slots s ON s.slot = p.slot ORDER BY p.id";
+        let mut stmt = match self.conn.prepare(sql) {
+            Ok(s) => s,
+            // A store from before poison isolation (opened read-only).
+            Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let rows = stmt.query_map([], |r| {
+            Ok(crate::Poisoned {
+                id: r.get::<_, i64>(0)? as u64,
+                topic: r.get(1)?,
+                size: r.get::<_, i64>(2)? as u64,
+                qos: r.get(3)?,
+                broker: r.get(4)?,
+                failures: r.get(5)?,
+                at_ms: r.get::<_, i64>(6)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn unpoison(&mut self, id: u64) -> Result<bool, StoreError> {
+        let own: Option<Option<String>> =
+            self.conn.query_row("SELECT route FROM poison WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
+        let Some(own) = own else { return Ok(false) };
+        self.conn.execute("DELETE FROM poison WHERE id = ?1", [id as i64])?;
+        let n = self.conn.execute(
+            "UPDATE outbox SET route = ?2 WHERE id = ?1 AND route = ?3",
+            params![id as i64, own, crate::POISON_ROUTE],
+        )?;
+        Ok(n > 0)
+    }
+
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0";
         Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)

@@ -61,6 +61,15 @@ CREATE TABLE IF NOT EXISTS sources (
     id INTEGER NOT NULL,
     PRIMARY KEY (url, pid)
 ) WITHOUT ROWID;
+-- Messages moved aside as poison (their outbox route is '@poison'): their
+-- own route, the broker slot whose links they ended, how often, when.
+CREATE TABLE IF NOT EXISTS poison (
+    id INTEGER PRIMARY KEY,
+    route TEXT,
+    slot INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS brokers (
     url TEXT PRIMARY KEY,
     state TEXT NOT NULL,

@@ -10,6 +10,9 @@ enum Fate {
     TakenOver,
     /// Beyond a receive maximum that shrank: sent later, as a new send.
     Requeue,
+    /// A QoS 2 PUBLISH beyond the window: it keeps its packet id (the
+    /// broker may hold it) and is sent again once the window has room.
+    Defer,
     /// Past its deadline or budget: it leaves.
     Spent(DropReason),
 }
@@ -26,7 +29,8 @@ impl<M: Queued> PublishSession<M> {
         claims: &dyn Fn(&M) -> bool,
         wire: &mut impl Wire<M>,
     ) -> Connected {
-        let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
+        self.conn_limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight).max(1);
+        let limit = self.conn_limit.min(self.cwnd);
         self.max_qos = ack.maximum_qos;
         self.pubrec_seen = false;
         self.keepalive = Some(KeepAlive::new(self.cfg.keep_alive, now.at));
@@ -58,7 +62,9 @@ impl<M: Queued> PublishSession<M> {
     ) -> usize {
         let mut resent = 0;
         let mut attempted = Vec::new();
-        for (n, (pid, e)) in list.into_iter().enumerate() {
+        self.deferred.clear();
+        let mut on_wire = 0;
+        for (pid, e) in list {
             let Some(m) = self.inflight.get(&e.id) else {
                 // Never resend blind: free the id, read the message again.
                 window.release(pid);
@@ -67,11 +73,17 @@ impl<M: Queued> PublishSession<M> {
             };
             let fate = if e.qos == Qos::ExactlyOnce {
                 // A QoS 2 exchange under way always finishes where it began:
-                // this broker holds its packet id.
-                Fate::Resend
+                // this broker holds its packet id. A PUBLISH waits for room
+                // in the window (a broker that ended links with many in
+                // flight gets fewer); a PUBREL goes at once.
+                if e.stage == Stage::Published && on_wire >= limit as usize {
+                    Fate::Defer
+                } else {
+                    Fate::Resend
+                }
             } else if !claims(m) {
                 Fate::TakenOver
-            } else if n >= limit as usize {
+            } else if on_wire >= limit as usize {
                 Fate::Requeue
             } else if let Some(reason) = Self::spent(m, now.wall_ms) {
                 Fate::Spent(reason)
@@ -93,6 +105,10 @@ impl<M: Queued> PublishSession<M> {
                     self.store.push_back(StoreOp::Ack(vec![e.id]));
                     continue;
                 }
+                Fate::Defer => {
+                    self.deferred.push_back((pid, e.id));
+                    continue;
+                }
                 Fate::TakenOver | Fate::Requeue => {
                     window.release(pid);
                     self.inflight.remove(&e.id);
@@ -104,6 +120,7 @@ impl<M: Queued> PublishSession<M> {
                 Ok(bytes) => {
                     self.out.extend(bytes);
                     resent += 1;
+                    on_wire += 1;
                     if e.qos == Qos::AtLeastOnce && m.max_attempts().is_some() {
                         attempted.push(e.id);
                     }
@@ -157,6 +174,7 @@ impl<M: Queued> PublishSession<M> {
             delivered = self.inflight.keys().copied().collect();
         }
         self.window = window;
+        self.deferred.clear();
         if !delivered.is_empty() {
             self.store.push_back(StoreOp::Ack(delivered));
         }

@@ -14,6 +14,7 @@ impl<M: Queued> PublishSession<M> {
             return;
         }
         self.requeue_due_retries(now.at, claims);
+        self.resend_deferred(wire);
         let mut sent_qos0 = Vec::new();
         let mut attempted = Vec::new();
         // From the first QoS 2 message on, packets wait here (in order)
@@ -49,6 +50,22 @@ impl<M: Queued> PublishSession<M> {
         }
     }
 
+    /// QoS 2 PUBLISHes of a kept session that waited for room in the
+    /// window go out again under their packet ids, oldest first.
+    fn resend_deferred(&mut self, wire: &mut impl Wire<M>) {
+        while let Some(&(pid, id)) = self.deferred.front() {
+            if self.window.len() - self.deferred.len() >= self.window.limit() as usize {
+                break;
+            }
+            self.deferred.pop_front();
+            let Some(m) = self.inflight.get(&id) else { continue };
+            match wire.publish(m, Some(pid), true) {
+                Ok(bytes) => self.out.extend(bytes),
+                Err(reason) => self.events.push_back(SessionEvent::Stranded { id, reason }),
+            }
+        }
+    }
+
     /// Takes `m` out of the queue for the wire: its QoS for this broker, a
     /// packet id, its bytes. `None` when it left instead (spent, or it can
     /// never be sent).
@@ -56,8 +73,10 @@ impl<M: Queued> PublishSession<M> {
         // A broker that takes QoS 1 at most gets QoS 2 messages at QoS 1: a
         // consumer's inbox removes the copies QoS 1 allows. Never lower than
         // 1: QoS 0 would give up the acknowledgement.
-        if m.qos() == Qos::ExactlyOnce && self.max_qos == Some(1) {
-            self.downgraded(Downgrade::MaximumQos);
+        if m.qos() == Qos::ExactlyOnce && (self.max_qos == Some(1) || self.closes_on_qos2) {
+            if !self.closes_on_qos2 {
+                self.downgraded(Downgrade::MaximumQos);
+            }
             m.set_qos(Qos::AtLeastOnce);
         }
         let qos = m.qos();

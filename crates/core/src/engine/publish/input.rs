@@ -54,6 +54,7 @@ impl<M: Queued> PublishSession<M> {
             Ack::PubRec { pid, ok: true } => match self.window.on_pubrec(pid) {
                 Some(id) => {
                     self.pubrec_seen = true;
+                    self.pubrec_ever = true;
                     s.released.push((id, pid));
                 }
                 None => return Err(stray("PUBREC", pid, "QoS 2 message")),
@@ -72,7 +73,9 @@ impl<M: Queued> PublishSession<M> {
         if done.is_empty() {
             return;
         }
+        self.grow(done.len());
         for id in &done {
+            self.suspects.remove(id);
             if let Some(m) = self.inflight.remove(id) {
                 let p = m.priority();
                 if *id > self.cursors[p] {
@@ -85,6 +88,20 @@ impl<M: Queued> PublishSession<M> {
         self.progress_at = now.at;
     }
 
+    /// Additive growth: one more in flight per window's worth of
+    /// acknowledgements, up to what the configuration and the broker allow.
+    fn grow(&mut self, acked: usize) {
+        if self.cwnd >= self.cfg.max_inflight {
+            return;
+        }
+        self.grow_acks += acked as u32;
+        while self.grow_acks >= self.cwnd as u32 && self.cwnd < self.cfg.max_inflight {
+            self.grow_acks -= self.cwnd as u32;
+            self.cwnd += 1;
+        }
+        self.window.set_limit(self.cwnd.min(self.conn_limit));
+    }
+
     /// The broker refused these (an error reason code): they stay in the
     /// outbox and are sent again, as new messages, after a pause. A QoS 2
     /// binding is cleared first: its packet id is free on the broker.
@@ -92,6 +109,8 @@ impl<M: Queued> PublishSession<M> {
         let at = now.at + self.cfg.refused_pause;
         let mut unbind = Vec::new();
         for id in ids {
+            // It answered: whatever ended links before, it was not this.
+            self.suspects.remove(&id);
             if let Some(m) = self.inflight.remove(&id) {
                 self.events.push_back(SessionEvent::Refused(m.clone()));
                 if m.qos() == Qos::ExactlyOnce {

@@ -57,6 +57,7 @@ fn connected(msgs: &[M]) -> (PublishSession<M>, Instant) {
         ack_timeout: Duration::from_secs(5),
         refused_pause: Duration::from_secs(1),
         page: 100,
+        poison_after: 3,
     };
     let mut s = PublishSession::new(cfg, t0);
     s.handle_connack(ConnAckInfo::default(), at(t0, 0), &|_| true, &mut Text);
@@ -115,7 +116,7 @@ fn in_flight_then_lost() -> (PublishSession<M>, Instant) {
     ops(&mut s);
     s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
     sent(&mut s);
-    s.handle_link_lost();
+    s.handle_link_lost(LinkEnd::Closed);
     (s, t0)
 }
 
@@ -125,7 +126,7 @@ fn a_kept_session_resends_and_a_lost_one_clears_bindings_first() {
     let kept = ConnAckInfo { session_present: true, reconnect: true, ..ConnAckInfo::default() };
     assert_eq!(s.handle_connack(kept, at(t0, 10), &|_| true, &mut Text).resent, 2);
     assert_eq!(sent(&mut s), "P1:1d P2:2d ");
-    s.handle_link_lost();
+    s.handle_link_lost(LinkEnd::Closed);
     let lost = ConnAckInfo { session_present: false, reconnect: true, ..ConnAckInfo::default() };
     s.handle_connack(lost, at(t0, 20), &|_| true, &mut Text);
     assert_eq!(ops(&mut s), vec![StoreOp::Bind(vec![(2, None)])], "the stale binding is cleared first");
@@ -148,7 +149,7 @@ fn the_ack_timeout_ends_the_link_only_with_messages_in_flight() {
 fn nothing_times_out_while_disconnected() {
     let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce)]);
     s.fill(at(t0, 1), &|_| true, &mut Text);
-    s.handle_link_lost();
+    s.handle_link_lost(LinkEnd::Closed);
     assert_eq!(s.handle_timeout(at(t0, 60_000), &mut Text), Ok(()), "no link to end before the next CONNACK");
     assert_eq!(s.poll_transmit(), None);
 }
@@ -182,4 +183,98 @@ fn a_qos2_message_that_cannot_be_resent_keeps_its_packet_id() {
     assert_eq!(s.in_flight(), 1, "the QoS 2 exchange keeps its id: the broker may hold it");
     let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
     assert!(events.contains(&SessionEvent::Stranded { id: 2, reason: DropReason::TooLarge }), "{events:?}");
+}
+
+fn qos1(ids: std::ops::RangeInclusive<u64>) -> Vec<M> {
+    ids.map(|i| M(i, Qos::AtLeastOnce)).collect()
+}
+
+fn reconnect(s: &mut PublishSession<M>, t: Now, present: bool) {
+    let info = ConnAckInfo { session_present: present, reconnect: true, ..ConnAckInfo::default() };
+    s.handle_connack(info, t, &|_| true, &mut Text);
+}
+
+#[test]
+fn a_broker_that_closes_a_full_window_halves_it_and_acknowledgements_grow_it_back() {
+    let (mut s, t0) = connected(&qos1(1..=30));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    assert_eq!(s.in_flight(), 10);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert_eq!(s.window_size(), 5, "a close with the window full halves it");
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.contains(&SessionEvent::Window(WindowChange { from: 10, to: 5, in_flight: 10 })), "{events:?}");
+    reconnect(&mut s, at(t0, 10), true);
+    assert_eq!(s.in_flight(), 5, "a kept session resends only what the smaller window holds");
+    // Five acknowledgements (one window's worth): one more in flight.
+    let acks: Vec<Ack> = (1..=5).map(|pid| Ack::PubAck { pid, ok: true }).collect();
+    s.handle_acks(acks, at(t0, 11)).unwrap();
+    assert_eq!(s.window_size(), 6);
+}
+
+#[test]
+fn a_failure_with_few_in_flight_teaches_nothing_but_the_same_ones_twice_do() {
+    let (mut s, t0) = connected(&qos1(1..=3));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert_eq!(s.window_size(), 10, "3 of 10 in flight: a broker restart, not a limit");
+    reconnect(&mut s, at(t0, 10), true);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert_eq!(s.window_size(), 1, "the same messages in flight at two failures in a row: narrowed down");
+}
+
+#[test]
+fn a_message_alone_in_flight_at_every_failure_is_moved_aside_and_the_rest_go_on() {
+    let (mut s, t0) = connected(&qos1(1..=4));
+    s.start_window(1);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    assert_eq!(sent(&mut s), "P1:1 ");
+    for n in 1..=3u64 {
+        s.handle_link_lost(LinkEnd::Closed);
+        if n < 3 {
+            assert!(ops(&mut s).is_empty(), "{n} failure(s): not yet poison");
+            reconnect(&mut s, at(t0, 10 * n), true);
+            assert_eq!(sent(&mut s), "P1:1d ");
+        }
+    }
+    assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, 3)]);
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.contains(&SessionEvent::Poisoned { message: M(1, Qos::AtLeastOnce), failures: 3 }), "{events:?}");
+    assert_eq!(s.in_flight(), 0);
+    reconnect(&mut s, at(t0, 40), true);
+    // The outbox no longer holds message 1 (moved aside): a read after the
+    // reconnect's rewind brings the others.
+    s.handle_page(qos1(2..=4), 0, 4, &|_| true);
+    s.fill(at(t0, 41), &|_| true, &mut Text);
+    assert_eq!(sent(&mut s), "P2:2 ", "the window of 1 goes on with the next message");
+}
+
+#[test]
+fn silence_and_our_own_ends_never_make_poison() {
+    let (mut s, t0) = connected(&qos1(1..=2));
+    s.start_window(1);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    for (n, end) in
+        [LinkEnd::Ended(End::DeadLink), LinkEnd::Ours, LinkEnd::Ended(End::AckTimeout)].into_iter().enumerate()
+    {
+        s.handle_link_lost(end);
+        reconnect(&mut s, at(t0, 10 * n as u64 + 10), true);
+    }
+    s.handle_link_lost(LinkEnd::Ended(End::AckTimeout));
+    assert!(ops(&mut s).is_empty(), "a dead link, our stop and an ack timeout with the broker silent say nothing");
+    assert_eq!(s.in_flight(), 1);
+}
+
+#[test]
+fn an_ack_timeout_while_the_broker_answers_pings_counts_against_the_message() {
+    let (mut s, t0) = connected(&qos1(1..=1));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    for n in 0..3u64 {
+        let base = 20_000 * n;
+        s.handle_received(at(t0, base + 2_000)); // a PINGRESP, after the send
+        s.handle_link_lost(LinkEnd::Ended(End::AckTimeout));
+        if n < 2 {
+            reconnect(&mut s, at(t0, base + 10_000), true);
+        }
+    }
+    assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, 3)]);
 }

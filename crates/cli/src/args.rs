@@ -44,6 +44,9 @@ pub enum Command {
     /// Show an outbox: queue depth, oldest message, drops, broker states.
     #[command(disable_help_flag = true)]
     Status(StatusArgs),
+    /// Messages moved aside as poison (a broker ended the link each time one was sent): list, requeue or delete them.
+    #[command(disable_help_flag = true)]
+    Poison(PoisonArgs),
     /// Store-and-forward between brokers, from a TOML configuration.
     #[command(disable_help_flag = true)]
     Bridge(BridgeArgs),
@@ -284,6 +287,9 @@ pub struct PubArgs {
     /// Most messages in flight (unacknowledged) per broker; a broker's MQTT 5 receive maximum lowers it. Lower it for a 3.1.1 broker that limits in-flight messages without saying so.
     #[arg(long, value_name = "N", default_value_t = 1024)]
     pub max_inflight: u16,
+    /// A message alone in flight each time a broker ends the link, this many times in a row, is moved aside as poison (kept; `steadfast poison` lists it) so that the messages behind it go on; 0: never.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub poison_after: u32,
     /// Send the messages this outbox holds for other brokers (accepted by
     /// an earlier run with other -b) to the brokers given now; without
     /// it they stay queued for their own brokers.
@@ -432,6 +438,22 @@ pub struct SubArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PoisonArgs {
+    /// The outbox directory.
+    #[arg(long, value_name = "DIR")]
+    pub outbox: Option<PathBuf>,
+    /// Client id whose default outbox to use.
+    #[arg(short = 'i', long = "id")]
+    pub id: Option<String>,
+    /// Put these messages back in the queue (ids as listed, or `all`).
+    #[arg(long, value_name = "ID|all", num_args = 1..)]
+    pub requeue: Option<Vec<String>>,
+    /// Remove these messages from the outbox (ids as listed, or `all`).
+    #[arg(long, value_name = "ID|all", num_args = 1..)]
+    pub delete: Option<Vec<String>>,
 }
 
 #[derive(Debug, Args)]

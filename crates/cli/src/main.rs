@@ -12,6 +12,7 @@ mod lab;
 mod logging;
 mod metrics;
 mod paths;
+mod poison;
 mod progress;
 mod publish;
 mod routes;
@@ -96,6 +97,7 @@ fn main() -> ExitCode {
             args::Command::Pub(a) => publish::run(*a).await,
             args::Command::Sub(a) => subscribe::run(*a).await,
             args::Command::Status(a) => status::run(a).await,
+            args::Command::Poison(a) => poison::run(a).await,
             args::Command::Bridge(a) => bridge::run(a).await,
             args::Command::Demo(a) => lab::run_demo(a).await,
             args::Command::Chaos(a) => lab::run_chaos(a).await,

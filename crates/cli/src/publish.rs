@@ -300,7 +300,8 @@ fn client_config(
         .policy(policy)
         .outbox(outbox)
         .other_sets(if a.retarget { OtherSets::Retarget } else { OtherSets::Keep })
-        .max_inflight(a.max_inflight);
+        .max_inflight(a.max_inflight)
+        .poison_after(a.poison_after);
     for (name, set) in routes {
         config = config.route(name, set);
     }
@@ -610,8 +611,17 @@ async fn report_drops(
         return Ok(());
     }
     let first = first_drop.map(|d| format!(" (first: #{} to `{}`)", d.id, d.topic)).unwrap_or_default();
+    let poison = after.iter().any(|(r, n)| *r == steadfast::DropReason::Poison && new(r, *n) > 0);
+    let kept = if poison {
+        format!(
+            "; poison is kept in the outbox: `steadfast poison --outbox {}` lists it, with --requeue or --delete",
+            dir.display()
+        )
+    } else {
+        String::new()
+    };
     Err(Failure::other(anyhow!(
-        "messages were dropped without delivery: {}{first}; see `steadfast status --outbox {}`",
+        "messages were not delivered: {}{first}; see `steadfast status --outbox {}`{kept}",
         dropped.join(", "),
         dir.display()
     )))

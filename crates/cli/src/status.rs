@@ -33,6 +33,8 @@ struct Json {
     last_id: u64,
     /// Queued messages held for other broker sets (an earlier run's -b).
     held: Vec<serde_json::Value>,
+    /// Messages moved aside as poison (kept; `steadfast poison`).
+    poisoned: Vec<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -51,6 +53,9 @@ struct BrokerJson {
     lag: u64,
     /// Messages it missed (fanout catch-up window passed first).
     missed: u64,
+    /// The in-flight window learned from it, if it ended links with many
+    /// messages in flight.
+    window: Option<u16>,
 }
 
 pub async fn run(a: StatusArgs) -> Result<(), Failure> {
@@ -191,6 +196,7 @@ impl Store {
                 connects: b.connects,
                 lag,
                 missed,
+                window: self.window_of(&b.url),
             })
             .collect();
         Json {
@@ -207,7 +213,19 @@ impl Store {
             producer: r.producer.clone(),
             last_id: r.last_id,
             held: self.held().map(|(set, n)| serde_json::json!({ "brokers": set, "queued": n })).collect(),
+            poisoned: r
+                .poisoned
+                .iter()
+                .map(|p| {
+                    serde_json::json!({ "id": p.id, "topic": p.topic, "bytes": p.size, "qos": p.qos,
+                        "broker": p.broker, "failures": p.failures, "at_ms": p.at_ms })
+                })
+                .collect(),
         }
+    }
+
+    fn window_of(&self, url: &str) -> Option<u16> {
+        self.report.windows.iter().find(|(u, _)| u == url).map(|(_, n)| *n)
     }
 
     /// Queued messages held for another default broker set: (its URLs, count).
@@ -247,6 +265,15 @@ impl Store {
             }
             let drops: Vec<String> = r.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("dropped  {}", drops.join(", "));
+            if !r.poisoned.is_empty() {
+                println!(
+                    "poison   {} message(s) moved aside: a broker ended the link each time it was sent, alone (kept; `steadfast poison --outbox {dir}` lists them, with --requeue or --delete)",
+                    r.poisoned.len()
+                );
+                for p in r.poisoned.iter().take(5) {
+                    println!("         id {} topic {} ({}) via {}", p.id, p.topic, human_bytes(p.size), p.broker);
+                }
+            }
             for (set, n) in self.held() {
                 println!("held     {n} message(s) accepted for {set}: never sent to other brokers (`steadfast pub --drain -b ... --outbox {dir}` sends them, `--retarget` elsewhere)");
             }
@@ -280,6 +307,9 @@ impl Store {
         }
         if missed > 0 {
             println!("         missed {missed} message(s): down past the catch-up window");
+        }
+        if let Some(n) = self.window_of(&b.url) {
+            println!("         window {n} in flight at most: learned (it ended links with more in flight)");
         }
         if let Some(e) = &b.last_error {
             println!("         last error: {e}");

@@ -625,11 +625,11 @@ impl Client {
     }
 
     /// Waits until the outbox is empty: everything accepted was delivered
-    /// or dropped by its policy.
+    /// or dropped by its policy (or is held for other brokers, or moved
+    /// aside as poison: kept, and never sent in this run).
     pub async fn wait_idle(&self) {
         let mut rx = self.inner.outbox.watch();
-        // Messages held for other brokers never leave in this run.
-        let _ = rx.wait_for(|s| s.totals.count <= s.held).await;
+        let _ = rx.wait_for(|s| s.totals.count <= s.held + s.poisoned).await;
     }
 
     /// Messages the outbox held at open for other default broker sets than

@@ -598,6 +598,10 @@ impl Driver {
                     );
                     self.outbox.set_meta(&self.window_key(), &to.to_string());
                 }
+                SessionEvent::WindowRestored(n) => {
+                    tracing::info!(broker = %self.url, window = n, "the links that failed were one message's doing: the window is back to {n}");
+                    self.outbox.set_meta(&self.window_key(), &n.to_string());
+                }
                 SessionEvent::Poisoned { message, failures } => {
                     tracing::error!(
                         broker = %self.url, id = message.id, topic = %message.msg.topic, failures,

@@ -97,6 +97,27 @@ impl ScriptedBroker {
         ScriptedBroker { port, publishes, connections }
     }
 
+    /// An MQTT 3.1.1 broker that allows at most `max` unfinished inbound
+    /// QoS 2 messages (PUBREC sent, PUBREL not yet received) and closes the
+    /// connection on the next one, without a word: CONNACK has no way to
+    /// say so in 3.1.1. It never reports a session (a client without
+    /// subscriptions has none on some brokers). It records every PUBLISH.
+    pub fn limiting_qos2(max: usize) -> ScriptedBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
+        let port = listener.local_addr().expect("addr").port();
+        let publishes = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (p, c) = (publishes.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for (conn, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                serve_limited(stream, conn, max, &p);
+            }
+        });
+        ScriptedBroker { port, publishes, connections }
+    }
+
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
@@ -144,6 +165,51 @@ fn property_block_len(b: &[u8]) -> usize {
         }
     }
     n + len
+}
+
+fn serve_limited(mut s: TcpStream, conn: usize, max: usize, publishes: &Mutex<Vec<Received>>) {
+    if read_packet(&mut s).is_none() || s.write_all(&[0x20, 2, 0, 0]).is_err() {
+        return;
+    }
+    let mut unfinished = std::collections::HashSet::new();
+    while let Some((first, body)) = read_packet(&mut s) {
+        match first >> 4 {
+            3 => {
+                let qos = (first >> 1) & 3;
+                let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+                let at = 2 + topic_len;
+                let (pid, payload) = if qos > 0 {
+                    (u16::from_be_bytes([body[at], body[at + 1]]), body[at + 2..].to_vec())
+                } else {
+                    (0, body[at..].to_vec())
+                };
+                let dup = first & 0x08 != 0;
+                publishes.lock().unwrap().push(Received { conn, pid, qos, dup, payload });
+                let [hi, lo] = pid.to_be_bytes();
+                let ok = match qos {
+                    1 => s.write_all(&[0x40, 2, hi, lo]).is_ok(),
+                    2 => {
+                        unfinished.insert(pid);
+                        unfinished.len() <= max && s.write_all(&[0x50, 2, hi, lo]).is_ok()
+                    }
+                    _ => true,
+                };
+                if !ok {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+            6 => {
+                unfinished.remove(&u16::from_be_bytes([body[0], body[1]]));
+                let _ = s.write_all(&[0x70, 2, body[0], body[1]]);
+            }
+            12 => {
+                let _ = s.write_all(&[0xd0, 0]);
+            }
+            14 => return,
+            _ => {}
+        }
+    }
 }
 
 fn serve(

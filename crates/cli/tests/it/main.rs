@@ -12,6 +12,7 @@ use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, Pro
 mod bridge;
 mod doctor;
 mod interop;
+mod limits;
 mod policy;
 mod sets;
 mod sub;

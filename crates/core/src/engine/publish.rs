@@ -216,6 +216,9 @@ pub enum SessionEvent<M> {
     /// The broker ended a link with many messages in flight (or with the
     /// same ones as before): the window shrank.
     Window(WindowChange),
+    /// The failures that shrank the window were one message's (poison) or
+    /// QoS 2's: the window is back to this.
+    WindowRestored(u16),
     /// This message was moved aside as poison.
     Poisoned {
         /// The message.
@@ -313,6 +316,10 @@ pub struct PublishSession<M> {
     /// Messages in flight at the last failed links: (failed links in a row
     /// while in flight, of those alone in flight).
     suspects: HashMap<u64, (u32, u32)>,
+    /// The window before failures began to narrow it down: when a message
+    /// turns out to be poison (or QoS 2 the cause), the failures are
+    /// explained and it comes back.
+    chase_from: Option<u16>,
     /// QoS 2 PUBLISHes of a kept session that keep their packet ids but
     /// wait for room in the window to be sent again: (packet id, id).
     deferred: VecDeque<(u16, u64)>,
@@ -345,6 +352,7 @@ impl<M: Queued> PublishSession<M> {
             grow_acks: 0,
             suspects: HashMap::new(),
             deferred: VecDeque::new(),
+            chase_from: None,
         }
     }
 
@@ -516,6 +524,7 @@ impl<M: Queued> PublishSession<M> {
         if n > 1 && (repeated || 2 * n > self.window.limit() as usize) {
             let from = self.cwnd;
             self.cwnd = (n.min(from as usize) / 2).max(1) as u16;
+            self.chase_from.get_or_insert(from);
             self.grow_acks = 0;
             if self.cwnd < from {
                 self.events.push_back(SessionEvent::Window(WindowChange { from, to: self.cwnd, in_flight: n }));
@@ -540,6 +549,7 @@ impl<M: Queued> PublishSession<M> {
         }
         self.window.release(pid);
         self.suspects.remove(&e.id);
+        self.explained();
         if let Some(m) = self.inflight.remove(&e.id) {
             self.store.push_back(StoreOp::Poison(e.id, alone_ends));
             self.events.push_back(SessionEvent::Poisoned { message: m, failures: alone_ends });
@@ -554,6 +564,7 @@ impl<M: Queued> PublishSession<M> {
     fn qos2_closes_the_link(&mut self) {
         self.closes_on_qos2 = true;
         self.downgraded(Downgrade::ClosesLink);
+        self.explained();
         let published: Vec<(u16, u64)> = self
             .window
             .entries()
@@ -569,6 +580,16 @@ impl<M: Queued> PublishSession<M> {
         }
         self.deferred.clear();
         self.store.push_back(StoreOp::Unbind(unbind));
+    }
+
+    /// The failures that narrowed the window down are explained (a poison
+    /// message, or QoS 2): the window goes back to where it was.
+    fn explained(&mut self) {
+        if let Some(w) = self.chase_from.take().filter(|w| *w > self.cwnd) {
+            self.cwnd = w;
+            self.grow_acks = 0;
+            self.events.push_back(SessionEvent::WindowRestored(w));
+        }
     }
 
     /// Forgets what was read but not sent, to read it again from the oldest

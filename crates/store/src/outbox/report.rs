@@ -49,6 +49,11 @@ pub struct Report {
     pub producer: Option<String>,
     /// The sequence number of the newest message ever accepted.
     pub last_id: u64,
+    /// Messages moved aside as poison, oldest first.
+    pub poisoned: Vec<crate::Poisoned>,
+    /// Per broker, the in-flight window learned from it (it ended links
+    /// with many messages in flight).
+    pub windows: Vec<(String, u16)>,
 }
 
 impl Report {
@@ -73,6 +78,16 @@ impl Report {
             inbox: store.inbox_len()?,
             producer: store.meta("producer")?,
             last_id: store.last_id()?,
+            poisoned: store.poisoned()?,
+            windows: {
+                let mut windows = Vec::new();
+                for (url, _) in store.slots()? {
+                    if let Some(n) = store.meta(&format!("window {url}"))?.and_then(|v| v.parse().ok()) {
+                        windows.push((url, n));
+                    }
+                }
+                windows
+            },
         })
     }
 }

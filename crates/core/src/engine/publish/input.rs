@@ -83,6 +83,11 @@ impl<M: Queued> PublishSession<M> {
                 }
             }
         }
+        if self.suspects.is_empty() {
+            // Every suspect went through: the failures were a limit or
+            // chance, and the smaller window stands.
+            self.chase_from = None;
+        }
         self.events.push_back(SessionEvent::Acked(done.len() as u64));
         self.store.push_back(StoreOp::Ack(done));
         self.progress_at = now.at;

@@ -1,0 +1,128 @@
+//! Brokers with limits they do not announce (issue 17): a message a broker
+//! closes the link on is moved aside as poison and the rest go on; a broker
+//! that closes the link past an in-flight limit gets a smaller window.
+
+use std::io::Write;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use steadfast_testkit::{Mosquitto, MosquittoOptions, ScriptedBroker, Subscriber};
+
+use super::{run, status_json, stderr, steadfast};
+
+/// `steadfast pub ARGS` with `input` on stdin, without blocking the runtime.
+async fn pub_with_input(args: Vec<String>, input: String) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut child = steadfast()
+            .arg("pub")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn strings(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_mosquitto_closes_the_link_on_is_moved_aside_and_the_rest_delivered() {
+    // Mosquitto takes packets up to 1,000 bytes; an MQTT 3.1.1 client is not
+    // told, and a bigger PUBLISH gets the connection closed.
+    let opts = MosquittoOptions { persistence: false, extra: vec!["max_packet_size 1000".into()] };
+    let broker = Mosquitto::start(opts).await;
+    let sub = Subscriber::start(broker.port(), "lim/poison", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let big = "x".repeat(2_000);
+    let lines = format!("first\n{big}\nafter 1\nafter 2\n");
+    let args = ["-b", &broker.url(), "-V", "311", "-t", "lim/poison", "-l", "-i", "lim-poison", "--outbox", &ob];
+    let args = [&args[..], &["--wait-timeout", "60s"]].concat();
+    let out = pub_with_input(strings(&args), lines).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "a message not delivered is a failure: {err}");
+    assert!(err.contains("moved aside as poison"), "{err}");
+    assert!(err.contains("1 poison") && err.contains("steadfast poison --outbox"), "{err}");
+    sub.wait_all(&strings(&["first", "after 1", "after 2"]), Duration::from_secs(20)).await;
+    assert!(!sub.lines().contains(&big), "the big one never arrived");
+
+    // Kept, listed, counted; nothing else queued behind it.
+    let st = status_json(&ob);
+    assert_eq!(st["queued"], 1, "{st}");
+    assert_eq!(st["dropped"]["poison"], 1, "{st}");
+    assert_eq!(st["poisoned"][0]["id"], 2, "{st}");
+    assert_eq!(st["poisoned"][0]["failures"], 3, "{st}");
+    assert_eq!(st["poisoned"][0]["broker"], broker.url(), "{st}");
+    // The closes that narrowed the window down were the poison's: the
+    // window is back where it started (64 on MQTT 3.1.1).
+    assert_eq!(st["brokers"][0]["window"], 64, "{st}");
+    let text = run(&["status", "--outbox", &ob]).await;
+    assert!(String::from_utf8_lossy(&text.stdout).contains("poison   1 message(s) moved aside"));
+    let list = run(&["poison", "--outbox", &ob]).await;
+    let listed = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.status.success() && listed.contains("id 2  topic lim/poison"), "{listed}");
+
+    // Requeued, it goes out again and is moved aside again; deleted, it
+    // leaves the outbox.
+    let requeue = run(&["poison", "--outbox", &ob, "--requeue", "all"]).await;
+    assert!(
+        String::from_utf8_lossy(&requeue.stdout).contains("1 message(s) back in the queue"),
+        "{}",
+        stderr(&requeue)
+    );
+    assert_eq!(status_json(&ob)["poisoned"].as_array().unwrap().len(), 0);
+    let drain = ["-b", &broker.url(), "-V", "311", "-i", "lim-poison", "--outbox", &ob, "--drain"];
+    let again = pub_with_input(strings(&drain), String::new()).await;
+    assert_eq!(again.status.code(), Some(1), "{}", stderr(&again));
+    assert_eq!(status_json(&ob)["poisoned"][0]["id"], 2);
+    let wrong = run(&["poison", "--outbox", &ob, "--delete", "7"]).await;
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(stderr(&wrong).contains("not poison in this outbox: 7"), "{}", stderr(&wrong));
+    let delete = run(&["poison", "--outbox", &ob, "--delete", "2"]).await;
+    assert!(delete.status.success(), "{}", stderr(&delete));
+    let st = status_json(&ob);
+    assert_eq!(st["queued"], 0, "{st}");
+    assert_eq!(st["poisoned"].as_array().unwrap().len(), 0, "{st}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_closes_past_an_unannounced_qos2_limit_gets_a_smaller_window_remembered() {
+    // 3.1.1, at most 40 QoS 2 messages unfinished, and no session ever
+    // reported: before the adaptive window, every reconnect republished
+    // the whole window into the same close, for ever.
+    let broker = ScriptedBroker::limiting_qos2(40);
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let want: Vec<String> = (0..600).map(|i| format!("m{i:04}")).collect();
+    let args = ["-b", &broker.url(), "-V", "311", "-q", "2", "-t", "lim/window", "-l", "--outbox", &ob];
+    let args = [&args[..], &["-i", "lim-window", "--wait-timeout", "60s"]].concat();
+    let out = pub_with_input(strings(&args), want.join("\n") + "\n").await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("the broker ended the link with many messages in flight"), "{err}");
+    let got: std::collections::BTreeSet<String> =
+        broker.publishes().iter().map(|p| String::from_utf8_lossy(&p.payload).into_owned()).collect();
+    assert!(want.iter().all(|w| got.contains(w)), "every message reached the broker");
+    // Each close costs at most one window of resends, and the window
+    // shrank below the limit: a handful of closes, not a livelock.
+    assert!(broker.connections() <= 6, "{} connections", broker.connections());
+    let st = status_json(&ob);
+    assert_eq!(st["queued"], 0, "{st}");
+    let window = st["brokers"][0]["window"].as_u64().expect("a learned window");
+    assert!(window <= 40, "learned {window}");
+    // The next run starts there: no close at all.
+    let before = broker.connections();
+    let args =
+        ["-b", &broker.url(), "-V", "311", "-q", "2", "-t", "lim/window", "-l", "--outbox", &ob, "-i", "lim-window"];
+    let out = pub_with_input(strings(&args), want[..200].join("\n") + "\n").await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("ended the link"), "{}", stderr(&out));
+    assert_eq!(broker.connections(), before + 1, "one connection, never closed");
+}

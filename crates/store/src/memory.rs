@@ -218,7 +218,7 @@ impl Store for MemoryStore {
     }
     fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
         let Some(r) = self.state.messages.get_mut(&id).filter(|r| !r.done) else { return Ok(false) };
-        let own = std::mem::replace(&mut r.msg.route, Some(crate::POISON_ROUTE.to_owned()));
+        let own = r.msg.route.replace(crate::POISON_ROUTE.to_owned());
         self.state.poison.insert(id, (own, slot, failures, at_ms));
         self.state.wire.remove(&(id, slot));
         Ok(true)

@@ -82,6 +82,12 @@ impl ScriptedBroker {
     }
 
     fn spawn(mqtt5: bool, connack: (u8, Option<u8>), sp: SessionScript, rp: ReplyScript) -> ScriptedBroker {
+        Self::listen(move |stream, conn, p| serve(stream, conn, mqtt5, connack, &sp, &rp, p))
+    }
+
+    /// Serves one connection at a time on a free loopback port, counting
+    /// them.
+    fn listen(serve_one: impl Fn(TcpStream, usize, &Mutex<Vec<Received>>) + Send + 'static) -> ScriptedBroker {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
         let port = listener.local_addr().expect("addr").port();
         let publishes = Arc::new(Mutex::new(Vec::new()));
@@ -91,7 +97,7 @@ impl ScriptedBroker {
             for (conn, stream) in listener.incoming().enumerate() {
                 let Ok(stream) = stream else { continue };
                 c.fetch_add(1, Ordering::SeqCst);
-                serve(stream, conn, mqtt5, connack, &sp, &rp, &p);
+                serve_one(stream, conn, &p);
             }
         });
         ScriptedBroker { port, publishes, connections }
@@ -103,19 +109,7 @@ impl ScriptedBroker {
     /// say so in 3.1.1. It never reports a session (a client without
     /// subscriptions has none on some brokers). It records every PUBLISH.
     pub fn limiting_qos2(max: usize) -> ScriptedBroker {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind scripted broker");
-        let port = listener.local_addr().expect("addr").port();
-        let publishes = Arc::new(Mutex::new(Vec::new()));
-        let connections = Arc::new(AtomicUsize::new(0));
-        let (p, c) = (publishes.clone(), connections.clone());
-        std::thread::spawn(move || {
-            for (conn, stream) in listener.incoming().enumerate() {
-                let Ok(stream) = stream else { continue };
-                c.fetch_add(1, Ordering::SeqCst);
-                serve_limited(stream, conn, max, &p);
-            }
-        });
-        ScriptedBroker { port, publishes, connections }
+        Self::listen(move |stream, conn, p| serve_limited(stream, conn, max, p))
     }
 
     /// `mqtt://127.0.0.1:PORT`.

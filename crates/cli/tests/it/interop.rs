@@ -123,12 +123,17 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
         "{}",
         stderr(&out)
     );
-    // QoS 2: NATS closes the connection; the error says why it may be.
+    // QoS 2: NATS closes the connection on it, saying nothing. The first
+    // close is named as a broker that may not do QoS 2; once the lone QoS 2
+    // PUBLISH has ended three links without a PUBREC ever, QoS 2 goes to
+    // NATS at QoS 1 and the message is delivered (before issue 17 it was
+    // resent into the same close for ever).
     let ob = dir.path().join("ob2");
-    let args = ["pub", "-b", &nats.url(), "-V", "311", "-q", "2", "-t", "q2", "-m", "x", "--wait-timeout", "4"];
+    let args = ["pub", "-b", &nats.url(), "-V", "311", "-q", "2", "-t", "q2", "-m", "x", "--wait-timeout", "30"];
     let out = run(&args.iter().copied().chain(["--outbox", ob.to_str().unwrap()]).collect::<Vec<_>>()).await;
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stderr(&out).contains("does not support QoS 2"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("QoS 2 messages go to it at QoS 1"), "{}", stderr(&out));
     let report = doctor_json(&run(&["doctor", "-b", &nats.url(), "--json"]).await);
     assert_eq!(report["checks"]["mqtt5"]["ok"], false, "{report}");
     assert_eq!(report["checks"]["qos2"]["ok"], false, "{report}");

@@ -2,30 +2,17 @@
 //! closes the link on is moved aside as poison and the rest go on; a broker
 //! that closes the link past an in-flight limit gets a smaller window.
 
-use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use steadfast_testkit::{Mosquitto, MosquittoOptions, ScriptedBroker, Subscriber};
 
-use super::{run, status_json, stderr, steadfast};
+use super::policy::run_with_input;
+use super::{run, status_json, stderr};
 
-/// `steadfast pub ARGS` with `input` on stdin, without blocking the runtime.
+/// `steadfast pub ARGS` with `input` on stdin.
 async fn pub_with_input(args: Vec<String>, input: String) -> Output {
-    tokio::task::spawn_blocking(move || {
-        let mut child = steadfast()
-            .arg("pub")
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap()
+    run_with_input([vec!["pub".to_string()], args].concat(), input).await
 }
 
 fn strings(a: &[&str]) -> Vec<String> {

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{status_json, stderr, steadfast};
 
 /// `steadfast ARGS` with `input` on stdin, to completion.
-async fn run_with_input(args: Vec<String>, input: String) -> Output {
+pub(super) async fn run_with_input(args: Vec<String>, input: String) -> Output {
     tokio::task::spawn_blocking(move || {
         let mut child = steadfast()
             .args(&args)

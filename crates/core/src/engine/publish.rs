@@ -550,10 +550,16 @@ impl<M: Queued> PublishSession<M> {
         self.window.release(pid);
         self.suspects.remove(&e.id);
         self.explained();
-        if let Some(m) = self.inflight.remove(&e.id) {
-            self.store.push_back(StoreOp::Poison(e.id, alone_ends));
-            self.events.push_back(SessionEvent::Poisoned { message: m, failures: alone_ends });
+        let Some(m) = self.inflight.remove(&e.id) else { return };
+        // Its own policy comes first: a message whose retry budget is spent
+        // leaves as `budget` (a deadline is the outbox's sweep's, poison or
+        // not).
+        if m.max_attempts().is_some_and(|max| m.attempts() >= max) {
+            self.store.push_back(StoreOp::Drop(vec![e.id], DropReason::Budget));
+            return;
         }
+        self.store.push_back(StoreOp::Poison(e.id, alone_ends));
+        self.events.push_back(SessionEvent::Poisoned { message: m, failures: alone_ends });
     }
 
     /// The broker cannot take QoS 2 and cannot say so: it ends the link on

@@ -6,7 +6,7 @@
 use steadfast_core::DropReason;
 use tokio::sync::oneshot;
 
-use super::request::{AcceptReply, HighReply, Request, SlotReply, WireReply};
+use super::request::{AcceptReply, HighReply, IdsReply, Request, SlotReply, WireReply};
 use super::writer::Writer;
 use super::{AppendError, Configured, Delivery, Dropped, Glance, OutboxState, Report};
 use crate::StoreError;
@@ -24,7 +24,7 @@ pub(super) struct Batch {
     pub(super) slot_replies: Vec<(SlotReply, Configured)>,
     pub(super) inbox_replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
     pub(super) high_replies: Vec<(HighReply, Vec<(String, u64)>)>,
-    pub(super) unpoison_replies: Vec<(oneshot::Sender<Result<Vec<u64>, StoreError>>, Vec<u64>)>,
+    pub(super) unpoison_replies: Vec<(IdsReply, Vec<u64>)>,
     pub(super) reads: Vec<Request>,
     pub(super) drops: Vec<Dropped>,
     pub(super) close: bool,

@@ -46,7 +46,7 @@ pub(super) enum Request {
     Unpoison {
         ids: Option<Vec<u64>>,
         delete: bool,
-        reply: oneshot::Sender<Result<Vec<u64>, StoreError>>,
+        reply: IdsReply,
     },
     CountDrop {
         reason: DropReason,
@@ -141,6 +141,7 @@ pub(super) struct PendingAppend {
 pub(super) type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
 pub(super) type HighReply = oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>;
 pub(super) type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
+pub(super) type IdsReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 pub(super) type SlotReply = oneshot::Sender<Result<Configured, StoreError>>;
 
 /// A copy of a removal or acknowledgement, kept to apply again when its

@@ -36,6 +36,8 @@ impl<E: FlagHint + std::error::Error> std::error::Error for WithFlag<E> {
 /// would cure names `store_flag` (`--outbox`, `--inbox`).
 pub fn open_failure(e: OpenError, store_flag: &str) -> Failure {
     match e {
+        // Not a mistake in the command: another process holds the outbox.
+        OpenError::Config(e @ ConfigError::JoinedOtherBrokers { .. }) => Failure::other(e),
         OpenError::Config(e) => Failure::usage(WithFlag(e)),
         OpenError::Store(e) => Failure::other(crate::paths::store_error(e, store_flag)),
         e => Failure::other(e),

@@ -301,7 +301,10 @@ fn client_config(
         .outbox(outbox)
         .other_sets(if a.retarget { OtherSets::Retarget } else { OtherSets::Keep })
         .max_inflight(a.max_inflight)
-        .poison_after(a.poison_after);
+        .poison_after(a.poison_after)
+        // Several `pub` at once on one outbox (cron jobs, `find -exec`):
+        // the later ones add their messages and the first delivers them.
+        .join_busy_outbox(true);
     for (name, set) in routes {
         config = config.route(name, set);
     }
@@ -404,7 +407,11 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut events = client.events();
     let drops_before = drop_counts(&client).await;
     let queued_before = client.status().await.map(|s| s.queued).unwrap_or(0);
-    first_attempt(&client, &mut events).await?;
+    if client.is_joined() {
+        tracing::info!(outbox = %dir.display(), "the outbox is in use by another pub: the messages are added to it and that process sends them");
+    } else {
+        first_attempt(&client, &mut events).await?;
+    }
     if let Some(addr) = o.metrics {
         let refresh = crate::metrics::refresh_with(client.clone(), |c| async move {
             let _ = c.export_metrics().await;
@@ -426,12 +433,28 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         client.close().await;
         return Err(f);
     }
-    let result = if o.no_wait {
-        report_drops(&client, &dir, &drops_before, None).await
-    } else {
-        tokio::select! {
-            r = wait_delivered(&client, &mut events, (o.wait_timeout, &o.drain), &dir, &drops_before) => r,
-            _ = interrupt.recv() => Err(interrupted(&client, &dir, &o.drain).await),
+    let mut client = client;
+    let result = loop {
+        if o.no_wait {
+            break report_drops(&client, &dir, &drops_before, None).await;
+        }
+        let waited = tokio::select! {
+            r = wait_joined(&client, &mut events, (o.wait_timeout, &o.drain), &dir, &drops_before) => r,
+            _ = interrupt.recv() => Waited::Done(Err(interrupted(&client, &dir, &o.drain).await)),
+        };
+        match waited {
+            Waited::Done(r) => break r,
+            // The pub that held the outbox ended before sending what this
+            // one added: this one takes the outbox over and sends it.
+            Waited::HolderGone => {
+                client.clone().close().await;
+                tracing::info!(outbox = %dir.display(), "the pub that held the outbox ended; this one sends what is queued");
+                client = match Client::open(o.config.clone()).await {
+                    Ok((c, _)) => c,
+                    Err(e) => break Err(open_failure(e, "--outbox")),
+                };
+                events = client.events();
+            }
         }
     };
     progress.finish();
@@ -451,6 +474,39 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     }
     client.close().await;
     result
+}
+
+enum Waited {
+    Done(Result<(), Failure>),
+    /// This pub joined the outbox and the process that held it is gone.
+    HolderGone,
+}
+
+/// [`wait_delivered`]; a pub that joined a busy outbox also watches for
+/// its holder to end (then the messages would wait for nobody).
+async fn wait_joined(
+    client: &Client,
+    events: &mut broadcast::Receiver<Event>,
+    limit: (Option<Duration>, &str),
+    dir: &std::path::Path,
+    drops_before: &[(steadfast::DropReason, u64)],
+) -> Waited {
+    let joined = client.is_joined();
+    let waiting = wait_delivered(client, events, limit, dir, drops_before);
+    tokio::pin!(waiting);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            r = &mut waiting => return Waited::Done(r),
+            _ = tick.tick(), if joined => {
+                let d = dir.to_owned();
+                let in_use = tokio::task::spawn_blocking(move || steadfast_store::SqliteStore::is_in_use(&d)).await;
+                if matches!(in_use, Ok(false)) {
+                    return Waited::HolderGone;
+                }
+            }
+        }
+    }
 }
 
 /// Gives the first connection attempt a moment, so that a refusal

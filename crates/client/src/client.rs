@@ -325,6 +325,8 @@ pub struct Status {
 
 struct Inner {
     cfg: Arc<ClientConfig>,
+    /// Joined a busy outbox: no drivers; the holder sends.
+    joined: bool,
     /// Messages held for other default broker sets, per set, at open.
     held: Vec<(String, u64)>,
     outbox: Outbox,
@@ -365,9 +367,52 @@ impl Client {
         let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
             .await
             .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))?;
-        let (store, report) = opened?;
-        let client = Self::with_store(cfg, Box::new(store)).await?;
-        Ok((client, report))
+        match opened {
+            Ok((store, report)) => Ok((Self::with_store(cfg, Box::new(store)).await?, report)),
+            Err(StoreError::Locked { .. }) if cfg.join => {
+                let dir = cfg.outbox_dir.clone();
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open_guest(&dir))
+                    .await
+                    .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))??;
+                Ok((Self::joined(cfg, Box::new(store)).await?, OpenReport::default()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A client beside the process that holds the outbox: it accepts
+    /// messages into it and follows them; the holder sends them.
+    async fn joined(cfg: ClientConfig, store: Box<dyn Store>) -> Result<Client, OpenError> {
+        let outbox = Outbox::start(store, cfg.outbox)?;
+        let checked = async {
+            // A holder that has just taken the lock writes these a moment
+            // later (several `pub` started at once).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let producer = outbox.meta("producer").await?;
+                let theirs = outbox.meta("default brokers").await?;
+                match (producer, theirs) {
+                    (Some(p), Some(set)) if set == cfg.default_set_key() => return Ok(p),
+                    (Some(_), Some(theirs)) => {
+                        return Err(OpenError::from(ConfigError::JoinedOtherBrokers { theirs }));
+                    }
+                    _ if tokio::time::Instant::now() >= deadline => {
+                        let theirs = "brokers it has not recorded yet".to_owned();
+                        return Err(OpenError::from(ConfigError::JoinedOtherBrokers { theirs }));
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        };
+        let producer = match checked.await {
+            Ok(p) => p,
+            Err(e) => {
+                let o = outbox.clone();
+                let _ = tokio::task::spawn_blocking(move || o.close()).await;
+                return Err(e);
+            }
+        };
+        Ok(Self::assemble(cfg, outbox, producer.into(), Vec::new(), None))
     }
 
     /// Like [`Client::open`] over any store (the in-memory one in tests).
@@ -387,7 +432,21 @@ impl Client {
         for (set, queued) in &held {
             tracing::info!(brokers = %set, queued, "messages accepted for other brokers stay queued; they are never sent to these");
         }
-        let urls = cfg.all_brokers();
+        Ok(Self::assemble(cfg, outbox, producer, held, Some(slots)))
+    }
+
+    /// The client around its outbox: one driver per broker with `slots`
+    /// (none for a client that joined a busy outbox).
+    fn assemble(
+        cfg: ClientConfig,
+        outbox: Outbox,
+        producer: Arc<str>,
+        held: Vec<(String, u64)>,
+        slots: Option<Vec<u32>>,
+    ) -> Client {
+        let joined = slots.is_none();
+        let urls = if joined { Vec::new() } else { cfg.all_brokers() };
+        let slots = slots.unwrap_or_default();
         let cfg = Arc::new(cfg);
         // The first receiver exists before any driver runs, so the first
         // `events()` call sees everything from the start (the first
@@ -419,6 +478,7 @@ impl Client {
         let first_events = Mutex::new(Some(first_events));
         let inner = Inner {
             cfg,
+            joined,
             held,
             outbox,
             producer,
@@ -434,7 +494,14 @@ impl Client {
         let weak = Arc::downgrade(&client.inner);
         let ticker = tokio::spawn(export_every_second(weak, stop_rx));
         client.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()).push(ticker);
-        Ok(client)
+        client
+    }
+
+    /// True when this client joined an outbox another process holds
+    /// ([`ClientConfig::join_busy_outbox`]): it connects to no broker; that
+    /// process sends what this one accepts.
+    pub fn is_joined(&self) -> bool {
+        self.inner.joined
     }
 
     /// The producer id and the broker slots; refuses an outbox holding
@@ -475,6 +542,9 @@ impl Client {
         msg.props.validate().map_err(PublishError::Properties)?;
         let policy = msg.policy(self.inner.cfg.policy_for(msg.route.as_deref()));
         policy.validate().map_err(PublishError::Policy)?;
+        if self.inner.joined && policy.class == Class::BestEffort {
+            return Err(PublishError::JoinedBestEffort);
+        }
         // When a broker told us its limit, refuse what it can never take
         // before accepting it. An approximate size errs on the safe side:
         // fixed header, topic, packet id, properties and identity.

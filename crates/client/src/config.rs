@@ -277,6 +277,7 @@ pub struct ClientConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_inflight: u16,
     pub(crate) poison_after: u32,
+    pub(crate) join: bool,
     pub(crate) outbox: OutboxConfig,
     pub(crate) producer_id: Option<String>,
     pub(crate) seed: Option<u64>,
@@ -347,6 +348,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             max_inflight: 1024,
             poison_after: 3,
+            join: false,
             outbox: OutboxConfig::default(),
             producer_id: None,
             seed: None,
@@ -435,6 +437,18 @@ impl ClientConfig {
         self.connect_timeout = d;
         self
     }
+    /// When another process holds the outbox (a `pub` already running on
+    /// it), open it beside that process instead of failing with
+    /// `StoreError::Locked`: messages are accepted into it (on disk, as
+    /// always) and that process sends them; this client connects to no
+    /// broker and learns what becomes of them ([`crate::Client::is_joined`]).
+    /// Its default broker set must be the holder's (G9); best-effort
+    /// messages, which are never stored, are refused. Off by default.
+    pub fn join_busy_outbox(mut self, yes: bool) -> Self {
+        self.join = yes;
+        self
+    }
+
     /// Poison isolation: a message alone in flight each time a broker ends
     /// the link, this many times in a row, is moved aside (kept on disk,
     /// listed by `steadfast poison`) so that it no longer blocks the

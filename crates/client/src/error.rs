@@ -130,6 +130,13 @@ pub enum ConfigError {
         /// Their broker sets, `;`-separated.
         brokers: String,
     },
+    /// The outbox is in use by a process that sends to other brokers: its
+    /// messages would go there (G9).
+    #[error("the outbox is in use by another process that sends to {theirs}, not to the brokers given here; wait for it to end, or use an outbox of your own (--outbox DIR, or another -i)")]
+    JoinedOtherBrokers {
+        /// The holder's default broker set.
+        theirs: String,
+    },
     /// More distinct brokers than one client can keep state for.
     #[error("{count} distinct brokers configured; one client talks to at most {max}")]
     TooManyBrokers {
@@ -281,6 +288,10 @@ pub enum PublishError {
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
+    /// This client joined an outbox another process holds, to add messages
+    /// to it; a best-effort message is never stored.
+    #[error("the outbox is in use by another process, which this one joined to add messages to it; best-effort messages are never stored: publish them in another class, or from an outbox of your own (--outbox DIR, or another -i)")]
+    JoinedBestEffort,
 }
 
 impl PublishError {

@@ -319,6 +319,16 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn set_broker(&mut self, rec: &BrokerRecord) -> Result<(), StoreError>;
     /// Every broker's last recorded state.
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError>;
+    /// Changes when another connection (another process on the same
+    /// outbox) committed since the last call; never for this one's own.
+    fn data_version(&mut self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    /// Why a message that left the outbox was dropped, if the drop log
+    /// says it was (it keeps the newest [`DROP_LOG_KEEP`]).
+    fn dropped_as(&mut self, _id: u64) -> Result<Option<DropReason>, StoreError> {
+        Ok(None)
+    }
     /// Ids (and what is wrong) of records that reads skipped because they
     /// could not be decoded, since the last call.
     fn take_unreadable(&mut self) -> Vec<(u64, String)> {

@@ -484,10 +484,12 @@ async fn demo(args: &[&str]) -> String {
     stdout
 }
 
-/// Two processes on one outbox: the second is refused with a clear error
-/// and the first goes on to deliver everything from an intact store.
+/// Two `pub` on one outbox: the second joins it (its message accepted into
+/// the outbox the first holds, on disk) and the first delivers it; the
+/// second exits 0 once its message is delivered. A `sub` or a bridge on
+/// it is still refused (they take the outbox whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_process_on_the_same_outbox_is_refused() {
+async fn a_second_pub_on_the_same_outbox_joins_it_and_the_first_delivers() {
     let broker = Mosquitto::plain().await;
     let sub = Subscriber::start(broker.port(), "cli/two", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
@@ -503,18 +505,96 @@ async fn a_second_process_on_the_same_outbox_is_refused() {
     stdin.write_all(b"one\n").unwrap();
     stdin.flush().unwrap();
     sub.wait_count(1, Duration::from_secs(10)).await;
-    let second = run(&["pub", "-b", &broker.url(), "-t", "cli/two", "-m", "intruder", "--outbox", ob]).await;
-    assert_eq!(second.status.code(), Some(1), "{}", stderr(&second));
-    assert!(stderr(&second).contains("is in use by another process"), "{}", stderr(&second));
-    assert!(stderr(&second).contains("a directory of its own (--outbox DIR)"), "{}", stderr(&second));
+    let second = run(&["pub", "-b", &broker.url(), "-t", "cli/two", "-m", "joined", "--outbox", ob]).await;
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    sub.wait_count(2, Duration::from_secs(10)).await;
+    // For other brokers, it is refused: its message would go to the first's.
+    let other = run(&["pub", "-b", "mqtt://127.0.0.1:9", "-t", "cli/two", "-m", "x", "--outbox", ob]).await;
+    assert_eq!(other.status.code(), Some(1), "{}", stderr(&other));
+    assert!(stderr(&other).contains("in use by another process that sends to"), "{}", stderr(&other));
+    let args = ["pub", "-b", &broker.url(), "-t", "cli/two", "--class", "best-effort", "-m", "x", "--outbox", ob];
+    let best_effort = run(&args).await;
+    assert_ne!(best_effort.status.code(), Some(0), "{}", stderr(&best_effort));
+    assert!(stderr(&best_effort).contains("best-effort messages are never stored"), "{}", stderr(&best_effort));
     stdin.write_all(b"two\nthree\n").unwrap();
     drop(stdin);
     let out = first.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    sub.wait_count(3, Duration::from_secs(10)).await;
-    assert_eq!(sub.lines(), ["one", "two", "three"]);
+    sub.wait_count(4, Duration::from_secs(10)).await;
+    let lines = sub.lines();
+    assert_eq!(
+        lines.iter().filter(|l| ["one", "joined", "two", "three"].contains(&l.as_str())).count(),
+        4,
+        "{lines:?}"
+    );
     let st = status_json(ob);
-    assert_eq!((st["queued"].as_u64(), st["brokers"][0]["acked"].as_u64()), (Some(0), Some(3)));
+    assert_eq!((st["queued"].as_u64(), st["brokers"][0]["acked"].as_u64()), (Some(0), Some(4)));
+}
+
+/// `for i in ...; do steadfast pub ... & done`: every process exits 0 and
+/// every message arrives, whichever of them holds the outbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_pub_at_once_on_one_outbox_all_deliver() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "cli/many", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let url = broker.url();
+    let children: Vec<_> = (0..12)
+        .map(|i| {
+            steadfast()
+                .args(["pub", "-b", &url, "-t", "cli/many", "-m", &format!("m{i}"), "-i", "many", "--outbox", &ob])
+                .args(["--wait-timeout", "60s"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs = tokio::task::spawn_blocking(move || {
+        children.into_iter().map(|c| c.wait_with_output().unwrap()).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for o in &outs {
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+    }
+    let want: Vec<String> = (0..12).map(|i| format!("m{i}")).collect();
+    sub.wait_all(&want, Duration::from_secs(20)).await;
+    assert_eq!(status_json(&ob)["queued"], 0);
+}
+
+/// A `pub` that joined an outbox whose holder then ends without sending
+/// its message (its broker down, its wait over) takes the outbox over and
+/// sends it once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_pub_takes_the_outbox_over_when_its_holder_ends() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "cli/over", 1, None).await;
+    let proxy = FaultProxy::start(broker.port()).await.unwrap();
+    proxy.set(ProxyMode::Reset);
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let url = proxy.url();
+    let args = |m: &str, wait: &str| -> Vec<String> {
+        ["pub", "-b", &url, "-t", "cli/over", "-m", m, "-i", "over", "--outbox", &ob, "--wait-timeout", wait]
+            .map(String::from)
+            .to_vec()
+    };
+    let holder = steadfast().args(args("first", "3s")).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let o = ob.clone();
+    wait_until("the first pub to hold the outbox", Duration::from_secs(10), || {
+        try_status_json(&o).is_ok_and(|s| s["owner_running"] == true)
+    })
+    .await;
+    let joined = steadfast().args(args("second", "60s")).stdin(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let first = tokio::task::spawn_blocking(move || holder.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(first.status.code(), Some(3), "the broker is down: {}", stderr(&first));
+    proxy.set(ProxyMode::Pass);
+    let second = tokio::task::spawn_blocking(move || joined.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(second.status.code(), Some(0), "{}", stderr(&second));
+    sub.wait_all(&["first".to_string(), "second".to_string()], Duration::from_secs(20)).await;
+    assert_eq!(status_json(&ob)["queued"], 0);
 }
 
 /// Every duration flag and key takes the one syntax: days and decimals in

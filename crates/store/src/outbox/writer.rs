@@ -48,10 +48,17 @@ pub(super) struct Writer {
     pub(super) inbox_len: u64,
     /// Their bytes (an over-estimate between prunes).
     pub(super) inbox_bytes: u64,
+    /// The store's data version when last looked at: it changes when
+    /// another process commits to the same outbox.
+    pub(super) data_version: u64,
+    pub(super) followed_at: std::time::Instant,
 }
 
 /// The most requests one batch takes.
 const MAX_BATCH: usize = 8192;
+/// How often the writer looks for commits of another process on the same
+/// outbox (a `pub` that joined it, or, seen from that `pub`, the holder).
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
 /// How often the sweeps run while there is anything to sweep.
 const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -73,6 +80,7 @@ impl Writer {
         sweeper.handle_next_expiry(store.next_expiry()?);
         sweeper.handle_queued(totals.count > 0);
         let poisoned = store.poisoned()?.len() as u64;
+        let data_version = store.data_version()?;
         let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned });
         let writer = Writer {
             store,
@@ -95,6 +103,8 @@ impl Writer {
             pruned_at: std::time::Instant::now(),
             inbox_len: 0,
             inbox_bytes: 0,
+            data_version,
+            followed_at: std::time::Instant::now(),
         };
         Ok((writer, state))
     }
@@ -109,17 +119,16 @@ impl Writer {
             } else {
                 Some(std::time::Duration::from_secs(1))
             };
-            let first = match wait {
-                None => match rx.recv() {
-                    Ok(r) => Some(r),
-                    Err(_) => break,
-                },
-                Some(wait) => match rx.recv_timeout(wait) {
-                    Ok(r) => Some(r),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
+            let wait = wait.map_or(FOLLOW_EVERY, |w| w.min(FOLLOW_EVERY));
+            let first = match rx.recv_timeout(wait) {
+                Ok(r) => Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
+            if self.followed_at.elapsed() >= FOLLOW_EVERY {
+                self.followed_at = std::time::Instant::now();
+                self.follow_others();
+            }
             let mut requests: Vec<Request> = first.into_iter().collect();
             while requests.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -291,6 +300,55 @@ impl Writer {
             | Request::Poisoned { .. }
             | Request::GetMeta { .. }) => b.reads.push(r),
         }
+        Ok(())
+    }
+
+    /// Another process committed to this outbox: a `pub` that joined it
+    /// added messages (the holder's senders must see them), or the holder
+    /// delivered some that a joined `pub` waits for. What the writer keeps
+    /// in memory is read again, and waiters whose messages left are told.
+    fn follow_others(&mut self) {
+        match self.store.data_version() {
+            Ok(v) if v != self.data_version => {
+                self.data_version = v;
+                if let Err(e) = self.reload() {
+                    tracing::warn!(error = %e, "cannot read what another process added to the outbox; trying again");
+                    self.data_version = v.wrapping_sub(1);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reload(&mut self) -> Result<(), StoreError> {
+        self.totals = self.store.totals()?;
+        self.deadline_totals = None;
+        self.last_id = self.last_id.max(self.store.newest_id()?.unwrap_or(0));
+        for (p, id) in self.store.newest_by_priority()? {
+            self.newest[p as usize] = self.newest[p as usize].max(id);
+        }
+        self.held = held_count(&self.store.routes()?);
+        self.poisoned = self.store.poisoned()?.len() as u64;
+        self.sweeper.handle_next_expiry(self.store.next_expiry()?);
+        let mut left = Vec::new();
+        for &id in self.waiters.keys() {
+            if self.store.entry(id)?.is_none_or(|e| e.done) {
+                left.push(id);
+            }
+        }
+        for id in left {
+            let outcome = self.store.dropped_as(id)?.map_or(Delivery::Delivered, Delivery::Dropped);
+            if let Some(tx) = self.waiters.remove(&id) {
+                let _ = tx.send(outcome);
+            }
+        }
+        self.state.send_replace(OutboxState {
+            last_id: self.last_id,
+            totals: self.totals,
+            newest: self.newest,
+            held: self.held,
+            poisoned: self.poisoned,
+        });
         Ok(())
     }
 

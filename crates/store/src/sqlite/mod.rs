@@ -162,6 +162,32 @@ impl SqliteStore {
         Ok((store, report))
     }
 
+    /// Opens the outbox in `dir` beside the process that holds its lock, to
+    /// add messages to it and follow what becomes of them (a `pub` that
+    /// joins one already running on the outbox). SQLite's log takes one
+    /// writer at a time; each waits for the other (the busy timeout). No
+    /// recovery runs: the holder did that when it opened.
+    pub fn open_guest(dir: &Path) -> Result<SqliteStore, StoreError> {
+        let files = Files::new(dir, StoreKind::Outbox);
+        let path = files.path("db");
+        if !path.exists() {
+            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db in it");
+            return Err(StoreError::Io { path: dir.to_owned(), source });
+        }
+        let conn = schema::open_connection(&path).map_err(|e| map_error(dir, e))?;
+        schema::init_schema(&conn, dir)?;
+        Ok(SqliteStore {
+            conn,
+            dir: dir.to_owned(),
+            kind: StoreKind::Outbox,
+            _lock: None,
+            unreadable: Vec::new(),
+            synced: true,
+            reserved: reserve::read(dir),
+            drops_logged: 0,
+        })
+    }
+
     /// Opens an existing outbox read-only, without its lock, to report on
     /// it while its owner runs (`steadfast status`).
     pub fn open_read_only(dir: &Path) -> Result<SqliteStore, StoreError> {

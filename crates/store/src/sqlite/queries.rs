@@ -337,6 +337,16 @@ impl Store for SqliteStore {
         Ok(n > 0)
     }
 
+    fn data_version(&mut self) -> Result<u64, StoreError> {
+        Ok(self.conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    fn dropped_as(&mut self, id: u64) -> Result<Option<DropReason>, StoreError> {
+        let reason: Option<String> =
+            self.conn.query_row("SELECT reason FROM dropped WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
+        Ok(reason.and_then(|r| DropReason::parse(&r)))
+    }
+
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0";
         Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)

@@ -117,6 +117,9 @@ struct DestSpec {
     qos: Option<Spanned<u8>>,
     /// Most messages in flight per broker.
     max_inflight: Option<Spanned<u16>>,
+    /// Failed links in a row with a message alone in flight that make it
+    /// poison (0: never).
+    poison_after: Option<u32>,
     topic_prefix: Option<Spanned<String>>,
     strip_prefix: Option<Spanned<String>>,
     #[serde(default)]
@@ -401,6 +404,9 @@ impl DestinationKeys {
             .other_sets(OtherSets::Keep);
         if let Some(m) = d.max_inflight.as_ref().filter(|m| *m.get_ref() > 0) {
             destination = destination.max_inflight(*m.get_ref());
+        }
+        if let Some(n) = d.poison_after {
+            destination = destination.poison_after(n);
         }
         match secrets!(d).apply(destination.clone()) {
             Ok(c) => destination = c,

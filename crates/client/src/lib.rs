@@ -25,6 +25,8 @@ mod clock;
 mod config;
 mod consumer;
 pub mod doctor;
+#[doc(hidden)]
+pub mod readme;
 mod driver;
 mod error;
 mod link;

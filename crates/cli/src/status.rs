@@ -56,6 +56,9 @@ struct BrokerJson {
     /// The in-flight window learned from it, if it ended links with many
     /// messages in flight.
     window: Option<u16>,
+    /// In the last run's configuration (false: a broker of an earlier run,
+    /// kept for its history).
+    configured: bool,
 }
 
 pub async fn run(a: StatusArgs) -> Result<(), Failure> {
@@ -197,6 +200,7 @@ impl Store {
                 lag,
                 missed,
                 window: self.window_of(&b.url),
+                configured: self.configured(&b.url),
             })
             .collect();
         Json {
@@ -222,6 +226,11 @@ impl Store {
                 })
                 .collect(),
         }
+    }
+
+    /// True unless the last run's configuration is known and lacks `url`.
+    fn configured(&self, url: &str) -> bool {
+        self.report.configured.as_ref().is_none_or(|c| c.iter().any(|u| u == url))
     }
 
     fn window_of(&self, url: &str) -> Option<u16> {
@@ -283,8 +292,20 @@ impl Store {
                 r.counters.iter().map(|(k, v)| format!("{} {v}", k.trim_start_matches("consumer."))).collect();
             println!("inbox    {} identities remembered; {}", r.inbox, counters.join(", "));
         }
-        for b in &r.brokers {
+        // This run's brokers first; those of earlier runs after, as such.
+        let (now, before): (Vec<_>, Vec<_>) = r.brokers.iter().partition(|b| self.configured(&b.url));
+        for b in now {
             self.print_broker(b);
+        }
+        for b in before {
+            let since = UNIX_EPOCH + Duration::from_millis(b.since_ms);
+            let ago = SystemTime::now().duration_since(since).unwrap_or_default();
+            println!(
+                "broker   {}  not in the last run's configuration (last seen {} ago), acked {}",
+                b.url,
+                human_age(ago),
+                b.acked
+            );
         }
     }
 

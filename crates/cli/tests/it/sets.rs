@@ -33,6 +33,12 @@ async fn a_message_accepted_for_one_broker_goes_to_another_only_when_retargeted(
     let st = status_json(ob);
     assert_eq!((st["queued"].as_u64(), st["held"][0]["queued"].as_u64()), (Some(1), Some(1)), "{st}");
     assert_eq!(st["held"][0]["brokers"], a.url(), "{st}");
+    // Both brokers are listed; A, of the earlier run, as such (issue 21).
+    let configured =
+        |url: String| st["brokers"].as_array().unwrap().iter().find(|x| x["url"] == url).unwrap()["configured"].clone();
+    assert_eq!((configured(a.url()), configured(b.url())), (false.into(), true.into()), "{st}");
+    let text = String::from_utf8_lossy(&run(&["status", "--outbox", ob]).await.stdout).into_owned();
+    assert!(text.contains(&format!("broker   {}  not in the last run's configuration", a.url())), "{text}");
     // With A's own brokers it goes to A.
     a.restart().await;
     let on_a = Subscriber::start(a.port(), "#", 1, None).await;

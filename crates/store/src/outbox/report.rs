@@ -54,6 +54,9 @@ pub struct Report {
     /// Per broker, the in-flight window learned from it (it ended links
     /// with many messages in flight).
     pub windows: Vec<(String, u16)>,
+    /// The brokers of the last run's configuration (`None`: not recorded,
+    /// an outbox of an earlier release or an inbox).
+    pub configured: Option<Vec<String>>,
 }
 
 impl Report {
@@ -79,6 +82,7 @@ impl Report {
             producer: store.meta("producer")?,
             last_id: store.last_id()?,
             poisoned: store.poisoned()?,
+            configured: store.meta("brokers")?.map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),
             windows: {
                 let mut windows = Vec::new();
                 for (url, _) in store.slots()? {

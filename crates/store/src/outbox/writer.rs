@@ -361,6 +361,8 @@ impl Writer {
         set: &DefaultSet,
     ) -> Result<Configured, StoreError> {
         let slots = self.store.assign_slots(urls)?;
+        // What `status` tells apart from brokers of earlier runs.
+        self.store.set_meta("brokers", &urls.join(" "))?;
         for q in &mut quorums {
             for (slot, url) in &mut q.members {
                 if let Some(i) = urls.iter().position(|u| u == url) {

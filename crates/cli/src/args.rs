@@ -284,9 +284,9 @@ pub struct PubArgs {
     /// Send what the outbox holds; take no new input.
     #[arg(long, group = "input")]
     pub drain: bool,
-    /// Most messages in flight (unacknowledged) per broker; a broker's MQTT 5 receive maximum lowers it. Lower it for a 3.1.1 broker that limits in-flight messages without saying so.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
-    pub max_inflight: u16,
+    /// Most messages in flight (unacknowledged) per broker, default 1024; a broker's MQTT 5 receive maximum lowers it; towards MQTT 3.1.1, which cannot announce a limit, 20 unless given; a broker that closes the link past a limit makes it shrink.
+    #[arg(long, value_name = "N")]
+    pub max_inflight: Option<u16>,
     /// A message alone in flight each time a broker ends the link, this many times in a row, is moved aside as poison (kept; `steadfast poison` lists it) so that the messages behind it go on; 0: never.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub poison_after: u32,

@@ -91,6 +91,7 @@ fn title(key: &str) -> &'static str {
         "session" => "session kept across a reconnect",
         "restart" => "session kept across a broker restart",
         "disconnect_race" => "message right after a DISCONNECT",
+        "inflight" => "unfinished QoS 2 messages in flight",
         _ => "check",
     }
 }
@@ -189,6 +190,12 @@ fn advice(r: &Report) -> Vec<String> {
     } else {
         out.push("make sure the broker keeps its sessions and queued messages on disk, saves them often (what it accepted since the last save is lost in a crash), and queues enough per absent consumer (message rate x longest absence)".into());
     }
+    if let Some(n) = r.inflight_closes_at {
+        out.push(format!("this broker closes the connection past {n} unfinished QoS 2 messages from one client without announcing it (steadfast's window towards MQTT 3.1.1 is 20 unless --max-inflight is given; past a close it shrinks and is remembered); keep --max-inflight (bridge: `max_inflight`) at {} or less", n.max(1)));
+        if r.is_mosquitto() {
+            out.push("Mosquitto with `max_queued_messages 0` drops the QoS 2 message that passes `max_inflight_messages` while answering PUBREC to an MQTT 3.1.1 client (it cannot say quota exceeded in 3.1.1): give `max_queued_messages` a number (the default 1000 queues the excess), or publish over MQTT 5 (-V auto, the default), where it announces its receive maximum".into());
+        }
+    }
     if let Some(max) = r.limits.maximum_packet_size {
         out.push(format!("messages above {max} bytes on the wire are refused by this broker; steadfast drops them as `too-large` at enqueue"));
     }
@@ -203,6 +210,7 @@ fn to_json(r: &Report) -> serde_json::Value {
         "software": r.software,
         "version": r.version.map(|v| match v { ProtocolVersion::V5 => "5", ProtocolVersion::V311 => "3.1.1" }),
         "checks": checks,
+        "inflight_closes_at": r.inflight_closes_at,
         "limits": {
             "receive_maximum": r.limits.receive_maximum,
             "maximum_packet_size": r.limits.maximum_packet_size,

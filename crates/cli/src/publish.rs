@@ -300,11 +300,13 @@ fn client_config(
         .policy(policy)
         .outbox(outbox)
         .other_sets(if a.retarget { OtherSets::Retarget } else { OtherSets::Keep })
-        .max_inflight(a.max_inflight)
         .poison_after(a.poison_after)
         // Several `pub` at once on one outbox (cron jobs, `find -exec`):
         // the later ones add their messages and the first delivers them.
         .join_busy_outbox(true);
+    if let Some(n) = a.max_inflight {
+        config = config.max_inflight(n);
+    }
     for (name, set) in routes {
         config = config.route(name, set);
     }

@@ -257,6 +257,9 @@ impl BrokerSet {
     }
 }
 
+/// Messages in flight per broker unless configured otherwise.
+pub const DEFAULT_MAX_INFLIGHT: u16 = 1024;
+
 /// Everything a [`crate::Client`] needs.
 #[derive(Clone)]
 pub struct ClientConfig {
@@ -277,6 +280,8 @@ pub struct ClientConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_inflight: u16,
     pub(crate) poison_after: u32,
+    /// `max_inflight` was configured (not the default).
+    pub(crate) inflight_set: bool,
     pub(crate) join: bool,
     pub(crate) outbox: OutboxConfig,
     pub(crate) producer_id: Option<String>,
@@ -346,8 +351,9 @@ impl ClientConfig {
             password: None,
             backoff: BackoffConfig::default(),
             connect_timeout: Duration::from_secs(10),
-            max_inflight: 1024,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
             poison_after: 3,
+            inflight_set: false,
             join: false,
             outbox: OutboxConfig::default(),
             producer_id: None,
@@ -458,12 +464,14 @@ impl ClientConfig {
         self
     }
 
-    /// Most QoS 1/2 messages in flight per broker (default 1024); a
-    /// broker's receive maximum lowers it, and a broker that ends links
-    /// with many in flight makes it shrink (docs/interop.md, "Brokers with
-    /// limits").
+    /// Most QoS 1/2 messages in flight per broker (default 1024; towards an
+    /// MQTT 3.1.1 broker, which cannot announce its limit, 20 unless set
+    /// here); a broker's receive maximum lowers it, and a broker that ends
+    /// links with many in flight makes it shrink (docs/interop.md, "Brokers
+    /// with limits").
     pub fn max_inflight(mut self, n: u16) -> Self {
         self.max_inflight = n;
+        self.inflight_set = true;
         self
     }
     /// Outbox bounds and overflow policy.

@@ -65,6 +65,9 @@ pub struct Report {
     pub version: Option<ProtocolVersion>,
     /// Limits from the MQTT 5 CONNACK.
     pub limits: Limits,
+    /// Unfinished QoS 2 messages from one client at which the broker
+    /// closed the connection (a limit it does not announce), if it did.
+    pub inflight_closes_at: Option<u16>,
     /// The checks, in the order run.
     pub checks: Vec<Check>,
 }
@@ -102,6 +105,7 @@ pub async fn diagnose(
         software: None,
         version: None,
         limits: Limits::default(),
+        inflight_closes_at: None,
         checks: Vec::new(),
     };
     let d = Doc { cfg: cfg.clone().session_expiry(Duration::from_secs(300)), url: url.clone(), tag };
@@ -138,6 +142,11 @@ pub async fn diagnose(
     report.software = d.software().await;
     push_check(&mut report, d.qos2().await);
     push_check(&mut report, d.retained().await);
+    if report.check("qos2").and_then(|c| c.ok) == Some(true) {
+        let (check, closes_at) = probe_inflight(&d.cfg, url, &d.tag).await;
+        report.inflight_closes_at = closes_at;
+        push_check(&mut report, check);
+    }
     for c in d.session(None, restart_within).await {
         push_check(&mut report, c);
     }
@@ -147,6 +156,98 @@ pub async fn diagnose(
         }
     }
     report
+}
+
+/// How many unfinished QoS 2 messages the in-flight probe sends: the
+/// client's default window.
+pub const PROBE_INFLIGHT: u16 = 1024;
+
+/// The broker's limit on unfinished inbound QoS 2 messages (PUBREC sent,
+/// PUBREL not yet) from one client, when it announces none (MQTT 3.1.1
+/// cannot): [`PROBE_INFLIGHT`] of them in one burst, on a connection of
+/// their own (client id tagged with `tag`).
+/// Returns the check (`inflight`) and, when the broker closed the
+/// connection, how many it had taken by then; what it took is released
+/// (PUBREL) afterwards.
+pub async fn probe_inflight(cfg: &ClientConfig, url: &BrokerUrl, tag: &str) -> (Check, Option<u16>) {
+    let check = |ok, detail: String| Check { key: "inflight", ok, detail };
+    let mut c = cfg.clone();
+    c.client_id = format!("steadfast-doctor-{tag}-inflight");
+    let mut p = match Probe::open(&c, url, true).await {
+        Ok(p) => p,
+        Err(e) => return (check(None, format!("not probed: {e}")), None),
+    };
+    if let Some(max) = p.ack.receive_maximum {
+        p.close().await;
+        let detail = format!(
+            "it announces a receive maximum of {max}; steadfast keeps to it (not probed past it: a client must not)"
+        );
+        return (check(Some(true), detail), None);
+    }
+    let topic = format!("steadfast/doctor/{tag}/inflight");
+    // In steps, each answered before the next: a broker that resets the
+    // connection discards the answers still on their way, so the count of
+    // what it took is exact to a step.
+    const STEP_SIZE: u16 = 4;
+    let (mut taken, mut refused, mut closed) = (Vec::new(), 0u16, false);
+    let mut ended = String::new();
+    let mut next = 1u16;
+    'probe: while next <= PROBE_INFLIGHT {
+        let last = (next + STEP_SIZE - 1).min(PROBE_INFLIGHT);
+        let mut sent = Ok(());
+        for pid in next..=last {
+            sent = sent.and_then(|()| p.publish(&topic, b"inflight", Qos::ExactlyOnce, false, Some(pid)));
+        }
+        if let Err(e) = sent.and(p.flush().await) {
+            ended = e.to_string();
+            closed = true;
+            break;
+        }
+        for _ in next..=last {
+            let answer = p
+                .wait(STEP, |i| match i {
+                    Incoming::Ack(Ack::PubRec { pid, ok }) => Some((*pid, *ok)),
+                    Incoming::Ack(Ack::PubAck { pid, ok }) => Some((*pid, *ok)),
+                    _ => None,
+                })
+                .await;
+            match answer {
+                Ok(Some((pid, true))) => taken.push(pid),
+                Ok(Some((_, false))) => refused += 1,
+                Ok(None) => break 'probe,
+                Err(e) => {
+                    tracing::debug!(error = %e, taken = taken.len(), "doctor: the in-flight probe's connection ended");
+                    ended = e.to_string();
+                    closed = true;
+                    break 'probe;
+                }
+            }
+        }
+        next = last + 1;
+    }
+    let n = taken.len() as u16;
+    if closed {
+        let detail = format!("it closed the connection after taking {n} unfinished QoS 2 messages (PUBREC sent, PUBREL not yet; {ended}): a limit it does not announce. steadfast halves its window at such a close and remembers the window per broker; start below it with --max-inflight {}", n.max(1));
+        return (check(Some(false), detail), Some(n));
+    }
+    for pid in &taken {
+        let _ = p.link.pubrel(*pid);
+    }
+    let _ = p.flush().await;
+    let _ = p
+        .wait(STEP, |i| {
+            matches!(i, Incoming::Ack(Ack::PubComp { pid }) if *pid == taken.last().copied().unwrap_or(0)).then_some(())
+        })
+        .await;
+    p.close().await;
+    let detail = if refused > 0 {
+        format!("it took {n} unfinished QoS 2 messages and refused {refused} more with an error reason code (quota exceeded): steadfast keeps to the receive maximum a broker announces and sends a refused message again after a pause")
+    } else if n < PROBE_INFLIGHT {
+        return (check(None, format!("it answered {n} of {PROBE_INFLIGHT} QoS 2 messages within {STEP:?}")), None);
+    } else {
+        format!("it took {n} unfinished QoS 2 messages (steadfast's default window) without closing the connection")
+    };
+    (check(Some(true), detail), None)
 }
 
 /// Adds a finished check to the report (and to the debug log).

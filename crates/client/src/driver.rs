@@ -30,10 +30,12 @@ use crate::{BrokerStatus, Event, LinkState};
 
 /// Messages read from the outbox per page.
 const PAGE: usize = 1024;
-/// The first window towards an MQTT 3.1.1 broker, which cannot announce
-/// its limit on messages in flight (it grows by one per window's worth of
-/// acknowledgements).
-const START_WINDOW_311: u16 = 64;
+/// The window towards an MQTT 3.1.1 broker, which cannot announce its
+/// limit on messages in flight, unless `max_inflight` is configured:
+/// Mosquitto's default `max_inflight_messages`. Not probed past: past its
+/// limit Mosquitto (with `max_queued_messages 0`) drops a QoS 2 message
+/// while answering PUBREC to a 3.1.1 client (docs/interop.md).
+const WINDOW_311: u16 = 20;
 
 /// State of one broker shared with the [`crate::Client`] handle.
 pub(crate) struct BrokerShared {
@@ -112,6 +114,9 @@ pub(crate) struct Driver {
     /// the window was started (at the first CONNACK).
     learned_window: Option<u16>,
     window_started: bool,
+    /// The MQTT 3.1.1 window used when nothing was learned (not a finding
+    /// to remember).
+    default_311: Option<u16>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -164,6 +169,7 @@ impl Driver {
             last_recorded: Instant::now(),
             learned_window: None,
             window_started: false,
+            default_311: None,
         }
     }
 
@@ -178,13 +184,20 @@ impl Driver {
         if std::mem::replace(&mut self.window_started, true) {
             return;
         }
-        let start = match (self.learned_window, self.version) {
-            (Some(n), _) => Some(n),
-            (None, ProtocolVersion::V311) => Some(START_WINDOW_311),
-            (None, _) => None,
-        };
-        if let Some(n) = start {
-            self.session.start_window(n);
+        // Towards 3.1.1 a configured max_inflight is the user's word on the
+        // broker's limit; the default is not, and a moderate one is used.
+        let v311 = (self.version == ProtocolVersion::V311).then(|| {
+            if self.cfg.inflight_set {
+                self.cfg.max_inflight
+            } else {
+                WINDOW_311.min(self.cfg.max_inflight)
+            }
+        });
+        self.default_311 = v311;
+        match (self.learned_window, v311) {
+            (Some(n), Some(w)) => self.session.learned_window(n.min(w)),
+            (Some(n), None) | (None, Some(n)) => self.session.learned_window(n),
+            (None, None) => {}
         }
     }
 
@@ -591,16 +604,19 @@ impl Driver {
                         "the broker ended the link each time a QoS 2 message was alone in flight and never answered one with PUBREC: it does not do QoS 2 (NATS does not); QoS 2 messages go to it at QoS 1 (a consumer may see one twice; its inbox removes the copy)"
                     );
                 }
-                SessionEvent::Window(WindowChange { from, to, in_flight }) => {
+                SessionEvent::Window(WindowChange { from, to, in_flight, ceiling }) => {
                     tracing::warn!(
-                        broker = %self.url, from, to, in_flight,
-                        "the broker ended the link with many messages in flight (a limit it does not announce?): at most {to} in flight from now on, one more per {to} acknowledged; remembered for the next run"
+                        broker = %self.url, from, to, in_flight, ceiling,
+                        "the broker ended the link with many messages in flight (a limit it does not announce?): at most {to} in flight from now on, growing by one per {to} acknowledged up to {ceiling}; remembered for the next run"
                     );
-                    self.outbox.set_meta(&self.window_key(), &to.to_string());
+                    self.outbox.set_meta(&self.window_key(), &ceiling.to_string());
                 }
                 SessionEvent::WindowRestored(n) => {
                     tracing::info!(broker = %self.url, window = n, "the links that failed were one message's doing: the window is back to {n}");
-                    self.outbox.set_meta(&self.window_key(), &n.to_string());
+                    // Nothing learned (or only the 3.1.1 default): an empty
+                    // value reads as none.
+                    let ceiling = self.session.window_ceiling().filter(|c| Some(*c) != self.default_311);
+                    self.outbox.set_meta(&self.window_key(), &ceiling.map(|c| c.to_string()).unwrap_or_default());
                 }
                 SessionEvent::Poisoned { message, failures } => {
                     tracing::error!(

@@ -60,6 +60,11 @@ async fn doctor_tells_mosquitto_with_persistence_from_without() {
     // message sent right after the DISCONNECT is there too.
     assert_eq!(report["checks"]["disconnect_race"]["ok"], true, "{report}");
     assert_eq!(report["limits"]["receive_maximum"], 20, "Mosquitto's default: {report}");
+    // An announced receive maximum is kept to, not probed past.
+    assert_eq!(report["checks"]["inflight"]["ok"], true, "{report}");
+    let inflight = report["checks"]["inflight"]["detail"].as_str().unwrap();
+    assert!(inflight.contains("announces a receive maximum of 20"), "{report}");
+    assert!(report["inflight_closes_at"].is_null(), "{report}");
     let advice = report["advice"].to_string();
     assert!(advice.contains("autosave_interval") && advice.contains("max_queued_messages"), "{advice}");
     assert!(!advice.contains("die with a restart"), "{advice}");

@@ -610,3 +610,32 @@ async fn qos_2_goes_at_qos_1_to_a_broker_that_takes_qos_1_at_most() {
     assert_eq!(got[0].qos, 1, "sent at the broker's maximum QoS");
     c.close().await;
 }
+
+/// The doctor's in-flight probe finds the limit of a 3.1.1 broker that
+/// closes the connection past 40 unfinished QoS 2 messages without a word
+/// (issue 17), and releases nothing it was not given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doctor_finds_an_unannounced_qos2_limit() {
+    let broker = ScriptedBroker::limiting_qos2(40);
+    let cfg = config("doctor", &broker.url(), &std::env::temp_dir()).version(ProtocolVersion::V311);
+    let url = broker.url().parse().unwrap();
+    let (check, closes_at) = steadfast::doctor::probe_inflight(&cfg, &url, "t1").await;
+    assert_eq!(closes_at, Some(40), "{check:?}");
+    assert_eq!(check.ok, Some(false), "{check:?}");
+    assert!(
+        check.detail.contains("closed the connection after taking 40") && check.detail.contains("--max-inflight 40")
+    );
+}
+
+/// Mosquitto as the test kit runs it (`max_queued_messages 0`) closes an
+/// MQTT 3.1.1 client's connection past its `max_inflight_messages` (20)
+/// unfinished QoS 2 messages, announcing nothing: the probe finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_doctor_finds_mosquittos_qos2_limit_over_mqtt_311() {
+    let broker = steadfast_testkit::Mosquitto::plain().await;
+    let cfg = config("doctor", &broker.url(), &std::env::temp_dir()).version(ProtocolVersion::V311);
+    let url = broker.url().parse().unwrap();
+    let (check, closes_at) = steadfast::doctor::probe_inflight(&cfg, &url, "t2").await;
+    assert_eq!(check.ok, Some(false), "{check:?}");
+    assert!(closes_at.is_some_and(|n| (16..=24).contains(&n)), "{check:?}");
+}

@@ -95,6 +95,8 @@ pub struct WindowChange {
     pub to: u16,
     /// Messages in flight when the broker ended the link.
     pub in_flight: usize,
+    /// What the window never grows past from now on.
+    pub ceiling: u16,
 }
 
 /// A packet id's durable binding: `Some((pid, stage))`, or `None` to clear.
@@ -319,7 +321,13 @@ pub struct PublishSession<M> {
     /// The window before failures began to narrow it down: when a message
     /// turns out to be poison (or QoS 2 the cause), the failures are
     /// explained and it comes back.
-    chase_from: Option<u16>,
+    chase_from: Option<(u16, Option<u16>)>,
+    /// The window never grows past this: one less than what was in flight
+    /// when the broker ended a link for it. Some brokers refuse the
+    /// message past their limit while answering success (Mosquitto to an
+    /// MQTT 3.1.1 client, docs/interop.md), so the limit is not probed
+    /// again.
+    ceiling: Option<u16>,
     /// QoS 2 PUBLISHes of a kept session that keep their packet ids but
     /// wait for room in the window to be sent again: (packet id, id).
     deferred: VecDeque<(u16, u64)>,
@@ -353,6 +361,7 @@ impl<M: Queued> PublishSession<M> {
             suspects: HashMap::new(),
             deferred: VecDeque::new(),
             chase_from: None,
+            ceiling: None,
         }
     }
 
@@ -365,9 +374,21 @@ impl<M: Queued> PublishSession<M> {
         self.window.set_limit(self.cwnd.min(self.conn_limit));
     }
 
+    /// A window learned from this broker by an earlier run: the start,
+    /// and the ceiling the window never grows past.
+    pub fn learned_window(&mut self, n: u16) {
+        self.start_window(n);
+        self.ceiling = Some(self.cwnd);
+    }
+
     /// The adaptive window now.
     pub fn window_size(&self) -> u16 {
         self.cwnd
+    }
+
+    /// What the window never grows past, once learned.
+    pub fn window_ceiling(&self) -> Option<u16> {
+        self.ceiling
     }
 
     /// Puts back the QoS 2 exchanges a previous process had open (their
@@ -523,11 +544,17 @@ impl<M: Queued> PublishSession<M> {
         self.suspects = suspects;
         if n > 1 && (repeated || 2 * n > self.window.limit() as usize) {
             let from = self.cwnd;
+            self.chase_from.get_or_insert((from, self.ceiling));
             self.cwnd = (n.min(from as usize) / 2).max(1) as u16;
-            self.chase_from.get_or_insert(from);
+            // What the broker counts are PUBLISHes it has not seen a PUBREL
+            // for: at most the ones on the wire, not the PUBRELs.
+            let below = (published.len().min(u16::MAX as usize) as u16).saturating_sub(1).max(1);
+            let ceiling = self.ceiling.map_or(below, |c| c.min(below));
+            self.ceiling = Some(ceiling);
             self.grow_acks = 0;
             if self.cwnd < from {
-                self.events.push_back(SessionEvent::Window(WindowChange { from, to: self.cwnd, in_flight: n }));
+                let change = WindowChange { from, to: self.cwnd, in_flight: n, ceiling };
+                self.events.push_back(SessionEvent::Window(change));
             }
         }
         if alone && self.cfg.poison_after > 0 {
@@ -591,8 +618,9 @@ impl<M: Queued> PublishSession<M> {
     /// The failures that narrowed the window down are explained (a poison
     /// message, or QoS 2): the window goes back to where it was.
     fn explained(&mut self) {
-        if let Some(w) = self.chase_from.take().filter(|w| *w > self.cwnd) {
+        if let Some((w, ceiling)) = self.chase_from.take().filter(|(w, _)| *w > self.cwnd) {
             self.cwnd = w;
+            self.ceiling = ceiling;
             self.grow_acks = 0;
             self.events.push_back(SessionEvent::WindowRestored(w));
         }

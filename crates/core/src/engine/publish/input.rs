@@ -96,11 +96,12 @@ impl<M: Queued> PublishSession<M> {
     /// Additive growth: one more in flight per window's worth of
     /// acknowledgements, up to what the configuration and the broker allow.
     fn grow(&mut self, acked: usize) {
-        if self.cwnd >= self.cfg.max_inflight {
+        let top = self.ceiling.map_or(self.cfg.max_inflight, |c| c.min(self.cfg.max_inflight));
+        if self.cwnd >= top {
             return;
         }
         self.grow_acks += acked as u32;
-        while self.grow_acks >= self.cwnd as u32 && self.cwnd < self.cfg.max_inflight {
+        while self.grow_acks >= self.cwnd as u32 && self.cwnd < top {
             self.grow_acks -= self.cwnd as u32;
             self.cwnd += 1;
         }

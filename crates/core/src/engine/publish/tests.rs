@@ -202,7 +202,8 @@ fn a_broker_that_closes_a_full_window_halves_it_and_acknowledgements_grow_it_bac
     s.handle_link_lost(LinkEnd::Closed);
     assert_eq!(s.window_size(), 5, "a close with the window full halves it");
     let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
-    assert!(events.contains(&SessionEvent::Window(WindowChange { from: 10, to: 5, in_flight: 10 })), "{events:?}");
+    let change = WindowChange { from: 10, to: 5, in_flight: 10, ceiling: 9 };
+    assert!(events.contains(&SessionEvent::Window(change)), "{events:?}");
     reconnect(&mut s, at(t0, 10), true);
     assert_eq!(s.in_flight(), 5, "a kept session resends only what the smaller window holds");
     // Five acknowledgements (one window's worth): one more in flight.
@@ -277,4 +278,23 @@ fn an_ack_timeout_while_the_broker_answers_pings_counts_against_the_message() {
         }
     }
     assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, 3)]);
+}
+
+#[test]
+fn the_window_never_grows_back_past_what_the_broker_closed_on() {
+    let (mut s, t0) = connected(&qos1(1..=200));
+    s.start_window(4);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    assert_eq!(s.in_flight(), 4);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert_eq!((s.window_size(), s.window_ceiling()), (2, Some(3)));
+    reconnect(&mut s, at(t0, 10), true);
+    // Plenty of acknowledgements: it grows to 3 and stops there.
+    for n in 0..60u64 {
+        s.fill(at(t0, 11 + n), &|_| true, &mut Text);
+        let _ = sent(&mut s);
+        let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
+        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, 11 + n)).unwrap();
+    }
+    assert_eq!(s.window_size(), 3, "grown back to one less than what the broker closed on");
 }

@@ -66,6 +66,16 @@ async fn act(outbox: &Outbox, dir: &std::path::Path, action: Option<(Option<Vec<
     };
     let asked = ids.clone();
     let done = outbox.unpoison(ids, delete).await.map_err(err)?;
+    if !delete && !done.is_empty() {
+        // A size learned from poison would set them aside again at once.
+        let report = outbox.report().await.map_err(err)?;
+        for (url, _) in &report.poison_sizes {
+            outbox.set_meta(&format!("poison size {url}"), "");
+        }
+        if !report.poison_sizes.is_empty() {
+            println!("the message sizes learned from poison are forgotten: a broker that still closes the link on them teaches them again");
+        }
+    }
     let what = if delete {
         "deleted (they leave the outbox; counted as poison when moved aside)"
     } else {

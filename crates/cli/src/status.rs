@@ -332,6 +332,9 @@ impl Store {
         if let Some(n) = self.window_of(&b.url) {
             println!("         window {n} in flight at most: learned (it ended links with more in flight)");
         }
+        if let Some((_, n)) = self.report.poison_sizes.iter().find(|(u, _)| *u == b.url) {
+            println!("         messages of {n} bytes or more are moved aside as poison at once: learned (it closed MQTT 3.1.1 links on one)");
+        }
         if let Some(e) = &b.last_error {
             println!("         last error: {e}");
         }

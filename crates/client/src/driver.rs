@@ -117,6 +117,12 @@ pub(crate) struct Driver {
     /// The MQTT 3.1.1 window used when nothing was learned (not a finding
     /// to remember).
     default_311: Option<u16>,
+    /// The smallest message (topic and payload bytes) an MQTT 3.1.1 link
+    /// to this broker was found to close on (poison), as learned.
+    poison_size: Option<u64>,
+    /// `poison_size` while the link speaks 3.1.1 (MQTT 5 brokers say
+    /// their maximum packet size).
+    poison_311: Option<u64>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -170,6 +176,8 @@ impl Driver {
             learned_window: None,
             window_started: false,
             default_311: None,
+            poison_size: None,
+            poison_311: None,
         }
     }
 
@@ -214,6 +222,8 @@ impl Driver {
         }
         self.version = first_version(&self.cfg, &self.url, Some(&self.outbox)).await;
         self.learned_window = self.outbox.meta(&self.window_key()).await.ok().flatten().and_then(|v| v.parse().ok());
+        self.poison_size =
+            self.outbox.meta(&poison_size_key(&self.url)).await.ok().flatten().and_then(|v| v.parse().ok());
         self.reconnect.reset();
         while !self.stopping() {
             self.set_state(LinkState::Connecting, None, None);
@@ -367,6 +377,7 @@ impl Driver {
         reconnect: bool,
     ) -> Result<usize, ConnectError> {
         self.start_window();
+        self.poison_311 = self.poison_size.filter(|_| self.version == ProtocolVersion::V311);
         self.max_packet = ack.maximum_packet_size;
         self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
         let info = ConnAckInfo {
@@ -378,7 +389,8 @@ impl Driver {
         };
         let (router, index) = (&self.router, self.index);
         let claims = |m: &StoredMessage| router.claims(index, m.msg.route.as_deref(), &m.msg.topic);
-        let mut wire = LinkWire { link, producer: &self.producer, max_packet: self.max_packet };
+        let mut wire =
+            LinkWire { link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 };
         let Connected { resent } = self.session.handle_connack(info, now(), &claims, &mut wire);
         self.carry_out(link).await?;
         Ok(resent)
@@ -432,7 +444,7 @@ impl Driver {
                     }
                 }
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
-                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet };
+                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 };
                     self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e))?;
                 }
                 r = rd.read(buf) => self.on_read(link, r, buf).await?,
@@ -499,7 +511,12 @@ impl Driver {
     async fn fill(&mut self, link: &mut Link) -> Result<(), ConnectError> {
         let (router, index) = (&self.router, self.index);
         let claims = |m: &StoredMessage| router.claims(index, m.msg.route.as_deref(), &m.msg.topic);
-        let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet };
+        let mut wire = LinkWire {
+            link: &mut *link,
+            producer: &self.producer,
+            max_packet: self.max_packet,
+            poison_size: self.poison_311,
+        };
         self.session.fill(now(), &claims, &mut wire);
         let r = self.carry_out(link).await;
         let inflight = self.session.in_flight();
@@ -554,7 +571,12 @@ impl Driver {
                         Ok(gone) => Bound::Written { gone: gone.clone() },
                         Err(_) => Bound::Failed,
                     };
-                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet };
+                    let mut wire = LinkWire {
+                        link: &mut *link,
+                        producer: &self.producer,
+                        max_packet: self.max_packet,
+                        poison_size: self.poison_311,
+                    };
                     self.session.handle_bound(bound, &mut wire);
                     if let Err(e) = r {
                         failed = Some(e);
@@ -618,11 +640,26 @@ impl Driver {
                     let ceiling = self.session.window_ceiling().filter(|c| Some(*c) != self.default_311);
                     self.outbox.set_meta(&self.window_key(), &ceiling.map(|c| c.to_string()).unwrap_or_default());
                 }
+                SessionEvent::Poisoned { message, failures: 0 } => {
+                    tracing::error!(
+                        broker = %self.url, id = message.id, topic = %message.msg.topic, size = message.msg.size(),
+                        "moved aside as poison at once: this MQTT 3.1.1 broker closed the link on a message this large before (kept; `steadfast poison` lists, requeues or deletes it)"
+                    );
+                }
                 SessionEvent::Poisoned { message, failures } => {
                     tracing::error!(
                         broker = %self.url, id = message.id, topic = %message.msg.topic, failures,
                         "the broker ended the link {failures} times in a row with this message alone in flight: moved aside as poison (kept; `steadfast poison` lists, requeues or deletes it) so that the messages behind it go on"
                     );
+                    let size = message.msg.size();
+                    if self.version == ProtocolVersion::V311 && self.poison_size.is_none_or(|p| size < p) {
+                        // 3.1.1 announces no maximum packet size: most likely
+                        // that was it. Messages this large go aside at once.
+                        self.poison_size = Some(size);
+                        self.poison_311 = Some(size);
+                        self.outbox.set_meta(&poison_size_key(&self.url), &size.to_string());
+                        tracing::warn!(broker = %self.url, size, "from now on messages of {size} bytes (topic and payload) or more are moved aside at once for this broker, which speaks MQTT 3.1.1 and cannot announce its maximum packet size; remembered in the outbox (`steadfast poison --requeue` forgets it)");
+                    }
                 }
                 SessionEvent::Downgraded(Downgrade::PubAck) => {
                     tracing::warn!(
@@ -682,7 +719,7 @@ impl Driver {
     }
 
     fn wire<'a>(&'a self, link: &'a mut Link) -> LinkWire<'a> {
-        LinkWire { link, producer: &self.producer, max_packet: self.max_packet }
+        LinkWire { link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 }
     }
 }
 
@@ -691,10 +728,15 @@ struct LinkWire<'a> {
     link: &'a mut Link,
     producer: &'a str,
     max_packet: Option<u32>,
+    /// MQTT 3.1.1: messages this large or larger are poison (learned).
+    poison_size: Option<u64>,
 }
 
 impl Wire<StoredMessage> for LinkWire<'_> {
     fn publish(&mut self, m: &StoredMessage, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
+        if self.poison_size.is_some_and(|s| m.msg.size() >= s) {
+            return Err(DropReason::Poison);
+        }
         let bytes = match self.link.encode_publish(m, self.producer, pid, dup) {
             Ok(b) => b,
             Err(e) => {
@@ -719,6 +761,11 @@ impl Wire<StoredMessage> for LinkWire<'_> {
     fn ping(&mut self) -> Vec<u8> {
         self.link.encoded("PINGREQ", Link::ping)
     }
+}
+
+/// The outbox metadata key of the poison size learned from `url`.
+pub(crate) fn poison_size_key(url: &BrokerUrl) -> String {
+    format!("poison size {url}")
 }
 
 /// How a link's end bears on the messages in flight: a broker that

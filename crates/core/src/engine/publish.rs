@@ -225,7 +225,8 @@ pub enum SessionEvent<M> {
     Poisoned {
         /// The message.
         message: M,
-        /// Failed links in a row with it alone in flight.
+        /// Failed links in a row with it alone in flight (0: the codec
+        /// knew at once, from a size learned earlier).
         failures: u32,
     },
     /// A QoS 2 message in flight can no longer be encoded for a kept

@@ -54,6 +54,9 @@ pub struct Report {
     /// Per broker, the in-flight window learned from it (it ended links
     /// with many messages in flight).
     pub windows: Vec<(String, u16)>,
+    /// Per broker (MQTT 3.1.1), the message size from which messages are
+    /// moved aside at once: it closed the link on a message that large.
+    pub poison_sizes: Vec<(String, u64)>,
     /// The brokers of the last run's configuration (`None`: not recorded,
     /// an outbox of an earlier release or an inbox).
     pub configured: Option<Vec<String>>,
@@ -82,7 +85,18 @@ impl Report {
             producer: store.meta("producer")?,
             last_id: store.last_id()?,
             poisoned: store.poisoned()?,
-            configured: store.meta("brokers")?.map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),
+            poison_sizes: {
+                let mut sizes = Vec::new();
+                for (url, _) in store.slots()? {
+                    if let Some(n) = store.meta(&format!("poison size {url}"))?.and_then(|v| v.parse().ok()) {
+                        sizes.push((url, n));
+                    }
+                }
+                sizes
+            },
+            configured: store
+                .meta("brokers")?
+                .map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),
             windows: {
                 let mut windows = Vec::new();
                 for (url, _) in store.slots()? {

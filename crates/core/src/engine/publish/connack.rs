@@ -135,8 +135,9 @@ impl<M: Queued> PublishSession<M> {
                 }
                 Err(reason) => {
                     window.release(pid);
-                    self.inflight.remove(&e.id);
-                    self.store.push_back(StoreOp::Drop(vec![e.id], reason));
+                    if let Some(m) = self.inflight.remove(&e.id) {
+                        self.cannot_send(m, reason);
+                    }
                 }
             }
         }

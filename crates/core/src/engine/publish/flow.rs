@@ -50,6 +50,18 @@ impl<M: Queued> PublishSession<M> {
         }
     }
 
+    /// `m` can never go to this broker: dropped for `reason`, or, when the
+    /// codec knows the broker closes the link on it ([`DropReason::Poison`]:
+    /// a size learned from an earlier poison message), moved aside at once.
+    pub(super) fn cannot_send(&mut self, m: M, reason: DropReason) {
+        if reason == DropReason::Poison {
+            self.store.push_back(StoreOp::Poison(m.id(), 0));
+            self.events.push_back(SessionEvent::Poisoned { message: m, failures: 0 });
+        } else {
+            self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
+        }
+    }
+
     /// QoS 2 PUBLISHes of a kept session that waited for room in the
     /// window go out again under their packet ids, oldest first.
     fn resend_deferred(&mut self, wire: &mut impl Wire<M>) {
@@ -94,7 +106,7 @@ impl<M: Queued> PublishSession<M> {
                 if let Some(pid) = pid {
                     self.window.release(pid);
                 }
-                self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
+                self.cannot_send(m, reason);
                 None
             }
         }

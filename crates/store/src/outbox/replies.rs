@@ -31,10 +31,8 @@ pub(super) struct Batch {
 }
 
 impl Writer {
-    pub(super) fn after_commit(&mut self, b: Batch) {
-        // The state first: whoever learns that a message was accepted must
-        // find it counted (a publisher that waits for an empty outbox right
-        // after acceptance must not see the old, empty state).
+    /// What the handles watch: the state as the writer knows it now.
+    pub(super) fn publish_state(&self) {
         self.state.send_replace(OutboxState {
             last_id: self.last_id,
             totals: self.totals,
@@ -42,6 +40,13 @@ impl Writer {
             held: self.held,
             poisoned: self.poisoned,
         });
+    }
+
+    pub(super) fn after_commit(&mut self, b: Batch) {
+        // The state first: whoever learns that a message was accepted must
+        // find it counted (a publisher that waits for an empty outbox right
+        // after acceptance must not see the old, empty state).
+        self.publish_state();
         let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
         let delivered = b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);

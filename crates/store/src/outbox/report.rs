@@ -85,27 +85,23 @@ impl Report {
             producer: store.meta("producer")?,
             last_id: store.last_id()?,
             poisoned: store.poisoned()?,
-            poison_sizes: {
-                let mut sizes = Vec::new();
-                for (url, _) in store.slots()? {
-                    if let Some(n) = store.meta(&format!("poison size {url}"))?.and_then(|v| v.parse().ok()) {
-                        sizes.push((url, n));
-                    }
-                }
-                sizes
-            },
+            poison_sizes: per_broker(store, "poison size")?,
             configured: store
                 .meta("brokers")?
                 .map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),
-            windows: {
-                let mut windows = Vec::new();
-                for (url, _) in store.slots()? {
-                    if let Some(n) = store.meta(&format!("window {url}"))?.and_then(|v| v.parse().ok()) {
-                        windows.push((url, n));
-                    }
-                }
-                windows
-            },
+            windows: per_broker(store, "window")?,
         })
     }
+}
+
+/// A number kept per broker under the metadata key `"{what} URL"`, for
+/// each broker that has one.
+fn per_broker<T: std::str::FromStr>(store: &mut dyn Store, what: &str) -> Result<Vec<(String, T)>, StoreError> {
+    let mut out = Vec::new();
+    for (url, _) in store.slots()? {
+        if let Some(n) = store.meta(&format!("{what} {url}"))?.and_then(|v| v.parse().ok()) {
+            out.push((url, n));
+        }
+    }
+    Ok(out)
 }

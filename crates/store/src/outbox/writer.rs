@@ -342,13 +342,7 @@ impl Writer {
                 let _ = tx.send(outcome);
             }
         }
-        self.state.send_replace(OutboxState {
-            last_id: self.last_id,
-            totals: self.totals,
-            newest: self.newest,
-            held: self.held,
-            poisoned: self.poisoned,
-        });
+        self.publish_state();
         Ok(())
     }
 

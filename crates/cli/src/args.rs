@@ -117,8 +117,8 @@ pub struct ChaosArgs {
     /// Messages per second.
     #[arg(long, default_value_t = 100)]
     pub rate: u32,
-    /// Which brokers: embedded (rumqttd, in memory) or mosquitto (restarts with persistence on or off, as the schedule says).
-    #[arg(long, default_value = "embedded")]
+    /// Which brokers: embedded (rumqttd, in memory; in builds with the embedded-broker feature, as scripts/demo makes) or mosquitto (restarts with persistence on or off, as the schedule says); auto: embedded when built in, else mosquitto.
+    #[arg(long, default_value = "auto")]
     pub brokers: String,
     /// Copy the run's files (logs, outbox, inbox, consumer output) here at the end.
     #[arg(long, value_name = "DIR")]
@@ -161,8 +161,8 @@ pub struct DemoArgs {
     /// Messages per second.
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
-    /// Which brokers: embedded (rumqttd, built in, in memory) or mosquitto (Debian's package, with persistence).
-    #[arg(long, default_value = "embedded")]
+    /// Which brokers: embedded (rumqttd, in memory; in builds with the embedded-broker feature, as scripts/demo makes) or mosquitto (Debian's package, with persistence); auto: embedded when built in, else mosquitto.
+    #[arg(long, default_value = "auto")]
     pub brokers: String,
 }
 

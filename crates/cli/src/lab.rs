@@ -16,7 +16,7 @@ impl From<LabError> for Failure {
         let shown = match e {
             LabError::NoEmbeddedBroker => anyhow!("{e} (--brokers mosquitto)"),
             LabError::NoMosquitto => anyhow!("{e} (--brokers embedded)"),
-            LabError::UnknownBrokers(kind) => anyhow!("--brokers {kind}: use `embedded` or `mosquitto`"),
+            LabError::UnknownBrokers(kind) => anyhow!("--brokers {kind}: use `auto`, `embedded` or `mosquitto`"),
             e => anyhow::Error::new(e),
         };
         if usage {

@@ -52,13 +52,16 @@ pub enum LabError {
     #[error("no free port on 127.0.0.1: {0}")]
     NoPort(#[source] std::io::Error),
     /// `--brokers embedded` in a build without them.
-    #[error("this steadfast was built without the `embedded-broker` feature: use Mosquitto brokers")]
+    #[error("this steadfast was built without the `embedded-broker` feature: use Mosquitto brokers (or scripts/demo, which builds it in)")]
     NoEmbeddedBroker,
     /// `--brokers mosquitto` where it is not installed.
     #[error("Mosquitto is not installed (Debian's `mosquitto` package): install it, or use the embedded brokers")]
     NoMosquitto,
+    /// `--brokers auto` with neither built in nor installed.
+    #[error("no brokers for the demo: this steadfast has none built in and Mosquitto is not installed; run scripts/demo (it builds them in), or install Debian's `mosquitto`")]
+    NoBrokers,
     /// A broker kind that does not exist.
-    #[error("no broker kind `{0}`: use `embedded` or `mosquitto`")]
+    #[error("no broker kind `{0}`: use `auto`, `embedded` or `mosquitto`")]
     UnknownBrokers(String),
     /// A run too short to mean anything, or no messages.
     #[error("{what} must last {min_seconds} s or more, and the rate be above 0")]

@@ -22,10 +22,14 @@ pub enum BrokerKind {
 }
 
 impl BrokerKind {
-    /// `embedded` or `mosquitto`, as `--brokers` spells them; checked
-    /// against what this build and this machine have.
+    /// `embedded`, `mosquitto` or `auto` (embedded when built in, else
+    /// Mosquitto), as `--brokers` spells them; checked against what this
+    /// build and this machine have.
     pub fn parse(brokers: &str) -> Result<BrokerKind, LabError> {
         match brokers {
+            "auto" if cfg!(feature = "embedded-broker") => Ok(BrokerKind::Embedded),
+            "auto" if have_mosquitto() => Ok(BrokerKind::Mosquitto),
+            "auto" => Err(LabError::NoBrokers),
             "embedded" if cfg!(feature = "embedded-broker") => Ok(BrokerKind::Embedded),
             "embedded" => Err(LabError::NoEmbeddedBroker),
             "mosquitto" if have_mosquitto() => Ok(BrokerKind::Mosquitto),

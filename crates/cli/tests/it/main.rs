@@ -469,7 +469,7 @@ async fn the_demo_on_mosquitto_loses_nothing() {
 async fn the_demo_names_an_unknown_broker_kind() {
     let out = run(&["demo", "--brokers", "emqx"]).await;
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("--brokers emqx: use `embedded` or `mosquitto`"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--brokers emqx: use `auto`, `embedded` or `mosquitto`"), "{}", stderr(&out));
 }
 
 /// Runs the demo, checks its verdict (nothing lost, something sent) and

@@ -363,20 +363,31 @@ impl Client {
     /// background. Never waits for a broker.
     pub async fn open(cfg: ClientConfig) -> Result<(Client, OpenReport), OpenError> {
         cfg.validate()?;
-        let dir = cfg.outbox_dir.clone();
-        let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
-            .await
-            .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))?;
-        match opened {
-            Ok((store, report)) => Ok((Self::with_store(cfg, Box::new(store)).await?, report)),
-            Err(StoreError::Locked { .. }) if cfg.join => {
-                let dir = cfg.outbox_dir.clone();
-                let store = tokio::task::spawn_blocking(move || SqliteStore::open_guest(&dir))
-                    .await
-                    .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))??;
-                Ok((Self::joined(cfg, Box::new(store)).await?, OpenReport::default()))
+        // Joining a busy outbox waits for its holder to finish opening it
+        // (recovery), or takes it if the holder went away meanwhile.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let dir = cfg.outbox_dir.clone();
+            let opened = tokio::task::spawn_blocking(move || SqliteStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))?;
+            let locked = match opened {
+                Ok((store, report)) => return Ok((Self::with_store(cfg, Box::new(store)).await?, report)),
+                Err(e @ StoreError::Locked { .. }) if cfg.join => e,
+                Err(e) => return Err(e.into()),
+            };
+            let dir = cfg.outbox_dir.clone();
+            let guest = tokio::task::spawn_blocking(move || SqliteStore::open_guest(&dir))
+                .await
+                .map_err(|e| StoreError::WriteFailed(format!("outbox open task failed: {e}")))?;
+            match guest {
+                Ok(store) => return Ok((Self::joined(cfg, Box::new(store)).await?, OpenReport::default())),
+                Err(StoreError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(StoreError::Locked { .. }) => return Err(locked.into()),
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
     }
 

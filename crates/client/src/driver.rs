@@ -123,6 +123,8 @@ pub(crate) struct Driver {
     /// `poison_size` while the link speaks 3.1.1 (MQTT 5 brokers say
     /// their maximum packet size).
     poison_311: Option<u64>,
+    /// How the last link ended (a size is learned only from closes).
+    last_end: LinkEnd,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -178,6 +180,7 @@ impl Driver {
             default_311: None,
             poison_size: None,
             poison_311: None,
+            last_end: LinkEnd::Ours,
         }
     }
 
@@ -309,7 +312,8 @@ impl Driver {
         let r = self.connection(connected_at).await;
         // Whatever the end, nothing more goes out on this link; what the
         // engine still asks of the store is carried out (binds are void).
-        self.session.handle_link_lost(link_end(&r));
+        self.last_end = link_end(&r);
+        self.session.handle_link_lost(self.last_end);
         self.flush_detached();
         r
     }
@@ -627,11 +631,14 @@ impl Driver {
                     );
                 }
                 SessionEvent::Window(WindowChange { from, to, in_flight, ceiling }) => {
+                    let upto = ceiling.map_or(String::new(), |c| format!(" up to {c}, remembered for the next run"));
                     tracing::warn!(
-                        broker = %self.url, from, to, in_flight, ceiling,
-                        "the broker ended the link with many messages in flight (a limit it does not announce?): at most {to} in flight from now on, growing by one per {to} acknowledged up to {ceiling}; remembered for the next run"
+                        broker = %self.url, from, to, in_flight, ?ceiling,
+                        "the broker ended the link with many messages in flight (a limit it does not announce?): at most {to} in flight from now on, growing by one per {to} acknowledged{upto}"
                     );
-                    self.outbox.set_meta(&self.window_key(), &ceiling.to_string());
+                    if let Some(c) = ceiling.filter(|c| Some(*c) != self.default_311) {
+                        self.outbox.set_meta(&self.window_key(), &c.to_string());
+                    }
                 }
                 SessionEvent::WindowRestored(n) => {
                     tracing::info!(broker = %self.url, window = n, "the links that failed were one message's doing: the window is back to {n}");
@@ -652,7 +659,10 @@ impl Driver {
                         "the broker ended the link {failures} times in a row with this message alone in flight: moved aside as poison (kept; `steadfast poison` lists, requeues or deletes it) so that the messages behind it go on"
                     );
                     let size = message.msg.size();
-                    if self.version == ProtocolVersion::V311 && self.poison_size.is_none_or(|p| size < p) {
+                    // Only the broker closing on it tells of a size; an ack
+                    // timeout does not.
+                    let closed = self.last_end == LinkEnd::Closed;
+                    if closed && self.version == ProtocolVersion::V311 && self.poison_size.is_none_or(|p| size < p) {
                         // 3.1.1 announces no maximum packet size: most likely
                         // that was it. Messages this large go aside at once.
                         self.poison_size = Some(size);
@@ -772,12 +782,35 @@ pub(crate) fn poison_size_key(url: &BrokerUrl) -> String {
 /// closed it or broke it, the engine's own verdict, or ours.
 fn link_end(r: &Result<(), ConnectError>) -> LinkEnd {
     match r {
-        Ok(()) => LinkEnd::Ours,
         Err(ConnectError::AckTimeout(_)) => LinkEnd::Ended(End::AckTimeout),
         Err(ConnectError::DeadLink(_)) => LinkEnd::Ended(End::DeadLink),
+        // A DISCONNECT counts when its reason is about what was sent; a
+        // session taken over, a shutdown or a busy server say nothing of it.
+        Err(ConnectError::Closed(CloseReason::Disconnect(reason))) => {
+            const ABOUT_A_MESSAGE: [&str; 10] = [
+                "MalformedPacket",
+                "ProtocolError",
+                "ImplementationSpecificError",
+                "UnspecifiedError",
+                "TopicNameInvalid",
+                "ReceiveMaximumExceeded",
+                "PacketTooLarge",
+                "MessageRateTooHigh",
+                "QuotaExceeded",
+                "PayloadFormatInvalid",
+            ];
+            if ABOUT_A_MESSAGE.iter().any(|r| reason.contains(r)) {
+                LinkEnd::Closed
+            } else {
+                LinkEnd::Ours
+            }
+        }
+        // The broker closed the connection or reset it: a 3.1.1 broker's
+        // only way to refuse what it was sent.
         Err(ConnectError::Closed(_) | ConnectError::Io(_) | ConnectError::WriterStopped) => LinkEnd::Closed,
-        Err(ConnectError::Protocol(_) | ConnectError::IncomingTooLarge { .. }) => LinkEnd::Closed,
-        Err(_) => LinkEnd::Ours,
+        // Our stop, our store, our codec, a broker's stray acknowledgement
+        // or oversized packet: nothing to do with one message in flight.
+        Ok(()) | Err(_) => LinkEnd::Ours,
     }
 }
 

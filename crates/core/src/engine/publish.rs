@@ -95,8 +95,8 @@ pub struct WindowChange {
     pub to: u16,
     /// Messages in flight when the broker ended the link.
     pub in_flight: usize,
-    /// What the window never grows past from now on.
-    pub ceiling: u16,
+    /// What the window never grows past from now on, if that is known.
+    pub ceiling: Option<u16>,
 }
 
 /// A packet id's durable binding: `Some((pid, stage))`, or `None` to clear.
@@ -302,6 +302,9 @@ pub struct PublishSession<M> {
     /// The broker ends the link on a QoS 2 PUBLISH (and never answered one
     /// with PUBREC): QoS 2 goes to it at QoS 1.
     closes_on_qos2: bool,
+    /// The message that led to `closes_on_qos2`: if it fails at QoS 1 too,
+    /// it was the message (poison), not QoS 2, and the conclusion is undone.
+    qos2_witness: Option<u64>,
     warned_downgrade: bool,
     out: Vec<u8>,
     store: VecDeque<StoreOp>,
@@ -329,6 +332,10 @@ pub struct PublishSession<M> {
     /// MQTT 3.1.1 client, docs/interop.md), so the limit is not probed
     /// again.
     ceiling: Option<u16>,
+    /// Acknowledgements since the window started (a CONNACK) or last grew:
+    /// a close within one window's worth of them is a limit's signature (the
+    /// extra messages pushed it over); later, a restart's.
+    acks_since_change: u32,
     /// QoS 2 PUBLISHes of a kept session that keep their packet ids but
     /// wait for room in the window to be sent again: (packet id, id).
     deferred: VecDeque<(u16, u64)>,
@@ -351,6 +358,7 @@ impl<M: Queued> PublishSession<M> {
             pubrec_seen: false,
             pubrec_ever: false,
             closes_on_qos2: false,
+            qos2_witness: None,
             warned_downgrade: false,
             out: Vec::new(),
             store: VecDeque::new(),
@@ -363,6 +371,7 @@ impl<M: Queued> PublishSession<M> {
             deferred: VecDeque::new(),
             chase_from: None,
             ceiling: None,
+            acks_since_change: 0,
         }
     }
 
@@ -532,7 +541,7 @@ impl<M: Queued> PublishSession<M> {
         if !blamed || published.is_empty() {
             return;
         }
-        let n = self.window.len() - self.deferred.len();
+        let n = self.window.len().saturating_sub(self.deferred.len());
         // Alone among PUBLISHes: a PUBREL beside it cannot be the cause.
         let alone = published.len() == 1;
         let mut repeated = false;
@@ -543,15 +552,22 @@ impl<M: Queued> PublishSession<M> {
             suspects.insert(id, (ends + 1, alone_ends + alone as u32));
         }
         self.suspects = suspects;
-        if n > 1 && (repeated || 2 * n > self.window.limit() as usize) {
+        let full = 2 * n > self.window.limit() as usize;
+        if n > 1 && (repeated || full) {
             let from = self.cwnd;
             self.chase_from.get_or_insert((from, self.ceiling));
             self.cwnd = (n.min(from as usize) / 2).max(1) as u16;
-            // What the broker counts are PUBLISHes it has not seen a PUBREL
-            // for: at most the ones on the wire, not the PUBRELs.
-            let below = (published.len().min(u16::MAX as usize) as u16).saturating_sub(1).max(1);
-            let ceiling = self.ceiling.map_or(below, |c| c.min(below));
-            self.ceiling = Some(ceiling);
+            // A ceiling only from a full window that just started or grew:
+            // the broker closed on the extra messages (a limit). A close
+            // later, or of the same messages again (a restart, a reset, a
+            // poison message being narrowed down), only halves.
+            if full && self.acks_since_change < from as u32 {
+                // What the broker counts are PUBLISHes it has not seen a
+                // PUBREL for: at most the ones on the wire, not the PUBRELs.
+                let below = (published.len().min(u16::MAX as usize) as u16).saturating_sub(1).max(1);
+                self.ceiling = Some(self.ceiling.map_or(below, |c| c.min(below)));
+            }
+            let ceiling = self.ceiling;
             self.grow_acks = 0;
             if self.cwnd < from {
                 let change = WindowChange { from, to: self.cwnd, in_flight: n, ceiling };
@@ -571,9 +587,16 @@ impl<M: Queued> PublishSession<M> {
         if alone_ends < self.cfg.poison_after {
             return;
         }
-        if e.qos == Qos::ExactlyOnce && !self.pubrec_ever {
+        if e.qos == Qos::ExactlyOnce && !self.pubrec_ever && !self.closes_on_qos2 {
+            self.qos2_witness = Some(e.id);
             self.qos2_closes_the_link();
             return;
+        }
+        if self.qos2_witness == Some(e.id) {
+            // It failed at QoS 1 as well: it is poison, and QoS 2 was never
+            // the question.
+            self.closes_on_qos2 = false;
+            self.qos2_witness = None;
         }
         self.window.release(pid);
         self.suspects.remove(&e.id);

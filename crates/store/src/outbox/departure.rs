@@ -84,6 +84,11 @@ impl Writer {
         if held_for(e.route.as_deref()).is_some() {
             self.held = self.held.saturating_sub(1);
         }
+        if e.route.as_deref() == Some(crate::POISON_ROUTE) {
+            // Poison that left another way (another broker took it in
+            // fanout, its deadline passed): no longer kept aside.
+            self.poisoned = self.poisoned.saturating_sub(1);
+        }
         if let Some(t) = self.deadline_totals.as_mut().filter(|_| e.expires_ms.is_some()) {
             t.count = t.count.saturating_sub(1);
             t.bytes = t.bytes.saturating_sub(e.size);

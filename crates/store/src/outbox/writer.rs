@@ -332,12 +332,20 @@ impl Writer {
         self.sweeper.handle_next_expiry(self.store.next_expiry()?);
         let mut left = Vec::new();
         for &id in self.waiters.keys() {
-            if self.store.entry(id)?.is_none_or(|e| e.done) {
-                left.push(id);
+            match self.store.entry(id)? {
+                None => left.push((id, None)),
+                Some(e) if e.done => left.push((id, None)),
+                // Moved aside by the other process: kept, not delivered.
+                Some(e) if e.route.as_deref() == Some(crate::POISON_ROUTE) => left.push((id, Some(DropReason::Poison))),
+                Some(_) => {}
             }
         }
-        for id in left {
-            let outcome = self.store.dropped_as(id)?.map_or(Delivery::Delivered, Delivery::Dropped);
+        for (id, poison) in left {
+            let dropped = match poison {
+                Some(r) => Some(r),
+                None => self.store.dropped_as(id)?,
+            };
+            let outcome = dropped.map_or(Delivery::Delivered, Delivery::Dropped);
             if let Some(tx) = self.waiters.remove(&id) {
                 let _ = tx.send(outcome);
             }

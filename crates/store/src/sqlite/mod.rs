@@ -27,10 +27,10 @@ mod sources;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, ErrorCode, OpenFlags};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use crate::{reserve, StoreError};
-use files::{create_private_dir, rename_legacy_inbox, take_lock, Files};
+use files::{create_private_dir, remove_if_present, rename_legacy_inbox, take_lock, Files};
 use queries::trim_drop_log;
 use recovery::{
     check_wal_tail, continue_above_reservation, cut_partial_page, open_checked, quarantine_and_salvage,
@@ -132,6 +132,8 @@ impl SqliteStore {
         let files = Files::new(dir, kind);
         create_private_dir(&files)?;
         let lock = take_lock(&files)?;
+        // Not ready for a joining process until recovery is done.
+        remove_if_present(&files.path("ready"))?;
         let mut report = OpenReport::default();
         resume_interrupted_salvage(&files, &mut report)?;
         check_wal_tail(&files, &mut report)?;
@@ -149,6 +151,17 @@ impl SqliteStore {
         continue_above_reservation(&conn, reserved, &mut report).map_err(|e| map_error(dir, e))?;
         // Bounded across restarts too (each handle trims every 1,024 drops).
         trim_drop_log(&conn).map_err(|e| map_error(dir, e))?;
+        if kind == StoreKind::Outbox {
+            use std::os::unix::fs::OpenOptionsExt;
+            let ready = files.path("ready");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&ready)
+                .map_err(|source| StoreError::Io { path: ready.clone(), source })?;
+        }
         let store = SqliteStore {
             conn,
             dir: dir.to_owned(),
@@ -167,15 +180,30 @@ impl SqliteStore {
     /// joins one already running on the outbox). SQLite's log takes one
     /// writer at a time; each waits for the other (the busy timeout). No
     /// recovery runs: the holder did that when it opened.
+    ///
+    /// Until the holder has finished opening (recovery, migration: it
+    /// writes `outbox.ready` then), this answers [`StoreError::Locked`]:
+    /// try again. A format other than this release's is refused (a guest
+    /// never migrates).
     pub fn open_guest(dir: &Path) -> Result<SqliteStore, StoreError> {
         let files = Files::new(dir, StoreKind::Outbox);
         let path = files.path("db");
-        if !path.exists() {
-            let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no outbox.db in it");
-            return Err(StoreError::Io { path: dir.to_owned(), source });
+        if !files.path("ready").exists() || !path.exists() {
+            return Err(StoreError::Locked { path: dir.to_owned() });
         }
         let conn = schema::open_connection(&path).map_err(|e| map_error(dir, e))?;
-        schema::init_schema(&conn, dir)?;
+        let format: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| map_error(dir, e))?;
+        match format.and_then(|v| v.parse::<u32>().ok()) {
+            Some(schema::FORMAT_VERSION) => {}
+            Some(found) if found > schema::FORMAT_VERSION => {
+                let supported = schema::FORMAT_VERSION;
+                return Err(StoreError::FormatTooNew { path: dir.to_owned(), found, supported });
+            }
+            found => return Err(StoreError::FormatTooOld { path: dir.to_owned(), found: found.unwrap_or(0) }),
+        }
         Ok(SqliteStore {
             conn,
             dir: dir.to_owned(),

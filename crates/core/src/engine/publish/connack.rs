@@ -31,6 +31,7 @@ impl<M: Queued> PublishSession<M> {
     ) -> Connected {
         self.conn_limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight).max(1);
         let limit = self.conn_limit.min(self.cwnd);
+        self.acks_since_change = 0;
         self.max_qos = ack.maximum_qos;
         self.pubrec_seen = false;
         self.keepalive = Some(KeepAlive::new(self.cfg.keep_alive, now.at));

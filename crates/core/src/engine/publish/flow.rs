@@ -66,11 +66,16 @@ impl<M: Queued> PublishSession<M> {
     /// window go out again under their packet ids, oldest first.
     fn resend_deferred(&mut self, wire: &mut impl Wire<M>) {
         while let Some(&(pid, id)) = self.deferred.front() {
-            if self.window.len() - self.deferred.len() >= self.window.limit() as usize {
+            if self.window.len().saturating_sub(self.deferred.len()) >= self.window.limit() as usize {
                 break;
             }
             self.deferred.pop_front();
-            let Some(m) = self.inflight.get(&id) else { continue };
+            let Some(m) = self.inflight.get(&id) else {
+                // Never resend blind: free the id; the message is read again.
+                self.window.release(pid);
+                self.events.push_back(SessionEvent::Missing(id));
+                continue;
+            };
             match wire.publish(m, Some(pid), true) {
                 Ok(bytes) => self.out.extend(bytes),
                 Err(reason) => self.events.push_back(SessionEvent::Stranded { id, reason }),

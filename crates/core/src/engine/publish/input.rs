@@ -53,6 +53,9 @@ impl<M: Queued> PublishSession<M> {
             },
             Ack::PubRec { pid, ok: true } => match self.window.on_pubrec(pid) {
                 Some(id) => {
+                    if !self.deferred.is_empty() {
+                        self.deferred.retain(|(p, _)| *p != pid);
+                    }
                     self.pubrec_seen = true;
                     self.pubrec_ever = true;
                     s.released.push((id, pid));
@@ -74,6 +77,9 @@ impl<M: Queued> PublishSession<M> {
             return;
         }
         self.grow(done.len());
+        if !self.deferred.is_empty() {
+            self.deferred.retain(|(_, id)| !done.contains(id));
+        }
         for id in &done {
             self.suspects.remove(id);
             if let Some(m) = self.inflight.remove(id) {
@@ -96,6 +102,7 @@ impl<M: Queued> PublishSession<M> {
     /// Additive growth: one more in flight per window's worth of
     /// acknowledgements, up to what the configuration and the broker allow.
     fn grow(&mut self, acked: usize) {
+        self.acks_since_change = self.acks_since_change.saturating_add(acked as u32);
         let top = self.ceiling.map_or(self.cfg.max_inflight, |c| c.min(self.cfg.max_inflight));
         if self.cwnd >= top {
             return;
@@ -104,6 +111,7 @@ impl<M: Queued> PublishSession<M> {
         while self.grow_acks >= self.cwnd as u32 && self.cwnd < top {
             self.grow_acks -= self.cwnd as u32;
             self.cwnd += 1;
+            self.acks_since_change = 0;
         }
         self.window.set_limit(self.cwnd.min(self.conn_limit));
     }
@@ -114,6 +122,7 @@ impl<M: Queued> PublishSession<M> {
     fn hold_refused(&mut self, ids: Vec<u64>, now: Now) {
         let at = now.at + self.cfg.refused_pause;
         let mut unbind = Vec::new();
+        self.deferred.retain(|(_, d)| !ids.contains(d));
         for id in ids {
             // It answered: whatever ended links before, it was not this.
             self.suspects.remove(&id);

@@ -202,7 +202,7 @@ fn a_broker_that_closes_a_full_window_halves_it_and_acknowledgements_grow_it_bac
     s.handle_link_lost(LinkEnd::Closed);
     assert_eq!(s.window_size(), 5, "a close with the window full halves it");
     let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
-    let change = WindowChange { from: 10, to: 5, in_flight: 10, ceiling: 9 };
+    let change = WindowChange { from: 10, to: 5, in_flight: 10, ceiling: Some(9) };
     assert!(events.contains(&SessionEvent::Window(change)), "{events:?}");
     reconnect(&mut s, at(t0, 10), true);
     assert_eq!(s.in_flight(), 5, "a kept session resends only what the smaller window holds");

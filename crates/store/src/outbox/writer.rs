@@ -52,6 +52,8 @@ pub(super) struct Writer {
     /// another process commits to the same outbox.
     pub(super) data_version: u64,
     pub(super) followed_at: std::time::Instant,
+    /// Another process made room: a batch admits who waits for it.
+    pub(super) admit_due: bool,
 }
 
 /// The most requests one batch takes.
@@ -105,6 +107,7 @@ impl Writer {
             inbox_bytes: 0,
             data_version,
             followed_at: std::time::Instant::now(),
+            admit_due: false,
         };
         Ok((writer, state))
     }
@@ -127,7 +130,10 @@ impl Writer {
             };
             if self.followed_at.elapsed() >= FOLLOW_EVERY {
                 self.followed_at = std::time::Instant::now();
-                self.follow_others();
+                // Room another process made: who waits for it goes in.
+                if self.follow_others() && !self.blocked.is_empty() {
+                    self.admit_due = true;
+                }
             }
             let mut requests: Vec<Request> = first.into_iter().collect();
             while requests.len() < MAX_BATCH {
@@ -151,7 +157,8 @@ impl Writer {
         self.answer_leading_reads(&mut requests);
         // `run` told the sweeper what is queued just before it waited.
         let sweep = self.sweeper.handle_timeout(Now { at: std::time::Instant::now(), wall_ms: crate::now_ms() });
-        if requests.is_empty() && self.pending_removes.is_empty() && sweep.is_none() {
+        let admit = std::mem::take(&mut self.admit_due);
+        if requests.is_empty() && self.pending_removes.is_empty() && sweep.is_none() && !admit {
             return false;
         }
         let retried = std::mem::take(&mut self.pending_removes);
@@ -307,16 +314,19 @@ impl Writer {
     /// added messages (the holder's senders must see them), or the holder
     /// delivered some that a joined `pub` waits for. What the writer keeps
     /// in memory is read again, and waiters whose messages left are told.
-    fn follow_others(&mut self) {
+    /// True when it read anything again.
+    fn follow_others(&mut self) -> bool {
         match self.store.data_version() {
             Ok(v) if v != self.data_version => {
                 self.data_version = v;
                 if let Err(e) = self.reload() {
                     tracing::warn!(error = %e, "cannot read what another process added to the outbox; trying again");
                     self.data_version = v.wrapping_sub(1);
+                    return false;
                 }
+                true
             }
-            _ => {}
+            _ => false,
         }
     }
 

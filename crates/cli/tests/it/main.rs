@@ -10,6 +10,7 @@ use steadfast_lab::chaos::FaultTally;
 use steadfast_testkit::{wait_until, FaultProxy, Mosquitto, MosquittoOptions, ProxyMode, Subscriber};
 
 mod bridge;
+mod deb;
 mod docs;
 mod doctor;
 mod interop;

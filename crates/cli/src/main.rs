@@ -36,6 +36,9 @@ pub mod exit {
     pub const TIMED_OUT: u8 = 3;
     /// Interrupted (Ctrl-C) while waiting; messages still queued on disk.
     pub const INTERRUPTED: u8 = 130;
+    /// Terminated (SIGTERM: cron, systemd, `timeout`) while waiting;
+    /// messages still queued on disk.
+    pub const TERMINATED: u8 = 143;
 }
 
 /// An error with the exit code it deserves.
@@ -58,6 +61,9 @@ impl Failure {
     }
     fn interrupted(error: impl Into<anyhow::Error>) -> Self {
         Self { code: exit::INTERRUPTED, error: error.into() }
+    }
+    fn terminated(error: impl Into<anyhow::Error>) -> Self {
+        Self { code: exit::TERMINATED, error: error.into() }
     }
     fn timed_out(error: impl Into<anyhow::Error>) -> Self {
         Self { code: exit::TIMED_OUT, error: error.into() }

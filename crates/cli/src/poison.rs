@@ -81,7 +81,9 @@ async fn act(outbox: &Outbox, dir: &std::path::Path, action: Option<(Option<Vec<
     } else {
         "back in the queue: the next run with their brokers sends them (a broker that still ends the link on them moves them aside again)"
     };
-    println!("{} message(s) {what}", done.len());
+    if !done.is_empty() || asked.is_none() {
+        println!("{} message(s) {what}", done.len());
+    }
     if let Some(asked) = asked {
         let missing: Vec<String> = asked.iter().filter(|id| !done.contains(id)).map(u64::to_string).collect();
         if !missing.is_empty() {

@@ -387,6 +387,10 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     // outbox is closed properly and what was accepted stays queued.
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| Failure::other(anyhow!("cannot watch for Ctrl-C: {e}")))?;
+    // SIGTERM (cron, systemd, `timeout`) ends it the same way: the outbox
+    // closed properly, and the user told where the messages are.
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| Failure::other(anyhow!("cannot watch for SIGTERM: {e}")))?;
     let dir = o.config.outbox_dir().to_owned();
     let (client, report) = Client::open(o.config.clone()).await.map_err(|e| open_failure(e, "--outbox"))?;
     if !report.is_clean() {
@@ -399,11 +403,13 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         );
     }
     for (set, n) in client.held() {
-        let b: String = set.split(' ').map(|u| format!(" -b {u}")).collect();
+        let b: String = set.split(' ').map(|u| format!(" -b {}", shell_word(u))).collect();
+        // The same client id: its session on those brokers, not another's.
+        let id = format!(" -i {}", shell_word(o.config.client_id()));
         eprintln!(
-            "steadfast: warning: {n} message(s) in the outbox {} were accepted for {set}; they stay queued: `steadfast pub --drain{b} --outbox {}` sends them there, --retarget sends them to the brokers given now",
+            "steadfast: warning: {n} message(s) in the outbox {} were accepted for {set}; they stay queued: `steadfast pub --drain{b}{id} --outbox {}` sends them there, --retarget sends them to the brokers given now",
             dir.display(),
-            dir.display()
+            shell_word(&dir.display().to_string())
         );
     }
     let mut events = client.events();
@@ -429,6 +435,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let fed = tokio::select! {
         sent = async { feed(&o, &mut p).await.and(p.finish().await) } => sent,
         _ = interrupt.recv() => Err(interrupted(&client, &dir, &o.drain).await),
+        _ = terminate.recv() => Err(Failure::terminated(interrupted(&client, &dir, &o.drain).await.error)),
     };
     if let Err(f) = fed {
         progress.finish();
@@ -443,6 +450,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         let waited = tokio::select! {
             r = wait_joined(&client, &mut events, (o.wait_timeout, &o.drain), &dir, &drops_before) => r,
             _ = interrupt.recv() => Waited::Done(Err(interrupted(&client, &dir, &o.drain).await)),
+            _ = terminate.recv() => Waited::Done(Err(Failure::terminated(interrupted(&client, &dir, &o.drain).await.error))),
         };
         match waited {
             Waited::Done(r) => break r,
@@ -460,7 +468,16 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         }
     };
     progress.finish();
-    if o.summary {
+    if o.summary && client.is_joined() {
+        // The outbox's counts are the holder's and the other pubs': what
+        // this one can say is of its own messages.
+        let accepted = p.accepted.load(Ordering::Relaxed);
+        let how = if result.is_ok() { "which delivered them (the outbox is empty)" } else { "which sends them" };
+        eprintln!(
+            "steadfast: {accepted} accepted into the outbox {}, held by another pub, {how}",
+            dir.display()
+        );
+    } else if o.summary {
         // What left the outbox in this run, the older messages a --drain
         // sent included: what was there plus what came, less what is left
         // and what was dropped.

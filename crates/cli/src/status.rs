@@ -233,6 +233,13 @@ impl Store {
         self.report.configured.as_ref().is_none_or(|c| c.iter().any(|u| u == url))
     }
 
+    /// The client id the outbox's producer id was made from (`ID-xxxxxxxx`),
+    /// if it was.
+    fn client_id(&self) -> Option<&str> {
+        let (id, suffix) = self.report.producer.as_deref()?.rsplit_once('-')?;
+        (suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    }
+
     fn window_of(&self, url: &str) -> Option<u16> {
         self.report.windows.iter().find(|(u, _)| u == url).map(|(_, n)| *n)
     }
@@ -284,7 +291,9 @@ impl Store {
                 }
             }
             for (set, n) in self.held() {
-                println!("held     {n} message(s) accepted for {set}: never sent to other brokers (`steadfast pub --drain -b ... --outbox {dir}` sends them, `--retarget` elsewhere)");
+                let b: String = set.split(' ').map(|u| format!(" -b {u}")).collect();
+                let id = self.client_id().map(|id| format!(" -i {id}")).unwrap_or_default();
+                println!("held     {n} message(s) accepted for {set}: never sent to other brokers (`steadfast pub --drain{b}{id} --outbox {dir}` sends them, `--retarget` elsewhere)");
             }
         }
         if self.kind == StoreKind::Inbox || r.inbox > 0 || !r.counters.is_empty() {

@@ -330,26 +330,35 @@ async fn file_stdin_null_retain_qos0_and_mqtt311_inputs_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_while_waiting_keeps_the_messages_and_says_where() {
-    let dir = tempfile::tempdir().unwrap();
-    let ob = dir.path().join("ob");
-    let ob = ob.to_str().unwrap().to_owned();
-    let child = steadfast()
-        .args(["pub", "-b", "mqtt://127.0.0.1:1", "-t", "t", "-m", "wait for me", "--outbox", &ob])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let o2 = ob.clone();
-    wait_until("message accepted", Duration::from_secs(20), move || {
-        try_status_json(&o2).is_ok_and(|s| s["queued"] == 1)
-    })
-    .await;
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(stderr(&out).contains("1 message(s) kept in the outbox"), "{}", stderr(&out));
-    assert_eq!(status_json(&ob)["queued"], 1);
+    // SIGINT (Ctrl-C) and SIGTERM (cron, systemd, `timeout`) alike.
+    for (signal, code, queued) in [("-INT", 130, 1), ("-TERM", 143, 2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let ob = dir.path().join("ob");
+        let ob = ob.to_str().unwrap().to_owned();
+        if queued == 2 {
+            let first =
+                run(&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "t", "-m", "1", "--outbox", &ob, "--no-wait"]).await;
+            assert_eq!(first.status.code(), Some(0));
+        }
+        let child = steadfast()
+            .args(["pub", "-b", "mqtt://127.0.0.1:1", "-t", "t", "-m", "wait for me", "--outbox", &ob])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o2 = ob.clone();
+        wait_until("message accepted", Duration::from_secs(20), move || {
+            try_status_json(&o2).is_ok_and(|s| s["queued"] == queued)
+        })
+        .await;
+        let pid = child.id().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "{signal}: {}", stderr(&out));
+        let said = format!("{queued} message(s) kept in the outbox");
+        assert!(stderr(&out).contains(&said) && stderr(&out).contains("pub --drain"), "{}", stderr(&out));
+        assert_eq!(status_json(&ob)["queued"], queued);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

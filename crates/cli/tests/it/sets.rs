@@ -27,6 +27,8 @@ async fn a_message_accepted_for_one_broker_goes_to_another_only_when_retargeted(
     let err = stderr(&out);
     let said = format!("1 message(s) in the outbox {ob} were accepted for {}; they stay queued", a.url());
     assert!(err.contains(&said) && err.contains("--retarget"), "{err}");
+    // The hint names the client id too: the same session on A.
+    assert!(err.contains(&format!("--drain -b {} -i ", a.url())), "{err}");
     on_b.wait_count(1, Duration::from_secs(10)).await;
     // A's message, older, would have gone first: B never saw it.
     assert_eq!(on_b.lines(), ["y"]);
@@ -37,6 +39,8 @@ async fn a_message_accepted_for_one_broker_goes_to_another_only_when_retargeted(
     let configured =
         |url: String| st["brokers"].as_array().unwrap().iter().find(|x| x["url"] == url).unwrap()["configured"].clone();
     assert_eq!((configured(a.url()), configured(b.url())), (false.into(), true.into()), "{st}");
+    // Held for A, the message is nobody's lag in this run.
+    assert!(st["brokers"].as_array().unwrap().iter().all(|x| x["lag"] == 0), "{st}");
     let text = String::from_utf8_lossy(&run(&["status", "--outbox", ob]).await.stdout).into_owned();
     assert!(text.contains(&format!("broker   {}  not in the last run's configuration", a.url())), "{text}");
     // With A's own brokers it goes to A.

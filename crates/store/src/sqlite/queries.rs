@@ -348,7 +348,8 @@ impl Store for SqliteStore {
     }
 
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
-        let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0";
+        // Held for another broker set, or poison: nobody's lag in this run.
+        let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0 AND (route IS NULL OR substr(route, 1, 1) <> '@')";
         Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)
     }
 

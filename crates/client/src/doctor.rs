@@ -494,7 +494,11 @@ impl Doc {
         let mut out = vec![check];
         // The race is told only where the session held the later message.
         if let Some(after) = race.filter(|_| out[0].ok == Some(true)) {
-            let after = format!("{:.1} ms", after.as_secs_f64() * 1000.0);
+            // Well under a millisecond on a local broker: said in µs then.
+            let after = match after.as_micros() {
+                us if us < 1000 => format!("{us} µs"),
+                _ => format!("{:.1} ms", after.as_secs_f64() * 1000.0),
+            };
             let later = format!("{} ms", RACE_PAUSE.as_millis());
             out.push(match early {
                 true => Check {

@@ -447,6 +447,13 @@ async fn the_demo_loses_nothing_and_says_so() {
         faults.contains("kill -9 broker A (deliveries ") && faults.contains("kill -9 broker B (deliveries "),
         "{faults}"
     );
+    // A fault's row and its entry in the faults line give the same second.
+    let row = stdout.lines().find(|l| l.trim_end().ends_with("kill -9 broker A")).expect("the fault's row");
+    let second = row.split_whitespace().next().unwrap().trim_end_matches('s');
+    assert!(
+        faults.contains(&format!(" {second}.")) || faults.contains(&format!("faults: {second}.")),
+        "{row} / {faults}"
+    );
     // The table is exact: sent, accepted, delivered and handled never go
     // back, nothing is delivered or handled before it is accepted.
     let rows: Vec<Vec<u64>> = stdout

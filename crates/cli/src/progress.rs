@@ -42,7 +42,10 @@ impl Progress {
                     rate = if rate == 0.0 { now_rate } else { 0.7 * rate + 0.3 * now_rate };
                     last = (Instant::now(), delivered);
                 }
-                let mut line = render(acc, queued, delivered, rate, started.elapsed());
+                // Within the first second: the rate so far (it said 0 msg/s
+                // while thousands were being delivered).
+                let shown = if rate == 0.0 && dt > 0.0 { delivered.saturating_sub(last.1) as f64 / dt } else { rate };
+                let mut line = render(acc, queued, delivered, shown, started.elapsed());
                 if queued > 0 {
                     line += &links(&client.broker_status(), std::time::SystemTime::now());
                 }

@@ -342,6 +342,10 @@ impl Pipeline {
     async fn settle_one(&mut self) -> Result<(), Failure> {
         if let Some(f) = self.pending.pop_front() {
             match f.await {
+                // Sequence 0: a best-effort message, never stored, so never
+                // "accepted" (its fate is counted with the drops or the
+                // deliveries).
+                Ok(0) => {}
                 Ok(_) => {
                     self.accepted.fetch_add(1, Ordering::Relaxed);
                 }

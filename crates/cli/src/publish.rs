@@ -396,6 +396,9 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut terminate =
         signal(SignalKind::terminate()).map_err(|e| Failure::other(anyhow!("cannot watch for SIGTERM: {e}")))?;
     let dir = o.config.outbox_dir().to_owned();
+    // Read before the client opens: its drivers may deliver at once, and a
+    // count taken after would miss what they sent (--summary).
+    let queued_before = queued_on_disk(&dir).await;
     let (client, report) = Client::open(o.config.clone()).await.map_err(|e| open_failure(e, "--outbox"))?;
     if !report.is_clean() {
         eprintln!(
@@ -418,7 +421,6 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     }
     let mut events = client.events();
     let drops_before = drop_counts(&client).await;
-    let queued_before = client.status().await.map(|s| s.queued).unwrap_or(0);
     if client.is_joined() {
         tracing::info!(outbox = %dir.display(), "the outbox is in use by another pub: the messages are added to it and that process sends them");
     } else {
@@ -477,10 +479,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         // this one can say is of its own messages.
         let accepted = p.accepted.load(Ordering::Relaxed);
         let how = if result.is_ok() { "which delivered them (the outbox is empty)" } else { "which sends them" };
-        eprintln!(
-            "steadfast: {accepted} accepted into the outbox {}, held by another pub, {how}",
-            dir.display()
-        );
+        eprintln!("steadfast: {accepted} accepted into the outbox {}, held by another pub, {how}", dir.display());
     } else if o.summary {
         // What left the outbox in this run, the older messages a --drain
         // sent included: what was there plus what came, less what is left
@@ -497,6 +496,22 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     }
     client.close().await;
     result
+}
+
+/// Messages queued in the outbox at `dir` now (0 when there is none yet),
+/// read without its lock.
+async fn queued_on_disk(dir: &std::path::Path) -> u64 {
+    let d = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        steadfast_store::SqliteStore::open_read_only(&d).and_then(|mut s| {
+            use steadfast_store::Store;
+            s.totals()
+        })
+    })
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map_or(0, |t| t.count)
 }
 
 enum Waited {

@@ -25,13 +25,13 @@ mod clock;
 mod config;
 mod consumer;
 pub mod doctor;
-#[doc(hidden)]
-pub mod readme;
 mod driver;
 mod error;
 mod link;
 mod metrics;
 mod policy;
+#[doc(hidden)]
+pub mod readme;
 mod reconnect;
 mod router;
 mod transport;

@@ -248,7 +248,8 @@ impl Store for MemoryStore {
     }
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         let set_aside = |r: &Row| r.msg.route.as_deref().is_some_and(crate::set_aside);
-        Ok(self.state.messages.values().filter(|r| !r.done && r.acks & (1 << slot) == 0 && !set_aside(r)).count() as u64)
+        Ok(self.state.messages.values().filter(|r| !r.done && r.acks & (1 << slot) == 0 && !set_aside(r)).count()
+            as u64)
     }
     fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
         let mut out = Vec::new();

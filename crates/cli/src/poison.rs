@@ -70,7 +70,7 @@ async fn act(outbox: &Outbox, dir: &std::path::Path, action: Option<(Option<Vec<
         // A size learned from poison would set them aside again at once.
         let report = outbox.report().await.map_err(err)?;
         for (url, _) in &report.poison_sizes {
-            outbox.set_meta(&format!("poison size {url}"), "");
+            outbox.set_meta(&steadfast_store::BrokerMeta::PoisonSize.key(url), "");
         }
         if !report.poison_sizes.is_empty() {
             println!("the message sizes learned from poison are forgotten: a broker that still closes the link on them teaches them again");

@@ -15,7 +15,9 @@ use steadfast_core::engine::{
     WindowChange, Wire,
 };
 use steadfast_core::{DropReason, Qos};
-use steadfast_store::{now_ms, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage};
+use steadfast_store::{
+    now_ms, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
@@ -185,7 +187,7 @@ impl Driver {
     }
 
     fn window_key(&self) -> String {
-        format!("window {}", self.url)
+        BrokerMeta::Window.key(&self.url.to_string())
     }
 
     /// The first CONNACK sets the window: what an earlier run learned of
@@ -225,8 +227,13 @@ impl Driver {
         }
         self.version = first_version(&self.cfg, &self.url, Some(&self.outbox)).await;
         self.learned_window = self.outbox.meta(&self.window_key()).await.ok().flatten().and_then(|v| v.parse().ok());
-        self.poison_size =
-            self.outbox.meta(&poison_size_key(&self.url)).await.ok().flatten().and_then(|v| v.parse().ok());
+        self.poison_size = self
+            .outbox
+            .meta(&BrokerMeta::PoisonSize.key(&self.url.to_string()))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok());
         self.reconnect.reset();
         while !self.stopping() {
             self.set_state(LinkState::Connecting, None, None);
@@ -667,7 +674,7 @@ impl Driver {
                         // that was it. Messages this large go aside at once.
                         self.poison_size = Some(size);
                         self.poison_311 = Some(size);
-                        self.outbox.set_meta(&poison_size_key(&self.url), &size.to_string());
+                        self.outbox.set_meta(&BrokerMeta::PoisonSize.key(&self.url.to_string()), &size.to_string());
                         tracing::warn!(broker = %self.url, size, "from now on messages of {size} bytes (topic and payload) or more are moved aside at once for this broker, which speaks MQTT 3.1.1 and cannot announce its maximum packet size; remembered in the outbox (`steadfast poison --requeue` forgets it)");
                     }
                 }
@@ -771,11 +778,6 @@ impl Wire<StoredMessage> for LinkWire<'_> {
     fn ping(&mut self) -> Vec<u8> {
         self.link.encoded("PINGREQ", Link::ping)
     }
-}
-
-/// The outbox metadata key of the poison size learned from `url`.
-pub(crate) fn poison_size_key(url: &BrokerUrl) -> String {
-    format!("poison size {url}")
 }
 
 /// How a link's end bears on the messages in flight: a broker that

@@ -27,6 +27,27 @@ pub use outbox::{
 };
 pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 
+/// What an outbox learned of one broker, kept in its metadata under
+/// `"{what} URL"`: read by the client's drivers and by `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerMeta {
+    /// The in-flight ceiling learned from closes past a limit ('' = none).
+    Window,
+    /// MQTT 3.1.1: messages this large or larger are poison at once.
+    PoisonSize,
+}
+
+impl BrokerMeta {
+    /// The metadata key for the broker `url`.
+    pub fn key(self, url: &str) -> String {
+        let what = match self {
+            BrokerMeta::Window => "window",
+            BrokerMeta::PoisonSize => "poison size",
+        };
+        format!("{what} {url}")
+    }
+}
+
 /// True for a route this crate sets itself (held for another broker set,
 /// or poison): no configuration names it, no broker set claims it.
 pub fn set_aside(route: &str) -> bool {

@@ -4,7 +4,7 @@
 
 use steadfast_core::DropReason;
 
-use crate::{BrokerRecord, Store, StoreError, Totals};
+use crate::{BrokerMeta, BrokerRecord, Store, StoreError, Totals};
 
 /// How far behind one broker is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,21 +85,21 @@ impl Report {
             producer: store.meta("producer")?,
             last_id: store.last_id()?,
             poisoned: store.poisoned()?,
-            poison_sizes: per_broker(store, "poison size")?,
+            poison_sizes: per_broker(store, BrokerMeta::PoisonSize)?,
             configured: store
                 .meta("brokers")?
                 .map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),
-            windows: per_broker(store, "window")?,
+            windows: per_broker(store, BrokerMeta::Window)?,
         })
     }
 }
 
-/// A number kept per broker under the metadata key `"{what} URL"`, for
-/// each broker that has one.
-fn per_broker<T: std::str::FromStr>(store: &mut dyn Store, what: &str) -> Result<Vec<(String, T)>, StoreError> {
+/// A number kept per broker under `what`'s metadata key, for each broker
+/// that has one.
+fn per_broker<T: std::str::FromStr>(store: &mut dyn Store, what: BrokerMeta) -> Result<Vec<(String, T)>, StoreError> {
     let mut out = Vec::new();
     for (url, _) in store.slots()? {
-        if let Some(n) = store.meta(&format!("{what} {url}"))?.and_then(|v| v.parse().ok()) {
+        if let Some(n) = store.meta(&what.key(&url))?.and_then(|v| v.parse().ok()) {
             out.push((url, n));
         }
     }

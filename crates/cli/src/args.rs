@@ -248,9 +248,9 @@ pub struct PubArgs {
     /// Fanout: after this long, a message some broker acknowledged leaves; the others count it as missed.
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub catch_up_for: Option<Duration>,
-    /// With messages in flight, a link with no acknowledgement for this long is dead.
-    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration)]
-    pub ack_timeout: Duration,
+    /// With messages in flight, a link with no acknowledgement for this long is dead (default: adaptive, from the round-trip time measured, at least 750ms).
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub ack_timeout: Option<Duration>,
     /// Named broker sets (routes) from a TOML file: [routes.NAME] brokers = [...], mode, ack, ...
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

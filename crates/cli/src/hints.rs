@@ -50,7 +50,7 @@ impl FlagHint for ConfigError {
             ConfigError::UrlCredentials { .. } => " (-u and -P, or --pw-file)",
             ConfigError::AckQuorumWithoutFanout { .. } => " (--mode fanout, or drop --ack)",
             ConfigError::ClientId { .. } => " (-i)",
-            ConfigError::AckTimeout(_) => " (--ack-timeout)",
+            ConfigError::AckTimeout(_) | ConfigError::AckTimeoutBounds { .. } => " (--ack-timeout)",
             ConfigError::MaxPacketSize(_) => " (--max-packet)",
             ConfigError::CaFile { .. } | ConfigError::CaCertificate { .. } | ConfigError::NoTrustedRoots { .. } => {
                 " (--cafile)"

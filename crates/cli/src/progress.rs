@@ -136,6 +136,8 @@ mod tests {
             inflight: 0,
             attempts: 4,
             active: false,
+            ack_timeout: Duration::from_millis(750),
+            round_trip: None,
         };
         let said = links(std::slice::from_ref(&b), now);
         assert!(said.starts_with(" · mqtt://127.0.0.1:1883 backoff, next try in 3s: cannot reach"), "{said}");

@@ -292,7 +292,6 @@ fn client_config(
     let first = default_set.brokers()[0].clone();
     let mut config = ClientConfig::new(id, first, outbox_dir)
         .brokers(default_set)
-        .ack_timeout(a.ack_timeout)
         .envelope(a.envelope)
         .clean_start(a.clean)
         .session_expiry(a.session_expiry)
@@ -304,6 +303,9 @@ fn client_config(
         // Several `pub` at once on one outbox (cron jobs, `find -exec`):
         // the later ones add their messages and the first delivers them.
         .join_busy_outbox(true);
+    if let Some(t) = a.ack_timeout {
+        config = config.ack_timeout(t);
+    }
     if let Some(n) = a.max_inflight {
         config = config.max_inflight(n);
     }

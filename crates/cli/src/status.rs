@@ -59,6 +59,13 @@ struct BrokerJson {
     /// In the last run's configuration (false: a broker of an earlier run,
     /// kept for its history).
     configured: bool,
+    /// The link's ack timeout (ms), whether it adapts to the round trips
+    /// measured, and the smoothed round-trip time and its mean deviation
+    /// (microseconds), as last recorded.
+    ack_timeout_ms: Option<u64>,
+    ack_timeout_adaptive: Option<bool>,
+    round_trip_us: Option<u64>,
+    round_trip_deviation_us: Option<u64>,
 }
 
 pub async fn run(a: StatusArgs) -> Result<(), Failure> {
@@ -201,6 +208,10 @@ impl Store {
                 missed,
                 window: self.window_of(&b.url),
                 configured: self.configured(&b.url),
+                ack_timeout_ms: self.timing_of(&b.url).map(|t| t.timeout_ms),
+                ack_timeout_adaptive: self.timing_of(&b.url).map(|t| t.adaptive),
+                round_trip_us: self.timing_of(&b.url).and_then(|t| t.round_trip_us).map(|(rt, _)| rt),
+                round_trip_deviation_us: self.timing_of(&b.url).and_then(|t| t.round_trip_us).map(|(_, d)| d),
             })
             .collect();
         Json {
@@ -238,6 +249,10 @@ impl Store {
     fn client_id(&self) -> Option<&str> {
         let (id, suffix) = self.report.producer.as_deref()?.rsplit_once('-')?;
         (suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+    }
+
+    fn timing_of(&self, url: &str) -> Option<steadfast_store::AckTiming> {
+        self.report.ack_timeouts.iter().find(|(u, _)| u == url).map(|(_, t)| *t)
     }
 
     fn window_of(&self, url: &str) -> Option<u16> {
@@ -337,6 +352,19 @@ impl Store {
         }
         if missed > 0 {
             println!("         missed {missed} message(s): down past the catch-up window");
+        }
+        if let Some(t) = self.timing_of(&b.url) {
+            let ms = |us: u64| us as f64 / 1000.0;
+            let how = match (t.adaptive, t.round_trip_us) {
+                (true, Some((rt, dev))) => {
+                    format!("adaptive: round trip {:.2} ms ± {:.2} ms", ms(rt), ms(dev))
+                }
+                (true, None) => "adaptive: no round trip measured yet".to_owned(),
+                (false, Some((rt, _))) => format!("fixed (--ack-timeout); round trip {:.2} ms", ms(rt)),
+                (false, None) => "fixed (--ack-timeout)".to_owned(),
+            };
+            let when = if self.running { "" } else { ", last run" };
+            println!("         ack timeout {} ms ({how}{when})", t.timeout_ms);
         }
         if let Some(n) = self.window_of(&b.url) {
             println!("         window {n} in flight at most: learned (it ended links with more in flight)");

@@ -218,6 +218,12 @@ pub struct BrokerStatus {
     /// Whether new messages go to it now (failover: it is the active
     /// broker of a set; fanout and balance: it is connected).
     pub active: bool,
+    /// The ack timeout of its link now (adaptive by default: from the
+    /// round trips measured; zero before the first connection attempt).
+    pub ack_timeout: Duration,
+    /// The smoothed round-trip time of its link and its mean deviation,
+    /// once measured (CONNECT to CONNACK, then one PUBLISH at a time).
+    pub round_trip: Option<(Duration, Duration)>,
 }
 
 /// Something that happened, for applications that watch.

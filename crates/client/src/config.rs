@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use steadfast_core::BackoffConfig;
+use steadfast_core::{AckTimeout, BackoffConfig};
 use steadfast_store::OutboxConfig;
 
 use crate::error::ConfigError;
@@ -266,7 +266,7 @@ pub struct ClientConfig {
     pub(crate) client_id: String,
     pub(crate) set: BrokerSet,
     pub(crate) routes: Vec<(String, BrokerSet)>,
-    pub(crate) ack_timeout: Duration,
+    pub(crate) ack_timeout: AckTimeout,
     pub(crate) envelope: bool,
     pub(crate) outbox_dir: PathBuf,
     pub(crate) version: ProtocolVersion,
@@ -339,7 +339,7 @@ impl ClientConfig {
             client_id: client_id.into(),
             set: BrokerSet::new([broker]),
             routes: Vec::new(),
-            ack_timeout: Duration::from_secs(15),
+            ack_timeout: AckTimeout::DEFAULT,
             envelope: false,
             outbox_dir: outbox_dir.into(),
             version: ProtocolVersion::V5,
@@ -502,9 +502,21 @@ impl ClientConfig {
     }
     /// With messages in flight, a link on which no acknowledgement arrives
     /// for this long is declared dead, reconnected, and (failover) its
-    /// messages go to the next broker (default 15 s).
+    /// messages go to the next broker. Fixed: by default the ack timeout
+    /// adapts to the round-trip time measured on each link (see
+    /// [`ClientConfig::ack_timeout_adaptive`]).
     pub fn ack_timeout(mut self, d: Duration) -> Self {
-        self.ack_timeout = d;
+        self.ack_timeout = AckTimeout::Fixed(d);
+        self
+    }
+    /// The default ack timeout: per link, the smoothed round-trip time plus
+    /// four times its mean deviation (as TCP's retransmission timeout),
+    /// never under `floor` (default 750 ms) and never over `max` (default
+    /// 60 s); each timeout in a row doubles the next until a message is
+    /// acknowledged again. A black hole under load is found about `floor`
+    /// after the last acknowledgement; a slow link raises its own timeout.
+    pub fn ack_timeout_adaptive(mut self, floor: Duration, max: Duration) -> Self {
+        self.ack_timeout = AckTimeout::Adaptive { floor, max };
         self
     }
     /// MQTT 3.1.1: carry each message's identity in a payload envelope
@@ -594,8 +606,14 @@ impl ClientConfig {
         if self.max_inflight == 0 {
             return Err(ConfigError::ZeroInflight);
         }
-        if self.ack_timeout < Duration::from_millis(100) {
-            return Err(ConfigError::AckTimeout(self.ack_timeout));
+        match self.ack_timeout {
+            AckTimeout::Fixed(d) | AckTimeout::Adaptive { floor: d, .. } if d < Duration::from_millis(100) => {
+                return Err(ConfigError::AckTimeout(d));
+            }
+            AckTimeout::Adaptive { floor, max } if max < floor => {
+                return Err(ConfigError::AckTimeoutBounds { floor, max });
+            }
+            _ => {}
         }
         if let Some(len) = self.producer_id.as_ref().map(String::len).filter(|len| self.envelope && *len > 255) {
             return Err(ConfigError::ProducerIdTooLong { len });

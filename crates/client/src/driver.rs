@@ -14,9 +14,9 @@ use steadfast_core::engine::{
     Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, SessionConfig, SessionEvent, StoreOp,
     WindowChange, Wire,
 };
-use steadfast_core::{DropReason, Qos};
+use steadfast_core::{AckTimeout, DropReason, Qos};
 use steadfast_store::{
-    now_ms, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage,
+    now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -61,6 +61,8 @@ impl BrokerShared {
             inflight: 0,
             attempts: 0,
             active: false,
+            ack_timeout: Duration::ZERO,
+            round_trip: None,
         };
         Self { status: Mutex::new(status), max_packet: AtomicU32::new(0) }
     }
@@ -297,7 +299,10 @@ impl Driver {
     fn set_state(&self, state: LinkState, error: Option<String>, retry_at: Option<SystemTime>) {
         let inflight = self.session.in_flight();
         let active = self.router.is_active(self.index);
+        let (ack_timeout, round_trip) = (self.session.ack_timeout(), self.session.round_trip());
         let s = self.shared.update(|s| {
+            s.ack_timeout = ack_timeout;
+            s.round_trip = round_trip;
             s.active = active;
             if s.state != state {
                 s.since = SystemTime::now();
@@ -312,6 +317,19 @@ impl Driver {
                 if state == LinkState::Connected { 0 } else { s.attempts + (state == LinkState::Connecting) as u64 };
         });
         self.outbox.record_broker(record(&s));
+        self.record_timing();
+    }
+
+    /// Keeps the link's ack timeout and round-trip estimate in the outbox
+    /// for `steadfast status` (committed with the next batch).
+    fn record_timing(&self) {
+        let micros = |d: Duration| d.as_micros().min(u64::MAX as u128) as u64;
+        let timing = AckTiming {
+            timeout_ms: self.session.ack_timeout().as_millis().min(u64::MAX as u128) as u64,
+            adaptive: matches!(self.cfg.ack_timeout, AckTimeout::Adaptive { .. }),
+            round_trip_us: self.session.round_trip().map(|(rt, dev)| (micros(rt), micros(dev))),
+        };
+        self.outbox.set_meta(&BrokerMeta::AckTimeout.key(&self.url.to_string()), &timing.to_string());
     }
 
     /// One connection, until it fails (the error) or a stop is asked (`Ok`).
@@ -334,8 +352,9 @@ impl Driver {
         let clean = self.cfg.clean_start && connects == 0;
         let attempt = open_auto(&self.cfg, &self.url, clean, &mut self.version, Some(&self.outbox));
         let Some(opened) = reconnect::unless_stopped(attempt, &mut self.stop).await else { return Ok(()) };
-        let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf } = opened?;
+        let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf, round_trip } = opened?;
         *connected_at = Some(Instant::now());
+        self.session.handle_round_trip(round_trip);
         // The router decides first whether this broker takes messages now:
         // what it had in flight is resent only if it still does.
         let limit = ack.receive_maximum.unwrap_or(u16::MAX).min(self.cfg.max_inflight);
@@ -455,8 +474,17 @@ impl Driver {
                     }
                 }
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
+                    // What already arrived counts first: after a stall of
+                    // this process (a busy machine) the acknowledgements
+                    // may be waiting in the socket, and the broker is not
+                    // to blame for our lateness.
+                    if let Ok(r) = timeout(Duration::ZERO, rd.read(buf)).await {
+                        self.on_read(link, r, buf).await?;
+                        continue;
+                    }
+                    let fired = self.session.ack_timeout();
                     let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 };
-                    self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e))?;
+                    self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e, fired))?;
                 }
                 r = rd.read(buf) => self.on_read(link, r, buf).await?,
                 page = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
@@ -565,7 +593,7 @@ impl Driver {
         }
         let r = self.session.handle_acks(acks, now());
         self.carry_out(link).await?;
-        r.map_err(|e| self.ended(e))?;
+        r.map_err(|e| self.ended(e, self.session.ack_timeout()))?;
         end.map_or(Ok(()), Err)
     }
 
@@ -588,7 +616,7 @@ impl Driver {
                         max_packet: self.max_packet,
                         poison_size: self.poison_311,
                     };
-                    self.session.handle_bound(bound, &mut wire);
+                    self.session.handle_bound(bound, now(), &mut wire);
                     if let Err(e) = r {
                         failed = Some(e);
                         break;
@@ -713,24 +741,28 @@ impl Driver {
         let inflight = self.session.in_flight();
         self.router.progress(self.index, inflight);
         let active = self.router.is_active(self.index);
+        let (ack_timeout, round_trip) = (self.session.ack_timeout(), self.session.round_trip());
         let s = self.shared.update(|s| {
             s.acked += n;
             s.inflight = inflight;
             s.active = active;
+            s.ack_timeout = ack_timeout;
+            s.round_trip = round_trip;
         });
         if self.last_recorded.elapsed() > Duration::from_secs(1) {
             self.last_recorded = Instant::now();
             self.outbox.record_broker(record(&s));
+            self.record_timing();
         }
     }
 
     /// The error that ends the link, for the engine's reason.
-    fn ended(&self, end: End) -> ConnectError {
+    fn ended(&self, end: End, ack_timeout: Duration) -> ConnectError {
         match end {
             End::Stray { packet, pid, kind } => ConnectError::Protocol(format!(
                 "the broker sent a {packet} for packet id {pid}, which has no {kind} in flight (a broker bug); reconnecting"
             )),
-            End::AckTimeout => ConnectError::AckTimeout(self.cfg.ack_timeout),
+            End::AckTimeout => ConnectError::AckTimeout(ack_timeout),
             End::DeadLink => ConnectError::DeadLink(self.cfg.keep_alive),
         }
     }

@@ -148,9 +148,17 @@ pub enum ConfigError {
     /// An in-flight window of 0.
     #[error("max_inflight 0 would let nothing through; use 1 or more")]
     ZeroInflight,
-    /// An ack timeout under 100 ms.
+    /// An ack timeout (or an adaptive one's floor) under 100 ms.
     #[error("ack timeout {0:?} is too short; use at least 100ms")]
     AckTimeout(Duration),
+    /// An adaptive ack timeout whose ceiling is under its floor.
+    #[error("adaptive ack timeout: the ceiling {max:?} is under the floor {floor:?}; give a ceiling at least as long")]
+    AckTimeoutBounds {
+        /// The floor.
+        floor: Duration,
+        /// The ceiling.
+        max: Duration,
+    },
     /// A producer id the payload envelope cannot carry.
     #[error("the payload envelope carries producer ids up to 255 bytes, not {len}; choose a shorter producer id")]
     ProducerIdTooLong {

@@ -41,6 +41,6 @@ pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, OtherSets,
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};
-pub use steadfast_core::{BackoffConfig, DropReason, Identity, Properties, PropertyError, Qos};
+pub use steadfast_core::{AckTimeout, BackoffConfig, DropReason, Identity, Properties, PropertyError, Qos};
 pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};
 pub use transport::{CertificateProblem, TlsConfig, Transport};

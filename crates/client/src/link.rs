@@ -627,6 +627,8 @@ pub(crate) struct Opened {
     pub ack: ConnAck,
     pub after: Vec<Incoming>,
     pub buf: Vec<u8>,
+    /// CONNECT written to CONNACK read: the link's first round-trip sample.
+    pub round_trip: std::time::Duration,
 }
 
 /// Connect (TCP, TLS, WebSocket as the URL says), CONNECT, CONNACK, each
@@ -706,8 +708,10 @@ pub(crate) async fn open_session(
     let mut link = Link::new(version, cfg.envelope, cfg.max_packet_size);
     link.connect(cfg, clean)?;
     let mut buf = vec![0u8; 64 * 1024];
+    let mut sent_at = tokio::time::Instant::now();
     let handshake = async {
         transport::send(&mut wr, &link.out).await.map_err(|e| io_error(&broker, e))?;
+        sent_at = tokio::time::Instant::now();
         link.out.clear();
         let mut first_read = true;
         loop {
@@ -739,10 +743,11 @@ pub(crate) async fn open_session(
         Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
         Ok(r) => r?,
     };
+    let round_trip = sent_at.elapsed();
     if let Some(refusal) = ack.refused {
         return Err(ConnectError::Refused { broker, refusal });
     }
-    Ok(Opened { rd, wr, link, ack, after, buf })
+    Ok(Opened { rd, wr, link, ack, after, buf, round_trip })
 }
 
 #[cfg(test)]

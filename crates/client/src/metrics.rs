@@ -31,6 +31,10 @@ pub(crate) fn export(s: &Snapshot<'_>) {
         gauge!("steadfast_broker_connected", "broker" => url.clone()).set(f64::from(b.state == LinkState::Connected));
         gauge!("steadfast_broker_active", "broker" => url.clone()).set(f64::from(b.active));
         gauge!("steadfast_broker_inflight", "broker" => url.clone()).set(b.inflight as f64);
+        gauge!("steadfast_broker_ack_timeout_seconds", "broker" => url.clone()).set(b.ack_timeout.as_secs_f64());
+        if let Some((rt, _)) = b.round_trip {
+            gauge!("steadfast_broker_round_trip_seconds", "broker" => url.clone()).set(rt.as_secs_f64());
+        }
         counter!("steadfast_broker_acked_total", "broker" => url.clone()).absolute(b.acked);
         counter!("steadfast_broker_connects_total", "broker" => url).absolute(b.connects);
     }

@@ -15,12 +15,17 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use steadfast_core::engine::{Decision, Routes, Routing, SetSpec, Switch};
+use steadfast_core::AckTimeout;
 use tokio::sync::{broadcast, watch, Notify};
 use tokio::time::{sleep_until, Instant};
 
 use crate::clock::instant as now;
 use crate::config::{ClientConfig, Mode};
 use crate::Event;
+
+/// With the adaptive ack timeout, the longest a fail-back waits for the
+/// old broker to drain (its own ack timeout ends a dead link sooner).
+const FAILBACK_DRAIN: Duration = Duration::from_secs(15);
 
 pub(crate) struct Router {
     routes: Mutex<Routes>,
@@ -54,7 +59,11 @@ impl Router {
         // old broker to drain (it may carry other routes' traffic too).
         let grace = cfg.connect_timeout.min(Duration::from_secs(3));
         let names = sets.iter().map(|s| s.name.clone()).collect();
-        let routes = Routes::new(sets, all.len(), now(), grace, cfg.ack_timeout);
+        let drain = match cfg.ack_timeout {
+            AckTimeout::Fixed(d) => d,
+            AckTimeout::Adaptive { .. } => FAILBACK_DRAIN,
+        };
+        let routes = Routes::new(sets, all.len(), now(), grace, drain);
         Self {
             routes: Mutex::new(routes),
             names,

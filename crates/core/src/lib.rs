@@ -13,6 +13,7 @@ pub mod engine;
 pub mod keepalive;
 pub mod message;
 pub mod mutate;
+pub mod rtt;
 pub mod topic;
 pub mod window;
 
@@ -20,5 +21,6 @@ pub use backoff::{Backoff, BackoffConfig, BackoffError};
 pub use duration::{parse_duration, DurationError};
 pub use keepalive::{KeepAlive, KeepAliveAction};
 pub use message::{DropReason, Identity, Properties, PropertyError, Qos, MAX_PRIORITY, PRIORITIES};
+pub use rtt::{AckTimeout, RoundTrip};
 pub use topic::{validate_topic_filter, validate_topic_name, FilterError, TopicError};
 pub use window::{Inflight, Resume, SendWindow, Stage};

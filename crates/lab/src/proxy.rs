@@ -183,24 +183,33 @@ async fn pump(
             }
         }
         let mode = rx.borrow().mode;
-        match mode {
-            ProxyMode::Pass => {}
+        // A bandwidth cap passes bytes as a slow link does: a slice every
+        // 20 ms, not a whole read after a long pause.
+        let slice = match mode {
+            ProxyMode::Pass => n,
             ProxyMode::BlackHole => continue,
-            ProxyMode::Latency(d) => tokio::time::sleep(d).await,
-            ProxyMode::Bandwidth(bps) => {
-                tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps.max(1) as f64)).await
+            ProxyMode::Latency(d) => {
+                tokio::time::sleep(d).await;
+                n
             }
+            ProxyMode::Bandwidth(bps) => (bps / 50).max(1) as usize,
             ProxyMode::Reset => return,
-        }
-        // Read before the write: the broker cannot answer a packet before
-        // it has it, so its acknowledgement never finds the tap unaware.
-        if side == Side::ToBroker {
-            if let Some(t) = &tap {
-                lock(t).client_sent(&buf[..n]);
+        };
+        for part in buf[..n].chunks(slice) {
+            if let ProxyMode::Bandwidth(bps) = mode {
+                tokio::time::sleep(Duration::from_secs_f64(part.len() as f64 / bps.max(1) as f64)).await;
             }
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+            // Read before the write: the broker cannot answer a packet
+            // before it has it, so its acknowledgement never finds the tap
+            // unaware.
+            if side == Side::ToBroker {
+                if let Some(t) = &tap {
+                    lock(t).client_sent(part);
+                }
+            }
+            if to.write_all(part).await.is_err() {
+                return;
+            }
         }
     }
 }

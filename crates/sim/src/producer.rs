@@ -9,7 +9,7 @@ use steadfast_core::engine::{
     accept_after_sync, quorum_met, Bound, Now, PublishSession, Queued, SessionConfig, StoreOp, SweepConfig, Sweeper,
     Wire,
 };
-use steadfast_core::{DropReason, Qos, Stage, PRIORITIES};
+use steadfast_core::{AckTimeout, DropReason, Qos, Stage, PRIORITIES};
 
 use crate::broker::FRAME;
 use crate::schedule::{Schedule, Spread};
@@ -193,7 +193,9 @@ impl Producer {
         let cfg = SessionConfig {
             max_inflight: s.max_inflight,
             keep_alive: Duration::from_secs(3),
-            ack_timeout: Duration::from_secs(2),
+            // Adaptive, as the product's default, with the ceiling the
+            // fixed timeout had here (the schedules' timing is built on it).
+            ack_timeout: AckTimeout::Adaptive { floor: Duration::from_millis(500), max: Duration::from_secs(2) },
             refused_pause: Duration::from_secs(1),
             page: s.page,
             poison_after: POISON_AFTER,
@@ -347,6 +349,10 @@ impl Producer {
     /// Carries out `slot`'s engine's store operations; a bind is committed
     /// at once and its outcome handed back. True when a bind failed: the
     /// link must end (the rest waits, as in the driver).
+    fn now(&self, t: u64) -> Now {
+        Now { at: self.epoch + Duration::from_millis(t), wall_ms: crate::world::WALL_EPOCH_MS + t }
+    }
+
     pub fn carry_out(&mut self, slot: usize, t: u64, trace: &mut Trace) -> bool {
         if !self.alive() {
             return false;
@@ -388,13 +394,15 @@ impl Producer {
                     if t < crate::schedule::ACTIVE_MS && self.rng.u32(0..1000) < self.bind_fail_per_mille {
                         let ids: Vec<u64> = updates.iter().map(|(id, _)| *id).collect();
                         trace.note(t, None, format!("outbox: a bind for broker {slot} failed (disk full?) {ids:?}"));
-                        self.engines[slot].handle_bound(Bound::Failed, &mut SimWire);
+                        let now = self.now(t);
+                        self.engines[slot].handle_bound(Bound::Failed, now, &mut SimWire);
                         return true;
                     }
                     let gone = self.bind(slot, updates, t, trace);
                     // A bind is synced before the engine hears of it.
                     self.committed = self.working.clone();
-                    self.engines[slot].handle_bound(Bound::Written { gone }, &mut SimWire);
+                    let now = self.now(t);
+                    self.engines[slot].handle_bound(Bound::Written { gone }, now, &mut SimWire);
                 }
             }
         }

@@ -35,6 +35,8 @@ pub enum BrokerMeta {
     Window,
     /// MQTT 3.1.1: messages this large or larger are poison at once.
     PoisonSize,
+    /// The link's ack timeout and round-trip estimate ([`AckTiming`]).
+    AckTimeout,
 }
 
 impl BrokerMeta {
@@ -43,8 +45,55 @@ impl BrokerMeta {
         let what = match self {
             BrokerMeta::Window => "window",
             BrokerMeta::PoisonSize => "poison size",
+            BrokerMeta::AckTimeout => "ack timeout",
         };
         format!("{what} {url}")
+    }
+}
+
+/// A broker link's ack timeout and the round trips it follows, as its
+/// driver last recorded them (for `steadfast status`; kept as metadata
+/// text "TIMEOUT_MS adaptive|fixed [ROUND_TRIP_US DEVIATION_US]").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckTiming {
+    /// The ack timeout in force, in milliseconds.
+    pub timeout_ms: u64,
+    /// True when it follows the round trips measured (the default).
+    pub adaptive: bool,
+    /// The smoothed round-trip time and its mean deviation, in
+    /// microseconds, once measured.
+    pub round_trip_us: Option<(u64, u64)>,
+}
+
+impl std::fmt::Display for AckTiming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mode = if self.adaptive { "adaptive" } else { "fixed" };
+        write!(f, "{} {mode}", self.timeout_ms)?;
+        if let Some((rt, dev)) = self.round_trip_us {
+            write!(f, " {rt} {dev}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for AckTiming {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let mut words = s.split(' ');
+        let timeout_ms = words.next().and_then(|w| w.parse().ok()).ok_or(())?;
+        let adaptive = match words.next() {
+            Some("adaptive") => true,
+            Some("fixed") => false,
+            _ => return Err(()),
+        };
+        let mut number = || words.next().map(|w| w.parse::<u64>().map_err(|_| ()));
+        let round_trip_us = match (number(), number()) {
+            (Some(rt), Some(dev)) => Some((rt?, dev?)),
+            (None, None) => None,
+            _ => return Err(()),
+        };
+        Ok(AckTiming { timeout_ms, adaptive, round_trip_us })
     }
 }
 

@@ -120,6 +120,8 @@ struct DestSpec {
     /// Failed links in a row with a message alone in flight that make it
     /// poison (0: never).
     poison_after: Option<u32>,
+    /// A fixed ack timeout (default: adaptive to the round-trip time).
+    ack_timeout: Option<Spanned<String>>,
     topic_prefix: Option<Spanned<String>>,
     strip_prefix: Option<Spanned<String>>,
     #[serde(default)]
@@ -357,6 +359,7 @@ struct DestinationKeys {
     version: Version,
     backoff: BackoffConfig,
     rewrite: Rewrite,
+    ack_timeout: Option<Duration>,
 }
 
 impl DestinationKeys {
@@ -376,7 +379,11 @@ impl DestinationKeys {
         if let Some(m) = d.max_inflight.as_ref().filter(|m| *m.get_ref() == 0) {
             errs.at(m.span(), "max_inflight = 0 would let nothing through; use 1 or more");
         }
-        Some(DestinationKeys { set: set?, qos, version: version?, backoff: backoff?, rewrite })
+        let ack_timeout = duration(&d.ack_timeout, "destination.ack_timeout", errs);
+        if let (Some(t), Some(key)) = (ack_timeout.filter(|t| *t < Duration::from_millis(100)), &d.ack_timeout) {
+            errs.at(key.span(), format!("destination.ack_timeout {t:?} is too short; use at least 100ms"));
+        }
+        Some(DestinationKeys { set: set?, qos, version: version?, backoff: backoff?, rewrite, ack_timeout })
     }
 
     /// The route's publisher, its outbox in `outbox_dir`; a credential or
@@ -407,6 +414,9 @@ impl DestinationKeys {
         }
         if let Some(n) = d.poison_after {
             destination = destination.poison_after(n);
+        }
+        if let Some(t) = self.ack_timeout {
+            destination = destination.ack_timeout(t);
         }
         match secrets!(d).apply(destination.clone()) {
             Ok(c) => destination = c,

@@ -277,7 +277,7 @@ impl Consumer {
         cfg.validate().map_err(|e| ConnectError::Protocol(e.to_string()))?;
         for url in cfg.client.all_brokers() {
             let mut version = cfg.client.version;
-            let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf } =
+            let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf, .. } =
                 open_auto(&cfg.client, &url, cfg.client.clean_start, &mut version, None).await?;
             link.subscribe(1, &cfg.topics)?;
             send(&mut wr, &link.out).await?;

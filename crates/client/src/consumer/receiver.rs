@@ -91,7 +91,7 @@ impl Receiver {
     ) -> Result<(), ConnectError> {
         let attempt = open_auto(&self.cfg.client, &self.url, clean, &mut self.version, Some(&self.outbox));
         let Some(opened) = between_links(&mut self.acks, &mut self.stop, attempt).await else { return Ok(()) };
-        let Opened { rd, wr, mut link, ack, after, buf } = opened?;
+        let Opened { rd, wr, mut link, ack, after, buf, .. } = opened?;
         *connected_at = Some(Instant::now());
         let subscription = self.subscribe_unless_kept(&mut link, ack.session_present).await?;
         let broker = self.url.to_string();

@@ -190,6 +190,90 @@ async fn a_black_holed_primary_is_detected_by_the_ack_timeout_and_traffic_moves(
     c.close().await;
 }
 
+/// A failover pair with every timeout left at its default, except the
+/// keep-alive (30 s): only the ack timeout can notice a black hole.
+fn defaults(id: &str, urls: &[String], dir: &std::path::Path) -> ClientConfig {
+    config(id, &urls[0], dir).brokers(set(urls)).keep_alive(Duration::from_secs(30))
+}
+
+/// The default ack timeout follows the round trips measured on the link:
+/// on loopback it sits at its 750 ms floor, so a black hole under load is
+/// left within a second of silence, not after the 15 s of a fixed default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_default_settings_a_black_holed_primary_is_left_within_a_second_or_so() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(a.port()).await.unwrap();
+    let sub_a = Subscriber::start(a.port(), "adapt", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "adapt", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(defaults("adapt-pub", &[proxy.url(), b.url()], dir.path())).await;
+    let mut events = c.events();
+    let want = payloads("adapt", 600);
+    publish_steadily(&c, "adapt", &want[..200]).await;
+    sub_a.wait_count(150, Duration::from_secs(10)).await;
+    let primary = c.broker_status().remove(0);
+    assert_eq!(primary.ack_timeout, Duration::from_millis(750), "loopback round trips: the floor; {primary:?}");
+    assert!(primary.round_trip.is_some_and(|(rt, _)| rt < Duration::from_millis(100)), "{primary:?}");
+    proxy.set(ProxyMode::BlackHole);
+    let silent = Instant::now();
+    let publisher = {
+        let (c, rest) = (c.clone(), want[200..].to_vec());
+        tokio::spawn(async move { publish_steadily(&c, "adapt", &rest).await })
+    };
+    let (from, _) = failover_event(&mut events, Duration::from_secs(10)).await;
+    let took = silent.elapsed();
+    assert_eq!(from, proxy.url());
+    // 750 ms after the first unanswered send, plus a busy machine's slack.
+    assert!(took < Duration::from_secs(2), "failover took {took:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let error = loop {
+        match c.broker_status()[0].last_error.clone() {
+            Some(e) => break e,
+            None if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(10)).await,
+            None => panic!("the primary's link error was never recorded"),
+        }
+    };
+    assert!(error.contains("ack timeout"), "{error}");
+    publisher.await.unwrap();
+    idle(&c, Duration::from_secs(20)).await;
+    assert_union_has_all(&[&sub_a, &sub_b], &want, Duration::from_secs(10)).await;
+    c.close().await;
+}
+
+/// A link that turns slow (250 ms each way, then 4 kB/s) keeps the
+/// primary: its acknowledgements still come, and the ack timeout grows with
+/// the round trips measured. No reconnect, nothing to the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_turns_slow_is_not_taken_for_a_dead_one() {
+    let a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let proxy = FaultProxy::start(a.port()).await.unwrap();
+    let sub_a = Subscriber::start(a.port(), "slow", 1, None).await;
+    let sub_b = Subscriber::start(b.port(), "slow", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(defaults("slow-pub", &[proxy.url(), b.url()], dir.path())).await;
+    connected_to(&mut c.events(), 1).await;
+    let want = payloads("slow", 600);
+    publish_steadily(&c, "slow", &want[..200]).await;
+    // At the jump nothing comes back for two latencies (500 ms), under
+    // the timeout's floor; then the samples raise the timeout.
+    proxy.set(ProxyMode::Latency(Duration::from_millis(250)));
+    publish_steadily(&c, "slow", &want[200..400]).await;
+    idle(&c, Duration::from_secs(60)).await;
+    let slow = c.broker_status().remove(0);
+    let measured = slow.round_trip.map(|(rt, _)| rt).unwrap_or_default();
+    assert!(measured > Duration::from_millis(100), "the round trips measured follow the latency: {slow:?}");
+    proxy.set(ProxyMode::Bandwidth(4_000));
+    publish_steadily(&c, "slow", &want[400..]).await;
+    idle(&c, Duration::from_secs(60)).await;
+    let primary = c.broker_status().remove(0);
+    assert_eq!((primary.connects, primary.last_error.as_deref()), (1, None), "{primary:?}");
+    assert_eq!(sub_b.count(), 0, "nothing went to the backup");
+    sub_a.wait_all(&want, Duration::from_secs(10)).await;
+    c.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_all_catches_a_broker_up_after_it_comes_back() {
     let a = Mosquitto::start(persistent()).await;

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use super::{Now, Timer};
 use crate::keepalive::{KeepAlive, KeepAliveAction};
 use crate::message::{DropReason, Qos, PRIORITIES};
+use crate::rtt::{AckTimeout, RoundTrip};
 use crate::window::{Inflight, Resume, SendWindow, Stage};
 
 /// What the session needs to know of a queued message.
@@ -61,8 +62,9 @@ pub struct SessionConfig {
     pub max_inflight: u16,
     /// The keep-alive interval.
     pub keep_alive: Duration,
-    /// How long messages may stay in flight without any acknowledgement.
-    pub ack_timeout: Duration,
+    /// How long messages may stay in flight without any acknowledgement:
+    /// fixed, or adapted to the round-trip time measured on the link.
+    pub ack_timeout: AckTimeout,
     /// How long a refused message waits before it is sent again.
     pub refused_pause: Duration,
     /// Messages read from the outbox per page.
@@ -339,6 +341,15 @@ pub struct PublishSession<M> {
     /// QoS 2 PUBLISHes of a kept session that keep their packet ids but
     /// wait for room in the window to be sent again: (packet id, id).
     deferred: VecDeque<(u16, u64)>,
+    /// The round-trip estimate of the link, which sets the ack timeout.
+    rtt: RoundTrip,
+    /// The one PUBLISH being timed for a round-trip sample: its packet id
+    /// and when it went out (one at a time, as TCP did before timestamps:
+    /// nothing per message; only a first send, never a resend).
+    timed: Option<(u16, Instant)>,
+    /// When the binds now pending began: the ack timer stands still while
+    /// the disk is written (the wait is ours, not the broker's).
+    bind_at: Option<Instant>,
 }
 
 impl<M: Queued> PublishSession<M> {
@@ -372,6 +383,9 @@ impl<M: Queued> PublishSession<M> {
             chase_from: None,
             ceiling: None,
             acks_since_change: 0,
+            rtt: RoundTrip::new(cfg.ack_timeout),
+            timed: None,
+            bind_at: None,
         }
     }
 
@@ -394,6 +408,24 @@ impl<M: Queued> PublishSession<M> {
     /// The adaptive window now.
     pub fn window_size(&self) -> u16 {
         self.cwnd
+    }
+
+    /// The ack timeout now (adaptive: from the round trips measured).
+    pub fn ack_timeout(&self) -> Duration {
+        self.rtt.timeout()
+    }
+
+    /// The round-trip estimate of the link: smoothed mean and mean
+    /// deviation, once measured.
+    pub fn round_trip(&self) -> Option<(Duration, Duration)> {
+        self.rtt.estimate()
+    }
+
+    /// A round trip the driver measured itself (CONNECT to CONNACK): a
+    /// sample before any message is acknowledged. It does not end the
+    /// backoff of earlier ack timeouts: only an acknowledged message does.
+    pub fn handle_round_trip(&mut self, rtt: Duration) {
+        self.rtt.sample(rtt);
     }
 
     /// What the window never grows past, once learned.
@@ -449,8 +481,10 @@ impl<M: Queued> PublishSession<M> {
 
     /// Every timer of the session and when it fires (`None`: not set).
     pub fn timers(&self) -> [(Timer, Option<Instant>); 3] {
-        let ack =
-            (!self.window.is_empty() && self.keepalive.is_some()).then(|| self.progress_at + self.cfg.ack_timeout);
+        // While a QoS 2 binding is being written the wait is ours (the
+        // disk's), not the broker's: the ack timer does not run.
+        let ack = (!self.window.is_empty() && self.keepalive.is_some() && self.pending.is_empty())
+            .then(|| self.progress_at + self.rtt.timeout());
         [
             (Timer::KeepAlive, self.keepalive.as_ref().map(KeepAlive::poll_timeout)),
             (Timer::AckTimeout, ack),
@@ -470,7 +504,9 @@ impl<M: Queued> PublishSession<M> {
             // Disconnected: no link to end, nothing to ping.
             return Ok(());
         }
-        if !self.window.is_empty() && now.at.saturating_duration_since(self.progress_at) >= self.cfg.ack_timeout {
+        let waiting = !self.window.is_empty() && self.pending.is_empty();
+        if waiting && now.at.saturating_duration_since(self.progress_at) >= self.rtt.timeout() {
+            self.rtt.expired();
             if crate::mutate::planted(crate::mutate::Bug::DropWindowOnAckTimeout) {
                 self.store.push_back(StoreOp::Ack(self.window.ids().collect()));
             }
@@ -508,6 +544,8 @@ impl<M: Queued> PublishSession<M> {
     /// [`SessionConfig::poison_after`] failures in a row is poison.
     pub fn handle_link_lost(&mut self, end: LinkEnd) {
         let up = self.keepalive.take();
+        self.timed = None;
+        self.bind_at = None;
         self.out.clear();
         let queued_binds = self.store.iter().filter(|op| matches!(op, StoreOp::Bind(_))).count();
         debug_assert_eq!(queued_binds, self.pending.len(), "a bind was taken without its outcome reported");

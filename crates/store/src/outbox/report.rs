@@ -57,6 +57,9 @@ pub struct Report {
     /// Per broker (MQTT 3.1.1), the message size from which messages are
     /// moved aside at once: it closed the link on a message that large.
     pub poison_sizes: Vec<(String, u64)>,
+    /// Per broker, its link's ack timeout and round-trip estimate as last
+    /// recorded.
+    pub ack_timeouts: Vec<(String, crate::AckTiming)>,
     /// The brokers of the last run's configuration (`None`: not recorded,
     /// an outbox of an earlier release or an inbox).
     pub configured: Option<Vec<String>>,
@@ -90,6 +93,7 @@ impl Report {
                 .meta("brokers")?
                 .map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),
             windows: per_broker(store, BrokerMeta::Window)?,
+            ack_timeouts: per_broker(store, BrokerMeta::AckTimeout)?,
         })
     }
 }

@@ -167,6 +167,7 @@ impl<M: Queued> PublishSession<M> {
         } else {
             self.store.push_back(StoreOp::Bind(stale));
             self.pending.push_back(Pending::Restart { window, delivered, expected });
+            self.bind_at.get_or_insert(self.progress_at);
         }
     }
 

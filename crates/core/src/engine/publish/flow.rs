@@ -30,6 +30,9 @@ impl<M: Queued> PublishSession<M> {
                 held.push((m, pid, bytes));
                 continue;
             }
+            if let (Some(pid), None) = (pid, self.timed) {
+                self.timed = Some((pid, now.at));
+            }
             sent_qos0.extend(self.transmit(m, pid, bytes, &mut attempted));
         }
         // Counted before the sends they count are acknowledged (the store
@@ -47,6 +50,7 @@ impl<M: Queued> PublishSession<M> {
                 .collect();
             self.store.push_back(StoreOp::Bind(updates));
             self.pending.push_back(Pending::Send { qos0_before: sent_qos0, held });
+            self.bind_at.get_or_insert(now.at);
         }
     }
 
@@ -167,8 +171,15 @@ impl<M: Queued> PublishSession<M> {
     /// Failed: nothing that waited goes out; held messages return to the
     /// front of the queue with their packet ids given back, and a restart
     /// is decided again at the next CONNACK.
-    pub fn handle_bound(&mut self, bound: Bound, wire: &mut impl Wire<M>) {
+    pub fn handle_bound(&mut self, bound: Bound, now: Now, wire: &mut impl Wire<M>) {
         let Some(pending) = self.pending.pop_front() else { return };
+        if self.pending.is_empty() {
+            if let Some(at) = self.bind_at.take() {
+                // The ack timer stood still while the disk was written.
+                let waited = now.at.saturating_duration_since(at);
+                self.progress_at = (self.progress_at + waited).min(now.at);
+            }
+        }
         match (pending, bound) {
             (Pending::Send { qos0_before, held }, Bound::Written { gone }) => self.send_held(qos0_before, held, gone),
             (Pending::Release(pids), Bound::Written { .. }) => {

@@ -19,6 +19,12 @@ impl<M: Queued> PublishSession<M> {
         let mut s = Sorted { done: Vec::new(), released: Vec::new(), refused: Vec::new() };
         let mut end = Ok(());
         for ack in acks {
+            if let (Ack::PubAck { pid, .. }, Some((timed, sent))) = (ack, self.timed) {
+                if pid == timed {
+                    self.rtt.sample(now.at.saturating_duration_since(sent));
+                    self.timed = None;
+                }
+            }
             if let Err(e) = self.sort(ack, &mut s) {
                 end = Err(e);
                 break;
@@ -31,6 +37,7 @@ impl<M: Queued> PublishSession<M> {
             let updates = s.released.iter().map(|(id, pid)| (*id, Some((*pid, Stage::Released)))).collect();
             self.store.push_back(StoreOp::Bind(updates));
             self.pending.push_back(Pending::Release(s.released.into_iter().map(|(_, pid)| pid).collect()));
+            self.bind_at.get_or_insert(now.at);
         }
         end
     }
@@ -77,6 +84,7 @@ impl<M: Queued> PublishSession<M> {
             return;
         }
         self.grow(done.len());
+        self.rtt.answered();
         if !self.deferred.is_empty() {
             self.deferred.retain(|(_, id)| !done.contains(id));
         }
@@ -137,6 +145,7 @@ impl<M: Queued> PublishSession<M> {
         if !unbind.is_empty() {
             self.store.push_back(StoreOp::Bind(unbind));
             self.pending.push_back(Pending::Unbind);
+            self.bind_at.get_or_insert(now.at);
         }
     }
 }

@@ -50,11 +50,15 @@ fn at(t0: Instant, ms: u64) -> Now {
 }
 
 fn connected(msgs: &[M]) -> (PublishSession<M>, Instant) {
+    connected_with(msgs, AckTimeout::Fixed(Duration::from_secs(5)))
+}
+
+fn connected_with(msgs: &[M], ack_timeout: AckTimeout) -> (PublishSession<M>, Instant) {
     let t0 = Instant::now();
     let cfg = SessionConfig {
         max_inflight: 10,
         keep_alive: Duration::from_secs(30),
-        ack_timeout: Duration::from_secs(5),
+        ack_timeout,
         refused_pause: Duration::from_secs(1),
         page: 100,
         poison_after: 3,
@@ -82,7 +86,7 @@ fn a_qos2_publish_leaves_only_after_its_binding_is_written() {
     assert_eq!(ops(&mut s), vec![StoreOp::Bind(vec![(2, Some((2, Stage::Published)))])]);
     s.fill(at(t0, 2), &|_| true, &mut Text);
     assert_eq!(sent(&mut s), "", "nothing moves while the bind is under way");
-    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    s.handle_bound(Bound::Written { gone: vec![] }, at(t0, 50), &mut Text);
     assert_eq!(sent(&mut s), "P2:2 P3:3 ", "held packets go out in order");
 }
 
@@ -91,7 +95,7 @@ fn a_failed_bind_sends_nothing_it_held_and_gives_the_ids_back() {
     let (mut s, t0) = connected(&[M(1, Qos::ExactlyOnce), M(2, Qos::AtLeastOnce)]);
     s.fill(at(t0, 1), &|_| true, &mut Text);
     ops(&mut s);
-    s.handle_bound(Bound::Failed, &mut Text);
+    s.handle_bound(Bound::Failed, at(t0, 50), &mut Text);
     assert_eq!(sent(&mut s), "");
     assert_eq!(s.in_flight(), 0, "packet ids are given back");
     s.fill(at(t0, 2), &|_| true, &mut Text);
@@ -114,7 +118,7 @@ fn in_flight_then_lost() -> (PublishSession<M>, Instant) {
     let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce)]);
     s.fill(at(t0, 1), &|_| true, &mut Text);
     ops(&mut s);
-    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    s.handle_bound(Bound::Written { gone: vec![] }, at(t0, 50), &mut Text);
     sent(&mut s);
     s.handle_link_lost(LinkEnd::Closed);
     (s, t0)
@@ -131,7 +135,7 @@ fn a_kept_session_resends_and_a_lost_one_clears_bindings_first() {
     s.handle_connack(lost, at(t0, 20), &|_| true, &mut Text);
     assert_eq!(ops(&mut s), vec![StoreOp::Bind(vec![(2, None)])], "the stale binding is cleared first");
     assert_eq!(s.in_flight(), 2, "the old window stands until the clear is written");
-    s.handle_bound(Bound::Written { gone: vec![] }, &mut Text);
+    s.handle_bound(Bound::Written { gone: vec![] }, at(t0, 50), &mut Text);
     assert_eq!(s.in_flight(), 0);
     assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e == SessionEvent::SessionLost { in_flight: 2 }));
 }
@@ -143,6 +147,64 @@ fn the_ack_timeout_ends_the_link_only_with_messages_in_flight() {
     s.fill(at(t0, 6_000), &|_| true, &mut Text);
     assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_millis(11_000)));
     assert_eq!(s.handle_timeout(at(t0, 11_000), &mut Text), Err(End::AckTimeout));
+}
+
+#[test]
+fn the_adaptive_ack_timeout_follows_the_round_trips_measured() {
+    let (mut s, t0) = connected_with(&qos1(1..=2_000), AckTimeout::DEFAULT);
+    assert_eq!(s.ack_timeout(), Duration::from_secs(1), "before any sample");
+    // 2 ms round trips: one message timed at a time, the floor rules.
+    for n in 0..100u64 {
+        s.fill(at(t0, 10 * n), &|_| true, &mut Text);
+        let _ = sent(&mut s);
+        let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
+        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, 10 * n + 2)).unwrap();
+    }
+    let (mean, _) = s.round_trip().expect("sampled");
+    assert_eq!(mean, Duration::from_millis(2));
+    assert_eq!(s.ack_timeout(), Duration::from_millis(750));
+    // Silence after a send: the link ends one timeout after the last
+    // progress, not 15 s later.
+    s.fill(at(t0, 2_000), &|_| true, &mut Text);
+    assert_eq!(s.handle_timeout(at(t0, 2_749), &mut Text), Ok(()));
+    assert_eq!(s.handle_timeout(at(t0, 2_750), &mut Text), Err(End::AckTimeout));
+    assert_eq!(s.ack_timeout(), Duration::from_millis(1_500), "the next link waits twice as long");
+    s.handle_link_lost(LinkEnd::Ended(End::AckTimeout));
+    reconnect(&mut s, at(t0, 3_000), true);
+    s.handle_round_trip(Duration::from_millis(2));
+    assert_eq!(s.ack_timeout(), Duration::from_millis(1_500), "a CONNACK does not end the backoff");
+    let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
+    s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, 3_010)).unwrap();
+    assert_eq!(s.ack_timeout(), Duration::from_millis(750), "an acknowledged message does");
+}
+
+#[test]
+fn a_slow_link_raises_its_own_ack_timeout() {
+    let (mut s, t0) = connected_with(&qos1(1..=400), AckTimeout::DEFAULT);
+    s.handle_round_trip(Duration::from_millis(400));
+    // Acknowledgements 600 to 900 ms after the send: the timeout grows past
+    // them and never fires.
+    let mut t = 0;
+    for n in 0..30u64 {
+        s.fill(at(t0, t), &|_| true, &mut Text);
+        let _ = sent(&mut s);
+        t += 600 + 100 * (n % 4);
+        assert_eq!(s.handle_timeout(at(t0, t), &mut Text), Ok(()), "no false alarm at {t} ms");
+        let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
+        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, t)).unwrap();
+    }
+    assert!(s.ack_timeout() > Duration::from_millis(900), "{:?}", s.ack_timeout());
+}
+
+#[test]
+fn the_ack_timer_stands_still_while_a_binding_is_written() {
+    let (mut s, t0) = connected_with(&[M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce)], AckTimeout::DEFAULT);
+    s.fill(at(t0, 0), &|_| true, &mut Text);
+    assert!(matches!(ops(&mut s).as_slice(), [StoreOp::Bind(_)]));
+    // The disk took 3 s: the broker still has its whole timeout after it.
+    s.handle_bound(Bound::Written { gone: vec![] }, at(t0, 3_000), &mut Text);
+    assert_eq!(s.handle_timeout(at(t0, 3_900), &mut Text), Ok(()));
+    assert_eq!(s.handle_timeout(at(t0, 4_000), &mut Text), Err(End::AckTimeout));
 }
 
 #[test]

@@ -435,3 +435,22 @@ pub const DROP_LOG_KEEP: u64 = 100_000;
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::AckTiming;
+
+    #[test]
+    fn an_ack_timing_reads_back_as_written_and_bad_text_is_none() {
+        for t in [
+            AckTiming { timeout_ms: 750, adaptive: true, round_trip_us: Some((210, 40)) },
+            AckTiming { timeout_ms: 3000, adaptive: false, round_trip_us: None },
+        ] {
+            assert_eq!(t.to_string().parse::<AckTiming>(), Ok(t));
+        }
+        assert_eq!(AckTiming { timeout_ms: 1, adaptive: true, round_trip_us: Some((2, 3)) }.to_string(), "1 adaptive 2 3");
+        for bad in ["", "x adaptive", "750 maybe", "750 adaptive 12", "750 fixed a b"] {
+            assert!(bad.parse::<AckTiming>().is_err(), "{bad}");
+        }
+    }
+}

@@ -380,6 +380,16 @@ async fn pub_to_several_brokers_in_fanout_and_failover() {
     assert_eq!(st["queued"], 0);
     let lags: Vec<u64> = st["brokers"].as_array().unwrap().iter().map(|b| b["lag"].as_u64().unwrap()).collect();
     assert_eq!(lags, vec![0, 0]);
+    // Each link's ack timeout, adaptive by default, and the round trip it
+    // follows (at least the CONNECT to CONNACK sample).
+    for b in st["brokers"].as_array().unwrap() {
+        assert_eq!(b["ack_timeout_adaptive"], true, "{b}");
+        assert!(b["ack_timeout_ms"].as_u64().is_some_and(|t| t >= 750), "{b}");
+        assert!(b["round_trip_us"].as_u64().is_some(), "{b}");
+    }
+    let text = run(&["status", "--outbox", ob]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("ack timeout") && text.contains("(adaptive: round trip"), "{text}");
 
     // Failover: the primary is a port where nothing listens.
     let dead = format!("mqtt://127.0.0.1:{}", steadfast_testkit::free_port());
@@ -398,11 +408,24 @@ async fn pub_to_several_brokers_in_fanout_and_failover() {
         ob2.to_str().unwrap(),
         "--wait-timeout",
         "20s",
+        "--ack-timeout",
+        "3s",
     ];
     let out = run(&failover).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     sub_b.wait_all(&["via-backup".to_owned()], Duration::from_secs(10)).await;
     assert!(!sub_a.lines().contains(&"via-backup".to_owned()));
+    let backup = status_json(ob2.to_str().unwrap())["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["url"] == b.url())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (backup["ack_timeout_ms"].as_u64(), &backup["ack_timeout_adaptive"]),
+        (Some(3000), &serde_json::json!(false))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -330,8 +330,14 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// The highest id ever handed out: the sequence number of the newest
     /// message ever accepted (ids are never reused), 0 for none.
     fn last_id(&mut self) -> Result<u64, StoreError>;
-    /// Count and bytes queued.
+    /// Count and bytes queued, as kept with every commit (no scan: a
+    /// restart on a large backlog starts at once).
     fn totals(&mut self) -> Result<Totals, StoreError>;
+    /// Count and bytes queued, counted row by row (a scan): what
+    /// [`Store::totals`] must equal.
+    fn counted_totals(&mut self) -> Result<Totals, StoreError> {
+        self.totals()
+    }
     /// Creation time of the oldest queued message.
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError>;
     /// Counts one drop of `reason`; a message that was in the outbox
@@ -448,7 +454,10 @@ mod tests {
         ] {
             assert_eq!(t.to_string().parse::<AckTiming>(), Ok(t));
         }
-        assert_eq!(AckTiming { timeout_ms: 1, adaptive: true, round_trip_us: Some((2, 3)) }.to_string(), "1 adaptive 2 3");
+        assert_eq!(
+            AckTiming { timeout_ms: 1, adaptive: true, round_trip_us: Some((2, 3)) }.to_string(),
+            "1 adaptive 2 3"
+        );
         for bad in ["", "x adaptive", "750 maybe", "750 adaptive 12", "750 fixed a b"] {
             assert!(bad.parse::<AckTiming>().is_err(), "{bad}");
         }

@@ -73,6 +73,9 @@ pub struct OpenReport {
     pub torn_wal_bytes: Option<u64>,
     /// What was wrong, in words, when something was.
     pub problem: Option<String>,
+    /// The integrity check ran (it is skipped when the last holder closed
+    /// the store and the file is as it left it).
+    pub checked: bool,
 }
 
 impl OpenReport {
@@ -103,6 +106,29 @@ pub struct SqliteStore {
     reserved: u64,
     /// Drop log records written by this handle (trimmed every 1,024).
     drops_logged: u64,
+    /// What the transaction under way queued (+) and removed (-): count
+    /// and bytes, written to the summary row at its commit.
+    queued_delta: (i64, i64),
+}
+
+impl Drop for SqliteStore {
+    /// The holder of the store says it closed it: the next open skips the
+    /// integrity check (a crash leaves this unsaid). A guest or a
+    /// read-only handle says nothing.
+    fn drop(&mut self) {
+        if self._lock.is_none() || !self.conn.is_autocommit() {
+            return;
+        }
+        // Closed first: the last connection checkpoints the log into the
+        // file and removes it, and the marker records the file as it is.
+        let Ok(spare) = rusqlite::Connection::open_in_memory() else { return };
+        if std::mem::replace(&mut self.conn, spare).close().is_err() {
+            return;
+        }
+        if let Err(e) = recovery::mark_closed(&Files::new(&self.dir, self.kind)) {
+            tracing::debug!(error = %e, "cannot record the clean close; the next open checks the store");
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -112,6 +138,23 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
+    /// Counts rows that became queued (+) or stopped being queued (-):
+    /// inside a transaction, at its commit; outside one, at once.
+    pub(super) fn count_queued(&mut self, count: i64, bytes: i64) -> Result<(), StoreError> {
+        if self.conn.is_autocommit() {
+            return self.add_to_summary(count, bytes);
+        }
+        self.queued_delta.0 += count;
+        self.queued_delta.1 += bytes;
+        Ok(())
+    }
+
+    pub(super) fn add_to_summary(&mut self, count: i64, bytes: i64) -> Result<(), StoreError> {
+        let sql = "UPDATE summary SET queued = queued + ?1, bytes = bytes + ?2 WHERE k = 0";
+        let r = self.conn.prepare_cached(sql).and_then(|mut s| s.execute([count, bytes]));
+        r.map(|_| ()).map_err(|e| map_error(&self.dir, e))
+    }
+
     /// Opens (or creates) the outbox in `dir` for writing, taking its lock.
     /// A damaged database is moved to `dir/quarantine/`, what can be read
     /// from it is copied into a fresh one, and the report says so: damage
@@ -138,7 +181,7 @@ impl SqliteStore {
         resume_interrupted_salvage(&files, &mut report)?;
         check_wal_tail(&files, &mut report)?;
         cut_partial_page(&files, &mut report)?;
-        let conn = match open_checked(&files) {
+        let conn = match open_checked(&files, &mut report) {
             Ok(conn) => conn,
             Err(Opened::Corrupt(why)) => {
                 report.add_problem(why);
@@ -171,6 +214,7 @@ impl SqliteStore {
             synced: true,
             reserved,
             drops_logged: 0,
+            queued_delta: (0, 0),
         };
         Ok((store, report))
     }
@@ -213,6 +257,7 @@ impl SqliteStore {
             synced: true,
             reserved: reserve::read(dir),
             drops_logged: 0,
+            queued_delta: (0, 0),
         })
     }
 
@@ -251,6 +296,7 @@ impl SqliteStore {
             synced: true,
             reserved: 0,
             drops_logged: 0,
+            queued_delta: (0, 0),
         })
     }
 

@@ -26,6 +26,12 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
+        // What the transaction queued and removed goes into the summary
+        // row in the same commit.
+        let (count, bytes) = std::mem::take(&mut self.queued_delta);
+        if (count, bytes) != (0, 0) {
+            self.add_to_summary(count, bytes)?;
+        }
         self.conn.execute_batch("COMMIT").map_err(|e| self.map(e))
     }
 
@@ -39,6 +45,7 @@ impl Store for SqliteStore {
     }
 
     fn rollback(&mut self) {
+        self.queued_delta = (0, 0);
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
@@ -67,6 +74,7 @@ impl Store for SqliteStore {
         drop(stmt);
         r.map_err(|e| self.map(e))?;
         let id = self.conn.last_insert_rowid() as u64;
+        self.count_queued(1, m.size() as i64)?;
         // Reserved before the commit that hands it out: a recovery that
         // lost the database's own record still starts above it.
         if id > self.reserved {
@@ -101,10 +109,18 @@ impl Store for SqliteStore {
         let r = wire.execute([id]);
         drop(wire);
         r.map_err(|e| self.map(e))?;
-        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-        let r = stmt.execute([id]);
+        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING done, size")?;
+        let r = stmt.query_row([id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?))).optional();
         drop(stmt);
-        Ok(r.map_err(|e| self.map(e))? > 0)
+        match r.map_err(|e| self.map(e))? {
+            Some((done, size)) => {
+                if !done {
+                    self.count_queued(-1, -size)?;
+                }
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
@@ -120,10 +136,14 @@ impl Store for SqliteStore {
     }
 
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1")?;
-        let r = stmt.execute([id]);
+        let mut stmt =
+            self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1 AND done = 0 RETURNING size")?;
+        let r = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional();
         drop(stmt);
-        r.map(|_| ()).map_err(|e| self.map(e))
+        if let Some(size) = r.map_err(|e| self.map(e))? {
+            self.count_queued(-1, -size)?;
+        }
+        Ok(())
     }
 
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
@@ -248,6 +268,15 @@ impl Store for SqliteStore {
     }
 
     fn totals(&mut self) -> Result<Totals, StoreError> {
+        let sql = "SELECT queued, bytes FROM summary WHERE k = 0";
+        let kept: Option<(i64, i64)> = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        match kept {
+            Some((count, bytes)) => Ok(Totals { count: count.max(0) as u64, bytes: bytes.max(0) as u64 }),
+            None => self.counted_totals(),
+        }
+    }
+
+    fn counted_totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE done = 0";
         let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
@@ -274,11 +303,17 @@ impl Store for SqliteStore {
     }
 
     fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT route, count(*) FROM outbox WHERE done = 0 GROUP BY route ORDER BY route")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        // Only messages with a route are counted row by row (through their
+        // partial index); the rest is the summary's count minus those: an
+        // outbox without routes answers without a scan.
+        let total = self.totals()?.count;
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT route, count(*) FROM outbox WHERE route IS NOT NULL AND done = 0 GROUP BY route ORDER BY route",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((Some(r.get::<_, String>(0)?), r.get::<_, u64>(1)?)))?;
+        let named: Vec<(Option<String>, u64)> = rows.collect::<Result<_, _>>()?;
+        let unrouted = total.saturating_sub(named.iter().map(|(_, n)| n).sum());
+        Ok((unrouted > 0).then_some((None, unrouted)).into_iter().chain(named).collect())
     }
 
     fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::StoreError;
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -70,6 +70,13 @@ CREATE TABLE IF NOT EXISTS poison (
     failures INTEGER NOT NULL,
     at_ms INTEGER NOT NULL
 );
+-- What is queued (not done): count and bytes, kept in the same commits
+-- as the rows, so that opening a large backlog reads one row, not all.
+CREATE TABLE IF NOT EXISTS summary (
+    k INTEGER PRIMARY KEY CHECK (k = 0),
+    queued INTEGER NOT NULL,
+    bytes INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS brokers (
     url TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -111,12 +118,30 @@ ALTER TABLE outbox ADD COLUMN latest INTEGER NOT NULL DEFAULT 0;
 UPDATE meta SET value = '3' WHERE key = 'format';
 ";
 
+/// Counts what is queued into `summary`: once when an outbox of format 3
+/// is converted, and after a salvage copied rows in.
+const RECOUNT: &str = "
+INSERT OR REPLACE INTO summary (k, queued, bytes) SELECT 0, count(*), coalesce(sum(size), 0) FROM outbox WHERE done = 0;
+";
+
+/// Format 4 keeps the queued count and bytes in `summary` (counted by
+/// [`RECOUNT`] first).
+const MIGRATE_3_TO_4: &str = "
+UPDATE meta SET value = '4' WHERE key = 'format';
+";
+
+/// See [`RECOUNT`].
+pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(RECOUNT)
+}
+
 /// Indexes on the format 3 columns, made once the table has them. Partial:
 /// messages without a deadline, keep-latest or priority cost nothing.
 const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS outbox_expiry ON outbox (expires_ms) WHERE expires_ms IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_latest ON outbox (topic) WHERE latest = 1;
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id) WHERE priority != 0;
+CREATE INDEX IF NOT EXISTS outbox_route ON outbox (route) WHERE route IS NOT NULL;
 ";
 
 pub(super) fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
@@ -138,14 +163,21 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
     match found.and_then(|v| v.parse::<u32>().ok()) {
         None => {
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?1)", [FORMAT_VERSION.to_string()])?;
+            conn.execute("INSERT OR IGNORE INTO summary (k, queued, bytes) VALUES (0, 0, 0)", [])?;
         }
         Some(v) if v > FORMAT_VERSION => {
             let path = dir.to_owned();
             return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
         }
         Some(v) if v < FORMAT_VERSION => {
-            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3];
-            let sql: String = steps[(v.max(1) - 1) as usize..].concat();
+            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, RECOUNT, MIGRATE_3_TO_4];
+            // Each step from format v on; the recount belongs to 3 -> 4.
+            let from = match v.max(1) {
+                1 => 0,
+                2 => 1,
+                _ => 2,
+            };
+            let sql: String = steps[from..].concat();
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {
                 let _ = conn.execute_batch("ROLLBACK");
             })?;

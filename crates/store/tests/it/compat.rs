@@ -61,7 +61,9 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("3"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("4"));
+    assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap(), "the summary counted at conversion");
+    assert_eq!(s.totals().unwrap().count, 2);
     let all = s.read_after(0, 10, None, None).unwrap();
     assert_eq!(all.len(), 2);
     assert_eq!((all[0].id, all[0].msg.topic.as_str(), all[0].msg.payload.as_slice()), (1, "plain/qos1", &b"hello"[..]));
@@ -111,10 +113,19 @@ fn reads_an_outbox_written_by_format_2() {
 
 #[test]
 fn reads_an_outbox_written_by_format_3() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture(3));
-    }
     let (_dir, mut s) = open_copy(3);
+    check_common(&mut s);
+    let m = s.read_after(0, 10, None, None).unwrap().remove(1);
+    assert_eq!((m.msg.route.as_deref(), m.msg.policy), (Some("home"), policy_3()));
+}
+
+/// Format 4 keeps the queued count and bytes in a summary row.
+#[test]
+fn reads_an_outbox_written_by_format_4() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(4));
+    }
+    let (_dir, mut s) = open_copy(4);
     check_common(&mut s);
     let m = s.read_after(0, 10, None, None).unwrap().remove(1);
     assert_eq!((m.msg.route.as_deref(), m.msg.policy), (Some("home"), policy_3()));

@@ -9,6 +9,7 @@ mod inbox;
 mod power;
 mod quorum;
 mod recovery;
+mod summary;
 
 use steadfast_core::{Properties, Qos};
 use steadfast_store::{NewMessage, Policy};

@@ -383,3 +383,39 @@ mod truncation {
         }
     }
 }
+
+/// The integrity check reads the whole file (a quarter of a second for a
+/// million queued messages): a store its holder closed, and that nothing
+/// touched since, is not checked again; a crash image, or a file changed
+/// after the close (a copy, an edit), is.
+#[test]
+fn the_integrity_check_runs_unless_the_store_was_closed_cleanly_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(report.checked, "a new store: nothing said it was closed");
+    s.begin().unwrap();
+    s.insert(&msg("t", "kept")).unwrap();
+    s.commit().unwrap();
+    // A crash image: the files as they are while the holder runs.
+    let crashed = tempfile::tempdir().unwrap();
+    for f in ["outbox.db", "outbox.db-wal"] {
+        if dir.path().join(f).exists() {
+            std::fs::copy(dir.path().join(f), crashed.path().join(f)).unwrap();
+        }
+    }
+    drop(s);
+    assert!(dir.path().join("outbox.clean").exists(), "the close is recorded");
+    let (s, report) = SqliteStore::open(crashed.path()).unwrap();
+    assert!(report.checked && report.is_clean(), "{report:?}");
+    drop(s);
+    let (mut s, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(!report.checked, "closed cleanly and left alone");
+    assert!(!dir.path().join("outbox.clean").exists(), "a crash from here on means the check");
+    assert_eq!(payload_ids(&mut s).len(), 1);
+    drop(s);
+    let db = std::fs::OpenOptions::new().write(true).open(dir.path().join("outbox.db")).unwrap();
+    db.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000)).unwrap();
+    drop(db);
+    let (_s, report) = SqliteStore::open(dir.path()).unwrap();
+    assert!(report.checked, "the file changed after the close");
+}

@@ -23,6 +23,7 @@ pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
     let dir = state_dir(&a)?;
     let before = rss();
     let fill = Fill::queue(&a, dir.path(), broker.port()).await?;
+    let after_crash = open_after_crash(&a, dir.path(), broker.port()).await?;
     broker.restart().await?;
     let drain = Drain::restart(&a, dir.path(), &broker).await?;
     // The baseline does the same work from memory: the same messages (count,
@@ -30,7 +31,23 @@ pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
     // the same rule (first acknowledgement to last).
     eprintln!("backlog: bare rumqttc, MQTT 5, {} messages live", a.messages);
     let bare = bare_rumqttc_v5(broker.port(), &a, "backlog", a.inflight, backlog_topic).await?;
-    Ok(scenario(&a, before, &fill, &drain, bare))
+    Ok(scenario(&a, before, &fill, &drain, after_crash, bare))
+}
+
+/// Opening the backlog as after a crash: without the clean-close marker,
+/// the open runs the integrity check (the broker is still down: nothing is
+/// sent; the close writes the marker again for the restart that follows).
+async fn open_after_crash(a: &Args, dir: &Path, port: u16) -> Result<Duration, BenchError> {
+    let marker = dir.join("outbox.clean");
+    std::fs::remove_file(&marker).map_err(|source| BenchError::Write { path: marker.clone(), source })?;
+    let t0 = Instant::now();
+    let (client, report) = Client::open(config(a, dir, url(port))).await?;
+    let took = t0.elapsed();
+    client.close().await;
+    if !report.checked {
+        eprintln!("backlog: the open after a simulated crash skipped the integrity check: its figure means nothing");
+    }
+    Ok(took)
 }
 
 /// The backlog's client, on the outbox in `dir`, to `broker`.
@@ -83,6 +100,7 @@ impl Drain {
     async fn restart(a: &Args, dir: &Path, broker: &Broker) -> Result<Drain, BenchError> {
         let n = a.messages;
         let drain = RssPeak::start();
+        let wall = std::time::SystemTime::now();
         let t0 = Instant::now();
         let (client, _) = Client::open(config(a, dir, url(broker.port()))).await?;
         let opened = t0.elapsed();
@@ -90,6 +108,14 @@ impl Drain {
         let drained = bounded("backlog: draining", n, async {
             state.wait_for(|s| s.totals.count < n as u64).await.map_err(|_| BenchError::Ended("the client"))?;
             let to_first = t0.elapsed();
+            let link = client.broker_status().remove(0);
+            let connected = link.since.duration_since(wall).unwrap_or_default();
+            eprintln!(
+                "backlog: restart: open {:.1} ms, connected at {:.1} ms, first acknowledgement counted at {:.1} ms",
+                opened.as_secs_f64() * 1e3,
+                connected.as_secs_f64() * 1e3,
+                to_first.as_secs_f64() * 1e3
+            );
             state.wait_for(|s| s.totals.count == 0).await.map_err(|_| BenchError::Ended("the client"))?;
             Ok((to_first, t0.elapsed()))
         })
@@ -103,7 +129,7 @@ impl Drain {
 
 /// The rows: the restart's times, the fill's and the drain's rates, the
 /// baseline's; `before`: the RSS before the backlog was queued.
-fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, bare: Timed) -> Scenario {
+fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Duration, bare: Timed) -> Scenario {
     let n = a.messages;
     let bare_rate = rate(n, bare.from_first_ack);
     let drain_rate = rate(n, drain.drained - drain.to_first);
@@ -123,8 +149,13 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, bare: Timed) -> S
                 ..Row::default()
             },
             Row {
-                name: "restart: open to the first acknowledgement (target <= 1 s)".into(),
+                name: "restart: open to the first acknowledgement (target <= 100 ms)".into(),
                 value: Some((ms(drain.to_first), "ms")),
+                ..Row::default()
+            },
+            Row {
+                name: "restart after a crash: open (integrity check of the whole file)".into(),
+                value: Some((ms(after_crash), "ms")),
                 ..Row::default()
             },
             Row {

@@ -25,7 +25,7 @@ fn stage_from_sql(s: i64) -> Option<Stage> {
 
 pub(super) const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest FROM outbox";
 
-pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest FROM outbox JOIN wire ON wire.id = outbox.id";
+pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest FROM wire CROSS JOIN outbox ON outbox.id = wire.id";
 
 /// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`; records that do not
 /// decode are skipped and noted in `unreadable`, so one damaged row never

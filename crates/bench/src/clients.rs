@@ -219,29 +219,53 @@ pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> Result<Duration
     }
 }
 
+/// Where a steadfast message's latency goes, as far as the benchmark can
+/// see from outside: milliseconds per message, and the link's smoothed
+/// round trip (PUBLISH written to PUBACK read) at the end.
+pub(crate) struct SteadfastLatency {
+    /// `publish` called to accepted (in the outbox, synced).
+    pub accepted: Vec<f64>,
+    /// `publish` called to the delivered receipt.
+    pub total: Vec<f64>,
+    /// The broker link's smoothed round trip, ms: the median of its
+    /// readings every 500 messages.
+    pub round_trip: Option<f64>,
+}
+
 /// `n` messages paced at `a.rate`, each timed from `publish` (accepted on
 /// disk) to its acknowledgement; milliseconds.
-pub(crate) async fn latency_steadfast(port: u16, a: &Args, n: usize) -> Result<Vec<f64>, BenchError> {
+pub(crate) async fn latency_steadfast(port: u16, a: &Args, n: usize) -> Result<SteadfastLatency, BenchError> {
     let dir = state_dir(a)?;
     let cfg = ClientConfig::new("bench-latency", url(port), dir.path()).max_inflight(a.inflight);
     let (client, _) = Client::open(cfg).await?;
     let payload = vec![b'l'; a.payload];
     let t0 = Instant::now();
     let mut tasks = Vec::with_capacity(n);
+    let mut round_trips = Vec::new();
     for i in 0..n {
         tokio::time::sleep_until((t0 + Duration::from_secs_f64(i as f64 / a.rate.max(1) as f64)).into()).await;
+        // The link's round-trip estimate while the run goes on (at its end
+        // it holds the last samples only).
+        if i % 500 == 499 {
+            round_trips.extend(client.broker_status().first().and_then(|b| b.round_trip).map(|(rt, _)| rt));
+        }
         let (client, payload) = (client.clone(), payload.clone());
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let receipt = client.publish(Message::new("bench/latency", payload)).await?;
+            let accepted = start.elapsed().as_secs_f64() * 1000.0;
             receipt.delivered().await?;
-            Ok::<_, steadfast::PublishError>(start.elapsed().as_secs_f64() * 1000.0)
+            Ok::<_, steadfast::PublishError>((accepted, start.elapsed().as_secs_f64() * 1000.0))
         }));
     }
-    let mut out = Vec::with_capacity(n);
+    let mut out = SteadfastLatency { accepted: Vec::with_capacity(n), total: Vec::with_capacity(n), round_trip: None };
     for t in tasks {
-        out.push(t.await??);
+        let (accepted, total) = t.await??;
+        out.accepted.push(accepted);
+        out.total.push(total);
     }
+    let mut round_trips: Vec<f64> = round_trips.iter().map(|rt| rt.as_secs_f64() * 1000.0).collect();
+    out.round_trip = crate::report::percentile(&mut round_trips, 50.0);
     client.close().await;
     Ok(out)
 }

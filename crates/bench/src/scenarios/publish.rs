@@ -8,6 +8,7 @@ use steadfast::ProtocolVersion;
 
 use crate::clients::{
     bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable,
+    SteadfastLatency,
 };
 use crate::measure::{bounded, broker, median, mib, rate, RssPeak};
 use crate::{percentile, Args, BenchError, Row, Scenario};
@@ -107,11 +108,11 @@ pub(crate) async fn publish(a: Args) -> Result<Scenario, BenchError> {
             "rates: bare rumqttc with the same MQTT version and window, same run; latency: p50 over rumqttc's p50"
                 .into(),
         rows,
+        notes: rates.notes().into_iter().chain(latency.stages()).collect(),
         latencies: vec![
-            ("steadfast, durable, MQTT 5".into(), latency.steadfast),
+            ("steadfast, durable, MQTT 5".into(), latency.steadfast.total),
             ("bare rumqttc, MQTT 5".into(), latency.rumqttc),
         ],
-        notes: rates.notes(),
     })
 }
 
@@ -224,7 +225,7 @@ impl WindowRates {
 
 /// The paced latency runs, milliseconds per message.
 struct Latencies {
-    steadfast: Vec<f64>,
+    steadfast: SteadfastLatency,
     rumqttc: Vec<f64>,
 }
 
@@ -236,9 +237,22 @@ impl Latencies {
         Ok(Latencies { steadfast, rumqttc })
     }
 
+    /// Where steadfast's latency goes, p50 of each part.
+    fn stages(&mut self) -> Option<String> {
+        let accepted = percentile(&mut self.steadfast.accepted, 50.0)?;
+        let total = percentile(&mut self.steadfast.total, 50.0)?;
+        let s = &self.steadfast;
+        let mut after: Vec<f64> = s.total.iter().zip(&s.accepted).map(|(t, a)| t - a).collect();
+        let delivered = percentile(&mut after, 50.0)?;
+        let round_trip = self.steadfast.round_trip.map_or("not measured".to_owned(), |rt| format!("{rt:.2} ms"));
+        Some(format!(
+            "latency stages, steadfast (p50 of each): publish to accepted (outbox commit and sync) {accepted:.2} ms; accepted to delivered {delivered:.2} ms, of which the round trip as the engine sees it (PUBLISH handed to the socket's writer task to PUBACK handled; its smoothed estimate, median of readings every 500 messages) {round_trip}, the rest the page read through the outbox writer, the hand-offs and the removal commit; total {total:.2} ms"
+        ))
+    }
+
     /// rumqttc's row (the baseline), then steadfast's.
     fn rows(&mut self, a: &Args) -> [Row; 2] {
-        let (p50, p99) = (percentile(&mut self.steadfast, 50.0), percentile(&mut self.steadfast, 99.0));
+        let (p50, p99) = (percentile(&mut self.steadfast.total, 50.0), percentile(&mut self.steadfast.total, 99.0));
         [
             Row {
                 name: format!("latency: bare rumqttc, MQTT 5, {} msg/s", a.rate),

@@ -250,7 +250,9 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// The reading half of a connection.
 pub(crate) enum ReadHalf {
     Tcp(tokio::net::tcp::OwnedReadHalf),
-    Other(tokio::io::ReadHalf<Box<dyn Io>>),
+    /// TLS or WebSocket, with a handle on the TCP socket underneath (for
+    /// [`quick_ack`]).
+    Other(tokio::io::ReadHalf<Box<dyn Io>>, Option<socket2::Socket>),
 }
 
 /// The writing half of a connection. Call [`send`] (write and flush):
@@ -263,10 +265,38 @@ pub(crate) enum WriteHalf {
 impl AsyncRead for ReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
-            ReadHalf::Other(r) => Pin::new(r).poll_read(cx, buf),
+            ReadHalf::Tcp(r) => {
+                let polled = Pin::new(&mut *r).poll_read(cx, buf);
+                if matches!(polled, Poll::Ready(Ok(()))) {
+                    quick_ack(socket2::SockRef::from(r.as_ref()));
+                }
+                polled
+            }
+            ReadHalf::Other(r, socket) => {
+                let polled = Pin::new(r).poll_read(cx, buf);
+                if let (Poll::Ready(Ok(())), Some(socket)) = (&polled, socket) {
+                    quick_ack(socket2::SockRef::from(&*socket));
+                }
+                polled
+            }
         }
     }
+}
+
+/// Acknowledges what arrives at once instead of waiting to carry the
+/// acknowledgement on our next packet (TCP's delayed ACK). A broker that
+/// leaves Nagle's algorithm on (Mosquitto's default, `set_tcp_nodelay
+/// false`) holds each small PUBACK until its previous one is acknowledged:
+/// with delayed ACKs, until our next PUBLISH; at a low rate that cost a
+/// whole interval between messages per acknowledgement (5 ms at 200 msg/s).
+/// Linux leaves quick-ack mode by itself: it is set again after each read.
+fn quick_ack(socket: socket2::SockRef<'_>) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = socket.set_tcp_quickack(true);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }
 
 impl AsyncWrite for WriteHalf {
@@ -308,6 +338,8 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
         let (rd, wr) = tcp.into_split();
         return Ok((ReadHalf::Tcp(rd), WriteHalf::Tcp(wr)));
     }
+    // The same socket, for quick ACKs under TLS and WebSocket.
+    let socket = socket2::SockRef::from(&tcp).try_clone().ok();
     let mut stream: Box<dyn Io> = Box::new(tcp);
     if url.transport.is_tls() {
         let config = tls.rustls().map_err(|e| ConnectError::Certificate {
@@ -331,7 +363,7 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
         stream = Box::new(websocket(url, path, stream, &broker).await?);
     }
     let (rd, wr) = tokio::io::split(stream);
-    Ok((ReadHalf::Other(rd), WriteHalf::Other(wr)))
+    Ok((ReadHalf::Other(rd, socket), WriteHalf::Other(wr)))
 }
 
 /// A socket or TLS error, told in words: a certificate the other side
@@ -521,6 +553,28 @@ impl AsyncWrite for WsIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each read leaves the socket in quick-ACK mode, which Linux leaves
+    /// by itself after a while (the option reads back as the mode now).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_read_puts_the_socket_back_in_quick_ack_mode() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
+        let (mut rd, _wr) = connect(&url, &TlsConfig::default()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let ReadHalf::Tcp(tcp) = &rd else { panic!("a plain TCP URL gives a TCP half") };
+        socket2::SockRef::from(tcp.as_ref()).set_tcp_quickack(false).unwrap();
+        for round in 0..3 {
+            peer.write_all(b"x").await.unwrap();
+            let mut buf = [0u8; 8];
+            assert_eq!(rd.read(&mut buf).await.unwrap(), 1);
+            let ReadHalf::Tcp(tcp) = &rd else { unreachable!() };
+            assert!(socket2::SockRef::from(tcp.as_ref()).tcp_quickack().unwrap(), "after read {round}");
+            socket2::SockRef::from(tcp.as_ref()).set_tcp_quickack(false).unwrap();
+        }
+    }
 
     /// The fix is read from the error's typed problem, never its words.
     #[test]

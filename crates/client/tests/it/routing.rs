@@ -190,10 +190,35 @@ async fn a_black_holed_primary_is_detected_by_the_ack_timeout_and_traffic_moves(
     c.close().await;
 }
 
-/// A failover pair with every timeout left at its default, except the
-/// keep-alive (30 s): only the ack timeout can notice a black hole.
-fn defaults(id: &str, urls: &[String], dir: &std::path::Path) -> ClientConfig {
-    config(id, &urls[0], dir).brokers(set(urls)).keep_alive(Duration::from_secs(30))
+/// A failover pair whose primary is behind a fault proxy, a subscriber on
+/// each broker, and a client with every timeout left at its default except
+/// the keep-alive (30 s): only the ack timeout can notice a black hole.
+/// Bind every field by name (`_brokers`, `_dir` too): `..` would drop the
+/// brokers and the outbox at once.
+struct ProxiedPair {
+    _brokers: (Mosquitto, Mosquitto),
+    proxy: FaultProxy,
+    sub_a: Subscriber,
+    sub_b: Subscriber,
+    _dir: tempfile::TempDir,
+    c: Client,
+}
+
+impl ProxiedPair {
+    async fn start(topic: &str) -> ProxiedPair {
+        let a = Mosquitto::plain().await;
+        let b = Mosquitto::plain().await;
+        let proxy = FaultProxy::start(a.port()).await.unwrap();
+        let sub_a = Subscriber::start(a.port(), topic, 1, None).await;
+        let sub_b = Subscriber::start(b.port(), topic, 1, None).await;
+        let dir = tempfile::tempdir().unwrap();
+        let urls = [proxy.url(), b.url()];
+        let cfg = config(&format!("{topic}-pub"), &urls[0], dir.path())
+            .brokers(set(&urls))
+            .keep_alive(Duration::from_secs(30));
+        let c = open(cfg).await;
+        ProxiedPair { _brokers: (a, b), proxy, sub_a, sub_b, _dir: dir, c }
+    }
 }
 
 /// The default ack timeout follows the round trips measured on the link:
@@ -201,13 +226,7 @@ fn defaults(id: &str, urls: &[String], dir: &std::path::Path) -> ClientConfig {
 /// left within a second of silence, not after the 15 s of a fixed default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_default_settings_a_black_holed_primary_is_left_within_a_second_or_so() {
-    let a = Mosquitto::plain().await;
-    let b = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(a.port()).await.unwrap();
-    let sub_a = Subscriber::start(a.port(), "adapt", 1, None).await;
-    let sub_b = Subscriber::start(b.port(), "adapt", 1, None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let c = open(defaults("adapt-pub", &[proxy.url(), b.url()], dir.path())).await;
+    let ProxiedPair { _brokers, proxy, sub_a, sub_b, _dir, c } = ProxiedPair::start("adapt").await;
     let mut events = c.events();
     let want = payloads("adapt", 600);
     publish_steadily(&c, "adapt", &want[..200]).await;
@@ -246,13 +265,7 @@ async fn with_default_settings_a_black_holed_primary_is_left_within_a_second_or_
 /// the round trips measured. No reconnect, nothing to the backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_link_that_turns_slow_is_not_taken_for_a_dead_one() {
-    let a = Mosquitto::plain().await;
-    let b = Mosquitto::plain().await;
-    let proxy = FaultProxy::start(a.port()).await.unwrap();
-    let sub_a = Subscriber::start(a.port(), "slow", 1, None).await;
-    let sub_b = Subscriber::start(b.port(), "slow", 1, None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let c = open(defaults("slow-pub", &[proxy.url(), b.url()], dir.path())).await;
+    let ProxiedPair { _brokers, proxy, sub_a, sub_b, _dir, c } = ProxiedPair::start("slow").await;
     connected_to(&mut c.events(), 1).await;
     let want = payloads("slow", 600);
     publish_steadily(&c, "slow", &want[..200]).await;

@@ -111,12 +111,17 @@ fn reads_an_outbox_written_by_format_2() {
     assert_eq!((m.msg.policy, m.attempts), (Policy::default(), 0), "format 2 messages are persistent");
 }
 
-#[test]
-fn reads_an_outbox_written_by_format_3() {
-    let (_dir, mut s) = open_copy(3);
+/// Formats 3 on: the messages and their delivery policies.
+fn reads_format_with_policies(format: u32) {
+    let (_dir, mut s) = open_copy(format);
     check_common(&mut s);
     let m = s.read_after(0, 10, None, None).unwrap().remove(1);
     assert_eq!((m.msg.route.as_deref(), m.msg.policy), (Some("home"), policy_3()));
+}
+
+#[test]
+fn reads_an_outbox_written_by_format_3() {
+    reads_format_with_policies(3);
 }
 
 /// Format 4 keeps the queued count and bytes in a summary row.
@@ -125,10 +130,7 @@ fn reads_an_outbox_written_by_format_4() {
     if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
         write_fixture(&fixture(4));
     }
-    let (_dir, mut s) = open_copy(4);
-    check_common(&mut s);
-    let m = s.read_after(0, 10, None, None).unwrap().remove(1);
-    assert_eq!((m.msg.route.as_deref(), m.msg.policy), (Some("home"), policy_3()));
+    reads_format_with_policies(4);
 }
 
 /// An inbox written before inboxes had their own file name is an

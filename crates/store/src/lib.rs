@@ -286,8 +286,9 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// Removes a message and its wire bindings; false if it was gone.
     fn remove(&mut self, id: u64) -> Result<bool, StoreError>;
     /// Records that the broker in `slot` acknowledged the message, and
-    /// closes that broker's QoS 2 exchange of it.
-    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError>;
+    /// closes that broker's QoS 2 exchange of it; the message as it is now
+    /// (`None`: gone already).
+    fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError>;
     /// Marks a message delivered while QoS 2 exchanges of it stay open.
     fn set_done(&mut self, id: u64) -> Result<(), StoreError>;
     /// Records (or clears) the wire binding of a QoS 2 message on the broker

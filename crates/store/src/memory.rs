@@ -89,12 +89,12 @@ impl Store for MemoryStore {
         self.state.wire.retain(|(i, _), _| *i != id);
         Ok(self.state.messages.remove(&id).is_some())
     }
-    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+    fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError> {
         if let Some(r) = self.state.messages.get_mut(&id) {
             r.acks |= 1 << slot;
         }
         self.state.wire.remove(&(id, slot));
-        Ok(())
+        self.entry(id)
     }
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
         if let Some(r) = self.state.messages.get_mut(&id) {

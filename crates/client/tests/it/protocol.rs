@@ -58,7 +58,7 @@ impl Store for FaultyStore {
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
         self.inner.entry(id)
     }
-    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+    fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError> {
         self.inner.ack(id, slot)
     }
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {

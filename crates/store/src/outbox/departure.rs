@@ -31,8 +31,9 @@ impl Writer {
     /// exchanges of them).
     pub(super) fn ack_all(&mut self, slot: u32, ids: Vec<u64>, b: &mut Batch) -> Result<(), StoreError> {
         for id in ids {
-            self.store.ack(id, slot)?;
-            self.settle(id, b)?;
+            if let Some(e) = self.store.ack(id, slot)? {
+                self.settle_entry(id, e, b)?;
+            }
         }
         Ok(())
     }
@@ -56,7 +57,14 @@ impl Writer {
     /// quorum is complete is delivered; its row goes once no broker holds
     /// an exchange of it any more.
     pub(super) fn settle(&mut self, id: u64, b: &mut Batch) -> Result<(), StoreError> {
-        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        match self.store.entry(id)? {
+            Some(e) => self.settle_entry(id, e, b),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Writer::settle`] with the message as it is now.
+    fn settle_entry(&mut self, id: u64, e: Entry, b: &mut Batch) -> Result<(), StoreError> {
         if e.done {
             if e.bindings == 0 {
                 self.store.remove(id)?;

@@ -105,15 +105,30 @@ impl Store for SqliteStore {
     }
 
     fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
-        let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
-        let r = wire.execute([id]);
-        drop(wire);
-        r.map_err(|e| self.map(e))?;
-        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING done, size")?;
-        let r = stmt.query_row([id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?))).optional();
+        // A read by key, then the delete: SQLite buffers a RETURNING
+        // clause's rows in a temporary table (a zeroed page per statement),
+        // which costs more than the read.
+        let mut stmt = self.conn.prepare_cached("SELECT done, size, qos FROM outbox WHERE id = ?1")?;
+        let r =
+            stmt.query_row([id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?, r.get::<_, u8>(2)?))).optional();
         drop(stmt);
-        match r.map_err(|e| self.map(e))? {
-            Some((done, size)) => {
+        let removed = r.map_err(|e| self.map(e))?;
+        if removed.is_some() {
+            let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            let r = stmt.execute([id]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+        }
+        // Only a QoS 2 message is ever bound to a packet id (a gone one is
+        // cleared too, in case).
+        if removed.is_none_or(|(_, _, qos)| qos == 2) {
+            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+            let r = wire.execute([id]);
+            drop(wire);
+            r.map_err(|e| self.map(e))?;
+        }
+        match removed {
+            Some((done, size, _)) => {
                 if !done {
                     self.count_queued(-1, -size)?;
                 }
@@ -123,27 +138,59 @@ impl Store for SqliteStore {
         }
     }
 
-    fn ack(&mut self, id: u64, slot: u32) -> Result<(), StoreError> {
+    fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError> {
+        // Two statements for a QoS 1 message: the acknowledgement, and the
+        // message as it is now read back by key (cheaper than RETURNING,
+        // see `remove`). A QoS 2 one also closes its exchange on this
+        // broker and counts the others still open.
         let bit = (1u64 << slot) as i64;
         let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = acks | ?2 WHERE id = ?1")?;
         let r = stmt.execute(params![id, bit]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
-        let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
-        let r = wire.execute(params![id, slot]);
-        drop(wire);
-        r.map(|_| ()).map_err(|e| self.map(e))
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT topic, route, acks, done, size, created_ms, expires_ms, qos FROM outbox WHERE id = ?1",
+        )?;
+        let r = stmt
+            .query_row([id], |r| {
+                let entry = Entry {
+                    topic: r.get(0)?,
+                    route: r.get(1)?,
+                    acks: r.get::<_, i64>(2)? as u64,
+                    done: r.get(3)?,
+                    size: r.get(4)?,
+                    created_ms: r.get(5)?,
+                    bindings: 0,
+                    expires_ms: r.get(6)?,
+                };
+                Ok((entry, r.get::<_, u8>(7)?))
+            })
+            .optional();
+        drop(stmt);
+        let Some((mut entry, qos)) = r.map_err(|e| self.map(e))? else { return Ok(None) };
+        if qos == 2 {
+            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+            let r = wire.execute(params![id, slot]);
+            drop(wire);
+            r.map_err(|e| self.map(e))?;
+            let mut open = self.conn.prepare_cached("SELECT count(*) FROM wire WHERE id = ?1")?;
+            let r = open.query_row([id], |r| r.get(0));
+            drop(open);
+            entry.bindings = r.map_err(|e| self.map(e))?;
+        }
+        Ok(Some(entry))
     }
 
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1 AND done = 0 RETURNING size")?;
+        let mut stmt = self.conn.prepare_cached("SELECT size FROM outbox WHERE id = ?1 AND done = 0")?;
         let r = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional();
         drop(stmt);
-        if let Some(size) = r.map_err(|e| self.map(e))? {
-            self.count_queued(-1, -size)?;
-        }
-        Ok(())
+        let Some(size) = r.map_err(|e| self.map(e))? else { return Ok(()) };
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        self.count_queued(-1, -size)
     }
 
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {

@@ -1,7 +1,8 @@
 //! The summary row (format 4): the queued count and bytes kept in the same
 //! commits as the rows, so that opening a large backlog reads one row. It
 //! must always equal what the rows say, whatever mix of operations, failed
-//! transactions and reopenings came before.
+//! transactions and reopenings came before. And an acknowledgement's answer
+//! (one statement for QoS 1) is the message as a fresh read sees it.
 
 use proptest::prelude::*;
 use steadfast_core::Stage;
@@ -15,6 +16,7 @@ enum Op {
     Remove(usize),
     Done(usize),
     Bind(usize),
+    Ack(usize, u32),
     Commit,
     Rollback,
     Reopen,
@@ -25,7 +27,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (1usize..200).prop_map(Op::Insert),
         2 => (0usize..50).prop_map(Op::Remove),
         1 => (0usize..50).prop_map(Op::Done),
-        1 => (0usize..50).prop_map(Op::Bind),
+        2 => (0usize..50).prop_map(Op::Bind),
+        2 => ((0usize..50), (0u32..2)).prop_map(|(i, slot)| Op::Ack(i, slot)),
         2 => Just(Op::Commit),
         1 => Just(Op::Rollback),
         1 => Just(Op::Reopen),
@@ -44,12 +47,27 @@ proptest! {
     fn the_summary_always_equals_the_rows(ops in prop::collection::vec(op(), 1..60)) {
         let dir = tempfile::tempdir().unwrap();
         let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
-        let slot = s.assign_slots(&["mqtt://127.0.0.1:1".into()]).unwrap()[0];
+        let slots = s.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
         s.begin().unwrap();
         let mut ids: Vec<u64> = Vec::new();
+        // Only QoS 2 messages are ever bound to packet ids.
+        let mut qos2: Vec<u64> = Vec::new();
+        // What the last commit kept: a rollback takes the rest back (and
+        // their ids are handed out again).
+        let mut committed = (ids.clone(), qos2.clone());
         for op in ops {
             match op {
-                Op::Insert(n) => ids.push(s.insert(&msg("t", vec![b'x'; n])).unwrap()),
+                Op::Insert(n) => {
+                    let mut m = msg("t", vec![b'x'; n]);
+                    if n % 3 == 0 {
+                        m.qos = steadfast_core::Qos::ExactlyOnce;
+                    }
+                    let id = s.insert(&m).unwrap();
+                    ids.push(id);
+                    if n % 3 == 0 {
+                        qos2.push(id);
+                    }
+                }
                 Op::Remove(i) => {
                     if let Some(&id) = ids.get(i % ids.len().max(1)) {
                         s.remove(id).unwrap();
@@ -61,22 +79,32 @@ proptest! {
                     }
                 }
                 Op::Bind(i) => {
-                    if let Some(&id) = ids.get(i % ids.len().max(1)) {
+                    if let Some(&id) = qos2.get(i % qos2.len().max(1)) {
+                        let slot = slots[i % 2];
                         s.set_wire(slot, id, Some((1 + (i as u16), Stage::Published))).unwrap();
+                    }
+                }
+                Op::Ack(i, slot) => {
+                    if let Some(&id) = ids.get(i % ids.len().max(1)) {
+                        let answered = s.ack(id, slots[slot as usize]).unwrap();
+                        prop_assert_eq!(answered, s.entry(id).unwrap());
                     }
                 }
                 Op::Commit => {
                     s.commit().unwrap();
+                    committed = (ids.clone(), qos2.clone());
                     check(&mut s)?;
                     s.begin().unwrap();
                 }
                 Op::Rollback => {
                     s.rollback();
+                    (ids, qos2) = committed.clone();
                     check(&mut s)?;
                     s.begin().unwrap();
                 }
                 Op::Reopen => {
                     s.commit().unwrap();
+                    committed = (ids.clone(), qos2.clone());
                     drop(s);
                     s = SqliteStore::open(dir.path()).unwrap().0;
                     check(&mut s)?;

@@ -194,8 +194,8 @@ impl Store {
         let brokers = r
             .brokers
             .iter()
-            .map(|b| (b, self.lag_of(&b.url)))
-            .map(|(b, (lag, missed))| BrokerJson {
+            .map(|b| (b, self.lag_of(&b.url), self.timing_of(&b.url)))
+            .map(|(b, (lag, missed), timing)| BrokerJson {
                 url: b.url.clone(),
                 state: if running { b.state.clone() } else { "not running".into() },
                 since_ms: b.since_ms,
@@ -208,10 +208,10 @@ impl Store {
                 missed,
                 window: self.window_of(&b.url),
                 configured: self.configured(&b.url),
-                ack_timeout_ms: self.timing_of(&b.url).map(|t| t.timeout_ms),
-                ack_timeout_adaptive: self.timing_of(&b.url).map(|t| t.adaptive),
-                round_trip_us: self.timing_of(&b.url).and_then(|t| t.round_trip_us).map(|(rt, _)| rt),
-                round_trip_deviation_us: self.timing_of(&b.url).and_then(|t| t.round_trip_us).map(|(_, d)| d),
+                ack_timeout_ms: timing.map(|t| t.timeout_ms),
+                ack_timeout_adaptive: timing.map(|t| t.adaptive),
+                round_trip_us: timing.and_then(|t| t.round_trip_us).map(|(rt, _)| rt),
+                round_trip_deviation_us: timing.and_then(|t| t.round_trip_us).map(|(_, d)| d),
             })
             .collect();
         Json {

@@ -20,6 +20,28 @@ pub(super) fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute(sql, [crate::DROP_LOG_KEEP]).map(|_| ())
 }
 
+/// The columns [`read_entry`] reads, in its order (a macro: the queries
+/// are literals, built at compile time, not on the acknowledgement path).
+macro_rules! entry_columns {
+    () => {
+        "topic, route, acks, done, size, created_ms, expires_ms"
+    };
+}
+
+/// An [`Entry`] from a row that starts with `entry_columns!()`.
+fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
+    Ok(Entry {
+        topic: r.get(0)?,
+        route: r.get(1)?,
+        acks: r.get::<_, i64>(2)? as u64,
+        done: r.get(3)?,
+        size: r.get(4)?,
+        created_ms: r.get(5)?,
+        bindings,
+        expires_ms: r.get(6)?,
+    })
+}
+
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.map(e))
@@ -86,21 +108,13 @@ impl Store for SqliteStore {
     }
 
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT topic, route, acks, done, size, created_ms, (SELECT count(*) FROM wire WHERE wire.id = ?1), expires_ms FROM outbox WHERE id = ?1",
-        )?;
-        let r = stmt.query_row([id], |r| {
-            Ok(Entry {
-                topic: r.get(0)?,
-                route: r.get(1)?,
-                acks: r.get::<_, i64>(2)? as u64,
-                done: r.get(3)?,
-                size: r.get(4)?,
-                created_ms: r.get(5)?,
-                bindings: r.get(6)?,
-                expires_ms: r.get(7)?,
-            })
-        });
+        let sql = concat!(
+            "SELECT ",
+            entry_columns!(),
+            ", (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1"
+        );
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let r = stmt.query_row([id], |r| read_entry(r, r.get(7)?));
         Ok(r.optional()?)
     }
 
@@ -148,24 +162,9 @@ impl Store for SqliteStore {
         let r = stmt.execute(params![id, bit]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT topic, route, acks, done, size, created_ms, expires_ms, qos FROM outbox WHERE id = ?1",
-        )?;
-        let r = stmt
-            .query_row([id], |r| {
-                let entry = Entry {
-                    topic: r.get(0)?,
-                    route: r.get(1)?,
-                    acks: r.get::<_, i64>(2)? as u64,
-                    done: r.get(3)?,
-                    size: r.get(4)?,
-                    created_ms: r.get(5)?,
-                    bindings: 0,
-                    expires_ms: r.get(6)?,
-                };
-                Ok((entry, r.get::<_, u8>(7)?))
-            })
-            .optional();
+        let mut stmt =
+            self.conn.prepare_cached(concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1"))?;
+        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(7)?))).optional();
         drop(stmt);
         let Some((mut entry, qos)) = r.map_err(|e| self.map(e))? else { return Ok(None) };
         if qos == 2 {

@@ -4,15 +4,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use steadfast_core::{validate_topic_name, DropReason, Identity, Properties, Qos};
+use steadfast_core::receipt::receipt_topic;
+use steadfast_core::{validate_topic_name, ConsumerReceipt, DropReason, Identity, Properties, Qos, ReceiptRule};
 use steadfast_store::{
-    now_ms, AcceptFuture, DefaultSet, Delivery, Dropped, NewMessage, OpenReport, Outbox, OutboxState, Quorum, Source,
-    SqliteStore, Store, StoreError,
+    now_ms, AcceptFuture, DefaultSet, Delivery, Dropped, Handling, NewMessage, OpenReport, Outbox, OutboxState, Quorum,
+    Source, SqliteStore, Store, StoreError,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{ClientConfig, OtherSets};
+use crate::consumer::{Consumer, ConsumerConfig};
 use crate::driver::{BrokerShared, Direct, Driver, Place, DIRECT_QUEUE};
 use crate::error::{ConfigError, ConnectError, OpenError, PublishError};
 use crate::policy::{Class, Policy};
@@ -42,6 +44,9 @@ pub struct Message {
     pub keep_latest: Option<bool>,
     /// Its priority, 0 to 9 (`None`: the default).
     pub priority: Option<u8>,
+    /// The receipts it asks for (`None`: the client's default;
+    /// `Some(None)`: none).
+    pub receipts: Option<Option<ReceiptRule>>,
 }
 
 impl Message {
@@ -58,6 +63,7 @@ impl Message {
             max_attempts: None,
             keep_latest: None,
             priority: None,
+            receipts: None,
         }
     }
     /// Sets the QoS.
@@ -104,6 +110,18 @@ impl Message {
         self.priority = Some(p);
         self
     }
+    /// Asks its consumers for receipts by `rule` instead of the client's
+    /// default ([`ClientConfig::receipts`] must be set: the client listens
+    /// for receipts only then).
+    pub fn receipts(mut self, rule: ReceiptRule) -> Self {
+        self.receipts = Some(Some(rule));
+        self
+    }
+    /// Asks for no receipt: the broker's acknowledgement ends its way.
+    pub fn without_receipts(mut self) -> Self {
+        self.receipts = Some(None);
+        self
+    }
     /// Sends it under the identity it already has (a bridge forwarding a
     /// producer's message) instead of this client's: a receiver with an
     /// inbox then recognises copies that took different ways.
@@ -134,6 +152,7 @@ pub struct Receipt {
     /// Its identity on the wire (producer id and sequence number).
     pub identity: Identity,
     delivered: oneshot::Receiver<Delivery>,
+    handled: Option<oneshot::Receiver<Handling>>,
 }
 
 impl Receipt {
@@ -146,6 +165,25 @@ impl Receipt {
     /// or dropped by its policy (with the reason).
     pub async fn delivered(self) -> Result<Delivery, PublishError> {
         self.delivered.await.map_err(|_| PublishError::Closed)
+    }
+
+    /// True when the message asks its consumers for receipts.
+    pub fn awaits_receipts(&self) -> bool {
+        self.handled.is_some()
+    }
+
+    /// Waits until the message was handled: its consumers' receipts met
+    /// its rule (with the names of those that sent them), or it was
+    /// dropped by its policy first. A message that asks for no receipt
+    /// resolves as [`Receipt::delivered`] does, with no names.
+    pub async fn handled(self) -> Result<Handling, PublishError> {
+        match self.handled {
+            Some(h) => h.await.map_err(|_| PublishError::Closed),
+            None => match self.delivered.await.map_err(|_| PublishError::Closed)? {
+                Delivery::Delivered => Ok(Handling::Handled(Vec::new())),
+                Delivery::Dropped(r) => Ok(Handling::Dropped(r)),
+            },
+        }
     }
 }
 
@@ -327,6 +365,38 @@ pub struct Status {
     /// Per broker (in the order of `brokers`): messages it missed because
     /// it stayed away past the fanout catch-up window (persistent).
     pub missed: Vec<u64>,
+    /// Receipts: what awaits them, and what they did so far.
+    pub receipts: ReceiptStatus,
+}
+
+/// Where end-to-end receipts stand (docs/guarantees.md, "Receipts").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiptStatus {
+    /// Messages delivered and awaiting receipts (counted in `queued`).
+    pub awaiting: u64,
+    /// How long the oldest of them has waited since its first
+    /// acknowledgement.
+    pub oldest_wait: Option<Duration>,
+    /// Receipts counted towards a message's rule (persistent).
+    pub counted: u64,
+    /// Messages handled: their receipts met their rule (persistent).
+    pub handled: u64,
+    /// Messages published again for lack of a receipt (persistent).
+    pub republished: u64,
+}
+
+impl ReceiptStatus {
+    /// From an outbox report.
+    pub fn of(r: &steadfast_store::Report, now_ms: u64) -> Self {
+        let get = |name: &str| r.counters.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+        ReceiptStatus {
+            awaiting: r.awaiting.count,
+            oldest_wait: r.awaiting.oldest_acked_ms.map(|a| Duration::from_millis(now_ms.saturating_sub(a))),
+            counted: get(steadfast_store::RECEIPTS_COUNTED),
+            handled: get(steadfast_store::RECEIPTS_HANDLED),
+            republished: get(steadfast_store::RECEIPTS_REPUBLISHED),
+        }
+    }
 }
 
 struct Inner {
@@ -492,6 +562,14 @@ impl Client {
             brokers.push(shared);
         }
         tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx.clone())));
+        if !joined && cfg.receipts.is_some() {
+            tasks.push(tokio::spawn(listen_for_receipts(
+                cfg.clone(),
+                outbox.clone(),
+                producer.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let first_events = Mutex::new(Some(first_events));
         let inner = Inner {
             cfg,
@@ -533,6 +611,10 @@ impl Client {
         if cfg.envelope && producer.len() > Identity::ENVELOPE_MAX_PRODUCER {
             return Err(ConfigError::ProducerIdTooLong { len: producer.len() }.into());
         }
+        if cfg.receipts.is_some() {
+            let topic = receipt_topic(&cfg.receipt_prefix, &producer);
+            validate_topic_name(&topic).map_err(|error| ConfigError::ReceiptTopic { topic, error })?;
+        }
         let urls = cfg.all_brokers().iter().map(|u| u.to_string()).collect();
         let set = DefaultSet { key: cfg.default_set_key(), retarget: cfg.other_sets == OtherSets::Retarget };
         let steadfast_store::Configured { slots, queued, held } = outbox.configure(urls, quorums(cfg), set).await?;
@@ -557,6 +639,12 @@ impl Client {
             return Err(PublishError::UnknownRoute(msg.route.clone().unwrap_or_default()));
         }
         msg.props.validate().map_err(PublishError::Properties)?;
+        if matches!(msg.receipts, Some(Some(_))) && self.inner.cfg.receipts.is_none() {
+            return Err(PublishError::ReceiptsOff);
+        }
+        if let Some(Some(rule)) = &msg.receipts {
+            rule.validate().map_err(PublishError::Receipts)?;
+        }
         let policy = msg.policy(self.inner.cfg.policy_for(msg.route.as_deref()));
         policy.validate().map_err(PublishError::Policy)?;
         if self.inner.joined && policy.class == Class::BestEffort {
@@ -583,9 +671,16 @@ impl Client {
         Ok(policy)
     }
 
-    fn to_new(msg: Message, policy: Policy) -> NewMessage {
+    fn to_new(&self, msg: Message, policy: Policy) -> NewMessage {
         let created_ms = now_ms();
+        // Receipts make sense for what is kept until acknowledged.
+        let receipts = match (&msg.receipts, msg.qos, policy.class) {
+            (_, Qos::AtMostOnce, _) | (_, _, Class::BestEffort) => None,
+            (Some(own), _, _) => own.as_ref().map(ReceiptRule::to_text),
+            (None, _, _) => self.inner.cfg.receipts.as_ref().map(ReceiptRule::to_text),
+        };
         NewMessage {
+            receipts,
             topic: msg.topic,
             payload: msg.payload,
             qos: msg.qos,
@@ -610,7 +705,7 @@ impl Client {
     /// bridge); a best-effort one is handed to the drivers instead.
     fn queue(&self, msg: Message, source: Option<Source>) -> Result<AcceptFuture, PublishError> {
         let policy = self.check(&msg)?;
-        let new = Self::to_new(msg, policy);
+        let new = self.to_new(msg, policy);
         if policy.class == Class::BestEffort {
             self.send_now(new, None);
             return Ok(AcceptFuture::ready(Ok(0)));
@@ -629,14 +724,21 @@ impl Client {
         let policy = self.check(&msg)?;
         if policy.class == Class::BestEffort {
             let (tx, delivered) = oneshot::channel();
-            self.send_now(Self::to_new(msg, policy), Some(tx));
+            self.send_now(self.to_new(msg, policy), Some(tx));
             let identity = Identity { producer: self.inner.producer.to_string(), seq: 0 };
-            return Ok(Receipt { identity, delivered });
+            return Ok(Receipt { identity, delivered, handled: None });
         }
-        let (accepted, delivered) = self.inner.outbox.append(Self::to_new(msg, policy), true);
+        let new = self.to_new(msg, policy);
+        let (accepted, delivered, handled) = if new.receipts.is_some() {
+            let (accepted, delivered, handled) = self.inner.outbox.append_awaiting(new);
+            (accepted, delivered, Some(handled))
+        } else {
+            let (accepted, delivered) = self.inner.outbox.append(new, true);
+            (accepted, delivered.expect("tracked"), None)
+        };
         let id = accepted.await?;
         let identity = Identity { producer: self.inner.producer.to_string(), seq: id };
-        Ok(Receipt { identity, delivered: delivered.expect("tracked") })
+        Ok(Receipt { identity, delivered, handled })
     }
 
     /// For a bridge: queues a message that arrived from `source` (a
@@ -765,6 +867,7 @@ impl Client {
             drops: r.drops.clone(),
             lag: brokers.iter().map(|b| of(&b.url).map_or(0, |l| l.lag)).collect(),
             missed: brokers.iter().map(|b| of(&b.url).map_or(0, |l| l.missed)).collect(),
+            receipts: ReceiptStatus::of(&r, now),
             brokers,
         })
     }
@@ -775,7 +878,7 @@ impl Client {
     /// does this every second; an exporter can also call it right before
     /// a scrape so that what it serves is exact.
     pub async fn export_metrics(&self) -> Result<(), StoreError> {
-        let steadfast_store::Glance { drops, oldest_created_ms: oldest } = self.inner.outbox.glance().await?;
+        let steadfast_store::Glance { drops, oldest_created_ms: oldest, awaiting } = self.inner.outbox.glance().await?;
         let totals = self.inner.outbox.state().totals;
         let brokers = self.broker_status();
         let age = oldest.map_or(0.0, |c| now_ms().saturating_sub(c) as f64 / 1000.0);
@@ -785,6 +888,8 @@ impl Client {
             oldest_age_secs: if totals.count == 0 { 0.0 } else { age },
             drops: &drops,
             brokers: &brokers,
+            awaiting: awaiting.count,
+            oldest_wait_secs: awaiting.oldest_acked_ms.map_or(0.0, |a| now_ms().saturating_sub(a) as f64 / 1000.0),
         };
         crate::metrics::export(&snapshot);
         Ok(())
@@ -814,6 +919,59 @@ fn quorums(cfg: &ClientConfig) -> Vec<Quorum> {
             catch_up_ms: set.catch_up_for.map(|d| d.as_millis() as u64),
         })
         .collect()
+}
+
+/// The receipts of this client's messages: a consumer session of its own
+/// (client id `CLIENT_ID-receipts`, persistent, on every broker) on its
+/// receipts topic. Each receipt is applied to the outbox, and acknowledged
+/// to the broker after that commit.
+async fn listen_for_receipts(
+    cfg: Arc<ClientConfig>,
+    outbox: Outbox,
+    producer: Arc<str>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let topic = receipt_topic(&cfg.receipt_prefix, &producer);
+    let mut client = (*cfg).clone();
+    client.client_id = format!("{}-receipts", cfg.client_id);
+    client.clean_start = false;
+    let ccfg = ConsumerConfig::new(client).topic(topic.clone(), Qos::AtLeastOnce).inbox(false);
+    let consumer = match Consumer::with_store(ccfg, Box::new(steadfast_store::MemoryStore::new())).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, %topic, "cannot listen for receipts; messages that ask for them will be published again until this is fixed");
+            return;
+        }
+    };
+    tracing::info!(%topic, "listening for receipts");
+    loop {
+        let first = tokio::select! {
+            d = consumer.next() => d,
+            _ = stop.changed() => None,
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        while let Some(d) = consumer.try_next() {
+            batch.push(d);
+        }
+        for d in batch {
+            match ConsumerReceipt::decode(d.payload()) {
+                Ok(r) if *r.producer == *producer => {
+                    if let Err(e) = outbox.receipt(r).await {
+                        // Not acknowledged: the broker hands it over again.
+                        tracing::error!(error = %e, "cannot record a receipt; it comes again");
+                        continue;
+                    }
+                }
+                Ok(r) => {
+                    tracing::warn!(producer = %r.producer, by = %r.by, "a receipt for another producer on this producer's receipts topic; ignored")
+                }
+                Err(e) => tracing::warn!(error = %e, topic = d.topic(), "not a receipt; ignored"),
+            }
+            d.ack();
+        }
+    }
+    consumer.close().await;
 }
 
 /// Runs [`Client::export_metrics`] every second while the client lives.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use steadfast_core::{AckTimeout, BackoffConfig};
+use steadfast_core::{validate_topic_name, AckTimeout, BackoffConfig, ReceiptRule};
 use steadfast_store::OutboxConfig;
 
 use crate::error::ConfigError;
@@ -290,6 +290,10 @@ pub struct ClientConfig {
     pub(crate) tls: TlsConfig,
     pub(crate) max_packet_size: Option<u32>,
     pub(crate) other_sets: OtherSets,
+    /// The receipts every message asks for unless it says otherwise.
+    pub(crate) receipts: Option<ReceiptRule>,
+    /// Receipts topics are `PREFIX/PRODUCER_ID`.
+    pub(crate) receipt_prefix: String,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -359,6 +363,8 @@ impl ClientConfig {
             producer_id: None,
             seed: None,
             other_sets: OtherSets::Refuse,
+            receipts: None,
+            receipt_prefix: steadfast_core::receipt::DEFAULT_RECEIPT_PREFIX.to_owned(),
             policy: Policy::default(),
             tls: TlsConfig::default(),
             max_packet_size: None,
@@ -526,6 +532,25 @@ impl ClientConfig {
         self.envelope = on;
         self
     }
+    /// End-to-end receipts (docs/guarantees.md, "Receipts"): every
+    /// message (QoS 1 or 2) asks its consumers for a receipt by `rule`
+    /// and stays in the outbox, *awaiting receipt*, after the broker's
+    /// acknowledgement; without a receipt in time it is published again
+    /// under the same identity. The client subscribes to its receipts
+    /// topic on every broker with a second session (client id
+    /// `CLIENT_ID-receipts`). A message may ask otherwise
+    /// ([`crate::Message::receipts`], [`crate::Message::without_receipts`]).
+    pub fn receipts(mut self, rule: ReceiptRule) -> Self {
+        self.receipts = Some(rule);
+        self
+    }
+    /// The prefix of receipts topics (default `steadfast/receipts`): a
+    /// producer's receipts go to `PREFIX/PRODUCER_ID`. MQTT 3.1.1
+    /// consumers derive the topic from it, so both sides must agree.
+    pub fn receipt_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.receipt_prefix = prefix.into();
+        self
+    }
     /// What opening does with messages the outbox holds for another default
     /// broker set (an earlier run with other brokers): refuse to open
     /// (the default), keep them queued and unsent, or send them to this
@@ -617,6 +642,14 @@ impl ClientConfig {
         }
         if let Some(len) = self.producer_id.as_ref().map(String::len).filter(|len| self.envelope && *len > 255) {
             return Err(ConfigError::ProducerIdTooLong { len });
+        }
+        if let Some(rule) = &self.receipts {
+            rule.validate().map_err(ConfigError::Receipts)?;
+            if self.version == ProtocolVersion::V311 && !self.envelope {
+                return Err(ConfigError::ReceiptsWithoutIdentity);
+            }
+            validate_topic_name(&steadfast_core::receipt::receipt_topic(&self.receipt_prefix, "p"))
+                .map_err(|error| ConfigError::ReceiptPrefix { prefix: self.receipt_prefix.clone(), error })?;
         }
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
             return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });

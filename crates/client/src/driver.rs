@@ -129,6 +129,8 @@ pub(crate) struct Driver {
     poison_311: Option<u64>,
     /// How the last link ended (a size is learned only from closes).
     last_end: LinkEnd,
+    /// The producer's receipts topic, when the client asks for receipts.
+    receipts: Option<Arc<str>>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -161,6 +163,10 @@ impl Driver {
             },
             clock::instant(),
         );
+        let cfg_receipts = cfg
+            .receipts
+            .as_ref()
+            .map(|_| Arc::from(steadfast_core::receipt::receipt_topic(&cfg.receipt_prefix, &producer)));
         Self {
             url: place.url,
             index: place.index,
@@ -185,6 +191,7 @@ impl Driver {
             poison_size: None,
             poison_311: None,
             last_end: LinkEnd::Ours,
+            receipts: cfg_receipts,
         }
     }
 
@@ -419,8 +426,13 @@ impl Driver {
         };
         let (router, index) = (&self.router, self.index);
         let claims = |m: &StoredMessage| router.claims(index, m.msg.route.as_deref(), &m.msg.topic);
-        let mut wire =
-            LinkWire { link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 };
+        let mut wire = LinkWire {
+            link,
+            producer: &self.producer,
+            max_packet: self.max_packet,
+            poison_size: self.poison_311,
+            receipts: self.receipts.as_deref(),
+        };
         let Connected { resent } = self.session.handle_connack(info, now(), &claims, &mut wire);
         self.carry_out(link).await?;
         Ok(resent)
@@ -438,6 +450,7 @@ impl Driver {
         let mut state_rx = self.outbox.watch();
         let mut stop = self.stop.clone();
         let mut generation = self.router.generation();
+        let mut requeued = state_rx.borrow().requeued;
         loop {
             // A change of owners seen before sending: what was read under
             // the old owners must not go out here.
@@ -454,6 +467,13 @@ impl Driver {
                 wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::WriterStopped)?;
             }
             let state = *state_rx.borrow_and_update();
+            // Messages went back into the queue for lack of receipts:
+            // read again from the oldest.
+            if state.requeued != requeued {
+                requeued = state.requeued;
+                fetch = None;
+                self.session.rewind();
+            }
             if fetch.is_none() {
                 fetch = self.next_fetch(&state);
             }
@@ -483,7 +503,7 @@ impl Driver {
                         continue;
                     }
                     let fired = self.session.ack_timeout();
-                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 };
+                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311, receipts: self.receipts.as_deref() };
                     self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e, fired))?;
                 }
                 r = rd.read(buf) => self.on_read(link, r, buf).await?,
@@ -555,6 +575,7 @@ impl Driver {
             producer: &self.producer,
             max_packet: self.max_packet,
             poison_size: self.poison_311,
+            receipts: self.receipts.as_deref(),
         };
         self.session.fill(now(), &claims, &mut wire);
         let r = self.carry_out(link).await;
@@ -615,6 +636,7 @@ impl Driver {
                         producer: &self.producer,
                         max_packet: self.max_packet,
                         poison_size: self.poison_311,
+                        receipts: self.receipts.as_deref(),
                     };
                     self.session.handle_bound(bound, now(), &mut wire);
                     if let Err(e) = r {
@@ -768,7 +790,13 @@ impl Driver {
     }
 
     fn wire<'a>(&'a self, link: &'a mut Link) -> LinkWire<'a> {
-        LinkWire { link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311 }
+        LinkWire {
+            link,
+            producer: &self.producer,
+            max_packet: self.max_packet,
+            poison_size: self.poison_311,
+            receipts: self.receipts.as_deref(),
+        }
     }
 }
 
@@ -779,6 +807,8 @@ struct LinkWire<'a> {
     max_packet: Option<u32>,
     /// MQTT 3.1.1: messages this large or larger are poison (learned).
     poison_size: Option<u64>,
+    /// The producer's receipts topic, when the client asks for receipts.
+    receipts: Option<&'a str>,
 }
 
 impl Wire<StoredMessage> for LinkWire<'_> {
@@ -786,7 +816,7 @@ impl Wire<StoredMessage> for LinkWire<'_> {
         if self.poison_size.is_some_and(|s| m.msg.size() >= s) {
             return Err(DropReason::Poison);
         }
-        let bytes = match self.link.encode_publish(m, self.producer, pid, dup) {
+        let bytes = match self.link.encode_publish(m, self.producer, self.receipts, pid, dup) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(id = m.id, topic = %m.msg.topic, error = %e, "message cannot be encoded; dropped");

@@ -159,6 +159,28 @@ pub enum ConfigError {
         /// The ceiling.
         max: Duration,
     },
+    /// A receipt rule that cannot be used.
+    #[error("receipts: {0}")]
+    Receipts(steadfast_core::RuleError),
+    /// MQTT 3.1.1 without the envelope carries no identity to receipt.
+    #[error("receipts need each message's identity on the wire: over MQTT 3.1.1 turn the payload envelope on (--envelope), or use MQTT 5")]
+    ReceiptsWithoutIdentity,
+    /// A receipts topic prefix that makes no valid topic.
+    #[error("receipt prefix `{prefix}` makes no valid topic: {error}; choose one without wildcards")]
+    ReceiptPrefix {
+        /// The prefix.
+        prefix: String,
+        /// Why.
+        error: steadfast_core::TopicError,
+    },
+    /// A producer id whose receipts topic is not a valid topic.
+    #[error("the receipts topic `{topic}` is not a valid topic: {error}; choose a producer id without `+`, `#` or NUL (--producer-id)")]
+    ReceiptTopic {
+        /// The topic.
+        topic: String,
+        /// Why.
+        error: steadfast_core::TopicError,
+    },
     /// A producer id the payload envelope cannot carry.
     #[error("the payload envelope carries producer ids up to 255 bytes, not {len}; choose a shorter producer id")]
     ProducerIdTooLong {
@@ -290,6 +312,12 @@ pub enum PublishError {
         /// The broker's limit.
         max: u32,
     },
+    /// The message asks for receipts, but the client listens for none.
+    #[error("the message asks for receipts, but this client was not configured for them: set ClientConfig::receipts (steadfast pub --receipts)")]
+    ReceiptsOff,
+    /// The message's receipt rule cannot be used.
+    #[error("receipts: {0}")]
+    Receipts(steadfast_core::RuleError),
     /// The outbox refused or failed.
     #[error(transparent)]
     Outbox(#[from] AppendError),

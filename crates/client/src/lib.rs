@@ -36,11 +36,13 @@ mod reconnect;
 mod router;
 mod transport;
 
-pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, Status};
+pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, ReceiptStatus, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, OtherSets, ProtocolVersion};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};
-pub use steadfast_core::{AckTimeout, BackoffConfig, DropReason, Identity, Properties, PropertyError, Qos};
-pub use steadfast_store::{AppendError, Delivery, OpenReport, OutboxConfig, Overflow, StoreError};
+pub use steadfast_core::{
+    AckTimeout, BackoffConfig, DropReason, Identity, Need, Properties, PropertyError, Qos, ReceiptRule, RuleError,
+};
+pub use steadfast_store::{AppendError, Delivery, Handling, OpenReport, OutboxConfig, Overflow, StoreError};
 pub use transport::{CertificateProblem, TlsConfig, Transport};

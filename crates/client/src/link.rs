@@ -9,6 +9,7 @@ use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, Property};
 use mqtt_protocol_core::mqtt::prelude::*;
 use mqtt_protocol_core::mqtt::result_code::MqttError;
 use steadfast_core::engine::{Ack, AckWire};
+use steadfast_core::receipt::RECEIPT_PROPERTY;
 use steadfast_core::{Identity, Qos};
 use steadfast_store::{Outbox, StoredMessage};
 
@@ -78,6 +79,9 @@ pub(crate) struct Inbound {
     pub dup: bool,
     /// The `steadfast-id` user property (MQTT 5), as sent.
     pub identity: Option<String>,
+    /// The receipts topic its producer asks a receipt at (the
+    /// `steadfast-receipt` user property, MQTT 5), as sent.
+    pub receipt: Option<String>,
     /// Its other MQTT 5 properties (the identity left out).
     pub props: steadfast_core::Properties,
     /// MQTT 5 message expiry interval: seconds it has left, as sent.
@@ -197,21 +201,28 @@ impl Link {
 
     /// The encoded PUBLISH for `m` (not queued); `producer` is the producer
     /// id of its identity.
+    ///
+    /// `receipts` is the producer's receipts topic: a message that asks
+    /// for receipts carries it (MQTT 5, a user property) or the envelope's
+    /// receipt flag (MQTT 3.1.1).
     pub fn encode_publish(
         &self,
         m: &StoredMessage,
         producer: &str,
+        receipts: Option<&str>,
         pid: Option<u16>,
         dup: bool,
     ) -> Result<Vec<u8>, ConnectError> {
+        let receipt_to = receipts.filter(|_| m.msg.receipts.is_some() && m.id != 0);
         Ok(match self.version {
-            ProtocolVersion::V5 => build_v5(m, producer, pid, dup)?.to_continuous_buffer(),
+            ProtocolVersion::V5 => build_v5(m, producer, receipt_to, pid, dup)?.to_continuous_buffer(),
             ProtocolVersion::V311 if self.envelope && m.id != 0 => {
                 // An origin too long for the envelope travels under ours.
                 let fits = |o: &Identity| o.producer.len() <= Identity::ENVELOPE_MAX_PRODUCER;
+                let asking = receipt_to.is_some();
                 let payload = match origin(&m.msg.props).filter(fits) {
-                    Some(o) => Identity::wrap(&o.producer, o.seq, &m.msg.payload),
-                    None => Identity::wrap(producer, m.id, &m.msg.payload),
+                    Some(o) => Identity::wrap_asking(&o.producer, o.seq, &m.msg.payload, asking),
+                    None => Identity::wrap_asking(producer, m.id, &m.msg.payload, asking),
                 };
                 build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
             }
@@ -227,7 +238,7 @@ impl Link {
         pid: Option<u16>,
         dup: bool,
     ) -> Result<(), ConnectError> {
-        let bytes = self.encode_publish(m, producer, pid, dup)?;
+        let bytes = self.encode_publish(m, producer, None, pid, dup)?;
         self.out.extend_from_slice(&bytes);
         Ok(())
     }
@@ -382,6 +393,9 @@ impl Link {
                 let mut m = inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), identity);
                 for prop in p.props.iter() {
                     match prop {
+                        Property::UserProperty(u) if u.key() == RECEIPT_PROPERTY => {
+                            m.receipt = Some(u.val().to_owned())
+                        }
                         Property::UserProperty(u) if u.key() != Identity::USER_PROPERTY => {
                             m.props.user.push((u.key().to_owned(), u.val().to_owned()))
                         }
@@ -475,6 +489,7 @@ fn inbound(
         retain,
         dup,
         identity,
+        receipt: None,
         props: steadfast_core::Properties::default(),
         expiry_secs: None,
     }
@@ -503,6 +518,7 @@ pub(crate) fn loose_message(id: u64, topic: &str, payload: &[u8], qos: Qos, reta
             created_ms: 0,
             route: None,
             policy: Default::default(),
+            receipts: None,
         },
         wire: None,
         acks: 0,
@@ -516,7 +532,13 @@ fn origin(p: &steadfast_core::Properties) -> Option<Identity> {
     Identity::parse_property_value(&v.1)
 }
 
-fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> Result<v5_0::Publish, ConnectError> {
+fn build_v5(
+    m: &StoredMessage,
+    producer: &str,
+    receipt_to: Option<&str>,
+    pid: Option<u16>,
+    dup: bool,
+) -> Result<v5_0::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
     let p = &m.msg.props;
     let mut props: Vec<Property> = Vec::new();
@@ -544,6 +566,9 @@ fn build_v5(m: &StoredMessage, producer: &str, pid: Option<u16>, dup: bool) -> R
         props.push(Property::UserProperty(
             mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, id.as_str()).map_err(err)?,
         ));
+    }
+    if let Some(topic) = receipt_to {
+        props.push(Property::UserProperty(mqtt::packet::UserProperty::new(RECEIPT_PROPERTY, topic).map_err(err)?));
     }
     // A deadline travels as the time it has left, rounded up to a second,
     // so a broker (and a consumer's session) forgets it when it is stale.
@@ -811,7 +836,7 @@ mod tests {
             let pid = (qos != Qos::AtMostOnce).then_some(7);
             let m = super::loose_message(3, &topic, &payload, qos, retain);
             let sender = Link::new(version(v5), false, None);
-            let bytes = sender.encode_publish(&m, "producer", pid, false).unwrap();
+            let bytes = sender.encode_publish(&m, "producer", None, pid, false).unwrap();
             let mut receiver = Link::new(version(v5), false, None);
             let got = feed(&mut receiver, &bytes, &cuts);
             prop_assert_eq!(got.len(), 1);

@@ -17,12 +17,16 @@ pub(crate) struct Snapshot<'a> {
     pub oldest_age_secs: f64,
     pub drops: &'a [(DropReason, u64)],
     pub brokers: &'a [BrokerStatus],
+    pub awaiting: u64,
+    pub oldest_wait_secs: f64,
 }
 
 pub(crate) fn export(s: &Snapshot<'_>) {
     gauge!("steadfast_queue_depth").set(s.queued as f64);
     gauge!("steadfast_queue_bytes").set(s.bytes as f64);
     gauge!("steadfast_oldest_message_age_seconds").set(s.oldest_age_secs);
+    gauge!("steadfast_awaiting_receipt").set(s.awaiting as f64);
+    gauge!("steadfast_oldest_receipt_wait_seconds").set(s.oldest_wait_secs);
     for (reason, n) in s.drops {
         counter!("steadfast_dropped_total", "reason" => reason.as_str()).absolute(*n);
     }

@@ -62,6 +62,8 @@ impl Identity {
 impl Identity {
     /// First bytes of a payload wrapped by [`Identity::wrap`] (format 1).
     pub const ENVELOPE_MAGIC: [u8; 4] = *b"SFE1";
+    /// First bytes of an envelope that carries flags (format 2).
+    pub const ENVELOPE_RECEIPT_MAGIC: [u8; 4] = *b"SFE2";
     /// Longest producer id an envelope can carry.
     pub const ENVELOPE_MAX_PRODUCER: usize = 255;
 
@@ -71,9 +73,21 @@ impl Identity {
     /// unchanged (docs/design.md, "Identity on the wire"). A producer id
     /// longer than 255 bytes is refused when the client is configured.
     pub fn wrap(producer: &str, seq: u64, payload: &[u8]) -> Vec<u8> {
+        Self::wrap_asking(producer, seq, payload, false)
+    }
+
+    /// [`Identity::wrap`], asking for a receipt when `receipt` (format 2:
+    /// `"SFE2"`, one byte of flags, bit 0 set, then as format 1; a
+    /// consumer sends the receipt to the producer's receipts topic).
+    pub fn wrap_asking(producer: &str, seq: u64, payload: &[u8], receipt: bool) -> Vec<u8> {
         let p = &producer.as_bytes()[..producer.len().min(Self::ENVELOPE_MAX_PRODUCER)];
-        let mut out = Vec::with_capacity(4 + 1 + p.len() + 8 + payload.len());
-        out.extend_from_slice(&Self::ENVELOPE_MAGIC);
+        let mut out = Vec::with_capacity(4 + 2 + p.len() + 8 + payload.len());
+        if receipt {
+            out.extend_from_slice(&Self::ENVELOPE_RECEIPT_MAGIC);
+            out.push(1);
+        } else {
+            out.extend_from_slice(&Self::ENVELOPE_MAGIC);
+        }
         out.push(p.len() as u8);
         out.extend_from_slice(p);
         out.extend_from_slice(&seq.to_be_bytes());
@@ -84,7 +98,19 @@ impl Identity {
     /// Splits an enveloped payload into its identity and the original
     /// payload; `None` when it is not an envelope.
     pub fn unwrap(payload: &[u8]) -> Option<(Identity, &[u8])> {
-        let rest = payload.strip_prefix(&Self::ENVELOPE_MAGIC)?;
+        Self::unwrap_asking(payload).map(|(id, _, p)| (id, p))
+    }
+
+    /// [`Identity::unwrap`], and whether the envelope asks for a receipt.
+    pub fn unwrap_asking(payload: &[u8]) -> Option<(Identity, bool, &[u8])> {
+        let (receipt, rest) = match payload.strip_prefix(&Self::ENVELOPE_MAGIC) {
+            Some(rest) => (false, rest),
+            None => {
+                let rest = payload.strip_prefix(&Self::ENVELOPE_RECEIPT_MAGIC)?;
+                let (&flags, rest) = rest.split_first()?;
+                (flags & 1 == 1, rest)
+            }
+        };
         let (&len, rest) = rest.split_first()?;
         let len = len as usize;
         if len == 0 || rest.len() < len + 8 {
@@ -92,7 +118,7 @@ impl Identity {
         }
         let producer = std::str::from_utf8(&rest[..len]).ok()?.to_owned();
         let seq = u64::from_be_bytes(rest[len..len + 8].try_into().ok()?);
-        Some((Identity { producer, seq }, &rest[len + 8..]))
+        Some((Identity { producer, seq }, receipt, &rest[len + 8..]))
     }
 }
 
@@ -341,6 +367,11 @@ mod tests {
         assert_eq!((id, payload), (Identity { producer: "gw-7".into(), seq: 513 }, &b"21.5"[..]));
         let empty = Identity::wrap("p", 1, b"");
         assert_eq!(Identity::unwrap(&empty).unwrap().1, b"");
+        let asking = Identity::wrap_asking("gw-7", 513, b"21.5", true);
+        assert_eq!(&asking[..6], b"SFE2\x01\x04");
+        let (id, receipt, payload) = Identity::unwrap_asking(&asking).unwrap();
+        assert_eq!((id.seq, receipt, payload), (513, true, &b"21.5"[..]));
+        assert!(!Identity::unwrap_asking(&wrapped).unwrap().1);
         for bad in [&b"21.5"[..], b"SFE1", b"SFE1\x00", b"SFE1\x04gw-7\x00\x00", b"SFE1\x01\xff\0\0\0\0\0\0\0\0"] {
             assert_eq!(Identity::unwrap(bad), None, "{bad:?}");
         }

@@ -125,6 +125,14 @@ impl Broker {
         }
     }
 
+    /// SIGHUP: Mosquitto reads its configuration again, its ACL and
+    /// password files included (the log says "Reloading config").
+    pub fn reload(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg("-s").arg("HUP").arg(c.id().to_string()).status();
+        }
+    }
+
     /// `kill -9`, then starts again on the same port and directory.
     pub async fn restart(&mut self) -> Result<(), LabError> {
         self.kill9();

@@ -22,8 +22,9 @@ mod sqlite;
 pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use outbox::{
-    held_for, AcceptFuture, AppendError, BrokerLag, Configured, DefaultSet, Delivery, Dropped, Glance, InboxBounds,
-    Outbox, OutboxConfig, OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow, HELD_PREFIX,
+    held_for, AcceptFuture, AppendError, BrokerLag, Configured, DefaultSet, Delivery, Dropped, Glance, Handling,
+    InboxBounds, Outbox, OutboxConfig, OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow, HELD_PREFIX,
+    RECEIPTS_COUNTED, RECEIPTS_HANDLED, RECEIPTS_REPUBLISHED,
 };
 pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 
@@ -143,6 +144,10 @@ pub struct NewMessage {
     pub route: Option<String>,
     /// Deadline, budget, keep-latest, priority.
     pub policy: Policy,
+    /// The receipts it asks its consumers for, in the stored form of
+    /// [`steadfast_core::ReceiptRule::to_text`]; `None`: the broker's
+    /// acknowledgement ends its way.
+    pub receipts: Option<String>,
 }
 
 impl NewMessage {
@@ -188,6 +193,27 @@ pub struct Entry {
     pub created_ms: u64,
     /// Its deadline, if it has one (deadline class).
     pub expires_ms: Option<u64>,
+    /// The receipts it asks for (stored form), if any.
+    pub receipts: Option<String>,
+    /// Delivered and awaiting receipts: when the wait ends (ms since the
+    /// epoch).
+    pub awaiting_ms: Option<u64>,
+    /// When a broker's acknowledgement first made it wait for receipts.
+    pub acked_ms: Option<u64>,
+    /// Times it was published again for lack of a receipt.
+    pub resends: u32,
+}
+
+/// Messages delivered and awaiting receipts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Awaiting {
+    /// How many.
+    pub count: u64,
+    /// The first acknowledgement of the one that has waited longest (ms
+    /// since the epoch).
+    pub oldest_acked_ms: Option<u64>,
+    /// When the first wait ends (ms since the epoch).
+    pub next_due_ms: Option<u64>,
 }
 
 /// What one inbox identity counts against a byte bound besides its
@@ -291,6 +317,21 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError>;
     /// Marks a message delivered while QoS 2 exchanges of it stay open.
     fn set_done(&mut self, id: u64) -> Result<(), StoreError>;
+    /// A message that asks for receipts was delivered: it waits for them
+    /// until `due_ms` (no sender reads it meanwhile); `now_ms` is kept as
+    /// the time of its first acknowledgement.
+    fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError>;
+    /// Notes a receipt from consumer `by`; returns the distinct consumers
+    /// that sent one for this message so far.
+    fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` messages whose wait for receipts ended at or before
+    /// `now_ms`.
+    fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
+    /// Queues a message again for lack of receipts: no longer awaiting,
+    /// no broker's acknowledgement counts, one more resend.
+    fn requeue_for_receipts(&mut self, id: u64) -> Result<(), StoreError>;
+    /// What awaits receipts.
+    fn awaiting(&mut self) -> Result<Awaiting, StoreError>;
     /// Records (or clears) the wire binding of a QoS 2 message on the broker
     /// in `slot`. A packet id holds one exchange per broker: recording it
     /// for `id` voids another message's binding under the same id there.

@@ -35,6 +35,8 @@ struct State {
     brokers: BTreeMap<String, BrokerRecord>,
     /// Poison: id -> (its own route, slot, failures, when).
     poison: BTreeMap<u64, (Option<String>, u32, u32, u64)>,
+    /// Receipts by message: the consumers that sent one.
+    receipts: BTreeMap<u64, std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +45,9 @@ struct Row {
     acks: u64,
     done: bool,
     attempts: u32,
+    awaiting_ms: Option<u64>,
+    acked_ms: Option<u64>,
+    resends: u32,
 }
 
 impl MemoryStore {
@@ -69,7 +74,10 @@ impl Store for MemoryStore {
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError> {
         self.state.next_id += 1;
         let id = self.state.next_id;
-        self.state.messages.insert(id, Row { msg: msg.clone(), acks: 0, done: false, attempts: 0 });
+        self.state.messages.insert(
+            id,
+            Row { msg: msg.clone(), acks: 0, done: false, attempts: 0, awaiting_ms: None, acked_ms: None, resends: 0 },
+        );
         Ok(id)
     }
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
@@ -83,10 +91,15 @@ impl Store for MemoryStore {
             size: r.msg.size(),
             created_ms: r.msg.created_ms,
             expires_ms: r.msg.policy.expires_ms,
+            receipts: r.msg.receipts.clone(),
+            awaiting_ms: r.awaiting_ms,
+            acked_ms: r.acked_ms,
+            resends: r.resends,
         }))
     }
     fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
         self.state.wire.retain(|(i, _), _| *i != id);
+        self.state.receipts.remove(&id);
         Ok(self.state.messages.remove(&id).is_some())
     }
     fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError> {
@@ -101,6 +114,43 @@ impl Store for MemoryStore {
             r.done = true;
         }
         Ok(())
+    }
+    fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
+        if let Some(r) = self.state.messages.get_mut(&id).filter(|r| !r.done) {
+            r.awaiting_ms = Some(due_ms);
+            r.acked_ms.get_or_insert(now_ms);
+        }
+        Ok(())
+    }
+    fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
+        let seen = self.state.receipts.entry(id).or_default();
+        seen.insert(by.to_owned());
+        Ok(seen.iter().cloned().collect())
+    }
+    fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let mut due: Vec<(u64, u64)> = (self.state.messages.iter())
+            .filter_map(|(id, r)| r.awaiting_ms.filter(|d| *d <= now_ms).map(|d| (d, *id)))
+            .collect();
+        due.sort_unstable();
+        Ok(due.into_iter().take(limit).map(|(_, id)| id).collect())
+    }
+    fn requeue_for_receipts(&mut self, id: u64) -> Result<(), StoreError> {
+        if let Some(r) = self.state.messages.get_mut(&id).filter(|r| !r.done) {
+            r.awaiting_ms = None;
+            r.acks = 0;
+            r.resends += 1;
+        }
+        Ok(())
+    }
+    fn awaiting(&mut self) -> Result<crate::Awaiting, StoreError> {
+        let mut a = crate::Awaiting::default();
+        for r in self.state.messages.values() {
+            let Some(due) = r.awaiting_ms else { continue };
+            a.count += 1;
+            a.oldest_acked_ms = a.oldest_acked_ms.into_iter().chain(r.acked_ms).min();
+            a.next_due_ms = Some(a.next_due_ms.map_or(due, |d| d.min(due)));
+        }
+        Ok(a)
     }
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
         match wire {
@@ -125,7 +175,11 @@ impl Store for MemoryStore {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let mask = slot.map_or(0, |s| 1u64 << s);
         let of = |r: &Row| priority.is_none_or(|p| r.msg.policy.priority == p);
-        let range = self.state.messages.range(after + 1..).filter(|(_, r)| !r.done && r.acks & mask == 0 && of(r));
+        let range = self
+            .state
+            .messages
+            .range(after + 1..)
+            .filter(|(_, r)| !r.done && r.awaiting_ms.is_none() && r.acks & mask == 0 && of(r));
         Ok(range.take(limit).map(|(id, r)| stored(*id, r, None)).collect())
     }
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {

@@ -21,12 +21,16 @@ pub struct ConsumerConfig {
     pub(super) inbox_max_bytes: Option<u64>,
     pub(super) gap_timeout: Duration,
     pub(super) retry_after: Duration,
+    pub(super) receipt_name: String,
 }
 
 impl ConsumerConfig {
     /// A consumer with `client`'s brokers, session and directory.
     pub fn new(client: ClientConfig) -> Self {
+        // A name carries no space, comma or line break.
+        let receipt_name = client.client_id.replace([' ', ',', '\n', '\r', '\0'], "_");
         Self {
+            receipt_name,
             client,
             topics: Vec::new(),
             inbox: true,
@@ -73,6 +77,17 @@ impl ConsumerConfig {
         self.retry_after = d;
         self
     }
+    /// The name this consumer gives in the receipts it sends (default:
+    /// its client id). A producer that asks for receipts from named
+    /// consumers counts only those names.
+    pub fn receipt_as(mut self, name: impl Into<String>) -> Self {
+        self.receipt_name = name.into();
+        self
+    }
+    /// The name in this consumer's receipts.
+    pub fn receipt_name(&self) -> &str {
+        &self.receipt_name
+    }
     /// The connection settings.
     pub fn client(&self) -> &ClientConfig {
         &self.client
@@ -99,6 +114,10 @@ impl ConsumerConfig {
         }
         if self.inbox_max_count == 0 {
             return Err(ConfigError::ZeroInbox { unit: "identities" });
+        }
+        if !steadfast_core::ReceiptRule::valid_name(&self.receipt_name) {
+            let name = self.receipt_name.clone();
+            return Err(ConfigError::Receipts(steadfast_core::RuleError::Name(name)));
         }
         Ok(())
     }

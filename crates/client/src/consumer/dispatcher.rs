@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steadfast_core::engine::{Counter, Delivered, Dispatch, DispatchOp};
-use steadfast_core::Identity;
+use steadfast_core::receipt::receipt_topic;
+use steadfast_core::{ConsumerReceipt, Identity, ReceiptBatcher};
 use steadfast_store::Outbox;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
@@ -36,6 +37,10 @@ impl Delivered for Pending {
     fn token(&self) -> Token {
         self.token
     }
+
+    fn receipt(&self) -> Option<&str> {
+        self.msg.receipt.as_deref().filter(|_| self.identity.is_some())
+    }
 }
 
 /// The one task between the brokers' receivers and the application.
@@ -54,6 +59,9 @@ pub(super) struct Dispatcher {
     pub(super) flush: Option<oneshot::Sender<()>>,
     /// Deliveries waiting for the application to take them.
     pub(super) ready: VecDeque<Received>,
+    /// Receipts owed, per broker and receipts topic, until their batch
+    /// leaves.
+    pub(super) receipts: ReceiptBatcher<(usize, String)>,
 }
 
 impl Dispatcher {
@@ -65,7 +73,8 @@ impl Dispatcher {
     ) {
         let app = self.app.clone();
         loop {
-            let wake = self.engine.poll_timeout().map(Instant::from_std);
+            let wake = [self.engine.poll_timeout(), self.receipts.poll_timeout()].into_iter().flatten().min();
+            let wake = wake.map(Instant::from_std);
             // Commands (acks, close) are served whatever the application
             // does; brokers are read only while few deliveries wait for it.
             tokio::select! {
@@ -95,8 +104,11 @@ impl Dispatcher {
                     self.on_cmds(cmds);
                 }
                 _ = sleep_until(wake.unwrap_or_else(Instant::now)), if wake.is_some() => {
-                    self.engine.handle_timeout(now());
+                    let now = now();
+                    self.engine.handle_timeout(now);
                     self.carry_out();
+                    let due = self.receipts.take_due(now.at, false);
+                    self.send_receipts(due);
                 }
                 r = stop.changed() => if r.is_err() || *stop.borrow() { return },
             }
@@ -111,9 +123,14 @@ impl Dispatcher {
             let token = Token { broker, epoch, pid: msg.pid };
             let mut identity = msg.identity.as_deref().and_then(Identity::parse_property_value);
             if identity.is_none() && self.cfg.client.envelope {
-                if let Some((id, payload)) = Identity::unwrap(&msg.payload) {
+                if let Some((id, asking, payload)) = Identity::unwrap_asking(&msg.payload) {
                     let payload = payload.to_vec();
                     msg.payload = payload;
+                    // MQTT 3.1.1: the receipts topic follows from the
+                    // producer id.
+                    if asking {
+                        msg.receipt = Some(receipt_topic(&self.cfg.client.receipt_prefix, &id.producer));
+                    }
                     identity = Some(id);
                 }
             }
@@ -152,6 +169,9 @@ impl Dispatcher {
         self.carry_out();
         if self.engine.recording() == 0 {
             if let Some(tx) = self.flush.take() {
+                // Receipts owed leave now, ahead of the flush.
+                let owed = self.receipts.take_due(now().at, true);
+                self.send_receipts(owed);
                 // Every ack is queued to its driver: they answer once written.
                 let drivers = self.to_drivers.clone();
                 tokio::spawn(async move {
@@ -177,6 +197,12 @@ impl Dispatcher {
                     self.ready.push_back(delivery.into_received(broker, redelivered, self.cmds.clone()));
                 }
                 DispatchOp::AckBroker(token) => self.ack_broker(token),
+                DispatchOp::Receipt { token, identity, topic } => {
+                    let full = self.receipts.add((token.broker, topic), &identity.producer, identity.seq, now().at);
+                    if let Some(batch) = full {
+                        self.send_receipts(vec![batch]);
+                    }
+                }
                 DispatchOp::Record(batch) => self.record(batch),
                 DispatchOp::Count(counter, n) => {
                     let name = match counter {
@@ -194,6 +220,24 @@ impl Dispatcher {
                     tracing::warn!(%producer, first, last, "suspected loss: a gap in this producer's sequence did not fill");
                     let _ = self.events.send(Event::SuspectedLoss { producer, first, last });
                 }
+            }
+        }
+    }
+
+    /// Receipts whose batch is full or lingered long enough go to the
+    /// broker each came through (QoS 1, not stored: a receipt lost on
+    /// the way means a resend of the message, which the inbox removes
+    /// and answers with a receipt again).
+    fn send_receipts(&mut self, batches: Vec<((usize, String), String, Vec<(u64, u64)>)>) {
+        for ((broker, topic), producer, ranges) in batches {
+            let receipt = ConsumerReceipt { by: self.cfg.receipt_name().to_owned(), producer, ranges };
+            let n = receipt.count();
+            if self.to_drivers[broker].send(DriverCmd::Publish { topic, payload: receipt.encode(), count: n }).is_err()
+            {
+                tracing::debug!(
+                    receipts = n,
+                    "a receipt batch found its broker's session gone; the producer will resend"
+                );
             }
         }
     }

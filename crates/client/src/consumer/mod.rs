@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use steadfast_core::engine::{Dispatch, DispatchConfig};
-use steadfast_core::Identity;
+use steadfast_core::{Identity, ReceiptBatcher};
 use steadfast_store::{InboxBounds, OpenReport, Outbox, SqliteStore, Store, StoreError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex};
@@ -118,6 +118,12 @@ enum DriverCmd {
     },
     /// Answered once every acknowledgement before it is written.
     Flush(oneshot::Sender<()>),
+    /// A receipt batch to publish (QoS 1, not stored).
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        count: u64,
+    },
 }
 
 /// A reliable MQTT consumer. See the module documentation.
@@ -215,6 +221,7 @@ impl Consumer {
             handled: handled.clone(),
             flush: None,
             ready: VecDeque::new(),
+            receipts: ReceiptBatcher::new(Default::default()),
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {

@@ -26,6 +26,8 @@ pub struct Received {
     broker_dup: bool,
     props: Properties,
     expiry_secs: Option<u32>,
+    /// The receipts topic its producer asked a receipt at.
+    receipt: Option<String>,
     token: Option<Token>,
     cmds: mpsc::UnboundedSender<Cmd>,
 }
@@ -116,6 +118,7 @@ impl Received {
                 // The wire's own flag: a retry here is not a resend there.
                 dup: self.broker_dup,
                 identity: None,
+                receipt: self.receipt.take(),
                 props: std::mem::take(&mut self.props),
                 expiry_secs: self.expiry_secs,
             },
@@ -153,6 +156,7 @@ impl Pending {
             broker_dup: self.msg.dup,
             props: self.msg.props,
             expiry_secs: self.msg.expiry_secs,
+            receipt: self.msg.receipt,
             token: Some(self.token),
             cmds,
         }

@@ -58,6 +58,8 @@ struct Connection {
     /// wait, the socket is not read (back-pressure), but acks, pings and
     /// stop are still served.
     to_forward: VecDeque<FromBroker>,
+    /// The packet id of the last receipt sent.
+    next_pid: u16,
 }
 
 impl Receiver {
@@ -213,6 +215,7 @@ impl Connection {
             keep_alive,
             session: ReceiveSession::new(keep_alive, clock::instant()),
             to_forward: VecDeque::new(),
+            next_pid: 1,
         }
     }
 
@@ -243,6 +246,21 @@ impl Connection {
             DriverCmd::Flush(tx) => {
                 self.write_due().await?;
                 let _ = tx.send(());
+            }
+            DriverCmd::Publish { topic, payload, count } => {
+                // Client-to-broker packet ids are this side's own; 1 is
+                // the SUBSCRIBE's.
+                self.next_pid = self.next_pid.checked_add(1).unwrap_or(2).max(2);
+                let m = crate::link::loose_message(0, &topic, &payload, Qos::AtLeastOnce, false);
+                match steadfast_core::validate_topic_name(&topic) {
+                    Ok(()) => match self.link.encode_publish(&m, "", None, Some(self.next_pid), false) {
+                        Ok(bytes) => self.link.out.extend_from_slice(&bytes),
+                        Err(e) => tracing::warn!(%topic, error = %e, "a receipt cannot be encoded; not sent"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(%topic, error = %e, receipts = count, "a producer asked for receipts at a topic that is not valid; not sent")
+                    }
+                }
             }
         }
         Ok(())

@@ -8,6 +8,7 @@ mod consumer;
 mod faults;
 mod policy;
 mod protocol;
+mod receipts;
 mod routing;
 mod session;
 

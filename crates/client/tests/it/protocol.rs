@@ -64,6 +64,21 @@ impl Store for FaultyStore {
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
         self.inner.set_done(id)
     }
+    fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
+        self.inner.await_receipts(id, due_ms, now_ms)
+    }
+    fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.add_receipt(id, by)
+    }
+    fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        self.inner.receipts_due(now_ms, limit)
+    }
+    fn requeue_for_receipts(&mut self, id: u64) -> Result<(), StoreError> {
+        self.inner.requeue_for_receipts(id)
+    }
+    fn awaiting(&mut self) -> Result<steadfast_store::Awaiting, StoreError> {
+        self.inner.awaiting()
+    }
     fn lapsed(&mut self, r: Option<&str>, m: u64, cutoff: u64, n: usize) -> Result<Vec<(u64, u64)>, StoreError> {
         self.inner.lapsed(r, m, cutoff, n)
     }
@@ -249,6 +264,7 @@ fn store_with_bound_qos2(payload: &str, stage: Stage) -> MemoryStore {
         created_ms: 1,
         route: None,
         policy: Default::default(),
+        receipts: None,
     };
     let id = mem.insert(&msg).unwrap();
     mem.set_wire(0, id, Some((7, stage))).unwrap();
@@ -468,6 +484,7 @@ async fn a_failed_commit_leaves_no_phantom_ids_for_the_senders() {
         created_ms: 1,
         route: None,
         policy: Default::default(),
+        receipts: None,
     };
     let first = o.append(m("1"), false).0.await.unwrap();
     faults.fail_commit.store(1, SeqCst);
@@ -498,6 +515,7 @@ async fn an_expiry_sweep_that_fails_to_commit_is_tried_again() {
         created_ms: steadfast_store::now_ms(),
         route: None,
         policy: Default::default(),
+        receipts: None,
     };
     m.policy.expires_ms = Some(m.created_ms + 200);
     let (accepted, outcome) = o.append(m, true);

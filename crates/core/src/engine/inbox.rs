@@ -24,6 +24,11 @@ pub trait Delivered {
     fn identity(&self) -> Option<&Identity>;
     /// Its token.
     fn token(&self) -> Self::Token;
+    /// Where its producer wants a receipt once it is handled, if it asks
+    /// for one (docs/design.md, "Receipts").
+    fn receipt(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A counter the dispatcher moves (kept in the store across restarts).
@@ -56,6 +61,17 @@ pub enum DispatchOp<P, T> {
     Record(Vec<(Identity, T)>),
     /// Add to a counter.
     Count(Counter, u64),
+    /// This identity is handled (recorded in the inbox now, or before):
+    /// its producer asked for a receipt at `topic`, through the broker of
+    /// `token`.
+    Receipt {
+        /// The delivery's token (its broker).
+        token: T,
+        /// What was handled.
+        identity: Identity,
+        /// The receipts topic it asked for.
+        topic: String,
+    },
     /// A gap in a producer's sequence did not fill within the gap timeout.
     SuspectedLoss {
         /// The producer.
@@ -94,8 +110,9 @@ pub struct DispatchConfig {
 pub struct Dispatch<P: Delivered> {
     cfg: DispatchConfig,
     /// Identities handed over and not yet recorded, with the copies that
-    /// arrived meanwhile (acknowledged once it is recorded).
-    handling: HashMap<Identity, Vec<P::Token>>,
+    /// arrived meanwhile (acknowledged once it is recorded) and the
+    /// receipts topic it asked for.
+    handling: HashMap<Identity, (Vec<P::Token>, Option<String>)>,
     producers: HashMap<String, Sequence>,
     /// Per producer, a sequence number at or above every one the inbox
     /// holds or that was handed over: anything above it is new without
@@ -161,14 +178,21 @@ impl<P: Delivered> Dispatch<P> {
             if known && !crate::mutate::planted(crate::mutate::Bug::InboxForgets) {
                 duplicates += 1;
                 self.ops.push_back(DispatchOp::AckBroker(p.token()));
+                // Handled before: its receipt may be what was lost.
+                if let Some(topic) = p.receipt() {
+                    self.ops.push_back(DispatchOp::Receipt { token: p.token(), identity: id, topic: topic.to_owned() });
+                }
                 continue;
             }
-            if let Some(copies) = self.handling.get_mut(&id) {
+            if let Some((copies, receipt)) = self.handling.get_mut(&id) {
                 copies.push(p.token());
+                if receipt.is_none() {
+                    *receipt = p.receipt().map(str::to_owned);
+                }
                 duplicates += 1;
                 continue;
             }
-            self.handling.insert(id.clone(), Vec::new());
+            self.handling.insert(id.clone(), (Vec::new(), p.receipt().map(str::to_owned)));
             let h = self.high.entry(id.producer.clone()).or_default();
             *h = (*h).max(id.seq);
             self.note_sequence(&id, now.at);
@@ -221,11 +245,14 @@ impl<P: Delivered> Dispatch<P> {
         }
         self.recording -= 1;
         for (id, token) in batch {
-            let copies = self.handling.remove(&id).unwrap_or_default();
+            let (copies, receipt) = self.handling.remove(&id).unwrap_or_default();
             if !crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
-                self.ops.push_back(DispatchOp::AckBroker(token));
+                self.ops.push_back(DispatchOp::AckBroker(token.clone()));
             }
             self.ops.extend(copies.into_iter().map(DispatchOp::AckBroker));
+            if let Some(topic) = receipt {
+                self.ops.push_back(DispatchOp::Receipt { token, identity: id, topic });
+            }
         }
     }
 

@@ -42,6 +42,9 @@ pub struct Sweep {
     /// message older than `at - window` that some member acknowledged
     /// leaves); `None` when no route has a window.
     pub catch_up_at: Option<u64>,
+    /// Messages whose wait for receipts ended by this wall-clock time go
+    /// out again.
+    pub receipts_at: Option<u64>,
 }
 
 impl Sweep {
@@ -62,12 +65,14 @@ pub struct Sweeper {
     queued: bool,
     /// A route has a fanout catch-up window.
     catch_up: bool,
+    /// The earliest end of a wait for receipts.
+    next_receipt: Option<u64>,
 }
 
 impl Sweeper {
     /// A sweeper that last swept at `now`.
     pub fn new(cfg: SweepConfig, now: Instant) -> Self {
-        Self { cfg, last: now, next_expiry: None, queued: false, catch_up: false }
+        Self { cfg, last: now, next_expiry: None, queued: false, catch_up: false, next_receipt: None }
     }
 
     /// Whether anything is queued (the age bound has something to check).
@@ -86,6 +91,17 @@ impl Sweeper {
         self.queued = true;
     }
 
+    /// The earliest time a message's wait for receipts ends (`None`:
+    /// nothing awaits receipts).
+    pub fn handle_next_receipt(&mut self, due_ms: Option<u64>) {
+        self.next_receipt = due_ms;
+    }
+
+    /// A message awaits receipts until `due_ms`.
+    pub fn handle_awaiting(&mut self, due_ms: u64) {
+        self.next_receipt = Some(self.next_receipt.map_or(due_ms, |n| n.min(due_ms)));
+    }
+
     /// The routes now have (or no longer have) a catch-up window.
     pub fn handle_routes(&mut self, catch_up: bool) {
         self.catch_up = catch_up;
@@ -98,7 +114,10 @@ impl Sweeper {
 
     /// True while there is anything a sweep could remove.
     pub fn active(&self) -> bool {
-        self.catch_up || self.next_expiry.is_some() || (self.cfg.max_age_ms.is_some() && self.queued)
+        self.catch_up
+            || self.next_expiry.is_some()
+            || self.next_receipt.is_some()
+            || (self.cfg.max_age_ms.is_some() && self.queued)
     }
 
     /// The sweeper's timer.
@@ -120,7 +139,8 @@ impl Sweeper {
         let deadlines_at =
             self.next_expiry.filter(|e| deadline_passed(*e, now.wall_ms)).map(|_| expiry_cutoff(now.wall_ms));
         let created_before = self.cfg.max_age_ms.filter(|_| self.queued).map(|age| now.wall_ms.saturating_sub(age));
-        Some(Sweep { deadlines_at, created_before, catch_up_at: self.catch_up.then_some(now.wall_ms) })
+        let receipts_at = self.next_receipt.filter(|due| *due <= now.wall_ms).map(|_| now.wall_ms);
+        Some(Sweep { deadlines_at, created_before, catch_up_at: self.catch_up.then_some(now.wall_ms), receipts_at })
     }
 }
 

@@ -283,6 +283,8 @@ impl World {
                     self.consumer.records.push_back((at, batch));
                 }
                 DispatchOp::Count(..) => {}
+                // The simulated producer asks for no receipts.
+                DispatchOp::Receipt { .. } => {}
                 DispatchOp::SuspectedLoss { first, last, .. } => {
                     self.trace.note(
                         self.t,

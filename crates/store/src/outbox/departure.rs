@@ -7,12 +7,20 @@
 use std::collections::HashMap;
 
 use steadfast_core::engine::{quorum_met, Sweep};
-use steadfast_core::DropReason;
+use steadfast_core::{ConsumerReceipt, DropReason, ReceiptRule};
 
 use super::replies::Batch;
 use super::writer::Writer;
 use super::{held_for, Delivery, Dropped};
 use crate::{Entry, StoreError};
+
+/// Counter names of receipts in the store: identities counted towards a
+/// rule, messages handled, messages published again for lack of one.
+pub const RECEIPTS_COUNTED: &str = "receipts.counted";
+/// See [`RECEIPTS_COUNTED`].
+pub const RECEIPTS_HANDLED: &str = "receipts.handled";
+/// See [`RECEIPTS_COUNTED`].
+pub const RECEIPTS_REPUBLISHED: &str = "receipts.republished";
 
 impl Writer {
     /// Messages that reached their end, whatever acknowledged them, or
@@ -71,9 +79,82 @@ impl Writer {
             }
             return Ok(());
         }
+        if e.awaiting_ms.is_some() {
+            // Delivered before: a late acknowledgement changes nothing.
+            return Ok(());
+        }
         let (mask, need, _) = self.rule(e.route.as_deref());
         if quorum_met(e.acks, mask, need) {
-            self.finish(id, &e, Delivery::Delivered, b)?;
+            match e.receipts.as_deref().and_then(ReceiptRule::parse) {
+                // Delivered; handled once its consumers say so.
+                Some(rule) => {
+                    let now = crate::now_ms();
+                    let due = now + rule.wait(e.resends).as_millis() as u64;
+                    self.store.await_receipts(id, due, now)?;
+                    self.sweeper.handle_awaiting(due);
+                    b.awaiting.push(id);
+                }
+                None => self.finish(id, &e, Delivery::Delivered, b)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A receipt: each message it names that asks for receipts from its
+    /// consumer counts it; a message whose rule is met is handled and
+    /// leaves (even before its broker's acknowledgement was recorded: the
+    /// consumer has it).
+    pub(super) fn apply_receipt(&mut self, receipt: &ConsumerReceipt, b: &mut Batch) -> Result<(), StoreError> {
+        let (mut counted, mut handled) = (0u64, 0u64);
+        let now = crate::now_ms();
+        for id in receipt.seqs() {
+            let Some(e) = self.store.entry(id)? else { continue };
+            let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else { continue };
+            if e.done || !rule.accepts(&receipt.by) {
+                continue;
+            }
+            counted += 1;
+            let by =
+                if rule.needed() == 1 { vec![receipt.by.clone()] } else { self.store.add_receipt(id, &receipt.by)? };
+            if rule.met(by.len()) {
+                if let Some(acked) = e.acked_ms {
+                    metrics::histogram!("steadfast_receipt_wait_seconds")
+                        .record(now.saturating_sub(acked) as f64 / 1000.0);
+                }
+                self.finish(id, &e, Delivery::Delivered, b)?;
+                b.handled.push((id, by));
+                handled += 1;
+            }
+        }
+        self.store.add_counter(RECEIPTS_COUNTED, counted)?;
+        self.store.add_counter(RECEIPTS_HANDLED, handled)?;
+        metrics::counter!("steadfast_receipts_received_total").increment(counted);
+        metrics::counter!("steadfast_handled_total").increment(handled);
+        Ok(())
+    }
+
+    /// Messages whose wait for receipts ended go back into the queue, to
+    /// be published again under the same identity (the consumers' inboxes
+    /// remove the copy of what did arrive); senders read again.
+    pub(super) fn sweep_receipts(&mut self, sweep: &Sweep) -> Result<(), StoreError> {
+        let Some(now) = sweep.receipts_at else { return Ok(()) };
+        let mut requeued = 0u64;
+        loop {
+            let ids = self.store.receipts_due(now, 4096)?;
+            for id in &ids {
+                self.store.requeue_for_receipts(*id)?;
+            }
+            requeued += ids.len() as u64;
+            if ids.len() < 4096 {
+                break;
+            }
+        }
+        self.sweeper.handle_next_receipt(self.store.awaiting()?.next_due_ms);
+        if requeued > 0 {
+            self.store.add_counter(RECEIPTS_REPUBLISHED, requeued)?;
+            metrics::counter!("steadfast_republished_total").increment(requeued);
+            tracing::warn!(messages = requeued, "no receipt came in time: published again under the same identity");
+            self.requeued += 1;
         }
         Ok(())
     }

@@ -43,6 +43,7 @@ use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
 pub use config::{InboxBounds, OutboxConfig, Overflow, Quorum, UnknownOverflow};
+pub use departure::{RECEIPTS_COUNTED, RECEIPTS_HANDLED, RECEIPTS_REPUBLISHED};
 pub use report::{BrokerLag, Glance, Report};
 use request::Request;
 use writer::Writer;
@@ -85,6 +86,16 @@ pub enum Delivery {
     Dropped(DropReason),
 }
 
+/// How a message that asks for receipts reached its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handling {
+    /// Its consumers handled it: these sent the receipts that completed
+    /// it.
+    Handled(Vec<String>),
+    /// It was dropped by its own policy before that (G3).
+    Dropped(DropReason),
+}
+
 /// A message dropped without delivery, as announced to listeners.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {
@@ -112,6 +123,9 @@ pub struct OutboxState {
     /// Queued messages moved aside as poison (counted in `totals`; never
     /// sent until requeued).
     pub poisoned: u64,
+    /// Goes up each time messages go back into the queue for lack of
+    /// receipts: senders read the outbox again from the oldest.
+    pub requeued: u64,
 }
 
 /// Resolves when the message is accepted (synced), with its id.
@@ -236,8 +250,30 @@ impl Outbox {
         } else {
             (None, None)
         };
-        self.send(Request::Append { msg, reply, delivery, source: None });
+        self.send(Request::Append { msg, reply, delivery, handled: None, source: None });
         (AcceptFuture { rx }, drx)
+    }
+
+    /// [`Outbox::append`] of a message that asks for receipts, tracked
+    /// until it is delivered (first receiver) and handled (second).
+    pub fn append_awaiting(
+        &self,
+        msg: NewMessage,
+    ) -> (AcceptFuture, oneshot::Receiver<Delivery>, oneshot::Receiver<Handling>) {
+        let (reply, rx) = oneshot::channel();
+        let (delivery, drx) = oneshot::channel();
+        let (handled, hrx) = oneshot::channel();
+        self.send(Request::Append { msg, reply, delivery: Some(delivery), handled: Some(handled), source: None });
+        (AcceptFuture { rx }, drx, hrx)
+    }
+
+    /// Applies a receipt from a consumer: each message it names that asks
+    /// for receipts from that consumer counts it, and those whose rule is
+    /// met are handled and leave. Resolves after the commit.
+    pub async fn receipt(&self, receipt: steadfast_core::ConsumerReceipt) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Receipt { receipt, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
     /// Bridge: queues a message that came from `source`, recording where
@@ -249,7 +285,7 @@ impl Outbox {
     /// resend is not recognised: a known gap (docs/design.md).
     pub fn append_from(&self, msg: NewMessage, source: Source) -> AcceptFuture {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Append { msg, reply, delivery: None, source: Some(source) });
+        self.send(Request::Append { msg, reply, delivery: None, handled: None, source: Some(source) });
         AcceptFuture { rx }
     }
 

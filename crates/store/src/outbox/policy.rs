@@ -134,6 +134,9 @@ impl Writer {
         if let Some(d) = p.delivery {
             b.new_waiters.push((id, d));
         }
+        if let Some(h) = p.handled {
+            b.new_handled.push((id, h));
+        }
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::request::{AcceptReply, HighReply, IdsReply, Request, SlotReply, WireReply};
 use super::writer::Writer;
-use super::{AppendError, Configured, Delivery, Dropped, Glance, OutboxState, Report};
+use super::{AppendError, Configured, Delivery, Dropped, Glance, Handling, OutboxState, Report};
 use crate::StoreError;
 
 /// Replies that may go out only after the commit.
@@ -19,6 +19,12 @@ pub(super) struct Batch {
     pub(super) known: Vec<(oneshot::Sender<Result<u64, AppendError>>, u64)>,
     pub(super) new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
     pub(super) resolved: Vec<(u64, Delivery)>,
+    pub(super) new_handled: Vec<(u64, oneshot::Sender<Handling>)>,
+    /// Delivered and now awaiting receipts: their delivery waiters are
+    /// told, their handling waiters wait on.
+    pub(super) awaiting: Vec<u64>,
+    /// Handled: the consumers whose receipts completed them.
+    pub(super) handled: Vec<(u64, Vec<String>)>,
     pub(super) wire_replies: Vec<(WireReply, Vec<u64>)>,
     pub(super) meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     pub(super) slot_replies: Vec<(SlotReply, Configured)>,
@@ -39,6 +45,7 @@ impl Writer {
             newest: self.newest,
             held: self.held,
             poisoned: self.poisoned,
+            requeued: self.requeued,
         });
     }
 
@@ -48,7 +55,8 @@ impl Writer {
         // after acceptance must not see the old, empty state).
         self.publish_state();
         let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
-        let delivered = b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64;
+        let delivered =
+            b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64 + b.awaiting.len() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);
         metrics::counter!("steadfast_delivered_total").increment(delivered);
         for (reply, ids) in b.unpoison_replies {
@@ -63,9 +71,27 @@ impl Writer {
         for (id, tx) in b.new_waiters {
             self.waiters.insert(id, tx);
         }
+        for (id, h) in b.new_handled {
+            self.handled_waiters.insert(id, h);
+        }
+        for id in b.awaiting {
+            if let Some(tx) = self.waiters.remove(&id) {
+                let _ = tx.send(Delivery::Delivered);
+            }
+        }
         for (id, outcome) in b.resolved {
             if let Some(tx) = self.waiters.remove(&id) {
                 let _ = tx.send(outcome);
+            }
+            if let Delivery::Dropped(reason) = outcome {
+                if let Some(tx) = self.handled_waiters.remove(&id) {
+                    let _ = tx.send(Handling::Dropped(reason));
+                }
+            }
+        }
+        for (id, by) in b.handled {
+            if let Some(tx) = self.handled_waiters.remove(&id) {
+                let _ = tx.send(Handling::Handled(by));
             }
         }
         self.prune_waiters();
@@ -110,8 +136,9 @@ impl Writer {
                 }
                 Request::Glance { reply } => {
                     let s = self.store.as_mut();
-                    let glance =
-                        s.drops().and_then(|drops| Ok(Glance { drops, oldest_created_ms: s.oldest_created_ms()? }));
+                    let glance = s.drops().and_then(|drops| {
+                        Ok(Glance { drops, oldest_created_ms: s.oldest_created_ms()?, awaiting: s.awaiting()? })
+                    });
                     let _ = reply.send(glance);
                 }
                 Request::Bound { slot, reply } => {
@@ -161,6 +188,7 @@ impl Writer {
     fn prune_waiters(&mut self) {
         if self.waiters.len() > self.waiters_pruned_at {
             self.waiters.retain(|_, tx| !tx.is_closed());
+            self.handled_waiters.retain(|_, tx| !tx.is_closed());
             self.waiters_pruned_at = (self.waiters.len() * 2).max(1024);
         }
     }
@@ -173,7 +201,7 @@ impl Writer {
                 Request::SetWire { reply, .. } => b.wire_replies.push((reply, Vec::new())),
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
                 Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
-                Request::InboxRecord { reply, .. } => b.inbox_replies.push(reply),
+                Request::InboxRecord { reply, .. } | Request::Receipt { reply, .. } => b.inbox_replies.push(reply),
                 Request::InboxBounds { reply, .. } => b.high_replies.push((reply, Vec::new())),
                 Request::Unpoison { reply, .. } => b.unpoison_replies.push((reply, Vec::new())),
                 Request::Close => b.close = true,

@@ -24,6 +24,8 @@ pub struct Glance {
     pub drops: Vec<(DropReason, u64)>,
     /// Creation time of the oldest queued message (ms since the epoch).
     pub oldest_created_ms: Option<u64>,
+    /// Messages delivered and awaiting receipts.
+    pub awaiting: crate::Awaiting,
 }
 
 /// Everything `steadfast status` shows about an outbox.
@@ -33,6 +35,8 @@ pub struct Report {
     pub totals: Totals,
     /// Creation time of the oldest queued message (ms since the epoch).
     pub oldest_created_ms: Option<u64>,
+    /// Messages delivered and awaiting receipts (counted in `totals`).
+    pub awaiting: crate::Awaiting,
     /// Drop counters by reason, since the outbox was created.
     pub drops: Vec<(DropReason, u64)>,
     /// Broker states recorded by the owner.
@@ -71,6 +75,7 @@ impl Report {
         Ok(Report {
             totals: store.totals()?,
             oldest_created_ms: store.oldest_created_ms()?,
+            awaiting: store.awaiting()?,
             drops: store.drops()?,
             brokers: store.brokers()?,
             lag: {

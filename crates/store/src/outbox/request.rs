@@ -5,7 +5,7 @@
 use steadfast_core::{DropReason, Stage};
 use tokio::sync::oneshot;
 
-use super::{AppendError, Configured, DefaultSet, Delivery, Glance, InboxBounds, Quorum, Report, Source};
+use super::{AppendError, Configured, DefaultSet, Delivery, Glance, Handling, InboxBounds, Quorum, Report, Source};
 use crate::{BrokerRecord, NewMessage, StoreError, StoredMessage};
 
 pub(super) enum Request {
@@ -13,6 +13,7 @@ pub(super) enum Request {
         msg: NewMessage,
         reply: oneshot::Sender<Result<u64, AppendError>>,
         delivery: Option<oneshot::Sender<Delivery>>,
+        handled: Option<oneshot::Sender<Handling>>,
         source: Option<Source>,
     },
     Remove {
@@ -92,6 +93,10 @@ pub(super) enum Request {
         name: &'static str,
         n: u64,
     },
+    Receipt {
+        receipt: steadfast_core::ConsumerReceipt,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     SetMeta {
         key: String,
         value: String,
@@ -135,6 +140,7 @@ pub(super) struct PendingAppend {
     pub(super) msg: NewMessage,
     pub(super) reply: oneshot::Sender<Result<u64, AppendError>>,
     pub(super) delivery: Option<oneshot::Sender<Delivery>>,
+    pub(super) handled: Option<oneshot::Sender<Handling>>,
     pub(super) source: Option<Source>,
 }
 

@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 use super::replies::Batch;
 use super::request::{removal_copy, PendingAppend, Request};
 use super::{
-    held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, InboxBounds, OutboxConfig,
+    held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, Handling, InboxBounds, OutboxConfig,
     OutboxState, Quorum, HELD_PREFIX,
 };
 use crate::{Store, StoreError, Totals, PRIORITIES};
@@ -26,6 +26,10 @@ pub(super) struct Writer {
     pub(super) state: watch::Sender<OutboxState>,
     pub(super) dropped: broadcast::Sender<Dropped>,
     pub(super) waiters: HashMap<u64, oneshot::Sender<Delivery>>,
+    /// Who waits for a message to be handled (receipts).
+    pub(super) handled_waiters: HashMap<u64, oneshot::Sender<Handling>>,
+    /// Times messages went back into the queue for lack of receipts.
+    pub(super) requeued: u64,
     pub(super) waiters_pruned_at: usize,
     pub(super) last_id: u64,
     pub(super) newest: [u64; PRIORITIES],
@@ -80,10 +84,11 @@ impl Writer {
         let mut sweeper =
             Sweeper::new(SweepConfig { every: SWEEP_EVERY, max_age_ms: config.max_age_ms }, std::time::Instant::now());
         sweeper.handle_next_expiry(store.next_expiry()?);
+        sweeper.handle_next_receipt(store.awaiting()?.next_due_ms);
         sweeper.handle_queued(totals.count > 0);
         let poisoned = store.poisoned()?.len() as u64;
         let data_version = store.data_version()?;
-        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned });
+        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned, requeued: 0 });
         let writer = Writer {
             store,
             config,
@@ -91,6 +96,8 @@ impl Writer {
             state: state_tx,
             dropped,
             waiters: HashMap::new(),
+            handled_waiters: HashMap::new(),
+            requeued: 0,
             waiters_pruned_at: 1024,
             last_id,
             newest,
@@ -228,6 +235,7 @@ impl Writer {
         if let Some(sweep) = sweep {
             self.sweep_lapsed(&sweep, b)?;
             self.sweep_expired(&sweep, b)?;
+            self.sweep_receipts(&sweep)?;
         }
         self.admit_blocked(b)
     }
@@ -245,6 +253,9 @@ impl Writer {
         self.poisoned = self.store.poisoned().map(|p| p.len() as u64).unwrap_or(self.poisoned);
         let next_expiry = self.store.next_expiry().ok().flatten().or(self.sweeper.next_expiry());
         self.sweeper.handle_next_expiry(next_expiry);
+        if let Ok(a) = self.store.awaiting() {
+            self.sweeper.handle_next_receipt(a.next_due_ms);
+        }
         self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
         self.inbox_bytes = self.store.inbox_bytes().unwrap_or(self.inbox_bytes);
         tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
@@ -254,8 +265,8 @@ impl Writer {
     /// the commit (replies, announcements, reads) goes into `b`.
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
         match r {
-            Request::Append { msg, reply, delivery, source } => {
-                self.accept(PendingAppend { msg, reply, delivery, source }, b)?;
+            Request::Append { msg, reply, delivery, handled, source } => {
+                self.accept(PendingAppend { msg, reply, delivery, handled, source }, b)?;
             }
             Request::Remove { ids, outcome } => self.remove_all(ids, outcome, b)?,
             Request::Ack { slot, ids } => self.ack_all(slot, ids, b)?,
@@ -278,6 +289,10 @@ impl Writer {
                 b.high_replies.push((reply, high));
             }
             Request::Counter { name, n } => self.store.add_counter(name, n)?,
+            Request::Receipt { receipt, reply } => {
+                self.apply_receipt(&receipt, b)?;
+                b.inbox_replies.push(reply);
+            }
             Request::Attempt { ids } => {
                 for id in ids {
                     self.store.add_attempt(id)?;
@@ -340,6 +355,7 @@ impl Writer {
         self.held = held_count(&self.store.routes()?);
         self.poisoned = self.store.poisoned()?.len() as u64;
         self.sweeper.handle_next_expiry(self.store.next_expiry()?);
+        self.sweeper.handle_next_receipt(self.store.awaiting()?.next_due_ms);
         let mut left = Vec::new();
         for &id in self.waiters.keys() {
             match self.store.entry(id)? {

@@ -24,7 +24,7 @@ pub(super) fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
 /// are literals, built at compile time, not on the acknowledgement path).
 macro_rules! entry_columns {
     () => {
-        "topic, route, acks, done, size, created_ms, expires_ms"
+        "topic, route, acks, done, size, created_ms, expires_ms, receipts, awaiting_ms, acked_ms, resends"
     };
 }
 
@@ -39,6 +39,10 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
         created_ms: r.get(5)?,
         bindings,
         expires_ms: r.get(6)?,
+        receipts: r.get(7)?,
+        awaiting_ms: r.get(8)?,
+        acked_ms: r.get(9)?,
+        resends: r.get(10)?,
     })
 }
 
@@ -76,7 +80,7 @@ impl Store for SqliteStore {
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest, receipts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let p = &m.policy;
         let r = stmt.execute(params![
@@ -91,7 +95,8 @@ impl Store for SqliteStore {
             p.expires_ms,
             p.priority,
             p.max_attempts,
-            p.keep_latest
+            p.keep_latest,
+            m.receipts
         ]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -114,7 +119,7 @@ impl Store for SqliteStore {
             ", (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1"
         );
         let mut stmt = self.conn.prepare_cached(sql)?;
-        let r = stmt.query_row([id], |r| read_entry(r, r.get(7)?));
+        let r = stmt.query_row([id], |r| read_entry(r, r.get(11)?));
         Ok(r.optional()?)
     }
 
@@ -122,11 +127,19 @@ impl Store for SqliteStore {
         // A read by key, then the delete: SQLite buffers a RETURNING
         // clause's rows in a temporary table (a zeroed page per statement),
         // which costs more than the read.
-        let mut stmt = self.conn.prepare_cached("SELECT done, size, qos FROM outbox WHERE id = ?1")?;
-        let r =
-            stmt.query_row([id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?, r.get::<_, u8>(2)?))).optional();
+        let mut stmt =
+            self.conn.prepare_cached("SELECT done, size, qos, receipts IS NOT NULL FROM outbox WHERE id = ?1")?;
+        let r = stmt
+            .query_row([id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?, r.get::<_, u8>(2)?, r.get(3)?)))
+            .optional();
         drop(stmt);
-        let removed = r.map_err(|e| self.map(e))?;
+        let removed: Option<(bool, i64, u8, bool)> = r.map_err(|e| self.map(e))?;
+        if removed.is_some_and(|r| r.3) {
+            let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
+            let r = stmt.execute([id]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+        }
         if removed.is_some() {
             let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
             let r = stmt.execute([id]);
@@ -135,14 +148,14 @@ impl Store for SqliteStore {
         }
         // Only a QoS 2 message is ever bound to a packet id (a gone one is
         // cleared too, in case).
-        if removed.is_none_or(|(_, _, qos)| qos == 2) {
+        if removed.is_none_or(|(_, _, qos, _)| qos == 2) {
             let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
             let r = wire.execute([id]);
             drop(wire);
             r.map_err(|e| self.map(e))?;
         }
         match removed {
-            Some((done, size, _)) => {
+            Some((done, size, _, _)) => {
                 if !done {
                     self.count_queued(-1, -size)?;
                 }
@@ -164,7 +177,7 @@ impl Store for SqliteStore {
         r.map_err(|e| self.map(e))?;
         let mut stmt =
             self.conn.prepare_cached(concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1"))?;
-        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(7)?))).optional();
+        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
         drop(stmt);
         let Some((mut entry, qos)) = r.map_err(|e| self.map(e))? else { return Ok(None) };
         if qos == 2 {
@@ -190,6 +203,53 @@ impl Store for SqliteStore {
         drop(stmt);
         r.map_err(|e| self.map(e))?;
         self.count_queued(-1, -size)
+    }
+
+    fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE outbox SET awaiting_ms = ?2, acked_ms = coalesce(acked_ms, ?3) WHERE id = ?1 AND done = 0",
+        )?;
+        let r = stmt.execute(params![id, due_ms, now_ms]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("INSERT OR IGNORE INTO receipts (id, by) VALUES (?1, ?2)")?;
+        let r = stmt.execute(params![id, by]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        let mut stmt = self.conn.prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
+        let rows = stmt.query_map([id], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM outbox WHERE awaiting_ms IS NOT NULL AND awaiting_ms <= ?1 ORDER BY awaiting_ms LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn requeue_for_receipts(&mut self, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE outbox SET awaiting_ms = NULL, acks = 0, resends = resends + 1 WHERE id = ?1 AND done = 0",
+        )?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    fn awaiting(&mut self) -> Result<crate::Awaiting, StoreError> {
+        let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms) FROM outbox WHERE awaiting_ms IS NOT NULL";
+        Ok(self.conn.query_row(sql, [], |r| {
+            Ok(crate::Awaiting {
+                count: r.get::<_, i64>(0)? as u64,
+                oldest_acked_ms: r.get(1)?,
+                next_due_ms: r.get(2)?,
+            })
+        })?)
     }
 
     fn set_wire(&mut self, slot: u32, id: u64, wire: Option<(u16, Stage)>) -> Result<(), StoreError> {
@@ -220,13 +280,13 @@ impl Store for SqliteStore {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
         let sql = match priority {
-            None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
+            None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
             // The literal `priority != 0` lets SQLite use the partial index.
             Some(0) => format!(
-                "{SELECT_MESSAGE} WHERE priority = 0 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+                "{SELECT_MESSAGE} WHERE priority = 0 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
             ),
             Some(_) => format!(
-                "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+                "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
             ),
         };
         match priority {

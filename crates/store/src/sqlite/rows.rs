@@ -23,9 +23,9 @@ fn stage_from_sql(s: i64) -> Option<Stage> {
     }
 }
 
-pub(super) const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest FROM outbox";
+pub(super) const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest, receipts FROM outbox";
 
-pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest FROM wire CROSS JOIN outbox ON outbox.id = wire.id";
+pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest, receipts FROM wire CROSS JOIN outbox ON outbox.id = wire.id";
 
 /// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`; records that do not
 /// decode are skipped and noted in `unreadable`, so one damaged row never
@@ -90,6 +90,7 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
             max_attempts: max_attempts.map(|m| m as u32),
             keep_latest: r.get::<_, i64>(15)? != 0,
         },
+        receipts: r.get(16)?,
     };
     let acks = r.get::<_, i64>(8)? as u64;
     Ok(Ok(StoredMessage { id, msg, wire, acks, attempts: attempts as u32 }))

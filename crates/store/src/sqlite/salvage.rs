@@ -84,13 +84,15 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     let mut scan = Scan { copied: 0, last: None, complete: false };
     let v1 = old.prepare("SELECT pid FROM outbox LIMIT 0").is_ok();
     let v3 = old.prepare("SELECT priority FROM outbox LIMIT 0").is_ok();
+    let v5 = old.prepare("SELECT receipts FROM outbox LIMIT 0").is_ok();
     let extra = match (v1, v3) {
         (true, _) => "NULL, 0, 0, pid, stage, NULL, 0, NULL, 0, 0",
         (false, false) => "route, acks, done, NULL, NULL, NULL, 0, NULL, 0, 0",
         (false, true) => "route, acks, done, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest",
     };
+    let receipts = if v5 { "receipts, awaiting_ms, acked_ms, resends" } else { "NULL, NULL, NULL, 0" };
     let sql = format!(
-        "SELECT id, topic, payload, qos, retain, props, created_ms, size, {extra} FROM outbox WHERE id > ?1 ORDER BY id"
+        "SELECT id, topic, payload, qos, retain, props, created_ms, size, {extra}, {receipts} FROM outbox WHERE id > ?1 ORDER BY id"
     );
     let Ok(mut stmt) = old.prepare(&sql) else {
         return scan;
@@ -101,7 +103,7 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
     loop {
         match rows.next() {
             Ok(Some(r)) => {
-                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..18).map(|i| r.get(i)).collect();
+                let values: rusqlite::Result<Vec<rusqlite::types::Value>> = (0..22).map(|i| r.get(i)).collect();
                 let Ok(v) = values else { return scan };
                 let rusqlite::types::Value::Integer(id) = v[0] else {
                     return scan;
@@ -113,7 +115,7 @@ fn copy_rows_after(old: &Connection, to: &Connection, after: u64) -> Scan {
                     return scan;
                 }
                 let copied = to.execute(
-                    "INSERT OR IGNORE INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    "INSERT OR IGNORE INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest, receipts, awaiting_ms, acked_ms, resends) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
                     rusqlite::params_from_iter(v[..11].iter().chain(&v[13..])),
                 );
                 if copied.is_ok() {

@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::StoreError;
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -29,8 +29,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     priority INTEGER NOT NULL DEFAULT 0,
     max_attempts INTEGER,
     attempts INTEGER NOT NULL DEFAULT 0,
-    latest INTEGER NOT NULL DEFAULT 0
+    latest INTEGER NOT NULL DEFAULT 0,
+    receipts TEXT,
+    awaiting_ms INTEGER,
+    acked_ms INTEGER,
+    resends INTEGER NOT NULL DEFAULT 0
 );
+-- Receipts that count towards a message's rule, by consumer (only for
+-- rules that need more than one).
+CREATE TABLE IF NOT EXISTS receipts (
+    id INTEGER NOT NULL,
+    by TEXT NOT NULL,
+    PRIMARY KEY (id, by)
+) WITHOUT ROWID;
 -- One row per open QoS 2 exchange: (message, broker slot) -> packet id.
 CREATE TABLE IF NOT EXISTS wire (
     id INTEGER NOT NULL,
@@ -130,6 +141,17 @@ const MIGRATE_3_TO_4: &str = "
 UPDATE meta SET value = '4' WHERE key = 'format';
 ";
 
+/// Format 5 adds end-to-end receipts: the rule a message asks its
+/// consumers for, when its wait for them ends (set while it awaits them),
+/// when a broker first acknowledged it, and its resends for lack of one.
+const MIGRATE_4_TO_5: &str = "
+ALTER TABLE outbox ADD COLUMN receipts TEXT;
+ALTER TABLE outbox ADD COLUMN awaiting_ms INTEGER;
+ALTER TABLE outbox ADD COLUMN acked_ms INTEGER;
+ALTER TABLE outbox ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
+UPDATE meta SET value = '5' WHERE key = 'format';
+";
+
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(RECOUNT)
@@ -142,6 +164,7 @@ CREATE INDEX IF NOT EXISTS outbox_expiry ON outbox (expires_ms) WHERE expires_ms
 CREATE INDEX IF NOT EXISTS outbox_latest ON outbox (topic) WHERE latest = 1;
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id) WHERE priority != 0;
 CREATE INDEX IF NOT EXISTS outbox_route ON outbox (route) WHERE route IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_awaiting ON outbox (awaiting_ms) WHERE awaiting_ms IS NOT NULL;
 ";
 
 pub(super) fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {
@@ -170,12 +193,13 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
             return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
         }
         Some(v) if v < FORMAT_VERSION => {
-            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, RECOUNT, MIGRATE_3_TO_4];
+            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, RECOUNT, MIGRATE_3_TO_4, MIGRATE_4_TO_5];
             // Each step from format v on; the recount belongs to 3 -> 4.
             let from = match v.max(1) {
                 1 => 0,
                 2 => 1,
-                _ => 2,
+                3 => 2,
+                _ => 4,
             };
             let sql: String = steps[from..].concat();
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {

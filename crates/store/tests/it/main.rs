@@ -24,6 +24,7 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
         created_ms: 1_700_000_000_000,
         route: None,
         policy: Policy::default(),
+        receipts: None,
     }
 }
 

@@ -1,0 +1,231 @@
+//! End-to-end receipts against real Mosquitto: a broker that forgets what
+//! it acknowledged, receipts lost on their way back, MQTT 3.1.1 with the
+//! envelope, and who handled a message.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use steadfast::{
+    Client, ClientConfig, Consumer, ConsumerConfig, Handling, Message, Need, ProtocolVersion, Qos, ReceiptRule,
+};
+use steadfast_testkit::{Mosquitto, MosquittoOptions};
+
+use crate::{config, open};
+
+fn consumer_config(id: &str, url: &str, dir: &Path, topic: &str) -> ConsumerConfig {
+    let client = config(id, url, dir).keep_alive(Duration::from_secs(5));
+    ConsumerConfig::new(client).topic(topic, Qos::AtLeastOnce)
+}
+
+fn producer(id: &str, url: &str, dir: &Path, timeout: Duration) -> ClientConfig {
+    config(id, url, dir).receipts(ReceiptRule::any(timeout))
+}
+
+/// Waits until `cond` holds for the client's status (at most `limit`).
+async fn status_until(c: &Client, what: &str, limit: Duration, cond: impl Fn(&steadfast::Status) -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = c.status().await.expect("status");
+        if cond(&s) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: not within {limit:?}; status {s:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Hands over and acknowledges deliveries until `n` distinct payloads were
+/// handled; returns how often each payload was handed over.
+async fn handle(c: &Consumer, n: usize, limit: Duration) -> HashMap<String, u32> {
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while seen.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let d = tokio::time::timeout(left, c.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} handled within {limit:?}", seen.len()))
+            .expect("consumer open");
+        *seen.entry(String::from_utf8(d.payload().to_vec()).unwrap()).or_default() += 1;
+        d.ack();
+    }
+    seen
+}
+
+/// The seed's worst case: the consumer is away, the broker keeps nothing
+/// on disk, acknowledges 5,000 messages and is killed. Without receipts
+/// they are gone (shown with a message published after the restart, which
+/// arrives first and alone); with receipts each is published again and
+/// handled exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_forgets_what_it_acknowledged_loses_nothing_with_receipts() {
+    const N: usize = 5_000;
+    for receipts in [false, true] {
+        let mut broker = Mosquitto::plain().await;
+        let url = broker.url();
+        let cdir = tempfile::tempdir().unwrap();
+        let ccfg = consumer_config("line1", &url, cdir.path(), "e2e/#");
+        Consumer::register(&ccfg).await.unwrap();
+        let pdir = tempfile::tempdir().unwrap();
+        let pcfg = if receipts {
+            producer("gw", &url, pdir.path(), Duration::from_secs(2))
+        } else {
+            config("gw", &url, pdir.path())
+        };
+        let p = open(pcfg).await;
+        for i in 0..N {
+            p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
+        }
+        if receipts {
+            status_until(&p, "all acknowledged, awaiting receipts", Duration::from_secs(30), |s| {
+                s.receipts.awaiting == N as u64
+            })
+            .await;
+        } else {
+            tokio::time::timeout(Duration::from_secs(30), p.wait_idle()).await.expect("all acknowledged");
+        }
+        // The broker acknowledged everything; it dies before anyone took
+        // a message, and comes back with nothing.
+        broker.restart().await;
+        let c = Consumer::open(ccfg.clone()).await.unwrap().0;
+        if !receipts {
+            // Subscribed again (the broker forgot the session too): a
+            // message published now is the first and only one to arrive.
+            let up = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                p.publish(Message::new("e2e/t", "after")).await.unwrap().delivered().await.unwrap();
+                if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(500), c.next()).await {
+                    assert_eq!(d.payload(), b"after", "without receipts, nothing acknowledged before the crash comes");
+                    d.ack();
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < up, "the consumer never subscribed again");
+            }
+            p.close().await;
+            c.close().await;
+            continue;
+        }
+        let seen = handle(&c, N, Duration::from_secs(60)).await;
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "handed over twice: {twice:?}");
+        status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
+        let s = p.status().await.unwrap();
+        assert_eq!((s.receipts.awaiting, s.receipts.handled), (0, N as u64), "{:?}", s.receipts);
+        assert!(s.receipts.republished >= N as u64, "{:?}", s.receipts);
+        assert_eq!(c.stats().await.unwrap().handled, N as u64);
+        p.close().await;
+        c.close().await;
+    }
+}
+
+/// Receipts lost on their way back (the broker's ACL refuses them): the
+/// messages are published again until a receipt gets through, and the
+/// consumer's inbox hands each over once, answering every copy with a
+/// receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_lost_on_the_way_back_mean_resends_handled_once() {
+    const N: usize = 300;
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Anonymous clients may publish and read the messages and read
+    // receipts, but not publish receipts.
+    std::fs::write(&acl, "topic readwrite e2e/#\ntopic read steadfast/receipts/#\n").unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let extra = vec![format!("acl_file {}", acl.display())];
+    let mut broker = Mosquitto::start(MosquittoOptions { persistence: false, extra }).await;
+    let url = broker.url();
+    let cdir = tempfile::tempdir().unwrap();
+    let c = Consumer::open(consumer_config("line1", &url, cdir.path(), "e2e/#")).await.unwrap().0;
+    let pdir = tempfile::tempdir().unwrap();
+    let p = open(producer("gw", &url, pdir.path(), Duration::from_millis(1500))).await;
+    // The consumer's session is up once a message gets through.
+    let probe = p.publish(Message::new("e2e/probe", "probe").without_receipts()).await.unwrap();
+    probe.delivered().await.unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..N {
+        receipts.push(p.publish(Message::new("e2e/t", format!("m-{i:04}"))).await.unwrap());
+    }
+    let mut seen = handle(&c, N + 1, Duration::from_secs(30)).await;
+    // Published again for lack of a receipt: the inbox removes the copies.
+    status_until(&p, "a first resend", Duration::from_secs(20), |s| s.receipts.republished >= N as u64).await;
+    let dups = async {
+        loop {
+            if c.stats().await.unwrap().duplicates >= N as u64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), dups).await.expect("the resent copies were removed as duplicates");
+    assert_eq!(p.status().await.unwrap().receipts.handled, 0, "no receipt got through yet");
+    // Receipts may pass from now on.
+    std::fs::write(&acl, "topic readwrite e2e/#\ntopic readwrite steadfast/receipts/#\n").unwrap();
+    broker.reload();
+    status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
+    for r in receipts {
+        assert_eq!(r.handled().await.unwrap(), Handling::Handled(vec!["line1".into()]));
+    }
+    // Nothing more comes: every copy was removed by the inbox.
+    while let Some(d) = c.try_next() {
+        *seen.entry(String::from_utf8(d.payload().to_vec()).unwrap()).or_default() += 1;
+        d.ack();
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "handed over twice: {twice:?}");
+    p.close().await;
+    c.close().await;
+}
+
+/// MQTT 3.1.1 carries the request in the payload envelope; the consumer
+/// derives the receipts topic from the producer id. A message that asks
+/// for receipts from all of two named consumers is handled only once both
+/// sent one, and says who did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtt_3_1_1_a_message_waits_for_every_consumer_it_names() {
+    let broker = Mosquitto::plain().await;
+    let url = broker.url();
+    let v311 = |cfg: ClientConfig| cfg.version(ProtocolVersion::V311).envelope(true);
+    let (adir, bdir, pdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ccfg = |id: &str, dir: &Path| {
+        let client = v311(config(id, &url, dir).keep_alive(Duration::from_secs(5)));
+        ConsumerConfig::new(client).topic("e2e/#", Qos::AtLeastOnce)
+    };
+    let a = Consumer::open(ccfg("a", adir.path()).receipt_as("archive")).await.unwrap().0;
+    let b = Consumer::open(ccfg("b", bdir.path()).receipt_as("billing")).await.unwrap().0;
+    let rule = ReceiptRule {
+        timeout: Duration::from_secs(30),
+        need: Need::All,
+        from: vec!["archive".into(), "billing".into()],
+    };
+    let p = open(v311(config("gw", &url, pdir.path())).receipts(rule)).await;
+    // Both sessions are up once a message reaches both.
+    loop {
+        p.publish(Message::new("e2e/probe", "probe").without_receipts()).await.unwrap().delivered().await.unwrap();
+        let got_a = tokio::time::timeout(Duration::from_millis(300), a.next()).await;
+        let got_b = tokio::time::timeout(Duration::from_millis(300), b.next()).await;
+        let up = matches!((&got_a, &got_b), (Ok(Some(_)), Ok(Some(_))));
+        for d in [got_a, got_b].into_iter().flatten().flatten() {
+            d.ack();
+        }
+        if up {
+            break;
+        }
+    }
+    let r = p.publish(Message::new("e2e/t", "21.5")).await.unwrap();
+    assert!(r.awaits_receipts());
+    let first = handle(&a, 1, Duration::from_secs(10)).await;
+    assert_eq!(first.keys().collect::<Vec<_>>(), ["21.5"], "the envelope is unwrapped for the application");
+    status_until(&p, "delivered, one receipt of two", Duration::from_secs(10), |s| {
+        s.receipts.counted == 1 && s.receipts.awaiting == 1
+    })
+    .await;
+    handle(&b, 1, Duration::from_secs(10)).await;
+    let handled = tokio::time::timeout(Duration::from_secs(10), r.handled()).await.expect("handled in time").unwrap();
+    assert_eq!(handled, Handling::Handled(vec!["archive".into(), "billing".into()]));
+    assert_eq!(p.status().await.unwrap().queued, 0);
+    p.close().await;
+    a.close().await;
+    b.close().await;
+}

@@ -260,6 +260,21 @@ pub struct PubArgs {
     /// MQTT 3.1.1: carry the message identity in a payload envelope (receivers must unwrap it).
     #[arg(long)]
     pub envelope: bool,
+    /// End-to-end receipts: each message stays in the outbox until a consumer that handled it sends a receipt (steadfast sub does); without one in time it is published again. The command then waits until every message is handled.
+    #[arg(long)]
+    pub receipts: bool,
+    /// Receipts: count only these consumers (their --receipt-as names, or client ids), by default all of them.
+    #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
+    pub receipt_from: Vec<String>,
+    /// Receipts needed: any (the default without --receipt-from), all (the default with it) or a count.
+    #[arg(long, value_name = "any|all|N")]
+    pub receipt_need: Option<String>,
+    /// Receipts: publish again when none came this long after the broker's acknowledgement (doubled after each resend, up to an hour).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    pub receipt_timeout: Duration,
+    /// Receipts topics are PREFIX/PRODUCER_ID (MQTT 3.1.1 consumers must use the same prefix).
+    #[arg(long, value_name = "PREFIX")]
+    pub receipt_prefix: Option<String>,
     /// Topic to publish to.
     #[arg(short = 't', long = "topic")]
     pub topic: Option<String>,
@@ -423,6 +438,12 @@ pub struct SubArgs {
     /// MQTT 3.1.1: unwrap the steadfast identity envelope (see `pub --envelope`).
     #[arg(long)]
     pub envelope: bool,
+    /// The name in the receipts this consumer sends to producers that ask for them (default: the client id).
+    #[arg(long, value_name = "NAME")]
+    pub receipt_as: Option<String>,
+    /// MQTT 3.1.1: receipts go to PREFIX/PRODUCER_ID (see `pub --receipt-prefix`).
+    #[arg(long, value_name = "PREFIX")]
+    pub receipt_prefix: Option<String>,
     /// Most unacknowledged messages in flight per broker (MQTT 5 receive maximum).
     #[arg(long, default_value_t = 256)]
     pub max_inflight: u16,

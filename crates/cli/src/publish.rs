@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OtherSets, OutboxConfig,
-    Overflow, Policy, PolicyError, PublishError, Qos,
+    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, Need, OtherSets, OutboxConfig,
+    Overflow, Policy, PolicyError, PublishError, Qos, ReceiptRule,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -306,6 +306,12 @@ fn client_config(
     if let Some(t) = a.ack_timeout {
         config = config.ack_timeout(t);
     }
+    if let Some(rule) = receipt_rule(a)? {
+        config = config.receipts(rule);
+    }
+    if let Some(p) = &a.receipt_prefix {
+        config = config.receipt_prefix(p.clone());
+    }
     if let Some(n) = a.max_inflight {
         config = config.max_inflight(n);
     }
@@ -313,6 +319,25 @@ fn client_config(
         config = config.route(name, set);
     }
     a.conn.apply(config).map_err(usage)
+}
+
+/// The receipts every message asks for, from `--receipts`,
+/// `--receipt-from`, `--receipt-need` and `--receipt-timeout`.
+fn receipt_rule(a: &PubArgs) -> Result<Option<ReceiptRule>, Failure> {
+    if !a.receipts && a.receipt_from.is_empty() && a.receipt_need.is_none() {
+        return Ok(None);
+    }
+    let need = match a.receipt_need.as_deref() {
+        None if a.receipt_from.is_empty() => Need::Any,
+        None | Some("all") => Need::All,
+        Some("any") => Need::Any,
+        Some(n) => Need::AtLeast(
+            n.parse().map_err(|_| usage(format!("--receipt-need: `{n}` is not any, all or a count of receipts")))?,
+        ),
+    };
+    let rule = ReceiptRule { timeout: a.receipt_timeout, need, from: a.receipt_from.clone() };
+    rule.validate().map_err(|e| usage(format!("--receipts: {e}")))?;
+    Ok(Some(rule))
 }
 
 fn parse_overflow(flag: &str, s: &str) -> Result<Overflow, Failure> {

@@ -106,6 +106,9 @@ pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         .session_expiry(session_expiry)
         .max_inflight(a.max_inflight)
         .backoff(backoff);
+    if let Some(p) = &a.receipt_prefix {
+        client = client.receipt_prefix(p.clone());
+    }
     client = a.conn.apply(client).map_err(usage)?;
     let (inbox_count, inbox_bytes) = parse_bounds("--inbox-max", &a.inbox_max).map_err(usage)?;
     let mut cfg = ConsumerConfig::new(client)
@@ -114,6 +117,9 @@ pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         .inbox_window(inbox_age, inbox_count.unwrap_or(1_000_000));
     if let Some(b) = inbox_bytes {
         cfg = cfg.inbox_max_bytes(b);
+    }
+    if let Some(name) = &a.receipt_as {
+        cfg = cfg.receipt_as(name.clone());
     }
     for t in &a.topics {
         cfg = cfg.topic(t.clone(), qos);

@@ -27,6 +27,9 @@ pub fn receipt_topic(prefix: &str, producer: &str) -> String {
     format!("{prefix}/{producer}")
 }
 
+/// The longest the doubling of a receipt wait goes.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
 /// How many receipts a message needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
@@ -126,11 +129,13 @@ impl ReceiptRule {
     }
 
     /// How long to wait for receipts after the `resends`-th resend: the
-    /// timeout, doubled for each resend so far, up to 16 times, and never
-    /// more than a day.
+    /// timeout, doubled for each resend so far, up to an hour (or the
+    /// timeout itself, when that is longer). A consumer that is away gets
+    /// a copy per resend (its inbox removes them): the doubling keeps
+    /// that to about the logarithm of the outage, then one an hour.
     pub fn wait(&self, resends: u32) -> Duration {
-        let factor = 1u32 << resends.min(4);
-        self.timeout.saturating_mul(factor).min(Duration::from_secs(24 * 3600))
+        let factor = 1u32 << resends.min(20);
+        self.timeout.saturating_mul(factor).min(MAX_WAIT.max(self.timeout))
     }
 
     /// The stored form: `TIMEOUT_MS any|all|N [NAME,NAME...]`.
@@ -389,10 +394,10 @@ mod tests {
     }
 
     #[test]
-    fn the_wait_doubles_with_each_resend_up_to_sixteen_times() {
-        let r = ReceiptRule::any(Duration::from_secs(2));
-        let waits: Vec<u64> = (0..7).map(|n| r.wait(n).as_secs()).collect();
-        assert_eq!(waits, [2, 4, 8, 16, 32, 32, 32]);
+    fn the_wait_doubles_with_each_resend_up_to_an_hour() {
+        let r = ReceiptRule::any(Duration::from_secs(30));
+        let waits: Vec<u64> = [0, 1, 2, 6, 7, 8, 40].into_iter().map(|n| r.wait(n).as_secs()).collect();
+        assert_eq!(waits, [30, 60, 120, 1920, 3600, 3600, 3600]);
         assert_eq!(ReceiptRule::any(Duration::from_secs(86_400)).wait(3), Duration::from_secs(86_400));
     }
 

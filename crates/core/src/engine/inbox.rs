@@ -340,3 +340,69 @@ impl<P: Delivered> Dispatch<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct D {
+        id: Identity,
+        token: u16,
+        receipt: Option<String>,
+    }
+
+    impl Delivered for D {
+        type Token = u16;
+        fn identity(&self) -> Option<&Identity> {
+            Some(&self.id)
+        }
+        fn token(&self) -> u16 {
+            self.token
+        }
+        fn receipt(&self) -> Option<&str> {
+            self.receipt.as_deref()
+        }
+    }
+
+    fn d(seq: u64, token: u16, receipt: Option<&str>) -> D {
+        D { id: Identity { producer: "p".into(), seq }, token, receipt: receipt.map(str::to_owned) }
+    }
+
+    fn receipts(e: &mut Dispatch<D>) -> Vec<(u16, u64, String)> {
+        std::iter::from_fn(|| e.poll_op())
+            .filter_map(|op| match op {
+                DispatchOp::Receipt { token, identity, topic } => Some((token, identity.seq, topic)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A receipt is owed once the inbox recorded the message, and again
+    /// for a copy of something handled before (its first receipt may be
+    /// what was lost), never for what asked for none.
+    #[test]
+    fn a_receipt_follows_the_inbox_record_and_answers_every_later_copy() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let cfg = DispatchConfig {
+            gap_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
+            record_retry: Duration::from_secs(1),
+        };
+        let mut e: Dispatch<D> = Dispatch::new(cfg, [("p".to_owned(), 1)]);
+        e.handle_delivered(vec![d(2, 10, Some("r/p")), d(3, 11, None)], &[], now);
+        assert!(receipts(&mut e).is_empty(), "nothing is owed while in the application's hands");
+        e.handle_acks([(10, Some(d(2, 0, None).id)), (11, Some(d(3, 0, None).id))]);
+        let batch = std::iter::from_fn(|| e.poll_op())
+            .find_map(|op| match op {
+                DispatchOp::Record(b) => Some(b),
+                _ => None,
+            })
+            .unwrap();
+        e.handle_recorded(batch, true, now);
+        assert_eq!(receipts(&mut e), [(10, 2, "r/p".to_owned())]);
+        // A copy of seq 1, which the inbox holds.
+        e.handle_delivered(vec![d(1, 12, Some("r/p"))], &[true], now);
+        assert_eq!(receipts(&mut e), [(12, 1, "r/p".to_owned())]);
+    }
+}

@@ -61,7 +61,7 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("4"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("5"));
     assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap(), "the summary counted at conversion");
     assert_eq!(s.totals().unwrap().count, 2);
     let all = s.read_after(0, 10, None, None).unwrap();
@@ -69,6 +69,8 @@ fn check_common(s: &mut SqliteStore) {
     assert_eq!((all[0].id, all[0].msg.topic.as_str(), all[0].msg.payload.as_slice()), (1, "plain/qos1", &b"hello"[..]));
     let m = &all[1];
     assert_eq!((m.id, m.msg.qos, m.msg.retain, m.acks), (2, Qos::ExactlyOnce, true, 0));
+    assert!(all.iter().all(|m| m.msg.receipts.is_none()), "no message of an older format asks for receipts");
+    assert_eq!(s.awaiting().unwrap(), steadfast_store::Awaiting::default());
     assert_eq!(m.msg.props.content_type.as_deref(), Some("application/octet-stream"));
     assert_eq!(m.msg.props.user, vec![("k".to_owned(), "v".to_owned())]);
     assert!(s.drops().unwrap().contains(&(DropReason::Overflow, 4)));
@@ -127,10 +129,17 @@ fn reads_an_outbox_written_by_format_3() {
 /// Format 4 keeps the queued count and bytes in a summary row.
 #[test]
 fn reads_an_outbox_written_by_format_4() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture(4));
-    }
     reads_format_with_policies(4);
+}
+
+/// Format 5 adds receipts: the rule a message asks for, its wait, its
+/// resends.
+#[test]
+fn reads_an_outbox_written_by_format_5() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(5));
+    }
+    reads_format_with_policies(5);
 }
 
 /// An inbox written before inboxes had their own file name is an

@@ -8,6 +8,7 @@ mod compat;
 mod inbox;
 mod power;
 mod quorum;
+mod receipts;
 mod recovery;
 mod summary;
 

@@ -1,0 +1,121 @@
+//! Receipts in the outbox: a message that asks for them waits after its
+//! broker's acknowledgement, is handled by the receipts its rule names,
+//! goes back into the queue when none come in time, and keeps all of that
+//! across a restart.
+
+use std::time::Duration;
+
+use steadfast_core::{ConsumerReceipt, DropReason, Need, ReceiptRule};
+use steadfast_store::{Delivery, Handling, MemoryStore, NewMessage, Outbox, OutboxConfig, SqliteStore};
+
+use crate::{block_on, msg};
+
+fn asking(rule: &ReceiptRule) -> NewMessage {
+    NewMessage { receipts: Some(rule.to_text()), ..msg("t", "x") }
+}
+
+fn receipt(by: &str, ids: &[u64]) -> ConsumerReceipt {
+    ConsumerReceipt { by: by.into(), producer: "p".into(), ranges: ConsumerReceipt::ranges_of(ids.iter().copied()) }
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "not within 10 s: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+fn a_message_waits_after_its_acknowledgement_until_a_receipt_counts() {
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let rule =
+            ReceiptRule { timeout: Duration::from_secs(60), need: Need::All, from: vec!["a".into(), "b".into()] };
+        let (accepted, delivered, handled) = o.append_awaiting(asking(&rule));
+        let id = accepted.await.unwrap();
+        let plain = o.append(msg("t", "y"), false).0.await.unwrap();
+        o.ack(slot, vec![id, plain]);
+        assert_eq!(delivered.await.unwrap(), Delivery::Delivered);
+        assert_eq!(o.state().totals.count, 1, "delivered, still in the outbox");
+        assert!(o.read_after(0, 10, None, None).await.unwrap().is_empty(), "no sender reads what awaits receipts");
+        let r = o.report().await.unwrap();
+        assert_eq!(r.awaiting.count, 1);
+        // A consumer the rule does not name counts for nothing; a repeat
+        // of one it names counts once.
+        o.receipt(receipt("c", &[id])).await.unwrap();
+        o.receipt(receipt("a", &[id, 999])).await.unwrap();
+        o.receipt(receipt("a", &[id])).await.unwrap();
+        assert_eq!(o.state().totals.count, 1, "one receipt of two");
+        o.receipt(receipt("b", &[id])).await.unwrap();
+        assert_eq!(handled.await.unwrap(), Handling::Handled(vec!["a".into(), "b".into()]));
+        assert_eq!(o.state().totals.count, 0);
+        let counters = o.report().await.unwrap().counters;
+        let get = |n: &str| counters.iter().find(|(k, _)| k == n).map(|(_, v)| *v);
+        assert_eq!(get(steadfast_store::RECEIPTS_COUNTED), Some(3));
+        assert_eq!(get(steadfast_store::RECEIPTS_HANDLED), Some(1));
+    });
+}
+
+#[test]
+fn without_a_receipt_in_time_a_message_goes_back_into_the_queue_and_keeps_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
+        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let rule = ReceiptRule::any(Duration::from_millis(300));
+        let (accepted, _delivered, handled) = o.append_awaiting(asking(&rule));
+        let id = accepted.await.unwrap();
+        o.ack(slot, vec![id]);
+        let mut state = o.watch();
+        until("sent again", || state.borrow_and_update().requeued >= 1).await;
+        let again = o.read_after(0, 10, Some(slot), None).await.unwrap();
+        assert_eq!(again.iter().map(|m| (m.id, m.acks)).collect::<Vec<_>>(), [(id, 0)], "same id, no ack counts");
+        o.ack(slot, vec![id]);
+        o.receipt(receipt("line1", &[id])).await.unwrap();
+        assert_eq!(handled.await.unwrap(), Handling::Handled(vec!["line1".into()]));
+        let r = o.report().await.unwrap();
+        assert_eq!((r.totals.count, r.awaiting.count), (0, 0));
+        assert_eq!(
+            r.counters.iter().find(|(k, _)| k == steadfast_store::RECEIPTS_REPUBLISHED).map(|(_, v)| *v),
+            Some(1)
+        );
+        let o2 = o.clone();
+        tokio::task::spawn_blocking(move || o2.close()).await.unwrap();
+    });
+}
+
+#[test]
+fn what_awaits_receipts_survives_a_restart_and_a_deadline_still_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let rule = ReceiptRule::any(Duration::from_secs(3600));
+    let start = |dir: &std::path::Path| {
+        let (store, _) = SqliteStore::open(dir).unwrap();
+        Outbox::start(Box::new(store), OutboxConfig::default()).unwrap()
+    };
+    block_on(async {
+        let o = start(dir.path());
+        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let mut m = asking(&rule);
+        m.policy.expires_ms = Some(steadfast_store::now_ms() + 2_000);
+        let (accepted, delivered, _) = o.append_awaiting(m);
+        let id = accepted.await.unwrap();
+        o.ack(slot, vec![id]);
+        assert_eq!(delivered.await.unwrap(), Delivery::Delivered);
+        tokio::task::spawn_blocking(move || o.close()).await.unwrap();
+    });
+    block_on(async {
+        let o = start(dir.path());
+        let r = o.report().await.unwrap();
+        assert_eq!((r.totals.count, r.awaiting.count), (1, 1), "still awaiting its receipt after a restart");
+        assert!(o.read_after(0, 10, None, None).await.unwrap().is_empty(), "and not sent again before its wait ends");
+        let mut state = o.watch();
+        until("expired", || state.borrow_and_update().totals.count == 0).await;
+        let r = o.report().await.unwrap();
+        assert!(r.drops.contains(&(DropReason::Expired, 1)), "{:?}", r.drops);
+        assert_eq!(r.awaiting.count, 0);
+        tokio::task::spawn_blocking(move || o.close()).await.unwrap();
+    });
+}

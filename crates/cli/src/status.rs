@@ -35,6 +35,18 @@ struct Json {
     held: Vec<serde_json::Value>,
     /// Messages moved aside as poison (kept; `steadfast poison`).
     poisoned: Vec<serde_json::Value>,
+    /// End-to-end receipts: messages delivered and awaiting them (counted
+    /// in `queued`), the longest wait so far, and what receipts did.
+    receipts: ReceiptsJson,
+}
+
+#[derive(Serialize)]
+struct ReceiptsJson {
+    awaiting: u64,
+    oldest_wait_ms: Option<u64>,
+    counted: u64,
+    handled: u64,
+    republished: u64,
 }
 
 #[derive(Serialize)]
@@ -236,7 +248,34 @@ impl Store {
                         "broker": p.broker, "failures": p.failures, "at_ms": p.at_ms })
                 })
                 .collect(),
+            receipts: {
+                let c = self.receipt_counts();
+                ReceiptsJson {
+                    awaiting: r.awaiting.count,
+                    oldest_wait_ms: self.oldest_wait_ms(),
+                    counted: c[0],
+                    handled: c[1],
+                    republished: c[2],
+                }
+            },
         }
+    }
+
+    /// Receipts counted, messages handled by them, messages published
+    /// again for lack of one.
+    fn receipt_counts(&self) -> [u64; 3] {
+        let get = |name: &str| self.report.counters.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
+        [
+            get(steadfast_store::RECEIPTS_COUNTED),
+            get(steadfast_store::RECEIPTS_HANDLED),
+            get(steadfast_store::RECEIPTS_REPUBLISHED),
+        ]
+    }
+
+    /// How long the message awaiting receipts longest has waited since its
+    /// first acknowledgement, milliseconds.
+    fn oldest_wait_ms(&self) -> Option<u64> {
+        self.report.awaiting.oldest_acked_ms.map(|a| now_ms().saturating_sub(a))
     }
 
     /// True unless the last run's configuration is known and lacks `url`.
@@ -311,10 +350,20 @@ impl Store {
                 println!("held     {n} message(s) accepted for {set}: never sent to other brokers (`steadfast pub --drain{b}{id} --outbox {dir}` sends them, `--retarget` elsewhere)");
             }
         }
-        if self.kind == StoreKind::Inbox || r.inbox > 0 || !r.counters.is_empty() {
-            let counters: Vec<String> =
-                r.counters.iter().map(|(k, v)| format!("{} {v}", k.trim_start_matches("consumer."))).collect();
-            println!("inbox    {} identities remembered; {}", r.inbox, counters.join(", "));
+        let [counted, handled, republished] = self.receipt_counts();
+        if r.awaiting.count > 0 || counted + handled + republished > 0 {
+            let oldest = self
+                .oldest_wait_ms()
+                .map_or(String::new(), |ms| format!(" (the oldest for {})", human_age(Duration::from_millis(ms))));
+            println!(
+                "receipts {} message(s) delivered and awaiting receipts{oldest}; {handled} handled, {republished} published again for lack of one, {counted} receipts counted",
+                r.awaiting.count
+            );
+        }
+        let consumer: Vec<String> =
+            (r.counters.iter()).filter_map(|(k, v)| Some(format!("{} {v}", k.strip_prefix("consumer.")?))).collect();
+        if self.kind == StoreKind::Inbox || r.inbox > 0 || !consumer.is_empty() {
+            println!("inbox    {} identities remembered; {}", r.inbox, consumer.join(", "));
         }
         // This run's brokers first; those of earlier runs after, as such.
         let (now, before): (Vec<_>, Vec<_>) = r.brokers.iter().partition(|b| self.configured(&b.url));

@@ -499,7 +499,7 @@ impl Client {
                 return Err(e);
             }
         };
-        Ok(Self::assemble(cfg, outbox, producer.into(), Vec::new(), None))
+        Ok(Self::assemble(cfg, outbox, producer.into(), Vec::new(), None, false))
     }
 
     /// Like [`Client::open`] over any store (the in-memory one in tests).
@@ -519,7 +519,17 @@ impl Client {
         for (set, queued) in &held {
             tracing::info!(brokers = %set, queued, "messages accepted for other brokers stay queued; they are never sent to these");
         }
-        Ok(Self::assemble(cfg, outbox, producer, held, Some(slots)))
+        // Messages an earlier run queued with receipts get them even when
+        // this run asks for none.
+        let asking = match outbox.glance().await {
+            Ok(g) => g.awaiting.asking,
+            Err(e) => {
+                let o = outbox.clone();
+                let _ = tokio::task::spawn_blocking(move || o.close()).await;
+                return Err(e.into());
+            }
+        };
+        Ok(Self::assemble(cfg, outbox, producer, held, Some(slots), asking))
     }
 
     /// The client around its outbox: one driver per broker with `slots`
@@ -530,6 +540,7 @@ impl Client {
         producer: Arc<str>,
         held: Vec<(String, u64)>,
         slots: Option<Vec<u32>>,
+        asking: bool,
     ) -> Client {
         let joined = slots.is_none();
         let urls = if joined { Vec::new() } else { cfg.all_brokers() };
@@ -562,7 +573,7 @@ impl Client {
             brokers.push(shared);
         }
         tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx.clone())));
-        if !joined && cfg.receipts.is_some() {
+        if !joined && (cfg.receipts.is_some() || asking) {
             tasks.push(tokio::spawn(listen_for_receipts(
                 cfg.clone(),
                 outbox.clone(),

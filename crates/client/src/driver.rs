@@ -163,10 +163,9 @@ impl Driver {
             },
             clock::instant(),
         );
-        let cfg_receipts = cfg
-            .receipts
-            .as_ref()
-            .map(|_| Arc::from(steadfast_core::receipt::receipt_topic(&cfg.receipt_prefix, &producer)));
+        // Every message that asks for receipts carries the topic, whether
+        // this run or an earlier one queued it.
+        let cfg_receipts = Some(Arc::from(steadfast_core::receipt::receipt_topic(&cfg.receipt_prefix, &producer)));
         Self {
             url: place.url,
             index: place.index,

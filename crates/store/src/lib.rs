@@ -214,6 +214,9 @@ pub struct Awaiting {
     pub oldest_acked_ms: Option<u64>,
     /// When the first wait ends (ms since the epoch).
     pub next_due_ms: Option<u64>,
+    /// Some queued message asks for receipts (awaiting them or not yet
+    /// delivered).
+    pub asking: bool,
 }
 
 /// What one inbox identity counts against a byte bound besides its

@@ -145,6 +145,7 @@ impl Store for MemoryStore {
     fn awaiting(&mut self) -> Result<crate::Awaiting, StoreError> {
         let mut a = crate::Awaiting::default();
         for r in self.state.messages.values() {
+            a.asking |= r.msg.receipts.is_some() && !r.done;
             let Some(due) = r.awaiting_ms else { continue };
             a.count += 1;
             a.oldest_acked_ms = a.oldest_acked_ms.into_iter().chain(r.acked_ms).min();

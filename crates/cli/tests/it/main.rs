@@ -16,6 +16,7 @@ mod doctor;
 mod interop;
 mod limits;
 mod policy;
+mod receipts;
 mod sets;
 mod sub;
 mod tls;

@@ -242,12 +242,15 @@ impl Store for SqliteStore {
     }
 
     fn awaiting(&mut self) -> Result<crate::Awaiting, StoreError> {
-        let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms) FROM outbox WHERE awaiting_ms IS NOT NULL";
+        // Both read partial indexes: nothing is scanned for messages that
+        // ask for no receipts.
+        let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms), EXISTS (SELECT 1 FROM outbox WHERE receipts IS NOT NULL) FROM outbox WHERE awaiting_ms IS NOT NULL";
         Ok(self.conn.query_row(sql, [], |r| {
             Ok(crate::Awaiting {
                 count: r.get::<_, i64>(0)? as u64,
                 oldest_acked_ms: r.get(1)?,
                 next_due_ms: r.get(2)?,
+                asking: r.get(3)?,
             })
         })?)
     }

@@ -165,6 +165,7 @@ CREATE INDEX IF NOT EXISTS outbox_latest ON outbox (topic) WHERE latest = 1;
 CREATE INDEX IF NOT EXISTS outbox_priority ON outbox (priority, id) WHERE priority != 0;
 CREATE INDEX IF NOT EXISTS outbox_route ON outbox (route) WHERE route IS NOT NULL;
 CREATE INDEX IF NOT EXISTS outbox_awaiting ON outbox (awaiting_ms) WHERE awaiting_ms IS NOT NULL;
+CREATE INDEX IF NOT EXISTS outbox_receipts ON outbox (id) WHERE receipts IS NOT NULL;
 ";
 
 pub(super) fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error> {

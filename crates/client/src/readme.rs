@@ -45,6 +45,23 @@
 //! # #![allow(unused)]
 //! # async fn snippet() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! # use std::time::Duration;
+//! # use steadfast::{BrokerUrl, Client, ClientConfig, Message};
+//! # let url: BrokerUrl = "mqtt://127.0.0.1:1883".parse()?;
+//! use steadfast::{Handling, ReceiptRule};
+//!
+//! let cfg = ClientConfig::new("line1-gw", url, "/var/lib/line1/outbox")
+//!     .receipts(ReceiptRule::any(Duration::from_secs(30)));  // every message waits for a consumer's receipt
+//! let (client, _report) = Client::open(cfg).await?;
+//! let receipt = client.publish(Message::new("orders/new", "...")).await?; // on disk
+//! if let Handling::Handled(by) = receipt.handled().await? { println!("handled by {by:?}"); }
+//! client.publish(Message::new("sensors/t", "21.5").without_receipts()).await?; // acked is enough for this one
+//! # Ok(()) }
+//! ```
+//!
+//! ```no_run
+//! # #![allow(unused)]
+//! # async fn snippet() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! # use std::time::Duration;
 //! # use steadfast::{BrokerUrl, Client, ClientConfig, ConsumerConfig, Message, Qos};
 //! # let url: BrokerUrl = "mqtt://127.0.0.1:1883".parse()?;
 //! # let (client, _) = Client::open(ClientConfig::new("c", url.clone(), "/tmp/x")).await?;

@@ -192,7 +192,9 @@ async fn open_route(r: &Route) -> Result<(Client, Consumer), OpenError> {
     if !report.is_clean() {
         tracing::error!(route = %r.name, problem = ?report.problem, "the outbox was damaged and repaired");
     }
-    match Consumer::open(r.source.clone()).await {
+    // A bridge's outbox is not a consumer's handling: it sends no receipt
+    // (receipts do not cross a bridge yet; docs/guarantees.md, "Receipts").
+    match Consumer::open(r.source.clone().send_receipts(false)).await {
         Ok((consumer, _)) => Ok((client, consumer)),
         Err(e) => {
             client.close().await;

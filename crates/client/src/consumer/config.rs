@@ -22,6 +22,7 @@ pub struct ConsumerConfig {
     pub(super) gap_timeout: Duration,
     pub(super) retry_after: Duration,
     pub(super) receipt_name: String,
+    pub(super) send_receipts: bool,
 }
 
 impl ConsumerConfig {
@@ -31,6 +32,7 @@ impl ConsumerConfig {
         let receipt_name = client.client_id.replace([' ', ',', '\n', '\r', '\0'], "_");
         Self {
             receipt_name,
+            send_receipts: true,
             client,
             topics: Vec::new(),
             inbox: true,
@@ -82,6 +84,12 @@ impl ConsumerConfig {
     /// consumers counts only those names.
     pub fn receipt_as(mut self, name: impl Into<String>) -> Self {
         self.receipt_name = name.into();
+        self
+    }
+    /// Send receipts to producers that ask for them (default on; a
+    /// bridge turns it off: its outbox is not the end of a message's way).
+    pub fn send_receipts(mut self, on: bool) -> Self {
+        self.send_receipts = on;
         self
     }
     /// The name in this consumer's receipts.

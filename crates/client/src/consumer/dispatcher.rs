@@ -128,13 +128,16 @@ impl Dispatcher {
                     msg.payload = payload;
                     // MQTT 3.1.1: the receipts topic follows from the
                     // producer id.
-                    if asking {
+                    if asking && self.cfg.send_receipts {
                         msg.receipt = Some(receipt_topic(&self.cfg.client.receipt_prefix, &id.producer));
                     }
                     identity = Some(id);
                 }
             }
             let identity = identity.filter(|_| self.cfg.inbox);
+            if !self.cfg.send_receipts {
+                msg.receipt = None;
+            }
             items.push(Pending { token, msg, identity });
         }
         let ask = self.engine.to_ask(&items);

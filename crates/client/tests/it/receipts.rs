@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use steadfast::{
-    Client, ClientConfig, Consumer, ConsumerConfig, Handling, Message, Need, ProtocolVersion, Qos, ReceiptRule,
+    BrokerSet, Client, ClientConfig, Consumer, ConsumerConfig, Handling, Message, Need, ProtocolVersion, Qos,
+    ReceiptRule,
 };
 use steadfast_testkit::{Mosquitto, MosquittoOptions};
 
@@ -228,4 +229,75 @@ async fn over_mqtt_3_1_1_a_message_waits_for_every_consumer_it_names() {
     p.close().await;
     a.close().await;
     b.close().await;
+}
+
+fn set(urls: &[String]) -> BrokerSet {
+    BrokerSet::new(urls.iter().map(|u| u.parse().unwrap()))
+}
+
+/// Failover: the primary acknowledges every message while the consumer is
+/// away and dies with them; the messages go out again through the backup,
+/// whose receipts count, and each is handled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_failover_what_a_dead_primary_acknowledged_is_handled_through_the_backup() {
+    const N: usize = 1_000;
+    let mut a = Mosquitto::plain().await;
+    let b = Mosquitto::start(MosquittoOptions { persistence: true, extra: vec![] }).await;
+    let urls = [a.url(), b.url()];
+    let cdir = tempfile::tempdir().unwrap();
+    let client = config("line1", &urls[0], cdir.path()).brokers(set(&urls)).keep_alive(Duration::from_secs(5));
+    let ccfg = ConsumerConfig::new(client).topic("e2e/#", Qos::AtLeastOnce);
+    Consumer::register(&ccfg).await.unwrap();
+    let pdir = tempfile::tempdir().unwrap();
+    let pcfg = producer("gw", &urls[0], pdir.path(), Duration::from_secs(2)).brokers(set(&urls));
+    let p = open(pcfg).await;
+    for i in 0..N {
+        p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
+    }
+    status_until(&p, "all acknowledged by the primary", Duration::from_secs(30), |s| {
+        s.receipts.awaiting == N as u64 && s.brokers[0].acked >= N as u64
+    })
+    .await;
+    // The primary dies with everything it acknowledged and stays away.
+    a.kill9();
+    let c = Consumer::open(ccfg).await.unwrap().0;
+    let seen = handle(&c, N, Duration::from_secs(60)).await;
+    assert!(seen.values().all(|n| *n == 1), "each handed over once");
+    status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
+    let s = p.status().await.unwrap();
+    assert_eq!(s.receipts.handled, N as u64, "{:?}", s.receipts);
+    assert!(s.brokers[1].acked >= N as u64, "sent again through the backup: {:?}", s.brokers[1]);
+    p.close().await;
+    c.close().await;
+}
+
+/// Fanout to two brokers, one of them killed after both acknowledged: the
+/// consumer gets every message through the other, and a receipt through
+/// either broker completes a message; nothing is sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_fanout_a_receipt_through_the_surviving_broker_completes_the_message() {
+    const N: usize = 1_000;
+    let mut a = Mosquitto::plain().await;
+    let b = Mosquitto::plain().await;
+    let urls = [a.url(), b.url()];
+    let cdir = tempfile::tempdir().unwrap();
+    let client = config("line1", &urls[0], cdir.path()).brokers(set(&urls)).keep_alive(Duration::from_secs(5));
+    let ccfg = ConsumerConfig::new(client).topic("e2e/#", Qos::AtLeastOnce);
+    Consumer::register(&ccfg).await.unwrap();
+    let pdir = tempfile::tempdir().unwrap();
+    let fanout = set(&urls).mode(steadfast::Mode::Fanout).ack(steadfast::AckQuorum::All);
+    let p = open(producer("gw", &urls[0], pdir.path(), Duration::from_secs(60)).brokers(fanout)).await;
+    for i in 0..N {
+        p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
+    }
+    status_until(&p, "all acknowledged by both", Duration::from_secs(30), |s| s.receipts.awaiting == N as u64).await;
+    a.kill9();
+    let c = Consumer::open(ccfg).await.unwrap().0;
+    let seen = handle(&c, N, Duration::from_secs(30)).await;
+    assert!(seen.values().all(|n| *n == 1), "each handed over once");
+    status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
+    let s = p.status().await.unwrap();
+    assert_eq!((s.receipts.handled, s.receipts.republished), (N as u64, 0), "{:?}", s.receipts);
+    p.close().await;
+    c.close().await;
 }

@@ -308,6 +308,17 @@ struct Pending {
     since: Instant,
 }
 
+/// A batch of receipts ready to leave: where to, whose, which.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptBatch<K> {
+    /// Its destination (a broker and a receipts topic).
+    pub to: K,
+    /// The producer whose sequence numbers it names.
+    pub producer: String,
+    /// Inclusive ranges of sequence numbers, ascending.
+    pub ranges: Vec<(u64, u64)>,
+}
+
 /// A consumer's receipts on their way: identities owed a receipt are
 /// gathered per destination `K` (a broker and a receipts topic), and a
 /// batch leaves when it is full or has lingered long enough.
@@ -325,7 +336,7 @@ impl<K: Clone + Eq + Hash> ReceiptBatcher<K> {
 
     /// `seq` of `producer` is owed a receipt at `to`; a batch that is full
     /// now comes back at once.
-    pub fn add(&mut self, to: K, producer: &str, seq: u64, now: Instant) -> Option<(K, String, Vec<(u64, u64)>)> {
+    pub fn add(&mut self, to: K, producer: &str, seq: u64, now: Instant) -> Option<ReceiptBatch<K>> {
         let p = self.pending.entry(to.clone()).or_insert_with(|| Pending {
             producer: producer.to_owned(),
             seqs: BTreeSet::new(),
@@ -334,7 +345,7 @@ impl<K: Clone + Eq + Hash> ReceiptBatcher<K> {
         p.seqs.insert(seq);
         if p.seqs.len() >= self.cfg.max_ids {
             let p = self.pending.remove(&to).expect("just added");
-            return Some((to, p.producer, ConsumerReceipt::ranges_of(p.seqs)));
+            return Some(ReceiptBatch { to, producer: p.producer, ranges: ConsumerReceipt::ranges_of(p.seqs) });
         }
         None
     }
@@ -345,14 +356,14 @@ impl<K: Clone + Eq + Hash> ReceiptBatcher<K> {
     }
 
     /// The batches due at `now` (every batch when `all`).
-    pub fn take_due(&mut self, now: Instant, all: bool) -> Vec<(K, String, Vec<(u64, u64)>)> {
+    pub fn take_due(&mut self, now: Instant, all: bool) -> Vec<ReceiptBatch<K>> {
         let linger = self.cfg.linger;
         let due: Vec<K> =
             self.pending.iter().filter(|(_, p)| all || p.since + linger <= now).map(|(k, _)| k.clone()).collect();
         due.into_iter()
-            .map(|k| {
-                let p = self.pending.remove(&k).expect("listed");
-                (k, p.producer, ConsumerReceipt::ranges_of(p.seqs))
+            .map(|to| {
+                let p = self.pending.remove(&to).expect("listed");
+                ReceiptBatch { to, producer: p.producer, ranges: ConsumerReceipt::ranges_of(p.seqs) }
             })
             .collect()
     }
@@ -438,11 +449,13 @@ mod tests {
         assert_eq!(b.add("y", "q", 7, t0 + Duration::from_millis(10)), None);
         assert_eq!(b.add("x", "p", 2, t0), None);
         assert_eq!(b.add("x", "p", 2, t0), None, "a repeat adds nothing");
-        assert_eq!(b.add("x", "p", 4, t0), Some(("x", "p".to_owned(), vec![(1, 2), (4, 4)])));
+        let batch =
+            |to, producer: &str, ranges: Vec<(u64, u64)>| ReceiptBatch { to, producer: producer.into(), ranges };
+        assert_eq!(b.add("x", "p", 4, t0), Some(batch("x", "p", vec![(1, 2), (4, 4)])));
         assert_eq!(b.poll_timeout(), Some(t0 + Duration::from_millis(60)));
         assert!(b.take_due(t0 + Duration::from_millis(59), false).is_empty());
         assert_eq!(b.waiting(), 1);
-        assert_eq!(b.take_due(t0 + Duration::from_millis(60), false), [("y", "q".to_owned(), vec![(7, 7)])]);
+        assert_eq!(b.take_due(t0 + Duration::from_millis(60), false), [batch("y", "q", vec![(7, 7)])]);
         assert_eq!(b.poll_timeout(), None);
     }
 }

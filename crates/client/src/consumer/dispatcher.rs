@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use steadfast_core::engine::{Counter, Delivered, Dispatch, DispatchOp};
 use steadfast_core::receipt::receipt_topic;
+use steadfast_core::receipt::ReceiptBatch;
 use steadfast_core::{ConsumerReceipt, Identity, ReceiptBatcher};
 use steadfast_store::Outbox;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -163,7 +164,7 @@ impl Dispatcher {
         for cmd in cmds {
             match cmd {
                 Cmd::Ack { token, identity } => acks.push((token, identity)),
-                Cmd::Retry(p) => self.engine.handle_refused(p, now()),
+                Cmd::Retry(p) => self.engine.handle_refused(*p, now()),
                 Cmd::Flush(tx) => self.flush = Some(tx),
                 Cmd::Recorded(done, ok) => self.engine.handle_recorded(done, ok, now()),
             }
@@ -231,8 +232,8 @@ impl Dispatcher {
     /// broker each came through (QoS 1, not stored: a receipt lost on
     /// the way means a resend of the message, which the inbox removes
     /// and answers with a receipt again).
-    fn send_receipts(&mut self, batches: Vec<((usize, String), String, Vec<(u64, u64)>)>) {
-        for ((broker, topic), producer, ranges) in batches {
+    fn send_receipts(&mut self, batches: Vec<ReceiptBatch<(usize, String)>>) {
+        for ReceiptBatch { to: (broker, topic), producer, ranges } in batches {
             let receipt = ConsumerReceipt { by: self.cfg.receipt_name().to_owned(), producer, ranges };
             let n = receipt.count();
             if self.to_drivers[broker].send(DriverCmd::Publish { topic, payload: receipt.encode(), count: n }).is_err()

@@ -97,7 +97,7 @@ enum Cmd {
         token: Token,
         identity: Option<Identity>,
     },
-    Retry(Pending),
+    Retry(Box<Pending>),
     Recorded(Vec<(Identity, Token)>, bool),
     /// Close: finish the acknowledgements under way, then answer.
     Flush(oneshot::Sender<()>),

@@ -130,7 +130,7 @@ impl Received {
 impl Drop for Received {
     fn drop(&mut self) {
         if let Some(p) = self.retry_copy() {
-            let _ = self.cmds.send(Cmd::Retry(p));
+            let _ = self.cmds.send(Cmd::Retry(Box::new(p)));
         }
     }
 }

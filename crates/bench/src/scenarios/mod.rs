@@ -6,6 +6,7 @@ mod consume;
 mod failover;
 mod fanout;
 mod publish;
+mod receipts;
 
 pub(crate) use backlog::backlog;
 pub(crate) use bridge::bridge;
@@ -13,3 +14,4 @@ pub(crate) use consume::consume;
 pub(crate) use failover::failover;
 pub(crate) use fanout::fanout;
 pub(crate) use publish::publish;
+pub(crate) use receipts::receipts;

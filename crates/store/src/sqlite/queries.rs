@@ -2,7 +2,7 @@
 //! inside the transaction the writer thread opened.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use steadfast_core::{DropReason, Stage};
+use steadfast_core::{DropReason, ReceiptRule, Stage};
 
 use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
@@ -127,10 +127,14 @@ impl Store for SqliteStore {
         // A read by key, then the delete: SQLite buffers a RETURNING
         // clause's rows in a temporary table (a zeroed page per statement),
         // which costs more than the read.
-        let mut stmt =
-            self.conn.prepare_cached("SELECT done, size, qos, receipts IS NOT NULL FROM outbox WHERE id = ?1")?;
+        let mut stmt = self.conn.prepare_cached("SELECT done, size, qos, receipts FROM outbox WHERE id = ?1")?;
         let r = stmt
-            .query_row([id], |r| Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?, r.get::<_, u8>(2)?, r.get(3)?)))
+            .query_row([id], |r| {
+                let rule: Option<String> = r.get(3)?;
+                // Only a rule that needs several receipts keeps their names.
+                let several = rule.and_then(|t| ReceiptRule::parse(&t)).is_some_and(|rule| rule.needed() > 1);
+                Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?, r.get::<_, u8>(2)?, several))
+            })
             .optional();
         drop(stmt);
         let removed: Option<(bool, i64, u8, bool)> = r.map_err(|e| self.map(e))?;

@@ -63,6 +63,9 @@ pub(super) struct Dispatcher {
     /// Receipts owed, per broker and receipts topic, until their batch
     /// leaves.
     pub(super) receipts: ReceiptBatcher<(usize, String)>,
+    /// A producer asked for a receipt that this consumer cannot give (no
+    /// inbox), said once.
+    pub(super) warned_receipts: bool,
 }
 
 impl Dispatcher {
@@ -134,6 +137,9 @@ impl Dispatcher {
                     }
                     identity = Some(id);
                 }
+            }
+            if !self.cfg.inbox && msg.receipt.is_some() && !std::mem::replace(&mut self.warned_receipts, true) {
+                tracing::warn!(topic = %msg.topic, "a producer asks for receipts, but this consumer records nothing (no inbox, --no-dedup): it sends none, and the producer will publish its messages again");
             }
             let identity = identity.filter(|_| self.cfg.inbox);
             if !self.cfg.send_receipts {

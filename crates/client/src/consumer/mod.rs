@@ -222,6 +222,7 @@ impl Consumer {
             flush: None,
             ready: VecDeque::new(),
             receipts: ReceiptBatcher::new(Default::default()),
+            warned_receipts: false,
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {

@@ -19,7 +19,29 @@ impl Subscriber {
     /// Subscribes to `topic` at `qos` on 127.0.0.1:`port`. With
     /// `session = Some(id)`, uses a persistent session (`-c -i id`) so the
     /// broker queues for it while it is away. Returns once SUBACK arrived.
+    /// A `mosquitto_sub` that ends before its SUBACK (the listener was
+    /// not accepting yet: it does not retry) is started again, for up to
+    /// 30 s.
     pub async fn start(port: u16, topic: &str, qos: u8, session: Option<&str>) -> Subscriber {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut sub = Self::spawn(port, topic, qos, session);
+            loop {
+                if *sub.subscribed.lock().unwrap() > 0 {
+                    return sub;
+                }
+                if sub.child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    panic!("timed out after 30s waiting for: mosquitto_sub SUBACK on port {port}");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    fn spawn(port: u16, topic: &str, qos: u8, session: Option<&str>) -> Subscriber {
         // Line-buffered stdout: mosquitto_sub writes through stdio, which
         // would hold lines back in a pipe.
         let mut cmd = Command::new("stdbuf");
@@ -49,10 +71,7 @@ impl Subscriber {
                 l.lock().unwrap().push(line);
             }
         });
-        let sub = Subscriber { child, lines, subscribed };
-        let s = sub.subscribed.clone();
-        wait_until("mosquitto_sub SUBACK", Duration::from_secs(10), || *s.lock().unwrap() > 0).await;
-        sub
+        Subscriber { child, lines, subscribed }
     }
 
     /// Payloads received so far, one per line, in arrival order.

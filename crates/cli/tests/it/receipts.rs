@@ -11,6 +11,13 @@ use steadfast_testkit::{wait_until, Mosquitto};
 
 use crate::{run, stderr, steadfast, try_status_json};
 
+/// `pub` to `url` as `gw` on `outbox`, with receipts, then `extra`.
+fn pub_args<'a>(url: &'a str, outbox: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["pub", "-b", url, "-i", "gw", "--outbox", outbox, "--receipts"];
+    a.extend_from_slice(extra);
+    a
+}
+
 fn lines(n: usize) -> String {
     (0..n).map(|i| format!("r-{i:04}\n")).collect()
 }
@@ -28,7 +35,7 @@ async fn pub_waits_for_handling_and_a_killed_pub_leaves_its_wait_on_disk() {
 
     // No consumer runs: the messages are delivered and wait for receipts
     // until this `pub` is killed.
-    let args = ["pub", "-b", &url, "-t", "e2e/t", "-l", "-i", "gw", "--outbox", &outbox, "--receipts"];
+    let args = pub_args(&url, &outbox, &["-t", "e2e/t", "-l"]);
     let mut child = steadfast().args(args).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(lines(200).as_bytes()).unwrap();
     let awaiting = |o: &str| try_status_json(o).ok().and_then(|j| j["receipts"]["awaiting"].as_u64());
@@ -57,43 +64,14 @@ async fn pub_waits_for_handling_and_a_killed_pub_leaves_its_wait_on_disk() {
     // is handled; without one, --wait-timeout ends the wait with exit 3.
     let mut consumer =
         steadfast().args([&sub[..], &["-C", "50", "-W", "30"]].concat()).stdout(Stdio::null()).spawn().unwrap();
-    let args = [
-        "pub",
-        "-b",
-        &url,
-        "-t",
-        "e2e/t",
-        "-l",
-        "-i",
-        "gw",
-        "--outbox",
-        &outbox,
-        "--receipts",
-        "--wait-timeout",
-        "30s",
-    ];
+    let args = pub_args(&url, &outbox, &["-t", "e2e/t", "-l", "--wait-timeout", "30s"]);
     let mut p = steadfast().args(args).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     p.stdin.take().unwrap().write_all(lines(50).as_bytes()).unwrap();
     let out = tokio::task::spawn_blocking(move || p.wait_with_output().unwrap()).await.unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(try_status_json(&outbox).unwrap()["receipts"]["handled"].as_u64(), Some(250));
     assert!(tokio::task::spawn_blocking(move || consumer.wait().unwrap()).await.unwrap().success());
-    let args = [
-        "pub",
-        "-b",
-        &url,
-        "-t",
-        "e2e/t",
-        "-m",
-        "x",
-        "-i",
-        "gw",
-        "--outbox",
-        &outbox,
-        "--receipts",
-        "--wait-timeout",
-        "2s",
-    ];
+    let args = pub_args(&url, &outbox, &["-t", "e2e/t", "-m", "x", "--wait-timeout", "2s"]);
     let out = run(&args).await;
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 }

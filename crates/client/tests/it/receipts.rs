@@ -15,8 +15,21 @@ use steadfast_testkit::{Mosquitto, MosquittoOptions};
 use crate::{config, open};
 
 fn consumer_config(id: &str, url: &str, dir: &Path, topic: &str) -> ConsumerConfig {
-    let client = config(id, url, dir).keep_alive(Duration::from_secs(5));
+    consumer_on(id, &[url.to_owned()], dir, topic)
+}
+
+/// A consumer of `topic` with a session on each of `urls`.
+fn consumer_on(id: &str, urls: &[String], dir: &Path, topic: &str) -> ConsumerConfig {
+    let set = BrokerSet::new(urls.iter().map(|u| u.parse().unwrap()));
+    let client = config(id, &urls[0], dir).brokers(set).keep_alive(Duration::from_secs(5));
     ConsumerConfig::new(client).topic(topic, Qos::AtLeastOnce)
+}
+
+/// Queues `n` messages `m-00000`, `m-00001`, ... on `e2e/t`.
+fn enqueue(p: &Client, n: usize) {
+    for i in 0..n {
+        p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
+    }
 }
 
 fn producer(id: &str, url: &str, dir: &Path, timeout: Duration) -> ClientConfig {
@@ -245,15 +258,12 @@ async fn with_failover_what_a_dead_primary_acknowledged_is_handled_through_the_b
     let b = Mosquitto::start(MosquittoOptions { persistence: true, extra: vec![] }).await;
     let urls = [a.url(), b.url()];
     let cdir = tempfile::tempdir().unwrap();
-    let client = config("line1", &urls[0], cdir.path()).brokers(set(&urls)).keep_alive(Duration::from_secs(5));
-    let ccfg = ConsumerConfig::new(client).topic("e2e/#", Qos::AtLeastOnce);
+    let ccfg = consumer_on("line1", &urls, cdir.path(), "e2e/#");
     Consumer::register(&ccfg).await.unwrap();
     let pdir = tempfile::tempdir().unwrap();
     let pcfg = producer("gw", &urls[0], pdir.path(), Duration::from_secs(2)).brokers(set(&urls));
     let p = open(pcfg).await;
-    for i in 0..N {
-        p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
-    }
+    enqueue(&p, N);
     status_until(&p, "all acknowledged by the primary", Duration::from_secs(30), |s| {
         s.receipts.awaiting == N as u64 && s.brokers[0].acked >= N as u64
     })
@@ -281,15 +291,12 @@ async fn with_fanout_a_receipt_through_the_surviving_broker_completes_the_messag
     let b = Mosquitto::plain().await;
     let urls = [a.url(), b.url()];
     let cdir = tempfile::tempdir().unwrap();
-    let client = config("line1", &urls[0], cdir.path()).brokers(set(&urls)).keep_alive(Duration::from_secs(5));
-    let ccfg = ConsumerConfig::new(client).topic("e2e/#", Qos::AtLeastOnce);
+    let ccfg = consumer_on("line1", &urls, cdir.path(), "e2e/#");
     Consumer::register(&ccfg).await.unwrap();
     let pdir = tempfile::tempdir().unwrap();
     let fanout = set(&urls).mode(steadfast::Mode::Fanout).ack(steadfast::AckQuorum::All);
     let p = open(producer("gw", &urls[0], pdir.path(), Duration::from_secs(60)).brokers(fanout)).await;
-    for i in 0..N {
-        p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
-    }
+    enqueue(&p, N);
     status_until(&p, "all acknowledged by both", Duration::from_secs(30), |s| s.receipts.awaiting == N as u64).await;
     a.kill9();
     let c = Consumer::open(ccfg).await.unwrap().0;

@@ -344,6 +344,12 @@ pub enum Event {
         /// The broker traffic returns to.
         to: String,
     },
+    /// Receipts: no receipt came in time for these messages; they are
+    /// published again under the same identity.
+    Republished {
+        /// How many.
+        messages: u64,
+    },
 }
 
 /// The state of a client: outbox and brokers.
@@ -574,12 +580,9 @@ impl Client {
         }
         tasks.push(tokio::spawn(forward_drops(outbox.subscribe_drops(), events.clone(), stop_rx.clone())));
         if !joined && (cfg.receipts.is_some() || asking) {
-            tasks.push(tokio::spawn(listen_for_receipts(
-                cfg.clone(),
-                outbox.clone(),
-                producer.clone(),
-                stop_rx.clone(),
-            )));
+            let listen =
+                listen_for_receipts(cfg.clone(), outbox.clone(), producer.clone(), events.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(listen));
         }
         let first_events = Mutex::new(Some(first_events));
         let inner = Inner {
@@ -940,6 +943,7 @@ async fn listen_for_receipts(
     cfg: Arc<ClientConfig>,
     outbox: Outbox,
     producer: Arc<str>,
+    events: broadcast::Sender<Event>,
     mut stop: watch::Receiver<bool>,
 ) {
     let topic = receipt_topic(&cfg.receipt_prefix, &producer);
@@ -955,9 +959,22 @@ async fn listen_for_receipts(
         }
     };
     tracing::info!(%topic, "listening for receipts");
+    let mut state = outbox.watch();
+    let mut requeued = state.borrow_and_update().requeued;
     loop {
         let first = tokio::select! {
             d = consumer.next() => d,
+            r = state.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                let now = state.borrow_and_update().requeued;
+                if now > requeued {
+                    let _ = events.send(Event::Republished { messages: now - requeued });
+                    requeued = now;
+                }
+                continue;
+            }
             _ = stop.changed() => None,
         };
         let Some(first) = first else { break };

@@ -18,7 +18,7 @@
 //!
 //! for line in lines { client.enqueue(Message::new("log", line))?; } // many at once share one disk sync
 //! client.wait_idle().await;                                         // everything delivered
-//! let mut events = client.events(); // Connected, ConnectFailed, Disconnected, SessionLost, Refused, Dropped, Failover, Failback
+//! let mut events = client.events(); // Connected, ConnectFailed, Disconnected, SessionLost, Refused, Dropped, Failover, Failback, Republished
 //! client.close().await;
 //! # Ok(()) }
 //! ```

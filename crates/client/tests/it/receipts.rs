@@ -127,6 +127,14 @@ async fn a_broker_that_forgets_what_it_acknowledged_loses_nothing_with_receipts(
         assert_eq!((s.receipts.awaiting, s.receipts.handled), (0, N as u64), "{:?}", s.receipts);
         assert!(s.receipts.republished >= N as u64, "{:?}", s.receipts);
         assert_eq!(c.stats().await.unwrap().handled, N as u64);
+        let mut events = p.events();
+        let mut announced = 0;
+        while let Ok(e) = events.try_recv() {
+            if let steadfast::Event::Republished { messages } = e {
+                announced += messages;
+            }
+        }
+        assert_eq!(announced, s.receipts.republished, "every resend announced");
         p.close().await;
         c.close().await;
     }

@@ -154,7 +154,7 @@ impl Writer {
             self.store.add_counter(RECEIPTS_REPUBLISHED, requeued)?;
             metrics::counter!("steadfast_republished_total").increment(requeued);
             tracing::warn!(messages = requeued, "no receipt came in time: published again under the same identity");
-            self.requeued += 1;
+            self.requeued += requeued;
         }
         Ok(())
     }

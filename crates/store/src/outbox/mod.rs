@@ -123,8 +123,9 @@ pub struct OutboxState {
     /// Queued messages moved aside as poison (counted in `totals`; never
     /// sent until requeued).
     pub poisoned: u64,
-    /// Goes up each time messages go back into the queue for lack of
-    /// receipts: senders read the outbox again from the oldest.
+    /// Messages that went back into the queue for lack of receipts, by
+    /// this process: when it goes up, senders read the outbox again from
+    /// the oldest.
     pub requeued: u64,
 }
 

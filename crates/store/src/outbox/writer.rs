@@ -28,7 +28,7 @@ pub(super) struct Writer {
     pub(super) waiters: HashMap<u64, oneshot::Sender<Delivery>>,
     /// Who waits for a message to be handled (receipts).
     pub(super) handled_waiters: HashMap<u64, oneshot::Sender<Handling>>,
-    /// Times messages went back into the queue for lack of receipts.
+    /// Messages that went back into the queue for lack of receipts.
     pub(super) requeued: u64,
     pub(super) waiters_pruned_at: usize,
     pub(super) last_id: u64,

@@ -687,8 +687,12 @@ impl Client {
 
     fn to_new(&self, msg: Message, policy: Policy) -> NewMessage {
         let created_ms = now_ms();
-        // Receipts make sense for what is kept until acknowledged.
+        // Receipts make sense for what is kept until acknowledged, under
+        // this producer's identity (a forwarded message keeps its
+        // origin's, whose receipts would go to its origin).
+        let forwarded = msg.props.user.iter().any(|(k, _)| k == Identity::USER_PROPERTY);
         let receipts = match (&msg.receipts, msg.qos, policy.class) {
+            _ if forwarded => None,
             (_, Qos::AtMostOnce, _) | (_, _, Class::BestEffort) => None,
             (Some(own), _, _) => own.as_ref().map(ReceiptRule::to_text),
             (None, _, _) => self.inner.cfg.receipts.as_ref().map(ReceiptRule::to_text),
@@ -982,19 +986,30 @@ async fn listen_for_receipts(
         while let Some(d) = consumer.try_next() {
             batch.push(d);
         }
+        // Every receipt of the batch is handed to the writer at once (one
+        // commit for all), then each is acknowledged after it.
+        let mut applied = Vec::with_capacity(batch.len());
         for d in batch {
-            match ConsumerReceipt::decode(d.payload()) {
-                Ok(r) if *r.producer == *producer => {
-                    if let Err(e) = outbox.receipt(r).await {
-                        // Not acknowledged: the broker hands it over again.
-                        tracing::error!(error = %e, "cannot record a receipt; it comes again");
-                        continue;
-                    }
-                }
+            let applying = match ConsumerReceipt::decode(d.payload()) {
+                Ok(r) if *r.producer == *producer => Some(outbox.receipt(r)),
                 Ok(r) => {
-                    tracing::warn!(producer = %r.producer, by = %r.by, "a receipt for another producer on this producer's receipts topic; ignored")
+                    tracing::warn!(producer = %r.producer, by = %r.by, "a receipt for another producer on this producer's receipts topic; ignored");
+                    None
                 }
-                Err(e) => tracing::warn!(error = %e, topic = d.topic(), "not a receipt; ignored"),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = d.topic(), "not a receipt; ignored");
+                    None
+                }
+            };
+            applied.push((d, applying));
+        }
+        for (d, applying) in applied {
+            if let Some(f) = applying {
+                if let Err(e) = f.await {
+                    // Not acknowledged: the broker hands it over again.
+                    tracing::error!(error = %e, "cannot record a receipt; it comes again");
+                    continue;
+                }
             }
             d.ack();
         }

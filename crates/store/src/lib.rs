@@ -327,6 +327,13 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// Notes a receipt from consumer `by`; returns the distinct consumers
     /// that sent one for this message so far.
     fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` queued messages that ask for receipts with ids from
+    /// `first` to `last`, in order (what a receipt's range can name).
+    fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
+    /// The consumers whose receipts were noted for a message.
+    fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError>;
+    /// Forgets the receipts noted for a message.
+    fn clear_receipts(&mut self, id: u64) -> Result<(), StoreError>;
     /// Up to `limit` messages whose wait for receipts ended at or before
     /// `now_ms`.
     fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError>;

@@ -112,7 +112,19 @@ impl Store for MemoryStore {
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
         if let Some(r) = self.state.messages.get_mut(&id) {
             r.done = true;
+            r.awaiting_ms = None;
         }
+        Ok(())
+    }
+    fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let rows = self.state.messages.range(first..=last.max(first));
+        Ok(rows.filter(|(_, r)| r.msg.receipts.is_some() && !r.done).map(|(id, _)| *id).take(limit).collect())
+    }
+    fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError> {
+        Ok(self.state.receipts.get(&id).map(|s| s.iter().cloned().collect()).unwrap_or_default())
+    }
+    fn clear_receipts(&mut self, id: u64) -> Result<(), StoreError> {
+        self.state.receipts.remove(&id);
         Ok(())
     }
     fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
@@ -129,6 +141,7 @@ impl Store for MemoryStore {
     }
     fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
         let mut due: Vec<(u64, u64)> = (self.state.messages.iter())
+            .filter(|(_, r)| !r.done)
             .filter_map(|(id, r)| r.awaiting_ms.filter(|d| *d <= now_ms).map(|d| (d, *id)))
             .collect();
         due.sort_unstable();
@@ -146,7 +159,7 @@ impl Store for MemoryStore {
         let mut a = crate::Awaiting::default();
         for r in self.state.messages.values() {
             a.asking |= r.msg.receipts.is_some() && !r.done;
-            let Some(due) = r.awaiting_ms else { continue };
+            let Some(due) = r.awaiting_ms.filter(|_| !r.done) else { continue };
             a.count += 1;
             a.oldest_acked_ms = a.oldest_acked_ms.into_iter().chain(r.acked_ms).min();
             a.next_due_ms = Some(a.next_due_ms.map_or(due, |d| d.min(due)));
@@ -251,8 +264,13 @@ impl Store for MemoryStore {
         cutoff_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        let lapsed =
-            |r: &Row| !r.done && r.msg.route.as_deref() == route && r.acks & mask != 0 && r.msg.created_ms < cutoff_ms;
+        let lapsed = |r: &Row| {
+            !r.done
+                && r.awaiting_ms.is_none()
+                && r.msg.route.as_deref() == route
+                && r.acks & mask != 0
+                && r.msg.created_ms < cutoff_ms
+        };
         let it = self.state.messages.iter().filter(|(_, r)| lapsed(r));
         Ok(it.take(limit).map(|(id, r)| (*id, r.acks)).collect())
     }

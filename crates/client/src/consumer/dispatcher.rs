@@ -44,6 +44,10 @@ impl Delivered for Pending {
     }
 }
 
+/// Where a receipt batch goes: the broker, the receipts topic, and the
+/// producer whose sequence numbers it names.
+pub(super) type ReceiptTo = (usize, String, String);
+
 /// The one task between the brokers' receivers and the application.
 pub(super) struct Dispatcher {
     pub(super) cfg: Arc<ConsumerConfig>,
@@ -62,7 +66,7 @@ pub(super) struct Dispatcher {
     pub(super) ready: VecDeque<Received>,
     /// Receipts owed, per broker and receipts topic, until their batch
     /// leaves.
-    pub(super) receipts: ReceiptBatcher<(usize, String)>,
+    pub(super) receipts: ReceiptBatcher<ReceiptTo>,
     /// A producer asked for a receipt that this consumer cannot give (no
     /// inbox), said once.
     pub(super) warned_receipts: bool,
@@ -208,7 +212,10 @@ impl Dispatcher {
                 }
                 DispatchOp::AckBroker(token) => self.ack_broker(token),
                 DispatchOp::Receipt { token, identity, topic } => {
-                    let full = self.receipts.add((token.broker, topic), &identity.producer, identity.seq, now().at);
+                    // One batch per producer: a forwarded message's receipts
+                    // topic may be shared by several producers' identities.
+                    let to = (token.broker, topic, identity.producer.clone());
+                    let full = self.receipts.add(to, &identity.producer, identity.seq, now().at);
                     if let Some(batch) = full {
                         self.send_receipts(vec![batch]);
                     }
@@ -238,8 +245,8 @@ impl Dispatcher {
     /// broker each came through (QoS 1, not stored: a receipt lost on
     /// the way means a resend of the message, which the inbox removes
     /// and answers with a receipt again).
-    fn send_receipts(&mut self, batches: Vec<ReceiptBatch<(usize, String)>>) {
-        for ReceiptBatch { to: (broker, topic), producer, ranges } in batches {
+    fn send_receipts(&mut self, batches: Vec<ReceiptBatch<ReceiptTo>>) {
+        for ReceiptBatch { to: (broker, topic, _), producer, ranges } in batches {
             let receipt = ConsumerReceipt { by: self.cfg.receipt_name().to_owned(), producer, ranges };
             let n = receipt.count();
             if self.to_drivers[broker].send(DriverCmd::Publish { topic, payload: receipt.encode(), count: n }).is_err()

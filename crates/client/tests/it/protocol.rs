@@ -70,6 +70,15 @@ impl Store for FaultyStore {
     fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
         self.inner.add_receipt(id, by)
     }
+    fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        self.inner.asking_between(first, last, limit)
+    }
+    fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError> {
+        self.inner.receipts_of(id)
+    }
+    fn clear_receipts(&mut self, id: u64) -> Result<(), StoreError> {
+        self.inner.clear_receipts(id)
+    }
     fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
         self.inner.receipts_due(now_ms, limit)
     }

@@ -85,45 +85,89 @@ impl Writer {
         }
         let (mask, need, _) = self.rule(e.route.as_deref());
         if quorum_met(e.acks, mask, need) {
-            match e.receipts.as_deref().and_then(ReceiptRule::parse) {
-                // Delivered; handled once its consumers say so.
-                Some(rule) => {
-                    let now = crate::now_ms();
-                    let due = now + rule.wait(e.resends).as_millis() as u64;
-                    self.store.await_receipts(id, due, now)?;
-                    self.sweeper.handle_awaiting(due);
-                    b.awaiting.push(id);
-                }
-                None => self.finish(id, &e, Delivery::Delivered, b)?,
-            }
+            self.deliver(id, &e, need, b)?;
         }
         Ok(())
     }
 
-    /// A receipt: each message it names that asks for receipts from its
-    /// consumer counts it; a message whose rule is met is handled and
-    /// leaves (even before its broker's acknowledgement was recorded: the
-    /// consumer has it).
-    pub(super) fn apply_receipt(&mut self, receipt: &ConsumerReceipt, b: &mut Batch) -> Result<(), StoreError> {
-        let (mut counted, mut handled) = (0u64, 0u64);
-        let now = crate::now_ms();
-        for id in receipt.seqs() {
-            let Some(e) = self.store.entry(id)? else { continue };
-            let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else { continue };
-            if e.done || !rule.accepts(&receipt.by) {
-                continue;
-            }
-            counted += 1;
-            let by =
-                if rule.needed() == 1 { vec![receipt.by.clone()] } else { self.store.add_receipt(id, &receipt.by)? };
+    /// The brokers a message's route needs have it (or, fanout catch-up,
+    /// its window passed): it leaves delivered, or, when it asks for
+    /// receipts, waits for them (unless receipts noted before its quorum
+    /// already meet its rule).
+    fn deliver(&mut self, id: u64, e: &Entry, need: u32, b: &mut Batch) -> Result<(), StoreError> {
+        let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else {
+            b.delivered += 1;
+            return self.finish(id, e, Delivery::Delivered, b);
+        };
+        if e.acked_ms.is_none() {
+            b.delivered += 1;
+        }
+        if need > 1 {
+            let by = self.store.receipts_of(id)?;
             if rule.met(by.len()) {
-                if let Some(acked) = e.acked_ms {
-                    metrics::histogram!("steadfast_receipt_wait_seconds")
-                        .record(now.saturating_sub(acked) as f64 / 1000.0);
+                return self.handled(id, e, by, b);
+            }
+        }
+        let now = crate::now_ms();
+        let due = now.saturating_add(rule.wait(e.resends).as_millis() as u64);
+        self.store.await_receipts(id, due, now)?;
+        self.sweeper.handle_awaiting(due);
+        b.awaiting.push(id);
+        Ok(())
+    }
+
+    /// A message's receipts met its rule: it leaves, handled.
+    fn handled(&mut self, id: u64, e: &Entry, by: Vec<String>, b: &mut Batch) -> Result<(), StoreError> {
+        if let Some(acked) = e.acked_ms {
+            let waited = crate::now_ms().saturating_sub(acked);
+            metrics::histogram!("steadfast_receipt_wait_seconds").record(waited as f64 / 1000.0);
+        } else if e.awaiting_ms.is_none() {
+            // Handled before its acknowledgement was recorded: delivered.
+            b.delivered += 1;
+        }
+        self.finish(id, e, Delivery::Delivered, b)?;
+        b.handled.push((id, by));
+        Ok(())
+    }
+
+    /// A receipt: each message it names that asks for receipts from its
+    /// consumer counts it, and leaves, handled, once its rule is met. A
+    /// receipt proves that a broker took the message; a route that needs
+    /// several brokers' acknowledgements (fanout) keeps the receipt noted
+    /// until they came, so that no broker of the set misses the message.
+    /// Only rows that exist and ask for receipts are visited, whatever
+    /// ranges the receipt names.
+    pub(super) fn apply_receipt(&mut self, receipt: &ConsumerReceipt, b: &mut Batch) -> Result<(), StoreError> {
+        const PAGE: usize = 4096;
+        let (mut counted, mut handled) = (0u64, 0u64);
+        for &(first, last) in &receipt.ranges {
+            let mut from = first.max(1);
+            let last = last.min(self.last_id);
+            while from <= last {
+                let ids = self.store.asking_between(from, last, PAGE)?;
+                for &id in &ids {
+                    let Some(e) = self.store.entry(id)? else { continue };
+                    let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else { continue };
+                    if e.done || !rule.accepts(&receipt.by) {
+                        continue;
+                    }
+                    counted += 1;
+                    let (mask, need, _) = self.rule(e.route.as_deref());
+                    let quorum = e.awaiting_ms.is_some() || need <= 1 || quorum_met(e.acks, mask, need);
+                    let by = if rule.needed() == 1 && need <= 1 {
+                        vec![receipt.by.clone()]
+                    } else {
+                        self.store.add_receipt(id, &receipt.by)?
+                    };
+                    if quorum && rule.met(by.len()) {
+                        self.handled(id, &e, by, b)?;
+                        handled += 1;
+                    }
                 }
-                self.finish(id, &e, Delivery::Delivered, b)?;
-                b.handled.push((id, by));
-                handled += 1;
+                match ids.last() {
+                    Some(&id) if ids.len() == PAGE && id < last => from = id + 1,
+                    _ => break,
+                }
             }
         }
         self.store.add_counter(RECEIPTS_COUNTED, counted)?;
@@ -163,6 +207,11 @@ impl Writer {
     /// exchange of it (even one dropped by its policy), the row stays, so
     /// that its packet id is not reused after a restart.
     pub(super) fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+        // Receipts noted before a fanout quorum (a rule that needs several
+        // keeps its own, removed with the row).
+        if e.receipts.is_some() && self.rule(e.route.as_deref()).1 > 1 {
+            self.store.clear_receipts(id)?;
+        }
         if e.bindings == 0 {
             self.store.remove(id)?;
         } else {
@@ -194,6 +243,9 @@ impl Writer {
                 Ok(false)
             }
             Some(e) => {
+                if outcome == Delivery::Delivered {
+                    b.delivered += 1;
+                }
                 self.finish(id, &e, outcome, b)?;
                 Ok(true)
             }
@@ -262,7 +314,7 @@ impl Writer {
                     }
                 }
                 if let Some(e) = self.store.entry(id)? {
-                    self.finish(id, &e, Delivery::Delivered, b)?;
+                    self.deliver(id, &e, q.need.max(1), b)?;
                 }
             }
             for (url, n) in missed {

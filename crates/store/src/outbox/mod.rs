@@ -271,10 +271,15 @@ impl Outbox {
     /// Applies a receipt from a consumer: each message it names that asks
     /// for receipts from that consumer counts it, and those whose rule is
     /// met are handled and leave. Resolves after the commit.
-    pub async fn receipt(&self, receipt: steadfast_core::ConsumerReceipt) -> Result<(), StoreError> {
+    /// The request leaves at once: several receipts handed over before
+    /// any is awaited share one commit.
+    pub fn receipt(
+        &self,
+        receipt: steadfast_core::ConsumerReceipt,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Receipt { receipt, reply });
-        rx.await.unwrap_or(Err(StoreError::Closed))
+        async move { rx.await.unwrap_or(Err(StoreError::Closed)) }
     }
 
     /// Bridge: queues a message that came from `source`, recording where

@@ -25,6 +25,9 @@ pub(super) struct Batch {
     pub(super) awaiting: Vec<u64>,
     /// Handled: the consumers whose receipts completed them.
     pub(super) handled: Vec<(u64, Vec<String>)>,
+    /// Messages delivered (a broker's first acknowledgement of what asks
+    /// for receipts counts; its handling and resends do not again).
+    pub(super) delivered: u64,
     pub(super) wire_replies: Vec<(WireReply, Vec<u64>)>,
     pub(super) meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     pub(super) slot_replies: Vec<(SlotReply, Configured)>,
@@ -55,10 +58,8 @@ impl Writer {
         // after acceptance must not see the old, empty state).
         self.publish_state();
         let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
-        let delivered =
-            b.resolved.iter().filter(|(_, o)| *o == Delivery::Delivered).count() as u64 + b.awaiting.len() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);
-        metrics::counter!("steadfast_delivered_total").increment(delivered);
+        metrics::counter!("steadfast_delivered_total").increment(b.delivered);
         for (reply, ids) in b.unpoison_replies {
             let _ = reply.send(Ok(ids));
         }

@@ -202,7 +202,7 @@ impl Store for SqliteStore {
         let r = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional();
         drop(stmt);
         let Some(size) = r.map_err(|e| self.map(e))? else { return Ok(()) };
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1 WHERE id = ?1")?;
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1, awaiting_ms = NULL WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -230,10 +230,32 @@ impl Store for SqliteStore {
 
     fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id FROM outbox WHERE awaiting_ms IS NOT NULL AND awaiting_ms <= ?1 ORDER BY awaiting_ms LIMIT ?2",
+            "SELECT id FROM outbox WHERE awaiting_ms IS NOT NULL AND awaiting_ms <= ?1 AND done = 0 ORDER BY awaiting_ms LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id FROM outbox WHERE receipts IS NOT NULL AND id BETWEEN ?1 AND ?2 AND done = 0 ORDER BY id LIMIT ?3",
+        )?;
+        let rows =
+            stmt.query_map(params![first.min(i64::MAX as u64), last.min(i64::MAX as u64), limit as i64], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
+        let rows = stmt.query_map([id], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn clear_receipts(&mut self, id: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
     }
 
     fn requeue_for_receipts(&mut self, id: u64) -> Result<(), StoreError> {
@@ -248,7 +270,7 @@ impl Store for SqliteStore {
     fn awaiting(&mut self) -> Result<crate::Awaiting, StoreError> {
         // Both read partial indexes: nothing is scanned for messages that
         // ask for no receipts.
-        let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms), EXISTS (SELECT 1 FROM outbox WHERE receipts IS NOT NULL) FROM outbox WHERE awaiting_ms IS NOT NULL";
+        let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms), EXISTS (SELECT 1 FROM outbox WHERE receipts IS NOT NULL AND done = 0) FROM outbox WHERE awaiting_ms IS NOT NULL AND done = 0";
         Ok(self.conn.query_row(sql, [], |r| {
             Ok(crate::Awaiting {
                 count: r.get::<_, i64>(0)? as u64,
@@ -408,7 +430,7 @@ impl Store for SqliteStore {
         limit: usize,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT id, acks FROM outbox WHERE done = 0 AND route IS ?1 AND acks & ?2 != 0 AND created_ms < ?3 ORDER BY id LIMIT ?4",
+            "SELECT id, acks FROM outbox WHERE done = 0 AND awaiting_ms IS NULL AND route IS ?1 AND acks & ?2 != 0 AND created_ms < ?3 ORDER BY id LIMIT ?4",
         )?;
         let p = params![route, mask as i64, cutoff_ms, limit as i64];
         let rows = stmt.query_map(p, |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;

@@ -119,3 +119,80 @@ fn what_awaits_receipts_survives_a_restart_and_a_deadline_still_ends_it() {
         tokio::task::spawn_blocking(move || o.close()).await.unwrap();
     });
 }
+
+/// A receipt names ranges, not rows: one that names every sequence number
+/// there is visits only the messages that ask for receipts.
+#[test]
+fn a_receipt_naming_every_number_visits_only_real_rows() {
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let rule = ReceiptRule::any(Duration::from_secs(60));
+        let (accepted, _, handled) = o.append_awaiting(asking(&rule));
+        let id = accepted.await.unwrap();
+        let plain = o.append(msg("t", "y"), false).0.await.unwrap();
+        o.ack(slot, vec![id]);
+        let everything = ConsumerReceipt { by: "c".into(), producer: "p".into(), ranges: vec![(0, u64::MAX)] };
+        let t0 = std::time::Instant::now();
+        o.receipt(everything).await.unwrap();
+        assert!(t0.elapsed() < Duration::from_secs(2), "took {:?}", t0.elapsed());
+        assert_eq!(handled.await.unwrap(), Handling::Handled(vec!["c".into()]));
+        assert_eq!(o.read_after(0, 10, None, None).await.unwrap().iter().map(|m| m.id).collect::<Vec<_>>(), [plain]);
+    });
+}
+
+/// Fanout that needs both brokers: a receipt that comes before the second
+/// acknowledgement is noted, and the message leaves, handled, once both
+/// brokers have it; never before, so no broker of the set misses it.
+#[test]
+fn in_fanout_a_receipt_before_the_quorum_waits_for_it() {
+    const A: &str = "mqtt://127.0.0.1:1";
+    const B: &str = "mqtt://127.0.0.1:2";
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let q = steadfast_store::Quorum {
+            route: None,
+            members: vec![(0, A.into()), (0, B.into())],
+            need: 2,
+            catch_up_ms: None,
+        };
+        let slots = o.configure(vec![A.into(), B.into()], vec![q], Default::default()).await.unwrap().slots;
+        let (accepted, _, handled) = o.append_awaiting(asking(&ReceiptRule::any(Duration::from_secs(60))));
+        let id = accepted.await.unwrap();
+        o.ack(slots[0], vec![id]);
+        o.receipt(receipt("c", &[id])).await.unwrap();
+        assert_eq!(o.read_after(0, 10, Some(slots[1]), None).await.unwrap().len(), 1, "B still gets it");
+        assert_eq!(o.state().totals.count, 1);
+        o.ack(slots[1], vec![id]);
+        assert_eq!(handled.await.unwrap(), Handling::Handled(vec!["c".into()]));
+        let r = o.report().await.unwrap();
+        assert_eq!((r.totals.count, r.awaiting.count), (0, 0));
+    });
+}
+
+/// A fanout catch-up window that passes while a message awaits receipts
+/// does not end its wait: the catch-up is about brokers, not consumers.
+#[test]
+fn the_catch_up_sweep_leaves_what_awaits_receipts() {
+    const A: &str = "mqtt://127.0.0.1:1";
+    const B: &str = "mqtt://127.0.0.1:2";
+    block_on(async {
+        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let q = steadfast_store::Quorum {
+            route: None,
+            members: vec![(0, A.into()), (0, B.into())],
+            need: 1,
+            catch_up_ms: Some(1),
+        };
+        let slots = o.configure(vec![A.into(), B.into()], vec![q], Default::default()).await.unwrap().slots;
+        let (accepted, delivered, _handled) = o.append_awaiting(asking(&ReceiptRule::any(Duration::from_secs(3600))));
+        let id = accepted.await.unwrap();
+        o.ack(slots[0], vec![id]);
+        assert_eq!(delivered.await.unwrap(), Delivery::Delivered);
+        // An absence has no event to wait for: two sweeps (one a second,
+        // the message's window long past) get their chance to end it.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let r = o.report().await.unwrap();
+        assert_eq!((r.totals.count, r.awaiting.count), (1, 1), "still awaiting its receipt");
+    });
+}

@@ -129,7 +129,8 @@ pub(crate) struct Driver {
     poison_311: Option<u64>,
     /// How the last link ended (a size is learned only from closes).
     last_end: LinkEnd,
-    /// The producer's receipts topic, when the client asks for receipts.
+    /// The producer's receipts topic, carried by every message that asks
+    /// for receipts (whichever run queued it).
     receipts: Option<Arc<str>>,
 }
 
@@ -806,7 +807,7 @@ struct LinkWire<'a> {
     max_packet: Option<u32>,
     /// MQTT 3.1.1: messages this large or larger are poison (learned).
     poison_size: Option<u64>,
-    /// The producer's receipts topic, when the client asks for receipts.
+    /// The producer's receipts topic, for messages that ask for receipts.
     receipts: Option<&'a str>,
 }
 

@@ -173,7 +173,11 @@ async fn kill_9_of_producer_and_consumer_at_random_points_loses_nothing() {
     eprintln!("per round (printed, printed before): {per_round:?}");
     for round in 0..=rounds {
         let err = std::fs::read_to_string(dir.path().join(format!("sub-{round}.err"))).unwrap_or_default();
-        let notable: Vec<&str> = err.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(5).collect();
+        let notable: Vec<&str> = err
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("warning") || l.contains("error"))
+            .take(5)
+            .collect();
         if !notable.is_empty() {
             eprintln!("sub {round}: {notable:#?}");
         }

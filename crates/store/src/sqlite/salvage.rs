@@ -13,7 +13,10 @@ pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
     let Ok(old) = Connection::open_with_flags(from, flags) else {
         return 0;
     };
-    for table in ["meta", "drops", "dropped", "slots", "missed", "wire"] {
+    // An inbox's identities and counters, a bridge's source records and
+    // receipt names go along: without them a salvaged inbox would hand
+    // every message it ever handled over again.
+    for table in ["meta", "drops", "dropped", "slots", "missed", "wire", "inbox", "counters", "sources", "receipts"] {
         let _ = copy_table(&old, to, table);
     }
     let floor: u64 =

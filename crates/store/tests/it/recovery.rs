@@ -1,7 +1,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use steadfast_store::{Delivery, Outbox, OutboxConfig, SqliteStore, Store, StoreError};
+use steadfast_store::{Delivery, InboxStore, Outbox, OutboxConfig, SqliteStore, Store, StoreError};
 
 use crate::{block_on, msg};
 
@@ -418,4 +418,34 @@ fn the_integrity_check_runs_unless_the_store_was_closed_cleanly_and_left_alone()
     drop(db);
     let (_s, report) = SqliteStore::open(dir.path()).unwrap();
     assert!(report.checked, "the file changed after the close");
+}
+
+/// A damaged inbox is salvaged with the identities that can still be
+/// read: without them it would hand every message it ever handled over
+/// again.
+#[test]
+fn a_damaged_inbox_keeps_the_identities_that_can_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut s, _) = SqliteStore::open_inbox(dir.path()).unwrap();
+        for batch in 0..30u64 {
+            s.begin().unwrap();
+            let ids: Vec<(String, u64)> = (1..=100).map(|i| ("gw-1".to_owned(), batch * 100 + i)).collect();
+            s.inbox_record(&ids, steadfast_store::now_ms()).unwrap();
+            s.add_counter("consumer.handled", 100).unwrap();
+            s.commit().unwrap();
+        }
+    }
+    let db = dir.path().join("inbox.db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    use std::io::Seek;
+    f.seek(std::io::SeekFrom::Start(len - 8 * 1024)).unwrap();
+    f.write_all(&vec![0xA5; 8 * 1024]).unwrap();
+    drop(f);
+    let (mut s, report) = SqliteStore::open_inbox(dir.path()).expect("damage is never a reason to refuse to start");
+    assert!(!report.is_clean() && !report.quarantined.is_empty(), "{report:?}");
+    let ids: Vec<(String, u64)> = (1..=3000).map(|i| ("gw-1".to_owned(), i)).collect();
+    let kept = s.inbox_seen(&ids).unwrap().into_iter().filter(|b| *b).count();
+    assert!(kept > 1000, "{kept} of 3,000 identities kept");
 }

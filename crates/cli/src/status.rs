@@ -249,33 +249,21 @@ impl Store {
                 })
                 .collect(),
             receipts: {
-                let c = self.receipt_counts();
+                let s = self.receipts();
                 ReceiptsJson {
-                    awaiting: r.awaiting.count,
-                    oldest_wait_ms: self.oldest_wait_ms(),
-                    counted: c[0],
-                    handled: c[1],
-                    republished: c[2],
+                    awaiting: s.awaiting,
+                    oldest_wait_ms: s.oldest_wait.map(|d| d.as_millis() as u64),
+                    counted: s.counted,
+                    handled: s.handled,
+                    republished: s.republished,
                 }
             },
         }
     }
 
-    /// Receipts counted, messages handled by them, messages published
-    /// again for lack of one.
-    fn receipt_counts(&self) -> [u64; 3] {
-        let get = |name: &str| self.report.counters.iter().find(|(n, _)| n == name).map_or(0, |(_, v)| *v);
-        [
-            get(steadfast_store::RECEIPTS_COUNTED),
-            get(steadfast_store::RECEIPTS_HANDLED),
-            get(steadfast_store::RECEIPTS_REPUBLISHED),
-        ]
-    }
-
-    /// How long the message awaiting receipts longest has waited since its
-    /// first acknowledgement, milliseconds.
-    fn oldest_wait_ms(&self) -> Option<u64> {
-        self.report.awaiting.oldest_acked_ms.map(|a| now_ms().saturating_sub(a))
+    /// What awaits receipts and what receipts did (the library's reading).
+    fn receipts(&self) -> steadfast::ReceiptStatus {
+        steadfast::ReceiptStatus::of(&self.report, now_ms())
     }
 
     /// True unless the last run's configuration is known and lacks `url`.
@@ -350,14 +338,12 @@ impl Store {
                 println!("held     {n} message(s) accepted for {set}: never sent to other brokers (`steadfast pub --drain{b}{id} --outbox {dir}` sends them, `--retarget` elsewhere)");
             }
         }
-        let [counted, handled, republished] = self.receipt_counts();
-        if r.awaiting.count > 0 || counted + handled + republished > 0 {
-            let oldest = self
-                .oldest_wait_ms()
-                .map_or(String::new(), |ms| format!(" (the oldest for {})", human_age(Duration::from_millis(ms))));
+        let s = self.receipts();
+        if s.awaiting > 0 || s.counted + s.handled + s.republished > 0 {
+            let oldest = s.oldest_wait.map_or(String::new(), |d| format!(" (the oldest for {})", human_age(d)));
             println!(
-                "receipts {} message(s) delivered and awaiting receipts{oldest}; {handled} handled, {republished} published again for lack of one, {counted} receipts counted",
-                r.awaiting.count
+                "receipts {} message(s) delivered and awaiting receipts{oldest}; {} handled, {} published again for lack of one, {} receipts counted",
+                s.awaiting, s.handled, s.republished, s.counted
             );
         }
         let consumer: Vec<String> =

@@ -131,7 +131,7 @@ pub(crate) struct Driver {
     last_end: LinkEnd,
     /// The producer's receipts topic, carried by every message that asks
     /// for receipts (whichever run queued it).
-    receipts: Option<Arc<str>>,
+    receipts: Arc<str>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -166,7 +166,7 @@ impl Driver {
         );
         // Every message that asks for receipts carries the topic, whether
         // this run or an earlier one queued it.
-        let cfg_receipts = Some(Arc::from(steadfast_core::receipt::receipt_topic(&cfg.receipt_prefix, &producer)));
+        let cfg_receipts = Arc::from(steadfast_core::receipt::receipt_topic(&cfg.receipt_prefix, &producer));
         Self {
             url: place.url,
             index: place.index,
@@ -431,7 +431,7 @@ impl Driver {
             producer: &self.producer,
             max_packet: self.max_packet,
             poison_size: self.poison_311,
-            receipts: self.receipts.as_deref(),
+            receipts: &self.receipts,
         };
         let Connected { resent } = self.session.handle_connack(info, now(), &claims, &mut wire);
         self.carry_out(link).await?;
@@ -503,7 +503,7 @@ impl Driver {
                         continue;
                     }
                     let fired = self.session.ack_timeout();
-                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311, receipts: self.receipts.as_deref() };
+                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311, receipts: &self.receipts };
                     self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e, fired))?;
                 }
                 r = rd.read(buf) => self.on_read(link, r, buf).await?,
@@ -575,7 +575,7 @@ impl Driver {
             producer: &self.producer,
             max_packet: self.max_packet,
             poison_size: self.poison_311,
-            receipts: self.receipts.as_deref(),
+            receipts: &self.receipts,
         };
         self.session.fill(now(), &claims, &mut wire);
         let r = self.carry_out(link).await;
@@ -636,7 +636,7 @@ impl Driver {
                         producer: &self.producer,
                         max_packet: self.max_packet,
                         poison_size: self.poison_311,
-                        receipts: self.receipts.as_deref(),
+                        receipts: &self.receipts,
                     };
                     self.session.handle_bound(bound, now(), &mut wire);
                     if let Err(e) = r {
@@ -795,7 +795,7 @@ impl Driver {
             producer: &self.producer,
             max_packet: self.max_packet,
             poison_size: self.poison_311,
-            receipts: self.receipts.as_deref(),
+            receipts: &self.receipts,
         }
     }
 }
@@ -808,7 +808,7 @@ struct LinkWire<'a> {
     /// MQTT 3.1.1: messages this large or larger are poison (learned).
     poison_size: Option<u64>,
     /// The producer's receipts topic, for messages that ask for receipts.
-    receipts: Option<&'a str>,
+    receipts: &'a str,
 }
 
 impl Wire<StoredMessage> for LinkWire<'_> {
@@ -816,7 +816,7 @@ impl Wire<StoredMessage> for LinkWire<'_> {
         if self.poison_size.is_some_and(|s| m.msg.size() >= s) {
             return Err(DropReason::Poison);
         }
-        let bytes = match self.link.encode_publish(m, self.producer, self.receipts, pid, dup) {
+        let bytes = match self.link.encode_publish(m, self.producer, Some(self.receipts), pid, dup) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(id = m.id, topic = %m.msg.topic, error = %e, "message cannot be encoded; dropped");

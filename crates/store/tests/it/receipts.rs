@@ -6,12 +6,30 @@
 use std::time::Duration;
 
 use steadfast_core::{ConsumerReceipt, DropReason, Need, ReceiptRule};
-use steadfast_store::{Delivery, Handling, MemoryStore, NewMessage, Outbox, OutboxConfig, SqliteStore};
+use steadfast_store::{Delivery, Handling, MemoryStore, NewMessage, Outbox, OutboxConfig, Quorum, SqliteStore, Store};
 
 use crate::{block_on, msg};
 
 fn asking(rule: &ReceiptRule) -> NewMessage {
     NewMessage { receipts: Some(rule.to_text()), ..msg("t", "x") }
+}
+
+/// An outbox over `store` configured for one broker, and its slot.
+async fn on_one_broker(store: Box<dyn Store>) -> (Outbox, u32) {
+    let o = Outbox::start(store, OutboxConfig::default()).unwrap();
+    let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+    (o, slot)
+}
+
+/// An in-memory outbox for two brokers whose default route needs `need`
+/// acknowledgements, with the catch-up window given, and their slots.
+async fn on_two_brokers(need: u32, catch_up_ms: Option<u64>) -> (Outbox, Vec<u32>) {
+    const A: &str = "mqtt://127.0.0.1:1";
+    const B: &str = "mqtt://127.0.0.1:2";
+    let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+    let q = Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need, catch_up_ms };
+    let slots = o.configure(vec![A.into(), B.into()], vec![q], Default::default()).await.unwrap().slots;
+    (o, slots)
 }
 
 fn receipt(by: &str, ids: &[u64]) -> ConsumerReceipt {
@@ -29,8 +47,7 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 #[test]
 fn a_message_waits_after_its_acknowledgement_until_a_receipt_counts() {
     block_on(async {
-        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let (o, slot) = on_one_broker(Box::new(MemoryStore::new())).await;
         let rule =
             ReceiptRule { timeout: Duration::from_secs(60), need: Need::All, from: vec!["a".into(), "b".into()] };
         let (accepted, delivered, handled) = o.append_awaiting(asking(&rule));
@@ -63,8 +80,7 @@ fn without_a_receipt_in_time_a_message_goes_back_into_the_queue_and_keeps_its_id
     let dir = tempfile::tempdir().unwrap();
     block_on(async {
         let (store, _) = SqliteStore::open(dir.path()).unwrap();
-        let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
-        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let (o, slot) = on_one_broker(Box::new(store)).await;
         let rule = ReceiptRule::any(Duration::from_millis(300));
         let (accepted, _delivered, handled) = o.append_awaiting(asking(&rule));
         let id = accepted.await.unwrap();
@@ -91,13 +107,9 @@ fn without_a_receipt_in_time_a_message_goes_back_into_the_queue_and_keeps_its_id
 fn what_awaits_receipts_survives_a_restart_and_a_deadline_still_ends_it() {
     let dir = tempfile::tempdir().unwrap();
     let rule = ReceiptRule::any(Duration::from_secs(3600));
-    let start = |dir: &std::path::Path| {
-        let (store, _) = SqliteStore::open(dir).unwrap();
-        Outbox::start(Box::new(store), OutboxConfig::default()).unwrap()
-    };
     block_on(async {
-        let o = start(dir.path());
-        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let (o, slot) = on_one_broker(Box::new(store)).await;
         let mut m = asking(&rule);
         m.policy.expires_ms = Some(steadfast_store::now_ms() + 2_000);
         let (accepted, delivered, _) = o.append_awaiting(m);
@@ -107,7 +119,8 @@ fn what_awaits_receipts_survives_a_restart_and_a_deadline_still_ends_it() {
         tokio::task::spawn_blocking(move || o.close()).await.unwrap();
     });
     block_on(async {
-        let o = start(dir.path());
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
         let r = o.report().await.unwrap();
         assert_eq!((r.totals.count, r.awaiting.count), (1, 1), "still awaiting its receipt after a restart");
         assert!(o.read_after(0, 10, None, None).await.unwrap().is_empty(), "and not sent again before its wait ends");
@@ -125,8 +138,7 @@ fn what_awaits_receipts_survives_a_restart_and_a_deadline_still_ends_it() {
 #[test]
 fn a_receipt_naming_every_number_visits_only_real_rows() {
     block_on(async {
-        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-        let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+        let (o, slot) = on_one_broker(Box::new(MemoryStore::new())).await;
         let rule = ReceiptRule::any(Duration::from_secs(60));
         let (accepted, _, handled) = o.append_awaiting(asking(&rule));
         let id = accepted.await.unwrap();
@@ -146,17 +158,8 @@ fn a_receipt_naming_every_number_visits_only_real_rows() {
 /// brokers have it; never before, so no broker of the set misses it.
 #[test]
 fn in_fanout_a_receipt_before_the_quorum_waits_for_it() {
-    const A: &str = "mqtt://127.0.0.1:1";
-    const B: &str = "mqtt://127.0.0.1:2";
     block_on(async {
-        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-        let q = steadfast_store::Quorum {
-            route: None,
-            members: vec![(0, A.into()), (0, B.into())],
-            need: 2,
-            catch_up_ms: None,
-        };
-        let slots = o.configure(vec![A.into(), B.into()], vec![q], Default::default()).await.unwrap().slots;
+        let (o, slots) = on_two_brokers(2, None).await;
         let (accepted, _, handled) = o.append_awaiting(asking(&ReceiptRule::any(Duration::from_secs(60))));
         let id = accepted.await.unwrap();
         o.ack(slots[0], vec![id]);
@@ -174,17 +177,8 @@ fn in_fanout_a_receipt_before_the_quorum_waits_for_it() {
 /// does not end its wait: the catch-up is about brokers, not consumers.
 #[test]
 fn the_catch_up_sweep_leaves_what_awaits_receipts() {
-    const A: &str = "mqtt://127.0.0.1:1";
-    const B: &str = "mqtt://127.0.0.1:2";
     block_on(async {
-        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-        let q = steadfast_store::Quorum {
-            route: None,
-            members: vec![(0, A.into()), (0, B.into())],
-            need: 1,
-            catch_up_ms: Some(1),
-        };
-        let slots = o.configure(vec![A.into(), B.into()], vec![q], Default::default()).await.unwrap().slots;
+        let (o, slots) = on_two_brokers(1, Some(1)).await;
         let (accepted, delivered, _handled) = o.append_awaiting(asking(&ReceiptRule::any(Duration::from_secs(3600))));
         let id = accepted.await.unwrap();
         o.ack(slots[0], vec![id]);

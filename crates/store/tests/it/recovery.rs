@@ -121,18 +121,22 @@ fn ids_are_never_reused_after_removal() {
     });
 }
 
+/// Overwrites the last `bytes` of the file `db` with garbage.
+fn scribble_tail(db: &Path, bytes: u64) {
+    use std::io::Seek;
+    let len = std::fs::metadata(db).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().write(true).open(db).unwrap();
+    f.seek(std::io::SeekFrom::Start(len - bytes)).unwrap();
+    f.write_all(&vec![0xA5; bytes as usize]).unwrap();
+}
+
 #[test]
 fn a_corrupt_database_tail_is_quarantined_and_the_rest_kept() {
     let dir = tempfile::tempdir().unwrap();
     fill(dir.path(), 3000, 200);
     let db = dir.path().join("outbox.db");
-    let len = std::fs::metadata(&db).unwrap().len();
     // Scribble over the last 16 KiB: the newest rows' pages.
-    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(len - 16 * 1024)).unwrap();
-    f.write_all(&vec![0xA5; 16 * 1024]).unwrap();
-    drop(f);
+    scribble_tail(&db, 16 * 1024);
 
     let (mut store, report) = SqliteStore::open(dir.path()).expect("damage is never a reason to refuse to start");
     assert!(!report.is_clean());
@@ -436,13 +440,7 @@ fn a_damaged_inbox_keeps_the_identities_that_can_be_read() {
             s.commit().unwrap();
         }
     }
-    let db = dir.path().join("inbox.db");
-    let len = std::fs::metadata(&db).unwrap().len();
-    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
-    use std::io::Seek;
-    f.seek(std::io::SeekFrom::Start(len - 8 * 1024)).unwrap();
-    f.write_all(&vec![0xA5; 8 * 1024]).unwrap();
-    drop(f);
+    scribble_tail(&dir.path().join("inbox.db"), 8 * 1024);
     let (mut s, report) = SqliteStore::open_inbox(dir.path()).expect("damage is never a reason to refuse to start");
     assert!(!report.is_clean() && !report.quarantined.is_empty(), "{report:?}");
     let ids: Vec<(String, u64)> = (1..=3000).map(|i| ("gw-1".to_owned(), i)).collect();

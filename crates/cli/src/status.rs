@@ -47,6 +47,9 @@ struct ReceiptsJson {
     counted: u64,
     handled: u64,
     republished: u64,
+    /// A bridge route: asks for receipts passed on, receipts handed back.
+    relayed: u64,
+    returned: u64,
 }
 
 #[derive(Serialize)]
@@ -256,6 +259,8 @@ impl Store {
                     counted: s.counted,
                     handled: s.handled,
                     republished: s.republished,
+                    relayed: s.relayed,
+                    returned: s.returned,
                 }
             },
         }
@@ -344,6 +349,12 @@ impl Store {
             println!(
                 "receipts {} message(s) delivered and awaiting receipts{oldest}; {} handled, {} published again for lack of one, {} receipts counted",
                 s.awaiting, s.handled, s.republished, s.counted
+            );
+        }
+        if s.relayed + s.returned > 0 {
+            println!(
+                "relay    {} message(s) passed on asking for receipts; {} receipts handed back to their producers",
+                s.relayed, s.returned
             );
         }
         let consumer: Vec<String> =

@@ -389,6 +389,12 @@ pub struct ReceiptStatus {
     pub handled: u64,
     /// Messages published again for lack of a receipt (persistent).
     pub republished: u64,
+    /// A bridge route's outbox: messages it passed on asking for receipts
+    /// for their producers (persistent).
+    pub relayed: u64,
+    /// A bridge route's outbox: receipts it handed back to the producers
+    /// behind it (persistent).
+    pub returned: u64,
 }
 
 impl ReceiptStatus {
@@ -401,6 +407,8 @@ impl ReceiptStatus {
             counted: get(steadfast_store::RECEIPTS_COUNTED),
             handled: get(steadfast_store::RECEIPTS_HANDLED),
             republished: get(steadfast_store::RECEIPTS_REPUBLISHED),
+            relayed: get(crate::bridge::receipts::RELAYED_ASKS),
+            returned: get(crate::bridge::receipts::RETURNED),
         }
     }
 }
@@ -826,6 +834,11 @@ impl Client {
         first.unwrap_or_else(|| self.inner.events.subscribe())
     }
 
+    /// The outbox itself (for a bridge's own bookkeeping).
+    pub(crate) fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
     /// Watches the outbox (depth, last id).
     pub fn outbox_state(&self) -> watch::Receiver<OutboxState> {
         self.inner.outbox.watch()
@@ -939,6 +952,17 @@ fn quorums(cfg: &ClientConfig) -> Vec<Quorum> {
         .collect()
 }
 
+/// A session for receipts at `filter` on `cfg`'s brokers: client id
+/// `CLIENT_ID-receipts`, persistent, nothing on disk (a receipt that is
+/// not applied is not acknowledged, and comes again).
+pub(crate) async fn receipts_session(cfg: &ClientConfig, filter: &str) -> Result<Consumer, OpenError> {
+    let mut client = cfg.clone();
+    client.client_id = format!("{}-receipts", cfg.client_id);
+    client.clean_start = false;
+    let ccfg = ConsumerConfig::new(client).topic(filter, Qos::AtLeastOnce).inbox(false);
+    Consumer::with_store(ccfg, Box::new(steadfast_store::MemoryStore::new())).await
+}
+
 /// The receipts of this client's messages: a consumer session of its own
 /// (client id `CLIENT_ID-receipts`, persistent, on every broker) on its
 /// receipts topic. Each receipt is applied to the outbox, and acknowledged
@@ -951,11 +975,7 @@ async fn listen_for_receipts(
     mut stop: watch::Receiver<bool>,
 ) {
     let topic = receipt_topic(&cfg.receipt_prefix, &producer);
-    let mut client = (*cfg).clone();
-    client.client_id = format!("{}-receipts", cfg.client_id);
-    client.clean_start = false;
-    let ccfg = ConsumerConfig::new(client).topic(topic.clone(), Qos::AtLeastOnce).inbox(false);
-    let consumer = match Consumer::with_store(ccfg, Box::new(steadfast_store::MemoryStore::new())).await {
+    let consumer = match receipts_session(&cfg, &topic).await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, %topic, "cannot listen for receipts; messages that ask for them will be published again until this is fixed");

@@ -648,9 +648,10 @@ impl ClientConfig {
             if self.version == ProtocolVersion::V311 && !self.envelope {
                 return Err(ConfigError::ReceiptsWithoutIdentity);
             }
-            validate_topic_name(&steadfast_core::receipt::receipt_topic(&self.receipt_prefix, "p"))
-                .map_err(|error| ConfigError::ReceiptPrefix { prefix: self.receipt_prefix.clone(), error })?;
         }
+        // Consumers (over MQTT 3.1.1) and bridges use it too.
+        validate_topic_name(&steadfast_core::receipt::receipt_topic(&self.receipt_prefix, "p"))
+            .map_err(|error| ConfigError::ReceiptPrefix { prefix: self.receipt_prefix.clone(), error })?;
         if self.backoff.min.is_zero() || self.backoff.max < self.backoff.min {
             return Err(ConfigError::Backoff { min: self.backoff.min, max: self.backoff.max });
         }

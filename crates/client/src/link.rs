@@ -219,7 +219,8 @@ impl Link {
             ProtocolVersion::V311 if self.envelope && m.id != 0 => {
                 // An origin too long for the envelope travels under ours.
                 let fits = |o: &Identity| o.producer.len() <= Identity::ENVELOPE_MAX_PRODUCER;
-                let asking = receipt_to.is_some();
+                // A bridge passes its producer's ask on among the properties.
+                let asking = receipt_to.is_some() || relays_ask(&m.msg.props);
                 let payload = match origin(&m.msg.props).filter(fits) {
                     Some(o) => Identity::wrap_asking(&o.producer, o.seq, &m.msg.payload, asking),
                     None => Identity::wrap_asking(producer, m.id, &m.msg.payload, asking),
@@ -530,6 +531,12 @@ pub(crate) fn loose_message(id: u64, topic: &str, payload: &[u8], qos: Qos, reta
 fn origin(p: &steadfast_core::Properties) -> Option<Identity> {
     let v = p.user.iter().find(|(k, _)| k == Identity::USER_PROPERTY)?;
     Identity::parse_property_value(&v.1)
+}
+
+/// A forwarded message that passes its producer's ask for receipts on
+/// (MQTT 5: the property travels as it is; MQTT 3.1.1: the envelope's flag).
+fn relays_ask(p: &steadfast_core::Properties) -> bool {
+    p.user.iter().any(|(k, _)| k == RECEIPT_PROPERTY)
 }
 
 fn build_v5(

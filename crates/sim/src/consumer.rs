@@ -72,6 +72,7 @@ impl Consumer {
             gap_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
             record_retry: Duration::from_secs(1),
+            relay: false,
         };
         let high = self.inbox.last().map(|s| (PRODUCER.to_owned(), *s));
         self.engine = Some(Dispatch::new(cfg, high));

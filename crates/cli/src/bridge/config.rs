@@ -90,6 +90,9 @@ struct SourceSpec {
     clean: Option<bool>,
     session_expiry: Option<Spanned<String>>,
     backoff: Option<Spanned<String>>,
+    /// MQTT 3.1.1: where producers here listen for receipts
+    /// (`PREFIX/PRODUCER`); MQTT 5 messages name their topic.
+    receipt_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +130,9 @@ struct DestSpec {
     #[serde(default)]
     map: Vec<Spanned<MapSpec>>,
     backoff: Option<Spanned<String>>,
+    /// Where consumers upstream send receipts for the producers behind
+    /// this route (`PREFIX/PRODUCER`; the route listens at `PREFIX/#`).
+    receipt_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -220,7 +226,9 @@ pub fn load(path: &Path) -> Result<Bridge, Vec<String>> {
         names.push(name);
         if let Some(route) = route(r.get_ref(), &dir, &mut errs) {
             // Two sessions under one client id take each other over for ever.
-            for id in [route.source.client().client_id(), route.destination.client_id()] {
+            // The route's receipts listener has a session of its own.
+            let listener = format!("{}-receipts", route.destination.client_id());
+            for id in [route.source.client().client_id(), route.destination.client_id(), listener.as_str()] {
                 if client_ids.iter().any(|c| c == id) {
                     errs.at(r.get_ref().name.span(), format!("client id `{id}` is used twice; every route needs its own source and destination client ids"));
                 }
@@ -335,6 +343,9 @@ impl SourceKeys {
         if let Some(e) = self.session_expiry {
             client = client.session_expiry(e);
         }
+        if let Some(p) = &s.receipt_prefix {
+            client = client.receipt_prefix(p.clone());
+        }
         match secrets!(s).apply(client.clone()) {
             Ok(c) => client = c,
             Err(e) => errs.at(r.source.span(), format!("source: {e}")),
@@ -417,6 +428,9 @@ impl DestinationKeys {
         }
         if let Some(t) = self.ack_timeout {
             destination = destination.ack_timeout(t);
+        }
+        if let Some(p) = &d.receipt_prefix {
+            destination = destination.receipt_prefix(p.clone());
         }
         match secrets!(d).apply(destination.clone()) {
             Ok(c) => destination = c,

@@ -9,7 +9,9 @@
 //! left, is recognised in the same round trip and acknowledged without
 //! being queued twice. A message that carries a producer identity keeps it
 //! upstream, so a receiver with an inbox recognises copies that came
-//! through two source brokers or two bridges.
+//! through two source brokers or two bridges. A producer's ask for
+//! receipts goes upstream with its message, and the receipts come back
+//! ([`receipts`]).
 //!
 //! Build a [`Bridge`] in code (or read one from TOML with `steadfast
 //! bridge --config`), [`Bridge::start`] it, and [`RunningBridge::stop`] it:
@@ -32,6 +34,7 @@
 //! # }
 //! ```
 
+pub mod receipts;
 mod rewrite;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +48,7 @@ use tokio::sync::{mpsc, watch};
 pub use rewrite::{Rewrite, RewriteError, TemplateProblem};
 
 use crate::{AppendError, Client, ClientConfig, Consumer, ConsumerConfig, Message, OpenError, Received};
+use receipts::Relay;
 
 /// Deliveries queued but not yet acknowledged to the source, per route.
 const PIPELINE: usize = 8192;
@@ -192,9 +196,9 @@ async fn open_route(r: &Route) -> Result<(Client, Consumer), OpenError> {
     if !report.is_clean() {
         tracing::error!(route = %r.name, problem = ?report.problem, "the outbox was damaged and repaired");
     }
-    // A bridge's outbox is not a consumer's handling: it sends no receipt
-    // (receipts do not cross a bridge yet; docs/guarantees.md, "Receipts").
-    match Consumer::open(r.source.clone().send_receipts(false)).await {
+    // A bridge's outbox is not a consumer's handling: it answers no ask
+    // for a receipt, it passes it on.
+    match Consumer::open(r.source.clone().relay()).await {
         Ok((consumer, _)) => Ok((client, consumer)),
         Err(e) => {
             client.close().await;
@@ -261,6 +265,7 @@ async fn forward(
 ) -> Result<(), RouteEnd> {
     let (tx, mut rx) = mpsc::channel::<(AcceptFuture, Received)>(PIPELINE);
     let name = r.name.clone();
+    let mut relay = Relay::start(&name, r.destination.clone(), client.clone(), consumer.relayer()).await;
     let mut acker_stop = stop.clone();
     let acker = tokio::spawn(async move {
         while let Some((accepted, d)) = rx.recv().await {
@@ -293,7 +298,7 @@ async fn forward(
         let Some(d) = d else { break Err(RouteEnd::ConsumerClosed) };
         let taken = tokio::select! {
             biased;
-            t = take(&r, &client, &tx, d) => t,
+            t = take(&r, &client, &mut relay, &tx, d) => t,
             _ = stop.wait_for(|s| *s) => break Ok(()),
         };
         if let Err(e) = taken {
@@ -302,6 +307,7 @@ async fn forward(
     };
     drop(tx);
     let _ = acker.await;
+    relay.stop().await;
     consumer.close().await;
     client.close().await;
     result
@@ -310,6 +316,7 @@ async fn forward(
 async fn take(
     r: &Route,
     client: &Client,
+    relay: &mut Relay,
     tx: &mpsc::Sender<(AcceptFuture, Received)>,
     d: Received,
 ) -> Result<(), RouteEnd> {
@@ -320,6 +327,9 @@ async fn take(
         .props(d.properties().clone());
     if let Some(id) = d.identity() {
         m = m.origin(id);
+        if let Some(topic) = d.receipt_topic() {
+            relay.pass_on(&mut m, id, topic);
+        }
     }
     // A message that came with an expiry keeps it: what it had left then
     // is its deadline here (the route's class otherwise).

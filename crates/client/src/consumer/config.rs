@@ -23,6 +23,9 @@ pub struct ConsumerConfig {
     pub(super) retry_after: Duration,
     pub(super) receipt_name: String,
     pub(super) send_receipts: bool,
+    /// A bridge's source: asks for receipts are passed on, not answered
+    /// (docs/design.md, "Receipts through a bridge").
+    pub(super) relay: bool,
 }
 
 impl ConsumerConfig {
@@ -33,6 +36,7 @@ impl ConsumerConfig {
         Self {
             receipt_name,
             send_receipts: true,
+            relay: false,
             client,
             topics: Vec::new(),
             inbox: true,
@@ -90,6 +94,16 @@ impl ConsumerConfig {
     /// bridge turns it off: its outbox is not the end of a message's way).
     pub fn send_receipts(mut self, on: bool) -> Self {
         self.send_receipts = on;
+        self
+    }
+    /// A bridge's source: it answers no ask for a receipt but keeps it on
+    /// the delivery ([`Received::receipt_topic`](super::Received::receipt_topic)),
+    /// and hands over again a copy of something it handled when the copy
+    /// asks for a receipt (the producer got none, so what was passed on
+    /// may have been lost further on).
+    pub(crate) fn relay(mut self) -> Self {
+        self.send_receipts = false;
+        self.relay = true;
         self
     }
     /// The name in this consumer's receipts.

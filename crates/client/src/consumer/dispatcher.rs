@@ -32,7 +32,7 @@ impl Delivered for Pending {
     type Token = Token;
 
     fn identity(&self) -> Option<&Identity> {
-        self.identity.as_ref()
+        self.identity.as_ref().filter(|_| self.inbox)
     }
 
     fn token(&self) -> Token {
@@ -40,7 +40,7 @@ impl Delivered for Pending {
     }
 
     fn receipt(&self) -> Option<&str> {
-        self.msg.receipt.as_deref().filter(|_| self.identity.is_some())
+        self.msg.receipt.as_deref().filter(|_| self.identity().is_some())
     }
 }
 
@@ -136,20 +136,20 @@ impl Dispatcher {
                     msg.payload = payload;
                     // MQTT 3.1.1: the receipts topic follows from the
                     // producer id.
-                    if asking && self.cfg.send_receipts {
+                    if asking && (self.cfg.send_receipts || self.cfg.relay) {
                         msg.receipt = Some(receipt_topic(&self.cfg.client.receipt_prefix, &id.producer));
                     }
                     identity = Some(id);
                 }
             }
-            if !self.cfg.inbox && msg.receipt.is_some() && !std::mem::replace(&mut self.warned_receipts, true) {
+            let warn = !self.cfg.inbox && !self.cfg.relay && msg.receipt.is_some();
+            if warn && !std::mem::replace(&mut self.warned_receipts, true) {
                 tracing::warn!(topic = %msg.topic, "a producer asks for receipts, but this consumer records nothing (no inbox, --no-dedup): it sends none, and the producer will publish its messages again");
             }
-            let identity = identity.filter(|_| self.cfg.inbox);
-            if !self.cfg.send_receipts {
+            if !self.cfg.send_receipts && !self.cfg.relay {
                 msg.receipt = None;
             }
-            items.push(Pending { token, msg, identity });
+            items.push(Pending { token, msg, identity, inbox: self.cfg.inbox });
         }
         let ask = self.engine.to_ask(&items);
         let seen = if ask.is_empty() {
@@ -176,6 +176,12 @@ impl Dispatcher {
                 Cmd::Ack { token, identity } => acks.push((token, identity)),
                 Cmd::Retry(p) => self.engine.handle_refused(*p, now()),
                 Cmd::Flush(tx) => self.flush = Some(tx),
+                Cmd::Relay { topic, payload, count } => {
+                    for d in &self.to_drivers {
+                        let (topic, payload) = (topic.clone(), payload.clone());
+                        let _ = d.send(DriverCmd::Publish { topic, payload, count });
+                    }
+                }
                 Cmd::Recorded(done, ok) => self.engine.handle_recorded(done, ok, now()),
             }
         }

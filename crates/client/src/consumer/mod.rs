@@ -101,6 +101,13 @@ enum Cmd {
     Recorded(Vec<(Identity, Token)>, bool),
     /// Close: finish the acknowledgements under way, then answer.
     Flush(oneshot::Sender<()>),
+    /// Publish this on every broker's session (QoS 1, not stored): a
+    /// bridge hands receipts back to their producers this way.
+    Relay {
+        topic: String,
+        payload: Vec<u8>,
+        count: u64,
+    },
 }
 
 /// A message from one broker's driver.
@@ -124,6 +131,20 @@ enum DriverCmd {
         payload: Vec<u8>,
         count: u64,
     },
+}
+
+/// Publishes on a consumer's sessions: see [`Consumer::relayer`].
+#[derive(Clone)]
+pub(crate) struct Relayer(mpsc::UnboundedSender<Cmd>);
+
+impl Relayer {
+    /// Publishes `payload` at `topic` (QoS 1, not stored) on the session of
+    /// every broker that has one now; `count`: the receipts it carries,
+    /// for the log. What finds no session is not sent: a receipt lost is a
+    /// message published again, and answered again.
+    pub(crate) fn relay(&self, topic: String, payload: Vec<u8>, count: u64) {
+        let _ = self.0.send(Cmd::Relay { topic, payload, count });
+    }
 }
 
 /// A reliable MQTT consumer. See the module documentation.
@@ -215,6 +236,7 @@ impl Consumer {
                     gap_timeout: cfg.gap_timeout,
                     retry_after: cfg.retry_after,
                     record_retry: Duration::from_secs(1),
+                    relay: cfg.relay,
                 },
                 high,
             ),
@@ -253,6 +275,12 @@ impl Consumer {
     pub fn events(&self) -> broadcast::Receiver<Event> {
         let first = self.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
         first.unwrap_or_else(|| self.events.subscribe())
+    }
+
+    /// A handle that publishes on this consumer's sessions (a bridge hands
+    /// receipts back to their producers with it).
+    pub(crate) fn relayer(&self) -> Relayer {
+        Relayer(self.cmds.clone())
     }
 
     /// Deliveries acknowledged by this process so far.

@@ -20,6 +20,8 @@ pub struct Received {
     qos: Qos,
     retain: bool,
     identity: Option<Identity>,
+    /// Its identity is recorded in the inbox once it is acknowledged.
+    inbox: bool,
     broker: String,
     redelivered: bool,
     /// The broker's DUP flag: it sent this packet id before.
@@ -61,6 +63,12 @@ impl Received {
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.as_ref()
     }
+    /// Where its producer asked for a receipt, if it asks for one. A
+    /// consumer sends the receipt by itself once the message is recorded
+    /// in its inbox; this is for a relay that passes the ask on.
+    pub fn receipt_topic(&self) -> Option<&str> {
+        self.receipt.as_deref()
+    }
     /// The broker it came from.
     pub fn broker(&self) -> &str {
         &self.broker
@@ -96,7 +104,8 @@ impl Received {
     /// acknowledgements of many deliveries share one disk sync.
     pub fn ack(mut self) {
         if let Some(token) = self.token.take() {
-            let _ = self.cmds.send(Cmd::Ack { token, identity: self.identity.take() });
+            let identity = self.identity.take().filter(|_| self.inbox);
+            let _ = self.cmds.send(Cmd::Ack { token, identity });
         }
     }
 
@@ -123,6 +132,7 @@ impl Received {
                 expiry_secs: self.expiry_secs,
             },
             identity: self.identity.take(),
+            inbox: self.inbox,
         })
     }
 }
@@ -136,11 +146,14 @@ impl Drop for Received {
 }
 
 /// A delivery the dispatcher holds: where its acknowledgement goes, the
-/// message, and its identity (when the inbox is on).
+/// message, and the identity it carries (which the dispatcher and the
+/// inbox look at only when the inbox is on; a bridge without an inbox
+/// still keeps it upstream).
 pub(super) struct Pending {
     pub(super) token: Token,
     pub(super) msg: Inbound,
     pub(super) identity: Option<Identity>,
+    pub(super) inbox: bool,
 }
 
 impl Pending {
@@ -151,6 +164,7 @@ impl Pending {
             qos: self.msg.qos,
             retain: self.msg.retain,
             identity: self.identity,
+            inbox: self.inbox,
             broker,
             redelivered: redelivered || self.msg.dup,
             broker_dup: self.msg.dup,

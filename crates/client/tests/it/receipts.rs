@@ -1,11 +1,12 @@
 //! End-to-end receipts against real Mosquitto: a broker that forgets what
 //! it acknowledged, receipts lost on their way back, MQTT 3.1.1 with the
-//! envelope, and who handled a message.
+//! envelope, who handled a message, and receipts through a bridge.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use steadfast::bridge::{route_dirs, Bridge, Route, RunningBridge};
 use steadfast::{
     BrokerSet, Client, ClientConfig, Consumer, ConsumerConfig, Handling, Message, Need, ProtocolVersion, Qos,
     ReceiptRule,
@@ -313,6 +314,100 @@ async fn with_fanout_a_receipt_through_the_surviving_broker_completes_the_messag
     status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
     let s = p.status().await.unwrap();
     assert_eq!((s.receipts.handled, s.receipts.republished), (N as u64, 0), "{:?}", s.receipts);
+    p.close().await;
+    c.close().await;
+}
+
+/// A route from `local` to `upstream` for `e2e/#`, its stores under `dir`;
+/// `inbox`: the source keeps one (as with several source brokers).
+fn route(local: &str, upstream: &str, dir: &Path, inbox: bool, v311: bool) -> Route {
+    let (outbox, inbox_dir) = route_dirs(dir, "up");
+    let source = ConsumerConfig::new(config("br", local, &inbox_dir)).topic("e2e/#", Qos::AtLeastOnce).inbox(inbox);
+    let mut destination = config("br-out", upstream, &outbox);
+    if v311 {
+        destination = destination.version(ProtocolVersion::V311).envelope(true);
+    }
+    Route::new("up", source, destination)
+}
+
+async fn start_bridge(route: &Route, dir: &Path) -> RunningBridge {
+    Consumer::register(&route.source).await.unwrap();
+    Bridge { dir: dir.to_owned(), routes: vec![route.clone()] }.start().await.unwrap()
+}
+
+/// Through a bridge: the upstream broker acknowledges every message the
+/// route passed on while the consumer is away, and is killed. The producer
+/// behind the bridge publishes again for lack of receipts, the route passes
+/// the copies on (with an inbox of its own too, which knows them), the
+/// consumer handles each once and its receipts come back through the route.
+/// Once over MQTT 5, once over MQTT 3.1.1 with the envelope upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_bridge_what_an_upstream_broker_forgot_is_handled_once() {
+    const N: usize = 1_000;
+    for (inbox, v311) in [(false, false), (true, true)] {
+        let local = Mosquitto::plain().await;
+        let mut upstream = Mosquitto::plain().await;
+        let (bdir, cdir, pdir) =
+            (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut ccfg = consumer_config("line1", &upstream.url(), cdir.path(), "e2e/#");
+        if v311 {
+            let client = ccfg.client().clone().version(ProtocolVersion::V311).envelope(true);
+            ccfg = ConsumerConfig::new(client).topic("e2e/#", Qos::AtLeastOnce);
+        }
+        Consumer::register(&ccfg).await.unwrap();
+        let route = route(&local.url(), &upstream.url(), bdir.path(), inbox, v311);
+        let bridge = start_bridge(&route, bdir.path()).await;
+        let p = open(producer("gw", &local.url(), pdir.path(), Duration::from_secs(2))).await;
+        enqueue(&p, N);
+        status_until(&p, "all acknowledged by the local broker", Duration::from_secs(30), |s| {
+            s.receipts.awaiting == N as u64
+        })
+        .await;
+        status_until(&bridge.clients()[0], "all passed upstream", Duration::from_secs(30), |s| s.queued == 0).await;
+        upstream.restart().await;
+        let c = Consumer::open(ccfg).await.unwrap().0;
+        let seen = handle(&c, N, Duration::from_secs(120)).await;
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "handed over twice: {twice:?}");
+        status_until(&p, "every message handled", Duration::from_secs(60), |s| s.queued == 0).await;
+        let s = p.status().await.unwrap().receipts;
+        assert_eq!(s.handled, N as u64, "{s:?}");
+        assert!(s.republished >= N as u64, "the upstream broker forgot them all: {s:?}");
+        let r = bridge.clients()[0].status().await.unwrap().receipts;
+        assert!(r.relayed >= 2 * N as u64 && r.returned >= N as u64, "{r:?}");
+        assert_eq!(r.awaiting, 0, "the route's own outbox awaits nothing: {r:?}");
+        bridge.stop().await;
+        p.close().await;
+        c.close().await;
+    }
+}
+
+/// Receipts for what a route passed on before it was restarted come back
+/// through the restarted route, without a resend: it remembers whom it
+/// relayed for and listens again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_bridge_hands_back_receipts_for_what_it_passed_on_before() {
+    const N: usize = 200;
+    let local = Mosquitto::plain().await;
+    let upstream = Mosquitto::start(MosquittoOptions { persistence: true, extra: vec![] }).await;
+    let (bdir, cdir, pdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ccfg = consumer_config("line1", &upstream.url(), cdir.path(), "e2e/#");
+    Consumer::register(&ccfg).await.unwrap();
+    let route = route(&local.url(), &upstream.url(), bdir.path(), false, false);
+    let bridge = start_bridge(&route, bdir.path()).await;
+    let p = open(producer("gw", &local.url(), pdir.path(), Duration::from_secs(600))).await;
+    enqueue(&p, N);
+    status_until(&p, "all acknowledged", Duration::from_secs(30), |s| s.receipts.awaiting == N as u64).await;
+    status_until(&bridge.clients()[0], "all passed upstream", Duration::from_secs(30), |s| s.queued == 0).await;
+    bridge.stop().await;
+    let bridge = Bridge { dir: bdir.path().to_owned(), routes: vec![route] }.start().await.unwrap();
+    let c = Consumer::open(ccfg).await.unwrap().0;
+    let seen = handle(&c, N, Duration::from_secs(30)).await;
+    assert!(seen.values().all(|n| *n == 1), "each handed over once");
+    status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
+    let s = p.status().await.unwrap().receipts;
+    assert_eq!((s.handled, s.republished), (N as u64, 0), "{s:?}");
+    bridge.stop().await;
     p.close().await;
     c.close().await;
 }

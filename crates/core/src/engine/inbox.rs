@@ -103,6 +103,12 @@ pub struct DispatchConfig {
     pub retry_after: Duration,
     /// How long a failed inbox record waits before it is tried again.
     pub record_retry: Duration,
+    /// A relay (a bridge's source): it sends no receipt, and a copy of
+    /// something it handled before is handed over again when the copy asks
+    /// for a receipt. Its producer publishing again means no receipt came
+    /// back: what the relay passed on may have been lost further on, and
+    /// only the consumer at the end can tell.
+    pub relay: bool,
 }
 
 /// The consumer's dispatcher.
@@ -176,6 +182,10 @@ impl<P: Delivered> Dispatch<P> {
             };
             let known = !fresh && seen.next().unwrap_or(false);
             if known && !crate::mutate::planted(crate::mutate::Bug::InboxForgets) {
+                if self.cfg.relay && p.receipt().is_some() {
+                    self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: true });
+                    continue;
+                }
                 duplicates += 1;
                 self.ops.push_back(DispatchOp::AckBroker(p.token()));
                 // Handled before: its receipt may be what was lost.
@@ -184,15 +194,16 @@ impl<P: Delivered> Dispatch<P> {
                 }
                 continue;
             }
+            let owed = p.receipt().filter(|_| !self.cfg.relay).map(str::to_owned);
             if let Some((copies, receipt)) = self.handling.get_mut(&id) {
                 copies.push(p.token());
                 if receipt.is_none() {
-                    *receipt = p.receipt().map(str::to_owned);
+                    *receipt = owed;
                 }
                 duplicates += 1;
                 continue;
             }
-            self.handling.insert(id.clone(), (Vec::new(), p.receipt().map(str::to_owned)));
+            self.handling.insert(id.clone(), (Vec::new(), owed));
             let h = self.high.entry(id.producer.clone()).or_default();
             *h = (*h).max(id.seq);
             self.note_sequence(&id, now.at);
@@ -381,15 +392,19 @@ mod tests {
     /// A receipt is owed once the inbox recorded the message, and again
     /// for a copy of something handled before (its first receipt may be
     /// what was lost), never for what asked for none.
-    #[test]
-    fn a_receipt_follows_the_inbox_record_and_answers_every_later_copy() {
-        let now = Now { at: Instant::now(), wall_ms: 0 };
-        let cfg = DispatchConfig {
+    fn config(relay: bool) -> DispatchConfig {
+        DispatchConfig {
             gap_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
             record_retry: Duration::from_secs(1),
-        };
-        let mut e: Dispatch<D> = Dispatch::new(cfg, [("p".to_owned(), 1)]);
+            relay,
+        }
+    }
+
+    #[test]
+    fn a_receipt_follows_the_inbox_record_and_answers_every_later_copy() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> = Dispatch::new(config(false), [("p".to_owned(), 1)]);
         e.handle_delivered(vec![d(2, 10, Some("r/p")), d(3, 11, None)], &[], now);
         assert!(receipts(&mut e).is_empty(), "nothing is owed while in the application's hands");
         e.handle_acks([(10, Some(d(2, 0, None).id)), (11, Some(d(3, 0, None).id))]);
@@ -404,5 +419,33 @@ mod tests {
         // A copy of seq 1, which the inbox holds.
         e.handle_delivered(vec![d(1, 12, Some("r/p"))], &[true], now);
         assert_eq!(receipts(&mut e), [(12, 1, "r/p".to_owned())]);
+    }
+
+    /// A relay owes no receipt, and passes on again a copy of what it
+    /// handled when the copy asks for a receipt (its producer got none);
+    /// a copy that asks for none is dropped as by any consumer.
+    #[test]
+    fn a_relay_passes_on_again_what_its_producer_publishes_again_for_lack_of_a_receipt() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> = Dispatch::new(config(true), [("p".to_owned(), 1)]);
+        e.handle_delivered(vec![d(2, 10, Some("r/p"))], &[], now);
+        e.handle_acks([(10, Some(d(2, 0, None).id))]);
+        let ops: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        let batch = ops.iter().find_map(|op| match op {
+            DispatchOp::Record(b) => Some(b.clone()),
+            _ => None,
+        });
+        e.handle_recorded(batch.expect("recorded"), true, now);
+        assert!(receipts(&mut e).is_empty(), "a relay sends no receipt");
+        e.handle_delivered(vec![d(1, 12, Some("r/p")), d(1, 13, None)], &[true, true], now);
+        let ops: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        assert_eq!(
+            ops,
+            [
+                DispatchOp::HandOver { delivery: d(1, 12, Some("r/p")), redelivered: true },
+                DispatchOp::AckBroker(13),
+                DispatchOp::Count(Counter::Duplicates, 1),
+            ]
+        );
     }
 }

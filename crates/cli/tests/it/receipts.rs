@@ -160,17 +160,23 @@ async fn kill_9_of_producer_and_consumer_at_random_points_loses_nothing() {
     assert_eq!((j["queued"].as_u64(), j["receipts"]["awaiting"].as_u64()), (Some(0), Some(0)), "{j}");
     assert_eq!(j["receipts"]["handled"].as_u64(), Some(N as u64), "{j}");
     let mut count: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    // Per round: lines printed, and of them printed by an earlier round.
+    let mut first: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    // Per round: lines printed, and of them how many each earlier round
+    // printed first.
     let mut per_round = Vec::new();
     for round in 0..=rounds {
         let text = std::fs::read_to_string(printed(round)).unwrap();
-        let again = text.lines().filter(|l| count.contains_key(*l)).count();
+        let mut again = vec![0; round];
         for l in text.lines() {
+            if let Some(r) = first.get(l).filter(|r| **r < round) {
+                again[*r] += 1;
+            }
+            first.entry(l.to_owned()).or_insert(round);
             *count.entry(l.to_owned()).or_default() += 1;
         }
         per_round.push((text.lines().count(), again));
     }
-    eprintln!("per round (printed, printed before): {per_round:?}");
+    eprintln!("per round (printed, of them printed first by each earlier round): {per_round:?}");
     for round in 0..=rounds {
         let err = std::fs::read_to_string(dir.path().join(format!("sub-{round}.err"))).unwrap_or_default();
         let notable: Vec<&str> = err
@@ -186,9 +192,13 @@ async fn kill_9_of_producer_and_consumer_at_random_points_loses_nothing() {
         lines(N).lines().filter(|l| !count.contains_key(*l)).take(5).map(str::to_owned).collect();
     assert!(missing.is_empty(), "never handled: {missing:?}");
     // A line printed again is one a killed `sub` had printed and not yet
-    // recorded: usually the broker's window per kill. Not asserted: in a
-    // few loaded runs far more came again, a cause not yet found (see the
-    // closing note of issue 16); the count is printed for the record.
+    // recorded: at most its window (--max-inflight 64) per kill, whatever
+    // the broker sends (Mosquitto 2.0.11 sends more than the Receive
+    // Maximum; the consumer hands over no more than it).
     let repeats: usize = count.values().map(|n| n - 1).sum();
     eprintln!("{repeats} lines printed again after {sub_kills} kills of sub");
+    assert!(
+        repeats <= 64 * sub_kills,
+        "{repeats} lines printed again after {sub_kills} kills of sub: more than its window"
+    );
 }

@@ -45,6 +45,8 @@ pub(super) struct Relay {
     stop: watch::Sender<bool>,
     listener: Option<tokio::task::JoinHandle<()>>,
     client: Client,
+    /// Said once: the destination cannot carry an ask.
+    warned: bool,
 }
 
 impl Relay {
@@ -66,6 +68,7 @@ impl Relay {
             stop: watch::channel(false).0,
             listener: None,
             client,
+            warned: false,
         };
         if !relay.asked.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
             relay.listen();
@@ -77,6 +80,10 @@ impl Relay {
     /// with `m`: it asks for receipts at the route's topic for that
     /// producer.
     pub(super) fn pass_on(&mut self, m: &mut Message, id: &Identity, topic: &str) {
+        let d = &self.destination;
+        if d.version == crate::ProtocolVersion::V311 && !d.envelope && !std::mem::replace(&mut self.warned, true) {
+            tracing::warn!(producer = %id.producer, "a producer asks for receipts, but this route's destination speaks MQTT 3.1.1 without the envelope: the ask cannot go upstream, and the producer will publish again until its deadline; set envelope = true on the destination (and --envelope on the consumers)");
+        }
         m.props.user.push((RECEIPT_PROPERTY.to_owned(), receipt_topic(&self.prefix, &id.producer)));
         let changed = {
             let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());

@@ -99,7 +99,7 @@ impl Dispatcher {
                 }
                 permit = app.reserve(), if !self.ready.is_empty() => {
                     let Ok(permit) = permit else { return };
-                    if !send_queued(&app, permit, &mut self.ready) {
+                    if !send_queued(&app, permit, &mut self.ready, usize::MAX) {
                         return;
                     }
                 }

@@ -362,10 +362,11 @@ impl Consumer {
 
 /// Sends `queue`'s front through the reserved `permit`, then as many more
 /// as `tx` has room for now; false when the channel is closed.
-fn send_queued<T>(tx: &mpsc::Sender<T>, permit: mpsc::Permit<'_, T>, queue: &mut VecDeque<T>) -> bool {
+fn send_queued<T>(tx: &mpsc::Sender<T>, permit: mpsc::Permit<'_, T>, queue: &mut VecDeque<T>, limit: usize) -> bool {
     permit.send(queue.pop_front().expect("not empty"));
-    // And whatever else fits now.
-    while let Some(m) = queue.pop_front() {
+    // And whatever else fits now, up to `limit` in all.
+    for _ in 1..limit {
+        let Some(m) = queue.pop_front() else { break };
         if let Err(e) = tx.try_send(m) {
             match e {
                 mpsc::error::TrySendError::Full(m) => queue.push_front(m),

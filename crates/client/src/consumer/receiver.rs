@@ -60,6 +60,9 @@ struct Connection {
     to_forward: VecDeque<FromBroker>,
     /// The packet id of the last receipt sent.
     next_pid: u16,
+    /// The broker went past the Receive Maximum once on this connection
+    /// (said once).
+    over_window: bool,
 }
 
 impl Receiver {
@@ -140,10 +143,11 @@ impl Receiver {
             conn.write_due().await?;
             let wake = conn.session.poll_timeout().map_or_else(far_future, Instant::from_std);
             let out = self.out.clone();
+            let room = conn.room(self.cfg.client.max_inflight);
             tokio::select! {
-                permit = out.reserve(), if !conn.to_forward.is_empty() => {
+                permit = out.reserve(), if room > 0 => {
                     let Ok(permit) = permit else { return Ok(()) };
-                    if !send_queued(&out, permit, &mut conn.to_forward) {
+                    if !send_queued(&out, permit, &mut conn.to_forward, room) {
                         return Ok(());
                     }
                 }
@@ -182,6 +186,12 @@ impl Receiver {
         match inc {
             Incoming::Publish(msg) => {
                 conn.session.handle_publish(msg.pid, msg.qos);
+                let (open, max) = (conn.session.unacknowledged(), self.cfg.client.max_inflight);
+                if open > max as usize && !std::mem::replace(&mut conn.over_window, true) {
+                    // Mosquitto 2.0.11 does, after a PUBACK of its oldest:
+                    // the rest waits here, unread, until there is room.
+                    tracing::debug!(broker = %self.url, unacknowledged = open, receive_maximum = max, "the broker sent more unacknowledged messages than the Receive Maximum; only that many are handed over at a time");
+                }
                 conn.to_forward.push_back(FromBroker { broker: self.index, epoch: conn.epoch, msg });
             }
             Incoming::PubRel { pid } => conn.session.handle_pubrel(pid, &mut LinkAcks(&mut conn.link)),
@@ -203,6 +213,24 @@ impl Receiver {
 }
 
 impl Connection {
+    /// How many more deliveries may go to the dispatcher now: at most
+    /// `max` (the Receive Maximum this side asked for) are handed over
+    /// and not yet acknowledged, whatever the broker sends, so that a
+    /// crash hands over again at most that many (a broker that ignores
+    /// the Receive Maximum only fills the socket, which is not read while
+    /// anything waits here).
+    fn room(&self, max: u16) -> usize {
+        let waiting = self.to_forward.iter().filter(|f| f.msg.pid.is_some()).count();
+        let open = self.session.unacknowledged().saturating_sub(waiting);
+        let room = (max as usize).saturating_sub(open);
+        // QoS 0 deliveries need no acknowledgement: they never wait for one.
+        match self.to_forward.front() {
+            None => 0,
+            Some(f) if f.msg.pid.is_none() => room.max(1),
+            Some(_) => room,
+        }
+    }
+
     /// A connection just opened: it owes nothing, forwards nothing yet,
     /// and its keep-alive and ping clocks start now.
     fn new(epoch: u64, rd: ReadHalf, wr: WriteHalf, link: Link, buf: Vec<u8>, keep_alive: Duration) -> Self {
@@ -216,6 +244,7 @@ impl Connection {
             session: ReceiveSession::new(keep_alive, clock::instant()),
             to_forward: VecDeque::new(),
             next_pid: 1,
+            over_window: false,
         }
     }
 

@@ -240,3 +240,56 @@ async fn nothing_more_before_a_marker(c: &Consumer, p: &Client, topic: &str, bro
         late.ok().flatten().map(|d| String::from_utf8_lossy(d.payload()).into_owned())
     );
 }
+
+/// At most the Receive Maximum is in the application's hands and not yet
+/// acknowledged, whatever the broker sends: Mosquitto 2.0.11 sends up to
+/// that many more after each acknowledgement of its oldest message in
+/// flight, so without the consumer's own bound a crash would hand over
+/// again many more than the window (seen as 1,531 lines printed again by a
+/// `kill -9`ed `sub`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_the_receive_maximum_is_handed_over_unacknowledged_whatever_the_broker_sends() {
+    const MAX: u16 = 8;
+    const N: usize = 300;
+    let broker = Mosquitto::plain().await;
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = consumer_config("windowed", std::slice::from_ref(&url), dir.path(), "w/#");
+    let cfg = ConsumerConfig::new(cfg.client().clone().max_inflight(MAX)).topic("w/#", Qos::AtLeastOnce);
+    Consumer::register(&cfg).await.unwrap();
+    let pdir = tempfile::tempdir().unwrap();
+    let p = open(config("windowed-p", &url, pdir.path())).await;
+    for i in 0..N {
+        p.enqueue(Message::new("w/t", format!("{i:04}"))).unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(30), p.wait_idle()).await.expect("all queued in the broker");
+    let c = consumer(cfg).await;
+    let mut seen = HashSet::new();
+    let mut held = Vec::new();
+    // Acknowledge one at a time (the broker's oldest), and each time hold
+    // whatever else comes meanwhile, without acknowledging it.
+    for _ in 0..4 {
+        let first = next(&c).await;
+        seen.insert(first.payload().to_vec());
+        first.ack();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(700), c.next()).await {
+            seen.insert(d.payload().to_vec());
+            held.push(d);
+            assert!(held.len() <= MAX as usize, "{} handed over unacknowledged, more than {MAX}", held.len());
+        }
+        // The oldest of those held is acknowledged next.
+        if !held.is_empty() {
+            held.remove(0).ack();
+        }
+    }
+    for d in held.drain(..) {
+        d.ack();
+    }
+    while seen.len() < N {
+        let d = next(&c).await;
+        seen.insert(d.payload().to_vec());
+        d.ack();
+    }
+    p.close().await;
+    c.close().await;
+}

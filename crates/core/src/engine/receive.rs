@@ -66,6 +66,12 @@ impl ReceiveSession {
         }
     }
 
+    /// Deliveries received and not acknowledged yet (the broker's count
+    /// against this side's Receive Maximum).
+    pub fn unacknowledged(&self) -> usize {
+        self.order.len()
+    }
+
     /// PUBREL: answered at once (the message was handled before its PUBREC
     /// left).
     pub fn handle_pubrel(&mut self, pid: u16, wire: &mut impl AckWire) {

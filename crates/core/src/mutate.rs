@@ -37,11 +37,17 @@ pub enum Bug {
     /// A publisher hears "accepted" when its message is appended, before
     /// the commit that holds it is synced.
     AcceptBeforeSync,
+    /// A message that asks for receipts leaves the outbox at its broker's
+    /// acknowledgement, as if it asked for none.
+    ReceiptsEndAtTheAck,
+    /// A receipt never completes a message: it waits and is published
+    /// again for ever.
+    ReceiptsNeverComplete,
 }
 
 impl Bug {
     /// Every bug that can be planted.
-    pub const ALL: [Bug; 10] = [
+    pub const ALL: [Bug; 12] = [
         Bug::ForgetInflightOnSessionLoss,
         Bug::DropWindowOnAckTimeout,
         Bug::PageSkipsAhead,
@@ -52,6 +58,8 @@ impl Bug {
         Bug::FanoutOneAckForAll,
         Bug::ExpiresEarly,
         Bug::AcceptBeforeSync,
+        Bug::ReceiptsEndAtTheAck,
+        Bug::ReceiptsNeverComplete,
     ];
 
     /// Its name on the command line.
@@ -67,6 +75,8 @@ impl Bug {
             Bug::FanoutOneAckForAll => "fanout-counts-one-ack-as-all",
             Bug::ExpiresEarly => "expires-early",
             Bug::AcceptBeforeSync => "accept-before-the-sync",
+            Bug::ReceiptsEndAtTheAck => "receipts-end-at-the-ack",
+            Bug::ReceiptsNeverComplete => "receipts-never-complete",
         }
     }
 
@@ -91,6 +101,8 @@ impl Bug {
             Bug::FanoutOneAckForAll => "a fanout message leaves the outbox at its first acknowledgement",
             Bug::ExpiresEarly => "a deadline-class message is dropped as expired before its deadline",
             Bug::AcceptBeforeSync => "a message is reported accepted before the commit that holds it is synced",
+            Bug::ReceiptsEndAtTheAck => "a message that asks for receipts leaves at its broker's acknowledgement",
+            Bug::ReceiptsNeverComplete => "a receipt never completes a message (it is published again for ever)",
         }
     }
 

@@ -186,6 +186,49 @@ impl fmt::Display for ReceiptRule {
     }
 }
 
+/// What a message's quorum of acknowledgements means for it
+/// ([`ReceiptRule::on_quorum`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// It asks for no receipts: it leaves, delivered.
+    Delivered,
+    /// The receipts noted before its quorum already meet its rule: it
+    /// leaves, handled.
+    Handled,
+    /// It stays in the outbox, awaiting receipts, until `due_ms` (then it
+    /// is published again).
+    Await {
+        /// When the wait ends (ms, the clock of `now_ms`).
+        due_ms: u64,
+    },
+}
+
+impl ReceiptRule {
+    /// The brokers of a message's route acknowledged it (its quorum):
+    /// with `rule` (`None`: it asks for no receipts), `noted` distinct
+    /// receipts that count already noted, after `resends` resends, at
+    /// `now_ms`. The outbox's writer and the simulator both decide here.
+    pub fn on_quorum(rule: Option<&ReceiptRule>, noted: usize, resends: u32, now_ms: u64) -> Settle {
+        let Some(rule) = rule else { return Settle::Delivered };
+        if crate::mutate::planted(crate::mutate::Bug::ReceiptsEndAtTheAck) {
+            return Settle::Delivered;
+        }
+        if noted > 0 && rule.met(noted) {
+            return Settle::Handled;
+        }
+        Settle::Await { due_ms: now_ms.saturating_add(rule.wait(resends).as_millis() as u64) }
+    }
+
+    /// A receipt that counts came for a message: it leaves, handled, when
+    /// `distinct` receipts now meet the rule and the receipt may complete
+    /// it: it awaits receipts, or its route needs one broker (a receipt
+    /// proves a broker took it), or its quorum of acknowledgements came.
+    pub fn completes(&self, distinct: usize, awaiting: bool, need: u32, quorum_met: bool) -> bool {
+        let may = awaiting || need <= 1 || quorum_met;
+        may && self.met(distinct) && !crate::mutate::planted(crate::mutate::Bug::ReceiptsNeverComplete)
+    }
+}
+
 /// A receipt: consumer `by` handled these sequence numbers of `producer`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerReceipt {

@@ -21,6 +21,8 @@ pub struct Del {
     pub id: u64,
     pub identity: Identity,
     pub token: Token,
+    /// Its producer asks for a receipt.
+    pub receipt: bool,
 }
 
 impl Delivered for Del {
@@ -30,6 +32,9 @@ impl Delivered for Del {
     }
     fn token(&self) -> Token {
         self.token
+    }
+    fn receipt(&self) -> Option<&str> {
+        self.receipt.then_some("receipts/sim-producer")
     }
 }
 

@@ -43,6 +43,9 @@ pub struct Totals {
     pub budget: usize,
     /// Lost by the brokers themselves (beyond steadfast's promise).
     pub broker_lost: usize,
+    /// Lost by the brokers, published again for lack of a receipt, and
+    /// handled (worlds with receipts).
+    pub rescued: usize,
     /// Moved aside as poison: messages larger than the brokers take (kept
     /// and reported, not delivered).
     pub poisoned: usize,
@@ -59,6 +62,7 @@ impl Totals {
         self.expired += v.dropped.0;
         self.budget += v.dropped.1;
         self.broker_lost += v.broker_lost;
+        self.rescued += v.rescued;
         self.poisoned += v.poisoned.len();
         self.faults += v.faults;
         self.skipped += v.skipped;

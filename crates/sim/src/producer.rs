@@ -9,7 +9,8 @@ use steadfast_core::engine::{
     accept_after_sync, quorum_met, Bound, Now, PublishSession, Queued, SessionConfig, StoreOp, SweepConfig, Sweeper,
     Wire,
 };
-use steadfast_core::{AckTimeout, DropReason, Qos, Stage, PRIORITIES};
+use steadfast_core::receipt::Settle;
+use steadfast_core::{AckTimeout, DropReason, Qos, ReceiptRule, Stage, PRIORITIES};
 
 use crate::broker::FRAME;
 use crate::schedule::{Schedule, Spread};
@@ -36,6 +37,13 @@ pub struct Msg {
     pub poisoned: bool,
     /// Larger than the brokers take (they close the link on it).
     pub oversize: bool,
+    /// Delivered, awaiting the consumer's receipt until then (ms); not
+    /// sent meanwhile.
+    pub awaiting: Option<u64>,
+    /// Published again for lack of a receipt, so far.
+    pub resends: u32,
+    /// A receipt came before its quorum of acknowledgements (fanout).
+    pub receipted: bool,
 }
 
 impl Queued for Msg {
@@ -186,6 +194,8 @@ pub struct Producer {
     /// Decides which binds fail (a full disk).
     rng: fastrand::Rng,
     bind_fail_per_mille: u32,
+    /// What every message asks of the consumer, if anything.
+    receipts: Option<ReceiptRule>,
 }
 
 impl Producer {
@@ -222,6 +232,7 @@ impl Producer {
             phantom_acks: BTreeSet::new(),
             rng: fastrand::Rng::with_seed(s.seed ^ 0xb1d),
             bind_fail_per_mille: s.bind_fail_per_mille,
+            receipts: s.receipts_ms.map(|ms| ReceiptRule::any(Duration::from_millis(ms))),
         };
         p.start(epoch);
         p
@@ -299,6 +310,9 @@ impl Producer {
             priority,
             poisoned: false,
             oversize,
+            awaiting: None,
+            resends: 0,
+            receipted: false,
         };
         self.working.msgs.insert(id, m);
         if let Some(e) = expires_ms {
@@ -340,7 +354,8 @@ impl Producer {
         self.working
             .msgs
             .range(after + 1..=upto)
-            .filter(|(_, m)| !m.done && !m.poisoned && m.acks & (1 << slot) == 0 && m.priority as usize == p)
+            .filter(|(_, m)| !m.done && !m.poisoned && m.awaiting.is_none())
+            .filter(|(_, m)| m.acks & (1 << slot) == 0 && m.priority as usize == p)
             .take(self.cfg.page)
             .map(|(_, m)| m.clone())
             .collect()
@@ -415,9 +430,24 @@ impl Producer {
             self.working.wire.remove(&(slot, id));
             let Some(m) = self.working.msgs.get_mut(&id) else { continue };
             m.acks |= 1 << slot;
-            let done = !m.done && quorum_met(m.acks, mask, self.need);
-            m.done |= done;
-            let quorum = if done { ": quorum met, delivered" } else { "" };
+            let quorum = !m.done && m.awaiting.is_none() && quorum_met(m.acks, mask, self.need);
+            let settle =
+                quorum.then(|| ReceiptRule::on_quorum(self.receipts.as_ref(), m.receipted as usize, m.resends, t));
+            let quorum = match settle {
+                None => "",
+                Some(Settle::Delivered) => {
+                    m.done = true;
+                    ": quorum met, delivered"
+                }
+                Some(Settle::Handled) => {
+                    m.done = true;
+                    ": quorum met, and the consumer's receipt came before it: handled"
+                }
+                Some(Settle::Await { due_ms }) => {
+                    m.awaiting = Some(due_ms);
+                    ": quorum met, delivered; awaiting the consumer's receipt"
+                }
+            };
             if self.acks_reached.get(&id).is_some_and(|b| b.contains(&slot)) {
                 trace.note(t, Some(id), format!("outbox: acknowledged by broker {slot}{quorum}"));
             } else {
@@ -494,5 +524,56 @@ impl Producer {
     /// True while changes wait for a commit.
     pub fn dirty(&self) -> bool {
         self.dirty
+    }
+
+    /// The consumer's receipt for `id` reached this process (through its
+    /// receipts session): the message leaves, handled, when the rule
+    /// allows (else the receipt is noted); applied with the next commit.
+    pub fn receipt(&mut self, id: u64, t: u64, trace: &mut Trace) {
+        let Some(rule) = self.receipts.as_ref().filter(|_| self.alive()) else { return };
+        let mask = (1u64 << self.brokers) - 1;
+        if self.working.msgs.get(&id).is_none_or(|m| m.done) {
+            trace.note(t, Some(id), "producer: a receipt for a message no longer queued; nothing to do");
+            return;
+        }
+        self.dirty = true;
+        self.commit_due.get_or_insert(t + self.sync_ms);
+        let m = self.working.msgs.get_mut(&id).expect("checked");
+        if rule.completes(1, m.awaiting.is_some(), self.need, quorum_met(m.acks, mask, self.need)) {
+            m.done = true;
+            m.awaiting = None;
+            trace.note(t, Some(id), "outbox: the consumer's receipt came: HANDLED, it leaves");
+            self.working.settle(id);
+        } else if self.need > 1 {
+            // Noted, as the store notes receipts only for a route that
+            // needs several acknowledgements.
+            m.receipted = true;
+            trace.note(t, Some(id), "outbox: the consumer's receipt came before the quorum; noted");
+        } else {
+            trace.note(t, Some(id), "outbox: the consumer's receipt does not complete it");
+        }
+    }
+
+    /// When the next wait for receipts ends (ms).
+    pub fn receipts_due(&self) -> Option<u64> {
+        self.alive().then(|| self.working.msgs.values().filter_map(|m| m.awaiting).min()).flatten()
+    }
+
+    /// Messages whose wait for a receipt ended are queued again, to be
+    /// published under the same identity; every engine reads again.
+    pub fn sweep_receipts(&mut self, t: u64, trace: &mut Trace) {
+        if !self.alive() || self.receipts_due().is_none_or(|due| due > t) {
+            return;
+        }
+        for m in self.working.msgs.values_mut().filter(|m| m.awaiting.is_some_and(|due| due <= t)) {
+            m.awaiting = None;
+            m.acks = 0;
+            m.resends += 1;
+            trace.note(t, Some(m.id), format!("outbox: no receipt in time: queued again (resend {})", m.resends));
+        }
+        self.changed(t);
+        for e in &mut self.engines {
+            e.rewind();
+        }
     }
 }

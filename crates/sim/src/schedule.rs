@@ -167,6 +167,9 @@ pub struct Schedule {
     pub handling_ms: u64,
     /// The faults, by time (ms).
     pub faults: Vec<(u64, Fault)>,
+    /// Every message asks for one receipt from the consumer, within this
+    /// many ms (end-to-end receipts), in one world in three.
+    pub receipts_ms: Option<u64>,
 }
 
 /// A world's size, when chosen instead of seeded.
@@ -215,6 +218,9 @@ impl Schedule {
         }
         if let Some(q) = self.max_queued {
             quirks.push(format!("at most {q} queued for the consumer"));
+        }
+        if let Some(r) = self.receipts_ms {
+            quirks.push(format!("every message waits for the consumer's receipt ({r} ms, doubling)"));
         }
         let quirks = if quirks.is_empty() { String::new() } else { format!("; {}", quirks.join(", ")) };
         format!(
@@ -316,8 +322,20 @@ impl Schedule {
             // Drawn last, so that the draws before them stay what they were.
             mqtt5: true,
             qos2_closes: false,
+            receipts_ms: None,
         }
         .broker_kind(&mut rng)
+        .receipts()
+    }
+
+    /// One world in three asks for receipts (from a generator of its own,
+    /// so that the rest of the world is what the seed made it before).
+    fn receipts(mut self) -> Schedule {
+        let mut rng = fastrand::Rng::with_seed(self.seed ^ 0x4ece_1b75);
+        if rng.u8(0..3) == 0 {
+            self.receipts_ms = Some(rng.u64(200..1_000));
+        }
+        self
     }
 
     /// One broker in four speaks MQTT 3.1.1 only (its CONNACK says nothing

@@ -96,3 +96,23 @@ fn a_chosen_size_makes_heavy_worlds_that_keep_the_promise() {
     // Without a size, the seed decides it as before.
     assert_eq!(Schedule::sized(7, None).messages, Schedule::of(7).messages);
 }
+
+/// In worlds where every message asks for the consumer's receipt, nothing
+/// is excused as lost by the brokers: what a broker without persistence
+/// lost after acknowledging it is published again and handled.
+#[test]
+fn with_receipts_what_the_brokers_lost_is_published_again_and_handled() {
+    let killed = |s: &Schedule| s.faults.iter().any(|(_, f)| matches!(f, Fault::KillBroker { .. }));
+    let picked = seeds(60, |s| s.receipts_ms.is_some() && !s.persistence && killed(s));
+    assert_eq!(picked.len(), 60, "seeds make such worlds");
+    let (mut rescued, mut republished) = (0, 0);
+    for seed in picked {
+        let v = run(seed);
+        assert!(v.passed(), "seed {seed}: {}", v.summary());
+        assert_eq!(v.broker_lost, 0, "seed {seed}: nothing is excused with receipts");
+        rescued += v.rescued;
+        republished += (1..=v.accepted as u64).filter(|id| v.trace.story(*id).contains("no receipt in time")).count();
+    }
+    assert!(rescued > 0, "some messages the brokers lost were published again and handled");
+    assert!(republished >= rescued, "{republished} published again, {rescued} rescued");
+}

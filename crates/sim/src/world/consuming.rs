@@ -188,7 +188,7 @@ impl World {
                         c.session.handle_publish(Some(pid), Qos::AtLeastOnce);
                     }
                     let identity = Identity { producer: PRODUCER.to_owned(), seq: id };
-                    Some(Del { id, identity, token: (b, epoch, pid) })
+                    Some(Del { id, identity, token: (b, epoch, pid), receipt: self.s.receipts_ms.is_some() })
                 }
             })
             .collect();
@@ -283,8 +283,7 @@ impl World {
                     self.consumer.records.push_back((at, batch));
                 }
                 DispatchOp::Count(..) => {}
-                // The simulated producer asks for no receipts.
-                DispatchOp::Receipt { .. } => {}
+                DispatchOp::Receipt { token: (b, _, _), identity, .. } => self.send_receipt(b, identity.seq),
                 DispatchOp::SuspectedLoss { first, last, .. } => {
                     self.trace.note(
                         self.t,

@@ -59,7 +59,11 @@ pub struct Verdict {
     pub phantom_acks: Vec<u64>,
     /// Lost by the broker (a kill without persistence, or since its last
     /// autosave): beyond what steadfast can promise, reported apart.
+    /// Never with receipts: then the message is published again.
     pub broker_lost: usize,
+    /// With receipts: messages the brokers lost after acknowledging them,
+    /// published again for lack of a receipt and handled.
+    pub rescued: usize,
     /// Faults applied.
     pub faults: usize,
     /// Faults that found their target down already (a kill of a process
@@ -188,6 +192,11 @@ struct World {
     /// PUBREC, and the user was told the broker may not support QoS 2 (an
     /// observer's record: it survives crashes).
     qos2_reported: bool,
+    /// Receipts on their way from the consumer to the producer: when they
+    /// arrive, the broker they go through and its life then, the message.
+    receipts: VecDeque<(u64, usize, u64, u64)>,
+    /// Per broker, how often it was killed (a receipt inside dies with it).
+    lives: Vec<u64>,
 }
 
 /// Runs the world of `seed` to its verdict.
@@ -223,6 +232,8 @@ pub fn run_sized(seed: u64, size: Option<Size>) -> Verdict {
         faults: 0,
         skipped: 0,
         qos2_reported: false,
+        receipts: VecDeque::new(),
+        lives: vec![0; n],
     };
     w.run();
     w.verdict()
@@ -300,6 +311,8 @@ impl World {
         at.extend(self.route_wake);
         at.extend(self.producer.commit_due);
         at.extend(self.producer.sweep_due().map(|w| self.ms(w)));
+        at.extend(self.producer.receipts_due());
+        at.extend(self.receipts.front().map(|r| r.0));
         for b in 0..self.brokers.len() {
             match &self.conns[b] {
                 None => at.push(self.next_connect[b]),
@@ -341,6 +354,7 @@ impl World {
             Fault::KillBroker { broker, down } => {
                 if self.brokers[broker].up {
                     self.brokers[broker].kill(self.t);
+                    self.lives[broker] += 1;
                     self.back.brokers[broker] = later(self.t, down);
                     self.producer_link_lost(broker, "the broker was killed", LinkEnd::Closed);
                     self.consumer_link_lost(broker, "the broker was killed");
@@ -466,6 +480,41 @@ impl World {
         }
     }
 
+    /// The consumer sent a receipt for `id` through broker `b` (on its
+    /// session there): it reaches the producer's receipts session unless
+    /// the broker dies or is cut off meanwhile, or the producer is down
+    /// then (each a lost receipt: the message is published again).
+    pub(super) fn send_receipt(&mut self, b: usize, id: u64) {
+        let open = self.cconns[b].as_ref().is_some_and(|c| c.hole_until <= self.t);
+        if !open {
+            self.trace.note(
+                self.t,
+                Some(id),
+                format!("consumer: its receipt is lost (no open session with broker {b})"),
+            );
+            return;
+        }
+        let at = (self.t + self.latency() + self.latency()).max(self.receipts.back().map_or(0, |r| r.0));
+        self.trace.note(self.t, Some(id), format!("consumer: receipt sent through broker {b}"));
+        self.receipts.push_back((at, b, self.lives[b], id));
+    }
+
+    /// Receipts that reached their broker and the producer by now.
+    fn receipts_arrive(&mut self) {
+        while self.receipts.front().is_some_and(|r| r.0 <= self.t) {
+            let (_, b, life, id) = self.receipts.pop_front().expect("front");
+            if self.lives[b] != life || self.unreachable(b) || !self.producer.alive() {
+                self.trace.note(
+                    self.t,
+                    Some(id),
+                    format!("its receipt is lost on the way (broker {b} or the producer went down)"),
+                );
+                continue;
+            }
+            self.producer.receipt(id, self.t, &mut self.trace);
+        }
+    }
+
     fn verdict(self) -> Verdict {
         let queued: BTreeSet<u64> = self
             .producer
@@ -483,12 +532,17 @@ impl World {
             Spread::Fanout { need } => need as usize,
             Spread::Failover { .. } => 1,
         };
-        let broker_lost = |id: &u64| {
+        let lost_by_brokers = |id: &u64| {
             let took =
                 self.producer.acks_reached.get(id).map(|b| b.iter().map(|b| &self.brokers[*b]).collect::<Vec<_>>());
             let took = took.unwrap_or_default();
             took.len() >= need && took.iter().all(|b| b.lost.contains(id))
         };
+        // With receipts nothing is excused: a message the brokers lost is
+        // published again for lack of a receipt.
+        let receipts = self.s.receipts_ms.is_some();
+        let broker_lost = |id: &u64| !receipts && lost_by_brokers(id);
+        let rescued = self.accepted.iter().filter(|id| receipts && handled(id) && lost_by_brokers(id)).count();
         // Poison is kept aside, not queued: rightly only a QoS 2 message
         // to brokers that close the link on QoS 2.
         let rightly = |m: &&crate::producer::Msg| m.oversize;
@@ -532,6 +586,7 @@ impl World {
             dropped_wrongly,
             phantom_acks: self.producer.phantom_acks.iter().copied().collect(),
             broker_lost,
+            rescued,
             faults: self.faults,
             skipped: self.skipped,
             handled: handled_count,

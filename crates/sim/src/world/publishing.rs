@@ -19,6 +19,8 @@ impl World {
             let d = self.routes.borrow_mut().decide(self.now().at);
             self.apply(d);
         }
+        self.receipts_arrive();
+        self.producer.sweep_receipts(self.t, &mut self.trace);
         for b in 0..self.brokers.len() {
             self.connect_producer(b);
             self.deliver_to_broker_and_producer(b);

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use steadfast_core::engine::{quorum_met, Sweep};
+use steadfast_core::receipt::Settle;
 use steadfast_core::{ConsumerReceipt, DropReason, ReceiptRule};
 
 use super::replies::Batch;
@@ -102,14 +103,14 @@ impl Writer {
         if e.acked_ms.is_none() {
             b.delivered += 1;
         }
-        if need > 1 {
-            let by = self.store.receipts_of(id)?;
-            if rule.met(by.len()) {
-                return self.handled(id, e, by, b);
-            }
-        }
+        // Receipts before the quorum are noted only when it needs several.
+        let by = if need > 1 { self.store.receipts_of(id)? } else { Vec::new() };
         let now = crate::now_ms();
-        let due = now.saturating_add(rule.wait(e.resends).as_millis() as u64);
+        let due = match ReceiptRule::on_quorum(Some(&rule), by.len(), e.resends, now) {
+            Settle::Delivered => return self.finish(id, e, Delivery::Delivered, b),
+            Settle::Handled => return self.handled(id, e, by, b),
+            Settle::Await { due_ms } => due_ms,
+        };
         self.store.await_receipts(id, due, now)?;
         self.sweeper.handle_awaiting(due);
         b.awaiting.push(id);
@@ -153,13 +154,13 @@ impl Writer {
                     }
                     counted += 1;
                     let (mask, need, _) = self.rule(e.route.as_deref());
-                    let quorum = e.awaiting_ms.is_some() || need <= 1 || quorum_met(e.acks, mask, need);
+                    let quorum = quorum_met(e.acks, mask, need);
                     let by = if rule.needed() == 1 && need <= 1 {
                         vec![receipt.by.clone()]
                     } else {
                         self.store.add_receipt(id, &receipt.by)?
                     };
-                    if quorum && rule.met(by.len()) {
+                    if rule.completes(by.len(), e.awaiting_ms.is_some(), need, quorum) {
                         self.handled(id, &e, by, b)?;
                         handled += 1;
                     }

@@ -265,7 +265,8 @@ async fn forward(
 ) -> Result<(), RouteEnd> {
     let (tx, mut rx) = mpsc::channel::<(AcceptFuture, Received)>(PIPELINE);
     let name = r.name.clone();
-    let mut relay = Relay::start(&name, r.destination.clone(), client.clone(), consumer.relayer()).await;
+    let mut relay =
+        Relay::start(&name, r.source.client(), r.destination.clone(), client.clone(), consumer.relayer()).await;
     let mut acker_stop = stop.clone();
     let acker = tokio::spawn(async move {
         while let Some((accepted, d)) = rx.recv().await {
@@ -320,6 +321,10 @@ async fn take(
     tx: &mpsc::Sender<(AcceptFuture, Received)>,
     d: Received,
 ) -> Result<(), RouteEnd> {
+    if relay.is_handed_back(d.topic(), d.payload()) {
+        d.ack();
+        return Ok(());
+    }
     let topic = r.rewrite.apply(d.topic());
     let mut m = Message::new(topic.clone(), d.payload().to_vec())
         .qos(r.qos.unwrap_or(d.qos()))
@@ -381,7 +386,9 @@ fn digest(d: &Received) -> u64 {
     eat(d.topic().as_bytes());
     eat(d.payload());
     eat(&[d.qos() as u8, u8::from(d.retain())]);
-    if let Some(id) = d.identity() {
+    // The identity as the route's inbox sees it: a route without one
+    // (one source broker) kept none in its records before.
+    if let Some(id) = d.identity().filter(|_| d.inbox()) {
         eat(id.to_property_value().as_bytes());
     }
     h

@@ -7,11 +7,13 @@
 //! of the way: it never answers an ask, and it passes a copy on again when
 //! the producer publishes it again for lack of a receipt.
 //!
-//! Only receipts of producers whose asks the route passed on go back (two
-//! routes in opposite directions would otherwise hand each other's
-//! receipts round forever); those producers and their topics are kept in
-//! the destination outbox's metadata, so receipts that arrive after a
-//! restart still find their way.
+//! Only receipts of producers whose asks the route passed on go back, and
+//! a route hands back no receipt it handed back before (each adds a line
+//! `via ROUTE_ID`): two routes in opposite directions would otherwise hand
+//! each other's receipts round for ever. Those producers and their topics
+//! are kept in the destination outbox's metadata, so receipts that arrive
+//! after a restart still find their way. A receipt the route hands back
+//! that its own source subscription matches is not forwarded as a message.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,8 @@ pub(super) struct Relay {
     prefix: String,
     /// Per producer: the topic it asked at on the source brokers.
     asked: Arc<Mutex<HashMap<String, String>>>,
+    /// Where producers at the source listen (MQTT 3.1.1 asks).
+    source_prefix: String,
     destination: ClientConfig,
     relayer: Relayer,
     /// Stops the receipts listener.
@@ -52,7 +56,13 @@ pub(super) struct Relay {
 impl Relay {
     /// The relay of a route, with what an earlier run relayed for: when
     /// it relayed for anyone, the receipts listener starts at once.
-    pub(super) async fn start(route: &str, destination: ClientConfig, client: Client, relayer: Relayer) -> Relay {
+    pub(super) async fn start(
+        route: &str,
+        source: &ClientConfig,
+        destination: ClientConfig,
+        client: Client,
+        relayer: Relayer,
+    ) -> Relay {
         let asked = match client.outbox().meta(ASKED_KEY).await {
             Ok(v) => parse(v.as_deref().unwrap_or("")),
             Err(e) => {
@@ -63,6 +73,7 @@ impl Relay {
         let mut relay = Relay {
             prefix: destination.receipt_prefix.clone(),
             asked: Arc::new(Mutex::new(asked)),
+            source_prefix: format!("{}/", source.receipt_prefix),
             destination,
             relayer,
             stop: watch::channel(false).0,
@@ -97,6 +108,15 @@ impl Relay {
         if self.listener.is_none() {
             self.listen();
         }
+    }
+
+    /// True for a receipt this route (or another) hands back at the
+    /// source: not a message to forward.
+    pub(super) fn is_handed_back(&self, topic: &str, payload: &[u8]) -> bool {
+        let receipt = payload.starts_with(ConsumerReceipt::HEADER.as_bytes());
+        let at = topic.starts_with(&self.source_prefix)
+            || self.asked.lock().unwrap_or_else(|e| e.into_inner()).values().any(|t| t == topic);
+        receipt && at
     }
 
     fn listen(&mut self) {
@@ -140,13 +160,23 @@ async fn hand_back(
             _ = stop.wait_for(|s| *s) => None,
         };
         let Some(d) = d else { break };
+        if via(d.payload()).any(|v| v == cfg.client_id) {
+            tracing::debug!(topic = d.topic(), "a receipt this route handed back before; not again");
+            d.ack();
+            continue;
+        }
         match ConsumerReceipt::decode(d.payload()) {
             Ok(r) => {
                 let to = asked.lock().unwrap_or_else(|e| e.into_inner()).get(&r.producer).cloned();
                 match to {
                     Some(topic) => {
                         let n = r.count();
-                        relayer.relay(topic, d.payload().to_vec(), n);
+                        let mut payload = d.payload().to_vec();
+                        if !payload.ends_with(b"\n") {
+                            payload.push(b'\n');
+                        }
+                        payload.extend_from_slice(format!("via {}\n", cfg.client_id).as_bytes());
+                        relayer.relay(topic, payload, n);
                         client.outbox().count(RETURNED, n);
                     }
                     None => {
@@ -159,6 +189,11 @@ async fn hand_back(
         d.ack();
     }
     consumer.close().await;
+}
+
+/// The routes a receipt was handed back through (its `via` lines).
+fn via(payload: &[u8]) -> impl Iterator<Item = &str> {
+    std::str::from_utf8(payload).unwrap_or("").lines().filter_map(|l| l.strip_prefix("via "))
 }
 
 fn parse(text: &str) -> HashMap<String, String> {
@@ -181,5 +216,17 @@ mod tests {
             [("gw-1", "steadfast/receipts/gw-1"), ("gw 2", "site/r/gw 2")].map(|(p, t)| (p.into(), t.into())).into();
         assert_eq!(parse(&format(&asked)), asked);
         assert!(parse("").is_empty());
+    }
+
+    /// A receipt handed back through routes names them in `via` lines,
+    /// which producers skip: the receipt reads the same.
+    #[test]
+    fn a_handed_back_receipt_names_its_routes_and_still_reads_as_a_receipt() {
+        let r = ConsumerReceipt { by: "line1".into(), producer: "gw".into(), ranges: vec![(1, 5)] };
+        let mut payload = r.encode();
+        payload.extend_from_slice(b"via site-7-out\nvia hub-out\n");
+        assert_eq!(via(&payload).collect::<Vec<_>>(), ["site-7-out", "hub-out"]);
+        assert_eq!(ConsumerReceipt::decode(&payload).unwrap(), r);
+        assert_eq!(via(&r.encode()).count(), 0);
     }
 }

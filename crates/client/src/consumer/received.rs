@@ -69,6 +69,10 @@ impl Received {
     pub fn receipt_topic(&self) -> Option<&str> {
         self.receipt.as_deref()
     }
+    /// Its identity goes to the inbox when it is acknowledged.
+    pub(crate) fn inbox(&self) -> bool {
+        self.inbox
+    }
     /// The broker it came from.
     pub fn broker(&self) -> &str {
         &self.broker

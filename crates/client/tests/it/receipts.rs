@@ -411,3 +411,46 @@ async fn a_restarted_bridge_hands_back_receipts_for_what_it_passed_on_before() {
     p.close().await;
     c.close().await;
 }
+
+/// A route whose source subscription also matches the receipts it hands
+/// back does not forward them as messages: they would come back to its
+/// own receipts listener and go round for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_does_not_forward_the_receipts_it_hands_back() {
+    const N: usize = 100;
+    let local = Mosquitto::plain().await;
+    let upstream = Mosquitto::plain().await;
+    let (bdir, cdir, pdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let c = Consumer::open(consumer_config("line1", &upstream.url(), cdir.path(), "e2e/#")).await.unwrap().0;
+    let mut route = route(&local.url(), &upstream.url(), bdir.path(), false, false);
+    route.source = route.source.topic("steadfast/#", Qos::AtLeastOnce);
+    let bridge = start_bridge(&route, bdir.path()).await;
+    let p = open(producer("gw", &local.url(), pdir.path(), Duration::from_secs(30))).await;
+    // The consumer's session is up once a message gets through.
+    loop {
+        p.publish(Message::new("e2e/probe", "probe").without_receipts()).await.unwrap().delivered().await.unwrap();
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(300), c.next()).await {
+            d.ack();
+            break;
+        }
+    }
+    enqueue(&p, N);
+    handle(&c, N, Duration::from_secs(30)).await;
+    status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
+    let upstream_acked = |s: &steadfast::Status| s.brokers[0].acked;
+    let before = upstream_acked(&bridge.clients()[0].status().await.unwrap());
+    assert_eq!(before, N as u64 + 1, "the messages and the probe went upstream, no receipt");
+    // A loop would forward each handed-back receipt upstream again within
+    // a round trip; two seconds is many of them.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        let now = upstream_acked(&bridge.clients()[0].status().await.unwrap());
+        assert_eq!(now, before, "the route forwarded receipts it handed back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = bridge.clients()[0].status().await.unwrap().receipts;
+    assert!(r.returned >= N as u64, "{r:?}");
+    bridge.stop().await;
+    p.close().await;
+    c.close().await;
+}

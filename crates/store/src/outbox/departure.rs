@@ -100,16 +100,21 @@ impl Writer {
             b.delivered += 1;
             return self.finish(id, e, Delivery::Delivered, b);
         };
-        if e.acked_ms.is_none() {
-            b.delivered += 1;
-        }
         // Receipts before the quorum are noted only when it needs several.
         let by = if need > 1 { self.store.receipts_of(id)? } else { Vec::new() };
         let now = crate::now_ms();
+        let first = e.acked_ms.is_none();
         let due = match ReceiptRule::on_quorum(Some(&rule), by.len(), e.resends, now) {
-            Settle::Delivered => return self.finish(id, e, Delivery::Delivered, b),
+            Settle::Delivered => {
+                b.delivered += u64::from(first);
+                return self.finish(id, e, Delivery::Delivered, b);
+            }
+            // Counted as delivered there (once).
             Settle::Handled => return self.handled(id, e, by, b),
-            Settle::Await { due_ms } => due_ms,
+            Settle::Await { due_ms } => {
+                b.delivered += u64::from(first);
+                due_ms
+            }
         };
         self.store.await_receipts(id, due, now)?;
         self.sweeper.handle_awaiting(due);

@@ -146,6 +146,30 @@ impl Message {
     }
 }
 
+/// A message checked and handed to the outbox (or, best-effort, sent).
+enum Started {
+    Sent(Receipt),
+    Queued {
+        producer: String,
+        accepted: AcceptFuture,
+        delivered: oneshot::Receiver<Delivery>,
+        handled: Option<oneshot::Receiver<Handling>>,
+    },
+}
+
+impl Started {
+    /// Once on disk: its receipt.
+    async fn accepted(self) -> Result<Receipt, PublishError> {
+        match self {
+            Started::Sent(r) => Ok(r),
+            Started::Queued { producer, accepted, delivered, handled } => {
+                let id = accepted.await?;
+                Ok(Receipt { identity: Identity { producer, seq: id }, delivered, handled })
+            }
+        }
+    }
+}
+
 /// Proof that a message is in the outbox on disk.
 #[derive(Debug)]
 pub struct Receipt {
@@ -747,12 +771,44 @@ impl Client {
     /// once, with sequence number 0 (it has no identity); its receipt tells
     /// whether it was written to a broker or dropped.
     pub async fn publish(&self, msg: Message) -> Result<Receipt, PublishError> {
+        self.start_publish(msg)?.accepted().await
+    }
+
+    /// Publishes messages in order, each checked and queued before the
+    /// next: returns once all are accepted (they share the disk syncs),
+    /// with a receipt each. The first message refused ends it with its
+    /// error; those before it are accepted.
+    pub async fn publish_many(&self, msgs: impl IntoIterator<Item = Message>) -> Result<Vec<Receipt>, PublishError> {
+        let mut started = Vec::new();
+        let mut refused = None;
+        for m in msgs {
+            match self.start_publish(m) {
+                Ok(s) => started.push(s),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut receipts = Vec::with_capacity(started.len());
+        for s in started {
+            receipts.push(s.accepted().await?);
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(receipts),
+        }
+    }
+
+    /// Checks and queues a message (what [`Client::publish`] waits on).
+    fn start_publish(&self, msg: Message) -> Result<Started, PublishError> {
         let policy = self.check(&msg)?;
+        let producer = self.inner.producer.to_string();
         if policy.class == Class::BestEffort {
             let (tx, delivered) = oneshot::channel();
             self.send_now(self.to_new(msg, policy), Some(tx));
-            let identity = Identity { producer: self.inner.producer.to_string(), seq: 0 };
-            return Ok(Receipt { identity, delivered, handled: None });
+            let identity = Identity { producer, seq: 0 };
+            return Ok(Started::Sent(Receipt { identity, delivered, handled: None }));
         }
         let new = self.to_new(msg, policy);
         let (accepted, delivered, handled) = if new.receipts.is_some() {
@@ -762,9 +818,7 @@ impl Client {
             let (accepted, delivered) = self.inner.outbox.append(new, true);
             (accepted, delivered.expect("tracked"), None)
         };
-        let id = accepted.await?;
-        let identity = Identity { producer: self.inner.producer.to_string(), seq: id };
-        Ok(Receipt { identity, delivered, handled })
+        Ok(Started::Queued { producer, accepted, delivered, handled })
     }
 
     /// For a bridge: queues a message that arrived from `source` (a

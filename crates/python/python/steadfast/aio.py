@@ -1,0 +1,138 @@
+"""The asyncio flavour of steadfast: the same Client and Consumer, with
+awaitable calls.
+
+Each blocking call runs in a worker thread (``asyncio.to_thread``); the
+extension releases the GIL while it waits, so the event loop and other
+threads keep running. Opening (the constructors) reads the outbox or inbox
+on local disk and returns quickly; it is not awaited.
+
+    import asyncio, steadfast.aio
+
+    async def main():
+        async with steadfast.aio.Client("gw-1", brokers=["mqtt://127.0.0.1:1883"], outbox="/var/lib/gw1") as client:
+            receipt = await client.publish("sensors/t", b"21.5")   # on disk now
+            await receipt.wait(timeout=10)                          # acknowledged
+
+        async with steadfast.aio.Consumer("line1", brokers=["mqtt://127.0.0.1:1883"],
+                                          inbox="/var/lib/line1", topics=["sensors/#"]) as consumer:
+            async for delivery in consumer:
+                handle(delivery)
+                delivery.ack()
+"""
+
+import asyncio
+from typing import Any, Dict, List, Optional
+
+from . import Client as _Client
+from . import Consumer as _Consumer
+from . import Delivery, Receipt as _Receipt
+
+__all__ = ["Client", "Consumer", "Receipt"]
+
+# How long one wait in a worker thread lasts before the coroutine looks
+# again (so that cancelling it takes effect within this).
+_SLICE = 0.25
+
+
+class Receipt:
+    """Proof that a message is on disk; ``await wait()`` until it is delivered."""
+
+    def __init__(self, inner: _Receipt) -> None:
+        self._inner = inner
+        self.id = inner.id
+        self.producer = inner.producer
+
+    @property
+    def outcome(self) -> Optional[str]:
+        return self._inner.outcome
+
+    async def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once a broker acknowledged it; False on timeout or a drop."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - loop.time()))
+            if await asyncio.to_thread(self._inner.wait, left):
+                return True
+            if self._inner.outcome is not None or (deadline is not None and loop.time() >= deadline):
+                return False
+
+    def __repr__(self) -> str:
+        return repr(self._inner)
+
+
+class Client:
+    """A reliable MQTT publisher with an outbox on disk (see ``steadfast.Client``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._inner = _Client(*args, **kwargs)
+
+    async def publish(self, topic: str, payload: Any, **kwargs: Any) -> Receipt:
+        """Returns once the message is on disk (accepted)."""
+        return Receipt(await asyncio.to_thread(self._inner.publish, topic, payload, **kwargs))
+
+    async def publish_many(self, messages: Any, **kwargs: Any) -> List[Receipt]:
+        """Returns once all are on disk (sharing the syncs), a receipt each."""
+        inner = await asyncio.to_thread(self._inner.publish_many, messages, **kwargs)
+        return [Receipt(r) for r in inner]
+
+    async def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """True once the outbox is empty; False when the timeout passed."""
+        return await asyncio.to_thread(self._inner.wait_idle, timeout)
+
+    async def status(self) -> Dict[str, object]:
+        return await asyncio.to_thread(self._inner.status)
+
+    @property
+    def producer_id(self) -> str:
+        return self._inner.producer_id
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._inner.close)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        await self.close()
+        return False
+
+
+class Consumer:
+    """A reliable MQTT consumer (see ``steadfast.Consumer``): ``async for``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._inner = _Consumer(*args, **kwargs)
+
+    @staticmethod
+    async def register(*args: Any, **kwargs: Any) -> None:
+        await asyncio.to_thread(_Consumer.register, *args, **kwargs)
+
+    async def next(self, timeout: Optional[float] = None) -> Optional[Delivery]:
+        """The next delivery; None on timeout or once closed."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - loop.time()))
+            d = await asyncio.to_thread(self._inner.next, left)
+            if d is not None or self._inner.closed or (deadline is not None and loop.time() >= deadline):
+                return d
+
+    def __aiter__(self) -> "Consumer":
+        return self
+
+    async def __anext__(self) -> Delivery:
+        d = await self.next()
+        if d is None:
+            raise StopAsyncIteration
+        return d
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._inner.close)
+
+    async def __aenter__(self) -> "Consumer":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        await self.close()
+        return False

@@ -516,13 +516,22 @@ impl Consumer {
     /// Finishes the acknowledgements under way and closes the inbox.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         let c = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(c) = c {
-            // The last reference: deliveries hold none.
-            if let Ok(c) = Arc::try_unwrap(c) {
-                run(py, c.close())?;
+        let Some(mut c) = c else { return Ok(()) };
+        // A `next()` that timed out or was interrupted lets go of its
+        // reference a moment later, on the runtime (deliveries hold none).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match Arc::try_unwrap(c) {
+                Ok(c) => return run(py, c.close()),
+                Err(again) if Instant::now() < deadline => {
+                    c = again;
+                    py.detach(|| std::thread::sleep(Duration::from_millis(10)));
+                }
+                // Still in use: dropped without the final flush (what was
+                // acknowledged and not yet written comes again).
+                Err(_) => return Ok(()),
             }
         }
-        Ok(())
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {

@@ -27,7 +27,22 @@ def mosquitto_binary():
     pytest.skip("mosquitto is not installed")
 
 
-def free_port():
+def free_port(below_ephemeral=False):
+    """A free loopback port. `below_ephemeral`: one no client socket can get
+    as its own port, for a broker that is down for a while (a client that
+    keeps connecting to a free port in the ephemeral range can connect to
+    itself)."""
+    if below_ephemeral:
+        import random
+
+        for _ in range(200):
+            port = random.randint(20000, 32000)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -36,7 +36,7 @@ def drain(consumer, n, timeout=30.0):
 def test_a_producer_killed_with_the_broker_down_loses_nothing(tmp):
     """1,000 messages published while the broker is down, the process
     kill -9ed: a new process on the same outbox delivers all of them."""
-    port = free_port()
+    port = free_port(below_ephemeral=True)
     url = f"mqtt://127.0.0.1:{port}"
     outbox = tmp / "outbox"
     p = python(PRODUCER, url, outbox, 1000)

@@ -257,3 +257,44 @@ def test_publish_many_returns_once_all_are_on_disk(broker, tmp):
     with steadfast.Consumer(**args) as consumer:
         seen = drain(consumer, 501)
     assert b"ok" in seen and len(seen) == 501
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "examples", "python")
+
+
+def example(name, *args, timeout=90):
+    import subprocess
+    import sys
+
+    from conftest import PACKAGE
+
+    env = dict(os.environ, PYTHONPATH=PACKAGE)
+    out = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, name), *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_backup_broker_recipes_deliver_everything(tmp):
+    a, b = Broker(), Broker().start()
+    try:
+        # The primary is down at start: everything goes to the backup.
+        out = example("backup_broker.py", "at-start", a.url, b.url, tmp / "o1", 50)
+        assert f"{b.url}: 50 acknowledged" in out, out
+        # Both up, fanout; a consumer on both prints each message once.
+        a.start()
+        steadfast.Consumer.register("two-demo", brokers=[a.url, b.url], inbox=tmp / "in", topics=["demo/#"])
+        out = example("backup_broker.py", "both", a.url, b.url, tmp / "o2", 50)
+        assert f"{a.url}: 50 acknowledged" in out and f"{b.url}: 50 acknowledged" in out, out
+        printed = example("receive_from_two.py", a.url, b.url, tmp / "in", 50).splitlines()
+        assert sorted(printed) == sorted(f"reading {i}" for i in range(50)), printed
+    finally:
+        a.kill9()
+        b.kill9()
+
+
+def test_the_robust_recipe_drops_only_what_is_stale(broker, tmp):
+    out = example("robust.py", broker.url, tmp / "o")
+    assert "telemetry: delivered" in out and "button: delivered" in out and "alarm: delivered" in out, out

@@ -48,8 +48,9 @@ def test_a_producer_killed_with_the_broker_down_loses_nothing(tmp):
     try:
         Consumer_args = dict(client_id="py-line", brokers=[url], inbox=tmp / "inbox", topics=["py/#"])
         steadfast.Consumer.register(**Consumer_args)
+        # The first process never reached a broker: whatever arrives now
+        # comes from its outbox (the new process starts sending at once).
         with steadfast.Client("py-gw", brokers=[url], outbox=outbox) as client:
-            assert client.status()["queued"] == 1000
             assert client.wait_idle(timeout=30), client.status()
         with steadfast.Consumer(**Consumer_args) as consumer:
             seen = drain(consumer, 1000)

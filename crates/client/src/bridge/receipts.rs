@@ -113,10 +113,10 @@ impl Relay {
     /// True for a receipt this route (or another) hands back at the
     /// source: not a message to forward.
     pub(super) fn is_handed_back(&self, topic: &str, payload: &[u8]) -> bool {
-        let receipt = payload.starts_with(ConsumerReceipt::HEADER.as_bytes());
-        let at = topic.starts_with(&self.source_prefix)
-            || self.asked.lock().unwrap_or_else(|e| e.into_inner()).values().any(|t| t == topic);
-        receipt && at
+        // The payload first: the topics are looked at only for receipts.
+        payload.starts_with(ConsumerReceipt::HEADER.as_bytes())
+            && (topic.starts_with(&self.source_prefix)
+                || self.asked.lock().unwrap_or_else(|e| e.into_inner()).values().any(|t| t == topic))
     }
 
     fn listen(&mut self) {

@@ -26,10 +26,15 @@ fn consumer_on(id: &str, urls: &[String], dir: &Path, topic: &str) -> ConsumerCo
     ConsumerConfig::new(client).topic(topic, Qos::AtLeastOnce)
 }
 
-/// Queues `n` messages `m-00000`, `m-00001`, ... on `e2e/t`.
-fn enqueue(p: &Client, n: usize) {
+/// Queues `n` messages `m-00000`, `m-00001`, ... on `e2e/t`; returns once
+/// all are accepted (the last one's commit holds every one before it).
+async fn enqueue(p: &Client, n: usize) {
+    let mut last = None;
     for i in 0..n {
-        p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
+        last = Some(p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap());
+    }
+    if let Some(last) = last {
+        last.await.expect("accepted");
     }
 }
 
@@ -88,9 +93,8 @@ async fn a_broker_that_forgets_what_it_acknowledged_loses_nothing_with_receipts(
             config("gw", &url, pdir.path())
         };
         let p = open(pcfg).await;
-        for i in 0..N {
-            p.enqueue(Message::new("e2e/t", format!("m-{i:05}"))).unwrap();
-        }
+        // All accepted before waiting for the outbox to empty.
+        enqueue(&p, N).await;
         if receipts {
             status_until(&p, "all acknowledged, awaiting receipts", Duration::from_secs(30), |s| {
                 s.receipts.awaiting == N as u64
@@ -272,7 +276,7 @@ async fn with_failover_what_a_dead_primary_acknowledged_is_handled_through_the_b
     let pdir = tempfile::tempdir().unwrap();
     let pcfg = producer("gw", &urls[0], pdir.path(), Duration::from_secs(2)).brokers(set(&urls));
     let p = open(pcfg).await;
-    enqueue(&p, N);
+    enqueue(&p, N).await;
     status_until(&p, "all acknowledged by the primary", Duration::from_secs(30), |s| {
         s.receipts.awaiting == N as u64 && s.brokers[0].acked >= N as u64
     })
@@ -305,7 +309,7 @@ async fn with_fanout_a_receipt_through_the_surviving_broker_completes_the_messag
     let pdir = tempfile::tempdir().unwrap();
     let fanout = set(&urls).mode(steadfast::Mode::Fanout).ack(steadfast::AckQuorum::All);
     let p = open(producer("gw", &urls[0], pdir.path(), Duration::from_secs(60)).brokers(fanout)).await;
-    enqueue(&p, N);
+    enqueue(&p, N).await;
     status_until(&p, "all acknowledged by both", Duration::from_secs(30), |s| s.receipts.awaiting == N as u64).await;
     a.kill9();
     let c = Consumer::open(ccfg).await.unwrap().0;
@@ -358,12 +362,15 @@ async fn through_a_bridge_what_an_upstream_broker_forgot_is_handled_once() {
         let route = route(&local.url(), &upstream.url(), bdir.path(), inbox, v311);
         let bridge = start_bridge(&route, bdir.path()).await;
         let p = open(producer("gw", &local.url(), pdir.path(), Duration::from_secs(2))).await;
-        enqueue(&p, N);
+        enqueue(&p, N).await;
         status_until(&p, "all acknowledged by the local broker", Duration::from_secs(30), |s| {
             s.receipts.awaiting == N as u64
         })
         .await;
-        status_until(&bridge.clients()[0], "all passed upstream", Duration::from_secs(30), |s| s.queued == 0).await;
+        status_until(&bridge.clients()[0], "all passed upstream", Duration::from_secs(30), |s| {
+            s.brokers[0].acked >= N as u64 && s.queued == 0
+        })
+        .await;
         upstream.restart().await;
         let c = Consumer::open(ccfg).await.unwrap().0;
         let seen = handle(&c, N, Duration::from_secs(120)).await;
@@ -396,9 +403,12 @@ async fn a_restarted_bridge_hands_back_receipts_for_what_it_passed_on_before() {
     let route = route(&local.url(), &upstream.url(), bdir.path(), false, false);
     let bridge = start_bridge(&route, bdir.path()).await;
     let p = open(producer("gw", &local.url(), pdir.path(), Duration::from_secs(600))).await;
-    enqueue(&p, N);
+    enqueue(&p, N).await;
     status_until(&p, "all acknowledged", Duration::from_secs(30), |s| s.receipts.awaiting == N as u64).await;
-    status_until(&bridge.clients()[0], "all passed upstream", Duration::from_secs(30), |s| s.queued == 0).await;
+    status_until(&bridge.clients()[0], "all passed upstream", Duration::from_secs(30), |s| {
+        s.brokers[0].acked >= N as u64 && s.queued == 0
+    })
+    .await;
     bridge.stop().await;
     let bridge = Bridge { dir: bdir.path().to_owned(), routes: vec![route] }.start().await.unwrap();
     let c = Consumer::open(ccfg).await.unwrap().0;
@@ -434,7 +444,7 @@ async fn a_route_does_not_forward_the_receipts_it_hands_back() {
             break;
         }
     }
-    enqueue(&p, N);
+    enqueue(&p, N).await;
     handle(&c, N, Duration::from_secs(30)).await;
     status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
     let upstream_acked = |s: &steadfast::Status| s.brokers[0].acked;

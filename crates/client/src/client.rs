@@ -900,8 +900,12 @@ impl Client {
 
     /// Waits until the outbox is empty: everything accepted was delivered
     /// or dropped by its policy (or is held for other brokers, or moved
-    /// aside as poison: kept, and never sent in this run).
+    /// aside as poison: kept, and never sent in this run). Messages
+    /// enqueued before the call count, accepted yet or not.
     pub async fn wait_idle(&self) {
+        // A read goes through the writer after every append sent before
+        // it: once answered, the state counts them.
+        let _ = self.inner.outbox.meta("producer").await;
         let mut rx = self.inner.outbox.watch();
         let _ = rx.wait_for(|s| s.totals.count <= s.held + s.poisoned).await;
     }

@@ -153,3 +153,20 @@ async fn qos0_is_sent_once_and_leaves_the_outbox() {
     assert_eq!(sub.lines(), want);
     c.close().await;
 }
+
+/// `wait_idle` right after `enqueue` (nothing awaited) waits for those
+/// messages too: it used to see the outbox empty before the writer had
+/// taken them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_right_after_enqueue_waits_for_what_was_enqueued() {
+    let broker = steadfast_testkit::Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = crate::open(crate::config("idle", &broker.url(), dir.path())).await;
+    for i in 0..2_000 {
+        c.enqueue(steadfast::Message::new("idle/t", format!("{i}"))).unwrap();
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(30), c.wait_idle()).await.expect("idle");
+    let s = c.status().await.unwrap();
+    assert_eq!((s.queued, s.brokers[0].acked), (0, 2_000), "every enqueued message acknowledged");
+    c.close().await;
+}

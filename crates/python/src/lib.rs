@@ -167,6 +167,15 @@ impl Connection<'_> {
     }
 }
 
+/// A store that was damaged and repaired at open is a Python warning.
+fn warn_repaired(py: Python<'_>, what: &str, report: &steadfast::OpenReport) -> PyResult<()> {
+    if !report.is_clean() {
+        let warnings = py.import("warnings")?;
+        warnings.call_method1("warn", (format!("the {what} was damaged and repaired: {report:?}"),))?;
+    }
+    Ok(())
+}
+
 /// Bytes or text (sent as UTF-8).
 fn payload(p: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     if let Ok(b) = p.cast::<PyBytes>() {
@@ -216,10 +225,7 @@ impl Client {
         let cfg = c.config()?;
         let qos = self::qos(qos)?;
         let (client, report) = run(py, steadfast::Client::open(cfg))?.map_err(open_error)?;
-        if !report.is_clean() {
-            let warnings = py.import("warnings")?;
-            warnings.call_method1("warn", (format!("the outbox was damaged and repaired: {report:?}"),))?;
-        }
+        warn_repaired(py, "outbox", &report)?;
         Ok(Client { inner: Mutex::new(Some(client)), qos })
     }
 
@@ -460,10 +466,7 @@ impl Consumer {
         let cfg =
             consumer_config(client_id, &brokers, inbox, topics, qos, version, username, password, keep_alive, dedup)?;
         let (consumer, report) = run(py, steadfast::Consumer::open(cfg))?.map_err(open_error)?;
-        if !report.is_clean() {
-            let warnings = py.import("warnings")?;
-            warnings.call_method1("warn", (format!("the inbox was damaged and repaired: {report:?}"),))?;
-        }
+        warn_repaired(py, "inbox", &report)?;
         Ok(Consumer { inner: Mutex::new(Some(Arc::new(consumer))) })
     }
 

@@ -34,6 +34,18 @@ __all__ = ["Client", "Consumer", "Receipt"]
 _SLICE = 0.25
 
 
+async def _in_slices(call: Any, timeout: Optional[float], done: Any) -> Any:
+    """Calls the blocking `call(seconds)` in a worker thread, a slice at a
+    time, until `done(result)` or `timeout` seconds passed; the last result."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        left = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - loop.time()))
+        result = await asyncio.to_thread(call, left)
+        if done(result) or (deadline is not None and loop.time() >= deadline):
+            return result
+
+
 class Receipt:
     """Proof that a message is on disk; ``await wait()`` until it is delivered."""
 
@@ -48,14 +60,7 @@ class Receipt:
 
     async def wait(self, timeout: Optional[float] = None) -> bool:
         """True once a broker acknowledged it; False on timeout or a drop."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            left = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - loop.time()))
-            if await asyncio.to_thread(self._inner.wait, left):
-                return True
-            if self._inner.outcome is not None or (deadline is not None and loop.time() >= deadline):
-                return False
+        return await _in_slices(self._inner.wait, timeout, lambda ok: ok or self._inner.outcome is not None)
 
     def __repr__(self) -> str:
         return repr(self._inner)
@@ -110,13 +115,7 @@ class Consumer:
 
     async def next(self, timeout: Optional[float] = None) -> Optional[Delivery]:
         """The next delivery; None on timeout or once closed."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            left = _SLICE if deadline is None else min(_SLICE, max(0.0, deadline - loop.time()))
-            d = await asyncio.to_thread(self._inner.next, left)
-            if d is not None or self._inner.closed or (deadline is not None and loop.time() >= deadline):
-                return d
+        return await _in_slices(self._inner.next, timeout, lambda d: d is not None or self._inner.closed)
 
     def __aiter__(self) -> "Consumer":
         return self

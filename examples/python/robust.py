@@ -8,7 +8,9 @@ delivery it needs, from one outbox on disk.
 - a button press: must arrive within 30 seconds, ahead of telemetry
   (priority 9), or it is dropped as expired and the user is told;
 - an alarm: kept until delivered, whatever the outage (persistent, the
-  default), retried with exponential backoff and jitter.
+  default), with a battery-friendly reconnect: the `battery` backoff
+  waits 30 s to 15 min between attempts, at most 12 an hour, so a device
+  does not wake its radio every few seconds while its broker is down.
 
 Publishes one of each, waits (at most 60 s) until each left the outbox,
 prints each one's outcome and exits 0.
@@ -24,7 +26,12 @@ def main():
         print(__doc__, file=sys.stderr)
         return 2
     broker, outbox = sys.argv[1], sys.argv[2]
-    with steadfast.Client("robust-demo", brokers=[broker], outbox=outbox) as client:
+
+    def on_event(e):
+        if e.kind in ("connect_failed", "disconnected"):
+            print(f"{e.broker}: {e.detail['error']}; next attempt in {e.detail['retry_in']:.0f} s", flush=True)
+
+    with steadfast.Client("robust-demo", brokers=[broker], outbox=outbox, backoff="battery", on_event=on_event) as client:
         receipts = {
             "telemetry": client.publish("demo/telemetry", b"21.5", qos=1, ttl=5),
             "button": client.publish("demo/button", b"pressed", qos=1, ttl=30, priority=9),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use steadfast::{
-    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, Need, OtherSets, OutboxConfig,
+    AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OtherSets, OutboxConfig,
     Overflow, Policy, PolicyError, PublishError, Qos, ReceiptRule,
 };
 use steadfast_core::validate_topic_name;
@@ -327,17 +327,9 @@ fn receipt_rule(a: &PubArgs) -> Result<Option<ReceiptRule>, Failure> {
     if !a.receipts && a.receipt_from.is_empty() && a.receipt_need.is_none() {
         return Ok(None);
     }
-    let need = match a.receipt_need.as_deref() {
-        None if a.receipt_from.is_empty() => Need::Any,
-        None | Some("all") => Need::All,
-        Some("any") => Need::Any,
-        Some(n) => Need::AtLeast(
-            n.parse().map_err(|_| usage(format!("--receipt-need: `{n}` is not any, all or a count of receipts")))?,
-        ),
-    };
-    let rule = ReceiptRule { timeout: a.receipt_timeout, need, from: a.receipt_from.clone() };
-    rule.validate().map_err(|e| usage(format!("--receipts: {e}")))?;
-    Ok(Some(rule))
+    ReceiptRule::from_parts(a.receipt_timeout, a.receipt_need.as_deref(), a.receipt_from.clone())
+        .map(Some)
+        .map_err(|e| usage(format!("--receipts: {e}")))
 }
 
 fn parse_overflow(flag: &str, s: &str) -> Result<Overflow, Failure> {

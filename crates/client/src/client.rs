@@ -191,6 +191,21 @@ impl Receipt {
         self.delivered.await.map_err(|_| PublishError::Closed)
     }
 
+    /// Both ends at once, for a caller that follows the message past its
+    /// delivery: the broker's acknowledgement (or a drop), and, when it
+    /// asks for receipts, its handling.
+    #[allow(clippy::type_complexity)]
+    pub fn into_outcomes(
+        self,
+    ) -> (
+        impl std::future::Future<Output = Result<Delivery, PublishError>> + Send + 'static,
+        Option<impl std::future::Future<Output = Result<Handling, PublishError>> + Send + 'static>,
+    ) {
+        let delivered = async move { self.delivered.await.map_err(|_| PublishError::Closed) };
+        let handled = self.handled.map(|h| async move { h.await.map_err(|_| PublishError::Closed) });
+        (delivered, handled)
+    }
+
     /// True when the message asks its consumers for receipts.
     pub fn awaits_receipts(&self) -> bool {
         self.handled.is_some()

@@ -78,12 +78,29 @@ pub enum RuleError {
     /// A zero timeout.
     #[error("the receipt timeout must be longer than 0")]
     ZeroTimeout,
+    /// A need that is none of `any`, `all` or a count.
+    #[error("receipts needed `{0}` is not any, all or a count of receipts")]
+    UnknownNeed(String),
 }
 
 impl ReceiptRule {
     /// One receipt from any consumer within `timeout`.
     pub fn any(timeout: Duration) -> Self {
         ReceiptRule { timeout, need: Need::Any, from: Vec::new() }
+    }
+
+    /// The rule users write: `need` is `any`, `all` or a count (`None`:
+    /// all of `from` when names are listed, else any one), checked.
+    pub fn from_parts(timeout: Duration, need: Option<&str>, from: Vec<String>) -> Result<Self, RuleError> {
+        let need = match need {
+            None if from.is_empty() => Need::Any,
+            None | Some("all") => Need::All,
+            Some("any") => Need::Any,
+            Some(n) => Need::AtLeast(n.parse().map_err(|_| RuleError::UnknownNeed(n.to_owned()))?),
+        };
+        let rule = ReceiptRule { timeout, need, from };
+        rule.validate()?;
+        Ok(rule)
     }
 
     /// True when `name` can name a consumer in a rule or a receipt.

@@ -59,15 +59,19 @@ def wait_until(what, cond, timeout=20.0):
 class Broker:
     """One Mosquitto on 127.0.0.1:PORT; `kill9` and `start` again on the same port."""
 
-    def __init__(self, port=None, persistence=False):
+    def __init__(self, port=None, persistence=False, tls=None):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="steadfast-py-broker-")
+        # Mosquitto started as root writes its persistence as `mosquitto`.
+        os.chmod(self.dir, 0o777)
         self.persistence = persistence
+        # (ca, cert, key) PEM files: the listener speaks TLS only.
+        self.tls = tls
         self.proc = None
 
     @property
     def url(self):
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def start(self):
         conf = os.path.join(self.dir, "mosquitto.conf")
@@ -75,15 +79,29 @@ class Broker:
             f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n")
             f.write(f"persistence {'true' if self.persistence else 'false'}\n")
             f.write(f"persistence_location {self.dir}/\n")
+            if self.tls:
+                ca, cert, key = self.tls
+                f.write(f"certfile {cert}\nkeyfile {key}\n")
         log = open(os.path.join(self.dir, "log"), "a")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", conf], stdout=log, stderr=log)
 
         def listening():
+            if self.proc.poll() is not None:
+                with open(os.path.join(self.dir, "log")) as f:
+                    raise AssertionError(f"mosquitto exited with {self.proc.returncode}: {f.read()[-2000:]}")
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", self.port)) == 0
 
         wait_until(f"mosquitto listening on {self.port}", listening)
         return self
+
+    def stop(self):
+        """A clean shutdown (SIGTERM): with persistence, sessions and their
+        queued messages are written to disk and come back with `start`."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait()
+        self.proc = None
 
     def kill9(self):
         if self.proc and self.proc.poll() is None:
@@ -116,3 +134,38 @@ def python(script, *args):
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def certificates():
+    """A fresh CA and a server certificate for 127.0.0.1 signed by it
+    (openssl), valid for a day: (ca, cert, key) paths, readable by the
+    broker (Mosquitto started as root runs as the `mosquitto` user)."""
+    dir = tempfile.mkdtemp(prefix="steadfast-py-pki-")
+    os.chmod(dir, 0o755)
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=dir, check=True, capture_output=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=steadfast test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    with open(os.path.join(dir, "ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.pem", "-days", "1", "-extfile", "ext")
+    files = tuple(os.path.join(dir, f) for f in ("ca.pem", "server.pem", "server.key"))
+    for f in files:
+        os.chmod(f, 0o644)
+    return files
+
+
+def drain(consumer, n, timeout=30.0):
+    """Takes and acks deliveries until `n` distinct payloads came; returns how often each came."""
+    seen = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{len(seen)} of {n} messages within {timeout}s"
+        d = consumer.next(timeout=left)
+        assert d is not None, f"{len(seen)} of {n} messages within {timeout}s"
+        seen[d.payload] = seen.get(d.payload, 0) + 1
+        d.ack()
+    return seen

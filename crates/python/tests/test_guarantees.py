@@ -4,7 +4,7 @@ import os
 import signal
 
 import steadfast
-from conftest import Broker, free_port, python, wait_until
+from conftest import Broker, drain, free_port, python, wait_until
 
 PRODUCER = """
 import sys, steadfast
@@ -15,22 +15,6 @@ for i in range(n):
 print("accepted", n, flush=True)
 sys.stdin.read()  # until killed
 """
-
-
-def drain(consumer, n, timeout=30.0):
-    """Takes and acks deliveries until `n` distinct payloads came; returns how often each came."""
-    seen = {}
-    import time
-
-    deadline = time.monotonic() + timeout
-    while len(seen) < n:
-        left = deadline - time.monotonic()
-        assert left > 0, f"{len(seen)} of {n} messages within {timeout}s"
-        d = consumer.next(timeout=left)
-        assert d is not None, f"{len(seen)} of {n} messages within {timeout}s"
-        seen[d.payload] = seen.get(d.payload, 0) + 1
-        d.ack()
-    return seen
 
 
 def test_a_producer_killed_with_the_broker_down_loses_nothing(tmp):
@@ -291,6 +275,49 @@ def test_the_backup_broker_recipes_deliver_everything(tmp):
         assert f"{a.url}: 50 acknowledged" in out and f"{b.url}: 50 acknowledged" in out, out
         printed = example("receive_from_two.py", a.url, b.url, tmp / "in", 50).splitlines()
         assert sorted(printed) == sorted(f"reading {i}" for i in range(50)), printed
+    finally:
+        a.kill9()
+        b.kill9()
+
+
+def test_the_failover_recipe_switches_queues_and_fails_back(tmp):
+    """backup_broker.py failover while the primary stops and comes back:
+    the backup takes over, traffic returns to the primary, and a consumer
+    on both prints every reading once."""
+    import subprocess
+    import sys
+
+    from conftest import PACKAGE
+
+    a, b = Broker(persistence=True).start(), Broker().start()
+    try:
+        steadfast.Consumer.register("two-demo", brokers=[a.url, b.url], inbox=tmp / "in", topics=["demo/#"])
+        p = subprocess.Popen(
+            [sys.executable, os.path.join(EXAMPLES, "backup_broker.py"), "failover", a.url, b.url, str(tmp / "o"), "600", "10"],
+            env=dict(os.environ, PYTHONPATH=PACKAGE), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        lines = []
+
+        def read_until(prefix):
+            for line in p.stdout:
+                lines.append(line.strip())
+                if line.startswith(prefix):
+                    return line
+            raise AssertionError(f"no `{prefix}` line: {lines} {p.stderr.read()}")
+
+        read_until("50 accepted")
+        a.stop()  # clean: the consumer's session and its queue stay
+        assert read_until("failover:").split() == ["failover:", a.url, "->", b.url]
+        read_until("150 accepted")
+        a.start()
+        assert read_until("failback:").split() == ["failback:", b.url, "->", a.url]
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 0, err
+        # "URL: N acknowledged (state)"
+        acked = {line.split(": ")[0]: int(line.split(": ")[1].split()[0]) for line in out.splitlines() if "acknowledged" in line}
+        assert acked[a.url] > 0 and acked[b.url] > 0 and acked[a.url] + acked[b.url] == 600, out
+        printed = example("receive_from_two.py", a.url, b.url, tmp / "in", 600).splitlines()
+        assert sorted(printed) == sorted(f"reading {i}" for i in range(600)), printed
     finally:
         a.kill9()
         b.kill9()

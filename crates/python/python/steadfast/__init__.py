@@ -8,6 +8,9 @@ inbox on disk) and acknowledges a message to the broker only after
 docs/python.md has the whole API and how it maps to paho-mqtt.
 """
 
+import sys
+import traceback
+
 from ._steadfast import (
     ClosedError,
     ConfigError,
@@ -15,11 +18,16 @@ from ._steadfast import (
     Client,
     Consumer,
     Delivery,
+    Event,
+    Events,
     PublishError,
     Receipt,
+    Receipts,
     RefusedError,
+    Route,
     SteadfastError,
     StoreError,
+    Tls,
 )
 
 __all__ = [
@@ -29,9 +37,26 @@ __all__ = [
     "ConnectError",
     "Consumer",
     "Delivery",
+    "Event",
+    "Events",
     "PublishError",
     "Receipt",
+    "Receipts",
     "RefusedError",
+    "Route",
     "SteadfastError",
     "StoreError",
+    "Tls",
 ]
+
+
+def _pump_events(events, callback):
+    """The thread behind ``on_event=``: calls ``callback(event)`` for each
+    event until the client or consumer is closed. An exception in the
+    callback is printed and the next event still comes."""
+    for event in events:
+        try:
+            callback(event)
+        except Exception:  # noqa: BLE001 - a callback's bug must not stop the events
+            print(f"steadfast: the on_event callback raised on {event!r}:", file=sys.stderr)
+            traceback.print_exc()

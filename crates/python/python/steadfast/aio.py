@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Optional
 
 from . import Client as _Client
 from . import Consumer as _Consumer
-from . import Delivery, Receipt as _Receipt
+from . import Delivery, Event, Events as _Events, Receipt as _Receipt
 
-__all__ = ["Client", "Consumer", "Receipt"]
+__all__ = ["Client", "Consumer", "Events", "Receipt"]
 
 # How long one wait in a worker thread lasts before the coroutine looks
 # again (so that cancelling it takes effect within this).
@@ -58,12 +58,49 @@ class Receipt:
     def outcome(self) -> Optional[str]:
         return self._inner.outcome
 
+    @property
+    def asks_receipts(self) -> bool:
+        return self._inner.asks_receipts
+
+    @property
+    def handling(self) -> Optional[str]:
+        return self._inner.handling
+
+    @property
+    def handled_by(self) -> Optional[List[str]]:
+        return self._inner.handled_by
+
     async def wait(self, timeout: Optional[float] = None) -> bool:
         """True once a broker acknowledged it; False on timeout or a drop."""
         return await _in_slices(self._inner.wait, timeout, lambda ok: ok or self._inner.outcome is not None)
 
+    async def wait_handled(self, timeout: Optional[float] = None) -> bool:
+        """True once its consumers' receipts met its rule; False on timeout or a drop."""
+        ended = (lambda: self._inner.handling is not None) if self._inner.asks_receipts else (lambda: self._inner.outcome is not None)
+        return await _in_slices(self._inner.wait_handled, timeout, lambda ok: ok or ended())
+
     def __repr__(self) -> str:
         return repr(self._inner)
+
+
+class Events:
+    """The events from now on: ``async for event in client.events()``."""
+
+    def __init__(self, inner: _Events) -> None:
+        self._inner = inner
+
+    async def next(self, timeout: Optional[float] = None) -> Optional[Event]:
+        """The next event; None on timeout or once closed."""
+        return await _in_slices(self._inner.next, timeout, lambda e: e is not None)
+
+    def __aiter__(self) -> "Events":
+        return self
+
+    async def __anext__(self) -> Event:
+        e = await _in_slices(self._inner.next, None, lambda e: e is not None or self._inner.closed)
+        if e is None:
+            raise StopAsyncIteration
+        return e
 
 
 class Client:
@@ -87,6 +124,10 @@ class Client:
 
     async def status(self) -> Dict[str, object]:
         return await asyncio.to_thread(self._inner.status)
+
+    def events(self) -> Events:
+        """The events from now on: ``async for event in client.events()``."""
+        return Events(self._inner.events())
 
     @property
     def producer_id(self) -> str:
@@ -116,6 +157,14 @@ class Consumer:
     async def next(self, timeout: Optional[float] = None) -> Optional[Delivery]:
         """The next delivery; None on timeout or once closed."""
         return await _in_slices(self._inner.next, timeout, lambda d: d is not None or self._inner.closed)
+
+    def events(self) -> Events:
+        """Connection events and suspected losses from now on."""
+        return Events(self._inner.events())
+
+    @property
+    def handled(self) -> int:
+        return self._inner.handled
 
     def __aiter__(self) -> "Consumer":
         return self

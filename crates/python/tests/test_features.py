@@ -1,0 +1,248 @@
+"""The rest of the Rust API from Python, against real Mosquitto: TLS,
+routes, end-to-end receipts, events, outbox bounds, backoff, fail-back."""
+
+import asyncio
+import threading
+
+import pytest
+
+import steadfast
+import steadfast.aio
+from conftest import Broker, certificates, drain, free_port, wait_until
+
+
+def events_of(kind, events, timeout=20.0):
+    """Reads `events` until one of `kind` comes; returns it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {kind} event within {timeout}s"
+        e = events.next(timeout=left)
+        assert e is not None, f"no {kind} event within {timeout}s (closed)"
+        if e.kind == kind:
+            return e
+
+
+def test_tls_with_a_private_ca_and_a_clear_error_without_it(tmp):
+    """A broker with a certificate of our own CA: trusted with
+    Tls(ca_file=...), refused (with the reason) by the platform's roots."""
+    ca, cert, key = certificates()
+    broker = Broker(tls=(ca, cert, key)).start()
+    try:
+        tls = steadfast.Tls(ca_file=ca)
+        args = dict(client_id="py-tls", brokers=[broker.url], inbox=tmp / "inbox", topics=["tls/#"], tls=tls)
+        steadfast.Consumer.register(**args)
+        with steadfast.Client("py-tls-p", brokers=[broker.url], outbox=tmp / "outbox", tls=tls) as client:
+            receipts = client.publish_many([("tls/t", f"s-{i}") for i in range(20)])
+            assert all(r.wait(timeout=20) for r in receipts), client.status()
+        with steadfast.Consumer(**args) as consumer:
+            seen = drain(consumer, 20)
+        assert set(seen.values()) == {1}
+
+        with steadfast.Client("py-tls-bad", brokers=[broker.url], outbox=tmp / "bad") as client:
+            failed = events_of("connect_failed", client.events())
+            assert "certificate" in failed.detail["error"].lower(), failed
+            assert not client.publish("tls/t", b"x").wait(timeout=0.5)
+        with pytest.raises(steadfast.ConfigError, match="cert= and key="):
+            steadfast.Tls(cert=cert)
+        with pytest.raises(steadfast.ConfigError, match="ca_file"):
+            steadfast.Tls(ca_file=tmp / "missing.pem")
+    finally:
+        broker.kill9()
+
+
+def test_a_route_sends_its_messages_to_its_own_brokers(tmp):
+    a, b = Broker().start(), Broker().start()
+    try:
+        on_a = dict(client_id="py-ra", brokers=[a.url], inbox=tmp / "ia", topics=["#"])
+        on_b = dict(client_id="py-rb", brokers=[b.url], inbox=tmp / "ib", topics=["#"])
+        steadfast.Consumer.register(**on_a)
+        steadfast.Consumer.register(**on_b)
+        routes = {"alarms": steadfast.Route([b.url], priority=9), "plain": [b.url]}
+        with steadfast.Client("py-route", brokers=[a.url], outbox=tmp / "o", routes=routes) as client:
+            client.publish_many([("t/reading", f"r-{i}") for i in range(10)])
+            client.publish_many([("t/alarm", f"a-{i}") for i in range(5)], route="alarms")
+            client.publish("t/plain", b"p", route="plain")
+            with pytest.raises(steadfast.PublishError, match="nowhere"):
+                client.publish("t/x", b"x", route="nowhere")
+            assert client.wait_idle(timeout=20), client.status()
+        with steadfast.Consumer(**on_a) as consumer:
+            assert sorted(drain(consumer, 10)) == sorted(f"r-{i}".encode() for i in range(10))
+            assert consumer.next(timeout=0.3) is None
+        with steadfast.Consumer(**on_b) as consumer:
+            assert sorted(drain(consumer, 6)) == sorted([f"a-{i}".encode() for i in range(5)] + [b"p"])
+    finally:
+        a.kill9()
+        b.kill9()
+
+
+def test_receipts_tell_when_the_consumer_handled_each_message(broker, tmp):
+    """A message that asks for receipts stays in the outbox until the named
+    consumer recorded it; the receipt names that consumer."""
+    args = dict(client_id="py-rc", brokers=[broker.url], inbox=tmp / "inbox", topics=["rc/#"], receipt_as="line1")
+    steadfast.Consumer.register(**args)
+    rule = steadfast.Receipts(consumers=["line1"], timeout=10)
+    with steadfast.Client("py-rc-p", brokers=[broker.url], outbox=tmp / "o", receipts=rule) as client:
+        receipts = client.publish_many([("rc/t", f"job-{i}") for i in range(20)])
+        plain = client.publish("rc/t", b"no receipt", receipts=False)
+        assert all(r.wait(timeout=20) for r in receipts)
+        assert all(r.asks_receipts for r in receipts) and not plain.asks_receipts
+        # Delivered to the broker, not handled: nobody consumed them yet.
+        assert not receipts[0].wait_handled(timeout=0.3)
+        assert receipts[0].handling is None
+        assert client.status()["receipts"]["awaiting"] == 20
+        with steadfast.Consumer(**args) as consumer:
+            drain(consumer, 21)
+            assert all(r.wait_handled(timeout=20) for r in receipts), client.status()
+        assert {tuple(r.handled_by) for r in receipts} == {("line1",)}
+        assert receipts[0].handling == "handled"
+        assert plain.wait_handled(timeout=5) and plain.handled_by is None
+        assert client.wait_idle(timeout=10)
+        assert client.status()["receipts"]["handled"] == 20
+
+
+def test_events_as_a_callback_and_as_an_iterator(tmp):
+    port = free_port(below_ephemeral=True)
+    url = f"mqtt://127.0.0.1:{port}"
+    got, lock = [], threading.Lock()
+
+    def on_event(e):
+        with lock:
+            got.append(e)
+
+    def kinds():
+        with lock:
+            return [e.kind for e in got]
+
+    with steadfast.Client("py-ev", brokers=[url], outbox=tmp / "o", on_event=on_event, backoff="300ms..300ms") as client:
+        events = client.events()
+        failed = events_of("connect_failed", events)
+        assert failed.broker == url and failed.detail["retry_in"] == pytest.approx(0.3)
+        stale = client.publish("ev/t", b"stale", ttl=0.2)
+        dropped = events_of("dropped", events)
+        assert dropped.detail == {"id": stale.id, "topic": "ev/t", "reason": "expired"}
+        assert stale.outcome == "dropped: expired"
+        broker = Broker(port=port).start()
+        try:
+            connected = events_of("connected", events)
+            assert connected.broker == url
+            wait_until("the callback saw the connection", lambda: "connected" in kinds())
+            assert "connect_failed" in kinds() and "dropped" in kinds()
+        finally:
+            broker.kill9()
+        events_of("disconnected", events)
+    # Closing ends the iteration.
+    assert events.next(timeout=5) is None and events.closed
+
+
+def test_a_full_outbox_follows_its_overflow_policy(tmp):
+    down = f"mqtt://127.0.0.1:{free_port(below_ephemeral=True)}"
+    with steadfast.Client("py-full", brokers=[down], outbox=tmp / "a", max_messages=3, overflow="drop-oldest") as c:
+        receipts = [c.publish("full/t", f"m-{i}") for i in range(5)]
+        status = c.status()
+        assert status["queued"] == 3 and status["drops"]["overflow"] == 2, status
+        assert [r.outcome for r in receipts] == ["dropped: overflow"] * 2 + [None] * 3
+    with steadfast.Client("py-rej", brokers=[down], outbox=tmp / "b", max_bytes=100, overflow="reject") as c:
+        c.publish("full/t", b"x" * 60)
+        with pytest.raises(steadfast.PublishError, match="full"):
+            c.publish("full/t", b"x" * 60)
+        assert c.status()["queued"] == 1
+    with pytest.raises(steadfast.ConfigError, match="drop-newest"):
+        steadfast.Client("py-bad", brokers=[down], outbox=tmp / "c", max_messages=3, overflow="spill")
+
+
+def test_failover_queues_while_both_are_down_and_fails_back(tmp):
+    """The primary goes down: the backup takes over; both down: messages
+    wait on disk; the primary back and healthy for 1 s: traffic returns to
+    it. Each message reaches the consumer on both brokers once. (The
+    brokers stop cleanly and keep the consumer's session, so that what
+    reaches a broker before the consumer is back waits for it there.)"""
+    a = Broker(port=free_port(below_ephemeral=True), persistence=True).start()
+    b = Broker(port=free_port(below_ephemeral=True), persistence=True).start()
+    try:
+        args = dict(client_id="py-fb", brokers=[a.url, b.url], inbox=tmp / "inbox", topics=["fb/#"], backoff="100ms..500ms")
+        steadfast.Consumer.register(**args)
+        seen = {}
+        with steadfast.Consumer(**args) as consumer, steadfast.Client(
+            "py-fb-p", brokers=[a.url, b.url], outbox=tmp / "o", failback_after=1.0, backoff="100ms..500ms"
+        ) as client:
+            events = client.events()
+
+            def batch(name, n=10):
+                client.publish_many([("fb/t", f"{name}-{i}") for i in range(n)])
+
+            def acked():
+                return [x["acked"] for x in client.status()["brokers"]]
+
+            def take(n):
+                seen.update({k: seen.get(k, 0) + v for k, v in drain(consumer, n - len(seen)).items()})
+
+            batch("first")
+            assert client.wait_idle(timeout=20) and acked() == [10, 0]
+            take(10)
+            a.stop()
+            batch("second")
+            assert client.wait_idle(timeout=20) and acked() == [10, 10], client.status()
+            assert events_of("failover", events).detail["to"] == b.url
+            take(20)
+            b.stop()
+            batch("third")
+            assert not client.wait_idle(timeout=0.5)
+            assert client.status()["queued"] == 10
+            a.start()
+            assert client.wait_idle(timeout=20), client.status()
+            assert acked() == [20, 10]
+            take(30)
+            b.start()
+            a.stop()
+            batch("fourth")
+            assert client.wait_idle(timeout=20) and acked() == [20, 20], client.status()
+            take(40)
+            a.start()
+            back = events_of("failback", events)
+            assert (back.detail["from"], back.detail["to"]) == (b.url, a.url)
+            batch("fifth")
+            assert client.wait_idle(timeout=20) and acked() == [30, 20], client.status()
+            take(50)
+        assert len(seen) == 50 and set(seen.values()) == {1}
+    finally:
+        a.kill9()
+        b.kill9()
+
+
+def test_asyncio_receipts_and_events(broker, tmp):
+    args = dict(client_id="py-arc", brokers=[broker.url], inbox=tmp / "inbox", topics=["arc/#"])
+
+    async def main():
+        await steadfast.aio.Consumer.register(**args)
+        async with steadfast.aio.Client("py-arc-p", brokers=[broker.url], outbox=tmp / "o", receipts=True) as client:
+            async for e in client.events():
+                if e.kind == "connected":
+                    break
+            receipt = await client.publish("arc/t", b"hello")
+            assert not await receipt.wait_handled(timeout=0.3)
+            async with steadfast.aio.Consumer(**args) as consumer:
+                d = await consumer.next(timeout=20)
+                assert d is not None and d.payload == b"hello"
+                d.ack()
+                assert await receipt.wait_handled(timeout=20)
+                return receipt.handled_by
+
+    assert asyncio.run(main()) == ["py-arc"]
+
+
+def test_bad_backoff_and_receipt_rules_raise_config_error(tmp):
+    url = "mqtt://127.0.0.1:1883"
+    with pytest.raises(steadfast.ConfigError, match="backoff"):
+        steadfast.Client("x", brokers=[url], outbox=tmp / "o", backoff="fast")
+    with pytest.raises(steadfast.ConfigError, match="receipts"):
+        steadfast.Receipts(need="all")
+    with pytest.raises(steadfast.ConfigError, match="receipts"):
+        steadfast.Receipts(consumers=["a"], need=2)
+    with pytest.raises(steadfast.ConfigError, match="ack"):
+        steadfast.Client("x", brokers=[url], outbox=tmp / "o", ack="any")
+    with pytest.raises(TypeError, match="publish\\(\\) got an unexpected keyword argument 'ttl_s'"):
+        with steadfast.Client("x", brokers=[url], outbox=tmp / "o2") as c:
+            c.publish("t", b"x", ttl_s=3)

@@ -246,3 +246,38 @@ def test_bad_backoff_and_receipt_rules_raise_config_error(tmp):
     with pytest.raises(TypeError, match="publish\\(\\) got an unexpected keyword argument 'ttl_s'"):
         with steadfast.Client("x", brokers=[url], outbox=tmp / "o2") as c:
             c.publish("t", b"x", ttl_s=3)
+
+
+
+INTERRUPTED = """
+import sys, threading, time, steadfast
+url, inbox = sys.argv[1], sys.argv[2]
+consumer = steadfast.Consumer("py-int", brokers=[url], inbox=inbox, topics=["int/#"])
+
+def tick():
+    # Runs only while the main thread's wait has let go of the GIL.
+    for _ in range(50):
+        time.sleep(0.01)
+    print("ticked", flush=True)
+
+threading.Thread(target=tick, daemon=True).start()
+try:
+    consumer.next()  # nothing comes: blocks until Ctrl-C
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_interrupts_a_blocking_wait_and_other_threads_run_meanwhile(broker, tmp):
+    import signal
+
+    from conftest import python
+
+    p = python(INTERRUPTED, broker.url, tmp / "inbox")
+    try:
+        assert p.stdout.readline().strip() == "ticked", p.stderr.read()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=20)
+        assert out.strip() == "interrupted" and p.returncode == 0, (out, err)
+    finally:
+        p.kill()

@@ -402,9 +402,15 @@ pub struct SubArgs {
     /// MQTT 5 session expiry interval (MQTT 3.1.1: the broker's setting applies).
     #[arg(short = 'x', long, value_name = "DURATION", default_value = "1d", value_parser = duration)]
     pub session_expiry: Duration,
-    /// Inbox directory (default: `$XDG_STATE_HOME/steadfast/inbox/CLIENT_ID`).
-    #[arg(long, value_name = "DIR")]
+    /// Inbox directory (default: `$XDG_STATE_HOME/steadfast/inbox/CLIENT_ID`), or a consumer group's shared inbox on PostgreSQL: postgres://USER@HOST:PORT/DB (with --group).
+    #[arg(long, value_name = "DIR|URL")]
     pub inbox: Option<PathBuf>,
+    /// Join the consumer group NAME: subscribe to $share/NAME/FILTER, so that each broker gives each message to one member (each member has its own -i).
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+    /// Write each message into a table with this statement, in one transaction with the group's shared inbox, so it is written once in the group: $1 payload (text or bytea), $2 topic, $3 producer id, $4 sequence number. Needs --inbox postgres://...
+    #[arg(long, value_name = "STATEMENT")]
+    pub sql: Option<String>,
     /// Do not de-duplicate (no inbox records; still ack after handling).
     #[arg(long)]
     pub no_dedup: bool,

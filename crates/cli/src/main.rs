@@ -16,6 +16,7 @@ mod poison;
 mod progress;
 mod publish;
 mod routes;
+mod sql;
 mod status;
 mod subscribe;
 mod values;

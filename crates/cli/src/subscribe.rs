@@ -13,6 +13,7 @@ use tokio::sync::broadcast;
 use crate::args::SubArgs;
 use crate::hints::{open_failure, WithFlag};
 use crate::paths::{default_client_id_for, default_inbox};
+use crate::sql::SqlSink;
 use crate::values::{parse_bounds, parse_qos, parse_version};
 use crate::Failure;
 
@@ -26,6 +27,8 @@ pub(crate) enum Output {
     Print(Format),
     /// `--exec CMD`.
     Exec(String),
+    /// `--sql STATEMENT` (a group member with a shared inbox).
+    Sql(Box<SqlSink>),
 }
 
 pub(crate) enum Format {
@@ -35,13 +38,22 @@ pub(crate) enum Format {
     Json,
 }
 
-/// The client id: `-i`, or one chosen once and kept in the inbox.
+/// `--inbox postgres://...`: a group's shared inbox, not a directory.
+fn shared_inbox(a: &SubArgs) -> Option<String> {
+    let s = a.inbox.as_ref()?.to_str()?;
+    (s.starts_with("postgres://") || s.starts_with("postgresql://")).then(|| s.to_owned())
+}
+
+/// The client id: `-i`, or one chosen once and kept in the inbox
+/// directory (the default one for a member of a group with a shared
+/// inbox: it keeps the member's counters).
 fn client_id(a: &SubArgs) -> Result<(String, PathBuf), Failure> {
+    let dir_flag = a.inbox.clone().filter(|_| shared_inbox(a).is_none());
     if let Some(id) = &a.id {
-        let dir = a.inbox.clone().unwrap_or_else(|| default_inbox(id));
+        let dir = dir_flag.unwrap_or_else(|| default_inbox(id));
         return Ok((id.clone(), dir));
     }
-    let dir = a.inbox.clone().unwrap_or_else(|| default_inbox("default"));
+    let dir = dir_flag.unwrap_or_else(|| default_inbox("default"));
     let file = dir.join("client-id");
     if let Ok(id) = std::fs::read_to_string(&file) {
         let id = id.trim().to_owned();
@@ -79,7 +91,22 @@ pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
     }
     version.warn_without_envelope(urls.len(), a.envelope);
+    let shared = shared_inbox(a);
+    if shared.is_some() && a.no_dedup {
+        return Err(usage("--no-dedup drops the inbox, and --inbox postgres://... is one: choose one"));
+    }
     let output = match (&a.exec, &a.format, a.json, a.verbose) {
+        _ if a.sql.is_some() && (a.exec.is_some() || a.format.is_some() || a.json || a.verbose) => {
+            return Err(usage("--sql handles the message itself; drop --exec, -F, --json and -v"))
+        }
+        _ if a.sql.is_some() => match &shared {
+            Some(url) => Output::Sql(Box::new(SqlSink::new(url, a.sql.as_deref().unwrap_or_default())?)),
+            None => {
+                return Err(usage(
+                    "--sql writes in the database of the group's shared inbox: add --group NAME and --inbox postgres://USER@HOST:PORT/DB",
+                ))
+            }
+        },
         (Some(cmd), None, false, false) => Output::Exec(cmd.clone()),
         (Some(_), ..) => return Err(usage("--exec handles the message itself; drop -F, --json and -v")),
         (None, Some(_), true, _) | (None, Some(_), _, true) | (None, None, true, true) => {
@@ -123,6 +150,12 @@ pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
     }
     for t in &a.topics {
         cfg = cfg.topic(t.clone(), qos);
+    }
+    if let Some(g) = &a.group {
+        cfg = cfg.group(g.clone());
+    }
+    if let Some(url) = shared {
+        cfg = cfg.shared_inbox(url);
     }
     Ok((cfg, output))
 }
@@ -248,7 +281,12 @@ pub async fn run(mut a: SubArgs) -> Result<(), Failure> {
         }
         a.topics.push(t);
     }
-    let (cfg, output) = config(&a)?;
+    let (cfg, mut output) = config(&a)?;
+    if let Output::Sql(sink) = &mut output {
+        if !a.register {
+            sink.check().await?;
+        }
+    }
     let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
     if a.register {
         return register(&cfg).await;
@@ -270,7 +308,7 @@ pub async fn run(mut a: SubArgs) -> Result<(), Failure> {
             report.problem.as_deref().unwrap_or("unknown damage")
         );
     }
-    let result = Receiving::new(&consumer, &a, stop).run(&output).await;
+    let result = Receiving::new(&consumer, &a, stop).run(&mut output).await;
     consumer.close().await;
     result
 }
@@ -343,7 +381,7 @@ impl<'a> Receiving<'a> {
         }
     }
 
-    async fn run(mut self, output: &Output) -> Result<(), Failure> {
+    async fn run(mut self, output: &mut Output) -> Result<(), Failure> {
         loop {
             if self.count.is_some_and(|c| self.handled >= c) {
                 return Ok(());
@@ -355,6 +393,7 @@ impl<'a> Receiving<'a> {
             };
             let step = match output {
                 Output::Exec(cmd) => self.exec(cmd, first).await,
+                Output::Sql(sink) => self.sql(sink, first).await,
                 Output::Print(f) => self.print(f, first).await,
             };
             if let ControlFlow::Break(end) = step {
@@ -418,6 +457,56 @@ impl<'a> Receiving<'a> {
         ControlFlow::Continue(())
     }
 
+    /// `--sql`: what is ready now (`first` and up to 255 more) is written
+    /// in one transaction with its shared inbox records, then
+    /// acknowledged. A failed write (the database down, a row refused) is
+    /// tried again with a growing pause, before any later message;
+    /// meanwhile nothing is acknowledged and the brokers keep the rest.
+    async fn sql(&mut self, sink: &mut SqlSink, first: Received) -> Step {
+        let batch = self.ready_batch(first, 256);
+        let mut pause = Duration::from_millis(200);
+        let mut failing = false;
+        loop {
+            match sink.write(&batch).await {
+                Ok(()) => break,
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::error!(error = %e.0, messages = batch.len(), "--sql: cannot write; not acknowledged, trying again");
+                    } else {
+                        tracing::debug!(error = %e.0, "--sql: still cannot write");
+                    }
+                }
+            }
+            if self.stopped_during(pause).await {
+                // Not acknowledged: they come again.
+                drop(batch);
+                return ControlFlow::Break(Ok(()));
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+        if failing {
+            tracing::warn!("--sql: writing again");
+        }
+        self.handled += batch.len() as u64;
+        for d in batch {
+            d.ack();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// `first` and what is ready now, at most `max` (and what `-C` leaves).
+    fn ready_batch(&self, first: Received, max: usize) -> Vec<Received> {
+        let mut batch = vec![first];
+        let room = self.count.map_or(u64::MAX, |c| c - self.handled) as usize;
+        while batch.len() < room.min(max) {
+            match self.consumer.try_next() {
+                Some(d) => batch.push(d),
+                None => break,
+            }
+        }
+        batch
+    }
+
     /// Waits `pause`; true when a signal or `-W` stopped the wait.
     async fn stopped_during(&mut self, pause: Duration) -> bool {
         let deadline = self.deadline;
@@ -438,14 +527,7 @@ impl<'a> Receiving<'a> {
     /// flushed together, then acknowledged: a line is on stdout before its
     /// ack leaves.
     async fn print(&mut self, f: &Format, first: Received) -> Step {
-        let mut batch = vec![first];
-        let room = self.count.map_or(u64::MAX, |c| c - self.handled) as usize;
-        while batch.len() < room.min(1024) {
-            match self.consumer.try_next() {
-                Some(d) => batch.push(d),
-                None => break,
-            }
-        }
+        let batch = self.ready_batch(first, 1024);
         let mut out = Vec::new();
         for d in &batch {
             render(f, d, !self.no_eol, &mut out);

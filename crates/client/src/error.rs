@@ -201,6 +201,26 @@ pub enum ConfigError {
     /// A consumer with no topic filter.
     #[error("no topic to subscribe to; give at least one filter")]
     NoTopic,
+    /// A consumer group name that cannot be part of `$share/NAME/FILTER`.
+    #[error("consumer group name `{0}` is empty or contains `/`, `+` or `#`; choose a plain name such as line1")]
+    GroupName(String),
+    /// A shared inbox without a group: members share it, a lone consumer
+    /// has its own.
+    #[error("a shared inbox (postgres://...) belongs to a consumer group; add --group NAME (ConsumerConfig::group), or give a directory for a consumer of its own")]
+    SharedInboxWithoutGroup,
+    /// A shared inbox URL that is not a PostgreSQL one.
+    #[error("shared inbox `{url}`: {reason}; use postgres://USER@HOST:PORT/DATABASE")]
+    SharedInboxUrl {
+        /// The URL (its password, if any, hidden).
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A shared inbox asked of a library built without PostgreSQL.
+    #[error(
+        "this build of steadfast has no PostgreSQL support; build the steadfast crate with the `postgres` feature"
+    )]
+    NoPostgres,
     /// A topic filter MQTT does not allow.
     #[error("topic filter `{filter}`: {error}")]
     TopicFilter {

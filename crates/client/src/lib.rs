@@ -38,11 +38,17 @@ mod transport;
 
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, ReceiptStatus, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, OtherSets, ProtocolVersion};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, Received};
+#[cfg(feature = "postgres")]
+pub use consumer::RecordInError;
+pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, GroupInbox, Received};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};
 pub use steadfast_core::{
     AckTimeout, BackoffConfig, DropReason, Identity, Need, Properties, PropertyError, Qos, ReceiptRule, RuleError,
 };
 pub use steadfast_store::{AppendError, Delivery, Handling, OpenReport, OutboxConfig, Overflow, StoreError};
+/// The PostgreSQL client a consumer group's shared inbox uses, for
+/// [`Received::record_in`] in the application's own transaction.
+#[cfg(feature = "postgres")]
+pub use tokio_postgres;
 pub use transport::{CertificateProblem, TlsConfig, Transport};

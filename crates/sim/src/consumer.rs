@@ -78,6 +78,7 @@ impl Consumer {
             retry_after: Duration::from_secs(1),
             record_retry: Duration::from_secs(1),
             relay: false,
+            shared: false,
         };
         let high = self.inbox.last().map(|s| (PRODUCER.to_owned(), *s));
         self.engine = Some(Dispatch::new(cfg, high));

@@ -11,6 +11,7 @@
 mod interop_brokers;
 mod mosquitto;
 mod pki;
+mod postgres;
 mod scripted;
 mod sub;
 mod ws;
@@ -18,6 +19,7 @@ mod ws;
 pub use interop_brokers::{Nats, RabbitMq};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use pki::Pki;
+pub use postgres::{have_postgres, Postgres};
 pub use scripted::{Received, Reply, ScriptedBroker};
 pub use steadfast_lab::{FaultProxy, ProxyMode};
 pub use sub::Subscriber;

@@ -13,6 +13,7 @@ mod bridge;
 mod deb;
 mod docs;
 mod doctor;
+mod group;
 mod interop;
 mod limits;
 mod policy;

@@ -26,6 +26,14 @@ pub struct ConsumerConfig {
     /// A bridge's source: asks for receipts are passed on, not answered
     /// (docs/design.md, "Receipts through a bridge").
     pub(super) relay: bool,
+    /// The consumer group: subscriptions are `$share/GROUP/FILTER`.
+    pub(super) group: Option<String>,
+    /// The group's shared inbox (a PostgreSQL URL) instead of the
+    /// directory's.
+    pub(super) shared_inbox: Option<String>,
+    /// `receipt_as` was given (a group otherwise names receipts after
+    /// itself).
+    receipt_named: bool,
 }
 
 impl ConsumerConfig {
@@ -37,6 +45,9 @@ impl ConsumerConfig {
             receipt_name,
             send_receipts: true,
             relay: false,
+            group: None,
+            shared_inbox: None,
+            receipt_named: false,
             client,
             topics: Vec::new(),
             inbox: true,
@@ -88,7 +99,44 @@ impl ConsumerConfig {
     /// consumers counts only those names.
     pub fn receipt_as(mut self, name: impl Into<String>) -> Self {
         self.receipt_name = name.into();
+        self.receipt_named = true;
         self
+    }
+    /// A member of the consumer group `name`: every filter is subscribed
+    /// as `$share/NAME/FILTER`, so each broker gives each message to one
+    /// member of the group (MQTT 5 shared subscriptions; Mosquitto also
+    /// on 3.1.1). Each member keeps its own persistent session (its own
+    /// client id). Receipts are sent in the group's name unless
+    /// [`ConsumerConfig::receipt_as`] says otherwise. Without a shared
+    /// inbox ([`ConsumerConfig::shared_inbox`]) each member de-duplicates
+    /// only what reaches it.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        let name = name.into();
+        if !self.receipt_named {
+            self.receipt_name = name.replace([' ', ',', '\n', '\r', '\0'], "_");
+        }
+        self.group = Some(name);
+        self
+    }
+    /// The group's shared inbox on PostgreSQL (`postgres://USER@HOST:PORT/DB`,
+    /// libpq's URL and key=value forms): every member records what it
+    /// handled there, and a copy any member handled is not handed over
+    /// again (docs/guarantees.md, "Consumer groups"). The consumer's
+    /// directory still holds its counters. Needs the `postgres` feature.
+    pub fn shared_inbox(mut self, url: impl Into<String>) -> Self {
+        self.shared_inbox = Some(url.into());
+        self
+    }
+    /// The group, if a member of one.
+    pub fn group_name(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+    /// The filters as subscribed: `$share/GROUP/FILTER` in a group.
+    pub(super) fn filters(&self) -> Vec<(String, Qos)> {
+        match &self.group {
+            None => self.topics.clone(),
+            Some(g) => self.topics.iter().map(|(f, q)| (format!("$share/{g}/{f}"), *q)).collect(),
+        }
     }
     /// Send receipts to producers that ask for them (default on; a
     /// bridge turns it off: its outbox is not the end of a message's way).
@@ -130,6 +178,17 @@ impl ConsumerConfig {
         for (f, _) in &self.topics {
             steadfast_core::topic::validate_topic_filter(f)
                 .map_err(|error| ConfigError::TopicFilter { filter: f.clone(), error })?;
+        }
+        if let Some(g) = &self.group {
+            if g.is_empty() || g.contains(['/', '+', '#']) {
+                return Err(ConfigError::GroupName(g.clone()));
+            }
+        }
+        if let Some(url) = &self.shared_inbox {
+            if self.group.is_none() {
+                return Err(ConfigError::SharedInboxWithoutGroup);
+            }
+            super::group::check_url(url)?;
         }
         if self.inbox_max_bytes == Some(0) {
             return Err(ConfigError::ZeroInbox { unit: "bytes" });

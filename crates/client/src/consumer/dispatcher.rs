@@ -19,6 +19,7 @@ use steadfast_store::Outbox;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, Instant};
 
+use super::group::GroupInbox;
 use super::received::{Pending, Received, Token};
 use super::{send_queued, Cmd, ConsumerConfig, DriverCmd, FromBroker, DUPLICATES, GAPS, HANDLED, OUT_OF_ORDER};
 use crate::clock::now;
@@ -70,6 +71,10 @@ pub(super) struct Dispatcher {
     /// A producer asked for a receipt that this consumer cannot give (no
     /// inbox), said once.
     pub(super) warned_receipts: bool,
+    /// A consumer group's shared inbox, instead of the directory's.
+    pub(super) group: Option<Arc<GroupInbox>>,
+    /// The shared inbox could not be read: said once per outage.
+    pub(super) inbox_down: bool,
 }
 
 impl Dispatcher {
@@ -95,7 +100,9 @@ impl Dispatcher {
                             Err(_) => break,
                         }
                     }
-                    self.take(batch).await;
+                    if !self.take(batch, &mut stop).await {
+                        return;
+                    }
                 }
                 permit = app.reserve(), if !self.ready.is_empty() => {
                     let Ok(permit) = permit else { return };
@@ -124,8 +131,8 @@ impl Dispatcher {
     }
 
     /// Messages from the brokers, with the inbox's answer for those the
-    /// engine must ask about.
-    async fn take(&mut self, batch: Vec<FromBroker>) {
+    /// engine must ask about; false when the consumer stops meanwhile.
+    async fn take(&mut self, batch: Vec<FromBroker>, stop: &mut watch::Receiver<bool>) -> bool {
         let mut items = Vec::with_capacity(batch.len());
         for FromBroker { broker, epoch, mut msg } in batch {
             let token = Token { broker, epoch, pid: msg.pid };
@@ -154,6 +161,11 @@ impl Dispatcher {
         let ask = self.engine.to_ask(&items);
         let seen = if ask.is_empty() {
             Vec::new()
+        } else if let Some(group) = self.group.clone() {
+            match self.group_seen(&group, &ask, stop).await {
+                Some(seen) => seen,
+                None => return false,
+            }
         } else {
             match self.outbox.inbox_seen(ask).await {
                 Ok(s) => s,
@@ -167,6 +179,40 @@ impl Dispatcher {
         };
         self.engine.handle_delivered(items, &seen, now());
         self.carry_out();
+        true
+    }
+
+    /// The shared inbox's answer, asked again (with growing pauses) while
+    /// PostgreSQL cannot give it: a group member never hands over what
+    /// another may have handled. Meanwhile nothing is acknowledged and
+    /// the brokers keep the messages. `None` when the consumer stops.
+    async fn group_seen(
+        &mut self,
+        group: &GroupInbox,
+        ask: &[(String, u64)],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Option<Vec<bool>> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match group.seen(ask).await {
+                Ok(seen) => {
+                    if std::mem::replace(&mut self.inbox_down, false) {
+                        tracing::warn!("the shared inbox answers again; handing messages over");
+                    }
+                    return Some(seen);
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.inbox_down, true) {
+                        tracing::error!(error = %e, "cannot read the shared inbox; holding the messages (unacknowledged, they wait in the brokers) and trying again");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                r = stop.changed() => if r.is_err() || *stop.borrow() { return None },
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
     }
 
     fn on_cmds(&mut self, cmds: Vec<Cmd>) {
@@ -214,7 +260,8 @@ impl Dispatcher {
             match op {
                 DispatchOp::HandOver { delivery, redelivered } => {
                     let broker = self.urls[delivery.token.broker].clone();
-                    self.ready.push_back(delivery.into_received(broker, redelivered, self.cmds.clone()));
+                    let group = self.group.clone();
+                    self.ready.push_back(delivery.into_received(broker, redelivered, self.cmds.clone(), group));
                 }
                 DispatchOp::AckBroker(token) => self.ack_broker(token),
                 DispatchOp::Receipt { token, identity, topic } => {
@@ -276,10 +323,15 @@ impl Dispatcher {
     /// engine.
     fn record(&self, batch: Vec<(Identity, Token)>) {
         let outbox = self.outbox.clone();
+        let group = self.group.clone();
         let back = self.cmds.clone();
         tokio::spawn(async move {
-            let ids = batch.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
-            let ok = match outbox.inbox_record(ids).await {
+            let ids: Vec<(String, u64)> = batch.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
+            let done = match &group {
+                Some(g) => g.record(&ids).await.map_err(|e| e.to_string()),
+                None => outbox.inbox_record(ids).await.map_err(|e| e.to_string()),
+            };
+            let ok = match done {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot record handled messages in the inbox; not acknowledged yet, trying again");

@@ -16,6 +16,7 @@
 
 mod config;
 mod dispatcher;
+mod group;
 mod received;
 mod receiver;
 
@@ -33,7 +34,10 @@ use tokio::task::JoinHandle;
 
 pub use self::config::ConsumerConfig;
 use self::dispatcher::Dispatcher;
+pub use self::group::GroupInbox;
 pub use self::received::Received;
+#[cfg(feature = "postgres")]
+pub use self::received::RecordInError;
 use self::received::{Pending, Token};
 use self::receiver::{check_granted, Receiver};
 use crate::error::{CloseReason, ConnectError, OpenError};
@@ -195,6 +199,10 @@ impl Consumer {
                 return Err(e.into());
             }
         };
+        let group = match (&cfg.shared_inbox, &cfg.group) {
+            (Some(url), Some(name)) => Some(Arc::new(GroupInbox::new(url, name, &cfg.client.client_id)?)),
+            _ => None,
+        };
         let cfg = Arc::new(cfg);
         // The first `events()` call gets everything from the start.
         let (events, first_events) = broadcast::channel(4096);
@@ -237,6 +245,7 @@ impl Consumer {
                     retry_after: cfg.retry_after,
                     record_retry: Duration::from_secs(1),
                     relay: cfg.relay,
+                    shared: group.is_some(),
                 },
                 high,
             ),
@@ -245,6 +254,8 @@ impl Consumer {
             ready: VecDeque::new(),
             receipts: ReceiptBatcher::new(Default::default()),
             warned_receipts: false,
+            group,
+            inbox_down: false,
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {
@@ -315,7 +326,7 @@ impl Consumer {
             let mut version = cfg.client.version;
             let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf, .. } =
                 open_auto(&cfg.client, &url, cfg.client.clean_start, &mut version, None).await?;
-            link.subscribe(1, &cfg.topics)?;
+            link.subscribe(1, &cfg.filters())?;
             send(&mut wr, &link.out).await?;
             link.out.clear();
             let mut pending = after;
@@ -334,7 +345,7 @@ impl Consumer {
                 }
                 pending = link.receive(&buf[..n]);
             };
-            check_granted(&url, &cfg.topics, &granted)?;
+            check_granted(&url, &cfg.filters(), &granted)?;
             link.disconnect();
             let _ = send(&mut wr, &link.out).await;
             let _ = wr.shutdown().await;

@@ -2,11 +2,13 @@
 //! routes its acknowledgement back to the broker it came from; dropped
 //! unacknowledged, it goes back to the dispatcher for a retry.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use steadfast_core::{Identity, Properties, Qos};
 use tokio::sync::mpsc;
 
+use super::group::GroupInbox;
 use super::Cmd;
 use crate::link::Inbound;
 
@@ -32,6 +34,9 @@ pub struct Received {
     receipt: Option<String>,
     token: Option<Token>,
     cmds: mpsc::UnboundedSender<Cmd>,
+    /// A group member's shared inbox.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    group: Option<Arc<GroupInbox>>,
 }
 
 /// Where a delivery's acknowledgement goes.
@@ -113,6 +118,35 @@ impl Received {
         }
     }
 
+    /// A group member with a shared inbox: records these deliveries in the
+    /// caller's own PostgreSQL transaction, so that the record and the
+    /// caller's writes commit or roll back together (exactly-once
+    /// effects). True for each that no member of the group recorded
+    /// before: do its work in `tx`, commit, then [`Received::ack`] each
+    /// (false: skip the work, ack it too: it is a copy). A delivery
+    /// without an identity cannot be recognised and is always true. A
+    /// copy another member records at the same moment waits for that
+    /// transaction's end. Rolled back: [`Received::retry`] or drop them.
+    #[cfg(feature = "postgres")]
+    pub async fn record_all_in(
+        tx: &tokio_postgres::Transaction<'_>,
+        deliveries: &[&Received],
+    ) -> Result<Vec<bool>, RecordInError> {
+        let with_id: Vec<&Received> = deliveries.iter().copied().filter(|d| d.identity.is_some()).collect();
+        let Some(first) = with_id.first() else { return Ok(vec![true; deliveries.len()]) };
+        let group = first.group.as_ref().ok_or(RecordInError::NoSharedInbox)?;
+        let ids: Vec<&Identity> = with_id.iter().filter_map(|d| d.identity.as_ref()).collect();
+        let new = group.record_in(tx, &ids).await.map_err(RecordInError::Postgres)?;
+        let mut new = new.into_iter();
+        Ok(deliveries.iter().map(|d| d.identity.is_none() || new.next().unwrap_or(true)).collect())
+    }
+
+    /// [`Received::record_all_in`] of this delivery alone.
+    #[cfg(feature = "postgres")]
+    pub async fn record_in(&self, tx: &tokio_postgres::Transaction<'_>) -> Result<bool, RecordInError> {
+        Ok(Self::record_all_in(tx, &[self]).await?[0])
+    }
+
     /// Not handled: it comes again after the configured pause.
     pub fn retry(self) {
         drop(self);
@@ -161,7 +195,13 @@ pub(super) struct Pending {
 }
 
 impl Pending {
-    pub(super) fn into_received(self, broker: String, redelivered: bool, cmds: mpsc::UnboundedSender<Cmd>) -> Received {
+    pub(super) fn into_received(
+        self,
+        broker: String,
+        redelivered: bool,
+        cmds: mpsc::UnboundedSender<Cmd>,
+        group: Option<Arc<GroupInbox>>,
+    ) -> Received {
         Received {
             topic: self.msg.topic,
             payload: self.msg.payload,
@@ -177,6 +217,21 @@ impl Pending {
             receipt: self.msg.receipt,
             token: Some(self.token),
             cmds,
+            group,
         }
     }
+}
+
+/// Why [`Received::record_all_in`] failed.
+#[cfg(feature = "postgres")]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordInError {
+    /// The consumer has no shared inbox ([`super::ConsumerConfig::shared_inbox`]).
+    #[error("this consumer has no shared inbox: give it one (ConsumerConfig::shared_inbox, --inbox postgres://...)")]
+    NoSharedInbox,
+    /// PostgreSQL refused or failed the statement (the transaction is to
+    /// be rolled back).
+    #[error("recording in the shared inbox failed: {0}")]
+    Postgres(tokio_postgres::Error),
 }

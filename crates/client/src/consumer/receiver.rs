@@ -119,10 +119,11 @@ impl Receiver {
         // and so does a kept one whose filters are not the ones configured
         // (recorded per broker once the broker granted them).
         let key = format!("subscribed {}", self.url);
-        let want: String = self.cfg.topics.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
+        let filters = self.cfg.filters();
+        let want: String = filters.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
         let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
         if must_subscribe(session_present, &have, &want) {
-            link.subscribe(1, &self.cfg.topics)?;
+            link.subscribe(1, &filters)?;
         }
         Ok(Subscription { key, want })
     }
@@ -196,7 +197,7 @@ impl Receiver {
             }
             Incoming::PubRel { pid } => conn.session.handle_pubrel(pid, &mut LinkAcks(&mut conn.link)),
             Incoming::SubAck { granted } => {
-                if let Err(e) = check_granted(&self.url, &self.cfg.topics, &granted) {
+                if let Err(e) = check_granted(&self.url, &self.cfg.filters(), &granted) {
                     let broker = self.url.to_string();
                     tracing::error!(%broker, error = %e, "subscription refused");
                     return Err(e);

@@ -109,6 +109,11 @@ pub struct DispatchConfig {
     /// back: what the relay passed on may have been lost further on, and
     /// only the consumer at the end can tell.
     pub relay: bool,
+    /// A member of a consumer group with a shared inbox: other members
+    /// handle the same producers' messages, so nothing is new without
+    /// asking the inbox, and a member's own view of a sequence has gaps
+    /// that are the others' share (it reports none).
+    pub shared: bool,
 }
 
 /// The consumer's dispatcher.
@@ -163,7 +168,7 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     fn is_fresh(&self, i: &Identity) -> bool {
-        self.high.get(&i.producer).is_none_or(|h| i.seq > *h)
+        !self.cfg.shared && self.high.get(&i.producer).is_none_or(|h| i.seq > *h)
     }
 
     /// Deliveries from the brokers, with the inbox's answer for
@@ -206,7 +211,9 @@ impl<P: Delivered> Dispatch<P> {
             self.handling.insert(id.clone(), (Vec::new(), owed));
             let h = self.high.entry(id.producer.clone()).or_default();
             *h = (*h).max(id.seq);
-            self.note_sequence(&id, now.at);
+            if !self.cfg.shared {
+                self.note_sequence(&id, now.at);
+            }
             if crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
                 self.ops.push_back(DispatchOp::AckBroker(p.token()));
             }
@@ -398,7 +405,38 @@ mod tests {
             retry_after: Duration::from_secs(1),
             record_retry: Duration::from_secs(1),
             relay,
+            shared: false,
         }
+    }
+
+    /// A group member asks the shared inbox about every identity, even
+    /// above what it handled itself (another member may have handled it),
+    /// and reports no gap of its own: the missing numbers are the others'
+    /// share.
+    #[test]
+    fn a_group_member_asks_about_everything_and_reports_no_gap_of_its_own() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let shared = DispatchConfig { shared: true, ..config(false) };
+        let mut e: Dispatch<D> = Dispatch::new(shared, [("p".to_owned(), 5)]);
+        let items = vec![d(3, 1, None), d(9, 2, None), d(20, 3, None)];
+        assert_eq!(e.to_ask(&items).len(), 3);
+        // The inbox says 9 was handled by another member.
+        e.handle_delivered(items, &[false, true, false], now);
+        let ops: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        assert!(ops.contains(&DispatchOp::AckBroker(2)), "{ops:?}");
+        let handed: Vec<u64> = ops
+            .iter()
+            .filter_map(|op| match op {
+                DispatchOp::HandOver { delivery, .. } => Some(delivery.id.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(handed, vec![3, 20]);
+        let later = Now { at: now.at + Duration::from_secs(60), wall_ms: 60_000 };
+        e.handle_timeout(later);
+        let ops: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        assert!(!ops.iter().any(|op| matches!(op, DispatchOp::SuspectedLoss { .. })), "{ops:?}");
+        assert_eq!(e.poll_timeout(), None);
     }
 
     #[test]

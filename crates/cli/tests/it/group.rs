@@ -1,0 +1,222 @@
+//! Consumer groups with a shared inbox on PostgreSQL: `sub --group NAME
+//! --inbox postgres://... --sql STATEMENT` members as child processes,
+//! against real Mosquitto and a PostgreSQL of the test's own.
+
+use std::io::Write;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use steadfast_testkit::{Mosquitto, Postgres};
+
+use crate::{stderr, steadfast};
+
+/// Rows the members wrote, and how many distinct identities among them;
+/// `None` while PostgreSQL is down.
+async fn written(url: &str) -> Option<(i64, i64)> {
+    let (client, conn) = steadfast::tokio_postgres::connect(url, steadfast::tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let row = client.query_one("SELECT count(*), count(DISTINCT (producer, seq)) FROM readings", &[]).await.ok()?;
+    Some((row.get(0), row.get(1)))
+}
+
+/// Polls [`written`] until `cond` holds of it.
+async fn wait_written(url: &str, what: &str, limit: Duration, cond: impl Fn((i64, i64)) -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let got = written(url).await;
+        if got.is_some_and(&cond) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}; written: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One member of the group `line`: its arguments and its process.
+struct Member {
+    args: Vec<String>,
+    state: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Member {
+    fn new(id: &str, brokers: &[String], inbox: &str) -> Member {
+        let mut args: Vec<String> = ["sub", "-i", id, "-t", "grp/#", "--group", "line", "--inbox", inbox]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for b in brokers {
+            args.extend(["-b".to_owned(), b.clone()]);
+        }
+        let state = tempfile::tempdir().unwrap();
+        Member { args, state, child: None }
+    }
+
+    fn command(&self) -> std::process::Command {
+        let mut c = steadfast();
+        // Each member's own directory (its client id, counters).
+        c.env("XDG_STATE_HOME", self.state.path()).args(&self.args);
+        c
+    }
+
+    /// Creates its session and shared subscription on `broker` alone.
+    async fn register_on(&self, broker: &str) {
+        let mut c = steadfast();
+        let mut args = self.args.clone();
+        // Its own brokers dropped: only this one.
+        while let Some(i) = args.iter().position(|a| a == "-b") {
+            args.drain(i..i + 2);
+        }
+        c.env("XDG_STATE_HOME", self.state.path()).args(args).args(["-b", broker, "--register"]);
+        let out = tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+
+    fn start(&mut self, sql: &str) {
+        let log = std::fs::File::create(self.state.path().join("stderr")).unwrap();
+        let child = self.command().args(["--sql", sql]).stdin(Stdio::null()).stderr(log).spawn().unwrap();
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (by PID), and its exit status.
+    async fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = std::process::Command::new("kill").args(["-s", "TERM", &c.id().to_string()]).status();
+        tokio::task::spawn_blocking(move || c.wait().unwrap()).await.unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("stderr")).unwrap_or_default()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+const INSERT: &str = "INSERT INTO readings (producer, seq, body, topic) VALUES ($3, $4, $1, $2)";
+
+/// Three members on two brokers in fanout (each broker gives each message
+/// to one member, so two members usually get the same message at the same
+/// time), 50,000 messages; one member `kill -9`ed twice and restarted,
+/// PostgreSQL killed and down for 5 s in the middle. The table the
+/// members write with `--sql` ends with exactly one row per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_write_each_message_once_through_member_and_database_crashes() {
+    const N: i64 = 50_000;
+    let mut pg = Postgres::start().await;
+    let url = pg.url();
+    pg.connect()
+        .await
+        .batch_execute("CREATE TABLE readings (producer text, seq bigint, body text, topic text)")
+        .await
+        .unwrap();
+    let (a, b) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    let brokers = [a.url(), b.url()];
+    let mut members: Vec<Member> = (1..=3).map(|i| Member::new(&format!("m{i}"), &brokers, &url)).collect();
+    // Subscribed in opposite orders on the two brokers: each broker
+    // gives its copy of a message to another member (round robin), so
+    // two members usually hold the same message at the same moment.
+    for m in &members {
+        m.register_on(&brokers[0]).await;
+    }
+    for m in members.iter().rev() {
+        m.register_on(&brokers[1]).await;
+    }
+    for m in &mut members {
+        m.start(INSERT);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
+    let args = ["pub", "-b", &a.url(), "-b", &b.url(), "--mode", "fanout", "-i", "gw", "--outbox", &outbox];
+    let mut producer = steadfast()
+        .args(args)
+        .args(["-t", "grp/t", "-l"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = producer.stdin.take().unwrap();
+    tokio::task::spawn_blocking(move || {
+        let lines: String = (0..N).map(|i| format!("reading {i}\n")).collect();
+        stdin.write_all(lines.as_bytes()).unwrap();
+    });
+
+    let limit = Duration::from_secs(120);
+    wait_written(&url, "10,000 rows", limit, |(n, _)| n >= 10_000).await;
+    members[0].kill9();
+    members[0].start(INSERT);
+    wait_written(&url, "20,000 rows", limit, |(n, _)| n >= 20_000).await;
+    pg.kill9();
+    // The database is down for a while: the members hold what they have,
+    // unacknowledged; the brokers keep the rest.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    pg.spawn().await;
+    wait_written(&url, "30,000 rows", limit, |(n, _)| n >= 30_000).await;
+    members[0].kill9();
+    members[0].start(INSERT);
+    wait_written(&url, "every message written", Duration::from_secs(180), |(n, _)| n >= N).await;
+
+    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for m in &mut members {
+        let status = m.stop().await;
+        assert!(status.success(), "a member ended with {status}: {}", m.log());
+    }
+    let (rows, distinct) = written(&url).await.unwrap();
+    assert_eq!((rows, distinct), (N, N), "rows and distinct identities");
+    let db = pg.connect().await;
+    let handled: i64 = db
+        .query_one("SELECT sum(handled)::bigint FROM steadfast_members WHERE grp = 'line'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(handled, N, "the members' handled counts add up to the messages");
+    let inbox: i64 = db.query_one("SELECT count(*) FROM steadfast_inbox WHERE grp = 'line'", &[]).await.unwrap().get(0);
+    assert_eq!(inbox, N);
+}
+
+/// What `--sql` and `--group` refuse, before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_and_sql_mistakes_are_named_with_their_fix() {
+    let pg = Postgres::start().await;
+    pg.connect().await.batch_execute("CREATE TABLE t (body bytea, n integer)").await.unwrap();
+    let url = pg.url();
+    let state = tempfile::tempdir().unwrap();
+    let sub = |extra: &[&str]| {
+        let mut a = vec!["sub", "-b", "mqtt://127.0.0.1:9", "-t", "x/#", "-i", "m"];
+        a.extend_from_slice(extra);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (sub(&["--sql", "INSERT INTO t (body) VALUES ($1)"]), "--inbox postgres://"),
+        (sub(&["--inbox", &url, "--sql", "INSERT INTO t (body) VALUES ($1)"]), "--group NAME"),
+        (sub(&["--group", "a/b", "--inbox", &url]), "consumer group name `a/b`"),
+        (sub(&["--group", "g", "--inbox", &url, "--sql", "INSERT INTO nowhere VALUES ($1)"]), "nowhere"),
+        (sub(&["--group", "g", "--inbox", &url, "--sql", "INSERT INTO t (n) VALUES ($1)"]), "$1 (the payload) is int4"),
+        (sub(&["--group", "g", "--inbox", &url, "--no-dedup"]), "--no-dedup"),
+    ];
+    for (args, want) in cases {
+        let mut c = steadfast();
+        c.env("XDG_STATE_HOME", state.path()).args(&args).stdin(Stdio::null());
+        let out = tokio::task::spawn_blocking(move || c.output().unwrap()).await.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(want), "{args:?}: wanted `{want}` in: {}", stderr(&out));
+    }
+}

@@ -1,0 +1,249 @@
+//! A consumer group's shared inbox on PostgreSQL (docs/design.md,
+//! "Consumer groups"). Every member of the group records the identities
+//! it handled in one table, keyed by (group, producer, sequence number),
+//! and asks that table about every identity it receives: a copy that any
+//! member handled is acknowledged without being handed over again.
+//!
+//! A delivery can also be recorded inside the application's own
+//! transaction ([`super::Received::record_in`]): the record and the
+//! application's writes then commit or roll back together, and a copy
+//! that another member is recording at the same moment waits on the
+//! table's unique key, then counts as a duplicate (exactly-once effects).
+//!
+//! Without the `postgres` feature the type is uninhabited: a consumer
+//! asking for a shared inbox fails its configuration check instead.
+
+use crate::error::ConfigError;
+
+/// Why the shared inbox could not answer (PostgreSQL unreachable, a
+/// query refused): the dispatcher logs it and tries again.
+#[derive(Debug)]
+pub(crate) struct GroupError(String);
+
+impl std::fmt::Display for GroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(not(feature = "postgres"))]
+mod imp {
+    use super::*;
+
+    /// Checks a shared inbox URL: without PostgreSQL support, none is
+    /// usable.
+    pub(crate) fn check_url(_url: &str) -> Result<(), ConfigError> {
+        Err(ConfigError::NoPostgres)
+    }
+
+    /// Never built without the `postgres` feature.
+    #[derive(Debug)]
+    pub enum GroupInbox {}
+
+    impl GroupInbox {
+        pub(crate) fn new(_url: &str, _group: &str, _member: &str) -> Result<Self, ConfigError> {
+            Err(ConfigError::NoPostgres)
+        }
+        pub(crate) async fn seen(&self, _ids: &[(String, u64)]) -> Result<Vec<bool>, GroupError> {
+            match *self {}
+        }
+        pub(crate) async fn record(&self, _ids: &[(String, u64)]) -> Result<(), GroupError> {
+            match *self {}
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+mod imp {
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use steadfast_core::Identity;
+    use tokio::sync::Mutex;
+    use tokio_postgres::{Client, Config, NoTls, Transaction};
+
+    use super::*;
+
+    /// The schema, one step per version (docs/design.md, "Consumer
+    /// groups"); a new version appends a step, never edits one.
+    const MIGRATIONS: &[&str] = &[
+        // 1: the shared inbox and the members.
+        "CREATE TABLE steadfast_inbox (
+            grp text NOT NULL,
+            producer text NOT NULL,
+            seq bigint NOT NULL,
+            member text NOT NULL,
+            handled_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (grp, producer, seq)
+        );
+        CREATE TABLE steadfast_members (
+            grp text NOT NULL,
+            member text NOT NULL,
+            last_seen timestamptz NOT NULL DEFAULT now(),
+            handled bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (grp, member)
+        );",
+    ];
+
+    /// Any number that marks steadfast's migration lock among a
+    /// database's advisory locks.
+    const MIGRATION_LOCK: i64 = 0x5354_4446_4153_5401;
+
+    /// The URL with its password, if any, hidden (for messages).
+    fn shown(url: &str) -> String {
+        match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
+                let colon = s + 3 + url[s + 3..at].find(':').expect("checked");
+                format!("{}:***{}", &url[..colon], &url[at..])
+            }
+            _ => url.to_owned(),
+        }
+    }
+
+    /// Checks a shared inbox URL (libpq's URL or key=value form).
+    pub(crate) fn check_url(url: &str) -> Result<(), ConfigError> {
+        url.parse::<Config>()
+            .map(|_| ())
+            .map_err(|e| ConfigError::SharedInboxUrl { url: shown(url), reason: e.to_string() })
+    }
+
+    /// Brings the schema to the newest version, one member at a time.
+    async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS steadfast_schema (version integer NOT NULL)").await?;
+        let have: i32 = tx.query_one("SELECT coalesce(max(version), 0) FROM steadfast_schema", &[]).await?.get(0);
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(have.max(0) as usize) {
+            tx.batch_execute(step).await?;
+            tx.execute("INSERT INTO steadfast_schema (version) VALUES ($1)", &[&(i as i32 + 1)]).await?;
+        }
+        tx.commit().await
+    }
+
+    /// A consumer group's shared inbox: one connection, opened on first
+    /// use and again after it broke.
+    #[derive(Debug)]
+    pub struct GroupInbox {
+        config: Config,
+        url: String,
+        group: String,
+        member: String,
+        client: Mutex<Option<Arc<Client>>>,
+    }
+
+    fn err(what: &str, url: &str, e: tokio_postgres::Error) -> GroupError {
+        GroupError(format!("shared inbox {url}: {what}: {e}"))
+    }
+
+    /// Sorted identities as the two arrays the queries take (sorted: two
+    /// members recording overlapping batches take the rows' locks in the
+    /// same order and never deadlock).
+    fn columns(ids: &[(String, u64)]) -> (Vec<String>, Vec<i64>) {
+        let mut ids: Vec<&(String, u64)> = ids.iter().collect();
+        ids.sort();
+        ids.into_iter().map(|(p, s)| (p.clone(), *s as i64)).unzip()
+    }
+
+    /// Records `ids` as handled by `member`, counting them for it; returns
+    /// which were new (in the order given).
+    const RECORD: &str = "WITH ins AS (
+            INSERT INTO steadfast_inbox (grp, producer, seq, member)
+            SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
+            ON CONFLICT DO NOTHING
+            RETURNING producer, seq
+        ), counted AS (
+            INSERT INTO steadfast_members AS m (grp, member, handled)
+            SELECT $1, $2, count(*) FROM ins
+            ON CONFLICT (grp, member) DO UPDATE SET last_seen = now(), handled = m.handled + EXCLUDED.handled
+        )
+        SELECT producer, seq FROM ins";
+
+    impl GroupInbox {
+        pub(crate) fn new(url: &str, group: &str, member: &str) -> Result<Self, ConfigError> {
+            check_url(url)?;
+            let mut config: Config = url.parse().expect("checked");
+            config.connect_timeout(Duration::from_secs(5));
+            config.keepalives_idle(Duration::from_secs(10));
+            if config.get_application_name().is_none() {
+                config.application_name(format!("steadfast {group}/{member}"));
+            }
+            Ok(GroupInbox {
+                config,
+                url: shown(url),
+                group: group.to_owned(),
+                member: member.to_owned(),
+                client: Mutex::new(None),
+            })
+        }
+
+        /// The connection, opened (and the schema migrated) if there is
+        /// none or it broke.
+        async fn client(&self) -> Result<Arc<Client>, GroupError> {
+            let mut slot = self.client.lock().await;
+            if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+                return Ok(c.clone());
+            }
+            let (mut client, conn) = self.config.connect(NoTls).await.map_err(|e| err("connect", &self.url, e))?;
+            let url = self.url.clone();
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::warn!(inbox = %url, error = %e, "the connection to the shared inbox ended");
+                }
+            });
+            migrate(&mut client).await.map_err(|e| err("migrate the schema", &self.url, e))?;
+            tracing::info!(inbox = %self.url, group = %self.group, member = %self.member, "shared inbox connected");
+            let client = Arc::new(client);
+            *slot = Some(client.clone());
+            Ok(client)
+        }
+
+        /// Whether each identity was handled by a member of the group.
+        pub(crate) async fn seen(&self, ids: &[(String, u64)]) -> Result<Vec<bool>, GroupError> {
+            let client = self.client().await?;
+            let (producers, seqs) = columns(ids);
+            let rows = client
+                .query(
+                    "SELECT i.producer, i.seq FROM steadfast_inbox i
+                     JOIN unnest($2::text[], $3::bigint[]) AS t(producer, seq)
+                       ON i.producer = t.producer AND i.seq = t.seq
+                     WHERE i.grp = $1",
+                    &[&self.group, &producers, &seqs],
+                )
+                .await
+                .map_err(|e| err("read", &self.url, e))?;
+            let known: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            Ok(ids.iter().map(|(p, s)| known.contains(&(p.clone(), *s as i64))).collect())
+        }
+
+        /// Records identities this member handled (one round trip).
+        pub(crate) async fn record(&self, ids: &[(String, u64)]) -> Result<(), GroupError> {
+            let client = self.client().await?;
+            let (producers, seqs) = columns(ids);
+            client
+                .execute(RECORD, &[&self.group, &self.member, &producers, &seqs])
+                .await
+                .map_err(|e| err("record", &self.url, e))?;
+            Ok(())
+        }
+
+        /// Records `ids` inside the caller's transaction; true for each
+        /// that no member recorded before (in the order given). A copy
+        /// another member is recording in a transaction still open waits
+        /// for it: recorded there, it is false here; rolled back, true.
+        pub async fn record_in(
+            &self,
+            tx: &Transaction<'_>,
+            ids: &[&Identity],
+        ) -> Result<Vec<bool>, tokio_postgres::Error> {
+            let pairs: Vec<(String, u64)> = ids.iter().map(|i| (i.producer.clone(), i.seq)).collect();
+            let (producers, seqs) = columns(&pairs);
+            let rows = tx.query(RECORD, &[&self.group, &self.member, &producers, &seqs]).await?;
+            let new: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            Ok(pairs.iter().map(|(p, s)| new.contains(&(p.clone(), *s as i64))).collect())
+        }
+    }
+}
+
+pub(crate) use imp::check_url;
+pub use imp::GroupInbox;

@@ -6,6 +6,8 @@ mod backlog;
 mod bridge;
 mod consumer;
 mod faults;
+#[cfg(feature = "postgres")]
+mod group;
 mod policy;
 mod protocol;
 mod receipts;

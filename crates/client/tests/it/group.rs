@@ -1,0 +1,123 @@
+//! Consumer groups with a shared inbox on PostgreSQL (the `postgres`
+//! feature; the workspace's test run has it, through the CLI).
+
+use std::time::Duration;
+
+use steadfast::tokio_postgres::{Client as Db, NoTls};
+use steadfast::{BrokerSet, Consumer, ConsumerConfig, Message, Qos, Received};
+use steadfast_testkit::{Mosquitto, Postgres};
+
+use crate::{config, open};
+
+fn member(id: &str, group: &str, url: &str, dir: &std::path::Path, inbox: &str) -> ConsumerConfig {
+    let set = BrokerSet::new([url.parse().unwrap()]);
+    let client = config(id, url, dir).brokers(set);
+    ConsumerConfig::new(client).topic("g/#", Qos::AtLeastOnce).group(group).shared_inbox(inbox)
+}
+
+async fn next(c: &Consumer) -> Received {
+    tokio::time::timeout(Duration::from_secs(20), c.next()).await.expect("a delivery within 20 s").expect("open")
+}
+
+async fn db(pg: &Postgres) -> Db {
+    let (client, conn) = steadfast::tokio_postgres::connect(&pg.url(), NoTls).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A handler's transaction that rolls back takes the inbox record with
+/// it: the message comes again, and is written once. A delivery recorded
+/// (committed) before is recognised in a later transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_handler_gets_the_message_again_and_writes_it_once() {
+    let pg = Postgres::start().await;
+    let mut app = db(&pg).await;
+    app.batch_execute("CREATE TABLE t (body text)").await.unwrap();
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = member("m1", "g1", &broker.url(), &dir.path().join("m1"), &pg.url());
+    Consumer::register(&cfg).await.unwrap();
+    let producer = open(config("p", &broker.url(), &dir.path().join("p"))).await;
+    for i in 0..3 {
+        producer.publish(Message::new("g/t", format!("job-{i}"))).await.unwrap();
+    }
+    producer.wait_idle().await;
+
+    let (consumer, _) = Consumer::open(cfg).await.unwrap();
+    let first = next(&consumer).await;
+    let body = String::from_utf8(first.payload().to_vec()).unwrap();
+    let tx = app.transaction().await.unwrap();
+    assert!(first.record_in(&tx).await.unwrap(), "new to the group");
+    tx.execute("INSERT INTO t (body) VALUES ($1)", &[&body]).await.unwrap();
+    tx.rollback().await.unwrap();
+    drop(first); // not handled: it comes again
+
+    let mut written = Vec::new();
+    while written.len() < 3 {
+        let d = next(&consumer).await;
+        let body = String::from_utf8(d.payload().to_vec()).unwrap();
+        let tx = app.transaction().await.unwrap();
+        assert!(d.record_in(&tx).await.unwrap(), "{body} is new: its first record was rolled back");
+        tx.execute("INSERT INTO t (body) VALUES ($1)", &[&body]).await.unwrap();
+        tx.commit().await.unwrap();
+        // Recorded now: a later transaction knows it.
+        let again = app.transaction().await.unwrap();
+        assert!(!d.record_in(&again).await.unwrap(), "{body} was recorded");
+        again.rollback().await.unwrap();
+        d.ack();
+        written.push(body);
+    }
+    written.sort();
+    assert_eq!(written, ["job-0", "job-1", "job-2"]);
+    let rows: i64 = app.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 3);
+    consumer.close().await;
+    producer.close().await;
+}
+
+/// A copy of a message that one member handled, reaching another member
+/// (here through a second broker), is acknowledged there without being
+/// handed over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_another_member_handled_is_not_handed_over() {
+    let pg = Postgres::start().await;
+    let (a, b) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    let dir = tempfile::tempdir().unwrap();
+    let m1 = member("m1", "g2", &a.url(), &dir.path().join("m1"), &pg.url());
+    let m2 = member("m2", "g2", &b.url(), &dir.path().join("m2"), &pg.url());
+    Consumer::register(&m1).await.unwrap();
+    Consumer::register(&m2).await.unwrap();
+    let producer = open(config("p", &a.url(), &dir.path().join("p"))).await;
+    producer.publish(Message::new("g/t", "once")).await.unwrap();
+    producer.wait_idle().await;
+    let (c1, _) = Consumer::open(m1).await.unwrap();
+    let d = next(&c1).await;
+    let id = d.identity().cloned().expect("an identity");
+    d.ack();
+    c1.close().await; // its record is written before close returns
+
+    // The same identity through broker b (as a fanout copy would come),
+    // then a new message.
+    let publish = |payload: &str, id: String| {
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &b.port().to_string(), "-V", "5", "-q", "1", "-t", "g/t", "-m", payload])
+            .args(["-D", "publish", "user-property", "steadfast-id", &id])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    publish("once", id.to_property_value());
+    publish("new", format!("{}/{}", id.producer, id.seq + 1));
+    let (c2, _) = Consumer::open(m2).await.unwrap();
+    let d = next(&c2).await;
+    assert_eq!(d.payload(), b"new", "the copy m1 handled was not handed over to m2");
+    d.ack();
+    c2.close().await;
+    let db = db(&pg).await;
+    let rows = db.query("SELECT member, handled FROM steadfast_members WHERE grp = 'g2' ORDER BY member", &[]).await;
+    let rows: Vec<(String, i64)> = rows.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, [("m1".to_owned(), 1), ("m2".to_owned(), 1)]);
+    producer.close().await;
+}

@@ -408,6 +408,9 @@ pub struct SubArgs {
     /// Join the consumer group NAME: subscribe to $share/NAME/FILTER, so that each broker gives each message to one member (each member has its own -i).
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
+    /// A group member with a shared inbox: how long its claim on a message it handles lasts (a copy at another member waits that long for a member that crashed).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    pub claim_for: Duration,
     /// Write each message into a table with this statement, in one transaction with the group's shared inbox, so it is written once in the group: $1 payload (text or bytea), $2 topic, $3 producer id, $4 sequence number. Needs --inbox postgres://...
     #[arg(long, value_name = "STATEMENT")]
     pub sql: Option<String>,

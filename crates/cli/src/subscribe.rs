@@ -155,7 +155,7 @@ pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         cfg = cfg.group(g.clone());
     }
     if let Some(url) = shared {
-        cfg = cfg.shared_inbox(url);
+        cfg = cfg.shared_inbox(url).claim_for(a.claim_for);
     }
     Ok((cfg, output))
 }

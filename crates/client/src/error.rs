@@ -216,6 +216,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A claim that lasts no time.
+    #[error("a group member's claim must last longer than 0 (--claim-for); it is how long a copy at another member waits, 60s by default")]
+    ZeroClaim,
     /// A shared inbox asked of a library built without PostgreSQL.
     #[error(
         "this build of steadfast has no PostgreSQL support; build the steadfast crate with the `postgres` feature"

@@ -79,6 +79,7 @@ impl Consumer {
             record_retry: Duration::from_secs(1),
             relay: false,
             shared: false,
+            reask_after: Duration::from_millis(200),
         };
         let high = self.inbox.last().map(|s| (PRODUCER.to_owned(), *s));
         self.engine = Some(Dispatch::new(cfg, high));

@@ -77,10 +77,22 @@ impl Member {
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     }
 
-    fn start(&mut self, sql: &str) {
+    /// Starts it with `--sql STATEMENT`, or printing to a file (`None`).
+    fn start(&mut self, sql: Option<&str>) {
         let log = std::fs::File::create(self.state.path().join("stderr")).unwrap();
-        let child = self.command().args(["--sql", sql]).stdin(Stdio::null()).stderr(log).spawn().unwrap();
-        self.child = Some(child);
+        let mut c = self.command();
+        c.stdin(Stdio::null()).stderr(log);
+        match sql {
+            Some(sql) => c.args(["--sql", sql]).stdout(Stdio::null()),
+            None => c.stdout(std::fs::File::create(self.state.path().join("stdout")).unwrap()),
+        };
+        self.child = Some(c.spawn().unwrap());
+    }
+
+    /// What it printed.
+    fn printed(&self) -> Vec<String> {
+        let out = std::fs::read_to_string(self.state.path().join("stdout")).unwrap_or_default();
+        out.lines().map(str::to_owned).collect()
     }
 
     fn kill9(&mut self) {
@@ -138,7 +150,7 @@ async fn three_members_write_each_message_once_through_member_and_database_crash
         m.register_on(&brokers[1]).await;
     }
     for m in &mut members {
-        m.start(INSERT);
+        m.start(Some(INSERT));
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -161,7 +173,7 @@ async fn three_members_write_each_message_once_through_member_and_database_crash
     let limit = Duration::from_secs(120);
     wait_written(&url, "10,000 rows", limit, |(n, _)| n >= 10_000).await;
     members[0].kill9();
-    members[0].start(INSERT);
+    members[0].start(Some(INSERT));
     wait_written(&url, "20,000 rows", limit, |(n, _)| n >= 20_000).await;
     pg.kill9();
     // The database is down for a while: the members hold what they have,
@@ -170,7 +182,7 @@ async fn three_members_write_each_message_once_through_member_and_database_crash
     pg.spawn().await;
     wait_written(&url, "30,000 rows", limit, |(n, _)| n >= 30_000).await;
     members[0].kill9();
-    members[0].start(INSERT);
+    members[0].start(Some(INSERT));
     wait_written(&url, "every message written", Duration::from_secs(180), |(n, _)| n >= N).await;
 
     let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
@@ -190,6 +202,56 @@ async fn three_members_write_each_message_once_through_member_and_database_crash
     assert_eq!(handled, N, "the members' handled counts add up to the messages");
     let inbox: i64 = db.query_one("SELECT count(*) FROM steadfast_inbox WHERE grp = 'line'", &[]).await.unwrap().get(0);
     assert_eq!(inbox, N);
+}
+
+/// Members that print (no `--sql`): the copy of a message another member
+/// claimed waits until that member handled it, then is dropped as a
+/// duplicate. Three members on two brokers in fanout print each of 5,000
+/// messages once between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn printing_members_print_each_message_once_between_them() {
+    const N: usize = 5_000;
+    let pg = Postgres::start().await;
+    let url = pg.url();
+    let (a, b) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    let brokers = [a.url(), b.url()];
+    let mut members: Vec<Member> = (1..=3).map(|i| Member::new(&format!("p{i}"), &brokers, &url)).collect();
+    for m in &members {
+        m.register_on(&brokers[0]).await;
+    }
+    for m in members.iter().rev() {
+        m.register_on(&brokers[1]).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
+    let lines: String = (0..N).map(|i| format!("reading {i}\n")).collect();
+    let args = ["pub", "-b", &a.url(), "-b", &b.url(), "--mode", "fanout", "-i", "gw", "--outbox", &outbox];
+    let mut producer = steadfast().args(args).args(["-t", "grp/t", "-l"]).stdin(Stdio::piped()).spawn().unwrap();
+    producer.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    for m in &mut members {
+        m.start(None);
+    }
+    let all = |members: &[Member]| members.iter().flat_map(|m| m.printed()).collect::<Vec<_>>();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while all(&members).len() < N {
+        if tokio::time::Instant::now() > deadline {
+            let logs: Vec<String> = members.iter().map(|m| m.log()).collect();
+            panic!("{} of {N} printed; logs: {logs:#?}", all(&members).len());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for m in &mut members {
+        let status = m.stop().await;
+        assert!(status.success(), "a member ended with {status}: {}", m.log());
+    }
+    let mut printed = all(&members);
+    let total = printed.len();
+    printed.sort();
+    printed.dedup();
+    assert_eq!((total, printed.len()), (N, N), "lines printed, distinct");
 }
 
 /// What `--sql` and `--group` refuse, before anything runs.

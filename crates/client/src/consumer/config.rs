@@ -34,6 +34,8 @@ pub struct ConsumerConfig {
     /// `receipt_as` was given (a group otherwise names receipts after
     /// itself).
     receipt_named: bool,
+    /// How long a group member's claim on a message lasts.
+    pub(super) claim_for: Duration,
 }
 
 impl ConsumerConfig {
@@ -48,6 +50,7 @@ impl ConsumerConfig {
             group: None,
             shared_inbox: None,
             receipt_named: false,
+            claim_for: Duration::from_secs(60),
             client,
             topics: Vec::new(),
             inbox: true,
@@ -127,6 +130,16 @@ impl ConsumerConfig {
         self.shared_inbox = Some(url.into());
         self
     }
+    /// A group member with a shared inbox: how long its claim on a message
+    /// it handed over lasts (default 60 s). A copy of that message at
+    /// another member waits meanwhile; a member that crashed holding
+    /// claims delays those copies this long. Longer than the slowest
+    /// handling: a claim that expires while its member still handles the
+    /// message lets another member handle it too.
+    pub fn claim_for(mut self, d: Duration) -> Self {
+        self.claim_for = d;
+        self
+    }
     /// The group, if a member of one.
     pub fn group_name(&self) -> Option<&str> {
         self.group.as_deref()
@@ -189,6 +202,9 @@ impl ConsumerConfig {
                 return Err(ConfigError::SharedInboxWithoutGroup);
             }
             super::group::check_url(url)?;
+            if self.claim_for.is_zero() {
+                return Err(ConfigError::ZeroClaim);
+            }
         }
         if self.inbox_max_bytes == Some(0) {
             return Err(ConfigError::ZeroInbox { unit: "bytes" });

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::engine::{Counter, Delivered, Dispatch, DispatchOp};
+use steadfast_core::engine::{Answer, Counter, Delivered, Dispatch, DispatchOp};
 use steadfast_core::receipt::receipt_topic;
 use steadfast_core::receipt::ReceiptBatch;
 use steadfast_core::{ConsumerReceipt, Identity, ReceiptBatcher};
@@ -75,6 +75,9 @@ pub(super) struct Dispatcher {
     pub(super) group: Option<Arc<GroupInbox>>,
     /// The shared inbox could not be read: said once per outage.
     pub(super) inbox_down: bool,
+    /// Deliveries to ask the shared inbox about again (another member
+    /// held a claim on them).
+    pub(super) asks: Vec<Pending>,
 }
 
 impl Dispatcher {
@@ -86,6 +89,12 @@ impl Dispatcher {
     ) {
         let app = self.app.clone();
         loop {
+            if !self.asks.is_empty() {
+                let items = std::mem::take(&mut self.asks);
+                if !self.answer(items, &mut stop).await {
+                    return;
+                }
+            }
             let wake = [self.engine.poll_timeout(), self.receipts.poll_timeout()].into_iter().flatten().min();
             let wake = wake.map(Instant::from_std);
             // Commands (acks, close) are served whatever the application
@@ -158,14 +167,21 @@ impl Dispatcher {
             }
             items.push(Pending { token, msg, identity, inbox: self.cfg.inbox });
         }
+        self.answer(items, stop).await
+    }
+
+    /// Hands `items` to the engine with the inbox's answers for those it
+    /// must ask about; false when the consumer stops meanwhile.
+    async fn answer(&mut self, items: Vec<Pending>, stop: &mut watch::Receiver<bool>) -> bool {
         let ask = self.engine.to_ask(&items);
+        if let Some(group) = self.group.clone().filter(|_| !ask.is_empty()) {
+            let Some(answers) = self.group_answers(&group, &ask, stop).await else { return false };
+            self.engine.handle_answers(items, &answers, now());
+            self.carry_out();
+            return true;
+        }
         let seen = if ask.is_empty() {
             Vec::new()
-        } else if let Some(group) = self.group.clone() {
-            match self.group_seen(&group, &ask, stop).await {
-                Some(seen) => seen,
-                None => return false,
-            }
         } else {
             match self.outbox.inbox_seen(ask).await {
                 Ok(s) => s,
@@ -182,19 +198,21 @@ impl Dispatcher {
         true
     }
 
-    /// The shared inbox's answer, asked again (with growing pauses) while
-    /// PostgreSQL cannot give it: a group member never hands over what
-    /// another may have handled. Meanwhile nothing is acknowledged and
-    /// the brokers keep the messages. `None` when the consumer stops.
-    async fn group_seen(
+    /// The shared inbox's answers (each identity claimed by this member,
+    /// handled, or claimed by another), asked again with growing pauses
+    /// while PostgreSQL cannot give them: a group member never hands over
+    /// what another may have handled. Meanwhile nothing is acknowledged
+    /// and the brokers keep the messages. `None` when the consumer stops.
+    async fn group_answers(
         &mut self,
         group: &GroupInbox,
         ask: &[(String, u64)],
         stop: &mut watch::Receiver<bool>,
-    ) -> Option<Vec<bool>> {
+    ) -> Option<Vec<Answer>> {
         let mut pause = Duration::from_millis(100);
+        let mut said = None::<tokio::time::Instant>;
         loop {
-            match group.seen(ask).await {
+            match group.claim(ask).await {
                 Ok(seen) => {
                     if std::mem::replace(&mut self.inbox_down, false) {
                         tracing::warn!("the shared inbox answers again; handing messages over");
@@ -202,7 +220,10 @@ impl Dispatcher {
                     return Some(seen);
                 }
                 Err(e) => {
-                    if !std::mem::replace(&mut self.inbox_down, true) {
+                    self.inbox_down = true;
+                    // Said at once, then once a minute while it lasts.
+                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                        said = Some(tokio::time::Instant::now());
                         tracing::error!(error = %e, "cannot read the shared inbox; holding the messages (unacknowledged, they wait in the brokers) and trying again");
                     }
                 }
@@ -274,6 +295,7 @@ impl Dispatcher {
                     }
                 }
                 DispatchOp::Record(batch) => self.record(batch),
+                DispatchOp::Ask(items) => self.asks.extend(items),
                 DispatchOp::Count(counter, n) => {
                     let name = match counter {
                         Counter::Handled => {

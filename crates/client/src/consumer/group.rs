@@ -1,8 +1,11 @@
 //! A consumer group's shared inbox on PostgreSQL (docs/design.md,
 //! "Consumer groups"). Every member of the group records the identities
-//! it handled in one table, keyed by (group, producer, sequence number),
-//! and asks that table about every identity it receives: a copy that any
-//! member handled is acknowledged without being handed over again.
+//! it handled in one table, keyed by (group, producer, sequence number).
+//! Before a member hands a delivery over it claims the identity there (a
+//! row with a lease): a copy that any member handled is acknowledged
+//! without being handed over again, and a copy another member holds a
+//! claim on waits until that member handled it (a duplicate then) or its
+//! claim expired (it crashed: handed over here).
 //!
 //! A delivery can also be recorded inside the application's own
 //! transaction ([`super::Received::record_in`]): the record and the
@@ -12,6 +15,10 @@
 //!
 //! Without the `postgres` feature the type is uninhabited: a consumer
 //! asking for a shared inbox fails its configuration check instead.
+
+use std::time::Duration;
+
+use steadfast_core::engine::Answer;
 
 use crate::error::ConfigError;
 
@@ -41,10 +48,10 @@ mod imp {
     pub enum GroupInbox {}
 
     impl GroupInbox {
-        pub(crate) fn new(_url: &str, _group: &str, _member: &str) -> Result<Self, ConfigError> {
+        pub(crate) fn new(_url: &str, _group: &str, _member: &str, _claim: Duration) -> Result<Self, ConfigError> {
             Err(ConfigError::NoPostgres)
         }
-        pub(crate) async fn seen(&self, _ids: &[(String, u64)]) -> Result<Vec<bool>, GroupError> {
+        pub(crate) async fn claim(&self, _ids: &[(String, u64)]) -> Result<Vec<Answer>, GroupError> {
             match *self {}
         }
         pub(crate) async fn record(&self, _ids: &[(String, u64)]) -> Result<(), GroupError> {
@@ -57,7 +64,6 @@ mod imp {
 mod imp {
     use std::collections::HashSet;
     use std::sync::Arc;
-    use std::time::Duration;
 
     use steadfast_core::Identity;
     use tokio::sync::Mutex;
@@ -84,6 +90,9 @@ mod imp {
             handled bigint NOT NULL DEFAULT 0,
             PRIMARY KEY (grp, member)
         );",
+        // 2: claims. A row whose claimed_until is set is a member's claim
+        // (until then); NULL: handled.
+        "ALTER TABLE steadfast_inbox ADD COLUMN claimed_until timestamptz;",
     ];
 
     /// Any number that marks steadfast's migration lock among a
@@ -129,29 +138,38 @@ mod imp {
         url: String,
         group: String,
         member: String,
+        /// How long a claim lasts (ms).
+        claim_ms: i64,
         client: Mutex<Option<Arc<Client>>>,
     }
 
     fn err(what: &str, url: &str, e: tokio_postgres::Error) -> GroupError {
-        GroupError(format!("shared inbox {url}: {what}: {e}"))
+        match e.as_db_error() {
+            Some(db) => GroupError(format!("shared inbox {url}: {what}: {} ({})", db.message(), db.code().code())),
+            None => GroupError(format!("shared inbox {url}: {what}: {e}")),
+        }
     }
 
-    /// Sorted identities as the two arrays the queries take (sorted: two
-    /// members recording overlapping batches take the rows' locks in the
-    /// same order and never deadlock).
+    /// Sorted identities as the two arrays the queries take, each once
+    /// (sorted: two members recording overlapping batches take the rows'
+    /// locks in the same order and never deadlock; once: an upsert may
+    /// touch a row once per statement, and a batch can hold two copies).
     fn columns(ids: &[(String, u64)]) -> (Vec<String>, Vec<i64>) {
         let mut ids: Vec<&(String, u64)> = ids.iter().collect();
         ids.sort();
+        ids.dedup();
         ids.into_iter().map(|(p, s)| (p.clone(), *s as i64)).unzip()
     }
 
-    /// Records `ids` as handled by `member`, counting them for it; returns
-    /// which were new (in the order given).
+    /// Records `ids` as handled by `member` (whoever claimed them),
+    /// counting them for it; returns those no member had handled.
     const RECORD: &str = "WITH ins AS (
-            INSERT INTO steadfast_inbox (grp, producer, seq, member)
+            INSERT INTO steadfast_inbox AS i (grp, producer, seq, member)
             SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
-            ON CONFLICT DO NOTHING
-            RETURNING producer, seq
+            ON CONFLICT (grp, producer, seq) DO UPDATE
+                SET member = EXCLUDED.member, claimed_until = NULL, handled_at = now()
+                WHERE i.claimed_until IS NOT NULL
+            RETURNING i.producer, i.seq
         ), counted AS (
             INSERT INTO steadfast_members AS m (grp, member, handled)
             SELECT $1, $2, count(*) FROM ins
@@ -159,8 +177,27 @@ mod imp {
         )
         SELECT producer, seq FROM ins";
 
+    /// Claims `ids` for `member` for `$5` milliseconds: new ones, its own
+    /// claims and claims that expired become its own. Per identity: its
+    /// own now, and handled (as the statement began).
+    const CLAIM: &str = "WITH want AS (
+            SELECT t.producer, t.seq FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
+        ), claimed AS (
+            INSERT INTO steadfast_inbox AS i (grp, producer, seq, member, claimed_until)
+            SELECT $1, producer, seq, $2, now() + $5::bigint * interval '1 millisecond' FROM want
+            ON CONFLICT (grp, producer, seq) DO UPDATE
+                SET member = EXCLUDED.member, claimed_until = EXCLUDED.claimed_until
+                WHERE i.claimed_until IS NOT NULL AND (i.member = EXCLUDED.member OR i.claimed_until < now())
+            RETURNING i.producer, i.seq
+        )
+        SELECT w.producer, w.seq,
+            EXISTS (SELECT 1 FROM claimed c WHERE c.producer = w.producer AND c.seq = w.seq),
+            EXISTS (SELECT 1 FROM steadfast_inbox h
+                    WHERE h.grp = $1 AND h.producer = w.producer AND h.seq = w.seq AND h.claimed_until IS NULL)
+        FROM want w";
+
     impl GroupInbox {
-        pub(crate) fn new(url: &str, group: &str, member: &str) -> Result<Self, ConfigError> {
+        pub(crate) fn new(url: &str, group: &str, member: &str, claim: Duration) -> Result<Self, ConfigError> {
             check_url(url)?;
             let mut config: Config = url.parse().expect("checked");
             config.connect_timeout(Duration::from_secs(5));
@@ -173,6 +210,7 @@ mod imp {
                 url: shown(url),
                 group: group.to_owned(),
                 member: member.to_owned(),
+                claim_ms: claim.as_millis().min(i64::MAX as u128) as i64,
                 client: Mutex::new(None),
             })
         }
@@ -198,22 +236,31 @@ mod imp {
             Ok(client)
         }
 
-        /// Whether each identity was handled by a member of the group.
-        pub(crate) async fn seen(&self, ids: &[(String, u64)]) -> Result<Vec<bool>, GroupError> {
+        /// Claims each identity for this member (one round trip): its own
+        /// now ([`Answer::New`]), handled by a member ([`Answer::Handled`]),
+        /// or claimed by another ([`Answer::Elsewhere`]).
+        pub(crate) async fn claim(&self, ids: &[(String, u64)]) -> Result<Vec<Answer>, GroupError> {
             let client = self.client().await?;
             let (producers, seqs) = columns(ids);
             let rows = client
-                .query(
-                    "SELECT i.producer, i.seq FROM steadfast_inbox i
-                     JOIN unnest($2::text[], $3::bigint[]) AS t(producer, seq)
-                       ON i.producer = t.producer AND i.seq = t.seq
-                     WHERE i.grp = $1",
-                    &[&self.group, &producers, &seqs],
-                )
+                .query(CLAIM, &[&self.group, &self.member, &producers, &seqs, &self.claim_ms])
                 .await
-                .map_err(|e| err("read", &self.url, e))?;
-            let known: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            Ok(ids.iter().map(|(p, s)| known.contains(&(p.clone(), *s as i64))).collect())
+                .map_err(|e| err("claim", &self.url, e))?;
+            let mut answers = std::collections::HashMap::with_capacity(rows.len());
+            for r in &rows {
+                let answer = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
+                    (true, _) => Answer::New,
+                    (false, true) => Answer::Handled,
+                    // Claimed by another member, or handled by one after
+                    // this statement began: asked again later.
+                    (false, false) => Answer::Elsewhere,
+                };
+                answers.insert((r.get::<_, String>(0), r.get::<_, i64>(1)), answer);
+            }
+            Ok(ids
+                .iter()
+                .map(|(p, s)| answers.get(&(p.clone(), *s as i64)).copied().unwrap_or(Answer::Elsewhere))
+                .collect())
         }
 
         /// Records identities this member handled (one round trip).

@@ -200,7 +200,9 @@ impl Consumer {
             }
         };
         let group = match (&cfg.shared_inbox, &cfg.group) {
-            (Some(url), Some(name)) => Some(Arc::new(GroupInbox::new(url, name, &cfg.client.client_id)?)),
+            (Some(url), Some(name)) => {
+                Some(Arc::new(GroupInbox::new(url, name, &cfg.client.client_id, cfg.claim_for)?))
+            }
             _ => None,
         };
         let cfg = Arc::new(cfg);
@@ -246,6 +248,7 @@ impl Consumer {
                     record_retry: Duration::from_secs(1),
                     relay: cfg.relay,
                     shared: group.is_some(),
+                    reask_after: Duration::from_millis(200),
                 },
                 high,
             ),
@@ -256,6 +259,7 @@ impl Consumer {
             warned_receipts: false,
             group,
             inbox_down: false,
+            asks: Vec::new(),
         };
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {

@@ -44,9 +44,30 @@ pub enum Counter {
     Gaps,
 }
 
+/// What the inbox says of an identity the dispatcher asked about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Not handled: it is handed over (for a group member, the inbox
+    /// noted the member's claim on it).
+    New,
+    /// Handled already, by this consumer or by another member of its
+    /// group.
+    Handled,
+    /// A group member: another member holds a claim on it now. It is held
+    /// here, unacknowledged, and asked about again after a pause
+    /// ([`DispatchOp::Ask`]): handled there by then, it is a duplicate;
+    /// the claim gone (that member crashed and its claim expired), it is
+    /// handed over here.
+    Elsewhere,
+}
+
 /// What the dispatcher asks its driver to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DispatchOp<P, T> {
+    /// Ask the inbox again about these deliveries (held while another
+    /// member of the group handled them), and hand them back with
+    /// [`Dispatch::handle_answers`].
+    Ask(Vec<P>),
     /// Give this delivery to the application.
     HandOver {
         /// The delivery.
@@ -114,6 +135,9 @@ pub struct DispatchConfig {
     /// asking the inbox, and a member's own view of a sequence has gaps
     /// that are the others' share (it reports none).
     pub shared: bool,
+    /// A group member: how long a delivery another member holds a claim
+    /// on waits before the inbox is asked about it again.
+    pub reask_after: Duration,
 }
 
 /// The consumer's dispatcher.
@@ -134,6 +158,9 @@ pub struct Dispatch<P: Delivered> {
     recording: usize,
     /// Refused deliveries and when they come back.
     redeliver: VecDeque<(Instant, P)>,
+    /// Deliveries another group member holds a claim on, and when the
+    /// inbox is asked about them again.
+    reask: VecDeque<(Instant, P)>,
     /// Failed records and when they are tried again.
     rerecord: VecDeque<(Instant, Batch<P::Token>)>,
     ops: VecDeque<DispatchOp<P, P::Token>>,
@@ -150,6 +177,7 @@ impl<P: Delivered> Dispatch<P> {
             high: high.into_iter().collect(),
             recording: 0,
             redeliver: VecDeque::new(),
+            reask: VecDeque::new(),
             rerecord: VecDeque::new(),
             ops: VecDeque::new(),
         }
@@ -176,16 +204,28 @@ impl<P: Delivered> Dispatch<P> {
     /// inbox could not be read: then nothing counts as handled, and
     /// delivery is at least once rather than stalled).
     pub fn handle_delivered(&mut self, items: Vec<P>, seen: &[bool], now: Now) {
+        let answers: Vec<Answer> = seen.iter().map(|s| if *s { Answer::Handled } else { Answer::New }).collect();
+        self.handle_answers(items, &answers, now);
+    }
+
+    /// Like [`Self::handle_delivered`] with the answers of a group's
+    /// shared inbox, which may say that another member handles one now.
+    pub fn handle_answers(&mut self, items: Vec<P>, answers: &[Answer], now: Now) {
         // Decided for the whole batch before anything in it is handed over.
         let fresh: Vec<bool> = items.iter().map(|p| p.identity().is_some_and(|i| self.is_fresh(i))).collect();
-        let mut seen = seen.iter().copied();
+        let mut answers = answers.iter().copied();
         let mut duplicates = 0;
         for (p, fresh) in items.into_iter().zip(fresh) {
             let Some(id) = p.identity().cloned() else {
                 self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: false });
                 continue;
             };
-            let known = !fresh && seen.next().unwrap_or(false);
+            let answer = if fresh { Answer::New } else { answers.next().unwrap_or(Answer::New) };
+            if answer == Answer::Elsewhere && !self.handling.contains_key(&id) {
+                self.reask.push_back((now.at + self.cfg.reask_after, p));
+                continue;
+            }
+            let known = answer == Answer::Handled;
             if known && !crate::mutate::planted(crate::mutate::Bug::InboxForgets) {
                 if self.cfg.relay && p.receipt().is_some() {
                     self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: true });
@@ -285,10 +325,11 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     /// Every timer of the dispatcher and when it fires.
-    pub fn timers(&self) -> [(Timer, Option<Instant>); 3] {
+    pub fn timers(&self) -> [(Timer, Option<Instant>); 4] {
         let gap = self.producers.values().flat_map(|s| s.gaps.values()).map(|(_, t)| *t + self.cfg.gap_timeout).min();
         [
             (Timer::Redeliver, self.redeliver.front().map(|(t, _)| *t)),
+            (Timer::Reask, self.reask.front().map(|(t, _)| *t)),
             (Timer::Rerecord, self.rerecord.front().map(|(t, _)| *t)),
             (Timer::Gap, gap),
         ]
@@ -304,6 +345,13 @@ impl<P: Delivered> Dispatch<P> {
         while self.redeliver.front().is_some_and(|(t, _)| *t <= now.at) {
             let (_, delivery) = self.redeliver.pop_front().expect("front");
             self.ops.push_back(DispatchOp::HandOver { delivery, redelivered: true });
+        }
+        let mut ask = Vec::new();
+        while self.reask.front().is_some_and(|(t, _)| *t <= now.at) {
+            ask.push(self.reask.pop_front().expect("front").1);
+        }
+        if !ask.is_empty() {
+            self.ops.push_back(DispatchOp::Ask(ask));
         }
         while self.rerecord.front().is_some_and(|(t, _)| *t <= now.at) {
             let (_, batch) = self.rerecord.pop_front().expect("front");
@@ -406,7 +454,34 @@ mod tests {
             record_retry: Duration::from_secs(1),
             relay,
             shared: false,
+            reask_after: Duration::from_millis(200),
         }
+    }
+
+    /// A copy another member holds a claim on is held, unacknowledged,
+    /// then asked about again: handled there by then, it is acknowledged
+    /// as a duplicate; the claim expired, it is handed over here.
+    #[test]
+    fn a_copy_claimed_elsewhere_waits_then_is_a_duplicate_or_handed_over() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let shared = DispatchConfig { shared: true, ..config(false) };
+        let mut e: Dispatch<D> = Dispatch::new(shared, []);
+        e.handle_answers(vec![d(1, 1, None), d(2, 2, None)], &[Answer::Elsewhere, Answer::Elsewhere], now);
+        assert_eq!(e.poll_op(), None, "held: neither handed over nor acknowledged");
+        assert_eq!(e.poll_timeout(), Some(now.at + Duration::from_millis(200)));
+        let later = Now { at: now.at + Duration::from_millis(200), wall_ms: 200 };
+        e.handle_timeout(later);
+        let Some(DispatchOp::Ask(held)) = e.poll_op() else { panic!("asked again") };
+        assert_eq!(held.iter().map(|d| d.id.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(e.to_ask(&held).len(), 2);
+        e.handle_answers(held, &[Answer::Handled, Answer::New], later);
+        let ops: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        assert!(ops.contains(&DispatchOp::AckBroker(1)), "{ops:?}");
+        assert!(
+            ops.iter().any(|op| matches!(op, DispatchOp::HandOver { delivery, .. } if delivery.id.seq == 2)),
+            "{ops:?}"
+        );
+        assert!(!ops.iter().any(|op| matches!(op, DispatchOp::HandOver { delivery, .. } if delivery.id.seq == 1)));
     }
 
     /// A group member asks the shared inbox about every identity, even

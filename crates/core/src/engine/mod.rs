@@ -25,7 +25,7 @@ use std::time::Instant;
 
 pub use admit::{admit, Admission, Bounds, Candidate, Limit, Overflow, Totals, UnknownOverflow};
 pub use commit::accept_after_sync;
-pub use inbox::{Counter, Delivered, Dispatch, DispatchConfig, DispatchOp};
+pub use inbox::{Answer, Counter, Delivered, Dispatch, DispatchConfig, DispatchOp};
 pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, Queued, SessionConfig, SessionEvent,
     StoreOp, WindowChange, Wire, WireUpdate,
@@ -64,6 +64,9 @@ pub enum Timer {
     Redeliver,
     /// An inbox record that failed is tried again.
     Rerecord,
+    /// A delivery another group member held a claim on: the inbox is
+    /// asked about it again.
+    Reask,
     /// A gap in a producer's sequence that did not fill is reported.
     Gap,
     /// Failover: a higher-priority broker has been up long enough to get

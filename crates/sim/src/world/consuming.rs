@@ -283,6 +283,9 @@ impl World {
                     self.consumer.records.push_back((at, batch));
                 }
                 DispatchOp::Count(..) => {}
+                // The simulated consumer is alone: its inbox never says
+                // another member holds a message.
+                DispatchOp::Ask(_) => unreachable!("the simulated consumer is in no group"),
                 DispatchOp::Receipt { token: (b, _, _), identity, .. } => self.send_receipt(b, identity.seq),
                 DispatchOp::SuspectedLoss { first, last, .. } => {
                     self.trace.note(

@@ -57,6 +57,9 @@ mod imp {
         pub(crate) async fn record(&self, _ids: &[(String, u64)]) -> Result<(), GroupError> {
             match *self {}
         }
+        pub(crate) async fn prune(&self, _max_age: Duration, _keep: u64) -> Result<u64, GroupError> {
+            match *self {}
+        }
     }
 }
 
@@ -92,7 +95,8 @@ mod imp {
         );",
         // 2: claims. A row whose claimed_until is set is a member's claim
         // (until then); NULL: handled.
-        "ALTER TABLE steadfast_inbox ADD COLUMN claimed_until timestamptz;",
+        "ALTER TABLE steadfast_inbox ADD COLUMN claimed_until timestamptz;
+        CREATE INDEX steadfast_inbox_age ON steadfast_inbox (grp, handled_at);",
     ];
 
     /// Any number that marks steadfast's migration lock among a
@@ -272,6 +276,32 @@ mod imp {
                 .await
                 .map_err(|e| err("record", &self.url, e))?;
             Ok(())
+        }
+
+        /// Forgets what was handled (or claimed) longer ago than `max_age`,
+        /// and the oldest handled beyond the `keep` newest; returns how many
+        /// went. Any member may do it: the statements are idempotent.
+        pub(crate) async fn prune(&self, max_age: Duration, keep: u64) -> Result<u64, GroupError> {
+            let client = self.client().await?;
+            let age_ms = max_age.as_millis().min(i64::MAX as u128) as i64;
+            let old = client
+                .execute(
+                    "DELETE FROM steadfast_inbox WHERE grp = $1 AND handled_at < now() - $2::bigint * interval '1 millisecond'",
+                    &[&self.group, &age_ms],
+                )
+                .await
+                .map_err(|e| err("prune", &self.url, e))?;
+            let keep = keep.min(i64::MAX as u64) as i64;
+            let over = client
+                .execute(
+                    "DELETE FROM steadfast_inbox WHERE grp = $1 AND claimed_until IS NULL AND handled_at < (
+                        SELECT handled_at FROM steadfast_inbox WHERE grp = $1 AND claimed_until IS NULL
+                        ORDER BY handled_at DESC OFFSET $2 LIMIT 1)",
+                    &[&self.group, &keep],
+                )
+                .await
+                .map_err(|e| err("prune", &self.url, e))?;
+            Ok(old + over)
         }
 
         /// Records `ids` inside the caller's transaction; true for each

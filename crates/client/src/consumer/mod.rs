@@ -51,6 +51,25 @@ const DUPLICATES: &str = "consumer.duplicates";
 const GAPS: &str = "consumer.gaps_suspected";
 const OUT_OF_ORDER: &str = "consumer.out_of_order";
 
+/// A group member keeps the shared inbox within the consumer's bounds
+/// (its age and count), as the directory's inbox is kept: every minute,
+/// or twice per age bound when that is shorter.
+async fn prune_shared(group: Arc<GroupInbox>, cfg: Arc<ConsumerConfig>, mut stop: watch::Receiver<bool>) {
+    let every = (cfg.inbox_max_age / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+        }
+        match group.prune(cfg.inbox_max_age, cfg.inbox_max_count).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(forgotten = n, "shared inbox pruned"),
+            // The dispatcher says when the shared inbox is down.
+            Err(e) => tracing::debug!(error = %e, "cannot prune the shared inbox now"),
+        }
+    }
+}
+
 /// Reads a consumer's figures from its inbox; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct ConsumerMetrics {
@@ -205,6 +224,7 @@ impl Consumer {
             }
             _ => None,
         };
+        let group_for_pruning = group.clone();
         let cfg = Arc::new(cfg);
         // The first `events()` call gets everything from the start.
         let (events, first_events) = broadcast::channel(4096);
@@ -257,10 +277,13 @@ impl Consumer {
             ready: VecDeque::new(),
             receipts: ReceiptBatcher::new(Default::default()),
             warned_receipts: false,
-            group,
+            group: group.clone(),
             inbox_down: false,
             asks: Vec::new(),
         };
+        if let Some(g) = &group_for_pruning {
+            tasks.push(tokio::spawn(prune_shared(g.clone(), cfg.clone(), stop_rx.clone())));
+        }
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {
             cmds,

@@ -121,3 +121,43 @@ async fn a_copy_another_member_handled_is_not_handed_over() {
     assert_eq!(rows, [("m1".to_owned(), 1), ("m2".to_owned(), 1)]);
     producer.close().await;
 }
+
+/// The shared inbox keeps to the consumer's bounds: identities handled
+/// longer ago than the age bound are forgotten by the members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_inbox_forgets_what_is_older_than_its_bound() {
+    let pg = Postgres::start().await;
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = member("m1", "g3", &broker.url(), &dir.path().join("m1"), &pg.url())
+        .inbox_window(Duration::from_millis(600), 1_000_000);
+    Consumer::register(&cfg).await.unwrap();
+    let producer = open(config("p", &broker.url(), &dir.path().join("p"))).await;
+    for i in 0..5 {
+        producer.publish(Message::new("g/t", format!("m-{i}"))).await.unwrap();
+    }
+    producer.wait_idle().await;
+    let (consumer, _) = Consumer::open(cfg).await.unwrap();
+    for _ in 0..5 {
+        next(&consumer).await.ack();
+    }
+    let db = db(&pg).await;
+    let rows = || async {
+        db.query_one("SELECT count(*) FROM steadfast_inbox WHERE grp = 'g3'", &[]).await.map(|r| r.get::<_, i64>(0))
+    };
+    let handled = || async {
+        let r = db.query_opt("SELECT handled FROM steadfast_members WHERE grp = 'g3'", &[]).await.unwrap();
+        r.map_or(0, |r| r.get::<_, i64>(0))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while handled().await < 5 {
+        assert!(tokio::time::Instant::now() < deadline, "the 5 messages were not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while rows().await.unwrap() > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the rows older than 600 ms were not forgotten");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    consumer.close().await;
+    producer.close().await;
+}

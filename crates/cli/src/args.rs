@@ -488,9 +488,12 @@ pub struct PoisonArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// Outbox or inbox directory (`--inbox` is the same flag).
-    #[arg(long, visible_alias = "inbox", value_name = "DIR")]
+    /// Outbox or inbox directory (`--inbox` is the same flag), or a consumer group's shared inbox: postgres://USER@HOST:PORT/DB.
+    #[arg(long, visible_alias = "inbox", value_name = "DIR|URL")]
     pub outbox: Option<PathBuf>,
+    /// With a shared inbox: only this consumer group.
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
     /// A bridge configuration: every route's outbox and inbox.
     #[arg(long, value_name = "FILE")]
     pub bridge: Option<PathBuf>,

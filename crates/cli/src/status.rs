@@ -87,6 +87,12 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     if let Some(path) = &a.bridge {
         return bridge(path, a.json).await;
     }
+    if let Some(url) = a.outbox.as_ref().and_then(|p| p.to_str()).filter(|s| s.starts_with("postgres")) {
+        return groups(url, a.group.as_deref(), a.json).await;
+    }
+    if a.group.is_some() {
+        return Err(Failure::usage(anyhow!("--group reads a shared inbox: give --inbox postgres://USER@HOST:PORT/DB")));
+    }
     let dir = match (a.outbox, a.id) {
         (Some(d), _) => d,
         (None, Some(id)) => default_outbox(&id),
@@ -94,6 +100,72 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     };
     if let Some(j) = show(&dir, a.json).await? {
         println!("{}", serde_json::to_string_pretty(&j).map_err(|e| Failure::other(anyhow!(e)))?);
+    }
+    Ok(())
+}
+
+/// `status --inbox postgres://...`: each consumer group of the shared
+/// inbox (or `--group`), its members and what they handled.
+async fn groups(url: &str, only: Option<&str>, json: bool) -> Result<(), Failure> {
+    let groups = steadfast::group_status(url, only).await.map_err(|e| match e {
+        steadfast::GroupStatusError::Config(e) => Failure::usage(anyhow!(e)),
+        e => Failure::other(anyhow!(e)),
+    })?;
+    if let (Some(name), true) = (only, groups.is_empty()) {
+        return Err(Failure::other(anyhow!(
+            "no consumer group `{name}` in this shared inbox (its members record there once they handled something)"
+        )));
+    }
+    if json {
+        let all: Vec<serde_json::Value> = groups
+            .iter()
+            .map(|g| {
+                let members: Vec<serde_json::Value> = g
+                    .members
+                    .iter()
+                    .map(|m| {
+                        serde_json::json!({
+                            "member": m.member,
+                            "last_seen_ms": m.last_seen.as_millis() as u64,
+                            "handled": m.handled,
+                            "duplicates": m.duplicates,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "group": g.group,
+                    "handled": g.handled(),
+                    "duplicates": g.duplicates(),
+                    "remembered": g.remembered,
+                    "claims": g.claims,
+                    "members": members,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all).map_err(|e| Failure::other(anyhow!(e)))?);
+        return Ok(());
+    }
+    for g in &groups {
+        println!(
+            "group {}: {} handled, {} duplicates removed, {} identities remembered, {} being handled now",
+            g.group,
+            g.handled(),
+            g.duplicates(),
+            g.remembered,
+            g.claims
+        );
+        for m in &g.members {
+            println!(
+                "  {}: {} handled, {} duplicates removed, last seen {} ago",
+                m.member,
+                m.handled,
+                m.duplicates,
+                human_age(m.last_seen)
+            );
+        }
+    }
+    if groups.is_empty() {
+        println!("no consumer group has recorded anything in this shared inbox yet");
     }
     Ok(())
 }

@@ -39,7 +39,7 @@ mod transport;
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, ReceiptStatus, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, OtherSets, ProtocolVersion};
 #[cfg(feature = "postgres")]
-pub use consumer::RecordInError;
+pub use consumer::{group_status, GroupStatus, GroupStatusError, MemberStatus, RecordInError};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, GroupInbox, Received};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use steadfast_testkit::{Mosquitto, Postgres};
 
-use crate::{stderr, steadfast};
+use crate::{run, stderr, steadfast};
 
 /// Rows the members wrote, and how many distinct identities among them;
 /// `None` while PostgreSQL is down.
@@ -202,6 +202,22 @@ async fn three_members_write_each_message_once_through_member_and_database_crash
     assert_eq!(handled, N, "the members' handled counts add up to the messages");
     let inbox: i64 = db.query_one("SELECT count(*) FROM steadfast_inbox WHERE grp = 'line'", &[]).await.unwrap().get(0);
     assert_eq!(inbox, N);
+
+    // `status` reads the group from the shared inbox.
+    let out = run(&["status", "--inbox", &url, "--group", "line", "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j[0]["handled"].as_i64(), Some(N), "{j}");
+    assert_eq!((j[0]["remembered"].as_i64(), j[0]["claims"].as_i64()), (Some(N), Some(0)), "{j}");
+    let names: Vec<&str> = j[0]["members"].as_array().unwrap().iter().map(|m| m["member"].as_str().unwrap()).collect();
+    assert_eq!(names, ["m1", "m2", "m3"]);
+    assert!(j[0]["duplicates"].as_i64().unwrap() > 0, "fanout copies were removed: {j}");
+    let out = run(&["status", "--inbox", &url]).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with(&format!("group line: {N} handled")), "{text}");
+    let out = run(&["status", "--inbox", &url, "--group", "nobody"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no consumer group `nobody`"), "{}", stderr(&out));
 }
 
 /// Members that print (no `--sql`): the copy of a message another member

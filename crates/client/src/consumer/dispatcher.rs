@@ -302,7 +302,12 @@ impl Dispatcher {
                             self.handled.fetch_add(n, Ordering::Relaxed);
                             HANDLED
                         }
-                        Counter::Duplicates => DUPLICATES,
+                        Counter::Duplicates => {
+                            if let Some(g) = &self.group {
+                                g.note_duplicates(n);
+                            }
+                            DUPLICATES
+                        }
                         Counter::OutOfOrder => OUT_OF_ORDER,
                         Counter::Gaps => GAPS,
                     };

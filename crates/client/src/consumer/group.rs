@@ -60,12 +60,16 @@ mod imp {
         pub(crate) async fn prune(&self, _max_age: Duration, _keep: u64) -> Result<u64, GroupError> {
             match *self {}
         }
+        pub(crate) fn note_duplicates(&self, _n: u64) {
+            match *self {}
+        }
     }
 }
 
 #[cfg(feature = "postgres")]
 mod imp {
     use std::collections::HashSet;
+    use std::sync::atomic::{AtomicI64, Ordering};
     use std::sync::Arc;
 
     use steadfast_core::Identity;
@@ -96,7 +100,8 @@ mod imp {
         // 2: claims. A row whose claimed_until is set is a member's claim
         // (until then); NULL: handled.
         "ALTER TABLE steadfast_inbox ADD COLUMN claimed_until timestamptz;
-        CREATE INDEX steadfast_inbox_age ON steadfast_inbox (grp, handled_at);",
+        CREATE INDEX steadfast_inbox_age ON steadfast_inbox (grp, handled_at);
+        ALTER TABLE steadfast_members ADD COLUMN duplicates bigint NOT NULL DEFAULT 0;",
     ];
 
     /// Any number that marks steadfast's migration lock among a
@@ -134,6 +139,146 @@ mod imp {
         tx.commit().await
     }
 
+    /// One member of a group, as the shared inbox knows it.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct MemberStatus {
+        /// Its name (its client id).
+        pub member: String,
+        /// How long ago it last recorded something.
+        pub last_seen: Duration,
+        /// Messages it handled (recorded first in the group).
+        pub handled: u64,
+        /// Copies it removed (handled before, by it or another member).
+        pub duplicates: u64,
+    }
+
+    /// A consumer group, as its shared inbox knows it.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct GroupStatus {
+        /// The group.
+        pub group: String,
+        /// Its members, by name.
+        pub members: Vec<MemberStatus>,
+        /// Identities remembered as handled (within the inbox's bounds).
+        pub remembered: u64,
+        /// Claims open now (messages a member is handling).
+        pub claims: u64,
+    }
+
+    impl GroupStatus {
+        /// Messages the group handled.
+        pub fn handled(&self) -> u64 {
+            self.members.iter().map(|m| m.handled).sum()
+        }
+        /// Copies the group removed.
+        pub fn duplicates(&self) -> u64 {
+            self.members.iter().map(|m| m.duplicates).sum()
+        }
+    }
+
+    /// Why a group's status could not be read.
+    #[derive(Debug, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum GroupStatusError {
+        /// The URL is not a PostgreSQL one.
+        #[error(transparent)]
+        Config(#[from] ConfigError),
+        /// PostgreSQL could not be reached or refused a query.
+        #[error("shared inbox {url}: {message}")]
+        Postgres {
+            /// The URL (password hidden).
+            url: String,
+            /// What went wrong.
+            message: String,
+        },
+        /// The database has no steadfast tables, or older ones.
+        #[error("shared inbox {url}: {message}")]
+        Schema {
+            /// The URL (password hidden).
+            url: String,
+            /// What is there.
+            message: String,
+        },
+    }
+
+    /// The groups whose shared inbox is the database at `url` (or only
+    /// `group`), read without changing anything.
+    pub async fn group_status(url: &str, group: Option<&str>) -> Result<Vec<GroupStatus>, GroupStatusError> {
+        check_url(url)?;
+        let mut config: Config = url.parse().expect("checked");
+        config.connect_timeout(Duration::from_secs(5));
+        let shown_url = shown(url);
+        let pg =
+            |e: tokio_postgres::Error| GroupStatusError::Postgres { url: shown_url.clone(), message: describe(&e) };
+        let (client, conn) = config.connect(NoTls).await.map_err(pg)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let version: Option<i32> = client
+            .query_one(
+                "SELECT CASE WHEN to_regclass('steadfast_schema') IS NULL THEN NULL
+                        ELSE (SELECT coalesce(max(version), 0) FROM steadfast_schema) END",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        let current = MIGRATIONS.len() as i32;
+        match version {
+            Some(v) if v >= current => {}
+            Some(v) => {
+                return Err(GroupStatusError::Schema {
+                    url: shown_url,
+                    message: format!("its steadfast tables are version {v}, this steadfast reads {current}: start a member of this version once (it migrates them)"),
+                })
+            }
+            None => {
+                return Err(GroupStatusError::Schema {
+                    url: shown_url,
+                    message: "no consumer group has used this database yet (no steadfast tables)".to_owned(),
+                })
+            }
+        }
+        let members = client
+            .query(
+                "SELECT grp, member, extract(epoch FROM now() - last_seen)::float8, handled, duplicates
+                 FROM steadfast_members WHERE $1::text IS NULL OR grp = $1 ORDER BY grp, member",
+                &[&group],
+            )
+            .await
+            .map_err(pg)?;
+        let rows = client
+            .query(
+                "SELECT grp, count(*) FILTER (WHERE claimed_until IS NULL), count(*) FILTER (WHERE claimed_until IS NOT NULL)
+                 FROM steadfast_inbox WHERE $1::text IS NULL OR grp = $1 GROUP BY grp",
+                &[&group],
+            )
+            .await
+            .map_err(pg)?;
+        let mut groups: Vec<GroupStatus> = Vec::new();
+        for r in &members {
+            let name: String = r.get(0);
+            if groups.last().is_none_or(|g| g.group != name) {
+                groups.push(GroupStatus { group: name, members: Vec::new(), remembered: 0, claims: 0 });
+            }
+            let seen: f64 = r.get(2);
+            groups.last_mut().expect("pushed").members.push(MemberStatus {
+                member: r.get(1),
+                last_seen: Duration::from_secs_f64(seen.max(0.0)),
+                handled: r.get::<_, i64>(3).max(0) as u64,
+                duplicates: r.get::<_, i64>(4).max(0) as u64,
+            });
+        }
+        for r in &rows {
+            let name: String = r.get(0);
+            if let Some(g) = groups.iter_mut().find(|g| g.group == name) {
+                g.remembered = r.get::<_, i64>(1).max(0) as u64;
+                g.claims = r.get::<_, i64>(2).max(0) as u64;
+            }
+        }
+        Ok(groups)
+    }
+
     /// A consumer group's shared inbox: one connection, opened on first
     /// use and again after it broke.
     #[derive(Debug)]
@@ -144,14 +289,21 @@ mod imp {
         member: String,
         /// How long a claim lasts (ms).
         claim_ms: i64,
+        /// Copies removed since the last record, counted with the next.
+        duplicates: AtomicI64,
         client: Mutex<Option<Arc<Client>>>,
     }
 
-    fn err(what: &str, url: &str, e: tokio_postgres::Error) -> GroupError {
+    /// PostgreSQL's own message and code for a refused statement.
+    fn describe(e: &tokio_postgres::Error) -> String {
         match e.as_db_error() {
-            Some(db) => GroupError(format!("shared inbox {url}: {what}: {} ({})", db.message(), db.code().code())),
-            None => GroupError(format!("shared inbox {url}: {what}: {e}")),
+            Some(db) => format!("{} ({})", db.message(), db.code().code()),
+            None => e.to_string(),
         }
+    }
+
+    fn err(what: &str, url: &str, e: tokio_postgres::Error) -> GroupError {
+        GroupError(format!("shared inbox {url}: {what}: {}", describe(&e)))
     }
 
     /// Sorted identities as the two arrays the queries take, each once
@@ -175,9 +327,10 @@ mod imp {
                 WHERE i.claimed_until IS NOT NULL
             RETURNING i.producer, i.seq
         ), counted AS (
-            INSERT INTO steadfast_members AS m (grp, member, handled)
-            SELECT $1, $2, count(*) FROM ins
-            ON CONFLICT (grp, member) DO UPDATE SET last_seen = now(), handled = m.handled + EXCLUDED.handled
+            INSERT INTO steadfast_members AS m (grp, member, handled, duplicates)
+            SELECT $1, $2, count(*), $5 FROM ins
+            ON CONFLICT (grp, member) DO UPDATE SET last_seen = now(), handled = m.handled + EXCLUDED.handled,
+                duplicates = m.duplicates + EXCLUDED.duplicates
         )
         SELECT producer, seq FROM ins";
 
@@ -215,6 +368,7 @@ mod imp {
                 group: group.to_owned(),
                 member: member.to_owned(),
                 claim_ms: claim.as_millis().min(i64::MAX as u128) as i64,
+                duplicates: AtomicI64::new(0),
                 client: Mutex::new(None),
             })
         }
@@ -267,15 +421,24 @@ mod imp {
                 .collect())
         }
 
-        /// Records identities this member handled (one round trip).
+        /// Records identities this member handled (one round trip), with
+        /// the copies it removed since the last record.
         pub(crate) async fn record(&self, ids: &[(String, u64)]) -> Result<(), GroupError> {
             let client = self.client().await?;
             let (producers, seqs) = columns(ids);
-            client
-                .execute(RECORD, &[&self.group, &self.member, &producers, &seqs])
-                .await
-                .map_err(|e| err("record", &self.url, e))?;
+            let dups = self.duplicates.swap(0, Ordering::Relaxed);
+            let done = client.execute(RECORD, &[&self.group, &self.member, &producers, &seqs, &dups]).await;
+            if let Err(e) = done {
+                self.duplicates.fetch_add(dups, Ordering::Relaxed);
+                return Err(err("record", &self.url, e));
+            }
             Ok(())
+        }
+
+        /// Copies of handled messages this member removed (counted in the
+        /// group with its next record).
+        pub(crate) fn note_duplicates(&self, n: u64) {
+            self.duplicates.fetch_add(n.min(i64::MAX as u64) as i64, Ordering::Relaxed);
         }
 
         /// Forgets what was handled (or claimed) longer ago than `max_age`,
@@ -315,7 +478,7 @@ mod imp {
         ) -> Result<Vec<bool>, tokio_postgres::Error> {
             let pairs: Vec<(String, u64)> = ids.iter().map(|i| (i.producer.clone(), i.seq)).collect();
             let (producers, seqs) = columns(&pairs);
-            let rows = tx.query(RECORD, &[&self.group, &self.member, &producers, &seqs]).await?;
+            let rows = tx.query(RECORD, &[&self.group, &self.member, &producers, &seqs, &0i64]).await?;
             let new: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             Ok(pairs.iter().map(|(p, s)| new.contains(&(p.clone(), *s as i64))).collect())
         }
@@ -324,3 +487,5 @@ mod imp {
 
 pub(crate) use imp::check_url;
 pub use imp::GroupInbox;
+#[cfg(feature = "postgres")]
+pub use imp::{group_status, GroupStatus, GroupStatusError, MemberStatus};

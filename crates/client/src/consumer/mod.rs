@@ -35,6 +35,8 @@ use tokio::task::JoinHandle;
 pub use self::config::ConsumerConfig;
 use self::dispatcher::Dispatcher;
 pub use self::group::GroupInbox;
+#[cfg(feature = "postgres")]
+pub use self::group::{group_status, GroupStatus, GroupStatusError, MemberStatus};
 pub use self::received::Received;
 #[cfg(feature = "postgres")]
 pub use self::received::RecordInError;

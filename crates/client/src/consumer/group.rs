@@ -63,6 +63,13 @@ mod imp {
         pub(crate) fn note_duplicates(&self, _n: u64) {
             match *self {}
         }
+        pub(crate) async fn lasting_gaps(
+            &self,
+            _timeout: Duration,
+            _lookback: Duration,
+        ) -> Result<Vec<(String, u64, u64)>, GroupError> {
+            match *self {}
+        }
     }
 }
 
@@ -101,7 +108,16 @@ mod imp {
         // (until then); NULL: handled.
         "ALTER TABLE steadfast_inbox ADD COLUMN claimed_until timestamptz;
         CREATE INDEX steadfast_inbox_age ON steadfast_inbox (grp, handled_at);
-        ALTER TABLE steadfast_members ADD COLUMN duplicates bigint NOT NULL DEFAULT 0;",
+        ALTER TABLE steadfast_members ADD COLUMN duplicates bigint NOT NULL DEFAULT 0;
+        CREATE TABLE steadfast_gaps (
+            grp text NOT NULL,
+            producer text NOT NULL,
+            first bigint NOT NULL,
+            last bigint NOT NULL,
+            reporter text NOT NULL,
+            reported_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (grp, producer, first)
+        );",
     ];
 
     /// Any number that marks steadfast's migration lock among a
@@ -465,6 +481,41 @@ mod imp {
                 .await
                 .map_err(|e| err("prune", &self.url, e))?;
             Ok(old + over)
+        }
+
+        /// Gaps the group as a whole lacks: a producer's sequence number
+        /// that no member received (claimed or handled) although a later
+        /// one arrived more than `timeout` ago (and less than `timeout +
+        /// lookback`: each check covers what became old enough since the
+        /// one before, with overlap). Each gap is reported by one member,
+        /// the first to find it: these are the ones this member reports.
+        pub(crate) async fn lasting_gaps(
+            &self,
+            timeout: Duration,
+            lookback: Duration,
+        ) -> Result<Vec<(String, u64, u64)>, GroupError> {
+            let client = self.client().await?;
+            let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+            let rows = client
+                .query(
+                    "INSERT INTO steadfast_gaps (grp, producer, first, last, reporter)
+                     SELECT $1, u.producer, below.seq + 1, u.seq - 1, $2
+                     FROM steadfast_inbox u
+                     CROSS JOIN LATERAL (
+                         SELECT max(b.seq) AS seq FROM steadfast_inbox b
+                         WHERE b.grp = $1 AND b.producer = u.producer AND b.seq < u.seq
+                     ) below
+                     WHERE u.grp = $1
+                       AND u.handled_at < now() - $3::bigint * interval '1 millisecond'
+                       AND u.handled_at >= now() - ($3::bigint + $4::bigint) * interval '1 millisecond'
+                       AND below.seq IS NOT NULL AND below.seq < u.seq - 1
+                     ON CONFLICT DO NOTHING
+                     RETURNING producer, first, last",
+                    &[&self.group, &self.member, &ms(timeout), &ms(lookback)],
+                )
+                .await
+                .map_err(|e| err("look for gaps", &self.url, e))?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u64)).collect())
         }
 
         /// Records `ids` inside the caller's transaction; true for each

@@ -53,21 +53,44 @@ const DUPLICATES: &str = "consumer.duplicates";
 const GAPS: &str = "consumer.gaps_suspected";
 const OUT_OF_ORDER: &str = "consumer.out_of_order";
 
-/// A group member keeps the shared inbox within the consumer's bounds
-/// (its age and count), as the directory's inbox is kept: every minute,
-/// or twice per age bound when that is shorter.
-async fn prune_shared(group: Arc<GroupInbox>, cfg: Arc<ConsumerConfig>, mut stop: watch::Receiver<bool>) {
-    let every = (cfg.inbox_max_age / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+/// A group member's upkeep of the shared inbox: it looks for gaps the
+/// group as a whole lacks (G6 for the group; twice per gap timeout) and
+/// keeps the inbox within the consumer's bounds, its age and count, as
+/// the directory's inbox is kept (every minute, or twice per age bound).
+async fn maintain_shared(
+    group: Arc<GroupInbox>,
+    cfg: Arc<ConsumerConfig>,
+    events: broadcast::Sender<Event>,
+    outbox: Outbox,
+    mut stop: watch::Receiver<bool>,
+) {
+    let gaps_every = (cfg.gap_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let prune_every = (cfg.inbox_max_age / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut next_prune = tokio::time::Instant::now() + prune_every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(gaps_every) => {}
             r = stop.changed() => if r.is_err() || *stop.borrow() { return },
         }
-        match group.prune(cfg.inbox_max_age, cfg.inbox_max_count).await {
-            Ok(0) => {}
-            Ok(n) => tracing::debug!(forgotten = n, "shared inbox pruned"),
-            // The dispatcher says when the shared inbox is down.
-            Err(e) => tracing::debug!(error = %e, "cannot prune the shared inbox now"),
+        // The dispatcher says when the shared inbox is down: failures
+        // here are only debug lines.
+        match group.lasting_gaps(cfg.gap_timeout, gaps_every * 3).await {
+            Ok(gaps) => {
+                for (producer, first, last) in gaps {
+                    tracing::warn!(%producer, first, last, "suspected loss: no member of the group received these, and later ones came more than the gap timeout ago");
+                    outbox.count(GAPS, 1);
+                    let _ = events.send(Event::SuspectedLoss { producer, first, last });
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot look for the group's gaps now"),
+        }
+        if tokio::time::Instant::now() >= next_prune {
+            next_prune = tokio::time::Instant::now() + prune_every;
+            match group.prune(cfg.inbox_max_age, cfg.inbox_max_count).await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(forgotten = n, "shared inbox pruned"),
+                Err(e) => tracing::debug!(error = %e, "cannot prune the shared inbox now"),
+            }
         }
     }
 }
@@ -284,7 +307,8 @@ impl Consumer {
             asks: Vec::new(),
         };
         if let Some(g) = &group_for_pruning {
-            tasks.push(tokio::spawn(prune_shared(g.clone(), cfg.clone(), stop_rx.clone())));
+            let upkeep = maintain_shared(g.clone(), cfg.clone(), events.clone(), outbox.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(upkeep));
         }
         tasks.push(tokio::spawn(dispatcher.run(inbound, cmd_rx, stop_rx)));
         let consumer = Consumer {

@@ -161,3 +161,81 @@ async fn the_shared_inbox_forgets_what_is_older_than_its_bound() {
     consumer.close().await;
     producer.close().await;
 }
+
+/// A producer's message that no member of the group received is reported
+/// once, for the group, by one member; the numbers each member misses
+/// because the others got them are not gaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_the_whole_group_lacks_is_reported_once() {
+    let pg = Postgres::start().await;
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfgs: Vec<ConsumerConfig> = (1..=2)
+        .map(|i| {
+            member(&format!("m{i}"), "g4", &broker.url(), &dir.path().join(format!("m{i}")), &pg.url())
+                .gap_timeout(Duration::from_millis(800))
+        })
+        .collect();
+    for c in &cfgs {
+        Consumer::register(c).await.unwrap();
+    }
+    let mut members = Vec::new();
+    for c in cfgs {
+        members.push(Consumer::open(c).await.unwrap().0);
+    }
+    let mut events: Vec<_> = members.iter().map(|m| m.events()).collect();
+    // p/1 to p/8 without p/5: round robin gives each member every other one.
+    for seq in (1..=8).filter(|s| *s != 5) {
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string(), "-V", "5", "-q", "1", "-t", "g/t"])
+            .args(["-m", &format!("m-{seq}"), "-D", "publish", "user-property", "steadfast-id", &format!("p/{seq}")])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut handled = 0;
+    while handled < 7 {
+        let got = tokio::select! {
+            d = members[0].next() => d,
+            d = members[1].next() => d,
+            _ = tokio::time::sleep(Duration::from_secs(20)) => panic!("{handled} of 7 handled"),
+        };
+        got.expect("open").ack();
+        handled += 1;
+    }
+    let db = db(&pg).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let reported = loop {
+        let rows = db.query("SELECT producer, first, last, reporter FROM steadfast_gaps WHERE grp = 'g4'", &[]).await;
+        let rows: Vec<(String, i64, i64, String)> =
+            rows.unwrap().iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+        if !rows.is_empty() {
+            break rows;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no gap reported");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(reported.len(), 1, "{reported:?}");
+    let (producer, first, last, reporter) = &reported[0];
+    assert_eq!((producer.as_str(), *first, *last), ("p", 5, 5));
+    // The reporter announced it; nobody announced anything else.
+    let who = if reporter == "m1" { 0 } else { 1 };
+    let loss = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Ok(steadfast::Event::SuspectedLoss { producer, first, last }) = events[who].recv().await {
+                return (producer, first, last);
+            }
+        }
+    })
+    .await
+    .expect("the reporter's event");
+    assert_eq!(loss, ("p".to_owned(), 5, 5));
+    for e in &mut events {
+        while let Ok(ev) = e.try_recv() {
+            assert!(!matches!(ev, steadfast::Event::SuspectedLoss { .. }), "reported twice: {ev:?}");
+        }
+    }
+    for m in members {
+        m.close().await;
+    }
+}

@@ -48,6 +48,22 @@ pub enum LabError {
         /// The end of its log, if it wrote one.
         log: String,
     },
+    /// PostgreSQL is not installed.
+    #[error("PostgreSQL is not installed (Debian's `postgresql` package; the README's test command installs it)")]
+    NoPostgres,
+    /// Running as root without a `postgres` user to run PostgreSQL as.
+    #[error(
+        "running as root, and there is no `postgres` user to run PostgreSQL as (Debian's postgresql package makes it)"
+    )]
+    NoPostgresUser,
+    /// PostgreSQL did not start.
+    #[error("{what} failed: {detail}")]
+    Postgres {
+        /// `initdb` or `postgres`.
+        what: &'static str,
+        /// Its words.
+        detail: String,
+    },
     /// No free loopback port.
     #[error("no free port on 127.0.0.1: {0}")]
     NoPort(#[source] std::io::Error),

@@ -16,9 +16,11 @@ pub mod demo;
 pub mod embedded;
 mod error;
 mod launch;
+mod postgres;
 mod proxy;
 mod wiretap;
 
 pub use error::LabError;
 pub use launch::{free_port, have_mosquitto, kill9, mosquitto_program, Broker, BrokerKind, BrokerOptions};
+pub use postgres::{have_postgres, Postgres};
 pub use proxy::{FaultProxy, ProxyMode};

@@ -1,197 +1,26 @@
-//! A PostgreSQL server of the test's own: `initdb` into a temporary
-//! directory, `postgres` on a free loopback port with its socket in that
-//! directory, run as the unprivileged `postgres` user when the tests run
-//! as root (PostgreSQL refuses root). Never the machine's own server. It
-//! runs in a process group of its own, killed with `kill -s KILL -- -PGID`
-//! (the postmaster and every backend at once: a crash).
+//! PostgreSQL for tests: the lab's server ([`steadfast_lab::Postgres`]:
+//! its own cluster on a free loopback port, never the machine's), with a
+//! test's manners: one that will not start fails the test with its log.
 
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::ops::{Deref, DerefMut};
 
-/// One PostgreSQL server; killed when dropped.
-pub struct Postgres {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Option<Child>,
-    /// The unprivileged user it runs as (uid, gid), when the tests run as
-    /// root.
-    user: Option<(u32, u32)>,
-}
+pub use steadfast_lab::have_postgres;
 
-/// Where Debian's PostgreSQL programs are (`initdb`, `postgres`): the
-/// newest `/usr/lib/postgresql/N/bin`, else the PATH.
-fn program(name: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|d| d.flatten().map(|e| e.path().join("bin")).collect())
-        .unwrap_or_default();
-    dirs.sort();
-    dirs.iter().rev().map(|d| d.join(name)).find(|p| p.exists()).unwrap_or_else(|| PathBuf::from(name))
-}
-
-/// True when PostgreSQL can be run here.
-pub fn have_postgres() -> bool {
-    Command::new(program("postgres")).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
-}
-
-/// The `postgres` user's uid and gid, when this process runs as root.
-fn unprivileged() -> Option<(u32, u32)> {
-    // The owner of /proc/self is this process's effective user.
-    let root = std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false);
-    if !root {
-        return None;
-    }
-    let passwd = std::fs::read_to_string("/etc/passwd").expect("/etc/passwd");
-    let line = passwd.lines().find(|l| l.starts_with("postgres:")).expect(
-        "the tests run as root and there is no `postgres` user to run PostgreSQL as (Debian's postgresql package makes it)",
-    );
-    let f: Vec<&str> = line.split(':').collect();
-    Some((f[2].parse().expect("uid"), f[3].parse().expect("gid")))
-}
+/// A PostgreSQL server of the test's own; killed when dropped.
+pub struct Postgres(steadfast_lab::Postgres);
 
 impl Postgres {
-    /// A fresh cluster, started and accepting connections. Panics with
-    /// the server's log when it does not start (CI: a test that needs it
-    /// fails, never skips).
+    /// A fresh cluster, started and accepting connections. Panics when it
+    /// does not start (CI: a test that needs it fails, never skips).
     pub async fn start() -> Postgres {
-        assert!(
-            have_postgres(),
-            "PostgreSQL is not installed (the README's test command installs Debian's postgresql)"
-        );
-        let dir = tempfile::Builder::new().prefix("steadfast-pg-").tempdir().expect("temp dir");
-        let user = unprivileged();
-        if let Some((uid, gid)) = user {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the data directory");
-        }
-        let data = dir.path().join("data");
-        let mut initdb = Command::new(program("initdb"));
-        initdb.arg("-D").arg(&data).args(["-U", "steadfast", "--auth=trust", "-E", "UTF8", "--no-sync"]);
-        initdb.stdout(Stdio::null());
-        if let Some((uid, gid)) = user {
-            initdb.uid(uid).gid(gid);
-        }
-        let out = initdb.output().expect("run initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        let mut pg = Postgres { dir, port: crate::free_port(), child: None, user };
-        pg.spawn().await;
-        pg
+        Postgres(steadfast_lab::Postgres::start().await.unwrap_or_else(|e| panic!("{e}")))
     }
 
-    /// The URL clients connect with (user `steadfast`, database
-    /// `postgres`, no password: trust on loopback only).
-    pub fn url(&self) -> String {
-        format!("postgres://steadfast@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// Its port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("postgres.log")
-    }
-
-    /// The server's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Starts the server (again, after [`Postgres::kill9`]) and waits until
-    /// it accepts connections.
+    /// Starts the server again after [`steadfast_lab::Postgres::kill9`].
     pub async fn spawn(&mut self) {
-        let data = self.dir.path().join("data");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log file");
-        let mut c = Command::new(program("postgres"));
-        c.arg("-D").arg(&data).arg("-p").arg(self.port.to_string());
-        c.arg("-c").arg("listen_addresses=127.0.0.1");
-        c.arg("-c").arg(format!("unix_socket_directories={}", self.dir.path().display()));
-        c.args(["-c", "max_connections=40", "-c", "shared_buffers=16MB"]);
-        c.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
-        c.process_group(0);
-        if let Some((uid, gid)) = self.user {
-            c.uid(uid).gid(gid);
-        }
-        self.child = Some(c.spawn().expect("start postgres"));
-        self.wait_ready().await;
+        self.0.spawn().await.unwrap_or_else(|e| panic!("{e}"));
     }
 
-    async fn wait_ready(&mut self) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            // Accepting TCP is not enough: the server answers "starting
-            // up" until its recovery ends. A startup packet tells.
-            if self.accepts().await {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.child = None;
-                panic!("postgres exited with {status} on port {}: {}", self.port, self.log());
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "postgres did not accept connections on port {} within 30 s: {}",
-                self.port,
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// True when the server completes a startup (psql's `pg_isready`
-    /// would need the client package).
-    async fn accepts(&self) -> bool {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
-        // StartupMessage: protocol 3.0, user steadfast, database postgres.
-        let mut body = Vec::new();
-        body.extend_from_slice(&196608u32.to_be_bytes());
-        for kv in ["user", "steadfast", "database", "postgres", ""] {
-            body.extend_from_slice(kv.as_bytes());
-            body.push(0);
-        }
-        let mut msg = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        msg.extend_from_slice(&body);
-        if s.write_all(&msg).await.is_err() {
-            return false;
-        }
-        let mut first = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut first)).await;
-        // 'R' (authentication: trust says OK) means it is ready; 'E' is
-        // an error such as "the database system is starting up".
-        matches!(read, Ok(Ok(_)) if first[0] == b'R')
-    }
-
-    /// Kills the server and every backend at once (`kill -9` of its
-    /// process group): a crash; committed transactions survive it.
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let group = format!("-{}", c.id());
-            let _ = Command::new("kill").args(["-s", "KILL", "--", &group]).status();
-            let _ = c.wait();
-        }
-    }
-
-    /// True while the server runs.
-    pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
-    }
-
-    /// The directory the cluster lives in.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-impl Postgres {
     /// A client for the test's own queries (its connection runs on a
     /// task of the test's runtime).
     pub async fn connect(&self) -> tokio_postgres::Client {
@@ -202,5 +31,19 @@ impl Postgres {
             let _ = conn.await;
         });
         client
+    }
+}
+
+impl Deref for Postgres {
+    type Target = steadfast_lab::Postgres;
+
+    fn deref(&self) -> &steadfast_lab::Postgres {
+        &self.0
+    }
+}
+
+impl DerefMut for Postgres {
+    fn deref_mut(&mut self) -> &mut steadfast_lab::Postgres {
+        &mut self.0
     }
 }

@@ -65,11 +65,11 @@ pub use report::{percentile, Report, Row, Scenario};
 
 use std::path::PathBuf;
 
-use scenarios::{backlog, bridge, consume, failover, fanout, publish, receipts};
+use scenarios::{backlog, bridge, consume, failover, fanout, group, publish, receipts};
 
 /// Every scenario, in the order `all` runs them.
-pub const SCENARIOS: [&str; 9] =
-    ["publish", "fanout", "failover", "restart", "drain", "consume", "bridge", "backlog", "receipts"];
+pub const SCENARIOS: [&str; 10] =
+    ["publish", "fanout", "failover", "restart", "drain", "consume", "bridge", "backlog", "receipts", "group"];
 
 /// What to run and how big.
 #[derive(Debug, Clone)]
@@ -120,8 +120,9 @@ pub async fn run(names: &[String], a: &Args) -> Result<Report, BenchError> {
         names.push("publish".into());
     }
     if names.iter().any(|n| n == "all") {
-        names =
-            ["publish", "fanout", "failover", "backlog", "consume", "bridge", "receipts"].map(String::from).to_vec();
+        names = ["publish", "fanout", "failover", "backlog", "consume", "bridge", "receipts", "group"]
+            .map(String::from)
+            .to_vec();
     }
     for n in &names {
         if !SCENARIOS.contains(&n.as_str()) {
@@ -148,6 +149,7 @@ pub async fn run(names: &[String], a: &Args) -> Result<Report, BenchError> {
             "consume" => consume(a).await?,
             "bridge" => bridge(a).await?,
             "receipts" => receipts(a).await?,
+            "group" => group(a).await?,
             _ if backlog_wanted && !backlog_done => {
                 backlog_done = true;
                 backlog(a).await?

@@ -56,7 +56,7 @@ pub enum Command {
     /// What a broker really does (versions, limits, QoS 2, retained, sessions) and how to make it safe.
     #[command(disable_help_flag = true)]
     Doctor(Box<DoctorArgs>),
-    /// Benchmarks with same-run baselines: publish, fanout, failover, restart, drain, consume, bridge, receipts, or all.
+    /// Benchmarks with same-run baselines: publish, fanout, failover, restart, drain, consume, bridge, receipts, group, or all.
     #[command(disable_help_flag = true)]
     Bench(BenchArgs),
     /// A seeded schedule of faults over a producer, two brokers and a consumer, and a verdict on what was lost.
@@ -69,7 +69,7 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Scenarios: publish, fanout, failover, restart, drain, consume, bridge, receipts (several, or all); default publish.
+    /// Scenarios: publish, fanout, failover, restart, drain, consume, bridge, receipts, group (several, or all); default publish.
     pub scenarios: Vec<String>,
     /// Messages per run.
     #[arg(long, default_value_t = 100_000)]

@@ -5,6 +5,7 @@ mod bridge;
 mod consume;
 mod failover;
 mod fanout;
+mod group;
 mod publish;
 mod receipts;
 
@@ -13,5 +14,6 @@ pub(crate) use bridge::bridge;
 pub(crate) use consume::consume;
 pub(crate) use failover::failover;
 pub(crate) use fanout::fanout;
+pub(crate) use group::group;
 pub(crate) use publish::publish;
 pub(crate) use receipts::receipts;

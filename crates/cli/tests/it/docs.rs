@@ -32,8 +32,9 @@ fn flags(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// The options `steadfast CMD --help` lists: (short, long) per line.
-async fn help(cmd: &str) -> Vec<(Option<String>, String)> {
+/// The options `steadfast CMD --help` lists: (short, long, visible
+/// aliases) per line.
+async fn help(cmd: &str) -> Vec<(Option<String>, String, Vec<String>)> {
     let out = run(&[cmd, "--help"]).await;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.lines()
@@ -44,7 +45,9 @@ async fn help(cmd: &str) -> Vec<(Option<String>, String)> {
             let fl = flags(head);
             let long = fl.iter().find(|f| f.starts_with("--"))?.clone();
             let short = fl.iter().find(|f| !f.starts_with("--")).cloned();
-            Some((short, long))
+            // clap's `[alias: --x]` / `[aliases: --x, --y]` at the end.
+            let aliases = l.rfind("[alias").map_or_else(BTreeSet::new, |i| flags(&l[i..]));
+            Some((short, long, aliases.into_iter().filter(|f| f.starts_with("--")).collect()))
         })
         .collect()
 }
@@ -75,14 +78,14 @@ async fn every_flag_of_help_is_in_the_readme_and_every_readme_flag_exists() {
         }
         let listed = help(cmd).await;
         assert!(!listed.is_empty(), "{cmd} --help lists options");
-        for (short, long) in &listed {
+        for (short, long, _) in &listed {
             let global = GLOBAL.contains(&long.as_str());
             let known = documented.contains(long) || short.as_ref().is_some_and(|s| documented.contains(s));
             if !global && !known {
                 problems.push(format!("`steadfast {cmd}`: {long} is in --help, not in the README"));
             }
         }
-        let longs: BTreeSet<&String> = listed.iter().map(|(_, l)| l).collect();
+        let longs: BTreeSet<&String> = listed.iter().flat_map(|(_, l, a)| std::iter::once(l).chain(a)).collect();
         for f in used(cmd, text) {
             if !longs.contains(&f) && !GLOBAL.contains(&f.as_str()) {
                 problems.push(format!("`steadfast {cmd}`: the README uses {f}, which --help does not list"));

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use steadfast_core::engine::{Answer, Counter, Delivered, Dispatch, DispatchOp};
 use steadfast_core::receipt::receipt_topic;
 use steadfast_core::receipt::ReceiptBatch;
@@ -73,8 +74,6 @@ pub(super) struct Dispatcher {
     pub(super) warned_receipts: bool,
     /// A consumer group's shared inbox, instead of the directory's.
     pub(super) group: Option<Arc<GroupInbox>>,
-    /// The shared inbox could not be read: said once per outage.
-    pub(super) inbox_down: bool,
     /// Deliveries to ask the shared inbox about again (another member
     /// held a claim on them).
     pub(super) asks: Vec<Pending>,
@@ -88,19 +87,21 @@ impl Dispatcher {
         mut stop: watch::Receiver<bool>,
     ) {
         let app = self.app.clone();
+        // A group member's claims under way, answered in the order asked
+        // (so that each broker's deliveries keep their order), several at
+        // once on the shared inbox's connection.
+        let mut claims: FuturesOrdered<Claim> = FuturesOrdered::new();
         loop {
             if !self.asks.is_empty() {
                 let items = std::mem::take(&mut self.asks);
-                if !self.answer(items, &mut stop).await {
-                    return;
-                }
+                self.answer(items, &mut claims).await;
             }
             let wake = [self.engine.poll_timeout(), self.receipts.poll_timeout()].into_iter().flatten().min();
             let wake = wake.map(Instant::from_std);
             // Commands (acks, close) are served whatever the application
             // does; brokers are read only while few deliveries wait for it.
             tokio::select! {
-                first = inbound.recv(), if self.ready.len() < READY_MAX => {
+                first = inbound.recv(), if self.ready.len() < READY_MAX && claims.len() < CLAIMS_MAX => {
                     let Some(first) = first else { return };
                     let mut batch = vec![first];
                     while batch.len() < 512 {
@@ -109,9 +110,11 @@ impl Dispatcher {
                             Err(_) => break,
                         }
                     }
-                    if !self.take(batch, &mut stop).await {
-                        return;
-                    }
+                    self.take(batch, &mut claims).await;
+                }
+                Some((items, answers)) = claims.next(), if !claims.is_empty() => {
+                    self.engine.handle_answers(items, &answers, now());
+                    self.carry_out();
                 }
                 permit = app.reserve(), if !self.ready.is_empty() => {
                     let Ok(permit) = permit else { return };
@@ -140,8 +143,8 @@ impl Dispatcher {
     }
 
     /// Messages from the brokers, with the inbox's answer for those the
-    /// engine must ask about; false when the consumer stops meanwhile.
-    async fn take(&mut self, batch: Vec<FromBroker>, stop: &mut watch::Receiver<bool>) -> bool {
+    /// engine must ask about (a group member's: asked in `claims`).
+    async fn take(&mut self, batch: Vec<FromBroker>, claims: &mut FuturesOrdered<Claim>) {
         let mut items = Vec::with_capacity(batch.len());
         for FromBroker { broker, epoch, mut msg } in batch {
             let token = Token { broker, epoch, pid: msg.pid };
@@ -167,18 +170,17 @@ impl Dispatcher {
             }
             items.push(Pending { token, msg, identity, inbox: self.cfg.inbox });
         }
-        self.answer(items, stop).await
+        self.answer(items, claims).await
     }
 
     /// Hands `items` to the engine with the inbox's answers for those it
-    /// must ask about; false when the consumer stops meanwhile.
-    async fn answer(&mut self, items: Vec<Pending>, stop: &mut watch::Receiver<bool>) -> bool {
+    /// must ask about; a group member's are asked in `claims` and handed
+    /// over when they come.
+    async fn answer(&mut self, items: Vec<Pending>, claims: &mut FuturesOrdered<Claim>) {
         let ask = self.engine.to_ask(&items);
-        if let Some(group) = self.group.clone().filter(|_| !ask.is_empty()) {
-            let Some(answers) = self.group_answers(&group, &ask, stop).await else { return false };
-            self.engine.handle_answers(items, &answers, now());
-            self.carry_out();
-            return true;
+        if let Some(group) = self.group.clone() {
+            claims.push_back(Box::pin(group_answers(group, ask, items)));
+            return;
         }
         let seen = if ask.is_empty() {
             Vec::new()
@@ -195,45 +197,6 @@ impl Dispatcher {
         };
         self.engine.handle_delivered(items, &seen, now());
         self.carry_out();
-        true
-    }
-
-    /// The shared inbox's answers (each identity claimed by this member,
-    /// handled, or claimed by another), asked again with growing pauses
-    /// while PostgreSQL cannot give them: a group member never hands over
-    /// what another may have handled. Meanwhile nothing is acknowledged
-    /// and the brokers keep the messages. `None` when the consumer stops.
-    async fn group_answers(
-        &mut self,
-        group: &GroupInbox,
-        ask: &[(String, u64)],
-        stop: &mut watch::Receiver<bool>,
-    ) -> Option<Vec<Answer>> {
-        let mut pause = Duration::from_millis(100);
-        let mut said = None::<tokio::time::Instant>;
-        loop {
-            match group.claim(ask).await {
-                Ok(seen) => {
-                    if std::mem::replace(&mut self.inbox_down, false) {
-                        tracing::warn!("the shared inbox answers again; handing messages over");
-                    }
-                    return Some(seen);
-                }
-                Err(e) => {
-                    self.inbox_down = true;
-                    // Said at once, then once a minute while it lasts.
-                    if said.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                        said = Some(tokio::time::Instant::now());
-                        tracing::error!(error = %e, "cannot read the shared inbox; holding the messages (unacknowledged, they wait in the brokers) and trying again");
-                    }
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                r = stop.changed() => if r.is_err() || *stop.borrow() { return None },
-            }
-            pause = (pause * 2).min(Duration::from_secs(5));
-        }
     }
 
     fn on_cmds(&mut self, cmds: Vec<Cmd>) {
@@ -367,5 +330,51 @@ impl Dispatcher {
             };
             let _ = back.send(Cmd::Recorded(batch, ok));
         });
+    }
+}
+
+/// A group member's claim under way: the deliveries, and the inbox's
+/// answers for those the engine asked about.
+type Claim = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<Pending>, Vec<Answer>)> + Send>>;
+
+/// Claims under way at once, at most (the dispatcher reads no more from
+/// the brokers meanwhile).
+const CLAIMS_MAX: usize = 4;
+
+/// The shared inbox's answers for `ask` (each identity claimed by this
+/// member, handled, or claimed by another), asked again with growing
+/// pauses while PostgreSQL cannot give them: a group member never hands
+/// over what another may have handled. Meanwhile nothing is acknowledged
+/// and the brokers keep the messages; the consumer stopping drops the
+/// wait.
+async fn group_answers(
+    group: Arc<GroupInbox>,
+    ask: Vec<(String, u64)>,
+    items: Vec<Pending>,
+) -> (Vec<Pending>, Vec<Answer>) {
+    if ask.is_empty() {
+        return (items, Vec::new());
+    }
+    let mut pause = Duration::from_millis(100);
+    let mut said = None::<tokio::time::Instant>;
+    loop {
+        match group.claim(&ask).await {
+            Ok(answers) => {
+                if group.set_down(false) {
+                    tracing::warn!("the shared inbox answers again; handing messages over");
+                }
+                return (items, answers);
+            }
+            Err(e) => {
+                // Said once per outage (then once a minute while it lasts).
+                let first = !group.set_down(true);
+                if first || said.is_some_and(|t: tokio::time::Instant| t.elapsed() >= Duration::from_secs(60)) {
+                    said = Some(tokio::time::Instant::now());
+                    tracing::error!(error = %e, "cannot read the shared inbox; holding the messages (unacknowledged, they wait in the brokers) and trying again");
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }

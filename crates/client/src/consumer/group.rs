@@ -24,7 +24,7 @@ use crate::error::ConfigError;
 
 /// Why the shared inbox could not answer (PostgreSQL unreachable, a
 /// query refused): the dispatcher logs it and tries again.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct GroupError(String);
 
 impl std::fmt::Display for GroupError {
@@ -63,6 +63,13 @@ mod imp {
         pub(crate) fn note_duplicates(&self, _n: u64) {
             match *self {}
         }
+        /// Statements sent to the shared inbox.
+        pub fn round_trips(&self) -> u64 {
+            match *self {}
+        }
+        pub(crate) fn set_down(&self, _down: bool) -> bool {
+            match *self {}
+        }
         pub(crate) async fn lasting_gaps(
             &self,
             _timeout: Duration,
@@ -75,13 +82,13 @@ mod imp {
 
 #[cfg(feature = "postgres")]
 mod imp {
-    use std::collections::HashSet;
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
     use std::sync::Arc;
 
     use steadfast_core::Identity;
-    use tokio::sync::Mutex;
-    use tokio_postgres::{Client, Config, NoTls, Transaction};
+    use tokio::sync::{oneshot, Mutex};
+    use tokio_postgres::{Client, Config, NoTls, Statement, Transaction};
 
     use super::*;
 
@@ -90,16 +97,16 @@ mod imp {
     const MIGRATIONS: &[&str] = &[
         // 1: the shared inbox and the members.
         "CREATE TABLE steadfast_inbox (
-            grp text NOT NULL,
-            producer text NOT NULL,
+            grp text COLLATE \"C\" NOT NULL,
+            producer text COLLATE \"C\" NOT NULL,
             seq bigint NOT NULL,
             member text NOT NULL,
             handled_at timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (grp, producer, seq)
         );
         CREATE TABLE steadfast_members (
-            grp text NOT NULL,
-            member text NOT NULL,
+            grp text COLLATE \"C\" NOT NULL,
+            member text COLLATE \"C\" NOT NULL,
             last_seen timestamptz NOT NULL DEFAULT now(),
             handled bigint NOT NULL DEFAULT 0,
             PRIMARY KEY (grp, member)
@@ -108,6 +115,7 @@ mod imp {
         // (until then); NULL: handled.
         "ALTER TABLE steadfast_inbox ADD COLUMN claimed_until timestamptz;
         CREATE INDEX steadfast_inbox_age ON steadfast_inbox (grp, handled_at);
+        ALTER TABLE steadfast_inbox SET (fillfactor = 70);
         ALTER TABLE steadfast_members ADD COLUMN duplicates bigint NOT NULL DEFAULT 0;
         CREATE TABLE steadfast_gaps (
             grp text NOT NULL,
@@ -295,6 +303,40 @@ mod imp {
         Ok(groups)
     }
 
+    /// A connection to the shared inbox and its prepared statement.
+    #[derive(Clone)]
+    struct Conn {
+        client: Arc<Client>,
+        statement: Statement,
+    }
+
+    impl std::fmt::Debug for Conn {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Conn").finish_non_exhaustive()
+        }
+    }
+
+    /// Requests that share one statement: the identities of each and
+    /// where its outcome goes, and the turn to run the statement.
+    struct Together<T> {
+        queue: std::sync::Mutex<Vec<Waiting<T>>>,
+        turn: Mutex<()>,
+    }
+
+    type Waiting<T> = (Vec<(String, u64)>, oneshot::Sender<Result<T, GroupError>>);
+
+    impl<T> Default for Together<T> {
+        fn default() -> Self {
+            Together { queue: std::sync::Mutex::new(Vec::new()), turn: Mutex::new(()) }
+        }
+    }
+
+    impl<T> std::fmt::Debug for Together<T> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Together").finish_non_exhaustive()
+        }
+    }
+
     /// A consumer group's shared inbox: one connection, opened on first
     /// use and again after it broke.
     #[derive(Debug)]
@@ -307,7 +349,21 @@ mod imp {
         claim_ms: i64,
         /// Copies removed since the last record, counted with the next.
         duplicates: AtomicI64,
-        client: Mutex<Option<Arc<Client>>>,
+        /// Statements sent to PostgreSQL (each one round trip).
+        round_trips: AtomicU64,
+        /// Claims failed since the last that worked (PostgreSQL down).
+        down: AtomicBool,
+        /// Claims waiting for their statement.
+        claiming: Together<Vec<Answer>>,
+        /// Records waiting for their statement.
+        recording: Together<()>,
+        /// The connection for records, pruning and gaps (commits synced).
+        client: Mutex<Option<Conn>>,
+        /// The connection for claims: `synchronous_commit = off`. A claim
+        /// lost in a crash of PostgreSQL only lets a copy at another member
+        /// be handed over too (at least once, as without claims); a record
+        /// gates the broker's ack, so it is synced.
+        claims: Mutex<Option<Conn>>,
     }
 
     /// PostgreSQL's own message and code for a refused statement.
@@ -339,7 +395,7 @@ mod imp {
             INSERT INTO steadfast_inbox AS i (grp, producer, seq, member)
             SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
             ON CONFLICT (grp, producer, seq) DO UPDATE
-                SET member = EXCLUDED.member, claimed_until = NULL, handled_at = now()
+                SET member = EXCLUDED.member, claimed_until = NULL
                 WHERE i.claimed_until IS NOT NULL
             RETURNING i.producer, i.seq
         ), counted AS (
@@ -351,23 +407,20 @@ mod imp {
         SELECT producer, seq FROM ins";
 
     /// Claims `ids` for `member` for `$5` milliseconds: new ones, its own
-    /// claims and claims that expired become its own. Per identity: its
-    /// own now, and handled (as the statement began).
-    const CLAIM: &str = "WITH want AS (
-            SELECT t.producer, t.seq FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
-        ), claimed AS (
-            INSERT INTO steadfast_inbox AS i (grp, producer, seq, member, claimed_until)
-            SELECT $1, producer, seq, $2, now() + $5::bigint * interval '1 millisecond' FROM want
-            ON CONFLICT (grp, producer, seq) DO UPDATE
-                SET member = EXCLUDED.member, claimed_until = EXCLUDED.claimed_until
-                WHERE i.claimed_until IS NOT NULL AND (i.member = EXCLUDED.member OR i.claimed_until < now())
-            RETURNING i.producer, i.seq
-        )
-        SELECT w.producer, w.seq,
-            EXISTS (SELECT 1 FROM claimed c WHERE c.producer = w.producer AND c.seq = w.seq),
-            EXISTS (SELECT 1 FROM steadfast_inbox h
-                    WHERE h.grp = $1 AND h.producer = w.producer AND h.seq = w.seq AND h.claimed_until IS NULL)
-        FROM want w";
+    /// claims and claims that expired become its own; the others stay as
+    /// they are. Every row comes back as it is now (the upsert always
+    /// updates, so that it returns and locks each: a row another member is
+    /// recording in an open transaction is seen once that one ends): its
+    /// own claim, handled, or another's claim.
+    const CLAIM: &str = "INSERT INTO steadfast_inbox AS i (grp, producer, seq, member, claimed_until)
+        SELECT $1, t.producer, t.seq, $2, now() + $5::bigint * interval '1 millisecond'
+        FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
+        ON CONFLICT (grp, producer, seq) DO UPDATE SET
+            member = CASE WHEN i.claimed_until IS NOT NULL AND (i.member = EXCLUDED.member OR i.claimed_until < now())
+                THEN EXCLUDED.member ELSE i.member END,
+            claimed_until = CASE WHEN i.claimed_until IS NOT NULL AND (i.member = EXCLUDED.member OR i.claimed_until < now())
+                THEN EXCLUDED.claimed_until ELSE i.claimed_until END
+        RETURNING i.producer, i.seq, i.member = $2 AND i.claimed_until IS NOT NULL, i.claimed_until IS NULL";
 
     impl GroupInbox {
         pub(crate) fn new(url: &str, group: &str, member: &str, claim: Duration) -> Result<Self, ConfigError> {
@@ -385,18 +438,50 @@ mod imp {
                 member: member.to_owned(),
                 claim_ms: claim.as_millis().min(i64::MAX as u128) as i64,
                 duplicates: AtomicI64::new(0),
+                round_trips: AtomicU64::new(0),
+                down: AtomicBool::new(false),
+                claiming: Together::default(),
+                recording: Together::default(),
                 client: Mutex::new(None),
+                claims: Mutex::new(None),
             })
         }
 
+        /// Notes whether the shared inbox answers; returns what was noted
+        /// before (for the dispatcher's log lines).
+        pub(crate) fn set_down(&self, down: bool) -> bool {
+            self.down.swap(down, Ordering::Relaxed)
+        }
+
+        /// Statements this member sent to the shared inbox so far (each
+        /// one round trip; the connection's setup not counted).
+        pub fn round_trips(&self) -> u64 {
+            self.round_trips.load(Ordering::Relaxed)
+        }
+
         /// The connection, opened (and the schema migrated) if there is
-        /// none or it broke.
-        async fn client(&self) -> Result<Arc<Client>, GroupError> {
-            let mut slot = self.client.lock().await;
-            if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+        /// none or it broke; counts the statement about to be sent.
+        async fn client(&self) -> Result<Conn, GroupError> {
+            self.connection(&self.client, &self.config, RECORD).await
+        }
+
+        /// The claims' connection, as [`Self::client`].
+        async fn claims_client(&self) -> Result<Conn, GroupError> {
+            let mut config = self.config.clone();
+            let options = config.get_options().map_or(String::new(), |o| format!("{o} "));
+            config.options(format!("{options}-c synchronous_commit=off"));
+            self.connection(&self.claims, &config, CLAIM).await
+        }
+
+        /// The connection in `slot` with `sql` prepared on it (parsed and
+        /// planned once, not at every use), opened if there is none.
+        async fn connection(&self, slot: &Mutex<Option<Conn>>, config: &Config, sql: &str) -> Result<Conn, GroupError> {
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
+            let mut slot = slot.lock().await;
+            if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
                 return Ok(c.clone());
             }
-            let (mut client, conn) = self.config.connect(NoTls).await.map_err(|e| err("connect", &self.url, e))?;
+            let (mut client, conn) = config.connect(NoTls).await.map_err(|e| err("connect", &self.url, e))?;
             let url = self.url.clone();
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
@@ -404,46 +489,94 @@ mod imp {
                 }
             });
             migrate(&mut client).await.map_err(|e| err("migrate the schema", &self.url, e))?;
+            let statement = client.prepare(sql).await.map_err(|e| err("prepare", &self.url, e))?;
             tracing::info!(inbox = %self.url, group = %self.group, member = %self.member, "shared inbox connected");
-            let client = Arc::new(client);
-            *slot = Some(client.clone());
-            Ok(client)
+            let conn = Conn { client: Arc::new(client), statement };
+            *slot = Some(conn.clone());
+            Ok(conn)
         }
 
         /// Claims each identity for this member (one round trip): its own
         /// now ([`Answer::New`]), handled by a member ([`Answer::Handled`]),
         /// or claimed by another ([`Answer::Elsewhere`]).
         pub(crate) async fn claim(&self, ids: &[(String, u64)]) -> Result<Vec<Answer>, GroupError> {
-            let client = self.client().await?;
+            let (tx, rx) = oneshot::channel();
+            self.claiming.queue.lock().unwrap_or_else(|e| e.into_inner()).push((ids.to_vec(), tx));
+            {
+                // Whoever gets the turn claims everything queued by then,
+                // in one statement (group commit): while one claim runs,
+                // the next batches gather.
+                let _turn = self.claiming.turn.lock().await;
+                let batch = std::mem::take(&mut *self.claiming.queue.lock().unwrap_or_else(|e| e.into_inner()));
+                if !batch.is_empty() {
+                    let all: Vec<(String, u64)> = batch.iter().flat_map(|(ids, _)| ids.iter().cloned()).collect();
+                    match self.claim_now(&all).await {
+                        Ok(answers) => {
+                            for (ids, tx) in batch {
+                                let mine = ids.iter().map(|k| answers.get(k).copied().unwrap_or(Answer::Elsewhere));
+                                let _ = tx.send(Ok(mine.collect()));
+                            }
+                        }
+                        Err(e) => {
+                            for (_, tx) in batch {
+                                let _ = tx.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+            }
+            rx.await.unwrap_or_else(|_| Err(GroupError("the claim was abandoned".into())))
+        }
+
+        /// One claim statement for `ids`: each one's answer.
+        async fn claim_now(&self, ids: &[(String, u64)]) -> Result<HashMap<(String, u64), Answer>, GroupError> {
+            let conn = self.claims_client().await?;
             let (producers, seqs) = columns(ids);
-            let rows = client
-                .query(CLAIM, &[&self.group, &self.member, &producers, &seqs, &self.claim_ms])
+            let rows = conn
+                .client
+                .query(&conn.statement, &[&self.group, &self.member, &producers, &seqs, &self.claim_ms])
                 .await
                 .map_err(|e| err("claim", &self.url, e))?;
-            let mut answers = std::collections::HashMap::with_capacity(rows.len());
+            let mut answers = HashMap::with_capacity(rows.len());
             for r in &rows {
                 let answer = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
                     (true, _) => Answer::New,
                     (false, true) => Answer::Handled,
-                    // Claimed by another member, or handled by one after
-                    // this statement began: asked again later.
+                    // Claimed by another member: asked again later.
                     (false, false) => Answer::Elsewhere,
                 };
-                answers.insert((r.get::<_, String>(0), r.get::<_, i64>(1)), answer);
+                answers.insert((r.get::<_, String>(0), r.get::<_, i64>(1) as u64), answer);
             }
-            Ok(ids
-                .iter()
-                .map(|(p, s)| answers.get(&(p.clone(), *s as i64)).copied().unwrap_or(Answer::Elsewhere))
-                .collect())
+            Ok(answers)
         }
 
         /// Records identities this member handled (one round trip), with
         /// the copies it removed since the last record.
         pub(crate) async fn record(&self, ids: &[(String, u64)]) -> Result<(), GroupError> {
-            let client = self.client().await?;
+            let (tx, rx) = oneshot::channel();
+            self.recording.queue.lock().unwrap_or_else(|e| e.into_inner()).push((ids.to_vec(), tx));
+            {
+                // Group commit, as for claims.
+                let _turn = self.recording.turn.lock().await;
+                let batch = std::mem::take(&mut *self.recording.queue.lock().unwrap_or_else(|e| e.into_inner()));
+                if !batch.is_empty() {
+                    let all: Vec<(String, u64)> = batch.iter().flat_map(|(ids, _)| ids.iter().cloned()).collect();
+                    let done = self.record_now(&all).await;
+                    for (_, tx) in batch {
+                        let _ = tx.send(done.clone());
+                    }
+                }
+            }
+            rx.await.unwrap_or_else(|_| Err(GroupError("the record was abandoned".into())))
+        }
+
+        /// One record statement for `ids`.
+        async fn record_now(&self, ids: &[(String, u64)]) -> Result<(), GroupError> {
+            let conn = self.client().await?;
             let (producers, seqs) = columns(ids);
             let dups = self.duplicates.swap(0, Ordering::Relaxed);
-            let done = client.execute(RECORD, &[&self.group, &self.member, &producers, &seqs, &dups]).await;
+            let done =
+                conn.client.execute(&conn.statement, &[&self.group, &self.member, &producers, &seqs, &dups]).await;
             if let Err(e) = done {
                 self.duplicates.fetch_add(dups, Ordering::Relaxed);
                 return Err(err("record", &self.url, e));
@@ -461,7 +594,7 @@ mod imp {
         /// and the oldest handled beyond the `keep` newest; returns how many
         /// went. Any member may do it: the statements are idempotent.
         pub(crate) async fn prune(&self, max_age: Duration, keep: u64) -> Result<u64, GroupError> {
-            let client = self.client().await?;
+            let client = self.client().await?.client;
             let age_ms = max_age.as_millis().min(i64::MAX as u128) as i64;
             let old = client
                 .execute(
@@ -494,7 +627,7 @@ mod imp {
             timeout: Duration,
             lookback: Duration,
         ) -> Result<Vec<(String, u64, u64)>, GroupError> {
-            let client = self.client().await?;
+            let client = self.client().await?.client;
             let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
             let rows = client
                 .query(
@@ -529,6 +662,7 @@ mod imp {
         ) -> Result<Vec<bool>, tokio_postgres::Error> {
             let pairs: Vec<(String, u64)> = ids.iter().map(|i| (i.producer.clone(), i.seq)).collect();
             let (producers, seqs) = columns(&pairs);
+            self.round_trips.fetch_add(1, Ordering::Relaxed);
             let rows = tx.query(RECORD, &[&self.group, &self.member, &producers, &seqs, &0i64]).await?;
             let new: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             Ok(pairs.iter().map(|(p, s)| new.contains(&(p.clone(), *s as i64))).collect())

@@ -205,6 +205,8 @@ pub struct Consumer {
     stop: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     handled: Arc<AtomicU64>,
+    /// A group member's shared inbox.
+    group: Option<Arc<GroupInbox>>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -303,7 +305,6 @@ impl Consumer {
             receipts: ReceiptBatcher::new(Default::default()),
             warned_receipts: false,
             group: group.clone(),
-            inbox_down: false,
             asks: Vec::new(),
         };
         if let Some(g) = &group_for_pruning {
@@ -320,6 +321,7 @@ impl Consumer {
             stop,
             tasks: std::sync::Mutex::new(tasks),
             handled,
+            group: group_for_pruning,
         };
         Ok(consumer)
     }
@@ -345,6 +347,12 @@ impl Consumer {
     /// receipts back to their producers with it).
     pub(crate) fn relayer(&self) -> Relayer {
         Relayer(self.cmds.clone())
+    }
+
+    /// A group member with a shared inbox: the statements it sent to
+    /// PostgreSQL so far (each one round trip).
+    pub fn shared_inbox_round_trips(&self) -> Option<u64> {
+        self.group.as_ref().map(|g| g.round_trips())
     }
 
     /// Deliveries acknowledged by this process so far.

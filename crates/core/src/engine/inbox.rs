@@ -10,7 +10,7 @@
 //! refusals, the outcome of each inbox record, and the clock. Outputs:
 //! [`DispatchOp`]s, pulled with [`Dispatch::poll_op`], and the next timer.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{Now, Timer};
@@ -161,6 +161,11 @@ pub struct Dispatch<P: Delivered> {
     /// Deliveries another group member holds a claim on, and when the
     /// inbox is asked about them again.
     reask: VecDeque<(Instant, P)>,
+    /// A group member: what it recorded lately, and when. The inbox's
+    /// answer for a copy may have been given before the record (claims are
+    /// asked while earlier ones are being handled): a `New` for one of
+    /// these is a copy of what was just handled.
+    recorded_lately: (VecDeque<(Instant, Identity)>, HashSet<Identity>),
     /// Failed records and when they are tried again.
     rerecord: VecDeque<(Instant, Batch<P::Token>)>,
     ops: VecDeque<DispatchOp<P, P::Token>>,
@@ -178,6 +183,7 @@ impl<P: Delivered> Dispatch<P> {
             recording: 0,
             redeliver: VecDeque::new(),
             reask: VecDeque::new(),
+            recorded_lately: (VecDeque::new(), HashSet::new()),
             rerecord: VecDeque::new(),
             ops: VecDeque::new(),
         }
@@ -220,7 +226,11 @@ impl<P: Delivered> Dispatch<P> {
                 self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: false });
                 continue;
             };
-            let answer = if fresh { Answer::New } else { answers.next().unwrap_or(Answer::New) };
+            let mut answer = if fresh { Answer::New } else { answers.next().unwrap_or(Answer::New) };
+            if answer == Answer::New && self.recorded_lately.1.contains(&id) {
+                // Claimed before this member's record of it went through.
+                answer = Answer::Handled;
+            }
             if answer == Answer::Elsewhere && !self.handling.contains_key(&id) {
                 self.reask.push_back((now.at + self.cfg.reask_after, p));
                 continue;
@@ -302,7 +312,13 @@ impl<P: Delivered> Dispatch<P> {
             return;
         }
         self.recording -= 1;
+        if self.cfg.shared {
+            self.forget_recorded(now.at);
+        }
         for (id, token) in batch {
+            if self.cfg.shared && self.recorded_lately.1.insert(id.clone()) {
+                self.recorded_lately.0.push_back((now.at, id.clone()));
+            }
             let (copies, receipt) = self.handling.remove(&id).unwrap_or_default();
             if !crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
                 self.ops.push_back(DispatchOp::AckBroker(token.clone()));
@@ -311,6 +327,17 @@ impl<P: Delivered> Dispatch<P> {
             if let Some(topic) = receipt {
                 self.ops.push_back(DispatchOp::Receipt { token, identity: id, topic });
             }
+        }
+    }
+
+    /// Forgets what was recorded longer ago than any answer can be late
+    /// (25 re-ask pauses, 5 s by default).
+    fn forget_recorded(&mut self, now: Instant) {
+        let keep = self.cfg.reask_after * 25;
+        let (order, set) = &mut self.recorded_lately;
+        while order.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) > keep) {
+            let (_, id) = order.pop_front().expect("front");
+            set.remove(&id);
         }
     }
 
@@ -482,6 +509,33 @@ mod tests {
             "{ops:?}"
         );
         assert!(!ops.iter().any(|op| matches!(op, DispatchOp::HandOver { delivery, .. } if delivery.id.seq == 1)));
+    }
+
+    /// A group member's claim for a copy may be answered after the first
+    /// copy was handled and recorded (claims are asked while earlier
+    /// deliveries are handled): a late `New` for what it just recorded is
+    /// a duplicate, not a second hand-over.
+    #[test]
+    fn a_late_answer_for_what_was_just_recorded_is_a_duplicate() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let shared = DispatchConfig { shared: true, ..config(false) };
+        let mut e: Dispatch<D> = Dispatch::new(shared, []);
+        e.handle_answers(vec![d(1, 1, None)], &[Answer::New], now);
+        let _: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        e.handle_acks([(1, Some(d(1, 0, None).id))]);
+        let batch = std::iter::from_fn(|| e.poll_op())
+            .find_map(|op| match op {
+                DispatchOp::Record(b) => Some(b),
+                _ => None,
+            })
+            .expect("a record");
+        e.handle_recorded(batch, true, now);
+        let _: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        // The copy through the other broker, claimed before the record.
+        e.handle_answers(vec![d(1, 2, None)], &[Answer::New], now);
+        let ops: Vec<_> = std::iter::from_fn(|| e.poll_op()).collect();
+        assert!(ops.contains(&DispatchOp::AckBroker(2)), "{ops:?}");
+        assert!(!ops.iter().any(|op| matches!(op, DispatchOp::HandOver { .. })), "{ops:?}");
     }
 
     /// A group member asks the shared inbox about every identity, even

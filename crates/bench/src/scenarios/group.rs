@@ -1,0 +1,120 @@
+//! `group`: a queued backlog drained by a consumer group of three members
+//! with the shared inbox on PostgreSQL, against one consumer with its
+//! SQLite inbox, same broker, same run. On 2 cores the group cannot scale
+//! out: the ratio is the cost of the shared inbox.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
+use steadfast_lab::Postgres;
+
+use super::consume::consume_once;
+use crate::clients::enqueue_all;
+use crate::measure::{bounded, broker, median, rate, state_dir, url, versus};
+use crate::{Args, BenchError, Scenario};
+
+/// Members of the group.
+const MEMBERS: usize = 3;
+
+/// Queues `a.messages` for the group `id` (its members registered
+/// first), then times how long the members take to handle them all;
+/// with the statements they sent to PostgreSQL.
+async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration, u64), BenchError> {
+    let dir = state_dir(a)?;
+    let topic = format!("bench/group/{id}");
+    let cfgs: Vec<ConsumerConfig> = (0..MEMBERS)
+        .map(|i| {
+            let client = ClientConfig::new(format!("{id}-m{i}"), url(port), dir.path().join(format!("m{i}")))
+                .max_inflight(a.inflight);
+            ConsumerConfig::new(client).topic(topic.clone(), Qos::AtLeastOnce).group(id).shared_inbox(pg)
+        })
+        .collect();
+    for c in &cfgs {
+        Consumer::register(c).await?;
+    }
+    let pcfg =
+        ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox")).max_inflight(a.inflight);
+    let (producer, _) = Client::open(pcfg).await?;
+    let payload = vec![b'g'; a.payload];
+    let queued = bounded("group: queueing", a.messages, async {
+        enqueue_all(&producer, a.messages, |_| Message::new(topic.clone(), payload.clone())).await?;
+        producer.wait_idle().await;
+        Ok(())
+    })
+    .await;
+    producer.close().await;
+    queued?;
+
+    let t0 = Instant::now();
+    let mut members = Vec::new();
+    for c in cfgs {
+        members.push(Arc::new(Consumer::open(c).await?.0));
+    }
+    let handled = Arc::new(AtomicUsize::new(0));
+    let n = a.messages;
+    let runs: Vec<_> = members
+        .iter()
+        .map(|m| {
+            let (m, handled) = (m.clone(), handled.clone());
+            tokio::spawn(async move {
+                while handled.load(Ordering::Relaxed) < n {
+                    if let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(50), m.next()).await {
+                        d.ack();
+                        handled.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    let limit = crate::measure::limit_for(n);
+    let all = async {
+        for r in runs {
+            let _ = r.await;
+        }
+    };
+    tokio::time::timeout(limit, all)
+        .await
+        .map_err(|_| BenchError::TimedOut { what: "group: the members handling the backlog".into(), limit })?;
+    let elapsed = t0.elapsed();
+    let trips = members.iter().map(|m| m.shared_inbox_round_trips().unwrap_or(0)).sum();
+    for m in members {
+        if let Ok(m) = Arc::try_unwrap(m) {
+            m.close().await;
+        }
+    }
+    Ok((elapsed, trips))
+}
+
+pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
+    let broker = broker(0).await?;
+    let pg = Postgres::start().await?;
+    let title = format!(
+        "{} QoS 1 messages of {} bytes queued, drained by a group of {MEMBERS} members with the shared inbox on PostgreSQL (its own server, loopback) and by one consumer with the SQLite inbox, receive maximum {}, {} runs, median",
+        a.messages, a.payload, a.inflight, a.runs
+    );
+    let (mut alone, mut grouped, mut trips) = (vec![], vec![], vec![]);
+    for run in 0..a.runs {
+        eprintln!("group: run {}/{}", run + 1, a.runs);
+        alone.push(rate(a.messages, consume_once(broker.port(), &a, &format!("alone-{run}"), true).await?));
+        let (elapsed, t) = group_once(broker.port(), &pg.url(), &a, &format!("group{run}")).await?;
+        grouped.push(rate(a.messages, elapsed));
+        trips.push(t as f64 * 1000.0 / a.messages as f64);
+    }
+    let trips = median(trips);
+    Ok(Scenario {
+        name: "group",
+        title,
+        ratio_to: "one consumer with the SQLite inbox, same run".into(),
+        rows: versus(
+            a.inflight,
+            ("one steadfast consumer, SQLite inbox", median(alone), None),
+            (&format!("a group of {MEMBERS} members, shared inbox on PostgreSQL"), median(grouped), None),
+        ),
+        latencies: vec![],
+        notes: vec![format!(
+            "PostgreSQL round trips per 1,000 messages: {trips:.1} (claims, records, upkeep; all members together)"
+        )],
+    })
+}

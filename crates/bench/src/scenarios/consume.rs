@@ -1,6 +1,7 @@
 //! `consume`: a queued backlog drained by a consumer with and without
 //! its durable inbox.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
@@ -16,18 +17,7 @@ pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> 
     let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
     let cfg = ConsumerConfig::new(client).topic(format!("bench/consume/{id}"), Qos::AtLeastOnce).inbox(inbox);
     Consumer::register(&cfg).await?;
-    let pcfg =
-        ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox")).max_inflight(a.inflight);
-    let (producer, _) = Client::open(pcfg).await?;
-    let payload = vec![b'c'; a.payload];
-    let queued = bounded("consume: queueing", a.messages, async {
-        enqueue_all(&producer, a.messages, |_| Message::new(format!("bench/consume/{id}"), payload.clone())).await?;
-        producer.wait_idle().await;
-        Ok(())
-    })
-    .await;
-    producer.close().await;
-    queued?;
+    queue(port, a, dir.path(), id, &format!("bench/consume/{id}")).await?;
     let t0 = Instant::now();
     let (consumer, _) = Consumer::open(cfg).await?;
     for _ in 0..a.messages {
@@ -41,6 +31,23 @@ pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> 
     let elapsed = t0.elapsed();
     consumer.close().await;
     Ok(elapsed)
+}
+
+/// Publishes `a.messages` to `topic` with a producer of its own (outbox
+/// in `dir`) and waits until the broker took them all: a backlog for the
+/// consumers registered before.
+pub(crate) async fn queue(port: u16, a: &Args, dir: &Path, id: &str, topic: &str) -> Result<(), BenchError> {
+    let pcfg = ClientConfig::new(format!("{id}-producer"), url(port), dir.join("outbox")).max_inflight(a.inflight);
+    let (producer, _) = Client::open(pcfg).await?;
+    let payload = vec![b'c'; a.payload];
+    let queued = bounded("queueing a backlog", a.messages, async {
+        enqueue_all(&producer, a.messages, |_| Message::new(topic, payload.clone())).await?;
+        producer.wait_idle().await;
+        Ok(())
+    })
+    .await;
+    producer.close().await;
+    queued
 }
 
 pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {

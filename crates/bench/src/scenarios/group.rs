@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
+use steadfast::{ClientConfig, Consumer, ConsumerConfig, Qos};
 use steadfast_lab::Postgres;
 
-use super::consume::consume_once;
-use crate::clients::enqueue_all;
-use crate::measure::{bounded, broker, median, rate, state_dir, url, versus};
+use super::consume::{consume_once, queue};
+use crate::measure::{broker, median, rate, state_dir, url, versus};
 use crate::{Args, BenchError, Scenario};
 
 /// Members of the group.
@@ -34,18 +33,7 @@ async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration
     for c in &cfgs {
         Consumer::register(c).await?;
     }
-    let pcfg =
-        ClientConfig::new(format!("{id}-producer"), url(port), dir.path().join("outbox")).max_inflight(a.inflight);
-    let (producer, _) = Client::open(pcfg).await?;
-    let payload = vec![b'g'; a.payload];
-    let queued = bounded("group: queueing", a.messages, async {
-        enqueue_all(&producer, a.messages, |_| Message::new(topic.clone(), payload.clone())).await?;
-        producer.wait_idle().await;
-        Ok(())
-    })
-    .await;
-    producer.close().await;
-    queued?;
+    queue(port, a, dir.path(), id, &topic).await?;
 
     let t0 = Instant::now();
     let mut members = Vec::new();

@@ -74,7 +74,8 @@ fn check_params(stmt: &Statement) -> Result<PayloadAs, String> {
 impl SqlSink {
     /// The statement for the database at `url` (the group's shared inbox).
     pub(crate) fn new(url: &str, statement: &str) -> Result<SqlSink, Failure> {
-        let config: Config = url.parse().map_err(|e| usage(format!("--inbox {url}: {e}")))?;
+        // The URL may hold a password: not repeated in the message.
+        let config: Config = url.parse().map_err(|e| usage(format!("--inbox: not a PostgreSQL URL: {e}")))?;
         if statement.trim().is_empty() {
             return Err(usage(
                 "--sql: the statement is empty; give one such as 'INSERT INTO readings (body) VALUES ($1)'".into(),

@@ -87,7 +87,8 @@ pub async fn run(a: StatusArgs) -> Result<(), Failure> {
     if let Some(path) = &a.bridge {
         return bridge(path, a.json).await;
     }
-    if let Some(url) = a.outbox.as_ref().and_then(|p| p.to_str()).filter(|s| s.starts_with("postgres")) {
+    let url = a.outbox.as_ref().and_then(|p| p.to_str());
+    if let Some(url) = url.filter(|s| s.starts_with("postgres://") || s.starts_with("postgresql://")) {
         return groups(url, a.group.as_deref(), a.json).await;
     }
     if a.group.is_some() {

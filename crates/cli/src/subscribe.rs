@@ -480,7 +480,11 @@ impl<'a> Receiving<'a> {
             if self.stopped_during(pause).await {
                 // Not acknowledged: they come again.
                 drop(batch);
-                return ControlFlow::Break(Ok(()));
+                let ran_out = self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+                return ControlFlow::Break(match self.count {
+                    Some(c) if ran_out => Err(self.short_of(c)),
+                    _ => Ok(()),
+                });
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }

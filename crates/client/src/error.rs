@@ -216,6 +216,9 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A shared inbox on a consumer that de-duplicates nothing.
+    #[error("a shared inbox de-duplicates across the group, and this consumer is told not to de-duplicate (inbox(false), --no-dedup): choose one")]
+    SharedInboxWithoutDedup,
     /// A claim that lasts no time.
     #[error("a group member's claim must last longer than 0 (--claim-for); it is how long a copy at another member waits, 60s by default")]
     ZeroClaim,

@@ -205,6 +205,9 @@ impl ConsumerConfig {
             if self.claim_for.is_zero() {
                 return Err(ConfigError::ZeroClaim);
             }
+            if !self.inbox {
+                return Err(ConfigError::SharedInboxWithoutDedup);
+            }
         }
         if self.inbox_max_bytes == Some(0) {
             return Err(ConfigError::ZeroInbox { unit: "bytes" });

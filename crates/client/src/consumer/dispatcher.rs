@@ -91,6 +91,10 @@ impl Dispatcher {
         // (so that each broker's deliveries keep their order), several at
         // once on the shared inbox's connection.
         let mut claims: FuturesOrdered<Claim> = FuturesOrdered::new();
+        // A group member renews its claims on what it handles still, three
+        // times per claim's length, so that a slow handler keeps them.
+        let mut renew = tokio::time::interval((self.cfg.claim_for / 3).max(Duration::from_millis(100)));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if !self.asks.is_empty() {
                 let items = std::mem::take(&mut self.asks);
@@ -137,9 +141,26 @@ impl Dispatcher {
                     let due = self.receipts.take_due(now.at, false);
                     self.send_receipts(due);
                 }
+                _ = renew.tick(), if self.group.is_some() => self.renew_claims(),
                 r = stop.changed() => if r.is_err() || *stop.borrow() { return },
             }
         }
+    }
+
+    /// Extends the claims on everything handed over and not yet recorded.
+    fn renew_claims(&self) {
+        let Some(group) = self.group.clone() else { return };
+        let ids: Vec<(String, u64)> = self.engine.handling().map(|i| (i.producer.clone(), i.seq)).collect();
+        if ids.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            // A renewal that fails is tried at the next tick; the claim
+            // itself lasts until then.
+            if let Err(e) = group.renew(&ids).await {
+                tracing::debug!(error = %e, "cannot renew the claims now");
+            }
+        });
     }
 
     /// Messages from the brokers, with the inbox's answer for those the
@@ -160,6 +181,12 @@ impl Dispatcher {
                     }
                     identity = Some(id);
                 }
+            }
+            if self.group.is_some() && identity.as_ref().is_some_and(|i| i.producer.contains('\0')) {
+                // PostgreSQL's text cannot hold it: handed over as a
+                // message without an identity (at least once), rather than
+                // stalling the member on a statement that always fails.
+                identity = None;
             }
             let warn = !self.cfg.inbox && !self.cfg.relay && msg.receipt.is_some();
             if warn && !std::mem::replace(&mut self.warned_receipts, true) {

@@ -57,6 +57,9 @@ mod imp {
         pub(crate) async fn record(&self, _ids: &[(String, u64)]) -> Result<(), GroupError> {
             match *self {}
         }
+        pub(crate) async fn renew(&self, _ids: &[(String, u64)]) -> Result<u64, GroupError> {
+            match *self {}
+        }
         pub(crate) async fn prune(&self, _max_age: Duration, _keep: u64) -> Result<u64, GroupError> {
             match *self {}
         }
@@ -151,16 +154,43 @@ mod imp {
     }
 
     /// Brings the schema to the newest version, one member at a time.
-    async fn migrate(client: &mut Client) -> Result<(), tokio_postgres::Error> {
-        let tx = client.transaction().await?;
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-        tx.batch_execute("CREATE TABLE IF NOT EXISTS steadfast_schema (version integer NOT NULL)").await?;
-        let have: i32 = tx.query_one("SELECT coalesce(max(version), 0) FROM steadfast_schema", &[]).await?.get(0);
-        for (i, step) in MIGRATIONS.iter().enumerate().skip(have.max(0) as usize) {
-            tx.batch_execute(step).await?;
-            tx.execute("INSERT INTO steadfast_schema (version) VALUES ($1)", &[&(i as i32 + 1)]).await?;
+    /// The schema version the database holds (`None`: no steadfast
+    /// tables yet). Two statements: a query naming a table that does not
+    /// exist fails as it is parsed.
+    async fn schema_version(client: &impl tokio_postgres::GenericClient) -> Result<Option<i32>, tokio_postgres::Error> {
+        let exists: bool = client.query_one("SELECT to_regclass('steadfast_schema') IS NOT NULL", &[]).await?.get(0);
+        if !exists {
+            return Ok(None);
         }
-        tx.commit().await
+        let v: i32 = client.query_one("SELECT coalesce(max(version), 0) FROM steadfast_schema", &[]).await?.get(0);
+        Ok(Some(v))
+    }
+
+    /// Brings the schema to the newest version, one member at a time; a
+    /// database already there is only read (a role without the right to
+    /// create tables can use it), and one newer than this steadfast is
+    /// refused.
+    async fn migrate(client: &mut Client) -> Result<(), GroupError> {
+        let db = |e: tokio_postgres::Error| GroupError(describe(&e));
+        let current = MIGRATIONS.len() as i32;
+        let have = schema_version(client).await.map_err(db)?.unwrap_or(0);
+        if have > current {
+            return Err(GroupError(format!(
+                "its steadfast tables are version {have}, newer than this steadfast's {current}: upgrade steadfast"
+            )));
+        }
+        if have == current {
+            return Ok(());
+        }
+        let tx = client.transaction().await.map_err(db)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS steadfast_schema (version integer NOT NULL)").await.map_err(db)?;
+        let have = schema_version(&tx).await.map_err(db)?.unwrap_or(0);
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(have.max(0) as usize) {
+            tx.batch_execute(step).await.map_err(db)?;
+            tx.execute("INSERT INTO steadfast_schema (version) VALUES ($1)", &[&(i as i32 + 1)]).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
     }
 
     /// One member of a group, as the shared inbox knows it.
@@ -238,15 +268,7 @@ mod imp {
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let version: Option<i32> = client
-            .query_one(
-                "SELECT CASE WHEN to_regclass('steadfast_schema') IS NULL THEN NULL
-                        ELSE (SELECT coalesce(max(version), 0) FROM steadfast_schema) END",
-                &[],
-            )
-            .await
-            .map_err(pg)?
-            .get(0);
+        let version = schema_version(&client).await.map_err(pg)?;
         let current = MIGRATIONS.len() as i32;
         match version {
             Some(v) if v >= current => {}
@@ -273,7 +295,7 @@ mod imp {
             .map_err(pg)?;
         let rows = client
             .query(
-                "SELECT grp, count(*) FILTER (WHERE claimed_until IS NULL), count(*) FILTER (WHERE claimed_until IS NOT NULL)
+                "SELECT grp, count(*) FILTER (WHERE claimed_until IS NULL), count(*) FILTER (WHERE claimed_until > now())
                  FROM steadfast_inbox WHERE $1::text IS NULL OR grp = $1 GROUP BY grp",
                 &[&group],
             )
@@ -400,11 +422,26 @@ mod imp {
             RETURNING i.producer, i.seq
         ), counted AS (
             INSERT INTO steadfast_members AS m (grp, member, handled, duplicates)
-            SELECT $1, $2, count(*), $5 FROM ins
+            SELECT $1, $2, (SELECT count(*) FROM ins) + (
+                -- Recorded by this member in its application's transaction
+                -- (`record_in`), which counts nothing itself.
+                SELECT count(*) FROM steadfast_inbox h
+                JOIN unnest($3::text[], $4::bigint[]) AS t(producer, seq) ON h.producer = t.producer AND h.seq = t.seq
+                WHERE h.grp = $1 AND h.member = $2 AND h.claimed_until IS NULL), $5
             ON CONFLICT (grp, member) DO UPDATE SET last_seen = now(), handled = m.handled + EXCLUDED.handled,
                 duplicates = m.duplicates + EXCLUDED.duplicates
         )
         SELECT producer, seq FROM ins";
+
+    /// [`RECORD`] inside the application's transaction: the rows only (the
+    /// member's counts are left to its own record after the ack, so that
+    /// the application's transaction locks nothing the member needs).
+    const RECORD_IN: &str = "INSERT INTO steadfast_inbox AS i (grp, producer, seq, member)
+        SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
+        ON CONFLICT (grp, producer, seq) DO UPDATE
+            SET member = EXCLUDED.member, claimed_until = NULL
+            WHERE i.claimed_until IS NOT NULL
+        RETURNING i.producer, i.seq";
 
     /// Claims `ids` for `member` for `$5` milliseconds: new ones, its own
     /// claims and claims that expired become its own; the others stay as
@@ -462,14 +499,22 @@ mod imp {
         /// The connection, opened (and the schema migrated) if there is
         /// none or it broke; counts the statement about to be sent.
         async fn client(&self) -> Result<Conn, GroupError> {
-            self.connection(&self.client, &self.config, RECORD).await
+            // Records gate the brokers' acks: synced, whatever the
+            // server's default.
+            let mut config = self.config.clone();
+            let options = config.get_options().map_or(String::new(), |o| format!("{o} "));
+            config.options(format!("{options}-c synchronous_commit=on"));
+            self.connection(&self.client, &config, RECORD).await
         }
 
         /// The claims' connection, as [`Self::client`].
         async fn claims_client(&self) -> Result<Conn, GroupError> {
             let mut config = self.config.clone();
             let options = config.get_options().map_or(String::new(), |o| format!("{o} "));
-            config.options(format!("{options}-c synchronous_commit=off"));
+            // A claim waits at most 2 s for a row another member holds in
+            // an open transaction (its `--sql` batch): then the batch's
+            // copies count as held elsewhere and are asked about again.
+            config.options(format!("{options}-c synchronous_commit=off -c lock_timeout=2000"));
             self.connection(&self.claims, &config, CLAIM).await
         }
 
@@ -488,7 +533,9 @@ mod imp {
                     tracing::warn!(inbox = %url, error = %e, "the connection to the shared inbox ended");
                 }
             });
-            migrate(&mut client).await.map_err(|e| err("migrate the schema", &self.url, e))?;
+            migrate(&mut client)
+                .await
+                .map_err(|e| GroupError(format!("shared inbox {}: the schema: {e}", self.url)))?;
             let statement = client.prepare(sql).await.map_err(|e| err("prepare", &self.url, e))?;
             tracing::info!(inbox = %self.url, group = %self.group, member = %self.member, "shared inbox connected");
             let conn = Conn { client: Arc::new(client), statement };
@@ -532,11 +579,19 @@ mod imp {
         async fn claim_now(&self, ids: &[(String, u64)]) -> Result<HashMap<(String, u64), Answer>, GroupError> {
             let conn = self.claims_client().await?;
             let (producers, seqs) = columns(ids);
-            let rows = conn
+            let done = conn
                 .client
                 .query(&conn.statement, &[&self.group, &self.member, &producers, &seqs, &self.claim_ms])
-                .await
-                .map_err(|e| err("claim", &self.url, e))?;
+                .await;
+            let rows = match done {
+                Ok(rows) => rows,
+                // lock_not_available: another member's open transaction
+                // holds one of the rows; nothing was claimed.
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                    return Ok(ids.iter().map(|k| (k.clone(), Answer::Elsewhere)).collect());
+                }
+                Err(e) => return Err(err("claim", &self.url, e)),
+            };
             let mut answers = HashMap::with_capacity(rows.len());
             for r in &rows {
                 let answer = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
@@ -584,6 +639,23 @@ mod imp {
             Ok(())
         }
 
+        /// Extends this member's claims on `ids` (messages it handles
+        /// still) by a whole claim's length from now.
+        pub(crate) async fn renew(&self, ids: &[(String, u64)]) -> Result<u64, GroupError> {
+            let conn = self.claims_client().await?;
+            let (producers, seqs) = columns(ids);
+            conn.client
+                .execute(
+                    "UPDATE steadfast_inbox AS i SET claimed_until = now() + $5::bigint * interval '1 millisecond'
+                     FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
+                     WHERE i.grp = $1 AND i.member = $2 AND i.claimed_until IS NOT NULL
+                       AND i.producer = t.producer AND i.seq = t.seq",
+                    &[&self.group, &self.member, &producers, &seqs, &self.claim_ms],
+                )
+                .await
+                .map_err(|e| err("renew claims", &self.url, e))
+        }
+
         /// Copies of handled messages this member removed (counted in the
         /// group with its next record).
         pub(crate) fn note_duplicates(&self, n: u64) {
@@ -610,6 +682,14 @@ mod imp {
                         SELECT handled_at FROM steadfast_inbox WHERE grp = $1 AND claimed_until IS NULL
                         ORDER BY handled_at DESC OFFSET $2 LIMIT 1)",
                     &[&self.group, &keep],
+                )
+                .await
+                .map_err(|e| err("prune", &self.url, e))?;
+            // What was reported as lost is kept as long as identities are.
+            client
+                .execute(
+                    "DELETE FROM steadfast_gaps WHERE grp = $1 AND reported_at < now() - $2::bigint * interval '1 millisecond'",
+                    &[&self.group, &age_ms],
                 )
                 .await
                 .map_err(|e| err("prune", &self.url, e))?;
@@ -663,7 +743,7 @@ mod imp {
             let pairs: Vec<(String, u64)> = ids.iter().map(|i| (i.producer.clone(), i.seq)).collect();
             let (producers, seqs) = columns(&pairs);
             self.round_trips.fetch_add(1, Ordering::Relaxed);
-            let rows = tx.query(RECORD, &[&self.group, &self.member, &producers, &seqs, &0i64]).await?;
+            let rows = tx.query(RECORD_IN, &[&self.group, &self.member, &producers, &seqs]).await?;
             let new: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
             Ok(pairs.iter().map(|(p, s)| new.contains(&(p.clone(), *s as i64))).collect())
         }

@@ -239,3 +239,42 @@ async fn a_gap_the_whole_group_lacks_is_reported_once() {
         m.close().await;
     }
 }
+
+/// A member that handles a message for longer than its claim lasts keeps
+/// the claim (renewed): the copy at another member waits and is dropped
+/// once the first member recorded it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_keeps_its_claim_and_the_copy_elsewhere_waits() {
+    let pg = Postgres::start().await;
+    let (a, b) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    let dir = tempfile::tempdir().unwrap();
+    let claim = Duration::from_millis(600);
+    let m1 = member("m1", "g5", &a.url(), &dir.path().join("m1"), &pg.url()).claim_for(claim);
+    let m2 = member("m2", "g5", &b.url(), &dir.path().join("m2"), &pg.url()).claim_for(claim);
+    Consumer::register(&m1).await.unwrap();
+    Consumer::register(&m2).await.unwrap();
+    let publish = |port: u16, payload: &str, id: &str| {
+        let out = std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "5", "-q", "1", "-t", "g/t", "-m", payload])
+            .args(["-D", "publish", "user-property", "steadfast-id", id])
+            .output()
+            .expect("mosquitto_pub");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    // The same message through both brokers, as fanout sends it.
+    publish(a.port(), "slow", "p/1");
+    publish(b.port(), "slow", "p/1");
+    let (c1, _) = Consumer::open(m1).await.unwrap();
+    let d = next(&c1).await;
+    let (c2, _) = Consumer::open(m2).await.unwrap();
+    // Handling takes more than three claim lengths.
+    let c2_first = tokio::time::timeout(claim * 3, c2.next()).await;
+    assert!(c2_first.is_err(), "the copy was handed over while m1 still handled it: {c2_first:?}");
+    d.ack();
+    publish(b.port(), "new", "p/2");
+    let first = next(&c2).await;
+    assert_eq!(first.payload(), b"new", "m2 dropped the copy once m1 recorded it");
+    first.ack();
+    c1.close().await;
+    c2.close().await;
+}

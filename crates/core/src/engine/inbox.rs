@@ -341,6 +341,13 @@ impl<P: Delivered> Dispatch<P> {
         }
     }
 
+    /// The identities handed over and not yet recorded (in the
+    /// application's hands, waiting to come again, or being recorded): a
+    /// group member renews its claims on them.
+    pub fn handling(&self) -> impl Iterator<Item = &Identity> {
+        self.handling.keys()
+    }
+
     /// Inbox records asked for and not yet written.
     pub fn recording(&self) -> usize {
         self.recording

@@ -128,6 +128,11 @@ mod imp {
             reporter text NOT NULL,
             reported_at timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (grp, producer, first)
+        );
+        CREATE TABLE steadfast_counts (
+            grp text COLLATE \"C\" NOT NULL,
+            member text COLLATE \"C\" NOT NULL,
+            handled bigint NOT NULL
         );",
     ];
 
@@ -287,8 +292,11 @@ mod imp {
         }
         let members = client
             .query(
-                "SELECT grp, member, extract(epoch FROM now() - last_seen)::float8, handled, duplicates
-                 FROM steadfast_members WHERE $1::text IS NULL OR grp = $1 ORDER BY grp, member",
+                "SELECT m.grp, m.member, extract(epoch FROM now() - m.last_seen)::float8,
+                    m.handled + coalesce((SELECT sum(c.handled) FROM steadfast_counts c
+                                          WHERE c.grp = m.grp AND c.member = m.member), 0)::bigint,
+                    m.duplicates
+                 FROM steadfast_members m WHERE $1::text IS NULL OR m.grp = $1 ORDER BY m.grp, m.member",
                 &[&group],
             )
             .await
@@ -422,26 +430,27 @@ mod imp {
             RETURNING i.producer, i.seq
         ), counted AS (
             INSERT INTO steadfast_members AS m (grp, member, handled, duplicates)
-            SELECT $1, $2, (SELECT count(*) FROM ins) + (
-                -- Recorded by this member in its application's transaction
-                -- (`record_in`), which counts nothing itself.
-                SELECT count(*) FROM steadfast_inbox h
-                JOIN unnest($3::text[], $4::bigint[]) AS t(producer, seq) ON h.producer = t.producer AND h.seq = t.seq
-                WHERE h.grp = $1 AND h.member = $2 AND h.claimed_until IS NULL), $5
+            SELECT $1, $2, count(*), $5 FROM ins
             ON CONFLICT (grp, member) DO UPDATE SET last_seen = now(), handled = m.handled + EXCLUDED.handled,
                 duplicates = m.duplicates + EXCLUDED.duplicates
         )
         SELECT producer, seq FROM ins";
 
-    /// [`RECORD`] inside the application's transaction: the rows only (the
-    /// member's counts are left to its own record after the ack, so that
-    /// the application's transaction locks nothing the member needs).
-    const RECORD_IN: &str = "INSERT INTO steadfast_inbox AS i (grp, producer, seq, member)
-        SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
-        ON CONFLICT (grp, producer, seq) DO UPDATE
-            SET member = EXCLUDED.member, claimed_until = NULL
-            WHERE i.claimed_until IS NOT NULL
-        RETURNING i.producer, i.seq";
+    /// [`RECORD`] inside the application's transaction. Its count goes
+    /// into a row of its own in `steadfast_counts` (appended, so that the
+    /// application's transaction locks nothing the member needs; the
+    /// members fold them into `steadfast_members` when they prune).
+    const RECORD_IN: &str = "WITH ins AS (
+            INSERT INTO steadfast_inbox AS i (grp, producer, seq, member)
+            SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
+            ON CONFLICT (grp, producer, seq) DO UPDATE
+                SET member = EXCLUDED.member, claimed_until = NULL
+                WHERE i.claimed_until IS NOT NULL
+            RETURNING i.producer, i.seq
+        ), counted AS (
+            INSERT INTO steadfast_counts (grp, member, handled) SELECT $1, $2, count(*) FROM ins
+        )
+        SELECT producer, seq FROM ins";
 
     /// Claims `ids` for `member` for `$5` milliseconds: new ones, its own
     /// claims and claims that expired become its own; the others stay as
@@ -682,6 +691,17 @@ mod imp {
                         SELECT handled_at FROM steadfast_inbox WHERE grp = $1 AND claimed_until IS NULL
                         ORDER BY handled_at DESC OFFSET $2 LIMIT 1)",
                     &[&self.group, &keep],
+                )
+                .await
+                .map_err(|e| err("prune", &self.url, e))?;
+            // Counts appended by `record_in` go into the members' rows.
+            client
+                .execute(
+                    "WITH folded AS (DELETE FROM steadfast_counts WHERE grp = $1 RETURNING member, handled)
+                     INSERT INTO steadfast_members AS m (grp, member, handled)
+                     SELECT $1, member, sum(handled)::bigint FROM folded GROUP BY member
+                     ON CONFLICT (grp, member) DO UPDATE SET handled = m.handled + EXCLUDED.handled",
+                    &[&self.group],
                 )
                 .await
                 .map_err(|e| err("prune", &self.url, e))?;

@@ -355,6 +355,38 @@ mod imp {
 
     type Waiting<T> = (Vec<(String, u64)>, oneshot::Sender<Result<T, GroupError>>);
 
+    impl<T> Together<T> {
+        /// Queues `ids`; whoever gets the turn runs `statement` once for
+        /// everything queued by then (group commit: while one statement
+        /// runs, the next requests gather) and hands each request its
+        /// part of the outcome (`share`).
+        async fn join<O, Fut>(
+            &self,
+            ids: &[(String, u64)],
+            what: &str,
+            statement: impl FnOnce(Vec<(String, u64)>) -> Fut,
+            share: impl Fn(&Result<O, GroupError>, &[(String, u64)]) -> Result<T, GroupError>,
+        ) -> Result<T, GroupError>
+        where
+            Fut: std::future::Future<Output = Result<O, GroupError>>,
+        {
+            let (tx, rx) = oneshot::channel();
+            self.queue.lock().unwrap_or_else(|e| e.into_inner()).push((ids.to_vec(), tx));
+            {
+                let _turn = self.turn.lock().await;
+                let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+                if !batch.is_empty() {
+                    let all: Vec<(String, u64)> = batch.iter().flat_map(|(ids, _)| ids.iter().cloned()).collect();
+                    let done = statement(all).await;
+                    for (ids, tx) in batch {
+                        let _ = tx.send(share(&done, &ids));
+                    }
+                }
+            }
+            rx.await.unwrap_or_else(|_| Err(GroupError(format!("the {what} was abandoned"))))
+        }
+    }
+
     impl<T> Default for Together<T> {
         fn default() -> Self {
             Together { queue: std::sync::Mutex::new(Vec::new()), turn: Mutex::new(()) }
@@ -556,32 +588,11 @@ mod imp {
         /// now ([`Answer::New`]), handled by a member ([`Answer::Handled`]),
         /// or claimed by another ([`Answer::Elsewhere`]).
         pub(crate) async fn claim(&self, ids: &[(String, u64)]) -> Result<Vec<Answer>, GroupError> {
-            let (tx, rx) = oneshot::channel();
-            self.claiming.queue.lock().unwrap_or_else(|e| e.into_inner()).push((ids.to_vec(), tx));
-            {
-                // Whoever gets the turn claims everything queued by then,
-                // in one statement (group commit): while one claim runs,
-                // the next batches gather.
-                let _turn = self.claiming.turn.lock().await;
-                let batch = std::mem::take(&mut *self.claiming.queue.lock().unwrap_or_else(|e| e.into_inner()));
-                if !batch.is_empty() {
-                    let all: Vec<(String, u64)> = batch.iter().flat_map(|(ids, _)| ids.iter().cloned()).collect();
-                    match self.claim_now(&all).await {
-                        Ok(answers) => {
-                            for (ids, tx) in batch {
-                                let mine = ids.iter().map(|k| answers.get(k).copied().unwrap_or(Answer::Elsewhere));
-                                let _ = tx.send(Ok(mine.collect()));
-                            }
-                        }
-                        Err(e) => {
-                            for (_, tx) in batch {
-                                let _ = tx.send(Err(e.clone()));
-                            }
-                        }
-                    }
-                }
-            }
-            rx.await.unwrap_or_else(|_| Err(GroupError("the claim was abandoned".into())))
+            let share = |done: &Result<HashMap<(String, u64), Answer>, GroupError>, ids: &[(String, u64)]| {
+                let answers = done.as_ref().map_err(Clone::clone)?;
+                Ok(ids.iter().map(|k| answers.get(k).copied().unwrap_or(Answer::Elsewhere)).collect())
+            };
+            self.claiming.join(ids, "claim", |all| async move { self.claim_now(&all).await }, share).await
         }
 
         /// One claim statement for `ids`: each one's answer.
@@ -617,21 +628,8 @@ mod imp {
         /// Records identities this member handled (one round trip), with
         /// the copies it removed since the last record.
         pub(crate) async fn record(&self, ids: &[(String, u64)]) -> Result<(), GroupError> {
-            let (tx, rx) = oneshot::channel();
-            self.recording.queue.lock().unwrap_or_else(|e| e.into_inner()).push((ids.to_vec(), tx));
-            {
-                // Group commit, as for claims.
-                let _turn = self.recording.turn.lock().await;
-                let batch = std::mem::take(&mut *self.recording.queue.lock().unwrap_or_else(|e| e.into_inner()));
-                if !batch.is_empty() {
-                    let all: Vec<(String, u64)> = batch.iter().flat_map(|(ids, _)| ids.iter().cloned()).collect();
-                    let done = self.record_now(&all).await;
-                    for (_, tx) in batch {
-                        let _ = tx.send(done.clone());
-                    }
-                }
-            }
-            rx.await.unwrap_or_else(|_| Err(GroupError("the record was abandoned".into())))
+            let share = |done: &Result<(), GroupError>, _: &[(String, u64)]| done.clone();
+            self.recording.join(ids, "record", |all| async move { self.record_now(&all).await }, share).await
         }
 
         /// One record statement for `ids`.

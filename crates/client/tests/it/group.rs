@@ -15,6 +15,18 @@ fn member(id: &str, group: &str, url: &str, dir: &std::path::Path, inbox: &str) 
     ConsumerConfig::new(client).topic("g/#", Qos::AtLeastOnce).group(group).shared_inbox(inbox)
 }
 
+/// Publishes `payload` on `g/t` at the broker on `port` with the identity
+/// `id` (`producer/seq`), as a steadfast producer would (`mosquitto_pub`,
+/// MQTT 5): copies and gaps made to order.
+fn publish_as(port: u16, payload: &str, id: &str) {
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "5", "-q", "1", "-t", "g/t", "-m", payload])
+        .args(["-D", "publish", "user-property", "steadfast-id", id])
+        .output()
+        .expect("mosquitto_pub");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 async fn next(c: &Consumer) -> Received {
     tokio::time::timeout(Duration::from_secs(20), c.next()).await.expect("a delivery within 20 s").expect("open")
 }
@@ -100,16 +112,8 @@ async fn a_copy_another_member_handled_is_not_handed_over() {
 
     // The same identity through broker b (as a fanout copy would come),
     // then a new message.
-    let publish = |payload: &str, id: String| {
-        let out = std::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &b.port().to_string(), "-V", "5", "-q", "1", "-t", "g/t", "-m", payload])
-            .args(["-D", "publish", "user-property", "steadfast-id", &id])
-            .output()
-            .expect("mosquitto_pub");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
-    publish("once", id.to_property_value());
-    publish("new", format!("{}/{}", id.producer, id.seq + 1));
+    publish_as(b.port(), "once", &id.to_property_value());
+    publish_as(b.port(), "new", &format!("{}/{}", id.producer, id.seq + 1));
     let (c2, _) = Consumer::open(m2).await.unwrap();
     let d = next(&c2).await;
     assert_eq!(d.payload(), b"new", "the copy m1 handled was not handed over to m2");
@@ -186,12 +190,7 @@ async fn a_gap_the_whole_group_lacks_is_reported_once() {
     let mut events: Vec<_> = members.iter().map(|m| m.events()).collect();
     // p/1 to p/8 without p/5: round robin gives each member every other one.
     for seq in (1..=8).filter(|s| *s != 5) {
-        let out = std::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string(), "-V", "5", "-q", "1", "-t", "g/t"])
-            .args(["-m", &format!("m-{seq}"), "-D", "publish", "user-property", "steadfast-id", &format!("p/{seq}")])
-            .output()
-            .expect("mosquitto_pub");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        publish_as(broker.port(), &format!("m-{seq}"), &format!("p/{seq}"));
     }
     let mut handled = 0;
     while handled < 7 {
@@ -253,17 +252,9 @@ async fn a_slow_handler_keeps_its_claim_and_the_copy_elsewhere_waits() {
     let m2 = member("m2", "g5", &b.url(), &dir.path().join("m2"), &pg.url()).claim_for(claim);
     Consumer::register(&m1).await.unwrap();
     Consumer::register(&m2).await.unwrap();
-    let publish = |port: u16, payload: &str, id: &str| {
-        let out = std::process::Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "5", "-q", "1", "-t", "g/t", "-m", payload])
-            .args(["-D", "publish", "user-property", "steadfast-id", id])
-            .output()
-            .expect("mosquitto_pub");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    };
     // The same message through both brokers, as fanout sends it.
-    publish(a.port(), "slow", "p/1");
-    publish(b.port(), "slow", "p/1");
+    publish_as(a.port(), "slow", "p/1");
+    publish_as(b.port(), "slow", "p/1");
     let (c1, _) = Consumer::open(m1).await.unwrap();
     let d = next(&c1).await;
     let (c2, _) = Consumer::open(m2).await.unwrap();
@@ -271,7 +262,7 @@ async fn a_slow_handler_keeps_its_claim_and_the_copy_elsewhere_waits() {
     let c2_first = tokio::time::timeout(claim * 3, c2.next()).await;
     assert!(c2_first.is_err(), "the copy was handed over while m1 still handled it: {c2_first:?}");
     d.ack();
-    publish(b.port(), "new", "p/2");
+    publish_as(b.port(), "new", "p/2");
     let first = next(&c2).await;
     assert_eq!(first.payload(), b"new", "m2 dropped the copy once m1 recorded it");
     first.ack();

@@ -10,7 +10,7 @@
 
 use anyhow::anyhow;
 use steadfast::tokio_postgres::types::{ToSql, Type};
-use steadfast::tokio_postgres::{Client, Config, Error, NoTls, Statement};
+use steadfast::tokio_postgres::{Client, Error, Statement};
 use steadfast::Received;
 
 use crate::Failure;
@@ -25,13 +25,25 @@ enum PayloadAs {
 /// The statement and its connection (opened on first use and again after
 /// it broke).
 pub(crate) struct SqlSink {
-    config: Config,
+    url: String,
     statement: String,
     conn: Option<(Client, Statement, PayloadAs)>,
 }
 
 /// Why a batch was not written: it is tried again.
-pub(crate) struct WriteError(pub(crate) String);
+pub(crate) struct WriteError {
+    pub(crate) message: String,
+    /// The database (or the parameters' binding) refused a message's
+    /// row, rather than the connection failing: written one at a time,
+    /// the others may go.
+    pub(crate) refused: bool,
+}
+
+impl WriteError {
+    fn down(message: impl ToString) -> WriteError {
+        WriteError { message: message.to_string(), refused: false }
+    }
+}
 
 fn usage(msg: String) -> Failure {
     Failure::usage(anyhow!(msg))
@@ -74,14 +86,12 @@ fn check_params(stmt: &Statement) -> Result<PayloadAs, String> {
 impl SqlSink {
     /// The statement for the database at `url` (the group's shared inbox).
     pub(crate) fn new(url: &str, statement: &str) -> Result<SqlSink, Failure> {
-        // The URL may hold a password: not repeated in the message.
-        let config: Config = url.parse().map_err(|e| usage(format!("--inbox: not a PostgreSQL URL: {e}")))?;
         if statement.trim().is_empty() {
             return Err(usage(
                 "--sql: the statement is empty; give one such as 'INSERT INTO readings (body) VALUES ($1)'".into(),
             ));
         }
-        Ok(SqlSink { config, statement: statement.to_owned(), conn: None })
+        Ok(SqlSink { url: url.to_owned(), statement: statement.to_owned(), conn: None })
     }
 
     /// Prepares the statement now, so that a mistake in it ends the run
@@ -103,10 +113,10 @@ impl SqlSink {
             self.conn = None;
         }
         if self.conn.is_none() {
-            let (client, conn) = self.config.connect(NoTls).await.map_err(|e| Prepare::Connection(e.to_string()))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            // The shared inbox's own way in (TLS included); its URL was
+            // checked with the consumer's configuration.
+            let client =
+                steadfast::connect_postgres(&self.url).await.map_err(|e| Prepare::Connection(e.to_string()))?;
             let stmt = client.prepare(&self.statement).await.map_err(|e| match e.as_db_error() {
                 Some(db) => Prepare::Statement(format!("--sql: {}", db.message())),
                 None => Prepare::Connection(e.to_string()),
@@ -121,14 +131,19 @@ impl SqlSink {
     /// Records the batch in the shared inbox and runs the statement for
     /// each message no member recorded before, in one transaction.
     pub(crate) async fn write(&mut self, batch: &[Received]) -> Result<(), WriteError> {
-        let (client, stmt, payload) = self.ready().await.map_err(|e| WriteError(e.to_string()))?;
-        let failed = |e: Error| WriteError(e.to_string());
+        let (client, stmt, payload) = self.ready().await.map_err(WriteError::down)?;
+        let failed = |e: Error| match e.as_db_error() {
+            Some(db) => WriteError { refused: true, message: format!("{} ({})", db.message(), db.code().code()) },
+            None => WriteError::down(e),
+        };
         let tx = client.transaction().await.map_err(failed)?;
         let refs: Vec<&Received> = batch.iter().collect();
-        let new = Received::record_all_in(&tx, &refs).await.map_err(|e| WriteError(e.to_string()))?;
+        let new = Received::record_all_in(&tx, &refs).await.map_err(WriteError::down)?;
         let mut rows = Vec::new();
         for (d, _) in batch.iter().zip(&new).filter(|(_, new)| **new) {
-            rows.push(params(d, payload, stmt.params().len()).map_err(WriteError)?);
+            rows.push(
+                params(d, payload, stmt.params().len()).map_err(|message| WriteError { message, refused: true })?,
+            );
         }
         // Sent together: one round trip for the batch, not one per message.
         let runs = rows.iter().map(|p| {

@@ -459,27 +459,59 @@ impl<'a> Receiving<'a> {
 
     /// `--sql`: what is ready now (`first` and up to 255 more) is written
     /// in one transaction with its shared inbox records, then
-    /// acknowledged. A failed write (the database down, a row refused) is
-    /// tried again with a growing pause, before any later message;
-    /// meanwhile nothing is acknowledged and the brokers keep the rest.
+    /// acknowledged. A batch whose row the database refuses is written
+    /// again one message at a time, in order, so that the message it
+    /// refuses is named and the ones before it go. A failed write (the
+    /// database down, a row refused) is tried again with a growing pause,
+    /// before any later message; meanwhile nothing is acknowledged and the
+    /// brokers keep the rest.
     async fn sql(&mut self, sink: &mut SqlSink, first: Received) -> Step {
         let batch = self.ready_batch(first, 256);
+        let parts: Vec<Vec<Received>> = match sink.write(&batch).await {
+            Ok(()) => return self.written(batch),
+            Err(e) if e.refused && batch.len() > 1 => {
+                tracing::warn!(error = %e.message, messages = batch.len(), "--sql: the database refused a row of this batch; writing its messages one at a time");
+                batch.into_iter().map(|d| vec![d]).collect()
+            }
+            Err(_) => vec![batch],
+        };
+        for part in parts {
+            self.sql_until_written(sink, &part).await?;
+            self.written(part)?;
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Acknowledges what `--sql` wrote.
+    fn written(&mut self, batch: Vec<Received>) -> Step {
+        self.handled += batch.len() as u64;
+        for d in batch {
+            d.ack();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Writes `batch` until it is written, with a growing pause; breaks
+    /// when the run stops meanwhile (nothing acknowledged: it comes again).
+    async fn sql_until_written(&mut self, sink: &mut SqlSink, batch: &[Received]) -> Step {
         let mut pause = Duration::from_millis(200);
         let mut failing = false;
         loop {
-            match sink.write(&batch).await {
+            match sink.write(batch).await {
                 Ok(()) => break,
-                Err(e) => {
-                    if !std::mem::replace(&mut failing, true) {
-                        tracing::error!(error = %e.0, messages = batch.len(), "--sql: cannot write; not acknowledged, trying again");
-                    } else {
-                        tracing::debug!(error = %e.0, "--sql: still cannot write");
+                Err(e) if !std::mem::replace(&mut failing, true) => match batch {
+                    [d] if e.refused => {
+                        let id = d.identity().map_or_else(|| "-".to_owned(), |i| i.to_property_value());
+                        tracing::error!(error = %e.message, topic = d.topic(), identity = %id, "--sql: the database refuses this message; not acknowledged, trying it again before any later one (change the statement or the table to take it)");
                     }
-                }
+                    _ => {
+                        tracing::error!(error = %e.message, messages = batch.len(), "--sql: cannot write; not acknowledged, trying again");
+                    }
+                },
+                Err(e) => tracing::debug!(error = %e.message, "--sql: still cannot write"),
             }
             if self.stopped_during(pause).await {
                 // Not acknowledged: they come again.
-                drop(batch);
                 let ran_out = self.deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
                 return ControlFlow::Break(match self.count {
                     Some(c) if ran_out => Err(self.short_of(c)),
@@ -490,10 +522,6 @@ impl<'a> Receiving<'a> {
         }
         if failing {
             tracing::warn!("--sql: writing again");
-        }
-        self.handled += batch.len() as u64;
-        for d in batch {
-            d.ack();
         }
         ControlFlow::Continue(())
     }

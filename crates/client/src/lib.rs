@@ -39,8 +39,10 @@ mod transport;
 pub use client::{BrokerStatus, Client, Event, LinkState, Message, QueuedMessage, Receipt, ReceiptStatus, Status};
 pub use config::{AckQuorum, BrokerSet, BrokerUrl, ClientConfig, Mode, OtherSets, ProtocolVersion};
 #[cfg(feature = "postgres")]
-pub use consumer::{group_status, GroupStatus, GroupStatusError, MemberStatus, RecordInError};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, GroupInbox, Received};
+pub use consumer::{connect_postgres, group_status, GroupStatus, GroupStatusError, MemberStatus, RecordInError};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerMetrics, ConsumerStats, GroupInbox, Received, SharedInboxStats, StatementStats,
+};
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};
 pub use steadfast_core::{

@@ -95,6 +95,9 @@ pub struct TlsConfig {
     client_cert: Option<(PathBuf, PathBuf)>,
     insecure: bool,
     alpn: Vec<String>,
+    /// Verify the chain but not the name (PostgreSQL's
+    /// `sslmode=verify-ca`).
+    any_name: bool,
 }
 
 impl TlsConfig {
@@ -133,6 +136,13 @@ impl TlsConfig {
         self.insecure
     }
 
+    /// Verify the certificate chain but accept any name in it.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn any_name(mut self, on: bool) -> Self {
+        self.any_name = on;
+        self
+    }
+
     /// The rustls configuration, reading the files now.
     pub(crate) fn rustls(&self) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -141,6 +151,11 @@ impl TlsConfig {
             .map_err(|e| ConfigError::TlsProtocols(e.to_string()))?;
         let builder = if self.insecure {
             builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+        } else if self.any_name {
+            let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider)
+                .build()
+                .map_err(|e| ConfigError::TlsProtocols(e.to_string()))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName(chain)))
         } else {
             builder.with_root_certificates(self.roots()?)
         };
@@ -240,6 +255,48 @@ impl rustls::client::danger::ServerCertVerifier for NoVerification {
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// [`TlsConfig::any_name`]: the chain verified as usual, any name accepted.
+#[derive(Debug)]
+struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
+        match self.0.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_verify_schemes()
     }
 }
 

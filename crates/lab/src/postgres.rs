@@ -21,6 +21,8 @@ pub struct Postgres {
     child: Option<Child>,
     /// The unprivileged user it runs as (uid, gid), when this runs as root.
     user: Option<(u32, u32)>,
+    /// Clients must use TLS ([`Postgres::start_tls`]).
+    tls: bool,
 }
 
 /// Where Debian's PostgreSQL programs are (`initdb`, `postgres`): the
@@ -58,6 +60,54 @@ fn failed(what: &'static str, detail: impl Into<String>) -> LabError {
 impl Postgres {
     /// A fresh cluster, started and accepting connections.
     pub async fn start() -> Result<Postgres, LabError> {
+        let mut pg = Postgres::init().await?;
+        pg.spawn().await?;
+        Ok(pg)
+    }
+
+    /// A fresh cluster that accepts TCP clients over TLS only, presenting
+    /// the certificate `cert` with its key `key` (PEM); with `client_ca`,
+    /// clients must present a certificate signed by that CA.
+    pub async fn start_tls(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Postgres, LabError> {
+        let mut pg = Postgres::init().await?;
+        let data = pg.dir.path().join("data");
+        // PostgreSQL reads its key only if the server's user alone can.
+        for (from, to) in
+            [(cert, "server.crt"), (key, "server.key")].into_iter().chain(client_ca.map(|c| (c, "ca.crt")))
+        {
+            let to = data.join(to);
+            std::fs::copy(from, &to).map_err(LabError::io(from))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).map_err(LabError::io(&to))?;
+            if let Some((uid, gid)) = pg.user {
+                std::os::unix::fs::chown(&to, Some(uid), Some(gid)).map_err(LabError::io(&to))?;
+            }
+        }
+        let mut conf = "\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n".to_owned();
+        let mut ssl_line = "hostssl all all 127.0.0.1/32 trust".to_owned();
+        if client_ca.is_some() {
+            conf.push_str("ssl_ca_file = 'ca.crt'\n");
+            ssl_line.push_str(" clientcert=verify-ca");
+        }
+        let append = |name: &str, text: &str| {
+            use std::io::Write;
+            let path = data.join(name);
+            let mut f = std::fs::OpenOptions::new().append(true).open(&path).map_err(LabError::io(&path))?;
+            f.write_all(text.as_bytes()).map_err(LabError::io(&path))
+        };
+        append("postgresql.conf", &conf)?;
+        // The readiness probe (plain) asks for template1; every other
+        // database wants TLS.
+        let hba = format!("local all all trust\nhostnossl template1 all 127.0.0.1/32 trust\n{ssl_line}\n");
+        let hba_path = data.join("pg_hba.conf");
+        std::fs::write(&hba_path, hba).map_err(LabError::io(&hba_path))?;
+        pg.tls = true;
+        pg.spawn().await?;
+        Ok(pg)
+    }
+
+    /// A fresh cluster (`initdb`), not started.
+    async fn init() -> Result<Postgres, LabError> {
         if !have_postgres() {
             return Err(LabError::NoPostgres);
         }
@@ -80,9 +130,7 @@ impl Postgres {
         if !out.status.success() {
             return Err(failed("initdb", String::from_utf8_lossy(&out.stderr).trim()));
         }
-        let mut pg = Postgres { dir, port: crate::free_port()?, child: None, user };
-        pg.spawn().await?;
-        Ok(pg)
+        Ok(Postgres { dir, port: crate::free_port()?, child: None, user, tls: false })
     }
 
     /// The URL clients connect with (user `steadfast`, database
@@ -153,10 +201,12 @@ impl Postgres {
     async fn accepts(&self) -> bool {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
-        // StartupMessage: protocol 3.0, user steadfast, database postgres.
+        // StartupMessage: protocol 3.0, user steadfast, database postgres
+        // (template1 when others want TLS).
         let mut body = Vec::new();
         body.extend_from_slice(&196608u32.to_be_bytes());
-        for kv in ["user", "steadfast", "database", "postgres", ""] {
+        let db = if self.tls { "template1" } else { "postgres" };
+        for kv in ["user", "steadfast", "database", db, ""] {
             body.extend_from_slice(kv.as_bytes());
             body.push(0);
         }

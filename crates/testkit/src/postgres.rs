@@ -16,6 +16,16 @@ impl Postgres {
         Postgres(steadfast_lab::Postgres::start().await.unwrap_or_else(|e| panic!("{e}")))
     }
 
+    /// A fresh cluster that takes TCP clients over TLS only
+    /// ([`steadfast_lab::Postgres::start_tls`]).
+    pub async fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Postgres {
+        Postgres(steadfast_lab::Postgres::start_tls(cert, key, client_ca).await.unwrap_or_else(|e| panic!("{e}")))
+    }
+
     /// Starts the server again after [`steadfast_lab::Postgres::kill9`].
     pub async fn spawn(&mut self) {
         self.0.spawn().await.unwrap_or_else(|e| panic!("{e}"));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use steadfast::{ClientConfig, Consumer, ConsumerConfig, Qos};
+use steadfast::{ClientConfig, Consumer, ConsumerConfig, Qos, SharedInboxStats, StatementStats};
 use steadfast_lab::Postgres;
 
 use super::consume::{consume_once, queue};
@@ -20,7 +20,7 @@ const MEMBERS: usize = 3;
 /// Queues `a.messages` for the group `id` (its members registered
 /// first), then times how long the members take to handle them all;
 /// with the statements they sent to PostgreSQL.
-async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration, u64), BenchError> {
+async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration, SharedInboxStats), BenchError> {
     let dir = state_dir(a)?;
     let topic = format!("bench/group/{id}");
     let cfgs: Vec<ConsumerConfig> = (0..MEMBERS)
@@ -66,13 +66,16 @@ async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration
         .await
         .map_err(|_| BenchError::TimedOut { what: "group: the members handling the backlog".into(), limit })?;
     let elapsed = t0.elapsed();
-    let trips = members.iter().map(|m| m.shared_inbox_round_trips().unwrap_or(0)).sum();
+    let mut stats = SharedInboxStats::default();
+    for m in &members {
+        stats.add(&m.shared_inbox_stats().unwrap_or_default());
+    }
     for m in members {
         if let Ok(m) = Arc::try_unwrap(m) {
             m.close().await;
         }
     }
-    Ok((elapsed, trips))
+    Ok((elapsed, stats))
 }
 
 pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
@@ -82,13 +85,14 @@ pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
         "{} QoS 1 messages of {} bytes queued, drained by a group of {MEMBERS} members with the shared inbox on PostgreSQL (its own server, loopback) and by one consumer with the SQLite inbox, receive maximum {}, {} runs, median",
         a.messages, a.payload, a.inflight, a.runs
     );
-    let (mut alone, mut grouped, mut trips) = (vec![], vec![], vec![]);
+    let (mut alone, mut grouped, mut trips, mut stages) = (vec![], vec![], vec![], SharedInboxStats::default());
     for run in 0..a.runs {
         eprintln!("group: run {}/{}", run + 1, a.runs);
         alone.push(rate(a.messages, consume_once(broker.port(), &a, &format!("alone-{run}"), true).await?));
-        let (elapsed, t) = group_once(broker.port(), &pg.url(), &a, &format!("group{run}")).await?;
+        let (elapsed, s) = group_once(broker.port(), &pg.url(), &a, &format!("group{run}")).await?;
         grouped.push(rate(a.messages, elapsed));
-        trips.push(t as f64 * 1000.0 / a.messages as f64);
+        trips.push(s.round_trips as f64 * 1000.0 / a.messages as f64);
+        stages.add(&s);
     }
     let trips = median(trips);
     Ok(Scenario {
@@ -101,8 +105,23 @@ pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
             (&format!("a group of {MEMBERS} members, shared inbox on PostgreSQL"), median(grouped), None),
         ),
         latencies: vec![],
-        notes: vec![format!(
-            "PostgreSQL round trips per 1,000 messages: {trips:.1} (claims, records, upkeep; all members together)"
-        )],
+        notes: vec![
+            format!(
+                "PostgreSQL round trips per 1,000 messages: {trips:.1} (claims, records, upkeep; all members together)"
+            ),
+            stage("claims (before hand-over)", &stages.claims),
+            stage("records (after the application's ack, before the broker's)", &stages.records),
+        ],
     })
+}
+
+/// One stage's line: statements, identities per statement, mean time,
+/// over all runs and members.
+fn stage(what: &str, s: &StatementStats) -> String {
+    format!(
+        "{what}: {} statements, {:.0} identities each, {:.2} ms each on average",
+        s.statements,
+        s.mean_identities(),
+        s.mean_time().as_secs_f64() * 1000.0
+    )
 }

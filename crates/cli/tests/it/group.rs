@@ -276,6 +276,53 @@ async fn printing_members_print_each_message_once_between_them() {
     assert_eq!((total, printed.len()), (N, N), "lines printed, distinct");
 }
 
+/// A message whose row the database refuses (a CHECK here) stops
+/// `--sql` at that message, in order: the messages before it are written
+/// (its batch is written again one message at a time), the log names it
+/// with PostgreSQL's reason, nothing after it is written, and once the
+/// table takes it, it and the rest are written, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_database_refuses_is_named_and_the_ones_before_it_are_written() {
+    let pg = Postgres::start().await;
+    let db = pg.connect().await;
+    db.batch_execute(
+        "CREATE TABLE readings (producer text, seq bigint, body text CONSTRAINT no_bad CHECK (body <> 'bad'), topic text)",
+    )
+    .await
+    .unwrap();
+    let url = pg.url();
+    let broker = Mosquitto::plain().await;
+    let mut member = Member::new("m1", &[broker.url()], &url);
+    member.register_on(&broker.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
+    let lines: String = (0..11).map(|i| if i == 5 { "bad\n".to_owned() } else { format!("good {i}\n") }).collect();
+    let args = ["pub", "-b", &broker.url(), "-i", "gw", "--outbox", &outbox, "-t", "grp/t", "-l"];
+    let mut producer = steadfast().args(args).stdin(Stdio::piped()).spawn().unwrap();
+    producer.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    member.start(Some(INSERT));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !member.log().contains("the database refuses this message") {
+        assert!(tokio::time::Instant::now() < deadline, "no refusal logged: {}", member.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(member.log().contains("no_bad"), "PostgreSQL's reason: {}", member.log());
+    // In order: the five before it, none after it.
+    wait_written(&url, "the five messages before the refused one", Duration::from_secs(10), |w| w == (5, 5)).await;
+    let bodies: Vec<String> =
+        db.query("SELECT body FROM readings ORDER BY seq", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert_eq!(bodies, (0..5).map(|i| format!("good {i}")).collect::<Vec<_>>());
+
+    db.batch_execute("ALTER TABLE readings DROP CONSTRAINT no_bad").await.unwrap();
+    wait_written(&url, "all 11 once the table takes the refused one", Duration::from_secs(30), |w| w == (11, 11)).await;
+    assert!(member.log().contains("--sql: writing again"), "{}", member.log());
+    let status = member.stop().await;
+    assert!(status.success(), "{status}: {}", member.log());
+}
+
 /// What `--sql` and `--group` refuse, before anything runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_and_sql_mistakes_are_named_with_their_fix() {
@@ -295,6 +342,11 @@ async fn group_and_sql_mistakes_are_named_with_their_fix() {
         (sub(&["--group", "g", "--inbox", &url, "--sql", "INSERT INTO nowhere VALUES ($1)"]), "nowhere"),
         (sub(&["--group", "g", "--inbox", &url, "--sql", "INSERT INTO t (n) VALUES ($1)"]), "$1 (the payload) is int4"),
         (sub(&["--group", "g", "--inbox", &url, "--no-dedup"]), "--no-dedup"),
+        (sub(&["--group", "g", "--inbox", &format!("{url}?sslmode=allow")]), "use prefer, require or verify-full"),
+        (
+            sub(&["--group", "g", "--inbox", &format!("{url}?sslmode=verify-full&sslrootcert=/nowhere/ca.pem")]),
+            "/nowhere/ca.pem",
+        ),
     ];
     for (args, want) in cases {
         let mut c = steadfast();

@@ -33,6 +33,55 @@ impl std::fmt::Display for GroupError {
     }
 }
 
+/// What a group member's shared inbox did in this process: the cost of
+/// the group, stage by stage (`steadfast bench group` prints it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedInboxStats {
+    /// Statements sent (each one round trip; connecting not counted).
+    pub round_trips: u64,
+    /// Claims: before a delivery is handed over.
+    pub claims: StatementStats,
+    /// Records: after the application's ack, before the broker's.
+    pub records: StatementStats,
+}
+
+/// One kind of statement's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatementStats {
+    /// Statements that completed (answered, refused or failed).
+    pub statements: u64,
+    /// Identities they carried.
+    pub identities: u64,
+    /// Time from sending each to its answer, summed.
+    pub time: Duration,
+}
+
+impl StatementStats {
+    /// The mean time of one statement.
+    pub fn mean_time(&self) -> Duration {
+        self.time.checked_div(self.statements.max(1) as u32).unwrap_or_default()
+    }
+    /// The mean identities per statement.
+    pub fn mean_identities(&self) -> f64 {
+        self.identities as f64 / self.statements.max(1) as f64
+    }
+    /// Adds another's figures.
+    pub fn add(&mut self, other: &StatementStats) {
+        self.statements += other.statements;
+        self.identities += other.identities;
+        self.time += other.time;
+    }
+}
+
+impl SharedInboxStats {
+    /// Adds another member's figures.
+    pub fn add(&mut self, other: &SharedInboxStats) {
+        self.round_trips += other.round_trips;
+        self.claims.add(&other.claims);
+        self.records.add(&other.records);
+    }
+}
+
 #[cfg(not(feature = "postgres"))]
 mod imp {
     use super::*;
@@ -66,8 +115,8 @@ mod imp {
         pub(crate) fn note_duplicates(&self, _n: u64) {
             match *self {}
         }
-        /// Statements sent to the shared inbox.
-        pub fn round_trips(&self) -> u64 {
+        /// What the shared inbox did.
+        pub fn stats(&self) -> SharedInboxStats {
             match *self {}
         }
         pub(crate) fn set_down(&self, _down: bool) -> bool {
@@ -91,8 +140,9 @@ mod imp {
 
     use steadfast_core::Identity;
     use tokio::sync::{oneshot, Mutex};
-    use tokio_postgres::{Client, Config, NoTls, Statement, Transaction};
+    use tokio_postgres::{Client, Config, Statement, Transaction};
 
+    use super::super::pg::{describe, Target};
     use super::*;
 
     /// The schema, one step per version (docs/design.md, "Consumer
@@ -140,22 +190,10 @@ mod imp {
     /// database's advisory locks.
     const MIGRATION_LOCK: i64 = 0x5354_4446_4153_5401;
 
-    /// The URL with its password, if any, hidden (for messages).
-    fn shown(url: &str) -> String {
-        match (url.find("://"), url.rfind('@')) {
-            (Some(s), Some(at)) if url[s + 3..at].contains(':') => {
-                let colon = s + 3 + url[s + 3..at].find(':').expect("checked");
-                format!("{}:***{}", &url[..colon], &url[at..])
-            }
-            _ => url.to_owned(),
-        }
-    }
-
-    /// Checks a shared inbox URL (libpq's URL or key=value form).
+    /// Checks a shared inbox URL (libpq's URL or key=value form, its TLS
+    /// files read).
     pub(crate) fn check_url(url: &str) -> Result<(), ConfigError> {
-        url.parse::<Config>()
-            .map(|_| ())
-            .map_err(|e| ConfigError::SharedInboxUrl { url: shown(url), reason: e.to_string() })
+        Target::parse(url).map(|_| ())
     }
 
     /// Brings the schema to the newest version, one member at a time.
@@ -260,19 +298,34 @@ mod imp {
         },
     }
 
+    /// Connects to PostgreSQL as a shared inbox at `url` does: libpq's
+    /// URL or `key=value` form, with its TLS settings (`sslmode`,
+    /// `sslrootcert`, `sslcert`, `sslkey`) served by rustls. For an
+    /// application's own writes beside [`super::Received::record_in`]
+    /// (`steadfast sub --sql` uses it). Never [`GroupStatusError::Schema`].
+    pub async fn connect_postgres(url: &str) -> Result<Client, GroupStatusError> {
+        let target = Target::parse(url)?;
+        let mut config = target.config.clone();
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(5));
+        }
+        let shown_url = target.shown.clone();
+        target
+            .connect(&config, |_| {})
+            .await
+            .map_err(|e| GroupStatusError::Postgres { url: shown_url, message: describe(&e) })
+    }
+
     /// The groups whose shared inbox is the database at `url` (or only
     /// `group`), read without changing anything.
     pub async fn group_status(url: &str, group: Option<&str>) -> Result<Vec<GroupStatus>, GroupStatusError> {
-        check_url(url)?;
-        let mut config: Config = url.parse().expect("checked");
+        let target = Target::parse(url)?;
+        let mut config = target.config.clone();
         config.connect_timeout(Duration::from_secs(5));
-        let shown_url = shown(url);
+        let shown_url = target.shown.clone();
         let pg =
             |e: tokio_postgres::Error| GroupStatusError::Postgres { url: shown_url.clone(), message: describe(&e) };
-        let (client, conn) = config.connect(NoTls).await.map_err(pg)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let client = target.connect(&config, |_| {}).await.map_err(pg)?;
         let version = schema_version(&client).await.map_err(pg)?;
         let current = MIGRATIONS.len() as i32;
         match version {
@@ -399,11 +452,42 @@ mod imp {
         }
     }
 
+    /// One kind of statement's figures, as they come.
+    #[derive(Debug, Default)]
+    struct Tally {
+        statements: AtomicU64,
+        identities: AtomicU64,
+        micros: AtomicU64,
+    }
+
+    impl Tally {
+        /// Counts a statement of `n` identities sent at `t0`, in the
+        /// figures and in the metrics (`steadfast_group_*`).
+        fn add(&self, labels: &[metrics::Label], statement: &'static str, n: usize, t0: std::time::Instant) {
+            let took = t0.elapsed();
+            self.statements.fetch_add(1, Ordering::Relaxed);
+            self.identities.fetch_add(n as u64, Ordering::Relaxed);
+            self.micros.fetch_add(took.as_micros().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+            let mut labels = labels.to_vec();
+            labels.push(metrics::Label::new("statement", statement));
+            metrics::histogram!("steadfast_group_statement_seconds", labels.iter()).record(took.as_secs_f64());
+            metrics::counter!("steadfast_group_identities_total", labels).increment(n as u64);
+        }
+
+        fn get(&self) -> StatementStats {
+            StatementStats {
+                statements: self.statements.load(Ordering::Relaxed),
+                identities: self.identities.load(Ordering::Relaxed),
+                time: Duration::from_micros(self.micros.load(Ordering::Relaxed)),
+            }
+        }
+    }
+
     /// A consumer group's shared inbox: one connection, opened on first
     /// use and again after it broke.
     #[derive(Debug)]
     pub struct GroupInbox {
-        config: Config,
+        target: Target,
         url: String,
         group: String,
         member: String,
@@ -415,6 +499,10 @@ mod imp {
         round_trips: AtomicU64,
         /// Claims failed since the last that worked (PostgreSQL down).
         down: AtomicBool,
+        /// The metrics' labels: group and member.
+        labels: Vec<metrics::Label>,
+        claimed: Tally,
+        recorded: Tally,
         /// Claims waiting for their statement.
         claiming: Together<Vec<Answer>>,
         /// Records waiting for their statement.
@@ -426,14 +514,6 @@ mod imp {
         /// be handed over too (at least once, as without claims); a record
         /// gates the broker's ack, so it is synced.
         claims: Mutex<Option<Conn>>,
-    }
-
-    /// PostgreSQL's own message and code for a refused statement.
-    fn describe(e: &tokio_postgres::Error) -> String {
-        match e.as_db_error() {
-            Some(db) => format!("{} ({})", db.message(), db.code().code()),
-            None => e.to_string(),
-        }
     }
 
     fn err(what: &str, url: &str, e: tokio_postgres::Error) -> GroupError {
@@ -502,22 +582,28 @@ mod imp {
 
     impl GroupInbox {
         pub(crate) fn new(url: &str, group: &str, member: &str, claim: Duration) -> Result<Self, ConfigError> {
-            check_url(url)?;
-            let mut config: Config = url.parse().expect("checked");
+            let mut target = Target::parse(url)?;
+            let config = &mut target.config;
             config.connect_timeout(Duration::from_secs(5));
             config.keepalives_idle(Duration::from_secs(10));
             if config.get_application_name().is_none() {
                 config.application_name(format!("steadfast {group}/{member}"));
             }
             Ok(GroupInbox {
-                config,
-                url: shown(url),
+                url: target.shown.clone(),
+                target,
                 group: group.to_owned(),
                 member: member.to_owned(),
                 claim_ms: claim.as_millis().min(i64::MAX as u128) as i64,
                 duplicates: AtomicI64::new(0),
                 round_trips: AtomicU64::new(0),
                 down: AtomicBool::new(false),
+                labels: vec![
+                    metrics::Label::new("group", group.to_owned()),
+                    metrics::Label::new("member", member.to_owned()),
+                ],
+                claimed: Tally::default(),
+                recorded: Tally::default(),
                 claiming: Together::default(),
                 recording: Together::default(),
                 client: Mutex::new(None),
@@ -528,13 +614,17 @@ mod imp {
         /// Notes whether the shared inbox answers; returns what was noted
         /// before (for the dispatcher's log lines).
         pub(crate) fn set_down(&self, down: bool) -> bool {
+            metrics::gauge!("steadfast_group_inbox_up", self.labels.iter()).set(if down { 0.0 } else { 1.0 });
             self.down.swap(down, Ordering::Relaxed)
         }
 
-        /// Statements this member sent to the shared inbox so far (each
-        /// one round trip; the connection's setup not counted).
-        pub fn round_trips(&self) -> u64 {
-            self.round_trips.load(Ordering::Relaxed)
+        /// What this member's shared inbox did so far.
+        pub fn stats(&self) -> SharedInboxStats {
+            SharedInboxStats {
+                round_trips: self.round_trips.load(Ordering::Relaxed),
+                claims: self.claimed.get(),
+                records: self.recorded.get(),
+            }
         }
 
         /// The connection, opened (and the schema migrated) if there is
@@ -542,7 +632,7 @@ mod imp {
         async fn client(&self) -> Result<Conn, GroupError> {
             // Records gate the brokers' acks: synced, whatever the
             // server's default.
-            let mut config = self.config.clone();
+            let mut config = self.target.config.clone();
             let options = config.get_options().map_or(String::new(), |o| format!("{o} "));
             config.options(format!("{options}-c synchronous_commit=on"));
             self.connection(&self.client, &config, RECORD).await
@@ -550,7 +640,7 @@ mod imp {
 
         /// The claims' connection, as [`Self::client`].
         async fn claims_client(&self) -> Result<Conn, GroupError> {
-            let mut config = self.config.clone();
+            let mut config = self.target.config.clone();
             let options = config.get_options().map_or(String::new(), |o| format!("{o} "));
             // A claim waits at most 2 s for a row another member holds in
             // an open transaction (its `--sql` batch): then the batch's
@@ -567,13 +657,11 @@ mod imp {
             if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
                 return Ok(c.clone());
             }
-            let (mut client, conn) = config.connect(NoTls).await.map_err(|e| err("connect", &self.url, e))?;
             let url = self.url.clone();
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::warn!(inbox = %url, error = %e, "the connection to the shared inbox ended");
-                }
-            });
+            let ended = move |e: tokio_postgres::Error| {
+                tracing::warn!(inbox = %url, error = %describe(&e), "the connection to the shared inbox ended");
+            };
+            let mut client = self.target.connect(config, ended).await.map_err(|e| err("connect", &self.url, e))?;
             migrate(&mut client)
                 .await
                 .map_err(|e| GroupError(format!("shared inbox {}: the schema: {e}", self.url)))?;
@@ -599,10 +687,12 @@ mod imp {
         async fn claim_now(&self, ids: &[(String, u64)]) -> Result<HashMap<(String, u64), Answer>, GroupError> {
             let conn = self.claims_client().await?;
             let (producers, seqs) = columns(ids);
+            let t0 = std::time::Instant::now();
             let done = conn
                 .client
                 .query(&conn.statement, &[&self.group, &self.member, &producers, &seqs, &self.claim_ms])
                 .await;
+            self.claimed.add(&self.labels, "claim", producers.len(), t0);
             let rows = match done {
                 Ok(rows) => rows,
                 // lock_not_available: another member's open transaction
@@ -613,14 +703,21 @@ mod imp {
                 Err(e) => return Err(err("claim", &self.url, e)),
             };
             let mut answers = HashMap::with_capacity(rows.len());
+            let mut elsewhere = 0u64;
             for r in &rows {
                 let answer = match (r.get::<_, bool>(2), r.get::<_, bool>(3)) {
                     (true, _) => Answer::New,
                     (false, true) => Answer::Handled,
                     // Claimed by another member: asked again later.
-                    (false, false) => Answer::Elsewhere,
+                    (false, false) => {
+                        elsewhere += 1;
+                        Answer::Elsewhere
+                    }
                 };
                 answers.insert((r.get::<_, String>(0), r.get::<_, i64>(1) as u64), answer);
+            }
+            if elsewhere > 0 {
+                metrics::counter!("steadfast_group_held_elsewhere_total", self.labels.iter()).increment(elsewhere);
             }
             Ok(answers)
         }
@@ -637,8 +734,10 @@ mod imp {
             let conn = self.client().await?;
             let (producers, seqs) = columns(ids);
             let dups = self.duplicates.swap(0, Ordering::Relaxed);
+            let t0 = std::time::Instant::now();
             let done =
                 conn.client.execute(&conn.statement, &[&self.group, &self.member, &producers, &seqs, &dups]).await;
+            self.recorded.add(&self.labels, "record", producers.len(), t0);
             if let Err(e) = done {
                 self.duplicates.fetch_add(dups, Ordering::Relaxed);
                 return Err(err("record", &self.url, e));
@@ -770,5 +869,6 @@ mod imp {
 
 pub(crate) use imp::check_url;
 pub use imp::GroupInbox;
+
 #[cfg(feature = "postgres")]
-pub use imp::{group_status, GroupStatus, GroupStatusError, MemberStatus};
+pub use imp::{connect_postgres, group_status, GroupStatus, GroupStatusError, MemberStatus};

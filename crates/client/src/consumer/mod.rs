@@ -17,6 +17,8 @@
 mod config;
 mod dispatcher;
 mod group;
+#[cfg(feature = "postgres")]
+mod pg;
 mod received;
 mod receiver;
 
@@ -34,9 +36,9 @@ use tokio::task::JoinHandle;
 
 pub use self::config::ConsumerConfig;
 use self::dispatcher::Dispatcher;
-pub use self::group::GroupInbox;
 #[cfg(feature = "postgres")]
-pub use self::group::{group_status, GroupStatus, GroupStatusError, MemberStatus};
+pub use self::group::{connect_postgres, group_status, GroupStatus, GroupStatusError, MemberStatus};
+pub use self::group::{GroupInbox, SharedInboxStats, StatementStats};
 pub use self::received::Received;
 #[cfg(feature = "postgres")]
 pub use self::received::RecordInError;
@@ -349,10 +351,10 @@ impl Consumer {
         Relayer(self.cmds.clone())
     }
 
-    /// A group member with a shared inbox: the statements it sent to
-    /// PostgreSQL so far (each one round trip).
-    pub fn shared_inbox_round_trips(&self) -> Option<u64> {
-        self.group.as_ref().map(|g| g.round_trips())
+    /// A group member with a shared inbox: what it asked of PostgreSQL
+    /// so far (round trips; claims and records, with their times).
+    pub fn shared_inbox_stats(&self) -> Option<SharedInboxStats> {
+        self.group.as_ref().map(|g| g.stats())
     }
 
     /// Deliveries acknowledged by this process so far.

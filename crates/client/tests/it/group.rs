@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use steadfast::tokio_postgres::{Client as Db, NoTls};
 use steadfast::{BrokerSet, Consumer, ConsumerConfig, Message, Qos, Received};
-use steadfast_testkit::{Mosquitto, Postgres};
+use steadfast_testkit::{Mosquitto, Pki, Postgres};
 
 use crate::{config, open};
 
@@ -123,6 +123,44 @@ async fn a_copy_another_member_handled_is_not_handed_over() {
     let rows = db.query("SELECT member, handled FROM steadfast_members WHERE grp = 'g2' ORDER BY member", &[]).await;
     let rows: Vec<(String, i64)> = rows.unwrap().iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(rows, [("m1".to_owned(), 1), ("m2".to_owned(), 1)]);
+    producer.close().await;
+}
+
+/// A shared inbox over TLS, with libpq's settings: against a server that
+/// takes TLS only and wants a client certificate, `sslmode=verify-full`
+/// with `sslrootcert`, `sslcert` and `sslkey` works end to end; a wrong
+/// CA, a missing client certificate and no TLS at all are each refused,
+/// in words that name the setting to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_inbox_over_tls_checks_the_server_and_shows_the_client_certificate() {
+    let pki = Pki::new();
+    let ca = pki.path("ca.pem");
+    let pg = Postgres::start_tls(&pki.path("server.pem"), &pki.path("server.key"), Some(&ca)).await;
+    let client = format!("sslcert={}&sslkey={}", pki.path("client.pem").display(), pki.path("client.key").display());
+    let good = format!("{}?sslmode=verify-full&sslrootcert={}&{client}", pg.url(), ca.display());
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = member("m1", "gtls", &broker.url(), &dir.path().join("m1"), &good);
+    Consumer::register(&cfg).await.unwrap();
+    let producer = open(config("p", &broker.url(), &dir.path().join("p"))).await;
+    producer.publish(Message::new("g/t", "over tls")).await.unwrap();
+    producer.wait_idle().await;
+    let (consumer, _) = Consumer::open(cfg).await.unwrap();
+    let d = next(&consumer).await;
+    assert_eq!(d.payload(), b"over tls");
+    d.ack();
+    consumer.close().await;
+    let groups = steadfast::group_status(&good, Some("gtls")).await.unwrap();
+    assert_eq!(groups[0].handled(), 1, "recorded over TLS");
+
+    let refused = |url: String| async move { steadfast::group_status(&url, None).await.unwrap_err().to_string() };
+    let other = pki.path("other-ca.pem");
+    let e = refused(format!("{}?sslmode=verify-full&sslrootcert={}&{client}", pg.url(), other.display())).await;
+    assert!(e.contains("not signed by a CA we trust") && e.contains("sslrootcert="), "{e}");
+    let e = refused(format!("{}?sslmode=verify-full&sslrootcert={}", pg.url(), ca.display())).await;
+    assert!(e.contains("certificate"), "without a client certificate: {e}");
+    let e = refused(format!("{}?sslmode=disable", pg.url())).await;
+    assert!(e.contains("no encryption"), "without TLS: {e}");
     producer.close().await;
 }
 

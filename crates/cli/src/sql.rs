@@ -133,7 +133,15 @@ impl SqlSink {
     pub(crate) async fn write(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         let (client, stmt, payload) = self.ready().await.map_err(WriteError::down)?;
         let failed = |e: Error| match e.as_db_error() {
-            Some(db) => WriteError { refused: true, message: format!("{} ({})", db.message(), db.code().code()) },
+            Some(db) => {
+                let code = db.code().code();
+                // Data exceptions, integrity constraints, a statement that
+                // does not fit the row, a trigger's exception: that row.
+                // Others (deadlock, serialization, lock or statement
+                // timeouts, the server shutting down) pass.
+                let refused = ["22", "23", "42", "P0"].iter().any(|class| code.starts_with(class));
+                WriteError { refused, message: format!("{} ({code})", db.message()) }
+            }
             None => WriteError::down(e),
         };
         let tx = client.transaction().await.map_err(failed)?;

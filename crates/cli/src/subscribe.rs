@@ -473,10 +473,14 @@ impl<'a> Receiving<'a> {
                 tracing::warn!(error = %e.message, messages = batch.len(), "--sql: the database refused a row of this batch; writing its messages one at a time");
                 batch.into_iter().map(|d| vec![d]).collect()
             }
-            Err(_) => vec![batch],
+            Err(e) => {
+                tracing::error!(error = %e.message, messages = batch.len(), "--sql: cannot write; not acknowledged, trying again");
+                self.sql_until_written(sink, &batch, true).await?;
+                return self.written(batch);
+            }
         };
         for part in parts {
-            self.sql_until_written(sink, &part).await?;
+            self.sql_until_written(sink, &part, false).await?;
             self.written(part)?;
         }
         ControlFlow::Continue(())
@@ -491,24 +495,29 @@ impl<'a> Receiving<'a> {
         ControlFlow::Continue(())
     }
 
-    /// Writes `batch` until it is written, with a growing pause; breaks
-    /// when the run stops meanwhile (nothing acknowledged: it comes again).
-    async fn sql_until_written(&mut self, sink: &mut SqlSink, batch: &[Received]) -> Step {
+    /// Writes `batch` until it is written, with a growing pause (first,
+    /// when a write of it `failed` already); breaks when the run stops
+    /// meanwhile (nothing acknowledged: it comes again).
+    async fn sql_until_written(&mut self, sink: &mut SqlSink, batch: &[Received], failed: bool) -> Step {
         let mut pause = Duration::from_millis(200);
-        let mut failing = false;
+        let mut failing = failed;
+        // A write that failed already (said by the caller): the pause first.
+        let mut pause_first = failed;
         loop {
-            match sink.write(batch).await {
-                Ok(()) => break,
-                Err(e) if !std::mem::replace(&mut failing, true) => match batch {
-                    [d] if e.refused => {
-                        let id = d.identity().map_or_else(|| "-".to_owned(), |i| i.to_property_value());
-                        tracing::error!(error = %e.message, topic = d.topic(), identity = %id, "--sql: the database refuses this message; not acknowledged, trying it again before any later one (change the statement or the table to take it)");
-                    }
-                    _ => {
-                        tracing::error!(error = %e.message, messages = batch.len(), "--sql: cannot write; not acknowledged, trying again");
-                    }
-                },
-                Err(e) => tracing::debug!(error = %e.message, "--sql: still cannot write"),
+            if !std::mem::take(&mut pause_first) {
+                match sink.write(batch).await {
+                    Ok(()) => break,
+                    Err(e) if !std::mem::replace(&mut failing, true) => match batch {
+                        [d] if e.refused => {
+                            let id = d.identity().map_or_else(|| "-".to_owned(), |i| i.to_property_value());
+                            tracing::error!(error = %e.message, topic = d.topic(), identity = %id, "--sql: the database refuses this message; not acknowledged, trying it again before any later one (change the statement or the table to take it)");
+                        }
+                        _ => {
+                            tracing::error!(error = %e.message, messages = batch.len(), "--sql: cannot write; not acknowledged, trying again");
+                        }
+                    },
+                    Err(e) => tracing::debug!(error = %e.message, "--sql: still cannot write"),
+                }
             }
             if self.stopped_during(pause).await {
                 // Not acknowledged: they come again.

@@ -59,7 +59,7 @@ pub struct StatementStats {
 impl StatementStats {
     /// The mean time of one statement.
     pub fn mean_time(&self) -> Duration {
-        self.time.checked_div(self.statements.max(1) as u32).unwrap_or_default()
+        Duration::from_secs_f64(self.time.as_secs_f64() / self.statements.max(1) as f64)
     }
     /// The mean identities per statement.
     pub fn mean_identities(&self) -> f64 {

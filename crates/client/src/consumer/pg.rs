@@ -40,18 +40,29 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// The string with its password, if any, hidden.
+/// True for the URL form (else libpq's `key=value` words).
+fn is_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
+}
+
+/// The string with every password in it hidden: a URL's `user:PASSWORD@`
+/// and each `password` setting, in either form.
 pub(crate) fn shown(url: &str) -> String {
-    if let (Some(s), Some(at)) = (url.find("://"), url.rfind('@')) {
-        if s + 3 <= at && url[s + 3..at].contains(':') {
-            let colon = s + 3 + url[s + 3..at].find(':').expect("checked");
-            return format!("{}:***{}", &url[..colon], &url[at..]);
+    let mut out = url.to_owned();
+    // From the end, so that the places found stay right.
+    for w in words(url).iter().rev().filter(|w| w.key == "password") {
+        out.replace_range(w.start..w.end, "password=***");
+    }
+    if let Some(s) = is_url(&out).then(|| out.find("://")).flatten() {
+        let rest = s + 3;
+        let authority_end = out[rest..].find(['/', '?']).map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@').map(|i| rest + i) {
+            if let Some(colon) = out[rest..at].find(':').map(|i| rest + i) {
+                out.replace_range(colon + 1..at, "***");
+            }
         }
     }
-    match words(url).into_iter().find(|w| w.key == "password") {
-        Some(w) => format!("{}password=***{}", &url[..w.start], &url[w.end..]),
-        None => url.to_owned(),
-    }
+    out
 }
 
 /// One `key=value` setting of a connection string: its place in the
@@ -67,7 +78,7 @@ struct Word {
 /// libpq's `key=value` words (values quoted with `'` and escaped with
 /// `\`).
 fn words(s: &str) -> Vec<Word> {
-    if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+    if is_url(s) {
         let Some(q) = s.find('?') else { return Vec::new() };
         let mut out = Vec::new();
         let mut start = q + 1;
@@ -127,7 +138,7 @@ fn words(s: &str) -> Vec<Word> {
     }
 }
 
-/// A URL part with its `%XX` escapes (and `+`, as a space) undone.
+/// A URL part with its `%XX` escapes undone (as libpq: `+` stays).
 fn unescape_url(s: &str) -> String {
     let b = s.as_bytes();
     let (mut out, mut i) = (Vec::with_capacity(b.len()), 0);
@@ -142,7 +153,6 @@ fn unescape_url(s: &str) -> String {
                 }
                 _ => out.push(b'%'),
             },
-            b'+' => out.push(b' '),
             c => out.push(c),
         }
         i += 1;
@@ -150,32 +160,23 @@ fn unescape_url(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The string without the settings at `cut` (a URL keeps its `?` only
-/// while parameters are left).
-fn without(s: &str, cut: &[&Word]) -> String {
-    let url = s.contains("://");
-    let mut out = String::with_capacity(s.len());
-    let mut at = 0;
-    for w in cut {
-        let mut start = w.start;
-        // A URL's parameter goes with the `&` before it (or after it,
-        // when it is the first).
-        let mut end = w.end;
-        if url {
-            if s[..start].ends_with('&') {
-                start -= 1;
-            } else if s[end..].starts_with('&') {
-                end += 1;
-            }
-        }
-        out.push_str(&s[at..start.max(at)]);
-        at = end.max(at);
+/// The string without the settings whose key is in `keys` (a URL keeps
+/// its `?` only while parameters are left).
+fn without(s: &str, keys: &[&str]) -> String {
+    if is_url(s) {
+        let Some(q) = s.find('?') else { return s.to_owned() };
+        let kept: Vec<&str> = s[q + 1..]
+            .split('&')
+            .filter(|part| {
+                let key = part.split_once('=').map_or(*part, |(k, _)| k);
+                !part.is_empty() && !keys.contains(&unescape_url(key).as_str())
+            })
+            .collect();
+        return if kept.is_empty() { s[..q].to_owned() } else { format!("{}?{}", &s[..q], kept.join("&")) };
     }
-    out.push_str(&s[at..]);
-    if url {
-        while out.ends_with('?') || out.ends_with('&') {
-            out.pop();
-        }
+    let mut out = s.to_owned();
+    for w in words(s).iter().rev().filter(|w| keys.contains(&w.key.as_str())) {
+        out.replace_range(w.start..w.end, "");
     }
     out
 }
@@ -188,30 +189,40 @@ impl Target {
         let shown = shown(url);
         let bad = |reason: String| ConfigError::SharedInboxUrl { url: shown.clone(), reason };
         let found = words(url);
-        let tls_words: Vec<&Word> = found.iter().filter(|w| TLS_KEYS.contains(&w.key.as_str())).collect();
-        let setting = |key: &str| tls_words.iter().rev().find(|w| w.key == key).map(|w| w.value.clone());
-        let mut config: Config = without(url, &tls_words).parse().map_err(|e| bad(format!("{e}")))?;
+        // The last of a setting given twice counts, as in libpq.
+        let setting = |key: &str| found.iter().rev().find(|w| w.key == key).map(|w| w.value.clone());
+        let mut config: Config = without(url, &TLS_KEYS).parse().map_err(|e| bad(format!("{e}")))?;
         let mode = setting("sslmode").unwrap_or_else(|| "prefer".to_owned());
         let root = setting("sslrootcert");
-        let (ssl, verify_chain, verify_name) =
-            match mode.as_str() {
-                "disable" => (SslMode::Disable, false, false),
-                "prefer" => (SslMode::Prefer, false, false),
-                // As libpq: `require` with a root certificate verifies the
-                // chain (verify-ca); without one, it only encrypts.
-                "require" => (SslMode::Require, root.is_some(), false),
-                "verify-ca" => (SslMode::Require, true, false),
-                "verify-full" => (SslMode::Require, true, true),
-                "allow" => return Err(bad(
-                    "sslmode=allow (plain first, TLS if refused) is not supported; use prefer, require or verify-full"
-                        .into(),
-                )),
-                other => {
-                    return Err(bad(format!(
-                        "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
-                    )))
-                }
-            };
+        if root.as_deref() == Some("system") && mode != "verify-full" {
+            // As libpq 16: any public CA's certificate for any name would do.
+            return Err(bad(format!(
+                "sslrootcert=system trusts every public CA: it needs sslmode=verify-full, not {mode}"
+            )));
+        }
+        let (ssl, verify_chain, verify_name) = match mode.as_str() {
+            "disable" => (SslMode::Disable, false, false),
+            // As libpq: with a root certificate, `prefer` and `require`
+            // verify the chain (as verify-ca); without one, they only
+            // encrypt.
+            "prefer" => (SslMode::Prefer, root.is_some(), false),
+            "require" => (SslMode::Require, root.is_some(), false),
+            "verify-ca" if root.is_none() => {
+                return Err(bad("sslmode=verify-ca needs sslrootcert=PATH, the CA to trust (against the platform's roots any public certificate would pass: use verify-full for those)".into()))
+            }
+            "verify-ca" => (SslMode::Require, true, false),
+            "verify-full" => (SslMode::Require, true, true),
+            "allow" => {
+                return Err(bad(
+                    "sslmode=allow (plain first, TLS if refused) is not supported; use prefer, require or verify-full".into(),
+                ))
+            }
+            other => {
+                return Err(bad(format!(
+                    "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
+                )))
+            }
+        };
         config.ssl_mode(ssl);
         let mut tls = TlsConfig::new().insecure(!verify_chain).any_name(!verify_name);
         match root.as_deref() {
@@ -293,19 +304,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> MakeTlsConnect<S> for T
     type Error = io::Error;
 
     fn make_tls_connect(&mut self, host: &str) -> io::Result<Connect> {
-        // Asked for every host, TLS or not: with sslmode=disable the
-        // handshake is never started.
-        let config = self.0.clone();
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|_| io::Error::other(format!("`{host}` is not a valid TLS server name")))?;
-        Ok(Connect { config, name })
+        // Asked for every host, TLS or not (a Unix socket's is empty):
+        // a name unfit for TLS is an error only if a handshake starts.
+        Ok(Connect { config: self.0.clone(), host: host.to_owned() })
     }
 }
 
 /// One TLS handshake to come.
 pub(crate) struct Connect {
     config: Option<Arc<rustls::ClientConfig>>,
-    name: ServerName<'static>,
+    host: String,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsConnect<S> for Connect {
@@ -316,7 +324,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> TlsConnect<S> for Conne
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             let config = self.config.ok_or_else(|| io::Error::other("TLS asked for with sslmode=disable"))?;
-            let tls = tokio_rustls::TlsConnector::from(config).connect(self.name, stream).await?;
+            let name = ServerName::try_from(self.host.clone())
+                .map_err(|_| io::Error::other(format!("`{}` is not a valid TLS server name", self.host)))?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, stream).await?;
             Ok(Stream(tls))
         })
     }
@@ -357,12 +367,12 @@ mod tests {
 
     #[test]
     fn tls_settings_are_taken_out_of_a_url_and_the_rest_kept() {
-        let cut = |s: &str| {
-            let found = words(s);
-            let tls: Vec<&Word> = found.iter().filter(|w| TLS_KEYS.contains(&w.key.as_str())).collect();
-            without(s, &tls)
-        };
+        let cut = |s: &str| without(s, &TLS_KEYS);
         assert_eq!(cut("postgres://u@h/db?sslmode=verify-full"), "postgres://u@h/db");
+        assert_eq!(
+            cut("postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem&connect_timeout=3"),
+            "postgres://u@h/db?connect_timeout=3"
+        );
         assert_eq!(
             cut("postgres://u@h/db?application_name=x&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3"),
             "postgres://u@h/db?application_name=x&connect_timeout=3"
@@ -372,6 +382,7 @@ mod tests {
             cut("host=h user=u sslmode=verify-ca sslrootcert='/a b/ca.pem' dbname=d"),
             "host=h user=u   dbname=d"
         );
+        assert_eq!(words("postgres://u@h/db?sslrootcert=/a+b.pem")[0].value, "/a+b.pem");
         let w = words("postgres://u@h/db?sslrootcert=%2Fetc%2Fca%20x.pem");
         assert_eq!(w[0].value, "/etc/ca x.pem");
         let w = words("host=h sslrootcert = 'it\\'s.pem'");
@@ -383,6 +394,8 @@ mod tests {
         assert_eq!(shown("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(shown("host=h password=secret user=u"), "host=h password=*** user=u");
         assert_eq!(shown("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(shown("postgres://u:pw@h/db?password=p@ss&x=1"), "postgres://u:***@h/db?password=***&x=1");
+        assert_eq!(shown("password=a host=h password='b c'"), "password=*** host=h password=***");
     }
 
     #[test]
@@ -393,7 +406,10 @@ mod tests {
         assert!(e("postgres://u@h/db?sslmode=verify-full&sslcert=/c.pem").contains("sslcert without sslkey"));
         let missing = e("postgres://u@h/db?sslmode=verify-full&sslrootcert=/nowhere/ca.pem");
         assert!(missing.contains("/nowhere/ca.pem"), "{missing}");
+        assert!(e("postgres://u@h/db?sslmode=verify-ca").contains("needs sslrootcert=PATH"));
+        assert!(e("postgres://u@h/db?sslmode=require&sslrootcert=system").contains("needs sslmode=verify-full"));
         assert!(Target::parse("postgres://u@h/db?sslmode=disable").is_ok());
+        assert!(Target::parse("host=/var/run/postgresql user=u sslmode=disable").is_ok());
         assert!(Target::parse("postgres://u@h/db?sslmode=require").is_ok());
     }
 }

@@ -26,7 +26,7 @@ struct Settings {
 #[pymethods]
 impl Settings {
     #[new]
-    #[pyo3(signature = (client_id, brokers, inbox, topics, *, qos = 1, version = 5, username = None, password = None, keep_alive = None, tls = None, backoff = None, dedup = true, gap_timeout = None, retry_after = None, receipt_as = None, send_receipts = true, receipt_prefix = None, inbox_max_age = None, inbox_max_count = None, on_event = None))]
+    #[pyo3(signature = (client_id, brokers, inbox, topics, *, qos = 1, version = 5, username = None, password = None, keep_alive = None, tls = None, backoff = None, dedup = true, gap_timeout = None, retry_after = None, receipt_as = None, send_receipts = true, receipt_prefix = None, inbox_max_age = None, inbox_max_count = None, group = None, shared_inbox = None, claim_for = None, on_event = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         client_id: &str,
@@ -48,6 +48,9 @@ impl Settings {
         receipt_prefix: Option<String>,
         inbox_max_age: Option<f64>,
         inbox_max_count: Option<u64>,
+        group: Option<String>,
+        shared_inbox: Option<String>,
+        claim_for: Option<f64>,
         on_event: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         // A consumer takes what every broker of its set sends it.
@@ -87,6 +90,15 @@ impl Settings {
                 None => Duration::from_secs(7 * 24 * 3600),
             };
             cfg = cfg.inbox_window(age, inbox_max_count.unwrap_or(1_000_000));
+        }
+        if let Some(g) = group {
+            cfg = cfg.group(g);
+        }
+        if let Some(url) = shared_inbox {
+            cfg = cfg.shared_inbox(url);
+        }
+        if let Some(s) = claim_for {
+            cfg = cfg.claim_for(seconds("claim_for", s, 0.0)?);
         }
         cfg.check().map_err(|e| ConfigError::new_err(e.to_string()))?;
         Ok(Settings { cfg, on_event })
@@ -292,4 +304,45 @@ impl Delivery {
     fn __repr__(&self) -> String {
         format!("Delivery(topic={:?}, {} bytes, identity={:?})", self.topic, self.payload.len(), self.identity)
     }
+}
+
+/// The consumer groups whose shared inbox is the PostgreSQL database at
+/// `url` (or only `group`): for each, its members (last seen, handled,
+/// duplicates removed), the identities it remembers and the claims open.
+/// Read only.
+#[pyfunction]
+#[pyo3(signature = (url, group = None))]
+pub(crate) fn group_status<'py>(py: Python<'py>, url: &str, group: Option<&str>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let url = url.to_owned();
+    let group = group.map(str::to_owned);
+    let groups =
+        run(py, async move { steadfast::group_status(&url, group.as_deref()).await })?.map_err(|e| match e {
+            steadfast::GroupStatusError::Config(e) => ConfigError::new_err(e.to_string()),
+            e @ steadfast::GroupStatusError::Postgres { .. } => crate::ConnectError::new_err(e.to_string()),
+            e => crate::SteadfastError::new_err(e.to_string()),
+        })?;
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let d = PyDict::new(py);
+        d.set_item("group", &g.group)?;
+        d.set_item("handled", g.handled())?;
+        d.set_item("duplicates", g.duplicates())?;
+        d.set_item("remembered", g.remembered)?;
+        d.set_item("claims", g.claims)?;
+        let members = g
+            .members
+            .iter()
+            .map(|m| {
+                let md = PyDict::new(py);
+                md.set_item("member", &m.member)?;
+                md.set_item("last_seen", m.last_seen.as_secs_f64())?;
+                md.set_item("handled", m.handled)?;
+                md.set_item("duplicates", m.duplicates)?;
+                Ok(md)
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        d.set_item("members", members)?;
+        out.push(d);
+    }
+    Ok(out)
 }

@@ -154,6 +154,7 @@ fn _steadfast(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<settings::Tls>()?;
     m.add_class::<settings::Receipts>()?;
     m.add_class::<settings::Route>()?;
+    m.add_function(wrap_pyfunction!(consumer::group_status, m)?)?;
     m.add("SteadfastError", py.get_type::<SteadfastError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("ConnectError", py.get_type::<ConnectError>())?;

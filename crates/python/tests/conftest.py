@@ -2,6 +2,7 @@
 ports, started and killed (by PID) by the tests, and the package built by
 scripts/python-dev (the README's test command runs it first)."""
 
+import glob
 import os
 import shutil
 import signal
@@ -108,6 +109,83 @@ class Broker:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+
+
+def postgres_bin(name):
+    """Debian's PostgreSQL program `name` (the newest version installed)."""
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
+    for d in reversed(dirs):
+        if os.access(os.path.join(d, name), os.X_OK):
+            return os.path.join(d, name)
+    if os.environ.get("CI") == "true":
+        pytest.fail("PostgreSQL is not installed (the README's test command installs it)")
+    pytest.skip("PostgreSQL is not installed")
+
+
+class Postgres:
+    """A PostgreSQL of the test's own: `initdb` into a temporary directory,
+    `postgres` on a free loopback port in a process group of its own
+    (killed by that group), as the `postgres` user when the tests run as
+    root. Never the machine's own server."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="steadfast-py-pg-")
+        self.port = free_port()
+        self.demote = None
+        if os.geteuid() == 0:
+            import pwd
+
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+
+            def demote():
+                os.setgid(pw.pw_gid)
+                os.setuid(pw.pw_uid)
+
+            self.demote = demote
+        data = os.path.join(self.dir, "data")
+        subprocess.run(
+            [postgres_bin("initdb"), "-D", data, "-U", "steadfast", "--auth=trust", "-E", "UTF8", "--no-sync"],
+            check=True, capture_output=True, preexec_fn=self.demote,
+        )
+        log = open(os.path.join(self.dir, "log"), "a")
+        self.proc = subprocess.Popen(
+            [postgres_bin("postgres"), "-D", data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
+             "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=40", "-c", "shared_buffers=16MB"],
+            stdout=log, stderr=log, preexec_fn=self._child, 
+        )
+
+        def ready():
+            if self.proc.poll() is not None:
+                with open(os.path.join(self.dir, "log")) as f:
+                    raise AssertionError(f"postgres exited with {self.proc.returncode}: {f.read()[-2000:]}")
+            probe = [postgres_bin("pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "steadfast"]
+            return subprocess.run(probe).returncode == 0
+
+        wait_until(f"postgres accepting connections on {self.port}", ready, timeout=30.0)
+
+    def _child(self):
+        os.setpgid(0, 0)
+        if self.demote:
+            self.demote()
+
+    @property
+    def url(self):
+        return f"postgres://steadfast@127.0.0.1:{self.port}/postgres"
+
+    def kill9(self):
+        """The server and every backend at once (its process group)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def postgres():
+    pg = Postgres()
+    yield pg
+    pg.kill9()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ routes, end-to-end receipts, events, outbox bounds, backoff, fail-back."""
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -281,3 +282,57 @@ def test_ctrl_c_interrupts_a_blocking_wait_and_other_threads_run_meanwhile(broke
         assert out.strip() == "interrupted" and p.returncode == 0, (out, err)
     finally:
         p.kill()
+
+
+def test_a_group_hands_each_message_over_once_between_its_members(postgres, tmp):
+    """Two members of a group with the shared inbox on PostgreSQL, each on
+    its own broker of a fanout pair: every message reaches both, and is
+    handed over once between them; the group's status counts each once."""
+    a, b = Broker().start(), Broker().start()
+    try:
+        common = dict(topics=["g/#"], group="line", shared_inbox=postgres.url)
+        m1 = dict(client_id="py-g1", brokers=[a.url], inbox=tmp / "g1", **common)
+        m2 = dict(client_id="py-g2", brokers=[b.url], inbox=tmp / "g2", **common)
+        steadfast.Consumer.register(**m1)
+        steadfast.Consumer.register(**m2)
+        n = 200
+        with steadfast.Client("py-gp", brokers=[a.url, b.url], mode="fanout", ack="all", outbox=tmp / "o") as client:
+            client.publish_many([("g/t", f"job-{i}") for i in range(n)])
+            assert client.wait_idle(timeout=20), client.status()
+        seen = {}
+        with steadfast.Consumer(**m1) as c1, steadfast.Consumer(**m2) as c2:
+            deadline = time.monotonic() + 60
+            while len(seen) < n:
+                assert time.monotonic() < deadline, f"{len(seen)} of {n} within 60 s"
+                for c in (c1, c2):
+                    d = c.next(timeout=0.05)
+                    if d is not None:
+                        seen[d.payload] = seen.get(d.payload, 0) + 1
+                        d.ack()
+            # Each broker's copy of every message came to a member: the
+            # second copies are removed, not handed over.
+            wait_until("both members' copies settled", lambda: c1.handled + c2.handled == n)
+            assert c1.next(timeout=0.5) is None and c2.next(timeout=0.5) is None
+        assert sorted(seen) == sorted(f"job-{i}".encode() for i in range(n))
+        assert set(seen.values()) == {1}, {k: v for k, v in seen.items() if v > 1}
+        [group] = steadfast.group_status(postgres.url, group="line")
+        assert group["group"] == "line" and group["handled"] == n, group
+        assert sorted(m["member"] for m in group["members"]) == ["py-g1", "py-g2"]
+        # The copies removed, counted by the member that removed them (a
+        # member that only removed copies too, as it closed).
+        assert group["duplicates"] == n, group
+    finally:
+        a.kill9()
+        b.kill9()
+
+
+def test_group_mistakes_raise_config_error(postgres, tmp):
+    args = dict(client_id="py-gx", brokers=["mqtt://127.0.0.1:9"], inbox=tmp / "gx", topics=["g/#"])
+    with pytest.raises(steadfast.ConfigError, match="--group NAME"):
+        steadfast.Consumer.register(**args, shared_inbox=postgres.url)
+    with pytest.raises(steadfast.ConfigError, match="consumer group name"):
+        steadfast.Consumer.register(**args, group="a/b", shared_inbox=postgres.url)
+    with pytest.raises(steadfast.ConfigError, match="sslmode=allow"):
+        steadfast.Consumer.register(**args, group="g", shared_inbox=postgres.url + "?sslmode=allow")
+    with pytest.raises(steadfast.SteadfastError, match="no consumer group has used this database"):
+        steadfast.group_status(postgres.url)

@@ -115,6 +115,9 @@ mod imp {
         pub(crate) fn note_duplicates(&self, _n: u64) {
             match *self {}
         }
+        pub(crate) async fn heartbeat(&self) -> Result<(), GroupError> {
+            match *self {}
+        }
         /// What the shared inbox did.
         pub fn stats(&self) -> SharedInboxStats {
             match *self {}
@@ -763,9 +766,29 @@ mod imp {
         }
 
         /// Copies of handled messages this member removed (counted in the
-        /// group with its next record).
+        /// group with its next record, or its next heartbeat).
         pub(crate) fn note_duplicates(&self, n: u64) {
             self.duplicates.fetch_add(n.min(i64::MAX as u64) as i64, Ordering::Relaxed);
+        }
+
+        /// Says this member is there (its `last_seen`), with the copies
+        /// it removed since its last record: a member that only removes
+        /// copies, or has handled nothing yet, shows in the group's status.
+        pub(crate) async fn heartbeat(&self) -> Result<(), GroupError> {
+            let client = self.client().await?.client;
+            let dups = self.duplicates.swap(0, Ordering::Relaxed);
+            let done = client
+                .execute(
+                    "INSERT INTO steadfast_members AS m (grp, member, duplicates) VALUES ($1, $2, $3)
+                     ON CONFLICT (grp, member) DO UPDATE SET last_seen = now(), duplicates = m.duplicates + EXCLUDED.duplicates",
+                    &[&self.group, &self.member, &dups],
+                )
+                .await;
+            if let Err(e) = done {
+                self.duplicates.fetch_add(dups, Ordering::Relaxed);
+                return Err(err("heartbeat", &self.url, e));
+            }
+            Ok(())
         }
 
         /// Forgets what was handled (or claimed) longer ago than `max_age`,

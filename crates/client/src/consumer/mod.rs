@@ -55,7 +55,9 @@ const DUPLICATES: &str = "consumer.duplicates";
 const GAPS: &str = "consumer.gaps_suspected";
 const OUT_OF_ORDER: &str = "consumer.out_of_order";
 
-/// A group member's upkeep of the shared inbox: it looks for gaps the
+/// A group member's upkeep of the shared inbox: it says it is there (at
+/// once, then at every check, and as it closes, with the copies it
+/// removed since its last record), looks for gaps the
 /// group as a whole lacks (G6 for the group; twice per gap timeout) and
 /// keeps the inbox within the consumer's bounds, its age and count, as
 /// the directory's inbox is kept (every minute, or twice per age bound).
@@ -70,9 +72,17 @@ async fn maintain_shared(
     let prune_every = (cfg.inbox_max_age / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let mut next_prune = tokio::time::Instant::now() + prune_every;
     loop {
+        // There (last seen), with the copies removed since the last record.
+        if let Err(e) = group.heartbeat().await {
+            tracing::debug!(error = %e, "cannot tell the shared inbox this member is there now");
+        }
         tokio::select! {
             _ = tokio::time::sleep(gaps_every) => {}
-            r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+            r = stop.changed() => if r.is_err() || *stop.borrow() {
+                // The last copies removed are counted before it goes.
+                let _ = tokio::time::timeout(Duration::from_secs(2), group.heartbeat()).await;
+                return;
+            },
         }
         // The dispatcher says when the shared inbox is down: failures
         // here are only debug lines.

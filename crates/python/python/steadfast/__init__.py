@@ -28,9 +28,11 @@ from ._steadfast import (
     SteadfastError,
     StoreError,
     Tls,
+    group_status,
 )
 
 __all__ = [
+    "group_status",
     "Client",
     "ClosedError",
     "ConfigError",

@@ -261,6 +261,9 @@ class Consumer:
         receipt_prefix: Optional[str] = None,
         inbox_max_age: Optional[float] = None,
         inbox_max_count: Optional[int] = None,
+        group: Optional[str] = None,
+        shared_inbox: Optional[str] = None,
+        claim_for: Optional[float] = None,
         on_event: Optional[Callable[[Event], None]] = None,
     ) -> None: ...
     @staticmethod
@@ -285,6 +288,9 @@ class Consumer:
         receipt_prefix: Optional[str] = None,
         inbox_max_age: Optional[float] = None,
         inbox_max_count: Optional[int] = None,
+        group: Optional[str] = None,
+        shared_inbox: Optional[str] = None,
+        claim_for: Optional[float] = None,
         on_event: Optional[Callable[[Event], None]] = None,
     ) -> None:
         """Creates the session and subscriptions before any producer runs."""
@@ -307,3 +313,10 @@ class Consumer:
         exc: Optional[BaseException],
         tb: Optional[TracebackType],
     ) -> bool: ...
+
+def group_status(url: str, group: Optional[str] = None) -> List[Dict[str, object]]:
+    """The consumer groups whose shared inbox is the PostgreSQL database at
+    ``url`` (or only ``group``): ``group``, ``handled``, ``duplicates``,
+    ``remembered``, ``claims`` and ``members`` (each ``member``,
+    ``last_seen`` in seconds, ``handled``, ``duplicates``). Read only."""
+    ...

@@ -155,7 +155,8 @@ pub(crate) fn config(a: &SubArgs) -> Result<(ConsumerConfig, Output), Failure> {
         cfg = cfg.group(g.clone());
     }
     if let Some(url) = shared {
-        cfg = cfg.shared_inbox(url).claim_for(a.claim_for);
+        // --sql records every message in its own transaction.
+        cfg = cfg.shared_inbox(url).claim_for(a.claim_for).records_in_transaction(a.sql.is_some());
     }
     Ok((cfg, output))
 }

@@ -219,6 +219,10 @@ pub enum ConfigError {
     /// A shared inbox on a consumer that de-duplicates nothing.
     #[error("a shared inbox de-duplicates across the group, and this consumer is told not to de-duplicate (inbox(false), --no-dedup): choose one")]
     SharedInboxWithoutDedup,
+    /// Records in the application's transaction without a shared inbox
+    /// to record in.
+    #[error("records in the application's transaction (records_in_transaction) go to a group's shared inbox; add ConsumerConfig::shared_inbox (--inbox postgres://...)")]
+    RecordsInTransactionWithoutSharedInbox,
     /// A claim that lasts no time.
     #[error("a group member's claim must last longer than 0 (--claim-for); it is how long a copy at another member waits, 60s by default")]
     ZeroClaim,

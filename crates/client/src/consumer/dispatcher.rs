@@ -149,7 +149,7 @@ impl Dispatcher {
 
     /// Extends the claims on everything handed over and not yet recorded.
     fn renew_claims(&self) {
-        let Some(group) = self.group.clone() else { return };
+        let Some(group) = self.group.clone().filter(|_| !self.cfg.records_in_transaction) else { return };
         let ids: Vec<(String, u64)> = self.engine.handling().map(|i| (i.producer.clone(), i.seq)).collect();
         if ids.is_empty() {
             return;
@@ -206,6 +206,13 @@ impl Dispatcher {
     async fn answer(&mut self, items: Vec<Pending>, claims: &mut FuturesOrdered<Claim>) {
         let ask = self.engine.to_ask(&items);
         if let Some(group) = self.group.clone() {
+            if self.cfg.records_in_transaction {
+                // The application's record_in decides (ConsumerConfig::
+                // records_in_transaction): everything is new here.
+                self.engine.handle_answers(items, &[], now());
+                self.carry_out();
+                return;
+            }
             claims.push_back(Box::pin(group_answers(group, ask, items)));
             return;
         }
@@ -339,6 +346,11 @@ impl Dispatcher {
     /// before any broker ack leaves: G4, G5); the outcome goes back to the
     /// engine.
     fn record(&self, batch: Vec<(Identity, Token)>) {
+        if self.group.is_some() && self.cfg.records_in_transaction {
+            // Recorded in the application's transaction before its ack.
+            let _ = self.cmds.send(Cmd::Recorded(batch, true));
+            return;
+        }
         let outbox = self.outbox.clone();
         let group = self.group.clone();
         let back = self.cmds.clone();

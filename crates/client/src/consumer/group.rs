@@ -502,6 +502,8 @@ mod imp {
         round_trips: AtomicU64,
         /// Claims failed since the last that worked (PostgreSQL down).
         down: AtomicBool,
+        /// The schema is known to be current (a connection was set up).
+        migrated: AtomicBool,
         /// The metrics' labels: group and member.
         labels: Vec<metrics::Label>,
         claimed: Tally,
@@ -601,6 +603,7 @@ mod imp {
                 duplicates: AtomicI64::new(0),
                 round_trips: AtomicU64::new(0),
                 down: AtomicBool::new(false),
+                migrated: AtomicBool::new(false),
                 labels: vec![
                     metrics::Label::new("group", group.to_owned()),
                     metrics::Label::new("member", member.to_owned()),
@@ -668,6 +671,7 @@ mod imp {
             migrate(&mut client)
                 .await
                 .map_err(|e| GroupError(format!("shared inbox {}: the schema: {e}", self.url)))?;
+            self.migrated.store(true, Ordering::Relaxed);
             let statement = client.prepare(sql).await.map_err(|e| err("prepare", &self.url, e))?;
             tracing::info!(inbox = %self.url, group = %self.group, member = %self.member, "shared inbox connected");
             let conn = Conn { client: Arc::new(client), statement };
@@ -869,6 +873,16 @@ mod imp {
                 .await
                 .map_err(|e| err("look for gaps", &self.url, e))?;
             Ok(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u64)).collect())
+        }
+
+        /// Makes sure the schema is there and current before the first
+        /// record in an application's transaction (a member that claims
+        /// nothing may not have connected yet).
+        pub(crate) async fn ready(&self) -> Result<(), GroupError> {
+            if !self.migrated.load(Ordering::Relaxed) {
+                self.client().await?;
+            }
+            Ok(())
         }
 
         /// Records `ids` inside the caller's transaction; true for each

@@ -136,6 +136,7 @@ impl Received {
         let Some(first) = with_id.first() else { return Ok(vec![true; deliveries.len()]) };
         let group = first.group.as_ref().ok_or(RecordInError::NoSharedInbox)?;
         let ids: Vec<&Identity> = with_id.iter().filter_map(|d| d.identity.as_ref()).collect();
+        group.ready().await.map_err(|e| RecordInError::SharedInbox(e.to_string()))?;
         let new = group.record_in(tx, &ids).await.map_err(RecordInError::Postgres)?;
         let mut new = new.into_iter();
         Ok(deliveries.iter().map(|d| d.identity.is_none() || new.next().unwrap_or(true)).collect())
@@ -232,6 +233,10 @@ pub enum RecordInError {
     NoSharedInbox,
     /// PostgreSQL refused or failed the statement (the transaction is to
     /// be rolled back).
-    #[error("recording in the shared inbox failed: {0}")]
+    #[error("recording in the shared inbox failed: {}", super::pg::describe(.0))]
     Postgres(tokio_postgres::Error),
+    /// The shared inbox's tables could not be made ready (created or
+    /// migrated) before the first record.
+    #[error("{0}")]
+    SharedInbox(String),
 }

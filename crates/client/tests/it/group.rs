@@ -307,3 +307,27 @@ async fn a_slow_handler_keeps_its_claim_and_the_copy_elsewhere_waits() {
     c1.close().await;
     c2.close().await;
 }
+
+/// A group's settings that cannot work are refused before anything opens,
+/// each naming its fix.
+#[test]
+fn group_settings_that_cannot_work_are_refused_with_their_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = || {
+        let client = config("m", "mqtt://127.0.0.1:1883", dir.path());
+        ConsumerConfig::new(client).topic("g/#", Qos::AtLeastOnce)
+    };
+    let url = "postgres://steadfast@127.0.0.1:5432/postgres";
+    let cases = [
+        (base().shared_inbox(url), "add --group NAME"),
+        (base().group("a/b"), "consumer group name `a/b`"),
+        (base().group("g").shared_inbox(url).claim_for(Duration::ZERO), "--claim-for"),
+        (base().group("g").shared_inbox(url).inbox(false), "--no-dedup"),
+        (base().group("g").records_in_transaction(true), "add ConsumerConfig::shared_inbox"),
+        (base().group("g").shared_inbox(format!("{url}?sslmode=verify-ca")), "needs sslrootcert=PATH"),
+    ];
+    for (cfg, want) in cases {
+        let e = cfg.check().unwrap_err().to_string();
+        assert!(e.contains(want), "wanted `{want}` in: {e}");
+    }
+}

@@ -117,6 +117,9 @@ impl SqlSink {
             // checked with the consumer's configuration.
             let client =
                 steadfast::connect_postgres(&self.url).await.map_err(|e| Prepare::Connection(e.to_string()))?;
+            // A batch waits at most this long on a row another member's
+            // open transaction holds: then it is tried again, and said.
+            client.batch_execute("SET lock_timeout = '10s'").await.map_err(|e| Prepare::Connection(e.to_string()))?;
             let stmt = client.prepare(&self.statement).await.map_err(|e| match e.as_db_error() {
                 Some(db) => Prepare::Statement(format!("--sql: {}", db.message())),
                 None => Prepare::Connection(e.to_string()),

@@ -113,7 +113,8 @@ class Broker:
 
 def postgres_bin(name):
     """Debian's PostgreSQL program `name` (the newest version installed)."""
-    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
+    version = lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else -1
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version)
     for d in reversed(dirs):
         if os.access(os.path.join(d, name), os.X_OK):
             return os.path.join(d, name)
@@ -135,14 +136,26 @@ class Postgres:
         if os.geteuid() == 0:
             import pwd
 
-            pw = pwd.getpwnam("postgres")
+            try:
+                pw = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail("no `postgres` user to run PostgreSQL as (Debian's postgresql package makes it)")
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
 
             def demote():
+                os.setgroups([])
                 os.setgid(pw.pw_gid)
                 os.setuid(pw.pw_uid)
 
             self.demote = demote
+        self.proc = None
+        try:
+            self._start()
+        except BaseException:
+            self.kill9()
+            raise
+
+    def _start(self):
         data = os.path.join(self.dir, "data")
         subprocess.run(
             [postgres_bin("initdb"), "-D", data, "-U", "steadfast", "--auth=trust", "-E", "UTF8", "--no-sync"],
@@ -152,7 +165,7 @@ class Postgres:
         self.proc = subprocess.Popen(
             [postgres_bin("postgres"), "-D", data, "-p", str(self.port), "-c", "listen_addresses=127.0.0.1",
              "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=40", "-c", "shared_buffers=16MB"],
-            stdout=log, stderr=log, preexec_fn=self._child, 
+            stdout=log, stderr=log, preexec_fn=self._child,
         )
 
         def ready():
@@ -174,11 +187,16 @@ class Postgres:
         return f"postgres://steadfast@127.0.0.1:{self.port}/postgres"
 
     def kill9(self):
-        """The server and every backend at once (its process group)."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """The server and every backend at once (its process group, even
+        if the server itself is gone), and its directory."""
+        if self.proc:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
         self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

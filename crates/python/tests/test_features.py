@@ -290,7 +290,8 @@ def test_a_group_hands_each_message_over_once_between_its_members(postgres, tmp)
     handed over once between them; the group's status counts each once."""
     a, b = Broker().start(), Broker().start()
     try:
-        common = dict(topics=["g/#"], group="line", shared_inbox=postgres.url)
+        # gap_timeout 1 s: the members say what they removed every 0.5 s.
+        common = dict(topics=["g/#"], group="line", shared_inbox=postgres.url, gap_timeout=1.0)
         m1 = dict(client_id="py-g1", brokers=[a.url], inbox=tmp / "g1", **common)
         m2 = dict(client_id="py-g2", brokers=[b.url], inbox=tmp / "g2", **common)
         steadfast.Consumer.register(**m1)
@@ -312,14 +313,17 @@ def test_a_group_hands_each_message_over_once_between_its_members(postgres, tmp)
             # Each broker's copy of every message came to a member: the
             # second copies are removed, not handed over.
             wait_until("both members' copies settled", lambda: c1.handled + c2.handled == n)
+            # Every second copy removed, counted by the member that removed it.
+            deadline = time.monotonic() + 30
+            while steadfast.group_status(postgres.url, group="line")[0]["duplicates"] < n:
+                assert time.monotonic() < deadline, steadfast.group_status(postgres.url, group="line")
+                time.sleep(0.2)
             assert c1.next(timeout=0.5) is None and c2.next(timeout=0.5) is None
         assert sorted(seen) == sorted(f"job-{i}".encode() for i in range(n))
         assert set(seen.values()) == {1}, {k: v for k, v in seen.items() if v > 1}
         [group] = steadfast.group_status(postgres.url, group="line")
         assert group["group"] == "line" and group["handled"] == n, group
         assert sorted(m["member"] for m in group["members"]) == ["py-g1", "py-g2"]
-        # The copies removed, counted by the member that removed them (a
-        # member that only removed copies too, as it closed).
         assert group["duplicates"] == n, group
     finally:
         a.kill9()

@@ -244,7 +244,8 @@ mod imp {
     pub struct MemberStatus {
         /// Its name (its client id).
         pub member: String,
-        /// How long ago it last recorded something.
+        /// How long ago it last recorded something or said it was there
+        /// (every half gap timeout while it runs).
         pub last_seen: Duration,
         /// Messages it handled (recorded first in the group).
         pub handled: u64,
@@ -562,12 +563,19 @@ mod imp {
             SELECT $1, t.producer, t.seq, $2 FROM unnest($3::text[], $4::bigint[]) AS t(producer, seq)
             ON CONFLICT (grp, producer, seq) DO UPDATE
                 SET member = EXCLUDED.member, claimed_until = NULL
-                WHERE i.claimed_until IS NOT NULL
+                WHERE i.claimed_until IS NOT NULL AND (i.member = EXCLUDED.member OR i.claimed_until < now())
             RETURNING i.producer, i.seq
         ), counted AS (
-            INSERT INTO steadfast_counts (grp, member, handled) SELECT $1, $2, count(*) FROM ins
+            INSERT INTO steadfast_counts (grp, member, handled)
+            SELECT $1, $2, count(*) FROM ins HAVING count(*) > 0
         )
         SELECT producer, seq FROM ins";
+
+    /// Of `ids`, those another member holds a live claim on (it hands
+    /// them over, or handles them, now).
+    const CLAIMED_ELSEWHERE: &str = "SELECT i.producer, i.seq FROM steadfast_inbox i
+        JOIN unnest($3::text[], $4::bigint[]) AS t(producer, seq) ON i.producer = t.producer AND i.seq = t.seq
+        WHERE i.grp = $1 AND i.member <> $2 AND i.claimed_until >= now()";
 
     /// Claims `ids` for `member` for `$5` milliseconds: new ones, its own
     /// claims and claims that expired become its own; the others stay as
@@ -888,18 +896,33 @@ mod imp {
         /// Records `ids` inside the caller's transaction; true for each
         /// that no member recorded before (in the order given). A copy
         /// another member is recording in a transaction still open waits
-        /// for it: recorded there, it is false here; rolled back, true.
-        pub async fn record_in(
+        /// for it: recorded there, it is false here; rolled back, true. A
+        /// copy another member holds a live claim on (a member handling it
+        /// outside a transaction) is neither: `Err(n)`, the transaction to
+        /// be rolled back and the deliveries tried again later.
+        pub(crate) async fn record_in(
             &self,
             tx: &Transaction<'_>,
             ids: &[&Identity],
-        ) -> Result<Vec<bool>, tokio_postgres::Error> {
+        ) -> Result<Result<Vec<bool>, usize>, tokio_postgres::Error> {
             let pairs: Vec<(String, u64)> = ids.iter().map(|i| (i.producer.clone(), i.seq)).collect();
             let (producers, seqs) = columns(&pairs);
             self.round_trips.fetch_add(1, Ordering::Relaxed);
             let rows = tx.query(RECORD_IN, &[&self.group, &self.member, &producers, &seqs]).await?;
             let new: HashSet<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            Ok(pairs.iter().map(|(p, s)| new.contains(&(p.clone(), *s as i64))).collect())
+            let outcome: Vec<bool> = pairs.iter().map(|(p, s)| new.contains(&(p.clone(), *s as i64))).collect();
+            if new.len() < producers.len() {
+                // The rest were recorded, or are claimed elsewhere: a new
+                // statement sees what the upsert waited for.
+                let (old_p, old_s): (Vec<String>, Vec<i64>) =
+                    producers.into_iter().zip(seqs).filter(|(p, s)| !new.contains(&(p.clone(), *s))).unzip();
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                let held = tx.query(CLAIMED_ELSEWHERE, &[&self.group, &self.member, &old_p, &old_s]).await?;
+                if !held.is_empty() {
+                    return Ok(Err(held.len()));
+                }
+            }
+            Ok(Ok(outcome))
         }
     }
 }

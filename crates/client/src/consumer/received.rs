@@ -137,7 +137,11 @@ impl Received {
         let group = first.group.as_ref().ok_or(RecordInError::NoSharedInbox)?;
         let ids: Vec<&Identity> = with_id.iter().filter_map(|d| d.identity.as_ref()).collect();
         group.ready().await.map_err(|e| RecordInError::SharedInbox(e.to_string()))?;
-        let new = group.record_in(tx, &ids).await.map_err(RecordInError::Postgres)?;
+        let new = group
+            .record_in(tx, &ids)
+            .await
+            .map_err(RecordInError::Postgres)?
+            .map_err(|n| RecordInError::ClaimedElsewhere { n })?;
         let mut new = new.into_iter();
         Ok(deliveries.iter().map(|d| d.identity.is_none() || new.next().unwrap_or(true)).collect())
     }
@@ -239,4 +243,13 @@ pub enum RecordInError {
     /// migrated) before the first record.
     #[error("{0}")]
     SharedInbox(String),
+    /// Another member of the group holds a live claim on `n` of these
+    /// (it hands them over outside a transaction of its own): roll back
+    /// and let them come again ([`Received::retry`]); by then that member
+    /// recorded them (false) or its claim expired (true).
+    #[error("another member of the group is handling {n} of these deliveries now; roll back and try them again later")]
+    ClaimedElsewhere {
+        /// How many.
+        n: usize,
+    },
 }

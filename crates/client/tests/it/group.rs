@@ -277,6 +277,49 @@ async fn a_gap_the_whole_group_lacks_is_reported_once() {
     }
 }
 
+/// A mixed group: a member that records in its own transaction
+/// (`records_in_transaction`, as `--sql`) does not take over a copy that a
+/// claiming member is handling now: `record_in` says so (roll back, try
+/// again), and once that member recorded it, the copy is not new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_recording_in_its_transaction_does_not_take_a_copy_another_member_handles() {
+    let pg = Postgres::start().await;
+    let app = db(&pg).await;
+    let (a, b) = (Mosquitto::plain().await, Mosquitto::plain().await);
+    let dir = tempfile::tempdir().unwrap();
+    let m1 = member("m1", "g6", &a.url(), &dir.path().join("m1"), &pg.url());
+    let m2 = member("m2", "g6", &b.url(), &dir.path().join("m2"), &pg.url()).records_in_transaction(true);
+    Consumer::register(&m1).await.unwrap();
+    Consumer::register(&m2).await.unwrap();
+    publish_as(a.port(), "job", "p/1");
+    publish_as(b.port(), "job", "p/1");
+    let (c1, _) = Consumer::open(m1).await.unwrap();
+    let held = next(&c1).await; // claimed by m1, being handled
+    let (c2, _) = Consumer::open(m2).await.unwrap();
+    let copy = next(&c2).await; // m2 claims nothing: handed over
+    let mut app = app;
+    let tx = app.transaction().await.unwrap();
+    let e = copy.record_in(&tx).await.expect_err("m1 handles it now");
+    assert!(matches!(e, steadfast::RecordInError::ClaimedElsewhere { n: 1 }), "{e}");
+    tx.rollback().await.unwrap();
+    held.ack();
+    c1.close().await; // its record is written before close returns
+    let tx = app.transaction().await.unwrap();
+    assert!(!copy.record_in(&tx).await.unwrap(), "m1 recorded it: a copy here");
+    tx.commit().await.unwrap();
+    copy.ack();
+    c2.close().await;
+    let handled: i64 = app
+        .query_one(
+            "SELECT count(*) FROM steadfast_inbox WHERE grp = 'g6' AND claimed_until IS NULL AND member = 'm1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(handled, 1);
+}
+
 /// A member that handles a message for longer than its claim lasts keeps
 /// the claim (renewed): the copy at another member waits and is dropped
 /// once the first member recorded it.

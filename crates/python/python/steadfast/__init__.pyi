@@ -318,5 +318,5 @@ def group_status(url: str, group: Optional[str] = None) -> List[Dict[str, object
     """The consumer groups whose shared inbox is the PostgreSQL database at
     ``url`` (or only ``group``): ``group``, ``handled``, ``duplicates``,
     ``remembered``, ``claims`` and ``members`` (each ``member``,
-    ``last_seen`` in seconds, ``handled``, ``duplicates``). Read only."""
+    ``last_seen``: seconds ago, ``handled``, ``duplicates``). Read only."""
     ...

@@ -150,12 +150,12 @@ impl TlsConfig {
             .with_safe_default_protocol_versions()
             .map_err(|e| ConfigError::TlsProtocols(e.to_string()))?;
         let builder = if self.insecure {
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(Lenient { provider, chain: None }))
         } else if self.any_name {
-            let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider)
+            let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider.clone())
                 .build()
                 .map_err(|e| ConfigError::TlsProtocols(e.to_string()))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyName(chain)))
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(Lenient { provider, chain: Some(chain) }))
         } else {
             builder.with_root_certificates(self.roots()?)
         };
@@ -221,48 +221,18 @@ fn platform_roots() -> Result<Arc<rustls::RootCertStore>, ConfigError> {
     Ok(ROOTS.get_or_init(|| Arc::new(roots)).clone())
 }
 
-/// [`TlsConfig::insecure`]: accepts any certificate, still checks the handshake's
-/// signatures so that the session keys belong to whoever sent it.
+/// A verifier that checks less than webpki's default, for
+/// [`TlsConfig::insecure`] (no certificate check: `chain` is `None`) and
+/// [`TlsConfig::any_name`] (the chain as usual, any name accepted). Both
+/// still check the handshake's signatures, so that the session keys
+/// belong to whoever sent the certificate.
 #[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Lenient {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
 }
 
-/// [`TlsConfig::any_name`]: the chain verified as usual, any name accepted.
-#[derive(Debug)]
-struct AnyName(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl rustls::client::danger::ServerCertVerifier for AnyName {
+impl rustls::client::danger::ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -272,7 +242,8 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         use rustls::CertificateError::{NotValidForName, NotValidForNameContext};
-        match self.0.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
+        let Some(chain) = &self.chain else { return Ok(rustls::client::danger::ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(NotValidForName | NotValidForNameContext { .. })) => {
                 Ok(rustls::client::danger::ServerCertVerified::assertion())
             }
@@ -285,7 +256,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -293,10 +264,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyName {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -55,7 +55,9 @@ pub(crate) fn shown(url: &str) -> String {
     }
     if let Some(s) = is_url(&out).then(|| out.find("://")).flatten() {
         let rest = s + 3;
-        let authority_end = out[rest..].find(['/', '?']).map_or(out.len(), |i| rest + i);
+        // Up to the query, not the path: an unescaped `/` in a password
+        // is hidden too (a path with `@` is hidden more than needed).
+        let authority_end = out[rest..].find('?').map_or(out.len(), |i| rest + i);
         if let Some(at) = out[rest..authority_end].rfind('@').map(|i| rest + i) {
             if let Some(colon) = out[rest..at].find(':').map(|i| rest + i) {
                 out.replace_range(colon + 1..at, "***");
@@ -396,6 +398,7 @@ mod tests {
         assert_eq!(shown("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(shown("postgres://u:pw@h/db?password=p@ss&x=1"), "postgres://u:***@h/db?password=***&x=1");
         assert_eq!(shown("password=a host=h password='b c'"), "password=*** host=h password=***");
+        assert_eq!(shown("postgres://u:pa/ss@h/db"), "postgres://u:***@h/db");
     }
 
     #[test]

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use steadfast_testkit::{Mosquitto, Postgres};
+use steadfast_testkit::{free_port, Mosquitto, Postgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{run, stderr, steadfast};
 
@@ -319,6 +320,76 @@ async fn a_message_the_database_refuses_is_named_and_the_ones_before_it_are_writ
     db.batch_execute("ALTER TABLE readings DROP CONSTRAINT no_bad").await.unwrap();
     wait_written(&url, "all 11 once the table takes the refused one", Duration::from_secs(30), |w| w == (11, 11)).await;
     assert!(member.log().contains("--sql: writing again"), "{}", member.log());
+    let status = member.stop().await;
+    assert!(status.success(), "{status}: {}", member.log());
+}
+
+/// One GET of /metrics; `None` while nothing answers.
+async fn scrape(port: u16) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.ok()?;
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
+/// The value of the series `name` whose labels include each of `labels`.
+fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Scrapes until `cond` holds of the text.
+async fn wait_metrics(port: u16, what: &str, cond: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(port).await.unwrap_or_default();
+        if cond(&text) {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}; metrics: {text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A member's own metrics: its statements to the shared inbox (claims and
+/// records, timed), and whether the shared inbox answers, down while
+/// PostgreSQL is and up again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_shows_its_statements_and_whether_the_shared_inbox_answers() {
+    let mut pg = Postgres::start().await;
+    let url = pg.url();
+    let broker = Mosquitto::plain().await;
+    let mut member = Member::new("m1", &[broker.url()], &url);
+    member.register_on(&broker.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
+    let args = ["pub", "-b", &broker.url(), "-i", "gw", "--outbox", &outbox, "-t", "grp/t", "-l"];
+    let mut producer = steadfast().args(args).stdin(Stdio::piped()).spawn().unwrap();
+    producer.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
+    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let port = free_port();
+    // Heartbeats every half gap timeout.
+    member.args.extend(["--metrics".to_owned(), format!("127.0.0.1:{port}"), "--gap-timeout".into(), "1s".into()]);
+    member.start(None);
+    let who = ["group=\"line\"", "member=\"m1\""];
+    let up = |t: &str| value(t, "steadfast_group_inbox_up", &who);
+    let text = wait_metrics(port, "3 claimed and recorded, the inbox up", |t| {
+        let n = |s: &str| value(t, "steadfast_group_identities_total", &[who[0], who[1], s]).unwrap_or(0.0);
+        n("statement=\"claim\"") >= 3.0 && n("statement=\"record\"") >= 3.0 && up(t) == Some(1.0)
+    })
+    .await;
+    assert!(text.contains("steadfast_group_statement_seconds"), "{text}");
+    assert_eq!(member.printed().len(), 3, "{}", member.log());
+
+    pg.kill9();
+    wait_metrics(port, "the inbox down", |t| up(t) == Some(0.0)).await;
+    pg.spawn().await;
+    wait_metrics(port, "the inbox up again", |t| up(t) == Some(1.0)).await;
     let status = member.stop().await;
     assert!(status.success(), "{status}: {}", member.log());
 }

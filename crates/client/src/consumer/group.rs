@@ -628,8 +628,14 @@ mod imp {
         /// Notes whether the shared inbox answers; returns what was noted
         /// before (for the dispatcher's log lines).
         pub(crate) fn set_down(&self, down: bool) -> bool {
-            metrics::gauge!("steadfast_group_inbox_up", self.labels.iter()).set(if down { 0.0 } else { 1.0 });
+            self.show_up(!down);
             self.down.swap(down, Ordering::Relaxed)
+        }
+
+        /// The `steadfast_group_inbox_up` gauge: whether the last claim,
+        /// record or heartbeat got an answer.
+        fn show_up(&self, up: bool) {
+            metrics::gauge!("steadfast_group_inbox_up", self.labels.iter()).set(if up { 1.0 } else { 0.0 });
         }
 
         /// What this member's shared inbox did so far.
@@ -746,13 +752,14 @@ mod imp {
 
         /// One record statement for `ids`.
         async fn record_now(&self, ids: &[(String, u64)]) -> Result<(), GroupError> {
-            let conn = self.client().await?;
+            let conn = self.client().await.inspect_err(|_| self.show_up(false))?;
             let (producers, seqs) = columns(ids);
             let dups = self.duplicates.swap(0, Ordering::Relaxed);
             let t0 = std::time::Instant::now();
             let done =
                 conn.client.execute(&conn.statement, &[&self.group, &self.member, &producers, &seqs, &dups]).await;
             self.recorded.add(&self.labels, "record", producers.len(), t0);
+            self.show_up(done.is_ok());
             if let Err(e) = done {
                 self.duplicates.fetch_add(dups, Ordering::Relaxed);
                 return Err(err("record", &self.url, e));
@@ -787,7 +794,7 @@ mod imp {
         /// it removed since its last record: a member that only removes
         /// copies, or has handled nothing yet, shows in the group's status.
         pub(crate) async fn heartbeat(&self) -> Result<(), GroupError> {
-            let client = self.client().await?.client;
+            let client = self.client().await.inspect_err(|_| self.show_up(false))?.client;
             let dups = self.duplicates.swap(0, Ordering::Relaxed);
             let done = client
                 .execute(
@@ -796,6 +803,7 @@ mod imp {
                     &[&self.group, &self.member, &dups],
                 )
                 .await;
+            self.show_up(done.is_ok());
             if let Err(e) = done {
                 self.duplicates.fetch_add(dups, Ordering::Relaxed);
                 return Err(err("heartbeat", &self.url, e));

@@ -7,9 +7,8 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use steadfast_testkit::{free_port, Mosquitto, Postgres};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{run, stderr, steadfast};
+use crate::{run, scrape, stderr, steadfast};
 
 /// Rows the members wrote, and how many distinct identities among them;
 /// `None` while PostgreSQL is down.
@@ -119,6 +118,18 @@ impl Drop for Member {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Publishes each line of `lines` on `grp/t` at `broker` as the
+/// producer `gw` (`steadfast pub -l`), every one acknowledged.
+async fn publish_lines(broker: &str, lines: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
+    let args = ["pub", "-b", broker, "-i", "gw", "--outbox", &outbox, "-t", "grp/t", "-l"];
+    let mut producer = steadfast().args(args).stdin(Stdio::piped()).spawn().unwrap();
+    producer.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
 const INSERT: &str = "INSERT INTO readings (producer, seq, body, topic) VALUES ($3, $4, $1, $2)";
@@ -295,14 +306,8 @@ async fn a_message_the_database_refuses_is_named_and_the_ones_before_it_are_writ
     let broker = Mosquitto::plain().await;
     let mut member = Member::new("m1", &[broker.url()], &url);
     member.register_on(&broker.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
     let lines: String = (0..11).map(|i| if i == 5 { "bad\n".to_owned() } else { format!("good {i}\n") }).collect();
-    let args = ["pub", "-b", &broker.url(), "-i", "gw", "--outbox", &outbox, "-t", "grp/t", "-l"];
-    let mut producer = steadfast().args(args).stdin(Stdio::piped()).spawn().unwrap();
-    producer.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    publish_lines(&broker.url(), &lines).await;
 
     member.start(Some(INSERT));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -322,15 +327,6 @@ async fn a_message_the_database_refuses_is_named_and_the_ones_before_it_are_writ
     assert!(member.log().contains("--sql: writing again"), "{}", member.log());
     let status = member.stop().await;
     assert!(status.success(), "{status}: {}", member.log());
-}
-
-/// One GET of /metrics; `None` while nothing answers.
-async fn scrape(port: u16) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    text.starts_with("HTTP/1.1 200").then_some(text)
 }
 
 /// The value of the series `name` whose labels include each of `labels`.
@@ -364,13 +360,7 @@ async fn a_member_shows_its_statements_and_whether_the_shared_inbox_answers() {
     let broker = Mosquitto::plain().await;
     let mut member = Member::new("m1", &[broker.url()], &url);
     member.register_on(&broker.url()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = dir.path().join("ob").to_str().unwrap().to_owned();
-    let args = ["pub", "-b", &broker.url(), "-i", "gw", "--outbox", &outbox, "-t", "grp/t", "-l"];
-    let mut producer = steadfast().args(args).stdin(Stdio::piped()).spawn().unwrap();
-    producer.stdin.take().unwrap().write_all(b"a\nb\nc\n").unwrap();
-    let out = tokio::task::spawn_blocking(move || producer.wait_with_output().unwrap()).await.unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    publish_lines(&broker.url(), "a\nb\nc\n").await;
 
     let port = free_port();
     // Heartbeats every half gap timeout.

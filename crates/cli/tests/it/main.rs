@@ -39,6 +39,15 @@ fn run_blocking(args: &[String]) -> Output {
     steadfast().args(args).stdin(Stdio::null()).output().expect("run steadfast")
 }
 
+/// One GET of /metrics; `None` while nothing listens yet.
+pub(crate) async fn scrape(port: u16) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+    let mut text = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut text).await.ok()?;
+    text.starts_with("HTTP/1.1 200").then_some(text)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

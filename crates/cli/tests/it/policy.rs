@@ -6,9 +6,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use steadfast_testkit::{free_port, FaultProxy, Mosquitto, ProxyMode, Subscriber};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{status_json, stderr, steadfast};
+use crate::{scrape, status_json, stderr, steadfast};
 
 /// `steadfast ARGS` with `input` on stdin, to completion.
 pub(super) async fn run_with_input(args: Vec<String>, input: String) -> Output {
@@ -25,15 +24,6 @@ pub(super) async fn run_with_input(args: Vec<String>, input: String) -> Output {
     })
     .await
     .unwrap()
-}
-
-/// One GET of /metrics; `None` while nothing listens yet.
-async fn scrape(port: u16) -> Option<String> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await.ok()?;
-    text.starts_with("HTTP/1.1 200").then_some(text)
 }
 
 /// The value of a sample (`name{labels}`) in Prometheus text.

@@ -1,5 +1,10 @@
 //! `bridge`: local Mosquitto -> `steadfast bridge` -> upstream Mosquitto,
-//! against steadfast publishing straight to the upstream broker.
+//! against steadfast publishing straight to the upstream broker. Both end
+//! the same way: when the upstream broker has acknowledged every message
+//! (the direct publisher's outbox is empty; the bridge's
+//! `steadfast_broker_acked_total` reaches the count). No subscriber runs
+//! upstream in either: before 2026-12-03 one did in the bridged runs only,
+//! and its CPU (a third of the bridge's own) was charged to the bridge.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,40 +12,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use steadfast::ProtocolVersion;
-use steadfast_lab::{mosquitto_program, Broker};
+use steadfast_lab::{free_port, Broker};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::steadfast_durable;
 use crate::measure::{broker, median, rate, state_dir, versus};
 use crate::{Args, BenchError, Scenario};
-
-/// `mosquitto_sub` on `port` that exits after `n` messages; returns once
-/// its subscription is granted.
-pub(crate) async fn counting_subscriber(port: u16, filter: &str, n: usize) -> Result<std::process::Child, BenchError> {
-    let mut sub = Command::new("stdbuf")
-        .arg("-oL")
-        .arg(mosquitto_program("mosquitto_sub"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-q", "1", "-C", &n.to_string(), "-d"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(BenchError::run("mosquitto_sub"))?;
-    let out = sub.stdout.take().expect("stdout is piped");
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("received SUBACK") {
-                tx.take().map(|t| t.send(()));
-            }
-        }
-    });
-    let limit = Duration::from_secs(10);
-    let granted = tokio::time::timeout(limit, rx)
-        .await
-        .map_err(|_| BenchError::TimedOut { what: "mosquitto_sub: its subscription".into(), limit })?;
-    granted.map_err(|_| BenchError::Ended("mosquitto_sub"))?;
-    Ok(sub)
-}
 
 /// The in-flight window of a `steadfast bridge` route (the client's
 /// default; the bridge's configuration has no setting for it).
@@ -134,33 +111,50 @@ impl<'a> BridgeRun<'a> {
         Ok(())
     }
 
-    /// Runs the bridge until an upstream subscriber got all `n` messages;
-    /// the time from the bridge's start.
+    /// Runs the bridge until the upstream broker has acknowledged all `n`
+    /// messages (read from the bridge's `--metrics`, every 20 ms); the
+    /// time from the bridge's start.
     async fn forward(&self, upstream: &Broker, n: usize) -> Result<Duration, BenchError> {
-        let mut sub = counting_subscriber(upstream.port(), "up/bench/bridge/#", n).await?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
         let t0 = Instant::now();
         let mut bridge = Command::new(self.exe)
-            .args(["bridge", "--config"])
+            .args(["bridge", "--metrics", &metrics, "--config"])
             .arg(&self.config)
             .stdout(Stdio::null())
             .spawn()
             .map_err(BenchError::run("steadfast bridge"))?;
-        let sub_pid = sub.id();
         let limit = Duration::from_secs(300);
-        let done = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || sub.wait())).await;
+        let counter = format!("steadfast_broker_acked_total{{broker=\"{}\"}}", upstream.url());
+        let mut acked = 0;
+        let mut exited = None;
+        while acked < n as u64 && t0.elapsed() < limit && exited.is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            acked = scrape(&metrics, &counter).await.unwrap_or(acked);
+            exited = bridge.try_wait().map_err(BenchError::run("steadfast bridge"))?;
+        }
         let elapsed = t0.elapsed();
         let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
         let _ = bridge.wait();
-        let Ok(done) = done else {
-            let _ = Command::new("kill").args(["-KILL", &sub_pid.to_string()]).status();
-            return Err(BenchError::TimedOut { what: format!("the upstream subscriber: {n} messages"), limit });
-        };
-        let status = done?.map_err(BenchError::run("mosquitto_sub"))?;
-        if !status.success() {
-            return Err(BenchError::Failed { what: "the upstream subscriber".into(), detail: status.to_string() });
+        if let Some(status) = exited.filter(|_| acked < n as u64) {
+            return Err(BenchError::Failed { what: "steadfast bridge".into(), detail: status.to_string() });
+        }
+        if acked < n as u64 {
+            let what = format!("the bridge: {n} messages acknowledged upstream ({acked} were)");
+            return Err(BenchError::TimedOut { what, limit });
         }
         Ok(elapsed)
     }
+}
+
+/// The value of `counter` (its full name with labels) at a `--metrics`
+/// address; `None` while the exporter does not answer or has no such line.
+async fn scrape(addr: &str, counter: &str) -> Option<u64> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    let line = body.lines().find(|l| l.starts_with(counter))?;
+    line[counter.len()..].trim().parse::<f64>().ok().map(|v| v as u64)
 }
 
 /// The scenario's rows from the median rates, bridged and direct.

@@ -318,6 +318,22 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// closes that broker's QoS 2 exchange of it; the message as it is now
     /// (`None`: gone already).
     fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError>;
+    /// [`Store::ack`], and when `finishes` says that the message, so
+    /// acknowledged, is done (and no QoS 2 exchange of it is open, and it
+    /// is not delivered already), it is removed in the same step, as
+    /// [`Store::remove`] would: a store may then skip recording an
+    /// acknowledgement on a row about to go. Returns the message as it
+    /// is now, and whether it was removed.
+    fn ack_or_remove(
+        &mut self,
+        id: u64,
+        slot: u32,
+        finishes: &mut dyn FnMut(&Entry) -> bool,
+    ) -> Result<Option<(Entry, bool)>, StoreError> {
+        let Some(e) = self.ack(id, slot)? else { return Ok(None) };
+        let removed = e.bindings == 0 && !e.done && finishes(&e) && self.remove(id)?;
+        Ok(Some((e, removed)))
+    }
     /// Marks a message delivered while QoS 2 exchanges of it stay open.
     fn set_done(&mut self, id: u64) -> Result<(), StoreError>;
     /// A message that asks for receipts was delivered: it waits for them

@@ -122,7 +122,7 @@ impl Dispatcher {
                 }
                 permit = app.reserve(), if !self.ready.is_empty() => {
                     let Ok(permit) = permit else { return };
-                    if !send_queued(&app, permit, &mut self.ready, usize::MAX) {
+                    if send_queued(&app, permit, &mut self.ready, usize::MAX, |_| false).is_none() {
                         return;
                     }
                 }

@@ -445,19 +445,30 @@ impl Consumer {
 }
 
 /// Sends `queue`'s front through the reserved `permit`, then as many more
-/// as `tx` has room for now; false when the channel is closed.
-fn send_queued<T>(tx: &mpsc::Sender<T>, permit: mpsc::Permit<'_, T>, queue: &mut VecDeque<T>, limit: usize) -> bool {
-    permit.send(queue.pop_front().expect("not empty"));
+/// as `tx` has room for now; how many of those sent `counts` (`None` when
+/// the channel is closed).
+fn send_queued<T>(
+    tx: &mpsc::Sender<T>,
+    permit: mpsc::Permit<'_, T>,
+    queue: &mut VecDeque<T>,
+    limit: usize,
+    counts: impl Fn(&T) -> bool,
+) -> Option<usize> {
+    let first = queue.pop_front().expect("not empty");
+    let mut counted = usize::from(counts(&first));
+    permit.send(first);
     // And whatever else fits now, up to `limit` in all.
     for _ in 1..limit {
         let Some(m) = queue.pop_front() else { break };
+        let c = counts(&m);
         if let Err(e) = tx.try_send(m) {
             match e {
                 mpsc::error::TrySendError::Full(m) => queue.push_front(m),
-                mpsc::error::TrySendError::Closed(_) => return false,
+                mpsc::error::TrySendError::Closed(_) => return None,
             }
             break;
         }
+        counted += usize::from(c);
     }
-    true
+    Some(counted)
 }

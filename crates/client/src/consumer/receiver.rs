@@ -58,6 +58,9 @@ struct Connection {
     /// wait, the socket is not read (back-pressure), but acks, pings and
     /// stop are still served.
     to_forward: VecDeque<FromBroker>,
+    /// How many of those the broker waits an acknowledgement for (QoS 1
+    /// and 2).
+    to_forward_acked: usize,
     /// The packet id of the last receipt sent.
     next_pid: u16,
     /// The broker went past the Receive Maximum once on this connection
@@ -148,9 +151,11 @@ impl Receiver {
             tokio::select! {
                 permit = out.reserve(), if room > 0 => {
                     let Ok(permit) = permit else { return Ok(()) };
-                    if !send_queued(&out, permit, &mut conn.to_forward, room) {
+                    let acked = |f: &FromBroker| f.msg.pid.is_some();
+                    let Some(sent) = send_queued(&out, permit, &mut conn.to_forward, room, acked) else {
                         return Ok(());
-                    }
+                    };
+                    conn.to_forward_acked -= sent;
                 }
                 r = conn.rd.read(&mut conn.buf), if conn.to_forward.is_empty() => {
                     let n = r?;
@@ -193,6 +198,7 @@ impl Receiver {
                     // the rest waits here, unread, until there is room.
                     tracing::debug!(broker = %self.url, unacknowledged = open, receive_maximum = max, "the broker sent more unacknowledged messages than the Receive Maximum; only that many are handed over at a time");
                 }
+                conn.to_forward_acked += usize::from(msg.pid.is_some());
                 conn.to_forward.push_back(FromBroker { broker: self.index, epoch: conn.epoch, msg });
             }
             Incoming::PubRel { pid } => conn.session.handle_pubrel(pid, &mut LinkAcks(&mut conn.link)),
@@ -221,8 +227,7 @@ impl Connection {
     /// the Receive Maximum only fills the socket, which is not read while
     /// anything waits here).
     fn room(&self, max: u16) -> usize {
-        let waiting = self.to_forward.iter().filter(|f| f.msg.pid.is_some()).count();
-        let open = self.session.unacknowledged().saturating_sub(waiting);
+        let open = self.session.unacknowledged().saturating_sub(self.to_forward_acked);
         let room = (max as usize).saturating_sub(open);
         // QoS 0 deliveries need no acknowledgement: they never wait for one.
         match self.to_forward.front() {
@@ -244,6 +249,7 @@ impl Connection {
             keep_alive,
             session: ReceiveSession::new(keep_alive, clock::instant()),
             to_forward: VecDeque::new(),
+            to_forward_acked: 0,
             next_pid: 1,
             over_window: false,
         }

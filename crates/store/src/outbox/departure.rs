@@ -23,6 +23,21 @@ pub const RECEIPTS_HANDLED: &str = "receipts.handled";
 /// See [`RECEIPTS_COUNTED`].
 pub const RECEIPTS_REPUBLISHED: &str = "receipts.republished";
 
+/// The acknowledgements a message of `route` needs under `quorums`, and
+/// from which slots. Without routes (one broker), any acknowledgement will
+/// do. A message held for another broker set is never complete here (a
+/// QoS 2 exchange its old set left open may still close on a broker of
+/// this run): its acknowledgements count once its set is back.
+fn rule_of(quorums: &[super::Quorum], route: Option<&str>) -> (u64, u32, Option<u64>) {
+    if held_for(route).is_some() {
+        return (0, u32::MAX, None);
+    }
+    match quorums.iter().find(|q| q.route.as_deref() == route) {
+        Some(q) => (q.mask(), q.need.max(1), q.catch_up_ms),
+        None => (u64::MAX, 1, None),
+    }
+}
+
 impl Writer {
     /// Messages that reached their end, whatever acknowledged them, or
     /// that their policy dropped.
@@ -40,26 +55,32 @@ impl Writer {
     /// exchanges of them).
     pub(super) fn ack_all(&mut self, slot: u32, ids: Vec<u64>, b: &mut Batch) -> Result<(), StoreError> {
         for id in ids {
-            if let Some(e) = self.store.ack(id, slot)? {
-                self.settle_entry(id, e, b)?;
+            // What this acknowledgement alone finishes (its quorum met, no
+            // receipts asked for) the store removes at once: the common
+            // case costs it no update of a row about to go. The rest is
+            // settled as before.
+            let quorums = &self.quorums;
+            let mut finishes = |e: &Entry| {
+                e.receipts.is_none() && e.awaiting_ms.is_none() && {
+                    let (mask, need, _) = rule_of(quorums, e.route.as_deref());
+                    quorum_met(e.acks, mask, need)
+                }
+            };
+            match self.store.ack_or_remove(id, slot, &mut finishes)? {
+                Some((e, true)) => {
+                    b.delivered += 1;
+                    self.finished(id, &e, Delivery::Delivered, b);
+                }
+                Some((e, false)) => self.settle_entry(id, e, b)?,
+                None => {}
             }
         }
         Ok(())
     }
 
-    /// The acknowledgements a message of `route` needs, and from which
-    /// slots. Without routes (one broker), any acknowledgement will do. A
-    /// message held for another broker set is never complete here (a QoS
-    /// 2 exchange its old set left open may still close on a broker of
-    /// this run): its acknowledgements count once its set is back.
+    /// [`rule_of`] this writer's quorums.
     fn rule(&self, route: Option<&str>) -> (u64, u32, Option<u64>) {
-        if held_for(route).is_some() {
-            return (0, u32::MAX, None);
-        }
-        match self.quorums.iter().find(|q| q.route.as_deref() == route) {
-            Some(q) => (q.mask(), q.need.max(1), q.catch_up_ms),
-            None => (u64::MAX, 1, None),
-        }
+        rule_of(&self.quorums, route)
     }
 
     /// After an acknowledgement or a closed QoS 2 exchange: a message whose
@@ -223,6 +244,13 @@ impl Writer {
         } else {
             self.store.set_done(id)?;
         }
+        self.finished(id, e, outcome, b);
+        Ok(())
+    }
+
+    /// The counts and the batch's news after a message left the queue
+    /// (removed, or kept as done for its open QoS 2 exchanges).
+    fn finished(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) {
         self.totals.count -= 1;
         self.totals.bytes = self.totals.bytes.saturating_sub(e.size);
         if held_for(e.route.as_deref()).is_some() {
@@ -238,7 +266,6 @@ impl Writer {
             t.bytes = t.bytes.saturating_sub(e.size);
         }
         b.resolved.push((id, outcome));
-        Ok(())
     }
 
     /// Removes a message that reached its end; false if it was gone already.

@@ -197,6 +197,55 @@ impl Store for SqliteStore {
         Ok(Some(entry))
     }
 
+    fn ack_or_remove(
+        &mut self,
+        id: u64,
+        slot: u32,
+        finishes: &mut dyn FnMut(&Entry) -> bool,
+    ) -> Result<Option<(Entry, bool)>, StoreError> {
+        // Two statements for a QoS 0 or 1 message that this acknowledgement
+        // finishes (the common case: one broker, no receipts): the read by
+        // key and the delete, instead of the update, the read, a second
+        // read and the delete of `ack` then `remove`.
+        let mut stmt =
+            self.conn.prepare_cached(concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1"))?;
+        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
+        drop(stmt);
+        let Some((mut e, qos)) = r.map_err(|e| self.map(e))? else { return Ok(None) };
+        if qos == 2 {
+            // Its exchanges are counted by `ack`: the general way.
+            let Some(e) = self.ack(id, slot)? else { return Ok(None) };
+            let removed = e.bindings == 0 && !e.done && finishes(&e) && self.remove(id)?;
+            return Ok(Some((e, removed)));
+        }
+        let bit = 1u64 << slot;
+        let before = e.acks;
+        e.acks |= bit;
+        if !e.done && finishes(&e) {
+            // A rule that needs several receipts keeps their names.
+            let several = e.receipts.as_deref().and_then(ReceiptRule::parse).is_some_and(|r| r.needed() > 1);
+            if several {
+                let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
+                let r = stmt.execute([id]);
+                drop(stmt);
+                r.map_err(|e| self.map(e))?;
+            }
+            let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            let r = stmt.execute([id]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+            self.count_queued(-1, -(e.size as i64))?;
+            return Ok(Some((e, true)));
+        }
+        if e.acks != before {
+            let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
+            let r = stmt.execute(params![id, e.acks as i64]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+        }
+        Ok(Some((e, false)))
+    }
+
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached("SELECT size FROM outbox WHERE id = ?1 AND done = 0")?;
         let r = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional();

@@ -167,7 +167,15 @@ impl Receiver {
                 }
                 cmd = self.acks.recv() => match cmd {
                     None => return Ok(()),
-                    Some(cmd) => conn.on_driver_cmd(cmd).await?,
+                    Some(cmd) => {
+                        conn.on_driver_cmd(cmd).await?;
+                        // And the ones queued behind it: their PUBACKs go
+                        // out in one write, not one each.
+                        for _ in 0..MAX_CMDS_PER_WRITE {
+                            let Ok(cmd) = self.acks.try_recv() else { break };
+                            conn.on_driver_cmd(cmd).await?;
+                        }
+                    }
                 },
                 _ = sleep_until(wake) => conn.on_timeout()?,
                 r = self.stop.changed() => {
@@ -218,6 +226,10 @@ impl Receiver {
         Ok(())
     }
 }
+
+/// The most dispatcher commands taken before the acknowledgements they
+/// made due are written.
+const MAX_CMDS_PER_WRITE: usize = 1024;
 
 impl Connection {
     /// How many more deliveries may go to the dispatcher now: at most

@@ -700,7 +700,8 @@ async fn chaos(args: &[&str]) {
 }
 
 /// `steadfast bench` (small): a table of rows against same-run baselines
-/// as JSON, and the latency histogram as SVG.
+/// as JSON, and the latency histogram as SVG; the bridge scenario runs
+/// this very binary as its bridge, and ends on its acknowledged count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
     let dir = tempfile::tempdir().unwrap();
@@ -709,6 +710,7 @@ async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
         "bench",
         "publish",
         "consume",
+        "bridge",
         "--messages",
         "2000",
         "--runs",
@@ -723,7 +725,8 @@ async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scenarios = report["scenarios"].as_array().unwrap();
-    assert_eq!(scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect::<Vec<_>>(), ["publish", "consume"]);
+    let names: Vec<_> = scenarios.iter().map(|s| s["scenario"].as_str().unwrap()).collect();
+    assert_eq!(names, ["publish", "consume", "bridge"]);
     for s in scenarios {
         let rows = s["rows"].as_array().unwrap();
         assert!(rows.iter().any(|r| r["baseline"] == true), "{s}");

@@ -3,7 +3,7 @@
 //! the same way: when the upstream broker has acknowledged every message
 //! (the direct publisher's outbox is empty; the bridge's
 //! `steadfast_broker_acked_total` reaches the count). No subscriber runs
-//! upstream in either: before 2026-12-03 one did in the bridged runs only,
+//! upstream in either: before 2026-12-02 one did in the bridged runs only,
 //! and its CPU (a third of the bridge's own) was charged to the bridge.
 
 use std::io::Write;

@@ -2,7 +2,8 @@
 //! commits as the rows, so that opening a large backlog reads one row. It
 //! must always equal what the rows say, whatever mix of operations, failed
 //! transactions and reopenings came before. And an acknowledgement's answer
-//! (one statement for QoS 1) is the message as a fresh read sees it.
+//! (one statement for QoS 1) is the message as a fresh read sees it; one
+//! that finishes the message (`ack_or_remove`) leaves no row.
 
 use proptest::prelude::*;
 use steadfast_core::Stage;
@@ -17,6 +18,7 @@ enum Op {
     Done(usize),
     Bind(usize),
     Ack(usize, u32),
+    AckOrRemove(usize, u32, bool),
     Commit,
     Rollback,
     Reopen,
@@ -29,6 +31,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..50).prop_map(Op::Done),
         2 => (0usize..50).prop_map(Op::Bind),
         2 => ((0usize..50), (0u32..2)).prop_map(|(i, slot)| Op::Ack(i, slot)),
+        2 => ((0usize..50), (0u32..2), any::<bool>()).prop_map(|(i, slot, f)| Op::AckOrRemove(i, slot, f)),
         2 => Just(Op::Commit),
         1 => Just(Op::Rollback),
         1 => Just(Op::Reopen),
@@ -88,6 +91,25 @@ proptest! {
                     if let Some(&id) = ids.get(i % ids.len().max(1)) {
                         let answered = s.ack(id, slots[slot as usize]).unwrap();
                         prop_assert_eq!(answered, s.entry(id).unwrap());
+                    }
+                }
+                Op::AckOrRemove(i, slot, finishes) => {
+                    if let Some(&id) = ids.get(i % ids.len().max(1)) {
+                        let before = s.entry(id).unwrap();
+                        let answered = s.ack_or_remove(id, slots[slot as usize], &mut |_| finishes).unwrap();
+                        match answered {
+                            Some((e, true)) => {
+                                // Only what was queued, with no exchange open, goes.
+                                let before = before.unwrap();
+                                prop_assert!(finishes && !before.done && e.bindings == 0);
+                                prop_assert_eq!(s.entry(id).unwrap(), None);
+                            }
+                            Some((e, false)) => {
+                                prop_assert_eq!(Some(e.clone()), s.entry(id).unwrap());
+                                prop_assert!(!finishes || e.done || e.bindings > 0);
+                            }
+                            None => prop_assert_eq!(before, None),
+                        }
                     }
                 }
                 Op::Commit => {

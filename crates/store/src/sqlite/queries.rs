@@ -131,70 +131,43 @@ impl Store for SqliteStore {
         let r = stmt
             .query_row([id], |r| {
                 let rule: Option<String> = r.get(3)?;
-                // Only a rule that needs several receipts keeps their names.
-                let several = rule.and_then(|t| ReceiptRule::parse(&t)).is_some_and(|rule| rule.needed() > 1);
-                Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)?, r.get::<_, u8>(2)?, several))
+                Ok((
+                    r.get::<_, bool>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, u8>(2)?,
+                    keeps_receipt_names(rule.as_deref()),
+                ))
             })
             .optional();
         drop(stmt);
-        let removed: Option<(bool, i64, u8, bool)> = r.map_err(|e| self.map(e))?;
-        if removed.is_some_and(|r| r.3) {
-            let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
-            let r = stmt.execute([id]);
-            drop(stmt);
-            r.map_err(|e| self.map(e))?;
-        }
-        if removed.is_some() {
-            let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            let r = stmt.execute([id]);
-            drop(stmt);
-            r.map_err(|e| self.map(e))?;
-        }
-        // Only a QoS 2 message is ever bound to a packet id (a gone one is
-        // cleared too, in case).
-        if removed.is_none_or(|(_, _, qos, _)| qos == 2) {
-            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
-            let r = wire.execute([id]);
-            drop(wire);
-            r.map_err(|e| self.map(e))?;
-        }
-        match removed {
-            Some((done, size, _, _)) => {
-                if !done {
-                    self.count_queued(-1, -size)?;
-                }
+        match r.map_err(|e| self.map(e))? {
+            Some((done, size, qos, several)) => {
+                self.delete_row(id, done, size, qos, several)?;
                 Ok(true)
             }
-            None => Ok(false),
+            None => {
+                // A gone one's bindings are cleared too, in case.
+                let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+                let r = wire.execute([id]);
+                drop(wire);
+                r.map_err(|e| self.map(e))?;
+                Ok(false)
+            }
         }
     }
 
     fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError> {
-        // Two statements for a QoS 1 message: the acknowledgement, and the
-        // message as it is now read back by key (cheaper than RETURNING,
-        // see `remove`). A QoS 2 one also closes its exchange on this
+        // Two statements for a QoS 1 message: the message read by key
+        // (cheaper than RETURNING, see `remove`) and the acknowledgement,
+        // when it is new. A QoS 2 one also closes its exchange on this
         // broker and counts the others still open.
-        let bit = (1u64 << slot) as i64;
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = acks | ?2 WHERE id = ?1")?;
-        let r = stmt.execute(params![id, bit]);
-        drop(stmt);
-        r.map_err(|e| self.map(e))?;
-        let mut stmt =
-            self.conn.prepare_cached(concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1"))?;
-        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
-        drop(stmt);
-        let Some((mut entry, qos)) = r.map_err(|e| self.map(e))? else { return Ok(None) };
-        if qos == 2 {
-            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
-            let r = wire.execute(params![id, slot]);
-            drop(wire);
-            r.map_err(|e| self.map(e))?;
-            let mut open = self.conn.prepare_cached("SELECT count(*) FROM wire WHERE id = ?1")?;
-            let r = open.query_row([id], |r| r.get(0));
-            drop(open);
-            entry.bindings = r.map_err(|e| self.map(e))?;
+        let Some((mut e, qos)) = self.read_for_ack(id)? else { return Ok(None) };
+        let before = e.acks;
+        self.apply_ack(id, slot, qos, &mut e)?;
+        if e.acks != before {
+            self.store_acks(id, e.acks)?;
         }
-        Ok(Some(entry))
+        Ok(Some(e))
     }
 
     fn ack_or_remove(
@@ -207,41 +180,16 @@ impl Store for SqliteStore {
         // finishes (the common case: one broker, no receipts): the read by
         // key and the delete, instead of the update, the read, a second
         // read and the delete of `ack` then `remove`.
-        let mut stmt =
-            self.conn.prepare_cached(concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1"))?;
-        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
-        drop(stmt);
-        let Some((mut e, qos)) = r.map_err(|e| self.map(e))? else { return Ok(None) };
-        if qos == 2 {
-            // Its exchanges are counted by `ack`: the general way.
-            let Some(e) = self.ack(id, slot)? else { return Ok(None) };
-            let removed = e.bindings == 0 && !e.done && finishes(&e) && self.remove(id)?;
-            return Ok(Some((e, removed)));
-        }
-        let bit = 1u64 << slot;
+        let Some((mut e, qos)) = self.read_for_ack(id)? else { return Ok(None) };
         let before = e.acks;
-        e.acks |= bit;
-        if !e.done && finishes(&e) {
-            // A rule that needs several receipts keeps their names.
-            let several = e.receipts.as_deref().and_then(ReceiptRule::parse).is_some_and(|r| r.needed() > 1);
-            if several {
-                let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
-                let r = stmt.execute([id]);
-                drop(stmt);
-                r.map_err(|e| self.map(e))?;
-            }
-            let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
-            let r = stmt.execute([id]);
-            drop(stmt);
-            r.map_err(|e| self.map(e))?;
-            self.count_queued(-1, -(e.size as i64))?;
+        self.apply_ack(id, slot, qos, &mut e)?;
+        if e.bindings == 0 && !e.done && finishes(&e) {
+            let several = keeps_receipt_names(e.receipts.as_deref());
+            self.delete_row(id, false, e.size as i64, qos, several)?;
             return Ok(Some((e, true)));
         }
         if e.acks != before {
-            let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
-            let r = stmt.execute(params![id, e.acks as i64]);
-            drop(stmt);
-            r.map_err(|e| self.map(e))?;
+            self.store_acks(id, e.acks)?;
         }
         Ok(Some((e, false)))
     }
@@ -710,5 +658,74 @@ impl Store for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// Only a rule that needs several receipts keeps their names (in
+/// `receipts`, removed with the message).
+fn keeps_receipt_names(rule: Option<&str>) -> bool {
+    rule.and_then(ReceiptRule::parse).is_some_and(|r| r.needed() > 1)
+}
+
+impl SqliteStore {
+    /// A message as an acknowledgement finds it, with its QoS; its
+    /// bindings are counted by [`SqliteStore::apply_ack`] (QoS 2 only).
+    fn read_for_ack(&mut self, id: u64) -> Result<Option<(Entry, u8)>, StoreError> {
+        let sql = concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1");
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
+        drop(stmt);
+        r.map_err(|e| self.map(e))
+    }
+
+    /// The acknowledgement of `slot` on `e`, in memory; a QoS 2 message's
+    /// exchange on that broker is closed, and the ones still open counted.
+    fn apply_ack(&mut self, id: u64, slot: u32, qos: u8, e: &mut Entry) -> Result<(), StoreError> {
+        e.acks |= 1u64 << slot;
+        if qos == 2 {
+            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+            let r = wire.execute(params![id, slot]);
+            drop(wire);
+            r.map_err(|e| self.map(e))?;
+            let mut open = self.conn.prepare_cached("SELECT count(*) FROM wire WHERE id = ?1")?;
+            let r = open.query_row([id], |r| r.get(0));
+            drop(open);
+            e.bindings = r.map_err(|e| self.map(e))?;
+        }
+        Ok(())
+    }
+
+    fn store_acks(&mut self, id: u64, acks: u64) -> Result<(), StoreError> {
+        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
+        let r = stmt.execute(params![id, acks as i64]);
+        drop(stmt);
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    /// Deletes a message known to be there (`done`, `size`, `qos` and
+    /// whether it keeps receipt names as its row says) with what hangs on
+    /// it, and counts it out of the queue unless it was done.
+    fn delete_row(&mut self, id: u64, done: bool, size: i64, qos: u8, several: bool) -> Result<(), StoreError> {
+        if several {
+            let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
+            let r = stmt.execute([id]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+        }
+        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        let r = stmt.execute([id]);
+        drop(stmt);
+        r.map_err(|e| self.map(e))?;
+        // Only a QoS 2 message is ever bound to a packet id.
+        if qos == 2 {
+            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+            let r = wire.execute([id]);
+            drop(wire);
+            r.map_err(|e| self.map(e))?;
+        }
+        if !done {
+            self.count_queued(-1, -size)?;
+        }
+        Ok(())
     }
 }

@@ -55,10 +55,12 @@ pub struct Consumer {
     /// Per broker, the current connection's number (acks of older ones
     /// are void).
     pub epochs: Vec<u64>,
+    /// Acknowledgements that may leave ahead of their record.
+    acks_ahead: usize,
 }
 
 impl Consumer {
-    pub fn new(brokers: usize) -> Self {
+    pub fn new(brokers: usize, acks_ahead: usize) -> Self {
         let mut c = Consumer {
             engine: None,
             inbox: BTreeSet::new(),
@@ -66,6 +68,7 @@ impl Consumer {
             records: VecDeque::new(),
             rerecord: BTreeSet::new(),
             epochs: vec![0; brokers],
+            acks_ahead,
         };
         c.start();
         c
@@ -80,6 +83,7 @@ impl Consumer {
             relay: false,
             shared: false,
             reask_after: Duration::from_millis(200),
+            acks_ahead: self.acks_ahead,
         };
         let high = self.inbox.last().map(|s| (PRODUCER.to_owned(), *s));
         self.engine = Some(Dispatch::new(cfg, high));
@@ -90,10 +94,12 @@ impl Consumer {
     /// commit is atomic, and the process never learned which). Returns the
     /// identities handled whose record did not land.
     pub fn crash(&mut self, rng: &mut fastrand::Rng) -> Vec<u64> {
-        self.engine = None;
+        // Handled identities waiting in the engine for the record under
+        // way, and failed records waiting to be tried again: gone too.
+        let waiting: Vec<u64> = self.engine.take().map_or_else(Vec::new, |e| e.to_record().map(|i| i.seq).collect());
         self.app.clear();
-        // Failed records waited in the engine to be tried again: gone too.
         let mut unwritten: Vec<u64> = std::mem::take(&mut self.rerecord).into_iter().collect();
+        unwritten.extend(waiting);
         for (_, batch) in self.records.drain(..) {
             let ids = batch.into_iter().map(|(i, _)| i.seq);
             if rng.bool() {

@@ -159,6 +159,9 @@ pub struct Schedule {
     pub record_fail_per_mille: u32,
     /// The producer's window.
     pub max_inflight: u16,
+    /// The consumer's acknowledgements that may leave before their inbox
+    /// record is on disk (`DispatchConfig::acks_ahead`).
+    pub acks_ahead: usize,
     /// Messages read from the outbox per page.
     pub page: usize,
     /// The messages, by time.
@@ -224,13 +227,14 @@ impl Schedule {
         }
         let quirks = if quirks.is_empty() { String::new() } else { format!("; {}", quirks.join(", ")) };
         format!(
-            "world of seed {}: {} broker(s), {spread}, {persistence}{quirks}; latency {} ms + up to {} ms; {} messages; window {}",
+            "world of seed {}: {} broker(s), {spread}, {persistence}{quirks}; latency {} ms + up to {} ms; {} messages; window {}; consumer acks ahead of records {}",
             self.seed,
             self.brokers,
             self.latency_ms.0,
             self.latency_ms.1,
             self.messages.len(),
-            self.max_inflight
+            self.max_inflight,
+            self.acks_ahead
         )
     }
 
@@ -323,9 +327,23 @@ impl Schedule {
             mqtt5: true,
             qos2_closes: false,
             receipts_ms: None,
+            acks_ahead: 0,
         }
         .broker_kind(&mut rng)
         .receipts()
+        .acks_ahead()
+    }
+
+    /// The consumer's room for acknowledgements ahead of their inbox
+    /// record: none in one world of three (each ack waits for its record),
+    /// otherwise from 1 to 64 (from a generator of its own, as
+    /// [`Self::receipts`]).
+    fn acks_ahead(mut self) -> Schedule {
+        let mut rng = fastrand::Rng::with_seed(self.seed ^ 0xac5a_ead0);
+        if rng.u8(0..3) != 0 {
+            self.acks_ahead = rng.usize(1..65);
+        }
+        self
     }
 
     /// One world in three asks for receipts (from a generator of its own,

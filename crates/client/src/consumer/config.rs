@@ -39,6 +39,9 @@ pub struct ConsumerConfig {
     /// Every delivery is recorded in the application's transaction
     /// (`record_in`): no claims, no record of the member's own.
     pub(super) records_in_transaction: bool,
+    /// Acknowledgements that may leave before their inbox record is on
+    /// disk; `None`: the consumer's window (`max_inflight`).
+    pub(super) acks_ahead: Option<usize>,
 }
 
 impl ConsumerConfig {
@@ -55,6 +58,7 @@ impl ConsumerConfig {
             receipt_named: false,
             claim_for: Duration::from_secs(60),
             records_in_transaction: false,
+            acks_ahead: None,
             client,
             topics: Vec::new(),
             inbox: true,
@@ -156,6 +160,27 @@ impl ConsumerConfig {
     pub fn records_in_transaction(mut self, on: bool) -> Self {
         self.records_in_transaction = on;
         self
+    }
+    /// How many handled messages may have their broker's acknowledgement
+    /// sent before their identity is synced to the inbox (default: the
+    /// window, [`ClientConfig::max_inflight`]). The inbox's commit is then
+    /// off the broker's round trip: the broker sends the next message
+    /// while the record is being written, many records share a commit,
+    /// and the consumer drains nearly as fast as without an inbox. Beyond
+    /// this many (the disk slow or failing), acknowledgements wait for
+    /// the record. `0`: every acknowledgement waits for its record.
+    ///
+    /// Either way nothing is lost (a message is acknowledged only once
+    /// handled) and a crash can cost the same: what was handled and not
+    /// yet recorded is handed over again if a copy comes (docs/guarantees.md,
+    /// "Consumers"). Receipts always wait for the record.
+    pub fn acks_ahead_of_records(mut self, n: usize) -> Self {
+        self.acks_ahead = Some(n);
+        self
+    }
+    /// The acknowledgements that may leave ahead of their record.
+    pub(super) fn acks_ahead(&self) -> usize {
+        self.acks_ahead.unwrap_or(4 * usize::from(self.client.max_inflight))
     }
     /// The group, if a member of one.
     pub fn group_name(&self) -> Option<&str> {

@@ -342,8 +342,9 @@ impl Dispatcher {
         }
     }
 
-    /// Records handled identities in the inbox (group commit, on disk
-    /// before any broker ack leaves: G4, G5); the outcome goes back to the
+    /// Records handled identities in the inbox (group commit; a broker's
+    /// ack waits for it beyond the acks allowed ahead of their record, and
+    /// a receipt always does: G4, G5, G8); the outcome goes back to the
     /// engine.
     fn record(&self, batch: Vec<(Identity, Token)>) {
         if self.group.is_some() && self.cfg.records_in_transaction {

@@ -7,7 +7,8 @@
 //! in the order MQTT requires. One dispatcher task merges what all brokers
 //! deliver, drops what the inbox says was handled, holds a second copy that
 //! arrives while the first is being handled, and records each handled
-//! identity in the inbox (group commit) *before* the broker's ack leaves.
+//! identity in the inbox (group commit; the broker's ack leaves ahead of
+//! the record for at most four windows of messages, then waits for it).
 //!
 //! Each role has its file: [`ConsumerConfig`] in `config`, a delivery in the
 //! application's hands ([`Received`]) in `received`, the dispatcher in
@@ -308,6 +309,7 @@ impl Consumer {
                     relay: cfg.relay,
                     shared: group.is_some(),
                     reask_after: Duration::from_millis(200),
+                    acks_ahead: cfg.acks_ahead(),
                 },
                 high,
             ),

@@ -1,9 +1,12 @@
 //! The consumer's dispatcher: what every broker delivers, merged. It drops
 //! what the inbox says was handled, holds a copy that arrives while the
-//! first is in the application's hands, has each handled identity recorded
-//! in the inbox *before* any broker's acknowledgement of it leaves (G4,
-//! G5), gives refused deliveries back after a pause, and watches each
-//! producer's sequence for gaps (G6).
+//! first is in the application's hands, acknowledges a delivery to its
+//! broker once the application handled it (G4) and has its identity
+//! recorded in the inbox (G5): the acknowledgement may leave before the
+//! record is on disk for at most [`DispatchConfig::acks_ahead`] identities
+//! at a time, so that the inbox's commit is not on the broker's round trip;
+//! receipts always wait for the record. It gives refused deliveries back
+//! after a pause, and watches each producer's sequence for gaps (G6).
 //!
 //! Inputs: deliveries with what the inbox said of them
 //! ([`Dispatch::handle_delivered`]), the application's acknowledgements and
@@ -138,6 +141,17 @@ pub struct DispatchConfig {
     /// A group member: how long a delivery another member holds a claim
     /// on waits before the inbox is asked about it again.
     pub reask_after: Duration,
+    /// At most this many handled identities may have their broker's
+    /// acknowledgement sent before their inbox record is on disk; beyond
+    /// that (the inbox slow or failing), acknowledgements wait for the
+    /// record. 0: every acknowledgement waits for its record.
+    ///
+    /// Waiting buys nothing against duplicates: a crash before the record
+    /// hands the message over again either way (its broker sends it again
+    /// when it was not acknowledged; otherwise only a copy through another
+    /// broker or a producer's resend for lack of a receipt brings it back),
+    /// and nothing is lost, since the application handled it first.
+    pub acks_ahead: usize,
 }
 
 /// The consumer's dispatcher.
@@ -156,6 +170,16 @@ pub struct Dispatch<P: Delivered> {
     /// Inbox records asked for and not yet reported, or waiting to be
     /// tried again.
     recording: usize,
+    /// Records asked for and not yet reported (at most one: what is
+    /// acknowledged meanwhile waits in `unsent` and goes in the next, so
+    /// that a record carries everything acknowledged during the one
+    /// before it, however often the application acknowledges).
+    in_flight: usize,
+    /// Acknowledged identities waiting for the record under way to end.
+    unsent: Batch<P::Token>,
+    /// Handled identities whose broker's acknowledgement left before their
+    /// record is on disk (at most `cfg.acks_ahead`).
+    acked_ahead: HashSet<Identity>,
     /// Refused deliveries and when they come back.
     redeliver: VecDeque<(Instant, P)>,
     /// Deliveries another group member holds a claim on, and when the
@@ -181,6 +205,9 @@ impl<P: Delivered> Dispatch<P> {
             producers: HashMap::new(),
             high: high.into_iter().collect(),
             recording: 0,
+            in_flight: 0,
+            unsent: Vec::new(),
+            acked_ahead: HashSet::new(),
             redeliver: VecDeque::new(),
             reask: VecDeque::new(),
             recorded_lately: (VecDeque::new(), HashSet::new()),
@@ -251,7 +278,12 @@ impl<P: Delivered> Dispatch<P> {
             }
             let owed = p.receipt().filter(|_| !self.cfg.relay).map(str::to_owned);
             if let Some((copies, receipt)) = self.handling.get_mut(&id) {
-                copies.push(p.token());
+                if self.acked_ahead.contains(&id) {
+                    // Handled already; only its record is under way.
+                    self.ops.push_back(DispatchOp::AckBroker(p.token()));
+                } else {
+                    copies.push(p.token());
+                }
                 if receipt.is_none() {
                     *receipt = owed;
                 }
@@ -275,26 +307,39 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     /// The application acknowledged these: without an identity the broker's
-    /// ack leaves at once; with one, only after the inbox recorded it.
+    /// ack leaves at once; with one, at once while fewer than
+    /// [`DispatchConfig::acks_ahead`] wait for their record, otherwise once
+    /// the inbox recorded it.
     pub fn handle_acks(&mut self, acks: impl IntoIterator<Item = (P::Token, Option<Identity>)>) {
-        let mut record = Vec::new();
+        let before = self.unsent.len();
         let mut plain = 0;
         for (token, identity) in acks {
             match identity {
-                Some(id) => record.push((id, token)),
+                Some(id) => {
+                    if self.acked_ahead.len() < self.cfg.acks_ahead && self.acked_ahead.insert(id.clone()) {
+                        self.ack_handled(&id, token.clone());
+                    }
+                    self.unsent.push((id, token));
+                }
                 None => {
                     plain += 1;
                     self.ops.push_back(DispatchOp::AckBroker(token));
                 }
             }
         }
-        let handled = plain + record.len() as u64;
+        let handled = plain + (self.unsent.len() - before) as u64;
         if handled > 0 {
             self.ops.push_back(DispatchOp::Count(Counter::Handled, handled));
         }
-        if !record.is_empty() {
+        self.send_record();
+    }
+
+    /// Asks for the record of what waits, unless one is under way.
+    fn send_record(&mut self) {
+        if self.in_flight == 0 && !self.unsent.is_empty() {
             self.recording += 1;
-            self.ops.push_back(DispatchOp::Record(record));
+            self.in_flight += 1;
+            self.ops.push_back(DispatchOp::Record(std::mem::take(&mut self.unsent)));
         }
     }
 
@@ -307,8 +352,10 @@ impl<P: Delivered> Dispatch<P> {
     /// leave, for the delivery and every copy held meanwhile. Not
     /// recorded: nothing is acknowledged, and the record is tried again.
     pub fn handle_recorded(&mut self, batch: Vec<(Identity, P::Token)>, ok: bool, now: Now) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         if !ok {
             self.rerecord.push_back((now.at + self.cfg.record_retry, batch));
+            self.send_record();
             return;
         }
         self.recording -= 1;
@@ -319,15 +366,34 @@ impl<P: Delivered> Dispatch<P> {
             if self.cfg.shared && self.recorded_lately.1.insert(id.clone()) {
                 self.recorded_lately.0.push_back((now.at, id.clone()));
             }
-            let (copies, receipt) = self.handling.remove(&id).unwrap_or_default();
-            if !crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
-                self.ops.push_back(DispatchOp::AckBroker(token.clone()));
+            if self.acked_ahead.remove(&id) {
+                // Acknowledged when handled; copies since were at arrival.
+                if let Some((_, Some(topic))) = self.handling.remove(&id) {
+                    self.ops.push_back(DispatchOp::Receipt { token, identity: id, topic });
+                }
+                continue;
             }
-            self.ops.extend(copies.into_iter().map(DispatchOp::AckBroker));
+            let (copies, receipt) = self.handling.remove(&id).unwrap_or_default();
+            self.ack_handled_with(token.clone(), copies);
             if let Some(topic) = receipt {
                 self.ops.push_back(DispatchOp::Receipt { token, identity: id, topic });
             }
         }
+        self.send_record();
+    }
+
+    /// The broker's acknowledgement of a handled delivery, and of the
+    /// copies held while it was in the application's hands.
+    fn ack_handled(&mut self, id: &Identity, token: P::Token) {
+        let copies = self.handling.get_mut(id).map(|(c, _)| std::mem::take(c)).unwrap_or_default();
+        self.ack_handled_with(token, copies);
+    }
+
+    fn ack_handled_with(&mut self, token: P::Token, copies: Vec<P::Token>) {
+        if !crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
+            self.ops.push_back(DispatchOp::AckBroker(token));
+        }
+        self.ops.extend(copies.into_iter().map(DispatchOp::AckBroker));
     }
 
     /// Forgets what was recorded longer ago than any answer can be late
@@ -348,9 +414,16 @@ impl<P: Delivered> Dispatch<P> {
         self.handling.keys()
     }
 
-    /// Inbox records asked for and not yet written.
+    /// Handled identities waiting for the record under way to end before
+    /// their own is asked for.
+    pub fn to_record(&self) -> impl Iterator<Item = &Identity> {
+        self.unsent.iter().map(|(i, _)| i)
+    }
+
+    /// Inbox records asked for and not yet written (with the one that
+    /// waits for the record under way).
     pub fn recording(&self) -> usize {
-        self.recording
+        self.recording + usize::from(!self.unsent.is_empty())
     }
 
     /// The next thing to do.
@@ -389,6 +462,7 @@ impl<P: Delivered> Dispatch<P> {
         }
         while self.rerecord.front().is_some_and(|(t, _)| *t <= now.at) {
             let (_, batch) = self.rerecord.pop_front().expect("front");
+            self.in_flight += 1;
             self.ops.push_back(DispatchOp::Record(batch));
         }
         self.report_gaps(now.at);
@@ -489,7 +563,101 @@ mod tests {
             relay,
             shared: false,
             reask_after: Duration::from_millis(200),
+            acks_ahead: 0,
         }
+    }
+
+    fn ops(e: &mut Dispatch<D>) -> Vec<DispatchOp<D, u16>> {
+        std::iter::from_fn(|| e.poll_op()).collect()
+    }
+
+    /// While a record is under way, what the application acknowledges
+    /// waits and goes in one record when it ends: records are as few as
+    /// the store's commits, not as the application's acks.
+    #[test]
+    fn acks_during_a_record_go_together_in_the_next() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> = Dispatch::new(config(false), [("p".to_owned(), 1)]);
+        e.handle_delivered((2..6).map(|s| d(s, s as u16, None)).collect(), &[], now);
+        let _ = ops(&mut e);
+        let records = |ops: Vec<DispatchOp<D, u16>>| -> Vec<Vec<u64>> {
+            ops.into_iter()
+                .filter_map(|op| match op {
+                    DispatchOp::Record(b) => Some(b.iter().map(|(i, _)| i.seq).collect()),
+                    _ => None,
+                })
+                .collect()
+        };
+        e.handle_acks([(2, Some(d(2, 0, None).id))]);
+        assert_eq!(records(ops(&mut e)), [vec![2]]);
+        e.handle_acks([(3, Some(d(3, 0, None).id))]);
+        e.handle_acks([(4, Some(d(4, 0, None).id)), (5, Some(d(5, 0, None).id))]);
+        assert_eq!(records(ops(&mut e)), Vec::<Vec<u64>>::new(), "the first record is under way");
+        assert_eq!(e.recording(), 2);
+        e.handle_recorded(vec![(d(2, 0, None).id, 2)], true, now);
+        let got = ops(&mut e);
+        assert_eq!(got[0], DispatchOp::AckBroker(2));
+        assert_eq!(records(got), [vec![3, 4, 5]]);
+    }
+
+    /// With room ahead, the broker's acknowledgement leaves when the
+    /// application acknowledges (with the copies held meanwhile, and any
+    /// copy arriving before the record lands); the receipt still waits for
+    /// the record. Without room, acknowledgements wait for the record, and
+    /// a failed record keeps its identities counted against the room.
+    #[test]
+    fn acks_leave_ahead_of_the_record_within_their_room_and_receipts_never_do() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> =
+            Dispatch::new(DispatchConfig { acks_ahead: 2, ..config(false) }, [("p".to_owned(), 1)]);
+        e.handle_delivered(vec![d(2, 10, Some("r/p")), d(3, 11, None), d(4, 12, None), d(2, 20, None)], &[], now);
+        let _ = ops(&mut e);
+        e.handle_acks([(10, Some(d(2, 0, None).id)), (11, Some(d(3, 0, None).id)), (12, Some(d(4, 0, None).id))]);
+        let got = ops(&mut e);
+        let acked: Vec<u16> = got
+            .iter()
+            .filter_map(|op| match op {
+                DispatchOp::AckBroker(t) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked, [10, 20, 11], "seq 2 (and its copy) and 3 at once; 4 is beyond the room");
+        assert!(!got.iter().any(|op| matches!(op, DispatchOp::Receipt { .. })), "{got:?}");
+        let batch = got
+            .into_iter()
+            .find_map(|op| match op {
+                DispatchOp::Record(b) => Some(b),
+                _ => None,
+            })
+            .expect("a record");
+        // A copy of 3 arrives while its record is under way: acknowledged
+        // as it comes, not handed over.
+        e.handle_delivered(vec![d(3, 21, None)], &[], now);
+        assert_eq!(ops(&mut e), [DispatchOp::AckBroker(21), DispatchOp::Count(Counter::Duplicates, 1)]);
+        // The record fails: nothing more is acknowledged, the room stays taken.
+        e.handle_recorded(batch, false, now);
+        assert_eq!(ops(&mut e), []);
+        e.handle_delivered(vec![d(5, 13, None)], &[], now);
+        let _ = ops(&mut e);
+        e.handle_acks([(13, Some(d(5, 0, None).id))]);
+        assert!(!ops(&mut e).iter().any(|op| matches!(op, DispatchOp::AckBroker(_))));
+        // Tried again, it lands: 4 is acknowledged now, 2 and 3 not again,
+        // and 2's receipt leaves.
+        let later = Now { at: now.at + Duration::from_secs(1), wall_ms: 1000 };
+        e.handle_timeout(later);
+        let Some(DispatchOp::Record(batch)) = e.poll_op() else { panic!("tried again") };
+        e.handle_recorded(batch, true, later);
+        assert_eq!(
+            ops(&mut e),
+            [
+                DispatchOp::Receipt { token: 10, identity: d(2, 0, None).id, topic: "r/p".into() },
+                DispatchOp::AckBroker(12)
+            ]
+        );
+        // 5 was handled while the room was full: it waited for its record.
+        e.handle_recorded(vec![(d(5, 0, None).id, 13)], true, later);
+        assert_eq!(ops(&mut e), [DispatchOp::AckBroker(13)]);
+        assert_eq!(e.recording(), 0);
     }
 
     /// A copy another member holds a claim on is held, unacknowledged,

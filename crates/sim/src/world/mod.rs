@@ -214,7 +214,7 @@ pub fn run_sized(seed: u64, size: Option<Size>) -> Verdict {
         producer: Producer::new(&s, epoch),
         routes: RefCell::new(routes(&s, epoch)),
         route_wake: None,
-        consumer: Consumer::new(n),
+        consumer: Consumer::new(n, s.acks_ahead),
         brokers: (0..n).map(|_| Broker::new(&s)).collect(),
         s,
         t: 0,

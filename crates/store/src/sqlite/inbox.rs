@@ -1,53 +1,152 @@
 //! A consumer's inbox ([`InboxStore`]): the identities it handled, pruned by
 //! age and count, and its named counters.
+//!
+//! Identities are kept as ranges (format 6, docs/design.md, "Inbox"): a
+//! record of many identities writes one row per run of a producer's
+//! consecutive sequence numbers, so that a batch of 200 costs one insert,
+//! not 200. Ranges never overlap: a record writes only the parts of its
+//! runs that no range holds yet, so the range that may hold a sequence
+//! number is the one starting at or below it, found by one seek.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::SqliteStore;
 use crate::{InboxStore, StoreError};
 
+/// `ids` sorted, without repeats, as runs of consecutive sequence numbers
+/// per producer: `(producer, first, last)`.
+fn runs(ids: &[(String, u64)]) -> Vec<(&str, u64, u64)> {
+    let mut sorted: Vec<(&str, u64)> = ids.iter().map(|(p, s)| (p.as_str(), *s)).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<(&str, u64, u64)> = Vec::new();
+    for (p, s) in sorted {
+        match out.last_mut() {
+            Some((q, _, last)) if *q == p && last.checked_add(1) == Some(s) => *last = s,
+            _ => out.push((p, s, s)),
+        }
+    }
+    out
+}
+
+impl SqliteStore {
+    /// Records the run `first..=last` of `producer`: the parts of it no
+    /// range holds yet, each as a range of its own.
+    fn record_run(&mut self, producer: &str, first: u64, last: u64, now_ms: u64) -> rusqlite::Result<()> {
+        let below = "SELECT last FROM inbox_ranges WHERE producer = ?1 AND first <= ?2 ORDER BY first DESC LIMIT 1";
+        let held: Option<u64> =
+            self.conn.prepare_cached(below)?.query_row(params![producer, first], |r| r.get(0)).optional()?;
+        // The first sequence number of the run not known to be held (none:
+        // all of it is).
+        let mut next = match held {
+            Some(l) if l >= first => l.checked_add(1).filter(|n| *n <= last),
+            _ => Some(first),
+        };
+        let mut parts = Vec::new();
+        if let Some(from) = next {
+            let inside = "SELECT first, last FROM inbox_ranges WHERE producer = ?1 AND first >= ?2 AND first <= ?3 ORDER BY first";
+            let mut stmt = self.conn.prepare_cached(inside)?;
+            let mut rows = stmt.query(params![producer, from, last])?;
+            while let (Some(n), Some(r)) = (next, rows.next()?) {
+                let (f, l): (u64, u64) = (r.get(0)?, r.get(1)?);
+                if f > n {
+                    parts.push((n, f - 1));
+                }
+                next = l.checked_add(1).filter(|m| *m <= last);
+            }
+        }
+        if let Some(n) = next {
+            parts.push((n, last));
+        }
+        let mut insert = self.conn.prepare_cached("INSERT INTO inbox_ranges VALUES (?1, ?2, ?3, ?4)")?;
+        for (f, l) in parts {
+            insert.execute(params![producer, f, l, now_ms])?;
+        }
+        Ok(())
+    }
+
+    /// An inbox of format 5 or older, read by `status` before its owner
+    /// converted it: one row per identity, in `inbox`.
+    fn legacy_inbox(&self) -> bool {
+        let sql = "SELECT count(*) FROM sqlite_master WHERE name = 'inbox_ranges'";
+        self.conn.query_row(sql, [], |r| r.get::<_, u32>(0)).is_ok_and(|n| n == 0)
+    }
+}
+
 impl InboxStore for SqliteStore {
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT 1 FROM inbox WHERE producer = ?1 AND seq = ?2")?;
+        let sql = "SELECT last FROM inbox_ranges WHERE producer = ?1 AND first <= ?2 ORDER BY first DESC LIMIT 1";
+        let mut stmt = self.conn.prepare_cached(sql)?;
         let mut out = Vec::with_capacity(ids.len());
         for (p, s) in ids {
-            out.push(stmt.exists(params![p, s])?);
+            let last: Option<u64> = stmt.query_row(params![p, s], |r| r.get(0)).optional()?;
+            out.push(last.is_some_and(|l| l >= *s));
         }
         Ok(out)
     }
     fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT producer, max(seq) FROM inbox GROUP BY producer")?;
+        let mut stmt = self.conn.prepare_cached("SELECT producer, max(last) FROM inbox_ranges GROUP BY producer")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
     fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("INSERT OR IGNORE INTO inbox VALUES (?1, ?2, ?3)")?;
-        for (p, s) in ids {
-            let r = stmt.execute(params![p, s, now_ms]);
-            if let Err(e) = r {
-                drop(stmt);
+        for (p, first, last) in runs(ids) {
+            if let Err(e) = self.record_run(p, first, last, now_ms) {
                 return Err(self.map(e));
             }
         }
         Ok(())
     }
     fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
-        let aged =
-            self.conn.execute("DELETE FROM inbox WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
-        let over = self
-            .conn
-            .execute(
-                "DELETE FROM inbox WHERE (producer, seq) IN (SELECT producer, seq FROM inbox ORDER BY handled_ms DESC, seq DESC LIMIT -1 OFFSET ?1)",
-                [keep as i64],
-            )
-            .map_err(|e| self.map(e))?;
-        Ok((aged + over) as u64)
+        let before = self.inbox_len()?;
+        self.conn.execute("DELETE FROM inbox_ranges WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
+        // Over the count: the oldest ranges go (and the lowest numbers of
+        // the one that crosses the bound), so that the newest `keep` stay.
+        let mut over = self.inbox_len()?.saturating_sub(keep);
+        if over > 0 {
+            let oldest: Vec<(String, u64, u64)> = {
+                let sql = "SELECT producer, first, last FROM inbox_ranges ORDER BY handled_ms, first, producer";
+                let mut stmt = self.conn.prepare(sql)?;
+                let mut rows = stmt.query([])?;
+                let mut out = Vec::new();
+                let mut taken = 0u64;
+                while taken < over {
+                    let Some(r) = rows.next()? else { break };
+                    let (p, f, l): (String, u64, u64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+                    taken += l - f + 1;
+                    out.push((p, f, l));
+                }
+                out
+            };
+            for (p, f, l) in oldest {
+                let size = l - f + 1;
+                let r = if size <= over {
+                    over -= size;
+                    self.conn.execute("DELETE FROM inbox_ranges WHERE producer = ?1 AND first = ?2", params![p, f])
+                } else {
+                    let cut = std::mem::take(&mut over);
+                    let sql = "UPDATE inbox_ranges SET first = ?3 WHERE producer = ?1 AND first = ?2";
+                    self.conn.execute(sql, params![p, f, f + cut])
+                };
+                r.map_err(|e| self.map(e))?;
+            }
+        }
+        Ok(before - self.inbox_len()?)
     }
     fn inbox_len(&mut self) -> Result<u64, StoreError> {
-        Ok(self.conn.query_row("SELECT count(*) FROM inbox", [], |r| r.get(0))?)
+        let sql = if self.legacy_inbox() {
+            "SELECT count(*) FROM inbox"
+        } else {
+            "SELECT coalesce(sum(last - first + 1), 0) FROM inbox_ranges"
+        };
+        Ok(self.conn.query_row(sql, [], |r| r.get(0))?)
     }
     fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
-        let sql = "SELECT coalesce(sum(length(CAST(producer AS BLOB)) + ?1), 0) FROM inbox";
+        let sql = if self.legacy_inbox() {
+            "SELECT coalesce(sum(length(CAST(producer AS BLOB)) + ?1), 0) FROM inbox"
+        } else {
+            "SELECT coalesce(sum((last - first + 1) * (length(CAST(producer AS BLOB)) + ?1)), 0) FROM inbox_ranges"
+        };
         Ok(self.conn.query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
     }
     fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {

@@ -16,9 +16,13 @@ pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
     // An inbox's identities and counters, a bridge's source records and
     // receipt names go along: without them a salvaged inbox would hand
     // every message it ever handled over again.
-    for table in ["meta", "drops", "dropped", "slots", "missed", "wire", "inbox", "counters", "sources", "receipts"] {
+    for table in
+        ["meta", "drops", "dropped", "slots", "missed", "wire", "inbox_ranges", "counters", "sources", "receipts"]
+    {
         let _ = copy_table(&old, to, table);
     }
+    // An inbox of format 5 or older: each identity a range of its own.
+    let _ = copy_legacy_inbox(&old, to);
     let floor: u64 =
         old.query_row("SELECT seq FROM sqlite_sequence WHERE name='outbox'", [], |r| r.get(0)).unwrap_or(0);
     let mut count = 0;
@@ -70,6 +74,22 @@ fn copy_table(old: &Connection, to: &Connection, table: &str) -> rusqlite::Resul
             continue;
         }
         let _ = to.execute(&insert, rusqlite::params_from_iter(values.iter()));
+    }
+    Ok(())
+}
+
+/// Copies what can be read of a format 5 (or older) inbox, one identity
+/// per row, as ranges of one.
+fn copy_legacy_inbox(old: &Connection, to: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = old.prepare("SELECT producer, seq, handled_ms FROM inbox")?;
+    let mut rows = stmt.query([])?;
+    while let Ok(Some(r)) = rows.next() {
+        let Ok((p, s, t)) =
+            (|| Ok::<_, rusqlite::Error>((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)))()
+        else {
+            continue;
+        };
+        let _ = to.execute("INSERT OR IGNORE INTO inbox_ranges VALUES (?1, ?2, ?2, ?3)", rusqlite::params![p, s, t]);
     }
     Ok(())
 }

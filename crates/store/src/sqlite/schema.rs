@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::StoreError;
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,12 +55,15 @@ CREATE TABLE IF NOT EXISTS missed (url TEXT PRIMARY KEY, count INTEGER NOT NULL)
 CREATE TABLE IF NOT EXISTS drops (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 -- The newest messages dropped undelivered, and why (the drop log).
 CREATE TABLE IF NOT EXISTS dropped (id INTEGER PRIMARY KEY, reason TEXT NOT NULL, at_ms INTEGER NOT NULL);
--- The consumer's inbox (G5): identities already handled.
-CREATE TABLE IF NOT EXISTS inbox (
+-- The consumer's inbox (G5): identities already handled, as runs of a
+-- producer's consecutive sequence numbers recorded together (format 6),
+-- which never overlap.
+CREATE TABLE IF NOT EXISTS inbox_ranges (
     producer TEXT NOT NULL,
-    seq INTEGER NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
     handled_ms INTEGER NOT NULL,
-    PRIMARY KEY (producer, seq)
+    PRIMARY KEY (producer, first)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
 -- A bridge's source deliveries (broker, packet id, content digest) and the
@@ -152,6 +155,21 @@ ALTER TABLE outbox ADD COLUMN resends INTEGER NOT NULL DEFAULT 0;
 UPDATE meta SET value = '5' WHERE key = 'format';
 ";
 
+/// Format 6 keeps the inbox as ranges: one row per run of a producer's
+/// consecutive sequence numbers recorded together, instead of one per
+/// identity. The identities of format 5 are joined into the runs they form
+/// (each run as old as its newest identity). An outbox of format 2 or
+/// older may have no inbox table: it is made empty first.
+const MIGRATE_5_TO_6: &str = "
+CREATE TABLE IF NOT EXISTS inbox (producer TEXT NOT NULL, seq INTEGER NOT NULL, handled_ms INTEGER NOT NULL, PRIMARY KEY (producer, seq)) WITHOUT ROWID;
+INSERT OR IGNORE INTO inbox_ranges (producer, first, last, handled_ms)
+    SELECT producer, min(seq), max(seq), max(handled_ms)
+    FROM (SELECT producer, seq, handled_ms, seq - row_number() OVER (PARTITION BY producer ORDER BY seq) AS run FROM inbox)
+    GROUP BY producer, run;
+DROP TABLE inbox;
+UPDATE meta SET value = '6' WHERE key = 'format';
+";
+
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(RECOUNT)
@@ -194,13 +212,14 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
             return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
         }
         Some(v) if v < FORMAT_VERSION => {
-            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, RECOUNT, MIGRATE_3_TO_4, MIGRATE_4_TO_5];
+            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, RECOUNT, MIGRATE_3_TO_4, MIGRATE_4_TO_5, MIGRATE_5_TO_6];
             // Each step from format v on; the recount belongs to 3 -> 4.
             let from = match v.max(1) {
                 1 => 0,
                 2 => 1,
                 3 => 2,
-                _ => 4,
+                4 => 4,
+                _ => 5,
             };
             let sql: String = steps[from..].concat();
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {

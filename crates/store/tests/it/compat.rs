@@ -61,7 +61,7 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("5"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("6"));
     assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap(), "the summary counted at conversion");
     assert_eq!(s.totals().unwrap().count, 2);
     let all = s.read_after(0, 10, None, None).unwrap();
@@ -136,10 +136,58 @@ fn reads_an_outbox_written_by_format_4() {
 /// resends.
 #[test]
 fn reads_an_outbox_written_by_format_5() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture(5));
-    }
     reads_format_with_policies(5);
+}
+
+/// Format 6 keeps the inbox as ranges (the outbox's tables are those of
+/// format 5).
+#[test]
+fn reads_an_outbox_written_by_format_6() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(6));
+    }
+    reads_format_with_policies(6);
+}
+
+/// An inbox written by format 5 (one row per identity; the fixture holds
+/// gw-7's 1 to 5 handled at 1,000 ms, 7, 9 and 10 at 2,000 ms, other's 3
+/// at 3,000 ms, and 4 duplicates counted) becomes ranges when its owner
+/// opens it: every identity and counter kept, the gaps still gaps, the
+/// runs joined (four ranges), and pruning by age still by each run's age.
+/// `status` reads it before that, as it was.
+#[test]
+fn an_inbox_written_by_format_5_becomes_ranges_and_keeps_every_identity() {
+    use steadfast_store::StoreKind;
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/inbox-format-5/inbox.db");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture, dir.path().join("inbox.db")).unwrap();
+    let mut read = SqliteStore::open_read_only(dir.path()).unwrap();
+    assert_eq!((read.kind(), read.inbox_len().unwrap()), (StoreKind::Inbox, 9));
+    assert_eq!(read.inbox_bytes().unwrap(), 8 * (4 + 24) + (5 + 24));
+    drop(read);
+    let (mut s, report) = SqliteStore::open_inbox(dir.path()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("6"));
+    let ids = |p: &str, r: std::ops::RangeInclusive<u64>| r.map(|q| (p.to_owned(), q)).collect::<Vec<_>>();
+    let mut all = ids("gw-7", 0..=11);
+    all.extend(ids("other", 2..=4));
+    let seen = s.inbox_seen(&all).unwrap();
+    let want = [false, true, true, true, true, true, false, true, false, true, true, false, false, true, false];
+    assert_eq!(seen, want);
+    assert_eq!(s.inbox_high().unwrap(), vec![("gw-7".to_owned(), 10), ("other".to_owned(), 3)]);
+    assert_eq!((s.inbox_len().unwrap(), s.inbox_bytes().unwrap()), (9, 8 * (4 + 24) + (5 + 24)));
+    assert!(s.counters().unwrap().contains(&("consumer.duplicates".to_owned(), 4)));
+    let rows: u64 = {
+        drop(s);
+        let c = rusqlite::Connection::open(dir.path().join("inbox.db")).unwrap();
+        c.query_row("SELECT count(*) FROM inbox_ranges", [], |r| r.get(0)).unwrap()
+    };
+    assert_eq!(rows, 4, "1-5, 7, 9-10 and other's 3");
+    let (mut s, _) = SqliteStore::open_inbox(dir.path()).unwrap();
+    s.begin().unwrap();
+    assert_eq!(s.inbox_prune(1_500, 100).unwrap(), 5, "1 to 5 were handled before 1,500 ms");
+    s.commit().unwrap();
+    assert_eq!(s.inbox_seen(&ids("gw-7", 5..=7)).unwrap(), [false, false, true]);
 }
 
 /// An inbox written before inboxes had their own file name is an

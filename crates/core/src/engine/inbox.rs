@@ -107,6 +107,23 @@ pub enum DispatchOp<P, T> {
     },
 }
 
+/// An identity handed over and not yet recorded.
+#[derive(Debug)]
+struct Handling<T> {
+    /// Copies that arrived meanwhile, acknowledged with it.
+    copies: Vec<T>,
+    /// The receipts topic it asked for.
+    receipt: Option<String>,
+    /// Its broker's acknowledgement left ahead of its record.
+    acked: bool,
+}
+
+impl<T> Default for Handling<T> {
+    fn default() -> Self {
+        Self { copies: Vec::new(), receipt: None, acked: false }
+    }
+}
+
 /// Identities to record, each with the token of its delivery.
 type Batch<T> = Vec<(Identity, T)>;
 
@@ -161,7 +178,7 @@ pub struct Dispatch<P: Delivered> {
     /// Identities handed over and not yet recorded, with the copies that
     /// arrived meanwhile (acknowledged once it is recorded) and the
     /// receipts topic it asked for.
-    handling: HashMap<Identity, (Vec<P::Token>, Option<String>)>,
+    handling: HashMap<Identity, Handling<P::Token>>,
     producers: HashMap<String, Sequence>,
     /// Per producer, a sequence number at or above every one the inbox
     /// holds or that was handed over: anything above it is new without
@@ -178,8 +195,9 @@ pub struct Dispatch<P: Delivered> {
     /// Acknowledged identities waiting for the record under way to end.
     unsent: Batch<P::Token>,
     /// Handled identities whose broker's acknowledgement left before their
-    /// record is on disk (at most `cfg.acks_ahead`).
-    acked_ahead: HashSet<Identity>,
+    /// record is on disk (at most `cfg.acks_ahead`; each marked in
+    /// `handling`).
+    acked_ahead: usize,
     /// Refused deliveries and when they come back.
     redeliver: VecDeque<(Instant, P)>,
     /// Deliveries another group member holds a claim on, and when the
@@ -207,7 +225,7 @@ impl<P: Delivered> Dispatch<P> {
             recording: 0,
             in_flight: 0,
             unsent: Vec::new(),
-            acked_ahead: HashSet::new(),
+            acked_ahead: 0,
             redeliver: VecDeque::new(),
             reask: VecDeque::new(),
             recorded_lately: (VecDeque::new(), HashSet::new()),
@@ -254,7 +272,7 @@ impl<P: Delivered> Dispatch<P> {
                 continue;
             };
             let mut answer = if fresh { Answer::New } else { answers.next().unwrap_or(Answer::New) };
-            if answer == Answer::New && self.recorded_lately.1.contains(&id) {
+            if answer == Answer::New && self.cfg.shared && self.recorded_lately.1.contains(&id) {
                 // Claimed before this member's record of it went through.
                 answer = Answer::Handled;
             }
@@ -277,22 +295,26 @@ impl<P: Delivered> Dispatch<P> {
                 continue;
             }
             let owed = p.receipt().filter(|_| !self.cfg.relay).map(str::to_owned);
-            if let Some((copies, receipt)) = self.handling.get_mut(&id) {
-                if self.acked_ahead.contains(&id) {
+            if let Some(h) = self.handling.get_mut(&id) {
+                if h.acked {
                     // Handled already; only its record is under way.
                     self.ops.push_back(DispatchOp::AckBroker(p.token()));
                 } else {
-                    copies.push(p.token());
+                    h.copies.push(p.token());
                 }
-                if receipt.is_none() {
-                    *receipt = owed;
+                if h.receipt.is_none() {
+                    h.receipt = owed;
                 }
                 duplicates += 1;
                 continue;
             }
-            self.handling.insert(id.clone(), (Vec::new(), owed));
-            let h = self.high.entry(id.producer.clone()).or_default();
-            *h = (*h).max(id.seq);
+            match self.high.get_mut(&id.producer) {
+                Some(h) => *h = (*h).max(id.seq),
+                None => {
+                    self.high.insert(id.producer.clone(), id.seq);
+                }
+            }
+            self.handling.insert(id.clone(), Handling { copies: Vec::new(), receipt: owed, acked: false });
             if !self.cfg.shared {
                 self.note_sequence(&id, now.at);
             }
@@ -316,8 +338,8 @@ impl<P: Delivered> Dispatch<P> {
         for (token, identity) in acks {
             match identity {
                 Some(id) => {
-                    if self.acked_ahead.len() < self.cfg.acks_ahead && self.acked_ahead.insert(id.clone()) {
-                        self.ack_handled(&id, token.clone());
+                    if self.acked_ahead < self.cfg.acks_ahead {
+                        self.ack_ahead(&id, token.clone());
                     }
                     self.unsent.push((id, token));
                 }
@@ -366,30 +388,34 @@ impl<P: Delivered> Dispatch<P> {
             if self.cfg.shared && self.recorded_lately.1.insert(id.clone()) {
                 self.recorded_lately.0.push_back((now.at, id.clone()));
             }
-            if self.acked_ahead.remove(&id) {
+            let h = self.handling.remove(&id).unwrap_or_default();
+            if h.acked {
                 // Acknowledged when handled; copies since were at arrival.
-                if let Some((_, Some(topic))) = self.handling.remove(&id) {
-                    self.ops.push_back(DispatchOp::Receipt { token, identity: id, topic });
-                }
-                continue;
+                self.acked_ahead -= 1;
+            } else {
+                self.ack_handled(token.clone(), h.copies);
             }
-            let (copies, receipt) = self.handling.remove(&id).unwrap_or_default();
-            self.ack_handled_with(token.clone(), copies);
-            if let Some(topic) = receipt {
+            if let Some(topic) = h.receipt {
                 self.ops.push_back(DispatchOp::Receipt { token, identity: id, topic });
             }
         }
         self.send_record();
     }
 
-    /// The broker's acknowledgement of a handled delivery, and of the
-    /// copies held while it was in the application's hands.
-    fn ack_handled(&mut self, id: &Identity, token: P::Token) {
-        let copies = self.handling.get_mut(id).map(|(c, _)| std::mem::take(c)).unwrap_or_default();
-        self.ack_handled_with(token, copies);
+    /// Acknowledges a handled delivery (and the copies held meanwhile)
+    /// ahead of its record. One not in `handling` (a relay's second
+    /// hand-over of something recorded) waits for its record instead.
+    fn ack_ahead(&mut self, id: &Identity, token: P::Token) {
+        let Some(h) = self.handling.get_mut(id).filter(|h| !h.acked) else { return };
+        h.acked = true;
+        let copies = std::mem::take(&mut h.copies);
+        self.acked_ahead += 1;
+        self.ack_handled(token, copies);
     }
 
-    fn ack_handled_with(&mut self, token: P::Token, copies: Vec<P::Token>) {
+    /// The broker's acknowledgement of a handled delivery, and of the
+    /// copies held while it was in the application's hands.
+    fn ack_handled(&mut self, token: P::Token, copies: Vec<P::Token>) {
         if !crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
             self.ops.push_back(DispatchOp::AckBroker(token));
         }
@@ -471,7 +497,10 @@ impl<P: Delivered> Dispatch<P> {
     /// G6: a jump ahead opens a gap; an arrival below the highest fills one
     /// (or is out of order).
     fn note_sequence(&mut self, id: &Identity, now: Instant) {
-        let s = self.producers.entry(id.producer.clone()).or_default();
+        if !self.producers.contains_key(&id.producer) {
+            self.producers.insert(id.producer.clone(), Sequence::default());
+        }
+        let s = self.producers.get_mut(&id.producer).expect("inserted");
         if s.highest == 0 {
             s.highest = id.seq;
             return;

@@ -36,21 +36,37 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     full.parse().map_err(|_| format!("--metrics `{s}` is not an address; use HOST:PORT such as 127.0.0.1:9464"))
 }
 
-/// Installs the recorder and starts serving; returns the bound address
-/// (the port may have been 0).
-pub async fn start(addr: SocketAddr, refresh: Refresh) -> Result<SocketAddr, Failure> {
+/// The metrics' listening socket and recorder, installed before the
+/// client or consumer opens, so that nothing it counts from its first
+/// moment is lost (a recorder installed later misses what came before: a
+/// group member's first claims, a publisher's first acknowledgements).
+pub struct Listening {
+    listener: TcpListener,
+    handle: PrometheusHandle,
+}
+
+/// Binds `addr` and installs the recorder; [`Listening::serve`] answers
+/// once the client exists.
+pub async fn listen(addr: SocketAddr) -> Result<Listening, Failure> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Failure::usage(anyhow!("cannot listen on {addr} for --metrics: {e}; choose a free port")))?;
-    let bound = listener.local_addr().map_err(|e| Failure::other(anyhow!(e)))?;
     let buckets = [0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("steadfast_disk_sync_seconds".into()), &buckets)
         .and_then(|b| b.install_recorder())
         .map_err(|e| Failure::other(anyhow!("cannot install the metrics recorder: {e}")))?;
-    tokio::spawn(accept_loop(listener, handle, refresh));
-    tracing::info!(%bound, "metrics served at http://{bound}/metrics");
-    Ok(bound)
+    Ok(Listening { listener, handle })
+}
+
+impl Listening {
+    /// Starts serving; returns the bound address (the port may have been 0).
+    pub fn serve(self, refresh: Refresh) -> Result<SocketAddr, Failure> {
+        let bound = self.listener.local_addr().map_err(|e| Failure::other(anyhow!(e)))?;
+        tokio::spawn(accept_loop(self.listener, self.handle, refresh));
+        tracing::info!(%bound, "metrics served at http://{bound}/metrics");
+        Ok(bound)
+    }
 }
 
 async fn accept_loop(listener: TcpListener, handle: PrometheusHandle, refresh: Refresh) {

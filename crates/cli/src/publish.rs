@@ -418,6 +418,10 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     // Read before the client opens: its drivers may deliver at once, and a
     // count taken after would miss what they sent (--summary).
     let queued_before = queued_on_disk(&dir).await;
+    let listening = match o.metrics {
+        Some(addr) => Some(crate::metrics::listen(addr).await?),
+        None => None,
+    };
     let (client, report) = Client::open(o.config.clone()).await.map_err(|e| open_failure(e, "--outbox"))?;
     if !report.is_clean() {
         eprintln!(
@@ -445,11 +449,11 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     } else {
         first_attempt(&client, &mut events).await?;
     }
-    if let Some(addr) = o.metrics {
+    if let Some(listening) = listening {
         let refresh = crate::metrics::refresh_with(client.clone(), |c| async move {
             let _ = c.export_metrics().await;
         });
-        if let Err(f) = crate::metrics::start(addr, refresh).await {
+        if let Err(f) = listening.serve(refresh) {
             client.close().await;
             return Err(f);
         }

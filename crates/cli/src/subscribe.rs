@@ -293,12 +293,16 @@ pub async fn run(mut a: SubArgs) -> Result<(), Failure> {
         return register(&cfg).await;
     }
     let stop = Stop::watch()?;
+    let listening = match metrics {
+        Some(addr) => Some(crate::metrics::listen(addr).await?),
+        None => None,
+    };
     let (consumer, report) = Consumer::open(cfg).await.map_err(|e| open_failure(e, "--inbox"))?;
-    if let Some(addr) = metrics {
+    if let Some(listening) = listening {
         let refresh = crate::metrics::refresh_with(consumer.metrics(), |m| async move {
             let _ = m.export().await;
         });
-        if let Err(f) = crate::metrics::start(addr, refresh).await {
+        if let Err(f) = listening.serve(refresh) {
             consumer.close().await;
             return Err(f);
         }

@@ -58,10 +58,9 @@ pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
     let (mut with, mut without, mut rss_with, mut rss_without) = (vec![], vec![], 0, 0);
     for run in 0..a.runs {
         eprintln!("consume: run {}/{}", run + 1, a.runs);
-        // Each arm drains a broker of its own, first in every other run: a
-        // Mosquitto that queued and sent a backlog before works harder for
-        // the next (its allocator's heap: `malloc_consolidate` was a fifth
-        // of its time in the second arm, docs/performance.md).
+        // Each arm drains a broker of its own, first in every other run, so
+        // that neither inherits what the other left in the broker (its
+        // heap, its sessions) nor always runs on a warmer machine.
         for inbox in [run % 2 == 1, run % 2 == 0] {
             // The test kit's broker queues without limit for an absent
             // session; its in-flight window to the consumer is the

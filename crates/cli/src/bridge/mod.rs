@@ -47,17 +47,21 @@ pub async fn run(a: BridgeArgs) -> Result<(), Failure> {
     let notify = notify::Notifier::from_env();
     let metrics =
         a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(|e| Failure::usage(anyhow!(e)))?;
+    let listening = match metrics {
+        Some(addr) => Some(crate::metrics::listen(addr).await?),
+        None => None,
+    };
     let clients: Clients = Arc::default();
     let mut running = start(bridge.clone(), &clients).await?;
     let mut current = bridge;
-    if let Some(addr) = metrics {
+    if let Some(listening) = listening {
         let refresh = crate::metrics::refresh_with(clients.clone(), |clients| async move {
             let clients = clients.lock().unwrap_or_else(|e| e.into_inner()).clone();
             for c in clients {
                 let _ = c.export_metrics().await;
             }
         });
-        crate::metrics::start(addr, refresh).await?;
+        listening.serve(refresh)?;
     }
     notify.ready();
     let watchdog = notify.watchdog_interval();

@@ -185,8 +185,11 @@ impl Receipt {
         self.identity.seq
     }
 
-    /// Waits until the message left the outbox: acknowledged by the broker,
-    /// or dropped by its policy (with the reason).
+    /// Waits until the message is delivered: acknowledged by the brokers
+    /// its route requires (told at once; its removal from the outbox is
+    /// committed with the writer's next batch, and a crash before that
+    /// publishes it again), or dropped by its policy (with the reason,
+    /// once the drop is committed).
     pub async fn delivered(self) -> Result<Delivery, PublishError> {
         self.delivered.await.map_err(|_| PublishError::Closed)
     }

@@ -246,7 +246,7 @@ impl Latencies {
         let delivered = percentile(&mut after, 50.0)?;
         let round_trip = self.steadfast.round_trip.map_or("not measured".to_owned(), |rt| format!("{rt:.2} ms"));
         Some(format!(
-            "latency stages, steadfast (p50 of each): publish to accepted (outbox commit and sync) {accepted:.2} ms; accepted to delivered {delivered:.2} ms, of which the round trip as the engine sees it (PUBLISH handed to the socket's writer task to PUBACK handled; its smoothed estimate, median of readings every 500 messages) {round_trip}, the rest the page read through the outbox writer, the hand-offs and the removal commit; total {total:.2} ms"
+            "latency stages, steadfast (p50 of each): publish to accepted (outbox commit and sync) {accepted:.2} ms; accepted to delivered {delivered:.2} ms, of which the round trip as the engine sees it (PUBLISH handed to the socket's writer task to PUBACK handled; its smoothed estimate, median of readings every 500 messages) {round_trip}, the rest the page read through the outbox writer and the hand-offs (delivery is told at the acknowledgement, before the removal's commit); total {total:.2} ms"
         ))
     }
 

@@ -265,6 +265,15 @@ impl Writer {
             t.count = t.count.saturating_sub(1);
             t.bytes = t.bytes.saturating_sub(e.size);
         }
+        if outcome == Delivery::Delivered {
+            // The brokers' acknowledgement is the delivery: its waiter is
+            // told now, not after the removal's commit and sync, which
+            // only spares a resend after a crash (docs/design.md,
+            // "Delivered is told at the acknowledgement").
+            if let Some(tx) = self.waiters.remove(&id) {
+                let _ = tx.send(outcome);
+            }
+        }
         b.resolved.push((id, outcome));
     }
 

@@ -35,7 +35,7 @@
 //! let (consumer, _report) = Consumer::open(cfg).await?;
 //! while let Some(d) = consumer.next().await {
 //!     handle(d.topic(), d.payload(), d.identity())?;
-//!     d.ack();                                     // inbox record synced, then PUBACK; dropping `d` instead means it comes again
+//!     d.ack();                                     // PUBACK and inbox record; dropping `d` instead means it comes again
 //! }
 //! consumer.close().await;
 //! # Ok(()) }

@@ -285,9 +285,9 @@ impl Delivery {
         Ok(d)
     }
 
-    /// Handled: its identity is recorded in the inbox, then the broker
-    /// gets its acknowledgement (and the producer its receipt, if it asked
-    /// for one). Returns at once.
+    /// Handled: the broker gets its acknowledgement, its identity is
+    /// recorded in the inbox (the producer's receipt, if it asked for one,
+    /// follows the record). Returns at once.
     fn ack(&self) {
         if let Some(d) = self.received.lock().unwrap_or_else(|e| e.into_inner()).take() {
             d.ack();

@@ -110,7 +110,10 @@ pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
                 "PostgreSQL round trips per 1,000 messages: {trips:.1} (claims, records, upkeep; all members together)"
             ),
             stage("claims (before hand-over)", &stages.claims),
-            stage("records (after the application's ack; the broker's waits for them only beyond the acks allowed ahead)", &stages.records),
+            stage(
+                "records (after the application's ack; the broker's waits for them only beyond the acks allowed ahead)",
+                &stages.records,
+            ),
         ],
     })
 }

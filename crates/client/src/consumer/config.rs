@@ -40,7 +40,7 @@ pub struct ConsumerConfig {
     /// (`record_in`): no claims, no record of the member's own.
     pub(super) records_in_transaction: bool,
     /// Acknowledgements that may leave before their inbox record is on
-    /// disk; `None`: the consumer's window (`max_inflight`).
+    /// disk; `None`: four windows (`4 × max_inflight`).
     pub(super) acks_ahead: Option<usize>,
 }
 
@@ -162,8 +162,9 @@ impl ConsumerConfig {
         self
     }
     /// How many handled messages may have their broker's acknowledgement
-    /// sent before their identity is synced to the inbox (default: the
-    /// window, [`ClientConfig::max_inflight`]). The inbox's commit is then
+    /// sent before their identity is synced to the inbox (default: four
+    /// windows, 4 × [`ClientConfig::max_inflight`]; a relay, a bridge's
+    /// source, never acknowledges ahead). The inbox's commit is then
     /// off the broker's round trip: the broker sends the next message
     /// while the record is being written, many records share a commit,
     /// and the consumer drains nearly as fast as without an inbox. Beyond

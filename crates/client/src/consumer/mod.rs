@@ -428,8 +428,8 @@ impl Consumer {
         Ok(())
     }
 
-    /// Finishes the acknowledgements of what was acknowledged (inbox record,
-    /// then the broker's ack), stops the sessions (unacknowledged deliveries
+    /// Finishes the acknowledgements of what was acknowledged (the inbox
+    /// records and the broker's acks), stops the sessions (unacknowledged deliveries
     /// come again next time) and closes the inbox.
     pub async fn close(self) {
         let (tx, rx) = oneshot::channel();

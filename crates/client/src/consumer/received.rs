@@ -108,9 +108,11 @@ impl Received {
         self.token.and_then(|t| t.pid)
     }
 
-    /// Handled: the identity is recorded in the inbox, then the broker gets
-    /// its PUBACK (QoS 1) or PUBREC (QoS 2). Returns at once; the
-    /// acknowledgements of many deliveries share one disk sync.
+    /// Handled: the broker gets its PUBACK (QoS 1) or PUBREC (QoS 2) and
+    /// the identity is recorded in the inbox (the ack waits for that record
+    /// only beyond [`ConsumerConfig::acks_ahead_of_records`](super::ConsumerConfig::acks_ahead_of_records);
+    /// a receipt always does). Returns at once; the records of many
+    /// deliveries share one disk sync.
     pub fn ack(mut self) {
         if let Some(token) = self.token.take() {
             let identity = self.identity.take().filter(|_| self.inbox);

@@ -164,10 +164,12 @@ pub struct DispatchConfig {
     /// record. 0: every acknowledgement waits for its record.
     ///
     /// Waiting buys nothing against duplicates: a crash before the record
-    /// hands the message over again either way (its broker sends it again
-    /// when it was not acknowledged; otherwise only a copy through another
-    /// broker or a producer's resend for lack of a receipt brings it back),
-    /// and nothing is lost, since the application handled it first.
+    /// may hand the message over again either way (its broker sends it
+    /// again when it was not acknowledged; otherwise only a copy through
+    /// another broker or a producer's resend for lack of a receipt brings
+    /// it back), and nothing is lost, since the application handled it
+    /// first. A relay (a bridge's source) never acknowledges ahead: it may
+    /// hand over a second copy of an identity it is still recording.
     pub acks_ahead: usize,
 }
 
@@ -187,10 +189,11 @@ pub struct Dispatch<P: Delivered> {
     /// Inbox records asked for and not yet reported, or waiting to be
     /// tried again.
     recording: usize,
-    /// Records asked for and not yet reported (at most one: what is
-    /// acknowledged meanwhile waits in `unsent` and goes in the next, so
-    /// that a record carries everything acknowledged during the one
-    /// before it, however often the application acknowledges).
+    /// Records asked for and not yet reported (one, and a failed one
+    /// being tried again: what is acknowledged meanwhile waits in
+    /// `unsent` and goes in the next, so that a record carries everything
+    /// acknowledged during the one before it, however often the
+    /// application acknowledges).
     in_flight: usize,
     /// Acknowledged identities waiting for the record under way to end.
     unsent: Batch<P::Token>,
@@ -338,7 +341,10 @@ impl<P: Delivered> Dispatch<P> {
         for (token, identity) in acks {
             match identity {
                 Some(id) => {
-                    if self.acked_ahead < self.cfg.acks_ahead {
+                    // Not for a relay: it may hand over a second copy of an
+                    // identity outside `handling` (a copy asking for a
+                    // receipt), whose ack must not take the first's mark.
+                    if self.acked_ahead < self.cfg.acks_ahead && !self.cfg.relay {
                         self.ack_ahead(&id, token.clone());
                     }
                     self.unsent.push((id, token));
@@ -598,6 +604,26 @@ mod tests {
 
     fn ops(e: &mut Dispatch<D>) -> Vec<DispatchOp<D, u16>> {
         std::iter::from_fn(|| e.poll_op()).collect()
+    }
+
+    /// A relay never acknowledges ahead of the record, whatever its room:
+    /// a second copy it hands over (one asking for a receipt) would share
+    /// the identity, and its ack must not stand for the first's.
+    #[test]
+    fn a_relay_acknowledges_only_once_recorded() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> = Dispatch::new(DispatchConfig { acks_ahead: 4, ..config(true) }, [("p".to_owned(), 1)]);
+        e.handle_delivered(vec![d(2, 10, Some("r/p"))], &[], now);
+        let _ = ops(&mut e);
+        e.handle_acks([(10, Some(d(2, 0, None).id))]);
+        let got = ops(&mut e);
+        assert!(!got.iter().any(|op| matches!(op, DispatchOp::AckBroker(_))), "{got:?}");
+        let batch = got.into_iter().find_map(|op| match op {
+            DispatchOp::Record(b) => Some(b),
+            _ => None,
+        });
+        e.handle_recorded(batch.expect("a record"), true, now);
+        assert_eq!(ops(&mut e), [DispatchOp::AckBroker(10)]);
     }
 
     /// While a record is under way, what the application acknowledges

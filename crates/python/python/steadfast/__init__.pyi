@@ -231,8 +231,8 @@ class Delivery:
     def properties(self) -> Dict[str, object]:
         """MQTT 5: content_type and user (a list of pairs)."""
     def ack(self) -> None:
-        """Handled: recorded in the inbox, then acknowledged to the broker
-        (and a receipt sent, if the producer asked for one)."""
+        """Handled: acknowledged to the broker and recorded in the inbox
+        (a receipt sent once recorded, if the producer asked for one)."""
     def nack(self) -> None:
         """Not handled: it comes again after a pause."""
 

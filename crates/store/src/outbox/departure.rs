@@ -267,12 +267,10 @@ impl Writer {
         }
         if outcome == Delivery::Delivered {
             // The brokers' acknowledgement is the delivery: its waiter is
-            // told now, not after the removal's commit and sync, which
-            // only spares a resend after a crash (docs/design.md,
+            // told once the batch is applied, before its commit and sync,
+            // which only spare a resend after a crash (docs/design.md,
             // "Delivered is told at the acknowledgement").
-            if let Some(tx) = self.waiters.remove(&id) {
-                let _ = tx.send(outcome);
-            }
+            b.delivered_now.push(id);
         }
         b.resolved.push((id, outcome));
     }

@@ -19,6 +19,8 @@ pub(super) struct Batch {
     pub(super) known: Vec<(oneshot::Sender<Result<u64, AppendError>>, u64)>,
     pub(super) new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
     pub(super) resolved: Vec<(u64, Delivery)>,
+    /// Delivered in this batch: their waiters are told before the commit.
+    pub(super) delivered_now: Vec<u64>,
     pub(super) new_handled: Vec<(u64, oneshot::Sender<Handling>)>,
     /// Delivered and now awaiting receipts: their delivery waiters are
     /// told, their handling waiters wait on.
@@ -50,6 +52,28 @@ impl Writer {
             poisoned: self.poisoned,
             requeued: self.requeued,
         });
+    }
+
+    /// Tells the waiters of what this batch delivered, before its commit:
+    /// with the counts first, so that whoever learns of a delivery finds
+    /// the message no longer counted as queued. The ids stay as last
+    /// committed (a failed commit hands this batch's ids out again).
+    pub(super) fn tell_delivered(&mut self, b: &mut Batch) {
+        if b.delivered_now.is_empty() {
+            return;
+        }
+        let (totals, held, poisoned, requeued) = (self.totals, self.held, self.poisoned, self.requeued);
+        self.state.send_modify(|s| {
+            s.totals = totals;
+            s.held = held;
+            s.poisoned = poisoned;
+            s.requeued = requeued;
+        });
+        for id in std::mem::take(&mut b.delivered_now) {
+            if let Some(tx) = self.waiters.remove(&id) {
+                let _ = tx.send(Delivery::Delivered);
+            }
+        }
     }
 
     pub(super) fn after_commit(&mut self, b: Batch) {

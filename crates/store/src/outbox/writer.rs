@@ -184,6 +184,9 @@ impl Writer {
         }
         let mut rest = requests.into_iter();
         let result = self.apply_all(&retried, &mut rest, sweep, &mut b);
+        if result.is_ok() {
+            self.tell_delivered(&mut b);
+        }
         let synced = std::time::Instant::now();
         let result = result.and_then(|()| self.store.commit());
         metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
@@ -259,6 +262,8 @@ impl Writer {
         self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
         self.inbox_bytes = self.store.inbox_bytes().unwrap_or(self.inbox_bytes);
         tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
+        // The counts told before the commit (deliveries) are taken back.
+        self.publish_state();
     }
 
     /// Applies one request inside the batch's transaction; what waits for

@@ -26,7 +26,9 @@ async fn round_trip(pub_url: &str, sub_url: &str, extra: &[&str], tag: &str, n: 
     let out = run(&register.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert_eq!(out.status.code(), Some(0), "register: {}", stderr(&out));
     let lines: String = (0..n).map(|i| format!("{tag}-{i:05}\n")).collect();
-    let mut publish = strs(&["pub", "-b", pub_url, "-t", &format!("{tag}/x"), "-l", "-i", tag]);
+    // Bounded: a broker that never acknowledges fails the test with pub's
+    // own account (exit 3) instead of hanging it.
+    let mut publish = strs(&["pub", "-b", pub_url, "-t", &format!("{tag}/x"), "-l", "-i", tag, "--wait-timeout", "90"]);
     publish.extend(["--outbox".to_string(), ob.display().to_string()]);
     let out = tokio::task::spawn_blocking(move || {
         use std::io::Write;

@@ -265,14 +265,14 @@ impl Writer {
             t.count = t.count.saturating_sub(1);
             t.bytes = t.bytes.saturating_sub(e.size);
         }
-        if outcome == Delivery::Delivered {
+        match outcome {
             // The brokers' acknowledgement is the delivery: its waiter is
             // told once the batch is applied, before its commit and sync,
             // which only spare a resend after a crash (docs/design.md,
             // "Delivered is told at the acknowledgement").
-            b.delivered_now.push(id);
+            Delivery::Delivered => b.delivered_now.push(id),
+            Delivery::Dropped(reason) => b.dropped_now.push((id, reason)),
         }
-        b.resolved.push((id, outcome));
     }
 
     /// Removes a message that reached its end; false if it was gone already.

@@ -18,7 +18,9 @@ pub(super) struct Batch {
     /// Redeliveries of what a bridge queued before: the id it got.
     pub(super) known: Vec<(oneshot::Sender<Result<u64, AppendError>>, u64)>,
     pub(super) new_waiters: Vec<(u64, oneshot::Sender<Delivery>)>,
-    pub(super) resolved: Vec<(u64, Delivery)>,
+    /// Dropped in this batch: their waiters are told after the commit (the
+    /// drop itself is the news).
+    pub(super) dropped_now: Vec<(u64, DropReason)>,
     /// Delivered in this batch: their waiters are told before the commit.
     pub(super) delivered_now: Vec<u64>,
     pub(super) new_handled: Vec<(u64, oneshot::Sender<Handling>)>,
@@ -104,14 +106,12 @@ impl Writer {
                 let _ = tx.send(Delivery::Delivered);
             }
         }
-        for (id, outcome) in b.resolved {
+        for (id, reason) in b.dropped_now {
             if let Some(tx) = self.waiters.remove(&id) {
-                let _ = tx.send(outcome);
+                let _ = tx.send(Delivery::Dropped(reason));
             }
-            if let Delivery::Dropped(reason) = outcome {
-                if let Some(tx) = self.handled_waiters.remove(&id) {
-                    let _ = tx.send(Handling::Dropped(reason));
-                }
+            if let Some(tx) = self.handled_waiters.remove(&id) {
+                let _ = tx.send(Handling::Dropped(reason));
             }
         }
         for (id, by) in b.handled {

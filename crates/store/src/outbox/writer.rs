@@ -446,7 +446,7 @@ impl Writer {
         if self.store.poison(id, slot, failures, crate::now_ms())? {
             self.store.add_drop(DropReason::Poison, None)?;
             self.poisoned += 1;
-            b.resolved.push((id, Delivery::Dropped(DropReason::Poison)));
+            b.dropped_now.push((id, DropReason::Poison));
             b.drops.push(Dropped { id, topic: e.topic, reason: DropReason::Poison });
         }
         Ok(())

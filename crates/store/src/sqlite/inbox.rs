@@ -13,6 +13,11 @@ use rusqlite::{params, OptionalExtension};
 use super::SqliteStore;
 use crate::{InboxStore, StoreError};
 
+/// The last sequence number of the range of `?1` that starts at or below
+/// `?2`: the only range that may hold `?2` (ranges never overlap).
+const RANGE_AT_OR_BELOW: &str =
+    "SELECT last FROM inbox_ranges WHERE producer = ?1 AND first <= ?2 ORDER BY first DESC LIMIT 1";
+
 /// `ids` sorted, without repeats, as runs of consecutive sequence numbers
 /// per producer: `(producer, first, last)`.
 fn runs(ids: &[(String, u64)]) -> Vec<(&str, u64, u64)> {
@@ -33,9 +38,11 @@ impl SqliteStore {
     /// Records the run `first..=last` of `producer`: the parts of it no
     /// range holds yet, each as a range of its own.
     fn record_run(&mut self, producer: &str, first: u64, last: u64, now_ms: u64) -> rusqlite::Result<()> {
-        let below = "SELECT last FROM inbox_ranges WHERE producer = ?1 AND first <= ?2 ORDER BY first DESC LIMIT 1";
-        let held: Option<u64> =
-            self.conn.prepare_cached(below)?.query_row(params![producer, first], |r| r.get(0)).optional()?;
+        let held: Option<u64> = self
+            .conn
+            .prepare_cached(RANGE_AT_OR_BELOW)?
+            .query_row(params![producer, first], |r| r.get(0))
+            .optional()?;
         // The first sequence number of the run not known to be held (none:
         // all of it is).
         let mut next = match held {
@@ -75,8 +82,7 @@ impl SqliteStore {
 
 impl InboxStore for SqliteStore {
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
-        let sql = "SELECT last FROM inbox_ranges WHERE producer = ?1 AND first <= ?2 ORDER BY first DESC LIMIT 1";
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.conn.prepare_cached(RANGE_AT_OR_BELOW)?;
         let mut out = Vec::with_capacity(ids.len());
         for (p, s) in ids {
             let last: Option<u64> = stmt.query_row(params![p, s], |r| r.get(0)).optional()?;

@@ -8,7 +8,8 @@ message in any of them.
 at-start: the primary is down when the program starts: messages go to the
   backup (a paho script would retry the primary for ever, or connect once).
 failover: switch to the backup on failure, queue on disk while both are
-  down, fail back to the primary once it has stayed up for 2 seconds.
+  down, fail back to the primary once it has stayed up for 2 seconds
+  (a lost broker is retried at least once a second).
 both: publish to both brokers (fanout); a consumer on both removes the
   copies by identity (see receive_from_two.py).
 
@@ -40,8 +41,16 @@ def main():
     n = int(sys.argv[5]) if len(sys.argv) > 5 else 100
     every = int(sys.argv[6]) / 1000 if len(sys.argv) > 6 else 0.0
     mode = "fanout" if way == "both" else "failover"
+    # backoff: retry a lost broker within a second (the default grows to
+    # 30 s), so the fail-back follows the primary's return promptly.
     with steadfast.Client(
-        "backup-demo", brokers=[primary, backup], outbox=outbox, mode=mode, failback_after=2.0, on_event=on_event
+        "backup-demo",
+        brokers=[primary, backup],
+        outbox=outbox,
+        mode=mode,
+        failback_after=2.0,
+        backoff="100ms..1s",
+        on_event=on_event,
     ) as client:
         if every == 0:
             client.publish_many([("demo/backup", f"reading {i}") for i in range(n)])

@@ -289,11 +289,16 @@ def test_the_failover_recipe_switches_queues_and_fails_back(tmp):
 
     from conftest import PACKAGE
 
+    # The primary comes back after 150 messages; the fail-back needs a
+    # reconnect (backoff at most 1 s) and 2 s up, while the remaining 850
+    # take at least 8.5 s to publish: a margin of 3x, even on a busy machine
+    # (which slows the publishing loop as well).
+    N = 1000
     a, b = Broker(persistence=True).start(), Broker().start()
     try:
         steadfast.Consumer.register("two-demo", brokers=[a.url, b.url], inbox=tmp / "in", topics=["demo/#"])
         p = subprocess.Popen(
-            [sys.executable, os.path.join(EXAMPLES, "backup_broker.py"), "failover", a.url, b.url, str(tmp / "o"), "600", "10"],
+            [sys.executable, os.path.join(EXAMPLES, "backup_broker.py"), "failover", a.url, b.url, str(tmp / "o"), str(N), "10"],
             env=dict(os.environ, PYTHONPATH=PACKAGE), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         lines = []
@@ -315,9 +320,9 @@ def test_the_failover_recipe_switches_queues_and_fails_back(tmp):
         assert p.returncode == 0, err
         # "URL: N acknowledged (state)"
         acked = {line.split(": ")[0]: int(line.split(": ")[1].split()[0]) for line in out.splitlines() if "acknowledged" in line}
-        assert acked[a.url] > 0 and acked[b.url] > 0 and acked[a.url] + acked[b.url] == 600, out
-        printed = example("receive_from_two.py", a.url, b.url, tmp / "in", 600).splitlines()
-        assert sorted(printed) == sorted(f"reading {i}" for i in range(600)), printed
+        assert acked[a.url] > 0 and acked[b.url] > 0 and acked[a.url] + acked[b.url] == N, out
+        printed = example("receive_from_two.py", a.url, b.url, tmp / "in", N).splitlines()
+        assert sorted(printed) == sorted(f"reading {i}" for i in range(N)), printed
     finally:
         a.kill9()
         b.kill9()

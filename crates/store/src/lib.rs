@@ -204,6 +204,10 @@ pub struct Entry {
     pub resends: u32,
 }
 
+/// What an acknowledgement found ([`Store::ack_or_remove`]): the message
+/// as it is now and whether it was removed; `None` if it was gone.
+pub type AckAnswer = Option<(Entry, bool)>;
+
 /// Messages delivered and awaiting receipts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Awaiting {
@@ -329,10 +333,25 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
         id: u64,
         slot: u32,
         finishes: &mut dyn FnMut(&Entry) -> bool,
-    ) -> Result<Option<(Entry, bool)>, StoreError> {
+    ) -> Result<AckAnswer, StoreError> {
         let Some(e) = self.ack(id, slot)? else { return Ok(None) };
         let removed = e.bindings == 0 && !e.done && finishes(&e) && self.remove(id)?;
         Ok(Some((e, removed)))
+    }
+    /// [`Store::ack_or_remove`] for each of `ids`, acknowledged by the
+    /// broker in `slot`: the answers in ascending id order, each id once.
+    /// A store may read and delete a run of consecutive ids with one
+    /// statement each (a broker acknowledges in the order it was sent).
+    fn ack_or_remove_many(
+        &mut self,
+        ids: &[u64],
+        slot: u32,
+        finishes: &mut dyn FnMut(&Entry) -> bool,
+    ) -> Result<Vec<(u64, AckAnswer)>, StoreError> {
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        sorted.into_iter().map(|id| Ok((id, self.ack_or_remove(id, slot, finishes)?))).collect()
     }
     /// Marks a message delivered while QoS 2 exchanges of it stay open.
     fn set_done(&mut self, id: u64) -> Result<(), StoreError>;

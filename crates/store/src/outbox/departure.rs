@@ -54,19 +54,19 @@ impl Writer {
     /// The broker in `slot` acknowledged these (and closed its QoS 2
     /// exchanges of them).
     pub(super) fn ack_all(&mut self, slot: u32, ids: Vec<u64>, b: &mut Batch) -> Result<(), StoreError> {
-        for id in ids {
-            // What this acknowledgement alone finishes (its quorum met, no
-            // receipts asked for) the store removes at once: the common
-            // case costs it no update of a row about to go. The rest is
-            // settled as before.
-            let quorums = &self.quorums;
-            let mut finishes = |e: &Entry| {
-                e.receipts.is_none() && e.awaiting_ms.is_none() && {
-                    let (mask, need, _) = rule_of(quorums, e.route.as_deref());
-                    quorum_met(e.acks, mask, need)
-                }
-            };
-            match self.store.ack_or_remove(id, slot, &mut finishes)? {
+        // What this acknowledgement alone finishes (its quorum met, no
+        // receipts asked for) the store removes at once: the common case
+        // costs it no update of a row about to go, and a run of them one
+        // read and one delete. The rest is settled as before.
+        let quorums = &self.quorums;
+        let mut finishes = |e: &Entry| {
+            e.receipts.is_none() && e.awaiting_ms.is_none() && {
+                let (mask, need, _) = rule_of(quorums, e.route.as_deref());
+                quorum_met(e.acks, mask, need)
+            }
+        };
+        for (id, answer) in self.store.ack_or_remove_many(&ids, slot, &mut finishes)? {
+            match answer {
                 Some((e, true)) => {
                     b.delivered += 1;
                     self.finished(id, &e, Delivery::Delivered, b);

@@ -6,7 +6,7 @@ use steadfast_core::{DropReason, ReceiptRule, Stage};
 
 use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
-use crate::{now_ms, reserve, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
+use crate::{now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
 
 /// The highest id the database says it ever handed out (0 for none).
 pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
@@ -175,7 +175,7 @@ impl Store for SqliteStore {
         id: u64,
         slot: u32,
         finishes: &mut dyn FnMut(&Entry) -> bool,
-    ) -> Result<Option<(Entry, bool)>, StoreError> {
+    ) -> Result<AckAnswer, StoreError> {
         // Two statements for a QoS 0 or 1 message that this acknowledgement
         // finishes (the common case: one broker, no receipts): the read by
         // key and the delete, instead of the update, the read, a second
@@ -192,6 +192,26 @@ impl Store for SqliteStore {
             self.store_acks(id, e.acks)?;
         }
         Ok(Some((e, false)))
+    }
+
+    fn ack_or_remove_many(
+        &mut self,
+        ids: &[u64],
+        slot: u32,
+        finishes: &mut dyn FnMut(&Entry) -> bool,
+    ) -> Result<Vec<(u64, AckAnswer)>, StoreError> {
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let mut out = Vec::with_capacity(sorted.len());
+        for run in runs(&sorted) {
+            if let [id] = run {
+                out.push((*id, self.ack_or_remove(*id, slot, finishes)?));
+                continue;
+            }
+            self.ack_run(run, slot, finishes, &mut out)?;
+        }
+        Ok(out)
     }
 
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
@@ -667,7 +687,73 @@ fn keeps_receipt_names(rule: Option<&str>) -> bool {
     rule.and_then(ReceiptRule::parse).is_some_and(|r| r.needed() > 1)
 }
 
+/// `sorted` (ascending, distinct) cut into runs of consecutive ids.
+fn runs(sorted: &[u64]) -> impl Iterator<Item = &[u64]> {
+    sorted.chunk_by(|a, b| b.checked_sub(*a) == Some(1))
+}
+
 impl SqliteStore {
+    /// [`Store::ack_or_remove`] for a run of consecutive ids (`run`, at
+    /// least two): one read for the run, and one delete for each run of
+    /// what it finishes that has nothing hanging on it (QoS 0 or 1, no
+    /// receipt names); the rest goes one by one as in `ack_or_remove`.
+    /// The answers go to `out` in id order.
+    fn ack_run(
+        &mut self,
+        run: &[u64],
+        slot: u32,
+        finishes: &mut dyn FnMut(&Entry) -> bool,
+        out: &mut Vec<(u64, AckAnswer)>,
+    ) -> Result<(), StoreError> {
+        let (first, last) = (run[0], run[run.len() - 1]);
+        let sql = concat!("SELECT ", entry_columns!(), ", qos, id FROM outbox WHERE id >= ?1 AND id <= ?2 ORDER BY id");
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt
+            .query_map([first, last], |r| Ok((r.get::<_, u64>(12)?, read_entry(r, 0)?, r.get::<_, u8>(11)?)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
+        drop(stmt);
+        let rows = rows.map_err(|e| self.map(e))?;
+        // Finished rows deleted together: (id, size), ascending.
+        let mut plain: Vec<(u64, i64)> = Vec::new();
+        let mut found = rows.into_iter().peekable();
+        for &id in run {
+            let Some((_, mut e, qos)) = found.next_if(|(at, _, _)| *at == id) else {
+                out.push((id, None));
+                continue;
+            };
+            let before = e.acks;
+            self.apply_ack(id, slot, qos, &mut e)?;
+            if e.bindings == 0 && !e.done && finishes(&e) {
+                let several = keeps_receipt_names(e.receipts.as_deref());
+                if qos == 2 || several {
+                    self.delete_row(id, false, e.size as i64, qos, several)?;
+                } else {
+                    plain.push((id, e.size as i64));
+                }
+                out.push((id, Some((e, true))));
+                continue;
+            }
+            if e.acks != before {
+                self.store_acks(id, e.acks)?;
+            }
+            out.push((id, Some((e, false))));
+        }
+        let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
+        for gone in runs(&ids) {
+            let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
+            let r = stmt.execute([gone[0], gone[gone.len() - 1]]);
+            drop(stmt);
+            let n = r.map_err(|e| self.map(e))?;
+            // Every id in the range was read in this transaction just now.
+            debug_assert_eq!(n, gone.len());
+        }
+        let bytes: i64 = plain.iter().map(|(_, size)| size).sum();
+        if !plain.is_empty() {
+            self.count_queued(-(plain.len() as i64), -bytes)?;
+        }
+        Ok(())
+    }
+
     /// A message as an acknowledgement finds it, with its QoS; its
     /// bindings are counted by [`SqliteStore::apply_ack`] (QoS 2 only).
     fn read_for_ack(&mut self, id: u64) -> Result<Option<(Entry, u8)>, StoreError> {

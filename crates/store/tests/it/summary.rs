@@ -3,7 +3,9 @@
 //! must always equal what the rows say, whatever mix of operations, failed
 //! transactions and reopenings came before. And an acknowledgement's answer
 //! (one statement for QoS 1) is the message as a fresh read sees it; one
-//! that finishes the message (`ack_or_remove`) leaves no row.
+//! that finishes the message (`ack_or_remove`) leaves no row; so does each
+//! of many acknowledged together (`ack_or_remove_many`, which reads and
+//! deletes runs of consecutive ids with one statement each).
 
 use proptest::prelude::*;
 use steadfast_core::Stage;
@@ -19,6 +21,10 @@ enum Op {
     Bind(usize),
     Ack(usize, u32),
     AckOrRemove(usize, u32, bool),
+    /// From the `usize`-th id, that many (plus a repeat and an id never
+    /// handed out); `finishes` for every message when the flag says so,
+    /// else for those of an even size only.
+    AckOrRemoveMany(usize, usize, u32, bool),
     Commit,
     Rollback,
     Reopen,
@@ -32,6 +38,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..50).prop_map(Op::Bind),
         2 => ((0usize..50), (0u32..2)).prop_map(|(i, slot)| Op::Ack(i, slot)),
         2 => ((0usize..50), (0u32..2), any::<bool>()).prop_map(|(i, slot, f)| Op::AckOrRemove(i, slot, f)),
+        2 => ((0usize..50), (1usize..12), (0u32..2), any::<bool>()).prop_map(|(i, n, slot, f)| Op::AckOrRemoveMany(i, n, slot, f)),
         2 => Just(Op::Commit),
         1 => Just(Op::Rollback),
         1 => Just(Op::Reopen),
@@ -107,6 +114,33 @@ proptest! {
                             Some((e, false)) => {
                                 prop_assert_eq!(Some(e.clone()), s.entry(id).unwrap());
                                 prop_assert!(!finishes || e.done || e.bindings > 0);
+                            }
+                            None => prop_assert_eq!(before, None),
+                        }
+                    }
+                }
+                Op::AckOrRemoveMany(i, n, slot, all) => {
+                    let from = i % ids.len().max(1);
+                    let mut asked: Vec<u64> = ids.iter().skip(from).take(n).copied().collect();
+                    asked.extend(asked.first().copied());
+                    asked.push(ids.iter().max().unwrap_or(&0) + 3);
+                    let mut distinct = asked.clone();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    let before: Vec<_> = distinct.iter().map(|&id| s.entry(id).unwrap()).collect();
+                    let answers =
+                        s.ack_or_remove_many(&asked, slots[slot as usize], &mut |e| all || e.size % 2 == 0).unwrap();
+                    prop_assert_eq!(answers.iter().map(|(id, _)| *id).collect::<Vec<_>>(), distinct.clone());
+                    for ((id, answer), before) in answers.into_iter().zip(before) {
+                        match answer {
+                            Some((e, true)) => {
+                                let before = before.unwrap();
+                                prop_assert!((all || e.size % 2 == 0) && !before.done && e.bindings == 0);
+                                prop_assert_eq!(s.entry(id).unwrap(), None);
+                            }
+                            Some((e, false)) => {
+                                prop_assert_eq!(Some(e.clone()), s.entry(id).unwrap());
+                                prop_assert!(!(all || e.size % 2 == 0) || e.done || e.bindings > 0);
                             }
                             None => prop_assert_eq!(before, None),
                         }

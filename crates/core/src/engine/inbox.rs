@@ -13,7 +13,11 @@
 //! refusals, the outcome of each inbox record, and the clock. Outputs:
 //! [`DispatchOp`]s, pulled with [`Dispatch::poll_op`], and the next timer.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+// Identities are hashed several times per delivery: foldhash, not SipHash
+// (docs/design.md, "Dependencies").
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant};
 
 use super::{Now, Timer};

@@ -6,7 +6,9 @@ use steadfast_core::{DropReason, ReceiptRule, Stage};
 
 use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
-use crate::{now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS};
+use crate::{
+    now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
+};
 
 /// The highest id the database says it ever handed out (0 for none).
 pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {

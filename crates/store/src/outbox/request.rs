@@ -127,13 +127,22 @@ impl Request {
         )
     }
 
-    /// Bookkeeping (a read, or counters, broker states, attempts, metadata
-    /// nobody waits for): what a batch may commit without a sync.
+    /// What a batch may commit without a sync: a read, bookkeeping
+    /// (counters, broker states, attempts, metadata nobody waits for), and
+    /// a broker's acknowledgements. A power loss can take these back, and
+    /// nothing a promise rests on goes with them: an acknowledgement lost
+    /// so only sends its message again after the restart (under the same
+    /// identity, which an inbox removes), as a crash before it was written
+    /// would (docs/design.md, "The writer thread").
     pub(super) fn is_bookkeeping(&self) -> bool {
         self.is_read()
             || matches!(
                 self,
-                Request::Counter { .. } | Request::Broker(_) | Request::Attempt { .. } | Request::SetMeta { .. }
+                Request::Counter { .. }
+                    | Request::Broker(_)
+                    | Request::Attempt { .. }
+                    | Request::SetMeta { .. }
+                    | Request::Ack { .. }
             )
     }
 }

@@ -133,7 +133,9 @@ impl Request {
     /// nothing a promise rests on goes with them: an acknowledgement lost
     /// so only sends its message again after the restart (under the same
     /// identity, which an inbox removes), as a crash before it was written
-    /// would (docs/design.md, "The writer thread").
+    /// would. The writer bounds how long such commits go unsynced, and
+    /// syncs a batch that may admit waiting publishers (docs/design.md,
+    /// "The writer thread").
     pub(super) fn is_bookkeeping(&self) -> bool {
         self.is_read()
             || matches!(

@@ -58,10 +58,22 @@ pub(super) struct Writer {
     pub(super) followed_at: std::time::Instant,
     /// Another process made room: a batch admits who waits for it.
     pub(super) admit_due: bool,
+    /// When the last synced commit ended: acknowledgements go unsynced
+    /// for at most [`UNSYNCED_AT_MOST`] after it.
+    pub(super) synced_at: std::time::Instant,
+    /// The last commit went without a sync: an idle writer syncs within
+    /// [`IDLE_SYNC`].
+    pub(super) unsynced: bool,
 }
 
 /// The most requests one batch takes.
 const MAX_BATCH: usize = 8192;
+/// The longest stretch of commits without a sync: what a power cut can
+/// take back of brokers' acknowledgements (their messages are sent again).
+const UNSYNCED_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a writer with unsynced commits waits for more work before it
+/// syncs them.
+const IDLE_SYNC: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the writer looks for commits of another process on the same
 /// outbox (a `pub` that joined it, or, seen from that `pub`, the holder).
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
@@ -115,6 +127,8 @@ impl Writer {
             data_version,
             followed_at: std::time::Instant::now(),
             admit_due: false,
+            synced_at: std::time::Instant::now(),
+            unsynced: false,
         };
         Ok((writer, state))
     }
@@ -130,11 +144,18 @@ impl Writer {
                 Some(std::time::Duration::from_secs(1))
             };
             let wait = wait.map_or(FOLLOW_EVERY, |w| w.min(FOLLOW_EVERY));
+            let wait = if self.unsynced { wait.min(IDLE_SYNC) } else { wait };
             let first = match rx.recv_timeout(wait) {
                 Ok(r) => Some(r),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.sync_idle();
+                    break;
+                }
             };
+            if first.is_none() {
+                self.sync_idle();
+            }
             if self.followed_at.elapsed() >= FOLLOW_EVERY {
                 self.followed_at = std::time::Instant::now();
                 // Room another process made: who waits for it goes in.
@@ -173,10 +194,18 @@ impl Writer {
         let mut b = Batch::default();
         let before = self.totals;
         // Only bookkeeping (counters, broker states, attempts, metadata
-        // nobody waits for) is committed without a sync: it survives a
-        // crash of the process, and at worst a power loss takes a few
-        // counts back. Everything a promise rests on is synced.
-        let bookkeeping = retried.is_empty() && sweep.is_none() && requests.iter().all(Request::is_bookkeeping);
+        // nobody waits for) and brokers' acknowledgements are committed
+        // without a sync: they survive a crash of the process, and a power
+        // loss takes back at most the last second of them (counts, and
+        // removals whose messages are then sent again). Everything a
+        // promise rests on is synced, and so is a batch that may admit
+        // messages waiting for room (an acknowledgement makes room).
+        let bookkeeping = retried.is_empty()
+            && sweep.is_none()
+            && !admit
+            && self.blocked.is_empty()
+            && self.synced_at.elapsed() < UNSYNCED_AT_MOST
+            && requests.iter().all(Request::is_bookkeeping);
         self.store.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {
             self.pending_removes = retried.into_iter().chain(removes).collect();
@@ -190,6 +219,12 @@ impl Writer {
         let synced = std::time::Instant::now();
         let result = result.and_then(|()| self.store.commit());
         metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
+        if result.is_ok() {
+            self.unsynced = bookkeeping;
+            if !bookkeeping {
+                self.synced_at = std::time::Instant::now();
+            }
+        }
         match result {
             Ok(()) => {
                 let close = b.close;
@@ -205,6 +240,28 @@ impl Writer {
                 self.fail_replies(b, e.clone_for_reply());
                 let rest_close = self.fail_batch(rest.collect(), e);
                 close || rest_close
+            }
+        }
+    }
+
+    /// Nothing came for a while after a commit without a sync: one small
+    /// synced commit puts it on the disk (the log is synced whole), so that
+    /// a power cut long after takes nothing back.
+    fn sync_idle(&mut self) {
+        if !self.unsynced {
+            return;
+        }
+        self.store.set_synced(true);
+        let now = crate::now_ms().to_string();
+        let r = self.store.begin().and_then(|()| self.store.set_meta("synced_ms", &now));
+        match r.and_then(|()| self.store.commit()) {
+            Ok(()) => {
+                self.unsynced = false;
+                self.synced_at = std::time::Instant::now();
+            }
+            Err(e) => {
+                self.store.rollback();
+                tracing::warn!(error = %e, "outbox: syncing the last acknowledgements failed; tried again when idle");
             }
         }
     }

@@ -72,6 +72,10 @@ proptest! {
                     if n % 3 == 0 {
                         m.qos = steadfast_core::Qos::ExactlyOnce;
                     }
+                    // A rule that needs two receipts keeps their names.
+                    if n % 5 == 0 {
+                        m.receipts = Some("1000 all a,b".into());
+                    }
                     let id = s.insert(&m).unwrap();
                     ids.push(id);
                     if n % 3 == 0 {

@@ -195,6 +195,8 @@ impl Writer {
             tracing::error!(id, problem = %what, "outbox record cannot be read back; dropped as corrupt");
         }
         let mut b = Batch::default();
+        // A drop is announced: it must not come back after a power cut.
+        self.store.set_synced(true);
         let result = self.store.begin().and_then(|()| {
             for (id, _) in &bad {
                 self.drop_one(*id, DropReason::Corrupt, &mut b)?;

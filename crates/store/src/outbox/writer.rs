@@ -212,7 +212,11 @@ impl Writer {
             return self.fail_batch(requests, e);
         }
         let mut rest = requests.into_iter();
-        let result = self.apply_all(&retried, &mut rest, sweep, &mut b);
+        // SQLite syncs nothing for a commit that changed nothing: after
+        // unsynced commits, a synced batch writes a mark so that its sync
+        // puts them on the disk too.
+        let marked = if !bookkeeping && self.unsynced { self.mark_synced() } else { Ok(()) };
+        let result = marked.and_then(|()| self.apply_all(&retried, &mut rest, sweep, &mut b));
         if result.is_ok() {
             self.tell_delivered(&mut b);
         }
@@ -252,18 +256,23 @@ impl Writer {
             return;
         }
         self.store.set_synced(true);
-        let now = crate::now_ms().to_string();
-        let r = self.store.begin().and_then(|()| self.store.set_meta("synced_ms", &now));
+        let r = self.store.begin().and_then(|()| self.mark_synced());
         match r.and_then(|()| self.store.commit()) {
-            Ok(()) => {
-                self.unsynced = false;
-                self.synced_at = std::time::Instant::now();
-            }
+            Ok(()) => self.synced_at = std::time::Instant::now(),
             Err(e) => {
                 self.store.rollback();
-                tracing::warn!(error = %e, "outbox: syncing the last acknowledgements failed; tried again when idle");
+                // Not tried again every 0.1 s on a failing disk: the next
+                // synced commit covers them.
+                tracing::warn!(error = %e, "outbox: syncing the last acknowledgements failed; the next synced commit covers them");
             }
         }
+        self.unsynced = false;
+    }
+
+    /// Writes the time of this synced commit (`meta.synced_ms`), which
+    /// nothing reads: a change, so that the commit is synced.
+    fn mark_synced(&mut self) -> Result<(), StoreError> {
+        self.store.set_meta("synced_ms", &crate::now_ms().to_string())
     }
 
     /// Reads that no write precedes in this batch see nothing new from

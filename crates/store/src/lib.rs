@@ -204,6 +204,15 @@ pub struct Entry {
     pub resends: u32,
 }
 
+/// `ids` in ascending order, each once: the order in which
+/// [`Store::ack_or_remove_many`] answers.
+pub(crate) fn sorted_distinct(ids: &[u64]) -> Vec<u64> {
+    let mut sorted = ids.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sorted
+}
+
 /// What an acknowledgement found ([`Store::ack_or_remove`]): the message
 /// as it is now and whether it was removed; `None` if it was gone.
 pub type AckAnswer = Option<(Entry, bool)>;
@@ -348,10 +357,7 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
         slot: u32,
         finishes: &mut dyn FnMut(&Entry) -> bool,
     ) -> Result<Vec<(u64, AckAnswer)>, StoreError> {
-        let mut sorted = ids.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        sorted.into_iter().map(|id| Ok((id, self.ack_or_remove(id, slot, finishes)?))).collect()
+        sorted_distinct(ids).into_iter().map(|id| Ok((id, self.ack_or_remove(id, slot, finishes)?))).collect()
     }
     /// Marks a message delivered while QoS 2 exchanges of it stay open.
     fn set_done(&mut self, id: u64) -> Result<(), StoreError>;

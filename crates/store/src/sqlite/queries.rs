@@ -202,9 +202,7 @@ impl Store for SqliteStore {
         slot: u32,
         finishes: &mut dyn FnMut(&Entry) -> bool,
     ) -> Result<Vec<(u64, AckAnswer)>, StoreError> {
-        let mut sorted = ids.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
+        let sorted = crate::sorted_distinct(ids);
         let mut out = Vec::with_capacity(sorted.len());
         for run in runs(&sorted) {
             if let [id] = run {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use steadfast::{BackoffConfig, BrokerSet, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::mosquitto_program;
 
-use crate::measure::{bounded, limit_for, state_dir, url};
+use crate::measure::{bounded, limit_for, state_dir, url, Cpu, CpuMeter, Span, Took};
 use crate::{Args, BenchError};
 
 /// How long a bare rumqttc run took: in all (from before the connect to
@@ -19,6 +19,8 @@ use crate::{Args, BenchError};
 pub(crate) struct Timed {
     pub(crate) total: Duration,
     pub(crate) from_first_ack: Duration,
+    /// CPU per message over `total`.
+    pub(crate) cpu: Option<Cpu>,
 }
 
 /// `a.messages` QoS 1 messages through bare rumqttc, MQTT 3.1.1, window
@@ -38,6 +40,7 @@ pub(crate) async fn bare_rumqttc(
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
     let t0 = Instant::now();
+    let meter = CpuMeter::start();
     let producer = tokio::spawn(async move {
         for i in 0..n {
             client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
@@ -60,10 +63,11 @@ pub(crate) async fn bare_rumqttc(
     });
     let first = acks.await;
     let end = Instant::now();
+    let cpu = meter.stop(n, end - t0);
     let first = first_ack(first, end, &producer)?;
     let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))?;
     let _ = client.disconnect().await;
-    Ok(Timed { total: end - t0, from_first_ack: end - first })
+    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu })
 }
 
 /// When a bare run's first acknowledgement came (its end, with none); on
@@ -94,6 +98,7 @@ pub(crate) async fn bare_rumqttc_v5(
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
     let t0 = Instant::now();
+    let meter = CpuMeter::start();
     let producer = tokio::spawn(async move {
         for i in 0..n {
             client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
@@ -114,10 +119,11 @@ pub(crate) async fn bare_rumqttc_v5(
     });
     let first = acks.await;
     let end = Instant::now();
+    let cpu = meter.stop(n, end - t0);
     let first = first_ack(first, end, &producer)?;
     let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 5"))?;
     let _ = client.disconnect().await;
-    Ok(Timed { total: end - t0, from_first_ack: end - first })
+    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu })
 }
 
 pub(crate) async fn steadfast_durable(
@@ -126,7 +132,7 @@ pub(crate) async fn steadfast_durable(
     name: &str,
     version: ProtocolVersion,
     window: u16,
-) -> Result<Duration, BenchError> {
+) -> Result<Took, BenchError> {
     steadfast_set(BrokerSet::new([url(port)]), a, &format!("{name}-{version:?}"), version, window).await
 }
 
@@ -138,7 +144,7 @@ pub(crate) async fn steadfast_set(
     name: &str,
     version: ProtocolVersion,
     window: u16,
-) -> Result<Duration, BenchError> {
+) -> Result<Took, BenchError> {
     let dir = state_dir(a)?;
     let cfg = ClientConfig::new(format!("bench-steadfast-{name}"), set.brokers()[0].clone(), dir.path())
         .brokers(set)
@@ -147,21 +153,22 @@ pub(crate) async fn steadfast_set(
         .backoff(BackoffConfig { min: Duration::from_millis(10), ..BackoffConfig::default() });
     let (client, _) = Client::open(cfg).await?;
     let payload = vec![b's'; a.payload];
-    let t0 = Instant::now();
+    let span = Span::start(a.messages);
     let run = bounded("steadfast", a.messages, async {
         enqueue_all(&client, a.messages, |_| Message::new("bench/steadfast", payload.clone())).await?;
-        let accepted = t0.elapsed();
+        let accepted = span.elapsed();
         client.wait_idle().await;
         Ok(accepted)
     });
     let accepted = run.await;
-    let elapsed = t0.elapsed();
+    let took = span.stop();
     client.close().await;
     let accepted = accepted?;
     eprintln!(
-        "    steadfast {name}, window {window}: all accepted (on disk) after {accepted:.2?}, all delivered after {elapsed:.2?}"
+        "    steadfast {name}, window {window}: all accepted (on disk) after {accepted:.2?}, all delivered after {:.2?}",
+        took.elapsed
     );
-    Ok(elapsed)
+    Ok(took)
 }
 
 /// Messages awaiting their disk sync at most, in a load loop: enough to
@@ -190,10 +197,10 @@ pub(crate) async fn enqueue_all(
 }
 
 /// `mosquitto_pub -l -q 1 -M window`, MQTT 3.1.1, timed as a whole process.
-pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> Result<Duration, BenchError> {
+pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> Result<Took, BenchError> {
     let line = "m".repeat(a.payload) + "\n";
     let input = line.repeat(a.messages);
-    let t0 = Instant::now();
+    let span = Span::start(a.messages);
     let mut child = Command::new(mosquitto_program("mosquitto_pub"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", "bench/mosquitto_pub", "-q", "1", "-l"])
         .args(["-M", &window.to_string()])
@@ -208,9 +215,9 @@ pub(crate) fn mosquitto_pub(port: u16, a: &Args, window: u16) -> Result<Duration
             if !status.success() {
                 return Err(BenchError::Failed { what: "mosquitto_pub".into(), detail: status.to_string() });
             }
-            return Ok(t0.elapsed());
+            return Ok(span.stop());
         }
-        if t0.elapsed() > limit {
+        if span.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
             return Err(BenchError::TimedOut { what: format!("mosquitto_pub: {} messages", a.messages), limit });

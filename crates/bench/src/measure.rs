@@ -3,7 +3,7 @@
 //! this process, and baseline-versus rows.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use steadfast::BrokerUrl;
 use steadfast_lab::{Broker, BrokerKind, BrokerOptions};
@@ -51,17 +51,153 @@ pub(crate) fn url(port: u16) -> BrokerUrl {
     format!("mqtt://127.0.0.1:{port}").parse().expect("loopback URL")
 }
 
-/// A baseline row and the row measured against it: (name, msg/s, peak
-/// RSS), both with in-flight window `window`.
-pub(crate) fn versus(window: u16, base: (&str, f64, Option<u64>), other: (&str, f64, Option<u64>)) -> Vec<Row> {
-    let row = |(name, rate, rss): (&str, f64, Option<u64>)| Row {
+/// One side of [`versus`]: its name, median msg/s, peak RSS and CPU.
+pub(crate) type Side<'a> = (&'a str, f64, Option<u64>, Option<Cpu>);
+
+/// A baseline row and the row measured against it, both with in-flight
+/// window `window`.
+pub(crate) fn versus(window: u16, base: Side, other: Side) -> Vec<Row> {
+    let row = |(name, rate, rss, cpu): Side| Row {
         name: name.into(),
         rate: Some(rate),
         rss_mib: rss.map(mib),
         window: Some(window),
+        cpu,
+        cpu_max: cpu.map(|c| c.max_ratio(base.1)),
         ..Row::default()
     };
     vec![Row { baseline: true, ..row(base) }, Row { ratio: Some(other.1 / base.1), ..row(other) }]
+}
+
+/// CPU time spent on the whole machine (every process: brokers, clients,
+/// this bench) and by this process, counted from `/proc/stat` and
+/// `/proc/self/stat` between [`CpuMeter::start`] and [`CpuMeter::stop`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuMeter {
+    start: Option<Ticks>,
+}
+
+/// Clock ticks since boot: the machine's busy and total (all cores), this
+/// process's user and system time, and how many cores.
+#[derive(Debug, Clone, Copy)]
+struct Ticks {
+    busy: u64,
+    total: u64,
+    own: u64,
+    cores: usize,
+}
+
+impl Ticks {
+    /// `None` where `/proc` cannot be read (not Linux): no CPU figures then.
+    fn now() -> Option<Ticks> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let mut lines = stat.lines();
+        // cpu  user nice system idle iowait irq softirq steal guest guest_nice
+        let all: Vec<u64> = lines.next()?.split_whitespace().skip(1).take(8).filter_map(|v| v.parse().ok()).collect();
+        if all.len() < 8 {
+            return None;
+        }
+        let cores = lines.filter(|l| l.starts_with("cpu")).count().max(1);
+        let total: u64 = all.iter().sum();
+        // Work: user, nice, system, interrupts. Not idle, waiting for the
+        // disk, or time the hypervisor gave to other machines (steal).
+        let busy = all[0] + all[1] + all[2] + all[5] + all[6];
+        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command may hold spaces: the fields count from its ')'.
+        let after = own.rsplit_once(')')?.1;
+        let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
+        Some(Ticks { busy, total, own: f.first()? + f.get(1)?, cores })
+    }
+}
+
+impl CpuMeter {
+    pub(crate) fn start() -> CpuMeter {
+        CpuMeter { start: Ticks::now() }
+    }
+
+    /// CPU per message over the `n` messages of the span since the start.
+    pub(crate) fn stop(self, n: usize, wall: Duration) -> Option<Cpu> {
+        let (a, b) = (self.start?, Ticks::now()?);
+        let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
+        // Ticks to seconds without the tick rate: the machine's ticks over
+        // the span are `cores` seconds per second of wall time.
+        let seconds = |ticks: u64| ticks as f64 / total * a.cores as f64 * wall.as_secs_f64();
+        let n = n.max(1) as f64;
+        Some(Cpu {
+            machine_us: seconds(b.busy.saturating_sub(a.busy)) / n * 1e6,
+            own_us: seconds(b.own.saturating_sub(a.own)) / n * 1e6,
+            busy: (b.busy.saturating_sub(a.busy)) as f64 / total,
+            cores: a.cores,
+        })
+    }
+}
+
+/// What a timed span cost in CPU, per message.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cpu {
+    /// Microseconds of CPU on the whole machine (brokers, clients, this
+    /// bench, anything else running) per message.
+    pub machine_us: f64,
+    /// Of which this process (the in-process clients and the bench).
+    pub own_us: f64,
+    /// The machine's cores in use over the span, as a share of all (1.0:
+    /// every core busy all the time).
+    pub busy: f64,
+    /// Cores on the machine.
+    pub cores: usize,
+}
+
+impl Cpu {
+    /// The highest rate the machine's cores allow at this CPU per message,
+    /// over `baseline` msg/s: no row can go past it here without spending
+    /// less CPU per message.
+    pub fn max_ratio(&self, baseline: f64) -> f64 {
+        self.cores as f64 / (self.machine_us * 1e-6) / baseline
+    }
+
+    /// The median of each figure over several runs (`None` if none had
+    /// figures).
+    pub(crate) fn median(runs: &[Option<Cpu>]) -> Option<Cpu> {
+        let runs: Vec<Cpu> = runs.iter().flatten().copied().collect();
+        let first = runs.first()?;
+        let of = |f: fn(&Cpu) -> f64| median(runs.iter().map(f).collect());
+        Some(Cpu {
+            machine_us: of(|c| c.machine_us),
+            own_us: of(|c| c.own_us),
+            busy: of(|c| c.busy),
+            cores: first.cores,
+        })
+    }
+}
+
+/// How long a run took and what it cost in CPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Took {
+    pub(crate) elapsed: Duration,
+    pub(crate) cpu: Option<Cpu>,
+}
+
+/// Times a span of `n` messages: wall time and CPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span {
+    t0: Instant,
+    cpu: CpuMeter,
+    n: usize,
+}
+
+impl Span {
+    pub(crate) fn start(n: usize) -> Span {
+        Span { t0: Instant::now(), cpu: CpuMeter::start(), n }
+    }
+
+    pub(crate) fn elapsed(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    pub(crate) fn stop(self) -> Took {
+        let elapsed = self.t0.elapsed();
+        Took { elapsed, cpu: self.cpu.stop(self.n, elapsed) }
+    }
 }
 
 pub(crate) fn rate(n: usize, d: Duration) -> f64 {
@@ -112,4 +248,45 @@ impl Drop for RssPeak {
 
 pub(crate) fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_done_in_this_process_is_counted_as_its_own_and_the_machines() {
+        let span = Span::start(1_000);
+        let start = Ticks::now().expect("/proc is readable on Linux");
+        // Spins until this process has 30 clock ticks more CPU time (however
+        // busy the machine), for at most a minute.
+        let mut x = 0u64;
+        while Ticks::now().expect("readable").own < start.own + 30 && span.elapsed() < Duration::from_secs(60) {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        let cpu = span.stop().cpu.expect("/proc is readable on Linux");
+        assert!(cpu.cores >= 1);
+        // 30 ticks (0.3 s at Linux's 100 per second) over 1,000 messages.
+        assert!(cpu.own_us > 250.0, "own {} µs", cpu.own_us);
+        assert!(cpu.machine_us >= cpu.own_us * 0.9, "machine {} < own {}", cpu.machine_us, cpu.own_us);
+        assert!(cpu.busy > 0.0 && cpu.busy <= 1.0, "busy {}", cpu.busy);
+    }
+
+    #[test]
+    fn the_ceiling_is_the_cores_over_the_cpu_per_message_over_the_baseline() {
+        let cpu = Cpu { machine_us: 20.0, own_us: 10.0, busy: 0.8, cores: 2 };
+        // Two cores at 20 µs a message: 100,000 msg/s at most.
+        assert!((cpu.max_ratio(50_000.0) - 2.0).abs() < 1e-9);
+        assert!((cpu.max_ratio(100_000.0) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_median_is_taken_figure_by_figure_over_the_runs_that_have_one() {
+        let c = |m: f64, o: f64, b: f64| Some(Cpu { machine_us: m, own_us: o, busy: b, cores: 2 });
+        let m = Cpu::median(&[c(30.0, 1.0, 0.5), None, c(10.0, 3.0, 0.9), c(20.0, 2.0, 0.7)]).expect("three runs");
+        assert_eq!((m.machine_us, m.own_us, m.busy), (20.0, 2.0, 0.7));
+        assert_eq!(Cpu::median(&[None, None]), None);
+    }
 }

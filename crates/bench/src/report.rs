@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use crate::disk::OutboxDisk;
+pub use crate::measure::Cpu;
 
 /// One line of a scenario's table.
 #[derive(Debug, Clone, Default)]
@@ -25,6 +26,11 @@ pub struct Row {
     pub baseline: bool,
     /// The in-flight window the row's client had (when it sends).
     pub window: Option<u16>,
+    /// CPU per message over the timed span (median of the runs).
+    pub cpu: Option<Cpu>,
+    /// The ratio the machine's cores allow at this row's CPU per message
+    /// ([`Cpu::max_ratio`] over the baseline's rate).
+    pub cpu_max: Option<f64>,
 }
 
 /// One scenario's results.
@@ -56,6 +62,9 @@ pub struct Report {
     /// In the order run.
     pub scenarios: Vec<Scenario>,
 }
+
+/// What the CPU columns mean (printed above the tables).
+pub const CPU_COLUMNS: &str = "CPU us: CPU time per message on the whole machine over the timed span (brokers, clients, this bench: /proc/stat), median of the runs; own us: of which this process (the in-process clients); busy: the share of the machine's cores in use; CPU max: the ratio the machine's cores would allow at that CPU per message (cores / CPU per message / the baseline's msg/s): a row cannot pass it here without spending less CPU per message, and a baseline near 100% busy is bound by the machine";
 
 fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
     v.map_or_else(|| format!("{:>width$}", "-"), |v| format!("{v:>width$.prec$}"))
@@ -93,6 +102,7 @@ impl Report {
                 "in-flight window: {w} for every client (column `window`; \"best window\" rows: each client at the window that suited it best)"
             ));
         }
+        out.push(CPU_COLUMNS.into());
         out
     }
 
@@ -106,16 +116,28 @@ impl Report {
             let _ = writeln!(out, "\n{}: {}", s.name, s.title);
             let _ = writeln!(
                 out,
-                "  {:<72} {:>6} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9}",
-                "", "window", "msg/s", "value", "p50 ms", "p99 ms", "RSS MiB", "ratio"
+                "  {:<72} {:>6} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>5} {:>7}",
+                "",
+                "window",
+                "msg/s",
+                "value",
+                "p50 ms",
+                "p99 ms",
+                "RSS MiB",
+                "ratio",
+                "CPU us",
+                "own us",
+                "busy",
+                "CPU max"
             );
             for r in &s.rows {
                 let value = r.value.map_or_else(|| "-".to_owned(), |(v, unit)| format!("{v:.0} {unit}"));
                 let ratio = if r.baseline { "baseline".to_owned() } else { opt(r.ratio, 0, 2) };
                 let window = r.window.map_or_else(|| "-".to_owned(), |w| w.to_string());
+                let busy = r.cpu.map_or_else(|| "-".to_owned(), |c| format!("{:.0}%", c.busy * 100.0));
                 let _ = writeln!(
                     out,
-                    "  {:<72} {:>6} {} {:>12} {} {} {} {:>9}",
+                    "  {:<72} {:>6} {} {:>12} {} {} {} {:>9} {} {} {:>5} {}",
                     r.name,
                     window,
                     opt(r.rate, 10, 0),
@@ -123,7 +145,11 @@ impl Report {
                     opt(r.p50_ms, 9, 2),
                     opt(r.p99_ms, 9, 2),
                     opt(r.rss_mib, 8, 1),
-                    ratio
+                    ratio,
+                    opt(r.cpu.map(|c| c.machine_us), 7, 1),
+                    opt(r.cpu.map(|c| c.own_us), 7, 1),
+                    busy,
+                    opt(r.cpu_max, 7, 2)
                 );
             }
             if !s.ratio_to.is_empty() {
@@ -157,6 +183,11 @@ impl Report {
                             "ratio": r.ratio,
                             "baseline": r.baseline,
                             "window": r.window,
+                            "cpu_us_per_msg": r.cpu.map(|c| c.machine_us),
+                            "own_cpu_us_per_msg": r.cpu.map(|c| c.own_us),
+                            "machine_busy": r.cpu.map(|c| c.busy),
+                            "cores": r.cpu.map(|c| c.cores),
+                            "cpu_max_ratio": r.cpu_max,
                         })
                     })
                     .collect();

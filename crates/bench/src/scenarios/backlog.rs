@@ -8,7 +8,7 @@ use steadfast::{BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::Broker;
 
 use crate::clients::{bare_rumqttc_v5, enqueue_all, Timed};
-use crate::measure::{bounded, broker, mib, rate, rss, state_dir, url, RssPeak};
+use crate::measure::{bounded, broker, mib, rate, rss, state_dir, url, Cpu, CpuMeter, RssPeak};
 use crate::{Args, BenchError, Row, Scenario};
 
 pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
@@ -94,6 +94,8 @@ struct Drain {
     drained: Duration,
     /// Peak RSS meanwhile, bytes.
     peak: u64,
+    /// CPU per message from the first acknowledgement to the last.
+    cpu: Option<Cpu>,
 }
 
 impl Drain {
@@ -108,6 +110,7 @@ impl Drain {
         let drained = bounded("backlog: draining", n, async {
             state.wait_for(|s| s.totals.count < n as u64).await.map_err(|_| BenchError::Ended("the client"))?;
             let to_first = t0.elapsed();
+            let meter = CpuMeter::start();
             let link = client.broker_status().remove(0);
             let connected = link.since.duration_since(wall).unwrap_or_default();
             eprintln!(
@@ -117,13 +120,14 @@ impl Drain {
                 to_first.as_secs_f64() * 1e3
             );
             state.wait_for(|s| s.totals.count == 0).await.map_err(|_| BenchError::Ended("the client"))?;
-            Ok((to_first, t0.elapsed()))
+            let drained = t0.elapsed();
+            Ok((to_first, drained, meter.stop(n, drained - to_first)))
         })
         .await;
         let peak = drain.stop();
         client.close().await;
-        let (to_first, drained) = drained?;
-        Ok(Drain { opened, to_first, drained, peak })
+        let (to_first, drained, cpu) = drained?;
+        Ok(Drain { opened, to_first, drained, peak, cpu })
     }
 }
 
@@ -174,6 +178,8 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
                 rate: Some(bare_rate),
                 baseline: true,
                 window: Some(a.inflight),
+                cpu: bare.cpu,
+                cpu_max: bare.cpu.map(|c| c.max_ratio(bare_rate)),
                 ..Row::default()
             },
             Row {
@@ -182,6 +188,8 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
                 rss_mib: Some(mib(drain.peak)),
                 ratio: Some(drain_rate / bare_rate),
                 window: Some(a.inflight),
+                cpu: drain.cpu,
+                cpu_max: drain.cpu.map(|c| c.max_ratio(bare_rate)),
                 ..Row::default()
             },
         ],

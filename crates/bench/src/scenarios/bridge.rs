@@ -9,14 +9,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use steadfast::ProtocolVersion;
 use steadfast_lab::{free_port, Broker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::steadfast_durable;
-use crate::measure::{broker, median, rate, state_dir, versus};
+use crate::measure::{broker, median, rate, state_dir, versus, Cpu, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 /// The in-flight window of a `steadfast bridge` route (the client's
@@ -32,16 +32,21 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
     let window = a.inflight.min(BRIDGE_DEFAULT_WINDOW);
     let local = broker(window).await?;
     let upstream = broker(window).await?;
-    let (mut bridged, mut direct) = (vec![], vec![]);
+    let (mut bridged, mut direct, mut cpu_bridged, mut cpu_direct) = (vec![], vec![], vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("bridge: run {}/{}", run + 1, a.runs);
         let route = BridgeRun::register(&exe, &a, run, &local, &upstream)?;
         route.feed(&local, &a)?;
-        bridged.push(rate(a.messages, route.forward(&upstream, a.messages).await?));
-        let d = steadfast_durable(upstream.port(), &a, &format!("direct-{run}"), ProtocolVersion::V5, window).await?;
-        direct.push(rate(a.messages, d));
+        let took = route.forward(&upstream, a.messages).await?;
+        bridged.push(rate(a.messages, took.elapsed));
+        cpu_bridged.push(took.cpu);
+        let took =
+            steadfast_durable(upstream.port(), &a, &format!("direct-{run}"), ProtocolVersion::V5, window).await?;
+        direct.push(rate(a.messages, took.elapsed));
+        cpu_direct.push(took.cpu);
     }
-    Ok(scenario(&a, window, median(bridged), median(direct)))
+    let bridged = (median(bridged), Cpu::median(&cpu_bridged));
+    Ok(scenario(&a, window, bridged, (median(direct), Cpu::median(&cpu_direct))))
 }
 
 /// The `steadfast` binary the scenario runs: `Args::steadfast`, or the one
@@ -114,9 +119,9 @@ impl<'a> BridgeRun<'a> {
     /// Runs the bridge until the upstream broker has acknowledged all `n`
     /// messages (read from the bridge's `--metrics`, every 20 ms); the
     /// time from the bridge's start.
-    async fn forward(&self, upstream: &Broker, n: usize) -> Result<Duration, BenchError> {
+    async fn forward(&self, upstream: &Broker, n: usize) -> Result<Took, BenchError> {
         let metrics = format!("127.0.0.1:{}", free_port()?);
-        let t0 = Instant::now();
+        let span = Span::start(n);
         let mut bridge = Command::new(self.exe)
             .args(["bridge", "--metrics", &metrics, "--config"])
             .arg(&self.config)
@@ -127,12 +132,12 @@ impl<'a> BridgeRun<'a> {
         let counter = format!("steadfast_broker_acked_total{{broker=\"{}\"}}", upstream.url());
         let mut acked = 0;
         let mut exited = None;
-        while acked < n as u64 && t0.elapsed() < limit && exited.is_none() {
+        while acked < n as u64 && span.elapsed() < limit && exited.is_none() {
             tokio::time::sleep(Duration::from_millis(20)).await;
             acked = scrape(&metrics, &counter).await.unwrap_or(acked);
             exited = bridge.try_wait().map_err(BenchError::run("steadfast bridge"))?;
         }
-        let elapsed = t0.elapsed();
+        let took = span.stop();
         let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
         let _ = bridge.wait();
         if let Some(status) = exited.filter(|_| acked < n as u64) {
@@ -142,7 +147,7 @@ impl<'a> BridgeRun<'a> {
             let what = format!("the bridge: {n} messages acknowledged upstream ({acked} were)");
             return Err(BenchError::TimedOut { what, limit });
         }
-        Ok(elapsed)
+        Ok(took)
     }
 }
 
@@ -158,7 +163,7 @@ async fn scrape(addr: &str, counter: &str) -> Option<u64> {
 }
 
 /// The scenario's rows from the median rates, bridged and direct.
-fn scenario(a: &Args, window: u16, bridged: f64, direct: f64) -> Scenario {
+fn scenario(a: &Args, window: u16, bridged: (f64, Option<Cpu>), direct: (f64, Option<Cpu>)) -> Scenario {
     Scenario {
         name: "bridge",
         title: format!(
@@ -168,8 +173,8 @@ fn scenario(a: &Args, window: u16, bridged: f64, direct: f64) -> Scenario {
         ratio_to: "steadfast publishing straight to the upstream broker, same run".into(),
         rows: versus(
             window,
-            ("steadfast straight to upstream (durable, MQTT 5)", direct, None),
-            ("local -> steadfast bridge (durable) -> upstream", bridged, None),
+            ("steadfast straight to upstream (durable, MQTT 5)", direct.0, None, direct.1),
+            ("local -> steadfast bridge (durable) -> upstream", bridged.0, None, bridged.1),
         ),
         latencies: vec![],
         notes: if window < a.inflight {

@@ -2,23 +2,23 @@
 //! its durable inbox.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
 
 use crate::clients::enqueue_all;
-use crate::measure::{bounded, broker, median, rate, state_dir, url, versus, RssPeak};
+use crate::measure::{bounded, broker, median, rate, state_dir, url, versus, Cpu, RssPeak, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 /// Queues `a.messages` for consumer `id` (registered first), then times
 /// how long the consumer takes to handle them all.
-pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> Result<Duration, BenchError> {
+pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> Result<Took, BenchError> {
     let dir = state_dir(a)?;
     let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
     let cfg = ConsumerConfig::new(client).topic(format!("bench/consume/{id}"), Qos::AtLeastOnce).inbox(inbox);
     Consumer::register(&cfg).await?;
     queue(port, a, dir.path(), id, &format!("bench/consume/{id}")).await?;
-    let t0 = Instant::now();
+    let span = Span::start(a.messages);
     let (consumer, _) = Consumer::open(cfg).await?;
     for _ in 0..a.messages {
         let limit = Duration::from_secs(30);
@@ -28,9 +28,9 @@ pub(crate) async fn consume_once(port: u16, a: &Args, id: &str, inbox: bool) -> 
         let d = next.ok_or(BenchError::Ended("the consumer"))?;
         d.ack();
     }
-    let elapsed = t0.elapsed();
+    let took = span.stop();
     consumer.close().await;
-    Ok(elapsed)
+    Ok(took)
 }
 
 /// Publishes `a.messages` to `topic` with a producer of its own (outbox
@@ -56,6 +56,7 @@ pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
         a.messages, a.payload, a.inflight, a.runs
     );
     let (mut with, mut without, mut rss_with, mut rss_without) = (vec![], vec![], 0, 0);
+    let (mut cpu_with, mut cpu_without) = (vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("consume: run {}/{}", run + 1, a.runs);
         // Each arm drains a broker of its own, first in every other run, so
@@ -69,14 +70,17 @@ pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
             let broker = broker(0).await?;
             let peak = RssPeak::start();
             let name = format!("{}-{run}", if inbox { "inbox" } else { "plain" });
-            let r = rate(a.messages, consume_once(broker.port(), &a, &name, inbox).await?);
+            let took = consume_once(broker.port(), &a, &name, inbox).await?;
+            let r = rate(a.messages, took.elapsed);
             let rss = peak.stop();
             if inbox {
                 with.push(r);
                 rss_with = rss_with.max(rss);
+                cpu_with.push(took.cpu);
             } else {
                 without.push(r);
                 rss_without = rss_without.max(rss);
+                cpu_without.push(took.cpu);
             }
         }
     }
@@ -87,8 +91,13 @@ pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
         ratio_to: "the consumer without an inbox, same run".into(),
         rows: versus(
             a.inflight,
-            ("steadfast consumer without inbox (no de-duplication)", without, Some(rss_without)),
-            ("steadfast consumer with the durable inbox", with, Some(rss_with)),
+            (
+                "steadfast consumer without inbox (no de-duplication)",
+                without,
+                Some(rss_without),
+                Cpu::median(&cpu_without),
+            ),
+            ("steadfast consumer with the durable inbox", with, Some(rss_with), Cpu::median(&cpu_with)),
         ),
         latencies: vec![],
         notes: vec![],

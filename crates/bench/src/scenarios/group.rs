@@ -5,13 +5,13 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use steadfast::{ClientConfig, Consumer, ConsumerConfig, Qos, SharedInboxStats, StatementStats};
 use steadfast_lab::Postgres;
 
 use super::consume::{consume_once, queue};
-use crate::measure::{broker, median, rate, state_dir, url, versus};
+use crate::measure::{broker, median, rate, state_dir, url, versus, Cpu, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 /// Members of the group.
@@ -20,7 +20,7 @@ const MEMBERS: usize = 3;
 /// Queues `a.messages` for the group `id` (its members registered
 /// first), then times how long the members take to handle them all;
 /// with the statements they sent to PostgreSQL.
-async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration, SharedInboxStats), BenchError> {
+async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Took, SharedInboxStats), BenchError> {
     let dir = state_dir(a)?;
     let topic = format!("bench/group/{id}");
     let cfgs: Vec<ConsumerConfig> = (0..MEMBERS)
@@ -35,7 +35,7 @@ async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration
     }
     queue(port, a, dir.path(), id, &topic).await?;
 
-    let t0 = Instant::now();
+    let span = Span::start(a.messages);
     let mut members = Vec::new();
     for c in cfgs {
         members.push(Arc::new(Consumer::open(c).await?.0));
@@ -65,7 +65,7 @@ async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration
     tokio::time::timeout(limit, all)
         .await
         .map_err(|_| BenchError::TimedOut { what: "group: the members handling the backlog".into(), limit })?;
-    let elapsed = t0.elapsed();
+    let took = span.stop();
     let mut stats = SharedInboxStats::default();
     for m in &members {
         stats.add(&m.shared_inbox_stats().unwrap_or_default());
@@ -75,7 +75,7 @@ async fn group_once(port: u16, pg: &str, a: &Args, id: &str) -> Result<(Duration
             m.close().await;
         }
     }
-    Ok((elapsed, stats))
+    Ok((took, stats))
 }
 
 pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
@@ -86,11 +86,15 @@ pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
         a.messages, a.payload, a.inflight, a.runs
     );
     let (mut alone, mut grouped, mut trips, mut stages) = (vec![], vec![], vec![], SharedInboxStats::default());
+    let (mut cpu_alone, mut cpu_grouped) = (vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("group: run {}/{}", run + 1, a.runs);
-        alone.push(rate(a.messages, consume_once(broker.port(), &a, &format!("alone-{run}"), true).await?));
-        let (elapsed, s) = group_once(broker.port(), &pg.url(), &a, &format!("group{run}")).await?;
-        grouped.push(rate(a.messages, elapsed));
+        let took = consume_once(broker.port(), &a, &format!("alone-{run}"), true).await?;
+        alone.push(rate(a.messages, took.elapsed));
+        cpu_alone.push(took.cpu);
+        let (took, s) = group_once(broker.port(), &pg.url(), &a, &format!("group{run}")).await?;
+        grouped.push(rate(a.messages, took.elapsed));
+        cpu_grouped.push(took.cpu);
         trips.push(s.round_trips as f64 * 1000.0 / a.messages as f64);
         stages.add(&s);
     }
@@ -101,8 +105,13 @@ pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
         ratio_to: "one consumer with the SQLite inbox, same run".into(),
         rows: versus(
             a.inflight,
-            ("one steadfast consumer, SQLite inbox", median(alone), None),
-            (&format!("a group of {MEMBERS} members, shared inbox on PostgreSQL"), median(grouped), None),
+            ("one steadfast consumer, SQLite inbox", median(alone), None, Cpu::median(&cpu_alone)),
+            (
+                &format!("a group of {MEMBERS} members, shared inbox on PostgreSQL"),
+                median(grouped),
+                None,
+                Cpu::median(&cpu_grouped),
+            ),
         ),
         latencies: vec![],
         notes: vec![

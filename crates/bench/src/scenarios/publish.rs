@@ -2,15 +2,13 @@
 //! best window, against bare rumqttc of the same MQTT version; then the
 //! paced latency runs.
 
-use std::time::Duration;
-
 use steadfast::ProtocolVersion;
 
 use crate::clients::{
     bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable,
     SteadfastLatency,
 };
-use crate::measure::{bounded, broker, median, mib, rate, RssPeak};
+use crate::measure::{bounded, broker, median, mib, rate, Cpu, RssPeak, Took};
 use crate::{percentile, Args, BenchError, Row, Scenario};
 
 /// The clients of the `publish` scenario.
@@ -67,11 +65,12 @@ impl Publisher {
     }
 
     /// One run of `a.messages` with in-flight window `window`.
-    async fn run(self, port: u16, a: &Args, run: usize, window: u16) -> Result<Duration, BenchError> {
+    async fn run(self, port: u16, a: &Args, run: usize, window: u16) -> Result<Took, BenchError> {
         let id = format!("{run}-w{window}");
+        let bare = |t: crate::clients::Timed| Took { elapsed: t.total, cpu: t.cpu };
         Ok(match self {
-            Publisher::Rumqttc311 => bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?.total,
-            Publisher::Rumqttc5 => bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?.total,
+            Publisher::Rumqttc311 => bare(bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?),
+            Publisher::Rumqttc5 => bare(bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?),
             Publisher::MosquittoPub => mosquitto_pub(port, a, window)?,
             Publisher::Steadfast311 => steadfast_durable(port, a, &id, ProtocolVersion::V311, window).await?,
             Publisher::Steadfast5 => steadfast_durable(port, a, &id, ProtocolVersion::V5, window).await?,
@@ -142,6 +141,8 @@ struct WindowRates {
     medians: Vec<Vec<(u16, f64)>>,
     /// By client: peak RSS, bytes.
     rss: [u64; Publisher::ALL.len()],
+    /// By client: CPU per message at the common window, median of the runs.
+    cpu: Vec<Option<Cpu>>,
 }
 
 impl WindowRates {
@@ -152,6 +153,7 @@ impl WindowRates {
         // rates[client][window] over the runs.
         let mut rates = vec![vec![Vec::new(); windows.len()]; Publisher::ALL.len()];
         let mut rss = [0u64; Publisher::ALL.len()];
+        let mut cpu = vec![Vec::new(); Publisher::ALL.len()];
         for run in 0..a.runs {
             for (wi, &w) in windows.iter().enumerate() {
                 eprintln!("publish: run {}/{}, window {w}", run + 1, a.runs);
@@ -159,16 +161,19 @@ impl WindowRates {
                     let peak = RssPeak::start();
                     let took = p.run(port, a, run, w).await;
                     let peak = peak.stop();
-                    rates[ci][wi].push(rate(a.messages, took?));
+                    let took = took?;
+                    rates[ci][wi].push(rate(a.messages, took.elapsed));
                     if w == a.inflight {
                         rss[ci] = rss[ci].max(peak);
+                        cpu[ci].push(took.cpu);
                     }
                 }
             }
         }
         let medians =
             rates.into_iter().map(|by_w| windows.iter().copied().zip(by_w.into_iter().map(median)).collect()).collect();
-        Ok(WindowRates { windows, medians, rss })
+        let cpu = cpu.iter().map(|runs| Cpu::median(runs)).collect();
+        Ok(WindowRates { windows, medians, rss, cpu })
     }
 
     fn of(&self, p: Publisher) -> &[(u16, f64)] {
@@ -183,14 +188,19 @@ impl WindowRates {
     /// A row per client at the common window, then (with several windows)
     /// a row per client at its best window.
     fn rows(&self, a: &Args) -> Vec<Row> {
-        let common = Publisher::ALL.iter().map(|&p| Row {
-            name: p.name().into(),
-            rate: Some(self.at(p, a.inflight)),
-            rss_mib: (p != Publisher::MosquittoPub).then(|| mib(self.rss[p.index()])),
-            ratio: Some(self.at(p, a.inflight) / self.at(p.baseline(), a.inflight)),
-            baseline: p == p.baseline(),
-            window: Some(a.inflight),
-            ..Row::default()
+        let common = Publisher::ALL.iter().map(|&p| {
+            let cpu = self.cpu[p.index()];
+            Row {
+                name: p.name().into(),
+                rate: Some(self.at(p, a.inflight)),
+                rss_mib: (p != Publisher::MosquittoPub).then(|| mib(self.rss[p.index()])),
+                ratio: Some(self.at(p, a.inflight) / self.at(p.baseline(), a.inflight)),
+                baseline: p == p.baseline(),
+                window: Some(a.inflight),
+                cpu,
+                cpu_max: cpu.map(|c| c.max_ratio(self.at(p.baseline(), a.inflight))),
+                ..Row::default()
+            }
         });
         let mut rows: Vec<Row> = common.collect();
         if self.windows.len() > 1 {

@@ -95,8 +95,8 @@ pub(crate) async fn receipts(a: Args) -> Result<Scenario, BenchError> {
     let (with, without, seen) = (median(with), median(without), median(receipts_seen));
     let mut rows = versus(
         a.inflight,
-        ("without receipts: the broker's acknowledgement ends the producer's wait", without, None),
-        ("with receipts: each message waits for the consumer's receipt", with, None),
+        ("without receipts: the broker's acknowledgement ends the producer's wait", without, None, None),
+        ("with receipts: each message waits for the consumer's receipt", with, None, None),
     );
     rows.push(Row {
         name: "receipt messages per 1,000 messages published".into(),

@@ -2,7 +2,7 @@
 //! fail or stall on command. Each test pins a bug found in review.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::SeqCst};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use steadfast::{Client, Delivery, Message, ProtocolVersion, PublishError, Qos};
@@ -29,6 +29,28 @@ struct Faults {
     stalled: AtomicBool,
     release: AtomicBool,
     reads: AtomicU32,
+    /// Every commit, in order, and the one under way.
+    commits: Mutex<(Vec<Commit>, Commit)>,
+}
+
+/// What a commit held, and whether it was to be synced.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Commit {
+    synced: bool,
+    /// A message was added.
+    inserted: bool,
+    /// The writer's sync mark (`meta.synced_ms`) was written.
+    marked: bool,
+}
+
+impl Faults {
+    fn note(&self, f: impl FnOnce(&mut Commit)) {
+        f(&mut self.commits.lock().unwrap().1);
+    }
+
+    fn commits(&self) -> Vec<Commit> {
+        self.commits.lock().unwrap().0.clone()
+    }
 }
 
 /// The in-memory store with faults.
@@ -47,12 +69,21 @@ impl Store for FaultyStore {
             f.fetch_sub(1, SeqCst);
             return Err(StoreError::WriteFailed("injected fault".into()));
         }
-        self.inner.commit()
+        self.inner.commit()?;
+        let mut c = self.faults.commits.lock().unwrap();
+        let done = Commit { synced: c.1.synced, ..Commit::default() };
+        let done = std::mem::replace(&mut c.1, done);
+        c.0.push(done);
+        Ok(())
+    }
+    fn set_synced(&mut self, synced: bool) {
+        self.faults.note(|c| c.synced = synced);
     }
     fn rollback(&mut self) {
         self.inner.rollback()
     }
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
+        self.faults.note(|c| c.inserted = true);
         self.inner.insert(m)
     }
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
@@ -203,6 +234,9 @@ impl Store for FaultyStore {
         self.inner.meta(k)
     }
     fn set_meta(&mut self, k: &str, v: &str) -> Result<(), StoreError> {
+        if k == "synced_ms" {
+            self.faults.note(|c| c.marked = true);
+        }
         self.inner.set_meta(k, v)
     }
     fn set_broker(&mut self, r: &BrokerRecord) -> Result<(), StoreError> {
@@ -279,6 +313,40 @@ fn store_with_bound_qos2(payload: &str, stage: Stage) -> MemoryStore {
     mem.set_wire(0, id, Some((7, stage))).unwrap();
     mem.commit().unwrap();
     mem
+}
+
+/// The writer's sync rule (docs/design.md, "The writer thread"): a message
+/// is accepted only by a synced commit; a batch of brokers'
+/// acknowledgements alone may go without a sync; and once the writer is
+/// idle a synced commit that changed something (SQLite syncs nothing for a
+/// commit that changed nothing) puts them on the disk too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_alone_go_unsynced_and_an_idle_writer_syncs_them() {
+    let broker = ScriptedBroker::start(false, |_| true, |_, _| Reply::Ack);
+    let faults = Arc::new(Faults::default());
+    let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
+    // One at a time: each acknowledgement has a batch of its own, well
+    // within a second of the synced append before it.
+    for i in 0..20 {
+        let r = c.publish(Message::new("t", format!("m{i}"))).await.unwrap();
+        assert_eq!(delivered(r).await, Delivery::Delivered);
+    }
+    // Delivery is told before the removal's commit: wait for that, then
+    // for the idle writer's sync.
+    let state = c.outbox_state();
+    wait_until("every removal committed", Duration::from_secs(10), || state.borrow().totals.count == 0).await;
+    let n = faults.commits().len();
+    let synced_after = || faults.commits().iter().skip(n - 1).any(|c| c.synced);
+    wait_until("a synced commit after the last removal", Duration::from_secs(10), synced_after).await;
+    let commits = faults.commits();
+    assert!(commits.iter().filter(|c| c.inserted).all(|c| c.synced), "an append went unsynced: {commits:?}");
+    assert!(commits.iter().any(|c| !c.synced), "no acknowledgement went unsynced: {commits:?}");
+    for w in commits.windows(2) {
+        if !w[0].synced && w[1].synced {
+            assert!(w[1].marked, "a synced commit after unsynced ones wrote no mark: {commits:?}");
+        }
+    }
+    c.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

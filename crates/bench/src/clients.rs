@@ -21,6 +21,8 @@ pub(crate) struct Timed {
     pub(crate) from_first_ack: Duration,
     /// CPU per message over `total`.
     pub(crate) cpu: Option<Cpu>,
+    /// CPU per message over `from_first_ack`.
+    pub(crate) cpu_from_first_ack: Option<Cpu>,
 }
 
 /// `a.messages` QoS 1 messages through bare rumqttc, MQTT 3.1.1, window
@@ -53,7 +55,7 @@ pub(crate) async fn bare_rumqttc(
             match eventloop.poll().await.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))? {
                 Event::Incoming(Packet::PubAck(_)) => {
                     acked += 1;
-                    first.get_or_insert_with(Instant::now);
+                    first.get_or_insert_with(|| (Instant::now(), CpuMeter::start()));
                 }
                 Event::Outgoing(Outgoing::Disconnect) => return Err(BenchError::Ended("the rumqttc connection")),
                 _ => {}
@@ -64,20 +66,21 @@ pub(crate) async fn bare_rumqttc(
     let first = acks.await;
     let end = Instant::now();
     let cpu = meter.stop(n, end - t0);
-    let first = first_ack(first, end, &producer)?;
+    let (first, from_first) = first_ack(first, (end, CpuMeter::start()), &producer)?;
+    let cpu_from_first_ack = from_first.stop(n, end - first);
     let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))?;
     let _ = client.disconnect().await;
-    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu })
+    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu, cpu_from_first_ack })
 }
 
-/// When a bare run's first acknowledgement came (its end, with none); on
-/// an error the producer is stopped.
+/// When a bare run's first acknowledgement came, with a CPU meter started
+/// then (`none`, with none); on an error the producer is stopped.
 pub(crate) fn first_ack<T>(
-    first: Result<Option<Instant>, BenchError>,
-    end: Instant,
+    first: Result<Option<(Instant, CpuMeter)>, BenchError>,
+    none: (Instant, CpuMeter),
     producer: &tokio::task::JoinHandle<T>,
-) -> Result<Instant, BenchError> {
-    first.map(|f| f.unwrap_or(end)).inspect_err(|_| producer.abort())
+) -> Result<(Instant, CpuMeter), BenchError> {
+    first.map(|f| f.unwrap_or(none)).inspect_err(|_| producer.abort())
 }
 
 /// The same through bare rumqttc, MQTT 5.
@@ -112,7 +115,7 @@ pub(crate) async fn bare_rumqttc_v5(
                 eventloop.poll().await.map_err(BenchError::rumqttc("bare rumqttc 5"))?
             {
                 acked += 1;
-                first.get_or_insert_with(Instant::now);
+                first.get_or_insert_with(|| (Instant::now(), CpuMeter::start()));
             }
         }
         Ok(first)
@@ -120,10 +123,11 @@ pub(crate) async fn bare_rumqttc_v5(
     let first = acks.await;
     let end = Instant::now();
     let cpu = meter.stop(n, end - t0);
-    let first = first_ack(first, end, &producer)?;
+    let (first, from_first) = first_ack(first, (end, CpuMeter::start()), &producer)?;
+    let cpu_from_first_ack = from_first.stop(n, end - first);
     let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 5"))?;
     let _ = client.disconnect().await;
-    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu })
+    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu, cpu_from_first_ack })
 }
 
 pub(crate) async fn steadfast_durable(

@@ -125,7 +125,7 @@ impl CpuMeter {
         let n = n.max(1) as f64;
         Some(Cpu {
             machine_us: seconds(b.busy.saturating_sub(a.busy)) / n * 1e6,
-            own_us: seconds(b.own.saturating_sub(a.own)) / n * 1e6,
+            own_us: Some(seconds(b.own.saturating_sub(a.own)) / n * 1e6),
             busy: (b.busy.saturating_sub(a.busy)) as f64 / total,
             cores: a.cores,
         })
@@ -138,8 +138,9 @@ pub struct Cpu {
     /// Microseconds of CPU on the whole machine (brokers, clients, this
     /// bench, anything else running) per message.
     pub machine_us: f64,
-    /// Of which this process (the in-process clients and the bench).
-    pub own_us: f64,
+    /// Of which this process (the in-process clients and the bench);
+    /// `None` where the client measured is a process of its own.
+    pub own_us: Option<f64>,
     /// The machine's cores in use over the span, as a share of all (1.0:
     /// every core busy all the time).
     pub busy: f64,
@@ -155,19 +156,21 @@ impl Cpu {
         self.cores as f64 / (self.machine_us * 1e-6) / baseline
     }
 
-    /// The median of each figure over several runs (`None` if none had
-    /// figures).
-    pub(crate) fn median(runs: &[Option<Cpu>]) -> Option<Cpu> {
-        let runs: Vec<Cpu> = runs.iter().flatten().copied().collect();
-        let first = runs.first()?;
-        let of = |f: fn(&Cpu) -> f64| median(runs.iter().map(f).collect());
-        Some(Cpu {
-            machine_us: of(|c| c.machine_us),
-            own_us: of(|c| c.own_us),
-            busy: of(|c| c.busy),
-            cores: first.cores,
-        })
+    /// The same without this process's share: the client measured ran as
+    /// a process of its own, whose time this process does not see.
+    pub(crate) fn without_own(self) -> Cpu {
+        Cpu { own_us: None, ..self }
     }
+}
+
+/// The median rate of several runs, and the CPU figures of the run that
+/// gave it (one run's, so that rate × CPU per message = busy × cores
+/// holds within a row).
+pub(crate) fn median_run(rates: &[f64], cpu: &[Option<Cpu>]) -> (f64, Option<Cpu>) {
+    let mut order: Vec<usize> = (0..rates.len()).collect();
+    order.sort_by(|x, y| rates[*x].total_cmp(&rates[*y]));
+    let mid = order[order.len() / 2];
+    (rates[mid], cpu.get(mid).copied().flatten())
 }
 
 /// How long a run took and what it cost in CPU.
@@ -269,24 +272,26 @@ mod tests {
         let cpu = span.stop().cpu.expect("/proc is readable on Linux");
         assert!(cpu.cores >= 1);
         // 30 ticks (0.3 s at Linux's 100 per second) over 1,000 messages.
-        assert!(cpu.own_us > 250.0, "own {} µs", cpu.own_us);
-        assert!(cpu.machine_us >= cpu.own_us * 0.9, "machine {} < own {}", cpu.machine_us, cpu.own_us);
+        let own = cpu.own_us.expect("in this process");
+        assert!(own > 250.0, "own {own} µs");
+        assert!(cpu.machine_us >= own * 0.9, "machine {} < own {own}", cpu.machine_us);
         assert!(cpu.busy > 0.0 && cpu.busy <= 1.0, "busy {}", cpu.busy);
     }
 
     #[test]
     fn the_ceiling_is_the_cores_over_the_cpu_per_message_over_the_baseline() {
-        let cpu = Cpu { machine_us: 20.0, own_us: 10.0, busy: 0.8, cores: 2 };
+        let cpu = Cpu { machine_us: 20.0, own_us: Some(10.0), busy: 0.8, cores: 2 };
         // Two cores at 20 µs a message: 100,000 msg/s at most.
         assert!((cpu.max_ratio(50_000.0) - 2.0).abs() < 1e-9);
         assert!((cpu.max_ratio(100_000.0) - 1.0).abs() < 1e-9);
     }
 
     #[test]
-    fn the_median_is_taken_figure_by_figure_over_the_runs_that_have_one() {
-        let c = |m: f64, o: f64, b: f64| Some(Cpu { machine_us: m, own_us: o, busy: b, cores: 2 });
-        let m = Cpu::median(&[c(30.0, 1.0, 0.5), None, c(10.0, 3.0, 0.9), c(20.0, 2.0, 0.7)]).expect("three runs");
-        assert_eq!((m.machine_us, m.own_us, m.busy), (20.0, 2.0, 0.7));
-        assert_eq!(Cpu::median(&[None, None]), None);
+    fn the_cpu_figures_are_those_of_the_run_with_the_median_rate() {
+        let c = |m: f64| Some(Cpu { machine_us: m, own_us: Some(m / 2.0), busy: 0.5, cores: 2 });
+        let (rate, cpu) = median_run(&[300.0, 100.0, 200.0], &[c(3.0), c(1.0), c(2.0)]);
+        assert_eq!((rate, cpu), (200.0, c(2.0)));
+        // A run without figures (no /proc) gives none.
+        assert_eq!(median_run(&[1.0, 2.0, 3.0], &[c(1.0), None, c(3.0)]), (2.0, None));
     }
 }

@@ -64,7 +64,7 @@ pub struct Report {
 }
 
 /// What the CPU columns mean (printed above the tables).
-pub const CPU_COLUMNS: &str = "CPU us: CPU time per message on the whole machine over the timed span (brokers, clients, this bench: /proc/stat), median of the runs; own us: of which this process (the in-process clients); busy: the share of the machine's cores in use; CPU max: the ratio the machine's cores would allow at that CPU per message (cores / CPU per message / the baseline's msg/s): a row cannot pass it here without spending less CPU per message, and a baseline near 100% busy is bound by the machine";
+pub const CPU_COLUMNS: &str = "CPU us: CPU time per message on the whole machine over the timed span (brokers, clients, this bench: /proc/stat), from the run with the median rate; own us: of which this process (the clients that run inside it; - for a client that is a process of its own: mosquitto_pub, the bridge); busy: the share of the machine's cores in use; CPU max: the ratio the machine's cores would allow at that CPU per message (cores / CPU per message / the baseline's msg/s): a row cannot pass it here without spending less CPU per message, and a baseline near 100% busy is bound by the machine";
 
 fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
     v.map_or_else(|| format!("{:>width$}", "-"), |v| format!("{v:>width$.prec$}"))
@@ -147,7 +147,7 @@ impl Report {
                     opt(r.rss_mib, 8, 1),
                     ratio,
                     opt(r.cpu.map(|c| c.machine_us), 7, 1),
-                    opt(r.cpu.map(|c| c.own_us), 7, 1),
+                    opt(r.cpu.and_then(|c| c.own_us), 7, 1),
                     busy,
                     opt(r.cpu_max, 7, 2)
                 );
@@ -184,7 +184,7 @@ impl Report {
                             "baseline": r.baseline,
                             "window": r.window,
                             "cpu_us_per_msg": r.cpu.map(|c| c.machine_us),
-                            "own_cpu_us_per_msg": r.cpu.map(|c| c.own_us),
+                            "own_cpu_us_per_msg": r.cpu.and_then(|c| c.own_us),
                             "machine_busy": r.cpu.map(|c| c.busy),
                             "cores": r.cpu.map(|c| c.cores),
                             "cpu_max_ratio": r.cpu_max,

@@ -178,8 +178,8 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
                 rate: Some(bare_rate),
                 baseline: true,
                 window: Some(a.inflight),
-                cpu: bare.cpu,
-                cpu_max: bare.cpu.map(|c| c.max_ratio(bare_rate)),
+                cpu: bare.cpu_from_first_ack,
+                cpu_max: bare.cpu_from_first_ack.map(|c| c.max_ratio(bare_rate)),
                 ..Row::default()
             },
             Row {

@@ -16,7 +16,7 @@ use steadfast_lab::{free_port, Broker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::steadfast_durable;
-use crate::measure::{broker, median, rate, state_dir, versus, Cpu, Span, Took};
+use crate::measure::{broker, median_run, rate, state_dir, versus, Cpu, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 /// The in-flight window of a `steadfast bridge` route (the client's
@@ -39,14 +39,14 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
         route.feed(&local, &a)?;
         let took = route.forward(&upstream, a.messages).await?;
         bridged.push(rate(a.messages, took.elapsed));
-        cpu_bridged.push(took.cpu);
+        // The bridge is a process of its own.
+        cpu_bridged.push(took.cpu.map(Cpu::without_own));
         let took =
             steadfast_durable(upstream.port(), &a, &format!("direct-{run}"), ProtocolVersion::V5, window).await?;
         direct.push(rate(a.messages, took.elapsed));
         cpu_direct.push(took.cpu);
     }
-    let bridged = (median(bridged), Cpu::median(&cpu_bridged));
-    Ok(scenario(&a, window, bridged, (median(direct), Cpu::median(&cpu_direct))))
+    Ok(scenario(&a, window, median_run(&bridged, &cpu_bridged), median_run(&direct, &cpu_direct)))
 }
 
 /// The `steadfast` binary the scenario runs: `Args::steadfast`, or the one

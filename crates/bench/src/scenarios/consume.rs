@@ -7,7 +7,7 @@ use std::time::Duration;
 use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos};
 
 use crate::clients::enqueue_all;
-use crate::measure::{bounded, broker, median, rate, state_dir, url, versus, Cpu, RssPeak, Span, Took};
+use crate::measure::{bounded, broker, median_run, rate, state_dir, url, versus, RssPeak, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 /// Queues `a.messages` for consumer `id` (registered first), then times
@@ -84,20 +84,15 @@ pub(crate) async fn consume(a: Args) -> Result<Scenario, BenchError> {
             }
         }
     }
-    let (with, without) = (median(with), median(without));
+    let ((with, cpu_with), (without, cpu_without)) = (median_run(&with, &cpu_with), median_run(&without, &cpu_without));
     Ok(Scenario {
         name: "consume",
         title,
         ratio_to: "the consumer without an inbox, same run".into(),
         rows: versus(
             a.inflight,
-            (
-                "steadfast consumer without inbox (no de-duplication)",
-                without,
-                Some(rss_without),
-                Cpu::median(&cpu_without),
-            ),
-            ("steadfast consumer with the durable inbox", with, Some(rss_with), Cpu::median(&cpu_with)),
+            ("steadfast consumer without inbox (no de-duplication)", without, Some(rss_without), cpu_without),
+            ("steadfast consumer with the durable inbox", with, Some(rss_with), cpu_with),
         ),
         latencies: vec![],
         notes: vec![],

@@ -3,7 +3,7 @@
 use steadfast::{AckQuorum, BrokerSet, Mode, ProtocolVersion};
 
 use crate::clients::steadfast_set;
-use crate::measure::{broker, median, rate, url, versus, Cpu, RssPeak};
+use crate::measure::{broker, median_run, rate, url, versus, RssPeak};
 use crate::{Args, BenchError, Scenario};
 
 pub(crate) async fn fanout(a: Args) -> Result<Scenario, BenchError> {
@@ -29,15 +29,15 @@ pub(crate) async fn fanout(a: Args) -> Result<Scenario, BenchError> {
         cpu_two.push(took.cpu);
         rss_two = rss_two.max(peak.stop());
     }
-    let (one, two) = (median(one), median(two));
+    let ((one, cpu_one), (two, cpu_two)) = (median_run(&one, &cpu_one), median_run(&two, &cpu_two));
     Ok(Scenario {
         name: "fanout",
         title,
         ratio_to: "steadfast to one broker, same run".into(),
         rows: versus(
             a.inflight,
-            ("steadfast, durable, MQTT 5, one broker", one, Some(rss_one), Cpu::median(&cpu_one)),
-            ("steadfast, durable, fanout to two brokers, ack = all", two, Some(rss_two), Cpu::median(&cpu_two)),
+            ("steadfast, durable, MQTT 5, one broker", one, Some(rss_one), cpu_one),
+            ("steadfast, durable, fanout to two brokers, ack = all", two, Some(rss_two), cpu_two),
         ),
         latencies: vec![],
         notes: vec![],

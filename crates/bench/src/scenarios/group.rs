@@ -11,7 +11,7 @@ use steadfast::{ClientConfig, Consumer, ConsumerConfig, Qos, SharedInboxStats, S
 use steadfast_lab::Postgres;
 
 use super::consume::{consume_once, queue};
-use crate::measure::{broker, median, rate, state_dir, url, versus, Cpu, Span, Took};
+use crate::measure::{broker, median, median_run, rate, state_dir, url, versus, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 /// Members of the group.
@@ -99,19 +99,16 @@ pub(crate) async fn group(a: Args) -> Result<Scenario, BenchError> {
         stages.add(&s);
     }
     let trips = median(trips);
+    let ((alone, cpu_alone), (grouped, cpu_grouped)) =
+        (median_run(&alone, &cpu_alone), median_run(&grouped, &cpu_grouped));
     Ok(Scenario {
         name: "group",
         title,
         ratio_to: "one consumer with the SQLite inbox, same run".into(),
         rows: versus(
             a.inflight,
-            ("one steadfast consumer, SQLite inbox", median(alone), None, Cpu::median(&cpu_alone)),
-            (
-                &format!("a group of {MEMBERS} members, shared inbox on PostgreSQL"),
-                median(grouped),
-                None,
-                Cpu::median(&cpu_grouped),
-            ),
+            ("one steadfast consumer, SQLite inbox", alone, None, cpu_alone),
+            (&format!("a group of {MEMBERS} members, shared inbox on PostgreSQL"), grouped, None, cpu_grouped),
         ),
         latencies: vec![],
         notes: vec![

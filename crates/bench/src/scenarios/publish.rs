@@ -8,7 +8,7 @@ use crate::clients::{
     bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable,
     SteadfastLatency,
 };
-use crate::measure::{bounded, broker, median, mib, rate, Cpu, RssPeak, Took};
+use crate::measure::{bounded, broker, median, median_run, mib, rate, Cpu, RssPeak, Took};
 use crate::{percentile, Args, BenchError, Row, Scenario};
 
 /// The clients of the `publish` scenario.
@@ -71,7 +71,11 @@ impl Publisher {
         Ok(match self {
             Publisher::Rumqttc311 => bare(bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?),
             Publisher::Rumqttc5 => bare(bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?),
-            Publisher::MosquittoPub => mosquitto_pub(port, a, window)?,
+            // A process of its own: this one does not see its time.
+            Publisher::MosquittoPub => {
+                let took = mosquitto_pub(port, a, window)?;
+                Took { cpu: took.cpu.map(Cpu::without_own), ..took }
+            }
             Publisher::Steadfast311 => steadfast_durable(port, a, &id, ProtocolVersion::V311, window).await?,
             Publisher::Steadfast5 => steadfast_durable(port, a, &id, ProtocolVersion::V5, window).await?,
         })
@@ -170,9 +174,12 @@ impl WindowRates {
                 }
             }
         }
+        // The CPU figures of the run with the median rate at the common
+        // window.
+        let common = windows.iter().position(|w| *w == a.inflight).expect("the sweep holds the common window");
+        let cpu = rates.iter().zip(&cpu).map(|(by_w, cpu)| median_run(&by_w[common], cpu).1).collect();
         let medians =
             rates.into_iter().map(|by_w| windows.iter().copied().zip(by_w.into_iter().map(median)).collect()).collect();
-        let cpu = cpu.iter().map(|runs| Cpu::median(runs)).collect();
         Ok(WindowRates { windows, medians, rss, cpu })
     }
 

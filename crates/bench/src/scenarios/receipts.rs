@@ -4,19 +4,19 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use steadfast::{Client, ClientConfig, Consumer, ConsumerConfig, Message, Qos, ReceiptRule};
 
 use crate::clients::enqueue_all;
-use crate::measure::{bounded, broker, median, rate, state_dir, url, versus};
+use crate::measure::{bounded, broker, median, median_run, rate, state_dir, url, versus, Span, Took};
 use crate::{Args, BenchError, Row, Scenario};
 
 /// One run: `a.messages` published while the consumer handles them; done
 /// when the producer's outbox is empty (with receipts: every message
 /// handled) and the consumer handled them all. Returns the time and the
 /// receipt messages seen on the broker.
-async fn run_once(port: u16, a: &Args, id: &str, receipts: bool) -> Result<(Duration, u64), BenchError> {
+async fn run_once(port: u16, a: &Args, id: &str, receipts: bool) -> Result<(Took, u64), BenchError> {
     let dir = state_dir(a)?;
     let topic = format!("bench/receipts/{id}");
     let client = ClientConfig::new(id, url(port), dir.path().join("inbox")).max_inflight(a.inflight);
@@ -45,7 +45,7 @@ async fn run_once(port: u16, a: &Args, id: &str, receipts: bool) -> Result<(Dura
     let (consumer, _) = Consumer::open(cfg).await?;
     let (producer, _) = Client::open(pcfg).await?;
     let n = a.messages;
-    let t0 = Instant::now();
+    let span = Span::start(n);
     let handle = async {
         for _ in 0..n {
             let limit = Duration::from_secs(30);
@@ -67,14 +67,14 @@ async fn run_once(port: u16, a: &Args, id: &str, receipts: bool) -> Result<(Dura
         h.and(p)
     })
     .await;
-    let elapsed = t0.elapsed();
+    let took = span.stop();
     producer.close().await;
     consumer.close().await;
     done?;
     // The receipts a close flushed have had a moment to arrive: the last
     // batch is counted or not, a rounding at 1,000 messages a receipt.
     counter.abort();
-    Ok((elapsed, seen.load(Ordering::Relaxed)))
+    Ok((took, seen.load(Ordering::Relaxed)))
 }
 
 pub(crate) async fn receipts(a: Args) -> Result<Scenario, BenchError> {
@@ -84,19 +84,23 @@ pub(crate) async fn receipts(a: Args) -> Result<Scenario, BenchError> {
         a.messages, a.payload, a.inflight, a.runs
     );
     let (mut with, mut without, mut receipts_seen) = (vec![], vec![], vec![]);
+    let (mut cpu_with, mut cpu_without) = (vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("receipts: run {}/{}", run + 1, a.runs);
-        let (d, _) = run_once(broker.port(), &a, &format!("plain-{run}"), false).await?;
-        without.push(rate(a.messages, d));
-        let (d, seen) = run_once(broker.port(), &a, &format!("receipts-{run}"), true).await?;
-        with.push(rate(a.messages, d));
+        let (took, _) = run_once(broker.port(), &a, &format!("plain-{run}"), false).await?;
+        without.push(rate(a.messages, took.elapsed));
+        cpu_without.push(took.cpu);
+        let (took, seen) = run_once(broker.port(), &a, &format!("receipts-{run}"), true).await?;
+        with.push(rate(a.messages, took.elapsed));
+        cpu_with.push(took.cpu);
         receipts_seen.push(seen as f64);
     }
-    let (with, without, seen) = (median(with), median(without), median(receipts_seen));
+    let ((with, cpu_with), (without, cpu_without)) = (median_run(&with, &cpu_with), median_run(&without, &cpu_without));
+    let seen = median(receipts_seen);
     let mut rows = versus(
         a.inflight,
-        ("without receipts: the broker's acknowledgement ends the producer's wait", without, None, None),
-        ("with receipts: each message waits for the consumer's receipt", with, None, None),
+        ("without receipts: the broker's acknowledgement ends the producer's wait", without, None, cpu_without),
+        ("with receipts: each message waits for the consumer's receipt", with, None, cpu_with),
     );
     rows.push(Row {
         name: "receipt messages per 1,000 messages published".into(),

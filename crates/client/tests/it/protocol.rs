@@ -36,6 +36,8 @@ struct Faults {
 /// What a commit held, and whether it was to be synced.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Commit {
+    /// When it ended.
+    at: Option<std::time::Instant>,
     synced: bool,
     /// A message was added.
     inserted: bool,
@@ -73,9 +75,9 @@ impl Store for FaultyStore {
         }
         self.inner.commit()?;
         let mut c = self.faults.commits.lock().unwrap();
-        let done = Commit { synced: c.1.synced, ..Commit::default() };
-        let done = std::mem::replace(&mut c.1, done);
-        c.0.push(done);
+        let next = Commit { synced: c.1.synced, ..Commit::default() };
+        let done = std::mem::replace(&mut c.1, next);
+        c.0.push(Commit { at: Some(std::time::Instant::now()), ..done });
         Ok(())
     }
     fn set_synced(&mut self, synced: bool) {
@@ -350,6 +352,50 @@ async fn acknowledgements_alone_go_unsynced_and_an_idle_writer_syncs_them() {
     for w in commits.windows(2) {
         if !w[0].synced && w[1].synced {
             assert!(w[1].marked, "a synced commit after unsynced ones wrote no mark: {commits:?}");
+        }
+    }
+    c.close().await;
+}
+
+/// The bound on the sync rule: while a backlog drains (acknowledgements
+/// only, for seconds), a synced commit still comes at least once a second,
+/// so a power cut takes back about a second of removals, not the drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_stretch_of_acknowledgements_is_synced_at_least_once_a_second() {
+    // A slow broker: 2 ms per acknowledgement, 1,200 messages: at least
+    // 2.4 s of acknowledgements after the last append.
+    let broker = ScriptedBroker::start(
+        false,
+        |_| true,
+        |_, _| {
+            std::thread::sleep(Duration::from_millis(2));
+            Reply::Ack
+        },
+    );
+    let faults = Arc::new(Faults::default());
+    let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
+    let mut accepted = Vec::new();
+    for i in 0..1200 {
+        accepted.push(c.enqueue(Message::new("t", format!("m{i}"))).unwrap());
+    }
+    for a in accepted {
+        a.await.unwrap();
+    }
+    let state = c.outbox_state();
+    wait_until("the backlog drained", Duration::from_secs(60), || state.borrow().totals.count == 0).await;
+    let commits = faults.commits();
+    let last_append = commits.iter().rposition(|c| c.inserted).expect("appends were committed");
+    let stretch = &commits[last_append..];
+    let (first, last) = (stretch[0].at.unwrap(), stretch.last().unwrap().at.unwrap());
+    assert!(last - first > Duration::from_secs(2), "the drain took {:?}: too short to test", last - first);
+    // Each commit ends within a second of the last synced one (the rule
+    // looks at the time when a batch begins: half a second for the batch).
+    let mut synced_at = first;
+    for c in stretch {
+        let at = c.at.unwrap();
+        assert!(at - synced_at < Duration::from_millis(1500), "{:?} without a sync: {stretch:?}", at - synced_at);
+        if c.synced {
+            synced_at = at;
         }
     }
     c.close().await;

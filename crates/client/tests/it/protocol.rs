@@ -362,8 +362,8 @@ async fn acknowledgements_alone_go_unsynced_and_an_idle_writer_syncs_them() {
 /// so a power cut takes back about a second of removals, not the drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stretch_of_acknowledgements_is_synced_at_least_once_a_second() {
-    // A slow broker: 2 ms per acknowledgement, 1,200 messages: at least
-    // 2.4 s of acknowledgements after the last append.
+    // A slow broker: 2 ms per acknowledgement, 1,600 messages: 3.2 s of
+    // acknowledgements, nearly all of them after the last append.
     let broker = ScriptedBroker::start(
         false,
         |_| true,
@@ -375,7 +375,7 @@ async fn a_long_stretch_of_acknowledgements_is_synced_at_least_once_a_second() {
     let faults = Arc::new(Faults::default());
     let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
     let mut accepted = Vec::new();
-    for i in 0..1200 {
+    for i in 0..1600 {
         accepted.push(c.enqueue(Message::new("t", format!("m{i}"))).unwrap());
     }
     for a in accepted {

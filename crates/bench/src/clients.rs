@@ -10,19 +10,15 @@ use std::time::{Duration, Instant};
 use steadfast::{BackoffConfig, BrokerSet, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::mosquitto_program;
 
-use crate::measure::{bounded, limit_for, state_dir, url, Cpu, CpuMeter, Span, Took};
+use crate::measure::{bounded, limit_for, state_dir, url, Span, Took};
 use crate::{Args, BenchError};
 
 /// How long a bare rumqttc run took: in all (from before the connect to
 /// the last PUBACK), and from its first PUBACK to its last.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timed {
-    pub(crate) total: Duration,
-    pub(crate) from_first_ack: Duration,
-    /// CPU per message over `total`.
-    pub(crate) cpu: Option<Cpu>,
-    /// CPU per message over `from_first_ack`.
-    pub(crate) cpu_from_first_ack: Option<Cpu>,
+    pub(crate) total: Took,
+    pub(crate) from_first_ack: Took,
 }
 
 /// `a.messages` QoS 1 messages through bare rumqttc, MQTT 3.1.1, window
@@ -41,8 +37,7 @@ pub(crate) async fn bare_rumqttc(
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
-    let t0 = Instant::now();
-    let meter = CpuMeter::start();
+    let span = Span::start(n);
     let producer = tokio::spawn(async move {
         for i in 0..n {
             client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
@@ -55,7 +50,7 @@ pub(crate) async fn bare_rumqttc(
             match eventloop.poll().await.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))? {
                 Event::Incoming(Packet::PubAck(_)) => {
                     acked += 1;
-                    first.get_or_insert_with(|| (Instant::now(), CpuMeter::start()));
+                    first.get_or_insert_with(|| Span::start(n));
                 }
                 Event::Outgoing(Outgoing::Disconnect) => return Err(BenchError::Ended("the rumqttc connection")),
                 _ => {}
@@ -64,22 +59,20 @@ pub(crate) async fn bare_rumqttc(
         Ok(first)
     });
     let first = acks.await;
-    let end = Instant::now();
-    let cpu = meter.stop(n, end - t0);
-    let (first, from_first) = first_ack(first, (end, CpuMeter::start()), &producer)?;
-    let cpu_from_first_ack = from_first.stop(n, end - first);
+    let total = span.stop();
+    let from_first_ack = first_ack(first, Span::start(n), &producer)?.stop();
     let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 3.1.1"))?;
     let _ = client.disconnect().await;
-    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu, cpu_from_first_ack })
+    Ok(Timed { total, from_first_ack })
 }
 
-/// When a bare run's first acknowledgement came, with a CPU meter started
-/// then (`none`, with none); on an error the producer is stopped.
+/// The span from a bare run's first acknowledgement (`none`, with none);
+/// on an error the producer is stopped.
 pub(crate) fn first_ack<T>(
-    first: Result<Option<(Instant, CpuMeter)>, BenchError>,
-    none: (Instant, CpuMeter),
+    first: Result<Option<Span>, BenchError>,
+    none: Span,
     producer: &tokio::task::JoinHandle<T>,
-) -> Result<(Instant, CpuMeter), BenchError> {
+) -> Result<Span, BenchError> {
     first.map(|f| f.unwrap_or(none)).inspect_err(|_| producer.abort())
 }
 
@@ -100,8 +93,7 @@ pub(crate) async fn bare_rumqttc_v5(
     let (client, mut eventloop) = AsyncClient::new(opts, 4096);
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
-    let t0 = Instant::now();
-    let meter = CpuMeter::start();
+    let span = Span::start(n);
     let producer = tokio::spawn(async move {
         for i in 0..n {
             client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
@@ -115,19 +107,17 @@ pub(crate) async fn bare_rumqttc_v5(
                 eventloop.poll().await.map_err(BenchError::rumqttc("bare rumqttc 5"))?
             {
                 acked += 1;
-                first.get_or_insert_with(|| (Instant::now(), CpuMeter::start()));
+                first.get_or_insert_with(|| Span::start(n));
             }
         }
         Ok(first)
     });
     let first = acks.await;
-    let end = Instant::now();
-    let cpu = meter.stop(n, end - t0);
-    let (first, from_first) = first_ack(first, (end, CpuMeter::start()), &producer)?;
-    let cpu_from_first_ack = from_first.stop(n, end - first);
+    let total = span.stop();
+    let from_first_ack = first_ack(first, Span::start(n), &producer)?.stop();
     let client = producer.await?.map_err(BenchError::rumqttc("bare rumqttc 5"))?;
     let _ = client.disconnect().await;
-    Ok(Timed { total: end - t0, from_first_ack: end - first, cpu, cpu_from_first_ack })
+    Ok(Timed { total, from_first_ack })
 }
 
 pub(crate) async fn steadfast_durable(

@@ -73,7 +73,7 @@ pub(crate) fn versus(window: u16, base: Side, other: Side) -> Vec<Row> {
 /// this bench) and by this process, counted from `/proc/stat` and
 /// `/proc/self/stat` between [`CpuMeter::start`] and [`CpuMeter::stop`].
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct CpuMeter {
+struct CpuMeter {
     start: Option<Ticks>,
 }
 
@@ -111,12 +111,12 @@ impl Ticks {
 }
 
 impl CpuMeter {
-    pub(crate) fn start() -> CpuMeter {
+    fn start() -> CpuMeter {
         CpuMeter { start: Ticks::now() }
     }
 
     /// CPU per message over the `n` messages of the span since the start.
-    pub(crate) fn stop(self, n: usize, wall: Duration) -> Option<Cpu> {
+    fn stop(self, n: usize, wall: Duration) -> Option<Cpu> {
         let (a, b) = (self.start?, Ticks::now()?);
         let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
         // Ticks to seconds without the tick rate: the machine's ticks over

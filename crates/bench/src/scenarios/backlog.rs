@@ -8,7 +8,7 @@ use steadfast::{BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::Broker;
 
 use crate::clients::{bare_rumqttc_v5, enqueue_all, Timed};
-use crate::measure::{bounded, broker, mib, rate, rss, state_dir, url, Cpu, CpuMeter, RssPeak};
+use crate::measure::{bounded, broker, mib, rate, rss, state_dir, url, Cpu, RssPeak, Span};
 use crate::{Args, BenchError, Row, Scenario};
 
 pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
@@ -110,7 +110,7 @@ impl Drain {
         let drained = bounded("backlog: draining", n, async {
             state.wait_for(|s| s.totals.count < n as u64).await.map_err(|_| BenchError::Ended("the client"))?;
             let to_first = t0.elapsed();
-            let meter = CpuMeter::start();
+            let since_first = Span::start(n);
             let link = client.broker_status().remove(0);
             let connected = link.since.duration_since(wall).unwrap_or_default();
             eprintln!(
@@ -120,8 +120,7 @@ impl Drain {
                 to_first.as_secs_f64() * 1e3
             );
             state.wait_for(|s| s.totals.count == 0).await.map_err(|_| BenchError::Ended("the client"))?;
-            let drained = t0.elapsed();
-            Ok((to_first, drained, meter.stop(n, drained - to_first)))
+            Ok((to_first, t0.elapsed(), since_first.stop().cpu))
         })
         .await;
         let peak = drain.stop();
@@ -135,7 +134,7 @@ impl Drain {
 /// baseline's; `before`: the RSS before the backlog was queued.
 fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Duration, bare: Timed) -> Scenario {
     let n = a.messages;
-    let bare_rate = rate(n, bare.from_first_ack);
+    let bare_rate = rate(n, bare.from_first_ack.elapsed);
     let drain_rate = rate(n, drain.drained - drain.to_first);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     Scenario {
@@ -178,8 +177,8 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
                 rate: Some(bare_rate),
                 baseline: true,
                 window: Some(a.inflight),
-                cpu: bare.cpu_from_first_ack,
-                cpu_max: bare.cpu_from_first_ack.map(|c| c.max_ratio(bare_rate)),
+                cpu: bare.from_first_ack.cpu,
+                cpu_max: bare.from_first_ack.cpu.map(|c| c.max_ratio(bare_rate)),
                 ..Row::default()
             },
             Row {
@@ -196,7 +195,7 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
         latencies: vec![],
         notes: vec![format!(
             "bare rumqttc including its connect (first publish call to last ack): {:.0} msg/s; the drain's first acknowledgement is seen when the outbox's count first drops (after that removal's commit)",
-            rate(n, bare.total)
+            rate(n, bare.total.elapsed)
         )],
     }
 }

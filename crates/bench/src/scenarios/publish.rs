@@ -67,10 +67,9 @@ impl Publisher {
     /// One run of `a.messages` with in-flight window `window`.
     async fn run(self, port: u16, a: &Args, run: usize, window: u16) -> Result<Took, BenchError> {
         let id = format!("{run}-w{window}");
-        let bare = |t: crate::clients::Timed| Took { elapsed: t.total, cpu: t.cpu };
         Ok(match self {
-            Publisher::Rumqttc311 => bare(bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?),
-            Publisher::Rumqttc5 => bare(bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?),
+            Publisher::Rumqttc311 => bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?.total,
+            Publisher::Rumqttc5 => bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?.total,
             // A process of its own: this one does not see its time.
             Publisher::MosquittoPub => {
                 let took = mosquitto_pub(port, a, window)?;

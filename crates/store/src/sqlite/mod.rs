@@ -12,6 +12,7 @@
 //! | `recovery.rs` | what opening checks and repairs: torn logs, partial pages, quarantine, the id reservation |
 //! | `salvage.rs` | copying what can still be read out of a damaged database |
 //! | `rows.rs` | reading messages back: the selects, decoding a row |
+//! | `tail.rs` | the newest messages kept in memory, for reads and acknowledgements |
 //! | `queries.rs` | the `Store` trait over SQL |
 //! | `inbox.rs`, `sources.rs` | the `InboxStore` and `SourceStore` parts |
 
@@ -23,6 +24,7 @@ mod rows;
 mod salvage;
 mod schema;
 mod sources;
+mod tail;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -109,6 +111,12 @@ pub struct SqliteStore {
     /// What the transaction under way queued (+) and removed (-): count
     /// and bytes, written to the summary row at its commit.
     queued_delta: (i64, i64),
+    /// The newest messages, in memory ([`tail`]); off in a guest or a
+    /// read-only handle.
+    tail: tail::Tail,
+    /// `PRAGMA data_version` when the tail last looked: it changes when
+    /// another connection commits.
+    seen_version: Option<u64>,
 }
 
 impl Drop for SqliteStore {
@@ -215,6 +223,8 @@ impl SqliteStore {
             reserved,
             drops_logged: 0,
             queued_delta: (0, 0),
+            tail: tail::Tail::default(),
+            seen_version: None,
         };
         Ok((store, report))
     }
@@ -258,6 +268,8 @@ impl SqliteStore {
             reserved: reserve::read(dir),
             drops_logged: 0,
             queued_delta: (0, 0),
+            tail: tail::Tail::off(),
+            seen_version: None,
         })
     }
 
@@ -297,6 +309,8 @@ impl SqliteStore {
             reserved: 0,
             drops_logged: 0,
             queued_delta: (0, 0),
+            tail: tail::Tail::off(),
+            seen_version: None,
         })
     }
 
@@ -330,6 +344,38 @@ impl SqliteStore {
     /// The directory of this outbox.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// This store without its in-memory tail: every read goes to SQLite
+    /// (for tests that compare the two).
+    #[doc(hidden)]
+    pub fn without_tail(mut self) -> Self {
+        self.tail = tail::Tail::off();
+        self
+    }
+
+    /// Whether the tail may answer now. Inside a transaction, `begin`
+    /// looked for other connections' commits (none can come before its
+    /// end); outside one, this looks now.
+    fn tail_trusted(&mut self) -> bool {
+        if self.tail.is_known() && self.conn.is_autocommit() {
+            self.follow_other_commits();
+        }
+        self.tail.is_known()
+    }
+
+    /// Forgets the tail when another connection committed since the last
+    /// look (a guest's insert, or a holder's removals seen from a guest).
+    fn follow_other_commits(&mut self) {
+        let version = self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0)));
+        self.saw_version(version.ok());
+    }
+
+    fn saw_version(&mut self, version: Option<u64>) {
+        if version.is_none() || version != self.seen_version {
+            self.tail.forget();
+        }
+        self.seen_version = version;
     }
 
     fn map(&self, e: rusqlite::Error) -> StoreError {

@@ -50,7 +50,13 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
 
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.map(e))
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.map(e))?;
+        // Nobody else commits until this transaction ends: one look for
+        // what others committed before it covers every use of the tail in it.
+        if self.tail.is_known() {
+            self.follow_other_commits();
+        }
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
@@ -58,9 +64,12 @@ impl Store for SqliteStore {
         // row in the same commit.
         let (count, bytes) = std::mem::take(&mut self.queued_delta);
         if (count, bytes) != (0, 0) {
-            self.add_to_summary(count, bytes)?;
+            self.add_to_summary(count, bytes).inspect_err(|_| self.tail.forget())?;
         }
-        self.conn.execute_batch("COMMIT").map_err(|e| self.map(e))
+        self.conn.execute_batch("COMMIT").map_err(|e| {
+            self.tail.forget();
+            self.map(e)
+        })
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -74,6 +83,7 @@ impl Store for SqliteStore {
 
     fn rollback(&mut self) {
         self.queued_delta = (0, 0);
+        self.tail.forget();
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
@@ -104,6 +114,7 @@ impl Store for SqliteStore {
         r.map_err(|e| self.map(e))?;
         let id = self.conn.last_insert_rowid() as u64;
         self.count_queued(1, m.size() as i64)?;
+        self.tail.inserted(id, m);
         // Reserved before the commit that hands it out: a recovery that
         // lost the database's own record still starts above it.
         if id > self.reserved {
@@ -223,6 +234,7 @@ impl Store for SqliteStore {
         let r = stmt.execute([id]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
+        self.tail.left(id);
         self.count_queued(-1, -size)
     }
 
@@ -232,7 +244,9 @@ impl Store for SqliteStore {
         )?;
         let r = stmt.execute(params![id, due_ms, now_ms]);
         drop(stmt);
-        r.map(|_| ()).map_err(|e| self.map(e))
+        r.map_err(|e| self.map(e))?;
+        self.tail.left(id);
+        Ok(())
     }
 
     fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
@@ -281,6 +295,8 @@ impl Store for SqliteStore {
         )?;
         let r = stmt.execute([id]);
         drop(stmt);
+        // Back among what reads return, with what the tail does not keep.
+        self.tail.changed(id);
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
@@ -325,6 +341,11 @@ impl Store for SqliteStore {
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
+        if self.tail_trusted() {
+            if let Some(page) = self.tail.read_after(after, limit, mask as u64, priority) {
+                return Ok(page);
+            }
+        }
         let sql = match priority {
             None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
             // The literal `priority != 0` lets SQLite use the partial index.
@@ -362,7 +383,9 @@ impl Store for SqliteStore {
         let mut stmt = self.conn.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
-        r.map(|_| ()).map_err(|e| self.map(e))
+        r.map_err(|e| self.map(e))?;
+        self.tail.attempted(id);
+        Ok(())
     }
 
     fn expired(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
@@ -469,6 +492,7 @@ impl Store for SqliteStore {
     }
 
     fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {
+        self.tail.forget();
         let n = self.conn.execute("UPDATE outbox SET route = ?2 WHERE done = 0 AND route IS ?1", params![from, to])?;
         Ok(n as u64)
     }
@@ -479,6 +503,7 @@ impl Store for SqliteStore {
             .query_row("SELECT route FROM outbox WHERE id = ?1 AND done = 0", [id as i64], |r| r.get(0))
             .optional()?;
         let Some(own) = own else { return Ok(false) };
+        self.tail.changed(id);
         self.conn.execute(
             "INSERT OR REPLACE INTO poison (id, route, slot, failures, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id as i64, own, slot, failures, at_ms as i64],
@@ -516,6 +541,7 @@ impl Store for SqliteStore {
         let own: Option<Option<String>> =
             self.conn.query_row("SELECT route FROM poison WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
         let Some(own) = own else { return Ok(false) };
+        self.tail.changed(id);
         self.conn.execute("DELETE FROM poison WHERE id = ?1", [id as i64])?;
         let n = self.conn.execute(
             "UPDATE outbox SET route = ?2 WHERE id = ?1 AND route = ?3",
@@ -525,7 +551,9 @@ impl Store for SqliteStore {
     }
 
     fn data_version(&mut self) -> Result<u64, StoreError> {
-        Ok(self.conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))? as u64)
+        let version = self.conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))? as u64;
+        self.saw_version(Some(version));
+        Ok(version)
     }
 
     fn dropped_as(&mut self, id: u64) -> Result<Option<DropReason>, StoreError> {
@@ -541,6 +569,8 @@ impl Store for SqliteStore {
     }
 
     fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
+        // A reused slot's acknowledgements are cleared below.
+        self.tail.forget();
         let mut taken: Vec<(String, u32)> = {
             let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots")?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -705,14 +735,10 @@ impl SqliteStore {
         finishes: &mut dyn FnMut(&Entry) -> bool,
         out: &mut Vec<(u64, AckAnswer)>,
     ) -> Result<(), StoreError> {
-        let (first, last) = (run[0], run[run.len() - 1]);
-        let sql = concat!("SELECT ", entry_columns!(), ", qos, id FROM outbox WHERE id >= ?1 AND id <= ?2 ORDER BY id");
-        let mut stmt = self.conn.prepare_cached(sql)?;
-        let rows = stmt
-            .query_map([first, last], |r| Ok((r.get::<_, u64>(12)?, read_entry(r, 0)?, r.get::<_, u8>(11)?)))
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
-        drop(stmt);
-        let rows = rows.map_err(|e| self.map(e))?;
+        let rows = match self.tail_entries(run) {
+            Some(rows) => rows,
+            None => self.read_run(run[0], run[run.len() - 1])?,
+        };
         // Finished rows deleted together: (id, size), ascending.
         let mut plain: Vec<(u64, i64)> = Vec::new();
         let mut found = rows.into_iter().peekable();
@@ -744,8 +770,18 @@ impl SqliteStore {
             let r = stmt.execute([gone[0], gone[gone.len() - 1]]);
             drop(stmt);
             let n = r.map_err(|e| self.map(e))?;
-            // Every id in the range was read in this transaction just now.
-            debug_assert_eq!(n, gone.len());
+            // Every id in the range was read just now, or is in the tail:
+            // anything else is a tail out of step, and nothing of this
+            // transaction may stand (the summary would count wrong).
+            if n != gone.len() {
+                self.tail.forget();
+                let (first, last) = (gone[0], gone[gone.len() - 1]);
+                let why = format!("outbox rows {first} to {last}: {n} deleted of {}; the batch is undone", gone.len());
+                return Err(StoreError::WriteFailed(why));
+            }
+            for id in gone {
+                self.tail.left(*id);
+            }
         }
         let bytes: i64 = plain.iter().map(|(_, size)| size).sum();
         if !plain.is_empty() {
@@ -754,9 +790,35 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// The entries of `run` (ascending) from the tail, with their QoS and
+    /// id, when it holds every one of them.
+    fn tail_entries(&mut self, run: &[u64]) -> Option<Vec<(u64, Entry, u8)>> {
+        if !self.tail_trusted() {
+            return None;
+        }
+        run.iter().map(|&id| self.tail.entry(id).map(|(e, qos)| (id, e, qos))).collect()
+    }
+
+    /// The entries of the ids from `first` to `last` that exist, ascending,
+    /// with their QoS and id: one range read.
+    fn read_run(&mut self, first: u64, last: u64) -> Result<Vec<(u64, Entry, u8)>, StoreError> {
+        let sql = concat!("SELECT ", entry_columns!(), ", qos, id FROM outbox WHERE id >= ?1 AND id <= ?2 ORDER BY id");
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let rows = stmt
+            .query_map([first, last], |r| Ok((r.get::<_, u64>(12)?, read_entry(r, 0)?, r.get::<_, u8>(11)?)))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
+        drop(stmt);
+        rows.map_err(|e| self.map(e))
+    }
+
     /// A message as an acknowledgement finds it, with its QoS; its
     /// bindings are counted by [`SqliteStore::apply_ack`] (QoS 2 only).
     fn read_for_ack(&mut self, id: u64) -> Result<Option<(Entry, u8)>, StoreError> {
+        if self.tail_trusted() {
+            if let Some(found) = self.tail.entry(id) {
+                return Ok(Some(found));
+            }
+        }
         let sql = concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1");
         let mut stmt = self.conn.prepare_cached(sql)?;
         let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
@@ -785,7 +847,9 @@ impl SqliteStore {
         let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
         let r = stmt.execute(params![id, acks as i64]);
         drop(stmt);
-        r.map(|_| ()).map_err(|e| self.map(e))
+        r.map_err(|e| self.map(e))?;
+        self.tail.acked(id, acks);
+        Ok(())
     }
 
     /// Deletes a message known to be there (`done`, `size`, `qos` and
@@ -801,7 +865,12 @@ impl SqliteStore {
         let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
-        r.map_err(|e| self.map(e))?;
+        // Read just now, or in the tail: see `ack_run`.
+        if r.map_err(|e| self.map(e))? != 1 {
+            self.tail.forget();
+            return Err(StoreError::WriteFailed(format!("outbox row {id} was gone; the batch is undone")));
+        }
+        self.tail.left(id);
         // Only a QoS 2 message is ever bound to a packet id.
         if qos == 2 {
             let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;

@@ -11,6 +11,7 @@ mod quorum;
 mod receipts;
 mod recovery;
 mod summary;
+mod tail;
 
 use steadfast_core::{Properties, Qos};
 use steadfast_store::{NewMessage, Policy};

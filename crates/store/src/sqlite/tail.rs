@@ -1,0 +1,258 @@
+//! The tail: the newest messages of the outbox, kept in memory as this
+//! connection inserted them, so that a link that keeps up reads its next
+//! page, and a broker's acknowledgement finds what it acknowledges,
+//! without going back to SQLite (a page read and an acknowledgement's read
+//! were a quarter of the instructions of a published message,
+//! docs/performance.md).
+//!
+//! What it promises, while it is known (`floor` is `Some`): every row
+//! with an id above the floor that a read of queued messages can return
+//! (not done, not awaiting receipts) is among its rows, as the database
+//! holds it, and every one of its rows is such a row. Each operation of
+//! the store keeps that true or forgets the tail: a rollback, another
+//! connection's commit (seen by `PRAGMA data_version` before the tail is
+//! trusted), an id handed out by someone else in between, a change it does
+//! not follow (a route, a requeue, slots). A forgotten tail starts again
+//! at the next insert; until then, everything is read from SQLite.
+
+use std::collections::VecDeque;
+
+use crate::{Entry, NewMessage, StoredMessage};
+
+/// The most rows the tail keeps; the oldest go first.
+const MAX_ROWS: usize = 16_384;
+/// The most bytes (topics and payloads) the tail keeps.
+const MAX_BYTES: u64 = 8 << 20;
+
+/// See the module documentation.
+#[derive(Debug, Default)]
+pub(super) struct Tail {
+    /// Rows above this id are all here (see the module); `None`: unknown.
+    floor: Option<u64>,
+    /// The highest id inserted through this tail (or its floor).
+    last: u64,
+    /// Ascending by id.
+    rows: VecDeque<StoredMessage>,
+    bytes: u64,
+    /// Turned off (a guest or read-only handle, or a test comparing).
+    off: bool,
+}
+
+impl Tail {
+    /// A tail that never holds anything.
+    pub(super) fn off() -> Tail {
+        Tail { off: true, ..Tail::default() }
+    }
+
+    /// Forgets everything: reads go to SQLite until the next insert.
+    pub(super) fn forget(&mut self) {
+        self.floor = None;
+        self.rows.clear();
+        self.bytes = 0;
+    }
+
+    /// Whether the tail vouches for anything now.
+    pub(super) fn is_known(&self) -> bool {
+        self.floor.is_some()
+    }
+
+    /// Whether `id` is above the floor (a row the tail answers for).
+    fn covers(&self, id: u64) -> bool {
+        self.floor.is_some_and(|f| id > f)
+    }
+
+    /// `m` was inserted as `id` by this connection. An id that does not
+    /// follow the last one means that another connection inserted in
+    /// between: the tail starts again above what it cannot vouch for
+    /// (nothing above `id - 1` but `id` can exist, the id being new).
+    pub(super) fn inserted(&mut self, id: u64, m: &NewMessage) {
+        if self.off {
+            return;
+        }
+        if self.floor.is_none() || id != self.last + 1 {
+            self.forget();
+            self.floor = Some(id - 1);
+        }
+        self.last = id;
+        self.bytes += m.size();
+        self.rows.push_back(StoredMessage { id, msg: m.clone(), wire: None, acks: 0, attempts: 0 });
+        while self.rows.len() > MAX_ROWS || self.bytes > MAX_BYTES {
+            let Some(old) = self.rows.pop_front() else { break };
+            self.bytes -= old.msg.size();
+            self.floor = Some(old.id);
+        }
+    }
+
+    fn position(&self, id: u64) -> Result<usize, usize> {
+        self.rows.binary_search_by_key(&id, |r| r.id)
+    }
+
+    /// The row `id` left what reads return (deleted, done, awaiting
+    /// receipts).
+    pub(super) fn left(&mut self, id: u64) {
+        if let Ok(i) = self.position(id) {
+            if let Some(old) = self.rows.remove(i) {
+                self.bytes -= old.msg.size();
+            }
+        }
+    }
+
+    /// The row `id` changed in a way the tail does not follow.
+    pub(super) fn changed(&mut self, id: u64) {
+        if self.covers(id) {
+            self.forget();
+        }
+    }
+
+    /// The row `id` holds these acknowledgements now.
+    pub(super) fn acked(&mut self, id: u64, acks: u64) {
+        if let Ok(i) = self.position(id) {
+            self.rows[i].acks = acks;
+        }
+    }
+
+    /// The row `id` was sent once more.
+    pub(super) fn attempted(&mut self, id: u64) {
+        if let Ok(i) = self.position(id) {
+            self.rows[i].attempts += 1;
+        }
+    }
+
+    /// A read of queued messages after `after` (as `Store::read_after`),
+    /// when the tail can answer it: only for a cursor at or above the
+    /// floor. `mask`: the slot's bit (0 for none); `priority`: the level
+    /// asked for, if any.
+    pub(super) fn read_after(
+        &self,
+        after: u64,
+        limit: usize,
+        mask: u64,
+        priority: Option<u8>,
+    ) -> Option<Vec<StoredMessage>> {
+        if self.floor? > after {
+            return None;
+        }
+        let start = self.rows.partition_point(|r| r.id <= after);
+        let page = self
+            .rows
+            .range(start..)
+            .filter(|r| r.acks & mask == 0 && priority.is_none_or(|p| r.msg.policy.priority == p))
+            .take(limit)
+            .cloned()
+            .collect();
+        Some(page)
+    }
+
+    /// Where `id` stands, with its QoS, if the tail holds it: `None` also
+    /// for a row above the floor that it does not hold (done or awaiting
+    /// receipts, or gone: the caller asks SQLite).
+    pub(super) fn entry(&self, id: u64) -> Option<(Entry, u8)> {
+        if !self.covers(id) {
+            return None;
+        }
+        let r = &self.rows[self.position(id).ok()?];
+        let m = &r.msg;
+        // Fresh since its insert: a row that awaited receipts, was done or
+        // requeued left the tail or made it forget.
+        let e = Entry {
+            topic: m.topic.clone(),
+            route: m.route.clone(),
+            acks: r.acks,
+            done: false,
+            bindings: 0,
+            size: m.size(),
+            created_ms: m.created_ms,
+            expires_ms: m.policy.expires_ms,
+            receipts: m.receipts.clone(),
+            awaiting_ms: None,
+            acked_ms: None,
+            resends: 0,
+        };
+        Some((e, m.qos as u8))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steadfast_core::{Properties, Qos};
+
+    fn msg(len: usize) -> NewMessage {
+        NewMessage {
+            topic: "t".into(),
+            payload: vec![b'x'; len],
+            qos: Qos::AtLeastOnce,
+            retain: false,
+            props: Properties::default(),
+            created_ms: 1,
+            route: None,
+            policy: crate::Policy::default(),
+            receipts: None,
+        }
+    }
+
+    fn ids(page: Option<Vec<StoredMessage>>) -> Option<Vec<u64>> {
+        page.map(|p| p.into_iter().map(|m| m.id).collect())
+    }
+
+    #[test]
+    fn an_id_handed_out_elsewhere_in_between_moves_the_floor_above_it() {
+        let mut t = Tail::default();
+        assert_eq!(ids(t.read_after(0, 10, 0, None)), None, "unknown until an insert");
+        t.inserted(5, &msg(1));
+        t.inserted(6, &msg(1));
+        assert_eq!(ids(t.read_after(4, 10, 0, None)), Some(vec![5, 6]));
+        assert_eq!(ids(t.read_after(3, 10, 0, None)), None, "below the floor: SQLite");
+        // 7 and 8 went to another connection.
+        t.inserted(9, &msg(1));
+        assert_eq!(ids(t.read_after(6, 10, 0, None)), None);
+        assert_eq!(ids(t.read_after(8, 10, 0, None)), Some(vec![9]));
+        assert!(t.entry(6).is_none());
+    }
+
+    #[test]
+    fn the_oldest_rows_go_first_past_the_bounds_and_take_the_floor_up() {
+        let mut t = Tail::default();
+        let big = (MAX_BYTES / 4) as usize;
+        for id in 1..=5 {
+            t.inserted(id, &msg(big));
+        }
+        assert!(t.bytes <= MAX_BYTES);
+        assert_eq!(ids(t.read_after(0, 10, 0, None)), None);
+        let kept = ids(t.read_after(t.floor.unwrap(), 10, 0, None)).unwrap();
+        assert_eq!(kept, vec![3, 4, 5]);
+        for id in 6..=(MAX_ROWS as u64 + 10) {
+            t.inserted(id, &msg(0));
+        }
+        assert_eq!(t.rows.len(), MAX_ROWS);
+        assert_eq!(t.floor, Some(10));
+    }
+
+    #[test]
+    fn a_row_that_leaves_or_changes_is_followed() {
+        let mut t = Tail::default();
+        for id in 1..=4 {
+            t.inserted(id, &msg(2));
+        }
+        t.acked(2, 0b10);
+        t.attempted(3);
+        t.left(4);
+        assert_eq!(ids(t.read_after(0, 10, 0b10, None)), Some(vec![1, 3]));
+        assert_eq!(t.read_after(2, 1, 0, None).unwrap()[0].attempts, 1);
+        assert_eq!(t.entry(2).map(|(e, _)| e.acks), Some(0b10));
+        assert_eq!(t.bytes, 3 * (1 + 2));
+        t.changed(0);
+        assert!(t.is_known(), "below the floor: not the tail's");
+        t.changed(3);
+        assert!(!t.is_known());
+        assert!(t.entry(1).is_none());
+    }
+
+    #[test]
+    fn a_tail_turned_off_holds_nothing() {
+        let mut t = Tail::off();
+        t.inserted(1, &msg(1));
+        assert!(!t.is_known());
+        assert_eq!(ids(t.read_after(0, 10, 0, None)), None);
+    }
+}

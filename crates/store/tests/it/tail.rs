@@ -1,0 +1,248 @@
+//! The outbox's tail (the newest messages kept in memory, docs/design.md,
+//! "The tail"): a store with it answers every read and every
+//! acknowledgement exactly as one without it, whatever mix of operations,
+//! failed transactions, reopenings and other processes' commits came
+//! before.
+
+use proptest::prelude::*;
+use steadfast_core::{Properties, Qos, Stage};
+use steadfast_store::{SqliteStore, Store};
+
+use crate::msg;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Insert(usize),
+    Read(usize, usize, Option<u32>, Option<u8>),
+    Remove(usize),
+    Done(usize),
+    Bind(usize),
+    Ack(usize, u32),
+    AckOrRemove(usize, u32, bool),
+    /// From the `usize`-th id, that many (plus a repeat and an id never
+    /// handed out).
+    AckOrRemoveMany(usize, usize, u32, bool),
+    Await(usize),
+    Requeue(usize),
+    Attempt(usize),
+    Poison(usize),
+    Retag,
+    Commit,
+    Rollback,
+    Reopen,
+    /// Another process inserts a message (a `pub` that joined).
+    GuestInsert(usize),
+    /// Another process removes a message.
+    GuestRemove(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (1usize..200).prop_map(Op::Insert),
+        4 => ((0usize..60), (1usize..8), prop::option::of(0u32..2), prop::option::of(0u8..3))
+            .prop_map(|(i, n, slot, p)| Op::Read(i, n, slot, p)),
+        1 => (0usize..60).prop_map(Op::Remove),
+        1 => (0usize..60).prop_map(Op::Done),
+        1 => (0usize..60).prop_map(Op::Bind),
+        2 => ((0usize..60), (0u32..2)).prop_map(|(i, slot)| Op::Ack(i, slot)),
+        2 => ((0usize..60), (0u32..2), any::<bool>()).prop_map(|(i, slot, f)| Op::AckOrRemove(i, slot, f)),
+        3 => ((0usize..60), (1usize..12), (0u32..2), any::<bool>()).prop_map(|(i, n, slot, f)| Op::AckOrRemoveMany(i, n, slot, f)),
+        1 => (0usize..60).prop_map(Op::Await),
+        1 => (0usize..60).prop_map(Op::Requeue),
+        1 => (0usize..60).prop_map(Op::Attempt),
+        1 => (0usize..60).prop_map(Op::Poison),
+        1 => Just(Op::Retag),
+        2 => Just(Op::Commit),
+        1 => Just(Op::Rollback),
+        1 => Just(Op::Reopen),
+        1 => (1usize..50).prop_map(Op::GuestInsert),
+        1 => (0usize..60).prop_map(Op::GuestRemove),
+    ]
+}
+
+/// A message of every kind the tail must give back as it was stored: QoS,
+/// priorities, properties, routes, deadlines, receipt rules.
+fn varied(n: usize) -> steadfast_store::NewMessage {
+    let mut m = msg(&format!("t/{}", n % 4), vec![b'x'; n]);
+    m.qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][n % 3];
+    m.policy.priority = (n % 7 % 3) as u8;
+    m.retain = n % 4 == 1;
+    if n % 5 == 0 {
+        m.receipts = Some("1000 all a,b".into());
+    }
+    if n % 6 == 1 {
+        m.props = Properties {
+            content_type: Some("text/plain".into()),
+            user: vec![("k".into(), format!("{n}"))],
+            payload_is_utf8: true,
+            ..Properties::default()
+        };
+    }
+    if n % 8 == 3 {
+        m.route = Some("r".into());
+    }
+    if n % 9 == 2 {
+        m.policy.expires_ms = Some(1_900_000_000_000 + n as u64);
+        m.policy.max_attempts = Some(3);
+    }
+    m
+}
+
+/// The two stores, one with its tail and one without, in lockstep.
+struct Pair {
+    dirs: [tempfile::TempDir; 2],
+    stores: Vec<SqliteStore>,
+    slots: Vec<u32>,
+}
+
+impl Pair {
+    fn open() -> Pair {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let stores = vec![Self::open_in(&dirs[0], true), Self::open_in(&dirs[1], false)];
+        let mut pair = Pair { dirs, stores, slots: Vec::new() };
+        let urls = ["mqtt://127.0.0.1:1".to_owned(), "mqtt://127.0.0.1:2".to_owned()];
+        pair.slots = pair.both(|s| s.assign_slots(&urls).unwrap()).unwrap();
+        pair
+    }
+
+    fn open_in(dir: &tempfile::TempDir, tail: bool) -> SqliteStore {
+        let store = SqliteStore::open(dir.path()).unwrap().0;
+        if tail {
+            store
+        } else {
+            store.without_tail()
+        }
+    }
+
+    /// `f` on both stores; their answers must be equal.
+    fn both<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        mut f: impl FnMut(&mut SqliteStore) -> T,
+    ) -> Result<T, TestCaseError> {
+        let with = f(&mut self.stores[0]);
+        let without = f(&mut self.stores[1]);
+        prop_assert_eq!(&with, &without, "the store with its tail answers otherwise");
+        Ok(with)
+    }
+
+    /// `f` on a guest handle of each store (another process), outside
+    /// the holders' transactions.
+    fn guest<T: PartialEq + std::fmt::Debug>(
+        &mut self,
+        mut f: impl FnMut(&mut SqliteStore) -> T,
+    ) -> Result<T, TestCaseError> {
+        self.both(|s| s.commit().unwrap())?;
+        let answers: Vec<T> = self.dirs.iter().map(|d| f(&mut SqliteStore::open_guest(d.path()).unwrap())).collect();
+        prop_assert_eq!(&answers[0], &answers[1]);
+        Ok(answers.into_iter().next().unwrap())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_tail_answers_as_the_database_does(ops in prop::collection::vec(op(), 1..80)) {
+        let mut p = Pair::open();
+        p.both(|s| s.begin().unwrap())?;
+        let mut ids: Vec<u64> = Vec::new();
+        // Each id's kind (`varied`'s argument): only QoS 2 ones are bound.
+        let mut kinds = std::collections::HashMap::new();
+        let pick = |ids: &[u64], i: usize| ids.get(i % ids.len().max(1)).copied();
+        for op in ops {
+            match op {
+                Op::Insert(n) => {
+                    let id = p.both(|s| s.insert(&varied(n)).unwrap())?;
+                    kinds.insert(id, n);
+                    ids.push(id);
+                }
+                Op::Read(i, limit, slot, priority) => {
+                    let after = pick(&ids, i).map_or(0, |id| id.saturating_sub(1 + (i % 3) as u64));
+                    let slot = slot.map(|s| p.slots[s as usize]);
+                    p.both(|s| s.read_after(after, limit, slot, priority).unwrap())?;
+                }
+                Op::Remove(i) => if let Some(id) = pick(&ids, i) {
+                    p.both(|s| s.remove(id).unwrap())?;
+                },
+                Op::Done(i) => if let Some(id) = pick(&ids, i) {
+                    p.both(|s| s.set_done(id).unwrap())?;
+                },
+                Op::Bind(i) => if let Some(id) = pick(&ids, i) {
+                    let slot = p.slots[i % 2];
+                    if kinds.get(&id).is_some_and(|n| n % 3 == 2) {
+                        p.both(|s| s.set_wire(slot, id, Some((1 + i as u16, Stage::Published))).unwrap())?;
+                    }
+                },
+                Op::Ack(i, slot) => if let Some(id) = pick(&ids, i) {
+                    let slot = p.slots[slot as usize];
+                    p.both(|s| s.ack(id, slot).unwrap())?;
+                },
+                Op::AckOrRemove(i, slot, f) => if let Some(id) = pick(&ids, i) {
+                    let slot = p.slots[slot as usize];
+                    p.both(|s| s.ack_or_remove(id, slot, &mut |e| f || e.size % 2 == 0).unwrap())?;
+                },
+                Op::AckOrRemoveMany(i, n, slot, f) => {
+                    let from = i % ids.len().max(1);
+                    let mut asked: Vec<u64> = ids.iter().skip(from).take(n).copied().collect();
+                    asked.extend(asked.first().copied());
+                    asked.push(ids.iter().max().unwrap_or(&0) + 3);
+                    let slot = p.slots[slot as usize];
+                    p.both(|s| s.ack_or_remove_many(&asked, slot, &mut |e| f || e.size % 2 == 0).unwrap())?;
+                }
+                Op::Await(i) => if let Some(id) = pick(&ids, i) {
+                    p.both(|s| s.await_receipts(id, 5_000, 4_000).unwrap())?;
+                },
+                Op::Requeue(i) => if let Some(id) = pick(&ids, i) {
+                    p.both(|s| s.requeue_for_receipts(id).unwrap())?;
+                },
+                Op::Attempt(i) => if let Some(id) = pick(&ids, i) {
+                    p.both(|s| s.add_attempt(id).unwrap())?;
+                },
+                Op::Poison(i) => if let Some(id) = pick(&ids, i) {
+                    let slot = p.slots[i % 2];
+                    p.both(|s| s.poison(id, slot, 3, 5_000).unwrap())?;
+                    if i % 2 == 0 {
+                        p.both(|s| s.unpoison(id).unwrap())?;
+                    }
+                },
+                Op::Retag => {
+                    p.both(|s| s.retag(Some("r"), None).unwrap())?;
+                }
+                Op::Commit => {
+                    p.both(|s| s.commit().unwrap())?;
+                    p.both(|s| s.begin().unwrap())?;
+                }
+                Op::Rollback => {
+                    p.both(|s| s.rollback())?;
+                    // What the rollback took back is read from the stores.
+                    ids = p.both(|s| crate::recovery_ids(s))?;
+                    p.both(|s| s.begin().unwrap())?;
+                }
+                Op::Reopen => {
+                    p.both(|s| s.commit().unwrap())?;
+                    // Closed first: each holds its directory's lock.
+                    p.stores.clear();
+                    p.stores = vec![Pair::open_in(&p.dirs[0], true), Pair::open_in(&p.dirs[1], false)];
+                    p.both(|s| s.begin().unwrap())?;
+                }
+                Op::GuestInsert(n) => {
+                    let id = p.guest(|g| g.insert(&varied(n)).unwrap())?;
+                    kinds.insert(id, n);
+                    ids.push(id);
+                    // Read once outside a transaction, then in one.
+                    p.both(|s| s.read_after(0, 1000, None, None).unwrap())?;
+                    p.both(|s| s.begin().unwrap())?;
+                }
+                Op::GuestRemove(i) => if let Some(id) = pick(&ids, i) {
+                    p.guest(|g| g.remove(id).unwrap())?;
+                    p.both(|s| s.begin().unwrap())?;
+                },
+            }
+        }
+        p.both(|s| s.read_after(0, 1000, None, None).unwrap())?;
+        p.both(|s| s.commit().unwrap())?;
+        for s in &mut p.stores {
+            prop_assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap());
+        }
+    }
+}

@@ -215,19 +215,39 @@ impl Link {
     ) -> Result<Vec<u8>, ConnectError> {
         let receipt_to = receipts.filter(|_| m.msg.receipts.is_some() && m.id != 0);
         Ok(match self.version {
-            ProtocolVersion::V5 => build_v5(m, producer, receipt_to, pid, dup)?.to_continuous_buffer(),
-            ProtocolVersion::V311 if self.envelope && m.id != 0 => {
-                // An origin too long for the envelope travels under ours.
-                let fits = |o: &Identity| o.producer.len() <= Identity::ENVELOPE_MAX_PRODUCER;
-                // A bridge passes its producer's ask on among the properties.
-                let asking = receipt_to.is_some() || relays_ask(&m.msg.props);
-                let payload = match origin(&m.msg.props).filter(fits) {
-                    Some(o) => Identity::wrap_asking(&o.producer, o.seq, &m.msg.payload, asking),
-                    None => Identity::wrap_asking(producer, m.id, &m.msg.payload, asking),
-                };
-                build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
+            ProtocolVersion::V5 => {
+                let props = publish_props(m, producer, receipt_to, steadfast_store::now_ms());
+                match publish_v5(m, &props, pid, dup) {
+                    Some(bytes) => bytes,
+                    // The codec says what is wrong.
+                    None => build_v5(m, &props, pid, dup)?.to_continuous_buffer(),
+                }
             }
-            ProtocolVersion::V311 => build_v311(m, &m.msg.payload, pid, dup)?.to_continuous_buffer(),
+            ProtocolVersion::V311 => {
+                let enveloped = self.envelope && m.id != 0;
+                let origin = if enveloped { origin(&m.msg.props) } else { None };
+                let envelope = enveloped.then(|| {
+                    // An origin too long for the envelope travels under ours.
+                    let fits = |o: &&Identity| o.producer.len() <= Identity::ENVELOPE_MAX_PRODUCER;
+                    // A bridge passes its producer's ask on among the properties.
+                    let asking = receipt_to.is_some() || relays_ask(&m.msg.props);
+                    match origin.as_ref().filter(fits) {
+                        Some(o) => (o.producer.as_str(), o.seq, asking),
+                        None => (producer, m.id, asking),
+                    }
+                });
+                match publish_v311(m, envelope, pid, dup) {
+                    Some(bytes) => bytes,
+                    // The codec says what is wrong.
+                    None => {
+                        let payload = match envelope {
+                            Some((p, seq, asking)) => Identity::wrap_asking(p, seq, &m.msg.payload, asking),
+                            None => m.msg.payload.clone(),
+                        };
+                        build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
+                    }
+                }
+            }
         })
     }
 
@@ -541,47 +561,31 @@ fn relays_ask(p: &steadfast_core::Properties) -> bool {
 
 fn build_v5(
     m: &StoredMessage,
-    producer: &str,
-    receipt_to: Option<&str>,
+    props: &[PublishProp<'_>],
     pid: Option<u16>,
     dup: bool,
 ) -> Result<v5_0::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
-    let p = &m.msg.props;
-    let mut props: Vec<Property> = Vec::new();
-    if p.payload_is_utf8 {
-        let v = mqtt::packet::PayloadFormatIndicator::new(mqtt::packet::PayloadFormat::String).map_err(err)?;
-        props.push(Property::PayloadFormatIndicator(v));
-    }
-    if let Some(v) = &p.content_type {
-        props.push(Property::ContentType(mqtt::packet::ContentType::new(v.as_str()).map_err(err)?));
-    }
-    if let Some(v) = &p.response_topic {
-        props.push(Property::ResponseTopic(mqtt::packet::ResponseTopic::new(v.as_str()).map_err(err)?));
-    }
-    if let Some(v) = &p.correlation_data {
-        props.push(Property::CorrelationData(mqtt::packet::CorrelationData::new(v).map_err(err)?));
-    }
-    for (k, v) in &p.user {
-        props.push(Property::UserProperty(mqtt::packet::UserProperty::new(k.as_str(), v.as_str()).map_err(err)?));
-    }
-    // The message's identity (G5): the outbox id is its sequence number.
-    // A best-effort message was never stored: it has none (id 0). A
-    // forwarded one keeps its origin's, already among the properties.
-    if m.id != 0 && origin(p).is_none() {
-        let id = Identity::property_value(producer, m.id);
-        props.push(Property::UserProperty(
-            mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, id.as_str()).map_err(err)?,
-        ));
-    }
-    if let Some(topic) = receipt_to {
-        props.push(Property::UserProperty(mqtt::packet::UserProperty::new(RECEIPT_PROPERTY, topic).map_err(err)?));
-    }
-    // A deadline travels as the time it has left, rounded up to a second,
-    // so a broker (and a consumer's session) forgets it when it is stale.
-    if let Some(left) = m.msg.policy.expires_ms.map(|e| e.saturating_sub(steadfast_store::now_ms())) {
-        let secs = left.div_ceil(1000).clamp(1, u32::MAX as u64) as u32;
-        props.push(Property::MessageExpiryInterval(mqtt::packet::MessageExpiryInterval::new(secs).map_err(err)?));
+    let mut built: Vec<Property> = Vec::with_capacity(props.len());
+    for p in props {
+        built.push(match p {
+            PublishProp::Utf8 => Property::PayloadFormatIndicator(
+                mqtt::packet::PayloadFormatIndicator::new(mqtt::packet::PayloadFormat::String).map_err(err)?,
+            ),
+            PublishProp::ContentType(v) => Property::ContentType(mqtt::packet::ContentType::new(*v).map_err(err)?),
+            PublishProp::ResponseTopic(v) => {
+                Property::ResponseTopic(mqtt::packet::ResponseTopic::new(*v).map_err(err)?)
+            }
+            PublishProp::Correlation(v) => {
+                Property::CorrelationData(mqtt::packet::CorrelationData::new(*v).map_err(err)?)
+            }
+            PublishProp::User(k, v) => {
+                Property::UserProperty(mqtt::packet::UserProperty::new(*k, v.as_ref()).map_err(err)?)
+            }
+            PublishProp::Expiry(secs) => {
+                Property::MessageExpiryInterval(mqtt::packet::MessageExpiryInterval::new(*secs).map_err(err)?)
+            }
+        });
     }
     let mut b = v5_0::Publish::builder()
         .topic_name(m.msg.topic.as_str())
@@ -590,11 +594,196 @@ fn build_v5(
         .retain(m.msg.retain)
         .dup(dup)
         .payload(m.msg.payload.as_slice())
-        .props(props);
+        .props(built);
     if let Some(pid) = pid {
         b = b.packet_id(pid);
     }
     b.build().map_err(err)
+}
+
+/// One property of an MQTT 5 PUBLISH: [`publish_props`] lists them once,
+/// in the order both encoders write them.
+#[derive(Debug)]
+enum PublishProp<'a> {
+    Utf8,
+    ContentType(&'a str),
+    ResponseTopic(&'a str),
+    Correlation(&'a Vec<u8>),
+    User(&'a str, std::borrow::Cow<'a, str>),
+    /// Message expiry interval, seconds.
+    Expiry(u32),
+}
+
+/// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`.
+fn publish_props<'a>(
+    m: &'a StoredMessage,
+    producer: &str,
+    receipt_to: Option<&'a str>,
+    now_ms: u64,
+) -> Vec<PublishProp<'a>> {
+    let p = &m.msg.props;
+    let mut props = Vec::new();
+    if p.payload_is_utf8 {
+        props.push(PublishProp::Utf8);
+    }
+    props.extend(p.content_type.as_deref().map(PublishProp::ContentType));
+    props.extend(p.response_topic.as_deref().map(PublishProp::ResponseTopic));
+    props.extend(p.correlation_data.as_ref().map(PublishProp::Correlation));
+    props.extend(p.user.iter().map(|(k, v)| PublishProp::User(k, v.as_str().into())));
+    // The message's identity (G5): the outbox id is its sequence number.
+    // A best-effort message was never stored: it has none (id 0). A
+    // forwarded one keeps its origin's, already among the properties.
+    if m.id != 0 && origin(p).is_none() {
+        props.push(PublishProp::User(Identity::USER_PROPERTY, Identity::property_value(producer, m.id).into()));
+    }
+    if let Some(topic) = receipt_to {
+        props.push(PublishProp::User(RECEIPT_PROPERTY, topic.into()));
+    }
+    // A deadline travels as the time it has left, rounded up to a second,
+    // so a broker (and a consumer's session) forgets it when it is stale.
+    if let Some(left) = m.msg.policy.expires_ms.map(|e| e.saturating_sub(now_ms)) {
+        props.push(PublishProp::Expiry(left.div_ceil(1000).clamp(1, u32::MAX as u64) as u32));
+    }
+    props
+}
+
+/// The longest remaining length MQTT can express (four bytes of it).
+const MAX_REMAINING: usize = 268_435_455;
+
+/// An MQTT 3.1.1 PUBLISH of `m`, with the identity envelope of
+/// `(producer, sequence, asking)` when given, written straight into one
+/// buffer of its exact size. It is the codec's encoding byte for byte
+/// (test `the_fast_publish_is_the_codecs_byte_for_byte`) without its
+/// copies: the codec's builder copies the topic and the payload, and grows
+/// its output three times (2,100 instructions a message,
+/// docs/performance.md). `None` for what the codec refuses (a topic or a
+/// packet too long, a packet id for QoS 0 or none for QoS 1 and 2): it
+/// says why.
+fn publish_v311(
+    m: &StoredMessage,
+    envelope: Option<(&str, u64, bool)>,
+    pid: Option<u16>,
+    dup: bool,
+) -> Option<Vec<u8>> {
+    let msg = &m.msg;
+    if codec_refuses(msg, pid) {
+        return None;
+    }
+    let envelope_len = envelope.map_or(0, |(p, _, asking)| Identity::envelope_header_len(p, asking));
+    let remaining = 2 + msg.topic.len() + 2 * usize::from(pid.is_some()) + envelope_len + msg.payload.len();
+    if remaining > MAX_REMAINING {
+        return None;
+    }
+    let mut out = publish_header(msg, remaining, pid, dup);
+    if let Some((producer, seq, asking)) = envelope {
+        Identity::write_envelope_header(&mut out, producer, seq, asking);
+    }
+    out.extend_from_slice(&msg.payload);
+    Some(out)
+}
+
+/// What both fast encoders leave to the codec to refuse: a packet id for
+/// QoS 0 or none for QoS 1 and 2, a topic too long.
+fn codec_refuses(msg: &steadfast_store::NewMessage, pid: Option<u16>) -> bool {
+    (msg.qos == Qos::AtMostOnce) != pid.is_none() || msg.topic.len() > u16::MAX as usize
+}
+
+/// A PUBLISH's fixed header, topic and packet id, in a buffer with room
+/// for the rest (`remaining`: the packet's remaining length).
+fn publish_header(msg: &steadfast_store::NewMessage, remaining: usize, pid: Option<u16>, dup: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 4 + remaining);
+    out.push(0x30 | u8::from(dup) << 3 | (msg.qos as u8) << 1 | u8::from(msg.retain));
+    put_varint(&mut out, remaining);
+    put_binary(&mut out, msg.topic.as_bytes());
+    if let Some(pid) = pid {
+        out.extend_from_slice(&pid.to_be_bytes());
+    }
+    out
+}
+
+/// MQTT's variable byte integer (at most [`MAX_REMAINING`]).
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n % 128) as u8;
+        n /= 128;
+        out.push(if n > 0 { byte | 0x80 } else { byte });
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+/// A string or binary: two bytes of length, then the bytes (at most
+/// 65,535, checked by the caller).
+fn put_binary(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// An MQTT 5 PUBLISH of `m` with `props`, written straight into one
+/// buffer of its exact size: [`publish_v311`]'s counterpart (test
+/// `the_fast_v5_publish_is_the_codecs_byte_for_byte`). `None` for what the
+/// codec refuses, as there, and for a property longer than MQTT allows.
+fn publish_v5(m: &StoredMessage, props: &[PublishProp<'_>], pid: Option<u16>, dup: bool) -> Option<Vec<u8>> {
+    let msg = &m.msg;
+    if codec_refuses(msg, pid) {
+        return None;
+    }
+    let fits = |b: &[u8]| (b.len() <= u16::MAX as usize).then_some(2 + b.len());
+    let mut props_len = 0;
+    for p in props {
+        props_len += 1 + match p {
+            PublishProp::Utf8 => 1,
+            PublishProp::ContentType(v) | PublishProp::ResponseTopic(v) => fits(v.as_bytes())?,
+            PublishProp::Correlation(v) => fits(v)?,
+            PublishProp::User(k, v) => fits(k.as_bytes())? + fits(v.as_bytes())?,
+            PublishProp::Expiry(_) => 4,
+        };
+    }
+    let remaining =
+        2 + msg.topic.len() + 2 * usize::from(pid.is_some()) + varint_len(props_len) + props_len + msg.payload.len();
+    if remaining > MAX_REMAINING {
+        return None;
+    }
+    let mut out = publish_header(msg, remaining, pid, dup);
+    put_varint(&mut out, props_len);
+    for p in props {
+        match p {
+            PublishProp::Utf8 => out.extend_from_slice(&[0x01, 1]),
+            PublishProp::ContentType(v) => {
+                out.push(0x03);
+                put_binary(&mut out, v.as_bytes());
+            }
+            PublishProp::ResponseTopic(v) => {
+                out.push(0x08);
+                put_binary(&mut out, v.as_bytes());
+            }
+            PublishProp::Correlation(v) => {
+                out.push(0x09);
+                put_binary(&mut out, v);
+            }
+            PublishProp::User(k, v) => {
+                out.push(0x26);
+                put_binary(&mut out, k.as_bytes());
+                put_binary(&mut out, v.as_bytes());
+            }
+            PublishProp::Expiry(secs) => {
+                out.push(0x02);
+                out.extend_from_slice(&secs.to_be_bytes());
+            }
+        }
+    }
+    out.extend_from_slice(&msg.payload);
+    Some(out)
 }
 
 fn build_v311(m: &StoredMessage, payload: &[u8], pid: Option<u16>, dup: bool) -> Result<v3_1_1::Publish, ConnectError> {
@@ -785,7 +974,7 @@ pub(crate) async fn open_session(
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use steadfast_core::Qos;
+    use steadfast_core::{Identity, Qos};
 
     use super::{Incoming, Link};
     use crate::config::ProtocolVersion;
@@ -815,6 +1004,22 @@ mod tests {
         all
     }
 
+    /// Lengths of two and three bytes, the envelope of a long producer
+    /// and a long identity property, as the codec writes them.
+    #[test]
+    fn a_large_fast_publish_is_the_codecs_too() {
+        for len in [127, 128, 16_383, 16_384, 70_000] {
+            let m = super::loose_message(9, "a/b", &vec![7u8; len], Qos::AtLeastOnce, false);
+            let producer = "p".repeat(255);
+            let fast = super::publish_v311(&m, Some((&producer, 9, true)), Some(3), true).unwrap();
+            let wrapped = Identity::wrap_asking(&producer, 9, &m.msg.payload, true);
+            assert_eq!(fast, super::build_v311(&m, &wrapped, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
+            let props = super::publish_props(&m, &producer, Some("r/t"), 0);
+            let fast = super::publish_v5(&m, &props, Some(3), true).unwrap();
+            assert_eq!(fast, super::build_v5(&m, &props, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -830,6 +1035,53 @@ mod tests {
             prop_assert!(broken <= 1);
             if broken == 1 {
                 prop_assert!(matches!(got.last(), Some(Incoming::Broken(_))));
+            }
+        }
+
+        /// The MQTT 3.1.1 PUBLISH written straight into its buffer is the
+        /// codec's, byte for byte, and refuses what the codec refuses.
+        #[test]
+        fn the_fast_publish_is_the_codecs_byte_for_byte(topic in "[a-z]{1,8}(/[a-z0-9]{1,8}){0,3}",
+                                                        payload in proptest::collection::vec(any::<u8>(), 0..300),
+                                                        qos in 0u8..3, retain in any::<bool>(), dup in any::<bool>(),
+                                                        pid in proptest::option::of(1u16..),
+                                                        envelope in proptest::option::of(("[a-z0-9-]{1,300}", any::<u64>(), any::<bool>()))) {
+            let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][qos as usize];
+            let m = super::loose_message(3, &topic, &payload, qos, retain);
+            let envelope = envelope.as_ref().map(|(p, seq, asking)| (&p[..p.len().min(255)], *seq, *asking));
+            let fast = super::publish_v311(&m, envelope, pid, dup);
+            let wrapped = match envelope {
+                Some((p, seq, asking)) => Identity::wrap_asking(p, seq, &payload, asking),
+                None => payload.clone(),
+            };
+            match super::build_v311(&m, &wrapped, pid, dup) {
+                Ok(p) => prop_assert_eq!(fast, Some(p.to_continuous_buffer())),
+                Err(_) => prop_assert_eq!(fast, None),
+            }
+        }
+
+        /// The same for MQTT 5, with every property a message can carry.
+        #[test]
+        fn the_fast_v5_publish_is_the_codecs_byte_for_byte(topic in "[a-z]{1,8}(/[a-z0-9]{1,8}){0,3}",
+                                                           payload in proptest::collection::vec(any::<u8>(), 0..300),
+                                                           qos in 0u8..3, retain in any::<bool>(), dup in any::<bool>(),
+                                                           pid in proptest::option::of(1u16..), id in 0u64..3,
+                                                           utf8 in any::<bool>(),
+                                                           content_type in proptest::option::of("[ -~]{0,40}"),
+                                                           response_topic in proptest::option::of("[a-z/]{1,20}"),
+                                                           correlation in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+                                                           user in proptest::collection::vec(("[a-z-]{0,12}", "[ -~]{0,30}"), 0..4),
+                                                           receipt_to in proptest::option::of("[a-z/]{1,20}"),
+                                                           expires in proptest::option::of(0u64..10_000_000)) {
+            let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][qos as usize];
+            let mut m = super::loose_message(id, &topic, &payload, qos, retain);
+            m.msg.props = steadfast_core::Properties { content_type, response_topic, correlation_data: correlation, payload_is_utf8: utf8, user };
+            m.msg.policy.expires_ms = expires.map(|e| 1_000_000 + e);
+            let props = super::publish_props(&m, "producer", receipt_to.as_deref(), 1_000_000);
+            let fast = super::publish_v5(&m, &props, pid, dup);
+            match super::build_v5(&m, &props, pid, dup) {
+                Ok(p) => prop_assert_eq!(fast, Some(p.to_continuous_buffer())),
+                Err(_) => prop_assert_eq!(fast, None),
             }
         }
 

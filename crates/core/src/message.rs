@@ -80,8 +80,22 @@ impl Identity {
     /// `"SFE2"`, one byte of flags, bit 0 set, then as format 1; a
     /// consumer sends the receipt to the producer's receipts topic).
     pub fn wrap_asking(producer: &str, seq: u64, payload: &[u8], receipt: bool) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::envelope_header_len(producer, receipt) + payload.len());
+        Self::write_envelope_header(&mut out, producer, seq, receipt);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// How many bytes [`Identity::wrap_asking`] puts before the payload.
+    pub fn envelope_header_len(producer: &str, receipt: bool) -> usize {
+        4 + usize::from(receipt) + 1 + producer.len().min(Self::ENVELOPE_MAX_PRODUCER) + 8
+    }
+
+    /// Writes what [`Identity::wrap_asking`] puts before the payload, so
+    /// that an encoder can put the payload right after it without a copy
+    /// of its own.
+    pub fn write_envelope_header(out: &mut Vec<u8>, producer: &str, seq: u64, receipt: bool) {
         let p = &producer.as_bytes()[..producer.len().min(Self::ENVELOPE_MAX_PRODUCER)];
-        let mut out = Vec::with_capacity(4 + 2 + p.len() + 8 + payload.len());
         if receipt {
             out.extend_from_slice(&Self::ENVELOPE_RECEIPT_MAGIC);
             out.push(1);
@@ -91,8 +105,6 @@ impl Identity {
         out.push(p.len() as u8);
         out.extend_from_slice(p);
         out.extend_from_slice(&seq.to_be_bytes());
-        out.extend_from_slice(payload);
-        out
     }
 
     /// Splits an enveloped payload into its identity and the original

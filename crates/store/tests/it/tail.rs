@@ -67,7 +67,7 @@ fn varied(n: usize) -> steadfast_store::NewMessage {
     m.qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][n % 3];
     m.policy.priority = (n % 7 % 3) as u8;
     m.retain = n % 4 == 1;
-    if n % 5 == 0 {
+    if n.is_multiple_of(5) {
         m.receipts = Some("1000 all a,b".into());
     }
     if n % 6 == 1 {
@@ -215,7 +215,7 @@ proptest! {
                 Op::Rollback => {
                     p.both(|s| s.rollback())?;
                     // What the rollback took back is read from the stores.
-                    ids = p.both(|s| crate::recovery_ids(s))?;
+                    ids = p.both(crate::recovery_ids)?;
                     p.both(|s| s.begin().unwrap())?;
                 }
                 Op::Reopen => {

@@ -84,6 +84,13 @@ impl Tail {
     }
 
     fn position(&self, id: u64) -> Result<usize, usize> {
+        // Ids are consecutive until something leaves from the middle: the
+        // offset from the first is usually the place.
+        let first = self.rows.front().map_or(0, |r| r.id);
+        let guess = id.checked_sub(first).and_then(|d| usize::try_from(d).ok());
+        if let Some(i) = guess.filter(|i| self.rows.get(*i).is_some_and(|r| r.id == id)) {
+            return Ok(i);
+        }
         self.rows.binary_search_by_key(&id, |r| r.id)
     }
 

@@ -113,8 +113,10 @@ impl Store for SqliteStore {
         drop(stmt);
         r.map_err(|e| self.map(e))?;
         let id = self.conn.last_insert_rowid() as u64;
-        self.count_queued(1, m.size() as i64)?;
+        // In the tail before anything can fail: outside a transaction the
+        // row is committed already.
         self.tail.inserted(id, m);
+        self.count_queued(1, m.size() as i64)?;
         // Reserved before the commit that hands it out: a recovery that
         // lost the database's own record still starts above it.
         if id > self.reserved {
@@ -776,7 +778,10 @@ impl SqliteStore {
             if n != gone.len() {
                 self.tail.forget();
                 let (first, last) = (gone[0], gone[gone.len() - 1]);
-                let why = format!("outbox rows {first} to {last}: {n} deleted of {}; the batch is undone", gone.len());
+                let why = format!(
+                    "outbox rows {first} to {last}: {n} deleted of {}; the outbox's tail was out of step",
+                    gone.len()
+                );
                 return Err(StoreError::WriteFailed(why));
             }
             for id in gone {
@@ -868,7 +873,9 @@ impl SqliteStore {
         // Read just now, or in the tail: see `ack_run`.
         if r.map_err(|e| self.map(e))? != 1 {
             self.tail.forget();
-            return Err(StoreError::WriteFailed(format!("outbox row {id} was gone; the batch is undone")));
+            return Err(StoreError::WriteFailed(format!(
+                "outbox row {id} was gone; the outbox's tail was out of step"
+            )));
         }
         self.tail.left(id);
         // Only a QoS 2 message is ever bound to a packet id.

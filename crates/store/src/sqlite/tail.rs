@@ -69,6 +69,13 @@ impl Tail {
         if self.off {
             return;
         }
+        // A row that a read from SQLite drops as unreadable (only the
+        // store's own users can write one) stays where that happens.
+        let p = &m.policy;
+        if p.priority > crate::MAX_PRIORITY || p.max_attempts == Some(0) {
+            self.forget();
+            return;
+        }
         if self.floor.is_none() || id != self.last + 1 {
             self.forget();
             self.floor = Some(id - 1);
@@ -253,6 +260,19 @@ mod tests {
         t.changed(3);
         assert!(!t.is_known());
         assert!(t.entry(1).is_none());
+    }
+
+    #[test]
+    fn a_row_that_sqlite_reads_as_unreadable_makes_it_forget() {
+        let mut t = Tail::default();
+        t.inserted(1, &msg(1));
+        let mut bad = msg(1);
+        bad.policy.priority = crate::MAX_PRIORITY + 1;
+        t.inserted(2, &bad);
+        assert!(!t.is_known());
+        t.inserted(3, &msg(1));
+        assert_eq!(ids(t.read_after(1, 10, 0, None)), None, "2 is below the floor: SQLite");
+        assert_eq!(ids(t.read_after(2, 10, 0, None)), Some(vec![3]));
     }
 
     #[test]

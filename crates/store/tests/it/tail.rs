@@ -246,3 +246,28 @@ proptest! {
         }
     }
 }
+
+/// Past the tail's bounds (16,384 rows): its oldest rows go, its floor
+/// rises, and every read and acknowledgement still answers as the
+/// database does, below the floor and above it.
+#[test]
+fn a_tail_past_its_bounds_answers_as_the_database_does() {
+    let mut p = Pair::open();
+    p.both(|s| s.begin().unwrap()).unwrap();
+    let ids: Vec<u64> = (0..20_000).map(|n| p.both(|s| s.insert(&varied(n % 200 + 1)).unwrap()).unwrap()).collect();
+    p.both(|s| s.commit().unwrap()).unwrap();
+    p.both(|s| s.begin().unwrap()).unwrap();
+    let slot = p.slots[0];
+    for at in [0, 1, 3_000, 3_615, 3_616, 3_617, 10_000, 19_990] {
+        let after = ids[at] - 1;
+        p.both(|s| s.read_after(after, 700, Some(slot), None).unwrap()).unwrap();
+        p.both(|s| s.read_after(after, 700, None, Some(1)).unwrap()).unwrap();
+        let run: Vec<u64> = ids[at..(at + 9).min(ids.len())].to_vec();
+        p.both(|s| s.ack_or_remove_many(&run, slot, &mut |e| e.size % 3 != 0).unwrap()).unwrap();
+    }
+    p.both(|s| s.commit().unwrap()).unwrap();
+    p.both(|s| s.read_after(0, 30_000, None, None).unwrap()).unwrap();
+    for s in &mut p.stores {
+        assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap());
+    }
+}

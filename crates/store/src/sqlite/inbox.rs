@@ -18,6 +18,12 @@ use crate::{InboxStore, StoreError};
 const RANGE_AT_OR_BELOW: &str =
     "SELECT last FROM inbox_ranges WHERE producer = ?1 AND first <= ?2 ORDER BY first DESC LIMIT 1";
 
+const ADD_COUNTER: &str = "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET count = count + ?2";
+
+/// The ranges of `?1` that start from `?2` to `?3`.
+const RANGES_INSIDE: &str =
+    "SELECT first, last FROM inbox_ranges WHERE producer = ?1 AND first >= ?2 AND first <= ?3 ORDER BY first";
+
 /// `ids` sorted, without repeats, as runs of consecutive sequence numbers
 /// per producer: `(producer, first, last)`.
 fn runs(ids: &[(String, u64)]) -> Vec<(&str, u64, u64)> {
@@ -51,8 +57,7 @@ impl SqliteStore {
         };
         let mut parts = Vec::new();
         if let Some(from) = next {
-            let inside = "SELECT first, last FROM inbox_ranges WHERE producer = ?1 AND first >= ?2 AND first <= ?3 ORDER BY first";
-            let mut stmt = self.conn.prepare_cached(inside)?;
+            let mut stmt = self.conn.prepare_cached(RANGES_INSIDE)?;
             let mut rows = stmt.query(params![producer, from, last])?;
             while let (Some(n), Some(r)) = (next, rows.next()?) {
                 let (f, l): (u64, u64) = (r.get(0)?, r.get(1)?);
@@ -156,13 +161,49 @@ impl InboxStore for SqliteStore {
         Ok(self.conn.query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
     }
     fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
-        let sql = "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET count = count + ?2";
-        self.conn.execute(sql, params![name, n]).map_err(|e| self.map(e))?;
+        // Cached: a consumer counts what it handled at every batch (its
+        // parse was the "re-prepared statement" of docs/performance.md).
+        self.conn.prepare_cached(ADD_COUNTER)?.execute(params![name, n]).map_err(|e| self.map(e))?;
         Ok(())
     }
     fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
         let mut stmt = self.conn.prepare_cached("SELECT name, count FROM counters ORDER BY name")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::StatementStatus;
+
+    use super::{ADD_COUNTER, RANGES_INSIDE, RANGE_AT_OR_BELOW};
+    use crate::{InboxStore, SqliteStore, Store};
+
+    /// A statement from the cache is not prepared again at its next use:
+    /// no plan looks at the values bound (a `LIMIT ?` or a `col = ?`
+    /// filter would otherwise make SQLite prepare it again each time
+    /// rusqlite clears its bindings), and the cache holds them all.
+    #[test]
+    fn cached_statements_are_not_prepared_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut s, _) = SqliteStore::open_inbox(dir.path()).unwrap();
+        for i in 0..20u64 {
+            s.begin().unwrap();
+            s.inbox_record(&[("p".into(), i * 3), ("p".into(), i * 3 + 1)], 1).unwrap();
+            s.add_counter("handled", 2).unwrap();
+            s.commit().unwrap();
+        }
+        // An outbox statement with a `LIMIT ?`.
+        let outbox = tempfile::tempdir().unwrap();
+        let (mut o, _) = SqliteStore::open(outbox.path()).unwrap();
+        let oldest = "SELECT id, size FROM outbox WHERE done = 0 ORDER BY id LIMIT ?1";
+        for n in 1..20 {
+            o.oldest(n, None).unwrap();
+        }
+        for (store, sql) in [(&s, RANGE_AT_OR_BELOW), (&s, RANGES_INSIDE), (&s, ADD_COUNTER), (&o, oldest)] {
+            let stmt = store.conn.prepare_cached(sql).unwrap();
+            assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        }
     }
 }

@@ -50,7 +50,7 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
 
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| self.map(e))?;
+        self.run_cached("BEGIN IMMEDIATE")?;
         // Nobody else commits until this transaction ends: one look for
         // what others committed before it covers every use of the tail in it.
         if self.tail.is_known() {
@@ -66,16 +66,13 @@ impl Store for SqliteStore {
         if (count, bytes) != (0, 0) {
             self.add_to_summary(count, bytes).inspect_err(|_| self.tail.forget())?;
         }
-        self.conn.execute_batch("COMMIT").map_err(|e| {
-            self.tail.forget();
-            self.map(e)
-        })
+        self.run_cached("COMMIT").inspect_err(|_| self.tail.forget())
     }
 
     fn set_synced(&mut self, synced: bool) {
         if synced != self.synced {
             let pragma = if synced { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=NORMAL" };
-            if self.conn.execute_batch(pragma).is_ok() {
+            if self.run_cached(pragma).is_ok() {
                 self.synced = synced;
             }
         }
@@ -85,7 +82,7 @@ impl Store for SqliteStore {
         self.queued_delta = (0, 0);
         self.tail.forget();
         if !self.conn.is_autocommit() {
-            let _ = self.conn.execute_batch("ROLLBACK");
+            let _ = self.run_cached("ROLLBACK");
         }
     }
 
@@ -677,8 +674,9 @@ impl Store for SqliteStore {
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        // Cached: the writer marks a synced commit after unsynced ones.
         let sql = "INSERT OR REPLACE INTO meta VALUES (?1, ?2)";
-        self.conn.execute(sql, [key, value]).map_err(|e| self.map(e))?;
+        self.conn.prepare_cached(sql)?.execute([key, value]).map_err(|e| self.map(e))?;
         Ok(())
     }
 
@@ -725,6 +723,14 @@ fn runs(sorted: &[u64]) -> impl Iterator<Item = &[u64]> {
 }
 
 impl SqliteStore {
+    /// Runs a statement that takes no parameters and returns no rows, from
+    /// the statement cache: `execute_batch` parses it at every call, and a
+    /// transaction's `BEGIN` and `COMMIT` come every few messages.
+    fn run_cached(&mut self, sql: &str) -> Result<(), StoreError> {
+        let r = self.conn.prepare_cached(sql).and_then(|mut s| s.raw_execute());
+        r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
     /// [`Store::ack_or_remove`] for a run of consecutive ids (`run`, at
     /// least two): one read for the run, and one delete for each run of
     /// what it finishes that has nothing hanging on it (QoS 0 or 1, no

@@ -195,6 +195,16 @@ pub(super) fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error
     let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
     debug_assert_eq!(mode.to_lowercase(), "wal");
     conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
+    // Plans that do not look at bound values. Without this, SQLite marks a
+    // statement whose plan read a bound value (a `LIMIT ?`, a `col = ?`
+    // filter) to be prepared again whenever its bindings are cleared, and
+    // rusqlite clears them each time a cached statement goes back to its
+    // cache: such statements were parsed again at every use
+    // (docs/performance.md, session 9).
+    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    // Room for every statement the writer runs (rusqlite keeps 16): one
+    // pushed out is parsed again at its next use.
+    conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
 

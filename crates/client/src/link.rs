@@ -656,9 +656,8 @@ const MAX_REMAINING: usize = 268_435_455;
 /// (test `the_fast_publish_is_the_codecs_byte_for_byte`) without its
 /// copies: the codec's builder copies the topic and the payload, and grows
 /// its output three times (2,100 instructions a message,
-/// docs/performance.md). `None` for what the codec refuses (a topic or a
-/// packet too long, a packet id for QoS 0 or none for QoS 1 and 2): it
-/// says why.
+/// docs/performance.md). `None` for what the codec refuses (a packet too
+/// long, and [`codec_refuses`]): it says why.
 fn publish_v311(
     m: &StoredMessage,
     envelope: Option<(&str, u64, bool)>,

@@ -367,8 +367,13 @@ impl SqliteStore {
     /// Forgets the tail when another connection committed since the last
     /// look (a guest's insert, or a holder's removals seen from a guest).
     fn follow_other_commits(&mut self) {
-        let version = self.conn.prepare_cached("PRAGMA data_version").and_then(|mut s| s.query_row([], |r| r.get(0)));
+        let version = self.read_data_version();
         self.saw_version(version.ok());
+    }
+
+    /// `PRAGMA data_version`: it changes when another connection commits.
+    fn read_data_version(&self) -> rusqlite::Result<u64> {
+        self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
     }
 
     fn saw_version(&mut self, version: Option<u64>) {

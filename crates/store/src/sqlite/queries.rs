@@ -550,7 +550,7 @@ impl Store for SqliteStore {
     }
 
     fn data_version(&mut self) -> Result<u64, StoreError> {
-        let version = self.conn.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))? as u64;
+        let version = self.read_data_version()?;
         self.saw_version(Some(version));
         Ok(version)
     }
@@ -782,13 +782,8 @@ impl SqliteStore {
             // anything else is a tail out of step, and nothing of this
             // transaction may stand (the summary would count wrong).
             if n != gone.len() {
-                self.tail.forget();
                 let (first, last) = (gone[0], gone[gone.len() - 1]);
-                let why = format!(
-                    "outbox rows {first} to {last}: {n} deleted of {}; the outbox's tail was out of step",
-                    gone.len()
-                );
-                return Err(StoreError::WriteFailed(why));
+                return Err(self.out_of_step(format!("outbox rows {first} to {last}: {n} deleted of {}", gone.len())));
             }
             for id in gone {
                 self.tail.left(*id);
@@ -799,6 +794,14 @@ impl SqliteStore {
             self.count_queued(-(plain.len() as i64), -bytes)?;
         }
         Ok(())
+    }
+
+    /// A delete found fewer rows than were read just now or held by the
+    /// tail: the tail was out of step. It is forgotten, and the batch
+    /// fails (nothing of it may stand: the summary would count wrong).
+    fn out_of_step(&mut self, what: String) -> StoreError {
+        self.tail.forget();
+        StoreError::WriteFailed(format!("{what}; the outbox's tail was out of step"))
     }
 
     /// The entries of `run` (ascending) from the tail, with their QoS and
@@ -878,10 +881,7 @@ impl SqliteStore {
         drop(stmt);
         // Read just now, or in the tail: see `ack_run`.
         if r.map_err(|e| self.map(e))? != 1 {
-            self.tail.forget();
-            return Err(StoreError::WriteFailed(format!(
-                "outbox row {id} was gone; the outbox's tail was out of step"
-            )));
+            return Err(self.out_of_step(format!("outbox row {id} was gone")));
         }
         self.tail.left(id);
         // Only a QoS 2 message is ever bound to a packet id.

@@ -49,6 +49,19 @@ pub(super) fn read_messages(
     Ok(out)
 }
 
+/// What makes a row's delivery policy unreadable, if anything: a priority
+/// or retry budget out of range (such a row is dropped as corrupt; the
+/// tail keeps none, so that it is read, and dropped, here).
+pub(super) fn policy_problem(priority: i64, max_attempts: Option<i64>, attempts: i64) -> Option<String> {
+    if !(0..=crate::MAX_PRIORITY as i64).contains(&priority) {
+        return Some(format!("priority {priority}"));
+    }
+    if max_attempts.is_some_and(|m| !(1..=u32::MAX as i64).contains(&m)) || !(0..=u32::MAX as i64).contains(&attempts) {
+        return Some(format!("retry budget {max_attempts:?}, attempts {attempts}"));
+    }
+    None
+}
+
 fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessage, StoreError>> {
     let id: u64 = r.get(0)?;
     let qos: u8 = r.get(3)?;
@@ -66,11 +79,8 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
     let priority: i64 = r.get(12)?;
     let max_attempts: Option<i64> = r.get(13)?;
     let attempts: i64 = r.get(14)?;
-    if !(0..=crate::MAX_PRIORITY as i64).contains(&priority) {
-        return Ok(bad(format!("priority {priority}")));
-    }
-    if max_attempts.is_some_and(|m| !(1..=u32::MAX as i64).contains(&m)) || !(0..=u32::MAX as i64).contains(&attempts) {
-        return Ok(bad(format!("retry budget {max_attempts:?}, attempts {attempts}")));
+    if let Some(what) = policy_problem(priority, max_attempts, attempts) {
+        return Ok(bad(what));
     }
     let wire = match (pid, stage.and_then(stage_from_sql)) {
         (Some(p), Some(s)) => Some((p, s)),

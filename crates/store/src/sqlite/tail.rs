@@ -72,7 +72,7 @@ impl Tail {
         // A row that a read from SQLite drops as unreadable (only the
         // store's own users can write one) stays where that happens.
         let p = &m.policy;
-        if p.priority > crate::MAX_PRIORITY || p.max_attempts == Some(0) {
+        if super::rows::policy_problem(p.priority.into(), p.max_attempts.map(i64::from), 0).is_some() {
             self.forget();
             return;
         }

@@ -321,10 +321,10 @@ impl<P: Delivered> Dispatch<P> {
                     self.high.insert(id.producer.clone(), id.seq);
                 }
             }
-            self.handling.insert(id.clone(), Handling { copies: Vec::new(), receipt: owed, acked: false });
             if !self.cfg.shared {
                 self.note_sequence(&id, now.at);
             }
+            self.handling.insert(id, Handling { copies: Vec::new(), receipt: owed, acked: false });
             if crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
                 self.ops.push_back(DispatchOp::AckBroker(p.token()));
             }
@@ -507,34 +507,47 @@ impl<P: Delivered> Dispatch<P> {
     /// G6: a jump ahead opens a gap; an arrival below the highest fills one
     /// (or is out of order).
     fn note_sequence(&mut self, id: &Identity, now: Instant) {
-        if !self.producers.contains_key(&id.producer) {
-            self.producers.insert(id.producer.clone(), Sequence::default());
+        match self.producers.get_mut(&id.producer) {
+            Some(s) => {
+                if Self::next_in_sequence(s, id.seq, now) {
+                    self.ops.push_back(DispatchOp::Count(Counter::OutOfOrder, 1));
+                }
+            }
+            None => {
+                let mut s = Sequence::default();
+                Self::next_in_sequence(&mut s, id.seq, now);
+                self.producers.insert(id.producer.clone(), s);
+            }
         }
-        let s = self.producers.get_mut(&id.producer).expect("inserted");
+    }
+
+    /// Notes `seq` in a producer's sequence: a number past a gap opens
+    /// one, a number in a gap fills it. True when it came out of order.
+    fn next_in_sequence(s: &mut Sequence, seq: u64, now: Instant) -> bool {
         if s.highest == 0 {
-            s.highest = id.seq;
-            return;
+            s.highest = seq;
+            return false;
         }
-        if id.seq > s.highest + 1 {
-            s.gaps.insert(s.highest + 1, (id.seq - 1, now));
+        if seq > s.highest + 1 {
+            s.gaps.insert(s.highest + 1, (seq - 1, now));
         }
-        if id.seq > s.highest {
-            s.highest = id.seq;
-            return;
+        if seq > s.highest {
+            s.highest = seq;
+            return false;
         }
-        self.ops.push_back(DispatchOp::Count(Counter::OutOfOrder, 1));
         // Fill: split the range holding seq.
-        let Some((&first, &(last, since))) = s.gaps.range(..=id.seq).next_back() else { return };
-        if id.seq > last {
-            return;
+        let Some((&first, &(last, since))) = s.gaps.range(..=seq).next_back() else { return true };
+        if seq > last {
+            return true;
         }
         s.gaps.remove(&first);
-        if first < id.seq {
-            s.gaps.insert(first, (id.seq - 1, since));
+        if first < seq {
+            s.gaps.insert(first, (seq - 1, since));
         }
-        if id.seq < last {
-            s.gaps.insert(id.seq + 1, (last, since));
+        if seq < last {
+            s.gaps.insert(seq + 1, (last, since));
         }
+        true
     }
 
     fn report_gaps(&mut self, now: Instant) {

@@ -46,10 +46,6 @@ pub enum Resume {
     },
 }
 
-/// A refill step is this fraction of the window's limit
-/// ([`SendWindow::can_refill`]).
-const REFILL_STEP_PER_LIMIT: usize = 8;
-
 /// The send window of one broker session.
 #[derive(Debug, Clone)]
 pub struct SendWindow {
@@ -98,18 +94,6 @@ impl SendWindow {
     /// True when another message may be published.
     pub fn has_room(&self) -> bool {
         self.by_pid.len() < self.limit as usize
-    }
-
-    /// True when sending may start again: the window is empty, or it has
-    /// room for a step of messages (an eighth of the limit). A full window
-    /// under load then refills a step at a time, in one write, instead of
-    /// a message or two per read of acknowledgements: each write and each
-    /// read costs both ends a system call and a wake-up whatever it holds.
-    /// With room for a step or more, as under a light load, every message
-    /// goes out at once.
-    pub fn can_refill(&self) -> bool {
-        let step = (self.limit as usize / REFILL_STEP_PER_LIMIT).max(1);
-        self.is_empty() || self.by_pid.len() + step <= self.limit as usize
     }
 
     /// Puts back a message that a previous process had in flight (QoS 2
@@ -202,28 +186,6 @@ impl SendWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_nearly_full_window_waits_for_a_step_of_room() {
-        let mut w = SendWindow::new(64);
-        assert!(w.can_refill(), "an empty window");
-        let pids: Vec<u16> = (0..64).map(|i| w.assign(i, Qos::AtLeastOnce).expect("room")).collect();
-        assert!(!w.has_room() && !w.can_refill());
-        for (n, pid) in pids.iter().take(8).enumerate() {
-            assert!(!w.can_refill(), "{n} free of 64: under a step of 8");
-            w.on_puback(*pid);
-        }
-        assert!(w.can_refill(), "8 free: a step");
-        // A window of under 8 refills every free place.
-        let mut w = SendWindow::new(5);
-        let pid = w.assign(1, Qos::AtLeastOnce).expect("room");
-        (2..=5).for_each(|i| {
-            w.assign(i, Qos::AtLeastOnce);
-        });
-        assert!(!w.can_refill());
-        w.on_puback(pid);
-        assert!(w.can_refill());
-    }
 
     #[test]
     fn the_window_is_bounded_and_packet_ids_are_unique() {

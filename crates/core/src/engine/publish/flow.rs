@@ -20,11 +20,8 @@ impl<M: Queued> PublishSession<M> {
         // From the first QoS 2 message on, packets wait here (in order)
         // until the bindings are on disk.
         let mut held: Vec<(M, Option<u16>, Vec<u8>)> = Vec::new();
-        // A window nearly full waits for a step of room (in the order of
-        // the queue: a QoS 0 message behind waits too).
-        let refill = self.window.can_refill();
         while let Some(front) = self.queue.front() {
-            if front.qos() != Qos::AtMostOnce && !(refill && self.window.has_room()) {
+            if front.qos() != Qos::AtMostOnce && !self.window.has_room() {
                 break;
             }
             let m = self.queue.pop_front().expect("front exists");

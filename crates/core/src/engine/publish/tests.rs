@@ -54,13 +54,9 @@ fn connected(msgs: &[M]) -> (PublishSession<M>, Instant) {
 }
 
 fn connected_with(msgs: &[M], ack_timeout: AckTimeout) -> (PublishSession<M>, Instant) {
-    connected_window(msgs, ack_timeout, 10)
-}
-
-fn connected_window(msgs: &[M], ack_timeout: AckTimeout, max_inflight: u16) -> (PublishSession<M>, Instant) {
     let t0 = Instant::now();
     let cfg = SessionConfig {
-        max_inflight,
+        max_inflight: 10,
         keep_alive: Duration::from_secs(30),
         ack_timeout,
         refused_pause: Duration::from_secs(1),
@@ -104,39 +100,6 @@ fn a_failed_bind_sends_nothing_it_held_and_gives_the_ids_back() {
     assert_eq!(s.in_flight(), 0, "packet ids are given back");
     s.fill(at(t0, 2), &|_| true, &mut Text);
     assert!(matches!(ops(&mut s).as_slice(), [StoreOp::Bind(_)]), "the messages are tried again, first");
-}
-
-#[test]
-fn a_full_window_refills_a_step_at_a_time_and_a_window_with_room_sends_at_once() {
-    let msgs: Vec<M> = (1..=40).map(|i| M(i, Qos::AtLeastOnce)).collect();
-    // A window of 16: a step is 2.
-    let (mut s, t0) = connected_window(&msgs, AckTimeout::Fixed(Duration::from_secs(5)), 16);
-    s.fill(at(t0, 1), &|_| true, &mut Text);
-    assert_eq!(sent(&mut s).matches('P').count(), 16, "an empty window fills at once");
-    s.handle_acks([Ack::PubAck { pid: 1, ok: true }], at(t0, 2)).expect("in flight");
-    s.fill(at(t0, 3), &|_| true, &mut Text);
-    assert_eq!(sent(&mut s), "", "one free place of 16 waits for a second");
-    assert_eq!(s.in_flight(), 15);
-    s.handle_acks([Ack::PubAck { pid: 2, ok: true }], at(t0, 4)).expect("in flight");
-    s.fill(at(t0, 5), &|_| true, &mut Text);
-    assert_eq!(sent(&mut s), "P17:17 P18:18 ", "a step goes out in one write, in outbox order");
-    let acks: Vec<Ack> = (3..=6).map(|pid| Ack::PubAck { pid, ok: true }).collect();
-    s.handle_acks(acks, at(t0, 6)).expect("in flight");
-    s.fill(at(t0, 7), &|_| true, &mut Text);
-    assert_eq!(sent(&mut s).matches('P').count(), 4, "room for more than a step is filled whole");
-    assert_eq!(s.in_flight(), 16);
-
-    // Light load: with room for a step, a message goes out at once.
-    let (mut s, t0) = connected_window(&msgs[..3], AckTimeout::Fixed(Duration::from_secs(5)), 16);
-    s.fill(at(t0, 1), &|_| true, &mut Text);
-    assert_eq!(sent(&mut s), "P1:1 P2:2 P3:3 ");
-    // A window of fewer than 16 has a step of one: every free place is filled.
-    let (mut s, t0) = connected_window(&msgs, AckTimeout::Fixed(Duration::from_secs(5)), 10);
-    s.fill(at(t0, 1), &|_| true, &mut Text);
-    sent(&mut s);
-    s.handle_acks([Ack::PubAck { pid: 4, ok: true }], at(t0, 2)).expect("in flight");
-    s.fill(at(t0, 3), &|_| true, &mut Text);
-    assert_eq!(sent(&mut s), "P11:11 ");
 }
 
 #[test]

@@ -18,7 +18,7 @@ use steadfast_core::{AckTimeout, DropReason, Qos};
 use steadfast_store::{
     now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::{sleep_until, timeout, Instant};
 
@@ -28,6 +28,7 @@ use crate::error::{CloseReason, ConnectError};
 use crate::link::{first_version, open_auto, ConnAck, Incoming, Link, Opened};
 use crate::reconnect::{self, Reconnect};
 use crate::router::Router;
+use crate::transport::Sender;
 use crate::{BrokerStatus, Event, LinkState};
 
 /// Messages read from the outbox per page.
@@ -359,7 +360,7 @@ impl Driver {
         let clean = self.cfg.clean_start && connects == 0;
         let attempt = open_auto(&self.cfg, &self.url, clean, &mut self.version, Some(&self.outbox));
         let Some(opened) = reconnect::unless_stopped(attempt, &mut self.stop).await else { return Ok(()) };
-        let Opened { mut rd, mut wr, mut link, ack, after: after_connack, mut buf, round_trip } = opened?;
+        let Opened { mut rd, wr, mut link, ack, after: after_connack, mut buf, round_trip } = opened?;
         *connected_at = Some(Instant::now());
         self.session.handle_round_trip(round_trip);
         // The router decides first whether this broker takes messages now:
@@ -375,18 +376,8 @@ impl Driver {
         self.reconnect.connected();
         let _ = self.events.send(Event::Connected { broker, session_present: ack.session_present, resent });
 
-        let (wtx, mut wrx) = mpsc::unbounded_channel::<Vec<u8>>();
-        let mut writer = tokio::spawn(async move {
-            while let Some(bytes) = wrx.recv().await {
-                wr.write_all(&bytes).await?;
-                // TLS and WebSocket buffer: flush once the queue is empty.
-                if wrx.is_empty() {
-                    wr.flush().await?;
-                }
-            }
-            wr.shutdown().await
-        });
-        let r = match self.pump_loop(&mut link, &mut rd, &wtx, &mut writer, &mut buf).await {
+        let mut out = Sender::new(wr);
+        let r = match self.pump_loop(&mut link, &mut rd, &mut out, &mut buf).await {
             // Some brokers close the connection on a QoS 2 PUBLISH they do
             // not support (NATS): say so, since the broker does not.
             Err(ConnectError::Closed(how)) if self.session.awaits_first_pubrec() => {
@@ -396,11 +387,9 @@ impl Driver {
         };
         if r.is_ok() {
             link.disconnect();
-            let _ = wtx.send(std::mem::take(&mut link.out));
-            drop(wtx);
-            let _ = timeout(Duration::from_secs(1), &mut writer).await;
+            let _ = out.send(std::mem::take(&mut link.out));
+            out.finish(Duration::from_secs(1)).await;
         }
-        writer.abort();
         r
     }
 
@@ -442,8 +431,7 @@ impl Driver {
         &mut self,
         link: &mut Link,
         rd: &mut crate::transport::ReadHalf,
-        wtx: &mpsc::UnboundedSender<Vec<u8>>,
-        writer: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+        out: &mut Sender,
         buf: &mut [u8],
     ) -> Result<(), ConnectError> {
         let mut fetch: Option<Fetch> = None;
@@ -464,7 +452,7 @@ impl Driver {
                 link.out.extend_from_slice(&bytes);
             }
             if !link.out.is_empty() {
-                wtx.send(std::mem::take(&mut link.out)).map_err(|_| ConnectError::WriterStopped)?;
+                out.send(std::mem::take(&mut link.out))?;
             }
             let state = *state_rx.borrow_and_update();
             // Messages went back into the queue for lack of receipts:
@@ -526,12 +514,7 @@ impl Driver {
                         return Err(ConnectError::outbox(StoreError::Closed));
                     }
                 }
-                r = &mut *writer => {
-                    return Err(match r {
-                        Ok(Err(e)) => e.into(),
-                        _ => ConnectError::WriterStopped,
-                    });
-                }
+                r = out.progress() => r?,
             }
         }
     }

@@ -348,6 +348,137 @@ impl AsyncWrite for WriteHalf {
     }
 }
 
+/// Where a publishing link's bytes go, in order, while its task keeps
+/// reading. Plain TCP: written straight into the socket from the link's
+/// task as far as the socket takes them, the rest kept and written as it
+/// drains ([`Sender::progress`]); no hand-off to another task on the way
+/// to the broker. TLS and WebSocket, which buffer and must be flushed: a
+/// task of their own writes and flushes them.
+pub(crate) enum Sender {
+    Direct { wr: tokio::net::tcp::OwnedWriteHalf, queued: Vec<u8>, at: usize },
+    Task { tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>, task: WriterTask },
+}
+
+impl Sender {
+    pub(crate) fn new(wr: WriteHalf) -> Sender {
+        match wr {
+            WriteHalf::Tcp(wr) => Sender::Direct { wr, queued: Vec::new(), at: 0 },
+            other => {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+                let task = tokio::spawn(async move {
+                    let mut wr = other;
+                    while let Some(bytes) = rx.recv().await {
+                        wr.write_all(&bytes).await?;
+                        // Flushed once the queue is empty.
+                        if rx.is_empty() {
+                            wr.flush().await?;
+                        }
+                    }
+                    wr.shutdown().await
+                });
+                Sender::Task { tx, task: WriterTask(Some(task)) }
+            }
+        }
+    }
+
+    /// Sends `bytes` after everything sent before: at once as far as the
+    /// socket takes them. An error of the socket ends the link.
+    pub(crate) fn send(&mut self, bytes: Vec<u8>) -> Result<(), ConnectError> {
+        match self {
+            Sender::Direct { wr, queued, at } => {
+                if *at < queued.len() {
+                    queued.extend_from_slice(&bytes);
+                    return Ok(());
+                }
+                let mut done = 0;
+                while done < bytes.len() {
+                    match wr.try_write(&bytes[done..]) {
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                queued.clear();
+                *at = 0;
+                if done < bytes.len() {
+                    queued.extend_from_slice(&bytes[done..]);
+                }
+                Ok(())
+            }
+            Sender::Task { tx, .. } => tx.send(bytes).map_err(|_| ConnectError::WriterStopped),
+        }
+    }
+
+    /// Writes what the socket did not take yet, as it drains; resolves
+    /// when it wrote some (`Ok`) or the socket failed. Pending for ever
+    /// while nothing waits. Cancel-safe: a `select!` branch.
+    pub(crate) async fn progress(&mut self) -> Result<(), ConnectError> {
+        match self {
+            Sender::Direct { wr, queued, at } => {
+                if *at >= queued.len() {
+                    return std::future::pending().await;
+                }
+                wr.writable().await?;
+                loop {
+                    match wr.try_write(&queued[*at..]) {
+                        Ok(n) => {
+                            *at += n;
+                            if *at >= queued.len() {
+                                queued.clear();
+                                *at = 0;
+                                return Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            Sender::Task { task, .. } => {
+                let Some(handle) = task.0.as_mut() else { return std::future::pending().await };
+                let ended = handle.await;
+                task.0 = None;
+                match ended {
+                    Ok(Err(e)) => Err(e.into()),
+                    Ok(Ok(())) | Err(_) => Err(ConnectError::WriterStopped),
+                }
+            }
+        }
+    }
+
+    /// Writes what is left, flushes and closes the sending side, within
+    /// `limit` (a graceful end of the link).
+    pub(crate) async fn finish(self, limit: std::time::Duration) {
+        match self {
+            Sender::Direct { mut wr, queued, at } => {
+                let _ = tokio::time::timeout(limit, async {
+                    wr.write_all(&queued[at..]).await?;
+                    wr.shutdown().await
+                })
+                .await;
+            }
+            Sender::Task { tx, mut task } => {
+                drop(tx);
+                if let Some(handle) = task.0.as_mut() {
+                    let _ = tokio::time::timeout(limit, handle).await;
+                }
+            }
+        }
+    }
+}
+
+/// A writer task, stopped when its link is dropped (a socket that takes
+/// nothing must not keep it waiting for ever).
+pub(crate) struct WriterTask(Option<tokio::task::JoinHandle<io::Result<()>>>);
+
+impl Drop for WriterTask {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Writes all of `bytes` and flushes them to the socket.
 pub(crate) async fn send(wr: &mut WriteHalf, bytes: &[u8]) -> io::Result<()> {
     wr.write_all(bytes).await?;
@@ -602,6 +733,65 @@ mod tests {
             assert!(socket2::SockRef::from(tcp.as_ref()).tcp_quickack().unwrap(), "after read {round}");
             socket2::SockRef::from(tcp.as_ref()).set_tcp_quickack(false).unwrap();
         }
+    }
+
+    /// A peer that reads nothing: every send returns at once and what the
+    /// socket did not take waits. Then the peer reads and the socket has
+    /// room again while bytes still wait: later sends queue behind them.
+    /// `progress` writes it all, and the peer gets every byte in the order
+    /// sent.
+    #[tokio::test]
+    async fn a_send_never_waits_for_the_socket_and_the_bytes_keep_their_order() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
+        let (_rd, wr) = connect(&url, &TlsConfig::default()).await.unwrap();
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mut out = Sender::new(wr);
+        // 64 chunks of 256 KiB, half of them far more than the two
+        // sockets' buffers hold.
+        let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 256 * 1024]).collect();
+        for c in &chunks[..32] {
+            out.send(c.clone()).unwrap();
+        }
+        let Sender::Direct { queued, at, .. } = &out else { panic!("plain TCP is written directly") };
+        assert!(queued.len() > *at, "the socket took only part of it");
+        let expected = chunks.concat();
+        let n = expected.len();
+        let read = Arc::new(AtomicUsize::new(0));
+        let reader = tokio::spawn({
+            let read = read.clone();
+            async move {
+                let mut got = Vec::with_capacity(n);
+                let mut buf = vec![0u8; 64 * 1024];
+                while got.len() < n {
+                    let k = peer.read(&mut buf).await?;
+                    if k == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..k]);
+                    read.store(got.len(), Ordering::Relaxed);
+                }
+                Ok::<_, io::Error>(got)
+            }
+        });
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            // The peer reads a first megabyte: the socket has room, and
+            // the rest of the first half still waits here.
+            while read.load(Ordering::Relaxed) < 1 << 20 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            for c in &chunks[32..] {
+                out.send(c.clone()).unwrap();
+            }
+            while matches!(&out, Sender::Direct { queued, at, .. } if *at < queued.len()) {
+                out.progress().await.unwrap();
+            }
+        });
+        drained.await.expect("everything written once the peer reads");
+        let got = reader.await.unwrap().unwrap();
+        assert!(got == expected, "the bytes arrive whole and in the order sent");
     }
 
     /// The fix is read from the error's typed problem, never its words.

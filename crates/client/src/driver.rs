@@ -387,7 +387,7 @@ impl Driver {
         };
         if r.is_ok() {
             link.disconnect();
-            let _ = out.send(std::mem::take(&mut link.out));
+            let _ = out.send(&mut link.out);
             out.finish(Duration::from_secs(1)).await;
         }
         r
@@ -452,7 +452,7 @@ impl Driver {
                 link.out.extend_from_slice(&bytes);
             }
             if !link.out.is_empty() {
-                out.send(std::mem::take(&mut link.out))?;
+                out.send(&mut link.out)?;
             }
             let state = *state_rx.borrow_and_update();
             // Messages went back into the queue for lack of receipts:

@@ -382,30 +382,18 @@ impl Sender {
     }
 
     /// Sends `bytes` after everything sent before: at once as far as the
-    /// socket takes them. An error of the socket ends the link.
-    pub(crate) fn send(&mut self, bytes: Vec<u8>) -> Result<(), ConnectError> {
+    /// socket takes them. Leaves `bytes` empty (with its capacity, on
+    /// plain TCP, for the next packets). An error of the socket ends the
+    /// link.
+    pub(crate) fn send(&mut self, bytes: &mut Vec<u8>) -> Result<(), ConnectError> {
         match self {
             Sender::Direct { wr, queued, at } => {
-                if *at < queued.len() {
-                    queued.extend_from_slice(&bytes);
-                    return Ok(());
-                }
-                let mut done = 0;
-                while done < bytes.len() {
-                    match wr.try_write(&bytes[done..]) {
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                queued.clear();
-                *at = 0;
-                if done < bytes.len() {
-                    queued.extend_from_slice(&bytes[done..]);
-                }
+                let done = if *at < queued.len() { 0 } else { write_now(wr, bytes)? };
+                queued.extend_from_slice(&bytes[done..]);
+                bytes.clear();
                 Ok(())
             }
-            Sender::Task { tx, .. } => tx.send(bytes).map_err(|_| ConnectError::WriterStopped),
+            Sender::Task { tx, .. } => tx.send(std::mem::take(bytes)).map_err(|_| ConnectError::WriterStopped),
         }
     }
 
@@ -419,29 +407,18 @@ impl Sender {
                     return std::future::pending().await;
                 }
                 wr.writable().await?;
-                loop {
-                    match wr.try_write(&queued[*at..]) {
-                        Ok(n) => {
-                            *at += n;
-                            if *at >= queued.len() {
-                                queued.clear();
-                                *at = 0;
-                                return Ok(());
-                            }
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            // What was written leaves the buffer once it is
-                            // half of it: a socket that never quite drains
-                            // must not make it grow with all ever sent.
-                            if *at > queued.len() / 2 {
-                                queued.drain(..*at);
-                                *at = 0;
-                            }
-                            return Ok(());
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
+                *at += write_now(wr, &queued[*at..])?;
+                if *at >= queued.len() {
+                    queued.clear();
+                    *at = 0;
+                } else if *at > queued.len() / 2 {
+                    // What was written leaves the buffer once it is half
+                    // of it: a socket that never quite drains must not make
+                    // it grow with all ever sent.
+                    queued.drain(..*at);
+                    *at = 0;
                 }
+                Ok(())
             }
             Sender::Task { task, .. } => {
                 let Some(handle) = task.0.as_mut() else { return std::future::pending().await };
@@ -474,6 +451,20 @@ impl Sender {
             }
         }
     }
+}
+
+/// Writes as much of `bytes` as the socket takes now, without waiting:
+/// how much it took.
+fn write_now(wr: &tokio::net::tcp::OwnedWriteHalf, bytes: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match wr.try_write(&bytes[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// A writer task, stopped when its link is dropped (a socket that takes
@@ -762,7 +753,7 @@ mod tests {
         // sockets' buffers hold.
         let chunks: Vec<Vec<u8>> = (0..64u8).map(|i| vec![i; 256 * 1024]).collect();
         for c in &chunks[..32] {
-            out.send(c.clone()).unwrap();
+            out.send(&mut c.clone()).unwrap();
         }
         let Sender::Direct { queued, at, .. } = &out else { panic!("plain TCP is written directly") };
         assert!(queued.len() > *at, "the socket took only part of it");
@@ -792,7 +783,7 @@ mod tests {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             for c in &chunks[32..] {
-                out.send(c.clone()).unwrap();
+                out.send(&mut c.clone()).unwrap();
             }
             while matches!(&out, Sender::Direct { queued, at, .. } if *at < queued.len()) {
                 out.progress().await.unwrap();

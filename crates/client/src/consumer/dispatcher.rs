@@ -53,7 +53,7 @@ pub(super) type ReceiptTo = (usize, String, String);
 /// The one task between the brokers' receivers and the application.
 pub(super) struct Dispatcher {
     pub(super) cfg: Arc<ConsumerConfig>,
-    pub(super) urls: Vec<String>,
+    pub(super) urls: Vec<Arc<str>>,
     pub(super) outbox: Outbox,
     pub(super) events: broadcast::Sender<Event>,
     pub(super) app: mpsc::Sender<Received>,
@@ -150,7 +150,7 @@ impl Dispatcher {
     /// Extends the claims on everything handed over and not yet recorded.
     fn renew_claims(&self) {
         let Some(group) = self.group.clone().filter(|_| !self.cfg.records_in_transaction) else { return };
-        let ids: Vec<(String, u64)> = self.engine.handling().map(|i| (i.producer.clone(), i.seq)).collect();
+        let ids: Vec<(String, u64)> = self.engine.handling().map(|(p, seq)| (p.to_owned(), seq)).collect();
         if ids.is_empty() {
             return;
         }

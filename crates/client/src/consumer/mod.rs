@@ -295,7 +295,7 @@ impl Consumer {
         let cmds = cmd_tx.clone();
         let dispatcher = Dispatcher {
             cfg: cfg.clone(),
-            urls: urls.iter().map(|u| u.to_string()).collect(),
+            urls: urls.iter().map(|u| Arc::from(u.to_string())).collect(),
             outbox: outbox.clone(),
             events: events.clone(),
             app: app_tx,

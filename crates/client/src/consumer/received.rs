@@ -24,7 +24,8 @@ pub struct Received {
     identity: Option<Identity>,
     /// Its identity is recorded in the inbox once it is acknowledged.
     inbox: bool,
-    broker: String,
+    /// Shared by every delivery from that broker.
+    broker: Arc<str>,
     redelivered: bool,
     /// The broker's DUP flag: it sent this packet id before.
     broker_dup: bool,
@@ -204,7 +205,7 @@ pub(super) struct Pending {
 impl Pending {
     pub(super) fn into_received(
         self,
-        broker: String,
+        broker: Arc<str>,
         redelivered: bool,
         cmds: mpsc::UnboundedSender<Cmd>,
         group: Option<Arc<GroupInbox>>,

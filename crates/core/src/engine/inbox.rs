@@ -13,7 +13,8 @@
 //! refusals, the outcome of each inbox record, and the clock. Outputs:
 //! [`DispatchOp`]s, pulled with [`Dispatch::poll_op`], and the next timer.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 // Identities are hashed several times per delivery: foldhash, not SipHash
 // (docs/design.md, "Dependencies").
@@ -139,6 +140,72 @@ struct Sequence {
     gaps: BTreeMap<u64, (u64, Instant)>,
 }
 
+/// An identity as the dispatcher keys it: its producer's place in the
+/// [`Producers`] table, and its sequence number. A delivery's identity is
+/// looked up once, neither cloned nor hashed as a string again.
+type Key = (u32, u64);
+
+/// A producer the dispatcher knows of.
+#[derive(Debug)]
+struct Producer {
+    id: String,
+    /// A sequence number at or above every one the inbox holds or that
+    /// was handed over: anything above it is new without asking the store
+    /// (the common case).
+    high: Option<u64>,
+    /// Its sequence as handed over in this process (G6).
+    sequence: Sequence,
+}
+
+/// Every producer the dispatcher knows of, in the order it learnt of them.
+#[derive(Debug, Default)]
+struct Producers {
+    list: Vec<Producer>,
+    index: HashMap<String, u32>,
+    /// The one found last: a batch's deliveries mostly come from one
+    /// producer, whose id is compared instead of hashed.
+    last: Cell<u32>,
+}
+
+impl Producers {
+    fn find(&self, id: &str) -> Option<u32> {
+        let last = self.last.get();
+        if self.list.get(last as usize).is_some_and(|p| p.id == id) {
+            return Some(last);
+        }
+        let found = self.index.get(id).copied();
+        if let Some(i) = found {
+            self.last.set(i);
+        }
+        found
+    }
+
+    /// The place of `id`, added when it is new.
+    fn intern(&mut self, id: &str) -> u32 {
+        if let Some(i) = self.find(id) {
+            return i;
+        }
+        let i = u32::try_from(self.list.len()).expect("fewer than 2^32 producers");
+        self.list.push(Producer { id: id.to_owned(), high: None, sequence: Sequence::default() });
+        self.index.insert(id.to_owned(), i);
+        self.last.set(i);
+        i
+    }
+
+    fn get(&self, i: u32) -> &Producer {
+        &self.list[i as usize]
+    }
+
+    fn get_mut(&mut self, i: u32) -> &mut Producer {
+        &mut self.list[i as usize]
+    }
+
+    /// The identity `key` stands for.
+    fn identity(&self, (p, seq): Key) -> Identity {
+        Identity { producer: self.get(p).id.clone(), seq }
+    }
+}
+
 /// Settings of a dispatcher.
 #[derive(Debug, Clone, Copy)]
 pub struct DispatchConfig {
@@ -184,12 +251,11 @@ pub struct Dispatch<P: Delivered> {
     /// Identities handed over and not yet recorded, with the copies that
     /// arrived meanwhile (acknowledged once it is recorded) and the
     /// receipts topic it asked for.
-    handling: HashMap<Identity, Handling<P::Token>>,
-    producers: HashMap<String, Sequence>,
-    /// Per producer, a sequence number at or above every one the inbox
-    /// holds or that was handed over: anything above it is new without
-    /// asking the store (the common case).
-    high: HashMap<String, u64>,
+    handling: HashMap<Key, Handling<P::Token>>,
+    /// Every producer known: what the inbox holds of it, its sequence.
+    producers: Producers,
+    /// The producers with gaps open in their sequence.
+    gapped: BTreeSet<u32>,
     /// Inbox records asked for and not yet reported, or waiting to be
     /// tried again.
     recording: usize,
@@ -214,7 +280,7 @@ pub struct Dispatch<P: Delivered> {
     /// answer for a copy may have been given before the record (claims are
     /// asked while earlier ones are being handled): a `New` for one of
     /// these is a copy of what was just handled.
-    recorded_lately: (VecDeque<(Instant, Identity)>, HashSet<Identity>),
+    recorded_lately: (VecDeque<(Instant, Key)>, HashSet<Key>),
     /// Failed records and when they are tried again.
     rerecord: VecDeque<(Instant, Batch<P::Token>)>,
     ops: VecDeque<DispatchOp<P, P::Token>>,
@@ -224,11 +290,16 @@ impl<P: Delivered> Dispatch<P> {
     /// A dispatcher over an inbox whose highest recorded sequence number
     /// per producer is `high`.
     pub fn new(cfg: DispatchConfig, high: impl IntoIterator<Item = (String, u64)>) -> Self {
+        let mut producers = Producers::default();
+        for (id, seq) in high {
+            let p = producers.intern(&id);
+            producers.get_mut(p).high = Some(seq);
+        }
         Self {
             cfg,
             handling: HashMap::new(),
-            producers: HashMap::new(),
-            high: high.into_iter().collect(),
+            producers,
+            gapped: BTreeSet::new(),
             recording: 0,
             in_flight: 0,
             unsent: Vec::new(),
@@ -254,7 +325,8 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     fn is_fresh(&self, i: &Identity) -> bool {
-        !self.cfg.shared && self.high.get(&i.producer).is_none_or(|h| i.seq > *h)
+        !self.cfg.shared
+            && self.producers.find(&i.producer).and_then(|p| self.producers.get(p).high).is_none_or(|h| i.seq > h)
     }
 
     /// Deliveries from the brokers, with the inbox's answer for
@@ -274,16 +346,17 @@ impl<P: Delivered> Dispatch<P> {
         let mut answers = answers.iter().copied();
         let mut duplicates = 0;
         for (p, fresh) in items.into_iter().zip(fresh) {
-            let Some(id) = p.identity().cloned() else {
+            let Some(id) = p.identity() else {
                 self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: false });
                 continue;
             };
+            let key = (self.producers.intern(&id.producer), id.seq);
             let mut answer = if fresh { Answer::New } else { answers.next().unwrap_or(Answer::New) };
-            if answer == Answer::New && self.cfg.shared && self.recorded_lately.1.contains(&id) {
+            if answer == Answer::New && self.cfg.shared && self.recorded_lately.1.contains(&key) {
                 // Claimed before this member's record of it went through.
                 answer = Answer::Handled;
             }
-            if answer == Answer::Elsewhere && !self.handling.contains_key(&id) {
+            if answer == Answer::Elsewhere && !self.handling.contains_key(&key) {
                 self.reask.push_back((now.at + self.cfg.reask_after, p));
                 continue;
             }
@@ -297,12 +370,13 @@ impl<P: Delivered> Dispatch<P> {
                 self.ops.push_back(DispatchOp::AckBroker(p.token()));
                 // Handled before: its receipt may be what was lost.
                 if let Some(topic) = p.receipt() {
-                    self.ops.push_back(DispatchOp::Receipt { token: p.token(), identity: id, topic: topic.to_owned() });
+                    let identity = self.producers.identity(key);
+                    self.ops.push_back(DispatchOp::Receipt { token: p.token(), identity, topic: topic.to_owned() });
                 }
                 continue;
             }
             let owed = p.receipt().filter(|_| !self.cfg.relay).map(str::to_owned);
-            if let Some(h) = self.handling.get_mut(&id) {
+            if let Some(h) = self.handling.get_mut(&key) {
                 if h.acked {
                     // Handled already; only its record is under way.
                     self.ops.push_back(DispatchOp::AckBroker(p.token()));
@@ -315,16 +389,12 @@ impl<P: Delivered> Dispatch<P> {
                 duplicates += 1;
                 continue;
             }
-            match self.high.get_mut(&id.producer) {
-                Some(h) => *h = (*h).max(id.seq),
-                None => {
-                    self.high.insert(id.producer.clone(), id.seq);
-                }
-            }
+            let producer = self.producers.get_mut(key.0);
+            producer.high = Some(producer.high.map_or(key.1, |h| h.max(key.1)));
             if !self.cfg.shared {
-                self.note_sequence(&id, now.at);
+                self.note_sequence(key, now.at);
             }
-            self.handling.insert(id, Handling { copies: Vec::new(), receipt: owed, acked: false });
+            self.handling.insert(key, Handling { copies: Vec::new(), receipt: owed, acked: false });
             if crate::mutate::planted(crate::mutate::Bug::AckBeforeHandling) {
                 self.ops.push_back(DispatchOp::AckBroker(p.token()));
             }
@@ -395,10 +465,11 @@ impl<P: Delivered> Dispatch<P> {
             self.forget_recorded(now.at);
         }
         for (id, token) in batch {
-            if self.cfg.shared && self.recorded_lately.1.insert(id.clone()) {
-                self.recorded_lately.0.push_back((now.at, id.clone()));
+            let key = (self.producers.intern(&id.producer), id.seq);
+            if self.cfg.shared && self.recorded_lately.1.insert(key) {
+                self.recorded_lately.0.push_back((now.at, key));
             }
-            let h = self.handling.remove(&id).unwrap_or_default();
+            let h = self.handling.remove(&key).unwrap_or_default();
             if h.acked {
                 // Acknowledged when handled; copies since were at arrival.
                 self.acked_ahead -= 1;
@@ -416,7 +487,8 @@ impl<P: Delivered> Dispatch<P> {
     /// ahead of its record. One not in `handling` (a relay's second
     /// hand-over of something recorded) waits for its record instead.
     fn ack_ahead(&mut self, id: &Identity, token: P::Token) {
-        let Some(h) = self.handling.get_mut(id).filter(|h| !h.acked) else { return };
+        let Some(p) = self.producers.find(&id.producer) else { return };
+        let Some(h) = self.handling.get_mut(&(p, id.seq)).filter(|h| !h.acked) else { return };
         h.acked = true;
         let copies = std::mem::take(&mut h.copies);
         self.acked_ahead += 1;
@@ -446,8 +518,8 @@ impl<P: Delivered> Dispatch<P> {
     /// The identities handed over and not yet recorded (in the
     /// application's hands, waiting to come again, or being recorded): a
     /// group member renews its claims on them.
-    pub fn handling(&self) -> impl Iterator<Item = &Identity> {
-        self.handling.keys()
+    pub fn handling(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.handling.keys().map(|(p, seq)| (self.producers.get(*p).id.as_str(), *seq))
     }
 
     /// Handled identities waiting for the record under way to end before
@@ -469,7 +541,8 @@ impl<P: Delivered> Dispatch<P> {
 
     /// Every timer of the dispatcher and when it fires.
     pub fn timers(&self) -> [(Timer, Option<Instant>); 4] {
-        let gap = self.producers.values().flat_map(|s| s.gaps.values()).map(|(_, t)| *t + self.cfg.gap_timeout).min();
+        let gaps = self.gapped.iter().flat_map(|p| self.producers.get(*p).sequence.gaps.values());
+        let gap = gaps.map(|(_, t)| *t + self.cfg.gap_timeout).min();
         [
             (Timer::Redeliver, self.redeliver.front().map(|(t, _)| *t)),
             (Timer::Reask, self.reask.front().map(|(t, _)| *t)),
@@ -506,18 +579,16 @@ impl<P: Delivered> Dispatch<P> {
 
     /// G6: a jump ahead opens a gap; an arrival below the highest fills one
     /// (or is out of order).
-    fn note_sequence(&mut self, id: &Identity, now: Instant) {
-        match self.producers.get_mut(&id.producer) {
-            Some(s) => {
-                if Self::next_in_sequence(s, id.seq, now) {
-                    self.ops.push_back(DispatchOp::Count(Counter::OutOfOrder, 1));
-                }
-            }
-            None => {
-                let mut s = Sequence::default();
-                Self::next_in_sequence(&mut s, id.seq, now);
-                self.producers.insert(id.producer.clone(), s);
-            }
+    fn note_sequence(&mut self, (p, seq): Key, now: Instant) {
+        let s = &mut self.producers.get_mut(p).sequence;
+        let out_of_order = Self::next_in_sequence(s, seq, now);
+        if !s.gaps.is_empty() {
+            self.gapped.insert(p);
+        } else if !self.gapped.is_empty() {
+            self.gapped.remove(&p);
+        }
+        if out_of_order {
+            self.ops.push_back(DispatchOp::Count(Counter::OutOfOrder, 1));
         }
     }
 
@@ -553,12 +624,17 @@ impl<P: Delivered> Dispatch<P> {
     fn report_gaps(&mut self, now: Instant) {
         let timeout = self.cfg.gap_timeout;
         let mut reported = 0;
-        for (producer, s) in &mut self.producers {
+        let gapped: Vec<u32> = self.gapped.iter().copied().collect();
+        for p in gapped {
+            let Producer { id, sequence: s, .. } = self.producers.get_mut(p);
             let old: Vec<u64> = s.gaps.iter().filter(|(_, (_, t))| now >= *t + timeout).map(|(f, _)| *f).collect();
             for first in old {
                 let (last, _) = s.gaps.remove(&first).expect("listed");
                 reported += 1;
-                self.ops.push_back(DispatchOp::SuspectedLoss { producer: producer.clone(), first, last });
+                self.ops.push_back(DispatchOp::SuspectedLoss { producer: id.clone(), first, last });
+            }
+            if s.gaps.is_empty() {
+                self.gapped.remove(&p);
             }
         }
         if reported > 0 {
@@ -621,6 +697,61 @@ mod tests {
 
     fn ops(e: &mut Dispatch<D>) -> Vec<DispatchOp<D, u16>> {
         std::iter::from_fn(|| e.poll_op()).collect()
+    }
+
+    fn from(producer: &str, seq: u64, token: u16) -> D {
+        D { id: Identity { producer: producer.into(), seq }, token, receipt: None }
+    }
+
+    /// Producers interleaved in one batch keep apart: what the inbox
+    /// holds of one says nothing of the other, a copy is a copy only of
+    /// its own producer's number, and each producer's gaps are its own
+    /// (the dispatcher finds a producer by comparing it with the one found
+    /// last before it hashes: a stale "last" would mix them up).
+    #[test]
+    fn interleaved_producers_keep_their_own_sequences_and_copies() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> = Dispatch::new(config(false), [("a".to_owned(), 5)]);
+        let items = vec![from("a", 5, 1), from("b", 5, 2), from("a", 6, 3), from("b", 8, 4), from("a", 6, 5)];
+        // Only a's 5 is at or below what the inbox holds.
+        assert_eq!(e.to_ask(&items), vec![("a".to_owned(), 5)]);
+        e.handle_delivered(items, &[true], now);
+        let first = ops(&mut e);
+        let handed: Vec<(String, u64)> = first
+            .iter()
+            .filter_map(|op| match op {
+                DispatchOp::HandOver { delivery, .. } => Some((delivery.id.producer.clone(), delivery.id.seq)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(handed, vec![("b".to_owned(), 5), ("a".to_owned(), 6), ("b".to_owned(), 8)]);
+        // a's 5 was handled before; the second a 6 is a copy of the one handed over.
+        assert!(first.contains(&DispatchOp::AckBroker(1)), "{first:?}");
+        assert!(first.contains(&DispatchOp::Count(Counter::Duplicates, 2)), "{first:?}");
+        // Handled and recorded: a's 6 and its copy are acknowledged, b's are not yet.
+        e.handle_acks([(3, Some(Identity { producer: "a".into(), seq: 6 }))]);
+        let Some(DispatchOp::Record(batch)) = ops(&mut e).into_iter().find(|op| matches!(op, DispatchOp::Record(_)))
+        else {
+            panic!("no record asked for");
+        };
+        e.handle_recorded(batch, true, now);
+        let acked: Vec<u16> = ops(&mut e)
+            .into_iter()
+            .filter_map(|op| match op {
+                DispatchOp::AckBroker(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acked, vec![3, 5]);
+        let handling: Vec<(String, u64)> = e.handling().map(|(p, s)| (p.to_owned(), s)).collect();
+        assert_eq!(handling.len(), 2);
+        assert!(handling.contains(&("b".to_owned(), 5)) && handling.contains(&("b".to_owned(), 8)));
+        // b's 6 and 7 are missing, a has no gap: one loss, b's.
+        e.handle_timeout(Now { at: now.at + Duration::from_secs(31), wall_ms: 31_000 });
+        let losses: Vec<_> =
+            ops(&mut e).into_iter().filter(|op| matches!(op, DispatchOp::SuspectedLoss { .. })).collect();
+        assert_eq!(losses, vec![DispatchOp::SuspectedLoss { producer: "b".into(), first: 6, last: 7 }]);
+        assert_eq!(e.poll_timeout(), None);
     }
 
     /// A relay never acknowledges ahead of the record, whatever its room:

@@ -32,8 +32,8 @@ pub(crate) struct Link {
 pub(crate) struct LinkAcks<'a>(pub &'a mut Link);
 
 impl AckWire for LinkAcks<'_> {
-    fn ack(&mut self, pid: u16, qos: Qos) -> Vec<u8> {
-        self.0.encoded("PUBACK", |l| l.ack_publish(pid, qos))
+    fn ack(&mut self, pid: u16, qos: Qos, out: &mut Vec<u8>) {
+        put_ack(pid, qos, out);
     }
 
     fn pubcomp(&mut self, pid: u16) -> Vec<u8> {
@@ -491,6 +491,23 @@ fn parse_publish<T>(
         return Err(malformed("PUBLISH", MqttError::MalformedPacket));
     }
     Ok(p)
+}
+
+/// Appends PUBACK (QoS 1) or PUBREC (QoS 2) for `pid` with success, in
+/// its four bytes, the same in MQTT 3.1.1 and 5 (MQTT 5 leaves a success
+/// reason code out when there are no properties): byte for byte what the
+/// codec's builders write ([`Link::ack_publish`]; a test compares them),
+/// without building a packet per acknowledgement. Packet id 0, which a
+/// PUBLISH at QoS 1 or 2 must not carry, is logged and not acknowledged,
+/// as the builders refuse it.
+fn put_ack(pid: u16, qos: Qos, out: &mut Vec<u8>) {
+    if pid == 0 {
+        tracing::error!("cannot build a PUBACK for packet id 0");
+        return;
+    }
+    let kind = if qos == Qos::ExactlyOnce { 0x50 } else { 0x40 };
+    let [hi, lo] = pid.to_be_bytes();
+    out.extend_from_slice(&[kind, 2, hi, lo]);
 }
 
 fn inbound(
@@ -1023,6 +1040,24 @@ mod tests {
             let props = super::publish_props(&m, &producer, Some("r/t"), 0);
             let fast = super::publish_v5(&m, &props, Some(3), true).unwrap();
             assert_eq!(fast, super::build_v5(&m, &props, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
+        }
+    }
+
+    /// The acknowledgement written in its four bytes is the codec's
+    /// PUBACK and PUBREC, in both versions, for packet ids across the
+    /// range; packet id 0 writes nothing, as the builders refuse it.
+    #[test]
+    fn an_acknowledgement_is_the_codecs_packet() {
+        for v5 in [false, true] {
+            for qos in [Qos::AtLeastOnce, Qos::ExactlyOnce] {
+                for pid in [0u16, 1, 255, 256, 4_660, u16::MAX] {
+                    let mut link = Link::new(version(v5), false, None);
+                    let codec = link.encoded("PUBACK", |l| l.ack_publish(pid, qos));
+                    let mut fast = Vec::new();
+                    super::put_ack(pid, qos, &mut fast);
+                    assert_eq!(fast, codec, "v5 {v5}, {qos:?}, packet id {pid}");
+                }
+            }
         }
     }
 

@@ -17,8 +17,8 @@ use crate::message::Qos;
 
 /// The packet codec of a consumer link, as the session needs it.
 pub trait AckWire {
-    /// PUBACK (QoS 1) or PUBREC (QoS 2) for `pid`.
-    fn ack(&mut self, pid: u16, qos: Qos) -> Vec<u8>;
+    /// Appends PUBACK (QoS 1) or PUBREC (QoS 2) for `pid` to `out`.
+    fn ack(&mut self, pid: u16, qos: Qos, out: &mut Vec<u8>);
     /// PUBCOMP for `pid`.
     fn pubcomp(&mut self, pid: u16) -> Vec<u8>;
     /// PINGREQ.
@@ -39,6 +39,10 @@ pub struct ReceiveSession {
     keep_alive: Duration,
     /// Packet ids in arrival order, with their QoS and whether handled.
     order: VecDeque<(u16, Qos, bool)>,
+    /// How many entries at the front of `order` are handled (they leave
+    /// at the next [`Self::poll_transmit`]): a handled delivery is looked
+    /// for after them, so that acks in arrival order cost no scan.
+    handled_front: usize,
     keepalive: KeepAlive,
     /// When the link last wrote: a consumer that wrote nothing for half
     /// the keep-alive pings, or the broker would take it for dead.
@@ -52,6 +56,7 @@ impl ReceiveSession {
         Self {
             keep_alive,
             order: VecDeque::new(),
+            handled_front: 0,
             keepalive: KeepAlive::new(keep_alive, now),
             written_at: now,
             out: Vec::new(),
@@ -81,8 +86,12 @@ impl ReceiveSession {
     /// The delivery under `pid` was handled and its identity recorded: its
     /// acknowledgement is due (it leaves with every earlier one).
     pub fn handle_handled(&mut self, pid: u16) {
-        if let Some(entry) = self.order.iter_mut().find(|(p, _, done)| *p == pid && !*done) {
+        let pending = self.order.iter_mut().skip(self.handled_front);
+        if let Some(entry) = pending.into_iter().find(|(p, _, done)| *p == pid && !*done) {
             entry.2 = true;
+        }
+        while self.order.get(self.handled_front).is_some_and(|(_, _, done)| *done) {
+            self.handled_front += 1;
         }
     }
 
@@ -95,10 +104,11 @@ impl ReceiveSession {
     /// arrival order, and whatever else waits. The caller writes them at
     /// `now`.
     pub fn poll_transmit(&mut self, now: Instant, wire: &mut impl AckWire) -> Option<Vec<u8>> {
-        while self.order.front().is_some_and(|(_, _, done)| *done) {
-            let (pid, qos, _) = self.order.pop_front().expect("front exists");
-            self.out.extend(wire.ack(pid, qos));
+        // The handled front is exactly what leaves.
+        for (pid, qos, _) in self.order.drain(..self.handled_front) {
+            wire.ack(pid, qos, &mut self.out);
         }
+        self.handled_front = 0;
         if self.out.is_empty() {
             return None;
         }
@@ -139,5 +149,60 @@ impl ReceiveSession {
             self.written_at = now;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Pids;
+
+    impl AckWire for Pids {
+        fn ack(&mut self, pid: u16, _qos: Qos, out: &mut Vec<u8>) {
+            out.extend(pid.to_be_bytes());
+        }
+        fn pubcomp(&mut self, _pid: u16) -> Vec<u8> {
+            Vec::new()
+        }
+        fn ping(&mut self) -> Vec<u8> {
+            Vec::new()
+        }
+    }
+
+    fn acked(s: &mut ReceiveSession, now: Instant) -> Vec<u16> {
+        let bytes = s.poll_transmit(now, &mut Pids).unwrap_or_default();
+        bytes.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()
+    }
+
+    /// Acknowledgements leave in the order the PUBLISHes came, each once
+    /// everything before it is handled, whatever order they are handled
+    /// in; a packet id the broker uses again after its ack left is a new
+    /// delivery.
+    #[test]
+    fn acks_leave_in_arrival_order_once_the_front_is_handled() {
+        let now = Instant::now();
+        let mut s = ReceiveSession::new(Duration::from_secs(60), now);
+        for pid in [1, 2, 3, 4, 5] {
+            s.handle_publish(Some(pid), Qos::AtLeastOnce);
+        }
+        s.handle_handled(2);
+        s.handle_handled(3);
+        assert_eq!(acked(&mut s, now), Vec::<u16>::new());
+        s.handle_handled(1);
+        assert_eq!(acked(&mut s, now), vec![1, 2, 3]);
+        // 1 comes again while 4 and 5 wait; handled first, it waits behind them.
+        s.handle_publish(Some(1), Qos::AtLeastOnce);
+        s.handle_handled(1);
+        s.handle_handled(5);
+        assert_eq!(acked(&mut s, now), Vec::<u16>::new());
+        assert_eq!(s.unacknowledged(), 3);
+        s.handle_handled(4);
+        assert_eq!(acked(&mut s, now), vec![4, 5, 1]);
+        assert_eq!(s.unacknowledged(), 0);
+        // Handled twice, or never received: nothing more leaves.
+        s.handle_handled(4);
+        s.handle_handled(9);
+        assert_eq!(acked(&mut s, now), Vec::<u16>::new());
     }
 }

@@ -24,8 +24,8 @@ pub(super) enum ToConsumer {
 struct SimAcks;
 
 impl AckWire for SimAcks {
-    fn ack(&mut self, pid: u16, _qos: Qos) -> Vec<u8> {
-        pid.to_be_bytes().to_vec()
+    fn ack(&mut self, pid: u16, _qos: Qos, out: &mut Vec<u8>) {
+        out.extend(pid.to_be_bytes());
     }
     fn pubcomp(&mut self, _pid: u16) -> Vec<u8> {
         Vec::new()

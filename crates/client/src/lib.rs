@@ -24,6 +24,7 @@ mod client;
 mod clock;
 mod config;
 mod consumer;
+mod decode;
 pub mod doctor;
 mod driver;
 mod error;

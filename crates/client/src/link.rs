@@ -111,6 +111,7 @@ fn qos_to_mqtt(q: Qos) -> mqtt::packet::Qos {
     }
 }
 
+#[cfg(test)]
 fn qos_from_mqtt(q: mqtt::packet::Qos) -> Qos {
     match q {
         mqtt::packet::Qos::AtMostOnce => Qos::AtMostOnce,
@@ -406,36 +407,9 @@ impl Link {
             }
             2 if v5 => connack_v5(parse(raw, "CONNACK", v5_0::Connack::parse)?),
             2 => connack_v311(parse(raw, "CONNACK", v3_1_1::Connack::parse)?),
-            3 if v5 => {
-                let p = parse_publish(raw, v5_0::Publish::parse)?;
-                let identity = p.props.iter().find_map(|prop| match prop {
-                    Property::UserProperty(u) if u.key() == Identity::USER_PROPERTY => Some(u.val().to_owned()),
-                    _ => None,
-                });
-                let (topic, payload) = (p.topic_name(), p.payload().as_slice());
-                let mut m = inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), identity);
-                for prop in p.props.iter() {
-                    match prop {
-                        Property::UserProperty(u) if u.key() == RECEIPT_PROPERTY => {
-                            m.receipt = Some(u.val().to_owned())
-                        }
-                        Property::UserProperty(u) if u.key() != Identity::USER_PROPERTY => {
-                            m.props.user.push((u.key().to_owned(), u.val().to_owned()))
-                        }
-                        Property::ContentType(v) => m.props.content_type = Some(v.val().to_owned()),
-                        Property::ResponseTopic(v) => m.props.response_topic = Some(v.val().to_owned()),
-                        Property::CorrelationData(v) => m.props.correlation_data = Some(v.val().to_vec()),
-                        Property::PayloadFormatIndicator(v) => m.props.payload_is_utf8 = v.val() == 1,
-                        Property::MessageExpiryInterval(v) => m.expiry_secs = Some(v.val()),
-                        _ => {}
-                    }
-                }
-                Incoming::Publish(m)
-            }
             3 => {
-                let p = parse_publish(raw, v3_1_1::Publish::parse)?;
-                let (topic, payload) = (p.topic_name(), p.payload().as_slice());
-                Incoming::Publish(inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), None))
+                let body = publish_body(raw)?;
+                Incoming::Publish(crate::decode::publish(raw.flags(), body, v5).map_err(|e| malformed("PUBLISH", e))?)
             }
             6 if v5 => Incoming::PubRel { pid: parse(raw, "PUBREL", v5_0::Pubrel::parse)?.packet_id() },
             6 => Incoming::PubRel { pid: parse(raw, "PUBREL", v3_1_1::Pubrel::parse)?.packet_id() },
@@ -478,27 +452,10 @@ impl Link {
     }
 }
 
-/// Parses a PUBLISH body (kept as shared bytes by the framer), which must
-/// be consumed exactly.
-fn parse_publish<T>(
-    raw: &RawPacket,
-    f: impl FnOnce(u8, std::sync::Arc<[u8]>) -> Result<(T, usize), MqttError>,
-) -> Result<T, ConnectError> {
-    let data = match &raw.data {
-        mqtt::connection::PacketData::Publish(arc) => arc.clone(),
-        mqtt::connection::PacketData::Normal(v) => v.as_slice().into(),
-    };
-    let (p, used) = f(raw.flags(), data).map_err(|e| malformed("PUBLISH", e))?;
-    if used != raw.remaining_length() as usize {
-        return Err(malformed("PUBLISH", MqttError::MalformedPacket));
-    }
-    Ok(p)
-}
-
 /// Appends PUBACK (QoS 1) or PUBREC (QoS 2) for `pid` with success, in
 /// its four bytes, the same in MQTT 3.1.1 and 5 (MQTT 5 leaves a success
 /// reason code out when there are no properties): byte for byte what the
-/// codec's builders write ([`Link::ack_publish`]; a test compares them),
+/// codec's builders write (`Link::ack_publish`; a test compares them),
 /// without building a packet per acknowledgement. Packet id 0, which a
 /// PUBLISH at QoS 1 or 2 must not carry, is logged and not acknowledged,
 /// as the builders refuse it.
@@ -512,6 +469,55 @@ fn put_ack(pid: u16, qos: Qos, out: &mut Vec<u8>) {
     out.extend_from_slice(&[kind, 2, hi, lo]);
 }
 
+/// A PUBLISH's body as the framer kept it, which must be exactly its
+/// remaining length.
+fn publish_body(raw: &RawPacket) -> Result<&[u8], ConnectError> {
+    let body = match &raw.data {
+        mqtt::connection::PacketData::Publish(arc) => &arc[..],
+        mqtt::connection::PacketData::Normal(v) => v.as_slice(),
+    };
+    if body.len() != raw.remaining_length() as usize {
+        return Err(malformed("PUBLISH", MqttError::MalformedPacket));
+    }
+    Ok(body)
+}
+
+/// The PUBLISH as the codec parses it: what [`crate::decode::publish`]
+/// must agree with.
+#[cfg(test)]
+fn publish_by_codec(flags: u8, body: &[u8], v5: bool) -> Result<Inbound, MqttError> {
+    let data: std::sync::Arc<[u8]> = body.into();
+    if v5 {
+        let (p, _) = v5_0::Publish::parse(flags, data)?;
+        let identity = p.props.iter().find_map(|prop| match prop {
+            Property::UserProperty(u) if u.key() == Identity::USER_PROPERTY => Some(u.val().to_owned()),
+            _ => None,
+        });
+        let (topic, payload) = (p.topic_name(), p.payload().as_slice());
+        let mut m = inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), identity);
+        for prop in p.props.iter() {
+            match prop {
+                Property::UserProperty(u) if u.key() == RECEIPT_PROPERTY => m.receipt = Some(u.val().to_owned()),
+                Property::UserProperty(u) if u.key() != Identity::USER_PROPERTY => {
+                    m.props.user.push((u.key().to_owned(), u.val().to_owned()))
+                }
+                Property::ContentType(v) => m.props.content_type = Some(v.val().to_owned()),
+                Property::ResponseTopic(v) => m.props.response_topic = Some(v.val().to_owned()),
+                Property::CorrelationData(v) => m.props.correlation_data = Some(v.val().to_vec()),
+                Property::PayloadFormatIndicator(v) => m.props.payload_is_utf8 = v.val() == 1,
+                Property::MessageExpiryInterval(v) => m.expiry_secs = Some(v.val()),
+                _ => {}
+            }
+        }
+        Ok(m)
+    } else {
+        let (p, _) = v3_1_1::Publish::parse(flags, data)?;
+        let (topic, payload) = (p.topic_name(), p.payload().as_slice());
+        Ok(inbound(topic, payload, p.qos(), p.packet_id(), p.retain(), p.dup(), None))
+    }
+}
+
+#[cfg(test)]
 fn inbound(
     topic: &str,
     payload: &[u8],
@@ -1060,6 +1066,110 @@ mod tests {
                     assert_eq!(fast, codec, "v5 {v5}, {qos:?}, packet id {pid}");
                 }
             }
+        }
+    }
+
+    /// One property of a generated PUBLISH: its id and value bytes, any
+    /// of the ids MQTT 5 allows in a PUBLISH, one it allows elsewhere
+    /// (session expiry) and one that names none.
+    fn property() -> impl Strategy<Value = Vec<u8>> {
+        let text = prop_oneof![
+            Just("steadfast-id".to_owned()),
+            Just(steadfast_core::receipt::RECEIPT_PROPERTY.to_owned()),
+            "[a-zé/ ]{0,6}",
+        ];
+        let string = |s: String| {
+            let mut v = (s.len() as u16).to_be_bytes().to_vec();
+            v.extend(s.into_bytes());
+            v
+        };
+        prop_oneof![
+            (0u8..3).prop_map(|v| vec![0x01, v]),
+            any::<u32>().prop_map(|v| [vec![0x02], v.to_be_bytes().to_vec()].concat()),
+            text.clone().prop_map(move |t| [vec![0x03], string(t)].concat()),
+            text.clone().prop_map(move |t| [vec![0x08], string(t)].concat()),
+            proptest::collection::vec(any::<u8>(), 0..5)
+                .prop_map(move |b| { [vec![0x09], (b.len() as u16).to_be_bytes().to_vec(), b].concat() }),
+            (0u32..300).prop_map(|v| if v < 128 {
+                vec![0x0b, v as u8]
+            } else {
+                vec![0x0b, (v as u8) | 0x80, (v >> 7) as u8]
+            }),
+            (0u16..3).prop_map(|v| [vec![0x23], v.to_be_bytes().to_vec()].concat()),
+            (text.clone(), text).prop_map(move |(k, v)| [vec![0x26], string(k), string(v)].concat()),
+            Just(vec![0x11, 0, 0, 0, 5]),
+            Just(vec![0x7f, 0]),
+        ]
+    }
+
+    /// A PUBLISH body: topic, packet id (unless QoS 0), MQTT 5 properties
+    /// (sometimes none at all, not even their length), payload.
+    fn publish_body() -> impl Strategy<Value = (u8, Vec<u8>, bool)> {
+        (
+            0u8..16,
+            any::<bool>(),
+            prop_oneof![Just(b"a/b".to_vec()), proptest::collection::vec(any::<u8>(), 0..4)],
+            any::<u16>(),
+            proptest::option::weighted(0.8, proptest::collection::vec(property(), 0..5)),
+            proptest::collection::vec(any::<u8>(), 0..6),
+        )
+            .prop_map(|(flags, v5, topic, pid, props, payload)| {
+                let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+                body.extend(&topic);
+                if (flags >> 1) & 3 != 0 {
+                    body.extend(pid.to_be_bytes());
+                }
+                if let Some(props) = props.filter(|_| v5) {
+                    let props = props.concat();
+                    let mut len = props.len();
+                    loop {
+                        let byte = (len % 128) as u8;
+                        len /= 128;
+                        body.push(if len > 0 { byte | 0x80 } else { byte });
+                        if len == 0 {
+                            break;
+                        }
+                    }
+                    body.extend(props);
+                }
+                body.extend(payload);
+                (flags, body, v5)
+            })
+    }
+
+    /// What the in-place reader and the codec make of one PUBLISH body:
+    /// the same message, or both a refusal.
+    fn same_as_the_codec(flags: u8, body: &[u8], v5: bool) -> Result<(), TestCaseError> {
+        let fast = crate::decode::publish(flags, body, v5).map(|m| format!("{m:?}"));
+        let codec = super::publish_by_codec(flags, body, v5).map(|m| format!("{m:?}"));
+        prop_assert_eq!(fast.is_ok(), codec.is_ok(), "{:?} / {:?} for {:02x?}", fast, codec, body);
+        if let (Ok(a), Ok(b)) = (fast, codec) {
+            prop_assert_eq!(a, b);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        // Cheap cases, and a rule that only two of a kind of property
+        // break needs many of them.
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// The PUBLISH read in place is the codec's, field for field, and
+        /// what one refuses the other refuses: valid packets, packets cut
+        /// short or with one byte changed, and random bytes.
+        #[test]
+        fn a_publish_read_in_place_is_the_codecs((flags, body, v5) in publish_body(),
+                                                 cut in any::<proptest::sample::Index>(),
+                                                 flip in proptest::option::of((any::<proptest::sample::Index>(), any::<u8>())),
+                                                 random in proptest::collection::vec(any::<u8>(), 0..24)) {
+            same_as_the_codec(flags, &body, v5)?;
+            same_as_the_codec(flags, &body[..cut.index(body.len() + 1)], v5)?;
+            if let Some((at, byte)) = flip.filter(|_| !body.is_empty()) {
+                let mut changed = body.clone();
+                changed[at.index(body.len())] ^= byte;
+                same_as_the_codec(flags, &changed, v5)?;
+            }
+            same_as_the_codec(flags, &random, v5)?;
         }
     }
 

@@ -1,5 +1,9 @@
 //! Glue between steadfast and `mqtt-protocol-core`, used as the packet
-//! codec: it builds and parses every packet for either protocol version.
+//! codec: it frames what arrives and builds and parses every packet for
+//! either protocol version, but for the PUBLISH a producer sends and the
+//! PUBLISH and acknowledgement a consumer takes and answers, which are
+//! written and read here (and in `decode`) byte for byte as the codec
+//! does, property tests comparing the two.
 //! The delivery state machine (send window, resumption, keep-alive) is
 //! ours, in `steadfast-core`: one owner of in-flight state, not two.
 

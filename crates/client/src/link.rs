@@ -1125,15 +1125,7 @@ mod tests {
                 }
                 if let Some(props) = props.filter(|_| v5) {
                     let props = props.concat();
-                    let mut len = props.len();
-                    loop {
-                        let byte = (len % 128) as u8;
-                        len /= 128;
-                        body.push(if len > 0 { byte | 0x80 } else { byte });
-                        if len == 0 {
-                            break;
-                        }
-                    }
+                    super::put_varint(&mut body, props.len());
                     body.extend(props);
                 }
                 body.extend(payload);

@@ -622,6 +622,9 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     fn report_gaps(&mut self, now: Instant) {
+        if self.gapped.is_empty() {
+            return;
+        }
         let timeout = self.cfg.gap_timeout;
         let mut reported = 0;
         let gapped: Vec<u32> = self.gapped.iter().copied().collect();

@@ -140,6 +140,37 @@ struct Sequence {
     gaps: BTreeMap<u64, (u64, Instant)>,
 }
 
+impl Sequence {
+    /// Notes `seq` in a producer's sequence: a number past a gap opens
+    /// one, a number in a gap fills it. True when it came out of order.
+    fn note(&mut self, seq: u64, now: Instant) -> bool {
+        if self.highest == 0 {
+            self.highest = seq;
+            return false;
+        }
+        if seq > self.highest + 1 {
+            self.gaps.insert(self.highest + 1, (seq - 1, now));
+        }
+        if seq > self.highest {
+            self.highest = seq;
+            return false;
+        }
+        // Fill: split the range holding seq.
+        let Some((&first, &(last, since))) = self.gaps.range(..=seq).next_back() else { return true };
+        if seq > last {
+            return true;
+        }
+        self.gaps.remove(&first);
+        if first < seq {
+            self.gaps.insert(first, (seq - 1, since));
+        }
+        if seq < last {
+            self.gaps.insert(seq + 1, (last, since));
+        }
+        true
+    }
+}
+
 /// An identity as the dispatcher keys it: its producer's place in the
 /// [`Producers`] table, and its sequence number. A delivery's identity is
 /// looked up once, neither cloned nor hashed as a string again.
@@ -581,7 +612,7 @@ impl<P: Delivered> Dispatch<P> {
     /// (or is out of order).
     fn note_sequence(&mut self, (p, seq): Key, now: Instant) {
         let s = &mut self.producers.get_mut(p).sequence;
-        let out_of_order = Self::next_in_sequence(s, seq, now);
+        let out_of_order = s.note(seq, now);
         if !s.gaps.is_empty() {
             self.gapped.insert(p);
         } else if !self.gapped.is_empty() {
@@ -590,35 +621,6 @@ impl<P: Delivered> Dispatch<P> {
         if out_of_order {
             self.ops.push_back(DispatchOp::Count(Counter::OutOfOrder, 1));
         }
-    }
-
-    /// Notes `seq` in a producer's sequence: a number past a gap opens
-    /// one, a number in a gap fills it. True when it came out of order.
-    fn next_in_sequence(s: &mut Sequence, seq: u64, now: Instant) -> bool {
-        if s.highest == 0 {
-            s.highest = seq;
-            return false;
-        }
-        if seq > s.highest + 1 {
-            s.gaps.insert(s.highest + 1, (seq - 1, now));
-        }
-        if seq > s.highest {
-            s.highest = seq;
-            return false;
-        }
-        // Fill: split the range holding seq.
-        let Some((&first, &(last, since))) = s.gaps.range(..=seq).next_back() else { return true };
-        if seq > last {
-            return true;
-        }
-        s.gaps.remove(&first);
-        if first < seq {
-            s.gaps.insert(first, (seq - 1, since));
-        }
-        if seq < last {
-            s.gaps.insert(seq + 1, (last, since));
-        }
-        true
     }
 
     fn report_gaps(&mut self, now: Instant) {

@@ -26,6 +26,7 @@ mod schema;
 mod sources;
 mod tail;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -117,6 +118,25 @@ pub struct SqliteStore {
     /// `PRAGMA data_version` when the tail last looked: it changes when
     /// another connection commits.
     seen_version: Option<u64>,
+    /// The ids this handle hands out ([`Ids`]).
+    ids: Ids,
+    /// A bridge's source broker URLs and their numbers in `source_brokers`
+    /// (committed ones only: emptied at a rollback).
+    source_numbers: HashMap<String, u64>,
+}
+
+/// What a handle knows of the ids it hands out (format 7: the store, not
+/// SQLite, picks them). The highest one is trusted only as long as no
+/// other connection committed since (`PRAGMA data_version`, looked at in
+/// each transaction's `begin`), and only inside a transaction: outside
+/// one, another connection may commit between two statements.
+#[derive(Debug, Default)]
+struct Ids {
+    /// The highest id handed out, when known.
+    last: Option<u64>,
+    /// The highest id handed out in the transaction under way, written to
+    /// `ids` at its commit.
+    unrecorded: Option<u64>,
 }
 
 impl Drop for SqliteStore {
@@ -225,6 +245,8 @@ impl SqliteStore {
             queued_delta: (0, 0),
             tail: tail::Tail::default(),
             seen_version: None,
+            ids: Ids::default(),
+            source_numbers: HashMap::new(),
         };
         Ok((store, report))
     }
@@ -270,6 +292,8 @@ impl SqliteStore {
             queued_delta: (0, 0),
             tail: tail::Tail::off(),
             seen_version: None,
+            ids: Ids::default(),
+            source_numbers: HashMap::new(),
         })
     }
 
@@ -311,6 +335,8 @@ impl SqliteStore {
             queued_delta: (0, 0),
             tail: tail::Tail::off(),
             seen_version: None,
+            ids: Ids::default(),
+            source_numbers: HashMap::new(),
         })
     }
 
@@ -378,9 +404,36 @@ impl SqliteStore {
 
     fn saw_version(&mut self, version: Option<u64>) {
         if version.is_none() || version != self.seen_version {
-            self.tail.forget();
+            self.forget_ids();
         }
         self.seen_version = version;
+    }
+
+    /// Forgets the newest rows ([`tail`]) and ids ([`Ids`]): another
+    /// connection may have written, or this one rolled back.
+    fn forget_ids(&mut self) {
+        self.tail.forget();
+        self.ids = Ids::default();
+    }
+
+    /// The id the next insert gets: one above the highest ever handed out.
+    fn next_id(&mut self) -> Result<u64, StoreError> {
+        let last = match self.ids.last {
+            Some(last) if !self.conn.is_autocommit() => last,
+            _ => queries::recorded_last_id(&self.conn).map_err(|e| self.map(e))?,
+        };
+        Ok(last + 1)
+    }
+
+    /// `id` was handed out: recorded at the transaction's commit, or at
+    /// once outside a transaction (the row is committed already).
+    fn handed_out(&mut self, id: u64) -> Result<(), StoreError> {
+        if self.conn.is_autocommit() {
+            return queries::record_last_id(&self.conn, id).map_err(|e| self.map(e));
+        }
+        self.ids.last = Some(id);
+        self.ids.unrecorded = Some(id);
+        Ok(())
     }
 
     fn map(&self, e: rusqlite::Error) -> StoreError {

@@ -10,10 +10,25 @@ use crate::{
     now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
 };
 
-/// The highest id the database says it ever handed out (0 for none).
+/// The highest id the database says it ever handed out (0 for none): its
+/// record of it (`ids` from format 7 on, `sqlite_sequence` before; a
+/// read-only look at an older outbox finds only the latter) or its newest
+/// row, whichever is higher. An error when it holds no outbox table.
 pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
-    let sql = "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'";
-    Ok(conn.query_row(sql, [], |r| r.get(0)).optional()?.unwrap_or(0))
+    let newest: Option<u64> = conn.prepare_cached("SELECT max(id) FROM outbox")?.query_row([], |r| r.get(0))?;
+    let record = |sql: &str| -> Option<u64> {
+        let mut stmt = conn.prepare_cached(sql).ok()?;
+        stmt.query_row([], |r| r.get(0)).optional().ok().flatten()
+    };
+    let kept = record("SELECT last FROM ids WHERE k = 0")
+        .or_else(|| record("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"));
+    Ok(newest.unwrap_or(0).max(kept.unwrap_or(0)))
+}
+
+/// Raises the database's record of the highest id handed out to `id`.
+pub(super) fn record_last_id(conn: &Connection, id: u64) -> rusqlite::Result<()> {
+    let sql = "INSERT INTO ids (k, last) VALUES (0, ?1) ON CONFLICT (k) DO UPDATE SET last = max(last, excluded.last)";
+    conn.prepare_cached(sql)?.execute([id]).map(|_| ())
 }
 
 /// Keeps the newest [`crate::DROP_LOG_KEEP`] entries of the drop log.
@@ -52,8 +67,9 @@ impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.run_cached("BEGIN IMMEDIATE")?;
         // Nobody else commits until this transaction ends: one look for
-        // what others committed before it covers every use of the tail in it.
-        if self.tail.is_known() {
+        // what others committed before it covers every use of the tail
+        // and of the highest id in it.
+        if self.tail.is_known() || self.ids.last.is_some() {
             self.follow_other_commits();
         }
         Ok(())
@@ -64,9 +80,13 @@ impl Store for SqliteStore {
         // row in the same commit.
         let (count, bytes) = std::mem::take(&mut self.queued_delta);
         if (count, bytes) != (0, 0) {
-            self.add_to_summary(count, bytes).inspect_err(|_| self.tail.forget())?;
+            self.add_to_summary(count, bytes).inspect_err(|_| self.forget_ids())?;
         }
-        self.run_cached("COMMIT").inspect_err(|_| self.tail.forget())
+        // The ids it handed out are recorded in the same commit.
+        if let Some(id) = self.ids.unrecorded.take() {
+            record_last_id(&self.conn, id).map_err(|e| self.map(e)).inspect_err(|_| self.forget_ids())?;
+        }
+        self.run_cached("COMMIT").inspect_err(|_| self.forget_ids())
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -80,7 +100,8 @@ impl Store for SqliteStore {
 
     fn rollback(&mut self) {
         self.queued_delta = (0, 0);
-        self.tail.forget();
+        self.forget_ids();
+        self.source_numbers.clear();
         if !self.conn.is_autocommit() {
             let _ = self.run_cached("ROLLBACK");
         }
@@ -88,8 +109,9 @@ impl Store for SqliteStore {
 
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
         let props = (!m.props.is_empty()).then(|| m.props.encode());
+        let id = self.next_id()?;
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest, receipts) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest, receipts) VALUES (?14, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let p = &m.policy;
         let r = stmt.execute(params![
@@ -105,11 +127,12 @@ impl Store for SqliteStore {
             p.priority,
             p.max_attempts,
             p.keep_latest,
-            m.receipts
+            m.receipts,
+            id
         ]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
-        let id = self.conn.last_insert_rowid() as u64;
+        self.handed_out(id)?;
         // In the tail before anything can fail: outside a transaction the
         // row is committed already.
         self.tail.inserted(id, m);

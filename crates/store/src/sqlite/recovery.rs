@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use rusqlite::{Connection, ErrorCode};
 
 use super::files::{io_err, narrow, private_file, remove_if_present, sync_path, Files};
-use super::queries::recorded_last_id;
+use super::queries::{record_last_id, recorded_last_id};
 use super::salvage::salvage;
 use super::schema::{init_schema, open_connection, recount};
 use super::{map_error, OpenReport};
@@ -283,8 +283,7 @@ pub(super) fn continue_above_reservation(
 ) -> rusqlite::Result<()> {
     let recorded = recorded_last_id(conn)?;
     let Some(floor) = reserve::lost_floor(recorded, reserved) else { return Ok(()) };
-    conn.execute("DELETE FROM sqlite_sequence WHERE name = 'outbox'", [])?;
-    conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?1)", [floor])?;
+    record_last_id(conn, floor)?;
     let rows: u64 = conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?;
     if recorded == 0 && rows == 0 {
         // Either the first batch never committed (a crash or a full disk

@@ -6,6 +6,9 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
+use super::queries::record_last_id;
+use super::sources::{numbered_source, record};
+
 /// Copies what can be read from the damaged database `from` into `to`;
 /// new ids start above `reserved` and above every id seen.
 pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
@@ -16,15 +19,32 @@ pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
     // An inbox's identities and counters, a bridge's source records and
     // receipt names go along: without them a salvaged inbox would hand
     // every message it ever handled over again.
-    for table in
-        ["meta", "drops", "dropped", "slots", "missed", "wire", "inbox_ranges", "counters", "sources", "receipts"]
-    {
+    for table in [
+        "meta",
+        "drops",
+        "dropped",
+        "slots",
+        "missed",
+        "wire",
+        "inbox_ranges",
+        "counters",
+        "source_brokers",
+        "source_records",
+        "receipts",
+    ] {
         let _ = copy_table(&old, to, table);
     }
     // An inbox of format 5 or older: each identity a range of its own.
     let _ = copy_legacy_inbox(&old, to);
-    let floor: u64 =
-        old.query_row("SELECT seq FROM sqlite_sequence WHERE name='outbox'", [], |r| r.get(0)).unwrap_or(0);
+    // Source records of format 6 or older: keyed by the broker's URL.
+    let _ = copy_legacy_sources(&old, to);
+    // The record of the highest id handed out: `ids` from format 7 on,
+    // `sqlite_sequence` before.
+    let floor = ["SELECT last FROM ids WHERE k = 0", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"]
+        .iter()
+        .filter_map(|sql| old.query_row(sql, [], |r| r.get::<_, u64>(0)).ok())
+        .max()
+        .unwrap_or(0);
     let mut count = 0;
     let mut after = 0u64;
     let mut max_id = 0u64;
@@ -48,12 +68,7 @@ pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
     // Ids are the producer's sequence numbers: never hand one out twice.
     // The database's own record of the highest may be among what was
     // lost; the reservation beside it is not.
-    let seq = floor.max(max_id).max(reserved);
-    let _ = to.execute("INSERT OR REPLACE INTO sqlite_sequence(name, seq) VALUES ('outbox', ?1)", [seq]);
-    let _ = to.execute(
-        "DELETE FROM sqlite_sequence WHERE rowid NOT IN (SELECT max(rowid) FROM sqlite_sequence GROUP BY name)",
-        [],
-    );
+    let _ = record_last_id(to, floor.max(max_id).max(reserved));
     count
 }
 
@@ -90,6 +105,19 @@ fn copy_legacy_inbox(old: &Connection, to: &Connection) -> rusqlite::Result<()> 
             continue;
         };
         let _ = to.execute("INSERT OR IGNORE INTO inbox_ranges VALUES (?1, ?2, ?2, ?3)", rusqlite::params![p, s, t]);
+    }
+    Ok(())
+}
+
+/// Copies what can be read of format 6's (or older) source records, keyed
+/// by their broker's URL, as format 7 keeps them.
+fn copy_legacy_sources(old: &Connection, to: &Connection) -> rusqlite::Result<()> {
+    let mut stmt = old.prepare("SELECT url, pid, digest, id FROM sources")?;
+    let mut rows = stmt.query([])?;
+    while let Ok(Some(r)) = rows.next() {
+        let row = || Ok::<_, rusqlite::Error>((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?));
+        let Ok((url, pid, digest, id)) = row() else { continue };
+        let _ = numbered_source(to, &url).and_then(|n| record(to, n, pid, digest as u64, id));
     }
     Ok(())
 }

@@ -9,12 +9,15 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::StoreError;
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Ids are handed out by the store (format 7), above `ids.last`: no
+-- AUTOINCREMENT, whose bookkeeping cost each insert a read and a write of
+-- `sqlite_sequence`.
 CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
@@ -66,15 +69,16 @@ CREATE TABLE IF NOT EXISTS inbox_ranges (
     PRIMARY KEY (producer, first)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
--- A bridge's source deliveries (broker, packet id, content digest) and the
--- message each became.
-CREATE TABLE IF NOT EXISTS sources (
-    url TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    digest INTEGER NOT NULL,
-    id INTEGER NOT NULL,
-    PRIMARY KEY (url, pid)
-) WITHOUT ROWID;
+-- The highest id ever handed out (format 7): ids are the producer's
+-- sequence numbers and are never handed out twice, even once every row
+-- is gone. Written in the commit that hands an id out.
+CREATE TABLE IF NOT EXISTS ids (k INTEGER PRIMARY KEY CHECK (k = 0), last INTEGER NOT NULL);
+-- A bridge's source brokers, numbered (format 7), and its source
+-- deliveries: key = number << 16 | packet id, the content digest and the
+-- message each became. An integer key: a text-keyed row per message cost
+-- twice the instructions (docs/performance.md, session 12).
+CREATE TABLE IF NOT EXISTS source_brokers (n INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS source_records (k INTEGER PRIMARY KEY, digest INTEGER NOT NULL, id INTEGER NOT NULL);
 -- Messages moved aside as poison (their outbox route is '@poison'): their
 -- own route, the broker slot whose links they ended, how often, when.
 CREATE TABLE IF NOT EXISTS poison (
@@ -170,6 +174,45 @@ DROP TABLE inbox;
 UPDATE meta SET value = '6' WHERE key = 'format';
 ";
 
+/// Format 7 hands ids out itself: the outbox is copied into a table
+/// without AUTOINCREMENT, the highest id handed out moves from
+/// `sqlite_sequence` to `ids`, and the bridge's source records get integer
+/// keys (their broker URLs numbered in `source_brokers`). An outbox of
+/// format 5 or older may have no `sources` table: it is made empty first.
+const MIGRATE_6_TO_7: &str = "
+CREATE TABLE IF NOT EXISTS sources (url TEXT NOT NULL, pid INTEGER NOT NULL, digest INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (url, pid)) WITHOUT ROWID;
+INSERT OR REPLACE INTO ids (k, last) SELECT 0, max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), coalesce((SELECT max(id) FROM outbox), 0));
+CREATE TABLE outbox_7 (
+    id INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    props BLOB,
+    created_ms INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    route TEXT,
+    acks INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    expires_ms INTEGER,
+    priority INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    latest INTEGER NOT NULL DEFAULT 0,
+    receipts TEXT,
+    awaiting_ms INTEGER,
+    acked_ms INTEGER,
+    resends INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO outbox_7 SELECT id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest, receipts, awaiting_ms, acked_ms, resends FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_7 RENAME TO outbox;
+INSERT INTO source_brokers (url) SELECT DISTINCT url FROM sources ORDER BY url;
+INSERT INTO source_records (k, digest, id) SELECT (b.n << 16) | s.pid, s.digest, s.id FROM sources s JOIN source_brokers b ON b.url = s.url;
+DROP TABLE sources;
+UPDATE meta SET value = '7' WHERE key = 'format';
+";
+
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(RECOUNT)
@@ -222,14 +265,23 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
             return Err(StoreError::FormatTooNew { path, found: v, supported: FORMAT_VERSION });
         }
         Some(v) if v < FORMAT_VERSION => {
-            let steps = [MIGRATE_1_TO_2, MIGRATE_2_TO_3, RECOUNT, MIGRATE_3_TO_4, MIGRATE_4_TO_5, MIGRATE_5_TO_6];
+            let steps = [
+                MIGRATE_1_TO_2,
+                MIGRATE_2_TO_3,
+                RECOUNT,
+                MIGRATE_3_TO_4,
+                MIGRATE_4_TO_5,
+                MIGRATE_5_TO_6,
+                MIGRATE_6_TO_7,
+            ];
             // Each step from format v on; the recount belongs to 3 -> 4.
             let from = match v.max(1) {
                 1 => 0,
                 2 => 1,
                 3 => 2,
                 4 => 4,
-                _ => 5,
+                5 => 5,
+                _ => 6,
             };
             let sql: String = steps[from..].concat();
             conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {
@@ -239,6 +291,7 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
         }
         Some(_) => {}
     }
+    conn.execute("INSERT OR IGNORE INTO ids (k, last) VALUES (0, 0)", [])?;
     conn.execute_batch(INDEXES)?;
     Ok(())
 }

@@ -316,9 +316,15 @@ fn drop_oldest_does_not_evict_when_it_cannot_make_room() {
 /// not mark as resent is a new message.
 #[test]
 fn a_resent_delivery_is_known_in_the_same_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    resent_delivery_is_known(Box::new(MemoryStore::new()));
+    resent_delivery_is_known(Box::new(SqliteStore::open(dir.path()).unwrap().0));
+}
+
+fn resent_delivery_is_known(store: Box<dyn Store>) {
     use steadfast_store::Source;
     block_on(async {
-        let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
+        let o = Outbox::start(store, OutboxConfig::default()).unwrap();
         let source = |resent| Source { url: "mqtt://src:1883".into(), pid: 7, digest: 42, resent };
         let first = o.append_from(msg("t", "x"), source(false)).await.unwrap();
         let again = o.append_from(msg("t", "x"), source(true)).await.unwrap();
@@ -331,4 +337,49 @@ fn a_resent_delivery_is_known_in_the_same_round_trip() {
         assert_ne!(reused, first, "not marked as resent: a new message that looks the same");
         assert_eq!(o.state().totals.count, 3);
     });
+}
+
+/// SQLite keys a bridge's source records by the broker's number and the
+/// packet id (format 7): brokers stay apart at every packet id, the
+/// records outlive a reopen, and a broker numbered in a transaction that
+/// rolled back is numbered again, never given a number another broker
+/// then takes.
+#[test]
+fn source_records_keep_their_brokers_apart_across_rollbacks_and_reopens() {
+    use steadfast_store::SourceStore;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = ("mqtt://a:1883", "mqtt://b:1883", "mqtt://c:1883");
+    let mut s = SqliteStore::open(dir.path()).unwrap().0;
+    s.begin().unwrap();
+    s.source_record(a, 1, 10, 100).unwrap();
+    s.rollback();
+    s.begin().unwrap();
+    s.source_record(b, 1, 20, 200).unwrap();
+    s.source_record(b, u16::MAX, 21, 201).unwrap();
+    s.commit().unwrap();
+    s.begin().unwrap();
+    s.source_record(a, 1, 10, 101).unwrap();
+    s.source_record(a, 0, 11, 102).unwrap();
+    s.source_record(c, 1, 10, 300).unwrap();
+    s.commit().unwrap();
+    for reopened in [false, true] {
+        if reopened {
+            drop(s);
+            s = SqliteStore::open(dir.path()).unwrap().0;
+        }
+        let seen = |s: &mut SqliteStore, url, pid, digest| s.source_seen(url, pid, digest).unwrap();
+        assert_eq!(seen(&mut s, a, 1, 10), Some(101), "reopened: {reopened}");
+        assert_eq!(seen(&mut s, a, 0, 11), Some(102));
+        assert_eq!(seen(&mut s, b, 1, 20), Some(200));
+        assert_eq!(seen(&mut s, b, u16::MAX, 21), Some(201));
+        assert_eq!(seen(&mut s, c, 1, 10), Some(300));
+        assert_eq!(seen(&mut s, a, 1, 20), None, "b's record is not a's");
+        assert_eq!(seen(&mut s, c, 0, 11), None, "nor is a's c's");
+        assert_eq!(seen(&mut s, "mqtt://d:1883", 1, 10), None);
+    }
+    s.begin().unwrap();
+    s.source_record(a, 1, 12, 103).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.source_seen(a, 1, 10).unwrap(), None, "a packet id's new delivery replaces its old one");
+    assert_eq!(s.source_seen(a, 1, 12).unwrap(), Some(103));
 }

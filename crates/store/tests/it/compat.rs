@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use steadfast_core::{DropReason, Properties, Qos, Stage};
-use steadfast_store::{InboxStore, Policy, SqliteStore, Store, StoreError};
+use steadfast_store::{InboxStore, Policy, SourceStore, SqliteStore, Store, StoreError};
 
 use crate::msg;
 
@@ -36,6 +36,10 @@ fn write_fixture(dir: &Path) {
     let id = s.insert(&with_props).unwrap();
     assert_eq!(s.assign_slots(&["mqtt://127.0.0.1:1883".into()]).unwrap(), vec![0]);
     s.set_wire(0, id, Some((7, Stage::Released))).unwrap();
+    // From format 6 on: where a bridge's messages came from (format 6's
+    // fixture got these two rows with the sqlite3 shell, in its layout).
+    s.source_record("mqtt://other:1883", 9, 4243, 1).unwrap();
+    s.source_record("mqtt://src:1883", 9, 4242, id).unwrap();
     let removed = s.insert(&msg("gone", "x")).unwrap();
     s.remove(removed).unwrap();
     for _ in 0..4 {
@@ -61,7 +65,7 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("6"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("7"));
     assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap(), "the summary counted at conversion");
     assert_eq!(s.totals().unwrap().count, 2);
     let all = s.read_after(0, 10, None, None).unwrap();
@@ -139,14 +143,42 @@ fn reads_an_outbox_written_by_format_5() {
     reads_format_with_policies(5);
 }
 
+/// Formats 6 on: a bridge's source records, each under its broker, are
+/// still known after a conversion and a reopen, and a new broker gets a
+/// number of its own.
+fn reads_source_records(format: u32) {
+    let (dir, s) = open_copy(format);
+    drop(s);
+    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    let seen = |s: &mut SqliteStore, url: &str, digest| s.source_seen(url, 9, digest).unwrap();
+    assert_eq!(seen(&mut s, "mqtt://src:1883", 4242), Some(2));
+    assert_eq!(seen(&mut s, "mqtt://other:1883", 4243), Some(1));
+    assert_eq!(seen(&mut s, "mqtt://src:1883", 4243), None, "another content under the same packet id");
+    assert_eq!(seen(&mut s, "mqtt://new:1883", 4242), None, "another broker");
+    s.begin().unwrap();
+    s.source_record("mqtt://new:1883", 9, 4242, 5).unwrap();
+    s.commit().unwrap();
+    assert_eq!(seen(&mut s, "mqtt://new:1883", 4242), Some(5));
+    assert_eq!(seen(&mut s, "mqtt://src:1883", 4242), Some(2), "the old broker's record is its own still");
+}
+
 /// Format 6 keeps the inbox as ranges (the outbox's tables are those of
 /// format 5).
 #[test]
 fn reads_an_outbox_written_by_format_6() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture(6));
-    }
     reads_format_with_policies(6);
+    reads_source_records(6);
+}
+
+/// Format 7 hands ids out itself (no AUTOINCREMENT: the highest in `ids`)
+/// and keys a bridge's source records by integers.
+#[test]
+fn reads_an_outbox_written_by_format_7() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(7));
+    }
+    reads_format_with_policies(7);
+    reads_source_records(7);
 }
 
 /// An inbox written by format 5 (one row per identity; the fixture holds
@@ -167,7 +199,7 @@ fn an_inbox_written_by_format_5_becomes_ranges_and_keeps_every_identity() {
     drop(read);
     let (mut s, report) = SqliteStore::open_inbox(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("6"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("7"));
     let ids = |p: &str, r: std::ops::RangeInclusive<u64>| r.map(|q| (p.to_owned(), q)).collect::<Vec<_>>();
     let mut all = ids("gw-7", 0..=11);
     all.extend(ids("other", 2..=4));

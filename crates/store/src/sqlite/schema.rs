@@ -11,12 +11,18 @@ use crate::StoreError;
 /// The on-disk format version (docs/design.md, "Outbox format").
 pub const FORMAT_VERSION: u32 = 7;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Ids are handed out by the store (format 7), above `ids.last`: no
--- AUTOINCREMENT, whose bookkeeping cost each insert a read and a write of
--- `sqlite_sequence`.
-CREATE TABLE IF NOT EXISTS outbox (
+/// The outbox table of the current format, named `$name` (a macro: the
+/// schema and the conversion to format 7 are literals built from it).
+/// Ids are handed out by the store (format 7), above `ids.last`: no
+/// AUTOINCREMENT, whose bookkeeping cost each insert a read and a write of
+/// `sqlite_sequence`. A later format that changes this table must give
+/// [`MIGRATE_6_TO_7`] its own copy of format 7's first.
+macro_rules! outbox_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE ",
+            $name,
+            " (
     id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
@@ -38,7 +44,17 @@ CREATE TABLE IF NOT EXISTS outbox (
     acked_ms INTEGER,
     resends INTEGER NOT NULL DEFAULT 0
 );
--- Receipts that count towards a message's rule, by consumer (only for
+"
+        )
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+",
+    outbox_table!("IF NOT EXISTS outbox"),
+    "-- Receipts that count towards a message's rule, by consumer (only for
 -- rules that need more than one).
 CREATE TABLE IF NOT EXISTS receipts (
     id INTEGER NOT NULL,
@@ -105,7 +121,8 @@ CREATE TABLE IF NOT EXISTS brokers (
     retry_ms INTEGER,
     active INTEGER NOT NULL DEFAULT 0
 );
-";
+"
+);
 
 /// Format 1 kept one QoS 2 binding per message in the outbox row (one
 /// broker per client). It moves to the `wire` table under slot 0, which
@@ -179,39 +196,21 @@ UPDATE meta SET value = '6' WHERE key = 'format';
 /// `sqlite_sequence` to `ids`, and the bridge's source records get integer
 /// keys (their broker URLs numbered in `source_brokers`). An outbox of
 /// format 5 or older may have no `sources` table: it is made empty first.
-const MIGRATE_6_TO_7: &str = "
+const MIGRATE_6_TO_7: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS sources (url TEXT NOT NULL, pid INTEGER NOT NULL, digest INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (url, pid)) WITHOUT ROWID;
 INSERT OR REPLACE INTO ids (k, last) SELECT 0, max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), coalesce((SELECT max(id) FROM outbox), 0));
-CREATE TABLE outbox_7 (
-    id INTEGER PRIMARY KEY,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos INTEGER NOT NULL,
-    retain INTEGER NOT NULL,
-    props BLOB,
-    created_ms INTEGER NOT NULL,
-    size INTEGER NOT NULL,
-    route TEXT,
-    acks INTEGER NOT NULL DEFAULT 0,
-    done INTEGER NOT NULL DEFAULT 0,
-    expires_ms INTEGER,
-    priority INTEGER NOT NULL DEFAULT 0,
-    max_attempts INTEGER,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    latest INTEGER NOT NULL DEFAULT 0,
-    receipts TEXT,
-    awaiting_ms INTEGER,
-    acked_ms INTEGER,
-    resends INTEGER NOT NULL DEFAULT 0
-);
-INSERT INTO outbox_7 SELECT id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest, receipts, awaiting_ms, acked_ms, resends FROM outbox;
+",
+    outbox_table!("outbox_7"),
+    "INSERT INTO outbox_7 SELECT id, topic, payload, qos, retain, props, created_ms, size, route, acks, done, expires_ms, priority, max_attempts, attempts, latest, receipts, awaiting_ms, acked_ms, resends FROM outbox;
 DROP TABLE outbox;
 ALTER TABLE outbox_7 RENAME TO outbox;
 INSERT INTO source_brokers (url) SELECT DISTINCT url FROM sources ORDER BY url;
 INSERT INTO source_records (k, digest, id) SELECT (b.n << 16) | s.pid, s.digest, s.id FROM sources s JOIN source_brokers b ON b.url = s.url;
 DROP TABLE sources;
 UPDATE meta SET value = '7' WHERE key = 'format';
-";
+"
+);
 
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {

@@ -13,15 +13,22 @@ use crate::{
 /// The highest id the database says it ever handed out (0 for none): its
 /// record of it (`ids` from format 7 on, `sqlite_sequence` before; a
 /// read-only look at an older outbox finds only the latter) or its newest
-/// row, whichever is higher. An error when it holds no outbox table.
+/// row, whichever is higher. An error when it holds no outbox table, or
+/// when a read fails: never a lower id for want of the record.
 pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
     let newest: Option<u64> = conn.prepare_cached("SELECT max(id) FROM outbox")?.query_row([], |r| r.get(0))?;
-    let record = |sql: &str| -> Option<u64> {
-        let mut stmt = conn.prepare_cached(sql).ok()?;
-        stmt.query_row([], |r| r.get(0)).optional().ok().flatten()
+    let has = |table: &str| -> rusqlite::Result<bool> {
+        let sql = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1";
+        conn.prepare_cached(sql)?.query_row([table], |r| r.get::<_, i64>(0)).map(|n| n > 0)
     };
-    let kept = record("SELECT last FROM ids WHERE k = 0")
-        .or_else(|| record("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"));
+    let sql = if has("ids")? {
+        "SELECT last FROM ids WHERE k = 0"
+    } else if has("sqlite_sequence")? {
+        "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
+    } else {
+        return Ok(newest.unwrap_or(0));
+    };
+    let kept: Option<u64> = conn.prepare_cached(sql)?.query_row([], |r| r.get(0)).optional()?;
     Ok(newest.unwrap_or(0).max(kept.unwrap_or(0)))
 }
 

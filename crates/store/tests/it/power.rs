@@ -112,7 +112,14 @@ fn power_cut(config: OutboxConfig, ack_every: u64) {
                 }
             })
         };
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Enough accepted and acknowledged for the cut to say something,
+        // however busy the machine (a fixed wait saw too few on a loaded
+        // one): at least 2,000 and 1,000, as a quiet machine reaches in 1.5 s.
+        let started = std::time::Instant::now();
+        while accepted.lock().unwrap().len() < 2000 || acked.lock().unwrap().len() < 1000 {
+            assert!(started.elapsed() < Duration::from_secs(120), "too few messages accepted or acknowledged in 120 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // Written, never synced: the page cache must lose it.
         std::fs::write(live.0.join("sentinel"), &sentinel).unwrap();
         // The cut: what was accepted now must be on the disk now.

@@ -608,9 +608,11 @@ fn build_v5(
             PublishProp::Correlation(v) => {
                 Property::CorrelationData(mqtt::packet::CorrelationData::new(*v).map_err(err)?)
             }
-            PublishProp::User(k, v) => {
-                Property::UserProperty(mqtt::packet::UserProperty::new(*k, v.as_ref()).map_err(err)?)
-            }
+            PublishProp::User(k, v) => Property::UserProperty(mqtt::packet::UserProperty::new(*k, *v).map_err(err)?),
+            PublishProp::Identity(producer, seq) => Property::UserProperty(
+                mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, Identity::property_value(producer, *seq))
+                    .map_err(err)?,
+            ),
             PublishProp::Expiry(secs) => {
                 Property::MessageExpiryInterval(mqtt::packet::MessageExpiryInterval::new(*secs).map_err(err)?)
             }
@@ -638,7 +640,10 @@ enum PublishProp<'a> {
     ContentType(&'a str),
     ResponseTopic(&'a str),
     Correlation(&'a Vec<u8>),
-    User(&'a str, std::borrow::Cow<'a, str>),
+    User(&'a str, &'a str),
+    /// The message's identity, a user property written without building
+    /// its value (producer, sequence number).
+    Identity(&'a str, u64),
     /// Message expiry interval, seconds.
     Expiry(u32),
 }
@@ -646,7 +651,7 @@ enum PublishProp<'a> {
 /// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`.
 fn publish_props<'a>(
     m: &'a StoredMessage,
-    producer: &str,
+    producer: &'a str,
     receipt_to: Option<&'a str>,
     now_ms: u64,
 ) -> Vec<PublishProp<'a>> {
@@ -658,15 +663,15 @@ fn publish_props<'a>(
     props.extend(p.content_type.as_deref().map(PublishProp::ContentType));
     props.extend(p.response_topic.as_deref().map(PublishProp::ResponseTopic));
     props.extend(p.correlation_data.as_ref().map(PublishProp::Correlation));
-    props.extend(p.user.iter().map(|(k, v)| PublishProp::User(k, v.as_str().into())));
+    props.extend(p.user.iter().map(|(k, v)| PublishProp::User(k, v)));
     // The message's identity (G5): the outbox id is its sequence number.
     // A best-effort message was never stored: it has none (id 0). A
     // forwarded one keeps its origin's, already among the properties.
     if m.id != 0 && origin(p).is_none() {
-        props.push(PublishProp::User(Identity::USER_PROPERTY, Identity::property_value(producer, m.id).into()));
+        props.push(PublishProp::Identity(producer, m.id));
     }
     if let Some(topic) = receipt_to {
-        props.push(PublishProp::User(RECEIPT_PROPERTY, topic.into()));
+        props.push(PublishProp::User(RECEIPT_PROPERTY, topic));
     }
     // A deadline travels as the time it has left, rounded up to a second,
     // so a broker (and a consumer's session) forgets it when it is stale.
@@ -781,6 +786,10 @@ fn publish_v5(m: &StoredMessage, props: &[PublishProp<'_>], pid: Option<u16>, du
             PublishProp::ContentType(v) | PublishProp::ResponseTopic(v) => fits(v.as_bytes())?,
             PublishProp::Correlation(v) => fits(v)?,
             PublishProp::User(k, v) => fits(k.as_bytes())? + fits(v.as_bytes())?,
+            PublishProp::Identity(producer, seq) => {
+                let len = Identity::property_value_len(producer, *seq);
+                fits(Identity::USER_PROPERTY.as_bytes())? + (len <= u16::MAX as usize).then_some(2 + len)?
+            }
             PublishProp::Expiry(_) => 4,
         };
     }
@@ -810,6 +819,12 @@ fn publish_v5(m: &StoredMessage, props: &[PublishProp<'_>], pid: Option<u16>, du
                 out.push(0x26);
                 put_binary(&mut out, k.as_bytes());
                 put_binary(&mut out, v.as_bytes());
+            }
+            PublishProp::Identity(producer, seq) => {
+                out.push(0x26);
+                put_binary(&mut out, Identity::USER_PROPERTY.as_bytes());
+                out.extend_from_slice(&(Identity::property_value_len(producer, *seq) as u16).to_be_bytes());
+                Identity::write_property_value(&mut out, producer, *seq);
             }
             PublishProp::Expiry(secs) => {
                 out.push(0x02);
@@ -1214,7 +1229,7 @@ mod tests {
         fn the_fast_v5_publish_is_the_codecs_byte_for_byte(topic in "[a-z+#]{0,8}(/[a-z0-9+#]{0,8}){0,3}",
                                                            payload in proptest::collection::vec(any::<u8>(), 0..300),
                                                            qos in 0u8..3, retain in any::<bool>(), dup in any::<bool>(),
-                                                           pid in proptest::option::of(0u16..4), id in 0u64..3,
+                                                           pid in proptest::option::of(0u16..4), id in prop_oneof![0u64..3, any::<u64>()],
                                                            utf8 in any::<bool>(),
                                                            content_type in proptest::option::of("[ -~]{0,40}"),
                                                            response_topic in proptest::option::of("[a-z/]{1,20}"),

@@ -126,10 +126,9 @@ pub struct SqliteStore {
 }
 
 /// What a handle knows of the ids it hands out (format 7: the store, not
-/// SQLite, picks them). The highest one is trusted only as long as no
-/// other connection committed since (`PRAGMA data_version`, looked at in
-/// each transaction's `begin`), and only inside a transaction: outside
-/// one, another connection may commit between two statements.
+/// SQLite, picks them, always inside a transaction). The highest one is
+/// trusted only as long as no other connection committed since (`PRAGMA
+/// data_version`, looked at in each transaction's `begin`).
 #[derive(Debug, Default)]
 struct Ids {
     /// The highest id handed out, when known.
@@ -409,31 +408,29 @@ impl SqliteStore {
         self.seen_version = version;
     }
 
-    /// Forgets the newest rows ([`tail`]) and ids ([`Ids`]): another
-    /// connection may have written, or this one rolled back.
+    /// Forgets the newest rows ([`tail`]) and the highest id ([`Ids`]):
+    /// another connection may have written, or this one rolled back. What
+    /// the transaction under way handed out is still recorded at its
+    /// commit (only a rollback drops it).
     fn forget_ids(&mut self) {
         self.tail.forget();
-        self.ids = Ids::default();
+        self.ids.last = None;
     }
 
-    /// The id the next insert gets: one above the highest ever handed out.
+    /// The id the next insert gets (inside a transaction: `insert` makes
+    /// one): one above the highest ever handed out.
     fn next_id(&mut self) -> Result<u64, StoreError> {
         let last = match self.ids.last {
-            Some(last) if !self.conn.is_autocommit() => last,
-            _ => queries::recorded_last_id(&self.conn).map_err(|e| self.map(e))?,
+            Some(last) => last,
+            None => queries::recorded_last_id(&self.conn).map_err(|e| self.map(e))?,
         };
         Ok(last + 1)
     }
 
-    /// `id` was handed out: recorded at the transaction's commit, or at
-    /// once outside a transaction (the row is committed already).
-    fn handed_out(&mut self, id: u64) -> Result<(), StoreError> {
-        if self.conn.is_autocommit() {
-            return queries::record_last_id(&self.conn, id).map_err(|e| self.map(e));
-        }
+    /// `id` was handed out: recorded at the transaction's commit.
+    fn handed_out(&mut self, id: u64) {
         self.ids.last = Some(id);
         self.ids.unrecorded = Some(id);
-        Ok(())
     }
 
     fn map(&self, e: rusqlite::Error) -> StoreError {

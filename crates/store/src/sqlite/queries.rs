@@ -21,15 +21,20 @@ pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
         let sql = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1";
         conn.prepare_cached(sql)?.query_row([table], |r| r.get::<_, i64>(0)).map(|n| n > 0)
     };
-    let sql = if has("ids")? {
-        "SELECT last FROM ids WHERE k = 0"
-    } else if has("sqlite_sequence")? {
-        "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"
-    } else {
-        return Ok(newest.unwrap_or(0));
-    };
-    let kept: Option<u64> = conn.prepare_cached(sql)?.query_row([], |r| r.get(0)).optional()?;
-    Ok(newest.unwrap_or(0).max(kept.unwrap_or(0)))
+    // Both, when both are there: a conversion that failed leaves an empty
+    // `ids` beside format 6's record.
+    let records = [
+        ("ids", "SELECT last FROM ids WHERE k = 0"),
+        ("sqlite_sequence", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"),
+    ];
+    let mut last = newest.unwrap_or(0);
+    for (table, sql) in records {
+        if has(table)? {
+            let kept: Option<u64> = conn.prepare_cached(sql)?.query_row([], |r| r.get(0)).optional()?;
+            last = last.max(kept.unwrap_or(0));
+        }
+    }
+    Ok(last)
 }
 
 /// Raises the database's record of the highest id handed out to `id`.
@@ -108,6 +113,7 @@ impl Store for SqliteStore {
     fn rollback(&mut self) {
         self.queued_delta = (0, 0);
         self.forget_ids();
+        self.ids.unrecorded = None;
         self.source_numbers.clear();
         if !self.conn.is_autocommit() {
             let _ = self.run_cached("ROLLBACK");
@@ -115,10 +121,22 @@ impl Store for SqliteStore {
     }
 
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
+        // Outside a transaction, one of its own: the row, the record of its
+        // id and the reservation above it commit together.
+        if self.conn.is_autocommit() {
+            self.begin()?;
+            return match self.insert(m) {
+                Ok(id) => self.commit().map(|()| id).inspect_err(|_| self.rollback()),
+                Err(e) => {
+                    self.rollback();
+                    Err(e)
+                }
+            };
+        }
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let id = self.next_id()?;
         let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest, receipts) VALUES (?14, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, expires_ms, priority, max_attempts, latest, receipts) VALUES (?14, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let p = &m.policy;
         let r = stmt.execute(params![
@@ -139,9 +157,7 @@ impl Store for SqliteStore {
         ]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
-        self.handed_out(id)?;
-        // In the tail before anything can fail: outside a transaction the
-        // row is committed already.
+        self.handed_out(id);
         self.tail.inserted(id, m);
         self.count_queued(1, m.size() as i64)?;
         // Reserved before the commit that hands it out: a recovery that

@@ -170,6 +170,24 @@ fn reads_an_outbox_written_by_format_6() {
     reads_source_records(6);
 }
 
+/// An older release's guest still connected while the holder's successor
+/// converts the outbox inserts as format 6 did, leaving the id to SQLite:
+/// without AUTOINCREMENT that could be an id handed out before (the
+/// removed 3 here). It is refused, and the ids continue above 3.
+#[test]
+fn an_insert_that_leaves_the_id_to_sqlite_is_refused_after_the_conversion() {
+    let (dir, mut s) = open_copy(6);
+    let old = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    let format_6 = "INSERT INTO outbox (topic, payload, qos, retain, props, created_ms, size, route, expires_ms, priority, max_attempts, latest, receipts) VALUES ('late', x'00', 1, 0, NULL, 1, 5, NULL, NULL, 0, NULL, 0, NULL)";
+    let err = old.execute(format_6, []).unwrap_err();
+    assert!(err.to_string().contains("NOT NULL constraint failed: outbox.acks"), "{err}");
+    drop(old);
+    s.begin().unwrap();
+    assert_eq!(s.insert(&msg("next", "y")).unwrap(), 4);
+    s.commit().unwrap();
+    assert_eq!(crate::recovery_ids(&mut s), vec![1, 2, 4]);
+}
+
 /// Format 7 hands ids out itself (no AUTOINCREMENT: the highest in `ids`)
 /// and keys a bridge's source records by integers.
 #[test]

@@ -10,6 +10,13 @@ use crate::{
     now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
 };
 
+/// Where a database records the highest id it handed out (table, query):
+/// `ids` from format 7 on, `sqlite_sequence` before.
+pub(super) const ID_RECORDS: [(&str, &str); 2] = [
+    ("ids", "SELECT last FROM ids WHERE k = 0"),
+    ("sqlite_sequence", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"),
+];
+
 /// The highest id the database says it ever handed out (0 for none): its
 /// record of it (`ids` from format 7 on, `sqlite_sequence` before; a
 /// read-only look at an older outbox finds only the latter) or its newest
@@ -23,12 +30,8 @@ pub(super) fn recorded_last_id(conn: &Connection) -> rusqlite::Result<u64> {
     };
     // Both, when both are there: a conversion that failed leaves an empty
     // `ids` beside format 6's record.
-    let records = [
-        ("ids", "SELECT last FROM ids WHERE k = 0"),
-        ("sqlite_sequence", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"),
-    ];
     let mut last = newest.unwrap_or(0);
-    for (table, sql) in records {
+    for (table, sql) in ID_RECORDS {
         if has(table)? {
             let kept: Option<u64> = conn.prepare_cached(sql)?.query_row([], |r| r.get(0)).optional()?;
             last = last.max(kept.unwrap_or(0));

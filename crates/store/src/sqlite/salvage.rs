@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::queries::record_last_id;
+use super::queries::{record_last_id, ID_RECORDS};
 use super::sources::{numbered_source, record};
 
 /// Copies what can be read from the damaged database `from` into `to`;
@@ -38,13 +38,9 @@ pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
     let _ = copy_legacy_inbox(&old, to);
     // Source records of format 6 or older: keyed by the broker's URL.
     let _ = copy_legacy_sources(&old, to);
-    // The record of the highest id handed out: `ids` from format 7 on,
-    // `sqlite_sequence` before.
-    let floor = ["SELECT last FROM ids WHERE k = 0", "SELECT seq FROM sqlite_sequence WHERE name = 'outbox'"]
-        .iter()
-        .filter_map(|sql| old.query_row(sql, [], |r| r.get::<_, u64>(0)).ok())
-        .max()
-        .unwrap_or(0);
+    // The records of the highest id handed out that can still be read.
+    let floor =
+        ID_RECORDS.iter().filter_map(|(_, sql)| old.query_row(sql, [], |r| r.get::<_, u64>(0)).ok()).max().unwrap_or(0);
     let mut count = 0;
     let mut after = 0u64;
     let mut max_id = 0u64;

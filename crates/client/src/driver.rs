@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::engine::{
-    Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, SessionConfig, SessionEvent, StoreOp,
-    WindowChange, Wire,
+    Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, ReadWant, SessionConfig, SessionEvent,
+    StoreOp, WindowChange, Wire,
 };
 use steadfast_core::{AckTimeout, DropReason, Qos};
 use steadfast_store::{
-    now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, OutboxState, StoreError, StoredMessage,
+    now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, Page, StoreError, StoredMessage,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -75,9 +75,9 @@ impl BrokerShared {
     }
 }
 
-/// A page of one priority, and the last id of that priority committed
-/// before it was read.
-type Fetch = Pin<Box<dyn Future<Output = Result<(Vec<StoredMessage>, usize, u64), StoreError>> + Send>>;
+/// The standing read: a page of one priority, or `None` when messages
+/// went back into the queue (read again from the oldest).
+type Fetch = Pin<Box<dyn Future<Output = Result<Option<Page>, StoreError>> + Send>>;
 
 /// A best-effort message handed straight to a connected broker's driver:
 /// never stored; `done` learns whether it was written.
@@ -434,7 +434,7 @@ impl Driver {
         out: &mut Sender,
         buf: &mut [u8],
     ) -> Result<(), ConnectError> {
-        let mut fetch: Option<Fetch> = None;
+        let mut fetch: Option<(ReadWant, Fetch)> = None;
         let mut state_rx = self.outbox.watch();
         let mut stop = self.stop.clone();
         let mut generation = self.router.generation();
@@ -462,8 +462,14 @@ impl Driver {
                 fetch = None;
                 self.session.rewind();
             }
-            if fetch.is_none() {
-                fetch = self.next_fetch(&state);
+            // The standing read follows what the engine wants: a new want
+            // (a page handled, room made, a rewind) replaces it. One that
+            // stands while the engine wants nothing (a QoS 2 bind pending)
+            // stays: its page is still the one to read next.
+            if let Some(want) = self.read_want() {
+                if fetch.as_ref().is_none_or(|(w, _)| *w != want) {
+                    fetch = Some((want, self.fetch(want, requeued)));
+                }
             }
             let wake = self.session.poll_timeout().map(Instant::from_std);
             tokio::select! {
@@ -495,12 +501,15 @@ impl Driver {
                     self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e, fired))?;
                 }
                 r = rd.read(buf) => self.on_read(link, r, buf).await?,
-                page = async { fetch.as_mut().expect("guarded").await }, if fetch.is_some() => {
+                page = async { (&mut fetch.as_mut().expect("guarded").1).await }, if fetch.is_some() => {
                     fetch = None;
-                    let (page, p, upto) = page.map_err(store_failed)?;
-                    let (router, index) = (&self.router, self.index);
-                    let claims = |m: &StoredMessage| router.claims(index, m.msg.route.as_deref(), &m.msg.topic);
-                    self.session.handle_page(page, p, upto, &claims);
+                    // None: messages went back into the queue; the loop
+                    // rewinds on the new state.
+                    if let Some(page) = page.map_err(store_failed)? {
+                        let (router, index) = (&self.router, self.index);
+                        let claims = |m: &StoredMessage| router.claims(index, m.msg.route.as_deref(), &m.msg.topic);
+                        self.session.handle_page(page.messages, page.priority, page.upto, &claims);
+                    }
                 }
                 d = self.direct.recv(), if !self.direct_closed => {
                     match d {
@@ -519,22 +528,24 @@ impl Driver {
         }
     }
 
-    /// The next page to read, if the engine wants one: the priority it
-    /// names, after its cursor. A broker that takes no new messages now (a
-    /// failover standby) reads nothing: it is rewound when that changes.
-    fn next_fetch(&self, state: &OutboxState) -> Option<Fetch> {
+    /// What the engine wants read next. A broker that takes no new
+    /// messages now (a failover standby) reads nothing: it is rewound when
+    /// that changes.
+    fn read_want(&self) -> Option<ReadWant> {
         if !self.router.is_active(self.index) {
             return None;
         }
-        let (p, after) = self.session.next_read(&state.newest)?;
+        self.session.read_want()
+    }
+
+    /// The standing read of `want`: the outbox's writer answers it right
+    /// after the commit that gives it something (at once if there is
+    /// something already), so that a new message reaches the wire with one
+    /// hand-off from the writer thread, not three.
+    fn fetch(&self, want: ReadWant, requeued: u64) -> Fetch {
         let outbox = self.outbox.clone();
-        let last = state.newest[p];
         let slot = self.slot;
-        // The page answers for ids up to `last` as of now: it is read after
-        // every commit up to there.
-        Some(Box::pin(async move {
-            outbox.read_after(after, PAGE, Some(slot), Some(p as u8)).await.map(|page| (page, p, last))
-        }))
+        Box::pin(async move { outbox.next_page(want, requeued, PAGE, slot).await })
     }
 
     /// Bytes from the socket (`Ok(0)`: the broker closed it).

@@ -23,8 +23,8 @@ pub use error::{DatabaseError, StoreError};
 pub use memory::MemoryStore;
 pub use outbox::{
     held_for, AcceptFuture, AppendError, BrokerLag, Configured, DefaultSet, Delivery, Dropped, Glance, Handling,
-    InboxBounds, Outbox, OutboxConfig, OutboxState, Overflow, Quorum, Report, Source, UnknownOverflow, HELD_PREFIX,
-    RECEIPTS_COUNTED, RECEIPTS_HANDLED, RECEIPTS_REPUBLISHED,
+    InboxBounds, Outbox, OutboxConfig, OutboxState, Overflow, Page, Quorum, Report, Source, UnknownOverflow,
+    HELD_PREFIX, RECEIPTS_COUNTED, RECEIPTS_HANDLED, RECEIPTS_REPUBLISHED,
 };
 pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 

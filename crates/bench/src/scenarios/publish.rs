@@ -253,16 +253,21 @@ impl Latencies {
         Ok(Latencies { steadfast, rumqttc })
     }
 
-    /// Where steadfast's latency goes, p50 of each part.
+    /// Where steadfast's latency goes, p50 and p99 of each part (the p99
+    /// says which part the tail comes from).
     fn stages(&mut self) -> Option<String> {
-        let accepted = percentile(&mut self.steadfast.accepted, 50.0)?;
-        let total = percentile(&mut self.steadfast.total, 50.0)?;
-        let s = &self.steadfast;
+        let s = &mut self.steadfast;
         let mut after: Vec<f64> = s.total.iter().zip(&s.accepted).map(|(t, a)| t - a).collect();
-        let delivered = percentile(&mut after, 50.0)?;
-        let round_trip = self.steadfast.round_trip.map_or("not measured".to_owned(), |rt| format!("{rt:.2} ms"));
+        let accepted = (percentile(&mut s.accepted, 50.0)?, percentile(&mut s.accepted, 99.0)?);
+        let delivered = (percentile(&mut after, 50.0)?, percentile(&mut after, 99.0)?);
+        let total = (percentile(&mut s.total, 50.0)?, percentile(&mut s.total, 99.0)?);
+        let round_trip = s.round_trip.map_or("not measured".to_owned(), |rt| format!("{rt:.2} ms"));
+        let pair = |(p50, p99): (f64, f64)| format!("{p50:.2} ms (p99 {p99:.2})");
         Some(format!(
-            "latency stages, steadfast (p50 of each): publish to accepted (outbox commit and sync) {accepted:.2} ms; accepted to delivered {delivered:.2} ms, of which the round trip as the engine sees it (PUBLISH handed to the socket's writer task to PUBACK handled; its smoothed estimate, median of readings every 500 messages) {round_trip}, the rest the page read through the outbox writer and the hand-offs (delivery is told at the acknowledgement, before the removal's commit); total {total:.2} ms"
+            "latency stages, steadfast (p50 and p99 of each): publish to accepted (outbox commit and sync) {}; accepted to delivered {}, of which the round trip as the engine sees it (PUBLISH handed to the socket's writer task to PUBACK handled; its smoothed estimate at p50, median of readings every 500 messages) {round_trip}, the rest the page read by the outbox writer right after the commit and the hand-off to the link (delivery is told at the acknowledgement, before the removal's commit); total {}",
+            pair(accepted),
+            pair(delivered),
+            pair(total)
         ))
     }
 

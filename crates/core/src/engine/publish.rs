@@ -276,6 +276,26 @@ enum Pending<M> {
     Restart { window: SendWindow, delivered: Vec<u64>, expected: bool },
 }
 
+/// What a publish session wants read from the outbox next (see
+/// [`PublishSession::read_want`]). A store that holds it can answer it
+/// the moment a commit gives it something to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadWant {
+    /// Per priority, the highest id read so far.
+    pub after: [u64; PRIORITIES],
+    /// Per priority, whether the queue has room for a page of it.
+    pub room: [bool; PRIORITIES],
+}
+
+impl ReadWant {
+    /// The priority to read now and the id to read after, given the
+    /// newest id committed per priority: the highest with room and
+    /// something unread.
+    pub fn pick(&self, newest: &[u64; PRIORITIES]) -> Option<(usize, u64)> {
+        (0..PRIORITIES).rev().find(|&p| self.room[p] && self.after[p] < newest[p]).map(|p| (p, self.after[p]))
+    }
+}
+
 /// The publishing session of one broker link.
 #[derive(Debug)]
 pub struct PublishSession<M> {
@@ -697,22 +717,25 @@ impl<M: Queued> PublishSession<M> {
         self.cursors = [0; PRIORITIES];
     }
 
-    /// The priority to read next and the id to read after: the highest
-    /// priority with unread messages (`newest` per priority), as long as the
-    /// queue has room for it (the lowest waits for the queue to run low,
-    /// higher ones only for a hard cap).
-    pub fn next_read(&self, newest: &[u64; PRIORITIES]) -> Option<(usize, u64)> {
+    /// What this session wants read next, whatever is committed: per
+    /// priority, the id to read after and whether the queue has room for
+    /// it (the lowest waits for the queue to run low, higher ones only for
+    /// a hard cap). `None` while nothing may be read.
+    pub fn read_want(&self) -> Option<ReadWant> {
         if !self.pending.is_empty() {
             return None;
         }
         let page = self.cfg.page;
-        (0..PRIORITIES)
-            .rev()
-            .find(|&p| {
-                let room = if p == 0 { page / 2 } else { 2 * page };
-                self.cursors[p] < newest[p] && self.queue.len() < room
-            })
-            .map(|p| (p, self.cursors[p]))
+        let room = std::array::from_fn(|p| self.queue.len() < if p == 0 { page / 2 } else { 2 * page });
+        let want = ReadWant { after: self.cursors, room };
+        want.room.iter().any(|r| *r).then_some(want)
+    }
+
+    /// The priority to read next and the id to read after: the highest
+    /// priority with unread messages (`newest` per priority) that
+    /// [`Self::read_want`] has room for.
+    pub fn next_read(&self, newest: &[u64; PRIORITIES]) -> Option<(usize, u64)> {
+        self.read_want()?.pick(newest)
     }
 
     /// A page of priority `p` read from the outbox: the messages that are

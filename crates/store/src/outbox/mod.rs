@@ -129,6 +129,19 @@ pub struct OutboxState {
     pub requeued: u64,
 }
 
+/// A page read for a broker link by [`Outbox::next_page`].
+#[derive(Debug)]
+pub struct Page {
+    /// Queued messages of one priority the link's broker has not
+    /// acknowledged, oldest first.
+    pub messages: Vec<StoredMessage>,
+    /// Their priority.
+    pub priority: usize,
+    /// The newest id of that priority committed when the page was read:
+    /// an empty page means nothing is left unread up to there.
+    pub upto: u64,
+}
+
 /// Resolves when the message is accepted (synced), with its id.
 pub struct AcceptFuture {
     rx: oneshot::Receiver<Result<u64, AppendError>>,
@@ -335,6 +348,25 @@ impl Outbox {
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Read { after, limit, slot, priority, reply });
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// The next page a broker link wants (`want`, from its engine): read
+    /// at once when the outbox holds something the want picks, else as
+    /// soon as a commit gives it something, by the writer thread right
+    /// after that commit (no wake-up of the link in between). `None` when
+    /// messages went back into the queue since the link saw `requeued`:
+    /// the link must read again from the oldest. Dropping the future
+    /// withdraws the request.
+    pub async fn next_page(
+        &self,
+        want: steadfast_core::engine::ReadWant,
+        requeued: u64,
+        limit: usize,
+        slot: u32,
+    ) -> Result<Option<Page>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Follow(request::Follow { want, requeued, limit, slot, reply }));
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 
 use super::request::{AcceptReply, HighReply, IdsReply, Request, SlotReply, WireReply};
 use super::writer::Writer;
-use super::{AppendError, Configured, Delivery, Dropped, Glance, Handling, OutboxState, Report};
+use super::{AppendError, Configured, Delivery, Dropped, Glance, Handling, OutboxState, Page, Report};
 use crate::StoreError;
 
 /// Replies that may go out only after the commit.
@@ -156,6 +156,7 @@ impl Writer {
                 Request::Read { after, limit, slot, priority, reply } => {
                     let _ = reply.send(self.store.read_after(after, limit, slot, priority));
                 }
+                Request::Follow(f) => self.follows.push(f),
                 Request::Query { reply } => {
                     let _ = reply.send(Report::read(self.store.as_mut()));
                 }
@@ -181,7 +182,34 @@ impl Writer {
                 _ => unreachable!("only reads are deferred"),
             }
         }
+        self.answer_follows();
         self.drop_unreadable();
+    }
+
+    /// Answers the standing reads that can be answered now: those whose
+    /// want picks something committed, and all of them once messages went
+    /// back into the queue. The others wait; withdrawn ones go.
+    pub(super) fn answer_follows(&mut self) {
+        if self.follows.is_empty() {
+            return;
+        }
+        for f in std::mem::take(&mut self.follows) {
+            if f.reply.is_closed() {
+                continue;
+            }
+            if f.requeued != self.requeued {
+                let _ = f.reply.send(Ok(None));
+                continue;
+            }
+            match f.want.pick(&self.newest) {
+                Some((p, after)) => {
+                    let page = self.store.read_after(after, f.limit, Some(f.slot), Some(p as u8));
+                    let upto = self.newest[p];
+                    let _ = f.reply.send(page.map(|messages| Some(Page { messages, priority: p, upto })));
+                }
+                None => self.follows.push(f),
+            }
+        }
     }
 
     /// Records the store could not decode are skipped by reads; they would
@@ -233,6 +261,7 @@ impl Writer {
                 Request::Unpoison { reply, .. } => b.unpoison_replies.push((reply, Vec::new())),
                 Request::Close => b.close = true,
                 r @ (Request::Read { .. }
+                | Request::Follow(_)
                 | Request::Query { .. }
                 | Request::Glance { .. }
                 | Request::Bound { .. }

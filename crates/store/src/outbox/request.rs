@@ -63,6 +63,9 @@ pub(super) enum Request {
         priority: Option<u8>,
         reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
     },
+    /// A link's standing read: answered once a commit gives it something
+    /// to read (see [`super::Outbox::next_page`]).
+    Follow(Follow),
     Query {
         reply: oneshot::Sender<Result<Report, StoreError>>,
     },
@@ -118,6 +121,7 @@ impl Request {
         matches!(
             self,
             Request::Read { .. }
+                | Request::Follow(_)
                 | Request::Query { .. }
                 | Request::Glance { .. }
                 | Request::Bound { .. }
@@ -147,6 +151,17 @@ impl Request {
                     | Request::Ack { .. }
             )
     }
+}
+
+/// A link's standing read, parked in the writer until it can be answered.
+pub(super) struct Follow {
+    pub(super) want: steadfast_core::engine::ReadWant,
+    /// The requeue count the link last saw: a different one answers at
+    /// once, with nothing read (the link must read again from the oldest).
+    pub(super) requeued: u64,
+    pub(super) limit: usize,
+    pub(super) slot: u32,
+    pub(super) reply: oneshot::Sender<Result<Option<super::Page>, StoreError>>,
 }
 
 /// A message on its way in, with the channels its publisher waits on.

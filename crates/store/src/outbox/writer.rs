@@ -11,7 +11,7 @@ use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::replies::Batch;
-use super::request::{removal_copy, PendingAppend, Request};
+use super::request::{removal_copy, Follow, PendingAppend, Request};
 use super::{
     held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, Handling, InboxBounds, OutboxConfig,
     OutboxState, Quorum, HELD_PREFIX,
@@ -45,6 +45,9 @@ pub(super) struct Writer {
     /// Removals undone by a failed commit, applied again with the next batch.
     pub(super) pending_removes: Vec<Request>,
     pub(super) blocked: VecDeque<PendingAppend>,
+    /// Links' standing reads, answered after the commit that gives them
+    /// something to read.
+    pub(super) follows: Vec<Follow>,
     pub(super) quorums: Vec<Quorum>,
     pub(super) inbox_bounds: Option<InboxBounds>,
     pub(super) pruned_at: std::time::Instant,
@@ -119,6 +122,7 @@ impl Writer {
             deadline_totals: None,
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
+            follows: Vec::new(),
             quorums: Vec::new(),
             inbox_bounds: None,
             pruned_at: std::time::Instant::now(),
@@ -386,6 +390,7 @@ impl Writer {
             }
             Request::Close => b.close = true,
             r @ (Request::Read { .. }
+            | Request::Follow(_)
             | Request::Query { .. }
             | Request::Glance { .. }
             | Request::Bound { .. }
@@ -448,6 +453,7 @@ impl Writer {
             }
         }
         self.publish_state();
+        self.answer_follows();
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 
 mod bounds;
 mod compat;
+mod follow;
 mod inbox;
 mod power;
 mod quorum;

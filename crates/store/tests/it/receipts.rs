@@ -85,6 +85,15 @@ fn without_a_receipt_in_time_a_message_goes_back_into_the_queue_and_keeps_its_id
         let (accepted, _delivered, handled) = o.append_awaiting(asking(&rule));
         let id = accepted.await.unwrap();
         o.ack(slot, vec![id]);
+        // A link that read it waits for more: the requeue answers that
+        // standing read with nothing read (the link reads again from the
+        // oldest).
+        let want = steadfast_core::engine::ReadWant {
+            after: std::array::from_fn(|p| if p == 0 { id } else { 0 }),
+            room: [true; steadfast_core::PRIORITIES],
+        };
+        let rewind = tokio::time::timeout(Duration::from_secs(10), o.next_page(want, 0, 10, slot)).await;
+        assert!(rewind.expect("the standing read was not answered").unwrap().is_none(), "a page instead of a rewind");
         let mut state = o.watch();
         until("sent again", || state.borrow_and_update().requeued >= 1).await;
         let again = o.read_after(0, 10, Some(slot), None).await.unwrap();

@@ -360,3 +360,23 @@ fn the_window_never_grows_back_past_what_the_broker_closed_on() {
     }
     assert_eq!(s.window_size(), 3, "grown back to one less than what the broker closed on");
 }
+
+#[test]
+fn the_read_want_names_each_priority_s_cursor_and_whether_the_queue_has_room_for_it() {
+    // A page of 100: the lowest priority is read while fewer than 50 wait,
+    // the others while fewer than 200 do.
+    let msgs: Vec<M> = (1..=60).map(|i| M(i, Qos::AtLeastOnce)).collect();
+    let (s, _) = connected(&msgs);
+    let w = s.read_want().expect("room for the higher priorities");
+    assert_eq!(w.after, [60, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(w.room, [false, true, true, true, true, true, true, true, true, true]);
+    let newest = |n: &[u64]| std::array::from_fn(|p| n.get(p).copied().unwrap_or(0));
+    assert_eq!(w.pick(&newest(&[90])), None, "no room for the lowest");
+    assert_eq!(w.pick(&newest(&[90, 0, 5, 3])), Some((3, 0)), "the highest with something unread");
+    assert_eq!(s.next_read(&newest(&[90, 0, 5])), Some((2, 0)));
+    let (s, _) = connected(&msgs[..10]);
+    let w = s.read_want().unwrap();
+    assert_eq!(w.room, [true; PRIORITIES]);
+    assert_eq!(w.pick(&newest(&[10])), None, "all read");
+    assert_eq!(w.pick(&newest(&[11])), Some((0, 10)));
+}

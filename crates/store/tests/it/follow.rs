@@ -1,0 +1,133 @@
+//! A link's standing read ([`Outbox::next_page`]): the writer answers it
+//! at once when something is there to read, and otherwise right after the
+//! commit that brings it (its own, or another process's), with the page
+//! the link wants: the highest priority it has room for, only what its
+//! broker lacks, and how far the page answers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::Duration;
+
+use steadfast_core::engine::ReadWant;
+use steadfast_store::{MemoryStore, Outbox, OutboxConfig, Page, SqliteStore, Store, StoreError};
+
+use crate::{block_on, msg};
+
+type Follow<'a> = Pin<Box<dyn Future<Output = Result<Option<Page>, StoreError>> + 'a>>;
+
+async fn on_one_broker(store: Box<dyn Store>) -> (Outbox, u32) {
+    let o = Outbox::start(store, OutboxConfig::default()).unwrap();
+    let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+    (o, slot)
+}
+
+/// A want read after `after` (per priority, from the lowest; the rest 0),
+/// with room for every priority from `lowest` up.
+fn want(after: &[u64], lowest: usize) -> ReadWant {
+    ReadWant {
+        after: std::array::from_fn(|p| after.get(p).copied().unwrap_or(0)),
+        room: std::array::from_fn(|p| p >= lowest),
+    }
+}
+
+/// Sends the standing read and makes sure the writer has taken it and
+/// holds it: a read sent after it is answered after it, in order.
+async fn park<'a>(o: &'a Outbox, w: ReadWant, requeued: u64, slot: u32) -> Follow<'a> {
+    let mut f: Follow<'a> = Box::pin(o.next_page(w, requeued, 100, slot));
+    assert!(poll_once(&mut f).await.is_none(), "answered with nothing to read");
+    o.report().await.unwrap();
+    assert!(poll_once(&mut f).await.is_none(), "answered with nothing to read");
+    f
+}
+
+async fn poll_once<T>(f: &mut Pin<Box<dyn Future<Output = T> + '_>>) -> Option<T> {
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match f.as_mut().poll(cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+async fn answered(f: Follow<'_>) -> Option<Page> {
+    tokio::time::timeout(Duration::from_secs(10), f).await.expect("not answered within 10 s").unwrap()
+}
+
+fn ids(p: &Page) -> Vec<u64> {
+    p.messages.iter().map(|m| m.id).collect()
+}
+
+fn with_priority(topic: &str, priority: u8) -> steadfast_store::NewMessage {
+    let mut m = msg(topic, "x");
+    m.policy.priority = priority;
+    m
+}
+
+fn stores() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, _) = SqliteStore::open(dir.path()).unwrap();
+    vec![("memory", Box::new(MemoryStore::new()), None), ("sqlite", Box::new(sqlite), Some(dir))]
+}
+
+#[test]
+fn a_standing_read_is_answered_by_the_commit_that_brings_something_to_read() {
+    for (kind, store, _dir) in stores() {
+        block_on(async {
+            let (o, slot) = on_one_broker(store).await;
+            let f = park(&o, want(&[], 0), 0, slot).await;
+            let id = o.append(msg("t", "x"), false).0.await.unwrap();
+            let page = answered(f).await.expect("a page, not a rewind");
+            assert_eq!((ids(&page), page.priority, page.upto), (vec![id], 0, id), "{kind}");
+            // With something unread already, the answer comes at once.
+            let page = o.next_page(want(&[], 0), 0, 100, slot).await.unwrap().unwrap();
+            assert_eq!(ids(&page), vec![id], "{kind}");
+            // Read up to there: the next one waits again.
+            let f = park(&o, want(&[id], 0), 0, slot).await;
+            let next = o.append(msg("t", "y"), false).0.await.unwrap();
+            assert_eq!(ids(&answered(f).await.unwrap()), vec![next], "{kind}");
+        });
+    }
+}
+
+#[test]
+fn a_standing_read_takes_only_the_priorities_it_has_room_for_and_what_its_broker_lacks() {
+    for (kind, store, _dir) in stores() {
+        block_on(async {
+            let (o, slot) = on_one_broker(store).await;
+            // No room for the lowest priority: its message does not answer.
+            let f = park(&o, want(&[], 1), 0, slot).await;
+            let mut f = f;
+            o.append(with_priority("low", 0), false).0.await.unwrap();
+            o.report().await.unwrap();
+            assert!(poll_once(&mut f).await.is_none(), "{kind}: answered with a priority it has no room for");
+            let high = o.append(with_priority("high", 2), false).0.await.unwrap();
+            let page = answered(f).await.unwrap();
+            assert_eq!((ids(&page), page.priority, page.upto), (vec![high], 2, high), "{kind}");
+            // What the broker already acknowledged is not in the page; the
+            // page still says how far it answers, so the link moves on.
+            let acked = o.append(with_priority("high", 2), false).0.await.unwrap();
+            o.ack(slot, vec![acked]);
+            let page = o.next_page(want(&[0, 0, high], 1), 0, 100, slot).await.unwrap().unwrap();
+            assert_eq!((ids(&page), page.upto), (vec![], acked), "{kind}");
+        });
+    }
+}
+
+#[test]
+fn another_process_s_commit_answers_a_standing_read() {
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let (o, slot) = on_one_broker(Box::new(store)).await;
+        let f = park(&o, want(&[], 0), 0, slot).await;
+        // A `pub` that joined the outbox: its own connection, its own writer.
+        let guest =
+            Outbox::start(Box::new(SqliteStore::open_guest(dir.path()).unwrap()), OutboxConfig::default()).unwrap();
+        let id = guest.append(msg("t", "from the guest"), false).0.await.unwrap();
+        let page = answered(f).await.unwrap();
+        assert_eq!((ids(&page), page.upto), (vec![id], id));
+        assert_eq!(page.messages[0].msg.payload, b"from the guest");
+    });
+}

@@ -51,9 +51,14 @@ pub async fn listen(addr: SocketAddr) -> Result<Listening, Failure> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| Failure::usage(anyhow!("cannot listen on {addr} for --metrics: {e}; choose a free port")))?;
-    let buckets = [0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+    let sync = [0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
+    // A delivery takes from a millisecond on a live link to hours after an
+    // outage.
+    let delivery = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0];
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full("steadfast_disk_sync_seconds".into()), &buckets)
+        .set_buckets_for_metric(Matcher::Full("steadfast_disk_sync_seconds".into()), &sync)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("steadfast_accept_seconds".into()), &sync))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("steadfast_delivery_seconds".into()), &delivery))
         .and_then(|b| b.install_recorder())
         .map_err(|e| Failure::other(anyhow!("cannot install the metrics recorder: {e}")))?;
     Ok(Listening { listener, handle })
@@ -63,11 +68,26 @@ impl Listening {
     /// Starts serving; returns the bound address (the port may have been 0).
     pub fn serve(self, refresh: Refresh) -> Result<SocketAddr, Failure> {
         let bound = self.listener.local_addr().map_err(|e| Failure::other(anyhow!(e)))?;
+        tokio::spawn(upkeep(self.handle.clone()));
         tokio::spawn(accept_loop(self.listener, self.handle, refresh));
         tracing::info!(%bound, "metrics served at http://{bound}/metrics");
         Ok(bound)
     }
 }
+
+/// Folds the histograms' samples into their buckets every few seconds:
+/// the recorder keeps each sample until then (or until a scrape), so a
+/// process that nobody scrapes would otherwise grow by every message.
+async fn upkeep(handle: PrometheusHandle) {
+    let mut every = tokio::time::interval(UPKEEP_EVERY);
+    loop {
+        every.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// How often [`upkeep`] runs.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 async fn accept_loop(listener: TcpListener, handle: PrometheusHandle, refresh: Refresh) {
     loop {

@@ -217,3 +217,47 @@ async fn json_logs_are_json_and_carry_no_credentials() {
     }
     assert!(!err.contains("s3cr3t-pw"), "the password leaked: {err}");
 }
+
+/// The stages of a message's way are histograms in the metrics: from the
+/// append to the synced commit (`steadfast_accept_seconds`) and from the
+/// enqueue to the broker's acknowledgement (`steadfast_delivery_seconds`),
+/// one sample per message, in buckets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_message_s_accept_and_delivery_times_are_in_the_metrics() {
+    let broker = Mosquitto::plain().await;
+    let sub = Subscriber::start(broker.port(), "timed/#", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("ob").display().to_string();
+    let url = format!("mqtt://127.0.0.1:{}", broker.port());
+    let mport = free_port();
+    let mut publisher = steadfast()
+        .args(["pub", "-b", &url, "--outbox", &outbox, "-t", "timed/a", "-l", "--progress", "never"])
+        .args(["--metrics", &format!("127.0.0.1:{mport}")])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    stdin.write_all(lines("m", 50).as_bytes()).unwrap();
+    stdin.flush().unwrap();
+    // Scraped while the publisher still runs (its stdin is open).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Some(t) = scrape(mport).await {
+            if sample(&t, "steadfast_delivery_seconds_count") == Some(50.0) {
+                break t;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "50 deliveries not in the metrics in time");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sample(&text, "steadfast_accept_seconds_count"), Some(50.0), "{text}");
+    assert!(sample(&text, "steadfast_accept_seconds_sum").is_some_and(|s| s > 0.0), "{text}");
+    assert_eq!(sample(&text, "steadfast_accept_seconds_bucket{le=\"+Inf\"}"), Some(50.0), "{text}");
+    assert_eq!(sample(&text, "steadfast_delivery_seconds_bucket{le=\"3600\"}"), Some(50.0), "{text}");
+    assert!(text.contains("steadfast_delivery_seconds_bucket{le=\"0.001\"}"), "{text}");
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || publisher.wait_with_output().unwrap()).await.unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    sub.wait_count(50, Duration::from_secs(20)).await;
+}

@@ -68,7 +68,7 @@ impl Writer {
         for (id, answer) in self.store.ack_or_remove_many(&ids, slot, &mut finishes)? {
             match answer {
                 Some((e, true)) => {
-                    b.delivered += 1;
+                    self.count_delivered(&e, b);
                     self.finished(id, &e, Delivery::Delivered, b);
                 }
                 Some((e, false)) => self.settle_entry(id, e, b)?,
@@ -76,6 +76,15 @@ impl Writer {
             }
         }
         Ok(())
+    }
+
+    /// A message delivered (counted once: its receipts and resends do not
+    /// count again): counted, and its time from enqueue to this
+    /// acknowledgement recorded (`steadfast_delivery_seconds`).
+    fn count_delivered(&self, e: &Entry, b: &mut Batch) {
+        b.delivered += 1;
+        let waited_ms = crate::now_ms().saturating_sub(e.created_ms);
+        self.timings.delivery.record(waited_ms as f64 / 1000.0);
     }
 
     /// [`rule_of`] this writer's quorums.
@@ -118,7 +127,7 @@ impl Writer {
     /// already meet its rule).
     fn deliver(&mut self, id: u64, e: &Entry, need: u32, b: &mut Batch) -> Result<(), StoreError> {
         let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else {
-            b.delivered += 1;
+            self.count_delivered(e, b);
             return self.finish(id, e, Delivery::Delivered, b);
         };
         // Receipts before the quorum are noted only when it needs several.
@@ -127,13 +136,17 @@ impl Writer {
         let first = e.acked_ms.is_none();
         let due = match ReceiptRule::on_quorum(Some(&rule), by.len(), e.resends, now) {
             Settle::Delivered => {
-                b.delivered += u64::from(first);
+                if first {
+                    self.count_delivered(e, b);
+                }
                 return self.finish(id, e, Delivery::Delivered, b);
             }
             // Counted as delivered there (once).
             Settle::Handled => return self.handled(id, e, by, b),
             Settle::Await { due_ms } => {
-                b.delivered += u64::from(first);
+                if first {
+                    self.count_delivered(e, b);
+                }
                 due_ms
             }
         };
@@ -150,7 +163,7 @@ impl Writer {
             metrics::histogram!("steadfast_receipt_wait_seconds").record(waited as f64 / 1000.0);
         } else if e.awaiting_ms.is_none() {
             // Handled before its acknowledgement was recorded: delivered.
-            b.delivered += 1;
+            self.count_delivered(e, b);
         }
         self.finish(id, e, Delivery::Delivered, b)?;
         b.handled.push((id, by));
@@ -284,7 +297,7 @@ impl Writer {
             }
             Some(e) => {
                 if outcome == Delivery::Delivered {
-                    b.delivered += 1;
+                    self.count_delivered(&e, b);
                 }
                 self.finish(id, &e, outcome, b)?;
                 Ok(true)

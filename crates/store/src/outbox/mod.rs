@@ -264,7 +264,7 @@ impl Outbox {
         } else {
             (None, None)
         };
-        self.send(Request::Append { msg, reply, delivery, handled: None, source: None });
+        self.send(Request::Append { msg, reply, delivery, handled: None, source: None, at: std::time::Instant::now() });
         (AcceptFuture { rx }, drx)
     }
 
@@ -277,7 +277,14 @@ impl Outbox {
         let (reply, rx) = oneshot::channel();
         let (delivery, drx) = oneshot::channel();
         let (handled, hrx) = oneshot::channel();
-        self.send(Request::Append { msg, reply, delivery: Some(delivery), handled: Some(handled), source: None });
+        self.send(Request::Append {
+            msg,
+            reply,
+            delivery: Some(delivery),
+            handled: Some(handled),
+            source: None,
+            at: std::time::Instant::now(),
+        });
         (AcceptFuture { rx }, drx, hrx)
     }
 
@@ -304,7 +311,14 @@ impl Outbox {
     /// resend is not recognised: a known gap (docs/design.md).
     pub fn append_from(&self, msg: NewMessage, source: Source) -> AcceptFuture {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::Append { msg, reply, delivery: None, handled: None, source: Some(source) });
+        self.send(Request::Append {
+            msg,
+            reply,
+            delivery: None,
+            handled: None,
+            source: Some(source),
+            at: std::time::Instant::now(),
+        });
         AcceptFuture { rx }
     }
 

@@ -101,7 +101,7 @@ impl Writer {
         self.store.add_drop(DropReason::Overflow, None)?;
         b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
         let what = bound.to_string();
-        b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() })));
+        b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() }), p.at));
         Ok(())
     }
 
@@ -127,7 +127,7 @@ impl Writer {
         self.totals.bytes += size;
         // Accepted means on disk: the answer waits for the batch's sync.
         if accept_after_sync() {
-            b.accepted.push((p.reply, Ok(id)));
+            b.accepted.push((p.reply, Ok(id), p.at));
         } else {
             let _ = p.reply.send(Ok(id));
         }

@@ -83,13 +83,16 @@ impl Writer {
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
         self.publish_state();
-        let accepted = b.accepted.iter().filter(|(_, r)| r.is_ok()).count() as u64;
+        let accepted = b.accepted.iter().filter(|(_, r, _)| r.is_ok()).count() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);
         metrics::counter!("steadfast_delivered_total").increment(b.delivered);
         for (reply, ids) in b.unpoison_replies {
             let _ = reply.send(Ok(ids));
         }
-        for (reply, r) in b.accepted {
+        for (reply, r, at) in b.accepted {
+            if r.is_ok() {
+                self.timings.accept.record(at.elapsed().as_secs_f64());
+            }
             let _ = reply.send(r);
         }
         for (reply, id) in b.known {
@@ -252,7 +255,7 @@ impl Writer {
         let mut b = Batch::default();
         for r in requests {
             match r {
-                Request::Append { reply, .. } => b.accepted.push((reply, Ok(0))),
+                Request::Append { reply, at, .. } => b.accepted.push((reply, Ok(0), at)),
                 Request::SetWire { reply, .. } => b.wire_replies.push((reply, Vec::new())),
                 Request::Meta { reply, .. } => b.meta_replies.push((reply, String::new())),
                 Request::Slots { reply, .. } => b.slot_replies.push((reply, Default::default())),
@@ -285,7 +288,7 @@ impl Writer {
 
     pub(super) fn fail_replies(&mut self, b: Batch, e: StoreError) {
         let again = StoreError::clone_for_reply;
-        for (reply, _) in b.accepted {
+        for (reply, _, _) in b.accepted {
             let _ = reply.send(Err(AppendError::Store(again(&e))));
         }
         for (reply, _) in b.known {

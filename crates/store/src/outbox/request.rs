@@ -18,6 +18,8 @@ pub(super) enum Request {
         delivery: Option<oneshot::Sender<Delivery>>,
         handled: Option<oneshot::Sender<Handling>>,
         source: Option<Source>,
+        /// When it was sent: its acceptance time is measured from here.
+        at: std::time::Instant,
     },
     Remove {
         ids: Vec<u64>,
@@ -171,9 +173,11 @@ pub(super) struct PendingAppend {
     pub(super) delivery: Option<oneshot::Sender<Delivery>>,
     pub(super) handled: Option<oneshot::Sender<Handling>>,
     pub(super) source: Option<Source>,
+    pub(super) at: std::time::Instant,
 }
 
-pub(super) type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>);
+/// A reply to an append, and when the append was sent.
+pub(super) type AcceptReply = (oneshot::Sender<Result<u64, AppendError>>, Result<u64, AppendError>, std::time::Instant);
 pub(super) type HighReply = oneshot::Sender<Result<Vec<(String, u64)>, StoreError>>;
 pub(super) type WireReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;
 pub(super) type IdsReply = oneshot::Sender<Result<Vec<u64>, StoreError>>;

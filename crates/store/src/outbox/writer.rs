@@ -67,6 +67,27 @@ pub(super) struct Writer {
     /// The last commit went without a sync: an idle writer syncs within
     /// [`IDLE_SYNC`].
     pub(super) unsynced: bool,
+    pub(super) timings: Timings,
+}
+
+/// The histograms of a message's way through the outbox (README,
+/// "Metrics"), registered when the writer starts: a recorder installed
+/// later does not see them.
+pub(super) struct Timings {
+    /// From the append to the commit that accepted it (its sync included).
+    pub(super) accept: metrics::Histogram,
+    /// From the message's creation (enqueue) to the acknowledgement that
+    /// delivered it.
+    pub(super) delivery: metrics::Histogram,
+}
+
+impl Timings {
+    fn new() -> Timings {
+        Timings {
+            accept: metrics::histogram!("steadfast_accept_seconds"),
+            delivery: metrics::histogram!("steadfast_delivery_seconds"),
+        }
+    }
 }
 
 /// The most requests one batch takes.
@@ -133,6 +154,7 @@ impl Writer {
             admit_due: false,
             synced_at: std::time::Instant::now(),
             unsynced: false,
+            timings: Timings::new(),
         };
         Ok((writer, state))
     }
@@ -281,7 +303,9 @@ impl Writer {
 
     /// Reads that no write precedes in this batch see nothing new from
     /// it: answer them now instead of after the sync, so the driver's
-    /// next page never waits for a disk flush.
+    /// next page never waits for a disk flush. Standing reads are looked
+    /// at here too: another process's commit, just read again by
+    /// `follow_others`, may have given them something.
     fn answer_leading_reads(&mut self, requests: &mut Vec<Request>) {
         let first_write = requests.iter().position(|r| !r.is_read());
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
@@ -340,8 +364,8 @@ impl Writer {
     /// the commit (replies, announcements, reads) goes into `b`.
     fn apply_one(&mut self, r: Request, b: &mut Batch) -> Result<(), StoreError> {
         match r {
-            Request::Append { msg, reply, delivery, handled, source } => {
-                self.accept(PendingAppend { msg, reply, delivery, handled, source }, b)?;
+            Request::Append { msg, reply, delivery, handled, source, at } => {
+                self.accept(PendingAppend { msg, reply, delivery, handled, source, at }, b)?;
             }
             Request::Remove { ids, outcome } => self.remove_all(ids, outcome, b)?,
             Request::Ack { slot, ids } => self.ack_all(slot, ids, b)?,
@@ -453,7 +477,6 @@ impl Writer {
             }
         }
         self.publish_state();
-        self.answer_follows();
         Ok(())
     }
 

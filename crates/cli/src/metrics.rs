@@ -52,12 +52,14 @@ pub async fn listen(addr: SocketAddr) -> Result<Listening, Failure> {
         .await
         .map_err(|e| Failure::usage(anyhow!("cannot listen on {addr} for --metrics: {e}; choose a free port")))?;
     let sync = [0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
-    // A delivery takes from a millisecond on a live link to hours after an
-    // outage.
+    // An acceptance takes a sync, or as long as a full outbox makes its
+    // publisher wait for room; a delivery from a millisecond on a live
+    // link to hours after an outage.
+    let accept = [0.000_1, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 60.0, 3600.0];
     let delivery = [0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0];
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("steadfast_disk_sync_seconds".into()), &sync)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("steadfast_accept_seconds".into()), &sync))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("steadfast_accept_seconds".into()), &accept))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full("steadfast_delivery_seconds".into()), &delivery))
         .and_then(|b| b.install_recorder())
         .map_err(|e| Failure::other(anyhow!("cannot install the metrics recorder: {e}")))?;

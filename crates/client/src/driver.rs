@@ -464,8 +464,10 @@ impl Driver {
             }
             // The standing read follows what the engine wants: a new want
             // (a page handled, room made, a rewind) replaces it. One that
-            // stands while the engine wants nothing (a QoS 2 bind pending)
-            // stays: its page is still the one to read next.
+            // stands while the engine wants nothing (a QoS 2 bind pending,
+            // or no room at any priority) stays, as a read under way did
+            // before: its cursors are still the engine's, and the queue
+            // takes at most that one page more.
             if let Some(want) = self.read_want() {
                 if fetch.as_ref().is_none_or(|(w, _)| *w != want) {
                     fetch = Some((want, self.fetch(want, requeued)));

@@ -33,6 +33,21 @@ fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// Scrapes the metrics at `port` until `series` reads `value`; the text
+/// of that scrape.
+async fn scrape_until(port: u16, series: &str, value: f64, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(t) = scrape(port).await {
+            if sample(&t, series) == Some(value) {
+                return t;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{series} did not reach {value} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn lines(prefix: &str, n: usize) -> String {
     (1..=n).map(|i| format!("{prefix}{i}\n")).collect()
 }
@@ -85,16 +100,8 @@ async fn classes_during_an_outage_match_the_metrics() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let text = loop {
-        if let Some(t) = scrape(mport).await {
-            if sample(&t, "steadfast_dropped_total{reason=\"expired\"}") == Some(5.0) {
-                break t;
-            }
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the 5 deadline messages did not expire in time");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let expired = "steadfast_dropped_total{reason=\"expired\"}";
+    let text = scrape_until(mport, expired, 5.0, Duration::from_secs(20)).await;
     assert_eq!(sample(&text, "steadfast_queue_depth"), Some(24.0), "3 alarms + 1 temp + 20 telemetry\n{text}");
     assert_eq!(sample(&text, "steadfast_dropped_total{reason=\"best-effort\"}"), Some(4.0), "{text}");
     assert_eq!(sample(&text, "steadfast_dropped_total{reason=\"superseded\"}"), Some(9.0), "{text}");
@@ -241,16 +248,7 @@ async fn each_message_s_accept_and_delivery_times_are_in_the_metrics() {
     stdin.write_all(lines("m", 50).as_bytes()).unwrap();
     stdin.flush().unwrap();
     // Scraped while the publisher still runs (its stdin is open).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        if let Some(t) = scrape(mport).await {
-            if sample(&t, "steadfast_delivery_seconds_count") == Some(50.0) {
-                break t;
-            }
-        }
-        assert!(tokio::time::Instant::now() < deadline, "50 deliveries not in the metrics in time");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let text = scrape_until(mport, "steadfast_delivery_seconds_count", 50.0, Duration::from_secs(30)).await;
     assert_eq!(sample(&text, "steadfast_accept_seconds_count"), Some(50.0), "{text}");
     assert!(sample(&text, "steadfast_accept_seconds_sum").is_some_and(|s| s > 0.0), "{text}");
     assert_eq!(sample(&text, "steadfast_accept_seconds_bucket{le=\"+Inf\"}"), Some(50.0), "{text}");

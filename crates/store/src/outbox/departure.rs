@@ -80,11 +80,11 @@ impl Writer {
 
     /// A message delivered (counted once: its receipts and resends do not
     /// count again): counted, and its time from enqueue to this
-    /// acknowledgement recorded (`steadfast_delivery_seconds`).
+    /// acknowledgement kept for `steadfast_delivery_seconds` (recorded
+    /// after the commit: a failed one applies the acknowledgement again).
     fn count_delivered(&self, e: &Entry, b: &mut Batch) {
         b.delivered += 1;
-        let waited_ms = crate::now_ms().saturating_sub(e.created_ms);
-        self.timings.delivery.record(waited_ms as f64 / 1000.0);
+        b.delivery_ms.push(crate::now_ms().saturating_sub(e.created_ms));
     }
 
     /// [`rule_of`] this writer's quorums.
@@ -236,6 +236,7 @@ impl Writer {
         self.sweeper.handle_next_receipt(self.store.awaiting()?.next_due_ms);
         if requeued > 0 {
             self.store.add_counter(RECEIPTS_REPUBLISHED, requeued)?;
+            self.republished += requeued;
             metrics::counter!("steadfast_republished_total").increment(requeued);
             tracing::warn!(messages = requeued, "no receipt came in time: published again under the same identity");
             self.requeued += requeued;

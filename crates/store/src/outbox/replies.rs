@@ -32,6 +32,8 @@ pub(super) struct Batch {
     /// Messages delivered (a broker's first acknowledgement of what asks
     /// for receipts counts; its handling and resends do not again).
     pub(super) delivered: u64,
+    /// Of each message delivered, its time from enqueue, in milliseconds.
+    pub(super) delivery_ms: Vec<u64>,
     pub(super) wire_replies: Vec<(WireReply, Vec<u64>)>,
     pub(super) meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     pub(super) slot_replies: Vec<(SlotReply, Configured)>,
@@ -86,6 +88,9 @@ impl Writer {
         let accepted = b.accepted.iter().filter(|(_, r, _)| r.is_ok()).count() as u64;
         metrics::counter!("steadfast_accepted_total").increment(accepted);
         metrics::counter!("steadfast_delivered_total").increment(b.delivered);
+        for ms in &b.delivery_ms {
+            self.timings.delivery.record(*ms as f64 / 1000.0);
+        }
         for (reply, ids) in b.unpoison_replies {
             let _ = reply.send(Ok(ids));
         }

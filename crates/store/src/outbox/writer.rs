@@ -30,6 +30,10 @@ pub(super) struct Writer {
     pub(super) handled_waiters: HashMap<u64, oneshot::Sender<Handling>>,
     /// Messages that went back into the queue for lack of receipts.
     pub(super) requeued: u64,
+    /// The outbox's count of messages published again for lack of
+    /// receipts (`RECEIPTS_REPUBLISHED`) as this writer last knew it: a
+    /// rise it did not make is another process's requeue.
+    pub(super) republished: u64,
     pub(super) waiters_pruned_at: usize,
     pub(super) last_id: u64,
     pub(super) newest: [u64; PRIORITIES],
@@ -74,7 +78,8 @@ pub(super) struct Writer {
 /// "Metrics"), registered when the writer starts: a recorder installed
 /// later does not see them.
 pub(super) struct Timings {
-    /// From the append to the commit that accepted it (its sync included).
+    /// From the append to the commit that accepted it (its sync included,
+    /// and any wait for room under the `block` overflow policy).
     pub(super) accept: metrics::Histogram,
     /// From the message's creation (enqueue) to the acknowledgement that
     /// delivered it.
@@ -124,6 +129,7 @@ impl Writer {
         sweeper.handle_queued(totals.count > 0);
         let poisoned = store.poisoned()?.len() as u64;
         let data_version = store.data_version()?;
+        let republished = republished_of(store.as_mut())?;
         let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned, requeued: 0 });
         let writer = Writer {
             store,
@@ -134,6 +140,7 @@ impl Writer {
             waiters: HashMap::new(),
             handled_waiters: HashMap::new(),
             requeued: 0,
+            republished,
             waiters_pruned_at: 1024,
             last_id,
             newest,
@@ -353,6 +360,7 @@ impl Writer {
         if let Ok(a) = self.store.awaiting() {
             self.sweeper.handle_next_receipt(a.next_due_ms);
         }
+        self.republished = republished_of(self.store.as_mut()).unwrap_or(self.republished);
         self.inbox_len = self.store.inbox_len().unwrap_or(self.inbox_len);
         self.inbox_bytes = self.store.inbox_bytes().unwrap_or(self.inbox_bytes);
         tracing::error!(error = %e, "outbox commit failed; nothing in this batch was accepted; removals will be retried");
@@ -454,6 +462,12 @@ impl Writer {
         }
         self.held = held_count(&self.store.routes()?);
         self.poisoned = self.store.poisoned()?.len() as u64;
+        // Messages another process put back into the queue (a joined
+        // `pub` whose sweep found their receipts late): this process's
+        // links must read them again too.
+        let republished = republished_of(self.store.as_mut())?;
+        self.requeued += republished.saturating_sub(self.republished);
+        self.republished = republished;
         self.sweeper.handle_next_expiry(self.store.next_expiry()?);
         self.sweeper.handle_next_receipt(self.store.awaiting()?.next_due_ms);
         let mut left = Vec::new();
@@ -615,4 +629,10 @@ impl Writer {
             }
         }
     }
+}
+
+/// The outbox's persistent count of messages published again for lack of
+/// receipts.
+fn republished_of(store: &mut dyn Store) -> Result<u64, StoreError> {
+    Ok(store.counters()?.into_iter().find(|(k, _)| k == super::RECEIPTS_REPUBLISHED).map_or(0, |(_, v)| v))
 }

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use steadfast_core::{ConsumerReceipt, DropReason, Need, ReceiptRule};
-use steadfast_store::{Delivery, Handling, MemoryStore, NewMessage, Outbox, OutboxConfig, Quorum, SqliteStore, Store};
+use steadfast_store::{
+    Delivery, Handling, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, Quorum, SqliteStore, Store,
+};
 
 use crate::{block_on, msg};
 
@@ -109,6 +111,40 @@ fn without_a_receipt_in_time_a_message_goes_back_into_the_queue_and_keeps_its_id
         );
         let o2 = o.clone();
         tokio::task::spawn_blocking(move || o2.close()).await.unwrap();
+    });
+}
+
+/// A joined process (a second `pub` on the same outbox) may be the one
+/// whose sweep puts a message back into the queue: the holder's links
+/// read it again all the same (their standing reads are answered with a
+/// rewind).
+#[test]
+fn a_requeue_by_another_process_is_read_again_by_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let (o, slot) = on_one_broker(Box::new(store)).await;
+        // A wait that no sweep of the holder reaches during the test.
+        let rule = ReceiptRule::any(Duration::from_secs(3600));
+        let (accepted, _delivered, _handled) = o.append_awaiting(asking(&rule));
+        let id = accepted.await.unwrap();
+        o.ack(slot, vec![id]);
+        assert_eq!(o.report().await.unwrap().awaiting.count, 1);
+        // The other process's sweep, as its writer makes it.
+        let mut guest = SqliteStore::open_guest(dir.path()).unwrap();
+        guest.begin().unwrap();
+        guest.requeue_for_receipts(id).unwrap();
+        guest.add_counter(steadfast_store::RECEIPTS_REPUBLISHED, 1).unwrap();
+        guest.commit().unwrap();
+        let want = steadfast_core::engine::ReadWant {
+            after: std::array::from_fn(|p| if p == 0 { id } else { 0 }),
+            room: [true; steadfast_core::PRIORITIES],
+        };
+        let rewind = tokio::time::timeout(Duration::from_secs(10), o.next_page(want, 0, 10, slot)).await;
+        assert!(rewind.expect("the standing read was not answered").unwrap().is_none(), "a page instead of a rewind");
+        assert_eq!(o.state().requeued, 1);
+        let again = o.read_after(0, 10, Some(slot), None).await.unwrap();
+        assert_eq!(again.iter().map(|m| m.id).collect::<Vec<_>>(), [id]);
     });
 }
 

@@ -319,6 +319,12 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn set_synced(&mut self, synced: bool) {
         let _ = synced;
     }
+    /// Whether the transaction under way has changed anything so far: a
+    /// commit that changed nothing syncs nothing (SQLite writes no log
+    /// frame for it). `false` when the store cannot tell.
+    fn changed(&self) -> bool {
+        false
+    }
     /// Abandons the transaction.
     fn rollback(&mut self);
     /// Adds a message; returns its id, greater than any id ever handed out.

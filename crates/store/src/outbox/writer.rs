@@ -245,11 +245,19 @@ impl Writer {
             return self.fail_batch(requests, e);
         }
         let mut rest = requests.into_iter();
+        let result = self.apply_all(&retried, &mut rest, sweep, &mut b);
         // SQLite syncs nothing for a commit that changed nothing: after
-        // unsynced commits, a synced batch writes a mark so that its sync
-        // puts them on the disk too.
-        let marked = if !bookkeeping && self.unsynced { self.mark_synced() } else { Ok(()) };
-        let result = marked.and_then(|()| self.apply_all(&retried, &mut rest, sweep, &mut b));
+        // unsynced commits, a synced batch that changed nothing (a
+        // message refused, a read) writes a mark so that its sync puts
+        // them on the disk too. One that changed something is synced
+        // whole, the log with it: no mark (a page fewer per commit).
+        let result = result.and_then(|()| {
+            if !bookkeeping && self.unsynced && !self.store.changed() {
+                self.mark_synced()
+            } else {
+                Ok(())
+            }
+        });
         if result.is_ok() {
             self.tell_delivered(&mut b);
         }

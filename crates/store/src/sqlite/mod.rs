@@ -112,6 +112,9 @@ pub struct SqliteStore {
     /// What the transaction under way queued (+) and removed (-): count
     /// and bytes, written to the summary row at its commit.
     queued_delta: (i64, i64),
+    /// The connection's count of changed rows when the transaction under
+    /// way began ([`Store::changed`]).
+    changes_at_begin: u64,
     /// The newest messages, in memory ([`tail`]); off in a guest or a
     /// read-only handle.
     tail: tail::Tail,
@@ -242,6 +245,7 @@ impl SqliteStore {
             reserved,
             drops_logged: 0,
             queued_delta: (0, 0),
+            changes_at_begin: 0,
             tail: tail::Tail::default(),
             seen_version: None,
             ids: Ids::default(),
@@ -289,6 +293,7 @@ impl SqliteStore {
             reserved: reserve::read(dir),
             drops_logged: 0,
             queued_delta: (0, 0),
+            changes_at_begin: 0,
             tail: tail::Tail::off(),
             seen_version: None,
             ids: Ids::default(),
@@ -332,6 +337,7 @@ impl SqliteStore {
             reserved: 0,
             drops_logged: 0,
             queued_delta: (0, 0),
+            changes_at_begin: 0,
             tail: tail::Tail::off(),
             seen_version: None,
             ids: Ids::default(),

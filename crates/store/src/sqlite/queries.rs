@@ -81,6 +81,7 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.run_cached("BEGIN IMMEDIATE")?;
+        self.changes_at_begin = self.conn.total_changes();
         // Nobody else commits until this transaction ends: one look for
         // what others committed before it covers every use of the tail
         // and of the highest id in it.
@@ -102,6 +103,14 @@ impl Store for SqliteStore {
             record_last_id(&self.conn, id).map_err(|e| self.map(e)).inspect_err(|_| self.forget_ids())?;
         }
         self.run_cached("COMMIT").inspect_err(|_| self.forget_ids())
+    }
+
+    fn changed(&self) -> bool {
+        // Every statement that changes a row dirties its page; the summary
+        // and the id record are written at the commit.
+        self.conn.total_changes() != self.changes_at_begin
+            || self.queued_delta != (0, 0)
+            || self.ids.unrecorded.is_some()
     }
 
     fn set_synced(&mut self, synced: bool) {

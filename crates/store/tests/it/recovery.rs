@@ -507,3 +507,30 @@ fn a_damaged_inbox_keeps_the_identities_that_can_be_read() {
     let kept = s.inbox_seen(&ids).unwrap().into_iter().filter(|b| *b).count();
     assert!(kept > 1000, "{kept} of 3,000 identities kept");
 }
+
+/// A transaction says whether it changed anything: the writer's synced
+/// commit after unsynced ones writes its mark only when nothing else
+/// would make SQLite write (and sync) the log.
+#[test]
+fn a_transaction_says_whether_it_changed_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    s.begin().unwrap();
+    assert!(!s.changed(), "nothing yet");
+    let id = s.insert(&msg("t", "x")).unwrap();
+    assert!(s.changed(), "an insert");
+    s.commit().unwrap();
+    s.begin().unwrap();
+    assert_eq!(s.read_after(0, 10, None, None).unwrap().len(), 1);
+    assert!(s.entry(id).unwrap().is_some());
+    assert!(!s.changed(), "reads change nothing");
+    assert!(!s.remove(id + 1).unwrap());
+    assert!(!s.changed(), "removing what is not there changes nothing");
+    assert!(s.remove(id).unwrap());
+    assert!(s.changed(), "a removal");
+    s.commit().unwrap();
+    s.begin().unwrap();
+    s.set_meta("k", "v").unwrap();
+    assert!(s.changed(), "metadata");
+    s.commit().unwrap();
+}

@@ -151,6 +151,36 @@ pub fn write_fsync_latencies(dir: &Path, samples: usize, budget: Duration) -> st
     Ok(out)
 }
 
+/// Times up to `samples` appends of `bytes` to a fresh file in `dir`, each
+/// followed by `fsync`, paced at `rate` per second (as the latency runs
+/// are); stops early after `budget`. Milliseconds. What a paced message
+/// costs the disk alone, with its tail: the floor under the latency's.
+pub fn paced_append_fsync(
+    dir: &Path,
+    samples: usize,
+    rate: u32,
+    bytes: usize,
+    budget: Duration,
+) -> std::io::Result<Vec<f64>> {
+    let mut file = tempfile::Builder::new().prefix("steadfast-bench-paced-").tempfile_in(dir)?;
+    let block = vec![b'p'; bytes];
+    let every = Duration::from_secs(1) / rate.max(1);
+    let mut out = Vec::with_capacity(samples);
+    let t0 = Instant::now();
+    let mut due = t0;
+    while out.len() < samples && t0.elapsed() < budget {
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        due += every;
+        let start = Instant::now();
+        file.write_all(&block)?;
+        file.as_file().sync_all()?;
+        out.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(out)
+}
+
 /// Checks `dir` (refused on tmpfs/ramfs unless `allow_memory`), then
 /// measures its raw `write` + `fsync` latency.
 pub fn probe(dir: &Path, allow_memory: bool) -> Result<OutboxDisk, OutboxDirError> {

@@ -110,7 +110,7 @@ pub(crate) async fn publish(a: Args) -> Result<Scenario, BenchError> {
             "rates: bare rumqttc with the same MQTT version and window, same run; latency: p50 over rumqttc's p50"
                 .into(),
         rows,
-        notes: rates.notes().into_iter().chain(latency.stages()).collect(),
+        notes: rates.notes().into_iter().chain(latency.notes(&a)).collect(),
         latencies: vec![
             ("steadfast, durable, MQTT 5".into(), latency.steadfast.total),
             ("bare rumqttc, MQTT 5".into(), latency.rumqttc),
@@ -243,18 +243,51 @@ impl WindowRates {
 struct Latencies {
     steadfast: SteadfastLatency,
     rumqttc: Vec<f64>,
+    /// The disk alone at the same pace ([`PACED_DISK_BYTES`] appended and
+    /// synced per message), milliseconds.
+    disk: Vec<f64>,
 }
+
+/// What a paced message's commit adds to the outbox's log: three pages
+/// (its row's, the summary row's, the id record's; docs/performance.md).
+const PACED_DISK_BYTES: usize = 3 * 4096;
+/// The most paced disk writes timed after the latency runs.
+const PACED_DISK_SAMPLES: usize = 5_000;
 
 impl Latencies {
     async fn measure(port: u16, a: &Args) -> Result<Latencies, BenchError> {
         let n = latency_messages(a);
         let steadfast = bounded("latency: steadfast", n, latency_steadfast(port, a, n)).await?;
         let rumqttc = bounded("latency: rumqttc", n, latency_rumqttc_v5(port, a, n)).await?;
-        Ok(Latencies { steadfast, rumqttc })
+        let (dir, rate, samples) = (a.outbox_dir.clone(), a.rate, n.min(PACED_DISK_SAMPLES));
+        let disk = tokio::task::spawn_blocking(move || {
+            crate::disk::paced_append_fsync(&dir, samples, rate, PACED_DISK_BYTES, std::time::Duration::from_secs(30))
+        })
+        .await
+        .expect("the paced disk probe does not panic")
+        .map_err(|error| crate::disk::OutboxDirError::Io { dir: a.outbox_dir.clone(), error })?;
+        Ok(Latencies { steadfast, rumqttc, disk })
     }
 
     /// Where steadfast's latency goes, p50 and p99 of each part (the p99
-    /// says which part the tail comes from).
+    /// says which part the tail comes from), and the disk's own figures at
+    /// the same pace.
+    fn notes(&mut self, a: &Args) -> Vec<String> {
+        let mut notes: Vec<String> = self.stages().into_iter().collect();
+        let d = &mut self.disk;
+        if let (Some(p50), Some(p99), Some(p999), Some(max)) =
+            (percentile(d, 50.0), percentile(d, 99.0), percentile(d, 99.9), percentile(d, 100.0))
+        {
+            notes.push(format!(
+                "the disk alone at the latency runs' pace: {} appends of {} KiB to a file in the outbox directory (what a message's commit adds to the log), each synced, {} per second: p50 {p50:.2} ms, p99 {p99:.2}, p99.9 {p999:.2}, max {max:.2}: the floor under publish to accepted, and through the acknowledgement's wait for the writer, under the whole",
+                d.len(),
+                PACED_DISK_BYTES / 1024,
+                a.rate
+            ));
+        }
+        notes
+    }
+
     fn stages(&mut self) -> Option<String> {
         let s = &mut self.steadfast;
         let mut after: Vec<f64> = s.total.iter().zip(&s.accepted).map(|(t, a)| t - a).collect();

@@ -10,6 +10,8 @@ use steadfast_store::{
     Delivery, Handling, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, Quorum, SqliteStore, Store,
 };
 
+use tokio::sync::oneshot;
+
 use crate::{block_on, msg};
 
 fn asking(rule: &ReceiptRule) -> NewMessage {
@@ -36,6 +38,26 @@ async fn on_two_brokers(need: u32, catch_up_ms: Option<u64>) -> (Outbox, Vec<u32
 
 fn receipt(by: &str, ids: &[u64]) -> ConsumerReceipt {
     ConsumerReceipt { by: by.into(), producer: "p".into(), ranges: ConsumerReceipt::ranges_of(ids.iter().copied()) }
+}
+
+/// A message asking for any one receipt within `wait`, accepted and
+/// acknowledged by the broker in `slot`: its id and its handling waiter.
+async fn acknowledged_awaiting(o: &Outbox, slot: u32, wait: Duration) -> (u64, oneshot::Receiver<Handling>) {
+    let (accepted, _delivered, handled) = o.append_awaiting(asking(&ReceiptRule::any(wait)));
+    let id = accepted.await.unwrap();
+    o.ack(slot, vec![id]);
+    (id, handled)
+}
+
+/// A link's standing read of everything after `id`, answered within 10 s
+/// (`None`: read again from the oldest).
+async fn standing_read_past(o: &Outbox, id: u64, slot: u32) -> Option<steadfast_store::Page> {
+    let want = steadfast_core::engine::ReadWant {
+        after: std::array::from_fn(|p| if p == 0 { id } else { 0 }),
+        room: [true; steadfast_core::PRIORITIES],
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(10), o.next_page(want, 0, 10, slot)).await;
+    answer.expect("the standing read was not answered").unwrap()
 }
 
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -83,19 +105,11 @@ fn without_a_receipt_in_time_a_message_goes_back_into_the_queue_and_keeps_its_id
     block_on(async {
         let (store, _) = SqliteStore::open(dir.path()).unwrap();
         let (o, slot) = on_one_broker(Box::new(store)).await;
-        let rule = ReceiptRule::any(Duration::from_millis(300));
-        let (accepted, _delivered, handled) = o.append_awaiting(asking(&rule));
-        let id = accepted.await.unwrap();
-        o.ack(slot, vec![id]);
+        let (id, handled) = acknowledged_awaiting(&o, slot, Duration::from_millis(300)).await;
         // A link that read it waits for more: the requeue answers that
         // standing read with nothing read (the link reads again from the
         // oldest).
-        let want = steadfast_core::engine::ReadWant {
-            after: std::array::from_fn(|p| if p == 0 { id } else { 0 }),
-            room: [true; steadfast_core::PRIORITIES],
-        };
-        let rewind = tokio::time::timeout(Duration::from_secs(10), o.next_page(want, 0, 10, slot)).await;
-        assert!(rewind.expect("the standing read was not answered").unwrap().is_none(), "a page instead of a rewind");
+        assert!(standing_read_past(&o, id, slot).await.is_none(), "a page instead of a rewind");
         let mut state = o.watch();
         until("sent again", || state.borrow_and_update().requeued >= 1).await;
         let again = o.read_after(0, 10, Some(slot), None).await.unwrap();
@@ -125,10 +139,7 @@ fn a_requeue_by_another_process_is_read_again_by_the_holder() {
         let (store, _) = SqliteStore::open(dir.path()).unwrap();
         let (o, slot) = on_one_broker(Box::new(store)).await;
         // A wait that no sweep of the holder reaches during the test.
-        let rule = ReceiptRule::any(Duration::from_secs(3600));
-        let (accepted, _delivered, _handled) = o.append_awaiting(asking(&rule));
-        let id = accepted.await.unwrap();
-        o.ack(slot, vec![id]);
+        let (id, _handled) = acknowledged_awaiting(&o, slot, Duration::from_secs(3600)).await;
         assert_eq!(o.report().await.unwrap().awaiting.count, 1);
         // The other process's sweep, as its writer makes it.
         let mut guest = SqliteStore::open_guest(dir.path()).unwrap();
@@ -136,12 +147,7 @@ fn a_requeue_by_another_process_is_read_again_by_the_holder() {
         guest.requeue_for_receipts(id).unwrap();
         guest.add_counter(steadfast_store::RECEIPTS_REPUBLISHED, 1).unwrap();
         guest.commit().unwrap();
-        let want = steadfast_core::engine::ReadWant {
-            after: std::array::from_fn(|p| if p == 0 { id } else { 0 }),
-            room: [true; steadfast_core::PRIORITIES],
-        };
-        let rewind = tokio::time::timeout(Duration::from_secs(10), o.next_page(want, 0, 10, slot)).await;
-        assert!(rewind.expect("the standing read was not answered").unwrap().is_none(), "a page instead of a rewind");
+        assert!(standing_read_past(&o, id, slot).await.is_none(), "a page instead of a rewind");
         assert_eq!(o.state().requeued, 1);
         let again = o.read_after(0, 10, Some(slot), None).await.unwrap();
         assert_eq!(again.iter().map(|m| m.id).collect::<Vec<_>>(), [id]);

@@ -12,19 +12,13 @@ use std::time::Duration;
 use steadfast_core::engine::ReadWant;
 use steadfast_store::{MemoryStore, Outbox, OutboxConfig, Page, SqliteStore, Store, StoreError};
 
-use crate::{block_on, msg};
+use crate::{block_on, msg, on_one_broker};
 
-type Follow<'a> = Pin<Box<dyn Future<Output = Result<Option<Page>, StoreError>> + 'a>>;
-
-async fn on_one_broker(store: Box<dyn Store>) -> (Outbox, u32) {
-    let o = Outbox::start(store, OutboxConfig::default()).unwrap();
-    let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
-    (o, slot)
-}
+pub(crate) type Follow<'a> = Pin<Box<dyn Future<Output = Result<Option<Page>, StoreError>> + 'a>>;
 
 /// A want read after `after` (per priority, from the lowest; the rest 0),
 /// with room for every priority from `lowest` up.
-fn want(after: &[u64], lowest: usize) -> ReadWant {
+pub(crate) fn want(after: &[u64], lowest: usize) -> ReadWant {
     ReadWant {
         after: std::array::from_fn(|p| after.get(p).copied().unwrap_or(0)),
         room: std::array::from_fn(|p| p >= lowest),
@@ -51,7 +45,7 @@ async fn poll_once<T>(f: &mut Pin<Box<dyn Future<Output = T> + '_>>) -> Option<T
     .await
 }
 
-async fn answered(f: Follow<'_>) -> Option<Page> {
+pub(crate) async fn answered(f: Follow<'_>) -> Option<Page> {
     tokio::time::timeout(Duration::from_secs(10), f).await.expect("not answered within 10 s").unwrap()
 }
 

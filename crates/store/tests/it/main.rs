@@ -31,6 +31,13 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
     }
 }
 
+/// An outbox over `store` configured for one broker, and its slot.
+pub async fn on_one_broker(store: Box<dyn steadfast_store::Store>) -> (steadfast_store::Outbox, u32) {
+    let o = steadfast_store::Outbox::start(store, steadfast_store::OutboxConfig::default()).unwrap();
+    let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
+    (o, slot)
+}
+
 /// Runs a future to completion on a small runtime (the outbox is sync
 /// underneath; its replies are futures).
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {

@@ -12,17 +12,11 @@ use steadfast_store::{
 
 use tokio::sync::oneshot;
 
-use crate::{block_on, msg};
+use crate::follow::{answered, want};
+use crate::{block_on, msg, on_one_broker};
 
 fn asking(rule: &ReceiptRule) -> NewMessage {
     NewMessage { receipts: Some(rule.to_text()), ..msg("t", "x") }
-}
-
-/// An outbox over `store` configured for one broker, and its slot.
-async fn on_one_broker(store: Box<dyn Store>) -> (Outbox, u32) {
-    let o = Outbox::start(store, OutboxConfig::default()).unwrap();
-    let slot = o.configure(vec!["mqtt://127.0.0.1:1".into()], vec![], Default::default()).await.unwrap().slots[0];
-    (o, slot)
 }
 
 /// An in-memory outbox for two brokers whose default route needs `need`
@@ -52,12 +46,7 @@ async fn acknowledged_awaiting(o: &Outbox, slot: u32, wait: Duration) -> (u64, o
 /// A link's standing read of everything after `id`, answered within 10 s
 /// (`None`: read again from the oldest).
 async fn standing_read_past(o: &Outbox, id: u64, slot: u32) -> Option<steadfast_store::Page> {
-    let want = steadfast_core::engine::ReadWant {
-        after: std::array::from_fn(|p| if p == 0 { id } else { 0 }),
-        room: [true; steadfast_core::PRIORITIES],
-    };
-    let answer = tokio::time::timeout(Duration::from_secs(10), o.next_page(want, 0, 10, slot)).await;
-    answer.expect("the standing read was not answered").unwrap()
+    answered(Box::pin(o.next_page(want(&[id], 0), 0, 10, slot))).await
 }
 
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {

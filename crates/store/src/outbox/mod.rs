@@ -30,6 +30,7 @@ mod policy;
 mod replies;
 mod report;
 mod request;
+mod syncer;
 mod writer;
 
 use std::future::Future;

@@ -327,13 +327,13 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn set_synced(&mut self, synced: bool) {
         let _ = synced;
     }
-    /// Hands out a way to put on the disk, from another thread, what the
-    /// commits made so far wrote. Once handed out, a commit made with
-    /// [`Store::set_synced`] on no longer syncs itself: the outbox's
-    /// writer commits and a thread of its own syncs behind it, telling
-    /// nobody of a commit before (docs/design.md, "The writer thread").
-    /// `None` (the default): commits sync themselves.
-    fn log_sync(&mut self) -> Option<Box<dyn LogSync>> {
+    /// A way to put on the disk, from another thread, what the commits
+    /// made so far wrote without a sync. With it the outbox's writer
+    /// commits without syncing and a thread of its own syncs behind it,
+    /// telling nobody of a commit before (docs/design.md, "The writer
+    /// thread"). `None` (the default): a commit made with
+    /// [`Store::set_synced`] on syncs itself.
+    fn log_sync(&self) -> Option<Box<dyn LogSync>> {
         None
     }
     /// Whether the transaction under way has changed anything so far: a

@@ -87,7 +87,7 @@ impl Store for MemoryStore {
         self.saved = None;
         Ok(())
     }
-    fn log_sync(&mut self) -> Option<Box<dyn LogSync>> {
+    fn log_sync(&self) -> Option<Box<dyn LogSync>> {
         self.log.as_ref().and_then(|l| l.0.lock().ok()?.take())
     }
     fn rollback(&mut self) {

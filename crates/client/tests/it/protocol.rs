@@ -31,9 +31,6 @@ struct Faults {
     reads: AtomicU32,
     /// Every commit, in order, and the one under way.
     commits: Mutex<(Vec<Commit>, Commit)>,
-    /// Every sync of the log by the outbox's sync thread (with a store
-    /// that hands one out): when it began, and how many commits it covered.
-    syncs: Mutex<Vec<(std::time::Instant, usize)>>,
 }
 
 /// What a commit held, and whether it was to be synced.
@@ -57,33 +54,6 @@ impl Faults {
 
     fn commits(&self) -> Vec<Commit> {
         self.commits.lock().unwrap().0.clone()
-    }
-
-    fn syncs(&self) -> Vec<(std::time::Instant, usize)> {
-        self.syncs.lock().unwrap().clone()
-    }
-}
-
-/// A log that notes its syncs in the faults: with it, the outbox commits
-/// without syncing and its sync thread syncs behind the commits, as on
-/// SQLite.
-struct NotedLog(Arc<Faults>);
-
-impl steadfast_store::LogSync for NotedLog {
-    fn sync(&mut self) -> Result<(), StoreError> {
-        let covered = self.0.commits.lock().unwrap().0.len();
-        self.0.syncs.lock().unwrap().push((std::time::Instant::now(), covered));
-        Ok(())
-    }
-}
-
-/// The in-memory store, syncing through a [`NotedLog`] when `with_log`.
-fn memory(with_log: bool, faults: &Arc<Faults>) -> MemoryStore {
-    let m = MemoryStore::new();
-    if with_log {
-        m.syncing_with(Box::new(NotedLog(faults.clone())))
-    } else {
-        m
     }
 }
 
@@ -112,9 +82,6 @@ impl Store for FaultyStore {
     }
     fn set_synced(&mut self, synced: bool) {
         self.faults.note(|c| c.synced = synced);
-    }
-    fn log_sync(&mut self) -> Option<Box<dyn steadfast_store::LogSync>> {
-        self.inner.log_sync()
     }
     fn rollback(&mut self) {
         self.inner.rollback()
@@ -357,22 +324,12 @@ fn store_with_bound_qos2(payload: &str, stage: Stage) -> MemoryStore {
 /// is accepted only by a synced commit; a batch of brokers'
 /// acknowledgements alone may go without a sync; and once the writer is
 /// idle a synced commit that changed something (SQLite syncs nothing for a
-/// commit that changed nothing) puts them on the disk too. With a log that
-/// the sync thread syncs (SQLite's), the same rule, the syncs made there.
+/// commit that changed nothing) puts them on the disk too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledgements_alone_go_unsynced_and_an_idle_writer_syncs_them() {
-    acknowledgements_alone_go_unsynced(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledgements_alone_go_unsynced_and_an_idle_writer_syncs_them_behind_the_writer() {
-    acknowledgements_alone_go_unsynced(true).await;
-}
-
-async fn acknowledgements_alone_go_unsynced(with_log: bool) {
     let broker = ScriptedBroker::start(false, |_| true, |_, _| Reply::Ack);
     let faults = Arc::new(Faults::default());
-    let c = client(&broker, ProtocolVersion::V311, memory(with_log, &faults), &faults).await;
+    let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
     // One at a time: each acknowledgement has a batch of its own, well
     // within a second of the synced append before it.
     for i in 0..20 {
@@ -381,36 +338,20 @@ async fn acknowledgements_alone_go_unsynced(with_log: bool) {
     }
     // Delivery is told before the acknowledgement's commit: wait for all
     // 20 to be committed; the last one's commit, if unsynced, is followed
-    // by the idle writer's synced, marked one (or, with a log, by a sync
-    // of the log).
+    // by the idle writer's synced, marked one.
     let settled = || {
         let c = faults.commits();
         let Some(k) = c.iter().rposition(|c| c.acks > 0) else { return false };
-        let synced_after = if with_log {
-            faults.syncs().iter().any(|&(_, covered)| covered > k)
-        } else {
-            c[k].synced || c[k + 1..].iter().any(|c| c.synced && c.marked)
-        };
-        c.iter().map(|c| c.acks).sum::<u32>() == 20 && synced_after
+        c.iter().map(|c| c.acks).sum::<u32>() == 20 && (c[k].synced || c[k + 1..].iter().any(|c| c.synced && c.marked))
     };
     wait_until("every acknowledgement committed and synced", Duration::from_secs(10), settled).await;
     let commits = faults.commits();
     assert!(commits.iter().filter(|c| c.inserted).all(|c| c.synced), "an append went unsynced: {commits:?}");
     let unsynced_acks = commits.iter().filter(|c| c.acks > 0 && !c.inserted && !c.synced).count();
     assert!(unsynced_acks > 0, "no acknowledgement went unsynced: {commits:?}");
-    if with_log {
-        // Each commit that needed a sync got one after it, and the ones
-        // that did not (acknowledgements) did not each get their own.
-        let syncs = faults.syncs();
-        for (i, _) in commits.iter().enumerate().filter(|(_, c)| c.synced) {
-            assert!(syncs.iter().any(|&(_, covered)| covered > i), "commit {i} never synced: {syncs:?} {commits:?}");
-        }
-        assert!(syncs.len() < commits.len(), "a sync per commit: {} syncs, {commits:?}", syncs.len());
-    } else {
-        for w in commits.windows(2) {
-            if !w[0].synced && w[1].synced {
-                assert!(w[1].marked, "a synced commit after unsynced ones wrote no mark: {commits:?}");
-            }
+    for w in commits.windows(2) {
+        if !w[0].synced && w[1].synced {
+            assert!(w[1].marked, "a synced commit after unsynced ones wrote no mark: {commits:?}");
         }
     }
     c.close().await;
@@ -421,15 +362,6 @@ async fn acknowledgements_alone_go_unsynced(with_log: bool) {
 /// so a power cut takes back about a second of removals, not the drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_stretch_of_acknowledgements_is_synced_at_least_once_a_second() {
-    a_long_stretch_of_acknowledgements_is_synced(false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_long_stretch_of_acknowledgements_is_synced_at_least_once_a_second_behind_the_writer() {
-    a_long_stretch_of_acknowledgements_is_synced(true).await;
-}
-
-async fn a_long_stretch_of_acknowledgements_is_synced(with_log: bool) {
     // A slow broker: 2 ms per acknowledgement, 1,600 messages: 3.2 s of
     // acknowledgements, nearly all of them after the last append.
     let broker = ScriptedBroker::start(
@@ -441,7 +373,7 @@ async fn a_long_stretch_of_acknowledgements_is_synced(with_log: bool) {
         },
     );
     let faults = Arc::new(Faults::default());
-    let c = client(&broker, ProtocolVersion::V311, memory(with_log, &faults), &faults).await;
+    let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
     let mut accepted = Vec::new();
     for i in 0..1600 {
         accepted.push(c.enqueue(Message::new("t", format!("m{i}"))).unwrap());
@@ -464,17 +396,6 @@ async fn a_long_stretch_of_acknowledgements_is_synced(with_log: bool) {
         assert!(at - synced_at < Duration::from_millis(1500), "{:?} without a sync: {stretch:?}", at - synced_at);
         if c.synced {
             synced_at = at;
-        }
-    }
-    if with_log {
-        // And the log was synced that often: the sync thread's syncs
-        // during the stretch are at most 1.5 s apart.
-        let syncs: Vec<_> =
-            faults.syncs().into_iter().map(|(at, _)| at).filter(|&at| at >= first && at <= last).collect();
-        let mut prev = first;
-        for at in syncs.iter().copied().chain([last]) {
-            assert!(at - prev < Duration::from_millis(1600), "{:?} without a sync of the log: {syncs:?}", at - prev);
-            prev = at;
         }
     }
     c.close().await;

@@ -237,7 +237,7 @@ impl Writer {
         }
         let mut b = Batch::default();
         // A drop is announced: it must not come back after a power cut.
-        self.store.set_synced(true);
+        self.set_synced(true);
         let result = self.store.begin().and_then(|()| {
             for (id, _) in &bad {
                 self.drop_one(*id, DropReason::Corrupt, &mut b)?;

@@ -260,7 +260,7 @@ impl Writer {
             && self.blocked.is_empty()
             && self.synced_at.elapsed() < UNSYNCED_AT_MOST
             && requests.iter().all(Request::is_bookkeeping);
-        self.store.set_synced(!bookkeeping);
+        self.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {
             self.pending_removes = retried.into_iter().chain(removes).collect();
             return self.fail_batch(requests, e);
@@ -356,6 +356,11 @@ impl Writer {
         self.answer_reads(early);
     }
 
+    /// Whether the next commits sync themselves: never with a sync thread,
+    /// which syncs behind them.
+    pub(super) fn set_synced(&mut self, synced: bool) {
+        self.store.set_synced(synced && self.syncer.is_none());
+    }
 
     /// Everything one transaction does: the removals a failed commit
     /// undid, the requests in order (up to the first failure, which leaves

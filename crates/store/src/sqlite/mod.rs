@@ -109,9 +109,6 @@ pub struct SqliteStore {
     /// filesystem may refuse): its commits can be synced from another
     /// thread ([`Store::log_sync`]).
     wal: bool,
-    /// The log was handed out ([`Store::log_sync`]): the caller syncs it,
-    /// every commit goes with `synchronous=NORMAL`.
-    synced_by_caller: bool,
     /// Ids up to this one are reserved on disk ([`crate::reserve`]).
     reserved: u64,
     /// Drop log records written by this handle (trimmed every 1,024).
@@ -251,7 +248,6 @@ impl SqliteStore {
             unreadable: Vec::new(),
             synced: true,
             wal,
-            synced_by_caller: false,
             reserved,
             drops_logged: 0,
             queued_delta: (0, 0),
@@ -302,7 +298,6 @@ impl SqliteStore {
             unreadable: Vec::new(),
             synced: true,
             wal,
-            synced_by_caller: false,
             reserved: reserve::read(dir),
             drops_logged: 0,
             queued_delta: (0, 0),
@@ -349,7 +344,6 @@ impl SqliteStore {
             unreadable: Vec::new(),
             synced: true,
             wal,
-            synced_by_caller: false,
             reserved: 0,
             drops_logged: 0,
             queued_delta: (0, 0),

@@ -113,20 +113,12 @@ impl Store for SqliteStore {
             || self.ids.unrecorded.is_some()
     }
 
-    fn log_sync(&mut self) -> Option<Box<dyn crate::LogSync>> {
-        if !self.wal {
-            return None;
-        }
-        // From now on a commit that must be durable is synced by the
-        // caller, through the log file: SQLite only writes it.
-        self.set_synced(false);
-        self.synced_by_caller = true;
+    fn log_sync(&self) -> Option<Box<dyn crate::LogSync>> {
         let files = super::files::Files::new(&self.dir, self.kind);
-        Some(Box::new(super::files::LogFile::new(files.path("db-wal"))))
+        self.wal.then(|| Box::new(super::files::LogFile::new(files.path("db-wal"))) as Box<dyn crate::LogSync>)
     }
 
     fn set_synced(&mut self, synced: bool) {
-        let synced = synced && !self.synced_by_caller;
         if synced != self.synced {
             let pragma = if synced { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=NORMAL" };
             if self.run_cached(pragma).is_ok() {

@@ -305,14 +305,6 @@ pub trait SourceStore {
     fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError>;
 }
 
-/// Syncs a store's log: everything committed before the call is on the
-/// disk when it returns `Ok` ([`Store::log_sync`]).
-pub trait LogSync: Send {
-    /// Syncs; an error means that what was committed may not be on the
-    /// disk.
-    fn sync(&mut self) -> Result<(), StoreError>;
-}
-
 /// Storage of the outbox. All calls between [`Store::begin`] and
 /// [`Store::commit`] form one transaction; only a successful commit makes
 /// them durable.
@@ -326,15 +318,6 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// never at a crash of the process).
     fn set_synced(&mut self, synced: bool) {
         let _ = synced;
-    }
-    /// A way to put on the disk, from another thread, what the commits
-    /// made so far wrote without a sync. With it the outbox's writer
-    /// commits without syncing and a thread of its own syncs behind it,
-    /// telling nobody of a commit before (docs/design.md, "The writer
-    /// thread"). `None` (the default): a commit made with
-    /// [`Store::set_synced`] on syncs itself.
-    fn log_sync(&self) -> Option<Box<dyn LogSync>> {
-        None
     }
     /// Whether the transaction under way has changed anything so far: a
     /// commit that changed nothing syncs nothing (SQLite writes no log

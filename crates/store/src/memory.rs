@@ -6,8 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use steadfast_core::{DropReason, Stage};
 
 use crate::{
-    BrokerRecord, Entry, InboxStore, LogSync, NewMessage, SourceStore, Store, StoreError, StoredMessage, Totals,
-    MAX_SLOTS,
+    BrokerRecord, Entry, InboxStore, NewMessage, SourceStore, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
 };
 
 /// An outbox kept in memory, with the same transaction semantics as
@@ -17,18 +16,6 @@ use crate::{
 pub struct MemoryStore {
     state: State,
     saved: Option<State>,
-    /// A log to sync through, once set ([`MemoryStore::syncing_with`]).
-    log: Option<SharedLog>,
-}
-
-/// [`MemoryStore::syncing_with`]'s log, until the outbox takes it.
-#[derive(Clone, Default)]
-struct SharedLog(std::sync::Arc<std::sync::Mutex<Option<Box<dyn LogSync>>>>);
-
-impl std::fmt::Debug for SharedLog {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SharedLog")
-    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -68,14 +55,6 @@ impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
-
-    /// The store with a log synced by `log`, as SQLite's is: the outbox
-    /// over it then commits without syncing and tells nobody of a commit
-    /// before `log` synced it (for tests of that order).
-    pub fn syncing_with(mut self, log: Box<dyn LogSync>) -> Self {
-        self.log = Some(SharedLog(std::sync::Arc::new(std::sync::Mutex::new(Some(log)))));
-        self
-    }
 }
 
 impl Store for MemoryStore {
@@ -86,9 +65,6 @@ impl Store for MemoryStore {
     fn commit(&mut self) -> Result<(), StoreError> {
         self.saved = None;
         Ok(())
-    }
-    fn log_sync(&self) -> Option<Box<dyn LogSync>> {
-        self.log.as_ref().and_then(|l| l.0.lock().ok()?.take())
     }
     fn rollback(&mut self) {
         if let Some(s) = self.saved.take() {

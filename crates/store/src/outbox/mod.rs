@@ -30,7 +30,6 @@ mod policy;
 mod replies;
 mod report;
 mod request;
-mod syncer;
 mod writer;
 
 use std::future::Future;

@@ -7,7 +7,6 @@ use steadfast_core::DropReason;
 use tokio::sync::oneshot;
 
 use super::request::{AcceptReply, HighReply, IdsReply, Request, SlotReply, WireReply};
-use super::syncer::Replies;
 use super::writer::Writer;
 use super::{AppendError, Configured, Delivery, Dropped, Glance, Handling, OutboxState, Page, Report};
 use crate::StoreError;
@@ -81,10 +80,7 @@ impl Writer {
         }
     }
 
-    /// After the commit: the writer's own bookkeeping now, the replies
-    /// once the batch is on the disk (`sync`: it changed what a reply
-    /// promises; [`Writer::dispatch`]).
-    pub(super) fn after_commit(&mut self, b: Batch, sync: bool) {
+    pub(super) fn after_commit(&mut self, b: Batch) {
         // The state first: whoever learns that a message was accepted must
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
@@ -95,9 +91,17 @@ impl Writer {
         for ms in &b.delivery_ms {
             self.timings.delivery.record(*ms as f64 / 1000.0);
         }
-        let mut r = Replies { accepted: b.accepted, known: b.known, ..Replies::default() };
         for (reply, ids) in b.unpoison_replies {
-            r.answer(reply, ids);
+            let _ = reply.send(Ok(ids));
+        }
+        for (reply, r, at) in b.accepted {
+            if r.is_ok() {
+                self.timings.accept.record(at.elapsed().as_secs_f64());
+            }
+            let _ = reply.send(r);
+        }
+        for (reply, id) in b.known {
+            let _ = reply.send(Ok(id));
         }
         for (id, tx) in b.new_waiters {
             self.waiters.insert(id, tx);
@@ -107,37 +111,37 @@ impl Writer {
         }
         for id in b.awaiting {
             if let Some(tx) = self.waiters.remove(&id) {
-                r.deliveries.push((tx, Delivery::Delivered));
+                let _ = tx.send(Delivery::Delivered);
             }
         }
         for (id, reason) in b.dropped_now {
             if let Some(tx) = self.waiters.remove(&id) {
-                r.deliveries.push((tx, Delivery::Dropped(reason)));
+                let _ = tx.send(Delivery::Dropped(reason));
             }
             if let Some(tx) = self.handled_waiters.remove(&id) {
-                r.handlings.push((tx, Handling::Dropped(reason)));
+                let _ = tx.send(Handling::Dropped(reason));
             }
         }
         for (id, by) in b.handled {
             if let Some(tx) = self.handled_waiters.remove(&id) {
-                r.handlings.push((tx, Handling::Handled(by)));
+                let _ = tx.send(Handling::Handled(by));
             }
         }
         self.prune_waiters();
         for (reply, refused) in b.wire_replies {
-            r.answer(reply, refused);
+            let _ = reply.send(Ok(refused));
         }
         for (reply, v) in b.meta_replies {
-            r.answer(reply, v);
+            let _ = reply.send(Ok(v));
         }
         for (reply, v) in b.slot_replies {
-            r.answer(reply, v);
+            let _ = reply.send(Ok(v));
         }
         for reply in b.inbox_replies {
-            r.answer(reply, ());
+            let _ = reply.send(Ok(()));
         }
         for (reply, v) in b.high_replies {
-            r.answer(reply, v);
+            let _ = reply.send(Ok(v));
         }
         // One log line per reason and batch (a flood of overflow drops
         // must not flood the log); one event per message.
@@ -148,61 +152,52 @@ impl Writer {
                 tracing::warn!(count, first_id = first.id, topic = %first.topic, %reason, "messages dropped from the outbox");
             }
         }
-        r.drops = b.drops;
-        self.serve_reads(b.reads, &mut r);
-        self.dispatch(r, sync);
-        self.drop_unreadable();
-    }
-
-    /// Sends a batch's replies: from the sync thread, after its sync, when
-    /// the batch needs one or replies of an earlier batch still wait
-    /// there (so that nobody hears of a commit before it is on the disk);
-    /// at once otherwise.
-    pub(super) fn dispatch(&mut self, r: Replies, sync: bool) {
-        match self.syncer.as_mut() {
-            Some(s) if sync || s.pending() => s.push(r, sync),
-            _ if r.is_empty() => {}
-            _ => r.send(&self.tell, None),
+        for d in b.drops {
+            let _ = self.dropped.send(d);
         }
+        self.serve_reads(b.reads);
     }
 
-    /// Answers reads outside a batch's commit: they saw nothing of it.
-    pub(super) fn answer_reads(&mut self, reads: Vec<Request>) {
-        let mut r = Replies::default();
-        self.serve_reads(reads, &mut r);
-        self.dispatch(r, false);
-        self.drop_unreadable();
-    }
-
-    fn serve_reads(&mut self, reads: Vec<Request>, r: &mut Replies) {
-        for req in reads {
-            match req {
+    pub(super) fn serve_reads(&mut self, reads: Vec<Request>) {
+        for r in reads {
+            match r {
                 Request::Read { after, limit, slot, priority, reply } => {
-                    r.read(reply, self.store.read_after(after, limit, slot, priority));
+                    let _ = reply.send(self.store.read_after(after, limit, slot, priority));
                 }
                 Request::Follow(f) => self.follows.push(f),
-                Request::Query { reply } => r.read(reply, Report::read(self.store.as_mut())),
+                Request::Query { reply } => {
+                    let _ = reply.send(Report::read(self.store.as_mut()));
+                }
                 Request::Glance { reply } => {
                     let s = self.store.as_mut();
                     let glance = s.drops().and_then(|drops| {
                         Ok(Glance { drops, oldest_created_ms: s.oldest_created_ms()?, awaiting: s.awaiting()? })
                     });
-                    r.read(reply, glance);
+                    let _ = reply.send(glance);
                 }
-                Request::Bound { slot, reply } => r.read(reply, self.store.bound(slot)),
-                Request::InboxSeen { ids, reply } => r.read(reply, self.store.inbox_seen(&ids)),
-                Request::Poisoned { reply } => r.read(reply, self.store.poisoned()),
-                Request::GetMeta { key, reply } => r.read(reply, self.store.meta(&key)),
+                Request::Bound { slot, reply } => {
+                    let _ = reply.send(self.store.bound(slot));
+                }
+                Request::InboxSeen { ids, reply } => {
+                    let _ = reply.send(self.store.inbox_seen(&ids));
+                }
+                Request::Poisoned { reply } => {
+                    let _ = reply.send(self.store.poisoned());
+                }
+                Request::GetMeta { key, reply } => {
+                    let _ = reply.send(self.store.meta(&key));
+                }
                 _ => unreachable!("only reads are deferred"),
             }
         }
-        self.answer_follows(r);
+        self.answer_follows();
+        self.drop_unreadable();
     }
 
     /// Answers the standing reads that can be answered now: those whose
     /// want picks something committed, and all of them once messages went
     /// back into the queue. The others wait; withdrawn ones go.
-    fn answer_follows(&mut self, r: &mut Replies) {
+    pub(super) fn answer_follows(&mut self) {
         if self.follows.is_empty() {
             return;
         }
@@ -211,14 +206,14 @@ impl Writer {
                 continue;
             }
             if f.requeued != self.requeued {
-                r.answer(f.reply, None);
+                let _ = f.reply.send(Ok(None));
                 continue;
             }
             match f.want.pick(&self.newest) {
                 Some((p, after)) => {
                     let page = self.store.read_after(after, f.limit, Some(f.slot), Some(p as u8));
                     let upto = self.newest[p];
-                    r.read(f.reply, page.map(|messages| Some(Page { messages, priority: p, upto })));
+                    let _ = f.reply.send(page.map(|messages| Some(Page { messages, priority: p, upto })));
                 }
                 None => self.follows.push(f),
             }
@@ -237,7 +232,7 @@ impl Writer {
         }
         let mut b = Batch::default();
         // A drop is announced: it must not come back after a power cut.
-        self.set_synced(true);
+        self.store.set_synced(true);
         let result = self.store.begin().and_then(|()| {
             for (id, _) in &bad {
                 self.drop_one(*id, DropReason::Corrupt, &mut b)?;
@@ -245,7 +240,7 @@ impl Writer {
             self.store.commit()
         });
         match result {
-            Ok(()) => self.after_commit(b, true),
+            Ok(()) => self.after_commit(b),
             Err(e) => {
                 self.store.rollback();
                 tracing::error!(error = %e, "cannot drop unreadable records; they stay in the outbox");
@@ -322,6 +317,6 @@ impl Writer {
         for (reply, _) in b.unpoison_replies {
             let _ = reply.send(Err(again(&e)));
         }
-        self.answer_reads(b.reads);
+        self.serve_reads(b.reads);
     }
 }

@@ -12,7 +12,6 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 use super::replies::Batch;
 use super::request::{removal_copy, Follow, PendingAppend, Request};
-use super::syncer::{Syncer, Tellers};
 use super::{
     held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, Handling, InboxBounds, OutboxConfig,
     OutboxState, Quorum, HELD_PREFIX,
@@ -25,6 +24,7 @@ pub(super) struct Writer {
     pub(super) config: OutboxConfig,
     pub(super) totals: Totals,
     pub(super) state: watch::Sender<OutboxState>,
+    pub(super) dropped: broadcast::Sender<Dropped>,
     pub(super) waiters: HashMap<u64, oneshot::Sender<Delivery>>,
     /// Who waits for a message to be handled (receipts).
     pub(super) handled_waiters: HashMap<u64, oneshot::Sender<Handling>>,
@@ -72,12 +72,6 @@ pub(super) struct Writer {
     /// [`IDLE_SYNC`].
     pub(super) unsynced: bool,
     pub(super) timings: Timings,
-    /// Where replies are told, from this thread or the sync thread.
-    pub(super) tell: Tellers,
-    /// The sync thread, with a store whose log can be synced from it:
-    /// commits then go unsynced, and their replies wait there for its
-    /// sync ([`super::syncer`]).
-    pub(super) syncer: Option<Syncer>,
 }
 
 /// The histograms of a message's way through the outbox (README,
@@ -137,14 +131,12 @@ impl Writer {
         let data_version = store.data_version()?;
         let republished = republished_of(store.as_mut())?;
         let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned, requeued: 0 });
-        let timings = Timings::new();
-        let tell = Tellers { accept: timings.accept.clone(), dropped };
-        let syncer = store.log_sync().map(|log| Syncer::start(log, tell.clone())).transpose()?;
         let writer = Writer {
             store,
             config,
             totals,
             state: state_tx,
+            dropped,
             waiters: HashMap::new(),
             handled_waiters: HashMap::new(),
             requeued: 0,
@@ -169,9 +161,7 @@ impl Writer {
             admit_due: false,
             synced_at: std::time::Instant::now(),
             unsynced: false,
-            timings,
-            tell,
-            syncer,
+            timings: Timings::new(),
         };
         Ok((writer, state))
     }
@@ -217,10 +207,6 @@ impl Writer {
                 break;
             }
         }
-        // What the sync thread holds goes out after its sync.
-        if let Some(s) = self.syncer.as_mut() {
-            s.finish();
-        }
         // Whatever still waits for room is not accepted.
         for p in self.blocked.drain(..) {
             let _ = p.reply.send(Err(AppendError::Store(StoreError::Closed)));
@@ -229,13 +215,6 @@ impl Writer {
 
     /// Applies one batch in one transaction. Returns true on `Close`.
     fn apply(&mut self, mut requests: Vec<Request>) -> bool {
-        // A log that could not be synced may have lost what SQLite counts
-        // as committed: nothing more is promised on it (docs/design.md,
-        // "The writer thread").
-        if let Some(e) = self.syncer.as_ref().and_then(Syncer::failure) {
-            self.fail_batch(requests, e);
-            return true;
-        }
         self.answer_leading_reads(&mut requests);
         // `run` told the sweeper what is queued just before it waited.
         let sweep = self.sweeper.handle_timeout(Now { at: std::time::Instant::now(), wall_ms: crate::now_ms() });
@@ -260,7 +239,7 @@ impl Writer {
             && self.blocked.is_empty()
             && self.synced_at.elapsed() < UNSYNCED_AT_MOST
             && requests.iter().all(Request::is_bookkeeping);
-        self.set_synced(!bookkeeping);
+        self.store.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {
             self.pending_removes = retried.into_iter().chain(removes).collect();
             return self.fail_batch(requests, e);
@@ -273,7 +252,7 @@ impl Writer {
         // them on the disk too. One that changed something is synced
         // whole, the log with it: no mark (a page fewer per commit).
         let result = result.and_then(|()| {
-            if !bookkeeping && self.unsynced && self.syncer.is_none() && !self.store.changed() {
+            if !bookkeeping && self.unsynced && !self.store.changed() {
                 self.mark_synced()
             } else {
                 Ok(())
@@ -284,9 +263,7 @@ impl Writer {
         }
         let synced = std::time::Instant::now();
         let result = result.and_then(|()| self.store.commit());
-        if self.syncer.is_none() {
-            metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
-        }
+        metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
         if result.is_ok() {
             self.unsynced = bookkeeping;
             if !bookkeeping {
@@ -296,7 +273,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 let close = b.close;
-                self.after_commit(b, !bookkeeping);
+                self.after_commit(b);
                 close
             }
             Err(e) => {
@@ -317,12 +294,6 @@ impl Writer {
     /// a power cut long after takes nothing back.
     fn sync_idle(&mut self) {
         if !self.unsynced {
-            return;
-        }
-        if let Some(s) = self.syncer.as_mut() {
-            s.push(Default::default(), true);
-            self.synced_at = std::time::Instant::now();
-            self.unsynced = false;
             return;
         }
         self.store.set_synced(true);
@@ -353,13 +324,7 @@ impl Writer {
     fn answer_leading_reads(&mut self, requests: &mut Vec<Request>) {
         let first_write = requests.iter().position(|r| !r.is_read());
         let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
-        self.answer_reads(early);
-    }
-
-    /// Whether the next commits sync themselves: never with a sync thread,
-    /// which syncs behind them.
-    pub(super) fn set_synced(&mut self, synced: bool) {
-        self.store.set_synced(synced && self.syncer.is_none());
+        self.serve_reads(early);
     }
 
     /// Everything one transaction does: the removals a failed commit

@@ -125,48 +125,6 @@ pub(super) fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// The write-ahead log of a database, synced from outside SQLite
-/// ([`crate::Store::log_sync`]). Commits made with `synchronous=NORMAL`
-/// have written their frames to it and synced nothing; a sync of the file
-/// (through any descriptor: the kernel syncs the file, not the
-/// descriptor) puts every one of them on the disk. Opened at each sync,
-/// so that a log SQLite removed and created again is the one synced; a
-/// log seen for the first time has its directory synced too, as SQLite
-/// does for a log it creates, so that its name survives a power cut.
-pub(super) struct LogFile {
-    path: PathBuf,
-    /// The file last synced, and its directory with it.
-    synced_inode: Option<u64>,
-}
-
-impl LogFile {
-    pub(super) fn new(path: PathBuf) -> LogFile {
-        LogFile { path, synced_inode: None }
-    }
-}
-
-impl crate::LogSync for LogFile {
-    fn sync(&mut self) -> Result<(), StoreError> {
-        use std::os::unix::fs::MetadataExt;
-        let file = match File::open(&self.path) {
-            Ok(f) => f,
-            // No log: every commit is in the database file, which SQLite
-            // synced when it moved them there.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err(&self.path)(e)),
-        };
-        file.sync_data().map_err(io_err(&self.path))?;
-        let inode = file.metadata().map_err(io_err(&self.path))?.ino();
-        if self.synced_inode != Some(inode) {
-            if let Some(dir) = self.path.parent() {
-                sync_path(dir)?;
-            }
-            self.synced_inode = Some(inode);
-        }
-        Ok(())
-    }
-}
-
 pub(super) fn sync_path(path: &Path) -> Result<(), StoreError> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
 }

@@ -105,10 +105,6 @@ pub struct SqliteStore {
     unreadable: Vec<(u64, String)>,
     /// `synchronous=FULL` now (else NORMAL, for bookkeeping commits).
     synced: bool,
-    /// The database runs on its write-ahead log (it always asks to; a
-    /// filesystem may refuse): its commits can be synced from another
-    /// thread ([`Store::log_sync`]).
-    wal: bool,
     /// Ids up to this one are reserved on disk ([`crate::reserve`]).
     reserved: u64,
     /// Drop log records written by this handle (trimmed every 1,024).
@@ -239,7 +235,6 @@ impl SqliteStore {
                 .open(&ready)
                 .map_err(|source| StoreError::Io { path: ready.clone(), source })?;
         }
-        let wal = schema::in_wal(&conn);
         let store = SqliteStore {
             conn,
             dir: dir.to_owned(),
@@ -247,7 +242,6 @@ impl SqliteStore {
             _lock: Some(lock),
             unreadable: Vec::new(),
             synced: true,
-            wal,
             reserved,
             drops_logged: 0,
             queued_delta: (0, 0),
@@ -289,7 +283,6 @@ impl SqliteStore {
             }
             found => return Err(StoreError::FormatTooOld { path: dir.to_owned(), found: found.unwrap_or(0) }),
         }
-        let wal = schema::in_wal(&conn);
         Ok(SqliteStore {
             conn,
             dir: dir.to_owned(),
@@ -297,7 +290,6 @@ impl SqliteStore {
             _lock: None,
             unreadable: Vec::new(),
             synced: true,
-            wal,
             reserved: reserve::read(dir),
             drops_logged: 0,
             queued_delta: (0, 0),
@@ -335,7 +327,6 @@ impl SqliteStore {
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }
-        let wal = schema::in_wal(&conn);
         Ok(SqliteStore {
             conn,
             dir: dir.to_owned(),
@@ -343,7 +334,6 @@ impl SqliteStore {
             _lock: None,
             unreadable: Vec::new(),
             synced: true,
-            wal,
             reserved: 0,
             drops_logged: 0,
             queued_delta: (0, 0),

@@ -113,11 +113,6 @@ impl Store for SqliteStore {
             || self.ids.unrecorded.is_some()
     }
 
-    fn log_sync(&self) -> Option<Box<dyn crate::LogSync>> {
-        let files = super::files::Files::new(&self.dir, self.kind);
-        self.wal.then(|| Box::new(super::files::LogFile::new(files.path("db-wal"))) as Box<dyn crate::LogSync>)
-    }
-
     fn set_synced(&mut self, synced: bool) {
         if synced != self.synced {
             let pragma = if synced { "PRAGMA synchronous=FULL" } else { "PRAGMA synchronous=NORMAL" };

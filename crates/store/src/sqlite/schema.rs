@@ -255,11 +255,6 @@ pub(super) fn open_connection(path: &Path) -> Result<Connection, rusqlite::Error
     Ok(conn)
 }
 
-/// Whether the database runs on its write-ahead log.
-pub(super) fn in_wal(conn: &Connection) -> bool {
-    conn.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0)).is_ok_and(|m| m.eq_ignore_ascii_case("wal"))
-}
-
 pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreError> {
     conn.execute_batch(SCHEMA)?;
     let found: Option<String> =

@@ -12,7 +12,6 @@ mod quorum;
 mod receipts;
 mod recovery;
 mod summary;
-mod syncer;
 mod tail;
 
 use steadfast_core::{Properties, Qos};

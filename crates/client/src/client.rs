@@ -940,12 +940,17 @@ impl Client {
     /// processed before the call.
     pub async fn queued(&self, after: u64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
         let page = self.inner.outbox.read_after(after, limit, None, None).await?;
-        let to = |m: steadfast_store::StoredMessage| QueuedMessage {
-            identity: Identity { producer: self.inner.producer.to_string(), seq: m.id },
-            topic: m.msg.topic,
-            payload: m.msg.payload,
-            qos: m.msg.qos,
-            created: SystemTime::UNIX_EPOCH + Duration::from_millis(m.msg.created_ms),
+        let to = |m: steadfast_store::StoredMessage| {
+            // The page's own copy when nothing else holds it (a read from
+            // SQLite); the tail's is shared.
+            let msg = std::sync::Arc::unwrap_or_clone(m.msg);
+            QueuedMessage {
+                identity: Identity { producer: self.inner.producer.to_string(), seq: m.id },
+                topic: msg.topic,
+                payload: msg.payload,
+                qos: msg.qos,
+                created: SystemTime::UNIX_EPOCH + Duration::from_millis(msg.created_ms),
+            }
         };
         Ok(page.into_iter().map(to).collect())
     }

@@ -276,14 +276,14 @@ impl Driver {
     /// Writes a best-effort message at QoS 0, without an identity.
     fn send_direct(&mut self, link: &mut Link, d: Direct) {
         let msg = NewMessage { qos: Qos::AtMostOnce, ..d.msg };
-        let m = StoredMessage { id: 0, msg, wire: None, acks: 0, attempts: 0 };
+        let m = StoredMessage { id: 0, msg: std::sync::Arc::new(msg), wire: None, acks: 0, attempts: 0 };
         let outcome = match self.wire(link).publish(&m, None, false) {
             Ok(bytes) => {
                 link.out.extend_from_slice(&bytes);
                 Delivery::Delivered
             }
             Err(reason) => {
-                self.outbox.count_drop(reason, m.msg.topic);
+                self.outbox.count_drop(reason, m.msg.topic.clone());
                 Delivery::Dropped(reason)
             }
         };
@@ -734,7 +734,7 @@ impl Driver {
                     tracing::warn!(id = m.id, topic = %m.msg.topic, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
                     self.shared.update(|s| s.refused += 1);
                     let broker = self.url.to_string();
-                    let _ = self.events.send(Event::Refused { broker, id: m.id, topic: m.msg.topic });
+                    let _ = self.events.send(Event::Refused { broker, id: m.id, topic: m.msg.topic.clone() });
                 }
                 SessionEvent::Republished(n) => metrics::counter!("steadfast_resent_total").increment(n),
                 SessionEvent::SessionLost { in_flight } => {

@@ -559,7 +559,7 @@ fn parse<T>(
 pub(crate) fn loose_message(id: u64, topic: &str, payload: &[u8], qos: Qos, retain: bool) -> StoredMessage {
     StoredMessage {
         id,
-        msg: steadfast_store::NewMessage {
+        msg: std::sync::Arc::new(steadfast_store::NewMessage {
             topic: topic.to_owned(),
             payload: payload.to_vec(),
             qos,
@@ -569,7 +569,7 @@ pub(crate) fn loose_message(id: u64, topic: &str, payload: &[u8], qos: Qos, reta
             route: None,
             policy: Default::default(),
             receipts: None,
-        },
+        }),
         wire: None,
         acks: 0,
         attempts: 0,
@@ -1239,8 +1239,9 @@ mod tests {
                                                            expires in proptest::option::of(0u64..10_000_000)) {
             let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][qos as usize];
             let mut m = super::loose_message(id, &topic, &payload, qos, retain);
-            m.msg.props = steadfast_core::Properties { content_type, response_topic, correlation_data: correlation, payload_is_utf8: utf8, user };
-            m.msg.policy.expires_ms = expires.map(|e| 1_000_000 + e);
+            let msg = std::sync::Arc::make_mut(&mut m.msg);
+            msg.props = steadfast_core::Properties { content_type, response_topic, correlation_data: correlation, payload_is_utf8: utf8, user };
+            msg.policy.expires_ms = expires.map(|e| 1_000_000 + e);
             let props = super::publish_props(&m, "producer", receipt_to.as_deref(), 1_000_000);
             let fast = super::publish_v5(&m, &props, pid, dup);
             match super::build_v5(&m, &props, pid, dup) {

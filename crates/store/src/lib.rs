@@ -162,8 +162,9 @@ impl NewMessage {
 pub struct StoredMessage {
     /// Outbox id: also the per-producer sequence number (never reused).
     pub id: u64,
-    /// The message itself.
-    pub msg: NewMessage,
+    /// The message itself, shared: a page read from the outbox's tail in
+    /// memory hands out the tail's own copy, not a new one.
+    pub msg: std::sync::Arc<NewMessage>,
     /// QoS 2 only: the packet id and stage it is bound to on the wire of
     /// the broker that asked ([`Store::bound`]); `None` in other reads.
     pub wire: Option<(u16, Stage)>,
@@ -329,6 +330,11 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn rollback(&mut self);
     /// Adds a message; returns its id, greater than any id ever handed out.
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError>;
+    /// [`Store::insert`] of a message the caller gives up: a store that
+    /// keeps its newest messages in memory keeps this one, uncopied.
+    fn insert_owned(&mut self, msg: NewMessage) -> Result<u64, StoreError> {
+        self.insert(&msg)
+    }
     /// Where a message stands; `None` if it is gone.
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError>;
     /// Removes a message and its wire bindings; false if it was gone.

@@ -454,5 +454,5 @@ impl SourceStore for MemoryStore {
 }
 
 fn stored(id: u64, r: &Row, wire: Option<(u16, Stage)>) -> StoredMessage {
-    StoredMessage { id, msg: r.msg.clone(), wire, acks: r.acks, attempts: r.attempts }
+    StoredMessage { id, msg: std::sync::Arc::new(r.msg.clone()), wire, acks: r.acks, attempts: r.attempts }
 }

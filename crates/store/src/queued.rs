@@ -15,7 +15,7 @@ impl Queued for StoredMessage {
     }
 
     fn set_qos(&mut self, qos: Qos) {
-        self.msg.qos = qos;
+        std::sync::Arc::make_mut(&mut self.msg).qos = qos;
     }
 
     fn priority(&self) -> usize {

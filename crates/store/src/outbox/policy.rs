@@ -109,14 +109,16 @@ impl Writer {
     /// batch's commit.
     fn insert(&mut self, p: PendingAppend, b: &mut Batch) -> Result<(), StoreError> {
         let size = p.msg.size();
-        let id = self.store.insert(&p.msg)?;
-        if let Some(s) = &p.source {
+        let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
+        let expires_ms = p.msg.policy.expires_ms;
+        let PendingAppend { msg, reply, delivery, handled, source, at } = p;
+        let id = self.store.insert_owned(msg)?;
+        if let Some(s) = &source {
             self.store.source_record(&s.url, s.pid, s.digest, id)?;
         }
         self.last_id = self.last_id.max(id);
-        let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
         self.newest[prio] = self.newest[prio].max(id);
-        if let Some(e) = p.msg.policy.expires_ms {
+        if let Some(e) = expires_ms {
             self.sweeper.handle_deadline(e);
             if let Some(t) = &mut self.deadline_totals {
                 t.count += 1;
@@ -127,14 +129,14 @@ impl Writer {
         self.totals.bytes += size;
         // Accepted means on disk: the answer waits for the batch's sync.
         if accept_after_sync() {
-            b.accepted.push((p.reply, Ok(id), p.at));
+            b.accepted.push((reply, Ok(id), at));
         } else {
-            let _ = p.reply.send(Ok(id));
+            let _ = reply.send(Ok(id));
         }
-        if let Some(d) = p.delivery {
+        if let Some(d) = delivery {
             b.new_waiters.push((id, d));
         }
-        if let Some(h) = p.handled {
+        if let Some(h) = handled {
             b.new_handled.push((id, h));
         }
         Ok(())

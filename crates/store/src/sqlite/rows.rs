@@ -103,5 +103,5 @@ fn row_to_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<StoredMessag
         receipts: r.get(16)?,
     };
     let acks = r.get::<_, i64>(8)? as u64;
-    Ok(Ok(StoredMessage { id, msg, wire, acks, attempts: attempts as u32 }))
+    Ok(Ok(StoredMessage { id, msg: std::sync::Arc::new(msg), wire, acks, attempts: attempts as u32 }))
 }

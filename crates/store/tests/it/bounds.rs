@@ -50,7 +50,7 @@ fn drop_oldest_makes_room_and_counts_every_drop() {
         let d = drops.recv().await.unwrap();
         assert_eq!((d.id, d.reason), (first, DropReason::Overflow));
         let left: Vec<Vec<u8>> =
-            o.read_after(0, 10, None, None).await.unwrap().into_iter().map(|m| m.msg.payload).collect();
+            o.read_after(0, 10, None, None).await.unwrap().into_iter().map(|m| m.msg.payload.clone()).collect();
         assert_eq!(left, vec![b"2".to_vec(), b"3".to_vec(), b"4".to_vec()]);
         let report = o.report().await.unwrap();
         assert!(report.drops.contains(&(DropReason::Overflow, 2)), "{:?}", report.drops);
@@ -96,7 +96,7 @@ fn deadline(topic: &str, payload: &str, expires_ms: u64) -> NewMessage {
 }
 
 fn payloads(page: Vec<steadfast_store::StoredMessage>) -> Vec<String> {
-    page.into_iter().map(|m| String::from_utf8(m.msg.payload).unwrap()).collect()
+    page.into_iter().map(|m| String::from_utf8(m.msg.payload.clone()).unwrap()).collect()
 }
 
 #[test]

@@ -724,7 +724,7 @@ impl Client {
                 + msg.topic.len()
                 + 2
                 + 4
-                + msg.props.encode().len()
+                + msg.props.encoded_len()
                 + 32
                 + self.inner.producer.len()
                 + msg.payload.len();

@@ -48,7 +48,8 @@ impl Identity {
     pub fn property_value(producer: &str, seq: u64) -> String {
         let mut out = Vec::with_capacity(Self::property_value_len(producer, seq));
         Self::write_property_value(&mut out, producer, seq);
-        String::from_utf8_lossy(&out).into_owned()
+        // A `&str` and ASCII digits: always UTF-8, taken without a copy.
+        String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
     }
 
     /// The length in bytes of [`Identity::property_value`].
@@ -306,34 +307,49 @@ impl Properties {
         Ok(())
     }
 
+    /// The length of [`Properties::encode`]'s bytes, without encoding.
+    pub fn encoded_len(&self) -> usize {
+        let header = |v: usize| 5 + v;
+        self.payload_is_utf8 as usize * header(1)
+            + self.content_type.as_ref().map_or(0, |v| header(v.len()))
+            + self.response_topic.as_ref().map_or(0, |v| header(v.len()))
+            + self.correlation_data.as_ref().map_or(0, |v| header(v.len()))
+            + self.user.iter().map(|(k, v)| header(4 + k.len() + v.len())).sum::<usize>()
+    }
+
     /// Encodes in the outbox format (docs/design.md, "Properties blob"):
     /// a sequence of `tag u8, len u32 BE, bytes`; user properties as
     /// tag 38 with `klen u32 BE, key, value`.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut field = |tag: u8, bytes: &[u8]| {
+        // Each field: a tag, a 4-byte length, the bytes. Sized first: a
+        // bridge encodes this for every message it forwards, and growing
+        // the buffer field by field cost it more than the encoding.
+        let len = self.encoded_len();
+        let mut out = Vec::with_capacity(len);
+        let mut field = |tag: u8, parts: &[&[u8]]| {
             out.push(tag);
-            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-            out.extend_from_slice(bytes);
+            let n: usize = parts.iter().map(|p| p.len()).sum();
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+            for p in parts {
+                out.extend_from_slice(p);
+            }
         };
         if self.payload_is_utf8 {
-            field(1, &[1]);
+            field(1, &[&[1]]);
         }
         if let Some(v) = &self.content_type {
-            field(3, v.as_bytes());
+            field(3, &[v.as_bytes()]);
         }
         if let Some(v) = &self.response_topic {
-            field(8, v.as_bytes());
+            field(8, &[v.as_bytes()]);
         }
         if let Some(v) = &self.correlation_data {
-            field(9, v);
+            field(9, &[v]);
         }
         for (k, v) in &self.user {
-            let mut kv = (k.len() as u32).to_be_bytes().to_vec();
-            kv.extend_from_slice(k.as_bytes());
-            kv.extend_from_slice(v.as_bytes());
-            field(38, &kv);
+            field(38, &[&(k.len() as u32).to_be_bytes(), k.as_bytes(), v.as_bytes()]);
         }
+        debug_assert_eq!(out.len(), len);
         out
     }
 
@@ -451,6 +467,10 @@ mod tests {
             user: vec![("a".into(), "1".into()), ("".into(), "".into())],
         };
         assert_eq!(Properties::decode(&p.encode()).unwrap(), p);
+        // The stored form (outbox rows hold it): byte for byte.
+        let one = Properties { payload_is_utf8: true, user: vec![("k".into(), "vv".into())], ..Properties::default() };
+        assert_eq!(one.encode(), [1, 0, 0, 0, 1, 1, 38, 0, 0, 0, 7, 0, 0, 0, 1, b'k', b'v', b'v']);
+        assert_eq!(p.encoded_len(), p.encode().len());
         assert!(Properties::default().encode().is_empty());
         assert!(Properties::decode(&[3, 0, 0, 0, 9, b'x']).is_err());
         assert!(Properties::decode(&[77, 0, 0, 0, 0]).is_err());

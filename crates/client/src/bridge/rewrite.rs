@@ -122,7 +122,10 @@ impl Rewrite {
             }
         }
         if let Some(p) = &self.prefix {
-            topic.insert_str(0, p);
+            let mut prefixed = String::with_capacity(p.len() + topic.len());
+            prefixed.push_str(p);
+            prefixed.push_str(&topic);
+            return prefixed;
         }
         topic
     }

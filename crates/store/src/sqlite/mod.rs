@@ -126,6 +126,8 @@ pub struct SqliteStore {
     /// A bridge's source broker URLs and their numbers in `source_brokers`
     /// (committed ones only: emptied at a rollback).
     source_numbers: HashMap<String, u64>,
+    /// A bridge's source records, as the log holds them (format 8).
+    source_log: sources::SourceLog,
 }
 
 /// What a handle knows of the ids it hands out (format 7: the store, not
@@ -250,6 +252,7 @@ impl SqliteStore {
             seen_version: None,
             ids: Ids::default(),
             source_numbers: HashMap::new(),
+            source_log: sources::SourceLog::default(),
         };
         Ok((store, report))
     }
@@ -298,6 +301,7 @@ impl SqliteStore {
             seen_version: None,
             ids: Ids::default(),
             source_numbers: HashMap::new(),
+            source_log: sources::SourceLog::default(),
         })
     }
 
@@ -342,6 +346,7 @@ impl SqliteStore {
             seen_version: None,
             ids: Ids::default(),
             source_numbers: HashMap::new(),
+            source_log: sources::SourceLog::default(),
         })
     }
 
@@ -410,6 +415,7 @@ impl SqliteStore {
     fn saw_version(&mut self, version: Option<u64>) {
         if version.is_none() || version != self.seen_version {
             self.forget_ids();
+            self.source_log.forget();
         }
         self.seen_version = version;
     }

@@ -92,17 +92,13 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self) -> Result<(), StoreError> {
-        // What the transaction queued and removed goes into the summary
-        // row in the same commit.
-        let (count, bytes) = std::mem::take(&mut self.queued_delta);
-        if (count, bytes) != (0, 0) {
-            self.add_to_summary(count, bytes).inspect_err(|_| self.forget_ids())?;
+        let r = self.write_and_commit();
+        if r.is_err() {
+            // What memory holds may no longer be what the file does.
+            self.forget_ids();
+            self.source_log.forget();
         }
-        // The ids it handed out are recorded in the same commit.
-        if let Some(id) = self.ids.unrecorded.take() {
-            record_last_id(&self.conn, id).map_err(|e| self.map(e)).inspect_err(|_| self.forget_ids())?;
-        }
-        self.run_cached("COMMIT").inspect_err(|_| self.forget_ids())
+        r
     }
 
     fn changed(&self) -> bool {
@@ -111,6 +107,7 @@ impl Store for SqliteStore {
         self.conn.total_changes() != self.changes_at_begin
             || self.queued_delta != (0, 0)
             || self.ids.unrecorded.is_some()
+            || self.source_log.has_writes()
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -127,6 +124,7 @@ impl Store for SqliteStore {
         self.forget_ids();
         self.ids.unrecorded = None;
         self.source_numbers.clear();
+        self.source_log.forget();
         if !self.conn.is_autocommit() {
             let _ = self.run_cached("ROLLBACK");
         }
@@ -152,13 +150,13 @@ impl Store for SqliteStore {
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let id = self.next_id()?;
         let p = &m.policy;
-        // A message with nothing but its content (most of them) binds only
-        // that: the other columns' defaults are what the full statement
-        // would write (NULL, priority 0, not keep-latest). Seven values
-        // bound instead of fourteen, about 1,200 instructions a message
-        // (docs/performance.md, session 14).
-        let plain = props.is_none()
-            && m.route.is_none()
+        // A message with nothing but its content and properties (most of
+        // them: a bridge's carry an identity property) binds only those:
+        // the other columns' defaults are what the full statement would
+        // write (NULL, priority 0, not keep-latest). Eight values bound
+        // instead of fourteen, about 1,200 instructions a message
+        // (docs/performance.md, sessions 14 and 15).
+        let plain = m.route.is_none()
             && m.receipts.is_none()
             && p.expires_ms.is_none()
             && p.priority == 0
@@ -167,10 +165,10 @@ impl Store for SqliteStore {
         let r = if plain {
             self.conn
                 .prepare_cached(
-                    "INSERT INTO outbox (id, topic, payload, qos, retain, created_ms, size, acks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
+                    "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, acks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
                 )
                 .and_then(|mut s| {
-                    s.execute(params![id, m.topic, m.payload, m.qos as u8, m.retain, m.created_ms, m.size()])
+                    s.execute(params![id, m.topic, m.payload, m.qos as u8, m.retain, props, m.created_ms, m.size()])
                 })
         } else {
             self.conn.prepare_cached(
@@ -812,6 +810,22 @@ impl SqliteStore {
     fn run_cached(&mut self, sql: &str) -> Result<(), StoreError> {
         let r = self.conn.prepare_cached(sql).and_then(|mut s| s.raw_execute());
         r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    /// The writes a transaction's commit adds, then the commit: a
+    /// bridge's source records of the transaction (one row of their log),
+    /// what it queued and removed (the summary row), the highest id it
+    /// handed out.
+    fn write_and_commit(&mut self) -> Result<(), StoreError> {
+        self.source_log.write(&self.conn).map_err(|e| self.map(e))?;
+        let (count, bytes) = std::mem::take(&mut self.queued_delta);
+        if (count, bytes) != (0, 0) {
+            self.add_to_summary(count, bytes)?;
+        }
+        if let Some(id) = self.ids.unrecorded.take() {
+            record_last_id(&self.conn, id).map_err(|e| self.map(e))?;
+        }
+        self.run_cached("COMMIT")
     }
 
     /// [`Store::ack_or_remove`] for a run of consecutive ids (`run`, at

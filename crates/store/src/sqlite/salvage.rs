@@ -7,7 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags};
 
 use super::queries::{record_last_id, ID_RECORDS};
-use super::sources::{numbered_source, record};
+use super::sources::{append_row, key, numbered_source, push_entry, read_records};
 
 /// Copies what can be read from the damaged database `from` into `to`;
 /// new ids start above `reserved` and above every id seen.
@@ -29,14 +29,16 @@ pub(super) fn salvage(from: &Path, to: &Connection, reserved: u64) -> u64 {
         "inbox_ranges",
         "counters",
         "source_brokers",
-        "source_records",
+        "source_log",
         "receipts",
     ] {
         let _ = copy_table(&old, to, table);
     }
     // An inbox of format 5 or older: each identity a range of its own.
     let _ = copy_legacy_inbox(&old, to);
-    // Source records of format 6 or older: keyed by the broker's URL.
+    // Source records of format 7, a row each; of format 6 or older, keyed
+    // by the broker's URL.
+    let _ = read_records(&old).and_then(|row| append_row(to, &row));
     let _ = copy_legacy_sources(&old, to);
     // The records of the highest id handed out that can still be read.
     let floor =
@@ -106,16 +108,19 @@ fn copy_legacy_inbox(old: &Connection, to: &Connection) -> rusqlite::Result<()> 
 }
 
 /// Copies what can be read of format 6's (or older) source records, keyed
-/// by their broker's URL, as format 7 keeps them.
+/// by their broker's URL, as one row of the log.
 fn copy_legacy_sources(old: &Connection, to: &Connection) -> rusqlite::Result<()> {
     let mut stmt = old.prepare("SELECT url, pid, digest, id FROM sources")?;
     let mut rows = stmt.query([])?;
+    let mut log = Vec::new();
     while let Ok(Some(r)) = rows.next() {
-        let row = || Ok::<_, rusqlite::Error>((r.get::<_, String>(0)?, r.get(1)?, r.get::<_, i64>(2)?, r.get(3)?));
+        let row = || Ok::<_, rusqlite::Error>((r.get::<_, String>(0)?, r.get::<_, u16>(1)?, r.get::<_, i64>(2)?, r.get(3)?));
         let Ok((url, pid, digest, id)) = row() else { continue };
-        let _ = numbered_source(to, &url).and_then(|n| record(to, n, pid, digest as u64, id));
+        if let Ok(n) = numbered_source(to, &url) {
+            push_entry(&mut log, key(n, pid), digest as u64, id);
+        }
     }
-    Ok(())
+    append_row(to, &log)
 }
 
 struct Scan {

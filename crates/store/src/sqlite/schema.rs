@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::StoreError;
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 
 /// The outbox table of the current format, named `$name` (a macro: the
 /// schema and the conversion to format 7 are literals built from it).
@@ -95,11 +95,14 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NU
 -- is gone. Written in the commit that hands an id out.
 CREATE TABLE IF NOT EXISTS ids (k INTEGER PRIMARY KEY CHECK (k = 0), last INTEGER NOT NULL);
 -- A bridge's source brokers, numbered (format 7), and its source
--- deliveries: key = number << 16 | packet id, the content digest and the
--- message each became. An integer key: a text-keyed row per message cost
--- twice the instructions (docs/performance.md, session 12).
+-- deliveries as a log (format 8): one row per transaction that recorded
+-- any, each record 24 bytes (key = number << 16 | packet id, the content
+-- digest, the message it became; little-endian), a later record of a key
+-- replacing an earlier one; a row goes when none of its records stands.
+-- A row per record cost a tenth of a bridged message's instructions
+-- (docs/performance.md, sessions 12 and 15).
 CREATE TABLE IF NOT EXISTS source_brokers (n INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS source_records (k INTEGER PRIMARY KEY, digest INTEGER NOT NULL, id INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS source_log (n INTEGER PRIMARY KEY, entries BLOB NOT NULL);
 -- Messages moved aside as poison (their outbox route is '@poison'): their
 -- own route, the broker slot whose links they ended, how often, when.
 CREATE TABLE IF NOT EXISTS poison (
@@ -203,6 +206,7 @@ UPDATE meta SET value = '6' WHERE key = 'format';
 /// format 5 or older may have no `sources` table: it is made empty first.
 const MIGRATE_6_TO_7: &str = concat!(
     "
+CREATE TABLE IF NOT EXISTS source_records (k INTEGER PRIMARY KEY, digest INTEGER NOT NULL, id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sources (url TEXT NOT NULL, pid INTEGER NOT NULL, digest INTEGER NOT NULL, id INTEGER NOT NULL, PRIMARY KEY (url, pid)) WITHOUT ROWID;
 INSERT OR REPLACE INTO ids (k, last) SELECT 0, max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0), coalesce((SELECT max(id) FROM outbox), 0));
 ",
@@ -216,6 +220,13 @@ DROP TABLE sources;
 UPDATE meta SET value = '7' WHERE key = 'format';
 "
 );
+
+/// Format 8 keeps a bridge's source records as a log, one row per
+/// transaction: format 7's `source_records` (one row per record) become
+/// one row of it ([`super::sources::convert_records`], run after this).
+const MIGRATE_7_TO_8: &str = "
+UPDATE meta SET value = '8' WHERE key = 'format';
+";
 
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
@@ -277,6 +288,7 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
                 MIGRATE_4_TO_5,
                 MIGRATE_5_TO_6,
                 MIGRATE_6_TO_7,
+                MIGRATE_7_TO_8,
             ];
             // Each step from format v on; the recount belongs to 3 -> 4.
             let from = match v.max(1) {
@@ -285,10 +297,16 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
                 3 => 2,
                 4 => 4,
                 5 => 5,
-                _ => 6,
+                6 => 6,
+                _ => 7,
             };
             let sql: String = steps[from..].concat();
-            conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} COMMIT;")).inspect_err(|_| {
+            let convert = || {
+                conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql}"))?;
+                super::sources::convert_records(conn)?;
+                conn.execute_batch("COMMIT")
+            };
+            convert().inspect_err(|_| {
                 let _ = conn.execute_batch("ROLLBACK");
             })?;
             tracing::info!(dir = %dir.display(), from = v, to = FORMAT_VERSION, "outbox converted to the current format");

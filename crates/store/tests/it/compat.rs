@@ -65,7 +65,7 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("7"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("8"));
     assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap(), "the summary counted at conversion");
     assert_eq!(s.totals().unwrap().count, 2);
     let all = s.read_after(0, 10, None, None).unwrap();
@@ -192,11 +192,19 @@ fn an_insert_that_leaves_the_id_to_sqlite_is_refused_after_the_conversion() {
 /// and keys a bridge's source records by integers.
 #[test]
 fn reads_an_outbox_written_by_format_7() {
-    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
-        write_fixture(&fixture(7));
-    }
     reads_format_with_policies(7);
     reads_source_records(7);
+}
+
+/// Format 8 keeps a bridge's source records as a log, a row per
+/// transaction.
+#[test]
+fn reads_an_outbox_written_by_format_8() {
+    if std::env::var_os("STEADFAST_WRITE_FIXTURE").is_some() {
+        write_fixture(&fixture(8));
+    }
+    reads_format_with_policies(8);
+    reads_source_records(8);
 }
 
 /// An inbox written by format 5 (one row per identity; the fixture holds
@@ -217,7 +225,7 @@ fn an_inbox_written_by_format_5_becomes_ranges_and_keeps_every_identity() {
     drop(read);
     let (mut s, report) = SqliteStore::open_inbox(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("7"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("8"));
     let ids = |p: &str, r: std::ops::RangeInclusive<u64>| r.map(|q| (p.to_owned(), q)).collect::<Vec<_>>();
     let mut all = ids("gw-7", 0..=11);
     all.extend(ids("other", 2..=4));

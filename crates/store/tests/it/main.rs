@@ -11,6 +11,7 @@ mod power;
 mod quorum;
 mod receipts;
 mod recovery;
+mod sources;
 mod summary;
 mod tail;
 

@@ -534,3 +534,35 @@ fn a_transaction_says_whether_it_changed_anything() {
     assert!(s.changed(), "metadata");
     s.commit().unwrap();
 }
+
+/// A damaged outbox is salvaged with a bridge's source records that can
+/// still be read (its log's rows copied as they are): without them a
+/// source broker's resend of what was queued would be queued again.
+#[test]
+fn a_damaged_outbox_keeps_the_source_records_that_can_be_read() {
+    use steadfast_store::SourceStore;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+        for (t, pids) in [(0u64, 1..=4u16), (1, 3..=6)] {
+            s.begin().unwrap();
+            for pid in pids {
+                s.source_record("mqtt://src:1883", pid, 100 * t + u64::from(pid), 100 * t + u64::from(pid)).unwrap();
+            }
+            s.commit().unwrap();
+        }
+    }
+    fill(dir.path(), 3000, 200);
+    scribble_tail(&dir.path().join("outbox.db"), 16 * 1024);
+    let (mut s, report) = SqliteStore::open(dir.path()).expect("damage is never a reason to refuse to start");
+    assert!(!report.is_clean() && !report.quarantined.is_empty(), "{report:?}");
+    for (pid, id) in [(1u16, 1u64), (2, 2), (3, 103), (4, 104), (5, 105), (6, 106)] {
+        assert_eq!(s.source_seen("mqtt://src:1883", pid, id).unwrap(), Some(id), "packet id {pid}");
+    }
+    assert_eq!(s.source_seen("mqtt://src:1883", 3, 3).unwrap(), None, "replaced by the later delivery");
+    s.begin().unwrap();
+    s.source_record("mqtt://other:1883", 1, 7, 9000).unwrap();
+    s.commit().unwrap();
+    assert_eq!(s.source_seen("mqtt://other:1883", 1, 7).unwrap(), Some(9000), "a new broker numbered apart");
+    assert_eq!(s.source_seen("mqtt://src:1883", 1, 1).unwrap(), Some(1));
+}

@@ -414,8 +414,9 @@ impl SqliteStore {
 
     fn saw_version(&mut self, version: Option<u64>) {
         if version.is_none() || version != self.seen_version {
+            // A bridge's source records stay: only their holder writes
+            // them (a guest never does).
             self.forget_ids();
-            self.source_log.forget();
         }
         self.seen_version = version;
     }

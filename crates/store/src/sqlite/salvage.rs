@@ -114,7 +114,8 @@ fn copy_legacy_sources(old: &Connection, to: &Connection) -> rusqlite::Result<()
     let mut rows = stmt.query([])?;
     let mut log = Vec::new();
     while let Ok(Some(r)) = rows.next() {
-        let row = || Ok::<_, rusqlite::Error>((r.get::<_, String>(0)?, r.get::<_, u16>(1)?, r.get::<_, i64>(2)?, r.get(3)?));
+        let row =
+            || Ok::<_, rusqlite::Error>((r.get::<_, String>(0)?, r.get::<_, u16>(1)?, r.get::<_, i64>(2)?, r.get(3)?));
         let Ok((url, pid, digest, id)) = row() else { continue };
         if let Ok(n) = numbered_source(to, &url) {
             push_entry(&mut log, key(n, pid), digest as u64, id);

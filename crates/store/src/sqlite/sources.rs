@@ -78,7 +78,9 @@ pub(super) fn read_records(conn: &Connection) -> rusqlite::Result<Vec<u8>> {
     let mut rows = stmt.query([])?;
     let mut row = Vec::new();
     while let Ok(Some(r)) = rows.next() {
-        if let Ok((k, digest, id)) = (|| Ok::<_, rusqlite::Error>((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get(2)?)))() {
+        if let Ok((k, digest, id)) =
+            (|| Ok::<_, rusqlite::Error>((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get(2)?)))()
+        {
             push_entry(&mut row, k, digest as u64, id);
         }
     }
@@ -132,10 +134,10 @@ pub(super) struct SourceLog {
 struct Held {
     /// Each key's standing record.
     standing: HashMap<i64, Standing>,
-    /// Of each row (the one being written included), how many of its
-    /// records still stand.
-    live: HashMap<i64, u32>,
-    /// Records in the log's rows and in `pending`, standing or not.
+    /// The log's rows (the one being written included) that hold a
+    /// standing record.
+    rows: HashMap<i64, Row>,
+    /// Records in those rows, standing or not.
     stored: u64,
     /// The row the transaction under way writes at its commit.
     next_row: i64,
@@ -143,6 +145,13 @@ struct Held {
     pending: Vec<u8>,
     /// Rows none of whose records stand any more: deleted at the commit.
     emptied: Vec<i64>,
+}
+
+/// A row of the log: its records, and how many of them stand.
+#[derive(Debug, Default, Clone, Copy)]
+struct Row {
+    records: u32,
+    standing: u32,
 }
 
 impl Held {
@@ -153,37 +162,48 @@ impl Held {
         let mut last = 0;
         while let Some(r) = rows.next()? {
             let (n, row): (i64, Vec<u8>) = (r.get(0)?, r.get(1)?);
-            held.live.entry(n).or_insert(0);
+            held.rows.entry(n).or_default();
             for (k, digest, id) in entries(&row) {
-                held.stand(k, Standing { digest, id, row: n });
-                held.stored += 1;
+                held.add(k, Standing { digest, id, row: n });
             }
             last = n;
         }
         // A row left with nothing standing (not expected: it is deleted in
         // the transaction that empties it) goes at the next commit.
-        held.emptied.extend(held.live.iter().filter(|(_, live)| **live == 0).map(|(n, _)| *n));
-        held.live.retain(|_, live| *live > 0);
+        let empty: Vec<i64> = held.rows.iter().filter(|(_, r)| r.standing == 0).map(|(n, _)| *n).collect();
+        for n in empty {
+            held.rows.remove(&n);
+            held.emptied.push(n);
+        }
         held.next_row = last + 1;
         Ok(held)
     }
 
-    /// `s` stands for key `k` now, in place of the record before it.
-    fn stand(&mut self, k: i64, s: Standing) {
+    /// A record of key `k` in row `s.row`: it stands now, in place of the
+    /// record before it.
+    fn add(&mut self, k: i64, s: Standing) {
+        self.rows.entry(s.row).or_default().records += 1;
+        self.stored += 1;
         match self.standing.insert(k, s) {
             Some(old) if old.row == s.row => {}
             old => {
                 if let Some(old) = old {
-                    if let Some(live) = self.live.get_mut(&old.row) {
-                        *live -= 1;
-                        if *live == 0 {
-                            self.live.remove(&old.row);
-                            self.emptied.push(old.row);
-                        }
-                    }
+                    self.release(old.row);
                 }
-                *self.live.entry(s.row).or_insert(0) += 1;
+                self.rows.entry(s.row).or_default().standing += 1;
             }
+        }
+    }
+
+    /// One record of row `n` no longer stands; with its last, the row
+    /// goes.
+    fn release(&mut self, n: i64) {
+        let Some(row) = self.rows.get_mut(&n) else { return };
+        row.standing -= 1;
+        if row.standing == 0 {
+            self.stored -= u64::from(row.records);
+            self.rows.remove(&n);
+            self.emptied.push(n);
         }
     }
 
@@ -201,7 +221,7 @@ impl Held {
                 s.row = n;
             }
             conn.prepare_cached("INSERT INTO source_log (n, entries) VALUES (?1, ?2)")?.execute(params![n, row])?;
-            self.live = HashMap::from([(n, standing as u32)]);
+            self.rows = HashMap::from([(n, Row { records: standing as u32, standing: standing as u32 })]);
             self.stored = standing;
             self.next_row += 1;
             self.pending.clear();
@@ -234,9 +254,8 @@ impl SourceLog {
     fn record(&mut self, conn: &Connection, k: i64, digest: u64, id: u64) -> rusqlite::Result<()> {
         let held = self.held(conn)?;
         let row = held.next_row;
-        held.stand(k, Standing { digest, id, row });
+        held.add(k, Standing { digest, id, row });
         push_entry(&mut held.pending, k, digest, id);
-        held.stored += 1;
         Ok(())
     }
 

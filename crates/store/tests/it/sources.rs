@@ -32,8 +32,10 @@ fn op() -> impl Strategy<Value = Op> {
 /// Rows of the log, read beside the store's own connection.
 fn log_rows(dir: &std::path::Path) -> (u64, u64) {
     let conn = rusqlite::Connection::open(dir.join("outbox.db")).unwrap();
-    conn.query_row("SELECT count(*), coalesce(sum(length(entries)), 0) FROM source_log", [], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
+    conn.query_row("SELECT count(*), coalesce(sum(length(entries)), 0) FROM source_log", [], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .unwrap()
 }
 
 type Model = HashMap<(usize, u16), (u64, u64)>;

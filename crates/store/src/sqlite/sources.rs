@@ -126,7 +126,7 @@ struct Standing {
 #[derive(Debug, Default)]
 pub(super) struct SourceLog {
     /// Read from `source_log` at first use; `None` again after a rollback
-    /// or another connection's commit.
+    /// or a failed commit.
     held: Option<Held>,
 }
 
@@ -279,8 +279,8 @@ impl SourceLog {
         self.held.as_ref().is_some_and(|h| !h.pending.is_empty() || !h.emptied.is_empty())
     }
 
-    /// Forgets what is in memory (a rollback, a failed commit, another
-    /// connection's commit): read again at the next use.
+    /// Forgets what is in memory (a rollback, a failed commit): read again
+    /// at the next use.
     pub(super) fn forget(&mut self) {
         self.held = None;
     }

@@ -138,14 +138,7 @@ impl Store for SqliteStore {
         // Outside a transaction, one of its own: the row, the record of its
         // id and the reservation above it commit together.
         if self.conn.is_autocommit() {
-            self.begin()?;
-            return match self.insert_owned(m) {
-                Ok(id) => self.commit().map(|()| id).inspect_err(|_| self.rollback()),
-                Err(e) => {
-                    self.rollback();
-                    Err(e)
-                }
-            };
+            return self.in_own_transaction(|s| s.insert_owned(m));
         }
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let id = self.next_id()?;
@@ -810,6 +803,23 @@ impl SqliteStore {
     fn run_cached(&mut self, sql: &str) -> Result<(), StoreError> {
         let r = self.conn.prepare_cached(sql).and_then(|mut s| s.raw_execute());
         r.map(|_| ()).map_err(|e| self.map(e))
+    }
+
+    /// `f` in a transaction of its own, committed when it succeeds and
+    /// rolled back when it or the commit fails: for a call that writes at
+    /// commit time and came outside a transaction.
+    pub(super) fn in_own_transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.begin()?;
+        match f(self) {
+            Ok(v) => self.commit().map(|()| v).inspect_err(|_| self.rollback()),
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
     }
 
     /// The writes a transaction's commit adds, then the commit: a

@@ -307,15 +307,7 @@ impl SourceStore for SqliteStore {
         // Outside a transaction, one of its own (the record is written at
         // a commit).
         if self.conn.is_autocommit() {
-            use crate::Store;
-            self.begin()?;
-            return match self.source_record(url, pid, digest, id) {
-                Ok(()) => self.commit().inspect_err(|_| self.rollback()),
-                Err(e) => {
-                    self.rollback();
-                    Err(e)
-                }
-            };
+            return self.in_own_transaction(|s| s.source_record(url, pid, digest, id));
         }
         if let Some(n) = self.source(url, true)? {
             let r = self.source_log.record(&self.conn, key(n, pid), digest, id);

@@ -213,20 +213,17 @@ impl Held {
     fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
         let standing = self.standing.len() as u64;
         if self.stored > 2 * standing + COMPACT_SLACK {
+            // Every row goes; what stands becomes the row written below.
             conn.prepare_cached("DELETE FROM source_log")?.execute([])?;
-            let mut row = Vec::with_capacity(self.standing.len() * ENTRY);
             let n = self.next_row;
+            self.pending.clear();
             for (k, s) in self.standing.iter_mut() {
-                push_entry(&mut row, *k, s.digest, s.id);
+                push_entry(&mut self.pending, *k, s.digest, s.id);
                 s.row = n;
             }
-            conn.prepare_cached("INSERT INTO source_log (n, entries) VALUES (?1, ?2)")?.execute(params![n, row])?;
             self.rows = HashMap::from([(n, Row { records: standing as u32, standing: standing as u32 })]);
             self.stored = standing;
-            self.next_row += 1;
-            self.pending.clear();
             self.emptied.clear();
-            return Ok(());
         }
         for n in std::mem::take(&mut self.emptied) {
             conn.prepare_cached("DELETE FROM source_log WHERE n = ?1")?.execute([n])?;

@@ -2,6 +2,7 @@
 //! directories, time limits on load loops, rates and medians, the RSS of
 //! this process, and baseline-versus rows.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -66,25 +67,65 @@ pub(crate) fn versus(window: u16, base: Side, other: Side) -> Vec<Row> {
         cpu_max: cpu.map(|c| c.max_ratio(base.1)),
         ..Row::default()
     };
-    vec![Row { baseline: true, ..row(base) }, Row { ratio: Some(other.1 / base.1), ..row(other) }]
+    let base_own = base.3.and_then(|c| c.own_us);
+    let par_max = other.3.zip(base_own).and_then(|(c, own)| c.par_ratio(own, base.1));
+    vec![Row { baseline: true, ..row(base) }, Row { ratio: Some(other.1 / base.1), par_max, ..row(other) }]
 }
 
 /// CPU time spent on the whole machine (every process: brokers, clients,
-/// this bench) and by this process, counted from `/proc/stat` and
-/// `/proc/self/stat` between [`CpuMeter::start`] and [`CpuMeter::stop`].
-#[derive(Debug, Clone, Copy)]
+/// this bench), by this process, and by the processes it started (its
+/// children: brokers, the bridge, mosquitto_pub), counted from
+/// `/proc/stat` and `/proc/PID/stat` between [`CpuMeter::start`] and
+/// [`CpuMeter::stop`].
+#[derive(Debug, Clone)]
 struct CpuMeter {
     start: Option<Ticks>,
 }
 
 /// Clock ticks since boot: the machine's busy and total (all cores), this
-/// process's user and system time, and how many cores.
-#[derive(Debug, Clone, Copy)]
+/// process's user and system time, its children's (those still running,
+/// by process id, and those it reaped), and how many cores.
+#[derive(Debug, Clone)]
 struct Ticks {
     busy: u64,
     total: u64,
     own: u64,
+    reaped: u64,
+    children: HashMap<u32, u64>,
     cores: usize,
+}
+
+/// A process's user and system time, and that of its children it reaped,
+/// in clock ticks, and its parent: from `/proc/PID/stat`.
+struct ProcTicks {
+    parent: u32,
+    own: u64,
+    reaped: u64,
+}
+
+impl ProcTicks {
+    fn read(pid: &str) -> Option<ProcTicks> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command may hold spaces: the fields count from its ')'
+        // (state, parent, ..., user 14th, system, children's user, system).
+        let after = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = after.split_whitespace().take(15).collect();
+        let at = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        Some(ProcTicks { parent: at(1)? as u32, own: at(11)? + at(12)?, reaped: at(13)? + at(14)? })
+    }
+}
+
+/// The running children of process `me` and their ticks (a scan of
+/// `/proc`: a few hundred entries).
+fn children_of(me: u32) -> HashMap<u32, u64> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return HashMap::new() };
+    dir.filter_map(|e| {
+        let name = e.ok()?.file_name().into_string().ok()?;
+        let pid: u32 = name.parse().ok()?;
+        let t = ProcTicks::read(&name)?;
+        (t.parent == me).then_some((pid, t.own))
+    })
+    .collect()
 }
 
 impl Ticks {
@@ -102,11 +143,23 @@ impl Ticks {
         // Work: user, nice, system, interrupts. Not idle, waiting for the
         // disk, or time the hypervisor gave to other machines (steal).
         let busy = all[0] + all[1] + all[2] + all[5] + all[6];
-        let own = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // The command may hold spaces: the fields count from its ')'.
-        let after = own.rsplit_once(')')?.1;
-        let f: Vec<u64> = after.split_whitespace().skip(11).take(2).filter_map(|v| v.parse().ok()).collect();
-        Some(Ticks { busy, total, own: f.first()? + f.get(1)?, cores })
+        let own = ProcTicks::read("self")?;
+        let children = children_of(std::process::id());
+        Some(Ticks { busy, total, own: own.own, reaped: own.reaped, children, cores })
+    }
+
+    /// The children's ticks since `start`: a child that started since
+    /// counts whole; one reaped since counts through `reaped` (whole, from
+    /// its start: a child ending inside a span started inside it here).
+    /// Without `except`'s.
+    fn children_since(&self, start: &Ticks, except: Option<u32>) -> u64 {
+        let running: u64 = self
+            .children
+            .iter()
+            .filter(|(pid, _)| Some(**pid) != except)
+            .map(|(pid, t)| t.saturating_sub(start.children.get(pid).copied().unwrap_or(0)))
+            .sum();
+        running + self.reaped.saturating_sub(start.reaped)
     }
 }
 
@@ -115,17 +168,25 @@ impl CpuMeter {
         CpuMeter { start: Ticks::now() }
     }
 
-    /// CPU per message over the `n` messages of the span since the start.
-    fn stop(self, n: usize, wall: Duration) -> Option<Cpu> {
+    /// CPU per message over the `n` messages of the span since the start;
+    /// with `client`, the measured client is that child process (its
+    /// time is the row's own, and not among the children's).
+    fn stop(self, n: usize, wall: Duration, client: Option<u32>) -> Option<Cpu> {
         let (a, b) = (self.start?, Ticks::now()?);
         let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
         // Ticks to seconds without the tick rate: the machine's ticks over
         // the span are `cores` seconds per second of wall time.
         let seconds = |ticks: u64| ticks as f64 / total * a.cores as f64 * wall.as_secs_f64();
         let n = n.max(1) as f64;
+        let us = |ticks: u64| seconds(ticks) / n * 1e6;
+        let own = match client {
+            Some(pid) => b.children.get(&pid).map(|t| t.saturating_sub(a.children.get(&pid).copied().unwrap_or(0))),
+            None => Some(b.own.saturating_sub(a.own)),
+        };
         Some(Cpu {
-            machine_us: seconds(b.busy.saturating_sub(a.busy)) / n * 1e6,
-            own_us: Some(seconds(b.own.saturating_sub(a.own)) / n * 1e6),
+            machine_us: us(b.busy.saturating_sub(a.busy)),
+            own_us: own.map(us),
+            child_us: Some(us(b.children_since(&a, client))),
             busy: (b.busy.saturating_sub(a.busy)) as f64 / total,
             cores: a.cores,
         })
@@ -138,9 +199,15 @@ pub struct Cpu {
     /// Microseconds of CPU on the whole machine (brokers, clients, this
     /// bench, anything else running) per message.
     pub machine_us: f64,
-    /// Of which this process (the in-process clients and the bench);
-    /// `None` where the client measured is a process of its own.
+    /// Of which the client measured: this process (the in-process clients
+    /// and the bench), or the process of its own that it is (the bridge);
+    /// `None` where that is not known (mosquitto_pub).
     pub own_us: Option<f64>,
+    /// Of which the other processes this bench started (the brokers, and
+    /// any client that is a process of its own and not `own_us`); the rest
+    /// of `machine_us` is the kernel's own threads and interrupts, and
+    /// anything else running.
+    pub child_us: Option<f64>,
     /// The machine's cores in use over the span, as a share of all (1.0:
     /// every core busy all the time).
     pub busy: f64,
@@ -154,6 +221,17 @@ impl Cpu {
     /// less CPU per message.
     pub fn max_ratio(&self, baseline: f64) -> f64 {
         self.cores as f64 / (self.machine_us * 1e-6) / baseline
+    }
+
+    /// [`Self::max_ratio`] were the client measured to spend no more CPU
+    /// of its own per message than the baseline's client does
+    /// (`base_own_us`): what the rest of the machine's work per message
+    /// (brokers, the kernel) leaves it here. A target above it cannot be
+    /// met on this machine by cutting the client's own work, only by
+    /// making the rest cheaper.
+    pub fn par_ratio(&self, base_own_us: f64, baseline: f64) -> Option<f64> {
+        let rest = (self.machine_us - self.own_us?).max(0.0);
+        Some(self.cores as f64 / ((rest + base_own_us) * 1e-6) / baseline)
     }
 
     /// The same without this process's share: the client measured ran as
@@ -181,7 +259,7 @@ pub(crate) struct Took {
 }
 
 /// Times a span of `n` messages: wall time and CPU.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Span {
     t0: Instant,
     cpu: CpuMeter,
@@ -199,7 +277,14 @@ impl Span {
 
     pub(crate) fn stop(self) -> Took {
         let elapsed = self.t0.elapsed();
-        Took { elapsed, cpu: self.cpu.stop(self.n, elapsed) }
+        Took { elapsed, cpu: self.cpu.stop(self.n, elapsed, None) }
+    }
+
+    /// Like [`Self::stop`] for a client that is a child process of its
+    /// own, `pid`, still running: its time is the row's own.
+    pub(crate) fn stop_for(self, pid: u32) -> Took {
+        let elapsed = self.t0.elapsed();
+        Took { elapsed, cpu: self.cpu.stop(self.n, elapsed, Some(pid)) }
     }
 }
 
@@ -280,15 +365,55 @@ mod tests {
 
     #[test]
     fn the_ceiling_is_the_cores_over_the_cpu_per_message_over_the_baseline() {
-        let cpu = Cpu { machine_us: 20.0, own_us: Some(10.0), busy: 0.8, cores: 2 };
+        let cpu = Cpu { machine_us: 20.0, own_us: Some(10.0), child_us: Some(8.0), busy: 0.8, cores: 2 };
         // Two cores at 20 µs a message: 100,000 msg/s at most.
         assert!((cpu.max_ratio(50_000.0) - 2.0).abs() < 1e-9);
         assert!((cpu.max_ratio(100_000.0) - 1.0).abs() < 1e-9);
     }
 
     #[test]
+    fn at_par_the_client_spends_what_the_baseline_spends_of_its_own() {
+        // 20 µs a message, 12 of them the client's: the rest is 8; at the
+        // baseline's own 2 µs, 10 µs a message, so 200,000 msg/s on two
+        // cores.
+        let cpu = Cpu { machine_us: 20.0, own_us: Some(12.0), child_us: Some(6.0), busy: 0.9, cores: 2 };
+        assert!((cpu.par_ratio(2.0, 100_000.0).expect("own known") - 2.0).abs() < 1e-9);
+        assert_eq!(Cpu { own_us: None, ..cpu }.par_ratio(2.0, 100_000.0), None);
+    }
+
+    /// A child process's CPU time counts among the children's, or as the
+    /// row's own when it is the client measured.
+    #[test]
+    fn a_child_process_counts_as_a_child_or_as_the_client() {
+        // A busy loop of its own that ends by itself (30 million turns of
+        // sh, about 20 s alone here); stopped once it has 30 clock ticks.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 30000000 ]; do i=$((i+1)); done"])
+            .spawn()
+            .expect("sh is there");
+        let pid = child.id();
+        let span = Span::start(1_000);
+        let ticks = || children_of(std::process::id()).get(&pid).copied().unwrap_or(0);
+        let first = ticks();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while ticks() < first + 30 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (as_child, as_client) = (span.clone().stop().cpu, span.stop_for(pid).cpu);
+        let _ = child.kill();
+        let _ = child.wait();
+        let (as_child, as_client) = (as_child.expect("/proc"), as_client.expect("/proc"));
+        // 30 ticks (0.3 s) over 1,000 messages: 300 µs each.
+        let (child_us, own_us) = (as_child.child_us.expect("counted"), as_child.own_us.expect("counted"));
+        assert!(child_us > 250.0 && own_us < child_us, "child {child_us} µs, own {own_us} µs");
+        let (child_us, own_us) = (as_client.child_us.expect("counted"), as_client.own_us.expect("counted"));
+        assert!(own_us > 250.0 && child_us < own_us, "the loop as the client: own {own_us} µs, children {child_us} µs");
+    }
+
+    #[test]
     fn the_cpu_figures_are_those_of_the_run_with_the_median_rate() {
-        let c = |m: f64| Some(Cpu { machine_us: m, own_us: Some(m / 2.0), busy: 0.5, cores: 2 });
+        let c =
+            |m: f64| Some(Cpu { machine_us: m, own_us: Some(m / 2.0), child_us: Some(m / 4.0), busy: 0.5, cores: 2 });
         let (rate, cpu) = median_run(&[300.0, 100.0, 200.0], &[c(3.0), c(1.0), c(2.0)]);
         assert_eq!((rate, cpu), (200.0, c(2.0)));
         // A run without figures (no /proc) gives none.

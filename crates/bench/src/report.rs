@@ -31,6 +31,9 @@ pub struct Row {
     /// The ratio the machine's cores allow at this row's CPU per message
     /// ([`Cpu::max_ratio`] over the baseline's rate).
     pub cpu_max: Option<f64>,
+    /// The same were this row's client to spend no more CPU of its own per
+    /// message than the baseline's ([`Cpu::par_ratio`]).
+    pub par_max: Option<f64>,
 }
 
 /// One scenario's results.
@@ -64,7 +67,7 @@ pub struct Report {
 }
 
 /// What the CPU columns mean (printed above the tables).
-pub const CPU_COLUMNS: &str = "CPU us: CPU time per message on the whole machine over the timed span (brokers, clients, this bench: /proc/stat), from the run with the median rate; own us: of which this process (the clients that run inside it; - for a client that is a process of its own: mosquitto_pub, the bridge); busy: the share of the machine's cores in use; CPU max: the ratio the machine's cores would allow at that CPU per message (cores / CPU per message / the baseline's msg/s): a row cannot pass it here without spending less CPU per message, and a baseline near 100% busy is bound by the machine";
+pub const CPU_COLUMNS: &str = "CPU us: CPU time per message on the whole machine over the timed span (brokers, clients, this bench: /proc/stat), from the run with the median rate; own us: of which the client measured (this process, for the clients that run inside it; the bridge's process; - for mosquitto_pub); child us: of which the other processes this bench started (the brokers, mosquitto_pub); the rest is the kernel's threads and interrupts; busy: the share of the machine's cores in use; CPU max: the ratio the machine's cores would allow at that CPU per message (cores / CPU per message / the baseline's msg/s): a row cannot pass it here without spending less CPU per message, and a baseline near 100% busy is bound by the machine; at par: the CPU max were the row's client to spend no more CPU of its own per message than the baseline's client (the rest of its CPU per message, brokers and kernel, as measured): a target above it is beyond what this machine allows however cheap the client's own work gets";
 
 fn opt(v: Option<f64>, width: usize, prec: usize) -> String {
     v.map_or_else(|| format!("{:>width$}", "-"), |v| format!("{v:>width$.prec$}"))
@@ -116,7 +119,7 @@ impl Report {
             let _ = writeln!(out, "\n{}: {}", s.name, s.title);
             let _ = writeln!(
                 out,
-                "  {:<72} {:>6} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>5} {:>7}",
+                "  {:<72} {:>6} {:>10} {:>12} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>8} {:>5} {:>7} {:>6}",
                 "",
                 "window",
                 "msg/s",
@@ -127,8 +130,10 @@ impl Report {
                 "ratio",
                 "CPU us",
                 "own us",
+                "child us",
                 "busy",
-                "CPU max"
+                "CPU max",
+                "at par"
             );
             for r in &s.rows {
                 let value = r.value.map_or_else(|| "-".to_owned(), |(v, unit)| format!("{v:.0} {unit}"));
@@ -137,7 +142,7 @@ impl Report {
                 let busy = r.cpu.map_or_else(|| "-".to_owned(), |c| format!("{:.0}%", c.busy * 100.0));
                 let _ = writeln!(
                     out,
-                    "  {:<72} {:>6} {} {:>12} {} {} {} {:>9} {} {} {:>5} {}",
+                    "  {:<72} {:>6} {} {:>12} {} {} {} {:>9} {} {} {} {:>5} {} {}",
                     r.name,
                     window,
                     opt(r.rate, 10, 0),
@@ -148,8 +153,10 @@ impl Report {
                     ratio,
                     opt(r.cpu.map(|c| c.machine_us), 7, 1),
                     opt(r.cpu.and_then(|c| c.own_us), 7, 1),
+                    opt(r.cpu.and_then(|c| c.child_us), 8, 1),
                     busy,
-                    opt(r.cpu_max, 7, 2)
+                    opt(r.cpu_max, 7, 2),
+                    opt(r.par_max, 6, 2)
                 );
             }
             if !s.ratio_to.is_empty() {
@@ -185,9 +192,11 @@ impl Report {
                             "window": r.window,
                             "cpu_us_per_msg": r.cpu.map(|c| c.machine_us),
                             "own_cpu_us_per_msg": r.cpu.and_then(|c| c.own_us),
+                            "child_cpu_us_per_msg": r.cpu.and_then(|c| c.child_us),
                             "machine_busy": r.cpu.map(|c| c.busy),
                             "cores": r.cpu.map(|c| c.cores),
                             "cpu_max_ratio": r.cpu_max,
+                            "cpu_max_ratio_at_par": r.par_max,
                         })
                     })
                     .collect();

@@ -39,8 +39,7 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
         route.feed(&local, &a)?;
         let took = route.forward(&upstream, a.messages).await?;
         bridged.push(rate(a.messages, took.elapsed));
-        // The bridge is a process of its own.
-        cpu_bridged.push(took.cpu.map(Cpu::without_own));
+        cpu_bridged.push(took.cpu);
         let took =
             steadfast_durable(upstream.port(), &a, &format!("direct-{run}"), ProtocolVersion::V5, window).await?;
         direct.push(rate(a.messages, took.elapsed));
@@ -137,7 +136,8 @@ impl<'a> BridgeRun<'a> {
             acked = scrape(&metrics, &counter).await.unwrap_or(acked);
             exited = bridge.try_wait().map_err(BenchError::run("steadfast bridge"))?;
         }
-        let took = span.stop();
+        // Read while it runs: the bridge's own time is the row's own.
+        let took = span.stop_for(bridge.id());
         let _ = Command::new("kill").args(["-TERM", &bridge.id().to_string()]).status();
         let _ = bridge.wait();
         if let Some(status) = exited.filter(|_| acked < n as u64) {

@@ -67,9 +67,14 @@ pub(crate) fn versus(window: u16, base: Side, other: Side) -> Vec<Row> {
         cpu_max: cpu.map(|c| c.max_ratio(base.1)),
         ..Row::default()
     };
-    let base_own = base.3.and_then(|c| c.own_us);
-    let par_max = other.3.zip(base_own).and_then(|(c, own)| c.par_ratio(own, base.1));
+    let par_max = at_par(other.3, base.3, base.1);
     vec![Row { baseline: true, ..row(base) }, Row { ratio: Some(other.1 / base.1), par_max, ..row(other) }]
+}
+
+/// [`Cpu::par_ratio`] of a row's CPU against its baseline's (own CPU and
+/// rate `baseline`), when both own figures are known.
+pub(crate) fn at_par(cpu: Option<Cpu>, base: Option<Cpu>, baseline: f64) -> Option<f64> {
+    cpu?.par_ratio(base?.own_us?, baseline)
 }
 
 /// CPU time spent on the whole machine (every process: brokers, clients,

@@ -8,7 +8,7 @@ use steadfast::{BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::Broker;
 
 use crate::clients::{bare_rumqttc_v5, enqueue_all, Timed};
-use crate::measure::{bounded, broker, mib, rate, rss, state_dir, url, Cpu, RssPeak, Span};
+use crate::measure::{at_par, bounded, broker, mib, rate, rss, state_dir, url, Cpu, RssPeak, Span};
 use crate::{Args, BenchError, Row, Scenario};
 
 pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
@@ -189,6 +189,7 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
                 window: Some(a.inflight),
                 cpu: drain.cpu,
                 cpu_max: drain.cpu.map(|c| c.max_ratio(bare_rate)),
+                par_max: at_par(drain.cpu, bare.from_first_ack.cpu, bare_rate),
                 ..Row::default()
             },
         ],

@@ -8,7 +8,7 @@ use crate::clients::{
     bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable,
     SteadfastLatency,
 };
-use crate::measure::{bounded, broker, median, median_run, mib, rate, Cpu, RssPeak, Took};
+use crate::measure::{at_par, bounded, broker, median, median_run, mib, rate, Cpu, RssPeak, Took};
 use crate::{percentile, Args, BenchError, Row, Scenario};
 
 /// The clients of the `publish` scenario.
@@ -205,6 +205,9 @@ impl WindowRates {
                 window: Some(a.inflight),
                 cpu,
                 cpu_max: cpu.map(|c| c.max_ratio(self.at(p.baseline(), a.inflight))),
+                par_max: (p != p.baseline())
+                    .then(|| at_par(cpu, self.cpu[p.baseline().index()], self.at(p.baseline(), a.inflight)))
+                    .flatten(),
                 ..Row::default()
             }
         });

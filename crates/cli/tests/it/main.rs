@@ -732,6 +732,13 @@ async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
         assert!(rows.iter().any(|r| r["baseline"] == true), "{s}");
         assert!(rows.iter().any(|r| r["ratio"].as_f64().is_some_and(|x| x > 0.0)), "{s}");
     }
+    // The bridge is a process of its own: its CPU is the row's own, the
+    // brokers' the children's, and with both the ratio the machine allows
+    // at the direct publisher's own cost.
+    let bridged = scenarios[2]["rows"].as_array().unwrap().iter().find(|r| r["baseline"] == false).unwrap();
+    assert!(bridged["own_cpu_us_per_msg"].as_f64().is_some_and(|us| us > 0.0), "{bridged}");
+    assert!(bridged["child_cpu_us_per_msg"].as_f64().is_some(), "{bridged}");
+    assert!(bridged["cpu_max_ratio_at_par"].as_f64().is_some_and(|r| r > 0.0), "{bridged}");
     let publish = &scenarios[0]["rows"];
     let latency = publish
         .as_array()

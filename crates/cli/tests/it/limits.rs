@@ -161,6 +161,7 @@ async fn mosquitto_over_mqtt_311_gets_a_window_below_its_qos2_limit() {
     let closes = err.matches("link lost; reconnecting").count();
     let got = |p: char| sub.lines().into_iter().filter(|l| l.starts_with(p)).count();
     wait_until("the second run's messages", Duration::from_secs(20), || got('b') >= 300 - closes).await;
-    let window = status_json(&ob)["brokers"][0]["window"].as_u64().expect("a learned window");
+    let st = status_json(&ob);
+    let window = st["brokers"][0]["window"].as_u64().unwrap_or_else(|| panic!("a learned window: {st}\n{err}"));
     assert!(window < 64, "learned {window}");
 }

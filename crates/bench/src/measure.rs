@@ -160,11 +160,18 @@ impl Ticks {
     fn children_since(&self, start: &Ticks, except: Option<u32>) -> u64 {
         let running: u64 = self
             .children
-            .iter()
-            .filter(|(pid, _)| Some(**pid) != except)
-            .map(|(pid, t)| t.saturating_sub(start.children.get(pid).copied().unwrap_or(0)))
+            .keys()
+            .filter(|pid| Some(**pid) != except)
+            .filter_map(|pid| self.child_since(start, *pid))
             .sum();
         running + self.reaped.saturating_sub(start.reaped)
+    }
+
+    /// The ticks of running child `pid` since `start` (whole if it started
+    /// since); `None` when it is not running now.
+    fn child_since(&self, start: &Ticks, pid: u32) -> Option<u64> {
+        let now = self.children.get(&pid)?;
+        Some(now.saturating_sub(start.children.get(&pid).copied().unwrap_or(0)))
     }
 }
 
@@ -185,7 +192,7 @@ impl CpuMeter {
         let n = n.max(1) as f64;
         let us = |ticks: u64| seconds(ticks) / n * 1e6;
         let own = match client {
-            Some(pid) => b.children.get(&pid).map(|t| t.saturating_sub(a.children.get(&pid).copied().unwrap_or(0))),
+            Some(pid) => b.child_since(&a, pid),
             None => Some(b.own.saturating_sub(a.own)),
         };
         Some(Cpu {
@@ -273,7 +280,10 @@ pub(crate) struct Span {
 
 impl Span {
     pub(crate) fn start(n: usize) -> Span {
-        Span { t0: Instant::now(), cpu: CpuMeter::start(), n }
+        // The CPU reading first: its scan of `/proc` for the children takes
+        // a few milliseconds, which must not count in the span's time.
+        let cpu = CpuMeter::start();
+        Span { t0: Instant::now(), cpu, n }
     }
 
     pub(crate) fn elapsed(&self) -> Duration {

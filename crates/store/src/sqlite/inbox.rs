@@ -45,7 +45,7 @@ impl SqliteStore {
     /// range holds yet, each as a range of its own.
     fn record_run(&mut self, producer: &str, first: u64, last: u64, now_ms: u64) -> rusqlite::Result<()> {
         let held: Option<u64> = self
-            .conn
+            .conn_apart()
             .prepare_cached(RANGE_AT_OR_BELOW)?
             .query_row(params![producer, first], |r| r.get(0))
             .optional()?;
@@ -57,7 +57,7 @@ impl SqliteStore {
         };
         let mut parts = Vec::new();
         if let Some(from) = next {
-            let mut stmt = self.conn.prepare_cached(RANGES_INSIDE)?;
+            let mut stmt = self.conn_apart().prepare_cached(RANGES_INSIDE)?;
             let mut rows = stmt.query(params![producer, from, last])?;
             while let (Some(n), Some(r)) = (next, rows.next()?) {
                 let (f, l): (u64, u64) = (r.get(0)?, r.get(1)?);
@@ -70,7 +70,7 @@ impl SqliteStore {
         if let Some(n) = next {
             parts.push((n, last));
         }
-        let mut insert = self.conn.prepare_cached("INSERT INTO inbox_ranges VALUES (?1, ?2, ?3, ?4)")?;
+        let mut insert = self.conn_apart().prepare_cached("INSERT INTO inbox_ranges VALUES (?1, ?2, ?3, ?4)")?;
         for (f, l) in parts {
             insert.execute(params![producer, f, l, now_ms])?;
         }
@@ -81,13 +81,13 @@ impl SqliteStore {
     /// converted it: one row per identity, in `inbox`.
     fn legacy_inbox(&self) -> bool {
         let sql = "SELECT count(*) FROM sqlite_master WHERE name = 'inbox_ranges'";
-        self.conn.query_row(sql, [], |r| r.get::<_, u32>(0)).is_ok_and(|n| n == 0)
+        self.conn_apart().query_row(sql, [], |r| r.get::<_, u32>(0)).is_ok_and(|n| n == 0)
     }
 }
 
 impl InboxStore for SqliteStore {
     fn inbox_seen(&mut self, ids: &[(String, u64)]) -> Result<Vec<bool>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(RANGE_AT_OR_BELOW)?;
+        let mut stmt = self.conn_apart().prepare_cached(RANGE_AT_OR_BELOW)?;
         let mut out = Vec::with_capacity(ids.len());
         for (p, s) in ids {
             let last: Option<u64> = stmt.query_row(params![p, s], |r| r.get(0)).optional()?;
@@ -96,7 +96,7 @@ impl InboxStore for SqliteStore {
         Ok(out)
     }
     fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT producer, max(last) FROM inbox_ranges GROUP BY producer")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT producer, max(last) FROM inbox_ranges GROUP BY producer")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -110,14 +110,14 @@ impl InboxStore for SqliteStore {
     }
     fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
         let before = self.inbox_len()?;
-        self.conn.execute("DELETE FROM inbox_ranges WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
+        self.conn_apart().execute("DELETE FROM inbox_ranges WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
         // Over the count: the oldest ranges go (and the lowest numbers of
         // the one that crosses the bound), so that the newest `keep` stay.
         let mut over = self.inbox_len()?.saturating_sub(keep);
         if over > 0 {
             let oldest: Vec<(String, u64, u64)> = {
                 let sql = "SELECT producer, first, last FROM inbox_ranges ORDER BY handled_ms, first, producer";
-                let mut stmt = self.conn.prepare(sql)?;
+                let mut stmt = self.conn_apart().prepare(sql)?;
                 let mut rows = stmt.query([])?;
                 let mut out = Vec::new();
                 let mut taken = 0u64;
@@ -133,11 +133,11 @@ impl InboxStore for SqliteStore {
                 let size = l - f + 1;
                 let r = if size <= over {
                     over -= size;
-                    self.conn.execute("DELETE FROM inbox_ranges WHERE producer = ?1 AND first = ?2", params![p, f])
+                    self.conn_apart().execute("DELETE FROM inbox_ranges WHERE producer = ?1 AND first = ?2", params![p, f])
                 } else {
                     let cut = std::mem::take(&mut over);
                     let sql = "UPDATE inbox_ranges SET first = ?3 WHERE producer = ?1 AND first = ?2";
-                    self.conn.execute(sql, params![p, f, f + cut])
+                    self.conn_apart().execute(sql, params![p, f, f + cut])
                 };
                 r.map_err(|e| self.map(e))?;
             }
@@ -150,7 +150,7 @@ impl InboxStore for SqliteStore {
         } else {
             "SELECT coalesce(sum(last - first + 1), 0) FROM inbox_ranges"
         };
-        Ok(self.conn.query_row(sql, [], |r| r.get(0))?)
+        Ok(self.conn_apart().query_row(sql, [], |r| r.get(0))?)
     }
     fn inbox_bytes(&mut self) -> Result<u64, StoreError> {
         let sql = if self.legacy_inbox() {
@@ -158,16 +158,16 @@ impl InboxStore for SqliteStore {
         } else {
             "SELECT coalesce(sum((last - first + 1) * (length(CAST(producer AS BLOB)) + ?1)), 0) FROM inbox_ranges"
         };
-        Ok(self.conn.query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
+        Ok(self.conn_apart().query_row(sql, [crate::INBOX_ENTRY_BYTES], |r| r.get(0))?)
     }
     fn add_counter(&mut self, name: &str, n: u64) -> Result<(), StoreError> {
         // Cached: a consumer counts what it handled at every batch (its
         // parse was the "re-prepared statement" of docs/performance.md).
-        self.conn.prepare_cached(ADD_COUNTER)?.execute(params![name, n]).map_err(|e| self.map(e))?;
+        self.conn_apart().prepare_cached(ADD_COUNTER)?.execute(params![name, n]).map_err(|e| self.map(e))?;
         Ok(())
     }
     fn counters(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT name, count FROM counters ORDER BY name")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT name, count FROM counters ORDER BY name")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -202,7 +202,7 @@ mod tests {
             o.oldest(n, None).unwrap();
         }
         for (store, sql) in [(&s, RANGE_AT_OR_BELOW), (&s, RANGES_INSIDE), (&s, ADD_COUNTER), (&o, oldest)] {
-            let stmt = store.conn.prepare_cached(sql).unwrap();
+            let stmt = store.db.prepare_cached(sql).unwrap();
             assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
         }
     }

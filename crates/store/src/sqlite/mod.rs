@@ -14,8 +14,10 @@
 //! | `rows.rs` | reading messages back: the selects, decoding a row |
 //! | `tail.rs` | the newest messages kept in memory, for reads and acknowledgements |
 //! | `queries.rs` | the `Store` trait over SQL |
+//! | `deferred.rs` | plain inserts written together, many rows a statement, before anything could see them |
 //! | `inbox.rs`, `sources.rs` | the `InboxStore` and `SourceStore` parts |
 
+mod deferred;
 mod files;
 mod inbox;
 mod queries;
@@ -98,7 +100,13 @@ impl OpenReport {
 
 /// The outbox in a SQLite database in its own directory.
 pub struct SqliteStore {
-    conn: Connection,
+    /// The connection: reached through [`SqliteStore::conn`] (or, for
+    /// statements that cannot see a waiting insert, `conn_below` and
+    /// `conn_apart`), which writes the waiting inserts first.
+    db: Connection,
+    /// Plain inserts of the transaction under way not written yet
+    /// ([`deferred`]), ids ascending.
+    waiting: Vec<deferred::Waiting>,
     dir: PathBuf,
     kind: StoreKind,
     _lock: Option<File>,
@@ -148,13 +156,13 @@ impl Drop for SqliteStore {
     /// integrity check (a crash leaves this unsaid). A guest or a
     /// read-only handle says nothing.
     fn drop(&mut self) {
-        if self._lock.is_none() || !self.conn.is_autocommit() {
+        if self._lock.is_none() || !self.db.is_autocommit() {
             return;
         }
         // Closed first: the last connection checkpoints the log into the
         // file and removes it, and the marker records the file as it is.
         let Ok(spare) = rusqlite::Connection::open_in_memory() else { return };
-        if std::mem::replace(&mut self.conn, spare).close().is_err() {
+        if std::mem::replace(&mut self.db, spare).close().is_err() {
             return;
         }
         if let Err(e) = recovery::mark_closed(&Files::new(&self.dir, self.kind)) {
@@ -173,7 +181,7 @@ impl SqliteStore {
     /// Counts rows that became queued (+) or stopped being queued (-):
     /// inside a transaction, at its commit; outside one, at once.
     pub(super) fn count_queued(&mut self, count: i64, bytes: i64) -> Result<(), StoreError> {
-        if self.conn.is_autocommit() {
+        if self.db.is_autocommit() {
             return self.add_to_summary(count, bytes);
         }
         self.queued_delta.0 += count;
@@ -183,7 +191,7 @@ impl SqliteStore {
 
     pub(super) fn add_to_summary(&mut self, count: i64, bytes: i64) -> Result<(), StoreError> {
         let sql = "UPDATE summary SET queued = queued + ?1, bytes = bytes + ?2 WHERE k = 0";
-        let r = self.conn.prepare_cached(sql).and_then(|mut s| s.execute([count, bytes]));
+        let r = self.conn_apart().prepare_cached(sql).and_then(|mut s| s.execute([count, bytes]));
         r.map(|_| ()).map_err(|e| map_error(&self.dir, e))
     }
 
@@ -201,6 +209,28 @@ impl SqliteStore {
     pub fn open_inbox(dir: &Path) -> Result<(SqliteStore, OpenReport), StoreError> {
         rename_legacy_inbox(dir)?;
         Self::open_kind(dir, StoreKind::Inbox)
+    }
+
+    /// A handle on `db`, opened and checked: nothing in memory yet.
+    fn with(db: Connection, dir: &Path, kind: StoreKind, lock: Option<File>, reserved: u64, tail: tail::Tail) -> Self {
+        SqliteStore {
+            db,
+            waiting: Vec::new(),
+            dir: dir.to_owned(),
+            kind,
+            _lock: lock,
+            unreadable: Vec::new(),
+            synced: true,
+            reserved,
+            drops_logged: 0,
+            queued_delta: (0, 0),
+            changes_at_begin: 0,
+            tail,
+            seen_version: None,
+            ids: Ids::default(),
+            source_numbers: HashMap::new(),
+            source_log: sources::SourceLog::default(),
+        }
     }
 
     fn open_kind(dir: &Path, kind: StoreKind) -> Result<(SqliteStore, OpenReport), StoreError> {
@@ -237,24 +267,7 @@ impl SqliteStore {
                 .open(&ready)
                 .map_err(|source| StoreError::Io { path: ready.clone(), source })?;
         }
-        let store = SqliteStore {
-            conn,
-            dir: dir.to_owned(),
-            kind,
-            _lock: Some(lock),
-            unreadable: Vec::new(),
-            synced: true,
-            reserved,
-            drops_logged: 0,
-            queued_delta: (0, 0),
-            changes_at_begin: 0,
-            tail: tail::Tail::default(),
-            seen_version: None,
-            ids: Ids::default(),
-            source_numbers: HashMap::new(),
-            source_log: sources::SourceLog::default(),
-        };
-        Ok((store, report))
+        Ok((SqliteStore::with(conn, dir, kind, Some(lock), reserved, tail::Tail::default()), report))
     }
 
     /// Opens the outbox in `dir` beside the process that holds its lock, to
@@ -286,23 +299,7 @@ impl SqliteStore {
             }
             found => return Err(StoreError::FormatTooOld { path: dir.to_owned(), found: found.unwrap_or(0) }),
         }
-        Ok(SqliteStore {
-            conn,
-            dir: dir.to_owned(),
-            kind: StoreKind::Outbox,
-            _lock: None,
-            unreadable: Vec::new(),
-            synced: true,
-            reserved: reserve::read(dir),
-            drops_logged: 0,
-            queued_delta: (0, 0),
-            changes_at_begin: 0,
-            tail: tail::Tail::off(),
-            seen_version: None,
-            ids: Ids::default(),
-            source_numbers: HashMap::new(),
-            source_log: sources::SourceLog::default(),
-        })
+        Ok(SqliteStore::with(conn, dir, StoreKind::Outbox, None, reserve::read(dir), tail::Tail::off()))
     }
 
     /// Opens an existing outbox read-only, without its lock, to report on
@@ -331,23 +328,7 @@ impl SqliteStore {
             let source = std::io::Error::new(std::io::ErrorKind::NotFound, why);
             return Err(StoreError::Io { path: dir.to_owned(), source });
         }
-        Ok(SqliteStore {
-            conn,
-            dir: dir.to_owned(),
-            kind,
-            _lock: None,
-            unreadable: Vec::new(),
-            synced: true,
-            reserved: 0,
-            drops_logged: 0,
-            queued_delta: (0, 0),
-            changes_at_begin: 0,
-            tail: tail::Tail::off(),
-            seen_version: None,
-            ids: Ids::default(),
-            source_numbers: HashMap::new(),
-            source_log: sources::SourceLog::default(),
-        })
+        Ok(SqliteStore::with(conn, dir, kind, None, 0, tail::Tail::off()))
     }
 
     /// True when a process holds the store's lock (outbox or inbox) now.
@@ -394,7 +375,7 @@ impl SqliteStore {
     /// looked for other connections' commits (none can come before its
     /// end); outside one, this looks now.
     fn tail_trusted(&mut self) -> bool {
-        if self.tail.is_known() && self.conn.is_autocommit() {
+        if self.tail.is_known() && self.db.is_autocommit() {
             self.follow_other_commits();
         }
         self.tail.is_known()
@@ -409,7 +390,7 @@ impl SqliteStore {
 
     /// `PRAGMA data_version`: it changes when another connection commits.
     fn read_data_version(&self) -> rusqlite::Result<u64> {
-        self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
+        self.conn_apart().prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))
     }
 
     fn saw_version(&mut self, version: Option<u64>) {
@@ -435,7 +416,10 @@ impl SqliteStore {
     fn next_id(&mut self) -> Result<u64, StoreError> {
         let last = match self.ids.last {
             Some(last) => last,
-            None => queries::recorded_last_id(&self.conn).map_err(|e| self.map(e))?,
+            None => {
+                let r = queries::recorded_last_id(self.conn()?);
+                r.map_err(|e| self.map(e))?
+            }
         };
         Ok(last + 1)
     }
@@ -444,6 +428,46 @@ impl SqliteStore {
     fn handed_out(&mut self, id: u64) {
         self.ids.last = Some(id);
         self.ids.unrecorded = Some(id);
+    }
+
+    /// The connection, the waiting inserts ([`deferred`]) written first:
+    /// for every statement that may read or write an `outbox` row it
+    /// cannot rule out.
+    fn conn(&mut self) -> Result<&Connection, StoreError> {
+        if !self.waiting.is_empty() {
+            self.write_waiting()?;
+        }
+        Ok(&self.db)
+    }
+
+    /// The connection for a statement on `outbox` rows with ids up to
+    /// `id` only (by key, or a range that ends there): the waiting inserts
+    /// are written first only when one of them is among those.
+    fn conn_below(&mut self, id: u64) -> Result<&Connection, StoreError> {
+        if self.waiting.first().is_some_and(|w| w.id <= id) {
+            self.write_waiting()?;
+        }
+        Ok(&self.db)
+    }
+
+    /// The connection for a statement that neither reads nor writes the
+    /// `outbox` table: a waiting insert cannot change what it does.
+    fn conn_apart(&self) -> &Connection {
+        &self.db
+    }
+
+    /// Writes the waiting inserts. When that fails they stay waiting, so
+    /// that the commit fails too (a part written meanwhile makes the
+    /// next try collide): the writer rolls the batch back either way, and
+    /// nothing whose id was handed out is ever committed without its row.
+    fn write_waiting(&mut self) -> Result<(), StoreError> {
+        match deferred::write(&self.db, &self.waiting) {
+            Ok(()) => {
+                self.waiting.clear();
+                Ok(())
+            }
+            Err(e) => Err(self.map(e)),
+        }
     }
 
     fn map(&self, e: rusqlite::Error) -> StoreError {

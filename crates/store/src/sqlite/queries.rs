@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use steadfast_core::{DropReason, ReceiptRule, Stage};
 
+use super::deferred;
 use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
 use crate::{
@@ -81,7 +82,7 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         self.run_cached("BEGIN IMMEDIATE")?;
-        self.changes_at_begin = self.conn.total_changes();
+        self.changes_at_begin = self.db.total_changes();
         // Nobody else commits until this transaction ends: one look for
         // what others committed before it covers every use of the tail
         // and of the highest id in it.
@@ -104,10 +105,11 @@ impl Store for SqliteStore {
     fn changed(&self) -> bool {
         // Every statement that changes a row dirties its page; the summary
         // and the id record are written at the commit.
-        self.conn.total_changes() != self.changes_at_begin
+        self.db.total_changes() != self.changes_at_begin
             || self.queued_delta != (0, 0)
             || self.ids.unrecorded.is_some()
             || self.source_log.has_writes()
+            || !self.waiting.is_empty()
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -120,12 +122,13 @@ impl Store for SqliteStore {
     }
 
     fn rollback(&mut self) {
+        self.waiting.clear();
         self.queued_delta = (0, 0);
         self.forget_ids();
         self.ids.unrecorded = None;
         self.source_numbers.clear();
         self.source_log.forget();
-        if !self.conn.is_autocommit() {
+        if !self.db.is_autocommit() {
             let _ = self.run_cached("ROLLBACK");
         }
     }
@@ -137,34 +140,18 @@ impl Store for SqliteStore {
     fn insert_owned(&mut self, m: NewMessage) -> Result<u64, StoreError> {
         // Outside a transaction, one of its own: the row, the record of its
         // id and the reservation above it commit together.
-        if self.conn.is_autocommit() {
+        if self.db.is_autocommit() {
             return self.in_own_transaction(|s| s.insert_owned(m));
         }
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let id = self.next_id()?;
-        let p = &m.policy;
-        // A message with nothing but its content and properties (most of
-        // them: a bridge's carry an identity property) binds only those:
-        // the other columns' defaults are what the full statement would
-        // write (NULL, priority 0, not keep-latest). Eight values bound
-        // instead of fourteen, about 1,200 instructions a message
-        // (docs/performance.md, sessions 14 and 15).
-        let plain = m.route.is_none()
-            && m.receipts.is_none()
-            && p.expires_ms.is_none()
-            && p.priority == 0
-            && p.max_attempts.is_none()
-            && !p.keep_latest;
-        let r = if plain {
-            self.conn
-                .prepare_cached(
-                    "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, acks) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0)",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![id, m.topic, m.payload, m.qos as u8, m.retain, props, m.created_ms, m.size()])
-                })
+        let m = std::sync::Arc::new(m);
+        if deferred::is_plain(&m) {
+            // Written with the ones after it, before anything can see it.
+            self.waiting.push(deferred::Waiting { id, msg: m.clone(), props });
         } else {
-            self.conn.prepare_cached(
+            let p = &m.policy;
+            let r = self.conn()?.prepare_cached(
                 "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, expires_ms, priority, max_attempts, latest, receipts) VALUES (?14, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11, ?12, ?13)",
             ).and_then(|mut s| s.execute(params![
                 m.topic,
@@ -181,9 +168,9 @@ impl Store for SqliteStore {
                 p.keep_latest,
                 m.receipts,
                 id
-            ]))
-        };
-        r.map_err(|e| self.map(e))?;
+            ]));
+            r.map_err(|e| self.map(e))?;
+        }
         self.handed_out(id);
         let size = m.size() as i64;
         self.tail.inserted(id, m);
@@ -204,7 +191,7 @@ impl Store for SqliteStore {
             entry_columns!(),
             ", (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1"
         );
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.conn_below(id)?.prepare_cached(sql)?;
         let r = stmt.query_row([id], |r| read_entry(r, r.get(11)?));
         Ok(r.optional()?)
     }
@@ -213,7 +200,7 @@ impl Store for SqliteStore {
         // A read by key, then the delete: SQLite buffers a RETURNING
         // clause's rows in a temporary table (a zeroed page per statement),
         // which costs more than the read.
-        let mut stmt = self.conn.prepare_cached("SELECT done, size, qos, receipts FROM outbox WHERE id = ?1")?;
+        let mut stmt = self.conn_below(id)?.prepare_cached("SELECT done, size, qos, receipts FROM outbox WHERE id = ?1")?;
         let r = stmt
             .query_row([id], |r| {
                 let rule: Option<String> = r.get(3)?;
@@ -233,7 +220,7 @@ impl Store for SqliteStore {
             }
             None => {
                 // A gone one's bindings are cleared too, in case.
-                let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+                let mut wire = self.conn_apart().prepare_cached("DELETE FROM wire WHERE id = ?1")?;
                 let r = wire.execute([id]);
                 drop(wire);
                 r.map_err(|e| self.map(e))?;
@@ -299,11 +286,11 @@ impl Store for SqliteStore {
     }
 
     fn set_done(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT size FROM outbox WHERE id = ?1 AND done = 0")?;
+        let mut stmt = self.conn_below(id)?.prepare_cached("SELECT size FROM outbox WHERE id = ?1 AND done = 0")?;
         let r = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional();
         drop(stmt);
         let Some(size) = r.map_err(|e| self.map(e))? else { return Ok(()) };
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET done = 1, awaiting_ms = NULL WHERE id = ?1")?;
+        let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET done = 1, awaiting_ms = NULL WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -312,7 +299,7 @@ impl Store for SqliteStore {
     }
 
     fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn_below(id)?.prepare_cached(
             "UPDATE outbox SET awaiting_ms = ?2, acked_ms = coalesce(acked_ms, ?3) WHERE id = ?1 AND done = 0",
         )?;
         let r = stmt.execute(params![id, due_ms, now_ms]);
@@ -323,17 +310,17 @@ impl Store for SqliteStore {
     }
 
     fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("INSERT OR IGNORE INTO receipts (id, by) VALUES (?1, ?2)")?;
+        let mut stmt = self.conn_apart().prepare_cached("INSERT OR IGNORE INTO receipts (id, by) VALUES (?1, ?2)")?;
         let r = stmt.execute(params![id, by]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
-        let mut stmt = self.conn.prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
         let rows = stmt.query_map([id], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             "SELECT id FROM outbox WHERE awaiting_ms IS NOT NULL AND awaiting_ms <= ?1 AND done = 0 ORDER BY awaiting_ms LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
@@ -341,7 +328,7 @@ impl Store for SqliteStore {
     }
 
     fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             "SELECT id FROM outbox WHERE receipts IS NOT NULL AND id BETWEEN ?1 AND ?2 AND done = 0 ORDER BY id LIMIT ?3",
         )?;
         let rows =
@@ -350,20 +337,20 @@ impl Store for SqliteStore {
     }
 
     fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
         let rows = stmt.query_map([id], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn clear_receipts(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
+        let mut stmt = self.conn_apart().prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
     fn requeue_for_receipts(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn_below(id)?.prepare_cached(
             "UPDATE outbox SET awaiting_ms = NULL, acks = 0, resends = resends + 1 WHERE id = ?1 AND done = 0",
         )?;
         let r = stmt.execute([id]);
@@ -377,7 +364,7 @@ impl Store for SqliteStore {
         // Both read partial indexes: nothing is scanned for messages that
         // ask for no receipts.
         let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms), EXISTS (SELECT 1 FROM outbox WHERE receipts IS NOT NULL AND done = 0) FROM outbox WHERE awaiting_ms IS NOT NULL AND done = 0";
-        Ok(self.conn.query_row(sql, [], |r| {
+        Ok(self.conn()?.query_row(sql, [], |r| {
             Ok(crate::Awaiting {
                 count: r.get::<_, i64>(0)? as u64,
                 oldest_acked_ms: r.get(1)?,
@@ -393,13 +380,13 @@ impl Store for SqliteStore {
                 // One exchange per packet id and broker: a binding left
                 // behind under this id (its clearing failed) is void now.
                 let mut stale =
-                    self.conn.prepare_cached("DELETE FROM wire WHERE slot = ?1 AND pid = ?2 AND id != ?3")?;
+                    self.conn_apart().prepare_cached("DELETE FROM wire WHERE slot = ?1 AND pid = ?2 AND id != ?3")?;
                 stale.execute(params![slot, pid, id]).map_err(|e| self.map(e))?;
-                let mut stmt = self.conn.prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
+                let mut stmt = self.conn_apart().prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
                 stmt.execute(params![id, slot, pid, stage_to_sql(stage)])
             }
             None => {
-                let mut stmt = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+                let mut stmt = self.conn_apart().prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
                 stmt.execute(params![id, slot])
             }
         };
@@ -429,14 +416,15 @@ impl Store for SqliteStore {
                 "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
             ),
         };
+        self.conn()?;
         match priority {
-            None | Some(0) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
-            Some(p) => read_messages(&self.conn, &mut self.unreadable, &sql, params![after, limit as i64, mask, p]),
+            None | Some(0) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
+            Some(p) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask, p]),
         }
     }
 
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             // Upper bounds, which is all a reader needs: level 0 gets the
             // newest id of all (the primary key's end), the others come
             // from their partial index. No scan of the table.
@@ -453,7 +441,7 @@ impl Store for SqliteStore {
     }
 
     fn add_attempt(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
+        let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -462,7 +450,7 @@ impl Store for SqliteStore {
     }
 
     fn expired(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             "SELECT id FROM outbox WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY expires_ms LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?;
@@ -473,17 +461,17 @@ impl Store for SqliteStore {
         // Bound messages count too: the sweep keeps coming back for them
         // until their QoS 2 exchange closes (then they go, or are gone).
         let sql = "SELECT min(expires_ms) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
-        Ok(self.conn.query_row(sql, [], |r| r.get(0))?)
+        Ok(self.conn()?.query_row(sql, [], |r| r.get(0))?)
     }
 
     fn deadline_totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
-        let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (count, bytes) = self.conn()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
     }
 
     fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             "SELECT id FROM outbox WHERE topic = ?1 AND latest = 1 AND route IS ?2 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY id",
         )?;
         let rows = stmt.query_map(params![topic, route], |r| r.get(0))?;
@@ -492,7 +480,8 @@ impl Store for SqliteStore {
 
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let sql = format!("{SELECT_BOUND} WHERE wire.slot = ?1 ORDER BY outbox.id");
-        read_messages(&self.conn, &mut self.unreadable, &sql, [slot])
+        self.conn()?;
+        read_messages(&self.db, &mut self.unreadable, &sql, [slot])
     }
 
     fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {
@@ -502,22 +491,22 @@ impl Store for SqliteStore {
             // Through the partial index on deadlines: they may be few.
             Some(true) => "SELECT id, size FROM outbox WHERE expires_ms IS NOT NULL AND done = 0 ORDER BY id LIMIT ?1",
         };
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.conn()?.prepare_cached(sql)?;
         let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn last_id(&mut self) -> Result<u64, StoreError> {
-        Ok(recorded_last_id(&self.conn)?)
+        Ok(recorded_last_id(self.conn()?)?)
     }
 
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
-        Ok(self.conn.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
+        Ok(self.conn()?.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
     }
 
     fn totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT queued, bytes FROM summary WHERE k = 0";
-        let kept: Option<(i64, i64)> = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let kept: Option<(i64, i64)> = self.conn()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
         match kept {
             Some((count, bytes)) => Ok(Totals { count: count.max(0) as u64, bytes: bytes.max(0) as u64 }),
             None => self.counted_totals(),
@@ -526,13 +515,13 @@ impl Store for SqliteStore {
 
     fn counted_totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE done = 0";
-        let (count, bytes) = self.conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (count, bytes) = self.conn()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
     }
 
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
         let sql = "SELECT created_ms FROM outbox WHERE done = 0 ORDER BY id LIMIT 1";
-        Ok(self.conn.query_row(sql, [], |r| r.get(0)).optional()?)
+        Ok(self.conn()?.query_row(sql, [], |r| r.get(0)).optional()?)
     }
 
     fn lapsed(
@@ -542,7 +531,7 @@ impl Store for SqliteStore {
         cutoff_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             "SELECT id, acks FROM outbox WHERE done = 0 AND awaiting_ms IS NULL AND route IS ?1 AND acks & ?2 != 0 AND created_ms < ?3 ORDER BY id LIMIT ?4",
         )?;
         let p = params![route, mask as i64, cutoff_ms, limit as i64];
@@ -555,7 +544,7 @@ impl Store for SqliteStore {
         // partial index); the rest is the summary's count minus those: an
         // outbox without routes answers without a scan.
         let total = self.totals()?.count;
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn()?.prepare_cached(
             "SELECT route, count(*) FROM outbox WHERE route IS NOT NULL AND done = 0 GROUP BY route ORDER BY route",
         )?;
         let rows = stmt.query_map([], |r| Ok((Some(r.get::<_, String>(0)?), r.get::<_, u64>(1)?)))?;
@@ -566,23 +555,23 @@ impl Store for SqliteStore {
 
     fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {
         self.tail.forget();
-        let n = self.conn.execute("UPDATE outbox SET route = ?2 WHERE done = 0 AND route IS ?1", params![from, to])?;
+        let n = self.conn()?.execute("UPDATE outbox SET route = ?2 WHERE done = 0 AND route IS ?1", params![from, to])?;
         Ok(n as u64)
     }
 
     fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
         let own: Option<Option<String>> = self
-            .conn
+            .conn_below(id)?
             .query_row("SELECT route FROM outbox WHERE id = ?1 AND done = 0", [id as i64], |r| r.get(0))
             .optional()?;
         let Some(own) = own else { return Ok(false) };
         self.tail.changed(id);
-        self.conn.execute(
+        self.conn()?.execute(
             "INSERT OR REPLACE INTO poison (id, route, slot, failures, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id as i64, own, slot, failures, at_ms as i64],
         )?;
-        self.conn.execute("UPDATE outbox SET route = ?2 WHERE id = ?1", params![id as i64, crate::POISON_ROUTE])?;
-        self.conn.execute("DELETE FROM wire WHERE id = ?1 AND slot = ?2", params![id as i64, slot])?;
+        self.conn()?.execute("UPDATE outbox SET route = ?2 WHERE id = ?1", params![id as i64, crate::POISON_ROUTE])?;
+        self.conn_apart().execute("DELETE FROM wire WHERE id = ?1 AND slot = ?2", params![id as i64, slot])?;
         Ok(true)
     }
 
@@ -590,7 +579,7 @@ impl Store for SqliteStore {
         let sql = "SELECT p.id, o.topic, o.size, o.qos, coalesce(s.url, ''), p.failures, p.at_ms
                    FROM poison p JOIN outbox o ON o.id = p.id AND o.done = 0
                    LEFT JOIN slots s ON s.slot = p.slot ORDER BY p.id";
-        let mut stmt = match self.conn.prepare(sql) {
+        let mut stmt = match self.conn()?.prepare(sql) {
             Ok(s) => s,
             // A store from before poison isolation (opened read-only).
             Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
@@ -612,11 +601,11 @@ impl Store for SqliteStore {
 
     fn unpoison(&mut self, id: u64) -> Result<bool, StoreError> {
         let own: Option<Option<String>> =
-            self.conn.query_row("SELECT route FROM poison WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
+            self.conn_apart().query_row("SELECT route FROM poison WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
         let Some(own) = own else { return Ok(false) };
         self.tail.changed(id);
-        self.conn.execute("DELETE FROM poison WHERE id = ?1", [id as i64])?;
-        let n = self.conn.execute(
+        self.conn_apart().execute("DELETE FROM poison WHERE id = ?1", [id as i64])?;
+        let n = self.conn()?.execute(
             "UPDATE outbox SET route = ?2 WHERE id = ?1 AND route = ?3",
             params![id as i64, own, crate::POISON_ROUTE],
         )?;
@@ -631,21 +620,21 @@ impl Store for SqliteStore {
 
     fn dropped_as(&mut self, id: u64) -> Result<Option<DropReason>, StoreError> {
         let reason: Option<String> =
-            self.conn.query_row("SELECT reason FROM dropped WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
+            self.conn_apart().query_row("SELECT reason FROM dropped WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
         Ok(reason.and_then(|r| DropReason::parse(&r)))
     }
 
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         // Held for another broker set, or poison: nobody's lag in this run.
         let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0 AND (route IS NULL OR substr(route, 1, 1) <> '@')";
-        Ok(self.conn.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)
+        Ok(self.conn()?.query_row(sql, [(1u64 << slot) as i64], |r| r.get(0))?)
     }
 
     fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {
         // A reused slot's acknowledgements are cleared below.
         self.tail.forget();
         let mut taken: Vec<(String, u32)> = {
-            let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots")?;
+            let mut stmt = self.conn_apart().prepare_cached("SELECT url, slot FROM slots")?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -667,13 +656,13 @@ impl Store for SqliteStore {
                     };
                     let (gone, slot) = taken.remove(pos);
                     let bit = (1u64 << slot) as i64;
-                    self.conn.execute("UPDATE outbox SET acks = acks & ~?1 WHERE acks & ?1 != 0", [bit])?;
-                    self.conn.execute("DELETE FROM wire WHERE slot = ?1", [slot])?;
-                    self.conn.execute("DELETE FROM slots WHERE url = ?1", [&gone])?;
+                    self.conn()?.execute("UPDATE outbox SET acks = acks & ~?1 WHERE acks & ?1 != 0", [bit])?;
+                    self.conn_apart().execute("DELETE FROM wire WHERE slot = ?1", [slot])?;
+                    self.conn_apart().execute("DELETE FROM slots WHERE url = ?1", [&gone])?;
                     slot
                 }
             };
-            self.conn
+            self.conn_apart()
                 .execute("INSERT INTO slots (url, slot) VALUES (?1, ?2)", params![url, slot])
                 .map_err(|e| self.map(e))?;
             taken.push((url.clone(), slot));
@@ -683,34 +672,34 @@ impl Store for SqliteStore {
     }
 
     fn slots(&mut self) -> Result<Vec<(String, u32)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT url, slot FROM slots ORDER BY slot")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT url, slot FROM slots ORDER BY slot")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn add_missed(&mut self, url: &str, n: u64) -> Result<(), StoreError> {
         let sql = "INSERT INTO missed VALUES (?1, ?2) ON CONFLICT(url) DO UPDATE SET count = count + ?2";
-        self.conn.execute(sql, params![url, n]).map_err(|e| self.map(e))?;
+        self.conn_apart().execute(sql, params![url, n]).map_err(|e| self.map(e))?;
         Ok(())
     }
 
     fn missed(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT url, count FROM missed ORDER BY url")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT url, count FROM missed ORDER BY url")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn add_drop(&mut self, reason: DropReason, id: Option<u64>) -> Result<(), StoreError> {
         let sql = "INSERT INTO drops VALUES (?1, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1";
-        self.conn.prepare_cached(sql)?.execute(params![reason.as_str()]).map_err(|e| self.map(e))?;
+        self.conn_apart().prepare_cached(sql)?.execute(params![reason.as_str()]).map_err(|e| self.map(e))?;
         let Some(id) = id else { return Ok(()) };
         let sql = "INSERT OR REPLACE INTO dropped (id, reason, at_ms) VALUES (?1, ?2, ?3)";
-        self.conn.prepare_cached(sql)?.execute(params![id, reason.as_str(), now_ms()]).map_err(|e| self.map(e))?;
+        self.conn_apart().prepare_cached(sql)?.execute(params![id, reason.as_str(), now_ms()]).map_err(|e| self.map(e))?;
         // Trimmed now and then, not at every drop (finding the cut-off
         // walks the kept records).
         self.drops_logged += 1;
         if self.drops_logged.is_multiple_of(1024) {
-            trim_drop_log(&self.conn).map_err(|e| self.map(e))?;
+            trim_drop_log(self.conn_apart()).map_err(|e| self.map(e))?;
         }
         Ok(())
     }
@@ -718,11 +707,11 @@ impl Store for SqliteStore {
     fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
         // A store read (not opened) by this release may predate the log.
         let exists: bool =
-            self.conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'dropped'", [], |r| r.get(0))?;
+            self.conn_apart().query_row("SELECT count(*) FROM sqlite_master WHERE name = 'dropped'", [], |r| r.get(0))?;
         if !exists {
             return Ok(Vec::new());
         }
-        let mut stmt = self.conn.prepare("SELECT id, reason FROM dropped ORDER BY id")?;
+        let mut stmt = self.conn_apart().prepare("SELECT id, reason FROM dropped ORDER BY id")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?)))?;
         let mut out = Vec::new();
         for row in rows {
@@ -733,7 +722,7 @@ impl Store for SqliteStore {
     }
 
     fn drops(&mut self) -> Result<Vec<(DropReason, u64)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT count FROM drops WHERE reason = ?1")?;
+        let mut stmt = self.conn_apart().prepare_cached("SELECT count FROM drops WHERE reason = ?1")?;
         let mut out = Vec::new();
         for r in DropReason::ALL {
             let n: Option<u64> = stmt.query_row([r.as_str()], |row| row.get(0)).optional()?;
@@ -744,20 +733,20 @@ impl Store for SqliteStore {
 
     fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
         let sql = "SELECT value FROM meta WHERE key = ?1";
-        Ok(self.conn.query_row(sql, [key], |r| r.get(0)).optional()?)
+        Ok(self.conn_apart().query_row(sql, [key], |r| r.get(0)).optional()?)
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
         // Cached: the writer marks a synced commit after unsynced ones.
         let sql = "INSERT OR REPLACE INTO meta VALUES (?1, ?2)";
-        self.conn.prepare_cached(sql)?.execute([key, value]).map_err(|e| self.map(e))?;
+        self.conn_apart().prepare_cached(sql)?.execute([key, value]).map_err(|e| self.map(e))?;
         Ok(())
     }
 
     fn set_broker(&mut self, b: &BrokerRecord) -> Result<(), StoreError> {
         let sql = "INSERT OR REPLACE INTO brokers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
         let p = params![b.url, b.state, b.last_error, b.since_ms, b.acked, b.connects, b.retry_ms, b.active];
-        self.conn.execute(sql, p).map_err(|e| self.map(e))?;
+        self.conn_apart().execute(sql, p).map_err(|e| self.map(e))?;
         Ok(())
     }
 
@@ -766,7 +755,7 @@ impl Store for SqliteStore {
     }
 
     fn brokers(&mut self) -> Result<Vec<BrokerRecord>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn_apart().prepare_cached(
             "SELECT url, state, last_error, since_ms, acked, connects, retry_ms, active FROM brokers ORDER BY url",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -801,7 +790,7 @@ impl SqliteStore {
     /// the statement cache: `execute_batch` parses it at every call, and a
     /// transaction's `BEGIN` and `COMMIT` come every few messages.
     fn run_cached(&mut self, sql: &str) -> Result<(), StoreError> {
-        let r = self.conn.prepare_cached(sql).and_then(|mut s| s.raw_execute());
+        let r = self.conn_apart().prepare_cached(sql).and_then(|mut s| s.raw_execute());
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
@@ -825,15 +814,17 @@ impl SqliteStore {
     /// The writes a transaction's commit adds, then the commit: a
     /// bridge's source records of the transaction (one row of their log),
     /// what it queued and removed (the summary row), the highest id it
-    /// handed out.
+    /// handed out; first the inserts still waiting ([`super::deferred`]).
     fn write_and_commit(&mut self) -> Result<(), StoreError> {
-        self.source_log.write(&self.conn).map_err(|e| self.map(e))?;
+        self.conn()?;
+        // Its own table (see `conn_apart`).
+        self.source_log.write(&self.db).map_err(|e| self.map(e))?;
         let (count, bytes) = std::mem::take(&mut self.queued_delta);
         if (count, bytes) != (0, 0) {
             self.add_to_summary(count, bytes)?;
         }
         if let Some(id) = self.ids.unrecorded.take() {
-            record_last_id(&self.conn, id).map_err(|e| self.map(e))?;
+            record_last_id(self.conn_apart(), id).map_err(|e| self.map(e))?;
         }
         self.run_cached("COMMIT")
     }
@@ -881,7 +872,7 @@ impl SqliteStore {
         }
         let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
         for gone in runs(&ids) {
-            let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
+            let mut stmt = self.conn_below(gone[gone.len() - 1])?.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
             let r = stmt.execute([gone[0], gone[gone.len() - 1]]);
             drop(stmt);
             let n = r.map_err(|e| self.map(e))?;
@@ -924,7 +915,7 @@ impl SqliteStore {
     /// with their QoS and id: one range read.
     fn read_run(&mut self, first: u64, last: u64) -> Result<Vec<(u64, Entry, u8)>, StoreError> {
         let sql = concat!("SELECT ", entry_columns!(), ", qos, id FROM outbox WHERE id >= ?1 AND id <= ?2 ORDER BY id");
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.conn_below(last)?.prepare_cached(sql)?;
         let rows = stmt
             .query_map([first, last], |r| Ok((r.get::<_, u64>(12)?, read_entry(r, 0)?, r.get::<_, u8>(11)?)))
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
@@ -941,7 +932,7 @@ impl SqliteStore {
             }
         }
         let sql = concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1");
-        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut stmt = self.conn_below(id)?.prepare_cached(sql)?;
         let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
         drop(stmt);
         r.map_err(|e| self.map(e))
@@ -952,11 +943,11 @@ impl SqliteStore {
     fn apply_ack(&mut self, id: u64, slot: u32, qos: u8, e: &mut Entry) -> Result<(), StoreError> {
         e.acks |= 1u64 << slot;
         if qos == 2 {
-            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
+            let mut wire = self.conn_apart().prepare_cached("DELETE FROM wire WHERE id = ?1 AND slot = ?2")?;
             let r = wire.execute(params![id, slot]);
             drop(wire);
             r.map_err(|e| self.map(e))?;
-            let mut open = self.conn.prepare_cached("SELECT count(*) FROM wire WHERE id = ?1")?;
+            let mut open = self.conn_apart().prepare_cached("SELECT count(*) FROM wire WHERE id = ?1")?;
             let r = open.query_row([id], |r| r.get(0));
             drop(open);
             e.bindings = r.map_err(|e| self.map(e))?;
@@ -965,7 +956,7 @@ impl SqliteStore {
     }
 
     fn store_acks(&mut self, id: u64, acks: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
+        let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
         let r = stmt.execute(params![id, acks as i64]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -978,12 +969,12 @@ impl SqliteStore {
     /// it, and counts it out of the queue unless it was done.
     fn delete_row(&mut self, id: u64, done: bool, size: i64, qos: u8, several: bool) -> Result<(), StoreError> {
         if several {
-            let mut stmt = self.conn.prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
+            let mut stmt = self.conn_apart().prepare_cached("DELETE FROM receipts WHERE id = ?1")?;
             let r = stmt.execute([id]);
             drop(stmt);
             r.map_err(|e| self.map(e))?;
         }
-        let mut stmt = self.conn.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+        let mut stmt = self.conn_below(id)?.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         // Read just now, or in the tail: see `ack_run`.
@@ -993,7 +984,7 @@ impl SqliteStore {
         self.tail.left(id);
         // Only a QoS 2 message is ever bound to a packet id.
         if qos == 2 {
-            let mut wire = self.conn.prepare_cached("DELETE FROM wire WHERE id = ?1")?;
+            let mut wire = self.conn_apart().prepare_cached("DELETE FROM wire WHERE id = ?1")?;
             let r = wire.execute([id]);
             drop(wire);
             r.map_err(|e| self.map(e))?;

@@ -290,7 +290,7 @@ impl SqliteStore {
         if let Some(n) = self.source_numbers.get(url) {
             return Ok(Some(*n));
         }
-        let n = if create { numbered_source(&self.conn, url).map(Some) } else { source_number(&self.conn, url) };
+        let n = if create { numbered_source(self.conn_apart(), url).map(Some) } else { source_number(self.conn_apart(), url) };
         let n = n.map_err(|e| self.map(e))?;
         if let Some(n) = n {
             self.source_numbers.insert(url.to_owned(), n);
@@ -303,11 +303,11 @@ impl SourceStore for SqliteStore {
     fn source_record(&mut self, url: &str, pid: u16, digest: u64, id: u64) -> Result<(), StoreError> {
         // Outside a transaction, one of its own (the record is written at
         // a commit).
-        if self.conn.is_autocommit() {
+        if self.db.is_autocommit() {
             return self.in_own_transaction(|s| s.source_record(url, pid, digest, id));
         }
         if let Some(n) = self.source(url, true)? {
-            let r = self.source_log.record(&self.conn, key(n, pid), digest, id);
+            let r = self.source_log.record(&self.db, key(n, pid), digest, id);
             r.map_err(|e| self.map(e))?;
         }
         Ok(())
@@ -315,7 +315,7 @@ impl SourceStore for SqliteStore {
 
     fn source_seen(&mut self, url: &str, pid: u16, digest: u64) -> Result<Option<u64>, StoreError> {
         let Some(n) = self.source(url, false)? else { return Ok(None) };
-        let r = self.source_log.seen(&self.conn, key(n, pid), digest);
+        let r = self.source_log.seen(&self.db, key(n, pid), digest);
         r.map_err(|e| self.map(e))
     }
 }

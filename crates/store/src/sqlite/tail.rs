@@ -65,7 +65,7 @@ impl Tail {
     /// follow the last one means that another connection inserted in
     /// between: the tail starts again above what it cannot vouch for
     /// (nothing above `id - 1` but `id` can exist, the id being new).
-    pub(super) fn inserted(&mut self, id: u64, m: NewMessage) {
+    pub(super) fn inserted(&mut self, id: u64, m: std::sync::Arc<NewMessage>) {
         if self.off {
             return;
         }
@@ -82,7 +82,7 @@ impl Tail {
         }
         self.last = id;
         self.bytes += m.size();
-        self.rows.push_back(StoredMessage { id, msg: std::sync::Arc::new(m), wire: None, acks: 0, attempts: 0 });
+        self.rows.push_back(StoredMessage { id, msg: m, wire: None, acks: 0, attempts: 0 });
         while self.rows.len() > MAX_ROWS || self.bytes > MAX_BYTES {
             let Some(old) = self.rows.pop_front() else { break };
             self.bytes -= old.msg.size();
@@ -189,6 +189,7 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use steadfast_core::{Properties, Qos};
 
     fn msg(len: usize) -> NewMessage {
@@ -213,12 +214,12 @@ mod tests {
     fn an_id_handed_out_elsewhere_in_between_moves_the_floor_above_it() {
         let mut t = Tail::default();
         assert_eq!(ids(t.read_after(0, 10, 0, None)), None, "unknown until an insert");
-        t.inserted(5, msg(1));
-        t.inserted(6, msg(1));
+        t.inserted(5, Arc::new(msg(1)));
+        t.inserted(6, Arc::new(msg(1)));
         assert_eq!(ids(t.read_after(4, 10, 0, None)), Some(vec![5, 6]));
         assert_eq!(ids(t.read_after(3, 10, 0, None)), None, "below the floor: SQLite");
         // 7 and 8 went to another connection.
-        t.inserted(9, msg(1));
+        t.inserted(9, Arc::new(msg(1)));
         assert_eq!(ids(t.read_after(6, 10, 0, None)), None);
         assert_eq!(ids(t.read_after(8, 10, 0, None)), Some(vec![9]));
         assert!(t.entry(6).is_none());
@@ -229,14 +230,14 @@ mod tests {
         let mut t = Tail::default();
         let big = (MAX_BYTES / 4) as usize;
         for id in 1..=5 {
-            t.inserted(id, msg(big));
+            t.inserted(id, Arc::new(msg(big)));
         }
         assert!(t.bytes <= MAX_BYTES);
         assert_eq!(ids(t.read_after(0, 10, 0, None)), None);
         let kept = ids(t.read_after(t.floor.unwrap(), 10, 0, None)).unwrap();
         assert_eq!(kept, vec![3, 4, 5]);
         for id in 6..=(MAX_ROWS as u64 + 10) {
-            t.inserted(id, msg(0));
+            t.inserted(id, Arc::new(msg(0)));
         }
         assert_eq!(t.rows.len(), MAX_ROWS);
         assert_eq!(t.floor, Some(10));
@@ -246,7 +247,7 @@ mod tests {
     fn a_row_that_leaves_or_changes_is_followed() {
         let mut t = Tail::default();
         for id in 1..=4 {
-            t.inserted(id, msg(2));
+            t.inserted(id, Arc::new(msg(2)));
         }
         t.acked(2, 0b10);
         t.attempted(3);
@@ -265,12 +266,12 @@ mod tests {
     #[test]
     fn a_row_that_sqlite_reads_as_unreadable_makes_it_forget() {
         let mut t = Tail::default();
-        t.inserted(1, msg(1));
+        t.inserted(1, Arc::new(msg(1)));
         let mut bad = msg(1);
         bad.policy.priority = crate::MAX_PRIORITY + 1;
-        t.inserted(2, bad);
+        t.inserted(2, Arc::new(bad));
         assert!(!t.is_known());
-        t.inserted(3, msg(1));
+        t.inserted(3, Arc::new(msg(1)));
         assert_eq!(ids(t.read_after(1, 10, 0, None)), None, "2 is below the floor: SQLite");
         assert_eq!(ids(t.read_after(2, 10, 0, None)), Some(vec![3]));
     }
@@ -278,7 +279,7 @@ mod tests {
     #[test]
     fn a_tail_turned_off_holds_nothing() {
         let mut t = Tail::off();
-        t.inserted(1, msg(1));
+        t.inserted(1, Arc::new(msg(1)));
         assert!(!t.is_known());
         assert_eq!(ids(t.read_after(0, 10, 0, None)), None);
     }

@@ -5,6 +5,7 @@
 
 mod bounds;
 mod compat;
+mod deferred;
 mod follow;
 mod inbox;
 mod power;

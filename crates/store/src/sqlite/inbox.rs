@@ -96,7 +96,8 @@ impl InboxStore for SqliteStore {
         Ok(out)
     }
     fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
-        let mut stmt = self.conn_apart().prepare_cached("SELECT producer, max(last) FROM inbox_ranges GROUP BY producer")?;
+        let mut stmt =
+            self.conn_apart().prepare_cached("SELECT producer, max(last) FROM inbox_ranges GROUP BY producer")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -110,7 +111,9 @@ impl InboxStore for SqliteStore {
     }
     fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
         let before = self.inbox_len()?;
-        self.conn_apart().execute("DELETE FROM inbox_ranges WHERE handled_ms < ?1", [before_ms]).map_err(|e| self.map(e))?;
+        self.conn_apart()
+            .execute("DELETE FROM inbox_ranges WHERE handled_ms < ?1", [before_ms])
+            .map_err(|e| self.map(e))?;
         // Over the count: the oldest ranges go (and the lowest numbers of
         // the one that crosses the bound), so that the newest `keep` stay.
         let mut over = self.inbox_len()?.saturating_sub(keep);
@@ -133,7 +136,8 @@ impl InboxStore for SqliteStore {
                 let size = l - f + 1;
                 let r = if size <= over {
                     over -= size;
-                    self.conn_apart().execute("DELETE FROM inbox_ranges WHERE producer = ?1 AND first = ?2", params![p, f])
+                    self.conn_apart()
+                        .execute("DELETE FROM inbox_ranges WHERE producer = ?1 AND first = ?2", params![p, f])
                 } else {
                     let cut = std::mem::take(&mut over);
                     let sql = "UPDATE inbox_ranges SET first = ?3 WHERE producer = ?1 AND first = ?2";

@@ -81,6 +81,10 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
 
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
+        // Rows still waiting belong to a transaction that ended without
+        // its commit (SQLite rolls back by itself after some errors): it
+        // answered nobody, and they go with it.
+        self.waiting.clear();
         self.run_cached("BEGIN IMMEDIATE")?;
         self.changes_at_begin = self.db.total_changes();
         // Nobody else commits until this transaction ends: one look for
@@ -200,7 +204,8 @@ impl Store for SqliteStore {
         // A read by key, then the delete: SQLite buffers a RETURNING
         // clause's rows in a temporary table (a zeroed page per statement),
         // which costs more than the read.
-        let mut stmt = self.conn_below(id)?.prepare_cached("SELECT done, size, qos, receipts FROM outbox WHERE id = ?1")?;
+        let mut stmt =
+            self.conn_below(id)?.prepare_cached("SELECT done, size, qos, receipts FROM outbox WHERE id = ?1")?;
         let r = stmt
             .query_row([id], |r| {
                 let rule: Option<String> = r.get(3)?;
@@ -290,7 +295,8 @@ impl Store for SqliteStore {
         let r = stmt.query_row([id], |r| r.get::<_, i64>(0)).optional();
         drop(stmt);
         let Some(size) = r.map_err(|e| self.map(e))? else { return Ok(()) };
-        let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET done = 1, awaiting_ms = NULL WHERE id = ?1")?;
+        let mut stmt =
+            self.conn_below(id)?.prepare_cached("UPDATE outbox SET done = 1, awaiting_ms = NULL WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -382,7 +388,8 @@ impl Store for SqliteStore {
                 let mut stale =
                     self.conn_apart().prepare_cached("DELETE FROM wire WHERE slot = ?1 AND pid = ?2 AND id != ?3")?;
                 stale.execute(params![slot, pid, id]).map_err(|e| self.map(e))?;
-                let mut stmt = self.conn_apart().prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
+                let mut stmt =
+                    self.conn_apart().prepare_cached("INSERT OR REPLACE INTO wire VALUES (?1, ?2, ?3, ?4)")?;
                 stmt.execute(params![id, slot, pid, stage_to_sql(stage)])
             }
             None => {
@@ -441,7 +448,8 @@ impl Store for SqliteStore {
     }
 
     fn add_attempt(&mut self, id: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
+        let mut stmt =
+            self.conn_below(id)?.prepare_cached("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);
         r.map_err(|e| self.map(e))?;
@@ -555,7 +563,8 @@ impl Store for SqliteStore {
 
     fn retag(&mut self, from: Option<&str>, to: Option<&str>) -> Result<u64, StoreError> {
         self.tail.forget();
-        let n = self.conn()?.execute("UPDATE outbox SET route = ?2 WHERE done = 0 AND route IS ?1", params![from, to])?;
+        let n =
+            self.conn()?.execute("UPDATE outbox SET route = ?2 WHERE done = 0 AND route IS ?1", params![from, to])?;
         Ok(n as u64)
     }
 
@@ -600,8 +609,10 @@ impl Store for SqliteStore {
     }
 
     fn unpoison(&mut self, id: u64) -> Result<bool, StoreError> {
-        let own: Option<Option<String>> =
-            self.conn_apart().query_row("SELECT route FROM poison WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
+        let own: Option<Option<String>> = self
+            .conn_apart()
+            .query_row("SELECT route FROM poison WHERE id = ?1", [id as i64], |r| r.get(0))
+            .optional()?;
         let Some(own) = own else { return Ok(false) };
         self.tail.changed(id);
         self.conn_apart().execute("DELETE FROM poison WHERE id = ?1", [id as i64])?;
@@ -619,8 +630,10 @@ impl Store for SqliteStore {
     }
 
     fn dropped_as(&mut self, id: u64) -> Result<Option<DropReason>, StoreError> {
-        let reason: Option<String> =
-            self.conn_apart().query_row("SELECT reason FROM dropped WHERE id = ?1", [id as i64], |r| r.get(0)).optional()?;
+        let reason: Option<String> = self
+            .conn_apart()
+            .query_row("SELECT reason FROM dropped WHERE id = ?1", [id as i64], |r| r.get(0))
+            .optional()?;
         Ok(reason.and_then(|r| DropReason::parse(&r)))
     }
 
@@ -694,7 +707,10 @@ impl Store for SqliteStore {
         self.conn_apart().prepare_cached(sql)?.execute(params![reason.as_str()]).map_err(|e| self.map(e))?;
         let Some(id) = id else { return Ok(()) };
         let sql = "INSERT OR REPLACE INTO dropped (id, reason, at_ms) VALUES (?1, ?2, ?3)";
-        self.conn_apart().prepare_cached(sql)?.execute(params![id, reason.as_str(), now_ms()]).map_err(|e| self.map(e))?;
+        self.conn_apart()
+            .prepare_cached(sql)?
+            .execute(params![id, reason.as_str(), now_ms()])
+            .map_err(|e| self.map(e))?;
         // Trimmed now and then, not at every drop (finding the cut-off
         // walks the kept records).
         self.drops_logged += 1;
@@ -707,7 +723,8 @@ impl Store for SqliteStore {
     fn drop_log(&mut self) -> Result<Vec<(u64, DropReason)>, StoreError> {
         // A store read (not opened) by this release may predate the log.
         let exists: bool =
-            self.conn_apart().query_row("SELECT count(*) FROM sqlite_master WHERE name = 'dropped'", [], |r| r.get(0))?;
+            self.conn_apart()
+                .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'dropped'", [], |r| r.get(0))?;
         if !exists {
             return Ok(Vec::new());
         }
@@ -872,7 +889,9 @@ impl SqliteStore {
         }
         let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
         for gone in runs(&ids) {
-            let mut stmt = self.conn_below(gone[gone.len() - 1])?.prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
+            let mut stmt = self
+                .conn_below(gone[gone.len() - 1])?
+                .prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
             let r = stmt.execute([gone[0], gone[gone.len() - 1]]);
             drop(stmt);
             let n = r.map_err(|e| self.map(e))?;

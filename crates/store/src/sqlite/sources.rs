@@ -290,7 +290,11 @@ impl SqliteStore {
         if let Some(n) = self.source_numbers.get(url) {
             return Ok(Some(*n));
         }
-        let n = if create { numbered_source(self.conn_apart(), url).map(Some) } else { source_number(self.conn_apart(), url) };
+        let n = if create {
+            numbered_source(self.conn_apart(), url).map(Some)
+        } else {
+            source_number(self.conn_apart(), url)
+        };
         let n = n.map_err(|e| self.map(e))?;
         if let Some(n) = n {
             self.source_numbers.insert(url.to_owned(), n);

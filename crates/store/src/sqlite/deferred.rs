@@ -1,5 +1,5 @@
 //! Inserts written together: inside a transaction, a plain message's row
-//! (content and properties only, see [`Plain`]) waits in memory and goes
+//! (content and properties only, see [`is_plain`]) waits in memory and goes
 //! to SQLite with the ones after it in one multi-row `INSERT`, before
 //! the first statement that could see it and at the latest before the
 //! commit.
@@ -31,9 +31,9 @@ pub(super) struct Waiting {
     pub(super) props: Option<Vec<u8>>,
 }
 
-/// The rows one statement writes, largest first: any count is written in
-/// at most one statement of each size (31 in five). Six statements in
-/// the cache, not one per count.
+/// The rows one statement writes, largest first: as many 32-row
+/// statements as fit, then at most one of each smaller size (31 rows in
+/// five statements). Six statements in the cache, not one per count.
 const SIZES: [usize; 6] = [32, 16, 8, 4, 2, 1];
 
 /// The values of one row, in the order of [`INSERTS`]' columns.

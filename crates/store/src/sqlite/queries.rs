@@ -82,9 +82,11 @@ fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
 impl Store for SqliteStore {
     fn begin(&mut self) -> Result<(), StoreError> {
         // Rows still waiting belong to a transaction that ended without
-        // its commit (SQLite rolls back by itself after some errors): it
-        // answered nobody, and they go with it.
-        self.waiting.clear();
+        // its commit or a rollback (none of the writer's paths): it
+        // answered nobody, and all it left in memory goes.
+        if !self.waiting.is_empty() {
+            self.rollback();
+        }
         self.run_cached("BEGIN IMMEDIATE")?;
         self.changes_at_begin = self.db.total_changes();
         // Nobody else commits until this transaction ends: one look for

@@ -20,6 +20,14 @@ fn plain(n: usize) -> NewMessage {
     m
 }
 
+/// Inserts the plain messages `range`, noting each with its id in `want`.
+fn insert(store: &mut SqliteStore, want: &mut Vec<(u64, NewMessage)>, range: std::ops::Range<usize>) {
+    for n in range {
+        let m = plain(n);
+        want.push((store.insert(&m).unwrap(), m));
+    }
+}
+
 /// Everything `store` queues, as stored, in id order.
 fn queued(store: &mut SqliteStore) -> Vec<(u64, NewMessage)> {
     let all = store.read_after(0, usize::MAX >> 1, None, None).unwrap();
@@ -37,39 +45,29 @@ fn waiting_inserts_are_seen_by_every_statement_and_committed_whole() {
     let mut want: Vec<(u64, NewMessage)> = Vec::new();
 
     store.begin().unwrap();
-    // 45 rows: a statement of each size (32, 8, 4, 1) when they go.
-    for n in 0..45 {
-        let m = plain(n);
-        want.push((store.insert(&m).unwrap(), m));
-    }
-    assert!(store.changed(), "waiting rows are a change");
-    // By key: the newest, still waiting.
-    let (last, _) = want[44];
-    assert_eq!(store.entry(last).unwrap().map(|e| e.topic), Some(want[44].1.topic.clone()));
-    // A message that is not plain is written at once, after those before it.
+    // 45 waiting (32 + 8 + 4 + 1 when they go), then a message that is
+    // not plain: written at once, after them.
+    insert(&mut store, &mut want, 0..45);
     let mut routed = plain(45);
     routed.route = Some("b".into());
     routed.policy.priority = 2;
     want.push((store.insert(&routed).unwrap(), routed));
-    // More waiting, then an acknowledgement of older ones (by key, below
-    // them) and a read of all.
-    for n in 46..60 {
-        let m = plain(n);
-        want.push((store.insert(&m).unwrap(), m));
-    }
+    // 16 waiting, then a read by key of the newest: one 16-row statement.
+    insert(&mut store, &mut want, 46..62);
+    let (newest, m) = want.last().unwrap().clone();
+    assert_eq!(store.entry(newest).unwrap().map(|e| (e.topic, e.size)), Some((m.topic.clone(), m.size())));
+    // 14 waiting (8 + 4 + 2), acknowledgements of older ones (by key,
+    // below them: nothing written for them), then a read of everything.
+    insert(&mut store, &mut want, 62..76);
     let first_ten: Vec<u64> = want[..10].iter().map(|(id, _)| *id).collect();
     let answers = store.ack_or_remove_many(&first_ten, slot, &mut |_| true).unwrap();
     assert!(answers.iter().all(|(_, a)| matches!(a, Some((_, true)))), "{answers:?}");
     want.drain(..10);
     assert_eq!(queued(&mut store), want, "a read inside the transaction sees every row");
-    // Waiting again at the commit.
-    for n in 60..63 {
-        let m = plain(n);
-        want.push((store.insert(&m).unwrap(), m));
-    }
+    // Waiting again at the commit (2 + 1).
+    insert(&mut store, &mut want, 76..79);
     store.commit().unwrap();
-    let totals = store.totals().unwrap();
-    assert_eq!(totals.count, want.len() as u64);
+    assert_eq!(store.totals().unwrap().count, want.len() as u64);
     drop(store);
 
     let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
@@ -82,9 +80,12 @@ fn a_rollback_writes_none_of_the_waiting_inserts_and_hands_their_ids_out_again()
     let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     let kept = store.insert(&plain(0)).unwrap();
     store.begin().unwrap();
-    let gone: Vec<u64> = (1..40).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    let gone: Vec<u64> = (1..20).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    // Written by a read, then more waiting.
+    assert!(store.entry(gone[18]).unwrap().is_some());
+    let gone_too: Vec<u64> = (20..40).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    assert_eq!(gone_too[0], gone[18] + 1);
     store.rollback();
-    assert!(!store.changed());
     store.begin().unwrap();
     let again = store.insert(&plain(99)).unwrap();
     store.commit().unwrap();
@@ -92,4 +93,30 @@ fn a_rollback_writes_none_of_the_waiting_inserts_and_hands_their_ids_out_again()
     drop(store);
     let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(queued(&mut store), vec![(kept, plain(0)), (again, plain(99))]);
+}
+
+#[test]
+fn a_waiting_row_sqlite_cannot_take_fails_the_commit_and_the_next_transaction_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    let kept = store.insert(&plain(0)).unwrap();
+    store.begin().unwrap();
+    let before: Vec<u64> = (1..10).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    // A creation time beyond SQLite's 64-bit signed integers: refused
+    // when it is bound, that is when the waiting rows are written.
+    let mut bad = plain(10);
+    bad.created_ms = u64::MAX;
+    store.insert(&bad).unwrap();
+    let e = store.commit().unwrap_err();
+    assert!(!e.to_string().is_empty());
+    store.rollback();
+    // The next transaction is whole, and starts at the first id of the
+    // failed one.
+    store.begin().unwrap();
+    let next = store.insert(&plain(11)).unwrap();
+    store.commit().unwrap();
+    assert_eq!(next, before[0]);
+    drop(store);
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(queued(&mut store), vec![(kept, plain(0)), (next, plain(11))]);
 }

@@ -28,7 +28,6 @@ mod schema;
 mod sources;
 mod tail;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -133,7 +132,7 @@ pub struct SqliteStore {
     ids: Ids,
     /// A bridge's source broker URLs and their numbers in `source_brokers`
     /// (committed ones only: emptied at a rollback).
-    source_numbers: HashMap<String, u64>,
+    source_numbers: Vec<(String, u64)>,
     /// A bridge's source records, as the log holds them (format 8).
     source_log: sources::SourceLog,
 }
@@ -228,7 +227,7 @@ impl SqliteStore {
             tail,
             seen_version: None,
             ids: Ids::default(),
-            source_numbers: HashMap::new(),
+            source_numbers: Vec::new(),
             source_log: sources::SourceLog::default(),
         }
     }

@@ -11,9 +11,8 @@
 //! 4,800 instructions, a tenth of all it spent on a message
 //! (docs/performance.md, sessions 12 and 15).
 
-use std::collections::HashMap;
-
 use rusqlite::{params, Connection, OptionalExtension};
+use steadfast_core::IdMap;
 
 use super::SqliteStore;
 use crate::{SourceStore, StoreError};
@@ -133,10 +132,10 @@ pub(super) struct SourceLog {
 #[derive(Debug, Default)]
 struct Held {
     /// Each key's standing record.
-    standing: HashMap<i64, Standing>,
+    standing: IdMap<i64, Standing>,
     /// The log's rows (the one being written included) that hold a
     /// standing record.
-    rows: HashMap<i64, Row>,
+    rows: IdMap<i64, Row>,
     /// Records in those rows, standing or not.
     stored: u64,
     /// The row the transaction under way writes at its commit.
@@ -221,7 +220,7 @@ impl Held {
                 push_entry(&mut self.pending, *k, s.digest, s.id);
                 s.row = n;
             }
-            self.rows = HashMap::from([(n, Row { records: standing as u32, standing: standing as u32 })]);
+            self.rows = IdMap::from_iter([(n, Row { records: standing as u32, standing: standing as u32 })]);
             self.stored = standing;
             self.emptied.clear();
         }
@@ -284,10 +283,12 @@ impl SourceLog {
 }
 
 impl SqliteStore {
-    /// The number of the source broker `url` (through the map in memory),
+    /// The number of the source broker `url` (through the list in memory),
     /// given one if it has none and `create`.
     fn source(&mut self, url: &str, create: bool) -> Result<Option<u64>, StoreError> {
-        if let Some(n) = self.source_numbers.get(url) {
+        // A few brokers at most: a look along a list costs less than
+        // hashing the URL for every message.
+        if let Some((_, n)) = self.source_numbers.iter().find(|(u, _)| u == url) {
             return Ok(Some(*n));
         }
         let n = if create {
@@ -297,7 +298,7 @@ impl SqliteStore {
         };
         let n = n.map_err(|e| self.map(e))?;
         if let Some(n) = n {
-            self.source_numbers.insert(url.to_owned(), n);
+            self.source_numbers.push((url.to_owned(), n));
         }
         Ok(n)
     }

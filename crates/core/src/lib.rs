@@ -10,7 +10,6 @@
 pub mod backoff;
 pub mod duration;
 pub mod engine;
-pub mod idmap;
 pub mod keepalive;
 pub mod message;
 pub mod mutate;
@@ -21,7 +20,6 @@ pub mod window;
 
 pub use backoff::{Backoff, BackoffConfig, BackoffError};
 pub use duration::{parse_duration, DurationError};
-pub use idmap::{IdHasher, IdMap, IdSet};
 pub use keepalive::{KeepAlive, KeepAliveAction};
 pub use message::{DropReason, Identity, Properties, PropertyError, Qos, MAX_PRIORITY, PRIORITIES};
 pub use receipt::{ConsumerReceipt, Need, ReceiptBatcher, ReceiptRule, RuleError};

@@ -16,10 +16,13 @@
 //! asks its caller through a `claims` function.
 
 use std::collections::{BTreeSet, VecDeque};
+
+// Keyed by outbox ids, hashed several times per message: foldhash, not
+// SipHash (docs/design.md, "Dependencies").
+use foldhash::{HashMap, HashMapExt, HashSet};
 use std::time::{Duration, Instant};
 
 use super::{Now, Timer};
-use crate::idmap::{IdMap, IdSet};
 use crate::keepalive::{KeepAlive, KeepAliveAction};
 use crate::message::{DropReason, Qos, PRIORITIES};
 use crate::rtt::{AckTimeout, RoundTrip};
@@ -303,7 +306,7 @@ pub struct PublishSession<M> {
     cfg: SessionConfig,
     window: SendWindow,
     /// Contents of what is in flight, for resends.
-    inflight: IdMap<u64, M>,
+    inflight: HashMap<u64, M>,
     /// Read from the outbox, not yet on the wire.
     queue: VecDeque<M>,
     /// Highest outbox id read so far, per priority.
@@ -344,7 +347,7 @@ pub struct PublishSession<M> {
     grow_acks: u32,
     /// Messages in flight at the last failed links: (failed links in a row
     /// while in flight, of those alone in flight).
-    suspects: IdMap<u64, (u32, u32)>,
+    suspects: HashMap<u64, (u32, u32)>,
     /// The window before failures began to narrow it down: when a message
     /// turns out to be poison (or QoS 2 the cause), the failures are
     /// explained and it comes back.
@@ -379,7 +382,7 @@ impl<M: Queued> PublishSession<M> {
         Self {
             cfg,
             window: SendWindow::new(cfg.max_inflight),
-            inflight: IdMap::default(),
+            inflight: HashMap::new(),
             queue: VecDeque::new(),
             cursors: [0; PRIORITIES],
             done_ahead: Default::default(),
@@ -399,7 +402,7 @@ impl<M: Queued> PublishSession<M> {
             cwnd: cfg.max_inflight.max(1),
             conn_limit: cfg.max_inflight.max(1),
             grow_acks: 0,
-            suspects: IdMap::default(),
+            suspects: HashMap::new(),
             deferred: VecDeque::new(),
             chase_from: None,
             ceiling: None,
@@ -475,7 +478,7 @@ impl<M: Queued> PublishSession<M> {
     /// the link on QoS 2 does this; with several in flight, a close says
     /// nothing of which one, or of QoS 2).
     pub fn awaits_first_pubrec(&self) -> bool {
-        let deferred: IdSet<u64> = self.deferred.iter().map(|(_, id)| *id).collect();
+        let deferred: HashSet<u64> = self.deferred.iter().map(|(_, id)| *id).collect();
         let mut on_wire =
             self.window.entries().filter(|(_, e)| e.stage == Stage::Published && !deferred.contains(&e.id));
         let only = match (on_wire.next(), on_wire.next()) {
@@ -595,7 +598,7 @@ impl<M: Queued> PublishSession<M> {
             LinkEnd::Ended(End::Stray { .. } | End::DeadLink) | LinkEnd::Ours => false,
         };
         // Deferred resends were not on the wire: they are not suspects.
-        let deferred: IdSet<u64> = self.deferred.iter().map(|(_, id)| *id).collect();
+        let deferred: HashSet<u64> = self.deferred.iter().map(|(_, id)| *id).collect();
         let published: Vec<u64> = self.window.published_ids().filter(|id| !deferred.contains(id)).collect();
         if !blamed || published.is_empty() {
             return;
@@ -604,7 +607,7 @@ impl<M: Queued> PublishSession<M> {
         // Alone among PUBLISHes: a PUBREL beside it cannot be the cause.
         let alone = published.len() == 1;
         let mut repeated = false;
-        let mut suspects = IdMap::with_capacity_and_hasher(published.len(), Default::default());
+        let mut suspects = HashMap::with_capacity(published.len());
         for &id in &published {
             let (ends, alone_ends) = self.suspects.get(&id).copied().unwrap_or((0, 0));
             repeated |= ends > 0;
@@ -747,7 +750,7 @@ impl<M: Queued> PublishSession<M> {
         let last = page.last().map(Queued::id);
         // A refused message may be back in the queue already (its pause
         // ended after a rewind): it must not be queued twice.
-        let queued: IdSet<u64> = self.queue.iter().map(Queued::id).collect();
+        let queued: HashSet<u64> = self.queue.iter().map(Queued::id).collect();
         let fresh: Vec<M> = page
             .into_iter()
             .filter(|m| {

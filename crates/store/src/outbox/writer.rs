@@ -4,10 +4,14 @@
 //! that no write precedes are answered at once, without waiting for a sync.
 
 use std::collections::VecDeque;
+
+// Keyed by outbox ids, looked up for every message delivered: foldhash,
+// not SipHash (docs/design.md, "Dependencies").
+use foldhash::{HashMap, HashMapExt};
 use std::sync::mpsc;
 
 use steadfast_core::engine::{Now, Sweep, SweepConfig, Sweeper};
-use steadfast_core::{DropReason, IdMap, Stage};
+use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::replies::Batch;
@@ -25,9 +29,9 @@ pub(super) struct Writer {
     pub(super) totals: Totals,
     pub(super) state: watch::Sender<OutboxState>,
     pub(super) dropped: broadcast::Sender<Dropped>,
-    pub(super) waiters: IdMap<u64, oneshot::Sender<Delivery>>,
+    pub(super) waiters: HashMap<u64, oneshot::Sender<Delivery>>,
     /// Who waits for a message to be handled (receipts).
-    pub(super) handled_waiters: IdMap<u64, oneshot::Sender<Handling>>,
+    pub(super) handled_waiters: HashMap<u64, oneshot::Sender<Handling>>,
     /// Messages that went back into the queue for lack of receipts.
     pub(super) requeued: u64,
     /// The outbox's count of messages published again for lack of
@@ -137,8 +141,8 @@ impl Writer {
             totals,
             state: state_tx,
             dropped,
-            waiters: IdMap::default(),
-            handled_waiters: IdMap::default(),
+            waiters: HashMap::new(),
+            handled_waiters: HashMap::new(),
             requeued: 0,
             republished,
             waiters_pruned_at: 1024,

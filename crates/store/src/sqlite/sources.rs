@@ -11,8 +11,11 @@
 //! 4,800 instructions, a tenth of all it spent on a message
 //! (docs/performance.md, sessions 12 and 15).
 
+// Keyed by source-record keys, written for every bridged message: foldhash,
+// not SipHash (docs/design.md, "Dependencies").
+use foldhash::HashMap;
+
 use rusqlite::{params, Connection, OptionalExtension};
-use steadfast_core::IdMap;
 
 use super::SqliteStore;
 use crate::{SourceStore, StoreError};
@@ -132,10 +135,10 @@ pub(super) struct SourceLog {
 #[derive(Debug, Default)]
 struct Held {
     /// Each key's standing record.
-    standing: IdMap<i64, Standing>,
+    standing: HashMap<i64, Standing>,
     /// The log's rows (the one being written included) that hold a
     /// standing record.
-    rows: IdMap<i64, Row>,
+    rows: HashMap<i64, Row>,
     /// Records in those rows, standing or not.
     stored: u64,
     /// The row the transaction under way writes at its commit.
@@ -220,7 +223,7 @@ impl Held {
                 push_entry(&mut self.pending, *k, s.digest, s.id);
                 s.row = n;
             }
-            self.rows = IdMap::from_iter([(n, Row { records: standing as u32, standing: standing as u32 })]);
+            self.rows = HashMap::from_iter([(n, Row { records: standing as u32, standing: standing as u32 })]);
             self.stored = standing;
             self.emptied.clear();
         }

@@ -16,11 +16,11 @@
 //! asks its caller through a `claims` function.
 
 use std::collections::{BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 // Keyed by outbox ids, hashed several times per message: foldhash, not
 // SipHash (docs/design.md, "Dependencies").
 use foldhash::{HashMap, HashMapExt, HashSet};
-use std::time::{Duration, Instant};
 
 use super::{Now, Timer};
 use crate::keepalive::{KeepAlive, KeepAliveAction};

@@ -4,11 +4,11 @@
 //! that no write precedes are answered at once, without waiting for a sync.
 
 use std::collections::VecDeque;
+use std::sync::mpsc;
 
 // Keyed by outbox ids, looked up for every message delivered: foldhash,
 // not SipHash (docs/design.md, "Dependencies").
 use foldhash::{HashMap, HashMapExt};
-use std::sync::mpsc;
 
 use steadfast_core::engine::{Now, Sweep, SweepConfig, Sweeper};
 use steadfast_core::{DropReason, Stage};

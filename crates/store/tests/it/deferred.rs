@@ -28,6 +28,13 @@ fn insert(store: &mut SqliteStore, want: &mut Vec<(u64, NewMessage)>, range: std
     }
 }
 
+/// Everything the store in `dir` queues once opened again (the handle
+/// before it dropped), as stored, in id order.
+fn queued_after_reopen(dir: &std::path::Path) -> Vec<(u64, NewMessage)> {
+    let (mut store, _) = SqliteStore::open(dir).unwrap();
+    queued(&mut store)
+}
+
 /// Everything `store` queues, as stored, in id order.
 fn queued(store: &mut SqliteStore) -> Vec<(u64, NewMessage)> {
     let all = store.read_after(0, usize::MAX >> 1, None, None).unwrap();
@@ -69,9 +76,7 @@ fn waiting_inserts_are_seen_by_every_statement_and_committed_whole() {
     store.commit().unwrap();
     assert_eq!(store.totals().unwrap().count, want.len() as u64);
     drop(store);
-
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
-    assert_eq!(queued(&mut store), want, "the commit wrote them all, each as it was inserted");
+    assert_eq!(queued_after_reopen(dir.path()), want, "the commit wrote them all, each as it was inserted");
 }
 
 #[test]
@@ -91,8 +96,7 @@ fn a_rollback_writes_none_of_the_waiting_inserts_and_hands_their_ids_out_again()
     store.commit().unwrap();
     assert_eq!(again, gone[0], "a rolled-back id is handed out again");
     drop(store);
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
-    assert_eq!(queued(&mut store), vec![(kept, plain(0)), (again, plain(99))]);
+    assert_eq!(queued_after_reopen(dir.path()), vec![(kept, plain(0)), (again, plain(99))]);
 }
 
 #[test]
@@ -117,6 +121,5 @@ fn a_waiting_row_sqlite_cannot_take_fails_the_commit_and_the_next_transaction_go
     store.commit().unwrap();
     assert_eq!(next, before[0]);
     drop(store);
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
-    assert_eq!(queued(&mut store), vec![(kept, plain(0)), (next, plain(11))]);
+    assert_eq!(queued_after_reopen(dir.path()), vec![(kept, plain(0)), (next, plain(11))]);
 }

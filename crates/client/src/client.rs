@@ -126,8 +126,25 @@ impl Message {
     /// producer's message) instead of this client's: a receiver with an
     /// inbox then recognises copies that took different ways.
     pub fn origin(mut self, id: &Identity) -> Self {
-        self.props.user.retain(|(k, _)| k != Identity::USER_PROPERTY);
-        self.props.user.push((Identity::USER_PROPERTY.to_owned(), id.to_property_value()));
+        // A bridge's message carries its identity already, most often as
+        // this very property: kept where it is, nothing built again. Any
+        // other identity property is replaced (the first) or dropped.
+        let mut found = false;
+        self.props.user.retain_mut(|(k, v)| {
+            if k != Identity::USER_PROPERTY {
+                return true;
+            }
+            if std::mem::replace(&mut found, true) {
+                return false;
+            }
+            if !id.is_property_value(v) {
+                *v = id.to_property_value();
+            }
+            true
+        });
+        if !found {
+            self.props.user.push((Identity::USER_PROPERTY.to_owned(), id.to_property_value()));
+        }
         self
     }
 
@@ -1146,5 +1163,27 @@ async fn forward_drops(
             },
             r = stop.changed() => if r.is_err() || *stop.borrow() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(pairs: &[(&str, &str)]) -> Properties {
+        Properties { user: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn origin_keeps_the_identity_property_in_place_and_replaces_any_other() {
+        let id = Identity { producer: "gw-7".into(), seq: 42 };
+        let k = Identity::USER_PROPERTY;
+        let with = |pairs: &[(&str, &str)]| Message::new("t", b"x".to_vec()).props(user(pairs)).origin(&id).props;
+        // The same identity: left where it stands, among the others.
+        assert_eq!(with(&[("a", "1"), (k, "gw-7/42"), ("b", "2")]), user(&[("a", "1"), (k, "gw-7/42"), ("b", "2")]));
+        // Another: the first replaced in place, any further one dropped.
+        assert_eq!(with(&[(k, "other/1"), ("a", "1"), (k, "gw-7/42")]), user(&[(k, "gw-7/42"), ("a", "1")]));
+        // None: added at the end.
+        assert_eq!(with(&[("a", "1")]), user(&[("a", "1"), (k, "gw-7/42")]));
     }
 }

@@ -63,18 +63,15 @@ impl Identity {
     pub fn write_property_value(out: &mut Vec<u8>, producer: &str, seq: u64) {
         out.extend_from_slice(producer.as_bytes());
         out.push(b'/');
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut n = seq;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        out.extend_from_slice(&digits[at..]);
+        out.extend_from_slice(decimal(seq, &mut [0; 20]));
+    }
+
+    /// Whether `v` is this identity's user property value, byte for byte
+    /// (as [`Identity::to_property_value`] writes it), with nothing built.
+    pub fn is_property_value(&self, v: &str) -> bool {
+        v.len() == Self::property_value_len(&self.producer, self.seq)
+            && v.strip_prefix(self.producer.as_str()).and_then(|rest| rest.strip_prefix('/')).map(str::as_bytes)
+                == Some(decimal(self.seq, &mut [0; 20]))
     }
 
     /// Parses a user property value written by [`Identity::to_property_value`].
@@ -85,6 +82,21 @@ impl Identity {
         }
         Some(Identity { producer: producer.to_owned(), seq: seq.parse().ok()? })
     }
+}
+
+/// `n` in decimal ASCII digits, written at the end of `buf`.
+pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[at..]
 }
 
 impl Identity {
@@ -435,10 +447,17 @@ mod tests {
     #[test]
     fn identity_round_trips_through_the_user_property() {
         let id = Identity { producer: "gw/7:ab12".into(), seq: 42 };
-        assert_eq!(Identity::parse_property_value(&id.to_property_value()), Some(id));
+        assert_eq!(Identity::parse_property_value(&id.to_property_value()), Some(id.clone()));
         assert_eq!(Identity::parse_property_value("noslash"), None);
         assert_eq!(Identity::parse_property_value("/5"), None);
         assert_eq!(Identity::parse_property_value("p/x"), None);
+        assert!(id.is_property_value("gw/7:ab12/42"));
+        for other in ["gw/7:ab12/042", "gw/7:ab12/43", "gw/7:ab1/42", "gw/7:ab12-42", "gw/7:ab12/4", ""] {
+            assert!(!id.is_property_value(other), "{other}");
+        }
+        for n in [0, 7, 10, 99, 1_000_001, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
     }
 
     /// The value written without `format!` is the decimal one, its length

@@ -40,7 +40,8 @@ mod rewrite;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use steadfast_core::{DropReason, Qos};
+use steadfast_core::message::decimal;
+use steadfast_core::{DropReason, Identity, Qos};
 use steadfast_store::AcceptFuture;
 pub use steadfast_store::Source;
 use tokio::sync::{mpsc, watch};
@@ -325,8 +326,7 @@ async fn take(
         d.ack();
         return Ok(());
     }
-    let topic = r.rewrite.apply(d.topic());
-    let mut m = Message::new(topic.clone(), d.payload().to_vec())
+    let mut m = Message::new(r.rewrite.apply(d.topic()), d.payload().to_vec())
         .qos(r.qos.unwrap_or(d.qos()))
         .retain(d.retain())
         .props(d.properties().clone());
@@ -361,6 +361,7 @@ async fn take(
         Err(e) => {
             // It can never be sent (say the rewritten topic is invalid):
             // counted and announced, and the source is done with it.
+            let topic = r.rewrite.apply(d.topic());
             tracing::error!(route = %r.name, topic = %topic, error = %e, "message cannot be forwarded; dropped");
             client.count_dropped(DropReason::Invalid, topic);
             d.ack();
@@ -373,9 +374,16 @@ async fn take(
 /// the same packet id: topic, payload, QoS, retain, identity. Stable across
 /// releases (it is kept on disk).
 fn digest(d: &Received) -> u64 {
+    // The identity as the route's inbox sees it: a route without one (one
+    // source broker) kept none in its records before.
+    let id = d.identity().filter(|_| d.inbox());
+    digest_of(d.topic(), d.payload(), d.qos(), d.retain(), id)
+}
+
+fn digest_of(topic: &str, payload: &[u8], qos: Qos, retain: bool, id: Option<&Identity>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for b in bytes {
+    let mut eat = |parts: &[&[u8]]| {
+        for b in parts.iter().flat_map(|p| p.iter()) {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
@@ -383,13 +391,42 @@ fn digest(d: &Received) -> u64 {
         h ^= 0xff;
         h = h.wrapping_mul(0x0100_0000_01b3);
     };
-    eat(d.topic().as_bytes());
-    eat(d.payload());
-    eat(&[d.qos() as u8, u8::from(d.retain())]);
-    // The identity as the route's inbox sees it: a route without one
-    // (one source broker) kept none in its records before.
-    if let Some(id) = d.identity().filter(|_| d.inbox()) {
-        eat(id.to_property_value().as_bytes());
+    eat(&[topic.as_bytes()]);
+    eat(&[payload]);
+    eat(&[&[qos as u8, u8::from(retain)]]);
+    // Its user property value, fed in pieces: no string built.
+    if let Some(id) = id {
+        eat(&[id.producer.as_bytes(), b"/", decimal(id.seq, &mut [0; 20])]);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The digest is kept on disk: the same bytes give the same value in
+    /// every release. The reference is FNV-1a over each part and a
+    /// separator, the identity as its user property value.
+    #[test]
+    fn a_delivery_digest_is_fnv_over_its_parts_and_stays_the_same() {
+        fn reference(parts: &[&[u8]]) -> u64 {
+            let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+            for part in parts {
+                for b in part.iter().chain([0xffu8].iter()) {
+                    h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            h
+        }
+        let id = Identity { producer: "gw-7/a".into(), seq: 1_234_567_890 };
+        let value = id.to_property_value();
+        let with = digest_of("t/1", b"21.5", Qos::AtLeastOnce, true, Some(&id));
+        assert_eq!(with, reference(&[b"t/1", b"21.5", &[1, 1], value.as_bytes()]));
+        let without = digest_of("t/1", b"21.5", Qos::AtLeastOnce, true, None);
+        assert_eq!(without, reference(&[b"t/1", b"21.5", &[1, 1]]));
+        assert_eq!(without, 0xbf85_19aa_cd98_fafc, "a value kept on disk must not change");
+        let zero = Identity { producer: "p".into(), seq: 0 };
+        assert_eq!(digest_of("", b"", Qos::AtMostOnce, false, Some(&zero)), reference(&[b"", b"", &[0, 0], b"p/0"]));
+    }
 }

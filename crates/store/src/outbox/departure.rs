@@ -84,7 +84,8 @@ impl Writer {
     /// after the commit: a failed one applies the acknowledgement again).
     fn count_delivered(&self, e: &Entry, b: &mut Batch) {
         b.delivered += 1;
-        b.delivery_ms.push(crate::now_ms().saturating_sub(e.created_ms));
+        let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+        b.delivery_ms.push(now.saturating_sub(e.created_ms));
     }
 
     /// [`rule_of`] this writer's quorums.

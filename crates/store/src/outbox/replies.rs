@@ -34,6 +34,9 @@ pub(super) struct Batch {
     pub(super) delivered: u64,
     /// Of each message delivered, its time from enqueue, in milliseconds.
     pub(super) delivery_ms: Vec<u64>,
+    /// The wall clock as the batch first read it: one read per batch, not
+    /// per message (a batch lasts well under a millisecond to a few).
+    pub(super) wall_ms: Option<u64>,
     pub(super) wire_replies: Vec<(WireReply, Vec<u64>)>,
     pub(super) meta_replies: Vec<(oneshot::Sender<Result<String, StoreError>>, String)>,
     pub(super) slot_replies: Vec<(SlotReply, Configured)>,

@@ -107,7 +107,9 @@ impl Dispatcher {
             tokio::select! {
                 first = inbound.recv(), if self.ready.len() < READY_MAX && claims.len() < CLAIMS_MAX => {
                     let Some(first) = first else { return };
-                    let mut batch = vec![first];
+                    // Sized once for what waits (no regrowth as it fills).
+                    let mut batch = Vec::with_capacity(inbound.len().min(511) + 1);
+                    batch.push(first);
                     while batch.len() < 512 {
                         match inbound.try_recv() {
                             Ok(m) => batch.push(m),

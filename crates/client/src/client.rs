@@ -126,9 +126,11 @@ impl Message {
     /// producer's message) instead of this client's: a receiver with an
     /// inbox then recognises copies that took different ways.
     pub fn origin(mut self, id: &Identity) -> Self {
-        // A bridge's message carries its identity already, most often as
-        // this very property: kept where it is, nothing built again. Any
-        // other identity property is replaced (the first) or dropped.
+        // Properties copied from a message that carried this very identity
+        // property keep it where it stands, nothing built again; another
+        // identity property is replaced (the first) or dropped. A bridge's
+        // source takes the property out as it decodes, so there it is
+        // added at the end.
         let mut found = false;
         self.props.user.retain_mut(|(k, v)| {
             if k != Identity::USER_PROPERTY {

@@ -620,16 +620,24 @@ async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
             p.push(msg(data)).await
         }
         Input::Lines => {
-            let mut lines = BufReader::new(tokio::io::stdin()).split(b'\n');
-            while let Some(mut line) =
-                lines.next_segment().await.context("cannot read stdin").map_err(Failure::other)?
-            {
-                if line.last() == Some(&b'\r') {
-                    line.pop();
+            let mut input = BufReader::new(tokio::io::stdin());
+            // Read into one buffer, each line then copied out at its size:
+            // not a new buffer grown from nothing for every line.
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                if input.read_until(b'\n', &mut buf).await.context("cannot read stdin").map_err(Failure::other)? == 0 {
+                    return Ok(());
                 }
-                p.push(msg(line)).await?;
+                let mut line: &[u8] = &buf;
+                if let Some(rest) = line.strip_suffix(b"\n") {
+                    line = rest;
+                }
+                if let Some(rest) = line.strip_suffix(b"\r") {
+                    line = rest;
+                }
+                p.push(msg(line.to_vec())).await?;
             }
-            Ok(())
         }
     }
 }

@@ -277,11 +277,12 @@ impl Driver {
     fn send_direct(&mut self, link: &mut Link, d: Direct) {
         let msg = NewMessage { qos: Qos::AtMostOnce, ..d.msg };
         let m = StoredMessage { id: 0, msg: std::sync::Arc::new(msg), wire: None, acks: 0, attempts: 0 };
-        let outcome = match self.wire(link).publish(&m, None, false) {
-            Ok(bytes) => {
-                link.out.extend_from_slice(&bytes);
-                Delivery::Delivered
-            }
+        // The wire holds the link: its buffer is lent apart meanwhile.
+        let mut out = std::mem::take(&mut link.out);
+        let written = self.wire(link).publish(&m, None, false, &mut out);
+        link.out = out;
+        let outcome = match written {
+            Ok(()) => Delivery::Delivered,
             Err(reason) => {
                 self.outbox.count_drop(reason, m.msg.topic.clone());
                 Delivery::Dropped(reason)
@@ -448,9 +449,7 @@ impl Driver {
                 self.session.rewind();
             }
             self.fill(link).await?;
-            if let Some(bytes) = self.session.poll_transmit() {
-                link.out.extend_from_slice(&bytes);
-            }
+            self.session.transmit_into(&mut link.out);
             if !link.out.is_empty() {
                 out.send(&mut link.out)?;
             }
@@ -808,24 +807,23 @@ struct LinkWire<'a> {
 }
 
 impl Wire<StoredMessage> for LinkWire<'_> {
-    fn publish(&mut self, m: &StoredMessage, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
+    fn publish(&mut self, m: &StoredMessage, pid: Option<u16>, dup: bool, out: &mut Vec<u8>) -> Result<(), DropReason> {
         if self.poison_size.is_some_and(|s| m.msg.size() >= s) {
             return Err(DropReason::Poison);
         }
-        let bytes = match self.link.encode_publish(m, self.producer, Some(self.receipts), pid, dup) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(id = m.id, topic = %m.msg.topic, error = %e, "message cannot be encoded; dropped");
-                return Err(DropReason::Invalid);
-            }
-        };
+        let start = out.len();
+        if let Err(e) = self.link.encode_publish_into(out, m, self.producer, Some(self.receipts), pid, dup) {
+            tracing::error!(id = m.id, topic = %m.msg.topic, error = %e, "message cannot be encoded; dropped");
+            return Err(DropReason::Invalid);
+        }
+        let size = out.len() - start;
         match self.max_packet {
-            Some(max) if bytes.len() as u64 > max as u64 => {
-                let size = bytes.len();
+            Some(max) if size as u64 > max as u64 => {
+                out.truncate(start);
                 tracing::error!(id = m.id, topic = %m.msg.topic, size, max, "message larger than the broker's maximum packet size; dropped");
                 Err(DropReason::TooLarge)
             }
-            _ => Ok(bytes),
+            _ => Ok(()),
         }
     }
 

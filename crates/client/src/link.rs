@@ -218,14 +218,29 @@ impl Link {
         pid: Option<u16>,
         dup: bool,
     ) -> Result<Vec<u8>, ConnectError> {
+        let mut out = Vec::new();
+        self.encode_publish_into(&mut out, m, producer, receipts, pid, dup)?;
+        Ok(out)
+    }
+
+    /// [`Link::encode_publish`] appended to `out` (left as it was on an
+    /// error).
+    pub fn encode_publish_into(
+        &self,
+        out: &mut Vec<u8>,
+        m: &StoredMessage,
+        producer: &str,
+        receipts: Option<&str>,
+        pid: Option<u16>,
+        dup: bool,
+    ) -> Result<(), ConnectError> {
         let receipt_to = receipts.filter(|_| m.msg.receipts.is_some() && m.id != 0);
-        Ok(match self.version {
+        match self.version {
             ProtocolVersion::V5 => {
                 let props = publish_props(m, producer, receipt_to, steadfast_store::now_ms());
-                match publish_v5(m, &props, pid, dup) {
-                    Some(bytes) => bytes,
+                if publish_v5(out, m, &props, pid, dup).is_none() {
                     // The codec says what is wrong.
-                    None => build_v5(m, &props, pid, dup)?.to_continuous_buffer(),
+                    out.extend(build_v5(m, &props, pid, dup)?.to_continuous_buffer());
                 }
             }
             ProtocolVersion::V311 => {
@@ -241,19 +256,17 @@ impl Link {
                         None => (producer, m.id, asking),
                     }
                 });
-                match publish_v311(m, envelope, pid, dup) {
-                    Some(bytes) => bytes,
+                if publish_v311(out, m, envelope, pid, dup).is_none() {
                     // The codec says what is wrong.
-                    None => {
-                        let payload = match envelope {
-                            Some((p, seq, asking)) => Identity::wrap_asking(p, seq, &m.msg.payload, asking),
-                            None => m.msg.payload.clone(),
-                        };
-                        build_v311(m, &payload, pid, dup)?.to_continuous_buffer()
-                    }
+                    let payload = match envelope {
+                        Some((p, seq, asking)) => Identity::wrap_asking(p, seq, &m.msg.payload, asking),
+                        None => m.msg.payload.clone(),
+                    };
+                    out.extend(build_v311(m, &payload, pid, dup)?.to_continuous_buffer());
                 }
             }
-        })
+        }
+        Ok(())
     }
 
     /// Queues a PUBLISH.
@@ -264,9 +277,10 @@ impl Link {
         pid: Option<u16>,
         dup: bool,
     ) -> Result<(), ConnectError> {
-        let bytes = self.encode_publish(m, producer, None, pid, dup)?;
-        self.out.extend_from_slice(&bytes);
-        Ok(())
+        let mut out = std::mem::take(&mut self.out);
+        let r = self.encode_publish_into(&mut out, m, producer, None, pid, dup);
+        self.out = out;
+        r
     }
 
     /// Queues a PUBREL.
@@ -685,19 +699,20 @@ fn publish_props<'a>(
 const MAX_REMAINING: usize = 268_435_455;
 
 /// An MQTT 3.1.1 PUBLISH of `m`, with the identity envelope of
-/// `(producer, sequence, asking)` when given, written straight into one
-/// buffer of its exact size. It is the codec's encoding byte for byte
+/// `(producer, sequence, asking)` when given, appended to `out` (room for
+/// it made once). It is the codec's encoding byte for byte
 /// (test `the_fast_publish_is_the_codecs_byte_for_byte`) without its
 /// copies: the codec's builder copies the topic and the payload, and grows
 /// its output three times (2,100 instructions a message,
-/// docs/performance.md). `None` for what the codec refuses (a packet too
-/// long, and [`codec_refuses`]): it says why.
+/// docs/performance.md). `None`, with nothing written, for what the codec
+/// refuses (a packet too long, and [`codec_refuses`]): it says why.
 fn publish_v311(
+    out: &mut Vec<u8>,
     m: &StoredMessage,
     envelope: Option<(&str, u64, bool)>,
     pid: Option<u16>,
     dup: bool,
-) -> Option<Vec<u8>> {
+) -> Option<()> {
     let msg = &m.msg;
     if codec_refuses(msg, pid) {
         return None;
@@ -707,12 +722,12 @@ fn publish_v311(
     if remaining > MAX_REMAINING {
         return None;
     }
-    let mut out = publish_header(msg, remaining, pid, dup);
+    publish_header(out, msg, remaining, pid, dup);
     if let Some((producer, seq, asking)) = envelope {
-        Identity::write_envelope_header(&mut out, producer, seq, asking);
+        Identity::write_envelope_header(out, producer, seq, asking);
     }
     out.extend_from_slice(&msg.payload);
-    Some(out)
+    Some(())
 }
 
 /// What both fast encoders leave to the codec to refuse: a packet id for
@@ -728,17 +743,16 @@ fn codec_refuses(msg: &steadfast_store::NewMessage, pid: Option<u16>) -> bool {
         || t.contains(['+', '#'])
 }
 
-/// A PUBLISH's fixed header, topic and packet id, in a buffer with room
-/// for the rest (`remaining`: the packet's remaining length).
-fn publish_header(msg: &steadfast_store::NewMessage, remaining: usize, pid: Option<u16>, dup: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 4 + remaining);
+/// A PUBLISH's fixed header, topic and packet id, appended to `out` with
+/// room made for the rest (`remaining`: the packet's remaining length).
+fn publish_header(out: &mut Vec<u8>, msg: &steadfast_store::NewMessage, remaining: usize, pid: Option<u16>, dup: bool) {
+    out.reserve(1 + 4 + remaining);
     out.push(0x30 | u8::from(dup) << 3 | (msg.qos as u8) << 1 | u8::from(msg.retain));
-    put_varint(&mut out, remaining);
-    put_binary(&mut out, msg.topic.as_bytes());
+    put_varint(out, remaining);
+    put_binary(out, msg.topic.as_bytes());
     if let Some(pid) = pid {
         out.extend_from_slice(&pid.to_be_bytes());
     }
-    out
 }
 
 /// MQTT's variable byte integer (at most [`MAX_REMAINING`]).
@@ -769,11 +783,17 @@ fn put_binary(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// An MQTT 5 PUBLISH of `m` with `props`, written straight into one
-/// buffer of its exact size: [`publish_v311`]'s counterpart (test
+/// An MQTT 5 PUBLISH of `m` with `props`, appended to `out`:
+/// [`publish_v311`]'s counterpart (test
 /// `the_fast_v5_publish_is_the_codecs_byte_for_byte`). `None` for what the
 /// codec refuses, as there, and for a property longer than MQTT allows.
-fn publish_v5(m: &StoredMessage, props: &[PublishProp<'_>], pid: Option<u16>, dup: bool) -> Option<Vec<u8>> {
+fn publish_v5(
+    out: &mut Vec<u8>,
+    m: &StoredMessage,
+    props: &[PublishProp<'_>],
+    pid: Option<u16>,
+    dup: bool,
+) -> Option<()> {
     let msg = &m.msg;
     if codec_refuses(msg, pid) {
         return None;
@@ -798,33 +818,33 @@ fn publish_v5(m: &StoredMessage, props: &[PublishProp<'_>], pid: Option<u16>, du
     if remaining > MAX_REMAINING {
         return None;
     }
-    let mut out = publish_header(msg, remaining, pid, dup);
-    put_varint(&mut out, props_len);
+    publish_header(out, msg, remaining, pid, dup);
+    put_varint(out, props_len);
     for p in props {
         match p {
             PublishProp::Utf8 => out.extend_from_slice(&[0x01, 1]),
             PublishProp::ContentType(v) => {
                 out.push(0x03);
-                put_binary(&mut out, v.as_bytes());
+                put_binary(out, v.as_bytes());
             }
             PublishProp::ResponseTopic(v) => {
                 out.push(0x08);
-                put_binary(&mut out, v.as_bytes());
+                put_binary(out, v.as_bytes());
             }
             PublishProp::Correlation(v) => {
                 out.push(0x09);
-                put_binary(&mut out, v);
+                put_binary(out, v);
             }
             PublishProp::User(k, v) => {
                 out.push(0x26);
-                put_binary(&mut out, k.as_bytes());
-                put_binary(&mut out, v.as_bytes());
+                put_binary(out, k.as_bytes());
+                put_binary(out, v.as_bytes());
             }
             PublishProp::Identity(producer, seq) => {
                 out.push(0x26);
-                put_binary(&mut out, Identity::USER_PROPERTY.as_bytes());
+                put_binary(out, Identity::USER_PROPERTY.as_bytes());
                 out.extend_from_slice(&(Identity::property_value_len(producer, *seq) as u16).to_be_bytes());
-                Identity::write_property_value(&mut out, producer, *seq);
+                Identity::write_property_value(out, producer, *seq);
             }
             PublishProp::Expiry(secs) => {
                 out.push(0x02);
@@ -833,7 +853,7 @@ fn publish_v5(m: &StoredMessage, props: &[PublishProp<'_>], pid: Option<u16>, du
         }
     }
     out.extend_from_slice(&msg.payload);
-    Some(out)
+    Some(())
 }
 
 fn build_v311(m: &StoredMessage, payload: &[u8], pid: Option<u16>, dup: bool) -> Result<v3_1_1::Publish, ConnectError> {
@@ -1029,6 +1049,22 @@ mod tests {
     use super::{Incoming, Link};
     use crate::config::ProtocolVersion;
 
+    /// What a fast encoder appends after bytes already in its buffer,
+    /// which it leaves alone; `None` when it refused, having written
+    /// nothing.
+    fn appended(write: impl FnOnce(&mut Vec<u8>) -> Option<()>) -> Option<Vec<u8>> {
+        let mut out = b"earlier".to_vec();
+        let r = write(&mut out);
+        assert!(out.starts_with(b"earlier"), "the bytes before are kept");
+        match r {
+            Some(()) => Some(out.split_off(7)),
+            None => {
+                assert_eq!(out, b"earlier", "a refused packet leaves nothing behind");
+                None
+            }
+        }
+    }
+
     fn version(v5: bool) -> ProtocolVersion {
         if v5 {
             ProtocolVersion::V5
@@ -1061,11 +1097,11 @@ mod tests {
         for len in [127, 128, 16_383, 16_384, 70_000] {
             let m = super::loose_message(9, "a/b", &vec![7u8; len], Qos::AtLeastOnce, false);
             let producer = "p".repeat(255);
-            let fast = super::publish_v311(&m, Some((&producer, 9, true)), Some(3), true).unwrap();
+            let fast = appended(|out| super::publish_v311(out, &m, Some((&producer, 9, true)), Some(3), true)).unwrap();
             let wrapped = Identity::wrap_asking(&producer, 9, &m.msg.payload, true);
             assert_eq!(fast, super::build_v311(&m, &wrapped, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
             let props = super::publish_props(&m, &producer, Some("r/t"), 0);
-            let fast = super::publish_v5(&m, &props, Some(3), true).unwrap();
+            let fast = appended(|out| super::publish_v5(out, &m, &props, Some(3), true)).unwrap();
             assert_eq!(fast, super::build_v5(&m, &props, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
         }
     }
@@ -1213,7 +1249,7 @@ mod tests {
             let qos = [Qos::AtMostOnce, Qos::AtLeastOnce, Qos::ExactlyOnce][qos as usize];
             let m = super::loose_message(3, &topic, &payload, qos, retain);
             let envelope = envelope.as_ref().map(|(p, seq, asking)| (&p[..p.len().min(255)], *seq, *asking));
-            let fast = super::publish_v311(&m, envelope, pid, dup);
+            let fast = appended(|out| super::publish_v311(out, &m, envelope, pid, dup));
             let wrapped = match envelope {
                 Some((p, seq, asking)) => Identity::wrap_asking(p, seq, &payload, asking),
                 None => payload.clone(),
@@ -1243,7 +1279,7 @@ mod tests {
             msg.props = steadfast_core::Properties { content_type, response_topic, correlation_data: correlation, payload_is_utf8: utf8, user };
             msg.policy.expires_ms = expires.map(|e| 1_000_000 + e);
             let props = super::publish_props(&m, "producer", receipt_to.as_deref(), 1_000_000);
-            let fast = super::publish_v5(&m, &props, pid, dup);
+            let fast = appended(|out| super::publish_v5(out, &m, &props, pid, dup));
             match super::build_v5(&m, &props, pid, dup) {
                 Ok(p) => prop_assert_eq!(fast, Some(p.to_continuous_buffer())),
                 Err(_) => prop_assert_eq!(fast, None),

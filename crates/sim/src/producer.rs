@@ -94,9 +94,10 @@ fn frame(kind: u8, pid: u16, dup: bool, qos: u8, id: u64) -> Vec<u8> {
 }
 
 impl Wire<Msg> for SimWire {
-    fn publish(&mut self, m: &Msg, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
+    fn publish(&mut self, m: &Msg, pid: Option<u16>, dup: bool, out: &mut Vec<u8>) -> Result<(), DropReason> {
         let qos = m.qos as u8 | if m.oversize { crate::broker::OVERSIZE } else { 0 };
-        Ok(frame(1, pid.unwrap_or(0), dup, qos, m.id))
+        out.extend(frame(1, pid.unwrap_or(0), dup, qos, m.id));
+        Ok(())
     }
     fn pubrel(&mut self, pid: u16) -> Vec<u8> {
         frame(2, pid, false, 0, 0)

@@ -330,9 +330,9 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn rollback(&mut self);
     /// Adds a message; returns its id, greater than any id ever handed out.
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError>;
-    /// [`Store::insert`] of a message the caller gives up: a store that
+    /// [`Store::insert`] of a message the caller shares: a store that
     /// keeps its newest messages in memory keeps this one, uncopied.
-    fn insert_owned(&mut self, msg: NewMessage) -> Result<u64, StoreError> {
+    fn insert_shared(&mut self, msg: std::sync::Arc<NewMessage>) -> Result<u64, StoreError> {
         self.insert(&msg)
     }
     /// Where a message stands; `None` if it is gone.

@@ -320,7 +320,7 @@ async fn take(
     client: &Client,
     relay: &mut Relay,
     tx: &mpsc::Sender<(AcceptFuture, Received)>,
-    d: Received,
+    mut d: Received,
 ) -> Result<(), RouteEnd> {
     if relay.is_handed_back(d.topic(), d.payload()) {
         d.ack();
@@ -330,7 +330,12 @@ async fn take(
         .qos(r.qos.unwrap_or(d.qos()))
         .retain(d.retain())
         .props(d.properties().clone());
+    let value = d.take_identity_value();
     if let Some(id) = d.identity() {
+        // The value the source read goes back where `origin` looks: kept
+        // when it names this identity (always, but for a value written
+        // otherwise than steadfast writes it), so it is not written again.
+        m.props.user.extend(value.map(|v| (Identity::USER_PROPERTY.to_owned(), v)));
         m = m.origin(id);
         if let Some(topic) = d.receipt_topic() {
             relay.pass_on(&mut m, id, topic);

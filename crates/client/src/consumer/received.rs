@@ -22,6 +22,10 @@ pub struct Received {
     qos: Qos,
     retain: bool,
     identity: Option<Identity>,
+    /// The identity's user property value as the broker sent it (MQTT 5):
+    /// a bridge moves it back into the properties instead of writing it
+    /// again.
+    identity_value: Option<String>,
     /// Its identity is recorded in the inbox once it is acknowledged.
     inbox: bool,
     /// Shared by every delivery from that broker.
@@ -68,6 +72,11 @@ impl Received {
     /// The producer's identity, when the message carries one.
     pub fn identity(&self) -> Option<&Identity> {
         self.identity.as_ref()
+    }
+    /// The identity's user property value as it came, taken (a relay
+    /// forwarding the message moves it into the properties it sends).
+    pub(crate) fn take_identity_value(&mut self) -> Option<String> {
+        self.identity_value.take()
     }
     /// Where its producer asked for a receipt, if it asks for one. A
     /// consumer sends the receipt by itself once the message is recorded
@@ -172,7 +181,7 @@ impl Received {
                 retain: self.retain,
                 // The wire's own flag: a retry here is not a resend there.
                 dup: self.broker_dup,
-                identity: None,
+                identity: self.identity_value.take(),
                 receipt: self.receipt.take(),
                 props: std::mem::take(&mut self.props),
                 expiry_secs: self.expiry_secs,
@@ -215,6 +224,9 @@ impl Pending {
             payload: self.msg.payload,
             qos: self.msg.qos,
             retain: self.msg.retain,
+            // Only the value of the identity it is handed over with (none
+            // when that came from an envelope, or was set aside).
+            identity_value: self.msg.identity.filter(|_| self.identity.is_some()),
             identity: self.identity,
             inbox: self.inbox,
             broker,

@@ -50,9 +50,11 @@ pub trait Queued: Clone {
 
 /// The packet codec of a link, as the session needs it.
 pub trait Wire<M> {
-    /// The PUBLISH of `m`, or why it can never be sent (it cannot be
-    /// encoded, or it is larger than the broker takes).
-    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason>;
+    /// Appends the PUBLISH of `m` to `out`; or leaves `out` as it was
+    /// and says why it can never be sent (it cannot be encoded, or it is
+    /// larger than the broker takes). Written in place: the packet is
+    /// not built apart and copied.
+    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool, out: &mut Vec<u8>) -> Result<(), DropReason>;
     /// A PUBREL.
     fn pubrel(&mut self, pid: u16) -> Vec<u8>;
     /// A PINGREQ.
@@ -491,6 +493,17 @@ impl<M: Queued> PublishSession<M> {
     /// Bytes to write to the socket, if any.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         (!self.out.is_empty()).then(|| std::mem::take(&mut self.out))
+    }
+
+    /// [`Self::poll_transmit`] into the caller's buffer (appended): the
+    /// two buffers keep their room, so a busy link allocates none per
+    /// packet.
+    pub fn transmit_into(&mut self, to: &mut Vec<u8>) {
+        if to.is_empty() {
+            std::mem::swap(to, &mut self.out);
+        } else {
+            to.append(&mut self.out);
+        }
     }
 
     /// The next store operation to carry out, in order.

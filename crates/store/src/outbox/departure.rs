@@ -41,8 +41,8 @@ fn rule_of(quorums: &[super::Quorum], route: Option<&str>) -> (u64, u32, Option<
 impl Writer {
     /// Messages that reached their end, whatever acknowledged them, or
     /// that their policy dropped.
-    pub(super) fn remove_all(&mut self, ids: Vec<u64>, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
-        for id in ids {
+    pub(super) fn remove_all(&mut self, ids: &[u64], outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+        for &id in ids {
             match outcome {
                 Delivery::Delivered => drop(self.remove_one(id, outcome, b)?),
                 Delivery::Dropped(reason) => self.drop_one(id, reason, b)?,
@@ -53,7 +53,7 @@ impl Writer {
 
     /// The broker in `slot` acknowledged these (and closed its QoS 2
     /// exchanges of them).
-    pub(super) fn ack_all(&mut self, slot: u32, ids: Vec<u64>, b: &mut Batch) -> Result<(), StoreError> {
+    pub(super) fn ack_all(&mut self, slot: u32, ids: &[u64], b: &mut Batch) -> Result<(), StoreError> {
         // What this acknowledgement alone finishes (its quorum met, no
         // receipts asked for) the store removes at once: the common case
         // costs it no update of a row about to go, and a run of them one
@@ -65,7 +65,7 @@ impl Writer {
                 quorum_met(e.acks, mask, need)
             }
         };
-        for (id, answer) in self.store.ack_or_remove_many(&ids, slot, &mut finishes)? {
+        for (id, answer) in self.store.ack_or_remove_many(ids, slot, &mut finishes)? {
             match answer {
                 Some((e, true)) => {
                     self.count_delivered(&e, b);

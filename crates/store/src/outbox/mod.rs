@@ -264,7 +264,14 @@ impl Outbox {
         } else {
             (None, None)
         };
-        self.send(Request::Append { msg, reply, delivery, handled: None, source: None, at: std::time::Instant::now() });
+        self.send(Request::Append {
+            msg: Arc::new(msg),
+            reply,
+            delivery,
+            handled: None,
+            source: None,
+            at: std::time::Instant::now(),
+        });
         (AcceptFuture { rx }, drx)
     }
 
@@ -278,7 +285,7 @@ impl Outbox {
         let (delivery, drx) = oneshot::channel();
         let (handled, hrx) = oneshot::channel();
         self.send(Request::Append {
-            msg,
+            msg: Arc::new(msg),
             reply,
             delivery: Some(delivery),
             handled: Some(handled),
@@ -312,7 +319,7 @@ impl Outbox {
     pub fn append_from(&self, msg: NewMessage, source: Source) -> AcceptFuture {
         let (reply, rx) = oneshot::channel();
         self.send(Request::Append {
-            msg,
+            msg: Arc::new(msg),
             reply,
             delivery: None,
             handled: None,

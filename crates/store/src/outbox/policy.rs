@@ -99,7 +99,7 @@ impl Writer {
     /// and the publisher told so.
     fn drop_new(&mut self, p: PendingAppend, bound: Limit, policy: Overflow, b: &mut Batch) -> Result<(), StoreError> {
         self.store.add_drop(DropReason::Overflow, None)?;
-        b.drops.push(Dropped { id: 0, topic: p.msg.topic, reason: DropReason::Overflow });
+        b.drops.push(Dropped { id: 0, topic: p.msg.topic.clone(), reason: DropReason::Overflow });
         let what = bound.to_string();
         b.accepted.push((p.reply, Err(AppendError::Dropped { what, policy: policy.as_str() }), p.at));
         Ok(())
@@ -112,7 +112,7 @@ impl Writer {
         let prio = p.msg.policy.priority.min(crate::MAX_PRIORITY) as usize;
         let expires_ms = p.msg.policy.expires_ms;
         let PendingAppend { msg, reply, delivery, handled, source, at } = p;
-        let id = self.store.insert_owned(msg)?;
+        let id = self.store.insert_shared(msg)?;
         if let Some(s) = &source {
             self.store.source_record(&s.url, s.pid, s.digest, id)?;
         }

@@ -161,7 +161,7 @@ impl Writer {
         self.serve_reads(b.reads);
     }
 
-    pub(super) fn serve_reads(&mut self, reads: Vec<Request>) {
+    pub(super) fn serve_reads(&mut self, reads: impl IntoIterator<Item = Request>) {
         for r in reads {
             match r {
                 Request::Read { after, limit, slot, priority, reply } => {
@@ -259,7 +259,7 @@ impl Writer {
         }
     }
 
-    pub(super) fn fail_batch(&mut self, requests: Vec<Request>, e: StoreError) -> bool {
+    pub(super) fn fail_batch(&mut self, requests: impl IntoIterator<Item = Request>, e: StoreError) -> bool {
         let mut b = Batch::default();
         for r in requests {
             match r {

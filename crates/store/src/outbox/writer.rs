@@ -15,7 +15,7 @@ use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
 use super::replies::Batch;
-use super::request::{removal_copy, Follow, PendingAppend, Request};
+use super::request::{Follow, PendingAppend, Request};
 use super::{
     held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, Handling, InboxBounds, OutboxConfig,
     OutboxState, Quorum, HELD_PREFIX,
@@ -101,6 +101,9 @@ impl Timings {
 
 /// The most requests one batch takes.
 const MAX_BATCH: usize = 8192;
+
+/// Requests the batch buffer keeps room for between batches.
+const KEPT_BATCH: usize = 1024;
 /// The longest stretch of commits without a sync: what a power cut can
 /// take back of brokers' acknowledgements (their messages are sent again).
 const UNSYNCED_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
@@ -171,6 +174,9 @@ impl Writer {
     }
 
     pub(super) fn run(&mut self, rx: mpsc::Receiver<Request>) {
+        // One buffer for every batch, drained by each: no batch grows a
+        // new one from nothing.
+        let mut requests: Vec<Request> = Vec::new();
         loop {
             // Removals that a failed commit undid are tried again, even
             // when nothing else comes: a delivered message must leave.
@@ -200,16 +206,18 @@ impl Writer {
                     self.admit_due = true;
                 }
             }
-            let mut requests: Vec<Request> = first.into_iter().collect();
+            requests.extend(first);
             while requests.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(r) => requests.push(r),
                     Err(_) => break,
                 }
             }
-            if self.apply(requests) {
+            if self.apply(&mut requests) {
                 break;
             }
+            // What a burst grew is not kept for good.
+            requests.shrink_to(KEPT_BATCH);
         }
         // Whatever still waits for room is not accepted.
         for p in self.blocked.drain(..) {
@@ -217,9 +225,10 @@ impl Writer {
         }
     }
 
-    /// Applies one batch in one transaction. Returns true on `Close`.
-    fn apply(&mut self, mut requests: Vec<Request>) -> bool {
-        self.answer_leading_reads(&mut requests);
+    /// Applies one batch in one transaction (and empties `requests`).
+    /// Returns true on `Close`.
+    fn apply(&mut self, requests: &mut Vec<Request>) -> bool {
+        self.answer_leading_reads(requests);
         // `run` told the sweeper what is queued just before it waited.
         let sweep = self.sweeper.handle_timeout(Now { at: std::time::Instant::now(), wall_ms: crate::now_ms() });
         let admit = std::mem::take(&mut self.admit_due);
@@ -227,7 +236,8 @@ impl Writer {
             return false;
         }
         let retried = std::mem::take(&mut self.pending_removes);
-        let removes: Vec<Request> = requests.iter().filter_map(removal_copy).collect();
+        // This batch's removals, kept (not copied) as they are applied.
+        let mut removes = Vec::new();
         let mut b = Batch::default();
         let before = self.totals;
         // Only bookkeeping (counters, broker states, attempts, metadata
@@ -245,11 +255,11 @@ impl Writer {
             && requests.iter().all(Request::is_bookkeeping);
         self.store.set_synced(!bookkeeping);
         if let Err(e) = self.store.begin() {
-            self.pending_removes = retried.into_iter().chain(removes).collect();
-            return self.fail_batch(requests, e);
+            let others = self.keep_removals(retried, removes, requests.drain(..));
+            return self.fail_batch(others, e);
         }
-        let mut rest = requests.into_iter();
-        let result = self.apply_all(&retried, &mut rest, sweep, &mut b);
+        let mut rest = requests.drain(..);
+        let result = self.apply_all(&retried, &mut rest, &mut removes, sweep, &mut b);
         // SQLite syncs nothing for a commit that changed nothing: after
         // unsynced commits, a synced batch that changed nothing (a
         // message refused, a read) writes a mark so that its sync puts
@@ -284,10 +294,10 @@ impl Writer {
                 self.roll_back(before, &e);
                 // Acknowledged messages must still leave: their removals are
                 // applied again with the next batch.
-                self.pending_removes = retried.into_iter().chain(removes).collect();
+                let others = self.keep_removals(retried, removes, rest);
                 let close = b.close;
                 self.fail_replies(b, e.clone_for_reply());
-                let rest_close = self.fail_batch(rest.collect(), e);
+                let rest_close = self.fail_batch(others, e);
                 close || rest_close
             }
         }
@@ -327,26 +337,33 @@ impl Writer {
     /// `follow_others`, may have given them something.
     fn answer_leading_reads(&mut self, requests: &mut Vec<Request>) {
         let first_write = requests.iter().position(|r| !r.is_read());
-        let early: Vec<Request> = requests.drain(..first_write.unwrap_or(requests.len())).collect();
-        self.serve_reads(early);
+        self.serve_reads(requests.drain(..first_write.unwrap_or(requests.len())));
     }
 
     /// Everything one transaction does: the removals a failed commit
     /// undid, the requests in order (up to the first failure, which leaves
     /// the others in `rest`), the sweeps when due, and then whatever
     /// waits for room and fits now.
+    /// The removals among them go to `removes` as they are applied.
     fn apply_all(
         &mut self,
         retried: &[Request],
-        rest: &mut std::vec::IntoIter<Request>,
+        rest: &mut std::vec::Drain<'_, Request>,
+        removes: &mut Vec<Request>,
         sweep: Option<Sweep>,
         b: &mut Batch,
     ) -> Result<(), StoreError> {
         for r in retried {
-            self.apply_one(removal_copy(r).expect("only removals are retried"), b)?;
+            self.apply_removal(r, b)?;
         }
         for r in rest.by_ref() {
-            self.apply_one(r, b)?;
+            if r.is_removal() {
+                // Kept before it is applied: a failure keeps it too.
+                removes.push(r);
+                self.apply_removal(removes.last().expect("just pushed"), b)?;
+            } else {
+                self.apply_one(r, b)?;
+            }
         }
         if let Some(sweep) = sweep {
             self.sweep_lapsed(&sweep, b)?;
@@ -354,6 +371,40 @@ impl Writer {
             self.sweep_receipts(&sweep)?;
         }
         self.admit_blocked(b)
+    }
+
+    /// After a failed batch: the removals it undid (those tried again,
+    /// those applied, those not reached in `rest`) wait for the next
+    /// batch, in order; the other requests of `rest` are returned.
+    fn keep_removals(
+        &mut self,
+        retried: Vec<Request>,
+        applied: Vec<Request>,
+        rest: impl Iterator<Item = Request>,
+    ) -> Vec<Request> {
+        let mut kept = retried;
+        kept.extend(applied);
+        let others = rest
+            .filter_map(|r| {
+                if r.is_removal() {
+                    kept.push(r);
+                    None
+                } else {
+                    Some(r)
+                }
+            })
+            .collect();
+        self.pending_removes = kept;
+        others
+    }
+
+    /// A removal or a broker's acknowledgement.
+    fn apply_removal(&mut self, r: &Request, b: &mut Batch) -> Result<(), StoreError> {
+        match r {
+            Request::Remove { ids, outcome } => self.remove_all(ids, *outcome, b),
+            Request::Ack { slot, ids } => self.ack_all(*slot, ids, b),
+            _ => unreachable!("only removals and acknowledgements are applied as removals"),
+        }
     }
 
     /// After a failed commit: the transaction is rolled back, and what
@@ -387,8 +438,7 @@ impl Writer {
             Request::Append { msg, reply, delivery, handled, source, at } => {
                 self.accept(PendingAppend { msg, reply, delivery, handled, source, at }, b)?;
             }
-            Request::Remove { ids, outcome } => self.remove_all(ids, outcome, b)?,
-            Request::Ack { slot, ids } => self.ack_all(slot, ids, b)?,
+            r @ (Request::Remove { .. } | Request::Ack { .. }) => self.apply_removal(&r, b)?,
             Request::SetWire { slot, updates, reply } => {
                 let refused = self.set_wires(slot, updates, b)?;
                 b.wire_replies.push((reply, refused));

@@ -140,18 +140,17 @@ impl Store for SqliteStore {
     }
 
     fn insert(&mut self, m: &NewMessage) -> Result<u64, StoreError> {
-        self.insert_owned(m.clone())
+        self.insert_shared(std::sync::Arc::new(m.clone()))
     }
 
-    fn insert_owned(&mut self, m: NewMessage) -> Result<u64, StoreError> {
+    fn insert_shared(&mut self, m: std::sync::Arc<NewMessage>) -> Result<u64, StoreError> {
         // Outside a transaction, one of its own: the row, the record of its
         // id and the reservation above it commit together.
         if self.db.is_autocommit() {
-            return self.in_own_transaction(|s| s.insert_owned(m));
+            return self.in_own_transaction(|s| s.insert_shared(m));
         }
         let props = (!m.props.is_empty()).then(|| m.props.encode());
         let id = self.next_id()?;
-        let m = std::sync::Arc::new(m);
         if deferred::is_plain(&m) {
             // Written with the ones after it, before anything can see it.
             self.waiting.push(deferred::Waiting { id, msg: m.clone(), props });

@@ -147,13 +147,15 @@ impl Tail {
             return None;
         }
         let start = self.rows.partition_point(|r| r.id <= after);
-        let page = self
-            .rows
-            .range(start..)
-            .filter(|r| r.acks & mask == 0 && priority.is_none_or(|p| r.msg.policy.priority == p))
-            .take(limit)
-            .cloned()
-            .collect();
+        // Sized once: a filtered iterator gives collect no size to go by.
+        let mut page = Vec::with_capacity(limit.min(self.rows.len() - start));
+        page.extend(
+            self.rows
+                .range(start..)
+                .filter(|r| r.acks & mask == 0 && priority.is_none_or(|p| r.msg.policy.priority == p))
+                .take(limit)
+                .cloned(),
+        );
         Some(page)
     }
 

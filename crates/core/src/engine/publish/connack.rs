@@ -97,8 +97,11 @@ impl<M: Queued> PublishSession<M> {
             };
             let sent = match fate {
                 Fate::Resend => match e.stage {
-                    Stage::Published => wire.publish(m, Some(pid), true),
-                    Stage::Released => Ok(wire.pubrel(pid)),
+                    Stage::Published => wire.publish(m, Some(pid), true, &mut self.out),
+                    Stage::Released => {
+                        self.out.extend(wire.pubrel(pid));
+                        Ok(())
+                    }
                 },
                 Fate::TakenOver if crate::mutate::planted(crate::mutate::Bug::FailoverForgetsTheQueue) => {
                     window.release(pid);
@@ -118,8 +121,7 @@ impl<M: Queued> PublishSession<M> {
                 Fate::Spent(reason) => Err(reason),
             };
             match sent {
-                Ok(bytes) => {
-                    self.out.extend(bytes);
+                Ok(()) => {
                     resent += 1;
                     on_wire += 1;
                     if e.qos == Qos::AtLeastOnce && m.max_attempts().is_some() {

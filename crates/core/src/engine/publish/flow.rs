@@ -25,15 +25,24 @@ impl<M: Queued> PublishSession<M> {
                 break;
             }
             let m = self.queue.pop_front().expect("front exists");
-            let Some((m, pid, bytes)) = self.prepare(m, now, wire) else { continue };
+            let Some((m, pid)) = self.prepare(m, now) else { continue };
             if m.qos() == Qos::ExactlyOnce || !held.is_empty() {
-                held.push((m, pid, bytes));
+                let mut bytes = Vec::new();
+                match wire.publish(&m, pid, false, &mut bytes) {
+                    Ok(()) => held.push((m, pid, bytes)),
+                    Err(reason) => self.refused_by_wire(m, pid, reason),
+                }
+                continue;
+            }
+            // Straight onto the wire: written where it goes.
+            if let Err(reason) = wire.publish(&m, pid, false, &mut self.out) {
+                self.refused_by_wire(m, pid, reason);
                 continue;
             }
             if let (Some(pid), None) = (pid, self.timed) {
                 self.timed = Some((pid, now.at));
             }
-            sent_qos0.extend(self.transmit(m, pid, bytes, &mut attempted));
+            sent_qos0.extend(self.sent(m, pid, &mut attempted));
         }
         // Counted before the sends they count are acknowledged (the store
         // carries operations out in order).
@@ -80,17 +89,15 @@ impl<M: Queued> PublishSession<M> {
                 self.events.push_back(SessionEvent::Missing(id));
                 continue;
             };
-            match wire.publish(m, Some(pid), true) {
-                Ok(bytes) => self.out.extend(bytes),
-                Err(reason) => self.events.push_back(SessionEvent::Stranded { id, reason }),
+            if let Err(reason) = wire.publish(m, Some(pid), true, &mut self.out) {
+                self.events.push_back(SessionEvent::Stranded { id, reason });
             }
         }
     }
 
-    /// Takes `m` out of the queue for the wire: its QoS for this broker, a
-    /// packet id, its bytes. `None` when it left instead (spent, or it can
-    /// never be sent).
-    fn prepare(&mut self, mut m: M, now: Now, wire: &mut impl Wire<M>) -> Option<(M, Option<u16>, Vec<u8>)> {
+    /// Takes `m` out of the queue for the wire: its QoS for this broker and
+    /// a packet id. `None` when it left instead (spent).
+    fn prepare(&mut self, mut m: M, now: Now) -> Option<(M, Option<u16>)> {
         // A broker that takes QoS 1 at most gets QoS 2 messages at QoS 1: a
         // consumer's inbox removes the copies QoS 1 allows. Never lower than
         // 1: QoS 0 would give up the acknowledgement.
@@ -109,24 +116,23 @@ impl<M: Queued> PublishSession<M> {
             self.progress_at = now.at;
         }
         let pid = (qos != Qos::AtMostOnce).then(|| self.window.assign(m.id(), qos).expect("room checked"));
-        match wire.publish(&m, pid, false) {
-            Ok(bytes) => Some((m, pid, bytes)),
-            Err(reason) => {
-                if let Some(pid) = pid {
-                    self.window.release(pid);
-                }
-                self.cannot_send(m, reason);
-                None
-            }
-        }
+        Some((m, pid))
     }
 
-    /// Puts `m`'s PUBLISH on the wire: under a packet id it is in flight;
-    /// QoS 0 is best-effort (handed to the socket once, then it leaves the
-    /// outbox) and is returned.
-    fn transmit(&mut self, mut m: M, pid: Option<u16>, bytes: Vec<u8>, attempted: &mut Vec<u64>) -> Option<M> {
+    /// The codec cannot send `m` (prepared under `pid`): the id is given
+    /// back, and `m` leaves ([`Self::cannot_send`]).
+    fn refused_by_wire(&mut self, m: M, pid: Option<u16>, reason: DropReason) {
+        if let Some(pid) = pid {
+            self.window.release(pid);
+        }
+        self.cannot_send(m, reason);
+    }
+
+    /// `m`'s PUBLISH is on the wire (in `out`): under a packet id it is in
+    /// flight; QoS 0 is best-effort (handed to the socket once, then it
+    /// leaves the outbox) and is returned.
+    fn sent(&mut self, mut m: M, pid: Option<u16>, attempted: &mut Vec<u64>) -> Option<M> {
         Self::count_send(&mut m, attempted);
-        self.out.extend(bytes);
         match pid {
             Some(_) => {
                 self.inflight.insert(m.id(), m);
@@ -224,7 +230,8 @@ impl<M: Queued> PublishSession<M> {
                 }
                 continue;
             }
-            sent_qos0.extend(self.transmit(m, pid, bytes, &mut attempted).as_ref().map(Queued::id));
+            self.out.extend(bytes);
+            sent_qos0.extend(self.sent(m, pid, &mut attempted).as_ref().map(Queued::id));
         }
         if !attempted.is_empty() {
             self.store.push_back(StoreOp::Attempted(attempted));

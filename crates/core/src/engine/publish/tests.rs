@@ -34,8 +34,9 @@ impl Queued for M {
 struct Text;
 
 impl Wire<M> for Text {
-    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
-        Ok(format!("P{}:{}{} ", pid.unwrap_or(0), m.0, if dup { "d" } else { "" }).into_bytes())
+    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool, out: &mut Vec<u8>) -> Result<(), DropReason> {
+        out.extend(format!("P{}:{}{} ", pid.unwrap_or(0), m.0, if dup { "d" } else { "" }).into_bytes());
+        Ok(())
     }
     fn pubrel(&mut self, pid: u16) -> Vec<u8> {
         format!("R{pid} ").into_bytes()
@@ -221,11 +222,11 @@ fn nothing_times_out_while_disconnected() {
 struct NoResend;
 
 impl Wire<M> for NoResend {
-    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool) -> Result<Vec<u8>, DropReason> {
+    fn publish(&mut self, m: &M, pid: Option<u16>, dup: bool, out: &mut Vec<u8>) -> Result<(), DropReason> {
         if dup {
             Err(DropReason::TooLarge)
         } else {
-            Text.publish(m, pid, dup)
+            Text.publish(m, pid, dup, out)
         }
     }
     fn pubrel(&mut self, pid: u16) -> Vec<u8> {

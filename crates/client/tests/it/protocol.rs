@@ -401,6 +401,50 @@ async fn a_long_stretch_of_acknowledgements_is_synced_at_least_once_a_second() {
     c.close().await;
 }
 
+/// Acknowledgements are applied in a transaction left open for the ones
+/// after them (docs/design.md, "A transaction of bookkeeping is left open
+/// for more"). When its commit fails, every removal it held is applied
+/// again: the messages still leave, and each was told delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_held_open_whose_commit_fails_are_applied_again() {
+    // The broker acknowledges nothing until `go`: the appends are all
+    // committed first, so the first commit after it is one of
+    // acknowledgements alone.
+    let go = Arc::new(AtomicBool::new(false));
+    let gate = go.clone();
+    let broker = ScriptedBroker::start(
+        false,
+        |_| true,
+        move |_, _| {
+            while !gate.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Reply::Ack
+        },
+    );
+    let faults = Arc::new(Faults::default());
+    let c = client(&broker, ProtocolVersion::V311, MemoryStore::new(), &faults).await;
+    let mut receipts = Vec::new();
+    for i in 0..50 {
+        receipts.push(c.publish(Message::new("t", format!("m{i}"))).await.unwrap());
+    }
+    faults.fail_commit.store(1, SeqCst);
+    go.store(true, SeqCst);
+    for r in receipts {
+        assert_eq!(delivered(r).await, Delivery::Delivered);
+    }
+    wait_until("the held commit failed", Duration::from_secs(10), || faults.fail_commit.load(SeqCst) == 0).await;
+    let state = c.outbox_state();
+    wait_until("every message left, its removal applied again", Duration::from_secs(10), || {
+        state.borrow().totals.count == 0
+    })
+    .await;
+    let commits = faults.commits();
+    assert!(commits.iter().filter(|c| c.inserted).all(|c| c.synced), "an append went unsynced: {commits:?}");
+    assert!(commits.iter().map(|c| c.acks).sum::<u32>() >= 50, "every acknowledgement committed: {commits:?}");
+    c.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_qos2_binding_write_is_retried_on_the_next_connection() {
     let broker = ScriptedBroker::start(false, |conn| conn > 0, |_, _| Reply::Ack);

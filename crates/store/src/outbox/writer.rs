@@ -75,7 +75,28 @@ pub(super) struct Writer {
     /// The last commit went without a sync: an idle writer syncs within
     /// [`IDLE_SYNC`].
     pub(super) unsynced: bool,
+    /// A transaction of bookkeeping left open for the batches after it.
+    pub(super) open: Option<Open>,
     pub(super) timings: Timings,
+}
+
+/// A transaction that only bookkeeping and brokers' acknowledgements went
+/// into, left open for the batches that follow (docs/design.md, "The
+/// writer thread"): at a high rate, a broker's acknowledgements come a few
+/// at a time, and a commit for each few rewrote the same pages of the log
+/// (its frames, locks and wake-ups were most of the process's system
+/// time). It is committed, without a sync as it would have been, after
+/// [`HOLD_OPEN`] or [`HOLD_BATCHES`] batches, or before any batch that is
+/// not bookkeeping. Nothing waits for it: deliveries are told before a
+/// commit, and a crash takes back what it holds as it would take back an
+/// acknowledgement still in the channel (its message is sent again).
+pub(super) struct Open {
+    since: std::time::Instant,
+    /// The totals before its first batch, for a failed commit.
+    before: Totals,
+    /// The removals it applied: a failed commit applies them again.
+    removes: Vec<Request>,
+    batches: u32,
 }
 
 /// The histograms of a message's way through the outbox (README,
@@ -104,6 +125,10 @@ const MAX_BATCH: usize = 8192;
 
 /// Requests the batch buffer keeps room for between batches.
 const KEPT_BATCH: usize = 1024;
+/// The longest a transaction of bookkeeping is left open for more.
+const HOLD_OPEN: std::time::Duration = std::time::Duration::from_millis(1);
+/// The most batches a transaction of bookkeeping is left open for.
+const HOLD_BATCHES: u32 = 64;
 /// The longest stretch of commits without a sync: what a power cut can
 /// take back of brokers' acknowledgements (their messages are sent again).
 const UNSYNCED_AT_MOST: std::time::Duration = std::time::Duration::from_secs(1);
@@ -168,6 +193,7 @@ impl Writer {
             admit_due: false,
             synced_at: std::time::Instant::now(),
             unsynced: false,
+            open: None,
             timings: Timings::new(),
         };
         Ok((writer, state))
@@ -188,16 +214,27 @@ impl Writer {
             };
             let wait = wait.map_or(FOLLOW_EVERY, |w| w.min(FOLLOW_EVERY));
             let wait = if self.unsynced { wait.min(IDLE_SYNC) } else { wait };
+            let wait = match &self.open {
+                Some(o) => wait.min(HOLD_OPEN.saturating_sub(o.since.elapsed())),
+                None => wait,
+            };
             let first = match rx.recv_timeout(wait) {
                 Ok(r) => Some(r),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    self.commit_open();
                     self.sync_idle();
                     break;
                 }
             };
             if first.is_none() {
-                self.sync_idle();
+                // Nothing more came: what was left open is committed (and
+                // synced later, when the writer stays idle).
+                if self.open.is_some() {
+                    self.commit_open();
+                } else {
+                    self.sync_idle();
+                }
             }
             if self.followed_at.elapsed() >= FOLLOW_EVERY {
                 self.followed_at = std::time::Instant::now();
@@ -235,6 +272,15 @@ impl Writer {
         if requests.is_empty() && self.pending_removes.is_empty() && sweep.is_none() && !admit {
             return false;
         }
+        // Only more bookkeeping joins a transaction left open.
+        let holdable = self.pending_removes.is_empty()
+            && sweep.is_none()
+            && !admit
+            && self.blocked.is_empty()
+            && requests.iter().all(Request::is_bookkeeping);
+        if !holdable {
+            self.commit_open();
+        }
         let retried = std::mem::take(&mut self.pending_removes);
         // This batch's removals, kept (not copied) as they are applied.
         let mut removes = Vec::new();
@@ -242,21 +288,23 @@ impl Writer {
         let before = self.totals;
         // Only bookkeeping (counters, broker states, attempts, metadata
         // nobody waits for) and brokers' acknowledgements are committed
-        // without a sync: they survive a crash of the process, and a power
-        // loss takes back at most the last second of them (counts, and
-        // removals whose messages are then sent again). Everything a
+        // without a sync: once committed they survive a crash of the
+        // process (left open, see `Open`, at most the last millisecond is
+        // taken back), and a power loss takes back at most the last second
+        // of them (counts, and removals whose messages are then sent again). Everything a
         // promise rests on is synced, and so is a batch that may admit
         // messages waiting for room (an acknowledgement makes room).
-        let bookkeeping = retried.is_empty()
-            && sweep.is_none()
-            && !admit
-            && self.blocked.is_empty()
-            && self.synced_at.elapsed() < UNSYNCED_AT_MOST
-            && requests.iter().all(Request::is_bookkeeping);
-        self.store.set_synced(!bookkeeping);
-        if let Err(e) = self.store.begin() {
-            let others = self.keep_removals(retried, removes, requests.drain(..));
-            return self.fail_batch(others, e);
+        let bookkeeping = holdable && retried.is_empty() && self.synced_at.elapsed() < UNSYNCED_AT_MOST;
+        if !bookkeeping {
+            // Past the unsynced bound: what is open is committed first.
+            self.commit_open();
+        }
+        if self.open.is_none() {
+            self.store.set_synced(!bookkeeping);
+            if let Err(e) = self.store.begin() {
+                let others = self.keep_removals(retried, removes, requests.drain(..));
+                return self.fail_batch(others, e);
+            }
         }
         let mut rest = requests.drain(..);
         let result = self.apply_all(&retried, &mut rest, &mut removes, sweep, &mut b);
@@ -275,6 +323,27 @@ impl Writer {
         if result.is_ok() {
             self.tell_delivered(&mut b);
         }
+        if bookkeeping && result.is_ok() && self.holds_open() {
+            let o = self.open.get_or_insert_with(|| Open {
+                since: std::time::Instant::now(),
+                before,
+                removes: Vec::new(),
+                batches: 0,
+            });
+            o.removes.append(&mut removes);
+            o.batches += 1;
+            let close = b.close;
+            self.after_commit(b);
+            return close;
+        }
+        // What an open transaction held commits (or fails) with this batch.
+        let (before, retried) = match self.open.take() {
+            Some(mut o) => {
+                o.removes.extend(retried);
+                (o.before, o.removes)
+            }
+            None => (before, retried),
+        };
         let synced = std::time::Instant::now();
         let result = result.and_then(|()| self.store.commit());
         metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
@@ -299,6 +368,30 @@ impl Writer {
                 self.fail_replies(b, e.clone_for_reply());
                 let rest_close = self.fail_batch(others, e);
                 close || rest_close
+            }
+        }
+    }
+
+    /// Whether a batch of bookkeeping leaves its transaction open for more
+    /// (see [`Open`]).
+    fn holds_open(&self) -> bool {
+        self.open.as_ref().is_none_or(|o| o.batches + 1 < HOLD_BATCHES && o.since.elapsed() < HOLD_OPEN)
+    }
+
+    /// Commits the transaction left open, without a sync; a failed commit
+    /// undoes it, and its removals are applied again with the next batch.
+    fn commit_open(&mut self) {
+        let Some(o) = self.open.take() else { return };
+        let synced = std::time::Instant::now();
+        let result = self.store.commit();
+        metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => self.unsynced = true,
+            Err(e) => {
+                self.roll_back(o.before, &e);
+                let mut kept = o.removes;
+                kept.append(&mut self.pending_removes);
+                self.pending_removes = kept;
             }
         }
     }

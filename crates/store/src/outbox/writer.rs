@@ -291,9 +291,10 @@ impl Writer {
         // without a sync: once committed they survive a crash of the
         // process (left open, see `Open`, at most the last millisecond is
         // taken back), and a power loss takes back at most the last second
-        // of them (counts, and removals whose messages are then sent again). Everything a
-        // promise rests on is synced, and so is a batch that may admit
-        // messages waiting for room (an acknowledgement makes room).
+        // of them (counts, and removals whose messages are then sent
+        // again). Everything a promise rests on is synced, and so is a
+        // batch that may admit messages waiting for room (an
+        // acknowledgement makes room).
         let bookkeeping = holdable && retried.is_empty() && self.synced_at.elapsed() < UNSYNCED_AT_MOST;
         if !bookkeeping {
             // Past the unsynced bound: what is open is committed first.

@@ -141,6 +141,13 @@ impl Request {
         )
     }
 
+    /// A read that reports on the outbox (not a page of messages): it
+    /// reads the summary and counts written at a commit, so it is answered
+    /// between transactions only.
+    pub(super) fn reports(&self) -> bool {
+        self.is_read() && !matches!(self, Request::Read { .. } | Request::Follow(_))
+    }
+
     /// What a batch may commit without a sync: a read, bookkeeping
     /// (counters, broker states, attempts, metadata nobody waits for), and
     /// a broker's acknowledgements. A power loss can take these back, and

@@ -265,6 +265,14 @@ impl Writer {
     /// Applies one batch in one transaction (and empties `requests`).
     /// Returns true on `Close`.
     fn apply(&mut self, requests: &mut Vec<Request>) -> bool {
+        // A report (a status, a glance, a look at poison or metadata)
+        // reads the summary and the counts, which are written at the
+        // commit: it never sees a transaction left open, nor is its batch
+        // left open.
+        let reports = requests.iter().any(Request::reports);
+        if reports {
+            self.commit_open();
+        }
         self.answer_leading_reads(requests);
         // `run` told the sweeper what is queued just before it waited.
         let sweep = self.sweeper.handle_timeout(Now { at: std::time::Instant::now(), wall_ms: crate::now_ms() });
@@ -273,7 +281,8 @@ impl Writer {
             return false;
         }
         // Only more bookkeeping joins a transaction left open.
-        let holdable = self.pending_removes.is_empty()
+        let holdable = !reports
+            && self.pending_removes.is_empty()
             && sweep.is_none()
             && !admit
             && self.blocked.is_empty()

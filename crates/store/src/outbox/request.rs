@@ -126,7 +126,9 @@ impl Request {
         matches!(self, Request::Remove { .. } | Request::Ack { .. })
     }
 
-    /// A read: changes nothing, answered from what is committed.
+    /// A read: changes nothing. A report is answered from what is
+    /// committed; a page of messages from what the writer's connection
+    /// sees, a transaction left open included.
     pub(super) fn is_read(&self) -> bool {
         matches!(
             self,

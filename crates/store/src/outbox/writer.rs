@@ -304,7 +304,8 @@ impl Writer {
         // again). Everything a promise rests on is synced, and so is a
         // batch that may admit messages waiting for room (an
         // acknowledgement makes room).
-        let bookkeeping = holdable && retried.is_empty() && self.synced_at.elapsed() < UNSYNCED_AT_MOST;
+        // (`holdable` means nothing was waiting to be retried either.)
+        let bookkeeping = holdable && self.synced_at.elapsed() < UNSYNCED_AT_MOST;
         if !bookkeeping {
             // Past the unsynced bound: what is open is committed first.
             self.commit_open();
@@ -354,9 +355,7 @@ impl Writer {
             }
             None => (before, retried),
         };
-        let synced = std::time::Instant::now();
-        let result = result.and_then(|()| self.store.commit());
-        metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
+        let result = result.and_then(|()| self.commit_timed());
         if result.is_ok() {
             self.unsynced = bookkeeping;
             if !bookkeeping {
@@ -392,18 +391,22 @@ impl Writer {
     /// undoes it, and its removals are applied again with the next batch.
     fn commit_open(&mut self) {
         let Some(o) = self.open.take() else { return };
-        let synced = std::time::Instant::now();
-        let result = self.store.commit();
-        metrics::histogram!("steadfast_disk_sync_seconds").record(synced.elapsed().as_secs_f64());
-        match result {
+        match self.commit_timed() {
             Ok(()) => self.unsynced = true,
             Err(e) => {
                 self.roll_back(o.before, &e);
-                let mut kept = o.removes;
-                kept.append(&mut self.pending_removes);
-                self.pending_removes = kept;
+                let pending = std::mem::take(&mut self.pending_removes);
+                self.keep_removals(o.removes, pending, std::iter::empty());
             }
         }
+    }
+
+    /// The store's commit, its time recorded (`steadfast_disk_sync_seconds`).
+    fn commit_timed(&mut self) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let result = self.store.commit();
+        metrics::histogram!("steadfast_disk_sync_seconds").record(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Nothing came for a while after a commit without a sync: one small

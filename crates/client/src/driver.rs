@@ -440,6 +440,7 @@ impl Driver {
         let mut stop = self.stop.clone();
         let mut generation = self.router.generation();
         let mut requeued = state_rx.borrow().requeued;
+        rd.defer_acks();
         loop {
             // A change of owners seen before sending: what was read under
             // the old owners must not go out here.
@@ -450,8 +451,8 @@ impl Driver {
             }
             self.fill(link).await?;
             self.session.transmit_into(&mut link.out);
-            if !link.out.is_empty() {
-                out.send(&mut link.out)?;
+            if !link.out.is_empty() && out.send(&mut link.out)? {
+                rd.acked_by_data();
             }
             let state = *state_rx.borrow_and_update();
             // Messages went back into the queue for lack of receipts:
@@ -473,6 +474,9 @@ impl Driver {
                 }
             }
             let wake = self.session.poll_timeout().map(Instant::from_std);
+            // What was read and not answered by a packet is acknowledged
+            // before the wait (docs/interop.md, Nagle's algorithm).
+            rd.settle_ack();
             tokio::select! {
                 r = stop.changed() => {
                     if r.is_err() || *stop.borrow() {

@@ -275,12 +275,63 @@ impl rustls::client::danger::ServerCertVerifier for Lenient {
 pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// The reading half of a connection.
-pub(crate) enum ReadHalf {
+/// The reading half of a connection. After each read it acknowledges at
+/// once what arrived ([`quick_ack`]), or, once [`ReadHalf::defer_acks`]
+/// was called, leaves that to the reader's next packet or to
+/// [`ReadHalf::settle_ack`].
+pub(crate) struct ReadHalf {
+    stream: ReadStream,
+    deferred: bool,
+    /// Deferred: bytes were read whose ACK has not gone yet.
+    owed: bool,
+}
+
+enum ReadStream {
     Tcp(tokio::net::tcp::OwnedReadHalf),
     /// TLS or WebSocket, with a handle on the TCP socket underneath (for
     /// [`quick_ack`]).
     Other(tokio::io::ReadHalf<Box<dyn Io>>, Option<socket2::Socket>),
+}
+
+impl ReadHalf {
+    fn new(stream: ReadStream) -> ReadHalf {
+        ReadHalf { stream, deferred: false, owed: false }
+    }
+
+    /// The TCP socket underneath, where there is a handle on it.
+    fn socket(&self) -> Option<socket2::SockRef<'_>> {
+        match &self.stream {
+            ReadStream::Tcp(r) => Some(socket2::SockRef::from(r.as_ref())),
+            ReadStream::Other(_, socket) => socket.as_ref().map(socket2::SockRef::from),
+        }
+    }
+
+    /// From now on a read does not acknowledge at once: the reader's next
+    /// packet carries the ACK (it goes out with the data), and the reader
+    /// calls [`ReadHalf::settle_ack`] before it waits. A publishing link,
+    /// which answers most reads of acknowledgements with PUBLISHes, saves
+    /// a system call and a segment of its own per read.
+    pub(crate) fn defer_acks(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Bytes just went into the socket at once: they carried the ACK of
+    /// everything read before.
+    pub(crate) fn acked_by_data(&mut self) {
+        self.owed = false;
+    }
+
+    /// Acknowledges at once what was read and not yet acknowledged by our
+    /// data: to be called before waiting, so that a broker holding its
+    /// next packet for our ACK (Nagle's algorithm) never waits for our
+    /// delayed ACK.
+    pub(crate) fn settle_ack(&mut self) {
+        if std::mem::take(&mut self.owed) {
+            if let Some(socket) = self.socket() {
+                quick_ack(socket);
+            }
+        }
+    }
 }
 
 /// The writing half of a connection. Call [`send`] (write and flush):
@@ -292,22 +343,19 @@ pub(crate) enum WriteHalf {
 
 impl AsyncRead for ReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Tcp(r) => {
-                let polled = Pin::new(&mut *r).poll_read(cx, buf);
-                if matches!(polled, Poll::Ready(Ok(()))) {
-                    quick_ack(socket2::SockRef::from(r.as_ref()));
-                }
-                polled
-            }
-            ReadHalf::Other(r, socket) => {
-                let polled = Pin::new(r).poll_read(cx, buf);
-                if let (Poll::Ready(Ok(())), Some(socket)) = (&polled, socket) {
-                    quick_ack(socket2::SockRef::from(&*socket));
-                }
-                polled
+        let this = self.get_mut();
+        let polled = match &mut this.stream {
+            ReadStream::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            ReadStream::Other(r, _) => Pin::new(r).poll_read(cx, buf),
+        };
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            if this.deferred {
+                this.owed = true;
+            } else if let Some(socket) = this.socket() {
+                quick_ack(socket);
             }
         }
+        polled
     }
 }
 
@@ -384,16 +432,21 @@ impl Sender {
     /// Sends `bytes` after everything sent before: at once as far as the
     /// socket takes them. Leaves `bytes` empty (with its capacity, on
     /// plain TCP, for the next packets). An error of the socket ends the
-    /// link.
-    pub(crate) fn send(&mut self, bytes: &mut Vec<u8>) -> Result<(), ConnectError> {
+    /// link. `Ok(true)`: all of them went into the socket now (and with
+    /// them the ACK of what was read before).
+    pub(crate) fn send(&mut self, bytes: &mut Vec<u8>) -> Result<bool, ConnectError> {
         match self {
             Sender::Direct { wr, queued, at } => {
                 let done = if *at < queued.len() { 0 } else { write_now(wr, bytes)? };
+                let all = done == bytes.len();
                 queued.extend_from_slice(&bytes[done..]);
                 bytes.clear();
-                Ok(())
+                Ok(all)
             }
-            Sender::Task { tx, .. } => tx.send(std::mem::take(bytes)).map_err(|_| ConnectError::WriterStopped),
+            Sender::Task { tx, .. } => {
+                tx.send(std::mem::take(bytes)).map_err(|_| ConnectError::WriterStopped)?;
+                Ok(false)
+            }
         }
     }
 
@@ -495,7 +548,7 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
     let _ = tcp.set_nodelay(true);
     if url.transport == Transport::Tcp {
         let (rd, wr) = tcp.into_split();
-        return Ok((ReadHalf::Tcp(rd), WriteHalf::Tcp(wr)));
+        return Ok((ReadHalf::new(ReadStream::Tcp(rd)), WriteHalf::Tcp(wr)));
     }
     // The same socket, for quick ACKs under TLS and WebSocket.
     let socket = socket2::SockRef::from(&tcp).try_clone().ok();
@@ -522,7 +575,7 @@ pub(crate) async fn connect(url: &BrokerUrl, tls: &TlsConfig) -> Result<(ReadHal
         stream = Box::new(websocket(url, path, stream, &broker).await?);
     }
     let (rd, wr) = tokio::io::split(stream);
-    Ok((ReadHalf::Other(rd, socket), WriteHalf::Other(wr)))
+    Ok((ReadHalf::new(ReadStream::Other(rd, socket)), WriteHalf::Other(wr)))
 }
 
 /// A socket or TLS error, told in words: a certificate the other side
@@ -723,16 +776,46 @@ mod tests {
         let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
         let (mut rd, _wr) = connect(&url, &TlsConfig::default()).await.unwrap();
         let (mut peer, _) = listener.accept().await.unwrap();
-        let ReadHalf::Tcp(tcp) = &rd else { panic!("a plain TCP URL gives a TCP half") };
-        socket2::SockRef::from(tcp.as_ref()).set_tcp_quickack(false).unwrap();
+        rd.socket().expect("a plain TCP URL gives a TCP half").set_tcp_quickack(false).unwrap();
         for round in 0..3 {
             peer.write_all(b"x").await.unwrap();
             let mut buf = [0u8; 8];
             assert_eq!(rd.read(&mut buf).await.unwrap(), 1);
-            let ReadHalf::Tcp(tcp) = &rd else { unreachable!() };
-            assert!(socket2::SockRef::from(tcp.as_ref()).tcp_quickack().unwrap(), "after read {round}");
-            socket2::SockRef::from(tcp.as_ref()).set_tcp_quickack(false).unwrap();
+            assert!(rd.socket().unwrap().tcp_quickack().unwrap(), "after read {round}");
+            rd.socket().unwrap().set_tcp_quickack(false).unwrap();
         }
+    }
+
+    /// Deferred (a publishing link): a read leaves its ACK owed instead of
+    /// setting quick-ACK mode; bytes sent at once pay it; what no bytes
+    /// paid is acknowledged at once by `settle_ack`, before the wait.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_deferred_read_is_acknowledged_by_data_or_before_the_wait() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
+        let (mut rd, wr) = connect(&url, &TlsConfig::default()).await.unwrap();
+        let mut out = Sender::new(wr);
+        let (mut peer, _) = listener.accept().await.unwrap();
+        rd.defer_acks();
+        let mut buf = [0u8; 8];
+        // Answered by data: nothing owed, no quick ACK needed.
+        peer.write_all(b"x").await.unwrap();
+        assert_eq!(rd.read(&mut buf).await.unwrap(), 1);
+        assert!(rd.owed, "a deferred read owes its ACK");
+        assert!(out.send(&mut b"answer".to_vec()).unwrap(), "a socket with room takes it all at once");
+        rd.acked_by_data();
+        assert!(!rd.owed);
+        let mut answer = [0u8; 6];
+        peer.read_exact(&mut answer).await.unwrap();
+        // Not answered: settled with a quick ACK, once.
+        peer.write_all(b"y").await.unwrap();
+        assert_eq!(rd.read(&mut buf).await.unwrap(), 1);
+        rd.socket().unwrap().set_tcp_quickack(false).unwrap();
+        rd.settle_ack();
+        assert!(!rd.owed);
+        assert!(rd.socket().unwrap().tcp_quickack().unwrap(), "settled with a quick ACK");
     }
 
     /// A peer that reads nothing: every send returns at once and what the

@@ -766,16 +766,23 @@ impl AsyncWrite for WsIo {
 mod tests {
     use super::*;
 
+    /// A plain TCP link to a listener on loopback: its two halves, and the
+    /// listener's end.
+    async fn linked() -> (ReadHalf, WriteHalf, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
+        let (rd, wr) = connect(&url, &TlsConfig::default()).await.unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        (rd, wr, peer)
+    }
+
     /// Each read leaves the socket in quick-ACK mode, which Linux leaves
     /// by itself after a while (the option reads back as the mode now).
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn a_read_puts_the_socket_back_in_quick_ack_mode() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
-        let (mut rd, _wr) = connect(&url, &TlsConfig::default()).await.unwrap();
-        let (mut peer, _) = listener.accept().await.unwrap();
+        let (mut rd, _wr, mut peer) = linked().await;
         rd.socket().expect("a plain TCP URL gives a TCP half").set_tcp_quickack(false).unwrap();
         for round in 0..3 {
             peer.write_all(b"x").await.unwrap();
@@ -793,11 +800,8 @@ mod tests {
     #[tokio::test]
     async fn a_deferred_read_is_acknowledged_by_data_or_before_the_wait() {
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
-        let (mut rd, wr) = connect(&url, &TlsConfig::default()).await.unwrap();
+        let (mut rd, wr, mut peer) = linked().await;
         let mut out = Sender::new(wr);
-        let (mut peer, _) = listener.accept().await.unwrap();
         rd.defer_acks();
         let mut buf = [0u8; 8];
         // Answered by data: nothing owed, no quick ACK needed.
@@ -827,10 +831,7 @@ mod tests {
     async fn a_send_never_waits_for_the_socket_and_the_bytes_keep_their_order() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::AsyncReadExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url: BrokerUrl = format!("mqtt://127.0.0.1:{}", listener.local_addr().unwrap().port()).parse().unwrap();
-        let (_rd, wr) = connect(&url, &TlsConfig::default()).await.unwrap();
-        let (mut peer, _) = listener.accept().await.unwrap();
+        let (_rd, wr, mut peer) = linked().await;
         let mut out = Sender::new(wr);
         // 64 chunks of 256 KiB, half of them far more than the two
         // sockets' buffers hold.

@@ -28,7 +28,7 @@ use crate::error::{CloseReason, ConnectError};
 use crate::link::{first_version, open_auto, ConnAck, Incoming, Link, Opened};
 use crate::reconnect::{self, Reconnect};
 use crate::router::Router;
-use crate::transport::Sender;
+use crate::transport::{AckDebt, Sender};
 use crate::{BrokerStatus, Event, LinkState};
 
 /// Messages read from the outbox per page.
@@ -133,6 +133,9 @@ pub(crate) struct Driver {
     /// The producer's receipts topic, carried by every message that asks
     /// for receipts (whichever run queued it).
     receipts: Arc<str>,
+    /// The ACK this connection's reads owe TCP, paid by our bytes or
+    /// settled before anything that may wait (`AckDebt`).
+    ack_debt: Option<AckDebt>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -193,6 +196,7 @@ impl Driver {
             poison_311: None,
             last_end: LinkEnd::Ours,
             receipts: cfg_receipts,
+            ack_debt: None,
         }
     }
 
@@ -378,7 +382,10 @@ impl Driver {
         let _ = self.events.send(Event::Connected { broker, session_present: ack.session_present, resent });
 
         let mut out = Sender::new(wr);
-        let r = match self.pump_loop(&mut link, &mut rd, &mut out, &mut buf).await {
+        let pumped = self.pump_loop(&mut link, &mut rd, &mut out, &mut buf).await;
+        // Its duplicate of the socket goes with the connection.
+        self.ack_debt = None;
+        let r = match pumped {
             // Some brokers close the connection on a QoS 2 PUBLISH they do
             // not support (NATS): say so, since the broker does not.
             Err(ConnectError::Closed(how)) if self.session.awaits_first_pubrec() => {
@@ -440,7 +447,7 @@ impl Driver {
         let mut stop = self.stop.clone();
         let mut generation = self.router.generation();
         let mut requeued = state_rx.borrow().requeued;
-        rd.defer_acks();
+        self.ack_debt = Some(rd.defer_acks());
         loop {
             // A change of owners seen before sending: what was read under
             // the old owners must not go out here.
@@ -452,7 +459,9 @@ impl Driver {
             self.fill(link).await?;
             self.session.transmit_into(&mut link.out);
             if !link.out.is_empty() && out.send(&mut link.out)? {
-                rd.acked_by_data();
+                if let Some(debt) = &self.ack_debt {
+                    debt.paid();
+                }
             }
             let state = *state_rx.borrow_and_update();
             // Messages went back into the queue for lack of receipts:
@@ -476,7 +485,7 @@ impl Driver {
             let wake = self.session.poll_timeout().map(Instant::from_std);
             // What was read and not answered by a packet is acknowledged
             // before the wait (docs/interop.md, Nagle's algorithm).
-            rd.settle_ack();
+            self.settle_ack();
             tokio::select! {
                 r = stop.changed() => {
                     if r.is_err() || *stop.borrow() {
@@ -625,6 +634,9 @@ impl Driver {
         while let Some(op) = self.session.poll_store() {
             match op {
                 StoreOp::Bind(updates) => {
+                    // A commit may take a while: the broker is not to wait
+                    // for our ACK meanwhile.
+                    self.settle_ack();
                     let r = self.outbox.set_wire(self.slot, updates).await;
                     let bound = match &r {
                         Ok(gone) => Bound::Written { gone: gone.clone() },
@@ -648,6 +660,14 @@ impl Driver {
         }
         self.report();
         failed.map_or(Ok(()), |e| Err(store_failed(e)))
+    }
+
+    /// Acknowledges at once what this connection read and no bytes of ours
+    /// paid for (`AckDebt::settle`).
+    fn settle_ack(&self) {
+        if let Some(debt) = &self.ack_debt {
+            debt.settle();
+        }
     }
 
     /// Store operations left when the link is gone (binds are void then).

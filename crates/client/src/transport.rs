@@ -7,6 +7,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
@@ -277,13 +278,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// The reading half of a connection. After each read it acknowledges at
 /// once what arrived ([`quick_ack`]), or, once [`ReadHalf::defer_acks`]
-/// was called, leaves that to the reader's next packet or to
-/// [`ReadHalf::settle_ack`].
+/// was called, leaves the ACK owed to its reader ([`AckDebt`]).
 pub(crate) struct ReadHalf {
     stream: ReadStream,
-    deferred: bool,
-    /// Deferred: bytes were read whose ACK has not gone yet.
-    owed: bool,
+    debt: Option<AckDebt>,
 }
 
 enum ReadStream {
@@ -295,7 +293,7 @@ enum ReadStream {
 
 impl ReadHalf {
     fn new(stream: ReadStream) -> ReadHalf {
-        ReadHalf { stream, deferred: false, owed: false }
+        ReadHalf { stream, debt: None }
     }
 
     /// The TCP socket underneath, where there is a handle on it.
@@ -306,31 +304,53 @@ impl ReadHalf {
         }
     }
 
-    /// From now on a read does not acknowledge at once: the reader's next
-    /// packet carries the ACK (it goes out with the data), and the reader
-    /// calls [`ReadHalf::settle_ack`] before it waits. A publishing link,
-    /// which answers most reads of acknowledgements with PUBLISHes, saves
-    /// a system call and a segment of its own per read.
-    pub(crate) fn defer_acks(&mut self) {
-        self.deferred = true;
+    /// From now on a read does not acknowledge at once: it leaves the ACK
+    /// owed in the debt returned, which the reader pays with its next bytes
+    /// or settles before it waits (docs/design.md, "A publishing link
+    /// acknowledges with its data"). The debt holds a duplicate of the
+    /// socket's descriptor: drop it with the connection.
+    pub(crate) fn defer_acks(&mut self) -> AckDebt {
+        let socket = self.socket().and_then(|s| s.try_clone().ok());
+        let debt = AckDebt(Arc::new(Debt { owed: AtomicBool::new(false), socket }));
+        self.debt = Some(debt.clone());
+        debt
     }
+}
 
+/// The ACK that a deferred reader's reads owe TCP ([`ReadHalf::defer_acks`]).
+/// A publishing link answers most reads of PUBACKs with PUBLISHes, which
+/// carry the ACK: it saves a `setsockopt` and a bare ACK segment per read.
+/// Whatever its bytes did not pay is acknowledged with [`quick_ack`] before
+/// anything that may wait, so that a broker holding its next packet for
+/// our ACK (Nagle's algorithm) does not wait for our delayed ACK.
+#[derive(Clone)]
+pub(crate) struct AckDebt(Arc<Debt>);
+
+struct Debt {
+    /// Bytes were read whose ACK has not gone yet.
+    owed: AtomicBool,
+    socket: Option<socket2::Socket>,
+}
+
+impl AckDebt {
     /// Bytes just went into the socket at once: they carried the ACK of
     /// everything read before.
-    pub(crate) fn acked_by_data(&mut self) {
-        self.owed = false;
+    pub(crate) fn paid(&self) {
+        self.0.owed.store(false, Ordering::Relaxed);
     }
 
-    /// Acknowledges at once what was read and not yet acknowledged by our
-    /// data: to be called before waiting, so that a broker holding its
-    /// next packet for our ACK (Nagle's algorithm) never waits for our
-    /// delayed ACK.
-    pub(crate) fn settle_ack(&mut self) {
-        if std::mem::take(&mut self.owed) {
-            if let Some(socket) = self.socket() {
-                quick_ack(socket);
+    /// Acknowledges at once what was read and not paid for.
+    pub(crate) fn settle(&self) {
+        if self.0.owed.swap(false, Ordering::Relaxed) {
+            if let Some(socket) = &self.0.socket {
+                quick_ack(socket2::SockRef::from(socket));
             }
         }
+    }
+
+    #[cfg(test)]
+    fn is_owed(&self) -> bool {
+        self.0.owed.load(Ordering::Relaxed)
     }
 }
 
@@ -349,10 +369,13 @@ impl AsyncRead for ReadHalf {
             ReadStream::Other(r, _) => Pin::new(r).poll_read(cx, buf),
         };
         if matches!(polled, Poll::Ready(Ok(()))) {
-            if this.deferred {
-                this.owed = true;
-            } else if let Some(socket) = this.socket() {
-                quick_ack(socket);
+            match &this.debt {
+                Some(debt) => debt.0.owed.store(true, Ordering::Relaxed),
+                None => {
+                    if let Some(socket) = this.socket() {
+                        quick_ack(socket);
+                    }
+                }
             }
         }
         polled
@@ -793,33 +816,38 @@ mod tests {
         }
     }
 
-    /// Deferred (a publishing link): a read leaves its ACK owed instead of
-    /// setting quick-ACK mode; bytes sent at once pay it; what no bytes
-    /// paid is acknowledged at once by `settle_ack`, before the wait.
+    /// Deferred (a publishing link): a read leaves its ACK owed; bytes
+    /// the socket takes at once pay it; what no bytes paid is settled with
+    /// a quick ACK, once.
     #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn a_deferred_read_is_acknowledged_by_data_or_before_the_wait() {
+    async fn a_deferred_read_owes_its_ack_until_data_pays_it_or_it_is_settled() {
         use tokio::io::AsyncReadExt;
         let (mut rd, wr, mut peer) = linked().await;
         let mut out = Sender::new(wr);
-        rd.defer_acks();
+        let debt = rd.defer_acks();
         let mut buf = [0u8; 8];
-        // Answered by data: nothing owed, no quick ACK needed.
+        // Answered by data: paid.
         peer.write_all(b"x").await.unwrap();
         assert_eq!(rd.read(&mut buf).await.unwrap(), 1);
-        assert!(rd.owed, "a deferred read owes its ACK");
+        assert!(debt.is_owed(), "a deferred read owes its ACK");
         assert!(out.send(&mut b"answer".to_vec()).unwrap(), "a socket with room takes it all at once");
-        rd.acked_by_data();
-        assert!(!rd.owed);
+        debt.paid();
+        assert!(!debt.is_owed());
         let mut answer = [0u8; 6];
         peer.read_exact(&mut answer).await.unwrap();
-        // Not answered: settled with a quick ACK, once.
+        // Not answered: settled with a quick ACK on the socket underneath.
         peer.write_all(b"y").await.unwrap();
         assert_eq!(rd.read(&mut buf).await.unwrap(), 1);
+        assert!(debt.is_owed());
         rd.socket().unwrap().set_tcp_quickack(false).unwrap();
-        rd.settle_ack();
-        assert!(!rd.owed);
+        debt.settle();
+        assert!(!debt.is_owed());
         assert!(rd.socket().unwrap().tcp_quickack().unwrap(), "settled with a quick ACK");
+        // Settled once: nothing is owed until the next read.
+        rd.socket().unwrap().set_tcp_quickack(false).unwrap();
+        debt.settle();
+        assert!(!debt.is_owed());
     }
 
     /// A peer that reads nothing: every send returns at once and what the

@@ -280,21 +280,6 @@ impl Writer {
         if requests.is_empty() && self.pending_removes.is_empty() && sweep.is_none() && !admit {
             return false;
         }
-        // Only more bookkeeping joins a transaction left open.
-        let holdable = !reports
-            && self.pending_removes.is_empty()
-            && sweep.is_none()
-            && !admit
-            && self.blocked.is_empty()
-            && requests.iter().all(Request::is_bookkeeping);
-        if !holdable {
-            self.commit_open();
-        }
-        let retried = std::mem::take(&mut self.pending_removes);
-        // This batch's removals, kept (not copied) as they are applied.
-        let mut removes = Vec::new();
-        let mut b = Batch::default();
-        let before = self.totals;
         // Only bookkeeping (counters, broker states, attempts, metadata
         // nobody waits for) and brokers' acknowledgements are committed
         // without a sync: once committed they survive a crash of the
@@ -303,13 +288,26 @@ impl Writer {
         // of them (counts, and removals whose messages are then sent
         // again). Everything a promise rests on is synced, and so is a
         // batch that may admit messages waiting for room (an
-        // acknowledgement makes room).
-        // (`holdable` means nothing was waiting to be retried either.)
-        let bookkeeping = holdable && self.synced_at.elapsed() < UNSYNCED_AT_MOST;
+        // acknowledgement makes room), and one with removals to retry.
+        let bookkeeping = !reports
+            && self.pending_removes.is_empty()
+            && sweep.is_none()
+            && !admit
+            && self.blocked.is_empty()
+            && self.synced_at.elapsed() < UNSYNCED_AT_MOST
+            && requests.iter().all(Request::is_bookkeeping);
+        // Only more bookkeeping, within the unsynced bound, joins a
+        // transaction left open; before anything else it is committed, so
+        // that the removals of a failed commit are retried in this batch
+        // and the totals below are taken after its roll-back.
         if !bookkeeping {
-            // Past the unsynced bound: what is open is committed first.
             self.commit_open();
         }
+        let retried = std::mem::take(&mut self.pending_removes);
+        // This batch's removals, kept (not copied) as they are applied.
+        let mut removes = Vec::new();
+        let mut b = Batch::default();
+        let before = self.totals;
         if self.open.is_none() {
             self.store.set_synced(!bookkeeping);
             if let Err(e) = self.store.begin() {

@@ -35,13 +35,54 @@ broker() {
     wait_port "$1"
 }
 
-# $work/lines-2000 and $work/lines-20000: 56-byte lines to publish.
+# $work/lines-N for each N given (default 2000 and 20000): 56-byte lines
+# to publish.
 make_lines() {
-    local line
+    local line n counts=("$@")
+    [ ${#counts[@]} -gt 0 ] || counts=(2000 20000)
     line=$(printf 'x%.0s' $(seq 56))
-    for n in 2000 20000; do
+    for n in "${counts[@]}"; do
         yes "$line" | head -n "$n" > "$work/lines-$n" || true
     done
+}
+
+# The messages the brokers acknowledged to the process whose metrics listen
+# on 127.0.0.1:$1 (`steadfast_broker_acked_total`; 0 while it does not answer).
+acked() {
+    python3 - "$1" <<'PY'
+import sys, urllib.request
+try:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=2).read().decode()
+except Exception:
+    print(0); sys.exit()
+print(int(sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith("steadfast_broker_acked_total"))))
+PY
+}
+
+# For `steadfast bridge` ($1): $work/bridge.toml, one route named $2 from
+# the broker on port $3 (topics $2/$5/#, QoS 1) to the one on port $4, its
+# store in a fresh $work/store; the route's session made (`--register`) and
+# $5 lines of $work/lines-$5 queued for it at the source by `steadfast pub`
+# (QoS 1, MQTT 5).
+bridge_backlog() {
+    local bin=$1 name=$2 local_port=$3 up_port=$4 n=$5
+    rm -rf "$work/store" "$work/pub"
+    cat > "$work/bridge.toml" <<TOML
+[store]
+dir = "$work/store"
+[[route]]
+name = "$name"
+[route.source]
+brokers = ["mqtt://127.0.0.1:$local_port"]
+topics = ["$name/$n/#"]
+qos = 1
+client_id = "$name-bridge-$n-$RANDOM"
+[route.destination]
+brokers = ["mqtt://127.0.0.1:$up_port"]
+TOML
+    "$bin" bridge --config "$work/bridge.toml" --register > "$work/register.log" 2>&1
+    "$bin" pub -h 127.0.0.1 -p "$local_port" -V 5 -t "$name/$n/t" -q 1 -l --outbox "$work/pub" \
+        --progress never < "$work/lines-$n" > /dev/null
 }
 
 # The instruction count valgrind reported in $1.

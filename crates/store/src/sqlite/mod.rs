@@ -370,6 +370,14 @@ impl SqliteStore {
         self
     }
 
+    /// This store with a tail of at most `rows` rows (and as many rows
+    /// kept from pages), so that tests reach its bounds with few messages.
+    #[doc(hidden)]
+    pub fn with_tail_of(mut self, rows: usize) -> Self {
+        self.tail = tail::Tail::of(rows);
+        self
+    }
+
     /// Whether the tail may answer now. Inside a transaction, `begin`
     /// looked for other connections' commits (none can come before its
     /// end); outside one, this looks now.

@@ -425,10 +425,20 @@ impl Store for SqliteStore {
             ),
         };
         self.conn()?;
-        match priority {
-            None | Some(0) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask]),
-            Some(p) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask, p]),
+        let rows = match priority {
+            None | Some(0) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask])?,
+            Some(p) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask, p])?,
+        };
+        // Kept (if the tail is known, which `tail_trusted` just checked),
+        // so that their acknowledgements do not read them back.
+        let mut page = Vec::with_capacity(rows.len());
+        for (m, size) in rows {
+            if let Some(size) = size {
+                self.tail.paged(&m, size);
+            }
+            page.push(m);
         }
+        Ok(page)
     }
 
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
@@ -490,7 +500,8 @@ impl Store for SqliteStore {
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let sql = format!("{SELECT_BOUND} WHERE wire.slot = ?1 ORDER BY outbox.id");
         self.conn()?;
-        read_messages(&self.db, &mut self.unreadable, &sql, [slot])
+        let rows = read_messages(&self.db, &mut self.unreadable, &sql, [slot])?;
+        Ok(rows.into_iter().map(|(m, _)| m).collect())
     }
 
     fn oldest(&mut self, limit: usize, deadline: Option<bool>) -> Result<Vec<(u64, u64)>, StoreError> {

@@ -23,21 +23,26 @@ fn stage_from_sql(s: i64) -> Option<Stage> {
     }
 }
 
-pub(super) const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest, receipts FROM outbox";
+pub(super) const SELECT_MESSAGE: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, NULL, NULL, expires_ms, priority, max_attempts, attempts, latest, receipts, size FROM outbox";
 
-pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest, receipts FROM wire CROSS JOIN outbox ON outbox.id = wire.id";
+pub(super) const SELECT_BOUND: &str = "SELECT outbox.id, topic, payload, qos, retain, props, created_ms, route, acks, wire.pid, wire.stage, expires_ms, priority, max_attempts, attempts, latest, receipts, outbox.size FROM wire CROSS JOIN outbox ON outbox.id = wire.id";
 
-/// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`; records that do not
-/// decode are skipped and noted in `unreadable`, so one damaged row never
-/// blocks the rest.
+/// Runs a query of `SELECT_MESSAGE` or `SELECT_BOUND`: each message with
+/// the size its row counts against the bound (`None` if that column does
+/// not read as one: nothing relies on it then). Records that do not decode
+/// are skipped and noted in `unreadable`, so one damaged row never blocks
+/// the rest.
 pub(super) fn read_messages(
     conn: &Connection,
     unreadable: &mut Vec<(u64, String)>,
     sql: &str,
     params: impl rusqlite::Params,
-) -> Result<Vec<StoredMessage>, StoreError> {
+) -> Result<Vec<(StoredMessage, Option<u64>)>, StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
-    let rows = stmt.query_map(params, row_to_message)?;
+    let rows = stmt.query_map(params, |r| {
+        let size = r.get::<_, i64>(17).ok().and_then(|s| u64::try_from(s).ok());
+        Ok(row_to_message(r)?.map(|m| (m, size)))
+    })?;
     let mut out = Vec::new();
     for row in rows {
         match row? {

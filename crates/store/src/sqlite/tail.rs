@@ -14,8 +14,18 @@
 //! trusted), an id handed out by someone else in between, a change it does
 //! not follow (a route, a requeue, slots). A forgotten tail starts again
 //! at the next insert; until then, everything is read from SQLite.
+//!
+//! Below the floor, it also keeps the rows that pages read from SQLite
+//! returned (`paged`): a backlog larger than the tail is sent from such
+//! pages, and the brokers' acknowledgements of them find what they
+//! acknowledge here instead of reading each run back (a tenth of a
+//! bridge's CPU in that regime, docs/performance.md). The promise for
+//! those is narrower: each is as the database holds it, while the tail is
+//! known; they are forgotten with the tail, and follow the same
+//! operations (a row that leaves, changes, or is acknowledged).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use crate::{Entry, NewMessage, StoredMessage};
 
@@ -23,9 +33,13 @@ use crate::{Entry, NewMessage, StoredMessage};
 const MAX_ROWS: usize = 16_384;
 /// The most bytes (topics and payloads) the tail keeps.
 const MAX_BYTES: u64 = 8 << 20;
+/// The most bytes of rows read from SQLite kept for their
+/// acknowledgements (as many rows as the tail keeps); the lowest ids go
+/// first.
+const MAX_PAGED_BYTES: u64 = 8 << 20;
 
 /// See the module documentation.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Tail {
     /// Rows above this id are all here (see the module); `None`: unknown.
     floor: Option<u64>,
@@ -34,11 +48,46 @@ pub(super) struct Tail {
     /// Ascending by id.
     rows: VecDeque<StoredMessage>,
     bytes: u64,
+    /// Rows at or below the floor as a page read them (see the module):
+    /// the message, its acknowledgements, the size its row counts.
+    paged: BTreeMap<u64, Paged>,
+    paged_bytes: u64,
     /// Turned off (a guest or read-only handle, or a test comparing).
     off: bool,
+    /// The most rows kept, and the most kept from pages.
+    max_rows: usize,
+}
+
+impl Default for Tail {
+    fn default() -> Tail {
+        Tail::of(MAX_ROWS)
+    }
+}
+
+/// A row below the floor that a page read from SQLite.
+#[derive(Debug)]
+struct Paged {
+    msg: Arc<NewMessage>,
+    acks: u64,
+    size: u64,
 }
 
 impl Tail {
+    /// A tail of at most `max_rows` rows (tests reach the bounds with
+    /// it), and as many kept from pages.
+    pub(super) fn of(max_rows: usize) -> Tail {
+        Tail {
+            floor: None,
+            last: 0,
+            rows: VecDeque::new(),
+            bytes: 0,
+            paged: BTreeMap::new(),
+            paged_bytes: 0,
+            off: false,
+            max_rows,
+        }
+    }
+
     /// A tail that never holds anything.
     pub(super) fn off() -> Tail {
         Tail { off: true, ..Tail::default() }
@@ -49,6 +98,8 @@ impl Tail {
         self.floor = None;
         self.rows.clear();
         self.bytes = 0;
+        self.paged.clear();
+        self.paged_bytes = 0;
     }
 
     /// Whether the tail vouches for anything now.
@@ -65,7 +116,7 @@ impl Tail {
     /// follow the last one means that another connection inserted in
     /// between: the tail starts again above what it cannot vouch for
     /// (nothing above `id - 1` but `id` can exist, the id being new).
-    pub(super) fn inserted(&mut self, id: u64, m: std::sync::Arc<NewMessage>) {
+    pub(super) fn inserted(&mut self, id: u64, m: Arc<NewMessage>) {
         if self.off {
             return;
         }
@@ -83,7 +134,7 @@ impl Tail {
         self.last = id;
         self.bytes += m.size();
         self.rows.push_back(StoredMessage { id, msg: m, wire: None, acks: 0, attempts: 0 });
-        while self.rows.len() > MAX_ROWS || self.bytes > MAX_BYTES {
+        while self.rows.len() > self.max_rows || self.bytes > MAX_BYTES {
             let Some(old) = self.rows.pop_front() else { break };
             self.bytes -= old.msg.size();
             self.floor = Some(old.id);
@@ -104,7 +155,9 @@ impl Tail {
     /// The row `id` left what reads return (deleted, done, awaiting
     /// receipts).
     pub(super) fn left(&mut self, id: u64) {
-        if let Ok(i) = self.position(id) {
+        if !self.covers(id) {
+            self.unpage(id);
+        } else if let Ok(i) = self.position(id) {
             if let Some(old) = self.rows.remove(i) {
                 self.bytes -= old.msg.size();
             }
@@ -115,13 +168,42 @@ impl Tail {
     pub(super) fn changed(&mut self, id: u64) {
         if self.covers(id) {
             self.forget();
+        } else {
+            self.unpage(id);
         }
     }
 
     /// The row `id` holds these acknowledgements now.
     pub(super) fn acked(&mut self, id: u64, acks: u64) {
-        if let Ok(i) = self.position(id) {
+        if !self.covers(id) {
+            if let Some(p) = self.paged.get_mut(&id) {
+                p.acks = acks;
+            }
+        } else if let Ok(i) = self.position(id) {
             self.rows[i].acks = acks;
+        }
+    }
+
+    /// `m`, whose row counts `size`, was read from SQLite just now, by a
+    /// read of queued messages (not done, not awaiting receipts): kept if
+    /// the tail is known and it lies at or below the floor. A row that
+    /// asks for receipts is not (its receipt columns are not read).
+    pub(super) fn paged(&mut self, m: &StoredMessage, size: u64) {
+        if self.floor.is_none() || self.covers(m.id) || m.msg.receipts.is_some() {
+            return;
+        }
+        self.unpage(m.id);
+        self.paged_bytes += m.msg.size();
+        self.paged.insert(m.id, Paged { msg: m.msg.clone(), acks: m.acks, size });
+        while self.paged.len() > self.max_rows || self.paged_bytes > MAX_PAGED_BYTES {
+            let Some((_, old)) = self.paged.pop_first() else { break };
+            self.paged_bytes -= old.msg.size();
+        }
+    }
+
+    fn unpage(&mut self, id: u64) {
+        if let Some(old) = self.paged.remove(&id) {
+            self.paged_bytes -= old.msg.size();
         }
     }
 
@@ -161,22 +243,26 @@ impl Tail {
 
     /// Where `id` stands, with its QoS, if the tail holds it: `None` also
     /// for a row above the floor that it does not hold (done or awaiting
-    /// receipts, or gone: the caller asks SQLite).
+    /// receipts, or gone: the caller asks SQLite), and for one at or below
+    /// it that no page read lately.
     pub(super) fn entry(&self, id: u64) -> Option<(Entry, u8)> {
-        if !self.covers(id) {
-            return None;
-        }
-        let r = &self.rows[self.position(id).ok()?];
-        let m = &r.msg;
-        // Fresh since its insert: a row that awaited receipts, was done or
-        // requeued left the tail or made it forget.
+        // Fresh since its insert or its page read: a row that awaited
+        // receipts, was done or requeued left the tail or made it forget,
+        // and one that asks for receipts is not kept from a page.
+        let (m, acks, size) = if self.covers(id) {
+            let r = &self.rows[self.position(id).ok()?];
+            (&r.msg, r.acks, r.msg.size())
+        } else {
+            let p = self.paged.get(&id)?;
+            (&p.msg, p.acks, p.size)
+        };
         let e = Entry {
             topic: m.topic.clone(),
             route: m.route.clone(),
-            acks: r.acks,
+            acks,
             done: false,
             bindings: 0,
-            size: m.size(),
+            size,
             created_ms: m.created_ms,
             expires_ms: m.policy.expires_ms,
             receipts: m.receipts.clone(),
@@ -276,6 +362,48 @@ mod tests {
         t.inserted(3, Arc::new(msg(1)));
         assert_eq!(ids(t.read_after(1, 10, 0, None)), None, "2 is below the floor: SQLite");
         assert_eq!(ids(t.read_after(2, 10, 0, None)), Some(vec![3]));
+    }
+
+    fn stored(id: u64, m: NewMessage) -> StoredMessage {
+        StoredMessage { id, msg: Arc::new(m), wire: None, acks: 0, attempts: 0 }
+    }
+
+    #[test]
+    fn rows_a_page_read_below_the_floor_are_kept_for_their_acknowledgements() {
+        let mut t = Tail::of(2);
+        t.paged(&stored(1, msg(1)), 2);
+        assert!(t.entry(1).is_none(), "unknown tail: nothing kept");
+        for id in 10..=13 {
+            t.inserted(id, Arc::new(msg(1)));
+        }
+        assert_eq!(t.floor, Some(11));
+        // Read back from SQLite: kept below the floor, with the row's size.
+        t.paged(&stored(10, msg(1)), 7);
+        t.paged(&stored(12, msg(1)), 7);
+        assert_eq!(t.entry(10).map(|(e, _)| e.size), Some(7));
+        assert_eq!(t.entry(12).map(|(e, _)| e.size), Some(2), "the tail's own row");
+        let mut asks = msg(1);
+        asks.receipts = Some("1000 all a".into());
+        t.paged(&stored(9, asks), 2);
+        assert!(t.entry(9).is_none(), "its receipt columns were not read");
+        // Followed: acknowledgements, rows that leave or change.
+        t.acked(10, 0b1);
+        assert_eq!(t.entry(10).map(|(e, _)| e.acks), Some(0b1));
+        t.left(10);
+        assert!(t.entry(10).is_none());
+        t.paged(&stored(8, msg(1)), 2);
+        t.changed(8);
+        assert!(t.entry(8).is_none());
+        assert!(t.is_known(), "a change below the floor forgets that row only");
+        // Bounded: the lowest ids go first.
+        for id in 1..=5 {
+            t.paged(&stored(id, msg(1)), 2);
+        }
+        assert_eq!(t.paged.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(t.paged_bytes, 2 * 2);
+        t.forget();
+        assert!(t.entry(5).is_none());
+        assert_eq!(t.paged_bytes, 0);
     }
 
     #[test]

@@ -186,8 +186,9 @@ impl Tail {
 
     /// `m`, whose row counts `size`, was read from SQLite just now, by a
     /// read of queued messages (not done, not awaiting receipts): kept if
-    /// the tail is known and it lies at or below the floor. A row that
-    /// asks for receipts is not (its receipt columns are not read).
+    /// the tail is known and it lies at or below the floor. The caller
+    /// passes only rows whose receipt columns (not read with a page) hold
+    /// their defaults; one that asks for receipts is refused here too.
     pub(super) fn paged(&mut self, m: &StoredMessage, size: u64) {
         if self.floor.is_none() || self.covers(m.id) || m.msg.receipts.is_some() {
             return;
@@ -248,7 +249,8 @@ impl Tail {
     pub(super) fn entry(&self, id: u64) -> Option<(Entry, u8)> {
         // Fresh since its insert or its page read: a row that awaited
         // receipts, was done or requeued left the tail or made it forget,
-        // and one that asks for receipts is not kept from a page.
+        // and a page's row is kept only with its receipt columns at their
+        // defaults (`rows::KEEPABLE`).
         let (m, acks, size) = if self.covers(id) {
             let r = &self.rows[self.position(id).ok()?];
             (&r.msg, r.acks, r.msg.size())

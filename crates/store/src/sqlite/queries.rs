@@ -432,9 +432,9 @@ impl Store for SqliteStore {
         // Kept (if the tail is known, which `tail_trusted` just checked),
         // so that their acknowledgements do not read them back.
         let mut page = Vec::with_capacity(rows.len());
-        for (m, size) in rows {
-            if let Some(size) = size {
-                self.tail.paged(&m, size);
+        for (m, state) in rows {
+            if let Some(state) = state {
+                self.tail.paged(&m, state);
             }
             page.push(m);
         }

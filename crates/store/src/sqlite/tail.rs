@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+use super::rows::RowState;
 use crate::{Entry, NewMessage, StoredMessage};
 
 /// The most rows the tail keeps; the oldest go first.
@@ -48,8 +49,7 @@ pub(super) struct Tail {
     /// Ascending by id.
     rows: VecDeque<StoredMessage>,
     bytes: u64,
-    /// Rows at or below the floor as a page read them (see the module):
-    /// the message, its acknowledgements, the size its row counts.
+    /// Rows at or below the floor as a page read them (see the module).
     paged: BTreeMap<u64, Paged>,
     paged_bytes: u64,
     /// Turned off (a guest or read-only handle, or a test comparing).
@@ -64,12 +64,13 @@ impl Default for Tail {
     }
 }
 
-/// A row below the floor that a page read from SQLite.
+/// A row below the floor that a page read from SQLite: the message, its
+/// acknowledgements, and what else its row said.
 #[derive(Debug)]
 struct Paged {
     msg: Arc<NewMessage>,
     acks: u64,
-    size: u64,
+    row: RowState,
 }
 
 impl Tail {
@@ -184,18 +185,16 @@ impl Tail {
         }
     }
 
-    /// `m`, whose row counts `size`, was read from SQLite just now, by a
-    /// read of queued messages (not done, not awaiting receipts): kept if
-    /// the tail is known and it lies at or below the floor. The caller
-    /// passes only rows whose receipt columns (not read with a page) hold
-    /// their defaults; one that asks for receipts is refused here too.
-    pub(super) fn paged(&mut self, m: &StoredMessage, size: u64) {
-        if self.floor.is_none() || self.covers(m.id) || m.msg.receipts.is_some() {
+    /// `m`, whose row says `row` besides, was read from SQLite just now,
+    /// by a read of queued messages (not done, not awaiting receipts):
+    /// kept if the tail is known and it lies at or below the floor.
+    pub(super) fn paged(&mut self, m: &StoredMessage, row: RowState) {
+        if self.floor.is_none() || self.covers(m.id) {
             return;
         }
         self.unpage(m.id);
         self.paged_bytes += m.msg.size();
-        self.paged.insert(m.id, Paged { msg: m.msg.clone(), acks: m.acks, size });
+        self.paged.insert(m.id, Paged { msg: m.msg.clone(), acks: m.acks, row });
         while self.paged.len() > self.max_rows || self.paged_bytes > MAX_PAGED_BYTES {
             let Some((_, old)) = self.paged.pop_first() else { break };
             self.paged_bytes -= old.msg.size();
@@ -248,15 +247,14 @@ impl Tail {
     /// it that no page read lately.
     pub(super) fn entry(&self, id: u64) -> Option<(Entry, u8)> {
         // Fresh since its insert or its page read: a row that awaited
-        // receipts, was done or requeued left the tail or made it forget,
-        // and a page's row is kept only with its receipt columns at their
-        // defaults (`rows::KEEPABLE`).
-        let (m, acks, size) = if self.covers(id) {
+        // receipts, was done or requeued left the tail or made it forget
+        // (and a row inserted by this connection was never requeued).
+        let (m, acks, row) = if self.covers(id) {
             let r = &self.rows[self.position(id).ok()?];
-            (&r.msg, r.acks, r.msg.size())
+            (&r.msg, r.acks, RowState { size: r.msg.size(), resends: 0, acked_ms: None })
         } else {
             let p = self.paged.get(&id)?;
-            (&p.msg, p.acks, p.size)
+            (&p.msg, p.acks, p.row)
         };
         let e = Entry {
             topic: m.topic.clone(),
@@ -264,13 +262,13 @@ impl Tail {
             acks,
             done: false,
             bindings: 0,
-            size,
+            size: row.size,
             created_ms: m.created_ms,
             expires_ms: m.policy.expires_ms,
             receipts: m.receipts.clone(),
             awaiting_ms: None,
-            acked_ms: None,
-            resends: 0,
+            acked_ms: row.acked_ms,
+            resends: row.resends,
         };
         Some((e, m.qos as u8))
     }
@@ -372,36 +370,38 @@ mod tests {
 
     #[test]
     fn rows_a_page_read_below_the_floor_are_kept_for_their_acknowledgements() {
+        let row = |size| RowState { size, resends: 0, acked_ms: None };
         let mut t = Tail::of(2);
-        t.paged(&stored(1, msg(1)), 2);
+        t.paged(&stored(1, msg(1)), row(2));
         assert!(t.entry(1).is_none(), "unknown tail: nothing kept");
         for id in 10..=13 {
             t.inserted(id, Arc::new(msg(1)));
         }
         assert_eq!(t.floor, Some(11));
-        // Read back from SQLite: kept below the floor, with the row's size.
-        t.paged(&stored(10, msg(1)), 7);
-        t.paged(&stored(12, msg(1)), 7);
+        // Read back from SQLite: kept below the floor, as its row says.
+        t.paged(&stored(10, msg(1)), row(7));
+        t.paged(&stored(12, msg(1)), row(7));
         assert_eq!(t.entry(10).map(|(e, _)| e.size), Some(7));
         assert_eq!(t.entry(12).map(|(e, _)| e.size), Some(2), "the tail's own row");
         let mut asks = msg(1);
         asks.receipts = Some("1000 all a".into());
-        t.paged(&stored(9, asks), 2);
-        assert!(t.entry(9).is_none(), "its receipt columns were not read");
+        t.paged(&stored(9, asks), RowState { size: 2, resends: 3, acked_ms: Some(5) });
+        let (e, _) = t.entry(9).unwrap();
+        assert_eq!((e.receipts.as_deref(), e.resends, e.acked_ms), (Some("1000 all a"), 3, Some(5)));
         // Followed: acknowledgements, rows that leave or change.
         t.acked(10, 0b1);
         assert_eq!(t.entry(10).map(|(e, _)| e.acks), Some(0b1));
         t.left(10);
         assert!(t.entry(10).is_none());
-        t.paged(&stored(8, msg(1)), 2);
+        t.paged(&stored(8, msg(1)), row(2));
         t.changed(8);
         assert!(t.entry(8).is_none());
         assert!(t.is_known(), "a change below the floor forgets that row only");
         // Bounded: the lowest ids go first.
         for id in 1..=5 {
-            t.paged(&stored(id, msg(1)), 2);
+            t.paged(&stored(id, msg(1)), row(2));
         }
-        assert_eq!(t.paged.keys().copied().collect::<Vec<_>>(), vec![4, 5]);
+        assert_eq!(t.paged.keys().copied().collect::<Vec<_>>(), vec![5, 9]);
         assert_eq!(t.paged_bytes, 2 * 2);
         t.forget();
         assert!(t.entry(5).is_none());

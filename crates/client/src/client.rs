@@ -960,8 +960,9 @@ impl Client {
     pub async fn queued(&self, after: u64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
         let page = self.inner.outbox.read_after(after, limit, None, None).await?;
         let to = |m: steadfast_store::StoredMessage| {
-            // The page's own copy when nothing else holds it (a read from
-            // SQLite); the tail's is shared.
+            // The page's own copy when nothing else holds it; the tail's
+            // (and a row it keeps from a page read from SQLite) is shared
+            // and copied here.
             let msg = std::sync::Arc::unwrap_or_clone(m.msg);
             QueuedMessage {
                 identity: Identity { producer: self.inner.producer.to_string(), seq: m.id },

@@ -433,8 +433,9 @@ impl Store for SqliteStore {
         // so that their acknowledgements do not read them back.
         let mut page = Vec::with_capacity(rows.len());
         for (m, state) in rows {
-            if let Some(state) = state {
-                self.tail.paged(&m, state);
+            match state {
+                Some(state) => self.tail.paged(&m, state),
+                None => self.tail.unpaged(m.id),
             }
             page.push(m);
         }

@@ -51,9 +51,11 @@ pub(super) fn read_messages(
 ) -> Result<Vec<(StoredMessage, Option<RowState>)>, StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
     let rows = stmt.query_map(params, |r| {
-        // Read as an acknowledgement's own read of the row would read them.
-        let state = match (r.get(17), r.get(18), r.get(19)) {
-            (Ok(size), Ok(resends), Ok(acked_ms)) => Some(RowState { size, resends, acked_ms }),
+        // Read as an acknowledgement's own read of the row would read them
+        // (`queries::read_entry`); a row that read refuses is not kept (the
+        // message's deadline, read leniently below, included).
+        let state = match (r.get(17), r.get(18), r.get(19), r.get::<_, Option<u64>>(11)) {
+            (Ok(size), Ok(resends), Ok(acked_ms), Ok(_)) => Some(RowState { size, resends, acked_ms }),
             _ => None,
         };
         Ok(row_to_message(r)?.map(|m| (m, state)))

@@ -435,7 +435,7 @@ impl Store for SqliteStore {
         for (m, state) in rows {
             match state {
                 Some(state) => self.tail.paged(&m, state),
-                None => self.tail.unpaged(m.id),
+                None => self.tail.unpage(m.id),
             }
             page.push(m);
         }

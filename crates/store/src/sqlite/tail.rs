@@ -204,13 +204,9 @@ impl Tail {
         }
     }
 
-    /// A page read `id` from SQLite but could not read what keeping it
-    /// needs: any copy kept before goes.
-    pub(super) fn unpaged(&mut self, id: u64) {
-        self.unpage(id);
-    }
-
-    fn unpage(&mut self, id: u64) {
+    /// Any copy of `id` kept from a page goes (it changed, left, or a page
+    /// read it but not what keeping it needs).
+    pub(super) fn unpage(&mut self, id: u64) {
         if let Some(old) = self.paged.remove(&id) {
             self.paged_bytes -= old.msg.size();
         }

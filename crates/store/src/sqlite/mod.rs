@@ -28,6 +28,7 @@ mod schema;
 mod sources;
 mod tail;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -106,6 +107,9 @@ pub struct SqliteStore {
     /// Plain inserts of the transaction under way not written yet
     /// ([`deferred`]), ids ascending.
     waiting: Vec<deferred::Waiting>,
+    /// Acknowledgements of the transaction under way not written yet
+    /// ([`deferred`]): id -> the row's acknowledgements now.
+    acks_waiting: BTreeMap<u64, u64>,
     dir: PathBuf,
     kind: StoreKind,
     _lock: Option<File>,
@@ -215,6 +219,7 @@ impl SqliteStore {
         SqliteStore {
             db,
             waiting: Vec::new(),
+            acks_waiting: BTreeMap::new(),
             dir: dir.to_owned(),
             kind,
             _lock: lock,
@@ -437,22 +442,29 @@ impl SqliteStore {
         self.ids.unrecorded = Some(id);
     }
 
-    /// The connection, the waiting inserts ([`deferred`]) written first:
-    /// for every statement that may read or write an `outbox` row it
-    /// cannot rule out.
+    /// The connection, the waiting inserts and acknowledgements
+    /// ([`deferred`]) written first: for every statement that may read or
+    /// write an `outbox` row it cannot rule out.
     fn conn(&mut self) -> Result<&Connection, StoreError> {
         if !self.waiting.is_empty() {
             self.write_waiting()?;
+        }
+        if !self.acks_waiting.is_empty() {
+            self.write_acks()?;
         }
         Ok(&self.db)
     }
 
     /// The connection for a statement on `outbox` rows with ids up to
     /// `id` only (by key, or a range that ends there): the waiting inserts
-    /// are written first only when one of them is among those.
+    /// and acknowledgements are written first only when one of them is
+    /// among those.
     fn conn_below(&mut self, id: u64) -> Result<&Connection, StoreError> {
         if self.waiting.first().is_some_and(|w| w.id <= id) {
             self.write_waiting()?;
+        }
+        if self.acks_waiting.first_key_value().is_some_and(|(&a, _)| a <= id) {
+            self.write_acks()?;
         }
         Ok(&self.db)
     }
@@ -471,6 +483,18 @@ impl SqliteStore {
         match deferred::write(&self.db, &self.waiting) {
             Ok(()) => {
                 self.waiting.clear();
+                Ok(())
+            }
+            Err(e) => Err(self.map(e)),
+        }
+    }
+
+    /// Writes the waiting acknowledgements; when that fails they stay
+    /// waiting, so that the commit fails too (as `write_waiting`).
+    fn write_acks(&mut self) -> Result<(), StoreError> {
+        match deferred::write_acks(&self.db, &self.acks_waiting) {
+            Ok(()) => {
+                self.acks_waiting.clear();
                 Ok(())
             }
             Err(e) => Err(self.map(e)),

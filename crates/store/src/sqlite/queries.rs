@@ -84,7 +84,7 @@ impl Store for SqliteStore {
         // Rows still waiting belong to a transaction that ended without
         // its commit or a rollback (none of the writer's paths): it
         // answered nobody, and all it left in memory goes.
-        if !self.waiting.is_empty() {
+        if !self.waiting.is_empty() || !self.acks_waiting.is_empty() {
             self.rollback();
         }
         self.run_cached("BEGIN IMMEDIATE")?;
@@ -116,6 +116,7 @@ impl Store for SqliteStore {
             || self.ids.unrecorded.is_some()
             || self.source_log.has_writes()
             || !self.waiting.is_empty()
+            || !self.acks_waiting.is_empty()
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -129,6 +130,7 @@ impl Store for SqliteStore {
 
     fn rollback(&mut self) {
         self.waiting.clear();
+        self.acks_waiting.clear();
         self.queued_delta = (0, 0);
         self.forget_ids();
         self.ids.unrecorded = None;
@@ -902,6 +904,11 @@ impl SqliteStore {
         }
         let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
         for gone in runs(&ids) {
+            if !self.acks_waiting.is_empty() {
+                for id in gone {
+                    self.acks_waiting.remove(id);
+                }
+            }
             let mut stmt = self
                 .conn_below(gone[gone.len() - 1])?
                 .prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
@@ -987,11 +994,18 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Records the row's acknowledgements: at the latest at the
+    /// transaction's commit, not at all if the row goes before it
+    /// ([`super::deferred`]); at once outside a transaction.
     fn store_acks(&mut self, id: u64, acks: u64) -> Result<(), StoreError> {
-        let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
-        let r = stmt.execute(params![id, acks as i64]);
-        drop(stmt);
-        r.map_err(|e| self.map(e))?;
+        if self.db.is_autocommit() {
+            let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
+            let r = stmt.execute(params![id, acks as i64]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+        } else {
+            self.acks_waiting.insert(id, acks);
+        }
         self.tail.acked(id, acks);
         Ok(())
     }
@@ -1006,6 +1020,8 @@ impl SqliteStore {
             drop(stmt);
             r.map_err(|e| self.map(e))?;
         }
+        // Its waiting acknowledgements go with it, unwritten.
+        self.acks_waiting.remove(&id);
         let mut stmt = self.conn_below(id)?.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);

@@ -1,10 +1,10 @@
 //! Plain inserts written together, many rows a statement (docs/design.md,
 //! "Inserts written together"): every statement of the transaction sees
 //! them as if each had been written at once, the commit writes them all,
-//! a rollback none.
+//! a rollback none. The same for a first broker's acknowledgements.
 
 use steadfast_core::{Properties, Qos};
-use steadfast_store::{NewMessage, SqliteStore, Store};
+use steadfast_store::{Entry, NewMessage, SqliteStore, Store};
 
 use crate::msg;
 
@@ -122,4 +122,47 @@ fn a_waiting_row_sqlite_cannot_take_fails_the_commit_and_the_next_transaction_go
     assert_eq!(next, before[0]);
     drop(store);
     assert_eq!(queued_after_reopen(dir.path()), vec![(kept, plain(0)), (next, plain(11))]);
+}
+
+#[test]
+fn waiting_acknowledgements_are_seen_by_every_statement_and_committed_unless_their_row_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = SqliteStore::open(dir.path()).unwrap();
+    // Without the tail, every read goes to SQLite.
+    let mut store = store.without_tail();
+    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let (a, b) = (slots[0], slots[1]);
+    let ids: Vec<u64> = (0..7).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    // Fanout to both: only the second acknowledgement finishes a message.
+    let mut both = |e: &Entry| e.acks.count_ones() == 2;
+    let ids_of = |page: Vec<steadfast_store::StoredMessage>| page.into_iter().map(|m| m.id).collect::<Vec<_>>();
+
+    store.begin().unwrap();
+    // A acknowledges all but the fourth: three runs, none finished.
+    let by_a = [ids[0], ids[1], ids[2], ids[4], ids[5], ids[6]];
+    let answers = store.ack_or_remove_many(&by_a, a, &mut both).unwrap();
+    assert!(answers.iter().all(|(_, x)| matches!(x, Some((_, false)))), "{answers:?}");
+    // A read by key, a read for each broker, a read of the acknowledged
+    // ones: each sees A's acknowledgements.
+    assert_eq!(store.entry(ids[1]).unwrap().map(|e| e.acks), Some(1 << a));
+    assert_eq!(ids_of(store.read_after(0, 100, Some(a), None).unwrap()), vec![ids[3]]);
+    // B finishes the first three (their rows go) and acknowledges the
+    // fourth, which A has not.
+    let answers = store.ack_or_remove_many(&ids[..4], b, &mut both).unwrap();
+    let finished: Vec<bool> = answers.iter().map(|(_, x)| matches!(x, Some((_, true)))).collect();
+    assert_eq!(finished, [true, true, true, false]);
+    assert_eq!(ids_of(store.read_after(0, 100, Some(b), None).unwrap()), ids[4..].to_vec());
+    store.commit().unwrap();
+    assert_eq!(store.totals().unwrap().count, 4);
+
+    // What a rollback undoes is not written.
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[5..], b, &mut |_| false).unwrap();
+    store.rollback();
+    drop(store);
+
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    let acks: Vec<Option<u64>> = ids.iter().map(|id| store.entry(*id).unwrap().map(|e| e.acks)).collect();
+    let (on_a, on_b) = (Some(1u64 << a), Some(1u64 << b));
+    assert_eq!(acks, [None, None, None, on_b, on_a, on_a, on_a], "each row as the commit left it");
 }

@@ -326,7 +326,13 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn changed(&self) -> bool {
         false
     }
-    /// Abandons the transaction.
+    /// When the acknowledgements this store holds unwritten past commits
+    /// are due: a commit from then on writes them, and the writer commits
+    /// by then even when nothing else comes. `None`: it holds none.
+    fn acks_due_at(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Abandons the transaction (and what the store held unwritten).
     fn rollback(&mut self);
     /// Adds a message; returns its id, greater than any id ever handed out.
     fn insert(&mut self, msg: &NewMessage) -> Result<u64, StoreError>;

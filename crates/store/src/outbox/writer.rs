@@ -218,6 +218,10 @@ impl Writer {
                 Some(o) => wait.min(HOLD_OPEN.saturating_sub(o.since.elapsed())),
                 None => wait,
             };
+            let wait = match self.store.acks_due_at() {
+                Some(at) => wait.min(at.saturating_duration_since(std::time::Instant::now())),
+                None => wait,
+            };
             let first = match rx.recv_timeout(wait) {
                 Ok(r) => Some(r),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -229,9 +233,12 @@ impl Writer {
             };
             if first.is_none() {
                 // Nothing more came: what was left open is committed (and
-                // synced later, when the writer stays idle).
+                // synced later, when the writer stays idle), and so are
+                // the acknowledgements the store held once they are due.
                 if self.open.is_some() {
                     self.commit_open();
+                } else if self.store.acks_due_at().is_some_and(|at| at <= std::time::Instant::now()) {
+                    self.write_held_acks();
                 } else {
                     self.sync_idle();
                 }
@@ -383,6 +390,20 @@ impl Writer {
     /// (see [`Open`]).
     fn holds_open(&self) -> bool {
         self.open.as_ref().is_none_or(|o| o.batches + 1 < HOLD_BATCHES && o.since.elapsed() < HOLD_OPEN)
+    }
+
+    /// Commits the acknowledgements the store held past its commits, now
+    /// due, without a sync (as the acknowledgements they are). A failure
+    /// drops them: their messages go again to those brokers.
+    fn write_held_acks(&mut self) {
+        self.store.set_synced(false);
+        match self.store.begin().and_then(|()| self.store.commit()) {
+            Ok(()) => self.unsynced = true,
+            Err(e) => {
+                self.store.rollback();
+                tracing::warn!(error = %e, "outbox: writing held acknowledgements failed; their messages go again to those brokers");
+            }
+        }
     }
 
     /// Commits the transaction left open, without a sync; a failed commit

@@ -4,10 +4,12 @@
 //! multi-row `INSERT`, before the first statement that could see it and
 //! at the latest before the commit. So does a row's new set of
 //! acknowledgements (a broker's acknowledgement that does not finish the
-//! message: in fanout, the first broker's), written with its neighbours'
-//! in one `UPDATE` per run of consecutive ids, unless the row goes first:
-//! when the last broker's acknowledgement comes in the same transaction,
-//! the row is deleted and never updated.
+//! message: in fanout, the first broker's), before the first statement
+//! that could read it, else at the first commit once it has waited
+//! [`ACKS_HELD_AT_MOST`] (the writer commits by then even when idle), in
+//! one `UPDATE` per run of consecutive ids; and never if the row goes
+//! first: the last broker's acknowledgement usually comes within that
+//! time, and the row is deleted instead of updated, then deleted.
 //!
 //! Why: an update of a row by key cost 8,200 instructions, a fifth of a
 //! message published in fanout to two brokers (docs/performance.md,
@@ -30,6 +32,13 @@ use std::sync::{Arc, LazyLock};
 use rusqlite::Connection;
 
 use crate::NewMessage;
+
+/// The longest a broker's acknowledgement that did not finish its
+/// message waits unwritten past commits: what a crash of the process may
+/// take back of them, as of the acknowledgements the writer leaves open
+/// (its `HOLD_OPEN`). Such a message goes again to that broker after the
+/// restart, under the same identity.
+pub const ACKS_HELD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A row waiting for its statement: the id it was given, the message (the
 /// tail shares it) and its encoded properties.

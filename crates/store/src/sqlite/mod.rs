@@ -107,9 +107,12 @@ pub struct SqliteStore {
     /// Plain inserts of the transaction under way not written yet
     /// ([`deferred`]), ids ascending.
     waiting: Vec<deferred::Waiting>,
-    /// Acknowledgements of the transaction under way not written yet
-    /// ([`deferred`]): id -> the row's acknowledgements now.
+    /// Acknowledgements not written yet ([`deferred`]): id -> the row's
+    /// acknowledgements now. Held past commits for at most
+    /// [`deferred::ACKS_HELD_AT_MOST`] from `acks_since`.
     acks_waiting: BTreeMap<u64, u64>,
+    /// When the oldest of `acks_waiting` was recorded.
+    acks_since: Option<std::time::Instant>,
     dir: PathBuf,
     kind: StoreKind,
     _lock: Option<File>,
@@ -159,6 +162,12 @@ impl Drop for SqliteStore {
     /// integrity check (a crash leaves this unsaid). A guest or a
     /// read-only handle says nothing.
     fn drop(&mut self) {
+        // Acknowledgements still held go in before the store closes.
+        if !self.acks_waiting.is_empty() && self.db.is_autocommit() {
+            if let Err(e) = self.in_own_transaction(|s| s.write_acks()) {
+                tracing::warn!(error = %e, "outbox: the last acknowledgements could not be written; their messages are sent again to those brokers");
+            }
+        }
         if self._lock.is_none() || !self.db.is_autocommit() {
             return;
         }
@@ -220,6 +229,7 @@ impl SqliteStore {
             db,
             waiting: Vec::new(),
             acks_waiting: BTreeMap::new(),
+            acks_since: None,
             dir: dir.to_owned(),
             kind,
             _lock: lock,
@@ -450,7 +460,7 @@ impl SqliteStore {
             self.write_waiting()?;
         }
         if !self.acks_waiting.is_empty() {
-            self.write_acks()?;
+            self.write_acks_before_read()?;
         }
         Ok(&self.db)
     }
@@ -464,7 +474,7 @@ impl SqliteStore {
             self.write_waiting()?;
         }
         if self.acks_waiting.first_key_value().is_some_and(|(&a, _)| a <= id) {
-            self.write_acks()?;
+            self.write_acks_before_read()?;
         }
         Ok(&self.db)
     }
@@ -489,12 +499,30 @@ impl SqliteStore {
         }
     }
 
+    /// Whether the commit writes the waiting acknowledgements: once the
+    /// oldest was held for [`deferred::ACKS_HELD_AT_MOST`].
+    fn acks_due(&self) -> bool {
+        !self.acks_waiting.is_empty() && self.acks_since.is_none_or(|t| t.elapsed() >= deferred::ACKS_HELD_AT_MOST)
+    }
+
+    /// Writes the waiting acknowledgements before a statement that may
+    /// read them: in the transaction under way, or, between transactions
+    /// (held past a commit, and a read comes first), in one of their own.
+    fn write_acks_before_read(&mut self) -> Result<(), StoreError> {
+        if self.db.is_autocommit() {
+            self.in_own_transaction(|s| s.write_acks())
+        } else {
+            self.write_acks()
+        }
+    }
+
     /// Writes the waiting acknowledgements; when that fails they stay
     /// waiting, so that the commit fails too (as `write_waiting`).
     fn write_acks(&mut self) -> Result<(), StoreError> {
         match deferred::write_acks(&self.db, &self.acks_waiting) {
             Ok(()) => {
                 self.acks_waiting.clear();
+                self.acks_since = None;
                 Ok(())
             }
             Err(e) => Err(self.map(e)),

@@ -84,7 +84,7 @@ impl Store for SqliteStore {
         // Rows still waiting belong to a transaction that ended without
         // its commit or a rollback (none of the writer's paths): it
         // answered nobody, and all it left in memory goes.
-        if !self.waiting.is_empty() || !self.acks_waiting.is_empty() {
+        if !self.waiting.is_empty() {
             self.rollback();
         }
         self.run_cached("BEGIN IMMEDIATE")?;
@@ -116,7 +116,7 @@ impl Store for SqliteStore {
             || self.ids.unrecorded.is_some()
             || self.source_log.has_writes()
             || !self.waiting.is_empty()
-            || !self.acks_waiting.is_empty()
+            || self.acks_due()
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -126,6 +126,13 @@ impl Store for SqliteStore {
                 self.synced = synced;
             }
         }
+    }
+
+    fn acks_due_at(&self) -> Option<std::time::Instant> {
+        if self.acks_waiting.is_empty() {
+            return None;
+        }
+        Some(self.acks_since.map_or_else(std::time::Instant::now, |t| t + deferred::ACKS_HELD_AT_MOST))
     }
 
     fn rollback(&mut self) {
@@ -846,9 +853,15 @@ impl SqliteStore {
     /// The writes a transaction's commit adds, then the commit: a
     /// bridge's source records of the transaction (one row of their log),
     /// what it queued and removed (the summary row), the highest id it
-    /// handed out; first the inserts still waiting ([`super::deferred`]).
+    /// handed out; first the inserts still waiting, and the waiting
+    /// acknowledgements once held long enough ([`super::deferred`]).
     fn write_and_commit(&mut self) -> Result<(), StoreError> {
-        self.conn()?;
+        if !self.waiting.is_empty() {
+            self.write_waiting()?;
+        }
+        if self.acks_due() {
+            self.write_acks()?;
+        }
         // Its own table (see `conn_apart`).
         self.source_log.write(&self.db).map_err(|e| self.map(e))?;
         let (count, bytes) = std::mem::take(&mut self.queued_delta);
@@ -994,9 +1007,10 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Records the row's acknowledgements: at the latest at the
-    /// transaction's commit, not at all if the row goes before it
-    /// ([`super::deferred`]); at once outside a transaction.
+    /// Records the row's acknowledgements: before any statement that may
+    /// read them, else at the first commit once held for
+    /// [`super::deferred::ACKS_HELD_AT_MOST`], and not at all if the row
+    /// goes first ([`super::deferred`]); at once outside a transaction.
     fn store_acks(&mut self, id: u64, acks: u64) -> Result<(), StoreError> {
         if self.db.is_autocommit() {
             let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
@@ -1004,6 +1018,9 @@ impl SqliteStore {
             drop(stmt);
             r.map_err(|e| self.map(e))?;
         } else {
+            if self.acks_waiting.is_empty() {
+                self.acks_since = Some(std::time::Instant::now());
+            }
             self.acks_waiting.insert(id, acks);
         }
         self.tail.acked(id, acks);

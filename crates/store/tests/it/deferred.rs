@@ -125,7 +125,7 @@ fn a_waiting_row_sqlite_cannot_take_fails_the_commit_and_the_next_transaction_go
 }
 
 #[test]
-fn waiting_acknowledgements_are_seen_by_every_statement_and_committed_unless_their_row_went() {
+fn waiting_acknowledgements_are_seen_by_every_statement_and_written_unless_their_row_went() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = SqliteStore::open(dir.path()).unwrap();
     // Without the tail, every read goes to SQLite.
@@ -164,5 +164,59 @@ fn waiting_acknowledgements_are_seen_by_every_statement_and_committed_unless_the
     let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     let acks: Vec<Option<u64>> = ids.iter().map(|id| store.entry(*id).unwrap().map(|e| e.acks)).collect();
     let (on_a, on_b) = (Some(1u64 << a), Some(1u64 << b));
-    assert_eq!(acks, [None, None, None, on_b, on_a, on_a, on_a], "each row as the commit left it");
+    assert_eq!(acks, [None, None, None, on_b, on_a, on_a, on_a], "each row as the committed transaction left it");
+}
+
+/// The acknowledgements the outbox file holds, by id, read by a
+/// connection of its own (what a restart after a crash would find).
+fn acks_on_disk(dir: &std::path::Path) -> Vec<(u64, u64)> {
+    let raw = rusqlite::Connection::open(dir.join("outbox.db")).unwrap();
+    let mut stmt = raw.prepare("SELECT id, acks FROM outbox ORDER BY id").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+#[test]
+fn a_held_acknowledgement_is_written_once_due_before_any_read_and_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
+    let ids: Vec<u64> = (0..3).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    let mut never = |_: &Entry| false;
+
+    // Held past its commit...
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids, slots[0], &mut never).unwrap();
+    store.commit().unwrap();
+    let due = store.acks_due_at().expect("held");
+    assert_eq!(acks_on_disk(dir.path()), [(ids[0], 0), (ids[1], 0), (ids[2], 0)]);
+    // ... and written by the first commit once due.
+    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+    store.begin().unwrap();
+    store.commit().unwrap();
+    assert_eq!(store.acks_due_at(), None);
+    assert_eq!(acks_on_disk(dir.path()), [(ids[0], a), (ids[1], a), (ids[2], a)]);
+
+    // A read between transactions writes them first, in a transaction of
+    // their own.
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[1..2], slots[1], &mut never).unwrap();
+    store.commit().unwrap();
+    assert!(store.acks_due_at().is_some());
+    assert_eq!(store.entry(ids[1]).unwrap().map(|e| e.acks), Some(a | b));
+    assert_eq!(acks_on_disk(dir.path()), [(ids[0], a), (ids[1], a | b), (ids[2], a)]);
+
+    // A rollback drops what is held (sent again to that broker).
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[..1], slots[1], &mut never).unwrap();
+    store.rollback();
+    assert_eq!(store.acks_due_at(), None);
+
+    // The store closes with them written.
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[2..], slots[1], &mut never).unwrap();
+    store.commit().unwrap();
+    drop(store);
+    assert_eq!(acks_on_disk(dir.path()), [(ids[0], a), (ids[1], a | b), (ids[2], a | b)]);
 }

@@ -197,3 +197,31 @@ fn a_message_held_for_another_broker_set_is_not_completed_by_this_sets_acks() {
         close(o).await;
     });
 }
+
+#[test]
+fn a_first_brokers_acknowledgement_reaches_the_disk_when_nothing_else_comes() {
+    let dir = tempfile::tempdir().unwrap();
+    let on_disk = |id: u64| -> u64 {
+        let raw = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+        raw.query_row("SELECT acks FROM outbox WHERE id = ?1", [id], |r| r.get(0)).unwrap()
+    };
+    block_on(async {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let (o, a, _b) = routed(Box::new(store), quorum(2, None)).await;
+        let id = o.append(msg("t", "x"), false).0.await.unwrap();
+        // A's acknowledgement does not finish it; the store holds it
+        // unwritten for a moment, past the synced commit of the message
+        // after it (the writer's idle sync then has nothing to do), and
+        // the idle writer then commits it.
+        o.ack(a, vec![id]);
+        o.append(msg("t", "y"), false).0.await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while on_disk(id) != 1 << a {
+            assert!(std::time::Instant::now() < deadline, "A's acknowledgement never reached the file");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(o.state().totals.count, 2, "queued until B acknowledges");
+        let o2 = o.clone();
+        tokio::task::spawn_blocking(move || o2.close()).await.unwrap();
+    });
+}

@@ -1,15 +1,15 @@
-//! Inserts and acknowledgements written together: inside a transaction,
+//! Inserts and acknowledgements written together. Inside a transaction,
 //! a plain message's row (content and properties only, see [`is_plain`])
 //! waits in memory and goes to SQLite with the ones after it in one
 //! multi-row `INSERT`, before the first statement that could see it and
-//! at the latest before the commit. So does a row's new set of
-//! acknowledgements (a broker's acknowledgement that does not finish the
-//! message: in fanout, the first broker's), before the first statement
-//! that could read it, else at the first commit once it has waited
-//! [`ACKS_HELD_AT_MOST`] (the writer commits by then even when idle), in
-//! one `UPDATE` per run of consecutive ids; and never if the row goes
-//! first: the last broker's acknowledgement usually comes within that
-//! time, and the row is deleted instead of updated, then deleted.
+//! at the latest before the commit. A row's new set of acknowledgements
+//! (a broker's acknowledgement that does not finish the message: in
+//! fanout, the first broker's) waits too, in one `UPDATE` per run of
+//! consecutive ids: before the first statement that could read it, else
+//! at the first commit once it has waited [`ACKS_HELD_AT_MOST`] (past
+//! earlier commits; the writer commits by then even when idle), and never
+//! if the row goes first: the last broker's acknowledgement usually comes
+//! within that time, and the row is deleted without being updated.
 //!
 //! Why: an update of a row by key cost 8,200 instructions, a fifth of a
 //! message published in fanout to two brokers (docs/performance.md,

@@ -77,6 +77,9 @@ pub(super) struct Writer {
     pub(super) unsynced: bool,
     /// A transaction of bookkeeping left open for the batches after it.
     pub(super) open: Option<Open>,
+    /// Held acknowledgements whose commit failed are tried again from
+    /// then on ([`Writer::write_held_acks`]).
+    pub(super) held_acks_retry: Option<std::time::Instant>,
     pub(super) timings: Timings,
 }
 
@@ -194,6 +197,7 @@ impl Writer {
             synced_at: std::time::Instant::now(),
             unsynced: false,
             open: None,
+            held_acks_retry: None,
             timings: Timings::new(),
         };
         Ok((writer, state))
@@ -218,7 +222,7 @@ impl Writer {
                 Some(o) => wait.min(HOLD_OPEN.saturating_sub(o.since.elapsed())),
                 None => wait,
             };
-            let wait = match self.store.acks_due_at() {
+            let wait = match self.held_acks_due() {
                 Some(at) => wait.min(at.saturating_duration_since(std::time::Instant::now())),
                 None => wait,
             };
@@ -237,7 +241,7 @@ impl Writer {
                 // the acknowledgements the store held once they are due.
                 if self.open.is_some() {
                     self.commit_open();
-                } else if self.store.acks_due_at().is_some_and(|at| at <= std::time::Instant::now()) {
+                } else if self.held_acks_due().is_some_and(|at| at <= std::time::Instant::now()) {
                     self.write_held_acks();
                 } else {
                     self.sync_idle();
@@ -392,16 +396,29 @@ impl Writer {
         self.open.as_ref().is_none_or(|o| o.batches + 1 < HOLD_BATCHES && o.since.elapsed() < HOLD_OPEN)
     }
 
+    /// When the writer commits the acknowledgements the store holds past
+    /// its commits, if nothing else does first: when they are due, or a
+    /// second after a commit of them failed.
+    fn held_acks_due(&self) -> Option<std::time::Instant> {
+        let due = self.store.acks_due_at()?;
+        Some(self.held_acks_retry.map_or(due, |retry| due.max(retry)))
+    }
+
     /// Commits the acknowledgements the store held past its commits, now
     /// due, without a sync (as the acknowledgements they are). A failure
-    /// drops them: their messages go again to those brokers.
+    /// leaves them held (the store's rollback keeps what earlier commits
+    /// held), tried again a second later.
     fn write_held_acks(&mut self) {
         self.store.set_synced(false);
         match self.store.begin().and_then(|()| self.store.commit()) {
-            Ok(()) => self.unsynced = true,
+            Ok(()) => {
+                self.unsynced = true;
+                self.held_acks_retry = None;
+            }
             Err(e) => {
                 self.store.rollback();
-                tracing::warn!(error = %e, "outbox: writing held acknowledgements failed; their messages go again to those brokers");
+                self.held_acks_retry = Some(std::time::Instant::now() + std::time::Duration::from_secs(1));
+                tracing::warn!(error = %e, "outbox: writing held acknowledgements failed; tried again in a second");
             }
         }
     }

@@ -116,24 +116,31 @@ pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()>
     Ok(())
 }
 
-/// Writes waiting acknowledgements (id -> the row's acknowledgements): one
-/// `UPDATE` per run of consecutive ids that hold the same set. A row that
-/// is gone is not written (nothing to update).
-pub(super) fn write_acks(conn: &Connection, acks: &BTreeMap<u64, u64>) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?3 WHERE id >= ?1 AND id <= ?2")?;
-    let mut run: Option<(u64, u64, u64)> = None;
-    for (&id, &set) in acks {
+/// Acknowledgements waiting to be written: id -> (the row's set as the
+/// database holds it, the set now).
+pub(super) type HeldAcks = BTreeMap<u64, (u64, u64)>;
+
+/// Writes waiting acknowledgements: one `UPDATE` per run of consecutive
+/// ids with the same sets. Only a row that still holds the set it had
+/// when the acknowledgement came is written: another process may have
+/// committed a change since (a joined `pub`'s receipt sweep publishing a
+/// message again, which clears them), and that change stands. A row that
+/// is gone is not written either (nothing to update).
+pub(super) fn write_acks(conn: &Connection, acks: &HeldAcks) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks = ?3")?;
+    let mut run: Option<(u64, u64, (u64, u64))> = None;
+    let mut write = |(first, last, (old, new)): (u64, u64, (u64, u64))| {
+        stmt.execute(rusqlite::params![first, last, old as i64, new as i64]).map(|_| ())
+    };
+    for (&id, &sets) in acks {
         run = match run {
-            Some((first, last, same)) if same == set && last.checked_add(1) == Some(id) => Some((first, id, same)),
-            Some((first, last, same)) => {
-                stmt.execute(rusqlite::params![first, last, same as i64])?;
-                Some((id, id, set))
+            Some((first, last, same)) if same == sets && last.checked_add(1) == Some(id) => Some((first, id, same)),
+            Some(done) => {
+                write(done)?;
+                Some((id, id, sets))
             }
-            None => Some((id, id, set)),
+            None => Some((id, id, sets)),
         };
     }
-    if let Some((first, last, same)) = run {
-        stmt.execute(rusqlite::params![first, last, same as i64])?;
-    }
-    Ok(())
+    run.map_or(Ok(()), write)
 }

@@ -108,11 +108,17 @@ pub struct SqliteStore {
     /// ([`deferred`]), ids ascending.
     waiting: Vec<deferred::Waiting>,
     /// Acknowledgements not written yet ([`deferred`]): id -> the row's
-    /// acknowledgements now. Held past commits for at most
-    /// [`deferred::ACKS_HELD_AT_MOST`] from `acks_since`.
-    acks_waiting: BTreeMap<u64, u64>,
+    /// acknowledgements as the database holds them, and as they are now.
+    /// Held past commits for at most `acks_hold` from `acks_since`.
+    acks_waiting: deferred::HeldAcks,
     /// When the oldest of `acks_waiting` was recorded.
     acks_since: Option<std::time::Instant>,
+    /// [`deferred::ACKS_HELD_AT_MOST`], or what a test set.
+    acks_hold: std::time::Duration,
+    /// `acks_waiting` and `acks_since` as the transaction under way found
+    /// them, taken at its first change of them: what a rollback puts back
+    /// (held acknowledgements of committed transactions are not undone).
+    acks_before: Option<(deferred::HeldAcks, Option<std::time::Instant>)>,
     dir: PathBuf,
     kind: StoreKind,
     _lock: Option<File>,
@@ -230,6 +236,8 @@ impl SqliteStore {
             waiting: Vec::new(),
             acks_waiting: BTreeMap::new(),
             acks_since: None,
+            acks_hold: deferred::ACKS_HELD_AT_MOST,
+            acks_before: None,
             dir: dir.to_owned(),
             kind,
             _lock: lock,
@@ -393,6 +401,14 @@ impl SqliteStore {
         self
     }
 
+    /// This store holding acknowledgements for `hold` instead of
+    /// [`deferred::ACKS_HELD_AT_MOST`], so that tests decide when they
+    /// are due.
+    #[doc(hidden)]
+    pub fn hold_acks_for(&mut self, hold: std::time::Duration) {
+        self.acks_hold = hold;
+    }
+
     /// Whether the tail may answer now. Inside a transaction, `begin`
     /// looked for other connections' commits (none can come before its
     /// end); outside one, this looks now.
@@ -500,9 +516,17 @@ impl SqliteStore {
     }
 
     /// Whether the commit writes the waiting acknowledgements: once the
-    /// oldest was held for [`deferred::ACKS_HELD_AT_MOST`].
+    /// oldest was held for `acks_hold`.
     fn acks_due(&self) -> bool {
-        !self.acks_waiting.is_empty() && self.acks_since.is_none_or(|t| t.elapsed() >= deferred::ACKS_HELD_AT_MOST)
+        !self.acks_waiting.is_empty() && self.acks_since.is_none_or(|t| t.elapsed() >= self.acks_hold)
+    }
+
+    /// Before the transaction under way first changes the waiting
+    /// acknowledgements: what a rollback puts back.
+    fn acks_change(&mut self) {
+        if self.acks_before.is_none() && !self.db.is_autocommit() {
+            self.acks_before = Some((self.acks_waiting.clone(), self.acks_since));
+        }
     }
 
     /// Writes the waiting acknowledgements before a statement that may
@@ -521,6 +545,7 @@ impl SqliteStore {
     fn write_acks(&mut self) -> Result<(), StoreError> {
         match deferred::write_acks(&self.db, &self.acks_waiting) {
             Ok(()) => {
+                self.acks_change();
                 self.acks_waiting.clear();
                 self.acks_since = None;
                 Ok(())

@@ -84,7 +84,7 @@ impl Store for SqliteStore {
         // Rows still waiting belong to a transaction that ended without
         // its commit or a rollback (none of the writer's paths): it
         // answered nobody, and all it left in memory goes.
-        if !self.waiting.is_empty() {
+        if !self.waiting.is_empty() || self.acks_before.is_some() {
             self.rollback();
         }
         self.run_cached("BEGIN IMMEDIATE")?;
@@ -100,7 +100,9 @@ impl Store for SqliteStore {
 
     fn commit(&mut self) -> Result<(), StoreError> {
         let r = self.write_and_commit();
-        if r.is_err() {
+        if r.is_ok() {
+            self.acks_before = None;
+        } else {
             // What memory holds may no longer be what the file does.
             self.forget_ids();
             self.source_log.forget();
@@ -132,12 +134,17 @@ impl Store for SqliteStore {
         if self.acks_waiting.is_empty() {
             return None;
         }
-        Some(self.acks_since.map_or_else(std::time::Instant::now, |t| t + deferred::ACKS_HELD_AT_MOST))
+        Some(self.acks_since.map_or_else(std::time::Instant::now, |t| t + self.acks_hold))
     }
 
     fn rollback(&mut self) {
         self.waiting.clear();
-        self.acks_waiting.clear();
+        // What this transaction held goes; what earlier ones held stays
+        // (their acknowledgements came, and are written later).
+        if let Some((held, since)) = self.acks_before.take() {
+            self.acks_waiting = held;
+            self.acks_since = since;
+        }
         self.queued_delta = (0, 0);
         self.forget_ids();
         self.ids.unrecorded = None;
@@ -253,7 +260,7 @@ impl Store for SqliteStore {
         let before = e.acks;
         self.apply_ack(id, slot, qos, &mut e)?;
         if e.acks != before {
-            self.store_acks(id, e.acks)?;
+            self.store_acks(id, before, e.acks)?;
         }
         Ok(Some(e))
     }
@@ -277,7 +284,7 @@ impl Store for SqliteStore {
             return Ok(Some((e, true)));
         }
         if e.acks != before {
-            self.store_acks(id, e.acks)?;
+            self.store_acks(id, before, e.acks)?;
         }
         Ok(Some((e, false)))
     }
@@ -911,13 +918,14 @@ impl SqliteStore {
                 continue;
             }
             if e.acks != before {
-                self.store_acks(id, e.acks)?;
+                self.store_acks(id, before, e.acks)?;
             }
             out.push((id, Some((e, false))));
         }
         let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
         for gone in runs(&ids) {
-            if !self.acks_waiting.is_empty() {
+            if self.acks_waiting.range(gone[0]..=gone[gone.len() - 1]).next().is_some() {
+                self.acks_change();
                 for id in gone {
                     self.acks_waiting.remove(id);
                 }
@@ -1011,17 +1019,21 @@ impl SqliteStore {
     /// read them, else at the first commit once held for
     /// [`super::deferred::ACKS_HELD_AT_MOST`], and not at all if the row
     /// goes first ([`super::deferred`]); at once outside a transaction.
-    fn store_acks(&mut self, id: u64, acks: u64) -> Result<(), StoreError> {
+    fn store_acks(&mut self, id: u64, before: u64, acks: u64) -> Result<(), StoreError> {
         if self.db.is_autocommit() {
             let mut stmt = self.conn_below(id)?.prepare_cached("UPDATE outbox SET acks = ?2 WHERE id = ?1")?;
             let r = stmt.execute(params![id, acks as i64]);
             drop(stmt);
             r.map_err(|e| self.map(e))?;
         } else {
+            self.acks_change();
             if self.acks_waiting.is_empty() {
                 self.acks_since = Some(std::time::Instant::now());
             }
-            self.acks_waiting.insert(id, acks);
+            // `before` is what the tail held, which is what waits when
+            // anything does: the row's own set is the one first held.
+            let on_disk = self.acks_waiting.get(&id).map_or(before, |(on_disk, _)| *on_disk);
+            self.acks_waiting.insert(id, (on_disk, acks));
         }
         self.tail.acked(id, acks);
         Ok(())
@@ -1038,7 +1050,10 @@ impl SqliteStore {
             r.map_err(|e| self.map(e))?;
         }
         // Its waiting acknowledgements go with it, unwritten.
-        self.acks_waiting.remove(&id);
+        if self.acks_waiting.contains_key(&id) {
+            self.acks_change();
+            self.acks_waiting.remove(&id);
+        }
         let mut stmt = self.conn_below(id)?.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);

@@ -28,6 +28,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
@@ -38,7 +39,7 @@ use crate::NewMessage;
 /// take back of them, as of the acknowledgements the writer leaves open
 /// (its `HOLD_OPEN`). Such a message goes again to that broker after the
 /// restart, under the same identity.
-pub const ACKS_HELD_AT_MOST: std::time::Duration = std::time::Duration::from_millis(1);
+pub const ACKS_HELD_AT_MOST: Duration = Duration::from_millis(1);
 
 /// A row waiting for its statement: the id it was given, the message (the
 /// tail shares it) and its encoded properties.
@@ -116,31 +117,138 @@ pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()>
     Ok(())
 }
 
-/// Acknowledgements waiting to be written: id -> (the row's set as the
-/// database holds it, the set now).
-pub(super) type HeldAcks = BTreeMap<u64, (u64, u64)>;
+/// Sets of acknowledgements, id -> (the row's set as the database holds
+/// it, the set now).
+type Sets = BTreeMap<u64, (u64, u64)>;
 
-/// Writes waiting acknowledgements: one `UPDATE` per run of consecutive
-/// ids with the same sets. Only a row that still holds the set it had
-/// when the acknowledgement came is written: another process may have
-/// committed a change since (a joined `pub`'s receipt sweep publishing a
-/// message again, which clears them), and that change stands. A row that
-/// is gone is not written either (nothing to update).
-pub(super) fn write_acks(conn: &Connection, acks: &HeldAcks) -> rusqlite::Result<()> {
-    let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks = ?3")?;
-    let mut run: Option<(u64, u64, (u64, u64))> = None;
-    let mut write = |(first, last, (old, new)): (u64, u64, (u64, u64))| {
-        stmt.execute(rusqlite::params![first, last, old as i64, new as i64]).map(|_| ())
-    };
-    for (&id, &sets) in acks {
-        run = match run {
-            Some((first, last, same)) if same == sets && last.checked_add(1) == Some(id) => Some((first, id, same)),
-            Some(done) => {
-                write(done)?;
-                Some((id, id, sets))
-            }
-            None => Some((id, id, sets)),
-        };
+/// The acknowledgements waiting to be written (see the module).
+#[derive(Debug)]
+pub(super) struct HeldAcks {
+    sets: Sets,
+    /// When the oldest of `sets` was recorded.
+    since: Option<Instant>,
+    /// How long they may wait past commits: [`ACKS_HELD_AT_MOST`], or
+    /// what a test set.
+    hold: Duration,
+    /// `sets` and `since` as the transaction under way found them, taken
+    /// at its first change of them: what a rollback puts back (what
+    /// committed transactions held is not undone).
+    before: Option<(Sets, Option<Instant>)>,
+}
+
+impl HeldAcks {
+    pub(super) fn new() -> HeldAcks {
+        HeldAcks { sets: BTreeMap::new(), since: None, hold: ACKS_HELD_AT_MOST, before: None }
     }
-    run.map_or(Ok(()), write)
+
+    pub(super) fn set_hold(&mut self, hold: Duration) {
+        self.hold = hold;
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Whether one of them is at or below `id`.
+    pub(super) fn any_at_or_below(&self, id: u64) -> bool {
+        self.sets.first_key_value().is_some_and(|(&a, _)| a <= id)
+    }
+
+    /// When they are due: the first commit from then on writes them.
+    pub(super) fn due_at(&self) -> Option<Instant> {
+        if self.sets.is_empty() {
+            return None;
+        }
+        Some(self.since.map_or_else(Instant::now, |t| t + self.hold))
+    }
+
+    /// Whether the commit writes them now.
+    pub(super) fn due(&self) -> bool {
+        self.due_at().is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Inside a transaction: `id`'s set went from `before` (as the tail
+    /// held it, which is what waits when anything does) to `now`.
+    pub(super) fn record(&mut self, id: u64, before: u64, now: u64) {
+        self.change();
+        if self.sets.is_empty() {
+            self.since = Some(Instant::now());
+        }
+        // The row's own set is the one first held.
+        let on_disk = self.sets.get(&id).map_or(before, |(on_disk, _)| *on_disk);
+        self.sets.insert(id, (on_disk, now));
+    }
+
+    /// The rows from `first` to `last` go: what waits for them goes
+    /// unwritten. `in_transaction`: a rollback may put it back.
+    pub(super) fn forget(&mut self, first: u64, last: u64, in_transaction: bool) {
+        let gone: Vec<u64> = self.sets.range(first..=last).map(|(id, _)| *id).collect();
+        if gone.is_empty() {
+            return;
+        }
+        if in_transaction {
+            self.change();
+        }
+        for id in gone {
+            self.sets.remove(&id);
+        }
+    }
+
+    /// Writes them (inside a transaction), one `UPDATE` per run of
+    /// consecutive ids with the same sets. Only a row that still holds
+    /// the set it had when the acknowledgement came is written: another
+    /// process may have committed a change since (a joined `pub`'s
+    /// receipt sweep publishing a message again, which clears them), and
+    /// that change stands. A row that is gone is not written either
+    /// (nothing to update). When this fails they stay waiting, so that
+    /// the commit fails too.
+    pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks = ?3")?;
+        let mut run: Option<(u64, u64, (u64, u64))> = None;
+        let mut write = |(first, last, (old, new)): (u64, u64, (u64, u64))| {
+            stmt.execute(rusqlite::params![first, last, old as i64, new as i64]).map(|_| ())
+        };
+        for (&id, &sets) in &self.sets {
+            run = match run {
+                Some((first, last, same)) if same == sets && last.checked_add(1) == Some(id) => Some((first, id, same)),
+                Some(done) => {
+                    write(done)?;
+                    Some((id, id, sets))
+                }
+                None => Some((id, id, sets)),
+            };
+        }
+        run.map_or(Ok(()), write)?;
+        self.change();
+        self.sets.clear();
+        self.since = None;
+        Ok(())
+    }
+
+    /// Whether a transaction changed them and ended with neither its
+    /// commit nor its rollback.
+    pub(super) fn left_open(&self) -> bool {
+        self.before.is_some()
+    }
+
+    /// The transaction's commit succeeded: its changes stand.
+    pub(super) fn committed(&mut self) {
+        self.before = None;
+    }
+
+    /// The transaction rolled back: what it held goes, what earlier ones
+    /// held stays (their acknowledgements came, and are written later).
+    pub(super) fn rolled_back(&mut self) {
+        if let Some((sets, since)) = self.before.take() {
+            self.sets = sets;
+            self.since = since;
+        }
+    }
+
+    /// Before the transaction under way first changes them.
+    fn change(&mut self) {
+        if self.before.is_none() {
+            self.before = Some((self.sets.clone(), self.since));
+        }
+    }
 }

@@ -28,7 +28,6 @@ mod schema;
 mod sources;
 mod tail;
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -107,18 +106,9 @@ pub struct SqliteStore {
     /// Plain inserts of the transaction under way not written yet
     /// ([`deferred`]), ids ascending.
     waiting: Vec<deferred::Waiting>,
-    /// Acknowledgements not written yet ([`deferred`]): id -> the row's
-    /// acknowledgements as the database holds them, and as they are now.
-    /// Held past commits for at most `acks_hold` from `acks_since`.
-    acks_waiting: deferred::HeldAcks,
-    /// When the oldest of `acks_waiting` was recorded.
-    acks_since: Option<std::time::Instant>,
-    /// [`deferred::ACKS_HELD_AT_MOST`], or what a test set.
-    acks_hold: std::time::Duration,
-    /// `acks_waiting` and `acks_since` as the transaction under way found
-    /// them, taken at its first change of them: what a rollback puts back
-    /// (held acknowledgements of committed transactions are not undone).
-    acks_before: Option<(deferred::HeldAcks, Option<std::time::Instant>)>,
+    /// Acknowledgements not written yet ([`deferred`]), held past commits
+    /// for at most [`deferred::ACKS_HELD_AT_MOST`].
+    held_acks: deferred::HeldAcks,
     dir: PathBuf,
     kind: StoreKind,
     _lock: Option<File>,
@@ -169,8 +159,8 @@ impl Drop for SqliteStore {
     /// read-only handle says nothing.
     fn drop(&mut self) {
         // Acknowledgements still held go in before the store closes.
-        if !self.acks_waiting.is_empty() && self.db.is_autocommit() {
-            if let Err(e) = self.in_own_transaction(|s| s.write_acks()) {
+        if !self.held_acks.is_empty() && self.db.is_autocommit() {
+            if let Err(e) = self.write_acks_before_read() {
                 tracing::warn!(error = %e, "outbox: the last acknowledgements could not be written; their messages are sent again to those brokers");
             }
         }
@@ -234,10 +224,7 @@ impl SqliteStore {
         SqliteStore {
             db,
             waiting: Vec::new(),
-            acks_waiting: BTreeMap::new(),
-            acks_since: None,
-            acks_hold: deferred::ACKS_HELD_AT_MOST,
-            acks_before: None,
+            held_acks: deferred::HeldAcks::new(),
             dir: dir.to_owned(),
             kind,
             _lock: lock,
@@ -406,7 +393,7 @@ impl SqliteStore {
     /// are due.
     #[doc(hidden)]
     pub fn hold_acks_for(&mut self, hold: std::time::Duration) {
-        self.acks_hold = hold;
+        self.held_acks.set_hold(hold);
     }
 
     /// Whether the tail may answer now. Inside a transaction, `begin`
@@ -475,7 +462,7 @@ impl SqliteStore {
         if !self.waiting.is_empty() {
             self.write_waiting()?;
         }
-        if !self.acks_waiting.is_empty() {
+        if !self.held_acks.is_empty() {
             self.write_acks_before_read()?;
         }
         Ok(&self.db)
@@ -489,7 +476,7 @@ impl SqliteStore {
         if self.waiting.first().is_some_and(|w| w.id <= id) {
             self.write_waiting()?;
         }
-        if self.acks_waiting.first_key_value().is_some_and(|(&a, _)| a <= id) {
+        if self.held_acks.any_at_or_below(id) {
             self.write_acks_before_read()?;
         }
         Ok(&self.db)
@@ -515,20 +502,6 @@ impl SqliteStore {
         }
     }
 
-    /// Whether the commit writes the waiting acknowledgements: once the
-    /// oldest was held for `acks_hold`.
-    fn acks_due(&self) -> bool {
-        !self.acks_waiting.is_empty() && self.acks_since.is_none_or(|t| t.elapsed() >= self.acks_hold)
-    }
-
-    /// Before the transaction under way first changes the waiting
-    /// acknowledgements: what a rollback puts back.
-    fn acks_change(&mut self) {
-        if self.acks_before.is_none() && !self.db.is_autocommit() {
-            self.acks_before = Some((self.acks_waiting.clone(), self.acks_since));
-        }
-    }
-
     /// Writes the waiting acknowledgements before a statement that may
     /// read them: in the transaction under way, or, between transactions
     /// (held past a commit, and a read comes first), in one of their own.
@@ -543,15 +516,8 @@ impl SqliteStore {
     /// Writes the waiting acknowledgements; when that fails they stay
     /// waiting, so that the commit fails too (as `write_waiting`).
     fn write_acks(&mut self) -> Result<(), StoreError> {
-        match deferred::write_acks(&self.db, &self.acks_waiting) {
-            Ok(()) => {
-                self.acks_change();
-                self.acks_waiting.clear();
-                self.acks_since = None;
-                Ok(())
-            }
-            Err(e) => Err(self.map(e)),
-        }
+        let r = self.held_acks.write(&self.db);
+        r.map_err(|e| self.map(e))
     }
 
     fn map(&self, e: rusqlite::Error) -> StoreError {

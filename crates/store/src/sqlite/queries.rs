@@ -84,7 +84,7 @@ impl Store for SqliteStore {
         // Rows still waiting belong to a transaction that ended without
         // its commit or a rollback (none of the writer's paths): it
         // answered nobody, and all it left in memory goes.
-        if !self.waiting.is_empty() || self.acks_before.is_some() {
+        if !self.waiting.is_empty() || self.held_acks.left_open() {
             self.rollback();
         }
         self.run_cached("BEGIN IMMEDIATE")?;
@@ -101,7 +101,7 @@ impl Store for SqliteStore {
     fn commit(&mut self) -> Result<(), StoreError> {
         let r = self.write_and_commit();
         if r.is_ok() {
-            self.acks_before = None;
+            self.held_acks.committed();
         } else {
             // What memory holds may no longer be what the file does.
             self.forget_ids();
@@ -118,7 +118,7 @@ impl Store for SqliteStore {
             || self.ids.unrecorded.is_some()
             || self.source_log.has_writes()
             || !self.waiting.is_empty()
-            || self.acks_due()
+            || self.held_acks.due()
     }
 
     fn set_synced(&mut self, synced: bool) {
@@ -131,20 +131,12 @@ impl Store for SqliteStore {
     }
 
     fn acks_due_at(&self) -> Option<std::time::Instant> {
-        if self.acks_waiting.is_empty() {
-            return None;
-        }
-        Some(self.acks_since.map_or_else(std::time::Instant::now, |t| t + self.acks_hold))
+        self.held_acks.due_at()
     }
 
     fn rollback(&mut self) {
         self.waiting.clear();
-        // What this transaction held goes; what earlier ones held stays
-        // (their acknowledgements came, and are written later).
-        if let Some((held, since)) = self.acks_before.take() {
-            self.acks_waiting = held;
-            self.acks_since = since;
-        }
+        self.held_acks.rolled_back();
         self.queued_delta = (0, 0);
         self.forget_ids();
         self.ids.unrecorded = None;
@@ -866,7 +858,7 @@ impl SqliteStore {
         if !self.waiting.is_empty() {
             self.write_waiting()?;
         }
-        if self.acks_due() {
+        if self.held_acks.due() {
             self.write_acks()?;
         }
         // Its own table (see `conn_apart`).
@@ -924,12 +916,8 @@ impl SqliteStore {
         }
         let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
         for gone in runs(&ids) {
-            if self.acks_waiting.range(gone[0]..=gone[gone.len() - 1]).next().is_some() {
-                self.acks_change();
-                for id in gone {
-                    self.acks_waiting.remove(id);
-                }
-            }
+            let in_transaction = !self.db.is_autocommit();
+            self.held_acks.forget(gone[0], gone[gone.len() - 1], in_transaction);
             let mut stmt = self
                 .conn_below(gone[gone.len() - 1])?
                 .prepare_cached("DELETE FROM outbox WHERE id >= ?1 AND id <= ?2")?;
@@ -1026,14 +1014,7 @@ impl SqliteStore {
             drop(stmt);
             r.map_err(|e| self.map(e))?;
         } else {
-            self.acks_change();
-            if self.acks_waiting.is_empty() {
-                self.acks_since = Some(std::time::Instant::now());
-            }
-            // `before` is what the tail held, which is what waits when
-            // anything does: the row's own set is the one first held.
-            let on_disk = self.acks_waiting.get(&id).map_or(before, |(on_disk, _)| *on_disk);
-            self.acks_waiting.insert(id, (on_disk, acks));
+            self.held_acks.record(id, before, acks);
         }
         self.tail.acked(id, acks);
         Ok(())
@@ -1050,10 +1031,8 @@ impl SqliteStore {
             r.map_err(|e| self.map(e))?;
         }
         // Its waiting acknowledgements go with it, unwritten.
-        if self.acks_waiting.contains_key(&id) {
-            self.acks_change();
-            self.acks_waiting.remove(&id);
-        }
+        let in_transaction = !self.db.is_autocommit();
+        self.held_acks.forget(id, id, in_transaction);
         let mut stmt = self.conn_below(id)?.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
         let r = stmt.execute([id]);
         drop(stmt);

@@ -1,11 +1,13 @@
-//! The consumer process: its inbox (what is committed survives a crash),
-//! the dispatch engine that the real consumer runs, and an application
-//! that takes a while to handle each delivery.
+//! The consumer process: its inbox (what is committed survives a crash,
+//! but what a record without a sync committed only once a synced record
+//! followed it: a crash here may be a power cut), the dispatch engine that
+//! the real consumer runs, and an application that takes a while to handle
+//! each delivery.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
-use steadfast_core::engine::{Delivered, Dispatch, DispatchConfig};
+use steadfast_core::engine::{Delivered, Dispatch, DispatchConfig, Record as InboxRecord};
 use steadfast_core::Identity;
 
 /// The producer's id in every identity.
@@ -38,14 +40,20 @@ impl Delivered for Del {
     }
 }
 
-/// An inbox record under way, and when it is on disk.
-pub type Record = (u64, Vec<(Identity, Token)>);
+/// An inbox record under way: when it lands, and, synced, the number of
+/// unsynced landings before it was asked for (what its sync covers).
+pub type Record = (u64, u64, InboxRecord<Token>);
 
 /// The consumer process.
 pub struct Consumer {
     pub engine: Option<Dispatch<Del>>,
-    /// Identities on disk in the inbox.
+    /// Identities in the inbox (those in `unsynced` too).
     pub inbox: BTreeSet<u64>,
+    /// Identities recorded without a sync, in the order they landed (with
+    /// the landing's number), that no synced record covers yet.
+    pub unsynced: VecDeque<(u64, u64)>,
+    /// Unsynced landings so far.
+    pub landings: u64,
     /// Deliveries in the application's hands, and when it is done with each.
     pub app: VecDeque<(u64, Del)>,
     /// Inbox records being written.
@@ -64,6 +72,8 @@ impl Consumer {
         let mut c = Consumer {
             engine: None,
             inbox: BTreeSet::new(),
+            unsynced: VecDeque::new(),
+            landings: 0,
             app: VecDeque::new(),
             records: VecDeque::new(),
             rerecord: BTreeSet::new(),
@@ -100,12 +110,20 @@ impl Consumer {
         self.app.clear();
         let mut unwritten: Vec<u64> = std::mem::take(&mut self.rerecord).into_iter().collect();
         unwritten.extend(waiting);
-        for (_, batch) in self.records.drain(..) {
-            let ids = batch.into_iter().map(|(i, _)| i.seq);
+        for (_, _, record) in self.records.drain(..) {
+            let ids = record.ids.into_iter().map(|(i, _)| i.seq);
             if rng.bool() {
                 self.inbox.extend(ids);
             } else {
                 unwritten.extend(ids);
+            }
+        }
+        // A power cut: what no sync covered may be gone, each record's
+        // identities or not (modelled per identity: a superset).
+        for (_, seq) in self.unsynced.drain(..) {
+            if rng.bool() {
+                self.inbox.remove(&seq);
+                unwritten.push(seq);
             }
         }
         unwritten

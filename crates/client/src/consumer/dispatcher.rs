@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use steadfast_core::engine::{Answer, Counter, Delivered, Dispatch, DispatchOp};
+use steadfast_core::engine::{Answer, Counter, Delivered, Dispatch, DispatchOp, Record};
 use steadfast_core::receipt::receipt_topic;
 use steadfast_core::receipt::ReceiptBatch;
 use steadfast_core::{ConsumerReceipt, Identity, ReceiptBatcher};
@@ -348,20 +348,21 @@ impl Dispatcher {
     /// ack waits for it beyond the acks allowed ahead of their record, and
     /// a receipt always does: G4, G5, G8); the outcome goes back to the
     /// engine.
-    fn record(&self, batch: Vec<(Identity, Token)>) {
+    fn record(&self, record: Record<Token>) {
         if self.group.is_some() && self.cfg.records_in_transaction {
             // Recorded in the application's transaction before its ack.
-            let _ = self.cmds.send(Cmd::Recorded(batch, true));
+            let _ = self.cmds.send(Cmd::Recorded(record, true));
             return;
         }
         let outbox = self.outbox.clone();
         let group = self.group.clone();
         let back = self.cmds.clone();
         tokio::spawn(async move {
-            let ids: Vec<(String, u64)> = batch.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
+            let ids: Vec<(String, u64)> = record.ids.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
             let done = match &group {
                 Some(g) => g.record(&ids).await.map_err(|e| e.to_string()),
-                None => outbox.inbox_record(ids).await.map_err(|e| e.to_string()),
+                None if record.sync => outbox.inbox_record(ids).await.map_err(|e| e.to_string()),
+                None => outbox.inbox_record_unsynced(ids).await.map_err(|e| e.to_string()),
             };
             let ok = match done {
                 Ok(()) => true,
@@ -370,7 +371,7 @@ impl Dispatcher {
                     false
                 }
             };
-            let _ = back.send(Cmd::Recorded(batch, ok));
+            let _ = back.send(Cmd::Recorded(record, ok));
         });
     }
 }

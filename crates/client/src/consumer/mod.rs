@@ -159,7 +159,7 @@ enum Cmd {
         identity: Option<Identity>,
     },
     Retry(Box<Pending>),
-    Recorded(Vec<(Identity, Token)>, bool),
+    Recorded(steadfast_core::engine::Record<Token>, bool),
     /// Close: finish the acknowledgements under way, then answer.
     Flush(oneshot::Sender<()>),
     /// Publish this on every broker's session (QoS 1, not stored): a

@@ -5,7 +5,11 @@
 //! recorded in the inbox (G5): the acknowledgement may leave before the
 //! record is on disk for at most [`DispatchConfig::acks_ahead`] identities
 //! at a time, so that the inbox's commit is not on the broker's round trip;
-//! receipts always wait for the record. It gives refused deliveries back
+//! receipts always wait for the record. A record of identities that were
+//! all acknowledged ahead needs no sync of its own ([`Record::sync`]): a
+//! synced record follows once [`UNSYNCED_ROOMS`] rooms of them wait for
+//! one, so that the disk syncs once per so many identities, not once per
+//! commit. It gives refused deliveries back
 //! after a pause, and watches each producer's sequence for gaps (G6).
 //!
 //! Inputs: deliveries with what the inbox said of them
@@ -85,9 +89,10 @@ pub enum DispatchOp<P, T> {
     },
     /// Send the broker's acknowledgement for this token.
     AckBroker(T),
-    /// Record these identities in the inbox, durably, and report the
-    /// outcome with [`Dispatch::handle_recorded`].
-    Record(Vec<(Identity, T)>),
+    /// Record these identities in the inbox ([`Record::sync`]: on the
+    /// disk, or committed for a later sync to cover), and report the
+    /// outcome with [`Dispatch::handle_recorded`], giving the record back.
+    Record(Record<T>),
     /// Add to a counter.
     Count(Counter, u64),
     /// This identity is handled (recorded in the inbox now, or before):
@@ -131,6 +136,35 @@ impl<T> Default for Handling<T> {
 
 /// Identities to record, each with the token of its delivery.
 type Batch<T> = Vec<(Identity, T)>;
+
+/// How many rooms of acknowledgements ahead ([`DispatchConfig::acks_ahead`])
+/// may be recorded without a sync before a synced record covers them: what
+/// a power cut can take back of the inbox's records of handled messages
+/// whose acknowledgement left (a crash of the process takes back only
+/// what was not committed, at most one room).
+pub const UNSYNCED_ROOMS: usize = 4;
+
+/// An inbox record the dispatcher asks for ([`DispatchOp::Record`]), given
+/// back with its outcome ([`Dispatch::handle_recorded`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record<T> {
+    /// The identities, each with the token of its delivery.
+    pub ids: Vec<(Identity, T)>,
+    /// Whether the record must be synced to the disk before it is reported:
+    /// a broker's acknowledgement or a receipt waits for it, or
+    /// [`UNSYNCED_ROOMS`] rooms were recorded without a sync since the last
+    /// synced record was asked for. Without: once reported, committed (it
+    /// survives a crash of the process), and on the disk once a later
+    /// synced record (or any synced commit of the store) follows.
+    pub sync: bool,
+}
+
+impl<T> Record<T> {
+    /// A synced record of `ids` (what a test reports).
+    pub fn synced(ids: Vec<(Identity, T)>) -> Self {
+        Record { ids, sync: true }
+    }
+}
 
 /// Per producer: the highest sequence number seen and the gaps below it.
 #[derive(Debug, Default)]
@@ -302,6 +336,12 @@ pub struct Dispatch<P: Delivered> {
     /// record is on disk (at most `cfg.acks_ahead`; each marked in
     /// `handling`).
     acked_ahead: usize,
+    /// Identities recorded without a sync since the last synced record
+    /// was asked for (its sync covers those before it).
+    unsynced: usize,
+    /// What waits in `unsent` needs a synced record: an acknowledgement or
+    /// a receipt waits for it.
+    unsent_sync: bool,
     /// Refused deliveries and when they come back.
     redeliver: VecDeque<(Instant, P)>,
     /// Deliveries another group member holds a claim on, and when the
@@ -313,7 +353,7 @@ pub struct Dispatch<P: Delivered> {
     /// these is a copy of what was just handled.
     recorded_lately: (VecDeque<(Instant, Key)>, HashSet<Key>),
     /// Failed records and when they are tried again.
-    rerecord: VecDeque<(Instant, Batch<P::Token>)>,
+    rerecord: VecDeque<(Instant, Record<P::Token>)>,
     ops: VecDeque<DispatchOp<P, P::Token>>,
 }
 
@@ -335,6 +375,8 @@ impl<P: Delivered> Dispatch<P> {
             in_flight: 0,
             unsent: Vec::new(),
             acked_ahead: 0,
+            unsynced: 0,
+            unsent_sync: false,
             redeliver: VecDeque::new(),
             reask: VecDeque::new(),
             recorded_lately: (VecDeque::new(), HashSet::new()),
@@ -449,9 +491,10 @@ impl<P: Delivered> Dispatch<P> {
                     // Not for a relay: it may hand over a second copy of an
                     // identity outside `handling` (a copy asking for a
                     // receipt), whose ack must not take the first's mark.
-                    if self.acked_ahead < self.cfg.acks_ahead && !self.cfg.relay {
-                        self.ack_ahead(&id, token.clone());
-                    }
+                    let ahead =
+                        self.acked_ahead < self.cfg.acks_ahead && !self.cfg.relay && self.ack_ahead(&id, token.clone());
+                    // Its ack or its receipt waits for the record.
+                    self.unsent_sync |= !ahead;
                     self.unsent.push((id, token));
                 }
                 None => {
@@ -467,12 +510,22 @@ impl<P: Delivered> Dispatch<P> {
         self.send_record();
     }
 
-    /// Asks for the record of what waits, unless one is under way.
+    /// Asks for the record of what waits, unless one is under way. It is
+    /// synced when anything waits for it, when [`UNSYNCED_ROOMS`] rooms
+    /// would otherwise wait for a sync, and always for a group's shared
+    /// inbox (its commits are synced anyway).
     fn send_record(&mut self) {
         if self.in_flight == 0 && !self.unsent.is_empty() {
             self.recording += 1;
             self.in_flight += 1;
-            self.ops.push_back(DispatchOp::Record(std::mem::take(&mut self.unsent)));
+            let sync = std::mem::take(&mut self.unsent_sync)
+                || self.cfg.shared
+                || self.unsynced + self.unsent.len() > self.cfg.acks_ahead * UNSYNCED_ROOMS;
+            if sync {
+                // Its sync puts those recorded before it on the disk.
+                self.unsynced = 0;
+            }
+            self.ops.push_back(DispatchOp::Record(Record { ids: std::mem::take(&mut self.unsent), sync }));
         }
     }
 
@@ -482,12 +535,13 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     /// The outcome of a [`DispatchOp::Record`]. Recorded: the broker's acks
-    /// leave, for the delivery and every copy held meanwhile. Not
-    /// recorded: nothing is acknowledged, and the record is tried again.
-    pub fn handle_recorded(&mut self, batch: Vec<(Identity, P::Token)>, ok: bool, now: Now) {
+    /// leave, for the delivery and every copy held meanwhile (a record
+    /// without a sync had none waiting). Not recorded: nothing is
+    /// acknowledged, and the record is tried again.
+    pub fn handle_recorded(&mut self, record: Record<P::Token>, ok: bool, now: Now) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if !ok {
-            self.rerecord.push_back((now.at + self.cfg.record_retry, batch));
+            self.rerecord.push_back((now.at + self.cfg.record_retry, record));
             self.send_record();
             return;
         }
@@ -495,8 +549,24 @@ impl<P: Delivered> Dispatch<P> {
         if self.cfg.shared {
             self.forget_recorded(now.at);
         }
-        for (id, token) in batch {
+        for (id, token) in record.ids {
             let key = (self.producers.intern(&id.producer), id.seq);
+            if !record.sync {
+                // A copy that came meanwhile asked for a receipt: it waits
+                // for a synced record of the identity.
+                if self.handling.get(&key).is_some_and(|h| h.receipt.is_some()) {
+                    self.unsent.push((id, token));
+                    self.unsent_sync = true;
+                    continue;
+                }
+                // Acknowledged ahead (so are copies since): done, its sync
+                // is the next synced record's.
+                if self.handling.remove(&key).is_some_and(|h| h.acked) {
+                    self.acked_ahead -= 1;
+                }
+                self.unsynced += 1;
+                continue;
+            }
             if self.cfg.shared && self.recorded_lately.1.insert(key) {
                 self.recorded_lately.0.push_back((now.at, key));
             }
@@ -517,13 +587,17 @@ impl<P: Delivered> Dispatch<P> {
     /// Acknowledges a handled delivery (and the copies held meanwhile)
     /// ahead of its record. One not in `handling` (a relay's second
     /// hand-over of something recorded) waits for its record instead.
-    fn ack_ahead(&mut self, id: &Identity, token: P::Token) {
-        let Some(p) = self.producers.find(&id.producer) else { return };
-        let Some(h) = self.handling.get_mut(&(p, id.seq)).filter(|h| !h.acked) else { return };
+    /// True when the record may go without a sync of its own: acknowledged
+    /// ahead, and no receipt waits for it.
+    fn ack_ahead(&mut self, id: &Identity, token: P::Token) -> bool {
+        let Some(p) = self.producers.find(&id.producer) else { return false };
+        let Some(h) = self.handling.get_mut(&(p, id.seq)).filter(|h| !h.acked) else { return false };
         h.acked = true;
         let copies = std::mem::take(&mut h.copies);
+        let receipt = h.receipt.is_some();
         self.acked_ahead += 1;
         self.ack_handled(token, copies);
+        !receipt
     }
 
     /// The broker's acknowledgement of a handled delivery, and of the
@@ -601,9 +675,9 @@ impl<P: Delivered> Dispatch<P> {
             self.ops.push_back(DispatchOp::Ask(ask));
         }
         while self.rerecord.front().is_some_and(|(t, _)| *t <= now.at) {
-            let (_, batch) = self.rerecord.pop_front().expect("front");
+            let (_, record) = self.rerecord.pop_front().expect("front");
             self.in_flight += 1;
-            self.ops.push_back(DispatchOp::Record(batch));
+            self.ops.push_back(DispatchOp::Record(record));
         }
         self.report_gaps(now.at);
     }
@@ -791,7 +865,7 @@ mod tests {
         let records = |ops: Vec<DispatchOp<D, u16>>| -> Vec<Vec<u64>> {
             ops.into_iter()
                 .filter_map(|op| match op {
-                    DispatchOp::Record(b) => Some(b.iter().map(|(i, _)| i.seq).collect()),
+                    DispatchOp::Record(b) => Some(b.ids.iter().map(|(i, _)| i.seq).collect()),
                     _ => None,
                 })
                 .collect()
@@ -802,7 +876,7 @@ mod tests {
         e.handle_acks([(4, Some(d(4, 0, None).id)), (5, Some(d(5, 0, None).id))]);
         assert_eq!(records(ops(&mut e)), Vec::<Vec<u64>>::new(), "the first record is under way");
         assert_eq!(e.recording(), 2);
-        e.handle_recorded(vec![(d(2, 0, None).id, 2)], true, now);
+        e.handle_recorded(Record::synced(vec![(d(2, 0, None).id, 2)]), true, now);
         let got = ops(&mut e);
         assert_eq!(got[0], DispatchOp::AckBroker(2));
         assert_eq!(records(got), [vec![3, 4, 5]]);
@@ -863,9 +937,86 @@ mod tests {
             ]
         );
         // 5 was handled while the room was full: it waited for its record.
-        e.handle_recorded(vec![(d(5, 0, None).id, 13)], true, later);
+        e.handle_recorded(Record::synced(vec![(d(5, 0, None).id, 13)]), true, later);
         assert_eq!(ops(&mut e), [DispatchOp::AckBroker(13)]);
         assert_eq!(e.recording(), 0);
+    }
+
+    /// A record of identities all acknowledged ahead goes without a sync,
+    /// and frees their room as any record does; a synced record follows
+    /// once `UNSYNCED_ROOMS` rooms of them went unsynced, and whenever an
+    /// acknowledgement or a receipt waits (a copy that asks for a receipt
+    /// while its identity's unsynced record is under way included). So a
+    /// power cut takes back the records of at most that many identities
+    /// acknowledged ahead.
+    #[test]
+    fn records_of_what_was_acknowledged_ahead_go_unsynced_up_to_a_bound() {
+        let now = Now { at: Instant::now(), wall_ms: 0 };
+        let mut e: Dispatch<D> =
+            Dispatch::new(DispatchConfig { acks_ahead: 2, ..config(false) }, [("p".to_owned(), 1)]);
+        e.handle_delivered((2..=40).map(|s| d(s, s as u16, None)).collect(), &[], now);
+        let _ = ops(&mut e);
+        let split = |got: Vec<DispatchOp<D, u16>>| {
+            let mut acked = Vec::new();
+            let mut record = None;
+            for op in got {
+                match op {
+                    DispatchOp::AckBroker(t) => acked.push(t),
+                    DispatchOp::Record(r) => record = Some(r),
+                    _ => {}
+                }
+            }
+            (acked, record)
+        };
+        let seqs = |r: &Record<u16>| r.ids.iter().map(|(i, _)| i.seq).collect::<Vec<_>>();
+        let ack = |e: &mut Dispatch<D>, seqs: &[u64]| {
+            e.handle_acks(seqs.iter().map(|s| (*s as u16, Some(d(*s, 0, None).id))))
+        };
+        // One at a time, each acknowledged ahead: unsynced records, until
+        // the next would leave more than 4 rooms of 2 (8) unsynced.
+        let mut synced = Vec::new();
+        for seq in 2..=19 {
+            ack(&mut e, &[seq]);
+            let (acked, r) = split(ops(&mut e));
+            let r = r.expect("a record");
+            assert_eq!((acked, seqs(&r)), (vec![seq as u16], vec![seq]));
+            if r.sync {
+                synced.push(seq);
+            }
+            e.handle_recorded(r, true, now);
+            assert_eq!(ops(&mut e), []);
+        }
+        assert_eq!(UNSYNCED_ROOMS * 2, 8);
+        assert_eq!(synced, [10, 19], "every ninth: eight unsynced, then one synced that covers them");
+        // Beyond the room, an acknowledgement waits: its record is synced.
+        ack(&mut e, &[20, 21, 22]);
+        let (acked, r) = split(ops(&mut e));
+        let r = r.expect("a record");
+        assert_eq!((acked, seqs(&r), r.sync), (vec![20, 21], vec![20, 21, 22], true));
+        e.handle_recorded(r, true, now);
+        assert_eq!(ops(&mut e), [DispatchOp::AckBroker(22)]);
+        // 23 goes ahead, unsynced; a copy of it asks for a receipt while its
+        // record is under way: acknowledged at once, and its receipt waits
+        // for a synced record of 23.
+        ack(&mut e, &[23]);
+        let (acked, f) = split(ops(&mut e));
+        let f = f.expect("a record");
+        assert_eq!((acked, f.sync), (vec![23], false));
+        e.handle_delivered(vec![d(23, 63, Some("r/p"))], &[], now);
+        assert_eq!(ops(&mut e), [DispatchOp::AckBroker(63), DispatchOp::Count(Counter::Duplicates, 1)]);
+        e.handle_recorded(f, true, now);
+        let got = ops(&mut e);
+        assert!(!got.iter().any(|op| matches!(op, DispatchOp::Receipt { .. })), "{got:?}");
+        let (_, g) = split(got);
+        let g = g.expect("23 again, synced");
+        assert_eq!((seqs(&g), g.sync), (vec![23], true));
+        e.handle_recorded(g, true, now);
+        assert_eq!(receipts(&mut e), [(23, 23, "r/p".to_owned())]);
+        assert_eq!(e.recording(), 0);
+        // The room is whole again: 24 and 25 go ahead.
+        ack(&mut e, &[24, 25]);
+        let (acked, h) = split(ops(&mut e));
+        assert_eq!((acked, h.map(|r| r.sync)), (vec![24, 25], Some(false)));
     }
 
     /// A copy another member holds a claim on is held, unacknowledged,

@@ -25,7 +25,7 @@ use std::time::Instant;
 
 pub use admit::{admit, Admission, Bounds, Candidate, Limit, Overflow, Totals, UnknownOverflow};
 pub use commit::accept_after_sync;
-pub use inbox::{Answer, Counter, Delivered, Dispatch, DispatchConfig, DispatchOp};
+pub use inbox::{Answer, Counter, Delivered, Dispatch, DispatchConfig, DispatchOp, Record, UNSYNCED_ROOMS};
 pub use publish::{
     Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, Queued, ReadWant, SessionConfig,
     SessionEvent, StoreOp, WindowChange, Wire, WireUpdate,

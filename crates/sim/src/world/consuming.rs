@@ -230,20 +230,34 @@ impl World {
     /// Inbox records whose write finished are on disk.
     fn records_land(&mut self) {
         let now = self.now();
-        while self.consumer.records.front().is_some_and(|(at, _)| *at <= self.t) {
-            let (_, batch) = self.consumer.records.pop_front().expect("front");
+        while self.consumer.records.front().is_some_and(|(at, _, _)| *at <= self.t) {
+            let (_, covers, record) = self.consumer.records.pop_front().expect("front");
             let ok = !self.failing() || self.rng.u32(0..1000) >= self.s.record_fail_per_mille;
-            for (i, _) in &batch {
+            let c = &mut self.consumer;
+            if ok && record.sync {
+                while c.unsynced.front().is_some_and(|(n, _)| *n < covers) {
+                    c.unsynced.pop_front();
+                }
+            }
+            let landing = c.landings;
+            if ok && !record.sync {
+                c.landings += 1;
+            }
+            for (i, _) in &record.ids {
                 if ok {
-                    self.trace.note(self.t, Some(i.seq), "consumer: identity recorded in the inbox");
+                    let how = if record.sync { "synced" } else { "committed, not synced" };
+                    self.trace.note(self.t, Some(i.seq), format!("consumer: identity recorded in the inbox ({how})"));
                     self.consumer.inbox.insert(i.seq);
+                    if !record.sync {
+                        self.consumer.unsynced.push_back((landing, i.seq));
+                    }
                 } else {
                     self.trace.note(self.t, Some(i.seq), "consumer: the inbox record failed (disk full?)");
                     self.consumer.rerecord.insert(i.seq);
                 }
             }
             if let Some(e) = self.consumer.engine.as_mut() {
-                e.handle_recorded(batch, ok, now);
+                e.handle_recorded(record, ok, now);
             }
         }
     }
@@ -275,12 +289,16 @@ impl World {
                         c.session.handle_handled(pid);
                     }
                 }
-                DispatchOp::Record(batch) => {
-                    for (i, _) in &batch {
+                DispatchOp::Record(record) => {
+                    for (i, _) in &record.ids {
                         self.consumer.rerecord.remove(&i.seq);
                     }
                     let at = self.t + self.rng.u64(0..5);
-                    self.consumer.records.push_back((at, batch));
+                    // The store writes records in the order they come: a
+                    // synced one lands after, and covers, every unsynced
+                    // one landed so far.
+                    let covers = self.consumer.landings;
+                    self.consumer.records.push_back((at, covers, record));
                 }
                 DispatchOp::Count(..) => {}
                 // The simulated consumer is alone: its inbox never says

@@ -333,7 +333,7 @@ impl World {
             at.push(self.ms(wake));
         }
         at.extend(self.consumer.app.front().map(|(t, _)| *t));
-        at.extend(self.consumer.records.front().map(|(t, _)| *t));
+        at.extend(self.consumer.records.front().map(|(t, _, _)| *t));
         at.into_iter().min().unwrap_or(self.t + 1).max(self.t + 1)
     }
 

@@ -498,8 +498,24 @@ impl Outbox {
     /// Inbox: records identities as handled; resolves once on disk (many
     /// calls share one sync).
     pub async fn inbox_record(&self, ids: Vec<(String, u64)>) -> Result<(), StoreError> {
+        self.inbox_record_as(ids, true).await
+    }
+
+    /// Inbox: records identities as handled without a sync of their own,
+    /// as the writer commits bookkeeping (docs/design.md, "The writer
+    /// thread"): resolved, the record survives a crash of the process
+    /// within about a millisecond (a transaction left open for more), and
+    /// a power cut once a synced commit followed (the next
+    /// [`Outbox::inbox_record`], any synced commit, or the writer's own
+    /// within a second). For identities whose acknowledgement left ahead
+    /// of their record and that nothing else waits for.
+    pub async fn inbox_record_unsynced(&self, ids: Vec<(String, u64)>) -> Result<(), StoreError> {
+        self.inbox_record_as(ids, false).await
+    }
+
+    async fn inbox_record_as(&self, ids: Vec<(String, u64)>, synced: bool) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::InboxRecord { ids, reply });
+        self.send(Request::InboxRecord { ids, synced, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

@@ -93,6 +93,8 @@ pub(super) enum Request {
     },
     InboxRecord {
         ids: Vec<(String, u64)>,
+        /// Synced before the reply; without, committed as bookkeeping is.
+        synced: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     InboxBounds {
@@ -168,6 +170,7 @@ impl Request {
                     | Request::Attempt { .. }
                     | Request::SetMeta { .. }
                     | Request::Ack { .. }
+                    | Request::InboxRecord { synced: false, .. }
             )
     }
 }

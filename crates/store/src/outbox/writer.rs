@@ -590,7 +590,7 @@ impl Writer {
                 b.slot_replies.push((reply, configured));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
-            Request::InboxRecord { ids, reply } => {
+            Request::InboxRecord { ids, reply, .. } => {
                 self.inbox_record(&ids)?;
                 b.inbox_replies.push(reply);
                 self.prune_inbox_if_due()?;

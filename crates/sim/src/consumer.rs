@@ -102,8 +102,9 @@ impl Consumer {
     /// kill -9 (or a power cut): the engine and the application's work are
     /// gone; a record being written either landed whole or not at all (the
     /// commit is atomic, and the process never learned which). Returns the
-    /// identities handled whose record did not land.
-    pub fn crash(&mut self, rng: &mut fastrand::Rng) -> Vec<u64> {
+    /// identities handled whose record did not land, and those whose
+    /// record landed without a sync and was taken back.
+    pub fn crash(&mut self, rng: &mut fastrand::Rng) -> (Vec<u64>, Vec<u64>) {
         // Handled identities waiting in the engine for the record under
         // way, and failed records waiting to be tried again: gone too.
         let waiting: Vec<u64> = self.engine.take().map_or_else(Vec::new, |e| e.to_record().map(|i| i.seq).collect());
@@ -120,13 +121,21 @@ impl Consumer {
         }
         // A power cut: what no sync covered may be gone, each record's
         // identities or not (modelled per identity: a superset).
+        let mut taken_back = Vec::new();
         for (_, seq) in self.unsynced.drain(..) {
             if rng.bool() {
                 self.inbox.remove(&seq);
-                unwritten.push(seq);
+                taken_back.push(seq);
             }
         }
-        unwritten
+        (unwritten, taken_back)
+    }
+
+    /// How many identities acknowledged ahead may be recorded without a
+    /// sync that covers them: what a power cut may take back of records
+    /// that landed (docs/guarantees.md, "Consumers").
+    pub fn unsynced_bound(&self) -> usize {
+        self.acks_ahead * steadfast_core::engine::UNSYNCED_ROOMS
     }
 
     pub fn alive(&self) -> bool {

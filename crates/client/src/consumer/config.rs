@@ -162,7 +162,7 @@ impl ConsumerConfig {
         self
     }
     /// How many handled messages may have their broker's acknowledgement
-    /// sent before their identity is synced to the inbox (default: four
+    /// sent before their identity is recorded in the inbox (default: four
     /// windows, 4 × [`ClientConfig::max_inflight`]; a relay, a bridge's
     /// source, never acknowledges ahead). The inbox's commit is then
     /// off the broker's round trip: the broker sends the next message
@@ -175,6 +175,11 @@ impl ConsumerConfig {
     /// handled) and a crash can cost the same: what was handled and not
     /// yet recorded is handed over again if a copy comes (docs/guarantees.md,
     /// "Consumers"). Receipts always wait for the record.
+    ///
+    /// The records of such messages go without a sync of their own: a
+    /// synced record follows once four times this many went unsynced, so a
+    /// power cut can take back the records of up to five times this many
+    /// (a crash, this many). `0` also syncs every record.
     pub fn acks_ahead_of_records(mut self, n: usize) -> Self {
         self.acks_ahead = Some(n);
         self

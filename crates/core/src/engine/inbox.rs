@@ -3,9 +3,10 @@
 //! first is in the application's hands, acknowledges a delivery to its
 //! broker once the application handled it (G4) and has its identity
 //! recorded in the inbox (G5): the acknowledgement may leave before the
-//! record is on disk for at most [`DispatchConfig::acks_ahead`] identities
-//! at a time, so that the inbox's commit is not on the broker's round trip;
-//! receipts always wait for the record. A record of identities that were
+//! record is committed for at most [`DispatchConfig::acks_ahead`]
+//! identities at a time, so that the inbox's commit is not on the broker's
+//! round trip; receipts always wait for the record (a synced one for the
+//! receipt of the first hand-over). A record of identities that were
 //! all acknowledged ahead needs no sync of its own ([`Record::sync`]): a
 //! synced record follows once [`UNSYNCED_ROOMS`] rooms of them wait for
 //! one, so that the disk syncs once per so many identities, not once per
@@ -295,9 +296,11 @@ pub struct DispatchConfig {
     /// on waits before the inbox is asked about it again.
     pub reask_after: Duration,
     /// At most this many handled identities may have their broker's
-    /// acknowledgement sent before their inbox record is on disk; beyond
+    /// acknowledgement sent before their inbox record is committed; beyond
     /// that (the inbox slow or failing), acknowledgements wait for the
-    /// record. 0: every acknowledgement waits for its record.
+    /// record, synced. 0: every acknowledgement waits for its record, and
+    /// every record is synced. Records of identities acknowledged ahead go
+    /// unsynced for up to [`UNSYNCED_ROOMS`] times this many.
     ///
     /// Waiting buys nothing against duplicates: a crash before the record
     /// may hand the message over again either way (its broker sends it
@@ -333,7 +336,7 @@ pub struct Dispatch<P: Delivered> {
     /// Acknowledged identities waiting for the record under way to end.
     unsent: Batch<P::Token>,
     /// Handled identities whose broker's acknowledgement left before their
-    /// record is on disk (at most `cfg.acks_ahead`; each marked in
+    /// record was reported (at most `cfg.acks_ahead`; each marked in
     /// `handling`).
     acked_ahead: usize,
     /// Identities recorded without a sync since the last synced record
@@ -520,7 +523,7 @@ impl<P: Delivered> Dispatch<P> {
             self.in_flight += 1;
             let sync = std::mem::take(&mut self.unsent_sync)
                 || self.cfg.shared
-                || self.unsynced + self.unsent.len() > self.cfg.acks_ahead * UNSYNCED_ROOMS;
+                || self.unsynced + self.unsent.len() > self.cfg.acks_ahead.saturating_mul(UNSYNCED_ROOMS);
             if sync {
                 // Its sync puts those recorded before it on the disk.
                 self.unsynced = 0;
@@ -541,6 +544,9 @@ impl<P: Delivered> Dispatch<P> {
     pub fn handle_recorded(&mut self, record: Record<P::Token>, ok: bool, now: Now) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if !ok {
+            // A synced record that failed covered nothing: the next one
+            // is synced too, so that what went unsynced stays bounded.
+            self.unsent_sync |= record.sync;
             self.rerecord.push_back((now.at + self.cfg.record_retry, record));
             self.send_record();
             return;
@@ -1016,7 +1022,26 @@ mod tests {
         // The room is whole again: 24 and 25 go ahead.
         ack(&mut e, &[24, 25]);
         let (acked, h) = split(ops(&mut e));
-        assert_eq!((acked, h.map(|r| r.sync)), (vec![24, 25], Some(false)));
+        let h = h.expect("a record");
+        assert_eq!((acked, h.sync), (vec![24, 25], false));
+        e.handle_recorded(h, true, now);
+        // A synced record that fails covers nothing: the one after it is
+        // synced too.
+        for seq in 26..=31 {
+            ack(&mut e, &[seq]);
+            let (_, r) = split(ops(&mut e));
+            let r = r.expect("a record");
+            assert!(!r.sync, "{seq}");
+            e.handle_recorded(r, true, now);
+        }
+        ack(&mut e, &[32]);
+        let (_, r) = split(ops(&mut e));
+        let r = r.expect("a record");
+        assert!(r.sync, "24 to 31 went unsynced");
+        e.handle_recorded(r, false, now);
+        ack(&mut e, &[33]);
+        let (acked, r) = split(ops(&mut e));
+        assert_eq!((acked, r.map(|r| r.sync)), (vec![33], Some(true)));
     }
 
     /// A copy another member holds a claim on is held, unacknowledged,

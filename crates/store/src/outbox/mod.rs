@@ -503,9 +503,9 @@ impl Outbox {
 
     /// Inbox: records identities as handled without a sync of their own,
     /// as the writer commits bookkeeping (docs/design.md, "The writer
-    /// thread"): resolved, the record survives a crash of the process
-    /// within about a millisecond (a transaction left open for more), and
-    /// a power cut once a synced commit followed (the next
+    /// thread"), but at once (never left open for more): resolved, the
+    /// record is committed and survives a crash of the process, and a
+    /// power cut once a synced commit followed (the next
     /// [`Outbox::inbox_record`], any synced commit, or the writer's own
     /// within a second). For identities whose acknowledgement left ahead
     /// of their record and that nothing else waits for.

@@ -75,6 +75,10 @@ pub(super) struct Writer {
     /// The last commit went without a sync: an idle writer syncs within
     /// [`IDLE_SYNC`].
     pub(super) unsynced: bool,
+    /// Commits went without a sync since the last synced one succeeded
+    /// (an idle sync that failed leaves it set): a synced batch that
+    /// changes nothing writes a mark, so that its sync covers them.
+    pub(super) sync_owed: bool,
     /// A transaction of bookkeeping left open for the batches after it.
     pub(super) open: Option<Open>,
     /// Held acknowledgements whose commit failed are tried again from
@@ -196,6 +200,7 @@ impl Writer {
             admit_due: false,
             synced_at: std::time::Instant::now(),
             unsynced: false,
+            sync_owed: false,
             open: None,
             held_acks_retry: None,
             timings: Timings::new(),
@@ -307,6 +312,10 @@ impl Writer {
             && self.blocked.is_empty()
             && self.synced_at.elapsed() < UNSYNCED_AT_MOST
             && requests.iter().all(Request::is_bookkeeping);
+        // A consumer's inbox record is told when its batch is done: it is
+        // committed then, not left open (a failure of a later batch
+        // joining it would undo what was reported recorded).
+        let records = requests.iter().any(|r| matches!(r, Request::InboxRecord { .. }));
         // Only more bookkeeping, within the unsynced bound, joins a
         // transaction left open; before anything else it is committed, so
         // that the removals of a failed commit are retried in this batch
@@ -334,7 +343,7 @@ impl Writer {
         // them on the disk too. One that changed something is synced
         // whole, the log with it: no mark (a page fewer per commit).
         let result = result.and_then(|()| {
-            if !bookkeeping && self.unsynced && !self.store.changed() {
+            if !bookkeeping && self.sync_owed && !self.store.changed() {
                 self.mark_synced()
             } else {
                 Ok(())
@@ -343,7 +352,7 @@ impl Writer {
         if result.is_ok() {
             self.tell_delivered(&mut b);
         }
-        if bookkeeping && result.is_ok() && self.holds_open() {
+        if bookkeeping && result.is_ok() && !records && self.holds_open() {
             let o = self.open.get_or_insert_with(|| Open {
                 since: std::time::Instant::now(),
                 before,
@@ -367,6 +376,7 @@ impl Writer {
         let result = result.and_then(|()| self.commit_timed());
         if result.is_ok() {
             self.unsynced = bookkeeping;
+            self.sync_owed = bookkeeping;
             if !bookkeeping {
                 self.synced_at = std::time::Instant::now();
             }
@@ -413,6 +423,7 @@ impl Writer {
         match self.store.begin().and_then(|()| self.store.commit()) {
             Ok(()) => {
                 self.unsynced = true;
+                self.sync_owed = true;
                 self.held_acks_retry = None;
             }
             Err(e) => {
@@ -428,7 +439,10 @@ impl Writer {
     fn commit_open(&mut self) {
         let Some(o) = self.open.take() else { return };
         match self.commit_timed() {
-            Ok(()) => self.unsynced = true,
+            Ok(()) => {
+                self.unsynced = true;
+                self.sync_owed = true;
+            }
             Err(e) => {
                 self.roll_back(o.before, &e);
                 let pending = std::mem::take(&mut self.pending_removes);
@@ -455,11 +469,14 @@ impl Writer {
         self.store.set_synced(true);
         let r = self.store.begin().and_then(|()| self.mark_synced());
         match r.and_then(|()| self.store.commit()) {
-            Ok(()) => self.synced_at = std::time::Instant::now(),
+            Ok(()) => {
+                self.synced_at = std::time::Instant::now();
+                self.sync_owed = false;
+            }
             Err(e) => {
                 self.store.rollback();
                 // Not tried again every 0.1 s on a failing disk: the next
-                // synced commit covers them.
+                // synced commit covers them (`sync_owed` stays set).
                 tracing::warn!(error = %e, "outbox: syncing the last acknowledgements failed; the next synced commit covers them");
             }
         }

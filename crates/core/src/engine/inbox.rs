@@ -541,12 +541,15 @@ impl<P: Delivered> Dispatch<P> {
     /// leave, for the delivery and every copy held meanwhile (a record
     /// without a sync had none waiting). Not recorded: nothing is
     /// acknowledged, and the record is tried again.
-    pub fn handle_recorded(&mut self, record: Record<P::Token>, ok: bool, now: Now) {
+    pub fn handle_recorded(&mut self, mut record: Record<P::Token>, ok: bool, now: Now) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if !ok {
             // A synced record that failed covered nothing: the next one
-            // is synced too, so that what went unsynced stays bounded.
+            // is synced too, and so is every record tried again (it lands
+            // after records counted without it), so that what went
+            // unsynced stays within its bound.
             self.unsent_sync |= record.sync;
+            record.sync = true;
             self.rerecord.push_back((now.at + self.cfg.record_retry, record));
             self.send_record();
             return;
@@ -1041,7 +1044,21 @@ mod tests {
         e.handle_recorded(r, false, now);
         ack(&mut e, &[33]);
         let (acked, r) = split(ops(&mut e));
-        assert_eq!((acked, r.map(|r| r.sync)), (vec![33], Some(true)));
+        let r = r.expect("a record");
+        assert_eq!((acked, r.sync), (vec![33], true));
+        e.handle_recorded(r, true, now);
+        // An unsynced record that fails is tried again synced: it lands
+        // after records counted without it.
+        ack(&mut e, &[34]);
+        let (_, r) = split(ops(&mut e));
+        let r = r.expect("a record");
+        assert!(!r.sync);
+        e.handle_recorded(r, false, now);
+        let later = Now { at: now.at + Duration::from_secs(1), wall_ms: 1000 };
+        e.handle_timeout(later);
+        let (_, r) = split(ops(&mut e));
+        let r = r.expect("tried again");
+        assert_eq!((seqs(&r), r.sync), (vec![34], true));
     }
 
     /// A copy another member holds a claim on is held, unacknowledged,

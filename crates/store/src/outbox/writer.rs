@@ -236,6 +236,9 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     self.commit_open();
+                    // What an idle sync that failed left owed is tried
+                    // once more.
+                    self.unsynced |= self.sync_owed;
                     self.sync_idle();
                     break;
                 }
@@ -297,7 +300,8 @@ impl Writer {
             return false;
         }
         // Only bookkeeping (counters, broker states, attempts, metadata
-        // nobody waits for) and brokers' acknowledgements are committed
+        // nobody waits for, inbox records of what was acknowledged ahead)
+        // and brokers' acknowledgements are committed
         // without a sync: once committed they survive a crash of the
         // process (left open, see `Open`, at most the last millisecond is
         // taken back), and a power loss takes back at most the last second

@@ -238,6 +238,35 @@ pub struct Awaiting {
 /// overhead, roughly.
 pub const INBOX_ENTRY_BYTES: u64 = 24;
 
+/// A run of a producer's consecutive sequence numbers, `(producer, first,
+/// last)`: what an inbox record is made of.
+pub type InboxRun = (String, u64, u64);
+
+/// `ids` (each an identity `(producer, seq)`, through `id`) as runs, each
+/// producer id copied once per run: in one pass when they come in order
+/// (one producer's, ascending: the common case), else sorted first, so
+/// that interleaved producers still make one run each where they can.
+pub fn inbox_runs<T>(ids: &[T], id: impl Fn(&T) -> (&str, u64)) -> Vec<InboxRun> {
+    let ordered = ids.windows(2).all(|w| id(&w[0]) < id(&w[1]));
+    let mut out: Vec<InboxRun> = Vec::new();
+    let mut add = |p: &str, s: u64| match out.last_mut() {
+        Some((q, _, last)) if q == p && last.checked_add(1) == Some(s) => *last = s,
+        Some((q, _, last)) if q == p && *last == s => {}
+        _ => out.push((p.to_owned(), s, s)),
+    };
+    if ordered {
+        ids.iter().for_each(|i| {
+            let (p, s) = id(i);
+            add(p, s);
+        });
+    } else {
+        let mut sorted: Vec<(&str, u64)> = ids.iter().map(&id).collect();
+        sorted.sort_unstable();
+        sorted.into_iter().for_each(|(p, s)| add(p, s));
+    }
+    out
+}
+
 /// The most brokers one outbox can tell apart (acknowledgements are a
 /// 64-bit mask per message).
 pub const MAX_SLOTS: usize = 64;
@@ -277,7 +306,12 @@ pub trait InboxStore {
     /// anything above it was never handled).
     fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError>;
     /// Records these identities as handled at `now_ms`.
-    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError>;
+    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
+        self.inbox_record_runs(&inbox_runs(ids, |(p, s)| (p.as_str(), *s)), now_ms)
+    }
+    /// Records these runs of identities as handled at `now_ms` (in any
+    /// order, overlapping or not).
+    fn inbox_record_runs(&mut self, runs: &[InboxRun], now_ms: u64) -> Result<(), StoreError>;
     /// Forgets identities handled before `before_ms`, and the oldest
     /// beyond the `keep` newest; returns how many went.
     fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError>;
@@ -555,7 +589,26 @@ pub fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::AckTiming;
+    use super::{inbox_runs, AckTiming};
+
+    /// Runs cover exactly the identities given, each producer's ascending
+    /// and merged where consecutive, whatever the order they came in.
+    #[test]
+    fn identities_become_runs_in_order_or_not() {
+        let runs = |ids: &[(&str, u64)]| inbox_runs(ids, |(p, s)| (*p, *s));
+        let owned = |v: &[(&str, u64, u64)]| v.iter().map(|(p, f, l)| (p.to_string(), *f, *l)).collect::<Vec<_>>();
+        assert_eq!(
+            runs(&[("p", 1), ("p", 2), ("p", 3), ("p", 7), ("q", 1)]),
+            owned(&[("p", 1, 3), ("p", 7, 7), ("q", 1, 1)])
+        );
+        // Interleaved producers, a repeat and a step back: sorted first.
+        assert_eq!(
+            runs(&[("q", 5), ("p", 1), ("q", 6), ("p", 2), ("p", 2), ("p", 0), ("q", 4)]),
+            owned(&[("p", 0, 2), ("q", 4, 6)])
+        );
+        assert_eq!(runs(&[]), owned(&[]));
+        assert_eq!(runs(&[("p", u64::MAX - 1), ("p", u64::MAX)]), owned(&[("p", u64::MAX - 1, u64::MAX)]));
+    }
 
     #[test]
     fn an_ack_timing_reads_back_as_written_and_bad_text_is_none() {

@@ -409,9 +409,11 @@ impl InboxStore for MemoryStore {
         }
         Ok(high.into_iter().collect())
     }
-    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
-        for id in ids {
-            self.state.inbox.entry(id.clone()).or_insert(now_ms);
+    fn inbox_record_runs(&mut self, runs: &[crate::InboxRun], now_ms: u64) -> Result<(), StoreError> {
+        for (p, first, last) in runs {
+            for s in *first..=*last {
+                self.state.inbox.entry((p.clone(), s)).or_insert(now_ms);
+            }
         }
         Ok(())
     }

@@ -358,11 +358,16 @@ impl Dispatcher {
         let group = self.group.clone();
         let back = self.cmds.clone();
         tokio::spawn(async move {
-            let ids: Vec<(String, u64)> = record.ids.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
             let done = match &group {
-                Some(g) => g.record(&ids).await.map_err(|e| e.to_string()),
-                None if record.sync => outbox.inbox_record(ids).await.map_err(|e| e.to_string()),
-                None => outbox.inbox_record_unsynced(ids).await.map_err(|e| e.to_string()),
+                Some(g) => {
+                    let ids: Vec<(String, u64)> = record.ids.iter().map(|(i, _)| (i.producer.clone(), i.seq)).collect();
+                    g.record(&ids).await.map_err(|e| e.to_string())
+                }
+                None => {
+                    // One copy of the producer id per run, not per identity.
+                    let runs = steadfast_store::inbox_runs(&record.ids, |(i, _)| (i.producer.as_str(), i.seq));
+                    outbox.inbox_record_runs(runs, record.sync).await.map_err(|e| e.to_string())
+                }
             };
             let ok = match done {
                 Ok(()) => true,

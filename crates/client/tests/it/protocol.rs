@@ -259,8 +259,8 @@ impl InboxStore for FaultyStore {
     fn inbox_high(&mut self) -> Result<Vec<(String, u64)>, StoreError> {
         self.inner.inbox_high()
     }
-    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
-        self.inner.inbox_record(ids, now_ms)
+    fn inbox_record_runs(&mut self, runs: &[steadfast_store::InboxRun], now_ms: u64) -> Result<(), StoreError> {
+        self.inner.inbox_record_runs(runs, now_ms)
     }
     fn inbox_prune(&mut self, before_ms: u64, keep: u64) -> Result<u64, StoreError> {
         self.inner.inbox_prune(before_ms, keep)

@@ -9,11 +9,14 @@ use crate::StoreError;
 const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Writer {
-    /// Records identities as handled, and counts them.
-    pub(super) fn inbox_record(&mut self, ids: &[(String, u64)]) -> Result<(), StoreError> {
-        self.store.inbox_record(ids, crate::now_ms())?;
-        self.inbox_len += ids.len() as u64;
-        self.inbox_bytes += ids.iter().map(|(p, _)| p.len() as u64 + crate::INBOX_ENTRY_BYTES).sum::<u64>();
+    /// Records runs of identities as handled, and counts them.
+    pub(super) fn inbox_record(&mut self, runs: &[crate::InboxRun]) -> Result<(), StoreError> {
+        self.store.inbox_record_runs(runs, crate::now_ms())?;
+        for (p, first, last) in runs {
+            let n = last - first + 1;
+            self.inbox_len += n;
+            self.inbox_bytes += n * (p.len() as u64 + crate::INBOX_ENTRY_BYTES);
+        }
         Ok(())
     }
 

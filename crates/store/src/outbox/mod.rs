@@ -498,24 +498,21 @@ impl Outbox {
     /// Inbox: records identities as handled; resolves once on disk (many
     /// calls share one sync).
     pub async fn inbox_record(&self, ids: Vec<(String, u64)>) -> Result<(), StoreError> {
-        self.inbox_record_as(ids, true).await
+        self.inbox_record_runs(crate::inbox_runs(&ids, |(p, s)| (p.as_str(), *s)), true).await
     }
 
-    /// Inbox: records identities as handled without a sync of their own,
-    /// as the writer commits bookkeeping (docs/design.md, "The writer
+    /// Inbox: records runs of identities as handled ([`crate::inbox_runs`]),
+    /// synced or not. Without a sync of their own they are committed as
+    /// the writer commits bookkeeping (docs/design.md, "The writer
     /// thread"), but at once (never left open for more): resolved, the
     /// record is committed and survives a crash of the process, and a
-    /// power cut once a synced commit followed (the next
-    /// [`Outbox::inbox_record`], any synced commit, or the writer's own
-    /// within a second). For identities whose acknowledgement left ahead
-    /// of their record and that nothing else waits for.
-    pub async fn inbox_record_unsynced(&self, ids: Vec<(String, u64)>) -> Result<(), StoreError> {
-        self.inbox_record_as(ids, false).await
-    }
-
-    async fn inbox_record_as(&self, ids: Vec<(String, u64)>, synced: bool) -> Result<(), StoreError> {
+    /// power cut once a synced commit followed (the next synced record,
+    /// any synced commit, or the writer's own within a second). For
+    /// identities whose acknowledgement left ahead of their record and
+    /// that nothing else waits for.
+    pub async fn inbox_record_runs(&self, runs: Vec<crate::InboxRun>, synced: bool) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Request::InboxRecord { ids, synced, reply });
+        self.send(Request::InboxRecord { runs, synced, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 

@@ -92,7 +92,7 @@ pub(super) enum Request {
         reply: oneshot::Sender<Result<Vec<bool>, StoreError>>,
     },
     InboxRecord {
-        ids: Vec<(String, u64)>,
+        runs: Vec<crate::InboxRun>,
         /// Synced before the reply; without, committed as bookkeeping is.
         synced: bool,
         reply: oneshot::Sender<Result<(), StoreError>>,

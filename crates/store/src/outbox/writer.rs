@@ -611,8 +611,8 @@ impl Writer {
                 b.slot_replies.push((reply, configured));
             }
             Request::Broker(rec) => self.store.set_broker(&rec)?,
-            Request::InboxRecord { ids, reply, .. } => {
-                self.inbox_record(&ids)?;
+            Request::InboxRecord { runs, reply, .. } => {
+                self.inbox_record(&runs)?;
                 b.inbox_replies.push(reply);
                 self.prune_inbox_if_due()?;
             }

@@ -24,22 +24,6 @@ const ADD_COUNTER: &str = "INSERT INTO counters VALUES (?1, ?2) ON CONFLICT(name
 const RANGES_INSIDE: &str =
     "SELECT first, last FROM inbox_ranges WHERE producer = ?1 AND first >= ?2 AND first <= ?3 ORDER BY first";
 
-/// `ids` sorted, without repeats, as runs of consecutive sequence numbers
-/// per producer: `(producer, first, last)`.
-fn runs(ids: &[(String, u64)]) -> Vec<(&str, u64, u64)> {
-    let mut sorted: Vec<(&str, u64)> = ids.iter().map(|(p, s)| (p.as_str(), *s)).collect();
-    sorted.sort_unstable();
-    sorted.dedup();
-    let mut out: Vec<(&str, u64, u64)> = Vec::new();
-    for (p, s) in sorted {
-        match out.last_mut() {
-            Some((q, _, last)) if *q == p && last.checked_add(1) == Some(s) => *last = s,
-            _ => out.push((p, s, s)),
-        }
-    }
-    out
-}
-
 impl SqliteStore {
     /// Records the run `first..=last` of `producer`: the parts of it no
     /// range holds yet, each as a range of its own.
@@ -101,9 +85,9 @@ impl InboxStore for SqliteStore {
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
-    fn inbox_record(&mut self, ids: &[(String, u64)], now_ms: u64) -> Result<(), StoreError> {
-        for (p, first, last) in runs(ids) {
-            if let Err(e) = self.record_run(p, first, last, now_ms) {
+    fn inbox_record_runs(&mut self, runs: &[crate::InboxRun], now_ms: u64) -> Result<(), StoreError> {
+        for (p, first, last) in runs {
+            if let Err(e) = self.record_run(p, *first, *last, now_ms) {
                 return Err(self.map(e));
             }
         }

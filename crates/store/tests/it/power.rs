@@ -209,7 +209,7 @@ fn power_cut(config: OutboxConfig, ack_every: u64) {
 }
 
 /// A consumer's inbox records whose identities were all acknowledged
-/// ahead go without a sync of their own (`Outbox::inbox_record_unsynced`);
+/// ahead go without a sync of their own (`Outbox::inbox_record_runs`);
 /// the next synced record puts them on the disk with it, also when it
 /// changes nothing (its identities held already: the writer then writes a
 /// mark, or SQLite would not sync). Records go at full speed, three
@@ -217,6 +217,7 @@ fn power_cut(config: OutboxConfig, ack_every: u64) {
 /// a synced record that finished before the cut is in the inbox after it.
 #[test]
 fn inbox_records_without_a_sync_are_on_the_disk_once_a_synced_one_followed() {
+    let runs = |ids: &[(String, u64)]| steadfast_store::inbox_runs(ids, |(p, s)| (p.as_str(), *s));
     let disk = Disk::new();
     let (store, _) = SqliteStore::open(&disk.live().join("inbox")).unwrap();
     let o = Outbox::start(Box::new(store), OutboxConfig::default()).unwrap();
@@ -238,7 +239,7 @@ fn inbox_records_without_a_sync_are_on_the_disk_once_a_synced_one_followed() {
             for _ in 0..3 {
                 last = next();
                 covered.extend(last.iter().map(|(_, s)| *s));
-                o.inbox_record_unsynced(last.clone()).await.expect("recorded");
+                o.inbox_record_runs(runs(&last), false).await.expect("recorded");
             }
             // Every other round, the synced record holds nothing new.
             let ids = if round.is_multiple_of(2) { next() } else { last };
@@ -250,7 +251,7 @@ fn inbox_records_without_a_sync_are_on_the_disk_once_a_synced_one_followed() {
         for _ in 0..3 {
             let ids = next();
             uncovered.extend(ids.iter().map(|(_, s)| *s));
-            o.inbox_record_unsynced(ids).await.expect("recorded");
+            o.inbox_record_runs(runs(&ids), false).await.expect("recorded");
         }
         disk.cut();
         (covered, uncovered)

@@ -310,7 +310,7 @@ pub trait InboxStore {
         self.inbox_record_runs(&inbox_runs(ids, |(p, s)| (p.as_str(), *s)), now_ms)
     }
     /// Records these runs of identities as handled at `now_ms` (in any
-    /// order, overlapping or not).
+    /// order, overlapping or not; each with `first <= last`).
     fn inbox_record_runs(&mut self, runs: &[InboxRun], now_ms: u64) -> Result<(), StoreError>;
     /// Forgets identities handled before `before_ms`, and the oldest
     /// beyond the `keep` newest; returns how many went.

@@ -13,9 +13,10 @@ impl Writer {
     pub(super) fn inbox_record(&mut self, runs: &[crate::InboxRun]) -> Result<(), StoreError> {
         self.store.inbox_record_runs(runs, crate::now_ms())?;
         for (p, first, last) in runs {
-            let n = last - first + 1;
-            self.inbox_len += n;
-            self.inbox_bytes += n * (p.len() as u64 + crate::INBOX_ENTRY_BYTES);
+            let n = last.saturating_sub(*first).saturating_add(1);
+            self.inbox_len = self.inbox_len.saturating_add(n);
+            self.inbox_bytes =
+                self.inbox_bytes.saturating_add(n.saturating_mul(p.len() as u64 + crate::INBOX_ENTRY_BYTES));
         }
         Ok(())
     }

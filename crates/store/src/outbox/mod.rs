@@ -510,7 +510,9 @@ impl Outbox {
     /// any synced commit, or the writer's own within a second). For
     /// identities whose acknowledgement left ahead of their record and
     /// that nothing else waits for.
-    pub async fn inbox_record_runs(&self, runs: Vec<crate::InboxRun>, synced: bool) -> Result<(), StoreError> {
+    /// A run with `first > last` holds no identity and is left out.
+    pub async fn inbox_record_runs(&self, mut runs: Vec<crate::InboxRun>, synced: bool) -> Result<(), StoreError> {
+        runs.retain(|(_, first, last)| first <= last);
         let (reply, rx) = oneshot::channel();
         self.send(Request::InboxRecord { runs, synced, reply });
         rx.await.unwrap_or(Err(StoreError::Closed))

@@ -84,9 +84,9 @@ impl Consumer {
         c
     }
 
-    /// The process starts on its inbox.
-    pub fn start(&mut self) {
-        let cfg = DispatchConfig {
+    /// The engine's settings.
+    fn config(&self) -> DispatchConfig {
+        DispatchConfig {
             gap_timeout: Duration::from_secs(30),
             retry_after: Duration::from_secs(1),
             record_retry: Duration::from_secs(1),
@@ -94,9 +94,13 @@ impl Consumer {
             shared: false,
             reask_after: Duration::from_millis(200),
             acks_ahead: self.acks_ahead,
-        };
+        }
+    }
+
+    /// The process starts on its inbox.
+    pub fn start(&mut self) {
         let high = self.inbox.last().map(|s| (PRODUCER.to_owned(), *s));
-        self.engine = Some(Dispatch::new(cfg, high));
+        self.engine = Some(Dispatch::new(self.config(), high));
     }
 
     /// kill -9 (or a power cut): the engine and the application's work are
@@ -135,7 +139,7 @@ impl Consumer {
     /// sync that covers them: what a power cut may take back of records
     /// that landed (docs/guarantees.md, "Consumers").
     pub fn unsynced_bound(&self) -> usize {
-        self.acks_ahead * steadfast_core::engine::UNSYNCED_ROOMS
+        self.config().unsynced_at_most()
     }
 
     pub fn alive(&self) -> bool {

@@ -312,6 +312,14 @@ pub struct DispatchConfig {
     pub acks_ahead: usize,
 }
 
+impl DispatchConfig {
+    /// The most identities acknowledged ahead that may be recorded
+    /// without a sync covering them: [`UNSYNCED_ROOMS`] rooms.
+    pub fn unsynced_at_most(&self) -> usize {
+        self.acks_ahead.saturating_mul(UNSYNCED_ROOMS)
+    }
+}
+
 /// The consumer's dispatcher.
 #[derive(Debug)]
 pub struct Dispatch<P: Delivered> {
@@ -523,7 +531,7 @@ impl<P: Delivered> Dispatch<P> {
             self.in_flight += 1;
             let sync = std::mem::take(&mut self.unsent_sync)
                 || self.cfg.shared
-                || self.unsynced + self.unsent.len() > self.cfg.acks_ahead.saturating_mul(UNSYNCED_ROOMS);
+                || self.unsynced + self.unsent.len() > self.cfg.unsynced_at_most();
             if sync {
                 // Its sync puts those recorded before it on the disk.
                 self.unsynced = 0;

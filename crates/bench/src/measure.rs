@@ -290,6 +290,11 @@ impl Span {
         self.t0.elapsed()
     }
 
+    /// The same span, its CPU per message over `n` messages instead.
+    pub(crate) fn counting(self, n: usize) -> Span {
+        Span { n, ..self }
+    }
+
     pub(crate) fn stop(self) -> Took {
         let elapsed = self.t0.elapsed();
         Took { elapsed, cpu: self.cpu.stop(self.n, elapsed, None) }

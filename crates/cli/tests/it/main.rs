@@ -736,7 +736,10 @@ async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
     // brokers' the children's, and with both the ratio the machine allows
     // at the direct publisher's own cost.
     let bridged = scenarios[2]["rows"].as_array().unwrap().iter().find(|r| r["baseline"] == false).unwrap();
-    assert!(bridged["own_cpu_us_per_msg"].as_f64().is_some_and(|us| us > 0.0), "{bridged}");
+    // Known, not necessarily above zero: the bridge is timed from its
+    // first upstream acknowledgement, and the span of 2,000 messages can
+    // be shorter than a few of the kernel's 10 ms ticks.
+    assert!(bridged["own_cpu_us_per_msg"].as_f64().is_some_and(|us| us >= 0.0), "{bridged}");
     assert!(bridged["child_cpu_us_per_msg"].as_f64().is_some(), "{bridged}");
     assert!(bridged["cpu_max_ratio_at_par"].as_f64().is_some_and(|r| r > 0.0), "{bridged}");
     let publish = &scenarios[0]["rows"];

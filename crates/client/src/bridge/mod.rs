@@ -37,8 +37,11 @@
 pub mod receipts;
 mod rewrite;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use futures_util::FutureExt;
 
 use steadfast_core::message::decimal;
 use steadfast_core::{DropReason, Identity, Qos};
@@ -53,6 +56,9 @@ use receipts::Relay;
 
 /// Deliveries queued but not yet acknowledged to the source, per route.
 const PIPELINE: usize = 8192;
+
+/// Deliveries a route takes in a row without an await.
+const BATCH: usize = 128;
 
 /// How long a stop waits for in-flight work before it aborts a route
 /// (what it had not acknowledged to its source comes again).
@@ -143,9 +149,6 @@ pub enum RouteEnd {
     /// Its source consumer closed.
     #[error("the consumer closed")]
     ConsumerClosed,
-    /// The task acknowledging to the source ended.
-    #[error("the acknowledger stopped")]
-    AcknowledgerStopped,
     /// It ended without saying why.
     #[error("it ended")]
     Ended,
@@ -257,74 +260,98 @@ impl RunningBridge {
 }
 
 /// One route: take from the source, queue for the destination, and
-/// acknowledge to the source once queued on disk, in arrival order.
+/// acknowledge to the source once queued on disk, in arrival order. One
+/// task does all three: the deliveries waiting for the disk are its own
+/// queue, the oldest first, and each is acknowledged as its message's
+/// acceptance comes (the writer accepts in order); no second task and no
+/// channel between them (docs/performance.md, session 26).
 async fn forward(
     r: Route,
     consumer: Consumer,
     client: Client,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), RouteEnd> {
-    let (tx, mut rx) = mpsc::channel::<(AcceptFuture, Received)>(PIPELINE);
-    let name = r.name.clone();
     let mut relay =
-        Relay::start(&name, r.source.client(), r.destination.clone(), client.clone(), consumer.relayer()).await;
-    let mut acker_stop = stop.clone();
-    let acker = tokio::spawn(async move {
-        while let Some((accepted, d)) = rx.recv().await {
-            // At a stop, a message still waiting for room (overflow
-            // `block`) is given up: unacknowledged, the source sends it
-            // again after the restart.
-            let accepted = tokio::select! {
-                // What is on disk is acknowledged, stop or not.
-                biased;
-                a = accepted => a,
-                _ = acker_stop.wait_for(|s| *s) => break,
-            };
-            match accepted {
-                Ok(_) => d.ack(),
-                // Dropped by the route's own overflow policy: counted; the
-                // source is done with it.
-                Err(AppendError::Dropped { .. }) => d.ack(),
-                Err(e) => {
-                    tracing::error!(route = %name, error = %e, "cannot queue a message; the source sends it again");
-                    d.retry();
+        Relay::start(&r.name, r.source.client(), r.destination.clone(), client.clone(), consumer.relayer()).await;
+    // Queued for the destination, not yet acknowledged to the source.
+    let mut waiting: VecDeque<(AcceptFuture, Received)> = VecDeque::new();
+    let result = loop {
+        // Deliveries ready now are taken without a wait each, a batch at
+        // most (the awaits below let the runtime's other tasks in).
+        for _ in 0..BATCH {
+            if waiting.len() >= PIPELINE {
+                break;
+            }
+            let Some(d) = consumer.try_next() else { break };
+            waiting.extend(take(&r, &client, &mut relay, d));
+        }
+        let (oldest, room) = (!waiting.is_empty(), waiting.len() < PIPELINE);
+        tokio::select! {
+            // What is on disk is acknowledged first.
+            biased;
+            accepted = accepted_oldest(&mut waiting), if oldest => {
+                let (_, d) = waiting.pop_front().expect("the oldest was waited for");
+                settle(&r.name, accepted, d);
+                // Every later one already accepted, at once.
+                while let Some(accepted) = waiting.front_mut().and_then(|(f, _)| f.now_or_never()) {
+                    let (_, d) = waiting.pop_front().expect("the oldest was polled");
+                    settle(&r.name, accepted, d);
                 }
             }
-        }
-    });
-    let result = loop {
-        let d = tokio::select! {
-            d = consumer.next() => d,
-            _ = stop.changed() => break Ok(()),
-        };
-        let Some(d) = d else { break Err(RouteEnd::ConsumerClosed) };
-        let taken = tokio::select! {
-            biased;
-            t = take(&r, &client, &mut relay, &tx, d) => t,
             _ = stop.wait_for(|s| *s) => break Ok(()),
-        };
-        if let Err(e) = taken {
-            break Err(e);
+            d = consumer.next(), if room => match d {
+                Some(d) => waiting.extend(take(&r, &client, &mut relay, d)),
+                None => break Err(RouteEnd::ConsumerClosed),
+            },
         }
     };
-    drop(tx);
-    let _ = acker.await;
+    // At a stop, what is on disk already is acknowledged, in order; a
+    // message still waiting for room (overflow `block`) or for its sync is
+    // given up: unacknowledged, the source sends it again after the
+    // restart.
+    while let Some(accepted) = waiting.front_mut().and_then(|(f, _)| f.now_or_never()) {
+        let (_, d) = waiting.pop_front().expect("the oldest was polled");
+        settle(&r.name, accepted, d);
+    }
+    drop(waiting);
     relay.stop().await;
     consumer.close().await;
     client.close().await;
     result
 }
 
-async fn take(
-    r: &Route,
-    client: &Client,
-    relay: &mut Relay,
-    tx: &mpsc::Sender<(AcceptFuture, Received)>,
-    mut d: Received,
-) -> Result<(), RouteEnd> {
+/// The acceptance of the oldest delivery waiting (there is one).
+fn accepted_oldest(
+    waiting: &mut VecDeque<(AcceptFuture, Received)>,
+) -> impl std::future::Future<Output = Result<u64, AppendError>> + '_ {
+    std::future::poll_fn(move |cx| match waiting.front_mut() {
+        Some((f, _)) => f.poll_unpin(cx),
+        None => std::task::Poll::Pending,
+    })
+}
+
+/// Acknowledges a delivery to its source once its message is queued on
+/// disk, or gives it back when it could not be.
+fn settle(route: &str, accepted: Result<u64, AppendError>, d: Received) {
+    match accepted {
+        Ok(_) => d.ack(),
+        // Dropped by the route's own overflow policy: counted; the
+        // source is done with it.
+        Err(AppendError::Dropped { .. }) => d.ack(),
+        Err(e) => {
+            tracing::error!(route = %route, error = %e, "cannot queue a message; the source sends it again");
+            d.retry();
+        }
+    }
+}
+
+/// Queues a delivery for the destination: its acceptance, to acknowledge
+/// it to the source by, or nothing when it is settled already (a receipt
+/// handed back, a message given back for now or that can never be sent).
+fn take(r: &Route, client: &Client, relay: &mut Relay, mut d: Received) -> Option<(AcceptFuture, Received)> {
     if relay.is_handed_back(d.topic(), d.payload()) {
         d.ack();
-        return Ok(());
+        return None;
     }
     let mut m = Message::new(r.rewrite.apply(d.topic()), d.payload().to_vec())
         .qos(r.qos.unwrap_or(d.qos()))
@@ -357,11 +384,11 @@ async fn take(
         None => client.enqueue(m),
     };
     match queued {
-        Ok(f) => tx.send((f, d)).await.map_err(|_| RouteEnd::AcknowledgerStopped),
+        Ok(f) => Some((f, d)),
         Err(e) if e.is_retryable() => {
             tracing::warn!(route = %r.name, error = %e, "cannot queue now; the source sends it again");
             d.retry();
-            Ok(())
+            None
         }
         Err(e) => {
             // It can never be sent (say the rewritten topic is invalid):
@@ -370,7 +397,7 @@ async fn take(
             tracing::error!(route = %r.name, topic = %topic, error = %e, "message cannot be forwarded; dropped");
             client.count_dropped(DropReason::Invalid, topic);
             d.ack();
-            Ok(())
+            None
         }
     }
 }

@@ -8,9 +8,9 @@
 
 use mqtt_protocol_core::mqtt::result_code::MqttError;
 use steadfast_core::receipt::RECEIPT_PROPERTY;
-use steadfast_core::{Identity, Properties, Qos};
+use steadfast_core::{Identity, Qos};
 
-use crate::link::Inbound;
+use crate::link::{InProps, Inbound};
 
 /// A body being read, front to back.
 struct Body<'a> {
@@ -90,7 +90,7 @@ pub(crate) fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Inbound, MqttE
         dup: flags & 8 == 8,
         identity: None,
         receipt: None,
-        props: Properties::default(),
+        props: InProps::default(),
         expiry_secs: None,
     };
     // MQTT 5 as the codec reads it: a body that ends after the packet id
@@ -120,22 +120,22 @@ fn properties(p: &mut Body<'_>, m: &mut Inbound) -> Result<(), MqttError> {
                     return Err(MqttError::ProtocolError);
                 }
                 once(0)?;
-                m.props.payload_is_utf8 = v == 1;
+                m.props.get_mut().payload_is_utf8 = v == 1;
             }
             0x02 => {
                 m.expiry_secs = Some(p.u32()?);
                 once(1)?;
             }
             0x03 => {
-                m.props.content_type = Some(p.string()?.to_owned());
+                m.props.get_mut().content_type = Some(p.string()?.to_owned());
                 once(2)?;
             }
             0x08 => {
-                m.props.response_topic = Some(p.string()?.to_owned());
+                m.props.get_mut().response_topic = Some(p.string()?.to_owned());
                 once(3)?;
             }
             0x09 => {
-                m.props.correlation_data = Some(p.binary()?.to_vec());
+                m.props.get_mut().correlation_data = Some(p.binary()?.to_vec());
                 once(4)?;
             }
             0x0b => {
@@ -160,7 +160,7 @@ fn properties(p: &mut Body<'_>, m: &mut Inbound) -> Result<(), MqttError> {
                 } else if key == RECEIPT_PROPERTY {
                     m.receipt = Some(val.to_owned());
                 } else {
-                    m.props.user.push((key.to_owned(), val.to_owned()));
+                    m.props.get_mut().user.push((key.to_owned(), val.to_owned()));
                 }
             }
             // Not a PUBLISH property, or no property at all.

@@ -87,9 +87,43 @@ pub(crate) struct Inbound {
     /// `steadfast-receipt` user property, MQTT 5), as sent.
     pub receipt: Option<String>,
     /// Its other MQTT 5 properties (the identity left out).
-    pub props: steadfast_core::Properties,
+    pub props: InProps,
     /// MQTT 5 message expiry interval: seconds it has left, as sent.
     pub expiry_secs: Option<u32>,
+}
+
+/// The MQTT 5 properties a delivery came with, boxed when it has any:
+/// most have none, and a delivery moves through several queues on its
+/// way to the application (a `Properties` inline was a third of its size,
+/// copied at each move; docs/performance.md, session 26).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct InProps(Option<Box<steadfast_core::Properties>>);
+
+/// What a delivery without properties has.
+static NO_PROPS: steadfast_core::Properties = steadfast_core::Properties {
+    content_type: None,
+    response_topic: None,
+    correlation_data: None,
+    payload_is_utf8: false,
+    user: Vec::new(),
+};
+
+impl InProps {
+    /// The properties (none set when it came without).
+    pub fn get(&self) -> &steadfast_core::Properties {
+        self.0.as_deref().unwrap_or(&NO_PROPS)
+    }
+
+    /// The properties, to set one.
+    pub fn get_mut(&mut self) -> &mut steadfast_core::Properties {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl std::fmt::Debug for InProps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.get().fmt(f)
+    }
 }
 
 /// The broker's answer to CONNECT.
@@ -517,12 +551,12 @@ fn publish_by_codec(flags: u8, body: &[u8], v5: bool) -> Result<Inbound, MqttErr
             match prop {
                 Property::UserProperty(u) if u.key() == RECEIPT_PROPERTY => m.receipt = Some(u.val().to_owned()),
                 Property::UserProperty(u) if u.key() != Identity::USER_PROPERTY => {
-                    m.props.user.push((u.key().to_owned(), u.val().to_owned()))
+                    m.props.get_mut().user.push((u.key().to_owned(), u.val().to_owned()))
                 }
-                Property::ContentType(v) => m.props.content_type = Some(v.val().to_owned()),
-                Property::ResponseTopic(v) => m.props.response_topic = Some(v.val().to_owned()),
-                Property::CorrelationData(v) => m.props.correlation_data = Some(v.val().to_vec()),
-                Property::PayloadFormatIndicator(v) => m.props.payload_is_utf8 = v.val() == 1,
+                Property::ContentType(v) => m.props.get_mut().content_type = Some(v.val().to_owned()),
+                Property::ResponseTopic(v) => m.props.get_mut().response_topic = Some(v.val().to_owned()),
+                Property::CorrelationData(v) => m.props.get_mut().correlation_data = Some(v.val().to_vec()),
+                Property::PayloadFormatIndicator(v) => m.props.get_mut().payload_is_utf8 = v.val() == 1,
                 Property::MessageExpiryInterval(v) => m.expiry_secs = Some(v.val()),
                 _ => {}
             }
@@ -554,7 +588,7 @@ fn inbound(
         dup,
         identity,
         receipt: None,
-        props: steadfast_core::Properties::default(),
+        props: InProps::default(),
         expiry_secs: None,
     }
 }

@@ -378,7 +378,7 @@ fn take(r: &Route, client: &Client, relay: &mut Relay, mut d: Received) -> Optio
     // recognised by the outbox in the same round trip, and only acked.
     let queued = match d.packet_id() {
         Some(pid) => {
-            let source = Source { url: d.broker().to_owned(), pid, digest: digest(&d), resent: d.broker_resent() };
+            let source = Source { url: d.broker_shared().clone(), pid, digest: digest(&d), resent: d.broker_resent() };
             client.enqueue_from(m, source)
         }
         None => client.enqueue(m),

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use super::group::GroupInbox;
 use super::Cmd;
-use crate::link::Inbound;
+use crate::link::{InProps, Inbound};
 
 /// A message handed to the application. Acknowledge it with
 /// [`Received::ack`] once handled; dropping it unacknowledged (or
@@ -33,7 +33,7 @@ pub struct Received {
     redelivered: bool,
     /// The broker's DUP flag: it sent this packet id before.
     broker_dup: bool,
-    props: Properties,
+    props: InProps,
     expiry_secs: Option<u32>,
     /// The receipts topic its producer asked a receipt at.
     receipt: Option<String>,
@@ -92,6 +92,10 @@ impl Received {
     pub fn broker(&self) -> &str {
         &self.broker
     }
+    /// The broker it came from, shared.
+    pub(crate) fn broker_shared(&self) -> &Arc<str> {
+        &self.broker
+    }
     /// Handed over before (the application dropped or refused it, or the
     /// broker sent it again).
     pub fn redelivered(&self) -> bool {
@@ -106,7 +110,7 @@ impl Received {
     /// Its MQTT 5 properties (content type, user properties...; the
     /// identity is [`Received::identity`]).
     pub fn properties(&self) -> &Properties {
-        &self.props
+        self.props.get()
     }
     /// MQTT 5: the message expiry interval it came with, in seconds (the
     /// time it had left when the broker sent it).

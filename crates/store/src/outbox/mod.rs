@@ -169,8 +169,8 @@ impl Future for AcceptFuture {
 /// marked it as a redelivery (DUP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
-    /// The source broker.
-    pub url: String,
+    /// The source broker (shared by its deliveries).
+    pub url: std::sync::Arc<str>,
     /// Its packet id there.
     pub pid: u16,
     /// A hash of what makes the delivery this message (topic, payload,

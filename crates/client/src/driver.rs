@@ -136,6 +136,9 @@ pub(crate) struct Driver {
     /// The ACK this connection's reads owe TCP, paid by our bytes or
     /// settled before anything that may wait (`AckDebt`).
     ack_debt: Option<AckDebt>,
+    /// What the last read held, kept empty between reads so that each
+    /// read fills the same vector.
+    incoming: Vec<Incoming>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -197,6 +200,7 @@ impl Driver {
             last_end: LinkEnd::Ours,
             receipts: cfg_receipts,
             ack_debt: None,
+            incoming: Vec::new(),
         }
     }
 
@@ -569,8 +573,11 @@ impl Driver {
             return Err(ConnectError::Closed(CloseReason::Eof));
         }
         self.session.handle_received(now());
-        let incoming = link.receive(&buf[..n]);
-        self.on_incoming(link, incoming).await
+        let mut incoming = std::mem::take(&mut self.incoming);
+        link.receive_into(&buf[..n], &mut incoming);
+        let r = self.on_incoming(link, incoming.drain(..)).await;
+        self.incoming = incoming;
+        r
     }
 
     /// Lets the engine move messages from its queue onto the wire, and
@@ -595,7 +602,11 @@ impl Driver {
 
     /// Handles what the broker sent. Acknowledgements are applied even when
     /// a later packet in the same read ends the link.
-    async fn on_incoming(&mut self, link: &mut Link, incoming: Vec<Incoming>) -> Result<(), ConnectError> {
+    async fn on_incoming(
+        &mut self,
+        link: &mut Link,
+        incoming: impl IntoIterator<Item = Incoming>,
+    ) -> Result<(), ConnectError> {
         let mut acks = Vec::new();
         let mut end = None;
         for inc in incoming {

@@ -76,11 +76,18 @@ impl Identity {
 
     /// Parses a user property value written by [`Identity::to_property_value`].
     pub fn parse_property_value(v: &str) -> Option<Identity> {
+        Self::property_value_parts(v).map(|(producer, seq)| Identity { producer: producer.to_owned(), seq })
+    }
+
+    /// [`Identity::parse_property_value`] borrowed: its producer and
+    /// sequence number, with nothing built (the send path looks at every
+    /// forwarded message's).
+    pub fn property_value_parts(v: &str) -> Option<(&str, u64)> {
         let (producer, seq) = v.rsplit_once('/')?;
         if producer.is_empty() {
             return None;
         }
-        Some(Identity { producer: producer.to_owned(), seq: seq.parse().ok()? })
+        Some((producer, seq.parse().ok()?))
     }
 }
 

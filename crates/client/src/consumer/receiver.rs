@@ -141,7 +141,8 @@ impl Receiver {
         subscription: &Subscription,
     ) -> Result<(), ConnectError> {
         loop {
-            for inc in std::mem::take(&mut pending_in) {
+            // Drained, not replaced: the next read fills the same vector.
+            for inc in pending_in.drain(..) {
                 self.on_incoming(conn, inc, subscription)?;
             }
             conn.write_due().await?;
@@ -163,7 +164,7 @@ impl Receiver {
                         return Err(ConnectError::Closed(CloseReason::Eof));
                     }
                     conn.session.handle_received(clock::instant());
-                    pending_in = conn.link.receive(&conn.buf[..n]);
+                    conn.link.receive_into(&conn.buf[..n], &mut pending_in);
                 }
                 cmd = self.acks.recv() => match cmd {
                     None => return Ok(()),

@@ -28,6 +28,7 @@ mod decode;
 pub mod doctor;
 mod driver;
 mod error;
+mod frame;
 mod link;
 mod metrics;
 mod policy;

@@ -1,6 +1,6 @@
 //! Glue between steadfast and `mqtt-protocol-core`, used as the packet
-//! codec: it frames what arrives and builds and parses every packet for
-//! either protocol version, but for the PUBLISH a producer sends and the
+//! codec: it builds and parses every packet for either protocol version
+//! (what arrives is cut into packets by `frame`), but for the PUBLISH a producer sends and the
 //! PUBLISH and acknowledgement a consumer takes and answers, which are
 //! written and read here (and in `decode`) byte for byte as the codec
 //! does, property tests comparing the two.
@@ -8,7 +8,6 @@
 //! ours, in `steadfast-core`: one owner of in-flight state, not two.
 
 use mqtt_protocol_core::mqtt;
-use mqtt_protocol_core::mqtt::connection::{PacketBuildResult, PacketBuilder, RawPacket};
 use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, Property};
 use mqtt_protocol_core::mqtt::prelude::*;
 use mqtt_protocol_core::mqtt::result_code::MqttError;
@@ -19,13 +18,14 @@ use steadfast_store::{Outbox, StoredMessage};
 
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError, Refusal};
+use crate::frame::{FrameError, Framer, Raw};
 use crate::transport::{self, io_error, ReadHalf, WriteHalf};
 
 /// The codec state of one TCP connection.
 pub(crate) struct Link {
     version: ProtocolVersion,
     envelope: bool,
-    framer: PacketBuilder,
+    framer: Framer,
     max_packet: Option<u32>,
     /// Bytes waiting to be written to the socket.
     pub out: Vec<u8>,
@@ -172,10 +172,7 @@ impl Link {
     /// broker over `max_packet` bytes ends the link before anything is
     /// allocated for it.
     pub fn new(version: ProtocolVersion, envelope: bool, max_packet: Option<u32>) -> Self {
-        let framer = match max_packet {
-            Some(max) => PacketBuilder::with_maximum_packet_size(max),
-            None => PacketBuilder::new(),
-        };
+        let framer = Framer::new(max_packet);
         Self { version, envelope, framer, max_packet, out: Vec::with_capacity(64 * 1024) }
     }
 
@@ -431,45 +428,42 @@ impl Link {
     /// vector across its reads does not grow a new one for each (a read
     /// of 64 KiB holds hundreds of PUBLISHes).
     pub fn receive_into(&mut self, data: &[u8], incoming: &mut Vec<Incoming>) {
-        let mut cursor = mqtt::common::Cursor::new(data);
-        while (cursor.position() as usize) < data.len() {
-            match self.framer.feed(&mut cursor) {
-                PacketBuildResult::Complete(raw) => match self.decode(&raw) {
-                    Ok(packet) => incoming.push(packet),
-                    Err(e) => {
-                        incoming.push(Incoming::Broken(e));
-                        break;
-                    }
-                },
-                PacketBuildResult::Incomplete => {}
-                PacketBuildResult::Error(MqttError::PacketTooLarge) => {
-                    let max = self.max_packet.unwrap_or(u32::MAX);
-                    incoming.push(Incoming::Broken(ConnectError::IncomingTooLarge { max }));
-                    break;
-                }
-                PacketBuildResult::Error(e) => {
-                    incoming.push(Incoming::Broken(malformed("packet", e)));
-                    break;
-                }
+        let v5 = self.version == ProtocolVersion::V5;
+        let cut = self.framer.feed(data, |raw| match Self::decode(v5, &raw) {
+            Ok(packet) => {
+                incoming.push(packet);
+                true
+            }
+            Err(e) => {
+                incoming.push(Incoming::Broken(e));
+                false
+            }
+        });
+        match cut {
+            Ok(()) => {}
+            Err(FrameError::TooLarge) => {
+                let max = self.max_packet.unwrap_or(u32::MAX);
+                incoming.push(Incoming::Broken(ConnectError::IncomingTooLarge { max }));
+            }
+            Err(FrameError::Malformed) => {
+                incoming.push(Incoming::Broken(malformed("packet", MqttError::MalformedPacket)));
             }
         }
     }
 
-    fn decode(&self, raw: &RawPacket) -> Result<Incoming, ConnectError> {
-        let v5 = self.version == ProtocolVersion::V5;
+    fn decode(v5: bool, raw: &Raw<'_>) -> Result<Incoming, ConnectError> {
         let ok = |code: Option<bool>| code.unwrap_or(true);
         Ok(match raw.packet_type() {
             // A broker without MQTT 5 may answer with a 3.1.1 CONNACK
             // refusing the version (code 1), which MQTT 5 allows.
-            2 if v5 && raw.data_as_slice() == [0, 1] => {
+            2 if v5 && raw.body() == [0, 1] => {
                 Incoming::ConnAck(ConnAck { refused: Some(Refusal::ProtocolVersion), ..Default::default() })
             }
             2 if v5 => connack_v5(parse(raw, "CONNACK", v5_0::Connack::parse)?),
             2 => connack_v311(parse(raw, "CONNACK", v3_1_1::Connack::parse)?),
-            3 => {
-                let body = publish_body(raw)?;
-                Incoming::Publish(crate::decode::publish(raw.flags(), body, v5).map_err(|e| malformed("PUBLISH", e))?)
-            }
+            3 => Incoming::Publish(
+                crate::decode::publish(raw.flags(), raw.body(), v5).map_err(|e| malformed("PUBLISH", e))?,
+            ),
             6 if v5 => Incoming::PubRel { pid: parse(raw, "PUBREL", v5_0::Pubrel::parse)?.packet_id() },
             6 => Incoming::PubRel { pid: parse(raw, "PUBREL", v3_1_1::Pubrel::parse)?.packet_id() },
             9 if v5 => {
@@ -526,19 +520,6 @@ fn put_ack(pid: u16, qos: Qos, out: &mut Vec<u8>) {
     let kind = if qos == Qos::ExactlyOnce { 0x50 } else { 0x40 };
     let [hi, lo] = pid.to_be_bytes();
     out.extend_from_slice(&[kind, 2, hi, lo]);
-}
-
-/// A PUBLISH's body as the framer kept it, which must be exactly its
-/// remaining length.
-fn publish_body(raw: &RawPacket) -> Result<&[u8], ConnectError> {
-    let body = match &raw.data {
-        mqtt::connection::PacketData::Publish(arc) => &arc[..],
-        mqtt::connection::PacketData::Normal(v) => v.as_slice(),
-    };
-    if body.len() != raw.remaining_length() as usize {
-        return Err(malformed("PUBLISH", MqttError::MalformedPacket));
-    }
-    Ok(body)
 }
 
 /// The PUBLISH as the codec parses it: what [`crate::decode::publish`]
@@ -602,11 +583,15 @@ fn inbound(
 
 /// Parses a packet body that must be consumed exactly.
 fn parse<T>(
-    raw: &RawPacket,
+    raw: &Raw<'_>,
     what: &str,
     f: impl FnOnce(&[u8]) -> Result<(T, usize), MqttError>,
 ) -> Result<T, ConnectError> {
-    raw.parse_exact(f).map_err(|e| malformed(what, e))
+    match f(raw.body()) {
+        Ok((packet, used)) if used == raw.body().len() => Ok(packet),
+        Ok(_) => Err(malformed(what, MqttError::MalformedPacket)),
+        Err(e) => Err(malformed(what, e)),
+    }
 }
 
 /// A message outside any outbox (`id` 0: no identity on the wire), for

@@ -61,7 +61,16 @@ impl Framer {
     /// `each` returns false; what is left of an unfinished packet waits
     /// for the next read. An error ends the stream: what follows it is
     /// not looked at.
-    pub fn feed(&mut self, mut data: &[u8], mut each: impl FnMut(Raw<'_>) -> bool) -> Result<(), FrameError> {
+    pub fn feed(&mut self, data: &[u8], each: impl FnMut(Raw<'_>) -> bool) -> Result<(), FrameError> {
+        let r = self.cut(data, each);
+        if r.is_err() {
+            // As the codec's framer: nothing of the broken packet is kept.
+            self.partial.clear();
+        }
+        r
+    }
+
+    fn cut(&mut self, mut data: &[u8], mut each: impl FnMut(Raw<'_>) -> bool) -> Result<(), FrameError> {
         if !self.partial.is_empty() {
             // Complete the packet begun earlier: its header first, a
             // byte at a time, then as much of its body as it lacks.
@@ -109,10 +118,9 @@ impl Framer {
     }
 
     /// The whole size of a packet, if it is not too large.
-    fn check(&mut self, header: usize, remaining: usize) -> Result<usize, FrameError> {
+    fn check(&self, header: usize, remaining: usize) -> Result<usize, FrameError> {
         let whole = header + remaining;
         if self.max.is_some_and(|max| whole > max as usize) {
-            self.partial.clear();
             return Err(FrameError::TooLarge);
         }
         Ok(whole)
@@ -260,6 +268,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// After an error the framer keeps nothing of the broken packet: the
+    /// next read is cut afresh, as by the codec's framer.
+    #[test]
+    fn after_an_error_the_next_read_starts_afresh() {
+        let broken: &[u8] = &[0x30, 0xff, 0xff];
+        let rest: &[u8] = &[0xff, 0xff, 0x01];
+        let next: &[u8] = &[0x40, 2, 0, 7];
+        let mut framer = Framer::new(None);
+        assert_eq!(framer.feed(broken, |_| true), Ok(()));
+        assert_eq!(framer.feed(rest, |_| true), Err(FrameError::Malformed));
+        let mut got = Vec::new();
+        assert_eq!(
+            framer.feed(next, |raw| {
+                got.push((raw.first, raw.body().to_vec()));
+                true
+            }),
+            Ok(())
+        );
+        assert_eq!(got, vec![(0x40, vec![0, 7])]);
+        let mut codec = PacketBuilder::new();
+        for piece in [broken, rest] {
+            let mut cursor = Cursor::new(piece);
+            let _ = codec.feed(&mut cursor);
+        }
+        let mut cursor = Cursor::new(next);
+        assert!(matches!(codec.feed(&mut cursor), PacketBuildResult::Complete(_)), "the codec starts afresh too");
     }
 
     /// `each` returning false stops at that packet: the rest of the read

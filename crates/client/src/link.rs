@@ -96,8 +96,17 @@ pub(crate) struct Inbound {
 /// most have none, and a delivery moves through several queues on its
 /// way to the application (a `Properties` inline was a third of its size,
 /// copied at each move; docs/performance.md, session 26).
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub(crate) struct InProps(Option<Box<steadfast_core::Properties>>);
+
+/// None and an empty box are the same properties.
+impl PartialEq for InProps {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for InProps {}
 
 /// What a delivery without properties has.
 static NO_PROPS: steadfast_core::Properties = steadfast_core::Properties {

@@ -276,6 +276,11 @@ async fn forward(
     // Queued for the destination, not yet acknowledged to the source.
     let mut waiting: VecDeque<(AcceptFuture, Received)> = VecDeque::new();
     let result = loop {
+        // Seen here too, not only in the select below: under the
+        // runtime's budget every branch there may be pending at once.
+        if *stop.borrow() {
+            break Ok(());
+        }
         // Deliveries ready now are taken without a wait each, a batch at
         // most (the awaits below let the runtime's other tasks in).
         for _ in 0..BATCH {

@@ -93,6 +93,21 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), FilterError> {
 
 /// Checks that `topic` may be used as a PUBLISH topic name.
 pub fn validate_topic_name(topic: &str) -> Result<(), TopicError> {
+    // One pass over the bytes for the common topic, which has none of
+    // what `checked_one_by_one` refuses: a wildcard, NUL or another control
+    // character (U+0080 to U+009F start with the byte 0xC2, which also
+    // starts other characters: those take the checks). Three passes
+    // over characters cost a bridged message 370 instructions.
+    let b = topic.as_bytes();
+    if !b.is_empty() && b.len() <= 65535 && !b.iter().any(|&c| matches!(c, b'+' | b'#' | 0x00..=0x1f | 0x7f | 0xc2)) {
+        return Ok(());
+    }
+    checked_one_by_one(topic)
+}
+
+/// The checks of [`validate_topic_name`] one by one, in the order their
+/// errors are reported.
+fn checked_one_by_one(topic: &str) -> Result<(), TopicError> {
     if topic.is_empty() {
         return Err(TopicError::Empty);
     }
@@ -124,6 +139,23 @@ mod tests {
         assert!(matches!(validate_topic_name("a/#"), Err(TopicError::Wildcard(_))));
         assert_eq!(validate_topic_name("a\0b"), Err(TopicError::Nul));
         assert_eq!(validate_topic_name(&"x".repeat(70000)), Err(TopicError::TooLong(70000)));
+    }
+
+    /// The one-pass check answers as the checks one by one, on strings
+    /// drawn from every range the checks look at.
+    #[test]
+    fn the_fast_path_answers_as_the_checks_one_by_one() {
+        let chars: Vec<char> =
+            "ab/+#~ \0\u{1}\n\u{1f}\u{7f}\u{80}\u{85}\u{9f}\u{a0}\u{a3}\u{e9}\u{100}\u{1F600}".chars().collect();
+        let mut rng = fastrand::Rng::with_seed(18);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..8);
+            let topic: String = (0..len).map(|_| chars[rng.usize(0..chars.len())]).collect();
+            assert_eq!(validate_topic_name(&topic), checked_one_by_one(&topic), "{topic:?}");
+        }
+        let long = "a".repeat(65_536);
+        assert_eq!(validate_topic_name(&long), checked_one_by_one(&long));
+        assert_eq!(validate_topic_name(&long[1..]), Ok(()));
     }
 
     #[test]

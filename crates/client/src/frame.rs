@@ -149,6 +149,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::{FrameError, Framer};
+    use crate::link::put_varint;
 
     /// What a stream fed in pieces gives: each packet's first byte and
     /// body, then the error that ended it, if any.
@@ -191,25 +192,12 @@ mod tests {
         (packets, None)
     }
 
-    /// A remaining length as MQTT encodes it.
-    fn varint(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let b = (n % 128) as u8;
-            n /= 128;
-            if n == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
-    }
-
     /// A stream of packets (some of them with a body of 128 bytes or
     /// more, so a two-byte length), maybe a broken length among them.
     fn stream() -> impl Strategy<Value = Vec<u8>> {
         let packet = (any::<u8>(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(first, body)| {
             let mut p = vec![first];
-            varint(body.len(), &mut p);
+            put_varint(&mut p, body.len());
             p.extend(body);
             p
         });
@@ -242,7 +230,7 @@ mod tests {
         let mut body = vec![7u8; 200];
         body[0] = 1;
         let mut stream = vec![0x32];
-        varint(body.len(), &mut stream);
+        put_varint(&mut stream, body.len());
         stream.extend(&body);
         stream.extend([0x40, 2, 0, 9]);
         let (packets, end) = ours(None, &[&stream[..2], &stream[2..100], &stream[100..]]);
@@ -256,7 +244,7 @@ mod tests {
     fn the_maximum_packet_size_counts_the_whole_packet() {
         for len in [0usize, 1, 126, 127, 128, 300] {
             let mut packet = vec![0x30];
-            varint(len, &mut packet);
+            put_varint(&mut packet, len);
             packet.extend(vec![5u8; len]);
             let whole = packet.len() as u32;
             for max in [whole - 1, whole, whole + 1] {

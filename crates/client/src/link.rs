@@ -791,7 +791,7 @@ fn publish_header(out: &mut Vec<u8>, msg: &steadfast_store::NewMessage, remainin
 }
 
 /// MQTT's variable byte integer (at most [`MAX_REMAINING`]).
-fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut n: usize) {
     loop {
         let byte = (n % 128) as u8;
         n /= 128;

@@ -298,10 +298,7 @@ async fn forward(
                 let (_, d) = waiting.pop_front().expect("the oldest was waited for");
                 settle(&r.name, accepted, d);
                 // Every later one already accepted, at once.
-                while let Some(accepted) = waiting.front_mut().and_then(|(f, _)| f.now_or_never()) {
-                    let (_, d) = waiting.pop_front().expect("the oldest was polled");
-                    settle(&r.name, accepted, d);
-                }
+                settle_accepted(&r.name, &mut waiting);
             }
             _ = stop.wait_for(|s| *s) => break Ok(()),
             d = consumer.next(), if room => match d {
@@ -314,10 +311,7 @@ async fn forward(
     // message still waiting for room (overflow `block`) or for its sync is
     // given up: unacknowledged, the source sends it again after the
     // restart.
-    while let Some(accepted) = waiting.front_mut().and_then(|(f, _)| f.now_or_never()) {
-        let (_, d) = waiting.pop_front().expect("the oldest was polled");
-        settle(&r.name, accepted, d);
-    }
+    settle_accepted(&r.name, &mut waiting);
     drop(waiting);
     relay.stop().await;
     consumer.close().await;
@@ -333,6 +327,15 @@ fn accepted_oldest(
         Some((f, _)) => f.poll_unpin(cx),
         None => std::task::Poll::Pending,
     })
+}
+
+/// Settles the oldest deliveries whose acceptance came already, in
+/// order, up to the first still waiting.
+fn settle_accepted(route: &str, waiting: &mut VecDeque<(AcceptFuture, Received)>) {
+    while let Some(accepted) = waiting.front_mut().and_then(|(f, _)| f.now_or_never()) {
+        let (_, d) = waiting.pop_front().expect("the oldest was polled");
+        settle(route, accepted, d);
+    }
 }
 
 /// Acknowledges a delivery to its source once its message is queued on

@@ -16,7 +16,8 @@ use steadfast_core::engine::{
 };
 use steadfast_core::{AckTimeout, DropReason, Qos};
 use steadfast_store::{
-    now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, Page, StoreError, StoredMessage,
+    now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, Page, ReadLimit, StoreError,
+    StoredMessage,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -31,8 +32,13 @@ use crate::router::Router;
 use crate::transport::{AckDebt, Sender};
 use crate::{BrokerStatus, Event, LinkState};
 
-/// Messages read from the outbox per page.
-const PAGE: usize = 1024;
+/// Messages read from the outbox per page at most, and the bytes of topics
+/// and payloads after which a page ends. The queue a link reads ahead of
+/// its window holds about one and a half pages: enough to go on sending
+/// while the outbox's writer inserts and syncs a large batch of new
+/// messages, which a publisher at full speed makes it do (docs/design.md,
+/// "Reading the outbox").
+const PAGE: ReadLimit = ReadLimit { count: 4096, bytes: 8 << 20 };
 /// The window towards an MQTT 3.1.1 broker, which cannot announce its
 /// limit on messages in flight, unless `max_inflight` is configured:
 /// Mosquitto's default `max_inflight_messages`. Not probed past: past its
@@ -166,7 +172,8 @@ impl Driver {
                 keep_alive: cfg.keep_alive,
                 ack_timeout: cfg.ack_timeout,
                 refused_pause: cfg.backoff.max,
-                page: PAGE,
+                page: PAGE.count,
+                page_bytes: PAGE.bytes as usize,
                 poison_after: cfg.poison_after,
             },
             clock::instant(),

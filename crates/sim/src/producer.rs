@@ -44,6 +44,8 @@ pub struct Msg {
     pub resends: u32,
     /// A receipt came before its quorum of acknowledgements (fanout).
     pub receipted: bool,
+    /// What it holds in memory ([`Queued::size`]): 1 to 13 bytes.
+    pub size: usize,
 }
 
 impl Queued for Msg {
@@ -58,6 +60,9 @@ impl Queued for Msg {
     }
     fn priority(&self) -> usize {
         self.priority as usize
+    }
+    fn size(&self) -> usize {
+        self.size
     }
     fn expires_ms(&self) -> Option<u64> {
         self.expires_ms
@@ -209,6 +214,7 @@ impl Producer {
             ack_timeout: AckTimeout::Adaptive { floor: Duration::from_millis(500), max: Duration::from_secs(2) },
             refused_pause: Duration::from_secs(1),
             page: s.page,
+            page_bytes: s.page_bytes,
             poison_after: POISON_AFTER,
         };
         let need = match s.spread {
@@ -314,6 +320,7 @@ impl Producer {
             awaiting: None,
             resends: 0,
             receipted: false,
+            size: (id % 13 + 1) as usize,
         };
         self.working.msgs.insert(id, m);
         if let Some(e) = expires_ms {
@@ -350,14 +357,21 @@ impl Producer {
     }
 
     /// A page of priority `p` after `after`, up to the newest committed,
-    /// that `slot` has not acknowledged.
+    /// that `slot` has not acknowledged: the page's count at most, ending
+    /// at the message that reaches its bytes (as the store reads).
     pub fn read_after(&self, slot: usize, p: usize, after: u64, upto: u64) -> Vec<Msg> {
+        let mut held = 0;
         self.working
             .msgs
             .range(after + 1..=upto)
             .filter(|(_, m)| !m.done && !m.poisoned && m.awaiting.is_none())
             .filter(|(_, m)| m.acks & (1 << slot) == 0 && m.priority as usize == p)
             .take(self.cfg.page)
+            .take_while(|(_, m)| {
+                let more = held < self.cfg.page_bytes;
+                held += m.size;
+                more
+            })
             .map(|(_, m)| m.clone())
             .collect()
     }

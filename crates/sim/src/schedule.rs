@@ -164,6 +164,8 @@ pub struct Schedule {
     pub acks_ahead: usize,
     /// Messages read from the outbox per page.
     pub page: usize,
+    /// The bytes after which a page ends (messages hold 1 to 13 bytes).
+    pub page_bytes: usize,
     /// The messages, by time.
     pub messages: Vec<Publish>,
     /// How long the consumer's application takes per delivery (ms, most).
@@ -328,10 +330,22 @@ impl Schedule {
             qos2_closes: false,
             receipts_ms: None,
             acks_ahead: 0,
+            page_bytes: usize::MAX,
         }
         .broker_kind(&mut rng)
         .receipts()
         .acks_ahead()
+        .page_bytes()
+    }
+
+    /// Pages bounded by bytes before their count in one world of two (from
+    /// a generator of its own, as [`Self::receipts`]).
+    fn page_bytes(mut self) -> Schedule {
+        let mut rng = fastrand::Rng::with_seed(self.seed ^ 0xb17e_5a9e);
+        if rng.bool() {
+            self.page_bytes = rng.usize(1..200);
+        }
+        self
     }
 
     /// The consumer's room for acknowledgements ahead of their inbox

@@ -174,6 +174,23 @@ pub struct StoredMessage {
     pub attempts: u32,
 }
 
+/// How much one read of the outbox returns at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// Messages.
+    pub count: usize,
+    /// Bytes of topics and payloads ([`NewMessage::size`]): the read stops
+    /// at the message that reaches it.
+    pub bytes: u64,
+}
+
+impl ReadLimit {
+    /// Whether messages holding `held` bytes fill it.
+    pub fn full_at(&self, held: u64) -> bool {
+        held >= self.bytes
+    }
+}
+
 /// Where a queued message stands, for the writer's quorum decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -446,6 +463,18 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
         &mut self,
         after: u64,
         limit: usize,
+        slot: Option<u32>,
+        priority: Option<u8>,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.read_page(after, ReadLimit { count: limit, bytes: u64::MAX }, slot, priority)
+    }
+    /// [`Store::read_after`] that also stops once the messages read hold
+    /// `page.bytes` ([`NewMessage::size`]) or more: always one message at
+    /// least, when there is one.
+    fn read_page(
+        &mut self,
+        after: u64,
+        page: ReadLimit,
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError>;

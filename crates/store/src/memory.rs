@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use steadfast_core::{DropReason, Stage};
 
 use crate::{
-    BrokerRecord, Entry, InboxStore, NewMessage, SourceStore, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
+    BrokerRecord, Entry, InboxStore, NewMessage, ReadLimit, SourceStore, Store, StoreError, StoredMessage, Totals,
+    MAX_SLOTS,
 };
 
 /// An outbox kept in memory, with the same transaction semantics as
@@ -180,10 +181,10 @@ impl Store for MemoryStore {
         }
         Ok(())
     }
-    fn read_after(
+    fn read_page(
         &mut self,
         after: u64,
-        limit: usize,
+        page: ReadLimit,
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
@@ -194,7 +195,13 @@ impl Store for MemoryStore {
             .messages
             .range(after + 1..)
             .filter(|(_, r)| !r.done && r.awaiting_ms.is_none() && r.acks & mask == 0 && of(r));
-        Ok(range.take(limit).map(|(id, r)| stored(*id, r, None)).collect())
+        let mut held = 0;
+        let read = range.take(page.count).take_while(|(_, r)| {
+            let more = !page.full_at(held);
+            held += r.msg.size();
+            more
+        });
+        Ok(read.map(|(id, r)| stored(*id, r, None)).collect())
     }
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
         let mut top: BTreeMap<u8, u64> = BTreeMap::new();

@@ -22,6 +22,10 @@ impl Queued for StoredMessage {
         self.msg.policy.priority as usize
     }
 
+    fn size(&self) -> usize {
+        self.msg.size() as usize
+    }
+
     fn expires_ms(&self) -> Option<u64> {
         self.msg.policy.expires_ms
     }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use steadfast::{Client, Delivery, Message, ProtocolVersion, PublishError, Qos};
 use steadfast_core::{DropReason, Properties, Stage};
 use steadfast_store::{
-    BrokerRecord, Entry, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, SourceStore, Store, StoreError,
-    StoredMessage, Totals,
+    BrokerRecord, Entry, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, ReadLimit, SourceStore, Store,
+    StoreError, StoredMessage, Totals,
 };
 use steadfast_testkit::{wait_until, Reply, ScriptedBroker};
 
@@ -173,14 +173,14 @@ impl Store for FaultyStore {
         }
         self.inner.set_wire(slot, id, w)
     }
-    fn read_after(
+    fn read_page(
         &mut self,
         after: u64,
-        limit: usize,
+        limit: ReadLimit,
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let page = self.inner.read_after(after, limit, slot, priority);
+        let page = self.inner.read_page(after, limit, slot, priority);
         let n = self.faults.reads.fetch_add(1, SeqCst) + 1;
         if n == self.faults.stall_read.load(SeqCst) {
             self.faults.stalled.store(true, SeqCst);

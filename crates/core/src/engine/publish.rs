@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 // SipHash (docs/design.md, "Dependencies").
 use foldhash::{HashMap, HashMapExt, HashSet};
 
+use self::queue::SendQueue;
 use super::{Now, Timer};
 use crate::keepalive::{KeepAlive, KeepAliveAction};
 use crate::message::{DropReason, Qos, PRIORITIES};
@@ -38,6 +39,10 @@ pub trait Queued: Clone {
     fn set_qos(&mut self, qos: Qos);
     /// Its priority, `0..PRIORITIES`.
     fn priority(&self) -> usize;
+    /// What it holds in memory, in bytes (its topic and payload, say):
+    /// what bounds reading ahead besides the count. The same for its whole
+    /// life.
+    fn size(&self) -> usize;
     /// Its deadline (ms since the epoch), if it has one.
     fn expires_ms(&self) -> Option<u64>;
     /// Its retry budget, if it has one.
@@ -75,6 +80,10 @@ pub struct SessionConfig {
     pub refused_pause: Duration,
     /// Messages read from the outbox per page.
     pub page: usize,
+    /// At most this many bytes ([`Queued::size`]) read per page: with
+    /// `page`, what the queue of messages read ahead of the window holds
+    /// at most (about one and a half pages of the lowest priority).
+    pub page_bytes: usize,
     /// A message alone in flight each time a link fails this many times in
     /// a row is poison: it is moved aside ([`StoreOp::Poison`]) so that it
     /// no longer blocks the messages behind it. 0: never.
@@ -310,7 +319,7 @@ pub struct PublishSession<M> {
     /// Contents of what is in flight, for resends.
     inflight: HashMap<u64, M>,
     /// Read from the outbox, not yet on the wire.
-    queue: VecDeque<M>,
+    queue: SendQueue<M>,
     /// Highest outbox id read so far, per priority.
     cursors: [u64; PRIORITIES],
     /// Per priority, ids above its cursor that already left: a page read
@@ -385,7 +394,7 @@ impl<M: Queued> PublishSession<M> {
             cfg,
             window: SendWindow::new(cfg.max_inflight),
             inflight: HashMap::new(),
-            queue: VecDeque::new(),
+            queue: SendQueue::new(),
             cursors: [0; PRIORITIES],
             done_ahead: Default::default(),
             retry: VecDeque::new(),
@@ -736,14 +745,20 @@ impl<M: Queued> PublishSession<M> {
 
     /// What this session wants read next, whatever is committed: per
     /// priority, the id to read after and whether the queue has room for
-    /// it (the lowest waits for the queue to run low, higher ones only for
-    /// a hard cap). `None` while nothing may be read.
+    /// it (the lowest waits for the queue to run below half a page, in
+    /// messages and in bytes; higher ones only for a hard cap of two
+    /// pages). `None` while nothing may be read.
     pub fn read_want(&self) -> Option<ReadWant> {
         if !self.pending.is_empty() {
             return None;
         }
-        let page = self.cfg.page;
-        let room = std::array::from_fn(|p| self.queue.len() < if p == 0 { page / 2 } else { 2 * page });
+        let (n, bytes) = (self.queue.len(), self.queue.bytes());
+        let (page, page_bytes) = (self.cfg.page, self.cfg.page_bytes);
+        // An empty queue has room, however small a page.
+        let room = std::array::from_fn(|p| match p {
+            0 => n < (page / 2).max(1) && bytes < (page_bytes / 2).max(1),
+            _ => n < page.saturating_mul(2) && bytes < page_bytes.saturating_mul(2),
+        });
         let want = ReadWant { after: self.cursors, room };
         want.room.iter().any(|r| *r).then_some(want)
     }
@@ -773,14 +788,7 @@ impl<M: Queued> PublishSession<M> {
                 !self.inflight.contains_key(&id) && !gone && !waiting && claims(m)
             })
             .collect();
-        let at = if p == 0 {
-            self.queue.len()
-        } else {
-            self.queue.iter().position(|q| q.priority() < p).unwrap_or(self.queue.len())
-        };
-        let tail = self.queue.split_off(at);
-        self.queue.extend(fresh);
-        self.queue.extend(tail);
+        self.queue.insert_page(p, fresh);
         self.cursors[p] = self.cursors[p].max(last.unwrap_or(upto));
         if crate::mutate::planted(crate::mutate::Bug::PageSkipsAhead) && last.is_some() {
             self.cursors[p] = self.cursors[p].max(upto);
@@ -811,5 +819,6 @@ impl<M: Queued> PublishSession<M> {
 mod connack;
 mod flow;
 mod input;
+mod queue;
 #[cfg(test)]
 mod tests;

@@ -377,13 +377,14 @@ impl Outbox {
     /// soon as a commit gives it something, by the writer thread right
     /// after that commit (no wake-up of the link in between). `None` when
     /// messages went back into the queue since the link saw `requeued`:
-    /// the link must read again from the oldest. Dropping the future
-    /// withdraws the request.
+    /// the link must read again from the oldest. A page holds `limit`'s
+    /// count of messages at most, and ends at the message that reaches its
+    /// bytes. Dropping the future withdraws the request.
     pub async fn next_page(
         &self,
         want: steadfast_core::engine::ReadWant,
         requeued: u64,
-        limit: usize,
+        limit: crate::ReadLimit,
         slot: u32,
     ) -> Result<Option<Page>, StoreError> {
         let (reply, rx) = oneshot::channel();

@@ -214,7 +214,7 @@ impl Writer {
             }
             match f.want.pick(&self.newest) {
                 Some((p, after)) => {
-                    let page = self.store.read_after(after, f.limit, Some(f.slot), Some(p as u8));
+                    let page = self.store.read_page(after, f.limit, Some(f.slot), Some(p as u8));
                     let upto = self.newest[p];
                     let _ = f.reply.send(page.map(|messages| Some(Page { messages, priority: p, upto })));
                 }

@@ -181,7 +181,7 @@ pub(super) struct Follow {
     /// The requeue count the link last saw: a different one answers at
     /// once, with nothing read (the link must read again from the oldest).
     pub(super) requeued: u64,
-    pub(super) limit: usize,
+    pub(super) limit: crate::ReadLimit,
     pub(super) slot: u32,
     pub(super) reply: oneshot::Sender<Result<Option<super::Page>, StoreError>>,
 }

@@ -8,7 +8,8 @@ use super::deferred;
 use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
 use crate::{
-    now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, Store, StoreError, StoredMessage, Totals, MAX_SLOTS,
+    now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, ReadLimit, Store, StoreError, StoredMessage, Totals,
+    MAX_SLOTS,
 };
 
 /// Where a database records the highest id it handed out (table, query):
@@ -409,16 +410,17 @@ impl Store for SqliteStore {
         r.map(|_| ()).map_err(|e| self.map(e))
     }
 
-    fn read_after(
+    fn read_page(
         &mut self,
         after: u64,
-        limit: usize,
+        page: ReadLimit,
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        let limit = page.count;
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
         if self.tail_trusted() {
-            if let Some(page) = self.tail.read_after(after, limit, mask as u64, priority) {
+            if let Some(page) = self.tail.read_after(after, page, mask as u64, priority) {
                 return Ok(page);
             }
         }
@@ -434,8 +436,12 @@ impl Store for SqliteStore {
         };
         self.conn()?;
         let rows = match priority {
-            None | Some(0) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask])?,
-            Some(p) => read_messages(&self.db, &mut self.unreadable, &sql, params![after, limit as i64, mask, p])?,
+            None | Some(0) => {
+                read_messages(&self.db, &mut self.unreadable, &sql, page.bytes, params![after, limit as i64, mask])?
+            }
+            Some(p) => {
+                read_messages(&self.db, &mut self.unreadable, &sql, page.bytes, params![after, limit as i64, mask, p])?
+            }
         };
         // Kept (if the tail is known, which `tail_trusted` just checked),
         // so that their acknowledgements do not read them back.
@@ -509,7 +515,7 @@ impl Store for SqliteStore {
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let sql = format!("{SELECT_BOUND} WHERE wire.slot = ?1 ORDER BY outbox.id");
         self.conn()?;
-        let rows = read_messages(&self.db, &mut self.unreadable, &sql, [slot])?;
+        let rows = read_messages(&self.db, &mut self.unreadable, &sql, u64::MAX, [slot])?;
         Ok(rows.into_iter().map(|(m, _)| m).collect())
     }
 

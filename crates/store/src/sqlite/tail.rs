@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use super::rows::RowState;
-use crate::{Entry, NewMessage, StoredMessage};
+use crate::{Entry, NewMessage, ReadLimit, StoredMessage};
 
 /// The most rows the tail keeps; the oldest go first.
 const MAX_ROWS: usize = 16_384;
@@ -226,7 +226,7 @@ impl Tail {
     pub(super) fn read_after(
         &self,
         after: u64,
-        limit: usize,
+        limit: ReadLimit,
         mask: u64,
         priority: Option<u8>,
     ) -> Option<Vec<StoredMessage>> {
@@ -235,12 +235,18 @@ impl Tail {
         }
         let start = self.rows.partition_point(|r| r.id <= after);
         // Sized once: a filtered iterator gives collect no size to go by.
-        let mut page = Vec::with_capacity(limit.min(self.rows.len() - start));
+        let mut page = Vec::with_capacity(limit.count.min(self.rows.len() - start));
+        let mut held = 0;
         page.extend(
             self.rows
                 .range(start..)
                 .filter(|r| r.acks & mask == 0 && priority.is_none_or(|p| r.msg.policy.priority == p))
-                .take(limit)
+                .take(limit.count)
+                .take_while(|r| {
+                    let more = !limit.full_at(held);
+                    held += r.msg.size();
+                    more
+                })
                 .cloned(),
         );
         Some(page)
@@ -303,18 +309,40 @@ mod tests {
         page.map(|p| p.into_iter().map(|m| m.id).collect())
     }
 
+    /// A page of `count` messages, whatever their bytes.
+    fn n(count: usize) -> ReadLimit {
+        ReadLimit { count, bytes: u64::MAX }
+    }
+
+    #[test]
+    fn a_page_ends_at_the_message_that_reaches_its_bytes() {
+        let mut t = Tail::default();
+        // Each holds its topic's byte and its payload: 10, 20, 30, 40.
+        for id in 1..=4 {
+            t.inserted(id, Arc::new(msg(id as usize * 10 - 1)));
+        }
+        let read = |bytes| ids(t.read_after(0, ReadLimit { count: 3, bytes }, 0, None)).unwrap();
+        assert_eq!(read(1), [1], "one message at least");
+        assert_eq!(read(10), [1]);
+        assert_eq!(read(11), [1, 2]);
+        assert_eq!(read(30), [1, 2]);
+        assert_eq!(read(31), [1, 2, 3]);
+        assert_eq!(read(u64::MAX), [1, 2, 3], "the count still bounds it");
+        assert_eq!(ids(t.read_after(3, ReadLimit { count: 3, bytes: 1 }, 0, None)).unwrap(), [4]);
+    }
+
     #[test]
     fn an_id_handed_out_elsewhere_in_between_moves_the_floor_above_it() {
         let mut t = Tail::default();
-        assert_eq!(ids(t.read_after(0, 10, 0, None)), None, "unknown until an insert");
+        assert_eq!(ids(t.read_after(0, n(10), 0, None)), None, "unknown until an insert");
         t.inserted(5, Arc::new(msg(1)));
         t.inserted(6, Arc::new(msg(1)));
-        assert_eq!(ids(t.read_after(4, 10, 0, None)), Some(vec![5, 6]));
-        assert_eq!(ids(t.read_after(3, 10, 0, None)), None, "below the floor: SQLite");
+        assert_eq!(ids(t.read_after(4, n(10), 0, None)), Some(vec![5, 6]));
+        assert_eq!(ids(t.read_after(3, n(10), 0, None)), None, "below the floor: SQLite");
         // 7 and 8 went to another connection.
         t.inserted(9, Arc::new(msg(1)));
-        assert_eq!(ids(t.read_after(6, 10, 0, None)), None);
-        assert_eq!(ids(t.read_after(8, 10, 0, None)), Some(vec![9]));
+        assert_eq!(ids(t.read_after(6, n(10), 0, None)), None);
+        assert_eq!(ids(t.read_after(8, n(10), 0, None)), Some(vec![9]));
         assert!(t.entry(6).is_none());
     }
 
@@ -326,8 +354,8 @@ mod tests {
             t.inserted(id, Arc::new(msg(big)));
         }
         assert!(t.bytes <= MAX_BYTES);
-        assert_eq!(ids(t.read_after(0, 10, 0, None)), None);
-        let kept = ids(t.read_after(t.floor.unwrap(), 10, 0, None)).unwrap();
+        assert_eq!(ids(t.read_after(0, n(10), 0, None)), None);
+        let kept = ids(t.read_after(t.floor.unwrap(), n(10), 0, None)).unwrap();
         assert_eq!(kept, vec![3, 4, 5]);
         for id in 6..=(MAX_ROWS as u64 + 10) {
             t.inserted(id, Arc::new(msg(0)));
@@ -345,8 +373,8 @@ mod tests {
         t.acked(2, 0b10);
         t.attempted(3);
         t.left(4);
-        assert_eq!(ids(t.read_after(0, 10, 0b10, None)), Some(vec![1, 3]));
-        assert_eq!(t.read_after(2, 1, 0, None).unwrap()[0].attempts, 1);
+        assert_eq!(ids(t.read_after(0, n(10), 0b10, None)), Some(vec![1, 3]));
+        assert_eq!(t.read_after(2, n(1), 0, None).unwrap()[0].attempts, 1);
         assert_eq!(t.entry(2).map(|(e, _)| e.acks), Some(0b10));
         assert_eq!(t.bytes, 3 * (1 + 2));
         t.changed(0);
@@ -365,8 +393,8 @@ mod tests {
         t.inserted(2, Arc::new(bad));
         assert!(!t.is_known());
         t.inserted(3, Arc::new(msg(1)));
-        assert_eq!(ids(t.read_after(1, 10, 0, None)), None, "2 is below the floor: SQLite");
-        assert_eq!(ids(t.read_after(2, 10, 0, None)), Some(vec![3]));
+        assert_eq!(ids(t.read_after(1, n(10), 0, None)), None, "2 is below the floor: SQLite");
+        assert_eq!(ids(t.read_after(2, n(10), 0, None)), Some(vec![3]));
     }
 
     fn stored(id: u64, m: NewMessage) -> StoredMessage {
@@ -418,6 +446,6 @@ mod tests {
         let mut t = Tail::off();
         t.inserted(1, Arc::new(msg(1)));
         assert!(!t.is_known());
-        assert_eq!(ids(t.read_after(0, 10, 0, None)), None);
+        assert_eq!(ids(t.read_after(0, n(10), 0, None)), None);
     }
 }

@@ -10,7 +10,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use steadfast_core::engine::ReadWant;
-use steadfast_store::{MemoryStore, Outbox, OutboxConfig, Page, SqliteStore, Store, StoreError};
+use steadfast_store::{MemoryStore, Outbox, OutboxConfig, Page, ReadLimit, SqliteStore, Store, StoreError};
 
 use crate::{block_on, msg, on_one_broker};
 
@@ -28,7 +28,7 @@ pub(crate) fn want(after: &[u64], lowest: usize) -> ReadWant {
 /// Sends the standing read and makes sure the writer has taken it and
 /// holds it: a read sent after it is answered after it, in order.
 async fn park<'a>(o: &'a Outbox, w: ReadWant, requeued: u64, slot: u32) -> Follow<'a> {
-    let mut f: Follow<'a> = Box::pin(o.next_page(w, requeued, 100, slot));
+    let mut f: Follow<'a> = Box::pin(o.next_page(w, requeued, count(100), slot));
     assert!(poll_once(&mut f).await.is_none(), "answered with nothing to read");
     o.report().await.unwrap();
     assert!(poll_once(&mut f).await.is_none(), "answered with nothing to read");
@@ -47,6 +47,11 @@ async fn poll_once<T>(f: &mut Pin<Box<dyn Future<Output = T> + '_>>) -> Option<T
 
 pub(crate) async fn answered(f: Follow<'_>) -> Option<Page> {
     tokio::time::timeout(Duration::from_secs(10), f).await.expect("not answered within 10 s").unwrap()
+}
+
+/// A page of `n` messages, whatever their bytes.
+pub(crate) fn count(n: usize) -> ReadLimit {
+    ReadLimit { count: n, bytes: u64::MAX }
 }
 
 fn ids(p: &Page) -> Vec<u64> {
@@ -75,7 +80,7 @@ fn a_standing_read_is_answered_by_the_commit_that_brings_something_to_read() {
             let page = answered(f).await.expect("a page, not a rewind");
             assert_eq!((ids(&page), page.priority, page.upto), (vec![id], 0, id), "{kind}");
             // With something unread already, the answer comes at once.
-            let page = o.next_page(want(&[], 0), 0, 100, slot).await.unwrap().unwrap();
+            let page = o.next_page(want(&[], 0), 0, count(100), slot).await.unwrap().unwrap();
             assert_eq!(ids(&page), vec![id], "{kind}");
             // Read up to there: the next one waits again.
             let f = park(&o, want(&[id], 0), 0, slot).await;
@@ -103,7 +108,7 @@ fn a_standing_read_takes_only_the_priorities_it_has_room_for_and_what_its_broker
             // page still says how far it answers, so the link moves on.
             let acked = o.append(with_priority("high", 2), false).0.await.unwrap();
             o.ack(slot, vec![acked]);
-            let page = o.next_page(want(&[0, 0, high], 1), 0, 100, slot).await.unwrap().unwrap();
+            let page = o.next_page(want(&[0, 0, high], 1), 0, count(100), slot).await.unwrap().unwrap();
             assert_eq!((ids(&page), page.upto), (vec![], acked), "{kind}");
         });
     }
@@ -124,4 +129,38 @@ fn another_process_s_commit_answers_a_standing_read() {
         assert_eq!((ids(&page), page.upto), (vec![id], id));
         assert_eq!(page.messages[0].msg.payload, b"from the guest");
     });
+}
+
+#[test]
+fn a_page_ends_at_the_message_that_reaches_its_bytes_read_from_memory_or_from_disk() {
+    // Topic "t" and payloads of 9, 19, 29 and 39 bytes: 10, 20, 30, 40.
+    let page_of = |o: &Outbox, slot, bytes| {
+        let limit = ReadLimit { count: 3, bytes };
+        block_on(async { ids(&o.next_page(want(&[], 0), 0, limit, slot).await.unwrap().unwrap()) })
+    };
+    let check = |kind: &str, o: &Outbox, slot| {
+        assert_eq!(page_of(o, slot, 1), [1], "{kind}: one message at least");
+        assert_eq!(page_of(o, slot, 11), [1, 2], "{kind}");
+        assert_eq!(page_of(o, slot, 31), [1, 2, 3], "{kind}");
+        assert_eq!(page_of(o, slot, u64::MAX), [1, 2, 3], "{kind}: the count still bounds it");
+    };
+    for (kind, store, dir) in stores() {
+        let (o, slot) = block_on(async {
+            let (o, slot) = on_one_broker(store).await;
+            for n in [9, 19, 29, 39] {
+                o.append(msg("t", vec![b'x'; n]), false).0.await.unwrap();
+            }
+            (o, slot)
+        });
+        check(kind, &o, slot);
+        o.close();
+        // Opened again, the outbox reads its pages from SQLite, not from
+        // the tail it keeps of what it inserted.
+        if let Some(dir) = dir {
+            let (store, _) = SqliteStore::open(dir.path()).unwrap();
+            let (o, slot) = block_on(on_one_broker(Box::new(store)));
+            check("sqlite, opened again", &o, slot);
+            o.close();
+        }
+    }
 }

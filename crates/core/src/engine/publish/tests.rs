@@ -18,6 +18,9 @@ impl Queued for M {
     fn priority(&self) -> usize {
         0
     }
+    fn size(&self) -> usize {
+        10
+    }
     fn expires_ms(&self) -> Option<u64> {
         None
     }
@@ -62,6 +65,7 @@ fn connected_with(msgs: &[M], ack_timeout: AckTimeout) -> (PublishSession<M>, In
         ack_timeout,
         refused_pause: Duration::from_secs(1),
         page: 100,
+        page_bytes: 1 << 20,
         poison_after: 3,
     };
     let mut s = PublishSession::new(cfg, t0);
@@ -380,4 +384,34 @@ fn the_read_want_names_each_priority_s_cursor_and_whether_the_queue_has_room_for
     assert_eq!(w.room, [true; PRIORITIES]);
     assert_eq!(w.pick(&newest(&[10])), None, "all read");
     assert_eq!(w.pick(&newest(&[11])), Some((0, 10)));
+}
+
+#[test]
+fn reading_ahead_stops_at_the_page_s_bytes_as_well_as_its_count() {
+    // Messages of 10 bytes, pages of 100 messages or 200 bytes: the lowest
+    // priority is read while less than 100 bytes wait, the others while
+    // less than 400 do, whatever the count.
+    let t0 = Instant::now();
+    let cfg = SessionConfig {
+        max_inflight: 10,
+        keep_alive: Duration::from_secs(30),
+        ack_timeout: AckTimeout::Fixed(Duration::from_secs(5)),
+        refused_pause: Duration::from_secs(1),
+        page: 100,
+        page_bytes: 200,
+        poison_after: 3,
+    };
+    let mut s = PublishSession::new(cfg, t0);
+    s.handle_connack(ConnAckInfo::default(), at(t0, 0), &|_| true, &mut Text);
+    let page = |from: u64, n: u64| (from..from + n).map(|i| M(i, Qos::AtLeastOnce)).collect::<Vec<_>>();
+    s.handle_page(page(1, 9), 0, 9, &|_| true);
+    assert_eq!(s.read_want().unwrap().room, [true; PRIORITIES], "90 bytes wait");
+    s.handle_page(page(10, 1), 0, 10, &|_| true);
+    let w = s.read_want().unwrap();
+    assert!(!w.room[0] && w.room[1..].iter().all(|r| *r), "100 bytes wait, in 10 messages");
+    s.handle_page(page(11, 30), 0, 40, &|_| true);
+    assert_eq!(s.read_want(), None, "400 bytes wait, in 40 messages: no room for any priority");
+    // What leaves the queue for the wire makes room again.
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    assert!(s.read_want().unwrap().room[1], "10 sent: 300 bytes wait");
 }

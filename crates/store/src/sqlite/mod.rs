@@ -505,7 +505,15 @@ impl SqliteStore {
     /// Writes the waiting acknowledgements before a statement that may
     /// read them: in the transaction under way, or, between transactions
     /// (held past a commit, and a read comes first), in one of their own.
+    ///
+    /// All of them are written, those above the row a statement names
+    /// too ([`SqliteStore::conn_below`]), so the inserts still waiting go
+    /// first: an acknowledgement of a row not yet written would update
+    /// nothing and be lost (the message sent again to that broker).
     fn write_acks_before_read(&mut self) -> Result<(), StoreError> {
+        if !self.waiting.is_empty() {
+            self.write_waiting()?;
+        }
         if self.db.is_autocommit() {
             self.in_own_transaction(|s| s.write_acks())
         } else {

@@ -320,3 +320,25 @@ fn a_kept_row_that_changes_is_answered_as_the_database_holds_it() {
         assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap());
     }
 }
+
+/// A statement on an older row writes every held acknowledgement, newer
+/// ones too: a row whose insert still waited lost its acknowledgement
+/// (the UPDATE found no row), so the message went to that broker again.
+/// The proptest above found it (its regression file keeps the case).
+#[test]
+fn an_acknowledgement_held_for_a_row_not_yet_written_is_kept() {
+    let mut p = Pair::open();
+    p.both(|s| s.begin().unwrap()).unwrap();
+    let slot = p.slots[0];
+    let a = p.both(|s| s.insert(&varied(1)).unwrap()).unwrap();
+    p.both(|s| s.insert(&varied(1)).unwrap()).unwrap();
+    p.both(|s| s.ack(a, slot).unwrap()).unwrap();
+    let c = p.both(|s| s.insert(&varied(84)).unwrap()).unwrap();
+    p.both(|s| s.ack(c, slot).unwrap()).unwrap();
+    // By key, below `c`: the held acknowledgements are written first.
+    p.both(|s| s.remove(a).unwrap()).unwrap();
+    p.both(|s| s.commit().unwrap()).unwrap();
+    let read = p.both(|s| s.read_after(0, 1000, None, None).unwrap()).unwrap();
+    let acks: Vec<(u64, u64)> = read.iter().map(|m| (m.id, m.acks)).collect();
+    assert_eq!(acks, [(a + 1, 0), (c, 1 << slot)]);
+}

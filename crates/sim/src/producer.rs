@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use steadfast_core::engine::{
-    accept_after_sync, quorum_met, Bound, Now, PublishSession, Queued, SessionConfig, StoreOp, SweepConfig, Sweeper,
-    Wire,
+    accept_after_sync, quorum_met, Bound, Now, PublishSession, Queued, ReadLimit, SessionConfig, StoreOp, SweepConfig,
+    Sweeper, Wire,
 };
 use steadfast_core::receipt::Settle;
 use steadfast_core::{AckTimeout, DropReason, Qos, ReceiptRule, Stage, PRIORITIES};
@@ -213,8 +213,7 @@ impl Producer {
             // fixed timeout had here (the schedules' timing is built on it).
             ack_timeout: AckTimeout::Adaptive { floor: Duration::from_millis(500), max: Duration::from_secs(2) },
             refused_pause: Duration::from_secs(1),
-            page: s.page,
-            page_bytes: s.page_bytes,
+            page: ReadLimit { count: s.page, bytes: s.page_bytes as u64 },
             poison_after: POISON_AFTER,
         };
         let need = match s.spread {
@@ -360,18 +359,13 @@ impl Producer {
     /// that `slot` has not acknowledged: the page's count at most, ending
     /// at the message that reaches its bytes (as the store reads).
     pub fn read_after(&self, slot: usize, p: usize, after: u64, upto: u64) -> Vec<Msg> {
-        let mut held = 0;
+        let mut within = self.cfg.page.cut();
         self.working
             .msgs
             .range(after + 1..=upto)
             .filter(|(_, m)| !m.done && !m.poisoned && m.awaiting.is_none())
             .filter(|(_, m)| m.acks & (1 << slot) == 0 && m.priority as usize == p)
-            .take(self.cfg.page)
-            .take_while(|(_, m)| {
-                let more = held < self.cfg.page_bytes;
-                held += m.size;
-                more
-            })
+            .take_while(|(_, m)| within(m.size as u64))
             .map(|(_, m)| m.clone())
             .collect()
     }

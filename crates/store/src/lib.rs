@@ -27,6 +27,8 @@ pub use outbox::{
     HELD_PREFIX, RECEIPTS_COUNTED, RECEIPTS_HANDLED, RECEIPTS_REPUBLISHED,
 };
 pub use sqlite::{OpenReport, SqliteStore, StoreKind};
+/// A page's bound in messages and bytes, as the delivery engine reads.
+pub use steadfast_core::engine::ReadLimit;
 
 /// What an outbox learned of one broker, kept in its metadata under
 /// `"{what} URL"`: read by the client's drivers and by `status`.
@@ -172,23 +174,6 @@ pub struct StoredMessage {
     pub acks: u64,
     /// Sends so far (counted against its retry budget).
     pub attempts: u32,
-}
-
-/// How much one read of the outbox returns at most.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReadLimit {
-    /// Messages.
-    pub count: usize,
-    /// Bytes of topics and payloads ([`NewMessage::size`]): the read stops
-    /// at the message that reaches it.
-    pub bytes: u64,
-}
-
-impl ReadLimit {
-    /// Whether messages holding `held` bytes fill it.
-    pub fn full_at(&self, held: u64) -> bool {
-        held >= self.bytes
-    }
 }
 
 /// Where a queued message stands, for the writer's quorum decisions.
@@ -466,11 +451,11 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.read_page(after, ReadLimit { count: limit, bytes: u64::MAX }, slot, priority)
+        self.read_page(after, ReadLimit::messages(limit), slot, priority)
     }
-    /// [`Store::read_after`] that also stops once the messages read hold
-    /// `page.bytes` ([`NewMessage::size`]) or more: always one message at
-    /// least, when there is one.
+    /// [`Store::read_after`] that also ends at the message that brings
+    /// what the page holds to `page.bytes` ([`NewMessage::size`],
+    /// [`ReadLimit::cut`]): one message at least, when there is one.
     fn read_page(
         &mut self,
         after: u64,

@@ -195,12 +195,8 @@ impl Store for MemoryStore {
             .messages
             .range(after + 1..)
             .filter(|(_, r)| !r.done && r.awaiting_ms.is_none() && r.acks & mask == 0 && of(r));
-        let mut held = 0;
-        let read = range.take(page.count).take_while(|(_, r)| {
-            let more = !page.full_at(held);
-            held += r.msg.size();
-            more
-        });
+        let mut within = page.cut();
+        let read = range.take_while(|(_, r)| within(r.msg.size()));
         Ok(read.map(|(id, r)| stored(*id, r, None)).collect())
     }
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {

@@ -78,12 +78,10 @@ pub struct SessionConfig {
     pub ack_timeout: AckTimeout,
     /// How long a refused message waits before it is sent again.
     pub refused_pause: Duration,
-    /// Messages read from the outbox per page.
-    pub page: usize,
-    /// At most this many bytes ([`Queued::size`]) read per page: with
-    /// `page`, what the queue of messages read ahead of the window holds
-    /// at most (about one and a half pages of the lowest priority).
-    pub page_bytes: usize,
+    /// What one read of the outbox returns at most. The lowest priority
+    /// is read while less than half a page waits to be sent (in messages
+    /// and in bytes), higher ones while less than two pages do.
+    pub page: ReadLimit,
     /// A message alone in flight each time a link fails this many times in
     /// a row is poison: it is moved aside ([`StoreOp::Poison`]) so that it
     /// no longer blocks the messages behind it. 0: never.
@@ -289,6 +287,37 @@ enum Pending<M> {
     /// A lost session's new (empty) window, applied once the stale
     /// bindings are cleared.
     Restart { window: SendWindow, delivered: Vec<u64>, expected: bool },
+}
+
+/// How much one read of the outbox (a page) returns at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// Messages.
+    pub count: usize,
+    /// Bytes of what they hold ([`Queued::size`]: topic and payload): the
+    /// page ends at the message that reaches them.
+    pub bytes: u64,
+}
+
+impl ReadLimit {
+    /// At most `count` messages, whatever their bytes.
+    pub const fn messages(count: usize) -> Self {
+        Self { count, bytes: u64::MAX }
+    }
+
+    /// Takes the messages of a page one by one, in id order, given each
+    /// one's size: true while it belongs in the page (a `take_while`).
+    /// The first one always does, so a page with something to read is
+    /// never empty, whatever the limit.
+    pub fn cut(self) -> impl FnMut(u64) -> bool {
+        let (mut n, mut held) = (0usize, 0u64);
+        move |size| {
+            let within = n == 0 || (n < self.count && held < self.bytes);
+            n += 1;
+            held = held.saturating_add(size);
+            within
+        }
+    }
 }
 
 /// What a publish session wants read from the outbox next (see
@@ -752,12 +781,15 @@ impl<M: Queued> PublishSession<M> {
         if !self.pending.is_empty() {
             return None;
         }
-        let (n, bytes) = (self.queue.len(), self.queue.bytes());
-        let (page, page_bytes) = (self.cfg.page, self.cfg.page_bytes);
+        let (n, bytes) = (self.queue.len(), self.queue.bytes() as u64);
+        let ReadLimit { count, bytes: page_bytes } = self.cfg.page;
         // An empty queue has room, however small a page.
-        let room = std::array::from_fn(|p| match p {
-            0 => n < (page / 2).max(1) && bytes < (page_bytes / 2).max(1),
-            _ => n < page.saturating_mul(2) && bytes < page_bytes.saturating_mul(2),
+        let room = std::array::from_fn(|p| {
+            n == 0
+                || match p {
+                    0 => n < count / 2 && bytes < page_bytes / 2,
+                    _ => n < count.saturating_mul(2) && bytes < page_bytes.saturating_mul(2),
+                }
         });
         let want = ReadWant { after: self.cursors, room };
         want.room.iter().any(|r| *r).then_some(want)

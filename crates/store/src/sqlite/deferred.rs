@@ -149,6 +149,11 @@ impl HeldAcks {
         self.sets.is_empty()
     }
 
+    /// Whether one of them is at or above `id`.
+    pub(super) fn any_at_or_above(&self, id: u64) -> bool {
+        self.sets.last_key_value().is_some_and(|(&a, _)| a >= id)
+    }
+
     /// Whether one of them is at or below `id`.
     pub(super) fn any_at_or_below(&self, id: u64) -> bool {
         self.sets.first_key_value().is_some_and(|(&a, _)| a <= id)

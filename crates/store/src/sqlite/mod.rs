@@ -507,18 +507,18 @@ impl SqliteStore {
     /// (held past a commit, and a read comes first), in one of their own.
     ///
     /// All of them are written, those above the row a statement names
-    /// too ([`SqliteStore::conn_below`]), so the inserts still waiting go
-    /// first: an acknowledgement of a row not yet written would update
-    /// nothing and be lost (the message sent again to that broker).
+    /// too ([`SqliteStore::conn_below`]): when one is for a row whose
+    /// insert still waits, the waiting inserts go first, or its `UPDATE`
+    /// would find no row and the acknowledgement would be lost (the
+    /// message sent again to that broker).
     fn write_acks_before_read(&mut self) -> Result<(), StoreError> {
-        if !self.waiting.is_empty() {
+        if self.db.is_autocommit() {
+            return self.in_own_transaction(|s| s.write_acks());
+        }
+        if self.waiting.first().is_some_and(|w| self.held_acks.any_at_or_above(w.id)) {
             self.write_waiting()?;
         }
-        if self.db.is_autocommit() {
-            self.in_own_transaction(|s| s.write_acks())
-        } else {
-            self.write_acks()
-        }
+        self.write_acks()
     }
 
     /// Writes the waiting acknowledgements; when that fails they stay

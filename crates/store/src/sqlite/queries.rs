@@ -437,10 +437,10 @@ impl Store for SqliteStore {
         self.conn()?;
         let rows = match priority {
             None | Some(0) => {
-                read_messages(&self.db, &mut self.unreadable, &sql, page.bytes, params![after, limit as i64, mask])?
+                read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask])?
             }
             Some(p) => {
-                read_messages(&self.db, &mut self.unreadable, &sql, page.bytes, params![after, limit as i64, mask, p])?
+                read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask, p])?
             }
         };
         // Kept (if the tail is known, which `tail_trusted` just checked),
@@ -515,7 +515,7 @@ impl Store for SqliteStore {
     fn bound(&mut self, slot: u32) -> Result<Vec<StoredMessage>, StoreError> {
         let sql = format!("{SELECT_BOUND} WHERE wire.slot = ?1 ORDER BY outbox.id");
         self.conn()?;
-        let rows = read_messages(&self.db, &mut self.unreadable, &sql, u64::MAX, [slot])?;
+        let rows = read_messages(&self.db, &mut self.unreadable, &sql, ReadLimit::messages(usize::MAX), [slot])?;
         Ok(rows.into_iter().map(|(m, _)| m).collect())
     }
 

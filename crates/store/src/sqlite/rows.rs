@@ -47,7 +47,7 @@ pub(super) fn read_messages(
     conn: &Connection,
     unreadable: &mut Vec<(u64, String)>,
     sql: &str,
-    max_bytes: u64,
+    limit: crate::ReadLimit,
     params: impl rusqlite::Params,
 ) -> Result<Vec<(StoredMessage, Option<RowState>)>, StoreError> {
     let mut stmt = conn.prepare_cached(sql)?;
@@ -62,16 +62,11 @@ pub(super) fn read_messages(
         Ok(row_to_message(r)?.map(|m| (m, state)))
     })?;
     let mut out = Vec::new();
-    let mut held = 0;
+    let mut within = limit.cut();
     for row in rows {
-        if held >= max_bytes {
-            break;
-        }
         match row? {
-            Ok(m) => {
-                held += m.0.msg.size();
-                out.push(m);
-            }
+            Ok(m) if within(m.0.msg.size()) => out.push(m),
+            Ok(_) => break,
             Err(StoreError::Malformed { id, what }) => unreadable.push((id, what)),
             Err(e) => return Err(e),
         }

@@ -236,17 +236,12 @@ impl Tail {
         let start = self.rows.partition_point(|r| r.id <= after);
         // Sized once: a filtered iterator gives collect no size to go by.
         let mut page = Vec::with_capacity(limit.count.min(self.rows.len() - start));
-        let mut held = 0;
+        let mut within = limit.cut();
         page.extend(
             self.rows
                 .range(start..)
                 .filter(|r| r.acks & mask == 0 && priority.is_none_or(|p| r.msg.policy.priority == p))
-                .take(limit.count)
-                .take_while(|r| {
-                    let more = !limit.full_at(held);
-                    held += r.msg.size();
-                    more
-                })
+                .take_while(|r| within(r.msg.size()))
                 .cloned(),
         );
         Some(page)
@@ -309,9 +304,8 @@ mod tests {
         page.map(|p| p.into_iter().map(|m| m.id).collect())
     }
 
-    /// A page of `count` messages, whatever their bytes.
     fn n(count: usize) -> ReadLimit {
-        ReadLimit { count, bytes: u64::MAX }
+        ReadLimit::messages(count)
     }
 
     #[test]
@@ -322,7 +316,8 @@ mod tests {
             t.inserted(id, Arc::new(msg(id as usize * 10 - 1)));
         }
         let read = |bytes| ids(t.read_after(0, ReadLimit { count: 3, bytes }, 0, None)).unwrap();
-        assert_eq!(read(1), [1], "one message at least");
+        assert_eq!(read(0), [1], "one message at least");
+        assert_eq!(read(1), [1]);
         assert_eq!(read(10), [1]);
         assert_eq!(read(11), [1, 2]);
         assert_eq!(read(30), [1, 2]);

@@ -49,9 +49,8 @@ pub(crate) async fn answered(f: Follow<'_>) -> Option<Page> {
     tokio::time::timeout(Duration::from_secs(10), f).await.expect("not answered within 10 s").unwrap()
 }
 
-/// A page of `n` messages, whatever their bytes.
 pub(crate) fn count(n: usize) -> ReadLimit {
-    ReadLimit { count: n, bytes: u64::MAX }
+    ReadLimit::messages(n)
 }
 
 fn ids(p: &Page) -> Vec<u64> {

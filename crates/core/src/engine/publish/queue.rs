@@ -39,7 +39,8 @@ impl<M: Queued> SendQueue<M> {
     pub(super) fn pop_front(&mut self) -> Option<M> {
         let m = self.items.pop_front()?;
         debug_assert!(self.bytes >= m.size(), "a message's size changed while queued");
-        self.bytes = self.bytes.saturating_sub(m.size());
+        // Nothing queued holds nothing, whatever a size did meanwhile.
+        self.bytes = if self.items.is_empty() { 0 } else { self.bytes.saturating_sub(m.size()) };
         Some(m)
     }
 

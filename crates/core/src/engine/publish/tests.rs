@@ -64,8 +64,7 @@ fn connected_with(msgs: &[M], ack_timeout: AckTimeout) -> (PublishSession<M>, In
         keep_alive: Duration::from_secs(30),
         ack_timeout,
         refused_pause: Duration::from_secs(1),
-        page: 100,
-        page_bytes: 1 << 20,
+        page: ReadLimit { count: 100, bytes: 1 << 20 },
         poison_after: 3,
     };
     let mut s = PublishSession::new(cfg, t0);
@@ -397,8 +396,7 @@ fn reading_ahead_stops_at_the_page_s_bytes_as_well_as_its_count() {
         keep_alive: Duration::from_secs(30),
         ack_timeout: AckTimeout::Fixed(Duration::from_secs(5)),
         refused_pause: Duration::from_secs(1),
-        page: 100,
-        page_bytes: 200,
+        page: ReadLimit { count: 100, bytes: 200 },
         poison_after: 3,
     };
     let mut s = PublishSession::new(cfg, t0);
@@ -414,4 +412,19 @@ fn reading_ahead_stops_at_the_page_s_bytes_as_well_as_its_count() {
     // What leaves the queue for the wire makes room again.
     s.fill(at(t0, 1), &|_| true, &mut Text);
     assert!(s.read_want().unwrap().room[1], "10 sent: 300 bytes wait");
+}
+
+#[test]
+fn a_page_ends_at_its_count_or_at_the_message_that_reaches_its_bytes_and_is_never_empty() {
+    let page = |limit: ReadLimit, sizes: &[u64]| {
+        let mut within = limit.cut();
+        sizes.iter().take_while(|s| within(**s)).count()
+    };
+    let sizes = [10, 20, 30, 40];
+    assert_eq!(page(ReadLimit::messages(3), &sizes), 3);
+    assert_eq!(page(ReadLimit { count: 10, bytes: 30 }, &sizes), 2, "10 + 20 reach 30");
+    assert_eq!(page(ReadLimit { count: 10, bytes: 31 }, &sizes), 3);
+    assert_eq!(page(ReadLimit { count: 0, bytes: 0 }, &sizes), 1, "one message at least");
+    assert_eq!(page(ReadLimit { count: 10, bytes: 5 }, &[u64::MAX, 1]), 1);
+    assert_eq!(page(ReadLimit { count: 10, bytes: 5 }, &[u64::MAX, u64::MAX]), 1, "no overflow");
 }

@@ -409,8 +409,12 @@ impl<P: Delivered> Dispatch<P> {
     }
 
     fn is_fresh(&self, i: &Identity) -> bool {
-        !self.cfg.shared
-            && self.producers.find(&i.producer).and_then(|p| self.producers.get(p).high).is_none_or(|h| i.seq > h)
+        self.producers.find(&i.producer).map_or(!self.cfg.shared, |p| self.fresh_at((p, i.seq)))
+    }
+
+    /// [`Self::is_fresh`] of an identity already placed.
+    fn fresh_at(&self, (p, seq): Key) -> bool {
+        !self.cfg.shared && self.producers.get(p).high.is_none_or(|h| seq > h)
     }
 
     /// Deliveries from the brokers, with the inbox's answer for
@@ -425,16 +429,22 @@ impl<P: Delivered> Dispatch<P> {
     /// Like [`Self::handle_delivered`] with the answers of a group's
     /// shared inbox, which may say that another member handles one now.
     pub fn handle_answers(&mut self, items: Vec<P>, answers: &[Answer], now: Now) {
-        // Decided for the whole batch before anything in it is handed over.
-        let fresh: Vec<bool> = items.iter().map(|p| p.identity().is_some_and(|i| self.is_fresh(i))).collect();
+        // Each identity's place, and whether it is fresh: decided for the
+        // whole batch before anything in it is handed over.
+        let mut placed = Vec::with_capacity(items.len());
+        for p in &items {
+            placed.push(p.identity().map(|id| {
+                let key = (self.producers.intern(&id.producer), id.seq);
+                (key, self.fresh_at(key))
+            }));
+        }
         let mut answers = answers.iter().copied();
         let mut duplicates = 0;
-        for (p, fresh) in items.into_iter().zip(fresh) {
-            let Some(id) = p.identity() else {
+        for (p, placed) in items.into_iter().zip(placed) {
+            let Some((key, fresh)) = placed else {
                 self.ops.push_back(DispatchOp::HandOver { delivery: p, redelivered: false });
                 continue;
             };
-            let key = (self.producers.intern(&id.producer), id.seq);
             let mut answer = if fresh { Answer::New } else { answers.next().unwrap_or(Answer::New) };
             if answer == Answer::New && self.cfg.shared && self.recorded_lately.1.contains(&key) {
                 // Claimed before this member's record of it went through.
@@ -569,17 +579,19 @@ impl<P: Delivered> Dispatch<P> {
         for (id, token) in record.ids {
             let key = (self.producers.intern(&id.producer), id.seq);
             if !record.sync {
-                // A copy that came meanwhile asked for a receipt: it waits
-                // for a synced record of the identity.
-                if self.handling.get(&key).is_some_and(|h| h.receipt.is_some()) {
-                    self.unsent.push((id, token));
-                    self.unsent_sync = true;
-                    continue;
-                }
-                // Acknowledged ahead (so are copies since): done, its sync
-                // is the next synced record's.
-                if self.handling.remove(&key).is_some_and(|h| h.acked) {
-                    self.acked_ahead -= 1;
+                match self.handling.remove(&key) {
+                    // A copy that came meanwhile asked for a receipt: it
+                    // waits for a synced record of the identity.
+                    Some(h) if h.receipt.is_some() => {
+                        self.handling.insert(key, h);
+                        self.unsent.push((id, token));
+                        self.unsent_sync = true;
+                        continue;
+                    }
+                    // Acknowledged ahead (so are copies since): done, its
+                    // sync is the next synced record's.
+                    Some(h) if h.acked => self.acked_ahead -= 1,
+                    _ => {}
                 }
                 self.unsynced += 1;
                 continue;

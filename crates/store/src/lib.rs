@@ -455,7 +455,8 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     }
     /// [`Store::read_after`] that also ends at the message that brings
     /// what the page holds to `page.bytes` ([`NewMessage::size`],
-    /// [`ReadLimit::cut`]): one message at least, when there is one.
+    /// [`ReadLimit::cut`]): one message at least, when there is one and
+    /// the count is not 0.
     fn read_page(
         &mut self,
         after: u64,

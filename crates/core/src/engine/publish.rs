@@ -78,9 +78,10 @@ pub struct SessionConfig {
     pub ack_timeout: AckTimeout,
     /// How long a refused message waits before it is sent again.
     pub refused_pause: Duration,
-    /// What one read of the outbox returns at most. The lowest priority
-    /// is read while less than half a page waits to be sent (in messages
-    /// and in bytes), higher ones while less than two pages do.
+    /// What one read of the outbox returns at most (a count of one
+    /// message or more). The lowest priority is read while less than half
+    /// a page waits to be sent (in messages and in bytes), higher ones
+    /// while less than two pages do.
     pub page: ReadLimit,
     /// A message alone in flight each time a link fails this many times in
     /// a row is poison: it is moved aside ([`StoreOp::Poison`]) so that it
@@ -307,12 +308,13 @@ impl ReadLimit {
 
     /// Takes the messages of a page one by one, in id order, given each
     /// one's size: true while it belongs in the page (a `take_while`).
-    /// The first one always does, so a page with something to read is
-    /// never empty, whatever the limit.
+    /// The first one always does, whatever its size, unless the count is
+    /// 0 (as SQL's `LIMIT 0`): a page with something to read is never
+    /// empty for its bytes.
     pub fn cut(self) -> impl FnMut(u64) -> bool {
         let (mut n, mut held) = (0usize, 0u64);
         move |size| {
-            let within = n == 0 || (n < self.count && held < self.bytes);
+            let within = n < self.count && (n == 0 || held < self.bytes);
             n += 1;
             held = held.saturating_add(size);
             within

@@ -424,7 +424,8 @@ fn a_page_ends_at_its_count_or_at_the_message_that_reaches_its_bytes_and_is_neve
     assert_eq!(page(ReadLimit::messages(3), &sizes), 3);
     assert_eq!(page(ReadLimit { count: 10, bytes: 30 }, &sizes), 2, "10 + 20 reach 30");
     assert_eq!(page(ReadLimit { count: 10, bytes: 31 }, &sizes), 3);
-    assert_eq!(page(ReadLimit { count: 0, bytes: 0 }, &sizes), 1, "one message at least");
+    assert_eq!(page(ReadLimit { count: 10, bytes: 0 }, &sizes), 1, "one message at least");
+    assert_eq!(page(ReadLimit { count: 0, bytes: 100 }, &sizes), 0, "as SQL's LIMIT 0");
     assert_eq!(page(ReadLimit { count: 10, bytes: 5 }, &[u64::MAX, 1]), 1);
     assert_eq!(page(ReadLimit { count: 10, bytes: 5 }, &[u64::MAX, u64::MAX]), 1, "no overflow");
 }

@@ -420,8 +420,8 @@ impl Store for SqliteStore {
         let limit = page.count;
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
         if self.tail_trusted() {
-            if let Some(page) = self.tail.read_after(after, page, mask as u64, priority) {
-                return Ok(page);
+            if let Some(read) = self.tail.read_after(after, page, mask as u64, priority) {
+                return Ok(read);
             }
         }
         let sql = match priority {

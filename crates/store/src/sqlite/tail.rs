@@ -304,10 +304,6 @@ mod tests {
         page.map(|p| p.into_iter().map(|m| m.id).collect())
     }
 
-    fn n(count: usize) -> ReadLimit {
-        ReadLimit::messages(count)
-    }
-
     #[test]
     fn a_page_ends_at_the_message_that_reaches_its_bytes() {
         let mut t = Tail::default();
@@ -329,15 +325,15 @@ mod tests {
     #[test]
     fn an_id_handed_out_elsewhere_in_between_moves_the_floor_above_it() {
         let mut t = Tail::default();
-        assert_eq!(ids(t.read_after(0, n(10), 0, None)), None, "unknown until an insert");
+        assert_eq!(ids(t.read_after(0, ReadLimit::messages(10), 0, None)), None, "unknown until an insert");
         t.inserted(5, Arc::new(msg(1)));
         t.inserted(6, Arc::new(msg(1)));
-        assert_eq!(ids(t.read_after(4, n(10), 0, None)), Some(vec![5, 6]));
-        assert_eq!(ids(t.read_after(3, n(10), 0, None)), None, "below the floor: SQLite");
+        assert_eq!(ids(t.read_after(4, ReadLimit::messages(10), 0, None)), Some(vec![5, 6]));
+        assert_eq!(ids(t.read_after(3, ReadLimit::messages(10), 0, None)), None, "below the floor: SQLite");
         // 7 and 8 went to another connection.
         t.inserted(9, Arc::new(msg(1)));
-        assert_eq!(ids(t.read_after(6, n(10), 0, None)), None);
-        assert_eq!(ids(t.read_after(8, n(10), 0, None)), Some(vec![9]));
+        assert_eq!(ids(t.read_after(6, ReadLimit::messages(10), 0, None)), None);
+        assert_eq!(ids(t.read_after(8, ReadLimit::messages(10), 0, None)), Some(vec![9]));
         assert!(t.entry(6).is_none());
     }
 
@@ -349,8 +345,8 @@ mod tests {
             t.inserted(id, Arc::new(msg(big)));
         }
         assert!(t.bytes <= MAX_BYTES);
-        assert_eq!(ids(t.read_after(0, n(10), 0, None)), None);
-        let kept = ids(t.read_after(t.floor.unwrap(), n(10), 0, None)).unwrap();
+        assert_eq!(ids(t.read_after(0, ReadLimit::messages(10), 0, None)), None);
+        let kept = ids(t.read_after(t.floor.unwrap(), ReadLimit::messages(10), 0, None)).unwrap();
         assert_eq!(kept, vec![3, 4, 5]);
         for id in 6..=(MAX_ROWS as u64 + 10) {
             t.inserted(id, Arc::new(msg(0)));
@@ -368,8 +364,8 @@ mod tests {
         t.acked(2, 0b10);
         t.attempted(3);
         t.left(4);
-        assert_eq!(ids(t.read_after(0, n(10), 0b10, None)), Some(vec![1, 3]));
-        assert_eq!(t.read_after(2, n(1), 0, None).unwrap()[0].attempts, 1);
+        assert_eq!(ids(t.read_after(0, ReadLimit::messages(10), 0b10, None)), Some(vec![1, 3]));
+        assert_eq!(t.read_after(2, ReadLimit::messages(1), 0, None).unwrap()[0].attempts, 1);
         assert_eq!(t.entry(2).map(|(e, _)| e.acks), Some(0b10));
         assert_eq!(t.bytes, 3 * (1 + 2));
         t.changed(0);
@@ -388,8 +384,8 @@ mod tests {
         t.inserted(2, Arc::new(bad));
         assert!(!t.is_known());
         t.inserted(3, Arc::new(msg(1)));
-        assert_eq!(ids(t.read_after(1, n(10), 0, None)), None, "2 is below the floor: SQLite");
-        assert_eq!(ids(t.read_after(2, n(10), 0, None)), Some(vec![3]));
+        assert_eq!(ids(t.read_after(1, ReadLimit::messages(10), 0, None)), None, "2 is below the floor: SQLite");
+        assert_eq!(ids(t.read_after(2, ReadLimit::messages(10), 0, None)), Some(vec![3]));
     }
 
     fn stored(id: u64, m: NewMessage) -> StoredMessage {
@@ -441,6 +437,6 @@ mod tests {
         let mut t = Tail::off();
         t.inserted(1, Arc::new(msg(1)));
         assert!(!t.is_known());
-        assert_eq!(ids(t.read_after(0, n(10), 0, None)), None);
+        assert_eq!(ids(t.read_after(0, ReadLimit::messages(10), 0, None)), None);
     }
 }

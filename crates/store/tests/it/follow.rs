@@ -28,7 +28,7 @@ pub(crate) fn want(after: &[u64], lowest: usize) -> ReadWant {
 /// Sends the standing read and makes sure the writer has taken it and
 /// holds it: a read sent after it is answered after it, in order.
 async fn park<'a>(o: &'a Outbox, w: ReadWant, requeued: u64, slot: u32) -> Follow<'a> {
-    let mut f: Follow<'a> = Box::pin(o.next_page(w, requeued, count(100), slot));
+    let mut f: Follow<'a> = Box::pin(o.next_page(w, requeued, ReadLimit::messages(100), slot));
     assert!(poll_once(&mut f).await.is_none(), "answered with nothing to read");
     o.report().await.unwrap();
     assert!(poll_once(&mut f).await.is_none(), "answered with nothing to read");
@@ -47,10 +47,6 @@ async fn poll_once<T>(f: &mut Pin<Box<dyn Future<Output = T> + '_>>) -> Option<T
 
 pub(crate) async fn answered(f: Follow<'_>) -> Option<Page> {
     tokio::time::timeout(Duration::from_secs(10), f).await.expect("not answered within 10 s").unwrap()
-}
-
-pub(crate) fn count(n: usize) -> ReadLimit {
-    ReadLimit::messages(n)
 }
 
 fn ids(p: &Page) -> Vec<u64> {
@@ -79,7 +75,7 @@ fn a_standing_read_is_answered_by_the_commit_that_brings_something_to_read() {
             let page = answered(f).await.expect("a page, not a rewind");
             assert_eq!((ids(&page), page.priority, page.upto), (vec![id], 0, id), "{kind}");
             // With something unread already, the answer comes at once.
-            let page = o.next_page(want(&[], 0), 0, count(100), slot).await.unwrap().unwrap();
+            let page = o.next_page(want(&[], 0), 0, ReadLimit::messages(100), slot).await.unwrap().unwrap();
             assert_eq!(ids(&page), vec![id], "{kind}");
             // Read up to there: the next one waits again.
             let f = park(&o, want(&[id], 0), 0, slot).await;
@@ -107,7 +103,7 @@ fn a_standing_read_takes_only_the_priorities_it_has_room_for_and_what_its_broker
             // page still says how far it answers, so the link moves on.
             let acked = o.append(with_priority("high", 2), false).0.await.unwrap();
             o.ack(slot, vec![acked]);
-            let page = o.next_page(want(&[0, 0, high], 1), 0, count(100), slot).await.unwrap().unwrap();
+            let page = o.next_page(want(&[0, 0, high], 1), 0, ReadLimit::messages(100), slot).await.unwrap().unwrap();
             assert_eq!((ids(&page), page.upto), (vec![], acked), "{kind}");
         });
     }

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use steadfast_core::{ConsumerReceipt, DropReason, Need, ReceiptRule};
 use steadfast_store::{
-    Delivery, Handling, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, Quorum, SqliteStore, Store,
+    Delivery, Handling, InboxStore, MemoryStore, NewMessage, Outbox, OutboxConfig, Quorum, ReadLimit, SqliteStore,
+    Store,
 };
 
 use tokio::sync::oneshot;
 
-use crate::follow::{answered, count, want};
+use crate::follow::{answered, want};
 use crate::{block_on, msg, on_one_broker};
 
 fn asking(rule: &ReceiptRule) -> NewMessage {
@@ -46,7 +47,7 @@ async fn acknowledged_awaiting(o: &Outbox, slot: u32, wait: Duration) -> (u64, o
 /// A link's standing read of everything after `id`, answered within 10 s
 /// (`None`: read again from the oldest).
 async fn standing_read_past(o: &Outbox, id: u64, slot: u32) -> Option<steadfast_store::Page> {
-    answered(Box::pin(o.next_page(want(&[id], 0), 0, count(10), slot))).await
+    answered(Box::pin(o.next_page(want(&[id], 0), 0, ReadLimit::messages(10), slot))).await
 }
 
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {

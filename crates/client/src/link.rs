@@ -639,31 +639,29 @@ fn relays_ask(p: &steadfast_core::Properties) -> bool {
 
 fn build_v5(
     m: &StoredMessage,
-    props: &[PublishProp<'_>],
+    props: &PublishProps<'_>,
     pid: Option<u16>,
     dup: bool,
 ) -> Result<v5_0::Publish, ConnectError> {
     let err = |e| build_err("PUBLISH", e);
-    let mut built: Vec<Property> = Vec::with_capacity(props.len());
-    for p in props {
+    let mut built: Vec<Property> = Vec::new();
+    for p in props.iter() {
         built.push(match p {
             PublishProp::Utf8 => Property::PayloadFormatIndicator(
                 mqtt::packet::PayloadFormatIndicator::new(mqtt::packet::PayloadFormat::String).map_err(err)?,
             ),
-            PublishProp::ContentType(v) => Property::ContentType(mqtt::packet::ContentType::new(*v).map_err(err)?),
-            PublishProp::ResponseTopic(v) => {
-                Property::ResponseTopic(mqtt::packet::ResponseTopic::new(*v).map_err(err)?)
-            }
+            PublishProp::ContentType(v) => Property::ContentType(mqtt::packet::ContentType::new(v).map_err(err)?),
+            PublishProp::ResponseTopic(v) => Property::ResponseTopic(mqtt::packet::ResponseTopic::new(v).map_err(err)?),
             PublishProp::Correlation(v) => {
-                Property::CorrelationData(mqtt::packet::CorrelationData::new(*v).map_err(err)?)
+                Property::CorrelationData(mqtt::packet::CorrelationData::new(v).map_err(err)?)
             }
-            PublishProp::User(k, v) => Property::UserProperty(mqtt::packet::UserProperty::new(*k, *v).map_err(err)?),
+            PublishProp::User(k, v) => Property::UserProperty(mqtt::packet::UserProperty::new(k, v).map_err(err)?),
             PublishProp::Identity(producer, seq) => Property::UserProperty(
-                mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, Identity::property_value(producer, *seq))
+                mqtt::packet::UserProperty::new(Identity::USER_PROPERTY, Identity::property_value(producer, seq))
                     .map_err(err)?,
             ),
             PublishProp::Expiry(secs) => {
-                Property::MessageExpiryInterval(mqtt::packet::MessageExpiryInterval::new(*secs).map_err(err)?)
+                Property::MessageExpiryInterval(mqtt::packet::MessageExpiryInterval::new(secs).map_err(err)?)
             }
         });
     }
@@ -681,8 +679,8 @@ fn build_v5(
     b.build().map_err(err)
 }
 
-/// One property of an MQTT 5 PUBLISH: [`publish_props`] lists them once,
-/// in the order both encoders write them.
+/// One property of an MQTT 5 PUBLISH, as [`PublishProps::iter`] gives
+/// them.
 #[derive(Debug)]
 enum PublishProp<'a> {
     Utf8,
@@ -697,37 +695,68 @@ enum PublishProp<'a> {
     Expiry(u32),
 }
 
+/// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`, in the order both
+/// encoders write them ([`PublishProps::iter`]). Kept as fields, not a
+/// list: a list was an allocation and a free for every PUBLISH of every
+/// link (two per message in fanout).
+struct PublishProps<'a> {
+    utf8: bool,
+    content_type: Option<&'a str>,
+    response_topic: Option<&'a str>,
+    correlation: Option<&'a Vec<u8>>,
+    user: &'a [(String, String)],
+    identity: Option<(&'a str, u64)>,
+    receipt_to: Option<&'a str>,
+    expiry: Option<u32>,
+}
+
+impl<'a> PublishProps<'a> {
+    fn iter(&self) -> impl Iterator<Item = PublishProp<'a>> + '_ {
+        let once = [
+            self.utf8.then_some(PublishProp::Utf8),
+            self.content_type.map(PublishProp::ContentType),
+            self.response_topic.map(PublishProp::ResponseTopic),
+            self.correlation.map(PublishProp::Correlation),
+        ];
+        let user = self.user.iter().map(|(k, v)| PublishProp::User(k, v));
+        let last = [
+            self.identity.map(|(producer, seq)| PublishProp::Identity(producer, seq)),
+            self.receipt_to.map(|topic| PublishProp::User(RECEIPT_PROPERTY, topic)),
+            self.expiry.map(PublishProp::Expiry),
+        ];
+        once.into_iter().flatten().chain(user).chain(last.into_iter().flatten())
+    }
+}
+
 /// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`.
 fn publish_props<'a>(
     m: &'a StoredMessage,
     producer: &'a str,
     receipt_to: Option<&'a str>,
     now_ms: u64,
-) -> Vec<PublishProp<'a>> {
+) -> PublishProps<'a> {
     let p = &m.msg.props;
-    let mut props = Vec::new();
-    if p.payload_is_utf8 {
-        props.push(PublishProp::Utf8);
+    PublishProps {
+        utf8: p.payload_is_utf8,
+        content_type: p.content_type.as_deref(),
+        response_topic: p.response_topic.as_deref(),
+        correlation: p.correlation_data.as_ref(),
+        user: &p.user,
+        // The message's identity (G5): the outbox id is its sequence
+        // number. A best-effort message was never stored: it has none (id
+        // 0). A forwarded one keeps its origin's, already among the
+        // properties.
+        identity: (m.id != 0 && origin(p).is_none()).then_some((producer, m.id)),
+        receipt_to,
+        // A deadline travels as the time it has left, rounded up to a
+        // second, so a broker (and a consumer's session) forgets it when
+        // it is stale.
+        expiry: m
+            .msg
+            .policy
+            .expires_ms
+            .map(|e| e.saturating_sub(now_ms).div_ceil(1000).clamp(1, u32::MAX as u64) as u32),
     }
-    props.extend(p.content_type.as_deref().map(PublishProp::ContentType));
-    props.extend(p.response_topic.as_deref().map(PublishProp::ResponseTopic));
-    props.extend(p.correlation_data.as_ref().map(PublishProp::Correlation));
-    props.extend(p.user.iter().map(|(k, v)| PublishProp::User(k, v)));
-    // The message's identity (G5): the outbox id is its sequence number.
-    // A best-effort message was never stored: it has none (id 0). A
-    // forwarded one keeps its origin's, already among the properties.
-    if m.id != 0 && origin(p).is_none() {
-        props.push(PublishProp::Identity(producer, m.id));
-    }
-    if let Some(topic) = receipt_to {
-        props.push(PublishProp::User(RECEIPT_PROPERTY, topic));
-    }
-    // A deadline travels as the time it has left, rounded up to a second,
-    // so a broker (and a consumer's session) forgets it when it is stale.
-    if let Some(left) = m.msg.policy.expires_ms.map(|e| e.saturating_sub(now_ms)) {
-        props.push(PublishProp::Expiry(left.div_ceil(1000).clamp(1, u32::MAX as u64) as u32));
-    }
-    props
 }
 
 /// The longest remaining length MQTT can express (four bytes of it).
@@ -825,7 +854,7 @@ fn put_binary(out: &mut Vec<u8>, b: &[u8]) {
 fn publish_v5(
     out: &mut Vec<u8>,
     m: &StoredMessage,
-    props: &[PublishProp<'_>],
+    props: &PublishProps<'_>,
     pid: Option<u16>,
     dup: bool,
 ) -> Option<()> {
@@ -835,14 +864,14 @@ fn publish_v5(
     }
     let fits = |b: &[u8]| (b.len() <= u16::MAX as usize).then_some(2 + b.len());
     let mut props_len = 0;
-    for p in props {
+    for p in props.iter() {
         props_len += 1 + match p {
             PublishProp::Utf8 => 1,
             PublishProp::ContentType(v) | PublishProp::ResponseTopic(v) => fits(v.as_bytes())?,
             PublishProp::Correlation(v) => fits(v)?,
             PublishProp::User(k, v) => fits(k.as_bytes())? + fits(v.as_bytes())?,
             PublishProp::Identity(producer, seq) => {
-                let len = Identity::property_value_len(producer, *seq);
+                let len = Identity::property_value_len(producer, seq);
                 fits(Identity::USER_PROPERTY.as_bytes())? + (len <= u16::MAX as usize).then_some(2 + len)?
             }
             PublishProp::Expiry(_) => 4,
@@ -855,7 +884,7 @@ fn publish_v5(
     }
     publish_header(out, msg, remaining, pid, dup);
     put_varint(out, props_len);
-    for p in props {
+    for p in props.iter() {
         match p {
             PublishProp::Utf8 => out.extend_from_slice(&[0x01, 1]),
             PublishProp::ContentType(v) => {
@@ -878,8 +907,8 @@ fn publish_v5(
             PublishProp::Identity(producer, seq) => {
                 out.push(0x26);
                 put_binary(out, Identity::USER_PROPERTY.as_bytes());
-                out.extend_from_slice(&(Identity::property_value_len(producer, *seq) as u16).to_be_bytes());
-                Identity::write_property_value(out, producer, *seq);
+                out.extend_from_slice(&(Identity::property_value_len(producer, seq) as u16).to_be_bytes());
+                Identity::write_property_value(out, producer, seq);
             }
             PublishProp::Expiry(secs) => {
                 out.push(0x02);

@@ -340,11 +340,20 @@ impl Properties {
     /// a sequence of `tag u8, len u32 BE, bytes`; user properties as
     /// tag 38 with `klen u32 BE, key, value`.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Properties::encode`] appended to `out`: a writer that encodes
+    /// row after row into one buffer allocates nothing for it.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         // Each field: a tag, a 4-byte length, the bytes. Sized first: a
         // bridge encodes this for every message it forwards, and growing
         // the buffer field by field cost it more than the encoding.
         let len = self.encoded_len();
-        let mut out = Vec::with_capacity(len);
+        let start = out.len();
+        out.reserve(len);
         let mut field = |tag: u8, parts: &[&[u8]]| {
             out.push(tag);
             let n: usize = parts.iter().map(|p| p.len()).sum();
@@ -368,8 +377,7 @@ impl Properties {
         for (k, v) in &self.user {
             field(38, &[&(k.len() as u32).to_be_bytes(), k.as_bytes(), v.as_bytes()]);
         }
-        debug_assert_eq!(out.len(), len);
-        out
+        debug_assert_eq!(out.len() - start, len);
     }
 
     /// Decodes what [`Properties::encode`] wrote.

@@ -48,6 +48,63 @@ pub(super) struct Batch {
     pub(super) close: bool,
 }
 
+impl Batch {
+    /// This batch emptied for the next one, its vectors' room kept: a
+    /// batch of acknowledgements grew a few of them again from nothing,
+    /// each growth past a kilobyte a walk of the allocator's free lists.
+    /// Every field is named, so that a new one cannot be carried over.
+    fn recycled(self) -> Batch {
+        fn empty<T>(mut v: Vec<T>) -> Vec<T> {
+            v.clear();
+            v
+        }
+        let Batch {
+            accepted,
+            known,
+            new_waiters,
+            dropped_now,
+            delivered_now,
+            new_handled,
+            awaiting,
+            handled,
+            delivered: _,
+            delivery_ms,
+            wall_ms: _,
+            wire_replies,
+            meta_replies,
+            slot_replies,
+            inbox_replies,
+            high_replies,
+            unpoison_replies,
+            reads,
+            drops,
+            close: _,
+        } = self;
+        Batch {
+            accepted: empty(accepted),
+            known: empty(known),
+            new_waiters: empty(new_waiters),
+            dropped_now: empty(dropped_now),
+            delivered_now: empty(delivered_now),
+            new_handled: empty(new_handled),
+            awaiting: empty(awaiting),
+            handled: empty(handled),
+            delivered: 0,
+            delivery_ms: empty(delivery_ms),
+            wall_ms: None,
+            wire_replies: empty(wire_replies),
+            meta_replies: empty(meta_replies),
+            slot_replies: empty(slot_replies),
+            inbox_replies: empty(inbox_replies),
+            high_replies: empty(high_replies),
+            unpoison_replies: empty(unpoison_replies),
+            reads: empty(reads),
+            drops: empty(drops),
+            close: false,
+        }
+    }
+}
+
 impl Writer {
     /// What the handles watch: the state as the writer knows it now.
     pub(super) fn publish_state(&self) {
@@ -76,14 +133,16 @@ impl Writer {
             s.poisoned = poisoned;
             s.requeued = requeued;
         });
-        for id in std::mem::take(&mut b.delivered_now) {
+        for id in b.delivered_now.drain(..) {
             if let Some(tx) = self.waiters.remove(&id) {
                 let _ = tx.send(Delivery::Delivered);
             }
         }
     }
 
-    pub(super) fn after_commit(&mut self, b: Batch) {
+    /// Sends what waited for the commit; the batch comes back empty, for
+    /// the next one.
+    pub(super) fn after_commit(&mut self, mut b: Batch) -> Batch {
         // The state first: whoever learns that a message was accepted must
         // find it counted (a publisher that waits for an empty outbox right
         // after acceptance must not see the old, empty state).
@@ -94,30 +153,30 @@ impl Writer {
         for ms in &b.delivery_ms {
             self.timings.delivery.record(*ms as f64 / 1000.0);
         }
-        for (reply, ids) in b.unpoison_replies {
+        for (reply, ids) in b.unpoison_replies.drain(..) {
             let _ = reply.send(Ok(ids));
         }
-        for (reply, r, at) in b.accepted {
+        for (reply, r, at) in b.accepted.drain(..) {
             if r.is_ok() {
                 self.timings.accept.record(at.elapsed().as_secs_f64());
             }
             let _ = reply.send(r);
         }
-        for (reply, id) in b.known {
+        for (reply, id) in b.known.drain(..) {
             let _ = reply.send(Ok(id));
         }
-        for (id, tx) in b.new_waiters {
+        for (id, tx) in b.new_waiters.drain(..) {
             self.waiters.insert(id, tx);
         }
-        for (id, h) in b.new_handled {
+        for (id, h) in b.new_handled.drain(..) {
             self.handled_waiters.insert(id, h);
         }
-        for id in b.awaiting {
+        for id in b.awaiting.drain(..) {
             if let Some(tx) = self.waiters.remove(&id) {
                 let _ = tx.send(Delivery::Delivered);
             }
         }
-        for (id, reason) in b.dropped_now {
+        for (id, reason) in b.dropped_now.drain(..) {
             if let Some(tx) = self.waiters.remove(&id) {
                 let _ = tx.send(Delivery::Dropped(reason));
             }
@@ -125,25 +184,25 @@ impl Writer {
                 let _ = tx.send(Handling::Dropped(reason));
             }
         }
-        for (id, by) in b.handled {
+        for (id, by) in b.handled.drain(..) {
             if let Some(tx) = self.handled_waiters.remove(&id) {
                 let _ = tx.send(Handling::Handled(by));
             }
         }
         self.prune_waiters();
-        for (reply, refused) in b.wire_replies {
+        for (reply, refused) in b.wire_replies.drain(..) {
             let _ = reply.send(Ok(refused));
         }
-        for (reply, v) in b.meta_replies {
+        for (reply, v) in b.meta_replies.drain(..) {
             let _ = reply.send(Ok(v));
         }
-        for (reply, v) in b.slot_replies {
+        for (reply, v) in b.slot_replies.drain(..) {
             let _ = reply.send(Ok(v));
         }
-        for reply in b.inbox_replies {
+        for reply in b.inbox_replies.drain(..) {
             let _ = reply.send(Ok(()));
         }
-        for (reply, v) in b.high_replies {
+        for (reply, v) in b.high_replies.drain(..) {
             let _ = reply.send(Ok(v));
         }
         // One log line per reason and batch (a flood of overflow drops
@@ -155,10 +214,11 @@ impl Writer {
                 tracing::warn!(count, first_id = first.id, topic = %first.topic, %reason, "messages dropped from the outbox");
             }
         }
-        for d in b.drops {
+        for d in b.drops.drain(..) {
             let _ = self.dropped.send(d);
         }
-        self.serve_reads(b.reads);
+        self.serve_reads(b.reads.drain(..));
+        b.recycled()
     }
 
     pub(super) fn serve_reads(&mut self, reads: impl IntoIterator<Item = Request>) {
@@ -243,7 +303,9 @@ impl Writer {
             self.store.commit()
         });
         match result {
-            Ok(()) => self.after_commit(b),
+            Ok(()) => {
+                self.after_commit(b);
+            }
             Err(e) => {
                 self.store.rollback();
                 tracing::error!(error = %e, "cannot drop unreadable records; they stay in the outbox");

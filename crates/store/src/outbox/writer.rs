@@ -56,6 +56,9 @@ pub(super) struct Writer {
     /// Links' standing reads, answered after the commit that gives them
     /// something to read.
     pub(super) follows: Vec<Follow>,
+    /// The last batch's replies, emptied, room kept for the next
+    /// ([`Batch::recycled`]).
+    pub(super) spare: Batch,
     pub(super) quorums: Vec<Quorum>,
     pub(super) inbox_bounds: Option<InboxBounds>,
     pub(super) pruned_at: std::time::Instant,
@@ -190,6 +193,7 @@ impl Writer {
             pending_removes: Vec::new(),
             blocked: VecDeque::new(),
             follows: Vec::new(),
+            spare: Batch::default(),
             quorums: Vec::new(),
             inbox_bounds: None,
             pruned_at: std::time::Instant::now(),
@@ -330,7 +334,7 @@ impl Writer {
         let retried = std::mem::take(&mut self.pending_removes);
         // This batch's removals, kept (not copied) as they are applied.
         let mut removes = Vec::new();
-        let mut b = Batch::default();
+        let mut b = std::mem::take(&mut self.spare);
         let before = self.totals;
         if self.open.is_none() {
             self.store.set_synced(!bookkeeping);
@@ -366,7 +370,7 @@ impl Writer {
             o.removes.append(&mut removes);
             o.batches += 1;
             let close = b.close;
-            self.after_commit(b);
+            self.spare = self.after_commit(b);
             return close;
         }
         // What an open transaction held commits (or fails) with this batch.
@@ -388,7 +392,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 let close = b.close;
-                self.after_commit(b);
+                self.spare = self.after_commit(b);
                 close
             }
             Err(e) => {

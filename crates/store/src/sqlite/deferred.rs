@@ -41,12 +41,11 @@ use crate::NewMessage;
 /// restart, under the same identity.
 pub const ACKS_HELD_AT_MOST: Duration = Duration::from_millis(1);
 
-/// A row waiting for its statement: the id it was given, the message (the
-/// tail shares it) and its encoded properties.
+/// A row waiting for its statement: the id it was given and the message
+/// (the tail shares it). Its properties are encoded as it is written.
 pub(super) struct Waiting {
     pub(super) id: u64,
     pub(super) msg: Arc<NewMessage>,
-    pub(super) props: Option<Vec<u8>>,
 }
 
 /// The rows one statement writes, largest first: as many 32-row
@@ -90,6 +89,9 @@ pub(super) fn is_plain(m: &NewMessage) -> bool {
 
 /// Writes `rows` (ids ascending), as few statements as [`SIZES`] allows.
 pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()> {
+    // Every row's properties encoded into this one buffer in turn: SQLite
+    // copies a blob as it is bound (rusqlite binds with SQLITE_TRANSIENT).
+    let mut props = Vec::new();
     let mut rest = rows;
     for (size, sql) in SIZES.iter().zip(INSERTS.iter()) {
         while rest.len() >= *size {
@@ -103,7 +105,13 @@ pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()>
                 stmt.raw_bind_parameter(at + 3, &m.payload)?;
                 stmt.raw_bind_parameter(at + 4, m.qos as u8)?;
                 stmt.raw_bind_parameter(at + 5, m.retain)?;
-                stmt.raw_bind_parameter(at + 6, &w.props)?;
+                if m.props.is_empty() {
+                    stmt.raw_bind_parameter(at + 6, rusqlite::types::Null)?;
+                } else {
+                    props.clear();
+                    m.props.encode_into(&mut props);
+                    stmt.raw_bind_parameter(at + 6, props.as_slice())?;
+                }
                 stmt.raw_bind_parameter(at + 7, m.created_ms)?;
                 stmt.raw_bind_parameter(at + 8, m.size())?;
             }

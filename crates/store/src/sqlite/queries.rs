@@ -158,12 +158,12 @@ impl Store for SqliteStore {
         if self.db.is_autocommit() {
             return self.in_own_transaction(|s| s.insert_shared(m));
         }
-        let props = (!m.props.is_empty()).then(|| m.props.encode());
         let id = self.next_id()?;
         if deferred::is_plain(&m) {
             // Written with the ones after it, before anything can see it.
-            self.waiting.push(deferred::Waiting { id, msg: m.clone(), props });
+            self.waiting.push(deferred::Waiting { id, msg: m.clone() });
         } else {
+            let props = (!m.props.is_empty()).then(|| m.props.encode());
             let p = &m.policy;
             let r = self.conn()?.prepare_cached(
                 "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, expires_ms, priority, max_attempts, latest, receipts) VALUES (?14, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11, ?12, ?13)",
@@ -896,7 +896,7 @@ impl SqliteStore {
             None => self.read_run(run[0], run[run.len() - 1])?,
         };
         // Finished rows deleted together: (id, size), ascending.
-        let mut plain: Vec<(u64, i64)> = Vec::new();
+        let mut plain: Vec<(u64, i64)> = Vec::with_capacity(run.len());
         let mut found = rows.into_iter().peekable();
         for &id in run {
             let Some((_, mut e, qos)) = found.next_if(|(at, _, _)| *at == id) else {

@@ -156,9 +156,11 @@ impl Writer {
         for (reply, ids) in b.unpoison_replies.drain(..) {
             let _ = reply.send(Ok(ids));
         }
+        // One reading of the clock for the batch, not one per message.
+        let now = std::time::Instant::now();
         for (reply, r, at) in b.accepted.drain(..) {
             if r.is_ok() {
-                self.timings.accept.record(at.elapsed().as_secs_f64());
+                self.timings.accept.record(now.saturating_duration_since(at).as_secs_f64());
             }
             let _ = reply.send(r);
         }

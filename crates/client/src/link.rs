@@ -277,9 +277,7 @@ impl Link {
         let receipt_to = receipts.filter(|_| m.msg.receipts.is_some() && m.id != 0);
         match self.version {
             ProtocolVersion::V5 => {
-                // The clock only for a message with a deadline to send.
-                let now = if m.msg.policy.expires_ms.is_some() { steadfast_store::now_ms() } else { 0 };
-                let props = publish_props(m, producer, receipt_to, now);
+                let props = publish_props(m, producer, receipt_to, steadfast_store::now_ms);
                 if publish_v5(out, m, &props, pid, dup).is_none() {
                     // The codec says what is wrong.
                     out.extend(build_v5(m, &props, pid, dup)?.to_continuous_buffer());
@@ -682,8 +680,8 @@ fn build_v5(
     b.build().map_err(err)
 }
 
-/// One property of an MQTT 5 PUBLISH, as [`PublishProps::iter`] gives
-/// them.
+/// One property of an MQTT 5 PUBLISH, as [`PublishProps::try_each`]
+/// gives them.
 #[derive(Debug)]
 enum PublishProp<'a> {
     Utf8,
@@ -699,7 +697,7 @@ enum PublishProp<'a> {
 }
 
 /// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`, in the order both
-/// encoders write them ([`PublishProps::iter`]). Kept as fields, not a
+/// encoders write them ([`PublishProps::try_each`]). Kept as fields, not a
 /// list: a list was an allocation and a free for every PUBLISH of every
 /// link (two per message in fanout).
 struct PublishProps<'a> {
@@ -746,12 +744,14 @@ impl<'a> PublishProps<'a> {
     }
 }
 
-/// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`.
+/// The properties of `m`'s MQTT 5 PUBLISH, `now_ms` read only for a
+/// message with a deadline (106 instructions a message, for the others
+/// to no purpose).
 fn publish_props<'a>(
     m: &'a StoredMessage,
     producer: &'a str,
     receipt_to: Option<&'a str>,
-    now_ms: u64,
+    now_ms: impl FnOnce() -> u64,
 ) -> PublishProps<'a> {
     let p = &m.msg.props;
     PublishProps {
@@ -773,7 +773,7 @@ fn publish_props<'a>(
             .msg
             .policy
             .expires_ms
-            .map(|e| e.saturating_sub(now_ms).div_ceil(1000).clamp(1, u32::MAX as u64) as u32),
+            .map(|e| e.saturating_sub(now_ms()).div_ceil(1000).clamp(1, u32::MAX as u64) as u32),
     }
 }
 
@@ -1187,7 +1187,7 @@ mod tests {
             let fast = appended(|out| super::publish_v311(out, &m, Some((&producer, 9, true)), Some(3), true)).unwrap();
             let wrapped = Identity::wrap_asking(&producer, 9, &m.msg.payload, true);
             assert_eq!(fast, super::build_v311(&m, &wrapped, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
-            let props = super::publish_props(&m, &producer, Some("r/t"), 0);
+            let props = super::publish_props(&m, &producer, Some("r/t"), || 0);
             let fast = appended(|out| super::publish_v5(out, &m, &props, Some(3), true)).unwrap();
             assert_eq!(fast, super::build_v5(&m, &props, Some(3), true).unwrap().to_continuous_buffer(), "{len}");
         }
@@ -1365,7 +1365,7 @@ mod tests {
             let msg = std::sync::Arc::make_mut(&mut m.msg);
             msg.props = steadfast_core::Properties { content_type, response_topic, correlation_data: correlation, payload_is_utf8: utf8, user };
             msg.policy.expires_ms = expires.map(|e| 1_000_000 + e);
-            let props = super::publish_props(&m, "producer", receipt_to.as_deref(), 1_000_000);
+            let props = super::publish_props(&m, "producer", receipt_to.as_deref(), || 1_000_000);
             let fast = appended(|out| super::publish_v5(out, &m, &props, pid, dup));
             match super::build_v5(&m, &props, pid, dup) {
                 Ok(p) => prop_assert_eq!(fast, Some(p.to_continuous_buffer())),

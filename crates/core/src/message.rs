@@ -340,7 +340,7 @@ impl Properties {
     /// a sequence of `tag u8, len u32 BE, bytes`; user properties as
     /// tag 38 with `klen u32 BE, key, value`.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.encoded_len());
         self.encode_into(&mut out);
         out
     }

@@ -12,9 +12,9 @@ use crate::message::Qos;
 
 /// Packet ids hashed by one multiplication (Fibonacci hashing): a
 /// PUBLISH and its PUBACK each look one up, and the ordered map this
-/// replaced cost its removal 260 instructions a message
-/// (docs/performance.md, session 28). No random seed: the simulator
-/// replays a schedule exactly.
+/// replaced cost its removal about 260 instructions a message
+/// (docs/performance.md, session 28). No random seed: the order of what
+/// is in flight follows only what happened to the window.
 #[derive(Debug, Default, Clone, Copy)]
 struct PidHasher(u64);
 

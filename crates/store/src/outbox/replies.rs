@@ -7,7 +7,7 @@ use steadfast_core::DropReason;
 use tokio::sync::oneshot;
 
 use super::request::{AcceptReply, HighReply, IdsReply, Request, SlotReply, WireReply};
-use super::writer::Writer;
+use super::writer::{Writer, KEPT_BATCH};
 use super::{AppendError, Configured, Delivery, Dropped, Glance, Handling, OutboxState, Page, Report};
 use crate::StoreError;
 
@@ -49,13 +49,16 @@ pub(super) struct Batch {
 }
 
 impl Batch {
-    /// This batch emptied for the next one, its vectors' room kept: a
-    /// batch of acknowledgements grew a few of them again from nothing,
-    /// each growth past a kilobyte a walk of the allocator's free lists.
+    /// This batch emptied for the next one, its vectors' room kept up to
+    /// [`KEPT_BATCH`] each: a batch of acknowledgements grew a few of them
+    /// again from nothing, each growth past a kilobyte a walk of the
+    /// allocator's free lists; what a burst grew beyond that (a sweep of a
+    /// million expired messages is one batch) is not kept for good.
     /// Every field is named, so that a new one cannot be carried over.
     fn recycled(self) -> Batch {
         fn empty<T>(mut v: Vec<T>) -> Vec<T> {
             v.clear();
+            v.shrink_to(KEPT_BATCH);
             v
         }
         let Batch {

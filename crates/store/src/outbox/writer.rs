@@ -134,7 +134,7 @@ impl Timings {
 const MAX_BATCH: usize = 8192;
 
 /// Requests the batch buffer keeps room for between batches.
-const KEPT_BATCH: usize = 1024;
+pub(super) const KEPT_BATCH: usize = 1024;
 /// The longest a transaction of bookkeeping is left open for more.
 const HOLD_OPEN: std::time::Duration = std::time::Duration::from_millis(1);
 /// The most batches a transaction of bookkeeping is left open for.

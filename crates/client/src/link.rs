@@ -696,10 +696,10 @@ enum PublishProp<'a> {
     Expiry(u32),
 }
 
-/// The properties of `m`'s MQTT 5 PUBLISH at `now_ms`, in the order both
-/// encoders write them ([`PublishProps::try_each`]). Kept as fields, not a
-/// list: a list was an allocation and a free for every PUBLISH of every
-/// link (two per message in fanout).
+/// The properties of an MQTT 5 PUBLISH ([`publish_props`]), given in the
+/// order both encoders write them by [`PublishProps::try_each`]. Kept as
+/// fields, not a list: a list was an allocation and a free for every
+/// PUBLISH of every link (two per message in fanout).
 struct PublishProps<'a> {
     utf8: bool,
     content_type: Option<&'a str>,

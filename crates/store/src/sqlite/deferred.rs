@@ -4,12 +4,16 @@
 //! multi-row `INSERT`, before the first statement that could see it and
 //! at the latest before the commit. A row's new set of acknowledgements
 //! (a broker's acknowledgement that does not finish the message: in
-//! fanout, the first broker's) waits too, in one `UPDATE` per run of
-//! consecutive ids: before the first statement that could read it, else
-//! at the first commit once it has waited [`ACKS_HELD_AT_MOST`] (past
-//! earlier commits; the writer commits by then even when idle), and never
-//! if the row goes first: the last broker's acknowledgement usually comes
-//! within that time, and the row is deleted without being updated.
+//! fanout, the first broker's) waits too ([`HeldAcks`]): at the first
+//! commit once it has waited [`ACKS_HELD_AT_MOST`] (past earlier
+//! commits; the writer commits by then even when idle) it is logged, one
+//! row of `ack_log` for all that waited, and it is written into its row
+//! (one `UPDATE` per run of consecutive ids) before the first statement
+//! that could read it, else once logged for [`ACKS_LOGGED_AT_MOST`], and
+//! never if the row goes first: the last broker's acknowledgement mostly
+//! comes within that time, and the row is deleted without being updated.
+//! An open writes what the log holds into the rows
+//! ([`write_log_at_open`]).
 //!
 //! Why: an update of a row by key cost 8,200 instructions, a fifth of a
 //! message published in fanout to two brokers (docs/performance.md,
@@ -17,7 +21,10 @@
 //! cursors, the outbox and its six partial indexes, and the halt that
 //! closes them) is about half of a one-row insert. One statement for 32
 //! rows pays it once: 5,480 instructions a row instead of 10,280
-//! (docs/performance.md, session 18).
+//! (docs/performance.md, session 18). Acknowledgements written into their
+//! rows once held for a millisecond still cost 4,200 instructions a
+//! message in fanout, two in three of them written (session 29); a log
+//! row for all a commit holds costs a statement.
 //!
 //! The gate is the connection itself: [`SqliteStore`] reaches it through
 //! [`SqliteStore::conn`], which writes what waits first, and through
@@ -26,7 +33,7 @@
 //! other tables: nothing in the format ties them to `outbox`, no trigger
 //! and no foreign key).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -125,36 +132,107 @@ pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()>
     Ok(())
 }
 
-/// Sets of acknowledgements, id -> (the row's set as the database holds
-/// it, the set now).
-type Sets = BTreeMap<u64, (u64, u64)>;
+/// The longest an acknowledgement kept in the log ([`HeldAcks`]) waits
+/// before it is written into its row: the log's rows older than this go
+/// at a commit, with what they hold still standing written by `UPDATE`.
+/// Long enough for the last broker's acknowledgement to come first and
+/// take the row away, as it mostly does (docs/performance.md, session
+/// 29: the second of two brokers' acknowledgements came more than a
+/// millisecond after the first for two messages in three, and within
+/// 50 ms for seven in ten); short enough that an open after a crash
+/// writes little (at most this long's first acknowledgements).
+pub const ACKS_LOGGED_AT_MOST: Duration = Duration::from_secs(1);
 
-/// The acknowledgements waiting to be written (see the module).
+/// A row's new set of acknowledgements, not yet in the row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    /// The row's set as the database holds it.
+    on_disk: u64,
+    /// The set now.
+    now: u64,
+    /// The oldest of this connection's log rows that holds a record of
+    /// it: when that row goes, this is written into the outbox row.
+    logged_in: Option<u64>,
+    /// `now` is in no log row yet.
+    unlogged: bool,
+}
+
+/// What a transaction changed of a [`HeldAcks`], to put back at its
+/// rollback: the entries as they were (newest change last) and, once,
+/// the rest as the transaction found it.
+#[derive(Debug)]
+struct Undo {
+    entries: Vec<(u64, Option<Held>)>,
+    since: Option<Instant>,
+    rows: VecDeque<(u64, Instant)>,
+    /// `fresh` as the transaction found it, once it was emptied; until
+    /// then its length.
+    fresh: Result<Vec<u64>, usize>,
+    added: u64,
+}
+
+/// The acknowledgements waiting to be written into their rows (see the
+/// module): in memory, and from [`ACKS_HELD_AT_MOST`] on also in the
+/// acknowledgement log (`ack_log`), one row per commit that wrote any,
+/// until [`ACKS_LOGGED_AT_MOST`].
 #[derive(Debug)]
 pub(super) struct HeldAcks {
-    sets: Sets,
-    /// When the oldest of `sets` was recorded.
+    sets: BTreeMap<u64, Held>,
+    /// When the oldest entry not yet logged was recorded.
     since: Option<Instant>,
-    /// How long they may wait past commits: [`ACKS_HELD_AT_MOST`], or
-    /// what a test set.
+    /// The ids recorded since the last log row, in the order they came
+    /// (some may have gone since): what the next log row holds, found
+    /// without a walk of every entry.
+    fresh: Vec<u64>,
+    /// This connection's rows of the log, oldest first, with when each
+    /// was written.
+    rows: VecDeque<(u64, Instant)>,
+    /// How long they may wait unlogged past commits:
+    /// [`ACKS_HELD_AT_MOST`], or what a test set.
     hold: Duration,
-    /// `sets` and `since` as the transaction under way found them, taken
-    /// at its first change of them: what a rollback puts back (what
-    /// committed transactions held is not undone).
-    before: Option<(Sets, Option<Instant>)>,
+    /// How long they may wait logged: [`ACKS_LOGGED_AT_MOST`], or what a
+    /// test set.
+    keep: Duration,
+    /// Every broker bit an entry added since they were last none (a
+    /// bound: a bit may stay after its entries went).
+    added: u64,
+    /// What the transaction under way changed, from its first change.
+    undo: Option<Undo>,
 }
+
+/// One record of the log: a run of consecutive ids whose rows held
+/// `old` and now hold `new` (four little-endian u64: first, last, old,
+/// new).
+const RECORD: usize = 32;
 
 impl HeldAcks {
     pub(super) fn new() -> HeldAcks {
-        HeldAcks { sets: BTreeMap::new(), since: None, hold: ACKS_HELD_AT_MOST, before: None }
+        HeldAcks {
+            sets: BTreeMap::new(),
+            since: None,
+            fresh: Vec::new(),
+            rows: VecDeque::new(),
+            hold: ACKS_HELD_AT_MOST,
+            keep: ACKS_LOGGED_AT_MOST,
+            added: 0,
+            undo: None,
+        }
     }
 
-    pub(super) fn set_hold(&mut self, hold: Duration) {
+    pub(super) fn set_hold(&mut self, hold: Duration, keep: Duration) {
         self.hold = hold;
+        self.keep = keep;
     }
 
+    /// Whether no row's acknowledgements wait (the log may still hold
+    /// rows that no longer matter: see [`HeldAcks::has_log`]).
     pub(super) fn is_empty(&self) -> bool {
         self.sets.is_empty()
+    }
+
+    /// Whether this connection wrote log rows that are still there.
+    pub(super) fn has_log(&self) -> bool {
+        !self.rows.is_empty()
     }
 
     /// Whether one of them is at or above `id`.
@@ -167,15 +245,18 @@ impl HeldAcks {
         self.sets.first_key_value().is_some_and(|(&a, _)| a <= id)
     }
 
-    /// When they are due: the first commit from then on writes them.
+    /// When a commit has something to do for them: to log what waits
+    /// unlogged, or to write what the oldest log row holds.
     pub(super) fn due_at(&self) -> Option<Instant> {
-        if self.sets.is_empty() {
-            return None;
+        let log = self.since.map(|t| t + self.hold);
+        let fold = self.rows.front().map(|(_, t)| *t + self.keep);
+        match (log, fold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
-        Some(self.since.map_or_else(Instant::now, |t| t + self.hold))
     }
 
-    /// Whether the commit writes them now.
+    /// Whether the commit has something to do for them now.
     pub(super) fn due(&self) -> bool {
         self.due_at().is_some_and(|at| at <= Instant::now())
     }
@@ -183,85 +264,277 @@ impl HeldAcks {
     /// Inside a transaction: `id`'s set went from `before` (as the tail
     /// held it, which is what waits when anything does) to `now`.
     pub(super) fn record(&mut self, id: u64, before: u64, now: u64) {
-        self.change();
-        if self.sets.is_empty() {
+        use std::collections::btree_map::Entry;
+        // The row's own set is the one first held; the log row that
+        // holds the oldest record of it stays the one to go by.
+        let old = match self.sets.entry(id) {
+            Entry::Occupied(mut e) => {
+                let old = *e.get();
+                *e.get_mut() = Held { now, unlogged: true, ..old };
+                Some(old)
+            }
+            Entry::Vacant(e) => {
+                e.insert(Held { on_disk: before, now, logged_in: None, unlogged: true });
+                None
+            }
+        };
+        self.change(id, old);
+        self.added |= now & !before;
+        if self.since.is_none() {
             self.since = Some(Instant::now());
         }
-        // The row's own set is the one first held.
-        let on_disk = self.sets.get(&id).map_or(before, |(on_disk, _)| *on_disk);
-        self.sets.insert(id, (on_disk, now));
+        if !old.is_some_and(|h| h.unlogged) {
+            self.fresh.push(id);
+        }
     }
 
     /// The rows from `first` to `last` go: what waits for them goes
-    /// unwritten. `in_transaction`: a rollback may put it back.
+    /// unwritten (their records in the log no longer match a row).
+    /// `in_transaction`: a rollback may put it back.
     pub(super) fn forget(&mut self, first: u64, last: u64, in_transaction: bool) {
-        let gone: Vec<u64> = self.sets.range(first..=last).map(|(id, _)| *id).collect();
-        if gone.is_empty() {
+        let mut found = false;
+        while let Some((&id, &h)) = self.sets.range(first..=last).next() {
+            if in_transaction {
+                self.change(id, Some(h));
+            }
+            self.sets.remove(&id);
+            found = true;
+        }
+        if !found {
             return;
         }
-        if in_transaction {
-            self.change();
-        }
-        for id in gone {
-            self.sets.remove(&id);
+        if self.sets.is_empty() {
+            self.since = None;
+            self.added = 0;
+            self.clear_fresh();
         }
     }
 
-    /// Writes them (inside a transaction), one `UPDATE` per run of
-    /// consecutive ids with the same sets. Only a row that still holds
-    /// the set it had when the acknowledgement came is written: another
-    /// process may have committed a change since (a joined `pub`'s
-    /// receipt sweep publishing a message again, which clears them), and
-    /// that change stands. A row that is gone is not written either
-    /// (nothing to update). When this fails they stay waiting, so that
-    /// the commit fails too.
-    pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
-        let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks = ?3")?;
-        let mut run: Option<(u64, u64, (u64, u64))> = None;
-        let mut write = |(first, last, (old, new)): (u64, u64, (u64, u64))| {
-            stmt.execute(rusqlite::params![first, last, old as i64, new as i64]).map(|_| ())
-        };
-        for (&id, &sets) in &self.sets {
-            run = match run {
-                Some((first, last, same)) if same == sets && last.checked_add(1) == Some(id) => Some((first, id, same)),
-                Some(done) => {
-                    write(done)?;
-                    Some((id, id, sets))
-                }
-                None => Some((id, id, sets)),
-            };
+    /// Whether a read of the rows some broker in `mask` has not
+    /// acknowledged could find other rows were they written: whether one
+    /// of them added one of its bits. When not, such a read need not
+    /// write them first: [`HeldAcks::patch`] gives each row it finds the
+    /// set it would have read.
+    pub(super) fn touch(&self, mask: u64) -> bool {
+        self.added & mask != 0
+    }
+
+    /// `acks`, row `id`'s set as SQLite read it, as it would read it had
+    /// its waiting set been written (the `UPDATE`'s own condition).
+    pub(super) fn patch(&self, id: u64, acks: &mut u64) {
+        if let Some(h) = self.sets.get(&id) {
+            if *acks & h.on_disk == h.on_disk && *acks | h.now == h.now {
+                *acks = h.now;
+            }
         }
-        run.map_or(Ok(()), write)?;
-        self.change();
-        self.sets.clear();
+    }
+
+    /// At a commit (inside its transaction): logs what waited unlogged
+    /// for [`ACKS_HELD_AT_MOST`] or more (the newer ones with it: one row
+    /// for all), and writes into their rows the entries of log rows kept
+    /// [`ACKS_LOGGED_AT_MOST`] (with those kept half as long: fewer,
+    /// larger statements), removing those log rows.
+    pub(super) fn write_due(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let now = Instant::now();
+        if self.since.is_some_and(|t| t + self.hold <= now) {
+            self.log(conn, now)?;
+        }
+        if self.rows.front().is_some_and(|(_, t)| *t + self.keep <= now) {
+            let cut = now.checked_sub(self.keep / 2);
+            let last = self.rows.iter().take_while(|(_, t)| cut.is_some_and(|c| *t <= c)).last();
+            let last = last.or(self.rows.front()).map(|(n, _)| *n);
+            if let Some(last) = last {
+                self.fold(conn, Some(last))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes every one of them into its row and empties the log of this
+    /// connection's rows: before a statement that may read them, and
+    /// when the store closes.
+    pub(super) fn write(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        self.fold(conn, None)
+    }
+
+    /// One log row for every entry not yet logged.
+    fn log(&mut self, conn: &Connection, now: Instant) -> rusqlite::Result<()> {
+        self.note_rest();
+        let mut ids = self.fresh.clone();
+        self.clear_fresh();
         self.since = None;
+        // Mostly in order already (a broker acknowledges in order).
+        ids.sort_unstable();
+        ids.dedup();
+        let fresh: Vec<(u64, Held)> =
+            ids.into_iter().filter_map(|id| self.sets.get(&id).filter(|h| h.unlogged).map(|h| (id, *h))).collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(RECORD * 4);
+        for (first, last, (old, new)) in runs(fresh.iter().map(|(id, h)| (*id, (h.on_disk, h.now)))) {
+            for v in [first, last, old, new] {
+                entries.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        conn.prepare_cached("INSERT INTO ack_log (entries) VALUES (?1)")?.execute([&entries])?;
+        let n = conn.last_insert_rowid() as u64;
+        for (id, h) in fresh {
+            self.change(id, Some(h));
+            let logged = Held { unlogged: false, logged_in: Some(h.logged_in.unwrap_or(n)), ..h };
+            self.sets.insert(id, logged);
+        }
+        self.rows.push_back((n, now));
+        Ok(())
+    }
+
+    /// Writes into their rows the entries whose oldest record is in a
+    /// log row up to `through` (every entry: `None`), one `UPDATE` per
+    /// run of consecutive ids with the same sets, and removes those log
+    /// rows. Only a row that still holds the set it had when the
+    /// acknowledgement came is written: another process may have
+    /// committed a change since (a joined `pub`'s receipt sweep
+    /// publishing a message again, which clears them), and that change
+    /// stands. A row that is gone is not written either. When this fails
+    /// they stay waiting, so that the commit fails too.
+    fn fold(&mut self, conn: &Connection, through: Option<u64>) -> rusqlite::Result<()> {
+        let goes = |h: &Held| through.is_none_or(|n| h.logged_in.is_some_and(|at| at <= n));
+        let going: Vec<(u64, Held)> = self.sets.iter().filter(|(_, h)| goes(h)).map(|(id, h)| (*id, *h)).collect();
+        write_runs(conn, runs(going.iter().map(|(id, h)| (*id, (h.on_disk, h.now)))))?;
+        match through {
+            Some(n) => conn.prepare_cached("DELETE FROM ack_log WHERE n <= ?1")?.execute([n])?,
+            None if !self.rows.is_empty() => conn.prepare_cached("DELETE FROM ack_log")?.execute([])?,
+            None => 0,
+        };
+        self.note_rest();
+        for (id, h) in going {
+            self.change(id, Some(h));
+            self.sets.remove(&id);
+        }
+        match through {
+            Some(n) => self.rows.retain(|(at, _)| *at > n),
+            None => {
+                self.rows.clear();
+                self.since = None;
+                self.added = 0;
+                self.clear_fresh();
+            }
+        }
         Ok(())
     }
 
     /// Whether a transaction changed them and ended with neither its
     /// commit nor its rollback.
     pub(super) fn left_open(&self) -> bool {
-        self.before.is_some()
+        self.undo.is_some()
     }
 
     /// The transaction's commit succeeded: its changes stand.
     pub(super) fn committed(&mut self) {
-        self.before = None;
+        self.undo = None;
     }
 
-    /// The transaction rolled back: what it held goes, what earlier ones
-    /// held stays (their acknowledgements came, and are written later).
+    /// The transaction rolled back: what it changed is put back (what
+    /// earlier, committed ones left stays: their acknowledgements came,
+    /// and are written later).
     pub(super) fn rolled_back(&mut self) {
-        if let Some((sets, since)) = self.before.take() {
-            self.sets = sets;
-            self.since = since;
+        let Some(undo) = self.undo.take() else { return };
+        for (id, old) in undo.entries.into_iter().rev() {
+            match old {
+                Some(h) => self.sets.insert(id, h),
+                None => self.sets.remove(&id),
+            };
+        }
+        self.since = undo.since;
+        self.rows = undo.rows;
+        self.added = undo.added;
+        match undo.fresh {
+            Ok(fresh) => self.fresh = fresh,
+            Err(len) => self.fresh.truncate(len),
         }
     }
 
-    /// Before the transaction under way first changes them.
-    fn change(&mut self) {
-        if self.before.is_none() {
-            self.before = Some((self.sets.clone(), self.since));
+    /// `id` is about to change in the transaction under way; it was `old`.
+    fn change(&mut self, id: u64, old: Option<Held>) {
+        self.note_rest();
+        if let Some(undo) = self.undo.as_mut() {
+            undo.entries.push((id, old));
         }
     }
+
+    /// Empties `fresh` (a rollback puts it back).
+    fn clear_fresh(&mut self) {
+        if let Some(undo) = self.undo.as_mut() {
+            if undo.fresh.is_err() {
+                undo.fresh = Ok(self.fresh.clone());
+            }
+        }
+        self.fresh.clear();
+    }
+
+    /// Before the transaction under way first changes them: what it
+    /// found of the rest.
+    fn note_rest(&mut self) {
+        if self.undo.is_none() {
+            let fresh = Err(self.fresh.len());
+            let (since, rows, added) = (self.since, self.rows.clone(), self.added);
+            self.undo = Some(Undo { entries: Vec::new(), since, rows, fresh, added });
+        }
+    }
+}
+
+/// `entries` (ids ascending) as runs of consecutive ids with the same
+/// value: (first, last, value).
+fn runs<V: PartialEq + Copy>(entries: impl Iterator<Item = (u64, V)>) -> Vec<(u64, u64, V)> {
+    let mut out: Vec<(u64, u64, V)> = Vec::new();
+    for (id, v) in entries {
+        match out.last_mut() {
+            Some((_, last, same)) if *same == v && last.checked_add(1) == Some(id) => *last = id,
+            _ => out.push((id, id, v)),
+        }
+    }
+    out
+}
+
+/// One `UPDATE` per run: the rows from `first` to `last` that hold `old`
+/// (or more of `new`: an earlier record of the log written) get `new`.
+fn write_runs(conn: &Connection, runs: Vec<(u64, u64, (u64, u64))>) -> rusqlite::Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks & ?3 = ?3 AND acks | ?4 = ?4")?;
+    for (first, last, (old, new)) in runs {
+        stmt.execute(rusqlite::params![first, last, old as i64, new as i64])?;
+    }
+    Ok(())
+}
+
+/// At open, before anything reads the outbox: the records of the
+/// acknowledgement log are written into the rows they name, in the order
+/// they were logged, and the log emptied. The log holds what a process
+/// that ended without closing its store (a crash, a `kill -9`) had logged
+/// and not yet written into its rows. A record of a row that is gone, or
+/// that holds another set by now, changes nothing; a record that is not
+/// 32 bytes (a damaged row) is skipped: its messages go again to the
+/// brokers that had acknowledged them.
+pub(super) fn write_log_at_open(conn: &Connection) -> rusqlite::Result<()> {
+    let logged: Vec<Vec<u8>> = {
+        let mut stmt = conn.prepare("SELECT entries FROM ack_log ORDER BY n")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    if logged.is_empty() {
+        return Ok(());
+    }
+    let records = logged.iter().flat_map(|entries| entries.chunks_exact(RECORD)).map(|record| {
+        let v = |i: usize| u64::from_le_bytes(record[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        (v(0), v(1), (v(2), v(3)))
+    });
+    let records: Vec<(u64, u64, (u64, u64))> = records.collect();
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let done = write_runs(conn, records).and_then(|()| conn.execute_batch("DELETE FROM ack_log; COMMIT"));
+    if done.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    done
 }

@@ -159,7 +159,7 @@ impl Drop for SqliteStore {
     /// read-only handle says nothing.
     fn drop(&mut self) {
         // Acknowledgements still held go in before the store closes.
-        if !self.held_acks.is_empty() && self.db.is_autocommit() {
+        if (!self.held_acks.is_empty() || self.held_acks.has_log()) && self.db.is_autocommit() {
             if let Err(e) = self.write_acks_before_read() {
                 tracing::warn!(error = %e, "outbox: the last acknowledgements could not be written; their messages are sent again to those brokers");
             }
@@ -265,6 +265,9 @@ impl SqliteStore {
         continue_above_reservation(&conn, reserved, &mut report).map_err(|e| map_error(dir, e))?;
         // Bounded across restarts too (each handle trims every 1,024 drops).
         trim_drop_log(&conn).map_err(|e| map_error(dir, e))?;
+        // What a process that did not close the store had logged of its
+        // brokers' acknowledgements goes into the rows first.
+        deferred::write_log_at_open(&conn).map_err(|e| map_error(dir, e))?;
         if kind == StoreKind::Outbox {
             use std::os::unix::fs::OpenOptionsExt;
             let ready = files.path("ready");
@@ -388,12 +391,13 @@ impl SqliteStore {
         self
     }
 
-    /// This store holding acknowledgements for `hold` instead of
-    /// [`deferred::ACKS_HELD_AT_MOST`], so that tests decide when they
+    /// This store holding acknowledgements unlogged for `hold` and logged
+    /// for `logged` instead of [`deferred::ACKS_HELD_AT_MOST`] and
+    /// [`deferred::ACKS_LOGGED_AT_MOST`], so that tests decide when they
     /// are due.
     #[doc(hidden)]
-    pub fn hold_acks_for(&mut self, hold: std::time::Duration) {
-        self.held_acks.set_hold(hold);
+    pub fn hold_acks_for(&mut self, hold: std::time::Duration, logged: std::time::Duration) {
+        self.held_acks.set_hold(hold, logged);
     }
 
     /// Whether the tail may answer now. Inside a transaction, `begin`
@@ -468,6 +472,25 @@ impl SqliteStore {
         Ok(&self.db)
     }
 
+    /// The connection for a read of `outbox` rows that the waiting
+    /// acknowledgements cannot change (the caller sees to that): only the
+    /// waiting inserts are written first.
+    fn conn_for_inserts(&mut self) -> Result<&Connection, StoreError> {
+        if !self.waiting.is_empty() {
+            self.write_waiting()?;
+        }
+        Ok(&self.db)
+    }
+
+    /// [`SqliteStore::conn_for_inserts`] for a read of rows with ids up
+    /// to `id`.
+    fn conn_below_for_inserts(&mut self, id: u64) -> Result<&Connection, StoreError> {
+        if self.waiting.first().is_some_and(|w| w.id <= id) {
+            self.write_waiting()?;
+        }
+        Ok(&self.db)
+    }
+
     /// The connection for a statement on `outbox` rows with ids up to
     /// `id` only (by key, or a range that ends there): the waiting inserts
     /// and acknowledgements are written first only when one of them is
@@ -525,6 +548,14 @@ impl SqliteStore {
     /// waiting, so that the commit fails too (as `write_waiting`).
     fn write_acks(&mut self) -> Result<(), StoreError> {
         let r = self.held_acks.write(&self.db);
+        r.map_err(|e| self.map(e))
+    }
+
+    /// At a commit: logs the waiting acknowledgements held long enough,
+    /// and writes into their rows those logged long enough
+    /// ([`deferred::HeldAcks::write_due`]); as `write_acks` on failure.
+    pub(super) fn write_acks_due(&mut self) -> Result<(), StoreError> {
+        let r = self.held_acks.write_due(&self.db);
         r.map_err(|e| self.map(e))
     }
 

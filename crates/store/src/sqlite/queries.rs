@@ -434,8 +434,18 @@ impl Store for SqliteStore {
                 "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
             ),
         };
-        self.conn()?;
-        let rows = match priority {
+        // Acknowledgements waiting for their rows that cannot change which
+        // rows this reads (none added a bit of `mask`: in fanout, the
+        // other brokers' first ones, while this one's link is behind) are
+        // not written first: each row read gets its set as it would have
+        // read it (a link far behind reads below the tail at every page).
+        let patch = !self.held_acks.touch(mask as u64);
+        if patch {
+            self.conn_for_inserts()?;
+        } else {
+            self.conn()?;
+        }
+        let mut rows = match priority {
             None | Some(0) => {
                 read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask])?
             }
@@ -443,6 +453,11 @@ impl Store for SqliteStore {
                 read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask, p])?
             }
         };
+        if patch && !self.held_acks.is_empty() {
+            for (m, _) in &mut rows {
+                self.held_acks.patch(m.id, &mut m.acks);
+            }
+        }
         // Kept (if the tail is known, which `tail_trusted` just checked),
         // so that their acknowledgements do not read them back.
         let mut page = Vec::with_capacity(rows.len());
@@ -865,7 +880,7 @@ impl SqliteStore {
             self.write_waiting()?;
         }
         if self.held_acks.due() {
-            self.write_acks()?;
+            self.write_acks_due()?;
         }
         // Its own table (see `conn_apart`).
         self.source_log.write(&self.db).map_err(|e| self.map(e))?;
@@ -968,13 +983,21 @@ impl SqliteStore {
     /// The entries of the ids from `first` to `last` that exist, ascending,
     /// with their QoS and id: one range read.
     fn read_run(&mut self, first: u64, last: u64) -> Result<Vec<(u64, Entry, u8)>, StoreError> {
+        // By id alone: the acknowledgements waiting for these rows are
+        // not written first, each row read gets its set as it would have
+        // read it (a link far behind acknowledges below the tail, rows
+        // that the other brokers' acknowledgements wait for).
         let sql = concat!("SELECT ", entry_columns!(), ", qos, id FROM outbox WHERE id >= ?1 AND id <= ?2 ORDER BY id");
-        let mut stmt = self.conn_below(last)?.prepare_cached(sql)?;
+        let mut stmt = self.conn_below_for_inserts(last)?.prepare_cached(sql)?;
         let rows = stmt
             .query_map([first, last], |r| Ok((r.get::<_, u64>(12)?, read_entry(r, 0)?, r.get::<_, u8>(11)?)))
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
         drop(stmt);
-        rows.map_err(|e| self.map(e))
+        let mut rows = rows.map_err(|e| self.map(e))?;
+        for (id, e, _) in &mut rows {
+            self.held_acks.patch(*id, &mut e.acks);
+        }
+        Ok(rows)
     }
 
     /// A message as an acknowledgement finds it, with its QoS; its
@@ -985,11 +1008,16 @@ impl SqliteStore {
                 return Ok(Some(found));
             }
         }
+        // By key: as in `read_run`.
         let sql = concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1");
-        let mut stmt = self.conn_below(id)?.prepare_cached(sql)?;
+        let mut stmt = self.conn_below_for_inserts(id)?.prepare_cached(sql)?;
         let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
         drop(stmt);
-        r.map_err(|e| self.map(e))
+        let mut r = r.map_err(|e| self.map(e))?;
+        if let Some((e, _)) = r.as_mut() {
+            self.held_acks.patch(id, &mut e.acks);
+        }
+        Ok(r)
     }
 
     /// The acknowledgement of `slot` on `e`, in memory; a QoS 2 message's

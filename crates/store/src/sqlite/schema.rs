@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::StoreError;
 
 /// The on-disk format version (docs/design.md, "Outbox format").
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
 
 /// The outbox table of the current format, named `$name` (a macro: the
 /// schema and the conversion to format 7 are literals built from it).
@@ -103,6 +103,13 @@ CREATE TABLE IF NOT EXISTS ids (k INTEGER PRIMARY KEY CHECK (k = 0), last INTEGE
 -- (docs/performance.md, sessions 12 and 15).
 CREATE TABLE IF NOT EXISTS source_brokers (n INTEGER PRIMARY KEY, url TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS source_log (n INTEGER PRIMARY KEY, entries BLOB NOT NULL);
+-- Brokers' acknowledgements that did not finish their message (in
+-- fanout, the first broker's), logged before they are written into their
+-- rows (format 9): one row per commit that logged any, each record 32
+-- bytes (a run of consecutive ids, the set its rows held, the set now;
+-- little-endian). Written into the rows at open, and by the process
+-- that logged them within 100 ms unless the rows go first.
+CREATE TABLE IF NOT EXISTS ack_log (n INTEGER PRIMARY KEY, entries BLOB NOT NULL);
 -- Messages moved aside as poison (their outbox route is '@poison'): their
 -- own route, the broker slot whose links they ended, how often, when.
 CREATE TABLE IF NOT EXISTS poison (
@@ -228,6 +235,14 @@ const MIGRATE_7_TO_8: &str = "
 UPDATE meta SET value = '8' WHERE key = 'format';
 ";
 
+/// Format 9 logs brokers' acknowledgements before writing them into
+/// their rows (`ack_log`, made by the schema): an older release would
+/// not read the log, and would send those messages again to the brokers
+/// that had acknowledged them.
+const MIGRATE_8_TO_9: &str = "
+UPDATE meta SET value = '9' WHERE key = 'format';
+";
+
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(RECOUNT)
@@ -289,6 +304,7 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
                 MIGRATE_5_TO_6,
                 MIGRATE_6_TO_7,
                 MIGRATE_7_TO_8,
+                MIGRATE_8_TO_9,
             ];
             // Each step from format v on; the recount belongs to 3 -> 4.
             let from = match v.max(1) {
@@ -298,7 +314,8 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
                 4 => 4,
                 5 => 5,
                 6 => 6,
-                _ => 7,
+                7 => 7,
+                _ => 8,
             };
             let sql: String = steps[from..].concat();
             let convert = || {

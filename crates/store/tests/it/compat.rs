@@ -65,7 +65,7 @@ fn open_copy(format: u32) -> (tempfile::TempDir, SqliteStore) {
 
 fn check_common(s: &mut SqliteStore) {
     assert_eq!(s.meta("producer").unwrap().as_deref(), Some("gw-7-0000beef"));
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("8"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("9"));
     assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap(), "the summary counted at conversion");
     assert_eq!(s.totals().unwrap().count, 2);
     let all = s.read_after(0, 10, None, None).unwrap();
@@ -225,7 +225,7 @@ fn an_inbox_written_by_format_5_becomes_ranges_and_keeps_every_identity() {
     drop(read);
     let (mut s, report) = SqliteStore::open_inbox(dir.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    assert_eq!(s.meta("format").unwrap().as_deref(), Some("8"));
+    assert_eq!(s.meta("format").unwrap().as_deref(), Some("9"));
     let ids = |p: &str, r: std::ops::RangeInclusive<u64>| r.map(|q| (p.to_owned(), q)).collect::<Vec<_>>();
     let mut all = ids("gw-7", 0..=11);
     all.extend(ids("other", 2..=4));

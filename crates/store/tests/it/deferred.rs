@@ -180,16 +180,16 @@ fn a_held_acknowledgement_is_written_once_due_before_any_read_and_at_close() {
     let dir = tempfile::tempdir().unwrap();
     let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     // Held until the test says they are due (an hour, then nothing).
-    store.hold_acks_for(std::time::Duration::from_secs(3600));
+    store.hold_acks_for(std::time::Duration::from_secs(3600), std::time::Duration::from_secs(3600));
     let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
     let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
     let ids: Vec<u64> = (0..4).map(|n| store.insert(&plain(n)).unwrap()).collect();
     let mut never = |_: &Entry| false;
     let due = |store: &mut SqliteStore| {
-        store.hold_acks_for(std::time::Duration::ZERO);
+        store.hold_acks_for(std::time::Duration::ZERO, std::time::Duration::ZERO);
         store.begin().unwrap();
         store.commit().unwrap();
-        store.hold_acks_for(std::time::Duration::from_secs(3600));
+        store.hold_acks_for(std::time::Duration::from_secs(3600), std::time::Duration::from_secs(3600));
     };
 
     // Held past their commit...
@@ -233,4 +233,99 @@ fn a_held_acknowledgement_is_written_once_due_before_any_read_and_at_close() {
     store.commit().unwrap();
     drop(store);
     assert_eq!(acks_on_disk(dir.path()), [(ids[0], 0), (ids[1], a | b), (ids[2], a | b), (ids[3], 0)]);
+}
+
+/// The rows of the acknowledgement log the outbox file holds.
+fn log_rows(dir: &std::path::Path) -> u64 {
+    let raw = rusqlite::Connection::open(dir.join("outbox.db")).unwrap();
+    raw.query_row("SELECT count(*) FROM ack_log", [], |r| r.get(0)).unwrap()
+}
+
+/// The outbox's files copied as they are now into a new directory: what
+/// a restart would find had the process been killed at this point.
+fn as_after_a_kill(dir: &std::path::Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for name in ["outbox.db", "outbox.db-wal"] {
+        if dir.join(name).exists() {
+            std::fs::copy(dir.join(name), copy.path().join(name)).unwrap();
+        }
+    }
+    copy
+}
+
+#[test]
+fn a_logged_acknowledgement_outlives_a_kill_and_is_written_into_its_row_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    // Logged at the first commit, written into rows only when a read
+    // needs it or the store closes.
+    store.hold_acks_for(std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
+    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
+    let ids: Vec<u64> = (0..6).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    let mut never = |_: &Entry| false;
+
+    // A acknowledges the second to the fourth: one log row, no row changed.
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[1..4], slots[0], &mut never).unwrap();
+    store.commit().unwrap();
+    assert_eq!((log_rows(dir.path()), acks_on_disk(dir.path()).iter().all(|(_, acks)| *acks == 0)), (1, true));
+    // B acknowledges the third (a second record of it), and finishes the
+    // second (its row goes, its record stays behind in the log).
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[2..3], slots[1], &mut never).unwrap();
+    store.ack_or_remove_many(&ids[1..2], slots[1], &mut |_| true).unwrap();
+    store.commit().unwrap();
+    // A rolled-back transaction's acknowledgements are logged by none.
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[4..5], slots[0], &mut never).unwrap();
+    store.rollback();
+    store.begin().unwrap();
+    store.commit().unwrap();
+    assert_eq!(log_rows(dir.path()), 2);
+
+    // Killed here: the next open writes the log into the rows and empties it.
+    let killed = as_after_a_kill(dir.path());
+    let (mut after, report) = SqliteStore::open(killed.path()).unwrap();
+    let want = [(ids[0], 0), (ids[2], a | b), (ids[3], a), (ids[4], 0), (ids[5], 0)];
+    assert_eq!(acks_on_disk(killed.path()), want, "{report:?}");
+    assert_eq!(log_rows(killed.path()), 0);
+    assert_eq!(after.entry(ids[2]).unwrap().map(|e| e.acks), Some(a | b));
+    drop(after);
+
+    // Not killed: a read that needs them writes them first, the close
+    // the rest; the log is left empty.
+    assert_eq!(store.entry(ids[3]).unwrap().map(|e| e.acks), Some(a));
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids[5..], slots[0], &mut never).unwrap();
+    store.commit().unwrap();
+    drop(store);
+    let want = [(ids[0], 0), (ids[2], a | b), (ids[3], a), (ids[4], 0), (ids[5], a)];
+    assert_eq!(acks_on_disk(dir.path()), want);
+    assert_eq!(log_rows(dir.path()), 0);
+}
+
+#[test]
+fn a_logged_acknowledgement_is_written_into_its_row_once_kept_long_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    let keep = std::time::Duration::from_millis(50);
+    store.hold_acks_for(std::time::Duration::ZERO, keep);
+    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let ids: Vec<u64> = (0..3).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids, slots[0], &mut |_| false).unwrap();
+    store.commit().unwrap();
+    assert_eq!(log_rows(dir.path()), 1);
+    // Due when the log row has been kept that long: the writer's wait ends
+    // then (`acks_due_at`), and its commit writes them.
+    let due = store.acks_due_at().expect("the log row is due some time");
+    let now = std::time::Instant::now();
+    assert!(due > now && due <= now + keep, "due in at most {keep:?}");
+    std::thread::sleep(due - now);
+    store.begin().unwrap();
+    store.commit().unwrap();
+    assert_eq!(log_rows(dir.path()), 0);
+    assert!(acks_on_disk(dir.path()).iter().all(|(_, acks)| *acks == 1 << slots[0]));
+    assert_eq!(store.acks_due_at(), None);
 }

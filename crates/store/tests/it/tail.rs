@@ -115,7 +115,13 @@ impl Pair {
     /// `tail`: `None` for none; `Some(rows)` for one (of `rows` rows, if
     /// given).
     fn open_in(dir: &tempfile::TempDir, tail: Option<Option<usize>>) -> SqliteStore {
-        let store = SqliteStore::open(dir.path()).unwrap().0;
+        let mut store = SqliteStore::open(dir.path()).unwrap().0;
+        // The store with a tail logs every acknowledgement held past a
+        // commit at once and writes it into its row only when a read needs
+        // it (or at its close): the other one at its own pace.
+        if tail.is_some() {
+            store.hold_acks_for(std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
+        }
         match tail {
             None => store.without_tail(),
             Some(None) => store,

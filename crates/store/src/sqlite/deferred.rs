@@ -137,10 +137,11 @@ pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()>
 /// at a commit, with what they hold still standing written by `UPDATE`.
 /// Long enough for the last broker's acknowledgement to come first and
 /// take the row away, as it mostly does (docs/performance.md, session
-/// 29: the second of two brokers' acknowledgements came more than a
-/// millisecond after the first for two messages in three, and within
-/// 50 ms for seven in ten); short enough that an open after a crash
-/// writes little (at most this long's first acknowledgements).
+/// 29: in `bench fanout` the second broker's acknowledgement came more
+/// than a millisecond after the first for two messages in three, more
+/// than 50 ms after it for three in ten, as one link ran ahead of the
+/// other); short enough that an open after a crash writes little (at
+/// most this long's first acknowledgements).
 pub const ACKS_LOGGED_AT_MOST: Duration = Duration::from_secs(1);
 
 /// A row's new set of acknowledgements, not yet in the row.
@@ -502,7 +503,9 @@ fn write_runs(conn: &Connection, runs: Vec<(u64, u64, (u64, u64))>) -> rusqlite:
     if runs.is_empty() {
         return Ok(());
     }
-    let mut stmt = conn.prepare_cached("UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks & ?3 = ?3 AND acks | ?4 = ?4")?;
+    let mut stmt = conn.prepare_cached(
+        "UPDATE outbox SET acks = ?4 WHERE id >= ?1 AND id <= ?2 AND acks & ?3 = ?3 AND acks | ?4 = ?4",
+    )?;
     for (first, last, (old, new)) in runs {
         stmt.execute(rusqlite::params![first, last, old as i64, new as i64])?;
     }

@@ -108,7 +108,7 @@ CREATE TABLE IF NOT EXISTS source_log (n INTEGER PRIMARY KEY, entries BLOB NOT N
 -- rows (format 9): one row per commit that logged any, each record 32
 -- bytes (a run of consecutive ids, the set its rows held, the set now;
 -- little-endian). Written into the rows at open, and by the process
--- that logged them within 100 ms unless the rows go first.
+-- that logged them within a second unless the rows go first.
 CREATE TABLE IF NOT EXISTS ack_log (n INTEGER PRIMARY KEY, entries BLOB NOT NULL);
 -- Messages moved aside as poison (their outbox route is '@poison'): their
 -- own route, the broker slot whose links they ended, how often, when.

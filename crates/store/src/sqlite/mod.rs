@@ -472,9 +472,11 @@ impl SqliteStore {
         Ok(&self.db)
     }
 
-    /// The connection for a read of `outbox` rows that the waiting
-    /// acknowledgements cannot change (the caller sees to that): only the
-    /// waiting inserts are written first.
+    /// The connection for a statement that neither reads nor writes
+    /// `acks`, or whose caller gives each row it reads the set it would
+    /// have read ([`deferred::HeldAcks::patch`]): only the waiting inserts
+    /// are written first (a metrics gauge's read of the oldest message
+    /// wrote every waiting acknowledgement at each report).
     fn conn_for_inserts(&mut self) -> Result<&Connection, StoreError> {
         if !self.waiting.is_empty() {
             self.write_waiting()?;

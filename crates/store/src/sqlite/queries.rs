@@ -472,7 +472,7 @@ impl Store for SqliteStore {
     }
 
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
-        let mut stmt = self.conn()?.prepare_cached(
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(
             // Upper bounds, which is all a reader needs: level 0 gets the
             // newest id of all (the primary key's end), the others come
             // from their partial index. No scan of the table.
@@ -499,7 +499,7 @@ impl Store for SqliteStore {
     }
 
     fn expired(&mut self, cutoff_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn()?.prepare_cached(
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(
             "SELECT id FROM outbox WHERE expires_ms IS NOT NULL AND expires_ms <= ?1 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY expires_ms LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![cutoff_ms, limit as i64], |r| r.get(0))?;
@@ -510,17 +510,17 @@ impl Store for SqliteStore {
         // Bound messages count too: the sweep keeps coming back for them
         // until their QoS 2 exchange closes (then they go, or are gone).
         let sql = "SELECT min(expires_ms) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
-        Ok(self.conn()?.query_row(sql, [], |r| r.get(0))?)
+        Ok(self.conn_for_inserts()?.query_row(sql, [], |r| r.get(0))?)
     }
 
     fn deadline_totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE expires_ms IS NOT NULL AND done = 0";
-        let (count, bytes) = self.conn()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (count, bytes) = self.conn_for_inserts()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
     }
 
     fn superseded(&mut self, topic: &str, route: Option<&str>) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn()?.prepare_cached(
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(
             "SELECT id FROM outbox WHERE topic = ?1 AND latest = 1 AND route IS ?2 AND done = 0 AND NOT EXISTS (SELECT 1 FROM wire WHERE wire.id = outbox.id) ORDER BY id",
         )?;
         let rows = stmt.query_map(params![topic, route], |r| r.get(0))?;
@@ -541,22 +541,23 @@ impl Store for SqliteStore {
             // Through the partial index on deadlines: they may be few.
             Some(true) => "SELECT id, size FROM outbox WHERE expires_ms IS NOT NULL AND done = 0 ORDER BY id LIMIT ?1",
         };
-        let mut stmt = self.conn()?.prepare_cached(sql)?;
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(sql)?;
         let rows = stmt.query_map(params![limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn last_id(&mut self) -> Result<u64, StoreError> {
-        Ok(recorded_last_id(self.conn()?)?)
+        Ok(recorded_last_id(self.conn_for_inserts()?)?)
     }
 
     fn newest_id(&mut self) -> Result<Option<u64>, StoreError> {
-        Ok(self.conn()?.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
+        Ok(self.conn_for_inserts()?.query_row("SELECT max(id) FROM outbox", [], |r| r.get(0))?)
     }
 
     fn totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT queued, bytes FROM summary WHERE k = 0";
-        let kept: Option<(i64, i64)> = self.conn()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let kept: Option<(i64, i64)> =
+            self.conn_for_inserts()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
         match kept {
             Some((count, bytes)) => Ok(Totals { count: count.max(0) as u64, bytes: bytes.max(0) as u64 }),
             None => self.counted_totals(),
@@ -565,13 +566,13 @@ impl Store for SqliteStore {
 
     fn counted_totals(&mut self) -> Result<Totals, StoreError> {
         let sql = "SELECT count(*), coalesce(sum(size), 0) FROM outbox WHERE done = 0";
-        let (count, bytes) = self.conn()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (count, bytes) = self.conn_for_inserts()?.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(Totals { count, bytes })
     }
 
     fn oldest_created_ms(&mut self) -> Result<Option<u64>, StoreError> {
         let sql = "SELECT created_ms FROM outbox WHERE done = 0 ORDER BY id LIMIT 1";
-        Ok(self.conn()?.query_row(sql, [], |r| r.get(0)).optional()?)
+        Ok(self.conn_for_inserts()?.query_row(sql, [], |r| r.get(0)).optional()?)
     }
 
     fn lapsed(
@@ -594,7 +595,7 @@ impl Store for SqliteStore {
         // partial index); the rest is the summary's count minus those: an
         // outbox without routes answers without a scan.
         let total = self.totals()?.count;
-        let mut stmt = self.conn()?.prepare_cached(
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(
             "SELECT route, count(*) FROM outbox WHERE route IS NOT NULL AND done = 0 GROUP BY route ORDER BY route",
         )?;
         let rows = stmt.query_map([], |r| Ok((Some(r.get::<_, String>(0)?), r.get::<_, u64>(1)?)))?;

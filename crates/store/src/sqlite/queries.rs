@@ -380,7 +380,7 @@ impl Store for SqliteStore {
         // Both read partial indexes: nothing is scanned for messages that
         // ask for no receipts.
         let sql = "SELECT count(*), min(acked_ms), min(awaiting_ms), EXISTS (SELECT 1 FROM outbox WHERE receipts IS NOT NULL AND done = 0) FROM outbox WHERE awaiting_ms IS NOT NULL AND done = 0";
-        Ok(self.conn()?.query_row(sql, [], |r| {
+        Ok(self.conn_for_inserts()?.query_row(sql, [], |r| {
             Ok(crate::Awaiting {
                 count: r.get::<_, i64>(0)? as u64,
                 oldest_acked_ms: r.get(1)?,

@@ -403,12 +403,13 @@ impl HeldAcks {
     /// Writes into their rows the entries whose oldest record is in a
     /// log row up to `through` (every entry: `None`), one `UPDATE` per
     /// run of consecutive ids with the same sets, and removes those log
-    /// rows. Only a row that still holds the set it had when the
-    /// acknowledgement came is written: another process may have
-    /// committed a change since (a joined `pub`'s receipt sweep
-    /// publishing a message again, which clears them), and that change
-    /// stands. A row that is gone is not written either. When this fails
-    /// they stay waiting, so that the commit fails too.
+    /// rows. Only a row whose set still lies between the one it had
+    /// when the acknowledgement came and the one now is written (see
+    /// [`write_runs`]): another process may have committed a change since
+    /// (a joined `pub`'s receipt sweep publishing a message again, which
+    /// clears them), and that change stands. A row that is gone is not
+    /// written either. When this fails they stay waiting, so that the
+    /// commit fails too.
     fn fold(&mut self, conn: &Connection, through: Option<u64>) -> rusqlite::Result<()> {
         let goes = |h: &Held| through.is_none_or(|n| h.logged_in.is_some_and(|at| at <= n));
         let going: Vec<(u64, Held)> = self.sets.iter().filter(|(_, h)| goes(h)).map(|(id, h)| (*id, *h)).collect();

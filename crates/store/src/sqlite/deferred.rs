@@ -311,13 +311,8 @@ impl HeldAcks {
             }
             found = true;
         }
-        if !found {
-            return;
-        }
-        if self.sets.is_empty() {
-            self.since = None;
-            self.added = 0;
-            self.clear_fresh();
+        if found && self.sets.is_empty() {
+            self.emptied();
         }
     }
 
@@ -350,11 +345,11 @@ impl HeldAcks {
         if self.since.is_some_and(|t| t + self.hold <= now) {
             self.log(conn, now)?;
         }
-        if self.rows.front().is_some_and(|(_, t)| *t + self.keep <= now) {
-            let cut = now.checked_sub(self.keep / 2);
-            let last = self.rows.iter().take_while(|(_, t)| cut.is_some_and(|c| *t <= c)).last();
-            let last = last.or(self.rows.front()).map(|(n, _)| *n);
-            if let Some(last) = last {
+        if let Some(&(oldest, at)) = self.rows.front() {
+            if at + self.keep <= now {
+                // At or after the oldest row's time (kept `keep` already).
+                let cut = now - self.keep / 2;
+                let last = self.rows.iter().take_while(|(_, t)| *t <= cut).last().map_or(oldest, |(n, _)| *n);
                 self.fold(conn, Some(last))?;
             }
         }
@@ -371,8 +366,7 @@ impl HeldAcks {
     /// One log row for every entry not yet logged.
     fn log(&mut self, conn: &Connection, now: Instant) -> rusqlite::Result<()> {
         self.note_rest();
-        let mut ids = self.fresh.clone();
-        self.clear_fresh();
+        let mut ids = self.take_fresh();
         self.since = None;
         // Mostly in order already (a broker acknowledges in order).
         ids.sort_unstable();
@@ -428,9 +422,7 @@ impl HeldAcks {
             Some(n) => self.rows.retain(|(at, _)| *at > n),
             None => {
                 self.rows.clear();
-                self.since = None;
-                self.added = 0;
-                self.clear_fresh();
+                self.emptied();
             }
         }
         Ok(())
@@ -475,14 +467,21 @@ impl HeldAcks {
         }
     }
 
-    /// Empties `fresh` (a rollback puts it back).
-    fn clear_fresh(&mut self) {
+    /// Takes `fresh`, leaving it empty (a rollback puts it back).
+    fn take_fresh(&mut self) -> Vec<u64> {
         if let Some(undo) = self.undo.as_mut() {
             if undo.fresh.is_err() {
                 undo.fresh = Ok(self.fresh.clone());
             }
         }
-        self.fresh.clear();
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// No entry is left: nothing waits to be logged, no bit was added.
+    fn emptied(&mut self) {
+        self.since = None;
+        self.added = 0;
+        self.take_fresh();
     }
 
     /// Before the transaction under way first changes them: what it

@@ -463,9 +463,7 @@ impl SqliteStore {
     /// ([`deferred`]) written first: for every statement that may read or
     /// write an `outbox` row it cannot rule out.
     fn conn(&mut self) -> Result<&Connection, StoreError> {
-        if !self.waiting.is_empty() {
-            self.write_waiting()?;
-        }
+        self.conn_for_inserts()?;
         if !self.held_acks.is_empty() {
             self.write_acks_before_read()?;
         }
@@ -498,9 +496,7 @@ impl SqliteStore {
     /// and acknowledgements are written first only when one of them is
     /// among those.
     fn conn_below(&mut self, id: u64) -> Result<&Connection, StoreError> {
-        if self.waiting.first().is_some_and(|w| w.id <= id) {
-            self.write_waiting()?;
-        }
+        self.conn_below_for_inserts(id)?;
         if self.held_acks.any_at_or_below(id) {
             self.write_acks_before_read()?;
         }

@@ -33,7 +33,8 @@
 //! other tables: nothing in the format ties them to `outbox`, no trigger
 //! and no foreign key).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
+use std::ops::Range;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -158,6 +159,56 @@ struct Held {
     unlogged: bool,
 }
 
+/// The held entries in id order. They mostly come in it (a broker
+/// acknowledges in order) and go in it (the last broker acknowledges in
+/// order, behind the first): at the ends of the deque, without a search.
+/// An ordered map of up to a second of them cost about 1,100 instructions
+/// a fanned-out message to insert, find and take (docs/performance.md,
+/// session 30).
+#[derive(Debug, Default)]
+struct Sets(VecDeque<(u64, Held)>);
+
+impl Sets {
+    /// Where `id` is, or would go.
+    fn find(&self, id: u64) -> Result<usize, usize> {
+        match self.0.back() {
+            None => Err(0),
+            Some(&(last, _)) if last < id => Err(self.0.len()),
+            Some(&(last, _)) if last == id => Ok(self.0.len() - 1),
+            Some(_) => self.0.binary_search_by_key(&id, |(k, _)| *k),
+        }
+    }
+
+    fn get(&self, id: u64) -> Option<&Held> {
+        self.find(id).ok().map(|i| &self.0[i].1)
+    }
+
+    /// Sets `id`'s entry; what it was.
+    fn insert(&mut self, id: u64, h: Held) -> Option<Held> {
+        match self.find(id) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, h)),
+            Err(i) => {
+                self.0.insert(i, (id, h));
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Held> {
+        let i = self.find(id).ok()?;
+        self.0.remove(i).map(|(_, h)| h)
+    }
+
+    /// The positions of the entries from `first` to `last`.
+    fn span(&self, first: u64, last: u64) -> Range<usize> {
+        let start = match self.0.front() {
+            Some(&(low, _)) if low < first => self.0.partition_point(|(k, _)| *k < first),
+            _ => 0,
+        };
+        start..start + self.0.range(start..).take_while(|(k, _)| *k <= last).count()
+    }
+}
+
 /// What a transaction changed of a [`HeldAcks`], to put back at its
 /// rollback: the entries as they were (newest change last) and, once,
 /// the rest as the transaction found it.
@@ -178,7 +229,7 @@ struct Undo {
 /// until [`ACKS_LOGGED_AT_MOST`].
 #[derive(Debug)]
 pub(super) struct HeldAcks {
-    sets: BTreeMap<u64, Held>,
+    sets: Sets,
     /// When the oldest entry not yet logged was recorded.
     since: Option<Instant>,
     /// The ids recorded since the last log row, in the order they came
@@ -209,7 +260,7 @@ const RECORD: usize = 32;
 impl HeldAcks {
     pub(super) fn new() -> HeldAcks {
         HeldAcks {
-            sets: BTreeMap::new(),
+            sets: Sets::default(),
             since: None,
             fresh: Vec::new(),
             rows: VecDeque::new(),
@@ -228,7 +279,7 @@ impl HeldAcks {
     /// Whether no row's acknowledgements wait (the log may still hold
     /// rows that no longer matter: see [`HeldAcks::has_log`]).
     pub(super) fn is_empty(&self) -> bool {
-        self.sets.is_empty()
+        self.sets.0.is_empty()
     }
 
     /// Whether this connection wrote log rows that are still there.
@@ -238,12 +289,12 @@ impl HeldAcks {
 
     /// Whether one of them is at or above `id`.
     pub(super) fn any_at_or_above(&self, id: u64) -> bool {
-        self.sets.last_key_value().is_some_and(|(&a, _)| a >= id)
+        self.sets.0.back().is_some_and(|&(a, _)| a >= id)
     }
 
     /// Whether one of them is at or below `id`.
     pub(super) fn any_at_or_below(&self, id: u64) -> bool {
-        self.sets.first_key_value().is_some_and(|(&a, _)| a <= id)
+        self.sets.0.front().is_some_and(|&(a, _)| a <= id)
     }
 
     /// When a commit has something to do for them: to log what waits
@@ -265,17 +316,17 @@ impl HeldAcks {
     /// Inside a transaction: `id`'s set went from `before` (as the tail
     /// held it, which is what waits when anything does) to `now`.
     pub(super) fn record(&mut self, id: u64, before: u64, now: u64) {
-        use std::collections::btree_map::Entry;
         // The row's own set is the one first held; the log row that
         // holds the oldest record of it stays the one to go by.
-        let old = match self.sets.entry(id) {
-            Entry::Occupied(mut e) => {
-                let old = *e.get();
-                *e.get_mut() = Held { now, unlogged: true, ..old };
+        let old = match self.sets.find(id) {
+            Ok(i) => {
+                let held = &mut self.sets.0[i].1;
+                let old = *held;
+                *held = Held { now, unlogged: true, ..old };
                 Some(old)
             }
-            Entry::Vacant(e) => {
-                e.insert(Held { on_disk: before, now, logged_in: None, unlogged: true });
+            Err(i) => {
+                self.sets.0.insert(i, (id, Held { on_disk: before, now, logged_in: None, unlogged: true }));
                 None
             }
         };
@@ -293,25 +344,19 @@ impl HeldAcks {
     /// unwritten (their records in the log no longer match a row).
     /// `in_transaction`: a rollback may put it back.
     pub(super) fn forget(&mut self, first: u64, last: u64, in_transaction: bool) {
-        let mut found = false;
-        loop {
-            // Mostly the lowest (the last broker acknowledges in order,
-            // behind the first): taken without a search.
-            let (id, h) = match self.sets.first_key_value() {
-                Some((&low, _)) if low >= first && low <= last => self.sets.pop_first().expect("just seen"),
-                Some((&low, _)) if low > last => break,
-                None => break,
-                Some(_) => match self.sets.range(first..=last).next() {
-                    Some((&id, _)) => (id, self.sets.remove(&id).expect("just found")),
-                    None => break,
-                },
-            };
-            if in_transaction {
-                self.change(id, Some(h));
-            }
-            found = true;
+        // Mostly the lowest: found without a search.
+        let span = self.sets.span(first, last);
+        if span.is_empty() {
+            return;
         }
-        if found && self.sets.is_empty() {
+        if in_transaction {
+            self.note_rest();
+            let undo = self.undo.as_mut().expect("just noted");
+            undo.entries.extend(self.sets.0.drain(span).map(|(id, h)| (id, Some(h))));
+        } else {
+            self.sets.0.drain(span);
+        }
+        if self.sets.0.is_empty() {
             self.emptied();
         }
     }
@@ -328,7 +373,7 @@ impl HeldAcks {
     /// `acks`, row `id`'s set as SQLite read it, as it would read it had
     /// its waiting set been written (the `UPDATE`'s own condition).
     pub(super) fn patch(&self, id: u64, acks: &mut u64) {
-        if let Some(h) = self.sets.get(&id) {
+        if let Some(h) = self.sets.get(id) {
             if *acks & h.on_disk == h.on_disk && *acks | h.now == h.now {
                 *acks = h.now;
             }
@@ -371,24 +416,38 @@ impl HeldAcks {
         // Mostly in order already (a broker acknowledges in order).
         ids.sort_unstable();
         ids.dedup();
-        let fresh: Vec<(u64, Held)> =
-            ids.into_iter().filter_map(|id| self.sets.get(&id).filter(|h| h.unlogged).map(|h| (id, *h))).collect();
-        if fresh.is_empty() {
+        // Their positions, found in one walk (both in id order); those
+        // still there and unlogged.
+        let mut at = Vec::with_capacity(ids.len());
+        let mut i = ids.first().map_or(0, |&low| self.sets.find(low).unwrap_or_else(|i| i));
+        for id in ids {
+            while self.sets.0.get(i).is_some_and(|&(k, _)| k < id) {
+                i += 1;
+            }
+            match self.sets.0.get(i) {
+                Some(&(k, h)) if k == id && h.unlogged => at.push(i),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        if at.is_empty() {
             return Ok(());
         }
         let mut entries = Vec::with_capacity(RECORD * 4);
-        for (first, last, (old, new)) in runs(fresh.iter().map(|(id, h)| (*id, (h.on_disk, h.now)))) {
+        for (first, last, (old, new)) in runs(at.iter().map(|&i| {
+            let (id, h) = self.sets.0[i];
+            (id, (h.on_disk, h.now))
+        })) {
             for v in [first, last, old, new] {
                 entries.extend_from_slice(&v.to_le_bytes());
             }
         }
         conn.prepare_cached("INSERT INTO ack_log (entries) VALUES (?1)")?.execute([&entries])?;
         let n = conn.last_insert_rowid() as u64;
-        for (id, h) in fresh {
+        for i in at {
+            let (id, h) = self.sets.0[i];
             self.change(id, Some(h));
-            if let Some(held) = self.sets.get_mut(&id) {
-                *held = Held { unlogged: false, logged_in: Some(h.logged_in.unwrap_or(n)), ..h };
-            }
+            self.sets.0[i].1 = Held { unlogged: false, logged_in: Some(h.logged_in.unwrap_or(n)), ..h };
         }
         self.rows.push_back((n, now));
         Ok(())
@@ -406,7 +465,7 @@ impl HeldAcks {
     /// commit fails too.
     fn fold(&mut self, conn: &Connection, through: Option<u64>) -> rusqlite::Result<()> {
         let goes = |h: &Held| through.is_none_or(|n| h.logged_in.is_some_and(|at| at <= n));
-        let going: Vec<(u64, Held)> = self.sets.iter().filter(|(_, h)| goes(h)).map(|(id, h)| (*id, *h)).collect();
+        let going: Vec<(u64, Held)> = self.sets.0.iter().filter(|(_, h)| goes(h)).copied().collect();
         write_runs(conn, runs(going.iter().map(|(id, h)| (*id, (h.on_disk, h.now)))))?;
         match through {
             Some(n) => conn.prepare_cached("DELETE FROM ack_log WHERE n <= ?1")?.execute([n])?,
@@ -414,10 +473,10 @@ impl HeldAcks {
             None => 0,
         };
         self.note_rest();
-        for (id, h) in going {
-            self.change(id, Some(h));
-            self.sets.remove(&id);
+        if let Some(undo) = self.undo.as_mut() {
+            undo.entries.extend(going.iter().map(|&(id, h)| (id, Some(h))));
         }
+        self.sets.0.retain(|(_, h)| !goes(h));
         match through {
             Some(n) => self.rows.retain(|(at, _)| *at > n),
             None => {
@@ -447,7 +506,7 @@ impl HeldAcks {
         for (id, old) in undo.entries.into_iter().rev() {
             match old {
                 Some(h) => self.sets.insert(id, h),
-                None => self.sets.remove(&id),
+                None => self.sets.remove(id),
             };
         }
         self.since = undo.since;
@@ -551,4 +610,39 @@ pub(super) fn write_log_at_open(conn: &Connection) -> rusqlite::Result<()> {
         let _ = conn.execute_batch("ROLLBACK");
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(now: u64) -> Held {
+        Held { on_disk: 0, now, logged_in: None, unlogged: true }
+    }
+
+    /// Entries that come out of order (a broker acknowledging out of
+    /// order, a rollback putting some back) still sit in id order: every
+    /// lookup and span after them finds what an ordered map would.
+    #[test]
+    fn held_entries_stay_in_id_order_whatever_order_they_come_in() {
+        let mut sets = Sets::default();
+        for id in [5, 7, 6, 1, 9, 3] {
+            assert_eq!(sets.insert(id, held(id)), None);
+        }
+        assert_eq!(sets.insert(6, held(60)), Some(held(6)));
+        let ids: Vec<u64> = sets.0.iter().map(|(k, _)| *k).collect();
+        assert_eq!(ids, [1, 3, 5, 6, 7, 9]);
+        assert_eq!(sets.get(6), Some(&held(60)));
+        assert_eq!(sets.get(9), Some(&held(9)));
+        assert_eq!((sets.get(4), sets.get(0), sets.get(10)), (None, None, None));
+        assert_eq!(sets.span(2, 6), 1..4);
+        assert_eq!(sets.span(1, 1), 0..1);
+        assert_eq!(sets.span(0, 0), 0..0);
+        assert_eq!(sets.span(4, 4), 2..2);
+        assert_eq!(sets.span(8, 100), 5..6);
+        assert_eq!(sets.span(10, 20), 6..6);
+        assert_eq!(sets.remove(5), Some(held(5)));
+        assert_eq!(sets.remove(5), None);
+        assert_eq!(sets.span(2, 6), 1..3);
+    }
 }

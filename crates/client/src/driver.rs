@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::engine::{
-    Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, ReadWant, SessionConfig, SessionEvent,
+    Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, ReadWant, SessionConfig, SessionEvent,
     StoreOp, WindowChange, Wire,
 };
 use steadfast_core::{AckTimeout, DropReason, Qos};
@@ -145,6 +145,8 @@ pub(crate) struct Driver {
     /// What the last read held, kept empty between reads so that each
     /// read fills the same vector.
     incoming: Vec<Incoming>,
+    /// The acknowledgements of the last read, kept the same way.
+    acks: Vec<Ack>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -207,6 +209,7 @@ impl Driver {
             receipts: cfg_receipts,
             ack_debt: None,
             incoming: Vec::new(),
+            acks: Vec::new(),
         }
     }
 
@@ -613,7 +616,7 @@ impl Driver {
         link: &mut Link,
         incoming: impl IntoIterator<Item = Incoming>,
     ) -> Result<(), ConnectError> {
-        let mut acks = Vec::new();
+        let mut acks = std::mem::take(&mut self.acks);
         let mut end = None;
         for inc in incoming {
             match inc {
@@ -637,7 +640,8 @@ impl Driver {
                 | Incoming::Other => {}
             }
         }
-        let r = self.session.handle_acks(acks, now());
+        let r = self.session.handle_acks(acks.drain(..), now());
+        self.acks = acks;
         self.carry_out(link).await?;
         r.map_err(|e| self.ended(e, self.session.ack_timeout()))?;
         end.map_or(Ok(()), Err)

@@ -16,7 +16,9 @@ impl<M: Queued> PublishSession<M> {
     /// bug that ends the link (what is in flight is sent again), but the
     /// ones before it still count.
     pub fn handle_acks(&mut self, acks: impl IntoIterator<Item = Ack>, now: Now) -> Result<(), End> {
-        let mut s = Sorted { done: Vec::new(), released: Vec::new(), refused: Vec::new() };
+        let acks = acks.into_iter();
+        // Mostly all PUBACKs: `done` sized for them at once.
+        let mut s = Sorted { done: Vec::with_capacity(acks.size_hint().0), released: Vec::new(), refused: Vec::new() };
         let mut end = Ok(());
         for ack in acks {
             if let (Ack::PubAck { pid, .. }, Some((timed, sent))) = (ack, self.timed) {

@@ -179,8 +179,6 @@ pub struct StoredMessage {
 /// Where a queued message stands, for the writer's quorum decisions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// Its topic.
-    pub topic: String,
     /// Its route (`None`: the default broker set).
     pub route: Option<String>,
     /// Broker slots that acknowledged it (bit `1 << slot`).
@@ -379,6 +377,11 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     }
     /// Where a message stands; `None` if it is gone.
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError>;
+    /// A message's topic, for the report of its drop; `None` if it is
+    /// gone. Not in [`Entry`]: every acknowledgement answers with one,
+    /// and a copy of the topic in each cost about a tenth of the store's
+    /// work on a fanned-out message (docs/performance.md, session 30).
+    fn topic(&mut self, id: u64) -> Result<Option<String>, StoreError>;
     /// Removes a message and its wire bindings; false if it was gone.
     fn remove(&mut self, id: u64) -> Result<bool, StoreError>;
     /// Records that the broker in `slot` acknowledged the message, and

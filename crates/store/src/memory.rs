@@ -84,7 +84,6 @@ impl Store for MemoryStore {
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
         let bindings = self.state.wire.range((id, 0)..=(id, u32::MAX)).count() as u32;
         Ok(self.state.messages.get(&id).map(|r| Entry {
-            topic: r.msg.topic.clone(),
             route: r.msg.route.clone(),
             acks: r.acks,
             done: r.done,
@@ -97,6 +96,9 @@ impl Store for MemoryStore {
             acked_ms: r.acked_ms,
             resends: r.resends,
         }))
+    }
+    fn topic(&mut self, id: u64) -> Result<Option<String>, StoreError> {
+        Ok(self.state.messages.get(&id).map(|r| r.msg.topic.clone()))
     }
     fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
         self.state.wire.retain(|(i, _), _| *i != id);

@@ -93,6 +93,9 @@ impl Store for FaultyStore {
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
         self.inner.entry(id)
     }
+    fn topic(&mut self, id: u64) -> Result<Option<String>, StoreError> {
+        self.inner.topic(id)
+    }
     fn ack(&mut self, id: u64, slot: u32) -> Result<Option<Entry>, StoreError> {
         self.faults.note(|c| c.acks += 1);
         self.inner.ack(id, slot)

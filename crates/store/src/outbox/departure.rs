@@ -314,9 +314,10 @@ impl Writer {
         if e.done {
             return Ok(());
         }
+        let topic = self.store.topic(id)?.unwrap_or_default();
         self.finish(id, &e, Delivery::Dropped(reason), b)?;
         self.store.add_drop(reason, Some(id))?;
-        b.drops.push(Dropped { id, topic: e.topic, reason });
+        b.drops.push(Dropped { id, topic, reason });
         Ok(())
     }
 

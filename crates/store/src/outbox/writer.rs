@@ -780,12 +780,12 @@ impl Writer {
     /// A message whose links kept failing is moved aside as poison:
     /// counted (`poison`), its waiter told, kept on disk.
     fn poison(&mut self, slot: u32, id: u64, failures: u32, b: &mut Batch) -> Result<(), StoreError> {
-        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        let Some(topic) = self.store.topic(id)? else { return Ok(()) };
         if self.store.poison(id, slot, failures, crate::now_ms())? {
             self.store.add_drop(DropReason::Poison, None)?;
             self.poisoned += 1;
             b.dropped_now.push((id, DropReason::Poison));
-            b.drops.push(Dropped { id, topic: e.topic, reason: DropReason::Poison });
+            b.drops.push(Dropped { id, topic, reason: DropReason::Poison });
         }
         Ok(())
     }

@@ -210,13 +210,18 @@ impl Sets {
 }
 
 /// What a transaction changed of a [`HeldAcks`], to put back at its
-/// rollback: the entries as they were (newest change last) and, once,
-/// the rest as the transaction found it.
+/// rollback: the entries as they were (newest change last), the log rows
+/// it added and took, and, once, the rest as the transaction found it.
+/// Nothing is copied whole: a transaction at every batch would copy up
+/// to a second of log rows each time.
 #[derive(Debug)]
 struct Undo {
     entries: Vec<(u64, Option<Held>)>,
     since: Option<Instant>,
-    rows: VecDeque<(u64, Instant)>,
+    /// Log rows it added that are still there (at the back).
+    rows_added: usize,
+    /// Rows it found and took (from the front), in order.
+    rows_taken: Vec<(u64, Instant)>,
     /// `fresh` as the transaction found it, once it was emptied; until
     /// then its length.
     fresh: Result<Vec<u64>, usize>,
@@ -250,6 +255,9 @@ pub(super) struct HeldAcks {
     added: u64,
     /// What the transaction under way changed, from its first change.
     undo: Option<Undo>,
+    /// The last transaction's `Undo::entries`, emptied: the next one
+    /// fills it instead of growing a vector from nothing.
+    spare: Vec<(u64, Option<Held>)>,
 }
 
 /// One record of the log: a run of consecutive ids whose rows held
@@ -268,6 +276,7 @@ impl HeldAcks {
             keep: ACKS_LOGGED_AT_MOST,
             added: 0,
             undo: None,
+            spare: Vec::new(),
         }
     }
 
@@ -420,7 +429,7 @@ impl HeldAcks {
         // still there and unlogged.
         let mut at = Vec::with_capacity(ids.len());
         let mut i = ids.first().map_or(0, |&low| self.sets.find(low).unwrap_or_else(|i| i));
-        for id in ids {
+        for &id in &ids {
             while self.sets.0.get(i).is_some_and(|&(k, _)| k < id) {
                 i += 1;
             }
@@ -429,6 +438,11 @@ impl HeldAcks {
                 Some(_) => {}
                 None => break,
             }
+        }
+        // The vector serves the next ones (nothing was recorded since).
+        ids.clear();
+        if self.fresh.is_empty() {
+            self.fresh = ids;
         }
         if at.is_empty() {
             return Ok(());
@@ -448,6 +462,9 @@ impl HeldAcks {
             let (id, h) = self.sets.0[i];
             self.change(id, Some(h));
             self.sets.0[i].1 = Held { unlogged: false, logged_in: Some(h.logged_in.unwrap_or(n)), ..h };
+        }
+        if let Some(undo) = self.undo.as_mut() {
+            undo.rows_added += 1;
         }
         self.rows.push_back((n, now));
         Ok(())
@@ -477,12 +494,19 @@ impl HeldAcks {
             undo.entries.extend(going.iter().map(|&(id, h)| (id, Some(h))));
         }
         self.sets.0.retain(|(_, h)| !goes(h));
-        match through {
-            Some(n) => self.rows.retain(|(at, _)| *at > n),
-            None => {
-                self.rows.clear();
-                self.emptied();
-            }
+        // The log rows go from the front (they are in the order written).
+        let taken = match through {
+            Some(n) => self.rows.iter().take_while(|(at, _)| *at <= n).count(),
+            None => self.rows.len(),
+        };
+        if let Some(undo) = self.undo.as_mut() {
+            let found = (self.rows.len() - undo.rows_added).min(taken);
+            undo.rows_taken.extend(self.rows.range(..found));
+            undo.rows_added -= taken - found;
+        }
+        self.rows.drain(..taken);
+        if through.is_none() {
+            self.emptied();
         }
         Ok(())
     }
@@ -495,22 +519,28 @@ impl HeldAcks {
 
     /// The transaction's commit succeeded: its changes stand.
     pub(super) fn committed(&mut self) {
-        self.undo = None;
+        if let Some(undo) = self.undo.take() {
+            self.keep_spare(undo.entries);
+        }
     }
 
     /// The transaction rolled back: what it changed is put back (what
     /// earlier, committed ones left stays: their acknowledgements came,
     /// and are written later).
     pub(super) fn rolled_back(&mut self) {
-        let Some(undo) = self.undo.take() else { return };
-        for (id, old) in undo.entries.into_iter().rev() {
+        let Some(mut undo) = self.undo.take() else { return };
+        for (id, old) in undo.entries.drain(..).rev() {
             match old {
                 Some(h) => self.sets.insert(id, h),
                 None => self.sets.remove(id),
             };
         }
+        self.keep_spare(undo.entries);
         self.since = undo.since;
-        self.rows = undo.rows;
+        self.rows.truncate(self.rows.len() - undo.rows_added);
+        for row in undo.rows_taken.into_iter().rev() {
+            self.rows.push_front(row);
+        }
         self.added = undo.added;
         match undo.fresh {
             Ok(fresh) => self.fresh = fresh,
@@ -536,6 +566,15 @@ impl HeldAcks {
         std::mem::take(&mut self.fresh)
     }
 
+    /// `entries`, emptied, for the next transaction (a vector grown
+    /// unusually large is let go).
+    fn keep_spare(&mut self, mut entries: Vec<(u64, Option<Held>)>) {
+        entries.clear();
+        if entries.capacity() <= 4096 {
+            self.spare = entries;
+        }
+    }
+
     /// No entry is left: nothing waits to be logged, no bit was added.
     fn emptied(&mut self) {
         self.since = None;
@@ -548,8 +587,8 @@ impl HeldAcks {
     fn note_rest(&mut self) {
         if self.undo.is_none() {
             let fresh = Err(self.fresh.len());
-            let (since, rows, added) = (self.since, self.rows.clone(), self.added);
-            self.undo = Some(Undo { entries: Vec::new(), since, rows, fresh, added });
+            let (since, added, entries) = (self.since, self.added, std::mem::take(&mut self.spare));
+            self.undo = Some(Undo { entries, since, rows_added: 0, rows_taken: Vec::new(), fresh, added });
         }
     }
 }

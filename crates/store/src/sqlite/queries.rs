@@ -58,25 +58,24 @@ pub(super) fn trim_drop_log(conn: &Connection) -> rusqlite::Result<()> {
 /// are literals, built at compile time, not on the acknowledgement path).
 macro_rules! entry_columns {
     () => {
-        "topic, route, acks, done, size, created_ms, expires_ms, receipts, awaiting_ms, acked_ms, resends"
+        "route, acks, done, size, created_ms, expires_ms, receipts, awaiting_ms, acked_ms, resends"
     };
 }
 
 /// An [`Entry`] from a row that starts with `entry_columns!()`.
 fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
     Ok(Entry {
-        topic: r.get(0)?,
-        route: r.get(1)?,
-        acks: r.get::<_, i64>(2)? as u64,
-        done: r.get(3)?,
-        size: r.get(4)?,
-        created_ms: r.get(5)?,
+        route: r.get(0)?,
+        acks: r.get::<_, i64>(1)? as u64,
+        done: r.get(2)?,
+        size: r.get(3)?,
+        created_ms: r.get(4)?,
         bindings,
-        expires_ms: r.get(6)?,
-        receipts: r.get(7)?,
-        awaiting_ms: r.get(8)?,
-        acked_ms: r.get(9)?,
-        resends: r.get(10)?,
+        expires_ms: r.get(5)?,
+        receipts: r.get(6)?,
+        awaiting_ms: r.get(7)?,
+        acked_ms: r.get(8)?,
+        resends: r.get(9)?,
     })
 }
 
@@ -206,8 +205,17 @@ impl Store for SqliteStore {
             ", (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1"
         );
         let mut stmt = self.conn_below(id)?.prepare_cached(sql)?;
-        let r = stmt.query_row([id], |r| read_entry(r, r.get(11)?));
+        let r = stmt.query_row([id], |r| read_entry(r, r.get(10)?));
         Ok(r.optional()?)
+    }
+
+    fn topic(&mut self, id: u64) -> Result<Option<String>, StoreError> {
+        // A row's topic never changes: held acknowledgements need not be
+        // written first, a waiting insert must.
+        let mut stmt = self.conn_below_for_inserts(id)?.prepare_cached("SELECT topic FROM outbox WHERE id = ?1")?;
+        let r = stmt.query_row([id], |r| r.get(0)).optional();
+        drop(stmt);
+        r.map_err(|e| self.map(e))
     }
 
     fn remove(&mut self, id: u64) -> Result<bool, StoreError> {
@@ -978,7 +986,13 @@ impl SqliteStore {
         if !self.tail_trusted() {
             return None;
         }
-        run.iter().map(|&id| self.tail.entry(id).map(|(e, qos)| (id, e, qos))).collect()
+        // Sized at once: collecting an `Option` cannot know its length.
+        let mut rows = Vec::with_capacity(run.len());
+        for &id in run {
+            let (e, qos) = self.tail.entry(id)?;
+            rows.push((id, e, qos));
+        }
+        Some(rows)
     }
 
     /// The entries of the ids from `first` to `last` that exist, ascending,
@@ -991,7 +1005,7 @@ impl SqliteStore {
         let sql = concat!("SELECT ", entry_columns!(), ", qos, id FROM outbox WHERE id >= ?1 AND id <= ?2 ORDER BY id");
         let mut stmt = self.conn_below_for_inserts(last)?.prepare_cached(sql)?;
         let rows = stmt
-            .query_map([first, last], |r| Ok((r.get::<_, u64>(12)?, read_entry(r, 0)?, r.get::<_, u8>(11)?)))
+            .query_map([first, last], |r| Ok((r.get::<_, u64>(11)?, read_entry(r, 0)?, r.get::<_, u8>(10)?)))
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>());
         drop(stmt);
         let mut rows = rows.map_err(|e| self.map(e))?;
@@ -1012,7 +1026,7 @@ impl SqliteStore {
         // By key: as in `read_run`.
         let sql = concat!("SELECT ", entry_columns!(), ", qos FROM outbox WHERE id = ?1");
         let mut stmt = self.conn_below_for_inserts(id)?.prepare_cached(sql)?;
-        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(11)?))).optional();
+        let r = stmt.query_row([id], |r| Ok((read_entry(r, 0)?, r.get::<_, u8>(10)?))).optional();
         drop(stmt);
         let mut r = r.map_err(|e| self.map(e))?;
         if let Some((e, _)) = r.as_mut() {

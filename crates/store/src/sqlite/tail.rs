@@ -263,7 +263,6 @@ impl Tail {
             (&p.msg, p.acks, p.row)
         };
         let e = Entry {
-            topic: m.topic.clone(),
             route: m.route.clone(),
             acks,
             done: false,

@@ -99,6 +99,23 @@ fn payloads(page: Vec<steadfast_store::StoredMessage>) -> Vec<String> {
     page.into_iter().map(|m| String::from_utf8(m.msg.payload.clone()).unwrap()).collect()
 }
 
+/// Through SQLite: a dropped message is reported with its topic, read
+/// from its row (an acknowledgement's answer carries none).
+#[test]
+fn a_message_dropped_from_sqlite_is_reported_with_its_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = SqliteStore::open(dir.path()).unwrap();
+    let cfg = OutboxConfig { max_messages: Some(1), overflow: Overflow::DropOldest, ..OutboxConfig::default() };
+    let o = Outbox::start(Box::new(store), cfg).unwrap();
+    block_on(async {
+        let mut drops = o.subscribe_drops();
+        let first = o.append(msg("t/first", "0"), false).0.await.unwrap();
+        o.append(msg("t/second", "1"), false).0.await.unwrap();
+        let d = drops.recv().await.unwrap();
+        assert_eq!((d.id, d.topic.as_str(), d.reason), (first, "t/first", DropReason::Overflow));
+    });
+}
+
 #[test]
 fn drop_newest_keeps_the_queue_and_counts_the_newcomer() {
     block_on(async {

@@ -62,7 +62,8 @@ fn waiting_inserts_are_seen_by_every_statement_and_committed_whole() {
     // 16 waiting, then a read by key of the newest: one 16-row statement.
     insert(&mut store, &mut want, 46..62);
     let (newest, m) = want.last().unwrap().clone();
-    assert_eq!(store.entry(newest).unwrap().map(|e| (e.topic, e.size)), Some((m.topic.clone(), m.size())));
+    assert_eq!(store.topic(newest).unwrap(), Some(m.topic.clone()));
+    assert_eq!(store.entry(newest).unwrap().map(|e| e.size), Some(m.size()));
     // 14 waiting (8 + 4 + 2), acknowledgements of older ones (by key,
     // below them: nothing written for them), then a read of everything.
     insert(&mut store, &mut want, 62..76);
@@ -317,6 +318,16 @@ fn a_logged_acknowledgement_is_written_into_its_row_once_kept_long_enough() {
     store.ack_or_remove_many(&ids, slots[0], &mut |_| false).unwrap();
     store.commit().unwrap();
     assert_eq!(log_rows(dir.path()), 1);
+    // A read inside a transaction writes them into their rows first and
+    // empties the log; rolled back, all of that is undone, in memory as
+    // in the database: they are held and logged again, due as before.
+    let due = store.acks_due_at();
+    store.begin().unwrap();
+    assert_eq!(store.entry(ids[1]).unwrap().map(|e| e.acks), Some(1 << slots[0]));
+    store.rollback();
+    assert_eq!(log_rows(dir.path()), 1);
+    assert!(acks_on_disk(dir.path()).iter().all(|(_, acks)| *acks == 0));
+    assert_eq!(store.acks_due_at(), due);
     // Due when the log row has been kept that long: the writer's wait ends
     // then (`acks_due_at`), and its commit writes them.
     let due = store.acks_due_at().expect("the log row is due some time");

@@ -370,6 +370,15 @@ impl HeldAcks {
         }
     }
 
+    /// The runs of consecutive ids (as [`runs`]) whose held set gives a
+    /// row `bit`, which its set on disk lacks: what a count of the rows
+    /// lacking `bit` takes off instead of writing them first (those of
+    /// them the `UPDATE` would change: see [`write_runs`]).
+    pub(super) fn runs_adding(&self, bit: u64) -> Vec<(u64, u64, (u64, u64))> {
+        let adding = self.sets.0.iter().filter(|(_, h)| h.now & bit != 0 && h.on_disk & bit == 0);
+        runs(adding.map(|&(id, h)| (id, (h.on_disk, h.now))))
+    }
+
     /// Whether a read of the rows some broker in `mask` has not
     /// acknowledged could find other rows were they written: whether one
     /// of them added one of its bits. When not, such a read need not

@@ -26,6 +26,10 @@ enum Op {
     Requeue(usize),
     Attempt(usize),
     Poison(usize),
+    /// A broker's lag (`status`): the store with a tail counts its held
+    /// acknowledgements without writing them, the other writes its own
+    /// first and counts what SQLite holds.
+    Lag(u32),
     Retag,
     Commit,
     Rollback,
@@ -51,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..60).prop_map(Op::Requeue),
         1 => (0usize..60).prop_map(Op::Attempt),
         1 => (0usize..60).prop_map(Op::Poison),
+        1 => (0u32..2).prop_map(Op::Lag),
         1 => Just(Op::Retag),
         2 => Just(Op::Commit),
         1 => Just(Op::Rollback),
@@ -229,6 +234,13 @@ proptest! {
                         p.both(|s| s.unpoison(id).unwrap())?;
                     }
                 },
+                Op::Lag(slot) => {
+                    let slot = p.slots[slot as usize];
+                    let counted = p.stores[0].lag(slot).unwrap();
+                    p.stores[1].write_held_acks().unwrap();
+                    let in_sqlite = p.stores[1].lag(slot).unwrap();
+                    prop_assert_eq!(counted, in_sqlite, "a broker's lag counts held acknowledgements otherwise");
+                }
                 Op::Retag => {
                     p.both(|s| s.retag(Some("r"), None).unwrap())?;
                 }

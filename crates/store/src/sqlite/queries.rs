@@ -164,7 +164,7 @@ impl Store for SqliteStore {
         } else {
             let props = (!m.props.is_empty()).then(|| m.props.encode());
             let p = &m.policy;
-            let r = self.conn()?.prepare_cached(
+            let r = self.conn_for_inserts()?.prepare_cached(
                 "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, route, acks, expires_ms, priority, max_attempts, latest, receipts) VALUES (?14, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, ?9, ?10, ?11, ?12, ?13)",
             ).and_then(|mut s| s.execute(params![
                 m.topic,
@@ -344,7 +344,7 @@ impl Store for SqliteStore {
     }
 
     fn receipts_due(&mut self, now_ms: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn()?.prepare_cached(
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(
             "SELECT id FROM outbox WHERE awaiting_ms IS NOT NULL AND awaiting_ms <= ?1 AND done = 0 ORDER BY awaiting_ms LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![now_ms, limit as i64], |r| r.get(0))?;
@@ -352,7 +352,7 @@ impl Store for SqliteStore {
     }
 
     fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError> {
-        let mut stmt = self.conn()?.prepare_cached(
+        let mut stmt = self.conn_for_inserts()?.prepare_cached(
             "SELECT id FROM outbox WHERE receipts IS NOT NULL AND id BETWEEN ?1 AND ?2 AND done = 0 ORDER BY id LIMIT ?3",
         )?;
         let rows =
@@ -639,7 +639,7 @@ impl Store for SqliteStore {
         let sql = "SELECT p.id, o.topic, o.size, o.qos, coalesce(s.url, ''), p.failures, p.at_ms
                    FROM poison p JOIN outbox o ON o.id = p.id AND o.done = 0
                    LEFT JOIN slots s ON s.slot = p.slot ORDER BY p.id";
-        let mut stmt = match self.conn()?.prepare(sql) {
+        let mut stmt = match self.conn_for_inserts()?.prepare(sql) {
             Ok(s) => s,
             // A store from before poison isolation (opened read-only).
             Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),

@@ -370,13 +370,15 @@ impl HeldAcks {
         }
     }
 
-    /// The runs of consecutive ids (as [`runs`]) whose held set gives a
-    /// row `bit`, which its set on disk lacks: what a count of the rows
-    /// lacking `bit` takes off instead of writing them first (those of
-    /// them the `UPDATE` would change: see [`write_runs`]).
-    pub(super) fn runs_adding(&self, bit: u64) -> Vec<(u64, u64, (u64, u64))> {
-        let adding = self.sets.0.iter().filter(|(_, h)| h.now & bit != 0 && h.on_disk & bit == 0);
-        runs(adding.map(|&(id, h)| (id, (h.on_disk, h.now))))
+    /// The lowest and the highest id whose held set gives its row `bit`,
+    /// which its set on disk lacks: where a count of the rows lacking
+    /// `bit` reads the rows to [`HeldAcks::patch`] instead of writing
+    /// them first.
+    pub(super) fn span_adding(&self, bit: u64) -> Option<(u64, u64)> {
+        let adds = |(_, h): &&(u64, Held)| h.now & bit != 0 && h.on_disk & bit == 0;
+        let first = self.sets.0.iter().find(adds)?.0;
+        let last = self.sets.0.iter().rev().find(adds)?.0;
+        Some((first, last))
     }
 
     /// Whether a read of the rows some broker in `mask` has not

@@ -690,27 +690,30 @@ impl Store for SqliteStore {
 
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         // Held for another broker set, or poison: nobody's lag in this run.
-        let bit = (1u64 << slot) as i64;
+        let bit = 1u64 << slot;
         let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0 AND (route IS NULL OR substr(route, 1, 1) <> '@')";
+        self.conn_for_inserts()?;
+        let all: u64 = self.db.query_row(sql, [bit as i64], |r| r.get(0))?;
         // The held acknowledgements are not written first (up to a
         // second of them, a stall of the writer at each `status`): the
-        // rows that one of them gives this broker's bit, and that their
-        // `UPDATE` would change, are taken off the count instead.
-        let held = self.held_acks.runs_adding(1 << slot);
-        let conn = self.conn_for_inserts()?;
-        let all: u64 = conn.query_row(sql, [bit], |r| r.get(0))?;
+        // rows among them that one gives this broker's bit are read and
+        // patched (as their `UPDATE` would leave them), and those that
+        // have it then are taken off the count.
+        let Some((first, last)) = self.held_acks.span_adding(bit) else { return Ok(all) };
+        let mut stmt = self.db.prepare_cached(concat!(
+            "SELECT id, acks FROM outbox WHERE id >= ?1 AND id <= ?2 AND done = 0 AND acks & ?3 = 0",
+            " AND (route IS NULL OR substr(route, 1, 1) <> '@')"
+        ))?;
+        let rows = stmt.query_map(params![first, last, bit as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         let mut acked = 0u64;
-        if !held.is_empty() {
-            let mut stmt = conn.prepare_cached(concat!(
-                "SELECT count(*) FROM outbox WHERE id >= ?1 AND id <= ?2 AND done = 0 AND acks & ?3 = 0",
-                " AND (route IS NULL OR substr(route, 1, 1) <> '@') AND acks & ?4 = ?4 AND acks | ?5 = ?5"
-            ))?;
-            for (first, last, (old, new)) in held {
-                let n: u64 = stmt.query_row(params![first, last, bit, old as i64, new as i64], |r| r.get(0))?;
-                acked += n;
-            }
+        for row in rows {
+            let (id, mut acks) = row?;
+            self.held_acks.patch(id, &mut acks);
+            acked += u64::from(acks & bit != 0);
         }
-        Ok(all - acked)
+        // Two reads: outside a transaction another process may commit
+        // between them.
+        Ok(all.saturating_sub(acked))
     }
 
     fn assign_slots(&mut self, urls: &[String]) -> Result<Vec<u32>, StoreError> {

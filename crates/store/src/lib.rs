@@ -379,8 +379,8 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError>;
     /// A message's topic, for the report of its drop; `None` if it is
     /// gone. Not in [`Entry`]: every acknowledgement answers with one,
-    /// and a copy of the topic in each cost about a tenth of the store's
-    /// work on a fanned-out message (docs/performance.md, session 30).
+    /// and a copy of the topic in each cost about 500 instructions a
+    /// fanned-out message (docs/performance.md, session 30).
     fn topic(&mut self, id: u64) -> Result<Option<String>, StoreError>;
     /// Removes a message and its wire bindings; false if it was gone.
     fn remove(&mut self, id: u64) -> Result<bool, StoreError>;

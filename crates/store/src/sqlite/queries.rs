@@ -590,12 +590,23 @@ impl Store for SqliteStore {
         cutoff_ms: u64,
         limit: usize,
     ) -> Result<Vec<(u64, u64)>, StoreError> {
-        let mut stmt = self.conn()?.prepare_cached(
+        // The held acknowledgements are not written first (the catch-up
+        // sweep runs every second: it would write all of them each time):
+        // each row found gets its set as it would read it. A row whose
+        // only acknowledgement in `mask` is still held lapses at a later
+        // sweep, once that is written into its row (within about a
+        // second) or its row is gone.
+        self.conn_for_inserts()?;
+        let mut stmt = self.db.prepare_cached(
             "SELECT id, acks FROM outbox WHERE done = 0 AND awaiting_ms IS NULL AND route IS ?1 AND acks & ?2 != 0 AND created_ms < ?3 ORDER BY id LIMIT ?4",
         )?;
         let p = params![route, mask as i64, cutoff_ms, limit as i64];
         let rows = stmt.query_map(p, |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut rows: Vec<(u64, u64)> = rows.collect::<Result<_, _>>()?;
+        for (id, acks) in &mut rows {
+            self.held_acks.patch(*id, acks);
+        }
+        Ok(rows)
     }
 
     fn routes(&mut self) -> Result<Vec<(Option<String>, u64)>, StoreError> {

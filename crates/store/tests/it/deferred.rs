@@ -340,3 +340,35 @@ fn a_logged_acknowledgement_is_written_into_its_row_once_kept_long_enough() {
     assert!(acks_on_disk(dir.path()).iter().all(|(_, acks)| *acks == 1 << slots[0]));
     assert_eq!(store.acks_due_at(), None);
 }
+
+/// The catch-up sweep's read (`lapsed`) and a broker's lag (`status`)
+/// take the held acknowledgements into account without writing them: a
+/// broker whose acknowledgement is held is neither counted as having
+/// missed the message nor as lagging behind on it.
+#[test]
+fn the_catch_up_sweep_and_the_lag_see_held_acknowledgements_without_writing_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
+    store.hold_acks_for(std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
+    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
+    let mut old = plain(0);
+    old.created_ms = 1_000;
+    let id = store.insert(&old).unwrap();
+    let never = |_: &Entry| false;
+    // A's acknowledgement written into the row; B's held.
+    store.begin().unwrap();
+    store.ack_or_remove_many(&[id], slots[0], &mut { never }).unwrap();
+    store.commit().unwrap();
+    store.write_held_acks().unwrap();
+    store.begin().unwrap();
+    store.ack_or_remove_many(&[id], slots[1], &mut { never }).unwrap();
+    store.commit().unwrap();
+    assert_eq!(acks_on_disk(dir.path()), [(id, a)]);
+    let now = steadfast_store::now_ms();
+    assert_eq!(store.lapsed(None, a | b, now, 10).unwrap(), [(id, a | b)], "B acknowledged it: not missed");
+    assert_eq!((store.lag(slots[0]).unwrap(), store.lag(slots[1]).unwrap()), (0, 0));
+    assert_eq!(acks_on_disk(dir.path()), [(id, a)], "nothing was written to answer");
+    drop(store);
+    assert_eq!(acks_on_disk(dir.path()), [(id, a | b)], "the close writes it");
+}

@@ -176,14 +176,27 @@ fn acks_on_disk(dir: &std::path::Path) -> Vec<(u64, u64)> {
     rows.collect::<Result<_, _>>().unwrap()
 }
 
+/// A store in `dir` that holds acknowledgements unlogged for `hold` and
+/// logged for `keep` (`SqliteStore::hold_acks_for`), with two brokers:
+/// the store and their bits.
+fn two_brokers(
+    dir: &std::path::Path,
+    hold: std::time::Duration,
+    keep: std::time::Duration,
+) -> (SqliteStore, [u32; 2], [u64; 2]) {
+    let (mut store, _) = SqliteStore::open(dir).unwrap();
+    store.hold_acks_for(hold, keep);
+    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let slots = [slots[0], slots[1]];
+    (store, slots, [1 << slots[0], 1 << slots[1]])
+}
+
 #[test]
 fn a_held_acknowledgement_is_written_once_due_before_any_read_and_at_close() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     // Held until the test says they are due (an hour, then nothing).
-    store.hold_acks_for(std::time::Duration::from_secs(3600), std::time::Duration::from_secs(3600));
-    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
-    let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
+    let hour = std::time::Duration::from_secs(3600);
+    let (mut store, slots, [a, b]) = two_brokers(dir.path(), hour, hour);
     let ids: Vec<u64> = (0..4).map(|n| store.insert(&plain(n)).unwrap()).collect();
     let mut never = |_: &Entry| false;
     let due = |store: &mut SqliteStore| {
@@ -257,12 +270,10 @@ fn as_after_a_kill(dir: &std::path::Path) -> tempfile::TempDir {
 #[test]
 fn a_logged_acknowledgement_outlives_a_kill_and_is_written_into_its_row_at_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     // Logged at the first commit, written into rows only when a read
     // needs it or the store closes.
-    store.hold_acks_for(std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
-    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
-    let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
+    let (mut store, slots, [a, b]) =
+        two_brokers(dir.path(), std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
     let ids: Vec<u64> = (0..6).map(|n| store.insert(&plain(n)).unwrap()).collect();
     let mut never = |_: &Entry| false;
 
@@ -309,10 +320,8 @@ fn a_logged_acknowledgement_outlives_a_kill_and_is_written_into_its_row_at_the_n
 #[test]
 fn a_logged_acknowledgement_is_written_into_its_row_once_kept_long_enough() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
     let keep = std::time::Duration::from_millis(50);
-    store.hold_acks_for(std::time::Duration::ZERO, keep);
-    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+    let (mut store, slots, _) = two_brokers(dir.path(), std::time::Duration::ZERO, keep);
     let ids: Vec<u64> = (0..3).map(|n| store.insert(&plain(n)).unwrap()).collect();
     store.begin().unwrap();
     store.ack_or_remove_many(&ids, slots[0], &mut |_| false).unwrap();
@@ -348,10 +357,8 @@ fn a_logged_acknowledgement_is_written_into_its_row_once_kept_long_enough() {
 #[test]
 fn the_catch_up_sweep_and_the_lag_see_held_acknowledgements_without_writing_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut store, _) = SqliteStore::open(dir.path()).unwrap();
-    store.hold_acks_for(std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
-    let slots = store.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
-    let (a, b) = (1u64 << slots[0], 1u64 << slots[1]);
+    let (mut store, slots, [a, b]) =
+        two_brokers(dir.path(), std::time::Duration::ZERO, std::time::Duration::from_secs(3600));
     let mut old = plain(0);
     old.created_ms = 1_000;
     let id = store.insert(&old).unwrap();

@@ -700,11 +700,17 @@ impl Store for SqliteStore {
     }
 
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
-        // Held for another broker set, or poison: nobody's lag in this run.
+        // The rows queued that broker `?1` has not acknowledged; held for
+        // another broker set, or poison: nobody's lag in this run.
+        macro_rules! lagging {
+            () => {
+                "done = 0 AND acks & ?1 = 0 AND (route IS NULL OR substr(route, 1, 1) <> '@')"
+            };
+        }
         let bit = 1u64 << slot;
-        let sql = "SELECT count(*) FROM outbox WHERE done = 0 AND acks & ?1 = 0 AND (route IS NULL OR substr(route, 1, 1) <> '@')";
         self.conn_for_inserts()?;
-        let all: u64 = self.db.query_row(sql, [bit as i64], |r| r.get(0))?;
+        let all: u64 =
+            self.db.query_row(concat!("SELECT count(*) FROM outbox WHERE ", lagging!()), [bit as i64], |r| r.get(0))?;
         // The held acknowledgements are not written first (up to a
         // second of them, a stall of the writer at each `status`): the
         // rows among them that one gives this broker's bit are read and
@@ -712,10 +718,11 @@ impl Store for SqliteStore {
         // have it then are taken off the count.
         let Some((first, last)) = self.held_acks.span_adding(bit) else { return Ok(all) };
         let mut stmt = self.db.prepare_cached(concat!(
-            "SELECT id, acks FROM outbox WHERE id >= ?1 AND id <= ?2 AND done = 0 AND acks & ?3 = 0",
-            " AND (route IS NULL OR substr(route, 1, 1) <> '@')"
+            "SELECT id, acks FROM outbox WHERE ",
+            lagging!(),
+            " AND id >= ?2 AND id <= ?3"
         ))?;
-        let rows = stmt.query_map(params![first, last, bit as i64], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        let rows = stmt.query_map(params![bit as i64, first, last], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         let mut acked = 0u64;
         for row in rows {
             let (id, mut acks) = row?;

@@ -195,15 +195,27 @@ impl CpuMeter {
             Some(pid) => b.child_since(&a, pid),
             None => Some(b.own.saturating_sub(a.own)),
         };
+        // The children that ran through the span, the costliest first.
+        let mut each: Vec<(u32, u64)> =
+            b.children.keys().filter_map(|pid| Some((*pid, b.child_since(&a, *pid)?))).collect();
+        each.sort_by_key(|(pid, ticks)| (std::cmp::Reverse(*ticks), *pid));
+        let mut by_process = [None; BY_PROCESS];
+        for (slot, (pid, ticks)) in by_process.iter_mut().zip(each) {
+            *slot = Some((pid, us(ticks)));
+        }
         Some(Cpu {
             machine_us: us(b.busy.saturating_sub(a.busy)),
             own_us: own.map(us),
             child_us: Some(us(b.children_since(&a, client))),
             busy: (b.busy.saturating_sub(a.busy)) as f64 / total,
             cores: a.cores,
+            by_process,
         })
     }
 }
+
+/// How many child processes [`Cpu::by_process`] names.
+const BY_PROCESS: usize = 4;
 
 /// What a timed span cost in CPU, per message.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -225,6 +237,10 @@ pub struct Cpu {
     pub busy: f64,
     /// Cores on the machine.
     pub cores: usize,
+    /// The children still running at the span's end (the brokers, a
+    /// bridge): process id and CPU per message over the span, the
+    /// costliest first, up to four; the rest `None`.
+    pub by_process: [Option<(u32, f64)>; BY_PROCESS],
 }
 
 impl Cpu {
@@ -246,11 +262,23 @@ impl Cpu {
         Some(self.cores as f64 / ((rest + base_own_us) * 1e-6) / baseline)
     }
 
+    /// Microseconds of CPU per message of child process `pid` (a broker),
+    /// when it ran through the span.
+    pub fn of_process(&self, pid: u32) -> Option<f64> {
+        self.by_process.iter().flatten().find(|(p, _)| *p == pid).map(|(_, us)| *us)
+    }
+
     /// The same without this process's share: the client measured ran as
     /// a process of its own, whose time this process does not see.
     pub(crate) fn without_own(self) -> Cpu {
         Cpu { own_us: None, ..self }
     }
+}
+
+/// Process `pid`'s CPU per message in `cpu` ("5.5"), or "-" where not
+/// known: for the notes that split a row's children by process.
+pub(crate) fn process_us(cpu: Option<Cpu>, pid: Option<u32>) -> String {
+    cpu.zip(pid).and_then(|(c, pid)| c.of_process(pid)).map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
 }
 
 /// The median rate of several runs, and the CPU figures of the run that
@@ -385,7 +413,14 @@ mod tests {
 
     #[test]
     fn the_ceiling_is_the_cores_over_the_cpu_per_message_over_the_baseline() {
-        let cpu = Cpu { machine_us: 20.0, own_us: Some(10.0), child_us: Some(8.0), busy: 0.8, cores: 2 };
+        let cpu = Cpu {
+            machine_us: 20.0,
+            own_us: Some(10.0),
+            child_us: Some(8.0),
+            busy: 0.8,
+            cores: 2,
+            by_process: [None; 4],
+        };
         // Two cores at 20 µs a message: 100,000 msg/s at most.
         assert!((cpu.max_ratio(50_000.0) - 2.0).abs() < 1e-9);
         assert!((cpu.max_ratio(100_000.0) - 1.0).abs() < 1e-9);
@@ -396,7 +431,14 @@ mod tests {
         // 20 µs a message, 12 of them the client's: the rest is 8; at the
         // baseline's own 2 µs, 10 µs a message, so 200,000 msg/s on two
         // cores.
-        let cpu = Cpu { machine_us: 20.0, own_us: Some(12.0), child_us: Some(6.0), busy: 0.9, cores: 2 };
+        let cpu = Cpu {
+            machine_us: 20.0,
+            own_us: Some(12.0),
+            child_us: Some(6.0),
+            busy: 0.9,
+            cores: 2,
+            by_process: [None; 4],
+        };
         assert!((cpu.par_ratio(2.0, 100_000.0).expect("own known") - 2.0).abs() < 1e-9);
         assert_eq!(Cpu { own_us: None, ..cpu }.par_ratio(2.0, 100_000.0), None);
     }
@@ -428,12 +470,24 @@ mod tests {
         assert!(child_us > 250.0 && own_us < child_us, "child {child_us} µs, own {own_us} µs");
         let (child_us, own_us) = (as_client.child_us.expect("counted"), as_client.own_us.expect("counted"));
         assert!(own_us > 250.0 && child_us < own_us, "the loop as the client: own {own_us} µs, children {child_us} µs");
+        // Named by process either way, with the same figure as the row's.
+        let named = as_child.of_process(pid).expect("named");
+        assert!(named > 250.0 && named <= as_child.child_us.expect("counted") + 1e-9, "the loop named: {named} µs");
+        assert_eq!(as_client.of_process(pid), as_client.own_us);
     }
 
     #[test]
     fn the_cpu_figures_are_those_of_the_run_with_the_median_rate() {
-        let c =
-            |m: f64| Some(Cpu { machine_us: m, own_us: Some(m / 2.0), child_us: Some(m / 4.0), busy: 0.5, cores: 2 });
+        let c = |m: f64| {
+            Some(Cpu {
+                machine_us: m,
+                own_us: Some(m / 2.0),
+                child_us: Some(m / 4.0),
+                busy: 0.5,
+                cores: 2,
+                by_process: [None; 4],
+            })
+        };
         let (rate, cpu) = median_run(&[300.0, 100.0, 200.0], &[c(3.0), c(1.0), c(2.0)]);
         assert_eq!((rate, cpu), (200.0, c(2.0)));
         // A run without figures (no /proc) gives none.

@@ -91,6 +91,11 @@ impl Broker {
         self.port
     }
 
+    /// Its process id while it runs (for measuring its CPU).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)

@@ -24,7 +24,7 @@ use steadfast_lab::{free_port, Broker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::steadfast_durable;
-use crate::measure::{broker, median, median_run, rate, state_dir, versus, Cpu, Span, Took};
+use crate::measure::{broker, median, median_run, process_us, rate, state_dir, versus, Cpu, Span, Took};
 use crate::{Args, BenchError, Row, Scenario};
 
 /// The in-flight window of a `steadfast bridge` route (the client's
@@ -56,7 +56,8 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
         cpu_direct.push(took.cpu);
     }
     let start = (!starts.is_empty()).then(|| median(starts));
-    Ok(scenario(&a, window, median_run(&bridged, &cpu_bridged), median_run(&direct, &cpu_direct), start))
+    let brokers = [local.pid(), upstream.pid()];
+    Ok(scenario(&a, window, median_run(&bridged, &cpu_bridged), median_run(&direct, &cpu_direct), start, brokers))
 }
 
 /// One bridged run: the span timed and the messages it counts, and the
@@ -213,6 +214,7 @@ fn scenario(
     bridged: (f64, Option<Cpu>),
     direct: (f64, Option<Cpu>),
     start_ms: Option<f64>,
+    [local, upstream]: [Option<u32>; 2],
 ) -> Scenario {
     let mut rows = versus(
         window,
@@ -227,6 +229,18 @@ fn scenario(
     let mut notes = vec![
         "rates: the direct publisher from its first enqueue (its client open) to an empty outbox; the bridge from its first upstream acknowledgement seen to the first reading (every 20 ms) that finds them all, the messages acknowledged before left out of the count (its start is the row of its own; the direct publisher's first sync and round trip, a few ms, stay in its time)".to_owned(),
     ];
+    // What the bridged path adds to the machine's work, by process
+    // (docs/performance.md, session 31: the local broker's share is
+    // Mosquitto's reading of the bridge's PUBACKs, one wake-up each).
+    let own = |c: Option<Cpu>| c.and_then(|c| c.own_us).map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
+    notes.push(format!(
+        "CPU us a message by process, median runs: bridged, the bridge {} + the local broker {} (delivering to it) + the upstream broker {}; straight, the publisher {} + the upstream broker {}",
+        own(bridged.1),
+        process_us(bridged.1, local),
+        process_us(bridged.1, upstream),
+        own(direct.1),
+        process_us(direct.1, upstream),
+    ));
     if window < a.inflight {
         notes.push(format!("window {window}, not {}: the bridge's own default caps it", a.inflight));
     }

@@ -5,7 +5,7 @@
 use steadfast::{AckQuorum, BrokerSet, Mode, ProtocolVersion};
 
 use crate::clients::{bare_rumqttc_v5, steadfast_set};
-use crate::measure::{broker, median_run, rate, url, versus, Cpu, RssPeak, Span, Took};
+use crate::measure::{broker, median_run, process_us, rate, url, versus, Cpu, RssPeak, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 pub(crate) async fn fanout(a: Args) -> Result<Scenario, BenchError> {
@@ -51,7 +51,16 @@ pub(crate) async fn fanout(a: Args) -> Result<Scenario, BenchError> {
             ("steadfast, durable, fanout to two brokers, ack = all", two, Some(rss_two), cpu_two),
         ),
         latencies: vec![],
-        notes: bare_notes((bare_one, bare_cpu_one), (bare_two, bare_cpu_two), two),
+        notes: [
+            vec![format!(
+                "CPU us a message by broker, median runs: one broker {}; fanout, the first {} and the second {}",
+                process_us(cpu_one, b1.pid()),
+                process_us(cpu_two, b1.pid()),
+                process_us(cpu_two, b2.pid()),
+            )],
+            bare_notes((bare_one, bare_cpu_one), (bare_two, bare_cpu_two), two),
+        ]
+        .concat(),
     })
 }
 

@@ -384,6 +384,13 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     fn topic(&mut self, id: u64) -> Result<Option<String>, StoreError>;
     /// Removes a message and its wire bindings; false if it was gone.
     fn remove(&mut self, id: u64) -> Result<bool, StoreError>;
+    /// [`Store::remove`] of a message bound to no packet id, read as `e`
+    /// in this transaction just before: a store may delete it without
+    /// reading it again (one statement instead of two).
+    fn remove_as_read(&mut self, id: u64, e: &Entry) -> Result<(), StoreError> {
+        debug_assert_eq!(e.bindings, 0, "message {id} is bound to a packet id");
+        self.remove(id).map(drop)
+    }
     /// Records that the broker in `slot` acknowledged the message, and
     /// closes that broker's QoS 2 exchange of it; the message as it is now
     /// (`None`: gone already).
@@ -428,6 +435,26 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// Up to `limit` queued messages that ask for receipts with ids from
     /// `first` to `last`, in order (what a receipt's range can name).
     fn asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<u64>, StoreError>;
+    /// [`Store::asking_between`] with where each message stands
+    /// ([`Store::entry`]): fewer than `limit` only when no more ask in
+    /// the range. A store may read them in one statement instead of one
+    /// each (a receipt names up to a thousand).
+    fn entries_asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<(u64, Entry)>, StoreError> {
+        let mut out = Vec::new();
+        let mut from = first;
+        while out.len() < limit && from <= last {
+            let want = limit - out.len();
+            let ids = self.asking_between(from, last, want)?;
+            for &id in &ids {
+                out.extend(self.entry(id)?.map(|e| (id, e)));
+            }
+            match ids.last() {
+                Some(&id) if ids.len() == want && id < last => from = id + 1,
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
     /// The consumers whose receipts were noted for a message.
     fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError>;
     /// Forgets the receipts noted for a message.

@@ -185,9 +185,14 @@ impl Writer {
             let mut from = first.max(1);
             let last = last.min(self.last_id);
             while from <= last {
-                let ids = self.store.asking_between(from, last, PAGE)?;
-                for &id in &ids {
-                    let Some(e) = self.store.entry(id)? else { continue };
+                // Read at once, then settled one by one: settling one
+                // changes no other row.
+                let page = self.store.entries_asking_between(from, last, PAGE)?;
+                let next = match page.last() {
+                    Some(&(id, _)) if page.len() == PAGE && id < last => Some(id + 1),
+                    _ => None,
+                };
+                for (id, e) in page {
                     let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else { continue };
                     if e.done || !rule.accepts(&receipt.by) {
                         continue;
@@ -205,10 +210,8 @@ impl Writer {
                         handled += 1;
                     }
                 }
-                match ids.last() {
-                    Some(&id) if ids.len() == PAGE && id < last => from = id + 1,
-                    _ => break,
-                }
+                let Some(next) = next else { break };
+                from = next;
             }
         }
         self.store.add_counter(RECEIPTS_COUNTED, counted)?;
@@ -254,8 +257,9 @@ impl Writer {
         if e.receipts.is_some() && self.rule(e.route.as_deref()).1 > 1 {
             self.store.clear_receipts(id)?;
         }
+        // Every caller read `e` just before, in this batch.
         if e.bindings == 0 {
-            self.store.remove(id)?;
+            self.store.remove_as_read(id, e)?;
         } else {
             self.store.set_done(id)?;
         }

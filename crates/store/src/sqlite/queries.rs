@@ -360,6 +360,28 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn entries_asking_between(&mut self, first: u64, last: u64, limit: usize) -> Result<Vec<(u64, Entry)>, StoreError> {
+        let (first, last) = (first.min(i64::MAX as u64), last.min(i64::MAX as u64));
+        let sql = concat!(
+            "SELECT ",
+            entry_columns!(),
+            ", (SELECT count(*) FROM wire WHERE wire.id = outbox.id), id FROM outbox",
+            " WHERE receipts IS NOT NULL AND id BETWEEN ?1 AND ?2 AND done = 0 ORDER BY id LIMIT ?3"
+        );
+        // Read as `entry` reads each: the held acknowledgements of the
+        // range written first.
+        let mut stmt = self.conn_below(last)?.prepare_cached(sql)?;
+        let rows =
+            stmt.query_map(params![first, last, limit as i64], |r| Ok((r.get(11)?, read_entry(r, r.get(10)?)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn remove_as_read(&mut self, id: u64, e: &Entry) -> Result<(), StoreError> {
+        debug_assert_eq!(e.bindings, 0, "message {id} is bound to a packet id");
+        // Bound to no packet id: no `wire` row to delete, whatever its QoS.
+        self.delete_row(id, e.done, e.size as i64, 0, keeps_receipt_names(e.receipts.as_deref()))
+    }
+
     fn receipts_of(&mut self, id: u64) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.conn_apart().prepare_cached("SELECT by FROM receipts WHERE id = ?1 ORDER BY by")?;
         let rows = stmt.query_map([id], |r| r.get(0))?;

@@ -23,6 +23,11 @@ enum Op {
     /// handed out).
     AckOrRemoveMany(usize, usize, u32, bool),
     Await(usize),
+    /// The messages asking for receipts from the `usize`-th id on, that
+    /// many ids wide, at most that many: read at once, and id by id.
+    Asking(usize, usize, usize),
+    /// A message removed as just read ([`Store::remove_as_read`]).
+    RemoveAsRead(usize),
     Requeue(usize),
     Attempt(usize),
     Poison(usize),
@@ -52,6 +57,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => ((0usize..60), (0u32..2), any::<bool>()).prop_map(|(i, slot, f)| Op::AckOrRemove(i, slot, f)),
         3 => ((0usize..60), (1usize..12), (0u32..2), any::<bool>()).prop_map(|(i, n, slot, f)| Op::AckOrRemoveMany(i, n, slot, f)),
         1 => (0usize..60).prop_map(Op::Await),
+        1 => ((0usize..60), (0usize..80), (1usize..8)).prop_map(|(i, n, limit)| Op::Asking(i, n, limit)),
+        1 => (0usize..60).prop_map(Op::RemoveAsRead),
         1 => (0usize..60).prop_map(Op::Requeue),
         1 => (0usize..60).prop_map(Op::Attempt),
         1 => (0usize..60).prop_map(Op::Poison),
@@ -220,6 +227,21 @@ proptest! {
                 }
                 Op::Await(i) => if let Some(id) = pick(&ids, i) {
                     p.both(|s| s.await_receipts(id, 5_000, 4_000).unwrap())?;
+                },
+                Op::Asking(i, n, limit) => if let Some(first) = pick(&ids, i) {
+                    let last = first + n as u64;
+                    let at_once = p.both(|s| s.entries_asking_between(first, last, limit).unwrap())?;
+                    let mut one_by_one = Vec::new();
+                    for id in p.stores[1].asking_between(first, last, limit).unwrap() {
+                        one_by_one.extend(p.stores[1].entry(id).unwrap().map(|e| (id, e)));
+                    }
+                    prop_assert_eq!(at_once, one_by_one, "read at once, the entries differ from those read one by one");
+                },
+                Op::RemoveAsRead(i) => if let Some(id) = pick(&ids, i) {
+                    p.both(|s| match s.entry(id).unwrap() {
+                        Some(e) if e.bindings == 0 => Some(s.remove_as_read(id, &e).unwrap()),
+                        _ => None,
+                    })?;
                 },
                 Op::Requeue(i) => if let Some(id) = pick(&ids, i) {
                     p.both(|s| s.requeue_for_receipts(id).unwrap())?;

@@ -419,7 +419,7 @@ mod tests {
             child_us: Some(8.0),
             busy: 0.8,
             cores: 2,
-            by_process: [None; 4],
+            by_process: [None; BY_PROCESS],
         };
         // Two cores at 20 µs a message: 100,000 msg/s at most.
         assert!((cpu.max_ratio(50_000.0) - 2.0).abs() < 1e-9);
@@ -437,7 +437,7 @@ mod tests {
             child_us: Some(6.0),
             busy: 0.9,
             cores: 2,
-            by_process: [None; 4],
+            by_process: [None; BY_PROCESS],
         };
         assert!((cpu.par_ratio(2.0, 100_000.0).expect("own known") - 2.0).abs() < 1e-9);
         assert_eq!(Cpu { own_us: None, ..cpu }.par_ratio(2.0, 100_000.0), None);
@@ -485,7 +485,7 @@ mod tests {
                 child_us: Some(m / 4.0),
                 busy: 0.5,
                 cores: 2,
-                by_process: [None; 4],
+                by_process: [None; BY_PROCESS],
             })
         };
         let (rate, cpu) = median_run(&[300.0, 100.0, 200.0], &[c(3.0), c(1.0), c(2.0)]);

@@ -239,8 +239,11 @@ proptest! {
                 },
                 Op::RemoveAsRead(i) => if let Some(id) = pick(&ids, i) {
                     p.both(|s| match s.entry(id).unwrap() {
-                        Some(e) if e.bindings == 0 => Some(s.remove_as_read(id, &e).unwrap()),
-                        _ => None,
+                        Some(e) if e.bindings == 0 => {
+                            s.remove_as_read(id, &e).unwrap();
+                            true
+                        }
+                        _ => false,
                     })?;
                 },
                 Op::Requeue(i) => if let Some(id) = pick(&ids, i) {

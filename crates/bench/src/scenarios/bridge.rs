@@ -230,8 +230,9 @@ fn scenario(
         "rates: the direct publisher from its first enqueue (its client open) to an empty outbox; the bridge from its first upstream acknowledgement seen to the first reading (every 20 ms) that finds them all, the messages acknowledged before left out of the count (its start is the row of its own; the direct publisher's first sync and round trip, a few ms, stay in its time)".to_owned(),
     ];
     // What the bridged path adds to the machine's work, by process
-    // (docs/performance.md, session 31: the local broker's share is
-    // Mosquitto's reading of the bridge's PUBACKs, one wake-up each).
+    // (docs/performance.md, session 31: the local broker's delivery, a
+    // wake-up of its loop for each PUBACK it reads, is the largest part,
+    // and no client can cut it).
     let own = |c: Option<Cpu>| c.and_then(|c| c.own_us).map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
     notes.push(format!(
         "CPU us a message by process, median runs: bridged, the bridge {} + the local broker {} (delivering to it) + the upstream broker {}; straight, the publisher {} + the upstream broker {}",

@@ -391,6 +391,12 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
         debug_assert_eq!(e.bindings, 0, "message {id} is bound to a packet id");
         self.remove(id).map(drop)
     }
+    /// [`Store::remove_as_read`] of several messages, ascending by id: a
+    /// store may delete a run of consecutive ids in one statement (a
+    /// receipt hands over up to a thousand at once).
+    fn remove_many_as_read(&mut self, rows: &[(u64, &Entry)]) -> Result<(), StoreError> {
+        rows.iter().try_for_each(|&(id, e)| self.remove_as_read(id, e))
+    }
     /// Records that the broker in `slot` acknowledged the message, and
     /// closes that broker's QoS 2 exchange of it; the message as it is now
     /// (`None`: gone already).
@@ -429,6 +435,12 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// until `due_ms` (no sender reads it meanwhile); `now_ms` is kept as
     /// the time of its first acknowledgement.
     fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError>;
+    /// [`Store::await_receipts`] of several messages, ascending by id,
+    /// all until `due_ms`: a store may update a run of consecutive ids in
+    /// one statement (an acknowledgement delivers up to a window at once).
+    fn await_receipts_many(&mut self, ids: &[u64], due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
+        ids.iter().try_for_each(|&id| self.await_receipts(id, due_ms, now_ms))
+    }
     /// Notes a receipt from consumer `by`; returns the distinct consumers
     /// that sent one for this message so far.
     fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError>;

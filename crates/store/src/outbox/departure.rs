@@ -65,17 +65,20 @@ impl Writer {
                 quorum_met(e.acks, mask, need)
             }
         };
+        // What now awaits receipts is written at the end, together: ids
+        // ascending and distinct, each settled once.
+        let mut waits = Vec::new();
         for (id, answer) in self.store.ack_or_remove_many(ids, slot, &mut finishes)? {
             match answer {
                 Some((e, true)) => {
                     self.count_delivered(&e, b);
                     self.finished(id, &e, Delivery::Delivered, b);
                 }
-                Some((e, false)) => self.settle_entry(id, e, b)?,
+                Some((e, false)) => waits.extend(self.settle_entry(id, e, b)?.map(|due| (id, due))),
                 None => {}
             }
         }
-        Ok(())
+        self.await_all(&waits, b)
     }
 
     /// A message delivered (counted once: its receipts and resends do not
@@ -97,78 +100,100 @@ impl Writer {
     /// quorum is complete is delivered; its row goes once no broker holds
     /// an exchange of it any more.
     pub(super) fn settle(&mut self, id: u64, b: &mut Batch) -> Result<(), StoreError> {
-        match self.store.entry(id)? {
-            Some(e) => self.settle_entry(id, e, b),
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        match self.settle_entry(id, e, b)? {
+            Some(due) => self.await_all(&[(id, due)], b),
             None => Ok(()),
         }
     }
 
-    /// [`Writer::settle`] with the message as it is now.
-    fn settle_entry(&mut self, id: u64, e: Entry, b: &mut Batch) -> Result<(), StoreError> {
+    /// [`Writer::settle`] with the message as it is now, but a wait for
+    /// receipts it begins (until the time returned) left to the caller to
+    /// write ([`Writer::await_all`]).
+    fn settle_entry(&mut self, id: u64, e: Entry, b: &mut Batch) -> Result<Option<u64>, StoreError> {
         if e.done {
             if e.bindings == 0 {
                 self.store.remove(id)?;
             }
-            return Ok(());
+            return Ok(None);
         }
         if e.awaiting_ms.is_some() {
             // Delivered before: a late acknowledgement changes nothing.
-            return Ok(());
+            return Ok(None);
         }
         let (mask, need, _) = self.rule(e.route.as_deref());
         if quorum_met(e.acks, mask, need) {
-            self.deliver(id, &e, need, b)?;
+            return self.deliver(id, &e, need, b);
         }
+        Ok(None)
+    }
+
+    /// Messages delivered that now wait for receipts, each until its time
+    /// (`(id, due)`, ascending by id): written a run at a time, so that a
+    /// window's worth costs a few statements, not one each. Every caller
+    /// writes its waits before anything else reads those rows.
+    fn await_all(&mut self, waits: &[(u64, u64)], b: &mut Batch) -> Result<(), StoreError> {
+        if waits.is_empty() {
+            return Ok(());
+        }
+        let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+        let mut ids = Vec::with_capacity(waits.len());
+        for same in waits.chunk_by(|x, y| x.1 == y.1) {
+            ids.clear();
+            ids.extend(same.iter().map(|&(id, _)| id));
+            self.store.await_receipts_many(&ids, same[0].1, now)?;
+            self.sweeper.handle_awaiting(same[0].1);
+        }
+        b.awaiting.extend(waits.iter().map(|&(id, _)| id));
         Ok(())
     }
 
     /// The brokers a message's route needs have it (or, fanout catch-up,
     /// its window passed): it leaves delivered, or, when it asks for
-    /// receipts, waits for them (unless receipts noted before its quorum
-    /// already meet its rule).
-    fn deliver(&mut self, id: u64, e: &Entry, need: u32, b: &mut Batch) -> Result<(), StoreError> {
+    /// receipts, waits for them until the time returned, which the caller
+    /// writes ([`Writer::await_all`]; unless receipts noted before its
+    /// quorum already meet its rule).
+    fn deliver(&mut self, id: u64, e: &Entry, need: u32, b: &mut Batch) -> Result<Option<u64>, StoreError> {
         let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else {
             self.count_delivered(e, b);
-            return self.finish(id, e, Delivery::Delivered, b);
+            return self.finish(id, e, Delivery::Delivered, b).map(|()| None);
         };
         // Receipts before the quorum are noted only when it needs several.
         let by = if need > 1 { self.store.receipts_of(id)? } else { Vec::new() };
-        let now = crate::now_ms();
+        let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
         let first = e.acked_ms.is_none();
-        let due = match ReceiptRule::on_quorum(Some(&rule), by.len(), e.resends, now) {
+        match ReceiptRule::on_quorum(Some(&rule), by.len(), e.resends, now) {
             Settle::Delivered => {
                 if first {
                     self.count_delivered(e, b);
                 }
-                return self.finish(id, e, Delivery::Delivered, b);
+                self.finish(id, e, Delivery::Delivered, b).map(|()| None)
             }
             // Counted as delivered there (once).
-            Settle::Handled => return self.handled(id, e, by, b),
+            Settle::Handled => {
+                self.handled(id, e, by, b);
+                self.finish(id, e, Delivery::Delivered, b).map(|()| None)
+            }
             Settle::Await { due_ms } => {
                 if first {
                     self.count_delivered(e, b);
                 }
-                due_ms
+                Ok(Some(due_ms))
             }
-        };
-        self.store.await_receipts(id, due, now)?;
-        self.sweeper.handle_awaiting(due);
-        b.awaiting.push(id);
-        Ok(())
+        }
     }
 
-    /// A message's receipts met its rule: it leaves, handled.
-    fn handled(&mut self, id: u64, e: &Entry, by: Vec<String>, b: &mut Batch) -> Result<(), StoreError> {
+    /// A message's receipts met its rule: it is counted and announced as
+    /// handled, and the caller makes it leave ([`Writer::finish`]).
+    fn handled(&mut self, id: u64, e: &Entry, by: Vec<String>, b: &mut Batch) {
         if let Some(acked) = e.acked_ms {
-            let waited = crate::now_ms().saturating_sub(acked);
-            metrics::histogram!("steadfast_receipt_wait_seconds").record(waited as f64 / 1000.0);
+            let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+            metrics::histogram!("steadfast_receipt_wait_seconds").record(now.saturating_sub(acked) as f64 / 1000.0);
         } else if e.awaiting_ms.is_none() {
             // Handled before its acknowledgement was recorded: delivered.
             self.count_delivered(e, b);
         }
-        self.finish(id, e, Delivery::Delivered, b)?;
         b.handled.push((id, by));
-        Ok(())
     }
 
     /// A receipt: each message it names that asks for receipts from its
@@ -185,14 +210,17 @@ impl Writer {
             let mut from = first.max(1);
             let last = last.min(self.last_id);
             while from <= last {
-                // Read at once, then settled one by one: settling one
-                // changes no other row.
+                // Read at once, then settled one by one (settling one
+                // changes no other row), and what they handled leaves
+                // together before the next page is read.
                 let page = self.store.entries_asking_between(from, last, PAGE)?;
                 let next = match page.last() {
                     Some(&(id, _)) if page.len() == PAGE && id < last => Some(id + 1),
                     _ => None,
                 };
-                for (id, e) in page {
+                let mut leaving = Vec::new();
+                for (id, e) in &page {
+                    let (id, e) = (*id, e);
                     let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else { continue };
                     if e.done || !rule.accepts(&receipt.by) {
                         continue;
@@ -206,10 +234,12 @@ impl Writer {
                         self.store.add_receipt(id, &receipt.by)?
                     };
                     if rule.completes(by.len(), e.awaiting_ms.is_some(), need, quorum) {
-                        self.handled(id, &e, by, b)?;
+                        self.handled(id, e, by, b);
+                        leaving.push((id, e));
                         handled += 1;
                     }
                 }
+                self.finish_many(&leaving, Delivery::Delivered, b)?;
                 let Some(next) = next else { break };
                 from = next;
             }
@@ -252,18 +282,34 @@ impl Writer {
     /// exchange of it (even one dropped by its policy), the row stays, so
     /// that its packet id is not reused after a restart.
     pub(super) fn finish(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
-        // Receipts noted before a fanout quorum (a rule that needs several
-        // keeps its own, removed with the row).
-        if e.receipts.is_some() && self.rule(e.route.as_deref()).1 > 1 {
-            self.store.clear_receipts(id)?;
+        self.finish_many(&[(id, e)], outcome, b)
+    }
+
+    /// [`Writer::finish`] of several messages, ascending by id: those
+    /// bound to no packet id are removed together.
+    fn finish_many(&mut self, rows: &[(u64, &Entry)], outcome: Delivery, b: &mut Batch) -> Result<(), StoreError> {
+        let mut bound = false;
+        for &(id, e) in rows {
+            // Receipts noted before a fanout quorum (a rule that needs
+            // several keeps its own, removed with the row).
+            if e.receipts.is_some() && self.rule(e.route.as_deref()).1 > 1 {
+                self.store.clear_receipts(id)?;
+            }
+            if e.bindings != 0 {
+                self.store.set_done(id)?;
+                bound = true;
+            }
         }
-        // Every caller read `e` just before, in this batch.
-        if e.bindings == 0 {
-            self.store.remove_as_read(id, e)?;
+        // Every caller read them just before, in this batch.
+        if bound {
+            let free: Vec<(u64, &Entry)> = rows.iter().filter(|(_, e)| e.bindings == 0).copied().collect();
+            self.store.remove_many_as_read(&free)?;
         } else {
-            self.store.set_done(id)?;
+            self.store.remove_many_as_read(rows)?;
         }
-        self.finished(id, e, outcome, b);
+        for &(id, e) in rows {
+            self.finished(id, e, outcome, b);
+        }
         Ok(())
     }
 
@@ -367,6 +413,7 @@ impl Writer {
             };
             let mask = q.mask();
             let mut missed: HashMap<&str, u64> = HashMap::new();
+            let mut waits = Vec::new();
             for (id, acks) in self.store.lapsed(q.route.as_deref(), mask, cutoff, 4096)? {
                 for (slot, url) in &q.members {
                     if acks & (1 << slot) == 0 {
@@ -374,9 +421,10 @@ impl Writer {
                     }
                 }
                 if let Some(e) = self.store.entry(id)? {
-                    self.deliver(id, &e, q.need.max(1), b)?;
+                    waits.extend(self.deliver(id, &e, q.need.max(1), b)?.map(|due| (id, due)));
                 }
             }
+            self.await_all(&waits, b)?;
             for (url, n) in missed {
                 self.store.add_missed(url, n)?;
                 tracing::warn!(broker = url, missed = n, catch_up_ms = window, "a broker was down longer than its catch-up window; these messages were delivered to the others and counted as missed by it");

@@ -333,6 +333,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn await_receipts_many(&mut self, ids: &[u64], due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
+        debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not ascending");
+        for run in runs(ids) {
+            let (first, last) = (run[0], run[run.len() - 1]);
+            let mut stmt = self.conn_below(last)?.prepare_cached(
+                "UPDATE outbox SET awaiting_ms = ?3, acked_ms = coalesce(acked_ms, ?4) WHERE id >= ?1 AND id <= ?2 AND done = 0",
+            )?;
+            let r = stmt.execute(params![first, last, due_ms, now_ms]);
+            drop(stmt);
+            r.map_err(|e| self.map(e))?;
+            for &id in run {
+                self.tail.left(id);
+            }
+        }
+        Ok(())
+    }
+
     fn add_receipt(&mut self, id: u64, by: &str) -> Result<Vec<String>, StoreError> {
         let mut stmt = self.conn_apart().prepare_cached("INSERT OR IGNORE INTO receipts (id, by) VALUES (?1, ?2)")?;
         let r = stmt.execute(params![id, by]);
@@ -374,6 +391,22 @@ impl Store for SqliteStore {
         let rows =
             stmt.query_map(params![first, last, limit as i64], |r| Ok((r.get(11)?, read_entry(r, r.get(10)?)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn remove_many_as_read(&mut self, rows: &[(u64, &Entry)]) -> Result<(), StoreError> {
+        debug_assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "rows not ascending");
+        // A row done, or keeping receipt names, goes on its own with what
+        // hangs on it; the rest by runs.
+        let mut plain = Vec::with_capacity(rows.len());
+        for &(id, e) in rows {
+            if e.done || keeps_receipt_names(e.receipts.as_deref()) {
+                self.remove_as_read(id, e)?;
+            } else {
+                debug_assert_eq!(e.bindings, 0, "message {id} is bound to a packet id");
+                plain.push((id, e.size as i64));
+            }
+        }
+        self.delete_plain_runs(&plain)
     }
 
     fn remove_as_read(&mut self, id: u64, e: &Entry) -> Result<(), StoreError> {
@@ -1006,6 +1039,13 @@ impl SqliteStore {
             }
             out.push((id, Some((e, false))));
         }
+        self.delete_plain_runs(&plain)
+    }
+
+    /// Deletes rows known to be there, not done, bound to no packet id
+    /// and keeping no receipt names (`(id, size)`, ascending): one
+    /// statement for each run of consecutive ids.
+    fn delete_plain_runs(&mut self, plain: &[(u64, i64)]) -> Result<(), StoreError> {
         let ids: Vec<u64> = plain.iter().map(|(id, _)| *id).collect();
         for gone in runs(&ids) {
             let in_transaction = !self.db.is_autocommit();

@@ -28,6 +28,13 @@ enum Op {
     Asking(usize, usize, usize),
     /// A message removed as just read ([`Store::remove_as_read`]).
     RemoveAsRead(usize),
+    /// From the `usize`-th id, that many messages set to await receipts:
+    /// together on the store with the tail, one by one on the other.
+    AwaitMany(usize, usize),
+    /// From the `usize`-th id, that many messages (those bound to no
+    /// packet id) removed as just read: together on the store with the
+    /// tail, one by one on the other.
+    RemoveManyAsRead(usize, usize),
     Requeue(usize),
     Attempt(usize),
     Poison(usize),
@@ -59,6 +66,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..60).prop_map(Op::Await),
         1 => ((0usize..60), (0usize..80), (1usize..8)).prop_map(|(i, n, limit)| Op::Asking(i, n, limit)),
         1 => (0usize..60).prop_map(Op::RemoveAsRead),
+        1 => ((0usize..60), (1usize..12)).prop_map(|(i, n)| Op::AwaitMany(i, n)),
+        1 => ((0usize..60), (1usize..12)).prop_map(|(i, n)| Op::RemoveManyAsRead(i, n)),
         1 => (0usize..60).prop_map(Op::Requeue),
         1 => (0usize..60).prop_map(Op::Attempt),
         1 => (0usize..60).prop_map(Op::Poison),
@@ -246,6 +255,24 @@ proptest! {
                         _ => false,
                     })?;
                 },
+                Op::AwaitMany(i, n) => {
+                    let asked = run_from(&ids, i, n);
+                    p.stores[0].await_receipts_many(&asked, 5_000, 4_000).unwrap();
+                    for &id in &asked {
+                        p.stores[1].await_receipts(id, 5_000, 4_000).unwrap();
+                    }
+                }
+                Op::RemoveManyAsRead(i, n) => {
+                    let asked = run_from(&ids, i, n);
+                    let read: Vec<(u64, _)> = p.both(|s| {
+                        asked.iter().filter_map(|&id| s.entry(id).unwrap().map(|e| (id, e))).filter(|(_, e)| e.bindings == 0).collect()
+                    })?;
+                    let rows: Vec<(u64, &steadfast_store::Entry)> = read.iter().map(|(id, e)| (*id, e)).collect();
+                    p.stores[0].remove_many_as_read(&rows).unwrap();
+                    for &(id, e) in &rows {
+                        p.stores[1].remove_as_read(id, e).unwrap();
+                    }
+                }
                 Op::Requeue(i) => if let Some(id) = pick(&ids, i) {
                     p.both(|s| s.requeue_for_receipts(id).unwrap())?;
                 },
@@ -301,11 +328,25 @@ proptest! {
             }
         }
         p.both(|s| s.read_after(0, 1000, None, None).unwrap())?;
+        // Rows that no read returns (awaiting receipts, done) too.
+        for &id in &ids {
+            p.both(|s| s.entry(id).unwrap())?;
+        }
+        p.both(|s| s.awaiting().unwrap())?;
         p.both(|s| s.commit().unwrap())?;
         for s in &mut p.stores {
             prop_assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap());
         }
     }
+}
+
+/// Up to `n` ids from the `i`-th on (wrapping to the start), ascending
+/// and distinct, as a writer hands them to the store.
+fn run_from(ids: &[u64], i: usize, n: usize) -> Vec<u64> {
+    let mut run: Vec<u64> = ids.iter().cycle().skip(i % ids.len().max(1)).take(n.min(ids.len())).copied().collect();
+    run.sort_unstable();
+    run.dedup();
+    run
 }
 
 /// Past the tail's bounds (16,384 rows): its oldest rows go, its floor

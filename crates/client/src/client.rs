@@ -943,8 +943,7 @@ impl Client {
         // A read goes through the writer after every append sent before
         // it: once answered, the state counts them.
         let _ = self.inner.outbox.meta("producer").await;
-        let mut rx = self.inner.outbox.watch();
-        let _ = rx.wait_for(|s| s.totals.count <= s.held + s.poisoned).await;
+        self.inner.outbox.wait_idle().await;
     }
 
     /// Messages the outbox held at open for other default broker sets than

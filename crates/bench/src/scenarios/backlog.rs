@@ -119,7 +119,12 @@ impl Drain {
                 connected.as_secs_f64() * 1e3,
                 to_first.as_secs_f64() * 1e3
             );
-            state.wait_for(|s| s.totals.count == 0).await.map_err(|_| BenchError::Ended("the client"))?;
+            // As a user waits for the drain: woken once, when it is done
+            // (a watch of the state wakes this thread at every batch).
+            client.wait_idle().await;
+            if client.outbox_state().borrow().totals.count != 0 {
+                return Err(BenchError::Ended("the client"));
+            }
             Ok((to_first, t0.elapsed(), since_first.stop().cpu))
         })
         .await;

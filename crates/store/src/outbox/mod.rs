@@ -129,6 +129,15 @@ pub struct OutboxState {
     pub requeued: u64,
 }
 
+impl OutboxState {
+    /// Nothing this run may send is queued: everything accepted was
+    /// delivered or dropped, or is held for another broker set, or is
+    /// poison.
+    pub fn is_idle(&self) -> bool {
+        self.totals.count <= self.held + self.poisoned
+    }
+}
+
 /// A page read for a broker link by [`Outbox::next_page`].
 #[derive(Debug)]
 pub struct Page {
@@ -223,6 +232,7 @@ pub(super) fn held_count(routes: &[(Option<String>, u64)]) -> u64 {
 pub struct Outbox {
     tx: mpsc::Sender<Request>,
     state: watch::Receiver<OutboxState>,
+    idle: watch::Receiver<bool>,
     dropped: broadcast::Sender<Dropped>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
@@ -237,14 +247,14 @@ impl Outbox {
     /// Starts the writer thread over `store`.
     pub fn start(store: Box<dyn Store>, config: OutboxConfig) -> Result<Outbox, StoreError> {
         let (dropped, _) = broadcast::channel(1024);
-        let (mut writer, state) = Writer::new(store, config, dropped.clone())?;
+        let (mut writer, state, idle) = Writer::new(store, config, dropped.clone())?;
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("steadfast-outbox".into())
             .spawn(move || writer.run(rx))
             .map_err(|source| StoreError::Io { path: "<writer thread>".into(), source })?;
         let thread = Arc::new(Mutex::new(Some(thread)));
-        Ok(Outbox { tx, state, dropped, thread })
+        Ok(Outbox { tx, state, idle, dropped, thread })
     }
 
     fn send(&self, r: Request) {
@@ -551,6 +561,22 @@ impl Outbox {
     /// Watches the outbox state (last id, depth).
     pub fn watch(&self) -> watch::Receiver<OutboxState> {
         self.state.clone()
+    }
+
+    /// Waits until nothing this run may send is queued: everything
+    /// accepted was delivered or dropped, or is held for other brokers, or
+    /// is poison ([`OutboxState::is_idle`]). Woken when that changes, not at
+    /// every batch of the writer, as a wait on [`Outbox::watch`] would be
+    /// (a wake-up of the waiting thread every few messages, for nothing).
+    /// Sees the appends whose acceptance was answered before the call.
+    pub async fn wait_idle(&self) {
+        let _ = self.watch_idle().wait_for(|idle| *idle).await;
+    }
+
+    /// Watches [`OutboxState::is_idle`]: it changes only when the outbox
+    /// empties or fills (what [`Outbox::wait_idle`] waits on).
+    pub fn watch_idle(&self) -> watch::Receiver<bool> {
+        self.idle.clone()
     }
 
     /// The current state.

@@ -111,14 +111,22 @@ impl Batch {
 impl Writer {
     /// What the handles watch: the state as the writer knows it now.
     pub(super) fn publish_state(&self) {
-        self.state.send_replace(OutboxState {
+        let state = OutboxState {
             last_id: self.last_id,
             totals: self.totals,
             newest: self.newest,
             held: self.held,
             poisoned: self.poisoned,
             requeued: self.requeued,
-        });
+        };
+        self.publish_idle(&state);
+        self.state.send_replace(state);
+    }
+
+    /// Tells a change of [`OutboxState::is_idle`], and only a change.
+    fn publish_idle(&self, state: &OutboxState) {
+        let idle = state.is_idle();
+        self.idle.send_if_modified(|was| std::mem::replace(was, idle) != idle);
     }
 
     /// Tells the waiters of what this batch delivered, before its commit:
@@ -135,6 +143,7 @@ impl Writer {
             s.held = held;
             s.poisoned = poisoned;
             s.requeued = requeued;
+            self.publish_idle(s);
         });
         for id in b.delivered_now.drain(..) {
             if let Some(tx) = self.waiters.remove(&id) {

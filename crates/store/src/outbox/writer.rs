@@ -28,6 +28,10 @@ pub(super) struct Writer {
     pub(super) config: OutboxConfig,
     pub(super) totals: Totals,
     pub(super) state: watch::Sender<OutboxState>,
+    /// Whether nothing this run may send is queued ([`OutboxState::is_idle`]): told
+    /// only when that changes, so that a wait for it is not woken at
+    /// every batch (as a watch of `state` is).
+    pub(super) idle: watch::Sender<bool>,
     pub(super) dropped: broadcast::Sender<Dropped>,
     pub(super) waiters: HashMap<u64, oneshot::Sender<Delivery>>,
     /// Who waits for a message to be handled (receipts).
@@ -157,7 +161,7 @@ impl Writer {
         mut store: Box<dyn Store>,
         config: OutboxConfig,
         dropped: broadcast::Sender<Dropped>,
-    ) -> Result<(Writer, watch::Receiver<OutboxState>), StoreError> {
+    ) -> Result<(Writer, watch::Receiver<OutboxState>, watch::Receiver<bool>), StoreError> {
         let totals = store.totals()?;
         let last_id = store.newest_id()?.unwrap_or(0);
         let mut newest = [0; PRIORITIES];
@@ -172,12 +176,15 @@ impl Writer {
         let poisoned = store.poisoned()?.len() as u64;
         let data_version = store.data_version()?;
         let republished = republished_of(store.as_mut())?;
-        let (state_tx, state) = watch::channel(OutboxState { last_id, totals, newest, held: 0, poisoned, requeued: 0 });
+        let first = OutboxState { last_id, totals, newest, held: 0, poisoned, requeued: 0 };
+        let (idle_tx, idle) = watch::channel(first.is_idle());
+        let (state_tx, state) = watch::channel(first);
         let writer = Writer {
             store,
             config,
             totals,
             state: state_tx,
+            idle: idle_tx,
             dropped,
             waiters: HashMap::new(),
             handled_waiters: HashMap::new(),
@@ -209,7 +216,7 @@ impl Writer {
             held_acks_retry: None,
             timings: Timings::new(),
         };
-        Ok((writer, state))
+        Ok((writer, state, idle))
     }
 
     pub(super) fn run(&mut self, rx: mpsc::Receiver<Request>) {

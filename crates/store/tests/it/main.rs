@@ -7,6 +7,7 @@ mod bounds;
 mod compat;
 mod deferred;
 mod follow;
+mod idle;
 mod inbox;
 mod power;
 mod quorum;

@@ -370,6 +370,25 @@ impl HeldAcks {
         }
     }
 
+    /// The rows from `first` to `last`, about to be written by a statement
+    /// of the caller's that can set their acknowledgements too: when each
+    /// of them waits, all with the same set, they are taken (as by
+    /// [`HeldAcks::forget`]: a log record of one no longer changes its
+    /// row, which holds the newer set) and that set is returned; else
+    /// nothing changes.
+    pub(super) fn take_run(&mut self, first: u64, last: u64, in_transaction: bool) -> Option<u64> {
+        let span = self.sets.span(first, last);
+        if span.len() as u64 != last - first + 1 {
+            return None;
+        }
+        let now = self.sets.0[span.start].1.now;
+        if !self.sets.0.range(span).all(|(_, h)| h.now == now) {
+            return None;
+        }
+        self.forget(first, last, in_transaction);
+        Some(now)
+    }
+
     /// The lowest and the highest id whose held set gives its row `bit`,
     /// which its set on disk lacks: where a count of the rows lacking
     /// `bit` reads the rows to [`HeldAcks::patch`] instead of writing

@@ -62,6 +62,15 @@ macro_rules! entry_columns {
     };
 }
 
+/// The packet ids a row of `outbox` is bound to (`Entry::bindings`),
+/// as a column: only a QoS 2 message is ever bound, so the others skip
+/// the look-up in `wire`.
+macro_rules! bindings_column {
+    () => {
+        "CASE WHEN outbox.qos = 2 THEN (SELECT count(*) FROM wire WHERE wire.id = outbox.id) ELSE 0 END"
+    };
+}
+
 /// An [`Entry`] from a row that starts with `entry_columns!()`.
 fn read_entry(r: &rusqlite::Row<'_>, bindings: u32) -> rusqlite::Result<Entry> {
     Ok(Entry {
@@ -199,11 +208,7 @@ impl Store for SqliteStore {
     }
 
     fn entry(&mut self, id: u64) -> Result<Option<Entry>, StoreError> {
-        let sql = concat!(
-            "SELECT ",
-            entry_columns!(),
-            ", (SELECT count(*) FROM wire WHERE wire.id = ?1) FROM outbox WHERE id = ?1"
-        );
+        let sql = concat!("SELECT ", entry_columns!(), ", ", bindings_column!(), " FROM outbox WHERE id = ?1");
         let mut stmt = self.conn_below(id)?.prepare_cached(sql)?;
         let r = stmt.query_row([id], |r| read_entry(r, r.get(10)?));
         Ok(r.optional()?)
@@ -337,11 +342,24 @@ impl Store for SqliteStore {
         debug_assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids not ascending");
         for run in runs(ids) {
             let (first, last) = (run[0], run[run.len() - 1]);
-            let mut stmt = self.conn_below(last)?.prepare_cached(
-                "UPDATE outbox SET awaiting_ms = ?3, acked_ms = coalesce(acked_ms, ?4) WHERE id >= ?1 AND id <= ?2 AND done = 0",
-            )?;
-            let r = stmt.execute(params![first, last, due_ms, now_ms]);
-            drop(stmt);
+            // The acknowledgements that delivered them mostly wait held,
+            // all alike: written by this statement instead of one of their
+            // own just before it.
+            let in_transaction = !self.db.is_autocommit();
+            let held = self.held_acks.take_run(first, last, in_transaction);
+            let conn = self.conn_below(last)?;
+            let r = match held {
+                Some(acks) => conn
+                    .prepare_cached(
+                        "UPDATE outbox SET acks = ?5, awaiting_ms = iif(done = 0, ?3, awaiting_ms), acked_ms = iif(done = 0, coalesce(acked_ms, ?4), acked_ms) WHERE id >= ?1 AND id <= ?2",
+                    )
+                    .and_then(|mut s| s.execute(params![first, last, due_ms, now_ms, acks as i64])),
+                None => conn
+                    .prepare_cached(
+                        "UPDATE outbox SET awaiting_ms = ?3, acked_ms = coalesce(acked_ms, ?4) WHERE id >= ?1 AND id <= ?2 AND done = 0",
+                    )
+                    .and_then(|mut s| s.execute(params![first, last, due_ms, now_ms])),
+            };
             r.map_err(|e| self.map(e))?;
             for &id in run {
                 self.tail.left(id);
@@ -382,7 +400,9 @@ impl Store for SqliteStore {
         let sql = concat!(
             "SELECT ",
             entry_columns!(),
-            ", (SELECT count(*) FROM wire WHERE wire.id = outbox.id), id FROM outbox",
+            ", ",
+            bindings_column!(),
+            ", id FROM outbox",
             " WHERE receipts IS NOT NULL AND id BETWEEN ?1 AND ?2 AND done = 0 ORDER BY id LIMIT ?3"
         );
         // Read as `entry` reads each: the held acknowledgements of the

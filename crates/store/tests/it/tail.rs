@@ -410,6 +410,46 @@ fn a_kept_row_that_changes_is_answered_as_the_database_holds_it() {
     }
 }
 
+/// A wait for receipts written for a run of rows takes their held
+/// acknowledgements into its own statement only when all of them wait
+/// with the same set; otherwise they are written first, each as it is.
+#[test]
+fn a_wait_for_receipts_writes_the_held_acknowledgements_of_its_run() {
+    let mut p = Pair::open();
+    p.both(|s| s.begin().unwrap()).unwrap();
+    let ids: Vec<u64> = (0..6).map(|n| p.both(|s| s.insert(&varied(n + 1)).unwrap()).unwrap()).collect();
+    p.both(|s| s.commit().unwrap()).unwrap();
+    p.both(|s| s.begin().unwrap()).unwrap();
+    let (first, second) = (p.slots[0], p.slots[1]);
+    // Three alike, then three that differ (the middle one by another broker).
+    let slot_of = |i: usize| if i == 4 { second } else { first };
+    for (i, &id) in ids.iter().enumerate() {
+        p.both(|s| s.ack(id, slot_of(i)).unwrap()).unwrap();
+    }
+    // Held past the commit (the store with the tail logs them and keeps
+    // them held), then taken by the waits of a transaction rolled back.
+    p.both(|s| s.commit().unwrap()).unwrap();
+    p.both(|s| s.begin().unwrap()).unwrap();
+    for run in [&ids[..3], &ids[3..]] {
+        p.stores[0].await_receipts_many(run, 5_000, 4_000).unwrap();
+        for &id in run {
+            p.stores[1].await_receipts(id, 5_000, 4_000).unwrap();
+        }
+    }
+    for &id in &ids {
+        let e = p.both(|s| s.entry(id).unwrap()).unwrap().expect("still queued");
+        assert_eq!(e.awaiting_ms, Some(5_000));
+    }
+    p.both(|s| s.rollback()).unwrap();
+    // The waits taken back; the acknowledgements stand, held again.
+    p.both(|s| s.begin().unwrap()).unwrap();
+    for (i, &id) in ids.iter().enumerate() {
+        let e = p.both(|s| s.entry(id).unwrap()).unwrap().expect("still queued");
+        assert_eq!((e.awaiting_ms, e.acks), (None, 1 << slot_of(i)));
+    }
+    p.both(|s| s.commit().unwrap()).unwrap();
+}
+
 /// A statement on an older row writes every held acknowledgement, newer
 /// ones too: a row whose insert still waited lost its acknowledgement
 /// (the UPDATE found no row), so the message went to that broker again.

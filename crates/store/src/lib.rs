@@ -391,9 +391,9 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
         debug_assert_eq!(e.bindings, 0, "message {id} is bound to a packet id");
         self.remove(id).map(drop)
     }
-    /// [`Store::remove_as_read`] of several messages, ascending by id: a
-    /// store may delete a run of consecutive ids in one statement (a
-    /// receipt hands over up to a thousand at once).
+    /// [`Store::remove_as_read`] of several messages, ascending by id and
+    /// distinct: a store may delete a run of consecutive ids in one
+    /// statement (a receipt's page hands over up to 4,096 at once).
     fn remove_many_as_read(&mut self, rows: &[(u64, &Entry)]) -> Result<(), StoreError> {
         rows.iter().try_for_each(|&(id, e)| self.remove_as_read(id, e))
     }
@@ -435,8 +435,8 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// until `due_ms` (no sender reads it meanwhile); `now_ms` is kept as
     /// the time of its first acknowledgement.
     fn await_receipts(&mut self, id: u64, due_ms: u64, now_ms: u64) -> Result<(), StoreError>;
-    /// [`Store::await_receipts`] of several messages, ascending by id,
-    /// all until `due_ms`: a store may update a run of consecutive ids in
+    /// [`Store::await_receipts`] of several messages, ascending by id and
+    /// distinct, all until `due_ms`: a store may update a run of consecutive ids in
     /// one statement (an acknowledgement delivers up to a window at once).
     fn await_receipts_many(&mut self, ids: &[u64], due_ms: u64, now_ms: u64) -> Result<(), StoreError> {
         ids.iter().try_for_each(|&id| self.await_receipts(id, due_ms, now_ms))

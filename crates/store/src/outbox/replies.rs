@@ -119,8 +119,10 @@ impl Writer {
             poisoned: self.poisoned,
             requeued: self.requeued,
         };
-        self.publish_idle(&state);
+        // The state first: whoever is told that the outbox emptied finds
+        // it so.
         self.state.send_replace(state);
+        self.publish_idle(&state);
     }
 
     /// Tells a change of [`OutboxState::is_idle`], and only a change.

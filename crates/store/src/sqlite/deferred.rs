@@ -370,23 +370,28 @@ impl HeldAcks {
         }
     }
 
-    /// The rows from `first` to `last`, about to be written by a statement
-    /// of the caller's that can set their acknowledgements too: when each
-    /// of them waits, all with the same set, they are taken (as by
-    /// [`HeldAcks::forget`]: a log record of one no longer changes its
-    /// row, which holds the newer set) and that set is returned; else
-    /// nothing changes.
-    pub(super) fn take_run(&mut self, first: u64, last: u64, in_transaction: bool) -> Option<u64> {
+    /// The rows from `first` to `last`, about to be written by a
+    /// statement of the caller's transaction that can set their
+    /// acknowledgements too, as [`write_runs`] would (the set each row
+    /// held on disk, then the set now): when each of them waits, all with
+    /// the same two sets, and none is in the log yet, they are taken (a
+    /// rollback puts them back, as for [`HeldAcks::forget`]) and the two
+    /// sets returned; else nothing changes. One in the log stays: the
+    /// write that goes before the caller's statement empties the log,
+    /// whose record would otherwise outlive the row's set (a requeue for
+    /// receipts clears it; an open after a kill would give it back).
+    pub(super) fn take_run(&mut self, first: u64, last: u64) -> Option<(u64, u64)> {
         let span = self.sets.span(first, last);
         if span.len() as u64 != last - first + 1 {
             return None;
         }
-        let now = self.sets.0[span.start].1.now;
-        if !self.sets.0.range(span).all(|(_, h)| h.now == now) {
+        let h = self.sets.0[span.start].1;
+        let alike = |(_, o): &(u64, Held)| o.now == h.now && o.on_disk == h.on_disk && o.logged_in.is_none();
+        if !self.sets.0.range(span).all(alike) {
             return None;
         }
-        self.forget(first, last, in_transaction);
-        Some(now)
+        self.forget(first, last, true);
+        Some((h.on_disk, h.now))
     }
 
     /// The lowest and the highest id whose held set gives its row `bit`,

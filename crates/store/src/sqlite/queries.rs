@@ -343,17 +343,18 @@ impl Store for SqliteStore {
         for run in runs(ids) {
             let (first, last) = (run[0], run[run.len() - 1]);
             // The acknowledgements that delivered them mostly wait held,
-            // all alike: written by this statement instead of one of their
-            // own just before it.
-            let in_transaction = !self.db.is_autocommit();
-            let held = self.held_acks.take_run(first, last, in_transaction);
+            // all alike: written by this statement (with `write_runs`'
+            // condition: another process's change stands) instead of one
+            // of their own just before it. In a transaction only: a
+            // failure then takes them back whole.
+            let held = if self.db.is_autocommit() { None } else { self.held_acks.take_run(first, last) };
             let conn = self.conn_below(last)?;
             let r = match held {
-                Some(acks) => conn
+                Some((old, new)) => conn
                     .prepare_cached(
-                        "UPDATE outbox SET acks = ?5, awaiting_ms = iif(done = 0, ?3, awaiting_ms), acked_ms = iif(done = 0, coalesce(acked_ms, ?4), acked_ms) WHERE id >= ?1 AND id <= ?2",
+                        "UPDATE outbox SET acks = iif(acks & ?6 = ?6 AND acks | ?5 = ?5, ?5, acks), awaiting_ms = iif(done = 0, ?3, awaiting_ms), acked_ms = iif(done = 0, coalesce(acked_ms, ?4), acked_ms) WHERE id >= ?1 AND id <= ?2",
                     )
-                    .and_then(|mut s| s.execute(params![first, last, due_ms, now_ms, acks as i64])),
+                    .and_then(|mut s| s.execute(params![first, last, due_ms, now_ms, new as i64, old as i64])),
                 None => conn
                     .prepare_cached(
                         "UPDATE outbox SET awaiting_ms = ?3, acked_ms = coalesce(acked_ms, ?4) WHERE id >= ?1 AND id <= ?2 AND done = 0",

@@ -379,3 +379,59 @@ fn the_catch_up_sweep_and_the_lag_see_held_acknowledgements_without_writing_them
     drop(store);
     assert_eq!(acks_on_disk(dir.path()), [(id, a | b)], "the close writes it");
 }
+
+/// A wait for receipts writes the held acknowledgements of its run in
+/// its own statement only while no log row holds them: a logged one is
+/// written first, which empties the log, so that a requeue for receipts
+/// (which clears the row's set) is not undone by the log at the open
+/// after a kill.
+#[test]
+fn a_wait_for_receipts_leaves_no_log_record_behind_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    // Logged at the first commit, kept in the log for an hour.
+    let (mut store, slots, [a, _]) = two_brokers(dir.path(), std::time::Duration::ZERO, hour);
+    let ids: Vec<u64> = (0..3).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    let mut never = |_: &Entry| false;
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids, slots[0], &mut never).unwrap();
+    store.commit().unwrap();
+    assert_eq!(log_rows(dir.path()), 1);
+    store.begin().unwrap();
+    store.await_receipts_many(&ids, 5_000, 4_000).unwrap();
+    store.requeue_for_receipts(ids[0]).unwrap();
+    store.commit().unwrap();
+    let killed = as_after_a_kill(dir.path());
+    let (after, _) = SqliteStore::open(killed.path()).unwrap();
+    drop(after);
+    assert_eq!(acks_on_disk(killed.path()), [(ids[0], 0), (ids[1], a), (ids[2], a)], "the requeue stands");
+}
+
+/// When the wait's statement writes the run's held acknowledgements, it
+/// does so as the held write would: a set another process changed
+/// meanwhile (a joined `pub` publishing the message again) stands.
+#[test]
+fn a_wait_for_receipts_keeps_another_processs_change_of_a_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let hour = std::time::Duration::from_secs(3600);
+    // Held unlogged for an hour.
+    let (mut store, slots, [a, b]) = two_brokers(dir.path(), hour, hour);
+    let ids: Vec<u64> = (0..2).map(|n| store.insert(&plain(n)).unwrap()).collect();
+    let mut never = |_: &Entry| false;
+    // Outside a transaction: written at once.
+    store.ack_or_remove_many(&ids, slots[0], &mut never).unwrap();
+    // B's, held past the commit, alike for both rows (a, then a and b).
+    store.begin().unwrap();
+    store.ack_or_remove_many(&ids, slots[1], &mut never).unwrap();
+    store.commit().unwrap();
+    assert_eq!(acks_on_disk(dir.path()), [(ids[0], a), (ids[1], a)]);
+    let raw = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    raw.execute("UPDATE outbox SET acks = 0 WHERE id = ?1", [ids[0]]).unwrap();
+    drop(raw);
+    store.begin().unwrap();
+    store.await_receipts_many(&ids, 5_000, 4_000).unwrap();
+    store.commit().unwrap();
+    assert_eq!(acks_on_disk(dir.path()), [(ids[0], 0), (ids[1], a | b)]);
+    let awaiting: Vec<Option<u64>> = ids.iter().map(|id| store.entry(*id).unwrap().unwrap().awaiting_ms).collect();
+    assert_eq!(awaiting, [Some(5_000), Some(5_000)]);
+}

@@ -1,5 +1,5 @@
 //! Inserts and acknowledgements written together. Inside a transaction,
-//! a plain message's row (content and properties only, see [`is_plain`])
+//! a plain message's row (content, properties and receipt rule only, see [`is_plain`])
 //! waits in memory and goes to SQLite with the ones after it in one
 //! multi-row `INSERT`, before the first statement that could see it and
 //! at the latest before the commit. A row's new set of acknowledgements
@@ -62,37 +62,36 @@ pub(super) struct Waiting {
 const SIZES: [usize; 6] = [32, 16, 8, 4, 2, 1];
 
 /// The values of one row, in the order of [`INSERTS`]' columns.
-const COLUMNS: usize = 8;
+const COLUMNS: usize = 9;
 
 /// The multi-row `INSERT` for each of [`SIZES`]. The columns a plain
 /// message leaves to their defaults are not named; `acks` has no default
-/// (see `outbox_table!`) and is 0.
+/// (see `outbox_table!`) and is 0. `receipts` is NULL for a message that
+/// asks for none.
 static INSERTS: LazyLock<[String; SIZES.len()]> = LazyLock::new(|| {
     SIZES.map(|n| {
-        let mut sql =
-            String::from("INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, acks) VALUES ");
+        let mut sql = String::from(
+            "INSERT INTO outbox (id, topic, payload, qos, retain, props, created_ms, size, receipts, acks) VALUES ",
+        );
         for i in 0..n {
             if i > 0 {
                 sql.push(',');
             }
-            sql.push_str("(?,?,?,?,?,?,?,?,0)");
+            sql.push_str("(?,?,?,?,?,?,?,?,?,0)");
         }
         sql
     })
 });
 
-/// A message whose row needs only its content and properties: the other
-/// columns' defaults are what the full statement would write (NULL,
-/// priority 0, not keep-latest). Most messages are (a bridge's carry an
-/// identity property, which is a property).
+/// A message whose row needs only its content, its properties and its
+/// receipt rule: the other columns' defaults are what the full statement
+/// would write (NULL, priority 0, not keep-latest). Most messages are (a
+/// bridge's carry an identity property, which is a property; a producer
+/// that asks for receipts asks it of every message, docs/performance.md,
+/// session 32).
 pub(super) fn is_plain(m: &NewMessage) -> bool {
     let p = &m.policy;
-    m.route.is_none()
-        && m.receipts.is_none()
-        && p.expires_ms.is_none()
-        && p.priority == 0
-        && p.max_attempts.is_none()
-        && !p.keep_latest
+    m.route.is_none() && p.expires_ms.is_none() && p.priority == 0 && p.max_attempts.is_none() && !p.keep_latest
 }
 
 /// Writes `rows` (ids ascending), as few statements as [`SIZES`] allows.
@@ -122,6 +121,7 @@ pub(super) fn write(conn: &Connection, rows: &[Waiting]) -> rusqlite::Result<()>
                 }
                 stmt.raw_bind_parameter(at + 7, m.created_ms)?;
                 stmt.raw_bind_parameter(at + 8, m.size())?;
+                stmt.raw_bind_parameter(at + 9, m.receipts.as_deref())?;
             }
             let written = stmt.raw_execute()?;
             if written != *size {

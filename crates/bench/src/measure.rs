@@ -275,10 +275,15 @@ impl Cpu {
     }
 }
 
-/// Process `pid`'s CPU per message in `cpu` ("5.5"), or "-" where not
-/// known: for the notes that split a row's children by process.
+/// Microseconds for a note under a table ("5.5"), or "-" where not known.
+pub(crate) fn us_text(us: Option<f64>) -> String {
+    us.map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
+}
+
+/// Process `pid`'s CPU per message in `cpu` ([`us_text`]): for the notes
+/// that split a row's children by process.
 pub(crate) fn process_us(cpu: Option<Cpu>, pid: Option<u32>) -> String {
-    cpu.zip(pid).and_then(|(c, pid)| c.of_process(pid)).map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
+    us_text(cpu.zip(pid).and_then(|(c, pid)| c.of_process(pid)))
 }
 
 /// The median rate of several runs, and the CPU figures of the run that

@@ -24,7 +24,7 @@ use steadfast_lab::{free_port, Broker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::steadfast_durable;
-use crate::measure::{broker, median, median_run, process_us, rate, state_dir, versus, Cpu, Span, Took};
+use crate::measure::{broker, median, median_run, process_us, rate, state_dir, us_text, versus, Cpu, Span, Took};
 use crate::{Args, BenchError, Row, Scenario};
 
 /// The in-flight window of a `steadfast bridge` route (the client's
@@ -233,7 +233,7 @@ fn scenario(
     // (docs/performance.md, session 31: the local broker's delivery, a
     // wake-up of its loop for each PUBACK it reads, is the largest part,
     // and no client can cut it).
-    let own = |c: Option<Cpu>| c.and_then(|c| c.own_us).map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"));
+    let own = |c: Option<Cpu>| us_text(c.and_then(|c| c.own_us));
     notes.push(format!(
         "CPU us a message by process, median runs: bridged, the bridge {} + the local broker {} (delivering to it) + the upstream broker {}; straight, the publisher {} + the upstream broker {}",
         own(bridged.1),

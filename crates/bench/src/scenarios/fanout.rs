@@ -5,7 +5,7 @@
 use steadfast::{AckQuorum, BrokerSet, Mode, ProtocolVersion};
 
 use crate::clients::{bare_rumqttc_v5, steadfast_set};
-use crate::measure::{broker, median_run, process_us, rate, url, versus, Cpu, RssPeak, Span, Took};
+use crate::measure::{broker, median_run, process_us, rate, url, us_text, versus, Cpu, RssPeak, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
 pub(crate) async fn fanout(a: Args) -> Result<Scenario, BenchError> {
@@ -91,12 +91,11 @@ async fn bare_fanout(ports: &[u16], a: &Args, run: usize) -> Result<Took, BenchE
 fn bare_notes(one: (f64, Option<Cpu>), two: (f64, Option<Cpu>), steadfast_two: f64) -> Vec<String> {
     let cpu = |c: Option<Cpu>| {
         c.map_or_else(String::new, |c| {
-            let part = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
             format!(
                 ", CPU {:.1} / own {} / child {} us a message, busy {:.0} %",
                 c.machine_us,
-                part(c.own_us),
-                part(c.child_us),
+                us_text(c.own_us),
+                us_text(c.child_us),
                 c.busy * 100.0
             )
         })

@@ -87,7 +87,7 @@ impl Writer {
     /// after the commit: a failed one applies the acknowledgement again).
     fn count_delivered(&self, e: &Entry, b: &mut Batch) {
         b.delivered += 1;
-        let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+        let now = b.now_ms();
         b.delivery_ms.push(now.saturating_sub(e.created_ms));
     }
 
@@ -136,7 +136,7 @@ impl Writer {
         if waits.is_empty() {
             return Ok(());
         }
-        let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+        let now = b.now_ms();
         let mut ids = Vec::with_capacity(waits.len());
         for same in waits.chunk_by(|x, y| x.1 == y.1) {
             ids.clear();
@@ -160,7 +160,7 @@ impl Writer {
         };
         // Receipts before the quorum are noted only when it needs several.
         let by = if need > 1 { self.store.receipts_of(id)? } else { Vec::new() };
-        let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+        let now = b.now_ms();
         let first = e.acked_ms.is_none();
         match ReceiptRule::on_quorum(Some(&rule), by.len(), e.resends, now) {
             Settle::Delivered => {
@@ -187,7 +187,7 @@ impl Writer {
     /// handled, and the caller makes it leave ([`Writer::finish`]).
     fn handled(&mut self, id: u64, e: &Entry, by: Vec<String>, b: &mut Batch) {
         if let Some(acked) = e.acked_ms {
-            let now = *b.wall_ms.get_or_insert_with(crate::now_ms);
+            let now = b.now_ms();
             metrics::histogram!("steadfast_receipt_wait_seconds").record(now.saturating_sub(acked) as f64 / 1000.0);
         } else if e.awaiting_ms.is_none() {
             // Handled before its acknowledgement was recorded: delivered.
@@ -219,8 +219,7 @@ impl Writer {
                     _ => None,
                 };
                 let mut leaving = Vec::new();
-                for (id, e) in &page {
-                    let (id, e) = (*id, e);
+                for &(id, ref e) in &page {
                     let Some(rule) = e.receipts.as_deref().and_then(ReceiptRule::parse) else { continue };
                     if e.done || !rule.accepts(&receipt.by) {
                         continue;

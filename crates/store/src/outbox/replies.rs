@@ -49,6 +49,12 @@ pub(super) struct Batch {
 }
 
 impl Batch {
+    /// The wall clock as the batch first read it (`wall_ms`), read now if
+    /// not yet.
+    pub(super) fn now_ms(&mut self) -> u64 {
+        *self.wall_ms.get_or_insert_with(crate::now_ms)
+    }
+
     /// This batch emptied for the next one, its vectors' room kept up to
     /// [`KEPT_BATCH`] each: a batch of acknowledgements grew a few of them
     /// again from nothing, each growth past a kilobyte a walk of the

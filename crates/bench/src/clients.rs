@@ -76,6 +76,15 @@ pub(crate) fn first_ack<T>(
     first.map(|f| f.unwrap_or(none)).inspect_err(|_| producer.abort())
 }
 
+/// What bare rumqttc's MQTT 5 messages carry besides topic and payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carried {
+    Nothing,
+    /// A `steadfast-id` user property, `producer/seq`, as steadfast's MQTT 5
+    /// messages carry it (G5): what a broker spends on the identity.
+    Identity,
+}
+
 /// The same through bare rumqttc, MQTT 5.
 pub(crate) async fn bare_rumqttc_v5(
     port: u16,
@@ -83,8 +92,9 @@ pub(crate) async fn bare_rumqttc_v5(
     id: &str,
     window: u16,
     topic: fn(usize) -> String,
+    carried: Carried,
 ) -> Result<Timed, BenchError> {
-    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let mut opts = MqttOptions::new(format!("bench-rumqttc5-{id}"), "127.0.0.1", port);
@@ -94,9 +104,19 @@ pub(crate) async fn bare_rumqttc_v5(
     let n = a.messages;
     let payload = vec![b'r'; a.payload];
     let span = Span::start(n);
+    let producer_id = format!("bench-rumqttc5-{id}");
     let producer = tokio::spawn(async move {
         for i in 0..n {
-            client.publish(topic(i), QoS::AtLeastOnce, false, payload.clone()).await?;
+            let (topic, payload) = (topic(i), payload.clone());
+            match carried {
+                Carried::Nothing => client.publish(topic, QoS::AtLeastOnce, false, payload).await?,
+                Carried::Identity => {
+                    let value = steadfast::Identity::property_value(&producer_id, i as u64 + 1);
+                    let user_properties = vec![(steadfast::Identity::USER_PROPERTY.to_owned(), value)];
+                    let properties = PublishProperties { user_properties, ..PublishProperties::default() };
+                    client.publish_with_properties(topic, QoS::AtLeastOnce, false, payload, properties).await?
+                }
+            }
         }
         Ok::<_, rumqttc::v5::ClientError>(client)
     });
@@ -313,4 +333,48 @@ pub(crate) async fn latency_rumqttc_v5(port: u16, a: &Args, n: usize) -> Result<
     let client = producer.await?.map_err(BenchError::rumqttc("latency: rumqttc"))?;
     let _ = client.disconnect().await;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+
+    /// The like-for-like MQTT 5 baseline carries what steadfast's messages
+    /// carry: every message its `steadfast-id` property, `producer/seq`
+    /// from 1, as a subscriber receives it; the plain baseline carries none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bare_rumqttc_5_carries_the_identity_property_only_when_asked() {
+        let broker = crate::measure::broker(0).await.unwrap();
+        let port = broker.port();
+        let (sub, mut events) = AsyncClient::new(MqttOptions::new("bench-test-sub", "127.0.0.1", port), 64);
+        sub.subscribe("bench/carried/#", QoS::AtLeastOnce).await.unwrap();
+        let subscribed = async { while !matches!(events.poll().await.unwrap(), Event::Incoming(Packet::SubAck(_))) {} };
+        tokio::time::timeout(Duration::from_secs(10), subscribed).await.expect("the SUBACK within 10 s");
+        let a = Args { messages: 3, ..Args::default() };
+        bare_rumqttc_v5(port, &a, "plain", 16, |_| "bench/carried/plain".into(), Carried::Nothing).await.unwrap();
+        bare_rumqttc_v5(port, &a, "id", 16, |_| "bench/carried/id".into(), Carried::Identity).await.unwrap();
+        let received = async {
+            let mut got = Vec::new();
+            while got.len() < 6 {
+                if let Event::Incoming(Packet::Publish(p)) = events.poll().await.unwrap() {
+                    let user = p.properties.map(|p| p.user_properties).unwrap_or_default();
+                    got.push((String::from_utf8(p.topic.to_vec()).unwrap(), user));
+                }
+            }
+            got
+        };
+        let got = tokio::time::timeout(Duration::from_secs(10), received).await.expect("6 messages within 10 s");
+        let key = steadfast::Identity::USER_PROPERTY.to_owned();
+        let want: Vec<(String, Vec<(String, String)>)> =
+            (0..3)
+                .map(|_| ("bench/carried/plain".to_owned(), vec![]))
+                .chain((1..=3).map(|seq| {
+                    ("bench/carried/id".to_owned(), vec![(key.clone(), format!("bench-rumqttc5-id/{seq}"))])
+                }))
+                .collect();
+        assert_eq!(got, want);
+    }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use steadfast::{BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::Broker;
 
-use crate::clients::{bare_rumqttc_v5, enqueue_all, Timed};
+use crate::clients::{bare_rumqttc_v5, enqueue_all, Carried, Timed};
 use crate::measure::{at_par, bounded, broker, mib, rate, rss, state_dir, url, Cpu, RssPeak, Span};
 use crate::{Args, BenchError, Row, Scenario};
 
@@ -30,7 +30,7 @@ pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
     // payload, topics), MQTT 5, the same window, the same broker, timed by
     // the same rule (first acknowledgement to last).
     eprintln!("backlog: bare rumqttc, MQTT 5, {} messages live", a.messages);
-    let bare = bare_rumqttc_v5(broker.port(), &a, "backlog", a.inflight, backlog_topic).await?;
+    let bare = bare_rumqttc_v5(broker.port(), &a, "backlog", a.inflight, backlog_topic, Carried::Nothing).await?;
     Ok(scenario(&a, before, &fill, &drain, after_crash, bare))
 }
 

@@ -4,7 +4,7 @@
 
 use steadfast::{AckQuorum, BrokerSet, Mode, ProtocolVersion};
 
-use crate::clients::{bare_rumqttc_v5, steadfast_set};
+use crate::clients::{bare_rumqttc_v5, steadfast_set, Carried};
 use crate::measure::{broker, median_run, process_us, rate, url, us_text, versus, Cpu, RssPeak, Span, Took};
 use crate::{Args, BenchError, Scenario};
 
@@ -75,7 +75,9 @@ async fn bare_fanout(ports: &[u16], a: &Args, run: usize) -> Result<Took, BenchE
     let mut clients = tokio::task::JoinSet::new();
     for (i, &port) in ports.iter().enumerate() {
         let (a, id) = (a.clone(), format!("fanout-{run}-{}-{i}", ports.len()));
-        clients.spawn(async move { bare_rumqttc_v5(port, &a, &id, a.inflight, |_| "bench/fanout".into()).await });
+        clients.spawn(async move {
+            bare_rumqttc_v5(port, &a, &id, a.inflight, |_| "bench/fanout".into(), Carried::Nothing).await
+        });
     }
     // The first to fail ends the run: the others stop as the set is
     // dropped.

@@ -5,7 +5,7 @@
 use steadfast::ProtocolVersion;
 
 use crate::clients::{
-    bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable,
+    bare_rumqttc, bare_rumqttc_v5, latency_rumqttc_v5, latency_steadfast, mosquitto_pub, steadfast_durable, Carried,
     SteadfastLatency,
 };
 use crate::measure::{at_par, bounded, broker, median, median_run, mib, rate, Cpu, RssPeak, Took};
@@ -16,15 +16,19 @@ use crate::{percentile, Args, BenchError, Row, Scenario};
 pub(crate) enum Publisher {
     Rumqttc311,
     Rumqttc5,
+    /// Bare rumqttc, MQTT 5, each message carrying steadfast's identity
+    /// property: the fastest a client that carries G5's identity can go.
+    Rumqttc5Id,
     MosquittoPub,
     Steadfast311,
     Steadfast5,
 }
 
 impl Publisher {
-    const ALL: [Publisher; 5] = [
+    const ALL: [Publisher; 6] = [
         Publisher::Rumqttc311,
         Publisher::Rumqttc5,
+        Publisher::Rumqttc5Id,
         Publisher::MosquittoPub,
         Publisher::Steadfast311,
         Publisher::Steadfast5,
@@ -34,6 +38,9 @@ impl Publisher {
         match self {
             Publisher::Rumqttc311 => "bare rumqttc 0.25, MQTT 3.1.1 (no durability)",
             Publisher::Rumqttc5 => "bare rumqttc 0.25, MQTT 5 (no durability)",
+            Publisher::Rumqttc5Id => {
+                "bare rumqttc 0.25, MQTT 5, with steadfast's identity property (no durability, x rumqttc 5)"
+            }
             Publisher::MosquittoPub => "mosquitto_pub -l -q 1, MQTT 3.1.1 (no durability, x rumqttc 3.1.1)",
             Publisher::Steadfast311 => "steadfast, durable outbox, MQTT 3.1.1 (x rumqttc 3.1.1)",
             Publisher::Steadfast5 => "steadfast, durable outbox, MQTT 5 (x rumqttc 5)",
@@ -45,6 +52,7 @@ impl Publisher {
         match self {
             Publisher::Rumqttc311 => "bare rumqttc 0.25, MQTT 3.1.1",
             Publisher::Rumqttc5 => "bare rumqttc 0.25, MQTT 5",
+            Publisher::Rumqttc5Id => "bare rumqttc 0.25, MQTT 5, with the identity property",
             Publisher::MosquittoPub => "mosquitto_pub -l -q 1, MQTT 3.1.1",
             Publisher::Steadfast311 => "steadfast, durable outbox, MQTT 3.1.1",
             Publisher::Steadfast5 => "steadfast, durable outbox, MQTT 5",
@@ -59,7 +67,7 @@ impl Publisher {
     /// The baseline of its ratio: bare rumqttc with the same MQTT version.
     fn baseline(self) -> Publisher {
         match self {
-            Publisher::Rumqttc5 | Publisher::Steadfast5 => Publisher::Rumqttc5,
+            Publisher::Rumqttc5 | Publisher::Rumqttc5Id | Publisher::Steadfast5 => Publisher::Rumqttc5,
             _ => Publisher::Rumqttc311,
         }
     }
@@ -69,7 +77,12 @@ impl Publisher {
         let id = format!("{run}-w{window}");
         Ok(match self {
             Publisher::Rumqttc311 => bare_rumqttc(port, a, &id, window, |_| "bench/rumqttc".into()).await?.total,
-            Publisher::Rumqttc5 => bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into()).await?.total,
+            Publisher::Rumqttc5 => {
+                bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into(), Carried::Nothing).await?.total
+            }
+            Publisher::Rumqttc5Id => {
+                bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into(), Carried::Identity).await?.total
+            }
             // A process of its own: this one does not see its time.
             Publisher::MosquittoPub => {
                 let took = mosquitto_pub(port, a, window)?;
@@ -140,6 +153,8 @@ fn title(a: &Args, windows: &[u16]) -> String {
 /// RSS at the common window (`a.inflight`).
 struct WindowRates {
     windows: Vec<u16>,
+    /// The window every client is measured at (`a.inflight`).
+    common: u16,
     /// By client (in `Publisher::ALL` order): (window, median msg/s).
     medians: Vec<Vec<(u16, f64)>>,
     /// By client: peak RSS, bytes.
@@ -179,7 +194,7 @@ impl WindowRates {
         let cpu = rates.iter().zip(&cpu).map(|(by_w, cpu)| median_run(&by_w[common], cpu).1).collect();
         let medians =
             rates.into_iter().map(|by_w| windows.iter().copied().zip(by_w.into_iter().map(median)).collect()).collect();
-        Ok(WindowRates { windows, medians, rss, cpu })
+        Ok(WindowRates { windows, common: a.inflight, medians, rss, cpu })
     }
 
     fn of(&self, p: Publisher) -> &[(u16, f64)] {
@@ -234,6 +249,14 @@ impl WindowRates {
             "rates: rumqttc from its first publish call (connect included) to its last PUBACK; steadfast from its first enqueue to an empty outbox (every message synced to disk before it is sent); mosquitto_pub the whole process".to_owned(),
             "\"best window\" rows: each client at the window that gave it the highest median; ratio: best over the best of rumqttc with the same MQTT version".into(),
         ];
+        let (id, v5) = (Publisher::Rumqttc5Id, Publisher::Steadfast5);
+        notes.push(format!(
+            "MQTT 5 against a client that carries the same identity (G5's user property, which the broker parses and keeps with every message): steadfast over bare rumqttc 5 with the property {:.2} at window {}, {:.2} each at its best window; the property alone takes bare rumqttc 5 to {:.2} of its rate",
+            self.at(v5, self.common) / self.at(id, self.common),
+            self.common,
+            best(self.of(v5)).1 / best(self.of(id)).1,
+            self.at(id, self.common) / self.at(Publisher::Rumqttc5, self.common),
+        ));
         for (p, by_w) in Publisher::ALL.iter().zip(&self.medians) {
             let each = by_w.iter().map(|(w, r)| format!("{w}: {r:.0}")).collect::<Vec<_>>().join(", ");
             notes.push(format!("msg/s by window, {}: {each}", p.short()));
@@ -359,6 +382,7 @@ mod tests {
             [
                 (Rumqttc311, Rumqttc311),
                 (Rumqttc5, Rumqttc5),
+                (Rumqttc5Id, Rumqttc5),
                 (MosquittoPub, Rumqttc311),
                 (Steadfast311, Rumqttc311),
                 (Steadfast5, Rumqttc5)

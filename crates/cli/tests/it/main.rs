@@ -750,6 +750,16 @@ async fn bench_reports_json_against_same_run_baselines_and_plots_latency() {
         .find(|r| r["name"].as_str().unwrap().starts_with("latency: steadfast"))
         .unwrap();
     assert!(latency["p50_ms"].as_f64().unwrap() > 0.0 && latency["p99_ms"].as_f64() >= latency["p50_ms"].as_f64());
+    // MQTT 5 is also measured against a bare client carrying the same
+    // identity property, and steadfast against it in a note.
+    let carrying =
+        publish.as_array().unwrap().iter().find(|r| r["name"].as_str().unwrap().contains("identity property"));
+    assert!(carrying.is_some_and(|r| r["ratio"].as_f64().is_some_and(|x| x > 0.0)), "{publish}");
+    let notes = scenarios[0]["notes"].as_array().unwrap();
+    assert!(
+        notes.iter().any(|n| n.as_str().unwrap().starts_with("MQTT 5 against a client that carries the same identity")),
+        "{notes:?}"
+    );
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("steadfast, durable") && svg.contains("bare rumqttc"), "{svg}");
     let out = run(&["bench", "nonsense"]).await;

@@ -21,7 +21,9 @@
 //!   from opening the outbox to the first acknowledged message, the
 //!   drain rate, and the RSS of this process while the backlog sits and
 //!   while it drains (sampled from /proc every 50 ms), against bare
-//!   rumqttc publishing live in the same run.
+//!   rumqttc publishing live in the same run, without and with
+//!   steadfast's identity property; `--runs` such runs, the median
+//!   reported and every run's ratio in a note.
 //!
 //! - `bridge`: N QoS 1 messages queued in a local Mosquitto for a
 //!   registered `steadfast bridge` route, then forwarded (durably, each

@@ -8,30 +8,63 @@ use steadfast::{BrokerUrl, Client, ClientConfig, Message, ProtocolVersion};
 use steadfast_lab::Broker;
 
 use crate::clients::{bare_rumqttc_v5, enqueue_all, Carried, Timed};
-use crate::measure::{at_par, bounded, broker, mib, rate, rss, state_dir, url, Cpu, RssPeak, Span};
+use crate::measure::{at_par, bounded, broker, median, median_run, mib, rate, rss, state_dir, url, Cpu, RssPeak, Span};
 use crate::{Args, BenchError, Row, Scenario};
 
 pub(crate) async fn backlog(mut a: Args) -> Result<Scenario, BenchError> {
     if a.messages == 100_000 {
         a.messages = 1_000_000;
     }
-    // The broker is down while the backlog queues, and comes back on the
-    // same address: the messages were accepted for it (an outbox never
-    // sends to other brokers what it accepted for these).
     let mut broker = broker(0).await?;
-    broker.kill9();
-    let dir = state_dir(&a)?;
     let before = rss();
-    let fill = Fill::queue(&a, dir.path(), broker.port()).await?;
-    let after_crash = open_after_crash(&a, dir.path(), broker.port()).await?;
-    broker.restart().await?;
-    let drain = Drain::restart(&a, dir.path(), &broker).await?;
-    // The baseline does the same work from memory: the same messages (count,
-    // payload, topics), MQTT 5, the same window, the same broker, timed by
-    // the same rule (first acknowledgement to last).
-    eprintln!("backlog: bare rumqttc, MQTT 5, {} messages live", a.messages);
-    let bare = bare_rumqttc_v5(broker.port(), &a, "backlog", a.inflight, backlog_topic, Carried::Nothing).await?;
-    Ok(scenario(&a, before, &fill, &drain, after_crash, bare))
+    let mut runs = Vec::with_capacity(a.runs);
+    for run in 0..a.runs {
+        eprintln!("backlog: run {}/{}", run + 1, a.runs);
+        runs.push(Run::measure(&a, &mut broker).await?);
+    }
+    Ok(scenario(&a, before, &runs))
+}
+
+/// One run: the backlog queued, opened as after a crash, drained; then the
+/// baselines live.
+struct Run {
+    fill: Fill,
+    after_crash: Duration,
+    drain: Drain,
+    /// Bare rumqttc 5 with nothing besides topic and payload.
+    bare: Timed,
+    /// The same carrying steadfast's identity property, as the drained
+    /// messages do.
+    carrying: Timed,
+}
+
+impl Run {
+    async fn measure(a: &Args, broker: &mut Broker) -> Result<Run, BenchError> {
+        // The broker is down while the backlog queues, and comes back on
+        // the same address: the messages were accepted for it (an outbox
+        // never sends to other brokers what it accepted for these).
+        broker.kill9();
+        let dir = state_dir(a)?;
+        let fill = Fill::queue(a, dir.path(), broker.port()).await?;
+        let after_crash = open_after_crash(a, dir.path(), broker.port()).await?;
+        broker.restart().await?;
+        let drain = Drain::restart(a, dir.path(), broker).await?;
+        // The baselines do the same work from memory: the same messages
+        // (count, payload, topics), MQTT 5, the same window, the same
+        // broker, timed by the same rule (first acknowledgement to last).
+        eprintln!(
+            "backlog: bare rumqttc, MQTT 5, {} messages live, without and with the identity property",
+            a.messages
+        );
+        let port = broker.port();
+        let bare = bare_rumqttc_v5(port, a, "backlog", a.inflight, backlog_topic, Carried::Nothing).await?;
+        let carrying = bare_rumqttc_v5(port, a, "backlog-id", a.inflight, backlog_topic, Carried::Identity).await?;
+        Ok(Run { fill, after_crash, drain, bare, carrying })
+    }
+
+    fn drain_rate(&self, n: usize) -> f64 {
+        rate(n, self.drain.drained - self.drain.to_first)
+    }
 }
 
 /// Opening the backlog as after a crash: without the clean-close marker,
@@ -135,46 +168,54 @@ impl Drain {
     }
 }
 
-/// The rows: the restart's times, the fill's and the drain's rates, the
-/// baseline's; `before`: the RSS before the backlog was queued.
-fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Duration, bare: Timed) -> Scenario {
+/// The rows: the restart's times and the rates, the median of the runs;
+/// the baseline's; `before`: the RSS before the first backlog was queued.
+fn scenario(a: &Args, before: u64, runs: &[Run]) -> Scenario {
     let n = a.messages;
-    let bare_rate = rate(n, bare.from_first_ack.elapsed);
-    let drain_rate = rate(n, drain.drained - drain.to_first);
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let median_ms = |f: fn(&Run) -> Duration| median(runs.iter().map(|r| ms(f(r))).collect());
+    let drains: Vec<f64> = runs.iter().map(|r| r.drain_rate(n)).collect();
+    let bares: Vec<f64> = runs.iter().map(|r| rate(n, r.bare.from_first_ack.elapsed)).collect();
+    let carrying: Vec<f64> = runs.iter().map(|r| rate(n, r.carrying.from_first_ack.elapsed)).collect();
+    let (drain_rate, drain_cpu) = median_run(&drains, &runs.iter().map(|r| r.drain.cpu).collect::<Vec<_>>());
+    let (bare_rate, bare_cpu) = median_run(&bares, &runs.iter().map(|r| r.bare.from_first_ack.cpu).collect::<Vec<_>>());
+    let listed = |v: Vec<f64>| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ");
+    let over = |base: &[f64]| drains.iter().zip(base).map(|(d, b)| d / b).collect::<Vec<f64>>();
+    let (by_run, by_run_carrying) = (over(&bares), over(&carrying));
+    let to_first: Vec<String> = runs.iter().map(|r| format!("{:.0}", ms(r.drain.to_first))).collect();
     Scenario {
         name: "restart+drain",
         title: format!(
-            "{n} QoS 1 messages of {} bytes queued with no broker reachable, then a restart on that outbox with the broker up (restart and drain), MQTT 5, in-flight window {}",
-            a.payload, a.inflight
+            "{n} QoS 1 messages of {} bytes queued with no broker reachable, then a restart on that outbox with the broker up (restart and drain), MQTT 5, in-flight window {}, {} runs, median",
+            a.payload, a.inflight, a.runs
         ),
         ratio_to: "drain: bare rumqttc (MQTT 5) publishing the same messages live to the same broker, same run, both timed from the first acknowledgement to the last".into(),
         rows: vec![
             Row {
                 name: "restart: open the outbox".into(),
-                value: Some((ms(drain.opened), "ms")),
+                value: Some((median_ms(|r| r.drain.opened), "ms")),
                 rss_mib: Some(mib(before)),
                 ..Row::default()
             },
             Row {
                 name: "restart: open to the first acknowledgement (target <= 100 ms)".into(),
-                value: Some((ms(drain.to_first), "ms")),
+                value: Some((median_ms(|r| r.drain.to_first), "ms")),
                 ..Row::default()
             },
             Row {
                 name: "restart after a crash: open (integrity check of the whole file)".into(),
-                value: Some((ms(after_crash), "ms")),
+                value: Some((median_ms(|r| r.after_crash), "ms")),
                 ..Row::default()
             },
             Row {
                 name: "restart: open to the outbox empty".into(),
-                value: Some((ms(drain.drained), "ms")),
+                value: Some((median_ms(|r| r.drain.drained), "ms")),
                 ..Row::default()
             },
             Row {
                 name: "queue the backlog (accepted, peak RSS)".into(),
-                rate: Some(rate(n, fill.took)),
-                rss_mib: Some(mib(fill.peak)),
+                rate: Some(median(runs.iter().map(|r| rate(n, r.fill.took)).collect())),
+                rss_mib: runs.iter().map(|r| r.fill.peak).max().map(mib),
                 ..Row::default()
             },
             Row {
@@ -182,27 +223,37 @@ fn scenario(a: &Args, before: u64, fill: &Fill, drain: &Drain, after_crash: Dura
                 rate: Some(bare_rate),
                 baseline: true,
                 window: Some(a.inflight),
-                cpu: bare.from_first_ack.cpu,
-                cpu_max: bare.from_first_ack.cpu.map(|c| c.max_ratio(bare_rate)),
+                cpu: bare_cpu,
+                cpu_max: bare_cpu.map(|c| c.max_ratio(bare_rate)),
                 ..Row::default()
             },
             Row {
                 name: "drain: first to last acknowledgement (peak RSS)".into(),
                 rate: Some(drain_rate),
-                rss_mib: Some(mib(drain.peak)),
+                rss_mib: runs.iter().map(|r| r.drain.peak).max().map(mib),
                 ratio: Some(drain_rate / bare_rate),
                 window: Some(a.inflight),
-                cpu: drain.cpu,
-                cpu_max: drain.cpu.map(|c| c.max_ratio(bare_rate)),
-                par_max: at_par(drain.cpu, bare.from_first_ack.cpu, bare_rate),
+                cpu: drain_cpu,
+                cpu_max: drain_cpu.map(|c| c.max_ratio(bare_rate)),
+                par_max: at_par(drain_cpu, bare_cpu, bare_rate),
                 ..Row::default()
             },
         ],
         latencies: vec![],
-        notes: vec![format!(
-            "bare rumqttc including its connect (first publish call to last ack): {:.0} msg/s; the drain's first acknowledgement is seen when the outbox's count first drops (after that removal's commit)",
-            rate(n, bare.total.elapsed)
-        )],
+        notes: vec![
+            format!("drain over bare rumqttc, run by run: {} (the runs alternate: backlog, drain, bare rumqttc)", listed(by_run)),
+            format!(
+                "drain over bare rumqttc 5 carrying steadfast's identity property on every message (as the drained messages do; the broker parses and keeps it): median {:.2}, run by run {}; bare rumqttc 5 with the property: median {:.0} msg/s",
+                median(by_run_carrying.clone()),
+                listed(by_run_carrying),
+                median(carrying.clone())
+            ),
+            format!("open to the first acknowledgement, run by run: {} ms", to_first.join(", ")),
+            format!(
+                "bare rumqttc including its connect (first publish call to last ack): median {:.0} msg/s; the drain's first acknowledgement is seen when the outbox's count first drops (after that removal's commit)",
+                median(runs.iter().map(|r| rate(n, r.bare.total.elapsed)).collect())
+            ),
+        ],
     }
 }
 

@@ -80,9 +80,12 @@ client_id = "$name-bridge-$n-$RANDOM"
 [route.destination]
 brokers = ["mqtt://127.0.0.1:$up_port"]
 TOML
-    "$bin" bridge --config "$work/bridge.toml" --register > "$work/register.log" 2>&1
-    "$bin" pub -h 127.0.0.1 -p "$local_port" -V 5 -t "$name/$n/t" -q 1 -l --outbox "$work/pub" \
-        --progress never < "$work/lines-$n" > /dev/null
+    # Bounded: a broker that stopped answering fails the script, never hangs it.
+    timeout 120 "$bin" bridge --config "$work/bridge.toml" --register > "$work/register.log" 2>&1 ||
+        { echo "bridge --register failed or took over 120 s:" >&2; cat "$work/register.log" >&2; return 1; }
+    timeout 600 "$bin" pub -h 127.0.0.1 -p "$local_port" -V 5 -t "$name/$n/t" -q 1 -l --outbox "$work/pub" \
+        --progress never < "$work/lines-$n" > /dev/null ||
+        { echo "pub of the backlog failed or took over 600 s" >&2; return 1; }
 }
 
 # The instruction count valgrind reported in $1.

@@ -75,7 +75,7 @@ impl FlagHint for ConnectError {
             ConnectError::Refused { refusal: Refusal::BadCredentials, .. } => "; check -u and -P",
             ConnectError::Refused { refusal: Refusal::ClientId, .. } => "; choose another with -i",
             ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }) => "; try -V auto (the default) or -V 311",
-            ConnectError::Timeout { .. } => {
+            ConnectError::Timeout { packet: "CONNECT", mqtt5: true, .. } => {
                 "; a broker that speaks only MQTT 3.1.1 can stall on an MQTT 5 CONNECT: if so, try -V 311"
             }
             ConnectError::Closed(CloseReason::Qos2InFlight(_)) => " (-q 1)",

@@ -26,7 +26,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 use crate::clock::{self, now};
 use crate::config::{BrokerUrl, ClientConfig, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{first_version, open_auto, ConnAck, Incoming, Link, Opened};
+use crate::link::{first_version, open_auto, ConnAck, Incoming, Link, Opened, Side};
 use crate::reconnect::{self, Reconnect};
 use crate::router::Router;
 use crate::transport::{AckDebt, Sender};
@@ -376,7 +376,7 @@ impl Driver {
         // exchanges would be lost with it.
         let connects = self.shared.update(|_| {}).connects;
         let clean = self.cfg.clean_start && connects == 0;
-        let attempt = open_auto(&self.cfg, &self.url, clean, &mut self.version, Some(&self.outbox));
+        let attempt = open_auto(&self.cfg, &self.url, clean, &mut self.version, Some(&self.outbox), Side::Producer);
         let Some(opened) = reconnect::unless_stopped(attempt, &mut self.stop).await else { return Ok(()) };
         let Opened { mut rd, wr, mut link, ack, after: after_connack, mut buf, round_trip } = opened?;
         *connected_at = Some(Instant::now());

@@ -425,13 +425,19 @@ pub enum ConnectError {
         /// Its first bytes, escaped.
         sent: String,
     },
-    /// No CONNACK in time.
-    #[error("{broker} did not answer CONNECT within {timeout:?}")]
+    /// The connection was made, but no answer to `packet` (CONNECT or
+    /// SUBSCRIBE) came in time.
+    #[error("{broker} did not answer {packet} within {timeout:?}")]
     Timeout {
         /// The broker.
         broker: String,
+        /// What went unanswered.
+        packet: &'static str,
         /// The limit.
         timeout: Duration,
+        /// Whether it was sent in MQTT 5: a broker that speaks only 3.1.1
+        /// can wait for ever on an MQTT 5 CONNECT (amqtt 0.12 does).
+        mqtt5: bool,
     },
     /// The broker refused the session.
     #[error("{broker} refused the connection: {refusal}")]

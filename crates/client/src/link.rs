@@ -284,7 +284,10 @@ impl Link {
                 }
             }
             ProtocolVersion::V311 => {
-                let enveloped = self.envelope && m.id != 0;
+                // An empty retained message clears the topic's retained
+                // message: in an envelope it would be one instead.
+                let clears_retained = m.msg.retain && m.msg.payload.is_empty();
+                let enveloped = self.envelope && m.id != 0 && !clears_retained;
                 let origin = if enveloped { origin(&m.msg.props) } else { None };
                 let envelope = enveloped.then(|| {
                     // An origin too long for the envelope travels under ours.
@@ -1028,25 +1031,37 @@ pub(crate) async fn first_version(cfg: &ClientConfig, url: &BrokerUrl, store: Op
     }
 }
 
+/// Which end of the messages a connection serves: what a fall back to
+/// MQTT 3.1.1 means for identities differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Producer,
+    Consumer,
+}
+
 /// [`open_session`] at `version`; with [`ClientConfig::auto_version`], a
-/// broker that refuses MQTT 5 is tried in 3.1.1 at once, and once that
-/// works it is remembered (in `version`, and in `store` for later runs).
+/// broker that does not take MQTT 5 is tried in 3.1.1 at once, and once
+/// that works it is remembered (in `version`, and in `store` for later
+/// runs when the broker said so).
 pub(crate) async fn open_auto(
     cfg: &ClientConfig,
     url: &BrokerUrl,
     clean: bool,
     version: &mut ProtocolVersion,
     store: Option<&Outbox>,
+    side: Side,
 ) -> Result<Opened, ConnectError> {
     let first = open_session(cfg, url, clean, *version).await;
-    // A refusal of the version is the broker's answer for good; a close
+    // A refusal of the version is the broker's answer for good. A close
     // before CONNACK may be a passing one (a connection limit, a balancer
-    // between backends): 3.1.1 for this process only, 5 tried again at
-    // the next start.
+    // between backends), and so may a CONNECT left unanswered (a broker
+    // that speaks only 3.1.1 can wait for ever on the properties of an
+    // MQTT 5 CONNECT; so can a busy one): 3.1.1 for this process only, 5
+    // tried again at the next start.
     let refused = matches!(&first, Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }));
     let closed = matches!(&first, Err(ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true })));
-    let refuses_5 = refused || closed;
-    if !(cfg.auto_version && *version == ProtocolVersion::V5 && refuses_5) {
+    let stalled = matches!(&first, Err(ConnectError::Timeout { packet: "CONNECT", mqtt5: true, .. }));
+    if !(cfg.auto_version && *version == ProtocolVersion::V5 && (refused || closed || stalled)) {
         return first;
     }
     match open_session(cfg, url, clean, ProtocolVersion::V311).await {
@@ -1055,16 +1070,33 @@ pub(crate) async fn open_auto(
             if let Some(s) = store.filter(|_| refused) {
                 s.set_meta(&version_key(url), "311");
             }
-            let identity = if cfg.envelope {
-                "identities travel in the payload envelope"
+            let why = if refused {
+                "the broker refuses MQTT 5; speaking MQTT 3.1.1 to it from now on".to_owned()
+            } else if closed {
+                "the broker closed the connection on an MQTT 5 CONNECT and takes MQTT 3.1.1; speaking 3.1.1 to it until this process ends".to_owned()
             } else {
-                "without the identity envelope, identities do not travel: consumers cannot de-duplicate these messages"
+                format!(
+                    "the broker left an MQTT 5 CONNECT unanswered for {:?} and takes MQTT 3.1.1; speaking 3.1.1 to it until this process ends (version 3.1.1 in the configuration spares the wait)",
+                    cfg.connect_timeout
+                )
             };
-            tracing::warn!(broker = %url, "the broker refuses MQTT 5; speaking MQTT 3.1.1 to it from now on; {identity}");
+            let identity = match (side, cfg.envelope) {
+                (Side::Producer, true) => "identities travel in the payload envelope",
+                (Side::Producer, false) => {
+                    "without the identity envelope, identities do not travel: consumers cannot de-duplicate these messages"
+                }
+                (Side::Consumer, true) => "identities are read from the payload envelope",
+                (Side::Consumer, false) => {
+                    "identity envelopes are not unwrapped: messages are handed over at least once, without de-duplication, and an enveloped one with its envelope"
+                }
+            };
+            tracing::warn!(broker = %url, "{why}; {identity}");
             Ok(o)
         }
         // It takes neither: the refusal of 5 says more.
         Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }) => first,
+        // It answers neither: the first error says what happened.
+        Err(ConnectError::Timeout { .. }) if stalled => first,
         Err(e) => Err(e),
     }
 }
@@ -1080,7 +1112,10 @@ pub(crate) async fn open_session(
     use tokio::time::timeout;
     let broker = url.to_string();
     let (mut rd, mut wr) = match timeout(cfg.connect_timeout, transport::connect(url, &cfg.tls)).await {
-        Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
+        Err(_) => {
+            let reason = format!("no connection within {:?}", cfg.connect_timeout);
+            return Err(ConnectError::Unreachable { broker, reason });
+        }
         Ok(r) => r?,
     };
     let mut link = Link::new(version, cfg.envelope, cfg.max_packet_size);
@@ -1118,7 +1153,10 @@ pub(crate) async fn open_session(
         }
     };
     let (ack, after) = match timeout(cfg.connect_timeout, handshake).await {
-        Err(_) => return Err(ConnectError::Timeout { broker, timeout: cfg.connect_timeout }),
+        Err(_) => {
+            let mqtt5 = version == ProtocolVersion::V5;
+            return Err(ConnectError::Timeout { broker, packet: "CONNECT", timeout: cfg.connect_timeout, mqtt5 });
+        }
         Ok(r) => r?,
     };
     let round_trip = sent_at.elapsed();

@@ -112,6 +112,24 @@ impl ScriptedBroker {
         Self::listen(move |stream, conn, p| serve_limited(stream, conn, max, p))
     }
 
+    /// A broker that speaks only MQTT 3.1.1 and leaves an MQTT 5 CONNECT
+    /// unanswered until the client gives up on it (amqtt 0.12 waits for
+    /// ever on the CONNECT's properties); a 3.1.1 CONNECT gets a CONNACK
+    /// without a session, and every PUBLISH its acknowledgement.
+    pub fn silent_to_mqtt_5() -> ScriptedBroker {
+        Self::listen(|mut stream, conn, p| {
+            let Some((_, body)) = read_packet(&mut stream) else { return };
+            // Protocol name (2-byte length, "MQTT"), then the level.
+            if body.get(6) == Some(&5) {
+                // Until the client closes it.
+                let _ = std::io::copy(&mut stream, &mut std::io::sink());
+                return;
+            }
+            let (session, reply) = (Box::new(|_| false) as SessionScript, Box::new(|_, _| Reply::Ack) as ReplyScript);
+            serve_after_connect(stream, conn, false, (0, None), &session, &reply, p);
+        })
+    }
+
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
@@ -218,6 +236,19 @@ fn serve(
     if read_packet(&mut s).is_none() {
         return;
     }
+    serve_after_connect(s, conn, mqtt5, (refusal, max_qos), session_present, reply, publishes);
+}
+
+/// [`serve`] once the CONNECT was read: CONNACK, then the PUBLISHes.
+fn serve_after_connect(
+    mut s: TcpStream,
+    conn: usize,
+    mqtt5: bool,
+    (refusal, max_qos): (u8, Option<u8>),
+    session_present: &SessionScript,
+    reply: &ReplyScript,
+    publishes: &Mutex<Vec<Received>>,
+) {
     let sp = session_present(conn) as u8;
     let connack: Vec<u8> = match (mqtt5, max_qos) {
         // Property 0x24: Maximum QoS.

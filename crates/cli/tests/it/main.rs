@@ -337,6 +337,18 @@ async fn file_stdin_null_retain_qos0_and_mqtt311_inputs_work() {
     let late = Subscriber::start(broker.port(), "cli/retained", 1, None).await;
     late.wait_count(1, Duration::from_secs(10)).await;
     assert_eq!(late.lines(), ["kept"]);
+    // An empty retained message clears it, with the 3.1.1 identity
+    // envelope too (which it goes without: enveloped, it would be kept).
+    let clear = ["pub", "-b", &url, "-t", "cli/retained", "-n", "-r", "-V", "311", "--envelope", "--outbox", ob];
+    let out = run(&clear).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // A retained message would reach a new subscriber before anything
+    // published after it subscribed.
+    let later = Subscriber::start(broker.port(), "cli/retained", 1, None).await;
+    let out = run(&["pub", "-b", &url, "-t", "cli/retained", "-m", "after the clear", "--outbox", ob]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    later.wait_count(1, Duration::from_secs(10)).await;
+    assert_eq!(later.lines(), ["after the clear"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,7 +46,7 @@ pub use self::received::RecordInError;
 use self::received::{Pending, Token};
 use self::receiver::{check_granted, Receiver};
 use crate::error::{CloseReason, ConnectError, OpenError};
-use crate::link::{open_auto, Inbound, Incoming, Opened};
+use crate::link::{open_auto, Inbound, Incoming, Opened, Side};
 use crate::transport::send;
 use crate::Event;
 
@@ -400,7 +400,7 @@ impl Consumer {
         for url in cfg.client.all_brokers() {
             let mut version = cfg.client.version;
             let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf, .. } =
-                open_auto(&cfg.client, &url, cfg.client.clean_start, &mut version, None).await?;
+                open_auto(&cfg.client, &url, cfg.client.clean_start, &mut version, None, Side::Consumer).await?;
             link.subscribe(1, &cfg.filters())?;
             send(&mut wr, &link.out).await?;
             link.out.clear();
@@ -413,7 +413,12 @@ impl Consumer {
                     break g;
                 }
                 let n = tokio::time::timeout(cfg.client.connect_timeout, rd.read(&mut buf)).await.map_err(|_| {
-                    ConnectError::Timeout { broker: url.to_string(), timeout: cfg.client.connect_timeout }
+                    ConnectError::Timeout {
+                        broker: url.to_string(),
+                        packet: "SUBSCRIBE",
+                        timeout: cfg.client.connect_timeout,
+                        mqtt5: version == crate::ProtocolVersion::V5,
+                    }
                 })??;
                 if n == 0 {
                     return Err(ConnectError::Closed(CloseReason::BeforeSuback));

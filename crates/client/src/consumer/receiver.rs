@@ -17,7 +17,7 @@ use super::{send_queued, ConsumerConfig, DriverCmd, FromBroker};
 use crate::clock;
 use crate::config::{BrokerUrl, ProtocolVersion};
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{first_version, open_auto, Incoming, Link, LinkAcks, Opened};
+use crate::link::{first_version, open_auto, Incoming, Link, LinkAcks, Opened, Side};
 use crate::reconnect::Reconnect;
 use crate::transport::{send, ReadHalf, WriteHalf};
 use crate::Event;
@@ -97,7 +97,8 @@ impl Receiver {
         clean: bool,
         connected_at: &mut Option<Instant>,
     ) -> Result<(), ConnectError> {
-        let attempt = open_auto(&self.cfg.client, &self.url, clean, &mut self.version, Some(&self.outbox));
+        let attempt =
+            open_auto(&self.cfg.client, &self.url, clean, &mut self.version, Some(&self.outbox), Side::Consumer);
         let Some(opened) = between_links(&mut self.acks, &mut self.stop, attempt).await else { return Ok(()) };
         let Opened { rd, wr, mut link, ack, after, buf, .. } = opened?;
         *connected_at = Some(Instant::now());

@@ -597,6 +597,40 @@ async fn a_qos2_exchange_from_a_previous_process_resumes_under_its_packet_id() {
     c.close().await;
 }
 
+/// A broker that leaves an MQTT 5 CONNECT unanswered (amqtt 0.12 waits for
+/// ever on its properties): with `auto_version` the client speaks 3.1.1 to
+/// it after the connect timeout and delivers; the silence is not
+/// remembered, so the next start tries 5 again (it may have been a busy
+/// broker). Without `auto_version` the error says what went unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_silent_to_an_mqtt_5_connect_gets_mqtt_3_1_1_with_auto_version() {
+    let broker = ScriptedBroker::silent_to_mqtt_5();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || {
+        config("silent5", &broker.url(), dir.path())
+            .version(ProtocolVersion::V5)
+            .auto_version(true)
+            .connect_timeout(Duration::from_millis(500))
+    };
+    for (start, payload) in ["first start", "second start"].into_iter().enumerate() {
+        let (c, _) = Client::open(cfg()).await.expect("client");
+        let r = c.publish(Message::new("t", payload)).await.unwrap();
+        assert_eq!(delivered(r).await, Delivery::Delivered);
+        c.close().await;
+        // Each start: the MQTT 5 CONNECT left unanswered, then 3.1.1.
+        let conn = 2 * start + 1;
+        assert_eq!(broker.connections(), conn + 1, "{payload}");
+        let got = broker.publishes();
+        assert_eq!((got.last().unwrap().conn, got.last().unwrap().payload.as_slice()), (conn, payload.as_bytes()));
+    }
+    let c = Client::with_store(cfg().auto_version(false), Box::new(MemoryStore::new())).await.expect("client");
+    let mut events = c.events();
+    let error = connect_failed(&mut events).await;
+    assert!(error.is_retryable());
+    assert!(error.to_string().ends_with("did not answer CONNECT within 500ms"), "{error}");
+    c.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connack_refusing_the_protocol_version_says_so() {
     for (v5, code) in [(true, 0x84u8), (false, 1u8)] {

@@ -1,7 +1,8 @@
 //! The flag that fixes a library error. The library describes the problem
 //! and names its setting in prose ("the client's user name and password");
 //! `pub`, `sub` and `doctor` add the flag, matched on the error's variant.
-//! (The bridge names its keys with the line instead.)
+//! (The bridge names its keys with the line instead, and for a broker's
+//! answer the key of the route's side: [`route_key_hint`].)
 
 use std::fmt;
 
@@ -89,9 +90,48 @@ impl FlagHint for ConnectError {
     }
 }
 
+/// What to add after a connection error of a bridge route's `side`
+/// (`source` or `destination`): the key of that side that fixes it, or "".
+pub fn route_key_hint(e: &ConnectError, side: &str) -> String {
+    let key = match e {
+        ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }
+        | ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true }) => {
+            "version = \"auto\" (the default) or \"311\" speaks 3.1.1 to a broker without MQTT 5"
+        }
+        ConnectError::Timeout { packet: "CONNECT", mqtt5: true, .. } => {
+            "a broker that speaks only MQTT 3.1.1 can stall on an MQTT 5 CONNECT: version = \"auto\" (the default) or \"311\""
+        }
+        ConnectError::Refused { refusal: Refusal::BadCredentials | Refusal::NotAuthorized, .. } => {
+            "check username and password (or password_file, password_env)"
+        }
+        ConnectError::Refused { refusal: Refusal::ClientId, .. } => "choose another client_id",
+        _ => return String::new(),
+    };
+    format!("; in the route's {side}: {key}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_route_is_told_the_key_of_its_side() {
+        let refused = ConnectError::Refused { broker: "mqtt://h:1883".into(), refusal: Refusal::ProtocolVersion };
+        assert_eq!(
+            route_key_hint(&refused, "source"),
+            "; in the route's source: version = \"auto\" (the default) or \"311\" speaks 3.1.1 to a broker without MQTT 5"
+        );
+        let silent = ConnectError::Timeout {
+            broker: "mqtt://h:1883".into(),
+            packet: "CONNECT",
+            timeout: std::time::Duration::from_secs(10),
+            mqtt5: true,
+        };
+        assert!(route_key_hint(&silent, "destination")
+            .starts_with("; in the route's destination: a broker that speaks only MQTT 3.1.1"));
+        let unreachable = ConnectError::Unreachable { broker: "mqtt://h:1883".into(), reason: "refused".into() };
+        assert_eq!(route_key_hint(&unreachable, "source"), "");
+    }
 
     #[test]
     fn the_flag_follows_the_library_words() {

@@ -40,8 +40,8 @@ pub struct Version {
 }
 
 impl Version {
-    /// MQTT 5 and nothing else.
-    pub const FIVE: Version = Version { version: steadfast::ProtocolVersion::V5, auto: false };
+    /// MQTT 5, and 3.1.1 for a broker that does not take 5 (`auto`).
+    pub const AUTO: Version = Version { version: steadfast::ProtocolVersion::V5, auto: true };
 
     /// `client` speaking this version.
     pub fn apply(self, client: steadfast::ClientConfig) -> steadfast::ClientConfig {
@@ -67,7 +67,7 @@ impl Version {
 pub fn parse_version(v: &str) -> Result<Version, String> {
     let forced = |version| Ok(Version { version, auto: false });
     match v {
-        "auto" => Ok(Version { version: steadfast::ProtocolVersion::V5, auto: true }),
+        "auto" => Ok(Version::AUTO),
         "5" | "mqttv5" | "50" => forced(steadfast::ProtocolVersion::V5),
         "311" | "mqttv311" | "3.1.1" => forced(steadfast::ProtocolVersion::V311),
         v => Err(format!("protocol version `{v}` is not supported; use -V auto, -V 311 or -V 5")),

@@ -75,7 +75,13 @@ impl Reconnect {
         // Said once per distinct error, not on every attempt.
         let text = error.to_string();
         if self.last_logged.as_deref() != Some(text.as_str()) {
-            tracing::warn!(%broker, error = %error, retry_in = ?delay, "{prefix}cannot connect; will keep retrying");
+            if error.is_retryable() {
+                tracing::warn!(%broker, error = %error, retry_in = ?delay, "{prefix}cannot connect; will keep retrying");
+            } else {
+                // The broker's answer stands until the configuration
+                // changes (credentials, version, client id, certificates).
+                tracing::error!(%broker, error = %error, retry_in = ?delay, "{prefix}cannot connect, and trying again will not help until the configuration changes; will keep trying");
+            }
             self.last_logged = Some(text);
         } else {
             tracing::debug!(%broker, error = %error, retry_in = ?delay, "{prefix}cannot connect; will retry");

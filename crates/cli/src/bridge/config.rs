@@ -543,7 +543,9 @@ fn urls(list: &Spanned<Vec<Spanned<String>>>, what: &str, errs: &mut Errors<'_>)
 fn version(v: &Option<Spanned<String>>, errs: &mut Errors<'_>) -> Option<Version> {
     match v {
         Some(v) => parse_version(v.get_ref()).map_err(|e| errs.at(v.span(), e)).ok(),
-        None => Some(Version::FIVE),
+        // As `pub` and `sub`: a route whose broker speaks only 3.1.1
+        // works, with a warning that says what becomes of identities.
+        None => Some(Version::AUTO),
     }
 }
 

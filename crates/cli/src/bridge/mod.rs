@@ -32,7 +32,10 @@ pub async fn run(a: BridgeArgs) -> Result<(), Failure> {
     }
     if a.register {
         for r in &bridge.routes {
-            Consumer::register(&r.source).await.map_err(|e| Failure::other(anyhow!("route `{}`: {e}", r.name)))?;
+            Consumer::register(&r.source).await.map_err(|e| {
+                let hint = crate::hints::route_key_hint(&e, "source");
+                Failure::other(anyhow!("route `{}`: {e}{hint}", r.name))
+            })?;
             eprintln!("steadfast: registered route `{}` on its source broker(s)", r.name);
         }
         return Ok(());

@@ -42,7 +42,7 @@ backoff = "50ms..300ms"
 }
 
 /// A bridge process, killed when the test ends however it ends.
-struct BridgeProc(Child);
+pub(crate) struct BridgeProc(Child);
 
 impl std::ops::Deref for BridgeProc {
     type Target = Child;
@@ -65,7 +65,7 @@ impl Drop for BridgeProc {
 }
 
 /// The bridge, its log appended to `bridge.log` beside its configuration.
-fn start_bridge(config: &Path) -> BridgeProc {
+pub(crate) fn start_bridge(config: &Path) -> BridgeProc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -84,7 +84,7 @@ fn start_bridge(config: &Path) -> BridgeProc {
 
 /// The bridge's source session and subscriptions exist before anything is
 /// published (as `steadfast bridge --register` does in a deployment).
-async fn register(config: &Path) {
+pub(crate) async fn register(config: &Path) {
     let out = run(&["bridge", "--register", "--config", config.to_str().unwrap()]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
@@ -114,7 +114,7 @@ fn sigterm(b: &BridgeProc) {
     let _ = Command::new("kill").args(["-TERM", &b.id().to_string()]).status();
 }
 
-fn bridge_log(config: &Path) -> String {
+pub(crate) fn bridge_log(config: &Path) -> String {
     std::fs::read_to_string(config.with_file_name("bridge.log")).unwrap_or_default()
 }
 

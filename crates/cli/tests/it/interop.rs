@@ -146,6 +146,50 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
     assert!(report["checks"]["disconnect_race"]["ok"].is_boolean(), "{report}");
 }
 
+/// A bridge whose source speaks only MQTT 3.1.1 (NATS refuses 5): the
+/// default version (`auto`) takes it, and with `envelope = true` what
+/// `pub --envelope` sent arrives upstream (MQTT 5) as its payload, under
+/// its producer's identity. A forced `version = "5"` is refused at
+/// `--register` with the key that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_from_an_mqtt_3_1_1_broker_keeps_the_producers_identity_with_the_envelope() {
+    let nats = Nats::start().await;
+    let up = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, version: &str| {
+        let text = format!(
+            "[store]\ndir = \"{}\"\n[[route]]\nname = \"from-nats\"\n[route.source]\nbrokers = [\"{}\"]\ntopics = [\"env/#\"]\nqos = 1\nclient_id = \"nats-bridge\"\nenvelope = true\n{version}\n[route.destination]\nbrokers = [\"{}\"]\n",
+            dir.path().join("state").display(),
+            nats.url(),
+            up.url()
+        );
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let forced = write("forced.toml", "version = \"5\"");
+    let out = run(&["bridge", "--register", "--config", forced.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("in the route's source: version = \"auto\""), "{}", stderr(&out));
+    let cfg = write("bridge.toml", "");
+    crate::bridge::register(&cfg).await;
+    let _bridge = crate::bridge::start_bridge(&cfg);
+    let inbox = dir.path().join("up-in");
+    let sub = ["sub", "-b", &up.url(), "-t", "env/#", "-i", "up-reader", "--inbox", inbox.to_str().unwrap()];
+    let out = run(&[&sub[..], &["--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let ob = dir.path().join("ob");
+    let args =
+        ["pub", "-b", &nats.url(), "-V", "311", "--envelope", "-i", "env-producer", "-t", "env/a", "-m", "hello"];
+    let out = run(&[&args[..], &["--outbox", ob.to_str().unwrap(), "--wait-timeout", "20"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&[&sub[..], &["--json", "-C", "1", "-W", "30"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", stderr(&out), crate::bridge::bridge_log(&cfg));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((got["payload"].as_str(), got["seq"].as_u64()), (Some("hello"), Some(1)), "{got}");
+    assert!(got["producer"].as_str().is_some_and(|p| p.starts_with("env-producer")), "{got}");
+}
+
 /// Mosquitto with MQTT 3.1.1 (identity in the envelope) and MQTT 5
 /// (identity as a user property).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -433,7 +433,8 @@ impl Store {
         let consumer: Vec<String> =
             (r.counters.iter()).filter_map(|(k, v)| Some(format!("{} {v}", k.strip_prefix("consumer.")?))).collect();
         if self.kind == StoreKind::Inbox || r.inbox > 0 || !consumer.is_empty() {
-            println!("inbox    {} identities remembered; {}", r.inbox, consumer.join(", "));
+            let counted = if consumer.is_empty() { String::new() } else { format!("; {}", consumer.join(", ")) };
+            println!("inbox    {} identities remembered{counted}", r.inbox);
         }
         // This run's brokers first; those of earlier runs after, as such.
         let (now, before): (Vec<_>, Vec<_>) = r.brokers.iter().partition(|b| self.configured(&b.url));

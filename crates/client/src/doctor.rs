@@ -227,7 +227,7 @@ pub async fn probe_inflight(cfg: &ClientConfig, url: &BrokerUrl, tag: &str) -> (
     }
     let n = taken.len() as u16;
     if closed {
-        let detail = format!("it closed the connection after taking {n} unfinished QoS 2 messages (PUBREC sent, PUBREL not yet; {ended}): a limit it does not announce. steadfast halves its window at such a close and remembers the window per broker; start below it with --max-inflight {}", n.max(1));
+        let detail = format!("it closed the connection after taking {n} unfinished QoS 2 messages (PUBREC sent, PUBREL not yet; {ended}): a limit it does not announce. steadfast halves its window at such a close and remembers the window per broker; --max-inflight {} (what it took) spares the first close", n.max(1));
         return (check(Some(false), detail), Some(n));
     }
     for pid in &taken {

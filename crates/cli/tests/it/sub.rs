@@ -157,7 +157,13 @@ async fn fanout_with_one_broker_killed_and_restarted_empty_is_handled_exactly_on
     b.restart().await;
     publisher.await.unwrap();
     let status = tokio::task::spawn_blocking(move || sub.wait_with_output()).await.unwrap().unwrap();
-    assert_eq!(status.status.code(), Some(0), "{}", String::from_utf8_lossy(&status.stderr));
+    let said = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(0), "{said}");
+    // The restarted broker had lost the session: said, with what it means.
+    assert!(
+        said.contains("did not keep this consumer's session: messages queued for it while it was away are lost"),
+        "{said}"
+    );
     let got = read_lines(&out_path);
     let unique: std::collections::HashSet<&String> = got.iter().collect();
     assert_eq!(got.len(), n, "{} lines for {} unique messages", got.len(), unique.len());

@@ -102,7 +102,7 @@ impl Receiver {
         let Some(opened) = between_links(&mut self.acks, &mut self.stop, attempt).await else { return Ok(()) };
         let Opened { rd, wr, mut link, ack, after, buf, .. } = opened?;
         *connected_at = Some(Instant::now());
-        let subscription = self.subscribe_unless_kept(&mut link, ack.session_present).await?;
+        let subscription = self.subscribe_unless_kept(&mut link, ack.session_present, clean).await?;
         let broker = self.url.to_string();
         tracing::info!(%broker, session_present = ack.session_present, "consumer connected");
         let _ = self.events.send(Event::Connected { broker, session_present: ack.session_present, resent: 0 });
@@ -118,6 +118,7 @@ impl Receiver {
         &self,
         link: &mut Link,
         session_present: bool,
+        clean: bool,
     ) -> Result<Subscription, ConnectError> {
         // A kept session keeps its subscriptions; a new one gets them now,
         // and so does a kept one whose filters are not the ones configured
@@ -126,6 +127,12 @@ impl Receiver {
         let filters = self.cfg.filters();
         let want: String = filters.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
         let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
+        // A session this consumer had, not kept (a broker restarted
+        // without persistence, an expiry, a failover to another node):
+        // what was queued for it while it was away is gone.
+        if !session_present && !clean && !have.is_empty() {
+            tracing::warn!(broker = %self.url, "the broker did not keep this consumer's session: messages queued for it while it was away are lost, unless their producers ask for receipts (published again); subscribing again");
+        }
         if must_subscribe(session_present, &have, &want) {
             link.subscribe(1, &filters)?;
         }

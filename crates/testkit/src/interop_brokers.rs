@@ -1,6 +1,7 @@
 //! Brokers no one here wrote, started per test on free loopback ports:
 //! RabbitMQ with its MQTT and Web MQTT plugins, and NATS with JetStream and
-//! its MQTT listener (Debian's `rabbitmq-server` and `nats-server`). Each
+//! its MQTT listener (Debian's `rabbitmq-server` and `nats-server`), and
+//! amqtt (PyPI, in the virtual environment `scripts/test` makes). Each
 //! runs in its own process group and is killed, group and all, on drop.
 
 use std::os::unix::process::CommandExt;
@@ -142,5 +143,50 @@ impl Nats {
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.mqtt)
+    }
+}
+
+/// Where `scripts/test` installs amqtt: a virtual environment of its own
+/// (`AMQTT_VENV`, default `~/.cache/steadfast-test/amqtt-venv`).
+pub fn amqtt_venv() -> PathBuf {
+    match std::env::var_os("AMQTT_VENV") {
+        Some(v) => PathBuf::from(v),
+        None => {
+            let cache = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+            cache.join("steadfast-test").join("amqtt-venv")
+        }
+    }
+}
+
+/// amqtt 0.12 (PyPI), an MQTT 3.1.1 broker written in Python: it leaves an
+/// MQTT 5 CONNECT unanswered rather than refusing it.
+pub struct Amqtt {
+    port: u16,
+    _group: Group,
+}
+
+impl Amqtt {
+    /// Starts a broker of its own (anonymous clients allowed) and waits
+    /// for its listener.
+    pub async fn start() -> Amqtt {
+        let dir = tempfile::Builder::new().prefix("steadfast-amqtt-").tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = format!(
+            "listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\nplugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
+        );
+        std::fs::write(dir.path().join("amqtt.yaml"), conf).expect("amqtt.yaml");
+        let bin = amqtt_venv().join("bin");
+        let mut c = Command::new(program("amqtt", &[bin.to_str().expect("a UTF-8 path")]));
+        c.arg("-c").arg(dir.path().join("amqtt.yaml"));
+        let mut group = Group::spawn(c, dir, "amqtt");
+        group.wait_for(port, Duration::from_secs(60), "amqtt").await;
+        Amqtt { port, _group: group }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
     }
 }

@@ -6,7 +6,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use steadfast_testkit::{Mosquitto, Nats, RabbitMq};
+use steadfast_testkit::{Amqtt, Mosquitto, Nats, RabbitMq};
 
 use crate::{run, stderr};
 
@@ -71,13 +71,17 @@ async fn rabbitmq_mqtt_311_qos_downgrades_websocket_and_no_mqtt_5() {
     let ob = ob.to_str().unwrap();
     let out = run(&["pub", "-b", &rabbit.url(), "-t", "v5", "-m", "x", "--outbox", ob, "--wait-timeout", "20"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stderr(&out).contains("refuses MQTT 5; speaking MQTT 3.1.1"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("closed the connection on an MQTT 5 CONNECT and takes MQTT 3.1.1"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("identities do not travel"), "{}", stderr(&out));
     // A close before CONNACK may pass (a connection limit): the next run
     // tries 5 again, and falls back again.
     let out = run(&["pub", "-b", &rabbit.url(), "-t", "v5", "-m", "y", "--outbox", ob, "--wait-timeout", "20"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stderr(&out).contains("refuses MQTT 5"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("closed the connection on an MQTT 5 CONNECT"), "{}", stderr(&out));
     // -V 5 forces it: the error says what to try.
     let ob5 = dir.path().join("ob5");
     let args = ["pub", "-b", &rabbit.url(), "-V", "5", "-t", "v5", "-m", "x", "--wait-timeout", "3", "--outbox"];
@@ -107,7 +111,7 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
     // A refusal of the version is remembered: the next run speaks 3.1.1 at once.
     let out = run(&["pub", "-b", &nats.url(), "-t", "v5", "-m", "x2", "--outbox", ob, "--wait-timeout", "20"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("refuses MQTT 5"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("refuses MQTT 5") && !stderr(&out).contains("takes MQTT 3.1.1"), "{}", stderr(&out));
     // The consumer's side of -V auto: registered, then it receives.
     let inbox = dir.path().join("in5");
     let sub = ["sub", "-b", &nats.url(), "-t", "v5", "-i", "auto-sub", "--inbox", inbox.to_str().unwrap()];
@@ -144,6 +148,82 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
     // The message right after the DISCONNECT is its own finding, whichever
     // way it goes (it depends on timing), never the session's verdict.
     assert!(report["checks"]["disconnect_race"]["ok"].is_boolean(), "{report}");
+}
+
+/// amqtt 0.12 (PyPI) speaks only MQTT 3.1.1 and leaves an MQTT 5 CONNECT
+/// unanswered instead of refusing it: `-V auto` (the default) speaks 3.1.1
+/// to it once the connect timeout (10 s) passed, `pub` and `sub` alike,
+/// and every message arrives once, its identity in the envelope. (amqtt
+/// keeps no messages for a session while its client is away, which
+/// `doctor` reports: the consumer runs while the producer publishes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqtt_leaves_mqtt_5_unanswered_and_auto_speaks_3_1_1_to_it() {
+    use std::io::{BufRead, Write};
+    const N: usize = 200;
+    let amqtt = Amqtt::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("in");
+    let mut sub = crate::steadfast()
+        .args(["sub", "-b", &amqtt.url(), "-t", "amqtt/#", "-i", "amqtt-sub", "-q", "1", "--envelope", "--json"])
+        .args(["--inbox", inbox.to_str().unwrap(), "-C", &N.to_string(), "-W", "90"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Connected (in 3.1.1, after the unanswered MQTT 5 CONNECT) and
+    // subscribing: the producer's own wait of 10 s comes after this.
+    let err = std::io::BufReader::new(sub.stderr.take().unwrap());
+    let said = tokio::task::spawn_blocking(move || {
+        let mut lines = err.lines();
+        let mut said = String::new();
+        for line in lines.by_ref() {
+            let line = line.unwrap_or_default();
+            said.push_str(&line);
+            said.push('\n');
+            if line.contains("consumer connected") {
+                break;
+            }
+        }
+        // The rest is drained so that the consumer never blocks on it.
+        let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+        (said, rest)
+    });
+    let (sub_said, rest) = tokio::time::timeout(Duration::from_secs(60), said).await.expect("sub connected").unwrap();
+    assert!(sub_said.contains("left an MQTT 5 CONNECT unanswered for 10s and takes MQTT 3.1.1"), "{sub_said}");
+    let lines: String = (0..N).map(|i| format!("a-{i:04}\n")).collect();
+    let ob = dir.path().join("ob");
+    let args = ["pub", "-b", &amqtt.url(), "-t", "amqtt/x", "-q", "1", "-l", "-i", "amqtt-pub", "--envelope"];
+    let mut publish: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    publish.extend(["--outbox".into(), ob.display().to_string(), "--wait-timeout".into(), "60".into()]);
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = crate::steadfast().args(&publish).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "pub: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains("left an MQTT 5 CONNECT unanswered for 10s and takes MQTT 3.1.1"),
+        "{}",
+        stderr(&out)
+    );
+    let got = tokio::task::spawn_blocking(move || sub.wait_with_output()).await.unwrap().unwrap();
+    let rest = rest.join().unwrap();
+    assert_eq!(got.status.code(), Some(0), "sub: {rest}");
+    let received: Vec<serde_json::Value> = got
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    let payloads: Vec<&str> = received.iter().map(|m| m["payload"].as_str().unwrap()).collect();
+    let want: Vec<String> = (0..N).map(|i| format!("a-{i:04}")).collect();
+    assert_eq!(payloads, want);
+    // Each with its producer's identity, from the envelope.
+    assert!(received.iter().enumerate().all(|(i, m)| m["seq"].as_u64() == Some(i as u64 + 1)
+        && m["producer"].as_str().is_some_and(|p| p.starts_with("amqtt-pub"))));
 }
 
 /// A bridge whose source speaks only MQTT 3.1.1 (NATS refuses 5): the

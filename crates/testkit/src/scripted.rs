@@ -82,7 +82,11 @@ impl ScriptedBroker {
     }
 
     fn spawn(mqtt5: bool, connack: (u8, Option<u8>), sp: SessionScript, rp: ReplyScript) -> ScriptedBroker {
-        Self::listen(move |stream, conn, p| serve(stream, conn, mqtt5, connack, &sp, &rp, p))
+        Self::listen(move |mut stream, conn, p| {
+            if read_packet(&mut stream).is_some() {
+                serve_after_connect(stream, conn, mqtt5, connack, &sp, &rp, p);
+            }
+        })
     }
 
     /// Serves one connection at a time on a free loopback port, counting
@@ -224,22 +228,7 @@ fn serve_limited(mut s: TcpStream, conn: usize, max: usize, publishes: &Mutex<Ve
     }
 }
 
-fn serve(
-    mut s: TcpStream,
-    conn: usize,
-    mqtt5: bool,
-    (refusal, max_qos): (u8, Option<u8>),
-    session_present: &SessionScript,
-    reply: &ReplyScript,
-    publishes: &Mutex<Vec<Received>>,
-) {
-    if read_packet(&mut s).is_none() {
-        return;
-    }
-    serve_after_connect(s, conn, mqtt5, (refusal, max_qos), session_present, reply, publishes);
-}
-
-/// [`serve`] once the CONNECT was read: CONNACK, then the PUBLISHes.
+/// One connection once its CONNECT was read: CONNACK, then the PUBLISHes.
 fn serve_after_connect(
     mut s: TcpStream,
     conn: usize,

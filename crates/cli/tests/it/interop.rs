@@ -30,15 +30,7 @@ async fn round_trip(pub_url: &str, sub_url: &str, extra: &[&str], tag: &str, n: 
     // own account (exit 3) instead of hanging it.
     let mut publish = strs(&["pub", "-b", pub_url, "-t", &format!("{tag}/x"), "-l", "-i", tag, "--wait-timeout", "90"]);
     publish.extend(["--outbox".to_string(), ob.display().to_string()]);
-    let out = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut child = crate::steadfast().args(&publish).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(0), "pub: {}", stderr(&out));
+    let out = pub_lines(publish, lines).await;
     let pub_err = stderr(&out);
     sub.extend(["-C".into(), n.to_string(), "-W".into(), "30".into()]);
     let out = run(&sub.iter().map(String::as_str).collect::<Vec<_>>()).await;
@@ -46,6 +38,21 @@ async fn round_trip(pub_url: &str, sub_url: &str, extra: &[&str], tag: &str, n: 
     let want: String = (0..n).map(|i| format!("{tag}-{i:05}\n")).collect();
     assert_eq!(String::from_utf8_lossy(&out.stdout), want);
     (pub_err, stderr(&out))
+}
+
+/// `steadfast` with `args` (a `pub -l`), `lines` on its stdin; checks
+/// that it exited 0.
+async fn pub_lines(args: Vec<String>, lines: String) -> std::process::Output {
+    let out = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = crate::steadfast().args(&args).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "pub: {}", stderr(&out));
+    out
 }
 
 fn doctor_json(out: &std::process::Output) -> serde_json::Value {
@@ -158,7 +165,7 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
 /// `doctor` reports: the consumer runs while the producer publishes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqtt_leaves_mqtt_5_unanswered_and_auto_speaks_3_1_1_to_it() {
-    use std::io::{BufRead, Write};
+    use std::io::BufRead;
     const N: usize = 200;
     let amqtt = Amqtt::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -196,14 +203,7 @@ async fn amqtt_leaves_mqtt_5_unanswered_and_auto_speaks_3_1_1_to_it() {
     let args = ["pub", "-b", &amqtt.url(), "-t", "amqtt/x", "-q", "1", "-l", "-i", "amqtt-pub", "--envelope"];
     let mut publish: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     publish.extend(["--outbox".into(), ob.display().to_string(), "--wait-timeout".into(), "60".into()]);
-    let out = tokio::task::spawn_blocking(move || {
-        let mut child = crate::steadfast().args(&publish).stdin(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(0), "pub: {}", stderr(&out));
+    let out = pub_lines(publish, lines).await;
     assert!(
         stderr(&out).contains("left an MQTT 5 CONNECT unanswered for 10s and takes MQTT 3.1.1"),
         "{}",

@@ -651,9 +651,6 @@ impl Driver {
     /// and reports its events. A bind is awaited and its outcome handed
     /// back; if it failed, the link ends with the store's error.
     async fn carry_out(&mut self, link: &mut Link) -> Result<(), ConnectError> {
-        // The events first: once the acknowledgements below empty the
-        // outbox (and wake `wait_idle`), the status counts them already.
-        self.report();
         let mut failed = None;
         while let Some(op) = self.session.poll_store() {
             match op {
@@ -696,7 +693,6 @@ impl Driver {
 
     /// Store operations left when the link is gone (binds are void then).
     fn flush_detached(&mut self) {
-        self.report();
         while let Some(op) = self.session.poll_store() {
             self.apply(op);
         }

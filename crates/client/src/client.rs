@@ -301,7 +301,10 @@ pub struct BrokerStatus {
     pub since: SystemTime,
     /// In backoff: when the next attempt starts.
     pub retry_at: Option<SystemTime>,
-    /// Messages acknowledged by this broker since the client started.
+    /// Messages acknowledged by this broker since the client started,
+    /// counted by its link right after it hands them to the outbox: for a
+    /// moment it can trail `queued` (the link tells the outbox first, so
+    /// that a fail-back never resends what the outbox has not yet removed).
     pub acked: u64,
     /// Successful connections.
     pub connects: u64,

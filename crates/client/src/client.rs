@@ -763,8 +763,12 @@ impl Client {
         // this producer's identity (a forwarded message keeps its
         // origin's, whose receipts would go to its origin).
         let forwarded = msg.props.user.iter().any(|(k, _)| k == Identity::USER_PROPERTY);
+        // An empty retained message clears the topic's retained message:
+        // a command to the broker, which over MQTT 3.1.1 goes without the
+        // envelope (so without the identity a receipt names).
+        let clears_retained = msg.retain && msg.payload.is_empty();
         let receipts = match (&msg.receipts, msg.qos, policy.class) {
-            _ if forwarded => None,
+            _ if forwarded || clears_retained => None,
             (_, Qos::AtMostOnce, _) | (_, _, Class::BestEffort) => None,
             (Some(own), _, _) => own.as_ref().map(ReceiptRule::to_text),
             (None, _, _) => self.inner.cfg.receipts.as_ref().map(ReceiptRule::to_text),

@@ -408,12 +408,13 @@ impl fmt::Display for Refusal {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConnectError {
-    /// TCP connect failed.
+    /// The connection (TCP, then TLS or WebSocket when used) could not be
+    /// made: refused, unroutable, or not made within the connect timeout.
     #[error("cannot reach {broker}: {reason}")]
     Unreachable {
         /// The broker.
         broker: String,
-        /// The OS error.
+        /// The OS error, or the timeout.
         reason: String,
     },
     /// What answered the CONNECT is not an MQTT broker (its first bytes

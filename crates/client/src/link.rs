@@ -1051,17 +1051,42 @@ pub(crate) async fn open_auto(
     store: Option<&Outbox>,
     side: Side,
 ) -> Result<Opened, ConnectError> {
-    let first = open_session(cfg, url, clean, *version).await;
-    // A refusal of the version is the broker's answer for good. A close
-    // before CONNACK may be a passing one (a connection limit, a balancer
-    // between backends), and so may a CONNECT left unanswered (a broker
-    // that speaks only 3.1.1 can wait for ever on the properties of an
-    // MQTT 5 CONNECT; so can a busy one): 3.1.1 for this process only, 5
-    // tried again at the next start.
+    let was = *version;
+    // A refusal of the version is the broker's answer for good (kept in
+    // the store). A close before CONNACK may be a passing one (a
+    // connection limit, a balancer between backends), and so may a
+    // CONNECT left unanswered (a broker that speaks only 3.1.1 can wait
+    // for ever on the properties of an MQTT 5 CONNECT; so can a busy
+    // one): after either, each new connection tries 5 first again, so
+    // that a broker that was only busy is not left on 3.1.1.
+    let attempt = if cfg.auto_version
+        && cfg.version == ProtocolVersion::V5
+        && was == ProtocolVersion::V311
+        && first_version(cfg, url, store).await == ProtocolVersion::V5
+    {
+        ProtocolVersion::V5
+    } else {
+        was
+    };
+    let first = open_session(cfg, url, clean, attempt).await;
+    if first.is_ok() {
+        if attempt != was {
+            tracing::info!(broker = %url, "the broker takes MQTT 5 again");
+        }
+        *version = attempt;
+        return first;
+    }
     let refused = matches!(&first, Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }));
     let closed = matches!(&first, Err(ConnectError::Closed(CloseReason::BeforeConnack { mqtt5: true })));
     let stalled = matches!(&first, Err(ConnectError::Timeout { packet: "CONNECT", mqtt5: true, .. }));
-    if !(cfg.auto_version && *version == ProtocolVersion::V5 && (refused || closed || stalled)) {
+    if !(cfg.auto_version && attempt == ProtocolVersion::V5 && (refused || closed || stalled)) {
+        return first;
+    }
+    // Receipts rest on the identity, which 3.1.1 carries only in the
+    // envelope: without it, messages that ask for receipts would never get
+    // one and be published again for hours.
+    if side == Side::Producer && cfg.receipts.is_some() && !cfg.envelope {
+        tracing::error!(broker = %url, "the broker does not take MQTT 5, and receipts need each message's identity, which MQTT 3.1.1 carries only in the payload envelope: not speaking 3.1.1 to it; turn the envelope on (both ends) or receipts off");
         return first;
     }
     match open_session(cfg, url, clean, ProtocolVersion::V311).await {
@@ -1073,10 +1098,10 @@ pub(crate) async fn open_auto(
             let why = if refused {
                 "the broker refuses MQTT 5; speaking MQTT 3.1.1 to it from now on".to_owned()
             } else if closed {
-                "the broker closed the connection on an MQTT 5 CONNECT and takes MQTT 3.1.1; speaking 3.1.1 to it until this process ends".to_owned()
+                "the broker closed the connection on an MQTT 5 CONNECT and takes MQTT 3.1.1; speaking 3.1.1 to it (5 is tried first again at each new connection)".to_owned()
             } else {
                 format!(
-                    "the broker left an MQTT 5 CONNECT unanswered for {:?} and takes MQTT 3.1.1; speaking 3.1.1 to it until this process ends (version 3.1.1 in the configuration spares the wait)",
+                    "the broker left an MQTT 5 CONNECT unanswered for {:?} and takes MQTT 3.1.1; speaking 3.1.1 to it (5 is tried first again at each new connection; version 3.1.1 in the configuration spares the wait)",
                     cfg.connect_timeout
                 )
             };
@@ -1085,18 +1110,25 @@ pub(crate) async fn open_auto(
                 (Side::Producer, false) => {
                     "without the identity envelope, identities do not travel: consumers cannot de-duplicate these messages"
                 }
-                (Side::Consumer, true) => "identities are read from the payload envelope",
+                (Side::Consumer, true) => {
+                    "identities are read from the payload envelope (an MQTT 5 producer's identity does not reach this consumer)"
+                }
                 (Side::Consumer, false) => {
                     "identity envelopes are not unwrapped: messages are handed over at least once, without de-duplication, and an enveloped one with its envelope"
                 }
             };
-            tracing::warn!(broker = %url, "{why}; {identity}");
+            // Said once a process: the next connections fall back quietly.
+            if was == ProtocolVersion::V5 {
+                tracing::warn!(broker = %url, "{why}; {identity}");
+            } else {
+                tracing::debug!(broker = %url, "{why}");
+            }
             Ok(o)
         }
         // It takes neither: the refusal of 5 says more.
         Err(ConnectError::Refused { refusal: Refusal::ProtocolVersion, .. }) => first,
-        // It answers neither: the first error says what happened.
-        Err(ConnectError::Timeout { .. }) if stalled => first,
+        // It answers neither (a 3.1.1 CONNECT left unanswered too): that
+        // error, whose hint is not the version.
         Err(e) => Err(e),
     }
 }
@@ -1113,7 +1145,8 @@ pub(crate) async fn open_session(
     let broker = url.to_string();
     let (mut rd, mut wr) = match timeout(cfg.connect_timeout, transport::connect(url, &cfg.tls)).await {
         Err(_) => {
-            let reason = format!("no connection within {:?}", cfg.connect_timeout);
+            let reason =
+                format!("no connection (TCP, then TLS or WebSocket when used) within {:?}", cfg.connect_timeout);
             return Err(ConnectError::Unreachable { broker, reason });
         }
         Ok(r) => r?,
@@ -1173,6 +1206,41 @@ mod tests {
 
     use super::{Incoming, Link};
     use crate::config::ProtocolVersion;
+
+    /// `-V auto` against a broker that leaves an MQTT 5 CONNECT unanswered:
+    /// a producer whose messages ask for receipts without the envelope
+    /// does not fall back (3.1.1 would carry no identity to receipt); with
+    /// the envelope it does, and so does a consumer; each new connection
+    /// tries 5 first again.
+    #[tokio::test]
+    async fn a_silent_broker_gets_3_1_1_after_5_at_each_connection_unless_receipts_lack_the_envelope() {
+        use super::{open_auto, Side};
+        use crate::{BrokerUrl, ClientConfig, ConnectError, ReceiptRule};
+        let broker = steadfast_testkit::ScriptedBroker::silent_to_mqtt_5();
+        let url: BrokerUrl = broker.url().parse().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ClientConfig::new("receipts", url.clone(), dir.path())
+            .version(ProtocolVersion::V5)
+            .auto_version(true)
+            .connect_timeout(std::time::Duration::from_millis(300))
+            .receipts(ReceiptRule::any(std::time::Duration::from_secs(30)));
+        let mut v = ProtocolVersion::V5;
+        let e = open_auto(&cfg, &url, true, &mut v, None, Side::Producer).await.err().expect("no fall back");
+        assert!(matches!(e, ConnectError::Timeout { packet: "CONNECT", mqtt5: true, .. }), "{e}");
+        assert_eq!((v, broker.connections()), (ProtocolVersion::V5, 1));
+        for (cfg, side) in [(cfg.clone().envelope(true), Side::Producer), (cfg, Side::Consumer)] {
+            let mut v = ProtocolVersion::V5;
+            let opened = open_auto(&cfg, &url, true, &mut v, None, side).await;
+            assert!(opened.is_ok(), "{side:?}");
+            assert_eq!(v, ProtocolVersion::V311, "{side:?}");
+            drop(opened);
+            // The next connection tries 5 first again (a silence may have
+            // been a busy broker's), then 3.1.1: two connections.
+            let before = broker.connections();
+            assert!(open_auto(&cfg, &url, true, &mut v, None, side).await.is_ok(), "{side:?}");
+            assert_eq!((v, broker.connections() - before), (ProtocolVersion::V311, 2), "{side:?}");
+        }
+    }
 
     /// What a fast encoder appends after bytes already in its buffer,
     /// which it leaves alone; `None` when it refused, having written

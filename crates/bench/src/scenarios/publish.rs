@@ -81,6 +81,7 @@ impl Publisher {
                 bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into(), Carried::Nothing).await?.total
             }
             Publisher::Rumqttc5Id => {
+                let id = format!("{id}-id");
                 bare_rumqttc_v5(port, a, &id, window, |_| "bench/rumqttc5".into(), Carried::Identity).await?.total
             }
             // A process of its own: this one does not see its time.

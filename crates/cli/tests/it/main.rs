@@ -338,9 +338,11 @@ async fn file_stdin_null_retain_qos0_and_mqtt311_inputs_work() {
     late.wait_count(1, Duration::from_secs(10)).await;
     assert_eq!(late.lines(), ["kept"]);
     // An empty retained message clears it, with the 3.1.1 identity
-    // envelope too (which it goes without: enveloped, it would be kept).
-    let clear = ["pub", "-b", &url, "-t", "cli/retained", "-n", "-r", "-V", "311", "--envelope", "--outbox", ob];
-    let out = run(&clear).await;
+    // envelope too (which it goes without: enveloped, it would be kept),
+    // and asks for no receipt (none could name it): with --receipts the
+    // pub ends at its delivery, no consumer running.
+    let clear = ["pub", "-b", &url, "-t", "cli/retained", "-n", "-r", "-V", "311", "--envelope", "--receipts"];
+    let out = run(&[&clear[..], &["--wait-timeout", "20", "--outbox", ob]].concat()).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     // A retained message would reach a new subscriber before anything
     // published after it subscribed.

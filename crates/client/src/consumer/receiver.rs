@@ -129,8 +129,12 @@ impl Receiver {
         let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
         // A session this consumer had, not kept (a broker restarted
         // without persistence, an expiry, a failover to another node):
-        // what was queued for it while it was away is gone.
-        if !session_present && !clean && !have.is_empty() {
+        // what was queued for it while it was away is gone. Not said when
+        // the configuration asks for no kept session (a clean start, or
+        // an MQTT 5 session expiry of 0).
+        let c = &self.cfg.client;
+        let keeps = !c.clean_start && !(self.version == ProtocolVersion::V5 && c.session_expiry.is_zero());
+        if keeps && !session_present && !clean && !have.is_empty() {
             tracing::warn!(broker = %self.url, "the broker did not keep this consumer's session: messages queued for it while it was away are lost, unless their producers ask for receipts (published again); subscribing again");
         }
         if must_subscribe(session_present, &have, &want) {

@@ -133,7 +133,8 @@ impl Receiver {
         // the configuration asks for no kept session (a clean start, or
         // an MQTT 5 session expiry of 0).
         let c = &self.cfg.client;
-        let keeps = !c.clean_start && !(self.version == ProtocolVersion::V5 && c.session_expiry.is_zero());
+        let kept_by_nobody = self.version == ProtocolVersion::V5 && c.session_expiry.is_zero();
+        let keeps = !(c.clean_start || kept_by_nobody);
         if keeps && !session_present && !clean && !have.is_empty() {
             tracing::warn!(broker = %self.url, "the broker did not keep this consumer's session: messages queued for it while it was away are lost, unless their producers ask for receipts (published again); subscribing again");
         }

@@ -408,11 +408,15 @@ impl ClientConfig {
         self.version = v;
         self
     }
-    /// With MQTT 5: a broker that refuses version 5 (a refusal of the
-    /// version, or a close before CONNACK) is spoken to in 3.1.1 from then
-    /// on; a refusal is remembered per broker in the store, a close only
-    /// for this process (default off: the version given is the one spoken). Identities travel on 3.1.1 only with
-    /// [`ClientConfig::envelope`].
+    /// With MQTT 5: a broker that does not take version 5 (a refusal of
+    /// the version, a close before CONNACK, or an MQTT 5 CONNECT left
+    /// unanswered for the connect timeout) is spoken to in 3.1.1; a refusal
+    /// is remembered per broker in the store, and after a close or a
+    /// silence each new connection tries 5 first again. A producer whose
+    /// messages ask for receipts without [`ClientConfig::envelope`] does
+    /// not fall back (the receipts would never come). Default off: the
+    /// version given is the one spoken. Identities travel on 3.1.1 only
+    /// with [`ClientConfig::envelope`].
     pub fn auto_version(mut self, on: bool) -> Self {
         self.auto_version = on;
         self

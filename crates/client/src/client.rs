@@ -763,17 +763,13 @@ impl Client {
         // this producer's identity (a forwarded message keeps its
         // origin's, whose receipts would go to its origin).
         let forwarded = msg.props.user.iter().any(|(k, _)| k == Identity::USER_PROPERTY);
-        // An empty retained message clears the topic's retained message:
-        // a command to the broker, which over MQTT 3.1.1 goes without the
-        // envelope (so without the identity a receipt names).
-        let clears_retained = msg.retain && msg.payload.is_empty();
         let receipts = match (&msg.receipts, msg.qos, policy.class) {
-            _ if forwarded || clears_retained => None,
+            _ if forwarded => None,
             (_, Qos::AtMostOnce, _) | (_, _, Class::BestEffort) => None,
             (Some(own), _, _) => own.as_ref().map(ReceiptRule::to_text),
             (None, _, _) => self.inner.cfg.receipts.as_ref().map(ReceiptRule::to_text),
         };
-        NewMessage {
+        let mut new = NewMessage {
             receipts,
             topic: msg.topic,
             payload: msg.payload,
@@ -783,7 +779,11 @@ impl Client {
             created_ms,
             route: msg.route,
             policy: policy.stored(created_ms),
+        };
+        if new.clears_retained() {
+            new.receipts = None;
         }
+        new
     }
 
     /// Queues a message without waiting: the future resolves with its id

@@ -286,8 +286,7 @@ impl Link {
             ProtocolVersion::V311 => {
                 // An empty retained message clears the topic's retained
                 // message: in an envelope it would be one instead.
-                let clears_retained = m.msg.retain && m.msg.payload.is_empty();
-                let enveloped = self.envelope && m.id != 0 && !clears_retained;
+                let enveloped = self.envelope && m.id != 0 && !m.msg.clears_retained();
                 let origin = if enveloped { origin(&m.msg.props) } else { None };
                 let envelope = enveloped.then(|| {
                     // An origin too long for the envelope travels under ours.

@@ -157,6 +157,13 @@ impl NewMessage {
     pub fn size(&self) -> u64 {
         (self.topic.len() + self.payload.len()) as u64
     }
+
+    /// An empty retained message: it clears the topic's retained message,
+    /// a command to the broker rather than a message (over MQTT 3.1.1 it
+    /// goes without the identity envelope, so it asks for no receipts).
+    pub fn clears_retained(&self) -> bool {
+        self.retain && self.payload.is_empty()
+    }
 }
 
 /// A message read back from the outbox.

@@ -138,6 +138,10 @@ pub struct SqliteStore {
     source_numbers: Vec<(String, u64)>,
     /// A bridge's source records, as the log holds them (format 8).
     source_log: sources::SourceLog,
+    /// Per slot: its reads below the tail are masked (not first tried
+    /// without its mask) until their cursor reaches this id
+    /// (`Store::read_page`).
+    masked_until: [u64; crate::MAX_SLOTS],
 }
 
 /// What a handle knows of the ids it hands out (format 7: the store, not
@@ -239,6 +243,7 @@ impl SqliteStore {
             ids: Ids::default(),
             source_numbers: Vec::new(),
             source_log: sources::SourceLog::default(),
+            masked_until: [0; crate::MAX_SLOTS],
         }
     }
 

@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use steadfast_core::{DropReason, ReceiptRule, Stage};
 
 use super::deferred;
-use super::rows::{read_messages, stage_to_sql, SELECT_BOUND, SELECT_MESSAGE};
+use super::rows::{read_messages, stage_to_sql, RowState, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
 use crate::{
     now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, ReadLimit, Store, StoreError, StoredMessage, Totals,
@@ -501,58 +501,35 @@ impl Store for SqliteStore {
         slot: Option<u32>,
         priority: Option<u8>,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let limit = page.count;
         let mask = slot.map_or(0, |s| (1u64 << s) as i64);
-        if self.tail_trusted() {
+        let trusted = self.tail_trusted();
+        if trusted {
             if let Some(read) = self.tail.read_after(after, page, mask as u64, priority) {
                 return Ok(read);
             }
-        }
-        let sql = match priority {
-            None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
-            // The literal `priority != 0` lets SQLite use the partial index.
-            Some(0) => format!(
-                "{SELECT_MESSAGE} WHERE priority = 0 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
-            ),
-            Some(_) => format!(
-                "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
-            ),
-        };
-        // Acknowledgements waiting for their rows that cannot change which
-        // rows this reads (none added a bit of `mask`: in fanout, the
-        // other brokers' first ones, while this one's link is behind) are
-        // not written first: each row read gets its set as it would have
-        // read it (a link far behind reads below the tail at every page).
-        let patch = !self.held_acks.touch(mask as u64);
-        if patch {
-            self.conn_for_inserts()?;
-        } else {
-            self.conn()?;
-        }
-        let mut rows = match priority {
-            None | Some(0) => {
-                read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask])?
-            }
-            Some(p) => {
-                read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask, p])?
-            }
-        };
-        if patch && !self.held_acks.is_empty() {
-            for (m, _) in &mut rows {
-                self.held_acks.patch(m.id, &mut m.acks);
+            if let Some(read) = self.tail.read_covered(after, page, mask as u64, priority) {
+                return Ok(read);
             }
         }
-        // Kept (if the tail is known, which `tail_trusted` just checked),
-        // so that their acknowledgements do not read them back.
-        let mut page = Vec::with_capacity(rows.len());
-        for (m, state) in rows {
-            match state {
-                Some(state) => self.tail.paged(&m, state),
-                None => self.tail.unpage(m.id),
+        // Below the tail, a read for a broker is first made without its
+        // mask: when none of the rows it returns has the broker's bit, they
+        // are the rows the masked read returns, and a stretch that another
+        // broker's link reads from memory (`Tail::read_covered`). Else the
+        // masked read is made, and this broker's reads stay masked until
+        // they pass the newest id of now (its acknowledged rows lie ahead:
+        // after a lost session, say).
+        let slot_index = slot.map(|s| s as usize).filter(|&s| s < crate::MAX_SLOTS);
+        let unmasked = trusted && slot_index.is_none_or(|s| after >= self.masked_until[s]);
+        let mut page_rows = self.read_rows(after, page, if unmasked { 0 } else { mask }, priority)?;
+        if unmasked && page_rows.iter().any(|(m, _)| m.acks & mask as u64 != 0) {
+            if let Some(s) = slot_index {
+                self.masked_until[s] = self.ids.last.unwrap_or(0).max(after + 1);
             }
-            page.push(m);
+            page_rows = self.read_rows(after, page, mask, priority)?;
+        } else if unmasked {
+            return Ok(self.keep_page(page_rows, Some((after, priority))));
         }
-        Ok(page)
+        Ok(self.keep_page(page_rows, None))
     }
 
     fn newest_by_priority(&mut self) -> Result<Vec<(u8, u64)>, StoreError> {
@@ -970,6 +947,85 @@ fn runs(sorted: &[u64]) -> impl Iterator<Item = &[u64]> {
 }
 
 impl SqliteStore {
+    /// Queued messages of `priority` (all levels: `None`) after `after`
+    /// whose acknowledgements lack `mask` (0: all of them), from SQLite,
+    /// each with its acknowledgements as they stand (held ones included)
+    /// and what else its row says when the tail may keep it.
+    fn read_rows(
+        &mut self,
+        after: u64,
+        page: ReadLimit,
+        mask: i64,
+        priority: Option<u8>,
+    ) -> Result<Vec<(StoredMessage, Option<RowState>)>, StoreError> {
+        let limit = page.count;
+        let sql = match priority {
+            None => format!("{SELECT_MESSAGE} WHERE id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"),
+            // The literal `priority != 0` lets SQLite use the partial index.
+            Some(0) => format!(
+                "{SELECT_MESSAGE} WHERE priority = 0 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+            ),
+            Some(_) => format!(
+                "{SELECT_MESSAGE} WHERE priority != 0 AND priority = ?4 AND id > ?1 AND done = 0 AND awaiting_ms IS NULL AND acks & ?3 = 0 ORDER BY id LIMIT ?2"
+            ),
+        };
+        // Acknowledgements waiting for their rows that cannot change which
+        // rows this reads (none added a bit of `mask`: in fanout, the
+        // other brokers' first ones, while this one's link is behind) are
+        // not written first: each row read gets its set as it would have
+        // read it (a link far behind reads below the tail at every page).
+        let patch = !self.held_acks.touch(mask as u64);
+        if patch {
+            self.conn_for_inserts()?;
+        } else {
+            self.conn()?;
+        }
+        let mut rows = match priority {
+            None | Some(0) => {
+                read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask])?
+            }
+            Some(p) => {
+                read_messages(&self.db, &mut self.unreadable, &sql, page, params![after, limit as i64, mask, p])?
+            }
+        };
+        if patch && !self.held_acks.is_empty() {
+            for (m, _) in &mut rows {
+                self.held_acks.patch(m.id, &mut m.acks);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// A page read from SQLite, its rows kept by the tail (if it is
+    /// known, which `tail_trusted` just checked) so that their
+    /// acknowledgements do not read them back. `unmasked`: read with no
+    /// mask, after this id, at this priority: when every row is kept, the
+    /// tail vouches for the stretch it read ([`tail::Tail::cover`]).
+    fn keep_page(
+        &mut self,
+        rows: Vec<(StoredMessage, Option<RowState>)>,
+        unmasked: Option<(u64, Option<u8>)>,
+    ) -> Vec<StoredMessage> {
+        let mut all_kept = true;
+        let mut page = Vec::with_capacity(rows.len());
+        for (m, state) in rows {
+            match state {
+                Some(state) => all_kept &= self.tail.paged(&m, state),
+                None => {
+                    self.tail.unpage(m.id);
+                    all_kept = false;
+                }
+            }
+            page.push(m);
+        }
+        if let (Some((after, priority)), true, Some(first), Some(last)) =
+            (unmasked, all_kept, page.first(), page.last())
+        {
+            self.tail.cover(after, first.id, last.id, priority);
+        }
+        page
+    }
+
     /// Runs a statement that takes no parameters and returns no rows, from
     /// the statement cache: `execute_batch` parses it at every call, and a
     /// transaction's `BEGIN` and `COMMIT` come every few messages.

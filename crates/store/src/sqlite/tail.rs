@@ -24,6 +24,15 @@
 //! those is narrower: each is as the database holds it, while the tail is
 //! known; they are forgotten with the tail, and follow the same
 //! operations (a row that leaves, changes, or is acknowledged).
+//!
+//! Where a page that no broker's mask thinned out read them, they are also
+//! *complete* (`covered`): every row of that stretch of ids a read can
+//! return is kept, so that another broker's link reads the same stretch
+//! here, whatever its mask, instead of from SQLite again (in fanout each
+//! message was read from SQLite once per broker, docs/performance.md,
+//! session 34). A change to a row the tail does not follow, or a row not
+//! kept, ends the stretch below it; rows that leave (deleted, done,
+//! awaiting receipts) do not, being rows no read returns.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -53,6 +62,9 @@ pub(super) struct Tail {
     /// Rows at or below the floor as a page read them (see the module).
     paged: BTreeMap<u64, Paged>,
     paged_bytes: u64,
+    /// A stretch of ids whose readable rows of one priority level are
+    /// all in `paged` (see the module).
+    covered: Option<Covered>,
     /// Turned off (a guest or read-only handle, or a test comparing).
     off: bool,
     /// The most rows kept, and the most kept from pages.
@@ -66,12 +78,23 @@ impl Default for Tail {
 }
 
 /// A row below the floor that a page read from SQLite: the message, its
-/// acknowledgements, and what else its row said.
+/// acknowledgements, its attempts, and what else its row said.
 #[derive(Debug)]
 struct Paged {
     msg: Arc<NewMessage>,
     acks: u64,
+    attempts: u32,
     row: RowState,
+}
+
+/// Ids above `after` up to `last` whose rows that a read with priority
+/// `priority` returns (unacknowledged by the reader's broker or not) are
+/// all in `paged`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Covered {
+    after: u64,
+    last: u64,
+    priority: Option<u8>,
 }
 
 impl Tail {
@@ -85,6 +108,7 @@ impl Tail {
             bytes: 0,
             paged: BTreeMap::new(),
             paged_bytes: 0,
+            covered: None,
             off: false,
             max_rows,
         }
@@ -102,6 +126,7 @@ impl Tail {
         self.bytes = 0;
         self.paged.clear();
         self.paged_bytes = 0;
+        self.covered = None;
     }
 
     /// Whether the tail vouches for anything now.
@@ -158,7 +183,8 @@ impl Tail {
     /// receipts).
     pub(super) fn left(&mut self, id: u64) {
         if !self.covers(id) {
-            self.unpage(id);
+            // No read returns it now: a stretch it was in stays whole.
+            self.drop_paged(id);
         } else if let Ok(i) = self.position(id) {
             if let Some(old) = self.rows.remove(i) {
                 self.bytes -= old.msg.size();
@@ -189,32 +215,125 @@ impl Tail {
     /// `m`, whose row says `row` besides, was read from SQLite just now,
     /// by a read of queued messages (not done, not awaiting receipts):
     /// kept if the tail is known and it lies at or below the floor.
-    pub(super) fn paged(&mut self, m: &StoredMessage, row: RowState) {
-        self.unpage(m.id);
+    /// Returns whether the tail holds it now (a row above the floor is
+    /// among its own rows).
+    pub(super) fn paged(&mut self, m: &StoredMessage, row: RowState) -> bool {
+        self.drop_paged(m.id);
+        if self.covers(m.id) {
+            return true;
+        }
         // One message past the bound alone is not kept: it would push out
         // every other first.
-        if self.floor.is_none() || self.covers(m.id) || m.msg.size() > MAX_PAGED_BYTES {
-            return;
+        if self.floor.is_none() || m.msg.size() > MAX_PAGED_BYTES {
+            self.cut(m.id);
+            return false;
         }
         self.paged_bytes += m.msg.size();
-        self.paged.insert(m.id, Paged { msg: m.msg.clone(), acks: m.acks, row });
+        self.paged.insert(m.id, Paged { msg: m.msg.clone(), acks: m.acks, attempts: m.attempts, row });
         while self.paged.len() > self.max_rows || self.paged_bytes > MAX_PAGED_BYTES {
-            let Some((_, old)) = self.paged.pop_first() else { break };
+            let Some((old_id, old)) = self.paged.pop_first() else { break };
             self.paged_bytes -= old.msg.size();
+            self.cut(old_id);
         }
+        true
     }
 
-    /// Any copy of `id` kept from a page goes (it changed, left, or a page
-    /// read it but not what keeping it needs).
+    /// Any copy of `id` kept from a page goes (it changed, or a page read
+    /// it but not what keeping it needs): a read may return it, from
+    /// SQLite only, so a stretch it was in ends above it.
     pub(super) fn unpage(&mut self, id: u64) {
+        self.drop_paged(id);
+        self.cut(id);
+    }
+
+    fn drop_paged(&mut self, id: u64) {
         if let Some(old) = self.paged.remove(&id) {
             self.paged_bytes -= old.msg.size();
         }
     }
 
+    /// Row `id` is not vouched for in `paged`: the stretch that held it
+    /// starts above it.
+    fn cut(&mut self, id: u64) {
+        if let Some(c) = self.covered.as_mut() {
+            if id > c.after && id <= c.last {
+                c.after = id;
+            }
+            if c.after >= c.last {
+                self.covered = None;
+            }
+        }
+    }
+
+    /// A page read from SQLite with no mask, every one of its rows held
+    /// ([`Tail::paged`]), `first` to `last`: the rows above `after` up to
+    /// `last` that a read with `priority` returns are all kept now (up to
+    /// the floor; the tail's own rows are above it), unless keeping the
+    /// later ones pushed out the first (the lowest ids go first). Joined
+    /// to the stretch known so far when the two meet.
+    pub(super) fn cover(&mut self, after: u64, first: u64, last: u64, priority: Option<u8>) {
+        let Some(floor) = self.floor else { return };
+        let last = last.min(floor);
+        if last <= after || (first <= floor && !self.paged.contains_key(&first)) {
+            return;
+        }
+        self.covered = match self.covered {
+            Some(c) if c.priority == priority && after <= c.last && last >= c.after => {
+                Some(Covered { after: c.after.min(after), last: c.last.max(last), priority })
+            }
+            _ => Some(Covered { after, last, priority }),
+        };
+    }
+
+    /// A read of queued messages after `after` (as [`Tail::read_after`])
+    /// answered from the rows kept from pages, when a stretch holds every
+    /// row such a read returns from `after` on, and the page fills up
+    /// within it or the stretch reaches the floor (the tail's own rows
+    /// follow): `None` otherwise.
+    pub(super) fn read_covered(
+        &self,
+        after: u64,
+        limit: ReadLimit,
+        mask: u64,
+        priority: Option<u8>,
+    ) -> Option<Vec<StoredMessage>> {
+        let c = self.covered.filter(|c| c.priority == priority && c.after <= after && after < c.last)?;
+        let wanted = |acks: u64, m: &NewMessage| acks & mask == 0 && priority.is_none_or(|l| m.policy.priority == l);
+        let mut within = limit.cut();
+        let mut page = Vec::new();
+        for (&id, p) in self.paged.range(after + 1..=c.last) {
+            if !wanted(p.acks, &p.msg) {
+                continue;
+            }
+            if !within(p.msg.size()) {
+                return Some(page);
+            }
+            page.push(StoredMessage { id, msg: p.msg.clone(), wire: None, acks: p.acks, attempts: p.attempts });
+        }
+        // The stretch ran out before the page filled up: the tail's rows
+        // follow it only when it reaches the floor.
+        if page.len() >= limit.count {
+            return Some(page);
+        }
+        if self.floor != Some(c.last) {
+            return None;
+        }
+        for r in self.rows.iter().filter(|r| wanted(r.acks, &r.msg)) {
+            if !within(r.msg.size()) {
+                break;
+            }
+            page.push(r.clone());
+        }
+        Some(page)
+    }
+
     /// The row `id` was sent once more.
     pub(super) fn attempted(&mut self, id: u64) {
-        if let Ok(i) = self.position(id) {
+        if !self.covers(id) {
+            if let Some(p) = self.paged.get_mut(&id) {
+                p.attempts += 1;
+            }
+        } else if let Ok(i) = self.position(id) {
             self.rows[i].attempts += 1;
         }
     }
@@ -429,6 +548,80 @@ mod tests {
         t.forget();
         assert!(t.entry(5).is_none());
         assert_eq!(t.paged_bytes, 0);
+    }
+
+    #[test]
+    fn a_stretch_read_without_a_mask_answers_any_broker_until_something_breaks_it() {
+        let row = |size| RowState { size, resends: 0, acked_ms: None };
+        let all = ReadLimit::messages(10);
+        let mut t = Tail::of(4);
+        for id in 1..=6 {
+            t.inserted(id, Arc::new(msg(1)));
+        }
+        assert_eq!(t.floor, Some(2));
+        for id in 1..=2 {
+            assert!(t.paged(&stored(id, msg(1)), row(2)));
+        }
+        t.cover(0, 1, 2, None);
+        // Followed by the tail's own rows above the floor.
+        assert_eq!(ids(t.read_covered(0, all, 0b10, None)), Some(vec![1, 2, 3, 4, 5, 6]));
+        assert_eq!(ids(t.read_covered(0, ReadLimit::messages(1), 0b10, None)), Some(vec![1]));
+        assert_eq!(t.read_covered(0, all, 0b10, Some(0)), None, "another priority's stretch");
+        // A broker's acknowledgement hides the row from its reads only.
+        t.acked(1, 0b1);
+        assert_eq!(ids(t.read_covered(0, all, 0b1, None)), Some(vec![2, 3, 4, 5, 6]));
+        assert_eq!(ids(t.read_covered(0, all, 0b10, None)), Some(vec![1, 2, 3, 4, 5, 6]));
+        // Attempts are followed below the floor too.
+        t.attempted(2);
+        assert_eq!(t.read_covered(1, all, 0, None).unwrap()[0].attempts, 1);
+        // A row that no read returns now leaves the stretch whole.
+        t.left(1);
+        assert_eq!(ids(t.read_covered(0, all, 0, None)), Some(vec![2, 3, 4, 5, 6]));
+        // A change it does not follow ends the stretch below that row.
+        t.changed(2);
+        assert_eq!(t.read_covered(0, all, 0, None), None);
+        assert_eq!(t.covered, None, "nothing vouched for below the floor");
+    }
+
+    #[test]
+    fn a_stretch_ends_where_rows_are_pushed_out_or_not_kept() {
+        let row = |size| RowState { size, resends: 0, acked_ms: None };
+        let all = ReadLimit::messages(10);
+        let mut t = Tail::of(2);
+        for id in 10..=11 {
+            t.inserted(id, Arc::new(msg(1)));
+        }
+        assert_eq!(t.floor, Some(9));
+        for id in 1..=2 {
+            t.paged(&stored(id, msg(1)), row(2));
+        }
+        t.cover(0, 1, 2, None);
+        // Short of the page and of the floor: not answered here.
+        assert_eq!(t.read_covered(0, all, 0, None), None);
+        assert_eq!(ids(t.read_covered(0, ReadLimit::messages(2), 0, None)), Some(vec![1, 2]));
+        // The lowest id goes first past the bounds: the stretch starts
+        // above it.
+        t.paged(&stored(3, msg(1)), row(2));
+        t.cover(2, 3, 3, None);
+        assert_eq!(t.covered, Some(Covered { after: 1, last: 3, priority: None }));
+        assert_eq!(t.read_covered(0, ReadLimit::messages(2), 0, None), None);
+        assert_eq!(ids(t.read_covered(1, ReadLimit::messages(2), 0, None)), Some(vec![2, 3]));
+        // A page whose first row the later ones pushed out vouches for
+        // nothing.
+        for id in 5..=7 {
+            t.paged(&stored(id, msg(1)), row(2));
+        }
+        t.cover(4, 5, 7, None);
+        assert_eq!(t.covered, None);
+        // A row too large to keep breaks a stretch too.
+        t.paged(&stored(6, msg(1)), row(2));
+        t.cover(5, 6, 7, None);
+        assert!(t.covered.is_some());
+        assert!(!t.paged(&stored(7, msg(MAX_PAGED_BYTES as usize + 1)), row(2)));
+        assert_eq!(t.covered, None);
+        t.cover(5, 6, 6, None);
+        t.forget();
+        assert_eq!(t.covered, None);
     }
 
     #[test]

@@ -183,7 +183,45 @@ proptest! {
     fn the_tail_answers_as_the_database_does(ops in prop::collection::vec(op(), 1..80), small in any::<bool>()) {
         // A small tail: most reads and acknowledgements fall below its
         // floor, on the rows it keeps from pages read from SQLite.
-        let mut p = Pair::with_tail_of(small.then_some(6));
+        check(ops, small.then_some(6))?;
+    }
+
+    /// Two brokers' links reading the same rows below the floor, as in
+    /// fanout: what one's page read from SQLite answers the other's
+    /// reads from memory (docs/design.md, "The tail"), exactly as the
+    /// database would, whatever was acknowledged, changed or left since.
+    #[test]
+    fn a_stretch_read_for_one_broker_answers_another_as_the_database_does(
+        ops in prop::collection::vec(fanout_op(), 1..120),
+        rows in 4usize..12,
+    ) {
+        check(ops, Some(rows))?;
+    }
+}
+
+/// Mostly inserts, reads for either broker near the oldest rows, and
+/// what changes those rows: acknowledgements, requeues, poison, attempts.
+fn fanout_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (1usize..200).prop_map(Op::Insert),
+        8 => ((0usize..12), (1usize..8), prop::option::of(0u32..2), prop::option::of(0u8..2))
+            .prop_map(|(i, n, slot, p)| Op::Read(i, n, slot, p)),
+        4 => ((0usize..12), (0u32..2)).prop_map(|(i, slot)| Op::Ack(i, slot)),
+        2 => ((0usize..12), (1usize..6), (0u32..2), any::<bool>()).prop_map(|(i, n, slot, f)| Op::AckOrRemoveMany(i, n, slot, f)),
+        1 => (0usize..12).prop_map(Op::Remove),
+        1 => (0usize..12).prop_map(Op::Done),
+        1 => (0usize..12).prop_map(Op::Await),
+        1 => (0usize..12).prop_map(Op::Requeue),
+        1 => (0usize..12).prop_map(Op::Attempt),
+        1 => (0usize..12).prop_map(Op::Poison),
+        2 => Just(Op::Commit),
+        1 => Just(Op::Rollback),
+    ]
+}
+
+fn check(ops: Vec<Op>, tail_rows: Option<usize>) -> Result<(), TestCaseError> {
+    {
+        let mut p = Pair::with_tail_of(tail_rows);
         p.both(|s| s.begin().unwrap())?;
         let mut ids: Vec<u64> = Vec::new();
         // Each id's kind (`varied`'s argument): only QoS 2 ones are bound.
@@ -202,30 +240,43 @@ proptest! {
                     // Two reads in three end by bytes too (messages hold 4
                     // to 202), drawn from `i` so that the cases stay the
                     // ones their seeds made before.
-                    let bytes = match i % 3 { 0 => u64::MAX, k => k as u64 * 100 };
+                    let bytes = match i % 3 {
+                        0 => u64::MAX,
+                        k => k as u64 * 100,
+                    };
                     let page = ReadLimit { count: limit, bytes };
                     p.both(|s| s.read_page(after, page, slot, priority).unwrap())?;
                 }
-                Op::Remove(i) => if let Some(id) = pick(&ids, i) {
-                    p.both(|s| s.remove(id).unwrap())?;
-                },
-                Op::Done(i) => if let Some(id) = pick(&ids, i) {
-                    p.both(|s| s.set_done(id).unwrap())?;
-                },
-                Op::Bind(i) => if let Some(id) = pick(&ids, i) {
-                    let slot = p.slots[i % 2];
-                    if kinds.get(&id).is_some_and(|n| n % 3 == 2) {
-                        p.both(|s| s.set_wire(slot, id, Some((1 + i as u16, Stage::Published))).unwrap())?;
+                Op::Remove(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.both(|s| s.remove(id).unwrap())?;
                     }
-                },
-                Op::Ack(i, slot) => if let Some(id) = pick(&ids, i) {
-                    let slot = p.slots[slot as usize];
-                    p.both(|s| s.ack(id, slot).unwrap())?;
-                },
-                Op::AckOrRemove(i, slot, f) => if let Some(id) = pick(&ids, i) {
-                    let slot = p.slots[slot as usize];
-                    p.both(|s| s.ack_or_remove(id, slot, &mut |e| f || e.size % 2 == 0).unwrap())?;
-                },
+                }
+                Op::Done(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.both(|s| s.set_done(id).unwrap())?;
+                    }
+                }
+                Op::Bind(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        let slot = p.slots[i % 2];
+                        if kinds.get(&id).is_some_and(|n| n % 3 == 2) {
+                            p.both(|s| s.set_wire(slot, id, Some((1 + i as u16, Stage::Published))).unwrap())?;
+                        }
+                    }
+                }
+                Op::Ack(i, slot) => {
+                    if let Some(id) = pick(&ids, i) {
+                        let slot = p.slots[slot as usize];
+                        p.both(|s| s.ack(id, slot).unwrap())?;
+                    }
+                }
+                Op::AckOrRemove(i, slot, f) => {
+                    if let Some(id) = pick(&ids, i) {
+                        let slot = p.slots[slot as usize];
+                        p.both(|s| s.ack_or_remove(id, slot, &mut |e| f || e.size % 2 == 0).unwrap())?;
+                    }
+                }
                 Op::AckOrRemoveMany(i, n, slot, f) => {
                     let from = i % ids.len().max(1);
                     let mut asked: Vec<u64> = ids.iter().skip(from).take(n).copied().collect();
@@ -234,27 +285,37 @@ proptest! {
                     let slot = p.slots[slot as usize];
                     p.both(|s| s.ack_or_remove_many(&asked, slot, &mut |e| f || e.size % 2 == 0).unwrap())?;
                 }
-                Op::Await(i) => if let Some(id) = pick(&ids, i) {
-                    p.both(|s| s.await_receipts(id, 5_000, 4_000).unwrap())?;
-                },
-                Op::Asking(i, n, limit) => if let Some(first) = pick(&ids, i) {
-                    let last = first + n as u64;
-                    let at_once = p.both(|s| s.entries_asking_between(first, last, limit).unwrap())?;
-                    let mut one_by_one = Vec::new();
-                    for id in p.stores[1].asking_between(first, last, limit).unwrap() {
-                        one_by_one.extend(p.stores[1].entry(id).unwrap().map(|e| (id, e)));
+                Op::Await(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.both(|s| s.await_receipts(id, 5_000, 4_000).unwrap())?;
                     }
-                    prop_assert_eq!(at_once, one_by_one, "read at once, the entries differ from those read one by one");
-                },
-                Op::RemoveAsRead(i) => if let Some(id) = pick(&ids, i) {
-                    p.both(|s| match s.entry(id).unwrap() {
-                        Some(e) if e.bindings == 0 => {
-                            s.remove_as_read(id, &e).unwrap();
-                            true
+                }
+                Op::Asking(i, n, limit) => {
+                    if let Some(first) = pick(&ids, i) {
+                        let last = first + n as u64;
+                        let at_once = p.both(|s| s.entries_asking_between(first, last, limit).unwrap())?;
+                        let mut one_by_one = Vec::new();
+                        for id in p.stores[1].asking_between(first, last, limit).unwrap() {
+                            one_by_one.extend(p.stores[1].entry(id).unwrap().map(|e| (id, e)));
                         }
-                        _ => false,
-                    })?;
-                },
+                        prop_assert_eq!(
+                            at_once,
+                            one_by_one,
+                            "read at once, the entries differ from those read one by one"
+                        );
+                    }
+                }
+                Op::RemoveAsRead(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.both(|s| match s.entry(id).unwrap() {
+                            Some(e) if e.bindings == 0 => {
+                                s.remove_as_read(id, &e).unwrap();
+                                true
+                            }
+                            _ => false,
+                        })?;
+                    }
+                }
                 Op::AwaitMany(i, n) => {
                     let asked = run_from(&ids, i, n);
                     p.stores[0].await_receipts_many(&asked, 5_000, 4_000).unwrap();
@@ -265,7 +326,11 @@ proptest! {
                 Op::RemoveManyAsRead(i, n) => {
                     let asked = run_from(&ids, i, n);
                     let read: Vec<(u64, _)> = p.both(|s| {
-                        asked.iter().filter_map(|&id| s.entry(id).unwrap().map(|e| (id, e))).filter(|(_, e)| e.bindings == 0).collect()
+                        asked
+                            .iter()
+                            .filter_map(|&id| s.entry(id).unwrap().map(|e| (id, e)))
+                            .filter(|(_, e)| e.bindings == 0)
+                            .collect()
                     })?;
                     let rows: Vec<(u64, &steadfast_store::Entry)> = read.iter().map(|(id, e)| (*id, e)).collect();
                     p.stores[0].remove_many_as_read(&rows).unwrap();
@@ -273,19 +338,25 @@ proptest! {
                         p.stores[1].remove_as_read(id, e).unwrap();
                     }
                 }
-                Op::Requeue(i) => if let Some(id) = pick(&ids, i) {
-                    p.both(|s| s.requeue_for_receipts(id).unwrap())?;
-                },
-                Op::Attempt(i) => if let Some(id) = pick(&ids, i) {
-                    p.both(|s| s.add_attempt(id).unwrap())?;
-                },
-                Op::Poison(i) => if let Some(id) = pick(&ids, i) {
-                    let slot = p.slots[i % 2];
-                    p.both(|s| s.poison(id, slot, 3, 5_000).unwrap())?;
-                    if i % 2 == 0 {
-                        p.both(|s| s.unpoison(id).unwrap())?;
+                Op::Requeue(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.both(|s| s.requeue_for_receipts(id).unwrap())?;
                     }
-                },
+                }
+                Op::Attempt(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.both(|s| s.add_attempt(id).unwrap())?;
+                    }
+                }
+                Op::Poison(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        let slot = p.slots[i % 2];
+                        p.both(|s| s.poison(id, slot, 3, 5_000).unwrap())?;
+                        if i % 2 == 0 {
+                            p.both(|s| s.unpoison(id).unwrap())?;
+                        }
+                    }
+                }
                 Op::Lag(slot) => {
                     let slot = p.slots[slot as usize];
                     let counted = p.stores[0].lag(slot).unwrap();
@@ -321,10 +392,12 @@ proptest! {
                     p.both(|s| s.read_after(0, 1000, None, None).unwrap())?;
                     p.both(|s| s.begin().unwrap())?;
                 }
-                Op::GuestRemove(i) => if let Some(id) = pick(&ids, i) {
-                    p.guest(|g| g.remove(id).unwrap())?;
-                    p.both(|s| s.begin().unwrap())?;
-                },
+                Op::GuestRemove(i) => {
+                    if let Some(id) = pick(&ids, i) {
+                        p.guest(|g| g.remove(id).unwrap())?;
+                        p.both(|s| s.begin().unwrap())?;
+                    }
+                }
             }
         }
         p.both(|s| s.read_after(0, 1000, None, None).unwrap())?;
@@ -338,6 +411,7 @@ proptest! {
             prop_assert_eq!(s.totals().unwrap(), s.counted_totals().unwrap());
         }
     }
+    Ok(())
 }
 
 /// Up to `n` ids from the `i`-th on (wrapping to the start), ascending

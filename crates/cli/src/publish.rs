@@ -686,9 +686,9 @@ async fn wait_delivered(
             }
             e = events.recv() => match e {
                 Ok(Event::Dropped(d)) if d.reason != steadfast::DropReason::Superseded => { first_drop.get_or_insert(d); }
-                Ok(Event::Refused { broker, id, topic }) => {
+                Ok(Event::Refused { broker, id, topic, reason }) => {
                     return Err(Failure::other(anyhow!(
-                        "{broker} refused message #{id} to `{topic}` (an error reason code in its acknowledgement, e.g. not authorised for this topic); it stays queued in the outbox {} and is sent again later",
+                        "{broker} refused message #{id} to `{topic}` (reason code {reason}); it stays queued in the outbox {} and is sent again later",
                         dir.display()
                     )));
                 }

@@ -375,6 +375,8 @@ pub enum Event {
         id: u64,
         /// Its topic.
         topic: String,
+        /// The reason code it gave (MQTT 5, 0x80 or more), with its name.
+        reason: String,
     },
     /// A message left the outbox without delivery (G3).
     Dropped(Dropped),

@@ -69,6 +69,47 @@ impl<'a> Body<'a> {
     }
 }
 
+/// An MQTT 5 PUBACK, PUBREC or PUBCOMP body: its packet id and its reason
+/// code (0, success, when left out). Read here rather than by the codec,
+/// which refuses a reason code the packet may not carry: Mosquitto 2.0
+/// answers a PUBLISH over its `message_size_limit` with PUBACK 0x95
+/// ("packet too large", a code of DISCONNECT), and taken for a malformed
+/// packet it ended the link, which sent the message again, for ever. Any
+/// code from 0x80 on is a refusal, as MQTT 5 defines them. The properties
+/// are skipped (their length must fit the body).
+pub(crate) fn ack_v5(body: &[u8]) -> Result<(u16, u8), MqttError> {
+    let mut b = Body { bytes: body, at: 0 };
+    let pid = b.u16()?;
+    if pid == 0 {
+        return Err(MqttError::MalformedPacket);
+    }
+    let code = if b.rest().is_empty() { 0 } else { b.u8()? };
+    if !b.rest().is_empty() {
+        let len = b.varint()? as usize;
+        b.take(len)?;
+        if !b.rest().is_empty() {
+            return Err(MqttError::MalformedPacket);
+        }
+    }
+    Ok((pid, code))
+}
+
+/// What an MQTT 5 reason code from 0x80 on in a PUBACK or PUBREC says, as
+/// MQTT 5 names it (0x95 is Mosquitto's, see [`ack_v5`]).
+pub(crate) fn refusal_name(code: u8) -> &'static str {
+    match code {
+        0x80 => "unspecified error",
+        0x83 => "implementation specific error",
+        0x87 => "not authorized",
+        0x90 => "topic name invalid",
+        0x91 => "packet identifier in use",
+        0x95 => "packet too large",
+        0x97 => "quota exceeded",
+        0x99 => "payload format invalid",
+        _ => "an error",
+    }
+}
+
 /// The PUBLISH whose fixed header carried `flags` and whose body (exactly
 /// its remaining length) is `body`.
 pub(crate) fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Inbound, MqttError> {

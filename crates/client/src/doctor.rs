@@ -208,6 +208,7 @@ pub async fn probe_inflight(cfg: &ClientConfig, url: &BrokerUrl, tag: &str) -> (
                 .wait(STEP, |i| match i {
                     Incoming::Ack(Ack::PubRec { pid, ok }) => Some((*pid, *ok)),
                     Incoming::Ack(Ack::PubAck { pid, ok }) => Some((*pid, *ok)),
+                    Incoming::Refused(Ack::PubRec { pid, .. } | Ack::PubAck { pid, .. }, _) => Some((*pid, false)),
                     _ => None,
                 })
                 .await;
@@ -364,7 +365,14 @@ impl Doc {
             let topic = self.topic("retained");
             let mut publ = self.open("ret-pub", true).await?;
             publ.publish(&topic, b"retained", Qos::AtLeastOnce, true, Some(1))?;
-            publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 1, .. })).then_some(())).await?;
+            publ.wait(STEP, |i| {
+                matches!(
+                    i,
+                    Incoming::Ack(Ack::PubAck { pid: 1, .. }) | Incoming::Refused(Ack::PubAck { pid: 1, .. }, _)
+                )
+                .then_some(())
+            })
+            .await?;
             let mut sub = self.open("ret-sub", true).await?;
             sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
             let got = sub
@@ -375,7 +383,14 @@ impl Doc {
                 .await?;
             // Clear it: an empty retained message removes it.
             publ.publish(&topic, b"", Qos::AtLeastOnce, true, Some(2))?;
-            publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 2, .. })).then_some(())).await?;
+            publ.wait(STEP, |i| {
+                matches!(
+                    i,
+                    Incoming::Ack(Ack::PubAck { pid: 2, .. }) | Incoming::Refused(Ack::PubAck { pid: 2, .. }, _)
+                )
+                .then_some(())
+            })
+            .await?;
             sub.close().await;
             publ.close().await;
             Ok::<_, ConnectError>(match got {
@@ -426,8 +441,15 @@ impl Doc {
             // The checked message: well after the disconnect.
             tokio::time::sleep(RACE_PAUSE).await;
             publ.publish(&topic, b"queued while away", Qos::AtLeastOnce, false, Some(1))?;
-            let acked =
-                publ.wait(STEP, |i| matches!(i, Incoming::Ack(Ack::PubAck { pid: 1, .. })).then_some(())).await?;
+            let acked = publ
+                .wait(STEP, |i| {
+                    matches!(
+                        i,
+                        Incoming::Ack(Ack::PubAck { pid: 1, .. }) | Incoming::Refused(Ack::PubAck { pid: 1, .. }, _)
+                    )
+                    .then_some(())
+                })
+                .await?;
             if acked.is_none() {
                 let detail = "the broker did not acknowledge the test message".into();
                 return Ok((Check { key, ok: None, detail }, false));

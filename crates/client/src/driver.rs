@@ -21,6 +21,14 @@ use steadfast_store::{
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+/// The smallest size limit an MQTT 3.1.1 broker's close is taken to mean
+/// (topic and payload, bytes): a broker that closes on a smaller message
+/// refuses it for another reason (a topic it denies, retain it does not
+/// offer), and no broker in use limits messages below this. Such a
+/// message is still moved aside as poison after its failures; only no
+/// size is learned from it.
+const SMALLEST_SIZE_LIMIT: u64 = 1024;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::clock::{self, now};
@@ -147,6 +155,9 @@ pub(crate) struct Driver {
     incoming: Vec<Incoming>,
     /// The acknowledgements of the last read, kept the same way.
     acks: Vec<Ack>,
+    /// The reason codes of the refused acks of the read being handled, in
+    /// order, for the engine's refusals they cause.
+    refusals: std::collections::VecDeque<u8>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -210,6 +221,7 @@ impl Driver {
             ack_debt: None,
             incoming: Vec::new(),
             acks: Vec::new(),
+            refusals: std::collections::VecDeque::new(),
         }
     }
 
@@ -260,7 +272,10 @@ impl Driver {
             .await
             .ok()
             .flatten()
-            .and_then(|v| v.parse().ok());
+            .and_then(|v| v.parse().ok())
+            // Below any limit in use: learned from a close that was not
+            // about size (before the floor existed).
+            .filter(|&size| size >= SMALLEST_SIZE_LIMIT);
         self.reconnect.reset();
         while !self.stopping() {
             self.set_state(LinkState::Connecting, None, None);
@@ -621,6 +636,10 @@ impl Driver {
         for inc in incoming {
             match inc {
                 Incoming::Ack(ack) => acks.push(ack),
+                Incoming::Refused(ack, code) => {
+                    self.refusals.push_back(code);
+                    acks.push(ack);
+                }
                 Incoming::Disconnect { reason } => {
                     end = Some(ConnectError::Closed(CloseReason::Disconnect(reason)));
                     break;
@@ -642,7 +661,11 @@ impl Driver {
         }
         let r = self.session.handle_acks(acks.drain(..), now());
         self.acks = acks;
-        self.carry_out(link).await?;
+        let reported = self.carry_out(link).await;
+        // The engine reports a refusal for each refused ack of a message in
+        // flight, in order: a code left over belonged to none.
+        self.refusals.clear();
+        reported?;
         r.map_err(|e| self.ended(e, self.session.ack_timeout()))?;
         end.map_or(Ok(()), Err)
     }
@@ -757,9 +780,19 @@ impl Driver {
                     );
                     let size = message.msg.size();
                     // Only the broker closing on it tells of a size; an ack
-                    // timeout does not.
+                    // timeout does not. Nor does a close on a message no
+                    // larger than one it took, or smaller than any limit
+                    // on size seen in use: a 3.1.1 broker closes on what it
+                    // refuses (a topic it denies, retain it does not
+                    // offer), and a size learned from that put every
+                    // later message aside.
                     let closed = self.last_end == LinkEnd::Closed;
-                    if closed && self.version == ProtocolVersion::V311 && self.poison_size.is_none_or(|p| size < p) {
+                    let sized = size > self.session.largest_acked() && size >= SMALLEST_SIZE_LIMIT;
+                    if closed
+                        && sized
+                        && self.version == ProtocolVersion::V311
+                        && self.poison_size.is_none_or(|p| size < p)
+                    {
                         // 3.1.1 announces no maximum packet size: most likely
                         // that was it. Messages this large go aside at once.
                         self.poison_size = Some(size);
@@ -775,10 +808,14 @@ impl Driver {
                     );
                 }
                 SessionEvent::Refused(m) => {
-                    tracing::warn!(id = m.id, topic = %m.msg.topic, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
+                    let reason = match self.refusals.pop_front() {
+                        Some(code) => format!("0x{code:02x}, {}", crate::decode::refusal_name(code)),
+                        None => "an error reason code".to_owned(),
+                    };
+                    tracing::warn!(broker = %self.url, id = m.id, topic = %m.msg.topic, %reason, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
                     self.shared.update(|s| s.refused += 1);
                     let broker = self.url.to_string();
-                    let _ = self.events.send(Event::Refused { broker, id: m.id, topic: m.msg.topic.clone() });
+                    let _ = self.events.send(Event::Refused { broker, id: m.id, topic: m.msg.topic.clone(), reason });
                 }
                 SessionEvent::Republished(n) => metrics::counter!("steadfast_resent_total").increment(n),
                 SessionEvent::SessionLost { in_flight } => {

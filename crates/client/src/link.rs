@@ -55,6 +55,9 @@ pub(crate) enum Incoming {
     ConnAck(ConnAck),
     /// PUBACK, PUBREC or PUBCOMP: what the publishing engine takes.
     Ack(Ack),
+    /// A PUBACK or PUBREC with an error reason code (MQTT 5): the ack,
+    /// refusing, and the code.
+    Refused(Ack, u8),
     Publish(Inbound),
     PubRel {
         pid: u16,
@@ -463,7 +466,7 @@ impl Link {
     }
 
     fn decode(v5: bool, raw: &Raw<'_>) -> Result<Incoming, ConnectError> {
-        let ok = |code: Option<bool>| code.unwrap_or(true);
+        let refused = |ack, code: u8| if code < 0x80 { Incoming::Ack(ack) } else { Incoming::Refused(ack, code) };
         Ok(match raw.packet_type() {
             // A broker without MQTT 5 may answer with a 3.1.1 CONNACK
             // refusing the version (code 1), which MQTT 5 allows.
@@ -488,16 +491,18 @@ impl Link {
                 Incoming::SubAck { granted }
             }
             4 if v5 => {
-                let a = parse(raw, "PUBACK", v5_0::Puback::parse)?;
-                Incoming::Ack(Ack::PubAck { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) })
+                let (pid, code) = crate::decode::ack_v5(raw.body()).map_err(|e| malformed("PUBACK", e))?;
+                refused(Ack::PubAck { pid, ok: code < 0x80 }, code)
             }
             4 => Incoming::Ack(Ack::PubAck { pid: parse(raw, "PUBACK", v3_1_1::Puback::parse)?.packet_id(), ok: true }),
             5 if v5 => {
-                let a = parse(raw, "PUBREC", v5_0::Pubrec::parse)?;
-                Incoming::Ack(Ack::PubRec { pid: a.packet_id(), ok: ok(a.reason_code().map(|r| r.is_success())) })
+                let (pid, code) = crate::decode::ack_v5(raw.body()).map_err(|e| malformed("PUBREC", e))?;
+                refused(Ack::PubRec { pid, ok: code < 0x80 }, code)
             }
             5 => Incoming::Ack(Ack::PubRec { pid: parse(raw, "PUBREC", v3_1_1::Pubrec::parse)?.packet_id(), ok: true }),
-            7 if v5 => Incoming::Ack(Ack::PubComp { pid: parse(raw, "PUBCOMP", v5_0::Pubcomp::parse)?.packet_id() }),
+            7 if v5 => Incoming::Ack(Ack::PubComp {
+                pid: crate::decode::ack_v5(raw.body()).map_err(|e| malformed("PUBCOMP", e))?.0,
+            }),
             7 => Incoming::Ack(Ack::PubComp { pid: parse(raw, "PUBCOMP", v3_1_1::Pubcomp::parse)?.packet_id() }),
             13 => Incoming::PingResp,
             14 if v5 => {
@@ -1314,6 +1319,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// MQTT 5 acknowledgements are read by their reason code, whatever it
+    /// is: Mosquitto 2.0 answers a PUBLISH over its `message_size_limit`
+    /// with PUBACK 0x95, which MQTT 5 gives DISCONNECT only; taken for a
+    /// malformed packet, it ended the link and the message went again, for
+    /// ever (and what followed it was delivered many times).
+    #[test]
+    fn an_mqtt_5_ack_with_any_error_code_is_a_refusal_and_a_broken_one_ends_the_link() {
+        use steadfast_core::engine::Ack;
+        let mut link = Link::new(version(true), false, None);
+        let got = |link: &mut Link, bytes: &[u8]| link.receive(bytes);
+        // Mosquitto's answer to a message over its limit, as sent.
+        assert!(matches!(
+            got(&mut link, &[0x40, 3, 0, 1, 0x95])[..],
+            [Incoming::Refused(Ack::PubAck { pid: 1, ok: false }, 0x95)]
+        ));
+        // Not authorised, with a reason string.
+        let pubrec = [0x50, 10, 0, 2, 0x87, 6, 0x1f, 0, 3, b'a', b'c', b'l'];
+        assert!(matches!(got(&mut link, &pubrec)[..], [Incoming::Refused(Ack::PubRec { pid: 2, ok: false }, 0x87)]));
+        // Success, short and long; "no matching subscribers" is a success.
+        assert!(matches!(got(&mut link, &[0x40, 2, 0, 3])[..], [Incoming::Ack(Ack::PubAck { pid: 3, ok: true })]));
+        assert!(matches!(
+            got(&mut link, &[0x40, 4, 0, 4, 0x10, 0])[..],
+            [Incoming::Ack(Ack::PubAck { pid: 4, ok: true })]
+        ));
+        assert!(matches!(got(&mut link, &[0x70, 3, 0, 5, 0x92])[..], [Incoming::Ack(Ack::PubComp { pid: 5 })]));
+        // Packet id 0, properties longer than the packet, bytes after them.
+        for broken in [&[0x40, 2, 0, 0][..], &[0x40, 5, 0, 1, 0, 5, 0], &[0x40, 5, 0, 1, 0, 0, 9]] {
+            let mut link = Link::new(version(true), false, None);
+            assert!(matches!(got(&mut link, broken)[..], [Incoming::Broken(_)]), "{broken:?}");
+        }
+        assert_eq!(crate::decode::refusal_name(0x87), "not authorized");
     }
 
     /// One property of a generated PUBLISH: its id and value bytes, any

@@ -92,6 +92,55 @@ async fn a_message_mosquitto_closes_the_link_on_is_moved_aside_and_the_rest_deli
     assert_eq!(st["poisoned"].as_array().unwrap().len(), 0, "{st}");
 }
 
+/// A close over MQTT 3.1.1 on a small message is a refusal, not a size:
+/// Mosquitto with `retain_available false` closes the link on a retained
+/// PUBLISH. It is moved aside after its failures; the ordinary messages
+/// that follow, larger than it, are delivered (a size learned from it put
+/// every one of them aside, found by trying steadfast against brokers set
+/// up as users set them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_message_a_3_1_1_broker_closes_on_teaches_no_size() {
+    let opts = MosquittoOptions { persistence: false, extra: vec!["retain_available false".into()] };
+    let broker = Mosquitto::start(opts).await;
+    let sub = Subscriber::start(broker.port(), "lim/#", 1, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let base = ["-b", &broker.url(), "-V", "311", "-i", "lim-retain", "--outbox", &ob, "--wait-timeout", "60s"];
+    let retained = run(&[&["pub"][..], &base, &["-t", "lim/state", "-m", "on", "-r"]].concat()).await;
+    let err = stderr(&retained);
+    assert_eq!(retained.status.code(), Some(1), "{err}");
+    assert!(err.contains("moved aside as poison") && !err.contains("bytes (topic and payload) or more"), "{err}");
+    let reading = run(&[&["pub"][..], &base, &["-t", "lim/reading", "-m", "temperature=21.5"]].concat()).await;
+    assert!(reading.status.success(), "{}", stderr(&reading));
+    sub.wait_all(&strings(&["temperature=21.5"]), Duration::from_secs(20)).await;
+    let text = String::from_utf8_lossy(&run(&["status", "--outbox", &ob]).await.stdout).into_owned();
+    assert!(!text.contains("bytes or more"), "{text}");
+}
+
+/// Mosquitto answers an MQTT 5 PUBLISH over its `message_size_limit` with
+/// PUBACK 0x95 ("packet too large", a code MQTT 5 keeps for DISCONNECT):
+/// a refusal, said with its code, not a malformed packet that ended the
+/// link and sent the message again for ever (and delivered what followed
+/// it as often).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puback_with_mosquittos_packet_too_large_is_a_refusal_with_its_code() {
+    let opts = MosquittoOptions { persistence: false, extra: vec!["message_size_limit 1000".into()] };
+    let broker = Mosquitto::start(opts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let big = "x".repeat(2_000);
+    let args =
+        ["pub", "-b", &broker.url(), "-V", "5", "-t", "lim/big", "-m", &big, "--outbox", &ob, "--wait-timeout", "60s"];
+    let out = run(&args).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("refused message #1 to `lim/big` (reason code 0x95, packet too large)"), "{err}");
+    // Mosquitto closes the link after its answer; the message is not sent
+    // again on the next one (it waits out the pause of a refusal).
+    assert!(!err.contains("malformed") && err.matches("link lost").count() <= 1, "{err}");
+    assert_eq!(status_json(&ob)["queued"], 1, "kept");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_closes_past_an_unannounced_qos2_limit_gets_a_smaller_window_remembered() {
     // 3.1.1, at most 10 QoS 2 messages unfinished (below the window of 20

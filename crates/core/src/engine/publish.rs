@@ -390,6 +390,8 @@ pub struct PublishSession<M> {
     /// Messages in flight at the last failed links: (failed links in a row
     /// while in flight, of those alone in flight).
     suspects: HashMap<u64, (u32, u32)>,
+    /// The largest message (topic and payload) this broker acknowledged.
+    largest_acked: u64,
     /// The window before failures began to narrow it down: when a message
     /// turns out to be poison (or QoS 2 the cause), the failures are
     /// explained and it comes back.
@@ -445,6 +447,7 @@ impl<M: Queued> PublishSession<M> {
             conn_limit: cfg.max_inflight.max(1),
             grow_acks: 0,
             suspects: HashMap::new(),
+            largest_acked: 0,
             deferred: VecDeque::new(),
             chase_from: None,
             ceiling: None,
@@ -508,6 +511,13 @@ impl<M: Queued> PublishSession<M> {
             self.window.restore(pid, Inflight { id: m.id(), qos: Qos::ExactlyOnce, stage });
             self.inflight.insert(m.id(), m);
         }
+    }
+
+    /// The largest message (topic and payload, [`Queued::size`]) the
+    /// broker acknowledged to this session: a broker that took one this
+    /// large has no smaller limit on size.
+    pub fn largest_acked(&self) -> u64 {
+        self.largest_acked
     }
 
     /// Messages in flight.

@@ -93,6 +93,7 @@ impl<M: Queued> PublishSession<M> {
         for id in &done {
             self.suspects.remove(id);
             if let Some(m) = self.inflight.remove(id) {
+                self.largest_acked = self.largest_acked.max(m.size() as u64);
                 let p = m.priority();
                 if *id > self.cursors[p] {
                     self.done_ahead[p].insert(*id);

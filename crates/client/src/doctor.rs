@@ -285,7 +285,7 @@ impl Doc {
     /// `$SYS/broker/version`, which Mosquitto keeps as a retained message.
     async fn software(&self) -> Option<String> {
         let mut p = self.open("sys", true).await.ok()?;
-        p.link.subscribe(1, &[("$SYS/broker/version".to_owned(), Qos::AtMostOnce)]).ok()?;
+        p.link.subscribe(1, &[("$SYS/broker/version".to_owned(), Qos::AtMostOnce)], false).ok()?;
         let found = p
             .wait(Duration::from_millis(1500), |i| match i {
                 Incoming::Publish(m) if m.topic == "$SYS/broker/version" => {
@@ -304,7 +304,7 @@ impl Doc {
         let run = async {
             let topic = self.topic("qos2");
             let mut sub = self.open("qos2-sub", true).await?;
-            sub.link.subscribe(1, &[(topic.clone(), Qos::ExactlyOnce)])?;
+            sub.link.subscribe(1, &[(topic.clone(), Qos::ExactlyOnce)], false)?;
             let granted = sub.suback().await?;
             let mut publ = self.open("qos2-pub", true).await?;
             publ.publish(&topic, b"qos2", Qos::ExactlyOnce, false, Some(1))?;
@@ -374,7 +374,7 @@ impl Doc {
             })
             .await?;
             let mut sub = self.open("ret-sub", true).await?;
-            sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
+            sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)], false)?;
             let got = sub
                 .wait(STEP, |i| match i {
                     Incoming::Publish(m) if m.topic == topic => Some(m.retain),
@@ -426,7 +426,7 @@ impl Doc {
             let sub = self.open(role, true).await?;
             sub.close().await;
             let mut sub = self.open(role, false).await?;
-            sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)])?;
+            sub.link.subscribe(1, &[(topic.clone(), Qos::AtLeastOnce)], false)?;
             sub.suback().await?;
             // Connected before the subscriber leaves, to publish right after.
             let mut publ = self.open(&format!("{key}-pub"), true).await?;

@@ -344,13 +344,21 @@ impl Link {
         Ok(())
     }
 
-    /// Queues a SUBSCRIBE for `filters`.
-    pub fn subscribe(&mut self, pid: u16, filters: &[(String, Qos)]) -> Result<(), ConnectError> {
+    /// Queues a SUBSCRIBE for `filters`; `retain_as_published`: the MQTT 5
+    /// option of that name on each (3.1.1 has none).
+    pub fn subscribe(
+        &mut self,
+        pid: u16,
+        filters: &[(String, Qos)],
+        retain_as_published: bool,
+    ) -> Result<(), ConnectError> {
         let err = |e| build_err("SUBSCRIBE", e);
+        let rap = retain_as_published && self.version == ProtocolVersion::V5;
         let entries = filters
             .iter()
             .map(|(f, q)| {
-                mqtt::packet::SubEntry::new(f.as_str(), mqtt::packet::SubOpts::new().set_qos(qos_to_mqtt(*q)))
+                let opts = mqtt::packet::SubOpts::new().set_qos(qos_to_mqtt(*q)).set_rap(rap);
+                mqtt::packet::SubEntry::new(f.as_str(), opts)
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(err)?;
@@ -1352,6 +1360,19 @@ mod tests {
             assert!(matches!(got(&mut link, broken)[..], [Incoming::Broken(_)]), "{broken:?}");
         }
         assert_eq!(crate::decode::refusal_name(0x87), "not authorized");
+    }
+
+    /// A subscription with Retain As Published carries bit 3 of its
+    /// options over MQTT 5 (a bridge's source asks for it), and none over
+    /// 3.1.1, which has no such bit.
+    #[test]
+    fn retain_as_published_is_an_mqtt_5_subscription_option() {
+        let filters = [("a/#".to_owned(), Qos::AtLeastOnce)];
+        for (v5, rap, options) in [(true, true, 0b1001), (true, false, 0b0001), (false, true, 0b0001)] {
+            let mut link = Link::new(version(v5), false, None);
+            link.subscribe(1, &filters, rap).unwrap();
+            assert_eq!(*link.out.last().unwrap(), options, "v5 {v5}, rap {rap}: {:?}", link.out);
+        }
     }
 
     /// One property of a generated PUBLISH: its id and value bytes, any

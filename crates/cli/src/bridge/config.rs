@@ -291,7 +291,10 @@ fn route(r: &RouteSpec, dir: &Path, errs: &mut Errors<'_>) -> Option<Route> {
     if errs.list.len() > before {
         return None;
     }
-    Some(Route { name, source: source_cfg, destination, rewrite, qos })
+    // Through `Route::new`: what every route's source asks of its brokers.
+    let mut route = Route::new(name, source_cfg, destination).rewrite(rewrite);
+    route.qos = qos;
+    Some(route)
 }
 
 /// The source table's values, each checked: a consumer with an inbox.

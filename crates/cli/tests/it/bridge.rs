@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use steadfast::{BrokerSet, BrokerUrl, ClientConfig, Consumer, ConsumerConfig, Mode, Qos};
-use steadfast_testkit::{wait_until, Mosquitto, MosquittoOptions};
+use steadfast_testkit::{wait_until, Mosquitto, MosquittoOptions, Subscriber};
 
 use crate::{run, stderr, steadfast};
 
@@ -588,6 +588,43 @@ async fn properties_and_expiry_cross_the_bridge() {
     d.ack();
     consumer.close().await;
     producer.close().await;
+}
+
+/// A retained message published while the bridge runs is retained
+/// upstream too: the bridge subscribes with Retain As Published (without
+/// it the broker clears the flag of every message but those sent at the
+/// subscription's start, and the far broker kept a stale value, or none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_published_while_the_bridge_runs_is_retained_upstream() {
+    let local = Mosquitto::plain().await;
+    let up = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &local.url(), &[up.url()]);
+    register(&cfg).await;
+    let _bridge = start_bridge(&cfg);
+    let live = Subscriber::start(up.port(), "site-7/sensors/state", 1, None).await;
+    let outbox = dir.path().join("producer");
+    for value in ["v1", "v2"] {
+        let out = run(&[
+            "pub",
+            "-b",
+            &local.url(),
+            "-t",
+            "sensors/state",
+            "-m",
+            value,
+            "-r",
+            "--outbox",
+            outbox.to_str().unwrap(),
+        ])
+        .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    live.wait_all(&["v1".to_owned(), "v2".to_owned()], Duration::from_secs(20)).await;
+    // A subscriber that comes later gets the latest value, retained.
+    let later = Subscriber::start(up.port(), "site-7/sensors/state", 1, None).await;
+    later.wait_all(&["v2".to_owned()], Duration::from_secs(20)).await;
+    assert_eq!(later.lines(), ["v2"], "{}", bridge_log(&cfg));
 }
 
 /// A bridge from a local broker that wants a password (given through

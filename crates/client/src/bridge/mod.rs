@@ -81,8 +81,16 @@ pub struct Route {
 }
 
 impl Route {
-    /// A route that forwards every message as it came.
+    /// A route that forwards every message as it came. Its source asks
+    /// MQTT 5 brokers for Retain As Published
+    /// ([`ConsumerConfig::retain_as_published`]), from its registration
+    /// on: a retained message published while the bridge runs is
+    /// retained upstream too. (Mosquitto 2.0 keeps the options of a
+    /// subscription its session holds when the same filter is subscribed
+    /// again: a route registered without it keeps it off until its
+    /// session is made again.)
     pub fn new(name: impl Into<String>, source: ConsumerConfig, destination: ClientConfig) -> Route {
+        let source = source.retain_as_published(true);
         Route { name: name.into(), source, destination, rewrite: Rewrite::new(), qos: None }
     }
 

@@ -42,6 +42,8 @@ pub struct ConsumerConfig {
     /// Acknowledgements that may leave before their inbox record is on
     /// disk; `None`: four windows (`4 × max_inflight`).
     pub(super) acks_ahead: Option<usize>,
+    /// MQTT 5 subscriptions ask for Retain As Published.
+    pub(super) retain_as_published: bool,
 }
 
 impl ConsumerConfig {
@@ -59,6 +61,7 @@ impl ConsumerConfig {
             claim_for: Duration::from_secs(60),
             records_in_transaction: false,
             acks_ahead: None,
+            retain_as_published: false,
             client,
             topics: Vec::new(),
             inbox: true,
@@ -205,6 +208,16 @@ impl ConsumerConfig {
         self.send_receipts = on;
         self
     }
+    /// Ask MQTT 5 brokers to keep the retain flag of what they forward as
+    /// its publisher set it (Retain As Published), instead of clearing it
+    /// on every message but those sent at a subscription's start. What a
+    /// bridge does, so that the far broker retains what the near one does
+    /// (a bridge's source always asks for it). Default off, as MQTT's.
+    /// MQTT 3.1.1 has no such option: a broker clears it.
+    pub fn retain_as_published(mut self, on: bool) -> Self {
+        self.retain_as_published = on;
+        self
+    }
     /// A bridge's source: it answers no ask for a receipt but keeps it on
     /// the delivery ([`Received::receipt_topic`](super::Received::receipt_topic)),
     /// and hands over again a copy of something it handled when the copy
@@ -213,7 +226,15 @@ impl ConsumerConfig {
     pub(crate) fn relay(mut self) -> Self {
         self.send_receipts = false;
         self.relay = true;
+        self.retain_as_published = true;
         self
+    }
+    /// How each filter is subscribed, as the consumer records what a
+    /// broker granted (a change makes it subscribe again): the QoS, `r`
+    /// for Retain As Published, the filter.
+    pub(super) fn subscription_record(&self) -> String {
+        let rap = if self.retain_as_published { "r" } else { "" };
+        self.filters().iter().map(|(f, q)| format!("{}{rap} {f}\n", *q as u8)).collect()
     }
     /// The name in this consumer's receipts.
     pub fn receipt_name(&self) -> &str {

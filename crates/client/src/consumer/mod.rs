@@ -401,7 +401,7 @@ impl Consumer {
             let mut version = cfg.client.version;
             let Opened { mut rd, mut wr, mut link, ack: _, after, mut buf, .. } =
                 open_auto(&cfg.client, &url, cfg.client.clean_start, &mut version, None, Side::Consumer).await?;
-            link.subscribe(1, &cfg.filters())?;
+            link.subscribe(1, &cfg.filters(), cfg.retain_as_published)?;
             send(&mut wr, &link.out).await?;
             link.out.clear();
             let mut pending = after;

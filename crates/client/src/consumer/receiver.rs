@@ -125,7 +125,7 @@ impl Receiver {
         // (recorded per broker once the broker granted them).
         let key = format!("subscribed {}", self.url);
         let filters = self.cfg.filters();
-        let want: String = filters.iter().map(|(f, q)| format!("{} {f}\n", *q as u8)).collect();
+        let want = self.cfg.subscription_record();
         let have = self.outbox.meta_or_init(&key, "").await.map_err(ConnectError::inbox)?;
         // A session this consumer had, not kept (a broker restarted
         // without persistence, an expiry, a failover to another node):
@@ -139,7 +139,7 @@ impl Receiver {
             tracing::warn!(broker = %self.url, "the broker did not keep this consumer's session: messages queued for it while it was away are lost, unless their producers ask for receipts (published again); subscribing again");
         }
         if must_subscribe(session_present, &have, &want) {
-            link.subscribe(1, &filters)?;
+            link.subscribe(1, &filters, self.cfg.retain_as_published)?;
         }
         Ok(Subscription { key, want })
     }

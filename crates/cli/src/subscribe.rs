@@ -362,6 +362,8 @@ struct Receiving<'a> {
     /// Until some broker took us, an error no retry can mend (a refused
     /// certificate or password) ends the run instead of retrying for ever.
     connected: bool,
+    /// The events are read (until their channel closes).
+    listening: bool,
     /// `-W`.
     deadline: Option<tokio::time::Instant>,
     /// `-C`.
@@ -378,6 +380,7 @@ impl<'a> Receiving<'a> {
             stop,
             events: consumer.events(),
             connected: false,
+            listening: true,
             deadline: a.timeout.map(|s| tokio::time::Instant::now() + Duration::from_secs(s)),
             count: a.count,
             no_eol: a.no_eol,
@@ -419,13 +422,21 @@ impl<'a> Receiving<'a> {
         let first = tokio::select! {
             n = next => n,
             _ = self.stop.requested() => return ControlFlow::Break(Ok(())),
-            e = self.events.recv(), if !self.connected => {
+            e = self.events.recv(), if self.listening => {
                 match e {
-                    Ok(steadfast::Event::Connected { .. }) | Err(_) => self.connected = true,
-                    Ok(steadfast::Event::ConnectFailed { error, .. }) if !error.is_retryable() => {
+                    Ok(steadfast::Event::Connected { .. }) => self.connected = true,
+                    // Before the first connection: a refusal that retrying
+                    // cannot change (credentials, version) ends the run.
+                    Ok(steadfast::Event::ConnectFailed { error, .. }) if !self.connected && !error.is_retryable() => {
                         return ControlFlow::Break(Err(Failure::other(anyhow!("{}", WithFlag(error)))));
                     }
-                    Ok(_) => {}
+                    // At any time: a subscription the broker refuses, as
+                    // `--register` does (it would be asked again for ever).
+                    Ok(steadfast::Event::Disconnected { error: error @ steadfast::ConnectError::SubscriptionRefused { .. }, .. }) => {
+                        return ControlFlow::Break(Err(Failure::other(anyhow!("{error}"))));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => self.listening = false,
                 }
                 return ControlFlow::Continue(None);
             }

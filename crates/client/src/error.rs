@@ -484,6 +484,15 @@ pub enum ConnectError {
     /// The broker broke the protocol.
     #[error("{0}")]
     Protocol(String),
+    /// The broker refused a subscription (its SUBACK's code 0x80 or more):
+    /// not authorised, or a filter it does not take.
+    #[error("{broker} refused the subscription to `{filter}` (not authorised, or an invalid filter for this broker)")]
+    SubscriptionRefused {
+        /// The broker.
+        broker: String,
+        /// The filter as subscribed.
+        filter: String,
+    },
     /// The broker sent a packet over the maximum packet size we announced.
     #[error("the broker sent a packet over our maximum packet size of {max} bytes (ClientConfig::max_packet_size)")]
     IncomingTooLarge {
@@ -550,12 +559,13 @@ impl ConnectError {
 
     /// False when retrying cannot help without a change of configuration
     /// (credentials, authorisation, protocol version, client id,
-    /// certificates).
+    /// certificates, a subscription the broker refuses).
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
             ConnectError::Certificate { .. }
                 | ConnectError::NotMqtt { .. }
+                | ConnectError::SubscriptionRefused { .. }
                 | ConnectError::Refused {
                     refusal: Refusal::ProtocolVersion
                         | Refusal::BadCredentials

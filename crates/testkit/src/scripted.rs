@@ -134,6 +134,45 @@ impl ScriptedBroker {
         })
     }
 
+    /// A broker that takes every connection (no session) and refuses
+    /// every subscription: a SUBACK with 0x80 for each filter (MQTT
+    /// 3.1.1's failure code, MQTT 5's unspecified error), as aedes does
+    /// for a filter its `authorizeSubscribe` denies.
+    pub fn refusing_subscriptions(mqtt5: bool) -> ScriptedBroker {
+        Self::listen(move |mut stream, _, _| {
+            let connack: &[u8] = if mqtt5 { &[0x20, 3, 0, 0, 0] } else { &[0x20, 2, 0, 0] };
+            if read_packet(&mut stream).is_none() || stream.write_all(connack).is_err() {
+                return;
+            }
+            while let Some((first, body)) = read_packet(&mut stream) {
+                match first >> 4 {
+                    8 => {
+                        // Packet id, properties (MQTT 5), then each filter
+                        // with its options byte.
+                        let mut at = 2 + if mqtt5 { property_block_len(&body[2..]) } else { 0 };
+                        let mut ack = vec![0x90, 0, body[0], body[1]];
+                        if mqtt5 {
+                            ack.push(0);
+                        }
+                        while at + 2 <= body.len() {
+                            at += 2 + u16::from_be_bytes([body[at], body[at + 1]]) as usize + 1;
+                            ack.push(0x80);
+                        }
+                        ack[1] = (ack.len() - 2) as u8;
+                        if stream.write_all(&ack).is_err() {
+                            return;
+                        }
+                    }
+                    12 => {
+                        let _ = stream.write_all(&[0xd0, 0]);
+                    }
+                    14 => return,
+                    _ => {}
+                }
+            }
+        })
+    }
+
     /// `mqtt://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)

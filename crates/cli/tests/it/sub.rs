@@ -303,3 +303,23 @@ async fn sigterm_during_a_connection_attempt_ends_sub_at_once() {
     // connect timeout is 10 s.
     assert!(took < Duration::from_secs(4), "sub took {took:?} to stop");
 }
+
+/// A subscription the broker refuses ends `sub` with the filter named and
+/// exit 1, at once, as `--register` does: before, it subscribed again after
+/// every reconnect, for ever (or until `-W`, then exit 0). Over MQTT 3.1.1
+/// (SUBACK 0x80, as aedes answers a filter it denies) and 5.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_ends_sub_with_the_filter_named() {
+    for (mqtt5, version) in [(false, "311"), (true, "5")] {
+        let broker = steadfast_testkit::ScriptedBroker::refusing_subscriptions(mqtt5);
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = dir.path().join("inbox");
+        let started = std::time::Instant::now();
+        let args = ["sub", "-b", &broker.url(), "-V", version, "-t", "denied/x", "-W", "30", "--inbox"];
+        let out = run(&[&args[..], &[inbox.to_str().unwrap()]].concat()).await;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "MQTT {version}: {err}");
+        assert!(err.contains("refused the subscription to `denied/x`"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(20), "at once, not at -W: {:?}", started.elapsed());
+    }
+}

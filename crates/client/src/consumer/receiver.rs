@@ -362,11 +362,7 @@ pub(super) fn check_granted(
 ) -> Result<(), ConnectError> {
     for (i, (filter, asked)) in topics.iter().enumerate() {
         match granted.get(i).copied().flatten() {
-            None => {
-                return Err(ConnectError::Protocol(format!(
-                "{url} refused the subscription to `{filter}` (not authorised, or an invalid filter for this broker)"
-            )))
-            }
+            None => return Err(ConnectError::SubscriptionRefused { broker: url.to_string(), filter: filter.clone() }),
             Some(g) if g < *asked as u8 => tracing::warn!(
                 broker = %url,
                 filter = %filter,

@@ -393,9 +393,10 @@ impl Pipeline {
         let accepted = self.accepted.load(Ordering::Relaxed);
         let note = format!("{accepted} message(s) accepted before this one are safe in the outbox");
         match e {
-            PublishError::Topic(_) | PublishError::TooLarge { .. } | PublishError::Properties(_) => {
-                Failure::usage(anyhow!("{e}; {note}"))
-            }
+            PublishError::Topic(_)
+            | PublishError::TooLarge { .. }
+            | PublishError::RetainUnavailable { .. }
+            | PublishError::Properties(_) => Failure::usage(anyhow!("{e}; {note}")),
             PublishError::Outbox(AppendError::Store(e)) => {
                 Failure::other(anyhow!("{}; {note}", store_error(e, "--outbox")))
             }

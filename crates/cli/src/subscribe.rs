@@ -435,7 +435,9 @@ impl<'a> Receiving<'a> {
                     Ok(steadfast::Event::Disconnected { error: error @ steadfast::ConnectError::SubscriptionRefused { .. }, .. }) => {
                         return ControlFlow::Break(Err(Failure::other(anyhow!("{error}"))));
                     }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(_) => {}
+                    // Events were missed: a connection among them, maybe.
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.connected = true,
                     Err(broadcast::error::RecvError::Closed) => self.listening = false,
                 }
                 return ControlFlow::Continue(None);
@@ -445,6 +447,11 @@ impl<'a> Receiving<'a> {
             // -W ran out.
             None => ControlFlow::Break(match self.count {
                 Some(c) => Err(self.short_of(c)),
+                // No broker took the connection the whole time: nothing
+                // could have come, which is not "nothing came".
+                None if !self.connected && self.handled == 0 => {
+                    Err(Failure::timed_out(anyhow!("-W: no broker could be reached in time (see the warnings above)")))
+                }
                 None => Ok(()),
             }),
             Some(None) => ControlFlow::Break(Ok(())),

@@ -738,6 +738,12 @@ impl Client {
         if self.inner.joined && policy.class == Class::BestEffort {
             return Err(PublishError::JoinedBestEffort);
         }
+        // A broker that said it takes no retained message (MQTT 5's
+        // Retain Available = 0) ends the link on one: refused before it is
+        // accepted, as a message over its size limit is.
+        if msg.retain && self.inner.brokers.iter().any(|b| b.retain_unavailable.load(Ordering::Relaxed)) {
+            return Err(PublishError::RetainUnavailable { topic: msg.topic.clone() });
+        }
         // When a broker told us its limit, refuse what it can never take
         // before accepting it. An approximate size errs on the safe side:
         // fixed header, topic, packet id, properties and identity.

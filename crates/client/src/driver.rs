@@ -59,6 +59,8 @@ pub(crate) struct BrokerShared {
     pub status: Mutex<BrokerStatus>,
     /// The broker's maximum packet size, 0 while unknown.
     pub max_packet: AtomicU32,
+    /// Its last CONNACK said Retain Available = 0 (MQTT 5).
+    pub retain_unavailable: std::sync::atomic::AtomicBool,
 }
 
 impl BrokerShared {
@@ -79,7 +81,11 @@ impl BrokerShared {
             ack_timeout: Duration::ZERO,
             round_trip: None,
         };
-        Self { status: Mutex::new(status), max_packet: AtomicU32::new(0) }
+        Self {
+            status: Mutex::new(status),
+            max_packet: AtomicU32::new(0),
+            retain_unavailable: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut BrokerStatus)) -> BrokerStatus {
@@ -442,6 +448,7 @@ impl Driver {
         self.poison_311 = self.poison_size.filter(|_| self.version == ProtocolVersion::V311);
         self.max_packet = ack.maximum_packet_size;
         self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
+        self.shared.retain_unavailable.store(ack.retain_available == Some(false), Ordering::Relaxed);
         let info = ConnAckInfo {
             session_present: ack.session_present,
             receive_maximum: ack.receive_maximum,

@@ -342,6 +342,13 @@ pub enum PublishError {
         /// The broker's limit.
         max: u32,
     },
+    /// The message is retained, and a broker said it takes no retained
+    /// message (MQTT 5's Retain Available = 0; it would end the link on it).
+    #[error("message to `{topic}` is retained, and the broker takes no retained messages (its CONNACK says Retain Available = 0): publish it without retain (-r), or allow retain on the broker (Mosquitto: retain_available true)")]
+    RetainUnavailable {
+        /// Its topic.
+        topic: String,
+    },
     /// The message asks for receipts, but the client listens for none.
     #[error("the message asks for receipts, but this client was not configured for them: set ClientConfig::receipts (steadfast pub --receipts)")]
     ReceiptsOff,

@@ -80,7 +80,7 @@ impl Reconnect {
             } else {
                 // The broker's answer stands until the configuration
                 // changes (credentials, version, client id, certificates).
-                tracing::error!(%broker, error = %error, retry_in = ?delay, "{prefix}cannot connect, and trying again will not help until the configuration changes; will keep trying");
+                tracing::error!(%broker, error = %error, retry_in = ?delay, "{prefix}cannot connect, and trying again will not help until the configuration changes");
             }
             self.last_logged = Some(text);
         } else {

@@ -117,6 +117,22 @@ async fn a_small_message_a_3_1_1_broker_closes_on_teaches_no_size() {
     assert!(!text.contains("bytes or more"), "{text}");
 }
 
+/// Over MQTT 5 the same broker says so in its CONNACK (Retain Available =
+/// 0): a retained message is refused before it is accepted, with exit 2,
+/// instead of ending the link on every try, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_to_an_mqtt_5_broker_without_retain_is_refused_before_acceptance() {
+    let opts = MosquittoOptions { persistence: false, extra: vec!["retain_available false".into()] };
+    let broker = Mosquitto::start(opts).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let out = run(&["pub", "-b", &broker.url(), "-t", "lim/state", "-m", "on", "-r", "--outbox", &ob]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the broker takes no retained messages") && err.contains("Retain Available = 0"), "{err}");
+    assert_eq!(status_json(&ob)["queued"], 0, "nothing accepted");
+}
+
 /// Mosquitto answers an MQTT 5 PUBLISH over its `message_size_limit` with
 /// PUBACK 0x95 ("packet too large", a code MQTT 5 keeps for DISCONNECT):
 /// a refusal, said with its code, not a malformed packet that ended the

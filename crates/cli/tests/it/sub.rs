@@ -323,3 +323,16 @@ async fn a_refused_subscription_ends_sub_with_the_filter_named() {
         assert!(started.elapsed() < Duration::from_secs(20), "at once, not at -W: {:?}", started.elapsed());
     }
 }
+
+/// `-W` with no broker reachable the whole time is a timeout (exit 3, as
+/// `-C` short of its count), not a quiet run that found nothing (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn w_with_no_broker_reached_is_a_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let nobody = format!("mqtt://127.0.0.1:{}", steadfast_testkit::free_port());
+    let inbox = dir.path().join("inbox");
+    let out = run(&["sub", "-b", &nobody, "-t", "a/#", "-W", "2", "--inbox", inbox.to_str().unwrap()]).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("no broker could be reached in time"), "{err}");
+}

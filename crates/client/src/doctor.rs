@@ -310,14 +310,22 @@ impl Doc {
             publ.publish(&topic, b"qos2", Qos::ExactlyOnce, false, Some(1))?;
             let rec = publ
                 .wait(STEP, |i| match i {
-                    Incoming::Ack(Ack::PubRec { pid: 1, .. }) => Some(true),
-                    Incoming::Ack(Ack::PubAck { pid: 1, ok: true }) => Some(false),
+                    Incoming::Ack(Ack::PubRec { pid: 1, .. }) => Some(Ok(true)),
+                    Incoming::Ack(Ack::PubAck { pid: 1, ok: true }) => Some(Ok(false)),
+                    Incoming::Refused(Ack::PubRec { pid: 1, .. } | Ack::PubAck { pid: 1, .. }, code) => {
+                        Some(Err(*code))
+                    }
                     _ => None,
                 })
                 .await?;
             match rec {
-                Some(true) => {}
-                Some(false) => {
+                Some(Err(code)) => {
+                    let name = crate::decode::refusal_name(code);
+                    let detail = format!("the broker refused the probe's QoS 2 PUBLISH to {topic} with reason code 0x{code:02x} ({name}): QoS 2 not checked; if it is an ACL, allow steadfast/doctor/# for this client");
+                    return Ok(Check { key: "qos2", ok: None, detail });
+                }
+                Some(Ok(true)) => {}
+                Some(Ok(false)) => {
                     return Ok(Check {
                         key: "qos2",
                         ok: Some(false),

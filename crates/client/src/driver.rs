@@ -15,20 +15,13 @@ use steadfast_core::engine::{
     StoreOp, WindowChange, Wire,
 };
 use steadfast_core::{AckTimeout, DropReason, Qos};
+use steadfast_store::SMALLEST_SIZE_LIMIT;
 use steadfast_store::{
     now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, Page, ReadLimit, StoreError,
     StoredMessage,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-
-/// The smallest size limit an MQTT 3.1.1 broker's close is taken to mean
-/// (topic and payload, bytes): a broker that closes on a smaller message
-/// refuses it for another reason (a topic it denies, retain it does not
-/// offer), and no broker in use limits messages below this. Such a
-/// message is still moved aside as poison after its failures; only no
-/// size is learned from it.
-const SMALLEST_SIZE_LIMIT: u64 = 1024;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use crate::clock::{self, now};
@@ -161,9 +154,9 @@ pub(crate) struct Driver {
     incoming: Vec<Incoming>,
     /// The acknowledgements of the last read, kept the same way.
     acks: Vec<Ack>,
-    /// The reason codes of the refused acks of the read being handled, in
-    /// order, for the engine's refusals they cause.
-    refusals: std::collections::VecDeque<u8>,
+    /// The messages refused in the read being handled, with the reason
+    /// code of each, for the engine's refusals they cause.
+    refusals: Vec<(u64, u8)>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -227,7 +220,7 @@ impl Driver {
             ack_debt: None,
             incoming: Vec::new(),
             acks: Vec::new(),
-            refusals: std::collections::VecDeque::new(),
+            refusals: Vec::new(),
         }
     }
 
@@ -644,7 +637,12 @@ impl Driver {
             match inc {
                 Incoming::Ack(ack) => acks.push(ack),
                 Incoming::Refused(ack, code) => {
-                    self.refusals.push_back(code);
+                    let pid = match ack {
+                        Ack::PubAck { pid, .. } | Ack::PubRec { pid, .. } | Ack::PubComp { pid } => pid,
+                    };
+                    if let Some(id) = self.session.in_flight_id(pid) {
+                        self.refusals.push((id, code));
+                    }
                     acks.push(ack);
                 }
                 Incoming::Disconnect { reason } => {
@@ -669,8 +667,6 @@ impl Driver {
         let r = self.session.handle_acks(acks.drain(..), now());
         self.acks = acks;
         let reported = self.carry_out(link).await;
-        // The engine reports a refusal for each refused ack of a message in
-        // flight, in order: a code left over belonged to none.
         self.refusals.clear();
         reported?;
         r.map_err(|e| self.ended(e, self.session.ack_timeout()))?;
@@ -815,9 +811,9 @@ impl Driver {
                     );
                 }
                 SessionEvent::Refused(m) => {
-                    let reason = match self.refusals.pop_front() {
-                        Some(code) => format!("0x{code:02x}, {}", crate::decode::refusal_name(code)),
-                        None => "an error reason code".to_owned(),
+                    let reason = match self.refusals.iter().find(|(id, _)| *id == m.id) {
+                        Some(&(_, code)) => format!("0x{code:02x}, {}", crate::decode::refusal_name(code)),
+                        None => "unknown".to_owned(),
                     };
                     tracing::warn!(broker = %self.url, id = m.id, topic = %m.msg.topic, %reason, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
                     self.shared.update(|s| s.refused += 1);

@@ -344,7 +344,7 @@ pub enum PublishError {
     },
     /// The message is retained, and a broker said it takes no retained
     /// message (MQTT 5's Retain Available = 0; it would end the link on it).
-    #[error("message to `{topic}` is retained, and the broker takes no retained messages (its CONNACK says Retain Available = 0): publish it without retain (-r), or allow retain on the broker (Mosquitto: retain_available true)")]
+    #[error("message to `{topic}` is retained, and the broker takes no retained messages (its CONNACK says Retain Available = 0): publish it without the retain flag, or allow retain on the broker (Mosquitto: retain_available true)")]
     RetainUnavailable {
         /// Its topic.
         topic: String,

@@ -30,6 +30,14 @@ pub use sqlite::{OpenReport, SqliteStore, StoreKind};
 /// A page's bound in messages and bytes, as the delivery engine reads.
 pub use steadfast_core::engine::ReadLimit;
 
+/// The smallest size limit (topic and payload, bytes) an MQTT 3.1.1
+/// broker's close is taken to mean ([`BrokerMeta::PoisonSize`]): a broker
+/// that closes the link on a smaller message refuses it for another
+/// reason (a topic it denies, retain it does not offer), and no broker in
+/// use limits messages below this. A size below it, remembered by an
+/// earlier release, is ignored.
+pub const SMALLEST_SIZE_LIMIT: u64 = 1024;
+
 /// What an outbox learned of one broker, kept in its metadata under
 /// `"{what} URL"`: read by the client's drivers and by `status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

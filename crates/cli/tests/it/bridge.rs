@@ -602,23 +602,28 @@ async fn a_retained_message_published_while_the_bridge_runs_is_retained_upstream
     let cfg = config(dir.path(), &local.url(), &[up.url()]);
     register(&cfg).await;
     let _bridge = start_bridge(&cfg);
-    let live = Subscriber::start(up.port(), "site-7/sensors/state", 1, None).await;
+    let live = Subscriber::start(up.port(), "site-7/sensors/#", 1, None).await;
     let outbox = dir.path().join("producer");
+    let outbox = outbox.to_str().unwrap();
+    let local_url = local.url();
+    let publish = |topic: &'static str, value: &'static str, retain: bool| {
+        let mut args = vec!["pub", "-b", &local_url, "-t", topic, "-m", value, "--outbox", outbox];
+        if retain {
+            args.push("-r");
+        }
+        async move {
+            let out = run(&args).await;
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    };
+    // The bridge is connected and subscribed (a message crossed) before
+    // the values are published: they reach it live, not at its
+    // subscription's start, where a broker flags the retained one
+    // whatever the option.
+    publish("sensors/probe", "probe", false).await;
+    live.wait_all(&["probe".to_owned()], Duration::from_secs(20)).await;
     for value in ["v1", "v2"] {
-        let out = run(&[
-            "pub",
-            "-b",
-            &local.url(),
-            "-t",
-            "sensors/state",
-            "-m",
-            value,
-            "-r",
-            "--outbox",
-            outbox.to_str().unwrap(),
-        ])
-        .await;
-        assert!(out.status.success(), "{}", stderr(&out));
+        publish("sensors/state", value, true).await;
     }
     live.wait_all(&["v1".to_owned(), "v2".to_owned()], Duration::from_secs(20)).await;
     // A subscriber that comes later gets the latest value, retained.

@@ -520,6 +520,11 @@ impl<M: Queued> PublishSession<M> {
         self.largest_acked
     }
 
+    /// The message in flight under packet id `pid`, if any.
+    pub fn in_flight_id(&self, pid: u16) -> Option<u64> {
+        self.window.id_of(pid)
+    }
+
     /// Messages in flight.
     pub fn in_flight(&self) -> usize {
         self.window.len()

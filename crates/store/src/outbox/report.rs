@@ -93,7 +93,10 @@ impl Report {
             producer: store.meta("producer")?,
             last_id: store.last_id()?,
             poisoned: store.poisoned()?,
-            poison_sizes: per_broker(store, BrokerMeta::PoisonSize)?,
+            poison_sizes: per_broker(store, BrokerMeta::PoisonSize)?
+                .into_iter()
+                .filter(|&(_, size)| size >= crate::SMALLEST_SIZE_LIMIT)
+                .collect(),
             configured: store
                 .meta("brokers")?
                 .map(|v| v.split(' ').filter(|u| !u.is_empty()).map(str::to_owned).collect()),

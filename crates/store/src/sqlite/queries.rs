@@ -520,11 +520,14 @@ impl Store for SqliteStore {
         // after a lost session, say).
         let slot_index = slot.map(|s| s as usize).filter(|&s| s < crate::MAX_SLOTS);
         let unmasked = trusted && slot_index.is_none_or(|s| after >= self.masked_until[s]);
+        let unreadable_before = self.unreadable.len();
         let mut page_rows = self.read_rows(after, page, if unmasked { 0 } else { mask }, priority)?;
         if unmasked && page_rows.iter().any(|(m, _)| m.acks & mask as u64 != 0) {
             if let Some(s) = slot_index {
                 self.masked_until[s] = self.ids.last.unwrap_or(0).max(after + 1);
             }
+            // The masked read finds the undecodable rows again.
+            self.unreadable.truncate(unreadable_before);
             page_rows = self.read_rows(after, page, mask, priority)?;
         } else if unmasked {
             return Ok(self.keep_page(page_rows, Some((after, priority))));

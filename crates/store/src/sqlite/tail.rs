@@ -613,8 +613,9 @@ mod tests {
         }
         t.cover(4, 5, 7, None);
         assert_eq!(t.covered, None);
-        // A row too large to keep breaks a stretch too.
+        // A row too large to keep, read again, breaks a stretch too.
         t.paged(&stored(6, msg(1)), row(2));
+        t.paged(&stored(7, msg(1)), row(2));
         t.cover(5, 6, 7, None);
         assert!(t.covered.is_some());
         assert!(!t.paged(&stored(7, msg(MAX_PAGED_BYTES as usize + 1)), row(2)));

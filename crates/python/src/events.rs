@@ -78,11 +78,9 @@ impl Event {
             Ev::SessionLost { broker, republish } => {
                 ("session_lost", Some(broker), vec![("republish", Count(*republish))])
             }
-            Ev::Refused { broker, id, topic, reason } => (
-                "refused",
-                Some(broker),
-                vec![("id", Count(*id)), ("topic", text(topic)), ("reason", text(reason))],
-            ),
+            Ev::Refused { broker, id, topic, reason } => {
+                ("refused", Some(broker), vec![("id", Count(*id)), ("topic", text(topic)), ("reason", text(reason))])
+            }
             Ev::Dropped(d) => (
                 "dropped",
                 None,

@@ -547,16 +547,23 @@ async fn readiness_watchdog_and_stop_are_told_to_the_service_manager() {
     assert_eq!(bridge.wait().unwrap().code(), Some(0));
 }
 
+/// A local and an upstream Mosquitto, and a registered bridge between
+/// them (the route of [`config`]), running.
+async fn one_route(dir: &Path) -> (Mosquitto, Mosquitto, PathBuf, BridgeProc) {
+    let local = Mosquitto::plain().await;
+    let up = Mosquitto::plain().await;
+    let cfg = config(dir, &local.url(), &[up.url()]);
+    register(&cfg).await;
+    let bridge = start_bridge(&cfg);
+    (local, up, cfg, bridge)
+}
+
 /// MQTT 5 properties cross the bridge, and an expiry interval stays a
 /// deadline: what the upstream consumer sees is what the producer sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn properties_and_expiry_cross_the_bridge() {
-    let local = Mosquitto::plain().await;
-    let up = Mosquitto::plain().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &local.url(), &[up.url()]);
-    register(&cfg).await;
-    let _bridge = start_bridge(&cfg);
+    let (local, up, _cfg, _bridge) = one_route(dir.path()).await;
     let url: BrokerUrl = up.url().parse().unwrap();
     let app = ConsumerConfig::new(ClientConfig::new("props-app", url, dir.path().join("app")))
         .topic("site-7/sensors/#", Qos::AtLeastOnce);
@@ -596,12 +603,8 @@ async fn properties_and_expiry_cross_the_bridge() {
 /// subscription's start, and the far broker kept a stale value, or none).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retained_message_published_while_the_bridge_runs_is_retained_upstream() {
-    let local = Mosquitto::plain().await;
-    let up = Mosquitto::plain().await;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), &local.url(), &[up.url()]);
-    register(&cfg).await;
-    let _bridge = start_bridge(&cfg);
+    let (local, up, cfg, _bridge) = one_route(dir.path()).await;
     let live = Subscriber::start(up.port(), "site-7/sensors/#", 1, None).await;
     let outbox = dir.path().join("producer");
     let outbox = outbox.to_str().unwrap();

@@ -550,18 +550,28 @@ mod tests {
         assert_eq!(t.paged_bytes, 0);
     }
 
-    #[test]
-    fn a_stretch_read_without_a_mask_answers_any_broker_until_something_breaks_it() {
-        let row = |size| RowState { size, resends: 0, acked_ms: None };
-        let all = ReadLimit::messages(10);
-        let mut t = Tail::of(4);
-        for id in 1..=6 {
+    /// A tail of `max_rows` with rows `inserted` inserted, then rows 1 to
+    /// `paged` read back from a page below its floor.
+    fn tail_with_pages(max_rows: usize, inserted: std::ops::RangeInclusive<u64>, paged: u64) -> Tail {
+        let mut t = Tail::of(max_rows);
+        for id in inserted {
             t.inserted(id, Arc::new(msg(1)));
         }
-        assert_eq!(t.floor, Some(2));
-        for id in 1..=2 {
-            assert!(t.paged(&stored(id, msg(1)), row(2)));
+        for id in 1..=paged {
+            assert!(t.paged(&stored(id, msg(1)), kept_row()));
         }
+        t
+    }
+
+    fn kept_row() -> RowState {
+        RowState { size: 2, resends: 0, acked_ms: None }
+    }
+
+    #[test]
+    fn a_stretch_read_without_a_mask_answers_any_broker_until_something_breaks_it() {
+        let all = ReadLimit::messages(10);
+        let mut t = tail_with_pages(4, 1..=6, 2);
+        assert_eq!(t.floor, Some(2));
         t.cover(0, 1, 2, None);
         // Followed by the tail's own rows above the floor.
         assert_eq!(ids(t.read_covered(0, all, 0b10, None)), Some(vec![1, 2, 3, 4, 5, 6]));
@@ -585,23 +595,16 @@ mod tests {
 
     #[test]
     fn a_stretch_ends_where_rows_are_pushed_out_or_not_kept() {
-        let row = |size| RowState { size, resends: 0, acked_ms: None };
         let all = ReadLimit::messages(10);
-        let mut t = Tail::of(2);
-        for id in 10..=11 {
-            t.inserted(id, Arc::new(msg(1)));
-        }
+        let mut t = tail_with_pages(2, 10..=11, 2);
         assert_eq!(t.floor, Some(9));
-        for id in 1..=2 {
-            t.paged(&stored(id, msg(1)), row(2));
-        }
         t.cover(0, 1, 2, None);
         // Short of the page and of the floor: not answered here.
         assert_eq!(t.read_covered(0, all, 0, None), None);
         assert_eq!(ids(t.read_covered(0, ReadLimit::messages(2), 0, None)), Some(vec![1, 2]));
         // The lowest id goes first past the bounds: the stretch starts
         // above it.
-        t.paged(&stored(3, msg(1)), row(2));
+        t.paged(&stored(3, msg(1)), kept_row());
         t.cover(2, 3, 3, None);
         assert_eq!(t.covered, Some(Covered { after: 1, last: 3, priority: None }));
         assert_eq!(t.read_covered(0, ReadLimit::messages(2), 0, None), None);
@@ -609,16 +612,16 @@ mod tests {
         // A page whose first row the later ones pushed out vouches for
         // nothing.
         for id in 5..=7 {
-            t.paged(&stored(id, msg(1)), row(2));
+            t.paged(&stored(id, msg(1)), kept_row());
         }
         t.cover(4, 5, 7, None);
         assert_eq!(t.covered, None);
         // A row too large to keep, read again, breaks a stretch too.
-        t.paged(&stored(6, msg(1)), row(2));
-        t.paged(&stored(7, msg(1)), row(2));
+        t.paged(&stored(6, msg(1)), kept_row());
+        t.paged(&stored(7, msg(1)), kept_row());
         t.cover(5, 6, 7, None);
         assert!(t.covered.is_some());
-        assert!(!t.paged(&stored(7, msg(MAX_PAGED_BYTES as usize + 1)), row(2)));
+        assert!(!t.paged(&stored(7, msg(MAX_PAGED_BYTES as usize + 1)), kept_row()));
         assert_eq!(t.covered, None);
         t.cover(5, 6, 6, None);
         t.forget();

@@ -320,8 +320,8 @@ impl Doc {
                 .await?;
             match rec {
                 Some(Err(code)) => {
-                    let name = crate::decode::refusal_name(code);
-                    let detail = format!("the broker refused the probe's QoS 2 PUBLISH to {topic} with reason code 0x{code:02x} ({name}): QoS 2 not checked; if it is an ACL, allow steadfast/doctor/# for this client");
+                    let reason = crate::decode::refusal(code);
+                    let detail = format!("the broker refused the probe's QoS 2 PUBLISH to {topic} (reason code {reason}): QoS 2 not checked; if it is an ACL, allow steadfast/doctor/# for this client");
                     return Ok(Check { key: "qos2", ok: None, detail });
                 }
                 Some(Ok(true)) => {}

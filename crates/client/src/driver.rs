@@ -812,7 +812,7 @@ impl Driver {
                 }
                 SessionEvent::Refused(m) => {
                     let reason = match self.refusals.iter().find(|(id, _)| *id == m.id) {
-                        Some(&(_, code)) => format!("0x{code:02x}, {}", crate::decode::refusal_name(code)),
+                        Some(&(_, code)) => crate::decode::refusal(code),
                         None => "unknown".to_owned(),
                     };
                     tracing::warn!(broker = %self.url, id = m.id, topic = %m.msg.topic, %reason, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");

@@ -298,7 +298,7 @@ impl Tail {
         priority: Option<u8>,
     ) -> Option<Vec<StoredMessage>> {
         let c = self.covered.filter(|c| c.priority == priority && c.after <= after && after < c.last)?;
-        let wanted = |acks: u64, m: &NewMessage| acks & mask == 0 && priority.is_none_or(|l| m.policy.priority == l);
+        let wanted = |acks: u64, m: &NewMessage| returned(acks, m, mask, priority);
         let mut within = limit.cut();
         let mut page = Vec::new();
         for (&id, p) in self.paged.range(after + 1..=c.last) {
@@ -359,7 +359,7 @@ impl Tail {
         page.extend(
             self.rows
                 .range(start..)
-                .filter(|r| r.acks & mask == 0 && priority.is_none_or(|p| r.msg.policy.priority == p))
+                .filter(|r| returned(r.acks, &r.msg, mask, priority))
                 .take_while(|r| within(r.msg.size()))
                 .cloned(),
         );
@@ -396,6 +396,13 @@ impl Tail {
         };
         Some((e, m.qos as u8))
     }
+}
+
+/// Whether a read of queued messages for `mask`'s broker (0: any) at
+/// `priority` (`None`: every level) returns a row with these
+/// acknowledgements and this message.
+fn returned(acks: u64, m: &NewMessage, mask: u64, priority: Option<u8>) -> bool {
+    acks & mask == 0 && priority.is_none_or(|p| m.policy.priority == p)
 }
 
 #[cfg(test)]

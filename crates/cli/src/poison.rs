@@ -1,6 +1,7 @@
 //! `steadfast poison`: the messages an outbox moved aside because a broker
-//! ended the link each time one was sent, alone; list them, put them back
-//! in the queue, or delete them.
+//! ended the link each time one was sent, alone, or refused it with a
+//! reason code no retry changes; list them, put them back in the queue, or
+//! delete them.
 
 use anyhow::anyhow;
 use steadfast_store::{Outbox, OutboxConfig, Poisoned, SqliteStore, StoreError};
@@ -105,14 +106,14 @@ fn print_list(list: &[Poisoned], dir: &std::path::Path) {
     println!("{} message(s) moved aside as poison in {}:", list.len(), dir.display());
     for p in list {
         let age = steadfast_store::now_ms().saturating_sub(p.at_ms) / 1000;
+        let broker = if p.broker.is_empty() { "a broker" } else { &p.broker };
         println!(
-            "  id {}  topic {}  {}  QoS {}  {} ended the link {} times in a row with it alone in flight, {age} s ago",
+            "  id {}  topic {}  {}  QoS {}  moved aside {age} s ago; {broker}: {}",
             p.id,
             p.topic,
             human_bytes(p.size),
             p.qos,
-            if p.broker.is_empty() { "a broker" } else { &p.broker },
-            p.failures
+            p.cause
         );
     }
     println!(

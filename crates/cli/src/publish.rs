@@ -739,8 +739,16 @@ async fn report_drops(
     let first = first_drop.map(|d| format!(" (first: #{} to `{}`)", d.id, d.topic)).unwrap_or_default();
     let poison = after.iter().any(|(r, n)| *r == steadfast::DropReason::Poison && new(r, *n) > 0);
     let kept = if poison {
+        // The newest moved aside is this run's: named with its cause (a
+        // refusal's reason code), read from the outbox.
+        let list = client.poisoned().await.unwrap_or_default();
+        let newest = list.iter().max_by_key(|p| (p.at_ms, p.id)).map(|p| {
+            let broker = if p.broker.is_empty() { "a broker" } else { &p.broker };
+            format!(" (#{} to `{}`, {broker}: {})", p.id, p.topic, p.cause)
+        });
         format!(
-            "; poison is kept in the outbox: `steadfast poison --outbox {}` lists it, with --requeue or --delete",
+            "; poison is kept in the outbox{}: `steadfast poison --outbox {}` lists it, with --requeue or --delete",
+            newest.unwrap_or_default(),
             dir.display()
         )
     } else {

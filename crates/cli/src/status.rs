@@ -321,7 +321,8 @@ impl Store {
                 .iter()
                 .map(|p| {
                     serde_json::json!({ "id": p.id, "topic": p.topic, "bytes": p.size, "qos": p.qos,
-                        "broker": p.broker, "failures": p.failures, "at_ms": p.at_ms })
+                        "broker": p.broker, "failures": p.cause.failures(),
+                        "refused": p.cause.code().map(steadfast_core::reason::describe), "at_ms": p.at_ms })
                 })
                 .collect(),
             receipts: {

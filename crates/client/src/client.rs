@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 use steadfast_core::receipt::receipt_topic;
 use steadfast_core::{validate_topic_name, ConsumerReceipt, DropReason, Identity, Properties, Qos, ReceiptRule};
 use steadfast_store::{
-    now_ms, AcceptFuture, DefaultSet, Delivery, Dropped, Handling, NewMessage, OpenReport, Outbox, OutboxState, Quorum,
-    Source, SqliteStore, Store, StoreError,
+    now_ms, AcceptFuture, DefaultSet, Delivery, Dropped, Handling, NewMessage, OpenReport, Outbox, OutboxState,
+    Poisoned, Quorum, Source, SqliteStore, Store, StoreError,
 };
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -366,8 +366,24 @@ pub enum Event {
         /// Messages that will be published again.
         republish: u64,
     },
-    /// The broker refused a message with an error reason code; it stays
-    /// queued and is sent again after a pause.
+    /// A message was moved aside as poison: kept in the outbox, never sent
+    /// until `steadfast poison --requeue` (or [`crate::Client`]'s outbox)
+    /// puts it back, so that the messages behind it go on. Also counted as
+    /// dropped for the reason `poison` ([`Event::Dropped`]).
+    Poisoned {
+        /// The broker.
+        broker: String,
+        /// The message's outbox id (its sequence number).
+        id: u64,
+        /// Its topic.
+        topic: String,
+        /// Why: the reason code a refusal gave, or the link closings.
+        why: String,
+    },
+    /// The broker refused a message with an error reason code a retry may
+    /// change (0x97 quota exceeded, 0x80 unspecified); it stays queued and
+    /// is sent again after a pause. A code no retry changes (0x87 not
+    /// authorized, 0x90, 0x95, 0x99) moves it aside: [`Event::Poisoned`].
     Refused {
         /// The broker.
         broker: String,
@@ -938,6 +954,13 @@ impl Client {
     pub fn events(&self) -> broadcast::Receiver<Event> {
         let first = self.inner.first_events.lock().unwrap_or_else(|e| e.into_inner()).take();
         first.unwrap_or_else(|| self.inner.events.subscribe())
+    }
+
+    /// The messages moved aside as poison, oldest first, each with its
+    /// cause (the reason code of a refusal no retry changes, or the link
+    /// closings); `steadfast poison` requeues or deletes them.
+    pub async fn poisoned(&self) -> Result<Vec<Poisoned>, StoreError> {
+        self.inner.outbox.poisoned().await
     }
 
     /// The outbox itself (for a bridge's own bookkeeping).

@@ -94,28 +94,6 @@ pub(crate) fn ack_v5(body: &[u8]) -> Result<(u16, u8), MqttError> {
     Ok((pid, code))
 }
 
-/// A refusal's reason code as logs and errors give it: `0x87, not
-/// authorized`.
-pub(crate) fn refusal(code: u8) -> String {
-    format!("0x{code:02x}, {}", refusal_name(code))
-}
-
-/// What an MQTT 5 reason code from 0x80 on in a PUBACK or PUBREC says, as
-/// MQTT 5 names it (0x95 is Mosquitto's, see [`ack_v5`]).
-pub(crate) fn refusal_name(code: u8) -> &'static str {
-    match code {
-        0x80 => "unspecified error",
-        0x83 => "implementation specific error",
-        0x87 => "not authorized",
-        0x90 => "topic name invalid",
-        0x91 => "packet identifier in use",
-        0x95 => "packet too large",
-        0x97 => "quota exceeded",
-        0x99 => "payload format invalid",
-        _ => "an error",
-    }
-}
-
 /// The PUBLISH whose fixed header carried `flags` and whose body (exactly
 /// its remaining length) is `body`.
 pub(crate) fn publish(flags: u8, body: &[u8], v5: bool) -> Result<Inbound, MqttError> {

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use steadfast_core::engine::{
-    Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, ReadWant, SessionConfig, SessionEvent,
-    StoreOp, WindowChange, Wire,
+    Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PoisonCause, PublishSession, ReadWant, SessionConfig,
+    SessionEvent, StoreOp, WindowChange, Wire,
 };
-use steadfast_core::{AckTimeout, DropReason, Qos};
+use steadfast_core::{reason, AckTimeout, DropReason, Qos};
 use steadfast_store::SMALLEST_SIZE_LIMIT;
 use steadfast_store::{
     now_ms, AckTiming, BrokerMeta, BrokerRecord, Delivery, NewMessage, Outbox, Page, ReadLimit, StoreError,
@@ -154,9 +154,6 @@ pub(crate) struct Driver {
     incoming: Vec<Incoming>,
     /// The acknowledgements of the last read, kept the same way.
     acks: Vec<Ack>,
-    /// The messages refused in the read being handled, with the reason
-    /// code of each, for the engine's refusals they cause.
-    refusals: Vec<(u64, u8)>,
 }
 
 /// Where a driver sits among the client's brokers.
@@ -220,7 +217,6 @@ impl Driver {
             ack_debt: None,
             incoming: Vec::new(),
             acks: Vec::new(),
-            refusals: Vec::new(),
         }
     }
 
@@ -636,15 +632,6 @@ impl Driver {
         for inc in incoming {
             match inc {
                 Incoming::Ack(ack) => acks.push(ack),
-                Incoming::Refused(ack, code) => {
-                    let pid = match ack {
-                        Ack::PubAck { pid, .. } | Ack::PubRec { pid, .. } | Ack::PubComp { pid } => pid,
-                    };
-                    if let Some(id) = self.session.in_flight_id(pid) {
-                        self.refusals.push((id, code));
-                    }
-                    acks.push(ack);
-                }
                 Incoming::Disconnect { reason } => {
                     end = Some(ConnectError::Closed(CloseReason::Disconnect(reason)));
                     break;
@@ -666,9 +653,7 @@ impl Driver {
         }
         let r = self.session.handle_acks(acks.drain(..), now());
         self.acks = acks;
-        let reported = self.carry_out(link).await;
-        self.refusals.clear();
-        reported?;
+        self.carry_out(link).await?;
         r.map_err(|e| self.ended(e, self.session.ack_timeout()))?;
         end.map_or(Ok(()), Err)
     }
@@ -732,7 +717,7 @@ impl Driver {
             StoreOp::Drop(ids, reason) => self.outbox.remove(ids, Delivery::Dropped(reason)),
             StoreOp::Attempted(ids) => self.outbox.attempted(ids),
             StoreOp::Unbind(ids) => self.outbox.unbind(self.slot, ids),
-            StoreOp::Poison(id, failures) => self.outbox.poison(self.slot, id, failures),
+            StoreOp::Poison(id, cause) => self.outbox.poison(self.slot, id, cause),
             StoreOp::Bind(updates) => {
                 tracing::debug!(n = updates.len(), "a QoS 2 binding of a link that ended is not written");
             }
@@ -770,52 +755,16 @@ impl Driver {
                     let ceiling = self.session.window_ceiling().filter(|c| Some(*c) != self.default_311);
                     self.outbox.set_meta(&self.window_key(), &ceiling.map(|c| c.to_string()).unwrap_or_default());
                 }
-                SessionEvent::Poisoned { message, failures: 0 } => {
-                    tracing::error!(
-                        broker = %self.url, id = message.id, topic = %message.msg.topic, size = message.msg.size(),
-                        "moved aside as poison at once: this MQTT 3.1.1 broker closed the link on a message this large before (kept; `steadfast poison` lists, requeues or deletes it)"
-                    );
-                }
-                SessionEvent::Poisoned { message, failures } => {
-                    tracing::error!(
-                        broker = %self.url, id = message.id, topic = %message.msg.topic, failures,
-                        "the broker ended the link {failures} times in a row with this message alone in flight: moved aside as poison (kept; `steadfast poison` lists, requeues or deletes it) so that the messages behind it go on"
-                    );
-                    let size = message.msg.size();
-                    // Only the broker closing on it tells of a size; an ack
-                    // timeout does not. Nor does a close on a message no
-                    // larger than one it took, or smaller than any limit
-                    // on size seen in use: a 3.1.1 broker closes on what it
-                    // refuses (a topic it denies, retain it does not
-                    // offer), and a size learned from that put every
-                    // later message aside.
-                    let closed = self.last_end == LinkEnd::Closed;
-                    let sized = size > self.session.largest_acked() && size >= SMALLEST_SIZE_LIMIT;
-                    if closed
-                        && sized
-                        && self.version == ProtocolVersion::V311
-                        && self.poison_size.is_none_or(|p| size < p)
-                    {
-                        // 3.1.1 announces no maximum packet size: most likely
-                        // that was it. Messages this large go aside at once.
-                        self.poison_size = Some(size);
-                        self.poison_311 = Some(size);
-                        self.outbox.set_meta(&BrokerMeta::PoisonSize.key(&self.url.to_string()), &size.to_string());
-                        tracing::warn!(broker = %self.url, size, "from now on messages of {size} bytes (topic and payload) or more are moved aside at once for this broker, which speaks MQTT 3.1.1 and cannot announce its maximum packet size; remembered in the outbox (`steadfast poison --requeue` forgets it)");
-                    }
-                }
+                SessionEvent::Poisoned { message, cause } => self.poisoned(&message, cause),
                 SessionEvent::Downgraded(Downgrade::PubAck) => {
                     tracing::warn!(
                         broker = %self.url,
                         "the broker answered a QoS 2 PUBLISH with PUBACK: it does not do QoS 2 and took the message at QoS 1 (a consumer may see it twice; its inbox removes the copy); publish at QoS 1 to this broker"
                     );
                 }
-                SessionEvent::Refused(m) => {
-                    let reason = match self.refusals.iter().find(|(id, _)| *id == m.id) {
-                        Some(&(_, code)) => crate::decode::refusal(code),
-                        None => "unknown".to_owned(),
-                    };
-                    tracing::warn!(broker = %self.url, id = m.id, topic = %m.msg.topic, %reason, retry_in = ?self.cfg.backoff.max, "the broker refused a message; it stays queued and is sent again");
+                SessionEvent::Refused(m, code) => {
+                    let reason = reason::describe(code);
+                    tracing::warn!(broker = %self.url, id = m.id, topic = %m.msg.topic, %reason, retry_in = ?self.cfg.backoff.max, "the broker refused a message with a code a retry may change; it stays queued and is sent again");
                     self.shared.update(|s| s.refused += 1);
                     let broker = self.url.to_string();
                     let _ = self.events.send(Event::Refused { broker, id: m.id, topic: m.msg.topic.clone(), reason });
@@ -835,6 +784,59 @@ impl Driver {
                     tracing::error!(id, "in-flight message missing; it will be read again");
                 }
             }
+        }
+    }
+
+    /// A message moved aside as poison: said, with its cause, in the log
+    /// and as an event. A close by an MQTT 3.1.1 broker on a message larger
+    /// than any it took teaches a size.
+    fn poisoned(&mut self, message: &StoredMessage, cause: PoisonCause) {
+        let (id, topic) = (message.id, &message.msg.topic);
+        let kept = "kept; `steadfast poison` lists, requeues or deletes it";
+        match cause {
+            PoisonCause::Size => {
+                let size = message.msg.size();
+                tracing::error!(
+                    broker = %self.url, id, %topic, size,
+                    "moved aside as poison at once: this MQTT 3.1.1 broker closed the link on a message this large before ({kept})"
+                );
+            }
+            PoisonCause::Refused(code) => {
+                let reason = reason::describe(code);
+                tracing::error!(
+                    broker = %self.url, id, %topic, %reason,
+                    "the broker refused a message with a code no retry changes: moved aside as poison ({kept}) so that the messages behind it go on"
+                );
+            }
+            PoisonCause::Closed(failures) => {
+                tracing::error!(
+                    broker = %self.url, id, %topic, failures,
+                    "the broker ended the link {failures} times in a row with this message alone in flight: moved aside as poison ({kept}) so that the messages behind it go on"
+                );
+                self.learn_size(message.msg.size());
+            }
+        }
+        let broker = self.url.to_string();
+        let _ = self.events.send(Event::Poisoned { broker, id, topic: topic.clone(), why: cause.to_string() });
+    }
+
+    /// A poison message the broker closed the link on: towards an MQTT
+    /// 3.1.1 broker, which cannot announce a maximum packet size, its size
+    /// is most likely that limit, and messages this large go aside at once.
+    fn learn_size(&mut self, size: u64) {
+        // Only the broker closing on it tells of a size; an ack timeout
+        // does not. Nor does a close on a message no larger than one it
+        // took, or smaller than any limit on size seen in use: a 3.1.1
+        // broker closes on what it refuses (a topic it denies, retain it
+        // does not offer), and a size learned from that put every later
+        // message aside.
+        let closed = self.last_end == LinkEnd::Closed;
+        let sized = size > self.session.largest_acked() && size >= SMALLEST_SIZE_LIMIT;
+        if closed && sized && self.version == ProtocolVersion::V311 && self.poison_size.is_none_or(|p| size < p) {
+            self.poison_size = Some(size);
+            self.poison_311 = Some(size);
+            self.outbox.set_meta(&BrokerMeta::PoisonSize.key(&self.url.to_string()), &size.to_string());
+            tracing::warn!(broker = %self.url, size, "from now on messages of {size} bytes (topic and payload) or more are moved aside at once for this broker, which speaks MQTT 3.1.1 and cannot announce its maximum packet size; remembered in the outbox (`steadfast poison --requeue` forgets it)");
         }
     }
 

@@ -50,7 +50,9 @@ pub use policy::{Class, Policy, PolicyError};
 pub use steadfast_core::{
     AckTimeout, BackoffConfig, DropReason, Identity, Need, Properties, PropertyError, Qos, ReceiptRule, RuleError,
 };
-pub use steadfast_store::{AppendError, Delivery, Handling, OpenReport, OutboxConfig, Overflow, StoreError};
+pub use steadfast_store::{
+    AppendError, Delivery, Handling, OpenReport, OutboxConfig, Overflow, PoisonCause, Poisoned, StoreError,
+};
 /// The PostgreSQL client a consumer group's shared inbox uses, for
 /// [`Received::record_in`] in the application's own transaction.
 #[cfg(feature = "postgres")]

@@ -53,11 +53,9 @@ impl AckWire for LinkAcks<'_> {
 #[derive(Debug)]
 pub(crate) enum Incoming {
     ConnAck(ConnAck),
-    /// PUBACK, PUBREC or PUBCOMP: what the publishing engine takes.
+    /// PUBACK, PUBREC or PUBCOMP: what the publishing engine takes (a
+    /// reason code from 0x80 on, MQTT 5, refuses the message).
     Ack(Ack),
-    /// A PUBACK or PUBREC with an error reason code (MQTT 5): the ack,
-    /// refusing, and the code.
-    Refused(Ack, u8),
     Publish(Inbound),
     PubRel {
         pid: u16,
@@ -474,7 +472,6 @@ impl Link {
     }
 
     fn decode(v5: bool, raw: &Raw<'_>) -> Result<Incoming, ConnectError> {
-        let refused = |ack, code: u8| if code < 0x80 { Incoming::Ack(ack) } else { Incoming::Refused(ack, code) };
         Ok(match raw.packet_type() {
             // A broker without MQTT 5 may answer with a 3.1.1 CONNACK
             // refusing the version (code 1), which MQTT 5 allows.
@@ -500,14 +497,14 @@ impl Link {
             }
             4 if v5 => {
                 let (pid, code) = crate::decode::ack_v5(raw.body()).map_err(|e| malformed("PUBACK", e))?;
-                refused(Ack::PubAck { pid, ok: code < 0x80 }, code)
+                Incoming::Ack(Ack::PubAck { pid, code })
             }
-            4 => Incoming::Ack(Ack::PubAck { pid: parse(raw, "PUBACK", v3_1_1::Puback::parse)?.packet_id(), ok: true }),
+            4 => Incoming::Ack(Ack::PubAck { pid: parse(raw, "PUBACK", v3_1_1::Puback::parse)?.packet_id(), code: 0 }),
             5 if v5 => {
                 let (pid, code) = crate::decode::ack_v5(raw.body()).map_err(|e| malformed("PUBREC", e))?;
-                refused(Ack::PubRec { pid, ok: code < 0x80 }, code)
+                Incoming::Ack(Ack::PubRec { pid, code })
             }
-            5 => Incoming::Ack(Ack::PubRec { pid: parse(raw, "PUBREC", v3_1_1::Pubrec::parse)?.packet_id(), ok: true }),
+            5 => Incoming::Ack(Ack::PubRec { pid: parse(raw, "PUBREC", v3_1_1::Pubrec::parse)?.packet_id(), code: 0 }),
             7 if v5 => Incoming::Ack(Ack::PubComp {
                 pid: crate::decode::ack_v5(raw.body()).map_err(|e| malformed("PUBCOMP", e))?.0,
             }),
@@ -1342,16 +1339,16 @@ mod tests {
         // Mosquitto's answer to a message over its limit, as sent.
         assert!(matches!(
             got(&mut link, &[0x40, 3, 0, 1, 0x95])[..],
-            [Incoming::Refused(Ack::PubAck { pid: 1, ok: false }, 0x95)]
+            [Incoming::Ack(Ack::PubAck { pid: 1, code: 0x95 })]
         ));
         // Not authorised, with a reason string.
         let pubrec = [0x50, 10, 0, 2, 0x87, 6, 0x1f, 0, 3, b'a', b'c', b'l'];
-        assert!(matches!(got(&mut link, &pubrec)[..], [Incoming::Refused(Ack::PubRec { pid: 2, ok: false }, 0x87)]));
+        assert!(matches!(got(&mut link, &pubrec)[..], [Incoming::Ack(Ack::PubRec { pid: 2, code: 0x87 })]));
         // Success, short and long; "no matching subscribers" is a success.
-        assert!(matches!(got(&mut link, &[0x40, 2, 0, 3])[..], [Incoming::Ack(Ack::PubAck { pid: 3, ok: true })]));
+        assert!(matches!(got(&mut link, &[0x40, 2, 0, 3])[..], [Incoming::Ack(Ack::PubAck { pid: 3, code: 0 })]));
         assert!(matches!(
             got(&mut link, &[0x40, 4, 0, 4, 0x10, 0])[..],
-            [Incoming::Ack(Ack::PubAck { pid: 4, ok: true })]
+            [Incoming::Ack(Ack::PubAck { pid: 4, code: 0x10 })]
         ));
         assert!(matches!(got(&mut link, &[0x70, 3, 0, 5, 0x92])[..], [Incoming::Ack(Ack::PubComp { pid: 5 })]));
         // Packet id 0, properties longer than the packet, bytes after them.
@@ -1359,7 +1356,6 @@ mod tests {
             let mut link = Link::new(version(true), false, None);
             assert!(matches!(got(&mut link, broken)[..], [Incoming::Broken(_)]), "{broken:?}");
         }
-        assert_eq!(crate::decode::refusal_name(0x87), "not authorized");
     }
 
     /// A subscription with Retain As Published carries bit 3 of its

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod keepalive;
 pub mod message;
 pub mod mutate;
+pub mod reason;
 pub mod receipt;
 pub mod rtt;
 pub mod topic;

@@ -148,11 +148,6 @@ impl SendWindow {
         }
     }
 
-    /// The message in flight under `pid`, if any.
-    pub fn id_of(&self, pid: u16) -> Option<u64> {
-        self.by_pid.get(&pid).map(|e| e.id)
-    }
-
     /// PUBACK: the QoS 1 message under `pid` is delivered. Unknown or
     /// mismatched ids (a confused broker) are ignored.
     pub fn on_puback(&mut self, pid: u16) -> Option<u64> {

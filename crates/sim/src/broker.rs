@@ -12,6 +12,8 @@ pub const FRAME: usize = 13;
 /// The bit of a frame's QoS byte that marks a message larger than the
 /// brokers take.
 pub const OVERSIZE: u8 = 0x80;
+/// On a topic the brokers' ACL denies: refused with 0x87 (not authorised).
+pub const DENIED: u8 = 0x40;
 /// Messages in flight to the consumer at most.
 const SUB_WINDOW: usize = 8;
 
@@ -22,16 +24,16 @@ pub enum Down {
         present: bool,
     },
     /// `of`: the message it answers (the simulator's bookkeeping, not on
-    /// the wire); `ok`: false for a refusal (an error reason code).
+    /// the wire); `code`: its reason code, from 0x80 on a refusal.
     PubAck {
         pid: u16,
         of: u64,
-        ok: bool,
+        code: u8,
     },
     PubRec {
         pid: u16,
         of: u64,
-        ok: bool,
+        code: u8,
     },
     PubComp {
         pid: u16,
@@ -41,11 +43,15 @@ pub enum Down {
 
 impl std::fmt::Display for Down {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let verdict = |ok: bool| if ok { "" } else { " with an error code (refused)" };
+        let verdict = |code: u8| match code {
+            0x87 => " with 0x87 (not authorised: refused for good)",
+            c if c >= 0x80 => " with an error code (refused)",
+            _ => "",
+        };
         match *self {
             Down::ConnAck { present } => write!(f, "CONNACK, session present {present}"),
-            Down::PubAck { pid, ok, .. } => write!(f, "PUBACK pid {pid}{}", verdict(ok)),
-            Down::PubRec { pid, ok, .. } => write!(f, "PUBREC pid {pid}{}", verdict(ok)),
+            Down::PubAck { pid, code, .. } => write!(f, "PUBACK pid {pid}{}", verdict(code)),
+            Down::PubRec { pid, code, .. } => write!(f, "PUBREC pid {pid}{}", verdict(code)),
             Down::PubComp { pid } => write!(f, "PUBCOMP pid {pid}"),
             Down::PingResp => f.write_str("PINGRESP"),
         }
@@ -218,30 +224,36 @@ impl Broker {
 
     /// Handles one frame: (kind, pid, dup, qos, id); returns what to answer
     /// and the message id it concerned. With `refuse`, a new PUBLISH is
-    /// refused (an error reason code: not authorised, quota exceeded).
+    /// refused for now (0x97, quota exceeded); one on a denied topic is
+    /// refused for good (0x87, not authorised).
     pub fn receive(&mut self, f: &[u8], refuse: bool) -> (Reply, Option<u64>) {
         let pid = u16::from_be_bytes([f[1], f[2]]);
         let qos = f[4] & 3;
         let oversize = f[4] & OVERSIZE != 0;
+        let denied = f[4] & DENIED != 0;
         let id = u64::from_be_bytes(f[5..13].try_into().expect("frame size"));
         let held = self.live.as_ref().is_some_and(|s| s.qos2.contains_key(&pid));
         match f[0] {
             1 if oversize => (Reply::Close("packet too large"), Some(id)),
             1 if qos == 2 && self.max_qos_1 => (Reply::Close("QoS 2 PUBLISH above the maximum QoS"), Some(id)),
             1 if qos == 2 && self.qos2_closes => (Reply::Close("QoS 2 is not supported"), Some(id)),
-            1 if refuse && qos == 1 => (Reply::Send(Down::PubAck { pid, of: id, ok: false }), Some(id)),
-            1 if refuse && qos == 2 && !held => {
+            1 if (refuse || denied) && qos == 1 => {
+                let code = if denied { 0x87 } else { 0x97 };
+                (Reply::Send(Down::PubAck { pid, of: id, code }), Some(id))
+            }
+            1 if (refuse || denied) && qos == 2 && !held => {
+                let code = if denied { 0x87 } else { 0x97 };
                 let d = if self.qos2_as_puback {
-                    Down::PubAck { pid, of: id, ok: false }
+                    Down::PubAck { pid, of: id, code }
                 } else {
-                    Down::PubRec { pid, of: id, ok: false }
+                    Down::PubRec { pid, of: id, code }
                 };
                 (Reply::Send(d), Some(id))
             }
             1 if qos == 1 || (qos == 2 && self.qos2_as_puback) => {
                 self.acknowledged.insert(id);
                 self.forward(id);
-                (Reply::Send(Down::PubAck { pid, of: id, ok: true }), Some(id))
+                (Reply::Send(Down::PubAck { pid, of: id, code: 0 }), Some(id))
             }
             1 if qos == 2 => {
                 // A packet id still held is a duplicate of the message the
@@ -259,7 +271,7 @@ impl Broker {
                     // producer cannot know (the broker claims the session).
                     self.lost.insert(id);
                 }
-                (Reply::Send(Down::PubRec { pid, of: id, ok: true }), Some(id))
+                (Reply::Send(Down::PubRec { pid, of: id, code: 0 }), Some(id))
             }
             1 => (Reply::Nothing, Some(id)),
             2 => {

@@ -46,8 +46,8 @@ pub struct Totals {
     /// Lost by the brokers, published again for lack of a receipt, and
     /// handled (worlds with receipts).
     pub rescued: usize,
-    /// Moved aside as poison: messages larger than the brokers take (kept
-    /// and reported, not delivered).
+    /// Moved aside as poison: messages larger than the brokers take or
+    /// refused by them for good (kept and reported, not delivered).
     pub poisoned: usize,
     /// Faults applied.
     pub faults: usize,

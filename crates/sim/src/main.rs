@@ -97,7 +97,7 @@ fn main() -> ExitCode {
     let secs = started.elapsed().as_secs_f64();
     let _ = writeln!(
         out,
-        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another), {} more lost by them but published again for lack of a receipt and handled; {} moved aside as poison (larger than the brokers take)",
+        "{} faults applied ({} skipped: their target was down); {} messages accepted, {} handled; drops: {} expired, {} out of budget; {} lost by the brokers themselves (a message can be handled through one broker and dropped or lost at another), {} more lost by them but published again for lack of a receipt and handled; {} moved aside as poison (larger than the brokers take, or refused for good)",
         t.faults, t.skipped, t.accepted, t.handled, t.expired, t.budget, t.broker_lost, t.rescued, t.poisoned
     );
     let _ = writeln!(

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use steadfast_core::engine::{
-    accept_after_sync, quorum_met, Bound, Now, PublishSession, Queued, ReadLimit, SessionConfig, StoreOp, SweepConfig,
-    Sweeper, Wire,
+    accept_after_sync, quorum_met, Bound, Now, PoisonCause, PublishSession, Queued, ReadLimit, SessionConfig, StoreOp,
+    SweepConfig, Sweeper, Wire,
 };
 use steadfast_core::receipt::Settle;
 use steadfast_core::{AckTimeout, DropReason, Qos, ReceiptRule, Stage, PRIORITIES};
@@ -37,6 +37,8 @@ pub struct Msg {
     pub poisoned: bool,
     /// Larger than the brokers take (they close the link on it).
     pub oversize: bool,
+    /// On a topic the brokers deny (they refuse it for good, 0x87).
+    pub denied: bool,
     /// Delivered, awaiting the consumer's receipt until then (ms); not
     /// sent meanwhile.
     pub awaiting: Option<u64>,
@@ -100,7 +102,9 @@ fn frame(kind: u8, pid: u16, dup: bool, qos: u8, id: u64) -> Vec<u8> {
 
 impl Wire<Msg> for SimWire {
     fn publish(&mut self, m: &Msg, pid: Option<u16>, dup: bool, out: &mut Vec<u8>) -> Result<(), DropReason> {
-        let qos = m.qos as u8 | if m.oversize { crate::broker::OVERSIZE } else { 0 };
+        let qos = m.qos as u8
+            | if m.oversize { crate::broker::OVERSIZE } else { 0 }
+            | if m.denied { crate::broker::DENIED } else { 0 };
         out.extend(frame(1, pid.unwrap_or(0), dup, qos, m.id));
         Ok(())
     }
@@ -300,7 +304,7 @@ impl Producer {
         expires_ms: Option<u64>,
         max_attempts: Option<u32>,
         priority: u8,
-        oversize: bool,
+        (oversize, denied): (bool, bool),
     ) -> (u64, bool) {
         let id = self.working.next_id;
         self.working.next_id += 1;
@@ -316,6 +320,7 @@ impl Producer {
             priority,
             poisoned: false,
             oversize,
+            denied,
             awaiting: None,
             resends: 0,
             receipted: false,
@@ -404,11 +409,20 @@ impl Producer {
                         self.working.settle(id);
                     }
                 }
-                StoreOp::Poison(id, failures) => {
+                StoreOp::Poison(id, cause) => {
                     self.working.wire.remove(&(slot, id));
                     if let Some(m) = self.working.msgs.get_mut(&id).filter(|m| !m.done) {
                         m.poisoned = true;
-                        let line = format!("outbox: moved aside as poison (broker {slot} ended {failures} links in a row with it alone in flight)");
+                        let why = match cause {
+                            PoisonCause::Closed(n) => {
+                                format!("broker {slot} ended {n} links in a row with it alone in flight")
+                            }
+                            PoisonCause::Size => format!("broker {slot} closed the link on one this large before"),
+                            PoisonCause::Refused(code) => {
+                                format!("broker {slot} refused it for good: {}", steadfast_core::reason::describe(code))
+                            }
+                        };
+                        let line = format!("outbox: moved aside as poison ({why})");
                         trace.note(t, Some(id), line);
                     }
                 }

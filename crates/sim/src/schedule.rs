@@ -95,6 +95,9 @@ pub struct Publish {
     /// Larger than the brokers take: an MQTT 3.1.1 broker closes the
     /// connection on it (it cannot say why), so it is poison.
     pub oversize: bool,
+    /// On a topic the brokers' ACL denies (MQTT 5 worlds): every broker
+    /// refuses it for good (0x87, not authorised), so it is poison.
+    pub denied: bool,
 }
 
 /// How the producer spreads its messages over the brokers.
@@ -214,6 +217,10 @@ impl Schedule {
         if self.qos2_closes {
             quirks.push("QoS 2 closes the connection".to_owned());
         }
+        let denied = self.messages.iter().filter(|m| m.denied).count();
+        if denied > 0 {
+            quirks.push(format!("{denied} message(s) on a topic the brokers deny (refused for good, 0x87)"));
+        }
         let oversize = self.messages.iter().filter(|m| m.oversize).count();
         if oversize > 0 {
             quirks.push(format!("{oversize} message(s) too large for the brokers (they close the connection)"));
@@ -264,6 +271,7 @@ impl Schedule {
                 max_attempts: (classes && rng.u8(0..3) == 0).then(|| rng.u32(1..4)),
                 priority: if priorities && rng.u8(0..10) < 3 { rng.u8(1..10) } else { 0 },
                 oversize: false,
+                denied: false,
             })
             .collect();
         messages.sort();
@@ -336,6 +344,21 @@ impl Schedule {
         .receipts()
         .acks_ahead()
         .page_bytes()
+        .denied()
+    }
+
+    /// One MQTT 5 world in eight publishes one to three messages on a
+    /// topic its brokers deny (from a generator of its own, as
+    /// [`Self::receipts`]).
+    fn denied(mut self) -> Schedule {
+        let mut rng = fastrand::Rng::with_seed(self.seed ^ 0xde41_ed00);
+        if self.mqtt5 && rng.u8(0..8) == 0 {
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(0..self.messages.len());
+                self.messages[i].denied = true;
+            }
+        }
+        self
     }
 
     /// Pages bounded by bytes before their count in one world of two (from

@@ -114,6 +114,7 @@ pub fn set_aside(route: &str) -> bool {
     route.starts_with('@')
 }
 
+pub use steadfast_core::engine::PoisonCause;
 use steadfast_core::{DropReason, Properties, Qos, Stage};
 
 pub use steadfast_core::{MAX_PRIORITY, PRIORITIES};
@@ -587,7 +588,7 @@ pub trait Store: InboxStore + SourceStore + Send + 'static {
     /// under the route [`POISON_ROUTE`] (no broker set claims it), its own
     /// route is kept beside it, and its QoS 2 binding on `slot` is cleared.
     /// False when it is gone or delivered.
-    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError>;
+    fn poison(&mut self, id: u64, slot: u32, cause: PoisonCause, at_ms: u64) -> Result<bool, StoreError>;
     /// The messages moved aside as poison and still queued, oldest first.
     fn poisoned(&mut self) -> Result<Vec<Poisoned>, StoreError>;
     /// Puts a poisoned message back under its own route; false when it is
@@ -643,10 +644,11 @@ pub struct Poisoned {
     pub size: u64,
     /// Its QoS.
     pub qos: u8,
-    /// The broker whose links it ended (its URL, if its slot is known).
+    /// The broker whose links it ended or that refused it (its URL, if its
+    /// slot is known).
     pub broker: String,
-    /// Failed links in a row with it alone in flight.
-    pub failures: u32,
+    /// Why it was moved aside.
+    pub cause: PoisonCause,
     /// When it was moved aside (ms since the epoch).
     pub at_ms: u64,
 }

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use steadfast_core::{DropReason, Stage};
 
+use crate::PoisonCause;
+
 use crate::{
     BrokerRecord, Entry, InboxStore, NewMessage, ReadLimit, SourceStore, Store, StoreError, StoredMessage, Totals,
     MAX_SLOTS,
@@ -34,8 +36,8 @@ struct State {
     drop_log: std::collections::BTreeMap<u64, DropReason>,
     meta: HashMap<String, String>,
     brokers: BTreeMap<String, BrokerRecord>,
-    /// Poison: id -> (its own route, slot, failures, when).
-    poison: BTreeMap<u64, (Option<String>, u32, u32, u64)>,
+    /// Poison: id -> (its own route, slot, why, when).
+    poison: BTreeMap<u64, (Option<String>, u32, PoisonCause, u64)>,
     /// Receipts by message: the consumers that sent one.
     receipts: BTreeMap<u64, std::collections::BTreeSet<String>>,
 }
@@ -294,16 +296,16 @@ impl Store for MemoryStore {
         }
         Ok(n)
     }
-    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
+    fn poison(&mut self, id: u64, slot: u32, cause: PoisonCause, at_ms: u64) -> Result<bool, StoreError> {
         let Some(r) = self.state.messages.get_mut(&id).filter(|r| !r.done) else { return Ok(false) };
         let own = r.msg.route.replace(crate::POISON_ROUTE.to_owned());
-        self.state.poison.insert(id, (own, slot, failures, at_ms));
+        self.state.poison.insert(id, (own, slot, cause, at_ms));
         self.state.wire.remove(&(id, slot));
         Ok(true)
     }
     fn poisoned(&mut self) -> Result<Vec<crate::Poisoned>, StoreError> {
         let mut out = Vec::new();
-        for (id, (_, slot, failures, at_ms)) in &self.state.poison {
+        for (id, (_, slot, cause, at_ms)) in &self.state.poison {
             let Some(r) = self.state.messages.get(id).filter(|r| !r.done) else { continue };
             let broker = self.state.slots.iter().find(|(_, s)| *s == slot).map(|(u, _)| u.clone()).unwrap_or_default();
             out.push(crate::Poisoned {
@@ -312,7 +314,7 @@ impl Store for MemoryStore {
                 size: r.msg.size(),
                 qos: r.msg.qos as u8,
                 broker,
-                failures: *failures,
+                cause: *cause,
                 at_ms: *at_ms,
             });
         }

@@ -125,3 +125,28 @@ async fn doctor_without_a_broker_says_so() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("exactly one -b URL"), "{}", stderr(&out));
 }
+
+/// Mosquitto with an ACL that denies the probes' topics answers them with
+/// PUBACK/PUBREC 0x87 over MQTT 5: QoS 2, retained messages and sessions
+/// are "not checked" with the refusal named and the fix, not reported as
+/// missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_the_refusal_of_probes_an_acl_denies() {
+    use std::os::unix::fs::PermissionsExt;
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&acl, "topic readwrite other/#\n").unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let extra = vec![format!("acl_file {}", acl.display())];
+    let broker = Mosquitto::start(MosquittoOptions { persistence: false, extra }).await;
+    let out = run(&["doctor", "-b", &broker.url()]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(out.status.code(), Some(0), "{text}");
+    let line = |what: &str| text.lines().find(|l| l.trim_start().starts_with(what)).unwrap_or_else(|| panic!("{text}"));
+    for what in ["QoS 2", "retained messages", "session kept across a reconnect"] {
+        let l = line(what);
+        assert!(l.contains("(reason code 0x87, not authorized): not checked"), "{what}: {text}");
+        assert!(l.contains("allow steadfast/doctor/# for this client"), "{what}: {text}");
+    }
+}

@@ -133,28 +133,70 @@ async fn a_retained_message_to_an_mqtt_5_broker_without_retain_is_refused_before
     assert_eq!(status_json(&ob)["queued"], 0, "nothing accepted");
 }
 
-/// Mosquitto answers an MQTT 5 PUBLISH over its `message_size_limit` with
-/// PUBACK 0x95 ("packet too large", a code MQTT 5 keeps for DISCONNECT):
-/// a refusal, said with its code, not a malformed packet that ended the
-/// link and sent the message again for ever (and delivered what followed
-/// it as often).
+/// Refusals no retry changes, from Mosquitto set up as deployments set it:
+/// an ACL that denies a topic (PUBACK 0x87) and a `message_size_limit`
+/// (PUBACK 0x95, a code MQTT 5 keeps for DISCONNECT, once taken for a
+/// malformed packet that ended the link and sent the message again for
+/// ever). Each refused message is moved aside as poison with its code, the
+/// messages behind it are delivered, a later run on the same outbox does
+/// not wait for it, and `steadfast poison` lists it with its code and
+/// deletes it (before, it stayed queued and went again every 30 s, and
+/// only a new outbox got rid of it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_puback_with_mosquittos_packet_too_large_is_a_refusal_with_its_code() {
-    let opts = MosquittoOptions { persistence: false, extra: vec!["message_size_limit 1000".into()] };
-    let broker = Mosquitto::start(opts).await;
+async fn refusals_no_retry_changes_are_poison_with_their_code_and_the_rest_go_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&acl, "topic readwrite lim/ok/#\n").unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let extra = vec!["message_size_limit 1000".into(), format!("acl_file {}", acl.display())];
+    let broker = Mosquitto::start(MosquittoOptions { persistence: false, extra }).await;
+    let sub = Subscriber::start(broker.port(), "lim/ok/#", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let base = ["-b", &broker.url(), "-V", "5", "-i", "lim-refused", "--outbox", &ob, "--wait-timeout", "60s"];
+
+    let denied = run(&[&["pub"][..], &base, &["-t", "lim/denied", "-m", "x"]].concat()).await;
+    let err = stderr(&denied);
+    assert_eq!(denied.status.code(), Some(1), "{err}");
+    let why = format!("(#1 to `lim/denied`, {}: refused with reason code 0x87, not authorized)", broker.url());
+    assert!(err.contains("1 poison") && err.contains(&why) && err.contains("steadfast poison --outbox"), "{err}");
+
     let big = "x".repeat(2_000);
-    let args =
-        ["pub", "-b", &broker.url(), "-V", "5", "-t", "lim/big", "-m", &big, "--outbox", &ob, "--wait-timeout", "60s"];
-    let out = run(&args).await;
+    let lines = format!("first\n{big}\nafter 1\nafter 2\n");
+    let out = pub_with_input(strings(&[&base[..], &["-t", "lim/ok/t", "-l"]].concat()), lines).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("refused message #1 to `lim/big` (reason code 0x95, packet too large)"), "{err}");
-    // Mosquitto closes the link after its answer; the message is not sent
-    // again on the next one (it waits out the pause of a refusal).
-    assert!(!err.contains("malformed") && err.matches("link lost").count() <= 1, "{err}");
-    assert_eq!(status_json(&ob)["queued"], 1, "kept");
+    assert!(
+        err.contains("1 poison") && err.contains("(#3 to `lim/ok/t`") && err.contains("0x95, packet too large"),
+        "{err}"
+    );
+    // With a subscriber on the topic, Mosquitto closes the link after its
+    // answer, which it sometimes does not send before the close: the
+    // message goes once more, then never again.
+    assert!(!err.contains("malformed") && err.matches("link lost").count() <= 2, "{err}");
+    assert!(!err.contains("at most 1 in flight"), "that close is not a limit of the window: {err}");
+    sub.wait_all(&strings(&["first", "after 1", "after 2"]), Duration::from_secs(20)).await;
+    assert!(!sub.lines().contains(&big), "the big one never arrived");
+
+    let st = status_json(&ob);
+    assert_eq!(st["queued"], 2, "the two kept: {st}");
+    assert_eq!(st["dropped"]["poison"], 2, "{st}");
+    assert_eq!(st["poisoned"][0]["refused"], "0x87, not authorized", "{st}");
+    assert_eq!(st["poisoned"][1]["refused"], "0x95, packet too large", "{st}");
+    assert_eq!(st["poisoned"][1]["failures"], 0, "{st}");
+    let list = run(&["poison", "--outbox", &ob]).await;
+    let listed = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        listed.contains("id 1  topic lim/denied")
+            && listed.contains("refused with reason code 0x87, not authorized"),
+        "{listed}"
+    );
+    assert!(listed.contains("id 3  topic lim/ok/t") && listed.contains("0x95, packet too large"), "{listed}");
+    let delete = run(&["poison", "--outbox", &ob, "--delete", "all"]).await;
+    assert!(delete.status.success(), "{}", stderr(&delete));
+    assert_eq!(status_json(&ob)["queued"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,7 +235,7 @@ impl Receiver {
             Incoming::Disconnect { reason } => return Err(ConnectError::Closed(CloseReason::Disconnect(reason))),
             Incoming::Broken(e) => return Err(e),
             Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
-            Incoming::Ack(_) | Incoming::Refused(..) | Incoming::PingResp | Incoming::Other => {}
+            Incoming::Ack(_) | Incoming::PingResp | Incoming::Other => {}
         }
         Ok(())
     }

@@ -139,8 +139,14 @@ impl Store for FaultyStore {
     fn lag(&mut self, slot: u32) -> Result<u64, StoreError> {
         self.inner.lag(slot)
     }
-    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
-        self.inner.poison(id, slot, failures, at_ms)
+    fn poison(
+        &mut self,
+        id: u64,
+        slot: u32,
+        cause: steadfast_store::PoisonCause,
+        at_ms: u64,
+    ) -> Result<bool, StoreError> {
+        self.inner.poison(id, slot, cause, at_ms)
     }
     fn poisoned(&mut self) -> Result<Vec<steadfast_store::Poisoned>, StoreError> {
         self.inner.poisoned()

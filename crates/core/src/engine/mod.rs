@@ -27,8 +27,8 @@ pub use admit::{admit, Admission, Bounds, Candidate, Limit, Overflow, Totals, Un
 pub use commit::accept_after_sync;
 pub use inbox::{Answer, Counter, Delivered, Dispatch, DispatchConfig, DispatchOp, Record, UNSYNCED_ROOMS};
 pub use publish::{
-    Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PublishSession, Queued, ReadLimit, ReadWant,
-    SessionConfig, SessionEvent, StoreOp, WindowChange, Wire, WireUpdate,
+    Ack, Bound, ConnAckInfo, Connected, Downgrade, End, LinkEnd, PoisonCause, PublishSession, Queued, ReadLimit,
+    ReadWant, SessionConfig, SessionEvent, StoreOp, WindowChange, Wire, WireUpdate,
 };
 pub use receive::{must_subscribe, AckWire, ReceiveSession};
 pub use route::{quorum_met, Decision, Routes, Routing, SetSpec, Switch};

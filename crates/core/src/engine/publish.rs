@@ -26,6 +26,7 @@ use self::queue::SendQueue;
 use super::{Now, Timer};
 use crate::keepalive::{KeepAlive, KeepAliveAction};
 use crate::message::{DropReason, Qos, PRIORITIES};
+use crate::reason;
 use crate::rtt::{AckTimeout, RoundTrip};
 use crate::window::{Inflight, Resume, SendWindow, Stage};
 
@@ -135,9 +136,54 @@ pub enum StoreOp {
     /// again).
     Unbind(Vec<u64>),
     /// Move this message aside as poison (kept, never sent until the user
-    /// requeues it): the link failed this many times in a row with it alone
-    /// in flight. Its QoS 2 binding on this broker, if any, is void.
-    Poison(u64, u32),
+    /// requeues it), for this cause. Its QoS 2 binding on this broker, if
+    /// any, is void.
+    Poison(u64, PoisonCause),
+}
+
+/// Why a message was moved aside as poison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonCause {
+    /// The broker ended the link this many times in a row with it alone in
+    /// flight.
+    Closed(u32),
+    /// It is at least as large as a message this MQTT 3.1.1 broker closed
+    /// the link on before (a size the codec knows): moved aside unsent.
+    Size,
+    /// The broker refused it with this MQTT 5 reason code, one no retry
+    /// changes ([`crate::reason::is_for_good`]).
+    Refused(u8),
+}
+
+impl std::fmt::Display for PoisonCause {
+    /// Why, as logs, errors and `steadfast poison` say it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            PoisonCause::Closed(n) => write!(f, "the broker ended the link {n} times in a row with it alone in flight"),
+            PoisonCause::Size => {
+                f.write_str("no smaller than a message this MQTT 3.1.1 broker closed the link on before (not sent)")
+            }
+            PoisonCause::Refused(code) => write!(f, "refused with reason code {}", reason::describe(code)),
+        }
+    }
+}
+
+impl PoisonCause {
+    /// Failed links in a row with it alone in flight (0 unless `Closed`).
+    pub fn failures(self) -> u32 {
+        match self {
+            PoisonCause::Closed(n) => n,
+            PoisonCause::Size | PoisonCause::Refused(_) => 0,
+        }
+    }
+
+    /// The reason code it was refused with, if that is why.
+    pub fn code(self) -> Option<u8> {
+        match self {
+            PoisonCause::Refused(code) => Some(code),
+            PoisonCause::Closed(_) | PoisonCause::Size => None,
+        }
+    }
 }
 
 /// The outcome of a [`StoreOp::Bind`].
@@ -182,15 +228,16 @@ pub enum Ack {
     PubAck {
         /// Its packet id.
         pid: u16,
-        /// False for an error reason code (a refusal).
-        ok: bool,
+        /// Its reason code (0 for MQTT 3.1.1): from 0x80 on a refusal
+        /// ([`crate::reason`]).
+        code: u8,
     },
     /// PUBREC.
     PubRec {
         /// Its packet id.
         pid: u16,
-        /// False for an error reason code (a refusal).
-        ok: bool,
+        /// Its reason code, as a PUBACK's.
+        code: u8,
     },
     /// PUBCOMP.
     PubComp {
@@ -218,8 +265,9 @@ pub enum SessionEvent<M> {
     Acked(u64),
     /// QoS 2 goes to this broker at QoS 1 (said once per session object).
     Downgraded(Downgrade),
-    /// The broker refused this message; it is sent again after a pause.
-    Refused(M),
+    /// The broker refused this message with this reason code, one a
+    /// retry may change: it is sent again after a pause.
+    Refused(M, u8),
     /// The broker lost the session it should have kept: every message not
     /// acknowledged is published again.
     SessionLost {
@@ -241,9 +289,8 @@ pub enum SessionEvent<M> {
     Poisoned {
         /// The message.
         message: M,
-        /// Failed links in a row with it alone in flight (0: the codec
-        /// knew at once, from a size learned earlier).
-        failures: u32,
+        /// Why.
+        cause: PoisonCause,
     },
     /// A QoS 2 message in flight can no longer be encoded for a kept
     /// session (the broker's maximum packet size shrank): its packet id
@@ -392,6 +439,10 @@ pub struct PublishSession<M> {
     suspects: HashMap<u64, (u32, u32)>,
     /// The largest message (topic and payload) this broker acknowledged.
     largest_acked: u64,
+    /// The broker refused a message for good on this link and took
+    /// nothing since: a close now is that refusal's (Mosquitto closes the
+    /// link after its PUBACK 0x95), not a limit of the window.
+    refused_last: bool,
     /// The window before failures began to narrow it down: when a message
     /// turns out to be poison (or QoS 2 the cause), the failures are
     /// explained and it comes back.
@@ -448,6 +499,7 @@ impl<M: Queued> PublishSession<M> {
             grow_acks: 0,
             suspects: HashMap::new(),
             largest_acked: 0,
+            refused_last: false,
             deferred: VecDeque::new(),
             chase_from: None,
             ceiling: None,
@@ -518,11 +570,6 @@ impl<M: Queued> PublishSession<M> {
     /// large has no smaller limit on size.
     pub fn largest_acked(&self) -> u64 {
         self.largest_acked
-    }
-
-    /// The message in flight under packet id `pid`, if any.
-    pub fn in_flight_id(&self, pid: u16) -> Option<u64> {
-        self.window.id_of(pid)
     }
 
     /// Messages in flight.
@@ -659,7 +706,7 @@ impl<M: Queued> PublishSession<M> {
 
     fn learn_from_end(&mut self, end: LinkEnd, keepalive: &KeepAlive) {
         let blamed = match end {
-            LinkEnd::Closed => true,
+            LinkEnd::Closed => !std::mem::take(&mut self.refused_last),
             // A broker that answers (pings) but not one message: that
             // message is the question. Silence is the network's.
             LinkEnd::Ended(End::AckTimeout) => keepalive.heard_at() > self.progress_at,
@@ -739,8 +786,9 @@ impl<M: Queued> PublishSession<M> {
             self.store.push_back(StoreOp::Drop(vec![e.id], DropReason::Budget));
             return;
         }
-        self.store.push_back(StoreOp::Poison(e.id, alone_ends));
-        self.events.push_back(SessionEvent::Poisoned { message: m, failures: alone_ends });
+        let cause = PoisonCause::Closed(alone_ends);
+        self.store.push_back(StoreOp::Poison(e.id, cause));
+        self.events.push_back(SessionEvent::Poisoned { message: m, cause });
     }
 
     /// The broker cannot take QoS 2 and cannot say so: it ends the link on

@@ -45,8 +45,9 @@ pub struct Verdict {
     /// healed.
     pub stuck: Vec<u64>,
     /// Moved aside as poison: messages larger than the brokers take (an
-    /// MQTT 3.1.1 broker closes the connection on them, saying nothing),
-    /// kept and reported, so that the messages behind them go through.
+    /// MQTT 3.1.1 broker closes the connection on them, saying nothing) or
+    /// that they refuse for good (a denied topic), kept and reported, so
+    /// that the messages behind them go through.
     pub poisoned: Vec<u64>,
     /// Moved aside as poison though every broker would have taken it: a
     /// healthy message taken for poison.
@@ -98,7 +99,10 @@ impl Verdict {
             (&self.dropped_wrongly, "DROPPED WRONGLY: its drop's reason did not hold"),
             (&self.phantom_acks, "LET GO WITHOUT AN ACKNOWLEDGEMENT"),
             (&self.poisoned_wrongly, "MOVED ASIDE AS POISON though the brokers would take it"),
-            (&self.poisoned, "moved aside as poison: larger than the brokers take (kept, reported)"),
+            (
+                &self.poisoned,
+                "moved aside as poison: larger than the brokers take or refused for good (kept, reported)",
+            ),
         ];
         kinds.iter().find(|(ids, _)| ids.contains(&id)).map_or("kept its promise", |(_, what)| *what)
     }
@@ -557,9 +561,9 @@ impl World {
         let receipts = self.s.receipts_ms.is_some();
         let broker_lost = |id: &u64| !receipts && lost_by_brokers(id);
         let rescued = self.accepted.iter().filter(|id| receipts && handled(id) && lost_by_brokers(id)).count();
-        // Poison is kept aside, not queued: rightly only a QoS 2 message
-        // to brokers that close the link on QoS 2.
-        let rightly = |m: &&crate::producer::Msg| m.oversize;
+        // Poison is kept aside, not queued: rightly only a message the
+        // brokers close the link on or refuse for good.
+        let rightly = |m: &&crate::producer::Msg| m.oversize || m.denied;
         let (poisoned, poisoned_wrongly): (Vec<&crate::producer::Msg>, Vec<_>) =
             self.producer.committed.poisoned().partition(rightly);
         let poisoned: Vec<u64> = poisoned.into_iter().map(|m| m.id).collect();

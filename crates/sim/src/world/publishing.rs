@@ -59,7 +59,8 @@ impl World {
         }
         let qos = if p.qos == 2 { Qos::ExactlyOnce } else { Qos::AtLeastOnce };
         let expires = p.ttl_ms.map(|ttl| WALL_EPOCH_MS + self.t + ttl);
-        let (id, accepted_now) = self.producer.append(self.t, qos, expires, p.max_attempts, p.priority, p.oversize);
+        let (id, accepted_now) =
+            self.producer.append(self.t, qos, expires, p.max_attempts, p.priority, (p.oversize, p.denied));
         let mut class = match (p.ttl_ms, p.max_attempts) {
             (Some(ttl), _) => format!(", deadline in {ttl} ms"),
             (None, Some(n)) => format!(", budget of {n} sends"),
@@ -70,6 +71,9 @@ impl World {
         }
         if p.oversize {
             class.push_str(", larger than the brokers take");
+        }
+        if p.denied {
+            class.push_str(", on a topic the brokers deny");
         }
         self.trace.note(self.t, Some(id), format!("published at QoS {}{class}", p.qos));
         if accepted_now {
@@ -178,13 +182,13 @@ impl World {
         for p in packets {
             match p {
                 Down::ConnAck { present } => self.producer_connected(b, present),
-                Down::PubAck { pid, of, ok } => {
-                    self.note_ack(b, of, ok);
-                    acks.push(Ack::PubAck { pid, ok });
+                Down::PubAck { pid, of, code } => {
+                    self.note_ack(b, of, code);
+                    acks.push(Ack::PubAck { pid, code });
                 }
-                Down::PubRec { pid, of, ok } => {
-                    self.note_ack(b, of, ok);
-                    acks.push(Ack::PubRec { pid, ok });
+                Down::PubRec { pid, of, code } => {
+                    self.note_ack(b, of, code);
+                    acks.push(Ack::PubRec { pid, code });
                 }
                 Down::PubComp { pid } => acks.push(Ack::PubComp { pid }),
                 Down::PingResp => {}
@@ -202,11 +206,12 @@ impl World {
 
     /// An acknowledgement reached the producer: from then on the message
     /// is that broker's to lose (a refusal is none).
-    fn note_ack(&mut self, b: usize, of: u64, ok: bool) {
-        if ok {
+    fn note_ack(&mut self, b: usize, of: u64, code: u8) {
+        if !steadfast_core::reason::is_refusal(code) {
             self.producer.acks_reached.entry(of).or_default().insert(b);
         } else {
-            self.trace.note(self.t, Some(of), format!("producer: broker {b} refused it"));
+            let why = steadfast_core::reason::describe(code);
+            self.trace.note(self.t, Some(of), format!("producer: broker {b} refused it ({why})"));
         }
     }
 

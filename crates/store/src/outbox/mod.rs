@@ -48,7 +48,7 @@ pub use report::{BrokerLag, Glance, Report};
 use request::Request;
 use writer::Writer;
 
-use crate::{BrokerRecord, NewMessage, Store, StoreError, StoredMessage, Totals, PRIORITIES};
+use crate::{BrokerRecord, NewMessage, PoisonCause, Store, StoreError, StoredMessage, Totals, PRIORITIES};
 
 /// Why a message was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -410,10 +410,10 @@ impl Outbox {
         }
     }
 
-    /// Moves a message aside as poison: the broker in `slot` ended this
-    /// many links in a row with it alone in flight. Not awaited.
-    pub fn poison(&self, slot: u32, id: u64, failures: u32) {
-        self.send(Request::Poison { slot, id, failures });
+    /// Moves a message aside as poison, for `cause`, at the broker in
+    /// `slot`. Not awaited.
+    pub fn poison(&self, slot: u32, id: u64, cause: PoisonCause) {
+        self.send(Request::Poison { slot, id, cause });
     }
 
     /// The messages moved aside as poison, oldest first.

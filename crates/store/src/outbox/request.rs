@@ -8,7 +8,7 @@ use steadfast_core::{DropReason, Stage};
 use tokio::sync::oneshot;
 
 use super::{AppendError, Configured, DefaultSet, Delivery, Glance, Handling, InboxBounds, Quorum, Report, Source};
-use crate::{BrokerRecord, NewMessage, StoreError, StoredMessage};
+use crate::{BrokerRecord, NewMessage, PoisonCause, StoreError, StoredMessage};
 
 pub(super) enum Request {
     Append {
@@ -42,7 +42,7 @@ pub(super) enum Request {
     Poison {
         slot: u32,
         id: u64,
-        failures: u32,
+        cause: PoisonCause,
     },
     GetMeta {
         key: String,

@@ -20,7 +20,7 @@ use super::{
     held_count, held_for, AppendError, Configured, DefaultSet, Delivery, Dropped, Handling, InboxBounds, OutboxConfig,
     OutboxState, Quorum, HELD_PREFIX,
 };
-use crate::{Store, StoreError, Totals, PRIORITIES};
+use crate::{PoisonCause, Store, StoreError, Totals, PRIORITIES};
 
 /// The single owner of the store, behind the [`super::Outbox`] handles.
 pub(super) struct Writer {
@@ -641,7 +641,7 @@ impl Writer {
                     self.store.add_attempt(id)?;
                 }
             }
-            Request::Poison { slot, id, failures } => self.poison(slot, id, failures, b)?,
+            Request::Poison { slot, id, cause } => self.poison(slot, id, cause, b)?,
             Request::Unpoison { ids, delete, reply } => {
                 let done = self.unpoison(ids, delete, b)?;
                 b.unpoison_replies.push((reply, done));
@@ -784,11 +784,12 @@ impl Writer {
         Ok(refused)
     }
 
-    /// A message whose links kept failing is moved aside as poison:
-    /// counted (`poison`), its waiter told, kept on disk.
-    fn poison(&mut self, slot: u32, id: u64, failures: u32, b: &mut Batch) -> Result<(), StoreError> {
+    /// A message whose links kept failing, or that its broker refused for
+    /// good, is moved aside as poison: counted (`poison`), its waiter told,
+    /// kept on disk.
+    fn poison(&mut self, slot: u32, id: u64, cause: PoisonCause, b: &mut Batch) -> Result<(), StoreError> {
         let Some(topic) = self.store.topic(id)? else { return Ok(()) };
-        if self.store.poison(id, slot, failures, crate::now_ms())? {
+        if self.store.poison(id, slot, cause, crate::now_ms())? {
             self.store.add_drop(DropReason::Poison, None)?;
             self.poisoned += 1;
             b.dropped_now.push((id, DropReason::Poison));

@@ -8,8 +8,8 @@ use super::deferred;
 use super::rows::{read_messages, stage_to_sql, RowState, SELECT_BOUND, SELECT_MESSAGE};
 use super::SqliteStore;
 use crate::{
-    now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, ReadLimit, Store, StoreError, StoredMessage, Totals,
-    MAX_SLOTS,
+    now_ms, reserve, AckAnswer, BrokerRecord, Entry, NewMessage, PoisonCause, ReadLimit, Store, StoreError,
+    StoredMessage, Totals, MAX_SLOTS,
 };
 
 /// Where a database records the highest id it handed out (table, query):
@@ -686,7 +686,7 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    fn poison(&mut self, id: u64, slot: u32, failures: u32, at_ms: u64) -> Result<bool, StoreError> {
+    fn poison(&mut self, id: u64, slot: u32, cause: PoisonCause, at_ms: u64) -> Result<bool, StoreError> {
         let own: Option<Option<String>> = self
             .conn_below(id)?
             .query_row("SELECT route FROM outbox WHERE id = ?1 AND done = 0", [id as i64], |r| r.get(0))
@@ -694,8 +694,8 @@ impl Store for SqliteStore {
         let Some(own) = own else { return Ok(false) };
         self.tail.changed(id);
         self.conn()?.execute(
-            "INSERT OR REPLACE INTO poison (id, route, slot, failures, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![id as i64, own, slot, failures, at_ms as i64],
+            "INSERT OR REPLACE INTO poison (id, route, slot, failures, at_ms, code) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id as i64, own, slot, cause.failures(), at_ms as i64, cause.code()],
         )?;
         self.conn()?.execute("UPDATE outbox SET route = ?2 WHERE id = ?1", params![id as i64, crate::POISON_ROUTE])?;
         self.conn_apart().execute("DELETE FROM wire WHERE id = ?1 AND slot = ?2", params![id as i64, slot])?;
@@ -703,13 +703,21 @@ impl Store for SqliteStore {
     }
 
     fn poisoned(&mut self) -> Result<Vec<crate::Poisoned>, StoreError> {
-        let sql = "SELECT p.id, o.topic, o.size, o.qos, coalesce(s.url, ''), p.failures, p.at_ms
-                   FROM poison p JOIN outbox o ON o.id = p.id AND o.done = 0
-                   LEFT JOIN slots s ON s.slot = p.slot ORDER BY p.id";
-        let mut stmt = match self.conn_for_inserts()?.prepare(sql) {
+        let sql = |code| {
+            format!(
+                "SELECT p.id, o.topic, o.size, o.qos, coalesce(s.url, ''), p.failures, p.at_ms, {code}
+                 FROM poison p JOIN outbox o ON o.id = p.id AND o.done = 0
+                 LEFT JOIN slots s ON s.slot = p.slot ORDER BY p.id"
+            )
+        };
+        let conn = self.conn_for_inserts()?;
+        let mut stmt = match conn.prepare(&sql("p.code")) {
             Ok(s) => s,
             // A store from before poison isolation (opened read-only).
             Err(e) if e.to_string().contains("no such table") => return Ok(Vec::new()),
+            // Or from before refusals were poison (read-only: its `poison`
+            // table is given the column at the first writable open).
+            Err(e) if e.to_string().contains("no such column") => conn.prepare(&sql("NULL"))?,
             Err(e) => return Err(e.into()),
         };
         let rows = stmt.query_map([], |r| {
@@ -719,7 +727,11 @@ impl Store for SqliteStore {
                 size: r.get::<_, i64>(2)? as u64,
                 qos: r.get(3)?,
                 broker: r.get(4)?,
-                failures: r.get(5)?,
+                cause: match (r.get::<_, u32>(5)?, r.get::<_, Option<u8>>(7)?) {
+                    (_, Some(code)) => PoisonCause::Refused(code),
+                    (0, None) => PoisonCause::Size,
+                    (n, None) => PoisonCause::Closed(n),
+                },
                 at_ms: r.get::<_, i64>(6)? as u64,
             })
         })?;

@@ -111,13 +111,16 @@ CREATE TABLE IF NOT EXISTS source_log (n INTEGER PRIMARY KEY, entries BLOB NOT N
 -- that logged them within a second unless the rows go first.
 CREATE TABLE IF NOT EXISTS ack_log (n INTEGER PRIMARY KEY, entries BLOB NOT NULL);
 -- Messages moved aside as poison (their outbox route is '@poison'): their
--- own route, the broker slot whose links they ended, how often, when.
+-- own route, the broker slot whose links they ended (how often) or that
+-- refused them for good (with this MQTT 5 reason code), when. The code
+-- came later: an older `poison` table gets it at open ([`POISON_CODE`]).
 CREATE TABLE IF NOT EXISTS poison (
     id INTEGER PRIMARY KEY,
     route TEXT,
     slot INTEGER NOT NULL,
     failures INTEGER NOT NULL,
-    at_ms INTEGER NOT NULL
+    at_ms INTEGER NOT NULL,
+    code INTEGER
 );
 -- What is queued (not done): count and bytes, kept in the same commits
 -- as the rows, so that opening a large backlog reads one row, not all.
@@ -243,6 +246,11 @@ const MIGRATE_8_TO_9: &str = "
 UPDATE meta SET value = '9' WHERE key = 'format';
 ";
 
+/// The reason code of a refusal for good, beside a poisoned message. A
+/// nullable column, added in place within format 9: a release from before
+/// it reads and writes the table as it did (its poison shows no code).
+const POISON_CODE: &str = "ALTER TABLE poison ADD COLUMN code INTEGER;";
+
 /// See [`RECOUNT`].
 pub(super) fn recount(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(RECOUNT)
@@ -331,6 +339,11 @@ pub(super) fn init_schema(conn: &Connection, dir: &Path) -> Result<(), StoreErro
         Some(_) => {}
     }
     conn.execute("INSERT OR IGNORE INTO ids (k, last) VALUES (0, 0)", [])?;
+    let has_code: bool =
+        conn.query_row("SELECT count(*) FROM pragma_table_info('poison') WHERE name = 'code'", [], |r| r.get(0))?;
+    if !has_code {
+        conn.execute_batch(POISON_CODE)?;
+    }
     conn.execute_batch(INDEXES)?;
     Ok(())
 }

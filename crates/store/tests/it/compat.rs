@@ -329,3 +329,26 @@ fn a_reservation_without_a_first_commit_is_no_damage() {
     let (_i, report) = SqliteStore::open_inbox(inbox.path()).unwrap();
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// The reason code beside a poisoned message came within format 9, as a
+/// nullable column: a `poison` table from before it (the previous
+/// release's) is read as it is by a read-only open (`status`), and gets
+/// the column at the next writable open, its rows keeping their cause.
+#[test]
+fn a_poison_table_from_before_refusal_codes_is_read_and_given_the_column() {
+    use steadfast_store::PoisonCause;
+    let (dir, mut s) = open_copy(8);
+    let slot = s.assign_slots(&["mqtt://127.0.0.1:1883".into()]).unwrap()[0];
+    assert!(s.poison(1, slot, PoisonCause::Closed(3), 5_000).unwrap());
+    drop(s);
+    let db = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    db.execute_batch("ALTER TABLE poison DROP COLUMN code").unwrap();
+    drop(db);
+    let causes = |s: &mut SqliteStore| s.poisoned().unwrap().iter().map(|p| p.cause).collect::<Vec<_>>();
+    let mut ro = SqliteStore::open_read_only(dir.path()).unwrap();
+    assert_eq!(causes(&mut ro), [PoisonCause::Closed(3)]);
+    drop(ro);
+    let (mut s, _) = SqliteStore::open(dir.path()).unwrap();
+    assert!(s.poison(2, slot, PoisonCause::Refused(0x87), 6_000).unwrap());
+    assert_eq!(causes(&mut s), [PoisonCause::Closed(3), PoisonCause::Refused(0x87)]);
+}

@@ -49,7 +49,7 @@ fn the_idle_watch_changes_only_when_the_outbox_empties_or_fills() {
             let d = o.append(msg("t", "d"), false).0.await.unwrap();
             assert!(idle.has_changed().unwrap() && !*idle.borrow_and_update(), "{kind}");
             let waiting = o.wait_idle();
-            o.poison(slot, d, 3);
+            o.poison(slot, d, steadfast_store::PoisonCause::Closed(3));
             tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("idle once the last one is poison");
             let s = o.state();
             assert_eq!((s.totals.count, s.poisoned), (1, 1), "{kind}: idle is told after the state");

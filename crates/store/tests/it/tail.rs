@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 use steadfast_core::{Properties, Qos, Stage};
-use steadfast_store::{ReadLimit, SqliteStore, Store};
+use steadfast_store::{PoisonCause, ReadLimit, SqliteStore, Store};
 
 use crate::msg;
 
@@ -351,7 +351,7 @@ fn check(ops: Vec<Op>, tail_rows: Option<usize>) -> Result<(), TestCaseError> {
                 Op::Poison(i) => {
                     if let Some(id) = pick(&ids, i) {
                         let slot = p.slots[i % 2];
-                        p.both(|s| s.poison(id, slot, 3, 5_000).unwrap())?;
+                        p.both(|s| s.poison(id, slot, PoisonCause::Closed(3), 5_000).unwrap())?;
                         if i % 2 == 0 {
                             p.both(|s| s.unpoison(id).unwrap())?;
                         }
@@ -469,7 +469,7 @@ fn a_kept_row_that_changes_is_answered_as_the_database_holds_it() {
     let (first, second) = (p.slots[0], p.slots[1]);
     // Below the floor: read from SQLite, and kept.
     p.both(|s| s.read_after(0, 4, Some(first), None).unwrap()).unwrap();
-    p.both(|s| s.poison(ids[0], first, 3, 5_000).unwrap()).unwrap();
+    p.both(|s| s.poison(ids[0], first, PoisonCause::Closed(3), 5_000).unwrap()).unwrap();
     p.both(|s| s.requeue_for_receipts(ids[1]).unwrap()).unwrap();
     p.both(|s| s.ack(ids[2], second).unwrap()).unwrap();
     // Runs the page read: answered from what was kept, as it is now.

@@ -34,6 +34,7 @@ impl<M: Queued> PublishSession<M> {
         self.acks_since_change = 0;
         self.max_qos = ack.maximum_qos;
         self.pubrec_seen = false;
+        self.refused_last = false;
         self.keepalive = Some(KeepAlive::new(self.cfg.keep_alive, now.at));
         self.progress_at = now.at;
         self.out.clear();

@@ -68,8 +68,8 @@ impl<M: Queued> PublishSession<M> {
     /// a size learned from an earlier poison message), moved aside at once.
     pub(super) fn cannot_send(&mut self, m: M, reason: DropReason) {
         if reason == DropReason::Poison {
-            self.store.push_back(StoreOp::Poison(m.id(), 0));
-            self.events.push_back(SessionEvent::Poisoned { message: m, failures: 0 });
+            self.store.push_back(StoreOp::Poison(m.id(), PoisonCause::Size));
+            self.events.push_back(SessionEvent::Poisoned { message: m, cause: PoisonCause::Size });
         } else {
             self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
         }

@@ -7,7 +7,8 @@ use super::*;
 struct Sorted {
     done: Vec<u64>,
     released: Vec<(u64, u16)>,
-    refused: Vec<u64>,
+    /// With the reason code of each.
+    refused: Vec<(u64, u8)>,
 }
 
 impl<M: Queued> PublishSession<M> {
@@ -47,7 +48,7 @@ impl<M: Queued> PublishSession<M> {
     fn sort(&mut self, ack: Ack, s: &mut Sorted) -> Result<(), End> {
         let stray = |packet, pid, kind| End::Stray { packet, pid, kind };
         match ack {
-            Ack::PubAck { pid, ok: true } => match self.window.on_puback(pid) {
+            Ack::PubAck { pid, code } if !reason::is_refusal(code) => match self.window.on_puback(pid) {
                 Some(id) => s.done.push(id),
                 // Only a broker that never answered QoS 2 properly on this
                 // link downgrades; after a PUBREC a PUBACK under a QoS 2 id
@@ -60,7 +61,7 @@ impl<M: Queued> PublishSession<M> {
                     None => return Err(stray("PUBACK", pid, "QoS 1 message")),
                 },
             },
-            Ack::PubRec { pid, ok: true } => match self.window.on_pubrec(pid) {
+            Ack::PubRec { pid, code } if !reason::is_refusal(code) => match self.window.on_pubrec(pid) {
                 Some(id) => {
                     if !self.deferred.is_empty() {
                         self.deferred.retain(|(p, _)| *p != pid);
@@ -72,8 +73,8 @@ impl<M: Queued> PublishSession<M> {
                 None => return Err(stray("PUBREC", pid, "QoS 2 message")),
             },
             Ack::PubComp { pid } => s.done.extend(self.window.on_pubcomp(pid)),
-            Ack::PubAck { pid, ok: false } | Ack::PubRec { pid, ok: false } => match self.window.on_refused(pid) {
-                Some(id) => s.refused.push(id),
+            Ack::PubAck { pid, code } | Ack::PubRec { pid, code } => match self.window.on_refused(pid) {
+                Some(id) => s.refused.push((id, code)),
                 None => return Err(stray("refusal", pid, "message")),
             },
         }
@@ -87,6 +88,7 @@ impl<M: Queued> PublishSession<M> {
         }
         self.grow(done.len());
         self.rtt.answered();
+        self.refused_last = false;
         if !self.deferred.is_empty() {
             self.deferred.retain(|(_, id)| !done.contains(id));
         }
@@ -127,18 +129,29 @@ impl<M: Queued> PublishSession<M> {
         self.window.set_limit(self.cwnd.min(self.conn_limit));
     }
 
-    /// The broker refused these (an error reason code): they stay in the
-    /// outbox and are sent again, as new messages, after a pause. A QoS 2
-    /// binding is cleared first: its packet id is free on the broker.
-    fn hold_refused(&mut self, ids: Vec<u64>, now: Now) {
+    /// The broker refused these (an error reason code). Those refused for
+    /// good ([`reason::is_for_good`]: not authorised, too large) are moved
+    /// aside as poison with their code, so that the messages behind them go
+    /// on and the user can see, requeue or delete them. The others stay in
+    /// the outbox and are sent again, as new messages, after a pause. A
+    /// QoS 2 binding is cleared first (poison clears its own): its packet
+    /// id is free on the broker.
+    fn hold_refused(&mut self, refused: Vec<(u64, u8)>, now: Now) {
         let at = now.at + self.cfg.refused_pause;
         let mut unbind = Vec::new();
-        self.deferred.retain(|(_, d)| !ids.contains(d));
-        for id in ids {
+        self.deferred.retain(|(_, d)| !refused.iter().any(|(id, _)| id == d));
+        for (id, code) in refused {
             // It answered: whatever ended links before, it was not this.
             self.suspects.remove(&id);
             if let Some(m) = self.inflight.remove(&id) {
-                self.events.push_back(SessionEvent::Refused(m.clone()));
+                if reason::is_for_good(code) {
+                    self.refused_last = true;
+                    let cause = PoisonCause::Refused(code);
+                    self.store.push_back(StoreOp::Poison(id, cause));
+                    self.events.push_back(SessionEvent::Poisoned { message: m, cause });
+                    continue;
+                }
+                self.events.push_back(SessionEvent::Refused(m.clone(), code));
                 if m.qos() == Qos::ExactlyOnce {
                     unbind.push((id, None));
                 }

@@ -111,9 +111,69 @@ fn acks_before_a_stray_still_count() {
     let (mut s, t0) = connected(&[M(1, Qos::AtLeastOnce), M(2, Qos::AtLeastOnce)]);
     s.fill(at(t0, 1), &|_| true, &mut Text);
     sent(&mut s);
-    let r = s.handle_acks([Ack::PubAck { pid: 1, ok: true }, Ack::PubAck { pid: 99, ok: true }], at(t0, 2));
+    let r = s.handle_acks([Ack::PubAck { pid: 1, code: 0 }, Ack::PubAck { pid: 99, code: 0 }], at(t0, 2));
     assert_eq!(r, Err(End::Stray { packet: "PUBACK", pid: 99, kind: "QoS 1 message" }));
     assert_eq!(ops(&mut s), vec![StoreOp::Ack(vec![1])]);
+}
+
+/// A refusal no retry changes (0x87 not authorised, Mosquitto's 0x95 too
+/// large) moves the message aside as poison with its code; a passing one
+/// (0x97 quota exceeded) keeps it, sent again after the pause; the
+/// messages behind both go on.
+#[test]
+fn a_refusal_for_good_is_poison_with_its_code_and_a_passing_one_is_sent_again() {
+    let msgs = [M(1, Qos::AtLeastOnce), M(2, Qos::ExactlyOnce), M(3, Qos::AtLeastOnce), M(4, Qos::AtLeastOnce)];
+    let (mut s, t0) = connected(&msgs);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    ops(&mut s);
+    s.handle_bound(Bound::Written { gone: vec![] }, at(t0, 2), &mut Text);
+    assert_eq!(sent(&mut s), "P1:1 P2:2 P3:3 P4:4 ");
+    let acks = [
+        Ack::PubAck { pid: 1, code: 0x87 },
+        Ack::PubRec { pid: 2, code: 0x95 },
+        Ack::PubAck { pid: 3, code: 0x97 },
+        Ack::PubAck { pid: 4, code: 0x10 },
+    ];
+    s.handle_acks(acks, at(t0, 3)).unwrap();
+    assert_eq!(
+        ops(&mut s),
+        vec![
+            StoreOp::Ack(vec![4]),
+            StoreOp::Poison(1, PoisonCause::Refused(0x87)),
+            StoreOp::Poison(2, PoisonCause::Refused(0x95)),
+        ],
+        "0x10 (no matching subscribers) is a delivery; the QoS 2 binding goes with the poison"
+    );
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(events.contains(&SessionEvent::Refused(M(3, Qos::AtLeastOnce), 0x97)), "{events:?}");
+    assert!(
+        events.contains(&SessionEvent::Poisoned { message: M(1, Qos::AtLeastOnce), cause: PoisonCause::Refused(0x87) })
+    );
+    assert_eq!(s.in_flight(), 0);
+    s.fill(at(t0, 500), &|_| true, &mut Text);
+    assert_eq!(sent(&mut s), "", "a passing refusal waits for its pause");
+    s.fill(at(t0, 1_004), &|_| true, &mut Text);
+    assert_eq!(sent(&mut s), "P5:3 ", "then goes again, under a new packet id; the poison does not");
+}
+
+/// Mosquitto closes the link right after its PUBACK 0x95: with the window
+/// well used, that close would halve it, as for a broker that caps
+/// messages in flight. A close before anything else was acknowledged is
+/// the refusal's; a later one teaches again.
+#[test]
+fn a_close_right_after_a_refusal_for_good_is_the_refusals() {
+    let msgs: Vec<M> = (1..=12).map(|id| M(id, Qos::AtLeastOnce)).collect();
+    let (mut s, t0) = connected(&msgs);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    assert_eq!(s.in_flight(), 10);
+    s.handle_acks([Ack::PubAck { pid: 1, code: 0x95 }], at(t0, 2)).unwrap();
+    let window = s.window_size();
+    s.handle_link_lost(LinkEnd::Closed);
+    assert_eq!(s.window_size(), window, "nine in flight, and the window stays");
+    assert!(!std::iter::from_fn(|| s.poll_event()).any(|e| matches!(e, SessionEvent::Window(_))));
+    s.handle_connack(ConnAckInfo { session_present: true, ..Default::default() }, at(t0, 3), &|_| true, &mut Text);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert!(s.window_size() < window, "a close with nothing refused before it is the window's");
 }
 
 /// A QoS 1 and a QoS 2 message in flight (its binding written), then the
@@ -162,7 +222,7 @@ fn the_adaptive_ack_timeout_follows_the_round_trips_measured() {
         s.fill(at(t0, 10 * n), &|_| true, &mut Text);
         let _ = sent(&mut s);
         let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
-        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, 10 * n + 2)).unwrap();
+        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, code: 0 }), at(t0, 10 * n + 2)).unwrap();
     }
     let (mean, _) = s.round_trip().expect("sampled");
     assert_eq!(mean, Duration::from_millis(2));
@@ -178,7 +238,7 @@ fn the_adaptive_ack_timeout_follows_the_round_trips_measured() {
     s.handle_round_trip(Duration::from_millis(2));
     assert_eq!(s.ack_timeout(), Duration::from_millis(1_500), "a CONNACK does not end the backoff");
     let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
-    s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, 3_010)).unwrap();
+    s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, code: 0 }), at(t0, 3_010)).unwrap();
     assert_eq!(s.ack_timeout(), Duration::from_millis(750), "an acknowledged message does");
 }
 
@@ -195,7 +255,7 @@ fn a_slow_link_raises_its_own_ack_timeout() {
         t += 600 + 100 * (n % 4);
         assert_eq!(s.handle_timeout(at(t0, t), &mut Text), Ok(()), "no false alarm at {t} ms");
         let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
-        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, t)).unwrap();
+        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, code: 0 }), at(t0, t)).unwrap();
     }
     assert!(s.ack_timeout() > Duration::from_millis(900), "{:?}", s.ack_timeout());
 }
@@ -273,7 +333,7 @@ fn a_broker_that_closes_a_full_window_halves_it_and_acknowledgements_grow_it_bac
     reconnect(&mut s, at(t0, 10), true);
     assert_eq!(s.in_flight(), 5, "a kept session resends only what the smaller window holds");
     // Five acknowledgements (one window's worth): one more in flight.
-    let acks: Vec<Ack> = (1..=5).map(|pid| Ack::PubAck { pid, ok: true }).collect();
+    let acks: Vec<Ack> = (1..=5).map(|pid| Ack::PubAck { pid, code: 0 }).collect();
     s.handle_acks(acks, at(t0, 11)).unwrap();
     assert_eq!(s.window_size(), 6);
 }
@@ -303,9 +363,12 @@ fn a_message_alone_in_flight_at_every_failure_is_moved_aside_and_the_rest_go_on(
             assert_eq!(sent(&mut s), "P1:1d ");
         }
     }
-    assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, 3)]);
+    assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, PoisonCause::Closed(3))]);
     let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
-    assert!(events.contains(&SessionEvent::Poisoned { message: M(1, Qos::AtLeastOnce), failures: 3 }), "{events:?}");
+    assert!(
+        events.contains(&SessionEvent::Poisoned { message: M(1, Qos::AtLeastOnce), cause: PoisonCause::Closed(3) }),
+        "{events:?}"
+    );
     assert_eq!(s.in_flight(), 0);
     reconnect(&mut s, at(t0, 40), true);
     // The outbox no longer holds message 1 (moved aside): a read after the
@@ -343,7 +406,7 @@ fn an_ack_timeout_while_the_broker_answers_pings_counts_against_the_message() {
             reconnect(&mut s, at(t0, base + 10_000), true);
         }
     }
-    assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, 3)]);
+    assert_eq!(ops(&mut s), vec![StoreOp::Poison(1, PoisonCause::Closed(3))]);
 }
 
 #[test]
@@ -360,7 +423,7 @@ fn the_window_never_grows_back_past_what_the_broker_closed_on() {
         s.fill(at(t0, 11 + n), &|_| true, &mut Text);
         let _ = sent(&mut s);
         let pids: Vec<u16> = s.window.entries().map(|(pid, _)| pid).collect();
-        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, ok: true }), at(t0, 11 + n)).unwrap();
+        s.handle_acks(pids.into_iter().map(|pid| Ack::PubAck { pid, code: 0 }), at(t0, 11 + n)).unwrap();
     }
     assert_eq!(s.window_size(), 3, "grown back to one less than what the broker closed on");
 }

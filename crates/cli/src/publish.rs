@@ -507,14 +507,22 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     } else if o.summary {
         // What left the outbox in this run, the older messages a --drain
         // sent included: what was there plus what came, less what is left
-        // and what was dropped.
+        // and what was dropped. Poison is both: counted as dropped, kept
+        // in the outbox (and said apart).
         let accepted = p.accepted.load(Ordering::Relaxed);
         let queued = client.status().await.map(|s| s.queued).unwrap_or(0);
+        let after = drop_counts(&client).await;
         let total = |d: &[(steadfast::DropReason, u64)]| d.iter().map(|(_, n)| n).sum::<u64>();
-        let dropped = total(&drop_counts(&client).await).saturating_sub(total(&drops_before));
-        let delivered = (queued_before + accepted).saturating_sub(queued + dropped);
+        let poison = |d: &[(steadfast::DropReason, u64)]| {
+            d.iter().filter(|(r, _)| *r == steadfast::DropReason::Poison).map(|(_, n)| n).sum::<u64>()
+        };
+        let dropped = total(&after).saturating_sub(total(&drops_before));
+        let new_poison = poison(&after).saturating_sub(poison(&drops_before));
+        let delivered = (queued_before + accepted + new_poison).saturating_sub(queued + dropped);
+        let aside = client.outbox_state().borrow().poisoned;
+        let aside = if aside > 0 { format!(" ({aside} of them moved aside as poison)") } else { String::new() };
         eprintln!(
-            "steadfast: {accepted} accepted, {delivered} delivered, {dropped} dropped, {queued} queued in {}",
+            "steadfast: {accepted} accepted, {delivered} delivered, {dropped} dropped, {queued} queued{aside} in {}",
             dir.display()
         );
     }

@@ -26,7 +26,7 @@ pub fn parse_qos(q: u8) -> Result<steadfast::Qos, String> {
         0 => Ok(steadfast::Qos::AtMostOnce),
         1 => Ok(steadfast::Qos::AtLeastOnce),
         2 => Ok(steadfast::Qos::ExactlyOnce),
-        q => Err(format!("QoS {q} does not exist; use -q 0, 1 or 2")),
+        q => Err(format!("QoS {q} does not exist: use 0, 1 or 2")),
     }
 }
 

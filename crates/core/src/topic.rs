@@ -56,6 +56,10 @@ pub enum FilterError {
     /// MQTT strings carry a 16-bit length.
     #[error("the filter is {0} bytes long; MQTT allows at most 65535")]
     TooLong(usize),
+    /// `$share/` not followed by a share name and a filter: brokers refuse
+    /// the subscription or close the connection.
+    #[error("`{0}`: a shared subscription is `$share/NAME/FILTER`, NAME not empty and without `/`, `+` or `#`, FILTER a topic filter (e.g. `$share/workers/jobs/#`)")]
+    Shared(String),
 }
 
 /// The first control character in `s` that MQTT strings should not carry
@@ -79,6 +83,18 @@ pub fn validate_topic_filter(filter: &str) -> Result<(), FilterError> {
     }
     if let Some((filter, ch, at)) = control(filter) {
         return Err(FilterError::Control { filter, ch, at });
+    }
+    // MQTT 5 section 4.8.2: `$share/{ShareName}/{filter}`.
+    if let Some(rest) = filter.strip_prefix("$share/") {
+        let shared = || FilterError::Shared(filter.to_owned());
+        let (name, inner) = rest.split_once('/').ok_or_else(shared)?;
+        if name.is_empty() || name.contains(['+', '#']) || inner.is_empty() {
+            return Err(shared());
+        }
+        return validate_topic_filter(inner).map_err(|e| match e {
+            FilterError::Wildcard(_) => FilterError::Wildcard(filter.to_owned()),
+            e => e,
+        });
     }
     let levels: Vec<&str> = filter.split('/').collect();
     for (i, level) in levels.iter().enumerate() {
@@ -174,5 +190,20 @@ mod tests {
         }
         let e = validate_topic_filter("a/\u{7f}/#").unwrap_err();
         assert!(matches!(e, FilterError::Control { at: 2, .. }), "{e:?}");
+    }
+
+    /// `$share/NAME/FILTER` (MQTT 5 section 4.8.2): a share name and a
+    /// filter, or the broker refuses the subscription or closes the link.
+    #[test]
+    fn a_shared_subscription_needs_a_name_and_a_filter() {
+        for ok in ["$share/g/a", "$share/g/#", "$share/g/+/b", "$share/g//", "$sharex/a", "$SYS/#"] {
+            assert_eq!(validate_topic_filter(ok), Ok(()), "{ok:?}");
+        }
+        for bad in ["$share/g", "$share/g/", "$share//a", "$share/", "$share/g+/a", "$share/#/a"] {
+            assert_eq!(validate_topic_filter(bad), Err(FilterError::Shared(bad.into())), "{bad:?}");
+        }
+        assert_eq!(validate_topic_filter("$share/g/a#"), Err(FilterError::Wildcard("$share/g/a#".into())));
+        let e = validate_topic_filter("$share/g").unwrap_err().to_string();
+        assert!(e.contains("`$share/NAME/FILTER`"), "{e}");
     }
 }

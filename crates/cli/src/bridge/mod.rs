@@ -56,6 +56,15 @@ pub async fn run(a: BridgeArgs) -> Result<(), Failure> {
     };
     let clients: Clients = Arc::default();
     let mut running = start(bridge.clone(), &clients).await?;
+    // Said at any log level: a daemon that prints nothing looks stuck.
+    let names: Vec<&str> = bridge.routes.iter().map(|r| r.name.as_str()).collect();
+    eprintln!(
+        "steadfast: bridge running {} route(s) from {} ({}); SIGHUP reloads the configuration, SIGTERM stops; `steadfast status --bridge {}` shows each route",
+        names.len(),
+        path.display(),
+        names.join(", "),
+        path.display()
+    );
     let mut current = bridge;
     if let Some(listening) = listening {
         let refresh = crate::metrics::refresh_with(clients.clone(), |clients| async move {

@@ -165,7 +165,7 @@ async fn refusals_no_retry_changes_are_poison_with_their_code_and_the_rest_go_on
 
     let big = "x".repeat(2_000);
     let lines = format!("first\n{big}\nafter 1\nafter 2\n");
-    let out = pub_with_input(strings(&[&base[..], &["-t", "lim/ok/t", "-l"]].concat()), lines).await;
+    let out = pub_with_input(strings(&[&base[..], &["-t", "lim/ok/t", "-l", "--summary"]].concat()), lines).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -177,6 +177,8 @@ async fn refusals_no_retry_changes_are_poison_with_their_code_and_the_rest_go_on
     // message goes once more, then never again.
     assert!(!err.contains("malformed") && err.matches("link lost").count() <= 2, "{err}");
     assert!(!err.contains("at most 1 in flight"), "that close is not a limit of the window: {err}");
+    // Poison is dropped and kept: counted once.
+    assert!(err.contains("4 accepted, 3 delivered, 1 dropped, 2 queued (2 of them moved aside as poison)"), "{err}");
     sub.wait_all(&strings(&["first", "after 1", "after 2"]), Duration::from_secs(20)).await;
     assert!(!sub.lines().contains(&big), "the big one never arrived");
 
@@ -189,8 +191,7 @@ async fn refusals_no_retry_changes_are_poison_with_their_code_and_the_rest_go_on
     let list = run(&["poison", "--outbox", &ob]).await;
     let listed = String::from_utf8_lossy(&list.stdout).into_owned();
     assert!(
-        listed.contains("id 1  topic lim/denied")
-            && listed.contains("refused with reason code 0x87, not authorized"),
+        listed.contains("id 1  topic lim/denied") && listed.contains("refused with reason code 0x87, not authorized"),
         "{listed}"
     );
     assert!(listed.contains("id 3  topic lim/ok/t") && listed.contains("0x95, packet too large"), "{listed}");

@@ -202,3 +202,35 @@ async fn kill_9_of_producer_and_consumer_at_random_points_loses_nothing() {
         "{repeats} lines printed again after {sub_kills} kills of sub: more than its window"
     );
 }
+
+/// A broker whose ACL lets the consumer read the messages but not publish
+/// receipts answers each receipt with PUBACK 0x87 (MQTT 5): the consumer
+/// says so, with the fix, instead of leaving the producer to time out
+/// without a word on either side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_the_broker_refuses_is_said_by_the_consumer() {
+    use std::os::unix::fs::PermissionsExt;
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("acl");
+    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(&acl, "topic readwrite e2e/#\ntopic read steadfast/receipts/#\n").unwrap();
+    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let extra = vec![format!("acl_file {}", acl.display())];
+    let broker = Mosquitto::start(steadfast_testkit::MosquittoOptions { persistence: false, extra }).await;
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, inbox) = (dir.path().join("ob"), dir.path().join("in"));
+    let (outbox, inbox) = (outbox.to_str().unwrap().to_owned(), inbox.to_str().unwrap().to_owned());
+    let sub = ["sub", "-b", &url, "-t", "e2e/#", "-i", "line1", "--inbox", &inbox];
+    let out = run(&[&sub[..], &["--register"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&pub_args(&url, &outbox, &["-t", "e2e/t", "-m", "x", "--wait-timeout", "1s"])).await;
+    assert_eq!(out.status.code(), Some(3), "no receipt within the wait: {}", stderr(&out));
+    // Handled, its receipt refused; -W ends the run once nothing more comes.
+    let out = run(&[&sub[..], &["-W", "2"]].concat()).await;
+    let err = stderr(&out);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "x\n", "{err}");
+    assert!(err.contains("the broker refused a receipt") && err.contains("0x87, not authorized"), "{err}");
+    assert!(err.contains("steadfast/receipts/#"), "{err}");
+    assert_eq!(err.matches("the broker refused a receipt").count(), 1, "said once: {err}");
+}

@@ -6,8 +6,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use steadfast_core::engine::{must_subscribe, ReceiveSession};
-use steadfast_core::Qos;
+use steadfast_core::engine::{must_subscribe, Ack, ReceiveSession};
+use steadfast_core::{reason, Qos};
 use steadfast_store::Outbox;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -63,6 +63,9 @@ struct Connection {
     to_forward_acked: usize,
     /// The packet id of the last receipt sent.
     next_pid: u16,
+    /// Receipts the broker refused on this connection (an ACL that denies
+    /// the receipt topics): the first is said as a warning.
+    receipts_refused: u64,
     /// The broker went past the Receive Maximum once on this connection
     /// (said once).
     over_window: bool,
@@ -235,6 +238,16 @@ impl Receiver {
             Incoming::Disconnect { reason } => return Err(ConnectError::Closed(CloseReason::Disconnect(reason))),
             Incoming::Broken(e) => return Err(e),
             Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
+            // The only messages a consumer publishes are receipts.
+            Incoming::Ack(Ack::PubAck { code, .. }) if reason::is_refusal(code) => {
+                conn.receipts_refused += 1;
+                let (broker, reason) = (&self.url, reason::describe(code));
+                if conn.receipts_refused == 1 {
+                    tracing::warn!(%broker, %reason, "the broker refused a receipt: its producer gets none and publishes the message again when its wait ends (the inbox removes the copy); if it is an ACL, allow this client to publish to the producers' receipt topics (steadfast/receipts/#)");
+                } else {
+                    tracing::debug!(%broker, %reason, refused = conn.receipts_refused, "the broker refused a receipt");
+                }
+            }
             Incoming::Ack(_) | Incoming::PingResp | Incoming::Other => {}
         }
         Ok(())
@@ -277,6 +290,7 @@ impl Connection {
             to_forward: VecDeque::new(),
             to_forward_acked: 0,
             next_pid: 1,
+            receipts_refused: 0,
             over_window: false,
         }
     }

@@ -444,7 +444,7 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         );
     }
     let mut events = client.events();
-    let drops_before = drop_counts(&client).await;
+    let before = Before { drops: drop_counts(&client).await, at_ms: steadfast_store::now_ms() };
     if client.is_joined() {
         tracing::info!(outbox = %dir.display(), "the outbox is in use by another pub: the messages are added to it and that process sends them");
     } else {
@@ -475,10 +475,10 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
     let mut client = client;
     let result = loop {
         if o.no_wait {
-            break report_drops(&client, &dir, &drops_before, None).await;
+            break report_drops(&client, &dir, &before, None).await;
         }
         let waited = tokio::select! {
-            r = wait_joined(&client, &mut events, (o.wait_timeout, &o.drain), &dir, &drops_before) => r,
+            r = wait_joined(&client, &mut events, (o.wait_timeout, &o.drain), &dir, &before) => r,
             _ = interrupt.recv() => Waited::Done(Err(interrupted(&client, &dir, &o.drain).await)),
             _ = terminate.recv() => Waited::Done(Err(Failure::terminated(interrupted(&client, &dir, &o.drain).await.error))),
         };
@@ -516,8 +516,8 @@ pub async fn run(a: PubArgs) -> Result<(), Failure> {
         let poison = |d: &[(steadfast::DropReason, u64)]| {
             d.iter().filter(|(r, _)| *r == steadfast::DropReason::Poison).map(|(_, n)| n).sum::<u64>()
         };
-        let dropped = total(&after).saturating_sub(total(&drops_before));
-        let new_poison = poison(&after).saturating_sub(poison(&drops_before));
+        let dropped = total(&after).saturating_sub(total(&before.drops));
+        let new_poison = poison(&after).saturating_sub(poison(&before.drops));
         let delivered = (queued_before + accepted + new_poison).saturating_sub(queued + dropped);
         let aside = client.outbox_state().borrow().poisoned;
         let aside = if aside > 0 { format!(" ({aside} of them moved aside as poison)") } else { String::new() };
@@ -559,10 +559,10 @@ async fn wait_joined(
     events: &mut broadcast::Receiver<Event>,
     limit: (Option<Duration>, &str),
     dir: &std::path::Path,
-    drops_before: &[(steadfast::DropReason, u64)],
+    before: &Before,
 ) -> Waited {
     let joined = client.is_joined();
-    let waiting = wait_delivered(client, events, limit, dir, drops_before);
+    let waiting = wait_delivered(client, events, limit, dir, before);
     tokio::pin!(waiting);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
@@ -669,7 +669,7 @@ async fn wait_delivered(
     events: &mut broadcast::Receiver<Event>,
     (limit, drain): (Option<Duration>, &str),
     dir: &std::path::Path,
-    drops_before: &[(steadfast::DropReason, u64)],
+    before: &Before,
 ) -> Result<(), Failure> {
     let mut first_drop = None;
     let mut last_error: Option<ConnectError> = None;
@@ -711,21 +711,27 @@ async fn wait_delivered(
             },
         }
     }
-    report_drops(client, dir, drops_before, first_drop).await
+    report_drops(client, dir, before, first_drop).await
+}
+
+/// What the outbox had dropped when this run began, and when that was.
+struct Before {
+    drops: Vec<(steadfast::DropReason, u64)>,
+    at_ms: u64,
 }
 
 /// Fails with the count by reason when messages were dropped since
-/// `drops_before`, except `superseded` (keep-latest sent the newer value
+/// `before`, except `superseded` (keep-latest sent the newer value
 /// instead), which is only mentioned.
 async fn report_drops(
     client: &Client,
     dir: &std::path::Path,
-    drops_before: &[(steadfast::DropReason, u64)],
+    before: &Before,
     first_drop: Option<steadfast_store::Dropped>,
 ) -> Result<(), Failure> {
     let after = drop_counts(client).await;
     let new = |reason: &steadfast::DropReason, n: u64| {
-        n - drops_before.iter().find(|(r, _)| r == reason).map(|(_, n)| *n).unwrap_or(0).min(n)
+        n - before.drops.iter().find(|(r, _)| r == reason).map(|(_, n)| *n).unwrap_or(0).min(n)
     };
     // Keep-latest did what it was asked: a newer value of the same topic
     // went instead. Said, but not a failure.
@@ -747,10 +753,10 @@ async fn report_drops(
     let first = first_drop.map(|d| format!(" (first: #{} to `{}`)", d.id, d.topic)).unwrap_or_default();
     let poison = after.iter().any(|(r, n)| *r == steadfast::DropReason::Poison && new(r, *n) > 0);
     let kept = if poison {
-        // The newest moved aside is this run's: named with its cause (a
+        // The newest moved aside in this run, named with its cause (a
         // refusal's reason code), read from the outbox.
         let list = client.poisoned().await.unwrap_or_default();
-        let newest = list.iter().max_by_key(|p| (p.at_ms, p.id)).map(|p| {
+        let newest = list.iter().filter(|p| p.at_ms >= before.at_ms).max_by_key(|p| (p.at_ms, p.id)).map(|p| {
             let broker = if p.broker.is_empty() { "a broker" } else { &p.broker };
             format!(" (#{} to `{}`, {broker}: {})", p.id, p.topic, p.cause)
         });

@@ -366,24 +366,12 @@ pub enum Event {
         /// Messages that will be published again.
         republish: u64,
     },
-    /// A message was moved aside as poison: kept in the outbox, never sent
-    /// until `steadfast poison --requeue` (or [`crate::Client`]'s outbox)
-    /// puts it back, so that the messages behind it go on. Also counted as
-    /// dropped for the reason `poison` ([`Event::Dropped`]).
-    Poisoned {
-        /// The broker.
-        broker: String,
-        /// The message's outbox id (its sequence number).
-        id: u64,
-        /// Its topic.
-        topic: String,
-        /// Why: the reason code a refusal gave, or the link closings.
-        why: String,
-    },
     /// The broker refused a message with an error reason code a retry may
     /// change (0x97 quota exceeded, 0x80 unspecified); it stays queued and
     /// is sent again after a pause. A code no retry changes (0x87 not
-    /// authorized, 0x90, 0x95, 0x99) moves it aside: [`Event::Poisoned`].
+    /// authorized, 0x90, 0x95, 0x99) moves it aside as poison instead:
+    /// [`Event::Dropped`] with the reason `poison`, and
+    /// [`Client::poisoned`] says why.
     Refused {
         /// The broker.
         broker: String,

@@ -788,8 +788,9 @@ impl Driver {
     }
 
     /// A message moved aside as poison: said, with its cause, in the log
-    /// and as an event. A close by an MQTT 3.1.1 broker on a message larger
-    /// than any it took teaches a size.
+    /// (the outbox's drop event follows once it is on disk). A close by an
+    /// MQTT 3.1.1 broker on a message larger than any it took teaches a
+    /// size.
     fn poisoned(&mut self, message: &StoredMessage, cause: PoisonCause) {
         let (id, topic) = (message.id, &message.msg.topic);
         let kept = "kept; `steadfast poison` lists, requeues or deletes it";
@@ -805,7 +806,7 @@ impl Driver {
                 let reason = reason::describe(code);
                 tracing::error!(
                     broker = %self.url, id, %topic, %reason,
-                    "the broker refused a message with a code no retry changes: moved aside as poison ({kept}) so that the messages behind it go on"
+                    "the broker refused a message with a code no retry changes: not sent to it again; moved aside as poison ({kept}) so that the messages behind it go on, unless other brokers of a fanout delivered it already"
                 );
             }
             PoisonCause::Closed(failures) => {
@@ -816,8 +817,6 @@ impl Driver {
                 self.learn_size(message.msg.size());
             }
         }
-        let broker = self.url.to_string();
-        let _ = self.events.send(Event::Poisoned { broker, id, topic: topic.clone(), why: cause.to_string() });
     }
 
     /// A poison message the broker closed the link on: towards an MQTT

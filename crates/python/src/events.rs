@@ -78,9 +78,6 @@ impl Event {
             Ev::SessionLost { broker, republish } => {
                 ("session_lost", Some(broker), vec![("republish", Count(*republish))])
             }
-            Ev::Poisoned { broker, id, topic, why } => {
-                ("poisoned", Some(broker), vec![("id", Count(*id)), ("topic", text(topic)), ("why", text(why))])
-            }
             Ev::Refused { broker, id, topic, reason } => {
                 ("refused", Some(broker), vec![("id", Count(*id)), ("topic", text(topic)), ("reason", text(reason))])
             }

@@ -297,7 +297,8 @@ impl Store for MemoryStore {
         Ok(n)
     }
     fn poison(&mut self, id: u64, slot: u32, cause: PoisonCause, at_ms: u64) -> Result<bool, StoreError> {
-        let Some(r) = self.state.messages.get_mut(&id).filter(|r| !r.done) else { return Ok(false) };
+        let poisoned = |r: &&mut Row| r.done || r.msg.route.as_deref() == Some(crate::POISON_ROUTE);
+        let Some(r) = self.state.messages.get_mut(&id).filter(|r| !poisoned(r)) else { return Ok(false) };
         let own = r.msg.route.replace(crate::POISON_ROUTE.to_owned());
         self.state.poison.insert(id, (own, slot, cause, at_ms));
         self.state.wire.remove(&(id, slot));

@@ -23,7 +23,7 @@ pub struct MosquittoOptions {
 /// (port, url, log, kill9, terminate, set_persistence, is_running).
 pub struct Mosquitto {
     broker: Broker,
-    /// A password file, when there is one.
+    /// Its password file or ACL, when it has one.
     _files: Option<TempDir>,
 }
 
@@ -56,6 +56,29 @@ impl Mosquitto {
         assert!(made.success(), "mosquitto_passwd failed");
         let extra = vec!["allow_anonymous false".into(), format!("password_file {}", passwd.display())];
         Self::launch(MosquittoOptions { persistence: false, extra }, Some(files)).await
+    }
+
+    /// A broker without persistence whose ACL holds `rules` (`topic read
+    /// a/#`, `topic readwrite b/#`: what every client may do), with the
+    /// `extra` configuration lines. [`Self::set_acl`] changes the rules.
+    pub async fn with_acl(rules: &str, mut extra: Vec<String>) -> Mosquitto {
+        let files = tempfile::Builder::new().prefix("steadfast-mosq-acl-").tempdir().expect("temp dir");
+        use std::os::unix::fs::PermissionsExt;
+        // Mosquitto may run as another user: it must read the file.
+        std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let acl = files.path().join("acl");
+        std::fs::write(&acl, rules).expect("write the ACL");
+        std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        extra.push(format!("acl_file {}", acl.display()));
+        Self::launch(MosquittoOptions { persistence: false, extra }, Some(files)).await
+    }
+
+    /// Replaces the rules of a broker started [`Self::with_acl`] and has it
+    /// read them again (SIGHUP).
+    pub fn set_acl(&mut self, rules: &str) {
+        let files = self._files.as_ref().expect("a broker started with an ACL");
+        std::fs::write(files.path().join("acl"), rules).expect("write the ACL");
+        self.broker.reload();
     }
 
     /// A plain broker without persistence.

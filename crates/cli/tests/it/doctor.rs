@@ -132,14 +132,7 @@ async fn doctor_without_a_broker_says_so() {
 /// missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doctor_names_the_refusal_of_probes_an_acl_denies() {
-    use std::os::unix::fs::PermissionsExt;
-    let acl_dir = tempfile::tempdir().unwrap();
-    let acl = acl_dir.path().join("acl");
-    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(&acl, "topic readwrite other/#\n").unwrap();
-    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let extra = vec![format!("acl_file {}", acl.display())];
-    let broker = Mosquitto::start(MosquittoOptions { persistence: false, extra }).await;
+    let broker = Mosquitto::with_acl("topic readwrite other/#\n", vec![]).await;
     let out = run(&["doctor", "-b", &broker.url()]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_ne!(out.status.code(), Some(0), "{text}");

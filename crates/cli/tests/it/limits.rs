@@ -144,14 +144,7 @@ async fn a_retained_message_to_an_mqtt_5_broker_without_retain_is_refused_before
 /// only a new outbox got rid of it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_no_retry_changes_are_poison_with_their_code_and_the_rest_go_on() {
-    use std::os::unix::fs::PermissionsExt;
-    let acl_dir = tempfile::tempdir().unwrap();
-    let acl = acl_dir.path().join("acl");
-    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::write(&acl, "topic readwrite lim/ok/#\n").unwrap();
-    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let extra = vec!["message_size_limit 1000".into(), format!("acl_file {}", acl.display())];
-    let broker = Mosquitto::start(MosquittoOptions { persistence: false, extra }).await;
+    let broker = Mosquitto::with_acl("topic readwrite lim/ok/#\n", vec!["message_size_limit 1000".into()]).await;
     let sub = Subscriber::start(broker.port(), "lim/ok/#", 1, None).await;
     let dir = tempfile::tempdir().unwrap();
     let ob = dir.path().join("ob").to_str().unwrap().to_owned();

@@ -288,6 +288,7 @@ impl Consumer {
                 events: events.clone(),
                 stop: stop_rx.clone(),
                 version: cfg.client.version,
+                receipts_refused: std::sync::atomic::AtomicU64::new(0),
             };
             tasks.push(tokio::spawn(d.run()));
         }

@@ -34,6 +34,10 @@ pub(super) struct Receiver {
     pub(super) stop: watch::Receiver<bool>,
     /// The MQTT version this broker is spoken to in.
     pub(super) version: ProtocolVersion,
+    /// Receipts this broker refused (an ACL that denies the receipt
+    /// topics; Mosquitto also closes the link after each): the first is
+    /// said as a warning, the others at debug.
+    pub(super) receipts_refused: std::sync::atomic::AtomicU64,
 }
 
 /// The filters configured for a broker, and the key under which the inbox
@@ -63,9 +67,6 @@ struct Connection {
     to_forward_acked: usize,
     /// The packet id of the last receipt sent.
     next_pid: u16,
-    /// Receipts the broker refused on this connection (an ACL that denies
-    /// the receipt topics): the first is said as a warning.
-    receipts_refused: u64,
     /// The broker went past the Receive Maximum once on this connection
     /// (said once).
     over_window: bool,
@@ -240,12 +241,12 @@ impl Receiver {
             Incoming::ConnAck(_) => return Err(ConnectError::Protocol("a second CONNACK arrived".into())),
             // The only messages a consumer publishes are receipts.
             Incoming::Ack(Ack::PubAck { code, .. }) if reason::is_refusal(code) => {
-                conn.receipts_refused += 1;
+                let refused = self.receipts_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 let (broker, reason) = (&self.url, reason::describe(code));
-                if conn.receipts_refused == 1 {
+                if refused == 1 {
                     tracing::warn!(%broker, %reason, "the broker refused a receipt: its producer gets none and publishes the message again when its wait ends (the inbox removes the copy); if it is an ACL, allow this client to publish to the producers' receipt topics (steadfast/receipts/#)");
                 } else {
-                    tracing::debug!(%broker, %reason, refused = conn.receipts_refused, "the broker refused a receipt");
+                    tracing::debug!(%broker, %reason, refused, "the broker refused a receipt");
                 }
             }
             Incoming::Ack(_) | Incoming::PingResp | Incoming::Other => {}
@@ -290,7 +291,6 @@ impl Connection {
             to_forward: VecDeque::new(),
             to_forward_acked: 0,
             next_pid: 1,
-            receipts_refused: 0,
             over_window: false,
         }
     }

@@ -152,16 +152,9 @@ async fn a_broker_that_forgets_what_it_acknowledged_loses_nothing_with_receipts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_lost_on_the_way_back_mean_resends_handled_once() {
     const N: usize = 300;
-    let acl_dir = tempfile::tempdir().unwrap();
-    let acl = acl_dir.path().join("acl");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(acl_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // Anonymous clients may publish and read the messages and read
     // receipts, but not publish receipts.
-    std::fs::write(&acl, "topic readwrite e2e/#\ntopic read steadfast/receipts/#\n").unwrap();
-    std::fs::set_permissions(&acl, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let extra = vec![format!("acl_file {}", acl.display())];
-    let mut broker = Mosquitto::start(MosquittoOptions { persistence: false, extra }).await;
+    let mut broker = Mosquitto::with_acl("topic readwrite e2e/#\ntopic read steadfast/receipts/#\n", vec![]).await;
     let url = broker.url();
     let cdir = tempfile::tempdir().unwrap();
     let c = Consumer::open(consumer_config("line1", &url, cdir.path(), "e2e/#")).await.unwrap().0;
@@ -188,8 +181,7 @@ async fn receipts_lost_on_the_way_back_mean_resends_handled_once() {
     tokio::time::timeout(Duration::from_secs(20), dups).await.expect("the resent copies were removed as duplicates");
     assert_eq!(p.status().await.unwrap().receipts.handled, 0, "no receipt got through yet");
     // Receipts may pass from now on.
-    std::fs::write(&acl, "topic readwrite e2e/#\ntopic readwrite steadfast/receipts/#\n").unwrap();
-    broker.reload();
+    broker.set_acl("topic readwrite e2e/#\ntopic readwrite steadfast/receipts/#\n");
     status_until(&p, "every message handled", Duration::from_secs(30), |s| s.queued == 0).await;
     for r in receipts {
         assert_eq!(r.handled().await.unwrap(), Handling::Handled(vec!["line1".into()]));

@@ -779,6 +779,7 @@ impl<M: Queued> PublishSession<M> {
         self.suspects.remove(&e.id);
         self.explained();
         let Some(m) = self.inflight.remove(&e.id) else { return };
+        self.gone_ahead(&m);
         // Its own policy comes first: a message whose retry budget is spent
         // leaves as `budget` (a deadline is the outbox's sweep's, poison or
         // not).
@@ -789,6 +790,15 @@ impl<M: Queued> PublishSession<M> {
         let cause = PoisonCause::Closed(alone_ends);
         self.store.push_back(StoreOp::Poison(e.id, cause));
         self.events.push_back(SessionEvent::Poisoned { message: m, cause });
+    }
+
+    /// `m` left this session for good (acknowledged, moved aside): a page
+    /// read before it left does not queue it again.
+    fn gone_ahead(&mut self, m: &M) {
+        let p = m.priority();
+        if m.id() > self.cursors[p] {
+            self.done_ahead[p].insert(m.id());
+        }
     }
 
     /// The broker cannot take QoS 2 and cannot say so: it ends the link on

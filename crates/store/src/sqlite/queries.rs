@@ -687,9 +687,15 @@ impl Store for SqliteStore {
     }
 
     fn poison(&mut self, id: u64, slot: u32, cause: PoisonCause, at_ms: u64) -> Result<bool, StoreError> {
+        // Not twice: in fanout each broker may move the same message aside,
+        // and the second would keep `@poison` as its own route.
         let own: Option<Option<String>> = self
             .conn_below(id)?
-            .query_row("SELECT route FROM outbox WHERE id = ?1 AND done = 0", [id as i64], |r| r.get(0))
+            .query_row(
+                "SELECT route FROM outbox WHERE id = ?1 AND done = 0 AND route IS NOT ?2",
+                params![id as i64, crate::POISON_ROUTE],
+                |r| r.get(0),
+            )
             .optional()?;
         let Some(own) = own else { return Ok(false) };
         self.tail.changed(id);

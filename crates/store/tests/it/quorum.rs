@@ -225,3 +225,32 @@ fn a_first_brokers_acknowledgement_reaches_the_disk_when_nothing_else_comes() {
         tokio::task::spawn_blocking(move || o2.close()).await.unwrap();
     });
 }
+
+/// In fanout each broker's link may move the same message aside (every
+/// broker refuses it, or closes on it): the second changes nothing, and a
+/// requeue gives the message its own route back. Before, the second kept
+/// `@poison` as its own route, and a requeue left it queued under
+/// `@poison`, never sent and no longer listed.
+#[test]
+fn a_message_two_brokers_move_aside_is_poison_once_and_requeued_to_its_route() {
+    use steadfast_store::{MemoryStore, PoisonCause, SqliteStore, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, _) = SqliteStore::open(dir.path()).unwrap();
+    let stores: Vec<(&str, Box<dyn Store>)> =
+        vec![("memory", Box::new(MemoryStore::new())), ("sqlite", Box::new(sqlite))];
+    for (kind, mut s) in stores {
+        let slots = s.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
+        let mut m = crate::msg("t", "x");
+        m.route = Some("home".into());
+        let id = s.insert(&m).unwrap();
+        assert!(s.poison(id, slots[0], PoisonCause::Refused(0x87), 1_000).unwrap(), "{kind}");
+        assert!(!s.poison(id, slots[1], PoisonCause::Refused(0x87), 2_000).unwrap(), "{kind}: once");
+        let listed = s.poisoned().unwrap();
+        assert_eq!(listed.len(), 1, "{kind}");
+        assert_eq!((listed[0].cause, listed[0].at_ms), (PoisonCause::Refused(0x87), 1_000), "{kind}");
+        assert!(s.unpoison(id).unwrap(), "{kind}");
+        let back = s.read_after(0, 10, None, None).unwrap();
+        assert_eq!(back[0].msg.route.as_deref(), Some("home"), "{kind}: its own route again");
+        assert!(s.poisoned().unwrap().is_empty(), "{kind}");
+    }
+}

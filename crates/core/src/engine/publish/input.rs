@@ -9,6 +9,9 @@ struct Sorted {
     released: Vec<(u64, u16)>,
     /// With the reason code of each.
     refused: Vec<(u64, u8)>,
+    /// Whether the last of these that said anything of a message was a
+    /// refusal for good (`None`: none did), for the session's `refused_last`.
+    refused_last: Option<bool>,
 }
 
 impl<M: Queued> PublishSession<M> {
@@ -19,7 +22,12 @@ impl<M: Queued> PublishSession<M> {
     pub fn handle_acks(&mut self, acks: impl IntoIterator<Item = Ack>, now: Now) -> Result<(), End> {
         let acks = acks.into_iter();
         // Mostly all PUBACKs: `done` sized for them at once.
-        let mut s = Sorted { done: Vec::with_capacity(acks.size_hint().0), released: Vec::new(), refused: Vec::new() };
+        let mut s = Sorted {
+            done: Vec::with_capacity(acks.size_hint().0),
+            released: Vec::new(),
+            refused: Vec::new(),
+            refused_last: None,
+        };
         let mut end = Ok(());
         for ack in acks {
             if let (Ack::PubAck { pid, .. }, Some((timed, sent))) = (ack, self.timed) {
@@ -32,6 +40,9 @@ impl<M: Queued> PublishSession<M> {
                 end = Err(e);
                 break;
             }
+        }
+        if let Some(last) = s.refused_last {
+            self.refused_last = last;
         }
         // Completed ones first: they reach the store before anything else.
         self.complete(s.done, now);
@@ -47,6 +58,16 @@ impl<M: Queued> PublishSession<M> {
 
     fn sort(&mut self, ack: Ack, s: &mut Sorted) -> Result<(), End> {
         let stray = |packet, pid, kind| End::Stray { packet, pid, kind };
+        s.refused_last = match ack {
+            Ack::PubAck { code, .. } | Ack::PubRec { code, .. } if reason::is_refusal(code) => {
+                if reason::is_for_good(code) {
+                    Some(true)
+                } else {
+                    s.refused_last
+                }
+            }
+            _ => Some(false),
+        };
         match ack {
             Ack::PubAck { pid, code } if !reason::is_refusal(code) => match self.window.on_puback(pid) {
                 Some(id) => s.done.push(id),
@@ -88,7 +109,6 @@ impl<M: Queued> PublishSession<M> {
         }
         self.grow(done.len());
         self.rtt.answered();
-        self.refused_last = false;
         if !self.deferred.is_empty() {
             self.deferred.retain(|(_, id)| !done.contains(id));
         }
@@ -96,10 +116,7 @@ impl<M: Queued> PublishSession<M> {
             self.suspects.remove(id);
             if let Some(m) = self.inflight.remove(id) {
                 self.largest_acked = self.largest_acked.max(m.size() as u64);
-                let p = m.priority();
-                if *id > self.cursors[p] {
-                    self.done_ahead[p].insert(*id);
-                }
+                self.gone_ahead(&m);
             }
         }
         if self.suspects.is_empty() {
@@ -132,25 +149,36 @@ impl<M: Queued> PublishSession<M> {
     /// The broker refused these (an error reason code). Those refused for
     /// good ([`reason::is_for_good`]: not authorised, too large) are moved
     /// aside as poison with their code, so that the messages behind them go
-    /// on and the user can see, requeue or delete them. The others stay in
-    /// the outbox and are sent again, as new messages, after a pause. A
-    /// QoS 2 binding is cleared first (poison clears its own): its packet
-    /// id is free on the broker.
+    /// on and the user can see, requeue or delete them (or dropped as
+    /// `budget` when their retry budget is spent, as poison found by
+    /// closes is). The others stay in the outbox and are sent again, as new
+    /// messages, after a pause. A QoS 2 binding is cleared first (poison
+    /// clears its own): its packet id is free on the broker.
     fn hold_refused(&mut self, refused: Vec<(u64, u8)>, now: Now) {
         let at = now.at + self.cfg.refused_pause;
         let mut unbind = Vec::new();
         self.deferred.retain(|(_, d)| !refused.iter().any(|(id, _)| id == d));
         for (id, code) in refused {
-            // It answered: whatever ended links before, it was not this.
-            self.suspects.remove(&id);
+            let suspect = self.suspects.remove(&id).is_some();
             if let Some(m) = self.inflight.remove(&id) {
                 if reason::is_for_good(code) {
-                    self.refused_last = true;
+                    // Links it was on that ended were its doing (Mosquitto
+                    // closes after a 0x95 it may not have sent yet): the
+                    // window they narrowed comes back.
+                    if suspect {
+                        self.explained();
+                    }
+                    self.gone_ahead(&m);
+                    if m.max_attempts().is_some_and(|max| m.attempts() >= max) {
+                        self.store.push_back(StoreOp::Drop(vec![id], DropReason::Budget));
+                        continue;
+                    }
                     let cause = PoisonCause::Refused(code);
                     self.store.push_back(StoreOp::Poison(id, cause));
                     self.events.push_back(SessionEvent::Poisoned { message: m, cause });
                     continue;
                 }
+                // It answered: whatever ended links before, it was not this.
                 self.events.push_back(SessionEvent::Refused(m.clone(), code));
                 if m.qos() == Qos::ExactlyOnce {
                     unbind.push((id, None));

@@ -176,6 +176,43 @@ fn a_close_right_after_a_refusal_for_good_is_the_refusals() {
     assert!(s.window_size() < window, "a close with nothing refused before it is the window's");
 }
 
+/// What came last decides: a refusal for good after an acknowledgement in
+/// the same read explains the close; an acknowledgement after it does not.
+#[test]
+fn a_close_is_the_refusals_only_when_nothing_was_taken_after_it() {
+    for (acks, explained) in [
+        ([Ack::PubAck { pid: 1, code: 0 }, Ack::PubAck { pid: 2, code: 0x87 }], true),
+        ([Ack::PubAck { pid: 1, code: 0x87 }, Ack::PubAck { pid: 2, code: 0 }], false),
+    ] {
+        let msgs: Vec<M> = (1..=12).map(|id| M(id, Qos::AtLeastOnce)).collect();
+        let (mut s, t0) = connected(&msgs);
+        s.fill(at(t0, 1), &|_| true, &mut Text);
+        s.handle_acks(acks, at(t0, 2)).unwrap();
+        let window = s.window_size();
+        s.handle_link_lost(LinkEnd::Closed);
+        assert_eq!(s.window_size() == window, explained, "{acks:?}");
+    }
+}
+
+/// Mosquitto may close the link before its PUBACK 0x95 leaves: the close
+/// halves the window, and the message, on the wire again, is refused for
+/// good on the next link. That refusal explains the close: the window
+/// comes back.
+#[test]
+fn a_refusal_for_good_of_a_suspect_gives_the_window_back() {
+    let msgs: Vec<M> = (1..=12).map(|id| M(id, Qos::AtLeastOnce)).collect();
+    let (mut s, t0) = connected(&msgs);
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    let window = s.window_size();
+    s.handle_link_lost(LinkEnd::Closed);
+    assert!(s.window_size() < window, "ten in flight at a close: halved");
+    s.handle_connack(ConnAckInfo { session_present: true, ..Default::default() }, at(t0, 2), &|_| true, &mut Text);
+    std::iter::from_fn(|| s.poll_event()).for_each(drop);
+    s.handle_acks([Ack::PubAck { pid: 1, code: 0x95 }], at(t0, 3)).unwrap();
+    assert_eq!(s.window_size(), window);
+    assert!(std::iter::from_fn(|| s.poll_event()).any(|e| e == SessionEvent::WindowRestored(window)));
+}
+
 /// A QoS 1 and a QoS 2 message in flight (its binding written), then the
 /// link lost.
 fn in_flight_then_lost() -> (PublishSession<M>, Instant) {

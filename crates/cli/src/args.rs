@@ -313,6 +313,9 @@ pub struct PubArgs {
     /// Retain flag.
     #[arg(short = 'r', long)]
     pub retain: bool,
+    /// An MQTT 5 property of every message, as mosquitto_pub's `-D`: `-D PUBLISH content-type TEXT`, `correlation-data DATA`, `payload-format-indicator 0|1`, `response-topic TOPIC`, `user-property KEY VALUE` (repeatable).
+    #[arg(short = 'D', long = "property", value_names = ["COMMAND", "NAME", "VALUE"], num_args = 3..=4, action = clap::ArgAction::Append)]
+    pub properties: Vec<String>,
     /// Client id: the MQTT session and the default outbox name. Keep it stable.
     #[arg(short = 'i', long = "id")]
     pub id: Option<String>,

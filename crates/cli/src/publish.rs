@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use steadfast::{
     AppendError, BrokerSet, Class, Client, ClientConfig, ConnectError, Event, Message, OtherSets, OutboxConfig,
-    Overflow, Policy, PolicyError, PublishError, Qos, ReceiptRule,
+    Overflow, Policy, PolicyError, Properties, PublishError, Qos, ReceiptRule,
 };
 use steadfast_core::validate_topic_name;
 use steadfast_store::AcceptFuture;
@@ -43,6 +43,8 @@ struct Options {
     topic: String,
     qos: Qos,
     retain: bool,
+    /// `-D PUBLISH ...`: every message's MQTT 5 properties.
+    props: Properties,
     input: Input,
     no_wait: bool,
     wait_timeout: Option<Duration>,
@@ -52,6 +54,48 @@ struct Options {
     /// The command that sends what this run leaves queued, as printed in
     /// a hint: the same brokers, routes and connection flags.
     drain: String,
+}
+
+/// `-D PUBLISH NAME VALUE` (and `user-property KEY VALUE`), as
+/// mosquitto_pub takes them, one flat list of the occurrences' values.
+fn properties(values: &[String]) -> Result<Properties, String> {
+    const TAKEN: &str = "content-type, correlation-data, payload-format-indicator, response-topic, user-property";
+    let mut p = Properties::default();
+    let mut rest = values.iter().map(String::as_str);
+    while let Some(command) = rest.next() {
+        if !command.eq_ignore_ascii_case("publish") {
+            return Err(format!("-D {command}: only PUBLISH properties are taken (-D PUBLISH NAME VALUE; NAME one of {TAKEN}); steadfast sets its connection's own"));
+        }
+        let name = rest.next().unwrap_or_default();
+        let mut value = || rest.next().ok_or_else(|| format!("-D PUBLISH {name}: a value is missing"));
+        match name {
+            "content-type" => p.content_type = Some(value()?.to_owned()),
+            "response-topic" => {
+                let topic = value()?;
+                validate_topic_name(topic).map_err(|e| format!("-D PUBLISH response-topic: {e}"))?;
+                p.response_topic = Some(topic.to_owned());
+            }
+            "correlation-data" => p.correlation_data = Some(value()?.as_bytes().to_vec()),
+            "payload-format-indicator" => {
+                p.payload_is_utf8 = match value()? {
+                    "0" => false,
+                    "1" => true,
+                    v => return Err(format!("-D PUBLISH payload-format-indicator {v}: 0 (bytes) or 1 (UTF-8)")),
+                }
+            }
+            "user-property" => {
+                let key = value()?.to_owned();
+                let v = rest.next().ok_or_else(|| format!("-D PUBLISH user-property {key}: the value is missing (KEY VALUE)"))?;
+                p.user.push((key, v.to_owned()));
+            }
+            "message-expiry-interval" => {
+                return Err("-D PUBLISH message-expiry-interval: give the message a deadline with --ttl instead (it is dropped, counted, once past it)".into())
+            }
+            other => return Err(format!("-D PUBLISH {other}: not a PUBLISH property steadfast sets; use one of {TAKEN}")),
+        }
+    }
+    p.validate().map_err(|e| format!("-D: {e}"))?;
+    Ok(p)
 }
 
 fn usage(msg: impl Into<String>) -> Failure {
@@ -89,6 +133,7 @@ impl Options {
         let input = input(&a)?;
         let topic = topic(&a, &input)?;
         let qos = parse_qos(a.qos).map_err(usage)?;
+        let props = properties(&a.properties).map_err(usage)?;
         let version = parse_version(&a.conn.version).map_err(usage)?;
         let outbox = outbox_config(&a)?;
         let policy = policy(&a)?;
@@ -107,6 +152,7 @@ impl Options {
             topic,
             qos,
             retain: a.retain,
+            props,
             input,
             no_wait: a.no_wait,
             wait_timeout: a.wait_timeout,
@@ -607,7 +653,7 @@ async fn first_attempt(client: &Client, events: &mut broadcast::Receiver<Event>)
 
 async fn feed(o: &Options, p: &mut Pipeline) -> Result<(), Failure> {
     let msg = |payload: Vec<u8>| {
-        let m = Message::new(o.topic.clone(), payload).qos(o.qos).retain(o.retain);
+        let m = Message::new(o.topic.clone(), payload).qos(o.qos).retain(o.retain).props(o.props.clone());
         match &o.route {
             Some(r) => m.route(r.clone()),
             None => m,

@@ -167,8 +167,12 @@ fn check_format(f: &str) -> Result<(), String> {
     while let Some(c) = chars.next() {
         if c == '%' {
             match chars.next() {
-                Some('t' | 'p' | 'q' | 'r' | 'l' | 'x' | 'I' | 'b' | '%') => {}
-                Some(o) => return Err(format!("-F: unknown conversion `%{o}`; use %t %p %q %r %l %x %I %b %%")),
+                Some('t' | 'p' | 'q' | 'r' | 'l' | 'x' | 'I' | 'b' | 'C' | 'D' | 'E' | 'F' | 'P' | 'R' | '%') => {}
+                Some(o) => {
+                    return Err(format!(
+                        "-F: unknown conversion `%{o}`; use %t %p %q %r %l %x %I %b, MQTT 5's %C %D %E %F %P %R, or %%"
+                    ))
+                }
                 None => return Err("-F: the format ends in a lone `%`".into()),
             }
         }
@@ -197,9 +201,13 @@ fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
                 Ok(s) => j["payload"] = s.into(),
                 Err(_) => j["payload_hex"] = hex(d.payload()).into(),
             }
+            if let Some(p) = properties_json(d) {
+                j["properties"] = p;
+            }
             out.extend_from_slice(j.to_string().as_bytes());
         }
         Format::Template(t) => {
+            let props = d.properties();
             let mut chars = t.chars();
             while let Some(c) = chars.next() {
                 match (c, c == '%' || c == '\\') {
@@ -214,6 +222,19 @@ fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
                             out.extend_from_slice(d.identity().map(|i| i.to_string()).unwrap_or_default().as_bytes())
                         }
                         Some('b') => out.extend_from_slice(d.broker().as_bytes()),
+                        // MQTT 5's, as mosquitto_sub prints them (empty
+                        // when the message has none).
+                        Some('C') => out.extend_from_slice(props.content_type.as_deref().unwrap_or("").as_bytes()),
+                        Some('D') => out.extend_from_slice(props.correlation_data.as_deref().unwrap_or(&[])),
+                        Some('E') => out.extend_from_slice(
+                            d.expiry().map(|e| e.as_secs().to_string()).unwrap_or_default().as_bytes(),
+                        ),
+                        Some('F') => out.push(if props.payload_is_utf8 { b'1' } else { b'0' }),
+                        Some('P') => {
+                            let pairs: Vec<String> = props.user.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                            out.extend_from_slice(pairs.join(" ").as_bytes());
+                        }
+                        Some('R') => out.extend_from_slice(props.response_topic.as_deref().unwrap_or("").as_bytes()),
                         _ => out.push(b'%'),
                     },
                     ('\\', true) => match chars.next() {
@@ -234,6 +255,39 @@ fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
     if eol {
         out.push(b'\n');
     }
+}
+
+/// A message's MQTT 5 properties for `--json` (`None`: it has none): only
+/// those it carries; binary correlation data as hex.
+fn properties_json(d: &Received) -> Option<serde_json::Value> {
+    let p = d.properties();
+    if p.is_empty() && d.expiry().is_none() {
+        return None;
+    }
+    let mut j = serde_json::Map::new();
+    if let Some(v) = &p.content_type {
+        j.insert("content_type".into(), v.as_str().into());
+    }
+    if let Some(v) = &p.response_topic {
+        j.insert("response_topic".into(), v.as_str().into());
+    }
+    if let Some(v) = &p.correlation_data {
+        match std::str::from_utf8(v) {
+            Ok(s) => j.insert("correlation_data".into(), s.into()),
+            Err(_) => j.insert("correlation_data_hex".into(), hex(v).into()),
+        };
+    }
+    if p.payload_is_utf8 {
+        j.insert("payload_format".into(), "utf-8".into());
+    }
+    if let Some(e) = d.expiry() {
+        j.insert("message_expiry".into(), e.as_secs().into());
+    }
+    if !p.user.is_empty() {
+        let pairs: Vec<serde_json::Value> = p.user.iter().map(|(k, v)| serde_json::json!([k, v])).collect();
+        j.insert("user_properties".into(), pairs.into());
+    }
+    Some(j.into())
 }
 
 fn hex(b: &[u8]) -> String {

@@ -170,6 +170,91 @@ async fn fanout_with_one_broker_killed_and_restarted_empty_is_handled_exactly_on
     assert_eq!(unique.len(), n);
 }
 
+/// MQTT 5 properties set by another client (mosquitto_pub's `-D`) come
+/// out in `--json` (only those the message carries) and through `-F`'s
+/// conversions of mosquitto_sub (%C %D %E %F %P %R).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_5_properties_come_out_in_json_and_formats() {
+    let broker = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let base = ["sub", "-b", &broker.url(), "-t", "p/#", "-i", "sub-props", "--inbox", inbox.to_str().unwrap()];
+    run(&[&base[..], &["--register"]].concat()).await;
+    let port = broker.port().to_string();
+    let mosquitto_pub = |topic: &str, props: bool| {
+        let mut c = std::process::Command::new(steadfast_testkit::mosquitto_program("mosquitto_pub"));
+        c.args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1", "-t", topic, "-m", "hi"]);
+        if props {
+            for (k, v) in [
+                ("content-type", "text/plain"),
+                ("response-topic", "p/reply"),
+                ("correlation-data", "req-7"),
+                ("payload-format-indicator", "1"),
+                ("message-expiry-interval", "3600"),
+            ] {
+                c.args(["-D", "PUBLISH", k, v]);
+            }
+            // Two values: key and value; a key may repeat.
+            c.args(["-D", "PUBLISH", "user-property", "site", "7", "-D", "PUBLISH", "user-property", "site", "8"]);
+        }
+        assert!(c.status().unwrap().success());
+    };
+    mosquitto_pub("p/a", true);
+    mosquitto_pub("p/b", true);
+    mosquitto_pub("p/c", false);
+    let out = run(&[&base[..], &["-C", "1", "-W", "20", "--json"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let p = &j["properties"];
+    assert_eq!(
+        (p["content_type"].as_str(), p["response_topic"].as_str()),
+        (Some("text/plain"), Some("p/reply")),
+        "{j}"
+    );
+    assert_eq!((p["correlation_data"].as_str(), p["payload_format"].as_str()), (Some("req-7"), Some("utf-8")), "{j}");
+    assert!(p["message_expiry"].as_u64().is_some_and(|e| e > 3500 && e <= 3600), "{j}");
+    assert_eq!(p["user_properties"], serde_json::json!([["site", "7"], ["site", "8"]]), "in order: {j}");
+    let format = ["-C", "1", "-W", "20", "-F", "%t|%C|%D|%F|%P|%R|%E"];
+    let out = run(&[&base[..], &format].concat()).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("p/b|text/plain|req-7|1|site:7 site:8|p/reply|3"), "{text:?} {}", stderr(&out));
+    let out = run(&[&base[..], &format].concat()).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "p/c|||0|||\n", "none: empty, {}", stderr(&out));
+
+    // steadfast pub takes mosquitto_pub's -D for the properties it sets.
+    let (ob, url) = (dir.path().join("ob"), broker.url());
+    let d = |name: &'static str, value: &'static str| ["-D", "PUBLISH", name, value];
+    let args = [
+        &["pub", "-b", &url, "-t", "p/d", "-m", "x", "--outbox", ob.to_str().unwrap()][..],
+        &d("content-type", "application/json"),
+        &d("correlation-data", "c1"),
+        &d("response-topic", "p/r"),
+        &d("payload-format-indicator", "1"),
+        &["-D", "PUBLISH", "user-property", "k", "v"],
+    ]
+    .concat();
+    let out = run(&args).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = run(&[&base[..], &["-C", "1", "-W", "20", "--json"]].concat()).await;
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let want = serde_json::json!({ "content_type": "application/json", "correlation_data": "c1",
+        "response_topic": "p/r", "payload_format": "utf-8", "user_properties": [["k", "v"]] });
+    assert_eq!(j["properties"], want, "{j}");
+    for (bad, said) in [
+        (&["-D", "CONNECT", "session-expiry-interval", "60"][..], "only PUBLISH properties"),
+        (&["-D", "PUBLISH", "topic-alias", "3"][..], "not a PUBLISH property steadfast sets"),
+        (&["-D", "PUBLISH", "payload-format-indicator", "2"][..], "0 (bytes) or 1 (UTF-8)"),
+        (&["-D", "PUBLISH", "response-topic", "a/#"][..], "wildcard"),
+    ] {
+        let out =
+            run(&[&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "p", "-m", "x", "--outbox", "/nonexistent"][..], bad]
+                .concat())
+            .await;
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(said), "{bad:?}: {}", stderr(&out));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn output_formats_and_bad_flags() {
     let broker = Mosquitto::plain().await;

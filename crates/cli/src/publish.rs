@@ -140,6 +140,9 @@ impl Options {
         let metrics = a.metrics.as_deref().map(crate::metrics::parse_addr).transpose().map_err(usage)?;
         let progress = progress(&a.progress)?;
         let config = client_config(&a, default_set, routes, policy, outbox)?;
+        if !props.is_empty() && version.version == steadfast::ProtocolVersion::V311 && !version.auto {
+            return Err(usage("-D sets MQTT 5 properties, which MQTT 3.1.1 (-V 311) cannot carry; use -V 5 or -V auto (a broker that speaks 3.1.1 only gets the messages without them)"));
+        }
         if a.envelope && version.only_5() {
             return Err(usage("--envelope is for MQTT 3.1.1 (-V 311); MQTT 5 carries the identity as a user property"));
         }

@@ -245,6 +245,7 @@ async fn mqtt_5_properties_come_out_in_json_and_formats() {
         (&["-D", "PUBLISH", "topic-alias", "3"][..], "not a PUBLISH property steadfast sets"),
         (&["-D", "PUBLISH", "payload-format-indicator", "2"][..], "0 (bytes) or 1 (UTF-8)"),
         (&["-D", "PUBLISH", "response-topic", "a/#"][..], "wildcard"),
+        (&["-D", "PUBLISH", "content-type", "t", "-V", "311"][..], "MQTT 3.1.1 (-V 311) cannot carry"),
     ] {
         let out =
             run(&[&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "p", "-m", "x", "--outbox", "/nonexistent"][..], bad]

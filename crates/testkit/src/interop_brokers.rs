@@ -1,7 +1,8 @@
 //! Brokers no one here wrote, started per test on free loopback ports:
 //! RabbitMQ with its MQTT and Web MQTT plugins, and NATS with JetStream and
-//! its MQTT listener (Debian's `rabbitmq-server` and `nats-server`), and
-//! amqtt (PyPI, in the virtual environment `scripts/test` makes). Each
+//! its MQTT listener (Debian's `rabbitmq-server` and `nats-server`),
+//! amqtt (PyPI, in the virtual environment `scripts/test` makes), and
+//! aedes (npm, in the directory `scripts/test` installs it into). Each
 //! runs in its own process group and is killed, group and all, on drop.
 
 use std::os::unix::process::CommandExt;
@@ -151,12 +152,65 @@ impl Nats {
 pub fn amqtt_venv() -> PathBuf {
     match std::env::var_os("AMQTT_VENV") {
         Some(v) => PathBuf::from(v),
-        None => {
-            let cache = std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
-            cache.join("steadfast-test").join("amqtt-venv")
-        }
+        None => test_cache().join("amqtt-venv"),
+    }
+}
+
+/// Where `scripts/test` installs aedes with npm (`AEDES_DIR`, default
+/// `~/.cache/steadfast-test/aedes`: its `node_modules`).
+pub fn aedes_dir() -> PathBuf {
+    match std::env::var_os("AEDES_DIR") {
+        Some(v) => PathBuf::from(v),
+        None => test_cache().join("aedes"),
+    }
+}
+
+fn test_cache() -> PathBuf {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+    cache.join("steadfast-test")
+}
+
+/// The broker script: aedes 1.x on 127.0.0.1:PORT, which denies, as an
+/// ACL would, publishing to `denied/...` (it closes the connection: MQTT
+/// 3.1.1 has no code to say so) and subscribing to it (SUBACK 0x80).
+const AEDES_JS: &str = r#"
+const { createServer } = require('node:net')
+const { Aedes } = require('aedes')
+const denied = (topic) => topic.startsWith('denied/')
+Aedes.createBroker().then((aedes) => {
+  aedes.authorizePublish = (client, packet, done) => done(denied(packet.topic) ? new Error('denied') : null)
+  aedes.authorizeSubscribe = (client, sub, done) => done(null, denied(sub.topic) ? null : sub)
+  createServer(aedes.handle).listen(Number(process.argv[2]), '127.0.0.1', () => console.log('listening'))
+})
+"#;
+
+/// aedes 1.2 (npm), the Node.js broker: MQTT 3.1.1 only (it refuses an
+/// MQTT 5 CONNECT with a 3.1.1 CONNACK, code 1), in memory, with the
+/// denied topics of [`AEDES_JS`].
+pub struct Aedes {
+    port: u16,
+    _group: Group,
+}
+
+impl Aedes {
+    /// Starts a broker of its own and waits for its listener.
+    pub async fn start() -> Aedes {
+        let dir = tempfile::Builder::new().prefix("steadfast-aedes-").tempdir().expect("temp dir");
+        let script = dir.path().join("aedes.js");
+        std::fs::write(&script, AEDES_JS).expect("aedes.js");
+        let port = free_port();
+        let mut c = Command::new(program("node", &["/usr/bin", "/usr/local/bin"]));
+        c.arg(&script).arg(port.to_string()).env("NODE_PATH", aedes_dir().join("node_modules"));
+        let mut group = Group::spawn(c, dir, "aedes (node)");
+        group.wait_for(port, Duration::from_secs(30), "aedes").await;
+        Aedes { port, _group: group }
+    }
+
+    /// `mqtt://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
     }
 }
 

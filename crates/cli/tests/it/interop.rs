@@ -1,12 +1,13 @@
 //! The interop matrix (docs/interop.md): `steadfast pub` and `sub` against
 //! brokers and clients no one here wrote — RabbitMQ's MQTT plugin, NATS's
-//! MQTT listener, Python's paho-mqtt 2 — each started by the test. Where a
+//! MQTT listener, amqtt, aedes, Python's paho-mqtt 2 — each started by the
+//! test. Where a
 //! broker lacks a feature, the clear error or the downgrade is checked.
 
 use std::process::Stdio;
 use std::time::Duration;
 
-use steadfast_testkit::{Amqtt, Mosquitto, Nats, RabbitMq};
+use steadfast_testkit::{Aedes, Amqtt, Mosquitto, Nats, RabbitMq};
 
 use crate::{run, stderr};
 
@@ -163,6 +164,39 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
 /// and every message arrives once, its identity in the envelope. (amqtt
 /// keeps no messages for a session while its client is away, which
 /// `doctor` reports: the consumer runs while the producer publishes.)
+/// aedes (Node.js) speaks MQTT 3.1.1 only and, denying a topic as an ACL
+/// would, closes the connection on a PUBLISH to it and answers a
+/// SUBSCRIBE with 0x80. What steadfast does with each, found by trying it
+/// as a user would: QoS 1 and 2 go through once each; the denied message
+/// is moved aside after three closes, teaches no maximum packet size (it is
+/// small), and the messages after it, large ones included, go on; the
+/// refused subscription ends `sub` with the filter named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aedes_mqtt_311_delivers_once_and_its_refusals_are_said() {
+    let aedes = Aedes::start().await;
+    let (pub_err, _) = round_trip(&aedes.url(), &aedes.url(), &[], "aedes1", 300).await;
+    assert!(pub_err.contains("the broker refuses MQTT 5; speaking MQTT 3.1.1"), "{pub_err}");
+    round_trip(&aedes.url(), &aedes.url(), &["-q", "2"], "aedes2", 300).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob");
+    let base = ["pub", "-b", &aedes.url(), "-V", "311", "-i", "aedes-denied", "--outbox", ob.to_str().unwrap()];
+    let out = run(&[&base[..], &["-t", "denied/a", "-m", "x", "--wait-timeout", "60s"]].concat()).await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("1 poison") && err.contains("ended the link 3 times in a row"), "{err}");
+    assert!(!err.contains("bytes (topic and payload) or more"), "no size learned: {err}");
+    let big = "y".repeat(4_000);
+    let out = run(&[&base[..], &["-t", "aedes3/big", "-m", &big, "--wait-timeout", "60s"]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "a large message after it goes: {}", stderr(&out));
+
+    let inbox = dir.path().join("in");
+    let sub = ["sub", "-b", &aedes.url(), "-t", "denied/#", "--inbox", inbox.to_str().unwrap(), "-W", "30"];
+    let out = run(&sub).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("refused the subscription to `denied/#`"), "{}", stderr(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqtt_leaves_mqtt_5_unanswered_and_auto_speaks_3_1_1_to_it() {
     use std::io::BufRead;

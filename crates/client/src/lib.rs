@@ -47,6 +47,9 @@ pub use consumer::{
 };
 pub use error::{CloseReason, ConfigError, ConnectError, OpenError, PublishError, Refusal};
 pub use policy::{Class, Policy, PolicyError};
+/// MQTT 5 reason codes of PUBACK and PUBREC: which refuse a message, which
+/// for good, and their names.
+pub use steadfast_core::reason;
 pub use steadfast_core::{
     AckTimeout, BackoffConfig, DropReason, Identity, Need, Properties, PropertyError, Qos, ReceiptRule, RuleError,
 };

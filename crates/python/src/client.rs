@@ -195,6 +195,31 @@ impl Client {
         Ok(d)
     }
 
+    /// The messages moved aside as poison, oldest first: a list of dicts
+    /// with `id`, `topic`, `bytes`, `qos`, `broker`, `at_ms`, and why:
+    /// `refused` (the reason code of a refusal no retry changes, say
+    /// `0x87, not authorized`, or None) and `failures` (the link closings
+    /// in a row with it alone in flight). `steadfast poison` requeues or
+    /// deletes them.
+    fn poisoned<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let client = self.client()?;
+        let list = run(py, async move { client.poisoned().await })?.map_err(|e| StoreError::new_err(e.to_string()))?;
+        let out = PyList::empty(py);
+        for p in &list {
+            let x = PyDict::new(py);
+            x.set_item("id", p.id)?;
+            x.set_item("topic", &p.topic)?;
+            x.set_item("bytes", p.size)?;
+            x.set_item("qos", p.qos)?;
+            x.set_item("broker", &p.broker)?;
+            x.set_item("at_ms", p.at_ms)?;
+            x.set_item("refused", p.cause.code().map(steadfast::reason::describe))?;
+            x.set_item("failures", p.cause.failures())?;
+            out.append(x)?;
+        }
+        Ok(out)
+    }
+
     /// The events from now on (the first call: since the client opened):
     /// iterate, or `next(timeout)`.
     fn events(&self) -> PyResult<Events> {

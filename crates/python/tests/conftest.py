@@ -60,7 +60,7 @@ def wait_until(what, cond, timeout=20.0):
 class Broker:
     """One Mosquitto on 127.0.0.1:PORT; `kill9` and `start` again on the same port."""
 
-    def __init__(self, port=None, persistence=False, tls=None):
+    def __init__(self, port=None, persistence=False, tls=None, acl=None):
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="steadfast-py-broker-")
         # Mosquitto started as root writes its persistence as `mosquitto`.
@@ -68,6 +68,8 @@ class Broker:
         self.persistence = persistence
         # (ca, cert, key) PEM files: the listener speaks TLS only.
         self.tls = tls
+        # The text of an ACL file: what every client may read and write.
+        self.acl = acl
         self.proc = None
 
     @property
@@ -83,6 +85,12 @@ class Broker:
             if self.tls:
                 ca, cert, key = self.tls
                 f.write(f"certfile {cert}\nkeyfile {key}\n")
+            if self.acl is not None:
+                acl = os.path.join(self.dir, "acl")
+                with open(acl, "w") as a:
+                    a.write(self.acl)
+                os.chmod(acl, 0o644)
+                f.write(f"acl_file {acl}\n")
         log = open(os.path.join(self.dir, "log"), "a")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", conf], stdout=log, stderr=log)
 

@@ -104,6 +104,26 @@ def test_receipts_tell_when_the_consumer_handled_each_message(broker, tmp):
         assert client.status()["receipts"]["handled"] == 20
 
 
+def test_a_message_the_broker_refuses_for_good_is_poison_with_its_code(tmp):
+    """Mosquitto's ACL denies a topic (PUBACK 0x87 over MQTT 5): the
+    message is moved aside as poison, said as a `dropped` event and listed
+    by `poisoned()` with its code; the next one goes on."""
+    broker = Broker(acl="topic readwrite ok/#\n").start()
+    try:
+        with steadfast.Client("py-acl", brokers=[broker.url], outbox=tmp / "outbox") as client:
+            events = client.events()
+            denied = client.publish("denied/t", b"x")
+            dropped = events_of("dropped", events)
+            assert dropped.detail["reason"] == "poison" and dropped.detail["topic"] == "denied/t", dropped
+            assert not denied.wait(timeout=1) and denied.outcome == "dropped: poison"
+            assert client.publish("ok/t", b"y").wait(timeout=20), client.status()
+            (p,) = client.poisoned()
+            assert (p["topic"], p["refused"], p["failures"]) == ("denied/t", "0x87, not authorized", 0), p
+            assert p["broker"] == broker.url
+    finally:
+        broker.kill9()
+
+
 def test_events_as_a_callback_and_as_an_iterator(tmp):
     port = free_port(below_ephemeral=True)
     url = f"mqtt://127.0.0.1:{port}"

@@ -200,6 +200,9 @@ class Client:
         """True once the outbox is empty; False when the timeout passed."""
     def status(self) -> Dict[str, object]:
         """queued, bytes, oldest_age, drops (reason -> count), receipts, brokers."""
+    def poisoned(self) -> List[Dict[str, object]]:
+        """The messages moved aside as poison, oldest first: id, topic, bytes, qos,
+        broker, at_ms, refused (a refusal's reason code, or None), failures."""
     def events(self) -> Events:
         """The events from now on (the first call: since the client opened)."""
     @property

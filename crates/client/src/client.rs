@@ -1073,6 +1073,7 @@ fn quorums(cfg: &ClientConfig) -> Vec<Quorum> {
             route: route.map(str::to_owned),
             members: set.brokers().iter().map(|b| (0, b.to_string())).collect(),
             need: set.needed_acks(),
+            fanout: set.routing() == crate::config::Mode::Fanout,
             catch_up_ms: set.catch_up_for.map(|d| d.as_millis() as u64),
         })
         .collect()

@@ -806,7 +806,7 @@ impl Driver {
                 let reason = reason::describe(code);
                 tracing::error!(
                     broker = %self.url, id, %topic, %reason,
-                    "the broker refused a message with a code no retry changes: not sent to it again; moved aside as poison ({kept}) so that the messages behind it go on, unless other brokers of a fanout delivered it already"
+                    "the broker refused a message with a code no retry changes: not sent to it again; moved aside as poison ({kept}) so that the messages behind it go on, unless other brokers of its fanout may still meet its quorum"
                 );
             }
             PoisonCause::Closed(failures) => {

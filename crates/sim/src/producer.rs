@@ -192,6 +192,12 @@ pub struct Producer {
     brokers: usize,
     /// Acknowledgements needed, from all brokers.
     need: u32,
+    /// Fanout (every broker is sent every message).
+    fanout: bool,
+    /// Fanout: the brokers (bits) that refused a queued message for good
+    /// while the others could still meet its quorum; in memory, as the
+    /// store's writer keeps them (gone at a crash).
+    refused_by: BTreeMap<u64, u64>,
     cfg: SessionConfig,
     /// Monotonic time zero of the simulation.
     pub epoch: Instant,
@@ -236,6 +242,8 @@ impl Producer {
             sweeper: Sweeper::new(SWEEPS, epoch),
             brokers: s.brokers,
             need,
+            fanout: matches!(s.spread, Spread::Fanout { .. }),
+            refused_by: BTreeMap::new(),
             cfg,
             epoch,
             acks_reached: BTreeMap::new(),
@@ -278,6 +286,7 @@ impl Producer {
     /// appended in it and whether it landed.
     pub fn crash(&mut self, lands: bool) -> Option<(Vec<u64>, bool)> {
         self.engines.clear();
+        self.refused_by.clear();
         let under_way = self.dirty.then(|| std::mem::take(&mut self.appended));
         if under_way.is_some() && lands {
             self.committed = self.working.clone();
@@ -409,7 +418,15 @@ impl Producer {
                         self.working.settle(id);
                     }
                 }
+                StoreOp::Poison(id, PoisonCause::Refused(code)) if self.fanout && self.others_may_deliver(slot, id) => {
+                    let line = format!(
+                        "outbox: broker {slot} refused it for good ({}); the other brokers may still meet its quorum",
+                        steadfast_core::reason::describe(code)
+                    );
+                    trace.note(t, Some(id), line);
+                }
                 StoreOp::Poison(id, cause) => {
+                    self.refused_by.remove(&id);
                     self.working.wire.remove(&(slot, id));
                     if let Some(m) = self.working.msgs.get_mut(&id).filter(|m| !m.done) {
                         m.poisoned = true;
@@ -444,6 +461,19 @@ impl Producer {
                 }
             }
         }
+        false
+    }
+
+    /// The store writer's rule: a broker's refusal for good takes it out of
+    /// the message's quorum; poison only once the others cannot meet it.
+    fn others_may_deliver(&mut self, slot: usize, id: u64) -> bool {
+        let refused = self.refused_by.entry(id).or_default();
+        *refused |= 1 << slot;
+        let mask = (1u64 << self.brokers) - 1;
+        if (mask & !*refused).count_ones() >= self.need.max(1) {
+            return true;
+        }
+        self.refused_by.remove(&id);
         false
     }
 

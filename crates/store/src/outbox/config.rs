@@ -33,6 +33,11 @@ pub struct Quorum {
     pub members: Vec<(u32, String)>,
     /// Acknowledgements needed.
     pub need: u32,
+    /// Fanout: every member is sent every message (failover and balance
+    /// send each message to one member at a time). A member's refusal for
+    /// good then moves a message aside only once the members left cannot
+    /// meet `need`.
+    pub fanout: bool,
     /// Fanout: once a message is this old and at least one member
     /// acknowledged it, it leaves; the members that had not are counted as
     /// having missed it.

@@ -27,9 +27,12 @@ pub const RECEIPTS_REPUBLISHED: &str = "receipts.republished";
 /// from which slots. Without routes (one broker), any acknowledgement will
 /// do. A message held for another broker set is never complete here (a
 /// QoS 2 exchange its old set left open may still close on a broker of
-/// this run): its acknowledgements count once its set is back.
+/// this run): its acknowledgements count once its set is back. Nor is
+/// poison: in fanout a member that had it in flight may acknowledge it
+/// after another refused it for good, and one acknowledgement must not
+/// finish a message whose quorum was not met (it counts once requeued).
 fn rule_of(quorums: &[super::Quorum], route: Option<&str>) -> (u64, u32, Option<u64>) {
-    if held_for(route).is_some() {
+    if held_for(route).is_some() || route == Some(crate::POISON_ROUTE) {
         return (0, u32::MAX, None);
     }
     match quorums.iter().find(|q| q.route.as_deref() == route) {
@@ -316,13 +319,16 @@ impl Writer {
     /// (removed, or kept as done for its open QoS 2 exchanges).
     fn finished(&mut self, id: u64, e: &Entry, outcome: Delivery, b: &mut Batch) {
         self.totals.count -= 1;
+        if !self.refused_by.is_empty() {
+            self.refused_by.remove(&id);
+        }
         self.totals.bytes = self.totals.bytes.saturating_sub(e.size);
         if held_for(e.route.as_deref()).is_some() {
             self.held = self.held.saturating_sub(1);
         }
         if e.route.as_deref() == Some(crate::POISON_ROUTE) {
-            // Poison that left another way (another broker took it in
-            // fanout, its deadline passed): no longer kept aside.
+            // Poison that left another way (its deadline passed): no
+            // longer kept aside.
             self.poisoned = self.poisoned.saturating_sub(1);
         }
         if let Some(t) = self.deadline_totals.as_mut().filter(|_| e.expires_ms.is_some()) {

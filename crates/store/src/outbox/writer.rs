@@ -64,6 +64,10 @@ pub(super) struct Writer {
     /// ([`Batch::recycled`]).
     pub(super) spare: Batch,
     pub(super) quorums: Vec<Quorum>,
+    /// Fanout: the members (slot bits) that refused a queued message for
+    /// good while the others could still meet its quorum. In memory: after
+    /// a restart those members are sent it again and refuse it again.
+    pub(super) refused_by: HashMap<u64, u64>,
     pub(super) inbox_bounds: Option<InboxBounds>,
     pub(super) pruned_at: std::time::Instant,
     /// Identities in the inbox (an over-estimate between prunes).
@@ -202,6 +206,7 @@ impl Writer {
             follows: Vec::new(),
             spare: Batch::default(),
             quorums: Vec::new(),
+            refused_by: HashMap::new(),
             inbox_bounds: None,
             pruned_at: std::time::Instant::now(),
             inbox_len: 0,
@@ -788,6 +793,12 @@ impl Writer {
     /// good, is moved aside as poison: counted (`poison`), its waiter told,
     /// kept on disk.
     fn poison(&mut self, slot: u32, id: u64, cause: PoisonCause, b: &mut Batch) -> Result<(), StoreError> {
+        if let PoisonCause::Refused(code) = cause {
+            if self.others_may_deliver(slot, id)? {
+                tracing::warn!(id, code, "a member of the fanout refused a message for good; it stays queued for the members that may still meet its quorum");
+                return Ok(());
+            }
+        }
         let Some(topic) = self.store.topic(id)? else { return Ok(()) };
         if self.store.poison(id, slot, cause, crate::now_ms())? {
             self.store.add_drop(DropReason::Poison, None)?;
@@ -796,6 +807,24 @@ impl Writer {
             b.drops.push(Dropped { id, topic, reason: DropReason::Poison });
         }
         Ok(())
+    }
+
+    /// Whether the broker in `slot` refusing `id` for good leaves members
+    /// of its fanout that can still meet its quorum (those that refused it
+    /// are counted out; those that acknowledged it count). Failover and
+    /// balance send a message to one member at a time: there, no.
+    fn others_may_deliver(&mut self, slot: u32, id: u64) -> Result<bool, StoreError> {
+        let Some(e) = self.store.entry(id)? else { return Ok(false) };
+        let route = e.route.as_deref();
+        let Some(q) = self.quorums.iter().find(|q| q.fanout && q.route.as_deref() == route) else { return Ok(false) };
+        let refused = self.refused_by.entry(id).or_default();
+        *refused |= 1u64 << slot;
+        let left = (q.mask() & !*refused).count_ones();
+        if left >= q.need.max(1) {
+            return Ok(true);
+        }
+        self.refused_by.remove(&id);
+        Ok(false)
     }
 
     /// Poisoned messages (all, or those of `ids`) go back to the queue,
@@ -815,6 +844,10 @@ impl Writer {
             if delete {
                 let Some(e) = self.store.entry(id)? else { continue };
                 self.finish(id, &e, Delivery::Dropped(DropReason::Poison), b)?;
+            } else {
+                // Acknowledgements it got while aside count now (in fanout,
+                // from the members that took it): its quorum may be met.
+                self.settle(id, b)?;
             }
             done.push(id);
         }

@@ -12,7 +12,7 @@ const A: &str = "mqtt://127.0.0.1:1";
 const B: &str = "mqtt://127.0.0.1:2";
 
 fn quorum(need: u32, catch_up_ms: Option<u64>) -> Quorum {
-    Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need, catch_up_ms }
+    Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need, catch_up_ms, fanout: true }
 }
 
 async fn routed(store: Box<dyn Store>, q: Quorum) -> (Outbox, u32, u32) {
@@ -98,7 +98,13 @@ fn a_new_qos2_binding_for_a_message_that_already_left_is_refused() {
 #[test]
 fn the_catch_up_sweep_of_one_route_is_not_starved_by_another_routes_backlog() {
     block_on(async {
-        let other = Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need: 2, catch_up_ms: None };
+        let other = Quorum {
+            route: None,
+            members: vec![(0, A.into()), (0, B.into())],
+            need: 2,
+            catch_up_ms: None,
+            fanout: true,
+        };
         let mut swept = quorum(2, Some(1));
         swept.route = Some("r".into());
         let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
@@ -165,6 +171,7 @@ fn a_message_held_for_another_broker_set_is_not_completed_by_this_sets_acks() {
             members: urls.iter().map(|u| (0, u.to_string())).collect(),
             need: 2,
             catch_up_ms: None,
+            fanout: true,
         };
         let set = DefaultSet { key: key.into(), retarget: false };
         (o, urls.map(str::to_owned).to_vec(), q, set)
@@ -253,4 +260,58 @@ fn a_message_two_brokers_move_aside_is_poison_once_and_requeued_to_its_route() {
         assert_eq!(back[0].msg.route.as_deref(), Some("home"), "{kind}: its own route again");
         assert!(s.poisoned().unwrap().is_empty(), "{kind}");
     }
+}
+
+/// A member of a fanout that refuses a message for good (its ACL, its size
+/// limit) takes itself out of that message's quorum: with `ack = any` the
+/// other member still delivers it; once the members left cannot meet the
+/// quorum, it is moved aside as poison. With `ack = all` and in failover,
+/// the first refusal does.
+#[test]
+fn a_refusal_for_good_in_fanout_is_poison_only_once_the_quorum_cannot_be_met() {
+    use steadfast_store::PoisonCause;
+    let refused = PoisonCause::Refused(0x87);
+    block_on(async {
+        let (o, a, b) = routed(Box::new(MemoryStore::new()), quorum(1, None)).await;
+        let (id, delivered) = o.append(msg("t", "x"), true);
+        let id = id.await.unwrap();
+        o.poison(a, id, refused);
+        assert_eq!(o.report().await.unwrap().poisoned.len(), 0, "B may still take it");
+        assert_eq!(o.read_after(0, 10, Some(b), None).await.unwrap().len(), 1, "queued for B");
+        o.ack(b, vec![id]);
+        assert_eq!(delivered.unwrap().await.unwrap(), Delivery::Delivered);
+
+        let id = o.append(msg("t", "y"), false).0.await.unwrap();
+        o.poison(a, id, refused);
+        o.poison(b, id, refused);
+        let report = o.report().await.unwrap();
+        assert_eq!(
+            report.poisoned.iter().map(|p| (p.id, p.cause)).collect::<Vec<_>>(),
+            [(id, refused)],
+            "both refused"
+        );
+    });
+    for q in [quorum(2, None), Quorum { fanout: false, ..quorum(1, None) }] {
+        block_on(async {
+            let (o, a, _) = routed(Box::new(MemoryStore::new()), q.clone()).await;
+            let id = o.append(msg("t", "x"), false).0.await.unwrap();
+            o.poison(a, id, refused);
+            assert_eq!(o.report().await.unwrap().poisoned.len(), 1, "{q:?}: at the first refusal");
+        });
+    }
+    // With `ack = all`, B's acknowledgement of a message A refused (B had
+    // it in flight) does not finish it: it stays aside, and once requeued
+    // it goes to A alone.
+    block_on(async {
+        let (o, a, b) = routed(Box::new(MemoryStore::new()), quorum(2, None)).await;
+        let id = o.append(msg("t", "x"), false).0.await.unwrap();
+        o.poison(a, id, refused);
+        o.ack(b, vec![id]);
+        assert_eq!(o.report().await.unwrap().poisoned.len(), 1, "one acknowledgement does not finish poison");
+        assert_eq!(o.unpoison(Some(vec![id]), false).await.unwrap(), [id]);
+        assert_eq!(o.read_after(0, 10, Some(b), None).await.unwrap().len(), 0, "B has it");
+        assert_eq!(o.read_after(0, 10, Some(a), None).await.unwrap().len(), 1, "A is sent it again");
+        o.ack(a, vec![id]);
+        assert_eq!(o.report().await.unwrap().totals.count, 0, "its quorum met");
+    });
 }

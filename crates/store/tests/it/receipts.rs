@@ -26,7 +26,7 @@ async fn on_two_brokers(need: u32, catch_up_ms: Option<u64>) -> (Outbox, Vec<u32
     const A: &str = "mqtt://127.0.0.1:1";
     const B: &str = "mqtt://127.0.0.1:2";
     let o = Outbox::start(Box::new(MemoryStore::new()), OutboxConfig::default()).unwrap();
-    let q = Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need, catch_up_ms };
+    let q = Quorum { route: None, members: vec![(0, A.into()), (0, B.into())], need, catch_up_ms, fanout: true };
     let slots = o.configure(vec![A.into(), B.into()], vec![q], Default::default()).await.unwrap().slots;
     (o, slots)
 }

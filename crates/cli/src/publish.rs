@@ -57,37 +57,48 @@ struct Options {
 }
 
 /// `-D PUBLISH NAME VALUE` (and `user-property KEY VALUE`), as
-/// mosquitto_pub takes them, one flat list of the occurrences' values.
+/// mosquitto_pub takes them. clap hands the values of every `-D` over as
+/// one list: each occurrence starts at an MQTT packet's name.
 fn properties(values: &[String]) -> Result<Properties, String> {
     const TAKEN: &str = "content-type, correlation-data, payload-format-indicator, response-topic, user-property";
+    const COMMANDS: [&str; 7] = ["connect", "publish", "subscribe", "unsubscribe", "disconnect", "auth", "will"];
+    let starts = |v: &String| COMMANDS.iter().any(|c| v.eq_ignore_ascii_case(c));
+    let mut occurrences: Vec<&[String]> = Vec::new();
+    let mut rest = values;
+    while !rest.is_empty() {
+        let end = rest.iter().skip(1).position(starts).map_or(rest.len(), |i| i + 1);
+        occurrences.push(&rest[..end]);
+        rest = &rest[end..];
+    }
     let mut p = Properties::default();
-    let mut rest = values.iter().map(String::as_str);
-    while let Some(command) = rest.next() {
+    for d in occurrences {
+        let [command, name, rest @ ..] = d else { return Err("-D takes PUBLISH NAME VALUE".into()) };
         if !command.eq_ignore_ascii_case("publish") {
             return Err(format!("-D {command}: only PUBLISH properties are taken (-D PUBLISH NAME VALUE; NAME one of {TAKEN}); steadfast sets its connection's own"));
         }
-        let name = rest.next().unwrap_or_default();
-        let mut value = || rest.next().ok_or_else(|| format!("-D PUBLISH {name}: a value is missing"));
-        match name {
-            "content-type" => p.content_type = Some(value()?.to_owned()),
+        let one = || match rest {
+            [v] => Ok(v.as_str()),
+            _ => Err(format!("-D PUBLISH {name} takes one value, got {}: quote a value with spaces", rest.len())),
+        };
+        match name.as_str() {
+            "content-type" => p.content_type = Some(one()?.to_owned()),
             "response-topic" => {
-                let topic = value()?;
+                let topic = one()?;
                 validate_topic_name(topic).map_err(|e| format!("-D PUBLISH response-topic: {e}"))?;
                 p.response_topic = Some(topic.to_owned());
             }
-            "correlation-data" => p.correlation_data = Some(value()?.as_bytes().to_vec()),
+            "correlation-data" => p.correlation_data = Some(one()?.as_bytes().to_vec()),
             "payload-format-indicator" => {
-                p.payload_is_utf8 = match value()? {
+                p.payload_is_utf8 = match one()? {
                     "0" => false,
                     "1" => true,
                     v => return Err(format!("-D PUBLISH payload-format-indicator {v}: 0 (bytes) or 1 (UTF-8)")),
                 }
             }
-            "user-property" => {
-                let key = value()?.to_owned();
-                let v = rest.next().ok_or_else(|| format!("-D PUBLISH user-property {key}: the value is missing (KEY VALUE)"))?;
-                p.user.push((key, v.to_owned()));
-            }
+            "user-property" => match rest {
+                [k, v] => p.user.push((k.clone(), v.clone())),
+                _ => return Err("-D PUBLISH user-property takes a KEY and a VALUE".into()),
+            },
             "message-expiry-interval" => {
                 return Err("-D PUBLISH message-expiry-interval: give the message a deadline with --ttl instead (it is dropped, counted, once past it)".into())
             }

@@ -229,7 +229,8 @@ fn render(f: &Format, d: &Received, eol: bool, out: &mut Vec<u8>) {
                         Some('E') => out.extend_from_slice(
                             d.expiry().map(|e| e.as_secs().to_string()).unwrap_or_default().as_bytes(),
                         ),
-                        Some('F') => out.push(if props.payload_is_utf8 { b'1' } else { b'0' }),
+                        Some('F') if props.payload_is_utf8 => out.push(b'1'),
+                        Some('F') => {}
                         Some('P') => {
                             let pairs: Vec<String> = props.user.iter().map(|(k, v)| format!("{k}:{v}")).collect();
                             out.extend_from_slice(pairs.join(" ").as_bytes());

@@ -424,6 +424,9 @@ impl Producer {
                         steadfast_core::reason::describe(code)
                     );
                     trace.note(t, Some(id), line);
+                    // Its packet id is free on that broker.
+                    self.working.wire.remove(&(slot, id));
+                    self.working.settle(id);
                 }
                 StoreOp::Poison(id, cause) => {
                     self.refused_by.remove(&id);
@@ -483,7 +486,9 @@ impl Producer {
             self.working.wire.remove(&(slot, id));
             let Some(m) = self.working.msgs.get_mut(&id) else { continue };
             m.acks |= 1 << slot;
-            let quorum = !m.done && m.awaiting.is_none() && quorum_met(m.acks, mask, self.need);
+            // Poison never completes on acknowledgements (the store's
+            // writer: they count once it is requeued).
+            let quorum = !m.done && !m.poisoned && m.awaiting.is_none() && quorum_met(m.acks, mask, self.need);
             let settle =
                 quorum.then(|| ReceiptRule::on_quorum(self.receipts.as_ref(), m.receipted as usize, m.resends, t));
             let quorum = match settle {

@@ -172,21 +172,21 @@ fn test_cache() -> PathBuf {
     cache.join("steadfast-test")
 }
 
-/// The broker script: aedes 1.x on 127.0.0.1:PORT, which denies, as an
-/// ACL would, publishing to `denied/...` (it closes the connection: MQTT
-/// 3.1.1 has no code to say so) and subscribing to it (SUBACK 0x80).
+/// The broker script: aedes on 127.0.0.1:PORT, which denies, as an ACL
+/// would, publishing to `denied/...` (it closes the connection: MQTT 3.1.1
+/// has no code to say so) and subscribing to it (SUBACK 0x80). aedes 0.51
+/// is the last CommonJS release, and runs on Debian 12's Node.js 18 (1.x
+/// is an ES module that needs Node.js 20).
 const AEDES_JS: &str = r#"
 const { createServer } = require('node:net')
-const { Aedes } = require('aedes')
+const aedes = require('aedes')()
 const denied = (topic) => topic.startsWith('denied/')
-Aedes.createBroker().then((aedes) => {
-  aedes.authorizePublish = (client, packet, done) => done(denied(packet.topic) ? new Error('denied') : null)
-  aedes.authorizeSubscribe = (client, sub, done) => done(null, denied(sub.topic) ? null : sub)
-  createServer(aedes.handle).listen(Number(process.argv[2]), '127.0.0.1', () => console.log('listening'))
-})
+aedes.authorizePublish = (client, packet, done) => done(denied(packet.topic) ? new Error('denied') : null)
+aedes.authorizeSubscribe = (client, sub, done) => done(null, denied(sub.topic) ? null : sub)
+createServer(aedes.handle).listen(Number(process.argv[2]), '127.0.0.1', () => console.log('listening'))
 "#;
 
-/// aedes 1.2 (npm), the Node.js broker: MQTT 3.1.1 only (it refuses an
+/// aedes 0.51 (npm), the Node.js broker: MQTT 3.1.1 only (it refuses an
 /// MQTT 5 CONNECT with a 3.1.1 CONNACK, code 1), in memory, with the
 /// denied topics of [`AEDES_JS`].
 pub struct Aedes {

@@ -158,12 +158,6 @@ async fn nats_mqtt_311_sessions_and_no_qos_2_or_mqtt_5() {
     assert!(report["checks"]["disconnect_race"]["ok"].is_boolean(), "{report}");
 }
 
-/// amqtt 0.12 (PyPI) speaks only MQTT 3.1.1 and leaves an MQTT 5 CONNECT
-/// unanswered instead of refusing it: `-V auto` (the default) speaks 3.1.1
-/// to it once the connect timeout (10 s) passed, `pub` and `sub` alike,
-/// and every message arrives once, its identity in the envelope. (amqtt
-/// keeps no messages for a session while its client is away, which
-/// `doctor` reports: the consumer runs while the producer publishes.)
 /// aedes (Node.js) speaks MQTT 3.1.1 only and, denying a topic as an ACL
 /// would, closes the connection on a PUBLISH to it and answers a
 /// SUBSCRIBE with 0x80. What steadfast does with each, found by trying it
@@ -197,6 +191,12 @@ async fn aedes_mqtt_311_delivers_once_and_its_refusals_are_said() {
     assert!(stderr(&out).contains("refused the subscription to `denied/#`"), "{}", stderr(&out));
 }
 
+/// amqtt 0.12 (PyPI) speaks only MQTT 3.1.1 and leaves an MQTT 5 CONNECT
+/// unanswered instead of refusing it: `-V auto` (the default) speaks 3.1.1
+/// to it once the connect timeout (10 s) passed, `pub` and `sub` alike,
+/// and every message arrives once, its identity in the envelope. (amqtt
+/// keeps no messages for a session while its client is away, which
+/// `doctor` reports: the consumer runs while the producer publishes.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqtt_leaves_mqtt_5_unanswered_and_auto_speaks_3_1_1_to_it() {
     use std::io::BufRead;

@@ -279,34 +279,46 @@ async fn mosquitto_over_mqtt_311_gets_a_window_below_its_qos2_limit() {
 }
 
 /// In fanout a refusal for good is its member's: with `--ack any` the
-/// message still reaches the other broker and leaves as delivered; with
-/// `--ack all` no quorum can be met and it is moved aside at once.
+/// message waits for the other broker, down meanwhile, and reaches it once
+/// it is back (a later run refused again by the first, and the other
+/// delivers it); with `--ack all` no quorum can be met and it is moved
+/// aside at once, the other broker's acknowledgement notwithstanding.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_fanout_a_member_that_refuses_for_good_leaves_the_message_to_the_others() {
     let strict = Mosquitto::with_acl("topic readwrite other/#\n", vec![]).await;
-    let open = Mosquitto::plain().await;
-    let sub = Subscriber::start(open.port(), "lim/#", 1, None).await;
+    let mut open = Mosquitto::plain().await;
     let dir = tempfile::tempdir().unwrap();
     let (strict_url, open_url) = (strict.url(), open.url());
-    let fanout = |ack: &'static str, ob: &str, m: &'static str| {
+    let fanout = |ack: &'static str, ob: &str, last: &[&str]| {
         let ob = dir.path().join(ob).to_str().unwrap().to_owned();
         let args = ["pub", "-b", &strict_url, "-b", &open_url, "--mode", "fanout", "--ack", ack, "-V", "5"];
-        let rest = ["-t", "lim/f", "-m", m, "--outbox", &ob, "--wait-timeout", "60s"];
-        (strings(&[&args[..], &rest].concat()), ob)
+        (strings(&[&args[..], &["--outbox", &ob], last].concat()), ob)
     };
-    let (args, ob) = fanout("any", "any", "one");
-    let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let run_args = |a: Vec<String>| async move { run(&a.iter().map(String::as_str).collect::<Vec<_>>()).await };
+
+    open.kill9();
+    let (args, ob) = fanout("any", "any", &["-t", "lim/f", "-m", "one", "--wait-timeout", "3s"]);
+    let out = run_args(args).await;
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(0), "delivered through the other broker: {err}");
+    assert_eq!(out.status.code(), Some(3), "waits for the other broker: {err}");
     assert!(err.contains("0x87, not authorized"), "the refusal is said: {err}");
+    let st = status_json(&ob);
+    assert_eq!((st["queued"].as_u64(), st["poisoned"].as_array().map(Vec::len)), (Some(1), Some(0)), "{st}");
+    open.restart().await;
+    let sub = Subscriber::start(open.port(), "lim/#", 1, None).await;
+    let (args, _) = fanout("any", "any", &["--drain", "--wait-timeout", "60s"]);
+    let out = run_args(args).await;
+    assert_eq!(out.status.code(), Some(0), "delivered through the other broker: {}", stderr(&out));
     sub.wait_all(&strings(&["one"]), Duration::from_secs(20)).await;
     let st = status_json(&ob);
     assert_eq!((st["queued"].as_u64(), st["poisoned"].as_array().map(Vec::len)), (Some(0), Some(0)), "{st}");
 
-    let (args, ob) = fanout("all", "all", "two");
-    let out = run(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let (args, ob) = fanout("all", "all", &["-t", "lim/f", "-m", "two", "--wait-timeout", "60s"]);
+    let out = run_args(args).await;
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("1 poison") && err.contains("refused with reason code 0x87"), "{err}");
+    sub.wait_all(&strings(&["one", "two"]), Duration::from_secs(20)).await;
+    // The open broker took it; that acknowledgement does not finish it.
     assert_eq!(status_json(&ob)["poisoned"].as_array().map(Vec::len), Some(1));
 }

@@ -219,7 +219,7 @@ async fn mqtt_5_properties_come_out_in_json_and_formats() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.starts_with("p/b|text/plain|req-7|1|site:7 site:8|p/reply|3"), "{text:?} {}", stderr(&out));
     let out = run(&[&base[..], &format].concat()).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "p/c|||0|||\n", "none: empty, {}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "p/c||||||\n", "none: empty, {}", stderr(&out));
 
     // steadfast pub takes mosquitto_pub's -D for the properties it sets.
     let (ob, url) = (dir.path().join("ob"), broker.url());
@@ -246,6 +246,8 @@ async fn mqtt_5_properties_come_out_in_json_and_formats() {
         (&["-D", "PUBLISH", "payload-format-indicator", "2"][..], "0 (bytes) or 1 (UTF-8)"),
         (&["-D", "PUBLISH", "response-topic", "a/#"][..], "wildcard"),
         (&["-D", "PUBLISH", "content-type", "t", "-V", "311"][..], "MQTT 3.1.1 (-V 311) cannot carry"),
+        (&["-D", "PUBLISH", "content-type", "text", "plain"][..], "takes one value, got 2"),
+        (&["-D", "PUBLISH", "user-property", "k", "-D", "PUBLISH", "content-type", "x"][..], "a KEY and a VALUE"),
     ] {
         let out =
             run(&[&["pub", "-b", "mqtt://127.0.0.1:1", "-t", "p", "-m", "x", "--outbox", "/nonexistent"][..], bad]

@@ -202,7 +202,8 @@ class Client:
         """queued, bytes, oldest_age, drops (reason -> count), receipts, brokers."""
     def poisoned(self) -> List[Dict[str, object]]:
         """The messages moved aside as poison, oldest first: id, topic, bytes, qos,
-        broker, at_ms, refused (a refusal's reason code, or None), failures."""
+        broker, at_ms, refused (a refusal's reason code and name, say
+        "0x87, not authorized", or None), failures."""
     def events(self) -> Events:
         """The events from now on (the first call: since the client opened)."""
     @property

@@ -95,7 +95,7 @@ impl Writer {
     }
 
     /// [`rule_of`] this writer's quorums.
-    fn rule(&self, route: Option<&str>) -> (u64, u32, Option<u64>) {
+    pub(super) fn rule(&self, route: Option<&str>) -> (u64, u32, Option<u64>) {
         rule_of(&self.quorums, route)
     }
 

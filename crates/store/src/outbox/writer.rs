@@ -10,7 +10,7 @@ use std::sync::mpsc;
 // not SipHash (docs/design.md, "Dependencies").
 use foldhash::{HashMap, HashMapExt};
 
-use steadfast_core::engine::{Now, Sweep, SweepConfig, Sweeper};
+use steadfast_core::engine::{quorum_met, Now, Sweep, SweepConfig, Sweeper};
 use steadfast_core::{DropReason, Stage};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -743,6 +743,9 @@ impl Writer {
         mut quorums: Vec<Quorum>,
         set: &DefaultSet,
     ) -> Result<Configured, StoreError> {
+        // Members and quorums may change: refusals counted under the old
+        // ones go (those members refuse again if they must).
+        self.refused_by.clear();
         let slots = self.store.assign_slots(urls)?;
         // What `status` tells apart from brokers of earlier runs.
         self.store.set_meta("brokers", &urls.join(" "))?;
@@ -793,9 +796,22 @@ impl Writer {
     /// good, is moved aside as poison: counted (`poison`), its waiter told,
     /// kept on disk.
     fn poison(&mut self, slot: u32, id: u64, cause: PoisonCause, b: &mut Batch) -> Result<(), StoreError> {
+        let Some(e) = self.store.entry(id)? else { return Ok(()) };
+        let (mask, need, _) = self.rule(e.route.as_deref());
+        if e.done || quorum_met(e.acks, mask, need) {
+            // Delivered through other members already (or now, with what
+            // they acknowledged meanwhile): this member's exchange of it,
+            // if any, is void, and the message leaves as delivered.
+            self.set_wires(slot, vec![(id, None)], b)?;
+            return Ok(());
+        }
         if let PoisonCause::Refused(code) = cause {
-            if self.others_may_deliver(slot, id)? {
+            if self.others_may_deliver(slot, id, &e) {
                 tracing::warn!(id, code, "a member of the fanout refused a message for good; it stays queued for the members that may still meet its quorum");
+                // Its packet id is free on that broker: the binding goes
+                // (as poison's would), so that the row can leave once the
+                // others deliver it.
+                self.set_wires(slot, vec![(id, None)], b)?;
                 return Ok(());
             }
         }
@@ -809,22 +825,25 @@ impl Writer {
         Ok(())
     }
 
-    /// Whether the broker in `slot` refusing `id` for good leaves members
-    /// of its fanout that can still meet its quorum (those that refused it
-    /// are counted out; those that acknowledged it count). Failover and
-    /// balance send a message to one member at a time: there, no.
-    fn others_may_deliver(&mut self, slot: u32, id: u64) -> Result<bool, StoreError> {
-        let Some(e) = self.store.entry(id)? else { return Ok(false) };
+    /// Whether the broker in `slot` refusing `e` (message `id`) for good
+    /// leaves members of its fanout that can still meet its quorum (those
+    /// that refused it are counted out; those that acknowledged it count).
+    /// Failover and balance send a message to one member at a time: there,
+    /// no.
+    fn others_may_deliver(&mut self, slot: u32, id: u64, e: &crate::Entry) -> bool {
         let route = e.route.as_deref();
-        let Some(q) = self.quorums.iter().find(|q| q.fanout && q.route.as_deref() == route) else { return Ok(false) };
+        let Some(q) = self.quorums.iter().find(|q| q.fanout && q.route.as_deref() == route) else { return false };
         let refused = self.refused_by.entry(id).or_default();
         *refused |= 1u64 << slot;
         let left = (q.mask() & !*refused).count_ones();
-        if left >= q.need.max(1) {
-            return Ok(true);
+        // With a catch-up window one member's acknowledgement is enough in
+        // the end (the others are counted as having missed it).
+        let need = if q.catch_up_ms.is_some() { 1 } else { q.need.max(1) };
+        if left >= need {
+            return true;
         }
         self.refused_by.remove(&id);
-        Ok(false)
+        false
     }
 
     /// Poisoned messages (all, or those of `ids`) go back to the queue,
@@ -844,11 +863,15 @@ impl Writer {
             if delete {
                 let Some(e) = self.store.entry(id)? else { continue };
                 self.finish(id, &e, Delivery::Dropped(DropReason::Poison), b)?;
-            } else {
+            } else if !self.quorums.is_empty() {
                 // Acknowledgements it got while aside count now (in fanout,
                 // from the members that took it): its quorum may be met.
+                // Only with the quorums known (`steadfast poison` opens
+                // the outbox without them): one acknowledgement is not a
+                // quorum.
                 self.settle(id, b)?;
             }
+            self.refused_by.remove(&id);
             done.push(id);
         }
         Ok(done)

@@ -149,10 +149,11 @@ impl<M: Queued> PublishSession<M> {
     /// The broker refused these (an error reason code). Those refused for
     /// good ([`reason::is_for_good`]: not authorised, too large) are moved
     /// aside as poison with their code, so that the messages behind them go
-    /// on and the user can see, requeue or delete them (or dropped as
-    /// `budget` when their retry budget is spent, as poison found by
-    /// closes is). The others stay in the outbox and are sent again, as new
-    /// messages, after a pause. A QoS 2 binding is cleared first (poison
+    /// on and the user can see, requeue or delete them, whatever their
+    /// retry budget (the broker answered; the budget counts sends without
+    /// an answer), and in fanout only once the other members cannot meet
+    /// the quorum (the outbox's writer decides). The others stay in the
+    /// outbox and are sent again, as new messages, after a pause. A QoS 2 binding is cleared first (poison
     /// clears its own): its packet id is free on the broker.
     fn hold_refused(&mut self, refused: Vec<(u64, u8)>, now: Now) {
         let at = now.at + self.cfg.refused_pause;
@@ -169,10 +170,6 @@ impl<M: Queued> PublishSession<M> {
                         self.explained();
                     }
                     self.gone_ahead(&m);
-                    if m.max_attempts().is_some_and(|max| m.attempts() >= max) {
-                        self.store.push_back(StoreOp::Drop(vec![id], DropReason::Budget));
-                        continue;
-                    }
                     let cause = PoisonCause::Refused(code);
                     self.store.push_back(StoreOp::Poison(id, cause));
                     self.events.push_back(SessionEvent::Poisoned { message: m, cause });

@@ -153,8 +153,9 @@ impl<M: Queued> PublishSession<M> {
     /// retry budget (the broker answered; the budget counts sends without
     /// an answer), and in fanout only once the other members cannot meet
     /// the quorum (the outbox's writer decides). The others stay in the
-    /// outbox and are sent again, as new messages, after a pause. A QoS 2 binding is cleared first (poison
-    /// clears its own): its packet id is free on the broker.
+    /// outbox and are sent again, as new messages, after a pause. A QoS 2
+    /// binding is cleared first (poison clears its own): its packet id is
+    /// free on the broker.
     fn hold_refused(&mut self, refused: Vec<(u64, u8)>, now: Now) {
         let at = now.at + self.cfg.refused_pause;
         let mut unbind = Vec::new();

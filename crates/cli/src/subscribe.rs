@@ -273,9 +273,11 @@ fn properties_json(d: &Received) -> Option<serde_json::Value> {
         j.insert("response_topic".into(), v.as_str().into());
     }
     if let Some(v) = &p.correlation_data {
-        match std::str::from_utf8(v) {
-            Ok(s) => j.insert("correlation_data".into(), s.into()),
-            Err(_) => j.insert("correlation_data_hex".into(), hex(v).into()),
+        // Text without NUL as it is (an environment variable cannot hold
+        // NUL), anything else as hex.
+        match std::str::from_utf8(v).ok().filter(|s| !s.contains('\0')) {
+            Some(s) => j.insert("correlation_data".into(), s.into()),
+            None => j.insert("correlation_data_hex".into(), hex(v).into()),
         };
     }
     if p.payload_is_utf8 {
@@ -305,6 +307,16 @@ async fn exec(cmd: &str, d: &Received) -> bool {
         .env("STEADFAST_BROKER", d.broker());
     if let Some(i) = &d.identity() {
         c.env("STEADFAST_PRODUCER", &i.producer).env("STEADFAST_SEQ", i.seq.to_string());
+    }
+    // MQTT 5 properties, those the message has: the names of `--json`.
+    if let Some(serde_json::Value::Object(props)) = properties_json(d) {
+        for (k, v) in props {
+            let value = match v {
+                serde_json::Value::String(s) => s,
+                v => v.to_string(),
+            };
+            c.env(format!("STEADFAST_{}", k.to_uppercase()), value);
+        }
     }
     let mut child = match c.spawn() {
         Ok(c) => c,

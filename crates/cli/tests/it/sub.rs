@@ -240,6 +240,17 @@ async fn mqtt_5_properties_come_out_in_json_and_formats() {
     let want = serde_json::json!({ "content_type": "application/json", "correlation_data": "c1",
         "response_topic": "p/r", "payload_format": "utf-8", "user_properties": [["k", "v"]] });
     assert_eq!(j["properties"], want, "{j}");
+    // --exec gets them in its environment, under the names of --json.
+    mosquitto_pub("p/e", true);
+    let env = dir.path().join("env");
+    let cmd = format!(
+        "echo \"$STEADFAST_CONTENT_TYPE|$STEADFAST_CORRELATION_DATA|$STEADFAST_RESPONSE_TOPIC|$STEADFAST_PAYLOAD_FORMAT|$STEADFAST_USER_PROPERTIES\" > {}",
+        env.display()
+    );
+    let out = run(&[&base[..], &["-C", "1", "-W", "20", "--exec", &cmd]].concat()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let got = std::fs::read_to_string(&env).unwrap();
+    assert_eq!(got, "text/plain|req-7|p/reply|utf-8|[[\"site\",\"7\"],[\"site\",\"8\"]]\n");
     for (bad, said) in [
         (&["-D", "CONNECT", "session-expiry-interval", "60"][..], "only PUBLISH properties"),
         (&["-D", "PUBLISH", "topic-alias", "3"][..], "not a PUBLISH property steadfast sets"),

@@ -156,13 +156,22 @@ pub fn amqtt_venv() -> PathBuf {
     }
 }
 
-/// Where `scripts/test` installs aedes with npm (`AEDES_DIR`, default
-/// `~/.cache/steadfast-test/aedes`: its `node_modules`).
-pub fn aedes_dir() -> PathBuf {
-    match std::env::var_os("AEDES_DIR") {
+/// Where `scripts/test` installs the npm packages of the interop matrix
+/// (aedes, MQTT.js): `NPM_DIR/node_modules`, `NPM_DIR` by default
+/// `~/.cache/steadfast-test/npm`.
+pub fn node_modules() -> PathBuf {
+    match std::env::var_os("NPM_DIR") {
         Some(v) => PathBuf::from(v),
-        None => test_cache().join("aedes"),
+        None => test_cache().join("npm"),
     }
+    .join("node_modules")
+}
+
+/// `node` running `script` (CommonJS) with [`node_modules`] on its path.
+pub fn node(script: &std::path::Path) -> Command {
+    let mut c = Command::new(program("node", &["/usr/bin", "/usr/local/bin"]));
+    c.arg(script).env("NODE_PATH", node_modules());
+    c
 }
 
 fn test_cache() -> PathBuf {
@@ -201,8 +210,8 @@ impl Aedes {
         let script = dir.path().join("aedes.js");
         std::fs::write(&script, AEDES_JS).expect("aedes.js");
         let port = free_port();
-        let mut c = Command::new(program("node", &["/usr/bin", "/usr/local/bin"]));
-        c.arg(&script).arg(port.to_string()).env("NODE_PATH", aedes_dir().join("node_modules"));
+        let mut c = node(&script);
+        c.arg(port.to_string());
         let mut group = Group::spawn(c, dir, "aedes (node)");
         group.wait_for(port, Duration::from_secs(30), "aedes").await;
         Aedes { port, _group: group }

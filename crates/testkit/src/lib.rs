@@ -16,7 +16,7 @@ mod scripted;
 mod sub;
 mod ws;
 
-pub use interop_brokers::{aedes_dir, amqtt_venv, Aedes, Amqtt, Nats, RabbitMq};
+pub use interop_brokers::{amqtt_venv, node, node_modules, Aedes, Amqtt, Nats, RabbitMq};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use pki::Pki;
 pub use postgres::{have_postgres, Postgres};

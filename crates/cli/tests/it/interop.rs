@@ -7,7 +7,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use steadfast_testkit::{Aedes, Amqtt, Mosquitto, Nats, RabbitMq};
+use steadfast_testkit::{node, Aedes, Amqtt, Mosquitto, Nats, RabbitMq};
 
 use crate::{run, stderr};
 
@@ -392,4 +392,86 @@ async fn paho_publishes_to_steadfast_sub_and_subscribes_to_steadfast_pub() {
     got.sort_unstable();
     got.dedup();
     assert_eq!(got.len(), N, "distinct payloads at the paho subscriber");
+}
+
+/// `node` running one of this crate's MQTT.js scripts (tests/js).
+fn mqttjs(script: &str) -> std::process::Command {
+    node(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js").join(script))
+}
+
+/// MQTT.js 5 (npm), the Node.js client, over MQTT 5 on both ends: its
+/// messages reach `steadfast sub` once each with their content type and
+/// user property, and `steadfast pub -D`'s properties reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqttjs_publishes_to_steadfast_sub_and_subscribes_to_steadfast_pub() {
+    const N: usize = 300;
+    let m = Mosquitto::plain().await;
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("in");
+    let sub = ["sub", "-b", &m.url(), "-t", "js/in", "-i", "js-reader", "-q", "1", "--inbox", inbox.to_str().unwrap()];
+    let out = run(&sub.iter().copied().chain(["--register"]).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let port = m.port().to_string();
+    let published = mqttjs("mqttjs_pub.js").args(["127.0.0.1", &port, "js/in", &N.to_string()]).output().unwrap();
+    assert!(published.status.success(), "{}", String::from_utf8_lossy(&published.stderr));
+    let out = run(&sub.iter().copied().chain(["-C", &N.to_string(), "-W", "30", "--json"]).collect::<Vec<_>>()).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let got: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let payloads: Vec<String> = got.iter().map(|j| j["payload"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(payloads, (0..N).map(|i| format!("j-{i:06}")).collect::<Vec<_>>(), "each once, in order");
+    let props = &got[0]["properties"];
+    assert_eq!(props["content_type"], "text/plain", "{props}");
+    assert_eq!(props["user_properties"], serde_json::json!([["origin", "mqtt.js"]]), "{props}");
+
+    let mut reader = mqttjs("mqttjs_sub.js")
+        .args(["127.0.0.1", &port, "js/out", &N.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(reader.stdout.take().unwrap());
+    let subscribed = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        while lines.read_line(&mut line).unwrap_or(0) > 0 {
+            if line.trim() == "SUBSCRIBED" {
+                return Some(lines);
+            }
+            line.clear();
+        }
+        None
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(30), subscribed).await.expect("in time").unwrap();
+    let lines = lines.expect("the MQTT.js subscriber subscribed");
+    let payloads: String = (0..N).map(|i| format!("s-{i:05}\n")).collect();
+    let ob = dir.path().join("ob");
+    let args = ["pub", "-b", &m.url(), "-t", "js/out", "-l", "-q", "1", "--outbox", ob.to_str().unwrap()];
+    let d = ["-D", "PUBLISH", "content-type", "text/plain", "-D", "PUBLISH", "user-property", "k", "v"];
+    let out = pub_lines(args.iter().chain(&d).map(|s| s.to_string()).collect(), payloads).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let got = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let (mut rest, mut lines) = (String::new(), lines);
+            lines.read_to_string(&mut rest).unwrap();
+            let _ = reader.wait();
+            rest
+        }),
+    )
+    .await
+    .expect("the MQTT.js subscriber got everything in time")
+    .unwrap();
+    let got: Vec<serde_json::Value> = got.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut distinct: Vec<&str> = got.iter().map(|j| j["payload"].as_str().unwrap()).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), N, "distinct payloads at the MQTT.js subscriber");
+    assert_eq!(
+        (got[0]["contentType"].as_str(), got[0]["user"]["k"].as_str()),
+        (Some("text/plain"), Some("v")),
+        "{}",
+        got[0]
+    );
+    assert!(got[0]["user"]["steadfast-id"].is_string(), "the identity travels as a user property: {}", got[0]);
 }

@@ -315,7 +315,12 @@ async fn exec(cmd: &str, d: &Received) -> bool {
                 serde_json::Value::String(s) => s,
                 v => v.to_string(),
             };
-            c.env(format!("STEADFAST_{}", k.to_uppercase()), value);
+            // A NUL (which MQTT strings may not carry, but a broker may
+            // pass on) would fail the spawn, and the message would come
+            // again for ever: left out.
+            if !value.contains('\0') {
+                c.env(format!("STEADFAST_{}", k.to_uppercase()), value);
+            }
         }
     }
     let mut child = match c.spawn() {

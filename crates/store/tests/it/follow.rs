@@ -126,6 +126,36 @@ fn another_process_s_commit_answers_a_standing_read() {
     });
 }
 
+/// A joined `pub`'s message can be read, sent and acknowledged by the
+/// holder before the holder's writer reads the counts again (every 200
+/// ms): its count was at 0 and wrapped (the writer thread panicked in a
+/// debug build; found with both cores loaded). It now reads them again.
+#[test]
+fn a_joined_pub_s_message_delivered_before_the_holder_counted_it_leaves_the_counts_right() {
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        let (store, _) = SqliteStore::open(dir.path()).unwrap();
+        let (o, slot) = on_one_broker(Box::new(store)).await;
+        let guest =
+            Outbox::start(Box::new(SqliteStore::open_guest(dir.path()).unwrap()), OutboxConfig::default()).unwrap();
+        let id = guest.append(msg("t", "from the guest"), false).0.await.unwrap();
+        // Read and acknowledged at once, as a link whose page came with
+        // the holder's own commit would.
+        assert_eq!(o.read_after(0, 10, Some(slot), None).await.unwrap().len(), 1);
+        o.ack(slot, vec![id]);
+        let report = o.report().await.expect("the writer lives on");
+        assert_eq!(report.totals.count, 0, "{:?}", report.totals);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while o.state().totals.count != 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(o.state().totals.count, 0, "read again from the store");
+        // And the outbox goes on counting.
+        o.append(msg("t", "mine"), false).0.await.unwrap();
+        assert_eq!(o.report().await.unwrap().totals.count, 1);
+    });
+}
+
 #[test]
 fn a_page_ends_at_the_message_that_reaches_its_bytes_read_from_memory_or_from_disk() {
     // Topic "t" and payloads of 9, 19, 29 and 39 bytes: 10, 20, 30, 40.

@@ -318,12 +318,7 @@ impl Tail {
         if self.floor != Some(c.last) {
             return None;
         }
-        for r in self.rows.iter().filter(|r| wanted(r.acks, &r.msg)) {
-            if !within(r.msg.size()) {
-                break;
-            }
-            page.push(r.clone());
-        }
+        self.rows_into(0, mask, priority, &mut within, &mut page);
         Some(page)
     }
 
@@ -355,7 +350,21 @@ impl Tail {
         let start = self.rows.partition_point(|r| r.id <= after);
         // Sized once: a filtered iterator gives collect no size to go by.
         let mut page = Vec::with_capacity(limit.count.min(self.rows.len() - start));
-        let mut within = limit.cut();
+        self.rows_into(start, mask, priority, &mut limit.cut(), &mut page);
+        Some(page)
+    }
+
+    /// The tail's own rows from position `start` that a read with `mask`
+    /// and `priority` returns, onto `page` while `within` takes their
+    /// sizes: the end of both readers' pages.
+    fn rows_into(
+        &self,
+        start: usize,
+        mask: u64,
+        priority: Option<u8>,
+        within: &mut impl FnMut(u64) -> bool,
+        page: &mut Vec<StoredMessage>,
+    ) {
         page.extend(
             self.rows
                 .range(start..)
@@ -363,7 +372,6 @@ impl Tail {
                 .take_while(|r| within(r.msg.size()))
                 .cloned(),
         );
-        Some(page)
     }
 
     /// Where `id` stands, with its QoS, if the tail holds it: `None` also

@@ -56,6 +56,50 @@ async fn pub_lines(args: Vec<String>, lines: String) -> std::process::Output {
     out
 }
 
+/// A third-party subscriber (a script that prints SUBSCRIBED, then a line
+/// a message, and exits once it has them all), running.
+struct Reader {
+    child: std::process::Child,
+    lines: std::io::BufReader<std::process::ChildStdout>,
+    who: &'static str,
+}
+
+impl Reader {
+    /// Starts `command` and waits, 30 s at most, until it has subscribed.
+    async fn start(command: &mut std::process::Command, who: &'static str) -> Reader {
+        let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap());
+        let subscribed = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            while lines.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.trim() == "SUBSCRIBED" {
+                    return Some(lines);
+                }
+                line.clear();
+            }
+            None
+        });
+        let lines = tokio::time::timeout(Duration::from_secs(30), subscribed).await.expect("in time").unwrap();
+        let lines = lines.unwrap_or_else(|| panic!("{who} did not subscribe"));
+        Reader { child, lines, who }
+    }
+
+    /// What it printed after SUBSCRIBED, once it exited (30 s at most).
+    async fn rest(self) -> String {
+        let Reader { mut child, mut lines, who } = self;
+        let read = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut rest = String::new();
+            lines.read_to_string(&mut rest).unwrap();
+            let _ = child.wait();
+            rest
+        });
+        let got = tokio::time::timeout(Duration::from_secs(30), read).await;
+        got.unwrap_or_else(|_| panic!("{who} did not get everything within 30 s")).unwrap()
+    }
+}
+
 fn doctor_json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
@@ -335,59 +379,16 @@ async fn paho_publishes_to_steadfast_sub_and_subscribes_to_steadfast_pub() {
     let want: String = (0..N).map(|i| format!("p-{i:06}\n")).collect();
     assert_eq!(String::from_utf8_lossy(&out.stdout), want);
 
-    let mut reader = crate::bridge::python("paho_sub.py")
-        .args(["127.0.0.1", &m.port().to_string(), "paho/out", &N.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(reader.stdout.take().unwrap());
-    let subscribed = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        while lines.read_line(&mut line).unwrap_or(0) > 0 {
-            if line.trim() == "SUBSCRIBED" {
-                return Some(lines);
-            }
-            line.clear();
-        }
-        None
-    })
-    .await
-    .unwrap()
-    .expect("the paho subscriber subscribed");
+    let reader = Reader::start(
+        crate::bridge::python("paho_sub.py").args(["127.0.0.1", &m.port().to_string(), "paho/out", &N.to_string()]),
+        "the paho subscriber",
+    )
+    .await;
     let payloads: String = (0..N).map(|i| format!("s-{i:05}\n")).collect();
     let ob = dir.path().join("ob");
-    let out = tokio::task::spawn_blocking({
-        let url = m.url();
-        move || {
-            use std::io::Write;
-            let mut child = crate::steadfast()
-                .args(["pub", "-b", &url, "-t", "paho/out", "-l", "-q", "1", "--outbox", ob.to_str().unwrap()])
-                .stdin(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(payloads.as_bytes()).unwrap();
-            child.wait_with_output().unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let got = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut rest = String::new();
-            let mut lines = subscribed;
-            lines.read_to_string(&mut rest).unwrap();
-            let _ = reader.wait();
-            rest
-        }),
-    )
-    .await
-    .expect("the paho subscriber got everything in time")
-    .unwrap();
+    let args = ["pub", "-b", &m.url(), "-t", "paho/out", "-l", "-q", "1", "--outbox", ob.to_str().unwrap()];
+    pub_lines(args.iter().map(|s| s.to_string()).collect(), payloads).await;
+    let got = reader.rest().await;
     let mut got: Vec<&str> = got.lines().collect();
     got.sort_unstable();
     got.dedup();
@@ -424,44 +425,17 @@ async fn mqttjs_publishes_to_steadfast_sub_and_subscribes_to_steadfast_pub() {
     assert_eq!(props["content_type"], "text/plain", "{props}");
     assert_eq!(props["user_properties"], serde_json::json!([["origin", "mqtt.js"]]), "{props}");
 
-    let mut reader = mqttjs("mqttjs_sub.js")
-        .args(["127.0.0.1", &port, "js/out", &N.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(reader.stdout.take().unwrap());
-    let subscribed = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        while lines.read_line(&mut line).unwrap_or(0) > 0 {
-            if line.trim() == "SUBSCRIBED" {
-                return Some(lines);
-            }
-            line.clear();
-        }
-        None
-    });
-    let lines = tokio::time::timeout(Duration::from_secs(30), subscribed).await.expect("in time").unwrap();
-    let lines = lines.expect("the MQTT.js subscriber subscribed");
+    let reader = Reader::start(
+        mqttjs("mqttjs_sub.js").args(["127.0.0.1", &port, "js/out", &N.to_string()]),
+        "the MQTT.js subscriber",
+    )
+    .await;
     let payloads: String = (0..N).map(|i| format!("s-{i:05}\n")).collect();
     let ob = dir.path().join("ob");
     let args = ["pub", "-b", &m.url(), "-t", "js/out", "-l", "-q", "1", "--outbox", ob.to_str().unwrap()];
     let d = ["-D", "PUBLISH", "content-type", "text/plain", "-D", "PUBLISH", "user-property", "k", "v"];
-    let out = pub_lines(args.iter().chain(&d).map(|s| s.to_string()).collect(), payloads).await;
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let got = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let (mut rest, mut lines) = (String::new(), lines);
-            lines.read_to_string(&mut rest).unwrap();
-            let _ = reader.wait();
-            rest
-        }),
-    )
-    .await
-    .expect("the MQTT.js subscriber got everything in time")
-    .unwrap();
+    pub_lines(args.iter().chain(&d).map(|s| s.to_string()).collect(), payloads).await;
+    let got = reader.rest().await;
     let got: Vec<serde_json::Value> = got.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let mut distinct: Vec<&str> = got.iter().map(|j| j["payload"].as_str().unwrap()).collect();
     distinct.sort_unstable();

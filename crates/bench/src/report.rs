@@ -136,7 +136,11 @@ impl Report {
                 "at par"
             );
             for r in &s.rows {
-                let value = r.value.map_or_else(|| "-".to_owned(), |(v, unit)| format!("{v:.0} {unit}"));
+                let value = r.value.map_or_else(
+                    || "-".to_owned(),
+                    // Microseconds a message are a few: one decimal.
+                    |(v, unit)| if unit == "us" { format!("{v:.1} {unit}") } else { format!("{v:.0} {unit}") },
+                );
                 let ratio = if r.baseline { "baseline".to_owned() } else { opt(r.ratio, 0, 2) };
                 let window = r.window.map_or_else(|| "-".to_owned(), |w| w.to_string());
                 let busy = r.cpu.map_or_else(|| "-".to_owned(), |c| format!("{:.0}%", c.busy * 100.0));

@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::clients::steadfast_durable;
 use crate::measure::{broker, median, median_run, process_us, rate, state_dir, us_text, versus, Cpu, Span, Took};
+use crate::scenarios::consume::consume_once;
 use crate::{Args, BenchError, Row, Scenario};
 
 /// The in-flight window of a `steadfast bridge` route (the client's
@@ -41,7 +42,7 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
     let local = broker(window).await?;
     let upstream = broker(window).await?;
     let (mut bridged, mut direct, mut cpu_bridged, mut cpu_direct) = (vec![], vec![], vec![], vec![]);
-    let mut starts = vec![];
+    let (mut starts, mut receiving) = (vec![], vec![]);
     for run in 0..a.runs {
         eprintln!("bridge: run {}/{}", run + 1, a.runs);
         let route = BridgeRun::register(&exe, &a, run, &local, &upstream)?;
@@ -54,10 +55,37 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
             steadfast_durable(upstream.port(), &a, &format!("direct-{run}"), ProtocolVersion::V5, window).await?;
         direct.push(rate(a.messages, took.elapsed));
         cpu_direct.push(took.cpu);
+        // The bridge's receiving side alone: a consumer without an inbox
+        // draining the same backlog from the same local broker. Its own
+        // CPU and the publisher's are the floor of the bridge's own.
+        let took = consume_once(local.port(), &a, &format!("bridge-receiving-{run}"), false).await?;
+        receiving.extend(took.cpu.and_then(|c| c.own_us));
     }
     let start = (!starts.is_empty()).then(|| median(starts));
+    let receiving = (!receiving.is_empty()).then(|| median(receiving));
     let brokers = [local.pid(), upstream.pid()];
-    Ok(scenario(&a, window, median_run(&bridged, &cpu_bridged), median_run(&direct, &cpu_direct), start, brokers))
+    let (bridged, direct) = (median_run(&bridged, &cpu_bridged), median_run(&direct, &cpu_direct));
+    Ok(scenario(&a, window, bridged, direct, start, receiving, brokers))
+}
+
+/// The bridge's floor: what its own CPU a message would be, were it to
+/// spend no more than a publisher straight to the upstream broker plus a
+/// consumer (without an inbox) on the local broker, each measured in the
+/// same run; and the ceiling that leaves, the ratio the machine's cores
+/// allow with the bridge at its floor and the rest of the bridged run's
+/// CPU (both brokers, the kernel) as measured (docs/performance.md,
+/// session 36).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Floor {
+    own_us: f64,
+    ceiling: f64,
+}
+
+fn floor(bridged: Option<Cpu>, direct: (f64, Option<Cpu>), receiving: Option<f64>) -> Option<Floor> {
+    let (bridged, publisher) = (bridged?, direct.1?.own_us?);
+    let own_us = publisher + receiving?;
+    let at_floor = Cpu { machine_us: bridged.machine_us - bridged.own_us? + own_us, ..bridged };
+    Some(Floor { own_us, ceiling: at_floor.max_ratio(direct.0) })
 }
 
 /// One bridged run: the span timed and the messages it counts, and the
@@ -139,8 +167,7 @@ impl<'a> BridgeRun<'a> {
     }
 
     /// Runs the bridge until the upstream broker has acknowledged all `n`
-    /// messages (read from the bridge's `--metrics`: every 5 ms until the
-    /// first acknowledgement, every 20 ms after). The span starts at the
+    /// messages (read from the bridge's `--metrics`: [`pause`]). The span starts at the
     /// first acknowledgement seen and counts the messages acknowledged
     /// after the reading that follows its start (what it leaves out is
     /// left out of the count, not of the time).
@@ -162,8 +189,7 @@ impl<'a> BridgeRun<'a> {
         let mut exited = None;
         let mut flowing: Option<(Span, u64, Duration)> = None;
         while acked < n as u64 && spawned.elapsed() < limit && exited.is_none() {
-            let pause = if flowing.is_some() { 20 } else { 5 };
-            tokio::time::sleep(Duration::from_millis(pause)).await;
+            tokio::time::sleep(pause(flowing.as_ref().map(|(span, at, _)| (span, *at)), acked, n)).await;
             acked = scrape(&metrics, &counter).await.unwrap_or(acked);
             if flowing.is_none() && acked > 0 && acked < n as u64 {
                 let start = spawned.elapsed();
@@ -196,6 +222,22 @@ impl<'a> BridgeRun<'a> {
     }
 }
 
+/// How long to wait before the next reading of the bridge's count: 5 ms
+/// until the first acknowledgement; then until the last one is due at the
+/// rate so far, between 2 and 20 ms. The span ends at the reading that
+/// finds them all: a fixed 20 ms charged the bridge 10 ms a run on
+/// average, about 1 % of a run here.
+fn pause(flowing: Option<(&Span, u64)>, acked: u64, n: usize) -> Duration {
+    let Some((span, at)) = flowing else { return Duration::from_millis(5) };
+    let (min, max) = (Duration::from_millis(2), Duration::from_millis(20));
+    let done = acked.saturating_sub(at);
+    if done == 0 {
+        return max;
+    }
+    let left = (n as u64).saturating_sub(acked) as f64 * span.elapsed().as_secs_f64() / done as f64;
+    Duration::from_secs_f64(left).clamp(min, max)
+}
+
 /// The value of `counter` (its full name with labels) at a `--metrics`
 /// address; `None` while the exporter does not answer or has no such line.
 async fn scrape(addr: &str, counter: &str) -> Option<u64> {
@@ -214,8 +256,10 @@ fn scenario(
     bridged: (f64, Option<Cpu>),
     direct: (f64, Option<Cpu>),
     start_ms: Option<f64>,
+    receiving_us: Option<f64>,
     [local, upstream]: [Option<u32>; 2],
 ) -> Scenario {
+    let floor = floor(bridged.1, direct, receiving_us);
     let mut rows = versus(
         window,
         ("steadfast straight to upstream (durable, MQTT 5)", direct.0, None, direct.1),
@@ -226,8 +270,14 @@ fn scenario(
         value: Some((ms, "ms")),
         ..Row::default()
     }));
+    rows.extend(floor.map(|f| Row {
+        name: "the bridge's floor: its own CPU at a publisher's + a consumer's (value)".into(),
+        value: Some((f.own_us, "us")),
+        cpu_max: Some(f.ceiling),
+        ..Row::default()
+    }));
     let mut notes = vec![
-        "rates: the direct publisher from its first enqueue (its client open) to an empty outbox; the bridge from its first upstream acknowledgement seen to the first reading (every 20 ms) that finds them all, the messages acknowledged before left out of the count (its start is the row of its own; the direct publisher's first sync and round trip, a few ms, stay in its time)".to_owned(),
+        "rates: the direct publisher from its first enqueue (its client open) to an empty outbox; the bridge from its first upstream acknowledgement seen to the first reading that finds them all (read every 20 ms, every 2 ms once the rate so far says the last is near), the messages acknowledged before left out of the count (its start is the row of its own; the direct publisher's first sync and round trip, a few ms, stay in its time)".to_owned(),
     ];
     // What the bridged path adds to the machine's work, by process
     // (docs/performance.md, session 31: the local broker's delivery, a
@@ -242,6 +292,18 @@ fn scenario(
         own(direct.1),
         process_us(direct.1, upstream),
     ));
+    if let (Some(f), Some(b)) = (floor, bridged.1) {
+        notes.push(format!(
+            "the bridge's floor: the publisher's own {} + a steadfast consumer's own {} (no inbox, draining the same local broker, same window) = {:.1} us a message, against the bridge's {}; with the bridge at its floor and the rest as measured, the cores allow {:.2} with every core busy, {:.2} at the bridged run's {:.0}% busy",
+            own(direct.1),
+            us_text(receiving_us),
+            f.own_us,
+            own(bridged.1),
+            f.ceiling,
+            f.ceiling * b.busy,
+            b.busy * 100.0,
+        ));
+    }
     if window < a.inflight {
         notes.push(format!("window {window}, not {}: the bridge's own default caps it", a.inflight));
     }

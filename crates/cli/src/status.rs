@@ -491,7 +491,7 @@ impl Store {
             println!("         window {n} in flight at most: learned (it ended links with more in flight)");
         }
         if let Some((_, n)) = self.report.poison_sizes.iter().find(|(u, _)| *u == b.url) {
-            println!("         messages of {n} bytes or more are moved aside as poison at once: learned (it closed MQTT 3.1.1 links on one)");
+            println!("         messages of {n} bytes or more are moved aside as poison at once: learned (it closed links on one, stating no maximum packet size)");
         }
         if let Some(e) = &b.last_error {
             println!("         last error: {e}");

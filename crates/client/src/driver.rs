@@ -135,12 +135,14 @@ pub(crate) struct Driver {
     /// The MQTT 3.1.1 window used when nothing was learned (not a finding
     /// to remember).
     default_311: Option<u16>,
-    /// The smallest message (topic and payload bytes) an MQTT 3.1.1 link
-    /// to this broker was found to close on (poison), as learned.
+    /// The smallest message (topic and payload bytes) a link to this
+    /// broker that stated no maximum packet size was found to close on
+    /// (poison), as learned.
     poison_size: Option<u64>,
-    /// `poison_size` while the link speaks 3.1.1 (MQTT 5 brokers say
-    /// their maximum packet size).
-    poison_311: Option<u64>,
+    /// `poison_size` while the link states no maximum packet size: it
+    /// speaks 3.1.1, which cannot, or its MQTT 5 CONNACK did not (rumqttd
+    /// closes the link on a PUBLISH over its `max_payload_size`).
+    poison_unstated: Option<u64>,
     /// How the last link ended (a size is learned only from closes).
     last_end: LinkEnd,
     /// The producer's receipts topic, carried by every message that asks
@@ -211,7 +213,7 @@ impl Driver {
             window_started: false,
             default_311: None,
             poison_size: None,
-            poison_311: None,
+            poison_unstated: None,
             last_end: LinkEnd::Ours,
             receipts: cfg_receipts,
             ack_debt: None,
@@ -434,8 +436,8 @@ impl Driver {
         reconnect: bool,
     ) -> Result<usize, ConnectError> {
         self.start_window();
-        self.poison_311 = self.poison_size.filter(|_| self.version == ProtocolVersion::V311);
         self.max_packet = ack.maximum_packet_size;
+        self.poison_unstated = self.poison_size.filter(|_| self.size_unstated());
         self.shared.max_packet.store(ack.maximum_packet_size.unwrap_or(u32::MAX), Ordering::Relaxed);
         self.shared.retain_unavailable.store(ack.retain_available == Some(false), Ordering::Relaxed);
         let info = ConnAckInfo {
@@ -451,7 +453,7 @@ impl Driver {
             link,
             producer: &self.producer,
             max_packet: self.max_packet,
-            poison_size: self.poison_311,
+            poison_size: self.poison_unstated,
             receipts: &self.receipts,
         };
         let Connected { resent } = self.session.handle_connack(info, now(), &claims, &mut wire);
@@ -535,7 +537,7 @@ impl Driver {
                         continue;
                     }
                     let fired = self.session.ack_timeout();
-                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_311, receipts: &self.receipts };
+                    let mut wire = LinkWire { link: &mut *link, producer: &self.producer, max_packet: self.max_packet, poison_size: self.poison_unstated, receipts: &self.receipts };
                     self.session.handle_timeout(now(), &mut wire).map_err(|e| self.ended(e, fired))?;
                 }
                 r = rd.read(buf) => self.on_read(link, r, buf).await?,
@@ -609,7 +611,7 @@ impl Driver {
             link: &mut *link,
             producer: &self.producer,
             max_packet: self.max_packet,
-            poison_size: self.poison_311,
+            poison_size: self.poison_unstated,
             receipts: &self.receipts,
         };
         self.session.fill(now(), &claims, &mut wire);
@@ -678,7 +680,7 @@ impl Driver {
                         link: &mut *link,
                         producer: &self.producer,
                         max_packet: self.max_packet,
-                        poison_size: self.poison_311,
+                        poison_size: self.poison_unstated,
                         receipts: &self.receipts,
                     };
                     self.session.handle_bound(bound, now(), &mut wire);
@@ -739,12 +741,18 @@ impl Driver {
                     );
                 }
                 SessionEvent::Window(WindowChange { from, to, in_flight, ceiling }) => {
-                    let upto = ceiling.map_or(String::new(), |c| format!(" up to {c}, remembered for the next run"));
+                    let upto = ceiling.map_or(String::new(), |c| format!(" up to {c}"));
                     tracing::warn!(
                         broker = %self.url, from, to, in_flight, ?ceiling,
                         "the broker ended the link with many messages in flight (a limit it does not announce?): at most {to} in flight from now on, growing by one per {to} acknowledged{upto}"
                     );
-                    if let Some(c) = ceiling.filter(|c| Some(*c) != self.default_311) {
+                }
+                SessionEvent::CeilingHeld(c) => {
+                    // Written once every message in flight at the closes
+                    // went through: a poison message's chase, which
+                    // narrows the window to one, writes nothing.
+                    if Some(c) != self.default_311 {
+                        tracing::info!(broker = %self.url, ceiling = c, "the window's ceiling held: at most {c} in flight to this broker, remembered for the next run");
                         self.outbox.set_meta(&self.window_key(), &c.to_string());
                     }
                 }
@@ -788,9 +796,9 @@ impl Driver {
     }
 
     /// A message moved aside as poison: said, with its cause, in the log
-    /// (the outbox's drop event follows once it is on disk). A close by an
-    /// MQTT 3.1.1 broker on a message larger than any it took teaches a
-    /// size.
+    /// (the outbox's drop event follows once it is on disk). A close by a
+    /// broker that states no maximum packet size on a message larger than
+    /// any it took teaches a size.
     fn poisoned(&mut self, message: &StoredMessage, cause: PoisonCause) {
         let (id, topic) = (message.id, &message.msg.topic);
         let kept = "kept; `steadfast poison` lists, requeues or deletes it";
@@ -799,7 +807,7 @@ impl Driver {
                 let size = message.msg.size();
                 tracing::error!(
                     broker = %self.url, id, %topic, size,
-                    "moved aside as poison at once: this MQTT 3.1.1 broker closed the link on a message this large before ({kept})"
+                    "moved aside as poison at once: this broker, which states no maximum packet size, closed the link on a message this large before ({kept})"
                 );
             }
             PoisonCause::Refused(code) => {
@@ -819,9 +827,10 @@ impl Driver {
         }
     }
 
-    /// A poison message the broker closed the link on: towards an MQTT
-    /// 3.1.1 broker, which cannot announce a maximum packet size, its size
-    /// is most likely that limit, and messages this large go aside at once.
+    /// A poison message the broker closed the link on: towards a broker
+    /// that states no maximum packet size (MQTT 3.1.1 cannot; an MQTT 5
+    /// CONNACK may leave it out), its size is most likely that limit, and
+    /// messages this large go aside at once.
     fn learn_size(&mut self, size: u64) {
         // Only the broker closing on it tells of a size; an ack timeout
         // does not. Nor does a close on a message no larger than one it
@@ -831,12 +840,18 @@ impl Driver {
         // message aside.
         let closed = self.last_end == LinkEnd::Closed;
         let sized = size > self.session.largest_acked() && size >= SMALLEST_SIZE_LIMIT;
-        if closed && sized && self.version == ProtocolVersion::V311 && self.poison_size.is_none_or(|p| size < p) {
+        if closed && sized && self.size_unstated() && self.poison_size.is_none_or(|p| size < p) {
             self.poison_size = Some(size);
-            self.poison_311 = Some(size);
+            self.poison_unstated = Some(size);
             self.outbox.set_meta(&BrokerMeta::PoisonSize.key(&self.url.to_string()), &size.to_string());
-            tracing::warn!(broker = %self.url, size, "from now on messages of {size} bytes (topic and payload) or more are moved aside at once for this broker, which speaks MQTT 3.1.1 and cannot announce its maximum packet size; remembered in the outbox (`steadfast poison --requeue` forgets it)");
+            tracing::warn!(broker = %self.url, size, "from now on messages of {size} bytes (topic and payload) or more are moved aside at once for this broker, which states no maximum packet size; remembered in the outbox (`steadfast poison --requeue` forgets it)");
         }
+    }
+
+    /// This link's broker stated no maximum packet size: it speaks MQTT
+    /// 3.1.1, which cannot, or its MQTT 5 CONNACK did not.
+    fn size_unstated(&self) -> bool {
+        self.version == ProtocolVersion::V311 || self.max_packet.is_none()
     }
 
     /// Messages acknowledged: the router and the status learn of it.
@@ -875,7 +890,7 @@ impl Driver {
             link,
             producer: &self.producer,
             max_packet: self.max_packet,
-            poison_size: self.poison_311,
+            poison_size: self.poison_unstated,
             receipts: &self.receipts,
         }
     }

@@ -92,6 +92,53 @@ async fn a_message_mosquitto_closes_the_link_on_is_moved_aside_and_the_rest_deli
     assert_eq!(st["poisoned"].as_array().unwrap().len(), 0, "{st}");
 }
 
+/// An MQTT 5 broker that states no maximum packet size in its CONNACK and
+/// closes the link on a PUBLISH over its limit (rumqttd, `max_payload_size`:
+/// 1 MiB in `steadfast broker`) teaches the size as a 3.1.1 broker does:
+/// the first such message is moved aside after its closes, the next one as
+/// large at once, without a close (found by trying rumqttd 0.20 as users
+/// run it: each took three closes, with the reconnect's backoff growing
+/// between them, 30 s for the second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_5_broker_that_states_no_size_teaches_it_by_closing() {
+    let port = steadfast_testkit::free_port();
+    let mut broker = super::steadfast()
+        .args(["broker", "--port", &port.to_string(), "--protocol-version", "5"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the embedded broker listens", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let ob = dir.path().join("ob").to_str().unwrap().to_owned();
+    let (big, bigger) = ("x".repeat(1_100_000), "y".repeat(1_200_000));
+    let lines = format!("first\n{big}\nafter 1\n{bigger}\nafter 2\n");
+    let args = ["-b", &url, "-V", "5", "-t", "lim/unstated", "-l", "-i", "lim-unstated", "--outbox", &ob];
+    let out = pub_with_input(strings(&[&args[..], &["--wait-timeout", "60s"]].concat()), lines).await;
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("states no maximum packet size"), "the size is learned: {err}");
+    assert!(err.contains("moved aside as poison at once"), "the second goes aside without closes: {err}");
+    let st = status_json(&ob);
+    // Only the two big ones are left: the others were acknowledged.
+    assert_eq!(st["queued"], 2, "{st}");
+    assert_eq!(st["dropped"]["poison"], 2, "{st}");
+    let poisoned = st["poisoned"].as_array().unwrap();
+    assert_eq!((poisoned[0]["id"].as_u64(), poisoned[0]["failures"].as_u64()), (Some(2), Some(3)), "{st}");
+    assert_eq!((poisoned[1]["id"].as_u64(), poisoned[1]["failures"].as_u64()), (Some(4), Some(0)), "{st}");
+    let text = String::from_utf8_lossy(&run(&["status", "--outbox", &ob]).await.stdout).into_owned();
+    assert!(text.contains("messages of 1100012 bytes or more are moved aside as poison at once"), "{text}");
+    // The closes were the poison's: the window is back, and no limit on
+    // messages in flight is remembered.
+    assert!(st["brokers"][0]["window"].is_null(), "{st}");
+}
+
 /// A close over MQTT 3.1.1 on a small message is a refusal, not a size:
 /// Mosquitto with `retain_available false` closes the link on a retained
 /// PUBLISH. It is moved aside after its failures; the ordinary messages

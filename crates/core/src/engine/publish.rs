@@ -285,6 +285,13 @@ pub enum SessionEvent<M> {
     /// The failures that shrank the window were one message's (poison) or
     /// QoS 2's: the window is back to this.
     WindowRestored(u16),
+    /// The ceiling learned from the closes held: every message in flight
+    /// at the last of them went through since. It is a limit of the
+    /// broker's, to remember for the next run. Not said while a chase
+    /// goes on: a poison message narrows the window down to one and
+    /// teaches a ceiling of one on its way, which a run that ended before
+    /// the message was isolated remembered for good.
+    CeilingHeld(u16),
     /// This message was moved aside as poison.
     Poisoned {
         /// The message.
@@ -453,6 +460,9 @@ pub struct PublishSession<M> {
     /// MQTT 3.1.1 client, docs/interop.md), so the limit is not probed
     /// again.
     ceiling: Option<u16>,
+    /// The ceiling last said to have held ([`SessionEvent::CeilingHeld`]),
+    /// or learned by an earlier run.
+    ceiling_held: Option<u16>,
     /// Acknowledgements since the window started (a CONNACK) or last grew:
     /// a close within one window's worth of them is a limit's signature (the
     /// extra messages pushed it over); later, a restart's.
@@ -503,6 +513,7 @@ impl<M: Queued> PublishSession<M> {
             deferred: VecDeque::new(),
             chase_from: None,
             ceiling: None,
+            ceiling_held: None,
             acks_since_change: 0,
             rtt: RoundTrip::new(cfg.ack_timeout),
             timed: None,
@@ -524,6 +535,7 @@ impl<M: Queued> PublishSession<M> {
     pub fn learned_window(&mut self, n: u16) {
         self.start_window(n);
         self.ceiling = Some(self.cwnd);
+        self.ceiling_held = self.ceiling;
     }
 
     /// The adaptive window now.
@@ -833,6 +845,8 @@ impl<M: Queued> PublishSession<M> {
         if let Some((w, ceiling)) = self.chase_from.take().filter(|(w, _)| *w > self.cwnd) {
             self.cwnd = w;
             self.ceiling = ceiling;
+            // The driver writes the restored ceiling down as it is.
+            self.ceiling_held = ceiling;
             self.grow_acks = 0;
             self.events.push_back(SessionEvent::WindowRestored(w));
         }

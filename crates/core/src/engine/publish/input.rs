@@ -121,8 +121,12 @@ impl<M: Queued> PublishSession<M> {
         }
         if self.suspects.is_empty() {
             // Every suspect went through: the failures were a limit or
-            // chance, and the smaller window stands.
+            // chance, and the smaller window stands, with its ceiling.
             self.chase_from = None;
+            if self.ceiling != self.ceiling_held {
+                self.ceiling_held = self.ceiling;
+                self.events.extend(self.ceiling.map(SessionEvent::CeilingHeld));
+            }
         }
         self.events.push_back(SessionEvent::Acked(done.len() as u64));
         self.store.push_back(StoreOp::Ack(done));

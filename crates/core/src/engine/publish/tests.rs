@@ -529,3 +529,87 @@ fn a_page_ends_at_its_count_or_at_the_message_that_reaches_its_bytes_and_is_neve
     assert_eq!(page(ReadLimit { count: 10, bytes: 5 }, &[u64::MAX, 1]), 1);
     assert_eq!(page(ReadLimit { count: 10, bytes: 5 }, &[u64::MAX, u64::MAX]), 1, "no overflow");
 }
+
+/// The PUBLISHes in `text` ("P<pid>:<id>" each), acknowledged: their ids.
+fn ack_sent(s: &mut PublishSession<M>, text: &str, t: Now) -> Vec<u64> {
+    let sent: Vec<(u16, u64)> = text
+        .split_whitespace()
+        .filter_map(|p| p.strip_prefix('P')?.trim_end_matches('d').split_once(':'))
+        .map(|(pid, id)| (pid.parse().unwrap(), id.parse().unwrap()))
+        .collect();
+    s.handle_acks(sent.iter().map(|(pid, _)| Ack::PubAck { pid: *pid, code: 0 }).collect::<Vec<_>>(), t).unwrap();
+    sent.into_iter().map(|(_, id)| id).collect()
+}
+
+fn ceilings_held(s: &mut PublishSession<M>) -> Vec<u16> {
+    let held = std::iter::from_fn(|| s.poll_event()).filter_map(|e| match e {
+        SessionEvent::CeilingHeld(c) => Some(c),
+        _ => None,
+    });
+    held.collect()
+}
+
+/// A ceiling is said to hold (the driver writes it down for the next run
+/// then) only once every message in flight at the close went through: not
+/// at the close itself.
+#[test]
+fn a_ceiling_holds_once_the_messages_of_the_close_went_through() {
+    let (mut s, t0) = connected(&qos1(1..=30));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    sent(&mut s);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert_eq!(s.window_ceiling(), Some(9));
+    assert_eq!(ceilings_held(&mut s), Vec::<u16>::new(), "not at the close");
+    reconnect(&mut s, at(t0, 10), true);
+    // The kept session resends the five the smaller window holds; the
+    // reconnect's read brings the rest.
+    s.handle_page(qos1(6..=30), 0, 30, &|_| true);
+    let mut acked = Vec::new();
+    for n in 0..10u64 {
+        let text = sent(&mut s);
+        acked.extend(ack_sent(&mut s, &text, at(t0, 11 + n)));
+        let held = ceilings_held(&mut s);
+        if (1..=10).all(|id| acked.contains(&id)) {
+            assert_eq!(held, vec![9], "said once the ten of the close went through (acked {acked:?})");
+            return;
+        }
+        assert_eq!(held, Vec::<u16>::new(), "acked {acked:?}");
+        s.fill(at(t0, 11 + n), &|_| true, &mut Text);
+    }
+    panic!("the ten messages of the close never went through: {acked:?}");
+}
+
+/// A poison message narrows the window down to one, teaching a ceiling of
+/// one on its way: it never holds (a run that ended during the chase
+/// remembered it, and every later run to that broker kept one message in
+/// flight), and once the message is moved aside the window is back.
+#[test]
+fn a_poison_chase_never_holds_a_ceiling() {
+    let (mut s, t0) = connected(&qos1(1..=30));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    sent(&mut s);
+    let mut events = Vec::new();
+    for n in 1..=10u64 {
+        // The broker closes the link on message 1 each time, before it
+        // acknowledges anything.
+        s.handle_link_lost(LinkEnd::Closed);
+        events.extend(std::iter::from_fn(|| s.poll_event()));
+        if ops(&mut s).contains(&StoreOp::Poison(1, PoisonCause::Closed(3))) {
+            break;
+        }
+        reconnect(&mut s, at(t0, 10 * n), true);
+        sent(&mut s);
+    }
+    assert!(events.iter().any(|e| matches!(e, SessionEvent::Window(WindowChange { to: 1, .. }))), "{events:?}");
+    assert!(events.contains(&SessionEvent::WindowRestored(10)), "{events:?}");
+    reconnect(&mut s, at(t0, 200), true);
+    s.handle_page(qos1(2..=30), 0, 30, &|_| true);
+    for n in 0..40u64 {
+        s.fill(at(t0, 201 + n), &|_| true, &mut Text);
+        let text = sent(&mut s);
+        ack_sent(&mut s, &text, at(t0, 201 + n));
+        events.extend(std::iter::from_fn(|| s.poll_event()));
+    }
+    assert!(!events.iter().any(|e| matches!(e, SessionEvent::CeilingHeld(_))), "{events:?}");
+    assert_eq!(s.window_ceiling(), None);
+}

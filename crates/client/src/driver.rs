@@ -145,6 +145,11 @@ pub(crate) struct Driver {
     poison_unstated: Option<u64>,
     /// How the last link ended (a size is learned only from closes).
     last_end: LinkEnd,
+    /// The last link ended in a way a message too large could explain: a
+    /// bare close or reset, or an MQTT 5 DISCONNECT that says so (or says
+    /// nothing more precise); not one naming another reason (a topic
+    /// name, a quota, a rate).
+    closed_on_size: bool,
     /// The producer's receipts topic, carried by every message that asks
     /// for receipts (whichever run queued it).
     receipts: Arc<str>,
@@ -215,6 +220,7 @@ impl Driver {
             poison_size: None,
             poison_unstated: None,
             last_end: LinkEnd::Ours,
+            closed_on_size: false,
             receipts: cfg_receipts,
             ack_debt: None,
             incoming: Vec::new(),
@@ -376,6 +382,7 @@ impl Driver {
         // Whatever the end, nothing more goes out on this link; what the
         // engine still asks of the store is carried out (binds are void).
         self.last_end = link_end(&r);
+        self.closed_on_size = could_be_size(&r);
         self.session.handle_link_lost(self.last_end);
         self.flush_detached();
         r
@@ -838,7 +845,7 @@ impl Driver {
         // broker closes on what it refuses (a topic it denies, retain it
         // does not offer), and a size learned from that put every later
         // message aside.
-        let closed = self.last_end == LinkEnd::Closed;
+        let closed = self.last_end == LinkEnd::Closed && self.closed_on_size;
         let sized = size > self.session.largest_acked() && size >= SMALLEST_SIZE_LIMIT;
         if closed && sized && self.size_unstated() && self.poison_size.is_none_or(|p| size < p) {
             self.poison_size = Some(size);
@@ -970,6 +977,17 @@ fn link_end(r: &Result<(), ConnectError>) -> LinkEnd {
         // Our stop, our store, our codec, a broker's stray acknowledgement
         // or oversized packet: nothing to do with one message in flight.
         Ok(()) | Err(_) => LinkEnd::Ours,
+    }
+}
+
+/// A link's end a message too large could explain ([`Driver::learn_size`]).
+fn could_be_size(r: &Result<(), ConnectError>) -> bool {
+    match r {
+        Err(ConnectError::Closed(CloseReason::Disconnect(reason))) => {
+            ["PacketTooLarge", "UnspecifiedError", "ImplementationSpecificError"].iter().any(|r| reason.contains(r))
+        }
+        Err(ConnectError::Closed(_) | ConnectError::Io(_) | ConnectError::WriterStopped) => true,
+        _ => false,
     }
 }
 

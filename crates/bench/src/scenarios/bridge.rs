@@ -56,7 +56,7 @@ pub(crate) async fn bridge(a: Args) -> Result<Scenario, BenchError> {
         direct.push(rate(a.messages, took.elapsed));
         cpu_direct.push(took.cpu);
         // The bridge's receiving side alone: a consumer without an inbox
-        // draining the same backlog from the same local broker. Its own
+        // draining a backlog as large from the same local broker. Its own
         // CPU and the publisher's are the floor of the bridge's own.
         let took = consume_once(local.port(), &a, &format!("bridge-receiving-{run}"), false).await?;
         receiving.extend(took.cpu.and_then(|c| c.own_us));
@@ -82,10 +82,8 @@ struct Floor {
 }
 
 fn floor(bridged: Option<Cpu>, direct: (f64, Option<Cpu>), receiving: Option<f64>) -> Option<Floor> {
-    let (bridged, publisher) = (bridged?, direct.1?.own_us?);
-    let own_us = publisher + receiving?;
-    let at_floor = Cpu { machine_us: bridged.machine_us - bridged.own_us? + own_us, ..bridged };
-    Some(Floor { own_us, ceiling: at_floor.max_ratio(direct.0) })
+    let own_us = direct.1?.own_us? + receiving?;
+    Some(Floor { own_us, ceiling: bridged?.par_ratio(own_us, direct.0)? })
 }
 
 /// One bridged run: the span timed and the messages it counts, and the
@@ -294,7 +292,7 @@ fn scenario(
     ));
     if let (Some(f), Some(b)) = (floor, bridged.1) {
         notes.push(format!(
-            "the bridge's floor: the publisher's own {} + a steadfast consumer's own {} (no inbox, draining the same local broker, same window) = {:.1} us a message, against the bridge's {}; with the bridge at its floor and the rest as measured, the cores allow {:.2} with every core busy, {:.2} at the bridged run's {:.0}% busy",
+            "the bridge's floor: the publisher's own {} (its median run) + a steadfast consumer's own {} (median of the runs; no inbox, draining as many messages from the same local broker, same window) = {:.1} us a message, against the bridge's {}; with the bridge at its floor and the rest as measured, the cores allow {:.2} with every core busy, {:.2} at the bridged run's {:.0}% busy",
             own(direct.1),
             us_text(receiving_us),
             f.own_us,

@@ -147,8 +147,9 @@ pub enum PoisonCause {
     /// The broker ended the link this many times in a row with it alone in
     /// flight.
     Closed(u32),
-    /// It is at least as large as a message this MQTT 3.1.1 broker closed
-    /// the link on before (a size the codec knows): moved aside unsent.
+    /// It is at least as large as a message this broker, which states no
+    /// maximum packet size, closed the link on before (a size the codec
+    /// knows): moved aside unsent.
     Size,
     /// The broker refused it with this MQTT 5 reason code, one no retry
     /// changes ([`crate::reason::is_for_good`]).
@@ -161,7 +162,7 @@ impl std::fmt::Display for PoisonCause {
         match *self {
             PoisonCause::Closed(n) => write!(f, "the broker ended the link {n} times in a row with it alone in flight"),
             PoisonCause::Size => {
-                f.write_str("no smaller than a message this MQTT 3.1.1 broker closed the link on before (not sent)")
+                f.write_str("no smaller than a message this broker (which states no maximum packet size) closed the link on before (not sent)")
             }
             PoisonCause::Refused(code) => write!(f, "refused with reason code {}", reason::describe(code)),
         }
@@ -839,6 +840,18 @@ impl<M: Queued> PublishSession<M> {
         self.store.push_back(StoreOp::Unbind(unbind));
     }
 
+    /// `id` leaves this session without an acknowledgement (spent, too
+    /// large, taken over by another broker). Were it a suspect of the
+    /// closes that narrowed the window, the chase can no longer tell a
+    /// limit from a poison message (one with a retry budget or a deadline
+    /// leaves that way before it is isolated): the window and its ceiling
+    /// go back, and nothing the chase taught is remembered.
+    pub(super) fn left_unacked(&mut self, id: u64) {
+        if self.suspects.remove(&id).is_some() {
+            self.explained();
+        }
+    }
+
     /// The failures that narrowed the window down are explained (a poison
     /// message, or QoS 2): the window goes back to where it was.
     fn explained(&mut self) {
@@ -848,6 +861,7 @@ impl<M: Queued> PublishSession<M> {
             // The driver writes the restored ceiling down as it is.
             self.ceiling_held = ceiling;
             self.grow_acks = 0;
+            self.window.set_limit(self.cwnd.min(self.conn_limit));
             self.events.push_back(SessionEvent::WindowRestored(w));
         }
     }

@@ -132,18 +132,26 @@ pub(super) struct SourceLog {
     held: Option<Held>,
 }
 
-/// The standing records, by key: a table of every packet id for each
-/// source broker number. Brokers hand out packet ids in turn, so the
-/// records of a batch sit side by side: a hash map of up to 65,535 keys
-/// a broker cost the writer two cache misses a record, 4 % of a bridged
-/// message's CPU (docs/performance.md, session 36).
+/// The standing records, by key: a table of every packet id for each of
+/// the first [`TABLES`] source broker numbers met, a map for any other.
+/// Brokers hand out packet ids in turn, so the records of a batch sit side
+/// by side: a hash map of up to 65,535 keys a broker cost the writer two
+/// cache misses a record, 4 % of a bridged message's CPU
+/// (docs/performance.md, session 36). The map bounds what a damaged log
+/// (keys of any value, kept by a salvage) costs: 2 MiB a table.
 #[derive(Debug, Default)]
 struct Standings {
-    /// (broker number, its records by packet id), a few brokers at most.
-    brokers: Vec<(u64, Box<[Option<Standing>]>)>,
+    /// (broker number, its records by packet id).
+    tables: Vec<(u64, Box<[Option<Standing>]>)>,
+    /// The records of broker numbers beyond the tables.
+    others: HashMap<i64, Standing>,
     /// How many records stand.
     len: u64,
 }
+
+/// Broker numbers given a table of their own; a route has a few source
+/// brokers.
+const TABLES: usize = 8;
 
 impl Standings {
     fn split(k: i64) -> (u64, usize) {
@@ -152,21 +160,27 @@ impl Standings {
 
     fn get(&self, k: i64) -> Option<&Standing> {
         let (n, pid) = Self::split(k);
-        let (_, table) = self.brokers.iter().find(|(b, _)| *b == n)?;
-        table[pid].as_ref()
+        match self.tables.iter().find(|(b, _)| *b == n) {
+            Some((_, table)) => table[pid].as_ref(),
+            None => self.others.get(&k),
+        }
     }
 
     /// Puts `s` for key `k`: the record it replaces, if any.
     fn insert(&mut self, k: i64, s: Standing) -> Option<Standing> {
         let (n, pid) = Self::split(k);
-        let at = match self.brokers.iter().position(|(b, _)| *b == n) {
-            Some(at) => at,
-            None => {
-                self.brokers.push((n, vec![None; 1 << 16].into_boxed_slice()));
-                self.brokers.len() - 1
+        let at = match self.tables.iter().position(|(b, _)| *b == n) {
+            Some(at) => Some(at),
+            None if self.tables.len() < TABLES => {
+                self.tables.push((n, vec![None; 1 << 16].into_boxed_slice()));
+                Some(self.tables.len() - 1)
             }
+            None => None,
         };
-        let old = self.brokers[at].1[pid].replace(s);
+        let old = match at {
+            Some(at) => self.tables[at].1[pid].replace(s),
+            None => self.others.insert(k, s),
+        };
         self.len += u64::from(old.is_none());
         old
     }
@@ -177,10 +191,11 @@ impl Standings {
 
     /// Every standing record with its key.
     fn iter_mut(&mut self) -> impl Iterator<Item = (i64, &mut Standing)> {
-        self.brokers.iter_mut().flat_map(|(n, table)| {
+        let tables = self.tables.iter_mut().flat_map(|(n, table)| {
             let n = *n;
             table.iter_mut().enumerate().filter_map(move |(pid, s)| s.as_mut().map(|s| (key(n, pid as u16), s)))
-        })
+        });
+        tables.chain(self.others.iter_mut().map(|(k, s)| (*k, s)))
     }
 }
 

@@ -129,3 +129,34 @@ fn a_log_of_replaced_records_is_rewritten_as_what_stands() {
     assert_eq!(s.source_seen(URLS[0], 7, 70_000 % 5).unwrap(), None);
     assert_eq!(s.source_seen(URLS[1], 2, 9).unwrap(), Some(1));
 }
+
+/// More source brokers than the store gives tables of their own (say a
+/// damaged log's keys, kept by a salvage): the rest answer from a map, the
+/// same after a reopen.
+#[test]
+fn records_of_many_source_brokers_answer_beyond_the_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = SqliteStore::open(dir.path()).unwrap().0;
+    let urls: Vec<String> = (0..12).map(|i| format!("mqtt://b{i}:1883")).collect();
+    let id = |i: usize, pid: u16| 100 * i as u64 + u64::from(pid % 7) + 1;
+    s.begin().unwrap();
+    for (i, url) in urls.iter().enumerate() {
+        for pid in [0u16, 1, 65535] {
+            s.source_record(url, pid, i as u64, id(i, pid)).unwrap();
+        }
+    }
+    s.commit().unwrap();
+    for reopen in [false, true] {
+        if reopen {
+            drop(s);
+            s = SqliteStore::open(dir.path()).unwrap().0;
+        }
+        for (i, url) in urls.iter().enumerate() {
+            for pid in [0u16, 1, 65535] {
+                assert_eq!(s.source_seen(url, pid, i as u64).unwrap(), Some(id(i, pid)), "{url} {pid}");
+                assert_eq!(s.source_seen(url, pid, 99).unwrap(), None, "another digest");
+            }
+            assert_eq!(s.source_seen(url, 2, i as u64).unwrap(), None, "no record");
+        }
+    }
+}

@@ -47,6 +47,8 @@ impl<M: Queued> PublishSession<M> {
                 0
             }
         };
+        // A suspect that left during the resume gave the window back.
+        self.window.set_limit(self.conn_limit.min(self.cwnd));
         // Owners may have changed while the link was down: read again from
         // the oldest message this broker has not acknowledged.
         self.rewind();
@@ -117,6 +119,9 @@ impl<M: Queued> PublishSession<M> {
                 Fate::TakenOver | Fate::Requeue => {
                     window.release(pid);
                     self.inflight.remove(&e.id);
+                    if matches!(fate, Fate::TakenOver) {
+                        self.left_unacked(e.id);
+                    }
                     continue;
                 }
                 Fate::Spent(reason) => Err(reason),

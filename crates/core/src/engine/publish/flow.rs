@@ -67,6 +67,7 @@ impl<M: Queued> PublishSession<M> {
     /// codec knows the broker closes the link on it ([`DropReason::Poison`]:
     /// a size learned from an earlier poison message), moved aside at once.
     pub(super) fn cannot_send(&mut self, m: M, reason: DropReason) {
+        self.left_unacked(m.id());
         if reason == DropReason::Poison {
             self.store.push_back(StoreOp::Poison(m.id(), PoisonCause::Size));
             self.events.push_back(SessionEvent::Poisoned { message: m, cause: PoisonCause::Size });
@@ -109,6 +110,7 @@ impl<M: Queued> PublishSession<M> {
         }
         let qos = m.qos();
         if let Some(reason) = Self::spent(&m, now.wall_ms) {
+            self.left_unacked(m.id());
             self.store.push_back(StoreOp::Drop(vec![m.id()], reason));
             return None;
         }

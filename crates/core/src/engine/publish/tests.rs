@@ -613,3 +613,34 @@ fn a_poison_chase_never_holds_a_ceiling() {
     assert!(!events.iter().any(|e| matches!(e, SessionEvent::CeilingHeld(_))), "{events:?}");
     assert_eq!(s.window_ceiling(), None);
 }
+
+/// A suspect that leaves without an acknowledgement (here taken over by
+/// another broker of a failover set; a poison message with a retry budget
+/// or a deadline leaves as spent before it is isolated) ends the chase:
+/// the window and its ceiling go back, and what the chase taught never
+/// holds (it did: a ceiling of one, remembered for every later run).
+#[test]
+fn a_suspect_that_leaves_unacknowledged_gives_the_window_back() {
+    let (mut s, t0) = connected(&qos1(1..=30));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    sent(&mut s);
+    s.handle_link_lost(LinkEnd::Closed);
+    reconnect(&mut s, at(t0, 10), true);
+    sent(&mut s);
+    s.handle_link_lost(LinkEnd::Closed);
+    assert!(s.window_size() < 5 && s.window_ceiling() < Some(9), "narrowed down twice");
+    let mut events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    let info = ConnAckInfo { session_present: true, reconnect: true, ..ConnAckInfo::default() };
+    s.handle_connack(info, at(t0, 20), &|m: &M| m.0 != 1, &mut Text);
+    events.extend(std::iter::from_fn(|| s.poll_event()));
+    assert!(events.contains(&SessionEvent::WindowRestored(10)), "{events:?}");
+    assert_eq!((s.window_size(), s.window_ceiling()), (10, None));
+    s.handle_page(qos1(2..=30), 0, 30, &|m: &M| m.0 != 1);
+    for n in 0..40u64 {
+        s.fill(at(t0, 21 + n), &|m: &M| m.0 != 1, &mut Text);
+        let text = sent(&mut s);
+        ack_sent(&mut s, &text, at(t0, 21 + n));
+        events.extend(std::iter::from_fn(|| s.poll_event()));
+    }
+    assert!(!events.iter().any(|e| matches!(e, SessionEvent::CeilingHeld(_))), "{events:?}");
+}

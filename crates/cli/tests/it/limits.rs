@@ -365,7 +365,10 @@ async fn in_fanout_a_member_that_refuses_for_good_leaves_the_message_to_the_othe
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("1 poison") && err.contains("refused with reason code 0x87"), "{err}");
-    sub.wait_all(&strings(&["one", "two"]), Duration::from_secs(20)).await;
-    // The open broker took it; that acknowledgement does not finish it.
+    // Whether the open broker got it first depends on which link was up
+    // first (once moved aside, no link sends it); when it did, its
+    // acknowledgement does not finish the message: it stays poison.
     assert_eq!(status_json(&ob)["poisoned"].as_array().map(Vec::len), Some(1));
+    let seen = sub.lines().iter().filter(|l| *l == "two").count();
+    assert!(seen <= 1, "{:?}", sub.lines());
 }

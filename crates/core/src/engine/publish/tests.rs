@@ -549,15 +549,21 @@ fn ceilings_held(s: &mut PublishSession<M>) -> Vec<u16> {
     held.collect()
 }
 
+/// Thirty messages queued, the window of ten full, then the link closed.
+fn full_window_closed() -> (PublishSession<M>, Instant) {
+    let (mut s, t0) = connected(&qos1(1..=30));
+    s.fill(at(t0, 1), &|_| true, &mut Text);
+    sent(&mut s);
+    s.handle_link_lost(LinkEnd::Closed);
+    (s, t0)
+}
+
 /// A ceiling is said to hold (the driver writes it down for the next run
 /// then) only once every message in flight at the close went through: not
 /// at the close itself.
 #[test]
 fn a_ceiling_holds_once_the_messages_of_the_close_went_through() {
-    let (mut s, t0) = connected(&qos1(1..=30));
-    s.fill(at(t0, 1), &|_| true, &mut Text);
-    sent(&mut s);
-    s.handle_link_lost(LinkEnd::Closed);
+    let (mut s, t0) = full_window_closed();
     assert_eq!(s.window_ceiling(), Some(9));
     assert_eq!(ceilings_held(&mut s), Vec::<u16>::new(), "not at the close");
     reconnect(&mut s, at(t0, 10), true);
@@ -621,10 +627,7 @@ fn a_poison_chase_never_holds_a_ceiling() {
 /// holds (it did: a ceiling of one, remembered for every later run).
 #[test]
 fn a_suspect_that_leaves_unacknowledged_gives_the_window_back() {
-    let (mut s, t0) = connected(&qos1(1..=30));
-    s.fill(at(t0, 1), &|_| true, &mut Text);
-    sent(&mut s);
-    s.handle_link_lost(LinkEnd::Closed);
+    let (mut s, t0) = full_window_closed();
     reconnect(&mut s, at(t0, 10), true);
     sent(&mut s);
     s.handle_link_lost(LinkEnd::Closed);

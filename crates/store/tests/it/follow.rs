@@ -10,9 +10,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use steadfast_core::engine::ReadWant;
-use steadfast_store::{MemoryStore, Outbox, OutboxConfig, Page, ReadLimit, SqliteStore, Store, StoreError};
+use steadfast_store::{Outbox, OutboxConfig, Page, ReadLimit, SqliteStore, StoreError};
 
-use crate::{block_on, msg, on_one_broker};
+use crate::{block_on, both_stores, msg, on_one_broker};
 
 pub(crate) type Follow<'a> = Pin<Box<dyn Future<Output = Result<Option<Page>, StoreError>> + 'a>>;
 
@@ -59,15 +59,9 @@ fn with_priority(topic: &str, priority: u8) -> steadfast_store::NewMessage {
     m
 }
 
-fn stores() -> Vec<(&'static str, Box<dyn Store>, Option<tempfile::TempDir>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let (sqlite, _) = SqliteStore::open(dir.path()).unwrap();
-    vec![("memory", Box::new(MemoryStore::new()), None), ("sqlite", Box::new(sqlite), Some(dir))]
-}
-
 #[test]
 fn a_standing_read_is_answered_by_the_commit_that_brings_something_to_read() {
-    for (kind, store, _dir) in stores() {
+    for (kind, store, _dir) in both_stores() {
         block_on(async {
             let (o, slot) = on_one_broker(store).await;
             let f = park(&o, want(&[], 0), 0, slot).await;
@@ -87,7 +81,7 @@ fn a_standing_read_is_answered_by_the_commit_that_brings_something_to_read() {
 
 #[test]
 fn a_standing_read_takes_only_the_priorities_it_has_room_for_and_what_its_broker_lacks() {
-    for (kind, store, _dir) in stores() {
+    for (kind, store, _dir) in both_stores() {
         block_on(async {
             let (o, slot) = on_one_broker(store).await;
             // No room for the lowest priority: its message does not answer.
@@ -109,6 +103,12 @@ fn a_standing_read_takes_only_the_priorities_it_has_room_for_and_what_its_broker
     }
 }
 
+/// The outbox of a `pub` that joined the one in `dir`: its own connection,
+/// its own writer.
+fn guest_outbox(dir: &std::path::Path) -> Outbox {
+    Outbox::start(Box::new(SqliteStore::open_guest(dir).unwrap()), OutboxConfig::default()).unwrap()
+}
+
 #[test]
 fn another_process_s_commit_answers_a_standing_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,9 +116,7 @@ fn another_process_s_commit_answers_a_standing_read() {
         let (store, _) = SqliteStore::open(dir.path()).unwrap();
         let (o, slot) = on_one_broker(Box::new(store)).await;
         let f = park(&o, want(&[], 0), 0, slot).await;
-        // A `pub` that joined the outbox: its own connection, its own writer.
-        let guest =
-            Outbox::start(Box::new(SqliteStore::open_guest(dir.path()).unwrap()), OutboxConfig::default()).unwrap();
+        let guest = guest_outbox(dir.path());
         let id = guest.append(msg("t", "from the guest"), false).0.await.unwrap();
         let page = answered(f).await.unwrap();
         assert_eq!((ids(&page), page.upto), (vec![id], id));
@@ -136,8 +134,7 @@ fn a_joined_pub_s_message_delivered_before_the_holder_counted_it_leaves_the_coun
     block_on(async {
         let (store, _) = SqliteStore::open(dir.path()).unwrap();
         let (o, slot) = on_one_broker(Box::new(store)).await;
-        let guest =
-            Outbox::start(Box::new(SqliteStore::open_guest(dir.path()).unwrap()), OutboxConfig::default()).unwrap();
+        let guest = guest_outbox(dir.path());
         let id = guest.append(msg("t", "from the guest"), false).0.await.unwrap();
         // Read and acknowledged at once, as a link whose page came with
         // the holder's own commit would.
@@ -169,7 +166,7 @@ fn a_page_ends_at_the_message_that_reaches_its_bytes_read_from_memory_or_from_di
         assert_eq!(page_of(o, slot, 31), [1, 2, 3], "{kind}");
         assert_eq!(page_of(o, slot, u64::MAX), [1, 2, 3], "{kind}: the count still bounds it");
     };
-    for (kind, store, dir) in stores() {
+    for (kind, store, dir) in both_stores() {
         let (o, slot) = block_on(async {
             let (o, slot) = on_one_broker(store).await;
             for n in [9, 19, 29, 39] {

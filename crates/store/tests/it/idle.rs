@@ -6,17 +6,11 @@
 
 use std::time::Duration;
 
-use steadfast_store::{MemoryStore, SqliteStore, Store};
-
-use crate::{block_on, msg, on_one_broker};
+use crate::{block_on, both_stores, msg, on_one_broker};
 
 #[test]
 fn the_idle_watch_changes_only_when_the_outbox_empties_or_fills() {
-    let dir = tempfile::tempdir().unwrap();
-    let (sqlite, _) = SqliteStore::open(dir.path()).unwrap();
-    let stores: Vec<(&str, Box<dyn Store>)> =
-        vec![("memory", Box::new(MemoryStore::new())), ("sqlite", Box::new(sqlite))];
-    for (kind, store) in stores {
+    for (kind, store, _dir) in both_stores() {
         block_on(async {
             let (o, slot) = on_one_broker(store).await;
             let mut idle = o.watch_idle();

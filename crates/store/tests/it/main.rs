@@ -34,6 +34,14 @@ pub fn msg(topic: &str, payload: impl Into<Vec<u8>>) -> NewMessage {
     }
 }
 
+/// Each kind of store, named, for tests that must hold for both: the
+/// SQLite one's directory goes with it (kept until the caller drops it).
+pub fn both_stores() -> Vec<(&'static str, Box<dyn steadfast_store::Store>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, _) = steadfast_store::SqliteStore::open(dir.path()).unwrap();
+    vec![("memory", Box::new(steadfast_store::MemoryStore::new()), None), ("sqlite", Box::new(sqlite), Some(dir))]
+}
+
 /// An outbox over `store` configured for one broker, and its slot.
 pub async fn on_one_broker(store: Box<dyn steadfast_store::Store>) -> (steadfast_store::Outbox, u32) {
     let o = steadfast_store::Outbox::start(store, steadfast_store::OutboxConfig::default()).unwrap();

@@ -240,12 +240,8 @@ fn a_first_brokers_acknowledgement_reaches_the_disk_when_nothing_else_comes() {
 /// `@poison`, never sent and no longer listed.
 #[test]
 fn a_message_two_brokers_move_aside_is_poison_once_and_requeued_to_its_route() {
-    use steadfast_store::{MemoryStore, PoisonCause, SqliteStore, Store};
-    let dir = tempfile::tempdir().unwrap();
-    let (sqlite, _) = SqliteStore::open(dir.path()).unwrap();
-    let stores: Vec<(&str, Box<dyn Store>)> =
-        vec![("memory", Box::new(MemoryStore::new())), ("sqlite", Box::new(sqlite))];
-    for (kind, mut s) in stores {
+    use steadfast_store::PoisonCause;
+    for (kind, mut s, _dir) in crate::both_stores() {
         let slots = s.assign_slots(&["mqtt://127.0.0.1:1".into(), "mqtt://127.0.0.1:2".into()]).unwrap();
         let mut m = crate::msg("t", "x");
         m.route = Some("home".into());
